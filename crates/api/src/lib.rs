@@ -1,0 +1,62 @@
+//! Generated gRPC code for `isula.build.v1.Control` plus the unix-socket plumbing both binaries
+//! share. No logic lives here: the daemon implements the service, the CLI only calls it.
+
+#![allow(clippy::all, missing_docs, rust_2018_idioms)]
+
+pub mod v1 {
+    tonic::include_proto!("isula.build.v1");
+}
+
+use std::path::{Path, PathBuf};
+
+/// Default control socket of the system daemon.
+pub const DEFAULT_SOCKET: &str = "/var/run/isula_build.sock";
+/// Environment variable naming another control socket (`unix:///path`).
+pub const HOST_ENV: &str = "ISULABUILD_HOST";
+
+/// Parses a `unix:///path` host (a bare absolute path is accepted too).
+pub fn socket_path_from_host(host: &str) -> Result<PathBuf, String> {
+    let path = host.strip_prefix("unix://").unwrap_or(host);
+    if !path.starts_with('/') {
+        return Err(format!(
+            "invalid host {host:?}: expected unix:///absolute/path/to/socket"
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Connects a gRPC channel to the daemon's unix socket.
+pub async fn connect(
+    socket: &Path,
+) -> Result<v1::control_client::ControlClient<tonic::transport::Channel>, tonic::transport::Error>
+{
+    let socket = socket.to_path_buf();
+    // The URI is required by tonic but ignored: every connection goes to the socket.
+    let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(v1::control_client::ControlClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_parsing() {
+        assert_eq!(
+            socket_path_from_host("unix:///tmp/x.sock").ok(),
+            Some(PathBuf::from("/tmp/x.sock"))
+        );
+        assert!(socket_path_from_host("tcp://1.2.3.4:5").is_err());
+        assert!(socket_path_from_host("unix://relative").is_err());
+    }
+}
