@@ -1,1 +1,472 @@
+//! The image store, after containerd's model: a content store of blobs, overlay-ready layer
+//! snapshots keyed by chain ID, and image metadata written atomically. Synchronous; the
+//! daemon calls it from blocking tasks. It owns the data root's on-disk layout and must not
+//! know about archives, registries or builds (the transport and builder crates do).
+//!
+//! ```text
+//! <dataroot>/
+//! ├── store.lock               flock held by the one daemon using this data root
+//! ├── metadata.json            images + layers (schema version), replaced atomically
+//! ├── blobs/sha256/<hex>       committed blobs (layers, configs, manifests), read-only
+//! ├── ingest/<random>          blobs being written (swept at start-up)
+//! ├── layers/<chain-hex>/diff  unpacked layer in overlay form (whiteouts = 0:0 char devs)
+//! └── tmp/<random>/            layers being unpacked, archives being staged (swept)
+//! ```
+//!
+//! Crash safety: blobs and layer directories are written first and only become part of an
+//! image when the metadata naming them is renamed into place. At start-up, `ingest/` and
+//! `tmp/` are emptied and a garbage collection removes blobs and layers no image refers
+//! to. While an operation is between those steps, a [`Lease`] keeps its blobs and layers
+//! safe from a concurrent collection.
 
+pub mod apply;
+pub mod compression;
+pub mod content;
+pub mod error;
+pub mod metadata;
+
+pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
+pub use error::{ErrorKind, Result, StoreError};
+pub use metadata::{ImageRecord, LayerRecord};
+
+use isula_types::{ChainId, Digest, ImageId, Reference};
+use metadata::Metadata;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// What start-up found and cleaned.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    pub swept_ingest: usize,
+    pub swept_tmp: usize,
+    pub gc: GcReport,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    pub blobs: usize,
+    pub layers: usize,
+}
+
+/// One line of what a removal did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoveEvent {
+    Untagged(String),
+    Deleted(ImageId),
+}
+
+pub struct Store {
+    root: PathBuf,
+    content: ContentStore,
+    meta: Mutex<Metadata>,
+    leases: Arc<Mutex<LeaseTable>>,
+    _lock: isula_sys::FileLock,
+}
+
+#[derive(Default)]
+struct LeaseTable {
+    next: u64,
+    held: HashMap<u64, HashSet<String>>,
+}
+
+/// Protects blobs and layers that an operation has written but no image names yet.
+pub struct Lease {
+    id: u64,
+    table: Arc<Mutex<LeaseTable>>,
+}
+
+impl Lease {
+    pub fn blob(&self, d: &Digest) {
+        self.add(format!("blob:{}", d.hex()));
+    }
+    pub fn layer(&self, c: &ChainId) {
+        self.add(format!("layer:{}", c.hex()));
+    }
+    fn add(&self, key: String) {
+        if let Ok(mut t) = self.table.lock() {
+            t.held.entry(self.id).or_default().insert(key);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.table.lock() {
+            t.held.remove(&self.id);
+        }
+    }
+}
+
+/// A layer directory being unpacked: removed on drop unless committed.
+pub struct StagedLayer {
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl StagedLayer {
+    /// Where the layer's files go.
+    pub fn diff_dir(&self) -> PathBuf {
+        self.dir.join("diff")
+    }
+}
+
+impl Drop for StagedLayer {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Err(e) = isula_sys::rooted::remove_tree(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "removing staged layer");
+            }
+        }
+    }
+}
+
+/// An image to record, with the layers it needs (already committed with `commit_layer`).
+pub struct NewImage {
+    pub id: ImageId,
+    pub manifest: Digest,
+    pub manifest_media_type: String,
+    pub blobs: Vec<Digest>,
+    pub layers: Vec<LayerRecord>,
+    pub created: Option<String>,
+    pub names: Vec<Reference>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, takes its lock, sweeps what a crash
+    /// may have left, and collects garbage.
+    pub fn open(root: &Path) -> Result<(Store, OpenReport)> {
+        fs::create_dir_all(root).map_err(|e| StoreError::io("create", root, e))?;
+        let lock = isula_sys::FileLock::try_exclusive(&root.join("store.lock"))?;
+        for d in ["layers", "tmp"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(|e| StoreError::io("create", &p, e))?;
+        }
+        let content = ContentStore::new(root)?;
+        let meta = Metadata::load(&root.join("metadata.json"))?;
+        let store = Store {
+            root: root.to_path_buf(),
+            content,
+            meta: Mutex::new(meta),
+            leases: Arc::default(),
+            _lock: lock,
+        };
+        let mut report = OpenReport {
+            swept_ingest: store.content.sweep_ingest()?,
+            swept_tmp: content::sweep_dir(&root.join("tmp"))?,
+            ..Default::default()
+        };
+        report.gc = store.gc()?;
+        Ok((store, report))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn content(&self) -> &ContentStore {
+        &self.content
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Metadata> {
+        // A panic while holding the lock cannot leave the on-disk state torn (it is only
+        // written by rename), so recover the in-memory copy.
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, meta: &Metadata) -> Result<()> {
+        meta.save(&self.root.join("metadata.json"))
+    }
+
+    pub fn lease(&self) -> Lease {
+        let mut t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        t.next += 1;
+        Lease {
+            id: t.next,
+            table: self.leases.clone(),
+        }
+    }
+
+    /// A private scratch directory under `tmp/` (swept at start-up).
+    pub fn temp_dir(&self) -> Result<PathBuf> {
+        let p = self.root.join("tmp").join(format!("{:016x}", rand::random::<u64>()));
+        fs::create_dir(&p).map_err(|e| StoreError::io("create", &p, e))?;
+        Ok(p)
+    }
+
+    /// A new, empty layer directory to unpack into.
+    pub fn stage_layer(&self) -> Result<StagedLayer> {
+        let dir = self.temp_dir()?;
+        let staged = StagedLayer { dir, committed: false };
+        fs::create_dir(staged.diff_dir()).map_err(|e| StoreError::io("create", staged.diff_dir(), e))?;
+        Ok(staged)
+    }
+
+    pub fn layer_dir(&self, chain: &ChainId) -> PathBuf {
+        self.root.join("layers").join(chain.hex())
+    }
+
+    pub fn has_layer(&self, chain: &ChainId) -> bool {
+        self.meta().layers.contains_key(chain) || self.layer_dir(chain).join("diff").is_dir()
+    }
+
+    /// Moves a staged layer into place as `chain`. If that layer exists already the staged
+    /// copy is discarded. The lease keeps it until an image names it.
+    pub fn commit_layer(&self, mut staged: StagedLayer, chain: &ChainId, lease: &Lease) -> Result<()> {
+        lease.layer(chain);
+        let dest = self.layer_dir(chain);
+        if dest.join("diff").is_dir() {
+            return Ok(()); // staged is dropped and removed
+        }
+        isula_sys::fsync_dir(&staged.diff_dir())?;
+        match fs::rename(&staged.dir, &dest) {
+            Ok(()) => {
+                staged.committed = true;
+                isula_sys::fsync_dir(&self.root.join("layers"))?;
+                Ok(())
+            }
+            Err(_) if dest.join("diff").is_dir() => Ok(()),
+            Err(e) => Err(StoreError::io("rename", dest, e)),
+        }
+    }
+
+    /// Records an image (atomically). Names move from any image that had them. Returns the
+    /// names that moved away from another image.
+    pub fn add_image(&self, new: NewImage) -> Result<Vec<String>> {
+        for l in &new.layers {
+            if !self.layer_dir(&l.chain_id).join("diff").is_dir() {
+                return Err(StoreError::LayerNotFound(l.chain_id.clone()));
+            }
+        }
+        for b in new.blobs.iter().chain([&new.manifest, new.id.digest()]) {
+            if !self.content.contains(b) {
+                return Err(StoreError::BlobNotFound(b.clone()));
+            }
+        }
+        let mut meta = self.meta();
+        let mut next = meta.clone();
+        for l in &new.layers {
+            next.layers.entry(l.chain_id.clone()).or_insert_with(|| l.clone());
+        }
+        let size = new.layers.iter().map(|l| l.size).sum();
+        let names: Vec<String> = new.names.iter().map(|r| r.to_string()).collect();
+        let moved = take_names(&mut next, &names, &new.id);
+        let rec = next.images.entry(new.id.clone()).or_insert_with(|| ImageRecord {
+            id: new.id.clone(),
+            names: Vec::new(),
+            manifest: new.manifest.clone(),
+            manifest_media_type: new.manifest_media_type.clone(),
+            blobs: new.blobs.clone(),
+            layers: new.layers.iter().map(|l| l.chain_id.clone()).collect(),
+            created: new.created.clone(),
+            size,
+        });
+        for n in names {
+            if !rec.names.contains(&n) {
+                rec.names.push(n);
+            }
+        }
+        self.save(&next)?;
+        *meta = next;
+        Ok(moved)
+    }
+
+    pub fn images(&self) -> Vec<ImageRecord> {
+        self.meta().images.values().cloned().collect()
+    }
+
+    pub fn image(&self, id: &ImageId) -> Result<ImageRecord> {
+        self.meta()
+            .images
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::ImageNotFound(id.to_string()))
+    }
+
+    pub fn layer(&self, chain: &ChainId) -> Result<LayerRecord> {
+        self.meta()
+            .layers
+            .get(chain)
+            .cloned()
+            .ok_or_else(|| StoreError::LayerNotFound(chain.clone()))
+    }
+
+    /// Finds an image by name (normalised), full ID (with or without `sha256:`), or a
+    /// unique ID prefix.
+    pub fn resolve(&self, name: &str) -> Result<ImageRecord> {
+        let meta = self.meta();
+        if let Ok(r) = Reference::parse(name) {
+            if let Some(img) = meta.image_by_name(&r.to_string()) {
+                return Ok(img.clone());
+            }
+        }
+        let hex = name.strip_prefix("sha256:").unwrap_or(name);
+        if !hex.is_empty() && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let hex = hex.to_ascii_lowercase();
+            let found: Vec<&ImageRecord> = meta.images.values().filter(|i| i.id.hex().starts_with(&hex)).collect();
+            match found.len() {
+                1 => return Ok(found[0].clone()),
+                0 => {}
+                count => {
+                    return Err(StoreError::AmbiguousImage {
+                        name: name.to_string(),
+                        count,
+                    })
+                }
+            }
+        }
+        Err(StoreError::ImageNotFound(name.to_string()))
+    }
+
+    /// Adds a name to an image; the name moves if another image had it.
+    pub fn tag(&self, id: &ImageId, name: &Reference) -> Result<()> {
+        let mut meta = self.meta();
+        let mut next = meta.clone();
+        if !next.images.contains_key(id) {
+            return Err(StoreError::ImageNotFound(id.to_string()));
+        }
+        let full = name.to_string();
+        take_names(&mut next, std::slice::from_ref(&full), id);
+        if let Some(img) = next.images.get_mut(id) {
+            if !img.names.contains(&full) {
+                img.names.push(full);
+            }
+        }
+        self.save(&next)?;
+        *meta = next;
+        Ok(())
+    }
+
+    /// Removes what `name` designates: a tag of an image with other tags is only untagged;
+    /// otherwise (an ID, or the last tag) the image goes, with all its names.
+    pub fn remove(&self, name: &str) -> Result<Vec<RemoveEvent>> {
+        let img = self.resolve(name)?;
+        let by_name = Reference::parse(name)
+            .ok()
+            .map(|r| r.to_string())
+            .filter(|full| img.names.contains(full));
+        let mut events = Vec::new();
+        {
+            let mut meta = self.meta();
+            let mut next = meta.clone();
+            match by_name {
+                Some(full) if img.names.len() > 1 => {
+                    if let Some(rec) = next.images.get_mut(&img.id) {
+                        rec.names.retain(|n| n != &full);
+                    }
+                    events.push(RemoveEvent::Untagged(familiar(&full)));
+                }
+                _ => {
+                    for n in &img.names {
+                        events.push(RemoveEvent::Untagged(familiar(n)));
+                    }
+                    next.images.remove(&img.id);
+                    events.push(RemoveEvent::Deleted(img.id.clone()));
+                }
+            }
+            self.save(&next)?;
+            *meta = next;
+        }
+        if events.iter().any(|e| matches!(e, RemoveEvent::Deleted(_))) {
+            self.gc()?;
+        }
+        Ok(events)
+    }
+
+    /// Deletes blobs and layers that no image and no lease refers to.
+    pub fn gc(&self) -> Result<GcReport> {
+        let mut meta = self.meta();
+        let leased: HashSet<String> = {
+            let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            t.held.values().flatten().cloned().collect()
+        };
+        let mut live_layers: HashSet<ChainId> = HashSet::new();
+        let mut live_blobs: HashSet<Digest> = HashSet::new();
+        for img in meta.images.values() {
+            live_layers.extend(img.layers.iter().cloned());
+            live_blobs.extend(img.blobs.iter().cloned());
+            live_blobs.insert(img.manifest.clone());
+            live_blobs.insert(img.id.digest().clone());
+        }
+        let mut report = GcReport::default();
+        let before = meta.layers.len();
+        let mut next = meta.clone();
+        next.layers.retain(|c, _| live_layers.contains(c) || leased.contains(&format!("layer:{}", c.hex())));
+        if next.layers.len() != before {
+            self.save(&next)?;
+            *meta = next;
+        }
+        let layers_dir = self.root.join("layers");
+        for ent in fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read", &layers_dir, e))? {
+            let ent = ent.map_err(|e| StoreError::io("read", &layers_dir, e))?;
+            let name = ent.file_name();
+            let keep = name
+                .to_str()
+                .and_then(|h| Digest::from_hex(h).ok())
+                .map(ChainId)
+                .is_some_and(|c| meta.layers.contains_key(&c) || leased.contains(&format!("layer:{}", c.hex())));
+            if !keep {
+                isula_sys::rooted::remove_tree(&ent.path())?;
+                report.layers += 1;
+            }
+        }
+        for d in self.content.list()? {
+            if !live_blobs.contains(&d) && !leased.contains(&format!("blob:{}", d.hex())) {
+                self.content.remove(&d)?;
+                report.blobs += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Re-verifies every blob's digest and that every image's blobs and layers are present.
+    /// Returns the problems found (empty when the store is sound).
+    pub fn check(&self) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for d in self.content.list()? {
+            if let Err(e) = self.content.verify(&d) {
+                problems.push(format!("blob {d}: {e}"));
+            }
+        }
+        let meta = self.meta().clone();
+        for img in meta.images.values() {
+            for b in img.blobs.iter().chain([&img.manifest, img.id.digest()]) {
+                if !self.content.contains(b) {
+                    problems.push(format!("image {}: blob {b} is missing", img.id));
+                }
+            }
+            for l in &img.layers {
+                if !meta.layers.contains_key(l) {
+                    problems.push(format!("image {}: layer record {l} is missing", img.id));
+                } else if !self.layer_dir(l).join("diff").is_dir() {
+                    problems.push(format!("image {}: layer directory {l} is missing", img.id));
+                }
+            }
+        }
+        Ok(problems)
+    }
+}
+
+/// Removes `names` from every image but `keep`; returns the names that moved.
+fn take_names(meta: &mut Metadata, names: &[String], keep: &ImageId) -> Vec<String> {
+    let mut moved = Vec::new();
+    for (id, img) in meta.images.iter_mut() {
+        if id == keep {
+            continue;
+        }
+        img.names.retain(|n| {
+            let hit = names.contains(n);
+            if hit {
+                moved.push(n.clone());
+            }
+            !hit
+        });
+    }
+    moved
+}
+
+/// The short form of a stored full name.
+pub fn familiar(full: &str) -> String {
+    Reference::parse(full).map(|r| r.familiar()).unwrap_or_else(|_| full.to_string())
+}

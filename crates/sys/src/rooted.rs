@@ -305,12 +305,13 @@ pub fn set_times(dir: BorrowedFd<'_>, name: &OsStr, mtime: (i64, u32)) -> Result
     rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| at_err("utimes", name, e))
 }
 
-/// Sets an extended attribute on `name` in `dir` without following a final symlink.
+/// Sets an extended attribute on `name` in `dir` without following a final symlink (the
+/// O_PATH handle pins the inode; its /proc magic link leads to exactly that inode).
 pub fn set_xattr(dir: BorrowedFd<'_>, name: &OsStr, key: &OsStr, value: &[u8]) -> Result<()> {
     let fd = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| at_err("open", name, e))?;
     let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-    rustix::fs::lsetxattr(proc_path.as_str(), key, value, rustix::fs::XattrFlags::empty())
+    rustix::fs::setxattr(proc_path.as_str(), key, value, rustix::fs::XattrFlags::empty())
         .map_err(|e| at_err("setxattr", name, e))
 }
 
@@ -320,7 +321,7 @@ pub fn xattrs(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<(OsString, Vec<u8
         .map_err(|e| at_err("open", name, e))?;
     let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
     let mut names = vec![0u8; 4096];
-    let n = match rustix::fs::llistxattr(proc_path.as_str(), &mut names) {
+    let n = match rustix::fs::listxattr(proc_path.as_str(), &mut names) {
         Ok(n) => n,
         Err(Errno::NOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(at_err("listxattr", name, e)),
@@ -328,7 +329,7 @@ pub fn xattrs(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<(OsString, Vec<u8
     let mut out = Vec::new();
     for key in names[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
         let mut value = vec![0u8; 65536];
-        let len = rustix::fs::lgetxattr(proc_path.as_str(), key, &mut value).map_err(|e| at_err("getxattr", name, e))?;
+        let len = rustix::fs::getxattr(proc_path.as_str(), key, &mut value).map_err(|e| at_err("getxattr", name, e))?;
         value.truncate(len);
         out.push((OsStr::from_bytes(key).to_os_string(), value));
     }

@@ -1,0 +1,294 @@
+//! Unpacks a layer tar into an empty directory in overlayfs form: `.wh.NAME` becomes a 0:0
+//! character device, `.wh..wh..opq` the `trusted.overlay.opaque` xattr on its directory.
+//!
+//! We run as root on untrusted layers, so every entry is checked (STYLE.md §3): names with
+//! `..` are refused; nothing is written through a symlink (every parent is resolved with
+//! `RESOLVE_NO_SYMLINKS` inside the layer directory); hard links must point at an earlier
+//! entry of the same layer; device nodes are not created (reported and skipped: a build
+//! container gets its devices from the runtime); overlay's own `trusted.overlay.*` xattrs in
+//! the tar are dropped, as they would forge whiteouts or redirects.
+
+use crate::error::{Result, StoreError};
+use isula_sys::rooted::{self, Resolve, Root};
+use std::ffi::{OsStr, OsString};
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+pub const WHITEOUT_PREFIX: &str = ".wh.";
+pub const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// What an unpack did that the user may want to know.
+#[derive(Debug, Default, Clone)]
+pub struct ApplyReport {
+    pub entries: u64,
+    pub skipped_devices: Vec<String>,
+}
+
+fn unsafe_entry(entry: &Path, reason: &'static str) -> StoreError {
+    StoreError::UnsafeEntry {
+        entry: entry.display().to_string(),
+        reason,
+    }
+}
+
+/// Normalises a tar entry name to a relative path inside the layer. Refuses `..`.
+fn entry_path(raw: &Path) -> Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir => return Err(unsafe_entry(raw, "path contains '..'")),
+            Component::Prefix(_) => return Err(unsafe_entry(raw, "invalid path")),
+        }
+    }
+    Ok(out)
+}
+
+fn sys_at(entry: &Path, e: isula_sys::SysError) -> StoreError {
+    if e.errno() == Some(rustix::io::Errno::LOOP.raw_os_error())
+        || e.errno() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
+        || e.errno() == Some(rustix::io::Errno::XDEV.raw_os_error())
+    {
+        return unsafe_entry(entry, "path goes through a symlink or a non-directory");
+    }
+    StoreError::Sys(isula_sys::SysError {
+        path: entry.to_path_buf(),
+        ..e
+    })
+}
+
+/// Unpacks `layer` (an uncompressed tar stream) into the empty directory `dest`.
+pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
+    let root = Root::open(dest)?;
+    let mut archive = tar::Archive::new(layer);
+    let mut report = ApplyReport::default();
+    let mut dir_times: Vec<(PathBuf, (i64, u32))> = Vec::new();
+    let entries = archive.entries().map_err(|e| StoreError::BadTar(e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| StoreError::BadTar(e.to_string()))?;
+        let raw = entry
+            .path()
+            .map_err(|e| StoreError::BadTar(e.to_string()))?
+            .into_owned();
+        let rel = entry_path(&raw)?;
+        report.entries += 1;
+        if rel.as_os_str().is_empty() {
+            continue; // the layer root itself ("./")
+        }
+        let header = entry.header().clone();
+        let kind = header.entry_type();
+        let name = rel.file_name().unwrap_or_default().to_os_string();
+        let name_bytes = name.as_bytes();
+
+        // Whiteouts.
+        if name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            let pfd = root.dir(parent, Resolve::NoSymlinks, true).map_err(|e| sys_at(&rel, e))?;
+            if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
+                rooted::set_xattr(pfd.as_fd(), OsStr::new("."), OsStr::new(OPAQUE_XATTR), b"y")
+                    .map_err(|e| sys_at(&rel, e))?;
+            } else if name_bytes.starts_with(b".wh..wh.") {
+                // aufs metadata (.wh..wh.plnk, ...): meaningless for overlay.
+            } else {
+                let target = OsStr::from_bytes(&name_bytes[WHITEOUT_PREFIX.len()..]);
+                if target.is_empty() || target == ".." || target == "." {
+                    return Err(unsafe_entry(&rel, "invalid whiteout name"));
+                }
+                rooted::remove_all(pfd.as_fd(), target).map_err(|e| sys_at(&rel, e))?;
+                rooted::mknod_whiteout(pfd.as_fd(), target).map_err(|e| sys_at(&rel, e))?;
+            }
+            continue;
+        }
+
+        let (pfd, _) = root.parent(&rel, Resolve::NoSymlinks, true).map_err(|e| sys_at(&rel, e))?;
+        let pfd = pfd.as_fd();
+        let existing = rooted::lstat(pfd, &name).map_err(|e| sys_at(&rel, e))?;
+        let is_dir_entry = kind == tar::EntryType::Directory;
+        if let Some(st) = &existing {
+            // A later entry replaces an earlier one, except dir over dir (merged).
+            if !(is_dir_entry && rooted::is_dir(st)) {
+                rooted::remove_all(pfd, &name).map_err(|e| sys_at(&rel, e))?;
+            }
+        }
+        let mode = header.mode().map_err(|e| StoreError::BadTar(e.to_string()))?;
+        let uid = header.uid().map_err(|e| StoreError::BadTar(e.to_string()))? as u32;
+        let gid = header.gid().map_err(|e| StoreError::BadTar(e.to_string()))? as u32;
+        let mtime = (header.mtime().unwrap_or(0) as i64, 0u32);
+        let mut set_meta = true;
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                let mut f = rooted::create_file(pfd, &name, 0o600).map_err(|e| sys_at(&rel, e))?;
+                io::copy(&mut entry, &mut f).map_err(|e| StoreError::io("write", dest.join(&rel), e))?;
+            }
+            tar::EntryType::Directory => {
+                if existing.as_ref().is_none_or(|st| !rooted::is_dir(st)) {
+                    rooted::mkdir(pfd, &name, 0o700).map_err(|e| sys_at(&rel, e))?;
+                }
+                dir_times.push((rel.clone(), mtime));
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| StoreError::BadTar(e.to_string()))?
+                    .ok_or_else(|| unsafe_entry(&rel, "symlink without target"))?;
+                rooted::symlink(target.as_os_str(), pfd, &name).map_err(|e| sys_at(&rel, e))?;
+                rooted::lchown(pfd, &name, uid, gid).map_err(|e| sys_at(&rel, e))?;
+                rooted::set_times(pfd, &name, mtime).map_err(|e| sys_at(&rel, e))?;
+                set_meta = false;
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| StoreError::BadTar(e.to_string()))?
+                    .ok_or_else(|| unsafe_entry(&rel, "hard link without target"))?;
+                let target = entry_path(&target).map_err(|_| unsafe_entry(&rel, "hard link target contains '..'"))?;
+                let (tfd, tname) = root
+                    .parent(&target, Resolve::NoSymlinks, false)
+                    .map_err(|_| unsafe_entry(&rel, "hard link target is not an earlier entry of this layer"))?;
+                if rooted::lstat(tfd.as_fd(), &tname).map_err(|e| sys_at(&rel, e))?.is_none() {
+                    return Err(unsafe_entry(&rel, "hard link target is not an earlier entry of this layer"));
+                }
+                rooted::hardlink(tfd.as_fd(), &tname, pfd, &name).map_err(|e| sys_at(&rel, e))?;
+                set_meta = false; // shares the target's inode and metadata
+            }
+            tar::EntryType::Fifo => {
+                rooted::mkfifo(pfd, &name, 0o600).map_err(|e| sys_at(&rel, e))?;
+            }
+            tar::EntryType::Char | tar::EntryType::Block => {
+                report.skipped_devices.push(rel.display().to_string());
+                continue;
+            }
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
+            _ => return Err(unsafe_entry(&rel, "unsupported tar entry type")),
+        }
+        if set_meta {
+            rooted::lchown(pfd, &name, uid, gid).map_err(|e| sys_at(&rel, e))?;
+            // chown clears set-id bits, so the mode goes on after it.
+            rooted::chmod(pfd, &name, mode).map_err(|e| sys_at(&rel, e))?;
+            if let Some(exts) = entry.pax_extensions().map_err(|e| StoreError::BadTar(e.to_string()))? {
+                for ext in exts {
+                    let ext = ext.map_err(|e| StoreError::BadTar(e.to_string()))?;
+                    if let Some(key) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                        if xattr_allowed(key) {
+                            let key: OsString = OsStr::from_bytes(key).to_os_string();
+                            if let Err(e) = rooted::set_xattr(pfd, &name, &key, ext.value_bytes()) {
+                                tracing::warn!(entry = %rel.display(), error = %e, "xattr not applied");
+                            }
+                        }
+                    }
+                }
+            }
+            if kind != tar::EntryType::Directory {
+                rooted::set_times(pfd, &name, mtime).map_err(|e| sys_at(&rel, e))?;
+            }
+        }
+    }
+    // Directory times last: creating their children changed them.
+    for (rel, mtime) in dir_times.into_iter().rev() {
+        if let Ok((pfd, name)) = root.parent(&rel, Resolve::NoSymlinks, false) {
+            rooted::set_times(pfd.as_fd(), &name, mtime).map_err(|e| sys_at(&rel, e))?;
+        }
+    }
+    Ok(report)
+}
+
+/// Extended attributes a layer may carry. `trusted.*` (overlay's own metadata among them)
+/// and `security.selinux` labels from elsewhere are dropped.
+fn xattr_allowed(key: &[u8]) -> bool {
+    key.starts_with(b"user.") || key == b"security.capability" || key.starts_with(b"system.posix_acl_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(if *kind == tar::EntryType::Directory { 0o755 } else { 0o4755 });
+            h.set_uid(1000);
+            h.set_gid(1001);
+            h.set_mtime(1_600_000_000);
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).expect("link");
+            }
+            // set_path refuses `..`; write names raw to test our own checks.
+            let name = path.as_bytes();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name);
+            h.set_cksum();
+            b.append(&h, *data).expect("append");
+        }
+        b.into_inner().expect("finish")
+    }
+
+    #[test]
+    fn unpacks_with_overlay_whiteouts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tar = tar_of(&[
+            ("etc/", tar::EntryType::Directory, b"", None),
+            ("etc/passwd", tar::EntryType::Regular, b"root:x:0:0", None),
+            ("etc/link", tar::EntryType::Link, b"", Some("etc/passwd")),
+            ("etc/sym", tar::EntryType::Symlink, b"", Some("/etc/passwd")),
+            ("etc/.wh.gone", tar::EntryType::Regular, b"", None),
+            ("opq/.wh..wh..opq", tar::EntryType::Regular, b"", None),
+            ("dev/null", tar::EntryType::Char, b"", None),
+        ]);
+        let report = apply_layer(&tar[..], dir.path()).expect("apply");
+        let d = dir.path();
+        assert_eq!(std::fs::read(d.join("etc/passwd")).expect("read"), b"root:x:0:0");
+        let m = std::fs::metadata(d.join("etc/passwd")).expect("stat");
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1001, 0o4755));
+        assert_eq!(m.nlink(), 2);
+        assert_eq!(std::fs::read_link(d.join("etc/sym")).expect("link").to_str(), Some("/etc/passwd"));
+        let wh = std::fs::symlink_metadata(d.join("etc/gone")).expect("whiteout");
+        assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
+        let mut v = [0u8; 4];
+        let n = rustix::fs::lgetxattr(d.join("opq").as_path(), OPAQUE_XATTR, &mut v).expect("opaque");
+        assert_eq!(&v[..n], b"y");
+        assert_eq!(report.skipped_devices, vec!["dev/null".to_string()]);
+        assert!(!d.join("dev/null").exists());
+        assert_eq!(std::fs::metadata(d.join("etc")).expect("dir").mtime(), 1_600_000_000);
+    }
+
+    #[test]
+    fn refuses_escapes() {
+        let outside = tempfile::tempdir().expect("tempdir");
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"host").expect("write");
+        let victim_s = victim.to_str().expect("utf8").to_string();
+        let dir_s = outside.path().to_str().expect("utf8").to_string();
+        let cases: Vec<Vec<u8>> = vec![
+            tar_of(&[("../escape", tar::EntryType::Regular, b"x", None)]),
+            tar_of(&[("a/../../escape", tar::EntryType::Regular, b"x", None)]),
+            tar_of(&[
+                ("out", tar::EntryType::Symlink, b"", Some(&dir_s)),
+                ("out/victim", tar::EntryType::Regular, b"pwned", None),
+            ]),
+            tar_of(&[
+                ("out", tar::EntryType::Symlink, b"", Some("../../../../../../")),
+                ("out/x", tar::EntryType::Regular, b"pwned", None),
+            ]),
+            tar_of(&[("h", tar::EntryType::Link, b"", Some(&victim_s))]),
+            tar_of(&[("h", tar::EntryType::Link, b"", Some("../victim"))]),
+            tar_of(&[
+                ("out", tar::EntryType::Symlink, b"", Some(&dir_s)),
+                ("out/.wh.victim", tar::EntryType::Regular, b"", None),
+            ]),
+        ];
+        for (i, t) in cases.iter().enumerate() {
+            let dest = tempfile::tempdir().expect("tempdir");
+            let err = apply_layer(&t[..], dest.path()).expect_err(&format!("case {i} must fail"));
+            assert!(matches!(err, StoreError::UnsafeEntry { .. }), "case {i}: {err}");
+            assert_eq!(std::fs::read(&victim).expect("victim"), b"host", "case {i}");
+            assert!(!outside.path().join("x").exists());
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Sniffing and streaming decompression of layer and archive data (gzip, bzip2, xz, zstd),
+//! all in-process: no decompressor binary ever runs, least of all inside a rootfs.
+
+use std::io::{self, BufRead, BufReader, Read};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Bzip2,
+    Xz,
+    Zstd,
+}
+
+impl Compression {
+    /// Recognises the format from the first bytes of a stream.
+    pub fn sniff(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(b"BZh") {
+            Compression::Bzip2
+        } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+            Compression::Xz
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Bzip2 => "bzip2",
+            Compression::Xz => "xz",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Wraps `r` in the decompressor its first bytes call for. Returns the format found.
+pub fn decompress<'a, R: Read + 'a>(r: R) -> io::Result<(Compression, Box<dyn Read + 'a>)> {
+    let mut br = BufReader::with_capacity(256 << 10, r);
+    let head = br.fill_buf()?;
+    let kind = Compression::sniff(head);
+    let out: Box<dyn Read + 'a> = match kind {
+        Compression::None => Box::new(br),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(br)),
+        Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(br)),
+        Compression::Xz => Box::new(lzma_rust2::XzReader::new(br, true)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(br)?),
+    };
+    Ok((kind, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn round_trips_every_format() {
+        let data: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&data).expect("gz");
+        let gz = gz.finish().expect("gz");
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        bz.write_all(&data).expect("bz");
+        let bz = bz.finish().expect("bz");
+        let mut xz = lzma_rust2::XzWriter::new(Vec::new(), lzma_rust2::XzOptions::default()).expect("xz");
+        xz.write_all(&data).expect("xz");
+        let xz = xz.finish().expect("xz");
+        let zs = zstd::encode_all(&data[..], 1).expect("zstd");
+        for (kind, blob) in [
+            (Compression::None, data.clone()),
+            (Compression::Gzip, gz.clone()),
+            (Compression::Bzip2, bz),
+            (Compression::Xz, xz),
+            (Compression::Zstd, zs),
+        ] {
+            let (found, mut r) = decompress(&blob[..]).expect("open");
+            assert_eq!(found, kind);
+            let mut out = Vec::new();
+            r.read_to_end(&mut out).expect("read");
+            assert_eq!(out, data, "{kind:?}");
+        }
+        // A truncated gzip is an error, not a short read.
+        let (_, mut r) = decompress(&gz[..gz.len() / 2]).expect("open");
+        assert!(r.read_to_end(&mut Vec::new()).is_err());
+    }
+}

@@ -1,0 +1,283 @@
+//! Content store: blobs by digest under `blobs/sha256/<hex>`. A blob is written to
+//! `ingest/<random>` while being hashed, fsynced, verified against the expected digest and
+//! size, then renamed into place and made read-only. Readers only ever see complete blobs.
+
+use crate::error::{Result, StoreError};
+use isula_types::Digest;
+use sha2::{Digest as _, Sha256};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct ContentStore {
+    blobs: PathBuf,
+    ingest: PathBuf,
+}
+
+impl ContentStore {
+    pub(crate) fn new(root: &Path) -> Result<Self> {
+        let cs = ContentStore {
+            blobs: root.join("blobs/sha256"),
+            ingest: root.join("ingest"),
+        };
+        for d in [&cs.blobs, &cs.ingest] {
+            fs::create_dir_all(d).map_err(|e| StoreError::io("create", d, e))?;
+        }
+        Ok(cs)
+    }
+
+    pub fn path(&self, d: &Digest) -> PathBuf {
+        self.blobs.join(d.hex())
+    }
+
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.path(d).is_file()
+    }
+
+    pub fn size(&self, d: &Digest) -> Result<u64> {
+        let p = self.path(d);
+        match fs::metadata(&p) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::BlobNotFound(d.clone())),
+            Err(e) => Err(StoreError::io("stat", p, e)),
+        }
+    }
+
+    pub fn open(&self, d: &Digest) -> Result<File> {
+        let p = self.path(d);
+        File::open(&p).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => StoreError::BlobNotFound(d.clone()),
+            _ => StoreError::io("open", p, e),
+        })
+    }
+
+    /// Reads a small blob whole (configs, manifests), refusing anything over `limit`.
+    pub fn read_small(&self, d: &Digest, limit: u64) -> Result<Vec<u8>> {
+        let size = self.size(d)?;
+        if size > limit {
+            return Err(StoreError::TooLarge {
+                what: format!("blob {d}"),
+                limit,
+            });
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        self.open(d)?
+            .read_to_end(&mut buf)
+            .map_err(|e| StoreError::io("read", self.path(d), e))?;
+        Ok(buf)
+    }
+
+    /// Starts a new blob.
+    pub fn writer(&self) -> Result<BlobWriter> {
+        let path = self.ingest.join(format!("{:016x}", rand::random::<u64>()));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("create", &path, e))?;
+        Ok(BlobWriter {
+            file: Some(file),
+            path,
+            hash: Sha256::new(),
+            size: 0,
+            blobs: self.blobs.clone(),
+        })
+    }
+
+    /// Stores `data` as a blob.
+    pub fn put(&self, data: &[u8]) -> Result<Digest> {
+        let mut w = self.writer()?;
+        w.write_all(data).map_err(|e| StoreError::io("write", &w.path, e))?;
+        Ok(w.commit(None)?.0)
+    }
+
+    pub(crate) fn remove(&self, d: &Digest) -> Result<()> {
+        let p = self.path(d);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("remove", p, e)),
+        }
+    }
+
+    /// Every blob digest present on disk.
+    pub fn list(&self) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for ent in fs::read_dir(&self.blobs).map_err(|e| StoreError::io("read", &self.blobs, e))? {
+            let ent = ent.map_err(|e| StoreError::io("read", &self.blobs, e))?;
+            match ent.file_name().to_str().map(Digest::from_hex) {
+                Some(Ok(d)) => out.push(d),
+                _ => tracing::warn!(path = %ent.path().display(), "stray file in blob store"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-hashes a blob and compares it to its name.
+    pub fn verify(&self, d: &Digest) -> Result<()> {
+        let mut f = self.open(d)?;
+        let mut h = Sha256::new();
+        io::copy(&mut f, &mut HashWriter(&mut h)).map_err(|e| StoreError::io("read", self.path(d), e))?;
+        let actual = Digest::from_sha256(h);
+        if &actual != d {
+            return Err(StoreError::DigestMismatch {
+                expected: d.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn sweep_ingest(&self) -> Result<usize> {
+        sweep_dir(&self.ingest)
+    }
+}
+
+pub(crate) fn sweep_dir(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for ent in fs::read_dir(dir).map_err(|e| StoreError::io("read", dir, e))? {
+        let ent = ent.map_err(|e| StoreError::io("read", dir, e))?;
+        isula_sys::rooted::remove_tree(&ent.path())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blob being written. Dropped without `commit`, it leaves nothing behind.
+pub struct BlobWriter {
+    file: Option<File>,
+    path: PathBuf,
+    hash: Sha256,
+    size: u64,
+    blobs: PathBuf,
+}
+
+impl BlobWriter {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The digest of what was written so far.
+    pub fn digest(&self) -> Digest {
+        Digest::from_sha256(self.hash.clone())
+    }
+
+    /// fsyncs, verifies against `expected` (digest and size) if given, and moves the blob into
+    /// place. Returns its digest and size. Committing content that is already present is fine.
+    pub fn commit(mut self, expected: Option<(&Digest, Option<u64>)>) -> Result<(Digest, u64)> {
+        let digest = self.digest();
+        if let Some((want, size)) = expected {
+            if want != &digest {
+                return Err(StoreError::DigestMismatch {
+                    expected: want.clone(),
+                    actual: digest,
+                });
+            }
+            if let Some(size) = size {
+                if size != self.size {
+                    return Err(StoreError::SizeMismatch {
+                        digest,
+                        expected: size,
+                        actual: self.size,
+                    });
+                }
+            }
+        }
+        let file = self.file.take();
+        if let Some(f) = &file {
+            f.sync_all().map_err(|e| StoreError::io("fsync", &self.path, e))?;
+            f.set_permissions(fs::Permissions::from_mode(0o444))
+                .map_err(|e| StoreError::io("chmod", &self.path, e))?;
+        }
+        drop(file);
+        let dest = self.blobs.join(digest.hex());
+        fs::rename(&self.path, &dest).map_err(|e| StoreError::io("rename", &dest, e))?;
+        isula_sys::fsync_dir(&self.blobs)?;
+        Ok((digest, self.size))
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob writer already committed"))?;
+        let n = f.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A reader that hashes and counts what passes through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+    count: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hash: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    /// Reads the rest of the stream (tar padding after the end marker counts too) and
+    /// returns the digest and byte count of everything read.
+    pub fn finish(mut self) -> io::Result<(Digest, u64)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((Digest::from_sha256(self.hash), self.count))
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// A reader that copies what passes through it into a writer (the blob being stored).
+pub struct TeeReader<R, W> {
+    pub inner: R,
+    pub sink: W,
+}
+
+impl<R: Read, W: Write> Read for TeeReader<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sink.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}

@@ -1,0 +1,105 @@
+//! Image and layer records, kept in one JSON document (`metadata.json`) that is replaced
+//! atomically (temp file, fsync, rename, fsync dir) on every change, so a crash leaves
+//! either the old or the new state and an image is listed only once it is complete.
+
+use crate::error::{Result, StoreError};
+use isula_types::{ChainId, DiffId, Digest, ImageId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One unpacked layer (`layers/<chain>/diff`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub chain_id: ChainId,
+    pub diff_id: DiffId,
+    pub parent: Option<ChainId>,
+    /// Size of the uncompressed layer tar.
+    pub size: u64,
+}
+
+/// One image: its config digest is its ID.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub id: ImageId,
+    /// Full, normalised references (`docker.io/library/busybox:latest`).
+    pub names: Vec<String>,
+    pub manifest: Digest,
+    pub manifest_media_type: String,
+    /// Layer blobs in manifest order.
+    pub blobs: Vec<Digest>,
+    /// Chain IDs, bottom first.
+    pub layers: Vec<ChainId>,
+    /// `created` from the config (RFC 3339), if it had one.
+    pub created: Option<String>,
+    /// Sum of the uncompressed layer tar sizes.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Metadata {
+    pub schema: u32,
+    pub images: BTreeMap<ImageId, ImageRecord>,
+    pub layers: BTreeMap<ChainId, LayerRecord>,
+}
+
+impl Metadata {
+    pub fn load(path: &Path) -> Result<Metadata> {
+        let data = match fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Metadata {
+                    schema: SCHEMA_VERSION,
+                    ..Default::default()
+                })
+            }
+            Err(e) => return Err(StoreError::io("read", path, e)),
+        };
+        let meta: Metadata = serde_json::from_slice(&data).map_err(|e| StoreError::CorruptMetadata {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if meta.schema != SCHEMA_VERSION {
+            return Err(StoreError::CorruptMetadata {
+                path: path.to_path_buf(),
+                reason: format!("schema version {} is not {SCHEMA_VERSION}", meta.schema),
+            });
+        }
+        Ok(meta)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomic(path, &serde_json::to_vec(self).map_err(|e| StoreError::io("encode", path, e.into()))?)
+    }
+
+    /// The image a full reference names.
+    pub fn image_by_name(&self, name: &str) -> Option<&ImageRecord> {
+        self.images.values().find(|i| i.names.iter().any(|n| n == name))
+    }
+}
+
+/// Replaces `path` with `data` atomically and durably.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{:08x}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        rand::random::<u32>()
+    ));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
+        f.write_all(data).map_err(|e| StoreError::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", path, e))?;
+        isula_sys::fsync_dir(dir)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
