@@ -1,1 +1,139 @@
+//! Moving images in and out of the store: `import` of a rootfs tarball, `load` of a
+//! docker-archive or oci-archive, `save` to either. Each format is one module. Everything
+//! streams: archives are read once, layers are hashed while they are written, and no layer
+//! or archive is ever held in memory.
 
+pub mod archive;
+pub mod docker_archive;
+pub mod import;
+pub mod load;
+pub mod oci_archive;
+pub mod save;
+
+use isula_store::StoreError;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    BadArchive { path: PathBuf, reason: String },
+    #[error("{} is {size} bytes, over the limit of {limit} bytes", path.display())]
+    TooLarge { path: PathBuf, size: u64, limit: u64 },
+    #[error("{}: file exists", .0.display())]
+    Exists(PathBuf),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("operation cancelled")]
+    Cancelled,
+}
+
+impl TransportError {
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        if source.kind() == io::ErrorKind::Interrupted && source.to_string() == CANCELLED {
+            return TransportError::Cancelled;
+        }
+        TransportError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn bad(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        TransportError::BadArchive {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn kind(&self) -> isula_store::ErrorKind {
+        use isula_store::ErrorKind as K;
+        match self {
+            TransportError::Store(e) => e.kind(),
+            TransportError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => K::NotFound,
+            TransportError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                K::FailedPrecondition
+            }
+            TransportError::Io { .. } => K::Internal,
+            TransportError::BadArchive { .. } | TransportError::Invalid(_) => K::InvalidArgument,
+            TransportError::TooLarge { .. } => K::ResourceExhausted,
+            TransportError::Exists(_) => K::AlreadyExists,
+            TransportError::Cancelled => K::Unavailable,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, TransportError>;
+
+/// Lines for the client, each ending in a newline.
+pub type Progress<'a> = &'a mut dyn FnMut(String);
+
+const CANCELLED: &str = "operation cancelled";
+
+/// Set when the client goes away: every reader and writer of the operation then fails.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    pub fn check(&self) -> io::Result<()> {
+        if self.is_cancelled() {
+            Err(io::Error::new(io::ErrorKind::Interrupted, CANCELLED))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A reader that stops with an error once cancelled, or after `limit` bytes.
+pub struct Guarded<R> {
+    pub inner: R,
+    pub cancel: Cancel,
+    pub remaining: u64,
+}
+
+impl<R: Read> Read for Guarded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.cancel.check()?;
+        if self.remaining == 0 {
+            // One more byte would be over the limit: probe for it.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::new(io::ErrorKind::FileTooLarge, "input is over the size limit")),
+            };
+        }
+        let max = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..max])?;
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The standard progress lines around copying an image's blobs.
+pub(crate) fn copy_lines(progress: Progress<'_>, blobs: &[isula_types::Digest], config: &isula_types::Digest) {
+    progress("Getting image source signatures\n".into());
+    for b in blobs {
+        progress(format!("Copying blob {b}\n"));
+    }
+    progress(format!("Copying config {config}\n"));
+    progress("Writing manifest to image destination\n".into());
+    progress("Storing signatures\n".into());
+}

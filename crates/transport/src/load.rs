@@ -1,0 +1,189 @@
+//! `ctr-img load`: reads a docker-archive or oci-archive (told apart by its contents) in
+//! one pass and records every image in it. Every digest and diff ID is verified; nothing is
+//! recorded unless all of it checks out.
+
+use crate::archive::{self, Scanned};
+use crate::{copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, Result, TransportError};
+use isula_store::compression::Compression;
+use isula_store::{LayerRecord, Lease, NewImage, Store, StoreError};
+use isula_types::image::{Descriptor, ImageConfig, Manifest};
+use isula_types::{limits, media, ChainId, Digest, ImageId, Reference};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+/// One image found in an archive, before it is committed.
+pub struct ImagePlan {
+    pub config: Vec<u8>,
+    /// An OCI archive's manifest, kept verbatim (docker-archives have none: we write one).
+    pub manifest: Option<(Vec<u8>, String)>,
+    /// Archive member names of the layers, bottom first.
+    pub layers: Vec<String>,
+    pub names: Vec<Reference>,
+}
+
+pub struct Loaded {
+    pub id: ImageId,
+    pub names: Vec<Reference>,
+}
+
+/// Loads every image of the archive at `path`.
+pub fn load(store: &Store, path: &Path, cancel: &Cancel, progress: Progress<'_>) -> Result<Vec<Loaded>> {
+    let file = File::open(path).map_err(|e| TransportError::io("open", path, e))?;
+    let size = file.metadata().map_err(|e| TransportError::io("stat", path, e))?.len();
+    if size > limits::LOAD_MAX {
+        return Err(TransportError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+            limit: limits::LOAD_MAX,
+        });
+    }
+    let lease = store.lease();
+    let reader = Guarded {
+        inner: BufReader::with_capacity(1 << 20, file),
+        cancel: cancel.clone(),
+        remaining: limits::LOAD_MAX,
+    };
+    let mut scanned = archive::scan(store, reader, path, &lease)?;
+    let plans = if scanned.contains("manifest.json") {
+        docker_archive::plans(&scanned)?
+    } else if scanned.contains("index.json") && scanned.contains("oci-layout") {
+        oci_archive::plans(&scanned)?
+    } else {
+        return Err(TransportError::bad(
+            path,
+            "neither a docker-archive (no manifest.json) nor an oci-archive (no index.json and oci-layout)",
+        ));
+    };
+    if plans.is_empty() {
+        return Err(TransportError::bad(path, "archive holds no image"));
+    }
+    // Verify everything before recording anything.
+    let mut ready = Vec::new();
+    for plan in plans {
+        ready.push(prepare(store, &mut scanned, plan, &lease)?);
+    }
+    for dev in scanned.skipped_devices() {
+        progress(format!("Skipped device node {dev}: devices are provided by the runtime\n"));
+    }
+    let mut out = Vec::new();
+    for (new, blobs) in ready {
+        cancel.check().map_err(|e| TransportError::io("load", path, e))?;
+        copy_lines(progress, &blobs, new.id.digest());
+        let loaded = Loaded {
+            id: new.id.clone(),
+            names: new.names.clone(),
+        };
+        store.add_image(new)?;
+        progress(format!("Loaded image as {}\n", loaded.id.hex()));
+        out.push(loaded);
+    }
+    drop(lease);
+    if let Err(e) = store.gc() {
+        tracing::warn!(error = %e, "collecting archive members that were not layers");
+    }
+    Ok(out)
+}
+
+fn layer_media_type(c: Compression, oci: bool) -> &'static str {
+    match (c, oci) {
+        (Compression::Gzip, false) => media::DOCKER_LAYER_GZIP,
+        (Compression::Gzip, true) => media::OCI_LAYER_GZIP,
+        (Compression::Zstd, _) => media::OCI_LAYER_ZSTD,
+        (_, false) => media::DOCKER_LAYER,
+        (_, true) => media::OCI_LAYER,
+    }
+}
+
+/// Checks one image against what the scan found, commits its layers and small blobs
+/// (leased), and returns the record to add plus the layer blobs for the progress lines.
+fn prepare(store: &Store, scanned: &mut Scanned, plan: ImagePlan, lease: &Lease) -> Result<(NewImage, Vec<Digest>)> {
+    let src = scanned.source.clone();
+    let config: ImageConfig = serde_json::from_slice(&plan.config)
+        .map_err(|e| TransportError::bad(&src, format!("image config: {e}")))?;
+    let diff_ids = &config.rootfs.diff_ids;
+    if diff_ids.len() != plan.layers.len() {
+        return Err(TransportError::bad(
+            &src,
+            format!("config lists {} layers, manifest {}", diff_ids.len(), plan.layers.len()),
+        ));
+    }
+    let chains = ChainId::chain(diff_ids);
+    let mut records = Vec::new();
+    let mut blobs = Vec::new();
+    let mut descriptors = Vec::new();
+    let oci_manifest = plan.manifest.is_some() || plan.layers.iter().any(|l| {
+        scanned.layer(l).is_some_and(|e| e.compression == Compression::Zstd)
+    });
+    for (i, path) in plan.layers.iter().enumerate() {
+        let entry = scanned
+            .layer(path)
+            .ok_or_else(|| TransportError::bad(&src, format!("layer {path} is missing or not a tar archive")))?;
+        let unpacked = entry
+            .unpacked
+            .as_ref()
+            .map_err(|reason| TransportError::bad(&src, format!("layer {path}: {reason}")))?;
+        if unpacked.diff_id != diff_ids[i] {
+            return Err(StoreError::DiffIdMismatch {
+                expected: diff_ids[i].clone(),
+                actual: unpacked.diff_id.clone(),
+            }
+            .into());
+        }
+        let (blob, blob_size, compression, size) =
+            (entry.blob.clone(), entry.blob_size, entry.compression, unpacked.size);
+        let chain = &chains[i];
+        if !store.has_layer(chain) {
+            let staged = match scanned.take_staged(path) {
+                Some(s) => s,
+                None => archive::unpack_blob(store, &blob)?
+                    .staged
+                    .ok_or_else(|| TransportError::bad(&src, format!("layer {path}: nothing unpacked")))?,
+            };
+            store.commit_layer(staged, chain, lease)?;
+        } else {
+            lease.layer(chain);
+        }
+        records.push(LayerRecord {
+            chain_id: chain.clone(),
+            diff_id: diff_ids[i].clone(),
+            parent: i.checked_sub(1).map(|p| chains[p].clone()),
+            size,
+        });
+        descriptors.push(Descriptor::new(layer_media_type(compression, oci_manifest), blob.clone(), blob_size));
+        blobs.push(blob);
+    }
+    let config_digest = store.content().put(&plan.config)?;
+    lease.blob(&config_digest);
+    let id = ImageId(config_digest.clone());
+    let (manifest_bytes, manifest_type) = match plan.manifest {
+        Some((bytes, media_type)) => (bytes, media_type),
+        None => {
+            let media_type = if oci_manifest { media::OCI_MANIFEST } else { media::DOCKER_MANIFEST };
+            let config_type = if oci_manifest { media::OCI_CONFIG } else { media::DOCKER_CONFIG };
+            let m = Manifest {
+                schema_version: 2,
+                media_type: Some(media_type.to_string()),
+                config: Descriptor::new(config_type, config_digest, plan.config.len() as u64),
+                layers: descriptors,
+                annotations: None,
+            };
+            let bytes = serde_json::to_vec(&m).map_err(|e| TransportError::bad(&src, e.to_string()))?;
+            (bytes, media_type.to_string())
+        }
+    };
+    let manifest = store.content().put(&manifest_bytes)?;
+    lease.blob(&manifest);
+    Ok((
+        NewImage {
+            id,
+            manifest,
+            manifest_media_type: manifest_type,
+            blobs: blobs.clone(),
+            layers: records,
+            created: config.created.clone(),
+            names: plan.names,
+        },
+        blobs,
+    ))
+}

@@ -1,0 +1,148 @@
+//! oci-archive: a tar of an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/`).
+//! We write one image per archive; we read every manifest its index lists (for an index
+//! of platforms, the one for this machine).
+
+use crate::archive::Scanned;
+use crate::load::ImagePlan;
+use crate::save::{append_blob, append_bytes, SaveItem};
+use crate::{Cancel, Result, TransportError};
+use isula_store::Store;
+use isula_types::image::{host_architecture, Descriptor, Index, Manifest};
+use isula_types::{limits, media, Digest, Reference};
+use std::collections::BTreeMap;
+use std::io::Write;
+
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub const CONTAINERD_NAME: &str = "io.containerd.image.name";
+
+fn blob_path(d: &Digest) -> String {
+    format!("blobs/sha256/{}", d.hex())
+}
+
+/// A small blob of the layout, checked against its descriptor.
+fn small_blob<'a>(scanned: &'a Scanned, d: &Descriptor) -> Result<&'a [u8]> {
+    let src = &scanned.source;
+    let data = scanned
+        .small(&blob_path(&d.digest))
+        .ok_or_else(|| TransportError::bad(src, format!("blob {} is missing", d.digest)))?;
+    let actual = Digest::of_bytes(data);
+    if actual != d.digest || data.len() as u64 != d.size {
+        return Err(TransportError::bad(
+            src,
+            format!("blob {} does not match its descriptor (digest {actual}, {} bytes)", d.digest, data.len()),
+        ));
+    }
+    Ok(data)
+}
+
+fn names_of(d: &Descriptor) -> Vec<Reference> {
+    let ann = d.annotations.clone().unwrap_or_default();
+    ann.get(CONTAINERD_NAME)
+        .or_else(|| ann.get(REF_NAME))
+        .and_then(|n| Reference::parse(n).ok().filter(|_| n.contains(':') || n.contains('/')))
+        .into_iter()
+        .collect()
+}
+
+pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
+    let src = &scanned.source;
+    let raw = scanned
+        .small("index.json")
+        .ok_or_else(|| TransportError::bad(src, format!("index.json is over the limit of {} bytes", limits::MANIFEST_MAX)))?;
+    let index: Index = serde_json::from_slice(raw).map_err(|e| TransportError::bad(src, format!("index.json: {e}")))?;
+    let mut plans = Vec::new();
+    for desc in &index.manifests {
+        let mut desc = desc.clone();
+        let mut names = names_of(&desc);
+        if desc.media_type == media::OCI_INDEX || desc.media_type == media::DOCKER_MANIFEST_LIST {
+            let nested: Index = serde_json::from_slice(small_blob(scanned, &desc)?)
+                .map_err(|e| TransportError::bad(src, format!("index {}: {e}", desc.digest)))?;
+            let arch = host_architecture();
+            let pick = nested
+                .manifests
+                .iter()
+                .find(|m| m.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch))
+                .ok_or_else(|| TransportError::bad(src, format!("index {} has no linux/{arch} image", desc.digest)))?;
+            desc = pick.clone();
+            names.extend(names_of(&desc));
+        }
+        let manifest_bytes = small_blob(scanned, &desc)?.to_vec();
+        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| TransportError::bad(src, format!("manifest {}: {e}", desc.digest)))?;
+        let config = small_blob(scanned, &manifest.config)?.to_vec();
+        let mut layers = Vec::new();
+        for l in &manifest.layers {
+            let path = blob_path(&l.digest);
+            let entry = scanned
+                .layer(&path)
+                .ok_or_else(|| TransportError::bad(src, format!("layer {} is missing", l.digest)))?;
+            if entry.blob != l.digest || entry.blob_size != l.size {
+                return Err(TransportError::bad(
+                    src,
+                    format!("layer {} does not match its descriptor (digest {}, {} bytes)", l.digest, entry.blob, entry.blob_size),
+                ));
+            }
+            layers.push(path);
+        }
+        let media_type = manifest.media_type.clone().unwrap_or_else(|| desc.media_type.clone());
+        plans.push(ImagePlan {
+            config,
+            manifest: Some((manifest_bytes, media_type)),
+            layers,
+            names,
+        });
+    }
+    Ok(plans)
+}
+
+fn oci_type(docker: &str) -> &str {
+    match docker {
+        media::DOCKER_CONFIG => media::OCI_CONFIG,
+        media::DOCKER_LAYER => media::OCI_LAYER,
+        media::DOCKER_LAYER_GZIP => media::OCI_LAYER_GZIP,
+        other => other,
+    }
+}
+
+/// Writes an oci-archive of one image.
+pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) -> Result<W> {
+    let img = &item.image;
+    let stored = store.content().read_small(&img.manifest, limits::MANIFEST_MAX)?;
+    let manifest_bytes = if img.manifest_media_type == media::OCI_MANIFEST {
+        stored
+    } else {
+        let mut m: Manifest = serde_json::from_slice(&stored)
+            .map_err(|e| TransportError::Invalid(format!("stored manifest {}: {e}", img.manifest)))?;
+        m.media_type = Some(media::OCI_MANIFEST.to_string());
+        m.config.media_type = oci_type(&m.config.media_type).to_string();
+        for l in &mut m.layers {
+            l.media_type = oci_type(&l.media_type).to_string();
+        }
+        serde_json::to_vec(&m).map_err(|e| TransportError::Invalid(e.to_string()))?
+    };
+    let manifest_digest = Digest::of_bytes(&manifest_bytes);
+    let mut tar = tar::Builder::new(out);
+    append_bytes(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    for blob in &img.blobs {
+        append_blob(store, &mut tar, &blob_path(blob), blob, None, cancel)?;
+    }
+    let config = store.content().read_small(img.id.digest(), limits::MANIFEST_MAX)?;
+    append_bytes(&mut tar, &blob_path(img.id.digest()), &config)?;
+    append_bytes(&mut tar, &blob_path(&manifest_digest), &manifest_bytes)?;
+    let mut desc = Descriptor::new(media::OCI_MANIFEST, manifest_digest, manifest_bytes.len() as u64);
+    if let Some(tag) = item.tags.first() {
+        let mut ann = BTreeMap::new();
+        ann.insert(CONTAINERD_NAME.to_string(), tag.to_string());
+        ann.insert(REF_NAME.to_string(), tag.tag().unwrap_or("latest").to_string());
+        desc.annotations = Some(ann);
+    }
+    let index = Index {
+        schema_version: 2,
+        media_type: Some(media::OCI_INDEX.to_string()),
+        manifests: vec![desc],
+        annotations: None,
+    };
+    let data = serde_json::to_vec(&index).map_err(|e| TransportError::Invalid(e.to_string()))?;
+    append_bytes(&mut tar, "index.json", &data)?;
+    tar.into_inner().map_err(|e| TransportError::io("write", "archive", e))
+}

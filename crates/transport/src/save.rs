@@ -1,0 +1,212 @@
+//! `ctr-img save`: writes images to a docker-archive or oci-archive. The archive is written
+//! to a temporary file beside the destination and renamed into place without replacing
+//! anything, so the file appears complete or not at all.
+
+use crate::{copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, Result, TransportError};
+use isula_store::compression::decompress;
+use isula_store::{HashingReader, ImageRecord, LayerRecord, Store, StoreError};
+use isula_types::{DiffId, Digest, Reference};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Docker,
+    Oci,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Result<Format> {
+        match s {
+            "" | "docker" => Ok(Format::Docker),
+            "oci" => Ok(Format::Oci),
+            other => Err(TransportError::Invalid(format!(
+                "wrong image format {other:?} provided: expected docker or oci"
+            ))),
+        }
+    }
+}
+
+/// One image to save and the tags it is saved under.
+pub struct SaveItem {
+    pub image: ImageRecord,
+    pub tags: Vec<Reference>,
+}
+
+/// Saves `names` (references or IDs) to `dest`.
+pub fn save(
+    store: &Store,
+    names: &[String],
+    dest: &Path,
+    format: Format,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<()> {
+    if names.is_empty() {
+        return Err(TransportError::Invalid("save needs at least one image".into()));
+    }
+    if fs::symlink_metadata(dest).is_ok() {
+        return Err(TransportError::Exists(dest.to_path_buf()));
+    }
+    let mut items: Vec<SaveItem> = Vec::new();
+    for name in names {
+        let image = store.resolve(name)?;
+        let tag = Reference::parse(name)
+            .ok()
+            .filter(|r| image.names.contains(&r.to_string()));
+        match items.iter_mut().find(|i| i.image.id == image.id) {
+            Some(item) => item.tags.extend(tag),
+            None => items.push(SaveItem {
+                image,
+                tags: tag.into_iter().collect(),
+            }),
+        }
+    }
+    if format == Format::Oci && items.len() > 1 {
+        return Err(TransportError::Invalid(
+            "an oci-archive holds one image only: save the images one by one, or use -f docker".into(),
+        ));
+    }
+    let lease = store.lease();
+    for item in &items {
+        for b in item.image.blobs.iter().chain([&item.image.manifest, item.image.id.digest()]) {
+            lease.blob(b);
+        }
+        for l in &item.image.layers {
+            lease.layer(l);
+        }
+    }
+    // The image could have been removed between resolve and lease.
+    for item in &items {
+        store.image(&item.image.id)?;
+    }
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let file_name = dest
+        .file_name()
+        .ok_or_else(|| TransportError::Invalid(format!("{} is not a file path", dest.display())))?;
+    let tmp: PathBuf = dir.join(format!(".{}.isula-tmp-{:08x}", file_name.to_string_lossy(), rand::random::<u32>()));
+    let result = (|| -> Result<()> {
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| TransportError::io("create", &tmp, e))?;
+        let out = BufWriter::with_capacity(1 << 20, file);
+        let out = match format {
+            Format::Docker => docker_archive::write(store, &items, out, cancel)?,
+            Format::Oci => oci_archive::write(store, &items[0], out, cancel)?,
+        };
+        let file = out.into_inner().map_err(|e| TransportError::io("write", &tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| TransportError::io("fsync", &tmp, e))?;
+        isula_sys::rename_noreplace(&tmp, dest).map_err(|e| {
+            if e.errno() == Some(17) {
+                TransportError::Exists(dest.to_path_buf())
+            } else {
+                TransportError::io("rename", dest, e.source)
+            }
+        })?;
+        isula_sys::fsync_dir(dir).map_err(|e| TransportError::io("fsync", dir, e.source))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    for item in &items {
+        copy_lines(progress, &item.image.blobs, item.image.id.digest());
+    }
+    for name in names {
+        progress(format!("Save success with image: {name}\n"));
+    }
+    Ok(())
+}
+
+fn header(name: &str, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    // Names here are short and ASCII (digests), so set_path cannot fail on length.
+    let _ = h.set_path(name);
+    h.set_cksum();
+    h
+}
+
+pub(crate) fn append_bytes<W: Write>(tar: &mut tar::Builder<W>, name: &str, data: &[u8]) -> Result<()> {
+    tar.append(&header(name, data.len() as u64), data)
+        .map_err(|e| TransportError::io("write", name, e))
+}
+
+/// A reader that yields exactly `size` bytes of `inner`, failing if it has more or fewer.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+    what: String,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is longer than recorded", self.what))),
+            };
+        }
+        let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..max])?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} is shorter than recorded", self.what)));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Streams a stored blob into the archive. With `layer`, the blob is written uncompressed
+/// and its diff ID verified while it streams; without, it is copied as stored and its
+/// digest verified.
+pub(crate) fn append_blob<W: Write>(
+    store: &Store,
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    blob: &Digest,
+    layer: Option<&LayerRecord>,
+    cancel: &Cancel,
+) -> Result<()> {
+    let path = store.content().path(blob);
+    let file = io::BufReader::with_capacity(1 << 20, store.content().open(blob)?);
+    let guarded = Guarded {
+        inner: file,
+        cancel: cancel.clone(),
+        remaining: u64::MAX,
+    };
+    let (size, mut reader): (u64, Box<dyn Read>) = match layer {
+        Some(l) => (l.size, decompress(guarded).map_err(|e| TransportError::io("read", &path, e))?.1),
+        None => (store.content().size(blob)?, Box::new(guarded)),
+    };
+    let mut hashing = HashingReader::new(Exact {
+        inner: &mut reader,
+        left: size,
+        what: format!("blob {blob}"),
+    });
+    tar.append(&header(name, size), &mut hashing)
+        .map_err(|e| TransportError::io("write", &path, e))?;
+    let (digest, _) = hashing.finish().map_err(|e| TransportError::io("read", &path, e))?;
+    let expected = match layer {
+        Some(l) => l.diff_id.clone(),
+        None => DiffId(blob.clone()),
+    };
+    if digest != expected.0 {
+        return Err(StoreError::DigestMismatch {
+            expected: expected.0,
+            actual: digest,
+        }
+        .into());
+    }
+    Ok(())
+}

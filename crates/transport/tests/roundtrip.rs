@@ -1,0 +1,140 @@
+//! Import, save and load through real stores in temp dirs (needs root for chown and
+//! whiteout device nodes; skipped with a message otherwise, except in CI).
+
+use isula_store::Store;
+use isula_transport::save::Format;
+use isula_transport::{import, load, save, Cancel, TransportError};
+use isula_types::Reference;
+use std::io::Write;
+use std::path::Path;
+
+fn root_or_skip() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "these tests must run as root in CI");
+    eprintln!("skipping: needs root (outside CI)");
+    false
+}
+
+fn rootfs_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [("bin/sh", &b"#!fake shell"[..]), ("etc/hostname", b"box\n")] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, data).expect("append");
+    }
+    b.into_inner().expect("tar")
+}
+
+fn gz(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).expect("gz");
+    e.finish().expect("gz")
+}
+
+fn snapshot(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for sub in ["blobs/sha256", "layers", "ingest", "tmp"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+            for e in rd.flatten() {
+                out.push(format!("{sub}/{}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out.push(std::fs::read_to_string(dir.join("metadata.json")).unwrap_or_default());
+    out.sort();
+    out
+}
+
+#[test]
+fn import_save_load_round_trip() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(&tmp.path().join("a")).expect("store");
+    let src = tmp.path().join("rootfs.tar.gz");
+    std::fs::write(&src, gz(&rootfs_tar())).expect("write");
+    let r = Reference::parse("busybox:latest").expect("ref");
+    let mut lines = Vec::new();
+    let id = import::import(&store, &src, Some(&r), &Cancel::default(), &mut |l| lines.push(l)).expect("import");
+    assert!(lines.last().expect("lines").starts_with("Import success with image id: "));
+    assert_eq!(store.resolve("busybox").expect("resolve").id, id);
+    assert_eq!(store.resolve(&id.hex()[..6]).expect("prefix").id, id);
+
+    for format in [Format::Docker, Format::Oci] {
+        let out = tmp.path().join(format!("{format:?}.tar"));
+        save::save(&store, &["busybox".into()], &out, format, &Cancel::default(), &mut |_| {}).expect("save");
+        // Refuses to overwrite.
+        let again = save::save(&store, &["busybox".into()], &out, format, &Cancel::default(), &mut |_| {});
+        assert!(matches!(again, Err(TransportError::Exists(_))), "{again:?}");
+        let dir = tmp.path().join(format!("store-{format:?}"));
+        let (other, _) = Store::open(&dir).expect("store");
+        let loaded = load::load(&other, &out, &Cancel::default(), &mut |_| {}).expect("load");
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].id, id);
+        let img = other.resolve("busybox:latest").expect("tag survived");
+        assert_eq!(img.id, id);
+        let diff = other.layer_dir(&img.layers[0]).join("diff");
+        assert_eq!(std::fs::read(diff.join("etc/hostname")).expect("file"), b"box\n");
+        assert!(other.check().expect("check").is_empty());
+        // Saving again from the loaded store gives the same bytes.
+        let out2 = tmp.path().join(format!("{format:?}-2.tar"));
+        save::save(&other, &["busybox".into()], &out2, format, &Cancel::default(), &mut |_| {}).expect("save");
+        assert_eq!(std::fs::read(&out).expect("a"), std::fs::read(&out2).expect("b"));
+    }
+}
+
+#[test]
+fn bad_inputs_leave_store_unchanged() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("s");
+    let (store, _) = Store::open(&dir).expect("store");
+    let good = tmp.path().join("good.tar");
+    std::fs::write(&good, rootfs_tar()).expect("write");
+    import::import(&store, &good, None, &Cancel::default(), &mut |_| {}).expect("import");
+    let before = snapshot(&dir);
+
+    // ../ entry
+    let mut raw = rootfs_tar();
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b""[..]).expect("append");
+    let evil = b.into_inner().expect("tar");
+    let dotdot = tmp.path().join("dotdot.tar");
+    std::fs::write(&dotdot, &evil).expect("write");
+    let e = import::import(&store, &dotdot, None, &Cancel::default(), &mut |_| {}).expect_err("dotdot");
+    assert!(e.to_string().contains("'..'"), "{e}");
+
+    // truncated gzip
+    raw = gz(&raw);
+    let trunc = tmp.path().join("trunc.tar.gz");
+    std::fs::write(&trunc, &raw[..raw.len() / 2]).expect("write");
+    let e = import::import(&store, &trunc, None, &Cancel::default(), &mut |_| {}).expect_err("truncated");
+    assert!(!e.to_string().is_empty());
+
+    // over the import limit (sparse file)
+    let big = tmp.path().join("big.tar");
+    std::fs::File::create(&big).expect("create").set_len(isula_types::limits::IMPORT_MAX + 1).expect("len");
+    let e = import::import(&store, &big, None, &Cancel::default(), &mut |_| {}).expect_err("big");
+    assert!(matches!(e, TransportError::TooLarge { .. }), "{e}");
+
+    assert_eq!(snapshot(&dir), before);
+}
