@@ -7,6 +7,11 @@ pub mod v1 {
     tonic::include_proto!("isula.build.v1");
 }
 
+/// Version, toolchain, commit and build time of this build.
+pub mod build_info {
+    include!(concat!(env!("OUT_DIR"), "/build_info.rs"));
+}
+
 use std::path::{Path, PathBuf};
 
 /// Default control socket of the system daemon.

@@ -1,0 +1,23 @@
+//! `ctr-img tag SRC DST`.
+
+use super::Client;
+use anyhow::Result;
+use isula_api::v1::TagRequest;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Source image, by name or ID
+    pub image: String,
+    /// New name, e.g. registry.example.com/repo:tag
+    pub tag: String,
+}
+
+pub async fn run(client: &mut Client, args: Args) -> Result<()> {
+    client
+        .tag(TagRequest {
+            image: args.image,
+            tag: args.tag,
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! `isula-build`: the command-line client. It speaks only the control API (it links neither
+//! the store nor the builder): one file per command under `cmd/`.
+
+mod cmd;
+mod output;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "isula-build", version, about = "isula-build is the client of isula-builder, the container image builder")]
+pub struct Cli {
+    /// Open debug mode
+    #[arg(short = 'D', long, global = true)]
+    pub debug: bool,
+    /// Daemon socket to connect to, unix:///path
+    #[arg(long, global = true, env = isula_api::HOST_ENV, default_value = "unix:///var/run/isula_build.sock")]
+    pub host: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Container image operations
+    #[command(name = "ctr-img", subcommand)]
+    CtrImg(CtrImg),
+    /// Show isula-build system information
+    Info(cmd::info::Args),
+    /// Show the isula-build version information
+    Version,
+    /// Generate a shell completion script
+    #[command(hide = true)]
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtrImg {
+    /// List locally stored images
+    Images(cmd::images::Args),
+    /// Import the base image from a tarball to the image store
+    Import(cmd::import::Args),
+    /// Load images
+    Load(cmd::load::Args),
+    /// Remove one or more locally stored images
+    Rm(cmd::rm::Args),
+    /// Save image to tarball
+    Save(cmd::save::Args),
+    /// Create a tag for source image
+    Tag(cmd::tag::Args),
+}
+
+/// Makes a client path absolute against the current directory (the daemon has another one).
+pub fn absolute(p: &str) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(p);
+    if path.is_absolute() {
+        return Ok(path);
+    }
+    Ok(std::env::current_dir()?.join(path))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Command::Completion { shell } = &cli.command {
+        clap_complete::generate(*shell, &mut Cli::command(), "isula-build", &mut std::io::stdout());
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: starting the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async {
+        tokio::select! {
+            r = cmd::run(cli) => match r {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("Error: {}", output::error_message(&e));
+                    1
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                // Dropping the call cancels the operation on the daemon.
+                eprintln!("Error: interrupted");
+                130
+            }
+        }
+    });
+    std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

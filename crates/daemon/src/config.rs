@@ -1,0 +1,318 @@
+//! Daemon settings: the files in the config directory (configuration.toml, storage.toml,
+//! registries.toml, policy.json), then the command-line flags over them. Every file is
+//! checked before use: at most 1 MiB, a regular file owned by root (or us), not writable
+//! by group or others, and well-formed; a bad file stops the start with a message naming it.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use isula_registry::{Policy, Registries};
+use isula_types::limits::CONFIG_FILE_MAX;
+use serde::Deserialize;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/isula-build";
+pub const DEFAULT_DATA_ROOT: &str = "/var/lib/isula-build";
+pub const DEFAULT_RUN_ROOT: &str = "/var/run/isula-build";
+const LOG_LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
+
+#[derive(Debug, Parser)]
+#[command(name = "isula-builder", version, about = "isula-builder is the daemon of isula-build, the container image builder")]
+pub struct Flags {
+    /// Open debug mode
+    #[arg(short = 'D', long, num_args = 0..=1, default_missing_value = "true")]
+    pub debug: Option<bool>,
+    /// Log level: "debug", "info", "warn" or "error"
+    #[arg(long = "log-level")]
+    pub log_level: Option<String>,
+    /// Persistent dir [default: /var/lib/isula-build]
+    #[arg(long)]
+    pub dataroot: Option<PathBuf>,
+    /// Runtime dir [default: /var/run/isula-build]
+    #[arg(long)]
+    pub runroot: Option<PathBuf>,
+    /// Storage driver
+    #[arg(long = "storage-driver")]
+    pub storage_driver: Option<String>,
+    /// Storage driver option (repeatable), e.g. overlay.mountopt=nodev
+    #[arg(long = "storage-opt")]
+    pub storage_opt: Vec<String>,
+    /// Group of the control socket [default: isula]
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Enable experimental features
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub experimental: Option<bool>,
+    /// Directory of the configuration files
+    #[arg(long = "config-dir", default_value = DEFAULT_CONFIG_DIR)]
+    pub config_dir: PathBuf,
+    /// Control socket, unix:///path [default: unix:///var/run/isula_build.sock]
+    #[arg(long, env = isula_api::HOST_ENV)]
+    pub host: Option<String>,
+    /// Verify every blob digest and image record in the store, print problems and exit
+    #[arg(long = "check-store")]
+    pub check_store: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Generate a shell completion script
+    #[command(hide = true)]
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigurationFile {
+    debug: Option<bool>,
+    loglevel: Option<String>,
+    group: Option<String>,
+    run_root: Option<PathBuf>,
+    data_root: Option<PathBuf>,
+    runtime: Option<String>,
+    experimental: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StorageFile {
+    #[serde(default)]
+    storage: StorageTable,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StorageTable {
+    driver: Option<String>,
+    #[serde(default)]
+    options: StorageOptions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StorageOptions {
+    mountopt: Option<String>,
+    #[serde(default)]
+    overlay: OverlayOptions,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OverlayOptions {
+    mountopt: Option<String>,
+}
+
+/// Everything the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub debug: bool,
+    pub log_level: String,
+    pub group: String,
+    pub data_root: PathBuf,
+    pub run_root: PathBuf,
+    pub runtime: String,
+    pub experimental: bool,
+    pub storage_driver: String,
+    pub mount_options: Vec<String>,
+    pub registries: Registries,
+    pub policy: Option<Policy>,
+    pub socket: PathBuf,
+}
+
+/// Reads a config file if it exists, refusing oversized, unsafe or unreadable ones.
+pub fn read_config_file(path: &Path) -> Result<Option<String>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("config file {}", path.display())),
+    };
+    if !meta.is_file() {
+        bail!("config file {}: not a regular file", path.display());
+    }
+    if meta.len() > CONFIG_FILE_MAX {
+        bail!(
+            "config file {}: {} bytes is over the limit of {} bytes",
+            path.display(),
+            meta.len(),
+            CONFIG_FILE_MAX
+        );
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != euid {
+        bail!("config file {}: owned by uid {}, must be owned by root", path.display(), meta.uid());
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "config file {}: permissions {:04o} are too open, it must not be writable by group or others",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
+    Ok(Some(text))
+}
+
+fn check_log_level(level: &str, source: &str) -> Result<()> {
+    if !LOG_LEVELS.contains(&level) {
+        bail!("{source}: invalid log level {level:?}: expected one of debug, info, warn, error");
+    }
+    Ok(())
+}
+
+fn check_mount_option(opt: &str) -> Result<()> {
+    const OK: [&str; 8] = ["nodev", "nosuid", "noexec", "noatime", "relatime", "metacopy=on", "metacopy=off", "volatile"];
+    for o in opt.split(',').filter(|o| !o.is_empty()) {
+        if !OK.contains(&o) {
+            bail!("invalid overlay mount option {o:?}: supported are {}", OK.join(", "));
+        }
+    }
+    Ok(())
+}
+
+impl Settings {
+    pub fn load(flags: &Flags) -> Result<Settings> {
+        let dir = &flags.config_dir;
+        let conf_path = dir.join("configuration.toml");
+        let conf: ConfigurationFile = match read_config_file(&conf_path)? {
+            Some(t) => toml::from_str(&t).with_context(|| format!("config file {}: malformed", conf_path.display()))?,
+            None => ConfigurationFile::default(),
+        };
+        if let Some(l) = &conf.loglevel {
+            check_log_level(l, &conf_path.display().to_string())?;
+        }
+        let storage_path = dir.join("storage.toml");
+        let storage: StorageFile = match read_config_file(&storage_path)? {
+            Some(t) => toml::from_str(&t).with_context(|| format!("config file {}: malformed", storage_path.display()))?,
+            None => StorageFile::default(),
+        };
+        let reg_path = dir.join("registries.toml");
+        let registries = match read_config_file(&reg_path)? {
+            Some(t) => Registries::parse(&reg_path.display().to_string(), &t)?,
+            None => Registries::default(),
+        };
+        let policy_path = dir.join("policy.json");
+        let policy = match read_config_file(&policy_path)? {
+            Some(t) => Some(Policy::parse(&policy_path.display().to_string(), &t)?),
+            None => None,
+        };
+
+        let debug = flags.debug.or(conf.debug).unwrap_or(false);
+        let log_level = match &flags.log_level {
+            Some(l) => {
+                check_log_level(l, "--log-level")?;
+                l.clone()
+            }
+            None if debug => "debug".into(),
+            None => conf.loglevel.unwrap_or_else(|| "info".into()),
+        };
+        let driver = flags
+            .storage_driver
+            .clone()
+            .or(storage.storage.driver)
+            .unwrap_or_else(|| "overlay".into());
+        let driver = match driver.as_str() {
+            "overlay" | "overlay2" => "overlay".to_string(),
+            other => bail!("unsupported storage driver {other:?}: only overlay (overlay2) is supported"),
+        };
+        let mut mount_options = Vec::new();
+        for m in [storage.storage.options.mountopt, storage.storage.options.overlay.mountopt].into_iter().flatten() {
+            check_mount_option(&m).with_context(|| format!("config file {}", storage_path.display()))?;
+            mount_options.push(m);
+        }
+        for opt in &flags.storage_opt {
+            let value = opt
+                .strip_prefix("overlay.mountopt=")
+                .or_else(|| opt.strip_prefix("overlay2.mountopt="))
+                .with_context(|| format!("--storage-opt {opt:?}: supported is overlay.mountopt=OPTIONS"))?;
+            check_mount_option(value).with_context(|| format!("--storage-opt {opt:?}"))?;
+            mount_options.push(value.to_string());
+        }
+        let absolute = |p: PathBuf, what: &str| -> Result<PathBuf> {
+            if !p.is_absolute() {
+                bail!("{what} {} must be an absolute path", p.display());
+            }
+            Ok(p)
+        };
+        let socket = match &flags.host {
+            Some(h) => isula_api::socket_path_from_host(h).map_err(anyhow::Error::msg)?,
+            None => PathBuf::from(isula_api::DEFAULT_SOCKET),
+        };
+        Ok(Settings {
+            debug,
+            log_level,
+            group: flags.group.clone().or(conf.group).unwrap_or_else(|| "isula".into()),
+            data_root: absolute(
+                flags.dataroot.clone().or(conf.data_root).unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
+                "data root",
+            )?,
+            run_root: absolute(
+                flags.runroot.clone().or(conf.run_root).unwrap_or_else(|| DEFAULT_RUN_ROOT.into()),
+                "run root",
+            )?,
+            runtime: conf.runtime.unwrap_or_else(|| "runc".into()),
+            experimental: flags.experimental.or(conf.experimental).unwrap_or(false),
+            storage_driver: driver,
+            mount_options,
+            registries,
+            policy,
+            socket,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn flags(dir: &Path, extra: &[&str]) -> Flags {
+        let mut args = vec!["isula-builder", "--config-dir", dir.to_str().unwrap_or_default()];
+        args.extend_from_slice(extra);
+        Flags::parse_from(args)
+    }
+
+    fn write(dir: &Path, name: &str, text: &str, mode: u32) {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn flag_definition_is_consistent() {
+        <Flags as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_beat_files() {
+        let d = tempfile::tempdir().expect("tmp");
+        write(d.path(), "configuration.toml", "debug = false\nloglevel = \"warn\"\ndata_root = \"/a\"\nrun_root = \"/b\"\ngroup = \"g\"\nruntime = \"runc\"\nexperimental = true\n", 0o600);
+        let s = Settings::load(&flags(d.path(), &[])).expect("load");
+        assert_eq!((s.log_level.as_str(), s.data_root.as_path(), s.experimental), ("warn", Path::new("/a"), true));
+        let s = Settings::load(&flags(d.path(), &["--dataroot", "/x", "--log-level", "error", "--experimental=false"])).expect("load");
+        assert_eq!((s.log_level.as_str(), s.data_root.as_path(), s.experimental), ("error", Path::new("/x"), false));
+        let s = Settings::load(&flags(d.path(), &["-D"])).expect("load");
+        assert_eq!(s.log_level, "debug");
+    }
+
+    #[test]
+    fn refuses_bad_files() {
+        let cases: [(&str, &str, u32, &str); 7] = [
+            ("configuration.toml", "debug = ", 0o600, "malformed"),
+            ("configuration.toml", "loglevel = \"loud\"", 0o600, "invalid log level"),
+            ("configuration.toml", "colour = 1", 0o600, "malformed"),
+            ("configuration.toml", "debug = true", 0o666, "too open"),
+            ("storage.toml", "[storage]\ndriver = \"btrfs\"", 0o600, "unsupported storage driver"),
+            ("registries.toml", "[registries.search\n", 0o600, "registries.toml"),
+            ("policy.json", "{\"default\": [", 0o600, "policy.json"),
+        ];
+        for (name, text, mode, want) in cases {
+            let d = tempfile::tempdir().expect("tmp");
+            write(d.path(), name, text, mode);
+            let e = Settings::load(&flags(d.path(), &[])).expect_err(name);
+            let msg = format!("{e:#}");
+            assert!(msg.contains(want) && msg.contains(name), "{name}: {msg}");
+        }
+        let d = tempfile::tempdir().expect("tmp");
+        write(d.path(), "registries.toml", &"#".repeat(CONFIG_FILE_MAX as usize + 1), 0o600);
+        let e = Settings::load(&flags(d.path(), &[])).expect_err("big");
+        assert!(format!("{e:#}").contains("over the limit"), "{e:#}");
+    }
+}

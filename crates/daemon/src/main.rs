@@ -1,0 +1,100 @@
+//! `isula-builder`: the daemon. Reads its settings, takes its data root, and serves the
+//! control API until SIGTERM/SIGINT.
+
+mod config;
+mod error;
+mod rpc;
+mod server;
+mod service;
+mod state;
+
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser};
+use config::{Command, Flags, Settings};
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,tower=warn,hyper=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn prepare_dirs(s: &Settings) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (dir, mode) in [(&s.data_root, 0o700), (&s.run_root, 0o700)] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {}", dir.display()))?;
+    }
+    match rpc::info::backing_fs(&s.data_root).as_str() {
+        "tmpfs" | "overlayfs" => tracing::warn!(
+            data_root = %s.data_root.display(),
+            "the data root is on tmpfs or overlayfs, which is not supported: use a disk file system"
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn open_store(s: &Settings) -> Result<isula_store::Store> {
+    match isula_store::Store::open(&s.data_root) {
+        Ok((store, report)) => {
+            tracing::info!(
+                data_root = %s.data_root.display(),
+                swept_ingest = report.swept_ingest,
+                swept_tmp = report.swept_tmp,
+                gc_blobs = report.gc.blobs,
+                gc_layers = report.gc.layers,
+                "store opened"
+            );
+            Ok(store)
+        }
+        Err(isula_store::StoreError::Sys(e)) if isula_sys::lock::is_held_elsewhere(&e) => anyhow::bail!(
+            "another isula-builder is already running on data root {}",
+            s.data_root.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("opening the store in {}", s.data_root.display())),
+    }
+}
+
+fn main() {
+    let flags = Flags::parse();
+    if let Some(Command::Completion { shell }) = flags.command {
+        clap_complete::generate(shell, &mut Flags::command(), "isula-builder", &mut std::io::stdout());
+        return;
+    }
+    if let Err(e) = run(flags) {
+        eprintln!("isula-builder: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(flags: Flags) -> Result<()> {
+    let settings = Settings::load(&flags)?;
+    init_logging(&settings.log_level);
+    tracing::info!(
+        debug = settings.debug,
+        runtime = %settings.runtime,
+        storage_driver = %settings.storage_driver,
+        mount_options = ?settings.mount_options,
+        policy = if settings.policy.is_some() { "policy.json" } else { "none" },
+        "settings loaded"
+    );
+    prepare_dirs(&settings)?;
+    let store = open_store(&settings)?;
+    if flags.check_store {
+        let problems = store.check()?;
+        for p in &problems {
+            println!("{p}");
+        }
+        if !problems.is_empty() {
+            anyhow::bail!("store check found {} problem(s)", problems.len());
+        }
+        println!("store check: {} images, all blobs verified", store.images().len());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("isula-builder")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(server::run(settings, store))
+}

@@ -1,0 +1,27 @@
+//! One file per RPC. `service.rs` routes the generated trait's methods here.
+
+pub mod health;
+pub mod import;
+pub mod info;
+pub mod list;
+pub mod load;
+pub mod remove;
+pub mod save;
+pub mod tag;
+pub mod version;
+
+use tonic::Status;
+
+/// Methods whose issues have not landed yet.
+pub fn unimplemented(method: &str, what: &str) -> Status {
+    Status::unimplemented(format!("{method} is not implemented yet: {what} is not supported by this isula-builder"))
+}
+
+/// A path sent by the client must be absolute (the client makes it so).
+pub fn absolute_path(what: &str, p: &str) -> Result<std::path::PathBuf, Status> {
+    let path = std::path::PathBuf::from(p);
+    if p.is_empty() || !path.is_absolute() {
+        return Err(crate::error::invalid(format!("{what} must be an absolute path, got {p:?}")));
+    }
+    Ok(path)
+}

@@ -1,0 +1,123 @@
+//! The daemon's life: take the data root, bind the socket (0660 root:group), serve, tell
+//! systemd we are ready, and on SIGTERM/SIGINT stop accepting, cancel running work, wait
+//! for it to clean up, remove the socket and return.
+
+use crate::config::Settings;
+use crate::service::Service;
+use crate::state::State;
+use anyhow::{bail, Context, Result};
+use isula_api::v1::control_server::ControlServer;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// How long shutdown waits for cancelled work to finish its cleanup.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.next()?;
+        f.next()?.parse().ok()
+    })
+}
+
+fn bind(socket: &Path, group: &str) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if std::fs::symlink_metadata(socket).is_ok() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!("socket {} is in use by another running daemon", socket.display());
+        }
+        std::fs::remove_file(socket).with_context(|| format!("removing stale socket {}", socket.display()))?;
+    }
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    match group_id(group) {
+        Some(gid) => {
+            rustix::fs::chown(socket, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::from_raw(gid)))
+                .with_context(|| format!("chown {}", socket.display()))?;
+            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+        }
+        None => {
+            tracing::warn!(group, socket = %socket.display(), "group does not exist: socket is only for root (0600)");
+            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(listener)
+}
+
+/// Tells systemd (Type=notify) that the socket is up.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "sd_notify"),
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(b"READY=1", &a))
+    } else {
+        sock.send_to(b"READY=1", &path)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "sd_notify READY=1");
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
+    let socket = settings.socket.clone();
+    let listener = bind(&socket, &settings.group)?;
+    let state = State::new(settings, store);
+    let service = ControlServer::new(Service { state: state.clone() })
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    tracing::info!(socket = %socket.display(), "isula-builder is serving");
+    notify_ready();
+    let signal = shutdown_signal().await;
+    tracing::info!(signal, running = state.running(), "shutting down");
+    // Stop accepting first, then cancel what runs, then wait for it to clean up.
+    let _ = std::fs::remove_file(&socket);
+    state.cancel_all();
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server"),
+        Ok(Err(e)) => tracing::error!(error = %e, "server task"),
+        Err(_) => tracing::error!("running operations did not finish within {SHUTDOWN_GRACE:?}"),
+    }
+    // Blocking tasks hold the state; wait for them to release it (and the store lock).
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while state.running() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!("isula-builder stopped");
+    Ok(())
+}

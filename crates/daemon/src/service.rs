@@ -1,0 +1,133 @@
+//! The generated `Control` trait, routed to one function per RPC in `rpc/`. Store work runs
+//! on blocking threads; streams carry the lines the user sees.
+
+use crate::rpc;
+use crate::state::{stream_blocking, LineStream, State};
+use isula_api::v1::control_server::Control;
+use isula_api::v1::*;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+pub struct Service {
+    pub state: Arc<State>,
+}
+
+type Pending<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| crate::error::internal(format!("task failed: {e}")))?
+}
+
+#[tonic::async_trait]
+impl Control for Service {
+    async fn build(&self, _r: Request<BuildRequest>) -> Result<Response<BuildResponse>, Status> {
+        Err(rpc::unimplemented("Build", "building images"))
+    }
+
+    type StatusStream = Pending<StatusResponse>;
+    async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<Self::StatusStream>, Status> {
+        Err(rpc::unimplemented("Status", "building images"))
+    }
+
+    async fn list(&self, r: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::list::list(&state, req)).await.map(Response::new)
+    }
+
+    async fn version(&self, _r: Request<()>) -> Result<Response<VersionResponse>, Status> {
+        Ok(Response::new(rpc::version::version()))
+    }
+
+    type PushStream = Pending<PushResponse>;
+    async fn push(&self, _r: Request<PushRequest>) -> Result<Response<Self::PushStream>, Status> {
+        Err(rpc::unimplemented("Push", "pushing to registries"))
+    }
+
+    type PullStream = Pending<PullResponse>;
+    async fn pull(&self, _r: Request<PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+        Err(rpc::unimplemented("Pull", "pulling from registries"))
+    }
+
+    type RemoveStream = LineStream<RemoveResponse>;
+    async fn remove(&self, r: Request<RemoveRequest>) -> Result<Response<Self::RemoveStream>, Status> {
+        let req = r.into_inner();
+        let wrap = |layer_message| RemoveResponse { layer_message };
+        Ok(Response::new(stream_blocking(&self.state, wrap, move |state, cancel, out| {
+            rpc::remove::remove(state, req, cancel, out)
+        })))
+    }
+
+    async fn health_check(&self, _r: Request<()>) -> Result<Response<HealthCheckResponse>, Status> {
+        Ok(Response::new(rpc::health::health()))
+    }
+
+    async fn login(&self, _r: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+        Err(rpc::unimplemented("Login", "registry authentication"))
+    }
+
+    async fn logout(&self, _r: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
+        Err(rpc::unimplemented("Logout", "registry authentication"))
+    }
+
+    type LoadStream = LineStream<LoadResponse>;
+    async fn load(&self, r: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+        let path = rpc::load::validate(r.get_ref())?;
+        let wrap = |log| LoadResponse { log };
+        Ok(Response::new(stream_blocking(&self.state, wrap, move |state, cancel, out| {
+            rpc::load::load(state, path, cancel, out)
+        })))
+    }
+
+    type ImportStream = LineStream<ImportResponse>;
+    async fn import(&self, r: Request<ImportRequest>) -> Result<Response<Self::ImportStream>, Status> {
+        let (source, reference) = rpc::import::validate(r.get_ref())?;
+        let wrap = |log| ImportResponse { log };
+        Ok(Response::new(stream_blocking(&self.state, wrap, move |state, cancel, out| {
+            rpc::import::import(state, source, reference, cancel, out)
+        })))
+    }
+
+    async fn tag(&self, r: Request<TagRequest>) -> Result<Response<()>, Status> {
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::tag::tag(&state, req)).await.map(Response::new)
+    }
+
+    type SaveStream = LineStream<SaveResponse>;
+    async fn save(&self, r: Request<SaveRequest>) -> Result<Response<Self::SaveStream>, Status> {
+        let (path, format) = rpc::save::validate(r.get_ref())?;
+        let images = r.into_inner().images;
+        let wrap = |log| SaveResponse { log };
+        Ok(Response::new(stream_blocking(&self.state, wrap, move |state, cancel, out| {
+            rpc::save::save(state, images, path, format, cancel, out)
+        })))
+    }
+
+    async fn info(&self, r: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let mut resp = rpc::info::info(&self.state, r.into_inner());
+        resp.builder_num = 0;
+        Ok(Response::new(resp))
+    }
+
+    async fn manifest_create(&self, _r: Request<ManifestCreateRequest>) -> Result<Response<ManifestCreateResponse>, Status> {
+        Err(rpc::unimplemented("ManifestCreate", "manifest lists"))
+    }
+
+    async fn manifest_annotate(&self, _r: Request<ManifestAnnotateRequest>) -> Result<Response<()>, Status> {
+        Err(rpc::unimplemented("ManifestAnnotate", "manifest lists"))
+    }
+
+    async fn manifest_inspect(&self, _r: Request<ManifestInspectRequest>) -> Result<Response<ManifestInspectResponse>, Status> {
+        Err(rpc::unimplemented("ManifestInspect", "manifest lists"))
+    }
+
+    type ManifestPushStream = Pending<ManifestPushResponse>;
+    async fn manifest_push(&self, _r: Request<ManifestPushRequest>) -> Result<Response<Self::ManifestPushStream>, Status> {
+        Err(rpc::unimplemented("ManifestPush", "manifest lists"))
+    }
+}

@@ -1,0 +1,112 @@
+//! What every RPC shares: settings, the store, and the registry of running operations
+//! (so that shutdown can cancel them and Info can count them).
+
+use crate::config::Settings;
+use isula_store::Store;
+use isula_transport::Cancel;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+pub struct State {
+    pub settings: Settings,
+    pub store: Store,
+    ops: Mutex<Ops>,
+}
+
+#[derive(Default)]
+struct Ops {
+    next: u64,
+    running: HashMap<u64, Cancel>,
+}
+
+/// A running operation; it unregisters itself when dropped.
+pub struct OpGuard {
+    state: Arc<State>,
+    id: u64,
+    pub cancel: Cancel,
+}
+
+impl Drop for OpGuard {
+    fn drop(&mut self) {
+        self.state.ops().running.remove(&self.id);
+    }
+}
+
+impl State {
+    pub fn new(settings: Settings, store: Store) -> Arc<State> {
+        Arc::new(State {
+            settings,
+            store,
+            ops: Mutex::default(),
+        })
+    }
+
+    fn ops(&self) -> std::sync::MutexGuard<'_, Ops> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn begin(self: &Arc<Self>) -> OpGuard {
+        let cancel = Cancel::default();
+        let mut ops = self.ops();
+        ops.next += 1;
+        let id = ops.next;
+        ops.running.insert(id, cancel.clone());
+        OpGuard {
+            state: self.clone(),
+            id,
+            cancel,
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.ops().running.len()
+    }
+
+    /// Cancels every running operation (shutdown).
+    pub fn cancel_all(&self) {
+        for c in self.ops().running.values() {
+            c.cancel();
+        }
+    }
+}
+
+pub type LineStream<T> = ReceiverStream<Result<T, Status>>;
+
+/// Runs `work` on a blocking thread, streaming the lines it reports as `T`s. If the client
+/// goes away the operation is cancelled; an error ends the stream as a gRPC status.
+pub fn stream_blocking<T, F>(state: &Arc<State>, wrap: fn(String) -> T, work: F) -> LineStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Arc<State>, &isula_transport::Cancel, &mut dyn FnMut(String)) -> Result<(), Status> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Result<T, Status>>(64);
+    let guard = state.begin();
+    let watch_tx = tx.clone();
+    let watch_cancel = guard.cancel.clone();
+    // Ends when the work ends (its sender half is dropped), so it never keeps the stream open.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = watch_tx.closed() => watch_cancel.cancel(),
+            _ = done_rx => {}
+        }
+    });
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let _done = done_tx;
+        let mut send = |line: String| {
+            let _ = tx.blocking_send(Ok(wrap(line)));
+        };
+        let result = work(&state, &guard.cancel, &mut send);
+        if let Err(status) = result {
+            tracing::info!(error = %status.message(), "operation failed");
+            let _ = tx.blocking_send(Err(status));
+        }
+        drop(guard);
+    });
+    ReceiverStream::new(rx)
+}
+
