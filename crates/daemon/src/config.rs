@@ -203,14 +203,14 @@ impl Settings {
             None if debug => "debug".into(),
             None => conf.loglevel.unwrap_or_else(|| "info".into()),
         };
-        let driver = flags
-            .storage_driver
-            .clone()
-            .or(storage.storage.driver)
-            .unwrap_or_else(|| "overlay".into());
+        let (driver, driver_source) = match (&flags.storage_driver, storage.storage.driver) {
+            (Some(d), _) => (d.clone(), "--storage-driver".to_string()),
+            (None, Some(d)) => (d, format!("config file {}", storage_path.display())),
+            (None, None) => ("overlay".to_string(), String::new()),
+        };
         let driver = match driver.as_str() {
             "overlay" | "overlay2" => "overlay".to_string(),
-            other => bail!("unsupported storage driver {other:?}: only overlay (overlay2) is supported"),
+            other => bail!("{driver_source}: unsupported storage driver {other:?}: only overlay (overlay2) is supported"),
         };
         let mut mount_options = Vec::new();
         for m in [storage.storage.options.mountopt, storage.storage.options.overlay.mountopt].into_iter().flatten() {
