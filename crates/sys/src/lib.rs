@@ -80,3 +80,109 @@ pub fn mounts_under(prefix: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
         .filter(|p| p.starts_with(prefix))
         .collect())
 }
+
+/// A file that has no name until it is complete: created with O_TMPFILE in the directory
+/// it will live in (so a crash leaves nothing behind), then linked to its name without
+/// replacing anything. Where the file system lacks O_TMPFILE, a hidden named temp file is
+/// used instead and removed on drop.
+pub struct PendingFile {
+    file: std::fs::File,
+    named: Option<PathBuf>,
+}
+
+impl PendingFile {
+    pub fn new_in(dir: &std::path::Path) -> Result<PendingFile> {
+        use rustix::fs::{Mode, OFlags};
+        let mode = Mode::from_raw_mode(0o644);
+        match rustix::fs::open(dir, OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC, mode) {
+            Ok(fd) => Ok(PendingFile {
+                file: std::fs::File::from(fd),
+                named: None,
+            }),
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::ISDIR) => {
+                let name = dir.join(format!(".isula-tmp-{:016x}", rand_u64()));
+                let fd = rustix::fs::open(
+                    &name,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC,
+                    mode,
+                )
+                .map_err(|e| SysError::new("create", &name, e))?;
+                Ok(PendingFile {
+                    file: std::fs::File::from(fd),
+                    named: Some(name),
+                })
+            }
+            Err(e) => Err(SysError::new("create temporary file in", dir, e)),
+        }
+    }
+
+    pub fn file(&mut self) -> &mut std::fs::File {
+        &mut self.file
+    }
+
+    /// fsyncs the data and gives the file its name; fails with EEXIST if `dest` exists.
+    pub fn persist_noreplace(mut self, dest: &std::path::Path) -> Result<()> {
+        self.file.sync_all().map_err(|e| SysError::io("fsync", dest, e))?;
+        match self.named.take() {
+            None => {
+                let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.file));
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    proc.as_str(),
+                    rustix::fs::CWD,
+                    dest,
+                    rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                )
+                .map_err(|e| SysError::new("link", dest, e))?;
+            }
+            Some(name) => {
+                let result = rename_noreplace(&name, dest);
+                if result.is_err() {
+                    let _ = std::fs::remove_file(&name);
+                }
+                result?;
+            }
+        }
+        if let Some(dir) = dest.parent() {
+            fsync_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if let Some(name) = &self.named {
+            let _ = std::fs::remove_file(name);
+        }
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    u64::from_ne_bytes(b) ^ u64::from(std::process::id())
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn appears_complete_and_never_replaces() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let dest = dir.path().join("out.tar");
+        let mut p = PendingFile::new_in(dir.path()).expect("pending");
+        p.file().write_all(b"data").expect("write");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+        p.persist_noreplace(&dest).expect("persist");
+        assert_eq!(std::fs::read(&dest).expect("read"), b"data");
+        let mut q = PendingFile::new_in(dir.path()).expect("pending");
+        q.file().write_all(b"other").expect("write");
+        let e = q.persist_noreplace(&dest).expect_err("must not replace");
+        assert_eq!(e.errno(), Some(17));
+        assert_eq!(std::fs::read(&dest).expect("read"), b"data");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
+    }
+}

@@ -6,9 +6,9 @@ use crate::{copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, 
 use isula_store::compression::decompress;
 use isula_store::{HashingReader, ImageRecord, LayerRecord, Store, StoreError};
 use isula_types::{DiffId, Digest, Reference};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -82,37 +82,24 @@ pub fn save(
         store.image(&item.image.id)?;
     }
     let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = dest
-        .file_name()
-        .ok_or_else(|| TransportError::Invalid(format!("{} is not a file path", dest.display())))?;
-    let tmp: PathBuf = dir.join(format!(".{}.isula-tmp-{:08x}", file_name.to_string_lossy(), rand::random::<u32>()));
-    let result = (|| -> Result<()> {
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| TransportError::io("create", &tmp, e))?;
-        let out = BufWriter::with_capacity(1 << 20, file);
+    let sys = |op: &'static str, e: isula_sys::SysError| {
+        if e.errno() == Some(17) {
+            TransportError::Exists(dest.to_path_buf())
+        } else {
+            TransportError::io(op, dest, e.source)
+        }
+    };
+    // Nameless until complete: a crash or cancel leaves no partial file behind.
+    let mut pending = isula_sys::PendingFile::new_in(dir).map_err(|e| sys("create", e))?;
+    {
+        let out = BufWriter::with_capacity(1 << 20, pending.file());
         let out = match format {
             Format::Docker => docker_archive::write(store, &items, out, cancel)?,
             Format::Oci => oci_archive::write(store, &items[0], out, cancel)?,
         };
-        let file = out.into_inner().map_err(|e| TransportError::io("write", &tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| TransportError::io("fsync", &tmp, e))?;
-        isula_sys::rename_noreplace(&tmp, dest).map_err(|e| {
-            if e.errno() == Some(17) {
-                TransportError::Exists(dest.to_path_buf())
-            } else {
-                TransportError::io("rename", dest, e.source)
-            }
-        })?;
-        isula_sys::fsync_dir(dir).map_err(|e| TransportError::io("fsync", dir, e.source))?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        out.into_inner().map_err(|e| TransportError::io("write", dest, e.into_error()))?;
     }
-    result?;
+    pending.persist_noreplace(dest).map_err(|e| sys("save", e))?;
     for item in &items {
         copy_lines(progress, &item.image.blobs, item.image.id.digest());
     }
