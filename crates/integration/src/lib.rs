@@ -1,1 +1,310 @@
+//! Helpers for end-to-end tests: run the real `isula-builder` on a temp socket with temp
+//! data, run and config roots, drive it with the real `isula-build`, and build test inputs
+//! (a busybox rootfs from Debian's busybox-static). Binaries come from the cargo target
+//! directory, so `cargo build --bins` must run first (the README's test command does).
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Root-only tests skip outside CI (saying so) and fail in CI.
+pub fn require_root() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "end-to-end tests must run as root in CI");
+    eprintln!("skipping: end-to-end tests need root (outside CI)");
+    false
+}
+
+/// An external tool needed by a test: in CI it must be there; elsewhere the test skips.
+pub fn require_tool(name: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "{name} must be installed in CI");
+        eprintln!("skipping: {name} is not installed (outside CI)");
+    }
+    found
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --bins` first", p.display());
+    p
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    pub fn run_root(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+    pub fn etc(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("isula_build.sock")
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A daemon on fresh temp roots.
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("isula-e2e-").tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("etc")).expect("etc");
+        let mut d = Daemon {
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.restart();
+        d
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(bin("isula-builder"));
+        c.arg("--dataroot")
+            .arg(self.data())
+            .arg("--runroot")
+            .arg(self.run_root())
+            .arg("--config-dir")
+            .arg(self.etc())
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket().display()))
+            .args(&self.extra)
+            .env_remove("ISULABUILD_HOST");
+        c
+    }
+
+    /// (Re)starts the daemon on the same roots and waits until it answers.
+    pub fn restart(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("log");
+        let child = self
+            .command()
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn isula-builder");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.socket().exists() && self.cli(&["version"]).status.success() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("isula-builder exited with {status}:\n{}", self.log());
+                }
+            }
+            assert!(Instant::now() < deadline, "isula-builder did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("running")
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("isula-builder did not stop on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("isula-build"));
+        c.args(args).env("ISULABUILD_HOST", format!("unix://{}", self.socket().display()));
+        c
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_command(args).stdin(Stdio::null()).output().expect("run isula-build")
+    }
+
+    /// Runs the CLI and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "isula-build {args:?} failed: {}\n{}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
+    /// Runs the CLI and requires failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(!o.status.success(), "isula-build {args:?} should have failed: {}", String::from_utf8_lossy(&o.stdout));
+        String::from_utf8_lossy(&o.stderr).to_string()
+    }
+
+    /// The rows of `ctr-img images` as (repository, tag, id).
+    pub fn images(&self) -> Vec<(String, String, String)> {
+        self.ok(&["ctr-img", "images"])
+            .lines()
+            .filter(|l| !l.starts_with('-') && !l.starts_with("REPOSITORY"))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[0].to_string(), f[1].to_string(), f[2].to_string())
+            })
+            .collect()
+    }
+
+    /// What the store holds on disk, for "nothing changed" checks.
+    pub fn store_snapshot(&self) -> Vec<String> {
+        let data = self.data();
+        let mut out = Vec::new();
+        for sub in ["blobs/sha256", "layers", "ingest", "tmp"] {
+            if let Ok(rd) = std::fs::read_dir(data.join(sub)) {
+                for e in rd.flatten() {
+                    out.push(format!("{sub}/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+        out.push(std::fs::read_to_string(data.join("metadata.json")).unwrap_or_default());
+        out.sort();
+        out
+    }
+
+    pub fn leftovers(&self) -> Vec<String> {
+        let data = self.data();
+        let mut out = Vec::new();
+        for sub in ["ingest", "tmp"] {
+            if let Ok(rd) = std::fs::read_dir(data.join(sub)) {
+                out.extend(rd.flatten().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// A busybox rootfs tarball (uncompressed) from Debian's busybox-static, with every applet
+/// linked, plus `extra` files.
+pub fn busybox_rootfs(extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static must be installed (apt-get install busybox-static)");
+    let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
+    let mut b = tar::Builder::new(Vec::new());
+    let dir = |b: &mut tar::Builder<Vec<u8>>, name: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(0);
+        b.append_data(&mut h, name, std::io::empty()).expect("dir");
+    };
+    for d in ["bin", "etc", "tmp", "root", "proc", "sys", "dev"] {
+        dir(&mut b, d);
+    }
+    let data = std::fs::read(busybox).expect("read busybox");
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, "bin/busybox", &data[..]).expect("busybox");
+    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(0);
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox").expect("applet");
+    }
+    for (name, content) in extra {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(content.len() as u64);
+        b.append_data(&mut h, name, *content).expect("extra");
+    }
+    b.into_inner().expect("tar")
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).expect("gzip");
+    e.finish().expect("gzip")
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Runs a command and requires success; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
