@@ -32,6 +32,26 @@ pub fn import(
         });
     }
     let lease = store.lease();
+    let result = import_leased(store, file, source, reference, cancel, progress, &lease);
+    drop(lease);
+    if result.is_err() {
+        // Whatever a failed import committed is garbage now.
+        if let Err(e) = store.gc() {
+            tracing::warn!(error = %e, "collecting after a failed import");
+        }
+    }
+    result
+}
+
+fn import_leased(
+    store: &Store,
+    file: File,
+    source: &Path,
+    reference: Option<&Reference>,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+    lease: &isula_store::Lease,
+) -> Result<ImageId> {
     let input = Guarded {
         inner: BufReader::with_capacity(1 << 20, file),
         cancel: cancel.clone(),
@@ -60,7 +80,7 @@ pub fn import(
     let diff_id = DiffId(blob.clone());
     let chain = ChainId::next(None, &diff_id);
     if let Some(staged) = unpacked.staged {
-        store.commit_layer(staged, &chain, &lease)?;
+        store.commit_layer(staged, &chain, lease)?;
     }
     let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let source_name = source.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();

@@ -39,12 +39,29 @@ pub fn load(store: &Store, path: &Path, cancel: &Cancel, progress: Progress<'_>)
         });
     }
     let lease = store.lease();
+    let result = load_leased(store, file, path, cancel, progress, &lease);
+    drop(lease);
+    // Collect archive members that were not layers, or everything of a failed load.
+    if let Err(e) = store.gc() {
+        tracing::warn!(error = %e, "collecting after load");
+    }
+    result
+}
+
+fn load_leased(
+    store: &Store,
+    file: File,
+    path: &Path,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+    lease: &Lease,
+) -> Result<Vec<Loaded>> {
     let reader = Guarded {
         inner: BufReader::with_capacity(1 << 20, file),
         cancel: cancel.clone(),
         remaining: limits::LOAD_MAX,
     };
-    let mut scanned = archive::scan(store, reader, path, &lease)?;
+    let mut scanned = archive::scan(store, reader, path, lease)?;
     let plans = if scanned.contains("manifest.json") {
         docker_archive::plans(&scanned)?
     } else if scanned.contains("index.json") && scanned.contains("oci-layout") {
@@ -61,7 +78,7 @@ pub fn load(store: &Store, path: &Path, cancel: &Cancel, progress: Progress<'_>)
     // Verify everything before recording anything.
     let mut ready = Vec::new();
     for plan in plans {
-        ready.push(prepare(store, &mut scanned, plan, &lease)?);
+        ready.push(prepare(store, &mut scanned, plan, lease)?);
     }
     for dev in scanned.skipped_devices() {
         progress(format!("Skipped device node {dev}: devices are provided by the runtime\n"));
@@ -77,10 +94,6 @@ pub fn load(store: &Store, path: &Path, cancel: &Cancel, progress: Progress<'_>)
         store.add_image(new)?;
         progress(format!("Loaded image as {}\n", loaded.id.hex()));
         out.push(loaded);
-    }
-    drop(lease);
-    if let Err(e) = store.gc() {
-        tracing::warn!(error = %e, "collecting archive members that were not layers");
     }
     Ok(out)
 }
