@@ -81,6 +81,11 @@ impl Daemon {
     }
 
     pub fn command(&self) -> Command {
+        self.command_on(&self.socket())
+    }
+
+    /// The daemon command on these roots, serving `socket`.
+    pub fn command_on(&self, socket: &Path) -> Command {
         let mut c = Command::new(bin("isula-builder"));
         c.arg("--dataroot")
             .arg(self.data())
@@ -89,7 +94,7 @@ impl Daemon {
             .arg("--config-dir")
             .arg(self.etc())
             .arg("--host")
-            .arg(format!("unix://{}", self.socket().display()))
+            .arg(format!("unix://{}", socket.display()))
             .args(&self.extra)
             .env_remove("ISULABUILD_HOST");
         c

@@ -126,7 +126,7 @@ pub fn scan<R: Read>(store: &Store, reader: R, source: &Path, lease: &Lease) -> 
     let mut small_total = 0u64;
     let mut archive = tar::Archive::new(reader);
     let bad = |e: io::Error| -> TransportError {
-        if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::FileTooLarge {
+        if crate::is_cancelled(&e) || e.kind() == io::ErrorKind::FileTooLarge {
             TransportError::io("read", source, e)
         } else {
             TransportError::bad(source, format!("not a valid tar archive: {e}"))

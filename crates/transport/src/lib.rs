@@ -41,7 +41,7 @@ pub enum TransportError {
 
 impl TransportError {
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        if source.kind() == io::ErrorKind::Interrupted && source.to_string() == CANCELLED {
+        if is_cancelled(&source) {
             return TransportError::Cancelled;
         }
         TransportError::Io {
@@ -80,7 +80,28 @@ pub type Result<T> = std::result::Result<T, TransportError>;
 /// Lines for the client, each ending in a newline.
 pub type Progress<'a> = &'a mut dyn FnMut(String);
 
-const CANCELLED: &str = "operation cancelled";
+/// The error a cancelled operation's readers fail with. Not `ErrorKind::Interrupted`: std's
+/// copy loops retry on that, forever.
+#[derive(Debug, thiserror::Error)]
+#[error("operation cancelled")]
+pub struct CancelledError;
+
+/// Whether an I/O error (possibly wrapped by a decompressor or tar) is a cancellation.
+pub fn is_cancelled(e: &io::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|r| r as _);
+    while let Some(err) = cur {
+        if err.is::<CancelledError>() {
+            return true;
+        }
+        if let Some(inner) = err.downcast_ref::<io::Error>() {
+            if is_cancelled(inner) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
 
 /// Set when the client goes away: every reader and writer of the operation then fails.
 #[derive(Debug, Clone, Default)]
@@ -95,7 +116,7 @@ impl Cancel {
     }
     pub fn check(&self) -> io::Result<()> {
         if self.is_cancelled() {
-            Err(io::Error::new(io::ErrorKind::Interrupted, CANCELLED))
+            Err(io::Error::other(CancelledError))
         } else {
             Ok(())
         }
