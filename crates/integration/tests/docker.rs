@@ -1,0 +1,61 @@
+//! Interchange with a real Docker engine: our docker-archive loads into dockerd and runs;
+//! an archive made by `docker save` loads into our store. CI starts
+//! `dockerd --iptables=false --bridge=none`; elsewhere the test skips if no engine answers.
+
+use isula_integration::*;
+use std::process::Command;
+
+fn docker_available() -> bool {
+    let ok = Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "a Docker engine must be running in CI");
+        eprintln!("skipping: no Docker engine answers (outside CI)");
+    }
+    ok
+}
+
+struct Cleanup(&'static str);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", self.0]).output();
+    }
+}
+
+#[test]
+fn docker_loads_and_runs_our_archive_and_we_load_docker_save() {
+    if !require_root() || !docker_available() {
+        return;
+    }
+    const NAME: &str = "isula-e2e/busybox:docker";
+    let _cleanup = Cleanup(NAME);
+    let d = Daemon::start();
+    let work = tempfile::tempdir().expect("tmp");
+    let src = work.path().join("rootfs.tar.gz");
+    std::fs::write(&src, gzip(&busybox_rootfs(&[("etc/msg", b"hello from isula-build\n")]))).expect("write");
+    let out = d.ok(&["ctr-img", "import", src.to_str().expect("utf8"), NAME]);
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Import success with image id: "))
+        .expect("id")
+        .to_string();
+    let ours = work.path().join("ours.tar");
+    d.ok(&["ctr-img", "save", NAME, "-o", ours.to_str().expect("utf8")]);
+
+    let loaded = run_ok(Command::new("docker").args(["load", "-i"]).arg(&ours));
+    assert!(loaded.contains(&format!("Loaded image: {NAME}")), "{loaded}");
+    let docker_id = run_ok(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", NAME]));
+    assert_eq!(docker_id.trim(), format!("sha256:{id}"));
+    let ran = run_ok(Command::new("docker").args(["run", "--rm", "--network", "host", NAME, "cat", "/etc/msg"]));
+    assert_eq!(ran, "hello from isula-build\n");
+    let ran = run_ok(Command::new("docker").args(["run", "--rm", "--network", "host", NAME, "sh", "-c", "echo $((6*7))"]));
+    assert_eq!(ran, "42\n");
+
+    // The other way: docker save -> our load.
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let theirs = work.path().join("theirs.tar");
+    run_ok(Command::new("docker").args(["save", NAME, "-o"]).arg(&theirs));
+    let out = d.ok(&["ctr-img", "load", "-i", theirs.to_str().expect("utf8")]);
+    assert!(out.ends_with(&format!("Loaded image as {id}\n")), "{out}");
+    assert_eq!(d.images(), vec![("isula-e2e/busybox".into(), "docker".into(), id[..12].to_string())]);
+}
