@@ -28,7 +28,10 @@ fn build_info() -> Result<(), Box<dyn std::error::Error>> {
         .or_else(|| run("git", &["rev-parse", "--short", "HEAD"]))
         .unwrap_or_else(|| "unknown".into());
     let built = match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(epoch) => run("date", &["-u", "-d", &format!("@{epoch}"), "+%a %b %e %H:%M:%S %Y"]),
+        Ok(epoch) => run(
+            "date",
+            &["-u", "-d", &format!("@{epoch}"), "+%a %b %e %H:%M:%S %Y"],
+        ),
         Err(_) => run("date", &["-u", "+%a %b %e %H:%M:%S %Y"]),
     }
     .unwrap_or_else(|| "unknown".into());

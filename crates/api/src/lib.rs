@@ -33,8 +33,7 @@ pub fn socket_path_from_host(host: &str) -> Result<PathBuf, String> {
 /// Connects a gRPC channel to the daemon's unix socket.
 pub async fn connect(
     socket: &Path,
-) -> Result<v1::control_client::ControlClient<tonic::transport::Channel>, tonic::transport::Error>
-{
+) -> Result<v1::control_client::ControlClient<tonic::transport::Channel>, tonic::transport::Error> {
     let socket = socket.to_path_buf();
     // The URI is required by tonic but ignored: every connection goes to the socket.
     let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051")

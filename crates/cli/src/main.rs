@@ -8,7 +8,11 @@ use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "isula-build", version, about = "isula-build is the client of isula-builder, the container image builder")]
+#[command(
+    name = "isula-build",
+    version,
+    about = "isula-build is the client of isula-builder, the container image builder"
+)]
 pub struct Cli {
     /// Open debug mode
     #[arg(short = 'D', long, global = true)]
@@ -62,10 +66,18 @@ pub fn absolute(p: &str) -> anyhow::Result<PathBuf> {
 fn main() {
     let cli = Cli::parse();
     if let Command::Completion { shell } = &cli.command {
-        clap_complete::generate(*shell, &mut Cli::command(), "isula-build", &mut std::io::stdout());
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "isula-build",
+            &mut std::io::stdout(),
+        );
         return;
     }
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: starting the async runtime: {e}");

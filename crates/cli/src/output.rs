@@ -12,7 +12,10 @@ pub fn error_message(e: &anyhow::Error) -> String {
 }
 
 /// Prints a server stream's lines as they arrive (they carry their own newlines).
-pub async fn print_stream<T>(mut stream: tonic::Streaming<T>, text: fn(T) -> String) -> anyhow::Result<()> {
+pub async fn print_stream<T>(
+    mut stream: tonic::Streaming<T>,
+    text: fn(T) -> String,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout();
     while let Some(item) = stream.message().await? {
         out.write_all(text(item).as_bytes())?;
@@ -32,7 +35,11 @@ pub fn table(headers: &[&str], min_widths: &[usize], rows: &[Vec<String>]) -> St
             min_widths[i].max(content.max(h.len()) + 2)
         })
         .collect();
-    let rule = widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  ");
+    let rule = widths
+        .iter()
+        .map(|w| "-".repeat(*w))
+        .collect::<Vec<_>>()
+        .join("  ");
     let line = |cells: Vec<&str>| {
         let mut s = cells
             .iter()
@@ -80,7 +87,10 @@ mod tests {
     #[test]
     fn table_layout() {
         let t = table(&["A", "B"], &[4, 3], &[vec!["xyz".into(), "1".into()]]);
-        assert_eq!(t, "-----  ---\nA      B\n-----  ---\nxyz    1\n-----  ---\n");
+        assert_eq!(
+            t,
+            "-----  ---\nA      B\n-----  ---\nxyz    1\n-----  ---\n"
+        );
     }
 
     #[test]

@@ -17,7 +17,11 @@ pub const DEFAULT_RUN_ROOT: &str = "/var/run/isula-build";
 const LOG_LEVELS: [&str; 4] = ["debug", "info", "warn", "error"];
 
 #[derive(Debug, Parser)]
-#[command(name = "isula-builder", version, about = "isula-builder is the daemon of isula-build, the container image builder")]
+#[command(
+    name = "isula-builder",
+    version,
+    about = "isula-builder is the daemon of isula-build, the container image builder"
+)]
 pub struct Flags {
     /// Open debug mode
     #[arg(short = 'D', long, num_args = 0..=1, default_missing_value = "true")]
@@ -137,7 +141,11 @@ pub fn read_config_file(path: &Path) -> Result<Option<String>> {
     }
     let euid = rustix::process::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != euid {
-        bail!("config file {}: owned by uid {}, must be owned by root", path.display(), meta.uid());
+        bail!(
+            "config file {}: owned by uid {}, must be owned by root",
+            path.display(),
+            meta.uid()
+        );
     }
     if meta.mode() & 0o022 != 0 {
         bail!(
@@ -146,7 +154,8 @@ pub fn read_config_file(path: &Path) -> Result<Option<String>> {
             meta.mode() & 0o7777
         );
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("config file {}", path.display()))?;
     Ok(Some(text))
 }
 
@@ -158,10 +167,22 @@ fn check_log_level(level: &str, source: &str) -> Result<()> {
 }
 
 fn check_mount_option(opt: &str) -> Result<()> {
-    const OK: [&str; 8] = ["nodev", "nosuid", "noexec", "noatime", "relatime", "metacopy=on", "metacopy=off", "volatile"];
+    const OK: [&str; 8] = [
+        "nodev",
+        "nosuid",
+        "noexec",
+        "noatime",
+        "relatime",
+        "metacopy=on",
+        "metacopy=off",
+        "volatile",
+    ];
     for o in opt.split(',').filter(|o| !o.is_empty()) {
         if !OK.contains(&o) {
-            bail!("invalid overlay mount option {o:?}: supported are {}", OK.join(", "));
+            bail!(
+                "invalid overlay mount option {o:?}: supported are {}",
+                OK.join(", ")
+            );
         }
     }
     Ok(())
@@ -172,7 +193,8 @@ impl Settings {
         let dir = &flags.config_dir;
         let conf_path = dir.join("configuration.toml");
         let conf: ConfigurationFile = match read_config_file(&conf_path)? {
-            Some(t) => toml::from_str(&t).with_context(|| format!("config file {}: malformed", conf_path.display()))?,
+            Some(t) => toml::from_str(&t)
+                .with_context(|| format!("config file {}: malformed", conf_path.display()))?,
             None => ConfigurationFile::default(),
         };
         if let Some(l) = &conf.loglevel {
@@ -180,7 +202,8 @@ impl Settings {
         }
         let storage_path = dir.join("storage.toml");
         let storage: StorageFile = match read_config_file(&storage_path)? {
-            Some(t) => toml::from_str(&t).with_context(|| format!("config file {}: malformed", storage_path.display()))?,
+            Some(t) => toml::from_str(&t)
+                .with_context(|| format!("config file {}: malformed", storage_path.display()))?,
             None => StorageFile::default(),
         };
         let reg_path = dir.join("registries.toml");
@@ -213,15 +236,24 @@ impl Settings {
             other => bail!("{driver_source}: unsupported storage driver {other:?}: only overlay (overlay2) is supported"),
         };
         let mut mount_options = Vec::new();
-        for m in [storage.storage.options.mountopt, storage.storage.options.overlay.mountopt].into_iter().flatten() {
-            check_mount_option(&m).with_context(|| format!("config file {}", storage_path.display()))?;
+        for m in [
+            storage.storage.options.mountopt,
+            storage.storage.options.overlay.mountopt,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            check_mount_option(&m)
+                .with_context(|| format!("config file {}", storage_path.display()))?;
             mount_options.push(m);
         }
         for opt in &flags.storage_opt {
             let value = opt
                 .strip_prefix("overlay.mountopt=")
                 .or_else(|| opt.strip_prefix("overlay2.mountopt="))
-                .with_context(|| format!("--storage-opt {opt:?}: supported is overlay.mountopt=OPTIONS"))?;
+                .with_context(|| {
+                    format!("--storage-opt {opt:?}: supported is overlay.mountopt=OPTIONS")
+                })?;
             check_mount_option(value).with_context(|| format!("--storage-opt {opt:?}"))?;
             mount_options.push(value.to_string());
         }
@@ -238,13 +270,25 @@ impl Settings {
         Ok(Settings {
             debug,
             log_level,
-            group: flags.group.clone().or(conf.group).unwrap_or_else(|| "isula".into()),
+            group: flags
+                .group
+                .clone()
+                .or(conf.group)
+                .unwrap_or_else(|| "isula".into()),
             data_root: absolute(
-                flags.dataroot.clone().or(conf.data_root).unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
+                flags
+                    .dataroot
+                    .clone()
+                    .or(conf.data_root)
+                    .unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
                 "data root",
             )?,
             run_root: absolute(
-                flags.runroot.clone().or(conf.run_root).unwrap_or_else(|| DEFAULT_RUN_ROOT.into()),
+                flags
+                    .runroot
+                    .clone()
+                    .or(conf.run_root)
+                    .unwrap_or_else(|| DEFAULT_RUN_ROOT.into()),
                 "run root",
             )?,
             runtime: conf.runtime.unwrap_or_else(|| "runc".into()),
@@ -264,7 +308,11 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn flags(dir: &Path, extra: &[&str]) -> Flags {
-        let mut args = vec!["isula-builder", "--config-dir", dir.to_str().unwrap_or_default()];
+        let mut args = vec![
+            "isula-builder",
+            "--config-dir",
+            dir.to_str().unwrap_or_default(),
+        ];
         args.extend_from_slice(extra);
         Flags::parse_from(args)
     }
@@ -285,9 +333,25 @@ mod tests {
         let d = tempfile::tempdir().expect("tmp");
         write(d.path(), "configuration.toml", "debug = false\nloglevel = \"warn\"\ndata_root = \"/a\"\nrun_root = \"/b\"\ngroup = \"g\"\nruntime = \"runc\"\nexperimental = true\n", 0o600);
         let s = Settings::load(&flags(d.path(), &[])).expect("load");
-        assert_eq!((s.log_level.as_str(), s.data_root.as_path(), s.experimental), ("warn", Path::new("/a"), true));
-        let s = Settings::load(&flags(d.path(), &["--dataroot", "/x", "--log-level", "error", "--experimental=false"])).expect("load");
-        assert_eq!((s.log_level.as_str(), s.data_root.as_path(), s.experimental), ("error", Path::new("/x"), false));
+        assert_eq!(
+            (s.log_level.as_str(), s.data_root.as_path(), s.experimental),
+            ("warn", Path::new("/a"), true)
+        );
+        let s = Settings::load(&flags(
+            d.path(),
+            &[
+                "--dataroot",
+                "/x",
+                "--log-level",
+                "error",
+                "--experimental=false",
+            ],
+        ))
+        .expect("load");
+        assert_eq!(
+            (s.log_level.as_str(), s.data_root.as_path(), s.experimental),
+            ("error", Path::new("/x"), false)
+        );
         let s = Settings::load(&flags(d.path(), &["-D"])).expect("load");
         assert_eq!(s.log_level, "debug");
     }
@@ -296,11 +360,26 @@ mod tests {
     fn refuses_bad_files() {
         let cases: [(&str, &str, u32, &str); 7] = [
             ("configuration.toml", "debug = ", 0o600, "malformed"),
-            ("configuration.toml", "loglevel = \"loud\"", 0o600, "invalid log level"),
+            (
+                "configuration.toml",
+                "loglevel = \"loud\"",
+                0o600,
+                "invalid log level",
+            ),
             ("configuration.toml", "colour = 1", 0o600, "malformed"),
             ("configuration.toml", "debug = true", 0o666, "too open"),
-            ("storage.toml", "[storage]\ndriver = \"btrfs\"", 0o600, "unsupported storage driver"),
-            ("registries.toml", "[registries.search\n", 0o600, "registries.toml"),
+            (
+                "storage.toml",
+                "[storage]\ndriver = \"btrfs\"",
+                0o600,
+                "unsupported storage driver",
+            ),
+            (
+                "registries.toml",
+                "[registries.search\n",
+                0o600,
+                "registries.toml",
+            ),
             ("policy.json", "{\"default\": [", 0o600, "policy.json"),
         ];
         for (name, text, mode, want) in cases {
@@ -311,7 +390,12 @@ mod tests {
             assert!(msg.contains(want) && msg.contains(name), "{name}: {msg}");
         }
         let d = tempfile::tempdir().expect("tmp");
-        write(d.path(), "registries.toml", &"#".repeat(CONFIG_FILE_MAX as usize + 1), 0o600);
+        write(
+            d.path(),
+            "registries.toml",
+            &"#".repeat(CONFIG_FILE_MAX as usize + 1),
+            0o600,
+        );
         let e = Settings::load(&flags(d.path(), &[])).expect_err("big");
         assert!(format!("{e:#}").contains("over the limit"), "{e:#}");
     }

@@ -13,8 +13,12 @@ use clap::{CommandFactory, Parser};
 use config::{Command, Flags, Settings};
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,tower=warn,hyper=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter =
+        tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,tower=warn,hyper=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn prepare_dirs(s: &Settings) -> Result<()> {
@@ -47,10 +51,12 @@ fn open_store(s: &Settings) -> Result<isula_store::Store> {
             );
             Ok(store)
         }
-        Err(isula_store::StoreError::Sys(e)) if isula_sys::lock::is_held_elsewhere(&e) => anyhow::bail!(
-            "another isula-builder is already running on data root {}",
-            s.data_root.display()
-        ),
+        Err(isula_store::StoreError::Sys(e)) if isula_sys::lock::is_held_elsewhere(&e) => {
+            anyhow::bail!(
+                "another isula-builder is already running on data root {}",
+                s.data_root.display()
+            )
+        }
         Err(e) => Err(e).with_context(|| format!("opening the store in {}", s.data_root.display())),
     }
 }
@@ -58,7 +64,12 @@ fn open_store(s: &Settings) -> Result<isula_store::Store> {
 fn main() {
     let flags = Flags::parse();
     if let Some(Command::Completion { shell }) = flags.command {
-        clap_complete::generate(shell, &mut Flags::command(), "isula-builder", &mut std::io::stdout());
+        clap_complete::generate(
+            shell,
+            &mut Flags::command(),
+            "isula-builder",
+            &mut std::io::stdout(),
+        );
         return;
     }
     if let Err(e) = run(flags) {
@@ -88,7 +99,10 @@ fn run(flags: Flags) -> Result<()> {
         if !problems.is_empty() {
             anyhow::bail!("store check found {} problem(s)", problems.len());
         }
-        println!("store check: {} images, all blobs verified", store.images().len());
+        println!(
+            "store check: {} images, all blobs verified",
+            store.images().len()
+        );
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -32,15 +32,24 @@ fn bind(socket: &Path, group: &str) -> Result<UnixListener> {
     }
     if std::fs::symlink_metadata(socket).is_ok() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            bail!("socket {} is in use by another running daemon", socket.display());
+            bail!(
+                "socket {} is in use by another running daemon",
+                socket.display()
+            );
         }
-        std::fs::remove_file(socket).with_context(|| format!("removing stale socket {}", socket.display()))?;
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {}", socket.display()))?;
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     match group_id(group) {
         Some(gid) => {
-            rustix::fs::chown(socket, Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::from_raw(gid)))
-                .with_context(|| format!("chown {}", socket.display()))?;
+            rustix::fs::chown(
+                socket,
+                Some(rustix::fs::Uid::ROOT),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .with_context(|| format!("chown {}", socket.display()))?;
             std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
         }
         None => {
@@ -63,7 +72,8 @@ fn notify_ready() {
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
     let result = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(b"READY=1", &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
     } else {
         sock.send_to(b"READY=1", &path)
     };
@@ -74,7 +84,10 @@ fn notify_ready() {
 
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return "none";
     };
@@ -88,9 +101,11 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     let socket = settings.socket.clone();
     let listener = bind(&socket, &settings.group)?;
     let state = State::new(settings, store);
-    let service = ControlServer::new(Service { state: state.clone() })
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+    let service = ControlServer::new(Service {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(64 << 20)
+    .max_encoding_message_size(64 << 20);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()

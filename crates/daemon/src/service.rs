@@ -16,7 +16,9 @@ pub struct Service {
 
 type Pending<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| crate::error::internal(format!("task failed: {e}")))?
@@ -29,14 +31,19 @@ impl Control for Service {
     }
 
     type StatusStream = Pending<StatusResponse>;
-    async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<Self::StatusStream>, Status> {
+    async fn status(
+        &self,
+        _r: Request<StatusRequest>,
+    ) -> Result<Response<Self::StatusStream>, Status> {
         Err(rpc::unimplemented("Status", "building images"))
     }
 
     async fn list(&self, r: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let state = self.state.clone();
         let req = r.into_inner();
-        blocking(move || rpc::list::list(&state, req)).await.map(Response::new)
+        blocking(move || rpc::list::list(&state, req))
+            .await
+            .map(Response::new)
     }
 
     async fn version(&self, _r: Request<()>) -> Result<Response<VersionResponse>, Status> {
@@ -54,12 +61,17 @@ impl Control for Service {
     }
 
     type RemoveStream = LineStream<RemoveResponse>;
-    async fn remove(&self, r: Request<RemoveRequest>) -> Result<Response<Self::RemoveStream>, Status> {
+    async fn remove(
+        &self,
+        r: Request<RemoveRequest>,
+    ) -> Result<Response<Self::RemoveStream>, Status> {
         let req = r.into_inner();
         let wrap = |layer_message| RemoveResponse { layer_message };
-        Ok(Response::new(stream_blocking(&self.state, wrap, move |state, cancel, out| {
-            rpc::remove::remove(state, req, cancel, out)
-        })))
+        Ok(Response::new(stream_blocking(
+            &self.state,
+            wrap,
+            move |state, cancel, out| rpc::remove::remove(state, req, cancel, out),
+        )))
     }
 
     async fn health_check(&self, _r: Request<()>) -> Result<Response<HealthCheckResponse>, Status> {
@@ -78,24 +90,33 @@ impl Control for Service {
     async fn load(&self, r: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
         let path = rpc::load::validate(r.get_ref())?;
         let wrap = |log| LoadResponse { log };
-        Ok(Response::new(stream_blocking(&self.state, wrap, move |state, cancel, out| {
-            rpc::load::load(state, path, cancel, out)
-        })))
+        Ok(Response::new(stream_blocking(
+            &self.state,
+            wrap,
+            move |state, cancel, out| rpc::load::load(state, path, cancel, out),
+        )))
     }
 
     type ImportStream = LineStream<ImportResponse>;
-    async fn import(&self, r: Request<ImportRequest>) -> Result<Response<Self::ImportStream>, Status> {
+    async fn import(
+        &self,
+        r: Request<ImportRequest>,
+    ) -> Result<Response<Self::ImportStream>, Status> {
         let (source, reference) = rpc::import::validate(r.get_ref())?;
         let wrap = |log| ImportResponse { log };
-        Ok(Response::new(stream_blocking(&self.state, wrap, move |state, cancel, out| {
-            rpc::import::import(state, source, reference, cancel, out)
-        })))
+        Ok(Response::new(stream_blocking(
+            &self.state,
+            wrap,
+            move |state, cancel, out| rpc::import::import(state, source, reference, cancel, out),
+        )))
     }
 
     async fn tag(&self, r: Request<TagRequest>) -> Result<Response<()>, Status> {
         let state = self.state.clone();
         let req = r.into_inner();
-        blocking(move || rpc::tag::tag(&state, req)).await.map(Response::new)
+        blocking(move || rpc::tag::tag(&state, req))
+            .await
+            .map(Response::new)
     }
 
     type SaveStream = LineStream<SaveResponse>;
@@ -103,9 +124,11 @@ impl Control for Service {
         let (path, format) = rpc::save::validate(r.get_ref())?;
         let images = r.into_inner().images;
         let wrap = |log| SaveResponse { log };
-        Ok(Response::new(stream_blocking(&self.state, wrap, move |state, cancel, out| {
-            rpc::save::save(state, images, path, format, cancel, out)
-        })))
+        Ok(Response::new(stream_blocking(
+            &self.state,
+            wrap,
+            move |state, cancel, out| rpc::save::save(state, images, path, format, cancel, out),
+        )))
     }
 
     async fn info(&self, r: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
@@ -114,20 +137,32 @@ impl Control for Service {
         Ok(Response::new(resp))
     }
 
-    async fn manifest_create(&self, _r: Request<ManifestCreateRequest>) -> Result<Response<ManifestCreateResponse>, Status> {
+    async fn manifest_create(
+        &self,
+        _r: Request<ManifestCreateRequest>,
+    ) -> Result<Response<ManifestCreateResponse>, Status> {
         Err(rpc::unimplemented("ManifestCreate", "manifest lists"))
     }
 
-    async fn manifest_annotate(&self, _r: Request<ManifestAnnotateRequest>) -> Result<Response<()>, Status> {
+    async fn manifest_annotate(
+        &self,
+        _r: Request<ManifestAnnotateRequest>,
+    ) -> Result<Response<()>, Status> {
         Err(rpc::unimplemented("ManifestAnnotate", "manifest lists"))
     }
 
-    async fn manifest_inspect(&self, _r: Request<ManifestInspectRequest>) -> Result<Response<ManifestInspectResponse>, Status> {
+    async fn manifest_inspect(
+        &self,
+        _r: Request<ManifestInspectRequest>,
+    ) -> Result<Response<ManifestInspectResponse>, Status> {
         Err(rpc::unimplemented("ManifestInspect", "manifest lists"))
     }
 
     type ManifestPushStream = Pending<ManifestPushResponse>;
-    async fn manifest_push(&self, _r: Request<ManifestPushRequest>) -> Result<Response<Self::ManifestPushStream>, Status> {
+    async fn manifest_push(
+        &self,
+        _r: Request<ManifestPushRequest>,
+    ) -> Result<Response<Self::ManifestPushStream>, Status> {
         Err(rpc::unimplemented("ManifestPush", "manifest lists"))
     }
 }

@@ -80,7 +80,9 @@ pub type LineStream<T> = ReceiverStream<Result<T, Status>>;
 pub fn stream_blocking<T, F>(state: &Arc<State>, wrap: fn(String) -> T, work: F) -> LineStream<T>
 where
     T: Send + 'static,
-    F: FnOnce(&Arc<State>, &isula_transport::Cancel, &mut dyn FnMut(String)) -> Result<(), Status> + Send + 'static,
+    F: FnOnce(&Arc<State>, &isula_transport::Cancel, &mut dyn FnMut(String)) -> Result<(), Status>
+        + Send
+        + 'static,
 {
     let (tx, rx) = mpsc::channel::<Result<T, Status>>(64);
     let guard = state.begin();
@@ -109,4 +111,3 @@ where
     });
     ReceiverStream::new(rx)
 }
-

@@ -13,7 +13,10 @@ pub fn require_root() -> bool {
     if rustix::process::geteuid().is_root() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "end-to-end tests must run as root in CI");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "end-to-end tests must run as root in CI"
+    );
     eprintln!("skipping: end-to-end tests need root (outside CI)");
     false
 }
@@ -25,7 +28,10 @@ pub fn require_tool(name: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
-        assert!(std::env::var_os("CI").is_none(), "{name} must be installed in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} must be installed in CI"
+        );
         eprintln!("skipping: {name} is not installed (outside CI)");
     }
     found
@@ -36,7 +42,11 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -69,7 +79,10 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("isula-e2e-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("isula-e2e-")
+            .tempdir()
+            .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("etc")).expect("etc");
         let mut d = Daemon {
             dir,
@@ -124,7 +137,11 @@ impl Daemon {
                     panic!("isula-builder exited with {status}:\n{}", self.log());
                 }
             }
-            assert!(Instant::now() < deadline, "isula-builder did not come up:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "isula-builder did not come up:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -161,12 +178,18 @@ impl Daemon {
 
     pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("isula-build"));
-        c.args(args).env("ISULABUILD_HOST", format!("unix://{}", self.socket().display()));
+        c.args(args).env(
+            "ISULABUILD_HOST",
+            format!("unix://{}", self.socket().display()),
+        );
         c
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.cli_command(args).stdin(Stdio::null()).output().expect("run isula-build")
+        self.cli_command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run isula-build")
     }
 
     /// Runs the CLI and requires success; returns stdout.
@@ -185,7 +208,11 @@ impl Daemon {
     /// Runs the CLI and requires failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let o = self.cli(args);
-        assert!(!o.status.success(), "isula-build {args:?} should have failed: {}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            !o.status.success(),
+            "isula-build {args:?} should have failed: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         String::from_utf8_lossy(&o.stderr).to_string()
     }
 
@@ -222,7 +249,10 @@ impl Daemon {
         let mut out = Vec::new();
         for sub in ["ingest", "tmp"] {
             if let Ok(rd) = std::fs::read_dir(data.join(sub)) {
-                out.extend(rd.flatten().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())));
+                out.extend(
+                    rd.flatten()
+                        .map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())),
+                );
             }
         }
         out
@@ -244,7 +274,10 @@ pub fn busybox_rootfs(extra: &[(&str, &[u8])]) -> Vec<u8> {
         .iter()
         .find(|p| Path::new(p).exists())
         .expect("busybox-static must be installed (apt-get install busybox-static)");
-    let list = Command::new(busybox).arg("--list").output().expect("busybox --list");
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
     let mut b = tar::Builder::new(Vec::new());
     let dir = |b: &mut tar::Builder<Vec<u8>>, name: &str| {
         let mut h = tar::Header::new_gnu();
@@ -267,8 +300,12 @@ pub fn busybox_rootfs(extra: &[(&str, &[u8])]) -> Vec<u8> {
     h.set_gid(0);
     h.set_mtime(1_700_000_000);
     h.set_size(data.len() as u64);
-    b.append_data(&mut h, "bin/busybox", &data[..]).expect("busybox");
-    for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|a| *a != "busybox") {
+    b.append_data(&mut h, "bin/busybox", &data[..])
+        .expect("busybox");
+    for applet in String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|a| *a != "busybox")
+    {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
@@ -276,7 +313,8 @@ pub fn busybox_rootfs(extra: &[(&str, &[u8])]) -> Vec<u8> {
         h.set_gid(0);
         h.set_mtime(1_700_000_000);
         h.set_size(0);
-        b.append_link(&mut h, format!("bin/{applet}"), "busybox").expect("applet");
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .expect("applet");
     }
     for (name, content) in extra {
         let mut h = tar::Header::new_gnu();
@@ -304,7 +342,9 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// Runs a command and requires success; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         o.status.success(),
         "{cmd:?} failed:\n{}\n{}",

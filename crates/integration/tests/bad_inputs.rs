@@ -3,7 +3,12 @@
 use isula_integration::*;
 use std::path::Path;
 
-fn raw_entry(name: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>) -> (tar::Header, Vec<u8>) {
+fn raw_entry(
+    name: &str,
+    kind: tar::EntryType,
+    data: &[u8],
+    link: Option<&str>,
+) -> (tar::Header, Vec<u8>) {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(0o644);
@@ -54,7 +59,12 @@ fn hostile_import_tarballs_are_refused() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "dotdot",
-            tar_of(&[raw_entry("../../escape", tar::EntryType::Regular, b"x", None)]),
+            tar_of(&[raw_entry(
+                "../../escape",
+                tar::EntryType::Regular,
+                b"x",
+                None,
+            )]),
             "contains '..'",
         ),
         (
@@ -85,8 +95,16 @@ fn hostile_import_tarballs_are_refused() {
         let err = d.fails(&["ctr-img", "import", p.to_str().expect("utf8"), "evil:1"]);
         assert!(err.contains(want), "{name}: {err}");
         assert_eq!(d.store_snapshot(), before, "{name} changed the store");
-        assert_eq!(std::fs::read(&victim).expect("victim"), b"host file", "{name}");
-        assert_eq!(std::fs::read_dir(victim_dir.path()).expect("ls").count(), 1, "{name}");
+        assert_eq!(
+            std::fs::read(&victim).expect("victim"),
+            b"host file",
+            "{name}"
+        );
+        assert_eq!(
+            std::fs::read_dir(victim_dir.path()).expect("ls").count(),
+            1,
+            "{name}"
+        );
     }
 
     // A truncated gzip.
@@ -99,7 +117,10 @@ fn hostile_import_tarballs_are_refused() {
 
     // Over the 1 GiB import limit (a sparse file: no disk used).
     let p = work.path().join("huge.tar");
-    std::fs::File::create(&p).expect("create").set_len((1 << 30) + 1).expect("len");
+    std::fs::File::create(&p)
+        .expect("create")
+        .set_len((1 << 30) + 1)
+        .expect("len");
     let err = d.fails(&["ctr-img", "import", p.to_str().expect("utf8")]);
     assert!(err.contains("over the limit of 1073741824 bytes"), "{err}");
     assert_eq!(d.store_snapshot(), before);
@@ -160,11 +181,27 @@ fn bad_archives_are_refused() {
     assert_eq!(d2.images().len(), 1);
 
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("diffid-mismatch", docker_archive(&layer, &wrong, 0), "diff ID mismatch"),
-        ("big-manifest", docker_archive(&layer, &right, 1 << 20), "manifest.json is over the limit"),
-        ("not-an-archive", b"hello, I am not a tar file at all".repeat(100), "not a valid tar archive"),
+        (
+            "diffid-mismatch",
+            docker_archive(&layer, &wrong, 0),
+            "diff ID mismatch",
+        ),
+        (
+            "big-manifest",
+            docker_archive(&layer, &right, 1 << 20),
+            "manifest.json is over the limit",
+        ),
+        (
+            "not-an-archive",
+            b"hello, I am not a tar file at all".repeat(100),
+            "not a valid tar archive",
+        ),
         ("empty-tar", tar_of(&[]), "neither a docker-archive"),
-        ("truncated", docker_archive(&layer, &right, 0)[..layer.len() / 2].to_vec(), "bad.tar"),
+        (
+            "truncated",
+            docker_archive(&layer, &right, 0)[..layer.len() / 2].to_vec(),
+            "bad.tar",
+        ),
     ];
     for (name, data, want) in cases {
         let p = work.path().join(format!("{name}.tar"));
@@ -187,12 +224,25 @@ fn rm_reports_each_failure_and_goes_on() {
     let o = d.cli(&["ctr-img", "rm", "missing:1", "good:1", "also-missing"]);
     assert!(!o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("Failed to remove image missing:1: no such image: missing:1\n"), "{out}");
+    assert!(
+        out.contains("Failed to remove image missing:1: no such image: missing:1\n"),
+        "{out}"
+    );
     assert!(out.contains("Untagged: good:1\nDeleted: sha256:"), "{out}");
     assert!(out.contains("Failed to remove image also-missing"), "{out}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("failed to remove 2 of 3 image(s)"));
     assert!(d.images().is_empty());
     // Everything the image had is collected.
-    assert_eq!(std::fs::read_dir(d.data().join("blobs/sha256")).expect("blobs").count(), 0);
-    assert_eq!(std::fs::read_dir(d.data().join("layers")).expect("layers").count(), 0);
+    assert_eq!(
+        std::fs::read_dir(d.data().join("blobs/sha256"))
+            .expect("blobs")
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(d.data().join("layers"))
+            .expect("layers")
+            .count(),
+        0
+    );
 }

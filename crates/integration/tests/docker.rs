@@ -6,9 +6,15 @@ use isula_integration::*;
 use std::process::Command;
 
 fn docker_available() -> bool {
-    let ok = Command::new("docker").arg("info").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "a Docker engine must be running in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "a Docker engine must be running in CI"
+        );
         eprintln!("skipping: no Docker engine answers (outside CI)");
     }
     ok
@@ -32,7 +38,11 @@ fn docker_loads_and_runs_our_archive_and_we_load_docker_save() {
     let d = Daemon::start();
     let work = tempfile::tempdir().expect("tmp");
     let src = work.path().join("rootfs.tar.gz");
-    std::fs::write(&src, gzip(&busybox_rootfs(&[("etc/msg", b"hello from isula-build\n")]))).expect("write");
+    std::fs::write(
+        &src,
+        gzip(&busybox_rootfs(&[("etc/msg", b"hello from isula-build\n")])),
+    )
+    .expect("write");
     let out = d.ok(&["ctr-img", "import", src.to_str().expect("utf8"), NAME]);
     let id = out
         .lines()
@@ -43,19 +53,51 @@ fn docker_loads_and_runs_our_archive_and_we_load_docker_save() {
     d.ok(&["ctr-img", "save", NAME, "-o", ours.to_str().expect("utf8")]);
 
     let loaded = run_ok(Command::new("docker").args(["load", "-i"]).arg(&ours));
-    assert!(loaded.contains(&format!("Loaded image: {NAME}")), "{loaded}");
-    let docker_id = run_ok(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", NAME]));
+    assert!(
+        loaded.contains(&format!("Loaded image: {NAME}")),
+        "{loaded}"
+    );
+    let docker_id =
+        run_ok(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", NAME]));
     assert_eq!(docker_id.trim(), format!("sha256:{id}"));
-    let ran = run_ok(Command::new("docker").args(["run", "--rm", "--network", "host", NAME, "cat", "/etc/msg"]));
+    let ran = run_ok(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        NAME,
+        "cat",
+        "/etc/msg",
+    ]));
     assert_eq!(ran, "hello from isula-build\n");
-    let ran = run_ok(Command::new("docker").args(["run", "--rm", "--network", "host", NAME, "sh", "-c", "echo $((6*7))"]));
+    let ran = run_ok(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        NAME,
+        "sh",
+        "-c",
+        "echo $((6*7))",
+    ]));
     assert_eq!(ran, "42\n");
 
     // The other way: docker save -> our load.
     d.ok(&["ctr-img", "rm", "-a"]);
     let theirs = work.path().join("theirs.tar");
-    run_ok(Command::new("docker").args(["save", NAME, "-o"]).arg(&theirs));
+    run_ok(
+        Command::new("docker")
+            .args(["save", NAME, "-o"])
+            .arg(&theirs),
+    );
     let out = d.ok(&["ctr-img", "load", "-i", theirs.to_str().expect("utf8")]);
     assert!(out.ends_with(&format!("Loaded image as {id}\n")), "{out}");
-    assert_eq!(d.images(), vec![("isula-e2e/busybox".into(), "docker".into(), id[..12].to_string())]);
+    assert_eq!(
+        d.images(),
+        vec![(
+            "isula-e2e/busybox".into(),
+            "docker".into(),
+            id[..12].to_string()
+        )]
+    );
 }

@@ -15,13 +15,13 @@ fn second_daemon_on_same_data_root_refuses() {
     }
     let d = Daemon::start();
     let other_socket = d.dir.path().join("other.sock");
-    let out = d
-        .command_on(&other_socket)
-        .output()
-        .expect("second daemon");
+    let out = d.command_on(&other_socket).output().expect("second daemon");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another isula-builder is already running on data root"), "{err}");
+    assert!(
+        err.contains("another isula-builder is already running on data root"),
+        "{err}"
+    );
     assert!(!other_socket.exists());
     // The first one is unharmed.
     assert!(d.cli(&["version"]).status.success());
@@ -33,17 +33,38 @@ fn bad_config_files_stop_the_start() {
         return;
     }
     let cases: [(&str, &str, u32, &str); 4] = [
-        ("registries.toml", "[registries.search]\nregistries = [\"a\"\n", 0o600, "registries.toml"),
-        ("configuration.toml", "loglevel = \"chatty\"\n", 0o600, "invalid log level"),
-        ("policy.json", "{\"default\":[{\"type\":\"signedBy\"}]}", 0o600, "not supported"),
-        ("storage.toml", "[storage]\ndriver = \"overlay\"\n", 0o666, "too open"),
+        (
+            "registries.toml",
+            "[registries.search]\nregistries = [\"a\"\n",
+            0o600,
+            "registries.toml",
+        ),
+        (
+            "configuration.toml",
+            "loglevel = \"chatty\"\n",
+            0o600,
+            "invalid log level",
+        ),
+        (
+            "policy.json",
+            "{\"default\":[{\"type\":\"signedBy\"}]}",
+            0o600,
+            "not supported",
+        ),
+        (
+            "storage.toml",
+            "[storage]\ndriver = \"overlay\"\n",
+            0o666,
+            "too open",
+        ),
     ];
     for (name, text, mode, want) in cases {
         let dir = tempfile::tempdir().expect("tmp");
         let etc = dir.path().join("etc");
         std::fs::create_dir(&etc).expect("etc");
         std::fs::write(etc.join(name), text).expect("write");
-        std::fs::set_permissions(etc.join(name), std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::fs::set_permissions(etc.join(name), std::fs::Permissions::from_mode(mode))
+            .expect("chmod");
         let out = std::process::Command::new(bin("isula-builder"))
             .arg("--dataroot")
             .arg(dir.path().join("data"))
@@ -59,7 +80,10 @@ fn bad_config_files_stop_the_start() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(name) && err.contains(want), "{name}: {err}");
         assert!(!dir.path().join("s.sock").exists());
-        assert!(!dir.path().join("data").exists(), "{name}: nothing may be created");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{name}: nothing may be created"
+        );
     }
 }
 
@@ -71,7 +95,9 @@ fn sigterm_leaves_no_socket_or_mounts_and_notifies_systemd() {
     let dir = tempfile::tempdir().expect("tmp");
     let notify = dir.path().join("notify.sock");
     let listener = std::os::unix::net::UnixDatagram::bind(&notify).expect("notify socket");
-    listener.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    listener
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
     let mut d = Daemon::start_with(&[]);
     d.stop();
     // Start again under a fake systemd notify socket.
@@ -94,7 +120,11 @@ fn sigterm_leaves_no_socket_or_mounts_and_notifies_systemd() {
     assert!(!d.socket().exists(), "socket left behind");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     for root in [d.data(), d.run_root()] {
-        assert!(!mounts.contains(root.to_str().expect("utf8")), "mount left under {}", root.display());
+        assert!(
+            !mounts.contains(root.to_str().expect("utf8")),
+            "mount left under {}",
+            root.display()
+        );
     }
 }
 
@@ -107,7 +137,9 @@ impl CloneHandle for std::process::Child {
     fn try_clone_handle(&mut self) -> std::process::Child {
         std::mem::replace(
             self,
-            std::process::Command::new("true").spawn().expect("placeholder process"),
+            std::process::Command::new("true")
+                .spawn()
+                .expect("placeholder process"),
         )
     }
 }
@@ -135,7 +167,12 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 fn dir_bytes(p: &Path) -> u64 {
     std::fs::read_dir(p)
-        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
@@ -152,7 +189,13 @@ fn sigkill_during_load_and_save_leaves_a_consistent_store() {
     assert!(id_line.contains("Import success"));
     std::fs::remove_file(&src).expect("rm");
     let archive = work.path().join("big-archive.tar");
-    d.ok(&["ctr-img", "save", "big:1", "-o", archive.to_str().expect("utf8")]);
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "big:1",
+        "-o",
+        archive.to_str().expect("utf8"),
+    ]);
     d.ok(&["ctr-img", "rm", "big:1"]);
     let empty = d.store_snapshot();
 
@@ -164,7 +207,9 @@ fn sigkill_during_load_and_save_leaves_a_consistent_store() {
         .spawn()
         .expect("load");
     let ingest = d.data().join("ingest");
-    wait_until("the load to be under way", Duration::from_secs(60), || dir_bytes(&ingest) > 20 << 20);
+    wait_until("the load to be under way", Duration::from_secs(60), || {
+        dir_bytes(&ingest) > 20 << 20
+    });
     d.kill();
     let _ = client.wait();
     assert!(dir_bytes(&ingest) > 0, "the kill must land mid-load");
@@ -181,31 +226,62 @@ fn sigkill_during_load_and_save_leaves_a_consistent_store() {
     let dest = work.path().join("out").join("saved.tar");
     std::fs::create_dir(dest.parent().expect("parent")).expect("mkdir");
     let mut client = d
-        .cli_command(&["ctr-img", "save", "big:1", "-o", dest.to_str().expect("utf8")])
+        .cli_command(&[
+            "ctr-img",
+            "save",
+            "big:1",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("save");
     let pid = d.pid();
-    let out_dir = dest.parent().expect("parent").to_str().expect("utf8").to_string();
+    let out_dir = dest
+        .parent()
+        .expect("parent")
+        .to_str()
+        .expect("utf8")
+        .to_string();
     wait_until("the save to be under way", Duration::from_secs(60), || {
         std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|rd| {
             rd.flatten().any(|fd| {
-                std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with(&out_dir))
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|t| t.to_string_lossy().starts_with(&out_dir))
                     && std::fs::metadata(fd.path()).is_ok_and(|m| m.len() > 20 << 20)
             })
         })
     });
     d.kill();
     let _ = client.wait();
-    assert_eq!(std::fs::read_dir(dest.parent().expect("parent")).expect("ls").count(), 0, "partial or temp file left");
+    assert_eq!(
+        std::fs::read_dir(dest.parent().expect("parent"))
+            .expect("ls")
+            .count(),
+        0,
+        "partial or temp file left"
+    );
     d.restart();
     assert_eq!(d.store_snapshot(), loaded);
-    d.ok(&["ctr-img", "save", "big:1", "-o", dest.to_str().expect("utf8")]);
-    assert_eq!(std::fs::metadata(&dest).expect("saved").len(), std::fs::metadata(&archive).expect("a").len());
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "big:1",
+        "-o",
+        dest.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        std::fs::metadata(&dest).expect("saved").len(),
+        std::fs::metadata(&archive).expect("a").len()
+    );
     d.stop();
     let check = d.command().arg("--check-store").output().expect("check");
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }
 
 #[test]
@@ -224,10 +300,21 @@ fn sigterm_cancels_a_running_load_and_cleans_up() {
         .spawn()
         .expect("import");
     let ingest = d.data().join("ingest");
-    wait_until("the import to be under way", Duration::from_secs(60), || dir_bytes(&ingest) > 10 << 20);
+    wait_until(
+        "the import to be under way",
+        Duration::from_secs(60),
+        || dir_bytes(&ingest) > 10 << 20,
+    );
     assert_eq!(d.stop(), Some(0));
     let status = client.wait().expect("client");
-    assert!(!status.success(), "the import must fail when the daemon stops");
-    assert!(d.leftovers().is_empty(), "cancelled work left {:?}", d.leftovers());
+    assert!(
+        !status.success(),
+        "the import must fail when the daemon stops"
+    );
+    assert!(
+        d.leftovers().is_empty(),
+        "cancelled work left {:?}",
+        d.leftovers()
+    );
     assert!(!d.socket().exists());
 }

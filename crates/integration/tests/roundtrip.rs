@@ -20,11 +20,22 @@ fn round_trip_through_both_archive_formats() {
     let work = tempfile::tempdir().expect("tmp");
     let src = work.path().join("busybox.tar.gz");
     std::fs::write(&src, gzip(&busybox_rootfs(&[("etc/msg", b"round trip\n")]))).expect("write");
-    let out = d.ok(&["ctr-img", "import", src.to_str().expect("utf8"), "busybox:latest"]);
-    assert!(out.starts_with("Getting image source signatures\nCopying blob sha256:"), "{out}");
+    let out = d.ok(&[
+        "ctr-img",
+        "import",
+        src.to_str().expect("utf8"),
+        "busybox:latest",
+    ]);
+    assert!(
+        out.starts_with("Getting image source signatures\nCopying blob sha256:"),
+        "{out}"
+    );
     let id = import_id(&out);
     assert_eq!(id.len(), 64);
-    assert_eq!(d.images(), vec![("busybox".into(), "latest".into(), id[..12].to_string())]);
+    assert_eq!(
+        d.images(),
+        vec![("busybox".into(), "latest".into(), id[..12].to_string())]
+    );
 
     d.ok(&["ctr-img", "tag", "busybox", "e2e/busybox:v1"]);
     // Bad names are refused before anything changes.
@@ -42,19 +53,54 @@ fn round_trip_through_both_archive_formats() {
         ]
     );
     // Name filter.
-    assert_eq!(d.ok(&["ctr-img", "images", "e2e/busybox"]).matches(&id[..12]).count(), 1);
+    assert_eq!(
+        d.ok(&["ctr-img", "images", "e2e/busybox"])
+            .matches(&id[..12])
+            .count(),
+        1
+    );
 
     let docker_tar = work.path().join("docker.tar");
     let oci_tar = work.path().join("oci.tar");
-    let out = d.ok(&["ctr-img", "save", "busybox:latest", "e2e/busybox:v1", "-o", docker_tar.to_str().expect("utf8")]);
-    assert!(out.contains("Save success with image: busybox:latest\n"), "{out}");
-    let out = d.ok(&["ctr-img", "save", &id[..12], "-o", oci_tar.to_str().expect("utf8"), "-f", "oci"]);
-    assert!(out.ends_with(&format!("Save success with image: {}\n", &id[..12])), "{out}");
-    let err = d.fails(&["ctr-img", "save", "busybox", "-o", docker_tar.to_str().expect("utf8")]);
+    let out = d.ok(&[
+        "ctr-img",
+        "save",
+        "busybox:latest",
+        "e2e/busybox:v1",
+        "-o",
+        docker_tar.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.contains("Save success with image: busybox:latest\n"),
+        "{out}"
+    );
+    let out = d.ok(&[
+        "ctr-img",
+        "save",
+        &id[..12],
+        "-o",
+        oci_tar.to_str().expect("utf8"),
+        "-f",
+        "oci",
+    ]);
+    assert!(
+        out.ends_with(&format!("Save success with image: {}\n", &id[..12])),
+        "{out}"
+    );
+    let err = d.fails(&[
+        "ctr-img",
+        "save",
+        "busybox",
+        "-o",
+        docker_tar.to_str().expect("utf8"),
+    ]);
     assert!(err.contains("exists"), "{err}");
 
     let out = d.ok(&["ctr-img", "rm", "busybox", "e2e/busybox:v1"]);
-    assert_eq!(out, format!("Untagged: busybox:latest\nUntagged: e2e/busybox:v1\nDeleted: sha256:{id}\n"));
+    assert_eq!(
+        out,
+        format!("Untagged: busybox:latest\nUntagged: e2e/busybox:v1\nDeleted: sha256:{id}\n")
+    );
     assert!(d.images().is_empty());
     assert!(d.leftovers().is_empty());
 
@@ -68,18 +114,42 @@ fn round_trip_through_both_archive_formats() {
 
     // Saving again gives the same bytes.
     let again = work.path().join("again.tar");
-    d.ok(&["ctr-img", "save", "busybox:latest", "e2e/busybox:v1", "-o", again.to_str().expect("utf8")]);
-    assert_eq!(std::fs::read(&docker_tar).expect("a"), std::fs::read(&again).expect("b"));
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "busybox:latest",
+        "e2e/busybox:v1",
+        "-o",
+        again.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        std::fs::read(&docker_tar).expect("a"),
+        std::fs::read(&again).expect("b")
+    );
 
     d.ok(&["ctr-img", "rm", "-a"]);
     assert!(d.images().is_empty());
     let out = d.ok(&["ctr-img", "load", "-i", oci_tar.to_str().expect("utf8")]);
     assert!(out.ends_with(&format!("Loaded image as {id}\n")), "{out}");
     // The OCI archive was saved by ID: no name travels with it.
-    assert_eq!(d.images(), vec![("<none>".into(), "<none>".into(), id[..12].to_string())]);
+    assert_eq!(
+        d.images(),
+        vec![("<none>".into(), "<none>".into(), id[..12].to_string())]
+    );
     let again_oci = work.path().join("again-oci.tar");
-    d.ok(&["ctr-img", "save", &id, "-o", again_oci.to_str().expect("utf8"), "-f", "oci"]);
-    assert_eq!(std::fs::read(&oci_tar).expect("a"), std::fs::read(&again_oci).expect("b"));
+    d.ok(&[
+        "ctr-img",
+        "save",
+        &id,
+        "-o",
+        again_oci.to_str().expect("utf8"),
+        "-f",
+        "oci",
+    ]);
+    assert_eq!(
+        std::fs::read(&oci_tar).expect("a"),
+        std::fs::read(&again_oci).expect("b")
+    );
     let out = d.ok(&["ctr-img", "rm", "-p"]);
     assert_eq!(out, format!("Deleted: sha256:{id}\n"));
 
@@ -105,18 +175,48 @@ fn archives_are_readable_by_skopeo_and_umoci() {
     let work = tempfile::tempdir().expect("tmp");
     let src = work.path().join("rootfs.tar");
     std::fs::write(&src, busybox_rootfs(&[("etc/msg", b"from isula\n")])).expect("write");
-    let id = import_id(&d.ok(&["ctr-img", "import", src.to_str().expect("utf8"), "localhost/e2e:1"]));
+    let id = import_id(&d.ok(&[
+        "ctr-img",
+        "import",
+        src.to_str().expect("utf8"),
+        "localhost/e2e:1",
+    ]));
     let docker_tar = work.path().join("d.tar");
     let oci_tar = work.path().join("o.tar");
-    d.ok(&["ctr-img", "save", "localhost/e2e:1", "-o", docker_tar.to_str().expect("utf8")]);
-    d.ok(&["ctr-img", "save", "localhost/e2e:1", "-o", oci_tar.to_str().expect("utf8"), "-f", "oci"]);
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "localhost/e2e:1",
+        "-o",
+        docker_tar.to_str().expect("utf8"),
+    ]);
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "localhost/e2e:1",
+        "-o",
+        oci_tar.to_str().expect("utf8"),
+        "-f",
+        "oci",
+    ]);
 
-    for r in [format!("docker-archive:{}", docker_tar.display()), format!("oci-archive:{}", oci_tar.display())] {
+    for r in [
+        format!("docker-archive:{}", docker_tar.display()),
+        format!("oci-archive:{}", oci_tar.display()),
+    ] {
         let out = run_ok(Command::new("skopeo").args(["inspect", "--config", &r]));
         let config: serde_json::Value = serde_json::from_str(&out).expect("json");
-        assert_eq!(config["rootfs"]["diff_ids"].as_array().map(|a| a.len()), Some(1), "{r}");
+        assert_eq!(
+            config["rootfs"]["diff_ids"].as_array().map(|a| a.len()),
+            Some(1),
+            "{r}"
+        );
         let raw = run_ok(Command::new("skopeo").args(["inspect", "--raw", "--config", &r]));
-        assert_eq!(sha256_hex(raw.as_bytes()), id, "{r}: config bytes must be ours, unchanged");
+        assert_eq!(
+            sha256_hex(raw.as_bytes()),
+            id,
+            "{r}: config bytes must be ours, unchanged"
+        );
     }
     let layout = work.path().join("layout");
     run_ok(Command::new("skopeo").args([
@@ -125,8 +225,16 @@ fn archives_are_readable_by_skopeo_and_umoci() {
         &format!("oci:{}:latest", layout.display()),
     ]));
     let bundle = work.path().join("bundle");
-    run_ok(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:latest", layout.display())).arg(&bundle));
-    assert_eq!(std::fs::read(bundle.join("rootfs/etc/msg")).expect("msg"), b"from isula\n");
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:latest", layout.display()))
+            .arg(&bundle),
+    );
+    assert_eq!(
+        std::fs::read(bundle.join("rootfs/etc/msg")).expect("msg"),
+        b"from isula\n"
+    );
     assert!(bundle.join("rootfs/bin/busybox").is_file());
 }
 
@@ -142,11 +250,24 @@ fn import_of_xz_and_bzip2_tarballs() {
     let mut ids = Vec::new();
     for (tool, ext) in [("xz", "xz"), ("bzip2", "bz2")] {
         let out = work.path().join(format!("rootfs.tar.{ext}"));
-        run_ok(Command::new(tool).arg("-k").arg("-c").arg(&plain).stdout(std::fs::File::create(&out).expect("out")));
-        ids.push(import_id(&d.ok(&["ctr-img", "import", out.to_str().expect("utf8"), &format!("imported:{ext}")])));
+        run_ok(
+            Command::new(tool)
+                .arg("-k")
+                .arg("-c")
+                .arg(&plain)
+                .stdout(std::fs::File::create(&out).expect("out")),
+        );
+        ids.push(import_id(&d.ok(&[
+            "ctr-img",
+            "import",
+            out.to_str().expect("utf8"),
+            &format!("imported:{ext}"),
+        ])));
     }
     assert_eq!(d.images().len(), 2);
     // Same content, different created time: same layer, one blob set on disk.
-    let layers = std::fs::read_dir(d.data().join("layers")).expect("layers").count();
+    let layers = std::fs::read_dir(d.data().join("layers"))
+        .expect("layers")
+        .count();
     assert_eq!(layers, 1);
 }

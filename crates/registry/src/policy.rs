@@ -25,7 +25,8 @@ pub struct Policy {
 
 impl Policy {
     pub fn parse(file: &str, text: &str) -> Result<Policy, ConfigError> {
-        let raw: serde_json::Value = serde_json::from_str(text).map_err(|e| ConfigError::invalid(file, e.to_string()))?;
+        let raw: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::invalid(file, e.to_string()))?;
         // Name unsupported requirement types before serde's generic message.
         let mut lists: Vec<&serde_json::Value> = vec![&raw["default"]];
         if let Some(t) = raw["transports"].as_object() {
@@ -47,9 +48,13 @@ impl Policy {
                 }
             }
         }
-        let p: Policy = serde_json::from_value(raw).map_err(|e| ConfigError::invalid(file, e.to_string()))?;
+        let p: Policy =
+            serde_json::from_value(raw).map_err(|e| ConfigError::invalid(file, e.to_string()))?;
         if p.default.is_empty() {
-            return Err(ConfigError::invalid(file, "\"default\" must list at least one requirement"));
+            return Err(ConfigError::invalid(
+                file,
+                "\"default\" must list at least one requirement",
+            ));
         }
         Ok(p)
     }

@@ -88,17 +88,23 @@ fn check_host(file: &str, what: &str, host: &str) -> Result<(), ConfigError> {
     let ok = !host.is_empty()
         && !host.contains("://")
         && !host.chars().any(|c| c.is_whitespace())
-        && host.chars().all(|c| c.is_ascii_alphanumeric() || "-._:/[]*@".contains(c));
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._:/[]*@".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::invalid(file, format!("invalid {what} {host:?}")))
+        Err(ConfigError::invalid(
+            file,
+            format!("invalid {what} {host:?}"),
+        ))
     }
 }
 
 impl Registries {
     pub fn parse(file: &str, text: &str) -> Result<Registries, ConfigError> {
-        let f: File = toml::from_str(text).map_err(|e| ConfigError::invalid(file, e.to_string()))?;
+        let f: File =
+            toml::from_str(text).map_err(|e| ConfigError::invalid(file, e.to_string()))?;
         let v2 = f.unqualified.is_some() || f.registry.is_some();
         if v2 && f.registries.is_some() {
             return Err(ConfigError::invalid(
@@ -109,20 +115,22 @@ impl Registries {
         let mut out = Registries::default();
         if let Some(v1) = f.registries {
             out.search = v1.search.registries;
-            let mut add = |host: &String, insecure: bool, blocked: bool| {
-                match out.registries.iter_mut().find(|r| &r.prefix == host) {
-                    Some(r) => {
-                        r.insecure |= insecure;
-                        r.blocked |= blocked;
-                    }
-                    None => out.registries.push(Registry {
-                        prefix: host.clone(),
-                        location: host.clone(),
-                        insecure,
-                        blocked,
-                        mirrors: Vec::new(),
-                    }),
+            let mut add = |host: &String, insecure: bool, blocked: bool| match out
+                .registries
+                .iter_mut()
+                .find(|r| &r.prefix == host)
+            {
+                Some(r) => {
+                    r.insecure |= insecure;
+                    r.blocked |= blocked;
                 }
+                None => out.registries.push(Registry {
+                    prefix: host.clone(),
+                    location: host.clone(),
+                    insecure,
+                    blocked,
+                    mirrors: Vec::new(),
+                }),
             };
             for h in &v1.insecure.registries {
                 add(h, true, false);
@@ -134,10 +142,21 @@ impl Registries {
             out.search = f.unqualified.unwrap_or_default();
             for r in f.registry.unwrap_or_default() {
                 if r.prefix.is_empty() && r.location.is_empty() {
-                    return Err(ConfigError::invalid(file, "[[registry]] needs a prefix or a location"));
+                    return Err(ConfigError::invalid(
+                        file,
+                        "[[registry]] needs a prefix or a location",
+                    ));
                 }
-                let prefix = if r.prefix.is_empty() { r.location.clone() } else { r.prefix };
-                let location = if r.location.is_empty() { prefix.clone() } else { r.location };
+                let prefix = if r.prefix.is_empty() {
+                    r.location.clone()
+                } else {
+                    r.prefix
+                };
+                let location = if r.location.is_empty() {
+                    prefix.clone()
+                } else {
+                    r.location
+                };
                 check_host(file, "registry prefix", &prefix)?;
                 check_host(file, "registry location", &location)?;
                 let mirrors = r
@@ -170,11 +189,19 @@ impl Registries {
     }
 
     pub fn insecure(&self) -> Vec<String> {
-        self.registries.iter().filter(|r| r.insecure).map(|r| r.prefix.clone()).collect()
+        self.registries
+            .iter()
+            .filter(|r| r.insecure)
+            .map(|r| r.prefix.clone())
+            .collect()
     }
 
     pub fn blocked(&self) -> Vec<String> {
-        self.registries.iter().filter(|r| r.blocked).map(|r| r.prefix.clone()).collect()
+        self.registries
+            .iter()
+            .filter(|r| r.blocked)
+            .map(|r| r.prefix.clone())
+            .collect()
     }
 }
 

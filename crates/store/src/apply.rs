@@ -67,7 +67,9 @@ pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
     let mut archive = tar::Archive::new(layer);
     let mut report = ApplyReport::default();
     let mut dir_times: Vec<(PathBuf, (i64, u32))> = Vec::new();
-    let entries = archive.entries().map_err(|e| StoreError::BadTar(e.to_string()))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| StoreError::BadTar(e.to_string()))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| StoreError::BadTar(e.to_string()))?;
         let raw = entry
@@ -87,7 +89,9 @@ pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
         // Whiteouts.
         if name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
             let parent = rel.parent().unwrap_or(Path::new(""));
-            let pfd = root.dir(parent, Resolve::NoSymlinks, true).map_err(|e| sys_at(&rel, e))?;
+            let pfd = root
+                .dir(parent, Resolve::NoSymlinks, true)
+                .map_err(|e| sys_at(&rel, e))?;
             if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
                 rooted::set_xattr(pfd.as_fd(), OsStr::new("."), OsStr::new(OPAQUE_XATTR), b"y")
                     .map_err(|e| sys_at(&rel, e))?;
@@ -104,7 +108,9 @@ pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
             continue;
         }
 
-        let (pfd, _) = root.parent(&rel, Resolve::NoSymlinks, true).map_err(|e| sys_at(&rel, e))?;
+        let (pfd, _) = root
+            .parent(&rel, Resolve::NoSymlinks, true)
+            .map_err(|e| sys_at(&rel, e))?;
         let pfd = pfd.as_fd();
         let existing = rooted::lstat(pfd, &name).map_err(|e| sys_at(&rel, e))?;
         let is_dir_entry = kind == tar::EntryType::Directory;
@@ -114,15 +120,22 @@ pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
                 rooted::remove_all(pfd, &name).map_err(|e| sys_at(&rel, e))?;
             }
         }
-        let mode = header.mode().map_err(|e| StoreError::BadTar(e.to_string()))?;
-        let uid = header.uid().map_err(|e| StoreError::BadTar(e.to_string()))? as u32;
-        let gid = header.gid().map_err(|e| StoreError::BadTar(e.to_string()))? as u32;
+        let mode = header
+            .mode()
+            .map_err(|e| StoreError::BadTar(e.to_string()))?;
+        let uid = header
+            .uid()
+            .map_err(|e| StoreError::BadTar(e.to_string()))? as u32;
+        let gid = header
+            .gid()
+            .map_err(|e| StoreError::BadTar(e.to_string()))? as u32;
         let mtime = (header.mtime().unwrap_or(0) as i64, 0u32);
         let mut set_meta = true;
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let mut f = rooted::create_file(pfd, &name, 0o600).map_err(|e| sys_at(&rel, e))?;
-                io::copy(&mut entry, &mut f).map_err(|e| StoreError::io("write", dest.join(&rel), e))?;
+                io::copy(&mut entry, &mut f)
+                    .map_err(|e| StoreError::io("write", dest.join(&rel), e))?;
             }
             tar::EntryType::Directory => {
                 if existing.as_ref().is_none_or(|st| !rooted::is_dir(st)) {
@@ -145,12 +158,24 @@ pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
                     .link_name()
                     .map_err(|e| StoreError::BadTar(e.to_string()))?
                     .ok_or_else(|| unsafe_entry(&rel, "hard link without target"))?;
-                let target = entry_path(&target).map_err(|_| unsafe_entry(&rel, "hard link target contains '..'"))?;
-                let (tfd, tname) = root
-                    .parent(&target, Resolve::NoSymlinks, false)
-                    .map_err(|_| unsafe_entry(&rel, "hard link target is not an earlier entry of this layer"))?;
-                if rooted::lstat(tfd.as_fd(), &tname).map_err(|e| sys_at(&rel, e))?.is_none() {
-                    return Err(unsafe_entry(&rel, "hard link target is not an earlier entry of this layer"));
+                let target = entry_path(&target)
+                    .map_err(|_| unsafe_entry(&rel, "hard link target contains '..'"))?;
+                let (tfd, tname) =
+                    root.parent(&target, Resolve::NoSymlinks, false)
+                        .map_err(|_| {
+                            unsafe_entry(
+                                &rel,
+                                "hard link target is not an earlier entry of this layer",
+                            )
+                        })?;
+                if rooted::lstat(tfd.as_fd(), &tname)
+                    .map_err(|e| sys_at(&rel, e))?
+                    .is_none()
+                {
+                    return Err(unsafe_entry(
+                        &rel,
+                        "hard link target is not an earlier entry of this layer",
+                    ));
                 }
                 rooted::hardlink(tfd.as_fd(), &tname, pfd, &name).map_err(|e| sys_at(&rel, e))?;
                 set_meta = false; // shares the target's inode and metadata
@@ -169,7 +194,10 @@ pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
             rooted::lchown(pfd, &name, uid, gid).map_err(|e| sys_at(&rel, e))?;
             // chown clears set-id bits, so the mode goes on after it.
             rooted::chmod(pfd, &name, mode).map_err(|e| sys_at(&rel, e))?;
-            if let Some(exts) = entry.pax_extensions().map_err(|e| StoreError::BadTar(e.to_string()))? {
+            if let Some(exts) = entry
+                .pax_extensions()
+                .map_err(|e| StoreError::BadTar(e.to_string()))?
+            {
                 for ext in exts {
                     let ext = ext.map_err(|e| StoreError::BadTar(e.to_string()))?;
                     if let Some(key) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
@@ -199,7 +227,9 @@ pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
 /// Extended attributes a layer may carry. `trusted.*` (overlay's own metadata among them)
 /// and `security.selinux` labels from elsewhere are dropped.
 fn xattr_allowed(key: &[u8]) -> bool {
-    key.starts_with(b"user.") || key == b"security.capability" || key.starts_with(b"system.posix_acl_")
+    key.starts_with(b"user.")
+        || key == b"security.capability"
+        || key.starts_with(b"system.posix_acl_")
 }
 
 #[cfg(test)]
@@ -212,7 +242,11 @@ mod tests {
         for (path, kind, data, link) in entries {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(*kind);
-            h.set_mode(if *kind == tar::EntryType::Directory { 0o755 } else { 0o4755 });
+            h.set_mode(if *kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o4755
+            });
             h.set_uid(1000);
             h.set_gid(1001);
             h.set_mtime(1_600_000_000);
@@ -243,19 +277,31 @@ mod tests {
         ]);
         let report = apply_layer(&tar[..], dir.path()).expect("apply");
         let d = dir.path();
-        assert_eq!(std::fs::read(d.join("etc/passwd")).expect("read"), b"root:x:0:0");
+        assert_eq!(
+            std::fs::read(d.join("etc/passwd")).expect("read"),
+            b"root:x:0:0"
+        );
         let m = std::fs::metadata(d.join("etc/passwd")).expect("stat");
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1001, 0o4755));
         assert_eq!(m.nlink(), 2);
-        assert_eq!(std::fs::read_link(d.join("etc/sym")).expect("link").to_str(), Some("/etc/passwd"));
+        assert_eq!(
+            std::fs::read_link(d.join("etc/sym"))
+                .expect("link")
+                .to_str(),
+            Some("/etc/passwd")
+        );
         let wh = std::fs::symlink_metadata(d.join("etc/gone")).expect("whiteout");
         assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
         let mut v = [0u8; 4];
-        let n = rustix::fs::lgetxattr(d.join("opq").as_path(), OPAQUE_XATTR, &mut v).expect("opaque");
+        let n =
+            rustix::fs::lgetxattr(d.join("opq").as_path(), OPAQUE_XATTR, &mut v).expect("opaque");
         assert_eq!(&v[..n], b"y");
         assert_eq!(report.skipped_devices, vec!["dev/null".to_string()]);
         assert!(!d.join("dev/null").exists());
-        assert_eq!(std::fs::metadata(d.join("etc")).expect("dir").mtime(), 1_600_000_000);
+        assert_eq!(
+            std::fs::metadata(d.join("etc")).expect("dir").mtime(),
+            1_600_000_000
+        );
     }
 
     #[test]
@@ -273,7 +319,12 @@ mod tests {
                 ("out/victim", tar::EntryType::Regular, b"pwned", None),
             ]),
             tar_of(&[
-                ("out", tar::EntryType::Symlink, b"", Some("../../../../../../")),
+                (
+                    "out",
+                    tar::EntryType::Symlink,
+                    b"",
+                    Some("../../../../../../"),
+                ),
                 ("out/x", tar::EntryType::Regular, b"pwned", None),
             ]),
             tar_of(&[("h", tar::EntryType::Link, b"", Some(&victim_s))]),
@@ -286,7 +337,10 @@ mod tests {
         for (i, t) in cases.iter().enumerate() {
             let dest = tempfile::tempdir().expect("tempdir");
             let err = apply_layer(&t[..], dest.path()).expect_err(&format!("case {i} must fail"));
-            assert!(matches!(err, StoreError::UnsafeEntry { .. }), "case {i}: {err}");
+            assert!(
+                matches!(err, StoreError::UnsafeEntry { .. }),
+                "case {i}: {err}"
+            );
             assert_eq!(std::fs::read(&victim).expect("victim"), b"host", "case {i}");
             assert!(!outside.path().join("x").exists());
         }

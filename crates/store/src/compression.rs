@@ -68,7 +68,8 @@ mod tests {
         let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
         bz.write_all(&data).expect("bz");
         let bz = bz.finish().expect("bz");
-        let mut xz = lzma_rust2::XzWriter::new(Vec::new(), lzma_rust2::XzOptions::default()).expect("xz");
+        let mut xz =
+            lzma_rust2::XzWriter::new(Vec::new(), lzma_rust2::XzOptions::default()).expect("xz");
         xz.write_all(&data).expect("xz");
         let xz = xz.finish().expect("xz");
         let zs = zstd::encode_all(&data[..], 1).expect("zstd");

@@ -40,7 +40,9 @@ impl ContentStore {
         let p = self.path(d);
         match fs::metadata(&p) {
             Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::BlobNotFound(d.clone())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StoreError::BlobNotFound(d.clone()))
+            }
             Err(e) => Err(StoreError::io("stat", p, e)),
         }
     }
@@ -89,7 +91,8 @@ impl ContentStore {
     /// Stores `data` as a blob.
     pub fn put(&self, data: &[u8]) -> Result<Digest> {
         let mut w = self.writer()?;
-        w.write_all(data).map_err(|e| StoreError::io("write", &w.path, e))?;
+        w.write_all(data)
+            .map_err(|e| StoreError::io("write", &w.path, e))?;
         Ok(w.commit(None)?.0)
     }
 
@@ -119,7 +122,8 @@ impl ContentStore {
     pub fn verify(&self, d: &Digest) -> Result<()> {
         let mut f = self.open(d)?;
         let mut h = Sha256::new();
-        io::copy(&mut f, &mut HashWriter(&mut h)).map_err(|e| StoreError::io("read", self.path(d), e))?;
+        io::copy(&mut f, &mut HashWriter(&mut h))
+            .map_err(|e| StoreError::io("read", self.path(d), e))?;
         let actual = Digest::from_sha256(h);
         if &actual != d {
             return Err(StoreError::DigestMismatch {
@@ -199,7 +203,8 @@ impl BlobWriter {
         }
         let file = self.file.take();
         if let Some(f) = &file {
-            f.sync_all().map_err(|e| StoreError::io("fsync", &self.path, e))?;
+            f.sync_all()
+                .map_err(|e| StoreError::io("fsync", &self.path, e))?;
             f.set_permissions(fs::Permissions::from_mode(0o444))
                 .map_err(|e| StoreError::io("chmod", &self.path, e))?;
         }

@@ -32,7 +32,11 @@ pub enum StoreError {
     #[error("digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("size mismatch for {digest}: expected {expected} bytes, got {actual}")]
-    SizeMismatch { digest: Digest, expected: u64, actual: u64 },
+    SizeMismatch {
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
     #[error("layer {0} not found")]
     LayerNotFound(ChainId),
     #[error("no such image: {0}")]
@@ -67,11 +71,15 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         use StoreError::*;
         match self {
-            Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                ErrorKind::NotFound
+            }
             Io { source, .. } if source.raw_os_error() == Some(28) => ErrorKind::ResourceExhausted,
             Io { .. } | Sys(_) => ErrorKind::Internal,
             BlobNotFound(_) | LayerNotFound(_) | ImageNotFound(_) => ErrorKind::NotFound,
-            DigestMismatch { .. } | SizeMismatch { .. } | DiffIdMismatch { .. } => ErrorKind::DataLoss,
+            DigestMismatch { .. } | SizeMismatch { .. } | DiffIdMismatch { .. } => {
+                ErrorKind::DataLoss
+            }
             AmbiguousImage { .. } | UnsafeEntry { .. } | BadTar(_) => ErrorKind::InvalidArgument,
             ImageInUse { .. } => ErrorKind::FailedPrecondition,
             CorruptMetadata { .. } => ErrorKind::DataLoss,

@@ -190,7 +190,10 @@ impl Store {
 
     /// A private scratch directory under `tmp/` (swept at start-up).
     pub fn temp_dir(&self) -> Result<PathBuf> {
-        let p = self.root.join("tmp").join(format!("{:016x}", rand::random::<u64>()));
+        let p = self
+            .root
+            .join("tmp")
+            .join(format!("{:016x}", rand::random::<u64>()));
         fs::create_dir(&p).map_err(|e| StoreError::io("create", &p, e))?;
         Ok(p)
     }
@@ -198,8 +201,12 @@ impl Store {
     /// A new, empty layer directory to unpack into.
     pub fn stage_layer(&self) -> Result<StagedLayer> {
         let dir = self.temp_dir()?;
-        let staged = StagedLayer { dir, committed: false };
-        fs::create_dir(staged.diff_dir()).map_err(|e| StoreError::io("create", staged.diff_dir(), e))?;
+        let staged = StagedLayer {
+            dir,
+            committed: false,
+        };
+        fs::create_dir(staged.diff_dir())
+            .map_err(|e| StoreError::io("create", staged.diff_dir(), e))?;
         Ok(staged)
     }
 
@@ -213,7 +220,12 @@ impl Store {
 
     /// Moves a staged layer into place as `chain`. If that layer exists already the staged
     /// copy is discarded. The lease keeps it until an image names it.
-    pub fn commit_layer(&self, mut staged: StagedLayer, chain: &ChainId, lease: &Lease) -> Result<()> {
+    pub fn commit_layer(
+        &self,
+        mut staged: StagedLayer,
+        chain: &ChainId,
+        lease: &Lease,
+    ) -> Result<()> {
         lease.layer(chain);
         let dest = self.layer_dir(chain);
         if dest.join("diff").is_dir() {
@@ -247,21 +259,26 @@ impl Store {
         let mut meta = self.meta();
         let mut next = meta.clone();
         for l in &new.layers {
-            next.layers.entry(l.chain_id.clone()).or_insert_with(|| l.clone());
+            next.layers
+                .entry(l.chain_id.clone())
+                .or_insert_with(|| l.clone());
         }
         let size = new.layers.iter().map(|l| l.size).sum();
         let names: Vec<String> = new.names.iter().map(|r| r.to_string()).collect();
         let moved = take_names(&mut next, &names, &new.id);
-        let rec = next.images.entry(new.id.clone()).or_insert_with(|| ImageRecord {
-            id: new.id.clone(),
-            names: Vec::new(),
-            manifest: new.manifest.clone(),
-            manifest_media_type: new.manifest_media_type.clone(),
-            blobs: new.blobs.clone(),
-            layers: new.layers.iter().map(|l| l.chain_id.clone()).collect(),
-            created: new.created.clone(),
-            size,
-        });
+        let rec = next
+            .images
+            .entry(new.id.clone())
+            .or_insert_with(|| ImageRecord {
+                id: new.id.clone(),
+                names: Vec::new(),
+                manifest: new.manifest.clone(),
+                manifest_media_type: new.manifest_media_type.clone(),
+                blobs: new.blobs.clone(),
+                layers: new.layers.iter().map(|l| l.chain_id.clone()).collect(),
+                created: new.created.clone(),
+                size,
+            });
         for n in names {
             if !rec.names.contains(&n) {
                 rec.names.push(n);
@@ -304,7 +321,11 @@ impl Store {
         let hex = name.strip_prefix("sha256:").unwrap_or(name);
         if !hex.is_empty() && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             let hex = hex.to_ascii_lowercase();
-            let found: Vec<&ImageRecord> = meta.images.values().filter(|i| i.id.hex().starts_with(&hex)).collect();
+            let found: Vec<&ImageRecord> = meta
+                .images
+                .values()
+                .filter(|i| i.id.hex().starts_with(&hex))
+                .collect();
             match found.len() {
                 1 => return Ok(found[0].clone()),
                 0 => {}
@@ -392,7 +413,9 @@ impl Store {
         let mut report = GcReport::default();
         let before = meta.layers.len();
         let mut next = meta.clone();
-        next.layers.retain(|c, _| live_layers.contains(c) || leased.contains(&format!("layer:{}", c.hex())));
+        next.layers.retain(|c, _| {
+            live_layers.contains(c) || leased.contains(&format!("layer:{}", c.hex()))
+        });
         if next.layers.len() != before {
             self.save(&next)?;
             *meta = next;
@@ -405,7 +428,9 @@ impl Store {
                 .to_str()
                 .and_then(|h| Digest::from_hex(h).ok())
                 .map(ChainId)
-                .is_some_and(|c| meta.layers.contains_key(&c) || leased.contains(&format!("layer:{}", c.hex())));
+                .is_some_and(|c| {
+                    meta.layers.contains_key(&c) || leased.contains(&format!("layer:{}", c.hex()))
+                });
             if !keep {
                 isula_sys::rooted::remove_tree(&ent.path())?;
                 report.layers += 1;
@@ -468,5 +493,7 @@ fn take_names(meta: &mut Metadata, names: &[String], keep: &ImageId) -> Vec<Stri
 
 /// The short form of a stored full name.
 pub fn familiar(full: &str) -> String {
-    Reference::parse(full).map(|r| r.familiar()).unwrap_or_else(|_| full.to_string())
+    Reference::parse(full)
+        .map(|r| r.familiar())
+        .unwrap_or_else(|_| full.to_string())
 }

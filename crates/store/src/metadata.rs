@@ -59,10 +59,11 @@ impl Metadata {
             }
             Err(e) => return Err(StoreError::io("read", path, e)),
         };
-        let meta: Metadata = serde_json::from_slice(&data).map_err(|e| StoreError::CorruptMetadata {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let meta: Metadata =
+            serde_json::from_slice(&data).map_err(|e| StoreError::CorruptMetadata {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         if meta.schema != SCHEMA_VERSION {
             return Err(StoreError::CorruptMetadata {
                 path: path.to_path_buf(),
@@ -73,12 +74,17 @@ impl Metadata {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        write_atomic(path, &serde_json::to_vec(self).map_err(|e| StoreError::io("encode", path, e.into()))?)
+        write_atomic(
+            path,
+            &serde_json::to_vec(self).map_err(|e| StoreError::io("encode", path, e.into()))?,
+        )
     }
 
     /// The image a full reference names.
     pub fn image_by_name(&self, name: &str) -> Option<&ImageRecord> {
-        self.images.values().find(|i| i.names.iter().any(|n| n == name))
+        self.images
+            .values()
+            .find(|i| i.names.iter().any(|n| n == name))
     }
 }
 
@@ -92,7 +98,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     ));
     let result = (|| {
         let mut f = fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
-        f.write_all(data).map_err(|e| StoreError::io("write", &tmp, e))?;
+        f.write_all(data)
+            .map_err(|e| StoreError::io("write", &tmp, e))?;
         f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
         fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", path, e))?;
         isula_sys::fsync_dir(dir)?;

@@ -94,7 +94,11 @@ impl PendingFile {
     pub fn new_in(dir: &std::path::Path) -> Result<PendingFile> {
         use rustix::fs::{Mode, OFlags};
         let mode = Mode::from_raw_mode(0o644);
-        match rustix::fs::open(dir, OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC, mode) {
+        match rustix::fs::open(
+            dir,
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            mode,
+        ) {
             Ok(fd) => Ok(PendingFile {
                 file: std::fs::File::from(fd),
                 named: None,
@@ -122,10 +126,15 @@ impl PendingFile {
 
     /// fsyncs the data and gives the file its name; fails with EEXIST if `dest` exists.
     pub fn persist_noreplace(mut self, dest: &std::path::Path) -> Result<()> {
-        self.file.sync_all().map_err(|e| SysError::io("fsync", dest, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| SysError::io("fsync", dest, e))?;
         match self.named.take() {
             None => {
-                let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.file));
+                let proc = format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file)
+                );
                 rustix::fs::linkat(
                     rustix::fs::CWD,
                     proc.as_str(),

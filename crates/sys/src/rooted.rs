@@ -110,7 +110,8 @@ impl Root {
                 if links > MAX_SYMLINKS {
                     return Err(err(Errno::LOOP));
                 }
-                let target = rustix::fs::readlinkat(cur, name.as_os_str(), Vec::new()).map_err(err)?;
+                let target =
+                    rustix::fs::readlinkat(cur, name.as_os_str(), Vec::new()).map_err(err)?;
                 let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
                 if target.is_absolute() {
                     stack.clear();
@@ -186,7 +187,13 @@ fn openat2_unavailable() -> bool {
     static UNAVAILABLE: OnceLock<bool> = OnceLock::new();
     *UNAVAILABLE.get_or_init(|| {
         matches!(
-            rustix::fs::openat2(CWD, "/", OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::empty()),
+            rustix::fs::openat2(
+                CWD,
+                "/",
+                OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::empty()
+            ),
             Err(Errno::NOSYS) | Err(Errno::PERM)
         )
     })
@@ -252,7 +259,8 @@ pub fn open_read(dir: BorrowedFd<'_>, name: &OsStr) -> Result<std::fs::File> {
 }
 
 pub fn mkdir(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
-    rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode & 0o7777)).map_err(|e| at_err("mkdir", name, e))
+    rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode & 0o7777))
+        .map_err(|e| at_err("mkdir", name, e))
 }
 
 pub fn symlink(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
@@ -260,19 +268,37 @@ pub fn symlink(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> 
 }
 
 /// Hard link `old_name` in `old_dir` as `new_name` in `new_dir`; a symlink is linked itself.
-pub fn hardlink(old_dir: BorrowedFd<'_>, old_name: &OsStr, new_dir: BorrowedFd<'_>, new_name: &OsStr) -> Result<()> {
-    rustix::fs::linkat(old_dir, old_name, new_dir, new_name, AtFlags::empty()).map_err(|e| at_err("link", new_name, e))
+pub fn hardlink(
+    old_dir: BorrowedFd<'_>,
+    old_name: &OsStr,
+    new_dir: BorrowedFd<'_>,
+    new_name: &OsStr,
+) -> Result<()> {
+    rustix::fs::linkat(old_dir, old_name, new_dir, new_name, AtFlags::empty())
+        .map_err(|e| at_err("link", new_name, e))
 }
 
 /// An overlayfs whiteout: a character device 0:0.
 pub fn mknod_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
-    rustix::fs::mknodat(dir, name, FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(0, 0))
-        .map_err(|e| at_err("mknod whiteout", name, e))
+    rustix::fs::mknodat(
+        dir,
+        name,
+        FileType::CharacterDevice,
+        Mode::empty(),
+        rustix::fs::makedev(0, 0),
+    )
+    .map_err(|e| at_err("mknod whiteout", name, e))
 }
 
 pub fn mkfifo(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
-    rustix::fs::mknodat(dir, name, FileType::Fifo, Mode::from_raw_mode(mode & 0o7777), 0)
-        .map_err(|e| at_err("mkfifo", name, e))
+    rustix::fs::mknodat(
+        dir,
+        name,
+        FileType::Fifo,
+        Mode::from_raw_mode(mode & 0o7777),
+        0,
+    )
+    .map_err(|e| at_err("mkfifo", name, e))
 }
 
 pub fn lchown(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> Result<()> {
@@ -288,8 +314,13 @@ pub fn lchown(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> Result<(
 
 /// chmod of a non-symlink entry we created ourselves.
 pub fn chmod(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
-    rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode & 0o7777), AtFlags::empty())
-        .map_err(|e| at_err("chmod", name, e))
+    rustix::fs::chmodat(
+        dir,
+        name,
+        Mode::from_raw_mode(mode & 0o7777),
+        AtFlags::empty(),
+    )
+    .map_err(|e| at_err("chmod", name, e))
 }
 
 /// Sets atime and mtime (seconds, nanoseconds) without following a final symlink.
@@ -302,23 +333,39 @@ pub fn set_times(dir: BorrowedFd<'_>, name: &OsStr, mtime: (i64, u32)) -> Result
         last_access: ts,
         last_modification: ts,
     };
-    rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| at_err("utimes", name, e))
+    rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| at_err("utimes", name, e))
 }
 
 /// Sets an extended attribute on `name` in `dir` without following a final symlink (the
 /// O_PATH handle pins the inode; its /proc magic link leads to exactly that inode).
 pub fn set_xattr(dir: BorrowedFd<'_>, name: &OsStr, key: &OsStr, value: &[u8]) -> Result<()> {
-    let fd = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| at_err("open", name, e))?;
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| at_err("open", name, e))?;
     let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-    rustix::fs::setxattr(proc_path.as_str(), key, value, rustix::fs::XattrFlags::empty())
-        .map_err(|e| at_err("setxattr", name, e))
+    rustix::fs::setxattr(
+        proc_path.as_str(),
+        key,
+        value,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(|e| at_err("setxattr", name, e))
 }
 
 /// Lists extended attributes (name, value) of `name` in `dir`, not following symlinks.
 pub fn xattrs(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<(OsString, Vec<u8>)>> {
-    let fd = rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| at_err("open", name, e))?;
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| at_err("open", name, e))?;
     let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
     let mut names = vec![0u8; 4096];
     let n = match rustix::fs::listxattr(proc_path.as_str(), &mut names) {
@@ -329,7 +376,8 @@ pub fn xattrs(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<(OsString, Vec<u8
     let mut out = Vec::new();
     for key in names[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
         let mut value = vec![0u8; 65536];
-        let len = rustix::fs::getxattr(proc_path.as_str(), key, &mut value).map_err(|e| at_err("getxattr", name, e))?;
+        let len = rustix::fs::getxattr(proc_path.as_str(), key, &mut value)
+            .map_err(|e| at_err("getxattr", name, e))?;
         value.truncate(len);
         out.push((OsStr::from_bytes(key).to_os_string(), value));
     }
@@ -361,10 +409,16 @@ pub fn remove_all(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
 pub fn clear_dir(dir: BorrowedFd<'_>) -> Result<()> {
     let mut names = Vec::new();
     {
-        let fd = rustix::fs::openat(dir, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| at_err("open", OsStr::new("."), e))?;
-        let mut it = rustix::fs::Dir::read_from(&fd).map_err(|e| at_err("readdir", OsStr::new("."), e))?;
-        while let Some(ent) = it.next() {
+        let fd = rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| at_err("open", OsStr::new("."), e))?;
+        let it =
+            rustix::fs::Dir::read_from(&fd).map_err(|e| at_err("readdir", OsStr::new("."), e))?;
+        for ent in it {
             let ent = ent.map_err(|e| at_err("readdir", OsStr::new("."), e))?;
             let n = ent.file_name().to_bytes();
             if n != b"." && n != b".." {
@@ -384,12 +438,19 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     let Some(name) = path.file_name() else {
         return Err(SysError::new("remove", path, Errno::INVAL));
     };
-    let pfd = match rustix::fs::open(parent, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) {
+    let pfd = match rustix::fs::open(
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(()),
         Err(e) => return Err(SysError::new("open", parent, e)),
     };
-    remove_all(pfd.as_fd(), name).map_err(|e| SysError { path: path.to_path_buf(), ..e })
+    remove_all(pfd.as_fd(), name).map_err(|e| SysError {
+        path: path.to_path_buf(),
+        ..e
+    })
 }
 
 #[cfg(test)]
@@ -406,29 +467,52 @@ mod tests {
         std_symlink("/etc", root.join("abs")).expect("symlink");
         std_symlink("../../../../etc", root.join("rel")).expect("symlink");
         let r = Root::open(&root).expect("root");
-        for p in ["abs/passwd", "rel/passwd", "../../etc/passwd", "/etc/passwd"] {
-            let fd = r.open_at(Path::new(p), Resolve::InRoot, OFlags::RDONLY, Mode::empty()).expect(p);
+        for p in [
+            "abs/passwd",
+            "rel/passwd",
+            "../../etc/passwd",
+            "/etc/passwd",
+        ] {
+            let fd = r
+                .open_at(Path::new(p), Resolve::InRoot, OFlags::RDONLY, Mode::empty())
+                .expect(p);
             let mut s = String::new();
             std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s).expect("read");
             assert_eq!(s, "inside", "{p}");
         }
-        let e = r.open_at(Path::new("abs/passwd"), Resolve::NoSymlinks, OFlags::RDONLY, Mode::empty());
+        let e = r.open_at(
+            Path::new("abs/passwd"),
+            Resolve::NoSymlinks,
+            OFlags::RDONLY,
+            Mode::empty(),
+        );
         assert!(e.is_err());
         // The walk (fallback) gives the same answers.
         for p in ["abs/passwd", "rel/passwd", "../../etc/passwd"] {
-            let fd = r.walk(Path::new(p), Resolve::InRoot, OFlags::RDONLY, Mode::empty()).expect(p);
+            let fd = r
+                .walk(Path::new(p), Resolve::InRoot, OFlags::RDONLY, Mode::empty())
+                .expect(p);
             let mut s = String::new();
             std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s).expect("read");
             assert_eq!(s, "inside", "walk {p}");
         }
-        assert!(r.walk(Path::new("abs/passwd"), Resolve::NoSymlinks, OFlags::RDONLY, Mode::empty()).is_err());
+        assert!(r
+            .walk(
+                Path::new("abs/passwd"),
+                Resolve::NoSymlinks,
+                OFlags::RDONLY,
+                Mode::empty()
+            )
+            .is_err());
     }
 
     #[test]
     fn dir_creates_parents_and_remove_all() {
         let dir = tempfile::tempdir().expect("tempdir");
         let r = Root::open(dir.path()).expect("root");
-        let (pfd, name) = r.parent(Path::new("a/b/c/file"), Resolve::NoSymlinks, true).expect("parent");
+        let (pfd, name) = r
+            .parent(Path::new("a/b/c/file"), Resolve::NoSymlinks, true)
+            .expect("parent");
         assert_eq!(name, "file");
         create_file(pfd.as_fd(), &name, 0o644).expect("create");
         assert!(dir.path().join("a/b/c/file").is_file());

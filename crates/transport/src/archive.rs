@@ -108,7 +108,9 @@ impl Scanned {
         self.entries
             .values()
             .filter_map(|e| match e {
-                Entry::Layer(LayerEntry { unpacked: Ok(u), .. }) => Some(u.skipped_devices.clone()),
+                Entry::Layer(LayerEntry {
+                    unpacked: Ok(u), ..
+                }) => Some(u.skipped_devices.clone()),
                 _ => None,
             })
             .flatten()
@@ -140,7 +142,10 @@ pub fn scan<R: Read>(store: &Store, reader: R, source: &Path, lease: &Lease) -> 
             if let Ok(Some(target)) = entry.link_name() {
                 let target = target.to_string_lossy().to_string();
                 let resolved = if kind == tar::EntryType::Symlink && !target.starts_with('/') {
-                    let dir = Path::new(&name).parent().map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+                    let dir = Path::new(&name)
+                        .parent()
+                        .map(|p| p.to_string_lossy().to_string())
+                        .unwrap_or_default();
                     normalize(&format!("{dir}/{target}"))
                 } else {
                     normalize(&target)
@@ -156,16 +161,24 @@ pub fn scan<R: Read>(store: &Store, reader: R, source: &Path, lease: &Lease) -> 
         let mut head = vec![0u8; size.min(512) as usize];
         entry.read_exact(&mut head).map_err(bad)?;
         let compression = Compression::sniff(&head);
-        let looks_tar = head.len() == 512
-            && (&head[257..262] == b"ustar" || head.iter().all(|b| *b == 0));
+        let looks_tar =
+            head.len() == 512 && (&head[257..262] == b"ustar" || head.iter().all(|b| *b == 0));
         if compression != Compression::None || looks_tar {
-            let layer = scan_layer(store, io::Cursor::new(head).chain(&mut entry), compression, lease)
-                .map_err(|e| TransportError::io("read", source.join(&name), e))?;
+            let layer = scan_layer(
+                store,
+                io::Cursor::new(head).chain(&mut entry),
+                compression,
+                lease,
+            )
+            .map_err(|e| TransportError::io("read", source.join(&name), e))?;
             scanned.entries.insert(name, Entry::Layer(layer));
         } else if size <= SMALL_FILE_MAX {
             small_total += size;
             if small_total > SMALL_TOTAL_MAX {
-                return Err(TransportError::bad(source, "too many small files in archive"));
+                return Err(TransportError::bad(
+                    source,
+                    "too many small files in archive",
+                ));
             }
             let mut data = head;
             entry.read_to_end(&mut data).map_err(bad)?;
@@ -179,7 +192,12 @@ pub fn scan<R: Read>(store: &Store, reader: R, source: &Path, lease: &Lease) -> 
 
 /// Stores one candidate layer as a blob while unpacking it. I/O errors on the archive
 /// itself are returned; a member that is not a usable layer is recorded, not an error.
-fn scan_layer<R: Read>(store: &Store, raw: R, compression: Compression, lease: &Lease) -> io::Result<LayerEntry> {
+fn scan_layer<R: Read>(
+    store: &Store,
+    raw: R,
+    compression: Compression,
+    lease: &Lease,
+) -> io::Result<LayerEntry> {
     let mut writer = store.content().writer().map_err(io::Error::other)?;
     let mut tee = TeeReader {
         inner: raw,
@@ -187,7 +205,10 @@ fn scan_layer<R: Read>(store: &Store, raw: R, compression: Compression, lease: &
     };
     let unpacked = match compression {
         Compression::None | Compression::Gzip | Compression::Zstd => unpack_stream(store, &mut tee),
-        other => Err(format!("{} compressed layers are not supported", other.name())),
+        other => Err(format!(
+            "{} compressed layers are not supported",
+            other.name()
+        )),
     };
     // Whatever the unpack did not read still belongs to the blob.
     io::copy(&mut tee, &mut io::sink())?;

@@ -23,15 +23,20 @@ struct ManifestEntry {
 /// The images a scanned docker-archive describes.
 pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
     let src = &scanned.source;
-    let raw = scanned.small("manifest.json").filter(|m| m.len() as u64 <= limits::ARCHIVE_MANIFEST_MAX);
+    let raw = scanned
+        .small("manifest.json")
+        .filter(|m| m.len() as u64 <= limits::ARCHIVE_MANIFEST_MAX);
     let Some(raw) = raw else {
         return Err(TransportError::bad(
             src,
-            format!("manifest.json is over the limit of {} bytes", limits::ARCHIVE_MANIFEST_MAX),
+            format!(
+                "manifest.json is over the limit of {} bytes",
+                limits::ARCHIVE_MANIFEST_MAX
+            ),
         ));
     };
-    let entries: Vec<ManifestEntry> =
-        serde_json::from_slice(raw).map_err(|e| TransportError::bad(src, format!("manifest.json: {e}")))?;
+    let entries: Vec<ManifestEntry> = serde_json::from_slice(raw)
+        .map_err(|e| TransportError::bad(src, format!("manifest.json: {e}")))?;
     let mut plans = Vec::new();
     for e in entries {
         let config = scanned
@@ -42,7 +47,10 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
             .repo_tags
             .unwrap_or_default()
             .iter()
-            .map(|t| Reference::parse(t).map_err(|err| TransportError::bad(src, format!("RepoTags: {err}"))))
+            .map(|t| {
+                Reference::parse(t)
+                    .map_err(|err| TransportError::bad(src, format!("RepoTags: {err}")))
+            })
             .collect::<Result<Vec<_>>>()?;
         plans.push(ImagePlan {
             config,
@@ -63,7 +71,9 @@ pub fn write<W: Write>(store: &Store, items: &[SaveItem], out: W, cancel: &Cance
         let img = &item.image;
         let config_name = format!("{}.json", img.id.hex());
         if written.insert(config_name.clone()) {
-            let config = store.content().read_small(img.id.digest(), limits::MANIFEST_MAX)?;
+            let config = store
+                .content()
+                .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
             append_bytes(&mut tar, &config_name, &config)?;
         }
         let mut layers = Vec::new();
@@ -83,5 +93,6 @@ pub fn write<W: Write>(store: &Store, items: &[SaveItem], out: W, cancel: &Cance
     }
     let data = serde_json::to_vec(&manifest).map_err(|e| TransportError::Invalid(e.to_string()))?;
     append_bytes(&mut tar, "manifest.json", &data)?;
-    tar.into_inner().map_err(|e| TransportError::io("write", "archive", e))
+    tar.into_inner()
+        .map_err(|e| TransportError::io("write", "archive", e))
 }

@@ -20,7 +20,9 @@ pub fn import(
     progress: Progress<'_>,
 ) -> Result<ImageId> {
     let file = File::open(source).map_err(|e| TransportError::io("open", source, e))?;
-    let meta = file.metadata().map_err(|e| TransportError::io("stat", source, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| TransportError::io("stat", source, e))?;
     if !meta.is_file() {
         return Err(TransportError::bad(source, "not a regular file"));
     }
@@ -57,7 +59,8 @@ fn import_leased(
         cancel: cancel.clone(),
         remaining: limits::IMPORT_MAX,
     };
-    let (_, plain) = isula_store::compression::decompress(input).map_err(|e| TransportError::io("read", source, e))?;
+    let (_, plain) = isula_store::compression::decompress(input)
+        .map_err(|e| TransportError::io("read", source, e))?;
     let mut writer = store.content().writer()?;
     let unpacked = {
         let mut tee = TeeReader {
@@ -72,10 +75,13 @@ fn import_leased(
         io::copy(&mut tee, &mut io::sink()).map_err(|e| TransportError::io("read", source, e))?;
         unpacked
     };
-    let (blob, blob_size) = writer.commit(Some((unpacked.diff_id.digest(), Some(unpacked.size))))?;
+    let (blob, blob_size) =
+        writer.commit(Some((unpacked.diff_id.digest(), Some(unpacked.size))))?;
     lease.blob(&blob);
     for dev in &unpacked.skipped_devices {
-        progress(format!("Skipped device node {dev}: devices are provided by the runtime\n"));
+        progress(format!(
+            "Skipped device node {dev}: devices are provided by the runtime\n"
+        ));
     }
     let diff_id = DiffId(blob.clone());
     let chain = ChainId::next(None, &diff_id);
@@ -83,7 +89,10 @@ fn import_leased(
         store.commit_layer(staged, &chain, lease)?;
     }
     let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-    let source_name = source.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let source_name = source
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let config = ImageConfig {
         created: Some(created.clone()),
         architecture: host_architecture().to_string(),
@@ -100,21 +109,33 @@ fn import_leased(
         }],
         ..Default::default()
     };
-    let config_bytes = serde_json::to_vec(&config).map_err(|e| TransportError::Invalid(e.to_string()))?;
+    let config_bytes =
+        serde_json::to_vec(&config).map_err(|e| TransportError::Invalid(e.to_string()))?;
     let config_digest = store.content().put(&config_bytes)?;
     lease.blob(&config_digest);
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(media::DOCKER_MANIFEST.to_string()),
-        config: Descriptor::new(media::DOCKER_CONFIG, config_digest.clone(), config_bytes.len() as u64),
-        layers: vec![Descriptor::new(media::DOCKER_LAYER, blob.clone(), blob_size)],
+        config: Descriptor::new(
+            media::DOCKER_CONFIG,
+            config_digest.clone(),
+            config_bytes.len() as u64,
+        ),
+        layers: vec![Descriptor::new(
+            media::DOCKER_LAYER,
+            blob.clone(),
+            blob_size,
+        )],
         annotations: None,
     };
-    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| TransportError::Invalid(e.to_string()))?;
+    let manifest_bytes =
+        serde_json::to_vec(&manifest).map_err(|e| TransportError::Invalid(e.to_string()))?;
     let manifest_digest = store.content().put(&manifest_bytes)?;
     lease.blob(&manifest_digest);
     let id = ImageId(config_digest);
-    cancel.check().map_err(|e| TransportError::io("import", source, e))?;
+    cancel
+        .check()
+        .map_err(|e| TransportError::io("import", source, e))?;
     copy_lines(progress, std::slice::from_ref(&blob), id.digest());
     store.add_image(NewImage {
         id: id.clone(),

@@ -30,7 +30,11 @@ pub enum TransportError {
     #[error("{}: {reason}", path.display())]
     BadArchive { path: PathBuf, reason: String },
     #[error("{} is {size} bytes, over the limit of {limit} bytes", path.display())]
-    TooLarge { path: PathBuf, size: u64, limit: u64 },
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("{}: file exists", .0.display())]
     Exists(PathBuf),
     #[error("invalid argument: {0}")]
@@ -62,8 +66,12 @@ impl TransportError {
         use isula_store::ErrorKind as K;
         match self {
             TransportError::Store(e) => e.kind(),
-            TransportError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => K::NotFound,
-            TransportError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+            TransportError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                K::NotFound
+            }
+            TransportError::Io { source, .. }
+                if source.kind() == io::ErrorKind::PermissionDenied =>
+            {
                 K::FailedPrecondition
             }
             TransportError::Io { .. } => K::Internal,
@@ -138,10 +146,15 @@ impl<R: Read> Read for Guarded<R> {
             let mut probe = [0u8; 1];
             return match self.inner.read(&mut probe)? {
                 0 => Ok(0),
-                _ => Err(io::Error::new(io::ErrorKind::FileTooLarge, "input is over the size limit")),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    "input is over the size limit",
+                )),
             };
         }
-        let max = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let max = buf
+            .len()
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..max])?;
         self.remaining -= n as u64;
         Ok(n)
@@ -149,7 +162,11 @@ impl<R: Read> Read for Guarded<R> {
 }
 
 /// The standard progress lines around copying an image's blobs.
-pub(crate) fn copy_lines(progress: Progress<'_>, blobs: &[isula_types::Digest], config: &isula_types::Digest) {
+pub(crate) fn copy_lines(
+    progress: Progress<'_>,
+    blobs: &[isula_types::Digest],
+    config: &isula_types::Digest,
+) {
     progress("Getting image source signatures\n".into());
     for b in blobs {
         progress(format!("Copying blob {b}\n"));

@@ -3,7 +3,9 @@
 //! recorded unless all of it checks out.
 
 use crate::archive::{self, Scanned};
-use crate::{copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, Result, TransportError};
+use crate::{
+    copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, Result, TransportError,
+};
 use isula_store::compression::Compression;
 use isula_store::{LayerRecord, Lease, NewImage, Store, StoreError};
 use isula_types::image::{Descriptor, ImageConfig, Manifest};
@@ -28,9 +30,17 @@ pub struct Loaded {
 }
 
 /// Loads every image of the archive at `path`.
-pub fn load(store: &Store, path: &Path, cancel: &Cancel, progress: Progress<'_>) -> Result<Vec<Loaded>> {
+pub fn load(
+    store: &Store,
+    path: &Path,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<Vec<Loaded>> {
     let file = File::open(path).map_err(|e| TransportError::io("open", path, e))?;
-    let size = file.metadata().map_err(|e| TransportError::io("stat", path, e))?.len();
+    let size = file
+        .metadata()
+        .map_err(|e| TransportError::io("stat", path, e))?
+        .len();
     if size > limits::LOAD_MAX {
         return Err(TransportError::TooLarge {
             path: path.to_path_buf(),
@@ -81,11 +91,15 @@ fn load_leased(
         ready.push(prepare(store, &mut scanned, plan, lease)?);
     }
     for dev in scanned.skipped_devices() {
-        progress(format!("Skipped device node {dev}: devices are provided by the runtime\n"));
+        progress(format!(
+            "Skipped device node {dev}: devices are provided by the runtime\n"
+        ));
     }
     let mut out = Vec::new();
     for (new, blobs) in ready {
-        cancel.check().map_err(|e| TransportError::io("load", path, e))?;
+        cancel
+            .check()
+            .map_err(|e| TransportError::io("load", path, e))?;
         copy_lines(progress, &blobs, new.id.digest());
         let loaded = Loaded {
             id: new.id.clone(),
@@ -110,7 +124,12 @@ fn layer_media_type(c: Compression, oci: bool) -> &'static str {
 
 /// Checks one image against what the scan found, commits its layers and small blobs
 /// (leased), and returns the record to add plus the layer blobs for the progress lines.
-fn prepare(store: &Store, scanned: &mut Scanned, plan: ImagePlan, lease: &Lease) -> Result<(NewImage, Vec<Digest>)> {
+fn prepare(
+    store: &Store,
+    scanned: &mut Scanned,
+    plan: ImagePlan,
+    lease: &Lease,
+) -> Result<(NewImage, Vec<Digest>)> {
     let src = scanned.source.clone();
     let config: ImageConfig = serde_json::from_slice(&plan.config)
         .map_err(|e| TransportError::bad(&src, format!("image config: {e}")))?;
@@ -118,20 +137,30 @@ fn prepare(store: &Store, scanned: &mut Scanned, plan: ImagePlan, lease: &Lease)
     if diff_ids.len() != plan.layers.len() {
         return Err(TransportError::bad(
             &src,
-            format!("config lists {} layers, manifest {}", diff_ids.len(), plan.layers.len()),
+            format!(
+                "config lists {} layers, manifest {}",
+                diff_ids.len(),
+                plan.layers.len()
+            ),
         ));
     }
     let chains = ChainId::chain(diff_ids);
     let mut records = Vec::new();
     let mut blobs = Vec::new();
     let mut descriptors = Vec::new();
-    let oci_manifest = plan.manifest.is_some() || plan.layers.iter().any(|l| {
-        scanned.layer(l).is_some_and(|e| e.compression == Compression::Zstd)
-    });
+    let oci_manifest = plan.manifest.is_some()
+        || plan.layers.iter().any(|l| {
+            scanned
+                .layer(l)
+                .is_some_and(|e| e.compression == Compression::Zstd)
+        });
     for (i, path) in plan.layers.iter().enumerate() {
-        let entry = scanned
-            .layer(path)
-            .ok_or_else(|| TransportError::bad(&src, format!("layer {path} is missing or not a tar archive")))?;
+        let entry = scanned.layer(path).ok_or_else(|| {
+            TransportError::bad(
+                &src,
+                format!("layer {path} is missing or not a tar archive"),
+            )
+        })?;
         let unpacked = entry
             .unpacked
             .as_ref()
@@ -143,15 +172,19 @@ fn prepare(store: &Store, scanned: &mut Scanned, plan: ImagePlan, lease: &Lease)
             }
             .into());
         }
-        let (blob, blob_size, compression, size) =
-            (entry.blob.clone(), entry.blob_size, entry.compression, unpacked.size);
+        let (blob, blob_size, compression, size) = (
+            entry.blob.clone(),
+            entry.blob_size,
+            entry.compression,
+            unpacked.size,
+        );
         let chain = &chains[i];
         if !store.has_layer(chain) {
             let staged = match scanned.take_staged(path) {
                 Some(s) => s,
-                None => archive::unpack_blob(store, &blob)?
-                    .staged
-                    .ok_or_else(|| TransportError::bad(&src, format!("layer {path}: nothing unpacked")))?,
+                None => archive::unpack_blob(store, &blob)?.staged.ok_or_else(|| {
+                    TransportError::bad(&src, format!("layer {path}: nothing unpacked"))
+                })?,
             };
             store.commit_layer(staged, chain, lease)?;
         } else {
@@ -163,7 +196,11 @@ fn prepare(store: &Store, scanned: &mut Scanned, plan: ImagePlan, lease: &Lease)
             parent: i.checked_sub(1).map(|p| chains[p].clone()),
             size,
         });
-        descriptors.push(Descriptor::new(layer_media_type(compression, oci_manifest), blob.clone(), blob_size));
+        descriptors.push(Descriptor::new(
+            layer_media_type(compression, oci_manifest),
+            blob.clone(),
+            blob_size,
+        ));
         blobs.push(blob);
     }
     let config_digest = store.content().put(&plan.config)?;
@@ -172,8 +209,16 @@ fn prepare(store: &Store, scanned: &mut Scanned, plan: ImagePlan, lease: &Lease)
     let (manifest_bytes, manifest_type) = match plan.manifest {
         Some((bytes, media_type)) => (bytes, media_type),
         None => {
-            let media_type = if oci_manifest { media::OCI_MANIFEST } else { media::DOCKER_MANIFEST };
-            let config_type = if oci_manifest { media::OCI_CONFIG } else { media::DOCKER_CONFIG };
+            let media_type = if oci_manifest {
+                media::OCI_MANIFEST
+            } else {
+                media::DOCKER_MANIFEST
+            };
+            let config_type = if oci_manifest {
+                media::OCI_CONFIG
+            } else {
+                media::DOCKER_CONFIG
+            };
             let m = Manifest {
                 schema_version: 2,
                 media_type: Some(media_type.to_string()),
@@ -181,7 +226,8 @@ fn prepare(store: &Store, scanned: &mut Scanned, plan: ImagePlan, lease: &Lease)
                 layers: descriptors,
                 annotations: None,
             };
-            let bytes = serde_json::to_vec(&m).map_err(|e| TransportError::bad(&src, e.to_string()))?;
+            let bytes =
+                serde_json::to_vec(&m).map_err(|e| TransportError::bad(&src, e.to_string()))?;
             (bytes, media_type.to_string())
         }
     };

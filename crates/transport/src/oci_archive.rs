@@ -29,7 +29,11 @@ fn small_blob<'a>(scanned: &'a Scanned, d: &Descriptor) -> Result<&'a [u8]> {
     if actual != d.digest || data.len() as u64 != d.size {
         return Err(TransportError::bad(
             src,
-            format!("blob {} does not match its descriptor (digest {actual}, {} bytes)", d.digest, data.len()),
+            format!(
+                "blob {} does not match its descriptor (digest {actual}, {} bytes)",
+                d.digest,
+                data.len()
+            ),
         ));
     }
     Ok(data)
@@ -39,17 +43,28 @@ fn names_of(d: &Descriptor) -> Vec<Reference> {
     let ann = d.annotations.clone().unwrap_or_default();
     ann.get(CONTAINERD_NAME)
         .or_else(|| ann.get(REF_NAME))
-        .and_then(|n| Reference::parse(n).ok().filter(|_| n.contains(':') || n.contains('/')))
+        .and_then(|n| {
+            Reference::parse(n)
+                .ok()
+                .filter(|_| n.contains(':') || n.contains('/'))
+        })
         .into_iter()
         .collect()
 }
 
 pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
     let src = &scanned.source;
-    let raw = scanned
-        .small("index.json")
-        .ok_or_else(|| TransportError::bad(src, format!("index.json is over the limit of {} bytes", limits::MANIFEST_MAX)))?;
-    let index: Index = serde_json::from_slice(raw).map_err(|e| TransportError::bad(src, format!("index.json: {e}")))?;
+    let raw = scanned.small("index.json").ok_or_else(|| {
+        TransportError::bad(
+            src,
+            format!(
+                "index.json is over the limit of {} bytes",
+                limits::MANIFEST_MAX
+            ),
+        )
+    })?;
+    let index: Index = serde_json::from_slice(raw)
+        .map_err(|e| TransportError::bad(src, format!("index.json: {e}")))?;
     let mut plans = Vec::new();
     for desc in &index.manifests {
         let mut desc = desc.clone();
@@ -61,8 +76,17 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
             let pick = nested
                 .manifests
                 .iter()
-                .find(|m| m.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch))
-                .ok_or_else(|| TransportError::bad(src, format!("index {} has no linux/{arch} image", desc.digest)))?;
+                .find(|m| {
+                    m.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                })
+                .ok_or_else(|| {
+                    TransportError::bad(
+                        src,
+                        format!("index {} has no linux/{arch} image", desc.digest),
+                    )
+                })?;
             desc = pick.clone();
             names.extend(names_of(&desc));
         }
@@ -73,18 +97,24 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
         let mut layers = Vec::new();
         for l in &manifest.layers {
             let path = blob_path(&l.digest);
-            let entry = scanned
-                .layer(&path)
-                .ok_or_else(|| TransportError::bad(src, format!("layer {} is missing", l.digest)))?;
+            let entry = scanned.layer(&path).ok_or_else(|| {
+                TransportError::bad(src, format!("layer {} is missing", l.digest))
+            })?;
             if entry.blob != l.digest || entry.blob_size != l.size {
                 return Err(TransportError::bad(
                     src,
-                    format!("layer {} does not match its descriptor (digest {}, {} bytes)", l.digest, entry.blob, entry.blob_size),
+                    format!(
+                        "layer {} does not match its descriptor (digest {}, {} bytes)",
+                        l.digest, entry.blob, entry.blob_size
+                    ),
                 ));
             }
             layers.push(path);
         }
-        let media_type = manifest.media_type.clone().unwrap_or_else(|| desc.media_type.clone());
+        let media_type = manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| desc.media_type.clone());
         plans.push(ImagePlan {
             config,
             manifest: Some((manifest_bytes, media_type)),
@@ -107,12 +137,15 @@ fn oci_type(docker: &str) -> &str {
 /// Writes an oci-archive of one image.
 pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) -> Result<W> {
     let img = &item.image;
-    let stored = store.content().read_small(&img.manifest, limits::MANIFEST_MAX)?;
+    let stored = store
+        .content()
+        .read_small(&img.manifest, limits::MANIFEST_MAX)?;
     let manifest_bytes = if img.manifest_media_type == media::OCI_MANIFEST {
         stored
     } else {
-        let mut m: Manifest = serde_json::from_slice(&stored)
-            .map_err(|e| TransportError::Invalid(format!("stored manifest {}: {e}", img.manifest)))?;
+        let mut m: Manifest = serde_json::from_slice(&stored).map_err(|e| {
+            TransportError::Invalid(format!("stored manifest {}: {e}", img.manifest))
+        })?;
         m.media_type = Some(media::OCI_MANIFEST.to_string());
         m.config.media_type = oci_type(&m.config.media_type).to_string();
         for l in &mut m.layers {
@@ -126,14 +159,23 @@ pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) 
     for blob in &img.blobs {
         append_blob(store, &mut tar, &blob_path(blob), blob, None, cancel)?;
     }
-    let config = store.content().read_small(img.id.digest(), limits::MANIFEST_MAX)?;
+    let config = store
+        .content()
+        .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
     append_bytes(&mut tar, &blob_path(img.id.digest()), &config)?;
     append_bytes(&mut tar, &blob_path(&manifest_digest), &manifest_bytes)?;
-    let mut desc = Descriptor::new(media::OCI_MANIFEST, manifest_digest, manifest_bytes.len() as u64);
+    let mut desc = Descriptor::new(
+        media::OCI_MANIFEST,
+        manifest_digest,
+        manifest_bytes.len() as u64,
+    );
     if let Some(tag) = item.tags.first() {
         let mut ann = BTreeMap::new();
         ann.insert(CONTAINERD_NAME.to_string(), tag.to_string());
-        ann.insert(REF_NAME.to_string(), tag.tag().unwrap_or("latest").to_string());
+        ann.insert(
+            REF_NAME.to_string(),
+            tag.tag().unwrap_or("latest").to_string(),
+        );
         desc.annotations = Some(ann);
     }
     let index = Index {
@@ -144,5 +186,6 @@ pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) 
     };
     let data = serde_json::to_vec(&index).map_err(|e| TransportError::Invalid(e.to_string()))?;
     append_bytes(&mut tar, "index.json", &data)?;
-    tar.into_inner().map_err(|e| TransportError::io("write", "archive", e))
+    tar.into_inner()
+        .map_err(|e| TransportError::io("write", "archive", e))
 }

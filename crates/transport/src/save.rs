@@ -2,7 +2,9 @@
 //! to a temporary file beside the destination and renamed into place without replacing
 //! anything, so the file appears complete or not at all.
 
-use crate::{copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, Result, TransportError};
+use crate::{
+    copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, Result, TransportError,
+};
 use isula_store::compression::decompress;
 use isula_store::{HashingReader, ImageRecord, LayerRecord, Store, StoreError};
 use isula_types::{DiffId, Digest, Reference};
@@ -44,7 +46,9 @@ pub fn save(
     progress: Progress<'_>,
 ) -> Result<()> {
     if names.is_empty() {
-        return Err(TransportError::Invalid("save needs at least one image".into()));
+        return Err(TransportError::Invalid(
+            "save needs at least one image".into(),
+        ));
     }
     if fs::symlink_metadata(dest).is_ok() {
         return Err(TransportError::Exists(dest.to_path_buf()));
@@ -65,12 +69,18 @@ pub fn save(
     }
     if format == Format::Oci && items.len() > 1 {
         return Err(TransportError::Invalid(
-            "an oci-archive holds one image only: save the images one by one, or use -f docker".into(),
+            "an oci-archive holds one image only: save the images one by one, or use -f docker"
+                .into(),
         ));
     }
     let lease = store.lease();
     for item in &items {
-        for b in item.image.blobs.iter().chain([&item.image.manifest, item.image.id.digest()]) {
+        for b in item
+            .image
+            .blobs
+            .iter()
+            .chain([&item.image.manifest, item.image.id.digest()])
+        {
             lease.blob(b);
         }
         for l in &item.image.layers {
@@ -81,7 +91,10 @@ pub fn save(
     for item in &items {
         store.image(&item.image.id)?;
     }
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let sys = |op: &'static str, e: isula_sys::SysError| {
         if e.errno() == Some(17) {
             TransportError::Exists(dest.to_path_buf())
@@ -97,9 +110,12 @@ pub fn save(
             Format::Docker => docker_archive::write(store, &items, out, cancel)?,
             Format::Oci => oci_archive::write(store, &items[0], out, cancel)?,
         };
-        out.into_inner().map_err(|e| TransportError::io("write", dest, e.into_error()))?;
+        out.into_inner()
+            .map_err(|e| TransportError::io("write", dest, e.into_error()))?;
     }
-    pending.persist_noreplace(dest).map_err(|e| sys("save", e))?;
+    pending
+        .persist_noreplace(dest)
+        .map_err(|e| sys("save", e))?;
     for item in &items {
         copy_lines(progress, &item.image.blobs, item.image.id.digest());
     }
@@ -123,7 +139,11 @@ fn header(name: &str, size: u64) -> tar::Header {
     h
 }
 
-pub(crate) fn append_bytes<W: Write>(tar: &mut tar::Builder<W>, name: &str, data: &[u8]) -> Result<()> {
+pub(crate) fn append_bytes<W: Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    data: &[u8],
+) -> Result<()> {
     tar.append(&header(name, data.len() as u64), data)
         .map_err(|e| TransportError::io("write", name, e))
 }
@@ -141,13 +161,19 @@ impl<R: Read> Read for Exact<R> {
             let mut probe = [0u8; 1];
             return match self.inner.read(&mut probe)? {
                 0 => Ok(0),
-                _ => Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is longer than recorded", self.what))),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is longer than recorded", self.what),
+                )),
             };
         }
         let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..max])?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} is shorter than recorded", self.what)));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} is shorter than recorded", self.what),
+            ));
         }
         self.left -= n as u64;
         Ok(n)
@@ -173,7 +199,12 @@ pub(crate) fn append_blob<W: Write>(
         remaining: u64::MAX,
     };
     let (size, mut reader): (u64, Box<dyn Read>) = match layer {
-        Some(l) => (l.size, decompress(guarded).map_err(|e| TransportError::io("read", &path, e))?.1),
+        Some(l) => (
+            l.size,
+            decompress(guarded)
+                .map_err(|e| TransportError::io("read", &path, e))?
+                .1,
+        ),
         None => (store.content().size(blob)?, Box::new(guarded)),
     };
     let mut hashing = HashingReader::new(Exact {
@@ -183,7 +214,9 @@ pub(crate) fn append_blob<W: Write>(
     });
     tar.append(&header(name, size), &mut hashing)
         .map_err(|e| TransportError::io("write", &path, e))?;
-    let (digest, _) = hashing.finish().map_err(|e| TransportError::io("read", &path, e))?;
+    let (digest, _) = hashing
+        .finish()
+        .map_err(|e| TransportError::io("read", &path, e))?;
     let expected = match layer {
         Some(l) => l.diff_id.clone(),
         None => DiffId(blob.clone()),

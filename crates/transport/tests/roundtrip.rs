@@ -12,7 +12,10 @@ fn root_or_skip() -> bool {
     if rustix::process::geteuid().is_root() {
         return true;
     }
-    assert!(std::env::var_os("CI").is_none(), "these tests must run as root in CI");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "these tests must run as root in CI"
+    );
     eprintln!("skipping: needs root (outside CI)");
     false
 }
@@ -63,16 +66,37 @@ fn import_save_load_round_trip() {
     std::fs::write(&src, gz(&rootfs_tar())).expect("write");
     let r = Reference::parse("busybox:latest").expect("ref");
     let mut lines = Vec::new();
-    let id = import::import(&store, &src, Some(&r), &Cancel::default(), &mut |l| lines.push(l)).expect("import");
-    assert!(lines.last().expect("lines").starts_with("Import success with image id: "));
+    let id = import::import(&store, &src, Some(&r), &Cancel::default(), &mut |l| {
+        lines.push(l)
+    })
+    .expect("import");
+    assert!(lines
+        .last()
+        .expect("lines")
+        .starts_with("Import success with image id: "));
     assert_eq!(store.resolve("busybox").expect("resolve").id, id);
     assert_eq!(store.resolve(&id.hex()[..6]).expect("prefix").id, id);
 
     for format in [Format::Docker, Format::Oci] {
         let out = tmp.path().join(format!("{format:?}.tar"));
-        save::save(&store, &["busybox".into()], &out, format, &Cancel::default(), &mut |_| {}).expect("save");
+        save::save(
+            &store,
+            &["busybox".into()],
+            &out,
+            format,
+            &Cancel::default(),
+            &mut |_| {},
+        )
+        .expect("save");
         // Refuses to overwrite.
-        let again = save::save(&store, &["busybox".into()], &out, format, &Cancel::default(), &mut |_| {});
+        let again = save::save(
+            &store,
+            &["busybox".into()],
+            &out,
+            format,
+            &Cancel::default(),
+            &mut |_| {},
+        );
         assert!(matches!(again, Err(TransportError::Exists(_))), "{again:?}");
         let dir = tmp.path().join(format!("store-{format:?}"));
         let (other, _) = Store::open(&dir).expect("store");
@@ -82,12 +106,26 @@ fn import_save_load_round_trip() {
         let img = other.resolve("busybox:latest").expect("tag survived");
         assert_eq!(img.id, id);
         let diff = other.layer_dir(&img.layers[0]).join("diff");
-        assert_eq!(std::fs::read(diff.join("etc/hostname")).expect("file"), b"box\n");
+        assert_eq!(
+            std::fs::read(diff.join("etc/hostname")).expect("file"),
+            b"box\n"
+        );
         assert!(other.check().expect("check").is_empty());
         // Saving again from the loaded store gives the same bytes.
         let out2 = tmp.path().join(format!("{format:?}-2.tar"));
-        save::save(&other, &["busybox".into()], &out2, format, &Cancel::default(), &mut |_| {}).expect("save");
-        assert_eq!(std::fs::read(&out).expect("a"), std::fs::read(&out2).expect("b"));
+        save::save(
+            &other,
+            &["busybox".into()],
+            &out2,
+            format,
+            &Cancel::default(),
+            &mut |_| {},
+        )
+        .expect("save");
+        assert_eq!(
+            std::fs::read(&out).expect("a"),
+            std::fs::read(&out2).expect("b")
+        );
     }
 }
 
@@ -120,19 +158,24 @@ fn bad_inputs_leave_store_unchanged() {
     let evil = b.into_inner().expect("tar");
     let dotdot = tmp.path().join("dotdot.tar");
     std::fs::write(&dotdot, &evil).expect("write");
-    let e = import::import(&store, &dotdot, None, &Cancel::default(), &mut |_| {}).expect_err("dotdot");
+    let e =
+        import::import(&store, &dotdot, None, &Cancel::default(), &mut |_| {}).expect_err("dotdot");
     assert!(e.to_string().contains("'..'"), "{e}");
 
     // truncated gzip
     raw = gz(&raw);
     let trunc = tmp.path().join("trunc.tar.gz");
     std::fs::write(&trunc, &raw[..raw.len() / 2]).expect("write");
-    let e = import::import(&store, &trunc, None, &Cancel::default(), &mut |_| {}).expect_err("truncated");
+    let e = import::import(&store, &trunc, None, &Cancel::default(), &mut |_| {})
+        .expect_err("truncated");
     assert!(!e.to_string().is_empty());
 
     // over the import limit (sparse file)
     let big = tmp.path().join("big.tar");
-    std::fs::File::create(&big).expect("create").set_len(isula_types::limits::IMPORT_MAX + 1).expect("len");
+    std::fs::File::create(&big)
+        .expect("create")
+        .set_len(isula_types::limits::IMPORT_MAX + 1)
+        .expect("len");
     let e = import::import(&store, &big, None, &Cancel::default(), &mut |_| {}).expect_err("big");
     assert!(matches!(e, TransportError::TooLarge { .. }), "{e}");
 

@@ -13,7 +13,10 @@ const NAME_MAX: usize = 255;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ReferenceError {
     #[error("invalid reference format {reference:?}: {reason}")]
-    Invalid { reference: String, reason: &'static str },
+    Invalid {
+        reference: String,
+        reason: &'static str,
+    },
 }
 
 /// A normalised image reference: domain, repository path, and a tag and/or digest.
@@ -70,7 +73,12 @@ fn valid_domain(d: &str) -> bool {
                 if ip6.is_empty() || !ip6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
                     return false;
                 }
-                (None, tail.strip_prefix(':').map(Some).unwrap_or(if tail.is_empty() { None } else { Some("") }))
+                (
+                    None,
+                    tail.strip_prefix(':')
+                        .map(Some)
+                        .unwrap_or(if tail.is_empty() { None } else { Some("") }),
+                )
             }
             None => return false,
         }
@@ -105,7 +113,8 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
 }
 
 impl Reference {
@@ -170,7 +179,10 @@ impl Reference {
             path
         };
         if domain.len() + 1 + path.len() > NAME_MAX {
-            return Err(invalid(s, "repository name must not be more than 255 characters"));
+            return Err(invalid(
+                s,
+                "repository name must not be more than 255 characters",
+            ));
         }
         let tag = match (tag, &digest) {
             (None, None) => Some(DEFAULT_TAG.to_string()),
@@ -257,16 +269,48 @@ mod tests {
     #[test]
     fn normalises_like_docker() {
         let cases = [
-            ("busybox", "docker.io/library/busybox:latest", "busybox:latest"),
-            ("busybox:1.36", "docker.io/library/busybox:1.36", "busybox:1.36"),
+            (
+                "busybox",
+                "docker.io/library/busybox:latest",
+                "busybox:latest",
+            ),
+            (
+                "busybox:1.36",
+                "docker.io/library/busybox:1.36",
+                "busybox:1.36",
+            ),
             ("user/app", "docker.io/user/app:latest", "user/app:latest"),
-            ("index.docker.io/library/x", "docker.io/library/x:latest", "x:latest"),
+            (
+                "index.docker.io/library/x",
+                "docker.io/library/x:latest",
+                "x:latest",
+            ),
             ("localhost/x", "localhost/x:latest", "localhost/x:latest"),
-            ("localhost:5000/a/b:t", "localhost:5000/a/b:t", "localhost:5000/a/b:t"),
-            ("127.0.0.1:5000/a", "127.0.0.1:5000/a:latest", "127.0.0.1:5000/a:latest"),
-            ("openeuler:20.03", "docker.io/library/openeuler:20.03", "openeuler:20.03"),
-            ("a__b/c-d--e/f.g_h", "docker.io/a__b/c-d--e/f.g_h:latest", "a__b/c-d--e/f.g_h:latest"),
-            ("Registry.Example.com/x", "Registry.Example.com/x:latest", "Registry.Example.com/x:latest"),
+            (
+                "localhost:5000/a/b:t",
+                "localhost:5000/a/b:t",
+                "localhost:5000/a/b:t",
+            ),
+            (
+                "127.0.0.1:5000/a",
+                "127.0.0.1:5000/a:latest",
+                "127.0.0.1:5000/a:latest",
+            ),
+            (
+                "openeuler:20.03",
+                "docker.io/library/openeuler:20.03",
+                "openeuler:20.03",
+            ),
+            (
+                "a__b/c-d--e/f.g_h",
+                "docker.io/a__b/c-d--e/f.g_h:latest",
+                "a__b/c-d--e/f.g_h:latest",
+            ),
+            (
+                "Registry.Example.com/x",
+                "Registry.Example.com/x:latest",
+                "Registry.Example.com/x:latest",
+            ),
             ("[::1]:5000/x", "[::1]:5000/x:latest", "[::1]:5000/x:latest"),
         ];
         for (input, full, short) in cases {

@@ -25,7 +25,11 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         .collect();
     print!(
         "{}",
-        table(&["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"], &[46, 11, 17, 26, 12], &rows)
+        table(
+            &["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
+            &[46, 11, 17, 26, 12],
+            &rows
+        )
     );
     Ok(())
 }

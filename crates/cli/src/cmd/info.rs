@@ -16,8 +16,19 @@ pub struct Args {
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
-    let i = client.info(InfoRequest { verbose: args.verbose }).await?.into_inner();
-    let size = |n: i64| if args.human { human_bytes(n) } else { n.to_string() };
+    let i = client
+        .info(InfoRequest {
+            verbose: args.verbose,
+        })
+        .await?
+        .into_inner();
+    let size = |n: i64| {
+        if args.human {
+            human_bytes(n)
+        } else {
+            n.to_string()
+        }
+    };
     let mem = i.mem_info.unwrap_or_default();
     println!("General:");
     println!("  MemTotal:     {}", size(mem.mem_total));

@@ -24,6 +24,13 @@ pub async fn run(host: &str) -> Result<()> {
     println!();
     let mut client = super::connect(host).await?;
     let v = client.version(()).await?.into_inner();
-    section("Server", &v.version, &v.go_version, &v.git_commit, &v.build_time, &v.os_arch);
+    section(
+        "Server",
+        &v.version,
+        &v.go_version,
+        &v.git_commit,
+        &v.build_time,
+        &v.os_arch,
+    );
     Ok(())
 }

@@ -26,6 +26,7 @@ pub fn import(
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    import::import(&state.store, &source, reference.as_ref(), cancel, out).map_err(error::transport)?;
+    import::import(&state.store, &source, reference.as_ref(), cancel, out)
+        .map_err(error::transport)?;
     Ok(())
 }

@@ -35,7 +35,11 @@ fn created(img: &ImageRecord) -> String {
     img.created
         .as_deref()
         .and_then(|c| chrono::DateTime::parse_from_rfc3339(c).ok())
-        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
         .unwrap_or_else(|| "<unknown>".into())
 }
 
@@ -63,7 +67,11 @@ fn rows(img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> Vec<ImageInfo> 
 
 pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
     let mut images = state.store.images();
-    images.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.names.cmp(&b.names)));
+    images.sort_by(|a, b| {
+        b.created
+            .cmp(&a.created)
+            .then_with(|| a.names.cmp(&b.names))
+    });
     let filter = req.image_name.trim();
     let mut out = Vec::new();
     if filter.is_empty() {
@@ -74,12 +82,17 @@ pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
     }
     // A repository (all its tags) or a reference with an explicit tag.
     if let Ok(want) = Reference::parse(filter) {
-        let explicit_tag = filter.rsplit('/').next().is_some_and(|last| last.contains(':'));
+        let explicit_tag = filter
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.contains(':'));
         for img in &images {
             out.extend(
-                rows(img, &|r| r.name() == want.name() && (!explicit_tag || r.tag() == want.tag()))
-                    .into_iter()
-                    .filter(|row| row.repository != "<none>"),
+                rows(img, &|r| {
+                    r.name() == want.name() && (!explicit_tag || r.tag() == want.tag())
+                })
+                .into_iter()
+                .filter(|row| row.repository != "<none>"),
             );
         }
     }

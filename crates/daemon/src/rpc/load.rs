@@ -10,12 +10,19 @@ use tonic::Status;
 
 pub fn validate(req: &LoadRequest) -> Result<std::path::PathBuf, Status> {
     if req.sep.as_ref().is_some_and(|s| s.enabled) {
-        return Err(Status::unimplemented("loading separated images is not supported"));
+        return Err(Status::unimplemented(
+            "loading separated images is not supported",
+        ));
     }
     absolute_path("load input", &req.path)
 }
 
-pub fn load(state: &Arc<State>, path: std::path::PathBuf, cancel: &Cancel, out: &mut dyn FnMut(String)) -> Result<(), Status> {
+pub fn load(
+    state: &Arc<State>,
+    path: std::path::PathBuf,
+    cancel: &Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<(), Status> {
     load::load(&state.store, &path, cancel, out).map_err(error::transport)?;
     Ok(())
 }

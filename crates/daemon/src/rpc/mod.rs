@@ -14,14 +14,18 @@ use tonic::Status;
 
 /// Methods whose issues have not landed yet.
 pub fn unimplemented(method: &str, what: &str) -> Status {
-    Status::unimplemented(format!("{method} is not implemented yet: {what} is not supported by this isula-builder"))
+    Status::unimplemented(format!(
+        "{method} is not implemented yet: {what} is not supported by this isula-builder"
+    ))
 }
 
 /// A path sent by the client must be absolute (the client makes it so).
 pub fn absolute_path(what: &str, p: &str) -> Result<std::path::PathBuf, Status> {
     let path = std::path::PathBuf::from(p);
     if p.is_empty() || !path.is_absolute() {
-        return Err(crate::error::invalid(format!("{what} must be an absolute path, got {p:?}")));
+        return Err(crate::error::invalid(format!(
+            "{what} must be an absolute path, got {p:?}"
+        )));
     }
     Ok(path)
 }

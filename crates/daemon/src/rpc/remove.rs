@@ -9,10 +9,17 @@ use isula_transport::Cancel;
 use std::sync::Arc;
 use tonic::Status;
 
-pub fn remove(state: &Arc<State>, req: RemoveRequest, _cancel: &Cancel, out: &mut dyn FnMut(String)) -> Result<(), Status> {
+pub fn remove(
+    state: &Arc<State>,
+    req: RemoveRequest,
+    _cancel: &Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<(), Status> {
     let targets: Vec<String> = if req.all || req.prune {
         if !req.image_id.is_empty() {
-            return Err(error::invalid("image names cannot be given with --all or --prune"));
+            return Err(error::invalid(
+                "image names cannot be given with --all or --prune",
+            ));
         }
         state
             .store
@@ -22,7 +29,9 @@ pub fn remove(state: &Arc<State>, req: RemoveRequest, _cancel: &Cancel, out: &mu
             .map(|i| i.id.to_string())
             .collect()
     } else if req.image_id.is_empty() {
-        return Err(error::invalid("remove needs at least one image, or --all or --prune"));
+        return Err(error::invalid(
+            "remove needs at least one image, or --all or --prune",
+        ));
     } else {
         req.image_id.clone()
     };

@@ -11,7 +11,9 @@ use tonic::Status;
 
 pub fn validate(req: &SaveRequest) -> Result<(std::path::PathBuf, Format), Status> {
     if req.sep.as_ref().is_some_and(|s| s.enabled) {
-        return Err(Status::unimplemented("saving separated images is not supported"));
+        return Err(Status::unimplemented(
+            "saving separated images is not supported",
+        ));
     }
     if req.images.is_empty() {
         return Err(error::invalid("save needs at least one image"));
