@@ -66,20 +66,6 @@ pub fn table(headers: &[&str], min_widths: &[usize], rows: &[Vec<String>]) -> St
     out
 }
 
-/// Bytes in powers of 1000 (`info -H`).
-pub fn human_bytes(n: i64) -> String {
-    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
-    }
-    let s = format!("{v:.3}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    format!("{s} {}", UNITS[u])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,12 +77,5 @@ mod tests {
             t,
             "-----  ---\nA      B\n-----  ---\nxyz    1\n-----  ---\n"
         );
-    }
-
-    #[test]
-    fn bytes() {
-        assert_eq!(human_bytes(7_630_000_000), "7.63 GB");
-        assert_eq!(human_bytes(757_000_000), "757 MB");
-        assert_eq!(human_bytes(12), "12 B");
     }
 }

@@ -329,6 +329,25 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_files_are_valid() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let d = tempfile::tempdir().expect("tmp");
+        for f in [
+            "configuration.toml",
+            "storage.toml",
+            "registries.toml",
+            "policy.json",
+        ] {
+            let text = std::fs::read_to_string(shipped.join(f)).expect("shipped file");
+            write(d.path(), f, &text, 0o600);
+        }
+        let s = Settings::load(&flags(d.path(), &[])).expect("shipped config loads");
+        assert_eq!(s.data_root, Path::new("/var/lib/isula-build/"));
+        assert_eq!(s.mount_options, vec!["nodev".to_string()]);
+        assert!(s.policy.is_some());
+    }
+
+    #[test]
     fn flags_beat_files() {
         let d = tempfile::tempdir().expect("tmp");
         write(d.path(), "configuration.toml", "debug = false\nloglevel = \"warn\"\ndata_root = \"/a\"\nrun_root = \"/b\"\ngroup = \"g\"\nruntime = \"runc\"\nexperimental = true\n", 0o600);

@@ -6,6 +6,48 @@ pub mod digest;
 pub mod image;
 pub mod reference;
 
+/// Sizes as `docker images` and `isula-build info -H` show them: powers of 1000, three
+/// significant digits (`5.85 MB`, `500 MB`, `7.63 GB`).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 999.5 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    let mut s = if v >= 99.95 {
+        format!("{v:.0}")
+    } else if v >= 9.995 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    if s.contains('.') {
+        s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    format!("{s} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(5_850_000), "5.85 MB");
+        assert_eq!(human_size(1_450_000), "1.45 MB");
+        assert_eq!(human_size(500_000_000), "500 MB");
+        assert_eq!(human_size(12_345_678), "12.3 MB");
+        assert_eq!(human_size(2_000_000_000), "2 GB");
+        assert_eq!(human_size(7_630_000_000), "7.63 GB");
+        assert_eq!(human_size(25_325_000_000), "25.3 GB");
+        assert_eq!(human_size(999_999), "1 MB");
+    }
+}
+
 pub use digest::{ChainId, DiffId, Digest, DigestError, ImageId};
 pub use reference::{Reference, ReferenceError};
 

@@ -1,7 +1,6 @@
 //! `info [-H] [-V]`: the daemon's environment.
 
 use super::Client;
-use crate::output::human_bytes;
 use anyhow::Result;
 use isula_api::v1::InfoRequest;
 
@@ -24,7 +23,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         .into_inner();
     let size = |n: i64| {
         if args.human {
-            human_bytes(n)
+            isula_types::human_size(n.max(0) as u64)
         } else {
             n.to_string()
         }

@@ -9,28 +9,6 @@ use isula_store::ImageRecord;
 use isula_types::Reference;
 use tonic::Status;
 
-/// Sizes as `docker images` shows them: decimal units, three significant digits.
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1000.0 && unit < UNITS.len() - 1 {
-        v /= 1000.0;
-        unit += 1;
-    }
-    let mut s = if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    };
-    if s.contains('.') {
-        s = s.trim_end_matches('0').trim_end_matches('.').to_string();
-    }
-    format!("{s} {}", UNITS[unit])
-}
-
 fn created(img: &ImageRecord) -> String {
     img.created
         .as_deref()
@@ -49,7 +27,7 @@ fn rows(img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> Vec<ImageInfo> 
         tag,
         id: img.id.hex()[..12].to_string(),
         created: created(img),
-        size: human_size(img.size),
+        size: isula_types::human_size(img.size),
     };
     let named: Vec<ImageInfo> = img
         .names
@@ -107,20 +85,4 @@ pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
         }
     }
     Ok(ListResponse { images: out })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::human_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(human_size(0), "0 B");
-        assert_eq!(human_size(999), "999 B");
-        assert_eq!(human_size(5_850_000), "5.85 MB");
-        assert_eq!(human_size(1_450_000), "1.45 MB");
-        assert_eq!(human_size(500_000_000), "500 MB");
-        assert_eq!(human_size(12_345_678), "12.3 MB");
-        assert_eq!(human_size(2_000_000_000), "2 GB");
-    }
 }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Benchmark: import, save and load of a generated ~400 MB, 20,000-file image, printing
+# seconds and the daemon's peak RSS for each step, so later work can be compared.
+#   scripts/bench.sh            (needs root; MB=... FILES=... to change the size)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+files="${FILES:-20000}"
+mb="${MB:-400}"
+cargo build --release --bins >/dev/null 2>&1
+bin="$PWD/target/release"
+work=$(mktemp -d /var/tmp/isula-bench.XXXXXX)
+sock="unix://$work/isula_build.sock"
+daemon=""
+cleanup() {
+    if [ -n "$daemon" ]; then kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+python3 - "$work/rootfs.tar" "$files" "$mb" <<'PY'
+import io, os, sys, tarfile
+path, files, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+per = (mb << 20) // files
+with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+    for d in range(100):
+        info = tarfile.TarInfo(f"app/d{d:03}"); info.type = tarfile.DIRTYPE; info.mode = 0o755
+        t.addfile(info)
+    for i in range(files):
+        data = os.urandom(per)
+        info = tarfile.TarInfo(f"app/d{i % 100:03}/f{i:05}.bin"); info.size = len(data); info.mode = 0o644
+        t.addfile(info, io.BytesIO(data))
+PY
+
+"$bin/isula-builder" --dataroot "$work/data" --runroot "$work/run" --host "$sock" \
+    --config-dir "$work/etc" 2>"$work/daemon.log" &
+daemon=$!
+export ISULABUILD_HOST="$sock"
+for _ in $(seq 100); do "$bin/isula-build" version >/dev/null 2>&1 && break; sleep 0.1; done
+
+sync
+printf '%-28s %10s %14s\n' "step" "seconds" "peak RSS (MB)"
+step() {
+    local name="$1"; shift
+    echo 5 > "/proc/$daemon/clear_refs"   # reset the peak RSS
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$bin/isula-build" "$@" >/dev/null
+    t1=$(date +%s.%N)
+    local hwm
+    hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
+    awk -v n="$name" -v a="$t0" -v b="$t1" -v h="$hwm" 'BEGIN { printf "%-28s %10.2f %14.1f\n", n, b - a, h / 1024 }'
+}
+size=$(du -m "$work/rootfs.tar" | cut -f1)
+echo "# image: $files files, ${size} MB tar"
+step "import (tar)" ctr-img import "$work/rootfs.tar" bench:1
+step "save docker-archive" ctr-img save bench:1 -o "$work/docker.tar"
+step "save oci-archive" ctr-img save bench:1 -o "$work/oci.tar" -f oci
+step "rm" ctr-img rm bench:1
+step "load docker-archive" ctr-img load -i "$work/docker.tar"
+step "rm" ctr-img rm bench:1
+step "load oci-archive" ctr-img load -i "$work/oci.tar"
+step "images" ctr-img images

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what isula-build needs from Debian's packages (only what is missing).
+#   scripts/deps.sh run    runc and busybox-static (the main job)
+#   scripts/deps.sh test   also skopeo, umoci, docker.io, xz-utils, bzip2 (the tests)
+set -euo pipefail
+want=(runc busybox-static xz-utils)
+if [ "${1:-run}" = test ]; then
+    want+=(skopeo umoci docker.io bzip2)
+fi
+missing=()
+for p in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
