@@ -1,8 +1,8 @@
 //! The generated `Control` trait, routed to one function per RPC in `rpc/`. Store work runs
 //! on blocking threads; streams carry the lines the user sees.
 
-use crate::rpc;
 use crate::state::{stream_blocking, LineStream, State};
+use crate::{peer, rpc};
 use isula_api::v1::control_server::Control;
 use isula_api::v1::*;
 use std::pin::Pin;
@@ -89,11 +89,12 @@ impl Control for Service {
     type LoadStream = LineStream<LoadResponse>;
     async fn load(&self, r: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
         let path = rpc::load::validate(r.get_ref())?;
+        let files = peer::files(&r)?;
         let wrap = |log| LoadResponse { log };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::load::load(state, path, cancel, out),
+            move |state, cancel, out| rpc::load::load(state, files.as_ref(), path, cancel, out),
         )))
     }
 
@@ -103,11 +104,14 @@ impl Control for Service {
         r: Request<ImportRequest>,
     ) -> Result<Response<Self::ImportStream>, Status> {
         let (source, reference) = rpc::import::validate(r.get_ref())?;
+        let files = peer::files(&r)?;
         let wrap = |log| ImportResponse { log };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::import::import(state, source, reference, cancel, out),
+            move |state, cancel, out| {
+                rpc::import::import(state, files.as_ref(), source, reference, cancel, out)
+            },
         )))
     }
 
@@ -122,19 +126,20 @@ impl Control for Service {
     type SaveStream = LineStream<SaveResponse>;
     async fn save(&self, r: Request<SaveRequest>) -> Result<Response<Self::SaveStream>, Status> {
         let (path, format) = rpc::save::validate(r.get_ref())?;
+        let files = peer::files(&r)?;
         let images = r.into_inner().images;
         let wrap = |log| SaveResponse { log };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::save::save(state, images, path, format, cancel, out),
+            move |state, cancel, out| {
+                rpc::save::save(state, files.as_ref(), images, path, format, cancel, out)
+            },
         )))
     }
 
     async fn info(&self, r: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        let mut resp = rpc::info::info(&self.state, r.into_inner());
-        resp.builder_num = 0;
-        Ok(Response::new(resp))
+        Ok(Response::new(rpc::info::info(&self.state, r.into_inner())))
     }
 
     async fn manifest_create(

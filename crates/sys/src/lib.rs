@@ -195,3 +195,116 @@ mod pending_tests {
         assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1);
     }
 }
+
+/// Who a client is, for opening the paths it names with its rights rather than ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// The credentials of a connected process (from SO_PEERCRED), with its supplementary
+    /// groups read from /proc. If they cannot be read the process gets its primary group only.
+    pub fn of_peer(pid: Option<i32>, uid: u32, gid: u32) -> Credentials {
+        let groups = pid
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("Groups:").map(|g| {
+                        g.split_whitespace()
+                            .filter_map(|x| x.parse().ok())
+                            .collect::<Vec<u32>>()
+                    })
+                })
+            })
+            .unwrap_or_else(|| vec![gid]);
+        Credentials { uid, gid, groups }
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// Runs `f` on a fresh thread whose file-system identity is `creds` (per-thread
+/// setresuid/setresgid/setgroups), so every open, create and link inside is checked against
+/// the client's rights. The thread ends with `f`; no other thread's identity changes.
+pub fn with_credentials<R: Send>(
+    creds: &Credentials,
+    f: impl FnOnce() -> R + Send,
+) -> std::io::Result<R> {
+    std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<R> {
+            let groups: Vec<rustix::process::Gid> = creds
+                .groups
+                .iter()
+                .map(|g| rustix::process::Gid::from_raw(*g))
+                .collect();
+            rustix::thread::set_thread_groups(&groups)?;
+            rustix::thread::set_thread_res_gid(
+                None,
+                rustix::process::Gid::from_raw(creds.gid),
+                None,
+            )?;
+            rustix::thread::set_thread_res_uid(
+                None,
+                rustix::process::Uid::from_raw(creds.uid),
+                None,
+            )?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("credential thread panicked")))
+    })
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::*;
+
+    #[test]
+    fn opens_with_the_callers_rights() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipping: needs root to switch identities");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"root only").expect("write");
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod");
+        let nobody = Credentials {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        };
+        let denied = with_credentials(&nobody, || std::fs::File::open(&secret)).expect("thread");
+        assert_eq!(
+            denied.err().map(|e| e.kind()),
+            Some(std::io::ErrorKind::PermissionDenied)
+        );
+        let created = with_credentials(&nobody, || std::fs::File::create(dir.path().join("new")))
+            .expect("thread");
+        assert!(
+            created.is_err(),
+            "nobody cannot write a root-owned 0755 dir"
+        );
+        // This thread is still root.
+        assert!(std::fs::File::open(&secret).is_ok());
+        let root = Credentials {
+            uid: 0,
+            gid: 0,
+            groups: vec![0],
+        };
+        assert!(with_credentials(&root, || std::fs::File::open(&secret))
+            .expect("thread")
+            .is_ok());
+    }
+}

@@ -14,12 +14,15 @@ use std::path::Path;
 /// Imports the tarball at `source` as an image, tagged `reference` if given.
 pub fn import(
     store: &Store,
+    files: &dyn crate::ClientFiles,
     source: &Path,
     reference: Option<&Reference>,
     cancel: &Cancel,
     progress: Progress<'_>,
 ) -> Result<ImageId> {
-    let file = File::open(source).map_err(|e| TransportError::io("open", source, e))?;
+    let file = files
+        .open(source)
+        .map_err(|e| TransportError::io("open", source, e))?;
     let meta = file
         .metadata()
         .map_err(|e| TransportError::io("stat", source, e))?;

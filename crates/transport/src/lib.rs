@@ -11,8 +11,9 @@ pub mod oci_archive;
 pub mod save;
 
 use isula_store::StoreError;
+use std::fs::File;
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -84,6 +85,48 @@ impl TransportError {
 }
 
 pub type Result<T> = std::result::Result<T, TransportError>;
+
+/// How files named by the client are opened and created. The daemon runs as root but must
+/// not be a confused deputy: for a client that is not root it does this with the client's
+/// own rights. [`AsDaemon`] is the direct form (root clients, tests).
+pub trait ClientFiles: Send + Sync {
+    fn open(&self, path: &Path) -> io::Result<File>;
+    fn exists(&self, path: &Path) -> bool;
+    fn create_pending(
+        &self,
+        dir: &Path,
+    ) -> std::result::Result<isula_sys::PendingFile, isula_sys::SysError>;
+    fn persist(
+        &self,
+        file: isula_sys::PendingFile,
+        dest: &Path,
+    ) -> std::result::Result<(), isula_sys::SysError>;
+}
+
+/// Opens client paths with the daemon's own rights.
+pub struct AsDaemon;
+
+impl ClientFiles for AsDaemon {
+    fn open(&self, path: &Path) -> io::Result<File> {
+        File::open(path)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok()
+    }
+    fn create_pending(
+        &self,
+        dir: &Path,
+    ) -> std::result::Result<isula_sys::PendingFile, isula_sys::SysError> {
+        isula_sys::PendingFile::new_in(dir)
+    }
+    fn persist(
+        &self,
+        file: isula_sys::PendingFile,
+        dest: &Path,
+    ) -> std::result::Result<(), isula_sys::SysError> {
+        file.persist_noreplace(dest)
+    }
+}
 
 /// Lines for the client, each ending in a newline.
 pub type Progress<'a> = &'a mut dyn FnMut(String);

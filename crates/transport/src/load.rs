@@ -32,11 +32,14 @@ pub struct Loaded {
 /// Loads every image of the archive at `path`.
 pub fn load(
     store: &Store,
+    files: &dyn crate::ClientFiles,
     path: &Path,
     cancel: &Cancel,
     progress: Progress<'_>,
 ) -> Result<Vec<Loaded>> {
-    let file = File::open(path).map_err(|e| TransportError::io("open", path, e))?;
+    let file = files
+        .open(path)
+        .map_err(|e| TransportError::io("open", path, e))?;
     let size = file
         .metadata()
         .map_err(|e| TransportError::io("stat", path, e))?

@@ -8,7 +8,6 @@ use crate::{
 use isula_store::compression::decompress;
 use isula_store::{HashingReader, ImageRecord, LayerRecord, Store, StoreError};
 use isula_types::{DiffId, Digest, Reference};
-use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
 
@@ -39,6 +38,7 @@ pub struct SaveItem {
 /// Saves `names` (references or IDs) to `dest`.
 pub fn save(
     store: &Store,
+    files: &dyn crate::ClientFiles,
     names: &[String],
     dest: &Path,
     format: Format,
@@ -50,7 +50,7 @@ pub fn save(
             "save needs at least one image".into(),
         ));
     }
-    if fs::symlink_metadata(dest).is_ok() {
+    if files.exists(dest) {
         return Err(TransportError::Exists(dest.to_path_buf()));
     }
     let mut items: Vec<SaveItem> = Vec::new();
@@ -103,7 +103,7 @@ pub fn save(
         }
     };
     // Nameless until complete: a crash or cancel leaves no partial file behind.
-    let mut pending = isula_sys::PendingFile::new_in(dir).map_err(|e| sys("create", e))?;
+    let mut pending = files.create_pending(dir).map_err(|e| sys("create", e))?;
     {
         let out = BufWriter::with_capacity(1 << 20, pending.file());
         let out = match format {

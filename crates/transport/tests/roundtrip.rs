@@ -3,7 +3,7 @@
 
 use isula_store::Store;
 use isula_transport::save::Format;
-use isula_transport::{import, load, save, Cancel, TransportError};
+use isula_transport::{import, load, save, AsDaemon, Cancel, TransportError};
 use isula_types::Reference;
 use std::io::Write;
 use std::path::Path;
@@ -66,9 +66,14 @@ fn import_save_load_round_trip() {
     std::fs::write(&src, gz(&rootfs_tar())).expect("write");
     let r = Reference::parse("busybox:latest").expect("ref");
     let mut lines = Vec::new();
-    let id = import::import(&store, &src, Some(&r), &Cancel::default(), &mut |l| {
-        lines.push(l)
-    })
+    let id = import::import(
+        &store,
+        &AsDaemon,
+        &src,
+        Some(&r),
+        &Cancel::default(),
+        &mut |l| lines.push(l),
+    )
     .expect("import");
     assert!(lines
         .last()
@@ -81,6 +86,7 @@ fn import_save_load_round_trip() {
         let out = tmp.path().join(format!("{format:?}.tar"));
         save::save(
             &store,
+            &AsDaemon,
             &["busybox".into()],
             &out,
             format,
@@ -91,6 +97,7 @@ fn import_save_load_round_trip() {
         // Refuses to overwrite.
         let again = save::save(
             &store,
+            &AsDaemon,
             &["busybox".into()],
             &out,
             format,
@@ -100,7 +107,8 @@ fn import_save_load_round_trip() {
         assert!(matches!(again, Err(TransportError::Exists(_))), "{again:?}");
         let dir = tmp.path().join(format!("store-{format:?}"));
         let (other, _) = Store::open(&dir).expect("store");
-        let loaded = load::load(&other, &out, &Cancel::default(), &mut |_| {}).expect("load");
+        let loaded =
+            load::load(&other, &AsDaemon, &out, &Cancel::default(), &mut |_| {}).expect("load");
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].id, id);
         let img = other.resolve("busybox:latest").expect("tag survived");
@@ -115,6 +123,7 @@ fn import_save_load_round_trip() {
         let out2 = tmp.path().join(format!("{format:?}-2.tar"));
         save::save(
             &other,
+            &AsDaemon,
             &["busybox".into()],
             &out2,
             format,
@@ -139,7 +148,15 @@ fn bad_inputs_leave_store_unchanged() {
     let (store, _) = Store::open(&dir).expect("store");
     let good = tmp.path().join("good.tar");
     std::fs::write(&good, rootfs_tar()).expect("write");
-    import::import(&store, &good, None, &Cancel::default(), &mut |_| {}).expect("import");
+    import::import(
+        &store,
+        &AsDaemon,
+        &good,
+        None,
+        &Cancel::default(),
+        &mut |_| {},
+    )
+    .expect("import");
     let before = snapshot(&dir);
 
     // ../ entry
@@ -158,16 +175,30 @@ fn bad_inputs_leave_store_unchanged() {
     let evil = b.into_inner().expect("tar");
     let dotdot = tmp.path().join("dotdot.tar");
     std::fs::write(&dotdot, &evil).expect("write");
-    let e =
-        import::import(&store, &dotdot, None, &Cancel::default(), &mut |_| {}).expect_err("dotdot");
+    let e = import::import(
+        &store,
+        &AsDaemon,
+        &dotdot,
+        None,
+        &Cancel::default(),
+        &mut |_| {},
+    )
+    .expect_err("dotdot");
     assert!(e.to_string().contains("'..'"), "{e}");
 
     // truncated gzip
     raw = gz(&raw);
     let trunc = tmp.path().join("trunc.tar.gz");
     std::fs::write(&trunc, &raw[..raw.len() / 2]).expect("write");
-    let e = import::import(&store, &trunc, None, &Cancel::default(), &mut |_| {})
-        .expect_err("truncated");
+    let e = import::import(
+        &store,
+        &AsDaemon,
+        &trunc,
+        None,
+        &Cancel::default(),
+        &mut |_| {},
+    )
+    .expect_err("truncated");
     assert!(!e.to_string().is_empty());
 
     // over the import limit (sparse file)
@@ -176,7 +207,15 @@ fn bad_inputs_leave_store_unchanged() {
         .expect("create")
         .set_len(isula_types::limits::IMPORT_MAX + 1)
         .expect("len");
-    let e = import::import(&store, &big, None, &Cancel::default(), &mut |_| {}).expect_err("big");
+    let e = import::import(
+        &store,
+        &AsDaemon,
+        &big,
+        None,
+        &Cancel::default(),
+        &mut |_| {},
+    )
+    .expect_err("big");
     assert!(matches!(e, TransportError::TooLarge { .. }), "{e}");
 
     assert_eq!(snapshot(&dir), before);

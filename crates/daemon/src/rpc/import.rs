@@ -4,7 +4,7 @@ use crate::error;
 use crate::rpc::absolute_path;
 use crate::state::State;
 use isula_api::v1::ImportRequest;
-use isula_transport::{import, Cancel};
+use isula_transport::{import, Cancel, ClientFiles};
 use isula_types::Reference;
 use std::sync::Arc;
 use tonic::Status;
@@ -21,12 +21,20 @@ pub fn validate(req: &ImportRequest) -> Result<(std::path::PathBuf, Option<Refer
 
 pub fn import(
     state: &Arc<State>,
+    files: &dyn ClientFiles,
     source: std::path::PathBuf,
     reference: Option<Reference>,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    import::import(&state.store, &source, reference.as_ref(), cancel, out)
-        .map_err(error::transport)?;
+    import::import(
+        &state.store,
+        files,
+        &source,
+        reference.as_ref(),
+        cancel,
+        out,
+    )
+    .map_err(error::transport)?;
     Ok(())
 }

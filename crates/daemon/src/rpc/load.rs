@@ -4,7 +4,7 @@ use crate::error;
 use crate::rpc::absolute_path;
 use crate::state::State;
 use isula_api::v1::LoadRequest;
-use isula_transport::{load, Cancel};
+use isula_transport::{load, Cancel, ClientFiles};
 use std::sync::Arc;
 use tonic::Status;
 
@@ -19,10 +19,11 @@ pub fn validate(req: &LoadRequest) -> Result<std::path::PathBuf, Status> {
 
 pub fn load(
     state: &Arc<State>,
+    files: &dyn ClientFiles,
     path: std::path::PathBuf,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    load::load(&state.store, &path, cancel, out).map_err(error::transport)?;
+    load::load(&state.store, files, &path, cancel, out).map_err(error::transport)?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use crate::rpc::absolute_path;
 use crate::state::State;
 use isula_api::v1::SaveRequest;
 use isula_transport::save::{self, Format};
-use isula_transport::Cancel;
+use isula_transport::{Cancel, ClientFiles};
 use std::sync::Arc;
 use tonic::Status;
 
@@ -24,11 +24,12 @@ pub fn validate(req: &SaveRequest) -> Result<(std::path::PathBuf, Format), Statu
 
 pub fn save(
     state: &Arc<State>,
+    files: &dyn ClientFiles,
     images: Vec<String>,
     path: std::path::PathBuf,
     format: Format,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    save::save(&state.store, &images, &path, format, cancel, out).map_err(error::transport)
+    save::save(&state.store, files, &images, &path, format, cancel, out).map_err(error::transport)
 }
