@@ -1,0 +1,193 @@
+//! Client behaviour: shell completion, the install script, several images in one archive,
+//! and a client that goes away cancelling its operation on the daemon.
+
+use isula_integration::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn completion_scripts_for_both_binaries() {
+    for (binary, word) in [("isula-build", "ctr-img"), ("isula-builder", "--dataroot")] {
+        for shell in ["bash", "zsh"] {
+            let out = run_ok(Command::new(bin(binary)).args(["completion", shell]));
+            assert!(out.contains(word), "{binary} {shell}");
+        }
+    }
+}
+
+#[test]
+fn install_script_stages_a_working_configuration() {
+    if !require_root() {
+        return;
+    }
+    let stage = tempfile::tempdir().expect("tmp");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // Install the debug binaries already built instead of building a release.
+    let release = repo.join("target/release");
+    let had_release =
+        release.join("isula-builder").exists() && release.join("isula-build").exists();
+    if !had_release {
+        std::fs::create_dir_all(&release).expect("mkdir");
+        for b in ["isula-builder", "isula-build"] {
+            std::fs::copy(bin(b), release.join(b)).expect("copy");
+        }
+    }
+    run_ok(
+        Command::new(repo.join("scripts/install.sh"))
+            .arg("--no-build")
+            .env("DESTDIR", stage.path()),
+    );
+    let etc = stage.path().join("etc/isula-build");
+    for f in [
+        "configuration.toml",
+        "storage.toml",
+        "registries.toml",
+        "policy.json",
+    ] {
+        assert!(etc.join(f).is_file(), "{f}");
+    }
+    assert!(stage
+        .path()
+        .join("usr/lib/systemd/system/isula-build.service")
+        .is_file());
+    // The staged daemon starts on the staged configuration.
+    let work = tempfile::tempdir().expect("tmp");
+    let sock = work.path().join("s.sock");
+    let mut child = Command::new(stage.path().join("usr/bin/isula-builder"))
+        .arg("--config-dir")
+        .arg(&etc)
+        .arg("--dataroot")
+        .arg(work.path().join("data"))
+        .arg("--runroot")
+        .arg(work.path().join("run"))
+        .arg("--host")
+        .arg(format!("unix://{}", sock.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut up = false;
+    while Instant::now() < deadline && !up {
+        up = Command::new(stage.path().join("usr/bin/isula-build"))
+            .args(["--host", &format!("unix://{}", sock.display()), "info"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        up,
+        "the installed daemon did not serve its staged configuration"
+    );
+}
+
+#[test]
+fn one_docker_archive_carries_several_images() {
+    if !require_root() {
+        return;
+    }
+    let d = Daemon::start();
+    let work = tempfile::tempdir().expect("tmp");
+    let mut ids = Vec::new();
+    for n in ["one", "two"] {
+        let p = work.path().join(format!("{n}.tar"));
+        std::fs::write(&p, busybox_rootfs(&[("etc/name", n.as_bytes())])).expect("write");
+        let out = d.ok(&[
+            "ctr-img",
+            "import",
+            p.to_str().expect("utf8"),
+            &format!("multi/{n}:1"),
+        ]);
+        ids.push(
+            out.lines()
+                .last()
+                .expect("line")
+                .rsplit(' ')
+                .next()
+                .expect("id")
+                .to_string(),
+        );
+    }
+    let archive = work.path().join("both.tar");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "multi/one:1",
+        "multi/two:1",
+        "-o",
+        archive.to_str().expect("utf8"),
+    ]);
+    let err = d.fails(&[
+        "ctr-img",
+        "save",
+        "multi/one:1",
+        "multi/two:1",
+        "-f",
+        "oci",
+        "-o",
+        work.path().join("x.tar").to_str().expect("utf8"),
+    ]);
+    assert!(err.contains("one image only"), "{err}");
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let out = d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("utf8")]);
+    for id in &ids {
+        assert!(out.contains(&format!("Loaded image as {id}\n")), "{out}");
+    }
+    let mut rows = d.images();
+    rows.sort();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].0.as_str(), rows[1].0.as_str()),
+        ("multi/one", "multi/two")
+    );
+}
+
+#[test]
+fn killing_the_client_cancels_its_import() {
+    if !require_root() {
+        return;
+    }
+    let d = Daemon::start();
+    let work = tempfile::tempdir().expect("tmp");
+    // 300 MB that the daemon must read, hash and unpack: long enough to be caught mid-way.
+    let mut big = vec![0u8; 300 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for c in big.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    let src = work.path().join("big.tar");
+    std::fs::write(&src, busybox_rootfs(&[("big.bin", &big)])).expect("write");
+    drop(big);
+    let mut client = d
+        .cli_command(&["ctr-img", "import", src.to_str().expect("utf8"), "big:1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    let ingest = d.data().join("ingest");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&ingest).map(|r| r.count()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "import never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    client.kill().expect("kill client");
+    let _ = client.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !d.leftovers().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not clean up within 5 s: {:?}",
+            d.leftovers()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        d.images().is_empty(),
+        "a cancelled import must not leave an image"
+    );
+    assert!(d.log().contains("operation cancelled"), "{}", d.log());
+}
