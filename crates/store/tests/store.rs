@@ -1,0 +1,168 @@
+//! Store behaviour without any archive format: names, lookups, removal, leases and gc,
+//! metadata surviving a reopen.
+
+use isula_store::{LayerRecord, NewImage, RemoveEvent, Store, StoreError};
+use isula_types::{ChainId, DiffId, ImageId, Reference};
+
+/// Records an image with one (empty) layer whose content is `tag`.
+fn add(store: &Store, tag: &str, names: &[&str]) -> ImageId {
+    let lease = store.lease();
+    let layer_blob = store
+        .content()
+        .put(format!("layer {tag}").as_bytes())
+        .expect("blob");
+    let diff = DiffId(layer_blob.clone());
+    let chain = ChainId::next(None, &diff);
+    let staged = store.stage_layer().expect("stage");
+    std::fs::write(staged.diff_dir().join("file"), tag).expect("write");
+    store
+        .commit_layer(staged, &chain, &lease)
+        .expect("commit layer");
+    let config = store
+        .content()
+        .put(format!("config {tag}").as_bytes())
+        .expect("config");
+    let manifest = store
+        .content()
+        .put(format!("manifest {tag}").as_bytes())
+        .expect("manifest");
+    let id = ImageId(config);
+    store
+        .add_image(NewImage {
+            id: id.clone(),
+            manifest,
+            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            blobs: vec![layer_blob],
+            layers: vec![LayerRecord {
+                chain_id: chain,
+                diff_id: diff,
+                parent: None,
+                size: 10,
+            }],
+            created: Some("2020-01-01T00:00:00Z".into()),
+            names: names
+                .iter()
+                .map(|n| Reference::parse(n).expect("ref"))
+                .collect(),
+        })
+        .expect("add");
+    id
+}
+
+#[test]
+fn names_move_and_resolve() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let a = add(&store, "a", &["app:1", "app:latest"]);
+    let b = add(&store, "b", &["app:1"]);
+    assert_eq!(
+        store.resolve("app:1").expect("app:1").id,
+        b,
+        "the name moved to b"
+    );
+    assert_eq!(store.resolve("app").expect("app").id, a);
+    assert_eq!(
+        store
+            .resolve("docker.io/library/app:latest")
+            .expect("full")
+            .id,
+        a
+    );
+    assert_eq!(store.resolve(a.digest().as_str()).expect("full id").id, a);
+    assert_eq!(store.resolve(&a.hex()[..12]).expect("short id").id, a);
+    assert!(matches!(
+        store.resolve("nope"),
+        Err(StoreError::ImageNotFound(_))
+    ));
+    // Among 17 images two share a first hex digit (pigeonhole): that prefix is ambiguous.
+    let mut ids = vec![a.clone(), b.clone()];
+    for i in 0..15 {
+        ids.push(add(&store, &format!("extra{i}"), &[]));
+    }
+    let first = |id: &ImageId| id.hex()[..1].to_string();
+    let shared = ids
+        .iter()
+        .find(|x| ids.iter().filter(|y| first(y) == first(x)).count() > 1)
+        .map(first)
+        .expect("pigeonhole");
+    assert!(matches!(
+        store.resolve(&shared),
+        Err(StoreError::AmbiguousImage { .. })
+    ));
+    store
+        .tag(&b, &Reference::parse("other/app:2").expect("ref"))
+        .expect("tag");
+    assert_eq!(store.image(&b).expect("b").names.len(), 2);
+}
+
+#[test]
+fn remove_untags_then_deletes_and_collects() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let a = add(&store, "a", &["x:1", "x:2"]);
+    assert_eq!(
+        store.remove("x:1").expect("rm"),
+        vec![RemoveEvent::Untagged("x:1".into())]
+    );
+    assert_eq!(
+        store.remove("x:2").expect("rm"),
+        vec![
+            RemoveEvent::Untagged("x:2".into()),
+            RemoveEvent::Deleted(a.clone())
+        ]
+    );
+    assert!(store.images().is_empty());
+    assert!(store.content().list().expect("blobs").is_empty());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("layers"))
+            .expect("layers")
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn leases_protect_unreferenced_work_from_gc() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let lease = store.lease();
+    let blob = store.content().put(b"in flight").expect("put");
+    lease.blob(&blob);
+    assert_eq!(store.gc().expect("gc").blobs, 0);
+    assert!(store.content().contains(&blob));
+    drop(lease);
+    assert_eq!(store.gc().expect("gc").blobs, 1);
+    assert!(!store.content().contains(&blob));
+}
+
+#[test]
+fn reopen_sweeps_and_keeps_images() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let id = {
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let id = add(&store, "a", &["keep:1"]);
+        // Leftovers of a crash: an ingest file, a staged layer, an orphan blob.
+        std::fs::write(dir.path().join("ingest/partial"), b"half").expect("ingest");
+        std::mem::forget(store.stage_layer().expect("stage"));
+        store.content().put(b"orphan").expect("orphan");
+        // The lock: a second open fails while this one lives.
+        assert!(Store::open(dir.path()).is_err());
+        id
+    };
+    let (store, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(
+        (report.swept_ingest, report.swept_tmp, report.gc.blobs),
+        (1, 1, 1)
+    );
+    assert_eq!(store.resolve("keep:1").expect("kept").id, id);
+    assert!(store.check().expect("check").is_empty());
+    // Corruption is found by check.
+    let blob = store.image(&id).expect("img").blobs[0].clone();
+    let path = store.content().path(&blob);
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    std::fs::write(&path, b"tampered").expect("tamper");
+    let problems = store.check().expect("check");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains(blob.as_str()) && problems[0].contains("digest mismatch"));
+}
