@@ -38,17 +38,21 @@ export ISULABUILD_HOST="$sock"
 for _ in $(seq 100); do "$bin/isula-build" version >/dev/null 2>&1 && break; sleep 0.1; done
 
 sync
-printf '%-28s %10s %14s\n' "step" "seconds" "peak RSS (MB)"
+printf '%-28s %10s %12s %14s\n' "step" "seconds" "daemon CPU s" "peak RSS (MB)"
+cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$daemon/stat"; }
 step() {
     local name="$1"; shift
+    sync                                  # earlier steps' writeback must not bill this one
     echo 5 > "/proc/$daemon/clear_refs"   # reset the peak RSS
-    local t0 t1
+    local t0 t1 c0 c1 hwm
+    c0=$(cpu)
     t0=$(date +%s.%N)
     "$bin/isula-build" "$@" >/dev/null
     t1=$(date +%s.%N)
-    local hwm
+    c1=$(cpu)
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
-    awk -v n="$name" -v a="$t0" -v b="$t1" -v h="$hwm" 'BEGIN { printf "%-28s %10.2f %14.1f\n", n, b - a, h / 1024 }'
+    awk -v n="$name" -v a="$t0" -v b="$t1" -v c="$c0" -v d="$c1" -v h="$hwm" \
+        'BEGIN { printf "%-28s %10.2f %12.2f %14.1f\n", n, b - a, d - c, h / 1024 }'
 }
 size=$(du -m "$work/rootfs.tar" | cut -f1)
 echo "# image: $files files, ${size} MB tar"

@@ -203,8 +203,10 @@ fn scan_layer<R: Read>(
         inner: raw,
         sink: &mut writer,
     };
+    // An uncompressed layer's blob digest is its diff ID: the blob writer's hash serves both.
     let unpacked = match compression {
-        Compression::None | Compression::Gzip | Compression::Zstd => unpack_stream(store, &mut tee),
+        Compression::None => unpack_stream(store, &mut tee, false),
+        Compression::Gzip | Compression::Zstd => unpack_stream(store, &mut tee, true),
         other => Err(format!(
             "{} compressed layers are not supported",
             other.name()
@@ -214,6 +216,7 @@ fn scan_layer<R: Read>(
     io::copy(&mut tee, &mut io::sink())?;
     let (blob, blob_size) = writer.commit(None).map_err(io::Error::other)?;
     lease.blob(&blob);
+    let unpacked = unpacked.map(|u| u.with_diff_id(&blob));
     Ok(LayerEntry {
         blob,
         blob_size,
@@ -222,17 +225,70 @@ fn scan_layer<R: Read>(
     })
 }
 
-/// Unpacks a (possibly compressed) layer stream into a new staged layer.
-pub fn unpack_stream<R: Read>(store: &Store, raw: R) -> std::result::Result<Unpacked, String> {
+/// A layer unpacked from a stream whose diff ID may still be pending (see `unpack_stream`).
+pub struct UnpackedStream {
+    diff_id: Option<DiffId>,
+    size: u64,
+    staged: StagedLayer,
+    skipped_devices: Vec<String>,
+}
+
+impl UnpackedStream {
+    /// Completes the record; `blob` is the digest of the uncompressed stream when the
+    /// unpack did not hash it itself.
+    pub fn with_diff_id(self, blob: &Digest) -> Unpacked {
+        Unpacked {
+            diff_id: self.diff_id.unwrap_or_else(|| DiffId(blob.clone())),
+            size: self.size,
+            staged: Some(self.staged),
+            skipped_devices: self.skipped_devices,
+        }
+    }
+}
+
+/// Counts the bytes that pass, and drains the rest on `finish` (tar padding counts too).
+struct Counting<R> {
+    inner: R,
+    count: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Unpacks a (possibly compressed) layer stream into a new staged layer. With `hash`, the
+/// uncompressed stream is hashed for the diff ID; without, the caller already hashes exactly
+/// that stream (an uncompressed blob being stored) and supplies it.
+pub fn unpack_stream<R: Read>(
+    store: &Store,
+    raw: R,
+    hash: bool,
+) -> std::result::Result<UnpackedStream, String> {
     let (_, plain) = decompress(raw).map_err(|e| e.to_string())?;
-    let mut hashing = HashingReader::new(plain);
     let staged = store.stage_layer().map_err(|e| e.to_string())?;
-    let report = apply_layer(&mut hashing, &staged.diff_dir()).map_err(|e| e.to_string())?;
-    let (digest, size) = hashing.finish().map_err(|e| format!("layer data: {e}"))?;
-    Ok(Unpacked {
-        diff_id: DiffId(digest),
+    let layer_err = |e: io::Error| format!("layer data: {e}");
+    let (diff_id, size, report) = if hash {
+        let mut hashing = HashingReader::new(plain);
+        let report = apply_layer(&mut hashing, &staged.diff_dir()).map_err(|e| e.to_string())?;
+        let (digest, size) = hashing.finish().map_err(layer_err)?;
+        (Some(DiffId(digest)), size, report)
+    } else {
+        let mut counting = Counting {
+            inner: plain,
+            count: 0,
+        };
+        let report = apply_layer(&mut counting, &staged.diff_dir()).map_err(|e| e.to_string())?;
+        io::copy(&mut counting, &mut io::sink()).map_err(layer_err)?;
+        (None, counting.count, report)
+    };
+    Ok(UnpackedStream {
+        diff_id,
         size,
-        staged: Some(staged),
+        staged,
         skipped_devices: report.skipped_devices,
     })
 }
@@ -240,6 +296,7 @@ pub fn unpack_stream<R: Read>(store: &Store, raw: R) -> std::result::Result<Unpa
 /// Unpacks a stored blob again (when one archive member backs two different chains).
 pub fn unpack_blob(store: &Store, blob: &Digest) -> Result<Unpacked> {
     let f = store.content().open(blob)?;
-    unpack_stream(store, io::BufReader::new(f))
+    unpack_stream(store, io::BufReader::new(f), true)
+        .map(|u| u.with_diff_id(blob))
         .map_err(|e| TransportError::bad(store.content().path(blob), e))
 }

@@ -70,7 +70,8 @@ fn import_leased(
             inner: plain,
             sink: &mut writer,
         };
-        let unpacked = unpack_stream(store, &mut tee);
+        // The blob is the uncompressed tar: its digest, hashed by the writer, is the diff ID.
+        let unpacked = unpack_stream(store, &mut tee, false);
         if cancel.is_cancelled() {
             return Err(TransportError::Cancelled);
         }
@@ -78,9 +79,9 @@ fn import_leased(
         io::copy(&mut tee, &mut io::sink()).map_err(|e| TransportError::io("read", source, e))?;
         unpacked
     };
-    let (blob, blob_size) =
-        writer.commit(Some((unpacked.diff_id.digest(), Some(unpacked.size))))?;
+    let (blob, blob_size) = writer.commit(None)?;
     lease.blob(&blob);
+    let unpacked = unpacked.with_diff_id(&blob);
     for dev in &unpacked.skipped_devices {
         progress(format!(
             "Skipped device node {dev}: devices are provided by the runtime\n"
