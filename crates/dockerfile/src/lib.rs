@@ -1,0 +1,7 @@
+//! The Dockerfile frontend, pure (no I/O): text → lines and directives → instruction nodes
+//! (`parser`) → typed instructions and stages (`instructions`); Docker's word processing
+//! and variable expansion (`lex`); `.dockerignore` matching (`ignore`). BuildKit's
+//! `frontend/dockerfile` is the reference for every rule here.
+
+pub mod lex;
+pub mod parser;
