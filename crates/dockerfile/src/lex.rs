@@ -94,6 +94,24 @@ impl Lexer {
         Ok(out.cur)
     }
 
+    /// Expands variables only, leaving quotes as they are (heredoc bodies): `\$` keeps a
+    /// literal `$`.
+    pub fn expand_only(&self, input: &str, vars: &dyn Vars) -> Result<String, LexError> {
+        let mut out = String::new();
+        let mut it = input.chars().peekable();
+        while let Some(c) = it.next() {
+            match c {
+                c if c == self.escape && it.peek() == Some(&'$') => {
+                    it.next();
+                    out.push('$');
+                }
+                '$' => out.push_str(&self.dollar(&mut it, vars)?),
+                c => out.push(c),
+            }
+        }
+        Ok(out)
+    }
+
     /// Processes and splits into words on unquoted whitespace (for EXPOSE, VOLUME, ...).
     /// Whitespace coming from a variable's value splits too, as in Docker.
     pub fn process_words(&self, input: &str, vars: &dyn Vars) -> Result<Vec<String>, LexError> {
@@ -318,6 +336,7 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(l.process_word(input, &v).as_deref(), Ok(want), "{input}");
         }
+        assert_eq!(l.expand_only("echo \"$a\" '$a' \\$a", &v).as_deref(), Ok("echo \"A\" 'A' $a"));
         let bt = Lexer::new('`');
         assert_eq!(bt.process_word("a`$b", &v).as_deref(), Ok("a$b"));
         assert_eq!(bt.process_word("c:\\dir", &v).as_deref(), Ok("c:\\dir"));

@@ -5,3 +5,4 @@
 
 pub mod lex;
 pub mod parser;
+pub mod instructions;
