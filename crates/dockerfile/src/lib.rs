@@ -5,4 +5,5 @@
 
 pub mod lex;
 pub mod parser;
+pub mod ignore;
 pub mod instructions;
