@@ -5,6 +5,7 @@
 //! policy: callers say how a path must be resolved, this crate makes sure it is.
 
 pub mod lock;
+pub mod mount;
 pub mod rooted;
 
 pub use lock::FileLock;
@@ -70,7 +71,7 @@ pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> Result<
     .map_err(|e| SysError::new("rename", to, e))
 }
 
-/// Whether `path` is a mount point listed in /proc/self/mountinfo (for leak checks).
+/// Mount points at or under `prefix` listed in /proc/self/mountinfo (for leak checks).
 pub fn mounts_under(prefix: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(info
