@@ -12,7 +12,11 @@ pub enum IgnoreError {
     #[error(".dockerignore is {0} bytes, over the limit of {DOCKERIGNORE_MAX} bytes")]
     TooLarge(usize),
     #[error(".dockerignore line {line}: invalid pattern {pattern:?}: {reason}")]
-    BadPattern { line: usize, pattern: String, reason: &'static str },
+    BadPattern {
+        line: usize,
+        pattern: String,
+        reason: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +28,10 @@ enum Token {
     DoubleStar,
     /// `**/` (nothing, or anything ending in `/`).
     DoubleStarSlash,
-    Class { negated: bool, items: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        items: Vec<(char, char)>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,7 +254,11 @@ impl Matcher {
     pub fn may_reinclude_under(&self, dir: &str) -> bool {
         let dir = clean(dir);
         self.patterns.iter().any(|p| {
-            p.exclusion && (p.text.starts_with(&format!("{dir}/")) || p.text.contains('*') || p.text.contains('?') || p.text.contains('['))
+            p.exclusion
+                && (p.text.starts_with(&format!("{dir}/"))
+                    || p.text.contains('*')
+                    || p.text.contains('?')
+                    || p.text.contains('['))
         })
     }
 }
@@ -297,9 +308,18 @@ mod tests {
         let m = Matcher::parse("./foo/\n/bar/../baz\n").expect("parse");
         assert_eq!(m.patterns[0].text, "foo");
         assert_eq!(m.patterns[1].text, "baz");
-        assert!(matches!(Matcher::parse("a[b"), Err(IgnoreError::BadPattern { line: 1, .. })));
-        assert!(matches!(Matcher::parse("x\\"), Err(IgnoreError::BadPattern { .. })));
-        assert!(matches!(Matcher::parse(&"a".repeat(DOCKERIGNORE_MAX + 1)), Err(IgnoreError::TooLarge(_))));
+        assert!(matches!(
+            Matcher::parse("a[b"),
+            Err(IgnoreError::BadPattern { line: 1, .. })
+        ));
+        assert!(matches!(
+            Matcher::parse("x\\"),
+            Err(IgnoreError::BadPattern { .. })
+        ));
+        assert!(matches!(
+            Matcher::parse(&"a".repeat(DOCKERIGNORE_MAX + 1)),
+            Err(IgnoreError::TooLarge(_))
+        ));
         let all = Matcher::parse("*\n!keep\n").expect("parse");
         assert!(all.excluded("anything") && all.excluded("dir/file") && !all.excluded("keep"));
     }

@@ -157,7 +157,10 @@ fn name_values(node: &Node, escape: char) -> Result<Vec<(String, String)>, Parse
     let what = node.keyword.to_uppercase();
     let words = split_words(&node.rest, escape);
     if words.is_empty() {
-        return Err(err(node.start_line, format!("{what} requires at least one argument")));
+        return Err(err(
+            node.start_line,
+            format!("{what} requires at least one argument"),
+        ));
     }
     if !words[0].contains('=') {
         // Legacy form.
@@ -197,7 +200,9 @@ pub fn parse_duration(s: &str) -> Option<i64> {
         }
         let n: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let mult = match &rest[..unit_len] {
             "ns" => 1.0,
             "us" | "µs" => 1e3,
@@ -234,7 +239,10 @@ impl<'a> Flags<'a> {
                 ));
             }
             if values.iter().any(|(n, _)| n == &name) {
-                return Err(err(node.start_line, format!("duplicate flag specified: --{name}")));
+                return Err(err(
+                    node.start_line,
+                    format!("duplicate flag specified: --{name}"),
+                ));
             }
             values.push((name, value));
         }
@@ -245,7 +253,10 @@ impl<'a> Flags<'a> {
         match self.values.iter().find(|(n, _)| n == name) {
             None => Ok(None),
             Some((_, Some(v))) => Ok(Some(v.clone())),
-            Some((_, None)) => Err(err(self.node.start_line, format!("missing a value on flag: --{name}"))),
+            Some((_, None)) => Err(err(
+                self.node.start_line,
+                format!("missing a value on flag: --{name}"),
+            )),
         }
     }
 
@@ -256,7 +267,10 @@ impl<'a> Flags<'a> {
             Some((_, Some(v))) => match v.as_str() {
                 "true" => Ok(true),
                 "false" => Ok(false),
-                _ => Err(err(self.node.start_line, format!("expecting boolean value for flag --{name}, not: {v}"))),
+                _ => Err(err(
+                    self.node.start_line,
+                    format!("expecting boolean value for flag --{name}, not: {v}"),
+                )),
             },
         }
     }
@@ -266,7 +280,10 @@ impl<'a> Flags<'a> {
             None => Ok(None),
             Some(v) => match parse_duration(&v) {
                 Some(d) if d >= 0 => Ok(Some(d)),
-                _ => Err(err(self.node.start_line, format!("invalid duration {v:?} for --{name}"))),
+                _ => Err(err(
+                    self.node.start_line,
+                    format!("invalid duration {v:?} for --{name}"),
+                )),
             },
         }
     }
@@ -274,14 +291,24 @@ impl<'a> Flags<'a> {
 
 fn copy_args(node: &Node, escape: char, is_add: bool) -> Result<CopyArgs, ParseError> {
     let allowed: &[&str] = if is_add {
-        &["chown", "chmod", "link", "checksum", "keep-git-dir", "exclude"]
+        &[
+            "chown",
+            "chmod",
+            "link",
+            "checksum",
+            "keep-git-dir",
+            "exclude",
+        ]
     } else {
         &["chown", "chmod", "from", "link", "parents", "exclude"]
     };
     let flags = Flags::new(node, allowed)?;
     for unsupported in ["checksum", "keep-git-dir", "parents", "exclude"] {
         if flags.values.iter().any(|(n, _)| n == unsupported) {
-            return Err(err(node.start_line, format!("--{unsupported} is not supported")));
+            return Err(err(
+                node.start_line,
+                format!("--{unsupported} is not supported"),
+            ));
         }
     }
     let mut words = match json_array(&node.rest) {
@@ -290,7 +317,13 @@ fn copy_args(node: &Node, escape: char, is_add: bool) -> Result<CopyArgs, ParseE
     };
     let what = node.keyword.to_uppercase();
     if words.is_empty() || (words.len() < 2 && node.heredocs.is_empty()) {
-        return Err(err(node.start_line, format!("{what} requires at least two arguments, but only {} provided", words.len())));
+        return Err(err(
+            node.start_line,
+            format!(
+                "{what} requires at least two arguments, but only {} provided",
+                words.len()
+            ),
+        ));
     }
     let dest = words.pop().unwrap_or_default();
     // Heredoc markers stand for their documents; they are not paths.
@@ -312,7 +345,8 @@ pub fn valid_stage_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= STAGE_NAME_MAX
         && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.".contains(c))
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.".contains(c))
 }
 
 /// One node → its typed instruction.
@@ -353,13 +387,20 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
         }
         "run" => {
             let flags = Flags::new(node, &["network", "mount", "security"])?;
-            if flags.values.iter().any(|(n, _)| n == "mount" || n == "security") {
+            if flags
+                .values
+                .iter()
+                .any(|(n, _)| n == "mount" || n == "security")
+            {
                 return Err(err(line, "RUN --mount and --security are not supported"));
             }
             let network = flags.string("network")?;
             if let Some(n) = &network {
                 if n != "host" && n != "default" {
-                    return Err(err(line, format!("RUN --network={n} is not supported: builds use the host network")));
+                    return Err(err(
+                        line,
+                        format!("RUN --network={n} is not supported: builds use the host network"),
+                    ));
                 }
             }
             needs_arg(node)?;
@@ -407,7 +448,9 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
         "volume" => {
             no_flags(node)?;
             needs_arg(node)?;
-            Instruction::Volume(json_array(&node.rest).unwrap_or_else(|| split_words(&node.rest, escape)))
+            Instruction::Volume(
+                json_array(&node.rest).unwrap_or_else(|| split_words(&node.rest, escape)),
+            )
         }
         "user" => {
             no_flags(node)?;
@@ -444,23 +487,46 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
             no_flags(node)?;
             needs_arg(node)?;
             let trigger = node.rest.trim();
-            let kw = trigger.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            let kw = trigger
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
             match kw.as_str() {
-                "onbuild" => return Err(err(line, "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed")),
+                "onbuild" => {
+                    return Err(err(
+                        line,
+                        "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed",
+                    ))
+                }
                 "from" | "maintainer" => {
-                    return Err(err(line, format!("{} isn't allowed as an ONBUILD trigger", kw.to_uppercase())))
+                    return Err(err(
+                        line,
+                        format!("{} isn't allowed as an ONBUILD trigger", kw.to_uppercase()),
+                    ))
                 }
                 _ => {}
             }
             // The trigger must itself parse.
-            let nested = parser::parse(trigger).map_err(|e| err(line, format!("ONBUILD trigger: {}", e.message)))?;
+            let nested = parser::parse(trigger)
+                .map_err(|e| err(line, format!("ONBUILD trigger: {}", e.message)))?;
             for n in &nested.nodes {
-                instruction(n, escape).map_err(|e| err(line, format!("ONBUILD trigger: {}", e.message)))?;
+                instruction(n, escape)
+                    .map_err(|e| err(line, format!("ONBUILD trigger: {}", e.message)))?;
             }
             Instruction::Onbuild(trigger.to_string())
         }
         "healthcheck" => {
-            let flags = Flags::new(node, &["interval", "timeout", "start-period", "start-interval", "retries"])?;
+            let flags = Flags::new(
+                node,
+                &[
+                    "interval",
+                    "timeout",
+                    "start-period",
+                    "start-interval",
+                    "retries",
+                ],
+            )?;
             let rest = node.rest.trim();
             let (first, args) = match rest.find(char::is_whitespace) {
                 Some(p) => (&rest[..p], rest[p..].trim()),
@@ -485,7 +551,12 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
                         None => None,
                         Some(r) => match r.parse::<i64>() {
                             Ok(n) if n >= 0 => Some(n),
-                            _ => return Err(err(line, format!("--retries must be a non-negative integer, got {r:?}"))),
+                            _ => {
+                                return Err(err(
+                                    line,
+                                    format!("--retries must be a non-negative integer, got {r:?}"),
+                                ))
+                            }
                         },
                     };
                     Instruction::Healthcheck(Some(Health {
@@ -497,10 +568,20 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
                         retries,
                     }))
                 }
-                _ => return Err(err(line, "Unknown type for healthcheck; must be CMD or NONE")),
+                _ => {
+                    return Err(err(
+                        line,
+                        "Unknown type for healthcheck; must be CMD or NONE",
+                    ))
+                }
             }
         }
-        other => return Err(err(line, format!("unknown instruction: {}", other.to_uppercase()))),
+        other => {
+            return Err(err(
+                line,
+                format!("unknown instruction: {}", other.to_uppercase()),
+            ))
+        }
     })
 }
 
@@ -520,7 +601,10 @@ pub fn parse_dockerfile(text: &str) -> Result<Dockerfile, ParseError> {
             (Instruction::From { name, .. }, _) => {
                 if let Some(n) = name {
                     if stages.iter().any(|s| s.name.as_ref() == Some(n)) {
-                        return Err(err(node.start_line, format!("duplicate name {n:?} for build stage")));
+                        return Err(err(
+                            node.start_line,
+                            format!("duplicate name {n:?} for build stage"),
+                        ));
                     }
                 }
                 stages.push(Stage {
@@ -533,7 +617,10 @@ pub fn parse_dockerfile(text: &str) -> Result<Dockerfile, ParseError> {
             (_, None) => {
                 return Err(err(
                     node.start_line,
-                    format!("{} found before the first FROM: only ARG may come before FROM", node.keyword.to_uppercase()),
+                    format!(
+                        "{} found before the first FROM: only ARG may come before FROM",
+                        node.keyword.to_uppercase()
+                    ),
                 ))
             }
             (_, Some(stage)) => stage.steps.push(step),
@@ -559,7 +646,11 @@ impl Instruction {
     /// The instruction with its words expanded against `vars` (Docker expands ADD, COPY,
     /// ENV, EXPOSE, FROM, LABEL, STOPSIGNAL, USER, VOLUME, WORKDIR and ARG; never RUN, CMD,
     /// ENTRYPOINT, SHELL, ONBUILD, HEALTHCHECK).
-    pub fn expand(&self, lexer: &Lexer, vars: &dyn Vars) -> Result<Instruction, crate::lex::LexError> {
+    pub fn expand(
+        &self,
+        lexer: &Lexer,
+        vars: &dyn Vars,
+    ) -> Result<Instruction, crate::lex::LexError> {
         let w = |s: &String| lexer.process_word(s, vars);
         let words = |v: &Vec<String>| -> Result<Vec<String>, crate::lex::LexError> {
             let mut out = Vec::new();
@@ -569,20 +660,34 @@ impl Instruction {
             Ok(out)
         };
         Ok(match self {
-            Instruction::From { image, name, platform } => Instruction::From {
+            Instruction::From {
+                image,
+                name,
+                platform,
+            } => Instruction::From {
                 image: w(image)?,
                 name: name.clone(),
                 platform: platform.as_ref().map(w).transpose()?,
             },
-            Instruction::Label(kv) => Instruction::Label(kv.iter().map(|(k, v)| Ok((w(k)?, w(v)?))).collect::<Result<_, _>>()?),
-            Instruction::Env(kv) => Instruction::Env(kv.iter().map(|(k, v)| Ok((w(k)?, w(v)?))).collect::<Result<_, _>>()?),
+            Instruction::Label(kv) => Instruction::Label(
+                kv.iter()
+                    .map(|(k, v)| Ok((w(k)?, w(v)?)))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Instruction::Env(kv) => Instruction::Env(
+                kv.iter()
+                    .map(|(k, v)| Ok((w(k)?, w(v)?)))
+                    .collect::<Result<_, _>>()?,
+            ),
             Instruction::Arg(kv) => Instruction::Arg(
                 kv.iter()
                     .map(|(k, v)| Ok((k.clone(), v.as_ref().map(w).transpose()?)))
                     .collect::<Result<_, _>>()?,
             ),
             Instruction::Expose(v) => Instruction::Expose(words(v)?),
-            Instruction::Volume(v) => Instruction::Volume(v.iter().map(w).collect::<Result<_, _>>()?),
+            Instruction::Volume(v) => {
+                Instruction::Volume(v.iter().map(w).collect::<Result<_, _>>()?)
+            }
             Instruction::User(s) => Instruction::User(w(s)?),
             Instruction::Workdir(s) => Instruction::Workdir(w(s)?),
             Instruction::StopSignal(s) => Instruction::StopSignal(w(s)?),

@@ -26,7 +26,10 @@ pub trait Vars {
 
 impl Vars for [(String, String)] {
     fn get(&self, name: &str) -> Option<&str> {
-        self.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -121,7 +124,13 @@ impl Lexer {
         Ok(out.words)
     }
 
-    fn run(&self, input: &str, vars: &dyn Vars, out: &mut Out, split: bool) -> Result<(), LexError> {
+    fn run(
+        &self,
+        input: &str,
+        vars: &dyn Vars,
+        out: &mut Out,
+        split: bool,
+    ) -> Result<(), LexError> {
         let mut it = input.chars().peekable();
         while let Some(c) = it.next() {
             match c {
@@ -242,7 +251,11 @@ impl Lexer {
                     None => false,
                 };
                 match op {
-                    '-' => Ok(if set { value.unwrap_or("").to_string() } else { word }),
+                    '-' => Ok(if set {
+                        value.unwrap_or("").to_string()
+                    } else {
+                        word
+                    }),
                     '+' => Ok(if set { word } else { String::new() }),
                     _ => {
                         if set {
@@ -264,7 +277,11 @@ impl Lexer {
     }
 
     /// The word of a `${v:-word}` up to the closing brace, itself processed.
-    fn until_brace(&self, it: &mut Peekable<Chars<'_>>, vars: &dyn Vars) -> Result<String, LexError> {
+    fn until_brace(
+        &self,
+        it: &mut Peekable<Chars<'_>>,
+        vars: &dyn Vars,
+    ) -> Result<String, LexError> {
         let mut raw = String::new();
         let mut depth = 0;
         loop {
@@ -336,7 +353,10 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(l.process_word(input, &v).as_deref(), Ok(want), "{input}");
         }
-        assert_eq!(l.expand_only("echo \"$a\" '$a' \\$a", &v).as_deref(), Ok("echo \"A\" 'A' $a"));
+        assert_eq!(
+            l.expand_only("echo \"$a\" '$a' \\$a", &v).as_deref(),
+            Ok("echo \"A\" 'A' $a")
+        );
         let bt = Lexer::new('`');
         assert_eq!(bt.process_word("a`$b", &v).as_deref(), Ok("a$b"));
         assert_eq!(bt.process_word("c:\\dir", &v).as_deref(), Ok("c:\\dir"));
@@ -346,17 +366,38 @@ mod tests {
     fn words_and_errors() {
         let l = Lexer::default();
         let v = vars();
-        assert_eq!(l.process_words("80 443/tcp  '8 0'", &v), Ok(vec!["80".into(), "443/tcp".into(), "8 0".into()]));
+        assert_eq!(
+            l.process_words("80 443/tcp  '8 0'", &v),
+            Ok(vec!["80".into(), "443/tcp".into(), "8 0".into()])
+        );
         assert_eq!(l.process_words("$sp", &v), Ok(vec!["x".into(), "y".into()]));
         assert_eq!(l.process_words("\"$sp\"", &v), Ok(vec!["x  y".into()]));
-        assert!(matches!(l.process_word("'abc", &v), Err(LexError::Unterminated(_))));
-        assert!(matches!(l.process_word("\"abc", &v), Err(LexError::Unterminated(_))));
-        assert!(matches!(l.process_word("${a", &v), Err(LexError::MissingBrace)));
-        assert!(matches!(l.process_word("${a:=x}", &v), Err(LexError::BadModifier(_))));
-        assert!(matches!(l.process_word("${}", &v), Err(LexError::BadName(_))));
+        assert!(matches!(
+            l.process_word("'abc", &v),
+            Err(LexError::Unterminated(_))
+        ));
+        assert!(matches!(
+            l.process_word("\"abc", &v),
+            Err(LexError::Unterminated(_))
+        ));
+        assert!(matches!(
+            l.process_word("${a", &v),
+            Err(LexError::MissingBrace)
+        ));
+        assert!(matches!(
+            l.process_word("${a:=x}", &v),
+            Err(LexError::BadModifier(_))
+        ));
+        assert!(matches!(
+            l.process_word("${}", &v),
+            Err(LexError::BadName(_))
+        ));
         assert_eq!(
             l.process_word("${nope:?must be set}", &v),
-            Err(LexError::Required { name: "nope".into(), message: "must be set".into() })
+            Err(LexError::Required {
+                name: "nope".into(),
+                message: "must be set".into()
+            })
         );
     }
 }

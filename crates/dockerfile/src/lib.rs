@@ -3,7 +3,7 @@
 //! and variable expansion (`lex`); `.dockerignore` matching (`ignore`). BuildKit's
 //! `frontend/dockerfile` is the reference for every rule here.
 
-pub mod lex;
-pub mod parser;
 pub mod ignore;
 pub mod instructions;
+pub mod lex;
+pub mod parser;

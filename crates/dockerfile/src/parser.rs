@@ -9,8 +9,24 @@ use std::fmt;
 pub const DOCKERFILE_MAX: usize = 1 << 20;
 
 pub const KEYWORDS: [&str; 18] = [
-    "add", "arg", "cmd", "copy", "entrypoint", "env", "expose", "from", "healthcheck", "label",
-    "maintainer", "onbuild", "run", "shell", "stopsignal", "user", "volume", "workdir",
+    "add",
+    "arg",
+    "cmd",
+    "copy",
+    "entrypoint",
+    "env",
+    "expose",
+    "from",
+    "healthcheck",
+    "label",
+    "maintainer",
+    "onbuild",
+    "run",
+    "shell",
+    "stopsignal",
+    "user",
+    "volume",
+    "workdir",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,7 +40,11 @@ impl fmt::Display for ParseError {
         if self.line == 0 {
             write!(f, "dockerfile parse error: {}", self.message)
         } else {
-            write!(f, "dockerfile parse error on line {}: {}", self.line, self.message)
+            write!(
+                f,
+                "dockerfile parse error on line {}: {}",
+                self.line, self.message
+            )
         }
     }
 }
@@ -165,7 +185,8 @@ fn heredoc_markers(rest: &str, escape: char) -> Vec<(String, bool, bool)> {
                 _ => None,
             };
             let start = j;
-            while j < chars.len() && (chars[j].is_ascii_alphanumeric() || "_-.".contains(chars[j])) {
+            while j < chars.len() && (chars[j].is_ascii_alphanumeric() || "_-.".contains(chars[j]))
+            {
                 j += 1;
             }
             let name: String = chars[start..j].iter().collect();
@@ -192,28 +213,44 @@ pub fn parse(text: &str) -> Result<Parsed, ParseError> {
     if text.len() > DOCKERFILE_MAX {
         return Err(err(
             0,
-            format!("the Dockerfile is {} bytes, over the limit of {DOCKERFILE_MAX} bytes", text.len()),
+            format!(
+                "the Dockerfile is {} bytes, over the limit of {DOCKERFILE_MAX} bytes",
+                text.len()
+            ),
         ));
     }
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let lines: Vec<&str> = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).collect();
+    let lines: Vec<&str> = text
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .collect();
     let mut directives = Directives::default();
     let mut seen = Vec::new();
     let mut i = 0;
     while i < lines.len() {
-        let Some((k, v)) = directive(lines[i]) else { break };
+        let Some((k, v)) = directive(lines[i]) else {
+            break;
+        };
         if !["syntax", "escape", "check"].contains(&k.as_str()) {
             break;
         }
         if seen.contains(&k) {
-            return Err(err(i + 1, format!("only one {k} parser directive can be used")));
+            return Err(err(
+                i + 1,
+                format!("only one {k} parser directive can be used"),
+            ));
         }
         match k.as_str() {
             "escape" => {
                 directives.escape = match v.as_str() {
                     "\\" => '\\',
                     "`" => '`',
-                    other => return Err(err(i + 1, format!("invalid escape token '{other}' does not match ` or \\"))),
+                    other => {
+                        return Err(err(
+                            i + 1,
+                            format!("invalid escape token '{other}' does not match ` or \\"),
+                        ))
+                    }
                 }
             }
             "syntax" => directives.syntax = Some(v),
@@ -278,7 +315,10 @@ pub fn parse(text: &str) -> Result<Parsed, ParseError> {
         };
         let keyword = word.to_ascii_lowercase();
         if !KEYWORDS.contains(&keyword.as_str()) {
-            return Err(err(start_line, format!("unknown instruction: {}", word.to_uppercase())));
+            return Err(err(
+                start_line,
+                format!("unknown instruction: {}", word.to_uppercase()),
+            ));
         }
         let (flags, rest) = split_flags(rest);
         let mut heredocs = Vec::new();
@@ -352,14 +392,20 @@ mod tests {
         assert_eq!(p.nodes[1].heredocs[0].content, "hello\n");
         assert!(p.nodes[1].heredocs[0].expand);
         let h = &p.nodes[2].heredocs[0];
-        assert_eq!((h.name.as_str(), h.content.as_str(), h.expand, h.chomp), ("END", "echo $x\n", false, true));
+        assert_eq!(
+            (h.name.as_str(), h.content.as_str(), h.expand, h.chomp),
+            ("END", "echo $x\n", false, true)
+        );
         assert_eq!(p.nodes[2].end_line, 7);
     }
 
     #[test]
     fn errors_name_the_line() {
         let e = parse("FROM x\nFROB y\n").expect_err("unknown");
-        assert_eq!(e.to_string(), "dockerfile parse error on line 2: unknown instruction: FROB");
+        assert_eq!(
+            e.to_string(),
+            "dockerfile parse error on line 2: unknown instruction: FROB"
+        );
         let e = parse("FROM x\nRUN <<EOF\nnever closed\n").expect_err("heredoc");
         assert_eq!(e.line, 2);
         let e = parse("# escape=x\nFROM a\n").expect_err("escape");

@@ -8,15 +8,26 @@ use std::path::Path;
 fn golden_cases() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
-    let mut cases: Vec<_> = std::fs::read_dir(&root).expect("testdata").flatten().map(|e| e.path()).collect();
+    let mut cases: Vec<_> = std::fs::read_dir(&root)
+        .expect("testdata")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     cases.sort();
     assert!(cases.len() >= 10, "golden cases are missing");
     let mut failures = Vec::new();
     for case in cases {
         let text = std::fs::read_to_string(case.join("Dockerfile")).expect("Dockerfile");
-        let name = case.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = case
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         let (file, actual) = match parse_dockerfile(&text) {
-            Ok(df) => ("expected.json", serde_json::to_string_pretty(&df).expect("json") + "\n"),
+            Ok(df) => (
+                "expected.json",
+                serde_json::to_string_pretty(&df).expect("json") + "\n",
+            ),
             Err(e) => ("expected-error.txt", format!("{e}\n")),
         };
         let path = case.join(file);
@@ -28,7 +39,9 @@ fn golden_cases() {
         }
         match std::fs::read_to_string(&path) {
             Ok(expected) if expected == actual => {}
-            Ok(expected) => failures.push(format!("{name}: {file} differs\n--- expected\n{expected}\n--- actual\n{actual}")),
+            Ok(expected) => failures.push(format!(
+                "{name}: {file} differs\n--- expected\n{expected}\n--- actual\n{actual}"
+            )),
             Err(_) => failures.push(format!("{name}: no {file}; got:\n{actual}")),
         }
     }

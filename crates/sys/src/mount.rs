@@ -54,9 +54,17 @@ pub fn mount_overlay(
     options: &[String],
 ) -> Result<MountGuard> {
     if lowers.is_empty() {
-        return Err(SysError::new("mount overlay", target, rustix::io::Errno::INVAL));
+        return Err(SysError::new(
+            "mount overlay",
+            target,
+            rustix::io::Errno::INVAL,
+        ));
     }
-    let lower = lowers.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+    let lower = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     let mut data = format!(
         "lowerdir={lower},upperdir={},workdir={}",
         upper.display(),
@@ -80,7 +88,10 @@ pub fn mount_overlay(
         return Err(SysError::io(
             "mount overlay",
             target,
-            std::io::Error::other(format!("{} lower layers make the mount options too long", lowers.len())),
+            std::io::Error::other(format!(
+                "{} lower layers make the mount options too long",
+                lowers.len()
+            )),
         ));
     }
     let data = std::ffi::CString::new(data)
@@ -104,20 +115,38 @@ mod tests {
             return;
         }
         let d = tempfile::tempdir().expect("tmp");
-        let (lower, upper, work, merged) = (d.path().join("l"), d.path().join("u"), d.path().join("w"), d.path().join("m"));
+        let (lower, upper, work, merged) = (
+            d.path().join("l"),
+            d.path().join("u"),
+            d.path().join("w"),
+            d.path().join("m"),
+        );
         for p in [&lower, &upper, &work, &merged] {
             std::fs::create_dir(p).expect("mkdir");
         }
         std::fs::write(lower.join("base"), b"from lower").expect("write");
         {
-            let _m = mount_overlay(std::slice::from_ref(&lower), &upper, &work, &merged, &["nodev".into()]).expect("mount");
-            assert_eq!(std::fs::read(merged.join("base")).expect("read"), b"from lower");
+            let _m = mount_overlay(
+                std::slice::from_ref(&lower),
+                &upper,
+                &work,
+                &merged,
+                &["nodev".into()],
+            )
+            .expect("mount");
+            assert_eq!(
+                std::fs::read(merged.join("base")).expect("read"),
+                b"from lower"
+            );
             std::fs::write(merged.join("new"), b"x").expect("write");
             std::fs::remove_file(merged.join("base")).expect("rm");
         }
         assert!(!merged.join("new").exists(), "unmounted on drop");
         assert!(upper.join("new").exists());
-        assert!(std::fs::symlink_metadata(upper.join("base")).is_ok(), "whiteout in upper");
+        assert!(
+            std::fs::symlink_metadata(upper.join("base")).is_ok(),
+            "whiteout in upper"
+        );
         assert!(crate::mounts_under(d.path()).expect("mountinfo").is_empty());
     }
 }

@@ -1,0 +1,327 @@
+//! RUN steps in a real OCI runtime. We write the bundle (`config.json` for a rootfs that the
+//! builder has mounted) and drive the `runc` binary: host network, Docker's default
+//! capabilities plus the build's `--cap-add`, the host's `/etc/hosts` and
+//! `/etc/resolv.conf` bind-mounted read-only, output streamed as it comes. Cancelling kills
+//! the container; the container is always deleted. The daemon never forks itself: runc does
+//! the namespace work.
+
+use serde_json::json;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Docker's default capability set for containers (and build steps).
+pub const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Every capability name runc knows (for validating `--cap-add`).
+pub const ALL_CAPS: [&str; 41] = [
+    "CAP_AUDIT_CONTROL",
+    "CAP_AUDIT_READ",
+    "CAP_AUDIT_WRITE",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_KILL",
+    "CAP_LEASE",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_MAC_ADMIN",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MKNOD",
+    "CAP_NET_ADMIN",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_RAW",
+    "CAP_PERFMON",
+    "CAP_SETFCAP",
+    "CAP_SETGID",
+    "CAP_SETPCAP",
+    "CAP_SETUID",
+    "CAP_SYSLOG",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_NICE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_WAKE_ALARM",
+];
+
+/// Host files bind-mounted into every step (never part of a layer).
+pub const HOST_FILES: [&str; 2] = ["/etc/hosts", "/etc/resolv.conf"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("unknown capability {0:?}")]
+    UnknownCapability(String),
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("runtime {runtime} failed: {message}")]
+    Runtime { runtime: String, message: String },
+    #[error("step cancelled")]
+    Cancelled,
+}
+
+fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let op = op.into();
+    move |source| RuntimeError::Io { op, source }
+}
+
+/// Normalises `--cap-add` names (`sys_admin`, `CAP_SYS_ADMIN`) and refuses unknown ones.
+pub fn normalize_cap(name: &str) -> Result<String, RuntimeError> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("CAP_") {
+        upper
+    } else {
+        format!("CAP_{upper}")
+    };
+    if ALL_CAPS.contains(&full.as_str()) {
+        Ok(full)
+    } else {
+        Err(RuntimeError::UnknownCapability(name.to_string()))
+    }
+}
+
+/// What one RUN step executes.
+#[derive(Debug, Clone, Default)]
+pub struct Process {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    /// Extra capabilities (normalised names).
+    pub cap_add: Vec<String>,
+}
+
+/// The OCI runtime spec for a build step on `rootfs`.
+pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
+    let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
+    for c in &process.cap_add {
+        if !caps.contains(c) {
+            caps.push(c.clone());
+        }
+    }
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+    ];
+    for f in HOST_FILES {
+        if Path::new(f).exists() {
+            mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
+        }
+    }
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": process.uid, "gid": process.gid, "additionalGids": process.additional_gids},
+            "args": process.args,
+            "env": process.env,
+            "cwd": if process.cwd.is_empty() { "/" } else { process.cwd.as_str() },
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": false
+        },
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": "isula-build",
+        "mounts": mounts,
+        "linux": {
+            // No network namespace: RUN uses the host network (the manual).
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                            "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"],
+            "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+/// The mount destinations a step adds to the rootfs (so the builder can keep the mount
+/// points runc creates out of the layer).
+pub fn mount_points() -> Vec<&'static str> {
+    let mut v = vec!["/proc", "/dev", "/sys"];
+    v.extend(HOST_FILES.iter().filter(|f| Path::new(f).exists()));
+    v
+}
+
+/// A cancellation flag shared with whoever may stop the step.
+pub type CancelFlag = Arc<AtomicBool>;
+
+/// The runc binary and its state directory.
+#[derive(Debug, Clone)]
+pub struct Runc {
+    pub binary: PathBuf,
+    pub state_root: PathBuf,
+}
+
+impl Runc {
+    /// Finds `name_or_path` (an absolute path, or a name on PATH).
+    pub fn new(name_or_path: &str, state_root: &Path) -> Result<Runc, RuntimeError> {
+        let binary = if name_or_path.contains('/') {
+            PathBuf::from(name_or_path)
+        } else {
+            std::env::var_os("PATH")
+                .into_iter()
+                .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+                .map(|d| d.join(name_or_path))
+                .find(|p| p.is_file())
+                .ok_or_else(|| RuntimeError::Runtime {
+                    runtime: name_or_path.to_string(),
+                    message: "not found on PATH (install runc)".into(),
+                })?
+        };
+        Ok(Runc {
+            binary,
+            state_root: state_root.to_path_buf(),
+        })
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.binary);
+        c.arg("--root").arg(&self.state_root);
+        c
+    }
+
+    /// Runs `process` on `rootfs` with its bundle in `bundle` (an empty private directory).
+    /// Output (stdout and stderr together) goes to `output` as it arrives. Returns the exit
+    /// code.
+    pub fn run(
+        &self,
+        bundle: &Path,
+        rootfs: &Path,
+        process: &Process,
+        cancel: &CancelFlag,
+        output: &mut dyn FnMut(&[u8]),
+    ) -> Result<i32, RuntimeError> {
+        std::fs::create_dir_all(&self.state_root)
+            .map_err(io("creating the runc state directory"))?;
+        let config = serde_json::to_vec_pretty(&spec(rootfs, process))
+            .map_err(|e| io("encoding config.json")(e.into()))?;
+        std::fs::write(bundle.join("config.json"), config).map_err(io("writing config.json"))?;
+        let id = format!("isula-build-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let (mut reader, writer) = std::io::pipe().map_err(io("creating the output pipe"))?;
+        let writer2 = writer.try_clone().map_err(io("cloning the output pipe"))?;
+        let mut child = self
+            .command()
+            .arg("run")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(writer2)
+            .spawn()
+            .map_err(io(format!("starting {}", self.binary.display())))?;
+        // Watch for cancellation while the output is read here.
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (done, cancel, runc, id) = (done.clone(), cancel.clone(), self.clone(), id.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    if cancel.load(Ordering::SeqCst) {
+                        let _ = runc.command().args(["kill", "--all", &id, "KILL"]).output();
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                false
+            })
+        };
+        let mut buf = [0u8; 8192];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => output(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let status = child.wait().map_err(io("waiting for runc"));
+        done.store(true, Ordering::SeqCst);
+        let killed = watcher.join().unwrap_or(false);
+        // Always remove the container's state, whatever happened.
+        let _ = self.command().args(["delete", "--force", &id]).output();
+        if killed || cancel.load(Ordering::SeqCst) {
+            return Err(RuntimeError::Cancelled);
+        }
+        let status = status?;
+        Ok(status
+            .code()
+            .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_are_validated() {
+        assert_eq!(
+            normalize_cap("sys_admin").ok().as_deref(),
+            Some("CAP_SYS_ADMIN")
+        );
+        assert_eq!(
+            normalize_cap("CAP_NET_ADMIN").ok().as_deref(),
+            Some("CAP_NET_ADMIN")
+        );
+        assert!(normalize_cap("CAP_FLY").is_err());
+        let s = spec(
+            Path::new("/r"),
+            &Process {
+                cap_add: vec!["CAP_SYS_ADMIN".into()],
+                ..Default::default()
+            },
+        );
+        let caps = s["process"]["capabilities"]["bounding"]
+            .as_array()
+            .map(|a| a.len());
+        assert_eq!(caps, Some(DEFAULT_CAPS.len() + 1));
+        let ns: Vec<&str> = s["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["type"].as_str())
+            .collect();
+        assert!(!ns.contains(&"network"), "RUN uses the host network");
+    }
+}
