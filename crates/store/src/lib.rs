@@ -22,6 +22,7 @@
 pub mod apply;
 pub mod compression;
 pub mod content;
+pub mod diff;
 pub mod error;
 pub mod metadata;
 

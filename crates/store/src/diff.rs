@@ -1,0 +1,271 @@
+//! An overlay upper directory → a Docker layer tar, streamed: 0:0 character devices become
+//! `.wh.NAME` files, the opaque xattr becomes `.wh..wh..opq`, hard links within the layer
+//! become link entries. Entries are sorted by name and, for reproducible builds, mtimes can
+//! be clamped; paths the build's own machinery created (mount points) are left out.
+
+use crate::error::{Result, StoreError};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct DiffOptions {
+    /// Clamp every mtime to at most this (seconds since the epoch).
+    pub clamp_mtime: Option<i64>,
+    /// Paths (relative to the upper dir) left out with everything under them.
+    pub exclude: HashSet<PathBuf>,
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |e| StoreError::io(op, path, e)
+}
+
+struct Walk<'a, W: Write> {
+    root: &'a Path,
+    tar: tar::Builder<W>,
+    opts: &'a DiffOptions,
+    inodes: HashMap<(u64, u64), PathBuf>,
+}
+
+fn xattr(path: &Path, key: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    match rustix::fs::lgetxattr(path, key, &mut buf) {
+        Ok(n) => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        Err(_) => None,
+    }
+}
+
+impl<W: Write> Walk<'_, W> {
+    fn header(&self, meta: &std::fs::Metadata, kind: tar::EntryType) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(meta.mode() & 0o7777);
+        h.set_uid(meta.uid() as u64);
+        h.set_gid(meta.gid() as u64);
+        let mtime = match self.opts.clamp_mtime {
+            Some(c) => meta.mtime().min(c),
+            None => meta.mtime(),
+        };
+        h.set_mtime(mtime.max(0) as u64);
+        h.set_size(0);
+        h
+    }
+
+    fn pax_xattrs(&mut self, path: &Path, rel: &Path) -> Result<()> {
+        let mut exts: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Some(v) = xattr(path, "security.capability") {
+            exts.push(("SCHILY.xattr.security.capability".into(), v));
+        }
+        if !exts.is_empty() {
+            self.tar
+                .append_pax_extensions(exts.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+                .map_err(io("write", rel))?;
+        }
+        Ok(())
+    }
+
+    fn entry(&mut self, rel: &Path) -> Result<()> {
+        if self.opts.exclude.contains(rel) {
+            return Ok(());
+        }
+        let path = self.root.join(rel);
+        let meta = std::fs::symlink_metadata(&path).map_err(io("stat", &path))?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            // Overlay whiteout.
+            let name = rel
+                .file_name()
+                .map(|n| n.as_bytes().to_vec())
+                .unwrap_or_default();
+            let mut wh = b".wh.".to_vec();
+            wh.extend_from_slice(&name);
+            let wh_path = rel.with_file_name(std::ffi::OsStr::from_bytes(&wh));
+            let mut h = self.header(&meta, tar::EntryType::Regular);
+            h.set_mode(0o600);
+            h.set_uid(0);
+            h.set_gid(0);
+            self.tar
+                .append_data(&mut h, &wh_path, std::io::empty())
+                .map_err(io("write", rel))?;
+            return Ok(());
+        }
+        if ft.is_dir() {
+            let mut h = self.header(&meta, tar::EntryType::Directory);
+            self.pax_xattrs(&path, rel)?;
+            let mut name = rel.as_os_str().as_bytes().to_vec();
+            name.push(b'/');
+            self.tar
+                .append_data(&mut h, std::ffi::OsStr::from_bytes(&name), std::io::empty())
+                .map_err(io("write", rel))?;
+            if xattr(&path, crate::apply::OPAQUE_XATTR).as_deref() == Some(b"y") {
+                let mut h = self.header(&meta, tar::EntryType::Regular);
+                h.set_mode(0o600);
+                self.tar
+                    .append_data(
+                        &mut h,
+                        rel.join(crate::apply::OPAQUE_WHITEOUT),
+                        std::io::empty(),
+                    )
+                    .map_err(io("write", rel))?;
+            }
+            return self.children(rel);
+        }
+        if ft.is_symlink() {
+            let target = std::fs::read_link(&path).map_err(io("readlink", &path))?;
+            let mut h = self.header(&meta, tar::EntryType::Symlink);
+            self.tar
+                .append_link(&mut h, rel, &target)
+                .map_err(io("write", rel))?;
+            return Ok(());
+        }
+        if ft.is_file() {
+            if meta.nlink() > 1 {
+                let key = (meta.dev(), meta.ino());
+                if let Some(first) = self.inodes.get(&key).cloned() {
+                    let mut h = self.header(&meta, tar::EntryType::Link);
+                    self.tar
+                        .append_link(&mut h, rel, &first)
+                        .map_err(io("write", rel))?;
+                    return Ok(());
+                }
+                self.inodes.insert(key, rel.to_path_buf());
+            }
+            let mut h = self.header(&meta, tar::EntryType::Regular);
+            h.set_size(meta.len());
+            self.pax_xattrs(&path, rel)?;
+            let f = std::fs::File::open(&path).map_err(io("open", &path))?;
+            self.tar
+                .append_data(&mut h, rel, f)
+                .map_err(io("write", rel))?;
+            return Ok(());
+        }
+        let kind = if ft.is_fifo() {
+            tar::EntryType::Fifo
+        } else if ft.is_char_device() {
+            tar::EntryType::Char
+        } else if ft.is_block_device() {
+            tar::EntryType::Block
+        } else {
+            return Ok(()); // sockets are not part of images
+        };
+        let mut h = self.header(&meta, kind);
+        if kind != tar::EntryType::Fifo {
+            let dev = meta.rdev();
+            h.set_device_major(rustix::fs::major(dev))
+                .map_err(io("write", rel))?;
+            h.set_device_minor(rustix::fs::minor(dev))
+                .map_err(io("write", rel))?;
+        }
+        self.tar
+            .append_data(&mut h, rel, std::io::empty())
+            .map_err(io("write", rel))?;
+        Ok(())
+    }
+
+    fn children(&mut self, rel: &Path) -> Result<()> {
+        let dir = self.root.join(rel);
+        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&dir)
+            .map_err(io("read", &dir))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .map_err(io("read", &dir))?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for n in names {
+            self.entry(&rel.join(n))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the layer tar of `upper` to `out` and returns `out`.
+pub fn write_layer<W: Write>(upper: &Path, out: W, opts: &DiffOptions) -> Result<W> {
+    let mut walk = Walk {
+        root: upper,
+        tar: tar::Builder::new(out),
+        opts,
+        inodes: HashMap::new(),
+    };
+    walk.tar.mode(tar::HeaderMode::Complete);
+    walk.children(Path::new(""))?;
+    walk.tar.into_inner().map_err(io("write", upper))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_apply() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipping: whiteouts need root");
+            return;
+        }
+        let d = tempfile::tempdir().expect("tmp");
+        let upper = d.path().join("upper");
+        std::fs::create_dir_all(upper.join("etc/opq")).expect("mkdir");
+        std::fs::write(upper.join("etc/file"), b"data").expect("write");
+        std::fs::hard_link(upper.join("etc/file"), upper.join("etc/link")).expect("link");
+        std::os::unix::fs::symlink("/etc/file", upper.join("sym")).expect("symlink");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &upper.join("gone"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )
+        .expect("whiteout");
+        rustix::fs::setxattr(
+            &upper.join("etc/opq"),
+            crate::apply::OPAQUE_XATTR,
+            b"y",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("opaque");
+        std::fs::create_dir(upper.join("proc")).expect("mkdir");
+        let opts = DiffOptions {
+            clamp_mtime: Some(1000),
+            exclude: [PathBuf::from("proc")].into_iter().collect(),
+        };
+        let tar = write_layer(&upper, Vec::new(), &opts).expect("diff");
+        let mut names = Vec::new();
+        for e in tar::Archive::new(&tar[..]).entries().expect("entries") {
+            let e = e.expect("entry");
+            assert!(e.header().mtime().expect("mtime") <= 1000);
+            names.push((
+                e.path().expect("path").display().to_string(),
+                e.header().entry_type(),
+            ));
+        }
+        let just: Vec<&str> = names.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            just,
+            vec![
+                "etc/",
+                "etc/file",
+                "etc/link",
+                "etc/opq/",
+                "etc/opq/.wh..wh..opq",
+                ".wh.gone",
+                "sym"
+            ]
+        );
+        assert_eq!(names[2].1, tar::EntryType::Link);
+        // Same input, same bytes.
+        assert_eq!(write_layer(&upper, Vec::new(), &opts).expect("again"), tar);
+        // And back: apply gives the overlay form again.
+        let back = d.path().join("back");
+        std::fs::create_dir(&back).expect("mkdir");
+        crate::apply::apply_layer(&tar[..], &back).expect("apply");
+        assert_eq!(std::fs::read(back.join("etc/link")).expect("link"), b"data");
+        assert!(std::fs::symlink_metadata(back.join("gone"))
+            .expect("wh")
+            .file_type()
+            .is_char_device());
+        assert!(!back.join("proc").exists());
+    }
+}
