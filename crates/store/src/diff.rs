@@ -213,14 +213,14 @@ mod tests {
         std::os::unix::fs::symlink("/etc/file", upper.join("sym")).expect("symlink");
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &upper.join("gone"),
+            upper.join("gone"),
             rustix::fs::FileType::CharacterDevice,
             rustix::fs::Mode::empty(),
             0,
         )
         .expect("whiteout");
         rustix::fs::setxattr(
-            &upper.join("etc/opq"),
+            upper.join("etc/opq"),
             crate::apply::OPAQUE_XATTR,
             b"y",
             rustix::fs::XattrFlags::empty(),
