@@ -173,6 +173,18 @@ fn matches(tokens: &[Token], s: &[char]) -> bool {
     }
 }
 
+/// Go's `filepath.Match` for one path component (COPY wildcards): `*`, `?`, `[...]`, `\`.
+pub fn component_match(pattern: &str, name: &str) -> Result<bool, &'static str> {
+    let tokens = compile(pattern)?;
+    let chars: Vec<char> = name.chars().collect();
+    Ok(matches(&tokens, &chars))
+}
+
+/// Whether a source path has wildcard characters.
+pub fn has_wildcards(path: &str) -> bool {
+    path.contains(['*', '?', '['])
+}
+
 impl Pattern {
     fn is_match(&self, path: &str) -> bool {
         let chars: Vec<char> = path.chars().collect();

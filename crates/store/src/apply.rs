@@ -63,6 +63,16 @@ fn sys_at(entry: &Path, e: isula_sys::SysError) -> StoreError {
 
 /// Unpacks `layer` (an uncompressed tar stream) into the empty directory `dest`.
 pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
+    unpack(layer, dest, true)
+}
+
+/// Extracts a plain tar archive (ADD of a local archive) into the existing directory
+/// `dest`, with the same containment checks; `.wh.` names are ordinary files here.
+pub fn extract_into<R: Read>(archive: R, dest: &Path) -> Result<ApplyReport> {
+    unpack(archive, dest, false)
+}
+
+fn unpack<R: Read>(layer: R, dest: &Path, whiteouts: bool) -> Result<ApplyReport> {
     let root = Root::open(dest)?;
     let mut archive = tar::Archive::new(layer);
     let mut report = ApplyReport::default();
@@ -87,7 +97,7 @@ pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
         let name_bytes = name.as_bytes();
 
         // Whiteouts.
-        if name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+        if whiteouts && name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
             let parent = rel.parent().unwrap_or(Path::new(""));
             let pfd = root
                 .dir(parent, Resolve::NoSymlinks, true)

@@ -111,6 +111,16 @@ impl StagedLayer {
     pub fn diff_dir(&self) -> PathBuf {
         self.dir.join("diff")
     }
+
+    /// An overlay work directory beside the diff (same file system), for using the staged
+    /// layer as an overlay upper. Removed again at commit.
+    pub fn work_dir(&self) -> Result<PathBuf> {
+        let w = self.dir.join("work");
+        if !w.is_dir() {
+            fs::create_dir(&w).map_err(|e| StoreError::io("create", &w, e))?;
+        }
+        Ok(w)
+    }
 }
 
 impl Drop for StagedLayer {
@@ -231,6 +241,10 @@ impl Store {
         let dest = self.layer_dir(chain);
         if dest.join("diff").is_dir() {
             return Ok(()); // staged is dropped and removed
+        }
+        let work = staged.dir.join("work");
+        if work.exists() {
+            isula_sys::rooted::remove_tree(&work)?;
         }
         isula_sys::fsync_dir(&staged.diff_dir())?;
         match fs::rename(&staged.dir, &dest) {

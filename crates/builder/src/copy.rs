@@ -1,0 +1,396 @@
+//! COPY and ADD: Docker's source and destination rules, with every path resolved inside its
+//! root. Sources are looked up in the build context (minus .dockerignore) or another
+//! stage's rootfs, following symlinks only within that root; destinations are written
+//! through the rootfs handle, so neither a context symlink nor a link made by an earlier RUN
+//! can lead outside.
+
+use isula_dockerfile::ignore::{clean, component_match, has_wildcards, Matcher};
+use isula_sys::rooted::{self, Resolve, Root};
+use rustix::fs::{FileType, Mode, OFlags};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Where sources come from.
+pub struct Source<'a> {
+    pub root: &'a Root,
+    /// The context's .dockerignore (None for a stage or image).
+    pub ignore: Option<&'a Matcher>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CopyOptions {
+    pub owner: Option<(u32, u32)>,
+    pub chmod: Option<u32>,
+    /// ADD: local tar archives are extracted into the destination.
+    pub extract: bool,
+}
+
+type R<T> = Result<T, String>;
+
+fn excluded(src: &Source<'_>, rel: &str) -> bool {
+    src.ignore.is_some_and(|m| m.excluded(rel))
+}
+
+fn stat_fd(fd: BorrowedFd<'_>) -> R<rustix::fs::Stat> {
+    rustix::fs::fstat(fd).map_err(|e| e.to_string())
+}
+
+/// Expands one source (wildcards included) to relative paths that exist and are not
+/// ignored.
+fn expand_source(src: &Source<'_>, pattern: &str) -> R<Vec<String>> {
+    let rel = clean(&format!("/{pattern}"));
+    let rel = rel.trim_start_matches('/').to_string();
+    if !has_wildcards(&rel) {
+        let path = if rel.is_empty() {
+            ".".to_string()
+        } else {
+            rel.clone()
+        };
+        let exists = src
+            .root
+            .open_at(
+                Path::new(&path),
+                Resolve::InRoot,
+                OFlags::PATH,
+                Mode::empty(),
+            )
+            .is_ok();
+        if !exists || (!rel.is_empty() && excluded(src, &rel)) {
+            return Err(format!("{pattern}: no such file or directory"));
+        }
+        return Ok(vec![rel]);
+    }
+    // Walk component by component, matching wildcard components against directory entries.
+    let mut found = vec![String::new()];
+    for comp in rel.split('/') {
+        let mut next = Vec::new();
+        for base in &found {
+            if !has_wildcards(comp) {
+                next.push(if base.is_empty() {
+                    comp.to_string()
+                } else {
+                    format!("{base}/{comp}")
+                });
+                continue;
+            }
+            let dir = if base.is_empty() { "." } else { base.as_str() };
+            let Ok(fd) = src.root.open_at(
+                Path::new(dir),
+                Resolve::InRoot,
+                OFlags::RDONLY | OFlags::DIRECTORY,
+                Mode::empty(),
+            ) else {
+                continue;
+            };
+            let mut names: Vec<String> = Vec::new();
+            let entries = rustix::fs::Dir::read_from(&fd).map_err(|e| e.to_string())?;
+            for ent in entries {
+                let ent = ent.map_err(|e| e.to_string())?;
+                let n = String::from_utf8_lossy(ent.file_name().to_bytes()).to_string();
+                if n == "." || n == ".." {
+                    continue;
+                }
+                if component_match(comp, &n).map_err(|e| format!("{pattern}: {e}"))? {
+                    names.push(n);
+                }
+            }
+            names.sort();
+            for n in names {
+                next.push(if base.is_empty() {
+                    n
+                } else {
+                    format!("{base}/{n}")
+                });
+            }
+        }
+        found = next;
+    }
+    let found: Vec<String> = found
+        .into_iter()
+        .filter(|p| !excluded(src, p))
+        .filter(|p| {
+            src.root
+                .open_at(Path::new(p), Resolve::InRoot, OFlags::PATH, Mode::empty())
+                .is_ok()
+        })
+        .collect();
+    if found.is_empty() {
+        return Err(format!(
+            "{pattern}: no source files were specified (no match)"
+        ));
+    }
+    Ok(found)
+}
+
+fn is_archive(fd: BorrowedFd<'_>) -> bool {
+    let Ok(f) = rustix::fs::openat(fd, ".", OFlags::RDONLY, Mode::empty()).or_else(|_| {
+        rustix::fs::open(
+            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)).as_str(),
+            OFlags::RDONLY,
+            Mode::empty(),
+        )
+    }) else {
+        return false;
+    };
+    let mut head = [0u8; 512];
+    let n = rustix::io::read(&f, &mut head).unwrap_or(0);
+    let c = isula_store::compression::Compression::sniff(&head[..n]);
+    c != isula_store::compression::Compression::None || (n == 512 && &head[257..262] == b"ustar")
+}
+
+/// Copies `sources` to `dest` (absolute in the rootfs, WORKDIR already applied).
+pub fn copy(
+    src: &Source<'_>,
+    sources: &[String],
+    rootfs: &Root,
+    dest: &str,
+    opts: &CopyOptions,
+) -> R<()> {
+    let mut paths = Vec::new();
+    for s in sources {
+        if opts.extract && (s.starts_with("http://") || s.starts_with("https://")) {
+            return Err(format!("ADD does not support remote URLs as sources ({s}): download the file into the build context"));
+        }
+        paths.extend(expand_source(src, s)?);
+    }
+    let dest_is_dir = dest.ends_with('/') || paths.len() > 1;
+    for rel in &paths {
+        let path = if rel.is_empty() { "." } else { rel.as_str() };
+        let fd = src
+            .root
+            .open_at(
+                Path::new(path),
+                Resolve::InRoot,
+                OFlags::PATH,
+                Mode::empty(),
+            )
+            .map_err(|e| e.to_string())?;
+        let st = stat_fd(fd.as_fd())?;
+        let kind = FileType::from_raw_mode(st.st_mode);
+        let name = Path::new(rel)
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        if kind == FileType::Directory {
+            // A directory's contents go into dest.
+            let dfd = ensure_dir(rootfs, dest, opts, Some(&st))?;
+            copy_dir_contents(src, rel, &fd, dfd.as_fd(), opts)?;
+        } else if opts.extract && kind == FileType::RegularFile && is_archive(fd.as_fd()) {
+            let dfd = ensure_dir(rootfs, dest, opts, None)?;
+            extract(&fd, dfd.as_fd())?;
+        } else {
+            // Into the directory, or as the file dest names.
+            let target_is_dir = dest_is_dir
+                || rootfs
+                    .open_at(
+                        Path::new(dest),
+                        Resolve::InRoot,
+                        OFlags::PATH | OFlags::DIRECTORY,
+                        Mode::empty(),
+                    )
+                    .is_ok();
+            let (pfd, fname) = if target_is_dir {
+                (ensure_dir(rootfs, dest, opts, None)?, name)
+            } else {
+                let (p, n) = rootfs
+                    .parent(Path::new(dest), Resolve::InRoot, true)
+                    .map_err(|e| e.to_string())?;
+                (p, n)
+            };
+            copy_entry(src, rel, fd.as_fd(), &st, pfd.as_fd(), &fname, opts)?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens (creating if needed) the destination directory. A newly made final directory
+/// takes the source directory's mode, and the --chown owner.
+fn ensure_dir(
+    rootfs: &Root,
+    dest: &str,
+    opts: &CopyOptions,
+    like: Option<&rustix::fs::Stat>,
+) -> R<OwnedFd> {
+    if let Ok(fd) = rootfs.open_at(
+        Path::new(dest),
+        Resolve::InRoot,
+        OFlags::PATH | OFlags::DIRECTORY,
+        Mode::empty(),
+    ) {
+        return Ok(fd);
+    }
+    let (pfd, name) = rootfs
+        .parent(Path::new(dest), Resolve::InRoot, true)
+        .map_err(|e| format!("{dest}: {e}"))?;
+    if name.is_empty() {
+        return rootfs
+            .dir(Path::new("/"), Resolve::InRoot, false)
+            .map_err(|e| e.to_string());
+    }
+    let mode = like.map_or(0o755, |st| st.st_mode & 0o7777);
+    match rooted::mkdir(pfd.as_fd(), &name, 0o755) {
+        Ok(()) => {
+            let (uid, gid) = opts.owner.unwrap_or((0, 0));
+            rooted::lchown(pfd.as_fd(), &name, uid, gid).map_err(|e| e.to_string())?;
+            rooted::chmod(pfd.as_fd(), &name, mode).map_err(|e| e.to_string())?;
+        }
+        Err(e) if e.errno() == Some(rustix::io::Errno::EXIST.raw_os_error()) => {}
+        Err(e) => return Err(format!("{dest}: {e}")),
+    }
+    rustix::fs::openat(
+        pfd.as_fd(),
+        &name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("{dest}: {e} (not a directory)"))
+}
+
+fn copy_dir_contents(
+    src: &Source<'_>,
+    rel: &str,
+    dir: &OwnedFd,
+    dest: BorrowedFd<'_>,
+    opts: &CopyOptions,
+) -> R<()> {
+    let rd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    for ent in rustix::fs::Dir::read_from(&rd).map_err(|e| e.to_string())? {
+        let ent = ent.map_err(|e| e.to_string())?;
+        let n = ent.file_name().to_bytes().to_vec();
+        if n != b"." && n != b".." {
+            names.push(n);
+        }
+    }
+    names.sort();
+    for n in names {
+        let name = OsStr::from_bytes(&n);
+        let child_rel = if rel.is_empty() {
+            name.to_string_lossy().to_string()
+        } else {
+            format!("{rel}/{}", name.to_string_lossy())
+        };
+        if excluded(src, &child_rel) {
+            // An excluded directory may still hold re-included paths.
+            if !src
+                .ignore
+                .is_some_and(|m| m.may_reinclude_under(&child_rel))
+            {
+                continue;
+            }
+        }
+        let cfd = rustix::fs::openat(
+            &rd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| e.to_string())?;
+        let st = stat_fd(cfd.as_fd())?;
+        if excluded(src, &child_rel) && FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            continue;
+        }
+        copy_entry(src, &child_rel, cfd.as_fd(), &st, dest, name, opts)?;
+    }
+    Ok(())
+}
+
+fn copy_entry(
+    src: &Source<'_>,
+    rel: &str,
+    fd: BorrowedFd<'_>,
+    st: &rustix::fs::Stat,
+    pdir: BorrowedFd<'_>,
+    name: &OsStr,
+    opts: &CopyOptions,
+) -> R<()> {
+    let kind = FileType::from_raw_mode(st.st_mode);
+    let existing = rooted::lstat(pdir, name).map_err(|e| e.to_string())?;
+    if let Some(ex) = &existing {
+        if !(kind == FileType::Directory && rooted::is_dir(ex)) {
+            rooted::remove_all(pdir, name).map_err(|e| e.to_string())?;
+        }
+    }
+    let (uid, gid) = opts.owner.unwrap_or((0, 0));
+    let mode = opts.chmod.unwrap_or(st.st_mode & 0o7777);
+    let mtime = (st.st_mtime, st.st_mtime_nsec as u32);
+    match kind {
+        FileType::Directory => {
+            if existing.as_ref().is_none_or(|e| !rooted::is_dir(e)) {
+                rooted::mkdir(pdir, name, 0o700).map_err(|e| e.to_string())?;
+            }
+            let sub = rustix::fs::openat(
+                pdir,
+                name,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| e.to_string())?;
+            let dir = rustix::fs::openat(
+                fd,
+                ".",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| e.to_string())?;
+            copy_dir_contents(src, rel, &dir, sub.as_fd(), opts)?;
+            rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
+            rooted::chmod(pdir, name, mode).map_err(|e| e.to_string())?;
+            rooted::set_times(pdir, name, (mtime.0, mtime.1)).map_err(|e| e.to_string())?;
+        }
+        FileType::RegularFile => {
+            let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+            let input = rustix::fs::open(
+                proc.as_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| format!("{rel}: {e}"))?;
+            let mut input = std::fs::File::from(input);
+            let mut out = rooted::create_file(pdir, name, 0o600).map_err(|e| e.to_string())?;
+            std::io::copy(&mut input, &mut out).map_err(|e| format!("{rel}: {e}"))?;
+            drop(out);
+            rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
+            rooted::chmod(pdir, name, mode).map_err(|e| e.to_string())?;
+            rooted::set_times(pdir, name, mtime).map_err(|e| e.to_string())?;
+        }
+        FileType::Symlink => {
+            // Nested links are copied as links (the top-level source was followed).
+            let target =
+                rustix::fs::readlinkat(fd, "", Vec::new()).map_err(|e| format!("{rel}: {e}"))?;
+            rooted::symlink(OsStr::from_bytes(target.as_bytes()), pdir, name)
+                .map_err(|e| e.to_string())?;
+            rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
+            rooted::set_times(pdir, name, mtime).map_err(|e| e.to_string())?;
+        }
+        FileType::Fifo => {
+            rooted::mkfifo(pdir, name, mode).map_err(|e| e.to_string())?;
+            rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
+        }
+        _ => return Err(format!("{rel}: cannot copy device nodes or sockets")),
+    }
+    Ok(())
+}
+
+/// ADD of a local archive: unpacked into the destination directory.
+fn extract(archive: &OwnedFd, dest: BorrowedFd<'_>) -> R<()> {
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(archive));
+    let f = std::fs::File::open(&proc).map_err(|e| e.to_string())?;
+    let (_, plain) = isula_store::compression::decompress(std::io::BufReader::new(f))
+        .map_err(|e| e.to_string())?;
+    let dest_path = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&dest)
+    ));
+    isula_store::apply::extract_into(plain, &dest_path)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,273 @@
+//! Runs a parsed Dockerfile. The daemon hands in the store, the runtime and the options;
+//! this crate never constructs them. Each needed stage is executed on an overlay of its
+//! base image's layers with a fresh upper directory: config instructions change the image
+//! config, RUN goes through runc, COPY/ADD write through the rootfs handle, and the stage
+//! ends with one commit (the manual: one commit per stage) whose layer is the upper
+//! directory itself. Progress lines (`STEP  N: ...`, RUN output, the copy lines, the
+//! result) go to the caller as they happen.
+
+pub mod copy;
+pub mod stage;
+pub mod user;
+
+use isula_dockerfile::ignore::{Matcher, DOCKERIGNORE_MAX};
+use isula_dockerfile::instructions::{parse_dockerfile, Dockerfile, Instruction};
+use isula_dockerfile::lex::Lexer;
+use isula_runtime::{CancelFlag, Runc};
+use isula_store::{LayerRecord, Store, StoreError};
+use isula_types::image::ImageConfig;
+use isula_types::{Digest, ImageId, Reference};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+/// The proxy variables usable as build args without an ARG, never stored in the image.
+pub const PROXY_ARGS: [&str; 8] = [
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "FTP_PROXY",
+    "NO_PROXY",
+];
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Parse(#[from] isula_dockerfile::parser::ParseError),
+    #[error("invalid build: {0}")]
+    Invalid(String),
+    #[error("STEP {step} (line {line}) {instruction}: {message}")]
+    Step {
+        step: usize,
+        line: usize,
+        instruction: String,
+        message: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("build cancelled")]
+    Cancelled,
+}
+
+impl BuildError {
+    pub fn kind(&self) -> isula_store::ErrorKind {
+        use isula_store::ErrorKind as K;
+        match self {
+            BuildError::Parse(_) | BuildError::Invalid(_) => K::InvalidArgument,
+            BuildError::Step { .. } => K::FailedPrecondition,
+            BuildError::Store(e) => e.kind(),
+            BuildError::Cancelled => K::Unavailable,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    pub build_id: String,
+    pub dockerfile: String,
+    pub context: PathBuf,
+    pub build_args: Vec<(String, String)>,
+    pub tags: Vec<Reference>,
+    /// Normalised capability names.
+    pub cap_add: Vec<String>,
+    /// Pass the daemon's proxy variables to RUN.
+    pub proxy: bool,
+    /// `--build-static` build time (seconds since the epoch).
+    pub build_time: Option<i64>,
+    pub target: Option<String>,
+    /// A private directory for this build's mounts and bundles (removed at the end).
+    pub work_dir: PathBuf,
+    pub mount_options: Vec<String>,
+    /// The daemon's own proxy environment (for `--proxy`).
+    pub host_proxy_env: Vec<(String, String)>,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub id: ImageId,
+}
+
+/// A committed stage: what later stages and the final image use.
+#[derive(Debug, Clone)]
+pub struct StageResult {
+    pub config: ImageConfig,
+    pub layers: Vec<LayerRecord>,
+    pub blobs: Vec<Digest>,
+}
+
+pub struct Context<'a> {
+    pub store: &'a Store,
+    pub runc: &'a Runc,
+    pub cancel: CancelFlag,
+    pub log: &'a mut (dyn FnMut(String) + Send),
+}
+
+impl Context<'_> {
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// Removes the build's private directory (mount targets, bundles) when the build ends.
+struct WorkDirGuard(PathBuf);
+
+impl Drop for WorkDirGuard {
+    fn drop(&mut self) {
+        if let Err(e) = isula_sys::rooted::remove_tree(&self.0) {
+            tracing::warn!(dir = %self.0.display(), error = %e, "removing build directory");
+        }
+    }
+}
+
+/// Which stages the target needs, in order (FROM <stage> and COPY --from).
+fn needed_stages(
+    df: &Dockerfile,
+    target: usize,
+    meta: &[(String, String)],
+    lexer: &Lexer,
+) -> Vec<usize> {
+    let find = |name: &str, before: usize| -> Option<usize> {
+        let lower = name.to_ascii_lowercase();
+        df.stages[..before]
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+            .or_else(|| name.parse::<usize>().ok().filter(|i| *i < before))
+    };
+    let mut need = vec![false; df.stages.len()];
+    let mut stack = vec![target];
+    while let Some(i) = stack.pop() {
+        if need[i] {
+            continue;
+        }
+        need[i] = true;
+        if let Instruction::From { image, .. } = &df.stages[i].from.instruction {
+            let image = lexer
+                .process_word(image, &meta.to_vec())
+                .unwrap_or_else(|_| image.clone());
+            if let Some(j) = find(&image, i) {
+                stack.push(j);
+            }
+        }
+        for step in &df.stages[i].steps {
+            if let Instruction::Copy(c) = &step.instruction {
+                if let Some(from) = &c.from {
+                    if let Some(j) = find(from, i) {
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+    }
+    (0..df.stages.len()).filter(|i| need[*i]).collect()
+}
+
+/// Builds the image and records it in the store under `opts.tags`.
+pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildError> {
+    let df = parse_dockerfile(&opts.dockerfile)?;
+    for w in &df.warnings {
+        (ctx.log)(format!("[Warning] {w}\n"));
+    }
+    let lexer = Lexer::new(df.escape);
+    let ignore = read_dockerignore(&opts.context)?;
+
+    // Global ARGs (before the first FROM), with build-arg overrides.
+    let mut meta: Vec<(String, String)> = Vec::new();
+    for step in &df.meta_args {
+        if let Instruction::Arg(pairs) = &step.instruction {
+            for (k, default) in pairs {
+                let value = match opts.build_args.iter().rev().find(|(n, _)| n == k) {
+                    Some((_, v)) => Some(v.clone()),
+                    None => default
+                        .as_ref()
+                        .map(|d| lexer.process_word(d, &meta))
+                        .transpose()
+                        .map_err(|e| isula_dockerfile::instructions::expand_err(step, e))?,
+                };
+                meta.push((k.clone(), value.unwrap_or_default()));
+            }
+        }
+    }
+    let target = match &opts.target {
+        None => df.stages.len() - 1,
+        Some(t) => df
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(t.to_ascii_lowercase().as_str()))
+            .ok_or_else(|| BuildError::Invalid(format!("target stage {t:?} could not be found")))?,
+    };
+    let stages = needed_stages(&df, target, &meta, &lexer);
+
+    std::fs::create_dir_all(&opts.work_dir)
+        .map_err(|e| StoreError::io("create", &opts.work_dir, e))?;
+    let _work = WorkDirGuard(opts.work_dir.clone());
+    let lease = ctx.store.lease();
+    let mut results: Vec<Option<StageResult>> = vec![None; df.stages.len()];
+    let mut used_args: Vec<String> = meta.iter().map(|(k, _)| k.clone()).collect();
+    let mut step_no = 0;
+    for &i in &stages {
+        if ctx.cancelled() {
+            return Err(BuildError::Cancelled);
+        }
+        let mut run = stage::StageRun::new(
+            ctx,
+            opts,
+            &df,
+            i,
+            &meta,
+            &lexer,
+            ignore.as_ref(),
+            &results,
+            &lease,
+        )?;
+        let result = run.execute(&mut step_no, &mut used_args)?;
+        results[i] = Some(result);
+    }
+    let unused: Vec<&str> = opts
+        .build_args
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !used_args.iter().any(|u| u == k) && !PROXY_ARGS.contains(k))
+        .collect();
+    if !unused.is_empty() {
+        (ctx.log)(format!(
+            "[Warning] one or more build args were not consumed: {unused:?}\n"
+        ));
+    }
+    let last = results[target]
+        .take()
+        .ok_or_else(|| BuildError::Invalid("the target stage produced nothing".into()))?;
+    let id = stage::commit_image(ctx, &last, &opts.tags, &lease)?;
+    drop(lease);
+    if let Err(e) = ctx.store.gc() {
+        tracing::warn!(error = %e, "collecting intermediate stages");
+    }
+    Ok(Built { id })
+}
+
+fn read_dockerignore(context: &std::path::Path) -> Result<Option<Matcher>, BuildError> {
+    let root = isula_sys::Root::open(context)
+        .map_err(|e| BuildError::Invalid(format!("build context {}: {e}", context.display())))?;
+    let fd = match root.open_at(
+        std::path::Path::new(".dockerignore"),
+        isula_sys::Resolve::InRoot,
+        rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(_) => return Ok(None),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::from(fd), DOCKERIGNORE_MAX as u64 + 1),
+        &mut text,
+    )
+    .map_err(|e| BuildError::Invalid(format!(".dockerignore: {e}")))?;
+    Matcher::parse(&text)
+        .map(Some)
+        .map_err(|e| BuildError::Invalid(e.to_string()))
+}

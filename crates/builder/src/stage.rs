@@ -1,0 +1,942 @@
+//! One stage: its base, its mounted rootfs, the instructions in order, and its commit.
+
+use crate::copy::{self, CopyOptions, Source};
+use crate::{user, BuildError, BuildOptions, Context, StageResult, DEFAULT_PATH, PROXY_ARGS};
+use isula_dockerfile::ignore::{clean, Matcher};
+use isula_dockerfile::instructions::{Command, Dockerfile, Instruction, Step};
+use isula_dockerfile::lex::Lexer;
+use isula_runtime::Process;
+use isula_store::diff::{write_layer, DiffOptions};
+use isula_store::{LayerRecord, Lease, NewImage, StagedLayer, Store};
+use isula_sys::mount::{mount_overlay, MountGuard};
+use isula_sys::{Resolve, Root};
+use isula_types::image::{
+    host_architecture, ContainerConfig, Descriptor, HealthConfig, History, ImageConfig, Manifest,
+    RootFs,
+};
+use isula_types::{limits, media, ChainId, DiffId, ImageId, Reference};
+use rustix::fs::{Mode, OFlags};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub struct StageRun<'c, 'a> {
+    ctx: &'c mut Context<'a>,
+    opts: &'c BuildOptions,
+    df: &'c Dockerfile,
+    index: usize,
+    lexer: &'c Lexer,
+    ignore: Option<&'c Matcher>,
+    results: &'c [Option<StageResult>],
+    lease: &'c Lease,
+    meta: &'c [(String, String)],
+    config: ImageConfig,
+    base_layers: Vec<LayerRecord>,
+    base_blobs: Vec<isula_types::Digest>,
+    args: Vec<(String, String)>,
+    cmd_from_base: bool,
+    history: Vec<History>,
+    last_fs_step: Option<usize>,
+    upper: Option<StagedLayer>,
+    mount: Option<MountGuard>,
+    rootfs: Option<Root>,
+    dir: PathBuf,
+}
+
+fn now_rfc3339(build_time: Option<i64>) -> String {
+    let t = match build_time {
+        Some(s) => chrono::DateTime::from_timestamp(s, 0).unwrap_or_default(),
+        None => chrono::Utc::now(),
+    };
+    t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// Loads an image of the store as a stage base.
+fn image_base(store: &Store, name: &str) -> Result<StageResult, BuildError> {
+    let img = store.resolve(name).map_err(|e| match e {
+        isula_store::StoreError::ImageNotFound(_) => BuildError::Invalid(format!(
+            "image {name} is not in the local store (import or load it first; pulling from registries is not supported yet)"
+        )),
+        other => other.into(),
+    })?;
+    let raw = store
+        .content()
+        .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
+    let config: ImageConfig = serde_json::from_slice(&raw)
+        .map_err(|e| BuildError::Invalid(format!("config of {name}: {e}")))?;
+    let layers = img
+        .layers
+        .iter()
+        .map(|c| store.layer(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(StageResult {
+        config,
+        layers,
+        blobs: img.blobs.clone(),
+    })
+}
+
+fn step_err(step_no: usize, step: &Step, message: impl Into<String>) -> BuildError {
+    BuildError::Step {
+        step: step_no,
+        line: step.line,
+        instruction: step.original.clone(),
+        message: message.into(),
+    }
+}
+
+impl<'c, 'a> StageRun<'c, 'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &'c mut Context<'a>,
+        opts: &'c BuildOptions,
+        df: &'c Dockerfile,
+        index: usize,
+        meta: &'c [(String, String)],
+        lexer: &'c Lexer,
+        ignore: Option<&'c Matcher>,
+        results: &'c [Option<StageResult>],
+        lease: &'c Lease,
+    ) -> Result<Self, BuildError> {
+        Ok(StageRun {
+            ctx,
+            opts,
+            df,
+            index,
+            lexer,
+            ignore,
+            results,
+            lease,
+            meta,
+            config: ImageConfig::default(),
+            base_layers: Vec::new(),
+            base_blobs: Vec::new(),
+            args: Vec::new(),
+            cmd_from_base: false,
+            history: Vec::new(),
+            last_fs_step: None,
+            upper: None,
+            mount: None,
+            rootfs: None,
+            dir: opts.work_dir.join(format!("stage-{index}")),
+        })
+    }
+
+    fn log(&mut self, line: String) {
+        (self.ctx.log)(line);
+    }
+
+    /// A stage named or numbered `name` that is already built.
+    fn stage_result(&self, name: &str) -> Option<&StageResult> {
+        let lower = name.to_ascii_lowercase();
+        let idx = self.df.stages[..self.index]
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+            .or_else(|| name.parse::<usize>().ok().filter(|i| *i < self.index))?;
+        self.results[idx].as_ref()
+    }
+
+    /// Variables for expansion: ARGs in scope, then ENV (which wins).
+    fn vars(&self) -> Vec<(String, String)> {
+        let mut v = self.args.clone();
+        for e in self
+            .config
+            .config
+            .as_ref()
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default()
+        {
+            if let Some((k, val)) = e.split_once('=') {
+                v.push((k.to_string(), val.to_string()));
+            }
+        }
+        v
+    }
+
+    fn cc(&mut self) -> &mut ContainerConfig {
+        self.config
+            .config
+            .get_or_insert_with(ContainerConfig::default)
+    }
+
+    fn rootfs(&self) -> Result<&Root, BuildError> {
+        self.rootfs
+            .as_ref()
+            .ok_or_else(|| BuildError::Invalid("the stage rootfs is not mounted".into()))
+    }
+
+    fn mount(&mut self, base: &StageResult) -> Result<(), BuildError> {
+        let store = self.ctx.store;
+        std::fs::create_dir_all(self.dir.join("rootfs"))
+            .map_err(|e| isula_store::StoreError::io("create", &self.dir, e))?;
+        let upper = store.stage_layer()?;
+        let work = upper.work_dir()?;
+        let mut lowers: Vec<PathBuf> = base
+            .layers
+            .iter()
+            .rev()
+            .map(|l| store.layer_dir(&l.chain_id).join("diff"))
+            .collect();
+        if lowers.is_empty() {
+            let empty = self.dir.join("empty");
+            std::fs::create_dir_all(&empty)
+                .map_err(|e| isula_store::StoreError::io("create", &empty, e))?;
+            lowers.push(empty);
+        }
+        let target = self.dir.join("rootfs");
+        let guard = mount_overlay(
+            &lowers,
+            &upper.diff_dir(),
+            &work,
+            &target,
+            &self.opts.mount_options,
+        )
+        .map_err(|e| BuildError::Invalid(format!("mounting the stage rootfs: {e}")))?;
+        self.rootfs = Some(Root::open(&target).map_err(|e| BuildError::Invalid(e.to_string()))?);
+        self.mount = Some(guard);
+        self.upper = Some(upper);
+        Ok(())
+    }
+
+    pub fn execute(
+        &mut self,
+        step_no: &mut usize,
+        used_args: &mut Vec<String>,
+    ) -> Result<StageResult, BuildError> {
+        let stage = &self.df.stages[self.index];
+        let from = stage.from.clone();
+        *step_no += 1;
+        self.log(format!("STEP {:>2}: {}\n", *step_no, from.original));
+        let expanded = from
+            .instruction
+            .expand(self.lexer, &self.meta.to_vec())
+            .map_err(|e| step_err(*step_no, &from, e.to_string()))?;
+        let Instruction::From {
+            image, platform, ..
+        } = expanded
+        else {
+            return Err(step_err(*step_no, &from, "not a FROM"));
+        };
+        if let Some(p) = platform {
+            let want = format!("linux/{}", host_architecture());
+            if p != want {
+                return Err(step_err(
+                    *step_no,
+                    &from,
+                    format!("platform {p} is not supported: this builder builds {want}"),
+                ));
+            }
+        }
+        let base = if image.eq_ignore_ascii_case("scratch") {
+            StageResult {
+                config: ImageConfig {
+                    architecture: host_architecture().into(),
+                    os: "linux".into(),
+                    rootfs: RootFs {
+                        kind: "layers".into(),
+                        diff_ids: Vec::new(),
+                    },
+                    ..Default::default()
+                },
+                layers: Vec::new(),
+                blobs: Vec::new(),
+            }
+        } else if let Some(r) = self.stage_result(&image) {
+            r.clone()
+        } else {
+            image_base(self.ctx.store, &image)
+                .map_err(|e| step_err(*step_no, &from, e.to_string()))?
+        };
+        for l in &base.layers {
+            self.lease.layer(&l.chain_id);
+        }
+        for b in &base.blobs {
+            self.lease.blob(b);
+        }
+        self.config = base.config.clone();
+        self.config.history.clear();
+        self.history = base.config.history.clone();
+        self.base_layers = base.layers.clone();
+        self.base_blobs = base.blobs.clone();
+        self.cmd_from_base = self.config.config.as_ref().is_some_and(|c| c.cmd.is_some());
+        if self.config.config.as_ref().is_none_or(|c| c.env.is_none()) {
+            self.cc().env = Some(vec![format!("PATH={DEFAULT_PATH}")]);
+        }
+        self.mount(&base)?;
+
+        // ONBUILD triggers of the base run first, then are cleared.
+        let triggers = self.cc().on_build.take().unwrap_or_default();
+        let mut steps: Vec<Step> = Vec::new();
+        for t in triggers {
+            let parsed =
+                isula_dockerfile::instructions::parse_dockerfile(&format!("FROM scratch\n{t}\n"))
+                    .map_err(|e| step_err(*step_no, &from, format!("ONBUILD trigger {t:?}: {e}")))?;
+            for mut s in parsed.stages.into_iter().flat_map(|s| s.steps) {
+                s.line = from.line;
+                steps.push(s);
+            }
+        }
+        steps.extend(stage.steps.iter().cloned());
+        for step in &steps {
+            if self.ctx.cancelled() {
+                return Err(BuildError::Cancelled);
+            }
+            *step_no += 1;
+            self.log(format!("STEP {:>2}: {}\n", *step_no, step.original));
+            self.step(*step_no, step, used_args)?;
+        }
+        self.commit()
+    }
+
+    fn history_entry(&mut self, step: &Step) {
+        self.history.push(History {
+            created: Some(now_rfc3339(self.opts.build_time)),
+            created_by: Some(step.original.clone()),
+            comment: Some("isula-build".into()),
+            empty_layer: true,
+            ..Default::default()
+        });
+    }
+
+    fn step(
+        &mut self,
+        n: usize,
+        step: &Step,
+        used_args: &mut Vec<String>,
+    ) -> Result<(), BuildError> {
+        let vars = self.vars();
+        let ins = step
+            .instruction
+            .expand(self.lexer, &vars)
+            .map_err(|e| step_err(n, step, e.to_string()))?;
+        let mut fs_change = false;
+        match ins {
+            Instruction::From { .. } => return Err(step_err(n, step, "FROM inside a stage")),
+            Instruction::Arg(pairs) => {
+                for (k, default) in pairs {
+                    used_args.push(k.clone());
+                    let value = self
+                        .opts
+                        .build_args
+                        .iter()
+                        .rev()
+                        .find(|(name, _)| name == &k)
+                        .map(|(_, v)| v.clone())
+                        .or(default)
+                        .or_else(|| {
+                            self.meta
+                                .iter()
+                                .rev()
+                                .find(|(name, _)| name == &k)
+                                .map(|(_, v)| v.clone())
+                        });
+                    self.args.push((k, value.unwrap_or_default()));
+                }
+            }
+            Instruction::Env(pairs) => {
+                let env = self.cc().env.get_or_insert_with(Vec::new);
+                for (k, v) in pairs {
+                    let entry = format!("{k}={v}");
+                    match env
+                        .iter_mut()
+                        .find(|e| e.split_once('=').map(|(n, _)| n) == Some(k.as_str()))
+                    {
+                        Some(e) => *e = entry,
+                        None => env.push(entry),
+                    }
+                }
+            }
+            Instruction::Label(pairs) => {
+                let labels = self.cc().labels.get_or_insert_with(BTreeMap::new);
+                for (k, v) in pairs {
+                    labels.insert(k, v);
+                }
+            }
+            Instruction::Maintainer(m) => self.config.author = Some(m),
+            Instruction::Expose(ports) => {
+                let mut expanded = Vec::new();
+                for p in ports {
+                    expanded.extend(expand_port(&p).map_err(|e| step_err(n, step, e))?);
+                }
+                let map = self.cc().exposed_ports.get_or_insert_with(BTreeMap::new);
+                for p in expanded {
+                    map.insert(p, serde_json::json!({}));
+                }
+            }
+            Instruction::Volume(vols) => {
+                if vols.iter().any(|v| v.trim().is_empty()) {
+                    return Err(step_err(
+                        n,
+                        step,
+                        "VOLUME specified can not be an empty string",
+                    ));
+                }
+                let map = self.cc().volumes.get_or_insert_with(BTreeMap::new);
+                for v in vols {
+                    map.insert(v, serde_json::json!({}));
+                }
+            }
+            Instruction::User(u) => self.cc().user = u,
+            Instruction::Workdir(w) => {
+                let cur = self.cc().working_dir.clone();
+                let path = if w.starts_with('/') {
+                    clean(&w)
+                } else {
+                    clean(&format!("/{cur}/{w}"))
+                };
+                self.rootfs()?
+                    .dir(Path::new(&path), Resolve::InRoot, true)
+                    .map_err(|e| step_err(n, step, format!("creating {path}: {e}")))?;
+                self.cc().working_dir = path;
+                fs_change = true;
+            }
+            Instruction::StopSignal(s) => self.cc().stop_signal = s,
+            Instruction::Shell(s) => self.cc().shell = Some(s),
+            Instruction::Cmd(c) => {
+                let v = self.command_args(c);
+                self.cc().cmd = Some(v);
+                self.cmd_from_base = false;
+            }
+            Instruction::Entrypoint(c) => {
+                let v = self.command_args(c);
+                self.cc().entrypoint = Some(v);
+                if self.cmd_from_base {
+                    // Docker: a new ENTRYPOINT resets an inherited CMD.
+                    self.cc().cmd = None;
+                    self.cmd_from_base = false;
+                }
+            }
+            Instruction::Healthcheck(h) => {
+                self.cc().healthcheck = Some(match h {
+                    None => HealthConfig {
+                        test: Some(vec!["NONE".into()]),
+                        ..Default::default()
+                    },
+                    Some(h) => HealthConfig {
+                        test: Some(h.test),
+                        interval: h.interval,
+                        timeout: h.timeout,
+                        start_period: h.start_period,
+                        start_interval: h.start_interval,
+                        retries: h.retries,
+                    },
+                });
+            }
+            Instruction::Onbuild(t) => self.cc().on_build.get_or_insert_with(Vec::new).push(t),
+            Instruction::Run {
+                command, heredocs, ..
+            } => {
+                self.run(n, step, command, &heredocs)?;
+                fs_change = true;
+            }
+            Instruction::Copy(c) | Instruction::Add(c) => {
+                let is_add = matches!(step.instruction, Instruction::Add(_));
+                self.copy(n, step, c, is_add)?;
+                fs_change = true;
+            }
+        }
+        self.history_entry(step);
+        if fs_change {
+            self.last_fs_step = Some(self.history.len() - 1);
+        }
+        Ok(())
+    }
+
+    fn shell(&self) -> Vec<String> {
+        self.config
+            .config
+            .as_ref()
+            .and_then(|c| c.shell.clone())
+            .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
+    }
+
+    fn command_args(&self, c: Command) -> Vec<String> {
+        match c {
+            Command::Exec(v) => v,
+            Command::Shell(s) => [self.shell(), vec![s]].concat(),
+        }
+    }
+
+    fn run(
+        &mut self,
+        n: usize,
+        step: &Step,
+        command: Command,
+        heredocs: &[isula_dockerfile::parser::Heredoc],
+    ) -> Result<(), BuildError> {
+        let args = match command {
+            Command::Exec(v) => v,
+            Command::Shell(s) => {
+                let trimmed = s.trim();
+                let script = match heredocs.first() {
+                    // `RUN <<EOF`: the document is the script.
+                    Some(h)
+                        if heredocs.len() == 1
+                            && trimmed
+                                .trim_start_matches("<<")
+                                .trim_start_matches('-')
+                                .trim_matches(['"', '\''])
+                                == h.name =>
+                    {
+                        h.content.clone()
+                    }
+                    // Otherwise the shell reads the documents itself.
+                    Some(_) => {
+                        let mut s = format!("{s}\n");
+                        for h in heredocs {
+                            s.push_str(&h.content);
+                            s.push_str(&h.name);
+                            s.push('\n');
+                        }
+                        s
+                    }
+                    None => s,
+                };
+                [self.shell(), vec![script]].concat()
+            }
+        };
+        if args.is_empty() {
+            return Err(step_err(n, step, "RUN needs a command"));
+        }
+        let root = self.rootfs()?;
+        let user_spec = self
+            .config
+            .config
+            .as_ref()
+            .map(|c| c.user.clone())
+            .unwrap_or_default();
+        let ids = if user_spec.is_empty() {
+            user::Ids {
+                uid: 0,
+                gid: 0,
+                additional_gids: Vec::new(),
+            }
+        } else {
+            user::resolve(root, &user_spec, true).map_err(|e| step_err(n, step, e))?
+        };
+        let cwd = self
+            .config
+            .config
+            .as_ref()
+            .map(|c| c.working_dir.clone())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+        root.dir(Path::new(&cwd), Resolve::InRoot, true)
+            .map_err(|e| step_err(n, step, format!("working directory {cwd}: {e}")))?;
+        // Environment: image ENV, then ARGs in scope, then proxies.
+        let mut env: Vec<String> = self
+            .config
+            .config
+            .as_ref()
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default();
+        let set = |env: &Vec<String>, k: &str| {
+            env.iter()
+                .any(|e| e.split_once('=').map(|(n, _)| n) == Some(k))
+        };
+        for (k, v) in &self.args {
+            if !set(&env, k) {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        for p in PROXY_ARGS {
+            if set(&env, p) {
+                continue;
+            }
+            if let Some((_, v)) = self.opts.build_args.iter().rev().find(|(k, _)| k == p) {
+                env.push(format!("{p}={v}"));
+            } else if self.opts.proxy {
+                if let Some((_, v)) = self.opts.host_proxy_env.iter().find(|(k, _)| k == p) {
+                    env.push(format!("{p}={v}"));
+                }
+            }
+        }
+        if !set(&env, "PATH") {
+            env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+        // Mount points runc creates must not end up in the layer.
+        let mount_points = [
+            "/proc",
+            "/dev",
+            "/sys",
+            "/etc",
+            "/etc/hosts",
+            "/etc/resolv.conf",
+        ];
+        let missing: Vec<&str> = mount_points
+            .iter()
+            .copied()
+            .filter(|p| {
+                root.open_at(Path::new(p), Resolve::InRoot, OFlags::PATH, Mode::empty())
+                    .is_err()
+            })
+            .collect();
+        let process = Process {
+            args,
+            env,
+            cwd,
+            uid: ids.uid,
+            gid: ids.gid,
+            additional_gids: ids.additional_gids,
+            cap_add: self.opts.cap_add.clone(),
+        };
+        let bundle = self.dir.join(format!("bundle-{n}"));
+        std::fs::create_dir_all(&bundle)
+            .map_err(|e| isula_store::StoreError::io("create", &bundle, e))?;
+        let rootfs_path = self.dir.join("rootfs");
+        let mut pending = Vec::new();
+        let cancel = self.ctx.cancel.clone();
+        let log = &mut *self.ctx.log;
+        let result = self
+            .ctx
+            .runc
+            .run(&bundle, &rootfs_path, &process, &cancel, &mut |chunk| {
+                pending.extend_from_slice(chunk);
+                while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=pos).collect();
+                    log(String::from_utf8_lossy(&line).to_string());
+                }
+            });
+        if !pending.is_empty() {
+            (self.ctx.log)(format!("{}\n", String::from_utf8_lossy(&pending)));
+        }
+        let _ = std::fs::remove_dir_all(&bundle);
+        let root = self.rootfs()?;
+        for p in missing.iter().rev() {
+            if let Ok((pfd, name)) = root.parent(Path::new(p), Resolve::InRoot, false) {
+                if let Ok(Some(st)) =
+                    isula_sys::rooted::lstat(std::os::fd::AsFd::as_fd(&pfd), &name)
+                {
+                    let empty_file = rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::RegularFile
+                        && st.st_size == 0;
+                    if empty_file {
+                        let _ = rustix::fs::unlinkat(&pfd, &name, rustix::fs::AtFlags::empty());
+                    } else if isula_sys::rooted::is_dir(&st) {
+                        // Only if runc left it empty.
+                        let _ = rustix::fs::unlinkat(&pfd, &name, rustix::fs::AtFlags::REMOVEDIR);
+                    }
+                }
+            }
+        }
+        match result {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(step_err(
+                n,
+                step,
+                format!("the command returned a non-zero code: {code}"),
+            )),
+            Err(isula_runtime::RuntimeError::Cancelled) => Err(BuildError::Cancelled),
+            Err(e) => Err(step_err(n, step, e.to_string())),
+        }
+    }
+
+    fn copy(
+        &mut self,
+        n: usize,
+        step: &Step,
+        c: isula_dockerfile::instructions::CopyArgs,
+        is_add: bool,
+    ) -> Result<(), BuildError> {
+        let root = self.rootfs()?;
+        let owner = match &c.chown {
+            None => None,
+            Some(spec) => {
+                let ids = user::resolve(root, spec, false).map_err(|e| step_err(n, step, e))?;
+                Some((ids.uid, ids.gid))
+            }
+        };
+        let chmod = match &c.chmod {
+            None => None,
+            Some(m) => Some(
+                u32::from_str_radix(m, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| {
+                        step_err(
+                            n,
+                            step,
+                            format!("invalid --chmod {m:?}: expected an octal mode"),
+                        )
+                    })?,
+            ),
+        };
+        let cwd = self
+            .config
+            .config
+            .as_ref()
+            .map(|c| c.working_dir.clone())
+            .unwrap_or_default();
+        let dest = if c.dest.starts_with('/') {
+            c.dest.clone()
+        } else {
+            let joined = format!("/{cwd}/{}", c.dest);
+            let mut d = clean(&joined);
+            if c.dest.ends_with('/') || c.dest == "." || c.dest.ends_with("/.") {
+                d.push('/');
+            }
+            d
+        };
+        let opts = CopyOptions {
+            owner,
+            chmod,
+            extract: is_add,
+        };
+        // Heredoc documents become files.
+        for h in &c.heredocs {
+            let target = if dest.ends_with('/') {
+                format!("{dest}{}", h.name)
+            } else {
+                dest.clone()
+            };
+            let (pfd, name) = root
+                .parent(Path::new(&target), Resolve::InRoot, true)
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+            let pfd = std::os::fd::AsFd::as_fd(&pfd);
+            let _ = isula_sys::rooted::remove_all(pfd, &name);
+            let mut f = isula_sys::rooted::create_file(pfd, &name, 0o644)
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+            std::io::Write::write_all(&mut f, h.content.as_bytes())
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+            let (uid, gid) = owner.unwrap_or((0, 0));
+            isula_sys::rooted::lchown(pfd, &name, uid, gid)
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+            isula_sys::rooted::chmod(pfd, &name, chmod.unwrap_or(0o644))
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+        }
+        if c.sources.is_empty() {
+            return Ok(());
+        }
+        match &c.from {
+            None => {
+                let ctx_root =
+                    Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?;
+                let src = Source {
+                    root: &ctx_root,
+                    ignore: self.ignore,
+                };
+                copy::copy(&src, &c.sources, root, &dest, &opts).map_err(|e| step_err(n, step, e))
+            }
+            Some(from) => {
+                let result = match self.stage_result(from) {
+                    Some(r) => r.clone(),
+                    None => image_base(self.ctx.store, from)
+                        .map_err(|e| step_err(n, step, e.to_string()))?,
+                };
+                let view = self.dir.join(format!("from-{n}"));
+                let empty = self.dir.join(format!("from-{n}-empty"));
+                for d in [&view, &empty] {
+                    std::fs::create_dir_all(d)
+                        .map_err(|e| isula_store::StoreError::io("create", d, e))?;
+                }
+                let mut lowers: Vec<PathBuf> = result
+                    .layers
+                    .iter()
+                    .rev()
+                    .map(|l| self.ctx.store.layer_dir(&l.chain_id).join("diff"))
+                    .collect();
+                lowers.push(empty.clone());
+                let data = lowers
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":");
+                let guard = if lowers.len() > 1 {
+                    let d = std::ffi::CString::new(format!("lowerdir={data}"))
+                        .map_err(|e| step_err(n, step, e.to_string()))?;
+                    rustix::mount::mount(
+                        "overlay",
+                        &view,
+                        "overlay",
+                        rustix::mount::MountFlags::RDONLY,
+                        Some(d.as_c_str()),
+                    )
+                    .map_err(|e| step_err(n, step, format!("mounting {from}: {e}")))?;
+                    Some(ViewGuard(view.clone()))
+                } else {
+                    None
+                };
+                let src_root = Root::open(&view).map_err(|e| step_err(n, step, e.to_string()))?;
+                let src = Source {
+                    root: &src_root,
+                    ignore: None,
+                };
+                let r = copy::copy(&src, &c.sources, root, &dest, &opts)
+                    .map_err(|e| step_err(n, step, e));
+                drop(src_root);
+                drop(guard);
+                r
+            }
+        }
+    }
+
+    /// Unmounts and turns the upper directory into the stage's layer.
+    fn commit(&mut self) -> Result<StageResult, BuildError> {
+        self.rootfs = None;
+        if let Some(m) = self.mount.take() {
+            m.unmount()
+                .map_err(|e| BuildError::Invalid(format!("unmounting the stage rootfs: {e}")))?;
+        }
+        let upper = self
+            .upper
+            .take()
+            .ok_or_else(|| BuildError::Invalid("no upper directory".into()))?;
+        let store = self.ctx.store;
+        let empty = std::fs::read_dir(upper.diff_dir())
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        let mut layers = self.base_layers.clone();
+        let mut blobs = self.base_blobs.clone();
+        let mut config = self.config.clone();
+        if !empty {
+            let opts = DiffOptions {
+                clamp_mtime: self.opts.build_time,
+                exclude: Default::default(),
+            };
+            let writer = store.content().writer()?;
+            let writer = write_layer(
+                &upper.diff_dir(),
+                std::io::BufWriter::with_capacity(1 << 20, writer),
+                &opts,
+            )?;
+            let writer = writer.into_inner().map_err(|e| {
+                isula_store::StoreError::io("write", upper.diff_dir(), e.into_error())
+            })?;
+            let (blob, size) = writer.commit(None)?;
+            self.lease.blob(&blob);
+            let diff = DiffId(blob.clone());
+            let chain = ChainId::next(layers.last().map(|l| &l.chain_id), &diff);
+            store.commit_layer(upper, &chain, self.lease)?;
+            layers.push(LayerRecord {
+                parent: layers.last().map(|l| l.chain_id.clone()),
+                chain_id: chain,
+                diff_id: diff.clone(),
+                size,
+            });
+            blobs.push(blob);
+            config.rootfs.kind = "layers".into();
+            config.rootfs.diff_ids.push(diff);
+            let at = self
+                .last_fs_step
+                .unwrap_or(self.history.len().saturating_sub(1));
+            if let Some(h) = self.history.get_mut(at) {
+                h.empty_layer = false;
+            }
+        }
+        config.created = Some(now_rfc3339(self.opts.build_time));
+        if config.architecture.is_empty() {
+            config.architecture = host_architecture().into();
+        }
+        if config.os.is_empty() {
+            config.os = "linux".into();
+        }
+        config.history = self.history.clone();
+        Ok(StageResult {
+            config,
+            layers,
+            blobs,
+        })
+    }
+}
+
+struct ViewGuard(PathBuf);
+
+impl Drop for ViewGuard {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// `8000-8002/udp` → each port; the protocol defaults to tcp.
+pub fn expand_port(spec: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match spec.split_once('/') {
+        Some((p, proto)) => (p, proto.to_ascii_lowercase()),
+        None => (spec, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("invalid proto: {proto}"));
+    }
+    let parse = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("invalid port {spec:?}"))
+    };
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (parse(a)?, parse(b)?),
+        None => (parse(ports)?, parse(ports)?),
+    };
+    if hi < lo {
+        return Err(format!("invalid port range {spec:?}"));
+    }
+    Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
+}
+
+/// Records the final stage as an image.
+pub fn commit_image(
+    ctx: &mut Context<'_>,
+    result: &StageResult,
+    tags: &[Reference],
+    lease: &Lease,
+) -> Result<ImageId, BuildError> {
+    let store = ctx.store;
+    let config_bytes =
+        serde_json::to_vec(&result.config).map_err(|e| BuildError::Invalid(e.to_string()))?;
+    let config_digest = store.content().put(&config_bytes)?;
+    lease.blob(&config_digest);
+    let layer_descs = result
+        .blobs
+        .iter()
+        .map(|b| {
+            Ok(Descriptor::new(
+                media::DOCKER_LAYER,
+                b.clone(),
+                store.content().size(b)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, isula_store::StoreError>>()?;
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(media::DOCKER_MANIFEST.into()),
+        config: Descriptor::new(
+            media::DOCKER_CONFIG,
+            config_digest.clone(),
+            config_bytes.len() as u64,
+        ),
+        layers: layer_descs,
+        annotations: None,
+    };
+    let manifest_bytes =
+        serde_json::to_vec(&manifest).map_err(|e| BuildError::Invalid(e.to_string()))?;
+    let manifest_digest = store.content().put(&manifest_bytes)?;
+    lease.blob(&manifest_digest);
+    let id = ImageId(config_digest);
+    (ctx.log)("Getting image source signatures\n".into());
+    for b in &result.blobs {
+        (ctx.log)(format!("Copying blob {b}\n"));
+    }
+    (ctx.log)(format!("Copying config {}\n", id.digest()));
+    (ctx.log)("Writing manifest to image destination\n".into());
+    (ctx.log)("Storing signatures\n".into());
+    store.add_image(NewImage {
+        id: id.clone(),
+        manifest: manifest_digest,
+        manifest_media_type: media::DOCKER_MANIFEST.into(),
+        blobs: result.blobs.clone(),
+        layers: result.layers.clone(),
+        created: result.config.created.clone(),
+        names: tags.to_vec(),
+    })?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_port;
+
+    #[test]
+    fn ports() {
+        assert_eq!(expand_port("80"), Ok(vec!["80/tcp".to_string()]));
+        assert_eq!(expand_port("8000-8002/UDP").map(|v| v.len()), Ok(3));
+        assert!(expand_port("x").is_err());
+        assert!(expand_port("80/foo").is_err());
+        assert!(expand_port("9-3").is_err());
+    }
+}
