@@ -47,7 +47,7 @@ fn now_rfc3339(build_time: Option<i64>) -> String {
         Some(s) => chrono::DateTime::from_timestamp(s, 0).unwrap_or_default(),
         None => chrono::Utc::now(),
     };
-    t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// Loads an image of the store as a stage base.

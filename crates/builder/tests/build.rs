@@ -1,0 +1,347 @@
+//! Builds through the real store, overlay and runc (root only; CI fails rather than skips).
+
+use isula_builder_core::{build, BuildOptions, Context};
+use isula_runtime::Runc;
+use isula_store::Store;
+use isula_types::image::ImageConfig;
+use isula_types::{limits, Reference};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+fn ready() -> bool {
+    let ok = rustix::process::geteuid().is_root() && Path::new("/bin/busybox").exists();
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "build tests need root and busybox-static in CI"
+        );
+        eprintln!("skipping: needs root and /bin/busybox (outside CI)");
+    }
+    ok
+}
+
+fn busybox_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add_dir = |b: &mut tar::Builder<Vec<u8>>, name: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        h.set_size(0);
+        b.append_data(&mut h, name, std::io::empty()).expect("dir");
+    };
+    for d in ["bin", "etc", "tmp"] {
+        add_dir(&mut b, d);
+    }
+    let data = std::fs::read("/bin/busybox").expect("busybox");
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1);
+    h.set_size(data.len() as u64);
+    b.append_data(&mut h, "bin/busybox", &data[..])
+        .expect("busybox");
+    for a in ["sh", "echo", "cat", "ls", "id", "mkdir", "touch"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        h.set_size(0);
+        b.append_link(&mut h, format!("bin/{a}"), "busybox")
+            .expect("link");
+    }
+    for (name, content) in [
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        ),
+        ("etc/group", "root:x:0:\napp:x:1000:\nextra:x:2000:app\n"),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        h.set_size(content.len() as u64);
+        b.append_data(&mut h, name, content.as_bytes())
+            .expect("file");
+    }
+    b.into_inner().expect("tar")
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    store: Store,
+    runc: Runc,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(&dir.path().join("data")).expect("store");
+    let src = dir.path().join("busybox.tar");
+    std::fs::write(&src, busybox_tar()).expect("write");
+    let r = Reference::parse("busybox:latest").expect("ref");
+    isula_transport::import::import(
+        &store,
+        &isula_transport::AsDaemon,
+        &src,
+        Some(&r),
+        &Default::default(),
+        &mut |_| {},
+    )
+    .expect("import");
+    let runc = Runc::new("runc", &dir.path().join("runc")).expect("runc");
+    Env { dir, store, runc }
+}
+
+fn run_build(
+    e: &Env,
+    dockerfile: &str,
+    context: &Path,
+    args: &[(&str, &str)],
+    time: Option<i64>,
+) -> (Result<isula_types::ImageId, String>, String) {
+    let mut log = String::new();
+    let opts = BuildOptions {
+        build_id: "test".into(),
+        dockerfile: dockerfile.into(),
+        context: context.to_path_buf(),
+        build_args: args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        tags: vec![Reference::parse("built:1").expect("ref")],
+        build_time: time,
+        work_dir: e.dir.path().join("work"),
+        ..Default::default()
+    };
+    let mut sink = |l: String| log.push_str(&l);
+    let mut ctx = Context {
+        store: &e.store,
+        runc: &e.runc,
+        cancel: Arc::new(AtomicBool::new(false)),
+        log: &mut sink,
+    };
+    let r = build(&mut ctx, &opts)
+        .map(|b| b.id)
+        .map_err(|e| e.to_string());
+    (r, log)
+}
+
+fn config_of(e: &Env, id: &isula_types::ImageId) -> ImageConfig {
+    serde_json::from_slice(
+        &e.store
+            .content()
+            .read_small(id.digest(), limits::MANIFEST_MAX)
+            .expect("config"),
+    )
+    .expect("json")
+}
+
+#[test]
+fn builds_the_manual_example_with_run_and_config() {
+    if !ready() {
+        return;
+    }
+    let e = env();
+    let ctx = e.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("a.txt"), b"A").expect("a");
+    std::fs::write(ctx.join("b.txt"), b"B").expect("b");
+    std::fs::write(ctx.join("ignored.log"), b"no").expect("log");
+    std::fs::write(ctx.join(".dockerignore"), b"*.log\n").expect("ignore");
+    let df = "FROM busybox\nLABEL foo=bar\nARG WHO=world\nENV A=1 B=$A\nENV C=$A\nWORKDIR /app\nCOPY ./*.txt /home/dir1/\nRUN echo hello $WHO > /app/out && echo ran as $(id -u)\nUSER app\nRUN echo groups: $(id -G)\nEXPOSE 80 90-91/udp\nENTRYPOINT [\"/bin/sh\"]\n";
+    let (id, log) = run_build(&e, df, &ctx, &[("WHO", "isula")], None);
+    let id = id.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert!(
+        log.starts_with("STEP  1: FROM busybox\nSTEP  2: LABEL foo=bar\n"),
+        "{log}"
+    );
+    assert!(log.contains("ran as 0\n"), "{log}");
+    let c = config_of(&e, &id);
+    let cc = c.config.expect("config");
+    assert_eq!(
+        cc.labels.expect("labels").get("foo").map(String::as_str),
+        Some("bar")
+    );
+    let env = cc.env.expect("env");
+    assert!(
+        env.contains(&"A=1".to_string())
+            && env.contains(&"B=".to_string())
+            && env.contains(&"C=1".to_string()),
+        "{env:?}"
+    );
+    assert!(
+        !env.iter().any(|e| e.starts_with("WHO=")),
+        "ARGs are not stored"
+    );
+    assert_eq!(cc.working_dir, "/app");
+    assert_eq!(cc.user, "app");
+    assert_eq!(
+        cc.exposed_ports
+            .expect("ports")
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec!["80/tcp", "90/udp", "91/udp"]
+    );
+    assert_eq!(cc.entrypoint, Some(vec!["/bin/sh".to_string()]));
+    assert_eq!(
+        c.rootfs.diff_ids.len(),
+        2,
+        "one base layer plus one commit for the stage"
+    );
+    let img = e.store.resolve("built:1").expect("tagged");
+    let top = e.store.layer_dir(&img.layers[1]).join("diff");
+    assert_eq!(
+        std::fs::read(top.join("app/out")).expect("out"),
+        b"hello isula\n"
+    );
+    assert_eq!(std::fs::read(top.join("home/dir1/a.txt")).expect("a"), b"A");
+    assert!(
+        !top.join("home/dir1/ignored.log").exists(),
+        ".dockerignore applies"
+    );
+    assert!(log.contains("groups: 1000 2000\n"), "{log}");
+    for leaked in ["proc", "sys", "dev", "etc/hosts", "etc/resolv.conf"] {
+        assert!(
+            std::fs::symlink_metadata(top.join(leaked)).is_err(),
+            "{leaked} leaked into the layer"
+        );
+    }
+    assert!(
+        isula_sys::mounts_under(e.dir.path())
+            .expect("mountinfo")
+            .is_empty(),
+        "mounts left"
+    );
+    assert!(!e.dir.path().join("work").exists(), "work dir left");
+}
+
+#[test]
+fn failing_run_names_the_step_and_leaves_nothing() {
+    if !ready() {
+        return;
+    }
+    let e = env();
+    let ctx = e.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    let before = e.store.images().len();
+    let (r, log) = run_build(
+        &e,
+        "FROM busybox\nRUN touch /x\nRUN exit 7\n",
+        &ctx,
+        &[],
+        None,
+    );
+    let err = r.expect_err("must fail");
+    assert!(
+        err.contains("STEP 3 (line 3) RUN exit 7") && err.contains("non-zero code: 7"),
+        "{err}\n{log}"
+    );
+    assert_eq!(e.store.images().len(), before);
+    assert!(isula_sys::mounts_under(e.dir.path())
+        .expect("mountinfo")
+        .is_empty());
+    assert!(
+        std::fs::read_dir(e.dir.path().join("data/tmp"))
+            .expect("tmp")
+            .next()
+            .is_none(),
+        "staged layers left"
+    );
+}
+
+#[test]
+fn build_static_is_reproducible_and_multistage_copies_between_stages() {
+    if !ready() {
+        return;
+    }
+    let e = env();
+    let ctx = e.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("f"), b"data").expect("f");
+    let df = "FROM busybox AS 1build\nRUN echo built > /artifact\nFROM busybox\nCOPY --from=1build /artifact /final\nCOPY f /f\nRUN echo $RANDOM > /dev/null\n";
+    let (a, log) = run_build(&e, df, &ctx, &[], Some(1_590_000_000));
+    let a = a.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    let (b, log) = run_build(&e, df, &ctx, &[], Some(1_590_000_000));
+    let b = b.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert_eq!(a, b, "same inputs and build time give the same image ID");
+    let img = e.store.resolve("built:1").expect("img");
+    let top = e
+        .store
+        .layer_dir(img.layers.last().expect("layer"))
+        .join("diff");
+    assert_eq!(std::fs::read(top.join("final")).expect("final"), b"built\n");
+    let c = config_of(&e, &a);
+    assert_eq!(c.created.as_deref(), Some("2020-05-20T18:40:00Z"));
+}
+
+#[test]
+fn escapes_are_contained() {
+    if !ready() {
+        return;
+    }
+    let e = env();
+    let ctx = e.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::os::unix::fs::symlink("/etc", ctx.join("hostetc")).expect("symlink");
+    std::fs::write(ctx.join("f"), b"payload").expect("f");
+    // A context symlink to /etc is resolved inside the context: there is no passwd there.
+    let (r, _) = run_build(
+        &e,
+        "FROM busybox\nCOPY hostetc/passwd /stolen\n",
+        &ctx,
+        &[],
+        None,
+    );
+    assert!(r.is_err(), "the host's /etc/passwd must not be reachable");
+    // COPY ../x stays inside the context.
+    let (r, _) = run_build(
+        &e,
+        "FROM busybox\nCOPY ../../../../etc/hostname /x\n",
+        &ctx,
+        &[],
+        None,
+    );
+    assert!(r.is_err());
+    // A RUN-made link to / does not lead COPY out of the rootfs.
+    let marker = format!("/tmp/isula-escape-{}", std::process::id());
+    let df = format!("FROM busybox\nRUN ln -s / /x\nCOPY f /x{marker}\n");
+    let (r, log) = run_build(&e, &df, &ctx, &[], None);
+    r.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert!(!Path::new(&marker).exists(), "COPY wrote to the host");
+    let img = e.store.resolve("built:1").expect("img");
+    let top = e
+        .store
+        .layer_dir(img.layers.last().expect("layer"))
+        .join("diff");
+    assert_eq!(
+        std::fs::read(top.join(marker.trim_start_matches('/'))).expect("inside"),
+        b"payload"
+    );
+    // WORKDIR through /proc/self/fd is a plain path inside the rootfs, not the daemon's fds.
+    let (r, log) = run_build(
+        &e,
+        "FROM busybox\nWORKDIR /proc/self/fd/1\nCOPY f .\n",
+        &ctx,
+        &[],
+        None,
+    );
+    r.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    let img = e.store.resolve("built:1").expect("img");
+    let top = e
+        .store
+        .layer_dir(img.layers.last().expect("layer"))
+        .join("diff");
+    assert_eq!(
+        std::fs::read(top.join("proc/self/fd/1/f")).expect("inside"),
+        b"payload"
+    );
+}
