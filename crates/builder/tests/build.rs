@@ -23,7 +23,7 @@ fn ready() -> bool {
 
 fn busybox_tar() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut add_dir = |b: &mut tar::Builder<Vec<u8>>, name: &str| {
+    let add_dir = |b: &mut tar::Builder<Vec<u8>>, name: &str| {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Directory);
         h.set_mode(0o755);
