@@ -82,6 +82,8 @@ pub struct BuildOptions {
     /// A private directory for this build's mounts and bundles (removed at the end).
     pub work_dir: PathBuf,
     pub mount_options: Vec<String>,
+    /// `--format oci`: OCI media types for the image's manifest and config.
+    pub oci: bool,
     /// The daemon's own proxy environment (for `--proxy`).
     pub host_proxy_env: Vec<(String, String)>,
 }
@@ -241,7 +243,7 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
     let last = results[target]
         .take()
         .ok_or_else(|| BuildError::Invalid("the target stage produced nothing".into()))?;
-    let id = stage::commit_image(ctx, &last, &opts.tags, &lease)?;
+    let id = stage::commit_image(ctx, &last, &opts.tags, opts.oci, &lease)?;
     drop(lease);
     if let Err(e) = ctx.store.gc() {
         tracing::warn!(error = %e, "collecting intermediate stages");

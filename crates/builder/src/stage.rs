@@ -874,8 +874,18 @@ pub fn commit_image(
     ctx: &mut Context<'_>,
     result: &StageResult,
     tags: &[Reference],
+    oci: bool,
     lease: &Lease,
 ) -> Result<ImageId, BuildError> {
+    let (manifest_type, config_type, layer_type) = if oci {
+        (media::OCI_MANIFEST, media::OCI_CONFIG, media::OCI_LAYER)
+    } else {
+        (
+            media::DOCKER_MANIFEST,
+            media::DOCKER_CONFIG,
+            media::DOCKER_LAYER,
+        )
+    };
     let store = ctx.store;
     let config_bytes =
         serde_json::to_vec(&result.config).map_err(|e| BuildError::Invalid(e.to_string()))?;
@@ -886,7 +896,7 @@ pub fn commit_image(
         .iter()
         .map(|b| {
             Ok(Descriptor::new(
-                media::DOCKER_LAYER,
+                layer_type,
                 b.clone(),
                 store.content().size(b)?,
             ))
@@ -894,9 +904,9 @@ pub fn commit_image(
         .collect::<Result<Vec<_>, isula_store::StoreError>>()?;
     let manifest = Manifest {
         schema_version: 2,
-        media_type: Some(media::DOCKER_MANIFEST.into()),
+        media_type: Some(manifest_type.into()),
         config: Descriptor::new(
-            media::DOCKER_CONFIG,
+            config_type,
             config_digest.clone(),
             config_bytes.len() as u64,
         ),
@@ -918,7 +928,7 @@ pub fn commit_image(
     store.add_image(NewImage {
         id: id.clone(),
         manifest: manifest_digest,
-        manifest_media_type: media::DOCKER_MANIFEST.into(),
+        manifest_media_type: manifest_type.into(),
         blobs: result.blobs.clone(),
         layers: result.layers.clone(),
         created: result.config.created.clone(),

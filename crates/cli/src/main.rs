@@ -40,6 +40,8 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum CtrImg {
+    /// Build a container image from a Dockerfile
+    Build(Box<cmd::build::Args>),
     /// List locally stored images
     Images(cmd::images::Args),
     /// Import the base image from a tarball to the image store

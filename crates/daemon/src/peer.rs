@@ -29,6 +29,9 @@ impl ClientFiles for AsPeer {
     fn exists(&self, path: &Path) -> bool {
         with_credentials(&self.0, || std::fs::symlink_metadata(path).is_ok()).unwrap_or(false)
     }
+    fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        flatten(with_credentials(&self.0, || std::fs::write(path, data)))
+    }
     fn create_pending(&self, dir: &Path) -> Result<PendingFile, SysError> {
         flatten_sys(dir, with_credentials(&self.0, || PendingFile::new_in(dir)))
     }
@@ -60,4 +63,12 @@ pub fn files<T>(req: &Request<T>) -> Result<Box<dyn ClientFiles>, Status> {
         );
         Ok(Box::new(AsPeer(creds)))
     }
+}
+
+/// Whether the request comes from root.
+pub fn is_root<T>(req: &Request<T>) -> bool {
+    req.extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .is_some_and(|c| c.uid() == 0)
 }

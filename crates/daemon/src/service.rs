@@ -26,16 +26,25 @@ async fn blocking<T: Send + 'static>(
 
 #[tonic::async_trait]
 impl Control for Service {
-    async fn build(&self, _r: Request<BuildRequest>) -> Result<Response<BuildResponse>, Status> {
-        Err(rpc::unimplemented("Build", "building images"))
+    async fn build(&self, r: Request<BuildRequest>) -> Result<Response<BuildResponse>, Status> {
+        if !peer::is_root(&r) {
+            // The build reads the whole context with the daemon's rights: root only.
+            return Err(Status::permission_denied("building images requires root"));
+        }
+        let files = peer::files(&r)?;
+        rpc::build::run(self.state.clone(), files, r.into_inner())
+            .await
+            .map(Response::new)
     }
 
-    type StatusStream = Pending<StatusResponse>;
+    type StatusStream = LineStream<StatusResponse>;
     async fn status(
         &self,
-        _r: Request<StatusRequest>,
+        r: Request<StatusRequest>,
     ) -> Result<Response<Self::StatusStream>, Status> {
-        Err(rpc::unimplemented("Status", "building images"))
+        rpc::build::status(self.state.clone(), r.into_inner().build_id)
+            .await
+            .map(Response::new)
     }
 
     async fn list(&self, r: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {

@@ -13,6 +13,9 @@ use tonic::Status;
 pub struct State {
     pub settings: Settings,
     pub store: Store,
+    /// The OCI runtime for RUN, or why it is unusable.
+    pub runc: Result<isula_runtime::Runc, String>,
+    pub builds: crate::rpc::build::Builds,
     ops: Mutex<Ops>,
 }
 
@@ -37,9 +40,15 @@ impl Drop for OpGuard {
 
 impl State {
     pub fn new(settings: Settings, store: Store) -> Arc<State> {
+        let runc = isula_runtime::Runc::new(&settings.runtime, &settings.run_root.join("runc")).map_err(|e| {
+            tracing::warn!(runtime = %settings.runtime, error = %e, "builds will fail until the runtime is installed");
+            e.to_string()
+        });
         Arc::new(State {
             settings,
             store,
+            runc,
+            builds: Default::default(),
             ops: Mutex::default(),
         })
     }

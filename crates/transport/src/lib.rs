@@ -92,6 +92,8 @@ pub type Result<T> = std::result::Result<T, TransportError>;
 pub trait ClientFiles: Send + Sync {
     fn open(&self, path: &Path) -> io::Result<File>;
     fn exists(&self, path: &Path) -> bool;
+    /// Writes (replacing) a small file, such as an --iidfile.
+    fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
     fn create_pending(
         &self,
         dir: &Path,
@@ -112,6 +114,9 @@ impl ClientFiles for AsDaemon {
     }
     fn exists(&self, path: &Path) -> bool {
         std::fs::symlink_metadata(path).is_ok()
+    }
+    fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        std::fs::write(path, data)
     }
     fn create_pending(
         &self,

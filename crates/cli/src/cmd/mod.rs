@@ -1,5 +1,6 @@
 //! One file per command. Each builds its request, calls the daemon, and prints.
 
+pub mod build;
 pub mod images;
 pub mod import;
 pub mod info;
@@ -33,6 +34,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::CtrImg(c) => {
             let mut client = connect(&cli.host).await?;
             match c {
+                CtrImg::Build(a) => build::run(&mut client, *a).await,
                 CtrImg::Images(a) => images::run(&mut client, a).await,
                 CtrImg::Import(a) => import::run(&mut client, a).await,
                 CtrImg::Load(a) => load::run(&mut client, a).await,

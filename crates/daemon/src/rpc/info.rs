@@ -53,7 +53,7 @@ pub fn info(state: &State, _req: InfoRequest) -> InfoResponse {
         data_root: s.data_root.display().to_string(),
         run_root: s.run_root.display().to_string(),
         oci_runtime: s.runtime.clone(),
-        builder_num: 0,
+        builder_num: state.builds.running() as i64,
         go_routines: proc_kib(&status, "Threads") as i64,
         mem_stat: Some(MemStat {
             mem_sys: proc_kib(&status, "VmRSS") * 1024,

@@ -1,5 +1,6 @@
 //! One file per RPC. `service.rs` routes the generated trait's methods here.
 
+pub mod build;
 pub mod health;
 pub mod import;
 pub mod info;

@@ -1,0 +1,198 @@
+//! `ctr-img build [FLAGS] [CONTEXT]`: reads the Dockerfile here, sends the build, and prints
+//! the daemon's log as it streams. Ctrl+C (or any failure of either call) drops both calls,
+//! which cancels the build on the daemon.
+
+use super::Client;
+use anyhow::{bail, Context as _, Result};
+use isula_api::v1::{BuildRequest, BuildStatic, StatusRequest};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The largest Dockerfile the client sends (the manual's 1 MiB).
+const DOCKERFILE_MAX: u64 = 1 << 20;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Build-time variables (NAME=VALUE)
+    #[arg(long = "build-arg")]
+    pub build_args: Vec<String>,
+    /// Static build: 'build-time=YYYY-MM-DD HH:MM:SS' gives reproducible images
+    #[arg(long = "build-static")]
+    pub build_static: Option<String>,
+    /// Path of the Dockerfile (default: CONTEXT/Dockerfile)
+    #[arg(short = 'f', long = "filename")]
+    pub filename: Option<String>,
+    /// Write the image ID to this file
+    #[arg(long = "iidfile")]
+    pub iidfile: Option<String>,
+    /// Where to export the image: docker-archive:PATH[:IMAGE:TAG], oci-archive:PATH[:IMAGE:TAG],
+    /// docker-daemon:IMAGE:TAG, isulad:IMAGE:TAG, docker://REGISTRY/REPO:TAG
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<String>,
+    /// Pass the proxy variables of the daemon's environment to RUN
+    #[arg(long = "proxy", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub proxy: bool,
+    /// Tag for the built image
+    #[arg(long = "tag")]
+    pub tag: Option<String>,
+    /// Capabilities RUN steps get in addition to the defaults
+    #[arg(long = "cap-add")]
+    pub cap_add: Vec<String>,
+    /// Image format: docker or oci
+    #[arg(long = "format", default_value = "docker", value_parser = ["docker", "oci"])]
+    pub format: String,
+    /// Build up to this stage
+    #[arg(long = "target")]
+    pub target: Option<String>,
+    /// Build context directory
+    #[arg(default_value = ".")]
+    pub context: String,
+}
+
+fn read_dockerfile(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading Dockerfile {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("Dockerfile {} is not a regular file", path.display());
+    }
+    if meta.len() > DOCKERFILE_MAX {
+        bail!(
+            "Dockerfile {} is {} bytes, over the limit of {DOCKERFILE_MAX} bytes",
+            path.display(),
+            meta.len()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading Dockerfile {}", path.display()))
+}
+
+fn dockerfile_path(args: &Args, context: &Path) -> Result<PathBuf> {
+    if let Some(f) = &args.filename {
+        return crate::absolute(f);
+    }
+    for name in ["Dockerfile", "dockerfile"] {
+        let p = context.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("no Dockerfile in {}: use -f to name one", context.display())
+}
+
+/// Makes the output's path absolute and checks what the client can check.
+fn output_spec(output: &str) -> Result<String> {
+    let Some((kind, rest)) = output.split_once(':') else {
+        bail!("invalid output {output:?}: expected TYPE:DESTINATION");
+    };
+    match kind {
+        "docker-archive" | "oci-archive" => {
+            let (path, image) = match rest.split_once(':') {
+                Some((p, i)) => (p, Some(i)),
+                None => (rest, None),
+            };
+            if path.is_empty() {
+                bail!("output {output:?} needs a path");
+            }
+            let abs = crate::absolute(path)?;
+            if std::fs::symlink_metadata(&abs).is_ok() {
+                bail!("output file already exists: {}", abs.display());
+            }
+            Ok(match image {
+                Some(i) => format!("{kind}:{}:{i}", abs.display()),
+                None => format!("{kind}:{}", abs.display()),
+            })
+        }
+        "docker-daemon" | "isulad" => {
+            if !rest.contains(':') || rest.ends_with(':') {
+                bail!("output {output:?} needs IMAGE:TAG (a tag is required for {kind})");
+            }
+            Ok(output.to_string())
+        }
+        "docker" => Ok(output.to_string()),
+        other => bail!("invalid output type {other:?}: expected docker-archive, oci-archive, docker-daemon, isulad or docker"),
+    }
+}
+
+fn build_static(spec: &str) -> Result<BuildStatic> {
+    let value = spec.strip_prefix("build-time=").with_context(|| {
+        format!("invalid --build-static {spec:?}: expected 'build-time=YYYY-MM-DD HH:MM:SS'")
+    })?;
+    let t = chrono::NaiveDateTime::parse_from_str(value.trim(), "%Y-%m-%d %H:%M:%S")
+        .with_context(|| format!("invalid build-time {value:?}: expected YYYY-MM-DD HH:MM:SS"))?;
+    Ok(BuildStatic {
+        build_time: Some(prost_types::Timestamp {
+            seconds: t.and_utc().timestamp(),
+            nanos: 0,
+        }),
+    })
+}
+
+pub async fn run(client: &mut Client, args: Args) -> Result<()> {
+    let context = crate::absolute(&args.context)?;
+    if !context.is_dir() {
+        bail!("build context {} is not a directory", context.display());
+    }
+    let dockerfile = read_dockerfile(&dockerfile_path(&args, &context)?)?;
+    let output = args
+        .output
+        .as_deref()
+        .map(output_spec)
+        .transpose()?
+        .unwrap_or_default();
+    let static_time = args.build_static.as_deref().map(build_static).transpose()?;
+    let build_id = hex::encode(rand::random::<[u8; 6]>());
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(dockerfile.as_bytes()))
+    };
+    let entity_time = static_time
+        .as_ref()
+        .and_then(|s| s.build_time.as_ref())
+        .map(|t| t.seconds.to_string())
+        .unwrap_or_default();
+    let req = BuildRequest {
+        build_id: build_id.clone(),
+        build_type: "ctr-img".into(),
+        context_dir: context.display().to_string(),
+        file_content: dockerfile,
+        output,
+        build_args: args.build_args,
+        proxy: args.proxy,
+        iidfile: args
+            .iidfile
+            .as_deref()
+            .map(crate::absolute)
+            .transpose()?
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        build_static: static_time,
+        additional_tag: args.tag.unwrap_or_default(),
+        cap_add_list: args.cap_add,
+        entity_id: format!("{digest}:{entity_time}"),
+        encrypted: false,
+        format: args.format,
+        target: args.target.unwrap_or_default(),
+    };
+    let mut status_client = client.clone();
+    let status = async move {
+        let mut stream = status_client
+            .status(StatusRequest { build_id })
+            .await?
+            .into_inner();
+        let mut out = std::io::stdout();
+        while let Some(item) = stream.message().await? {
+            out.write_all(item.content.as_bytes())?;
+            out.flush()?;
+        }
+        anyhow::Ok(())
+    };
+    let printer = tokio::spawn(status);
+    // If the build fails, its log may still be streaming: stop it (dropping the call), as a
+    // failed log would stop the build.
+    match client.build(req).await {
+        Ok(_) => printer.await.context("log printer")?,
+        Err(e) => {
+            printer.abort();
+            Err(e.into())
+        }
+    }
+}

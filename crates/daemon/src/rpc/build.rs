@@ -1,0 +1,409 @@
+//! Build and Status: a build is two calls with one buildID. `Build` carries the request and
+//! returns the image ID; `Status` streams the log. Whichever comes first creates the
+//! build's log channel; lines wait in it until `Status` reads them. If either call goes
+//! away, the build is cancelled (its RUN container killed, mounts and temp files removed).
+
+use crate::error;
+use crate::state::State;
+use isula_api::v1::{BuildRequest, BuildResponse, StatusResponse};
+use isula_builder_core::{build, BuildOptions, Context};
+use isula_transport::save::{self, Format};
+use isula_transport::ClientFiles;
+use isula_types::{limits, Reference};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// How long a Status call waits for its Build to start.
+const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Default)]
+pub struct Builds {
+    inner: Mutex<HashMap<String, Channel>>,
+}
+
+struct Channel {
+    tx: Option<mpsc::UnboundedSender<String>>,
+    rx: Option<mpsc::UnboundedReceiver<String>>,
+    cancel: Arc<AtomicBool>,
+    started: bool,
+    /// Set when the build ended before anyone read its log (kept for a late Status).
+    finished: Option<std::time::Instant>,
+}
+
+/// How long the log of a finished build waits for a late Status call.
+const UNREAD_LOG_KEEP: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl Channel {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Channel {
+            tx: Some(tx),
+            rx: Some(rx),
+            cancel: Arc::new(AtomicBool::new(false)),
+            started: false,
+            finished: None,
+        }
+    }
+}
+
+impl Builds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a starting build; fails if the ID is in use or the limit is reached.
+    fn start(&self, id: &str) -> Result<(mpsc::UnboundedSender<String>, Arc<AtomicBool>), Status> {
+        let mut m = self.lock();
+        m.retain(|_, c| c.finished.is_none_or(|t| t.elapsed() < UNREAD_LOG_KEEP));
+        let running = m.values().filter(|c| c.started).count();
+        if running >= limits::CONCURRENT_BUILDS_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "the number of concurrent builds has reached the limit of {}",
+                limits::CONCURRENT_BUILDS_MAX
+            )));
+        }
+        let ch = m.entry(id.to_string()).or_insert_with(Channel::new);
+        let tx = match (&ch.tx, ch.started) {
+            (Some(tx), false) => tx.clone(),
+            _ => {
+                return Err(Status::already_exists(format!(
+                    "build {id} is already running"
+                )))
+            }
+        };
+        ch.started = true;
+        Ok((tx, ch.cancel.clone()))
+    }
+
+    /// The build ended: its log closes once read (or after a while if never read).
+    /// A Build call that failed before starting: drop a log channel a Status call made.
+    fn abandon(&self, id: &str) {
+        let mut m = self.lock();
+        if m.get(id)
+            .is_some_and(|c| !c.started && c.finished.is_none())
+        {
+            m.remove(id);
+        }
+    }
+
+    fn finish(&self, id: &str) {
+        let mut m = self.lock();
+        let unread = m.get(id).is_some_and(|c| c.rx.is_some());
+        if unread {
+            if let Some(c) = m.get_mut(id) {
+                c.tx = None;
+                c.started = false;
+                c.finished = Some(std::time::Instant::now());
+            }
+        } else {
+            m.remove(id);
+        }
+    }
+
+    /// The log of build `id` (created if the build has not started yet).
+    fn subscribe(
+        &self,
+        id: &str,
+    ) -> Result<(mpsc::UnboundedReceiver<String>, Arc<AtomicBool>), Status> {
+        let mut m = self.lock();
+        let ch = m.entry(id.to_string()).or_insert_with(Channel::new);
+        let rx = ch.rx.take().ok_or_else(|| {
+            Status::already_exists(format!("the status of build {id} is already being read"))
+        })?;
+        let cancel = ch.cancel.clone();
+        if ch.finished.is_some() {
+            m.remove(id);
+        }
+        Ok((rx, cancel))
+    }
+
+    pub fn running(&self) -> usize {
+        self.lock().values().filter(|c| c.started).count()
+    }
+}
+
+/// Cancels the build when the Build call is dropped (the client went away).
+struct CancelOnDrop(Arc<AtomicBool>, bool);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+enum Output {
+    Store,
+    Archive {
+        path: PathBuf,
+        format: Format,
+        name: Option<Reference>,
+    },
+}
+
+fn parse_output(spec: &str) -> Result<Output, Status> {
+    if spec.is_empty() {
+        return Ok(Output::Store);
+    }
+    let (kind, rest) = spec.split_once(':').ok_or_else(|| {
+        error::invalid(format!(
+            "invalid output {spec:?}: expected TYPE:DESTINATION"
+        ))
+    })?;
+    match kind {
+        "docker-archive" | "oci-archive" => {
+            let (path, name) = match rest.split_once(':') {
+                Some((p, n)) => (p, Some(Reference::parse(n).map_err(|e| error::invalid(format!("output {spec:?}: {e}")))?)),
+                None => (rest, None),
+            };
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(error::invalid(format!("output path {} must be absolute", path.display())));
+            }
+            let format = if kind == "docker-archive" { Format::Docker } else { Format::Oci };
+            Ok(Output::Archive { path, format, name })
+        }
+        "docker-daemon" | "isulad" | "docker" => Err(Status::unimplemented(format!(
+            "output {kind}: is not supported yet by this isula-builder (use docker-archive: or oci-archive:)"
+        ))),
+        other => Err(error::invalid(format!("invalid output type {other:?}: expected docker-archive, oci-archive, docker-daemon, isulad or docker"))),
+    }
+}
+
+fn parse_args(args: &[String]) -> Result<Vec<(String, String)>, Status> {
+    args.iter()
+        .map(|a| match a.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            // `--build-arg NAME` takes the value from the client's environment in Docker;
+            // here the client has already done that, so a bare name is empty.
+            None if !a.is_empty() => Ok((a.clone(), String::new())),
+            _ => Err(error::invalid(format!(
+                "invalid build arg {a:?}: expected NAME=VALUE"
+            ))),
+        })
+        .collect()
+}
+
+/// Runs one build to the end.
+pub async fn run(
+    state: Arc<State>,
+    files: Box<dyn ClientFiles>,
+    req: BuildRequest,
+) -> Result<BuildResponse, Status> {
+    let id = req.build_id.clone();
+    let result = run_inner(state.clone(), files, req).await;
+    if result.is_err() {
+        state.builds.abandon(&id);
+    }
+    result
+}
+
+async fn run_inner(
+    state: Arc<State>,
+    files: Box<dyn ClientFiles>,
+    req: BuildRequest,
+) -> Result<BuildResponse, Status> {
+    if !req.build_type.is_empty() && req.build_type != "ctr-img" {
+        return Err(error::invalid(format!(
+            "unsupported build type {:?}",
+            req.build_type
+        )));
+    }
+    if req.build_id.is_empty()
+        || req.build_id.len() > 128
+        || !req.build_id.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(error::invalid("buildID must be 1 to 128 letters or digits"));
+    }
+    if req.file_content.len() > isula_dockerfile::parser::DOCKERFILE_MAX {
+        return Err(error::invalid("the Dockerfile is over the limit of 1 MiB"));
+    }
+    if req.encrypted {
+        return Err(Status::unimplemented(
+            "encrypted build args are not supported yet by this isula-builder",
+        ));
+    }
+    let context = PathBuf::from(&req.context_dir);
+    if !context.is_absolute() || !context.is_dir() {
+        return Err(error::invalid(format!(
+            "build context {:?} must be an existing absolute directory",
+            req.context_dir
+        )));
+    }
+    let output = parse_output(&req.output)?;
+    let mut tags = Vec::new();
+    if !req.additional_tag.is_empty() {
+        tags.push(
+            Reference::parse(&req.additional_tag)
+                .map_err(|e| error::invalid(format!("--tag: {e}")))?,
+        );
+    }
+    if let Output::Archive { name: Some(n), .. } = &output {
+        tags.push(n.clone());
+    }
+    let cap_add = req
+        .cap_add_list
+        .iter()
+        .map(|c| isula_runtime::normalize_cap(c).map_err(|e| error::invalid(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let build_time = req
+        .build_static
+        .as_ref()
+        .and_then(|s| s.build_time.as_ref())
+        .map(|t| t.seconds);
+    let oci = match req.format.as_str() {
+        "" | "docker" => false,
+        "oci" => true,
+        f => {
+            return Err(error::invalid(format!(
+                "invalid format {f:?}: expected docker or oci"
+            )))
+        }
+    };
+    let runc = state.runc.clone().map_err(Status::failed_precondition)?;
+    let (tx, cancel) = state.builds.start(&req.build_id)?;
+    let mut guard = CancelOnDrop(cancel.clone(), false);
+    let opts = BuildOptions {
+        build_id: req.build_id.clone(),
+        dockerfile: req.file_content.clone(),
+        context,
+        build_args: parse_args(&req.build_args)?,
+        tags,
+        cap_add,
+        proxy: req.proxy,
+        build_time,
+        target: Some(req.target.clone()).filter(|t| !t.is_empty()),
+        work_dir: state.settings.run_root.join("builds").join(&req.build_id),
+        mount_options: state.settings.mount_options.clone(),
+        oci,
+        host_proxy_env: isula_builder_core::PROXY_ARGS
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect(),
+    };
+    let op = state.begin();
+    let op_cancel = op.cancel.clone();
+    let build_cancel = cancel.clone();
+    let st = state.clone();
+    let iidfile = req.iidfile.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<String, Status> {
+        let _op = op;
+        // Shutdown cancels every operation: forward it to the build.
+        let watcher_cancel = build_cancel.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let forward = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                if op_cancel.is_cancelled() {
+                    watcher_cancel.store(true, Ordering::SeqCst);
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        let tx2 = tx.clone();
+        let mut log = move |line: String| {
+            let _ = tx2.send(line);
+        };
+        let runc = runc;
+        let mut ctx = Context {
+            store: &st.store,
+            runc: &runc,
+            cancel: build_cancel,
+            log: &mut log,
+        };
+        let built = build(&mut ctx, &opts);
+        stop.store(true, Ordering::SeqCst);
+        let _ = forward.join();
+        let built = built.map_err(|e| error::status(e.kind(), e.to_string()))?;
+        let hex = built.id.hex().to_string();
+        if let Output::Archive {
+            path,
+            format: archive_format,
+            ..
+        } = &output
+        {
+            save::save(
+                &st.store,
+                files.as_ref(),
+                std::slice::from_ref(&hex),
+                path,
+                *archive_format,
+                &Default::default(),
+                &mut |l| {
+                    let _ = tx.send(l);
+                },
+            )
+            .map_err(error::transport)?;
+        }
+        if !iidfile.is_empty() {
+            files
+                .write_file(std::path::Path::new(&iidfile), hex.as_bytes())
+                .map_err(|e| {
+                    Status::failed_precondition(format!("writing --iidfile {iidfile}: {e}"))
+                })?;
+        }
+        let _ = tx.send(format!("Build success with image id: {hex}\n"));
+        Ok(hex)
+    })
+    .await
+    .map_err(|e| error::internal(format!("build task: {e}")));
+    state.builds.finish(&req.build_id);
+    guard.1 = true;
+    match result {
+        Ok(Ok(id)) => Ok(BuildResponse { image_id: id }),
+        Ok(Err(status)) => Err(status),
+        Err(status) => Err(status),
+    }
+}
+
+/// Streams the log of a build until it ends.
+pub async fn status(
+    state: Arc<State>,
+    build_id: String,
+) -> Result<tokio_stream::wrappers::ReceiverStream<Result<StatusResponse, Status>>, Status> {
+    let (mut rx, cancel) = state.builds.subscribe(&build_id)?;
+    let (out_tx, out_rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut seen = false;
+        loop {
+            let next = if seen {
+                rx.recv().await
+            } else {
+                match tokio::time::timeout(STATUS_WAIT, rx.recv()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        let _ = out_tx
+                            .send(Err(Status::not_found(format!(
+                                "build {build_id} did not start"
+                            ))))
+                            .await;
+                        state.builds.finish(&build_id);
+                        return;
+                    }
+                }
+            };
+            seen = true;
+            match next {
+                Some(line) => {
+                    if out_tx
+                        .send(Ok(StatusResponse { content: line }))
+                        .await
+                        .is_err()
+                    {
+                        // The client stopped reading: cancel the build.
+                        cancel.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                None => return,
+            }
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+}
