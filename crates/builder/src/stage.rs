@@ -801,8 +801,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             let writer = writer.into_inner().map_err(|e| {
                 isula_store::StoreError::io("write", upper.diff_dir(), e.into_error())
             })?;
-            let (blob, size) = writer.commit(None)?;
-            self.lease.blob(&blob);
+            let (blob, size) = self.lease.commit_blob(writer, None)?;
             let diff = DiffId(blob.clone());
             let chain = ChainId::next(layers.last().map(|l| &l.chain_id), &diff);
             store.commit_layer(upper, &chain, self.lease)?;
@@ -889,8 +888,7 @@ pub fn commit_image(
     let store = ctx.store;
     let config_bytes =
         serde_json::to_vec(&result.config).map_err(|e| BuildError::Invalid(e.to_string()))?;
-    let config_digest = store.content().put(&config_bytes)?;
-    lease.blob(&config_digest);
+    let config_digest = lease.put_blob(store.content(), &config_bytes)?;
     let layer_descs = result
         .blobs
         .iter()
@@ -915,8 +913,7 @@ pub fn commit_image(
     };
     let manifest_bytes =
         serde_json::to_vec(&manifest).map_err(|e| BuildError::Invalid(e.to_string()))?;
-    let manifest_digest = store.content().put(&manifest_bytes)?;
-    lease.blob(&manifest_digest);
+    let manifest_digest = lease.put_blob(store.content(), &manifest_bytes)?;
     let id = ImageId(config_digest);
     (ctx.log)("Getting image source signatures\n".into());
     for b in &result.blobs {

@@ -79,6 +79,23 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Commits a blob under this lease. The lease is taken before the blob appears, so no
+    /// concurrent collection can remove it in between.
+    pub fn commit_blob(
+        &self,
+        w: BlobWriter,
+        expected: Option<(&Digest, Option<u64>)>,
+    ) -> Result<(Digest, u64)> {
+        self.blob(&w.digest());
+        w.commit(expected)
+    }
+
+    /// Stores a small blob under this lease (see `commit_blob`).
+    pub fn put_blob(&self, content: &ContentStore, data: &[u8]) -> Result<Digest> {
+        self.blob(&Digest::of_bytes(data));
+        content.put(data)
+    }
+
     pub fn blob(&self, d: &Digest) {
         self.add(format!("blob:{}", d.hex()));
     }
@@ -412,6 +429,21 @@ impl Store {
 
     /// Deletes blobs and layers that no image and no lease refers to.
     pub fn gc(&self) -> Result<GcReport> {
+        // List what is on disk first. Leases are always taken before a blob or layer
+        // appears, so anything listed here that is in flight is in the lease snapshot taken
+        // below.
+        let layers_dir = self.root.join("layers");
+        let mut layer_dirs = Vec::new();
+        for ent in fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read", &layers_dir, e))? {
+            let ent = ent.map_err(|e| StoreError::io("read", &layers_dir, e))?;
+            let chain = ent
+                .file_name()
+                .to_str()
+                .and_then(|h| Digest::from_hex(h).ok())
+                .map(ChainId);
+            layer_dirs.push((ent.path(), chain));
+        }
+        let blobs = self.content.list()?;
         let mut meta = self.meta();
         let leased: HashSet<String> = {
             let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
@@ -425,33 +457,24 @@ impl Store {
             live_blobs.insert(img.manifest.clone());
             live_blobs.insert(img.id.digest().clone());
         }
+        let layer_leased = |c: &ChainId| leased.contains(&format!("layer:{}", c.hex()));
         let mut report = GcReport::default();
         let before = meta.layers.len();
         let mut next = meta.clone();
-        next.layers.retain(|c, _| {
-            live_layers.contains(c) || leased.contains(&format!("layer:{}", c.hex()))
-        });
+        next.layers
+            .retain(|c, _| live_layers.contains(c) || layer_leased(c));
         if next.layers.len() != before {
             self.save(&next)?;
             *meta = next;
         }
-        let layers_dir = self.root.join("layers");
-        for ent in fs::read_dir(&layers_dir).map_err(|e| StoreError::io("read", &layers_dir, e))? {
-            let ent = ent.map_err(|e| StoreError::io("read", &layers_dir, e))?;
-            let name = ent.file_name();
-            let keep = name
-                .to_str()
-                .and_then(|h| Digest::from_hex(h).ok())
-                .map(ChainId)
-                .is_some_and(|c| {
-                    meta.layers.contains_key(&c) || leased.contains(&format!("layer:{}", c.hex()))
-                });
+        for (path, chain) in layer_dirs {
+            let keep = chain.is_some_and(|c| meta.layers.contains_key(&c) || layer_leased(&c));
             if !keep {
-                isula_sys::rooted::remove_tree(&ent.path())?;
+                isula_sys::rooted::remove_tree(&path)?;
                 report.layers += 1;
             }
         }
-        for d in self.content.list()? {
+        for d in blobs {
             if !live_blobs.contains(&d) && !leased.contains(&format!("blob:{}", d.hex())) {
                 self.content.remove(&d)?;
                 report.blobs += 1;

@@ -214,8 +214,7 @@ fn scan_layer<R: Read>(
     };
     // Whatever the unpack did not read still belongs to the blob.
     io::copy(&mut tee, &mut io::sink())?;
-    let (blob, blob_size) = writer.commit(None).map_err(io::Error::other)?;
-    lease.blob(&blob);
+    let (blob, blob_size) = lease.commit_blob(writer, None).map_err(io::Error::other)?;
     let unpacked = unpacked.map(|u| u.with_diff_id(&blob));
     Ok(LayerEntry {
         blob,

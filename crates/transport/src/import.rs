@@ -79,8 +79,7 @@ fn import_leased(
         io::copy(&mut tee, &mut io::sink()).map_err(|e| TransportError::io("read", source, e))?;
         unpacked
     };
-    let (blob, blob_size) = writer.commit(None)?;
-    lease.blob(&blob);
+    let (blob, blob_size) = lease.commit_blob(writer, None)?;
     let unpacked = unpacked.with_diff_id(&blob);
     for dev in &unpacked.skipped_devices {
         progress(format!(
@@ -115,8 +114,7 @@ fn import_leased(
     };
     let config_bytes =
         serde_json::to_vec(&config).map_err(|e| TransportError::Invalid(e.to_string()))?;
-    let config_digest = store.content().put(&config_bytes)?;
-    lease.blob(&config_digest);
+    let config_digest = lease.put_blob(store.content(), &config_bytes)?;
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(media::DOCKER_MANIFEST.to_string()),
@@ -134,8 +132,7 @@ fn import_leased(
     };
     let manifest_bytes =
         serde_json::to_vec(&manifest).map_err(|e| TransportError::Invalid(e.to_string()))?;
-    let manifest_digest = store.content().put(&manifest_bytes)?;
-    lease.blob(&manifest_digest);
+    let manifest_digest = lease.put_blob(store.content(), &manifest_bytes)?;
     let id = ImageId(config_digest);
     cancel
         .check()

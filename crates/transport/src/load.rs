@@ -206,8 +206,7 @@ fn prepare(
         ));
         blobs.push(blob);
     }
-    let config_digest = store.content().put(&plan.config)?;
-    lease.blob(&config_digest);
+    let config_digest = lease.put_blob(store.content(), &plan.config)?;
     let id = ImageId(config_digest.clone());
     let (manifest_bytes, manifest_type) = match plan.manifest {
         Some((bytes, media_type)) => (bytes, media_type),
@@ -234,8 +233,7 @@ fn prepare(
             (bytes, media_type.to_string())
         }
     };
-    let manifest = store.content().put(&manifest_bytes)?;
-    lease.blob(&manifest);
+    let manifest = lease.put_blob(store.content(), &manifest_bytes)?;
     Ok((
         NewImage {
             id,

@@ -266,13 +266,13 @@ async fn run_inner(
         }
     };
     let runc = state.runc.clone().map_err(Status::failed_precondition)?;
+    let build_args = parse_args(&req.build_args)?;
     let (tx, cancel) = state.builds.start(&req.build_id)?;
-    let mut guard = CancelOnDrop(cancel.clone(), false);
     let opts = BuildOptions {
         build_id: req.build_id.clone(),
         dockerfile: req.file_content.clone(),
         context,
-        build_args: parse_args(&req.build_args)?,
+        build_args,
         tags,
         cap_add,
         proxy: req.proxy,
@@ -286,54 +286,98 @@ async fn run_inner(
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect(),
     };
-    let op = state.begin();
-    let op_cancel = op.cancel.clone();
-    let build_cancel = cancel.clone();
-    let st = state.clone();
-    let iidfile = req.iidfile.clone();
-    let result = tokio::task::spawn_blocking(move || -> Result<String, Status> {
-        let _op = op;
-        // Shutdown cancels every operation: forward it to the build.
-        let watcher_cancel = build_cancel.clone();
+    let job = Job {
+        state: state.clone(),
+        files,
+        runc,
+        opts,
+        output,
+        iidfile: req.iidfile.clone(),
+        tx,
+        cancel: cancel.clone(),
+    };
+    // The build runs in its own task: if this call is dropped (the client went away) the
+    // guard cancels it, and the task still cleans up and releases the build's slot.
+    let build_id = req.build_id.clone();
+    let task_state = state.clone();
+    let task = tokio::spawn(async move {
+        let result = tokio::task::spawn_blocking(move || job.run())
+            .await
+            .unwrap_or_else(|e| Err(error::internal(format!("build task: {e}"))));
+        task_state.builds.finish(&build_id);
+        match &result {
+            Ok(id) => tracing::info!(build = %build_id, image = %id, "build succeeded"),
+            Err(status) => {
+                tracing::info!(build = %build_id, error = %status.message(), "build failed")
+            }
+        }
+        result
+    });
+    let mut guard = CancelOnDrop(cancel, false);
+    let result = task
+        .await
+        .unwrap_or_else(|e| Err(error::internal(format!("build task: {e}"))));
+    guard.1 = true;
+    result.map(|image_id| BuildResponse { image_id })
+}
+
+/// Everything one build needs on its blocking thread.
+struct Job {
+    state: Arc<State>,
+    files: Box<dyn ClientFiles>,
+    runc: isula_runtime::Runc,
+    opts: BuildOptions,
+    output: Output,
+    iidfile: String,
+    tx: mpsc::UnboundedSender<String>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Job {
+    fn run(self) -> Result<String, Status> {
+        // Shutdown cancels every registered operation: forward that to the build.
+        let op = self.state.begin();
+        let (op_cancel, build_cancel) = (op.cancel.clone(), self.cancel.clone());
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let forward = std::thread::spawn(move || {
             while !stop2.load(Ordering::SeqCst) {
                 if op_cancel.is_cancelled() {
-                    watcher_cancel.store(true, Ordering::SeqCst);
+                    build_cancel.store(true, Ordering::SeqCst);
                     return;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         });
-        let tx2 = tx.clone();
+        let tx = self.tx.clone();
         let mut log = move |line: String| {
-            let _ = tx2.send(line);
+            let _ = tx.send(line);
         };
-        let runc = runc;
         let mut ctx = Context {
-            store: &st.store,
-            runc: &runc,
-            cancel: build_cancel,
+            store: &self.state.store,
+            runc: &self.runc,
+            cancel: self.cancel.clone(),
             log: &mut log,
         };
-        let built = build(&mut ctx, &opts);
+        let built = build(&mut ctx, &self.opts);
         stop.store(true, Ordering::SeqCst);
         let _ = forward.join();
+        drop(op);
         let built = built.map_err(|e| error::status(e.kind(), e.to_string()))?;
         let hex = built.id.hex().to_string();
-        if let Output::Archive {
-            path,
-            format: archive_format,
-            ..
-        } = &output
-        {
+        if let Output::Archive { path, format, name } = &self.output {
+            // Saved under the output's name (it goes into RepoTags), else by ID.
+            let saved = name
+                .as_ref()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| hex.clone());
+            let tx = self.tx.clone();
             save::save(
-                &st.store,
-                files.as_ref(),
-                std::slice::from_ref(&hex),
+                &self.state.store,
+                self.files.as_ref(),
+                std::slice::from_ref(&saved),
                 path,
-                *archive_format,
+                *format,
                 &Default::default(),
                 &mut |l| {
                     let _ = tx.send(l);
@@ -341,24 +385,17 @@ async fn run_inner(
             )
             .map_err(error::transport)?;
         }
-        if !iidfile.is_empty() {
-            files
-                .write_file(std::path::Path::new(&iidfile), hex.as_bytes())
+        if !self.iidfile.is_empty() {
+            self.files
+                .write_file(std::path::Path::new(&self.iidfile), hex.as_bytes())
                 .map_err(|e| {
-                    Status::failed_precondition(format!("writing --iidfile {iidfile}: {e}"))
+                    Status::failed_precondition(format!("writing --iidfile {}: {e}", self.iidfile))
                 })?;
         }
-        let _ = tx.send(format!("Build success with image id: {hex}\n"));
+        let _ = self
+            .tx
+            .send(format!("Build success with image id: {hex}\n"));
         Ok(hex)
-    })
-    .await
-    .map_err(|e| error::internal(format!("build task: {e}")));
-    state.builds.finish(&req.build_id);
-    guard.1 = true;
-    match result {
-        Ok(Ok(id)) => Ok(BuildResponse { image_id: id }),
-        Ok(Err(status)) => Err(status),
-        Err(status) => Err(status),
     }
 }
 

@@ -1,0 +1,338 @@
+//! `ctr-img build` end to end with the real binaries, runc and overlayfs: the manual's
+//! examples, --iidfile, --build-static, archive outputs read by Docker, cancellation and
+//! concurrent builds.
+
+use isula_integration::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn daemon_with_busybox() -> Daemon {
+    let d = Daemon::start();
+    let src = d.dir.path().join("busybox.tar");
+    std::fs::write(
+        &src,
+        busybox_rootfs(&[
+            ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+            ("etc/group", b"root:x:0:\n"),
+        ]),
+    )
+    .expect("write");
+    d.ok(&[
+        "ctr-img",
+        "import",
+        src.to_str().expect("utf8"),
+        "busybox:latest",
+    ]);
+    d
+}
+
+fn build_id(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Build success with image id: "))
+        .unwrap_or_else(|| panic!("no success line in {out}"))
+        .to_string()
+}
+
+fn in_dir(d: &Daemon, dir: &Path, args: &[&str]) -> std::process::Output {
+    d.cli_command(args)
+        .current_dir(dir)
+        .output()
+        .expect("isula-build")
+}
+
+#[test]
+fn manual_examples() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox();
+    let ctx = tempfile::tempdir().expect("ctx");
+    let c = ctx.path();
+    std::fs::write(
+        c.join("dockerfile"),
+        "FROM busybox:latest\nLABEL foo=bar\nCOPY ./* /home/dir1/\n",
+    )
+    .expect("df");
+    std::fs::write(c.join("bar.txt"), "This is bar file\n").expect("bar");
+    std::fs::write(
+        c.join("Dockerfile_arg"),
+        "FROM busybox\nARG foo\nADD ${foo}.txt .\nRUN cat ${foo}.txt\n",
+    )
+    .expect("df");
+
+    // The first example: -f dockerfile, context ".".
+    let o = in_dir(&d, c, &["ctr-img", "build", "-f", "dockerfile", "."]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("STEP  1: FROM busybox:latest\nSTEP  2: LABEL foo=bar\nSTEP  3: COPY ./* /home/dir1/\nGetting image source signatures\n"), "{out}");
+    let id = build_id(&out);
+    assert!(d
+        .images()
+        .iter()
+        .any(|r| r.2 == id[..12] && r.0 == "<none>"));
+
+    // --build-arg and --iidfile.
+    let o = in_dir(
+        &d,
+        c,
+        &[
+            "ctr-img",
+            "build",
+            "--build-arg",
+            "foo=bar",
+            "-f",
+            "Dockerfile_arg",
+            "--iidfile",
+            "testfile",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("STEP  4: RUN cat ${foo}.txt\nThis is bar file\n"),
+        "{out}"
+    );
+    let iid = std::fs::read_to_string(c.join("testfile")).expect("iidfile");
+    assert_eq!(iid, build_id(&out));
+
+    // --build-static twice: the same ID.
+    let stat = |tag: &str| {
+        let o = in_dir(
+            &d,
+            c,
+            &[
+                "ctr-img",
+                "build",
+                "-f",
+                "Dockerfile_arg",
+                "--build-arg",
+                "foo=bar",
+                "--build-static=build-time=2020-05-23 10:55:33",
+                "--tag",
+                tag,
+                ".",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        build_id(&String::from_utf8_lossy(&o.stdout))
+    };
+    let (a, b) = (stat("static:a"), stat("static:b"));
+    assert_eq!(a, b, "--build-static must give the same image ID");
+    let rows = d.images();
+    assert!(
+        rows.iter().any(|r| r.0 == "static" && r.1 == "a")
+            && rows.iter().any(|r| r.0 == "static" && r.1 == "b")
+    );
+
+    // Errors name the step and line; nothing is left behind.
+    std::fs::write(c.join("Dockerfile"), "FROM busybox\nRUN exit 9\n").expect("df");
+    let o = in_dir(&d, c, &["ctr-img", "build", "."]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("STEP 2 (line 2) RUN exit 9") && err.contains("non-zero code: 9"),
+        "{err}"
+    );
+    std::fs::write(c.join("Dockerfile"), "FROM busybox\nFROB x\n").expect("df");
+    let err =
+        String::from_utf8_lossy(&in_dir(&d, c, &["ctr-img", "build", "."]).stderr).to_string();
+    assert!(err.contains("line 2: unknown instruction: FROB"), "{err}");
+    let err = String::from_utf8_lossy(
+        &in_dir(&d, c, &["ctr-img", "build", "-o", "docker-daemon:x", "."]).stderr,
+    )
+    .to_string();
+    assert!(err.contains("tag is required"), "{err}");
+    assert!(d.leftovers().is_empty());
+    assert!(isula_sys_mounts(&d).is_empty());
+}
+
+fn isula_sys_mounts(d: &Daemon) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let roots = [d.data(), d.run_root()];
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| {
+            roots
+                .iter()
+                .any(|r| m.starts_with(r.to_str().unwrap_or("/nonexistent")))
+        })
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn archive_output_runs_in_docker() {
+    if !require_root() || !require_tool("docker") {
+        return;
+    }
+    if !Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "a Docker engine must run in CI"
+        );
+        return;
+    }
+    let d = daemon_with_busybox();
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM busybox\nENV GREETING=hello\nRUN echo \"$GREETING from RUN\" > /msg\nCMD [\"cat\", \"/msg\"]\n").expect("df");
+    let out_tar = ctx.path().join("out.tar");
+    let spec = format!("docker-archive:{}:isula-e2e/built:1", out_tar.display());
+    let o = in_dir(&d, ctx.path(), &["ctr-img", "build", "-o", &spec, "."]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _cleanup = scopeguard("isula-e2e/built:1");
+    run_ok(Command::new("docker").args(["load", "-i"]).arg(&out_tar));
+    let ran = run_ok(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "isula-e2e/built:1",
+    ]));
+    assert_eq!(ran, "hello from RUN\n");
+    // The output's name is in the local store too.
+    assert!(d
+        .images()
+        .iter()
+        .any(|r| r.0 == "isula-e2e/built" && r.1 == "1"));
+}
+
+struct Rmi(&'static str);
+impl Drop for Rmi {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", self.0]).output();
+    }
+}
+fn scopeguard(name: &'static str) -> Rmi {
+    Rmi(name)
+}
+
+#[test]
+fn killing_the_client_mid_run_cancels_the_build() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox();
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN echo started && sleep 600\n",
+    )
+    .expect("df");
+    let mut client = d
+        .cli_command(&["ctr-img", "build", "."])
+        .current_dir(ctx.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    // Wait until the RUN is running (its container exists).
+    let runc_root = d.run_root().join("runc");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()
+            .expect("runc list");
+        if !String::from_utf8_lossy(&list.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the RUN never started:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client.kill().expect("kill");
+    let _ = client.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()
+            .expect("runc list");
+        let containers = String::from_utf8_lossy(&list.stdout).trim().to_string();
+        let mounts = isula_sys_mounts(&d);
+        let builds = std::fs::read_dir(d.run_root().join("builds"))
+            .map(|r| r.count())
+            .unwrap_or(0);
+        if containers.is_empty() && mounts.is_empty() && builds == 0 && d.leftovers().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after 5 s: containers {containers:?}, mounts {mounts:?}, build dirs {builds}, store {:?}", d.leftovers());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The build's slot is released: it is logged as cancelled and another build runs.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !d.log().contains("build cancelled") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM busybox\nRUN true\n").expect("df");
+    let o = d
+        .cli_command(&["ctr-img", "build", "."])
+        .current_dir(ctx.path())
+        .output()
+        .expect("build");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn twenty_builds_at_once() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox();
+    let ctx = tempfile::tempdir().expect("ctx");
+    let mut children = Vec::new();
+    for i in 0..20 {
+        let dir = ctx.path().join(format!("c{i}"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("Dockerfile"),
+            format!("FROM busybox\nRUN echo build {i} > /which\nLABEL n={i}\n"),
+        )
+        .expect("df");
+        let child = d
+            .cli_command(&["ctr-img", "build", "--tag", &format!("many:{i}"), "."])
+            .current_dir(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("client");
+        children.push(child);
+    }
+    for (i, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().expect("wait");
+        assert!(
+            o.status.success(),
+            "build {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let rows = d.images();
+    for i in 0..20 {
+        assert!(
+            rows.iter().any(|r| r.0 == "many" && r.1 == i.to_string()),
+            "many:{i} missing"
+        );
+    }
+    assert!(isula_sys_mounts(&d).is_empty());
+}
