@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, offline, on a fresh machine: install runc and busybox-static, build,
 # start isula-builder on a temporary data root and socket, import a busybox rootfs as an
-# image, and list it. Everything it creates is under one temp directory, removed at exit
+# image, build the manual's example Dockerfile on it (RUN in runc), and list the images. Everything it creates is under one temp directory, removed at exit
 # (KEEP=1 keeps it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,5 +42,13 @@ done
 export ISULABUILD_HOST="$sock"
 "$bin/isula-build" version
 "$bin/isula-build" ctr-img import "$work/busybox.tar.xz" busybox:latest
+
+# The manual's example, on the busybox base (no registry is reachable offline).
+ctx="$work/context"
+mkdir -p "$ctx"
+echo "This is bar file" > "$ctx/bar.txt"
+printf '%s\n' 'FROM busybox:latest' 'LABEL foo=bar' 'COPY ./* /home/dir1/' \
+    'RUN ls /home/dir1 && cat /home/dir1/bar.txt' > "$ctx/dockerfile"
+(cd "$ctx" && "$bin/isula-build" ctr-img build -f dockerfile --tag foo:latest .)
 "$bin/isula-build" ctr-img images
 "$bin/isula-build" info -H
