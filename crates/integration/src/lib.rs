@@ -54,6 +54,7 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -79,6 +80,11 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str]) -> Daemon {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// A daemon with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("isula-e2e-")
             .tempdir()
@@ -88,6 +94,10 @@ impl Daemon {
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.restart();
         d
@@ -109,6 +119,7 @@ impl Daemon {
             .arg("--host")
             .arg(format!("unix://{}", socket.display()))
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("ISULABUILD_HOST");
         c
     }

@@ -336,3 +336,118 @@ fn twenty_builds_at_once() {
     }
     assert!(isula_sys_mounts(&d).is_empty());
 }
+
+#[test]
+fn docker_daemon_output_loads_into_docker() {
+    if !require_root() || !require_tool("docker") {
+        return;
+    }
+    if !Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "a Docker engine must run in CI"
+        );
+        return;
+    }
+    let d = daemon_with_busybox();
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN echo streamed to dockerd > /msg\nCMD [\"cat\", \"/msg\"]\n",
+    )
+    .expect("df");
+    let _cleanup = scopeguard("isula-e2e/daemon-out:2");
+    let o = in_dir(
+        &d,
+        ctx.path(),
+        &[
+            "ctr-img",
+            "build",
+            "-o",
+            "docker-daemon:isula-e2e/daemon-out:2",
+            ".",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = build_id(&String::from_utf8_lossy(&o.stdout));
+    let docker_id = run_ok(Command::new("docker").args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}",
+        "isula-e2e/daemon-out:2",
+    ]));
+    assert_eq!(docker_id.trim(), format!("sha256:{id}"));
+    let ran = run_ok(Command::new("docker").args([
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        "isula-e2e/daemon-out:2",
+    ]));
+    assert_eq!(ran, "streamed to dockerd\n");
+}
+
+#[test]
+fn isulad_output_hands_a_valid_archive_to_isula_load() {
+    if !require_root() {
+        return;
+    }
+    // iSulad cannot run here: an `isula` stand-in checks what it is given and records it.
+    let bin_dir = tempfile::tempdir().expect("bin");
+    let record = bin_dir.path().join("record");
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = load ] && [ \"$2\" = -i ] || exit 64\ntar -xOf \"$3\" manifest.json > {rec} || exit 65\necho \"$3\" >> {rec}.path\necho \"Load image from $3 success\"\n",
+        rec = record.display()
+    );
+    std::fs::write(bin_dir.path().join("isula"), script).expect("script");
+    std::fs::set_permissions(
+        bin_dir.path().join("isula"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let path = format!(
+        "{}:{}",
+        bin_dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let d = Daemon::start_with_env(&[], &[("PATH", &path)]);
+    let src = d.dir.path().join("busybox.tar");
+    std::fs::write(&src, busybox_rootfs(&[])).expect("write");
+    d.ok(&[
+        "ctr-img",
+        "import",
+        src.to_str().expect("utf8"),
+        "busybox:latest",
+    ]);
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN echo x > /x\n",
+    )
+    .expect("df");
+    let o = in_dir(
+        &d,
+        ctx.path(),
+        &["ctr-img", "build", "-o", "isulad:busybox:2.0", "."],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest = std::fs::read_to_string(&record).expect("isula was run");
+    assert!(
+        manifest.contains("\"RepoTags\":[\"busybox:2.0\"]"),
+        "{manifest}"
+    );
+    let staged = std::fs::read_to_string(record.with_extension("path")).expect("path");
+    assert!(
+        staged.trim().starts_with("/var/tmp/isula-build-tmp-"),
+        "{staged}"
+    );
+    assert!(
+        !std::path::Path::new(staged.trim()).exists(),
+        "the staging file must be removed"
+    );
+}

@@ -5,7 +5,9 @@
 
 pub mod archive;
 pub mod docker_archive;
+pub mod docker_daemon;
 pub mod import;
+pub mod isulad;
 pub mod load;
 pub mod oci_archive;
 pub mod save;

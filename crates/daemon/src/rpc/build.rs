@@ -144,6 +144,19 @@ enum Output {
         format: Format,
         name: Option<Reference>,
     },
+    DockerDaemon(Reference),
+    Isulad(Reference),
+}
+
+/// `IMAGE:TAG` of a docker-daemon or isulad output: the tag is required (the manual).
+fn engine_name(spec: &str, kind: &str, rest: &str) -> Result<Reference, Status> {
+    let last = rest.rsplit('/').next().unwrap_or(rest);
+    if !last.contains(':') || rest.contains('@') {
+        return Err(error::invalid(format!(
+            "output {spec:?}: {kind} needs IMAGE:TAG (a tag is required)"
+        )));
+    }
+    Reference::parse(rest).map_err(|e| error::invalid(format!("output {spec:?}: {e}")))
 }
 
 fn parse_output(spec: &str) -> Result<Output, Status> {
@@ -168,9 +181,11 @@ fn parse_output(spec: &str) -> Result<Output, Status> {
             let format = if kind == "docker-archive" { Format::Docker } else { Format::Oci };
             Ok(Output::Archive { path, format, name })
         }
-        "docker-daemon" | "isulad" | "docker" => Err(Status::unimplemented(format!(
-            "output {kind}: is not supported yet by this isula-builder (use docker-archive: or oci-archive:)"
-        ))),
+        "docker-daemon" => Ok(Output::DockerDaemon(engine_name(spec, kind, rest)?)),
+        "isulad" => Ok(Output::Isulad(engine_name(spec, kind, rest)?)),
+        "docker" => Err(Status::unimplemented(
+            "output docker:// (pushing to a registry) is not supported yet by this isula-builder",
+        )),
         other => Err(error::invalid(format!("invalid output type {other:?}: expected docker-archive, oci-archive, docker-daemon, isulad or docker"))),
     }
 }
@@ -243,8 +258,11 @@ async fn run_inner(
                 .map_err(|e| error::invalid(format!("--tag: {e}")))?,
         );
     }
-    if let Output::Archive { name: Some(n), .. } = &output {
-        tags.push(n.clone());
+    match &output {
+        Output::Archive { name: Some(n), .. } | Output::DockerDaemon(n) | Output::Isulad(n) => {
+            tags.push(n.clone())
+        }
+        _ => {}
     }
     let cap_add = req
         .cap_add_list
@@ -384,6 +402,38 @@ impl Job {
                 },
             )
             .map_err(error::transport)?;
+        }
+        match &self.output {
+            Output::DockerDaemon(name) => {
+                let socket = isula_transport::docker_daemon::socket();
+                isula_transport::docker_daemon::load_into_docker(
+                    &self.state.store,
+                    &built.id,
+                    name,
+                    &socket,
+                    &Default::default(),
+                )
+                .map_err(error::transport)?;
+                let _ = self.tx.send(format!(
+                    "Loaded image {} into the Docker daemon\n",
+                    name.familiar()
+                ));
+            }
+            Output::Isulad(name) => {
+                isula_transport::isulad::load_into_isulad(
+                    &self.state.store,
+                    &built.id,
+                    name,
+                    std::path::Path::new(isula_transport::isulad::STAGING_DIR),
+                    &self.opts.build_id,
+                    &Default::default(),
+                )
+                .map_err(error::transport)?;
+                let _ = self
+                    .tx
+                    .send(format!("Loaded image {} into iSulad\n", name.familiar()));
+            }
+            _ => {}
         }
         if !self.iidfile.is_empty() {
             self.files
