@@ -329,7 +329,12 @@ impl<'c, 'a> StageRun<'c, 'a> {
                                 .find(|(name, _)| name == &k)
                                 .map(|(_, v)| v.clone())
                         });
-                    self.args.push((k, value.unwrap_or_default()));
+                    let value = value.unwrap_or_default();
+                    // Re-declaring an ARG replaces it (its new value is what RUN sees).
+                    match self.args.iter_mut().find(|(name, _)| *name == k) {
+                        Some(existing) => existing.1 = value,
+                        None => self.args.push((k, value)),
+                    }
                 }
             }
             Instruction::Env(pairs) => {

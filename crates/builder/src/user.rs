@@ -67,8 +67,9 @@ fn groups(root: &Root) -> Vec<(String, u32, Vec<String>)> {
         .collect()
 }
 
-/// Resolves `user[:group]` (names or numbers). `with_supplementary` adds the user's other
-/// groups (for RUN); --chown does not.
+/// Resolves `user[:group]` (names or numbers). For RUN (`with_supplementary`) a missing
+/// group is the user's primary group and the user's other groups are added; for --chown a
+/// missing group is the user's own number, as Docker does.
 pub fn resolve(root: &Root, spec: &str, with_supplementary: bool) -> Result<Ids, String> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
@@ -92,6 +93,8 @@ pub fn resolve(root: &Root, spec: &str, with_supplementary: bool) -> Result<Ids,
     };
     let all_groups = groups(root);
     let gid = match group {
+        // --chown with a user alone: Docker uses the same number as the group.
+        None if !with_supplementary => uid,
         None => primary,
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => gid,

@@ -1,0 +1,290 @@
+//! Differential tests against a real Docker engine: every case under
+//! `testdata/diff/<case>/` (a Dockerfile and its context, optional `args` of build args) is
+//! built by Docker and by us from the same busybox base, and the image configs (Env in
+//! order, Cmd, Entrypoint, WorkingDir, User, Labels, ExposedPorts, Volumes, StopSignal,
+//! Healthcheck, OnBuild, Shell) and the flattened filesystems (paths, types, modes, owners,
+//! content, link targets) must match. The Docker CLI here has no buildx, so the reference is
+//! Docker's classic builder (`DOCKER_BUILDKIT=0`) with `--network host`.
+
+use isula_integration::*;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+
+const BASE: &str = "isula-diff/busybox:1";
+
+/// Path → description of the flattened filesystem of a docker-archive's (single) image.
+fn flatten(archive: &Path) -> (serde_json::Value, BTreeMap<String, String>) {
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut a = tar::Archive::new(std::fs::File::open(archive).expect("archive"));
+    for e in a.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        let name = e.path().expect("path").display().to_string();
+        if e.header().entry_type().is_file()
+            && (name.ends_with(".json") || name.ends_with(".tar") || name == "manifest.json")
+        {
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).expect("read");
+            files.insert(name, data);
+        }
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&files["manifest.json"]).expect("manifest");
+    let config_name = manifest[0]["Config"].as_str().expect("config");
+    let config: serde_json::Value =
+        serde_json::from_slice(&files[config_name]).expect("config json");
+    let mut fs: BTreeMap<String, String> = BTreeMap::new();
+    for layer in manifest[0]["Layers"].as_array().expect("layers") {
+        let data = &files[layer.as_str().expect("layer name")];
+        let mut entries: Vec<(String, String)> = Vec::new();
+        let mut removals: Vec<(String, bool)> = Vec::new();
+        let mut t = tar::Archive::new(&data[..]);
+        for e in t.entries().expect("layer entries") {
+            let mut e = e.expect("layer entry");
+            let raw = e.path().expect("path").display().to_string();
+            let name = raw
+                .trim_start_matches("./")
+                .trim_end_matches('/')
+                .to_string();
+            if name.is_empty() || name == "." {
+                continue;
+            }
+            let (dir, base) = match name.rsplit_once('/') {
+                Some((d, b)) => (format!("{d}/"), b.to_string()),
+                None => (String::new(), name.clone()),
+            };
+            if base == ".wh..wh..opq" {
+                removals.push((dir, true));
+                continue;
+            }
+            if let Some(gone) = base.strip_prefix(".wh.") {
+                removals.push((format!("{dir}{gone}"), false));
+                continue;
+            }
+            let h = e.header().clone();
+            let mode = h.mode().expect("mode") & 0o7777;
+            let owner = format!("{}:{}", h.uid().expect("uid"), h.gid().expect("gid"));
+            let desc = match h.entry_type() {
+                tar::EntryType::Directory => format!("dir {mode:o} {owner}"),
+                tar::EntryType::Symlink => format!(
+                    "symlink -> {}",
+                    e.link_name().expect("link").expect("target").display()
+                ),
+                tar::EntryType::Link => {
+                    let target = e
+                        .link_name()
+                        .expect("link")
+                        .expect("target")
+                        .display()
+                        .to_string();
+                    let target = target.trim_start_matches("./").to_string();
+                    let from_layer = entries
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| *n == target)
+                        .map(|(_, d)| d.clone());
+                    from_layer
+                        .or_else(|| fs.get(&target).cloned())
+                        .unwrap_or_else(|| format!("hardlink to missing {target}"))
+                }
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    let mut content = Vec::new();
+                    e.read_to_end(&mut content).expect("content");
+                    format!("file {mode:o} {owner} {}", sha256_hex(&content))
+                }
+                other => format!("{other:?} {mode:o} {owner}"),
+            };
+            entries.push((name, desc));
+        }
+        for (path, opaque) in removals {
+            if opaque {
+                fs.retain(|k, _| !k.starts_with(&path));
+            } else {
+                let prefix = format!("{path}/");
+                fs.retain(|k, _| k != &path && !k.starts_with(&prefix));
+            }
+        }
+        for (name, desc) in entries {
+            // A directory over a directory keeps the newer metadata; anything else replaces.
+            if !desc.starts_with("dir ") {
+                let prefix = format!("{name}/");
+                fs.retain(|k, _| !k.starts_with(&prefix));
+            }
+            fs.insert(name, desc);
+        }
+    }
+    (config, fs)
+}
+
+fn normalized(config: &serde_json::Value) -> BTreeMap<&'static str, serde_json::Value> {
+    let c = &config["config"];
+    let mut out = BTreeMap::new();
+    for key in [
+        "Env",
+        "Cmd",
+        "Entrypoint",
+        "WorkingDir",
+        "User",
+        "Labels",
+        "ExposedPorts",
+        "Volumes",
+        "StopSignal",
+        "Healthcheck",
+        "OnBuild",
+        "Shell",
+    ] {
+        let v = c.get(key).cloned().unwrap_or(serde_json::Value::Null);
+        let empty =
+            v.is_null() || v.as_str() == Some("") || v.as_object().is_some_and(|o| o.is_empty());
+        out.insert(key, if empty { serde_json::Value::Null } else { v });
+    }
+    out
+}
+
+fn docker_ok() -> bool {
+    if !require_tool("docker") {
+        return false;
+    }
+    let ok = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "a Docker engine must run in CI"
+        );
+        eprintln!("skipping: no Docker engine answers (outside CI)");
+    }
+    ok
+}
+
+#[test]
+fn dockerfiles_build_like_docker() {
+    if !require_root() || !docker_ok() {
+        return;
+    }
+    let d = Daemon::start();
+    let work = tempfile::tempdir().expect("tmp");
+    let base_src = work.path().join("busybox.tar");
+    std::fs::write(
+        &base_src,
+        busybox_rootfs(&[
+            (
+                "etc/passwd",
+                b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+            ),
+            ("etc/group", b"root:x:0:\nnogroup:x:65534:\n"),
+        ]),
+    )
+    .expect("write");
+    d.ok(&["ctr-img", "import", base_src.to_str().expect("utf8"), BASE]);
+    let base_archive = work.path().join("base.tar");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        BASE,
+        "-o",
+        base_archive.to_str().expect("utf8"),
+    ]);
+    run_ok(
+        Command::new("docker")
+            .args(["load", "-i"])
+            .arg(&base_archive),
+    );
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/diff");
+    let mut cases: Vec<_> = std::fs::read_dir(&root)
+        .expect("cases")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 30,
+        "the differential corpus needs at least 30 cases"
+    );
+    let mut failures = Vec::new();
+    let mut docker_images = Vec::new();
+    for case in &cases {
+        let name = case
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name")
+            .to_string();
+        let tag = format!("isula-diff/case-{name}:1");
+        let args: Vec<String> = std::fs::read_to_string(case.join("args"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .flat_map(|l| ["--build-arg".to_string(), l.trim().to_string()])
+            .collect();
+        let docker = Command::new("docker")
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "--network", "host", "-q", "-t", &tag])
+            .args(&args)
+            .arg(case)
+            .output()
+            .expect("docker build");
+        if !docker.status.success() {
+            failures.push(format!(
+                "{name}: docker build failed: {}",
+                String::from_utf8_lossy(&docker.stderr)
+            ));
+            continue;
+        }
+        docker_images.push(tag.clone());
+        let theirs = work.path().join(format!("{name}-docker.tar"));
+        run_ok(
+            Command::new("docker")
+                .args(["save", "-o"])
+                .arg(&theirs)
+                .arg(&tag),
+        );
+        let ours = work.path().join(format!("{name}-ours.tar"));
+        let spec = format!("docker-archive:{}:{tag}", ours.display());
+        let mut cmd = d.cli_command(&["ctr-img", "build", "-o", &spec]);
+        cmd.args(&args).arg(case);
+        let o = cmd.output().expect("our build");
+        if !o.status.success() {
+            failures.push(format!(
+                "{name}: our build failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+            continue;
+        }
+        let (their_config, their_fs) = flatten(&theirs);
+        let (our_config, our_fs) = flatten(&ours);
+        let (tc, oc) = (normalized(&their_config), normalized(&our_config));
+        for (k, v) in &tc {
+            if oc.get(k) != Some(v) {
+                failures.push(format!(
+                    "{name}: config {k}: docker {v} / ours {}",
+                    oc.get(k).cloned().unwrap_or_default()
+                ));
+            }
+        }
+        for (path, desc) in &their_fs {
+            match our_fs.get(path) {
+                Some(o) if o == desc => {}
+                Some(o) => failures.push(format!("{name}: /{path}: docker `{desc}` / ours `{o}`")),
+                None => failures.push(format!("{name}: /{path}: docker `{desc}` / ours missing")),
+            }
+        }
+        for (path, desc) in &our_fs {
+            if !their_fs.contains_key(path) {
+                failures.push(format!("{name}: /{path}: ours `{desc}` / docker missing"));
+            }
+        }
+    }
+    for t in docker_images.iter().chain([&BASE.to_string()]) {
+        let _ = Command::new("docker").args(["rmi", "-f", t]).output();
+    }
+    assert!(
+        failures.is_empty(),
+        "{} difference(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
