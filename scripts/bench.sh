@@ -64,3 +64,33 @@ step "load docker-archive" ctr-img load -i "$work/docker.tar"
 step "rm" ctr-img rm bench:1
 step "load oci-archive" ctr-img load -i "$work/oci.tar"
 step "images" ctr-img images
+
+# Builds: a big COPY of the generated context, a RUN writing ~150 MB, the manual's example.
+mkdir -p "$work/base" "$work/ctx-copy" "$work/ctx-run" "$work/ctx-small"
+mkdir -p "$work/base/bin" && cp /bin/busybox "$work/base/bin/" && ln -s busybox "$work/base/bin/sh" \
+    && ln -s busybox "$work/base/bin/dd" && ln -s busybox "$work/base/bin/cat" && ln -s busybox "$work/base/bin/sync"
+tar -C "$work/base" -cf "$work/base.tar" .
+"$bin/isula-build" ctr-img import "$work/base.tar" busybox:bench >/dev/null
+tar -C "$work/ctx-copy" -xf "$work/rootfs.tar"
+printf 'FROM busybox:bench\nCOPY . /app/\n' > "$work/ctx-copy/Dockerfile"
+printf 'FROM busybox:bench\nRUN dd if=/dev/urandom of=/big bs=1M count=150 2>/dev/null\n' > "$work/ctx-run/Dockerfile"
+echo "This is bar file" > "$work/ctx-small/bar.txt"
+printf 'FROM busybox:bench\nLABEL foo=bar\nCOPY ./* /home/dir1/\n' > "$work/ctx-small/Dockerfile"
+step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
+step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
+step "build: manual example" ctr-img build "$work/ctx-small"
+
+# The same builds by Docker's classic builder, when a Docker engine runs here.
+if docker info >/dev/null 2>&1; then
+    "$bin/isula-build" ctr-img save busybox:bench -o "$work/base-img.tar" >/dev/null
+    docker load -i "$work/base-img.tar" >/dev/null
+    for c in copy run small; do
+        sync
+        t0=$(date +%s.%N)
+        DOCKER_BUILDKIT=0 docker build --network host -q -t "isula-bench-$c:1" "$work/ctx-$c" >/dev/null 2>&1
+        t1=$(date +%s.%N)
+        awk -v n="docker build: ctx-$c" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-28s %10.2f\n", n, b - a }'
+        docker rmi -f "isula-bench-$c:1" >/dev/null 2>&1 || true
+    done
+    docker rmi -f busybox:bench >/dev/null 2>&1 || true
+fi
