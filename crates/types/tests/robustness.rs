@@ -6,8 +6,30 @@ use isula_types::{Digest, Reference};
 #[test]
 fn random_references_and_documents_never_panic() {
     let pieces = [
-        "a", "B", "/", ":", "@", "sha256:", ".", "-", "_", "__", "localhost", "5000", "[", "]", "::1", "\u{e9}",
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "{", "}", "\"", ",", "[]", "null", "1",
+        "a",
+        "B",
+        "/",
+        ":",
+        "@",
+        "sha256:",
+        ".",
+        "-",
+        "_",
+        "__",
+        "localhost",
+        "5000",
+        "[",
+        "]",
+        "::1",
+        "\u{e9}",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        "{",
+        "}",
+        "\"",
+        ",",
+        "[]",
+        "null",
+        "1",
     ];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..50_000 {
@@ -23,7 +45,11 @@ fn random_references_and_documents_never_panic() {
         }
         if let Ok(r) = Reference::parse(&s) {
             // A parsed reference round-trips through its own display forms.
-            assert_eq!(Reference::parse(&r.to_string()).ok().as_ref(), Some(&r), "{s}");
+            assert_eq!(
+                Reference::parse(&r.to_string()).ok().as_ref(),
+                Some(&r),
+                "{s}"
+            );
             assert!(Reference::parse(&r.familiar()).is_ok(), "{s}");
         }
         let _ = Digest::parse(&s);

@@ -59,6 +59,11 @@ impl Builds {
     fn start(&self, id: &str) -> Result<(mpsc::UnboundedSender<String>, Arc<AtomicBool>), Status> {
         let mut m = self.lock();
         m.retain(|_, c| c.finished.is_none_or(|t| t.elapsed() < UNREAD_LOG_KEEP));
+        if m.get(id).is_some_and(|c| c.started || c.tx.is_none()) {
+            return Err(Status::already_exists(format!(
+                "build {id} is already running"
+            )));
+        }
         let running = m.values().filter(|c| c.started).count();
         if running >= limits::CONCURRENT_BUILDS_MAX {
             return Err(Status::resource_exhausted(format!(
@@ -67,19 +72,14 @@ impl Builds {
             )));
         }
         let ch = m.entry(id.to_string()).or_insert_with(Channel::new);
-        let tx = match (&ch.tx, ch.started) {
-            (Some(tx), false) => tx.clone(),
-            _ => {
-                return Err(Status::already_exists(format!(
-                    "build {id} is already running"
-                )))
-            }
-        };
+        let tx = ch
+            .tx
+            .clone()
+            .ok_or_else(|| Status::already_exists(format!("build {id} has already run")))?;
         ch.started = true;
         Ok((tx, ch.cancel.clone()))
     }
 
-    /// The build ended: its log closes once read (or after a while if never read).
     /// A Build call that failed before starting: drop a log channel a Status call made.
     fn abandon(&self, id: &str) {
         let mut m = self.lock();
@@ -493,4 +493,54 @@ pub async fn status(
         }
     });
     Ok(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_101st_build_is_refused_and_slots_come_back() {
+        let b = Builds::default();
+        for i in 0..limits::CONCURRENT_BUILDS_MAX {
+            b.start(&format!("b{i}")).expect("within the limit");
+        }
+        let e = b.start("one-too-many").expect_err("over the limit");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("limit of 100"), "{}", e.message());
+        assert_eq!(b.running(), 100);
+        b.finish("b0");
+        b.start("one-too-many").expect("a slot was freed");
+        // A build ID cannot run twice at once.
+        assert_eq!(
+            b.start("b1").expect_err("duplicate").code(),
+            tonic::Code::AlreadyExists
+        );
+    }
+
+    #[test]
+    fn outputs_are_checked() {
+        assert!(matches!(parse_output(""), Ok(Output::Store)));
+        assert!(matches!(
+            parse_output("docker-archive:/x.tar:app:1"),
+            Ok(Output::Archive { .. })
+        ));
+        assert!(matches!(
+            parse_output("docker-daemon:app:1"),
+            Ok(Output::DockerDaemon(_))
+        ));
+        assert!(matches!(
+            parse_output("isulad:busybox:2.0"),
+            Ok(Output::Isulad(_))
+        ));
+        assert!(parse_output("isulad:busybox").is_err(), "a tag is required");
+        assert!(parse_output("docker-archive:relative.tar").is_err());
+        assert!(parse_output("ftp:x").is_err());
+        assert_eq!(
+            parse_output("docker://localhost:5000/a:b")
+                .err()
+                .map(|e| e.code()),
+            Some(tonic::Code::Unimplemented)
+        );
+    }
 }
