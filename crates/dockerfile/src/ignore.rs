@@ -6,6 +6,8 @@
 
 /// The largest .dockerignore accepted (the manual's 1 MiB).
 pub const DOCKERIGNORE_MAX: usize = 1 << 20;
+/// The longest single pattern (PATH_MAX): matching costs pattern × path length.
+pub const PATTERN_MAX: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IgnoreError {
@@ -141,36 +143,69 @@ fn compile(text: &str) -> Result<Vec<Token>, &'static str> {
     Ok(tokens)
 }
 
+/// Whether `tokens` match all of `s`.
 fn matches(tokens: &[Token], s: &[char]) -> bool {
-    match tokens.first() {
-        None => s.is_empty(),
-        Some(Token::Char(c)) => s.first() == Some(c) && matches(&tokens[1..], &s[1..]),
-        Some(Token::Any) => s.first().is_some_and(|c| *c != '/') && matches(&tokens[1..], &s[1..]),
-        Some(Token::Class { negated, items }) => match s.first() {
-            Some(&c) if c != '/' => {
-                let hit = items.iter().any(|(lo, hi)| (*lo..=*hi).contains(&c));
-                hit != *negated && matches(&tokens[1..], &s[1..])
+    run_dp(tokens, s, |j| j == s.len())
+}
+
+/// Whether `tokens` match `s` or one of its parent directories (a prefix ending before a
+/// `/`), in one pass.
+fn matches_or_parent(tokens: &[Token], s: &[char]) -> bool {
+    run_dp(tokens, s, |j| j == s.len() || (j > 0 && s[j] == '/'))
+}
+
+/// Dynamic programming over (token, position), so a hostile pattern like `**/**/**/...`
+/// costs O(tokens × length), never exponential time. `end(j)`: the match may stop at `j`.
+fn run_dp(tokens: &[Token], s: &[char], end: impl Fn(usize) -> bool) -> bool {
+    let m = s.len();
+    // next[j]: tokens[i+1..] match s[j..] up to an allowed end; starts as "no tokens left".
+    let mut next: Vec<bool> = (0..=m).map(&end).collect();
+    let mut cur = vec![false; m + 1];
+    for token in tokens.iter().rev() {
+        match token {
+            Token::Char(c) => {
+                for j in 0..=m {
+                    cur[j] = j < m && s[j] == *c && next[j + 1];
+                }
             }
-            _ => false,
-        },
-        Some(Token::Star) => {
-            let mut i = 0;
-            loop {
-                if matches(&tokens[1..], &s[i..]) {
-                    return true;
+            Token::Any => {
+                for j in 0..=m {
+                    cur[j] = j < m && s[j] != '/' && next[j + 1];
                 }
-                if i == s.len() || s[i] == '/' {
-                    return false;
+            }
+            Token::Class { negated, items } => {
+                for j in 0..=m {
+                    cur[j] = j < m
+                        && s[j] != '/'
+                        && items.iter().any(|(lo, hi)| (*lo..=*hi).contains(&s[j])) != *negated
+                        && next[j + 1];
                 }
-                i += 1;
+            }
+            Token::Star => {
+                cur[m] = next[m];
+                for j in (0..m).rev() {
+                    cur[j] = next[j] || (s[j] != '/' && cur[j + 1]);
+                }
+            }
+            Token::DoubleStar => {
+                cur[m] = next[m];
+                for j in (0..m).rev() {
+                    cur[j] = next[j] || cur[j + 1];
+                }
+            }
+            Token::DoubleStarSlash => {
+                // Nothing, or anything that ends in '/'.
+                let mut after_slash = false;
+                cur[m] = next[m];
+                for j in (0..m).rev() {
+                    after_slash = after_slash || (s[j] == '/' && next[j + 1]);
+                    cur[j] = next[j] || after_slash;
+                }
             }
         }
-        Some(Token::DoubleStar) => (0..=s.len()).any(|i| matches(&tokens[1..], &s[i..])),
-        Some(Token::DoubleStarSlash) => {
-            matches(&tokens[1..], s)
-                || (0..s.len()).any(|i| s[i] == '/' && matches(&tokens[1..], &s[i + 1..]))
-        }
+        std::mem::swap(&mut cur, &mut next);
     }
+    next[0]
 }
 
 /// Go's `filepath.Match` for one path component (COPY wildcards): `*`, `?`, `[...]`, `\`.
@@ -186,9 +221,8 @@ pub fn has_wildcards(path: &str) -> bool {
 }
 
 impl Pattern {
-    fn is_match(&self, path: &str) -> bool {
-        let chars: Vec<char> = path.chars().collect();
-        matches(&self.tokens, &chars)
+    fn matches_or_parent(&self, path: &[char]) -> bool {
+        matches_or_parent(&self.tokens, path)
     }
 }
 
@@ -224,6 +258,13 @@ impl Matcher {
             if text.len() > 1 && text.starts_with('/') {
                 text.remove(0);
             }
+            if text.len() > PATTERN_MAX {
+                return Err(IgnoreError::BadPattern {
+                    line: n + 1,
+                    pattern: raw.chars().take(64).collect(),
+                    reason: "pattern is longer than 4096 bytes",
+                });
+            }
             let tokens = compile(&text).map_err(|reason| IgnoreError::BadPattern {
                 line: n + 1,
                 pattern: raw.to_string(),
@@ -241,20 +282,10 @@ impl Matcher {
     /// Whether `path` (relative to the context, `/`-separated) is excluded.
     pub fn excluded(&self, path: &str) -> bool {
         let path = clean(path);
-        let path = path.trim_start_matches('/');
-        let parents: Vec<&str> = path.split('/').collect();
+        let path: Vec<char> = path.trim_start_matches('/').chars().collect();
         let mut excluded = false;
         for p in &self.patterns {
-            let mut hit = p.is_match(path);
-            if !hit {
-                for i in 1..parents.len() {
-                    if p.is_match(&parents[..i].join("/")) {
-                        hit = true;
-                        break;
-                    }
-                }
-            }
-            if hit {
+            if p.matches_or_parent(&path) {
                 excluded = !p.exclusion;
             }
         }
@@ -332,6 +363,13 @@ mod tests {
             Matcher::parse(&"a".repeat(DOCKERIGNORE_MAX + 1)),
             Err(IgnoreError::TooLarge(_))
         ));
+        let hostile = format!("{}x", "**/".repeat(1300));
+        let m = Matcher::parse(&hostile).expect("parse");
+        let path = "a/".repeat(1000) + "y";
+        let start = std::time::Instant::now();
+        assert!(!m.excluded(&path));
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "matching must not be exponential");
+        assert!(matches!(Matcher::parse(&"a".repeat(PATTERN_MAX + 1)), Err(IgnoreError::BadPattern { .. })));
         let all = Matcher::parse("*\n!keep\n").expect("parse");
         assert!(all.excluded("anything") && all.excluded("dir/file") && !all.excluded("keep"));
     }
