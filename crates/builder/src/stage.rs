@@ -19,6 +19,9 @@ use rustix::fs::{Mode, OFlags};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// RUN output without a newline is forwarded once this much has gathered.
+const RUN_OUTPUT_PIECE: usize = 64 << 10;
+
 pub struct StageRun<'c, 'a> {
     ctx: &'c mut Context<'a>,
     opts: &'c BuildOptions,
@@ -599,6 +602,11 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=pos).collect();
                     log(String::from_utf8_lossy(&line).to_string());
+                }
+                // Output without newlines is passed on in pieces, not held.
+                if pending.len() >= RUN_OUTPUT_PIECE {
+                    log(String::from_utf8_lossy(&pending).to_string());
+                    pending.clear();
                 }
             });
         if !pending.is_empty() {

@@ -368,8 +368,14 @@ mod tests {
         let path = "a/".repeat(1000) + "y";
         let start = std::time::Instant::now();
         assert!(!m.excluded(&path));
-        assert!(start.elapsed() < std::time::Duration::from_secs(5), "matching must not be exponential");
-        assert!(matches!(Matcher::parse(&"a".repeat(PATTERN_MAX + 1)), Err(IgnoreError::BadPattern { .. })));
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "matching must not be exponential"
+        );
+        assert!(matches!(
+            Matcher::parse(&"a".repeat(PATTERN_MAX + 1)),
+            Err(IgnoreError::BadPattern { .. })
+        ));
         let all = Matcher::parse("*\n!keep\n").expect("parse");
         assert!(all.excluded("anything") && all.excluded("dir/file") && !all.excluded("keep"));
     }

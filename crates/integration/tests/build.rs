@@ -451,3 +451,60 @@ fn isulad_output_hands_a_valid_archive_to_isula_load() {
         "the staging file must be removed"
     );
 }
+
+#[test]
+fn sigterm_during_a_build_stops_cleanly() {
+    if !require_root() {
+        return;
+    }
+    let mut d = daemon_with_busybox();
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN sleep 600\n",
+    )
+    .expect("df");
+    let mut client = d
+        .cli_command(&["ctr-img", "build", "."])
+        .current_dir(ctx.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    let runc_root = d.run_root().join("runc");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()
+            .expect("runc list");
+        if !String::from_utf8_lossy(&list.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the RUN never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let start = Instant::now();
+    assert_eq!(d.stop(), Some(0));
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        start.elapsed()
+    );
+    assert!(!client.wait().expect("client").success());
+    let list = Command::new("runc")
+        .arg("--root")
+        .arg(&runc_root)
+        .args(["list", "-q"])
+        .output()
+        .expect("runc list");
+    assert!(
+        String::from_utf8_lossy(&list.stdout).trim().is_empty(),
+        "container left"
+    );
+    assert!(isula_sys_mounts(&d).is_empty(), "mounts left");
+    assert!(d.leftovers().is_empty(), "store temp files left");
+    assert!(!d.socket().exists());
+}

@@ -17,6 +17,43 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tonic::Status;
 
+/// Log lines held for a Status reader; past this (nobody reading) lines are dropped and
+/// counted, so a build's memory never grows with its output.
+const LOG_BUFFER_LINES: usize = 4096;
+
+/// The sending half of a build's log (used from the build's blocking thread).
+#[derive(Clone, Debug)]
+pub struct LogSender {
+    tx: mpsc::Sender<String>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+    /// A Status call reads this log: wait for it rather than drop lines.
+    attached: Arc<AtomicBool>,
+}
+
+impl LogSender {
+    fn send(&self, line: String) {
+        if self.attached.load(Ordering::SeqCst) {
+            // A reader that went away has cancelled the build; nothing to keep then.
+            let _ = self.tx.blocking_send(line);
+            return;
+        }
+        let missed = self.dropped.swap(0, Ordering::SeqCst);
+        if missed > 0
+            && self
+                .tx
+                .try_send(format!(
+                    "[{missed} log lines dropped: nobody was reading the build status]\n"
+                ))
+                .is_err()
+        {
+            self.dropped.fetch_add(missed, Ordering::SeqCst);
+        }
+        if self.tx.try_send(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// How long a Status call waits for its Build to start.
 const STATUS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -26,8 +63,8 @@ pub struct Builds {
 }
 
 struct Channel {
-    tx: Option<mpsc::UnboundedSender<String>>,
-    rx: Option<mpsc::UnboundedReceiver<String>>,
+    tx: Option<LogSender>,
+    rx: Option<mpsc::Receiver<String>>,
     cancel: Arc<AtomicBool>,
     started: bool,
     /// Set when the build ended before anyone read its log (kept for a late Status).
@@ -39,7 +76,12 @@ const UNREAD_LOG_KEEP: std::time::Duration = std::time::Duration::from_secs(300)
 
 impl Channel {
     fn new() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(LOG_BUFFER_LINES);
+        let tx = LogSender {
+            tx,
+            dropped: Arc::default(),
+            attached: Arc::default(),
+        };
         Channel {
             tx: Some(tx),
             rx: Some(rx),
@@ -56,7 +98,7 @@ impl Builds {
     }
 
     /// Registers a starting build; fails if the ID is in use or the limit is reached.
-    fn start(&self, id: &str) -> Result<(mpsc::UnboundedSender<String>, Arc<AtomicBool>), Status> {
+    fn start(&self, id: &str) -> Result<(LogSender, Arc<AtomicBool>), Status> {
         let mut m = self.lock();
         m.retain(|_, c| c.finished.is_none_or(|t| t.elapsed() < UNREAD_LOG_KEEP));
         if m.get(id).is_some_and(|c| c.started || c.tx.is_none()) {
@@ -105,16 +147,16 @@ impl Builds {
     }
 
     /// The log of build `id` (created if the build has not started yet).
-    fn subscribe(
-        &self,
-        id: &str,
-    ) -> Result<(mpsc::UnboundedReceiver<String>, Arc<AtomicBool>), Status> {
+    fn subscribe(&self, id: &str) -> Result<(mpsc::Receiver<String>, Arc<AtomicBool>), Status> {
         let mut m = self.lock();
         let ch = m.entry(id.to_string()).or_insert_with(Channel::new);
         let rx = ch.rx.take().ok_or_else(|| {
             Status::already_exists(format!("the status of build {id} is already being read"))
         })?;
         let cancel = ch.cancel.clone();
+        if let Some(tx) = &ch.tx {
+            tx.attached.store(true, Ordering::SeqCst);
+        }
         if ch.finished.is_some() {
             m.remove(id);
         }
@@ -347,7 +389,7 @@ struct Job {
     opts: BuildOptions,
     output: Output,
     iidfile: String,
-    tx: mpsc::UnboundedSender<String>,
+    tx: LogSender,
     cancel: Arc<AtomicBool>,
 }
 
@@ -369,7 +411,7 @@ impl Job {
         });
         let tx = self.tx.clone();
         let mut log = move |line: String| {
-            let _ = tx.send(line);
+            tx.send(line);
         };
         let mut ctx = Context {
             store: &self.state.store,
@@ -398,7 +440,7 @@ impl Job {
                 *format,
                 &Default::default(),
                 &mut |l| {
-                    let _ = tx.send(l);
+                    tx.send(l);
                 },
             )
             .map_err(error::transport)?;
@@ -414,7 +456,7 @@ impl Job {
                     &Default::default(),
                 )
                 .map_err(error::transport)?;
-                let _ = self.tx.send(format!(
+                self.tx.send(format!(
                     "Loaded image {} into the Docker daemon\n",
                     name.familiar()
                 ));
@@ -429,8 +471,7 @@ impl Job {
                     &Default::default(),
                 )
                 .map_err(error::transport)?;
-                let _ = self
-                    .tx
+                self.tx
                     .send(format!("Loaded image {} into iSulad\n", name.familiar()));
             }
             _ => {}
@@ -442,8 +483,7 @@ impl Job {
                     Status::failed_precondition(format!("writing --iidfile {}: {e}", self.iidfile))
                 })?;
         }
-        let _ = self
-            .tx
+        self.tx
             .send(format!("Build success with image id: {hex}\n"));
         Ok(hex)
     }
@@ -515,6 +555,28 @@ mod tests {
         assert_eq!(
             b.start("b1").expect_err("duplicate").code(),
             tonic::Code::AlreadyExists
+        );
+    }
+
+    #[test]
+    fn an_unread_log_is_bounded_and_says_what_it_dropped() {
+        let b = Builds::default();
+        let (tx, _) = b.start("quiet").expect("start");
+        for i in 0..(LOG_BUFFER_LINES + 100) {
+            tx.send(format!("line {i}\n"));
+        }
+        tx.send("last\n".into());
+        let (mut rx, _) = b.subscribe("quiet").expect("subscribe");
+        let mut got = Vec::new();
+        while let Ok(l) = rx.try_recv() {
+            got.push(l);
+        }
+        assert_eq!(got.len(), LOG_BUFFER_LINES);
+        assert_eq!(got[0], "line 0\n");
+        assert_eq!(
+            tx.dropped.load(Ordering::SeqCst),
+            102,
+            "100 lines, the marker and the last line"
         );
     }
 
