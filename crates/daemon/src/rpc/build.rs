@@ -575,8 +575,8 @@ mod tests {
         assert_eq!(got[0], "line 0\n");
         assert_eq!(
             tx.dropped.load(Ordering::SeqCst),
-            102,
-            "100 lines, the marker and the last line"
+            101,
+            "the 100 lines over the buffer and the last one"
         );
     }
 
