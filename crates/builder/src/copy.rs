@@ -125,13 +125,12 @@ fn expand_source(src: &Source<'_>, pattern: &str) -> R<Vec<String>> {
 }
 
 fn is_archive(fd: BorrowedFd<'_>) -> bool {
-    let Ok(f) = rustix::fs::openat(fd, ".", OFlags::RDONLY, Mode::empty()).or_else(|_| {
-        rustix::fs::open(
-            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)).as_str(),
-            OFlags::RDONLY,
-            Mode::empty(),
-        )
-    }) else {
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    let Ok(f) = rustix::fs::open(
+        proc.as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
         return false;
     };
     let mut head = [0u8; 512];

@@ -63,16 +63,22 @@ fn sys_at(entry: &Path, e: isula_sys::SysError) -> StoreError {
 
 /// Unpacks `layer` (an uncompressed tar stream) into the empty directory `dest`.
 pub fn apply_layer<R: Read>(layer: R, dest: &Path) -> Result<ApplyReport> {
-    unpack(layer, dest, true)
+    unpack(layer, dest, true, Resolve::NoSymlinks)
 }
 
 /// Extracts a plain tar archive (ADD of a local archive) into the existing directory
-/// `dest`, with the same containment checks; `.wh.` names are ordinary files here.
+/// `dest`. Like Docker's chrooted untar, symlinks already there are followed, but only
+/// within `dest` (`RESOLVE_IN_ROOT`); `.wh.` names are ordinary files here.
 pub fn extract_into<R: Read>(archive: R, dest: &Path) -> Result<ApplyReport> {
-    unpack(archive, dest, false)
+    unpack(archive, dest, false, Resolve::InRoot)
 }
 
-fn unpack<R: Read>(layer: R, dest: &Path, whiteouts: bool) -> Result<ApplyReport> {
+fn unpack<R: Read>(
+    layer: R,
+    dest: &Path,
+    whiteouts: bool,
+    resolve: Resolve,
+) -> Result<ApplyReport> {
     let root = Root::open(dest)?;
     let mut archive = tar::Archive::new(layer);
     let mut report = ApplyReport::default();
@@ -100,7 +106,7 @@ fn unpack<R: Read>(layer: R, dest: &Path, whiteouts: bool) -> Result<ApplyReport
         if whiteouts && name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
             let parent = rel.parent().unwrap_or(Path::new(""));
             let pfd = root
-                .dir(parent, Resolve::NoSymlinks, true)
+                .dir(parent, resolve, true)
                 .map_err(|e| sys_at(&rel, e))?;
             if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
                 rooted::set_xattr(pfd.as_fd(), OsStr::new("."), OsStr::new(OPAQUE_XATTR), b"y")
@@ -119,7 +125,7 @@ fn unpack<R: Read>(layer: R, dest: &Path, whiteouts: bool) -> Result<ApplyReport
         }
 
         let (pfd, _) = root
-            .parent(&rel, Resolve::NoSymlinks, true)
+            .parent(&rel, resolve, true)
             .map_err(|e| sys_at(&rel, e))?;
         let pfd = pfd.as_fd();
         let existing = rooted::lstat(pfd, &name).map_err(|e| sys_at(&rel, e))?;
@@ -170,14 +176,12 @@ fn unpack<R: Read>(layer: R, dest: &Path, whiteouts: bool) -> Result<ApplyReport
                     .ok_or_else(|| unsafe_entry(&rel, "hard link without target"))?;
                 let target = entry_path(&target)
                     .map_err(|_| unsafe_entry(&rel, "hard link target contains '..'"))?;
-                let (tfd, tname) =
-                    root.parent(&target, Resolve::NoSymlinks, false)
-                        .map_err(|_| {
-                            unsafe_entry(
-                                &rel,
-                                "hard link target is not an earlier entry of this layer",
-                            )
-                        })?;
+                let (tfd, tname) = root.parent(&target, resolve, false).map_err(|_| {
+                    unsafe_entry(
+                        &rel,
+                        "hard link target is not an earlier entry of this layer",
+                    )
+                })?;
                 if rooted::lstat(tfd.as_fd(), &tname)
                     .map_err(|e| sys_at(&rel, e))?
                     .is_none()
@@ -227,7 +231,7 @@ fn unpack<R: Read>(layer: R, dest: &Path, whiteouts: bool) -> Result<ApplyReport
     }
     // Directory times last: creating their children changed them.
     for (rel, mtime) in dir_times.into_iter().rev() {
-        if let Ok((pfd, name)) = root.parent(&rel, Resolve::NoSymlinks, false) {
+        if let Ok((pfd, name)) = root.parent(&rel, resolve, false) {
             rooted::set_times(pfd.as_fd(), &name, mtime).map_err(|e| sys_at(&rel, e))?;
         }
     }
