@@ -45,7 +45,7 @@ fn busybox_tar() -> Vec<u8> {
     h.set_size(data.len() as u64);
     b.append_data(&mut h, "bin/busybox", &data[..])
         .expect("busybox");
-    for a in ["sh", "echo", "cat", "ls", "id", "mkdir", "touch"] {
+    for a in ["sh", "echo", "cat", "ls", "id", "mkdir", "touch", "grep"] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
@@ -344,4 +344,152 @@ fn escapes_are_contained() {
         std::fs::read(top.join("proc/self/fd/1/f")).expect("inside"),
         b"payload"
     );
+}
+
+fn run_build_with(
+    e: &Env,
+    dockerfile: &str,
+    context: &Path,
+    edit: impl FnOnce(&mut BuildOptions),
+) -> (Result<isula_types::ImageId, String>, String) {
+    let mut log = String::new();
+    let mut opts = BuildOptions {
+        build_id: "test".into(),
+        dockerfile: dockerfile.into(),
+        context: context.to_path_buf(),
+        tags: vec![Reference::parse("built:1").expect("ref")],
+        work_dir: e.dir.path().join("work"),
+        ..Default::default()
+    };
+    edit(&mut opts);
+    let mut sink = |l: String| log.push_str(&l);
+    let mut ctx = Context {
+        store: &e.store,
+        runc: &e.runc,
+        cancel: Arc::new(AtomicBool::new(false)),
+        log: &mut sink,
+    };
+    let r = build(&mut ctx, &opts)
+        .map(|b| b.id)
+        .map_err(|e| e.to_string());
+    (r, log)
+}
+
+#[test]
+fn heredocs_onbuild_target_proxies_and_caps() {
+    if !ready() {
+        return;
+    }
+    let e = env();
+    let ctx = e.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+
+    // Heredocs: a RUN script, a RUN reading a document on stdin, and COPY of a document.
+    let df = "FROM busybox\nARG NAME=heredoc\nRUN <<EOF\necho script ran\necho one > /one\nEOF\nRUN cat > /two <<END\nsecond $NAME\nEND\nCOPY <<EOT /etc/greeting\nhi $NAME\nEOT\n";
+    let (id, log) = run_build_with(&e, df, &ctx, |_| {});
+    id.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert!(log.contains("script ran\n"), "{log}");
+    let img = e.store.resolve("built:1").expect("img");
+    let top = e
+        .store
+        .layer_dir(img.layers.last().expect("layer"))
+        .join("diff");
+    assert_eq!(
+        std::fs::read_to_string(top.join("one")).expect("one"),
+        "one\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(top.join("two")).expect("two"),
+        "second heredoc\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(top.join("etc/greeting")).expect("greeting"),
+        "hi heredoc\n"
+    );
+
+    // ONBUILD triggers run in the child build and are not inherited further.
+    let (parent, log) = run_build_with(
+        &e,
+        "FROM busybox\nONBUILD RUN echo triggered > /t\n",
+        &ctx,
+        |o| {
+            o.tags = vec![Reference::parse("parent:1").expect("ref")];
+        },
+    );
+    parent.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    let (child, log) = run_build_with(&e, "FROM parent:1\nRUN cat /t\n", &ctx, |_| {});
+    let child = child.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert!(log.contains("triggered\n"), "{log}");
+    assert!(config_of(&e, &child)
+        .config
+        .expect("config")
+        .on_build
+        .is_none());
+
+    // --target builds up to a stage, and only the stages it needs.
+    let df = "FROM busybox AS first\nRUN echo first > /f\nFROM busybox AS unused\nRUN exit 1\nFROM first AS second\nRUN echo second > /s\nFROM busybox\nRUN exit 1\n";
+    let (id, log) = run_build_with(&e, df, &ctx, |o| o.target = Some("second".into()));
+    let id = id.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert!(
+        !log.contains("RUN exit 1"),
+        "unneeded stages must not run: {log}"
+    );
+    assert_eq!(config_of(&e, &id).rootfs.diff_ids.len(), 3);
+    let (r, _) = run_build_with(&e, df, &ctx, |o| o.target = Some("nope".into()));
+    assert!(r
+        .expect_err("unknown target")
+        .contains("target stage \"nope\" could not be found"));
+
+    // Proxies: from the daemon's environment (--proxy) and from build args without ARG;
+    // visible to RUN, never stored in the image.
+    let df = "FROM busybox\nRUN echo \"http=$http_proxy https=$https_proxy\"\n";
+    let (id, log) = run_build_with(&e, df, &ctx, |o| {
+        o.proxy = true;
+        o.host_proxy_env = vec![("http_proxy".into(), "http://host-proxy:3128".into())];
+        o.build_args = vec![
+            ("https_proxy".into(), "http://arg-proxy:3129".into()),
+            ("UNUSED".into(), "1".into()),
+        ];
+    });
+    let id = id.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert!(
+        log.contains("http=http://host-proxy:3128 https=http://arg-proxy:3129\n"),
+        "{log}"
+    );
+    assert!(log.contains("not consumed: [\"UNUSED\"]"), "{log}");
+    let raw = String::from_utf8(
+        e.store
+            .content()
+            .read_small(id.digest(), limits::MANIFEST_MAX)
+            .expect("config"),
+    )
+    .expect("utf8");
+    assert!(
+        !raw.contains("proxy:31"),
+        "a proxy value reached the image config: {raw}"
+    );
+    let (_, log) = run_build_with(&e, df, &ctx, |o| {
+        o.proxy = false;
+        o.host_proxy_env = vec![("http_proxy".into(), "http://host-proxy:3128".into())];
+    });
+    assert!(
+        log.contains("http= https=\n"),
+        "--proxy=false must not pass the host's proxies: {log}"
+    );
+
+    // --cap-add: CAP_SYS_ADMIN (bit 21) is effective only when asked for.
+    let df = "FROM busybox\nRUN grep CapEff /proc/self/status\n";
+    let cap_eff = |log: &str| -> u64 {
+        let hex = log
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .expect("CapEff line")
+            .trim()
+            .to_string();
+        u64::from_str_radix(&hex, 16).expect("hex")
+    };
+    let (_, log) = run_build_with(&e, df, &ctx, |_| {});
+    assert_eq!(cap_eff(&log) & (1 << 21), 0, "{log}");
+    let (_, log) = run_build_with(&e, df, &ctx, |o| o.cap_add = vec!["CAP_SYS_ADMIN".into()]);
+    assert_ne!(cap_eff(&log) & (1 << 21), 0, "{log}");
 }

@@ -508,3 +508,41 @@ fn sigterm_during_a_build_stops_cleanly() {
     assert!(d.leftovers().is_empty(), "store temp files left");
     assert!(!d.socket().exists());
 }
+
+#[test]
+fn oci_archive_output_is_readable_by_skopeo() {
+    if !require_root() || !require_tool("skopeo") {
+        return;
+    }
+    let d = daemon_with_busybox();
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nLABEL kind=oci\nRUN echo x > /x\n",
+    )
+    .expect("df");
+    let out = ctx.path().join("image.oci.tar");
+    let spec = format!("oci-archive:{}:isula-e2e/oci:1", out.display());
+    let o = in_dir(
+        &d,
+        ctx.path(),
+        &["ctr-img", "build", "--format", "oci", "-o", &spec, "."],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = build_id(&String::from_utf8_lossy(&o.stdout));
+    let raw = run_ok(
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--config"])
+            .arg(format!("oci-archive:{}", out.display())),
+    );
+    assert_eq!(sha256_hex(raw.as_bytes()), id);
+    let manifest = run_ok(
+        Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci-archive:{}", out.display())),
+    );
+    assert!(
+        manifest.contains("application/vnd.oci.image.manifest.v1+json"),
+        "{manifest}"
+    );
+}
