@@ -80,6 +80,25 @@ step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
 step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
 
+# 100 builds at once (the manual's limit), each with a RUN.
+for i in $(seq 1 100); do
+    mkdir -p "$work/many/$i"
+    printf 'FROM busybox:bench\nRUN echo %s > /n\n' "$i" > "$work/many/$i/Dockerfile"
+done
+sync
+t0=$(date +%s.%N)
+pids=()
+for i in $(seq 1 100); do
+    "$bin/isula-build" ctr-img build --tag "many:$i" "$work/many/$i" >/dev/null 2>&1 &
+    pids+=($!)
+done
+failed=0
+for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
+t1=$(date +%s.%N)
+hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
+awk -v a="$t0" -v b="$t1" -v f="$failed" -v h="$hwm" \
+    'BEGIN { printf "%-28s %10.2f %12s %14.1f  (%d failed)\n", "100 builds at once", b - a, "-", h / 1024, f }'
+
 # The same builds by Docker's classic builder, when a Docker engine runs here.
 if docker info >/dev/null 2>&1; then
     "$bin/isula-build" ctr-img save busybox:bench -o "$work/base-img.tar" >/dev/null
