@@ -107,31 +107,13 @@ fn run_build(
     args: &[(&str, &str)],
     time: Option<i64>,
 ) -> (Result<isula_types::ImageId, String>, String) {
-    let mut log = String::new();
-    let opts = BuildOptions {
-        build_id: "test".into(),
-        dockerfile: dockerfile.into(),
-        context: context.to_path_buf(),
-        build_args: args
+    run_build_with(e, dockerfile, context, |o| {
+        o.build_args = args
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        tags: vec![Reference::parse("built:1").expect("ref")],
-        build_time: time,
-        work_dir: e.dir.path().join("work"),
-        ..Default::default()
-    };
-    let mut sink = |l: String| log.push_str(&l);
-    let mut ctx = Context {
-        store: &e.store,
-        runc: &e.runc,
-        cancel: Arc::new(AtomicBool::new(false)),
-        log: &mut sink,
-    };
-    let r = build(&mut ctx, &opts)
-        .map(|b| b.id)
-        .map_err(|e| e.to_string());
-    (r, log)
+            .collect();
+        o.build_time = time;
+    })
 }
 
 fn config_of(e: &Env, id: &isula_types::ImageId) -> ImageConfig {

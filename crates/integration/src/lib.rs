@@ -364,3 +364,56 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&o.stdout).to_string()
 }
+
+/// A Docker engine that answers: required in CI, otherwise the test skips (saying so).
+pub fn require_docker() -> bool {
+    if !require_tool("docker") {
+        return false;
+    }
+    let ok = Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "a Docker engine must run in CI"
+        );
+        eprintln!("skipping: no Docker engine answers (outside CI)");
+    }
+    ok
+}
+
+/// Removes a Docker image when dropped.
+pub struct DockerImage(pub String);
+
+impl Drop for DockerImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
+
+/// The containers runc has under `root`.
+pub fn runc_containers(root: &Path) -> Vec<String> {
+    Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["list", "-q"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (up to `timeout`) until `cond` holds; panics with `what` otherwise.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

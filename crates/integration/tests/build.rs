@@ -192,7 +192,7 @@ fn archive_output_runs_in_docker() {
     let spec = format!("docker-archive:{}:isula-e2e/built:1", out_tar.display());
     let o = in_dir(&d, ctx.path(), &["ctr-img", "build", "-o", &spec, "."]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let _cleanup = scopeguard("isula-e2e/built:1");
+    let _cleanup = DockerImage("isula-e2e/built:1".into());
     run_ok(Command::new("docker").args(["load", "-i"]).arg(&out_tar));
     let ran = run_ok(Command::new("docker").args([
         "run",
@@ -207,16 +207,6 @@ fn archive_output_runs_in_docker() {
         .images()
         .iter()
         .any(|r| r.0 == "isula-e2e/built" && r.1 == "1"));
-}
-
-struct Rmi(&'static str);
-impl Drop for Rmi {
-    fn drop(&mut self) {
-        let _ = Command::new("docker").args(["rmi", "-f", self.0]).output();
-    }
-}
-fn scopeguard(name: &'static str) -> Rmi {
-    Rmi(name)
 }
 
 #[test]
@@ -240,51 +230,27 @@ fn killing_the_client_mid_run_cancels_the_build() {
         .expect("client");
     // Wait until the RUN is running (its container exists).
     let runc_root = d.run_root().join("runc");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let list = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["list", "-q"])
-            .output()
-            .expect("runc list");
-        if !String::from_utf8_lossy(&list.stdout).trim().is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the RUN never started:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the RUN to start", Duration::from_secs(60), || {
+        !runc_containers(&runc_root).is_empty()
+    });
     client.kill().expect("kill");
     let _ = client.wait();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let list = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["list", "-q"])
-            .output()
-            .expect("runc list");
-        let containers = String::from_utf8_lossy(&list.stdout).trim().to_string();
-        let mounts = isula_sys_mounts(&d);
-        let builds = std::fs::read_dir(d.run_root().join("builds"))
-            .map(|r| r.count())
-            .unwrap_or(0);
-        if containers.is_empty() && mounts.is_empty() && builds == 0 && d.leftovers().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "after 5 s: containers {containers:?}, mounts {mounts:?}, build dirs {builds}, store {:?}", d.leftovers());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The build's slot is released: it is logged as cancelled and another build runs.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !d.log().contains("build cancelled") {
-        assert!(Instant::now() < deadline, "{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Within 5 s: no container, mount, build directory or store temp file; the build's slot
+    // is released (logged as cancelled) and another build runs.
+    wait_until(
+        "the cancelled build to be cleaned up",
+        Duration::from_secs(5),
+        || {
+            runc_containers(&runc_root).is_empty()
+                && isula_sys_mounts(&d).is_empty()
+                && std::fs::read_dir(d.run_root().join("builds"))
+                    .map(|r| r.count())
+                    .unwrap_or(0)
+                    == 0
+                && d.leftovers().is_empty()
+                && d.log().contains("build cancelled")
+        },
+    );
     std::fs::write(ctx.path().join("Dockerfile"), "FROM busybox\nRUN true\n").expect("df");
     let o = d
         .cli_command(&["ctr-img", "build", "."])
@@ -360,7 +326,7 @@ fn docker_daemon_output_loads_into_docker() {
         "FROM busybox\nRUN echo streamed to dockerd > /msg\nCMD [\"cat\", \"/msg\"]\n",
     )
     .expect("df");
-    let _cleanup = scopeguard("isula-e2e/daemon-out:2");
+    let _cleanup = DockerImage("isula-e2e/daemon-out:2".into());
     let o = in_dir(
         &d,
         ctx.path(),
@@ -472,20 +438,9 @@ fn sigterm_during_a_build_stops_cleanly() {
         .spawn()
         .expect("client");
     let runc_root = d.run_root().join("runc");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let list = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["list", "-q"])
-            .output()
-            .expect("runc list");
-        if !String::from_utf8_lossy(&list.stdout).trim().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the RUN never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the RUN to start", Duration::from_secs(60), || {
+        !runc_containers(&runc_root).is_empty()
+    });
     let start = Instant::now();
     assert_eq!(d.stop(), Some(0));
     assert!(
@@ -494,16 +449,7 @@ fn sigterm_during_a_build_stops_cleanly() {
         start.elapsed()
     );
     assert!(!client.wait().expect("client").success());
-    let list = Command::new("runc")
-        .arg("--root")
-        .arg(&runc_root)
-        .args(["list", "-q"])
-        .output()
-        .expect("runc list");
-    assert!(
-        String::from_utf8_lossy(&list.stdout).trim().is_empty(),
-        "container left"
-    );
+    assert!(runc_containers(&runc_root).is_empty(), "container left");
     assert!(isula_sys_mounts(&d).is_empty(), "mounts left");
     assert!(d.leftovers().is_empty(), "store temp files left");
     assert!(!d.socket().exists());

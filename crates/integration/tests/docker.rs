@@ -5,36 +5,13 @@
 use isula_integration::*;
 use std::process::Command;
 
-fn docker_available() -> bool {
-    let ok = Command::new("docker")
-        .arg("info")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "a Docker engine must be running in CI"
-        );
-        eprintln!("skipping: no Docker engine answers (outside CI)");
-    }
-    ok
-}
-
-struct Cleanup(&'static str);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = Command::new("docker").args(["rmi", "-f", self.0]).output();
-    }
-}
-
 #[test]
 fn docker_loads_and_runs_our_archive_and_we_load_docker_save() {
-    if !require_root() || !docker_available() {
+    if !require_root() || !require_docker() {
         return;
     }
     const NAME: &str = "isula-e2e/busybox:docker";
-    let _cleanup = Cleanup(NAME);
+    let _cleanup = DockerImage(NAME.into());
     let d = Daemon::start();
     let work = tempfile::tempdir().expect("tmp");
     let src = work.path().join("rootfs.tar.gz");

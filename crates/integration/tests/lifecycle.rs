@@ -6,7 +6,7 @@ use isula_integration::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn second_daemon_on_same_data_root_refuses() {
@@ -155,14 +155,6 @@ fn big_rootfs(mb: usize) -> Vec<u8> {
         chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
     }
     busybox_rootfs(&[("data/big.bin", &data)])
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn dir_bytes(p: &Path) -> u64 {
