@@ -85,6 +85,19 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_'
 }
 
+/// A variable name at the front of `it` (possibly empty).
+fn read_name(it: &mut Peekable<Chars<'_>>) -> String {
+    let mut name = String::new();
+    while let Some(&c) = it.peek() {
+        if !is_name_char(c) {
+            break;
+        }
+        name.push(c);
+        it.next();
+    }
+    name
+}
+
 impl Lexer {
     pub fn new(escape: char) -> Self {
         Lexer { escape }
@@ -204,14 +217,7 @@ impl Lexer {
                 self.braced(it, vars)
             }
             Some(c) if is_name_char(c) => {
-                let mut name = String::new();
-                while let Some(&c) = it.peek() {
-                    if !is_name_char(c) {
-                        break;
-                    }
-                    name.push(c);
-                    it.next();
-                }
+                let name = read_name(it);
                 Ok(vars.get(&name).unwrap_or("").to_string())
             }
             _ => Ok("$".to_string()),
@@ -219,14 +225,7 @@ impl Lexer {
     }
 
     fn braced(&self, it: &mut Peekable<Chars<'_>>, vars: &dyn Vars) -> Result<String, LexError> {
-        let mut name = String::new();
-        while let Some(&c) = it.peek() {
-            if !is_name_char(c) {
-                break;
-            }
-            name.push(c);
-            it.next();
-        }
+        let name = read_name(it);
         if name.is_empty() {
             let rest: String = it.take_while(|c| *c != '}').collect();
             return Err(LexError::BadName(format!("${{{rest}}}")));

@@ -357,33 +357,6 @@ pub fn set_xattr(dir: BorrowedFd<'_>, name: &OsStr, key: &OsStr, value: &[u8]) -
     .map_err(|e| at_err("setxattr", name, e))
 }
 
-/// Lists extended attributes (name, value) of `name` in `dir`, not following symlinks.
-pub fn xattrs(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Vec<(OsString, Vec<u8>)>> {
-    let fd = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| at_err("open", name, e))?;
-    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-    let mut names = vec![0u8; 4096];
-    let n = match rustix::fs::listxattr(proc_path.as_str(), &mut names) {
-        Ok(n) => n,
-        Err(Errno::NOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(at_err("listxattr", name, e)),
-    };
-    let mut out = Vec::new();
-    for key in names[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
-        let mut value = vec![0u8; 65536];
-        let len = rustix::fs::getxattr(proc_path.as_str(), key, &mut value)
-            .map_err(|e| at_err("getxattr", name, e))?;
-        value.truncate(len);
-        out.push((OsStr::from_bytes(key).to_os_string(), value));
-    }
-    Ok(out)
-}
-
 /// Removes `name` in `dir` and, for a directory, everything under it. Never follows links.
 pub fn remove_all(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
