@@ -459,6 +459,35 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         "--proxy=false must not pass the host's proxies: {log}"
     );
 
+    // WORKDIR (BuildKit): missing directories are made for the USER; existing ones stay.
+    let (id, log) = run_build_with(
+        &e,
+        "FROM busybox\nUSER app\nWORKDIR /srv/app\nWORKDIR /tmp\n",
+        &ctx,
+        |_| {},
+    );
+    id.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    let img = e.store.resolve("built:1").expect("img");
+    let top = e
+        .store
+        .layer_dir(img.layers.last().expect("layer"))
+        .join("diff");
+    for d in ["srv", "srv/app"] {
+        let m = std::fs::metadata(top.join(d)).expect("workdir");
+        assert_eq!(
+            (
+                std::os::unix::fs::MetadataExt::uid(&m),
+                std::os::unix::fs::MetadataExt::gid(&m)
+            ),
+            (1000, 1000),
+            "{d}"
+        );
+    }
+    assert!(
+        !top.join("tmp").exists(),
+        "an existing directory is not touched"
+    );
+
     // --cap-add: CAP_SYS_ADMIN (bit 21) is effective only when asked for.
     let df = "FROM busybox\nRUN grep CapEff /proc/self/status\n";
     let cap_eff = |log: &str| -> u64 {
