@@ -193,15 +193,59 @@ pub fn copy(
             let (pfd, fname) = if target_is_dir {
                 (ensure_dir(rootfs, dest, opts, None)?, name)
             } else {
-                let (p, n) = rootfs
-                    .parent(Path::new(dest), Resolve::InRoot, true)
-                    .map_err(|e| e.to_string())?;
-                (p, n)
+                parent_owned(rootfs, dest, opts.owner)?
             };
             copy_entry(src, rel, fd.as_fd(), &st, pfd.as_fd(), &fname, opts)?;
         }
     }
     Ok(())
+}
+
+/// Creates `path` and its missing parents (0755) inside the rootfs, owned by `owner` (root
+/// when None), as BuildKit does for COPY destinations and WORKDIR; existing directories are
+/// left as they are.
+pub fn mkdir_all_owned(root: &Root, path: &str, owner: Option<(u32, u32)>) -> R<()> {
+    let mut built = String::new();
+    for comp in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        built.push('/');
+        built.push_str(comp);
+        let p = Path::new(&built);
+        if root
+            .open_at(
+                p,
+                Resolve::InRoot,
+                OFlags::PATH | OFlags::DIRECTORY,
+                Mode::empty(),
+            )
+            .is_ok()
+        {
+            continue;
+        }
+        let (pfd, name) = root
+            .parent(p, Resolve::InRoot, false)
+            .map_err(|e| format!("{built}: {e}"))?;
+        rooted::mkdir(pfd.as_fd(), &name, 0o755).map_err(|e| format!("{built}: {e}"))?;
+        let (uid, gid) = owner.unwrap_or((0, 0));
+        rooted::lchown(pfd.as_fd(), &name, uid, gid).map_err(|e| e.to_string())?;
+        rooted::chmod(pfd.as_fd(), &name, 0o755).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The parent directory of `dest` (its missing directories made for `owner`) and the name.
+fn parent_owned(
+    rootfs: &Root,
+    dest: &str,
+    owner: Option<(u32, u32)>,
+) -> R<(OwnedFd, std::ffi::OsString)> {
+    let parent = Path::new(dest)
+        .parent()
+        .map(|p| p.to_string_lossy().to_string())
+        .unwrap_or_default();
+    mkdir_all_owned(rootfs, &parent, owner)?;
+    rootfs
+        .parent(Path::new(dest), Resolve::InRoot, false)
+        .map_err(|e| format!("{dest}: {e}"))
 }
 
 /// Opens (creating if needed) the destination directory. A newly made final directory
@@ -220,9 +264,7 @@ fn ensure_dir(
     ) {
         return Ok(fd);
     }
-    let (pfd, name) = rootfs
-        .parent(Path::new(dest), Resolve::InRoot, true)
-        .map_err(|e| format!("{dest}: {e}"))?;
+    let (pfd, name) = parent_owned(rootfs, dest, opts.owner)?;
     if name.is_empty() {
         return rootfs
             .dir(Path::new("/"), Resolve::InRoot, false)

@@ -401,7 +401,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
                         user::resolve(root, &user_spec, true).map_err(|e| step_err(n, step, e))?;
                     Some((ids.uid, ids.gid))
                 };
-                mkdir_all_owned(root, &path, owner)
+                copy::mkdir_all_owned(root, &path, owner)
                     .map_err(|e| step_err(n, step, format!("creating {path}: {e}")))?;
                 self.cc().working_dir = path;
                 fs_change = true;
@@ -857,37 +857,6 @@ impl<'c, 'a> StageRun<'c, 'a> {
             blobs,
         })
     }
-}
-
-/// Creates `path` and its missing parents (0755) inside the rootfs, owned by `owner`
-/// (root when None); existing directories are left as they are.
-fn mkdir_all_owned(root: &Root, path: &str, owner: Option<(u32, u32)>) -> Result<(), String> {
-    let mut built = String::new();
-    for comp in path.split('/').filter(|c| !c.is_empty()) {
-        built.push('/');
-        built.push_str(comp);
-        let p = Path::new(&built);
-        if root
-            .open_at(
-                p,
-                Resolve::InRoot,
-                OFlags::PATH | OFlags::DIRECTORY,
-                Mode::empty(),
-            )
-            .is_ok()
-        {
-            continue;
-        }
-        let (pfd, name) = root
-            .parent(p, Resolve::InRoot, false)
-            .map_err(|e| e.to_string())?;
-        let pfd = std::os::fd::AsFd::as_fd(&pfd);
-        isula_sys::rooted::mkdir(pfd, &name, 0o755).map_err(|e| e.to_string())?;
-        let (uid, gid) = owner.unwrap_or((0, 0));
-        isula_sys::rooted::lchown(pfd, &name, uid, gid).map_err(|e| e.to_string())?;
-        isula_sys::rooted::chmod(pfd, &name, 0o755).map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }
 
 struct ViewGuard(PathBuf);

@@ -488,6 +488,32 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         "an existing directory is not touched"
     );
 
+    // COPY --chown: the destination directories it creates belong to that owner too.
+    std::fs::write(ctx.join("f"), b"f").expect("f");
+    let (id, log) = run_build_with(
+        &e,
+        "FROM busybox\nCOPY --chown=app f /deep/a/b/\n",
+        &ctx,
+        |_| {},
+    );
+    id.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    let img = e.store.resolve("built:1").expect("img");
+    let top = e
+        .store
+        .layer_dir(img.layers.last().expect("layer"))
+        .join("diff");
+    for d in ["deep", "deep/a", "deep/a/b", "deep/a/b/f"] {
+        let m = std::fs::symlink_metadata(top.join(d)).expect("copied");
+        assert_eq!(
+            (
+                std::os::unix::fs::MetadataExt::uid(&m),
+                std::os::unix::fs::MetadataExt::gid(&m)
+            ),
+            (1000, 1000),
+            "{d}"
+        );
+    }
+
     // --cap-add: CAP_SYS_ADMIN (bit 21) is effective only when asked for.
     let df = "FROM busybox\nRUN grep CapEff /proc/self/status\n";
     let cap_eff = |log: &str| -> u64 {
