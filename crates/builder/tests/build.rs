@@ -514,6 +514,36 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         );
     }
 
+    // --chmod sets the mode; ADD refuses remote URLs with the manual's reason.
+    let (id, log) = run_build_with(
+        &e,
+        "FROM busybox\nCOPY --chmod=0600 f /modes/f\n",
+        &ctx,
+        |_| {},
+    );
+    id.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    let img = e.store.resolve("built:1").expect("img");
+    let top = e
+        .store
+        .layer_dir(img.layers.last().expect("layer"))
+        .join("diff");
+    let m = std::fs::metadata(top.join("modes/f")).expect("f");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777,
+        0o600
+    );
+    let (r, _) = run_build_with(&e, "FROM busybox\nCOPY --chmod=9 f /x\n", &ctx, |_| {});
+    assert!(r.expect_err("bad mode").contains("invalid --chmod"));
+    let (r, _) = run_build_with(
+        &e,
+        "FROM busybox\nADD https://example.com/x.tar.gz /x/\n",
+        &ctx,
+        |_| {},
+    );
+    assert!(r
+        .expect_err("remote ADD")
+        .contains("ADD does not support remote URLs"));
+
     // --cap-add: CAP_SYS_ADMIN (bit 21) is effective only when asked for.
     let df = "FROM busybox\nRUN grep CapEff /proc/self/status\n";
     let cap_eff = |log: &str| -> u64 {
