@@ -99,6 +99,24 @@ hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
 awk -v a="$t0" -v b="$t1" -v f="$failed" -v h="$hwm" \
     'BEGIN { printf "%-28s %10.2f %12s %14.1f  (%d failed)\n", "100 builds at once", b - a, "-", h / 1024, f }'
 
+# The same builds by buildah, when installed (its own storage under the bench directory).
+if command -v buildah >/dev/null 2>&1; then
+    "$bin/isula-build" ctr-img save busybox:bench -o "$work/base-buildah.tar" >/dev/null
+    bah=(buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver overlay)
+    "${bah[@]}" pull -q "docker-archive:$work/base-buildah.tar" >/dev/null
+    "${bah[@]}" tag "$("${bah[@]}" images -q | head -1)" localhost/busybox:bench >/dev/null 2>&1 || true
+    for c in copy run small; do
+        sed 's|^FROM busybox:bench|FROM localhost/busybox:bench|' "$work/ctx-$c/Dockerfile" > "$work/Dockerfile.buildah-$c"
+        sync
+        t0=$(date +%s.%N)
+        "${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-$c" -t "bench-$c" "$work/ctx-$c" >/dev/null 2>&1 \
+            || echo "buildah build of ctx-$c failed"
+        t1=$(date +%s.%N)
+        awk -v n="buildah bud: ctx-$c" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-28s %10.2f\n", n, b - a }'
+    done
+    "${bah[@]}" rmi -a -f >/dev/null 2>&1 || true
+fi
+
 # The same builds by Docker's classic builder, when a Docker engine runs here.
 if docker info >/dev/null 2>&1; then
     "$bin/isula-build" ctr-img save busybox:bench -o "$work/base-img.tar" >/dev/null
