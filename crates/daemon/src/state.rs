@@ -58,7 +58,12 @@ impl State {
     }
 
     pub fn begin(self: &Arc<Self>) -> OpGuard {
-        let cancel = Cancel::default();
+        self.begin_with(Cancel::default())
+    }
+
+    /// Registers an operation whose cancel flag already exists (a build's), so that
+    /// shutdown cancels it directly.
+    pub fn begin_with(self: &Arc<Self>, cancel: Cancel) -> OpGuard {
         let mut ops = self.ops();
         ops.next += 1;
         let id = ops.next;

@@ -256,14 +256,19 @@ impl Runc {
         let watcher = {
             let (done, cancel, runc, id) = (done.clone(), cancel.clone(), self.clone(), id.clone());
             std::thread::spawn(move || {
+                let mut killed = false;
                 while !done.load(Ordering::SeqCst) {
                     if cancel.load(Ordering::SeqCst) {
+                        // Repeated until runc exits: a cancel can come before the container
+                        // exists, when a single kill would find nothing to kill.
                         let _ = runc.command().args(["kill", "--all", &id, "KILL"]).output();
-                        return true;
+                        killed = true;
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                false
+                killed
             })
         };
         let mut buf = [0u8; 8192];

@@ -147,3 +147,16 @@ fn cancel_kills_the_container_and_cleans_state() {
         "container left behind"
     );
 }
+
+#[test]
+fn a_cancel_before_the_container_exists_still_stops_it() {
+    if !ready() {
+        return;
+    }
+    let s = setup();
+    let cancel = Arc::new(AtomicBool::new(true));
+    let start = Instant::now();
+    let r = s.runc.run(&s.bundle, &s.merged, &process("sleep 60"), &cancel, &mut |_| {});
+    assert!(matches!(r, Err(RuntimeError::Cancelled)), "{r:?}");
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+}

@@ -166,6 +166,11 @@ pub fn is_cancelled(e: &io::Error) -> bool {
 pub struct Cancel(Arc<AtomicBool>);
 
 impl Cancel {
+    /// A cancel that sets (and is set by) an existing flag, such as a build's.
+    pub fn from_flag(flag: Arc<AtomicBool>) -> Self {
+        Cancel(flag)
+    }
+
     pub fn cancel(&self) {
         self.0.store(true, Ordering::SeqCst);
     }

@@ -395,20 +395,10 @@ struct Job {
 
 impl Job {
     fn run(self) -> Result<String, Status> {
-        // Shutdown cancels every registered operation: forward that to the build.
-        let op = self.state.begin();
-        let (op_cancel, build_cancel) = (op.cancel.clone(), self.cancel.clone());
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let forward = std::thread::spawn(move || {
-            while !stop2.load(Ordering::SeqCst) {
-                if op_cancel.is_cancelled() {
-                    build_cancel.store(true, Ordering::SeqCst);
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        });
+        // Registered with the build's own flag: shutdown cancels the build directly.
+        let op = self
+            .state
+            .begin_with(isula_transport::Cancel::from_flag(self.cancel.clone()));
         let tx = self.tx.clone();
         let mut log = move |line: String| {
             tx.send(line);
@@ -420,8 +410,6 @@ impl Job {
             log: &mut log,
         };
         let built = build(&mut ctx, &self.opts);
-        stop.store(true, Ordering::SeqCst);
-        let _ = forward.join();
         drop(op);
         let built = built.map_err(|e| error::status(e.kind(), e.to_string()))?;
         let hex = built.id.hex().to_string();
