@@ -21,58 +21,23 @@ fn ready() -> bool {
     ok
 }
 
+/// The busybox base: every applet, plus users and groups for USER and --chown.
 fn busybox_tar() -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let add_dir = |b: &mut tar::Builder<Vec<u8>>, name: &str| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o755);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1);
-        h.set_size(0);
-        b.append_data(&mut h, name, std::io::empty()).expect("dir");
-    };
-    for d in ["bin", "etc", "tmp"] {
-        add_dir(&mut b, d);
-    }
-    let data = std::fs::read("/bin/busybox").expect("busybox");
-    let mut h = tar::Header::new_gnu();
-    h.set_mode(0o755);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(1);
-    h.set_size(data.len() as u64);
-    b.append_data(&mut h, "bin/busybox", &data[..])
-        .expect("busybox");
-    for a in ["sh", "echo", "cat", "ls", "id", "mkdir", "touch", "grep"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1);
-        h.set_size(0);
-        b.append_link(&mut h, format!("bin/{a}"), "busybox")
-            .expect("link");
-    }
-    for (name, content) in [
+    isula_integration::busybox_rootfs(&[
         (
             "etc/passwd",
-            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
         ),
-        ("etc/group", "root:x:0:\napp:x:1000:\nextra:x:2000:app\n"),
-    ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1);
-        h.set_size(content.len() as u64);
-        b.append_data(&mut h, name, content.as_bytes())
-            .expect("file");
-    }
-    b.into_inner().expect("tar")
+        ("etc/group", b"root:x:0:\napp:x:1000:\nextra:x:2000:app\n"),
+    ])
+}
+
+/// The directory of the newest layer of `built:1`.
+fn top_layer(e: &Env) -> std::path::PathBuf {
+    let img = e.store.resolve("built:1").expect("img");
+    e.store
+        .layer_dir(img.layers.last().expect("layer"))
+        .join("diff")
 }
 
 struct Env {
@@ -255,11 +220,7 @@ fn build_static_is_reproducible_and_multistage_copies_between_stages() {
     let (b, log) = run_build(&e, df, &ctx, &[], Some(1_590_000_000));
     let b = b.unwrap_or_else(|err| panic!("{err}\n{log}"));
     assert_eq!(a, b, "same inputs and build time give the same image ID");
-    let img = e.store.resolve("built:1").expect("img");
-    let top = e
-        .store
-        .layer_dir(img.layers.last().expect("layer"))
-        .join("diff");
+    let top = top_layer(&e);
     assert_eq!(std::fs::read(top.join("final")).expect("final"), b"built\n");
     let c = config_of(&e, &a);
     assert_eq!(c.created.as_deref(), Some("2020-05-20T18:40:00Z"));
@@ -299,11 +260,7 @@ fn escapes_are_contained() {
     let (r, log) = run_build(&e, &df, &ctx, &[], None);
     r.unwrap_or_else(|err| panic!("{err}\n{log}"));
     assert!(!Path::new(&marker).exists(), "COPY wrote to the host");
-    let img = e.store.resolve("built:1").expect("img");
-    let top = e
-        .store
-        .layer_dir(img.layers.last().expect("layer"))
-        .join("diff");
+    let top = top_layer(&e);
     assert_eq!(
         std::fs::read(top.join(marker.trim_start_matches('/'))).expect("inside"),
         b"payload"
@@ -317,11 +274,7 @@ fn escapes_are_contained() {
         None,
     );
     r.unwrap_or_else(|err| panic!("{err}\n{log}"));
-    let img = e.store.resolve("built:1").expect("img");
-    let top = e
-        .store
-        .layer_dir(img.layers.last().expect("layer"))
-        .join("diff");
+    let top = top_layer(&e);
     assert_eq!(
         std::fs::read(top.join("proc/self/fd/1/f")).expect("inside"),
         b"payload"
@@ -371,11 +324,7 @@ fn heredocs_onbuild_target_proxies_and_caps() {
     let (id, log) = run_build_with(&e, df, &ctx, |_| {});
     id.unwrap_or_else(|err| panic!("{err}\n{log}"));
     assert!(log.contains("script ran\n"), "{log}");
-    let img = e.store.resolve("built:1").expect("img");
-    let top = e
-        .store
-        .layer_dir(img.layers.last().expect("layer"))
-        .join("diff");
+    let top = top_layer(&e);
     assert_eq!(
         std::fs::read_to_string(top.join("one")).expect("one"),
         "one\n"
@@ -467,11 +416,7 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         |_| {},
     );
     id.unwrap_or_else(|err| panic!("{err}\n{log}"));
-    let img = e.store.resolve("built:1").expect("img");
-    let top = e
-        .store
-        .layer_dir(img.layers.last().expect("layer"))
-        .join("diff");
+    let top = top_layer(&e);
     for d in ["srv", "srv/app"] {
         let m = std::fs::metadata(top.join(d)).expect("workdir");
         assert_eq!(
@@ -497,11 +442,7 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         |_| {},
     );
     id.unwrap_or_else(|err| panic!("{err}\n{log}"));
-    let img = e.store.resolve("built:1").expect("img");
-    let top = e
-        .store
-        .layer_dir(img.layers.last().expect("layer"))
-        .join("diff");
+    let top = top_layer(&e);
     for d in ["deep", "deep/a", "deep/a/b", "deep/a/b/f"] {
         let m = std::fs::symlink_metadata(top.join(d)).expect("copied");
         assert_eq!(
@@ -522,11 +463,7 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         |_| {},
     );
     id.unwrap_or_else(|err| panic!("{err}\n{log}"));
-    let img = e.store.resolve("built:1").expect("img");
-    let top = e
-        .store
-        .layer_dir(img.layers.last().expect("layer"))
-        .join("diff");
+    let top = top_layer(&e);
     let m = std::fs::metadata(top.join("modes/f")).expect("f");
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777,

@@ -129,9 +129,11 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         Err(_) => tracing::error!("running operations did not finish within {SHUTDOWN_GRACE:?}"),
     }
     // Blocking tasks hold the state; wait for them to release it (and the store lock).
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    while state.running() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if !state.wait_idle(SHUTDOWN_GRACE).await {
+        tracing::error!(
+            running = state.running(),
+            "operations still running after {SHUTDOWN_GRACE:?}"
+        );
     }
     tracing::info!("isula-builder stopped");
     Ok(())

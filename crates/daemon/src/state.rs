@@ -17,6 +17,8 @@ pub struct State {
     pub runc: Result<isula_runtime::Runc, String>,
     pub builds: crate::rpc::build::Builds,
     ops: Mutex<Ops>,
+    /// Signalled whenever an operation ends (shutdown waits on it).
+    op_ended: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -35,6 +37,7 @@ pub struct OpGuard {
 impl Drop for OpGuard {
     fn drop(&mut self) {
         self.state.ops().running.remove(&self.id);
+        self.state.op_ended.notify_waiters();
     }
 }
 
@@ -50,6 +53,7 @@ impl State {
             runc,
             builds: Default::default(),
             ops: Mutex::default(),
+            op_ended: tokio::sync::Notify::new(),
         })
     }
 
@@ -77,6 +81,21 @@ impl State {
 
     pub fn running(&self) -> usize {
         self.ops().running.len()
+    }
+
+    /// Waits until no operation runs; false if `limit` passed first.
+    pub async fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Registered before the check, so an end in between is not missed.
+            let ended = self.op_ended.notified();
+            if self.running() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Cancels every running operation (shutdown).

@@ -417,3 +417,17 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A busybox rootfs tarball with `mb` megabytes of incompressible data at `data/big.bin`
+/// (long enough to interrupt an operation in the middle).
+pub fn big_rootfs(mb: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data = vec![0u8; mb << 20];
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    busybox_rootfs(&[("data/big.bin", &data)])
+}

@@ -3,7 +3,7 @@
 
 use isula_integration::*;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn completion_scripts_for_both_binaries() {
@@ -53,7 +53,7 @@ fn install_script_stages_a_working_configuration() {
     // The staged daemon starts on the staged configuration.
     let work = tempfile::tempdir().expect("tmp");
     let sock = work.path().join("s.sock");
-    let mut child = Command::new(stage.path().join("usr/bin/isula-builder"))
+    let child = Command::new(stage.path().join("usr/bin/isula-builder"))
         .arg("--config-dir")
         .arg(&etc)
         .arg("--dataroot")
@@ -65,21 +65,27 @@ fn install_script_stages_a_working_configuration() {
         .stderr(Stdio::null())
         .spawn()
         .expect("daemon");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut up = false;
-    while Instant::now() < deadline && !up {
-        up = Command::new(stage.path().join("usr/bin/isula-build"))
-            .args(["--host", &format!("unix://{}", sock.display()), "info"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        up,
-        "the installed daemon did not serve its staged configuration"
+    let _stop = KillOnDrop(child);
+    wait_until(
+        "the installed daemon to serve its staged configuration",
+        Duration::from_secs(20),
+        || {
+            Command::new(stage.path().join("usr/bin/isula-build"))
+                .args(["--host", &format!("unix://{}", sock.display()), "info"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        },
     );
+}
+
+/// Kills (and reaps) a process when the test ends, passing or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
@@ -151,17 +157,8 @@ fn killing_the_client_cancels_its_import() {
     let d = Daemon::start();
     let work = tempfile::tempdir().expect("tmp");
     // 300 MB that the daemon must read, hash and unpack: long enough to be caught mid-way.
-    let mut big = vec![0u8; 300 << 20];
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    for c in big.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
     let src = work.path().join("big.tar");
-    std::fs::write(&src, busybox_rootfs(&[("big.bin", &big)])).expect("write");
-    drop(big);
+    std::fs::write(&src, big_rootfs(300)).expect("write");
     let mut client = d
         .cli_command(&["ctr-img", "import", src.to_str().expect("utf8"), "big:1"])
         .stdout(Stdio::null())
@@ -169,22 +166,16 @@ fn killing_the_client_cancels_its_import() {
         .spawn()
         .expect("client");
     let ingest = d.data().join("ingest");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&ingest).map(|r| r.count()).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "import never started");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_until("the import to start", Duration::from_secs(60), || {
+        std::fs::read_dir(&ingest).map(|r| r.count()).unwrap_or(0) > 0
+    });
     client.kill().expect("kill client");
     let _ = client.wait();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !d.leftovers().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not clean up within 5 s: {:?}",
-            d.leftovers()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "the daemon to clean up (5 s)",
+        Duration::from_secs(5),
+        || d.leftovers().is_empty(),
+    );
     assert!(
         d.images().is_empty(),
         "a cancelled import must not leave an image"

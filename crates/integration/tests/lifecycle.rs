@@ -144,19 +144,6 @@ impl CloneHandle for std::process::Child {
     }
 }
 
-/// A rootfs with `mb` megabytes of incompressible data.
-fn big_rootfs(mb: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut data = vec![0u8; mb << 20];
-    for chunk in data.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-    busybox_rootfs(&[("data/big.bin", &data)])
-}
-
 fn dir_bytes(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {

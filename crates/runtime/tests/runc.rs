@@ -156,7 +156,17 @@ fn a_cancel_before_the_container_exists_still_stops_it() {
     let s = setup();
     let cancel = Arc::new(AtomicBool::new(true));
     let start = Instant::now();
-    let r = s.runc.run(&s.bundle, &s.merged, &process("sleep 60"), &cancel, &mut |_| {});
+    let r = s.runc.run(
+        &s.bundle,
+        &s.merged,
+        &process("sleep 60"),
+        &cancel,
+        &mut |_| {},
+    );
     assert!(matches!(r, Err(RuntimeError::Cancelled)), "{r:?}");
-    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        start.elapsed()
+    );
 }

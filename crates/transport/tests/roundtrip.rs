@@ -55,6 +55,18 @@ fn snapshot(dir: &Path) -> Vec<String> {
     out
 }
 
+fn save_busybox(store: &Store, out: &Path, format: Format) -> Result<(), TransportError> {
+    save::save(
+        store,
+        &AsDaemon,
+        &["busybox".into()],
+        out,
+        format,
+        &Cancel::default(),
+        &mut |_| {},
+    )
+}
+
 #[test]
 fn import_save_load_round_trip() {
     if !root_or_skip() {
@@ -84,26 +96,9 @@ fn import_save_load_round_trip() {
 
     for format in [Format::Docker, Format::Oci] {
         let out = tmp.path().join(format!("{format:?}.tar"));
-        save::save(
-            &store,
-            &AsDaemon,
-            &["busybox".into()],
-            &out,
-            format,
-            &Cancel::default(),
-            &mut |_| {},
-        )
-        .expect("save");
+        save_busybox(&store, &out, format).expect("save");
         // Refuses to overwrite.
-        let again = save::save(
-            &store,
-            &AsDaemon,
-            &["busybox".into()],
-            &out,
-            format,
-            &Cancel::default(),
-            &mut |_| {},
-        );
+        let again = save_busybox(&store, &out, format);
         assert!(matches!(again, Err(TransportError::Exists(_))), "{again:?}");
         let dir = tmp.path().join(format!("store-{format:?}"));
         let (other, _) = Store::open(&dir).expect("store");
@@ -121,16 +116,7 @@ fn import_save_load_round_trip() {
         assert!(other.check().expect("check").is_empty());
         // Saving again from the loaded store gives the same bytes.
         let out2 = tmp.path().join(format!("{format:?}-2.tar"));
-        save::save(
-            &other,
-            &AsDaemon,
-            &["busybox".into()],
-            &out2,
-            format,
-            &Cancel::default(),
-            &mut |_| {},
-        )
-        .expect("save");
+        save_busybox(&other, &out2, format).expect("save");
         assert_eq!(
             std::fs::read(&out).expect("a"),
             std::fs::read(&out2).expect("b")
