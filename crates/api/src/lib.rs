@@ -3,6 +3,8 @@
 
 #![allow(clippy::all, missing_docs, rust_2018_idioms)]
 
+pub mod secret;
+
 pub mod v1 {
     tonic::include_proto!("isula.build.v1");
 }

@@ -102,11 +102,17 @@ pub struct StageResult {
     pub blobs: Vec<Digest>,
 }
 
+/// Finds an image by name, pulling it when the store lacks it; writes progress lines to the
+/// log. Returns the image's ID or a message saying what failed.
+pub type Puller = dyn Fn(&str, &mut dyn FnMut(String)) -> Result<isula_types::ImageId, String> + Sync;
+
 pub struct Context<'a> {
     pub store: &'a Store,
     pub runc: &'a Runc,
     pub cancel: CancelFlag,
     pub log: &'a mut (dyn FnMut(String) + Send),
+    /// How FROM and `COPY --from` get images missing from the store (none: they fail).
+    pub pull: Option<&'a Puller>,
 }
 
 impl Context<'_> {

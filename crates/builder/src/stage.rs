@@ -7,7 +7,7 @@ use isula_dockerfile::instructions::{Command, Dockerfile, Instruction, Step};
 use isula_dockerfile::lex::Lexer;
 use isula_runtime::Process;
 use isula_store::diff::{write_layer, DiffOptions};
-use isula_store::{LayerRecord, Lease, NewImage, StagedLayer, Store};
+use isula_store::{LayerRecord, Lease, NewImage, StagedLayer};
 use isula_sys::mount::{mount_overlay, MountGuard};
 use isula_sys::{Resolve, Root};
 use isula_types::image::{
@@ -54,13 +54,22 @@ fn now_rfc3339(build_time: Option<i64>) -> String {
 }
 
 /// Loads an image of the store as a stage base.
-fn image_base(store: &Store, name: &str) -> Result<StageResult, BuildError> {
-    let img = store.resolve(name).map_err(|e| match e {
-        isula_store::StoreError::ImageNotFound(_) => BuildError::Invalid(format!(
-            "image {name} is not in the local store (import or load it first; pulling from registries is not supported yet)"
-        )),
-        other => other.into(),
-    })?;
+/// With a puller (the daemon's), a name missing from the store is pulled first.
+fn image_base(ctx: &mut Context<'_>, name: &str) -> Result<StageResult, BuildError> {
+    let store = ctx.store;
+    let img = match (store.resolve(name), ctx.pull) {
+        (Ok(img), _) => img,
+        (Err(isula_store::StoreError::ImageNotFound(_)), Some(pull)) => {
+            let id = pull(name, &mut *ctx.log).map_err(BuildError::Invalid)?;
+            store.image(&id)?
+        }
+        (Err(isula_store::StoreError::ImageNotFound(_)), None) => {
+            return Err(BuildError::Invalid(format!(
+                "image {name} is not in the local store (import, load or pull it first)"
+            )))
+        }
+        (Err(e), _) => return Err(e.into()),
+    };
     let raw = store
         .content()
         .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
@@ -246,7 +255,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         } else if let Some(r) = self.stage_result(&image) {
             r.clone()
         } else {
-            image_base(self.ctx.store, &image)
+            image_base(self.ctx, &image)
                 .map_err(|e| step_err(*step_no, &from, e.to_string()))?
         };
         for l in &base.layers {
@@ -659,6 +668,14 @@ impl<'c, 'a> StageRun<'c, 'a> {
         c: isula_dockerfile::instructions::CopyArgs,
         is_add: bool,
     ) -> Result<(), BuildError> {
+        // An image named by --from is found (or pulled) before the rootfs is borrowed.
+        let from_result = match &c.from {
+            Some(from) => Some(match self.stage_result(from) {
+                Some(r) => r.clone(),
+                None => image_base(self.ctx, from).map_err(|e| step_err(n, step, e.to_string()))?,
+            }),
+            None => None,
+        };
         let root = self.rootfs()?;
         let owner = match &c.chown {
             None => None,
@@ -739,11 +756,9 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 copy::copy(&src, &c.sources, root, &dest, &opts).map_err(|e| step_err(n, step, e))
             }
             Some(from) => {
-                let result = match self.stage_result(from) {
-                    Some(r) => r.clone(),
-                    None => image_base(self.ctx.store, from)
-                        .map_err(|e| step_err(n, step, e.to_string()))?,
-                };
+                let result = from_result.ok_or_else(|| {
+                    step_err(n, step, format!("image or stage {from} not found"))
+                })?;
                 let view = self.dir.join(format!("from-{n}"));
                 let empty = self.dir.join(format!("from-{n}-empty"));
                 for d in [&view, &empty] {

@@ -303,6 +303,7 @@ fn run_build_with(
         runc: &e.runc,
         cancel: Arc::new(AtomicBool::new(false)),
         log: &mut sink,
+        pull: None,
     };
     let r = build(&mut ctx, &opts)
         .map(|b| b.id)

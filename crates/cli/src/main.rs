@@ -31,6 +31,10 @@ pub enum Command {
     CtrImg(CtrImg),
     /// Show isula-build system information
     Info(cmd::info::Args),
+    /// Login to a remote registry
+    Login(cmd::login::LoginArgs),
+    /// Logout from a remote registry
+    Logout(cmd::login::LogoutArgs),
     /// Show the isula-build version information
     Version,
     /// Generate a shell completion script
@@ -48,6 +52,10 @@ pub enum CtrImg {
     Import(cmd::import::Args),
     /// Load images
     Load(cmd::load::Args),
+    /// Pull image from remote repository
+    Pull(cmd::pull::Args),
+    /// Push image to remote repository
+    Push(cmd::push::Args),
     /// Remove one or more locally stored images
     Rm(cmd::rm::Args),
     /// Save image to tarball

@@ -119,6 +119,8 @@ pub struct Settings {
     pub registries: Registries,
     pub policy: Option<Policy>,
     pub socket: PathBuf,
+    /// Where the config files, `auth.json`, `certs.d/` and the public key live.
+    pub config_dir: PathBuf,
 }
 
 /// Reads a config file if it exists, refusing oversized, unsafe or unreadable ones.
@@ -297,6 +299,7 @@ impl Settings {
             mount_options,
             registries,
             policy,
+            config_dir: dir.clone(),
             socket,
         })
     }

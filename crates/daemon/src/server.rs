@@ -97,10 +97,37 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// Publishes the public key (0644) for clients, atomically: a client never reads half a key.
+fn write_public_key(dir: &std::path::Path, pem: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(isula_api::secret::PUBLIC_KEY_FILE);
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.{}", isula_api::secret::PUBLIC_KEY_FILE, std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing the public key {}", path.display()))
+}
+
 pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     let socket = settings.socket.clone();
+    let key = isula_api::secret::KeyPair::generate().context("generating the RSA key pair")?;
     let listener = bind(&socket, &settings.group)?;
-    let state = State::new(settings, store);
+    write_public_key(&settings.config_dir, key.public_pem())?;
+    let state = State::new(settings, store, key);
     let service = ControlServer::new(Service {
         state: state.clone(),
     })

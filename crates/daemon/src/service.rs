@@ -24,6 +24,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| crate::error::internal(format!("task failed: {e}")))?
 }
 
+/// Registry operations use the daemon's stored credentials: root only, like builds.
+fn root_only<T>(r: &Request<T>, what: &str) -> Result<(), Status> {
+    if peer::is_root(r) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!("{what} requires root")))
+    }
+}
+
 #[tonic::async_trait]
 impl Control for Service {
     async fn build(&self, r: Request<BuildRequest>) -> Result<Response<BuildResponse>, Status> {
@@ -59,14 +68,28 @@ impl Control for Service {
         Ok(Response::new(rpc::version::version()))
     }
 
-    type PushStream = Pending<PushResponse>;
-    async fn push(&self, _r: Request<PushRequest>) -> Result<Response<Self::PushStream>, Status> {
-        Err(rpc::unimplemented("Push", "pushing to registries"))
+    type PushStream = LineStream<PushResponse>;
+    async fn push(&self, r: Request<PushRequest>) -> Result<Response<Self::PushStream>, Status> {
+        root_only(&r, "pushing images")?;
+        let (name, format) = rpc::registry::validate_push(r.get_ref())?;
+        let wrap = |response| PushResponse { response };
+        Ok(Response::new(stream_blocking(
+            &self.state,
+            wrap,
+            move |state, cancel, out| rpc::registry::push(state, name, format, cancel, out),
+        )))
     }
 
-    type PullStream = Pending<PullResponse>;
-    async fn pull(&self, _r: Request<PullRequest>) -> Result<Response<Self::PullStream>, Status> {
-        Err(rpc::unimplemented("Pull", "pulling from registries"))
+    type PullStream = LineStream<PullResponse>;
+    async fn pull(&self, r: Request<PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+        root_only(&r, "pulling images")?;
+        let name = rpc::registry::validate_pull(r.get_ref())?;
+        let wrap = |response| PullResponse { response };
+        Ok(Response::new(stream_blocking(
+            &self.state,
+            wrap,
+            move |state, cancel, out| rpc::registry::pull(state, name, cancel, out),
+        )))
     }
 
     type RemoveStream = LineStream<RemoveResponse>;
@@ -87,12 +110,22 @@ impl Control for Service {
         Ok(Response::new(rpc::health::health()))
     }
 
-    async fn login(&self, _r: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
-        Err(rpc::unimplemented("Login", "registry authentication"))
+    async fn login(&self, r: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+        root_only(&r, "logging in to registries")?;
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::registry::login(&state, req))
+            .await
+            .map(Response::new)
     }
 
-    async fn logout(&self, _r: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
-        Err(rpc::unimplemented("Logout", "registry authentication"))
+    async fn logout(&self, r: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
+        root_only(&r, "logging out of registries")?;
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::registry::logout(&state, req))
+            .await
+            .map(Response::new)
     }
 
     type LoadStream = LineStream<LoadResponse>;

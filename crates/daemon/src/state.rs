@@ -16,6 +16,10 @@ pub struct State {
     /// The OCI runtime for RUN, or why it is unusable.
     pub runc: Result<isula_runtime::Runc, String>,
     pub builds: crate::rpc::build::Builds,
+    /// Registry configuration, credentials and certificates.
+    pub registry: isula_registry::Context,
+    /// Decrypts passwords and proxy build args (control-api.md, secrets in transit).
+    pub key: isula_api::secret::KeyPair,
     ops: Mutex<Ops>,
     /// Signalled whenever an operation ends (shutdown waits on it).
     op_ended: tokio::sync::Notify,
@@ -42,12 +46,20 @@ impl Drop for OpGuard {
 }
 
 impl State {
-    pub fn new(settings: Settings, store: Store) -> Arc<State> {
+    pub fn new(settings: Settings, store: Store, key: isula_api::secret::KeyPair) -> Arc<State> {
         let runc = isula_runtime::Runc::new(&settings.runtime, &settings.run_root.join("runc")).map_err(|e| {
             tracing::warn!(runtime = %settings.runtime, error = %e, "builds will fail until the runtime is installed");
             e.to_string()
         });
+        let registry = isula_registry::Context {
+            registries: settings.registries.clone(),
+            policy: settings.policy.clone(),
+            certs_dir: settings.config_dir.join("certs.d"),
+            auth: isula_registry::AuthFile::new(settings.config_dir.join("auth.json")),
+        };
         Arc::new(State {
+            registry,
+            key,
             settings,
             store,
             runc,

@@ -28,7 +28,7 @@ pub mod metadata;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
 pub use error::{ErrorKind, Result, StoreError};
-pub use metadata::{ImageRecord, LayerRecord};
+pub use metadata::{CompressedBlob, ImageRecord, LayerRecord};
 
 use isula_types::{ChainId, Digest, ImageId, Reference};
 use metadata::Metadata;
@@ -321,6 +321,48 @@ impl Store {
         Ok(moved)
     }
 
+    /// The gzip blob recorded for an uncompressed layer blob, if it is still present.
+    pub fn compressed(&self, blob: &Digest) -> Option<CompressedBlob> {
+        let c = self.meta().compressed.get(blob).cloned()?;
+        self.content.contains(&c.digest).then_some(c)
+    }
+
+    /// Records `gz` as the gzip form of `blob` (both should be leased or named).
+    pub fn record_compressed(&self, blob: &Digest, gz: CompressedBlob) -> Result<()> {
+        let mut meta = self.meta();
+        let mut next = meta.clone();
+        next.compressed.insert(blob.clone(), gz);
+        self.save(&next)?;
+        *meta = next;
+        Ok(())
+    }
+
+    /// The gzip form of the uncompressed layer blob `blob`: the recorded one, or made now
+    /// (streamed, hashed while written) and recorded.
+    pub fn gzip_blob(&self, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
+        if let Some(c) = self.compressed(blob) {
+            lease.blob(&c.digest);
+            return Ok((c.digest, c.size));
+        }
+        let mut src = std::io::BufReader::with_capacity(1 << 20, self.content.open(blob)?);
+        let w = self.content.writer()?;
+        let mut enc = flate2::write::GzEncoder::new(w, compression::GZIP_LEVEL);
+        std::io::copy(&mut src, &mut enc)
+            .map_err(|e| StoreError::io("compress", self.content.path(blob), e))?;
+        let w = enc
+            .finish()
+            .map_err(|e| StoreError::io("compress", self.content.path(blob), e))?;
+        let (digest, size) = lease.commit_blob(w, None)?;
+        self.record_compressed(
+            blob,
+            CompressedBlob {
+                digest: digest.clone(),
+                size,
+            },
+        )?;
+        Ok((digest, size))
+    }
+
     pub fn images(&self) -> Vec<ImageRecord> {
         self.meta().images.values().cloned().collect()
     }
@@ -457,13 +499,21 @@ impl Store {
             live_blobs.insert(img.manifest.clone());
             live_blobs.insert(img.id.digest().clone());
         }
+        let blob_leased = |d: &Digest| leased.contains(&format!("blob:{}", d.hex()));
+        for (src, gz) in &meta.compressed {
+            if live_blobs.contains(src) || blob_leased(src) {
+                live_blobs.insert(gz.digest.clone());
+            }
+        }
         let layer_leased = |c: &ChainId| leased.contains(&format!("layer:{}", c.hex()));
         let mut report = GcReport::default();
-        let before = meta.layers.len();
+        let before = (meta.layers.len(), meta.compressed.len());
         let mut next = meta.clone();
         next.layers
             .retain(|c, _| live_layers.contains(c) || layer_leased(c));
-        if next.layers.len() != before {
+        next.compressed
+            .retain(|src, gz| live_blobs.contains(src) || blob_leased(src) || blob_leased(&gz.digest));
+        if (next.layers.len(), next.compressed.len()) != before {
             self.save(&next)?;
             *meta = next;
         }
@@ -475,7 +525,7 @@ impl Store {
             }
         }
         for d in blobs {
-            if !live_blobs.contains(&d) && !leased.contains(&format!("blob:{}", d.hex())) {
+            if !live_blobs.contains(&d) && !blob_leased(&d) {
                 self.content.remove(&d)?;
                 report.blobs += 1;
             }

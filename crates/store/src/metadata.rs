@@ -40,11 +40,22 @@ pub struct ImageRecord {
     pub size: u64,
 }
 
+/// The gzip form of an uncompressed layer blob, made once (at commit or first push) and
+/// kept so pushes never compress twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressedBlob {
+    pub digest: Digest,
+    pub size: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Metadata {
     pub schema: u32,
     pub images: BTreeMap<ImageId, ImageRecord>,
     pub layers: BTreeMap<ChainId, LayerRecord>,
+    /// Uncompressed layer blob → its gzip blob.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compressed: BTreeMap<Digest, CompressedBlob>,
 }
 
 impl Metadata {

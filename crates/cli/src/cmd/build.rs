@@ -126,6 +126,36 @@ fn build_static(spec: &str) -> Result<BuildStatic> {
     })
 }
 
+/// The proxy variables whose values must not travel in clear (control-api.md).
+const PROXY_ARGS: [&str; 8] = [
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "FTP_PROXY",
+    "NO_PROXY",
+];
+
+/// When any build arg is a proxy variable, every one is RSA-encrypted for the daemon.
+fn protect_build_args(args: Vec<String>) -> Result<(Vec<String>, bool)> {
+    let is_proxy = |a: &String| PROXY_ARGS.contains(&a.split('=').next().unwrap_or_default());
+    if !args.iter().any(is_proxy) {
+        return Ok((args, false));
+    }
+    let key = super::login::public_key()?;
+    let out = args
+        .iter()
+        .map(|a| {
+            let name = a.split('=').next().unwrap_or_default();
+            key.encrypt_hex(a)
+                .with_context(|| format!("encrypting --build-arg {name}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((out, true))
+}
+
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let context = crate::absolute(&args.context)?;
     if !context.is_dir() {
@@ -149,13 +179,14 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         .and_then(|s| s.build_time.as_ref())
         .map(|t| t.seconds.to_string())
         .unwrap_or_default();
+    let (build_args, encrypted) = protect_build_args(args.build_args)?;
     let req = BuildRequest {
         build_id: build_id.clone(),
         build_type: "ctr-img".into(),
         context_dir: context.display().to_string(),
         file_content: dockerfile,
         output,
-        build_args: args.build_args,
+        build_args,
         proxy: args.proxy,
         iidfile: args
             .iidfile
@@ -168,7 +199,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         additional_tag: args.tag.unwrap_or_default(),
         cap_add_list: args.cap_add,
         entity_id: format!("{digest}:{entity_time}"),
-        encrypted: false,
+        encrypted,
         format: args.format,
         target: args.target.unwrap_or_default(),
     };

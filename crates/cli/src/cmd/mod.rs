@@ -5,6 +5,9 @@ pub mod images;
 pub mod import;
 pub mod info;
 pub mod load;
+pub mod login;
+pub mod pull;
+pub mod push;
 pub mod rm;
 pub mod save;
 pub mod tag;
@@ -38,12 +41,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 CtrImg::Images(a) => images::run(&mut client, a).await,
                 CtrImg::Import(a) => import::run(&mut client, a).await,
                 CtrImg::Load(a) => load::run(&mut client, a).await,
+                CtrImg::Pull(a) => pull::run(&mut client, a).await,
+                CtrImg::Push(a) => push::run(&mut client, a).await,
                 CtrImg::Rm(a) => rm::run(&mut client, a).await,
                 CtrImg::Save(a) => save::run(&mut client, a).await,
                 CtrImg::Tag(a) => tag::run(&mut client, a).await,
             }
         }
         Command::Info(a) => info::run(&mut connect(&cli.host).await?, a).await,
+        Command::Login(a) => login::login(&mut connect(&cli.host).await?, a).await,
+        Command::Logout(a) => login::logout(&mut connect(&cli.host).await?, a).await,
         Command::Version => version::run(&cli.host).await,
         Command::Completion { .. } => Ok(()),
     }

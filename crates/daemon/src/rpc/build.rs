@@ -188,6 +188,7 @@ enum Output {
     },
     DockerDaemon(Reference),
     Isulad(Reference),
+    Registry(Reference),
 }
 
 /// `IMAGE:TAG` of a docker-daemon or isulad output: the tag is required (the manual).
@@ -225,9 +226,17 @@ fn parse_output(spec: &str) -> Result<Output, Status> {
         }
         "docker-daemon" => Ok(Output::DockerDaemon(engine_name(spec, kind, rest)?)),
         "isulad" => Ok(Output::Isulad(engine_name(spec, kind, rest)?)),
-        "docker" => Err(Status::unimplemented(
-            "output docker:// (pushing to a registry) is not supported yet by this isula-builder",
-        )),
+        "docker" => {
+            let name = rest.strip_prefix("//").ok_or_else(|| {
+                error::invalid(format!("output {spec:?}: expected docker://REGISTRY/REPO:TAG"))
+            })?;
+            let r = Reference::parse(name)
+                .map_err(|e| error::invalid(format!("output {spec:?}: {e}")))?;
+            if r.digest().is_some() {
+                return Err(error::invalid(format!("output {spec:?}: push to a tag, not a digest")));
+            }
+            Ok(Output::Registry(r))
+        }
         other => Err(error::invalid(format!("invalid output type {other:?}: expected docker-archive, oci-archive, docker-daemon, isulad or docker"))),
     }
 }
@@ -280,11 +289,6 @@ async fn run_inner(
     if req.file_content.len() > isula_dockerfile::parser::DOCKERFILE_MAX {
         return Err(error::invalid("the Dockerfile is over the limit of 1 MiB"));
     }
-    if req.encrypted {
-        return Err(Status::unimplemented(
-            "encrypted build args are not supported yet by this isula-builder",
-        ));
-    }
     let context = PathBuf::from(&req.context_dir);
     if !context.is_absolute() || !context.is_dir() {
         return Err(error::invalid(format!(
@@ -301,9 +305,10 @@ async fn run_inner(
         );
     }
     match &output {
-        Output::Archive { name: Some(n), .. } | Output::DockerDaemon(n) | Output::Isulad(n) => {
-            tags.push(n.clone())
-        }
+        Output::Archive { name: Some(n), .. }
+        | Output::DockerDaemon(n)
+        | Output::Isulad(n)
+        | Output::Registry(n) => tags.push(n.clone()),
         _ => {}
     }
     let cap_add = req
@@ -326,7 +331,21 @@ async fn run_inner(
         }
     };
     let runc = state.runc.clone().map_err(Status::failed_precondition)?;
-    let build_args = parse_args(&req.build_args)?;
+    let build_args = if req.encrypted {
+        // Each entry is hex RSA-OAEP of NAME=VALUE (control-api.md); never logged.
+        let plain = req
+            .build_args
+            .iter()
+            .map(|a| {
+                state.key.decrypt_hex(a).map_err(|e| {
+                    error::invalid(format!("encrypted build arg: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        parse_args(&plain)?
+    } else {
+        parse_args(&req.build_args)?
+    };
     let (tx, cancel) = state.builds.start(&req.build_id)?;
     let opts = BuildOptions {
         build_id: req.build_id.clone(),
@@ -403,11 +422,17 @@ impl Job {
         let mut log = move |line: String| {
             tx.send(line);
         };
+        let pull_state = self.state.clone();
+        let pull_cancel = isula_transport::Cancel::from_flag(self.cancel.clone());
+        let puller = move |name: &str, out: &mut dyn FnMut(String)| {
+            crate::rpc::registry::resolve_or_pull(&pull_state, name, &pull_cancel, out)
+        };
         let mut ctx = Context {
             store: &self.state.store,
             runc: &self.runc,
             cancel: self.cancel.clone(),
             log: &mut log,
+            pull: Some(&puller),
         };
         let built = build(&mut ctx, &self.opts);
         drop(op);
@@ -448,6 +473,28 @@ impl Job {
                     "Loaded image {} into the Docker daemon\n",
                     name.familiar()
                 ));
+            }
+            Output::Registry(name) => {
+                let tx = self.tx.clone();
+                let format = if self.opts.oci {
+                    isula_registry::push::Format::Oci
+                } else {
+                    isula_registry::push::Format::Docker
+                };
+                isula_registry::push::push(
+                    &self.state.registry,
+                    &self.state.store,
+                    &hex,
+                    Some(&name.to_string()),
+                    format,
+                    &isula_transport::Cancel::from_flag(self.cancel.clone()),
+                    &mut |l| {
+                        tx.send(l);
+                    },
+                )
+                .map_err(crate::rpc::registry::status)?;
+                self.tx
+                    .send(format!("Push success with image: {}\n", name.familiar()));
             }
             Output::Isulad(name) => {
                 isula_transport::isulad::load_into_isulad(
@@ -586,11 +633,11 @@ mod tests {
         assert!(parse_output("isulad:busybox").is_err(), "a tag is required");
         assert!(parse_output("docker-archive:relative.tar").is_err());
         assert!(parse_output("ftp:x").is_err());
-        assert_eq!(
-            parse_output("docker://localhost:5000/a:b")
-                .err()
-                .map(|e| e.code()),
-            Some(tonic::Code::Unimplemented)
-        );
+        assert!(matches!(
+            parse_output("docker://localhost:5000/a:b"),
+            Ok(Output::Registry(r)) if r.to_string() == "localhost:5000/a:b"
+        ));
+        assert!(parse_output("docker:localhost:5000/a:b").is_err());
+        assert!(parse_output("docker://localhost:5000/a@sha256:0000000000000000000000000000000000000000000000000000000000000000").is_err());
     }
 }

@@ -6,6 +6,7 @@ pub mod import;
 pub mod info;
 pub mod list;
 pub mod load;
+pub mod registry;
 pub mod remove;
 pub mod save;
 pub mod tag;

@@ -1,0 +1,21 @@
+//! `ctr-img pull NAME`: fetches an image from a registry into the store.
+
+use super::{op_id, Client};
+use crate::output::print_stream;
+use anyhow::Result;
+use isula_api::v1::PullRequest;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Image to pull, e.g. registry.example.com/app:1.0 (short names use the search registries)
+    pub name: String,
+}
+
+pub async fn run(client: &mut Client, args: Args) -> Result<()> {
+    let req = PullRequest {
+        pull_id: op_id(),
+        image_name: args.name,
+    };
+    let stream = client.pull(req).await?.into_inner();
+    print_stream(stream, |r| r.response).await
+}

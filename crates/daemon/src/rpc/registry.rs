@@ -1,0 +1,167 @@
+//! Pull, Push, Login, Logout, and the pulls builds make for FROM. The network work runs on
+//! blocking threads (the registry client is synchronous, like the store).
+
+use crate::error;
+use crate::state::State;
+use isula_api::v1::{LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, PullRequest, PushRequest};
+use isula_registry::{auth, pull, push, resolve, Credentials, RegistryError};
+use isula_transport::Cancel;
+use isula_types::ImageId;
+use std::sync::Arc;
+use tonic::{Code, Status};
+
+pub fn status(e: RegistryError) -> Status {
+    error::status(e.kind(), e.to_string())
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), Status> {
+    if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(error::invalid(format!("{what} must be at most 128 letters or digits")));
+    }
+    Ok(())
+}
+
+pub fn validate_pull(req: &PullRequest) -> Result<String, Status> {
+    check_id("pullID", &req.pull_id)?;
+    let name = req.image_name.trim();
+    if name.is_empty() {
+        return Err(error::invalid("pull needs an image name"));
+    }
+    Ok(name.to_string())
+}
+
+pub fn pull(
+    state: &Arc<State>,
+    name: String,
+    cancel: &Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<(), Status> {
+    let pulled = pull::pull(&state.registry, &state.store, &name, cancel, out).map_err(status)?;
+    tracing::info!(image = %pulled.reference, id = %pulled.id, "pulled");
+    out(format!("Pull success with image: {}\n", pulled.reference.familiar()));
+    Ok(())
+}
+
+/// The image `name` from the store, or pulled (FROM, `COPY --from`). A short name is looked
+/// up under each search registry before anything is pulled.
+pub fn resolve_or_pull(
+    state: &State,
+    name: &str,
+    cancel: &Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<ImageId, String> {
+    if let Ok(img) = state.store.resolve(name) {
+        return Ok(img.id);
+    }
+    if let Ok(cands) = resolve::candidates(&state.registry.registries, name) {
+        for c in cands {
+            if let Ok(img) = state.store.resolve(&c.to_string()) {
+                return Ok(img.id);
+            }
+        }
+    }
+    out(format!("Pulling image {name}\n"));
+    pull::pull(&state.registry, &state.store, name, cancel, out)
+        .map(|p| p.id)
+        .map_err(|e| format!("image {name} is not in the local store and pulling it failed: {e}"))
+}
+
+pub fn validate_push(req: &PushRequest) -> Result<(String, push::Format), Status> {
+    check_id("pushID", &req.push_id)?;
+    let name = req.image_name.trim();
+    if name.is_empty() {
+        return Err(error::invalid("push needs an image name"));
+    }
+    let format = push::Format::parse(&req.format).map_err(status)?;
+    Ok((name.to_string(), format))
+}
+
+pub fn push(
+    state: &Arc<State>,
+    name: String,
+    format: push::Format,
+    cancel: &Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<(), Status> {
+    let digest = push::push(&state.registry, &state.store, &name, None, format, cancel, out)
+        .map_err(status)?;
+    tracing::info!(image = %name, manifest = %digest, "pushed");
+    out(format!("Push success with image: {name}\n"));
+    Ok(())
+}
+
+pub fn login(state: &State, req: LoginRequest) -> Result<LoginResponse, Status> {
+    let server = auth::normalize_server(&req.server).map_err(status)?;
+    if req.username.is_empty() && req.password.is_empty() {
+        let creds = state
+            .registry
+            .auth
+            .get(&server)
+            .map_err(status)?
+            .ok_or_else(|| {
+                Status::unauthenticated(format!(
+                    "Failed to authenticate existing credentials: not logged in to {server}"
+                ))
+            })?;
+        let client = state
+            .registry
+            .client_with(&server, Some(creds))
+            .map_err(status)?;
+        client.check_login().map_err(|e| {
+            Status::unauthenticated(format!("Failed to authenticate existing credentials: {e}"))
+        })?;
+        return Ok(LoginResponse {
+            content: "Login Succeed with AuthFile".into(),
+        });
+    }
+    if req.username.is_empty() || req.password.is_empty() {
+        return Err(error::invalid("login needs both a username and a password"));
+    }
+    let password = state
+        .key
+        .decrypt_hex(&req.password)
+        .map_err(|e| error::invalid(format!("password: {e}")))?;
+    let creds = Credentials {
+        username: req.username.clone(),
+        password,
+    };
+    let client = state
+        .registry
+        .client_with(&server, Some(creds.clone()))
+        .map_err(status)?;
+    match client.check_login() {
+        Ok(()) => {}
+        Err(e @ RegistryError::Unauthorized { .. }) => {
+            tracing::info!(server = %server, user = %creds.username, "login refused by the registry");
+            return Err(Status::new(
+                Code::Unauthenticated,
+                format!("Unauthorized login attempt: {e}"),
+            ));
+        }
+        Err(e) => return Err(Status::new(Code::Unavailable, format!("Login Failed: {e}"))),
+    }
+    state.registry.auth.set(&server, &creds).map_err(status)?;
+    tracing::info!(server = %server, user = %creds.username, "logged in");
+    Ok(LoginResponse {
+        content: "Login Succeeded".into(),
+    })
+}
+
+pub fn logout(state: &State, req: LogoutRequest) -> Result<LogoutResponse, Status> {
+    if req.all {
+        state.registry.auth.clear().map_err(status)?;
+        return Ok(LogoutResponse {
+            result: "Removed authentications".into(),
+        });
+    }
+    if req.server.trim().is_empty() {
+        return Err(error::invalid("logout needs a registry server, or --all"));
+    }
+    let server = auth::normalize_server(&req.server).map_err(status)?;
+    let result = if state.registry.auth.remove(&server).map_err(status)? {
+        format!("Removed authentication for {server}")
+    } else {
+        format!("Not logged in registry {server}")
+    };
+    Ok(LogoutResponse { result })
+}

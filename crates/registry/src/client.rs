@@ -1,0 +1,435 @@
+//! One registry host: a reqwest client with that host's TLS settings (system roots plus
+//! `certs.d/<host>/`), its credentials, and the auth handshake (anonymous, HTTP basic, or
+//! bearer tokens from the `WWW-Authenticate` challenge, cached per scope and refreshed on
+//! 401). Idempotent requests are retried with backoff on connection errors, 429 and 5xx.
+//! Credentials go only to this host: reqwest drops `Authorization` on a redirect to
+//! another host, and token requests carry them only to the realm the registry named.
+
+use crate::auth::Credentials;
+use crate::error::{RegistryError, Result};
+use reqwest::blocking::{Client as Http, RequestBuilder, Response};
+use reqwest::header::{HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long a read may stall before the request fails.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts for an idempotent request (the first try included).
+const ATTEMPTS: u32 = 4;
+
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// host[:port] as in references.
+    pub host: String,
+    /// Plain HTTP allowed and certificate errors ignored (registries.toml `insecure`).
+    pub insecure: bool,
+}
+
+impl Endpoint {
+    /// Where the v2 API of a reference's domain lives (`docker.io` → its registry host).
+    pub fn api_host(&self) -> &str {
+        if self.host == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            &self.host
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+}
+
+pub struct Client {
+    http: Http,
+    endpoint: Endpoint,
+    creds: Option<Credentials>,
+    /// `https` or, for an insecure registry that does not speak TLS, `http`.
+    scheme: Mutex<Option<&'static str>>,
+    challenge: Mutex<Option<Challenge>>,
+    tokens: Mutex<HashMap<String, String>>,
+}
+
+/// Options every request may carry.
+pub struct Req<'a> {
+    pub method: Method,
+    /// Path and query after the host (`/v2/...`), or an absolute URL on the same host.
+    pub url: String,
+    /// Token scopes (`repository:x:pull`).
+    pub scopes: &'a [String],
+    /// Safe to send again after a failure (false for uploads with a consumed body).
+    pub idempotent: bool,
+    /// What the request is about, for errors (`manifest latest`, `blob sha256:...`).
+    pub what: String,
+}
+
+fn parse_challenge(v: &str) -> Option<Challenge> {
+    let v = v.trim();
+    let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut s = rest.trim();
+    while !s.is_empty() {
+        let (k, after) = s.split_once('=')?;
+        let k = k.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (val, next) = if let Some(q) = after.strip_prefix('"') {
+            let end = q.find('"')?;
+            (q[..end].to_string(), &q[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_string(), &after[end..])
+        };
+        params.insert(k, val);
+        s = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge::Bearer {
+        realm: params.remove("realm")?,
+        service: params.remove("service"),
+    })
+}
+
+fn read_certs_dir(dir: &Path, mut b: reqwest::blocking::ClientBuilder) -> Result<reqwest::blocking::ClientBuilder> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(_) => return Ok(b),
+    };
+    let bad = |p: &Path, e: String| {
+        RegistryError::Config(format!("certificate {}: {e}", p.display()))
+    };
+    let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+    names.sort();
+    for p in names {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if name.ends_with(".crt") {
+            let pem = std::fs::read(&p).map_err(|e| bad(&p, e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&p, e.to_string()))?;
+            b = b.tls_certs_merge(certs);
+        } else if let Some(stem) = name.strip_suffix(".cert") {
+            let key = p.with_file_name(format!("{stem}.key"));
+            let mut pem = std::fs::read(&p).map_err(|e| bad(&p, e.to_string()))?;
+            let k = std::fs::read(&key).map_err(|e| bad(&key, format!("client key for {name}: {e}")))?;
+            pem.extend_from_slice(b"\n");
+            pem.extend_from_slice(&k);
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| bad(&p, e.to_string()))?;
+            b = b.identity(id);
+        }
+    }
+    Ok(b)
+}
+
+impl Client {
+    pub fn new(endpoint: Endpoint, creds: Option<Credentials>, certs_dir: &Path) -> Result<Client> {
+        let mut b = Http::builder()
+            .user_agent(concat!("isula-build/", env!("CARGO_PKG_VERSION")))
+            .timeout(IDLE_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_keepalive(Duration::from_secs(30))
+            .tcp_user_timeout(IDLE_TIMEOUT)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::limited(10));
+        b = read_certs_dir(&certs_dir.join(&endpoint.host), b)?;
+        if endpoint.insecure {
+            b = b.tls_danger_accept_invalid_certs(true);
+        }
+        let http = b.build().map_err(|e| RegistryError::Http {
+            registry: endpoint.host.clone(),
+            what: "client".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Client {
+            http,
+            endpoint,
+            creds,
+            scheme: Mutex::new(None),
+            challenge: Mutex::new(None),
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.endpoint.host
+    }
+
+    pub fn http(&self) -> &Http {
+        &self.http
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn http_error(&self, what: &str, reason: impl std::fmt::Display) -> RegistryError {
+        RegistryError::Http {
+            registry: self.endpoint.host.clone(),
+            what: what.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// `https://host` (or `http://host` for an insecure registry without TLS).
+    fn base(&self) -> Result<String> {
+        if let Some(s) = *Self::lock(&self.scheme) {
+            return Ok(format!("{s}://{}", self.endpoint.api_host()));
+        }
+        let https = format!("https://{}/v2/", self.endpoint.api_host());
+        let scheme = match self.http.get(&https).send() {
+            Ok(_) => "https",
+            Err(e) if self.endpoint.insecure => {
+                let http = format!("http://{}/v2/", self.endpoint.api_host());
+                match self.http.get(&http).send() {
+                    Ok(_) => "http",
+                    Err(_) => return Err(self.http_error("ping", describe(&e))),
+                }
+            }
+            Err(e) => return Err(self.http_error("ping", describe(&e))),
+        };
+        *Self::lock(&self.scheme) = Some(scheme);
+        Ok(format!("{scheme}://{}", self.endpoint.api_host()))
+    }
+
+    pub fn url(&self, path: &str) -> Result<String> {
+        if path.starts_with("http://") || path.starts_with("https://") {
+            return Ok(path.to_string());
+        }
+        Ok(format!("{}{path}", self.base()?))
+    }
+
+    fn authorization(&self, scopes: &[String]) -> Option<String> {
+        match Self::lock(&self.challenge).clone()? {
+            Challenge::Basic => self.creds.as_ref().map(Credentials::basic),
+            Challenge::Bearer { .. } => Self::lock(&self.tokens)
+                .get(&scopes.join(" "))
+                .map(|t| format!("Bearer {t}")),
+        }
+    }
+
+    /// Asks the realm for a token covering `scopes`, with the credentials if there are any.
+    fn fetch_token(&self, realm: &str, service: Option<&str>, scopes: &[String]) -> Result<()> {
+        let mut url = reqwest::Url::parse(realm)
+            .map_err(|e| self.http_error("token", format!("realm {realm:?}: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for s in scopes {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut rb = self.http.get(url);
+        if let Some(c) = &self.creds {
+            rb = rb.basic_auth(&c.username, Some(&c.password));
+        }
+        let resp = rb
+            .send()
+            .map_err(|e| self.http_error("token", describe(&e)))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(RegistryError::Unauthorized {
+                registry: self.endpoint.host.clone(),
+                what: format!("token for {}", scopes.join(" ")),
+            });
+        }
+        if !status.is_success() {
+            return Err(self.http_error("token", format!("token server answered {status}")));
+        }
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(resp, 1 << 20), &mut raw)
+            .map_err(|e| self.http_error("token", format!("token response: {e}")))?;
+        let body: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|e| self.http_error("token", format!("token response: {e}")))?;
+        let token = body
+            .get("token")
+            .or_else(|| body.get("access_token"))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| self.http_error("token", "token response has no token"))?;
+        Self::lock(&self.tokens).insert(scopes.join(" "), token.to_string());
+        Ok(())
+    }
+
+    /// Sends a request built by `build` (called again for every attempt), handling auth
+    /// challenges and retrying what may be retried. Returns any response that is not a 401;
+    /// the caller judges the status.
+    pub fn send(&self, req: &Req<'_>, build: &dyn Fn(RequestBuilder) -> Result<RequestBuilder>,
+    ) -> Result<Response> {
+        let url = self.url(&req.url)?;
+        let mut attempt = 0;
+        let mut authed_retry = false;
+        loop {
+            attempt += 1;
+            let mut rb = build(self.http.request(req.method.clone(), &url))?;
+            if let Some(a) = self.authorization(req.scopes) {
+                if let Ok(v) = HeaderValue::from_str(&a) {
+                    let mut v = v;
+                    v.set_sensitive(true);
+                    rb = rb.header(AUTHORIZATION, v);
+                }
+            }
+            let result = rb.send();
+            let retryable = req.idempotent && attempt < ATTEMPTS;
+            match result {
+                Err(e) if retryable && !e.is_builder() => {
+                    tracing::debug!(registry = %self.endpoint.host, what = %req.what, error = %describe(&e), attempt, "retrying");
+                    backoff(attempt, None);
+                }
+                Err(e) => return Err(self.http_error(&req.what, describe(&e))),
+                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
+                    if authed_retry {
+                        return Err(RegistryError::Unauthorized {
+                            registry: self.endpoint.host.clone(),
+                            what: req.what.clone(),
+                        });
+                    }
+                    authed_retry = true;
+                    let challenge = resp
+                        .headers()
+                        .get_all(WWW_AUTHENTICATE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .find_map(parse_challenge)
+                        .ok_or_else(|| RegistryError::Unauthorized {
+                            registry: self.endpoint.host.clone(),
+                            what: req.what.clone(),
+                        })?;
+                    if let Challenge::Bearer { realm, service } = &challenge {
+                        self.fetch_token(realm, service.as_deref(), req.scopes)?;
+                    } else if self.creds.is_none() {
+                        return Err(RegistryError::Unauthorized {
+                            registry: self.endpoint.host.clone(),
+                            what: req.what.clone(),
+                        });
+                    }
+                    *Self::lock(&self.challenge) = Some(challenge);
+                    // A request that cannot be resent still gets this one more try: its
+                    // body is rebuilt by `build`.
+                    attempt -= 1;
+                }
+                Ok(resp)
+                    if retryable
+                        && (resp.status() == StatusCode::TOO_MANY_REQUESTS
+                            || resp.status().is_server_error()) =>
+                {
+                    let after = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    tracing::debug!(registry = %self.endpoint.host, what = %req.what, status = %resp.status(), attempt, "retrying");
+                    backoff(attempt, after);
+                }
+                Ok(resp) => return Ok(resp),
+            }
+        }
+    }
+
+    /// Checks that the registry accepts the credentials: a `/v2/` ping, through the token
+    /// flow if the registry uses one.
+    pub fn check_login(&self) -> Result<()> {
+        let resp = self.send(
+            &Req {
+                method: Method::GET,
+                url: "/v2/".into(),
+                scopes: &[],
+                idempotent: true,
+                what: "login".into(),
+            },
+            &Ok,
+        )?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.http_error("login", format!("registry answered {}", resp.status())))
+        }
+    }
+
+    /// Turns an unexpected status into an error naming the request, with the registry's
+    /// own error message when it sent one.
+    pub fn status_error(&self, what: &str, resp: Response) -> RegistryError {
+        let status = resp.status();
+        let host = self.endpoint.host.clone();
+        if status == StatusCode::NOT_FOUND {
+            return RegistryError::NotFound {
+                registry: host,
+                what: what.to_string(),
+            };
+        }
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return RegistryError::Unauthorized {
+                registry: host,
+                what: what.to_string(),
+            };
+        }
+        let mut body = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::Read::take(resp, 4096), &mut body);
+        let detail = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v["errors"][0]["message"]
+                    .as_str()
+                    .map(|m| format!(": {m}"))
+            })
+            .unwrap_or_default();
+        self.http_error(what, format!("registry answered {status}{detail}"))
+    }
+}
+
+fn backoff(attempt: u32, retry_after: Option<u64>) {
+    let ms = retry_after
+        .map(|s| s.min(30) * 1000)
+        .unwrap_or(250u64 << attempt.min(5));
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// A reqwest error with its causes (reqwest's own Display is only the outermost).
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        assert_eq!(
+            parse_challenge(r#"Bearer realm="https://auth.io/token",service="registry.io",scope="repository:a:pull""#),
+            Some(Challenge::Bearer {
+                realm: "https://auth.io/token".into(),
+                service: Some("registry.io".into())
+            })
+        );
+        assert_eq!(parse_challenge(r#"Basic realm="Registry""#), Some(Challenge::Basic));
+        assert_eq!(parse_challenge("Bearer service=x"), None);
+        assert_eq!(parse_challenge("Negotiate"), None);
+        assert_eq!(
+            parse_challenge("bearer realm=http://t/x, service=s"),
+            Some(Challenge::Bearer {
+                realm: "http://t/x".into(),
+                service: Some("s".into())
+            })
+        );
+    }
+}

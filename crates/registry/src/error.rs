@@ -1,0 +1,60 @@
+//! The registry client's error type. Every variant names the registry, and where it applies
+//! the repository and blob, so a failed pull or push says what it was talking to.
+
+use isula_store::{ErrorKind, StoreError};
+use isula_transport::TransportError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{registry}: {what}: {reason}")]
+    Http {
+        registry: String,
+        what: String,
+        reason: String,
+    },
+    #[error("{registry}: {what}: authentication required (run `isula-build login {registry}`)")]
+    Unauthorized { registry: String, what: String },
+    #[error("{registry}: {what}: not found")]
+    NotFound { registry: String, what: String },
+    #[error("{registry}: {what}: {reason}")]
+    BadContent {
+        registry: String,
+        what: String,
+        reason: String,
+    },
+    #[error("registry {0} is blocked in registries.toml")]
+    Blocked(String),
+    #[error("policy.json rejects {0}")]
+    Rejected(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("operation cancelled")]
+    Cancelled,
+}
+
+impl RegistryError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RegistryError::Store(e) => e.kind(),
+            RegistryError::Transport(e) => e.kind(),
+            RegistryError::Http { .. } => ErrorKind::Unavailable,
+            RegistryError::Unauthorized { .. } => ErrorKind::FailedPrecondition,
+            RegistryError::NotFound { .. } => ErrorKind::NotFound,
+            RegistryError::BadContent { .. } => ErrorKind::DataLoss,
+            RegistryError::Blocked(_) | RegistryError::Rejected(_) => {
+                ErrorKind::FailedPrecondition
+            }
+            RegistryError::Invalid(_) => ErrorKind::InvalidArgument,
+            RegistryError::Config(_) => ErrorKind::FailedPrecondition,
+            RegistryError::Cancelled => ErrorKind::Unavailable,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RegistryError>;

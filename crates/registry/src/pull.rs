@@ -1,0 +1,460 @@
+//! `ctr-img pull` and the pulls a build makes for FROM: resolve the name (search
+//! registries, mirrors, rewriting), fetch the manifest (picking this platform from a list),
+//! then the config and layers. Layers download in parallel (bounded), each streamed into the
+//! content store while hashed and committed only when digest and size match, then
+//! unpacked and checked against the config's diff IDs. Nothing is recorded unless the whole
+//! image checks out; the manifest and config are kept byte for byte.
+
+use crate::client::{Client, Req};
+use crate::error::{RegistryError, Result};
+use crate::resolve::{self, Source};
+use crate::Context;
+use isula_store::{LayerRecord, Lease, NewImage, Store};
+use isula_transport::{Cancel, Guarded, Progress};
+use isula_types::image::{host_architecture, Descriptor, ImageConfig, Index, Manifest};
+use isula_types::{limits, media, ChainId, Digest, ImageId, Reference};
+use reqwest::header::{ACCEPT, CONTENT_TYPE};
+use reqwest::Method;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Layers downloaded at once.
+pub const PARALLEL: usize = 3;
+
+pub struct Pulled {
+    pub id: ImageId,
+    /// The name the image is recorded under (the search registry that had it).
+    pub reference: Reference,
+}
+
+pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+
+pub(crate) fn scope_pull(repo: &str) -> String {
+    format!("repository:{repo}:pull")
+}
+
+/// A manifest as fetched: verbatim bytes, media type, digest.
+pub struct Fetched {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// Fetches a manifest by tag or digest, verifying its digest when it was asked for by one
+/// (and against `Docker-Content-Digest` when the registry sends it).
+pub fn get_manifest(client: &Client, repo: &str, reference: &str) -> Result<Fetched> {
+    let scopes = [scope_pull(repo)];
+    let what = format!("manifest {repo}:{reference}");
+    let resp = client.send(
+        &Req {
+            method: Method::GET,
+            url: format!("/v2/{repo}/manifests/{reference}"),
+            scopes: &scopes,
+            idempotent: true,
+            what: what.clone(),
+        },
+        &|rb| Ok(rb.header(ACCEPT, MANIFEST_ACCEPT)),
+    )?;
+    if !resp.status().is_success() {
+        return Err(client.status_error(&what, resp));
+    }
+    let header_type = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+    let header_digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok());
+    let bad = |reason: String| RegistryError::BadContent {
+        registry: client.host().to_string(),
+        what: what.clone(),
+        reason,
+    };
+    let mut bytes = Vec::new();
+    resp.take(limits::MANIFEST_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| client.http_error(&what, e))?;
+    if bytes.len() as u64 > limits::MANIFEST_MAX {
+        return Err(bad(format!(
+            "larger than the limit of {} bytes",
+            limits::MANIFEST_MAX
+        )));
+    }
+    let digest = Digest::of_bytes(&bytes);
+    if let Ok(want) = Digest::parse(reference) {
+        if want != digest {
+            return Err(bad(format!("digest mismatch: asked for {want}, got {digest}")));
+        }
+    }
+    if let Some(h) = header_digest {
+        if h != digest {
+            return Err(bad(format!(
+                "digest mismatch: registry says {h}, content is {digest}"
+            )));
+        }
+    }
+    let body_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["mediaType"].as_str().map(str::to_string));
+    let media_type = body_type
+        .or(header_type)
+        .unwrap_or_else(|| media::OCI_MANIFEST.to_string());
+    Ok(Fetched {
+        bytes,
+        media_type,
+        digest,
+    })
+}
+
+/// The entry of a manifest list for linux on this machine's architecture.
+pub fn pick_platform(index: &Index, what: &str) -> std::result::Result<Descriptor, String> {
+    let arch = host_architecture();
+    let found = index.manifests.iter().find(|d| {
+        d.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+    });
+    match found {
+        Some(d) => Ok(d.clone()),
+        None => {
+            let have: Vec<String> = index
+                .manifests
+                .iter()
+                .filter_map(|d| d.platform.as_ref())
+                .map(|p| match &p.variant {
+                    Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                    None => format!("{}/{}", p.os, p.architecture),
+                })
+                .collect();
+            Err(format!(
+                "{what} has no image for linux/{arch} (it has: {})",
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            ))
+        }
+    }
+}
+
+/// Downloads one blob into the content store (leased), verifying digest and size.
+pub fn fetch_blob(
+    client: &Client,
+    repo: &str,
+    desc: &Descriptor,
+    store: &Store,
+    lease: &Lease,
+    cancel: &Cancel,
+) -> Result<()> {
+    let scopes = [scope_pull(repo)];
+    let what = format!("blob {} of {repo}", desc.digest);
+    let mut last = None;
+    for attempt in 1..=3u32 {
+        let resp = client.send(
+            &Req {
+                method: Method::GET,
+                url: format!("/v2/{repo}/blobs/{}", desc.digest),
+                scopes: &scopes,
+                idempotent: true,
+                what: what.clone(),
+            },
+            &Ok,
+        )?;
+        if !resp.status().is_success() {
+            return Err(client.status_error(&what, resp));
+        }
+        let mut w = store.content().writer()?;
+        let mut reader = Guarded {
+            inner: resp,
+            cancel: cancel.clone(),
+            remaining: desc.size,
+        };
+        match std::io::copy(&mut reader, &mut w) {
+            Ok(_) => {
+                return lease
+                    .commit_blob(w, Some((&desc.digest, Some(desc.size))))
+                    .map(|_| ())
+                    .map_err(|e| RegistryError::BadContent {
+                        registry: client.host().to_string(),
+                        what: what.clone(),
+                        reason: e.to_string(),
+                    });
+            }
+            Err(e) if isula_transport::is_cancelled(&e) => return Err(RegistryError::Cancelled),
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+                return Err(RegistryError::BadContent {
+                    registry: client.host().to_string(),
+                    what,
+                    reason: format!("larger than the {} bytes the manifest says", desc.size),
+                })
+            }
+            Err(e) => {
+                tracing::debug!(%what, error = %e, attempt, "blob download interrupted");
+                last = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(250 << attempt));
+            }
+        }
+    }
+    Err(client.http_error(
+        &what,
+        last.map_or_else(|| "download failed".to_string(), |e| e.to_string()),
+    ))
+}
+
+/// Pulls `name` into the store.
+pub fn pull(
+    ctx: &Context,
+    store: &Store,
+    name: &str,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<Pulled> {
+    let candidates = resolve::candidates(&ctx.registries, name)?;
+    let mut errors = Vec::new();
+    for (i, candidate) in candidates.iter().enumerate() {
+        resolve::check_policy(ctx.policy.as_ref(), candidate)?;
+        let sources = resolve::pull_sources(&ctx.registries, candidate)?;
+        for source in &sources {
+            match pull_from(ctx, store, source, candidate, cancel, progress) {
+                Ok(id) => {
+                    return Ok(Pulled {
+                        id,
+                        reference: candidate.clone(),
+                    })
+                }
+                Err(e @ (RegistryError::Cancelled | RegistryError::Store(_))) => return Err(e),
+                // A search registry or mirror that lacks the image passes to the next.
+                Err(e) if source.mirror || (candidates.len() > 1 && i + 1 < candidates.len()) => {
+                    tracing::debug!(source = %source.reference, error = %e, "trying the next source");
+                    errors.push(e);
+                }
+                Err(e) => {
+                    if errors.is_empty() {
+                        return Err(e);
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    let msgs: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    Err(RegistryError::NotFound {
+        registry: "search registries".into(),
+        what: format!("{name} ({})", msgs.join("; ")),
+    })
+}
+
+fn pull_from(
+    ctx: &Context,
+    store: &Store,
+    source: &Source,
+    name: &Reference,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<ImageId> {
+    let client = ctx.client(source.endpoint.clone())?;
+    let repo = source.reference.path().to_string();
+    let wanted = match source.reference.digest() {
+        Some(d) => d.to_string(),
+        None => source.reference.tag().unwrap_or("latest").to_string(),
+    };
+    let mut fetched = get_manifest(&client, &repo, &wanted)?;
+    if fetched.media_type == media::DOCKER_MANIFEST_LIST || fetched.media_type == media::OCI_INDEX {
+        let what = format!("manifest list {repo}:{wanted}");
+        let index: Index =
+            serde_json::from_slice(&fetched.bytes).map_err(|e| RegistryError::BadContent {
+                registry: client.host().to_string(),
+                what: what.clone(),
+                reason: e.to_string(),
+            })?;
+        let d = pick_platform(&index, &what).map_err(RegistryError::Invalid)?;
+        fetched = get_manifest(&client, &repo, d.digest.as_str())?;
+    }
+    let what = format!("manifest {repo}:{wanted}");
+    let bad = |reason: String| RegistryError::BadContent {
+        registry: client.host().to_string(),
+        what: what.clone(),
+        reason,
+    };
+    if fetched.media_type.contains("manifest.v1") {
+        return Err(bad("schema 1 manifests are not supported".into()));
+    }
+    let manifest: Manifest =
+        serde_json::from_slice(&fetched.bytes).map_err(|e| bad(e.to_string()))?;
+    if manifest.config.size > limits::MANIFEST_MAX {
+        return Err(bad(format!(
+            "config of {} bytes is over the limit",
+            manifest.config.size
+        )));
+    }
+    let lease = store.lease();
+    let result = pull_leased(
+        store, &client, &repo, &fetched, &manifest, name, cancel, progress, &lease,
+    );
+    drop(lease);
+    if result.is_err() {
+        if let Err(e) = store.gc() {
+            tracing::warn!(error = %e, "collecting after a failed pull");
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pull_leased(
+    store: &Store,
+    client: &Client,
+    repo: &str,
+    fetched: &Fetched,
+    manifest: &Manifest,
+    name: &Reference,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+    lease: &Lease,
+) -> Result<ImageId> {
+    progress("Getting image source signatures\n".into());
+    // The config first: it says what the layers must be.
+    if !store.content().contains(&manifest.config.digest) {
+        fetch_blob(client, repo, &manifest.config, store, lease, cancel)?;
+    } else {
+        lease.blob(&manifest.config.digest);
+    }
+    let config_bytes = store
+        .content()
+        .read_small(&manifest.config.digest, limits::MANIFEST_MAX)?;
+    let bad = |reason: String| RegistryError::BadContent {
+        registry: client.host().to_string(),
+        what: format!("image {repo}@{}", fetched.digest),
+        reason,
+    };
+    let config: ImageConfig =
+        serde_json::from_slice(&config_bytes).map_err(|e| bad(format!("config: {e}")))?;
+    let diff_ids = &config.rootfs.diff_ids;
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(bad(format!(
+            "config lists {} layers, manifest {}",
+            diff_ids.len(),
+            manifest.layers.len()
+        )));
+    }
+    if config.os != "linux" && !config.os.is_empty() {
+        return Err(bad(format!("image is for {}, not linux", config.os)));
+    }
+    let chains = ChainId::chain(diff_ids);
+    let mut sizes = vec![0u64; manifest.layers.len()];
+    for (i, d) in manifest.layers.iter().enumerate() {
+        if d.media_type.contains("foreign") || d.urls.is_some() {
+            return Err(bad(format!("layer {} is a foreign layer", d.digest)));
+        }
+        progress(format!("Copying blob {}\n", d.digest));
+        lease.layer(&chains[i]);
+        lease.blob(&d.digest);
+        if let Ok(rec) = store.layer(&chains[i]) {
+            sizes[i] = rec.size;
+        }
+    }
+    // Download and unpack, PARALLEL layers at a time.
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<RegistryError>> = Mutex::new(None);
+    let sizes_out = Mutex::new(sizes);
+    std::thread::scope(|s| {
+        for _ in 0..PARALLEL.min(manifest.layers.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= manifest.layers.len() || failed.load(Ordering::SeqCst) {
+                    break;
+                }
+                let d = &manifest.layers[i];
+                let r = layer(store, client, repo, d, &diff_ids[i], &chains[i], lease, cancel);
+                match r {
+                    Ok(Some(size)) => {
+                        if let Ok(mut s) = sizes_out.lock() {
+                            s[i] = size;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        failed.store(true, Ordering::SeqCst);
+                        if let Ok(mut f) = first_error.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let sizes = sizes_out.into_inner().unwrap_or_else(|p| p.into_inner());
+    progress(format!("Copying config {}\n", manifest.config.digest));
+    let manifest_digest = lease.put_blob(store.content(), &fetched.bytes)?;
+    progress("Writing manifest to image destination\n".into());
+    progress("Storing signatures\n".into());
+    let records = chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| LayerRecord {
+            chain_id: c.clone(),
+            diff_id: diff_ids[i].clone(),
+            parent: i.checked_sub(1).map(|p| chains[p].clone()),
+            size: sizes[i],
+        })
+        .collect();
+    let id = ImageId(manifest.config.digest.clone());
+    store.add_image(NewImage {
+        id: id.clone(),
+        manifest: manifest_digest,
+        manifest_media_type: fetched.media_type.clone(),
+        blobs: manifest.layers.iter().map(|d| d.digest.clone()).collect(),
+        layers: records,
+        created: config.created.clone(),
+        names: vec![name.clone()],
+    })?;
+    Ok(id)
+}
+
+/// Makes one layer present: its blob downloaded and its diff unpacked (either skipped when
+/// already there). Returns the uncompressed size when it unpacked it.
+#[allow(clippy::too_many_arguments)]
+fn layer(
+    store: &Store,
+    client: &Client,
+    repo: &str,
+    desc: &Descriptor,
+    diff_id: &isula_types::DiffId,
+    chain: &ChainId,
+    lease: &Lease,
+    cancel: &Cancel,
+) -> Result<Option<u64>> {
+    if !store.content().contains(&desc.digest) {
+        fetch_blob(client, repo, desc, store, lease, cancel)?;
+    }
+    if store.has_layer(chain) {
+        return Ok(None);
+    }
+    cancel.check().map_err(|_| RegistryError::Cancelled)?;
+    let unpacked = isula_transport::archive::unpack_blob(store, &desc.digest)?;
+    if &unpacked.diff_id != diff_id {
+        return Err(RegistryError::BadContent {
+            registry: client.host().to_string(),
+            what: format!("layer {} of {repo}", desc.digest),
+            reason: format!(
+                "diff ID mismatch: config says {diff_id}, layer is {}",
+                unpacked.diff_id
+            ),
+        });
+    }
+    let size = unpacked.size;
+    if let Some(staged) = unpacked.staged {
+        store.commit_layer(staged, chain, lease)?;
+    }
+    Ok(Some(size))
+}

@@ -1,0 +1,455 @@
+//! `ctr-img push` and `-o docker://`: every layer goes up compressed (the gzip made when the
+//! layer was committed, or made now once and kept), skipped when the registry has it,
+//! mounted from another repository of the same registry when one is known to hold it, else
+//! uploaded in one PUT (chunked PATCH as the fallback). Then the config, then the manifest.
+
+use crate::client::{Client, Req};
+use crate::error::{RegistryError, Result};
+use crate::pull::scope_pull;
+use crate::{resolve, Context};
+use isula_store::compression::Compression;
+use isula_store::{ImageRecord, Lease, Store};
+use isula_transport::{Cancel, Progress};
+use isula_types::image::{Descriptor, Manifest};
+use isula_types::{limits, media, Digest, Reference};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::{Method, StatusCode};
+use std::io::Read;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Docker,
+    Oci,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Result<Format> {
+        match s {
+            "" | "docker" => Ok(Format::Docker),
+            "oci" => Ok(Format::Oci),
+            other => Err(RegistryError::Invalid(format!(
+                "format {other:?}: use docker or oci"
+            ))),
+        }
+    }
+}
+
+fn scope_push(repo: &str) -> String {
+    format!("repository:{repo}:pull,push")
+}
+
+/// How one blob got to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Exists,
+    Mounted,
+    Uploaded,
+}
+
+fn location(client: &Client, resp: &reqwest::blocking::Response, what: &str) -> Result<String> {
+    let loc = resp
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| client.http_error(what, "upload answer has no Location"))?;
+    let base = resp.url().clone();
+    base.join(loc)
+        .map(|u| u.to_string())
+        .map_err(|e| client.http_error(what, format!("bad Location {loc:?}: {e}")))
+}
+
+fn with_digest(url: &str, d: &Digest) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}digest={d}")
+}
+
+/// Upload time allowed for `size` bytes: a minute plus 64 KiB/s.
+fn upload_timeout(size: u64) -> Duration {
+    Duration::from_secs(60 + size / (64 << 10))
+}
+
+/// Sends one blob (read from the content store) to `repo`.
+pub fn send_blob(
+    client: &Client,
+    store: &Store,
+    repo: &str,
+    digest: &Digest,
+    mount_from: &[String],
+    cancel: &Cancel,
+) -> Result<Sent> {
+    let path = store.content().path(digest);
+    let size = store.content().size(digest)?;
+    let what = format!("blob {digest} to {repo}");
+    let push_scopes = [scope_push(repo)];
+    let head = client.send(
+        &Req {
+            method: Method::HEAD,
+            url: format!("/v2/{repo}/blobs/{digest}"),
+            scopes: &push_scopes,
+            idempotent: true,
+            what: what.clone(),
+        },
+        &Ok,
+    )?;
+    if head.status().is_success() {
+        return Ok(Sent::Exists);
+    }
+    // A cross-repository mount: 201 means done, 202 means the registry opened an upload.
+    let mut session = None;
+    for from in mount_from.iter().filter(|f| f.as_str() != repo) {
+        let scopes = [scope_push(repo), scope_pull(from)];
+        let resp = client.send(
+            &Req {
+                method: Method::POST,
+                url: format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
+                scopes: &scopes,
+                idempotent: true,
+                what: what.clone(),
+            },
+            &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
+        )?;
+        match resp.status() {
+            StatusCode::CREATED => return Ok(Sent::Mounted),
+            StatusCode::ACCEPTED => {
+                session = Some(location(client, &resp, &what)?);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let mut last = None;
+    for attempt in 1..=3u32 {
+        cancel.check().map_err(|_| RegistryError::Cancelled)?;
+        let start = match session.take() {
+            Some(s) => s,
+            None => start_upload(client, repo, &what)?,
+        };
+        match put_monolithic(client, repo, &start, &path, digest, size, &what) {
+            Ok(()) => return Ok(Sent::Uploaded),
+            Err(Upload::Refused(status)) => {
+                // Some registries want the data in a PATCH: try that way once.
+                tracing::debug!(%what, %status, "monolithic upload refused; uploading in a PATCH");
+                let start = start_upload(client, repo, &what)?;
+                return put_chunked(client, repo, &start, &path, digest, size, &what)
+                    .map(|()| Sent::Uploaded);
+            }
+            Err(Upload::Fatal(e)) => return Err(e),
+            Err(Upload::Retry(e)) => {
+                tracing::debug!(%what, error = %e, attempt, "upload failed; retrying");
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(250 << attempt));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| client.http_error(&what, "upload failed")))
+}
+
+enum Upload {
+    Refused(StatusCode),
+    Retry(RegistryError),
+    Fatal(RegistryError),
+}
+
+fn start_upload(client: &Client, repo: &str, what: &str) -> Result<String> {
+    let scopes = [scope_push(repo)];
+    let resp = client.send(
+        &Req {
+            method: Method::POST,
+            url: format!("/v2/{repo}/blobs/uploads/"),
+            scopes: &scopes,
+            idempotent: true,
+            what: what.to_string(),
+        },
+        &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
+    )?;
+    if resp.status() != StatusCode::ACCEPTED {
+        return Err(client.status_error(what, resp));
+    }
+    location(client, &resp, what)
+}
+
+fn open_body(path: &std::path::Path, size: u64) -> Result<reqwest::blocking::Body> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| RegistryError::Config(format!("open {}: {e}", path.display())))?;
+    Ok(reqwest::blocking::Body::sized(f, size))
+}
+
+fn classify(client: &Client, what: &str, r: Result<reqwest::blocking::Response>) -> std::result::Result<reqwest::blocking::Response, Upload> {
+    match r {
+        Err(e @ RegistryError::Http { .. }) => Err(Upload::Retry(e)),
+        Err(e) => Err(Upload::Fatal(e)),
+        Ok(resp) if resp.status().is_server_error() => {
+            Err(Upload::Retry(client.status_error(what, resp)))
+        }
+        Ok(resp) => Ok(resp),
+    }
+}
+
+fn put_monolithic(
+    client: &Client,
+    repo: &str,
+    session: &str,
+    path: &std::path::Path,
+    digest: &Digest,
+    size: u64,
+    what: &str,
+) -> std::result::Result<(), Upload> {
+    let scopes = [scope_push(repo)];
+    let r = client.send(
+        &Req {
+            method: Method::PUT,
+            url: with_digest(session, digest),
+            scopes: &scopes,
+            idempotent: false,
+            what: what.to_string(),
+        },
+        &|rb| {
+            Ok(rb
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .timeout(upload_timeout(size))
+                .body(open_body(path, size)?))
+        },
+    );
+    let resp = classify(client, what, r)?;
+    match resp.status() {
+        StatusCode::CREATED => Ok(()),
+        StatusCode::BAD_REQUEST => {
+            // The registry checked the digest and disagreed: our blob is what it is, so
+            // this is not a transport fault; say so.
+            Err(Upload::Fatal(client.status_error(what, resp)))
+        }
+        s if s == StatusCode::METHOD_NOT_ALLOWED
+            || s == StatusCode::RANGE_NOT_SATISFIABLE
+            || s == StatusCode::NOT_IMPLEMENTED =>
+        {
+            Err(Upload::Refused(s))
+        }
+        _ => Err(Upload::Fatal(client.status_error(what, resp))),
+    }
+}
+
+fn put_chunked(
+    client: &Client,
+    repo: &str,
+    session: &str,
+    path: &std::path::Path,
+    digest: &Digest,
+    size: u64,
+    what: &str,
+) -> Result<()> {
+    let scopes = [scope_push(repo)];
+    let resp = client.send(
+        &Req {
+            method: Method::PATCH,
+            url: session.to_string(),
+            scopes: &scopes,
+            idempotent: false,
+            what: what.to_string(),
+        },
+        &|rb| {
+            Ok(rb
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header("Content-Range", format!("0-{}", size.saturating_sub(1)))
+                .timeout(upload_timeout(size))
+                .body(open_body(path, size)?))
+        },
+    )?;
+    if resp.status() != StatusCode::ACCEPTED && resp.status() != StatusCode::NO_CONTENT {
+        return Err(client.status_error(what, resp));
+    }
+    let next = location(client, &resp, what)?;
+    let resp = client.send(
+        &Req {
+            method: Method::PUT,
+            url: with_digest(&next, digest),
+            scopes: &scopes,
+            idempotent: false,
+            what: what.to_string(),
+        },
+        &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
+    )?;
+    if resp.status() != StatusCode::CREATED {
+        return Err(client.status_error(what, resp));
+    }
+    Ok(())
+}
+
+/// Puts a manifest under `tag` (or digest) and checks the digest the registry reports.
+pub fn put_manifest(
+    client: &Client,
+    repo: &str,
+    reference: &str,
+    bytes: &[u8],
+    media_type: &str,
+) -> Result<Digest> {
+    let scopes = [scope_push(repo)];
+    let what = format!("manifest {repo}:{reference}");
+    let resp = client.send(
+        &Req {
+            method: Method::PUT,
+            url: format!("/v2/{repo}/manifests/{reference}"),
+            scopes: &scopes,
+            idempotent: true,
+            what: what.clone(),
+        },
+        &|rb| Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.to_vec())),
+    )?;
+    if resp.status() != StatusCode::CREATED && resp.status() != StatusCode::OK {
+        return Err(client.status_error(&what, resp));
+    }
+    let digest = Digest::of_bytes(bytes);
+    if let Some(h) = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok())
+    {
+        if h != digest {
+            return Err(RegistryError::BadContent {
+                registry: client.host().to_string(),
+                what,
+                reason: format!("registry stored {h}, we sent {digest}"),
+            });
+        }
+    }
+    Ok(digest)
+}
+
+/// The manifest to push and the blobs it needs: the stored manifest verbatim when it is
+/// already in the target format with compressed layers, else a new one over gzip blobs.
+pub fn manifest_for_push(
+    store: &Store,
+    image: &ImageRecord,
+    format: Format,
+    lease: &Lease,
+) -> Result<(Vec<u8>, String, Vec<Digest>, Digest)> {
+    let stored = store
+        .content()
+        .read_small(&image.manifest, limits::MANIFEST_MAX)?;
+    let manifest: Manifest = serde_json::from_slice(&stored).map_err(|e| {
+        RegistryError::Invalid(format!("stored manifest of {}: {e}", image.id))
+    })?;
+    let (manifest_type, config_type) = match format {
+        Format::Docker => (media::DOCKER_MANIFEST, media::DOCKER_CONFIG),
+        Format::Oci => (media::OCI_MANIFEST, media::OCI_CONFIG),
+    };
+    let mut layers = Vec::new();
+    let mut changed = image.manifest_media_type != manifest_type;
+    for d in &manifest.layers {
+        let compression = {
+            let mut head = [0u8; 8];
+            let mut f = store.content().open(&d.digest)?;
+            let n = f.read(&mut head).unwrap_or(0);
+            Compression::sniff(&head[..n])
+        };
+        let (digest, size, compression) = match compression {
+            Compression::None => {
+                changed = true;
+                let (g, s) = store.gzip_blob(&d.digest, lease)?;
+                (g, s, Compression::Gzip)
+            }
+            c => (d.digest.clone(), d.size, c),
+        };
+        let media_type = match (compression, format) {
+            (Compression::Gzip, Format::Docker) => media::DOCKER_LAYER_GZIP,
+            (Compression::Gzip, Format::Oci) => media::OCI_LAYER_GZIP,
+            (Compression::Zstd, Format::Oci) => media::OCI_LAYER_ZSTD,
+            (c, Format::Docker) => {
+                return Err(RegistryError::Invalid(format!(
+                    "layer {} is {}-compressed, which the docker format cannot carry: push with --format oci",
+                    d.digest,
+                    c.name()
+                )))
+            }
+            (c, Format::Oci) => {
+                return Err(RegistryError::Invalid(format!(
+                    "layer {} is {}-compressed, which registries do not take",
+                    d.digest,
+                    c.name()
+                )))
+            }
+        };
+        if media_type != d.media_type {
+            changed = true;
+        }
+        layers.push(Descriptor::new(media_type, digest, size));
+    }
+    let blobs: Vec<Digest> = layers.iter().map(|d| d.digest.clone()).collect();
+    if !changed && manifest.config.media_type == config_type {
+        return Ok((stored, manifest_type.to_string(), blobs, manifest.config.digest));
+    }
+    let out = Manifest {
+        schema_version: 2,
+        media_type: Some(manifest_type.to_string()),
+        config: Descriptor::new(config_type, manifest.config.digest.clone(), manifest.config.size),
+        layers,
+        annotations: manifest.annotations.clone(),
+    };
+    let bytes = serde_json::to_vec(&out)
+        .map_err(|e| RegistryError::Invalid(format!("encoding manifest: {e}")))?;
+    Ok((bytes, manifest_type.to_string(), blobs, manifest.config.digest))
+}
+
+/// Repositories of the same registry that hold `blob`, from the names of stored images
+/// that use it (pulled images): candidates for a cross-repository mount.
+fn mount_sources(store: &Store, host: &str, blob: &Digest) -> Vec<String> {
+    let mut out = Vec::new();
+    for img in store.images() {
+        if !img.blobs.contains(blob) {
+            continue;
+        }
+        for n in &img.names {
+            if let Ok(r) = Reference::parse(n) {
+                if r.domain() == host && !out.contains(&r.path().to_string()) {
+                    out.push(r.path().to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Pushes the stored image `name` to `dest` (default: `name` itself).
+pub fn push(
+    ctx: &Context,
+    store: &Store,
+    name: &str,
+    dest: Option<&str>,
+    format: Format,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<Digest> {
+    let image = store.resolve(name)?;
+    let dest_name = dest.unwrap_or(name);
+    let dest = Reference::parse(dest_name)
+        .map_err(|e| RegistryError::Invalid(format!("{dest_name:?}: {e}")))?;
+    if dest.digest().is_some() {
+        return Err(RegistryError::Invalid(format!(
+            "{dest_name:?}: push to a tag, not a digest"
+        )));
+    }
+    resolve::check_policy(ctx.policy.as_ref(), &dest)?;
+    let endpoint = resolve::push_endpoint(&ctx.registries, &dest)?;
+    let client = ctx.client(endpoint)?;
+    let repo = dest.path().to_string();
+    let tag = dest.tag().unwrap_or("latest").to_string();
+    let lease = store.lease();
+    let (manifest, media_type, blobs, config) = manifest_for_push(store, &image, format, &lease)?;
+    progress("Getting image source signatures\n".into());
+    for b in &blobs {
+        cancel.check().map_err(|_| RegistryError::Cancelled)?;
+        let sources = mount_sources(store, client.host(), b);
+        match send_blob(&client, store, &repo, b, &sources, cancel)? {
+            Sent::Exists => progress(format!("Copying blob {b} skipped: already exists\n")),
+            Sent::Mounted | Sent::Uploaded => progress(format!("Copying blob {b}\n")),
+        }
+    }
+    progress(format!("Copying config {config}\n"));
+    send_blob(&client, store, &repo, &config, &[], cancel)?;
+    progress("Writing manifest to image destination\n".into());
+    let digest = put_manifest(&client, &repo, &tag, &manifest, &media_type)?;
+    progress("Storing signatures\n".into());
+    drop(lease);
+    Ok(digest)
+}
