@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what isula-build needs from Debian's packages (only what is missing).
 #   scripts/deps.sh run    runc and busybox-static (the main job)
-#   scripts/deps.sh test   also skopeo, umoci, docker.io, xz-utils, bzip2 (the tests)
+#   scripts/deps.sh test   also skopeo, umoci, docker.io, bzip2, docker-registry, apache2-utils
+#                          (htpasswd) and openssl (the tests)
 set -euo pipefail
 want=(runc busybox-static xz-utils)
 if [ "${1:-run}" = test ]; then
-    want+=(skopeo umoci docker.io bzip2)
+    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -97,7 +97,8 @@ impl PublicKey {
         let der = base64::engine::general_purpose::STANDARD
             .decode(body)
             .map_err(|e| SecretError::Key(format!("PEM body: {e}")))?;
-        let key = PublicEncryptingKey::from_der(&der).map_err(|e| SecretError::Key(e.to_string()))?;
+        let key =
+            PublicEncryptingKey::from_der(&der).map_err(|e| SecretError::Key(e.to_string()))?;
         OaepPublicEncryptingKey::new(key)
             .map(PublicKey)
             .map_err(|e| SecretError::Key(e.to_string()))
@@ -119,7 +120,12 @@ impl PublicKey {
         let mut out = vec![0u8; self.0.ciphertext_size()];
         let ct = self
             .0
-            .encrypt(&OAEP_SHA512_MGF1SHA512, plaintext.as_bytes(), &mut out, None)
+            .encrypt(
+                &OAEP_SHA512_MGF1SHA512,
+                plaintext.as_bytes(),
+                &mut out,
+                None,
+            )
             .map_err(|e| SecretError::Encrypt(e.to_string()))?;
         Ok(hex::encode(ct))
     }
@@ -137,7 +143,9 @@ mod tests {
         assert_eq!(p.max_plaintext(), 126);
         let ct = p.encrypt_hex("s3cret:pässword").expect("enc");
         assert_eq!(ct.len(), 512);
-        assert!(ct.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert!(ct
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
         assert_eq!(k.decrypt_hex(&ct).expect("dec"), "s3cret:pässword");
         // Another daemon's key cannot read it; junk is refused.
         let other = KeyPair::generate().expect("key");

@@ -104,7 +104,8 @@ pub struct StageResult {
 
 /// Finds an image by name, pulling it when the store lacks it; writes progress lines to the
 /// log. Returns the image's ID or a message saying what failed.
-pub type Puller = dyn Fn(&str, &mut dyn FnMut(String)) -> Result<isula_types::ImageId, String> + Sync;
+pub type Puller =
+    dyn Fn(&str, &mut dyn FnMut(String)) -> Result<isula_types::ImageId, String> + Sync;
 
 pub struct Context<'a> {
     pub store: &'a Store,

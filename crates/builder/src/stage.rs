@@ -255,8 +255,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         } else if let Some(r) = self.stage_result(&image) {
             r.clone()
         } else {
-            image_base(self.ctx, &image)
-                .map_err(|e| step_err(*step_no, &from, e.to_string()))?
+            image_base(self.ctx, &image).map_err(|e| step_err(*step_no, &from, e.to_string()))?
         };
         for l in &base.layers {
             self.lease.layer(&l.chain_id);
@@ -756,9 +755,8 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 copy::copy(&src, &c.sources, root, &dest, &opts).map_err(|e| step_err(n, step, e))
             }
             Some(from) => {
-                let result = from_result.ok_or_else(|| {
-                    step_err(n, step, format!("image or stage {from} not found"))
-                })?;
+                let result = from_result
+                    .ok_or_else(|| step_err(n, step, format!("image or stage {from} not found")))?;
                 let view = self.dir.join(format!("from-{n}"));
                 let empty = self.dir.join(format!("from-{n}-empty"));
                 for d in [&view, &empty] {
@@ -930,8 +928,20 @@ pub fn commit_image(
         .blobs
         .iter()
         .map(|b| {
+            // Base layers keep the compression they came with (a pulled gzip layer).
+            let mut head = [0u8; 8];
+            let n = std::io::Read::read(&mut store.content().open(b)?, &mut head).unwrap_or(0);
+            let media_type = match (
+                isula_store::compression::Compression::sniff(&head[..n]),
+                oci,
+            ) {
+                (isula_store::compression::Compression::Gzip, false) => media::DOCKER_LAYER_GZIP,
+                (isula_store::compression::Compression::Gzip, true) => media::OCI_LAYER_GZIP,
+                (isula_store::compression::Compression::Zstd, _) => media::OCI_LAYER_ZSTD,
+                _ => layer_type,
+            };
             Ok(Descriptor::new(
-                layer_type,
+                media_type,
                 b.clone(),
                 store.content().size(b)?,
             ))

@@ -103,7 +103,11 @@ fn write_public_key(dir: &std::path::Path, pem: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(isula_api::secret::PUBLIC_KEY_FILE);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.{}", isula_api::secret::PUBLIC_KEY_FILE, std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        isula_api::secret::PUBLIC_KEY_FILE,
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)

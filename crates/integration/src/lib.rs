@@ -3,6 +3,8 @@
 //! (a busybox rootfs from Debian's busybox-static). Binaries come from the cargo target
 //! directory, so `cargo build --bins` must run first (the README's test command does).
 
+pub mod registry;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -85,11 +87,26 @@ impl Daemon {
 
     /// A daemon with extra flags and environment variables.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_configured(&[], extra, env)
+    }
+
+    /// A daemon whose config directory holds `files` (name, contents), e.g.
+    /// `registries.toml`, `certs.d/HOST/ca.crt`.
+    pub fn start_configured(
+        files: &[(&str, &str)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("isula-e2e-")
             .tempdir()
             .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("etc")).expect("etc");
+        for (name, text) in files {
+            let p = dir.path().join("etc").join(name);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, text).expect("write config");
+        }
         let mut d = Daemon {
             dir,
             child: None,
@@ -189,10 +206,12 @@ impl Daemon {
 
     pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin("isula-build"));
-        c.args(args).env(
-            "ISULABUILD_HOST",
-            format!("unix://{}", self.socket().display()),
-        );
+        c.args(args)
+            .env(
+                "ISULABUILD_HOST",
+                format!("unix://{}", self.socket().display()),
+            )
+            .env("ISULABUILD_KEY_FILE", self.etc().join("isula-build.pub"));
         c
     }
 

@@ -105,10 +105,7 @@ impl AuthFile {
         };
         let dir = self.path.parent().unwrap_or(Path::new("/"));
         fs::create_dir_all(dir).map_err(|e| err("create directory for", e))?;
-        let tmp = dir.join(format!(
-            ".auth.json.{:016x}",
-            rand::random::<u64>()
-        ));
+        let tmp = dir.join(format!(".auth.json.{:016x}", rand::random::<u64>()));
         let body = serde_json::to_vec_pretty(&Value::Object(doc.clone()))
             .map_err(|e| err("encode", std::io::Error::other(e)))?;
         let result = (|| {
@@ -236,8 +233,14 @@ mod tests {
 
     #[test]
     fn server_names() {
-        assert_eq!(normalize_server("https://r.io:5000/v2/").expect("ok"), "r.io:5000");
-        assert_eq!(normalize_server("index.docker.io").expect("ok"), "docker.io");
+        assert_eq!(
+            normalize_server("https://r.io:5000/v2/").expect("ok"),
+            "r.io:5000"
+        );
+        assert_eq!(
+            normalize_server("index.docker.io").expect("ok"),
+            "docker.io"
+        );
         assert!(normalize_server("").is_err());
         assert!(normalize_server("a b").is_err());
     }

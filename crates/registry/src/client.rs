@@ -103,26 +103,34 @@ fn parse_challenge(v: &str) -> Option<Challenge> {
     })
 }
 
-fn read_certs_dir(dir: &Path, mut b: reqwest::blocking::ClientBuilder) -> Result<reqwest::blocking::ClientBuilder> {
+fn read_certs_dir(
+    dir: &Path,
+    mut b: reqwest::blocking::ClientBuilder,
+) -> Result<reqwest::blocking::ClientBuilder> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(_) => return Ok(b),
     };
-    let bad = |p: &Path, e: String| {
-        RegistryError::Config(format!("certificate {}: {e}", p.display()))
-    };
+    let bad =
+        |p: &Path, e: String| RegistryError::Config(format!("certificate {}: {e}", p.display()));
     let mut names: Vec<_> = entries.flatten().map(|e| e.path()).collect();
     names.sort();
     for p in names {
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         if name.ends_with(".crt") {
             let pem = std::fs::read(&p).map_err(|e| bad(&p, e.to_string()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&p, e.to_string()))?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&p, e.to_string()))?;
             b = b.tls_certs_merge(certs);
         } else if let Some(stem) = name.strip_suffix(".cert") {
             let key = p.with_file_name(format!("{stem}.key"));
             let mut pem = std::fs::read(&p).map_err(|e| bad(&p, e.to_string()))?;
-            let k = std::fs::read(&key).map_err(|e| bad(&key, format!("client key for {name}: {e}")))?;
+            let k = std::fs::read(&key)
+                .map_err(|e| bad(&key, format!("client key for {name}: {e}")))?;
             pem.extend_from_slice(b"\n");
             pem.extend_from_slice(&k);
             let id = reqwest::Identity::from_pem(&pem).map_err(|e| bad(&p, e.to_string()))?;
@@ -266,7 +274,10 @@ impl Client {
     /// Sends a request built by `build` (called again for every attempt), handling auth
     /// challenges and retrying what may be retried. Returns any response that is not a 401;
     /// the caller judges the status.
-    pub fn send(&self, req: &Req<'_>, build: &dyn Fn(RequestBuilder) -> Result<RequestBuilder>,
+    pub fn send(
+        &self,
+        req: &Req<'_>,
+        build: &dyn Fn(RequestBuilder) -> Result<RequestBuilder>,
     ) -> Result<Response> {
         let url = self.url(&req.url)?;
         let mut attempt = 0;
@@ -379,11 +390,7 @@ impl Client {
         let _ = std::io::Read::read_to_string(&mut std::io::Read::take(resp, 4096), &mut body);
         let detail = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| {
-                v["errors"][0]["message"]
-                    .as_str()
-                    .map(|m| format!(": {m}"))
-            })
+            .and_then(|v| v["errors"][0]["message"].as_str().map(|m| format!(": {m}")))
             .unwrap_or_default();
         self.http_error(what, format!("registry answered {status}{detail}"))
     }
@@ -415,13 +422,18 @@ mod tests {
     #[test]
     fn challenges() {
         assert_eq!(
-            parse_challenge(r#"Bearer realm="https://auth.io/token",service="registry.io",scope="repository:a:pull""#),
+            parse_challenge(
+                r#"Bearer realm="https://auth.io/token",service="registry.io",scope="repository:a:pull""#
+            ),
             Some(Challenge::Bearer {
                 realm: "https://auth.io/token".into(),
                 service: Some("registry.io".into())
             })
         );
-        assert_eq!(parse_challenge(r#"Basic realm="Registry""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Bearer service=x"), None);
         assert_eq!(parse_challenge("Negotiate"), None);
         assert_eq!(

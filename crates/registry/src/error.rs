@@ -47,9 +47,7 @@ impl RegistryError {
             RegistryError::Unauthorized { .. } => ErrorKind::FailedPrecondition,
             RegistryError::NotFound { .. } => ErrorKind::NotFound,
             RegistryError::BadContent { .. } => ErrorKind::DataLoss,
-            RegistryError::Blocked(_) | RegistryError::Rejected(_) => {
-                ErrorKind::FailedPrecondition
-            }
+            RegistryError::Blocked(_) | RegistryError::Rejected(_) => ErrorKind::FailedPrecondition,
             RegistryError::Invalid(_) => ErrorKind::InvalidArgument,
             RegistryError::Config(_) => ErrorKind::FailedPrecondition,
             RegistryError::Cancelled => ErrorKind::Unavailable,

@@ -87,7 +87,9 @@ pub fn get_manifest(client: &Client, repo: &str, reference: &str) -> Result<Fetc
     let digest = Digest::of_bytes(&bytes);
     if let Ok(want) = Digest::parse(reference) {
         if want != digest {
-            return Err(bad(format!("digest mismatch: asked for {want}, got {digest}")));
+            return Err(bad(format!(
+                "digest mismatch: asked for {want}, got {digest}"
+            )));
         }
     }
     if let Some(h) = header_digest {
@@ -371,7 +373,16 @@ fn pull_leased(
                     break;
                 }
                 let d = &manifest.layers[i];
-                let r = layer(store, client, repo, d, &diff_ids[i], &chains[i], lease, cancel);
+                let r = layer(
+                    store,
+                    client,
+                    repo,
+                    d,
+                    &diff_ids[i],
+                    &chains[i],
+                    lease,
+                    cancel,
+                );
                 match r {
                     Ok(Some(size)) => {
                         if let Ok(mut s) = sizes_out.lock() {

@@ -175,7 +175,11 @@ fn open_body(path: &std::path::Path, size: u64) -> Result<reqwest::blocking::Bod
     Ok(reqwest::blocking::Body::sized(f, size))
 }
 
-fn classify(client: &Client, what: &str, r: Result<reqwest::blocking::Response>) -> std::result::Result<reqwest::blocking::Response, Upload> {
+fn classify(
+    client: &Client,
+    what: &str,
+    r: Result<reqwest::blocking::Response>,
+) -> std::result::Result<reqwest::blocking::Response, Upload> {
     match r {
         Err(e @ RegistryError::Http { .. }) => Err(Upload::Retry(e)),
         Err(e) => Err(Upload::Fatal(e)),
@@ -327,9 +331,8 @@ pub fn manifest_for_push(
     let stored = store
         .content()
         .read_small(&image.manifest, limits::MANIFEST_MAX)?;
-    let manifest: Manifest = serde_json::from_slice(&stored).map_err(|e| {
-        RegistryError::Invalid(format!("stored manifest of {}: {e}", image.id))
-    })?;
+    let manifest: Manifest = serde_json::from_slice(&stored)
+        .map_err(|e| RegistryError::Invalid(format!("stored manifest of {}: {e}", image.id)))?;
     let (manifest_type, config_type) = match format {
         Format::Docker => (media::DOCKER_MANIFEST, media::DOCKER_CONFIG),
         Format::Oci => (media::OCI_MANIFEST, media::OCI_CONFIG),
@@ -377,18 +380,32 @@ pub fn manifest_for_push(
     }
     let blobs: Vec<Digest> = layers.iter().map(|d| d.digest.clone()).collect();
     if !changed && manifest.config.media_type == config_type {
-        return Ok((stored, manifest_type.to_string(), blobs, manifest.config.digest));
+        return Ok((
+            stored,
+            manifest_type.to_string(),
+            blobs,
+            manifest.config.digest,
+        ));
     }
     let out = Manifest {
         schema_version: 2,
         media_type: Some(manifest_type.to_string()),
-        config: Descriptor::new(config_type, manifest.config.digest.clone(), manifest.config.size),
+        config: Descriptor::new(
+            config_type,
+            manifest.config.digest.clone(),
+            manifest.config.size,
+        ),
         layers,
         annotations: manifest.annotations.clone(),
     };
     let bytes = serde_json::to_vec(&out)
         .map_err(|e| RegistryError::Invalid(format!("encoding manifest: {e}")))?;
-    Ok((bytes, manifest_type.to_string(), blobs, manifest.config.digest))
+    Ok((
+        bytes,
+        manifest_type.to_string(),
+        blobs,
+        manifest.config.digest,
+    ))
 }
 
 /// Repositories of the same registry that hold `blob`, from the names of stored images

@@ -176,7 +176,10 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].to_string(), "a.io/busybox:latest");
         assert_eq!(c[1].to_string(), "b.io:5000/busybox:latest");
-        assert_eq!(candidates(&r, "x.io/y").expect("ok")[0].to_string(), "x.io/y:latest");
+        assert_eq!(
+            candidates(&r, "x.io/y").expect("ok")[0].to_string(),
+            "x.io/y:latest"
+        );
         assert_eq!(
             candidates(&Registries::default(), "busybox").expect("ok")[0].to_string(),
             "docker.io/library/busybox:latest"
@@ -205,14 +208,23 @@ blocked = true
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].reference.to_string(), "m.io/cache/app:1");
         assert!(s[0].mirror && !s[0].endpoint.insecure);
-        assert_eq!(s[1].reference.to_string(), "internal.io:5000/mirror/team/app:1");
+        assert_eq!(
+            s[1].reference.to_string(),
+            "internal.io:5000/mirror/team/app:1"
+        );
         assert!(s[1].endpoint.insecure);
         // A prefix only matches at a boundary.
         let other = Reference::parse("example.io/teamx/app").expect("ref");
         assert_eq!(pull_sources(&r, &other).expect("ok")[0].reference, other);
         let bad = Reference::parse("bad.io/x").expect("ref");
-        assert!(matches!(pull_sources(&r, &bad), Err(RegistryError::Blocked(_))));
-        assert!(matches!(push_endpoint(&r, &bad), Err(RegistryError::Blocked(_))));
+        assert!(matches!(
+            pull_sources(&r, &bad),
+            Err(RegistryError::Blocked(_))
+        ));
+        assert!(matches!(
+            push_endpoint(&r, &bad),
+            Err(RegistryError::Blocked(_))
+        ));
     }
 
     #[test]

@@ -511,8 +511,9 @@ impl Store {
         let mut next = meta.clone();
         next.layers
             .retain(|c, _| live_layers.contains(c) || layer_leased(c));
-        next.compressed
-            .retain(|src, gz| live_blobs.contains(src) || blob_leased(src) || blob_leased(&gz.digest));
+        next.compressed.retain(|src, gz| {
+            live_blobs.contains(src) || blob_leased(src) || blob_leased(&gz.digest)
+        });
         if (next.layers.len(), next.compressed.len()) != before {
             self.save(&next)?;
             *meta = next;

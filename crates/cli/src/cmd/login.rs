@@ -83,7 +83,9 @@ pub async fn login(client: &mut Client, args: LoginArgs) -> Result<()> {
                 println!("{}", r.into_inner().content);
                 return Ok(());
             }
-            Err(s) if s.message().contains("Failed to authenticate existing credentials") => {}
+            Err(s)
+                if s.message()
+                    .contains("Failed to authenticate existing credentials") => {}
             Err(s) => return Err(s.into()),
         }
     }
@@ -99,7 +101,9 @@ pub async fn login(client: &mut Client, args: LoginArgs) -> Result<()> {
     let req = LoginRequest {
         server: args.server,
         username,
-        password: key.encrypt_hex(&password).context("encrypting the password")?,
+        password: key
+            .encrypt_hex(&password)
+            .context("encrypting the password")?,
     };
     let r = client.login(req).await?;
     println!("{}", r.into_inner().content);

@@ -337,9 +337,10 @@ async fn run_inner(
             .build_args
             .iter()
             .map(|a| {
-                state.key.decrypt_hex(a).map_err(|e| {
-                    error::invalid(format!("encrypted build arg: {e}"))
-                })
+                state
+                    .key
+                    .decrypt_hex(a)
+                    .map_err(|e| error::invalid(format!("encrypted build arg: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         parse_args(&plain)?

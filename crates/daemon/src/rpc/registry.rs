@@ -3,7 +3,9 @@
 
 use crate::error;
 use crate::state::State;
-use isula_api::v1::{LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, PullRequest, PushRequest};
+use isula_api::v1::{
+    LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, PullRequest, PushRequest,
+};
 use isula_registry::{auth, pull, push, resolve, Credentials, RegistryError};
 use isula_transport::Cancel;
 use isula_types::ImageId;
@@ -16,7 +18,9 @@ pub fn status(e: RegistryError) -> Status {
 
 fn check_id(what: &str, id: &str) -> Result<(), Status> {
     if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(error::invalid(format!("{what} must be at most 128 letters or digits")));
+        return Err(error::invalid(format!(
+            "{what} must be at most 128 letters or digits"
+        )));
     }
     Ok(())
 }
@@ -38,7 +42,10 @@ pub fn pull(
 ) -> Result<(), Status> {
     let pulled = pull::pull(&state.registry, &state.store, &name, cancel, out).map_err(status)?;
     tracing::info!(image = %pulled.reference, id = %pulled.id, "pulled");
-    out(format!("Pull success with image: {}\n", pulled.reference.familiar()));
+    out(format!(
+        "Pull success with image: {}\n",
+        pulled.reference.familiar()
+    ));
     Ok(())
 }
 
@@ -83,8 +90,16 @@ pub fn push(
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    let digest = push::push(&state.registry, &state.store, &name, None, format, cancel, out)
-        .map_err(status)?;
+    let digest = push::push(
+        &state.registry,
+        &state.store,
+        &name,
+        None,
+        format,
+        cancel,
+        out,
+    )
+    .map_err(status)?;
     tracing::info!(image = %name, manifest = %digest, "pushed");
     out(format!("Push success with image: {name}\n"));
     Ok(())

@@ -1,0 +1,530 @@
+//! A real Distribution registry (Debian's `docker-registry`) for the tests, on 127.0.0.1
+//! with a fresh storage directory, optionally with htpasswd auth, TLS from a CA made by the
+//! test, or `auth: token` backed by [`TokenIssuer`]. Plus [`FaultProxy`], a tiny HTTP proxy
+//! in front of a registry that corrupts blobs or kills the registry mid-transfer.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it (openssl).
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn make_certs(dir: &Path) -> Certs {
+    let p = |n: &str| dir.join(n);
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=isula-test-ca",
+        ])
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.crt")));
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(p("server.key"))
+        .arg("-out")
+        .arg(p("server.csr")));
+    std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext");
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("server.csr"))
+        .arg("-CA")
+        .arg(p("ca.crt"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("ext.cnf"))
+        .arg("-out")
+        .arg(p("server.crt")));
+    Certs {
+        ca: p("ca.crt"),
+        cert: p("server.crt"),
+        key: p("server.key"),
+    }
+}
+
+#[derive(Default, Clone)]
+pub struct RegistryOptions {
+    /// Basic auth through an htpasswd file with this user.
+    pub htpasswd: Option<(String, String)>,
+    pub tls: bool,
+    /// `auth: token` with this issuer.
+    pub token: Option<(String, PathBuf)>,
+}
+
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub port: u16,
+    pub certs: Option<Certs>,
+    pid: Arc<AtomicI32>,
+}
+
+impl Registry {
+    pub fn start(opts: RegistryOptions) -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("isula-registry-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        let certs = opts.tls.then(|| make_certs(dir.path()));
+        if let Some(c) = &certs {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                c.cert.display(),
+                c.key.display()
+            ));
+        }
+        if let Some((user, pass)) = &opts.htpasswd {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, pass])
+                .output()
+                .expect("htpasswd (apache2-utils)");
+            assert!(out.status.success());
+            let f = dir.path().join("htpasswd");
+            std::fs::write(&f, &out.stdout).expect("htpasswd file");
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: isula-test\n    path: {}\n",
+                f.display()
+            ));
+        }
+        if let Some((realm, cert)) = &opts.token {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: isula-test-registry\n    issuer: isula-test-issuer\n    rootcertbundle: {}\n",
+                cert.display()
+            ));
+        }
+        std::fs::write(dir.path().join("config.yml"), config).expect("config");
+        let mut r = Registry {
+            dir,
+            child: None,
+            port,
+            certs,
+            pid: Arc::new(AtomicI32::new(0)),
+        };
+        r.restart();
+        r
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Requests the registry served whose method and URI match (from its access log).
+    pub fn count_requests(&self, method: &str, uri_part: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&format!("\"{method} ")) && l.contains(uri_part))
+            .count()
+    }
+
+    pub fn pid_handle(&self) -> Arc<AtomicI32> {
+        self.pid.clone()
+    }
+
+    pub fn restart(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("registry.log"))
+            .expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn docker-registry (apt-get install docker-registry)");
+        self.pid.store(child.id() as i32, Ordering::SeqCst);
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read_head(s: &mut BufReader<TcpStream>) -> Option<(String, Vec<String>)> {
+    let mut line = String::new();
+    if s.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let request = line.trim_end().to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if s.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        let h = h.trim_end().to_string();
+        if h.is_empty() {
+            break;
+        }
+        headers.push(h);
+    }
+    Some((request, headers))
+}
+
+fn header<'a>(headers: &'a [String], name: &str) -> Option<&'a str> {
+    headers.iter().find_map(|h| {
+        let (k, v) = h.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+fn b64url(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+/// A token server for the registry's `auth: token` mode: it checks HTTP basic credentials
+/// and issues RS256 JWTs (with the signing certificate in `x5c`) granting the scopes asked.
+pub struct TokenIssuer {
+    pub port: u16,
+    pub cert: PathBuf,
+    pub issued: Arc<AtomicUsize>,
+    pub refused: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenIssuer {
+    pub fn start(user: &str, pass: &str) -> TokenIssuer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key_pem = dir.path().join("token.key");
+        let cert = dir.path().join("token.crt");
+        run(Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=isula-test-issuer",
+            ])
+            .arg("-keyout")
+            .arg(&key_pem)
+            .arg("-out")
+            .arg(&cert));
+        let pem_body = |p: &Path| -> Vec<u8> {
+            use base64::Engine as _;
+            let text = std::fs::read_to_string(p).expect("pem");
+            let b: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .expect("pem base64")
+        };
+        let key =
+            aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&pem_body(&key_pem)).expect("pkcs8 key");
+        let cert_der = pem_body(&cert);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let issued = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (iss, refd) = (issued.clone(), refused.clone());
+        let want = format!("{user}:{pass}");
+        let key = Arc::new(key);
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let key = key.clone();
+                let (iss, refd, want, cert_der) =
+                    (iss.clone(), refd.clone(), want.clone(), cert_der.clone());
+                std::thread::spawn(move || {
+                    let mut w = conn.try_clone().expect("clone");
+                    let mut r = BufReader::new(conn);
+                    let Some((req, headers)) = read_head(&mut r) else {
+                        return;
+                    };
+                    let target = req.split(' ').nth(1).unwrap_or_default().to_string();
+                    let query = target.split_once('?').map(|x| x.1).unwrap_or_default();
+                    let mut scopes = Vec::new();
+                    for kv in query.split('&') {
+                        if let Some(v) = kv.strip_prefix("scope=") {
+                            scopes.push(percent_decode(v));
+                        }
+                    }
+                    let user = header(&headers, "authorization")
+                        .and_then(|a| a.strip_prefix("Basic "))
+                        .and_then(|b| {
+                            use base64::Engine as _;
+                            base64::engine::general_purpose::STANDARD.decode(b).ok()
+                        })
+                        .map(|b| String::from_utf8_lossy(&b).to_string());
+                    let ok = user.as_deref() == Some(want.as_str());
+                    if !ok {
+                        refd.fetch_add(1, Ordering::SeqCst);
+                        let _ = w.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        return;
+                    }
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    let access: Vec<serde_json::Value> = scopes.iter().filter_map(|s| {
+                        let mut p = s.splitn(3, ':');
+                        let (t, n, a) = (p.next()?, p.next()?, p.next()?);
+                        Some(serde_json::json!({"type": t, "name": n, "actions": a.split(',').collect::<Vec<_>>()}))
+                    }).collect();
+                    let x5c = {
+                        use base64::Engine as _;
+                        base64::engine::general_purpose::STANDARD.encode(&cert_der)
+                    };
+                    let header_json =
+                        serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+                    let claims = serde_json::json!({"iss": "isula-test-issuer", "sub": "tester", "aud": "isula-test-registry", "exp": now + 600, "nbf": now - 10, "iat": now, "jti": format!("{}", rand_id()), "access": access});
+                    let signing = format!(
+                        "{}.{}",
+                        b64url(header_json.to_string().as_bytes()),
+                        b64url(claims.to_string().as_bytes())
+                    );
+                    let mut sig = vec![0u8; key.public_modulus_len()];
+                    key.sign(
+                        &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                        &aws_lc_rs::rand::SystemRandom::new(),
+                        signing.as_bytes(),
+                        &mut sig,
+                    )
+                    .expect("sign");
+                    let token = format!("{signing}.{}", b64url(&sig));
+                    iss.fetch_add(1, Ordering::SeqCst);
+                    let body = serde_json::json!({"token": token, "expires_in": 600}).to_string();
+                    let _ = w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes());
+                });
+            }
+        });
+        TokenIssuer {
+            port,
+            cert,
+            issued,
+            refused,
+            _dir: dir,
+        }
+    }
+
+    pub fn realm(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+}
+
+fn rand_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (std::process::id() as u64).rotate_left(32)
+}
+
+/// What the proxy does to the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything untouched.
+    None,
+    /// Flip a byte in every blob a GET returns.
+    CorruptBlobs,
+    /// Kill the registry half-way through the first blob GET.
+    KillDuringBlobGet,
+    /// Kill the registry half-way through the first blob upload (PUT or PATCH).
+    KillDuringUpload,
+}
+
+/// A one-request-per-connection HTTP proxy in front of a registry.
+pub struct FaultProxy {
+    pub port: u16,
+    pub fault: Arc<Mutex<Fault>>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: u16, registry_pid: Arc<AtomicI32>) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let fault = Arc::new(Mutex::new(Fault::None));
+        let f = fault.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let f = f.clone();
+                let pid = registry_pid.clone();
+                std::thread::spawn(move || {
+                    let _ = proxy_one(conn, upstream, &f, &pid);
+                });
+            }
+        });
+        FaultProxy { port, fault }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn set(&self, fault: Fault) {
+        *self.fault.lock().expect("fault") = fault;
+    }
+}
+
+fn kill_registry(pid: &AtomicI32) {
+    let p = pid.load(Ordering::SeqCst);
+    if let Some(p) = rustix::process::Pid::from_raw(p) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+    }
+}
+
+fn proxy_one(
+    client: TcpStream,
+    upstream: u16,
+    fault: &Mutex<Fault>,
+    pid: &AtomicI32,
+) -> std::io::Result<()> {
+    let mut cw = client.try_clone()?;
+    let mut cr = BufReader::new(client);
+    let Some((req, headers)) = read_head(&mut cr) else {
+        return Ok(());
+    };
+    let mut parts = req.split(' ');
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or_default().to_string();
+    let len: u64 = header(&headers, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    let mut head = format!("{req}\r\n");
+    for h in headers
+        .iter()
+        .filter(|h| !h.to_ascii_lowercase().starts_with("connection:"))
+    {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    up.write_all(head.as_bytes())?;
+    let current = *fault.lock().map_err(|_| std::io::Error::other("lock"))?;
+    let upload =
+        (method == "PUT" || method == "PATCH") && path.contains("/blobs/uploads/") && len > 0;
+    if upload && current == Fault::KillDuringUpload {
+        let mut half = vec![0u8; (len / 2) as usize];
+        cr.read_exact(&mut half)?;
+        up.write_all(&half)?;
+        kill_registry(pid);
+        if let Ok(mut f) = fault.lock() {
+            *f = Fault::None;
+        }
+        return Ok(()); // both connections close
+    }
+    std::io::copy(&mut (&mut cr).take(len), &mut up)?;
+    let mut resp = Vec::new();
+    up.read_to_end(&mut resp)?;
+    let blob_get = method == "GET" && path.contains("/blobs/sha256:");
+    let body_at = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(resp.len());
+    if blob_get && body_at < resp.len() {
+        match current {
+            Fault::CorruptBlobs => {
+                let i = body_at + (resp.len() - body_at) / 2;
+                resp[i] ^= 0xff;
+            }
+            Fault::KillDuringBlobGet => {
+                let half = body_at + (resp.len() - body_at) / 2;
+                cw.write_all(&resp[..half])?;
+                cw.flush()?;
+                kill_registry(pid);
+                if let Ok(mut f) = fault.lock() {
+                    *f = Fault::None;
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+    cw.write_all(&resp)?;
+    Ok(())
+}

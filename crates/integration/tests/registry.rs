@@ -1,0 +1,469 @@
+//! Pull, push, login and builds against a real Distribution registry on 127.0.0.1
+//! (Debian's docker-registry), checked with skopeo and the registry's own access log.
+
+use isula_integration::registry::{Fault, FaultProxy, Registry, RegistryOptions, TokenIssuer};
+use isula_integration::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn ready() -> bool {
+    require_root() && require_tool("docker-registry") && require_tool("skopeo")
+}
+
+fn insecure(host: &str) -> String {
+    format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n")
+}
+
+/// A daemon that may talk plain HTTP to `hosts`, logging at debug level.
+fn daemon_for(hosts: &[&str]) -> Daemon {
+    let conf: String = hosts.iter().map(|h| insecure(h)).collect();
+    Daemon::start_configured(
+        &[("registries.toml", &conf)],
+        &["--log-level", "debug"],
+        &[],
+    )
+}
+
+fn import_busybox(d: &Daemon, name: &str) -> String {
+    let tar = d.dir.path().join("busybox.tar");
+    std::fs::write(&tar, busybox_rootfs(&[])).expect("write rootfs");
+    let out = d.ok(&["ctr-img", "import", tar.to_str().expect("path"), name]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("Import success with image id: "))
+        .expect("import id")
+        .trim()
+        .to_string()
+}
+
+fn id_of(d: &Daemon, name: &str) -> Option<String> {
+    let (repo, tag) = name.rsplit_once(':').expect("name:tag");
+    d.images()
+        .into_iter()
+        .find(|(r, t, _)| r == repo && t == tag)
+        .map(|(_, _, id)| id)
+}
+
+fn skopeo_raw(reference: &str) -> serde_json::Value {
+    let out =
+        run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", reference]));
+    serde_json::from_str(&out).expect("manifest JSON")
+}
+
+#[test]
+fn push_pull_round_trip_by_tag_and_digest() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = daemon_for(&[&host]);
+    let name = format!("{host}/busybox:1");
+    let id = import_busybox(&d, &name);
+    let out = d.ok(&["ctr-img", "push", &name]);
+    for line in [
+        "Getting image source signatures",
+        "Copying blob sha256:",
+        "Copying config sha256:",
+        "Writing manifest to image destination",
+        "Storing signatures",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
+    assert!(
+        out.ends_with(&format!("Push success with image: {name}\n")),
+        "{out}"
+    );
+    // What we pushed is a Docker v2s2 manifest with gzip layers that skopeo can copy.
+    let m = skopeo_raw(&format!("docker://{name}"));
+    assert_eq!(
+        m["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    let oci_dir = d.dir.path().join("skopeo-oci");
+    run_ok(
+        Command::new("skopeo")
+            .args([
+                "copy",
+                "--src-tls-verify=false",
+                &format!("docker://{name}"),
+            ])
+            .arg(format!("oci:{}:x", oci_dir.display())),
+    );
+
+    // Round trip: remove, pull, same ID.
+    d.ok(&["ctr-img", "rm", &name]);
+    let out = d.ok(&["ctr-img", "pull", &name]);
+    assert!(
+        out.ends_with(&format!("Pull success with image: {name}\n")),
+        "{out}"
+    );
+    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+
+    // By digest, into an empty store.
+    let digest = format!(
+        "sha256:{}",
+        sha256_hex(&serde_json::to_vec(&m).expect("json"))
+    );
+    let raw = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{name}"),
+    ]));
+    let digest_raw = format!("sha256:{}", sha256_hex(raw.as_bytes()));
+    let _ = digest;
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let by_digest = format!("{host}/busybox@{digest_raw}");
+    d.ok(&["ctr-img", "pull", &by_digest]);
+    let out = d.ok(&["ctr-img", "images"]);
+    assert!(out.contains(&id[..12]), "{out}");
+    // A digest that does not match is refused, and nothing is stored.
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let before = d.store_snapshot();
+    let wrong = format!("{host}/busybox@sha256:{}", "0".repeat(64));
+    let err = d.fails(&["ctr-img", "pull", &wrong]);
+    assert!(err.contains(&host), "{err}");
+    assert_eq!(d.store_snapshot(), before);
+
+    // --format oci.
+    import_busybox(&d, &format!("{host}/oci:1"));
+    d.ok(&["ctr-img", "push", "-f", "oci", &format!("{host}/oci:1")]);
+    let m = skopeo_raw(&format!("docker://{host}/oci:1"));
+    assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    assert_eq!(
+        m["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let err = d.fails(&["ctr-img", "push", "-f", "v1", &format!("{host}/oci:1")]);
+    assert!(err.contains("format"), "{err}");
+}
+
+#[test]
+fn builds_pull_their_base_and_push_only_new_blobs() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = daemon_for(&[&host]);
+    let base = format!("{host}/base:1");
+    import_busybox(&d, &base);
+    d.ok(&["ctr-img", "push", &base]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nRUN echo built > /built\nCOPY --from={base} /bin/busybox /copied\n"),
+    )
+    .expect("Dockerfile");
+    let uploads_before = reg.count_requests("PUT", "/v2/app/blobs/uploads/");
+    let app = format!("{host}/app:1");
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "-o",
+        &format!("docker://{app}"),
+        ctx.to_str().expect("ctx"),
+    ]);
+    assert!(out.contains(&format!("Pulling image {base}")), "{out}");
+    assert!(
+        out.contains(&format!("Push success with image: {app}")),
+        "{out}"
+    );
+    // The base layer was mounted from base/, not uploaded: only the new layer and the config.
+    assert_eq!(
+        reg.count_requests("PUT", "/v2/app/blobs/uploads/") - uploads_before,
+        2,
+        "{}",
+        reg.log()
+    );
+    assert!(reg.count_requests("POST", "/v2/app/blobs/uploads/?mount=") >= 1);
+    let m = skopeo_raw(&format!("docker://{app}"));
+    assert_eq!(m["layers"].as_array().map(|a| a.len()), Some(2));
+    // Pushing it again sends no blob at all.
+    let puts = reg.count_requests("PUT", "/blobs/uploads/");
+    let out = d.ok(&["ctr-img", "push", &app]);
+    assert!(out.contains("skipped: already exists"), "{out}");
+    assert_eq!(reg.count_requests("PUT", "/blobs/uploads/"), puts);
+    // A second tag in the same repository: HEAD finds every blob.
+    d.ok(&["ctr-img", "tag", &app, &format!("{host}/app:2")]);
+    d.ok(&["ctr-img", "push", &format!("{host}/app:2")]);
+    assert_eq!(reg.count_requests("PUT", "/blobs/uploads/"), puts);
+    // The pulled and built images run through skopeo too.
+    let out = d.dir.path().join("app-oci");
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false", &format!("docker://{app}")])
+            .arg(format!("oci:{}:app", out.display())),
+    );
+}
+
+#[test]
+fn missing_images_and_blocked_registries_fail_clearly() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let conf = format!(
+        "{}[[registry]]\nlocation = \"blocked.example\"\nblocked = true\n",
+        insecure(&host)
+    );
+    let policy = "{\"default\":[{\"type\":\"insecureAcceptAnything\"}],\"transports\":{\"docker\":{\"127.0.0.1:1/rejected\":[{\"type\":\"reject\"}]}}}";
+    let d = Daemon::start_configured(
+        &[("registries.toml", &conf), ("policy.json", policy)],
+        &[],
+        &[],
+    );
+    let before = d.store_snapshot();
+    let err = d.fails(&["ctr-img", "pull", &format!("{host}/nothing:1")]);
+    assert!(err.contains(&host) && err.contains("not found"), "{err}");
+    let err = d.fails(&["ctr-img", "pull", "blocked.example/x:1"]);
+    assert!(err.contains("blocked"), "{err}");
+    let err = d.fails(&["ctr-img", "pull", "127.0.0.1:1/rejected/x:1"]);
+    assert!(err.contains("policy.json rejects"), "{err}");
+    // Not insecure: a plain-HTTP registry is not used without TLS.
+    let d2 = Daemon::start();
+    let err = d2.fails(&["ctr-img", "pull", &format!("{host}/nothing:1")]);
+    assert!(err.contains(&host), "{err}");
+    let err = d.fails(&["ctr-img", "push", "never-stored:1"]);
+    assert!(err.contains("never-stored"), "{err}");
+    assert_eq!(d.store_snapshot(), before);
+}
+
+fn login(d: &Daemon, server: &str, user: &str, password: &str) -> std::process::Output {
+    let mut c = d.cli_command(&["login", server, "-u", user, "--password-stdin"]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("login");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("password");
+    child.wait_with_output().expect("login output")
+}
+
+#[test]
+fn htpasswd_over_tls_login_push_logout() {
+    if !(ready() && require_tool("htpasswd") && require_tool("openssl")) {
+        return;
+    }
+    let password = "correct-horse-Battery-9";
+    let reg = Registry::start(RegistryOptions {
+        htpasswd: Some(("tester".into(), password.into())),
+        tls: true,
+        ..Default::default()
+    });
+    let host = reg.host();
+    let ca = std::fs::read_to_string(&reg.certs.as_ref().expect("certs").ca).expect("ca");
+    let d = Daemon::start_configured(
+        &[(&format!("certs.d/{host}/ca.crt"), &ca)],
+        &["--log-level", "debug"],
+        &[],
+    );
+    let auth = d.etc().join("auth.json");
+    // Wrong password: refused, nothing stored.
+    let o = login(&d, &host, "tester", "wrong-password-1");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("Unauthorized login attempt"), "{err}");
+    assert!(!auth.exists());
+    // Anonymous push: refused with a hint.
+    let name = format!("{host}/secure:1");
+    import_busybox(&d, &name);
+    let err = d.fails(&["ctr-img", "push", &name]);
+    assert!(err.contains("authentication required"), "{err}");
+    // Right password: stored 0600 and used.
+    let o = login(&d, &host, "tester", password);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "Login Succeeded\n");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&auth)
+        .expect("auth.json")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&auth).expect("read")).expect("json");
+    assert!(stored["auths"][&host]["auth"].is_string(), "{stored}");
+    // Login again with no credentials uses the stored ones.
+    let o = d.cli(&["login", &host]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "Login Succeed with AuthFile\n",
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    d.ok(&["ctr-img", "push", &name]);
+    d.ok(&["ctr-img", "rm", &name]);
+    d.ok(&["ctr-img", "pull", &name]);
+    // The password never shows up in the logs.
+    assert!(!d.log().contains(password), "password in the daemon log");
+    // Logout removes it; then pushing is refused again.
+    assert_eq!(
+        d.ok(&["logout", &host]),
+        format!("Removed authentication for {host}\n")
+    );
+    assert_eq!(
+        d.ok(&["logout", &host]),
+        format!("Not logged in registry {host}\n")
+    );
+    let err = d.fails(&["ctr-img", "push", &name]);
+    assert!(err.contains("authentication required"), "{err}");
+    assert_eq!(d.ok(&["logout", "-a"]), "Removed authentications\n");
+    // Without the CA the registry's certificate is refused (it is not listed insecure).
+    let d2 = Daemon::start();
+    let err = d2.fails(&["ctr-img", "pull", &name]);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
+
+#[test]
+fn bearer_token_flow() {
+    if !(ready() && require_tool("openssl")) {
+        return;
+    }
+    let issuer = TokenIssuer::start("tokenuser", "token-pass-77");
+    let reg = Registry::start(RegistryOptions {
+        token: Some((issuer.realm(), issuer.cert.clone())),
+        ..Default::default()
+    });
+    let host = reg.host();
+    let d = daemon_for(&[&host]);
+    let name = format!("{host}/tok/busybox:1");
+    let id = import_busybox(&d, &name);
+    let err = d.fails(&["ctr-img", "push", &name]);
+    assert!(err.contains("authentication required"), "{err}");
+    let o = login(&d, &host, "tokenuser", "bad");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Unauthorized login attempt"));
+    let o = login(&d, &host, "tokenuser", "token-pass-77");
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        reg.log()
+    );
+    d.ok(&["ctr-img", "push", &name]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["ctr-img", "pull", &name]);
+    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+    assert!(issuer.issued.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert!(!d.log().contains("token-pass-77"));
+}
+
+#[test]
+fn faults_leave_the_store_unchanged_and_the_next_try_works() {
+    if !ready() {
+        return;
+    }
+    let mut reg = Registry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(reg.port, reg.pid_handle());
+    let phost = proxy.host();
+    let d = daemon_for(&[&phost]);
+    // A layer big enough that half of it is a real interruption.
+    let rootfs = d.dir.path().join("big.tar");
+    std::fs::write(&rootfs, big_rootfs(8)).expect("big rootfs");
+    let name = format!("{phost}/big:1");
+    d.ok(&["ctr-img", "import", rootfs.to_str().expect("path"), &name]);
+
+    // Push: the registry dies half-way through the upload.
+    proxy.set(Fault::KillDuringUpload);
+    let images = d.images();
+    let err = d.fails(&["ctr-img", "push", &name]);
+    eprintln!("push fault: {err}");
+    assert!(err.contains(&phost) && err.contains("big"), "{err}");
+    assert_eq!(d.images(), images);
+    reg.restart();
+    d.ok(&["ctr-img", "push", &name]);
+
+    // Pull of a corrupted blob: refused, nothing kept.
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let empty = d.store_snapshot();
+    proxy.set(Fault::CorruptBlobs);
+    let err = d.fails(&["ctr-img", "pull", &name]);
+    eprintln!("corrupt: {err}");
+    assert!(
+        err.contains("digest mismatch") && err.contains(&phost),
+        "{err}"
+    );
+    assert_eq!(d.store_snapshot(), empty);
+
+    // Pull: the registry dies half-way through a blob.
+    proxy.set(Fault::KillDuringBlobGet);
+    let err = d.fails(&["ctr-img", "pull", &name]);
+    eprintln!("pull fault: {err}");
+    assert!(err.contains(&phost), "{err}");
+    assert_eq!(d.store_snapshot(), empty);
+    reg.restart();
+    proxy.set(Fault::None);
+    d.ok(&["ctr-img", "pull", &name]);
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+}
+
+#[test]
+fn proxy_build_args_travel_encrypted_and_stay_out_of_logs_and_images() {
+    if !require_root() {
+        return;
+    }
+    let d = Daemon::start_with(&["--log-level", "debug"]);
+    import_busybox(&d, "busybox:latest");
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nARG http_proxy\nRUN echo \"proxy=$http_proxy\" > /seen\n",
+    )
+    .expect("df");
+    let secret = "http://user:Pr0xyS3cret@proxy.invalid:3128";
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--build-arg",
+        &format!("http_proxy={secret}"),
+        "--build-arg",
+        "OTHER=1",
+        "-o",
+        &format!(
+            "docker-archive:{}:proxy:1",
+            d.dir.path().join("p.tar").display()
+        ),
+        ctx.to_str().expect("ctx"),
+    ]);
+    assert!(!out.contains("Pr0xyS3cret"), "{out}");
+    assert!(
+        !d.log().contains("Pr0xyS3cret"),
+        "proxy value in the daemon log"
+    );
+    // RUN saw it, but the image's config and history do not carry it.
+    let tar = std::fs::read(d.dir.path().join("p.tar")).expect("archive");
+    let mut a = tar::Archive::new(&tar[..]);
+    let mut config_seen = false;
+    for e in a.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        let path = e.path().expect("path").to_string_lossy().to_string();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).expect("read");
+        if path.ends_with(".json") {
+            assert!(
+                !String::from_utf8_lossy(&data).contains("Pr0xyS3cret"),
+                "{path} carries the proxy value"
+            );
+            config_seen |= path != "manifest.json";
+        }
+    }
+    assert!(config_seen);
+}
