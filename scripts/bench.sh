@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmark: import, save and load of a generated ~400 MB, 20,000-file image, printing
+# Benchmark: import, save, load, push and pull of a generated ~400 MB, 20,000-file image
+# (about half compressible: ~230 MB gzipped), builds, printing
 # seconds and the daemon's peak RSS for each step, so later work can be compared.
 #   scripts/bench.sh            (needs root; MB=... FILES=... to change the size)
 set -euo pipefail
@@ -13,6 +14,7 @@ sock="unix://$work/isula_build.sock"
 daemon=""
 cleanup() {
     if [ -n "$daemon" ]; then kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; fi
+    if [ -n "$registry" ]; then kill "$registry" 2>/dev/null || true; wait "$registry" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -26,10 +28,28 @@ with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
         info = tarfile.TarInfo(f"app/d{d:03}"); info.type = tarfile.DIRTYPE; info.mode = 0o755
         t.addfile(info)
     for i in range(files):
-        data = os.urandom(per)
+        # Like real files, about half compressible: gzip makes the layer ~230 MB.
+        rand = per * 55 // 100
+        data = os.urandom(rand) + (b"isula-build bench %05d " % i) * ((per - rand) // 24 + 1)
+        data = data[:per]
         info = tarfile.TarInfo(f"app/d{i % 100:03}/f{i:05}.bin"); info.size = len(data); info.mode = 0o644
         t.addfile(info, io.BytesIO(data))
 PY
+
+# A Distribution registry for push and pull, when installed (plain HTTP on 127.0.0.1).
+registry=""
+reg_host=""
+if command -v docker-registry >/dev/null 2>&1; then
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    reg_host="127.0.0.1:$port"
+    mkdir -p "$work/etc" "$work/registry"
+    printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n' \
+        "$work/registry" "$reg_host" > "$work/registry.yml"
+    docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+    registry=$!
+    printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$reg_host" > "$work/etc/registries.toml"
+    for _ in $(seq 100); do curl -sf "http://$reg_host/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 
 "$bin/isula-builder" --dataroot "$work/data" --runroot "$work/run" --host "$sock" \
     --config-dir "$work/etc" 2>"$work/daemon.log" &
@@ -57,6 +77,21 @@ step() {
 size=$(du -m "$work/rootfs.tar" | cut -f1)
 echo "# image: $files files, ${size} MB tar"
 step "import (tar)" ctr-img import "$work/rootfs.tar" bench:1
+if [ -n "$reg_host" ]; then
+    # Right after the import, the push waits for the layer's gzip, which the daemon makes in
+    # the background after every commit; the second push (to an emptied registry) finds it
+    # ready and only sends it.
+    "$bin/isula-build" ctr-img tag bench:1 "$reg_host/bench:1" >/dev/null
+    step "push (right after import)" ctr-img push "$reg_host/bench:1"
+    echo "# registry holds $(du -sm "$work/registry" | cut -f1) MB"
+    rm -rf "${work:?}/registry/"*
+    step "push (gzip ready)" ctr-img push "$reg_host/bench:1"
+    step "rm" ctr-img rm -a
+    step "pull (empty store)" ctr-img pull "$reg_host/bench:1"
+    # Back to the imported image for the steps below.
+    "$bin/isula-build" ctr-img rm -a >/dev/null
+    "$bin/isula-build" ctr-img import "$work/rootfs.tar" bench:1 >/dev/null
+fi
 step "save docker-archive" ctr-img save bench:1 -o "$work/docker.tar"
 step "save oci-archive" ctr-img save bench:1 -o "$work/oci.tar" -f oci
 step "rm" ctr-img rm bench:1

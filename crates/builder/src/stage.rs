@@ -837,6 +837,8 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 isula_store::StoreError::io("write", upper.diff_dir(), e.into_error())
             })?;
             let (blob, size) = self.lease.commit_blob(writer, None)?;
+            // Its gzip form, for pushing, is made in the background.
+            store.queue_compression(&blob);
             let diff = DiffId(blob.clone());
             let chain = ChainId::next(layers.last().map(|l| &l.chain_id), &diff);
             store.commit_layer(upper, &chain, self.lease)?;

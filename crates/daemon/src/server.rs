@@ -132,6 +132,14 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     let listener = bind(&socket, &settings.group)?;
     write_public_key(&settings.config_dir, key.public_pem())?;
     let state = State::new(settings, store, key);
+    // Gzips committed layers in the background, for pushes.
+    let compressor = {
+        let state = state.clone();
+        std::thread::Builder::new()
+            .name("compressor".into())
+            .spawn(move || state.store.run_compressor())
+            .context("starting the compressor thread")?
+    };
     let service = ControlServer::new(Service {
         state: state.clone(),
     })
@@ -152,6 +160,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     // Stop accepting first, then cancel what runs, then wait for it to clean up.
     let _ = std::fs::remove_file(&socket);
     state.cancel_all();
+    state.store.stop_compressor();
     let _ = stop_tx.send(());
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(Ok(Ok(()))) => {}
@@ -165,6 +174,9 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
             running = state.running(),
             "operations still running after {SHUTDOWN_GRACE:?}"
         );
+    }
+    if compressor.join().is_err() {
+        tracing::error!("the compressor thread panicked");
     }
     tracing::info!("isula-builder stopped");
     Ok(())

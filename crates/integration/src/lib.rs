@@ -259,7 +259,74 @@ impl Daemon {
     }
 
     /// What the store holds on disk, for "nothing changed" checks.
+    /// Waits until the background compressor has made the gzip form of every uncompressed
+    /// layer blob of every image (so that snapshots are not taken half-way through).
+    pub fn wait_compressed(&self) {
+        let data = self.data();
+        let done = || {
+            let Ok(text) = std::fs::read_to_string(data.join("metadata.json")) else {
+                return true;
+            };
+            let Ok(meta) = serde_json::from_str::<serde_json::Value>(&text) else {
+                return false;
+            };
+            let empty = serde_json::Map::new();
+            let compressed = meta["compressed"].as_object().unwrap_or(&empty);
+            let images = meta["images"].as_object().unwrap_or(&empty);
+            images.values().all(|img| {
+                img["blobs"].as_array().into_iter().flatten().all(|b| {
+                    let Some(d) = b.as_str() else { return true };
+                    let hex = d.trim_start_matches("sha256:");
+                    let mut head = [0u8; 2];
+                    let gz = std::fs::File::open(data.join("blobs/sha256").join(hex))
+                        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                        .map(|_| head == [0x1f, 0x8b])
+                        .unwrap_or(true);
+                    gz || compressed.get(d).is_some_and(|c| {
+                        c["digest"].as_str().is_some_and(|g| {
+                            data.join("blobs/sha256")
+                                .join(g.trim_start_matches("sha256:"))
+                                .exists()
+                        })
+                    })
+                })
+            }) && std::fs::read_dir(data.join("ingest")).map_or(true, |mut d| d.next().is_none())
+                && {
+                    // Every blob on disk is referenced (a finished gzip of a layer whose image
+                    // was removed meanwhile is collected right after).
+                    let mut live = std::collections::HashSet::new();
+                    for img in images.values() {
+                        for b in img["blobs"].as_array().into_iter().flatten() {
+                            if let Some(d) = b.as_str() {
+                                live.insert(d.to_string());
+                                if let Some(g) =
+                                    compressed.get(d).and_then(|c| c["digest"].as_str())
+                                {
+                                    live.insert(g.to_string());
+                                }
+                            }
+                        }
+                        for k in ["manifest", "id"] {
+                            if let Some(d) = img[k].as_str() {
+                                live.insert(d.to_string());
+                            }
+                        }
+                    }
+                    std::fs::read_dir(data.join("blobs/sha256")).map_or(true, |rd| {
+                        rd.flatten().all(|e| {
+                            live.contains(&format!("sha256:{}", e.file_name().to_string_lossy()))
+                        })
+                    })
+                }
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn store_snapshot(&self) -> Vec<String> {
+        self.wait_compressed();
         let data = self.data();
         let mut out = Vec::new();
         for sub in ["blobs/sha256", "layers", "ingest", "tmp"] {
@@ -275,6 +342,7 @@ impl Daemon {
     }
 
     pub fn leftovers(&self) -> Vec<String> {
+        self.wait_compressed();
         let data = self.data();
         let mut out = Vec::new();
         for sub in ["ingest", "tmp"] {

@@ -445,18 +445,34 @@ fn layer(
     lease: &Lease,
     cancel: &Cancel,
 ) -> Result<Option<u64>> {
-    if !store.content().contains(&desc.digest) {
-        fetch_blob(client, repo, desc, store, lease, cancel)?;
-    }
+    let have_blob = store.content().contains(&desc.digest);
     if store.has_layer(chain) {
+        if !have_blob {
+            fetch_blob(client, repo, desc, store, lease, cancel)?;
+        }
         return Ok(None);
     }
-    cancel.check().map_err(|_| RegistryError::Cancelled)?;
-    let unpacked = isula_transport::archive::unpack_blob(store, &desc.digest)?;
+    let what = format!("layer {} of {repo}", desc.digest);
+    let unpacked = if have_blob {
+        isula_transport::archive::unpack_blob(store, &desc.digest)?
+    } else {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match stream_layer(store, client, repo, desc, lease, cancel) {
+                Ok(u) => break u,
+                Err(e @ RegistryError::Http { .. }) if attempt < 3 => {
+                    tracing::debug!(%what, error = %e, attempt, "layer download interrupted; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(250 << attempt));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
     if &unpacked.diff_id != diff_id {
         return Err(RegistryError::BadContent {
             registry: client.host().to_string(),
-            what: format!("layer {} of {repo}", desc.digest),
+            what,
             reason: format!(
                 "diff ID mismatch: config says {diff_id}, layer is {}",
                 unpacked.diff_id
@@ -468,4 +484,140 @@ fn layer(
         store.commit_layer(staged, chain, lease)?;
     }
     Ok(Some(size))
+}
+
+/// Reads a channel of chunks as one stream.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.cur = c;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Downloads a layer and unpacks it in one pass, on two threads: one receives, stores and
+/// hashes the compressed blob and decompresses it; the other hashes the tar and unpacks it.
+/// The blob is committed only if its digest and size match; the staged layer is dropped on
+/// any failure.
+fn stream_layer(
+    store: &Store,
+    client: &Client,
+    repo: &str,
+    desc: &Descriptor,
+    lease: &Lease,
+    cancel: &Cancel,
+) -> Result<isula_transport::archive::Unpacked> {
+    let scopes = [scope_pull(repo)];
+    let what = format!("blob {} of {repo}", desc.digest);
+    let resp = client.send(
+        &Req {
+            method: Method::GET,
+            url: format!("/v2/{repo}/blobs/{}", desc.digest),
+            scopes: &scopes,
+            idempotent: true,
+            what: what.clone(),
+        },
+        &Ok,
+    )?;
+    if !resp.status().is_success() {
+        return Err(client.status_error(&what, resp));
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let host = client.host().to_string();
+    let bad = |reason: String| RegistryError::BadContent {
+        registry: host.clone(),
+        what: what.clone(),
+        reason,
+    };
+    let (produced, consumed) = std::thread::scope(|s| {
+        // Network errors fail the producer; a stream that does not decompress is noted and
+        // the rest still drained, so that the digest can say whether the blob was intact.
+        type Produced =
+            std::result::Result<(isula_store::BlobWriter, Option<String>), std::io::Error>;
+        let producer = s.spawn(move || -> Produced {
+            let mut writer = store.content().writer().map_err(std::io::Error::other)?;
+            let mut decode_error = None;
+            {
+                let mut tee = isula_store::TeeReader {
+                    inner: Guarded {
+                        inner: resp,
+                        cancel: cancel.clone(),
+                        remaining: desc.size,
+                    },
+                    sink: &mut writer,
+                };
+                let decoded = (|| -> std::io::Result<()> {
+                    let (_, mut plain) = isula_store::compression::decompress(&mut tee)?;
+                    loop {
+                        let mut chunk = vec![0u8; 256 << 10];
+                        let n = plain.read(&mut chunk)?;
+                        if n == 0 || {
+                            chunk.truncate(n);
+                            tx.send(chunk).is_err()
+                        } {
+                            return Ok(());
+                        }
+                    }
+                })();
+                drop(tx);
+                if let Err(e) = decoded {
+                    if e.kind() != std::io::ErrorKind::InvalidData
+                        && e.kind() != std::io::ErrorKind::UnexpectedEof
+                        && e.kind() != std::io::ErrorKind::InvalidInput
+                    {
+                        return Err(e);
+                    }
+                    decode_error = Some(format!("layer data: {e}"));
+                }
+                std::io::copy(&mut tee, &mut std::io::sink())?;
+            }
+            Ok((writer, decode_error))
+        });
+        let reader = ChannelReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+        };
+        let consumed = isula_transport::archive::unpack_stream(store, reader, true);
+        let produced = producer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("download thread panicked")));
+        (produced, consumed)
+    });
+    let (writer, decode_error) = match produced {
+        Ok(w) => w,
+        Err(e) if isula_transport::is_cancelled(&e) => return Err(RegistryError::Cancelled),
+        Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => {
+            return Err(bad(format!(
+                "larger than the {} bytes the manifest says",
+                desc.size
+            )))
+        }
+        Err(e) => return Err(client.http_error(&what, e)),
+    };
+    // A corrupted blob is named as such before whatever its unpacking tripped over.
+    lease
+        .commit_blob(writer, Some((&desc.digest, Some(desc.size))))
+        .map_err(|e| bad(e.to_string()))?;
+    if let Some(reason) = decode_error {
+        return Err(bad(reason));
+    }
+    let unpacked = consumed.map_err(bad)?;
+    Ok(unpacked.with_diff_id(&desc.digest))
 }

@@ -25,6 +25,7 @@ pub mod content;
 pub mod diff;
 pub mod error;
 pub mod metadata;
+pub mod pgzip;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
 pub use error::{ErrorKind, Result, StoreError};
@@ -63,7 +64,35 @@ pub struct Store {
     content: ContentStore,
     meta: Mutex<Metadata>,
     leases: Arc<Mutex<LeaseTable>>,
+    compressor: Compressor,
     _lock: isula_sys::FileLock,
+}
+
+/// Layers waiting for their gzip form, made in the background after a commit (import,
+/// build, load) so that a later push sends it as it is, without making the commit wait.
+#[derive(Default)]
+struct Compressor {
+    queue: Mutex<std::collections::VecDeque<Digest>>,
+    wake: std::sync::Condvar,
+    /// Blobs being compressed right now, and the signal when one finishes.
+    busy: Mutex<HashSet<Digest>>,
+    done: std::sync::Condvar,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Reads until the compressor is told to stop.
+struct StopReader<'a> {
+    inner: fs::File,
+    stop: &'a std::sync::atomic::AtomicBool,
+}
+
+impl std::io::Read for StopReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("the store is shutting down"));
+        }
+        self.inner.read(buf)
+    }
 }
 
 #[derive(Default)]
@@ -178,6 +207,7 @@ impl Store {
             content,
             meta: Mutex::new(meta),
             leases: Arc::default(),
+            compressor: Compressor::default(),
             _lock: lock,
         };
         let mut report = OpenReport {
@@ -337,21 +367,45 @@ impl Store {
         Ok(())
     }
 
-    /// The gzip form of the uncompressed layer blob `blob`: the recorded one, or made now
-    /// (streamed, hashed while written) and recorded.
+    /// The gzip form of the uncompressed layer blob `blob`: the recorded one, the one being
+    /// made in the background (waited for), or made now and recorded.
     pub fn gzip_blob(&self, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
-        if let Some(c) = self.compressed(blob) {
-            lease.blob(&c.digest);
-            return Ok((c.digest, c.size));
+        let c = &self.compressor;
+        loop {
+            if let Some(done) = self.compressed(blob) {
+                lease.blob(&done.digest);
+                return Ok((done.digest, done.size));
+            }
+            let mut busy = c.busy.lock().unwrap_or_else(|p| p.into_inner());
+            if busy.contains(blob) {
+                drop(c.done.wait(busy).unwrap_or_else(|p| p.into_inner()));
+                continue;
+            }
+            busy.insert(blob.clone());
+            break;
         }
-        let mut src = std::io::BufReader::with_capacity(1 << 20, self.content.open(blob)?);
+        let result = self.compress_now(blob, lease);
+        c.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(blob);
+        c.done.notify_all();
+        result
+    }
+
+    fn compress_now(&self, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
+        let path = self.content.path(blob);
+        let mut src = StopReader {
+            inner: self.content.open(blob)?,
+            stop: &self.compressor.stopping,
+        };
         let w = self.content.writer()?;
-        let mut enc = flate2::write::GzEncoder::new(w, compression::GZIP_LEVEL);
-        std::io::copy(&mut src, &mut enc)
-            .map_err(|e| StoreError::io("compress", self.content.path(blob), e))?;
+        let mut enc = pgzip::ParallelGzip::new(w, compression::GZIP_LEVEL)
+            .map_err(|e| StoreError::io("compress", &path, e))?;
+        std::io::copy(&mut src, &mut enc).map_err(|e| StoreError::io("compress", &path, e))?;
         let w = enc
             .finish()
-            .map_err(|e| StoreError::io("compress", self.content.path(blob), e))?;
+            .map_err(|e| StoreError::io("compress", &path, e))?;
         let (digest, size) = lease.commit_blob(w, None)?;
         self.record_compressed(
             blob,
@@ -361,6 +415,66 @@ impl Store {
             },
         )?;
         Ok((digest, size))
+    }
+
+    /// Asks for `blob` (an uncompressed layer) to be gzipped in the background.
+    pub fn queue_compression(&self, blob: &Digest) {
+        let c = &self.compressor;
+        c.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(blob.clone());
+        c.wake.notify_one();
+    }
+
+    /// Runs the background compressor until `stop_compressor` (the daemon gives it a thread).
+    pub fn run_compressor(&self) {
+        use std::sync::atomic::Ordering;
+        let c = &self.compressor;
+        loop {
+            let next = {
+                let mut q = c.queue.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if c.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(d) = q.pop_front() {
+                        break d;
+                    }
+                    q = c.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let lease = self.lease();
+            lease.blob(&next);
+            if !self.content.contains(&next) || self.compressed(&next).is_some() {
+                continue;
+            }
+            match self.gzip_blob(&next, &lease) {
+                Ok((gz, size)) => {
+                    tracing::debug!(blob = %next, gzip = %gz, size, "layer compressed")
+                }
+                Err(e) if c.stopping.load(Ordering::SeqCst) => {
+                    tracing::debug!(blob = %next, error = %e, "compression stopped")
+                }
+                Err(e) => tracing::warn!(blob = %next, error = %e, "compressing a layer"),
+            }
+            drop(lease);
+            // The image may have been removed meanwhile: then both blobs are garbage now.
+            let referenced = self.meta().images.values().any(|i| i.blobs.contains(&next));
+            if !referenced {
+                if let Err(e) = self.gc() {
+                    tracing::warn!(error = %e, "collecting after compression");
+                }
+            }
+        }
+    }
+
+    /// Stops the background compressor (an unfinished gzip is discarded).
+    pub fn stop_compressor(&self) {
+        let c = &self.compressor;
+        c.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _q = c.queue.lock().unwrap_or_else(|p| p.into_inner());
+        c.wake.notify_all();
     }
 
     pub fn images(&self) -> Vec<ImageRecord> {

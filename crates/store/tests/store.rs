@@ -166,3 +166,39 @@ fn reopen_sweeps_and_keeps_images() {
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains(blob.as_str()) && problems[0].contains("digest mismatch"));
 }
+
+#[test]
+fn background_compressor_makes_one_gzip_and_collects_it_with_its_layer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 97) as u8).collect();
+    let lease = store.lease();
+    let blob = lease.put_blob(store.content(), &data).expect("put");
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| store.run_compressor());
+        store.queue_compression(&blob);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while store.compressed(&blob).is_none() {
+            assert!(std::time::Instant::now() < deadline, "never compressed");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Asking again waits for or reuses that one: no second gzip.
+        let (gz, size) = store.gzip_blob(&blob, &lease).expect("gzip");
+        assert_eq!(store.compressed(&blob).map(|c| c.digest), Some(gz.clone()));
+        assert_eq!(store.content().size(&gz).expect("size"), size);
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(store.content().open(&gz).expect("open")),
+            &mut back,
+        )
+        .expect("gunzip");
+        assert!(back == data, "the gzip holds the layer");
+        store.stop_compressor();
+        worker.join().expect("compressor thread");
+        // Once nothing holds the layer, both go.
+        drop(lease);
+        store.gc().expect("gc");
+        assert!(!store.content().contains(&blob) && !store.content().contains(&gz));
+        assert!(store.compressed(&blob).is_none());
+    });
+}

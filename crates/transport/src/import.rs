@@ -80,6 +80,8 @@ fn import_leased(
         unpacked
     };
     let (blob, blob_size) = lease.commit_blob(writer, None)?;
+    // Its gzip form, for pushing, is made in the background.
+    store.queue_compression(&blob);
     let unpacked = unpacked.with_diff_id(&blob);
     for dev in &unpacked.skipped_devices {
         progress(format!(
