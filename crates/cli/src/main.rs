@@ -35,6 +35,9 @@ pub enum Command {
     Login(cmd::login::LoginArgs),
     /// Logout from a remote registry
     Logout(cmd::login::LogoutArgs),
+    /// Manage manifest lists (experimental: the daemon needs --experimental)
+    #[command(subcommand)]
+    Manifest(cmd::manifest::Manifest),
     /// Show the isula-build version information
     Version,
     /// Generate a shell completion script

@@ -5,16 +5,12 @@ use crate::state::{stream_blocking, LineStream, State};
 use crate::{peer, rpc};
 use isula_api::v1::control_server::Control;
 use isula_api::v1::*;
-use std::pin::Pin;
 use std::sync::Arc;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 pub struct Service {
     pub state: Arc<State>,
 }
-
-type Pending<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
@@ -22,6 +18,18 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| crate::error::internal(format!("task failed: {e}")))?
+}
+
+impl Service {
+    /// Manifest lists are experimental: the daemon must run with --experimental.
+    fn experimental<T>(&self, r: &Request<T>) -> Result<(), Status> {
+        if !self.state.settings.experimental {
+            return Err(Status::failed_precondition(
+                "manifest commands are experimental: start isula-builder with --experimental",
+            ));
+        }
+        root_only(r, "managing manifest lists")
+    }
 }
 
 /// Registry operations use the daemon's stored credentials: root only, like builds.
@@ -186,30 +194,52 @@ impl Control for Service {
 
     async fn manifest_create(
         &self,
-        _r: Request<ManifestCreateRequest>,
+        r: Request<ManifestCreateRequest>,
     ) -> Result<Response<ManifestCreateResponse>, Status> {
-        Err(rpc::unimplemented("ManifestCreate", "manifest lists"))
+        self.experimental(&r)?;
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::manifest::create(&state, req))
+            .await
+            .map(Response::new)
     }
 
     async fn manifest_annotate(
         &self,
-        _r: Request<ManifestAnnotateRequest>,
+        r: Request<ManifestAnnotateRequest>,
     ) -> Result<Response<()>, Status> {
-        Err(rpc::unimplemented("ManifestAnnotate", "manifest lists"))
+        self.experimental(&r)?;
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::manifest::annotate(&state, req))
+            .await
+            .map(Response::new)
     }
 
     async fn manifest_inspect(
         &self,
-        _r: Request<ManifestInspectRequest>,
+        r: Request<ManifestInspectRequest>,
     ) -> Result<Response<ManifestInspectResponse>, Status> {
-        Err(rpc::unimplemented("ManifestInspect", "manifest lists"))
+        self.experimental(&r)?;
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::manifest::inspect(&state, req))
+            .await
+            .map(Response::new)
     }
 
-    type ManifestPushStream = Pending<ManifestPushResponse>;
+    type ManifestPushStream = LineStream<ManifestPushResponse>;
     async fn manifest_push(
         &self,
-        _r: Request<ManifestPushRequest>,
+        r: Request<ManifestPushRequest>,
     ) -> Result<Response<Self::ManifestPushStream>, Status> {
-        Err(rpc::unimplemented("ManifestPush", "manifest lists"))
+        self.experimental(&r)?;
+        let req = r.into_inner();
+        let wrap = |result| ManifestPushResponse { result };
+        Ok(Response::new(stream_blocking(
+            &self.state,
+            wrap,
+            move |state, cancel, out| rpc::manifest::push(state, req, cancel, out),
+        )))
     }
 }

@@ -20,6 +20,8 @@ pub struct State {
     pub registry: isula_registry::Context,
     /// Decrypts passwords and proxy build args (control-api.md, secrets in transit).
     pub key: isula_api::secret::KeyPair,
+    /// Local manifest lists (experimental).
+    pub lists: isula_registry::manifest_list::Lists,
     ops: Mutex<Ops>,
     /// Signalled whenever an operation ends (shutdown waits on it).
     op_ended: tokio::sync::Notify,
@@ -57,7 +59,10 @@ impl State {
             certs_dir: settings.config_dir.join("certs.d"),
             auth: isula_registry::AuthFile::new(settings.config_dir.join("auth.json")),
         };
+        let lists =
+            isula_registry::manifest_list::Lists::new(settings.data_root.join("manifest-lists"));
         Arc::new(State {
+            lists,
             registry,
             key,
             settings,

@@ -467,3 +467,161 @@ fn proxy_build_args_travel_encrypted_and_stay_out_of_logs_and_images() {
     }
     assert!(config_seen);
 }
+
+#[test]
+fn manifest_lists_create_annotate_inspect_push() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    // Without --experimental the commands are refused.
+    let plain = Daemon::start();
+    let err = plain.fails(&["manifest", "inspect", "x:1"]);
+    assert!(err.contains("--experimental"), "{err}");
+
+    let d = Daemon::start_configured(
+        &[("registries.toml", &insecure(&host))],
+        &["--experimental"],
+        &[],
+    );
+    let amd = import_busybox(&d, "multi-amd64:1");
+    let tar = d.dir.path().join("other.tar");
+    std::fs::write(&tar, busybox_rootfs(&[("etc/flavour", b"arm\n")])).expect("rootfs");
+    let out = d.ok(&[
+        "ctr-img",
+        "import",
+        tar.to_str().expect("path"),
+        "multi-arm64:1",
+    ]);
+    let arm = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Import success with image id: "))
+        .expect("id")
+        .trim()
+        .to_string();
+    let list_id = d.ok(&[
+        "manifest",
+        "create",
+        "multi:1",
+        "multi-amd64:1",
+        "multi-arm64:1",
+    ]);
+    assert_eq!(list_id.trim().len(), 64, "{list_id}");
+    let err = d.fails(&["manifest", "create", "multi:1", "multi-amd64:1"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = d.fails(&["manifest", "create", "other:1", "no-such-image:1"]);
+    assert!(err.contains("no-such-image"), "{err}");
+    d.ok(&[
+        "manifest",
+        "annotate",
+        "--arch",
+        "arm64",
+        "--variant",
+        "v8",
+        "multi:1",
+        "multi-arm64:1",
+    ]);
+    let err = d.fails(&[
+        "manifest",
+        "annotate",
+        "--arch",
+        "arm64",
+        "multi:1",
+        "busybox-not-listed:1",
+    ]);
+    assert!(err.contains("busybox-not-listed"), "{err}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&d.ok(&["manifest", "inspect", "multi:1"])).expect("json");
+    assert_eq!(
+        shown["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    let arches: Vec<String> = shown["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["architecture"].as_str().unwrap_or(""),
+                m["platform"]["variant"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(arches, vec!["amd64/".to_string(), "arm64/v8".to_string()]);
+
+    let dest = format!("{host}/multi:1");
+    let out = d.ok(&["manifest", "push", "multi:1", &dest]);
+    assert!(
+        out.contains("Writing manifest list to image destination"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with(&format!("Push success with image: {dest}\n")),
+        "{out}"
+    );
+    let raw = skopeo_raw(&format!("docker://{dest}"));
+    assert_eq!(
+        raw["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    let listed = raw["manifests"].as_array().expect("manifests");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1]["platform"]["architecture"], "arm64");
+    // Each listed manifest is in the repository, and a pull picks this machine's entry.
+    for m in listed {
+        let digest = m["digest"].as_str().expect("digest");
+        skopeo_raw(&format!("docker://{host}/multi@{digest}"));
+    }
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["ctr-img", "pull", &dest]);
+    assert_eq!(id_of(&d, &dest).as_deref(), Some(&amd[..12]));
+    assert_ne!(amd, arm);
+}
+
+#[test]
+fn search_registries_mirrors_and_rewriting() {
+    if !ready() {
+        return;
+    }
+    let mirror = Registry::start(RegistryOptions::default());
+    let primary = Registry::start(RegistryOptions::default());
+    let (m, p) = (mirror.host(), primary.host());
+    // Put an image in the mirror only.
+    let seed = daemon_for(&[&m]);
+    let id = import_busybox(&seed, &format!("{m}/team/busybox:1"));
+    seed.ok(&["ctr-img", "push", &format!("{m}/team/busybox:1")]);
+    let conf = format!(
+        "unqualified-search-registries = [\"{p}\", \"{m}\"]\n\
+         [[registry]]\nprefix = \"example.test/team\"\nlocation = \"{p}/team\"\ninsecure = true\n\
+         [[registry.mirror]]\nlocation = \"{m}/team\"\ninsecure = true\n\
+         [[registry]]\nlocation = \"{p}\"\ninsecure = true\n\
+         [[registry]]\nlocation = \"{m}\"\ninsecure = true\n"
+    );
+    let d = Daemon::start_configured(&[("registries.toml", &conf)], &[], &[]);
+    // A name under the prefix comes from the mirror (the primary location lacks it).
+    let out = d.ok(&["ctr-img", "pull", "example.test/team/busybox:1"]);
+    assert!(
+        out.contains("Pull success with image: example.test/team/busybox:1"),
+        "{out}"
+    );
+    assert_eq!(
+        id_of(&d, "example.test/team/busybox:1").as_deref(),
+        Some(&id[..12])
+    );
+    // A short name is tried in each search registry in turn; the second has it.
+    let out = d.ok(&["ctr-img", "pull", "team/busybox:1"]);
+    assert!(
+        out.contains(&format!("Pull success with image: {m}/team/busybox:1")),
+        "{out}"
+    );
+    // And a build's FROM finds it by the short name now in the store, without pulling.
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), "FROM team/busybox:1\nRUN true\n").expect("df");
+    let gets = mirror.count_requests("GET", "/manifests/");
+    let out = d.ok(&["ctr-img", "build", ctx.to_str().expect("ctx")]);
+    assert!(!out.contains("Pulling image"), "{out}");
+    assert_eq!(mirror.count_requests("GET", "/manifests/"), gets);
+}

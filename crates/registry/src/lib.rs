@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod manifest_list;
 pub mod policy;
 pub mod pull;
 pub mod push;

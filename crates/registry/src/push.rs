@@ -451,22 +451,58 @@ pub fn push(
     let client = ctx.client(endpoint)?;
     let repo = dest.path().to_string();
     let tag = dest.tag().unwrap_or("latest").to_string();
+    push_image(
+        store, &client, &image, &repo, &tag, format, cancel, progress,
+    )
+    .map(|p| p.digest)
+}
+
+/// What a pushed image manifest is, for listing it in a manifest list.
+pub struct Pushed {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// Sends `image`'s blobs and then its manifest to `repo`, under `reference` (a tag, or the
+/// manifest's own digest when empty).
+#[allow(clippy::too_many_arguments)]
+pub fn push_image(
+    store: &Store,
+    client: &Client,
+    image: &ImageRecord,
+    repo: &str,
+    reference: &str,
+    format: Format,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<Pushed> {
     let lease = store.lease();
-    let (manifest, media_type, blobs, config) = manifest_for_push(store, &image, format, &lease)?;
+    let (manifest, media_type, blobs, config) = manifest_for_push(store, image, format, &lease)?;
     progress("Getting image source signatures\n".into());
     for b in &blobs {
         cancel.check().map_err(|_| RegistryError::Cancelled)?;
         let sources = mount_sources(store, client.host(), b);
-        match send_blob(&client, store, &repo, b, &sources, cancel)? {
+        match send_blob(client, store, repo, b, &sources, cancel)? {
             Sent::Exists => progress(format!("Copying blob {b} skipped: already exists\n")),
             Sent::Mounted | Sent::Uploaded => progress(format!("Copying blob {b}\n")),
         }
     }
     progress(format!("Copying config {config}\n"));
-    send_blob(&client, store, &repo, &config, &[], cancel)?;
+    send_blob(client, store, repo, &config, &[], cancel)?;
     progress("Writing manifest to image destination\n".into());
-    let digest = put_manifest(&client, &repo, &tag, &manifest, &media_type)?;
+    let by_digest = Digest::of_bytes(&manifest).to_string();
+    let reference = if reference.is_empty() {
+        by_digest.as_str()
+    } else {
+        reference
+    };
+    let digest = put_manifest(client, repo, reference, &manifest, &media_type)?;
     progress("Storing signatures\n".into());
     drop(lease);
-    Ok(digest)
+    Ok(Pushed {
+        digest,
+        size: manifest.len() as u64,
+        media_type,
+    })
 }

@@ -6,6 +6,7 @@ pub mod import;
 pub mod info;
 pub mod load;
 pub mod login;
+pub mod manifest;
 pub mod pull;
 pub mod push;
 pub mod rm;
@@ -51,6 +52,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(&mut connect(&cli.host).await?, a).await,
         Command::Login(a) => login::login(&mut connect(&cli.host).await?, a).await,
         Command::Logout(a) => login::logout(&mut connect(&cli.host).await?, a).await,
+        Command::Manifest(m) => manifest::run(&mut connect(&cli.host).await?, m).await,
         Command::Version => version::run(&cli.host).await,
         Command::Completion { .. } => Ok(()),
     }

@@ -6,6 +6,7 @@ pub mod import;
 pub mod info;
 pub mod list;
 pub mod load;
+pub mod manifest;
 pub mod registry;
 pub mod remove;
 pub mod save;
@@ -13,13 +14,6 @@ pub mod tag;
 pub mod version;
 
 use tonic::Status;
-
-/// Methods whose issues have not landed yet.
-pub fn unimplemented(method: &str, what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{method} is not implemented yet: {what} is not supported by this isula-builder"
-    ))
-}
 
 /// A path sent by the client must be absolute (the client makes it so).
 pub fn absolute_path(what: &str, p: &str) -> Result<std::path::PathBuf, Status> {

@@ -1,0 +1,105 @@
+//! `manifest create|annotate|inspect|push`: manifest lists (the daemon must run with
+//! --experimental).
+
+use super::Client;
+use crate::output::print_stream;
+use anyhow::Result;
+use isula_api::v1::{
+    ManifestAnnotateRequest, ManifestCreateRequest, ManifestInspectRequest, ManifestPushRequest,
+};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Manifest {
+    /// Create a local manifest list over images of the store
+    Create {
+        /// Name of the manifest list
+        list: String,
+        /// Images to list
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Set the platform of an image in a manifest list
+    Annotate {
+        /// Name of the manifest list
+        list: String,
+        /// Image in the list
+        image: String,
+        /// Architecture, e.g. arm64
+        #[arg(long)]
+        arch: Option<String>,
+        /// Operating system, e.g. linux
+        #[arg(long)]
+        os: Option<String>,
+        /// Operating system features (repeatable)
+        #[arg(long = "os-features")]
+        os_features: Vec<String>,
+        /// Architecture variant, e.g. v8
+        #[arg(long)]
+        variant: Option<String>,
+    },
+    /// Show a manifest list
+    Inspect {
+        /// Name of the manifest list
+        list: String,
+    },
+    /// Push a manifest list and its images to a registry
+    Push {
+        /// Name of the manifest list
+        list: String,
+        /// Destination, e.g. registry.example.com/app:1.0
+        dest: String,
+    },
+}
+
+pub async fn run(client: &mut Client, m: Manifest) -> Result<()> {
+    match m {
+        Manifest::Create { list, images } => {
+            let r = client
+                .manifest_create(ManifestCreateRequest {
+                    manifest_list: list,
+                    manifests: images,
+                })
+                .await?;
+            println!("{}", r.into_inner().image_id);
+        }
+        Manifest::Annotate {
+            list,
+            image,
+            arch,
+            os,
+            os_features,
+            variant,
+        } => {
+            client
+                .manifest_annotate(ManifestAnnotateRequest {
+                    manifest_list: list,
+                    manifest: image,
+                    arch: arch.unwrap_or_default(),
+                    os: os.unwrap_or_default(),
+                    os_features,
+                    variant: variant.unwrap_or_default(),
+                })
+                .await?;
+        }
+        Manifest::Inspect { list } => {
+            let r = client
+                .manifest_inspect(ManifestInspectRequest {
+                    manifest_list: list,
+                })
+                .await?;
+            let data = r.into_inner().data;
+            println!("{}", String::from_utf8_lossy(&data));
+        }
+        Manifest::Push { list, dest } => {
+            let stream = client
+                .manifest_push(ManifestPushRequest {
+                    manifest_list: list,
+                    dest,
+                })
+                .await?
+                .into_inner();
+            print_stream(stream, |r| r.result).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! Manifest lists (experimental): create, annotate, inspect, push.
+
+use crate::error;
+use crate::rpc::registry::status;
+use crate::state::State;
+use isula_api::v1::{
+    ManifestAnnotateRequest, ManifestCreateRequest, ManifestCreateResponse, ManifestInspectRequest,
+    ManifestInspectResponse, ManifestPushRequest,
+};
+use isula_transport::Cancel;
+use std::sync::Arc;
+use tonic::Status;
+
+fn need(what: &str, v: &str) -> Result<(), Status> {
+    if v.trim().is_empty() {
+        return Err(error::invalid(format!("{what} is required")));
+    }
+    Ok(())
+}
+
+pub fn create(state: &State, req: ManifestCreateRequest) -> Result<ManifestCreateResponse, Status> {
+    need("the manifest list name", &req.manifest_list)?;
+    let id = state
+        .lists
+        .create(&state.store, &req.manifest_list, &req.manifests)
+        .map_err(status)?;
+    Ok(ManifestCreateResponse {
+        image_id: id.hex().to_string(),
+    })
+}
+
+pub fn annotate(state: &State, req: ManifestAnnotateRequest) -> Result<(), Status> {
+    need("the manifest list name", &req.manifest_list)?;
+    need("the image", &req.manifest)?;
+    if req.arch.is_empty()
+        && req.os.is_empty()
+        && req.os_features.is_empty()
+        && req.variant.is_empty()
+    {
+        return Err(error::invalid(
+            "nothing to annotate: give --arch, --os, --os-features or --variant",
+        ));
+    }
+    state
+        .lists
+        .annotate(
+            &state.store,
+            &req.manifest_list,
+            &req.manifest,
+            &req.arch,
+            &req.os,
+            &req.os_features,
+            &req.variant,
+        )
+        .map_err(status)
+}
+
+pub fn inspect(
+    state: &State,
+    req: ManifestInspectRequest,
+) -> Result<ManifestInspectResponse, Status> {
+    need("the manifest list name", &req.manifest_list)?;
+    let data = state
+        .lists
+        .inspect(&state.store, &req.manifest_list)
+        .map_err(status)?;
+    Ok(ManifestInspectResponse { data })
+}
+
+pub fn push(
+    state: &Arc<State>,
+    req: ManifestPushRequest,
+    cancel: &Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<(), Status> {
+    need("the manifest list name", &req.manifest_list)?;
+    need("the destination", &req.dest)?;
+    let digest = state
+        .lists
+        .push(
+            &state.registry,
+            &state.store,
+            &req.manifest_list,
+            &req.dest,
+            cancel,
+            out,
+        )
+        .map_err(status)?;
+    tracing::info!(list = %req.manifest_list, dest = %req.dest, %digest, "manifest list pushed");
+    out(format!("Push success with image: {}\n", req.dest));
+    Ok(())
+}
