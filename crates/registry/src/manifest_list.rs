@@ -29,6 +29,15 @@ struct ListFile {
     entries: Vec<Entry>,
 }
 
+/// Platform fields to set on a list entry; empty ones are left as they are.
+#[derive(Debug, Default)]
+pub struct Annotation {
+    pub arch: String,
+    pub os: String,
+    pub os_features: Vec<String>,
+    pub variant: String,
+}
+
 pub struct Lists {
     dir: PathBuf,
     lock: Mutex<()>,
@@ -167,11 +176,14 @@ impl Lists {
         store: &Store,
         name: &str,
         image: &str,
-        arch: &str,
-        os: &str,
-        os_features: &[String],
-        variant: &str,
+        patch: &Annotation,
     ) -> Result<()> {
+        let Annotation {
+            arch,
+            os,
+            os_features,
+            variant,
+        } = patch;
         let r = list_name(name)?;
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = self.read(&r)?;

@@ -47,10 +47,12 @@ pub fn annotate(state: &State, req: ManifestAnnotateRequest) -> Result<(), Statu
             &state.store,
             &req.manifest_list,
             &req.manifest,
-            &req.arch,
-            &req.os,
-            &req.os_features,
-            &req.variant,
+            &isula_registry::manifest_list::Annotation {
+                arch: req.arch.clone(),
+                os: req.os.clone(),
+                os_features: req.os_features.clone(),
+                variant: req.variant.clone(),
+            },
         )
         .map_err(status)
 }
