@@ -414,6 +414,8 @@ pub enum Fault {
     KillDuringBlobGet,
     /// Kill the registry half-way through the first blob upload (PUT or PATCH).
     KillDuringUpload,
+    /// Answer blob GETs with a redirect to `http://127.0.0.2:PORT/blob/<hex>` (another host).
+    RedirectBlobs(u16),
 }
 
 /// A one-request-per-connection HTTP proxy in front of a registry.
@@ -485,6 +487,18 @@ fn proxy_one(
     head.push_str("Connection: close\r\n\r\n");
     up.write_all(head.as_bytes())?;
     let current = *fault.lock().map_err(|_| std::io::Error::other("lock"))?;
+    if let (Fault::RedirectBlobs(port), true) =
+        (current, method == "GET" && path.contains("/blobs/sha256:"))
+    {
+        let hex = path.rsplit("sha256:").next().unwrap_or_default();
+        cw.write_all(
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.2:{port}/blob/{hex}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        return Ok(());
+    }
     let upload =
         (method == "PUT" || method == "PATCH") && path.contains("/blobs/uploads/") && len > 0;
     if upload && current == Fault::KillDuringUpload {

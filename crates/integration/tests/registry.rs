@@ -625,3 +625,87 @@ fn search_registries_mirrors_and_rewriting() {
     assert!(!out.contains("Pulling image"), "{out}");
     assert_eq!(mirror.count_requests("GET", "/manifests/"), gets);
 }
+
+#[test]
+fn credentials_are_not_sent_across_a_redirect_to_another_host() {
+    if !(ready() && require_tool("htpasswd")) {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions {
+        htpasswd: Some(("tester".into(), "Redirect-Pass-3".into())),
+        ..Default::default()
+    });
+    let proxy = FaultProxy::start(reg.port, reg.pid_handle());
+    let phost = proxy.host();
+    let d = daemon_for(&[&phost]);
+    let o = login(&d, &phost, "tester", "Redirect-Pass-3");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let name = format!("{phost}/redir:1");
+    let id = import_busybox(&d, &name);
+    d.ok(&["ctr-img", "push", &name]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+
+    // Blob downloads are redirected to another host (127.0.0.2), which serves them from
+    // the registry's storage and notes any Authorization header it is sent.
+    let spy = std::net::TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    let spy_port = spy.local_addr().expect("addr").port();
+    let storage = reg.dir.path().join("data/docker/registry/v2/blobs/sha256");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (seen, served) = (seen.clone(), served.clone());
+        std::thread::spawn(move || {
+            for conn in spy.incoming().flatten() {
+                let mut w = conn.try_clone().expect("clone");
+                let mut r = std::io::BufReader::new(conn);
+                let mut req = String::new();
+                std::io::BufRead::read_line(&mut r, &mut req).expect("line");
+                loop {
+                    let mut h = String::new();
+                    if std::io::BufRead::read_line(&mut r, &mut h).unwrap_or(0) == 0
+                        || h.trim().is_empty()
+                    {
+                        break;
+                    }
+                    seen.lock().expect("seen").push(h.trim().to_string());
+                }
+                let hex = req
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|p| p.strip_prefix("/blob/"))
+                    .unwrap_or("")
+                    .to_string();
+                let data = std::fs::read(
+                    storage
+                        .join(&hex[..2.min(hex.len())])
+                        .join(&hex)
+                        .join("data"),
+                )
+                .unwrap_or_default();
+                served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = w.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        data.len()
+                    )
+                    .as_bytes(),
+                );
+                let _ = w.write_all(&data);
+            }
+        });
+    }
+    proxy.set(Fault::RedirectBlobs(spy_port));
+    d.ok(&["ctr-img", "pull", &name]);
+    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+    assert!(
+        served.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the redirect was not followed"
+    );
+    let headers = seen.lock().expect("seen").clone();
+    assert!(
+        !headers
+            .iter()
+            .any(|h| h.to_ascii_lowercase().starts_with("authorization")),
+        "credentials crossed to another host: {headers:?}"
+    );
+}

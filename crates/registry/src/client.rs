@@ -4,6 +4,7 @@
 //! 401). Idempotent requests are retried with backoff on connection errors, 429 and 5xx.
 //! Credentials go only to this host: reqwest drops `Authorization` on a redirect to
 //! another host, and token requests carry them only to the realm the registry named.
+//! `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` in the daemon's environment apply, as in dockerd.
 
 use crate::auth::Credentials;
 use crate::error::{RegistryError, Result};
@@ -148,7 +149,6 @@ impl Client {
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(30))
             .tcp_user_timeout(IDLE_TIMEOUT)
-            .no_proxy()
             .redirect(reqwest::redirect::Policy::limited(10));
         b = read_certs_dir(&certs_dir.join(&endpoint.host), b)?;
         if endpoint.insecure {
