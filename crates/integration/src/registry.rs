@@ -416,6 +416,8 @@ pub enum Fault {
     KillDuringUpload,
     /// Answer blob GETs with a redirect to `http://127.0.0.2:PORT/blob/<hex>` (another host).
     RedirectBlobs(u16),
+    /// Refuse uploads in a single PUT with 405 (registries that want PATCH).
+    RefuseMonolithic,
 }
 
 /// A one-request-per-connection HTTP proxy in front of a registry.
@@ -501,6 +503,13 @@ fn proxy_one(
     }
     let upload =
         (method == "PUT" || method == "PATCH") && path.contains("/blobs/uploads/") && len > 0;
+    if upload && method == "PUT" && current == Fault::RefuseMonolithic {
+        std::io::copy(&mut (&mut cr).take(len), &mut std::io::sink())?;
+        cw.write_all(
+            b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
     if upload && current == Fault::KillDuringUpload {
         let mut half = vec![0u8; (len / 2) as usize];
         cr.read_exact(&mut half)?;

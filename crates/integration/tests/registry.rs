@@ -709,3 +709,28 @@ fn credentials_are_not_sent_across_a_redirect_to_another_host() {
         "credentials crossed to another host: {headers:?}"
     );
 }
+
+#[test]
+fn uploads_fall_back_to_patch_when_a_single_put_is_refused() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(reg.port, reg.pid_handle());
+    let phost = proxy.host();
+    let d = daemon_for(&[&phost]);
+    let name = format!("{phost}/chunked:1");
+    let id = import_busybox(&d, &name);
+    proxy.set(Fault::RefuseMonolithic);
+    d.ok(&["ctr-img", "push", &name]);
+    // The data went up in PATCH requests, and the result reads back intact.
+    assert!(
+        reg.count_requests("PATCH", "/v2/chunked/blobs/uploads/") >= 2,
+        "{}",
+        reg.log()
+    );
+    proxy.set(Fault::None);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["ctr-img", "pull", &name]);
+    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+}

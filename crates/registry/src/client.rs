@@ -239,6 +239,12 @@ impl Client {
                 q.append_pair("scope", s);
             }
         }
+        if self.creds.is_some() && url.scheme() != "https" && !self.endpoint.insecure {
+            return Err(self.http_error(
+                "token",
+                format!("refusing to send credentials to the plain-HTTP token realm {realm}"),
+            ));
+        }
         let mut rb = self.http.get(url);
         if let Some(c) = &self.creds {
             rb = rb.basic_auth(&c.username, Some(&c.password));
