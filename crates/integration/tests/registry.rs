@@ -734,3 +734,70 @@ fn uploads_fall_back_to_patch_when_a_single_put_is_refused() {
     d.ok(&["ctr-img", "pull", &name]);
     assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
 }
+
+/// Runs `isula-build ARGS` on a pseudo-terminal (util-linux `script`), typing `input`.
+fn on_tty(d: &Daemon, args: &str, input: &str) -> String {
+    let cmd = format!("{} {args}", bin("isula-build").display());
+    let c = d.cli_command(&[]);
+    let envs: Vec<(String, String)> = c
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+        .collect();
+    let mut script = Command::new("script");
+    script
+        .args(["-qec", &cmd, "/dev/null"])
+        .envs(envs)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = script.spawn().expect("script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_string();
+    // Type slowly enough for each prompt to be up.
+    let typer = std::thread::spawn(move || {
+        for line in input.lines() {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            let _ = stdin.write_all(format!("{line}\n").as_bytes());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    });
+    let out = child.wait_with_output().expect("script output");
+    let _ = typer.join();
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn interactive_login_prompts_and_does_not_echo_the_password() {
+    if !(ready() && require_tool("htpasswd") && require_tool("script")) {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions {
+        htpasswd: Some(("tty-user".into(), "Typed-Secret-42".into())),
+        ..Default::default()
+    });
+    let host = reg.host();
+    let d = daemon_for(&[&host]);
+    // Nothing stored: the client asks for both, and the password is not echoed.
+    let out = on_tty(&d, &format!("login {host}"), "tty-user\nTyped-Secret-42\n");
+    assert!(
+        out.contains("Username:") && out.contains("Password:"),
+        "{out}"
+    );
+    assert!(out.contains("Login Succeeded"), "{out}");
+    assert!(
+        !out.contains("Typed-Secret-42"),
+        "the password was echoed: {out}"
+    );
+    // Stored now: no prompt at all.
+    let out = on_tty(&d, &format!("login {host}"), "");
+    assert!(
+        out.contains("Login Succeed with AuthFile") && !out.contains("Password:"),
+        "{out}"
+    );
+    // -u given: only the password is asked for.
+    let out = on_tty(&d, &format!("login {host} -u tty-user"), "wrong-one\n");
+    assert!(
+        out.contains("Password:") && out.contains("Unauthorized login attempt"),
+        "{out}"
+    );
+}
