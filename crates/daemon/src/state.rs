@@ -22,6 +22,8 @@ pub struct State {
     pub key: isula_api::secret::KeyPair,
     /// Local manifest lists (experimental).
     pub lists: isula_registry::manifest_list::Lists,
+    /// Pulls made for builds, one per image name at a time.
+    pub pulls: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     ops: Mutex<Ops>,
     /// Signalled whenever an operation ends (shutdown waits on it).
     op_ended: tokio::sync::Notify,
@@ -62,6 +64,7 @@ impl State {
         let lists =
             isula_registry::manifest_list::Lists::new(settings.data_root.join("manifest-lists"));
         Arc::new(State {
+            pulls: Mutex::default(),
             lists,
             registry,
             key,

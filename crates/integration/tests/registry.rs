@@ -801,3 +801,44 @@ fn interactive_login_prompts_and_does_not_echo_the_password() {
         "{out}"
     );
 }
+
+#[test]
+fn concurrent_builds_share_one_pull_of_their_base() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = daemon_for(&[&host]);
+    let base = format!("{host}/shared:1");
+    import_busybox(&d, &base);
+    d.ok(&["ctr-img", "push", &base]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let before = reg.count_requests("GET", "/v2/shared/manifests/1");
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            let ctx = d.dir.path().join(format!("ctx{i}"));
+            std::fs::create_dir_all(&ctx).expect("ctx");
+            std::fs::write(
+                ctx.join("Dockerfile"),
+                format!("FROM {base}\nRUN echo {i} > /n\n"),
+            )
+            .expect("df");
+            d.cli_command(&["ctr-img", "build", ctx.to_str().expect("ctx")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("build")
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().expect("build");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(
+        reg.count_requests("GET", "/v2/shared/manifests/1") - before,
+        1,
+        "{}",
+        reg.log()
+    );
+}

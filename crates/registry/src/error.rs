@@ -26,6 +26,13 @@ pub enum RegistryError {
         what: String,
         reason: String,
     },
+    #[error("{name}: no registry could provide it: {errors}")]
+    AllSourcesFailed {
+        name: String,
+        /// Every source said it did not have it.
+        missing: bool,
+        errors: String,
+    },
     #[error("registry {0} is blocked in registries.toml")]
     Blocked(String),
     #[error("policy.json rejects {0}")]
@@ -46,6 +53,8 @@ impl RegistryError {
             RegistryError::Http { .. } => ErrorKind::Unavailable,
             RegistryError::Unauthorized { .. } => ErrorKind::FailedPrecondition,
             RegistryError::NotFound { .. } => ErrorKind::NotFound,
+            RegistryError::AllSourcesFailed { missing: true, .. } => ErrorKind::NotFound,
+            RegistryError::AllSourcesFailed { .. } => ErrorKind::Unavailable,
             RegistryError::BadContent { .. } => ErrorKind::DataLoss,
             RegistryError::Blocked(_) | RegistryError::Rejected(_) => ErrorKind::FailedPrecondition,
             RegistryError::Invalid(_) => ErrorKind::InvalidArgument,

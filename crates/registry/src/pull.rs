@@ -217,10 +217,19 @@ pub fn pull(
     progress: Progress<'_>,
 ) -> Result<Pulled> {
     let candidates = resolve::candidates(&ctx.registries, name)?;
-    let mut errors = Vec::new();
-    for (i, candidate) in candidates.iter().enumerate() {
-        resolve::check_policy(ctx.policy.as_ref(), candidate)?;
-        let sources = resolve::pull_sources(&ctx.registries, candidate)?;
+    // Each candidate (search registries in order), each of its sources (mirrors first):
+    // the first that delivers wins. Cancellation and local store failures stop at once.
+    let mut errors: Vec<RegistryError> = Vec::new();
+    for candidate in &candidates {
+        let sources = resolve::check_policy(ctx.policy.as_ref(), candidate)
+            .and_then(|()| resolve::pull_sources(&ctx.registries, candidate));
+        let sources = match sources {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
         for source in &sources {
             match pull_from(ctx, store, source, candidate, cancel, progress) {
                 Ok(id) => {
@@ -230,24 +239,26 @@ pub fn pull(
                     })
                 }
                 Err(e @ (RegistryError::Cancelled | RegistryError::Store(_))) => return Err(e),
-                // A search registry or mirror that lacks the image passes to the next.
-                Err(e) if source.mirror || (candidates.len() > 1 && i + 1 < candidates.len()) => {
-                    tracing::debug!(source = %source.reference, error = %e, "trying the next source");
-                    errors.push(e);
-                }
                 Err(e) => {
-                    if errors.is_empty() {
-                        return Err(e);
-                    }
+                    tracing::debug!(source = %source.reference, error = %e, "source failed");
                     errors.push(e);
                 }
             }
         }
     }
+    if errors.len() == 1 {
+        if let Some(e) = errors.pop() {
+            return Err(e);
+        }
+    }
+    let all_missing = errors
+        .iter()
+        .all(|e| matches!(e, RegistryError::NotFound { .. }));
     let msgs: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-    Err(RegistryError::NotFound {
-        registry: "search registries".into(),
-        what: format!("{name} ({})", msgs.join("; ")),
+    Err(RegistryError::AllSourcesFailed {
+        name: name.to_string(),
+        missing: all_missing,
+        errors: msgs.join("; "),
     })
 }
 

@@ -49,6 +49,17 @@ pub fn pull(
     Ok(())
 }
 
+/// `name` in the store, as given or under each search registry.
+fn find_local(state: &State, name: &str) -> Option<ImageId> {
+    if let Ok(img) = state.store.resolve(name) {
+        return Some(img.id);
+    }
+    resolve::candidates(&state.registry.registries, name)
+        .ok()?
+        .into_iter()
+        .find_map(|c| state.store.resolve(&c.to_string()).ok().map(|img| img.id))
+}
+
 /// The image `name` from the store, or pulled (FROM, `COPY --from`). A short name is looked
 /// up under each search registry before anything is pulled.
 pub fn resolve_or_pull(
@@ -57,20 +68,28 @@ pub fn resolve_or_pull(
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<ImageId, String> {
-    if let Ok(img) = state.store.resolve(name) {
-        return Ok(img.id);
+    if let Some(id) = find_local(state, name) {
+        return Ok(id);
     }
-    if let Ok(cands) = resolve::candidates(&state.registry.registries, name) {
-        for c in cands {
-            if let Ok(img) = state.store.resolve(&c.to_string()) {
-                return Ok(img.id);
-            }
-        }
+    // Builds that need the same missing image wait for one pull instead of each pulling.
+    let gate = {
+        let mut pulls = state.pulls.lock().unwrap_or_else(|p| p.into_inner());
+        pulls.entry(name.to_string()).or_default().clone()
+    };
+    let _turn = gate.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(id) = find_local(state, name) {
+        return Ok(id);
     }
     out(format!("Pulling image {name}\n"));
-    pull::pull(&state.registry, &state.store, name, cancel, out)
+    let result = pull::pull(&state.registry, &state.store, name, cancel, out)
         .map(|p| p.id)
-        .map_err(|e| format!("image {name} is not in the local store and pulling it failed: {e}"))
+        .map_err(|e| format!("image {name} is not in the local store and pulling it failed: {e}"));
+    state
+        .pulls
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(name);
+    result
 }
 
 pub fn validate_push(req: &PushRequest) -> Result<(String, push::Format), Status> {
