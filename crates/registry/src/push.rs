@@ -480,13 +480,47 @@ pub fn push_image(
     let lease = store.lease();
     let (manifest, media_type, blobs, config) = manifest_for_push(store, image, format, &lease)?;
     progress("Getting image source signatures\n".into());
-    for b in &blobs {
-        cancel.check().map_err(|_| RegistryError::Cancelled)?;
-        let sources = mount_sources(store, client.host(), b);
-        match send_blob(client, store, repo, b, &sources, cancel)? {
-            Sent::Exists => progress(format!("Copying blob {b} skipped: already exists\n")),
-            Sent::Mounted | Sent::Uploaded => progress(format!("Copying blob {b}\n")),
+    // Layers go up PARALLEL at a time; their lines follow in manifest order.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let outcomes: Vec<std::sync::Mutex<Option<Result<Sent>>>> =
+        blobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..crate::pull::PARALLEL.min(blobs.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= blobs.len() || failed.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let b = &blobs[i];
+                let r = cancel
+                    .check()
+                    .map_err(|_| RegistryError::Cancelled)
+                    .and_then(|()| {
+                        let sources = mount_sources(store, client.host(), b);
+                        send_blob(client, store, repo, b, &sources, cancel)
+                    });
+                if r.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                if let Ok(mut slot) = outcomes[i].lock() {
+                    *slot = Some(r);
+                }
+            });
         }
+    });
+    for (b, outcome) in blobs.iter().zip(outcomes) {
+        match outcome.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(Ok(Sent::Exists)) => {
+                progress(format!("Copying blob {b} skipped: already exists\n"))
+            }
+            Some(Ok(_)) => progress(format!("Copying blob {b}\n")),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    if failed.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(client.http_error(&format!("push to {repo}"), "a layer upload failed"));
     }
     progress(format!("Copying config {config}\n"));
     send_blob(client, store, repo, &config, &[], cancel)?;
