@@ -195,16 +195,23 @@ impl Client {
             return Ok(format!("{s}://{}", self.endpoint.api_host()));
         }
         let https = format!("https://{}/v2/", self.endpoint.api_host());
-        let scheme = match self.http.get(&https).send() {
-            Ok(_) => "https",
-            Err(e) if self.endpoint.insecure => {
-                let http = format!("http://{}/v2/", self.endpoint.api_host());
-                match self.http.get(&http).send() {
-                    Ok(_) => "http",
-                    Err(_) => return Err(self.http_error("ping", describe(&e))),
-                }
+        let http = format!("http://{}/v2/", self.endpoint.api_host());
+        let mut attempt = 0;
+        let scheme = loop {
+            attempt += 1;
+            let err = match self.http.get(&https).send() {
+                Ok(_) => break "https",
+                Err(e) => e,
+            };
+            if self.endpoint.insecure && self.http.get(&http).send().is_ok() {
+                break "http";
             }
-            Err(e) => return Err(self.http_error("ping", describe(&e))),
+            // A TLS failure will not go away; a refused or reset connection may.
+            if !err.is_connect() || attempt >= ATTEMPTS {
+                return Err(self.http_error("ping", describe(&err)));
+            }
+            tracing::debug!(registry = %self.endpoint.host, error = %describe(&err), attempt, "retrying");
+            backoff(attempt, None);
         };
         *Self::lock(&self.scheme) = Some(scheme);
         Ok(format!("{scheme}://{}", self.endpoint.api_host()))
