@@ -32,6 +32,8 @@ pub struct Certs {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 pub fn make_certs(dir: &Path) -> Certs {
@@ -78,10 +80,39 @@ pub fn make_certs(dir: &Path) -> Certs {
         .arg(p("ext.cnf"))
         .arg("-out")
         .arg(p("server.crt")));
+    // A client certificate for registries that require one.
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=isula-test-client",
+        ])
+        .arg("-keyout")
+        .arg(p("client.key"))
+        .arg("-out")
+        .arg(p("client.csr")));
+    std::fs::write(p("client-ext.cnf"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("client.csr"))
+        .arg("-CA")
+        .arg(p("ca.crt"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("client-ext.cnf"))
+        .arg("-out")
+        .arg(p("client.cert")));
     Certs {
         ca: p("ca.crt"),
         cert: p("server.crt"),
         key: p("server.key"),
+        client_cert: p("client.cert"),
+        client_key: p("client.key"),
     }
 }
 
@@ -90,6 +121,8 @@ pub struct RegistryOptions {
     /// Basic auth through an htpasswd file with this user.
     pub htpasswd: Option<(String, String)>,
     pub tls: bool,
+    /// With `tls`: require a client certificate signed by the test CA.
+    pub client_certs: bool,
     /// `auth: token` with this issuer.
     pub token: Option<(String, PathBuf)>,
 }
@@ -120,6 +153,9 @@ impl Registry {
                 c.cert.display(),
                 c.key.display()
             ));
+            if opts.client_certs {
+                config.push_str(&format!("    clientcas:\n      - {}\n", c.ca.display()));
+            }
         }
         if let Some((user, pass)) = &opts.htpasswd {
             let out = Command::new("htpasswd")
@@ -418,6 +454,8 @@ pub enum Fault {
     RedirectBlobs(u16),
     /// Refuse uploads in a single PUT with 405 (registries that want PATCH).
     RefuseMonolithic,
+    /// Answer this many requests with 503 (then pass everything).
+    ServerErrors(u32),
 }
 
 /// A one-request-per-connection HTTP proxy in front of a registry.
@@ -489,6 +527,20 @@ fn proxy_one(
     head.push_str("Connection: close\r\n\r\n");
     up.write_all(head.as_bytes())?;
     let current = *fault.lock().map_err(|_| std::io::Error::other("lock"))?;
+    if let Fault::ServerErrors(n) = current {
+        if let Ok(mut f) = fault.lock() {
+            *f = if n > 1 {
+                Fault::ServerErrors(n - 1)
+            } else {
+                Fault::None
+            };
+        }
+        std::io::copy(&mut (&mut cr).take(len), &mut std::io::sink())?;
+        cw.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
     if let (Fault::RedirectBlobs(port), true) =
         (current, method == "GET" && path.contains("/blobs/sha256:"))
     {

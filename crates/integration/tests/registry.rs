@@ -842,3 +842,65 @@ fn concurrent_builds_share_one_pull_of_their_base() {
         reg.log()
     );
 }
+
+#[test]
+fn client_certificates_from_certs_d() {
+    if !(ready() && require_tool("openssl")) {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions {
+        tls: true,
+        client_certs: true,
+        ..Default::default()
+    });
+    let host = reg.host();
+    let certs = reg.certs.as_ref().expect("certs");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).expect("read cert");
+    let ca = read(&certs.ca);
+    // The CA alone is not enough: the registry wants a client certificate.
+    let d = Daemon::start_configured(&[(&format!("certs.d/{host}/ca.crt"), &ca)], &[], &[]);
+    let name = format!("{host}/mtls:1");
+    import_busybox(&d, &name);
+    let err = d.fails(&["ctr-img", "push", &name]);
+    // (TLS 1.3: the server drops the connection after the handshake.)
+    assert!(err.contains(&host) && err.contains("ping"), "{err}");
+    let (cert, key) = (read(&certs.client_cert), read(&certs.client_key));
+    let d = Daemon::start_configured(
+        &[
+            (&format!("certs.d/{host}/ca.crt"), &ca),
+            (&format!("certs.d/{host}/client.cert"), &cert),
+            (&format!("certs.d/{host}/client.key"), &key),
+        ],
+        &[],
+        &[],
+    );
+    let id = import_busybox(&d, &name);
+    d.ok(&["ctr-img", "push", &name]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["ctr-img", "pull", &name]);
+    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+}
+
+#[test]
+fn server_errors_are_retried() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(reg.port, reg.pid_handle());
+    let phost = proxy.host();
+    let d = daemon_for(&[&phost]);
+    let name = format!("{phost}/flaky:1");
+    let id = import_busybox(&d, &name);
+    d.ok(&["ctr-img", "push", &name]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    // Two 503s in a row, then the registry answers: the pull gets through.
+    proxy.set(Fault::ServerErrors(2));
+    d.ok(&["ctr-img", "pull", &name]);
+    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+    assert_eq!(
+        *proxy.fault.lock().expect("fault"),
+        Fault::None,
+        "the 503s were not served"
+    );
+}
