@@ -20,17 +20,7 @@ use isula_types::{Digest, ImageId, Reference};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-/// The proxy variables usable as build args without an ARG, never stored in the image.
-pub const PROXY_ARGS: [&str; 8] = [
-    "http_proxy",
-    "https_proxy",
-    "ftp_proxy",
-    "no_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "FTP_PROXY",
-    "NO_PROXY",
-];
+pub use isula_types::PROXY_ARGS;
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

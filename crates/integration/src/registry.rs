@@ -36,8 +36,38 @@ pub struct Certs {
     pub client_key: PathBuf,
 }
 
+/// A key and a certificate for `subject` signed by the CA in `dir`, with `ext` extensions.
+fn signed_cert(dir: &Path, name: &str, subject: &str, ext: &str) -> (PathBuf, PathBuf) {
+    let p = |n: String| dir.join(n);
+    let (key, csr, cert, extfile) = (
+        p(format!("{name}.key")),
+        p(format!("{name}.csr")),
+        p(format!("{name}.cert")),
+        p(format!("{name}-ext.cnf")),
+    );
+    run(Command::new("openssl")
+        .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", subject])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    std::fs::write(&extfile, format!("{ext}\n")).expect("ext");
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(&csr)
+        .arg("-CA")
+        .arg(dir.join("ca.crt"))
+        .arg("-CAkey")
+        .arg(dir.join("ca.key"))
+        .arg("-extfile")
+        .arg(&extfile)
+        .arg("-out")
+        .arg(&cert));
+    (cert, key)
+}
+
 pub fn make_certs(dir: &Path) -> Certs {
-    let p = |n: &str| dir.join(n);
     run(Command::new("openssl")
         .args([
             "req",
@@ -51,68 +81,28 @@ pub fn make_certs(dir: &Path) -> Certs {
             "/CN=isula-test-ca",
         ])
         .arg("-keyout")
-        .arg(p("ca.key"))
+        .arg(dir.join("ca.key"))
         .arg("-out")
-        .arg(p("ca.crt")));
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(p("server.key"))
-        .arg("-out")
-        .arg(p("server.csr")));
-    std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext");
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
-        .arg("-in")
-        .arg(p("server.csr"))
-        .arg("-CA")
-        .arg(p("ca.crt"))
-        .arg("-CAkey")
-        .arg(p("ca.key"))
-        .arg("-extfile")
-        .arg(p("ext.cnf"))
-        .arg("-out")
-        .arg(p("server.crt")));
+        .arg(dir.join("ca.crt")));
+    let (cert, key) = signed_cert(
+        dir,
+        "server",
+        "/CN=127.0.0.1",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+    );
     // A client certificate for registries that require one.
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=isula-test-client",
-        ])
-        .arg("-keyout")
-        .arg(p("client.key"))
-        .arg("-out")
-        .arg(p("client.csr")));
-    std::fs::write(p("client-ext.cnf"), "extendedKeyUsage=clientAuth\n").expect("ext");
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
-        .arg("-in")
-        .arg(p("client.csr"))
-        .arg("-CA")
-        .arg(p("ca.crt"))
-        .arg("-CAkey")
-        .arg(p("ca.key"))
-        .arg("-extfile")
-        .arg(p("client-ext.cnf"))
-        .arg("-out")
-        .arg(p("client.cert")));
+    let (client_cert, client_key) = signed_cert(
+        dir,
+        "client",
+        "/CN=isula-test-client",
+        "extendedKeyUsage=clientAuth",
+    );
     Certs {
-        ca: p("ca.crt"),
-        cert: p("server.crt"),
-        key: p("server.key"),
-        client_cert: p("client.cert"),
-        client_key: p("client.key"),
+        ca: dir.join("ca.crt"),
+        cert,
+        key,
+        client_cert,
+        client_key,
     }
 }
 

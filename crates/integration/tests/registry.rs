@@ -43,6 +43,14 @@ fn id_of(d: &Daemon, name: &str) -> Option<String> {
         .map(|(_, _, id)| id)
 }
 
+/// Pushes `name`, empties the store, pulls it back and checks that the image ID is `id`.
+fn round_trip(d: &Daemon, name: &str, id: &str) {
+    d.ok(&["ctr-img", "push", name]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["ctr-img", "pull", name]);
+    assert_eq!(id_of(d, name).as_deref(), Some(&id[..12]));
+}
+
 fn skopeo_raw(reference: &str) -> serde_json::Value {
     let out =
         run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", reference]));
@@ -357,10 +365,7 @@ fn bearer_token_flow() {
         String::from_utf8_lossy(&o.stderr),
         reg.log()
     );
-    d.ok(&["ctr-img", "push", &name]);
-    d.ok(&["ctr-img", "rm", "-a"]);
-    d.ok(&["ctr-img", "pull", &name]);
-    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+    round_trip(&d, &name, &id);
     assert!(issuer.issued.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     assert!(!d.log().contains("token-pass-77"));
 }
@@ -875,10 +880,7 @@ fn client_certificates_from_certs_d() {
         &[],
     );
     let id = import_busybox(&d, &name);
-    d.ok(&["ctr-img", "push", &name]);
-    d.ok(&["ctr-img", "rm", "-a"]);
-    d.ok(&["ctr-img", "pull", &name]);
-    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+    round_trip(&d, &name, &id);
 }
 
 #[test]

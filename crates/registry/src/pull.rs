@@ -144,6 +144,29 @@ pub fn pick_platform(index: &Index, what: &str) -> std::result::Result<Descripto
     }
 }
 
+fn blob_what(repo: &str, desc: &Descriptor) -> String {
+    format!("blob {} of {repo}", desc.digest)
+}
+
+/// Starts the download of a blob: the response, once its status says success.
+fn get_blob(client: &Client, repo: &str, desc: &Descriptor) -> Result<reqwest::blocking::Response> {
+    let what = blob_what(repo, desc);
+    let resp = client.send(
+        &Req {
+            method: Method::GET,
+            url: format!("/v2/{repo}/blobs/{}", desc.digest),
+            scopes: &[scope_pull(repo)],
+            idempotent: true,
+            what: what.clone(),
+        },
+        &Ok,
+    )?;
+    if !resp.status().is_success() {
+        return Err(client.status_error(&what, resp));
+    }
+    Ok(resp)
+}
+
 /// Downloads one blob into the content store (leased), verifying digest and size.
 pub fn fetch_blob(
     client: &Client,
@@ -153,23 +176,10 @@ pub fn fetch_blob(
     lease: &Lease,
     cancel: &Cancel,
 ) -> Result<()> {
-    let scopes = [scope_pull(repo)];
-    let what = format!("blob {} of {repo}", desc.digest);
+    let what = blob_what(repo, desc);
     let mut last = None;
     for attempt in 1..=3u32 {
-        let resp = client.send(
-            &Req {
-                method: Method::GET,
-                url: format!("/v2/{repo}/blobs/{}", desc.digest),
-                scopes: &scopes,
-                idempotent: true,
-                what: what.clone(),
-            },
-            &Ok,
-        )?;
-        if !resp.status().is_success() {
-            return Err(client.status_error(&what, resp));
-        }
+        let resp = get_blob(client, repo, desc)?;
         let mut w = store.content().writer()?;
         let mut reader = Guarded {
             inner: resp,
@@ -534,21 +544,8 @@ fn stream_layer(
     lease: &Lease,
     cancel: &Cancel,
 ) -> Result<isula_transport::archive::Unpacked> {
-    let scopes = [scope_pull(repo)];
-    let what = format!("blob {} of {repo}", desc.digest);
-    let resp = client.send(
-        &Req {
-            method: Method::GET,
-            url: format!("/v2/{repo}/blobs/{}", desc.digest),
-            scopes: &scopes,
-            idempotent: true,
-            what: what.clone(),
-        },
-        &Ok,
-    )?;
-    if !resp.status().is_success() {
-        return Err(client.status_error(&what, resp));
-    }
+    let what = blob_what(repo, desc);
+    let resp = get_blob(client, repo, desc)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
     let host = client.host().to_string();
     let bad = |reason: String| RegistryError::BadContent {

@@ -17,23 +17,8 @@ use reqwest::{Method, StatusCode};
 use std::io::Read;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Docker,
-    Oci,
-}
-
-impl Format {
-    pub fn parse(s: &str) -> Result<Format> {
-        match s {
-            "" | "docker" => Ok(Format::Docker),
-            "oci" => Ok(Format::Oci),
-            other => Err(RegistryError::Invalid(format!(
-                "format {other:?}: use docker or oci"
-            ))),
-        }
-    }
-}
+/// `--format`: docker (default) or oci media types, as for archives.
+pub use isula_transport::save::Format;
 
 fn scope_push(repo: &str) -> String {
     format!("repository:{repo}:pull,push")

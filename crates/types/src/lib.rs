@@ -67,6 +67,19 @@ pub mod media {
     pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 }
 
+/// The proxy variables: usable as build args without an ARG, never stored in an image, and
+/// sent by the client only RSA-encrypted (control-api.md).
+pub const PROXY_ARGS: [&str; 8] = [
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "FTP_PROXY",
+    "NO_PROXY",
+];
+
 /// Size limits shared by the daemon and the CLI (STYLE.md §3).
 pub mod limits {
     /// Dockerfile, .dockerignore and every config file.

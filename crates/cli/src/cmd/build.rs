@@ -126,21 +126,10 @@ fn build_static(spec: &str) -> Result<BuildStatic> {
     })
 }
 
-/// The proxy variables whose values must not travel in clear (control-api.md).
-const PROXY_ARGS: [&str; 8] = [
-    "http_proxy",
-    "https_proxy",
-    "ftp_proxy",
-    "no_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "FTP_PROXY",
-    "NO_PROXY",
-];
-
 /// When any build arg is a proxy variable, every one is RSA-encrypted for the daemon.
 fn protect_build_args(args: Vec<String>) -> Result<(Vec<String>, bool)> {
-    let is_proxy = |a: &String| PROXY_ARGS.contains(&a.split('=').next().unwrap_or_default());
+    let is_proxy =
+        |a: &String| isula_types::PROXY_ARGS.contains(&a.split('=').next().unwrap_or_default());
     if !args.iter().any(is_proxy) {
         return Ok((args, false));
     }

@@ -98,7 +98,7 @@ pub fn validate_push(req: &PushRequest) -> Result<(String, push::Format), Status
     if name.is_empty() {
         return Err(error::invalid("push needs an image name"));
     }
-    let format = push::Format::parse(&req.format).map_err(status)?;
+    let format = push::Format::parse(&req.format).map_err(error::transport)?;
     Ok((name.to_string(), format))
 }
 
