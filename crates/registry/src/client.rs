@@ -217,6 +217,17 @@ impl Client {
         Ok(format!("{scheme}://{}", self.endpoint.api_host()))
     }
 
+    /// Whether `u` is this registry (same host, same port, the scheme's default standing in
+    /// for a missing one).
+    fn is_our_host(&self, u: &reqwest::Url) -> bool {
+        let Ok(ours) =
+            reqwest::Url::parse(&format!("{}://{}/", u.scheme(), self.endpoint.api_host()))
+        else {
+            return false;
+        };
+        u.host_str() == ours.host_str() && u.port_or_known_default() == ours.port_or_known_default()
+    }
+
     pub fn url(&self, path: &str) -> Result<String> {
         if path.starts_with("http://") || path.starts_with("https://") {
             return Ok(path.to_string());
@@ -298,7 +309,12 @@ impl Client {
         loop {
             attempt += 1;
             let mut rb = build(self.http.request(req.method.clone(), &url))?;
-            if let Some(a) = self.authorization(req.scopes) {
+            // Credentials only for this registry: an upload Location on another host
+            // (object storage) gets none.
+            let ours = reqwest::Url::parse(&url)
+                .ok()
+                .is_some_and(|u| self.is_our_host(&u));
+            if let Some(a) = self.authorization(req.scopes).filter(|_| ours) {
                 if let Ok(v) = HeaderValue::from_str(&a) {
                     let mut v = v;
                     v.set_sensitive(true);
@@ -431,6 +447,32 @@ pub fn describe(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_stay_on_the_registry_host() {
+        let c = |host: &str| {
+            Client::new(
+                Endpoint {
+                    host: host.into(),
+                    insecure: false,
+                },
+                None,
+                Path::new("/nonexistent"),
+            )
+            .expect("client")
+        };
+        let u = |s: &str| reqwest::Url::parse(s).expect("url");
+        let r = c("r.io:5000");
+        assert!(r.is_our_host(&u("http://r.io:5000/v2/x/blobs/uploads/1")));
+        assert!(!r.is_our_host(&u("https://r.io/v2/")));
+        assert!(!r.is_our_host(&u("https://bucket.s3.example/upload?sig=1")));
+        let d = c("r.io");
+        assert!(d.is_our_host(&u("https://r.io:443/v2/")));
+        assert!(!d.is_our_host(&u("https://r.io:444/v2/")));
+        assert!(!d.is_our_host(&u("https://r.io.evil/v2/")));
+        let hub = c("docker.io");
+        assert!(hub.is_our_host(&u("https://registry-1.docker.io/v2/")));
+    }
 
     #[test]
     fn challenges() {
