@@ -111,6 +111,24 @@ fn push_pull_round_trip_by_tag_and_digest() {
     );
     assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
     assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+    // The pulled image (gzip layers, manifest as pulled) saves into archives others read.
+    for (fmt, transport) in [("docker", "docker-archive"), ("oci", "oci-archive")] {
+        let out = d.dir.path().join(format!("pulled-{fmt}.tar"));
+        d.ok(&[
+            "ctr-img",
+            "save",
+            "-f",
+            fmt,
+            &name,
+            "-o",
+            out.to_str().expect("path"),
+        ]);
+        run_ok(
+            Command::new("skopeo")
+                .args(["inspect"])
+                .arg(format!("{transport}:{}", out.display())),
+        );
+    }
 
     // By digest, into an empty store.
     let digest = format!(

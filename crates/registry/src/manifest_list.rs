@@ -105,7 +105,8 @@ impl Lists {
         if res.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        res.map_err(|e| self.io("write", e))
+        res.map_err(|e| self.io("write", e))?;
+        isula_sys::fsync_dir(&self.dir).map_err(|e| RegistryError::Config(e.to_string()))
     }
 
     fn entry_for(store: &Store, image: &str) -> Result<Entry> {
