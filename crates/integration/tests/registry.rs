@@ -306,7 +306,10 @@ fn htpasswd_over_tls_login_push_logout() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(err.contains("Unauthorized login attempt"), "{err}");
-    assert!(!err.contains("wrong-password-1"), "the password is in the error: {err}");
+    assert!(
+        !err.contains("wrong-password-1"),
+        "the password is in the error: {err}"
+    );
     assert!(!auth.exists());
     // Anonymous push: refused with a hint.
     let name = format!("{host}/secure:1");
@@ -340,7 +343,10 @@ fn htpasswd_over_tls_login_push_logout() {
     d.ok(&["ctr-img", "pull", &name]);
     // Neither password shows up in the logs.
     assert!(!d.log().contains(password), "password in the daemon log");
-    assert!(!d.log().contains("wrong-password-1"), "password in the daemon log");
+    assert!(
+        !d.log().contains("wrong-password-1"),
+        "password in the daemon log"
+    );
     // Logout removes it; then pushing is refused again.
     assert_eq!(
         d.ok(&["logout", &host]),
