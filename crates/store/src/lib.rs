@@ -459,9 +459,15 @@ impl Store {
                 Err(e) => tracing::warn!(blob = %next, error = %e, "compressing a layer"),
             }
             drop(lease);
-            // The image may have been removed meanwhile: then both blobs are garbage now.
+            // The image may have been removed meanwhile (and no operation holds the layer):
+            // then both blobs are garbage now.
             let referenced = self.meta().images.values().any(|i| i.blobs.contains(&next));
-            if !referenced {
+            let leased = {
+                let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+                let key = format!("blob:{}", next.hex());
+                t.held.values().any(|h| h.contains(&key))
+            };
+            if !referenced && !leased {
                 if let Err(e) = self.gc() {
                     tracing::warn!(error = %e, "collecting after compression");
                 }
