@@ -199,10 +199,6 @@ fn prepare(
             parent: i.checked_sub(1).map(|p| chains[p].clone()),
             size,
         });
-        if compression == Compression::None {
-            // Its gzip form, for pushing, is made in the background.
-            store.queue_compression(&blob);
-        }
         descriptors.push(Descriptor::new(
             layer_media_type(compression, oci_manifest),
             blob.clone(),
