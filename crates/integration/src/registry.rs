@@ -36,6 +36,18 @@ pub struct Certs {
     pub client_key: PathBuf,
 }
 
+/// A self-signed certificate (and its key) for `subject`.
+fn self_signed(key: impl AsRef<Path>, cert: impl AsRef<Path>, subject: &str) {
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject,
+        ])
+        .arg("-keyout")
+        .arg(key.as_ref())
+        .arg("-out")
+        .arg(cert.as_ref()));
+}
+
 /// A key and a certificate for `subject` signed by the CA in `dir`, with `ext` extensions.
 fn signed_cert(dir: &Path, name: &str, subject: &str, ext: &str) -> (PathBuf, PathBuf) {
     let p = |n: String| dir.join(n);
@@ -68,22 +80,7 @@ fn signed_cert(dir: &Path, name: &str, subject: &str, ext: &str) -> (PathBuf, Pa
 }
 
 pub fn make_certs(dir: &Path) -> Certs {
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=isula-test-ca",
-        ])
-        .arg("-keyout")
-        .arg(dir.join("ca.key"))
-        .arg("-out")
-        .arg(dir.join("ca.crt")));
+    self_signed(dir.join("ca.key"), dir.join("ca.crt"), "/CN=isula-test-ca");
     let (cert, key) = signed_cert(
         dir,
         "server",
@@ -305,22 +302,7 @@ impl TokenIssuer {
         let dir = tempfile::tempdir().expect("tempdir");
         let key_pem = dir.path().join("token.key");
         let cert = dir.path().join("token.crt");
-        run(Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=isula-test-issuer",
-            ])
-            .arg("-keyout")
-            .arg(&key_pem)
-            .arg("-out")
-            .arg(&cert));
+        self_signed(&key_pem, &cert, "/CN=isula-test-issuer");
         let pem_body = |p: &Path| -> Vec<u8> {
             use base64::Engine as _;
             let text = std::fs::read_to_string(p).expect("pem");

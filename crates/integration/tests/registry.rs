@@ -43,6 +43,17 @@ fn id_of(d: &Daemon, name: &str) -> Option<String> {
         .map(|(_, _, id)| id)
 }
 
+/// A registry holding `REPO:1` (busybox), and a daemon for it with an empty store.
+fn seeded(repo: &str) -> (Registry, Daemon, String) {
+    let reg = Registry::start(RegistryOptions::default());
+    let d = daemon_for(&[&reg.host()]);
+    let base = format!("{}/{repo}:1", reg.host());
+    import_busybox(&d, &base);
+    d.ok(&["ctr-img", "push", &base]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    (reg, d, base)
+}
+
 /// Pushes `name`, empties the store, pulls it back and checks that the image ID is `id`.
 fn round_trip(d: &Daemon, name: &str, id: &str) {
     d.ok(&["ctr-img", "push", name]);
@@ -178,13 +189,8 @@ fn builds_pull_their_base_and_push_only_new_blobs() {
     if !ready() {
         return;
     }
-    let reg = Registry::start(RegistryOptions::default());
+    let (reg, d, base) = seeded("base");
     let host = reg.host();
-    let d = daemon_for(&[&host]);
-    let base = format!("{host}/base:1");
-    import_busybox(&d, &base);
-    d.ok(&["ctr-img", "push", &base]);
-    d.ok(&["ctr-img", "rm", "-a"]);
     let ctx = d.dir.path().join("ctx");
     std::fs::create_dir_all(&ctx).expect("ctx");
     std::fs::write(
@@ -838,13 +844,7 @@ fn concurrent_builds_share_one_pull_of_their_base() {
     if !ready() {
         return;
     }
-    let reg = Registry::start(RegistryOptions::default());
-    let host = reg.host();
-    let d = daemon_for(&[&host]);
-    let base = format!("{host}/shared:1");
-    import_busybox(&d, &base);
-    d.ok(&["ctr-img", "push", &base]);
-    d.ok(&["ctr-img", "rm", "-a"]);
+    let (reg, d, base) = seeded("shared");
     let before = reg.count_requests("GET", "/v2/shared/manifests/1");
     let children: Vec<_> = (0..4)
         .map(|i| {

@@ -73,6 +73,27 @@ pub struct Req<'a> {
     pub what: String,
 }
 
+impl<'a> Req<'a> {
+    /// A request that may be sent again after a failure.
+    pub fn retryable(method: Method, url: String, scopes: &'a [String], what: String) -> Self {
+        Req {
+            method,
+            url,
+            scopes,
+            idempotent: true,
+            what,
+        }
+    }
+
+    /// A request sent once (its body is a stream that a failure consumed).
+    pub fn once(method: Method, url: String, scopes: &'a [String], what: String) -> Self {
+        Req {
+            idempotent: false,
+            ..Req::retryable(method, url, scopes, what)
+        }
+    }
+}
+
 fn parse_challenge(v: &str) -> Option<Challenge> {
     let v = v.trim();
     let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
@@ -382,13 +403,7 @@ impl Client {
     /// flow if the registry uses one.
     pub fn check_login(&self) -> Result<()> {
         let resp = self.send(
-            &Req {
-                method: Method::GET,
-                url: "/v2/".into(),
-                scopes: &[],
-                idempotent: true,
-                what: "login".into(),
-            },
+            &Req::retryable(Method::GET, "/v2/".into(), &[], "login".into()),
             &Ok,
         )?;
         if resp.status().is_success() {

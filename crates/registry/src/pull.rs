@@ -47,13 +47,12 @@ pub fn get_manifest(client: &Client, repo: &str, reference: &str) -> Result<Fetc
     let scopes = [scope_pull(repo)];
     let what = format!("manifest {repo}:{reference}");
     let resp = client.send(
-        &Req {
-            method: Method::GET,
-            url: format!("/v2/{repo}/manifests/{reference}"),
-            scopes: &scopes,
-            idempotent: true,
-            what: what.clone(),
-        },
+        &Req::retryable(
+            Method::GET,
+            format!("/v2/{repo}/manifests/{reference}"),
+            &scopes,
+            what.clone(),
+        ),
         &|rb| Ok(rb.header(ACCEPT, MANIFEST_ACCEPT)),
     )?;
     if !resp.status().is_success() {
@@ -152,13 +151,12 @@ fn blob_what(repo: &str, desc: &Descriptor) -> String {
 fn get_blob(client: &Client, repo: &str, desc: &Descriptor) -> Result<reqwest::blocking::Response> {
     let what = blob_what(repo, desc);
     let resp = client.send(
-        &Req {
-            method: Method::GET,
-            url: format!("/v2/{repo}/blobs/{}", desc.digest),
-            scopes: &[scope_pull(repo)],
-            idempotent: true,
-            what: what.clone(),
-        },
+        &Req::retryable(
+            Method::GET,
+            format!("/v2/{repo}/blobs/{}", desc.digest),
+            &[scope_pull(repo)],
+            what.clone(),
+        ),
         &Ok,
     )?;
     if !resp.status().is_success() {

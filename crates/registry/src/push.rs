@@ -68,13 +68,12 @@ pub fn send_blob(
     let what = format!("blob {digest} to {repo}");
     let push_scopes = [scope_push(repo)];
     let head = client.send(
-        &Req {
-            method: Method::HEAD,
-            url: format!("/v2/{repo}/blobs/{digest}"),
-            scopes: &push_scopes,
-            idempotent: true,
-            what: what.clone(),
-        },
+        &Req::retryable(
+            Method::HEAD,
+            format!("/v2/{repo}/blobs/{digest}"),
+            &push_scopes,
+            what.clone(),
+        ),
         &Ok,
     )?;
     if head.status().is_success() {
@@ -85,13 +84,12 @@ pub fn send_blob(
     for from in mount_from.iter().filter(|f| f.as_str() != repo) {
         let scopes = [scope_push(repo), scope_pull(from)];
         let resp = client.send(
-            &Req {
-                method: Method::POST,
-                url: format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
-                scopes: &scopes,
-                idempotent: true,
-                what: what.clone(),
-            },
+            &Req::retryable(
+                Method::POST,
+                format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"),
+                &scopes,
+                what.clone(),
+            ),
             &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
         )?;
         match resp.status() {
@@ -139,13 +137,12 @@ enum Upload {
 fn start_upload(client: &Client, repo: &str, what: &str) -> Result<String> {
     let scopes = [scope_push(repo)];
     let resp = client.send(
-        &Req {
-            method: Method::POST,
-            url: format!("/v2/{repo}/blobs/uploads/"),
-            scopes: &scopes,
-            idempotent: true,
-            what: what.to_string(),
-        },
+        &Req::retryable(
+            Method::POST,
+            format!("/v2/{repo}/blobs/uploads/"),
+            &scopes,
+            what.to_string(),
+        ),
         &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
     )?;
     if resp.status() != StatusCode::ACCEPTED {
@@ -186,13 +183,12 @@ fn put_monolithic(
 ) -> std::result::Result<(), Upload> {
     let scopes = [scope_push(repo)];
     let r = client.send(
-        &Req {
-            method: Method::PUT,
-            url: with_digest(session, digest),
-            scopes: &scopes,
-            idempotent: false,
-            what: what.to_string(),
-        },
+        &Req::once(
+            Method::PUT,
+            with_digest(session, digest),
+            &scopes,
+            what.to_string(),
+        ),
         &|rb| {
             Ok(rb
                 .header(CONTENT_TYPE, "application/octet-stream")
@@ -229,13 +225,12 @@ fn put_chunked(
 ) -> Result<()> {
     let scopes = [scope_push(repo)];
     let resp = client.send(
-        &Req {
-            method: Method::PATCH,
-            url: session.to_string(),
-            scopes: &scopes,
-            idempotent: false,
-            what: what.to_string(),
-        },
+        &Req::once(
+            Method::PATCH,
+            session.to_string(),
+            &scopes,
+            what.to_string(),
+        ),
         &|rb| {
             Ok(rb
                 .header(CONTENT_TYPE, "application/octet-stream")
@@ -249,13 +244,12 @@ fn put_chunked(
     }
     let next = location(client, &resp, what)?;
     let resp = client.send(
-        &Req {
-            method: Method::PUT,
-            url: with_digest(&next, digest),
-            scopes: &scopes,
-            idempotent: false,
-            what: what.to_string(),
-        },
+        &Req::once(
+            Method::PUT,
+            with_digest(&next, digest),
+            &scopes,
+            what.to_string(),
+        ),
         &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
     )?;
     if resp.status() != StatusCode::CREATED {
@@ -275,13 +269,12 @@ pub fn put_manifest(
     let scopes = [scope_push(repo)];
     let what = format!("manifest {repo}:{reference}");
     let resp = client.send(
-        &Req {
-            method: Method::PUT,
-            url: format!("/v2/{repo}/manifests/{reference}"),
-            scopes: &scopes,
-            idempotent: true,
-            what: what.clone(),
-        },
+        &Req::retryable(
+            Method::PUT,
+            format!("/v2/{repo}/manifests/{reference}"),
+            &scopes,
+            what.clone(),
+        ),
         &|rb| Ok(rb.header(CONTENT_TYPE, media_type).body(bytes.to_vec())),
     )?;
     if resp.status() != StatusCode::CREATED && resp.status() != StatusCode::OK {
