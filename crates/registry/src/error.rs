@@ -26,6 +26,14 @@ pub enum RegistryError {
         what: String,
         reason: String,
     },
+    /// Well-formed content this builder does not handle (schema 1, artifacts, encrypted
+    /// layers): named by its media type.
+    #[error("{registry}: {what}: {reason}")]
+    Unsupported {
+        registry: String,
+        what: String,
+        reason: String,
+    },
     #[error("{name}: no registry could provide it: {errors}")]
     AllSourcesFailed {
         name: String,
@@ -56,6 +64,7 @@ impl RegistryError {
             RegistryError::AllSourcesFailed { missing: true, .. } => ErrorKind::NotFound,
             RegistryError::AllSourcesFailed { .. } => ErrorKind::Unavailable,
             RegistryError::BadContent { .. } => ErrorKind::DataLoss,
+            RegistryError::Unsupported { .. } => ErrorKind::FailedPrecondition,
             RegistryError::Blocked(_) | RegistryError::Rejected(_) => ErrorKind::FailedPrecondition,
             RegistryError::Invalid(_) => ErrorKind::InvalidArgument,
             RegistryError::Config(_) => ErrorKind::FailedPrecondition,

@@ -98,12 +98,17 @@ pub fn get_manifest(client: &Client, repo: &str, reference: &str) -> Result<Fetc
             )));
         }
     }
-    let body_type = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v["mediaType"].as_str().map(str::to_string));
-    let media_type = body_type
-        .or(header_type)
-        .unwrap_or_else(|| media::OCI_MANIFEST.to_string());
+    // The body's own mediaType wins; OCI lets it be absent, then the registry's
+    // Content-Type (what the pusher declared) says, then the body's shape.
+    let body = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(|e| bad(format!("not JSON: {e}")))?;
+    let media_type = match body["mediaType"].as_str() {
+        Some(t) => t.to_string(),
+        None => header_type
+            .filter(|t| media::manifest_kind(t) != media::ManifestKind::Other)
+            .or_else(|| media::guess_manifest_type(&body).map(str::to_string))
+            .ok_or_else(|| bad("neither its body nor the registry says what it is".into()))?,
+    };
     Ok(Fetched {
         bytes,
         media_type,
@@ -111,13 +116,74 @@ pub fn get_manifest(client: &Client, repo: &str, reference: &str) -> Result<Fetc
     })
 }
 
+/// An index entry that describes another entry (a BuildKit attestation), not an image.
+fn is_attestation(d: &Descriptor) -> bool {
+    d.annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(media::REFERENCE_TYPE_ANNOTATION))
+        || d.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "unknown" && p.architecture == "unknown")
+}
+
+/// Refuses a manifest that is not an image manifest: schema 1, nested lists, artifacts.
+fn check_manifest_kind(media_type: &str) -> std::result::Result<(), String> {
+    match media::manifest_kind(media_type) {
+        media::ManifestKind::Image => Ok(()),
+        media::ManifestKind::Schema1 => Err(format!(
+            "{media_type} (Docker schema 1) is not supported: push the image again with a current client"
+        )),
+        media::ManifestKind::List => Err(format!(
+            "an entry of the manifest list is itself a list ({media_type})"
+        )),
+        media::ManifestKind::Other => Err(format!(
+            "media type {media_type} is not a container image manifest"
+        )),
+    }
+}
+
+/// Refuses, before anything is downloaded, an image whose config or layers this builder
+/// cannot use: artifact configs, foreign layers, encrypted or unknown layer media types.
+fn check_image_contents(manifest: &Manifest) -> std::result::Result<(), String> {
+    if !media::is_image_config(&manifest.config.media_type) {
+        return Err(format!(
+            "config media type {} is not a container image config (an artifact, not an image)",
+            manifest.config.media_type
+        ));
+    }
+    for d in &manifest.layers {
+        match media::layer_type(&d.media_type) {
+            media::LayerType::Tar | media::LayerType::Gzip | media::LayerType::Zstd
+                if d.urls.is_none() => {}
+            media::LayerType::Tar
+            | media::LayerType::Gzip
+            | media::LayerType::Zstd
+            | media::LayerType::Foreign => {
+                return Err(format!(
+                    "layer {} is a foreign layer ({}), stored outside the registry",
+                    d.digest, d.media_type
+                ))
+            }
+            media::LayerType::Unsupported => {
+                return Err(format!(
+                    "layer {} has media type {}, which is not an image layer this builder unpacks (tar, tar+gzip, tar+zstd)",
+                    d.digest, d.media_type
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The entry of a manifest list for linux on this machine's architecture.
 pub fn pick_platform(index: &Index, what: &str) -> std::result::Result<Descriptor, String> {
     let arch = host_architecture();
+    // Attestation entries (BuildKit's, platform unknown/unknown) are never images to run.
     let found = index.manifests.iter().find(|d| {
-        d.platform
-            .as_ref()
-            .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+        !is_attestation(d)
+            && d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == arch)
     });
     match found {
         Some(d) => Ok(d.clone()),
@@ -125,6 +191,7 @@ pub fn pick_platform(index: &Index, what: &str) -> std::result::Result<Descripto
             let have: Vec<String> = index
                 .manifests
                 .iter()
+                .filter(|d| !is_attestation(d))
                 .filter_map(|d| d.platform.as_ref())
                 .map(|p| match &p.variant {
                     Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
@@ -285,7 +352,7 @@ fn pull_from(
         None => source.reference.tag().unwrap_or("latest").to_string(),
     };
     let mut fetched = get_manifest(&client, &repo, &wanted)?;
-    if fetched.media_type == media::DOCKER_MANIFEST_LIST || fetched.media_type == media::OCI_INDEX {
+    if media::manifest_kind(&fetched.media_type) == media::ManifestKind::List {
         let what = format!("manifest list {repo}:{wanted}");
         let index: Index =
             serde_json::from_slice(&fetched.bytes).map_err(|e| RegistryError::BadContent {
@@ -302,11 +369,36 @@ fn pull_from(
         what: what.clone(),
         reason,
     };
-    if fetched.media_type.contains("manifest.v1") {
-        return Err(bad("schema 1 manifests are not supported".into()));
-    }
+    let unsupported = |reason: String| RegistryError::Unsupported {
+        registry: client.host().to_string(),
+        what: what.clone(),
+        reason,
+    };
+    check_manifest_kind(&fetched.media_type).map_err(unsupported)?;
     let manifest: Manifest =
         serde_json::from_slice(&fetched.bytes).map_err(|e| bad(e.to_string()))?;
+    check_image_contents(&manifest).map_err(unsupported)?;
+    pull_manifest(
+        store, &client, &repo, &fetched, &manifest, name, cancel, progress,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pull_manifest(
+    store: &Store,
+    client: &Client,
+    repo: &str,
+    fetched: &Fetched,
+    manifest: &Manifest,
+    name: &Reference,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<ImageId> {
+    let bad = |reason: String| RegistryError::BadContent {
+        registry: client.host().to_string(),
+        what: format!("manifest {repo}@{}", fetched.digest),
+        reason,
+    };
     if manifest.config.size > limits::MANIFEST_MAX {
         return Err(bad(format!(
             "config of {} bytes is over the limit",
@@ -315,7 +407,7 @@ fn pull_from(
     }
     let lease = store.lease();
     let result = pull_leased(
-        store, &client, &repo, &fetched, &manifest, name, cancel, progress, &lease,
+        store, client, repo, fetched, manifest, name, cancel, progress, &lease,
     );
     drop(lease);
     if result.is_err() {
@@ -369,9 +461,6 @@ fn pull_leased(
     let chains = ChainId::chain(diff_ids);
     let mut sizes = vec![0u64; manifest.layers.len()];
     for (i, d) in manifest.layers.iter().enumerate() {
-        if d.media_type.contains("foreign") || d.urls.is_some() {
-            return Err(bad(format!("layer {} is a foreign layer", d.digest)));
-        }
         progress(format!("Copying blob {}\n", d.digest));
         lease.layer(&chains[i]);
         lease.blob(&d.digest);

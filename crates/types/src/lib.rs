@@ -65,6 +65,138 @@ pub mod media {
     pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
     pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
     pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+    /// Docker's schema 1 (signed and unsigned): read by nothing here.
+    pub const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+    pub const DOCKER_MANIFEST_V1_SIGNED: &str =
+        "application/vnd.docker.distribution.manifest.v1+prettyjws";
+    /// The annotation BuildKit puts on the attestation entries of an index.
+    pub const REFERENCE_TYPE_ANNOTATION: &str = "vnd.docker.reference.type";
+
+    /// What a fetched manifest is, by its media type.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ManifestKind {
+        /// Docker v2 schema 2 or OCI image manifest.
+        Image,
+        /// Docker manifest list or OCI image index.
+        List,
+        /// Docker v2 schema 1.
+        Schema1,
+        /// Anything else (artifacts, unknown types).
+        Other,
+    }
+
+    pub fn manifest_kind(media_type: &str) -> ManifestKind {
+        match media_type {
+            DOCKER_MANIFEST | OCI_MANIFEST => ManifestKind::Image,
+            DOCKER_MANIFEST_LIST | OCI_INDEX => ManifestKind::List,
+            DOCKER_MANIFEST_V1 | DOCKER_MANIFEST_V1_SIGNED => ManifestKind::Schema1,
+            _ => ManifestKind::Other,
+        }
+    }
+
+    /// The media type of a manifest whose body names none (allowed for OCI): schema 1 by
+    /// its `schemaVersion`, an index by its `manifests`, an image manifest by its `config`.
+    pub fn guess_manifest_type(body: &serde_json::Value) -> Option<&'static str> {
+        if body["schemaVersion"] == 1 {
+            Some(DOCKER_MANIFEST_V1)
+        } else if body["manifests"].is_array() {
+            Some(OCI_INDEX)
+        } else if body["config"].is_object() && body["layers"].is_array() {
+            Some(OCI_MANIFEST)
+        } else {
+            None
+        }
+    }
+
+    /// Image config media types.
+    pub fn is_image_config(media_type: &str) -> bool {
+        matches!(media_type, DOCKER_CONFIG | OCI_CONFIG)
+    }
+
+    /// How a layer's media type says it is stored.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum LayerType {
+        Tar,
+        Gzip,
+        Zstd,
+        /// Foreign (Docker) or non-distributable (OCI): its blob lives elsewhere.
+        Foreign,
+        /// Not an image layer we can unpack (encrypted, an artifact's blob, unknown).
+        Unsupported,
+    }
+
+    pub fn layer_type(media_type: &str) -> LayerType {
+        match media_type {
+            DOCKER_LAYER | OCI_LAYER => LayerType::Tar,
+            DOCKER_LAYER_GZIP | OCI_LAYER_GZIP => LayerType::Gzip,
+            OCI_LAYER_ZSTD => LayerType::Zstd,
+            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => LayerType::Foreign,
+            _ => LayerType::Unsupported,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn oci_manifests_are_not_schema_1() {
+            assert_eq!(manifest_kind(OCI_MANIFEST), ManifestKind::Image);
+            assert_eq!(manifest_kind(DOCKER_MANIFEST), ManifestKind::Image);
+            assert_eq!(manifest_kind(OCI_INDEX), ManifestKind::List);
+            assert_eq!(manifest_kind(DOCKER_MANIFEST_LIST), ManifestKind::List);
+            assert_eq!(manifest_kind(DOCKER_MANIFEST_V1), ManifestKind::Schema1);
+            assert_eq!(
+                manifest_kind(DOCKER_MANIFEST_V1_SIGNED),
+                ManifestKind::Schema1
+            );
+            assert_eq!(
+                manifest_kind("application/vnd.oci.artifact.manifest.v1+json"),
+                ManifestKind::Other
+            );
+        }
+
+        #[test]
+        fn guesses_untyped_bodies() {
+            let v = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("json");
+            assert_eq!(
+                guess_manifest_type(&v(r#"{"schemaVersion":1,"fsLayers":[]}"#)),
+                Some(DOCKER_MANIFEST_V1)
+            );
+            assert_eq!(
+                guess_manifest_type(&v(r#"{"schemaVersion":2,"manifests":[]}"#)),
+                Some(OCI_INDEX)
+            );
+            assert_eq!(
+                guess_manifest_type(&v(r#"{"schemaVersion":2,"config":{},"layers":[]}"#)),
+                Some(OCI_MANIFEST)
+            );
+            assert_eq!(guess_manifest_type(&v(r#"{"schemaVersion":2}"#)), None);
+        }
+
+        #[test]
+        fn layer_types() {
+            assert_eq!(layer_type(OCI_LAYER), LayerType::Tar);
+            assert_eq!(layer_type(DOCKER_LAYER_GZIP), LayerType::Gzip);
+            assert_eq!(layer_type(OCI_LAYER_GZIP), LayerType::Gzip);
+            assert_eq!(layer_type(OCI_LAYER_ZSTD), LayerType::Zstd);
+            assert_eq!(
+                layer_type("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+                LayerType::Foreign
+            );
+            assert_eq!(
+                layer_type("application/vnd.oci.image.layer.v1.tar+gzip+encrypted"),
+                LayerType::Unsupported
+            );
+            assert_eq!(
+                layer_type("application/vnd.in-toto+json"),
+                LayerType::Unsupported
+            );
+        }
+    }
 }
 
 /// The proxy variables: usable as build args without an ARG, never stored in an image, and
