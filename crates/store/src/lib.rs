@@ -10,6 +10,7 @@
 //! ├── blobs/sha256/<hex>       committed blobs (layers, configs, manifests), read-only
 //! ├── ingest/<random>          blobs being written (swept at start-up)
 //! ├── layers/<chain-hex>/diff  unpacked layer in overlay form (whiteouts = 0:0 char devs)
+//! ├── cache/                   the build cache (see `cache`)
 //! └── tmp/<random>/            layers being unpacked, archives being staged (swept)
 //! ```
 //!
@@ -20,12 +21,14 @@
 //! safe from a concurrent collection.
 
 pub mod apply;
+pub mod cache;
 pub mod compression;
 pub mod content;
 pub mod diff;
 pub mod error;
 pub mod metadata;
 pub mod pgzip;
+pub mod squash;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
 pub use error::{ErrorKind, Result, StoreError};
@@ -65,6 +68,7 @@ pub struct Store {
     meta: Mutex<Metadata>,
     leases: Arc<Mutex<LeaseTable>>,
     compressor: Compressor,
+    cache: cache::Cache,
     _lock: isula_sys::FileLock,
 }
 
@@ -130,6 +134,10 @@ impl Lease {
     }
     pub fn layer(&self, c: &ChainId) {
         self.add(format!("layer:{}", c.hex()));
+    }
+    /// A build-cache snapshot in use (a lower layer of a running step): never pruned.
+    pub fn snapshot(&self, id: &str) {
+        self.add(format!("snap:{id}"));
     }
     fn add(&self, key: String) {
         if let Ok(mut t) = self.table.lock() {
@@ -202,12 +210,14 @@ impl Store {
         }
         let content = ContentStore::new(root)?;
         let meta = Metadata::load(&root.join("metadata.json"))?;
+        let cache = cache::Cache::open(root)?;
         let store = Store {
             root: root.to_path_buf(),
             content,
             meta: Mutex::new(meta),
             leases: Arc::default(),
             compressor: Compressor::default(),
+            cache,
             _lock: lock,
         };
         let mut report = OpenReport {
@@ -215,6 +225,22 @@ impl Store {
             swept_tmp: content::sweep_dir(&root.join("tmp"))?,
             ..Default::default()
         };
+        let (dropped, snapshots) = store.cache.sweep(&|s| {
+            s.layers
+                .iter()
+                .all(|l| store.layer_dir(&l.chain_id).join("diff").is_dir())
+                && s.blobs
+                    .iter()
+                    .chain([&s.config])
+                    .all(|b| store.content.contains(b))
+        })?;
+        if dropped + snapshots > 0 {
+            tracing::info!(
+                records = dropped,
+                snapshots,
+                "build cache: dropped what a crash left incomplete"
+            );
+        }
         report.gc = store.gc()?;
         Ok((store, report))
     }
@@ -225,6 +251,49 @@ impl Store {
 
     pub fn content(&self) -> &ContentStore {
         &self.content
+    }
+
+    pub fn cache(&self) -> &cache::Cache {
+        &self.cache
+    }
+
+    /// Moves a finished build step's upper directory into the cache as a snapshot (its
+    /// work directory removed). Returns the snapshot ID and its size on disk; the lease
+    /// keeps it from a concurrent prune.
+    pub fn adopt_snapshot(&self, mut staged: StagedLayer, lease: &Lease) -> Result<(String, u64)> {
+        let work = staged.dir.join("work");
+        if work.exists() {
+            isula_sys::rooted::remove_tree(&work)?;
+        }
+        let size = cache::disk_usage(&staged.diff_dir());
+        let id = self.cache.adopt_snapshot(&staged.dir)?;
+        lease.snapshot(&id);
+        staged.committed = true;
+        Ok((id, size))
+    }
+
+    /// A staged layer holding the squash of `stack` (snapshot diff directories, top first)
+    /// over `base` (a read-only view of what lies below, None for nothing).
+    pub fn squash(&self, stack: &[&Path], base: Option<&Path>) -> Result<StagedLayer> {
+        let staged = self.stage_layer()?;
+        squash::squash(stack, base, &staged.diff_dir())?;
+        Ok(staged)
+    }
+
+    /// Removes least recently used build-cache records until at most `keep` bytes remain
+    /// (0: all of them), then collects the layers only they kept.
+    pub fn prune_cache(&self, keep: u64) -> Result<cache::Pruned> {
+        let leased: HashSet<String> = {
+            let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            t.held.values().flatten().cloned().collect()
+        };
+        let pruned = self
+            .cache
+            .prune(keep, &|id| leased.contains(&format!("snap:{id}")))?;
+        if pruned.records > 0 {
+            self.gc()?;
+        }
+        Ok(pruned)
     }
 
     fn meta(&self) -> MutexGuard<'_, Metadata> {
@@ -611,8 +680,7 @@ impl Store {
             let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
             t.held.values().flatten().cloned().collect()
         };
-        let mut live_layers: HashSet<ChainId> = HashSet::new();
-        let mut live_blobs: HashSet<Digest> = HashSet::new();
+        let (mut live_layers, mut live_blobs) = self.cache.roots();
         for img in meta.images.values() {
             live_layers.extend(img.layers.iter().cloned());
             live_blobs.extend(img.blobs.iter().cloned());
@@ -629,12 +697,18 @@ impl Store {
         let mut report = GcReport::default();
         let before = (meta.layers.len(), meta.compressed.len());
         let mut next = meta.clone();
+        // The cache's stage results keep their layers (and so their records).
+        for l in self.cache.layer_records() {
+            next.layers.entry(l.chain_id.clone()).or_insert(l);
+        }
         next.layers
             .retain(|c, _| live_layers.contains(c) || layer_leased(c));
         next.compressed.retain(|src, gz| {
             live_blobs.contains(src) || blob_leased(src) || blob_leased(&gz.digest)
         });
-        if (next.layers.len(), next.compressed.len()) != before {
+        if (next.layers.len(), next.compressed.len()) != before
+            || next.layers.keys().ne(meta.layers.keys())
+        {
             self.save(&next)?;
             *meta = next;
         }
@@ -675,6 +749,24 @@ impl Store {
                     problems.push(format!("image {}: layer record {l} is missing", img.id));
                 } else if !self.layer_dir(l).join("diff").is_dir() {
                     problems.push(format!("image {}: layer directory {l} is missing", img.id));
+                }
+            }
+        }
+        problems.extend(self.cache.check());
+        for (key, r) in self.cache.records() {
+            if let Some(s) = &r.stage {
+                for l in &s.layers {
+                    if !self.layer_dir(&l.chain_id).join("diff").is_dir() {
+                        problems.push(format!(
+                            "cache record {key}: layer directory {} is missing",
+                            l.chain_id
+                        ));
+                    }
+                }
+                for b in s.blobs.iter().chain([&s.config]) {
+                    if !self.content.contains(b) {
+                        problems.push(format!("cache record {key}: blob {b} is missing"));
+                    }
                 }
             }
         }

@@ -44,6 +44,14 @@ impl Drop for MountGuard {
     }
 }
 
+/// Overlay features our diff code does not understand (it reads whiteouts and opaque
+/// directories only), so they are always off.
+const OVERLAY_FIXED: [(&str, &str); 3] = [
+    ("index", "off"),
+    ("redirect_dir", "off"),
+    ("metacopy", "off"),
+];
+
 /// Mounts an overlay at `target`: `lowers` top first (at least one), `upper` and `work` on
 /// the same file system. `options` are extra mount options (`nodev`, ...).
 pub fn mount_overlay(
@@ -53,6 +61,27 @@ pub fn mount_overlay(
     target: &Path,
     options: &[String],
 ) -> Result<MountGuard> {
+    overlay(lowers, Some((upper, work)), target, options, false)
+}
+
+/// Mounts a read-only overlay of `lowers` (top first, at least one) at `target`: a view of
+/// an image or stage, for `COPY --from` and for looking things up in a base.
+pub fn mount_overlay_ro(lowers: &[PathBuf], target: &Path, empty: &Path) -> Result<MountGuard> {
+    // Without an upper directory overlayfs wants two lower layers; an empty one is enough.
+    let mut all = lowers.to_vec();
+    if all.len() < 2 {
+        all.push(empty.to_path_buf());
+    }
+    overlay(&all, None, target, &[], true)
+}
+
+fn overlay(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+    options: &[String],
+    read_only: bool,
+) -> Result<MountGuard> {
     if lowers.is_empty() {
         return Err(SysError::new(
             "mount overlay",
@@ -60,17 +89,11 @@ pub fn mount_overlay(
             rustix::io::Errno::INVAL,
         ));
     }
-    let lower = lowers
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
-    let mut data = format!(
-        "lowerdir={lower},upperdir={},workdir={}",
-        upper.display(),
-        work.display()
-    );
     let mut flags = MountFlags::empty();
+    if read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    let mut extra = Vec::new();
     for o in options.iter().flat_map(|o| o.split(',')) {
         match o {
             "nodev" => flags |= MountFlags::NODEV,
@@ -78,18 +101,108 @@ pub fn mount_overlay(
             "noexec" => flags |= MountFlags::NOEXEC,
             "noatime" => flags |= MountFlags::NOATIME,
             "" => {}
-            other => {
-                data.push(',');
-                data.push_str(other);
-            }
+            other => extra.push(other.to_string()),
         }
+    }
+    // The mount API (Linux 6.8+) takes one lower layer per call, so a base image of any
+    // depth fits; older kernels get the classic option string, limited to a page.
+    match overlay_fsconfig(lowers, upper, target, flags, &extra) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::INVAL => {
+            overlay_legacy(lowers, upper, target, flags, &extra)?
+        }
+        Err(e) => return Err(SysError::new("mount overlay", target, e)),
+    }
+    Ok(MountGuard {
+        target: target.to_path_buf(),
+        mounted: true,
+    })
+}
+
+fn overlay_fsconfig(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+    flags: MountFlags,
+    extra: &[String],
+) -> rustix::io::Result<()> {
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
+        FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    };
+    let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for l in lowers {
+        fsconfig_set_string(&fs, "lowerdir+", l.as_path())?;
+    }
+    if let Some((u, w)) = upper {
+        fsconfig_set_string(&fs, "upperdir", u)?;
+        fsconfig_set_string(&fs, "workdir", w)?;
+    }
+    for (k, v) in OVERLAY_FIXED {
+        fsconfig_set_string(&fs, k, v)?;
+    }
+    for o in extra {
+        match o.split_once('=') {
+            Some((k, v)) => fsconfig_set_string(&fs, k, v)?,
+            None => rustix::mount::fsconfig_set_flag(&fs, o.as_str())?,
+        }
+    }
+    fsconfig_create(&fs)?;
+    let mut attrs = MountAttrFlags::empty();
+    for (f, a) in [
+        (MountFlags::RDONLY, MountAttrFlags::MOUNT_ATTR_RDONLY),
+        (MountFlags::NODEV, MountAttrFlags::MOUNT_ATTR_NODEV),
+        (MountFlags::NOSUID, MountAttrFlags::MOUNT_ATTR_NOSUID),
+        (MountFlags::NOEXEC, MountAttrFlags::MOUNT_ATTR_NOEXEC),
+        (MountFlags::NOATIME, MountAttrFlags::MOUNT_ATTR_NOATIME),
+    ] {
+        if flags.contains(f) {
+            attrs |= a;
+        }
+    }
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?;
+    move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+}
+
+fn overlay_legacy(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+    flags: MountFlags,
+    extra: &[String],
+) -> Result<()> {
+    let lower = lowers
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut data = format!("lowerdir={lower}");
+    if let Some((u, w)) = upper {
+        data.push_str(&format!(
+            ",upperdir={},workdir={}",
+            u.display(),
+            w.display()
+        ));
+    }
+    for (k, v) in OVERLAY_FIXED {
+        data.push_str(&format!(",{k}={v}"));
+    }
+    for o in extra {
+        data.push(',');
+        data.push_str(o);
     }
     if data.len() >= 4096 {
         return Err(SysError::io(
             "mount overlay",
             target,
             std::io::Error::other(format!(
-                "{} lower layers make the mount options too long",
+                "{} lower layers make the mount options too long for this kernel (Linux 6.8 or later has no such limit)",
                 lowers.len()
             )),
         ));
@@ -97,11 +210,7 @@ pub fn mount_overlay(
     let data = std::ffi::CString::new(data)
         .map_err(|_| SysError::new("mount overlay", target, rustix::io::Errno::INVAL))?;
     rustix::mount::mount("overlay", target, "overlay", flags, Some(data.as_c_str()))
-        .map_err(|e| SysError::new("mount overlay", target, e))?;
-    Ok(MountGuard {
-        target: target.to_path_buf(),
-        mounted: true,
-    })
+        .map_err(|e| SysError::new("mount overlay", target, e))
 }
 
 #[cfg(test)]
@@ -147,6 +256,48 @@ mod tests {
             std::fs::symlink_metadata(upper.join("base")).is_ok(),
             "whiteout in upper"
         );
+        assert!(crate::mounts_under(d.path()).expect("mountinfo").is_empty());
+    }
+
+    #[test]
+    fn deep_stacks_mount() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipping: mounting needs root");
+            return;
+        }
+        // 200 lowers with long paths: far past the 4 KiB of the classic option string.
+        let d = tempfile::tempdir().expect("tmp");
+        let long = "l".repeat(60);
+        let lowers: Vec<PathBuf> = (0..200)
+            .map(|i| {
+                let p = d.path().join(format!("{long}-{i:03}"));
+                std::fs::create_dir(&p).expect("mkdir");
+                std::fs::write(p.join(format!("f{i}")), i.to_string()).expect("write");
+                p
+            })
+            .collect();
+        let (upper, work, merged, empty) = (
+            d.path().join("u"),
+            d.path().join("w"),
+            d.path().join("m"),
+            d.path().join("e"),
+        );
+        for p in [&upper, &work, &merged, &empty] {
+            std::fs::create_dir(p).expect("mkdir");
+        }
+        {
+            let _m = mount_overlay(&lowers, &upper, &work, &merged, &[]).expect("mount");
+            assert_eq!(std::fs::read_to_string(merged.join("f0")).expect("f0"), "0");
+            assert_eq!(
+                std::fs::read_to_string(merged.join("f199")).expect("f199"),
+                "199"
+            );
+        }
+        {
+            let _m = mount_overlay_ro(&lowers[..1], &merged, &empty).expect("ro mount");
+            assert!(merged.join("f0").exists());
+            assert!(std::fs::write(merged.join("x"), b"x").is_err(), "read-only");
+        }
         assert!(crate::mounts_under(d.path()).expect("mountinfo").is_empty());
     }
 }
