@@ -29,7 +29,7 @@ pub struct CopyOptions {
 
 type R<T> = Result<T, String>;
 
-fn excluded(src: &Source<'_>, rel: &str) -> bool {
+pub(crate) fn excluded(src: &Source<'_>, rel: &str) -> bool {
     src.ignore.is_some_and(|m| m.excluded(rel))
 }
 
@@ -39,7 +39,7 @@ fn stat_fd(fd: BorrowedFd<'_>) -> R<rustix::fs::Stat> {
 
 /// Expands one source (wildcards included) to relative paths that exist and are not
 /// ignored.
-fn expand_source(src: &Source<'_>, pattern: &str) -> R<Vec<String>> {
+pub(crate) fn expand_source(src: &Source<'_>, pattern: &str) -> R<Vec<String>> {
     let rel = clean(&format!("/{pattern}"));
     let rel = rel.trim_start_matches('/').to_string();
     if !has_wildcards(&rel) {

@@ -6,6 +6,7 @@
 //! directory itself. Progress lines (`STEP  N: ...`, RUN output, the copy lines, the
 //! result) go to the caller as they happen.
 
+pub mod cache_key;
 pub mod copy;
 pub mod stage;
 pub mod user;
@@ -76,6 +77,22 @@ pub struct BuildOptions {
     pub oci: bool,
     /// The daemon's own proxy environment (for `--proxy`).
     pub host_proxy_env: Vec<(String, String)>,
+    /// How this build uses the build cache.
+    pub cache: CacheMode,
+    /// The cache's size cap in bytes: least recently used records go after the build.
+    pub cache_max: u64,
+}
+
+/// How a build uses the build cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Reuse what matches, record what ran.
+    #[default]
+    On,
+    /// `--no-cache`: run every step, still record them for later builds.
+    Refresh,
+    /// The daemon's cache is off: neither reuse nor record.
+    Off,
 }
 
 /// What a build produced.
@@ -90,6 +107,8 @@ pub struct StageResult {
     pub config: ImageConfig,
     pub layers: Vec<LayerRecord>,
     pub blobs: Vec<Digest>,
+    /// The cache key of the stage's result (what later stages' keys build on).
+    pub key: Digest,
 }
 
 /// Finds an image by name, pulling it when the store lacks it; writes progress lines to the
@@ -205,23 +224,61 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         .map_err(|e| StoreError::io("create", &opts.work_dir, e))?;
     let _work = WorkDirGuard(opts.work_dir.clone());
     let lease = ctx.store.lease();
+    let hashes = std::sync::Mutex::new(cache_key::ContextHashes::load(
+        (opts.cache != CacheMode::Off).then(|| ctx.store.cache().context_record(&opts.context)),
+    ));
+    let result = build_stages(
+        ctx,
+        opts,
+        &df,
+        &meta,
+        &lexer,
+        ignore.as_ref(),
+        &stages,
+        target,
+        &lease,
+        &hashes,
+    );
+    hashes.lock().unwrap_or_else(|p| p.into_inner()).save();
+    if opts.cache != CacheMode::Off {
+        // Records of the steps that ran are kept even when the build failed.
+        if let Err(e) = ctx.store.cache().persist() {
+            tracing::warn!(error = %e, "saving the build cache");
+        }
+        if let Err(e) = ctx.store.prune_cache_over(opts.cache_max) {
+            tracing::warn!(error = %e, "trimming the build cache");
+        }
+    }
+    let id = result?;
+    drop(lease);
+    if let Err(e) = ctx.store.gc() {
+        tracing::warn!(error = %e, "collecting intermediate stages");
+    }
+    Ok(Built { id })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_stages(
+    ctx: &mut Context<'_>,
+    opts: &BuildOptions,
+    df: &Dockerfile,
+    meta: &[(String, String)],
+    lexer: &Lexer,
+    ignore: Option<&Matcher>,
+    stages: &[usize],
+    target: usize,
+    lease: &isula_store::Lease,
+    hashes: &std::sync::Mutex<cache_key::ContextHashes>,
+) -> Result<ImageId, BuildError> {
     let mut results: Vec<Option<StageResult>> = vec![None; df.stages.len()];
     let mut used_args: Vec<String> = meta.iter().map(|(k, _)| k.clone()).collect();
     let mut step_no = 0;
-    for &i in &stages {
+    for &i in stages {
         if ctx.cancelled() {
             return Err(BuildError::Cancelled);
         }
         let mut run = stage::StageRun::new(
-            ctx,
-            opts,
-            &df,
-            i,
-            &meta,
-            &lexer,
-            ignore.as_ref(),
-            &results,
-            &lease,
+            ctx, opts, df, i, meta, lexer, ignore, &results, lease, hashes,
         )?;
         let result = run.execute(&mut step_no, &mut used_args)?;
         results[i] = Some(result);
@@ -240,12 +297,7 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
     let last = results[target]
         .take()
         .ok_or_else(|| BuildError::Invalid("the target stage produced nothing".into()))?;
-    let id = stage::commit_image(ctx, &last, &opts.tags, opts.oci, &lease)?;
-    drop(lease);
-    if let Err(e) = ctx.store.gc() {
-        tracing::warn!(error = %e, "collecting intermediate stages");
-    }
-    Ok(Built { id })
+    stage::commit_image(ctx, &last, &opts.tags, opts.oci, lease)
 }
 
 fn read_dockerignore(context: &std::path::Path) -> Result<Option<Matcher>, BuildError> {

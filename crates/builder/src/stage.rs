@@ -1,20 +1,24 @@
 //! One stage: its base, its mounted rootfs, the instructions in order, and its commit.
 
+use crate::cache_key::{hash_sources, ContextHashes, KeyBuilder};
 use crate::copy::{self, CopyOptions, Source};
-use crate::{user, BuildError, BuildOptions, Context, StageResult, DEFAULT_PATH, PROXY_ARGS};
+use crate::{
+    user, BuildError, BuildOptions, CacheMode, Context, StageResult, DEFAULT_PATH, PROXY_ARGS,
+};
 use isula_dockerfile::ignore::{clean, Matcher};
 use isula_dockerfile::instructions::{Command, Dockerfile, Instruction, Step};
 use isula_dockerfile::lex::Lexer;
 use isula_runtime::Process;
+use isula_store::cache::{Record, StageRecord};
 use isula_store::diff::{write_layer, DiffOptions};
 use isula_store::{LayerRecord, Lease, NewImage, StagedLayer};
-use isula_sys::mount::{mount_overlay, MountGuard};
+use isula_sys::mount::{mount_overlay, mount_overlay_ro, MountGuard};
 use isula_sys::{Resolve, Root};
 use isula_types::image::{
     host_architecture, ContainerConfig, Descriptor, HealthConfig, History, ImageConfig, Manifest,
     RootFs,
 };
-use isula_types::{limits, media, ChainId, DiffId, ImageId, Reference};
+use isula_types::{limits, media, ChainId, DiffId, Digest, ImageId, Reference};
 use rustix::fs::{Mode, OFlags};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,10 +43,27 @@ pub struct StageRun<'c, 'a> {
     cmd_from_base: bool,
     history: Vec<History>,
     last_fs_step: Option<usize>,
+    hashes: &'c std::sync::Mutex<ContextHashes>,
+    /// The base's layer directories, top first.
+    base_lowers: Vec<PathBuf>,
+    /// This stage's step snapshots so far, bottom first.
+    snaps: Vec<Snapshot>,
+    /// The key of the last step (the chain every next key builds on).
+    key: Digest,
+    /// Every step so far came from the cache.
+    hitting: bool,
+    /// While a step that changes files runs: its upper directory, mount and rootfs.
     upper: Option<StagedLayer>,
     mount: Option<MountGuard>,
     rootfs: Option<Root>,
     dir: PathBuf,
+}
+
+/// One step's own changes: a cache snapshot, or (cache off) a staged directory that goes
+/// away with the build.
+struct Snapshot {
+    dir: PathBuf,
+    _staged: Option<StagedLayer>,
 }
 
 fn now_rfc3339(build_time: Option<i64>) -> String {
@@ -80,10 +101,13 @@ fn image_base(ctx: &mut Context<'_>, name: &str) -> Result<StageResult, BuildErr
         .iter()
         .map(|c| store.layer(c))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut key = KeyBuilder::new("image", None);
+    key.field("id", img.id.digest().as_str().as_bytes());
     Ok(StageResult {
         config,
         layers,
         blobs: img.blobs.clone(),
+        key: key.finish(),
     })
 }
 
@@ -108,6 +132,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         ignore: Option<&'c Matcher>,
         results: &'c [Option<StageResult>],
         lease: &'c Lease,
+        hashes: &'c std::sync::Mutex<ContextHashes>,
     ) -> Result<Self, BuildError> {
         Ok(StageRun {
             ctx,
@@ -126,6 +151,11 @@ impl<'c, 'a> StageRun<'c, 'a> {
             cmd_from_base: false,
             history: Vec::new(),
             last_fs_step: None,
+            hashes,
+            base_lowers: Vec::new(),
+            snaps: Vec::new(),
+            key: KeyBuilder::new("none", None).finish(),
+            hitting: opts.cache == CacheMode::On,
             upper: None,
             mount: None,
             rootfs: None,
@@ -176,25 +206,23 @@ impl<'c, 'a> StageRun<'c, 'a> {
             .ok_or_else(|| BuildError::Invalid("the stage rootfs is not mounted".into()))
     }
 
-    fn mount(&mut self, base: &StageResult) -> Result<(), BuildError> {
+    /// Mounts the rootfs for a step that changes files: the base, this stage's snapshots,
+    /// and a fresh upper directory for the step's own changes.
+    fn mount_step(&mut self) -> Result<(), BuildError> {
         let store = self.ctx.store;
-        std::fs::create_dir_all(self.dir.join("rootfs"))
+        let target = self.dir.join("rootfs");
+        std::fs::create_dir_all(&target)
             .map_err(|e| isula_store::StoreError::io("create", &self.dir, e))?;
         let upper = store.stage_layer()?;
         let work = upper.work_dir()?;
-        let mut lowers: Vec<PathBuf> = base
-            .layers
-            .iter()
-            .rev()
-            .map(|l| store.layer_dir(&l.chain_id).join("diff"))
-            .collect();
+        let mut lowers: Vec<PathBuf> = self.snaps.iter().rev().map(|s| s.dir.clone()).collect();
+        lowers.extend(self.base_lowers.iter().cloned());
         if lowers.is_empty() {
             let empty = self.dir.join("empty");
             std::fs::create_dir_all(&empty)
                 .map_err(|e| isula_store::StoreError::io("create", &empty, e))?;
             lowers.push(empty);
         }
-        let target = self.dir.join("rootfs");
         let guard = mount_overlay(
             &lowers,
             &upper.diff_dir(),
@@ -207,6 +235,110 @@ impl<'c, 'a> StageRun<'c, 'a> {
         self.mount = Some(guard);
         self.upper = Some(upper);
         Ok(())
+    }
+
+    /// Unmounts after a step and keeps its changes: as a cache snapshot recorded under
+    /// `key`, or (cache off) as a staged directory for this build only.
+    fn finish_step(&mut self, key: &Digest, description: &str) -> Result<(), BuildError> {
+        self.rootfs = None;
+        if let Some(m) = self.mount.take() {
+            m.unmount()
+                .map_err(|e| BuildError::Invalid(format!("unmounting the stage rootfs: {e}")))?;
+        }
+        let upper = self
+            .upper
+            .take()
+            .ok_or_else(|| BuildError::Invalid("no upper directory".into()))?;
+        let empty = std::fs::read_dir(upper.diff_dir())
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        let store = self.ctx.store;
+        if self.opts.cache == CacheMode::Off {
+            if !empty {
+                self.snaps.push(Snapshot {
+                    dir: upper.diff_dir(),
+                    _staged: Some(upper),
+                });
+            }
+            return Ok(());
+        }
+        let (snapshot, size) = if empty {
+            (None, 0)
+        } else {
+            let (id, size) = store.adopt_snapshot(upper, self.lease)?;
+            (Some(id), size)
+        };
+        let record = Record {
+            parent: Some(self.key.clone()),
+            description: description.to_string(),
+            snapshot: snapshot.clone(),
+            stage: None,
+            size,
+            created: 0,
+            last_used: 0,
+        };
+        let kept = store.cache().put(key, record)?;
+        if let Some(id) = snapshot {
+            if kept {
+                self.snaps.push(Snapshot {
+                    dir: store.cache().snapshot_dir(&id),
+                    _staged: None,
+                });
+            } else {
+                // A concurrent build recorded the same step first: use its snapshot.
+                self.use_record(key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a step that changes no files (config only).
+    fn record_config_step(&mut self, key: &Digest, description: &str) -> Result<(), BuildError> {
+        if self.opts.cache == CacheMode::Off {
+            return Ok(());
+        }
+        let record = Record {
+            parent: Some(self.key.clone()),
+            description: description.to_string(),
+            snapshot: None,
+            stage: None,
+            size: 0,
+            created: 0,
+            last_used: 0,
+        };
+        self.ctx.store.cache().put(key, record)?;
+        Ok(())
+    }
+
+    /// Stacks the snapshot of the recorded step `key`, if it has one.
+    fn use_record(&mut self, key: &Digest) -> Result<bool, BuildError> {
+        let store = self.ctx.store;
+        let Some(r) = store.cache().get(key) else {
+            return Ok(false);
+        };
+        if let Some(id) = &r.snapshot {
+            self.lease.snapshot(id);
+            let dir = store.cache().snapshot_dir(id);
+            if !dir.is_dir() {
+                return Ok(false);
+            }
+            self.snaps.push(Snapshot { dir, _staged: None });
+        }
+        Ok(true)
+    }
+
+    /// Whether step `key` comes from the cache (then its snapshot is stacked and the line
+    /// says so); once one step misses, every later one runs.
+    fn try_cache(&mut self, key: &Digest) -> Result<bool, BuildError> {
+        if !self.hitting {
+            return Ok(false);
+        }
+        if self.use_record(key)? {
+            self.log(format!("Using cache {}\n", &key.hex()[..12]));
+            return Ok(true);
+        }
+        self.hitting = false;
+        Ok(false)
     }
 
     pub fn execute(
@@ -251,6 +383,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 },
                 layers: Vec::new(),
                 blobs: Vec::new(),
+                key: KeyBuilder::new("scratch", None).finish(),
             }
         } else if let Some(r) = self.stage_result(&image) {
             r.clone()
@@ -268,12 +401,20 @@ impl<'c, 'a> StageRun<'c, 'a> {
         self.history = base.config.history.clone();
         self.base_layers = base.layers.clone();
         self.base_blobs = base.blobs.clone();
+        self.base_lowers = base
+            .layers
+            .iter()
+            .rev()
+            .map(|l| self.ctx.store.layer_dir(&l.chain_id).join("diff"))
+            .collect();
+        let mut key = KeyBuilder::new("from", None);
+        key.field("base", base.key.as_str().as_bytes())
+            .field("platform", host_architecture().as_bytes());
+        self.key = key.finish();
         self.cmd_from_base = self.config.config.as_ref().is_some_and(|c| c.cmd.is_some());
         if self.config.config.as_ref().is_none_or(|c| c.env.is_none()) {
             self.cc().env = Some(vec![format!("PATH={DEFAULT_PATH}")]);
         }
-        self.mount(&base)?;
-
         // ONBUILD triggers of the base run first, then are cleared.
         let triggers = self.cc().on_build.take().unwrap_or_default();
         let mut steps: Vec<Step> = Vec::new();
@@ -319,6 +460,21 @@ impl<'c, 'a> StageRun<'c, 'a> {
             .instruction
             .expand(self.lexer, &vars)
             .map_err(|e| step_err(n, step, e.to_string()))?;
+        // Config-only steps are keyed by what they say after expansion (an ARG by its name:
+        // its value enters the keys of the steps that use it).
+        let config_key = {
+            let mut k = KeyBuilder::new("config", Some(&self.key));
+            match &ins {
+                Instruction::Arg(pairs) => {
+                    let names: Vec<&String> = pairs.iter().map(|(k, _)| k).collect();
+                    k.json("arg", &names);
+                }
+                other => {
+                    k.json("instruction", other);
+                }
+            }
+            k.finish()
+        };
         let mut fs_change = false;
         match ins {
             Instruction::From { .. } => return Err(step_err(n, step, "FROM inside a stage")),
@@ -401,16 +557,28 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 };
                 // BuildKit: missing directories are made 0755 and owned by the USER.
                 let user_spec = self.cc().user.clone();
-                let root = self.rootfs()?;
-                let owner = if user_spec.is_empty() {
-                    None
-                } else {
-                    let ids =
-                        user::resolve(root, &user_spec, true).map_err(|e| step_err(n, step, e))?;
-                    Some((ids.uid, ids.gid))
-                };
-                copy::mkdir_all_owned(root, &path, owner)
-                    .map_err(|e| step_err(n, step, format!("creating {path}: {e}")))?;
+                let mut k = KeyBuilder::new("workdir", Some(&self.key));
+                k.field("path", path.as_bytes())
+                    .field("user", user_spec.as_bytes());
+                let key = k.finish();
+                if !self.try_cache(&key)? {
+                    self.mount_step()?;
+                    let made = (|| {
+                        let root = self.rootfs()?;
+                        let owner = if user_spec.is_empty() {
+                            None
+                        } else {
+                            let ids = user::resolve(root, &user_spec, true)
+                                .map_err(|e| step_err(n, step, e))?;
+                            Some((ids.uid, ids.gid))
+                        };
+                        copy::mkdir_all_owned(root, &path, owner)
+                            .map_err(|e| step_err(n, step, format!("creating {path}: {e}")))
+                    })();
+                    made?;
+                    self.finish_step(&key, &step.original)?;
+                }
+                self.key = key;
                 self.cc().working_dir = path;
                 fs_change = true;
             }
@@ -458,6 +626,12 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 self.copy(n, step, c, is_add)?;
                 fs_change = true;
             }
+        }
+        if !fs_change {
+            if !self.try_cache(&config_key)? {
+                self.record_config_step(&config_key, &step.original)?;
+            }
+            self.key = config_key;
         }
         self.history_entry(step);
         if fs_change {
@@ -522,22 +696,12 @@ impl<'c, 'a> StageRun<'c, 'a> {
         if args.is_empty() {
             return Err(step_err(n, step, "RUN needs a command"));
         }
-        let root = self.rootfs()?;
         let user_spec = self
             .config
             .config
             .as_ref()
             .map(|c| c.user.clone())
             .unwrap_or_default();
-        let ids = if user_spec.is_empty() {
-            user::Ids {
-                uid: 0,
-                gid: 0,
-                additional_gids: Vec::new(),
-            }
-        } else {
-            user::resolve(root, &user_spec, true).map_err(|e| step_err(n, step, e))?
-        };
         let cwd = self
             .config
             .config
@@ -545,9 +709,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             .map(|c| c.working_dir.clone())
             .filter(|w| !w.is_empty())
             .unwrap_or_else(|| "/".into());
-        root.dir(Path::new(&cwd), Resolve::InRoot, true)
-            .map_err(|e| step_err(n, step, format!("working directory {cwd}: {e}")))?;
-        // Environment: image ENV, then ARGs in scope, then proxies.
+        // Environment: image ENV, then ARGs in scope (proxies come later: never in a key).
         let mut env: Vec<String> = self
             .config
             .config
@@ -559,15 +721,42 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 .any(|e| e.split_once('=').map(|(n, _)| n) == Some(k))
         };
         for (k, v) in &self.args {
-            if !set(&env, k) {
+            if !set(&env, k) && !PROXY_ARGS.contains(&k.as_str()) {
                 env.push(format!("{k}={v}"));
             }
         }
+        let mut key = KeyBuilder::new("run", Some(&self.key));
+        key.json("args", &args)
+            .json("env", &env)
+            .field("user", user_spec.as_bytes())
+            .field("cwd", cwd.as_bytes())
+            .json("cap_add", &self.opts.cap_add)
+            .field("network", b"host");
+        let key = key.finish();
+        if self.try_cache(&key)? {
+            self.key = key;
+            return Ok(());
+        }
+        self.mount_step()?;
+        let root = self.rootfs()?;
+        let ids = if user_spec.is_empty() {
+            user::Ids {
+                uid: 0,
+                gid: 0,
+                additional_gids: Vec::new(),
+            }
+        } else {
+            user::resolve(root, &user_spec, true).map_err(|e| step_err(n, step, e))?
+        };
+        root.dir(Path::new(&cwd), Resolve::InRoot, true)
+            .map_err(|e| step_err(n, step, format!("working directory {cwd}: {e}")))?;
         for p in PROXY_ARGS {
             if set(&env, p) {
                 continue;
             }
             if let Some((_, v)) = self.opts.build_args.iter().rev().find(|(k, _)| k == p) {
+                env.push(format!("{p}={v}"));
+            } else if let Some((_, v)) = self.args.iter().find(|(k, _)| k == p) {
                 env.push(format!("{p}={v}"));
             } else if self.opts.proxy {
                 if let Some((_, v)) = self.opts.host_proxy_env.iter().find(|(k, _)| k == p) {
@@ -649,7 +838,11 @@ impl<'c, 'a> StageRun<'c, 'a> {
             }
         }
         match result {
-            Ok(0) => Ok(()),
+            Ok(0) => {
+                self.finish_step(&key, &step.original)?;
+                self.key = key;
+                Ok(())
+            }
             Ok(code) => Err(step_err(
                 n,
                 step,
@@ -675,6 +868,59 @@ impl<'c, 'a> StageRun<'c, 'a> {
             }),
             None => None,
         };
+        let cwd = self
+            .config
+            .config
+            .as_ref()
+            .map(|c| c.working_dir.clone())
+            .unwrap_or_default();
+        if let Some(url) = c
+            .sources
+            .iter()
+            .find(|s| is_add && (s.starts_with("http://") || s.starts_with("https://")))
+        {
+            return Err(step_err(n, step, format!("ADD does not support remote URLs as sources ({url}): download the file into the build context")));
+        }
+        // What the sources are: their content (context), or the key of the stage or image.
+        let sources = match &from_result {
+            Some(r) => r.key.clone(),
+            None if c.sources.is_empty() => KeyBuilder::new("no-sources", None).finish(),
+            None => {
+                let ctx_root =
+                    Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?;
+                let src = Source {
+                    root: &ctx_root,
+                    ignore: self.ignore,
+                };
+                let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
+                hash_sources(&src, &c.sources, &mut hashes).map_err(|e| step_err(n, step, e))?
+            }
+        };
+        let mut key = KeyBuilder::new(if is_add { "add" } else { "copy" }, Some(&self.key));
+        key.json("instruction", &c)
+            .field("cwd", cwd.as_bytes())
+            .field("sources", sources.as_str().as_bytes());
+        let key = key.finish();
+        if self.try_cache(&key)? {
+            self.key = key;
+            return Ok(());
+        }
+        self.mount_step()?;
+        self.copy_into(n, step, c, is_add, from_result, &cwd)?;
+        self.finish_step(&key, &step.original)?;
+        self.key = key;
+        Ok(())
+    }
+
+    fn copy_into(
+        &mut self,
+        n: usize,
+        step: &Step,
+        c: isula_dockerfile::instructions::CopyArgs,
+        is_add: bool,
+        from_result: Option<StageResult>,
+        cwd: &str,
+    ) -> Result<(), BuildError> {
         let root = self.rootfs()?;
         let owner = match &c.chown {
             None => None,
@@ -698,12 +944,6 @@ impl<'c, 'a> StageRun<'c, 'a> {
                     })?,
             ),
         };
-        let cwd = self
-            .config
-            .config
-            .as_ref()
-            .map(|c| c.working_dir.clone())
-            .unwrap_or_default();
         let dest = if c.dest.starts_with('/') {
             c.dest.clone()
         } else {
@@ -763,32 +1003,19 @@ impl<'c, 'a> StageRun<'c, 'a> {
                     std::fs::create_dir_all(d)
                         .map_err(|e| isula_store::StoreError::io("create", d, e))?;
                 }
-                let mut lowers: Vec<PathBuf> = result
+                let lowers: Vec<PathBuf> = result
                     .layers
                     .iter()
                     .rev()
                     .map(|l| self.ctx.store.layer_dir(&l.chain_id).join("diff"))
                     .collect();
-                lowers.push(empty.clone());
-                let data = lowers
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(":");
-                let guard = if lowers.len() > 1 {
-                    let d = std::ffi::CString::new(format!("lowerdir={data}"))
-                        .map_err(|e| step_err(n, step, e.to_string()))?;
-                    rustix::mount::mount(
-                        "overlay",
-                        &view,
-                        "overlay",
-                        rustix::mount::MountFlags::RDONLY,
-                        Some(d.as_c_str()),
-                    )
-                    .map_err(|e| step_err(n, step, format!("mounting {from}: {e}")))?;
-                    Some(ViewGuard(view.clone()))
-                } else {
+                let guard = if lowers.is_empty() {
                     None
+                } else {
+                    Some(
+                        mount_overlay_ro(&lowers, &view, &empty)
+                            .map_err(|e| step_err(n, step, format!("mounting {from}: {e}")))?,
+                    )
                 };
                 let src_root = Root::open(&view).map_err(|e| step_err(n, step, e.to_string()))?;
                 let src = Source {
@@ -805,24 +1032,95 @@ impl<'c, 'a> StageRun<'c, 'a> {
     }
 
     /// Unmounts and turns the upper directory into the stage's layer.
+    /// The stage's committed result recorded under `key`, if every part is still there.
+    fn cached_stage(&mut self, key: &Digest) -> Result<Option<StageResult>, BuildError> {
+        let store = self.ctx.store;
+        let Some(stage) = store.cache().get(key).and_then(|r| r.stage) else {
+            return Ok(None);
+        };
+        for l in &stage.layers {
+            self.lease.layer(&l.chain_id);
+        }
+        for b in stage.blobs.iter().chain([&stage.config]) {
+            self.lease.blob(b);
+        }
+        let present = stage
+            .layers
+            .iter()
+            .all(|l| store.layer_dir(&l.chain_id).join("diff").is_dir())
+            && stage
+                .blobs
+                .iter()
+                .chain([&stage.config])
+                .all(|b| store.content().contains(b));
+        if !present {
+            return Ok(None);
+        }
+        let raw = store
+            .content()
+            .read_small(&stage.config, limits::MANIFEST_MAX)?;
+        let config: ImageConfig = serde_json::from_slice(&raw).map_err(|e| {
+            BuildError::Invalid(format!("cached stage config {}: {e}", stage.config))
+        })?;
+        Ok(Some(StageResult {
+            config,
+            layers: stage.layers,
+            blobs: stage.blobs,
+            key: key.clone(),
+        }))
+    }
+
+    /// Squashes the stage's step snapshots into its one layer (the manual: one commit per
+    /// stage), or reuses the recorded result when every step came from the cache.
     fn commit(&mut self) -> Result<StageResult, BuildError> {
         self.rootfs = None;
         if let Some(m) = self.mount.take() {
             m.unmount()
                 .map_err(|e| BuildError::Invalid(format!("unmounting the stage rootfs: {e}")))?;
         }
-        let upper = self
-            .upper
-            .take()
-            .ok_or_else(|| BuildError::Invalid("no upper directory".into()))?;
+        let mut k = KeyBuilder::new("commit", Some(&self.key));
+        k.json("build_time", &self.opts.build_time);
+        let key = k.finish();
+        if self.hitting {
+            if let Some(r) = self.cached_stage(&key)? {
+                return Ok(r);
+            }
+        }
         let store = self.ctx.store;
-        let empty = std::fs::read_dir(upper.diff_dir())
-            .map(|mut d| d.next().is_none())
-            .unwrap_or(true);
         let mut layers = self.base_layers.clone();
         let mut blobs = self.base_blobs.clone();
         let mut config = self.config.clone();
-        if !empty {
+        let upper = if self.snaps.is_empty() {
+            None
+        } else {
+            // Whiteouts and opaque markers only stay where the base has the path.
+            let view = self.dir.join("base-view");
+            let empty_dir = self.dir.join("base-view-empty");
+            for d in [&view, &empty_dir] {
+                std::fs::create_dir_all(d)
+                    .map_err(|e| isula_store::StoreError::io("create", d, e))?;
+            }
+            let guard = if self.base_lowers.is_empty() {
+                None
+            } else {
+                Some(
+                    mount_overlay_ro(&self.base_lowers, &view, &empty_dir).map_err(|e| {
+                        BuildError::Invalid(format!("mounting the stage base: {e}"))
+                    })?,
+                )
+            };
+            let stack: Vec<&Path> = self.snaps.iter().rev().map(|s| s.dir.as_path()).collect();
+            let staged = store.squash(&stack, guard.as_ref().map(|_| view.as_path()))?;
+            drop(guard);
+            Some(staged)
+        };
+        let empty = upper.as_ref().is_none_or(|u| {
+            std::fs::read_dir(u.diff_dir())
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(true)
+        });
+        let mut new_layer_size = 0;
+        if let (false, Some(upper)) = (empty, upper) {
             let opts = DiffOptions {
                 clamp_mtime: self.opts.build_time,
                 exclude: Default::default(),
@@ -842,6 +1140,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             let diff = DiffId(blob.clone());
             let chain = ChainId::next(layers.last().map(|l| &l.chain_id), &diff);
             store.commit_layer(upper, &chain, self.lease)?;
+            new_layer_size = size;
             layers.push(LayerRecord {
                 parent: layers.last().map(|l| l.chain_id.clone()),
                 chain_id: chain,
@@ -866,19 +1165,31 @@ impl<'c, 'a> StageRun<'c, 'a> {
             config.os = "linux".into();
         }
         config.history = self.history.clone();
+        if self.opts.cache != CacheMode::Off {
+            let bytes =
+                serde_json::to_vec(&config).map_err(|e| BuildError::Invalid(e.to_string()))?;
+            let config_blob = self.lease.put_blob(store.content(), &bytes)?;
+            let record = Record {
+                parent: Some(self.key.clone()),
+                description: format!("stage {} result", self.index),
+                snapshot: None,
+                stage: Some(StageRecord {
+                    config: config_blob,
+                    layers: layers.clone(),
+                    blobs: blobs.clone(),
+                }),
+                size: new_layer_size,
+                created: 0,
+                last_used: 0,
+            };
+            store.cache().put(&key, record)?;
+        }
         Ok(StageResult {
             config,
             layers,
             blobs,
+            key,
         })
-    }
-}
-
-struct ViewGuard(PathBuf);
-
-impl Drop for ViewGuard {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
     }
 }
 

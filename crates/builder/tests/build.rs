@@ -400,9 +400,16 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         !raw.contains("proxy:31"),
         "a proxy value reached the image config: {raw}"
     );
+    // Proxies never enter a cache key, so the step runs again only without the cache.
     let (_, log) = run_build_with(&e, df, &ctx, |o| {
         o.proxy = false;
         o.host_proxy_env = vec![("http_proxy".into(), "http://host-proxy:3128".into())];
+    });
+    assert!(log.contains("Using cache"), "{log}");
+    let (_, log) = run_build_with(&e, df, &ctx, |o| {
+        o.proxy = false;
+        o.host_proxy_env = vec![("http_proxy".into(), "http://host-proxy:3128".into())];
+        o.cache = isula_builder_core::CacheMode::Refresh;
     });
     assert!(
         log.contains("http= https=\n"),

@@ -77,6 +77,11 @@ struct ConfigurationFile {
     data_root: Option<PathBuf>,
     runtime: Option<String>,
     experimental: Option<bool>,
+    /// Ours: the build cache (default on).
+    build_cache: Option<bool>,
+    /// Ours: the build cache's size cap ("20GB"; default: a fifth of the data root's free
+    /// space plus what the cache holds).
+    build_cache_max_size: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +119,10 @@ pub struct Settings {
     pub run_root: PathBuf,
     pub runtime: String,
     pub experimental: bool,
+    /// Reuse and record build steps (configuration.toml `build_cache`).
+    pub build_cache: bool,
+    /// The cap in bytes, when configured (`build_cache_max_size`).
+    pub build_cache_max: Option<u64>,
     pub storage_driver: String,
     pub mount_options: Vec<String>,
     pub registries: Registries,
@@ -202,6 +211,17 @@ impl Settings {
         if let Some(l) = &conf.loglevel {
             check_log_level(l, &conf_path.display().to_string())?;
         }
+        let build_cache_max = conf
+            .build_cache_max_size
+            .as_deref()
+            .map(isula_types::parse_size)
+            .transpose()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "config file {}: build_cache_max_size: {e}",
+                    conf_path.display()
+                )
+            })?;
         let storage_path = dir.join("storage.toml");
         let storage: StorageFile = match read_config_file(&storage_path)? {
             Some(t) => toml::from_str(&t)
@@ -295,6 +315,8 @@ impl Settings {
             )?,
             runtime: conf.runtime.unwrap_or_else(|| "runc".into()),
             experimental: flags.experimental.or(conf.experimental).unwrap_or(false),
+            build_cache: conf.build_cache.unwrap_or(true),
+            build_cache_max,
             storage_driver: driver,
             mount_options,
             registries,

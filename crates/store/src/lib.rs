@@ -280,6 +280,14 @@ impl Store {
         Ok(staged)
     }
 
+    /// Trims the build cache to `cap` bytes when it holds more (0: no cap).
+    pub fn prune_cache_over(&self, cap: u64) -> Result<cache::Pruned> {
+        if cap == 0 || self.cache.usage().bytes <= cap {
+            return Ok(cache::Pruned::default());
+        }
+        self.prune_cache(cap)
+    }
+
     /// Removes least recently used build-cache records until at most `keep` bytes remain
     /// (0: all of them), then collects the layers only they kept.
     pub fn prune_cache(&self, keep: u64) -> Result<cache::Pruned> {

@@ -44,6 +44,10 @@ pub struct Args {
     /// Build up to this stage
     #[arg(long = "target")]
     pub target: Option<String>,
+    /// Run every step: reuse nothing from the build cache (the steps are still recorded
+    /// for later builds)
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
     /// Build context directory
     #[arg(default_value = ".")]
     pub context: String,
@@ -191,6 +195,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         encrypted,
         format: args.format,
         target: args.target.unwrap_or_default(),
+        no_cache: args.no_cache,
     };
     let mut status_client = client.clone();
     let status = async move {

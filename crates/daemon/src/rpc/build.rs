@@ -6,7 +6,7 @@
 use crate::error;
 use crate::state::State;
 use isula_api::v1::{BuildRequest, BuildResponse, StatusResponse};
-use isula_builder_core::{build, BuildOptions, Context};
+use isula_builder_core::{build, BuildOptions, CacheMode, Context};
 use isula_transport::save::{self, Format};
 use isula_transport::ClientFiles;
 use isula_types::{limits, Reference};
@@ -365,6 +365,12 @@ async fn run_inner(
             .iter()
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
             .collect(),
+        cache: match (state.settings.build_cache, req.no_cache) {
+            (false, _) => CacheMode::Off,
+            (true, true) => CacheMode::Refresh,
+            (true, false) => CacheMode::On,
+        },
+        cache_max: cache_cap(&state),
     };
     let job = Job {
         state: state.clone(),
@@ -569,6 +575,19 @@ pub async fn status(
         }
     });
     Ok(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+}
+
+/// The build cache's size cap: as configured, else a fifth of the data root's free space
+/// plus what the cache already holds (so the cap does not shrink as the cache grows).
+fn cache_cap(state: &State) -> u64 {
+    if let Some(max) = state.settings.build_cache_max {
+        return max;
+    }
+    let free = rustix::fs::statvfs(&state.settings.data_root)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(0);
+    let held = state.store.cache().usage().bytes;
+    ((free.saturating_add(held)) / 5).max(1 << 30)
 }
 
 #[cfg(test)]

@@ -1,0 +1,351 @@
+//! Cache keys of build steps, BuildKit-style: each key hashes its parent's key, the
+//! instruction after expansion and what the step depends on (the base image's ID for FROM,
+//! the selected sources' content for COPY/ADD, the environment, user and working directory
+//! for RUN). Proxy values never enter a key. Also the stat-keyed record of a build
+//! context's content hashes, so an unchanged context is never read again.
+//!
+//! It must not decide whether a key hits (the stage does) nor touch a rootfs.
+
+use crate::copy::{self, Source};
+use isula_sys::rooted::Resolve;
+use isula_types::Digest;
+use rustix::fs::{FileType, Mode, OFlags};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+/// Bumped whenever what goes into a key changes, so old records simply miss.
+const KEY_VERSION: &str = "isula-build-cache-v1";
+
+/// Builds one key from named, length-prefixed fields.
+pub struct KeyBuilder(sha2::Sha256);
+
+impl KeyBuilder {
+    pub fn new(kind: &str, parent: Option<&Digest>) -> KeyBuilder {
+        let mut k = KeyBuilder(sha2::Sha256::new());
+        k.field("version", KEY_VERSION.as_bytes());
+        k.field("kind", kind.as_bytes());
+        if let Some(p) = parent {
+            k.field("parent", p.as_str().as_bytes());
+        }
+        k
+    }
+
+    pub fn field(&mut self, name: &str, value: &[u8]) -> &mut Self {
+        for part in [name.as_bytes(), value] {
+            self.0.update((part.len() as u64).to_le_bytes());
+            self.0.update(part);
+        }
+        self
+    }
+
+    pub fn json<T: Serialize>(&mut self, name: &str, value: &T) -> &mut Self {
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
+        self.field(name, &bytes)
+    }
+
+    pub fn finish(self) -> Digest {
+        let hex = hex::encode(self.0.finalize());
+        // A hex SHA-256 always parses.
+        Digest::from_hex(&hex).unwrap_or_else(|_| Digest::of_bytes(hex.as_bytes()))
+    }
+}
+
+/// What a stat says about a file's content without reading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StatKey {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl StatKey {
+    fn of(st: &rustix::fs::Stat) -> StatKey {
+        StatKey {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime, st.st_ctime_nsec as i64),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct HashRecord {
+    files: BTreeMap<String, (StatKey, String)>,
+}
+
+/// Content hashes of a build context's files, reused while a file's inode, size, mtime and
+/// ctime are unchanged (ctime changes on every write, even one that restores the mtime).
+pub struct ContextHashes {
+    record_path: Option<std::path::PathBuf>,
+    old: HashRecord,
+    new: HashRecord,
+    /// Files read and hashed this build (for tests and benchmarks).
+    pub hashed: usize,
+}
+
+impl ContextHashes {
+    /// Loads the record at `record_path` (none: hash everything, keep nothing).
+    pub fn load(record_path: Option<std::path::PathBuf>) -> ContextHashes {
+        let old = record_path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        ContextHashes {
+            record_path,
+            old,
+            new: HashRecord::default(),
+            hashed: 0,
+        }
+    }
+
+    /// Writes the record back (only the files this build looked at).
+    pub fn save(&mut self) {
+        let Some(p) = &self.record_path else { return };
+        if self.new.files.is_empty() {
+            return;
+        }
+        // Files not looked at this time keep their entries.
+        let mut merged = std::mem::take(&mut self.old);
+        merged.files.append(&mut self.new.files);
+        if let Ok(data) = serde_json::to_vec(&merged) {
+            if let Err(e) = isula_store::metadata::write_atomic(p, &data) {
+                tracing::warn!(path = %p.display(), error = %e, "saving the context hash record");
+            }
+        }
+        self.old = merged;
+    }
+
+    fn content_hash(
+        &mut self,
+        rel: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+        st: &rustix::fs::Stat,
+    ) -> Result<String, String> {
+        let key = StatKey::of(st);
+        if let Some((k, h)) = self.new.files.get(rel).or_else(|| self.old.files.get(rel)) {
+            if *k == key {
+                let h = h.clone();
+                self.new.files.insert(rel.to_string(), (key, h.clone()));
+                return Ok(h);
+            }
+        }
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let f = rustix::fs::open(
+            proc.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("{rel}: {e}"))?;
+        let mut f = std::fs::File::from(f);
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = f.read(&mut buf).map_err(|e| format!("{rel}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        self.hashed += 1;
+        let hex = hex::encode(h.finalize());
+        // A file that changed while it was read gets no record (it is hashed again next time).
+        let after = rustix::fs::fstat(fd).map(|s| StatKey::of(&s)).ok();
+        if after.as_ref() == Some(&key) {
+            self.new.files.insert(rel.to_string(), (key, hex.clone()));
+        }
+        Ok(hex)
+    }
+}
+
+/// Hashes what a COPY/ADD of `sources` from `src` selects: every entry's path, type, mode,
+/// link target and content, in the order the copy visits them. Files the copy would not
+/// select (ignored, or outside every source) never enter the hash.
+pub fn hash_sources(
+    src: &Source<'_>,
+    sources: &[String],
+    hashes: &mut ContextHashes,
+) -> Result<Digest, String> {
+    let mut k = KeyBuilder::new("sources", None);
+    for pattern in sources {
+        k.field("pattern", pattern.as_bytes());
+        for rel in copy::expand_source(src, pattern)? {
+            let path = if rel.is_empty() { "." } else { rel.as_str() };
+            let fd = src
+                .root
+                .open_at(
+                    Path::new(path),
+                    Resolve::InRoot,
+                    OFlags::PATH,
+                    Mode::empty(),
+                )
+                .map_err(|e| e.to_string())?;
+            // The top-level source is followed (as the copy does).
+            let st = rustix::fs::fstat(&fd).map_err(|e| e.to_string())?;
+            entry(src, &rel, fd.as_fd(), &st, hashes, &mut k)?;
+        }
+    }
+    Ok(k.finish())
+}
+
+fn entry(
+    src: &Source<'_>,
+    rel: &str,
+    fd: std::os::fd::BorrowedFd<'_>,
+    st: &rustix::fs::Stat,
+    hashes: &mut ContextHashes,
+    k: &mut KeyBuilder,
+) -> Result<(), String> {
+    let kind = FileType::from_raw_mode(st.st_mode);
+    k.field("path", rel.as_bytes());
+    k.field("mode", &st.st_mode.to_le_bytes());
+    match kind {
+        FileType::RegularFile => {
+            let h = hashes.content_hash(rel, fd, st)?;
+            k.field("sha256", h.as_bytes());
+        }
+        FileType::Symlink => {
+            let target =
+                rustix::fs::readlinkat(fd, "", Vec::new()).map_err(|e| format!("{rel}: {e}"))?;
+            k.field("link", target.as_bytes());
+        }
+        FileType::Directory => {
+            let rd = rustix::fs::openat(
+                fd,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut names = Vec::new();
+            for ent in rustix::fs::Dir::read_from(&rd).map_err(|e| e.to_string())? {
+                let ent = ent.map_err(|e| e.to_string())?;
+                let n = ent.file_name().to_bytes().to_vec();
+                if n != b"." && n != b".." {
+                    names.push(n);
+                }
+            }
+            names.sort();
+            for n in names {
+                let name = String::from_utf8_lossy(&n).to_string();
+                let child_rel = if rel.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{rel}/{name}")
+                };
+                let excluded = copy::excluded(src, &child_rel);
+                if excluded
+                    && !src
+                        .ignore
+                        .is_some_and(|m| m.may_reinclude_under(&child_rel))
+                {
+                    continue;
+                }
+                let cfd = rustix::fs::openat(
+                    &rd,
+                    std::ffi::OsStr::new(&name),
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| e.to_string())?;
+                let cst = rustix::fs::fstat(&cfd).map_err(|e| e.to_string())?;
+                if excluded && FileType::from_raw_mode(cst.st_mode) != FileType::Directory {
+                    continue;
+                }
+                entry(src, &child_rel, cfd.as_fd(), &cst, hashes, k)?;
+            }
+        }
+        _ => {
+            k.field("rdev", &st.st_rdev.to_le_bytes());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_depend_on_every_field_and_its_boundaries() {
+        let p = Digest::of_bytes(b"parent");
+        let key = |a: &str, b: &str| {
+            let mut k = KeyBuilder::new("run", Some(&p));
+            k.field("a", a.as_bytes()).field("b", b.as_bytes());
+            k.finish()
+        };
+        assert_eq!(key("x", "y"), key("x", "y"));
+        assert_ne!(key("x", "y"), key("xy", ""));
+        assert_ne!(key("x", "y"), key("x", "z"));
+        assert_ne!(
+            KeyBuilder::new("run", Some(&p)).finish(),
+            KeyBuilder::new("run", None).finish()
+        );
+    }
+
+    #[test]
+    fn unchanged_files_are_not_read_again() {
+        let d = tempfile::tempdir().expect("tmp");
+        let ctx = d.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("sub")).expect("mkdir");
+        std::fs::write(ctx.join("a"), "a").expect("a");
+        std::fs::write(ctx.join("sub/b"), "b").expect("b");
+        std::fs::write(ctx.join("ignored"), "i").expect("i");
+        let matcher = isula_dockerfile::ignore::Matcher::parse("ignored\n").expect("ignore");
+        let root = isula_sys::Root::open(&ctx).expect("root");
+        let src = Source {
+            root: &root,
+            ignore: Some(&matcher),
+        };
+        let record = d.path().join("record.json");
+        let mut h = ContextHashes::load(Some(record.clone()));
+        let first = hash_sources(&src, &[".".into()], &mut h).expect("hash");
+        assert_eq!(h.hashed, 2);
+        h.save();
+
+        let mut h = ContextHashes::load(Some(record.clone()));
+        assert_eq!(
+            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
+            first
+        );
+        assert_eq!(h.hashed, 0, "nothing changed: nothing read");
+        h.save();
+
+        // An ignored file changes nothing; a selected one changes the key and is the only
+        // one read.
+        std::fs::write(ctx.join("ignored"), "changed").expect("i");
+        let mut h = ContextHashes::load(Some(record.clone()));
+        assert_eq!(
+            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
+            first
+        );
+        std::fs::write(ctx.join("sub/b"), "B").expect("b");
+        let second = hash_sources(&src, &[".".into()], &mut h).expect("hash");
+        assert_ne!(second, first);
+        assert_eq!(h.hashed, 1);
+        // Only the mtime: same content, same key.
+        h.save();
+        let t = std::fs::File::options()
+            .write(true)
+            .open(ctx.join("a"))
+            .expect("open");
+        t.set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .expect("mtime");
+        let mut h = ContextHashes::load(Some(record));
+        assert_eq!(
+            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
+            second
+        );
+        // A source pattern that selects less is a different key.
+        assert_ne!(
+            hash_sources(&src, &["sub".into()], &mut h).expect("hash"),
+            second
+        );
+    }
+}
