@@ -245,12 +245,15 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         if let Err(e) = ctx.store.cache().persist() {
             tracing::warn!(error = %e, "saving the build cache");
         }
+    }
+    // The image (if any) now holds what it needs; the lease held this build's snapshots.
+    drop(lease);
+    if opts.cache != CacheMode::Off {
         if let Err(e) = ctx.store.prune_cache_over(opts.cache_max) {
             tracing::warn!(error = %e, "trimming the build cache");
         }
     }
     let id = result?;
-    drop(lease);
     if let Err(e) = ctx.store.gc() {
         tracing::warn!(error = %e, "collecting intermediate stages");
     }

@@ -1,0 +1,337 @@
+//! The build cache against the real daemon, runc and overlayfs: which steps hit and which
+//! miss as inputs change, that a cached build gives the image a build without the cache
+//! gives, and that the cache survives restarts, SIGKILL, image removal and its size cap.
+
+use isula_integration::*;
+use std::path::{Path, PathBuf};
+
+fn daemon_with_busybox(extra: &[(&str, &str)]) -> Daemon {
+    let d = Daemon::start_configured(extra, &[], &[]);
+    let tar = d.dir.path().join("busybox.tar");
+    std::fs::write(&tar, busybox_rootfs(&[])).expect("rootfs");
+    d.ok(&[
+        "ctr-img",
+        "import",
+        tar.to_str().expect("path"),
+        "busybox:latest",
+    ]);
+    d
+}
+
+fn build_id(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Build success with image id: "))
+        .unwrap_or_else(|| panic!("no image id in:\n{out}"))
+        .trim()
+        .to_string()
+}
+
+/// The instructions (STEP lines) of a build's output that came from the cache.
+fn cached_steps(out: &str) -> Vec<String> {
+    let lines: Vec<&str> = out.lines().collect();
+    let mut hits = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if let Some(rest) = l.strip_prefix("STEP ") {
+            if lines
+                .get(i + 1)
+                .is_some_and(|n| n.starts_with("Using cache "))
+            {
+                let ins = rest.split_once(": ").map(|(_, s)| s).unwrap_or(rest);
+                hits.push(ins.to_string());
+            }
+        }
+    }
+    hits
+}
+
+fn steps(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("STEP "))
+        .map(|rest| {
+            rest.split_once(": ")
+                .map(|(_, s)| s)
+                .unwrap_or(rest)
+                .to_string()
+        })
+        .collect()
+}
+
+struct Ctx {
+    dir: PathBuf,
+}
+
+impl Ctx {
+    fn new(d: &Daemon, dockerfile: &str, files: &[(&str, &str)]) -> Ctx {
+        let dir = d.dir.path().join("ctx");
+        std::fs::create_dir_all(&dir).expect("ctx");
+        std::fs::write(dir.join("Dockerfile"), dockerfile).expect("Dockerfile");
+        let c = Ctx { dir };
+        for (name, text) in files {
+            c.write(name, text);
+        }
+        c
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        let p = self.dir.join(name);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write");
+    }
+
+    fn path(&self) -> &str {
+        self.dir.to_str().expect("path")
+    }
+}
+
+fn build(d: &Daemon, ctx: &Ctx, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["ctr-img", "build"];
+    args.extend_from_slice(extra);
+    args.push(ctx.path());
+    let out = d.ok(&args);
+    (build_id(&out), out)
+}
+
+const DOCKERFILE: &str = "FROM busybox\n\
+ARG V=1\n\
+ENV A=1\n\
+COPY a.txt /a.txt\n\
+RUN echo run-$V > /r\n\
+COPY dir/ /dir/\n\
+WORKDIR /w\n\
+RUN cat /a.txt /dir/x > /w/copy\n";
+
+const AFTER_FROM: [&str; 7] = [
+    "ARG V=1",
+    "ENV A=1",
+    "COPY a.txt /a.txt",
+    "RUN echo run-$V > /r",
+    "COPY dir/ /dir/",
+    "WORKDIR /w",
+    "RUN cat /a.txt /dir/x > /w/copy",
+];
+
+fn expect_hits(out: &str, upto: usize) {
+    let want: Vec<String> = AFTER_FROM[..upto].iter().map(|s| s.to_string()).collect();
+    assert_eq!(cached_steps(out), want, "{out}");
+    assert_eq!(steps(out).len(), AFTER_FROM.len() + 1, "{out}");
+}
+
+#[test]
+fn steps_hit_until_their_input_changes() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox(&[]);
+    let ctx = Ctx::new(
+        &d,
+        DOCKERFILE,
+        &[
+            ("a.txt", "a"),
+            ("dir/x", "x"),
+            ("unused", "u"),
+            ("dir/ignored.log", "i"),
+            (".dockerignore", "**/*.log\n"),
+        ],
+    );
+    let (first, out) = build(&d, &ctx, &[]);
+    assert!(cached_steps(&out).is_empty(), "{out}");
+
+    // Unchanged: every step hits and the image is the same one.
+    let (id, out) = build(&d, &ctx, &[]);
+    expect_hits(&out, 7);
+    assert_eq!(id, first, "a full hit gives the image it reuses");
+
+    // Files no step selects, and ignored ones, change nothing.
+    ctx.write("unused", "changed");
+    ctx.write("dir/ignored.log", "changed");
+    let (id, out) = build(&d, &ctx, &[]);
+    expect_hits(&out, 7);
+    assert_eq!(id, first);
+
+    // A build arg enters only the steps that use it (the RUN sees it in its environment).
+    let (_, out) = build(&d, &ctx, &["--build-arg", "V=2"]);
+    expect_hits(&out, 3);
+    assert!(out.contains("Using cache") && !out.contains("STEP  5: RUN echo run-$V > /r\nUsing"));
+
+    // A change in the second COPY's sources: the steps before it hit, it and later miss.
+    ctx.write("dir/x", "x2");
+    let (second, out) = build(&d, &ctx, &[]);
+    expect_hits(&out, 4);
+    assert_ne!(second, first);
+
+    // The first COPY's source: from there on.
+    ctx.write("a.txt", "a2");
+    let (_, out) = build(&d, &ctx, &[]);
+    expect_hits(&out, 2);
+
+    // Back to an earlier content: that build's steps hit again.
+    ctx.write("a.txt", "a");
+    ctx.write("dir/x", "x");
+    let (id, out) = build(&d, &ctx, &[]);
+    expect_hits(&out, 7);
+    assert_eq!(id, first);
+
+    // --no-cache runs everything.
+    let (_, out) = build(&d, &ctx, &["--no-cache"]);
+    assert!(cached_steps(&out).is_empty(), "{out}");
+    assert!(d.ok(&["ctr-img", "build", "--help"]).contains("--no-cache"));
+}
+
+fn save(d: &Daemon, id: &str, name: &str) -> Vec<u8> {
+    let out = d.dir.path().join(name);
+    let _ = std::fs::remove_file(&out);
+    d.ok(&["ctr-img", "save", id, "-o", out.to_str().expect("path")]);
+    std::fs::read(&out).expect("archive")
+}
+
+#[test]
+fn cached_and_uncached_builds_give_byte_identical_archives() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox(&[]);
+    let df = "FROM busybox AS tools\nRUN mkdir -p /out && echo tool > /out/tool\n\
+FROM busybox\nCOPY a.txt /a.txt\nRUN rm /bin/vi && echo made > /made && rm -f /made2\n\
+COPY --from=tools /out /opt/\nRUN echo $(cat /a.txt) > /final && touch /tmpfile && rm /tmpfile\n";
+    let ctx = Ctx::new(&d, df, &[("a.txt", "one")]);
+    let stat = "--build-static=build-time=2020-05-23 10:55:33";
+    let (a, _) = build(&d, &ctx, &[stat]);
+    let (b, out) = build(&d, &ctx, &[stat]);
+    assert_eq!(a, b);
+    assert_eq!(cached_steps(&out).len(), 5, "{out}");
+    // A partial hit (the COPY changed) against a build that uses no cache at all.
+    ctx.write("a.txt", "two");
+    let (partial, out) = build(&d, &ctx, &[stat]);
+    assert_eq!(
+        cached_steps(&out).len(),
+        1,
+        "only the tools stage's RUN: {out}"
+    );
+    let partial_archive = save(&d, &partial, "partial.tar");
+    d.ok(&["ctr-img", "rm", &partial]);
+    let (fresh, out) = build(&d, &ctx, &[stat, "--no-cache"]);
+    assert!(cached_steps(&out).is_empty());
+    assert_eq!(fresh, partial, "the cache changed the image");
+    assert_eq!(
+        save(&d, &fresh, "fresh.tar"),
+        partial_archive,
+        "archives differ"
+    );
+}
+
+#[test]
+fn the_cache_survives_restarts_kills_and_image_removal() {
+    if !require_root() {
+        return;
+    }
+    let mut d = daemon_with_busybox(&[]);
+    let ctx = Ctx::new(
+        &d,
+        "FROM busybox\nCOPY a.txt /a\nRUN cp /a /b\n",
+        &[("a.txt", "a")],
+    );
+    let (first, _) = build(&d, &ctx, &["--tag", "app:1"]);
+    assert_eq!(d.stop(), Some(0));
+    d.restart();
+    let (id, out) = build(&d, &ctx, &[]);
+    assert_eq!(id, first);
+    assert_eq!(cached_steps(&out).len(), 2, "{out}");
+
+    // Removing the image keeps the cache whole; the cache keeps nothing the image needed.
+    d.ok(&["ctr-img", "rm", "app:1"]);
+    assert!(d
+        .images()
+        .iter()
+        .all(|(_, _, i)| !first.starts_with(i.as_str())));
+    let (id, out) = build(&d, &ctx, &["--tag", "app:1"]);
+    assert_eq!(id, first);
+    assert_eq!(cached_steps(&out).len(), 2, "{out}");
+
+    // SIGKILL in the middle of a step: the next daemon drops what was half made, and the
+    // rebuild is right.
+    ctx.write("a.txt", "b");
+    std::fs::write(
+        ctx.dir.join("Dockerfile"),
+        "FROM busybox\nCOPY a.txt /a\nRUN cp /a /b && sleep 30\n",
+    )
+    .expect("Dockerfile");
+    let mut client = d
+        .cli_command(&["ctr-img", "build", ctx.path()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("client");
+    let runc_root = d.run_root().join("runc");
+    wait_until(
+        "the RUN to start",
+        std::time::Duration::from_secs(30),
+        || !runc_containers(&runc_root).is_empty(),
+    );
+    d.kill();
+    let _ = client.wait();
+    for c in runc_containers(&runc_root) {
+        let _ = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["delete", "-f", &c])
+            .output();
+    }
+    d.restart();
+    std::fs::write(
+        ctx.dir.join("Dockerfile"),
+        "FROM busybox\nCOPY a.txt /a\nRUN cp /a /b\n",
+    )
+    .expect("Dockerfile");
+    let (second, out) = build(&d, &ctx, &["--tag", "app:2"]);
+    assert_ne!(second, first);
+    // The COPY ran before the kill but its record was never made durable: it runs again.
+    assert!(cached_steps(&out).len() <= 1, "{out}");
+    let (again, out) = build(&d, &ctx, &[]);
+    assert_eq!(again, second);
+    assert_eq!(cached_steps(&out).len(), 2, "{out}");
+    assert_eq!(d.stop(), Some(0));
+    let check = d
+        .command()
+        .arg("--check-store")
+        .output()
+        .expect("check-store");
+    assert!(
+        check.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[test]
+fn a_small_cap_evicts_and_a_disabled_cache_records_nothing() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox(&[("configuration.toml", "build_cache_max_size = \"1\"\n")]);
+    let ctx = Ctx::new(&d, "FROM busybox\nRUN echo hi > /hi\n", &[]);
+    build(&d, &ctx, &[]);
+    let (_, out) = build(&d, &ctx, &[]);
+    assert!(
+        cached_steps(&out).is_empty(),
+        "a 1-byte cap keeps nothing: {out}"
+    );
+    assert!(cache_snapshots(&d.data()).is_empty());
+
+    let off = daemon_with_busybox(&[("configuration.toml", "build_cache = false\n")]);
+    let ctx = Ctx::new(&off, "FROM busybox\nRUN echo hi > /hi\n", &[]);
+    build(&off, &ctx, &[]);
+    let (_, out) = build(&off, &ctx, &[]);
+    assert!(cached_steps(&out).is_empty(), "{out}");
+    assert!(cache_snapshots(&off.data()).is_empty());
+}
+
+fn cache_snapshots(data: &Path) -> Vec<String> {
+    std::fs::read_dir(data.join("cache/snapshots"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
