@@ -175,6 +175,12 @@ fn steps_hit_until_their_input_changes() {
     let (_, out) = build(&d, &ctx, &["--no-cache"]);
     assert!(cached_steps(&out).is_empty(), "{out}");
     assert!(d.ok(&["ctr-img", "build", "--help"]).contains("--no-cache"));
+    let info = d.ok(&["info", "-H"]);
+    let line = info
+        .lines()
+        .find(|l| l.trim_start().starts_with("Build Cache:"))
+        .unwrap_or_else(|| panic!("{info}"));
+    assert!(!line.contains("(0 steps)"), "{line}");
 }
 
 fn save(d: &Daemon, id: &str, name: &str) -> Vec<u8> {

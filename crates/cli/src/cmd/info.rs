@@ -44,6 +44,11 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     println!("Store:");
     println!("  Storage Driver:     {}", st.storage_driver);
     println!("  Backing Filesystem: {}", st.storage_backing_fs);
+    println!(
+        "  Build Cache:        {} ({} steps)",
+        size(i.build_cache_size),
+        i.build_cache_records
+    );
     let reg = i.registry_info.unwrap_or_default();
     println!("Registry:");
     for (title, list) in [

@@ -61,5 +61,7 @@ pub fn info(state: &State, _req: InfoRequest) -> InfoResponse {
             ..Default::default()
         }),
         experimental: s.experimental,
+        build_cache_size: state.store.cache().usage().bytes as i64,
+        build_cache_records: state.store.cache().usage().records as i64,
     }
 }
