@@ -26,6 +26,16 @@ fn install_script_stages_a_working_configuration() {
     let release = repo.join("target/release");
     let had_release =
         release.join("isula-builder").exists() && release.join("isula-build").exists();
+    // Copies made here go again when the test ends: a later run must not install them
+    // as if they were a release build of newer code.
+    let _copies = RemoveOnDrop(if had_release {
+        Vec::new()
+    } else {
+        ["isula-builder", "isula-build"]
+            .iter()
+            .map(|b| release.join(b))
+            .collect()
+    });
     if !had_release {
         std::fs::create_dir_all(&release).expect("mkdir");
         for b in ["isula-builder", "isula-build"] {
@@ -76,6 +86,17 @@ fn install_script_stages_a_working_configuration() {
                 .is_ok_and(|o| o.status.success())
         },
     );
+}
+
+/// Removes files when the test ends, passing or not.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Kills (and reaps) a process when the test ends, passing or not.
