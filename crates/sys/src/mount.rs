@@ -45,7 +45,7 @@ impl Drop for MountGuard {
 }
 
 /// Overlay features our diff code does not understand (it reads whiteouts and opaque
-/// directories only), so they are always off.
+/// directories only), so they are always off, whatever the configured options say.
 const OVERLAY_FIXED: [(&str, &str); 3] = [
     ("index", "off"),
     ("redirect_dir", "off"),
@@ -100,10 +100,14 @@ fn overlay(
             "nosuid" => flags |= MountFlags::NOSUID,
             "noexec" => flags |= MountFlags::NOEXEC,
             "noatime" => flags |= MountFlags::NOATIME,
+            // The kernel's default for new mounts; not an overlay parameter.
+            "relatime" => {}
             "" => {}
             other => extra.push(other.to_string()),
         }
     }
+    // Ours last: they win over the same keys in the configured options.
+    extra.extend(OVERLAY_FIXED.iter().map(|(k, v)| format!("{k}={v}")));
     // The mount API (Linux 6.8+) takes one lower layer per call, so a base image of any
     // depth fits; older kernels get the classic option string, limited to a page.
     match overlay_fsconfig(lowers, upper, target, flags, &extra) {
@@ -137,9 +141,6 @@ fn overlay_fsconfig(
     if let Some((u, w)) = upper {
         fsconfig_set_string(&fs, "upperdir", u)?;
         fsconfig_set_string(&fs, "workdir", w)?;
-    }
-    for (k, v) in OVERLAY_FIXED {
-        fsconfig_set_string(&fs, k, v)?;
     }
     for o in extra {
         match o.split_once('=') {
@@ -190,9 +191,6 @@ fn overlay_legacy(
             w.display()
         ));
     }
-    for (k, v) in OVERLAY_FIXED {
-        data.push_str(&format!(",{k}={v}"));
-    }
     for o in extra {
         data.push(',');
         data.push_str(o);
@@ -240,7 +238,7 @@ mod tests {
                 &upper,
                 &work,
                 &merged,
-                &["nodev".into()],
+                &["nodev,relatime".into()],
             )
             .expect("mount");
             assert_eq!(
