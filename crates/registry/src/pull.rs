@@ -152,24 +152,18 @@ fn check_image_contents(manifest: &Manifest) -> std::result::Result<(), String> 
         ));
     }
     for d in &manifest.layers {
-        match media::layer_type(&d.media_type) {
-            media::LayerType::Tar | media::LayerType::Gzip | media::LayerType::Zstd
-                if d.urls.is_none() => {}
-            media::LayerType::Tar
-            | media::LayerType::Gzip
-            | media::LayerType::Zstd
-            | media::LayerType::Foreign => {
-                return Err(format!(
-                    "layer {} is a foreign layer ({}), stored outside the registry",
-                    d.digest, d.media_type
-                ))
-            }
-            media::LayerType::Unsupported => {
-                return Err(format!(
-                    "layer {} has media type {}, which is not an image layer this builder unpacks (tar, tar+gzip, tar+zstd)",
-                    d.digest, d.media_type
-                ))
-            }
+        let kind = media::layer_type(&d.media_type);
+        if kind == media::LayerType::Unsupported {
+            return Err(format!(
+                "layer {} has media type {}, which is not an image layer this builder unpacks (tar, tar+gzip, tar+zstd)",
+                d.digest, d.media_type
+            ));
+        }
+        if kind == media::LayerType::Foreign || d.urls.is_some() {
+            return Err(format!(
+                "layer {} is a foreign layer ({}), stored outside the registry",
+                d.digest, d.media_type
+            ));
         }
     }
     Ok(())
@@ -378,27 +372,6 @@ fn pull_from(
     let manifest: Manifest =
         serde_json::from_slice(&fetched.bytes).map_err(|e| bad(e.to_string()))?;
     check_image_contents(&manifest).map_err(unsupported)?;
-    pull_manifest(
-        store, &client, &repo, &fetched, &manifest, name, cancel, progress,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn pull_manifest(
-    store: &Store,
-    client: &Client,
-    repo: &str,
-    fetched: &Fetched,
-    manifest: &Manifest,
-    name: &Reference,
-    cancel: &Cancel,
-    progress: Progress<'_>,
-) -> Result<ImageId> {
-    let bad = |reason: String| RegistryError::BadContent {
-        registry: client.host().to_string(),
-        what: format!("manifest {repo}@{}", fetched.digest),
-        reason,
-    };
     if manifest.config.size > limits::MANIFEST_MAX {
         return Err(bad(format!(
             "config of {} bytes is over the limit",
@@ -407,7 +380,7 @@ fn pull_manifest(
     }
     let lease = store.lease();
     let result = pull_leased(
-        store, client, repo, fetched, manifest, name, cancel, progress, &lease,
+        store, &client, &repo, &fetched, &manifest, name, cancel, progress, &lease,
     );
     drop(lease);
     if result.is_err() {

@@ -56,9 +56,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             ))
         }
     };
+    let out_of_range = || format!("invalid size {s:?}: out of range");
+    // Whole numbers exactly; fractions ("1.5GB") through floating point.
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(out_of_range);
+    }
     let bytes = value * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("invalid size {s:?}: out of range"));
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err(out_of_range());
     }
     Ok(bytes as u64)
 }
@@ -77,6 +82,8 @@ mod tests {
         assert!(parse_size("ten").is_err());
         assert!(parse_size("5 parsecs").is_err());
         assert!(parse_size("").is_err());
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        assert!(parse_size("20000000TB").is_err());
     }
 
     #[test]
