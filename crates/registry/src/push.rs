@@ -324,32 +324,22 @@ pub fn manifest_for_push(
             let n = f.read(&mut head).unwrap_or(0);
             Compression::sniff(&head[..n])
         };
-        let (digest, size, compression) = match compression {
-            Compression::None => {
-                changed = true;
-                let (g, s) = store.gzip_blob(&d.digest, lease)?;
-                (g, s, Compression::Gzip)
-            }
-            c => (d.digest.clone(), d.size, c),
+        // What the format carries as it is; anything else goes up as gzip of its tar.
+        let keep = match format {
+            Format::Docker => compression == Compression::Gzip,
+            Format::Oci => matches!(compression, Compression::Gzip | Compression::Zstd),
+        };
+        let (digest, size, compression) = if keep {
+            (d.digest.clone(), d.size, compression)
+        } else {
+            changed = true;
+            let (g, s) = store.gzip_blob(&d.digest, lease)?;
+            (g, s, Compression::Gzip)
         };
         let media_type = match (compression, format) {
             (Compression::Gzip, Format::Docker) => media::DOCKER_LAYER_GZIP,
             (Compression::Gzip, Format::Oci) => media::OCI_LAYER_GZIP,
-            (Compression::Zstd, Format::Oci) => media::OCI_LAYER_ZSTD,
-            (c, Format::Docker) => {
-                return Err(RegistryError::Invalid(format!(
-                    "layer {} is {}-compressed, which the docker format cannot carry: push with --format oci",
-                    d.digest,
-                    c.name()
-                )))
-            }
-            (c, Format::Oci) => {
-                return Err(RegistryError::Invalid(format!(
-                    "layer {} is {}-compressed, which registries do not take",
-                    d.digest,
-                    c.name()
-                )))
-            }
+            _ => media::OCI_LAYER_ZSTD,
         };
         if media_type != d.media_type {
             changed = true;

@@ -444,8 +444,9 @@ impl Store {
         Ok(())
     }
 
-    /// The gzip form of the uncompressed layer blob `blob`: the recorded one, the one being
-    /// made in the background (waited for), or made now and recorded.
+    /// The gzip form of the layer blob `blob` (uncompressed, or compressed another way):
+    /// the recorded one, the one being made in the background (waited for), or made now
+    /// and recorded.
     pub fn gzip_blob(&self, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
         let c = &self.compressor;
         loop {
@@ -476,10 +477,14 @@ impl Store {
             inner: self.content.open(blob)?,
             stop: &self.compressor.stopping,
         };
+        // A blob stored compressed some other way (a pulled zstd layer) is gzipped from its
+        // tar, for registries and formats that take only gzip.
+        let (_, mut plain) =
+            compression::decompress(&mut src).map_err(|e| StoreError::io("read", &path, e))?;
         let w = self.content.writer()?;
         let mut enc = pgzip::ParallelGzip::new(w, compression::GZIP_LEVEL)
             .map_err(|e| StoreError::io("compress", &path, e))?;
-        std::io::copy(&mut src, &mut enc).map_err(|e| StoreError::io("compress", &path, e))?;
+        std::io::copy(&mut plain, &mut enc).map_err(|e| StoreError::io("compress", &path, e))?;
         let w = enc
             .finish()
             .map_err(|e| StoreError::io("compress", &path, e))?;
