@@ -105,10 +105,10 @@ impl ContextHashes {
         }
     }
 
-    /// Writes the record back (only the files this build looked at).
+    /// Writes the record back when a file had to be read (else it says nothing new).
     pub fn save(&mut self) {
         let Some(p) = &self.record_path else { return };
-        if self.new.files.is_empty() {
+        if self.hashed == 0 {
             return;
         }
         // Files not looked at this time keep their entries.
@@ -216,50 +216,9 @@ fn entry(
             k.field("link", target.as_bytes());
         }
         FileType::Directory => {
-            let rd = rustix::fs::openat(
-                fd,
-                ".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| e.to_string())?;
-            let mut names = Vec::new();
-            for ent in rustix::fs::Dir::read_from(&rd).map_err(|e| e.to_string())? {
-                let ent = ent.map_err(|e| e.to_string())?;
-                let n = ent.file_name().to_bytes().to_vec();
-                if n != b"." && n != b".." {
-                    names.push(n);
-                }
-            }
-            names.sort();
-            for n in names {
-                let name = String::from_utf8_lossy(&n).to_string();
-                let child_rel = if rel.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{rel}/{name}")
-                };
-                let excluded = copy::excluded(src, &child_rel);
-                if excluded
-                    && !src
-                        .ignore
-                        .is_some_and(|m| m.may_reinclude_under(&child_rel))
-                {
-                    continue;
-                }
-                let cfd = rustix::fs::openat(
-                    &rd,
-                    std::ffi::OsStr::new(&name),
-                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| e.to_string())?;
-                let cst = rustix::fs::fstat(&cfd).map_err(|e| e.to_string())?;
-                if excluded && FileType::from_raw_mode(cst.st_mode) != FileType::Directory {
-                    continue;
-                }
-                entry(src, &child_rel, cfd.as_fd(), &cst, hashes, k)?;
-            }
+            copy::for_each_selected(src, rel, fd, |child_rel, _, cfd, cst| {
+                entry(src, child_rel, cfd, cst, hashes, k)
+            })?;
         }
         _ => {
             k.field("rdev", &st.st_rdev.to_le_bytes());
@@ -342,6 +301,13 @@ mod tests {
             hash_sources(&src, &[".".into()], &mut h).expect("hash"),
             second
         );
+        // A name that is not UTF-8 is read like any other (and changes the key).
+        let odd =
+            ctx.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"sub/odd\xff"));
+        std::fs::write(&odd, "o").expect("odd name");
+        let third = hash_sources(&src, &[".".into()], &mut h).expect("hash a non-UTF-8 name");
+        assert_ne!(third, second);
+        std::fs::remove_file(&odd).expect("rm");
         // A source pattern that selects less is a different key.
         assert_ne!(
             hash_sources(&src, &["sub".into()], &mut h).expect("hash"),

@@ -289,12 +289,14 @@ fn ensure_dir(
     .map_err(|e| format!("{dest}: {e} (not a directory)"))
 }
 
-fn copy_dir_contents(
+/// Visits the entries of source directory `dir` (at `rel`) that a copy selects, in name
+/// order: ignored files are left out, ignored directories stay only when they may hold
+/// re-included paths. `visit` gets the entry's relative path, name, O_PATH handle and stat.
+pub(crate) fn for_each_selected(
     src: &Source<'_>,
     rel: &str,
-    dir: &OwnedFd,
-    dest: BorrowedFd<'_>,
-    opts: &CopyOptions,
+    dir: BorrowedFd<'_>,
+    mut visit: impl FnMut(&str, &OsStr, BorrowedFd<'_>, &rustix::fs::Stat) -> R<()>,
 ) -> R<()> {
     let rd = rustix::fs::openat(
         dir,
@@ -319,14 +321,14 @@ fn copy_dir_contents(
         } else {
             format!("{rel}/{}", name.to_string_lossy())
         };
-        if excluded(src, &child_rel) {
-            // An excluded directory may still hold re-included paths.
-            if !src
+        let ignored = excluded(src, &child_rel);
+        // An excluded directory may still hold re-included paths.
+        if ignored
+            && !src
                 .ignore
                 .is_some_and(|m| m.may_reinclude_under(&child_rel))
-            {
-                continue;
-            }
+        {
+            continue;
         }
         let cfd = rustix::fs::openat(
             &rd,
@@ -336,12 +338,24 @@ fn copy_dir_contents(
         )
         .map_err(|e| e.to_string())?;
         let st = stat_fd(cfd.as_fd())?;
-        if excluded(src, &child_rel) && FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        if ignored && FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             continue;
         }
-        copy_entry(src, &child_rel, cfd.as_fd(), &st, dest, name, opts)?;
+        visit(&child_rel, name, cfd.as_fd(), &st)?;
     }
     Ok(())
+}
+
+fn copy_dir_contents(
+    src: &Source<'_>,
+    rel: &str,
+    dir: &OwnedFd,
+    dest: BorrowedFd<'_>,
+    opts: &CopyOptions,
+) -> R<()> {
+    for_each_selected(src, rel, dir.as_fd(), |child_rel, name, fd, st| {
+        copy_entry(src, child_rel, fd, st, dest, name, opts)
+    })
 }
 
 fn copy_entry(

@@ -79,8 +79,9 @@ pub struct BuildOptions {
     pub host_proxy_env: Vec<(String, String)>,
     /// How this build uses the build cache.
     pub cache: CacheMode,
-    /// The cache's size cap in bytes: least recently used records go after the build.
-    pub cache_max: u64,
+    /// The cache's size cap in bytes (None: no cap): least recently used records go
+    /// after the build.
+    pub cache_max: Option<u64>,
 }
 
 /// How a build uses the build cache.
@@ -248,8 +249,8 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
     }
     // The image (if any) now holds what it needs; the lease held this build's snapshots.
     drop(lease);
-    if opts.cache != CacheMode::Off {
-        if let Err(e) = ctx.store.prune_cache_over(opts.cache_max) {
+    if let (true, Some(cap)) = (opts.cache != CacheMode::Off, opts.cache_max) {
+        if let Err(e) = ctx.store.prune_cache_over(cap) {
             tracing::warn!(error = %e, "trimming the build cache");
         }
     }

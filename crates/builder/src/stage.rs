@@ -46,17 +46,19 @@ pub struct StageRun<'c, 'a> {
     hashes: &'c std::sync::Mutex<ContextHashes>,
     /// The base's layer directories, top first.
     base_lowers: Vec<PathBuf>,
-    /// This stage's step snapshots so far, bottom first.
-    snaps: Vec<Snapshot>,
     /// The key of the last step (the chain every next key builds on).
     key: Digest,
     /// Every step so far came from the cache.
     hitting: bool,
-    /// While a step that changes files runs: its upper directory, mount and rootfs.
-    upper: Option<StagedLayer>,
-    mount: Option<MountGuard>,
-    rootfs: Option<Root>,
     dir: PathBuf,
+    // While a step that changes files runs: its rootfs handle, mount and upper directory.
+    // Fields drop in order: the handle is closed and the overlay unmounted before its upper
+    // directory and the snapshots under it (staged ones, cache off) are removed.
+    rootfs: Option<Root>,
+    mount: Option<MountGuard>,
+    upper: Option<StagedLayer>,
+    /// This stage's step snapshots so far, bottom first.
+    snaps: Vec<Snapshot>,
 }
 
 /// One step's own changes: a cache snapshot, or (cache off) a staged directory that goes
@@ -153,13 +155,13 @@ impl<'c, 'a> StageRun<'c, 'a> {
             last_fs_step: None,
             hashes,
             base_lowers: Vec::new(),
-            snaps: Vec::new(),
             key: KeyBuilder::new("none", None).finish(),
             hitting: opts.cache == CacheMode::On,
-            upper: None,
-            mount: None,
-            rootfs: None,
             dir: opts.work_dir.join(format!("stage-{index}")),
+            rootfs: None,
+            mount: None,
+            upper: None,
+            snaps: Vec::new(),
         })
     }
 
@@ -192,6 +194,15 @@ impl<'c, 'a> StageRun<'c, 'a> {
             }
         }
         v
+    }
+
+    /// WORKDIR so far ("" when none was set).
+    fn working_dir(&self) -> String {
+        self.config
+            .config
+            .as_ref()
+            .map(|c| c.working_dir.clone())
+            .unwrap_or_default()
     }
 
     fn cc(&mut self) -> &mut ContainerConfig {
@@ -269,13 +280,9 @@ impl<'c, 'a> StageRun<'c, 'a> {
             (Some(id), size)
         };
         let record = Record {
-            parent: Some(self.key.clone()),
-            description: description.to_string(),
             snapshot: snapshot.clone(),
-            stage: None,
             size,
-            created: 0,
-            last_used: 0,
+            ..Record::new(&self.key, description)
         };
         let kept = store.cache().put(key, record)?;
         if let Some(id) = snapshot {
@@ -297,27 +304,20 @@ impl<'c, 'a> StageRun<'c, 'a> {
         if self.opts.cache == CacheMode::Off {
             return Ok(());
         }
-        let record = Record {
-            parent: Some(self.key.clone()),
-            description: description.to_string(),
-            snapshot: None,
-            stage: None,
-            size: 0,
-            created: 0,
-            last_used: 0,
-        };
-        self.ctx.store.cache().put(key, record)?;
+        self.ctx
+            .store
+            .cache()
+            .put(key, Record::new(&self.key, description))?;
         Ok(())
     }
 
     /// Stacks the snapshot of the recorded step `key`, if it has one.
     fn use_record(&mut self, key: &Digest) -> Result<bool, BuildError> {
         let store = self.ctx.store;
-        let Some(r) = store.cache().get(key) else {
+        let Some(r) = store.cache().get(key, self.lease) else {
             return Ok(false);
         };
         if let Some(id) = &r.snapshot {
-            self.lease.snapshot(id);
             let dir = store.cache().snapshot_dir(id);
             if !dir.is_dir() {
                 return Ok(false);
@@ -462,7 +462,14 @@ impl<'c, 'a> StageRun<'c, 'a> {
             .map_err(|e| step_err(n, step, e.to_string()))?;
         // Config-only steps are keyed by what they say after expansion (an ARG by its name:
         // its value enters the keys of the steps that use it).
-        let config_key = {
+        let changes_files = matches!(
+            ins,
+            Instruction::Run { .. }
+                | Instruction::Copy(_)
+                | Instruction::Add(_)
+                | Instruction::Workdir(_)
+        );
+        let config_key = (!changes_files).then(|| {
             let mut k = KeyBuilder::new("config", Some(&self.key));
             match &ins {
                 Instruction::Arg(pairs) => {
@@ -474,8 +481,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 }
             }
             k.finish()
-        };
-        let mut fs_change = false;
+        });
         match ins {
             Instruction::From { .. } => return Err(step_err(n, step, "FROM inside a stage")),
             Instruction::Arg(pairs) => {
@@ -580,7 +586,6 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 }
                 self.key = key;
                 self.cc().working_dir = path;
-                fs_change = true;
             }
             Instruction::StopSignal(s) => self.cc().stop_signal = s,
             Instruction::Shell(s) => self.cc().shell = Some(s),
@@ -619,22 +624,20 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 command, heredocs, ..
             } => {
                 self.run(n, step, command, &heredocs)?;
-                fs_change = true;
             }
             Instruction::Copy(c) | Instruction::Add(c) => {
                 let is_add = matches!(step.instruction, Instruction::Add(_));
                 self.copy(n, step, c, is_add)?;
-                fs_change = true;
             }
         }
-        if !fs_change {
-            if !self.try_cache(&config_key)? {
-                self.record_config_step(&config_key, &step.original)?;
+        if let Some(key) = config_key {
+            if !self.try_cache(&key)? {
+                self.record_config_step(&key, &step.original)?;
             }
-            self.key = config_key;
+            self.key = key;
         }
         self.history_entry(step);
-        if fs_change {
+        if changes_files {
             self.last_fs_step = Some(self.history.len() - 1);
         }
         Ok(())
@@ -702,11 +705,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             .as_ref()
             .map(|c| c.user.clone())
             .unwrap_or_default();
-        let cwd = self
-            .config
-            .config
-            .as_ref()
-            .map(|c| c.working_dir.clone())
+        let cwd = Some(self.working_dir())
             .filter(|w| !w.is_empty())
             .unwrap_or_else(|| "/".into());
         // Environment: image ENV, then ARGs in scope (proxies come later: never in a key).
@@ -868,12 +867,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             }),
             None => None,
         };
-        let cwd = self
-            .config
-            .config
-            .as_ref()
-            .map(|c| c.working_dir.clone())
-            .unwrap_or_default();
+        let cwd = self.working_dir();
         if let Some(url) = c
             .sources
             .iter()
@@ -1035,25 +1029,11 @@ impl<'c, 'a> StageRun<'c, 'a> {
     /// The stage's committed result recorded under `key`, if every part is still there.
     fn cached_stage(&mut self, key: &Digest) -> Result<Option<StageResult>, BuildError> {
         let store = self.ctx.store;
-        let Some(stage) = store.cache().get(key).and_then(|r| r.stage) else {
+        let Some(stage) = store.cache().get(key, self.lease).and_then(|r| r.stage) else {
             return Ok(None);
         };
-        for l in &stage.layers {
-            self.lease.layer(&l.chain_id);
-        }
-        for b in stage.blobs.iter().chain([&stage.config]) {
-            self.lease.blob(b);
-        }
-        let present = stage
-            .layers
-            .iter()
-            .all(|l| store.layer_dir(&l.chain_id).join("diff").is_dir())
-            && stage
-                .blobs
-                .iter()
-                .chain([&stage.config])
-                .all(|b| store.content().contains(b));
-        if !present {
+        // Damage from outside (a layer directory deleted by hand): build it again.
+        if !store.cache_stage_whole(&stage) {
             return Ok(None);
         }
         let raw = store
@@ -1170,17 +1150,13 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 serde_json::to_vec(&config).map_err(|e| BuildError::Invalid(e.to_string()))?;
             let config_blob = self.lease.put_blob(store.content(), &bytes)?;
             let record = Record {
-                parent: Some(self.key.clone()),
-                description: format!("stage {} result", self.index),
-                snapshot: None,
                 stage: Some(StageRecord {
                     config: config_blob,
                     layers: layers.clone(),
                     blobs: blobs.clone(),
                 }),
                 size: new_layer_size,
-                created: 0,
-                last_used: 0,
+                ..Record::new(&self.key, &format!("stage {} result", self.index))
             };
             store.cache().put(&key, record)?;
         }

@@ -22,12 +22,14 @@
 //! layers or blobs are gone are dropped.
 
 use crate::error::{Result, StoreError};
-use crate::metadata::{write_atomic, LayerRecord};
+use crate::metadata::{load_versioned, save_json, LayerRecord};
+use crate::Lease;
 use isula_types::Digest;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -38,6 +40,12 @@ pub struct StageRecord {
     pub config: Digest,
     pub layers: Vec<LayerRecord>,
     pub blobs: Vec<Digest>,
+}
+
+impl StageRecord {
+    fn all_blobs(&self) -> impl Iterator<Item = &Digest> {
+        self.blobs.iter().chain([&self.config])
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,15 +60,56 @@ pub struct Record {
     pub stage: Option<StageRecord>,
     /// Bytes on disk this record alone holds (its snapshot, or its stage's own layer).
     pub size: u64,
-    /// Seconds since the epoch.
+    /// Seconds since the epoch (set by [`Cache::put`]).
+    #[serde(default)]
     pub created: i64,
+    #[serde(default)]
     pub last_used: i64,
+}
+
+impl Record {
+    /// A record to [`Cache::put`]: its times are set then.
+    pub fn new(parent: &Digest, description: &str) -> Record {
+        Record {
+            parent: Some(parent.clone()),
+            description: description.to_string(),
+            snapshot: None,
+            stage: None,
+            size: 0,
+            created: 0,
+            last_used: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Index {
     schema: u32,
     records: BTreeMap<Digest, Record>,
+}
+
+impl Index {
+    /// `keys` and every record whose parent chain reaches one of them.
+    fn subtrees(&self, keys: impl IntoIterator<Item = Digest>) -> Vec<Digest> {
+        let mut children: HashMap<&Digest, Vec<&Digest>> = HashMap::new();
+        for (k, r) in &self.records {
+            if let Some(p) = &r.parent {
+                children.entry(p).or_default().push(k);
+            }
+        }
+        let mut out: Vec<Digest> = keys.into_iter().collect();
+        let mut seen: HashSet<Digest> = out.iter().cloned().collect();
+        let mut i = 0;
+        while i < out.len() {
+            for c in children.get(&out[i]).into_iter().flatten() {
+                if seen.insert((*c).clone()) {
+                    out.push((*c).clone());
+                }
+            }
+            i += 1;
+        }
+        out
+    }
 }
 
 /// What `prune` removed.
@@ -78,11 +127,27 @@ pub struct Usage {
     pub bytes: u64,
 }
 
+/// What of `stage` is missing from `store`, one line each.
+pub(crate) fn missing(store: &crate::Store, stage: &StageRecord) -> Vec<String> {
+    let layers = stage
+        .layers
+        .iter()
+        .filter(|l| !store.layer_dir(&l.chain_id).join("diff").is_dir())
+        .map(|l| format!("layer directory {} is missing", l.chain_id));
+    let blobs = stage
+        .all_blobs()
+        .filter(|b| !store.content().contains(b))
+        .map(|b| format!("blob {b} is missing"));
+    layers.chain(blobs).collect()
+}
+
 pub struct Cache {
     dir: PathBuf,
     index: std::sync::Mutex<Index>,
-    /// Records added or touched since the last persist.
-    dirty: std::sync::atomic::AtomicBool,
+    /// Records were added since the last persist (the file system must be flushed).
+    added: AtomicBool,
+    /// Records were used since the last persist (their last use should be saved).
+    touched: AtomicBool,
 }
 
 fn now() -> i64 {
@@ -119,35 +184,18 @@ impl Cache {
             let p = dir.join(d);
             fs::create_dir_all(&p).map_err(|e| StoreError::io("create", &p, e))?;
         }
-        let path = dir.join("index.json");
-        let index = match fs::read(&path) {
-            Ok(bytes) => {
-                let index: Index =
-                    serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptMetadata {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                if index.schema != SCHEMA_VERSION {
-                    return Err(StoreError::CorruptMetadata {
-                        path,
-                        reason: format!(
-                            "schema {} (this build reads {SCHEMA_VERSION})",
-                            index.schema
-                        ),
-                    });
-                }
-                index
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Index {
-                schema: SCHEMA_VERSION,
-                records: BTreeMap::new(),
-            },
-            Err(e) => return Err(StoreError::io("read", &path, e)),
-        };
+        let index = load_versioned(&dir.join("index.json"), SCHEMA_VERSION, |i: &Index| {
+            i.schema
+        })?
+        .unwrap_or(Index {
+            schema: SCHEMA_VERSION,
+            records: BTreeMap::new(),
+        });
         Ok(Cache {
             dir,
             index: std::sync::Mutex::new(index),
-            dirty: Default::default(),
+            added: AtomicBool::new(false),
+            touched: AtomicBool::new(false),
         })
     }
 
@@ -155,8 +203,8 @@ impl Cache {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    fn save(&self, index: &Index) -> Result<()> {
+        save_json(&self.dir.join("index.json"), index)
     }
 
     /// Where a build context's stat-keyed hash record lives.
@@ -169,48 +217,65 @@ impl Cache {
         self.dir.join("snapshots").join(id).join("diff")
     }
 
-    /// Drops records whose parts are gone (`present` says whether a stage's layers and
-    /// blobs are still there) and removes snapshots no record names. Returns how many
-    /// records and snapshots went.
-    pub(crate) fn sweep(&self, present: &dyn Fn(&StageRecord) -> bool) -> Result<(usize, usize)> {
+    /// Drops records whose parts are gone (with the records stacked on them) and removes
+    /// snapshots no record names. Returns how many records and snapshots went.
+    pub(crate) fn sweep(&self, store: &crate::Store) -> Result<(usize, usize)> {
         let mut index = self.index();
-        let before = index.records.len();
-        let snapshots = self.dir.join("snapshots");
-        index.records.retain(|_, r| {
-            r.snapshot
-                .as_ref()
-                .is_none_or(|s| snapshots.join(s).join("diff").is_dir())
-                && r.stage.as_ref().is_none_or(present)
-        });
-        let dropped = before - index.records.len();
+        let broken: Vec<Digest> = index
+            .records
+            .iter()
+            .filter(|(_, r)| {
+                r.snapshot
+                    .as_ref()
+                    .is_some_and(|s| !self.snapshot_dir(s).is_dir())
+                    || r.stage
+                        .as_ref()
+                        .is_some_and(|s| !missing(store, s).is_empty())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let doomed = index.subtrees(broken);
+        for k in &doomed {
+            index.records.remove(k);
+        }
         let named: HashSet<&str> = index
             .records
             .values()
             .filter_map(|r| r.snapshot.as_deref())
             .collect();
+        let snapshots = self.dir.join("snapshots");
         let mut removed = 0;
         for ent in fs::read_dir(&snapshots).map_err(|e| StoreError::io("read", &snapshots, e))? {
             let ent = ent.map_err(|e| StoreError::io("read", &snapshots, e))?;
-            let name = ent.file_name().to_string_lossy().to_string();
-            if !named.contains(name.as_str()) {
+            if !named.contains(ent.file_name().to_string_lossy().as_ref()) {
                 isula_sys::rooted::remove_tree(&ent.path())?;
                 removed += 1;
             }
         }
-        if dropped > 0 {
-            let data = serde_json::to_vec(&*index)
-                .map_err(|e| StoreError::io("encode", &self.dir, std::io::Error::other(e)))?;
-            write_atomic(&self.dir.join("index.json"), &data)?;
+        if !doomed.is_empty() {
+            self.save(&index)?;
         }
-        Ok((dropped, removed))
+        Ok((doomed.len(), removed))
     }
 
-    /// The record for `key`, marked as used now.
-    pub fn get(&self, key: &Digest) -> Option<Record> {
+    /// The record for `key`, marked as used now. Its snapshot, layers and blobs are leased
+    /// under the index lock, so no prune or collection can take them from under the caller.
+    pub fn get(&self, key: &Digest, lease: &Lease) -> Option<Record> {
         let mut index = self.index();
         let r = index.records.get_mut(key)?;
         r.last_used = now();
-        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(s) = &r.snapshot {
+            lease.snapshot(s);
+        }
+        if let Some(s) = &r.stage {
+            for l in &s.layers {
+                lease.layer(&l.chain_id);
+            }
+            for b in s.all_blobs() {
+                lease.blob(b);
+            }
+        }
+        self.touched.store(true, Ordering::SeqCst);
         Some(r.clone())
     }
 
@@ -228,18 +293,11 @@ impl Cache {
     }
 
     /// Records `key` (kept in memory until [`Cache::persist`]). An existing record for
-    /// the key wins (a concurrent build made the same step); then `false` is returned and
+    /// the key wins (a concurrent build made the same step): then `false` is returned and
     /// the caller's snapshot, if any, is removed.
     pub fn put(&self, key: &Digest, mut record: Record) -> Result<bool> {
         let mut index = self.index();
-        if let Some(existing) = index.records.get_mut(key) {
-            // A stage result can be added to a step record made earlier.
-            if existing.stage.is_none() && record.stage.is_some() && record.snapshot.is_none() {
-                existing.stage = record.stage.take();
-                existing.size += record.size;
-                self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
-                return Ok(true);
-            }
+        if index.records.contains_key(key) {
             drop(index);
             if let Some(s) = record.snapshot {
                 isula_sys::rooted::remove_tree(&self.dir.join("snapshots").join(s))?;
@@ -250,47 +308,38 @@ impl Cache {
         record.created = t;
         record.last_used = t;
         index.records.insert(key.clone(), record);
-        self.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.added.store(true, Ordering::SeqCst);
         Ok(true)
     }
 
-    /// Makes every record so far durable: the file system is flushed first, so no record
-    /// can name a snapshot whose data has not reached the disk.
+    /// Makes every record so far durable. When records were added the file system is
+    /// flushed first, so no record can name a snapshot whose data has not reached the
+    /// disk; when they were only used, their last use is written.
     pub fn persist(&self) -> Result<()> {
-        if !self.dirty.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            return Ok(());
+        let added = self.added.swap(false, Ordering::SeqCst);
+        let touched = self.touched.swap(false, Ordering::SeqCst);
+        if added {
+            let dirfd =
+                fs::File::open(&self.dir).map_err(|e| StoreError::io("open", &self.dir, e))?;
+            rustix::fs::syncfs(&dirfd)
+                .map_err(|e| StoreError::io("syncfs", &self.dir, std::io::Error::from(e)))?;
         }
-        let dirfd = fs::File::open(&self.dir).map_err(|e| StoreError::io("open", &self.dir, e))?;
-        rustix::fs::syncfs(&dirfd)
-            .map_err(|e| StoreError::io("syncfs", &self.dir, std::io::Error::from(e)))?;
-        let index = self.index();
-        let data = serde_json::to_vec(&*index)
-            .map_err(|e| StoreError::io("encode", &self.dir, std::io::Error::other(e)))?;
-        write_atomic(&self.dir.join("index.json"), &data)
+        if added || touched {
+            self.save(&self.index())?;
+        }
+        Ok(())
     }
 
-    /// Layers and blobs the stage records keep alive.
-    pub(crate) fn roots(&self) -> (HashSet<isula_types::ChainId>, HashSet<Digest>) {
+    /// The layers (with their records) and blobs the stage records keep alive.
+    pub(crate) fn roots(&self) -> (Vec<LayerRecord>, HashSet<Digest>) {
         let index = self.index();
-        let mut layers = HashSet::new();
+        let mut layers = Vec::new();
         let mut blobs = HashSet::new();
         for s in index.records.values().filter_map(|r| r.stage.as_ref()) {
-            layers.extend(s.layers.iter().map(|l| l.chain_id.clone()));
-            blobs.extend(s.blobs.iter().cloned());
-            blobs.insert(s.config.clone());
+            layers.extend(s.layers.iter().cloned());
+            blobs.extend(s.all_blobs().cloned());
         }
         (layers, blobs)
-    }
-
-    /// Layer records of the stage records (so the store keeps their metadata).
-    pub(crate) fn layer_records(&self) -> Vec<LayerRecord> {
-        let index = self.index();
-        index
-            .records
-            .values()
-            .filter_map(|r| r.stage.as_ref())
-            .flat_map(|s| s.layers.iter().cloned())
-            .collect()
     }
 
     pub fn usage(&self) -> Usage {
@@ -317,24 +366,37 @@ impl Cache {
     }
 
     /// Removes least recently used records until at most `keep` bytes remain (`keep` 0:
-    /// everything), never one whose snapshot `in_use` names. A record goes with every
-    /// record below it (their snapshots stack on its own). Persists the result.
+    /// everything), never one whose snapshot `in_use` names (asked under the index lock,
+    /// where [`Cache::get`] leases). A record goes with every record stacked on it.
+    /// Persists the result.
     pub fn prune(&self, keep: u64, in_use: &dyn Fn(&str) -> bool) -> Result<Pruned> {
         let mut out = Pruned::default();
         let mut doomed_snapshots = Vec::new();
         {
             let mut index = self.index();
             let mut total: u64 = index.records.values().map(|r| r.size).sum();
-            while total > keep || (keep == 0 && !index.records.is_empty()) {
-                let mut order: Vec<(&Digest, &Record)> = index.records.iter().collect();
-                order.sort_by_key(|(_, r)| (r.last_used, r.created));
-                let victim = order.iter().map(|(k, _)| (*k).clone()).find(|k| {
-                    !subtree(&index.records, k)
-                        .iter()
-                        .any(|d| index.records[d].snapshot.as_deref().is_some_and(in_use))
-                });
-                let Some(victim) = victim else { break };
-                for k in subtree(&index.records, &victim) {
+            let mut order: Vec<(i64, i64, Digest)> = index
+                .records
+                .iter()
+                .map(|(k, r)| (r.last_used, r.created, k.clone()))
+                .collect();
+            order.sort();
+            let all = keep == 0;
+            for (_, _, victim) in order {
+                if !all && total <= keep {
+                    break;
+                }
+                if !index.records.contains_key(&victim) {
+                    continue; // went with an earlier victim's subtree
+                }
+                let tree = index.subtrees([victim]);
+                let busy = tree
+                    .iter()
+                    .any(|k| index.records[k].snapshot.as_deref().is_some_and(in_use));
+                if busy {
+                    continue;
+                }
+                for k in tree {
                     if let Some(r) = index.records.remove(&k) {
                         total = total.saturating_sub(r.size);
                         out.records += 1;
@@ -342,14 +404,9 @@ impl Cache {
                         doomed_snapshots.extend(r.snapshot);
                     }
                 }
-                if keep == 0 && index.records.is_empty() {
-                    break;
-                }
             }
             if out.records > 0 {
-                let data = serde_json::to_vec(&*index)
-                    .map_err(|e| StoreError::io("encode", &self.dir, std::io::Error::other(e)))?;
-                write_atomic(&self.dir.join("index.json"), &data)?;
+                self.save(&index)?;
             }
         }
         // The index no longer names them: removing now is safe at any point of a crash.
@@ -359,9 +416,8 @@ impl Cache {
         Ok(out)
     }
 
-    /// Problems for `--check-store`: records naming missing snapshots, parents that do not
-    /// exist.
-    pub fn check(&self) -> Vec<String> {
+    /// Problems for `--check-store`: records naming missing snapshots, layers or blobs.
+    pub(crate) fn check(&self, store: &crate::Store) -> Vec<String> {
         let index = self.index();
         let mut problems = Vec::new();
         for (k, r) in &index.records {
@@ -370,23 +426,77 @@ impl Cache {
                     problems.push(format!("cache record {k}: snapshot {s} is missing"));
                 }
             }
+            for m in r.stage.iter().flat_map(|s| missing(store, s)) {
+                problems.push(format!("cache record {k}: {m}"));
+            }
         }
         problems
     }
 }
 
-/// `key` and every record whose parent chain reaches it.
-fn subtree(records: &BTreeMap<Digest, Record>, key: &Digest) -> Vec<Digest> {
-    let mut out = vec![key.clone()];
-    let mut i = 0;
-    while i < out.len() {
-        let k = out[i].clone();
-        for (ck, r) in records {
-            if r.parent.as_ref() == Some(&k) && !out.contains(ck) {
-                out.push(ck.clone());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(cache: &Cache, root: &Path, name: &str) -> String {
+        let staged = root.join("tmp").join(name);
+        fs::create_dir_all(staged.join("diff")).expect("staged");
+        fs::write(staged.join("diff/f"), name).expect("file");
+        cache.adopt_snapshot(&staged).expect("adopt")
+    }
+
+    #[test]
+    fn prune_takes_least_recent_first_with_what_stacks_on_it_and_spares_what_is_in_use() {
+        let d = tempfile::tempdir().expect("tmp");
+        let cache = Cache::open(d.path()).expect("open");
+        let key = |s: &str| Digest::of_bytes(s.as_bytes());
+        let root = key("root");
+        // a → b → c, and d beside them; a is the least recently used.
+        let mut ids = HashMap::new();
+        for (name, parent) in [
+            ("a", &root),
+            ("b", &key("a")),
+            ("c", &key("b")),
+            ("d", &root),
+        ] {
+            let id = snapshot(&cache, d.path(), name);
+            ids.insert(name, id.clone());
+            let r = Record {
+                snapshot: Some(id),
+                size: 10,
+                ..Record::new(parent, name)
+            };
+            assert!(cache.put(&key(name), r).expect("put"));
+        }
+        {
+            let mut index = cache.index();
+            for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+                if let Some(r) = index.records.get_mut(&key(name)) {
+                    r.last_used = i as i64;
+                }
             }
         }
-        i += 1;
+        // c is in use: a and b (below it) must stay too; d goes.
+        let busy = ids["c"].clone();
+        let pruned = cache.prune(0, &|s| s == busy).expect("prune");
+        assert_eq!(
+            pruned,
+            Pruned {
+                records: 1,
+                bytes: 10
+            }
+        );
+        assert!(cache.snapshot_dir(&ids["c"]).is_dir());
+        assert!(!cache.snapshot_dir(&ids["d"]).exists());
+        // Nothing in use: trimming to 15 bytes takes a first, and b and c with it.
+        let pruned = cache.prune(15, &|_| false).expect("prune");
+        assert_eq!(pruned.records, 3);
+        assert_eq!(cache.usage(), Usage::default());
+        for n in ["a", "b", "c"] {
+            assert!(!cache.snapshot_dir(&ids[n]).exists(), "{n}");
+        }
+        // The index on disk says the same.
+        let again = Cache::open(d.path()).expect("reopen");
+        assert_eq!(again.usage().records, 0);
     }
-    out
 }

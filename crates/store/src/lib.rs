@@ -225,15 +225,7 @@ impl Store {
             swept_tmp: content::sweep_dir(&root.join("tmp"))?,
             ..Default::default()
         };
-        let (dropped, snapshots) = store.cache.sweep(&|s| {
-            s.layers
-                .iter()
-                .all(|l| store.layer_dir(&l.chain_id).join("diff").is_dir())
-                && s.blobs
-                    .iter()
-                    .chain([&s.config])
-                    .all(|b| store.content.contains(b))
-        })?;
+        let (dropped, snapshots) = store.cache.sweep(&store)?;
         if dropped + snapshots > 0 {
             tracing::info!(
                 records = dropped,
@@ -255,6 +247,16 @@ impl Store {
 
     pub fn cache(&self) -> &cache::Cache {
         &self.cache
+    }
+
+    /// Whether every layer and blob of a cached stage result is here.
+    pub fn cache_stage_whole(&self, stage: &cache::StageRecord) -> bool {
+        cache::missing(self, stage).is_empty()
+    }
+
+    fn leased(&self, key: &str) -> bool {
+        let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        t.held.values().any(|h| h.contains(key))
     }
 
     /// Moves a finished build step's upper directory into the cache as a snapshot (its
@@ -280,9 +282,9 @@ impl Store {
         Ok(staged)
     }
 
-    /// Trims the build cache to `cap` bytes when it holds more (0: no cap).
+    /// Trims the build cache to `cap` bytes when it holds more.
     pub fn prune_cache_over(&self, cap: u64) -> Result<cache::Pruned> {
-        if cap == 0 || self.cache.usage().bytes <= cap {
+        if self.cache.usage().bytes <= cap {
             return Ok(cache::Pruned::default());
         }
         self.prune_cache(cap)
@@ -291,13 +293,9 @@ impl Store {
     /// Removes least recently used build-cache records until at most `keep` bytes remain
     /// (0: all of them), then collects the layers only they kept.
     pub fn prune_cache(&self, keep: u64) -> Result<cache::Pruned> {
-        let leased: HashSet<String> = {
-            let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-            t.held.values().flatten().cloned().collect()
-        };
         let pruned = self
             .cache
-            .prune(keep, &|id| leased.contains(&format!("snap:{id}")))?;
+            .prune(keep, &|id| self.leased(&format!("snap:{id}")))?;
         if pruned.records > 0 {
             self.gc()?;
         }
@@ -688,12 +686,16 @@ impl Store {
             layer_dirs.push((ent.path(), chain));
         }
         let blobs = self.content.list()?;
+        // The cache's roots before the leases: a record pruned in between had its parts
+        // leased by whoever used it, and one made in between is leased by its build.
+        let (cache_layers, mut live_blobs) = self.cache.roots();
+        let mut live_layers: HashSet<ChainId> =
+            cache_layers.into_iter().map(|l| l.chain_id).collect();
         let mut meta = self.meta();
         let leased: HashSet<String> = {
             let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
             t.held.values().flatten().cloned().collect()
         };
-        let (mut live_layers, mut live_blobs) = self.cache.roots();
         for img in meta.images.values() {
             live_layers.extend(img.layers.iter().cloned());
             live_blobs.extend(img.blobs.iter().cloned());
@@ -710,23 +712,17 @@ impl Store {
         let mut report = GcReport::default();
         let before = (meta.layers.len(), meta.compressed.len());
         let mut next = meta.clone();
-        // The cache's stage results keep their layers (and so their records).
-        for l in self.cache.layer_records() {
-            next.layers.entry(l.chain_id.clone()).or_insert(l);
-        }
         next.layers
             .retain(|c, _| live_layers.contains(c) || layer_leased(c));
         next.compressed.retain(|src, gz| {
             live_blobs.contains(src) || blob_leased(src) || blob_leased(&gz.digest)
         });
-        if (next.layers.len(), next.compressed.len()) != before
-            || next.layers.keys().ne(meta.layers.keys())
-        {
+        if (next.layers.len(), next.compressed.len()) != before {
             self.save(&next)?;
             *meta = next;
         }
         for (path, chain) in layer_dirs {
-            let keep = chain.is_some_and(|c| meta.layers.contains_key(&c) || layer_leased(&c));
+            let keep = chain.is_some_and(|c| live_layers.contains(&c) || layer_leased(&c));
             if !keep {
                 isula_sys::rooted::remove_tree(&path)?;
                 report.layers += 1;
@@ -765,24 +761,7 @@ impl Store {
                 }
             }
         }
-        problems.extend(self.cache.check());
-        for (key, r) in self.cache.records() {
-            if let Some(s) = &r.stage {
-                for l in &s.layers {
-                    if !self.layer_dir(&l.chain_id).join("diff").is_dir() {
-                        problems.push(format!(
-                            "cache record {key}: layer directory {} is missing",
-                            l.chain_id
-                        ));
-                    }
-                }
-                for b in s.blobs.iter().chain([&s.config]) {
-                    if !self.content.contains(b) {
-                        problems.push(format!("cache record {key}: blob {b} is missing"));
-                    }
-                }
-            }
-        }
+        problems.extend(self.cache.check(self));
         Ok(problems)
     }
 }

@@ -60,35 +60,16 @@ pub struct Metadata {
 
 impl Metadata {
     pub fn load(path: &Path) -> Result<Metadata> {
-        let data = match fs::read(path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Metadata {
-                    schema: SCHEMA_VERSION,
-                    ..Default::default()
-                })
-            }
-            Err(e) => return Err(StoreError::io("read", path, e)),
-        };
-        let meta: Metadata =
-            serde_json::from_slice(&data).map_err(|e| StoreError::CorruptMetadata {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        if meta.schema != SCHEMA_VERSION {
-            return Err(StoreError::CorruptMetadata {
-                path: path.to_path_buf(),
-                reason: format!("schema version {} is not {SCHEMA_VERSION}", meta.schema),
-            });
-        }
-        Ok(meta)
+        Ok(
+            load_versioned(path, SCHEMA_VERSION, |m: &Metadata| m.schema)?.unwrap_or(Metadata {
+                schema: SCHEMA_VERSION,
+                ..Default::default()
+            }),
+        )
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        write_atomic(
-            path,
-            &serde_json::to_vec(self).map_err(|e| StoreError::io("encode", path, e.into()))?,
-        )
+        save_json(path, self)
     }
 
     /// The image a full reference names.
@@ -97,6 +78,39 @@ impl Metadata {
             .values()
             .find(|i| i.names.iter().any(|n| n == name))
     }
+}
+
+/// Reads a JSON document that carries a schema version (`schema_of` reads it): None when
+/// the file does not exist, an error naming the file when it is malformed or of another
+/// schema.
+pub(crate) fn load_versioned<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    schema: u32,
+    schema_of: impl Fn(&T) -> u32,
+) -> Result<Option<T>> {
+    let data = match fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io("read", path, e)),
+    };
+    let corrupt = |reason: String| StoreError::CorruptMetadata {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let value: T = serde_json::from_slice(&data).map_err(|e| corrupt(e.to_string()))?;
+    let found = schema_of(&value);
+    if found != schema {
+        return Err(corrupt(format!("schema version {found} is not {schema}")));
+    }
+    Ok(Some(value))
+}
+
+/// Replaces `path` with `value` as JSON, atomically and durably.
+pub(crate) fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(
+        path,
+        &serde_json::to_vec(value).map_err(|e| StoreError::io("encode", path, e.into()))?,
+    )
 }
 
 /// Replaces `path` with `data` atomically and durably.

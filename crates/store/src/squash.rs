@@ -6,46 +6,88 @@
 //! A whiteout or opaque marker only means something where the base below the stack has
 //! that path, so one is kept only then: a file made by one step and deleted by a later one
 //! leaves nothing, as it would in a single upper directory.
+//!
+//! Snapshots hold what RUN made, so every lookup is relative to a directory handle and
+//! never follows a symlink; the base is looked up without following any either.
 
 use crate::apply::OPAQUE_XATTR;
 use crate::error::{Result, StoreError};
+use isula_sys::rooted::{self, Resolve, Root};
+use rustix::fs::{FileType, Mode, OFlags};
 use std::collections::BTreeSet;
-use std::ffi::OsString;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
-    move |e| StoreError::io(op, path, e)
+fn sys(op: &'static str, path: &Path, e: rustix::io::Errno) -> StoreError {
+    StoreError::io(op, path, e.into())
 }
 
-fn is_whiteout(m: &std::fs::Metadata) -> bool {
-    m.file_type().is_char_device() && m.rdev() == 0
+fn open_dir(dir: BorrowedFd<'_>, name: &OsStr, rel: &Path) -> Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| sys("open", rel, e))
 }
 
-fn is_opaque(path: &Path) -> bool {
-    let mut v = [0u8; 4];
-    matches!(rustix::fs::lgetxattr(path, OPAQUE_XATTR, &mut v), Ok(1) if v[0] == b'y')
+fn is_whiteout(st: &rustix::fs::Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0
+}
+
+fn xattr(fd: BorrowedFd<'_>, key: &str) -> Option<Vec<u8>> {
+    let mut v = vec![0u8; 256];
+    let n = rustix::fs::fgetxattr(fd, key, &mut v).ok()?;
+    v.truncate(n);
+    Some(v)
 }
 
 /// Squashes `stack` (snapshot diff directories, top first) into `out` (an empty directory).
 /// `base` is a read-only view of what lies below the stack (None: nothing).
 pub fn squash(stack: &[&Path], base: Option<&Path>, out: &Path) -> Result<()> {
-    let stack: Vec<&Path> = stack.to_vec();
-    merge_dir(&stack, base, Path::new(""), out)
+    let open = |p: &Path| {
+        rustix::fs::open(
+            p,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| sys("open", p, e))
+    };
+    let layers = stack.iter().map(|p| open(p)).collect::<Result<Vec<_>>>()?;
+    let base = base.map(Root::open).transpose()?;
+    let out_fd = open(out)?;
+    let fds: Vec<BorrowedFd<'_>> = layers.iter().map(|f| f.as_fd()).collect();
+    merge_dir(&fds, base.as_ref(), Path::new(""), out_fd.as_fd())
 }
 
-fn base_has(base: Option<&Path>, rel: &Path) -> bool {
-    base.is_some_and(|b| std::fs::symlink_metadata(b.join(rel)).is_ok())
+/// Whether the base has anything at `rel` (reached through directories only).
+fn base_has(base: Option<&Root>, rel: &Path) -> bool {
+    let Some(root) = base else { return false };
+    match root.parent(rel, Resolve::NoSymlinks, false) {
+        Ok((dir, name)) => rooted::lstat(dir.as_fd(), &name).is_ok_and(|s| s.is_some()),
+        Err(_) => false,
+    }
 }
 
 /// Merges directory `rel` of `layers` (top first; each has `rel` as a directory, and no
-/// layer below the last one shows through) into `out/rel`.
-fn merge_dir(layers: &[&Path], base: Option<&Path>, rel: &Path, out: &Path) -> Result<()> {
+/// layer below the last one shows through) into `out`, the directory made for `rel`.
+fn merge_dir(
+    layers: &[BorrowedFd<'_>],
+    base: Option<&Root>,
+    rel: &Path,
+    out: BorrowedFd<'_>,
+) -> Result<()> {
     let mut names: BTreeSet<OsString> = BTreeSet::new();
     for l in layers {
-        let d = l.join(rel);
-        for ent in std::fs::read_dir(&d).map_err(io("read", &d))? {
-            names.insert(ent.map_err(io("read", &d))?.file_name());
+        for ent in rustix::fs::Dir::read_from(l).map_err(|e| sys("read", rel, e))? {
+            let ent = ent.map_err(|e| sys("read", rel, e))?;
+            let n = ent.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.insert(OsStr::from_bytes(n).to_os_string());
+            }
         }
     }
     for name in names {
@@ -53,105 +95,75 @@ fn merge_dir(layers: &[&Path], base: Option<&Path>, rel: &Path, out: &Path) -> R
         // The topmost layer that has the name decides what it is.
         let mut top = None;
         for (i, l) in layers.iter().enumerate() {
-            if let Ok(m) = std::fs::symlink_metadata(l.join(&child)) {
-                top = Some((i, m));
+            if let Some(st) = rooted::lstat(*l, &name)? {
+                top = Some((i, st));
                 break;
             }
         }
-        let Some((i, meta)) = top else { continue };
-        let src = layers[i].join(&child);
-        let dest = out.join(&child);
-        if is_whiteout(&meta) {
+        let Some((i, st)) = top else { continue };
+        if is_whiteout(&st) {
             if base_has(base, &child) {
-                rustix::fs::mknodat(
-                    rustix::fs::CWD,
-                    &dest,
-                    rustix::fs::FileType::CharacterDevice,
-                    rustix::fs::Mode::empty(),
-                    rustix::fs::makedev(0, 0),
-                )
-                .map_err(|e| StoreError::io("mknod", &dest, e.into()))?;
+                rooted::mknod_whiteout(out, &name)?;
             }
             continue;
         }
-        if meta.is_dir() {
-            // This directory, merged with the same directory in the layers below, down to
-            // the first one that hides what is under it.
-            let mut below: Vec<&Path> = Vec::new();
-            let mut cut = false;
-            for l in &layers[i..] {
-                match std::fs::symlink_metadata(l.join(&child)) {
-                    Ok(m) if m.is_dir() => {
-                        below.push(l);
-                        if is_opaque(&l.join(&child)) {
-                            cut = true;
-                            break;
-                        }
-                    }
-                    Ok(_) => {
+        if !rooted::is_dir(&st) {
+            rooted::hardlink(layers[i], &name, out, &name)?;
+            continue;
+        }
+        // This directory, merged with the same directory in the layers below, down to the
+        // first one that hides what is under it.
+        let mut below: Vec<OwnedFd> = Vec::new();
+        let mut cut = false;
+        for l in &layers[i..] {
+            match rooted::lstat(*l, &name)? {
+                Some(s) if rooted::is_dir(&s) => {
+                    let fd = open_dir(*l, &name, &child)?;
+                    let opaque = xattr(fd.as_fd(), OPAQUE_XATTR).as_deref() == Some(b"y");
+                    below.push(fd);
+                    if opaque {
                         cut = true;
                         break;
                     }
-                    Err(_) => {}
                 }
+                Some(_) => {
+                    cut = true;
+                    break;
+                }
+                None => {}
             }
-            std::fs::create_dir(&dest).map_err(io("mkdir", &dest))?;
-            merge_dir(&below, base, &child, out)?;
-            copy_dir_meta(&src, &dest, &meta)?;
-            if cut && base_has(base, &child) {
-                rustix::fs::lsetxattr(&dest, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())
-                    .map_err(|e| StoreError::io("setxattr", &dest, e.into()))?;
-            }
-            continue;
         }
-        std::fs::hard_link(&src, &dest).map_err(io("link", &dest))?;
+        rooted::mkdir(out, &name, 0o700)?;
+        let sub = open_dir(out, &name, &child)?;
+        let below_fds: Vec<BorrowedFd<'_>> = below.iter().map(|f| f.as_fd()).collect();
+        merge_dir(&below_fds, base, &child, sub.as_fd())?;
+        // Metadata after the contents, so the mtime sticks.
+        rooted::lchown(out, &name, st.st_uid, st.st_gid)?;
+        rooted::chmod(out, &name, st.st_mode & 0o7777)?;
+        if let Some(cap) = xattr(below_fds[0], "security.capability") {
+            rooted::set_xattr(out, &name, OsStr::new("security.capability"), &cap)?;
+        }
+        if cut && base_has(base, &child) {
+            rooted::set_xattr(out, &name, OsStr::new(OPAQUE_XATTR), b"y")?;
+        }
+        rooted::set_times(out, &name, (st.st_mtime, st.st_mtime_nsec as u32))?;
     }
-    Ok(())
-}
-
-/// Owner, mode, capabilities and times of a directory (after its contents are in place, so
-/// the mtime sticks).
-fn copy_dir_meta(src: &Path, dest: &Path, meta: &std::fs::Metadata) -> Result<()> {
-    rustix::fs::chownat(
-        rustix::fs::CWD,
-        dest,
-        Some(rustix::process::Uid::from_raw(meta.uid())),
-        Some(rustix::process::Gid::from_raw(meta.gid())),
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| StoreError::io("chown", dest, e.into()))?;
-    rustix::fs::chmod(dest, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))
-        .map_err(|e| StoreError::io("chmod", dest, e.into()))?;
-    let mut v = vec![0u8; 256];
-    if let Ok(n) = rustix::fs::lgetxattr(src, "security.capability", &mut v) {
-        rustix::fs::lsetxattr(
-            dest,
-            "security.capability",
-            &v[..n],
-            rustix::fs::XattrFlags::empty(),
-        )
-        .map_err(|e| StoreError::io("setxattr", dest, e.into()))?;
-    }
-    let t = rustix::fs::Timespec {
-        tv_sec: meta.mtime(),
-        tv_nsec: meta.mtime_nsec() as _,
-    };
-    rustix::fs::utimensat(
-        rustix::fs::CWD,
-        dest,
-        &rustix::fs::Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .map_err(|e| StoreError::io("utimes", dest, e.into()))?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    fn is_whiteout(m: &std::fs::Metadata) -> bool {
+        m.file_type().is_char_device() && m.rdev() == 0
+    }
+
+    fn is_opaque(path: &Path) -> bool {
+        let mut v = [0u8; 4];
+        matches!(rustix::fs::lgetxattr(path, OPAQUE_XATTR, &mut v), Ok(1) if v[0] == b'y')
+    }
 
     fn root() -> bool {
         rustix::process::geteuid().is_root()

@@ -370,7 +370,7 @@ async fn run_inner(
             (true, true) => CacheMode::Refresh,
             (true, false) => CacheMode::On,
         },
-        cache_max: cache_cap(&state),
+        cache_max: Some(cache_cap(&state)),
     };
     let job = Job {
         state: state.clone(),

@@ -30,6 +30,7 @@ pub fn backing_fs(path: &Path) -> String {
 }
 
 pub fn info(state: &State, _req: InfoRequest) -> InfoResponse {
+    let cache = state.store.cache().usage();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let s = &state.settings;
@@ -61,7 +62,7 @@ pub fn info(state: &State, _req: InfoRequest) -> InfoResponse {
             ..Default::default()
         }),
         experimental: s.experimental,
-        build_cache_size: state.store.cache().usage().bytes as i64,
-        build_cache_records: state.store.cache().usage().records as i64,
+        build_cache_size: cache.bytes as i64,
+        build_cache_records: cache.records as i64,
     }
 }
