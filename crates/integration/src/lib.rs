@@ -247,6 +247,15 @@ impl Daemon {
         String::from_utf8_lossy(&o.stderr).to_string()
     }
 
+    /// Imports a busybox rootfs (plus `extra` files) as `name`; returns the image ID.
+    pub fn import_busybox(&self, name: &str, extra: &[(&str, &[u8])]) -> String {
+        let tar = self.dir.path().join("busybox-import.tar");
+        std::fs::write(&tar, busybox_rootfs(extra)).expect("write rootfs");
+        let out = self.ok(&["ctr-img", "import", tar.to_str().expect("path"), name]);
+        let _ = std::fs::remove_file(&tar);
+        import_id(&out)
+    }
+
     /// The rows of `ctr-img images` as (repository, tag, id).
     pub fn images(&self) -> Vec<(String, String, String)> {
         self.ok(&["ctr-img", "images"])
@@ -426,6 +435,24 @@ pub fn busybox_rootfs(extra: &[(&str, &[u8])]) -> Vec<u8> {
         b.append_data(&mut h, name, *content).expect("extra");
     }
     b.into_inner().expect("tar")
+}
+
+/// The image ID an import printed (`Import success with image id: ...`).
+pub fn import_id(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Import success with image id: "))
+        .unwrap_or_else(|| panic!("no import line in {out}"))
+        .trim()
+        .to_string()
+}
+
+/// The image ID a build printed (`Build success with image id: ...`).
+pub fn build_id(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Build success with image id: "))
+        .unwrap_or_else(|| panic!("no success line in {out}"))
+        .trim()
+        .to_string()
 }
 
 pub fn gzip(data: &[u8]) -> Vec<u8> {

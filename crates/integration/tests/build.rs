@@ -9,29 +9,14 @@ use std::time::{Duration, Instant};
 
 fn daemon_with_busybox() -> Daemon {
     let d = Daemon::start();
-    let src = d.dir.path().join("busybox.tar");
-    std::fs::write(
-        &src,
-        busybox_rootfs(&[
+    d.import_busybox(
+        "busybox:latest",
+        &[
             ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
             ("etc/group", b"root:x:0:\n"),
-        ]),
-    )
-    .expect("write");
-    d.ok(&[
-        "ctr-img",
-        "import",
-        src.to_str().expect("utf8"),
-        "busybox:latest",
-    ]);
+        ],
+    );
     d
-}
-
-fn build_id(out: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix("Build success with image id: "))
-        .unwrap_or_else(|| panic!("no success line in {out}"))
-        .to_string()
 }
 
 fn in_dir(d: &Daemon, dir: &Path, args: &[&str]) -> std::process::Output {

@@ -5,25 +5,10 @@
 use isula_integration::*;
 use std::path::{Path, PathBuf};
 
-fn daemon_with_busybox(extra: &[(&str, &str)]) -> Daemon {
-    let d = Daemon::start_configured(extra, &[], &[]);
-    let tar = d.dir.path().join("busybox.tar");
-    std::fs::write(&tar, busybox_rootfs(&[])).expect("rootfs");
-    d.ok(&[
-        "ctr-img",
-        "import",
-        tar.to_str().expect("path"),
-        "busybox:latest",
-    ]);
+fn daemon_with_busybox(config: &[(&str, &str)]) -> Daemon {
+    let d = Daemon::start_configured(config, &[], &[]);
+    d.import_busybox("busybox:latest", &[]);
     d
-}
-
-fn build_id(out: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix("Build success with image id: "))
-        .unwrap_or_else(|| panic!("no image id in:\n{out}"))
-        .trim()
-        .to_string()
 }
 
 /// The instructions (STEP lines) of a build's output that came from the cache.

@@ -21,11 +21,7 @@ fn docker_loads_and_runs_our_archive_and_we_load_docker_save() {
     )
     .expect("write");
     let out = d.ok(&["ctr-img", "import", src.to_str().expect("utf8"), NAME]);
-    let id = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Import success with image id: "))
-        .expect("id")
-        .to_string();
+    let id = import_id(&out);
     let ours = work.path().join("ours.tar");
     d.ok(&["ctr-img", "save", NAME, "-o", ours.to_str().expect("utf8")]);
 

@@ -55,9 +55,7 @@ impl Bench {
             reg.host()
         );
         let d = Daemon::start_configured(&[("registries.toml", &conf)], &[], &[]);
-        let tar = d.dir.path().join("rootfs.tar");
-        std::fs::write(&tar, busybox_rootfs(&[("marker", MARKER)])).expect("rootfs");
-        d.ok(&["ctr-img", "import", tar.to_str().expect("path"), "src:1"]);
+        d.import_busybox("src:1", &[("marker", MARKER)]);
         let archive = d.dir.path().join("src.tar");
         d.ok(&[
             "ctr-img",
@@ -219,6 +217,32 @@ fn check_cell(b: &Bench, name: &str) -> Expected {
         ctx.to_str().expect("ctx"),
     ]);
     assert!(out.contains(&format!("Pulling image {name}")), "{out}");
+    let built = build_id(&out);
+    // Built again on that base: every step from the cache, the same image.
+    let out = d.ok(&["ctr-img", "build", ctx.to_str().expect("ctx")]);
+    assert!(out.contains("Using cache"), "{out}");
+    assert_eq!(build_id(&out), built, "{out}");
+    // Pushed in the default (docker) format whatever the base's layers were: a zstd or
+    // uncompressed base layer goes up as gzip.
+    let pushed = format!("{repo}-built:1");
+    d.ok(&["ctr-img", "tag", "built:1", &pushed]);
+    d.ok(&["ctr-img", "push", &pushed]);
+    let (pushed_path, _) = pushed
+        .split_once('/')
+        .and_then(|(_, rest)| rest.rsplit_once(':'))
+        .expect("name");
+    let m = json(&b.manifest(pushed_path, "1"));
+    let types: Vec<&str> = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        vec!["application/vnd.docker.image.rootfs.diff.tar.gzip"; want.layer_types.len() + 1],
+        "{name} built on and pushed"
+    );
     for (format, file) in [("docker", "built-docker.tar"), ("oci", "built-oci.tar")] {
         let file = b.tmp(file);
         let _ = std::fs::remove_file(&file);
@@ -424,8 +448,9 @@ fn oci_uncompressed_tar_layers() {
 }
 
 /// A layout index: another platform first (with a different marker, so that picking it
-/// fails the RUN), then ours, then attestation entries for both.
-fn multi_platform_layout(b: &Bench) -> (Layout, String) {
+/// fails the RUN), then ours, then (with `attestations`) attestation entries for both.
+/// Returns the layout and our entry's image ID.
+fn multi_platform_layout(b: &Bench, attestations: bool) -> (Layout, String) {
     let mut l = b.layout("layout");
     let other = l.image(
         &busybox_rootfs(&[("marker", WRONG_MARKER)]),
@@ -437,16 +462,18 @@ fn multi_platform_layout(b: &Bench) -> (Layout, String) {
         OCI_LAYER_GZIP,
         host_arch(),
     );
-    let index = l.index(vec![
+    let mut entries = vec![
         Layout::entry(
             &other,
             other_arch(),
             (other_arch() == "arm64").then_some("v8"),
         ),
         Layout::entry(&ours, host_arch(), None),
-        l.attestation(&other),
-        l.attestation(&ours),
-    ]);
+    ];
+    if attestations {
+        entries.extend([l.attestation(&other), l.attestation(&ours)]);
+    }
+    let index = l.index(entries);
     l.tag(&index, "index");
     (
         l,
@@ -460,7 +487,7 @@ fn skopeo_copy_all_of_an_oci_index_with_attestations() {
         return;
     }
     let b = Bench::new();
-    let (l, ours) = multi_platform_layout(&b);
+    let (l, ours) = multi_platform_layout(&b, true);
     let name = b.skopeo_copy(
         &["--all", "--preserve-digests"],
         &l.reference("index"),
@@ -477,22 +504,8 @@ fn skopeo_copy_all_of_a_docker_manifest_list() {
         return;
     }
     let b = Bench::new();
-    let mut l = b.layout("layout");
-    let other = l.image(
-        &busybox_rootfs(&[("marker", WRONG_MARKER)]),
-        OCI_LAYER_GZIP,
-        other_arch(),
-    );
-    let ours = l.image(
-        &busybox_rootfs(&[("marker", MARKER)]),
-        OCI_LAYER_GZIP,
-        host_arch(),
-    );
-    let index = l.index(vec![
-        Layout::entry(&other, other_arch(), None),
-        Layout::entry(&ours, host_arch(), None),
-    ]);
-    l.tag(&index, "index");
+    // Attestations cannot be converted to v2s2, so this list has none.
+    let (l, _) = multi_platform_layout(&b, false);
     // skopeo turns the index into a Docker manifest list of v2s2 manifests.
     let name = b.skopeo_copy(
         &["--all", "--format", "v2s2"],

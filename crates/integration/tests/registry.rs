@@ -24,17 +24,6 @@ fn daemon_for(hosts: &[&str]) -> Daemon {
     )
 }
 
-fn import_busybox(d: &Daemon, name: &str) -> String {
-    let tar = d.dir.path().join("busybox.tar");
-    std::fs::write(&tar, busybox_rootfs(&[])).expect("write rootfs");
-    let out = d.ok(&["ctr-img", "import", tar.to_str().expect("path"), name]);
-    out.lines()
-        .find_map(|l| l.strip_prefix("Import success with image id: "))
-        .expect("import id")
-        .trim()
-        .to_string()
-}
-
 fn id_of(d: &Daemon, name: &str) -> Option<String> {
     let (repo, tag) = name.rsplit_once(':').expect("name:tag");
     d.images()
@@ -48,7 +37,7 @@ fn seeded(repo: &str) -> (Registry, Daemon, String) {
     let reg = Registry::start(RegistryOptions::default());
     let d = daemon_for(&[&reg.host()]);
     let base = format!("{}/{repo}:1", reg.host());
-    import_busybox(&d, &base);
+    d.import_busybox(&base, &[]);
     d.ok(&["ctr-img", "push", &base]);
     d.ok(&["ctr-img", "rm", "-a"]);
     (reg, d, base)
@@ -77,7 +66,7 @@ fn push_pull_round_trip_by_tag_and_digest() {
     let host = reg.host();
     let d = daemon_for(&[&host]);
     let name = format!("{host}/busybox:1");
-    let id = import_busybox(&d, &name);
+    let id = d.import_busybox(&name, &[]);
     let out = d.ok(&["ctr-img", "push", &name]);
     for line in [
         "Getting image source signatures",
@@ -168,7 +157,7 @@ fn push_pull_round_trip_by_tag_and_digest() {
     assert_eq!(d.store_snapshot(), before);
 
     // --format oci.
-    import_busybox(&d, &format!("{host}/oci:1"));
+    d.import_busybox(&format!("{host}/oci:1"), &[]);
     d.ok(&["ctr-img", "push", "-f", "oci", &format!("{host}/oci:1")]);
     let m = skopeo_raw(&format!("docker://{host}/oci:1"));
     assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
@@ -319,7 +308,7 @@ fn htpasswd_over_tls_login_push_logout() {
     assert!(!auth.exists());
     // Anonymous push: refused with a hint.
     let name = format!("{host}/secure:1");
-    import_busybox(&d, &name);
+    d.import_busybox(&name, &[]);
     let err = d.fails(&["ctr-img", "push", &name]);
     assert!(err.contains("authentication required"), "{err}");
     // Right password: stored 0600 and used.
@@ -384,7 +373,7 @@ fn bearer_token_flow() {
     let host = reg.host();
     let d = daemon_for(&[&host]);
     let name = format!("{host}/tok/busybox:1");
-    let id = import_busybox(&d, &name);
+    let id = d.import_busybox(&name, &[]);
     let err = d.fails(&["ctr-img", "push", &name]);
     assert!(err.contains("authentication required"), "{err}");
     let o = login(&d, &host, "tokenuser", "bad");
@@ -457,7 +446,7 @@ fn proxy_build_args_travel_encrypted_and_stay_out_of_logs_and_images() {
         return;
     }
     let d = Daemon::start_with(&["--log-level", "debug"]);
-    import_busybox(&d, "busybox:latest");
+    d.import_busybox("busybox:latest", &[]);
     let ctx = d.dir.path().join("ctx");
     std::fs::create_dir_all(&ctx).expect("ctx");
     std::fs::write(
@@ -522,21 +511,8 @@ fn manifest_lists_create_annotate_inspect_push() {
         &["--experimental"],
         &[],
     );
-    let amd = import_busybox(&d, "multi-amd64:1");
-    let tar = d.dir.path().join("other.tar");
-    std::fs::write(&tar, busybox_rootfs(&[("etc/flavour", b"arm\n")])).expect("rootfs");
-    let out = d.ok(&[
-        "ctr-img",
-        "import",
-        tar.to_str().expect("path"),
-        "multi-arm64:1",
-    ]);
-    let arm = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Import success with image id: "))
-        .expect("id")
-        .trim()
-        .to_string();
+    let amd = d.import_busybox("multi-amd64:1", &[]);
+    let arm = d.import_busybox("multi-arm64:1", &[("etc/flavour", b"arm\n")]);
     let list_id = d.ok(&[
         "manifest",
         "create",
@@ -627,7 +603,7 @@ fn search_registries_mirrors_and_rewriting() {
     let (m, p) = (mirror.host(), primary.host());
     // Put an image in the mirror only.
     let seed = daemon_for(&[&m]);
-    let id = import_busybox(&seed, &format!("{m}/team/busybox:1"));
+    let id = seed.import_busybox(&format!("{m}/team/busybox:1"), &[]);
     seed.ok(&["ctr-img", "push", &format!("{m}/team/busybox:1")]);
     let conf = format!(
         "unqualified-search-registries = [\"{p}\", \"{m}\"]\n\
@@ -678,7 +654,7 @@ fn credentials_are_not_sent_across_a_redirect_to_another_host() {
     let o = login(&d, &phost, "tester", "Redirect-Pass-3");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let name = format!("{phost}/redir:1");
-    let id = import_busybox(&d, &name);
+    let id = d.import_busybox(&name, &[]);
     d.ok(&["ctr-img", "push", &name]);
     d.ok(&["ctr-img", "rm", "-a"]);
 
@@ -757,7 +733,7 @@ fn uploads_fall_back_to_patch_when_a_single_put_is_refused() {
     let phost = proxy.host();
     let d = daemon_for(&[&phost]);
     let name = format!("{phost}/chunked:1");
-    let id = import_busybox(&d, &name);
+    let id = d.import_busybox(&name, &[]);
     proxy.set(Fault::RefuseMonolithic);
     d.ok(&["ctr-img", "push", &name]);
     // The data went up in PATCH requests, and the result reads back intact.
@@ -891,7 +867,7 @@ fn client_certificates_from_certs_d() {
     // The CA alone is not enough: the registry wants a client certificate.
     let d = Daemon::start_configured(&[(&format!("certs.d/{host}/ca.crt"), &ca)], &[], &[]);
     let name = format!("{host}/mtls:1");
-    import_busybox(&d, &name);
+    d.import_busybox(&name, &[]);
     let err = d.fails(&["ctr-img", "push", &name]);
     // (TLS 1.3: the server drops the connection after the handshake.)
     assert!(err.contains(&host) && err.contains("ping"), "{err}");
@@ -905,7 +881,7 @@ fn client_certificates_from_certs_d() {
         &[],
         &[],
     );
-    let id = import_busybox(&d, &name);
+    let id = d.import_busybox(&name, &[]);
     round_trip(&d, &name, &id);
 }
 
@@ -919,7 +895,7 @@ fn server_errors_are_retried() {
     let phost = proxy.host();
     let d = daemon_for(&[&phost]);
     let name = format!("{phost}/flaky:1");
-    let id = import_busybox(&d, &name);
+    let id = d.import_busybox(&name, &[]);
     d.ok(&["ctr-img", "push", &name]);
     d.ok(&["ctr-img", "rm", "-a"]);
     // Two 503s in a row, then the registry answers: the pull gets through.

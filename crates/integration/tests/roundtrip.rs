@@ -4,13 +4,6 @@
 use isula_integration::*;
 use std::process::Command;
 
-fn import_id(out: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix("Import success with image id: "))
-        .unwrap_or_else(|| panic!("no import line in {out}"))
-        .to_string()
-}
-
 #[test]
 fn round_trip_through_both_archive_formats() {
     if !require_root() {
