@@ -370,6 +370,8 @@ mod tests {
         assert_eq!(s.data_root, Path::new("/var/lib/isula-build/"));
         assert_eq!(s.mount_options, vec!["nodev".to_string()]);
         assert!(s.policy.is_some());
+        assert!(s.build_cache);
+        assert_eq!(s.build_cache_max, None);
     }
 
     #[test]
@@ -402,8 +404,14 @@ mod tests {
 
     #[test]
     fn refuses_bad_files() {
-        let cases: [(&str, &str, u32, &str); 7] = [
+        let cases: [(&str, &str, u32, &str); 8] = [
             ("configuration.toml", "debug = ", 0o600, "malformed"),
+            (
+                "configuration.toml",
+                "build_cache_max_size = \"lots\"",
+                0o600,
+                "build_cache_max_size",
+            ),
             (
                 "configuration.toml",
                 "loglevel = \"loud\"",

@@ -184,10 +184,19 @@ impl Cache {
             let p = dir.join(d);
             fs::create_dir_all(&p).map_err(|e| StoreError::io("create", &p, e))?;
         }
-        let index = load_versioned(&dir.join("index.json"), SCHEMA_VERSION, |i: &Index| {
-            i.schema
-        })?
-        .unwrap_or(Index {
+        let path = dir.join("index.json");
+        // A cache only saves time: an index that cannot be read is set aside (for a look)
+        // and the cache starts empty; the sweep then removes what it named.
+        let loaded = match load_versioned(&path, SCHEMA_VERSION, |i: &Index| i.schema) {
+            Err(e @ StoreError::CorruptMetadata { .. }) => {
+                let aside = dir.join(format!("index.json.unreadable-{}", now()));
+                tracing::warn!(error = %e, aside = %aside.display(), "build cache index set aside; the cache starts empty");
+                fs::rename(&path, &aside).map_err(|e| StoreError::io("rename", &path, e))?;
+                None
+            }
+            other => other?,
+        };
+        let index = loaded.unwrap_or(Index {
             schema: SCHEMA_VERSION,
             records: BTreeMap::new(),
         });
@@ -498,5 +507,34 @@ mod tests {
         // The index on disk says the same.
         let again = Cache::open(d.path()).expect("reopen");
         assert_eq!(again.usage().records, 0);
+    }
+
+    #[test]
+    fn an_unreadable_index_is_set_aside_not_fatal() {
+        let d = tempfile::tempdir().expect("tmp");
+        let cache = Cache::open(d.path()).expect("open");
+        let id = snapshot(&cache, d.path(), "x");
+        let key = Digest::of_bytes(b"x");
+        let r = Record {
+            snapshot: Some(id.clone()),
+            ..Record::new(&key, "x")
+        };
+        cache.put(&key, r).expect("put");
+        cache.persist().expect("persist");
+        drop(cache);
+        fs::write(d.path().join("cache/index.json"), b"{not json").expect("damage");
+        let (store, _) =
+            crate::Store::open(d.path()).expect("a damaged index does not stop the store");
+        let cache = store.cache();
+        assert_eq!(cache.usage().records, 0);
+        let aside: Vec<String> = fs::read_dir(d.path().join("cache"))
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("index.json.unreadable-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        // What it named no record names now: swept like any leftover.
+        assert!(!cache.snapshot_dir(&id).exists());
     }
 }
