@@ -115,6 +115,14 @@ step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
 step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
 
+# The build cache: the COPY build again unchanged, with one file changed, and with the cache
+# bypassed (what every build cost before the cache).
+step "build: COPY, unchanged" ctr-img build "$work/ctx-copy"
+changed=$(find "$work/ctx-copy" -type f ! -name Dockerfile | sort | head -1)
+echo "changed" >> "$changed"
+step "build: COPY, 1 file changed" ctr-img build "$work/ctx-copy"
+step "build: COPY, --no-cache" ctr-img build --no-cache "$work/ctx-copy"
+
 # 100 builds at once (the manual's limit), each with a RUN.
 for i in $(seq 1 100); do
     mkdir -p "$work/many/$i"
@@ -164,5 +172,18 @@ if docker info >/dev/null 2>&1; then
         awk -v n="docker build: ctx-$c" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-28s %10.2f\n", n, b - a }'
         docker rmi -f "isula-bench-$c:1" >/dev/null 2>&1 || true
     done
+    # BuildKit (the 20.10 client of Debian's docker.io runs it without buildx): the COPY
+    # build from an empty build cache, then again unchanged.
+    if [ -x /usr/bin/docker ]; then
+        DOCKER_BUILDKIT=1 /usr/bin/docker builder prune -af >/dev/null 2>&1 || true
+        for run in cold cached; do
+            sync
+            t0=$(date +%s.%N)
+            DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy" >/dev/null 2>&1
+            t1=$(date +%s.%N)
+            awk -v n="buildkit: COPY, $run" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-28s %10.2f\n", n, b - a }'
+        done
+        docker rmi -f isula-bench-bk:1 >/dev/null 2>&1 || true
+    fi
     docker rmi -f busybox:bench >/dev/null 2>&1 || true
 fi
