@@ -118,7 +118,7 @@ step "build: manual example" ctr-img build "$work/ctx-small"
 # The build cache: the COPY build again unchanged, with one file changed, and with the cache
 # bypassed (what every build cost before the cache).
 step "build: COPY, unchanged" ctr-img build "$work/ctx-copy"
-changed=$(find "$work/ctx-copy" -type f ! -name Dockerfile | sort | head -1)
+changed=$(find "$work/ctx-copy" -type f ! -name Dockerfile -print -quit)
 echo "changed" >> "$changed"
 step "build: COPY, 1 file changed" ctr-img build "$work/ctx-copy"
 step "build: COPY, --no-cache" ctr-img build --no-cache "$work/ctx-copy"
