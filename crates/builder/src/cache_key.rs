@@ -7,7 +7,6 @@
 //! It must not decide whether a key hits (the stage does) nor touch a rootfs.
 
 use crate::copy::{self, Source};
-use isula_sys::rooted::Resolve;
 use isula_types::Digest;
 use rustix::fs::{FileType, Mode, OFlags};
 use serde::{Deserialize, Serialize};
@@ -15,7 +14,6 @@ use sha2::Digest as _;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::AsFd;
-use std::path::Path;
 
 /// Bumped whenever what goes into a key changes, so old records simply miss.
 const KEY_VERSION: &str = "isula-build-cache-v1";
@@ -176,18 +174,7 @@ pub fn hash_sources(
     for pattern in sources {
         k.field("pattern", pattern.as_bytes());
         for rel in copy::expand_source(src, pattern)? {
-            let path = if rel.is_empty() { "." } else { rel.as_str() };
-            let fd = src
-                .root
-                .open_at(
-                    Path::new(path),
-                    Resolve::InRoot,
-                    OFlags::PATH,
-                    Mode::empty(),
-                )
-                .map_err(|e| e.to_string())?;
-            // The top-level source is followed (as the copy does).
-            let st = rustix::fs::fstat(&fd).map_err(|e| e.to_string())?;
+            let (fd, st) = copy::open_source(src, &rel)?;
             entry(src, &rel, fd.as_fd(), &st, hashes, &mut k)?;
         }
     }

@@ -139,6 +139,34 @@ fn is_archive(fd: BorrowedFd<'_>) -> bool {
     c != isula_store::compression::Compression::None || (n == 512 && &head[257..262] == b"ustar")
 }
 
+/// ADD of a URL: refused with the manual's reason (COPY takes a URL as a path).
+pub fn refuse_remote(sources: &[String], is_add: bool) -> R<()> {
+    match sources
+        .iter()
+        .find(|s| is_add && (s.starts_with("http://") || s.starts_with("https://")))
+    {
+        Some(url) => Err(format!("ADD does not support remote URLs as sources ({url}): download the file into the build context")),
+        None => Ok(()),
+    }
+}
+
+/// A selected source path (from `expand_source`), followed if it is a symlink (within the
+/// root, as Docker does for top-level sources): its O_PATH handle and stat.
+pub(crate) fn open_source(src: &Source<'_>, rel: &str) -> R<(OwnedFd, rustix::fs::Stat)> {
+    let path = if rel.is_empty() { "." } else { rel };
+    let fd = src
+        .root
+        .open_at(
+            Path::new(path),
+            Resolve::InRoot,
+            OFlags::PATH,
+            Mode::empty(),
+        )
+        .map_err(|e| e.to_string())?;
+    let st = stat_fd(fd.as_fd())?;
+    Ok((fd, st))
+}
+
 /// Copies `sources` to `dest` (absolute in the rootfs, WORKDIR already applied).
 pub fn copy(
     src: &Source<'_>,
@@ -147,26 +175,14 @@ pub fn copy(
     dest: &str,
     opts: &CopyOptions,
 ) -> R<()> {
+    refuse_remote(sources, opts.extract)?;
     let mut paths = Vec::new();
     for s in sources {
-        if opts.extract && (s.starts_with("http://") || s.starts_with("https://")) {
-            return Err(format!("ADD does not support remote URLs as sources ({s}): download the file into the build context"));
-        }
         paths.extend(expand_source(src, s)?);
     }
     let dest_is_dir = dest.ends_with('/') || paths.len() > 1;
     for rel in &paths {
-        let path = if rel.is_empty() { "." } else { rel.as_str() };
-        let fd = src
-            .root
-            .open_at(
-                Path::new(path),
-                Resolve::InRoot,
-                OFlags::PATH,
-                Mode::empty(),
-            )
-            .map_err(|e| e.to_string())?;
-        let st = stat_fd(fd.as_fd())?;
+        let (fd, st) = open_source(src, rel)?;
         let kind = FileType::from_raw_mode(st.st_mode);
         let name = Path::new(rel)
             .file_name()

@@ -868,27 +868,26 @@ impl<'c, 'a> StageRun<'c, 'a> {
             None => None,
         };
         let cwd = self.working_dir();
-        if let Some(url) = c
-            .sources
-            .iter()
-            .find(|s| is_add && (s.starts_with("http://") || s.starts_with("https://")))
-        {
-            return Err(step_err(n, step, format!("ADD does not support remote URLs as sources ({url}): download the file into the build context")));
-        }
+        copy::refuse_remote(&c.sources, is_add).map_err(|e| step_err(n, step, e))?;
+        // The build context, opened once for the key and the copy.
+        let ctx_root = match (&c.from, c.sources.is_empty()) {
+            (None, false) => {
+                Some(Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?)
+            }
+            _ => None,
+        };
         // What the sources are: their content (context), or the key of the stage or image.
-        let sources = match &from_result {
-            Some(r) => r.key.clone(),
-            None if c.sources.is_empty() => KeyBuilder::new("no-sources", None).finish(),
-            None => {
-                let ctx_root =
-                    Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?;
+        let sources = match (&from_result, &ctx_root) {
+            (Some(r), _) => r.key.clone(),
+            (None, Some(root)) => {
                 let src = Source {
-                    root: &ctx_root,
+                    root,
                     ignore: self.ignore,
                 };
                 let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
                 hash_sources(&src, &c.sources, &mut hashes).map_err(|e| step_err(n, step, e))?
             }
+            (None, None) => KeyBuilder::new("no-sources", None).finish(),
         };
         let mut key = KeyBuilder::new(if is_add { "add" } else { "copy" }, Some(&self.key));
         key.json("instruction", &c)
@@ -900,7 +899,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             return Ok(());
         }
         self.mount_step()?;
-        self.copy_into(n, step, c, is_add, from_result, &cwd)?;
+        self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref())?;
         self.finish_step(&key, &step.original)?;
         self.key = key;
         Ok(())
@@ -913,8 +912,9 @@ impl<'c, 'a> StageRun<'c, 'a> {
         c: isula_dockerfile::instructions::CopyArgs,
         is_add: bool,
         from_result: Option<StageResult>,
-        cwd: &str,
+        ctx_root: Option<&Root>,
     ) -> Result<(), BuildError> {
+        let cwd = self.working_dir();
         let root = self.rootfs()?;
         let owner = match &c.chown {
             None => None,
@@ -981,9 +981,9 @@ impl<'c, 'a> StageRun<'c, 'a> {
         match &c.from {
             None => {
                 let ctx_root =
-                    Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?;
+                    ctx_root.ok_or_else(|| step_err(n, step, "the build context is not open"))?;
                 let src = Source {
-                    root: &ctx_root,
+                    root: ctx_root,
                     ignore: self.ignore,
                 };
                 copy::copy(&src, &c.sources, root, &dest, &opts).map_err(|e| step_err(n, step, e))
