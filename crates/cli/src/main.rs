@@ -29,6 +29,9 @@ pub enum Command {
     /// Container image operations
     #[command(name = "ctr-img", subcommand)]
     CtrImg(CtrImg),
+    /// Manage the build cache (du, prune)
+    #[command(subcommand)]
+    Builder(cmd::builder::Builder),
     /// Show isula-build system information
     Info(cmd::info::Args),
     /// Login to a remote registry

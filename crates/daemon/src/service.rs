@@ -242,4 +242,29 @@ impl Control for Service {
             move |state, cancel, out| rpc::manifest::push(state, req, cancel, out),
         )))
     }
+
+    async fn builder_usage(
+        &self,
+        r: Request<BuilderUsageRequest>,
+    ) -> Result<Response<BuilderUsageResponse>, Status> {
+        // The records name the Dockerfile lines of everyone's builds: root only, like builds.
+        root_only(&r, "reading the build cache")?;
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::builder_cache::usage(&state, req))
+            .await
+            .map(Response::new)
+    }
+
+    async fn builder_prune(
+        &self,
+        r: Request<BuilderPruneRequest>,
+    ) -> Result<Response<BuilderPruneResponse>, Status> {
+        root_only(&r, "pruning the build cache")?;
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::builder_cache::prune(&state, req))
+            .await
+            .map(Response::new)
+    }
 }

@@ -326,3 +326,103 @@ fn cache_snapshots(data: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The DESCRIPTION column of `builder du`.
+fn du_descriptions(d: &Daemon) -> Vec<String> {
+    let out = d.ok(&["builder", "du"]);
+    out.lines()
+        .filter(|l| !l.starts_with("---") && !l.starts_with("ID "))
+        .filter(|l| l.len() > 14 && l.as_bytes()[..12].iter().all(u8::is_ascii_hexdigit))
+        .map(|l| {
+            // ID, RECLAIMABLE, SIZE (two words), LAST ACCESSED (free text), DESCRIPTION:
+            // the description starts at its column.
+            let header = out.lines().find(|h| h.starts_with("ID ")).expect("header");
+            let col = header.find("DESCRIPTION").expect("column");
+            l.get(col..).unwrap_or("").to_string()
+        })
+        .collect()
+}
+
+fn du_total_records(d: &Daemon) -> usize {
+    let out = d.ok(&["builder", "du"]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("Records:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no record count in {out}"))
+}
+
+#[test]
+fn builder_du_shows_and_prune_frees_the_cache() {
+    if !require_root() {
+        return;
+    }
+    let mut d = daemon_with_busybox(&[]);
+    let kept_df = "FROM busybox\nCOPY a.txt /a\nRUN cp /a /b\n";
+    let ctx = Ctx::new(&d, kept_df, &[("a.txt", "a")]);
+    let (kept, _) = build(&d, &ctx, &["--tag", "kept:1"]);
+    let gone_df = "FROM busybox\nRUN echo other > /o\n";
+    std::fs::write(ctx.dir.join("Dockerfile"), gone_df).expect("Dockerfile");
+    build(&d, &ctx, &["--tag", "gone:1"]);
+    d.ok(&["ctr-img", "rm", "gone:1"]);
+
+    let listed = du_descriptions(&d);
+    for want in ["COPY a.txt /a", "RUN cp /a /b", "RUN echo other > /o"] {
+        assert!(listed.iter().any(|l| l == want), "{want} in {listed:?}");
+    }
+    let before = du_total_records(&d);
+    let du = d.ok(&["builder", "du"]);
+    assert!(du.contains("Reclaimable:") && du.contains("Total:"), "{du}");
+    let verbose = d.ok(&["builder", "du", "--verbose"]);
+    assert!(
+        verbose.contains("Parent:") && verbose.contains("sha256:"),
+        "{verbose}"
+    );
+
+    // Without --force and with no one to say yes, nothing goes.
+    let err = d.fails(&["builder", "prune"]);
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(du_total_records(&d), before);
+    let err = d.fails(&["builder", "prune", "-f", "--keep-storage", "lots"]);
+    assert!(err.contains("lots"), "{err}");
+
+    // Dangling only: the removed image's steps go, the kept image's stay.
+    let out = d.ok(&["builder", "prune", "-f"]);
+    assert!(out.contains("Deleted build cache objects:"), "{out}");
+    assert!(out.contains("Total reclaimed space:"), "{out}");
+    let listed = du_descriptions(&d);
+    assert!(
+        !listed.iter().any(|l| l.contains("echo other")),
+        "{listed:?}"
+    );
+    assert!(listed.iter().any(|l| l == "RUN cp /a /b"), "{listed:?}");
+    let (again, out) = build(&d, &ctx, &[]);
+    assert!(cached_steps(&out).is_empty(), "pruned steps ran: {out}");
+    d.ok(&["ctr-img", "rm", &again]);
+    std::fs::write(ctx.dir.join("Dockerfile"), kept_df).expect("Dockerfile");
+    let (id, out) = build(&d, &ctx, &[]);
+    assert_eq!(id, kept);
+    assert_eq!(cached_steps(&out).len(), 2, "kept steps were pruned: {out}");
+
+    // A cap above what the cache holds takes nothing, even with --all.
+    let out = d.ok(&["builder", "prune", "-f", "-a", "--keep-storage", "10GB"]);
+    assert_eq!(out, "Total reclaimed space: 0 B\n");
+    // --all takes everything; the image it came from stays whole.
+    let out = d.ok(&["builder", "prune", "--all", "--force"]);
+    assert!(out.contains("Deleted build cache objects:"), "{out}");
+    assert_eq!(du_total_records(&d), 0);
+    assert!(cache_snapshots(&d.data()).is_empty());
+    save(&d, &kept, "kept.tar");
+    let (_, out) = build(&d, &ctx, &[]);
+    assert!(cached_steps(&out).is_empty(), "{out}");
+    assert_eq!(d.stop(), Some(0));
+    let check = d
+        .command()
+        .arg("--check-store")
+        .output()
+        .expect("check-store");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}

@@ -113,10 +113,22 @@ impl Index {
 }
 
 /// What `prune` removed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Pruned {
     pub records: usize,
     pub bytes: u64,
+    /// The removed records, as they were.
+    pub removed: Vec<(Digest, Record)>,
+}
+
+/// Which records a prune may take.
+pub struct PruneFilter<'a> {
+    /// Keep at most this many bytes (0: take every candidate).
+    pub keep: u64,
+    /// A snapshot a running build uses (asked under the index lock).
+    pub in_use: &'a dyn Fn(&str) -> bool,
+    /// Records never taken (with everything below them).
+    pub spare: &'a dyn Fn(&Digest) -> bool,
 }
 
 /// Totals for `builder du` and `info`.
@@ -374,11 +386,27 @@ impl Cache {
             .collect()
     }
 
-    /// Removes least recently used records until at most `keep` bytes remain (`keep` 0:
-    /// everything), never one whose snapshot `in_use` names (asked under the index lock,
-    /// where [`Cache::get`] leases). A record goes with every record stacked on it.
-    /// Persists the result.
-    pub fn prune(&self, keep: u64, in_use: &dyn Fn(&str) -> bool) -> Result<Pruned> {
+    /// The keys of `roots` and of every record below them (their parent chains).
+    pub fn ancestors(&self, roots: impl IntoIterator<Item = Digest>) -> HashSet<Digest> {
+        let index = self.index();
+        let mut out = HashSet::new();
+        for mut k in roots {
+            while index.records.contains_key(&k) && out.insert(k.clone()) {
+                match index.records.get(&k).and_then(|r| r.parent.clone()) {
+                    Some(p) => k = p,
+                    None => break,
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes least recently used records until at most `f.keep` bytes remain (`keep` 0:
+    /// every candidate), never one whose snapshot `f.in_use` names (asked under the index
+    /// lock, where [`Cache::get`] leases) nor one `f.spare` keeps. A record goes with every
+    /// record stacked on it. Persists the result.
+    pub fn prune(&self, f: &PruneFilter<'_>) -> Result<Pruned> {
+        let keep = f.keep;
         let mut out = Pruned::default();
         let mut doomed_snapshots = Vec::new();
         {
@@ -399,9 +427,13 @@ impl Cache {
                     continue; // went with an earlier victim's subtree
                 }
                 let tree = index.subtrees([victim]);
-                let busy = tree
-                    .iter()
-                    .any(|k| index.records[k].snapshot.as_deref().is_some_and(in_use));
+                let busy = tree.iter().any(|k| {
+                    (f.spare)(k)
+                        || index.records[k]
+                            .snapshot
+                            .as_deref()
+                            .is_some_and(|s| (f.in_use)(s))
+                });
                 if busy {
                     continue;
                 }
@@ -410,7 +442,8 @@ impl Cache {
                         total = total.saturating_sub(r.size);
                         out.records += 1;
                         out.bytes += r.size;
-                        doomed_snapshots.extend(r.snapshot);
+                        doomed_snapshots.extend(r.snapshot.clone());
+                        out.removed.push((k, r));
                     }
                 }
             }
@@ -487,18 +520,25 @@ mod tests {
         }
         // c is in use: a and b (below it) must stay too; d goes.
         let busy = ids["c"].clone();
-        let pruned = cache.prune(0, &|s| s == busy).expect("prune");
-        assert_eq!(
-            pruned,
-            Pruned {
-                records: 1,
-                bytes: 10
-            }
-        );
+        let pruned = cache
+            .prune(&PruneFilter {
+                keep: 0,
+                in_use: &|s| s == busy,
+                spare: &|_| false,
+            })
+            .expect("prune");
+        assert_eq!((pruned.records, pruned.bytes), (1, 10));
+        assert_eq!(pruned.removed[0].0, key("d"));
         assert!(cache.snapshot_dir(&ids["c"]).is_dir());
         assert!(!cache.snapshot_dir(&ids["d"]).exists());
         // Nothing in use: trimming to 15 bytes takes a first, and b and c with it.
-        let pruned = cache.prune(15, &|_| false).expect("prune");
+        let pruned = cache
+            .prune(&PruneFilter {
+                keep: 15,
+                in_use: &|_| false,
+                spare: &|_| false,
+            })
+            .expect("prune");
         assert_eq!(pruned.records, 3);
         assert_eq!(cache.usage(), Usage::default());
         for n in ["a", "b", "c"] {

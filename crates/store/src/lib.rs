@@ -287,19 +287,54 @@ impl Store {
         if self.cache.usage().bytes <= cap {
             return Ok(cache::Pruned::default());
         }
-        self.prune_cache(cap)
+        self.prune_cache(true, cap)
     }
 
     /// Removes least recently used build-cache records until at most `keep` bytes remain
-    /// (0: all of them), then collects the layers only they kept.
-    pub fn prune_cache(&self, keep: u64) -> Result<cache::Pruned> {
-        let pruned = self
-            .cache
-            .prune(keep, &|id| self.leased(&format!("snap:{id}")))?;
+    /// (0: every candidate), then collects the layers only they kept. Candidates are every
+    /// record (`all`), or only the dangling ones: those no image in the store was built
+    /// from (see [`Store::cache_kept_by_images`]). Records a running build uses stay.
+    pub fn prune_cache(&self, all: bool, keep: u64) -> Result<cache::Pruned> {
+        let kept = if all {
+            HashSet::new()
+        } else {
+            self.cache_kept_by_images()
+        };
+        let pruned = self.cache.prune(&cache::PruneFilter {
+            keep,
+            in_use: &|id| self.leased(&format!("snap:{id}")),
+            spare: &|k| kept.contains(k),
+        })?;
         if pruned.records > 0 {
             self.gc()?;
         }
         Ok(pruned)
+    }
+
+    /// The records images in the store were built from: a stage record whose config is an
+    /// image's config, and every step below it.
+    pub fn cache_kept_by_images(&self) -> HashSet<Digest> {
+        let ids: HashSet<Digest> = self
+            .meta()
+            .images
+            .keys()
+            .map(|id| id.digest().clone())
+            .collect();
+        let roots = self
+            .cache
+            .records()
+            .into_iter()
+            .filter(|(_, r)| r.stage.as_ref().is_some_and(|s| ids.contains(&s.config)))
+            .map(|(k, _)| k);
+        self.cache.ancestors(roots)
+    }
+
+    /// Whether a running build uses the record (its snapshot is leased).
+    pub fn cache_record_in_use(&self, record: &cache::Record) -> bool {
+        record
+            .snapshot
+            .as_ref()
+            .is_some_and(|id| self.leased(&format!("snap:{id}")))
     }
 
     fn meta(&self) -> MutexGuard<'_, Metadata> {

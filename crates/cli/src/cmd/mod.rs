@@ -1,6 +1,7 @@
 //! One file per command. Each builds its request, calls the daemon, and prints.
 
 pub mod build;
+pub mod builder;
 pub mod images;
 pub mod import;
 pub mod info;
@@ -49,6 +50,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 CtrImg::Tag(a) => tag::run(&mut client, a).await,
             }
         }
+        Command::Builder(b) => builder::run(&mut connect(&cli.host).await?, b).await,
         Command::Info(a) => info::run(&mut connect(&cli.host).await?, a).await,
         Command::Login(a) => login::login(&mut connect(&cli.host).await?, a).await,
         Command::Logout(a) => login::logout(&mut connect(&cli.host).await?, a).await,

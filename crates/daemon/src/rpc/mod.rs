@@ -1,6 +1,7 @@
 //! One file per RPC. `service.rs` routes the generated trait's methods here.
 
 pub mod build;
+pub mod builder_cache;
 pub mod health;
 pub mod import;
 pub mod info;

@@ -1,0 +1,71 @@
+//! BuilderUsage and BuilderPrune: what the build cache holds, and freeing it
+//! (`isula-build builder du|prune`).
+
+use crate::state::State;
+use isula_api::v1::{
+    BuilderPruneRequest, BuilderPruneResponse, BuilderUsageRequest, BuilderUsageResponse,
+    CacheRecord,
+};
+use isula_store::cache::Record;
+use isula_types::Digest;
+use tonic::Status;
+
+fn timestamp(secs: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: secs,
+        nanos: 0,
+    })
+}
+
+fn record(key: &Digest, r: &Record, in_use: bool, kept: bool) -> CacheRecord {
+    CacheRecord {
+        id: key.to_string(),
+        description: r.description.clone(),
+        size: r.size as i64,
+        created: timestamp(r.created),
+        last_used: timestamp(r.last_used),
+        in_use,
+        kept,
+        parent: r.parent.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+    }
+}
+
+pub fn usage(state: &State, _req: BuilderUsageRequest) -> Result<BuilderUsageResponse, Status> {
+    let store = &state.store;
+    let kept = store.cache_kept_by_images();
+    let records = store
+        .cache()
+        .records()
+        .iter()
+        .map(|(k, r)| record(k, r, store.cache_record_in_use(r), kept.contains(k)))
+        .collect();
+    Ok(BuilderUsageResponse { records })
+}
+
+pub fn prune(state: &State, req: BuilderPruneRequest) -> Result<BuilderPruneResponse, Status> {
+    let keep = u64::try_from(req.keep_storage).map_err(|_| {
+        crate::error::invalid(format!(
+            "keep-storage must not be negative, got {}",
+            req.keep_storage
+        ))
+    })?;
+    let pruned = state
+        .store
+        .prune_cache(req.all, keep)
+        .map_err(crate::error::store)?;
+    tracing::info!(
+        records = pruned.records,
+        bytes = pruned.bytes,
+        all = req.all,
+        keep,
+        "build cache pruned"
+    );
+    Ok(BuilderPruneResponse {
+        removed: pruned
+            .removed
+            .iter()
+            .map(|(k, r)| record(k, r, false, false))
+            .collect(),
+        reclaimed: pruned.bytes as i64,
+    })
+}
