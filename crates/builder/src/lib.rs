@@ -37,9 +37,13 @@ pub enum BuildError {
         line: usize,
         instruction: String,
         message: String,
+        /// What kind of failure it was (a failed pull keeps the registry's kind).
+        kind: isula_store::ErrorKind,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{1}")]
+    Pulled(isula_store::ErrorKind, String),
     #[error("build cancelled")]
     Cancelled,
 }
@@ -49,8 +53,9 @@ impl BuildError {
         use isula_store::ErrorKind as K;
         match self {
             BuildError::Parse(_) | BuildError::Invalid(_) => K::InvalidArgument,
-            BuildError::Step { .. } => K::FailedPrecondition,
+            BuildError::Step { kind, .. } => *kind,
             BuildError::Store(e) => e.kind(),
+            BuildError::Pulled(kind, _) => *kind,
             BuildError::Cancelled => K::Unavailable,
         }
     }
@@ -113,9 +118,17 @@ pub struct StageResult {
 }
 
 /// Finds an image by name, pulling it when the store lacks it; writes progress lines to the
-/// log. Returns the image's ID or a message saying what failed.
-pub type Puller =
-    dyn Fn(&str, &mut dyn FnMut(String)) -> Result<isula_types::ImageId, String> + Sync;
+/// log. Returns the image's ID, or what kind of failure it was and a message saying what
+/// failed.
+pub type Puller = dyn Fn(&str, &mut dyn FnMut(String)) -> Result<isula_types::ImageId, PullFailure>
+    + Sync;
+
+/// Why a pull for FROM or `COPY --from` failed.
+#[derive(Debug, Clone)]
+pub struct PullFailure {
+    pub kind: isula_store::ErrorKind,
+    pub message: String,
+}
 
 pub struct Context<'a> {
     pub store: &'a Store,

@@ -83,7 +83,7 @@ fn image_base(ctx: &mut Context<'_>, name: &str) -> Result<StageResult, BuildErr
     let img = match (store.resolve(name), ctx.pull) {
         (Ok(img), _) => img,
         (Err(isula_store::StoreError::ImageNotFound(_)), Some(pull)) => {
-            let id = pull(name, &mut *ctx.log).map_err(BuildError::Invalid)?;
+            let id = pull(name, &mut *ctx.log).map_err(|f| BuildError::Pulled(f.kind, f.message))?;
             store.image(&id)?
         }
         (Err(isula_store::StoreError::ImageNotFound(_)), None) => {
@@ -119,6 +119,22 @@ fn step_err(step_no: usize, step: &Step, message: impl Into<String>) -> BuildErr
         line: step.line,
         instruction: step.original.clone(),
         message: message.into(),
+        kind: isula_store::ErrorKind::FailedPrecondition,
+    }
+}
+
+/// `e` as the failure of a step, keeping its kind (a pull that found nothing stays
+/// NotFound; a registry that is down stays Unavailable).
+fn in_step(step_no: usize, step: &Step, e: BuildError) -> BuildError {
+    match e {
+        BuildError::Cancelled => BuildError::Cancelled,
+        e => BuildError::Step {
+            step: step_no,
+            line: step.line,
+            instruction: step.original.clone(),
+            kind: e.kind(),
+            message: e.to_string(),
+        },
     }
 }
 
@@ -388,7 +404,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         } else if let Some(r) = self.stage_result(&image) {
             r.clone()
         } else {
-            image_base(self.ctx, &image).map_err(|e| step_err(*step_no, &from, e.to_string()))?
+            image_base(self.ctx, &image).map_err(|e| in_step(*step_no, &from, e))?
         };
         for l in &base.layers {
             self.lease.layer(&l.chain_id);
@@ -863,7 +879,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         let from_result = match &c.from {
             Some(from) => Some(match self.stage_result(from) {
                 Some(r) => r.clone(),
-                None => image_base(self.ctx, from).map_err(|e| step_err(n, step, e.to_string()))?,
+                None => image_base(self.ctx, from).map_err(|e| in_step(n, step, e))?,
             }),
             None => None,
         };

@@ -505,3 +505,49 @@ fn heredocs_onbuild_target_proxies_and_caps() {
     let (_, log) = run_build_with(&e, df, &ctx, |o| o.cap_add = vec!["CAP_SYS_ADMIN".into()]);
     assert_ne!(cap_eff(&log) & (1 << 21), 0, "{log}");
 }
+
+#[test]
+fn a_failed_pull_keeps_its_kind() {
+    if !ready() {
+        return;
+    }
+    let e = env();
+    let ctx_dir = e.dir.path().join("ctx-pull");
+    std::fs::create_dir_all(&ctx_dir).expect("ctx");
+    for (dockerfile, kind) in [
+        ("FROM missing:1\n", isula_store::ErrorKind::NotFound),
+        (
+            "FROM busybox\nCOPY --from=down:1 /x /x\n",
+            isula_store::ErrorKind::Unavailable,
+        ),
+    ] {
+        let puller = |name: &str, _: &mut dyn FnMut(String)| {
+            Err(isula_builder_core::PullFailure {
+                kind: if name.starts_with("missing") {
+                    isula_store::ErrorKind::NotFound
+                } else {
+                    isula_store::ErrorKind::Unavailable
+                },
+                message: format!("pulling {name} failed"),
+            })
+        };
+        let opts = BuildOptions {
+            build_id: "pull".into(),
+            dockerfile: dockerfile.into(),
+            context: ctx_dir.clone(),
+            work_dir: e.dir.path().join("work-pull"),
+            ..Default::default()
+        };
+        let mut sink = |_: String| {};
+        let mut ctx = Context {
+            store: &e.store,
+            runc: &e.runc,
+            cancel: Arc::new(AtomicBool::new(false)),
+            log: &mut sink,
+            pull: Some(&puller),
+        };
+        let err = build(&mut ctx, &opts).expect_err("the pull fails");
+        assert_eq!(err.kind(), kind, "{dockerfile}: {err}");
+        assert!(err.to_string().contains("failed"), "{err}");
+    }
+}

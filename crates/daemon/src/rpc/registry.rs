@@ -67,7 +67,7 @@ pub fn resolve_or_pull(
     name: &str,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
-) -> Result<ImageId, String> {
+) -> Result<ImageId, isula_builder_core::PullFailure> {
     if let Some(id) = find_local(state, name) {
         return Ok(id);
     }
@@ -83,7 +83,10 @@ pub fn resolve_or_pull(
     out(format!("Pulling image {name}\n"));
     let result = pull::pull(&state.registry, &state.store, name, cancel, out)
         .map(|p| p.id)
-        .map_err(|e| format!("image {name} is not in the local store and pulling it failed: {e}"));
+        .map_err(|e| isula_builder_core::PullFailure {
+            kind: e.kind(),
+            message: format!("image {name} is not in the local store and pulling it failed: {e}"),
+        });
     state
         .pulls
         .lock()
