@@ -120,8 +120,8 @@ pub struct StageResult {
 /// Finds an image by name, pulling it when the store lacks it; writes progress lines to the
 /// log. Returns the image's ID, or what kind of failure it was and a message saying what
 /// failed.
-pub type Puller = dyn Fn(&str, &mut dyn FnMut(String)) -> Result<isula_types::ImageId, PullFailure>
-    + Sync;
+pub type Puller =
+    dyn Fn(&str, &mut dyn FnMut(String)) -> Result<isula_types::ImageId, PullFailure> + Sync;
 
 /// Why a pull for FROM or `COPY --from` failed.
 #[derive(Debug, Clone)]

@@ -83,7 +83,8 @@ fn image_base(ctx: &mut Context<'_>, name: &str) -> Result<StageResult, BuildErr
     let img = match (store.resolve(name), ctx.pull) {
         (Ok(img), _) => img,
         (Err(isula_store::StoreError::ImageNotFound(_)), Some(pull)) => {
-            let id = pull(name, &mut *ctx.log).map_err(|f| BuildError::Pulled(f.kind, f.message))?;
+            let id =
+                pull(name, &mut *ctx.log).map_err(|f| BuildError::Pulled(f.kind, f.message))?;
             store.image(&id)?
         }
         (Err(isula_store::StoreError::ImageNotFound(_)), None) => {

@@ -546,3 +546,73 @@ pub fn big_rootfs(mb: usize) -> Vec<u8> {
     }
     busybox_rootfs(&[("data/big.bin", &data)])
 }
+
+/// A tar of regular files (`name`, content), mode 0644, owned by root.
+pub fn files_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, content) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(content.len() as u64);
+        b.append_data(&mut h, name, *content).expect("file");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// A `docker save` archive of one image named `repo_tag` whose layers are the given
+/// (uncompressed) tars, bottom first.
+pub fn docker_archive(layers: &[Vec<u8>], repo_tag: &str) -> Vec<u8> {
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("sha256:{}", sha256_hex(l)))
+        .collect();
+    let config = serde_json::json!({
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let config = serde_json::to_vec(&config).expect("config");
+    let config_name = format!("{}.json", sha256_hex(&config));
+    let layer_names: Vec<String> = layers
+        .iter()
+        .map(|l| format!("{}/layer.tar", sha256_hex(l)))
+        .collect();
+    let manifest = serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": [repo_tag],
+        "Layers": layer_names,
+    }]);
+    let mut b = tar::Builder::new(Vec::new());
+    let add = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data).expect("entry");
+    };
+    add(&mut b, &config_name, &config);
+    for (name, l) in layer_names.iter().zip(layers) {
+        add(&mut b, name, l);
+    }
+    add(
+        &mut b,
+        "manifest.json",
+        &serde_json::to_vec(&manifest).expect("manifest"),
+    );
+    b.into_inner().expect("tar")
+}
+
+/// The OCI name of this machine's architecture.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}

@@ -426,3 +426,59 @@ fn builder_du_shows_and_prune_frees_the_cache() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+#[test]
+fn a_base_with_127_layers_builds_and_rebuilds_from_the_cache() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox(&[]);
+    // Layer 0: busybox. Layers 1..=126: each adds /l/NNN and rewrites /l/top; layer 100
+    // deletes /l/050 (a whiteout) so the order of the lower layers shows.
+    let mut layers = vec![busybox_rootfs(&[])];
+    for i in 1..=126u32 {
+        let own = format!("l/{i:03}");
+        let n = i.to_string();
+        let mut files: Vec<(&str, &[u8])> =
+            vec![(own.as_str(), n.as_bytes()), ("l/top", n.as_bytes())];
+        if i == 100 {
+            files.push(("l/.wh.050", b""));
+        }
+        layers.push(files_tar(&files));
+    }
+    assert_eq!(layers.len(), 127);
+    let archive = d.dir.path().join("deep.tar");
+    std::fs::write(&archive, docker_archive(&layers, "deep:1")).expect("archive");
+    d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+
+    let ctx = Ctx::new(
+        &d,
+        "FROM deep:1\n\
+         RUN test \"$(ls /l | wc -l)\" = 126 && test ! -e /l/050 && test \"$(cat /l/top)\" = 126\n\
+         COPY a.txt /a\n\
+         RUN cat /a /l/001 > /b\n\
+         WORKDIR /w\n\
+         RUN echo more > /w/more\n\
+         FROM busybox\n\
+         COPY --from=0 /l/ /l/\n\
+         COPY --from=deep:1 /l/126 /126\n\
+         RUN test \"$(cat /l/top)\" = 126 && test ! -e /l/050 && cat /126\n",
+        &[("a.txt", "a")],
+    );
+    let (first, out) = build(&d, &ctx, &["--tag", "deeper:1"]);
+    assert!(cached_steps(&out).is_empty(), "{out}");
+    let (again, out) = build(&d, &ctx, &[]);
+    assert_eq!(again, first);
+    assert_eq!(cached_steps(&out).len(), 8, "{out}");
+    // A stage of 128 layers as the base of the next.
+    std::fs::write(
+        ctx.dir.join("Dockerfile"),
+        "FROM deep:1 AS base\nRUN echo x > /x\nFROM base\nRUN cat /x && cat /l/top\n",
+    )
+    .expect("Dockerfile");
+    let (_, out) = build(&d, &ctx, &[]);
+    assert!(out.lines().any(|l| l == "x"), "{out}");
+    assert!(out.lines().any(|l| l == "126"), "{out}");
+    let saved = save(&d, &first, "deep-built.tar");
+    assert!(!saved.is_empty());
+}
