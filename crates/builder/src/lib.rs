@@ -105,6 +105,26 @@ pub enum CacheMode {
 #[derive(Debug, Clone)]
 pub struct Built {
     pub id: ImageId,
+    /// The cache keys of the build's steps and stage results (what `--cache-to` exports),
+    /// in the order the build met them.
+    pub cache_keys: Vec<Digest>,
+}
+
+/// What a `--cache-from` source holds for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRecord {
+    /// The step changed files: its snapshot must be fetched before it is used.
+    pub snapshot: bool,
+    /// The record is a stage's committed result.
+    pub stage: bool,
+}
+
+/// Build-cache records a build may import from elsewhere (`--cache-from`).
+pub trait RemoteCache: Sync {
+    /// What a source holds for `key`, if any.
+    fn lookup(&self, key: &Digest) -> Option<RemoteRecord>;
+    /// Copies the record `key` into the local cache (fetching its blobs).
+    fn import(&self, key: &Digest, lease: &isula_store::Lease) -> Result<(), String>;
 }
 
 /// A committed stage: what later stages and the final image use.
@@ -137,6 +157,8 @@ pub struct Context<'a> {
     pub log: &'a mut (dyn FnMut(String) + Send),
     /// How FROM and `COPY --from` get images missing from the store (none: they fail).
     pub pull: Option<&'a Puller>,
+    /// Records to import when the local cache lacks them (`--cache-from`).
+    pub remote: Option<&'a dyn RemoteCache>,
 }
 
 impl Context<'_> {
@@ -267,11 +289,11 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
             tracing::warn!(error = %e, "trimming the build cache");
         }
     }
-    let id = result?;
+    let (id, cache_keys) = result?;
     if let Err(e) = ctx.store.gc() {
         tracing::warn!(error = %e, "collecting intermediate stages");
     }
-    Ok(Built { id })
+    Ok(Built { id, cache_keys })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -286,8 +308,9 @@ fn build_stages(
     target: usize,
     lease: &isula_store::Lease,
     hashes: &std::sync::Mutex<cache_key::ContextHashes>,
-) -> Result<ImageId, BuildError> {
+) -> Result<(ImageId, Vec<Digest>), BuildError> {
     let mut results: Vec<Option<StageResult>> = vec![None; df.stages.len()];
+    let mut cache_keys = Vec::new();
     let mut used_args: Vec<String> = meta.iter().map(|(k, _)| k.clone()).collect();
     let mut step_no = 0;
     for &i in stages {
@@ -298,6 +321,7 @@ fn build_stages(
             ctx, opts, df, i, meta, lexer, ignore, &results, lease, hashes,
         )?;
         let result = run.execute(&mut step_no, &mut used_args)?;
+        cache_keys.extend(run.take_cache_keys());
         results[i] = Some(result);
     }
     let unused: Vec<&str> = opts
@@ -314,7 +338,8 @@ fn build_stages(
     let last = results[target]
         .take()
         .ok_or_else(|| BuildError::Invalid("the target stage produced nothing".into()))?;
-    stage::commit_image(ctx, &last, &opts.tags, opts.oci, lease)
+    let id = stage::commit_image(ctx, &last, &opts.tags, opts.oci, lease)?;
+    Ok((id, cache_keys))
 }
 
 fn read_dockerignore(context: &std::path::Path) -> Result<Option<Matcher>, BuildError> {

@@ -59,13 +59,27 @@ pub struct StageRun<'c, 'a> {
     upper: Option<StagedLayer>,
     /// This stage's step snapshots so far, bottom first.
     snaps: Vec<Snapshot>,
+    /// The cache keys this stage hit or recorded, in order (for `--cache-to`).
+    cache_keys: Vec<Digest>,
 }
 
-/// One step's own changes: a cache snapshot, or (cache off) a staged directory that goes
-/// away with the build.
+/// One step's own changes: a cache snapshot, (cache off) a staged directory that goes
+/// away with the build, or a `--cache-from` record not fetched yet (it is fetched only
+/// when a later step or the commit needs its files).
 struct Snapshot {
     dir: PathBuf,
     _staged: Option<StagedLayer>,
+    remote: Option<Digest>,
+}
+
+impl Snapshot {
+    fn local(dir: PathBuf, staged: Option<StagedLayer>) -> Snapshot {
+        Snapshot {
+            dir,
+            _staged: staged,
+            remote: None,
+        }
+    }
 }
 
 fn now_rfc3339(build_time: Option<i64>) -> String {
@@ -179,7 +193,43 @@ impl<'c, 'a> StageRun<'c, 'a> {
             mount: None,
             upper: None,
             snaps: Vec::new(),
+            cache_keys: Vec::new(),
         })
+    }
+
+    /// The cache keys this stage hit or recorded, in order.
+    pub fn take_cache_keys(&mut self) -> Vec<Digest> {
+        std::mem::take(&mut self.cache_keys)
+    }
+
+    /// Fetches the `--cache-from` snapshots stacked so far that are not local yet.
+    fn fetch_pending(&mut self) -> Result<(), BuildError> {
+        let store = self.ctx.store;
+        for i in 0..self.snaps.len() {
+            let Some(key) = self.snaps[i].remote.clone() else {
+                continue;
+            };
+            let remote = self
+                .ctx
+                .remote
+                .ok_or_else(|| BuildError::Invalid("no cache source to fetch from".into()))?;
+            if store.cache().get(&key, self.lease).is_none() {
+                remote
+                    .import(&key, self.lease)
+                    .map_err(BuildError::Invalid)?;
+            }
+            let dir = store
+                .cache()
+                .get(&key, self.lease)
+                .and_then(|r| r.snapshot)
+                .map(|id| store.cache().snapshot_dir(&id))
+                .filter(|d| d.is_dir())
+                .ok_or_else(|| {
+                    BuildError::Invalid(format!("cache record {key} came without its snapshot"))
+                })?;
+            self.snaps[i] = Snapshot::local(dir, None);
+        }
+        Ok(())
     }
 
     fn log(&mut self, line: String) {
@@ -237,6 +287,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
     /// Mounts the rootfs for a step that changes files: the base, this stage's snapshots,
     /// and a fresh upper directory for the step's own changes.
     fn mount_step(&mut self) -> Result<(), BuildError> {
+        self.fetch_pending()?;
         let store = self.ctx.store;
         let target = self.dir.join("rootfs");
         std::fs::create_dir_all(&target)
@@ -283,10 +334,8 @@ impl<'c, 'a> StageRun<'c, 'a> {
         let store = self.ctx.store;
         if self.opts.cache == CacheMode::Off {
             if !empty {
-                self.snaps.push(Snapshot {
-                    dir: upper.diff_dir(),
-                    _staged: Some(upper),
-                });
+                self.snaps
+                    .push(Snapshot::local(upper.diff_dir(), Some(upper)));
             }
             return Ok(());
         }
@@ -302,12 +351,11 @@ impl<'c, 'a> StageRun<'c, 'a> {
             ..Record::new(&self.key, description)
         };
         let kept = store.cache().put(key, record)?;
+        self.cache_keys.push(key.clone());
         if let Some(id) = snapshot {
             if kept {
-                self.snaps.push(Snapshot {
-                    dir: store.cache().snapshot_dir(&id),
-                    _staged: None,
-                });
+                self.snaps
+                    .push(Snapshot::local(store.cache().snapshot_dir(&id), None));
             } else {
                 // A concurrent build recorded the same step first: use its snapshot.
                 self.use_record(key)?;
@@ -325,22 +373,44 @@ impl<'c, 'a> StageRun<'c, 'a> {
             .store
             .cache()
             .put(key, Record::new(&self.key, description))?;
+        self.cache_keys.push(key.clone());
         Ok(())
     }
 
-    /// Stacks the snapshot of the recorded step `key`, if it has one.
+    /// Stacks the snapshot of the recorded step `key`, if it has one: from the local
+    /// cache, else (not fetched yet) from a `--cache-from` source.
     fn use_record(&mut self, key: &Digest) -> Result<bool, BuildError> {
         let store = self.ctx.store;
         let Some(r) = store.cache().get(key, self.lease) else {
-            return Ok(false);
+            let Some(remote) = self.ctx.remote else {
+                return Ok(false);
+            };
+            let Some(found) = remote.lookup(key) else {
+                return Ok(false);
+            };
+            if found.snapshot {
+                self.snaps.push(Snapshot {
+                    dir: PathBuf::new(),
+                    _staged: None,
+                    remote: Some(key.clone()),
+                });
+            } else {
+                // No files: the record itself is all there is to import.
+                remote
+                    .import(key, self.lease)
+                    .map_err(BuildError::Invalid)?;
+            }
+            self.cache_keys.push(key.clone());
+            return Ok(true);
         };
         if let Some(id) = &r.snapshot {
             let dir = store.cache().snapshot_dir(id);
             if !dir.is_dir() {
                 return Ok(false);
             }
-            self.snaps.push(Snapshot { dir, _staged: None });
+            self.snaps.push(Snapshot::local(dir, None));
         }
+        self.cache_keys.push(key.clone());
         Ok(true)
     }
 
@@ -1046,7 +1116,18 @@ impl<'c, 'a> StageRun<'c, 'a> {
     /// The stage's committed result recorded under `key`, if every part is still there.
     fn cached_stage(&mut self, key: &Digest) -> Result<Option<StageResult>, BuildError> {
         let store = self.ctx.store;
-        let Some(stage) = store.cache().get(key, self.lease).and_then(|r| r.stage) else {
+        let mut found = store.cache().get(key, self.lease);
+        if found.is_none() {
+            if let Some(remote) = self.ctx.remote {
+                if remote.lookup(key).is_some_and(|r| r.stage) {
+                    remote
+                        .import(key, self.lease)
+                        .map_err(BuildError::Invalid)?;
+                    found = store.cache().get(key, self.lease);
+                }
+            }
+        }
+        let Some(stage) = found.and_then(|r| r.stage) else {
             return Ok(None);
         };
         // Damage from outside (a layer directory deleted by hand): build it again.
@@ -1059,6 +1140,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         let config: ImageConfig = serde_json::from_slice(&raw).map_err(|e| {
             BuildError::Invalid(format!("cached stage config {}: {e}", stage.config))
         })?;
+        self.cache_keys.push(key.clone());
         Ok(Some(StageResult {
             config,
             layers: stage.layers,
@@ -1087,6 +1169,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         let mut layers = self.base_layers.clone();
         let mut blobs = self.base_blobs.clone();
         let mut config = self.config.clone();
+        self.fetch_pending()?;
         let upper = if self.snaps.is_empty() {
             None
         } else {
@@ -1176,6 +1259,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 ..Record::new(&self.key, &format!("stage {} result", self.index))
             };
             store.cache().put(&key, record)?;
+            self.cache_keys.push(key.clone());
         }
         Ok(StageResult {
             config,

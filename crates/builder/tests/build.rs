@@ -304,6 +304,7 @@ fn run_build_with(
         cancel: Arc::new(AtomicBool::new(false)),
         log: &mut sink,
         pull: None,
+        remote: None,
     };
     let r = build(&mut ctx, &opts)
         .map(|b| b.id)
@@ -545,6 +546,7 @@ fn a_failed_pull_keeps_its_kind() {
             cancel: Arc::new(AtomicBool::new(false)),
             log: &mut sink,
             pull: Some(&puller),
+            remote: None,
         };
         let err = build(&mut ctx, &opts).expect_err("the pull fails");
         assert_eq!(err.kind(), kind, "{dockerfile}: {err}");

@@ -11,24 +11,6 @@ fn daemon_with_busybox(config: &[(&str, &str)]) -> Daemon {
     d
 }
 
-/// The instructions (STEP lines) of a build's output that came from the cache.
-fn cached_steps(out: &str) -> Vec<String> {
-    let lines: Vec<&str> = out.lines().collect();
-    let mut hits = Vec::new();
-    for (i, l) in lines.iter().enumerate() {
-        if let Some(rest) = l.strip_prefix("STEP ") {
-            if lines
-                .get(i + 1)
-                .is_some_and(|n| n.starts_with("Using cache "))
-            {
-                let ins = rest.split_once(": ").map(|(_, s)| s).unwrap_or(rest);
-                hits.push(ins.to_string());
-            }
-        }
-    }
-    hits
-}
-
 fn steps(out: &str) -> Vec<String> {
     out.lines()
         .filter_map(|l| l.strip_prefix("STEP "))

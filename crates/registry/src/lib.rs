@@ -3,6 +3,7 @@
 //! API v2 / OCI distribution) for pull, push, login and manifest lists.
 
 pub mod auth;
+pub mod cache;
 pub mod client;
 pub mod error;
 pub mod manifest_list;

@@ -534,22 +534,7 @@ fn layer(
         return Ok(None);
     }
     let what = format!("layer {} of {repo}", desc.digest);
-    let unpacked = if have_blob {
-        isula_transport::archive::unpack_blob(store, &desc.digest)?
-    } else {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match stream_layer(store, client, repo, desc, lease, cancel) {
-                Ok(u) => break u,
-                Err(e @ RegistryError::Http { .. }) if attempt < 3 => {
-                    tracing::debug!(%what, error = %e, attempt, "layer download interrupted; retrying");
-                    std::thread::sleep(std::time::Duration::from_millis(250 << attempt));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    };
+    let unpacked = fetch_unpacked(store, client, repo, desc, lease, cancel)?;
     if &unpacked.diff_id != diff_id {
         return Err(RegistryError::BadContent {
             registry: client.host().to_string(),
@@ -565,6 +550,35 @@ fn layer(
         store.commit_layer(staged, chain, lease)?;
     }
     Ok(Some(size))
+}
+
+/// A layer blob unpacked into a staged directory: the stored blob when the content store
+/// has it, else downloaded and unpacked in one pass (retried on transport faults).
+pub fn fetch_unpacked(
+    store: &Store,
+    client: &Client,
+    repo: &str,
+    desc: &Descriptor,
+    lease: &Lease,
+    cancel: &Cancel,
+) -> Result<isula_transport::archive::Unpacked> {
+    if store.content().contains(&desc.digest) {
+        lease.blob(&desc.digest);
+        return Ok(isula_transport::archive::unpack_blob(store, &desc.digest)?);
+    }
+    let what = format!("layer {} of {repo}", desc.digest);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match stream_layer(store, client, repo, desc, lease, cancel) {
+            Ok(u) => return Ok(u),
+            Err(e @ RegistryError::Http { .. }) if attempt < 3 => {
+                tracing::debug!(%what, error = %e, attempt, "layer download interrupted; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(250 << attempt));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Reads a channel of chunks as one stream.

@@ -48,9 +48,44 @@ pub struct Args {
     /// for later builds)
     #[arg(long = "no-cache")]
     pub no_cache: bool,
+    /// Reuse build-cache records exported to this registry reference (repeatable;
+    /// REGISTRY/REPO:TAG or type=registry,ref=REGISTRY/REPO:TAG). A source that cannot be
+    /// read is reported and the build goes on without it
+    #[arg(long = "cache-from", value_parser = cache_ref)]
+    pub cache_from: Vec<String>,
+    /// Export this build's cache records and snapshots to this registry tag
+    /// (REGISTRY/REPO:TAG or type=registry,ref=REGISTRY/REPO:TAG)
+    #[arg(long = "cache-to", value_parser = cache_ref)]
+    pub cache_to: Option<String>,
     /// Build context directory
     #[arg(default_value = ".")]
     pub context: String,
+}
+
+/// A cache reference as given: `REF`, or BuildKit's `type=registry,ref=REF[,mode=max]`.
+fn cache_ref(spec: &str) -> Result<String, String> {
+    if !spec.contains('=') {
+        if spec.trim().is_empty() {
+            return Err("a registry reference is needed".into());
+        }
+        return Ok(spec.trim().to_string());
+    }
+    let mut reference = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("type", "registry")) => {}
+            Some(("type", other)) => {
+                return Err(format!(
+                    "cache type {other:?} is not supported: only registry"
+                ))
+            }
+            Some(("ref", r)) if !r.is_empty() => reference = Some(r.to_string()),
+            // Every step and its files are exported: BuildKit's mode=max.
+            Some(("mode", "max")) => {}
+            _ => return Err(format!("unknown cache option {part:?}")),
+        }
+    }
+    reference.ok_or_else(|| format!("{spec:?} names no ref=REGISTRY/REPO:TAG"))
 }
 
 fn read_dockerfile(path: &Path) -> Result<String> {
@@ -196,6 +231,8 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         format: args.format,
         target: args.target.unwrap_or_default(),
         no_cache: args.no_cache,
+        cache_from: args.cache_from,
+        cache_to: args.cache_to.unwrap_or_default(),
     };
     let mut status_client = client.clone();
     let status = async move {
@@ -219,5 +256,23 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
             printer.abort();
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod cache_ref_tests {
+    use super::cache_ref;
+
+    #[test]
+    fn plain_and_buildkit_forms() {
+        assert_eq!(cache_ref("reg:5000/c:1"), Ok("reg:5000/c:1".into()));
+        assert_eq!(
+            cache_ref("type=registry,ref=reg:5000/c:1,mode=max"),
+            Ok("reg:5000/c:1".into())
+        );
+        assert!(cache_ref("type=local,dest=/x").is_err_and(|e| e.contains("local")));
+        assert!(cache_ref("type=registry").is_err_and(|e| e.contains("ref=")));
+        assert!(cache_ref("type=registry,ref=r/c:1,mode=min").is_err());
+        assert!(cache_ref(" ").is_err());
     }
 }

@@ -347,6 +347,25 @@ async fn run_inner(
     } else {
         parse_args(&req.build_args)?
     };
+    for r in req
+        .cache_from
+        .iter()
+        .chain(Some(&req.cache_to).filter(|r| !r.is_empty()))
+    {
+        Reference::parse(r).map_err(|e| error::invalid(format!("cache reference {r:?}: {e}")))?;
+    }
+    if Reference::parse(&req.cache_to).is_ok_and(|r| r.digest().is_some()) {
+        return Err(error::invalid(format!(
+            "--cache-to {:?}: export to a tag, not a digest",
+            req.cache_to
+        )));
+    }
+    let wants_registry_cache = !req.cache_from.is_empty() || !req.cache_to.is_empty();
+    if wants_registry_cache && !state.settings.build_cache {
+        return Err(Status::failed_precondition(
+            "--cache-from and --cache-to need the build cache, which is off (build_cache = false)",
+        ));
+    }
     let (tx, cancel) = state.builds.start(&req.build_id)?;
     let opts = BuildOptions {
         build_id: req.build_id.clone(),
@@ -378,6 +397,8 @@ async fn run_inner(
         runc,
         opts,
         output,
+        cache_from: req.cache_from.clone(),
+        cache_to: Some(req.cache_to.clone()).filter(|r| !r.is_empty()),
         iidfile: req.iidfile.clone(),
         tx,
         cancel: cancel.clone(),
@@ -417,9 +438,81 @@ struct Job {
     iidfile: String,
     tx: LogSender,
     cancel: Arc<AtomicBool>,
+    cache_from: Vec<String>,
+    cache_to: Option<String>,
+}
+
+/// The `--cache-from` sources of one build, as the builder sees them.
+struct RemoteSources<'a> {
+    sources: Vec<isula_registry::cache::Source>,
+    store: &'a isula_store::Store,
+    cancel: isula_transport::Cancel,
+}
+
+impl isula_builder_core::RemoteCache for RemoteSources<'_> {
+    fn lookup(&self, key: &isula_types::Digest) -> Option<isula_builder_core::RemoteRecord> {
+        self.sources.iter().find_map(|s| {
+            s.entry(key).map(|e| isula_builder_core::RemoteRecord {
+                snapshot: e.has_snapshot(),
+                stage: e.has_stage(),
+            })
+        })
+    }
+
+    fn import(&self, key: &isula_types::Digest, lease: &isula_store::Lease) -> Result<(), String> {
+        let source = self
+            .sources
+            .iter()
+            .find(|s| s.entry(key).is_some())
+            .ok_or_else(|| format!("no cache source has the record {key}"))?;
+        source
+            .import(self.store, key, lease, &self.cancel)
+            .map_err(|e| {
+                format!(
+                    "importing the cached step {} from {}: {e}",
+                    &key.hex()[..12],
+                    source.name()
+                )
+            })
+    }
 }
 
 impl Job {
+    /// Reads every `--cache-from` source; one that cannot be read is reported and left out.
+    fn open_cache_sources(&self) -> Vec<isula_registry::cache::Source> {
+        let cancel = isula_transport::Cancel::from_flag(self.cancel.clone());
+        let mut out = Vec::new();
+        for name in &self.cache_from {
+            self.tx.send(format!(
+                "Importing cache manifest from {name}
+"
+            ));
+            match isula_registry::cache::open(
+                &self.state.registry,
+                &self.state.store,
+                name,
+                &cancel,
+            ) {
+                Ok(s) => {
+                    self.tx.send(format!(
+                        "Cache {name}: {} records
+",
+                        s.len()
+                    ));
+                    out.push(s);
+                }
+                Err(e) => {
+                    tracing::info!(cache = %name, error = %e, "cache source unusable");
+                    self.tx.send(format!(
+                        "[Warning] the build cache {name} cannot be used, building without it: {e}
+"
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     fn run(self) -> Result<String, Status> {
         // Registered with the build's own flag: shutdown cancels the build directly.
         let op = self
@@ -434,12 +527,18 @@ impl Job {
         let puller = move |name: &str, out: &mut dyn FnMut(String)| {
             crate::rpc::registry::resolve_or_pull(&pull_state, name, &pull_cancel, out)
         };
+        let remote = RemoteSources {
+            sources: self.open_cache_sources(),
+            store: &self.state.store,
+            cancel: isula_transport::Cancel::from_flag(self.cancel.clone()),
+        };
         let mut ctx = Context {
             store: &self.state.store,
             runc: &self.runc,
             cancel: self.cancel.clone(),
             log: &mut log,
             pull: Some(&puller),
+            remote: (!remote.sources.is_empty()).then_some(&remote as _),
         };
         let built = build(&mut ctx, &self.opts);
         drop(op);
@@ -517,6 +616,37 @@ impl Job {
                     .send(format!("Loaded image {} into iSulad\n", name.familiar()));
             }
             _ => {}
+        }
+        if let Some(dest) = &self.cache_to {
+            let tx = self.tx.clone();
+            let report = isula_registry::cache::export(
+                &self.state.registry,
+                &self.state.store,
+                &built.cache_keys,
+                dest,
+                &isula_transport::Cancel::from_flag(self.cancel.clone()),
+                &mut |l| {
+                    tx.send(l);
+                },
+            )
+            .map_err(|e| {
+                let s = crate::rpc::registry::status(e);
+                Status::new(
+                    s.code(),
+                    format!(
+                        "the image {hex} was built, but exporting its build cache to {dest} failed: {}",
+                        s.message()
+                    ),
+                )
+            })?;
+            self.tx.send(format!(
+                "Build cache exported to {dest}: {} records, {} blobs\n",
+                report.records, report.blobs
+            ));
+            // The snapshot blobs made for the export are not kept.
+            if let Err(e) = self.state.store.gc() {
+                tracing::warn!(error = %e, "collecting after the cache export");
+            }
         }
         if !self.iidfile.is_empty() {
             self.files

@@ -1,0 +1,208 @@
+//! The build cache shared through a real Distribution registry: one daemon exports with
+//! `--cache-to`, another with an empty store imports with `--cache-from`, and a cache
+//! that cannot be read never fails a build.
+
+use isula_integration::registry::{Registry, RegistryOptions};
+use isula_integration::*;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn ready() -> bool {
+    require_root() && require_tool("docker-registry") && require_tool("skopeo")
+}
+
+fn daemon_for(hosts: &[&str]) -> Daemon {
+    let conf: String = hosts
+        .iter()
+        .map(|h| format!("[[registry]]\nlocation = \"{h}\"\ninsecure = true\n"))
+        .collect();
+    Daemon::start_configured(
+        &[("registries.toml", &conf)],
+        &["--log-level", "debug"],
+        &[],
+    )
+}
+
+const STATIC: &str = "--build-static=build-time=2024-01-02 03:04:05";
+
+fn dockerfile(base: &str) -> String {
+    format!(
+        "FROM {base} AS build\n\
+         ARG V=1\n\
+         COPY a.txt /a.txt\n\
+         RUN cp /a.txt /b.txt && echo $V > /v && rm /bin/vi\n\
+         WORKDIR /w\n\
+         COPY dir/ /w/dir/\n\
+         RUN rm /a.txt && test ! -e /bin/vi && test -e /b.txt\n\
+         FROM {base}\n\
+         COPY --from=build /b.txt /w/ /out/\n\
+         ENV X=1\n\
+         RUN ls /out > /listing\n"
+    )
+}
+
+fn context(d: &Daemon, name: &str, base: &str) -> PathBuf {
+    let dir = d.dir.path().join(name);
+    std::fs::create_dir_all(dir.join("dir")).expect("ctx");
+    std::fs::write(dir.join("Dockerfile"), dockerfile(base)).expect("Dockerfile");
+    std::fs::write(dir.join("a.txt"), "a").expect("a");
+    std::fs::write(dir.join("dir/x"), "x").expect("x");
+    dir
+}
+
+fn build(d: &Daemon, ctx: &std::path::Path, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["ctr-img", "build", STATIC];
+    args.extend_from_slice(extra);
+    args.push(ctx.to_str().expect("path"));
+    let out = d.ok(&args);
+    (build_id(&out), out)
+}
+
+/// The snapshot blobs the exported records name (from the cache's config blob).
+fn snapshot_blobs(reference: &str) -> Vec<String> {
+    let out = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("records JSON");
+    v["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["snapshot"]["digest"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_second_daemon_reuses_the_cache_through_a_registry() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let base = format!("{host}/base:1");
+    let cache = format!("{host}/cache:1");
+    let d1 = daemon_for(&[&host]);
+    d1.import_busybox(&base, &[]);
+    d1.ok(&["ctr-img", "push", &base]);
+    let ctx1 = context(&d1, "ctx", &base);
+    let (first, out) = build(&d1, &ctx1, &["--cache-to", &cache]);
+    assert!(
+        out.contains(&format!("Build cache exported to {cache}")),
+        "{out}"
+    );
+    let snapshots = snapshot_blobs(&cache);
+    assert_eq!(snapshots.len(), 7, "one per step that changed files");
+
+    // An empty store: every step hits, the image is the same, and no step's snapshot is
+    // downloaded (both stages are reused whole).
+    let d2 = daemon_for(&[&host]);
+    let ctx2 = context(&d2, "ctx", &base);
+    let (id, out) = build(
+        &d2,
+        &ctx2,
+        &[
+            "--cache-from",
+            &format!("type=registry,ref={cache}"),
+            "--tag",
+            "app:2",
+        ],
+    );
+    assert_eq!(id, first, "{out}");
+    assert_eq!(cached_steps(&out).len(), 9, "{out}");
+    for s in &snapshots {
+        assert_eq!(
+            reg.count_requests("GET", &format!("/v2/cache/blobs/{s}")),
+            0,
+            "snapshot {s} was fetched for a full hit"
+        );
+    }
+    // The image is whole: a build on it reads the copied files.
+    let check = d2.dir.path().join("check");
+    std::fs::create_dir_all(&check).expect("check");
+    std::fs::write(
+        check.join("Dockerfile"),
+        "FROM app:2\nRUN cat /out/b.txt /out/dir/x /listing && test ! -e /out/a.txt\n",
+    )
+    .expect("Dockerfile");
+    let out = d2.ok(&["ctr-img", "build", check.to_str().expect("path")]);
+    assert!(out.contains("ax"), "{out}");
+
+    // A change in a later step's input: the steps before it come from the registry (their
+    // snapshots fetched now, whiteouts included), and the image is the one a build
+    // without any cache makes.
+    let d3 = daemon_for(&[&host]);
+    let ctx3 = context(&d3, "ctx", &base);
+    std::fs::write(ctx3.join("dir/x"), "changed").expect("x");
+    let (partial, out) = build(&d3, &ctx3, &["--cache-from", &cache]);
+    assert_eq!(
+        cached_steps(&out),
+        [
+            "ARG V=1",
+            "COPY a.txt /a.txt",
+            "RUN cp /a.txt /b.txt && echo $V > /v && rm /bin/vi",
+            "WORKDIR /w"
+        ],
+        "{out}"
+    );
+    std::fs::write(ctx1.join("dir/x"), "changed").expect("x");
+    let (fresh, _) = build(&d1, &ctx1, &["--no-cache"]);
+    assert_eq!(partial, fresh, "the shared cache changed the image");
+}
+
+#[test]
+fn a_cache_that_cannot_be_read_never_fails_the_build() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = daemon_for(&[&host, "127.0.0.1:1"]);
+    let base = format!("{host}/base:1");
+    d.import_busybox(&base, &[]);
+    d.ok(&["ctr-img", "push", &base]);
+    let ctx = context(&d, "ctx", &base);
+    for (source, says) in [
+        (format!("{host}/nothing:1"), "not found".to_string()),
+        ("127.0.0.1:1/cache:1".to_string(), "127.0.0.1:1".to_string()),
+        (base.clone(), "not an isula-build cache".to_string()),
+    ] {
+        let (_, out) = build(&d, &ctx, &["--cache-from", &source]);
+        let warning = out
+            .lines()
+            .find(|l| l.starts_with("[Warning] the build cache"))
+            .unwrap_or_else(|| panic!("no warning for {source}: {out}"));
+        assert!(
+            warning.contains(&source) && warning.contains(&says),
+            "{warning}"
+        );
+    }
+    // Exporting to a registry that is not there fails the call, says why, and keeps the
+    // image that was built.
+    let before = d.images().len();
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--tag",
+        "kept:1",
+        "--cache-to",
+        "127.0.0.1:1/cache:1",
+        ctx.to_str().expect("path"),
+    ]);
+    assert!(
+        err.contains("exporting its build cache to 127.0.0.1:1/cache:1"),
+        "{err}"
+    );
+    assert_eq!(d.images().len(), before + 1);
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--cache-to",
+        "type=local,dest=/tmp/x",
+        ctx.to_str().expect("path"),
+    ]);
+    assert!(err.contains("local"), "{err}");
+}

@@ -1,0 +1,434 @@
+//! The build cache shared through a registry: `--cache-to` exports the records of a
+//! build's steps with their snapshots, `--cache-from` lets another daemon import the
+//! records it needs, one at a time, fetching only the blobs of those.
+//!
+//! The format (ours; documented in the README) is one OCI image manifest under a tag:
+//!
+//! ```text
+//! manifest  application/vnd.oci.image.manifest.v1+json
+//! ├── config  application/vnd.isula-build.cache.config.v1+json
+//! │           {"schema":1,"records":[{key, parent, description,
+//! │                                   snapshot?: {digest, size},
+//! │                                   stage?: {config: "<exact config JSON>",
+//! │                                            layers: [{diff_id, blob, size}]}}]}
+//! └── layers  every snapshot and stage layer, as gzip tars in OCI form
+//!             (application/vnd.oci.image.layer.v1.tar+gzip)
+//! ```
+//!
+//! A step's snapshot goes as a layer tar of its own changes (overlay whiteouts become
+//! `.wh.` entries and come back as whiteouts). A stage record carries its image config
+//! verbatim (so an imported full hit gives the same image ID) and the blobs of all its
+//! layers. Auth, TLS, mirrors and `insecure` come from the registry configuration, as for
+//! pull and push.
+
+use crate::client::Client;
+use crate::error::{RegistryError, Result};
+use crate::pull::{fetch_blob, fetch_unpacked, get_manifest};
+use crate::push::{put_manifest, send_blob};
+use crate::{resolve, Context};
+use isula_store::cache::{Record, StageRecord};
+use isula_store::compression::{Compression, GZIP_LEVEL};
+use isula_store::diff::{write_layer, DiffOptions};
+use isula_store::{LayerRecord, Lease, Store};
+use isula_transport::{Cancel, Progress};
+use isula_types::image::{Descriptor, Manifest};
+use isula_types::{limits, media, ChainId, DiffId, Digest, Reference};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+
+/// The media type of the records blob (the manifest's config).
+pub const CONFIG_TYPE: &str = "application/vnd.isula-build.cache.config.v1+json";
+const SCHEMA: u32 = 1;
+/// The records blob is read into memory: at most this big.
+const CONFIG_MAX: u64 = 64 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Exported {
+    schema: u32,
+    records: Vec<Entry>,
+}
+
+/// One exported record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    key: Digest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<Digest>,
+    description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<Blob>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stage: Option<Stage>,
+}
+
+impl Entry {
+    pub fn has_snapshot(&self) -> bool {
+        self.snapshot.is_some()
+    }
+    pub fn has_stage(&self) -> bool {
+        self.stage.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Blob {
+    digest: Digest,
+    size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stage {
+    /// The stage's image config, byte for byte.
+    config: String,
+    layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Layer {
+    diff_id: DiffId,
+    blob: Digest,
+    size: u64,
+}
+
+fn gzip_desc(digest: &Digest, size: u64) -> Descriptor {
+    Descriptor::new(media::OCI_LAYER_GZIP, digest.clone(), size)
+}
+
+/// The gzip form of a stored layer blob (itself when it is gzip already).
+fn gzip_form(store: &Store, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
+    let mut head = [0u8; 8];
+    let n = store.content().open(blob)?.read(&mut head).unwrap_or(0);
+    if Compression::sniff(&head[..n]) == Compression::Gzip {
+        lease.blob(blob);
+        return Ok((blob.clone(), store.content().size(blob)?));
+    }
+    Ok(store.gzip_blob(blob, lease)?)
+}
+
+/// A snapshot directory as a gzip layer blob in the content store (leased).
+fn snapshot_blob(store: &Store, dir: &std::path::Path, lease: &Lease) -> Result<(Digest, u64)> {
+    let io = |e: std::io::Error| isula_store::StoreError::io("compress", dir, e);
+    let w = store.content().writer()?;
+    let gz = isula_store::pgzip::ParallelGzip::new(w, GZIP_LEVEL).map_err(io)?;
+    let buffered = std::io::BufWriter::with_capacity(1 << 20, gz);
+    let buffered = write_layer(dir, buffered, &DiffOptions::default())?;
+    let gz = buffered.into_inner().map_err(|e| io(e.into_error()))?;
+    let w = gz.finish().map_err(io)?;
+    Ok(lease.commit_blob(w, None)?)
+}
+
+fn parse_ref(name: &str) -> Result<Reference> {
+    Reference::parse(name).map_err(|e| RegistryError::Invalid(format!("cache {name:?}: {e}")))
+}
+
+/// What an export sent.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub digest: Digest,
+    pub records: usize,
+    pub blobs: usize,
+}
+
+/// Exports the records `keys` (a build's steps and stage results, in order; keys the
+/// local cache does not have are left out) to the tag `dest`.
+pub fn export(
+    ctx: &Context,
+    store: &Store,
+    keys: &[Digest],
+    dest: &str,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<ExportReport> {
+    let r = parse_ref(dest)?;
+    if r.digest().is_some() {
+        return Err(RegistryError::Invalid(format!(
+            "cache {dest:?}: export to a tag, not a digest"
+        )));
+    }
+    resolve::check_policy(ctx.policy.as_ref(), &r)?;
+    let client = ctx.client(resolve::push_endpoint(&ctx.registries, &r)?)?;
+    let repo = r.path().to_string();
+    let tag = r.tag().unwrap_or("latest").to_string();
+    let lease = store.lease();
+    let mut entries = Vec::new();
+    let mut blobs: Vec<(Digest, u64)> = Vec::new();
+    let mut seen_keys = HashSet::new();
+    for key in keys {
+        if !seen_keys.insert(key.clone()) {
+            continue;
+        }
+        cancel.check().map_err(|_| RegistryError::Cancelled)?;
+        let Some(rec) = store.cache().get(key, &lease) else {
+            continue;
+        };
+        let snapshot = match &rec.snapshot {
+            Some(id) => {
+                let (digest, size) = snapshot_blob(store, &store.cache().snapshot_dir(id), &lease)?;
+                blobs.push((digest.clone(), size));
+                Some(Blob { digest, size })
+            }
+            None => None,
+        };
+        let stage = match &rec.stage {
+            Some(s) => {
+                let raw = store
+                    .content()
+                    .read_small(&s.config, limits::MANIFEST_MAX)?;
+                let config = String::from_utf8(raw).map_err(|_| {
+                    RegistryError::Invalid(format!("stage config {} is not UTF-8", s.config))
+                })?;
+                let mut layers = Vec::new();
+                for (l, b) in s.layers.iter().zip(&s.blobs) {
+                    let (blob, size) = gzip_form(store, b, &lease)?;
+                    blobs.push((blob.clone(), size));
+                    layers.push(Layer {
+                        diff_id: l.diff_id.clone(),
+                        blob,
+                        size,
+                    });
+                }
+                Some(Stage { config, layers })
+            }
+            None => None,
+        };
+        entries.push(Entry {
+            key: key.clone(),
+            parent: rec.parent.clone(),
+            description: rec.description.clone(),
+            snapshot,
+            stage,
+        });
+    }
+    let mut unique = HashSet::new();
+    blobs.retain(|(d, _)| unique.insert(d.clone()));
+    progress(format!("Exporting build cache to {dest}\n"));
+    for (d, _) in &blobs {
+        cancel.check().map_err(|_| RegistryError::Cancelled)?;
+        progress(format!("Copying blob {d}\n"));
+        send_blob(&client, store, &repo, d, &[], cancel)?;
+    }
+    let config = serde_json::to_vec(&Exported {
+        schema: SCHEMA,
+        records: entries,
+    })
+    .map_err(|e| RegistryError::Invalid(format!("encoding the cache records: {e}")))?;
+    let config_digest = lease.put_blob(store.content(), &config)?;
+    progress(format!("Copying config {config_digest}\n"));
+    send_blob(&client, store, &repo, &config_digest, &[], cancel)?;
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(media::OCI_MANIFEST.into()),
+        config: Descriptor::new(CONFIG_TYPE, config_digest, config.len() as u64),
+        layers: blobs.iter().map(|(d, s)| gzip_desc(d, *s)).collect(),
+        annotations: None,
+    };
+    let bytes = serde_json::to_vec(&manifest)
+        .map_err(|e| RegistryError::Invalid(format!("encoding the cache manifest: {e}")))?;
+    progress("Writing manifest to image destination\n".into());
+    let digest = put_manifest(&client, &repo, &tag, &bytes, media::OCI_MANIFEST)?;
+    Ok(ExportReport {
+        digest,
+        records: seen_keys.len(),
+        blobs: blobs.len(),
+    })
+}
+
+/// One `--cache-from` source: its records, read once; blobs are fetched on import.
+pub struct Source {
+    name: String,
+    client: Client,
+    repo: String,
+    records: HashMap<Digest, Entry>,
+}
+
+/// Reads the records of the cache `name` (mirrors first, as for pull).
+pub fn open(ctx: &Context, store: &Store, name: &str, cancel: &Cancel) -> Result<Source> {
+    let r = parse_ref(name)?;
+    resolve::check_policy(ctx.policy.as_ref(), &r)?;
+    let wanted = match r.digest() {
+        Some(d) => d.to_string(),
+        None => r.tag().unwrap_or("latest").to_string(),
+    };
+    let mut last = None;
+    for source in resolve::pull_sources(&ctx.registries, &r)? {
+        let attempt = (|| {
+            let client = ctx.client(source.endpoint.clone())?;
+            let repo = source.reference.path().to_string();
+            let fetched = get_manifest(&client, &repo, &wanted)?;
+            read_records(store, client, repo, name, &fetched.bytes, cancel)
+        })();
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(e @ RegistryError::Cancelled) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| RegistryError::Invalid(format!("cache {name:?}: no source"))))
+}
+
+fn read_records(
+    store: &Store,
+    client: Client,
+    repo: String,
+    name: &str,
+    manifest: &[u8],
+    cancel: &Cancel,
+) -> Result<Source> {
+    let bad = |reason: String| RegistryError::BadContent {
+        registry: client.host().to_string(),
+        what: format!("build cache {name}"),
+        reason,
+    };
+    let manifest: Manifest = serde_json::from_slice(manifest).map_err(|e| bad(e.to_string()))?;
+    if manifest.config.media_type != CONFIG_TYPE {
+        return Err(RegistryError::Unsupported {
+            registry: client.host().to_string(),
+            what: name.to_string(),
+            reason: format!(
+                "not an isula-build cache (its config is {})",
+                manifest.config.media_type
+            ),
+        });
+    }
+    if manifest.config.size > CONFIG_MAX {
+        return Err(bad(format!(
+            "records of {} bytes are over the limit",
+            manifest.config.size
+        )));
+    }
+    let lease = store.lease();
+    fetch_blob(&client, &repo, &manifest.config, store, &lease, cancel)?;
+    let raw = store
+        .content()
+        .read_small(&manifest.config.digest, CONFIG_MAX)?;
+    let exported: Exported = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
+    if exported.schema != SCHEMA {
+        return Err(bad(format!(
+            "schema {} (this isula-builder reads {SCHEMA})",
+            exported.schema
+        )));
+    }
+    Ok(Source {
+        name: name.to_string(),
+        client,
+        repo,
+        records: exported
+            .records
+            .into_iter()
+            .map(|e| (e.key.clone(), e))
+            .collect(),
+    })
+}
+
+impl Source {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn entry(&self, key: &Digest) -> Option<&Entry> {
+        self.records.get(key)
+    }
+
+    /// Makes the record `key` local: its snapshot downloaded and unpacked, or its stage's
+    /// config stored and missing layers downloaded and unpacked; then recorded in the local
+    /// cache (kept in memory until the cache persists, like any new record).
+    pub fn import(
+        &self,
+        store: &Store,
+        key: &Digest,
+        lease: &Lease,
+        cancel: &Cancel,
+    ) -> Result<()> {
+        let Some(e) = self.records.get(key) else {
+            return Err(RegistryError::Invalid(format!(
+                "cache {} has no record {key}",
+                self.name
+            )));
+        };
+        let mut record = Record {
+            parent: e.parent.clone(),
+            description: e.description.clone(),
+            snapshot: None,
+            stage: None,
+            size: 0,
+            created: 0,
+            last_used: 0,
+        };
+        if let Some(b) = &e.snapshot {
+            let unpacked = fetch_unpacked(
+                store,
+                &self.client,
+                &self.repo,
+                &gzip_desc(&b.digest, b.size),
+                lease,
+                cancel,
+            )?;
+            let staged = unpacked.staged.ok_or_else(|| {
+                RegistryError::Invalid(format!("snapshot {} unpacked to nothing", b.digest))
+            })?;
+            let (id, size) = store.adopt_snapshot(staged, lease)?;
+            record.snapshot = Some(id);
+            record.size = size;
+        }
+        if let Some(s) = &e.stage {
+            let config = lease.put_blob(store.content(), s.config.as_bytes())?;
+            let diff_ids: Vec<DiffId> = s.layers.iter().map(|l| l.diff_id.clone()).collect();
+            let chains = ChainId::chain(&diff_ids);
+            let mut layers = Vec::new();
+            for (i, l) in s.layers.iter().enumerate() {
+                cancel.check().map_err(|_| RegistryError::Cancelled)?;
+                let desc = gzip_desc(&l.blob, l.size);
+                lease.layer(&chains[i]);
+                lease.blob(&l.blob);
+                let size = if store.has_layer(&chains[i]) {
+                    if !store.content().contains(&l.blob) {
+                        fetch_blob(&self.client, &self.repo, &desc, store, lease, cancel)?;
+                    }
+                    store.layer(&chains[i])?.size
+                } else {
+                    let u = fetch_unpacked(store, &self.client, &self.repo, &desc, lease, cancel)?;
+                    if u.diff_id != l.diff_id {
+                        return Err(RegistryError::BadContent {
+                            registry: self.client.host().to_string(),
+                            what: format!("build cache {}", self.name),
+                            reason: format!(
+                                "layer {} is {}, the record says {}",
+                                l.blob, u.diff_id, l.diff_id
+                            ),
+                        });
+                    }
+                    let size = u.size;
+                    if let Some(staged) = u.staged {
+                        store.commit_layer(staged, &chains[i], lease)?;
+                    }
+                    if i + 1 == s.layers.len() {
+                        record.size = size;
+                    }
+                    size
+                };
+                layers.push(LayerRecord {
+                    parent: i.checked_sub(1).map(|p| chains[p].clone()),
+                    chain_id: chains[i].clone(),
+                    diff_id: l.diff_id.clone(),
+                    size,
+                });
+            }
+            record.stage = Some(StageRecord {
+                config,
+                layers,
+                blobs: s.layers.iter().map(|l| l.blob.clone()).collect(),
+            });
+        }
+        store.cache().put(key, record)?;
+        Ok(())
+    }
+}
