@@ -26,8 +26,23 @@ use std::path::{Path, PathBuf};
 /// RUN output without a newline is forwarded once this much has gathered.
 const RUN_OUTPUT_PIECE: usize = 64 << 10;
 
+/// What every stage of one build shares (read-only, or locked).
+pub struct Shared<'c> {
+    pub opts: &'c BuildOptions,
+    pub df: &'c Dockerfile,
+    pub meta: &'c [(String, String)],
+    pub lexer: &'c Lexer,
+    pub ignore: Option<&'c Matcher>,
+    pub lease: &'c Lease,
+    pub hashes: &'c std::sync::Mutex<ContextHashes>,
+    /// Prints a `STEP n: ...` line for stage `index` (the number is given where the
+    /// stage's lines are put in order).
+    pub step_line: &'c (dyn Fn(usize, &str) + Sync),
+}
+
 pub struct StageRun<'c, 'a> {
     ctx: &'c mut Context<'a>,
+    step_line: &'c (dyn Fn(usize, &str) + Sync),
     opts: &'c BuildOptions,
     df: &'c Dockerfile,
     index: usize,
@@ -154,29 +169,24 @@ fn in_step(step_no: usize, step: &Step, e: BuildError) -> BuildError {
 }
 
 impl<'c, 'a> StageRun<'c, 'a> {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: &'c mut Context<'a>,
-        opts: &'c BuildOptions,
-        df: &'c Dockerfile,
+        shared: &Shared<'c>,
         index: usize,
-        meta: &'c [(String, String)],
-        lexer: &'c Lexer,
-        ignore: Option<&'c Matcher>,
         results: &'c [Option<StageResult>],
-        lease: &'c Lease,
-        hashes: &'c std::sync::Mutex<ContextHashes>,
-    ) -> Result<Self, BuildError> {
-        Ok(StageRun {
+    ) -> Self {
+        let opts = shared.opts;
+        StageRun {
             ctx,
+            step_line: shared.step_line,
             opts,
-            df,
+            df: shared.df,
             index,
-            lexer,
-            ignore,
+            lexer: shared.lexer,
+            ignore: shared.ignore,
             results,
-            lease,
-            meta,
+            lease: shared.lease,
+            meta: shared.meta,
             config: ImageConfig::default(),
             base_layers: Vec::new(),
             base_blobs: Vec::new(),
@@ -184,7 +194,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             cmd_from_base: false,
             history: Vec::new(),
             last_fs_step: None,
-            hashes,
+            hashes: shared.hashes,
             base_lowers: Vec::new(),
             key: KeyBuilder::new("none", None).finish(),
             hitting: opts.cache == CacheMode::On,
@@ -194,7 +204,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             upper: None,
             snaps: Vec::new(),
             cache_keys: Vec::new(),
-        })
+        }
     }
 
     /// The cache keys this stage hit or recorded, in order.
@@ -436,7 +446,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         let stage = &self.df.stages[self.index];
         let from = stage.from.clone();
         *step_no += 1;
-        self.log(format!("STEP {:>2}: {}\n", *step_no, from.original));
+        (self.step_line)(self.index, &from.original);
         let expanded = from
             .instruction
             .expand(self.lexer, &self.meta.to_vec())
@@ -520,7 +530,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 return Err(BuildError::Cancelled);
             }
             *step_no += 1;
-            self.log(format!("STEP {:>2}: {}\n", *step_no, step.original));
+            (self.step_line)(self.index, &step.original);
             self.step(*step_no, step, used_args)?;
         }
         self.commit()

@@ -58,6 +58,8 @@ pub struct Daemon {
     pub child: Option<Child>,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// `taskset -c CPUS` around the daemon (None: every CPU).
+    cpus: Option<String>,
 }
 
 impl Daemon {
@@ -116,7 +118,17 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            cpus: None,
         };
+        d.restart();
+        d
+    }
+
+    /// A daemon on fresh temp roots that may use only the CPUs `cpus` (taskset's list).
+    pub fn start_on_cpus(cpus: &str) -> Daemon {
+        let mut d = Self::start();
+        d.stop();
+        d.cpus = Some(cpus.to_string());
         d.restart();
         d
     }
@@ -127,7 +139,14 @@ impl Daemon {
 
     /// The daemon command on these roots, serving `socket`.
     pub fn command_on(&self, socket: &Path) -> Command {
-        let mut c = Command::new(bin("isula-builder"));
+        let mut c = match &self.cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(bin("isula-builder"));
+                c
+            }
+            None => Command::new(bin("isula-builder")),
+        };
         c.arg("--dataroot")
             .arg(self.data())
             .arg("--runroot")
