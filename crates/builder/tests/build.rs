@@ -553,3 +553,101 @@ fn a_failed_pull_keeps_its_kind() {
         assert!(err.to_string().contains("failed"), "{err}");
     }
 }
+
+/// A runtime that records what it is asked to run, writes a marker into the rootfs (so the
+/// step has changes to keep), and exits with the code its command names (`exit N`).
+#[derive(Default)]
+struct Recorder {
+    runs: std::sync::Mutex<Vec<isula_runtime::Process>>,
+}
+
+impl isula_runtime::Runtime for Recorder {
+    fn run(
+        &self,
+        _bundle: &Path,
+        rootfs: &Path,
+        process: &isula_runtime::Process,
+        _cancel: &isula_runtime::CancelFlag,
+        output: &mut dyn FnMut(&[u8]),
+    ) -> Result<i32, isula_runtime::RuntimeError> {
+        let mut runs = self.runs.lock().expect("lock");
+        runs.push(process.clone());
+        std::fs::write(rootfs.join(format!("ran-{}", runs.len())), "x").expect("marker");
+        output(b"recorded\n");
+        let last = process.args.last().cloned().unwrap_or_default();
+        Ok(last
+            .strip_prefix("exit ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+}
+
+#[test]
+fn run_steps_reach_the_runtime_as_docker_gives_them() {
+    if !ready() {
+        return;
+    }
+    let e = env();
+    let ctx = e.dir.path().join("ctx-runtime");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    let rec = Recorder::default();
+    let build_with = |dockerfile: &str, args: &[(&str, &str)]| {
+        let opts = BuildOptions {
+            build_id: "runtime".into(),
+            dockerfile: dockerfile.into(),
+            context: ctx.clone(),
+            work_dir: e.dir.path().join("work-runtime"),
+            build_args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            cap_add: vec!["CAP_NET_ADMIN".into()],
+            ..Default::default()
+        };
+        let mut log = String::new();
+        let mut sink = |l: String| log.push_str(&l);
+        let mut c = Context {
+            store: &e.store,
+            runc: &rec,
+            cancel: Arc::new(AtomicBool::new(false)),
+            log: &mut sink,
+            pull: None,
+            remote: None,
+        };
+        let r = build(&mut c, &opts).map(|b| b.id);
+        (r, log)
+    };
+    let df = "FROM busybox\nARG A=1\nENV E=2\nUSER app\nWORKDIR /w\nRUN echo $A $E\nRUN [\"/bin/echo\", \"exec\"]\n";
+    let (r, log) = build_with(df, &[("http_proxy", "http://proxy:1")]);
+    r.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert!(log.contains("recorded\n"), "{log}");
+    {
+        let runs = rec.runs.lock().expect("lock");
+        assert_eq!(runs.len(), 2);
+        let p = &runs[0];
+        assert_eq!(p.args, ["/bin/sh", "-c", "echo $A $E"]);
+        assert_eq!((p.uid, p.gid), (1000, 1000));
+        assert_eq!(p.cwd, "/w");
+        assert_eq!(p.cap_add, ["CAP_NET_ADMIN"]);
+        for want in ["E=2", "A=1", "http_proxy=http://proxy:1"] {
+            assert!(p.env.iter().any(|v| v == want), "{want} in {:?}", p.env);
+        }
+        assert!(p.env.iter().any(|v| v.starts_with("PATH=")), "{:?}", p.env);
+        assert_eq!(runs[1].args, ["/bin/echo", "exec"]);
+    }
+    // Another proxy changes no key: nothing runs again.
+    let (r, log) = build_with(df, &[("http_proxy", "http://other:2")]);
+    r.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert_eq!(rec.runs.lock().expect("lock").len(), 2, "{log}");
+    // A changed build arg that a RUN uses runs it (and what follows) again.
+    let (r, log) = build_with(df, &[("A", "9")]);
+    r.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert_eq!(rec.runs.lock().expect("lock").len(), 4, "{log}");
+    // A non-zero exit is the step's error, with its number and line.
+    let (r, _) = build_with("FROM busybox\nRUN true\nRUN exit 7\n", &[]);
+    let err = r.expect_err("exit 7");
+    assert!(
+        err.to_string().contains("STEP 3 (line 3) RUN exit 7") && err.to_string().contains("7"),
+        "{err}"
+    );
+}

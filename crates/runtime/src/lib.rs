@@ -115,6 +115,34 @@ pub fn normalize_cap(name: &str) -> Result<String, RuntimeError> {
     }
 }
 
+/// Runs a build step's process on a prepared rootfs. runc is the real one; tests of step
+/// logic may put another behind it.
+pub trait Runtime: Send + Sync {
+    /// Runs `process` on `rootfs` (its bundle directory `bundle` exists and is empty),
+    /// passing its output on as it comes. Returns the exit code.
+    fn run(
+        &self,
+        bundle: &Path,
+        rootfs: &Path,
+        process: &Process,
+        cancel: &CancelFlag,
+        output: &mut dyn FnMut(&[u8]),
+    ) -> Result<i32, RuntimeError>;
+}
+
+impl Runtime for Runc {
+    fn run(
+        &self,
+        bundle: &Path,
+        rootfs: &Path,
+        process: &Process,
+        cancel: &CancelFlag,
+        output: &mut dyn FnMut(&[u8]),
+    ) -> Result<i32, RuntimeError> {
+        Runc::run(self, bundle, rootfs, process, cancel, output)
+    }
+}
+
 /// What one RUN step executes.
 #[derive(Debug, Clone, Default)]
 pub struct Process {

@@ -1,0 +1,179 @@
+//! COPY and ADD as steps: their cache key (the content of what they select) and the copy
+//! into the step's rootfs, from the context, another stage or an image.
+
+use super::*;
+
+impl StageRun<'_, '_> {
+    pub(super) fn copy(
+        &mut self,
+        n: usize,
+        step: &Step,
+        c: isula_dockerfile::instructions::CopyArgs,
+        is_add: bool,
+    ) -> Result<(), BuildError> {
+        // An image named by --from is found (or pulled) before the rootfs is borrowed.
+        let from_result = match &c.from {
+            Some(from) => Some(match self.stage_result(from) {
+                Some(r) => r.clone(),
+                None => image_base(self.ctx, from).map_err(|e| in_step(n, step, e))?,
+            }),
+            None => None,
+        };
+        let cwd = self.working_dir();
+        copy::refuse_remote(&c.sources, is_add).map_err(|e| step_err(n, step, e))?;
+        // The build context, opened once for the key and the copy.
+        let ctx_root = match (&c.from, c.sources.is_empty()) {
+            (None, false) => {
+                Some(Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?)
+            }
+            _ => None,
+        };
+        // What the sources are: their content (context), or the key of the stage or image.
+        let sources = match (&from_result, &ctx_root) {
+            (Some(r), _) => r.key.clone(),
+            (None, Some(root)) => {
+                let src = Source {
+                    root,
+                    ignore: self.ignore,
+                };
+                let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
+                hash_sources(&src, &c.sources, &mut hashes).map_err(|e| step_err(n, step, e))?
+            }
+            (None, None) => KeyBuilder::new("no-sources", None).finish(),
+        };
+        let mut key = KeyBuilder::new(if is_add { "add" } else { "copy" }, Some(&self.key));
+        key.json("instruction", &c)
+            .field("cwd", cwd.as_bytes())
+            .field("sources", sources.as_str().as_bytes());
+        let key = key.finish();
+        if self.try_cache(&key)? {
+            self.key = key;
+            return Ok(());
+        }
+        self.mount_step()?;
+        self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref())?;
+        self.finish_step(&key, &step.original)?;
+        self.key = key;
+        Ok(())
+    }
+
+    pub(super) fn copy_into(
+        &mut self,
+        n: usize,
+        step: &Step,
+        c: isula_dockerfile::instructions::CopyArgs,
+        is_add: bool,
+        from_result: Option<StageResult>,
+        ctx_root: Option<&Root>,
+    ) -> Result<(), BuildError> {
+        let cwd = self.working_dir();
+        let root = self.rootfs()?;
+        let owner = match &c.chown {
+            None => None,
+            Some(spec) => {
+                let ids = user::resolve(root, spec, false).map_err(|e| step_err(n, step, e))?;
+                Some((ids.uid, ids.gid))
+            }
+        };
+        let chmod = match &c.chmod {
+            None => None,
+            Some(m) => Some(
+                u32::from_str_radix(m, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| {
+                        step_err(
+                            n,
+                            step,
+                            format!("invalid --chmod {m:?}: expected an octal mode"),
+                        )
+                    })?,
+            ),
+        };
+        let dest = if c.dest.starts_with('/') {
+            c.dest.clone()
+        } else {
+            let joined = format!("/{cwd}/{}", c.dest);
+            let mut d = clean(&joined);
+            if c.dest.ends_with('/') || c.dest == "." || c.dest.ends_with("/.") {
+                d.push('/');
+            }
+            d
+        };
+        let opts = CopyOptions {
+            owner,
+            chmod,
+            extract: is_add,
+        };
+        // Heredoc documents become files.
+        for h in &c.heredocs {
+            let target = if dest.ends_with('/') {
+                format!("{dest}{}", h.name)
+            } else {
+                dest.clone()
+            };
+            let (pfd, name) = root
+                .parent(Path::new(&target), Resolve::InRoot, true)
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+            let pfd = std::os::fd::AsFd::as_fd(&pfd);
+            let _ = isula_sys::rooted::remove_all(pfd, &name);
+            let mut f = isula_sys::rooted::create_file(pfd, &name, 0o644)
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+            std::io::Write::write_all(&mut f, h.content.as_bytes())
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+            let (uid, gid) = owner.unwrap_or((0, 0));
+            isula_sys::rooted::lchown(pfd, &name, uid, gid)
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+            isula_sys::rooted::chmod(pfd, &name, chmod.unwrap_or(0o644))
+                .map_err(|e| step_err(n, step, e.to_string()))?;
+        }
+        if c.sources.is_empty() {
+            return Ok(());
+        }
+        match &c.from {
+            None => {
+                let ctx_root =
+                    ctx_root.ok_or_else(|| step_err(n, step, "the build context is not open"))?;
+                let src = Source {
+                    root: ctx_root,
+                    ignore: self.ignore,
+                };
+                copy::copy(&src, &c.sources, root, &dest, &opts).map_err(|e| step_err(n, step, e))
+            }
+            Some(from) => {
+                let result = from_result
+                    .ok_or_else(|| step_err(n, step, format!("image or stage {from} not found")))?;
+                let view = self.dir.join(format!("from-{n}"));
+                let empty = self.dir.join(format!("from-{n}-empty"));
+                for d in [&view, &empty] {
+                    std::fs::create_dir_all(d)
+                        .map_err(|e| isula_store::StoreError::io("create", d, e))?;
+                }
+                let lowers: Vec<PathBuf> = result
+                    .layers
+                    .iter()
+                    .rev()
+                    .map(|l| self.ctx.store.layer_dir(&l.chain_id).join("diff"))
+                    .collect();
+                let guard = if lowers.is_empty() {
+                    None
+                } else {
+                    Some(
+                        mount_overlay_ro(&lowers, &view, &empty)
+                            .map_err(|e| step_err(n, step, format!("mounting {from}: {e}")))?,
+                    )
+                };
+                let src_root = Root::open(&view).map_err(|e| step_err(n, step, e.to_string()))?;
+                let src = Source {
+                    root: &src_root,
+                    ignore: None,
+                };
+                let r = copy::copy(&src, &c.sources, root, &dest, &opts)
+                    .map_err(|e| step_err(n, step, e));
+                drop(src_root);
+                drop(guard);
+                r
+            }
+        }
+    }
+}

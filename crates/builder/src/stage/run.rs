@@ -1,0 +1,200 @@
+//! RUN: the process (command, environment, user, working directory), its cache key, and
+//! the run itself through the build's runtime.
+
+use super::*;
+
+impl StageRun<'_, '_> {
+    pub(super) fn run(
+        &mut self,
+        n: usize,
+        step: &Step,
+        command: Command,
+        heredocs: &[isula_dockerfile::parser::Heredoc],
+    ) -> Result<(), BuildError> {
+        let args = match command {
+            Command::Exec(v) => v,
+            Command::Shell(s) => {
+                let trimmed = s.trim();
+                let script = match heredocs.first() {
+                    // `RUN <<EOF`: the document is the script.
+                    Some(h)
+                        if heredocs.len() == 1
+                            && trimmed
+                                .trim_start_matches("<<")
+                                .trim_start_matches('-')
+                                .trim_matches(['"', '\''])
+                                == h.name =>
+                    {
+                        h.content.clone()
+                    }
+                    // Otherwise the shell reads the documents itself.
+                    Some(_) => {
+                        let mut s = format!("{s}\n");
+                        for h in heredocs {
+                            s.push_str(&h.content);
+                            s.push_str(&h.name);
+                            s.push('\n');
+                        }
+                        s
+                    }
+                    None => s,
+                };
+                [self.shell(), vec![script]].concat()
+            }
+        };
+        if args.is_empty() {
+            return Err(step_err(n, step, "RUN needs a command"));
+        }
+        let user_spec = self
+            .config
+            .config
+            .as_ref()
+            .map(|c| c.user.clone())
+            .unwrap_or_default();
+        let cwd = Some(self.working_dir())
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
+        // Environment: image ENV, then ARGs in scope (proxies come later: never in a key).
+        let mut env: Vec<String> = self
+            .config
+            .config
+            .as_ref()
+            .and_then(|c| c.env.clone())
+            .unwrap_or_default();
+        let set = |env: &Vec<String>, k: &str| {
+            env.iter()
+                .any(|e| e.split_once('=').map(|(n, _)| n) == Some(k))
+        };
+        for (k, v) in &self.args {
+            if !set(&env, k) && !PROXY_ARGS.contains(&k.as_str()) {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        let mut key = KeyBuilder::new("run", Some(&self.key));
+        key.json("args", &args)
+            .json("env", &env)
+            .field("user", user_spec.as_bytes())
+            .field("cwd", cwd.as_bytes())
+            .json("cap_add", &self.opts.cap_add)
+            .field("network", b"host");
+        let key = key.finish();
+        if self.try_cache(&key)? {
+            self.key = key;
+            return Ok(());
+        }
+        self.mount_step()?;
+        let root = self.rootfs()?;
+        let ids = if user_spec.is_empty() {
+            user::Ids {
+                uid: 0,
+                gid: 0,
+                additional_gids: Vec::new(),
+            }
+        } else {
+            user::resolve(root, &user_spec, true).map_err(|e| step_err(n, step, e))?
+        };
+        root.dir(Path::new(&cwd), Resolve::InRoot, true)
+            .map_err(|e| step_err(n, step, format!("working directory {cwd}: {e}")))?;
+        for p in PROXY_ARGS {
+            if set(&env, p) {
+                continue;
+            }
+            if let Some((_, v)) = self.opts.build_args.iter().rev().find(|(k, _)| k == p) {
+                env.push(format!("{p}={v}"));
+            } else if let Some((_, v)) = self.args.iter().find(|(k, _)| k == p) {
+                env.push(format!("{p}={v}"));
+            } else if self.opts.proxy {
+                if let Some((_, v)) = self.opts.host_proxy_env.iter().find(|(k, _)| k == p) {
+                    env.push(format!("{p}={v}"));
+                }
+            }
+        }
+        if !set(&env, "PATH") {
+            env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+        // Mount points runc creates must not end up in the layer.
+        let mount_points = [
+            "/proc",
+            "/dev",
+            "/sys",
+            "/etc",
+            "/etc/hosts",
+            "/etc/resolv.conf",
+        ];
+        let missing: Vec<&str> = mount_points
+            .iter()
+            .copied()
+            .filter(|p| {
+                root.open_at(Path::new(p), Resolve::InRoot, OFlags::PATH, Mode::empty())
+                    .is_err()
+            })
+            .collect();
+        let process = Process {
+            args,
+            env,
+            cwd,
+            uid: ids.uid,
+            gid: ids.gid,
+            additional_gids: ids.additional_gids,
+            cap_add: self.opts.cap_add.clone(),
+        };
+        let bundle = self.dir.join(format!("bundle-{n}"));
+        std::fs::create_dir_all(&bundle)
+            .map_err(|e| isula_store::StoreError::io("create", &bundle, e))?;
+        let rootfs_path = self.dir.join("rootfs");
+        let mut pending = Vec::new();
+        let cancel = self.ctx.cancel.clone();
+        let log = &mut *self.ctx.log;
+        let result = self
+            .ctx
+            .runc
+            .run(&bundle, &rootfs_path, &process, &cancel, &mut |chunk| {
+                pending.extend_from_slice(chunk);
+                while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=pos).collect();
+                    log(String::from_utf8_lossy(&line).to_string());
+                }
+                // Output without newlines is passed on in pieces, not held.
+                if pending.len() >= RUN_OUTPUT_PIECE {
+                    log(String::from_utf8_lossy(&pending).to_string());
+                    pending.clear();
+                }
+            });
+        if !pending.is_empty() {
+            (self.ctx.log)(format!("{}\n", String::from_utf8_lossy(&pending)));
+        }
+        let _ = std::fs::remove_dir_all(&bundle);
+        let root = self.rootfs()?;
+        for p in missing.iter().rev() {
+            if let Ok((pfd, name)) = root.parent(Path::new(p), Resolve::InRoot, false) {
+                if let Ok(Some(st)) =
+                    isula_sys::rooted::lstat(std::os::fd::AsFd::as_fd(&pfd), &name)
+                {
+                    let empty_file = rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::RegularFile
+                        && st.st_size == 0;
+                    if empty_file {
+                        let _ = rustix::fs::unlinkat(&pfd, &name, rustix::fs::AtFlags::empty());
+                    } else if isula_sys::rooted::is_dir(&st) {
+                        // Only if runc left it empty.
+                        let _ = rustix::fs::unlinkat(&pfd, &name, rustix::fs::AtFlags::REMOVEDIR);
+                    }
+                }
+            }
+        }
+        match result {
+            Ok(0) => {
+                self.finish_step(&key, &step.original)?;
+                self.key = key;
+                Ok(())
+            }
+            Ok(code) => Err(step_err(
+                n,
+                step,
+                format!("the command returned a non-zero code: {code}"),
+            )),
+            Err(isula_runtime::RuntimeError::Cancelled) => Err(BuildError::Cancelled),
+            Err(e) => Err(step_err(n, step, e.to_string())),
+        }
+    }
+}

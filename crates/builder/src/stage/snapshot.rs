@@ -1,0 +1,188 @@
+//! A stage's step snapshots: mounting a step's rootfs over them, keeping a step's changes
+//! in the cache, and finding steps there (locally, or from a `--cache-from` source).
+
+use super::*;
+
+impl StageRun<'_, '_> {
+    /// Fetches the `--cache-from` snapshots stacked so far that are not local yet.
+    pub(super) fn fetch_pending(&mut self) -> Result<(), BuildError> {
+        let store = self.ctx.store;
+        for i in 0..self.snaps.len() {
+            let Some(key) = self.snaps[i].remote.clone() else {
+                continue;
+            };
+            let remote = self
+                .ctx
+                .remote
+                .ok_or_else(|| BuildError::Invalid("no cache source to fetch from".into()))?;
+            if store.cache().get(&key, self.lease).is_none() {
+                remote
+                    .import(&key, self.lease)
+                    .map_err(BuildError::Invalid)?;
+            }
+            let dir = store
+                .cache()
+                .get(&key, self.lease)
+                .and_then(|r| r.snapshot)
+                .map(|id| store.cache().snapshot_dir(&id))
+                .filter(|d| d.is_dir())
+                .ok_or_else(|| {
+                    BuildError::Invalid(format!("cache record {key} came without its snapshot"))
+                })?;
+            self.snaps[i] = Snapshot::local(dir, None);
+        }
+        Ok(())
+    }
+
+    /// Mounts the rootfs for a step that changes files: the base, this stage's snapshots,
+    /// and a fresh upper directory for the step's own changes.
+    pub(super) fn mount_step(&mut self) -> Result<(), BuildError> {
+        self.fetch_pending()?;
+        let store = self.ctx.store;
+        let target = self.dir.join("rootfs");
+        std::fs::create_dir_all(&target)
+            .map_err(|e| isula_store::StoreError::io("create", &self.dir, e))?;
+        let upper = store.stage_layer()?;
+        let work = upper.work_dir()?;
+        let mut lowers: Vec<PathBuf> = self.snaps.iter().rev().map(|s| s.dir.clone()).collect();
+        lowers.extend(self.base_lowers.iter().cloned());
+        if lowers.is_empty() {
+            let empty = self.dir.join("empty");
+            std::fs::create_dir_all(&empty)
+                .map_err(|e| isula_store::StoreError::io("create", &empty, e))?;
+            lowers.push(empty);
+        }
+        let guard = mount_overlay(
+            &lowers,
+            &upper.diff_dir(),
+            &work,
+            &target,
+            &self.opts.mount_options,
+        )
+        .map_err(|e| BuildError::Invalid(format!("mounting the stage rootfs: {e}")))?;
+        self.rootfs = Some(Root::open(&target).map_err(|e| BuildError::Invalid(e.to_string()))?);
+        self.mount = Some(guard);
+        self.upper = Some(upper);
+        Ok(())
+    }
+
+    /// Unmounts after a step and keeps its changes: as a cache snapshot recorded under
+    /// `key`, or (cache off) as a staged directory for this build only.
+    pub(super) fn finish_step(
+        &mut self,
+        key: &Digest,
+        description: &str,
+    ) -> Result<(), BuildError> {
+        self.rootfs = None;
+        if let Some(m) = self.mount.take() {
+            m.unmount()
+                .map_err(|e| BuildError::Invalid(format!("unmounting the stage rootfs: {e}")))?;
+        }
+        let upper = self
+            .upper
+            .take()
+            .ok_or_else(|| BuildError::Invalid("no upper directory".into()))?;
+        let empty = std::fs::read_dir(upper.diff_dir())
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true);
+        let store = self.ctx.store;
+        if self.opts.cache == CacheMode::Off {
+            if !empty {
+                self.snaps
+                    .push(Snapshot::local(upper.diff_dir(), Some(upper)));
+            }
+            return Ok(());
+        }
+        let (snapshot, size) = if empty {
+            (None, 0)
+        } else {
+            let (id, size) = store.adopt_snapshot(upper, self.lease)?;
+            (Some(id), size)
+        };
+        let record = Record {
+            snapshot: snapshot.clone(),
+            size,
+            ..Record::new(&self.key, description)
+        };
+        let kept = store.cache().put(key, record)?;
+        self.cache_keys.push(key.clone());
+        if let Some(id) = snapshot {
+            if kept {
+                self.snaps
+                    .push(Snapshot::local(store.cache().snapshot_dir(&id), None));
+            } else {
+                // A concurrent build recorded the same step first: use its snapshot.
+                self.use_record(key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a step that changes no files (config only).
+    pub(super) fn record_config_step(
+        &mut self,
+        key: &Digest,
+        description: &str,
+    ) -> Result<(), BuildError> {
+        if self.opts.cache == CacheMode::Off {
+            return Ok(());
+        }
+        self.ctx
+            .store
+            .cache()
+            .put(key, Record::new(&self.key, description))?;
+        self.cache_keys.push(key.clone());
+        Ok(())
+    }
+
+    /// Stacks the snapshot of the recorded step `key`, if it has one: from the local
+    /// cache, else (not fetched yet) from a `--cache-from` source.
+    pub(super) fn use_record(&mut self, key: &Digest) -> Result<bool, BuildError> {
+        let store = self.ctx.store;
+        let Some(r) = store.cache().get(key, self.lease) else {
+            let Some(remote) = self.ctx.remote else {
+                return Ok(false);
+            };
+            let Some(found) = remote.lookup(key) else {
+                return Ok(false);
+            };
+            if found.snapshot {
+                self.snaps.push(Snapshot {
+                    dir: PathBuf::new(),
+                    _staged: None,
+                    remote: Some(key.clone()),
+                });
+            } else {
+                // No files: the record itself is all there is to import.
+                remote
+                    .import(key, self.lease)
+                    .map_err(BuildError::Invalid)?;
+            }
+            self.cache_keys.push(key.clone());
+            return Ok(true);
+        };
+        if let Some(id) = &r.snapshot {
+            let dir = store.cache().snapshot_dir(id);
+            if !dir.is_dir() {
+                return Ok(false);
+            }
+            self.snaps.push(Snapshot::local(dir, None));
+        }
+        self.cache_keys.push(key.clone());
+        Ok(true)
+    }
+
+    /// Whether step `key` comes from the cache (then its snapshot is stacked and the line
+    /// says so); once one step misses, every later one runs.
+    pub(super) fn try_cache(&mut self, key: &Digest) -> Result<bool, BuildError> {
+        if !self.hitting {
+            return Ok(false);
+        }
+        if self.use_record(key)? {
+            self.log(format!("Using cache {}\n", &key.hex()[..12]));
+            return Ok(true);
+        }
+        self.hitting = false;
+        Ok(false)
+    }
+}
