@@ -120,6 +120,17 @@ impl ContextHashes {
         self.old = merged;
     }
 
+    /// The content hash of `rel` found or made this build, if its stat still matches.
+    pub fn known(&self, rel: &str, st: &rustix::fs::Stat) -> Option<[u8; 32]> {
+        let (k, h) = self.new.files.get(rel)?;
+        if *k != StatKey::of(st) {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(h, &mut out).ok()?;
+        Some(out)
+    }
+
     fn content_hash(
         &mut self,
         rel: &str,

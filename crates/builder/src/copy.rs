@@ -168,12 +168,15 @@ pub(crate) fn open_source(src: &Source<'_>, rel: &str) -> R<(OwnedFd, rustix::fs
 }
 
 /// Copies `sources` to `dest` (absolute in the rootfs, WORKDIR already applied).
+/// With `reuse`, files the previous version of the step wrote exactly so are planned as
+/// links (see [`crate::reuse`]).
 pub fn copy(
     src: &Source<'_>,
     sources: &[String],
     rootfs: &Root,
     dest: &str,
     opts: &CopyOptions,
+    mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
 ) -> R<()> {
     refuse_remote(sources, opts.extract)?;
     let mut paths = Vec::new();
@@ -191,7 +194,7 @@ pub fn copy(
         if kind == FileType::Directory {
             // A directory's contents go into dest.
             let dfd = ensure_dir(rootfs, dest, opts, Some(&st))?;
-            copy_dir_contents(src, rel, &fd, dfd.as_fd(), opts)?;
+            copy_dir_contents(src, rel, &fd, dfd.as_fd(), opts, reuse.as_deref_mut())?;
         } else if opts.extract && kind == FileType::RegularFile && is_archive(fd.as_fd()) {
             let dfd = ensure_dir(rootfs, dest, opts, None)?;
             extract(&fd, dfd.as_fd())?;
@@ -211,7 +214,16 @@ pub fn copy(
             } else {
                 parent_owned(rootfs, dest, opts.owner)?
             };
-            copy_entry(src, rel, fd.as_fd(), &st, pfd.as_fd(), &fname, opts)?;
+            copy_entry(
+                src,
+                rel,
+                fd.as_fd(),
+                &st,
+                pfd.as_fd(),
+                &fname,
+                opts,
+                reuse.as_deref_mut(),
+            )?;
         }
     }
     Ok(())
@@ -368,12 +380,23 @@ fn copy_dir_contents(
     dir: &OwnedFd,
     dest: BorrowedFd<'_>,
     opts: &CopyOptions,
+    mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
 ) -> R<()> {
     for_each_selected(src, rel, dir.as_fd(), |child_rel, name, fd, st| {
-        copy_entry(src, child_rel, fd, st, dest, name, opts)
+        copy_entry(
+            src,
+            child_rel,
+            fd,
+            st,
+            dest,
+            name,
+            opts,
+            reuse.as_deref_mut(),
+        )
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn copy_entry(
     src: &Source<'_>,
     rel: &str,
@@ -382,6 +405,7 @@ fn copy_entry(
     pdir: BorrowedFd<'_>,
     name: &OsStr,
     opts: &CopyOptions,
+    reuse: Option<&mut crate::reuse::Reuse<'_>>,
 ) -> R<()> {
     let kind = FileType::from_raw_mode(st.st_mode);
     let existing = rooted::lstat(pdir, name).map_err(|e| e.to_string())?;
@@ -412,12 +436,19 @@ fn copy_entry(
                 Mode::empty(),
             )
             .map_err(|e| e.to_string())?;
-            copy_dir_contents(src, rel, &dir, sub.as_fd(), opts)?;
+            copy_dir_contents(src, rel, &dir, sub.as_fd(), opts, reuse)?;
             rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
             rooted::chmod(pdir, name, mode).map_err(|e| e.to_string())?;
             rooted::set_times(pdir, name, (mtime.0, mtime.1)).map_err(|e| e.to_string())?;
         }
         FileType::RegularFile => {
+            let linked_later =
+                reuse.is_some_and(|r| r.plan_file(rel, st, pdir, name, mode, (uid, gid), mtime));
+            if linked_later {
+                // The previous version's file takes this place once the step is unmounted.
+                drop(rooted::create_file(pdir, name, 0o600).map_err(|e| e.to_string())?);
+                return Ok(());
+            }
             let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
             let input = rustix::fs::open(
                 proc.as_str(),

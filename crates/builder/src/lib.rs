@@ -8,6 +8,7 @@
 
 pub mod cache_key;
 pub mod copy;
+pub mod reuse;
 mod schedule;
 pub mod stage;
 pub mod user;

@@ -464,3 +464,99 @@ fn a_base_with_127_layers_builds_and_rebuilds_from_the_cache() {
     let saved = save(&d, &first, "deep-built.tar");
     assert!(!saved.is_empty());
 }
+
+/// The inode of `rel` in each COPY snapshot that has it.
+fn snapshot_inodes(data: &Path, rel: &str) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    cache_snapshots(data)
+        .iter()
+        .filter_map(|id| {
+            std::fs::symlink_metadata(data.join("cache/snapshots").join(id).join("diff").join(rel))
+                .ok()
+                .map(|m| m.ino())
+        })
+        .collect()
+}
+
+#[test]
+fn a_copy_with_one_file_changed_links_the_others_and_gives_the_full_copy_image() {
+    if !require_root() {
+        return;
+    }
+    let base = |d: &Daemon| {
+        let archive = d.dir.path().join("base.tar");
+        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1"))
+            .expect("archive");
+        d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+    };
+    let d = Daemon::start();
+    base(&d);
+    let df =
+        "FROM base:1\nCOPY . /app/\nRUN cat /app/d/one /app/d/two && stat -c %a /app/d/three\n";
+    let ctx = Ctx::new(
+        &d,
+        df,
+        &[
+            ("d/one", "1\n"),
+            ("d/two", "2\n"),
+            ("d/three", "3\n"),
+            ("sub/deep/x", "x\n"),
+        ],
+    );
+    let stat = "--build-static=build-time=2024-01-02 03:04:05";
+    build(&d, &ctx, &[stat]);
+    ctx.write("d/one", "one changed\n");
+    std::fs::set_permissions(
+        ctx.dir.join("d/three"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let (id, out) = build(&d, &ctx, &[stat]);
+    assert!(out.lines().any(|l| l == "one changed"), "{out}");
+    assert!(out.lines().any(|l| l == "600"), "{out}");
+    // Unchanged files are one inode in both versions; changed ones are not.
+    let two = snapshot_inodes(&d.data(), "app/d/two");
+    assert_eq!(two.len(), 2, "{two:?}");
+    assert_eq!(two[0], two[1], "app/d/two was copied again");
+    let deep = snapshot_inodes(&d.data(), "app/sub/deep/x");
+    assert_eq!(deep.len(), 2);
+    assert_eq!(deep[0], deep[1]);
+    for changed in ["app/d/one", "app/d/three"] {
+        let i = snapshot_inodes(&d.data(), changed);
+        assert_eq!(i.len(), 2, "{changed}");
+        assert_ne!(i[0], i[1], "{changed} was linked though it changed");
+    }
+    // The image is the one a full copy makes (a daemon without a cache copies everything).
+    let off =
+        Daemon::start_configured(&[("configuration.toml", "build_cache = false\n")], &[], &[]);
+    base(&off);
+    let ctx_off = Ctx::new(&off, df, &[]);
+    for f in ["d/one", "d/two", "d/three", "sub/deep/x"] {
+        std::fs::create_dir_all(ctx_off.dir.join(f).parent().expect("parent")).expect("mkdir");
+        std::fs::copy(ctx.dir.join(f), ctx_off.dir.join(f)).expect("copy");
+    }
+    // Same mtimes and modes as the first context.
+    for f in [
+        "d",
+        "d/one",
+        "d/two",
+        "d/three",
+        "sub",
+        "sub/deep",
+        "sub/deep/x",
+        ".",
+    ] {
+        let m = std::fs::metadata(ctx.dir.join(f)).expect("meta");
+        std::fs::set_permissions(ctx_off.dir.join(f), m.permissions()).expect("mode");
+        let t = m.modified().expect("mtime");
+        std::fs::File::options()
+            .write(f != "." && !m.is_dir())
+            .read(true)
+            .open(ctx_off.dir.join(f))
+            .and_then(|file| file.set_modified(t))
+            .expect("set mtime");
+    }
+    let (fresh, _) = build(&off, &ctx_off, &[stat]);
+    assert_eq!(fresh, id, "linking changed the image");
+    assert_eq!(save(&off, &fresh, "fresh.tar"), save(&d, &id, "linked.tar"));
+}

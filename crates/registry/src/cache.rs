@@ -359,6 +359,7 @@ impl Source {
             description: e.description.clone(),
             snapshot: None,
             stage: None,
+            lineage: None,
             size: 0,
             created: 0,
             last_used: 0,

@@ -58,6 +58,10 @@ pub struct Record {
     pub snapshot: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<StageRecord>,
+    /// Steps with the same lineage are versions of one another (the same COPY on the same
+    /// parent, with other sources): a new version may reuse an old one's unchanged files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Digest>,
     /// Bytes on disk this record alone holds (its snapshot, or its stage's own layer).
     pub size: u64,
     /// Seconds since the epoch (set by [`Cache::put`]).
@@ -75,6 +79,7 @@ impl Record {
             description: description.to_string(),
             snapshot: None,
             stage: None,
+            lineage: None,
             size: 0,
             created: 0,
             last_used: 0,
@@ -236,6 +241,25 @@ impl Cache {
 
     pub fn snapshot_dir(&self, id: &str) -> PathBuf {
         self.dir.join("snapshots").join(id).join("diff")
+    }
+
+    /// A note kept beside a snapshot's diff (see [`crate::StagedLayer::note_path`]).
+    pub fn snapshot_note(&self, id: &str, name: &str) -> PathBuf {
+        self.dir.join("snapshots").join(id).join(name)
+    }
+
+    /// The snapshot of the most recent record of `lineage`, leased (so no prune takes it
+    /// while the caller reads it).
+    pub fn latest_of_lineage(&self, lineage: &Digest, lease: &Lease) -> Option<String> {
+        let index = self.index();
+        let (_, r) = index
+            .records
+            .iter()
+            .filter(|(_, r)| r.lineage.as_ref() == Some(lineage) && r.snapshot.is_some())
+            .max_by_key(|(_, r)| (r.created, r.last_used))?;
+        let id = r.snapshot.clone()?;
+        lease.snapshot(&id);
+        Some(id)
     }
 
     /// Drops records whose parts are gone (with the records stacked on them) and removes

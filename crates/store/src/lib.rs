@@ -166,6 +166,11 @@ impl StagedLayer {
         self.dir.join("diff")
     }
 
+    /// A file kept beside the diff (a snapshot's notes, such as what a COPY put where).
+    pub fn note_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
     /// An overlay work directory beside the diff (same file system), for using the staged
     /// layer as an overlay upper. Removed again at commit.
     pub fn work_dir(&self) -> Result<PathBuf> {

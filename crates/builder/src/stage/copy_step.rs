@@ -50,6 +50,18 @@ impl StageRun<'_, '_> {
             self.key = key;
             return Ok(());
         }
+        if c.from.is_none() && !c.sources.is_empty() && self.opts.cache != CacheMode::Off {
+            let mut lineage = KeyBuilder::new(
+                if is_add {
+                    "add-lineage"
+                } else {
+                    "copy-lineage"
+                },
+                Some(&self.key),
+            );
+            lineage.json("instruction", &c).field("cwd", cwd.as_bytes());
+            self.step_lineage = Some(lineage.finish());
+        }
         self.mount_step()?;
         self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref())?;
         self.finish_step(&key, &step.original)?;
@@ -138,7 +150,26 @@ impl StageRun<'_, '_> {
                     root: ctx_root,
                     ignore: self.ignore,
                 };
-                copy::copy(&src, &c.sources, root, &dest, &opts).map_err(|e| step_err(n, step, e))
+                let Some(lineage) = &self.step_lineage else {
+                    return copy::copy(&src, &c.sources, root, &dest, &opts, None)
+                        .map_err(|e| step_err(n, step, e));
+                };
+                // Files the previous version of this step wrote exactly so are linked.
+                let cache = self.ctx.store.cache();
+                let old = cache.latest_of_lineage(lineage, self.lease).map(|id| {
+                    (
+                        cache.snapshot_dir(&id),
+                        cache.snapshot_note(&id, crate::reuse::NOTE),
+                    )
+                });
+                let hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
+                let mut reuse = crate::reuse::Reuse::new(&hashes, old, &self.dir.join("rootfs"));
+                copy::copy(&src, &c.sources, root, &dest, &opts, Some(&mut reuse))
+                    .map_err(|e| step_err(n, step, e))?;
+                let plan = reuse.into_plan();
+                drop(hashes);
+                self.reuse_plan = Some(plan);
+                Ok(())
             }
             Some(from) => {
                 let result = from_result
@@ -168,7 +199,7 @@ impl StageRun<'_, '_> {
                     root: &src_root,
                     ignore: None,
                 };
-                let r = copy::copy(&src, &c.sources, root, &dest, &opts)
+                let r = copy::copy(&src, &c.sources, root, &dest, &opts, None)
                     .map_err(|e| step_err(n, step, e));
                 drop(src_root);
                 drop(guard);

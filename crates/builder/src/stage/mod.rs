@@ -83,6 +83,10 @@ pub struct StageRun<'c, 'a> {
     snaps: Vec<Snapshot>,
     /// The cache keys this stage hit or recorded, in order (for `--cache-to`).
     cache_keys: Vec<Digest>,
+    /// The running COPY's lineage (its key without its sources) and its plan of files to
+    /// link from the previous version, applied once the step is unmounted.
+    step_lineage: Option<Digest>,
+    reuse_plan: Option<crate::reuse::Plan>,
 }
 
 /// One step's own changes: a cache snapshot, (cache off) a staged directory that goes
@@ -211,6 +215,8 @@ impl<'c, 'a> StageRun<'c, 'a> {
             upper: None,
             snaps: Vec::new(),
             cache_keys: Vec::new(),
+            step_lineage: None,
+            reuse_plan: None,
         }
     }
 

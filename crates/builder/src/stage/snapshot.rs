@@ -82,6 +82,13 @@ impl StageRun<'_, '_> {
             .upper
             .take()
             .ok_or_else(|| BuildError::Invalid("no upper directory".into()))?;
+        let lineage = self.step_lineage.take();
+        if let Some(plan) = self.reuse_plan.take() {
+            let linked = plan.linked();
+            plan.finish(&upper.diff_dir(), &upper.note_path(crate::reuse::NOTE))
+                .map_err(|e| BuildError::Invalid(format!("reusing unchanged files: {e}")))?;
+            tracing::debug!(linked, "files linked from the previous version of the step");
+        }
         let empty = std::fs::read_dir(upper.diff_dir())
             .map(|mut d| d.next().is_none())
             .unwrap_or(true);
@@ -102,6 +109,7 @@ impl StageRun<'_, '_> {
         let record = Record {
             snapshot: snapshot.clone(),
             size,
+            lineage,
             ..Record::new(&self.key, description)
         };
         let kept = store.cache().put(key, record)?;
