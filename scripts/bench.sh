@@ -115,13 +115,89 @@ step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
 step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
 
-# The build cache: the COPY build again unchanged, with one file changed, and with the cache
-# bypassed (what every build cost before the cache).
-step "build: COPY, unchanged" ctr-img build "$work/ctx-copy"
-changed=$(find "$work/ctx-copy" -type f ! -name Dockerfile -print -quit)
-echo "changed" >> "$changed"
-step "build: COPY, 1 file changed" ctr-img build "$work/ctx-copy"
-step "build: COPY, --no-cache" ctr-img build --no-cache "$work/ctx-copy"
+# The build cache, in rounds (ROUNDS, default 3) that interleave: the COPY build with the
+# cache bypassed (--no-cache: what every build cost before the cache), unchanged, with one
+# file changed, and BuildKit's cached rebuild of the same context when a Docker engine runs
+# here. Medians with the spread (min-max), and ratios; the daemon's peak RSS over them all.
+rounds="${ROUNDS:-3}"
+declare -A T
+timed() {
+    local name="$1"; shift
+    sync
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$@" >/dev/null 2>&1 || echo "# $name failed" >&2
+    t1=$(date +%s.%N)
+    T[$name]+="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }') "
+}
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+spread() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
+row() { printf '%-34s %8.2f   (%s)\n' "$1" "$(median "${T[$1]}")" "$(spread "${T[$1]}")"; }
+ratio() { awk -v a="$(median "${T[$1]}")" -v b="$(median "${T[$2]}")" -v n="$3" 'BEGIN { printf "%-34s %8.2f\n", n, a / b }'; }
+bk=""
+if [ -x /usr/bin/docker ] && docker info >/dev/null 2>&1; then
+    bk=1
+    "$bin/isula-build" ctr-img save busybox:bench -o "$work/base-bk.tar" >/dev/null
+    docker load -i "$work/base-bk.tar" >/dev/null
+    DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy" >/dev/null 2>&1
+fi
+echo 5 > "/proc/$daemon/clear_refs"
+for r in $(seq "$rounds"); do
+    timed "cold (--no-cache)" "$bin/isula-build" ctr-img build --no-cache "$work/ctx-copy"
+    timed "unchanged" "$bin/isula-build" ctr-img build "$work/ctx-copy"
+    echo "changed $r" >> "$work/ctx-copy/app/d000/f00000.bin"
+    timed "one file changed" "$bin/isula-build" ctr-img build "$work/ctx-copy"
+    if [ -n "$bk" ]; then
+        timed "buildkit cached" env DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy"
+    fi
+done
+hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
+echo "# build cache: COPY of the context, $rounds rounds, median seconds (spread)"
+row "cold (--no-cache)"
+row "unchanged"
+row "one file changed"
+ratio "one file changed" "cold (--no-cache)" "one file changed / cold"
+if [ -n "$bk" ]; then
+    row "buildkit cached"
+    ratio "unchanged" "buildkit cached" "unchanged / buildkit cached"
+fi
+awk -v h="$hwm" 'BEGIN { printf "%-34s %8.1f MB\n", "peak daemon RSS (cache rounds)", h / 1024 }'
+
+# Sharing through the registry: a second daemon with an empty store builds with
+# --cache-from, beside that daemon pulling the image the build made; interleaved rounds.
+if [ -n "$reg_host" ]; then
+    "$bin/isula-build" ctr-img tag busybox:bench "$reg_host/busybox:bench" >/dev/null
+    "$bin/isula-build" ctr-img push "$reg_host/busybox:bench" >/dev/null
+    sed "s|^FROM busybox:bench|FROM $reg_host/busybox:bench|" "$work/ctx-copy/Dockerfile" > "$work/Dockerfile.reg"
+    "$bin/isula-build" ctr-img build -f "$work/Dockerfile.reg" --tag "$reg_host/app:copy" \
+        --cache-to "$reg_host/cache:copy" "$work/ctx-copy" >/dev/null
+    "$bin/isula-build" ctr-img push "$reg_host/app:copy" >/dev/null
+    sock2="unix://$work/isula_build2.sock"
+    "$bin/isula-builder" --dataroot "$work/data2" --runroot "$work/run2" --host "$sock2" \
+        --config-dir "$work/etc" 2>"$work/daemon2.log" &
+    daemon2=$!
+    for _ in $(seq 100); do ISULABUILD_HOST="$sock2" "$bin/isula-build" version >/dev/null 2>&1 && break; sleep 0.1; done
+    empty2() {
+        ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img rm -a >/dev/null 2>&1 || true
+        ISULABUILD_HOST="$sock2" "$bin/isula-build" builder prune -a -f >/dev/null 2>&1 || true
+    }
+    echo 5 > "/proc/$daemon2/clear_refs"
+    for r in $(seq "$rounds"); do
+        empty2
+        timed "second daemon: pull" env ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img pull "$reg_host/app:copy"
+        empty2
+        timed "second daemon: --cache-from" env ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img build \
+            -f "$work/Dockerfile.reg" --cache-from "$reg_host/cache:copy" "$work/ctx-copy"
+    done
+    hwm2=$(awk '/VmHWM/ {print $2}' "/proc/$daemon2/status")
+    kill -TERM "$daemon2" 2>/dev/null || true
+    wait "$daemon2" 2>/dev/null || true
+    echo "# registry cache: a second daemon with an empty store, median seconds (spread)"
+    row "second daemon: pull"
+    row "second daemon: --cache-from"
+    ratio "second daemon: --cache-from" "second daemon: pull" "--cache-from / pull"
+    awk -v h="$hwm2" 'BEGIN { printf "%-34s %8.1f MB\n", "peak second daemon RSS", h / 1024 }'
+fi
 
 # 100 builds at once (the manual's limit), each with a RUN.
 for i in $(seq 1 100); do

@@ -405,9 +405,12 @@ fn copy_entry(
     pdir: BorrowedFd<'_>,
     name: &OsStr,
     opts: &CopyOptions,
-    reuse: Option<&mut crate::reuse::Reuse<'_>>,
+    mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
 ) -> R<()> {
     let kind = FileType::from_raw_mode(st.st_mode);
+    if let Some(r) = reuse.as_deref_mut() {
+        r.unplan(pdir, name);
+    }
     let existing = rooted::lstat(pdir, name).map_err(|e| e.to_string())?;
     if let Some(ex) = &existing {
         if !(kind == FileType::Directory && rooted::is_dir(ex)) {
@@ -446,7 +449,6 @@ fn copy_entry(
                 reuse.is_some_and(|r| r.plan_file(rel, st, pdir, name, mode, (uid, gid), mtime));
             if linked_later {
                 // The previous version's file takes this place once the step is unmounted.
-                drop(rooted::create_file(pdir, name, 0o600).map_err(|e| e.to_string())?);
                 return Ok(());
             }
             let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));

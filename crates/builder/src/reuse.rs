@@ -3,10 +3,9 @@
 //! owner and mtime) are hard links to that version's snapshot instead of new copies.
 //! Snapshots are never written once recorded, so sharing their inodes is safe.
 //!
-//! During the copy (through the step's overlay) such a file is created empty; once the
-//! overlay is unmounted, the empty file is replaced by a link to the old one and its
-//! directory's mtime put back, so the step's upper directory is exactly what a full copy
-//! makes. Each COPY snapshot keeps a note of what it wrote (`copied.json`) for the next
+//! During the copy (through the step's overlay) such a file is left out; once the overlay
+//! is unmounted, a link to the old one is made in its place and its directory's mtime put
+//! back, so the step's upper directory is exactly what a full copy makes. Each COPY snapshot keeps a note of what it wrote (`copied.json`) for the next
 //! version.
 
 use crate::cache_key::ContextHashes;
@@ -42,6 +41,8 @@ pub struct Reuse<'a> {
     old: Option<(Root, HashMap<String, Fact>)>,
     /// The step's rootfs mount (its real path), to name destinations in the upper directory.
     mount: PathBuf,
+    /// Destination directories by (device, inode): their path relative to the rootfs.
+    dirs: HashMap<(u64, u64), PathBuf>,
     plan: Plan,
 }
 
@@ -50,7 +51,7 @@ pub struct Reuse<'a> {
 pub struct Plan {
     old: Option<Root>,
     facts: BTreeMap<String, Fact>,
-    links: Vec<String>,
+    links: std::collections::BTreeSet<String>,
 }
 
 impl<'a> Reuse<'a> {
@@ -71,20 +72,37 @@ impl<'a> Reuse<'a> {
             hashes,
             old,
             mount: std::fs::canonicalize(mount).unwrap_or_else(|_| mount.to_path_buf()),
+            dirs: HashMap::new(),
             plan: Plan::default(),
         }
     }
 
     /// The destination of `name` in `pdir`, relative to the rootfs.
-    fn dest_rel(&self, pdir: BorrowedFd<'_>, name: &OsStr) -> Option<String> {
-        let dir = std::fs::read_link(format!("/proc/self/fd/{}", pdir.as_raw_fd())).ok()?;
-        let rel = dir.strip_prefix(&self.mount).ok()?;
-        let joined = rel.join(name);
+    fn dest_rel(&mut self, pdir: BorrowedFd<'_>, name: &OsStr) -> Option<String> {
+        let st = rustix::fs::fstat(pdir).ok()?;
+        let id = (st.st_dev, st.st_ino);
+        if !self.dirs.contains_key(&id) {
+            let dir = std::fs::read_link(format!("/proc/self/fd/{}", pdir.as_raw_fd())).ok()?;
+            let rel = dir.strip_prefix(&self.mount).ok()?.to_path_buf();
+            self.dirs.insert(id, rel);
+        }
+        let joined = self.dirs.get(&id)?.join(name);
         Some(joined.to_str()?.to_string())
     }
 
+    /// Something else is written at `name` in `pdir`: a link planned there is dropped.
+    pub(crate) fn unplan(&mut self, pdir: BorrowedFd<'_>, name: &OsStr) {
+        if self.plan.links.is_empty() {
+            return;
+        }
+        if let Some(dest) = self.dest_rel(pdir, name) {
+            self.plan.links.remove(&dest);
+            self.plan.facts.remove(&dest);
+        }
+    }
+
     /// A regular file the copy is about to write: notes what it will be, and says whether
-    /// the previous version has exactly it (then the caller writes only an empty file).
+    /// the previous version has exactly it (then the caller leaves it to [`Plan::finish`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn plan_file(
         &mut self,
@@ -114,7 +132,7 @@ impl<'a> Reuse<'a> {
             facts.get(&dest) == Some(&fact) && old_file_is(root, &dest, fact.size)
         });
         if same {
-            self.plan.links.push(dest.clone());
+            self.plan.links.insert(dest.clone());
         }
         self.plan.facts.insert(dest, fact);
         same
@@ -148,9 +166,9 @@ impl Plan {
         self.links.len()
     }
 
-    /// Replaces the planned empty files in `upper` (the unmounted step's diff) by links to
-    /// the previous version's files, keeps the mtimes of their directories, and writes the
-    /// note of what this copy wrote to `note`.
+    /// Links the previous version's files into `upper` (the unmounted step's diff) where
+    /// the copy left them out, keeps the mtimes of their directories, and writes the note
+    /// of what this copy wrote to `note`.
     pub fn finish(self, upper: &Path, note: &Path) -> R<()> {
         if let Some(old) = &self.old {
             let up = Root::open(upper).map_err(|e| format!("{}: {e}", upper.display()))?;
@@ -187,7 +205,7 @@ impl Plan {
     }
 }
 
-/// Links the old snapshot's `rel` over the empty file of the same name in `dir`.
+/// Links the old snapshot's `rel` into `dir` (over a whiteout the copy left there).
 fn link_one(old: &Root, dir: &std::os::fd::OwnedFd, rel: &str) -> R<()> {
     let name = Path::new(rel)
         .file_name()
@@ -200,6 +218,11 @@ fn link_one(old: &Root, dir: &std::os::fd::OwnedFd, rel: &str) -> R<()> {
             Mode::empty(),
         )
         .map_err(|e| format!("{rel}: {e}"))?;
+    match rustix::fs::linkat(&src, "", dir.as_fd(), name, AtFlags::EMPTY_PATH) {
+        Ok(()) => return Ok(()),
+        Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(format!("{rel}: linking the unchanged file: {e}")),
+    }
     let mut tmp = b".isula-link.".to_vec();
     tmp.extend_from_slice(name.as_bytes());
     let tmp = OsStr::from_bytes(&tmp);

@@ -82,7 +82,9 @@ impl StageRun<'_, '_> {
                 )
             };
             let stack: Vec<&Path> = self.snaps.iter().rev().map(|s| s.dir.as_path()).collect();
+            let t = std::time::Instant::now();
             let staged = store.squash(&stack, guard.as_ref().map(|_| view.as_path()))?;
+            tracing::debug!(elapsed = ?t.elapsed(), snapshots = stack.len(), "stage squashed");
             drop(guard);
             Some(staged)
         };
@@ -97,6 +99,7 @@ impl StageRun<'_, '_> {
                 clamp_mtime: self.opts.build_time,
                 exclude: Default::default(),
             };
+            let t = std::time::Instant::now();
             let writer = store.content().writer()?;
             let writer = write_layer(
                 &upper.diff_dir(),
@@ -107,6 +110,7 @@ impl StageRun<'_, '_> {
                 isula_store::StoreError::io("write", upper.diff_dir(), e.into_error())
             })?;
             let (blob, size) = self.lease.commit_blob(writer, None)?;
+            tracing::debug!(elapsed = ?t.elapsed(), size, "stage layer written");
             // Its gzip form, for pushing, is made in the background.
             store.queue_compression(&blob);
             let diff = DiffId(blob.clone());

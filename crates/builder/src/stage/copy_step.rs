@@ -37,7 +37,11 @@ impl StageRun<'_, '_> {
                     ignore: self.ignore,
                 };
                 let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
-                hash_sources(&src, &c.sources, &mut hashes).map_err(|e| step_err(n, step, e))?
+                let t = std::time::Instant::now();
+                let h = hash_sources(&src, &c.sources, &mut hashes)
+                    .map_err(|e| step_err(n, step, e))?;
+                tracing::debug!(elapsed = ?t.elapsed(), read = hashes.hashed, "COPY sources hashed");
+                h
             }
             (None, None) => KeyBuilder::new("no-sources", None).finish(),
         };
@@ -63,8 +67,12 @@ impl StageRun<'_, '_> {
             self.step_lineage = Some(lineage.finish());
         }
         self.mount_step()?;
+        let t = std::time::Instant::now();
         self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref())?;
+        tracing::debug!(elapsed = ?t.elapsed(), "COPY copied");
+        let t = std::time::Instant::now();
         self.finish_step(&key, &step.original)?;
+        tracing::debug!(elapsed = ?t.elapsed(), "COPY step recorded");
         self.key = key;
         Ok(())
     }
