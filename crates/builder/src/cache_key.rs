@@ -72,17 +72,45 @@ impl StatKey {
     }
 }
 
+/// A SHA-256, kept as bytes and written as hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sha(pub [u8; 32]);
+
+impl Sha {
+    fn hex(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        // 32 bytes always fit 64 hex digits.
+        let _ = hex::encode_to_slice(self.0, &mut out);
+        out
+    }
+}
+
+impl Serialize for Sha {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sha, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
+        Ok(Sha(out))
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct HashRecord {
-    files: BTreeMap<String, (StatKey, String)>,
+    files: BTreeMap<String, (StatKey, Sha)>,
 }
 
 /// Content hashes of a build context's files, reused while a file's inode, size, mtime and
 /// ctime are unchanged (ctime changes on every write, even one that restores the mtime).
+/// Entries of files not looked at in a build stay.
 pub struct ContextHashes {
     record_path: Option<std::path::PathBuf>,
-    old: HashRecord,
-    new: HashRecord,
+    record: HashRecord,
     /// Files read and hashed this build (for tests and benchmarks).
     pub hashed: usize,
 }
@@ -90,15 +118,14 @@ pub struct ContextHashes {
 impl ContextHashes {
     /// Loads the record at `record_path` (none: hash everything, keep nothing).
     pub fn load(record_path: Option<std::path::PathBuf>) -> ContextHashes {
-        let old = record_path
+        let record = record_path
             .as_ref()
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|p| std::fs::File::open(p).ok())
+            .and_then(|f| serde_json::from_reader(std::io::BufReader::new(f)).ok())
             .unwrap_or_default();
         ContextHashes {
             record_path,
-            old,
-            new: HashRecord::default(),
+            record,
             hashed: 0,
         }
     }
@@ -109,26 +136,19 @@ impl ContextHashes {
         if self.hashed == 0 {
             return;
         }
-        // Files not looked at this time keep their entries.
-        let mut merged = std::mem::take(&mut self.old);
-        merged.files.append(&mut self.new.files);
-        if let Ok(data) = serde_json::to_vec(&merged) {
-            if let Err(e) = isula_store::metadata::write_atomic(p, &data) {
-                tracing::warn!(path = %p.display(), error = %e, "saving the context hash record");
-            }
+        let record = &self.record;
+        if let Err(e) = isula_store::metadata::write_atomic_with(p, &mut |w| {
+            serde_json::to_writer(w, record).map_err(std::io::Error::other)
+        }) {
+            tracing::warn!(path = %p.display(), error = %e, "saving the context hash record");
         }
-        self.old = merged;
+        self.hashed = 0;
     }
 
-    /// The content hash of `rel` found or made this build, if its stat still matches.
-    pub fn known(&self, rel: &str, st: &rustix::fs::Stat) -> Option<[u8; 32]> {
-        let (k, h) = self.new.files.get(rel)?;
-        if *k != StatKey::of(st) {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(h, &mut out).ok()?;
-        Some(out)
+    /// The content hash of `rel` as recorded, if its stat still matches.
+    pub fn known(&self, rel: &str, st: &rustix::fs::Stat) -> Option<Sha> {
+        let (k, h) = self.record.files.get(rel)?;
+        (*k == StatKey::of(st)).then_some(*h)
     }
 
     fn content_hash(
@@ -136,15 +156,11 @@ impl ContextHashes {
         rel: &str,
         fd: std::os::fd::BorrowedFd<'_>,
         st: &rustix::fs::Stat,
-    ) -> Result<String, String> {
-        let key = StatKey::of(st);
-        if let Some((k, h)) = self.new.files.get(rel).or_else(|| self.old.files.get(rel)) {
-            if *k == key {
-                let h = h.clone();
-                self.new.files.insert(rel.to_string(), (key, h.clone()));
-                return Ok(h);
-            }
+    ) -> Result<Sha, String> {
+        if let Some(h) = self.known(rel, st) {
+            return Ok(h);
         }
+        let key = StatKey::of(st);
         let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
         let f = rustix::fs::open(
             proc.as_str(),
@@ -163,13 +179,15 @@ impl ContextHashes {
             h.update(&buf[..n]);
         }
         self.hashed += 1;
-        let hex = hex::encode(h.finalize());
+        let sum = Sha(h.finalize().into());
         // A file that changed while it was read gets no record (it is hashed again next time).
         let after = rustix::fs::fstat(fd).map(|s| StatKey::of(&s)).ok();
         if after.as_ref() == Some(&key) {
-            self.new.files.insert(rel.to_string(), (key, hex.clone()));
+            self.record.files.insert(rel.to_string(), (key, sum));
+        } else {
+            self.record.files.remove(rel);
         }
-        Ok(hex)
+        Ok(sum)
     }
 }
 
@@ -206,7 +224,7 @@ fn entry(
     match kind {
         FileType::RegularFile => {
             let h = hashes.content_hash(rel, fd, st)?;
-            k.field("sha256", h.as_bytes());
+            k.field("sha256", &h.hex());
         }
         FileType::Symlink => {
             let target =

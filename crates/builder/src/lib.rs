@@ -44,8 +44,9 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Something outside failed (a pull, a `--cache-from` registry), with its kind.
     #[error("{1}")]
-    Pulled(isula_store::ErrorKind, String),
+    External(isula_store::ErrorKind, String),
     #[error("build cancelled")]
     Cancelled,
 }
@@ -78,7 +79,7 @@ impl BuildError {
             BuildError::Parse(_) | BuildError::Invalid(_) => K::InvalidArgument,
             BuildError::Step { kind, .. } => *kind,
             BuildError::Store(e) => e.kind(),
-            BuildError::Pulled(kind, _) => *kind,
+            BuildError::External(kind, _) => *kind,
             BuildError::Cancelled => K::Unavailable,
         }
     }

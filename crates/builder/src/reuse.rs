@@ -8,7 +8,7 @@
 //! back, so the step's upper directory is exactly what a full copy makes. Each COPY snapshot keeps a note of what it wrote (`copied.json`) for the next
 //! version.
 
-use crate::cache_key::ContextHashes;
+use crate::cache_key::{ContextHashes, Sha};
 use isula_sys::rooted::{Resolve, Root};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use serde::{Deserialize, Serialize};
@@ -24,7 +24,7 @@ pub const NOTE: &str = "copied.json";
 /// What a COPY wrote at one destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fact {
-    sha256: String,
+    sha256: Sha,
     mode: u32,
     uid: u32,
     gid: u32,
@@ -63,9 +63,9 @@ impl<'a> Reuse<'a> {
         mount: &Path,
     ) -> Reuse<'a> {
         let old = old.and_then(|(diff, note)| {
-            let facts: HashMap<String, Fact> = std::fs::read(&note)
+            let facts: HashMap<String, Fact> = std::fs::File::open(&note)
                 .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())?;
+                .and_then(|f| serde_json::from_reader(std::io::BufReader::new(f)).ok())?;
             Some((Root::open(&diff).ok()?, facts))
         });
         Reuse {
@@ -121,7 +121,7 @@ impl<'a> Reuse<'a> {
             return false;
         };
         let fact = Fact {
-            sha256: hex::encode(sum),
+            sha256: sum,
             mode,
             uid: owner.0,
             gid: owner.1,
@@ -200,8 +200,11 @@ impl Plan {
                     .map_err(|e| format!("{dir_path}: {e}"))?;
             }
         }
-        let data = serde_json::to_vec(&self.facts).map_err(|e| e.to_string())?;
-        std::fs::write(note, data).map_err(|e| format!("{}: {e}", note.display()))
+        let f = std::fs::File::create(note).map_err(|e| format!("{}: {e}", note.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(64 << 10, f);
+        serde_json::to_writer(&mut w, &self.facts)
+            .map_err(|e| format!("{}: {e}", note.display()))?;
+        std::io::Write::flush(&mut w).map_err(|e| format!("{}: {e}", note.display()))
     }
 }
 

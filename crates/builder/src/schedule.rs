@@ -228,21 +228,33 @@ pub(crate) fn build_stages(
         };
         let Some(i) = i else { break };
         let results = lock().results.clone();
-        let mut log = |line: String| emitter.emit(i, Event::Line(line));
-        let mut sctx = Context {
-            store,
-            runc,
-            cancel: stage_cancel[i].clone(),
-            log: &mut log,
-            pull,
-            remote,
-        };
-        let mut run = stage::StageRun::new(&mut sctx, &shared, i, &results);
-        let mut step_no = 0;
-        let mut used = Vec::new();
-        let outcome = run.execute(&mut step_no, &mut used);
-        let keys = run.take_cache_keys();
-        drop(run);
+        // A stage that panics (a bug) fails the build instead of leaving the others
+        // waiting for it.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut log = |line: String| emitter.emit(i, Event::Line(line));
+            let mut sctx = Context {
+                store,
+                runc,
+                cancel: stage_cancel[i].clone(),
+                log: &mut log,
+                pull,
+                remote,
+            };
+            let mut run = stage::StageRun::new(&mut sctx, &shared, i, &results);
+            let mut step_no = 0;
+            let mut used = Vec::new();
+            let outcome = run.execute(&mut step_no, &mut used);
+            (outcome, used, run.take_cache_keys())
+        }));
+        let (outcome, used, keys) = ran.unwrap_or_else(|_| {
+            (
+                Err(BuildError::Invalid(format!(
+                    "internal error: stage {i} stopped unexpectedly"
+                ))),
+                Vec::new(),
+                Vec::new(),
+            )
+        });
         let mut s = lock();
         s.used_args[i] = used;
         s.cache_keys[i] = keys;

@@ -63,6 +63,8 @@ fn open_store(s: &Settings) -> Result<isula_store::Store> {
 }
 
 fn main() {
+    // Before any thread: the daemon's memory stays near what is live (see isula_sys::memory).
+    isula_sys::memory::limit_malloc_arenas(2);
     let flags = Flags::parse();
     if let Some(Command::Completion { shell }) = flags.command {
         clap_complete::generate(

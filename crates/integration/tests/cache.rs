@@ -393,6 +393,10 @@ fn builder_du_shows_and_prune_frees_the_cache() {
     assert!(out.contains("Deleted build cache objects:"), "{out}");
     assert_eq!(du_total_records(&d), 0);
     assert!(cache_snapshots(&d.data()).is_empty());
+    let context_records = std::fs::read_dir(d.data().join("cache/context"))
+        .expect("context records")
+        .count();
+    assert_eq!(context_records, 0, "prune --all keeps context records");
     save(&d, &kept, "kept.tar");
     let (_, out) = build(&d, &ctx, &[]);
     assert!(cached_steps(&out).is_empty(), "{out}");
@@ -526,6 +530,26 @@ fn a_copy_with_one_file_changed_links_the_others_and_gives_the_full_copy_image()
         assert_eq!(i.len(), 2, "{changed}");
         assert_ne!(i[0], i[1], "{changed} was linked though it changed");
     }
+    // --no-cache reuses nothing: with the recorded file damaged behind our back (same
+    // size), its RUN still reads what the context holds.
+    let snap = cache_snapshots(&d.data())
+        .into_iter()
+        .map(|s| {
+            d.data()
+                .join("cache/snapshots")
+                .join(s)
+                .join("diff/app/d/two")
+        })
+        .find(|p| p.exists())
+        .expect("a snapshot with app/d/two");
+    std::fs::write(&snap, "X\n").expect("damage");
+    let (_, out) = build(&d, &ctx, &[stat, "--no-cache"]);
+    assert!(
+        out.lines().any(|l| l == "2"),
+        "--no-cache used a recorded file: {out}"
+    );
+    assert!(!out.lines().any(|l| l == "X"), "{out}");
+    std::fs::write(&snap, "2\n").expect("repair");
     // The image is the one a full copy makes (a daemon without a cache copies everything).
     let off =
         Daemon::start_configured(&[("configuration.toml", "build_cache = false\n")], &[], &[]);

@@ -337,6 +337,11 @@ impl Cache {
         Ok(id)
     }
 
+    /// Whether there is a record for `key`.
+    pub fn contains(&self, key: &Digest) -> bool {
+        self.index().records.contains_key(key)
+    }
+
     /// Records `key` (kept in memory until [`Cache::persist`]). An existing record for
     /// the key wins (a concurrent build made the same step): then `false` is returned and
     /// the caller's snapshot, if any, is removed.
@@ -408,6 +413,18 @@ impl Cache {
             .iter()
             .map(|(k, r)| (k.clone(), r.clone()))
             .collect()
+    }
+
+    /// Removes the builder's per-context records (what `prune --all` also clears).
+    pub fn clear_context_records(&self) -> Result<usize> {
+        let dir = self.dir.join("context");
+        let mut n = 0;
+        for ent in fs::read_dir(&dir).map_err(|e| StoreError::io("read", &dir, e))? {
+            let ent = ent.map_err(|e| StoreError::io("read", &dir, e))?;
+            fs::remove_file(ent.path()).map_err(|e| StoreError::io("remove", ent.path(), e))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// The keys of `roots` and of every record below them (their parent chains).

@@ -313,6 +313,11 @@ impl Store {
         if pruned.records > 0 {
             self.gc()?;
         }
+        if all && keep == 0 {
+            // Everything goes: the context records too (the next build reads its context
+            // again, as the first one did).
+            self.cache.clear_context_records()?;
+        }
         Ok(pruned)
     }
 

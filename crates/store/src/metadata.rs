@@ -115,6 +115,15 @@ pub(crate) fn save_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 
 /// Replaces `path` with `data` atomically and durably.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_with(path, &mut |w| w.write_all(data))
+}
+
+/// [`write_atomic`] for data written as it is made (a large record is never whole in
+/// memory).
+pub fn write_atomic_with(
+    path: &Path,
+    write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{:08x}",
@@ -122,9 +131,12 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         rand::random::<u32>()
     ));
     let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
-        f.write_all(data)
-            .map_err(|e| StoreError::io("write", &tmp, e))?;
+        let f = fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
+        let mut w = std::io::BufWriter::with_capacity(64 << 10, f);
+        write(&mut w).map_err(|e| StoreError::io("write", &tmp, e))?;
+        let f = w
+            .into_inner()
+            .map_err(|e| StoreError::io("write", &tmp, e.into_error()))?;
         f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
         fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", path, e))?;
         isula_sys::fsync_dir(dir)?;

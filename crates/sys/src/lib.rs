@@ -5,6 +5,7 @@
 //! policy: callers say how a path must be resolved, this crate makes sure it is.
 
 pub mod lock;
+pub mod memory;
 pub mod mount;
 pub mod rooted;
 

@@ -162,9 +162,12 @@ impl StageRun<'_, '_> {
                     return copy::copy(&src, &c.sources, root, &dest, &opts, None)
                         .map_err(|e| step_err(n, step, e));
                 };
-                // Files the previous version of this step wrote exactly so are linked.
+                // Files the previous version of this step wrote exactly so are linked;
+                // with --no-cache nothing is reused, but what this copy wrote is noted.
                 let cache = self.ctx.store.cache();
-                let old = cache.latest_of_lineage(lineage, self.lease).map(|id| {
+                let reuse_old = self.opts.cache == CacheMode::On;
+                let old = reuse_old.then(|| cache.latest_of_lineage(lineage, self.lease));
+                let old = old.flatten().map(|id| {
                     (
                         cache.snapshot_dir(&id),
                         cache.snapshot_note(&id, crate::reuse::NOTE),

@@ -124,7 +124,7 @@ fn image_base(ctx: &mut Context<'_>, name: &str) -> Result<StageResult, BuildErr
         (Ok(img), _) => img,
         (Err(isula_store::StoreError::ImageNotFound(_)), Some(pull)) => {
             let id =
-                pull(name, &mut *ctx.log).map_err(|f| BuildError::Pulled(f.kind, f.message))?;
+                pull(name, &mut *ctx.log).map_err(|f| BuildError::External(f.kind, f.message))?;
             store.image(&id)?
         }
         (Err(isula_store::StoreError::ImageNotFound(_)), None) => {

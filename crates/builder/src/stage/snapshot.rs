@@ -18,7 +18,7 @@ impl StageRun<'_, '_> {
             if store.cache().get(&key, self.lease).is_none() {
                 remote
                     .import(&key, self.lease)
-                    .map_err(BuildError::Invalid)?;
+                    .map_err(|e| BuildError::External(isula_store::ErrorKind::Unavailable, e))?;
             }
             let dir = store
                 .cache()
@@ -93,10 +93,20 @@ impl StageRun<'_, '_> {
             .map(|mut d| d.next().is_none())
             .unwrap_or(true);
         let store = self.ctx.store;
-        if self.opts.cache == CacheMode::Off {
+        // With --no-cache, a step already recorded keeps its record, and this build goes on
+        // with its own fresh changes, not the recorded ones.
+        let private = match self.opts.cache {
+            CacheMode::Off => true,
+            CacheMode::Refresh => store.cache().contains(key),
+            CacheMode::On => false,
+        };
+        if private {
             if !empty {
                 self.snaps
                     .push(Snapshot::local(upper.diff_dir(), Some(upper)));
+            }
+            if self.opts.cache != CacheMode::Off {
+                self.cache_keys.push(key.clone());
             }
             return Ok(());
         }
@@ -164,7 +174,7 @@ impl StageRun<'_, '_> {
                 // No files: the record itself is all there is to import.
                 remote
                     .import(key, self.lease)
-                    .map_err(BuildError::Invalid)?;
+                    .map_err(|e| BuildError::External(isula_store::ErrorKind::Unavailable, e))?;
             }
             self.cache_keys.push(key.clone());
             return Ok(true);
