@@ -41,8 +41,6 @@ pub struct Reuse<'a> {
     old: Option<(Root, HashMap<String, Fact>)>,
     /// The step's rootfs mount (its real path), to name destinations in the upper directory.
     mount: PathBuf,
-    /// Destination directories by (device, inode): their path relative to the rootfs.
-    dirs: HashMap<(u64, u64), PathBuf>,
     plan: Plan,
 }
 
@@ -72,21 +70,15 @@ impl<'a> Reuse<'a> {
             hashes,
             old,
             mount: std::fs::canonicalize(mount).unwrap_or_else(|_| mount.to_path_buf()),
-            dirs: HashMap::new(),
             plan: Plan::default(),
         }
     }
 
-    /// The destination of `name` in `pdir`, relative to the rootfs.
-    fn dest_rel(&mut self, pdir: BorrowedFd<'_>, name: &OsStr) -> Option<String> {
-        let st = rustix::fs::fstat(pdir).ok()?;
-        let id = (st.st_dev, st.st_ino);
-        if !self.dirs.contains_key(&id) {
-            let dir = std::fs::read_link(format!("/proc/self/fd/{}", pdir.as_raw_fd())).ok()?;
-            let rel = dir.strip_prefix(&self.mount).ok()?.to_path_buf();
-            self.dirs.insert(id, rel);
-        }
-        let joined = self.dirs.get(&id)?.join(name);
+    /// The destination of `name` in `pdir`, relative to the rootfs (asked of the kernel
+    /// each time: inode numbers in an overlay are no safe key).
+    fn dest_rel(&self, pdir: BorrowedFd<'_>, name: &OsStr) -> Option<String> {
+        let dir = std::fs::read_link(format!("/proc/self/fd/{}", pdir.as_raw_fd())).ok()?;
+        let joined = dir.strip_prefix(&self.mount).ok()?.join(name);
         Some(joined.to_str()?.to_string())
     }
 

@@ -200,6 +200,7 @@ pub fn export(
             stage,
         });
     }
+    let records = entries.len();
     let mut unique = HashSet::new();
     blobs.retain(|(d, _)| unique.insert(d.clone()));
     progress(format!("Exporting build cache to {dest}\n"));
@@ -229,7 +230,7 @@ pub fn export(
     let digest = put_manifest(&client, &repo, &tag, &bytes, media::OCI_MANIFEST)?;
     Ok(ExportReport {
         digest,
-        records: seen_keys.len(),
+        records,
         blobs: blobs.len(),
     })
 }

@@ -161,8 +161,10 @@ pub(crate) fn missing(store: &crate::Store, stage: &StageRecord) -> Vec<String> 
 pub struct Cache {
     dir: PathBuf,
     index: std::sync::Mutex<Index>,
-    /// Records were added since the last persist (the file system must be flushed).
+    /// Records were added since the last persist.
     added: AtomicBool,
+    /// Records with snapshots were added (the file system must be flushed first).
+    added_snapshots: AtomicBool,
     /// Records were used since the last persist (their last use should be saved).
     touched: AtomicBool,
 }
@@ -221,6 +223,7 @@ impl Cache {
             dir,
             index: std::sync::Mutex::new(index),
             added: AtomicBool::new(false),
+            added_snapshots: AtomicBool::new(false),
             touched: AtomicBool::new(false),
         })
     }
@@ -357,18 +360,24 @@ impl Cache {
         let t = now();
         record.created = t;
         record.last_used = t;
+        if record.snapshot.is_some() {
+            self.added_snapshots.store(true, Ordering::SeqCst);
+        }
         index.records.insert(key.clone(), record);
         self.added.store(true, Ordering::SeqCst);
         Ok(true)
     }
 
-    /// Makes every record so far durable. When records were added the file system is
-    /// flushed first, so no record can name a snapshot whose data has not reached the
-    /// disk; when they were only used, their last use is written.
+    /// Makes every record so far durable. When records with snapshots were added the file
+    /// system is flushed first, so no record can name a snapshot whose data has not
+    /// reached the disk (records without one name only layers and blobs, which the store
+    /// keeps as it keeps an image's); when records were only used, their last use is
+    /// written.
     pub fn persist(&self) -> Result<()> {
         let added = self.added.swap(false, Ordering::SeqCst);
+        let snapshots = self.added_snapshots.swap(false, Ordering::SeqCst);
         let touched = self.touched.swap(false, Ordering::SeqCst);
-        if added {
+        if snapshots {
             let dirfd =
                 fs::File::open(&self.dir).map_err(|e| StoreError::io("open", &self.dir, e))?;
             rustix::fs::syncfs(&dirfd)
