@@ -137,7 +137,10 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         let state = state.clone();
         std::thread::Builder::new()
             .name("compressor".into())
-            .spawn(move || state.store.run_compressor())
+            .spawn(move || {
+                isula_sys::priority::lower_current_thread(10);
+                state.store.run_compressor()
+            })
             .context("starting the compressor thread")?
     };
     let service = ControlServer::new(Service {

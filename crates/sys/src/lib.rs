@@ -7,6 +7,7 @@
 pub mod lock;
 pub mod memory;
 pub mod mount;
+pub mod priority;
 pub mod rooted;
 
 pub use lock::FileLock;
