@@ -63,6 +63,22 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `login SERVER -u USER --password-stdin`, the password written to its stdin.
+    pub fn login(&self, server: &str, user: &str, password: &str) -> Output {
+        let mut c = self.cli_command(&["login", server, "-u", user, "--password-stdin"]);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("login");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{password}\n").as_bytes())
+            .expect("password");
+        child.wait_with_output().expect("login output")
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -206,3 +206,61 @@ fn a_cache_that_cannot_be_read_never_fails_the_build() {
     ]);
     assert!(err.contains("local"), "{err}");
 }
+
+#[test]
+fn the_cache_goes_through_login_and_tls_as_pull_and_push_do() {
+    if !(ready() && require_tool("htpasswd") && require_tool("openssl")) {
+        return;
+    }
+    let password = "cache-Password-7";
+    let reg = Registry::start(RegistryOptions {
+        htpasswd: Some(("tester".into(), password.into())),
+        tls: true,
+        ..Default::default()
+    });
+    let host = reg.host();
+    let ca = std::fs::read_to_string(&reg.certs.as_ref().expect("certs").ca).expect("ca");
+    let ca_file = format!("certs.d/{host}/ca.crt");
+    let start = || {
+        let d = Daemon::start_configured(&[(ca_file.as_str(), ca.as_str())], &[], &[]);
+        // The same base everywhere (a loaded archive has a fixed ID).
+        let archive = d.dir.path().join("base.tar");
+        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1"))
+            .expect("archive");
+        d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+        d
+    };
+    let cache = format!("{host}/cache:1");
+    let d1 = start();
+    let ctx1 = context(&d1, "ctx", "base:1");
+    let err = d1.fails(&[
+        "ctr-img",
+        "build",
+        "--cache-to",
+        &cache,
+        ctx1.to_str().expect("path"),
+    ]);
+    assert!(err.contains("authentication required"), "{err}");
+    let o = d1.login(&host, "tester", password);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (first, _) = build(&d1, &ctx1, &["--cache-to", &cache]);
+
+    // Not logged in: the cache cannot be read, the build says so and runs every step.
+    let d2 = start();
+    let ctx2 = context(&d2, "ctx", "base:1");
+    let (_, out) = build(&d2, &ctx2, &["--cache-from", &cache]);
+    assert!(
+        out.contains(&format!("[Warning] the build cache {cache} cannot be used")),
+        "{out}"
+    );
+    assert!(cached_steps(&out).is_empty(), "{out}");
+    // Logged in: every step hits.
+    let d3 = start();
+    let o = d3.login(&host, "tester", password);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ctx3 = context(&d3, "ctx", "base:1");
+    let (id, out) = build(&d3, &ctx3, &["--cache-from", &cache]);
+    assert_eq!(id, first, "{out}");
+    assert_eq!(cached_steps(&out).len(), 9, "{out}");
+    assert!(!d3.log().contains(password), "password in the daemon log");
+}

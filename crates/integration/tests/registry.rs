@@ -262,21 +262,6 @@ fn missing_images_and_blocked_registries_fail_clearly() {
     assert_eq!(d.store_snapshot(), before);
 }
 
-fn login(d: &Daemon, server: &str, user: &str, password: &str) -> std::process::Output {
-    let mut c = d.cli_command(&["login", server, "-u", user, "--password-stdin"]);
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("login");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!("{password}\n").as_bytes())
-        .expect("password");
-    child.wait_with_output().expect("login output")
-}
-
 #[test]
 fn htpasswd_over_tls_login_push_logout() {
     if !(ready() && require_tool("htpasswd") && require_tool("openssl")) {
@@ -297,7 +282,7 @@ fn htpasswd_over_tls_login_push_logout() {
     );
     let auth = d.etc().join("auth.json");
     // Wrong password: refused, nothing stored.
-    let o = login(&d, &host, "tester", "wrong-password-1");
+    let o = d.login(&host, "tester", "wrong-password-1");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(err.contains("Unauthorized login attempt"), "{err}");
@@ -312,7 +297,7 @@ fn htpasswd_over_tls_login_push_logout() {
     let err = d.fails(&["ctr-img", "push", &name]);
     assert!(err.contains("authentication required"), "{err}");
     // Right password: stored 0600 and used.
-    let o = login(&d, &host, "tester", password);
+    let o = d.login(&host, "tester", password);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "Login Succeeded\n");
     use std::os::unix::fs::PermissionsExt;
@@ -376,10 +361,10 @@ fn bearer_token_flow() {
     let id = d.import_busybox(&name, &[]);
     let err = d.fails(&["ctr-img", "push", &name]);
     assert!(err.contains("authentication required"), "{err}");
-    let o = login(&d, &host, "tokenuser", "bad");
+    let o = d.login(&host, "tokenuser", "bad");
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("Unauthorized login attempt"));
-    let o = login(&d, &host, "tokenuser", "token-pass-77");
+    let o = d.login(&host, "tokenuser", "token-pass-77");
     assert!(
         o.status.success(),
         "{}\n{}",
@@ -651,7 +636,7 @@ fn credentials_are_not_sent_across_a_redirect_to_another_host() {
     let proxy = FaultProxy::start(reg.port, reg.pid_handle());
     let phost = proxy.host();
     let d = daemon_for(&[&phost]);
-    let o = login(&d, &phost, "tester", "Redirect-Pass-3");
+    let o = d.login(&phost, "tester", "Redirect-Pass-3");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let name = format!("{phost}/redir:1");
     let id = d.import_busybox(&name, &[]);

@@ -355,6 +355,7 @@ impl Source {
                 self.name
             )));
         };
+        let started = std::time::Instant::now();
         let mut record = Record {
             parent: e.parent.clone(),
             description: e.description.clone(),
@@ -431,6 +432,7 @@ impl Source {
             });
         }
         store.cache().put(key, record)?;
+        tracing::debug!(cache = %self.name, %key, elapsed = ?started.elapsed(), "cache record imported");
         Ok(())
     }
 }
