@@ -150,97 +150,226 @@ impl ContextHashes {
         let (k, h) = self.record.files.get(rel)?;
         (*k == StatKey::of(st)).then_some(*h)
     }
-
-    fn content_hash(
-        &mut self,
-        rel: &str,
-        fd: std::os::fd::BorrowedFd<'_>,
-        st: &rustix::fs::Stat,
-    ) -> Result<Sha, String> {
-        if let Some(h) = self.known(rel, st) {
-            return Ok(h);
-        }
-        let key = StatKey::of(st);
-        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-        let f = rustix::fs::open(
-            proc.as_str(),
-            OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| format!("{rel}: {e}"))?;
-        let mut f = std::fs::File::from(f);
-        let mut h = sha2::Sha256::new();
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = f.read(&mut buf).map_err(|e| format!("{rel}: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        self.hashed += 1;
-        let sum = Sha(h.finalize().into());
-        // A file that changed while it was read gets no record (it is hashed again next time).
-        let after = rustix::fs::fstat(fd).map(|s| StatKey::of(&s)).ok();
-        if after.as_ref() == Some(&key) {
-            self.record.files.insert(rel.to_string(), (key, sum));
-        } else {
-            self.record.files.remove(rel);
-        }
-        Ok(sum)
-    }
 }
 
 /// Hashes what a COPY/ADD of `sources` from `src` selects: every entry's path, type, mode,
 /// link target and content, in the order the copy visits them. Files the copy would not
-/// select (ignored, or outside every source) never enter the hash.
+/// select (ignored, or outside every source) never enter the hash. Files whose content is
+/// not known from the record are read on several threads at once.
 pub fn hash_sources(
     src: &Source<'_>,
     sources: &[String],
     hashes: &mut ContextHashes,
 ) -> Result<Digest, String> {
-    let mut k = KeyBuilder::new("sources", None);
+    let mut items = Vec::new();
     for pattern in sources {
-        k.field("pattern", pattern.as_bytes());
+        items.push(Item {
+            rel: String::new(),
+            raw: Vec::new(),
+            what: What::Pattern(pattern.clone()),
+            mode: 0,
+        });
         for rel in copy::expand_source(src, pattern)? {
             let (fd, st) = copy::open_source(src, &rel)?;
-            entry(src, &rel, fd.as_fd(), &st, hashes, &mut k)?;
+            collect(
+                src,
+                &rel,
+                rel.as_bytes(),
+                fd.as_fd(),
+                &st,
+                hashes,
+                &mut items,
+            )?;
+        }
+    }
+    read_pending(src, &mut items, hashes)?;
+    let mut k = KeyBuilder::new("sources", None);
+    for item in &items {
+        if let What::Pattern(p) = &item.what {
+            k.field("pattern", p.as_bytes());
+            continue;
+        }
+        k.field("path", item.rel.as_bytes());
+        k.field("mode", &item.mode.to_le_bytes());
+        match &item.what {
+            What::File(_, Some(sum)) => {
+                k.field("sha256", &sum.hex());
+            }
+            What::File(_, None) => return Err(format!("{}: not read", item.rel)),
+            What::Link(target) => {
+                k.field("link", target);
+            }
+            What::Other(rdev) => {
+                k.field("rdev", &rdev.to_le_bytes());
+            }
+            What::Dir | What::Pattern(_) => {}
         }
     }
     Ok(k.finish())
 }
 
-fn entry(
+/// One entry of what a copy selects, in the order it visits them.
+struct Item {
+    rel: String,
+    /// The path as the file system has it (names need not be UTF-8).
+    raw: Vec<u8>,
+    mode: u32,
+    what: What,
+}
+
+enum What {
+    /// A source pattern begins.
+    Pattern(String),
+    /// A regular file: its stat, and its content hash once known.
+    File(StatKey, Option<Sha>),
+    Link(Vec<u8>),
+    Dir,
+    Other(u64),
+}
+
+fn collect(
     src: &Source<'_>,
     rel: &str,
+    raw: &[u8],
     fd: std::os::fd::BorrowedFd<'_>,
     st: &rustix::fs::Stat,
-    hashes: &mut ContextHashes,
-    k: &mut KeyBuilder,
+    hashes: &ContextHashes,
+    items: &mut Vec<Item>,
 ) -> Result<(), String> {
     let kind = FileType::from_raw_mode(st.st_mode);
-    k.field("path", rel.as_bytes());
-    k.field("mode", &st.st_mode.to_le_bytes());
-    match kind {
-        FileType::RegularFile => {
-            let h = hashes.content_hash(rel, fd, st)?;
-            k.field("sha256", &h.hex());
-        }
-        FileType::Symlink => {
-            let target =
-                rustix::fs::readlinkat(fd, "", Vec::new()).map_err(|e| format!("{rel}: {e}"))?;
-            k.field("link", target.as_bytes());
-        }
-        FileType::Directory => {
-            copy::for_each_selected(src, rel, fd, |child_rel, _, cfd, cst| {
-                entry(src, child_rel, cfd, cst, hashes, k)
-            })?;
-        }
-        _ => {
-            k.field("rdev", &st.st_rdev.to_le_bytes());
-        }
+    let what = match kind {
+        FileType::RegularFile => What::File(StatKey::of(st), hashes.known(rel, st)),
+        FileType::Symlink => What::Link(
+            rustix::fs::readlinkat(fd, "", Vec::new())
+                .map_err(|e| format!("{rel}: {e}"))?
+                .into_bytes(),
+        ),
+        FileType::Directory => What::Dir,
+        _ => What::Other(st.st_rdev),
+    };
+    items.push(Item {
+        rel: rel.to_string(),
+        raw: raw.to_vec(),
+        mode: st.st_mode,
+        what,
+    });
+    if kind == FileType::Directory {
+        copy::for_each_selected(src, rel, fd, |child_rel, name, cfd, cst| {
+            let mut child_raw = raw.to_vec();
+            if !child_raw.is_empty() {
+                child_raw.push(b'/');
+            }
+            child_raw.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(name));
+            collect(src, child_rel, &child_raw, cfd, cst, hashes, items)
+        })?;
     }
     Ok(())
+}
+
+/// Reads the files whose content is not known yet, on up to one thread per CPU (at most
+/// four), and records what they hold.
+fn read_pending(
+    src: &Source<'_>,
+    items: &mut [Item],
+    hashes: &mut ContextHashes,
+) -> Result<(), String> {
+    let pending: Vec<usize> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, it)| matches!(it.what, What::File(_, None)))
+        .map(|(i, _)| i)
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(pending.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let read: &[Item] = items;
+    type Read = (usize, Result<(Sha, bool), String>);
+    let results: Vec<Vec<Read>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(&i) = pending.get(n) else { break };
+                        let it = &read[i];
+                        let What::File(key, _) = &it.what else {
+                            continue;
+                        };
+                        out.push((i, read_file(src, &it.rel, &it.raw, key)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut done = 0;
+    for (i, r) in results.into_iter().flatten() {
+        let (sum, unchanged) = r?;
+        let item = &mut items[i];
+        if let What::File(key, slot) = &mut item.what {
+            *slot = Some(sum);
+            hashes.hashed += 1;
+            // A file that changed while it was read gets no record (read again next time).
+            if unchanged {
+                hashes
+                    .record
+                    .files
+                    .insert(item.rel.clone(), (key.clone(), sum));
+            } else {
+                hashes.record.files.remove(&item.rel);
+            }
+            done += 1;
+        }
+    }
+    if done != pending.len() {
+        return Err("reading the build context stopped early".into());
+    }
+    Ok(())
+}
+
+/// The content hash of the file at `rel`, and whether its stat was `key` before and after.
+fn read_file(
+    src: &Source<'_>,
+    rel: &str,
+    raw: &[u8],
+    key: &StatKey,
+) -> Result<(Sha, bool), String> {
+    let path = if raw.is_empty() { b".".as_slice() } else { raw };
+    let fd = src
+        .root
+        .open_at(
+            std::path::Path::new(
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path),
+            ),
+            isula_sys::Resolve::InRoot,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("{rel}: {e}"))?;
+    let before = rustix::fs::fstat(&fd).map(|s| StatKey::of(&s)).ok();
+    let mut f = std::fs::File::from(fd);
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("{rel}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let after = rustix::fs::fstat(&f).map(|s| StatKey::of(&s)).ok();
+    let unchanged = before.as_ref() == Some(key) && after.as_ref() == Some(key);
+    Ok((Sha(h.finalize().into()), unchanged))
 }
 
 #[cfg(test)]
