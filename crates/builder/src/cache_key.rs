@@ -171,15 +171,8 @@ pub fn hash_sources(
         });
         for rel in copy::expand_source(src, pattern)? {
             let (fd, st) = copy::open_source(src, &rel)?;
-            collect(
-                src,
-                &rel,
-                rel.as_bytes(),
-                fd.as_fd(),
-                &st,
-                hashes,
-                &mut items,
-            )?;
+            let mut raw = rel.as_bytes().to_vec();
+            collect(src, &rel, &mut raw, fd.as_fd(), &st, hashes, &mut items)?;
         }
     }
     read_pending(src, &mut items, hashes)?;
@@ -211,7 +204,8 @@ pub fn hash_sources(
 /// One entry of what a copy selects, in the order it visits them.
 struct Item {
     rel: String,
-    /// The path as the file system has it (names need not be UTF-8).
+    /// For a file still to be read: its path as the file system has it (names need not
+    /// be UTF-8).
     raw: Vec<u8>,
     mode: u32,
     what: What,
@@ -230,7 +224,7 @@ enum What {
 fn collect(
     src: &Source<'_>,
     rel: &str,
-    raw: &[u8],
+    raw: &mut Vec<u8>,
     fd: std::os::fd::BorrowedFd<'_>,
     st: &rustix::fs::Stat,
     hashes: &ContextHashes,
@@ -247,20 +241,23 @@ fn collect(
         FileType::Directory => What::Dir,
         _ => What::Other(st.st_rdev),
     };
+    let pending = matches!(what, What::File(_, None));
     items.push(Item {
         rel: rel.to_string(),
-        raw: raw.to_vec(),
+        raw: if pending { raw.clone() } else { Vec::new() },
         mode: st.st_mode,
         what,
     });
     if kind == FileType::Directory {
         copy::for_each_selected(src, rel, fd, |child_rel, name, cfd, cst| {
-            let mut child_raw = raw.to_vec();
-            if !child_raw.is_empty() {
-                child_raw.push(b'/');
+            let len = raw.len();
+            if len > 0 {
+                raw.push(b'/');
             }
-            child_raw.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(name));
-            collect(src, child_rel, &child_raw, cfd, cst, hashes, items)
+            raw.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(name));
+            let r = collect(src, child_rel, raw, cfd, cst, hashes, items);
+            raw.truncate(len);
+            r
         })?;
     }
     Ok(())
