@@ -137,7 +137,8 @@ impl ContextHashes {
             return;
         }
         let record = &self.record;
-        if let Err(e) = isula_store::metadata::write_atomic_with(p, &mut |w| {
+        // Only a time saver: no need to wait for the disk.
+        if let Err(e) = isula_store::metadata::replace_unsynced(p, &mut |w| {
             serde_json::to_writer(w, record).map_err(std::io::Error::other)
         }) {
             tracing::warn!(path = %p.display(), error = %e, "saving the context hash record");

@@ -124,6 +124,24 @@ pub fn write_atomic_with(
     path: &Path,
     write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
+    replace_file(path, write, true)
+}
+
+/// Replaces `path` by a rename, without waiting for the disk: for records that only save
+/// time (a crash may lose the newest version, never leave a torn one in its place, and a
+/// record that does not parse is treated as absent).
+pub fn replace_unsynced(
+    path: &Path,
+    write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    replace_file(path, write, false)
+}
+
+fn replace_file(
+    path: &Path,
+    write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    durable: bool,
+) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{:08x}",
@@ -137,9 +155,13 @@ pub fn write_atomic_with(
         let f = w
             .into_inner()
             .map_err(|e| StoreError::io("write", &tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
+        if durable {
+            f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
+        }
         fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", path, e))?;
-        isula_sys::fsync_dir(dir)?;
+        if durable {
+            isula_sys::fsync_dir(dir)?;
+        }
         Ok(())
     })();
     if result.is_err() {

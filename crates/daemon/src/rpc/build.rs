@@ -483,10 +483,8 @@ impl Job {
         let cancel = isula_transport::Cancel::from_flag(self.cancel.clone());
         let mut out = Vec::new();
         for name in &self.cache_from {
-            self.tx.send(format!(
-                "Importing cache manifest from {name}
-"
-            ));
+            self.tx
+                .send(format!("Importing cache manifest from {name}\n"));
             match isula_registry::cache::open(
                 &self.state.registry,
                 &self.state.store,
@@ -494,18 +492,13 @@ impl Job {
                 &cancel,
             ) {
                 Ok(s) => {
-                    self.tx.send(format!(
-                        "Cache {name}: {} records
-",
-                        s.len()
-                    ));
+                    self.tx.send(format!("Cache {name}: {} records\n", s.len()));
                     out.push(s);
                 }
                 Err(e) => {
                     tracing::info!(cache = %name, error = %e, "cache source unusable");
                     self.tx.send(format!(
-                        "[Warning] the build cache {name} cannot be used, building without it: {e}
-"
+                        "[Warning] the build cache {name} cannot be used, building without it: {e}\n"
                     ));
                 }
             }
