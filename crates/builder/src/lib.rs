@@ -44,9 +44,12 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Something outside failed (a pull, a `--cache-from` registry), with its kind.
+    /// Something outside failed (a pull), with its kind.
     #[error("{1}")]
     External(isula_store::ErrorKind, String),
+    /// A `--cache-from` source failed while the build fetched from it.
+    #[error("{0}")]
+    CacheSource(String),
     #[error("build cancelled")]
     Cancelled,
 }
@@ -80,6 +83,7 @@ impl BuildError {
             BuildError::Step { kind, .. } => *kind,
             BuildError::Store(e) => e.kind(),
             BuildError::External(kind, _) => *kind,
+            BuildError::CacheSource(_) => K::Unavailable,
             BuildError::Cancelled => K::Unavailable,
         }
     }

@@ -110,6 +110,19 @@ impl<'l> Emitter<'l> {
         st.advance();
     }
 
+    /// `stage` starts over: what it held is dropped, and if it is printing, `why` is
+    /// printed and its steps are counted again from its first.
+    fn restart(&self, stage: usize, why: String) {
+        let mut st = self.lock();
+        st.held.remove(&stage);
+        if st.order.get(st.head) == Some(&stage) {
+            st.write(Event::Line(why));
+            st.steps = st.offsets.get(&stage).copied().unwrap_or(st.steps);
+        } else {
+            st.held.entry(stage).or_default().push(Event::Line(why));
+        }
+    }
+
     /// Steps printed before `stage` (known once every stage before it has finished).
     fn offset(&self, stage: usize) -> usize {
         self.lock().offsets.get(&stage).copied().unwrap_or(0)
@@ -231,20 +244,36 @@ pub(crate) fn build_stages(
         // A stage that panics (a bug) fails the build instead of leaving the others
         // waiting for it.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut log = |line: String| emitter.emit(i, Event::Line(line));
-            let mut sctx = Context {
-                store,
-                runc,
-                cancel: stage_cancel[i].clone(),
-                log: &mut log,
-                pull,
-                remote,
+            let attempt = |remote| {
+                let mut log = |line: String| emitter.emit(i, Event::Line(line));
+                let mut sctx = Context {
+                    store,
+                    runc,
+                    cancel: stage_cancel[i].clone(),
+                    log: &mut log,
+                    pull,
+                    remote,
+                };
+                let mut run = stage::StageRun::new(&mut sctx, &shared, i, &results);
+                let mut step_no = 0;
+                let mut used = Vec::new();
+                let outcome = run.execute(&mut step_no, &mut used);
+                (outcome, used, run.take_cache_keys())
             };
-            let mut run = stage::StageRun::new(&mut sctx, &shared, i, &results);
-            let mut step_no = 0;
-            let mut used = Vec::new();
-            let outcome = run.execute(&mut step_no, &mut used);
-            (outcome, used, run.take_cache_keys())
+            match attempt(remote) {
+                // A cache source that fails half way costs time, not the build: the stage
+                // runs again without it.
+                (Err(BuildError::CacheSource(why)), _, _) => {
+                    emitter.restart(
+                        i,
+                        format!(
+                            "[Warning] {why}; running the stage again without the registry cache\n"
+                        ),
+                    );
+                    attempt(None)
+                }
+                other => other,
+            }
         }));
         let (outcome, used, keys) = ran.unwrap_or_else(|_| {
             (

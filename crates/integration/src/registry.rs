@@ -428,6 +428,8 @@ pub enum Fault {
     RefuseMonolithic,
     /// Answer this many requests with 503 (then pass everything).
     ServerErrors(u32),
+    /// Pass this many blob GETs, then answer every later one with 503.
+    FailBlobGetsAfter(u32),
 }
 
 /// A one-request-per-connection HTTP proxy in front of a registry.
@@ -512,6 +514,20 @@ fn proxy_one(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )?;
         return Ok(());
+    }
+    if let (Fault::FailBlobGetsAfter(n), true) =
+        (current, method == "GET" && path.contains("/blobs/sha256:"))
+    {
+        if n > 0 {
+            if let Ok(mut f) = fault.lock() {
+                *f = Fault::FailBlobGetsAfter(n - 1);
+            }
+        } else {
+            cw.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )?;
+            return Ok(());
+        }
     }
     if let (Fault::RedirectBlobs(port), true) =
         (current, method == "GET" && path.contains("/blobs/sha256:"))

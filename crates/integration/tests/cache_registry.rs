@@ -2,7 +2,7 @@
 //! `--cache-to`, another with an empty store imports with `--cache-from`, and a cache
 //! that cannot be read never fails a build.
 
-use isula_integration::registry::{Registry, RegistryOptions};
+use isula_integration::registry::{Fault, FaultProxy, Registry, RegistryOptions};
 use isula_integration::*;
 use std::path::PathBuf;
 use std::process::Command;
@@ -263,4 +263,42 @@ fn the_cache_goes_through_login_and_tls_as_pull_and_push_do() {
     assert_eq!(id, first, "{out}");
     assert_eq!(cached_steps(&out).len(), 9, "{out}");
     assert!(!d3.log().contains(password), "password in the daemon log");
+}
+
+#[test]
+fn a_cache_source_that_fails_half_way_costs_time_not_the_build() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(reg.port, reg.pid_handle());
+    let host = proxy.host();
+    let start = || {
+        let d = daemon_for(&[&host]);
+        let archive = d.dir.path().join("base.tar");
+        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1"))
+            .expect("archive");
+        d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+        d
+    };
+    let cache = format!("{host}/cache:1");
+    let d1 = start();
+    let ctx1 = context(&d1, "ctx", "base:1");
+    build(&d1, &ctx1, &["--cache-to", &cache]);
+    // The records are read (one blob GET); the snapshots a later step needs never come.
+    let d2 = start();
+    let ctx2 = context(&d2, "ctx", "base:1");
+    std::fs::write(ctx2.join("dir/x"), "changed").expect("x");
+    proxy.set(Fault::FailBlobGetsAfter(1));
+    let (id, out) = build(&d2, &ctx2, &["--cache-from", &cache]);
+    proxy.set(Fault::None);
+    assert!(
+        out.contains("running the stage again without the registry cache"),
+        "{out}"
+    );
+    // The stage ran whole the second time, numbered as the first time.
+    assert_eq!(out.matches("STEP  2: ARG V=1").count(), 2, "{out}");
+    std::fs::write(ctx1.join("dir/x"), "changed").expect("x");
+    let (fresh, _) = build(&d1, &ctx1, &["--no-cache"]);
+    assert_eq!(id, fresh);
 }

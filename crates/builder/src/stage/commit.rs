@@ -12,9 +12,9 @@ impl StageRun<'_, '_> {
         if found.is_none() {
             if let Some(remote) = self.ctx.remote {
                 if remote.lookup(key).is_some_and(|r| r.stage) {
-                    remote.import(key, self.lease).map_err(|e| {
-                        BuildError::External(isula_store::ErrorKind::Unavailable, e)
-                    })?;
+                    remote
+                        .import(key, self.lease)
+                        .map_err(BuildError::CacheSource)?;
                     found = store.cache().get(key, self.lease);
                 }
             }

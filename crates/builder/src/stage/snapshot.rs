@@ -18,7 +18,7 @@ impl StageRun<'_, '_> {
             if store.cache().get(&key, self.lease).is_none() {
                 remote
                     .import(&key, self.lease)
-                    .map_err(|e| BuildError::External(isula_store::ErrorKind::Unavailable, e))?;
+                    .map_err(BuildError::CacheSource)?;
             }
             let dir = store
                 .cache()
@@ -174,7 +174,7 @@ impl StageRun<'_, '_> {
                 // No files: the record itself is all there is to import.
                 remote
                     .import(key, self.lease)
-                    .map_err(|e| BuildError::External(isula_store::ErrorKind::Unavailable, e))?;
+                    .map_err(BuildError::CacheSource)?;
             }
             self.cache_keys.push(key.clone());
             return Ok(true);
