@@ -302,3 +302,120 @@ fn a_cache_source_that_fails_half_way_costs_time_not_the_build() {
     let (fresh, _) = build(&d1, &ctx1, &["--no-cache"]);
     assert_eq!(id, fresh);
 }
+
+/// `curl` against the plain-HTTP registry `host`; returns the body.
+fn curl(args: &[&str]) -> Vec<u8> {
+    let o = Command::new("curl")
+        .args(["-sfS"])
+        .args(args)
+        .output()
+        .expect("curl");
+    assert!(
+        o.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
+#[test]
+fn a_stage_record_whose_config_lists_other_layers_is_not_used() {
+    if !(ready() && require_tool("curl")) {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let start = || {
+        let d = daemon_for(&[&host]);
+        let archive = d.dir.path().join("base.tar");
+        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1"))
+            .expect("archive");
+        d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+        d
+    };
+    let d1 = start();
+    let ctx1 = context(&d1, "ctx", "base:1");
+    let (first, _) = build(&d1, &ctx1, &["--cache-to", &format!("{host}/cache:1")]);
+
+    // A tampered copy of the cache: every stage config claims one layer less.
+    let accept = "Accept: application/vnd.oci.image.manifest.v1+json";
+    let manifest: serde_json::Value = serde_json::from_slice(&curl(&[
+        "-H",
+        accept,
+        &format!("http://{host}/v2/cache/manifests/1"),
+    ]))
+    .expect("manifest");
+    let config_digest = manifest["config"]["digest"].as_str().expect("digest");
+    let mut records: serde_json::Value = serde_json::from_slice(&curl(&[
+        "-L",
+        &format!("http://{host}/v2/cache/blobs/{config_digest}"),
+    ]))
+    .expect("records");
+    let mut tampered = 0;
+    for r in records["records"].as_array_mut().expect("records") {
+        if let Some(cfg) = r["stage"]["config"].as_str() {
+            let mut c: serde_json::Value = serde_json::from_str(cfg).expect("config");
+            c["rootfs"]["diff_ids"]
+                .as_array_mut()
+                .expect("diff ids")
+                .pop();
+            r["stage"]["config"] = serde_json::Value::String(c.to_string());
+            tampered += 1;
+        }
+    }
+    assert_eq!(tampered, 2);
+    let body = serde_json::to_vec(&records).expect("json");
+    let digest = format!("sha256:{}", sha256_hex(&body));
+    let file = d1.dir.path().join("records.json");
+    std::fs::write(&file, &body).expect("write");
+    let loc = String::from_utf8(curl(&[
+        "-X",
+        "POST",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%header{location}",
+        &format!("http://{host}/v2/cache/blobs/uploads/"),
+    ]))
+    .expect("location");
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let url = if loc.starts_with("http") {
+        format!("{loc}{sep}digest={digest}")
+    } else {
+        format!("http://{host}{loc}{sep}digest={digest}")
+    };
+    curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &url,
+    ]);
+    let mut m = manifest.clone();
+    m["config"]["digest"] = serde_json::Value::String(digest);
+    m["config"]["size"] = serde_json::json!(body.len());
+    let mfile = d1.dir.path().join("manifest.json");
+    std::fs::write(&mfile, serde_json::to_vec(&m).expect("json")).expect("write");
+    curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/vnd.oci.image.manifest.v1+json",
+        "--data-binary",
+        &format!("@{}", mfile.display()),
+        &format!("http://{host}/v2/cache/manifests/bad"),
+    ]);
+
+    // The steps hit, the stage record is refused, the stage runs again: the right image.
+    let d2 = start();
+    let ctx2 = context(&d2, "ctx", "base:1");
+    let (id, out) = build(&d2, &ctx2, &["--cache-from", &format!("{host}/cache:bad")]);
+    assert!(out.contains("lists other layers than its record"), "{out}");
+    assert!(
+        out.contains("running the stage again without the registry cache"),
+        "{out}"
+    );
+    assert_eq!(id, first);
+}

@@ -383,8 +383,22 @@ impl Source {
             record.size = size;
         }
         if let Some(s) = &e.stage {
-            let config = lease.put_blob(store.content(), s.config.as_bytes())?;
             let diff_ids: Vec<DiffId> = s.layers.iter().map(|l| l.diff_id.clone()).collect();
+            // The config must describe the layers the record brings (it becomes an image's).
+            let parsed: isula_types::image::ImageConfig =
+                serde_json::from_str(&s.config).map_err(|err| RegistryError::BadContent {
+                    registry: self.client.host().to_string(),
+                    what: format!("build cache {}", self.name),
+                    reason: format!("stage config of {key}: {err}"),
+                })?;
+            if parsed.rootfs.diff_ids != diff_ids {
+                return Err(RegistryError::BadContent {
+                    registry: self.client.host().to_string(),
+                    what: format!("build cache {}", self.name),
+                    reason: format!("stage config of {key} lists other layers than its record"),
+                });
+            }
+            let config = lease.put_blob(store.content(), s.config.as_bytes())?;
             let chains = ChainId::chain(&diff_ids);
             let mut layers = Vec::new();
             for (i, l) in s.layers.iter().enumerate() {
