@@ -67,8 +67,21 @@ pub enum Command {
     Completion { shell: clap_complete::Shell },
 }
 
+/// The keys `configuration.toml` knows (others are reported and ignored: a newer
+/// isula-build's key must not stop this daemon).
+const CONFIGURATION_KEYS: [&str; 9] = [
+    "debug",
+    "loglevel",
+    "group",
+    "run_root",
+    "data_root",
+    "runtime",
+    "experimental",
+    "build_cache",
+    "build_cache_max_size",
+];
+
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ConfigurationFile {
     debug: Option<bool>,
     loglevel: Option<String>,
@@ -93,6 +106,10 @@ struct StorageFile {
 #[derive(Debug, Default, Deserialize)]
 struct StorageTable {
     driver: Option<String>,
+    /// containers/storage's data root (configuration.toml's `data_root` wins over it).
+    graphroot: Option<PathBuf>,
+    /// containers/storage's run root (configuration.toml's `run_root` wins over it).
+    runroot: Option<PathBuf>,
     #[serde(default)]
     options: StorageOptions,
 }
@@ -130,6 +147,50 @@ pub struct Settings {
     pub socket: PathBuf,
     /// Where the config files, `auth.json`, `certs.d/` and the public key live.
     pub config_dir: PathBuf,
+    /// What in the files was ignored (unknown keys), for the log once it is set up.
+    pub warnings: Vec<String>,
+}
+
+/// The keys of `table` (at `prefix`) not in `known`, as dotted names.
+fn unknown_keys(table: &toml::Table, prefix: &str, known: &[&str]) -> Vec<String> {
+    table
+        .keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .map(|k| format!("{prefix}{k}"))
+        .collect()
+}
+
+/// Unknown keys of a storage.toml (containers/storage has many that do not apply here).
+fn unknown_storage_keys(table: &toml::Table) -> Vec<String> {
+    let mut out = unknown_keys(table, "", &["storage"]);
+    let sub = |t: &toml::Table, k: &str| t.get(k).and_then(|v| v.as_table()).cloned();
+    if let Some(st) = sub(table, "storage") {
+        out.extend(unknown_keys(
+            &st,
+            "storage.",
+            &["driver", "graphroot", "runroot", "options"],
+        ));
+        if let Some(opts) = sub(&st, "options") {
+            out.extend(unknown_keys(
+                &opts,
+                "storage.options.",
+                &["mountopt", "overlay"],
+            ));
+            if let Some(ov) = sub(&opts, "overlay") {
+                out.extend(unknown_keys(&ov, "storage.options.overlay.", &["mountopt"]));
+            }
+        }
+    }
+    out
+}
+
+/// A string setting where isula-build's files say "" for "the default".
+fn set(s: Option<String>) -> Option<String> {
+    s.filter(|v| !v.trim().is_empty())
+}
+
+fn set_path(p: Option<PathBuf>) -> Option<PathBuf> {
+    p.filter(|v| !v.as_os_str().is_empty())
 }
 
 /// Reads a config file if it exists, refusing oversized, unsafe or unreadable ones.
@@ -203,10 +264,30 @@ impl Settings {
     pub fn load(flags: &Flags) -> Result<Settings> {
         let dir = &flags.config_dir;
         let conf_path = dir.join("configuration.toml");
+        let mut warnings = Vec::new();
         let conf: ConfigurationFile = match read_config_file(&conf_path)? {
-            Some(t) => toml::from_str(&t)
-                .with_context(|| format!("config file {}: malformed", conf_path.display()))?,
+            Some(t) => {
+                let table: toml::Table = toml::from_str(&t)
+                    .with_context(|| format!("config file {}: malformed", conf_path.display()))?;
+                for k in unknown_keys(&table, "", &CONFIGURATION_KEYS) {
+                    warnings.push(format!(
+                        "config file {}: unknown key {k:?} ignored",
+                        conf_path.display()
+                    ));
+                }
+                table
+                    .try_into()
+                    .with_context(|| format!("config file {}: malformed", conf_path.display()))?
+            }
             None => ConfigurationFile::default(),
+        };
+        let conf = ConfigurationFile {
+            loglevel: set(conf.loglevel),
+            group: set(conf.group),
+            runtime: set(conf.runtime),
+            run_root: set_path(conf.run_root),
+            data_root: set_path(conf.data_root),
+            ..conf
         };
         if let Some(l) = &conf.loglevel {
             check_log_level(l, &conf_path.display().to_string())?;
@@ -224,10 +305,24 @@ impl Settings {
             })?;
         let storage_path = dir.join("storage.toml");
         let storage: StorageFile = match read_config_file(&storage_path)? {
-            Some(t) => toml::from_str(&t)
-                .with_context(|| format!("config file {}: malformed", storage_path.display()))?,
+            Some(t) => {
+                let table: toml::Table = toml::from_str(&t).with_context(|| {
+                    format!("config file {}: malformed", storage_path.display())
+                })?;
+                for k in unknown_storage_keys(&table) {
+                    warnings.push(format!(
+                        "config file {}: key {k:?} does not apply here and is ignored",
+                        storage_path.display()
+                    ));
+                }
+                table
+                    .try_into()
+                    .with_context(|| format!("config file {}: malformed", storage_path.display()))?
+            }
             None => StorageFile::default(),
         };
+        let storage_graphroot = set_path(storage.storage.graphroot.clone());
+        let storage_runroot = set_path(storage.storage.runroot.clone());
         let reg_path = dir.join("registries.toml");
         let registries = match read_config_file(&reg_path)? {
             Some(t) => Registries::parse(&reg_path.display().to_string(), &t)?,
@@ -248,7 +343,7 @@ impl Settings {
             None if debug => "debug".into(),
             None => conf.loglevel.unwrap_or_else(|| "info".into()),
         };
-        let (driver, driver_source) = match (&flags.storage_driver, storage.storage.driver) {
+        let (driver, driver_source) = match (&flags.storage_driver, set(storage.storage.driver)) {
             (Some(d), _) => (d.clone(), "--storage-driver".to_string()),
             (None, Some(d)) => (d, format!("config file {}", storage_path.display())),
             (None, None) => ("overlay".to_string(), String::new()),
@@ -302,6 +397,7 @@ impl Settings {
                     .dataroot
                     .clone()
                     .or(conf.data_root)
+                    .or(storage_graphroot)
                     .unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
                 "data root",
             )?,
@@ -310,6 +406,7 @@ impl Settings {
                     .runroot
                     .clone()
                     .or(conf.run_root)
+                    .or(storage_runroot)
                     .unwrap_or_else(|| DEFAULT_RUN_ROOT.into()),
                 "run root",
             )?,
@@ -323,6 +420,7 @@ impl Settings {
             policy,
             config_dir: dir.clone(),
             socket,
+            warnings,
         })
     }
 }
@@ -403,6 +501,75 @@ mod tests {
     }
 
     #[test]
+    fn isula_build_0_9_6_default_files_start_the_daemon() {
+        let d = tempfile::tempdir().expect("tmp");
+        write(
+            d.path(),
+            "configuration.toml",
+            "debug = false\nloglevel = \"\"\ngroup = \"isula\"\nrun_root = \"/var/run/isula-build/\"\ndata_root = \"/var/lib/isula-build/\"\nruntime = \"\"\n",
+            0o600,
+        );
+        write(
+            d.path(),
+            "storage.toml",
+            "[storage]\ndriver = \"overlay\"\n\n[storage.options.overlay]\nmountopt = \"nodev\"\n",
+            0o600,
+        );
+        write(
+            d.path(),
+            "policy.json",
+            "{\"default\": [{\"type\": \"insecureAcceptAnything\"}]}",
+            0o600,
+        );
+        let s = Settings::load(&flags(d.path(), &[])).expect("0.9.6 defaults load");
+        assert_eq!(s.log_level, "info");
+        assert_eq!(s.runtime, "runc");
+        assert_eq!(s.group, "isula");
+        assert_eq!(s.data_root, Path::new("/var/lib/isula-build/"));
+        assert_eq!(s.run_root, Path::new("/var/run/isula-build/"));
+        assert_eq!(s.mount_options, vec!["nodev".to_string()]);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+
+        // storage.toml's roots apply where configuration.toml leaves them unset or empty;
+        // configuration.toml's win where it sets them; flags win over both.
+        write(
+            d.path(),
+            "storage.toml",
+            "[storage]\ndriver = \"overlay\"\ngraphroot = \"/g\"\nrunroot = \"/r\"\nrootless_storage_path = \"x\"\n[storage.options]\nsize = \"\"\n",
+            0o600,
+        );
+        let s = Settings::load(&flags(d.path(), &[])).expect("load");
+        assert_eq!(s.data_root, Path::new("/var/lib/isula-build/"));
+        assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
+        assert!(
+            s.warnings[0].contains("rootless_storage_path"),
+            "{:?}",
+            s.warnings
+        );
+        write(
+            d.path(),
+            "configuration.toml",
+            "data_root = \"\"\nloglevel = \"warn\"\nnewer_key = 1\n",
+            0o600,
+        );
+        let s = Settings::load(&flags(d.path(), &[])).expect("load");
+        assert_eq!(
+            (s.data_root.as_path(), s.run_root.as_path()),
+            (Path::new("/g"), Path::new("/r"))
+        );
+        assert_eq!(s.log_level, "warn");
+        assert!(
+            s.warnings
+                .iter()
+                .any(|w| w.contains("\"newer_key\"") && w.contains("configuration.toml")),
+            "{:?}",
+            s.warnings
+        );
+        let s = Settings::load(&flags(d.path(), &["--dataroot", "/f"])).expect("load");
+        assert_eq!(s.data_root, Path::new("/f"));
+    }
+
+    #[test]
     fn refuses_bad_files() {
         let cases: [(&str, &str, u32, &str); 8] = [
             ("configuration.toml", "debug = ", 0o600, "malformed"),
@@ -418,7 +585,7 @@ mod tests {
                 0o600,
                 "invalid log level",
             ),
-            ("configuration.toml", "colour = 1", 0o600, "malformed"),
+            ("configuration.toml", "debug = \"yes\"", 0o600, "malformed"),
             ("configuration.toml", "debug = true", 0o666, "too open"),
             (
                 "storage.toml",

@@ -16,8 +16,11 @@ use config::{Command, Flags, Settings};
 fn init_logging(level: &str) {
     let filter =
         tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,tower=warn,hyper=warn"));
+    // Colour only for a terminal: a journal or a file gets plain lines.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
 }
@@ -84,6 +87,9 @@ fn main() {
 fn run(flags: Flags) -> Result<()> {
     let settings = Settings::load(&flags)?;
     init_logging(&settings.log_level);
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
+    }
     tracing::info!(
         debug = settings.debug,
         runtime = %settings.runtime,

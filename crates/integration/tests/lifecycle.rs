@@ -297,3 +297,41 @@ fn sigterm_cancels_a_running_load_and_cleans_up() {
     );
     assert!(!d.socket().exists());
 }
+
+#[test]
+fn starts_on_isula_build_0_9_6_default_files_and_names_unknown_keys() {
+    if !require_root() {
+        return;
+    }
+    // The roots the file names are overridden by the test's flags (nothing touches /var).
+    let d = Daemon::start_configured(
+        &[
+            (
+                "configuration.toml",
+                "debug = false\nloglevel = \"\"\ngroup = \"isula\"\nrun_root = \"/var/run/isula-build/\"\ndata_root = \"/var/lib/isula-build/\"\nruntime = \"\"\nnewer_key = true\n",
+            ),
+            (
+                "storage.toml",
+                "[storage]\ndriver = \"overlay\"\n\n[storage.options.overlay]\nmountopt = \"nodev\"\n",
+            ),
+        ],
+        &[],
+        &[],
+    );
+    d.import_busybox("busybox:latest", &[]);
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN echo ran-in-runc\n",
+    )
+    .expect("df");
+    let out = d.ok(&["ctr-img", "build", ctx.to_str().expect("path")]);
+    assert!(out.lines().any(|l| l == "ran-in-runc"), "{out}");
+    let log = d.log();
+    assert!(log.contains("unknown key \"newer_key\" ignored"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour escapes in a log that is not a terminal"
+    );
+}
