@@ -47,7 +47,7 @@ fn bad_config_files_stop_the_start() {
         ),
         (
             "policy.json",
-            "{\"default\":[{\"type\":\"signedBy\"}]}",
+            "{\"default\":[{\"type\":\"madeUp\"}]}",
             0o600,
             "not supported",
         ),

@@ -45,6 +45,12 @@ pub enum RegistryError {
     Blocked(String),
     #[error("policy.json rejects {0}")]
     Rejected(String),
+    /// policy.json asks for a signature check this daemon cannot make.
+    #[error("policy.json requires a {requirement:?} signature for {reference}, which isula-builder cannot verify: that requirement refuses it")]
+    Unverifiable {
+        reference: String,
+        requirement: String,
+    },
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("{0}")]
@@ -65,7 +71,9 @@ impl RegistryError {
             RegistryError::AllSourcesFailed { .. } => ErrorKind::Unavailable,
             RegistryError::BadContent { .. } => ErrorKind::DataLoss,
             RegistryError::Unsupported { .. } => ErrorKind::FailedPrecondition,
-            RegistryError::Blocked(_) | RegistryError::Rejected(_) => ErrorKind::FailedPrecondition,
+            RegistryError::Blocked(_)
+            | RegistryError::Rejected(_)
+            | RegistryError::Unverifiable { .. } => ErrorKind::FailedPrecondition,
             RegistryError::Invalid(_) => ErrorKind::InvalidArgument,
             RegistryError::Config(_) => ErrorKind::FailedPrecondition,
             RegistryError::Cancelled => ErrorKind::Unavailable,

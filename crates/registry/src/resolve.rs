@@ -158,6 +158,14 @@ pub fn check_policy(policy: Option<&Policy>, r: &Reference) -> Result<()> {
     if list.contains(&Requirement::Reject) {
         return Err(RegistryError::Rejected(r.to_string()));
     }
+    if let Some(Requirement::Signature(kind)) =
+        list.iter().find(|q| matches!(q, Requirement::Signature(_)))
+    {
+        return Err(RegistryError::Unverifiable {
+            reference: r.to_string(),
+            requirement: kind.clone(),
+        });
+    }
     Ok(())
 }
 
