@@ -11,9 +11,13 @@ use std::path::PathBuf;
 #[command(
     name = "isula-build",
     version,
+    disable_version_flag = true,
     about = "isula-build is the client of isula-builder, the container image builder"
 )]
 pub struct Cli {
+    /// Print the client's version (as isula-build's -v/--version)
+    #[arg(short = 'v', long = "version", action = clap::ArgAction::Version)]
+    pub version: Option<bool>,
     /// Open debug mode
     #[arg(short = 'D', long, global = true)]
     pub debug: bool,
@@ -45,7 +49,10 @@ pub enum Command {
     Version,
     /// Generate a shell completion script
     #[command(hide = true)]
-    Completion { shell: clap_complete::Shell },
+    Completion {
+        /// bash (the default), zsh, fish, elvish or powershell
+        shell: Option<clap_complete::Shell>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,7 +90,7 @@ fn main() {
     let cli = Cli::parse();
     if let Command::Completion { shell } = &cli.command {
         clap_complete::generate(
-            *shell,
+            shell.unwrap_or(clap_complete::Shell::Bash),
             &mut Cli::command(),
             "isula-build",
             &mut std::io::stdout(),
@@ -124,5 +131,26 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn isula_build_0_9_6_spellings() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from(["isula-build", "ctr-img", "build", "-t", "a:1", "."])
+            .expect("-t is --tag");
+        match cli.command {
+            super::Command::CtrImg(super::CtrImg::Build(b)) => {
+                assert_eq!(b.tag.as_deref(), Some("a:1"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = super::Cli::try_parse_from(["isula-build", "completion"])
+            .expect("completion without a shell");
+        assert!(matches!(
+            cli.command,
+            super::Command::Completion { shell: None }
+        ));
+        let e = super::Cli::try_parse_from(["isula-build", "-v"]).expect_err("prints the version");
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
     }
 }

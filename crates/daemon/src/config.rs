@@ -64,7 +64,10 @@ pub struct Flags {
 pub enum Command {
     /// Generate a shell completion script
     #[command(hide = true)]
-    Completion { shell: clap_complete::Shell },
+    Completion {
+        /// bash (the default), zsh, fish, elvish or powershell
+        shell: Option<clap_complete::Shell>,
+    },
 }
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer

@@ -71,7 +71,7 @@ fn main() {
     let flags = Flags::parse();
     if let Some(Command::Completion { shell }) = flags.command {
         clap_complete::generate(
-            shell,
+            shell.unwrap_or(clap_complete::Shell::Bash),
             &mut Flags::command(),
             "isula-builder",
             &mut std::io::stdout(),

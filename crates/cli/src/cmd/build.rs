@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long = "proxy", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub proxy: bool,
     /// Tag for the built image
-    #[arg(long = "tag")]
+    #[arg(short = 't', long = "tag")]
     pub tag: Option<String>,
     /// Capabilities RUN steps get in addition to the defaults
     #[arg(long = "cap-add")]

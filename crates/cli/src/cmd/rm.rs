@@ -17,13 +17,22 @@ pub struct Args {
     pub prune: bool,
 }
 
-pub async fn run(client: &mut Client, args: Args) -> Result<()> {
+/// The combinations the original refuses.
+fn check(args: &Args) -> Result<()> {
+    if args.all && args.prune {
+        bail!("--all and --prune cannot be used together");
+    }
     if (args.all || args.prune) && !args.images.is_empty() {
         bail!("image names cannot be given with --all or --prune");
     }
     if !args.all && !args.prune && args.images.is_empty() {
         bail!("rm requires at least one image, or --all or --prune");
     }
+    Ok(())
+}
+
+pub async fn run(client: &mut Client, args: Args) -> Result<()> {
+    check(&args)?;
     let stream = client
         .remove(RemoveRequest {
             image_id: args.images,
@@ -33,4 +42,27 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         .await?
         .into_inner();
     print_stream(stream, |r| r.layer_message).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(images: &[&str], all: bool, prune: bool) -> Args {
+        Args {
+            images: images.iter().map(|s| s.to_string()).collect(),
+            all,
+            prune,
+        }
+    }
+
+    #[test]
+    fn refused_combinations() {
+        assert!(check(&args(&[], true, true)).is_err());
+        assert!(check(&args(&["a"], true, false)).is_err());
+        assert!(check(&args(&[], false, false)).is_err());
+        assert!(check(&args(&["a"], false, false)).is_ok());
+        assert!(check(&args(&[], true, false)).is_ok());
+        assert!(check(&args(&[], false, true)).is_ok());
+    }
 }
