@@ -87,7 +87,17 @@ pub fn absolute(p: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // Usage errors exit 1, as isula-build's do; help and version exit 0, and so does a
+    // command group named alone (`ctr-img`: its help on stdout, as the original).
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        use clap::error::ErrorKind;
+        if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            print!("{}", e.render());
+            std::process::exit(0);
+        }
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 });
+    });
     if let Command::Completion { shell } = &cli.command {
         clap_complete::generate(
             shell.unwrap_or(clap_complete::Shell::Bash),

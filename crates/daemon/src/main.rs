@@ -68,7 +68,11 @@ fn open_store(s: &Settings) -> Result<isula_store::Store> {
 fn main() {
     // Before any thread: the daemon's memory stays near what is live (see isula_sys::memory).
     isula_sys::memory::limit_malloc_arenas(2);
-    let flags = Flags::parse();
+    // Usage errors exit 1, as isula-builder's do (help and version exit 0).
+    let flags = Flags::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 });
+    });
     if let Some(Command::Completion { shell }) = flags.command {
         clap_complete::generate(
             shell.unwrap_or(clap_complete::Shell::Bash),

@@ -203,3 +203,27 @@ fn killing_the_client_cancels_its_import() {
     );
     assert!(d.log().contains("operation cancelled"), "{}", d.log());
 }
+
+#[test]
+fn usage_errors_exit_1_as_isula_build_does() {
+    let code = |binary: &str, args: &[&str]| {
+        let o = Command::new(bin(binary)).args(args).output().expect("run");
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    assert_eq!(code("isula-build", &["--bogus"]).0, Some(1));
+    assert_eq!(code("isula-build", &["ctr-img", "frobnicate"]).0, Some(1));
+    assert_eq!(
+        code("isula-build", &["ctr-img", "build", "--bogus"]).0,
+        Some(1)
+    );
+    assert_eq!(code("isula-builder", &["--bogus"]).0, Some(1));
+    // Help, version, and a command group named alone (its help on stdout) exit 0.
+    assert_eq!(code("isula-build", &["--help"]).0, Some(0));
+    assert_eq!(code("isula-build", &["-v"]).0, Some(0));
+    let (status, out) = code("isula-build", &["ctr-img"]);
+    assert_eq!(status, Some(0));
+    assert!(out.contains("Usage"), "{out}");
+}
