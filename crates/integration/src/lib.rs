@@ -282,6 +282,15 @@ impl Daemon {
         String::from_utf8_lossy(&o.stderr).to_string()
     }
 
+    /// Loads a busybox image as `name` from a fixed archive: the same image ID on every
+    /// daemon (an import would stamp its own creation time).
+    pub fn load_fixed_busybox(&self, name: &str) {
+        let archive = self.dir.path().join("fixed-busybox.tar");
+        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], name)).expect("archive");
+        self.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+        let _ = std::fs::remove_file(&archive);
+    }
+
     /// Imports a busybox rootfs (plus `extra` files) as `name`; returns the image ID.
     pub fn import_busybox(&self, name: &str, extra: &[(&str, &[u8])]) -> String {
         let tar = self.dir.path().join("busybox-import.tar");

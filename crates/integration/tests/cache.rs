@@ -487,12 +487,7 @@ fn a_copy_with_one_file_changed_links_the_others_and_gives_the_full_copy_image()
     if !require_root() {
         return;
     }
-    let base = |d: &Daemon| {
-        let archive = d.dir.path().join("base.tar");
-        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1"))
-            .expect("archive");
-        d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
-    };
+    let base = |d: &Daemon| d.load_fixed_busybox("base:1");
     let d = Daemon::start();
     base(&d);
     let df =

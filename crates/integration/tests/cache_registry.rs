@@ -223,11 +223,7 @@ fn the_cache_goes_through_login_and_tls_as_pull_and_push_do() {
     let ca_file = format!("certs.d/{host}/ca.crt");
     let start = || {
         let d = Daemon::start_configured(&[(ca_file.as_str(), ca.as_str())], &[], &[]);
-        // The same base everywhere (a loaded archive has a fixed ID).
-        let archive = d.dir.path().join("base.tar");
-        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1"))
-            .expect("archive");
-        d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+        d.load_fixed_busybox("base:1");
         d
     };
     let cache = format!("{host}/cache:1");
@@ -275,10 +271,7 @@ fn a_cache_source_that_fails_half_way_costs_time_not_the_build() {
     let host = proxy.host();
     let start = || {
         let d = daemon_for(&[&host]);
-        let archive = d.dir.path().join("base.tar");
-        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1"))
-            .expect("archive");
-        d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+        d.load_fixed_busybox("base:1");
         d
     };
     let cache = format!("{host}/cache:1");
@@ -327,10 +320,7 @@ fn a_stage_record_whose_config_lists_other_layers_is_not_used() {
     let host = reg.host();
     let start = || {
         let d = daemon_for(&[&host]);
-        let archive = d.dir.path().join("base.tar");
-        std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1"))
-            .expect("archive");
-        d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+        d.load_fixed_busybox("base:1");
         d
     };
     let d1 = start();

@@ -4,11 +4,9 @@
 use isula_integration::*;
 use std::path::{Path, PathBuf};
 
-/// The same base on every daemon (a loaded archive has a fixed image ID).
+/// The same base on every daemon.
 fn load_base(d: &Daemon) {
-    let archive = d.dir.path().join("base.tar");
-    std::fs::write(&archive, docker_archive(&[busybox_rootfs(&[])], "base:1")).expect("archive");
-    d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("path")]);
+    d.load_fixed_busybox("base:1");
 }
 
 fn context(d: &Daemon, dockerfile: &str) -> PathBuf {
