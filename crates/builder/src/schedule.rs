@@ -314,8 +314,10 @@ pub(crate) fn build_stages(
     let workers = parallelism().min(stages.len()).max(1);
     let all_done = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        // The build's cancel reaches every stage.
+        // The build's cancel reaches every stage. The daemon's flag has no notifier, so
+        // it is looked at every 20 ms; the end of the build wakes this at once.
         scope.spawn(|| {
+            let mut s = lock();
             while !all_done.load(Ordering::SeqCst) {
                 if global_cancel.load(Ordering::SeqCst) {
                     for c in &stage_cancel {
@@ -323,14 +325,21 @@ pub(crate) fn build_stages(
                     }
                     changed.notify_all();
                 }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                s = changed
+                    .wait_timeout(s, std::time::Duration::from_millis(20))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
         });
         let handles: Vec<_> = (0..workers).map(|_| scope.spawn(worker)).collect();
         for h in handles {
             let _ = h.join();
         }
-        all_done.store(true, Ordering::SeqCst);
+        {
+            let _s = lock();
+            all_done.store(true, Ordering::SeqCst);
+        }
+        changed.notify_all();
     });
     let mut s = schedule.into_inner().unwrap_or_else(|p| p.into_inner());
     if global_cancel.load(Ordering::SeqCst) {

@@ -356,16 +356,7 @@ impl Source {
             )));
         };
         let started = std::time::Instant::now();
-        let mut record = Record {
-            parent: e.parent.clone(),
-            description: e.description.clone(),
-            snapshot: None,
-            stage: None,
-            lineage: None,
-            size: 0,
-            created: 0,
-            last_used: 0,
-        };
+        let mut record = Record::under(e.parent.clone(), &e.description);
         if let Some(b) = &e.snapshot {
             let unpacked = fetch_unpacked(
                 store,

@@ -74,8 +74,13 @@ pub struct Record {
 impl Record {
     /// A record to [`Cache::put`]: its times are set then.
     pub fn new(parent: &Digest, description: &str) -> Record {
+        Record::under(Some(parent.clone()), description)
+    }
+
+    /// [`Record::new`] for a parent that may be absent (a record read from elsewhere).
+    pub fn under(parent: Option<Digest>, description: &str) -> Record {
         Record {
-            parent: Some(parent.clone()),
+            parent,
             description: description.to_string(),
             snapshot: None,
             stage: None,
