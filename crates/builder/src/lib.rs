@@ -136,6 +136,19 @@ pub struct Built {
     /// The cache keys of the build's steps and stage results (what `--cache-to` exports),
     /// in the order the build met them.
     pub cache_keys: Vec<Digest>,
+    /// Build args no step used (proxy variables aside), sorted. isula-build warns about
+    /// them after its last line.
+    pub unused_args: Vec<String>,
+}
+
+/// The warning isula-build prints for `unused` build args, after the build's last line.
+pub fn unused_args_warning(unused: &[String]) -> Option<String> {
+    (!unused.is_empty()).then(|| {
+        format!(
+            "[Warning] One or more build-args [{}] were not consumed\n",
+            unused.join(" ")
+        )
+    })
 }
 
 /// What a `--cache-from` source holds for a key.
@@ -326,11 +339,15 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
             tracing::warn!(error = %e, "trimming the build cache");
         }
     }
-    let (id, cache_keys) = result?;
+    let (id, cache_keys, unused_args) = result?;
     if let Err(e) = ctx.store.gc() {
         tracing::warn!(error = %e, "collecting intermediate stages");
     }
-    Ok(Built { id, cache_keys })
+    Ok(Built {
+        id,
+        cache_keys,
+        unused_args,
+    })
 }
 
 fn read_dockerignore(context: &std::path::Path) -> Result<Option<Matcher>, BuildError> {

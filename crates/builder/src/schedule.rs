@@ -167,7 +167,7 @@ pub(crate) fn build_stages(
     target: usize,
     lease: &isula_store::Lease,
     hashes: &std::sync::Mutex<cache_key::ContextHashes>,
-) -> Result<(ImageId, Vec<Digest>), BuildError> {
+) -> Result<(ImageId, Vec<Digest>, Vec<String>), BuildError> {
     let n = df.stages.len();
     let (store, runc, pull, remote) = (ctx.store, ctx.runc, ctx.pull, ctx.remote);
     let global_cancel = ctx.cancel.clone();
@@ -360,20 +360,23 @@ pub(crate) fn build_stages(
         used_args.append(&mut s.used_args[*i]);
         cache_keys.append(&mut s.cache_keys[*i]);
     }
-    let unused: Vec<&str> = opts
+    let mut unused: Vec<String> = opts
         .build_args
         .iter()
-        .map(|(k, _)| k.as_str())
-        .filter(|k| !used_args.iter().any(|u| u == k) && !PROXY_ARGS.contains(k))
+        .map(|(k, _)| k.clone())
+        .filter(|k| !used_args.contains(k) && !PROXY_ARGS.contains(&k.as_str()))
         .collect();
-    if !unused.is_empty() {
-        (ctx.log)(format!(
-            "[Warning] one or more build args were not consumed: {unused:?}\n"
-        ));
-    }
+    unused.sort();
+    unused.dedup();
     let last = s.results[target]
         .take()
         .ok_or_else(|| BuildError::Invalid("the target stage produced nothing".into()))?;
     let id = stage::commit_image(ctx, &last, &opts.tags, opts.oci, lease)?;
-    Ok((id, cache_keys))
+    // isula-build names a stage by its AS name, else by its index.
+    let name = df.stages[target]
+        .name
+        .clone()
+        .unwrap_or_else(|| target.to_string());
+    (ctx.log)(format!("Committed stage {name} with ID: {}\n", id.hex()));
+    Ok((id, cache_keys, unused))
 }

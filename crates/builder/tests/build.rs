@@ -306,8 +306,14 @@ fn run_build_with(
         pull: None,
         remote: None,
     };
-    let r = build(&mut ctx, &opts)
-        .map(|b| b.id)
+    let built = build(&mut ctx, &opts);
+    drop(ctx);
+    // The daemon's last line: the unused build args.
+    let r = built
+        .map(|b| {
+            log.extend(isula_builder_core::unused_args_warning(&b.unused_args));
+            b.id
+        })
         .map_err(|e| e.to_string());
     (r, log)
 }
@@ -389,7 +395,10 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         log.contains("http=http://host-proxy:3128 https=http://arg-proxy:3129\n"),
         "{log}"
     );
-    assert!(log.contains("not consumed: [\"UNUSED\"]"), "{log}");
+    assert!(
+        log.ends_with("[Warning] One or more build-args [UNUSED] were not consumed\n"),
+        "{log}"
+    );
     let raw = String::from_utf8(
         e.store
             .content()

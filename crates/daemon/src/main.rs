@@ -50,7 +50,7 @@ fn open_store(s: &Settings) -> Result<isula_store::Store> {
                 swept_ingest = report.swept_ingest,
                 swept_tmp = report.swept_tmp,
                 gc_blobs = report.gc.blobs,
-                gc_layers = report.gc.layers,
+                gc_layers = report.gc.layers.len(),
                 "store opened"
             );
             Ok(store)
@@ -62,6 +62,59 @@ fn open_store(s: &Settings) -> Result<isula_store::Store> {
             )
         }
         Err(e) => Err(e).with_context(|| format!("opening the store in {}", s.data_root.display())),
+    }
+}
+
+/// The record of the one migration from an isula-build 0.9.x store (see `migrate_old_store`).
+const MIGRATION_RECORD: &str = "migrated-from-isula-build.json";
+
+/// On the first start on a data root that holds isula-build 0.9.x's containers/storage
+/// store, brings its images into ours (names and IDs kept; the old files untouched) and
+/// records that it did, with what failed. Later starts leave it alone: remove the record
+/// to run it again.
+fn migrate_old_store(s: &Settings, store: &isula_store::Store) {
+    let record = s.data_root.join(MIGRATION_RECORD);
+    if record.exists() {
+        return;
+    }
+    let Some(old) = isula_transport::migrate::find_old_store(&s.data_root) else {
+        return;
+    };
+    tracing::info!(from = %old.display(), "migrating the images of isula-build's store");
+    let results = match isula_transport::migrate::migrate(store, &old) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(from = %old.display(), error = %e, "the isula-build store cannot be read: nothing migrated (this is tried again at the next start)");
+            return;
+        }
+    };
+    let mut entries = Vec::new();
+    let (mut ok, mut failed) = (0, 0);
+    for m in &results {
+        match &m.outcome {
+            isula_transport::migrate::Outcome::Migrated { id, names } => {
+                ok += 1;
+                tracing::info!(old_id = %m.old_id, id = %id.hex(), names = ?names, "migrated image");
+                entries
+                    .push(serde_json::json!({"image": m.old_id, "names": names, "id": id.hex()}));
+            }
+            isula_transport::migrate::Outcome::Failed { error } => {
+                failed += 1;
+                tracing::error!(old_id = %m.old_id, names = ?m.names, error = %error, "image not migrated");
+                entries
+                    .push(serde_json::json!({"image": m.old_id, "names": m.names, "error": error}));
+            }
+        }
+    }
+    tracing::info!(
+        migrated = ok,
+        failed,
+        from = %old.display(),
+        "migration from isula-build done; its files are left as they were (remove them when no longer needed)"
+    );
+    let text = serde_json::json!({ "from": old, "images": entries });
+    if let Err(e) = std::fs::write(&record, format!("{text:#}\n")) {
+        tracing::warn!(path = %record.display(), error = %e, "cannot record the migration: it runs again at the next start");
     }
 }
 
@@ -104,6 +157,7 @@ fn run(flags: Flags) -> Result<()> {
     );
     prepare_dirs(&settings)?;
     let store = open_store(&settings)?;
+    migrate_old_store(&settings, &store);
     if flags.check_store {
         let problems = store.check()?;
         for p in &problems {

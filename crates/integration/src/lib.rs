@@ -487,7 +487,18 @@ pub fn import_id(out: &str) -> String {
         .find_map(|l| l.strip_prefix("Import success with image id: "))
         .unwrap_or_else(|| panic!("no import line in {out}"))
         .trim()
+        .trim_matches('"')
         .to_string()
+}
+
+/// Whether a build's first FROM pulled its image: the pull's copy lines come between the
+/// first step line and the next.
+pub fn from_pulled(out: &str) -> bool {
+    out.lines()
+        .skip_while(|l| !l.starts_with("STEP  1:"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("STEP "))
+        .any(|l| l == "Getting image source signatures")
 }
 
 /// The image ID a build printed (`Build success with image id: ...`).

@@ -126,15 +126,7 @@ fn one_docker_archive_carries_several_images() {
             p.to_str().expect("utf8"),
             &format!("multi/{n}:1"),
         ]);
-        ids.push(
-            out.lines()
-                .last()
-                .expect("line")
-                .rsplit(' ')
-                .next()
-                .expect("id")
-                .to_string(),
-        );
+        ids.push(import_id(&out));
     }
     let archive = work.path().join("both.tar");
     d.ok(&[

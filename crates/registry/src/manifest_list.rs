@@ -142,11 +142,7 @@ impl Lists {
     /// digest of the list as it stands locally).
     pub fn create(&self, store: &Store, name: &str, images: &[String]) -> Result<Digest> {
         let r = list_name(name)?;
-        if images.is_empty() {
-            return Err(RegistryError::Invalid(
-                "manifest create needs at least one image".into(),
-            ));
-        }
+        // No images is allowed, as in isula-build: an empty list.
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.path(&r).exists() {
             return Err(RegistryError::Invalid(format!(

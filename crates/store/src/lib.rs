@@ -52,14 +52,19 @@ pub struct OpenReport {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GcReport {
     pub blobs: usize,
-    pub layers: usize,
+    /// The layers deleted (a directory whose name is no chain ID counts as `None`).
+    pub layers: Vec<Option<ChainId>>,
 }
 
-/// One line of what a removal did.
+/// One line of what a removal did. Names are as the caller gave them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoveEvent {
+    /// The name went; the image stays under its other names.
     Untagged(String),
-    Deleted(ImageId),
+    /// A layer no image or cache record uses any more was deleted.
+    DeletedLayer(ChainId),
+    /// The image went, with all its names.
+    Deleted { name: String, id: ImageId },
 }
 
 pub struct Store {
@@ -678,39 +683,48 @@ impl Store {
         Ok(())
     }
 
-    /// Removes what `name` designates: a tag of an image with other tags is only untagged;
-    /// otherwise (an ID, or the last tag) the image goes, with all its names.
+    /// Removes what `name` designates: a name of an image with other names is only
+    /// untagged; otherwise (an ID, or the last name) the image goes with all its names, and
+    /// so do the layers nothing else uses.
     pub fn remove(&self, name: &str) -> Result<Vec<RemoveEvent>> {
         let img = self.resolve(name)?;
         let by_name = Reference::parse(name)
             .ok()
             .map(|r| r.to_string())
             .filter(|full| img.names.contains(full));
-        let mut events = Vec::new();
-        {
+        let deleted = {
             let mut meta = self.meta();
             let mut next = meta.clone();
-            match by_name {
+            let deleted = match by_name {
                 Some(full) if img.names.len() > 1 => {
                     if let Some(rec) = next.images.get_mut(&img.id) {
                         rec.names.retain(|n| n != &full);
                     }
-                    events.push(RemoveEvent::Untagged(familiar(&full)));
+                    false
                 }
                 _ => {
-                    for n in &img.names {
-                        events.push(RemoveEvent::Untagged(familiar(n)));
-                    }
                     next.images.remove(&img.id);
-                    events.push(RemoveEvent::Deleted(img.id.clone()));
+                    true
                 }
-            }
+            };
             self.save(&next)?;
             *meta = next;
+            deleted
+        };
+        if !deleted {
+            return Ok(vec![RemoveEvent::Untagged(name.to_string())]);
         }
-        if events.iter().any(|e| matches!(e, RemoveEvent::Deleted(_))) {
-            self.gc()?;
-        }
+        let mut events: Vec<RemoveEvent> = self
+            .gc()?
+            .layers
+            .into_iter()
+            .flatten()
+            .map(RemoveEvent::DeletedLayer)
+            .collect();
+        events.push(RemoveEvent::Deleted {
+            name: name.to_string(),
+            id: img.id,
+        });
         Ok(events)
     }
 
@@ -767,10 +781,12 @@ impl Store {
             *meta = next;
         }
         for (path, chain) in layer_dirs {
-            let keep = chain.is_some_and(|c| live_layers.contains(&c) || layer_leased(&c));
+            let keep = chain
+                .as_ref()
+                .is_some_and(|c| live_layers.contains(c) || layer_leased(c));
             if !keep {
                 isula_sys::rooted::remove_tree(&path)?;
-                report.layers += 1;
+                report.layers.push(chain);
             }
         }
         for d in blobs {

@@ -95,11 +95,16 @@ fn names_move_and_resolve() {
     assert_eq!(store.image(&b).expect("b").names.len(), 2);
 }
 
+fn layer_of(store: &Store, id: &ImageId) -> ChainId {
+    store.image(id).expect("image").layers[0].clone()
+}
+
 #[test]
 fn remove_untags_then_deletes_and_collects() {
     let dir = tempfile::tempdir().expect("tmp");
     let (store, _) = Store::open(dir.path()).expect("open");
     let a = add(&store, "a", &["x:1", "x:2"]);
+    let layer = layer_of(&store, &a);
     assert_eq!(
         store.remove("x:1").expect("rm"),
         vec![RemoveEvent::Untagged("x:1".into())]
@@ -107,8 +112,11 @@ fn remove_untags_then_deletes_and_collects() {
     assert_eq!(
         store.remove("x:2").expect("rm"),
         vec![
-            RemoveEvent::Untagged("x:2".into()),
-            RemoveEvent::Deleted(a.clone())
+            RemoveEvent::DeletedLayer(layer),
+            RemoveEvent::Deleted {
+                name: "x:2".into(),
+                id: a.clone()
+            }
         ]
     );
     assert!(store.images().is_empty());

@@ -154,6 +154,6 @@ fn import_leased(
         created: Some(created),
         names: reference.into_iter().cloned().collect(),
     })?;
-    progress(format!("Import success with image id: {}\n", id.hex()));
+    progress(format!("Import success with image id: \"{}\"\n", id.hex()));
     Ok(id)
 }

@@ -9,6 +9,7 @@ pub mod docker_daemon;
 pub mod import;
 pub mod isulad;
 pub mod load;
+pub mod migrate;
 pub mod oci_archive;
 pub mod save;
 

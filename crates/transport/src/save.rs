@@ -119,9 +119,7 @@ pub fn save(
     for item in &items {
         copy_lines(progress, &item.image.blobs, item.image.id.digest());
     }
-    for name in names {
-        progress(format!("Save success with image: {name}\n"));
-    }
+    // "Save success with image: [NAMES]" is the client's line (isula-build's client prints it).
     Ok(())
 }
 

@@ -38,63 +38,112 @@ pub fn public_key() -> Result<isula_api::secret::PublicKey> {
     isula_api::secret::PublicKey::from_pem(&text).with_context(|| format!("public key {path}"))
 }
 
+/// isula-build's limit on a username or password.
+const MAX_INPUT: usize = 128;
+const LOGIN_FAILED: &str = "\nLogin Failed\n";
+const LOGOUT_FAILED: &str = "\nLogout Failed\n";
+
 fn prompt(label: &str) -> Result<String> {
-    let mut out = std::io::stderr();
+    let mut out = std::io::stdout();
     write!(out, "{label}")?;
     out.flush()?;
     let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line)?;
-    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("could not read username from terminal")?;
+    Ok(line.trim().to_string())
 }
 
-fn read_password(from_stdin: bool) -> Result<String> {
-    let p = if from_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .context("reading the password from stdin")?;
-        line.trim_end_matches(['\r', '\n']).to_string()
-    } else {
-        rpassword::prompt_password("Password: ").context("reading the password")?
-    };
+/// `--password-stdin`: every line of stdin, joined without their line ends (isula-build's
+/// reading), at most 128 bytes.
+fn password_from(reader: impl BufRead) -> Result<String> {
+    let mut p = String::new();
+    for line in reader.lines() {
+        p.push_str(
+            line.context("reading the password from stdin")?
+                .trim_end_matches('\r'),
+        );
+        if p.len() > MAX_INPUT {
+            bail!("length of input exceeded");
+        }
+    }
     if p.is_empty() {
-        bail!("the password is empty");
+        bail!("auth info can not be empty");
     }
     Ok(p)
 }
 
+fn read_password(from_stdin: bool) -> Result<String> {
+    let p = if from_stdin {
+        password_from(std::io::stdin().lock())?
+    } else {
+        rpassword::prompt_password("Password: ").context("could not read password from terminal")?
+    };
+    if p.len() > MAX_INPUT {
+        bail!("length of input exceeded");
+    }
+    if p.is_empty() {
+        bail!("auth info can not be empty");
+    }
+    Ok(p)
+}
+
+/// Prints what isula-build prints after a login or logout attempt: the daemon's answer, or
+/// the failure banner (the error itself goes to stderr).
+fn outcome(
+    r: std::result::Result<tonic::Response<String>, tonic::Status>,
+    failed: &str,
+) -> Result<()> {
+    match r {
+        Ok(r) => {
+            println!("{}", r.into_inner());
+            Ok(())
+        }
+        Err(s) => {
+            println!("{failed}");
+            Err(s.into())
+        }
+    }
+}
+
 pub async fn login(client: &mut Client, args: LoginArgs) -> Result<()> {
     if args.server.trim().is_empty() {
-        bail!("login needs a registry server");
+        bail!("empty registry found, please input one registry");
     }
     if args.password_stdin && args.username.is_none() {
-        bail!("--password-stdin needs --username");
+        bail!("must provides --password-stdin with --username");
     }
-    if args.username.is_none() && !args.password_stdin {
+    if args.username.is_none() {
         // Try what the daemon has stored first.
+        println!("try to login with existing credentials...\n");
         let req = LoginRequest {
             server: args.server.clone(),
             username: String::new(),
             password: String::new(),
         };
         match client.login(req).await {
-            Ok(r) => {
-                println!("{}", r.into_inner().content);
-                return Ok(());
-            }
+            Ok(r) => return outcome(Ok(r.map(|r| r.content)), LOGIN_FAILED),
             Err(s)
                 if s.message()
-                    .contains("Failed to authenticate existing credentials") => {}
-            Err(s) => return Err(s.into()),
+                    .contains("Failed to authenticate existing credentials") =>
+            {
+                println!(
+                    "Failed to authenticate existing credentials, please input auth info directly\n"
+                );
+            }
+            Err(s) => return outcome(Err(s), LOGIN_FAILED),
         }
     }
     let username = match args.username {
-        Some(u) => u,
+        Some(u) => u.trim().to_string(),
         None => prompt("Username: ")?,
     };
     if username.is_empty() {
-        bail!("the username is empty");
+        bail!("username can not be empty");
+    }
+    if username.len() > MAX_INPUT {
+        bail!("length of input exceeded");
     }
     let password = read_password(args.password_stdin)?;
     let key = public_key()?;
@@ -105,23 +154,39 @@ pub async fn login(client: &mut Client, args: LoginArgs) -> Result<()> {
             .encrypt_hex(&password)
             .context("encrypting the password")?,
     };
-    let r = client.login(req).await?;
-    println!("{}", r.into_inner().content);
-    Ok(())
+    let r = client.login(req).await.map(|r| r.map(|r| r.content));
+    outcome(r, LOGIN_FAILED)
 }
 
 pub async fn logout(client: &mut Client, args: LogoutArgs) -> Result<()> {
+    // As isula-build: with --all a server is ignored.
     let server = match (&args.server, args.all) {
-        (Some(_), true) => bail!("give either a registry server or --all, not both"),
-        (None, false) => bail!("logout needs a registry server, or --all"),
-        (s, _) => s.clone().unwrap_or_default(),
+        (_, true) => String::new(),
+        (None, false) => bail!("empty registry found, please input one registry"),
+        (Some(s), false) => s.clone(),
     };
     let r = client
         .logout(LogoutRequest {
             server,
             all: args.all,
         })
-        .await?;
-    println!("{}", r.into_inner().result);
-    Ok(())
+        .await
+        .map(|r| r.map(|r| r.result));
+    outcome(r, LOGOUT_FAILED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdin_password_joins_lines_and_is_capped() {
+        assert_eq!(password_from(&b"ab\ncd\n"[..]).expect("pw"), "abcd");
+        assert_eq!(password_from(&b"ab\r\n"[..]).expect("pw"), "ab");
+        assert!(password_from(&b""[..]).is_err());
+        assert!(password_from(&b"\n\n"[..]).is_err());
+        let long = "x".repeat(MAX_INPUT + 1);
+        assert!(password_from(long.as_bytes()).is_err());
+        assert!(password_from("x".repeat(MAX_INPUT).as_bytes()).is_ok());
+    }
 }

@@ -3,7 +3,7 @@
 
 use super::Client;
 use crate::output::print_stream;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use isula_api::v1::{
     ManifestAnnotateRequest, ManifestCreateRequest, ManifestInspectRequest, ManifestPushRequest,
 };
@@ -14,8 +14,7 @@ pub enum Manifest {
     Create {
         /// Name of the manifest list
         list: String,
-        /// Images to list
-        #[arg(required = true)]
+        /// Images to list (none: an empty list, filled later)
         images: Vec<String>,
     },
     /// Set the platform of an image in a manifest list
@@ -80,6 +79,7 @@ pub async fn run(client: &mut Client, m: Manifest) -> Result<()> {
                     variant: variant.unwrap_or_default(),
                 })
                 .await?;
+            println!("Annotate manifest succeed");
         }
         Manifest::Inspect { list } => {
             let r = client
@@ -87,19 +87,42 @@ pub async fn run(client: &mut Client, m: Manifest) -> Result<()> {
                     manifest_list: list,
                 })
                 .await?;
-            let data = r.into_inner().data;
-            println!("{}", String::from_utf8_lossy(&data));
+            println!("{}", indent4(&r.into_inner().data)?);
         }
         Manifest::Push { list, dest } => {
             let stream = client
                 .manifest_push(ManifestPushRequest {
-                    manifest_list: list,
+                    manifest_list: list.clone(),
                     dest,
                 })
                 .await?
                 .into_inner();
             print_stream(stream, |r| r.result).await?;
+            println!("Push manifest list {list} succeed");
         }
     }
     Ok(())
+}
+
+/// The list's JSON indented by four spaces, as isula-build shows it.
+fn indent4(data: &[u8]) -> Result<String> {
+    use serde::Serialize;
+    let value: serde_json::Value =
+        serde_json::from_slice(data).context("the daemon sent a manifest list that is not JSON")?;
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut out,
+        serde_json::ser::PrettyFormatter::with_indent(b"    "),
+    );
+    value.serialize(&mut ser)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn inspect_indents_by_four() {
+        let s = super::indent4(br#"{"a":[1],"b":{}}"#).expect("json");
+        assert_eq!(s, "{\n    \"a\": [\n        1\n    ],\n    \"b\": {}\n}");
+    }
 }

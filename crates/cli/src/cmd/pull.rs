@@ -14,8 +14,10 @@ pub struct Args {
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let req = PullRequest {
         pull_id: op_id(),
-        image_name: args.name,
+        image_name: args.name.clone(),
     };
     let stream = client.pull(req).await?.into_inner();
-    print_stream(stream, |r| r.response).await
+    print_stream(stream, |r| r.response).await?;
+    println!("Pull success with image: {}", args.name);
+    Ok(())
 }

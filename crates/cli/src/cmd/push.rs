@@ -20,9 +20,11 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     }
     let req = PushRequest {
         push_id: op_id(),
-        image_name: args.name,
+        image_name: args.name.clone(),
         format: args.format,
     };
     let stream = client.push(req).await?.into_inner();
-    print_stream(stream, |r| r.response).await
+    print_stream(stream, |r| r.response).await?;
+    println!("Push success with image: {}", args.name);
+    Ok(())
 }

@@ -41,7 +41,8 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         })
         .await?
         .into_inner();
-    print_stream(stream, |r| r.layer_message).await
+    // One event per message, each without its newline (isula-build's wire form).
+    print_stream(stream, |r| r.layer_message + "\n").await
 }
 
 #[cfg(test)]

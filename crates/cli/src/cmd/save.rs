@@ -21,15 +21,21 @@ pub struct Args {
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let path = crate::absolute(&args.output)?;
     if std::fs::symlink_metadata(&path).is_ok() {
-        bail!("output file already exists: {}", path.display());
+        bail!(
+            "output file already exist: {:?}, try to remove existing tarball or rename output file",
+            path.display().to_string()
+        );
     }
     let req = SaveRequest {
         save_id: op_id(),
-        images: args.images,
+        images: args.images.clone(),
         path: path.display().to_string(),
         format: args.format,
         sep: None,
     };
     let stream = client.save(req).await?.into_inner();
-    print_stream(stream, |r| r.log).await
+    print_stream(stream, |r| r.log).await?;
+    // As isula-build prints it: the names as given, in Go's list format.
+    println!("Save success with image: [{}]", args.images.join(" "));
+    Ok(())
 }

@@ -15,9 +15,10 @@ pub struct Args {
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     client
         .tag(TagRequest {
-            image: args.image,
-            tag: args.tag,
+            image: args.image.clone(),
+            tag: args.tag.clone(),
         })
         .await?;
+    println!("Tag {} to image {} succeed", args.tag, args.image);
     Ok(())
 }

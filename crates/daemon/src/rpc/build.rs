@@ -592,8 +592,6 @@ impl Job {
                     },
                 )
                 .map_err(crate::rpc::registry::status)?;
-                self.tx
-                    .send(format!("Push success with image: {}\n", name.familiar()));
             }
             Output::Isulad(name) => {
                 isula_transport::isulad::load_into_isulad(
@@ -641,15 +639,23 @@ impl Job {
                 tracing::warn!(error = %e, "collecting after the cache export");
             }
         }
-        if !self.iidfile.is_empty() {
+        if self.iidfile.is_empty() {
+            self.tx
+                .send(format!("Build success with image id: {hex}\n"));
+        } else {
             self.files
                 .write_file(std::path::Path::new(&self.iidfile), hex.as_bytes())
                 .map_err(|e| {
                     Status::failed_precondition(format!("writing --iidfile {}: {e}", self.iidfile))
                 })?;
+            self.tx.send(format!(
+                "Write image ID [{hex}] to file: {}\n",
+                self.iidfile
+            ));
         }
-        self.tx
-            .send(format!("Build success with image id: {hex}\n"));
+        if let Some(w) = isula_builder_core::unused_args_warning(&built.unused_args) {
+            self.tx.send(w);
+        }
         Ok(hex)
     }
 }

@@ -88,7 +88,7 @@ pub fn push(
             out,
         )
         .map_err(status)?;
+    // "Push manifest list NAME succeed" is the client's line.
     tracing::info!(list = %req.manifest_list, dest = %req.dest, %digest, "manifest list pushed");
-    out(format!("Push success with image: {}\n", req.dest));
     Ok(())
 }

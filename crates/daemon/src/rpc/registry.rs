@@ -40,12 +40,10 @@ pub fn pull(
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    let pulled = pull::pull(&state.registry, &state.store, &name, cancel, out).map_err(status)?;
+    let pulled = pull::pull(&state.registry, &state.store, &name, cancel, out)
+        .map_err(|e| error::status(e.kind(), format!("pulling {name} failed: {e}")))?;
     tracing::info!(image = %pulled.reference, id = %pulled.id, "pulled");
-    out(format!(
-        "Pull success with image: {}\n",
-        pulled.reference.familiar()
-    ));
+    // "Pull success with image: NAME" is the client's line (isula-build's client prints it).
     Ok(())
 }
 
@@ -80,7 +78,6 @@ pub fn resolve_or_pull(
     if let Some(id) = find_local(state, name) {
         return Ok(id);
     }
-    out(format!("Pulling image {name}\n"));
     let result = pull::pull(&state.registry, &state.store, name, cancel, out)
         .map(|p| p.id)
         .map_err(|e| isula_builder_core::PullFailure {
@@ -121,9 +118,9 @@ pub fn push(
         cancel,
         out,
     )
-    .map_err(status)?;
+    .map_err(|e| error::status(e.kind(), format!("pushing {name} failed: {e}")))?;
     tracing::info!(image = %name, manifest = %digest, "pushed");
-    out(format!("Push success with image: {name}\n"));
+    // "Push success with image: NAME" is the client's line.
     Ok(())
 }
 
@@ -195,10 +192,13 @@ pub fn logout(state: &State, req: LogoutRequest) -> Result<LogoutResponse, Statu
         return Err(error::invalid("logout needs a registry server, or --all"));
     }
     let server = auth::normalize_server(&req.server).map_err(status)?;
-    let result = if state.registry.auth.remove(&server).map_err(status)? {
-        format!("Removed authentication for {server}")
-    } else {
-        format!("Not logged in registry {server}")
-    };
-    Ok(LogoutResponse { result })
+    // As isula-build: logging out of a registry one is not logged in to is an error.
+    if !state.registry.auth.remove(&server).map_err(status)? {
+        return Err(Status::failed_precondition(format!(
+            "not logged in registry {server}"
+        )));
+    }
+    Ok(LogoutResponse {
+        result: format!("Removed authentication for {server}"),
+    })
 }

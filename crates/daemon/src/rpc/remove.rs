@@ -4,7 +4,7 @@
 use crate::error;
 use crate::state::State;
 use isula_api::v1::RemoveRequest;
-use isula_store::RemoveEvent;
+use isula_store::{RemoveEvent, StoreError};
 use isula_transport::Cancel;
 use std::sync::Arc;
 use tonic::Status;
@@ -26,7 +26,7 @@ pub fn remove(
             .images()
             .into_iter()
             .filter(|i| req.all || i.names.is_empty())
-            .map(|i| i.id.to_string())
+            .map(|i| i.id.hex().to_string())
             .collect()
     } else if req.image_id.is_empty() {
         return Err(error::invalid(
@@ -35,28 +35,39 @@ pub fn remove(
     } else {
         req.image_id.clone()
     };
-    let mut failed = 0;
+    // The lines are isula-build's, without a newline: its client adds one to each.
+    let mut failed = false;
     for name in &targets {
         match state.store.remove(name) {
             Ok(events) => {
                 for e in events {
                     out(match e {
-                        RemoveEvent::Untagged(n) => format!("Untagged: {n}\n"),
-                        RemoveEvent::Deleted(id) => format!("Deleted: {id}\n"),
+                        RemoveEvent::Untagged(n) => format!("Untagged image: {n}"),
+                        RemoveEvent::DeletedLayer(c) => {
+                            format!("Deleted layer: sha256:{}", c.hex())
+                        }
+                        RemoveEvent::Deleted { name, .. } => format!("Deleted image: {name}"),
                     });
                 }
             }
             Err(e) => {
-                failed += 1;
-                out(format!("Failed to remove image {name}: {e}\n"));
+                failed = true;
+                out(match e {
+                    StoreError::ImageNotFound(_) => format!(
+                        "Find local image {name:?} failed: image {name:?} not found in local store"
+                    ),
+                    StoreError::AmbiguousImage { .. } => {
+                        format!("Find local image {name:?} failed: {e}")
+                    }
+                    e => format!("Remove image {name:?} failed: {e}"),
+                });
             }
         }
     }
-    if failed > 0 {
-        return Err(Status::failed_precondition(format!(
-            "failed to remove {failed} of {} image(s)",
-            targets.len()
-        )));
+    if failed {
+        return Err(Status::failed_precondition(
+            "remove one or more images failed",
+        ));
     }
     Ok(())
 }
