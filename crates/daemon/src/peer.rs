@@ -32,6 +32,9 @@ impl ClientFiles for AsPeer {
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         flatten(with_credentials(&self.0, || std::fs::write(path, data)))
     }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        flatten(with_credentials(&self.0, || AsDaemon.create_dir(path)))
+    }
     fn create_pending(&self, dir: &Path) -> Result<PendingFile, SysError> {
         flatten_sys(dir, with_credentials(&self.0, || PendingFile::new_in(dir)))
     }

@@ -138,13 +138,13 @@ impl Control for Service {
 
     type LoadStream = LineStream<LoadResponse>;
     async fn load(&self, r: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
-        let path = rpc::load::validate(r.get_ref())?;
         let files = peer::files(&r)?;
+        let job = rpc::load::validate(r.into_inner())?;
         let wrap = |log| LoadResponse { log };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::load::load(state, files.as_ref(), path, cancel, out),
+            move |state, cancel, out| rpc::load::load(state, files.as_ref(), job, cancel, out),
         )))
     }
 
@@ -175,16 +175,13 @@ impl Control for Service {
 
     type SaveStream = LineStream<SaveResponse>;
     async fn save(&self, r: Request<SaveRequest>) -> Result<Response<Self::SaveStream>, Status> {
-        let (path, format) = rpc::save::validate(r.get_ref())?;
         let files = peer::files(&r)?;
-        let images = r.into_inner().images;
+        let job = rpc::save::validate(r.into_inner())?;
         let wrap = |log| SaveResponse { log };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| {
-                rpc::save::save(state, files.as_ref(), images, path, format, cancel, out)
-            },
+            move |state, cancel, out| rpc::save::save(state, files.as_ref(), job, cancel, out),
         )))
     }
 

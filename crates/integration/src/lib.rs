@@ -501,10 +501,17 @@ pub fn from_pulled(out: &str) -> bool {
         .any(|l| l == "Getting image source signatures")
 }
 
-/// The image ID a build printed (`Build success with image id: ...`).
+/// The image ID a build printed (`Build success with image id: ID`, or with --iidfile
+/// `Write image ID [ID] to file: PATH`).
 pub fn build_id(out: &str) -> String {
     out.lines()
-        .find_map(|l| l.strip_prefix("Build success with image id: "))
+        .find_map(|l| {
+            l.strip_prefix("Build success with image id: ").or_else(|| {
+                l.strip_prefix("Write image ID [")
+                    .and_then(|r| r.split_once(']'))
+                    .map(|(id, _)| id)
+            })
+        })
         .unwrap_or_else(|| panic!("no success line in {out}"))
         .trim()
         .to_string()

@@ -74,14 +74,14 @@ pub fn write<W: Write>(store: &Store, items: &[SaveItem], out: W, cancel: &Cance
             let config = store
                 .content()
                 .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
-            append_bytes(&mut tar, &config_name, &config)?;
+            append_bytes(&mut tar, &config_name, &config, 0)?;
         }
         let mut layers = Vec::new();
         for (chain, blob) in img.layers.iter().zip(&img.blobs) {
             let layer = store.layer(chain)?;
             let name = format!("{}.tar", layer.diff_id.hex());
             if written.insert(name.clone()) {
-                append_blob(store, &mut tar, &name, blob, Some(&layer), cancel)?;
+                append_blob(store, &mut tar, &name, blob, Some(&layer), cancel, 0)?;
             }
             layers.push(name);
         }
@@ -92,7 +92,7 @@ pub fn write<W: Write>(store: &Store, items: &[SaveItem], out: W, cancel: &Cance
         });
     }
     let data = serde_json::to_vec(&manifest).map_err(|e| TransportError::Invalid(e.to_string()))?;
-    append_bytes(&mut tar, "manifest.json", &data)?;
+    append_bytes(&mut tar, "manifest.json", &data, 0)?;
     tar.into_inner()
         .map_err(|e| TransportError::io("write", "archive", e))
 }

@@ -12,6 +12,7 @@ pub mod load;
 pub mod migrate;
 pub mod oci_archive;
 pub mod save;
+pub mod separated;
 
 use isula_store::StoreError;
 use std::fs::File;
@@ -97,6 +98,8 @@ pub trait ClientFiles: Send + Sync {
     fn exists(&self, path: &Path) -> bool;
     /// Writes (replacing) a small file, such as an --iidfile.
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()>;
+    /// Creates the directory `path` (its parent must exist; `path` must not), mode 0700.
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
     fn create_pending(
         &self,
         dir: &Path,
@@ -120,6 +123,10 @@ impl ClientFiles for AsDaemon {
     }
     fn write_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         std::fs::write(path, data)
+    }
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(path)
     }
     fn create_pending(
         &self,

@@ -10,7 +10,6 @@ use isula_store::compression::Compression;
 use isula_store::{LayerRecord, Lease, NewImage, Store, StoreError};
 use isula_types::image::{Descriptor, ImageConfig, Manifest};
 use isula_types::{limits, media, ChainId, Digest, ImageId, Reference};
-use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
@@ -51,8 +50,25 @@ pub fn load(
             limit: limits::LOAD_MAX,
         });
     }
+    load_stream(
+        store,
+        BufReader::with_capacity(1 << 20, file),
+        path,
+        cancel,
+        progress,
+    )
+}
+
+/// Loads every image of the archive `reader` yields (`path` names it in errors).
+pub fn load_stream<R: std::io::Read>(
+    store: &Store,
+    reader: R,
+    path: &Path,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<Vec<Loaded>> {
     let lease = store.lease();
-    let result = load_leased(store, file, path, cancel, progress, &lease);
+    let result = load_leased(store, reader, path, cancel, progress, &lease);
     drop(lease);
     // Collect archive members that were not layers, or everything of a failed load.
     if let Err(e) = store.gc() {
@@ -61,16 +77,16 @@ pub fn load(
     result
 }
 
-fn load_leased(
+fn load_leased<R: std::io::Read>(
     store: &Store,
-    file: File,
+    reader: R,
     path: &Path,
     cancel: &Cancel,
     progress: Progress<'_>,
     lease: &Lease,
 ) -> Result<Vec<Loaded>> {
     let reader = Guarded {
-        inner: BufReader::with_capacity(1 << 20, file),
+        inner: reader,
         cancel: cancel.clone(),
         remaining: limits::LOAD_MAX,
     };

@@ -155,15 +155,20 @@ pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) 
     };
     let manifest_digest = Digest::of_bytes(&manifest_bytes);
     let mut tar = tar::Builder::new(out);
-    append_bytes(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    append_bytes(
+        &mut tar,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        0,
+    )?;
     for blob in &img.blobs {
-        append_blob(store, &mut tar, &blob_path(blob), blob, None, cancel)?;
+        append_blob(store, &mut tar, &blob_path(blob), blob, None, cancel, 0)?;
     }
     let config = store
         .content()
         .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
-    append_bytes(&mut tar, &blob_path(img.id.digest()), &config)?;
-    append_bytes(&mut tar, &blob_path(&manifest_digest), &manifest_bytes)?;
+    append_bytes(&mut tar, &blob_path(img.id.digest()), &config, 0)?;
+    append_bytes(&mut tar, &blob_path(&manifest_digest), &manifest_bytes, 0)?;
     let mut desc = Descriptor::new(
         media::OCI_MANIFEST,
         manifest_digest,
@@ -185,7 +190,7 @@ pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) 
         annotations: None,
     };
     let data = serde_json::to_vec(&index).map_err(|e| TransportError::Invalid(e.to_string()))?;
-    append_bytes(&mut tar, "index.json", &data)?;
+    append_bytes(&mut tar, "index.json", &data, 0)?;
     tar.into_inner()
         .map_err(|e| TransportError::io("write", "archive", e))
 }

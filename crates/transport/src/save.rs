@@ -123,14 +123,14 @@ pub fn save(
     Ok(())
 }
 
-fn header(name: &str, size: u64) -> tar::Header {
+fn header(name: &str, size: u64, mtime: u64) -> tar::Header {
     let mut h = tar::Header::new_ustar();
     h.set_entry_type(tar::EntryType::Regular);
     h.set_size(size);
     h.set_mode(0o644);
     h.set_uid(0);
     h.set_gid(0);
-    h.set_mtime(0);
+    h.set_mtime(mtime);
     // Names here are short and ASCII (digests), so set_path cannot fail on length.
     let _ = h.set_path(name);
     h.set_cksum();
@@ -141,8 +141,9 @@ pub(crate) fn append_bytes<W: Write>(
     tar: &mut tar::Builder<W>,
     name: &str,
     data: &[u8],
+    mtime: u64,
 ) -> Result<()> {
-    tar.append(&header(name, data.len() as u64), data)
+    tar.append(&header(name, data.len() as u64, mtime), data)
         .map_err(|e| TransportError::io("write", name, e))
 }
 
@@ -188,6 +189,7 @@ pub(crate) fn append_blob<W: Write>(
     blob: &Digest,
     layer: Option<&LayerRecord>,
     cancel: &Cancel,
+    mtime: u64,
 ) -> Result<()> {
     let path = store.content().path(blob);
     let file = io::BufReader::with_capacity(1 << 20, store.content().open(blob)?);
@@ -210,7 +212,7 @@ pub(crate) fn append_blob<W: Write>(
         left: size,
         what: format!("blob {blob}"),
     });
-    tar.append(&header(name, size), &mut hashing)
+    tar.append(&header(name, size, mtime), &mut hashing)
         .map_err(|e| TransportError::io("write", &path, e))?;
     let (digest, _) = hashing
         .finish()
