@@ -21,6 +21,12 @@ pub struct Cli {
     /// Open debug mode
     #[arg(short = 'D', long, global = true)]
     pub debug: bool,
+    /// Log level to be used. Either "debug", "info", "warn" or "error"
+    #[arg(long = "log-level", global = true, default_value = "error")]
+    pub log_level: String,
+    /// Timeout for connecting to daemon (100ms to 120s; default 20s)
+    #[arg(long, global = true)]
+    pub timeout: Option<String>,
     /// Daemon socket to connect to, unix:///path
     #[arg(long, global = true, env = isula_api::HOST_ENV, default_value = "unix:///var/run/isula_build.sock")]
     pub host: String,

@@ -219,3 +219,48 @@ fn usage_errors_exit_1_as_isula_build_does() {
     assert_eq!(status, Some(0));
     assert!(out.contains("Usage"), "{out}");
 }
+
+#[test]
+fn global_timeout_and_log_level_and_honest_info() {
+    if !require_root() {
+        return;
+    }
+    let d = Daemon::start();
+    // --timeout: a Go duration within [100ms, 120s], used for the health check.
+    let err = d.fails(&["--timeout", "50ms", "ctr-img", "images"]);
+    assert!(err.contains("invalid timeout value: 50ms"), "{err}");
+    let err = d.fails(&["--timeout", "soon", "ctr-img", "images"]);
+    assert!(err.contains("invalid duration"), "{err}");
+    d.ok(&["--timeout", "500ms", "ctr-img", "images"]);
+    d.ok(&["--log-level", "debug", "ctr-img", "images"]);
+    let err = d.fails(&["--log-level", "loud", "ctr-img", "images"]);
+    assert!(err.contains("loud"), "{err}");
+    // No daemon behind the socket: the original's message, within the timeout.
+    let o = Command::new(bin("isula-build"))
+        .args([
+            "--timeout",
+            "200ms",
+            "--host",
+            "unix:///nonexistent/isula.sock",
+        ])
+        .args(["ctr-img", "images"])
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Cannot connect to the isula-builder"),
+        "{o:?}"
+    );
+    // info -V: every runtime figure is measured, none is a placeholder zero.
+    let out = d.ok(&["info", "-V"]);
+    for field in ["MemSys", "HeapSys", "HeapAlloc", "HeapInUse", "Threads"] {
+        let value: u64 = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{field}:")))
+            .unwrap_or_else(|| panic!("{field} missing in {out}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{field} is not a number in {out}"));
+        assert!(value > 0, "{field} is 0 in {out}");
+    }
+}

@@ -217,6 +217,20 @@ fn builds_pull_their_base_and_push_only_new_blobs() {
     d.ok(&["ctr-img", "tag", &app, &format!("{host}/app:2")]);
     d.ok(&["ctr-img", "push", &format!("{host}/app:2")]);
     assert_eq!(reg.count_requests("PUT", "/blobs/uploads/"), puts);
+    // isula-build's oci://: the same push with an OCI manifest.
+    let oci = format!("{host}/app:oci");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-o",
+        &format!("oci://{oci}"),
+        ctx.to_str().expect("ctx"),
+    ]);
+    let m = skopeo_raw(&format!("docker://{oci}"));
+    assert_eq!(
+        m["mediaType"], "application/vnd.oci.image.manifest.v1+json",
+        "{m}"
+    );
     // The pulled and built images run through skopeo too.
     let out = d.dir.path().join("app-oci");
     run_ok(
@@ -516,7 +530,7 @@ fn manifest_lists_create_annotate_inspect_push() {
     assert!(err.contains("already exists"), "{err}");
     let err = d.fails(&["manifest", "create", "other:1", "no-such-image:1"]);
     assert!(err.contains("no-such-image"), "{err}");
-    d.ok(&[
+    let out = d.ok(&[
         "manifest",
         "annotate",
         "--arch",
@@ -526,6 +540,10 @@ fn manifest_lists_create_annotate_inspect_push() {
         "multi:1",
         "multi-arm64:1",
     ]);
+    assert_eq!(out, "Annotate manifest succeed\n");
+    // A list may start empty, as in isula-build.
+    let empty = d.ok(&["manifest", "create", "empty:1"]);
+    assert_eq!(empty.trim().len(), 64, "{empty}");
     let err = d.fails(&[
         "manifest",
         "annotate",
@@ -535,8 +553,12 @@ fn manifest_lists_create_annotate_inspect_push() {
         "busybox-not-listed:1",
     ]);
     assert!(err.contains("busybox-not-listed"), "{err}");
-    let shown: serde_json::Value =
-        serde_json::from_str(&d.ok(&["manifest", "inspect", "multi:1"])).expect("json");
+    let text = d.ok(&["manifest", "inspect", "multi:1"]);
+    assert!(
+        text.contains("\n    \"manifests\": [\n        {"),
+        "indented by 4: {text}"
+    );
+    let shown: serde_json::Value = serde_json::from_str(&text).expect("json");
     assert_eq!(
         shown["mediaType"],
         "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -562,9 +584,10 @@ fn manifest_lists_create_annotate_inspect_push() {
         "{out}"
     );
     assert!(
-        out.ends_with(&format!("Push success with image: {dest}\n")),
+        out.ends_with(&format!("Push manifest list multi:1 succeed\n")),
         "{out}"
     );
+    assert!(!out.contains("Push success"), "{out}");
     let raw = skopeo_raw(&format!("docker://{dest}"));
     assert_eq!(
         raw["mediaType"],

@@ -20,3 +20,54 @@ pub fn limit_malloc_arenas(arenas: i32) {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = arenas;
 }
+
+/// What the allocator holds, from glibc's `mallinfo2` (summed over every arena).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocatorStats {
+    /// Bytes obtained from the system: the arenas plus chunks mapped on their own.
+    pub obtained: u64,
+    /// Bytes in allocated chunks (live data and its chunk headers).
+    pub allocated: u64,
+    /// Bytes in free chunks the allocator keeps for reuse.
+    pub free: u64,
+    /// Bytes at the top of the main arena that a trim would give back to the system.
+    pub releasable: u64,
+}
+
+/// The allocator's statistics; None where they cannot be read (not glibc).
+pub fn allocator_stats() -> Option<AllocatorStats> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value; it only
+        // reads the allocator's own bookkeeping under its locks.
+        #[allow(unsafe_code)]
+        let m = unsafe { libc::mallinfo2() };
+        let (arena, mapped) = (m.arena as u64, m.hblkhd as u64);
+        Some(AllocatorStats {
+            obtained: arena + mapped,
+            allocated: m.uordblks as u64 + mapped,
+            free: m.fordblks as u64,
+            releasable: m.keepcost as u64,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn allocator_stats_see_an_allocation() {
+        let Some(before) = super::allocator_stats() else {
+            return;
+        };
+        let big = vec![1u8; 8 << 20];
+        let during = super::allocator_stats().expect("stats");
+        assert!(
+            during.allocated >= before.allocated + (8 << 20) - 4096,
+            "{before:?} {during:?}"
+        );
+        assert!(during.obtained >= during.allocated);
+        drop(big);
+    }
+}

@@ -26,7 +26,8 @@ pub struct Args {
     #[arg(long = "iidfile")]
     pub iidfile: Option<String>,
     /// Where to export the image: docker-archive:PATH[:IMAGE:TAG], oci-archive:PATH[:IMAGE:TAG],
-    /// docker-daemon:IMAGE:TAG, isulad:IMAGE:TAG, docker://REGISTRY/REPO:TAG
+    /// docker-daemon:IMAGE:TAG, isulad:IMAGE:TAG, docker://REGISTRY/REPO:TAG,
+    /// oci://REGISTRY/REPO:TAG (pushed with an OCI manifest)
     #[arg(short = 'o', long = "output")]
     pub output: Option<String>,
     /// Pass the proxy variables of the daemon's environment to RUN
@@ -146,8 +147,8 @@ fn output_spec(output: &str) -> Result<String> {
             }
             Ok(output.to_string())
         }
-        "docker" => Ok(output.to_string()),
-        other => bail!("invalid output type {other:?}: expected docker-archive, oci-archive, docker-daemon, isulad or docker"),
+        "docker" | "oci" => Ok(output.to_string()),
+        other => bail!("invalid output type {other:?}: expected docker-archive, oci-archive, docker-daemon, isulad, docker or oci"),
     }
 }
 

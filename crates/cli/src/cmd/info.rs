@@ -71,6 +71,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         println!("  HeapInUse:    {}", size(m.heap_in_use));
         println!("  HeapIdle:     {}", size(m.heap_idle));
         println!("  HeapReleased: {}", size(m.heap_released));
+        println!("  Threads:      {}", i.go_routines);
     }
     Ok(())
 }

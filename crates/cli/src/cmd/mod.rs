@@ -16,17 +16,96 @@ pub mod tag;
 pub mod version;
 
 use crate::{Cli, Command, CtrImg};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use isula_api::v1::control_client::ControlClient;
+use std::time::Duration;
 use tonic::transport::Channel;
 
 pub type Client = ControlClient<Channel>;
 
-pub async fn connect(host: &str) -> Result<Client> {
+/// How long to wait for the daemon to answer its health check (isula-build's
+/// `--timeout`: a Go duration from 100ms to 120s; 20s when not given).
+pub fn start_timeout(given: Option<&str>) -> Result<Duration> {
+    let Some(text) = given.filter(|t| !t.is_empty()) else {
+        return Ok(Duration::from_secs(20));
+    };
+    let d = parse_go_duration(text)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(120) {
+        anyhow::bail!("invalid timeout value: {text}, supported range [100ms, 2m0s]");
+    }
+    Ok(d)
+}
+
+/// A Go `time.ParseDuration` string: numbers with units (ns, us, µs, ms, s, m, h), e.g.
+/// `1m30s` or `1.5s`.
+fn parse_go_duration(text: &str) -> Result<Duration> {
+    let bad = || anyhow::anyhow!("time: invalid duration {text:?}");
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// logrus's level names, as isula-build's `--log-level` accepts them.
+fn check_log_level(level: &str) -> Result<()> {
+    match level.to_ascii_lowercase().as_str() {
+        "panic" | "fatal" | "error" | "warn" | "warning" | "info" | "debug" | "trace" => Ok(()),
+        _ => anyhow::bail!("unable to parse log level: not a valid logrus Level: {level:?}"),
+    }
+}
+
+/// Connects and waits (at most `timeout`) for the daemon's health check to say it serves.
+pub async fn connect(host: &str, timeout: Duration) -> Result<Client> {
+    let cannot = |e: String| {
+        anyhow::anyhow!(
+            "Cannot connect to the isula-builder at {host}. Is the isula-builder running?\nError: {e}"
+        )
+    };
     let socket = isula_api::socket_path_from_host(host).map_err(anyhow::Error::msg)?;
-    isula_api::connect(&socket).await.with_context(|| {
-        format!("cannot connect to the isula-builder at {host}: is the isula-builder running?")
-    })
+    let attempt = async {
+        let mut client = isula_api::connect(&socket)
+            .await
+            .map_err(|e| cannot(format!("{e}: {}", socket.display())))?;
+        let status = client
+            .health_check(())
+            .await
+            .map_err(|e| cannot(e.message().to_string()))?
+            .into_inner()
+            .status;
+        if status != isula_api::v1::health_check_response::ServingStatus::Serving as i32 {
+            return Err(cannot("the isula-builder is not serving".into()));
+        }
+        Ok(client)
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| cannot(format!("no answer within {timeout:?}")))?
 }
 
 /// A random operation ID, as the API's *ID fields expect.
@@ -35,9 +114,13 @@ pub fn op_id() -> String {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
+    check_log_level(&cli.log_level)?;
+    let timeout = start_timeout(cli.timeout.as_deref())?;
+    let host = cli.host.clone();
+    let connect = || connect(&host, timeout);
     match cli.command {
         Command::CtrImg(c) => {
-            let mut client = connect(&cli.host).await?;
+            let mut client = connect().await?;
             match c {
                 CtrImg::Build(a) => build::run(&mut client, *a).await,
                 CtrImg::Images(a) => images::run(&mut client, a).await,
@@ -50,12 +133,42 @@ pub async fn run(cli: Cli) -> Result<()> {
                 CtrImg::Tag(a) => tag::run(&mut client, a).await,
             }
         }
-        Command::Builder(b) => builder::run(&mut connect(&cli.host).await?, b).await,
-        Command::Info(a) => info::run(&mut connect(&cli.host).await?, a).await,
-        Command::Login(a) => login::login(&mut connect(&cli.host).await?, a).await,
-        Command::Logout(a) => login::logout(&mut connect(&cli.host).await?, a).await,
-        Command::Manifest(m) => manifest::run(&mut connect(&cli.host).await?, m).await,
-        Command::Version => version::run(&cli.host).await,
+        Command::Builder(b) => builder::run(&mut connect().await?, b).await,
+        Command::Info(a) => info::run(&mut connect().await?, a).await,
+        Command::Login(a) => login::login(&mut connect().await?, a).await,
+        Command::Logout(a) => login::logout(&mut connect().await?, a).await,
+        Command::Manifest(m) => manifest::run(&mut connect().await?, m).await,
+        Command::Version => version::run(connect()).await,
         Command::Completion { .. } => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_as_isula_build_reads_them() {
+        assert_eq!(
+            start_timeout(None).expect("default"),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            start_timeout(Some("500ms")).expect("ms"),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            start_timeout(Some("1m30s")).expect("m s"),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            start_timeout(Some("1.5s")).expect("frac"),
+            Duration::from_millis(1500)
+        );
+        assert!(start_timeout(Some("50ms")).is_err());
+        assert!(start_timeout(Some("3m")).is_err());
+        assert!(start_timeout(Some("10")).is_err());
+        assert!(start_timeout(Some("x")).is_err());
+        assert!(check_log_level("debug").is_ok() && check_log_level("loud").is_err());
     }
 }

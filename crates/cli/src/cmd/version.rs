@@ -12,7 +12,7 @@ fn section(title: &str, version: &str, toolchain: &str, commit: &str, built: &st
     println!("  OS/Arch:       {arch}");
 }
 
-pub async fn run(host: &str) -> Result<()> {
+pub async fn run(connect: impl std::future::Future<Output = Result<super::Client>>) -> Result<()> {
     section(
         "Client",
         build_info::VERSION,
@@ -22,7 +22,7 @@ pub async fn run(host: &str) -> Result<()> {
         build_info::OS_ARCH,
     );
     println!();
-    let mut client = super::connect(host).await?;
+    let mut client = connect.await?;
     let v = client.version(()).await?.into_inner();
     section(
         "Server",

@@ -67,6 +67,8 @@ struct Channel {
     rx: Option<mpsc::Receiver<String>>,
     cancel: Arc<AtomicBool>,
     started: bool,
+    /// The running build's entity ID (`<Dockerfile digest>:<build time>`), if it sent one.
+    entity: Option<String>,
     /// Set when the build ended before anyone read its log (kept for a late Status).
     finished: Option<std::time::Instant>,
 }
@@ -87,6 +89,7 @@ impl Channel {
             rx: Some(rx),
             cancel: Arc::new(AtomicBool::new(false)),
             started: false,
+            entity: None,
             finished: None,
         }
     }
@@ -97,14 +100,26 @@ impl Builds {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a starting build; fails if the ID is in use or the limit is reached.
-    fn start(&self, id: &str) -> Result<(LogSender, Arc<AtomicBool>), Status> {
+    /// Registers a starting build; fails if the ID is in use, the limit is reached, or (as
+    /// isula-build) a build with the same entity ID runs: the same Dockerfile with the same
+    /// `--build-static` time.
+    fn start(&self, id: &str, entity: &str) -> Result<(LogSender, Arc<AtomicBool>), Status> {
         let mut m = self.lock();
         m.retain(|_, c| c.finished.is_none_or(|t| t.elapsed() < UNREAD_LOG_KEEP));
         if m.get(id).is_some_and(|c| c.started || c.tx.is_none()) {
             return Err(Status::already_exists(format!(
                 "build {id} is already running"
             )));
+        }
+        if !entity.is_empty() {
+            if let Some((other, _)) = m
+                .iter()
+                .find(|(_, c)| c.started && c.entity.as_deref() == Some(entity))
+            {
+                return Err(Status::already_exists(format!(
+                    "the dockerfile is already on building with static build mode by buildID: {other}"
+                )));
+            }
         }
         let running = m.values().filter(|c| c.started).count();
         if running >= limits::CONCURRENT_BUILDS_MAX {
@@ -119,6 +134,7 @@ impl Builds {
             .clone()
             .ok_or_else(|| Status::already_exists(format!("build {id} has already run")))?;
         ch.started = true;
+        ch.entity = Some(entity.to_string()).filter(|e| !e.is_empty());
         Ok((tx, ch.cancel.clone()))
     }
 
@@ -139,6 +155,7 @@ impl Builds {
             if let Some(c) = m.get_mut(id) {
                 c.tx = None;
                 c.started = false;
+                c.entity = None;
                 c.finished = Some(std::time::Instant::now());
             }
         } else {
@@ -188,7 +205,8 @@ enum Output {
     },
     DockerDaemon(Reference),
     Isulad(Reference),
-    Registry(Reference),
+    /// A registry push; `oci://` (isula-build's spelling) pushes an OCI manifest.
+    Registry(Reference, bool),
 }
 
 /// `IMAGE:TAG` of a docker-daemon or isulad output: the tag is required (the manual).
@@ -226,18 +244,18 @@ fn parse_output(spec: &str) -> Result<Output, Status> {
         }
         "docker-daemon" => Ok(Output::DockerDaemon(engine_name(spec, kind, rest)?)),
         "isulad" => Ok(Output::Isulad(engine_name(spec, kind, rest)?)),
-        "docker" => {
+        "docker" | "oci" => {
             let name = rest.strip_prefix("//").ok_or_else(|| {
-                error::invalid(format!("output {spec:?}: expected docker://REGISTRY/REPO:TAG"))
+                error::invalid(format!("output {spec:?}: expected {kind}://REGISTRY/REPO:TAG"))
             })?;
             let r = Reference::parse(name)
                 .map_err(|e| error::invalid(format!("output {spec:?}: {e}")))?;
             if r.digest().is_some() {
                 return Err(error::invalid(format!("output {spec:?}: push to a tag, not a digest")));
             }
-            Ok(Output::Registry(r))
+            Ok(Output::Registry(r, kind == "oci"))
         }
-        other => Err(error::invalid(format!("invalid output type {other:?}: expected docker-archive, oci-archive, docker-daemon, isulad or docker"))),
+        other => Err(error::invalid(format!("invalid output type {other:?}: expected docker-archive, oci-archive, docker-daemon, isulad, docker or oci"))),
     }
 }
 
@@ -308,7 +326,7 @@ async fn run_inner(
         Output::Archive { name: Some(n), .. }
         | Output::DockerDaemon(n)
         | Output::Isulad(n)
-        | Output::Registry(n) => tags.push(n.clone()),
+        | Output::Registry(n, _) => tags.push(n.clone()),
         _ => {}
     }
     let cap_add = req
@@ -366,7 +384,7 @@ async fn run_inner(
             "--cache-from and --cache-to need the build cache, which is off (build_cache = false)",
         ));
     }
-    let (tx, cancel) = state.builds.start(&req.build_id)?;
+    let (tx, cancel) = state.builds.start(&req.build_id, &req.entity_id)?;
     let opts = BuildOptions {
         build_id: req.build_id.clone(),
         dockerfile: req.file_content.clone(),
@@ -573,9 +591,9 @@ impl Job {
                     name.familiar()
                 ));
             }
-            Output::Registry(name) => {
+            Output::Registry(name, oci) => {
                 let tx = self.tx.clone();
-                let format = if self.opts.oci {
+                let format = if *oci || self.opts.oci {
                     isula_registry::push::Format::Oci
                 } else {
                     isula_registry::push::Format::Docker
@@ -727,17 +745,17 @@ mod tests {
     fn the_101st_build_is_refused_and_slots_come_back() {
         let b = Builds::default();
         for i in 0..limits::CONCURRENT_BUILDS_MAX {
-            b.start(&format!("b{i}")).expect("within the limit");
+            b.start(&format!("b{i}"), "").expect("within the limit");
         }
-        let e = b.start("one-too-many").expect_err("over the limit");
+        let e = b.start("one-too-many", "").expect_err("over the limit");
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(e.message().contains("limit of 100"), "{}", e.message());
         assert_eq!(b.running(), 100);
         b.finish("b0");
-        b.start("one-too-many").expect("a slot was freed");
+        b.start("one-too-many", "").expect("a slot was freed");
         // A build ID cannot run twice at once.
         assert_eq!(
-            b.start("b1").expect_err("duplicate").code(),
+            b.start("b1", "").expect_err("duplicate").code(),
             tonic::Code::AlreadyExists
         );
     }
@@ -745,7 +763,7 @@ mod tests {
     #[test]
     fn an_unread_log_is_bounded_and_says_what_it_dropped() {
         let b = Builds::default();
-        let (tx, _) = b.start("quiet").expect("start");
+        let (tx, _) = b.start("quiet", "").expect("start");
         for i in 0..(LOG_BUFFER_LINES + 100) {
             tx.send(format!("line {i}\n"));
         }
@@ -784,9 +802,28 @@ mod tests {
         assert!(parse_output("ftp:x").is_err());
         assert!(matches!(
             parse_output("docker://localhost:5000/a:b"),
-            Ok(Output::Registry(r)) if r.to_string() == "localhost:5000/a:b"
+            Ok(Output::Registry(r, false)) if r.to_string() == "localhost:5000/a:b"
+        ));
+        assert!(matches!(
+            parse_output("oci://localhost:5000/a:b"),
+            Ok(Output::Registry(_, true))
         ));
         assert!(parse_output("docker:localhost:5000/a:b").is_err());
         assert!(parse_output("docker://localhost:5000/a@sha256:0000000000000000000000000000000000000000000000000000000000000000").is_err());
+    }
+
+    #[test]
+    fn a_second_build_of_the_same_entity_is_refused_while_the_first_runs() {
+        let b = Builds::default();
+        let _first = b.start("b1", "digest:2020-01-01 00:00:00").expect("first");
+        let e = b
+            .start("b2", "digest:2020-01-01 00:00:00")
+            .err()
+            .expect("refused");
+        assert!(e.message().contains("by buildID: b1"), "{}", e.message());
+        assert!(b.start("b3", "digest:2021-01-01 00:00:00").is_ok());
+        assert!(b.start("b4", "").is_ok() && b.start("b5", "").is_ok());
+        b.finish("b1");
+        assert!(b.start("b6", "digest:2020-01-01 00:00:00").is_ok());
     }
 }
