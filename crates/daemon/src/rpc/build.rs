@@ -816,10 +816,9 @@ mod tests {
     fn a_second_build_of_the_same_entity_is_refused_while_the_first_runs() {
         let b = Builds::default();
         let _first = b.start("b1", "digest:2020-01-01 00:00:00").expect("first");
-        let e = b
-            .start("b2", "digest:2020-01-01 00:00:00")
-            .err()
-            .expect("refused");
+        let Err(e) = b.start("b2", "digest:2020-01-01 00:00:00") else {
+            panic!("a second build of the same entity was accepted");
+        };
         assert!(e.message().contains("by buildID: b1"), "{}", e.message());
         assert!(b.start("b3", "digest:2021-01-01 00:00:00").is_ok());
         assert!(b.start("b4", "").is_ok() && b.start("b5", "").is_ok());
