@@ -584,7 +584,7 @@ fn manifest_lists_create_annotate_inspect_push() {
         "{out}"
     );
     assert!(
-        out.ends_with(&format!("Push manifest list multi:1 succeed\n")),
+        out.ends_with("Push manifest list multi:1 succeed\n"),
         "{out}"
     );
     assert!(!out.contains("Push success"), "{out}");
