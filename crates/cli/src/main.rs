@@ -67,6 +67,10 @@ pub enum CtrImg {
     Build(Box<cmd::build::Args>),
     /// List locally stored images
     Images(cmd::images::Args),
+    /// Show an image's ID, names, manifest and config as JSON
+    Inspect(cmd::inspect::InspectArgs),
+    /// Show the history of an image
+    History(cmd::inspect::HistoryArgs),
     /// Import the base image from a tarball to the image store
     Import(cmd::import::Args),
     /// Load images

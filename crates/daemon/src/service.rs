@@ -264,4 +264,15 @@ impl Control for Service {
             .await
             .map(Response::new)
     }
+
+    async fn image_inspect(
+        &self,
+        r: Request<ImageInspectRequest>,
+    ) -> Result<Response<ImageInspectResponse>, Status> {
+        let state = self.state.clone();
+        let req = r.into_inner();
+        blocking(move || rpc::inspect::inspect(&state, req))
+            .await
+            .map(Response::new)
+    }
 }

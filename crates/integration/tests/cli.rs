@@ -264,3 +264,57 @@ fn global_timeout_and_log_level_and_honest_info() {
         assert!(value > 0, "{field} is 0 in {out}");
     }
 }
+
+#[test]
+fn inspect_and_history_show_the_config_and_steps() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    let long = "x".repeat(60);
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox\nLABEL a=b\nRUN echo {long} > /f\n"),
+    )
+    .expect("df");
+    let id = build_id(&d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "hist:1",
+        ctx.to_str().expect("ctx"),
+    ]));
+    let doc: serde_json::Value =
+        serde_json::from_str(&d.ok(&["ctr-img", "inspect", "hist:1"])).expect("json");
+    assert_eq!(doc[0]["Id"], format!("sha256:{id}"));
+    assert_eq!(doc[0]["RepoTags"][0], "hist:1");
+    assert_eq!(doc[0]["Config"]["config"]["Labels"]["a"], "b");
+    assert_eq!(
+        doc[0]["Manifest"]["config"]["digest"],
+        format!("sha256:{id}")
+    );
+    let out = d.ok(&["ctr-img", "history", "hist:1"]);
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.starts_with('-') && !l.starts_with("IMAGE"))
+        .collect();
+    // The base was loaded from an archive without history: the build's two steps.
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows[0].starts_with(&id[..12]), "{out}");
+    assert!(rows[0].contains("RUN") && rows[0].contains("..."), "{out}");
+    assert!(
+        !rows[0].contains("MB"),
+        "the RUN's layer, not the base's: {out}"
+    );
+    assert!(
+        rows[1].starts_with("<missing>") && rows[1].contains("LABEL a=b"),
+        "{out}"
+    );
+    let full = d.ok(&["ctr-img", "history", "--no-trunc", "hist:1"]);
+    assert!(full.contains(&long), "{full}");
+    let err = d.fails(&["ctr-img", "inspect", "nothere:1"]);
+    assert!(err.contains("nothere:1"), "{err}");
+}

@@ -21,7 +21,10 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let rows: Vec<Vec<String>> = resp
         .images
         .into_iter()
-        .map(|i| vec![i.repository, i.tag, i.id, i.created, i.size])
+        .map(|i| {
+            let id = i.id.get(..12).unwrap_or(&i.id).to_string();
+            vec![i.repository, i.tag, id, i.created, i.size]
+        })
         .collect();
     print!(
         "{}",

@@ -5,6 +5,7 @@ pub mod builder;
 pub mod images;
 pub mod import;
 pub mod info;
+pub mod inspect;
 pub mod load;
 pub mod login;
 pub mod manifest;
@@ -124,6 +125,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             match c {
                 CtrImg::Build(a) => build::run(&mut client, *a).await,
                 CtrImg::Images(a) => images::run(&mut client, a).await,
+                CtrImg::Inspect(a) => inspect::inspect(&mut client, a).await,
+                CtrImg::History(a) => inspect::history(&mut client, a).await,
                 CtrImg::Import(a) => import::run(&mut client, a).await,
                 CtrImg::Load(a) => load::run(&mut client, a).await,
                 CtrImg::Pull(a) => pull::run(&mut client, a).await,

@@ -25,7 +25,8 @@ fn rows(img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> Vec<ImageInfo> 
     let row = |repo: String, tag: String| ImageInfo {
         repository: repo,
         tag,
-        id: img.id.hex()[..12].to_string(),
+        // The full ID (the wire contract); clients show 12 characters.
+        id: img.id.hex().to_string(),
         created: created(img),
         size: isula_types::human_size(img.size),
     };

@@ -5,6 +5,7 @@ pub mod builder_cache;
 pub mod health;
 pub mod import;
 pub mod info;
+pub mod inspect;
 pub mod list;
 pub mod load;
 pub mod manifest;
