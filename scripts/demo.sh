@@ -5,6 +5,11 @@
 # (KEEP=1 keeps it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/demo.sh must run as root (it installs packages and runs containers): sudo scripts/demo.sh" >&2
+    exit 1
+fi
+command -v cargo >/dev/null || { echo "cargo is not on PATH: install a Rust toolchain (rustup) first" >&2; exit 1; }
 scripts/deps.sh run
 cargo build --release --bins
 bin="$PWD/target/release"

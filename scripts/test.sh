@@ -8,6 +8,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "scripts/test.sh must run as root (the end-to-end tests mount, chown and run containers)" >&2
     exit 1
 fi
+command -v cargo >/dev/null || { echo "cargo is not on PATH: install a Rust toolchain (rustup) first" >&2; exit 1; }
 scripts/deps.sh test
 export CI=1
 
