@@ -3,6 +3,7 @@
 
 mod cmd;
 mod output;
+mod progress;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;

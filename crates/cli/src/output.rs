@@ -24,6 +24,40 @@ pub async fn print_stream<T>(
     Ok(())
 }
 
+/// Prints a server stream whose messages are text or progress events: the text verbatim,
+/// and with `live` (stdout is a terminal) the events as a live block under it.
+pub async fn print_events<T>(
+    mut stream: tonic::Streaming<T>,
+    split: fn(T) -> (String, Option<isula_api::v1::Progress>),
+    live: bool,
+) -> anyhow::Result<()> {
+    let mut block = live.then(crate::progress::Live::new);
+    let mut out = std::io::stdout();
+    let result = async {
+        while let Some(item) = stream.message().await? {
+            let (text, event) = split(item);
+            match (&mut block, event) {
+                (Some(b), Some(p)) => b.event(p),
+                (Some(b), None) => {
+                    if !text.is_empty() {
+                        b.text(&text)
+                    }
+                }
+                (None, _) => {
+                    out.write_all(text.as_bytes())?;
+                    out.flush()?;
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Some(b) = &mut block {
+        b.finish();
+    }
+    result
+}
+
 /// A table with dashed rules above and below its header and at its end, as the manual
 /// shows `ctr-img images`.
 pub fn table(headers: &[&str], min_widths: &[usize], rows: &[Vec<String>]) -> String {

@@ -1,7 +1,7 @@
 //! The generated `Control` trait, routed to one function per RPC in `rpc/`. Store work runs
 //! on blocking threads; streams carry the lines the user sees.
 
-use crate::state::{stream_blocking, LineStream, State};
+use crate::state::{stream_blocking, LineStream, State, Wrap};
 use crate::{peer, rpc};
 use isula_api::v1::control_server::Control;
 use isula_api::v1::*;
@@ -80,7 +80,16 @@ impl Control for Service {
     async fn push(&self, r: Request<PushRequest>) -> Result<Response<Self::PushStream>, Status> {
         root_only(&r, "pushing images")?;
         let (name, format) = rpc::registry::validate_push(r.get_ref())?;
-        let wrap = |response| PushResponse { response };
+        let wrap = Wrap {
+            text: |response| PushResponse {
+                response,
+                progress: None,
+            },
+            event: r.get_ref().progress.then_some(|p| PushResponse {
+                response: String::new(),
+                progress: Some(p),
+            }),
+        };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
@@ -92,7 +101,16 @@ impl Control for Service {
     async fn pull(&self, r: Request<PullRequest>) -> Result<Response<Self::PullStream>, Status> {
         root_only(&r, "pulling images")?;
         let name = rpc::registry::validate_pull(r.get_ref())?;
-        let wrap = |response| PullResponse { response };
+        let wrap = Wrap {
+            text: |response| PullResponse {
+                response,
+                progress: None,
+            },
+            event: r.get_ref().progress.then_some(|p| PullResponse {
+                response: String::new(),
+                progress: Some(p),
+            }),
+        };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
@@ -106,7 +124,7 @@ impl Control for Service {
         r: Request<RemoveRequest>,
     ) -> Result<Response<Self::RemoveStream>, Status> {
         let req = r.into_inner();
-        let wrap = |layer_message| RemoveResponse { layer_message };
+        let wrap = Wrap::text(|layer_message| RemoveResponse { layer_message });
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
@@ -139,8 +157,17 @@ impl Control for Service {
     type LoadStream = LineStream<LoadResponse>;
     async fn load(&self, r: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
         let files = peer::files(&r)?;
+        let wrap = Wrap {
+            text: |log| LoadResponse {
+                log,
+                progress: None,
+            },
+            event: r.get_ref().progress.then_some(|p| LoadResponse {
+                log: String::new(),
+                progress: Some(p),
+            }),
+        };
         let job = rpc::load::validate(r.into_inner())?;
-        let wrap = |log| LoadResponse { log };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
@@ -155,7 +182,7 @@ impl Control for Service {
     ) -> Result<Response<Self::ImportStream>, Status> {
         let (source, reference) = rpc::import::validate(r.get_ref())?;
         let files = peer::files(&r)?;
-        let wrap = |log| ImportResponse { log };
+        let wrap = Wrap::text(|log| ImportResponse { log });
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
@@ -176,8 +203,17 @@ impl Control for Service {
     type SaveStream = LineStream<SaveResponse>;
     async fn save(&self, r: Request<SaveRequest>) -> Result<Response<Self::SaveStream>, Status> {
         let files = peer::files(&r)?;
+        let wrap = Wrap {
+            text: |log| SaveResponse {
+                log,
+                progress: None,
+            },
+            event: r.get_ref().progress.then_some(|p| SaveResponse {
+                log: String::new(),
+                progress: Some(p),
+            }),
+        };
         let job = rpc::save::validate(r.into_inner())?;
-        let wrap = |log| SaveResponse { log };
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
@@ -232,7 +268,7 @@ impl Control for Service {
     ) -> Result<Response<Self::ManifestPushStream>, Status> {
         self.experimental(&r)?;
         let req = r.into_inner();
-        let wrap = |result| ManifestPushResponse { result };
+        let wrap = Wrap::text(|result| ManifestPushResponse { result });
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,

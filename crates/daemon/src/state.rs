@@ -130,7 +130,39 @@ pub type LineStream<T> = ReceiverStream<Result<T, Status>>;
 
 /// Runs `work` on a blocking thread, streaming the lines it reports as `T`s. If the client
 /// goes away the operation is cancelled; an error ends the stream as a gRPC status.
-pub fn stream_blocking<T, F>(state: &Arc<State>, wrap: fn(String) -> T, work: F) -> LineStream<T>
+/// A progress event as its wire message.
+pub fn progress_message(e: isula_transport::progress::Event) -> isula_api::v1::Progress {
+    isula_api::v1::Progress {
+        id: e.id,
+        action: e.action,
+        current: e.current.min(i64::MAX as u64) as i64,
+        total: e.total.min(i64::MAX as u64) as i64,
+    }
+}
+
+/// How a stream's lines become messages: text through `text`; progress events through
+/// `event` when the client asked for them (else they are dropped).
+pub struct Wrap<T> {
+    pub text: fn(String) -> T,
+    pub event: Option<fn(isula_api::v1::Progress) -> T>,
+}
+
+impl<T> Wrap<T> {
+    /// Text only: events are dropped.
+    pub fn text(text: fn(String) -> T) -> Self {
+        Wrap { text, event: None }
+    }
+
+    fn message(&self, line: String) -> Option<T> {
+        if isula_transport::progress::is_event(&line) {
+            let e = isula_transport::progress::parse(&line)?;
+            return self.event.map(|f| f(progress_message(e)));
+        }
+        Some((self.text)(line))
+    }
+}
+
+pub fn stream_blocking<T, F>(state: &Arc<State>, wrap: Wrap<T>, work: F) -> LineStream<T>
 where
     T: Send + 'static,
     F: FnOnce(&Arc<State>, &isula_transport::Cancel, &mut dyn FnMut(String)) -> Result<(), Status>
@@ -153,7 +185,9 @@ where
     tokio::task::spawn_blocking(move || {
         let _done = done_tx;
         let mut send = |line: String| {
-            let _ = tx.blocking_send(Ok(wrap(line)));
+            if let Some(m) = wrap.message(line) {
+                let _ = tx.blocking_send(Ok(m));
+            }
         };
         let result = work(&state, &guard.cancel, &mut send);
         if let Err(status) = result {

@@ -331,7 +331,7 @@ fn htpasswd_over_tls_login_push_logout() {
     let o = d.cli(&["login", &host]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
-        "Login Succeed with AuthFile\n",
+        "try to login with existing credentials...\n\nLogin Succeed with AuthFile\n",
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
@@ -639,10 +639,12 @@ fn search_registries_mirrors_and_rewriting() {
     );
     // A short name is tried in each search registry in turn; the second has it.
     let out = d.ok(&["ctr-img", "pull", "team/busybox:1"]);
+    // The client names the image as it was given, as isula-build's does.
     assert!(
-        out.contains(&format!("Pull success with image: {m}/team/busybox:1")),
+        out.ends_with("Pull success with image: team/busybox:1\n"),
         "{out}"
     );
+    assert!(id_of(&d, &format!("{m}/team/busybox:1")).is_some());
     // And a build's FROM finds it by the short name now in the store, without pulling.
     let ctx = d.dir.path().join("ctx");
     std::fs::create_dir_all(&ctx).expect("ctx");
@@ -921,4 +923,64 @@ fn server_errors_are_retried() {
         Fault::None,
         "the 503s were not served"
     );
+}
+
+#[test]
+fn live_progress_on_a_terminal_and_plain_lines_elsewhere() {
+    if !ready() || !require_tool("script") || !require_tool("runc") {
+        return;
+    }
+    let (_reg, d, base) = seeded("live");
+    let work = d.dir.path().join("live");
+    std::fs::create_dir_all(&work).expect("dir");
+    // Not a terminal: isula-build's lines only, no event ever reaches the text.
+    let plain = d.ok(&["ctr-img", "pull", &base]);
+    assert!(
+        !plain.contains('\u{1e}') && !plain.contains("Downloading"),
+        "{plain}"
+    );
+    d.ok(&["ctr-img", "rm", &base]);
+    // A terminal: the same lines plus live blocks.
+    let out = on_tty(&d, &format!("ctr-img pull {base}"), "");
+    assert!(
+        out.contains("Downloading ") && out.contains("done"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("Pull success with image: {base}")),
+        "{out}"
+    );
+    assert!(!out.contains('\u{1e}'), "{out}");
+    // New content, so that its layer is uploaded (not mounted from the base's repository).
+    let pushed = format!("{}-fresh:1", base.trim_end_matches(":1"));
+    d.import_busybox(&pushed, &[("etc/fresh", b"fresh\n")]);
+    let out = on_tty(&d, &format!("ctr-img push {pushed}"), "");
+    assert!(out.contains("Uploading "), "{out}");
+    let archive = work.join("live.tar");
+    let out = on_tty(
+        &d,
+        &format!("ctr-img save {base} -o {}", archive.display()),
+        "",
+    );
+    assert!(out.contains("Saving live.tar"), "{out}");
+    assert!(
+        out.contains(&format!("Save success with image: [{base}]")),
+        "{out}"
+    );
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let out = on_tty(&d, &format!("ctr-img load -i {}", archive.display()), "");
+    assert!(out.contains("Loading live.tar"), "{out}");
+    assert!(out.contains("Loaded image as "), "{out}");
+    // A build: each step's time after it.
+    let ctx = work.join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM {base}\nRUN true\n")).expect("df");
+    let out = on_tty(
+        &d,
+        &format!("ctr-img build --no-cache {}", ctx.display()),
+        "",
+    );
+    assert!(out.contains("STEP  2: RUN true"), "{out}");
+    assert!(out.matches(" ---> ").count() >= 2, "{out}");
+    assert!(out.contains("Build success with image id: "), "{out}");
 }

@@ -435,6 +435,7 @@ async fn minimal_client(socket: &Path, argv: &[String], out: &mut String) -> Res
                     path: path.to_string(),
                     format: "docker".into(),
                     sep: None,
+                    progress: false,
                 })
                 .await
                 .map_err(status)?
@@ -473,6 +474,7 @@ async fn minimal_client(socket: &Path, argv: &[String], out: &mut String) -> Res
                     path: path.to_string(),
                     load_id: op_id(),
                     sep: None,
+                    progress: false,
                 })
                 .await
                 .map_err(status)?
@@ -487,6 +489,7 @@ async fn minimal_client(socket: &Path, argv: &[String], out: &mut String) -> Res
                     push_id: op_id(),
                     image_name: name.to_string(),
                     format: String::new(),
+                    progress: false,
                 })
                 .await
                 .map_err(status)?
@@ -501,6 +504,7 @@ async fn minimal_client(socket: &Path, argv: &[String], out: &mut String) -> Res
                 .pull(v1::PullRequest {
                     pull_id: op_id(),
                     image_name: name.to_string(),
+                    progress: false,
                 })
                 .await
                 .map_err(status)?

@@ -16,8 +16,8 @@ use isula_types::{limits, media, ChainId, Digest, ImageId, Reference};
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::Method;
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Layers downloaded at once.
 pub const PARALLEL: usize = 3;
@@ -441,16 +441,23 @@ fn pull_leased(
             sizes[i] = rec.size;
         }
     }
-    // Download and unpack, PARALLEL layers at a time.
+    // Download and unpack, PARALLEL layers at a time; this thread reports their bytes.
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<RegistryError>> = Mutex::new(None);
     let sizes_out = Mutex::new(sizes);
+    let meters: Vec<Arc<AtomicU64>> = manifest.layers.iter().map(|_| Arc::default()).collect();
     std::thread::scope(|s| {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         for _ in 0..PARALLEL.min(manifest.layers.len()) {
-            s.spawn(|| loop {
+            let done = done_tx.clone();
+            let meters = &meters;
+            let (next, failed, first_error, sizes_out) = (&next, &failed, &first_error, &sizes_out);
+            let chains = &chains;
+            s.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= manifest.layers.len() || failed.load(Ordering::SeqCst) {
+                    drop(done);
                     break;
                 }
                 let d = &manifest.layers[i];
@@ -463,6 +470,7 @@ fn pull_leased(
                     &chains[i],
                     lease,
                     cancel,
+                    meters[i].clone(),
                 );
                 match r {
                     Ok(Some(size)) => {
@@ -476,11 +484,33 @@ fn pull_leased(
                         if let Ok(mut f) = first_error.lock() {
                             f.get_or_insert(e);
                         }
+                        drop(done);
                         break;
                     }
                 }
             });
         }
+        drop(done_tx);
+        let report = |progress: &mut dyn FnMut(String)| {
+            for (d, m) in manifest.layers.iter().zip(&meters) {
+                let got = m.load(Ordering::Relaxed);
+                if got > 0 {
+                    progress(isula_transport::progress::event(
+                        &isula_transport::progress::short(d.digest.as_str()),
+                        "Downloading",
+                        got,
+                        d.size.max(got),
+                    ));
+                }
+            }
+        };
+        // Every worker drops its sender when it stops: then the channel disconnects.
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            done_rx.recv_timeout(isula_transport::progress::INTERVAL)
+        {
+            report(progress);
+        }
+        report(progress);
     });
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
@@ -525,6 +555,7 @@ fn layer(
     chain: &ChainId,
     lease: &Lease,
     cancel: &Cancel,
+    meter: Arc<AtomicU64>,
 ) -> Result<Option<u64>> {
     let have_blob = store.content().contains(&desc.digest);
     if store.has_layer(chain) {
@@ -534,7 +565,7 @@ fn layer(
         return Ok(None);
     }
     let what = format!("layer {} of {repo}", desc.digest);
-    let unpacked = fetch_unpacked(store, client, repo, desc, lease, cancel)?;
+    let unpacked = fetch_unpacked_metered(store, client, repo, desc, lease, cancel, meter)?;
     if &unpacked.diff_id != diff_id {
         return Err(RegistryError::BadContent {
             registry: client.host().to_string(),
@@ -562,6 +593,19 @@ pub fn fetch_unpacked(
     lease: &Lease,
     cancel: &Cancel,
 ) -> Result<isula_transport::archive::Unpacked> {
+    fetch_unpacked_metered(store, client, repo, desc, lease, cancel, Arc::default())
+}
+
+/// `fetch_unpacked`, adding the bytes downloaded to `meter` (reset on each attempt).
+fn fetch_unpacked_metered(
+    store: &Store,
+    client: &Client,
+    repo: &str,
+    desc: &Descriptor,
+    lease: &Lease,
+    cancel: &Cancel,
+    meter: Arc<AtomicU64>,
+) -> Result<isula_transport::archive::Unpacked> {
     if store.content().contains(&desc.digest) {
         lease.blob(&desc.digest);
         return Ok(isula_transport::archive::unpack_blob(store, &desc.digest)?);
@@ -570,7 +614,8 @@ pub fn fetch_unpacked(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match stream_layer(store, client, repo, desc, lease, cancel) {
+        meter.store(0, Ordering::Relaxed);
+        match stream_layer(store, client, repo, desc, lease, cancel, meter.clone()) {
             Ok(u) => return Ok(u),
             Err(e @ RegistryError::Http { .. }) if attempt < 3 => {
                 tracing::debug!(%what, error = %e, attempt, "layer download interrupted; retrying");
@@ -617,6 +662,7 @@ fn stream_layer(
     desc: &Descriptor,
     lease: &Lease,
     cancel: &Cancel,
+    meter: Arc<AtomicU64>,
 ) -> Result<isula_transport::archive::Unpacked> {
     let what = blob_what(repo, desc);
     let resp = get_blob(client, repo, desc)?;
@@ -638,7 +684,10 @@ fn stream_layer(
             {
                 let mut tee = isula_store::TeeReader {
                     inner: Guarded {
-                        inner: resp,
+                        inner: isula_transport::progress::Counted {
+                            inner: resp,
+                            count: meter,
+                        },
                         cancel: cancel.clone(),
                         remaining: desc.size,
                     },

@@ -15,6 +15,8 @@ use isula_types::{limits, media, Digest, Reference};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `--format`: docker (default) or oci media types, as for archives.
@@ -63,6 +65,27 @@ pub fn send_blob(
     mount_from: &[String],
     cancel: &Cancel,
 ) -> Result<Sent> {
+    send_blob_metered(
+        client,
+        store,
+        repo,
+        digest,
+        mount_from,
+        cancel,
+        &Arc::default(),
+    )
+}
+
+/// `send_blob`, counting the bytes uploaded into `meter` (from 0 on each attempt).
+fn send_blob_metered(
+    client: &Client,
+    store: &Store,
+    repo: &str,
+    digest: &Digest,
+    mount_from: &[String],
+    cancel: &Cancel,
+    meter: &Arc<AtomicU64>,
+) -> Result<Sent> {
     let path = store.content().path(digest);
     let size = store.content().size(digest)?;
     let what = format!("blob {digest} to {repo}");
@@ -108,14 +131,20 @@ pub fn send_blob(
             Some(s) => s,
             None => start_upload(client, repo, &what)?,
         };
-        match put_monolithic(client, repo, &start, &path, digest, size, &what) {
+        let blob = BlobUpload {
+            path: &path,
+            digest,
+            size,
+            what: &what,
+            meter,
+        };
+        match put_monolithic(client, repo, &start, &blob) {
             Ok(()) => return Ok(Sent::Uploaded),
             Err(Upload::Refused(status)) => {
                 // Some registries want the data in a PATCH: try that way once.
                 tracing::debug!(%what, %status, "monolithic upload refused; uploading in a PATCH");
                 let start = start_upload(client, repo, &what)?;
-                return put_chunked(client, repo, &start, &path, digest, size, &what)
-                    .map(|()| Sent::Uploaded);
+                return put_chunked(client, repo, &start, &blob).map(|()| Sent::Uploaded);
             }
             Err(Upload::Fatal(e)) => return Err(e),
             Err(Upload::Retry(e)) => {
@@ -151,10 +180,21 @@ fn start_upload(client: &Client, repo: &str, what: &str) -> Result<String> {
     location(client, &resp, what)
 }
 
-fn open_body(path: &std::path::Path, size: u64) -> Result<reqwest::blocking::Body> {
+fn open_body(
+    path: &std::path::Path,
+    size: u64,
+    meter: &Arc<AtomicU64>,
+) -> Result<reqwest::blocking::Body> {
     let f = std::fs::File::open(path)
         .map_err(|e| RegistryError::Config(format!("open {}: {e}", path.display())))?;
-    Ok(reqwest::blocking::Body::sized(f, size))
+    meter.store(0, Ordering::Relaxed);
+    Ok(reqwest::blocking::Body::sized(
+        isula_transport::progress::Counted {
+            inner: f,
+            count: meter.clone(),
+        },
+        size,
+    ))
 }
 
 fn classify(
@@ -172,15 +212,29 @@ fn classify(
     }
 }
 
+/// One blob being uploaded.
+struct BlobUpload<'a> {
+    path: &'a std::path::Path,
+    digest: &'a Digest,
+    size: u64,
+    what: &'a str,
+    /// Counts the bytes sent.
+    meter: &'a Arc<AtomicU64>,
+}
+
 fn put_monolithic(
     client: &Client,
     repo: &str,
     session: &str,
-    path: &std::path::Path,
-    digest: &Digest,
-    size: u64,
-    what: &str,
+    blob: &BlobUpload<'_>,
 ) -> std::result::Result<(), Upload> {
+    let BlobUpload {
+        path,
+        digest,
+        size,
+        what,
+        meter,
+    } = *blob;
     let scopes = [scope_push(repo)];
     let r = client.send(
         &Req::once(
@@ -193,7 +247,7 @@ fn put_monolithic(
             Ok(rb
                 .header(CONTENT_TYPE, "application/octet-stream")
                 .timeout(upload_timeout(size))
-                .body(open_body(path, size)?))
+                .body(open_body(path, size, meter)?))
         },
     );
     let resp = classify(client, what, r)?;
@@ -214,15 +268,14 @@ fn put_monolithic(
     }
 }
 
-fn put_chunked(
-    client: &Client,
-    repo: &str,
-    session: &str,
-    path: &std::path::Path,
-    digest: &Digest,
-    size: u64,
-    what: &str,
-) -> Result<()> {
+fn put_chunked(client: &Client, repo: &str, session: &str, blob: &BlobUpload<'_>) -> Result<()> {
+    let BlobUpload {
+        path,
+        digest,
+        size,
+        what,
+        meter,
+    } = *blob;
     let scopes = [scope_push(repo)];
     let resp = client.send(
         &Req::once(
@@ -236,7 +289,7 @@ fn put_chunked(
                 .header(CONTENT_TYPE, "application/octet-stream")
                 .header("Content-Range", format!("0-{}", size.saturating_sub(1)))
                 .timeout(upload_timeout(size))
-                .body(open_body(path, size)?))
+                .body(open_body(path, size, meter)?))
         },
     )?;
     if resp.status() != StatusCode::ACCEPTED && resp.status() != StatusCode::NO_CONTENT {
@@ -453,11 +506,17 @@ pub fn push_image(
     let outcomes: Vec<std::sync::Mutex<Option<Result<Sent>>>> =
         blobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let failed = std::sync::atomic::AtomicBool::new(false);
+    let meters: Vec<Arc<AtomicU64>> = blobs.iter().map(|_| Arc::default()).collect();
     std::thread::scope(|s| {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         for _ in 0..crate::pull::PARALLEL.min(blobs.len()) {
-            s.spawn(|| loop {
+            let done = done_tx.clone();
+            let (next, failed, outcomes, meters, blobs) =
+                (&next, &failed, &outcomes, &meters, &blobs);
+            s.spawn(move || loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if i >= blobs.len() || failed.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(done);
                     break;
                 }
                 let b = &blobs[i];
@@ -466,7 +525,7 @@ pub fn push_image(
                     .map_err(|_| RegistryError::Cancelled)
                     .and_then(|()| {
                         let sources = mount_sources(store, client.host(), b);
-                        send_blob(client, store, repo, b, &sources, cancel)
+                        send_blob_metered(client, store, repo, b, &sources, cancel, &meters[i])
                     });
                 if r.is_err() {
                     failed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -476,6 +535,28 @@ pub fn push_image(
                 }
             });
         }
+        drop(done_tx);
+        // This thread reports the uploads' bytes until every worker has stopped.
+        let report = |progress: &mut dyn FnMut(String)| {
+            for (b, m) in blobs.iter().zip(&meters) {
+                let sent = m.load(Ordering::Relaxed);
+                if sent > 0 {
+                    let total = store.content().size(b).unwrap_or(sent).max(sent);
+                    progress(isula_transport::progress::event(
+                        &isula_transport::progress::short(b.as_str()),
+                        "Uploading",
+                        sent,
+                        total,
+                    ));
+                }
+            }
+        };
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            done_rx.recv_timeout(isula_transport::progress::INTERVAL)
+        {
+            report(progress);
+        }
+        report(progress);
     });
     for (b, outcome) in blobs.iter().zip(outcomes) {
         match outcome.into_inner().unwrap_or_else(|p| p.into_inner()) {

@@ -11,6 +11,7 @@ pub mod isulad;
 pub mod load;
 pub mod migrate;
 pub mod oci_archive;
+pub mod progress;
 pub mod save;
 pub mod separated;
 

@@ -50,13 +50,22 @@ pub fn load(
             limit: limits::LOAD_MAX,
         });
     }
-    load_stream(
-        store,
+    // The archive's bytes as live progress, beside the text lines.
+    let sink = std::cell::RefCell::new(progress);
+    let mut events = |l: String| (*sink.borrow_mut())(l);
+    let mut text = |l: String| (*sink.borrow_mut())(l);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let reader = crate::progress::Reporting::new(
         BufReader::with_capacity(1 << 20, file),
-        path,
-        cancel,
-        progress,
-    )
+        &mut events,
+        &name,
+        "Loading",
+        size,
+    );
+    load_stream(store, reader, path, cancel, &mut text)
 }
 
 /// Loads every image of the archive `reader` yields (`path` names it in errors).

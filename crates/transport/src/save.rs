@@ -105,13 +105,27 @@ pub fn save(
     // Nameless until complete: a crash or cancel leaves no partial file behind.
     let mut pending = files.create_pending(dir).map_err(|e| sys("create", e))?;
     {
-        let out = BufWriter::with_capacity(1 << 20, pending.file());
+        // The archive's bytes as live progress (layers uncompressed: about their sum).
+        let total: u64 = items
+            .iter()
+            .flat_map(|i| &i.image.layers)
+            .filter_map(|l| store.layer(l).ok())
+            .map(|l| l.size)
+            .sum();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let mut reporting =
+            crate::progress::Reporting::new(pending.file(), &mut *progress, &name, "Saving", total);
+        let out = BufWriter::with_capacity(1 << 20, &mut reporting);
         let out = match format {
             Format::Docker => docker_archive::write(store, &items, out, cancel)?,
             Format::Oci => oci_archive::write(store, &items[0], out, cancel)?,
         };
         out.into_inner()
             .map_err(|e| TransportError::io("write", dest, e.into_error()))?;
+        reporting.finish();
     }
     pending
         .persist_noreplace(dest)

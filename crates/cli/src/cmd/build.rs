@@ -203,11 +203,13 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(dockerfile.as_bytes()))
     };
+    // As isula-build: the static build time, else now (so that only static builds of one
+    // Dockerfile with one time are refused while another runs).
     let entity_time = static_time
         .as_ref()
         .and_then(|s| s.build_time.as_ref())
         .map(|t| t.seconds.to_string())
-        .unwrap_or_default();
+        .unwrap_or_else(|| chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true));
     let (build_args, encrypted) = protect_build_args(args.build_args)?;
     let req = BuildRequest {
         build_id: build_id.clone(),
@@ -234,18 +236,60 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         no_cache: args.no_cache,
         cache_from: args.cache_from,
         cache_to: args.cache_to.unwrap_or_default(),
+        progress: crate::progress::wanted(),
     };
+    let live = req.progress;
     let mut status_client = client.clone();
     let status = async move {
         let mut stream = status_client
             .status(StatusRequest { build_id })
             .await?
             .into_inner();
-        let mut out = std::io::stdout();
-        while let Some(item) = stream.message().await? {
-            out.write_all(item.content.as_bytes())?;
-            out.flush()?;
+        if !live {
+            let mut out = std::io::stdout();
+            while let Some(item) = stream.message().await? {
+                out.write_all(item.content.as_bytes())?;
+                out.flush()?;
+            }
+            return anyhow::Ok(());
         }
+        // On a terminal: the same lines, each step's time after it, and a live block with
+        // the running step and any download.
+        let mut block = crate::progress::Live::new();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        let timing =
+            |d: std::time::Duration| format!("\x1b[2m ---> {:.2}s\x1b[0m\n", d.as_secs_f64());
+        let result = loop {
+            tokio::select! {
+                item = stream.message() => {
+                    let item = match item {
+                        Ok(Some(i)) => i,
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    };
+                    if let Some(p) = item.progress {
+                        block.event(p);
+                        continue;
+                    }
+                    if item.content.starts_with("STEP ") {
+                        if let Some((_, d)) = block.step(&item.content) {
+                            block.text(&timing(d));
+                        }
+                    } else if item.content.starts_with("Getting image source signatures") {
+                        if let Some((_, d)) = block.end_step() {
+                            block.text(&timing(d));
+                        }
+                    }
+                    block.text(&item.content);
+                }
+                _ = tick.tick() => block.redraw(),
+            }
+        };
+        if let Some((_, d)) = block.end_step() {
+            block.text(&timing(d));
+        }
+        block.finish();
+        result?;
         anyhow::Ok(())
     };
     let printer = tokio::spawn(status);

@@ -3,7 +3,7 @@
 //! checks, in its order, before the daemon is called).
 
 use super::{op_id, Client};
-use crate::output::print_stream;
+use crate::output::print_events;
 use anyhow::{bail, Result};
 use isula_api::v1::{LoadRequest, SeparatorLoad};
 
@@ -72,6 +72,7 @@ fn request(args: &Args) -> Result<LoadRequest> {
             path: path.display().to_string(),
             load_id: op_id(),
             sep: None,
+            progress: crate::progress::wanted(),
         });
     }
     if input.is_empty() {
@@ -112,13 +113,15 @@ fn request(args: &Args) -> Result<LoadRequest> {
             skip_check: args.no_check,
             enabled: true,
         }),
+        progress: crate::progress::wanted(),
     })
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let req = request(&args)?;
+    let live = req.progress;
     let stream = client.load(req).await?.into_inner();
-    print_stream(stream, |r| r.log).await
+    print_events(stream, |r| (r.log, r.progress), live).await
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `ctr-img pull NAME`: fetches an image from a registry into the store.
 
 use super::{op_id, Client};
-use crate::output::print_stream;
+use crate::output::print_events;
 use anyhow::Result;
 use isula_api::v1::PullRequest;
 
@@ -15,9 +15,11 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let req = PullRequest {
         pull_id: op_id(),
         image_name: args.name.clone(),
+        progress: crate::progress::wanted(),
     };
+    let live = req.progress;
     let stream = client.pull(req).await?.into_inner();
-    print_stream(stream, |r| r.response).await?;
+    print_events(stream, |r| (r.response, r.progress), live).await?;
     println!("Pull success with image: {}", args.name);
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `ctr-img push NAME [-f docker|oci]`: sends a stored image to the registry its name says.
 
 use super::{op_id, Client};
-use crate::output::print_stream;
+use crate::output::print_events;
 use anyhow::{bail, Result};
 use isula_api::v1::PushRequest;
 
@@ -22,9 +22,11 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         push_id: op_id(),
         image_name: args.name.clone(),
         format: args.format,
+        progress: crate::progress::wanted(),
     };
+    let live = req.progress;
     let stream = client.push(req).await?.into_inner();
-    print_stream(stream, |r| r.response).await?;
+    print_events(stream, |r| (r.response, r.progress), live).await?;
     println!("Push success with image: {}", args.name);
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! its order; the daemon does the file work).
 
 use super::{op_id, Client};
-use crate::output::print_stream;
+use crate::output::print_events;
 use anyhow::{bail, Result};
 use isula_api::v1::{SaveRequest, SeparatorSave};
 
@@ -101,6 +101,7 @@ fn request(args: &Args) -> Result<SaveRequest> {
                 dest: dest.display().to_string(),
                 enabled: true,
             }),
+            progress: crate::progress::wanted(),
         });
     }
     if output.is_empty() {
@@ -122,13 +123,15 @@ fn request(args: &Args) -> Result<SaveRequest> {
         path: path.display().to_string(),
         format: args.format.clone(),
         sep: None,
+        progress: crate::progress::wanted(),
     })
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let req = request(&args)?;
+    let live = req.progress;
     let stream = client.save(req).await?.into_inner();
-    print_stream(stream, |r| r.log).await?;
+    print_events(stream, |r| (r.log, r.progress), live).await?;
     // As isula-build prints it: the names as given, in Go's list format.
     println!("Save success with image: [{}]", args.images.join(" "));
     Ok(())

@@ -28,10 +28,15 @@ pub struct LogSender {
     dropped: Arc<std::sync::atomic::AtomicU64>,
     /// A Status call reads this log: wait for it rather than drop lines.
     attached: Arc<AtomicBool>,
+    /// The build asked for progress events; without, they are dropped here.
+    events: Arc<AtomicBool>,
 }
 
 impl LogSender {
     fn send(&self, line: String) {
+        if isula_transport::progress::is_event(&line) && !self.events.load(Ordering::SeqCst) {
+            return;
+        }
         if self.attached.load(Ordering::SeqCst) {
             // A reader that went away has cancelled the build; nothing to keep then.
             let _ = self.tx.blocking_send(line);
@@ -83,6 +88,7 @@ impl Channel {
             tx,
             dropped: Arc::default(),
             attached: Arc::default(),
+            events: Arc::default(),
         };
         Channel {
             tx: Some(tx),
@@ -103,7 +109,12 @@ impl Builds {
     /// Registers a starting build; fails if the ID is in use, the limit is reached, or (as
     /// isula-build) a build with the same entity ID runs: the same Dockerfile with the same
     /// `--build-static` time.
-    fn start(&self, id: &str, entity: &str) -> Result<(LogSender, Arc<AtomicBool>), Status> {
+    fn start(
+        &self,
+        id: &str,
+        entity: &str,
+        events: bool,
+    ) -> Result<(LogSender, Arc<AtomicBool>), Status> {
         let mut m = self.lock();
         m.retain(|_, c| c.finished.is_none_or(|t| t.elapsed() < UNREAD_LOG_KEEP));
         if m.get(id).is_some_and(|c| c.started || c.tx.is_none()) {
@@ -135,6 +146,7 @@ impl Builds {
             .ok_or_else(|| Status::already_exists(format!("build {id} has already run")))?;
         ch.started = true;
         ch.entity = Some(entity.to_string()).filter(|e| !e.is_empty());
+        tx.events.store(events, Ordering::SeqCst);
         Ok((tx, ch.cancel.clone()))
     }
 
@@ -384,7 +396,9 @@ async fn run_inner(
             "--cache-from and --cache-to need the build cache, which is off (build_cache = false)",
         ));
     }
-    let (tx, cancel) = state.builds.start(&req.build_id, &req.entity_id)?;
+    let (tx, cancel) = state
+        .builds
+        .start(&req.build_id, &req.entity_id, req.progress)?;
     let opts = BuildOptions {
         build_id: req.build_id.clone(),
         dockerfile: req.file_content.clone(),
@@ -678,6 +692,20 @@ impl Job {
     }
 }
 
+/// A log line as a Status message: text, or a progress event the build asked for.
+fn status_line(line: String) -> StatusResponse {
+    match isula_transport::progress::parse(&line) {
+        Some(e) => StatusResponse {
+            content: String::new(),
+            progress: Some(crate::state::progress_message(e)),
+        },
+        None => StatusResponse {
+            content: line,
+            progress: None,
+        },
+    }
+}
+
 /// Streams the log of a build until it ends.
 pub async fn status(
     state: Arc<State>,
@@ -707,11 +735,7 @@ pub async fn status(
             seen = true;
             match next {
                 Some(line) => {
-                    if out_tx
-                        .send(Ok(StatusResponse { content: line }))
-                        .await
-                        .is_err()
-                    {
+                    if out_tx.send(Ok(status_line(line))).await.is_err() {
                         // The client stopped reading: cancel the build.
                         cancel.store(true, Ordering::SeqCst);
                         return;
@@ -745,17 +769,21 @@ mod tests {
     fn the_101st_build_is_refused_and_slots_come_back() {
         let b = Builds::default();
         for i in 0..limits::CONCURRENT_BUILDS_MAX {
-            b.start(&format!("b{i}"), "").expect("within the limit");
+            b.start(&format!("b{i}"), "", false)
+                .expect("within the limit");
         }
-        let e = b.start("one-too-many", "").expect_err("over the limit");
+        let e = b
+            .start("one-too-many", "", false)
+            .expect_err("over the limit");
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(e.message().contains("limit of 100"), "{}", e.message());
         assert_eq!(b.running(), 100);
         b.finish("b0");
-        b.start("one-too-many", "").expect("a slot was freed");
+        b.start("one-too-many", "", false)
+            .expect("a slot was freed");
         // A build ID cannot run twice at once.
         assert_eq!(
-            b.start("b1", "").expect_err("duplicate").code(),
+            b.start("b1", "", false).expect_err("duplicate").code(),
             tonic::Code::AlreadyExists
         );
     }
@@ -763,7 +791,7 @@ mod tests {
     #[test]
     fn an_unread_log_is_bounded_and_says_what_it_dropped() {
         let b = Builds::default();
-        let (tx, _) = b.start("quiet", "").expect("start");
+        let (tx, _) = b.start("quiet", "", false).expect("start");
         for i in 0..(LOG_BUFFER_LINES + 100) {
             tx.send(format!("line {i}\n"));
         }
@@ -815,14 +843,16 @@ mod tests {
     #[test]
     fn a_second_build_of_the_same_entity_is_refused_while_the_first_runs() {
         let b = Builds::default();
-        let _first = b.start("b1", "digest:2020-01-01 00:00:00").expect("first");
-        let Err(e) = b.start("b2", "digest:2020-01-01 00:00:00") else {
+        let _first = b
+            .start("b1", "digest:2020-01-01 00:00:00", false)
+            .expect("first");
+        let Err(e) = b.start("b2", "digest:2020-01-01 00:00:00", false) else {
             panic!("a second build of the same entity was accepted");
         };
         assert!(e.message().contains("by buildID: b1"), "{}", e.message());
-        assert!(b.start("b3", "digest:2021-01-01 00:00:00").is_ok());
-        assert!(b.start("b4", "").is_ok() && b.start("b5", "").is_ok());
+        assert!(b.start("b3", "digest:2021-01-01 00:00:00", false).is_ok());
+        assert!(b.start("b4", "", false).is_ok() && b.start("b5", "", false).is_ok());
         b.finish("b1");
-        assert!(b.start("b6", "digest:2020-01-01 00:00:00").is_ok());
+        assert!(b.start("b6", "digest:2020-01-01 00:00:00", false).is_ok());
     }
 }
