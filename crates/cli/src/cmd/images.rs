@@ -5,6 +5,9 @@ use crate::output::table;
 use anyhow::Result;
 use isula_api::v1::ListRequest;
 
+/// What isula-build prints for an empty list, verbatim.
+const EMPTY: &str = "-----------   ----   ---------   --------\nREPOSITORY    TAG    IMAGE ID    CREATED\n-----------   ----   ---------   --------";
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Only images of this repository, reference or ID
@@ -26,6 +29,11 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
             vec![i.repository, i.tag, id, i.created, i.size]
         })
         .collect();
+    if rows.is_empty() {
+        // isula-build prints this head (without SIZE) when nothing is listed.
+        println!("{EMPTY}");
+        return Ok(());
+    }
     print!(
         "{}",
         table(
