@@ -13,20 +13,24 @@ pub struct Ids {
     pub additional_gids: Vec<u32>,
 }
 
+/// A regular file of the rootfs, at most 4 MiB. The open does not block (an earlier RUN may
+/// have left a FIFO there) and anything but a regular file counts as missing.
 fn read_in_root(root: &Root, path: &str) -> Option<String> {
     let fd = root
         .open_at(
             Path::new(path),
             Resolve::InRoot,
-            OFlags::RDONLY,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
             Mode::empty(),
         )
         .ok()?;
+    let f = std::fs::File::from(fd);
+    if !f.metadata().ok()?.is_file() {
+        tracing::warn!(path, "not a regular file in the image: ignored");
+        return None;
+    }
     let mut s = String::new();
-    std::fs::File::from(fd)
-        .take(4 << 20)
-        .read_to_string(&mut s)
-        .ok()?;
+    f.take(4 << 20).read_to_string(&mut s).ok()?;
     Some(s)
 }
 
@@ -122,4 +126,35 @@ pub fn resolve(root: &Root, spec: &str, with_supplementary: bool) -> Result<Ids,
         gid,
         additional_gids,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_for_etc_passwd_neither_blocks_nor_counts() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(dir.path().join("etc")).expect("etc");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("etc/passwd"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .expect("mkfifo");
+        std::fs::write(dir.path().join("etc/group"), "staff:x:50:\n").expect("group");
+        let root = Root::open(dir.path()).expect("root");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(resolve(&root, "someone", true));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("resolve returned instead of blocking on the FIFO");
+        assert!(r
+            .expect_err("no passwd")
+            .contains("unable to find user someone"));
+    }
 }

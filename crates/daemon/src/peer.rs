@@ -8,7 +8,6 @@ use isula_transport::{AsDaemon, ClientFiles};
 use std::fs::File;
 use std::io;
 use std::path::Path;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
 pub struct AsPeer(Credentials);
@@ -24,7 +23,9 @@ fn flatten_sys<T>(path: &Path, r: io::Result<Result<T, SysError>>) -> Result<T, 
 
 impl ClientFiles for AsPeer {
     fn open(&self, path: &Path) -> io::Result<File> {
-        flatten(with_credentials(&self.0, || File::open(path)))
+        flatten(with_credentials(&self.0, || {
+            isula_transport::open_regular(path)
+        }))
     }
     fn exists(&self, path: &Path) -> bool {
         with_credentials(&self.0, || std::fs::symlink_metadata(path).is_ok()).unwrap_or(false)
@@ -46,16 +47,90 @@ impl ClientFiles for AsPeer {
     }
 }
 
+/// Who is at the other end of a connection, as the kernel recorded it at connect time
+/// (SO_PEERCRED and SO_PEERGROUPS), kept with the connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// An accepted connection and its peer.
+pub struct PeerStream {
+    inner: tokio::net::UnixStream,
+    info: Option<PeerInfo>,
+}
+
+impl PeerStream {
+    pub fn new(inner: tokio::net::UnixStream) -> PeerStream {
+        use std::os::fd::AsFd;
+        let info = match (inner.peer_cred(), isula_sys::peer_groups(inner.as_fd())) {
+            (Ok(c), Ok(groups)) => Some(PeerInfo {
+                uid: c.uid(),
+                gid: c.gid(),
+                groups,
+            }),
+            (c, g) => {
+                tracing::warn!(cred = ?c.err(), groups = ?g.err(), "cannot identify a client");
+                None
+            }
+        };
+        PeerStream { inner, info }
+    }
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = Option<PeerInfo>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn peer<T>(req: &Request<T>) -> Option<&PeerInfo> {
+    req.extensions()
+        .get::<Option<PeerInfo>>()
+        .and_then(|p| p.as_ref())
+}
+
 /// How the files of this request's client are to be opened.
 pub fn files<T>(req: &Request<T>) -> Result<Box<dyn ClientFiles>, Status> {
-    let cred = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .ok_or_else(|| {
-            Status::permission_denied("cannot identify the client (no peer credentials)")
-        })?;
-    let creds = Credentials::of_peer(cred.pid(), cred.uid(), cred.gid());
+    let p = peer(req).ok_or_else(|| {
+        Status::permission_denied("cannot identify the client (no peer credentials)")
+    })?;
+    let creds = Credentials::of_socket_peer(p.uid, p.gid, p.groups.clone());
     if creds.is_root() {
         Ok(Box::new(AsDaemon))
     } else {
@@ -70,8 +145,5 @@ pub fn files<T>(req: &Request<T>) -> Result<Box<dyn ClientFiles>, Status> {
 
 /// Whether the request comes from root.
 pub fn is_root<T>(req: &Request<T>) -> bool {
-    req.extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .is_some_and(|c| c.uid() == 0)
+    peer(req).is_some_and(|p| p.uid == 0)
 }

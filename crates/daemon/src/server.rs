@@ -26,6 +26,14 @@ fn group_id(name: &str) -> Option<u32> {
     })
 }
 
+/// The accepted connections, each with its peer's identity taken from the socket.
+fn incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::peer::PeerStream>> {
+    use tokio_stream::StreamExt;
+    UnixListenerStream::new(listener).map(|s| s.map(crate::peer::PeerStream::new))
+}
+
 fn bind(socket: &Path, group: &str) -> Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -152,7 +160,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming(listener), async {
                 let _ = stop_rx.await;
             }),
     );

@@ -32,7 +32,9 @@ impl Service {
     }
 }
 
-/// Registry operations use the daemon's stored credentials: root only, like builds.
+/// What changes the store or its names, and registry operations (they use the daemon's
+/// stored credentials), are root's. Members of the socket's group may list, inspect, read
+/// `info` and `version`, and save to paths they can write.
 fn root_only<T>(r: &Request<T>, what: &str) -> Result<(), Status> {
     if peer::is_root(r) {
         Ok(())
@@ -123,6 +125,7 @@ impl Control for Service {
         &self,
         r: Request<RemoveRequest>,
     ) -> Result<Response<Self::RemoveStream>, Status> {
+        root_only(&r, "removing images")?;
         let req = r.into_inner();
         let wrap = Wrap::text(|layer_message| RemoveResponse { layer_message });
         Ok(Response::new(stream_blocking(
@@ -156,6 +159,7 @@ impl Control for Service {
 
     type LoadStream = LineStream<LoadResponse>;
     async fn load(&self, r: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+        root_only(&r, "loading images")?;
         let files = peer::files(&r)?;
         let wrap = Wrap {
             text: |log| LoadResponse {
@@ -180,6 +184,7 @@ impl Control for Service {
         &self,
         r: Request<ImportRequest>,
     ) -> Result<Response<Self::ImportStream>, Status> {
+        root_only(&r, "importing images")?;
         let (source, reference) = rpc::import::validate(r.get_ref())?;
         let files = peer::files(&r)?;
         let wrap = Wrap::text(|log| ImportResponse { log });
@@ -193,6 +198,7 @@ impl Control for Service {
     }
 
     async fn tag(&self, r: Request<TagRequest>) -> Result<Response<()>, Status> {
+        root_only(&r, "tagging images")?;
         let state = self.state.clone();
         let req = r.into_inner();
         blocking(move || rpc::tag::tag(&state, req))

@@ -210,6 +210,12 @@ pub struct Credentials {
 impl Credentials {
     /// The credentials of a connected process (from SO_PEERCRED), with its supplementary
     /// groups read from /proc. If they cannot be read the process gets its primary group only.
+    /// The identity of a socket's peer: its uid and gid with the supplementary groups the
+    /// kernel gave for the socket (`peer_groups`).
+    pub fn of_socket_peer(uid: u32, gid: u32, groups: Vec<u32>) -> Credentials {
+        Credentials { uid, gid, groups }
+    }
+
     pub fn of_peer(pid: Option<i32>, uid: u32, gid: u32) -> Credentials {
         let groups = pid
             .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
@@ -309,5 +315,56 @@ mod credential_tests {
         assert!(with_credentials(&root, || std::fs::File::open(&secret))
             .expect("thread")
             .is_ok());
+    }
+}
+
+/// The supplementary groups of the process at the other end of a unix socket, as the kernel
+/// recorded them when it connected (SO_PEERGROUPS): no later change of that process, and no
+/// reuse of its PID, can alter them.
+pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of writable gid_t storage owned by `groups`, and
+        // `len` is passed by a valid pointer; the kernel writes at most `len` bytes and sets
+        // `len` to the size it wrote or needs.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(count);
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ERANGE) && count > groups.len() && count <= 65536 {
+            groups.resize(count, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+#[cfg(test)]
+mod peer_group_tests {
+    #[test]
+    fn a_socket_pair_shows_our_own_groups() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        use std::os::fd::AsFd;
+        let groups = super::peer_groups(a.as_fd()).expect("SO_PEERGROUPS");
+        let mine = rustix::process::getgroups().expect("getgroups");
+        let mut mine: Vec<u32> = mine.iter().map(|g| g.as_raw()).collect();
+        let mut got = groups.clone();
+        mine.sort();
+        got.sort();
+        assert_eq!(got, mine);
     }
 }

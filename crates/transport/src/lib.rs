@@ -95,6 +95,7 @@ pub type Result<T> = std::result::Result<T, TransportError>;
 /// not be a confused deputy: for a client that is not root it does this with the client's
 /// own rights. [`AsDaemon`] is the direct form (root clients, tests).
 pub trait ClientFiles: Send + Sync {
+    /// Opens a regular file for reading (anything else is refused at once: `open_regular`).
     fn open(&self, path: &Path) -> io::Result<File>;
     fn exists(&self, path: &Path) -> bool;
     /// Writes (replacing) a small file, such as an --iidfile.
@@ -115,9 +116,43 @@ pub trait ClientFiles: Send + Sync {
 /// Opens client paths with the daemon's own rights.
 pub struct AsDaemon;
 
+/// Opens a client's input file: a regular file only. The open never blocks (a FIFO, a
+/// device or a socket is refused at once, before anything is read) and follows no magic
+/// link; the handle then reads as usual.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
+        .open(path)?;
+    let kind = f.metadata()?.file_type();
+    if !kind.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_block_device() || kind.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is {what}: a regular file is needed", path.display()),
+        ));
+    }
+    let flags = rustix::fs::fcntl_getfl(&f)?;
+    rustix::fs::fcntl_setfl(&f, flags - OFlags::NONBLOCK)?;
+    Ok(f)
+}
+
 impl ClientFiles for AsDaemon {
     fn open(&self, path: &Path) -> io::Result<File> {
-        File::open(path)
+        open_regular(path)
     }
     fn exists(&self, path: &Path) -> bool {
         std::fs::symlink_metadata(path).is_ok()

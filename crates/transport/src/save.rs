@@ -127,9 +127,10 @@ pub fn save(
             .map_err(|e| TransportError::io("write", dest, e.into_error()))?;
         reporting.finish();
     }
-    pending
-        .persist_noreplace(dest)
-        .map_err(|e| sys("save", e))?;
+    // Linked into place with the caller's identity: the destination path is resolved again
+    // here, and a caller must never get root to resolve it (a swapped parent directory
+    // would put the archive wherever root can write).
+    files.persist(pending, dest).map_err(|e| sys("save", e))?;
     for item in &items {
         copy_lines(progress, &item.image.blobs, item.image.id.digest());
     }
