@@ -314,13 +314,24 @@ pub fn lchown(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> Result<(
 
 /// chmod of a non-symlink entry we created ourselves.
 pub fn chmod(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
-    rustix::fs::chmodat(
+    // On a handle, never by path: chmodat follows a final symlink (Linux has no
+    // AT_SYMLINK_NOFOLLOW for it before fchmodat2), so the inode is pinned with O_PATH
+    // first, a symlink is left alone (its mode means nothing), and the mode is set through
+    // the handle's /proc magic link, which leads to exactly that inode.
+    let fd = rustix::fs::openat(
         dir,
         name,
-        Mode::from_raw_mode(mode & 0o7777),
-        AtFlags::empty(),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
     )
-    .map_err(|e| at_err("chmod", name, e))
+    .map_err(|e| at_err("open", name, e))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| at_err("stat", name, e))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink {
+        return Ok(());
+    }
+    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rustix::fs::chmod(proc_path.as_str(), Mode::from_raw_mode(mode & 0o7777))
+        .map_err(|e| at_err("chmod", name, e))
 }
 
 /// Sets atime and mtime (seconds, nanoseconds) without following a final symlink.
@@ -491,5 +502,29 @@ mod tests {
         assert!(dir.path().join("a/b/c/file").is_file());
         remove_tree(&dir.path().join("a")).expect("remove");
         assert!(!dir.path().join("a").exists());
+    }
+}
+
+#[cfg(test)]
+mod chmod_tests {
+    #[test]
+    fn chmod_never_goes_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"x").expect("write");
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let inner = dir.path().join("inner");
+        std::fs::create_dir(&inner).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, inner.join("link")).expect("symlink");
+        std::fs::write(inner.join("file"), b"y").expect("write");
+        let root = std::fs::File::open(&inner).expect("open");
+        use std::os::fd::AsFd;
+        super::chmod(root.as_fd(), std::ffi::OsStr::new("link"), 0o777).expect("chmod link");
+        super::chmod(root.as_fd(), std::ffi::OsStr::new("file"), 0o640).expect("chmod file");
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(mode(&outside), 0o600, "the symlink's target changed");
+        assert_eq!(mode(&inner.join("file")), 0o640);
     }
 }
