@@ -156,6 +156,9 @@ pub struct Process {
     pub cap_add: Vec<String>,
 }
 
+/// The most tasks (processes and threads) one RUN may have at once.
+pub const PIDS_LIMIT: i64 = 32768;
+
 /// The OCI runtime spec for a build step on `rootfs`.
 pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
     let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
@@ -195,9 +198,13 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         "linux": {
             // No network namespace: RUN uses the host network (the manual).
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-                            "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"],
-            "readonlyPaths": ["/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+            // Docker's default masked and read-only paths.
+            "maskedPaths": ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                            "/sys/firmware", "/sys/devices/virtual/powercap"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            // A fork bomb in a RUN stops at this many tasks instead of taking the host.
+            "resources": {"pids": {"limit": PIDS_LIMIT}}
         }
     })
 }

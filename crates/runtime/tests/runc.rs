@@ -170,3 +170,58 @@ fn a_cancel_before_the_container_exists_still_stops_it() {
         start.elapsed()
     );
 }
+
+#[test]
+fn a_step_is_confined_like_a_docker_container() {
+    if !ready() {
+        return;
+    }
+    let s = setup();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut out = Vec::new();
+    // The pids limit (cgroup v1 or v2), a masked path and a read-only one.
+    let masked = [
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/kcore",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("a masked /proc file exists on this host");
+    let script = format!(
+        "cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max; \
+         cat {masked} | wc -c; \
+         (echo 1 > /proc/sys/kernel/panic) 2>/dev/null && echo writable || echo read-only"
+    );
+    let code = s
+        .runc
+        .run(
+            &s.bundle,
+            &s.merged,
+            &Process {
+                args: vec![
+                    "/bin/busybox".into(),
+                    "sh".into(),
+                    "-c".into(),
+                    script.into(),
+                ],
+                ..process("")
+            },
+            &cancel,
+            &mut |b| out.extend_from_slice(b),
+        )
+        .expect("run");
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(code, 0, "{text}");
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    assert_eq!(
+        lines,
+        vec![
+            isula_runtime::PIDS_LIMIT.to_string().as_str(),
+            "0",
+            "read-only"
+        ],
+        "{text}"
+    );
+}
