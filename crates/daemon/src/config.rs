@@ -72,7 +72,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 9] = [
+const CONFIGURATION_KEYS: [&str; 12] = [
     "debug",
     "loglevel",
     "group",
@@ -82,6 +82,9 @@ const CONFIGURATION_KEYS: [&str; 9] = [
     "experimental",
     "build_cache",
     "build_cache_max_size",
+    "max_layer_size",
+    "max_layer_entries",
+    "min_free_space",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +101,12 @@ struct ConfigurationFile {
     /// Ours: the build cache's size cap ("20GB"; default: a fifth of the data root's free
     /// space plus what the cache holds).
     build_cache_max_size: Option<String>,
+    /// Ours: the most file bytes one layer or archive may unpack to ("64GB").
+    max_layer_size: Option<String>,
+    /// Ours: the most entries one layer or archive may have.
+    max_layer_entries: Option<u64>,
+    /// Ours: what must stay free on the data root's file system ("256MB").
+    min_free_space: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +152,8 @@ pub struct Settings {
     pub build_cache: bool,
     /// The cap in bytes, when configured (`build_cache_max_size`).
     pub build_cache_max: Option<u64>,
+    /// What one unpack may take (`max_layer_size`, `max_layer_entries`, `min_free_space`).
+    pub unpack_limits: isula_store::apply::Limits,
     pub storage_driver: String,
     pub mount_options: Vec<String>,
     pub registries: Registries,
@@ -306,6 +317,20 @@ impl Settings {
                     conf_path.display()
                 )
             })?;
+        let size_key = |key: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(isula_types::parse_size)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("config file {}: {key}: {e}", conf_path.display()))
+        };
+        let defaults = isula_store::apply::Limits::default();
+        let unpack_limits = isula_store::apply::Limits {
+            max_bytes: size_key("max_layer_size", &conf.max_layer_size)?
+                .unwrap_or(defaults.max_bytes),
+            max_entries: conf.max_layer_entries.unwrap_or(defaults.max_entries),
+            min_free: size_key("min_free_space", &conf.min_free_space)?
+                .unwrap_or(defaults.min_free),
+        };
         let storage_path = dir.join("storage.toml");
         let storage: StorageFile = match read_config_file(&storage_path)? {
             Some(t) => {
@@ -417,6 +442,7 @@ impl Settings {
             experimental: flags.experimental.or(conf.experimental).unwrap_or(false),
             build_cache: conf.build_cache.unwrap_or(true),
             build_cache_max,
+            unpack_limits,
             storage_driver: driver,
             mount_options,
             registries,

@@ -156,6 +156,7 @@ fn run(flags: Flags) -> Result<()> {
         "settings loaded"
     );
     prepare_dirs(&settings)?;
+    isula_store::apply::set_limits(settings.unpack_limits);
     let store = open_store(&settings)?;
     migrate_old_store(&settings, &store);
     if flags.check_store {

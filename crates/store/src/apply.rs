@@ -73,12 +73,68 @@ pub fn extract_into<R: Read>(archive: R, dest: &Path) -> Result<ApplyReport> {
     unpack(archive, dest, false, Resolve::InRoot)
 }
 
+/// What one unpack may take: file bytes and entries, and the free space it must leave on
+/// the file system it writes to. Set once by the daemon (`set_limits`, from
+/// configuration.toml); the defaults let any ordinary image through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_entries: u64,
+    pub min_free: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 64 << 30,
+            max_entries: 10_000_000,
+            min_free: 256 << 20,
+        }
+    }
+}
+
+static LIMITS: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
+
+/// Sets the unpack limits for this process (the first call wins).
+pub fn set_limits(l: Limits) {
+    let _ = LIMITS.set(l);
+}
+
+pub fn limits() -> Limits {
+    LIMITS.get().copied().unwrap_or_default()
+}
+
+/// How often (in bytes written) an unpack checks the free space.
+const SPACE_CHECK_EVERY: u64 = 64 << 20;
+
+/// Fails when the file system of `dir` has less than `min_free` bytes left.
+pub fn check_free_space(dir: &Path, min_free: u64) -> Result<()> {
+    let st = match rustix::fs::statvfs(dir) {
+        Ok(st) => st,
+        Err(_) => return Ok(()),
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < min_free {
+        return Err(StoreError::NoSpace(format!(
+            "no space left for this: the file system of {} has {} free and at least {} must stay free (min_free_space in configuration.toml)",
+            dir.display(),
+            isula_types::human_size(free),
+            isula_types::human_size(min_free)
+        )));
+    }
+    Ok(())
+}
+
 fn unpack<R: Read>(
     layer: R,
     dest: &Path,
     whiteouts: bool,
     resolve: Resolve,
 ) -> Result<ApplyReport> {
+    let limits = limits();
+    check_free_space(dest, limits.min_free)?;
+    let mut bytes: u64 = 0;
+    let mut next_space_check = SPACE_CHECK_EVERY;
     let root = Root::open(dest)?;
     let mut archive = tar::Archive::new(layer);
     let mut report = ApplyReport::default();
@@ -94,6 +150,15 @@ fn unpack<R: Read>(
             .into_owned();
         let rel = entry_path(&raw)?;
         report.entries += 1;
+        if report.entries > limits.max_entries {
+            return Err(StoreError::TooLarge {
+                what: format!(
+                    "the archive's number of entries (max_layer_entries in configuration.toml) at {}",
+                    rel.display()
+                ),
+                limit: limits.max_entries,
+            });
+        }
         if rel.as_os_str().is_empty() {
             continue; // the layer root itself ("./")
         }
@@ -149,6 +214,20 @@ fn unpack<R: Read>(
         let mut set_meta = true;
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                bytes = bytes.saturating_add(entry.size());
+                if bytes > limits.max_bytes {
+                    return Err(StoreError::TooLarge {
+                        what: format!(
+                            "the archive's unpacked files (max_layer_size in configuration.toml) at {}",
+                            rel.display()
+                        ),
+                        limit: limits.max_bytes,
+                    });
+                }
+                if bytes >= next_space_check {
+                    check_free_space(dest, limits.min_free.saturating_add(entry.size()))?;
+                    next_space_check = bytes + SPACE_CHECK_EVERY;
+                }
                 let mut f = rooted::create_file(pfd, &name, 0o600).map_err(|e| sys_at(&rel, e))?;
                 io::copy(&mut entry, &mut f)
                     .map_err(|e| StoreError::io("write", dest.join(&rel), e))?;

@@ -55,6 +55,8 @@ pub enum StoreError {
     CorruptMetadata { path: PathBuf, reason: String },
     #[error("{what} is larger than the limit of {limit} bytes")]
     TooLarge { what: String, limit: u64 },
+    #[error("{0}")]
+    NoSpace(String),
     #[error("operation cancelled")]
     Cancelled,
 }
@@ -83,7 +85,7 @@ impl StoreError {
             AmbiguousImage { .. } | UnsafeEntry { .. } | BadTar(_) => ErrorKind::InvalidArgument,
             ImageInUse { .. } => ErrorKind::FailedPrecondition,
             CorruptMetadata { .. } => ErrorKind::DataLoss,
-            TooLarge { .. } => ErrorKind::ResourceExhausted,
+            TooLarge { .. } | NoSpace(_) => ErrorKind::ResourceExhausted,
             Cancelled => ErrorKind::Unavailable,
         }
     }
