@@ -200,12 +200,7 @@ fn a_step_is_confined_like_a_docker_container() {
             &s.bundle,
             &s.merged,
             &Process {
-                args: vec![
-                    "/bin/busybox".into(),
-                    "sh".into(),
-                    "-c".into(),
-                    script.into(),
-                ],
+                args: vec!["/bin/busybox".into(), "sh".into(), "-c".into(), script],
                 ..process("")
             },
             &cancel,
