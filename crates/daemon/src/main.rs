@@ -65,6 +65,39 @@ fn open_store(s: &Settings) -> Result<isula_store::Store> {
     }
 }
 
+/// What a crash of an earlier daemon left behind: RUN containers still running, mounts
+/// under the run root and the data root's temp area, build work directories.
+fn recover_run_root(s: &Settings) {
+    if let Ok(runc) = isula_runtime::Runc::new(&s.runtime, &s.run_root.join("runc")) {
+        let removed = runc.remove_all();
+        if !removed.is_empty() {
+            tracing::warn!(containers = ?removed, "removed RUN containers an earlier daemon left");
+        }
+    }
+    let mut mounts = isula_sys::mount::mounts_below(&s.run_root);
+    mounts.extend(isula_sys::mount::mounts_below(&s.data_root.join("tmp")));
+    for m in &mounts {
+        match isula_sys::mount::unmount_path(m) {
+            Ok(()) => tracing::warn!(mount = %m.display(), "unmounted what an earlier daemon left"),
+            Err(e) => {
+                tracing::error!(mount = %m.display(), error = %e, "cannot unmount what an earlier daemon left")
+            }
+        }
+    }
+    let builds = s.run_root.join("builds");
+    if let Ok(entries) = std::fs::read_dir(&builds) {
+        for e in entries.flatten() {
+            // Never delete through a mount that would not go.
+            if !isula_sys::mount::mounts_below(&e.path()).is_empty() {
+                continue;
+            }
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::error!(dir = %e.path().display(), error = %err, "cannot remove an earlier build's work directory");
+            }
+        }
+    }
+}
+
 /// The record of the one migration from an isula-build 0.9.x store (see `migrate_old_store`).
 const MIGRATION_RECORD: &str = "migrated-from-isula-build.json";
 
@@ -158,6 +191,8 @@ fn run(flags: Flags) -> Result<()> {
     prepare_dirs(&settings)?;
     isula_store::apply::set_limits(settings.unpack_limits);
     let store = open_store(&settings)?;
+    // Only now (the store's lock is ours) is what the run root holds ours to clean.
+    recover_run_root(&settings);
     migrate_old_store(&settings, &store);
     if flags.check_store {
         let problems = store.check()?;

@@ -256,6 +256,30 @@ impl Runc {
         c
     }
 
+    /// Removes every container runc has under this state root (what a crash of the daemon
+    /// left running): killed, then deleted. Returns their IDs.
+    pub fn remove_all(&self) -> Vec<String> {
+        if !self.state_root.is_dir() {
+            return Vec::new();
+        }
+        let ids: Vec<String> = self
+            .command()
+            .args(["list", "-q"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in &ids {
+            let _ = self.command().args(["kill", "--all", id, "KILL"]).output();
+            let _ = self.command().args(["delete", "--force", id]).output();
+        }
+        ids
+    }
+
     /// Runs `process` on `rootfs` with its bundle in `bundle` (an empty private directory).
     /// Output (stdout and stderr together) goes to `output` as it arrives. Returns the exit
     /// code.

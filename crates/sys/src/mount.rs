@@ -24,6 +24,47 @@ impl MountGuard {
     }
 }
 
+/// Mount points strictly below `dir` (from /proc/self/mountinfo), deepest first.
+pub fn mounts_below(dir: &Path) -> Vec<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<std::path::PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .map(std::path::PathBuf::from)
+        .filter(|p| p != dir && p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts `target` (detaching it if it is busy).
+pub fn unmount_path(target: &Path) -> Result<()> {
+    unmount(target)
+}
+
 fn unmount(target: &Path) -> Result<()> {
     match rustix::mount::unmount(target, UnmountFlags::empty()) {
         Ok(()) => Ok(()),
@@ -209,6 +250,16 @@ fn overlay_legacy(
         .map_err(|_| SysError::new("mount overlay", target, rustix::io::Errno::INVAL))?;
     rustix::mount::mount("overlay", target, "overlay", flags, Some(data.as_c_str()))
         .map_err(|e| SysError::new("mount overlay", target, e))
+}
+
+#[cfg(test)]
+mod mountinfo_tests {
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(super::unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(super::unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(super::unescape_mountinfo("/end\\04"), "/end\\04");
+    }
 }
 
 #[cfg(test)]

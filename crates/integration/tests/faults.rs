@@ -1,0 +1,245 @@
+//! SIGKILL of the daemon in the middle of operations. After each, the restarted daemon must
+//! have cleaned up what the dead one left (RUN containers, mounts, work and temp
+//! directories), `--check-store` must pass, and the same operation must then work.
+
+use isula_integration::registry::{Registry, RegistryOptions};
+use isula_integration::*;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn mounts_under(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| std::path::Path::new(p).starts_with(dir) && std::path::Path::new(p) != dir)
+        .map(String::from)
+        .collect()
+}
+
+/// Kills the daemon once `ready` holds (the operation is under way), then restarts it.
+fn kill_during(d: &mut Daemon, args: &[&str], what: &str, ready: impl FnMut() -> bool) {
+    let mut client: Child = d
+        .cli_command(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    wait_until(what, Duration::from_secs(60), ready);
+    d.kill();
+    let _ = client.wait();
+    d.restart();
+}
+
+/// Everything a crash could leave is gone, and the store checks out.
+fn assert_recovered(d: &mut Daemon, what: &str) {
+    let runc_root = d.run_root().join("runc");
+    assert!(
+        runc_containers(&runc_root).is_empty(),
+        "{what}: a RUN container is left"
+    );
+    assert!(
+        mounts_under(&d.run_root()).is_empty() && mounts_under(&d.data()).is_empty(),
+        "{what}: mounts left: {:?} {:?}",
+        mounts_under(&d.run_root()),
+        mounts_under(&d.data())
+    );
+    assert!(
+        listing(&d.run_root().join("builds")).is_empty(),
+        "{what}: build work left"
+    );
+    assert!(
+        listing(&d.data().join("ingest")).is_empty(),
+        "{what}: ingest left"
+    );
+    d.stop();
+    let check = Command::new(bin("isula-builder"))
+        .arg("--dataroot")
+        .arg(d.data())
+        .arg("--runroot")
+        .arg(d.run_root())
+        .arg("--config-dir")
+        .arg(d.etc())
+        .arg("--check-store")
+        .output()
+        .expect("check");
+    assert!(
+        check.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    d.restart();
+}
+
+#[test]
+fn sigkill_during_run_copy_import_pull_push_rm_and_tag() {
+    if !require_root() || !require_tool("runc") || !require_tool("docker-registry") {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let mut d = Daemon::start_configured(
+        &[(
+            "registries.toml",
+            &format!(
+                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+                reg.host()
+            ),
+        )],
+        &[],
+        &[],
+    );
+    d.load_fixed_busybox("busybox:latest");
+    let work = tempfile::tempdir().expect("tmp");
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+
+    // A RUN: its container keeps running after the daemon dies; the next start removes it.
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nRUN sleep 60\n").expect("df");
+    let runc_root = d.run_root().join("runc");
+    kill_during(
+        &mut d,
+        &["ctr-img", "build", ctx.to_str().expect("ctx")],
+        "the RUN to start",
+        || !runc_containers(&runc_root).is_empty(),
+    );
+    assert_recovered(&mut d, "RUN");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN echo ran > /ran\n",
+    )
+    .expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "ran:1",
+        ctx.to_str().expect("ctx"),
+    ]);
+
+    // A big COPY: killed while the build's work directory fills.
+    std::fs::write(ctx.join("big.bin"), vec![7u8; 150 << 20]).expect("big");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nCOPY big.bin /big.bin\n",
+    )
+    .expect("df");
+    let builds = d.run_root().join("builds");
+    kill_during(
+        &mut d,
+        &["ctr-img", "build", ctx.to_str().expect("ctx")],
+        "the COPY to be under way",
+        || !listing(&builds).is_empty(),
+    );
+    assert_recovered(&mut d, "COPY");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "copied:1",
+        ctx.to_str().expect("ctx"),
+    ]);
+    std::fs::remove_file(ctx.join("big.bin")).expect("rm");
+
+    // An import, killed while its layer streams in.
+    let rootfs = work.path().join("big.tar");
+    std::fs::write(&rootfs, big_rootfs(150)).expect("rootfs");
+    let ingest = d.data().join("ingest");
+    kill_during(
+        &mut d,
+        &[
+            "ctr-img",
+            "import",
+            rootfs.to_str().expect("utf8"),
+            "imported:1",
+        ],
+        "the import to be under way",
+        || !listing(&ingest).is_empty(),
+    );
+    assert_recovered(&mut d, "import");
+    d.ok(&[
+        "ctr-img",
+        "import",
+        rootfs.to_str().expect("utf8"),
+        "imported:1",
+    ]);
+
+    // A push and a pull of that image, each killed half way.
+    let remote = format!("{}/faults/big:1", reg.host());
+    d.ok(&["ctr-img", "tag", "imported:1", &remote]);
+    d.wait_compressed();
+    let uploads = || {
+        reg.count_requests("PATCH", "/v2/faults/big/blobs/uploads/")
+            + reg.count_requests("PUT", "/v2/faults/big/blobs/uploads/")
+    };
+    let before = uploads();
+    let reg_dir = reg.dir.path().join("data");
+    let reg_bytes = || {
+        fn walk(p: &std::path::Path) -> u64 {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| match e.metadata() {
+                            Ok(m) if m.is_dir() => walk(&e.path()),
+                            Ok(m) => m.len(),
+                            Err(_) => 0,
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&reg_dir)
+    };
+    let start_bytes = reg_bytes();
+    kill_during(
+        &mut d,
+        &["ctr-img", "push", &remote],
+        "the push to be under way",
+        || uploads() > before || reg_bytes() > start_bytes + (1 << 20),
+    );
+    assert_recovered(&mut d, "push");
+    d.ok(&["ctr-img", "push", &remote]);
+    d.ok(&["ctr-img", "rm", &remote, "imported:1"]);
+    kill_during(
+        &mut d,
+        &["ctr-img", "pull", &remote],
+        "the pull to be under way",
+        || !listing(&ingest).is_empty(),
+    );
+    assert_recovered(&mut d, "pull");
+    d.ok(&["ctr-img", "pull", &remote]);
+
+    // rm and tag are quick: killed right after they are sent, whichever way it lands.
+    for (args, what) in [
+        (vec!["ctr-img", "tag", "ran:1", "ran:2"], "tag"),
+        (vec!["ctr-img", "rm", "copied:1"], "rm"),
+    ] {
+        let mut client = d
+            .cli_command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("client");
+        std::thread::sleep(Duration::from_millis(30));
+        d.kill();
+        let _ = client.wait();
+        d.restart();
+        assert_recovered(&mut d, what);
+        // Done before the kill or not at all: either way the names are whole, and doing it
+        // (again) works.
+        let copied_there = d.images().iter().any(|(r, _, _)| r == "copied");
+        if what == "tag" || copied_there {
+            d.ok(&args);
+        }
+    }
+    assert!(d.images().iter().any(|(r, t, _)| r == "ran" && t == "2"));
+}
