@@ -243,3 +243,77 @@ fn sigkill_during_run_copy_import_pull_push_rm_and_tag() {
     }
     assert!(d.images().iter().any(|(r, t, _)| r == "ran" && t == "2"));
 }
+
+/// Flips one byte in the middle of a stored blob.
+fn corrupt(path: &std::path::Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open blob");
+    let len = f.metadata().expect("stat").len();
+    let at = len / 2;
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.read_exact(&mut b).expect("read");
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.write_all(&[b[0] ^ 0xff]).expect("write");
+}
+
+#[test]
+fn a_blob_corrupted_on_disk_is_caught_when_next_used() {
+    if !require_root() || !require_tool("docker-registry") {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let d = Daemon::start_configured(
+        &[(
+            "registries.toml",
+            &format!(
+                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+                reg.host()
+            ),
+        )],
+        &[],
+        &[],
+    );
+    let id = d.import_busybox("victim:1", &[]);
+    d.wait_compressed();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.data().join("metadata.json")).expect("metadata"),
+    )
+    .expect("json");
+    let img = &meta["images"][format!("sha256:{id}")];
+    let layer = img["blobs"][0].as_str().expect("layer blob").to_string();
+    let gz = meta["compressed"][&layer]["digest"]
+        .as_str()
+        .expect("its gzip form")
+        .to_string();
+    let blob_path = |d_: &str| {
+        d.data()
+            .join("blobs/sha256")
+            .join(d_.trim_start_matches("sha256:"))
+    };
+    // The gzip form, as a push sends it.
+    corrupt(&blob_path(&gz));
+    let remote = format!("{}/faults/victim:1", reg.host());
+    d.ok(&["ctr-img", "tag", "victim:1", &remote]);
+    let err = d.fails(&["ctr-img", "push", &remote]);
+    assert!(
+        err.contains(gz.trim_start_matches("sha256:")) || err.to_lowercase().contains("digest"),
+        "{err}"
+    );
+    // The layer itself, as a save reads it.
+    corrupt(&blob_path(&layer));
+    let out = tempfile::tempdir().expect("tmp");
+    let err = d.fails(&[
+        "ctr-img",
+        "save",
+        "victim:1",
+        "-o",
+        out.path().join("v.tar").to_str().expect("utf8"),
+    ]);
+    assert!(err.to_lowercase().contains("digest"), "{err}");
+    assert!(!out.path().join("v.tar").exists(), "a bad archive was left");
+}

@@ -42,7 +42,7 @@ impl Endpoint {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Challenge {
+pub enum Challenge {
     Basic,
     Bearer {
         realm: String,
@@ -94,7 +94,8 @@ impl<'a> Req<'a> {
     }
 }
 
-fn parse_challenge(v: &str) -> Option<Challenge> {
+/// A `WWW-Authenticate` value as a challenge we can answer (None for others or malformed).
+pub fn parse_challenge(v: &str) -> Option<Challenge> {
     let v = v.trim();
     let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
     if scheme.eq_ignore_ascii_case("basic") {
