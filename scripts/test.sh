@@ -31,3 +31,5 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
+# Load and soak, shortened (scripts/soak.sh without SHORT is the full 10-minute run).
+SHORT=1 scripts/soak.sh
