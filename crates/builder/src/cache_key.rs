@@ -350,11 +350,18 @@ fn read_file(
                 <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path),
             ),
             isula_sys::Resolve::InRoot,
-            OFlags::RDONLY | OFlags::CLOEXEC,
+            // Never blocks: a file swapped for a FIFO since it was listed is refused below.
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
             Mode::empty(),
         )
         .map_err(|e| format!("{rel}: {e}"))?;
-    let before = rustix::fs::fstat(&fd).map(|s| StatKey::of(&s)).ok();
+    let st = rustix::fs::fstat(&fd).map_err(|e| format!("{rel}: {e}"))?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(format!(
+            "{rel}: changed from a regular file while the context was read"
+        ));
+    }
+    let before = Some(StatKey::of(&st));
     let mut f = std::fs::File::from(fd);
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 256 << 10];
