@@ -317,3 +317,166 @@ fn a_blob_corrupted_on_disk_is_caught_when_next_used() {
     assert!(err.to_lowercase().contains("digest"), "{err}");
     assert!(!out.path().join("v.tar").exists(), "a bad archive was left");
 }
+
+/// Whether the daemon holds a file open under `dir` (a save's nameless archive shows there).
+fn daemon_has_open_under(d: &Daemon, dir: &std::path::Path) -> bool {
+    std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                std::fs::read_link(e.path())
+                    .map(|t| t.starts_with(dir))
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// A client killed mid-stream cancels its operation: nothing half-done stays, and the
+/// daemon answers the next call.
+#[test]
+fn killing_the_client_cancels_load_save_pull_and_push() {
+    if !require_root() || !require_tool("docker-registry") || !require_tool("skopeo") {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let d = Daemon::start_configured(
+        &[(
+            "registries.toml",
+            &format!(
+                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+                reg.host()
+            ),
+        )],
+        &[],
+        &[],
+    );
+    let work = tempfile::tempdir().expect("tmp");
+    let rootfs = work.path().join("big.tar");
+    std::fs::write(&rootfs, big_rootfs(300)).expect("rootfs");
+    d.ok(&["ctr-img", "import", rootfs.to_str().expect("utf8"), "big:1"]);
+    std::fs::remove_file(&rootfs).expect("rm");
+    let archive = work.path().join("big-archive.tar");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "big:1",
+        "-o",
+        archive.to_str().expect("utf8"),
+    ]);
+    let ingest = d.data().join("ingest");
+    let cancelled = || d.log().matches("operation cancelled").count();
+    let kill_when = |args: &[&str], what: &str, ready: &dyn Fn() -> bool| {
+        let before = cancelled();
+        let mut client = d
+            .cli_command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("client");
+        wait_until(what, Duration::from_secs(60), ready);
+        client.kill().expect("kill client");
+        let _ = client.wait();
+        wait_until("the daemon to cancel", Duration::from_secs(20), || {
+            cancelled() > before
+        });
+        wait_until("the daemon to clean up", Duration::from_secs(20), || {
+            listing(&ingest).is_empty() && listing(&d.data().join("tmp")).is_empty()
+        });
+        d.ok(&["ctr-img", "images"]);
+    };
+
+    // Save: the archive has no name until it is complete.
+    let dest = work.path().join("out.tar");
+    kill_when(
+        &[
+            "ctr-img",
+            "save",
+            "big:1",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ],
+        "the save to start",
+        &|| daemon_has_open_under(&d, work.path()),
+    );
+    assert!(!dest.exists(), "a cancelled save left its archive");
+
+    // Push: the tag never appears in the registry.
+    let remote = format!("{}/cancel/big:1", reg.host());
+    d.ok(&["ctr-img", "tag", "big:1", &remote]);
+    d.wait_compressed();
+    kill_when(&["ctr-img", "push", &remote], "the push to start", &|| {
+        reg.count_requests("POST", "/v2/cancel/big/blobs/uploads/") > 0
+    });
+    let seen = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{remote}"))
+        .output()
+        .expect("skopeo");
+    assert!(!seen.status.success(), "a cancelled push left its tag");
+    d.ok(&["ctr-img", "push", &remote]);
+
+    // Load and pull into an empty store: no image appears.
+    d.ok(&["ctr-img", "rm", "-a"]);
+    kill_when(
+        &["ctr-img", "load", "-i", archive.to_str().expect("utf8")],
+        "the load to start",
+        &|| !listing(&ingest).is_empty(),
+    );
+    assert!(d.images().is_empty(), "a cancelled load left an image");
+    kill_when(&["ctr-img", "pull", &remote], "the pull to start", &|| {
+        !listing(&ingest).is_empty()
+    });
+    assert!(d.images().is_empty(), "a cancelled pull left an image");
+    d.ok(&["ctr-img", "pull", &remote]);
+    assert_eq!(d.images().len(), 1);
+}
+
+#[test]
+fn a_missing_or_failing_runtime_fails_the_run_clearly_and_leaves_nothing() {
+    if !require_root() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tmp");
+    // A runtime that fails at once, as a broken runc would.
+    let broken = work.path().join("broken-runc");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\n# Fails every call, logging as runc does (--log FILE --log-format json).\n\
+         log=; prev=\nfor a in \"$@\"; do [ \"$prev\" = --log ] && log=$a; prev=$a; done\n\
+         [ -n \"$log\" ] && echo '{\"level\":\"error\",\"msg\":\"runtime exploded\"}' >> \"$log\"\n\
+         exit 1\n",
+    )
+    .expect("script");
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    for (runtime, want) in [
+        ("/nonexistent/runc".to_string(), "/nonexistent/runc"),
+        (broken.display().to_string(), "runtime exploded"),
+    ] {
+        let d = Daemon::start_configured(
+            &[("configuration.toml", &format!("runtime = {runtime:?}\n"))],
+            &[],
+            &[],
+        );
+        d.load_fixed_busybox("busybox:latest");
+        let ctx = work.path().join("ctx");
+        std::fs::create_dir_all(&ctx).expect("ctx");
+        std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nRUN true\n").expect("df");
+        let err = d.fails(&["ctr-img", "build", ctx.to_str().expect("ctx")]);
+        assert!(
+            err.contains(want) && err.contains("RUN"),
+            "{runtime}: {err}"
+        );
+        // Steps without RUN still build.
+        std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nENV A=1\n").expect("df");
+        d.ok(&[
+            "ctr-img",
+            "build",
+            "-t",
+            "norun:1",
+            ctx.to_str().expect("ctx"),
+        ]);
+        assert!(mounts_under(&d.run_root()).is_empty() && mounts_under(&d.data()).is_empty());
+        assert!(listing(&d.run_root().join("builds")).is_empty());
+    }
+}

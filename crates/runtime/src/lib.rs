@@ -299,8 +299,14 @@ impl Runc {
         let id = format!("isula-build-{}", hex::encode(rand::random::<[u8; 8]>()));
         let (mut reader, writer) = std::io::pipe().map_err(io("creating the output pipe"))?;
         let writer2 = writer.try_clone().map_err(io("cloning the output pipe"))?;
+        // runc's own errors (as opposed to the step's output) go to a JSON log, so that a
+        // runtime that cannot start the step is told apart from a step that failed.
+        let log = bundle.join("runc-log.json");
         let mut child = self
             .command()
+            .arg("--log")
+            .arg(&log)
+            .args(["--log-format", "json"])
             .arg("run")
             .arg("--bundle")
             .arg(bundle)
@@ -348,10 +354,29 @@ impl Runc {
             return Err(RuntimeError::Cancelled);
         }
         let status = status?;
-        Ok(status
+        let code = status
             .code()
-            .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)))
+            .unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0));
+        if code != 0 {
+            if let Some(message) = runtime_error(&log) {
+                return Err(RuntimeError::Runtime {
+                    runtime: self.binary.display().to_string(),
+                    message,
+                });
+            }
+        }
+        Ok(code)
     }
+}
+
+/// The last error runc logged (JSON lines with "level" and "msg"), if any.
+fn runtime_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| matches!(v["level"].as_str(), Some("error" | "fatal")))
+        .filter_map(|v| v["msg"].as_str().map(str::to_string))
+        .last()
 }
 
 #[cfg(test)]
