@@ -98,6 +98,8 @@ pub struct BuildOptions {
     pub tags: Vec<Reference>,
     /// Normalised capability names.
     pub cap_add: Vec<String>,
+    /// RUN without the seccomp filter.
+    pub seccomp_unconfined: bool,
     /// Pass the daemon's proxy variables to RUN.
     pub proxy: bool,
     /// `--build-static` build time (seconds since the epoch).

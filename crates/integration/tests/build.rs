@@ -455,3 +455,40 @@ fn oci_archive_output_is_readable_by_skopeo() {
         "{manifest}"
     );
 }
+
+#[test]
+fn run_has_a_seccomp_filter_that_a_build_can_drop() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = d.dir.path().join("ctx-seccomp");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN busybox unshare -U busybox true\n",
+    )
+    .expect("df");
+    let c = ctx.to_str().expect("ctx");
+    let o = d.cli(&["ctr-img", "build", "--no-cache", c]);
+    assert!(
+        !o.status.success(),
+        "a new user namespace was allowed in RUN"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "--no-cache",
+        "--security-opt",
+        "seccomp=unconfined",
+        c,
+    ]);
+    let err = d.fails(&["ctr-img", "build", "--security-opt", "apparmor=x", c]);
+    assert!(err.contains("seccomp=unconfined"), "{err}");
+}

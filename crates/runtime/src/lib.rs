@@ -154,6 +154,83 @@ pub struct Process {
     pub additional_gids: Vec<u32>,
     /// Extra capabilities (normalised names).
     pub cap_add: Vec<String>,
+    /// No seccomp filter for this step (`--security-opt seccomp=unconfined`).
+    pub seccomp_unconfined: bool,
+}
+
+/// System calls a RUN step is refused (EPERM) unless it was given the capability that
+/// makes them legitimate. Ours, written for this builder (not Docker's profile file), with
+/// the same aim: the kernel interfaces a build has no use for and that widen the attack
+/// surface (keyrings, BPF, perf, module loading, new namespaces, mounts, handle-based
+/// opens, clocks, reboot, swap, accounting).
+const SECCOMP_DENIED: &[(&[&str], Option<&str>)] = &[
+    (&["add_key", "keyctl", "request_key"], None),
+    (
+        &["bpf", "perf_event_open", "userfaultfd", "lookup_dcookie"],
+        Some("CAP_SYS_ADMIN"),
+    ),
+    (
+        &[
+            "mount",
+            "umount2",
+            "pivot_root",
+            "unshare",
+            "setns",
+            "fsopen",
+            "fsconfig",
+            "fsmount",
+            "fspick",
+            "move_mount",
+            "open_tree",
+            "mount_setattr",
+            "quotactl",
+            "name_to_handle_at",
+        ],
+        Some("CAP_SYS_ADMIN"),
+    ),
+    (&["open_by_handle_at"], Some("CAP_DAC_READ_SEARCH")),
+    (
+        &[
+            "init_module",
+            "finit_module",
+            "delete_module",
+            "kexec_load",
+            "kexec_file_load",
+        ],
+        Some("CAP_SYS_MODULE"),
+    ),
+    (
+        &["ptrace", "process_vm_readv", "process_vm_writev", "kcmp"],
+        Some("CAP_SYS_PTRACE"),
+    ),
+    (
+        &["clock_settime", "clock_adjtime", "settimeofday", "adjtimex"],
+        Some("CAP_SYS_TIME"),
+    ),
+    (&["reboot"], Some("CAP_SYS_BOOT")),
+    (&["swapon", "swapoff"], Some("CAP_SYS_ADMIN")),
+    (&["acct"], Some("CAP_SYS_PACCT")),
+    (&["iopl", "ioperm"], Some("CAP_SYS_RAWIO")),
+];
+
+/// The seccomp filter of a step with the capabilities `caps`: everything allowed but the
+/// calls above whose capability it lacks.
+fn seccomp(caps: &[String]) -> serde_json::Value {
+    let denied: Vec<&str> = SECCOMP_DENIED
+        .iter()
+        .filter(|(_, cap)| cap.is_none_or(|c| !caps.iter().any(|have| have == c)))
+        .flat_map(|(names, _)| names.iter().copied())
+        .collect();
+    let architectures: &[&str] = match std::env::consts::ARCH {
+        "x86_64" => &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "aarch64" => &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        _ => &[],
+    };
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": architectures,
+        "syscalls": [{"names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    })
 }
 
 /// The most tasks (processes and threads) one RUN may have at once.
@@ -204,7 +281,8 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
                             "/sys/firmware", "/sys/devices/virtual/powercap"],
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
             // A fork bomb in a RUN stops at this many tasks instead of taking the host.
-            "resources": {"pids": {"limit": PIDS_LIMIT}}
+            "resources": {"pids": {"limit": PIDS_LIMIT}},
+            "seccomp": if process.seccomp_unconfined { serde_json::Value::Null } else { seccomp(&caps) }
         }
     })
 }

@@ -220,3 +220,41 @@ fn a_step_is_confined_like_a_docker_container() {
         "{text}"
     );
 }
+
+#[test]
+fn seccomp_refuses_new_namespaces_unless_unconfined() {
+    if !ready() {
+        return;
+    }
+    let s = setup();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let run = |unconfined: bool| {
+        let mut out = Vec::new();
+        let code = s
+            .runc
+            .run(
+                &s.bundle,
+                &s.merged,
+                &Process {
+                    args: vec![
+                        "/bin/busybox".into(),
+                        "unshare".into(),
+                        "-U".into(),
+                        "/bin/busybox".into(),
+                        "true".into(),
+                    ],
+                    seccomp_unconfined: unconfined,
+                    ..process("")
+                },
+                &cancel,
+                &mut |b| out.extend_from_slice(b),
+            )
+            .expect("run");
+        (code, String::from_utf8_lossy(&out).to_string())
+    };
+    let (code, out) = run(false);
+    assert_ne!(code, 0, "a new user namespace was allowed: {out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let (code, out) = run(true);
+    assert_eq!(code, 0, "unconfined: {out}");
+}

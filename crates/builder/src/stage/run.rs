@@ -137,6 +137,7 @@ impl StageRun<'_, '_> {
             gid: ids.gid,
             additional_gids: ids.additional_gids,
             cap_add: self.opts.cap_add.clone(),
+            seccomp_unconfined: self.opts.seccomp_unconfined,
         };
         let bundle = self.dir.join(format!("bundle-{n}"));
         std::fs::create_dir_all(&bundle)

@@ -39,6 +39,9 @@ pub struct Args {
     /// Capabilities RUN steps get in addition to the defaults
     #[arg(long = "cap-add")]
     pub cap_add: Vec<String>,
+    /// Security options for RUN steps: seccomp=unconfined drops their seccomp filter
+    #[arg(long = "security-opt")]
+    pub security_opt: Vec<String>,
     /// Image format: docker or oci
     #[arg(long = "format", default_value = "docker", value_parser = ["docker", "oci"])]
     pub format: String,
@@ -152,6 +155,20 @@ fn output_spec(output: &str) -> Result<String> {
     }
 }
 
+/// `--security-opt` values: only `seccomp=unconfined` is known.
+fn seccomp_unconfined(opts: &[String]) -> Result<bool> {
+    let mut unconfined = false;
+    for o in opts {
+        match o.as_str() {
+            "seccomp=unconfined" | "seccomp:unconfined" => unconfined = true,
+            other => {
+                bail!("invalid --security-opt {other:?}: the one supported is seccomp=unconfined")
+            }
+        }
+    }
+    Ok(unconfined)
+}
+
 fn build_static(spec: &str) -> Result<BuildStatic> {
     let value = spec.strip_prefix("build-time=").with_context(|| {
         format!("invalid --build-static {spec:?}: expected 'build-time=YYYY-MM-DD HH:MM:SS'")
@@ -229,6 +246,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         build_static: static_time,
         additional_tag: args.tag.unwrap_or_default(),
         cap_add_list: args.cap_add,
+        seccomp_unconfined: seccomp_unconfined(&args.security_opt)?,
         entity_id: format!("{digest}:{entity_time}"),
         encrypted,
         format: args.format,

@@ -406,6 +406,7 @@ async fn run_inner(
         build_args,
         tags,
         cap_add,
+        seccomp_unconfined: req.seccomp_unconfined,
         proxy: req.proxy,
         build_time,
         target: Some(req.target.clone()).filter(|t| !t.is_empty()),
