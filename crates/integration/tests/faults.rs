@@ -480,3 +480,76 @@ fn a_missing_or_failing_runtime_fails_the_run_clearly_and_leaves_nothing() {
         assert!(listing(&d.run_root().join("builds")).is_empty());
     }
 }
+
+#[test]
+fn sigkill_during_a_cache_export_leaves_no_partial_cache() {
+    if !require_root()
+        || !require_tool("runc")
+        || !require_tool("docker-registry")
+        || !require_tool("skopeo")
+    {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let mut d = Daemon::start_configured(
+        &[(
+            "registries.toml",
+            &format!(
+                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+                reg.host()
+            ),
+        )],
+        &[],
+        &[],
+    );
+    d.load_fixed_busybox("busybox:latest");
+    let work = tempfile::tempdir().expect("tmp");
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    // Random data: its gzip is as big as itself, so the export takes a while.
+    let mut data = vec![0u8; 120 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(ctx.join("big.bin"), &data).expect("big");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nCOPY big.bin /big.bin\n",
+    )
+    .expect("df");
+    let cache = format!("{}/faults/cache:1", reg.host());
+    let uploads = || reg.count_requests("POST", "/v2/faults/cache/blobs/uploads/");
+    let before = uploads();
+    kill_during(
+        &mut d,
+        &[
+            "ctr-img",
+            "build",
+            "--cache-to",
+            &cache,
+            ctx.to_str().expect("ctx"),
+        ],
+        "the cache export to start",
+        || uploads() > before,
+    );
+    // The cache's manifest goes last: a killed export leaves no tag to read.
+    let seen = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{cache}"))
+        .output()
+        .expect("skopeo");
+    assert!(!seen.status.success(), "a killed export left a cache tag");
+    assert_recovered(&mut d, "cache export");
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--cache-to",
+        &cache,
+        ctx.to_str().expect("ctx"),
+    ]);
+    assert!(out.contains("Build cache exported to"), "{out}");
+}
