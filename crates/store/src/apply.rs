@@ -212,6 +212,8 @@ fn unpack<R: Read>(
             .map_err(|e| StoreError::BadTar(e.to_string()))? as u32;
         let mtime = (header.mtime().unwrap_or(0) as i64, 0u32);
         let mut set_meta = true;
+        // A regular file's owner and mode go on through the handle it was written with.
+        let mut created: Option<std::fs::File> = None;
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 bytes = bytes.saturating_add(entry.size());
@@ -231,6 +233,7 @@ fn unpack<R: Read>(
                 let mut f = rooted::create_file(pfd, &name, 0o600).map_err(|e| sys_at(&rel, e))?;
                 io::copy(&mut entry, &mut f)
                     .map_err(|e| StoreError::io("write", dest.join(&rel), e))?;
+                created = Some(f);
             }
             tar::EntryType::Directory => {
                 if existing.as_ref().is_none_or(|st| !rooted::is_dir(st)) {
@@ -284,9 +287,26 @@ fn unpack<R: Read>(
             _ => return Err(unsafe_entry(&rel, "unsupported tar entry type")),
         }
         if set_meta {
-            rooted::lchown(pfd, &name, uid, gid).map_err(|e| sys_at(&rel, e))?;
             // chown clears set-id bits, so the mode goes on after it.
-            rooted::chmod(pfd, &name, mode).map_err(|e| sys_at(&rel, e))?;
+            match &created {
+                Some(f) => {
+                    rustix::fs::fchown(
+                        f,
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                    )
+                    .map_err(|e| {
+                        sys_at(&rel, isula_sys::SysError::new("chown", dest.join(&rel), e))
+                    })?;
+                    rustix::fs::fchmod(f, rustix::fs::Mode::from_raw_mode(mode & 0o7777)).map_err(
+                        |e| sys_at(&rel, isula_sys::SysError::new("chmod", dest.join(&rel), e)),
+                    )?;
+                }
+                None => {
+                    rooted::lchown(pfd, &name, uid, gid).map_err(|e| sys_at(&rel, e))?;
+                    rooted::chmod(pfd, &name, mode).map_err(|e| sys_at(&rel, e))?;
+                }
+            }
             if let Some(exts) = entry
                 .pax_extensions()
                 .map_err(|e| StoreError::BadTar(e.to_string()))?
