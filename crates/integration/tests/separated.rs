@@ -167,6 +167,56 @@ fn save_splits_apps_into_shared_base_and_lib_and_load_puts_them_back() {
             "{base_members:?}"
         );
     }
+    // The pieces of one app together are an ordinary docker-archive: another tool reads it
+    // and finds the app's own config (the format isula-build's containers/image writes).
+    if require_tool("skopeo") {
+        let merged = w.join("merged");
+        std::fs::create_dir(&merged).expect("merged");
+        for piece in [
+            "app1_latest_base_image.tar.gz",
+            "app1_latest_lib_image.tar.gz",
+            "app1_latest_app_image.tar.gz",
+        ] {
+            run_ok(
+                std::process::Command::new("tar")
+                    .arg("-xzf")
+                    .arg(dest.join(piece))
+                    .arg("-C")
+                    .arg(&merged),
+            );
+        }
+        let archive = w.join("merged.tar");
+        run_ok(
+            std::process::Command::new("tar")
+                .arg("-C")
+                .arg(&merged)
+                .arg("-cf")
+                .arg(&archive)
+                .arg("."),
+        );
+        let config: serde_json::Value = serde_json::from_str(&run_ok(
+            std::process::Command::new("skopeo")
+                .args(["inspect", "--config"])
+                .arg(format!("docker-archive:{}", archive.display())),
+        ))
+        .expect("config");
+        assert_eq!(
+            config["rootfs"]["diff_ids"].as_array().map(|a| a.len()),
+            Some(3),
+            "{config}"
+        );
+        let raw = run_ok(
+            std::process::Command::new("skopeo")
+                .args(["inspect", "--raw"])
+                .arg(format!("docker-archive:{}", archive.display())),
+        );
+        let manifest: serde_json::Value = serde_json::from_str(&raw).expect("manifest");
+        assert_eq!(
+            manifest["config"]["digest"],
+            format!("sha256:{}", f.app1),
+            "{raw}"
+        );
+    }
 
     // Loaded back after the apps and the lib are gone: the same images.
     let before_rm = d.images();
