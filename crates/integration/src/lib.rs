@@ -11,6 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// registries.toml listing `hosts` as insecure.
+pub fn insecure_registries(hosts: &[&str]) -> String {
+    hosts
+        .iter()
+        .map(|h| format!("[[registry]]\nlocation = \"{h}\"\ninsecure = true\n"))
+        .collect()
+}
+
 /// Root-only tests skip outside CI (saying so) and fail in CI.
 pub fn require_root() -> bool {
     if rustix::process::geteuid().is_root() {
@@ -93,6 +101,31 @@ impl Daemon {
     }
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A daemon that may talk plain HTTP (or unverified TLS) to `hosts`, logging at debug.
+    pub fn for_registries(hosts: &[&str]) -> Daemon {
+        Self::start_configured(
+            &[("registries.toml", &insecure_registries(hosts))],
+            &["--log-level", "debug"],
+            &[],
+        )
+    }
+
+    /// Stops the daemon cleanly and requires `--check-store` to find nothing wrong.
+    pub fn stop_and_check_store(&mut self) {
+        assert_eq!(self.stop(), Some(0), "the daemon did not stop cleanly");
+        let check = self
+            .command()
+            .arg("--check-store")
+            .output()
+            .expect("check-store");
+        assert!(
+            check.status.success(),
+            "--check-store: {}\n{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
     }
 
     /// A daemon on fresh temp roots.

@@ -262,7 +262,7 @@ fn the_cache_survives_restarts_kills_and_image_removal() {
     let (again, out) = build(&d, &ctx, &[]);
     assert_eq!(again, second);
     assert_eq!(cached_steps(&out).len(), 2, "{out}");
-    stop_and_check_store(&mut d);
+    d.stop_and_check_store();
 }
 
 #[test]
@@ -286,22 +286,6 @@ fn a_small_cap_evicts_and_a_disabled_cache_records_nothing() {
     let (_, out) = build(&off, &ctx, &[]);
     assert!(cached_steps(&out).is_empty(), "{out}");
     assert!(cache_snapshots(&off.data()).is_empty());
-}
-
-/// Stops the daemon cleanly and requires `--check-store` to find nothing wrong.
-fn stop_and_check_store(d: &mut Daemon) {
-    assert_eq!(d.stop(), Some(0));
-    let check = d
-        .command()
-        .arg("--check-store")
-        .output()
-        .expect("check-store");
-    assert!(
-        check.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
 }
 
 fn cache_snapshots(data: &Path) -> Vec<String> {
@@ -405,7 +389,7 @@ fn builder_du_shows_and_prune_frees_the_cache() {
     save(&d, &kept, "kept.tar");
     let (_, out) = build(&d, &ctx, &[]);
     assert!(cached_steps(&out).is_empty(), "{out}");
-    stop_and_check_store(&mut d);
+    d.stop_and_check_store();
 }
 
 #[test]

@@ -11,18 +11,6 @@ fn ready() -> bool {
     require_root() && require_tool("docker-registry") && require_tool("skopeo")
 }
 
-fn daemon_for(hosts: &[&str]) -> Daemon {
-    let conf: String = hosts
-        .iter()
-        .map(|h| format!("[[registry]]\nlocation = \"{h}\"\ninsecure = true\n"))
-        .collect();
-    Daemon::start_configured(
-        &[("registries.toml", &conf)],
-        &["--log-level", "debug"],
-        &[],
-    )
-}
-
 const STATIC: &str = "--build-static=build-time=2024-01-02 03:04:05";
 
 fn dockerfile(base: &str) -> String {
@@ -85,7 +73,7 @@ fn a_second_daemon_reuses_the_cache_through_a_registry() {
     let host = reg.host();
     let base = format!("{host}/base:1");
     let cache = format!("{host}/cache:1");
-    let d1 = daemon_for(&[&host]);
+    let d1 = Daemon::for_registries(&[&host]);
     d1.import_busybox(&base, &[]);
     d1.ok(&["ctr-img", "push", &base]);
     let ctx1 = context(&d1, "ctx", &base);
@@ -99,7 +87,7 @@ fn a_second_daemon_reuses_the_cache_through_a_registry() {
 
     // An empty store: every step hits, the image is the same, and no step's snapshot is
     // downloaded (both stages are reused whole).
-    let d2 = daemon_for(&[&host]);
+    let d2 = Daemon::for_registries(&[&host]);
     let ctx2 = context(&d2, "ctx", &base);
     let (id, out) = build(
         &d2,
@@ -134,7 +122,7 @@ fn a_second_daemon_reuses_the_cache_through_a_registry() {
     // A change in a later step's input: the steps before it come from the registry (their
     // snapshots fetched now, whiteouts included), and the image is the one a build
     // without any cache makes.
-    let d3 = daemon_for(&[&host]);
+    let d3 = Daemon::for_registries(&[&host]);
     let ctx3 = context(&d3, "ctx", &base);
     std::fs::write(ctx3.join("dir/x"), "changed").expect("x");
     let (partial, out) = build(&d3, &ctx3, &["--cache-from", &cache]);
@@ -160,7 +148,7 @@ fn a_cache_that_cannot_be_read_never_fails_the_build() {
     }
     let reg = Registry::start(RegistryOptions::default());
     let host = reg.host();
-    let d = daemon_for(&[&host, "127.0.0.1:1"]);
+    let d = Daemon::for_registries(&[&host, "127.0.0.1:1"]);
     let base = format!("{host}/base:1");
     d.import_busybox(&base, &[]);
     d.ok(&["ctr-img", "push", &base]);
@@ -270,7 +258,7 @@ fn a_cache_source_that_fails_half_way_costs_time_not_the_build() {
     let proxy = FaultProxy::start(reg.port, reg.pid_handle());
     let host = proxy.host();
     let start = || {
-        let d = daemon_for(&[&host]);
+        let d = Daemon::for_registries(&[&host]);
         d.load_fixed_busybox("base:1");
         d
     };
@@ -319,7 +307,7 @@ fn a_stage_record_whose_config_lists_other_layers_is_not_used() {
     let reg = Registry::start(RegistryOptions::default());
     let host = reg.host();
     let start = || {
-        let d = daemon_for(&[&host]);
+        let d = Daemon::for_registries(&[&host]);
         d.load_fixed_busybox("base:1");
         d
     };

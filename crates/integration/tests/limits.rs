@@ -123,18 +123,7 @@ fn a_full_data_root_fails_cleanly_and_the_next_operation_works() {
         "{err}"
     );
     // Nothing half-done is left, the store checks out, and a small import works.
-    d.stop();
-    let check = Command::new(bin("isula-builder"))
-        .arg("--dataroot")
-        .arg(d.data())
-        .arg("--runroot")
-        .arg(d.run_root())
-        .arg("--config-dir")
-        .arg(d.etc())
-        .arg("--check-store")
-        .output()
-        .expect("check");
-    assert!(check.status.success(), "{check:?}");
+    d.stop_and_check_store();
     d.restart();
     let small = work.path().join("small.tar");
     std::fs::write(&small, busybox_rootfs(&[])).expect("small");

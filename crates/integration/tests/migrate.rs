@@ -106,17 +106,7 @@ fn an_isula_build_0_9_store_comes_across_on_first_start() {
         return;
     }
     let reg = Registry::start(RegistryOptions::default());
-    let mut d = Daemon::start_configured(
-        &[(
-            "registries.toml",
-            &format!(
-                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
-                reg.host()
-            ),
-        )],
-        &[],
-        &[],
-    );
+    let mut d = Daemon::for_registries(&[&reg.host()]);
     d.stop();
     let work = tempfile::tempdir().expect("tmp");
     let b = Buildah {
@@ -206,22 +196,7 @@ fn an_isula_build_0_9_store_comes_across_on_first_start() {
     assert!(!listing.contains("broken"), "{listing}");
     assert_eq!(d.images().len(), 4, "{listing}");
     // Every image is whole: the store check verifies every blob and layer.
-    d.stop();
-    let check = Command::new(bin("isula-builder"))
-        .arg("--dataroot")
-        .arg(d.data())
-        .arg("--runroot")
-        .arg(d.run_root())
-        .arg("--config-dir")
-        .arg(d.etc())
-        .arg("--check-store")
-        .output()
-        .expect("check");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    d.stop_and_check_store();
     d.restart();
     // The old store is as it was.
     assert_eq!(tree(&b.root), before, "the old store changed");

@@ -10,20 +10,6 @@ fn ready() -> bool {
     require_root() && require_tool("docker-registry") && require_tool("skopeo")
 }
 
-fn insecure(host: &str) -> String {
-    format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n")
-}
-
-/// A daemon that may talk plain HTTP to `hosts`, logging at debug level.
-fn daemon_for(hosts: &[&str]) -> Daemon {
-    let conf: String = hosts.iter().map(|h| insecure(h)).collect();
-    Daemon::start_configured(
-        &[("registries.toml", &conf)],
-        &["--log-level", "debug"],
-        &[],
-    )
-}
-
 fn id_of(d: &Daemon, name: &str) -> Option<String> {
     let (repo, tag) = name.rsplit_once(':').expect("name:tag");
     d.images()
@@ -35,7 +21,7 @@ fn id_of(d: &Daemon, name: &str) -> Option<String> {
 /// A registry holding `REPO:1` (busybox), and a daemon for it with an empty store.
 fn seeded(repo: &str) -> (Registry, Daemon, String) {
     let reg = Registry::start(RegistryOptions::default());
-    let d = daemon_for(&[&reg.host()]);
+    let d = Daemon::for_registries(&[&reg.host()]);
     let base = format!("{}/{repo}:1", reg.host());
     d.import_busybox(&base, &[]);
     d.ok(&["ctr-img", "push", &base]);
@@ -64,7 +50,7 @@ fn push_pull_round_trip_by_tag_and_digest() {
     }
     let reg = Registry::start(RegistryOptions::default());
     let host = reg.host();
-    let d = daemon_for(&[&host]);
+    let d = Daemon::for_registries(&[&host]);
     let name = format!("{host}/busybox:1");
     let id = d.import_busybox(&name, &[]);
     let out = d.ok(&["ctr-img", "push", &name]);
@@ -249,7 +235,7 @@ fn missing_images_and_blocked_registries_fail_clearly() {
     let host = reg.host();
     let conf = format!(
         "{}[[registry]]\nlocation = \"blocked.example\"\nblocked = true\n",
-        insecure(&host)
+        insecure_registries(&[&host])
     );
     let policy = "{\"default\":[{\"type\":\"insecureAcceptAnything\"}],\"transports\":{\"docker\":{\"127.0.0.1:1/rejected\":[{\"type\":\"reject\"}],\"127.0.0.1:1/signed\":[{\"type\":\"signedBy\",\"keyType\":\"GPGKeys\",\"keyPath\":\"/etc/pki/k.gpg\"}]}}}";
     let d = Daemon::start_configured(
@@ -378,7 +364,7 @@ fn bearer_token_flow() {
         ..Default::default()
     });
     let host = reg.host();
-    let d = daemon_for(&[&host]);
+    let d = Daemon::for_registries(&[&host]);
     let name = format!("{host}/tok/busybox:1");
     let id = d.import_busybox(&name, &[]);
     let err = d.fails(&["ctr-img", "push", &name]);
@@ -406,7 +392,7 @@ fn faults_leave_the_store_unchanged_and_the_next_try_works() {
     let mut reg = Registry::start(RegistryOptions::default());
     let proxy = FaultProxy::start(reg.port, reg.pid_handle());
     let phost = proxy.host();
-    let d = daemon_for(&[&phost]);
+    let d = Daemon::for_registries(&[&phost]);
     // A layer big enough that half of it is a real interruption.
     let rootfs = d.dir.path().join("big.tar");
     std::fs::write(&rootfs, big_rootfs(8)).expect("big rootfs");
@@ -514,7 +500,7 @@ fn manifest_lists_create_annotate_inspect_push() {
     assert!(err.contains("--experimental"), "{err}");
 
     let d = Daemon::start_configured(
-        &[("registries.toml", &insecure(&host))],
+        &[("registries.toml", &insecure_registries(&[&host]))],
         &["--experimental"],
         &[],
     );
@@ -618,7 +604,7 @@ fn search_registries_mirrors_and_rewriting() {
     let primary = Registry::start(RegistryOptions::default());
     let (m, p) = (mirror.host(), primary.host());
     // Put an image in the mirror only.
-    let seed = daemon_for(&[&m]);
+    let seed = Daemon::for_registries(&[&m]);
     let id = seed.import_busybox(&format!("{m}/team/busybox:1"), &[]);
     seed.ok(&["ctr-img", "push", &format!("{m}/team/busybox:1")]);
     let conf = format!(
@@ -668,7 +654,7 @@ fn credentials_are_not_sent_across_a_redirect_to_another_host() {
     });
     let proxy = FaultProxy::start(reg.port, reg.pid_handle());
     let phost = proxy.host();
-    let d = daemon_for(&[&phost]);
+    let d = Daemon::for_registries(&[&phost]);
     let o = d.login(&phost, "tester", "Redirect-Pass-3");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let name = format!("{phost}/redir:1");
@@ -749,7 +735,7 @@ fn uploads_fall_back_to_patch_when_a_single_put_is_refused() {
     let reg = Registry::start(RegistryOptions::default());
     let proxy = FaultProxy::start(reg.port, reg.pid_handle());
     let phost = proxy.host();
-    let d = daemon_for(&[&phost]);
+    let d = Daemon::for_registries(&[&phost]);
     let name = format!("{phost}/chunked:1");
     let id = d.import_busybox(&name, &[]);
     proxy.set(Fault::RefuseMonolithic);
@@ -807,7 +793,7 @@ fn interactive_login_prompts_and_does_not_echo_the_password() {
         ..Default::default()
     });
     let host = reg.host();
-    let d = daemon_for(&[&host]);
+    let d = Daemon::for_registries(&[&host]);
     // Nothing stored: the client asks for both, and the password is not echoed.
     let out = on_tty(&d, &format!("login {host}"), "tty-user\nTyped-Secret-42\n");
     assert!(
@@ -911,7 +897,7 @@ fn server_errors_are_retried() {
     let reg = Registry::start(RegistryOptions::default());
     let proxy = FaultProxy::start(reg.port, reg.pid_handle());
     let phost = proxy.host();
-    let d = daemon_for(&[&phost]);
+    let d = Daemon::for_registries(&[&phost]);
     let name = format!("{phost}/flaky:1");
     let id = d.import_busybox(&name, &[]);
     d.ok(&["ctr-img", "push", &name]);
