@@ -27,6 +27,20 @@ fn mounts_under(dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// The sockets the daemon has open (its listener and one per client connection).
+fn daemon_sockets(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Kills the daemon once `ready` holds (the operation is under way), then restarts it.
 fn kill_during(d: &mut Daemon, args: &[&str], what: &str, ready: impl FnMut() -> bool) {
     let mut client: Child = d
@@ -62,22 +76,8 @@ fn assert_recovered(d: &mut Daemon, what: &str) {
         listing(&d.data().join("ingest")).is_empty(),
         "{what}: ingest left"
     );
-    d.stop();
-    let check = Command::new(bin("isula-builder"))
-        .arg("--dataroot")
-        .arg(d.data())
-        .arg("--runroot")
-        .arg(d.run_root())
-        .arg("--config-dir")
-        .arg(d.etc())
-        .arg("--check-store")
-        .output()
-        .expect("check");
-    assert!(
-        check.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    eprintln!("{what}: recovered; checking the store");
+    d.stop_and_check_store();
     d.restart();
 }
 
@@ -87,17 +87,7 @@ fn sigkill_during_run_copy_import_pull_push_rm_and_tag() {
         return;
     }
     let reg = Registry::start(RegistryOptions::default());
-    let mut d = Daemon::start_configured(
-        &[(
-            "registries.toml",
-            &format!(
-                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
-                reg.host()
-            ),
-        )],
-        &[],
-        &[],
-    );
+    let mut d = Daemon::for_registries(&[&reg.host()]);
     d.load_fixed_busybox("busybox:latest");
     let work = tempfile::tempdir().expect("tmp");
     let ctx = work.path().join("ctx");
@@ -218,18 +208,24 @@ fn sigkill_during_run_copy_import_pull_push_rm_and_tag() {
     assert_recovered(&mut d, "pull");
     d.ok(&["ctr-img", "pull", &remote]);
 
-    // rm and tag are quick: killed right after they are sent, whichever way it lands.
+    // rm and tag are quick: killed as soon as the client's connection is in the daemon,
+    // whichever way it lands (before, during or after the metadata write).
     for (args, what) in [
         (vec!["ctr-img", "tag", "ran:1", "ran:2"], "tag"),
         (vec!["ctr-img", "rm", "copied:1"], "rm"),
     ] {
+        let connections = daemon_sockets(&d);
         let mut client = d
             .cli_command(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("client");
-        std::thread::sleep(Duration::from_millis(30));
+        wait_until(
+            "the client's connection to reach the daemon",
+            Duration::from_secs(20),
+            || daemon_sockets(&d) > connections || client.try_wait().is_ok_and(|s| s.is_some()),
+        );
         d.kill();
         let _ = client.wait();
         d.restart();
@@ -267,17 +263,7 @@ fn a_blob_corrupted_on_disk_is_caught_when_next_used() {
         return;
     }
     let reg = Registry::start(RegistryOptions::default());
-    let d = Daemon::start_configured(
-        &[(
-            "registries.toml",
-            &format!(
-                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
-                reg.host()
-            ),
-        )],
-        &[],
-        &[],
-    );
+    let d = Daemon::for_registries(&[&reg.host()]);
     let id = d.import_busybox("victim:1", &[]);
     d.wait_compressed();
     let meta: serde_json::Value = serde_json::from_str(
@@ -339,17 +325,7 @@ fn killing_the_client_cancels_load_save_pull_and_push() {
         return;
     }
     let reg = Registry::start(RegistryOptions::default());
-    let d = Daemon::start_configured(
-        &[(
-            "registries.toml",
-            &format!(
-                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
-                reg.host()
-            ),
-        )],
-        &[],
-        &[],
-    );
+    let d = Daemon::for_registries(&[&reg.host()]);
     let work = tempfile::tempdir().expect("tmp");
     let rootfs = work.path().join("big.tar");
     std::fs::write(&rootfs, big_rootfs(300)).expect("rootfs");
@@ -491,17 +467,7 @@ fn sigkill_during_a_cache_export_leaves_no_partial_cache() {
         return;
     }
     let reg = Registry::start(RegistryOptions::default());
-    let mut d = Daemon::start_configured(
-        &[(
-            "registries.toml",
-            &format!(
-                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
-                reg.host()
-            ),
-        )],
-        &[],
-        &[],
-    );
+    let mut d = Daemon::for_registries(&[&reg.host()]);
     d.load_fixed_busybox("busybox:latest");
     let work = tempfile::tempdir().expect("tmp");
     let ctx = work.path().join("ctx");
