@@ -519,3 +519,111 @@ fn sigkill_during_a_cache_export_leaves_no_partial_cache() {
     ]);
     assert!(out.contains("Build cache exported to"), "{out}");
 }
+
+/// A SIGKILL at every step of a stage commit (failpoints pause a debug daemon at exactly
+/// that step; see `isula_store::failpoint`), and once while the layer streams into the
+/// store: the restart cleans up, the store checks out, no half-made image has the name,
+/// and the same build then works and gives a sound image.
+#[test]
+fn sigkill_at_every_step_of_a_stage_commit() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let mut d = Daemon::start_with(&["--log-level", "debug"]);
+    d.load_fixed_busybox("busybox:latest");
+    let work = tempfile::tempdir().expect("tmp");
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    std::fs::write(ctx.join("data.txt"), "copied\n").expect("data");
+    let build = |d: &Daemon, round: &str| {
+        d.cli_command(&[
+            "ctr-img",
+            "build",
+            "-t",
+            "committed:1",
+            ctx.to_str().expect("ctx"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(|c| (c, round.to_string()))
+        .expect("client")
+    };
+    let points = [
+        "mid-write",
+        "step.snapshot-adopted",
+        "commit.squashed",
+        "commit.layer-written",
+        "commit.layer-committed",
+        "commit.recorded",
+        "commit.image-blobs-written",
+    ];
+    for point in points {
+        // A Dockerfile of its own per round, so that every round commits afresh.
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            format!(
+                "FROM busybox\nCOPY data.txt /data.txt\n\
+                 RUN dd if=/dev/zero of=/big bs=1M count=200 2>/dev/null && echo {point} > /round\n"
+            ),
+        )
+        .expect("df");
+        let ingest = d.data().join("ingest");
+        let runc_root = d.run_root().join("runc");
+        let (mut client, _) = if point == "mid-write" {
+            let c = build(&d, point);
+            // The RUN is over and its layer streams into the ingest area.
+            let mut ran = false;
+            wait_until("the layer to stream in", Duration::from_secs(120), || {
+                ran |= !runc_containers(&runc_root).is_empty();
+                ran && runc_containers(&runc_root).is_empty() && !listing(&ingest).is_empty()
+            });
+            c
+        } else {
+            d.stop();
+            d.set_env("ISULA_FAILPOINT", Some(point));
+            d.restart();
+            let reached = format!("failpoint {point} reached");
+            let before = d.log().matches(&reached).count();
+            let c = build(&d, point);
+            wait_until(&reached, Duration::from_secs(120), || {
+                d.log().matches(&reached).count() > before
+            });
+            c
+        };
+        d.kill();
+        let _ = client.wait();
+        d.set_env("ISULA_FAILPOINT", None);
+        d.restart();
+        assert_recovered(&mut d, point);
+        assert!(
+            !d.images().iter().any(|(r, _, _)| r == "committed"),
+            "{point}: a build killed before its image was stored left the name"
+        );
+        // The same build (whatever the dead one recorded in the cache) gives a sound image.
+        d.ok(&[
+            "ctr-img",
+            "build",
+            "-t",
+            "committed:1",
+            ctx.to_str().expect("ctx"),
+        ]);
+        std::fs::write(
+            work.path().join("Dockerfile.check"),
+            format!(
+                "FROM committed:1\nRUN test \"$(cat /round)\" = {point} && test \"$(cat /data.txt)\" = copied \
+                 && test \"$(wc -c < /big)\" = 209715200\n"
+            ),
+        )
+        .expect("df");
+        d.ok(&[
+            "ctr-img",
+            "build",
+            "-f",
+            work.path().join("Dockerfile.check").to_str().expect("utf8"),
+            ctx.to_str().expect("ctx"),
+        ]);
+        d.ok(&["ctr-img", "rm", "committed:1"]);
+    }
+    d.stop_and_check_store();
+}

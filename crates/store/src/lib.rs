@@ -26,6 +26,7 @@ pub mod compression;
 pub mod content;
 pub mod diff;
 pub mod error;
+pub mod failpoint;
 pub mod metadata;
 pub mod pgzip;
 pub mod squash;

@@ -86,6 +86,7 @@ impl StageRun<'_, '_> {
             let staged = store.squash(&stack, guard.as_ref().map(|_| view.as_path()))?;
             tracing::debug!(elapsed = ?t.elapsed(), snapshots = stack.len(), "stage squashed");
             drop(guard);
+            isula_store::failpoint::hit("commit.squashed");
             Some(staged)
         };
         let empty = upper.as_ref().is_none_or(|u| {
@@ -110,12 +111,14 @@ impl StageRun<'_, '_> {
                 isula_store::StoreError::io("write", upper.diff_dir(), e.into_error())
             })?;
             let (blob, size) = self.lease.commit_blob(writer, None)?;
+            isula_store::failpoint::hit("commit.layer-written");
             tracing::debug!(elapsed = ?t.elapsed(), size, "stage layer written");
             // Its gzip form, for pushing, is made in the background.
             store.queue_compression(&blob);
             let diff = DiffId(blob.clone());
             let chain = ChainId::next(layers.last().map(|l| &l.chain_id), &diff);
             store.commit_layer(upper, &chain, self.lease)?;
+            isula_store::failpoint::hit("commit.layer-committed");
             new_layer_size = size;
             layers.push(LayerRecord {
                 parent: layers.last().map(|l| l.chain_id.clone()),
@@ -155,6 +158,7 @@ impl StageRun<'_, '_> {
                 ..Record::new(&self.key, &format!("stage {} result", self.index))
             };
             store.cache().put(&key, record)?;
+            isula_store::failpoint::hit("commit.recorded");
             self.cache_keys.push(key.clone());
         }
         Ok(StageResult {
@@ -232,6 +236,7 @@ pub fn commit_image(
     (ctx.log)(format!("Copying config {}\n", id.digest()));
     (ctx.log)("Writing manifest to image destination\n".into());
     (ctx.log)("Storing signatures\n".into());
+    isula_store::failpoint::hit("commit.image-blobs-written");
     store.add_image(NewImage {
         id: id.clone(),
         manifest: manifest_digest,

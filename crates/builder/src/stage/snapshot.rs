@@ -116,6 +116,7 @@ impl StageRun<'_, '_> {
             let (id, size) = store.adopt_snapshot(upper, self.lease)?;
             (Some(id), size)
         };
+        isula_store::failpoint::hit("step.snapshot-adopted");
         let record = Record {
             snapshot: snapshot.clone(),
             size,

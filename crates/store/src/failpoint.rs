@@ -1,0 +1,23 @@
+//! Named pause points for crash tests: a debug build whose `ISULA_FAILPOINT` environment
+//! variable names a point stops there for good, after logging `failpoint NAME reached`, so
+//! that a test can SIGKILL the daemon at exactly that step of a multi-step write (a stage
+//! commit, say) instead of racing a timer. Release builds compile every point to nothing
+//! and never read the variable.
+
+/// Pauses this thread forever when `ISULA_FAILPOINT` names `name` (debug builds only).
+#[inline]
+pub fn hit(name: &str) {
+    #[cfg(debug_assertions)]
+    {
+        static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let armed = ARMED.get_or_init(|| std::env::var("ISULA_FAILPOINT").ok());
+        if armed.as_deref() == Some(name) {
+            tracing::warn!("failpoint {name} reached: pausing until killed");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}
