@@ -72,7 +72,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 12] = [
+const CONFIGURATION_KEYS: [&str; 13] = [
     "debug",
     "loglevel",
     "group",
@@ -85,6 +85,7 @@ const CONFIGURATION_KEYS: [&str; 12] = [
     "max_layer_size",
     "max_layer_entries",
     "min_free_space",
+    "registry_stall_timeout",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +108,8 @@ struct ConfigurationFile {
     max_layer_entries: Option<u64>,
     /// Ours: what must stay free on the data root's file system ("256MB").
     min_free_space: Option<String>,
+    /// Ours: how long a registry transfer may make no progress before it fails ("60s").
+    registry_stall_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,6 +157,8 @@ pub struct Settings {
     pub build_cache_max: Option<u64>,
     /// What one unpack may take (`max_layer_size`, `max_layer_entries`, `min_free_space`).
     pub unpack_limits: isula_store::apply::Limits,
+    /// How long a registry transfer may stall (`registry_stall_timeout`).
+    pub registry_stall_timeout: std::time::Duration,
     pub storage_driver: String,
     pub mount_options: Vec<String>,
     pub registries: Registries,
@@ -331,6 +336,25 @@ impl Settings {
             min_free: size_key("min_free_space", &conf.min_free_space)?
                 .unwrap_or(defaults.min_free),
         };
+        let registry_stall_timeout = match conf.registry_stall_timeout.as_deref() {
+            None => isula_registry::client::STALL_TIMEOUT,
+            Some(text) => {
+                let d = isula_types::parse_go_duration(text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "config file {}: registry_stall_timeout: {e}",
+                        conf_path.display()
+                    )
+                })?;
+                if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(3600)
+                {
+                    anyhow::bail!(
+                        "config file {}: registry_stall_timeout: {text:?} is out of range [1s, 1h]",
+                        conf_path.display()
+                    );
+                }
+                d
+            }
+        };
         let storage_path = dir.join("storage.toml");
         let storage: StorageFile = match read_config_file(&storage_path)? {
             Some(t) => {
@@ -443,6 +467,7 @@ impl Settings {
             build_cache: conf.build_cache.unwrap_or(true),
             build_cache_max,
             unpack_limits,
+            registry_stall_timeout,
             storage_driver: driver,
             mount_options,
             registries,
@@ -499,6 +524,18 @@ mod tests {
         assert!(s.policy.is_some());
         assert!(s.build_cache);
         assert_eq!(s.build_cache_max, None);
+        assert_eq!(
+            s.registry_stall_timeout,
+            isula_registry::client::STALL_TIMEOUT
+        );
+        write(
+            d.path(),
+            "configuration.toml",
+            "registry_stall_timeout = \"1m30s\"\n",
+            0o600,
+        );
+        let s = Settings::load(&flags(d.path(), &[])).expect("stall timeout set");
+        assert_eq!(s.registry_stall_timeout, std::time::Duration::from_secs(90));
     }
 
     #[test]
@@ -600,8 +637,20 @@ mod tests {
 
     #[test]
     fn refuses_bad_files() {
-        let cases: [(&str, &str, u32, &str); 8] = [
+        let cases: [(&str, &str, u32, &str); 10] = [
             ("configuration.toml", "debug = ", 0o600, "malformed"),
+            (
+                "configuration.toml",
+                "registry_stall_timeout = \"soon\"",
+                0o600,
+                "registry_stall_timeout: time: invalid duration",
+            ),
+            (
+                "configuration.toml",
+                "registry_stall_timeout = \"100ms\"",
+                0o600,
+                "out of range [1s, 1h]",
+            ),
             (
                 "configuration.toml",
                 "build_cache_max_size = \"lots\"",

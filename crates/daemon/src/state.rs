@@ -60,6 +60,7 @@ impl State {
             policy: settings.policy.clone(),
             certs_dir: settings.config_dir.join("certs.d"),
             auth: isula_registry::AuthFile::new(settings.config_dir.join("auth.json")),
+            stall_timeout: settings.registry_stall_timeout,
         };
         let lists =
             isula_registry::manifest_list::Lists::new(settings.data_root.join("manifest-lists"));

@@ -185,37 +185,9 @@ fn name_values(node: &Node, escape: char) -> Result<Vec<(String, String)>, Parse
 
 /// Go-style durations for HEALTHCHECK flags (`30s`, `1m30s`, `500ms`), in nanoseconds.
 pub fn parse_duration(s: &str) -> Option<i64> {
-    if s == "0" {
-        return Some(0);
-    }
-    let mut total: f64 = 0.0;
-    let mut rest = s;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        if num_len == 0 {
-            return None;
-        }
-        let n: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        total += n * mult;
-        rest = &rest[unit_len..];
-    }
-    Some(total as i64)
+    isula_types::parse_go_duration(s)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_nanos()).ok())
 }
 
 struct Flags<'a> {

@@ -639,7 +639,12 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 /// A busybox rootfs tarball with `mb` megabytes of incompressible data at `data/big.bin`
 /// (long enough to interrupt an operation in the middle).
 pub fn big_rootfs(mb: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    busybox_rootfs(&[("data/big.bin", &noise(mb, 0x9e37_79b9_7f4a_7c15))])
+}
+
+/// `mb` megabytes of incompressible bytes, different for each `seed` (not 0).
+pub fn noise(mb: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
     let mut data = vec![0u8; mb << 20];
     for chunk in data.chunks_mut(8) {
         state ^= state << 13;
@@ -647,7 +652,7 @@ pub fn big_rootfs(mb: usize) -> Vec<u8> {
         state ^= state << 17;
         chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
     }
-    busybox_rootfs(&[("data/big.bin", &data)])
+    data
 }
 
 /// A tar of regular files (`name`, content), mode 0644, owned by root.

@@ -430,6 +430,30 @@ pub enum Fault {
     ServerErrors(u32),
     /// Pass this many blob GETs, then answer every later one with 503.
     FailBlobGetsAfter(u32),
+    /// Reset (RST) the connection half-way through this many blob uploads, then pass.
+    ResetUploads(u32),
+    /// Stop reading half-way through this many blob uploads, holding the connection open
+    /// for 10 minutes (a registry that hangs), then pass.
+    StallUploads(u32),
+    /// Send half of this many blob GET answers, then hang (as above), then pass.
+    StallBlobGets(u32),
+}
+
+/// How long a stalled connection is held open.
+const STALL_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Takes one use of a counted fault: true when this request gets it.
+fn take_one(fault: &Mutex<Fault>, which: fn(Fault) -> Option<u32>, make: fn(u32) -> Fault) -> bool {
+    let Ok(mut f) = fault.lock() else {
+        return false;
+    };
+    match which(*f) {
+        Some(n) if n > 0 => {
+            *f = if n > 1 { make(n - 1) } else { Fault::None };
+            true
+        }
+        _ => false,
+    }
 }
 
 /// A one-request-per-connection HTTP proxy in front of a registry.
@@ -550,6 +574,39 @@ fn proxy_one(
         )?;
         return Ok(());
     }
+    if upload
+        && take_one(
+            fault,
+            |f| match f {
+                Fault::ResetUploads(n) => Some(n),
+                _ => None,
+            },
+            Fault::ResetUploads,
+        )
+    {
+        let mut half = vec![0u8; (len / 2) as usize];
+        cr.read_exact(&mut half)?;
+        up.write_all(&half)?;
+        // A zero linger time makes close send RST instead of FIN.
+        rustix::net::sockopt::set_socket_linger(&cw, Some(std::time::Duration::ZERO))?;
+        return Ok(());
+    }
+    if upload
+        && take_one(
+            fault,
+            |f| match f {
+                Fault::StallUploads(n) => Some(n),
+                _ => None,
+            },
+            Fault::StallUploads,
+        )
+    {
+        let mut some = vec![0u8; (len / 4) as usize];
+        cr.read_exact(&mut some)?;
+        up.write_all(&some)?;
+        std::thread::sleep(STALL_HOLD);
+        return Ok(());
+    }
     if upload && current == Fault::KillDuringUpload {
         let mut half = vec![0u8; (len / 2) as usize];
         cr.read_exact(&mut half)?;
@@ -569,6 +626,23 @@ fn proxy_one(
         .position(|w| w == b"\r\n\r\n")
         .map(|p| p + 4)
         .unwrap_or(resp.len());
+    if blob_get
+        && body_at < resp.len()
+        && take_one(
+            fault,
+            |f| match f {
+                Fault::StallBlobGets(n) => Some(n),
+                _ => None,
+            },
+            Fault::StallBlobGets,
+        )
+    {
+        let half = body_at + (resp.len() - body_at) / 2;
+        cw.write_all(&resp[..half])?;
+        cw.flush()?;
+        std::thread::sleep(STALL_HOLD);
+        return Ok(());
+    }
     if blob_get && body_at < resp.len() {
         match current {
             Fault::CorruptBlobs => {

@@ -317,6 +317,30 @@ fn daemon_has_open_under(d: &Daemon, dir: &std::path::Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Starts the client with `args`, kills it once `ready` holds, and waits until the daemon
+/// has cancelled the operation and cleaned up its ingest and temp files; the daemon then
+/// answers the next call.
+fn kill_client_when(d: &Daemon, args: &[&str], what: &str, ready: &dyn Fn() -> bool) {
+    let cancelled = || d.log().matches("cancelled").count();
+    let before = cancelled();
+    let mut client = d
+        .cli_command(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    wait_until(what, Duration::from_secs(60), ready);
+    client.kill().expect("kill client");
+    let _ = client.wait();
+    wait_until("the daemon to cancel", Duration::from_secs(20), || {
+        cancelled() > before
+    });
+    wait_until("the daemon to clean up", Duration::from_secs(20), || {
+        listing(&d.data().join("ingest")).is_empty() && listing(&d.data().join("tmp")).is_empty()
+    });
+    d.ok(&["ctr-img", "images"]);
+}
+
 /// A client killed mid-stream cancels its operation: nothing half-done stays, and the
 /// daemon answers the next call.
 #[test]
@@ -340,25 +364,8 @@ fn killing_the_client_cancels_load_save_pull_and_push() {
         archive.to_str().expect("utf8"),
     ]);
     let ingest = d.data().join("ingest");
-    let cancelled = || d.log().matches("operation cancelled").count();
     let kill_when = |args: &[&str], what: &str, ready: &dyn Fn() -> bool| {
-        let before = cancelled();
-        let mut client = d
-            .cli_command(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("client");
-        wait_until(what, Duration::from_secs(60), ready);
-        client.kill().expect("kill client");
-        let _ = client.wait();
-        wait_until("the daemon to cancel", Duration::from_secs(20), || {
-            cancelled() > before
-        });
-        wait_until("the daemon to clean up", Duration::from_secs(20), || {
-            listing(&ingest).is_empty() && listing(&d.data().join("tmp")).is_empty()
-        });
-        d.ok(&["ctr-img", "images"]);
+        kill_client_when(&d, args, what, ready)
     };
 
     // Save: the archive has no name until it is complete.
@@ -626,4 +633,81 @@ fn sigkill_at_every_step_of_a_stage_commit() {
         d.ok(&["ctr-img", "rm", "committed:1"]);
     }
     d.stop_and_check_store();
+}
+
+/// A client killed while its build pushes the result (`-o docker://`), and while a
+/// manifest list goes up: the push stops, the registry never gets the tag, and the same
+/// push then works.
+#[test]
+fn killing_the_client_cancels_a_build_output_push_and_a_manifest_push() {
+    if !require_root()
+        || !require_tool("runc")
+        || !require_tool("docker-registry")
+        || !require_tool("skopeo")
+    {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let d = Daemon::start_configured(
+        &[("registries.toml", &insecure_registries(&[&reg.host()]))],
+        &["--experimental", "--log-level", "debug"],
+        &[],
+    );
+    let work = tempfile::tempdir().expect("tmp");
+    let rootfs = work.path().join("big.tar");
+    std::fs::write(&rootfs, big_rootfs(300)).expect("rootfs");
+    d.ok(&["ctr-img", "import", rootfs.to_str().expect("utf8"), "big:1"]);
+    std::fs::remove_file(&rootfs).expect("rm");
+    d.wait_compressed();
+    let tag_seen = |remote: &str| {
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{remote}"))
+            .output()
+            .expect("skopeo")
+            .status
+            .success()
+    };
+
+    // The build's own layer is small; the base's 300 MB go up first.
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM big:1\nRUN echo built > /built\n",
+    )
+    .expect("df");
+    let built = format!("{}/cancel/built:1", reg.host());
+    let output = format!("docker://{built}");
+    let build_args = [
+        "ctr-img",
+        "build",
+        "-o",
+        output.as_str(),
+        ctx.to_str().expect("ctx"),
+    ];
+    kill_client_when(&d, &build_args, "the build's push to start", &|| {
+        reg.count_requests("POST", "/v2/cancel/built/blobs/uploads/") > 0
+    });
+    assert!(!tag_seen(&built), "a cancelled build push left its tag");
+    assert!(
+        runc_containers(&d.run_root().join("runc")).is_empty()
+            && listing(&d.run_root().join("builds")).is_empty(),
+        "a cancelled build left its container or work"
+    );
+    d.ok(&build_args);
+    assert!(tag_seen(&built));
+
+    // A manifest list over the big image.
+    d.ok(&["manifest", "create", "biglist:1", "big:1"]);
+    let dest = format!("{}/cancel/list:1", reg.host());
+    kill_client_when(
+        &d,
+        &["manifest", "push", "biglist:1", &dest],
+        "the manifest push to start",
+        &|| reg.count_requests("POST", "/v2/cancel/list/blobs/uploads/") > 0,
+    );
+    assert!(!tag_seen(&dest), "a cancelled manifest push left its tag");
+    d.ok(&["manifest", "push", "biglist:1", &dest]);
+    assert!(tag_seen(&dest));
 }

@@ -972,3 +972,98 @@ fn live_progress_on_a_terminal_and_plain_lines_elsewhere() {
     assert!(out.matches(" ---> ").count() >= 2, "{out}");
     assert!(out.contains("Build success with image id: "), "{out}");
 }
+
+/// A registry that resets connections or stops reading or answering in the middle of a
+/// blob: the transfer fails after `registry_stall_timeout` (3 s here) instead of hanging,
+/// is tried again on a new request, and succeeds when the registry recovers; a registry
+/// that keeps stalling fails the push or pull naming the registry and the blob, with
+/// nothing kept, and the next try works.
+#[test]
+fn resets_and_stalls_mid_blob_are_retried_and_a_hung_registry_fails_in_time() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(reg.port, reg.pid_handle());
+    let phost = proxy.host();
+    let d = Daemon::start_configured(
+        &[
+            ("registries.toml", &insecure_registries(&[&phost])),
+            ("configuration.toml", "registry_stall_timeout = \"3s\"\n"),
+        ],
+        &["--log-level", "debug"],
+        &[],
+    );
+    // A layer larger than the socket buffers, so that a registry that stops reading
+    // really stops the upload; each phase its own content and repository (no mounts, no
+    // "already there").
+    let image = |i: u64| {
+        let name = format!("{phost}/stall{i}/big:1");
+        d.import_busybox(&name, &[("data/noise.bin", &noise(64, 0x1234_5678 + i))]);
+        name
+    };
+    let retries = || d.log().matches("upload failed; retrying").count();
+    let names: Vec<String> = (1..=4).map(image).collect();
+    d.wait_compressed();
+
+    // One reset mid-upload: a new upload session, the push succeeds.
+    proxy.set(Fault::ResetUploads(1));
+    let before = retries();
+    d.ok(&["ctr-img", "push", &names[0]]);
+    assert!(retries() > before, "the reset was not retried");
+    skopeo_raw(&format!("docker://{}", names[0]));
+
+    // A registry that stops reading once: the stalled send fails in time, and is retried.
+    proxy.set(Fault::StallUploads(1));
+    let before = retries();
+    d.ok(&["ctr-img", "push", &names[1]]);
+    assert!(retries() > before, "the stall was not retried");
+    skopeo_raw(&format!("docker://{}", names[1]));
+
+    // A registry that keeps stalling: the push fails naming the registry and the blob;
+    // the tag never appears, the store is as it was; the next push works.
+    proxy.set(Fault::StallUploads(100));
+    let store = d.store_snapshot();
+    let err = d.fails(&["ctr-img", "push", &names[2]]);
+    eprintln!("stalled push: {err}");
+    assert!(
+        err.contains(&phost)
+            && err.contains("blob sha256:")
+            && err.contains("stall3/big")
+            && err.contains("no progress for 3s")
+            && !err.contains("_state="),
+        "{err}"
+    );
+    assert_eq!(d.store_snapshot(), store);
+    proxy.set(Fault::None);
+    let seen = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}", names[2]))
+        .output()
+        .expect("skopeo");
+    assert!(!seen.status.success(), "a failed push left its tag");
+    d.ok(&["ctr-img", "push", &names[2]]);
+    d.ok(&["ctr-img", "push", &names[3]]);
+
+    // Pulls: a blob answer that stops half way once is fetched again; one that always
+    // stops fails the pull naming the registry, with nothing kept; the next pull works.
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let empty = d.store_snapshot();
+    proxy.set(Fault::StallBlobGets(1));
+    d.ok(&["ctr-img", "pull", &names[0]]);
+    assert!(id_of(&d, &names[0]).is_some());
+    proxy.set(Fault::StallBlobGets(100));
+    let before = d.store_snapshot();
+    let err = d.fails(&["ctr-img", "pull", &names[1]]);
+    eprintln!("stalled pull: {err}");
+    assert!(
+        err.contains(&phost) && err.contains("no progress for 3s"),
+        "{err}"
+    );
+    assert_eq!(d.store_snapshot(), before);
+    proxy.set(Fault::None);
+    d.ok(&["ctr-img", "pull", &names[1]]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    assert_eq!(d.store_snapshot(), empty);
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+}

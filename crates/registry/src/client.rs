@@ -16,8 +16,11 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// How long a read may stall before the request fails.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a transfer may make no progress before the request fails, unless configured
+/// (`registry_stall_timeout`): a read that waits this long, a send whose data the registry
+/// leaves unacknowledged or unread (TCP_USER_TIMEOUT covers a zero window too), or an answer
+/// that does not come.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts for an idempotent request (the first try included).
 const ATTEMPTS: u32 = 4;
@@ -52,6 +55,8 @@ pub enum Challenge {
 
 pub struct Client {
     http: Http,
+    /// See [`STALL_TIMEOUT`].
+    stall: Duration,
     endpoint: Endpoint,
     creds: Option<Credentials>,
     /// `https` or, for an insecure registry that does not speak TLS, `http`.
@@ -164,13 +169,18 @@ fn read_certs_dir(
 }
 
 impl Client {
-    pub fn new(endpoint: Endpoint, creds: Option<Credentials>, certs_dir: &Path) -> Result<Client> {
+    pub fn new(
+        endpoint: Endpoint,
+        creds: Option<Credentials>,
+        certs_dir: &Path,
+        stall: Duration,
+    ) -> Result<Client> {
         let mut b = Http::builder()
             .user_agent(concat!("isula-build/", env!("CARGO_PKG_VERSION")))
-            .timeout(IDLE_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_keepalive(Duration::from_secs(30))
-            .tcp_user_timeout(IDLE_TIMEOUT)
+            .timeout(stall)
+            .connect_timeout(CONNECT_TIMEOUT.min(stall))
+            .tcp_keepalive(Duration::from_secs(30).min(stall))
+            .tcp_user_timeout(stall)
             .redirect(reqwest::redirect::Policy::limited(10));
         b = read_certs_dir(&certs_dir.join(&endpoint.host), b)?;
         if endpoint.insecure {
@@ -183,6 +193,7 @@ impl Client {
         })?;
         Ok(Client {
             http,
+            stall,
             endpoint,
             creds,
             scheme: Mutex::new(None),
@@ -195,12 +206,43 @@ impl Client {
         &self.endpoint.host
     }
 
+    /// The whole time an upload of `size` bytes may take: the stall timeout plus the time
+    /// the bytes take at 64 KiB/s (a slow but moving upload is not a stall; a stalled one
+    /// fails sooner, through TCP_USER_TIMEOUT).
+    pub fn upload_timeout(&self, size: u64) -> Duration {
+        self.stall + Duration::from_secs(size / (64 << 10))
+    }
+
     pub fn http(&self) -> &Http {
         &self.http
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`describe`], saying what a timeout or a broken body means here.
+    pub fn describe(&self, e: &reqwest::Error) -> String {
+        let mut s = describe(e);
+        if e.is_timeout() || e.is_body() {
+            s.push_str(&format!(
+                " (the registry cut the connection or made no progress for {}s)",
+                self.stall.as_secs()
+            ));
+        }
+        s
+    }
+
+    /// A read or write error of a transfer: [`Client::describe`] when reqwest is under it.
+    pub fn describe_io(&self, e: &std::io::Error) -> String {
+        let mut inner: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|i| i as _);
+        while let Some(i) = inner {
+            if let Some(r) = i.downcast_ref::<reqwest::Error>() {
+                return self.describe(r);
+            }
+            inner = i.source();
+        }
+        e.to_string()
     }
 
     pub fn http_error(&self, what: &str, reason: impl std::fmt::Display) -> RegistryError {
@@ -230,7 +272,7 @@ impl Client {
             }
             // A TLS failure will not go away; a refused or reset connection may.
             if !err.is_connect() || attempt >= ATTEMPTS {
-                return Err(self.http_error("ping", describe(&err)));
+                return Err(self.http_error("ping", self.describe(&err)));
             }
             tracing::debug!(registry = %self.endpoint.host, error = %describe(&err), attempt, "retrying");
             backoff(attempt, None);
@@ -291,7 +333,7 @@ impl Client {
         }
         let resp = rb
             .send()
-            .map_err(|e| self.http_error("token", describe(&e)))?;
+            .map_err(|e| self.http_error("token", self.describe(&e)))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(RegistryError::Unauthorized {
@@ -350,7 +392,7 @@ impl Client {
                     tracing::debug!(registry = %self.endpoint.host, what = %req.what, error = %describe(&e), attempt, "retrying");
                     backoff(attempt, None);
                 }
-                Err(e) => return Err(self.http_error(&req.what, describe(&e))),
+                Err(e) => return Err(self.http_error(&req.what, self.describe(&e))),
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
                     if authed_retry {
                         return Err(RegistryError::Unauthorized {
@@ -448,9 +490,16 @@ fn backoff(attempt: u32, retry_after: Option<u64>) {
     std::thread::sleep(Duration::from_millis(ms));
 }
 
-/// A reqwest error with its causes (reqwest's own Display is only the outermost).
+/// A reqwest error with its causes (reqwest's own Display is only the outermost), its URL
+/// without the query (an upload's state token or an object store's signature stays out of
+/// errors and logs).
 pub fn describe(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
+    if let Some(u) = e.url().filter(|u| u.query().is_some()) {
+        let mut bare = u.clone();
+        bare.set_query(None);
+        s = s.replace(u.as_str(), bare.as_str());
+    }
     let mut src = std::error::Error::source(e);
     while let Some(c) = src {
         s.push_str(": ");
@@ -474,6 +523,7 @@ mod tests {
                 },
                 None,
                 Path::new("/nonexistent"),
+                STALL_TIMEOUT,
             )
             .expect("client")
         };

@@ -44,13 +44,16 @@ pub struct Context {
     /// `certs.d`: per-host `ca.crt` and client `*.cert`/`*.key`.
     pub certs_dir: PathBuf,
     pub auth: AuthFile,
+    /// How long a transfer may make no progress before it fails (`client::STALL_TIMEOUT`
+    /// unless configured).
+    pub stall_timeout: std::time::Duration,
 }
 
 impl Context {
     /// A client for `endpoint` with the credentials stored for it, if any.
     pub fn client(&self, endpoint: Endpoint) -> Result<Client> {
         let creds = self.auth.get(&endpoint.host)?;
-        Client::new(endpoint, creds, &self.certs_dir)
+        Client::new(endpoint, creds, &self.certs_dir, self.stall_timeout)
     }
 
     /// A client for `server` with the given credentials (for login).
@@ -58,6 +61,6 @@ impl Context {
         let r = isula_types::Reference::parse(&format!("{server}/x"))
             .map_err(|e| RegistryError::Invalid(format!("registry server {server:?}: {e}")))?;
         let endpoint = resolve::push_endpoint(&self.registries, &r)?;
-        Client::new(endpoint, creds, &self.certs_dir)
+        Client::new(endpoint, creds, &self.certs_dir, self.stall_timeout)
     }
 }

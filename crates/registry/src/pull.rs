@@ -76,7 +76,7 @@ pub fn get_manifest(client: &Client, repo: &str, reference: &str) -> Result<Fetc
     let mut bytes = Vec::new();
     resp.take(limits::MANIFEST_MAX + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| client.http_error(&what, e))?;
+        .map_err(|e| client.http_error(&what, client.describe_io(&e)))?;
     if bytes.len() as u64 > limits::MANIFEST_MAX {
         return Err(bad(format!(
             "larger than the limit of {} bytes",
@@ -273,7 +273,7 @@ pub fn fetch_blob(
     }
     Err(client.http_error(
         &what,
-        last.map_or_else(|| "download failed".to_string(), |e| e.to_string()),
+        last.map_or_else(|| "download failed".to_string(), |e| client.describe_io(&e)),
     ))
 }
 
@@ -740,7 +740,7 @@ fn stream_layer(
                 desc.size
             )))
         }
-        Err(e) => return Err(client.http_error(&what, e)),
+        Err(e) => return Err(client.http_error(&what, client.describe_io(&e))),
     };
     // A corrupted blob is named as such before whatever its unpacking tripped over.
     lease

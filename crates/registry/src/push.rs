@@ -51,11 +51,6 @@ fn with_digest(url: &str, d: &Digest) -> String {
     format!("{url}{sep}digest={d}")
 }
 
-/// Upload time allowed for `size` bytes: a minute plus 64 KiB/s.
-fn upload_timeout(size: u64) -> Duration {
-    Duration::from_secs(60 + size / (64 << 10))
-}
-
 /// Sends one blob (read from the content store) to `repo`.
 pub fn send_blob(
     client: &Client,
@@ -246,7 +241,7 @@ fn put_monolithic(
         &|rb| {
             Ok(rb
                 .header(CONTENT_TYPE, "application/octet-stream")
-                .timeout(upload_timeout(size))
+                .timeout(client.upload_timeout(size))
                 .body(open_body(path, size, meter)?))
         },
     );
@@ -288,7 +283,7 @@ fn put_chunked(client: &Client, repo: &str, session: &str, blob: &BlobUpload<'_>
             Ok(rb
                 .header(CONTENT_TYPE, "application/octet-stream")
                 .header("Content-Range", format!("0-{}", size.saturating_sub(1)))
-                .timeout(upload_timeout(size))
+                .timeout(client.upload_timeout(size))
                 .body(open_body(path, size, meter)?))
         },
     )?;

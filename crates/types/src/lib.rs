@@ -29,6 +29,42 @@ pub fn human_size(bytes: u64) -> String {
     format!("{s} {}", UNITS[unit])
 }
 
+/// A Go `time.ParseDuration` string, as isula-build's flags and configuration take them:
+/// numbers with units (ns, us, µs, ms, s, m, h), e.g. `1m30s`, `1.5s`; a bare `0` is zero.
+pub fn parse_go_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("time: invalid duration {text:?}");
+    let mut rest = text;
+    let mut total = 0f64;
+    if rest == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
 /// Parses a size as people write it: `1073741824`, `500MB`, `10 GB`, `2GiB`, `512k`
 /// (decimal units without `i`, binary with; a bare letter is decimal).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -279,4 +315,29 @@ pub mod limits {
     pub const LOAD_MAX: u64 = 50 << 30;
     /// Builds running at once.
     pub const CONCURRENT_BUILDS_MAX: usize = 100;
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_go_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn go_durations() {
+        for (text, want) in [
+            ("0", Duration::ZERO),
+            ("3s", Duration::from_secs(3)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("500ms", Duration::from_millis(500)),
+            ("2h", Duration::from_secs(7200)),
+            ("10us", Duration::from_micros(10)),
+        ] {
+            assert_eq!(parse_go_duration(text), Ok(want), "{text}");
+        }
+        for bad in ["", "s", "5", "5x", "1m-3s", "1e400s"] {
+            let e = parse_go_duration(bad).expect_err(bad);
+            assert!(e.contains("invalid duration"), "{bad}: {e}");
+        }
+    }
 }

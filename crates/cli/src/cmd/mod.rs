@@ -30,47 +30,11 @@ pub fn start_timeout(given: Option<&str>) -> Result<Duration> {
     let Some(text) = given.filter(|t| !t.is_empty()) else {
         return Ok(Duration::from_secs(20));
     };
-    let d = parse_go_duration(text)?;
+    let d = isula_types::parse_go_duration(text).map_err(anyhow::Error::msg)?;
     if d < Duration::from_millis(100) || d > Duration::from_secs(120) {
         anyhow::bail!("invalid timeout value: {text}, supported range [100ms, 2m0s]");
     }
     Ok(d)
-}
-
-/// A Go `time.ParseDuration` string: numbers with units (ns, us, µs, ms, s, m, h), e.g.
-/// `1m30s` or `1.5s`.
-fn parse_go_duration(text: &str) -> Result<Duration> {
-    let bad = || anyhow::anyhow!("time: invalid duration {text:?}");
-    let mut rest = text;
-    let mut total = 0f64;
-    if rest == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += value * scale;
-        rest = &rest[unit_len..];
-    }
-    Ok(Duration::from_secs_f64(total))
 }
 
 /// logrus's level names, as isula-build's `--log-level` accepts them.
