@@ -4,8 +4,13 @@
 # files, threads, temp and work directories, RUN cgroups, runc containers; and the daemon's
 # peak RSS must stay within PEAK_MB. Prints the figures; exits non-zero on any growth.
 #
-#   scripts/soak.sh                 1000 builds, 20 clients for 600 s (as root)
-#   SHORT=1 scripts/soak.sh         100 builds, 8 clients for 60 s (what scripts/test.sh runs)
+# Then the load of a big docker-archive (a sparse file: zero-filled files, read, hashed,
+# stored and unpacked in full) must keep the daemon's peak RSS within PEAK_MB too.
+#
+#   scripts/soak.sh                 1000 builds, 20 clients for 600 s, a 20 GiB load (as root)
+#   SHORT=1 scripts/soak.sh         100 builds, 8 clients for 60 s, a 2 GiB load (what
+#                                   scripts/test.sh runs)
+#   LOAD_GIB=N                      the size of the big load (0: none)
 #   BIN=target/release scripts/soak.sh   other binaries (default: target/debug)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,9 +19,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 if [ "${SHORT:-0}" = 1 ]; then
-    builds=${BUILDS:-100} clients=${CLIENTS:-8} duration=${DURATION:-60}
+    builds=${BUILDS:-100} clients=${CLIENTS:-8} duration=${DURATION:-60} load_gib=${LOAD_GIB:-2}
 else
-    builds=${BUILDS:-1000} clients=${CLIENTS:-20} duration=${DURATION:-600}
+    builds=${BUILDS:-1000} clients=${CLIENTS:-20} duration=${DURATION:-600} load_gib=${LOAD_GIB:-20}
 fi
 peak_mb=${PEAK_MB:-64}
 bin="$PWD/${BIN:-target/debug}"
@@ -106,6 +111,29 @@ for k in fds threads; do
 done
 if [ "$peak" -gt "$peak_mb" ]; then echo "FAIL: peak RSS $peak MB over $peak_mb MB"; fail=1; fi
 if ! cli ctr-img images >/dev/null; then echo "FAIL: the daemon does not answer"; fail=1; fi
+
+if [ "$load_gib" -gt 0 ]; then
+    # The peak is measured from here on (writing 5 to clear_refs resets VmHWM).
+    echo 5 >/proc/$daemon/clear_refs
+    "$bin/sparse-archive" "$load_gib" "$work/big.tar" "big:1" >/dev/null
+    start=$(date +%s)
+    if cli ctr-img load -i "$work/big.tar" >/dev/null; then
+        load_peak=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$daemon/status)
+        echo "load of a $load_gib GiB docker-archive in $(( $(date +%s) - start )) s:" \
+            "daemon peak RSS $load_peak MB (limit $peak_mb MB)"
+        if [ "$load_peak" -gt "$peak_mb" ]; then
+            echo "FAIL: peak RSS $load_peak MB over $peak_mb MB during the big load"; fail=1
+        fi
+        cli ctr-img rm big:1 >/dev/null || { echo "FAIL: rm of the big image"; fail=1; }
+    else
+        echo "FAIL: the load of a $load_gib GiB docker-archive"; fail=1
+    fi
+    rm -f "$work/big.tar"
+    after_load=$(sample)
+    for k in mounts tmp ingest builds; do
+        if [ "$(value "$after_load" $k)" != 0 ]; then echo "FAIL: $k left after the big load"; fail=1; fi
+    done
+fi
 kill -TERM "$daemon"; wait "$daemon" || true; daemon=""
 if ! "$bin/isula-builder" --dataroot "$work/data" --runroot "$work/run" --config-dir "$work/etc" \
     --check-store >/dev/null 2>&1; then
