@@ -711,3 +711,67 @@ fn killing_the_client_cancels_a_build_output_push_and_a_manifest_push() {
     d.ok(&["manifest", "push", "biglist:1", &dest]);
     assert!(tag_seen(&dest));
 }
+
+/// SIGKILL of the daemon while it writes a save (the archive has no name until complete,
+/// so none appears) and while it reads a load (no image, the ingest swept at restart).
+#[test]
+fn sigkill_during_save_and_load() {
+    if !require_root() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let work = tempfile::tempdir().expect("tmp");
+    let rootfs = work.path().join("big.tar");
+    std::fs::write(&rootfs, big_rootfs(300)).expect("rootfs");
+    d.ok(&["ctr-img", "import", rootfs.to_str().expect("utf8"), "big:1"]);
+    std::fs::remove_file(&rootfs).expect("rm");
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).expect("out");
+    let archive = work.path().join("big-archive.tar");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "big:1",
+        "-o",
+        archive.to_str().expect("utf8"),
+    ]);
+
+    let dest = out.join("saved.tar");
+    let save = [
+        "ctr-img",
+        "save",
+        "big:1",
+        "-o",
+        dest.to_str().expect("utf8"),
+    ];
+    let pid = d.pid();
+    kill_during(&mut d, &save, "the save to write its archive", || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&out)))
+            })
+            .unwrap_or(false)
+    });
+    assert!(
+        listing(&out).is_empty(),
+        "a killed save left {:?}",
+        listing(&out)
+    );
+    assert_recovered(&mut d, "save");
+    d.ok(&save);
+    assert!(dest.exists());
+
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let ingest = d.data().join("ingest");
+    kill_during(
+        &mut d,
+        &["ctr-img", "load", "-i", archive.to_str().expect("utf8")],
+        "the load to be under way",
+        || !listing(&ingest).is_empty(),
+    );
+    assert_recovered(&mut d, "load");
+    assert!(d.images().is_empty(), "a killed load left an image");
+    d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("utf8")]);
+    assert_eq!(d.images().len(), 1);
+}

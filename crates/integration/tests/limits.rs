@@ -2,6 +2,7 @@
 //! data root's file system keeps its configured free space; past any of these an import or
 //! load fails with a clear error and the store is as it was.
 
+use isula_integration::registry::{Registry, RegistryOptions};
 use isula_integration::*;
 use std::process::Command;
 
@@ -73,8 +74,22 @@ fn unpacked_bytes_and_entries_are_capped() {
 
 #[test]
 fn a_full_data_root_fails_cleanly_and_the_next_operation_works() {
-    if !require_root() || !require_tool("mkfs.ext4") {
+    if !require_root()
+        || !require_tool("mkfs.ext4")
+        || !require_tool("runc")
+        || !require_tool("docker-registry")
+    {
         return;
+    }
+    // A 120 MiB image in a registry, pushed by a daemon with room.
+    let reg = Registry::start(RegistryOptions::default());
+    let remote = format!("{}/full/big:1", reg.host());
+    {
+        let roomy = Daemon::for_registries(&[&reg.host()]);
+        let input = roomy.dir.path().join("big.tar");
+        std::fs::write(&input, big_rootfs(120)).expect("big");
+        roomy.ok(&["ctr-img", "import", input.to_str().expect("utf8"), &remote]);
+        roomy.ok(&["ctr-img", "push", &remote]);
     }
     // A 96 MiB ext4 file system as the data root.
     let work = tempfile::tempdir().expect("tmp");
@@ -85,7 +100,10 @@ fn a_full_data_root_fails_cleanly_and_the_next_operation_works() {
     run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
     // Mounted over the data root of a stopped daemon: it starts on an empty store there.
     let mut d = Daemon::start_configured(
-        &[("configuration.toml", "min_free_space = \"16MB\"\n")],
+        &[
+            ("configuration.toml", "min_free_space = \"16MB\"\n"),
+            ("registries.toml", &insecure_registries(&[&reg.host()])),
+        ],
         &[],
         &[],
     );
@@ -122,6 +140,13 @@ fn a_full_data_root_fails_cleanly_and_the_next_operation_works() {
         err.contains("no space left") || err.contains("No space left"),
         "{err}"
     );
+    // A pull that does not fit.
+    let err = d.fails(&["ctr-img", "pull", &remote]);
+    assert!(
+        err.contains("no space left") || err.contains("No space left"),
+        "{err}"
+    );
+    assert!(d.images().is_empty());
     // Nothing half-done is left, the store checks out, and a small import works.
     d.stop_and_check_store();
     d.restart();
@@ -131,9 +156,50 @@ fn a_full_data_root_fails_cleanly_and_the_next_operation_works() {
         "ctr-img",
         "import",
         small.to_str().expect("utf8"),
-        "small:1",
+        "busybox:latest",
     ]);
     assert_eq!(d.images().len(), 1);
+    // Builds whose RUN or COPY fills the file system fail, naming the step; nothing is
+    // left, and a build that fits then works.
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    std::fs::write(ctx.join("big.bin"), noise(120, 7)).expect("big");
+    for (df, want) in [
+        (
+            "FROM busybox\nRUN dd if=/dev/zero of=/fill bs=1M count=200\n",
+            "RUN",
+        ),
+        ("FROM busybox\nCOPY big.bin /big.bin\n", "space"),
+    ] {
+        std::fs::write(ctx.join("Dockerfile"), df).expect("df");
+        let err = d.fails(&[
+            "ctr-img",
+            "build",
+            "-t",
+            "full:1",
+            ctx.to_str().expect("ctx"),
+        ]);
+        eprintln!("full data root, {df:?}: {err}");
+        assert!(err.contains(want), "{df:?}: {err}");
+        assert_eq!(d.images().len(), 1, "{df:?}: an image was stored");
+        assert!(d.leftovers().is_empty(), "{df:?}: {:?}", d.leftovers());
+    }
+    std::fs::remove_file(ctx.join("big.bin")).expect("rm");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN echo fits > /fits\n",
+    )
+    .expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "fits:1",
+        ctx.to_str().expect("ctx"),
+    ]);
+    d.stop_and_check_store();
+    d.restart();
+    assert_eq!(d.images().len(), 2);
     d.stop();
     drop(unmount);
 }

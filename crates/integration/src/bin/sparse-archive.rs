@@ -81,13 +81,15 @@ fn main() {
 
     let mut f = std::fs::File::create(out).expect("create the archive");
     let small = |f: &mut std::fs::File, name: &str, data: &[u8]| {
-        f.write_all(&header(name, data.len() as u64)).expect("write");
+        f.write_all(&header(name, data.len() as u64))
+            .expect("write");
         f.write_all(data).expect("write");
         let pad = (512 - data.len() % 512) % 512;
         f.write_all(&vec![0u8; pad]).expect("write");
     };
     small(&mut f, &config_name, &config);
-    f.write_all(&header(&layer_name, layer_size)).expect("write");
+    f.write_all(&header(&layer_name, layer_size))
+        .expect("write");
     for (head, n) in &plan {
         f.write_all(head).expect("write");
         // A hole reads as zeros.
