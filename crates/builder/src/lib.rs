@@ -222,7 +222,8 @@ impl Drop for WorkDirGuard {
     }
 }
 
-/// The stages stage `i` uses (FROM <stage> and COPY --from=<stage>), all before it.
+/// The stages stage `i` uses (FROM <stage>, COPY --from=<stage>, RUN --mount=from=<stage>),
+/// all before it.
 fn stage_deps(df: &Dockerfile, i: usize, meta: &[(String, String)], lexer: &Lexer) -> Vec<usize> {
     let find = |name: &str| -> Option<usize> {
         let lower = name.to_ascii_lowercase();
@@ -239,10 +240,27 @@ fn stage_deps(df: &Dockerfile, i: usize, meta: &[(String, String)], lexer: &Lexe
         deps.extend(find(&image));
     }
     for step in &df.stages[i].steps {
-        if let Instruction::Copy(c) = &step.instruction {
-            if let Some(from) = &c.from {
-                deps.extend(find(from));
+        match &step.instruction {
+            Instruction::Copy(c) => {
+                if let Some(from) = &c.from {
+                    deps.extend(find(from));
+                }
             }
+            Instruction::Run { mounts, .. } => {
+                for m in mounts {
+                    let from = isula_dockerfile::mounts::parse_mount_with(m, &mut |v| {
+                        Ok(lexer
+                            .process_word(v, &meta.to_vec())
+                            .unwrap_or_else(|_| v.to_string()))
+                    })
+                    .ok()
+                    .and_then(|m| m.from);
+                    if let Some(from) = from {
+                        deps.extend(find(&from));
+                    }
+                }
+            }
+            _ => {}
         }
     }
     deps.sort_unstable();

@@ -49,6 +49,9 @@ pub enum Instruction {
     Run {
         command: Command,
         network: Option<String>,
+        /// `--mount` values as written (expanded and read by `mounts::parse_mount` when
+        /// the step runs, with the stage's variables, as BuildKit does).
+        mounts: Vec<String>,
         heredocs: Vec<Heredoc>,
     },
     Cmd(Command),
@@ -210,7 +213,9 @@ impl<'a> Flags<'a> {
                     format!("unknown flag: --{name} for {}", node.keyword.to_uppercase()),
                 ));
             }
-            if values.iter().any(|(n, _)| n == &name) {
+            // Flags BuildKit takes more than once.
+            let repeatable = ["mount", "exclude"].contains(&name.as_str());
+            if !repeatable && values.iter().any(|(n, _)| n == &name) {
                 return Err(err(
                     node.start_line,
                     format!("duplicate flag specified: --{name}"),
@@ -359,12 +364,26 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
         }
         "run" => {
             let flags = Flags::new(node, &["network", "mount", "security"])?;
-            if flags
-                .values
-                .iter()
-                .any(|(n, _)| n == "mount" || n == "security")
-            {
-                return Err(err(line, "RUN --mount and --security are not supported"));
+            if let Some((_, v)) = flags.values.iter().find(|(n, _)| n == "security") {
+                return Err(err(
+                    line,
+                    format!(
+                        "RUN --security={} is not supported: steps always run confined",
+                        v.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
+            let mut mounts = Vec::new();
+            for (n, v) in flags.values.iter().filter(|(n, _)| n == "mount") {
+                let Some(v) = v else {
+                    return Err(err(line, format!("missing a value on flag: --{n}")));
+                };
+                // What needs no variables is checked now; the rest when the step runs.
+                if !v.contains('$') {
+                    crate::mounts::parse_mount(v)
+                        .map_err(|e| err(line, format!("--mount={v}: {e}")))?;
+                }
+                mounts.push(v.clone());
             }
             let network = flags.string("network")?;
             if let Some(n) = &network {
@@ -379,6 +398,7 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
             Instruction::Run {
                 command: command(&node.rest),
                 network,
+                mounts,
                 heredocs: node.heredocs.clone(),
             }
         }

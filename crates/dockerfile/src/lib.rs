@@ -6,4 +6,5 @@
 pub mod ignore;
 pub mod instructions;
 pub mod lex;
+pub mod mounts;
 pub mod parser;

@@ -3,8 +3,9 @@
 //! built by Docker and by us from the same busybox base, and the image configs (Env in
 //! order, Cmd, Entrypoint, WorkingDir, User, Labels, ExposedPorts, Volumes, StopSignal,
 //! Healthcheck, OnBuild, Shell) and the flattened filesystems (paths, types, modes, owners,
-//! content, link targets) must match. The Docker CLI here has no buildx, so the reference is
-//! Docker's classic builder (`DOCKER_BUILDKIT=0`) with `--network host`.
+//! content, link targets) must match. The reference is Docker's classic builder
+//! (`DOCKER_BUILDKIT=0`) with `--network host`, or BuildKit for the cases whose `reference`
+//! file says `buildkit` (features the classic builder lacks, such as `RUN --mount`).
 
 use isula_integration::*;
 use std::collections::BTreeMap;
@@ -13,6 +14,10 @@ use std::path::Path;
 use std::process::Command;
 
 const BASE: &str = "isula-diff/busybox:1";
+
+/// The Docker 20.10 client of Debian's docker.io package: it runs BuildKit itself
+/// (`DOCKER_BUILDKIT=1`), while the newer client first on PATH here wants buildx.
+const BUILDKIT_CLIENT: &str = "/usr/bin/docker";
 
 /// Path → description of the flattened filesystem of a docker-archive's (single) image.
 fn flatten(archive: &Path) -> (serde_json::Value, BTreeMap<String, String>) {
@@ -202,8 +207,18 @@ fn dockerfiles_build_like_docker() {
             .filter(|l| !l.trim().is_empty())
             .flat_map(|l| ["--build-arg".to_string(), l.trim().to_string()])
             .collect();
-        let docker = Command::new("docker")
-            .env("DOCKER_BUILDKIT", "0")
+        // A case with a `reference` file saying `buildkit` is built by BuildKit (the 20.10
+        // client of Debian's docker.io runs it without buildx); the others, for now, by
+        // the classic builder.
+        let buildkit =
+            std::fs::read_to_string(case.join("reference")).is_ok_and(|r| r.trim() == "buildkit");
+        let (client, engine) = if buildkit {
+            (BUILDKIT_CLIENT, "1")
+        } else {
+            ("docker", "0")
+        };
+        let docker = Command::new(client)
+            .env("DOCKER_BUILDKIT", engine)
             .args(["build", "--network", "host", "-q", "-t", &tag])
             .args(&args)
             .arg(case)

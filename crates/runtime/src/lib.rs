@@ -156,6 +156,18 @@ pub struct Process {
     pub cap_add: Vec<String>,
     /// No seccomp filter for this step (`--security-opt seccomp=unconfined`).
     pub seccomp_unconfined: bool,
+    /// The step's own mounts (`RUN --mount`), after the defaults.
+    pub mounts: Vec<Mount>,
+}
+
+/// One extra mount of a step, as the OCI spec writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub destination: String,
+    /// `bind` or `tmpfs`.
+    pub kind: String,
+    pub source: PathBuf,
+    pub options: Vec<String>,
 }
 
 /// System calls a RUN step is refused (EPERM) unless it was given the capability that
@@ -257,6 +269,9 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         if Path::new(f).exists() {
             mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
         }
+    }
+    for m in &process.mounts {
+        mounts.push(json!({"destination": m.destination, "type": m.kind, "source": m.source, "options": m.options}));
     }
     json!({
         "ociVersion": "1.0.2",

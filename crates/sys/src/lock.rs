@@ -1,4 +1,4 @@
-//! Exclusive, non-blocking file locks (flock) held for the life of a value: one daemon per
+//! Exclusive or shared, non-blocking file locks (flock) held for the life of a value: one daemon per
 //! data root, one writer of the store's metadata.
 
 use crate::{Result, SysError};
@@ -15,14 +15,22 @@ pub struct FileLock {
 impl FileLock {
     /// Takes the lock or fails at once with EWOULDBLOCK if another process holds it.
     pub fn try_exclusive(path: &Path) -> Result<FileLock> {
+        Self::take(path, FlockOperation::NonBlockingLockExclusive)
+    }
+
+    /// A shared lock: any number at once, none while an exclusive one is held (EWOULDBLOCK).
+    pub fn try_shared(path: &Path) -> Result<FileLock> {
+        Self::take(path, FlockOperation::NonBlockingLockShared)
+    }
+
+    fn take(path: &Path, how: FlockOperation) -> Result<FileLock> {
         let fd = rustix::fs::open(
             path,
             OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| SysError::new("open lock file", path, e))?;
-        flock(&fd, FlockOperation::NonBlockingLockExclusive)
-            .map_err(|e| SysError::new("lock", path, e))?;
+        flock(&fd, how).map_err(|e| SysError::new("lock", path, e))?;
         Ok(FileLock {
             _fd: fd,
             path: path.to_path_buf(),

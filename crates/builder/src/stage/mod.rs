@@ -2,6 +2,7 @@
 
 mod commit;
 mod copy_step;
+pub mod mounts;
 mod run;
 mod snapshot;
 
@@ -557,9 +558,12 @@ impl<'c, 'a> StageRun<'c, 'a> {
             }
             Instruction::Onbuild(t) => self.cc().on_build.get_or_insert_with(Vec::new).push(t),
             Instruction::Run {
-                command, heredocs, ..
+                command,
+                heredocs,
+                mounts,
+                ..
             } => {
-                self.run(n, step, command, &heredocs)?;
+                self.run(n, step, command, &heredocs, &mounts)?;
             }
             Instruction::Copy(c) | Instruction::Add(c) => {
                 let is_add = matches!(step.instruction, Instruction::Add(_));

@@ -10,7 +10,10 @@ impl StageRun<'_, '_> {
         step: &Step,
         command: Command,
         heredocs: &[isula_dockerfile::parser::Heredoc],
+        raw_mounts: &[String],
     ) -> Result<(), BuildError> {
+        // Mounts first: an image named by from= is found (or pulled) before anything else.
+        let planned = self.plan_mounts(n, step, raw_mounts)?;
         let args = match command {
             Command::Exec(v) => v,
             Command::Shell(s) => {
@@ -77,12 +80,19 @@ impl StageRun<'_, '_> {
             .field("cwd", cwd.as_bytes())
             .json("cap_add", &self.opts.cap_add)
             .field("network", b"host");
+        if !planned.is_empty() {
+            key.json("mounts", &self.mounts_key(n, step, &planned)?);
+        }
         let key = key.finish();
         if self.try_cache(&key)? {
             self.key = key;
             return Ok(());
         }
         self.mount_step()?;
+        let scratch_dirs: Vec<PathBuf> = (0..planned.len())
+            .map(|i| self.dir.join(format!("mount-{n}-{i}")))
+            .collect();
+        let (mounts, held) = self.prepare_mounts(n, step, planned)?;
         let root = self.rootfs()?;
         let ids = if user_spec.is_empty() {
             user::Ids {
@@ -129,6 +139,17 @@ impl StageRun<'_, '_> {
                     .is_err()
             })
             .collect();
+        // A file runc creates to mount a file on goes again afterwards (BuildKit leaves the
+        // directories it creates as mount points, not the files).
+        let new_file_targets: Vec<String> = mounts
+            .iter()
+            .filter(|m| m.kind == "bind" && !m.source.is_dir())
+            .map(|m| m.destination.clone())
+            .filter(|d| {
+                root.open_at(Path::new(d), Resolve::InRoot, OFlags::PATH, Mode::empty())
+                    .is_err()
+            })
+            .collect();
         let process = Process {
             args,
             env,
@@ -138,6 +159,7 @@ impl StageRun<'_, '_> {
             additional_gids: ids.additional_gids,
             cap_add: self.opts.cap_add.clone(),
             seccomp_unconfined: self.opts.seccomp_unconfined,
+            mounts,
         };
         let bundle = self.dir.join(format!("bundle-{n}"));
         std::fs::create_dir_all(&bundle)
@@ -165,6 +187,13 @@ impl StageRun<'_, '_> {
             (self.ctx.log)(format!("{}\n", String::from_utf8_lossy(&pending)));
         }
         let _ = std::fs::remove_dir_all(&bundle);
+        // The views unmount and the cache locks go before anything else happens.
+        drop(held);
+        for d in &scratch_dirs {
+            if let Err(e) = isula_sys::rooted::remove_tree(d) {
+                tracing::warn!(dir = %d.display(), error = %e, "removing a mount's scratch directory");
+            }
+        }
         let root = self.rootfs()?;
         for p in missing.iter().rev() {
             if let Ok((pfd, name)) = root.parent(Path::new(p), Resolve::InRoot, false) {
@@ -179,6 +208,20 @@ impl StageRun<'_, '_> {
                     } else if isula_sys::rooted::is_dir(&st) {
                         // Only if runc left it empty.
                         let _ = rustix::fs::unlinkat(&pfd, &name, rustix::fs::AtFlags::REMOVEDIR);
+                    }
+                }
+            }
+        }
+        for t in &new_file_targets {
+            if let Ok((pfd, name)) = root.parent(Path::new(t), Resolve::InRoot, false) {
+                if let Ok(Some(st)) =
+                    isula_sys::rooted::lstat(std::os::fd::AsFd::as_fd(&pfd), &name)
+                {
+                    if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::RegularFile
+                        && st.st_size == 0
+                    {
+                        let _ = rustix::fs::unlinkat(&pfd, &name, rustix::fs::AtFlags::empty());
                     }
                 }
             }
