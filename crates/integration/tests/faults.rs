@@ -304,9 +304,21 @@ fn a_blob_corrupted_on_disk_is_caught_when_next_used() {
     assert!(!out.path().join("v.tar").exists(), "a bad archive was left");
 }
 
+/// Imports a busybox image with 300 MB of incompressible data as `big:1` (through `dir`).
+fn import_big(d: &Daemon, dir: &std::path::Path) {
+    let rootfs = dir.join("big.tar");
+    std::fs::write(&rootfs, big_rootfs(300)).expect("rootfs");
+    d.ok(&["ctr-img", "import", rootfs.to_str().expect("utf8"), "big:1"]);
+    std::fs::remove_file(&rootfs).expect("rm");
+}
+
 /// Whether the daemon holds a file open under `dir` (a save's nameless archive shows there).
 fn daemon_has_open_under(d: &Daemon, dir: &std::path::Path) -> bool {
-    std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+    pid_has_open_under(d.pid(), dir)
+}
+
+fn pid_has_open_under(pid: i32, dir: &std::path::Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|rd| {
             rd.flatten().any(|e| {
                 std::fs::read_link(e.path())
@@ -351,10 +363,7 @@ fn killing_the_client_cancels_load_save_pull_and_push() {
     let reg = Registry::start(RegistryOptions::default());
     let d = Daemon::for_registries(&[&reg.host()]);
     let work = tempfile::tempdir().expect("tmp");
-    let rootfs = work.path().join("big.tar");
-    std::fs::write(&rootfs, big_rootfs(300)).expect("rootfs");
-    d.ok(&["ctr-img", "import", rootfs.to_str().expect("utf8"), "big:1"]);
-    std::fs::remove_file(&rootfs).expect("rm");
+    import_big(&d, work.path());
     let archive = work.path().join("big-archive.tar");
     d.ok(&[
         "ctr-img",
@@ -654,10 +663,7 @@ fn killing_the_client_cancels_a_build_output_push_and_a_manifest_push() {
         &[],
     );
     let work = tempfile::tempdir().expect("tmp");
-    let rootfs = work.path().join("big.tar");
-    std::fs::write(&rootfs, big_rootfs(300)).expect("rootfs");
-    d.ok(&["ctr-img", "import", rootfs.to_str().expect("utf8"), "big:1"]);
-    std::fs::remove_file(&rootfs).expect("rm");
+    import_big(&d, work.path());
     d.wait_compressed();
     let tag_seen = |remote: &str| {
         Command::new("skopeo")
@@ -721,10 +727,7 @@ fn sigkill_during_save_and_load() {
     }
     let mut d = Daemon::start();
     let work = tempfile::tempdir().expect("tmp");
-    let rootfs = work.path().join("big.tar");
-    std::fs::write(&rootfs, big_rootfs(300)).expect("rootfs");
-    d.ok(&["ctr-img", "import", rootfs.to_str().expect("utf8"), "big:1"]);
-    std::fs::remove_file(&rootfs).expect("rm");
+    import_big(&d, work.path());
     let out = work.path().join("out");
     std::fs::create_dir(&out).expect("out");
     let archive = work.path().join("big-archive.tar");
@@ -746,12 +749,7 @@ fn sigkill_during_save_and_load() {
     ];
     let pid = d.pid();
     kill_during(&mut d, &save, "the save to write its archive", || {
-        std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|rd| {
-                rd.flatten()
-                    .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&out)))
-            })
-            .unwrap_or(false)
+        pid_has_open_under(pid, &out)
     });
     assert!(
         listing(&out).is_empty(),
