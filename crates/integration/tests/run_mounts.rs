@@ -91,6 +91,28 @@ fn cache_mounts_persist_across_builds_and_restarts_and_stay_out_of_images() {
     let out = build(&d, ctx.path(), &["-t", "c:4"]);
     assert_eq!(cached_steps(&out).len(), 1, "{out}");
     assert!(d.data().join("cache-mounts").is_dir());
+    // `builder du` shows the cache mount; `builder prune` frees it, and the next run of
+    // the step starts from an empty one.
+    let du = d.ok(&["builder", "du", "--verbose"]);
+    assert!(du.contains("cache mount id=/root/.cache"), "{du}");
+    let pruned = d.ok(&["builder", "prune", "-f"]);
+    // Its key is the hash of its id.
+    let key = sha256_hex(b"/root/.cache");
+    assert!(pruned.contains(&key[..12]), "{pruned}");
+    assert_eq!(
+        std::fs::read_dir(d.data().join("cache-mounts"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0
+    );
+    let du = d.ok(&["builder", "du", "--verbose"]);
+    assert!(!du.contains("cache mount"), "{du}");
+    build(&d, ctx.path(), &["--no-cache", "-t", "c:5"]);
+    assert_eq!(
+        runs("c:5").as_deref(),
+        Some("1"),
+        "the pruned cache came back"
+    );
     d.stop_and_check_store();
 }
 

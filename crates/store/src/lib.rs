@@ -852,3 +852,69 @@ pub fn familiar(full: &str) -> String {
         .map(|r| r.familiar())
         .unwrap_or_else(|_| full.to_string())
 }
+
+/// Where `RUN --mount=type=cache` directories live under the data root: one directory per
+/// id (`<sha256 of the id>/`) holding `data/`, a `lock` file (shared while a build uses it,
+/// exclusive for `sharing=locked` and for removal) and `id` (the id, for `builder du`).
+pub const CACHE_MOUNTS_DIR: &str = "cache-mounts";
+
+/// One cache mount, as `builder du` shows it.
+#[derive(Debug, Clone)]
+pub struct CacheMount {
+    pub id: String,
+    pub dir: PathBuf,
+    pub size: u64,
+    /// Creation and last use, Unix seconds.
+    pub created: i64,
+    pub last_used: i64,
+    pub in_use: bool,
+}
+
+fn mtime_secs(p: &Path) -> i64 {
+    fs::metadata(p)
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Store {
+    /// Every cache mount, with its size and whether a build holds it now.
+    pub fn cache_mounts(&self) -> Vec<CacheMount> {
+        let root = self.root.join(CACHE_MOUNTS_DIR);
+        let mut out = Vec::new();
+        for e in fs::read_dir(&root).into_iter().flatten().flatten() {
+            let dir = e.path();
+            let lock = dir.join("lock");
+            let in_use = match isula_sys::lock::FileLock::try_exclusive(&lock) {
+                Ok(_) => false,
+                Err(e) => isula_sys::lock::is_held_elsewhere(&e),
+            };
+            out.push(CacheMount {
+                id: fs::read_to_string(dir.join("id")).unwrap_or_default(),
+                size: cache::disk_usage(&dir.join("data")),
+                created: mtime_secs(&dir.join("id")),
+                last_used: mtime_secs(&lock),
+                in_use,
+                dir,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Removes the cache mounts no build holds; returns those removed.
+    pub fn prune_cache_mounts(&self) -> Result<Vec<CacheMount>> {
+        let mut removed = Vec::new();
+        for m in self.cache_mounts().into_iter().filter(|m| !m.in_use) {
+            // Held while it goes, so that no build starts on a half-removed one.
+            let Ok(_lock) = isula_sys::lock::FileLock::try_exclusive(&m.dir.join("lock")) else {
+                continue;
+            };
+            // Never through a link a RUN left in it.
+            isula_sys::rooted::remove_tree(&m.dir)?;
+            removed.push(m);
+        }
+        Ok(removed)
+    }
+}

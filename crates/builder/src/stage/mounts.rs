@@ -34,9 +34,6 @@ pub(super) struct Held {
     _locks: Vec<isula_sys::lock::FileLock>,
 }
 
-/// Where the cache mounts live, under the data root.
-pub const CACHE_MOUNTS_DIR: &str = "cache-mounts";
-
 /// How long a `sharing=locked` cache mount is waited for between checks of cancellation.
 const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -325,8 +322,16 @@ impl StageRun<'_, '_> {
         let hex = isula_types::Digest::of_bytes(id.as_bytes())
             .hex()
             .to_string();
-        let dir = self.ctx.store.root().join(CACHE_MOUNTS_DIR).join(hex);
+        let dir = self
+            .ctx
+            .store
+            .root()
+            .join(isula_store::CACHE_MOUNTS_DIR)
+            .join(hex);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !dir.join("id").exists() {
+            std::fs::write(dir.join("id"), &id).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
         let lock = dir.join("lock");
         let taken = match p.spec.sharing {
             Sharing::Shared => Some(isula_sys::lock::FileLock::try_shared(&lock).or_else(|_| {
@@ -343,6 +348,11 @@ impl StageRun<'_, '_> {
         let data = match taken {
             Some(l) => {
                 held._locks.push(l?);
+                // Its last use, for `builder du`.
+                let _ = std::fs::File::options()
+                    .write(true)
+                    .open(&lock)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
                 dir.join("data")
             }
             // In use: this build gets a throwaway one.

@@ -30,15 +30,36 @@ fn record(key: &Digest, r: &Record, in_use: bool, kept: bool) -> CacheRecord {
     }
 }
 
+/// A `RUN --mount=type=cache` directory as a record: its key is the hash of its id.
+fn cache_mount(m: &isula_store::CacheMount) -> CacheRecord {
+    CacheRecord {
+        id: format!(
+            "sha256:{}",
+            m.dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+        description: format!("cache mount id={}", m.id),
+        size: m.size as i64,
+        created: timestamp(m.created),
+        last_used: timestamp(m.last_used),
+        in_use: m.in_use,
+        kept: false,
+        parent: String::new(),
+    }
+}
+
 pub fn usage(state: &State, _req: BuilderUsageRequest) -> Result<BuilderUsageResponse, Status> {
     let store = &state.store;
     let kept = store.cache_kept_by_images();
-    let records = store
+    let mut records: Vec<CacheRecord> = store
         .cache()
         .records()
         .iter()
         .map(|(k, r)| record(k, r, store.cache_record_in_use(r), kept.contains(k)))
         .collect();
+    records.extend(store.cache_mounts().iter().map(cache_mount));
     Ok(BuilderUsageResponse { records })
 }
 
@@ -53,6 +74,17 @@ pub fn prune(state: &State, req: BuilderPruneRequest) -> Result<BuilderPruneResp
         .store
         .prune_cache(req.all, keep)
         .map_err(crate::error::store)?;
+    // Cache mounts no build holds go too, unless some storage is to be kept (their content
+    // is not the steps' records, which --keep-storage ranks).
+    let mounts = if keep == 0 {
+        state
+            .store
+            .prune_cache_mounts()
+            .map_err(crate::error::store)?
+    } else {
+        Vec::new()
+    };
+    let mount_bytes: u64 = mounts.iter().map(|m| m.size).sum();
     tracing::info!(
         records = pruned.records,
         bytes = pruned.bytes,
@@ -65,7 +97,8 @@ pub fn prune(state: &State, req: BuilderPruneRequest) -> Result<BuilderPruneResp
             .removed
             .iter()
             .map(|(k, r)| record(k, r, false, false))
+            .chain(mounts.iter().map(cache_mount))
             .collect(),
-        reclaimed: pruned.bytes as i64,
+        reclaimed: (pruned.bytes + mount_bytes) as i64,
     })
 }
