@@ -233,7 +233,12 @@ impl StageRun<'_, '_> {
                     (path, bind_options(p.spec.readonly))
                 }
                 MountKind::Cache => {
-                    let dir = self.cache_mount(&p, &scratch, &mut held).map_err(e)?;
+                    let dir = match self.cache_mount(&p, &scratch, &mut held) {
+                        Ok(d) => d,
+                        // Given up waiting for a locked cache: the build was cancelled.
+                        Err(_) if self.ctx.cancelled() => return Err(BuildError::Cancelled),
+                        Err(m) => return Err(e(m)),
+                    };
                     (dir, bind_options(p.spec.readonly))
                 }
                 MountKind::Secret | MountKind::Ssh => continue,
