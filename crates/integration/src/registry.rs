@@ -433,14 +433,23 @@ pub enum Fault {
     /// Reset (RST) the connection half-way through this many blob uploads, then pass.
     ResetUploads(u32),
     /// Stop reading half-way through this many blob uploads, holding the connection open
-    /// for 10 minutes (a registry that hangs), then pass.
+    /// until the client gives up (a registry that hangs), then pass.
     StallUploads(u32),
     /// Send half of this many blob GET answers, then hang (as above), then pass.
     StallBlobGets(u32),
 }
 
-/// How long a stalled connection is held open.
-const STALL_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
+/// Holds a stalled connection, reading nothing, until the client closes its end (or ten
+/// minutes pass): a registry that hangs. Waits in poll(2) for the hang-up, not in a timer.
+fn hold_until_client_leaves(client: &TcpStream) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let cap = Timespec {
+        tv_sec: 600,
+        tv_nsec: 0,
+    };
+    let mut fds = [PollFd::new(client, PollFlags::RDHUP)];
+    let _ = poll(&mut fds, Some(&cap));
+}
 
 /// Takes one use of a counted fault: true when this request gets it.
 fn take_one(fault: &Mutex<Fault>, which: fn(Fault) -> Option<u32>, make: fn(u32) -> Fault) -> bool {
@@ -604,7 +613,7 @@ fn proxy_one(
         let mut some = vec![0u8; (len / 4) as usize];
         cr.read_exact(&mut some)?;
         up.write_all(&some)?;
-        std::thread::sleep(STALL_HOLD);
+        hold_until_client_leaves(&cw);
         return Ok(());
     }
     if upload && current == Fault::KillDuringUpload {
@@ -640,7 +649,7 @@ fn proxy_one(
         let half = body_at + (resp.len() - body_at) / 2;
         cw.write_all(&resp[..half])?;
         cw.flush()?;
-        std::thread::sleep(STALL_HOLD);
+        hold_until_client_leaves(&cw);
         return Ok(());
     }
     if blob_get && body_at < resp.len() {

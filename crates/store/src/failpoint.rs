@@ -13,8 +13,9 @@ pub fn hit(name: &str) {
         let armed = ARMED.get_or_init(|| std::env::var("ISULA_FAILPOINT").ok());
         if armed.as_deref() == Some(name) {
             tracing::warn!("failpoint {name} reached: pausing until killed");
+            // Nothing unparks it: the thread stays here until the process is killed.
             loop {
-                std::thread::sleep(std::time::Duration::from_secs(3600));
+                std::thread::park();
             }
         }
     }
