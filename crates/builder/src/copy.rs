@@ -366,12 +366,30 @@ pub(crate) fn for_each_selected(
         )
         .map_err(|e| e.to_string())?;
         let st = stat_fd(cfd.as_fd())?;
-        if ignored && FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        // An ignored directory is copied only for what it holds that is re-included (as
+        // BuildKit: an excluded directory with nothing selected inside is not created).
+        if ignored
+            && (FileType::from_raw_mode(st.st_mode) != FileType::Directory
+                || !holds_selected(src, &child_rel, cfd.as_fd())?)
+        {
             continue;
         }
         visit(&child_rel, name, cfd.as_fd(), &st)?;
     }
     Ok(())
+}
+
+/// Whether the walk selects anything under directory `dir` (at `rel`).
+fn holds_selected(src: &Source<'_>, rel: &str, dir: BorrowedFd<'_>) -> R<bool> {
+    let mut found = false;
+    // for_each_selected already applies this rule to every ignored directory below, so
+    // any entry it visits is selected or holds something selected.
+    for_each_selected(src, rel, dir, |_, _, _, _| {
+        found = true;
+        Err(String::new())
+    })
+    .or_else(|e| if found { Ok(()) } else { Err(e) })?;
+    Ok(found)
 }
 
 fn copy_dir_contents(

@@ -121,6 +121,48 @@ fn directive(line: &str) -> Option<(String, String)> {
     Some((k.to_ascii_lowercase(), v.trim().to_string()))
 }
 
+/// `# syntax=IMAGE` names a frontend image; we are the Dockerfile frontend ourselves and
+/// fetch nothing, so only the images of the `docker/dockerfile` syntax are accepted: tags
+/// `1`, `1.N`, `1.N.M`, each optionally `-labs`, and `labs`, `latest`, `master` (upstream),
+/// with an optional `@sha256:` digest.
+fn check_syntax(image: &str) -> Result<(), String> {
+    let (name, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest {
+        let hex = d.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("syntax directive {image:?}: invalid digest {d:?}"));
+        }
+    }
+    let (repo, tag) = match name.rsplit_once(':') {
+        Some((r, t)) if !t.contains('/') => (r, t),
+        _ => (name, "latest"),
+    };
+    let repo = repo
+        .strip_prefix("docker.io/")
+        .or_else(|| repo.strip_prefix("index.docker.io/"))
+        .unwrap_or(repo);
+    let known_repo = matches!(repo, "docker/dockerfile" | "docker/dockerfile-upstream");
+    let version = tag.strip_suffix("-labs").unwrap_or(tag);
+    let parts: Vec<&str> = version.split('.').collect();
+    let known_tag = matches!(tag, "labs" | "latest" | "master")
+        || (parts.len() <= 3
+            && parts[0] == "1"
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())));
+    if known_repo && known_tag {
+        return Ok(());
+    }
+    Err(format!(
+        "syntax directive names the frontend {image:?}, which this builder cannot run: it is \
+         its own Dockerfile frontend and fetches none; use docker/dockerfile:1 (or 1.N, \
+         1.N.M, -labs) or remove the directive"
+    ))
+}
+
 /// Strips a trailing escape character (and whitespace after it); Some if it continues.
 fn continues(line: &str, escape: char) -> Option<&str> {
     let t = line.trim_end();
@@ -253,7 +295,10 @@ pub fn parse(text: &str) -> Result<Parsed, ParseError> {
                     }
                 }
             }
-            "syntax" => directives.syntax = Some(v),
+            "syntax" => {
+                check_syntax(&v).map_err(|m| err(i + 1, m))?;
+                directives.syntax = Some(v)
+            }
             _ => directives.check = Some(v),
         }
         seen.push(k);
@@ -383,6 +428,43 @@ mod tests {
         assert_eq!((p.nodes[1].start_line, p.nodes[1].end_line), (5, 8));
         assert_eq!(p.nodes[2].keyword, "label");
         assert_eq!(p.warnings.len(), 1);
+    }
+
+    #[test]
+    fn syntax_directive_names_our_own_frontend_or_fails() {
+        let digest = format!("docker/dockerfile:1.4@sha256:{}", "ab".repeat(32));
+        for ok in [
+            "docker/dockerfile:1",
+            "docker/dockerfile:1.7",
+            "docker/dockerfile:1.7.1",
+            "docker/dockerfile:1-labs",
+            "docker/dockerfile:1.7-labs",
+            "docker.io/docker/dockerfile:1",
+            "docker/dockerfile",
+            "docker/dockerfile:labs",
+            "docker/dockerfile-upstream:master",
+            digest.as_str(),
+        ] {
+            let p = parse(&format!("# syntax={ok}\n# check=skip=all\nFROM x\n"))
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(p.directives.syntax.as_deref(), Some(ok));
+            assert_eq!(p.directives.check.as_deref(), Some("skip=all"));
+        }
+        for bad in [
+            "example.com/my/frontend:1",
+            "docker/dockerfile:2",
+            "docker/dockerfile:1.x",
+            "docker/dockerfile:1@sha256:12",
+            "tonistiigi/dockerfile:runmount",
+        ] {
+            let e = parse(&format!("# syntax={bad}\nFROM x\n")).expect_err(bad);
+            assert_eq!(e.line, 1, "{bad}");
+            assert!(
+                e.message.contains(bad) && e.message.contains("frontend")
+                    || e.message.contains("digest"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -3,9 +3,8 @@
 //! built by Docker and by us from the same busybox base, and the image configs (Env in
 //! order, Cmd, Entrypoint, WorkingDir, User, Labels, ExposedPorts, Volumes, StopSignal,
 //! Healthcheck, OnBuild, Shell) and the flattened filesystems (paths, types, modes, owners,
-//! content, link targets) must match. The reference is Docker's classic builder
-//! (`DOCKER_BUILDKIT=0`) with `--network host`, or BuildKit for the cases whose `reference`
-//! file says `buildkit` (features the classic builder lacks, such as `RUN --mount`).
+//! content, link targets) must match. The reference is BuildKit (`DOCKER_BUILDKIT=1` with
+//! the Docker 20.10 client, `--network host` since the test engine has no bridge).
 
 use isula_integration::*;
 use std::collections::BTreeMap;
@@ -207,18 +206,8 @@ fn dockerfiles_build_like_docker() {
             .filter(|l| !l.trim().is_empty())
             .flat_map(|l| ["--build-arg".to_string(), l.trim().to_string()])
             .collect();
-        // A case with a `reference` file saying `buildkit` is built by BuildKit (the 20.10
-        // client of Debian's docker.io runs it without buildx); the others, for now, by
-        // the classic builder.
-        let buildkit =
-            std::fs::read_to_string(case.join("reference")).is_ok_and(|r| r.trim() == "buildkit");
-        let (client, engine) = if buildkit {
-            (BUILDKIT_CLIENT, "1")
-        } else {
-            ("docker", "0")
-        };
-        let docker = Command::new(client)
-            .env("DOCKER_BUILDKIT", engine)
+        let docker = Command::new(BUILDKIT_CLIENT)
+            .env("DOCKER_BUILDKIT", "1")
             .args(["build", "--network", "host", "-q", "-t", &tag])
             .args(&args)
             .arg(case)
