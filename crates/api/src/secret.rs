@@ -1,7 +1,9 @@
 //! Secrets in transit (control-api.md): the daemon holds an RSA-2048 key pair for its
 //! lifetime and publishes the public key (PEM, PKIX `PUBLIC KEY`); the client encrypts a
 //! password or proxy build arg with RSA-OAEP (SHA-512, MGF1-SHA-512, no label) and sends
-//! lower-case hex. aws-lc-rs does the cryptography.
+//! lower-case hex. A value too long for one RSA block (a build secret) is sealed: AES-256-GCM
+//! under a fresh key, the key (hex) RSA-OAEP-encrypted as above. aws-lc-rs does the
+//! cryptography.
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::{
@@ -131,6 +133,74 @@ impl PublicKey {
     }
 }
 
+/// The largest secret value sealed for the daemon (BuildKit's limit is 500 KB).
+pub const SEALED_MAX: usize = 512 * 1024;
+
+/// A value sealed for the daemon: `key` is the hex RSA-OAEP ciphertext of the hex AES-256
+/// key; `ciphertext` is AES-256-GCM of the value (tag appended) under `nonce`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub key: String,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+fn aead_key(raw: &[u8]) -> Result<aws_lc_rs::aead::LessSafeKey, SecretError> {
+    aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, raw)
+        .map(aws_lc_rs::aead::LessSafeKey::new)
+        .map_err(|_| SecretError::Decrypt)
+}
+
+impl PublicKey {
+    /// Seals `value` (at most [`SEALED_MAX`] bytes) for the daemon.
+    pub fn seal(&self, value: &[u8]) -> Result<Sealed, SecretError> {
+        if value.len() > SEALED_MAX {
+            return Err(SecretError::Encrypt(format!(
+                "the value is {} bytes, over the limit of {SEALED_MAX}",
+                value.len()
+            )));
+        }
+        let mut raw = [0u8; 32];
+        let mut nonce = [0u8; aws_lc_rs::aead::NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut raw).map_err(|e| SecretError::Encrypt(e.to_string()))?;
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|e| SecretError::Encrypt(e.to_string()))?;
+        let key = aead_key(&raw).map_err(|_| SecretError::Encrypt("AES key".into()))?;
+        let mut ciphertext = value.to_vec();
+        key.seal_in_place_append_tag(
+            aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+            aws_lc_rs::aead::Aad::empty(),
+            &mut ciphertext,
+        )
+        .map_err(|e| SecretError::Encrypt(e.to_string()))?;
+        let wrapped = self.encrypt_hex(&hex::encode(raw))?;
+        raw.fill(0);
+        Ok(Sealed {
+            key: wrapped,
+            nonce: nonce.to_vec(),
+            ciphertext,
+        })
+    }
+}
+
+impl KeyPair {
+    /// Opens what [`PublicKey::seal`] sealed for this daemon.
+    pub fn unseal(&self, sealed: &Sealed) -> Result<Vec<u8>, SecretError> {
+        let hex_key = self.decrypt_hex(&sealed.key)?;
+        let mut raw = hex::decode(hex_key.trim()).map_err(|_| SecretError::Decrypt)?;
+        let key = aead_key(&raw);
+        raw.fill(0);
+        let nonce = aws_lc_rs::aead::Nonce::try_assume_unique_for_key(&sealed.nonce)
+            .map_err(|_| SecretError::Decrypt)?;
+        let mut buf = sealed.ciphertext.clone();
+        let plain = key?
+            .open_in_place(nonce, aws_lc_rs::aead::Aad::empty(), &mut buf)
+            .map_err(|_| SecretError::Decrypt)?
+            .len();
+        buf.truncate(plain);
+        Ok(buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +223,25 @@ mod tests {
         assert!(k.decrypt_hex("zz").is_err());
         assert!(p.encrypt_hex(&"x".repeat(127)).is_err());
         assert!(PublicKey::from_pem("nonsense").is_err());
+    }
+
+    #[test]
+    fn sealed_values_open_only_with_the_key_and_untouched() {
+        let k = KeyPair::generate().expect("key");
+        let p = PublicKey::from_pem(k.public_pem()).expect("pem");
+        let value: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let s = p.seal(&value).expect("seal");
+        assert!(!s.ciphertext.windows(16).any(|w| w == &value[..16]));
+        assert_eq!(k.unseal(&s).expect("open"), value);
+        assert_eq!(k.unseal(&p.seal(b"").expect("seal")).expect("open"), b"");
+        let other = KeyPair::generate().expect("key");
+        assert!(other.unseal(&s).is_err());
+        let mut bad = s.clone();
+        bad.ciphertext[5] ^= 1;
+        assert!(k.unseal(&bad).is_err());
+        let mut bad = s;
+        bad.nonce.pop();
+        assert!(k.unseal(&bad).is_err());
+        assert!(p.seal(&vec![0; SEALED_MAX + 1]).is_err());
     }
 }

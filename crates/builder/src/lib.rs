@@ -117,6 +117,84 @@ pub struct BuildOptions {
     /// The cache's size cap in bytes (None: no cap): least recently used records go
     /// after the build.
     pub cache_max: Option<u64>,
+    /// `--secret` values for `RUN --mount=type=secret`.
+    pub secrets: Secrets,
+    /// The network of RUN steps that name none (`--network`).
+    pub network: Network,
+    /// `--label` additions to the image config, after the Dockerfile's.
+    pub labels: Vec<(String, String)>,
+    /// `--add-host` lines (host, address) for RUN steps' /etc/hosts.
+    pub add_hosts: Vec<(String, String)>,
+    /// `RUN --security=insecure` is allowed (the daemon's `--allow-insecure`).
+    pub allow_insecure: bool,
+}
+
+/// A RUN step's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    /// The host's network (isula-build's only one, and our default).
+    #[default]
+    Host,
+    /// A network namespace of its own with only a loopback device.
+    None,
+}
+
+impl Network {
+    /// `host`, `none`, or `default` (= `build_default`), as BuildKit names them.
+    pub fn parse(text: &str, build_default: Network) -> Result<Network, String> {
+        match text {
+            "" | "default" => Ok(build_default),
+            "host" => Ok(Network::Host),
+            "none" => Ok(Network::None),
+            other => Err(format!(
+                "network {other:?} is not supported: use default, none or host"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Network::Host => "host",
+            Network::None => "none",
+        }
+    }
+}
+
+/// A build's secret values by id. Their bytes never show in `Debug` output and are zeroed
+/// when the last copy goes.
+#[derive(Clone, Default)]
+pub struct Secrets(std::collections::BTreeMap<String, std::sync::Arc<zeroize::Zeroizing<Vec<u8>>>>);
+
+impl Secrets {
+    pub fn insert(&mut self, id: String, value: Vec<u8>) {
+        self.0
+            .insert(id, std::sync::Arc::new(zeroize::Zeroizing::new(value)));
+    }
+
+    pub fn get(&self, id: &str) -> Option<&[u8]> {
+        self.0.get(id).map(|v| v.as_slice())
+    }
+
+    /// The total size of the values.
+    pub fn total_len(&self) -> usize {
+        self.0.values().map(|v| v.len()).sum()
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Secrets")
+            .field(&self.0.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Forwards the client's SSH agents (`--ssh`) into RUN steps.
+pub trait SshForward: Send + Sync {
+    /// The ids the client forwards.
+    fn ids(&self) -> Vec<String>;
+    /// Serves agent `id` on a new unix socket at `path` until the returned guard drops.
+    fn serve(&self, id: &str, path: &std::path::Path) -> Result<Box<dyn Send>, String>;
 }
 
 /// How a build uses the build cache.
@@ -203,6 +281,8 @@ pub struct Context<'a> {
     pub pull: Option<&'a Puller>,
     /// Records to import when the local cache lacks them (`--cache-from`).
     pub remote: Option<&'a dyn RemoteCache>,
+    /// The client's SSH agents (`--ssh`; none: `RUN --mount=type=ssh` finds no agent).
+    pub ssh: Option<&'a dyn SshForward>,
 }
 
 impl Context<'_> {

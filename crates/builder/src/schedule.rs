@@ -169,7 +169,7 @@ pub(crate) fn build_stages(
     hashes: &std::sync::Mutex<cache_key::ContextHashes>,
 ) -> Result<(ImageId, Vec<Digest>, Vec<String>), BuildError> {
     let n = df.stages.len();
-    let (store, runc, pull, remote) = (ctx.store, ctx.runc, ctx.pull, ctx.remote);
+    let (store, runc, pull, remote, ssh) = (ctx.store, ctx.runc, ctx.pull, ctx.remote, ctx.ssh);
     let global_cancel = ctx.cancel.clone();
     let stage_cancel: Vec<CancelFlag> = (0..n).map(|_| CancelFlag::default()).collect();
     let order: Vec<usize> = stages.iter().map(|(i, _)| *i).collect();
@@ -252,6 +252,7 @@ pub(crate) fn build_stages(
                     cancel: stage_cancel[i].clone(),
                     log: &mut log,
                     pull,
+                    ssh,
                     remote,
                 };
                 let mut run = stage::StageRun::new(&mut sctx, &shared, i, &results);
@@ -368,9 +369,21 @@ pub(crate) fn build_stages(
         .collect();
     unused.sort();
     unused.dedup();
-    let last = s.results[target]
+    let mut last = s.results[target]
         .take()
         .ok_or_else(|| BuildError::Invalid("the target stage produced nothing".into()))?;
+    // `--label`: on the image built, after (over) the Dockerfile's, as docker build does.
+    if !opts.labels.is_empty() {
+        let labels = last
+            .config
+            .config
+            .get_or_insert_with(Default::default)
+            .labels
+            .get_or_insert_with(Default::default);
+        for (k, v) in &opts.labels {
+            labels.insert(k.clone(), v.clone());
+        }
+    }
     let id = stage::commit_image(ctx, &last, &opts.tags, opts.oci, lease)?;
     // isula-build names a stage by its AS name, else by its index.
     let name = df.stages[target]

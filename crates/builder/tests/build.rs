@@ -305,6 +305,7 @@ fn run_build_with(
         log: &mut sink,
         pull: None,
         remote: None,
+        ssh: None,
     };
     let built = build(&mut ctx, &opts);
     drop(ctx);
@@ -556,6 +557,7 @@ fn a_failed_pull_keeps_its_kind() {
             log: &mut sink,
             pull: Some(&puller),
             remote: None,
+            ssh: None,
         };
         let err = build(&mut ctx, &opts).expect_err("the pull fails");
         assert_eq!(err.kind(), kind, "{dockerfile}: {err}");
@@ -622,6 +624,7 @@ fn run_steps_reach_the_runtime_as_docker_gives_them() {
             log: &mut sink,
             pull: None,
             remote: None,
+            ssh: None,
         };
         let r = build(&mut c, &opts).map(|b| b.id);
         (r, log)

@@ -47,6 +47,9 @@ pub struct Flags {
     /// Enable experimental features
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub experimental: Option<bool>,
+    /// Allow `RUN --security=insecure` (every capability, no seccomp filter, writable /sys)
+    #[arg(long = "allow-insecure", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_insecure: Option<bool>,
     /// Directory of the configuration files
     #[arg(long = "config-dir", default_value = DEFAULT_CONFIG_DIR)]
     pub config_dir: PathBuf,
@@ -72,7 +75,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 13] = [
+const CONFIGURATION_KEYS: [&str; 14] = [
     "debug",
     "loglevel",
     "group",
@@ -86,6 +89,7 @@ const CONFIGURATION_KEYS: [&str; 13] = [
     "max_layer_entries",
     "min_free_space",
     "registry_stall_timeout",
+    "allow_insecure",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +101,8 @@ struct ConfigurationFile {
     data_root: Option<PathBuf>,
     runtime: Option<String>,
     experimental: Option<bool>,
+    /// Ours: allow `RUN --security=insecure` (default off).
+    allow_insecure: Option<bool>,
     /// Ours: the build cache (default on).
     build_cache: Option<bool>,
     /// Ours: the build cache's size cap ("20GB"; default: a fifth of the data root's free
@@ -151,6 +157,8 @@ pub struct Settings {
     pub run_root: PathBuf,
     pub runtime: String,
     pub experimental: bool,
+    /// `RUN --security=insecure` is allowed (`--allow-insecure`, `allow_insecure`).
+    pub allow_insecure: bool,
     /// Reuse and record build steps (configuration.toml `build_cache`).
     pub build_cache: bool,
     /// The cap in bytes, when configured (`build_cache_max_size`).
@@ -464,6 +472,10 @@ impl Settings {
             )?,
             runtime: conf.runtime.unwrap_or_else(|| "runc".into()),
             experimental: flags.experimental.or(conf.experimental).unwrap_or(false),
+            allow_insecure: flags
+                .allow_insecure
+                .or(conf.allow_insecure)
+                .unwrap_or(false),
             build_cache: conf.build_cache.unwrap_or(true),
             build_cache_max,
             unpack_limits,

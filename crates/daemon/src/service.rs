@@ -307,6 +307,18 @@ impl Control for Service {
             .map(Response::new)
     }
 
+    type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<SessionFrame, Status>>;
+    async fn session(
+        &self,
+        r: Request<tonic::Streaming<SessionFrame>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        // Only builds (root's) have sessions.
+        root_only(&r, "a build session")?;
+        rpc::session::open(self.state.clone(), r.into_inner())
+            .await
+            .map(|rx| Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
     async fn image_inspect(
         &self,
         r: Request<ImageInspectRequest>,

@@ -16,6 +16,8 @@ pub struct State {
     /// The OCI runtime for RUN, or why it is unusable.
     pub runc: Result<isula_runtime::Runc, String>,
     pub builds: crate::rpc::build::Builds,
+    /// Clients' build sessions (SSH agent forwarding).
+    pub sessions: crate::rpc::session::Sessions,
     /// Registry configuration, credentials and certificates.
     pub registry: isula_registry::Context,
     /// Decrypts passwords and proxy build args (control-api.md, secrets in transit).
@@ -73,6 +75,7 @@ impl State {
             store,
             runc,
             builds: Default::default(),
+            sessions: Default::default(),
             ops: Mutex::default(),
             op_ended: tokio::sync::Notify::new(),
         })

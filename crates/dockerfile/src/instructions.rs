@@ -49,6 +49,8 @@ pub enum Instruction {
     Run {
         command: Command,
         network: Option<String>,
+        /// `--security=sandbox|insecure`.
+        security: Option<String>,
         /// `--mount` values as written (expanded and read by `mounts::parse_mount` when
         /// the step runs, with the stage's variables, as BuildKit does).
         mounts: Vec<String>,
@@ -364,14 +366,14 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
         }
         "run" => {
             let flags = Flags::new(node, &["network", "mount", "security"])?;
-            if let Some((_, v)) = flags.values.iter().find(|(n, _)| n == "security") {
-                return Err(err(
-                    line,
-                    format!(
-                        "RUN --security={} is not supported: steps always run confined",
-                        v.as_deref().unwrap_or_default()
-                    ),
-                ));
+            let security = flags.string("security")?;
+            if let Some(v) = &security {
+                if v != "insecure" && v != "sandbox" {
+                    return Err(err(
+                        line,
+                        format!("RUN --security={v}: expected sandbox or insecure"),
+                    ));
+                }
             }
             let mut mounts = Vec::new();
             for (n, v) in flags.values.iter().filter(|(n, _)| n == "mount") {
@@ -387,10 +389,10 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
             }
             let network = flags.string("network")?;
             if let Some(n) = &network {
-                if n != "host" && n != "default" {
+                if !["host", "default", "none"].contains(&n.as_str()) {
                     return Err(err(
                         line,
-                        format!("RUN --network={n} is not supported: builds use the host network"),
+                        format!("RUN --network={n} is not supported: use default, none or host"),
                     ));
                 }
             }
@@ -398,6 +400,7 @@ pub fn instruction(node: &Node, escape: char) -> Result<Instruction, ParseError>
             Instruction::Run {
                 command: command(&node.rest),
                 network,
+                security,
                 mounts,
                 heredocs: node.heredocs.clone(),
             }

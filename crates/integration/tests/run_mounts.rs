@@ -223,7 +223,7 @@ fn bad_mounts_fail_naming_the_line_and_leave_nothing() {
         ("type=cache", "requires a target"),
         ("type=cache,target=$EMPTY", "requires a target"),
         ("type=tmpfs,target=/", "cannot mount over the root"),
-        ("type=secret,id=tok", "not supported yet"),
+        ("type=secret,id=tok,required", "secret tok is required"),
     ] {
         std::fs::write(
             ctx.path().join("Dockerfile"),

@@ -76,6 +76,70 @@ pub const ALL_CAPS: [&str; 41] = [
     "CAP_WAKE_ALARM",
 ];
 
+/// The capabilities by number (`capability.h`).
+const CAPS_BY_BIT: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// Every capability the daemon itself may pass on (its bounding set): what an insecure
+/// step gets (the host may withhold some, even from root).
+pub fn bounding_caps() -> Vec<String> {
+    let mask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX);
+    CAPS_BY_BIT
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| mask & (1u64 << bit) != 0)
+        .map(|(_, c)| c.to_string())
+        .collect()
+}
+
 /// Host files bind-mounted into every step (never part of a layer).
 pub const HOST_FILES: [&str; 2] = ["/etc/hosts", "/etc/resolv.conf"];
 
@@ -158,6 +222,14 @@ pub struct Process {
     pub seccomp_unconfined: bool,
     /// The step's own mounts (`RUN --mount`), after the defaults.
     pub mounts: Vec<Mount>,
+    /// A network namespace of its own with only loopback (`--network=none`) instead of the
+    /// host's network.
+    pub network_none: bool,
+    /// `RUN --security=insecure`: every capability, no seccomp filter, no masked or
+    /// read-only kernel paths, a writable /sys (as BuildKit's insecure entitlement).
+    pub insecure: bool,
+    /// The /etc/hosts to show instead of the host's (with `--add-host` lines).
+    pub hosts_file: Option<PathBuf>,
 }
 
 /// One extra mount of a step, as the OCI spec writes it.
@@ -250,7 +322,16 @@ pub const PIDS_LIMIT: i64 = 32768;
 
 /// The OCI runtime spec for a build step on `rootfs`.
 pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
-    let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|c| c.to_string()).collect();
+    let mut caps: Vec<String> = if process.insecure {
+        bounding_caps()
+    } else {
+        DEFAULT_CAPS.iter().map(|c| c.to_string()).collect()
+    };
+    let sys_options = if process.insecure {
+        json!(["nosuid", "noexec", "nodev"])
+    } else {
+        json!(["nosuid", "noexec", "nodev", "ro"])
+    };
     for c in &process.cap_add {
         if !caps.contains(c) {
             caps.push(c.clone());
@@ -262,14 +343,55 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}),
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
     ];
     for f in HOST_FILES {
-        if Path::new(f).exists() {
-            mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
+        let source = match &process.hosts_file {
+            Some(h) if f == "/etc/hosts" => h.as_path(),
+            _ => Path::new(f),
+        };
+        if source.exists() {
+            mounts.push(json!({"destination": f, "type": "bind", "source": source, "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}));
         }
     }
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
+    if process.network_none {
+        // runc brings the loopback device up in a new network namespace.
+        namespaces.push(json!({"type": "network"}));
+    }
+    let (masked, readonly) = if process.insecure {
+        (json!([]), json!([]))
+    } else {
+        (
+            // Docker's default masked and read-only paths.
+            json!([
+                "/proc/asound",
+                "/proc/acpi",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/proc/scsi",
+                "/sys/firmware",
+                "/sys/devices/virtual/powercap"
+            ]),
+            json!([
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger"
+            ]),
+        )
+    };
     for m in &process.mounts {
         mounts.push(json!({"destination": m.destination, "type": m.kind, "source": m.source, "options": m.options}));
     }
@@ -288,16 +410,14 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         "hostname": "isula-build",
         "mounts": mounts,
         "linux": {
-            // No network namespace: RUN uses the host network (the manual).
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            // Docker's default masked and read-only paths.
-            "maskedPaths": ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-                            "/sys/firmware", "/sys/devices/virtual/powercap"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+            // No network namespace unless --network=none: RUN uses the host network (the
+            // manual).
+            "namespaces": namespaces,
+            "maskedPaths": masked,
+            "readonlyPaths": readonly,
             // A fork bomb in a RUN stops at this many tasks instead of taking the host.
             "resources": {"pids": {"limit": PIDS_LIMIT}},
-            "seccomp": if process.seccomp_unconfined { serde_json::Value::Null } else { seccomp(&caps) }
+            "seccomp": if process.seccomp_unconfined || process.insecure { serde_json::Value::Null } else { seccomp(&caps) }
         }
     })
 }
@@ -505,5 +625,50 @@ mod tests {
             .filter_map(|n| n["type"].as_str())
             .collect();
         assert!(!ns.contains(&"network"), "RUN uses the host network");
+        assert!(s["linux"]["seccomp"].is_object());
+        assert_eq!(
+            s["linux"]["maskedPaths"].as_array().map(|a| a.len()),
+            Some(11)
+        );
+
+        let s = spec(
+            Path::new("/r"),
+            &Process {
+                network_none: true,
+                insecure: true,
+                hosts_file: Some("/build/hosts".into()),
+                ..Default::default()
+            },
+        );
+        let ns: Vec<&str> = s["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["type"].as_str())
+            .collect();
+        assert!(ns.contains(&"network"));
+        assert_eq!(
+            s["process"]["capabilities"]["bounding"]
+                .as_array()
+                .map(|a| a.len()),
+            Some(bounding_caps().len())
+        );
+        let mut by_bit = CAPS_BY_BIT.to_vec();
+        by_bit.sort();
+        assert_eq!(by_bit, ALL_CAPS.to_vec());
+        assert!(s["linux"]["seccomp"].is_null());
+        assert_eq!(s["linux"]["maskedPaths"], json!([]));
+        let sys = s["mounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["destination"] == "/sys")
+            .cloned()
+            .unwrap_or_default();
+        assert!(!sys["options"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|o| o == "ro"));
     }
 }

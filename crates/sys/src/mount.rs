@@ -105,6 +105,25 @@ pub fn mount_overlay(
     overlay(lowers, Some((upper, work)), target, options, false)
 }
 
+/// Mounts a private tmpfs at `target` (mode 0700, `size` bytes, nosuid, nodev, noexec):
+/// memory that holds a step's secrets and agent sockets, never the disk.
+pub fn mount_tmpfs(target: &Path, size: u64) -> Result<MountGuard> {
+    let data = std::ffi::CString::new(format!("mode=0700,size={size},nr_inodes=1024"))
+        .map_err(|_| SysError::new("mount tmpfs", target, rustix::io::Errno::INVAL))?;
+    rustix::mount::mount(
+        "tmpfs",
+        target,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        data.as_c_str(),
+    )
+    .map_err(|e| SysError::new("mount tmpfs", target, e))?;
+    Ok(MountGuard {
+        target: target.to_path_buf(),
+        mounted: true,
+    })
+}
+
 /// Mounts a read-only overlay of `lowers` (top first, at least one) at `target`: a view of
 /// an image or stage, for `COPY --from` and for looking things up in a base.
 pub fn mount_overlay_ro(lowers: &[PathBuf], target: &Path, empty: &Path) -> Result<MountGuard> {

@@ -561,9 +561,16 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 command,
                 heredocs,
                 mounts,
-                ..
+                network,
+                security,
             } => {
-                self.run(n, step, command, &heredocs, &mounts)?;
+                let flags = run::RunFlags {
+                    heredocs: &heredocs,
+                    mounts: &mounts,
+                    network: network.as_deref(),
+                    security: security.as_deref(),
+                };
+                self.run(n, step, command, flags)?;
             }
             Instruction::Copy(c) | Instruction::Add(c) => {
                 let is_add = matches!(step.instruction, Instruction::Add(_));

@@ -8,6 +8,12 @@
 //!   once, `locked` makes builds wait for each other, `private` gives a build that finds it
 //!   in use a throwaway one.
 //! - `tmpfs`: a fresh tmpfs (`size`).
+//! - `secret`: a `--secret` value as a read-only file (default `/run/secrets/<id>`, mode
+//!   0400) and/or an environment variable (`env`); `ssh`: a socket forwarding one of the
+//!   client's SSH agents (default id `default`, target `/run/buildkit/ssh_agent.<N>`, and
+//!   `SSH_AUTH_SOCK` then points at it). Both live in a tmpfs of the step, never on disk,
+//!   and only their ids and options enter the key. One the build was not given is left
+//!   out, or fails the step when `required`.
 //!
 //! Mount targets that do not exist are created (directories, 0755) and stay in the layer,
 //! as BuildKit leaves them. Paths inside a stage, an image or the context are resolved in
@@ -24,6 +30,8 @@ pub(super) struct Planned {
     target: String,
     /// What `from=` names, once built or found.
     from: Option<StageResult>,
+    /// An ssh mount at its default target: `SSH_AUTH_SOCK` points at it.
+    default_agent: bool,
 }
 
 /// What the step's mounts hold until the step ends (views, locks, scratch copies); the
@@ -32,6 +40,42 @@ pub(super) struct Planned {
 pub(super) struct Held {
     views: Vec<MountGuard>,
     _locks: Vec<isula_sys::lock::FileLock>,
+    /// Forwarded agents (they stop before their sockets' tmpfs goes).
+    agents: Vec<Box<dyn Send>>,
+    /// The step's tmpfs for secrets and sockets, and its mount point.
+    memory: Option<(MountGuard, PathBuf)>,
+    /// Variables the mounts add to the run (secrets with `env`, `SSH_AUTH_SOCK`).
+    pub env: Vec<(String, zeroize::Zeroizing<String>)>,
+}
+
+impl Held {
+    /// The step's tmpfs, if a secret or an agent needed one.
+    pub(super) fn memory_dir(&self) -> Option<&Path> {
+        self.memory.as_ref().map(|(_, d)| d.as_path())
+    }
+
+    fn memory(&mut self, at: PathBuf, size: u64) -> Result<PathBuf, String> {
+        if let Some((_, d)) = &self.memory {
+            return Ok(d.clone());
+        }
+        std::fs::create_dir_all(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+        let guard = isula_sys::mount::mount_tmpfs(&at, size).map_err(|e| e.to_string())?;
+        self.memory = Some((guard, at.clone()));
+        Ok(at)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.agents.clear();
+        if let Some((guard, dir)) = self.memory.take() {
+            if let Err(e) = guard.unmount() {
+                tracing::warn!(dir = %dir.display(), error = %e, "unmounting a step's secrets");
+            } else {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+    }
 }
 
 /// How long a `sharing=locked` cache mount is waited for between checks of cancellation.
@@ -78,17 +122,83 @@ impl StageRun<'_, '_> {
                 lexer.process_word(v, &vars).map_err(|e| e.to_string())
             })
             .map_err(|e| step_err(n, step, format!("--mount={r}: {e}")))?;
-            if matches!(spec.kind, MountKind::Secret | MountKind::Ssh) {
-                return Err(step_err(
-                    n,
-                    step,
-                    format!(
-                        "--mount={r}: type={} mounts are not supported yet",
-                        spec.kind.name()
-                    ),
-                ));
+            let mut spec = spec;
+            let mut default_agent = false;
+            let target = match spec.kind {
+                MountKind::Secret => {
+                    // BuildKit: the id defaults to the target's file name.
+                    let id = spec.id.clone().or_else(|| {
+                        spec.target
+                            .as_deref()
+                            .and_then(|t| Path::new(t).file_name())
+                            .map(|f| f.to_string_lossy().into_owned())
+                    });
+                    let Some(id) = id else {
+                        return Err(step_err(
+                            n,
+                            step,
+                            format!("--mount={r}: a secret mount needs an id or a target"),
+                        ));
+                    };
+                    if self.opts.secrets.get(&id).is_none() {
+                        if spec.required {
+                            return Err(step_err(
+                                n,
+                                step,
+                                format!(
+                                    "--mount={r}: secret {id} is required, and the build was \
+                                     given none with that id (--secret id={id},src=FILE)"
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    spec.id = Some(id.clone());
+                    match (&spec.target, &spec.env) {
+                        // Only a variable.
+                        (None, Some(_)) => String::new(),
+                        (t, _) => {
+                            absolute(&cwd, t.as_deref().unwrap_or(&format!("/run/secrets/{id}")))
+                        }
+                    }
+                }
+                MountKind::Ssh => {
+                    let id = spec.id.clone().unwrap_or_else(|| "default".into());
+                    let given = self.ctx.ssh.is_some_and(|s| s.ids().contains(&id));
+                    if !given {
+                        if spec.required {
+                            return Err(step_err(
+                                n,
+                                step,
+                                format!(
+                                    "--mount={r}: SSH agent {id} is required, and the build was \
+                                     given none with that id (--ssh {id}[=SOCKET|KEY])"
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    spec.id = Some(id);
+                    let index = out.iter().filter(|p| p.spec.kind == MountKind::Ssh).count();
+                    default_agent = spec.target.is_none() && index == 0;
+                    absolute(
+                        &cwd,
+                        spec.target
+                            .as_deref()
+                            .unwrap_or(&format!("/run/buildkit/ssh_agent.{index}")),
+                    )
+                }
+                _ => absolute(&cwd, spec.target.as_deref().unwrap_or_default()),
+            };
+            if spec.kind == MountKind::Secret && target.is_empty() {
+                out.push(Planned {
+                    spec,
+                    target,
+                    from: None,
+                    default_agent,
+                });
+                continue;
             }
-            let target = absolute(&cwd, spec.target.as_deref().unwrap_or_default());
             if target == "/" {
                 return Err(step_err(
                     n,
@@ -134,7 +244,12 @@ impl StageRun<'_, '_> {
                     })?,
                 }),
             };
-            out.push(Planned { spec, target, from });
+            out.push(Planned {
+                spec,
+                target,
+                from,
+                default_agent,
+            });
         }
         Ok(out)
     }
@@ -180,6 +295,8 @@ impl StageRun<'_, '_> {
                 "uid": m.uid,
                 "gid": m.gid,
                 "size": m.size,
+                "env": m.env,
+                "required": m.required,
             }));
         }
         Ok(out)
@@ -241,7 +358,51 @@ impl StageRun<'_, '_> {
                     };
                     (dir, bind_options(p.spec.readonly))
                 }
-                MountKind::Secret | MountKind::Ssh => continue,
+                MountKind::Secret => {
+                    let id = p.spec.id.clone().unwrap_or_default();
+                    let value = self.opts.secrets.get(&id).unwrap_or_default();
+                    if let Some(var) = &p.spec.env {
+                        let text = std::str::from_utf8(value).map_err(|_| {
+                            e(format!(
+                                "secret {id} is not UTF-8 text, so it cannot be the variable {var}"
+                            ))
+                        })?;
+                        held.env
+                            .push((var.clone(), zeroize::Zeroizing::new(text.to_string())));
+                    }
+                    if p.target.is_empty() {
+                        continue;
+                    }
+                    let dir = held
+                        .memory(self.memory_at(n), self.memory_size())
+                        .map_err(e)?;
+                    let file = dir.join(format!("secret-{i}"));
+                    write_private(&file, value, p.spec.mode.unwrap_or(0o400), &p.spec)
+                        .map_err(e)?;
+                    (file, bind_options(true))
+                }
+                MountKind::Ssh => {
+                    let id = p.spec.id.clone().unwrap_or_default();
+                    let dir = held
+                        .memory(self.memory_at(n), self.memory_size())
+                        .map_err(e)?;
+                    let sock = dir.join(format!("ssh-{i}"));
+                    let Some(ssh) = self.ctx.ssh else {
+                        return Err(e(format!("SSH agent {id}: not forwarded")));
+                    };
+                    held.agents.push(
+                        ssh.serve(&id, &sock)
+                            .map_err(|m| e(format!("SSH agent {id}: {m}")))?,
+                    );
+                    set_owner_mode(&sock, p.spec.mode.unwrap_or(0o600), &p.spec).map_err(e)?;
+                    if p.default_agent {
+                        held.env.push((
+                            "SSH_AUTH_SOCK".into(),
+                            zeroize::Zeroizing::new(p.target.clone()),
+                        ));
+                    }
+                    (sock, bind_options(false))
+                }
             };
             mounts.push(isula_runtime::Mount {
                 destination: p.target.clone(),
@@ -251,6 +412,16 @@ impl StageRun<'_, '_> {
             });
         }
         Ok((mounts, held))
+    }
+
+    /// Where the step's tmpfs for secrets and sockets is mounted.
+    fn memory_at(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("memory-{n}"))
+    }
+
+    /// Room for every secret of the build, and the bundle.
+    fn memory_size(&self) -> u64 {
+        self.opts.secrets.total_len() as u64 + (4 << 20)
     }
 
     /// A copy of a context path (what `.dockerignore` leaves, as the context BuildKit
@@ -418,6 +589,31 @@ impl StageRun<'_, '_> {
             }
         }
     }
+}
+
+/// Writes a secret's file (only its owner's from the start).
+fn write_private(path: &Path, value: &[u8], mode: u32, spec: &RunMount) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    f.write_all(value).map_err(|e| e.to_string())?;
+    drop(f);
+    set_owner_mode(path, mode, spec)
+}
+
+fn set_owner_mode(path: &Path, mode: u32, spec: &RunMount) -> Result<(), String> {
+    rustix::fs::chown(
+        path,
+        Some(rustix::fs::Uid::from_raw(spec.uid.unwrap_or(0))),
+        Some(rustix::fs::Gid::from_raw(spec.gid.unwrap_or(0))),
+    )
+    .map_err(|e| e.to_string())?;
+    rustix::fs::chmod(path, Mode::from_raw_mode(mode)).map_err(|e| e.to_string())
 }
 
 fn bind_options(readonly: bool) -> Vec<String> {

@@ -3,17 +3,36 @@
 
 use super::*;
 
+/// A RUN's flags as written.
+pub(super) struct RunFlags<'a> {
+    pub heredocs: &'a [isula_dockerfile::parser::Heredoc],
+    pub mounts: &'a [String],
+    pub network: Option<&'a str>,
+    pub security: Option<&'a str>,
+}
+
 impl StageRun<'_, '_> {
     pub(super) fn run(
         &mut self,
         n: usize,
         step: &Step,
         command: Command,
-        heredocs: &[isula_dockerfile::parser::Heredoc],
-        raw_mounts: &[String],
+        flags: RunFlags<'_>,
     ) -> Result<(), BuildError> {
+        let heredocs = flags.heredocs;
+        let network = crate::Network::parse(flags.network.unwrap_or_default(), self.opts.network)
+            .map_err(|e| step_err(n, step, format!("--network: {e}")))?;
+        let insecure = flags.security == Some("insecure");
+        if insecure && !self.opts.allow_insecure {
+            return Err(step_err(
+                n,
+                step,
+                "RUN --security=insecure needs the daemon started with --allow-insecure \
+                 (every capability, no seccomp filter, writable /sys)",
+            ));
+        }
         // Mounts first: an image named by from= is found (or pulled) before anything else.
-        let planned = self.plan_mounts(n, step, raw_mounts)?;
+        let planned = self.plan_mounts(n, step, flags.mounts)?;
         let args = match command {
             Command::Exec(v) => v,
             Command::Shell(s) => {
@@ -79,7 +98,13 @@ impl StageRun<'_, '_> {
             .field("user", user_spec.as_bytes())
             .field("cwd", cwd.as_bytes())
             .json("cap_add", &self.opts.cap_add)
-            .field("network", b"host");
+            .field("network", network.name().as_bytes());
+        if insecure {
+            key.field("security", b"insecure");
+        }
+        if !self.opts.add_hosts.is_empty() {
+            key.json("add_hosts", &self.opts.add_hosts);
+        }
         if !planned.is_empty() {
             key.json("mounts", &self.mounts_key(n, step, &planned)?);
         }
@@ -92,7 +117,7 @@ impl StageRun<'_, '_> {
         let scratch_dirs: Vec<PathBuf> = (0..planned.len())
             .map(|i| self.dir.join(format!("mount-{n}-{i}")))
             .collect();
-        let (mounts, held) = self.prepare_mounts(n, step, planned)?;
+        let (mounts, mut held) = self.prepare_mounts(n, step, planned)?;
         let root = self.rootfs()?;
         let ids = if user_spec.is_empty() {
             user::Ids {
@@ -121,6 +146,13 @@ impl StageRun<'_, '_> {
         }
         if !set(&env, "PATH") {
             env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+        // Secrets as variables and the agent socket: in this run only, never in the key.
+        for (k, v) in std::mem::take(&mut held.env) {
+            if k != "SSH_AUTH_SOCK" || !set(&env, &k) {
+                env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k.as_str()));
+                env.push(format!("{k}={}", v.as_str()));
+            }
         }
         // Mount points runc creates must not end up in the layer.
         let mount_points = [
@@ -160,8 +192,15 @@ impl StageRun<'_, '_> {
             cap_add: self.opts.cap_add.clone(),
             seccomp_unconfined: self.opts.seccomp_unconfined,
             mounts,
+            network_none: network == crate::Network::None,
+            insecure,
+            hosts_file: self.hosts_file().map_err(|e| step_err(n, step, e))?,
         };
-        let bundle = self.dir.join(format!("bundle-{n}"));
+        // With secrets in its environment the bundle lives in the step's tmpfs, off disk.
+        let bundle = match held.memory_dir() {
+            Some(dir) => dir.join("bundle"),
+            None => self.dir.join(format!("bundle-{n}")),
+        };
         std::fs::create_dir_all(&bundle)
             .map_err(|e| isula_store::StoreError::io("create", &bundle, e))?;
         let rootfs_path = self.dir.join("rootfs");
@@ -187,6 +226,7 @@ impl StageRun<'_, '_> {
             (self.ctx.log)(format!("{}\n", String::from_utf8_lossy(&pending)));
         }
         let _ = std::fs::remove_dir_all(&bundle);
+        drop(process);
         // The views unmount and the cache locks go before anything else happens.
         drop(held);
         for d in &scratch_dirs {
@@ -240,5 +280,29 @@ impl StageRun<'_, '_> {
             Err(isula_runtime::RuntimeError::Cancelled) => Err(BuildError::Cancelled),
             Err(e) => Err(step_err(n, step, e.to_string())),
         }
+    }
+
+    /// The build's /etc/hosts for RUN with the `--add-host` lines (None: the host's as
+    /// is). Written once per build, in full before it is renamed into place.
+    fn hosts_file(&self) -> Result<Option<PathBuf>, String> {
+        if self.opts.add_hosts.is_empty() {
+            return Ok(None);
+        }
+        let path = self.opts.work_dir.join("hosts");
+        if path.exists() {
+            return Ok(Some(path));
+        }
+        let mut text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        for (host, ip) in &self.opts.add_hosts {
+            text.push_str(&format!("{ip}\t{host}\n"));
+        }
+        std::fs::create_dir_all(&self.opts.work_dir).map_err(|e| e.to_string())?;
+        let tmp = self.opts.work_dir.join(format!("hosts.{}", self.index));
+        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Some(path))
     }
 }

@@ -61,6 +61,24 @@ pub struct Args {
     /// (REGISTRY/REPO:TAG or type=registry,ref=REGISTRY/REPO:TAG)
     #[arg(long = "cache-to", value_parser = cache_ref)]
     pub cache_to: Option<String>,
+    /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable;
+    /// read here, sealed for the daemon, never stored in the image)
+    #[arg(long = "secret")]
+    pub secret: Vec<String>,
+    /// An SSH agent for RUN --mount=type=ssh: default (SSH_AUTH_SOCK), or ID=SOCKET, or
+    /// ID=KEY[,KEY] (loaded into an ssh-agent for the build) (repeatable)
+    #[arg(long = "ssh")]
+    pub ssh: Vec<String>,
+    /// The network of RUN steps: host (the default, as isula-build) or none (loopback only);
+    /// a RUN --network overrides it
+    #[arg(long = "network", value_parser = ["default", "host", "none"])]
+    pub network: Option<String>,
+    /// Set metadata on the image (NAME=VALUE, repeatable)
+    #[arg(long = "label")]
+    pub label: Vec<String>,
+    /// Add a HOST:IP line to /etc/hosts of RUN steps (repeatable)
+    #[arg(long = "add-host")]
+    pub add_host: Vec<String>,
     /// Build context directory
     #[arg(default_value = ".")]
     pub context: String,
@@ -228,6 +246,13 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         .map(|t| t.seconds.to_string())
         .unwrap_or_else(|| chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true));
     let (build_args, encrypted) = protect_build_args(args.build_args)?;
+    for h in &args.add_host {
+        if !h.contains(':') && !h.contains('=') {
+            bail!("invalid --add-host {h:?}: expected HOST:IP");
+        }
+    }
+    let secrets = super::build_session::seal_secrets(&args.secret)?;
+    let agents = super::build_session::agents(&args.ssh)?;
     let req = BuildRequest {
         build_id: build_id.clone(),
         build_type: "ctr-img".into(),
@@ -255,6 +280,17 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         cache_from: args.cache_from,
         cache_to: args.cache_to.unwrap_or_default(),
         progress: crate::progress::wanted(),
+        secrets,
+        ssh_ids: agents.ids(),
+        network: args.network.filter(|n| n != "default").unwrap_or_default(),
+        labels: args.label,
+        add_hosts: args.add_host,
+    };
+    // The agents are served over the build's session while it runs.
+    let session = if args.ssh.is_empty() {
+        None
+    } else {
+        Some(super::build_session::serve(client, build_id.clone(), &agents).await?)
     };
     let live = req.progress;
     let mut status_client = client.clone();
@@ -313,13 +349,18 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let printer = tokio::spawn(status);
     // If the build fails, its log may still be streaming: stop it (dropping the call), as a
     // failed log would stop the build.
-    match client.build(req).await {
+    let result = match client.build(req).await {
         Ok(_) => printer.await.context("log printer")?,
         Err(e) => {
             printer.abort();
             Err(e.into())
         }
+    };
+    if let Some(s) = session {
+        s.abort();
     }
+    drop(agents);
+    result
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! One file per command. Each builds its request, calls the daemon, and prints.
 
 pub mod build;
+pub mod build_session;
 pub mod builder;
 pub mod images;
 pub mod import;

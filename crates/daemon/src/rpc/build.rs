@@ -396,6 +396,7 @@ async fn run_inner(
             "--cache-from and --cache-to need the build cache, which is off (build_cache = false)",
         ));
     }
+    let extras = extras(&state, &req)?;
     let (tx, cancel) = state
         .builds
         .start(&req.build_id, &req.entity_id, req.progress)?;
@@ -423,8 +424,15 @@ async fn run_inner(
             (true, false) => CacheMode::On,
         },
         cache_max: Some(cache_cap(&state)),
+        secrets: extras.secrets,
+        network: extras.network,
+        labels: extras.labels,
+        add_hosts: extras.add_hosts,
+        allow_insecure: state.settings.allow_insecure,
     };
     let job = Job {
+        ssh_ids: req.ssh_ids.clone(),
+        runtime: tokio::runtime::Handle::current(),
         state: state.clone(),
         files,
         runc,
@@ -461,8 +469,121 @@ async fn run_inner(
     result.map(|image_id| BuildResponse { image_id })
 }
 
+/// What the request adds beyond the original API, checked.
+struct Extras {
+    secrets: isula_builder_core::Secrets,
+    network: isula_builder_core::Network,
+    labels: Vec<(String, String)>,
+    add_hosts: Vec<(String, String)>,
+}
+
+/// The most secrets, SSH agents, labels or hosts one build may name.
+const EXTRAS_MAX: usize = 256;
+
+fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
+    if req.secrets.len() > EXTRAS_MAX
+        || req.ssh_ids.len() > EXTRAS_MAX
+        || req.labels.len() > EXTRAS_MAX
+        || req.add_hosts.len() > EXTRAS_MAX
+    {
+        return Err(error::invalid(format!(
+            "at most {EXTRAS_MAX} each of --secret, --ssh, --label and --add-host"
+        )));
+    }
+    let plain_id = |what: &str, id: &str| {
+        if id.is_empty()
+            || id.len() > 255
+            || id == ".."
+            || id.contains('/')
+            || id.contains(char::is_control)
+        {
+            Err(error::invalid(format!(
+                "{what} id {id:?}: must be a plain name (no '/', not '..')"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    let mut secrets = isula_builder_core::Secrets::default();
+    let mut total = 0usize;
+    for s in &req.secrets {
+        plain_id("--secret", &s.id)?;
+        // The value is never named in an error, only the id.
+        let value = state
+            .key
+            .unseal(&isula_api::secret::Sealed {
+                key: s.key.clone(),
+                nonce: s.nonce.clone(),
+                ciphertext: s.ciphertext.clone(),
+            })
+            .map_err(|e| error::invalid(format!("--secret id={}: {e}", s.id)))?;
+        total += value.len();
+        if total > 16 * isula_api::secret::SEALED_MAX {
+            return Err(error::invalid(format!(
+                "--secret: the secrets come to over {} bytes",
+                16 * isula_api::secret::SEALED_MAX
+            )));
+        }
+        secrets.insert(s.id.clone(), value);
+    }
+    for id in &req.ssh_ids {
+        plain_id("--ssh", id)?;
+    }
+    let network = isula_builder_core::Network::parse(&req.network, Default::default())
+        .map_err(|e| error::invalid(format!("--network: {e}")))?;
+    let labels = req
+        .labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            None if !l.is_empty() => Ok((l.clone(), String::new())),
+            _ => Err(error::invalid(format!(
+                "--label {l:?}: expected NAME=VALUE"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let add_hosts = req
+        .add_hosts
+        .iter()
+        .map(|h| parse_add_host(h).map_err(|e| error::invalid(format!("--add-host {h:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Extras {
+        secrets,
+        network,
+        labels,
+        add_hosts,
+    })
+}
+
+/// `HOST:IP` (or `HOST=IP`; the address may be IPv6) as docker build reads it.
+pub fn parse_add_host(text: &str) -> Result<(String, String), String> {
+    let (host, ip) = text
+        .split_once('=')
+        .or_else(|| text.split_once(':'))
+        .ok_or("expected HOST:IP")?;
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err(format!("invalid host name {host:?}"));
+    }
+    if ip == "host-gateway" {
+        return Err(
+            "host-gateway needs a bridge network; builds use the host's, give an address".into(),
+        );
+    }
+    ip.parse::<std::net::IpAddr>()
+        .map_err(|_| format!("invalid IP address {ip:?}"))?;
+    Ok((host.to_string(), ip.to_string()))
+}
+
 /// Everything one build needs on its blocking thread.
 struct Job {
+    /// The SSH agents the client forwards (`--ssh`).
+    ssh_ids: Vec<String>,
+    runtime: tokio::runtime::Handle,
     state: Arc<State>,
     files: Box<dyn ClientFiles>,
     runc: isula_runtime::Runc,
@@ -553,6 +674,12 @@ impl Job {
         let puller = move |name: &str, out: &mut dyn FnMut(String)| {
             crate::rpc::registry::resolve_or_pull(&pull_state, name, &pull_cancel, out)
         };
+        let forwarder = super::session::Forwarder {
+            state: self.state.clone(),
+            build: self.opts.build_id.clone(),
+            ids: self.ssh_ids.clone(),
+            runtime: self.runtime.clone(),
+        };
         let remote = RemoteSources {
             sources: self.open_cache_sources(),
             store: &self.state.store,
@@ -565,6 +692,7 @@ impl Job {
             log: &mut log,
             pull: Some(&puller),
             remote: (!remote.sources.is_empty()).then_some(&remote as _),
+            ssh: (!self.ssh_ids.is_empty()).then_some(&forwarder as _),
         };
         let built = build(&mut ctx, &self.opts);
         drop(op);

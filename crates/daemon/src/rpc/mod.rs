@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod registry;
 pub mod remove;
 pub mod save;
+pub mod session;
 pub mod tag;
 pub mod version;
 
