@@ -171,6 +171,7 @@ pub fn hash_sources(
             mode: 0,
         });
         for rel in copy::expand_source(src, pattern)? {
+            let src = &src.scoped(&rel);
             let (fd, st) = copy::open_source(src, &rel)?;
             let mut raw = rel.as_bytes().to_vec();
             collect(src, &rel, &mut raw, fd.as_fd(), &st, hashes, &mut items)?;
@@ -408,10 +409,7 @@ mod tests {
         std::fs::write(ctx.join("ignored"), "i").expect("i");
         let matcher = isula_dockerfile::ignore::Matcher::parse("ignored\n").expect("ignore");
         let root = isula_sys::Root::open(&ctx).expect("root");
-        let src = Source {
-            root: &root,
-            ignore: Some(&matcher),
-        };
+        let src = Source::new(&root, Some(&matcher));
         let record = d.path().join("record.json");
         let mut h = ContextHashes::load(Some(record.clone()));
         let first = hash_sources(&src, &[".".into()], &mut h).expect("hash");

@@ -13,10 +13,44 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// Where sources come from.
+#[derive(Clone, Copy)]
 pub struct Source<'a> {
     pub root: &'a Root,
     /// The context's .dockerignore (None for a stage or image).
     pub ignore: Option<&'a Matcher>,
+    /// `COPY --exclude` patterns: matched, as BuildKit does, against paths relative to
+    /// the source being copied (`base`), never against the source itself.
+    pub exclude: Option<&'a Matcher>,
+    /// The source (relative to the root) being copied, once one is.
+    pub base: &'a str,
+}
+
+impl<'a> Source<'a> {
+    pub fn new(root: &'a Root, ignore: Option<&'a Matcher>) -> Source<'a> {
+        Source {
+            root,
+            ignore,
+            exclude: None,
+            base: "",
+        }
+    }
+
+    /// The same, copying the source at `base`.
+    pub fn scoped<'b>(&self, base: &'b str) -> Source<'b>
+    where
+        'a: 'b,
+    {
+        Source { base, ..*self }
+    }
+
+    /// `rel` relative to the source being copied (None: the source itself or outside it).
+    fn under_base<'r>(&self, rel: &'r str) -> Option<&'r str> {
+        let sub = match self.base {
+            "" | "." => rel,
+            b => rel.strip_prefix(b)?.strip_prefix('/')?,
+        };
+        (!sub.is_empty()).then_some(sub)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -25,12 +59,32 @@ pub struct CopyOptions {
     pub chmod: Option<u32>,
     /// ADD: local tar archives are extracted into the destination.
     pub extract: bool,
+    /// `COPY --parents`: each source keeps its path (below a `/./` pivot) under dest,
+    /// its parent directories copied with their metadata.
+    pub parents: bool,
 }
 
 type R<T> = Result<T, String>;
 
 pub(crate) fn excluded(src: &Source<'_>, rel: &str) -> bool {
     src.ignore.is_some_and(|m| m.excluded(rel))
+        || src
+            .exclude
+            .is_some_and(|m| src.under_base(rel).is_some_and(|sub| m.excluded(sub)))
+}
+
+/// Whether an excluded directory at `rel` may hold paths an exception re-includes.
+fn may_reinclude(src: &Source<'_>, rel: &str) -> bool {
+    let ignored = src.ignore.is_some_and(|m| m.excluded(rel));
+    let by_exclude = src
+        .exclude
+        .is_some_and(|m| src.under_base(rel).is_some_and(|sub| m.excluded(sub)));
+    (!ignored || src.ignore.is_some_and(|m| m.may_reinclude_under(rel)))
+        && (!by_exclude
+            || src.exclude.is_some_and(|m| {
+                src.under_base(rel)
+                    .is_some_and(|sub| m.may_reinclude_under(sub))
+            }))
 }
 
 fn stat_fd(fd: BorrowedFd<'_>) -> R<rustix::fs::Stat> {
@@ -57,7 +111,7 @@ pub(crate) fn expand_source(src: &Source<'_>, pattern: &str) -> R<Vec<String>> {
                 Mode::empty(),
             )
             .is_ok();
-        if !exists || (!rel.is_empty() && excluded(src, &rel)) {
+        if !exists || (!rel.is_empty() && src.ignore.is_some_and(|m| m.excluded(&rel))) {
             return Err(format!("{pattern}: no such file or directory"));
         }
         return Ok(vec![rel]);
@@ -107,9 +161,10 @@ pub(crate) fn expand_source(src: &Source<'_>, pattern: &str) -> R<Vec<String>> {
         }
         found = next;
     }
+    // A source itself is never excluded by --exclude (BuildKit), only by .dockerignore.
     let found: Vec<String> = found
         .into_iter()
-        .filter(|p| !excluded(src, p))
+        .filter(|p| !src.ignore.is_some_and(|m| m.excluded(p)))
         .filter(|p| {
             src.root
                 .open_at(Path::new(p), Resolve::InRoot, OFlags::PATH, Mode::empty())
@@ -179,12 +234,16 @@ pub fn copy(
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
 ) -> R<()> {
     refuse_remote(sources, opts.extract)?;
+    if opts.parents {
+        return copy_with_parents(src, sources, rootfs, dest, opts, reuse);
+    }
     let mut paths = Vec::new();
     for s in sources {
         paths.extend(expand_source(src, s)?);
     }
     let dest_is_dir = dest.ends_with('/') || paths.len() > 1;
     for rel in &paths {
+        let src = &src.scoped(rel);
         let (fd, st) = open_source(src, rel)?;
         let kind = FileType::from_raw_mode(st.st_mode);
         let name = Path::new(rel)
@@ -225,6 +284,97 @@ pub fn copy(
                 reuse.as_deref_mut(),
             )?;
         }
+    }
+    Ok(())
+}
+
+/// `COPY --parents`: as BuildKit, a source `a/b/c` lands at `dest/a/b/c` (or, with a
+/// pivot, `x/./a/b` at `dest/a/b`), the directories between copied from the source with
+/// their mode and times (owned as the copy says).
+fn copy_with_parents(
+    src: &Source<'_>,
+    sources: &[String],
+    rootfs: &Root,
+    dest: &str,
+    opts: &CopyOptions,
+    mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
+) -> R<()> {
+    let dest = format!("{}/", dest.trim_end_matches('/'));
+    let (uid, gid) = opts.owner.unwrap_or((0, 0));
+    // Parent directories get their times once everything under them is written.
+    let mut made: Vec<(String, (i64, u32))> = Vec::new();
+    for s in sources {
+        let pivot = match s.split_once("/./") {
+            Some((p, _)) => clean(&format!("/{p}")).trim_start_matches('/').to_string(),
+            None => String::new(),
+        };
+        for rel in expand_source(src, s)? {
+            let under = match pivot.as_str() {
+                "" => rel.as_str(),
+                p => rel
+                    .strip_prefix(p)
+                    .map(|r| r.trim_start_matches('/'))
+                    .unwrap_or(rel.as_str()),
+            };
+            let parent = Path::new(under)
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let mut at = dest.clone();
+            let mut src_dir = pivot.clone();
+            for comp in parent.split('/').filter(|c| !c.is_empty()) {
+                src_dir = if src_dir.is_empty() {
+                    comp.to_string()
+                } else {
+                    format!("{src_dir}/{comp}")
+                };
+                at.push_str(comp);
+                let (_, st) = open_source(src, &src_dir)?;
+                let dfd = ensure_dir(rootfs, &at, opts, Some(&st))?;
+                drop(dfd);
+                let (pfd, name) = rootfs
+                    .parent(Path::new(&at), Resolve::InRoot, false)
+                    .map_err(|e| format!("{at}: {e}"))?;
+                rooted::lchown(pfd.as_fd(), &name, uid, gid).map_err(|e| e.to_string())?;
+                rooted::chmod(
+                    pfd.as_fd(),
+                    &name,
+                    opts.chmod.unwrap_or(st.st_mode & 0o7777),
+                )
+                .map_err(|e| e.to_string())?;
+                made.push((at.clone(), (st.st_mtime, st.st_mtime_nsec as u32)));
+                at.push('/');
+            }
+            let scoped = src.scoped(&rel);
+            let (fd, st) = open_source(&scoped, &rel)?;
+            if under.is_empty() {
+                // The pivot (or the root) itself: its contents go into dest.
+                let dfd = ensure_dir(rootfs, &dest, opts, Some(&st))?;
+                copy_dir_contents(&scoped, &rel, &fd, dfd.as_fd(), opts, reuse.as_deref_mut())?;
+                continue;
+            }
+            let name = Path::new(&rel)
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
+            let pfd = ensure_dir(rootfs, &at, opts, None)?;
+            copy_entry(
+                &scoped,
+                &rel,
+                fd.as_fd(),
+                &st,
+                pfd.as_fd(),
+                &name,
+                opts,
+                reuse.as_deref_mut(),
+            )?;
+        }
+    }
+    for (path, mtime) in made.iter().rev() {
+        let (pfd, name) = rootfs
+            .parent(Path::new(path), Resolve::InRoot, false)
+            .map_err(|e| format!("{path}: {e}"))?;
+        rooted::set_times(pfd.as_fd(), &name, *mtime).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -351,11 +501,7 @@ pub(crate) fn for_each_selected(
         };
         let ignored = excluded(src, &child_rel);
         // An excluded directory may still hold re-included paths.
-        if ignored
-            && !src
-                .ignore
-                .is_some_and(|m| m.may_reinclude_under(&child_rel))
-        {
+        if ignored && !may_reinclude(src, &child_rel) {
             continue;
         }
         let cfd = rustix::fs::openat(

@@ -36,6 +36,10 @@ pub struct CopyArgs {
     pub chown: Option<String>,
     pub chmod: Option<String>,
     pub link: bool,
+    /// `--parents`: the source's path (below a `/./` pivot, if any) is kept under dest.
+    pub parents: bool,
+    /// `--exclude` patterns, relative to each source.
+    pub exclude: Vec<String>,
     pub heredocs: Vec<Heredoc>,
 }
 
@@ -282,7 +286,7 @@ fn copy_args(node: &Node, escape: char, is_add: bool) -> Result<CopyArgs, ParseE
         &["chown", "chmod", "from", "link", "parents", "exclude"]
     };
     let flags = Flags::new(node, allowed)?;
-    for unsupported in ["checksum", "keep-git-dir", "parents", "exclude"] {
+    for unsupported in ["checksum", "keep-git-dir"] {
         if flags.values.iter().any(|(n, _)| n == unsupported) {
             return Err(err(
                 node.start_line,
@@ -314,6 +318,17 @@ fn copy_args(node: &Node, escape: char, is_add: bool) -> Result<CopyArgs, ParseE
         chown: flags.string("chown")?,
         chmod: flags.string("chmod")?,
         link: flags.boolean("link")?,
+        parents: flags.boolean("parents")?,
+        exclude: flags
+            .values
+            .iter()
+            .filter(|(n, _)| n == "exclude")
+            .map(|(_, v)| {
+                v.clone()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| err(node.start_line, "missing a value on flag: --exclude"))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
         heredocs: node.heredocs.clone(),
     })
 }
@@ -698,6 +713,8 @@ impl Instruction {
                     chown: c.chown.as_ref().map(w).transpose()?,
                     chmod: c.chmod.as_ref().map(w).transpose()?,
                     link: c.link,
+                    parents: c.parents,
+                    exclude: c.exclude.iter().map(w).collect::<Result<_, _>>()?,
                     heredocs,
                 };
                 if matches!(self, Instruction::Add(_)) {

@@ -25,7 +25,12 @@ fn layer_file(d: &Daemon, image: &str, name: &str) -> Option<String> {
         std::io::Read::read_to_end(&mut e, &mut data).expect("read");
         for f in tar::Archive::new(&data[..]).entries().expect("layer") {
             let mut f = f.expect("file");
-            if f.path().expect("path").to_string_lossy().trim_start_matches("./") == name {
+            if f.path()
+                .expect("path")
+                .to_string_lossy()
+                .trim_start_matches("./")
+                == name
+            {
                 let mut s = String::new();
                 std::io::Read::read_to_string(&mut f, &mut s).expect("read");
                 found = Some(s.trim().to_string());
@@ -54,7 +59,10 @@ fn network_labels_and_hosts() {
     )
     .expect("df");
     let host_devices = std::fs::read_dir("/sys/class/net").expect("net").count();
-    assert!(host_devices > 1, "the test needs a host with a device beside lo");
+    assert!(
+        host_devices > 1,
+        "the test needs a host with a device beside lo"
+    );
     d.ok(&["ctr-img", "build", "-t", "n:host", c]);
     assert_ne!(layer_file(&d, "n:host", "nets").as_deref(), Some("lo"));
     assert_eq!(layer_file(&d, "n:host", "none-nets").as_deref(), Some("lo"));
@@ -118,12 +126,14 @@ fn insecure_steps_need_the_daemon_to_allow_them() {
         "insecure:1",
         ctx.path().to_str().expect("utf8"),
     ]);
-    let caps = |f: &str| {
-        u64::from_str_radix(&layer_file(&d, "insecure:1", f).expect(f), 16).expect("hex")
-    };
+    let caps =
+        |f: &str| u64::from_str_radix(&layer_file(&d, "insecure:1", f).expect(f), 16).expect("hex");
     // CAP_SYS_ADMIN (bit 21) only in the insecure step.
     assert_eq!(caps("default-caps") & (1 << 21), 0);
     assert_ne!(caps("caps") & (1 << 21), 0);
     assert!(caps("caps").count_ones() > caps("default-caps").count_ones() + 20);
-    assert_eq!(layer_file(&d, "insecure:1", "seccomp").as_deref(), Some("0"));
+    assert_eq!(
+        layer_file(&d, "insecure:1", "seccomp").as_deref(),
+        Some("0")
+    );
 }

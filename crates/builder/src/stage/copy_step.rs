@@ -21,6 +21,7 @@ impl StageRun<'_, '_> {
         };
         let cwd = self.working_dir();
         copy::refuse_remote(&c.sources, is_add).map_err(|e| step_err(n, step, e))?;
+        let excludes = exclude_matcher(&c.exclude).map_err(|e| step_err(n, step, e))?;
         // The build context, opened once for the key and the copy.
         let ctx_root = match (&c.from, c.sources.is_empty()) {
             (None, false) => {
@@ -32,10 +33,8 @@ impl StageRun<'_, '_> {
         let sources = match (&from_result, &ctx_root) {
             (Some(r), _) => r.key.clone(),
             (None, Some(root)) => {
-                let src = Source {
-                    root,
-                    ignore: self.ignore,
-                };
+                let mut src = Source::new(root, self.ignore);
+                src.exclude = excludes.as_ref();
                 let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
                 let t = std::time::Instant::now();
                 let h = hash_sources(&src, &c.sources, &mut hashes)
@@ -124,7 +123,9 @@ impl StageRun<'_, '_> {
             owner,
             chmod,
             extract: is_add,
+            parents: c.parents,
         };
+        let excludes = exclude_matcher(&c.exclude).map_err(|e| step_err(n, step, e))?;
         // Heredoc documents become files.
         for h in &c.heredocs {
             let target = if dest.ends_with('/') {
@@ -154,10 +155,8 @@ impl StageRun<'_, '_> {
             None => {
                 let ctx_root =
                     ctx_root.ok_or_else(|| step_err(n, step, "the build context is not open"))?;
-                let src = Source {
-                    root: ctx_root,
-                    ignore: self.ignore,
-                };
+                let mut src = Source::new(ctx_root, self.ignore);
+                src.exclude = excludes.as_ref();
                 let Some(lineage) = &self.step_lineage else {
                     return copy::copy(&src, &c.sources, root, &dest, &opts, None)
                         .map_err(|e| step_err(n, step, e));
@@ -206,10 +205,8 @@ impl StageRun<'_, '_> {
                     )
                 };
                 let src_root = Root::open(&view).map_err(|e| step_err(n, step, e.to_string()))?;
-                let src = Source {
-                    root: &src_root,
-                    ignore: None,
-                };
+                let mut src = Source::new(&src_root, None);
+                src.exclude = excludes.as_ref();
                 let r = copy::copy(&src, &c.sources, root, &dest, &opts, None)
                     .map_err(|e| step_err(n, step, e));
                 drop(src_root);
@@ -218,4 +215,14 @@ impl StageRun<'_, '_> {
             }
         }
     }
+}
+
+/// `--exclude` patterns as one matcher (the .dockerignore rules, `!` exceptions too).
+fn exclude_matcher(patterns: &[String]) -> Result<Option<Matcher>, String> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    Matcher::parse(&patterns.join("\n"))
+        .map(Some)
+        .map_err(|e| format!("--exclude: {e}"))
 }

@@ -270,10 +270,7 @@ impl StageRun<'_, '_> {
                 (MountKind::Bind, None) => {
                     let root = Root::open(&self.opts.context)
                         .map_err(|e| step_err(n, step, e.to_string()))?;
-                    let src = Source {
-                        root: &root,
-                        ignore: self.ignore,
-                    };
+                    let src = Source::new(&root, self.ignore);
                     let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
                     let source = m.source.clone().unwrap_or_else(|| ".".into());
                     hash_sources(&src, &[source], &mut hashes)
@@ -443,10 +440,7 @@ impl StageRun<'_, '_> {
         let data = scratch.join("data");
         std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
         let into = Root::open(&data).map_err(|e| e.to_string())?;
-        let src = Source {
-            root: &ctx,
-            ignore: self.ignore,
-        };
+        let src = Source::new(&ctx, self.ignore);
         let dest = if is_dir { "/" } else { "/file" };
         copy::copy(&src, &[source], &into, dest, &CopyOptions::default(), None)?;
         Ok(if is_dir { data } else { data.join("file") })
@@ -544,10 +538,7 @@ impl StageRun<'_, '_> {
                     .map_err(|e| e.to_string())?;
                 let src_root = Root::open(&view).map_err(|e| e.to_string())?;
                 let into = Root::open(&fresh).map_err(|e| e.to_string())?;
-                let src = Source {
-                    root: &src_root,
-                    ignore: None,
-                };
+                let src = Source::new(&src_root, None);
                 let source = p.spec.source.clone().unwrap_or_else(|| "/".into());
                 copy::copy(&src, &[source], &into, "/", &CopyOptions::default(), None)?;
             }

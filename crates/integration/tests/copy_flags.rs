@@ -1,0 +1,128 @@
+//! The newer COPY flags end to end, as BuildKit documents and tests them (Docker 20.10's
+//! frontend has neither, so they are checked here rather than in the differential
+//! corpus): `--exclude` patterns match paths relative to each source (a source itself is
+//! never excluded, `!` exceptions re-include) and keep excluded files out of the step's
+//! key; `--parents` keeps each source's path (below a `/./` pivot) with its parent
+//! directories' modes.
+
+use isula_integration::*;
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+
+/// The image's files: path → (mode, content).
+fn image_files(d: &Daemon, image: &str) -> BTreeMap<String, (u32, String)> {
+    let dir = tempfile::tempdir().expect("tmp");
+    let archive = dir.path().join("a.tar");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        image,
+        "-o",
+        archive.to_str().expect("utf8"),
+    ]);
+    let mut out = BTreeMap::new();
+    let mut a = tar::Archive::new(std::fs::File::open(&archive).expect("archive"));
+    for e in a.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        if !e.path().expect("path").to_string_lossy().ends_with(".tar") {
+            continue;
+        }
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).expect("read");
+        for f in tar::Archive::new(&data[..]).entries().expect("layer") {
+            let mut f = f.expect("file");
+            let p = f
+                .path()
+                .expect("path")
+                .to_string_lossy()
+                .trim_end_matches('/')
+                .to_string();
+            let mode = f.header().mode().expect("mode");
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut f, &mut s);
+            out.insert(p, (mode, s));
+        }
+    }
+    out
+}
+
+fn write(root: &std::path::Path, files: &[(&str, &str)]) {
+    for (p, c) in files {
+        let path = root.join(p);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+        std::fs::write(path, c).expect("write");
+    }
+}
+
+#[test]
+fn exclude_and_parents_as_buildkit() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = tempfile::tempdir().expect("ctx");
+    let c = ctx.path();
+    write(
+        c,
+        &[
+            ("dir/a.txt", "a"),
+            ("dir/b.log", "b"),
+            ("dir/sub/c.tmp", "c"),
+            ("dir/sub/d.txt", "d"),
+            ("dir/keep/no.log", "no"),
+            ("dir/deep/z.log", "z"),
+            ("dir/keep/yes.log", "yes"),
+            ("hom.md", "top-level"),
+            ("home/x.md", "x"),
+            ("home/y.txt", "y"),
+            ("a/b/c.txt", "abc"),
+            ("a/b/d/e", "e"),
+            ("src/pkg/x.go", "go"),
+            ("src/pkg/x_test.go", "test"),
+        ],
+    );
+    std::fs::set_permissions(c.join("a"), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::fs::write(
+        c.join("Dockerfile"),
+        "FROM busybox\n\
+         COPY --exclude=*.log --exclude=sub/*.tmp --exclude=keep/*.log --exclude=!keep/yes.log dir /x/\n\
+         COPY --exclude=*.md hom* /h/\n\
+         COPY --parents a/b/c.txt a/b/d/ /p/\n\
+         COPY --parents --exclude=*_test.go src/./pkg /q/\n",
+    )
+    .expect("df");
+    let cx = c.to_str().expect("utf8");
+    d.ok(&["ctr-img", "build", "-t", "cf:1", cx]);
+    let f = image_files(&d, "cf:1");
+    let has = |p: &str| f.contains_key(p);
+    // `*.log` matches names at the source's top only, as Go's filepath.Match.
+    for p in [
+        "x/a.txt",
+        "x/sub/d.txt",
+        "x/keep/yes.log",
+        "x/deep/z.log",
+        "h/hom.md",
+        "h/y.txt",
+    ] {
+        assert!(has(p), "{p} missing: {:?}", f.keys().collect::<Vec<_>>());
+    }
+    for p in ["x/b.log", "x/sub/c.tmp", "x/keep/no.log", "h/x.md"] {
+        assert!(!has(p), "{p} was not excluded");
+    }
+    assert_eq!(f.get("p/a/b/c.txt").map(|v| v.1.as_str()), Some("abc"));
+    assert_eq!(f.get("p/a/b/d/e").map(|v| v.1.as_str()), Some("e"));
+    assert_eq!(
+        f.get("p/a").map(|v| v.0 & 0o7777),
+        Some(0o700),
+        "parent mode"
+    );
+    assert!(has("q/pkg/x.go") && !has("q/pkg/x_test.go") && !has("q/src"));
+    // An excluded file changing does not make the step run again; an included one does.
+    std::fs::write(c.join("dir/b.log"), "changed").expect("write");
+    let out = d.ok(&["ctr-img", "build", "-t", "cf:2", cx]);
+    assert_eq!(out.matches("Using cache").count(), 4, "{out}");
+    std::fs::write(c.join("dir/a.txt"), "changed").expect("write");
+    let out = d.ok(&["ctr-img", "build", "-t", "cf:3", cx]);
+    assert_eq!(out.matches("Using cache").count(), 0, "{out}");
+}
