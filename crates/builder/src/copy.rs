@@ -194,17 +194,6 @@ fn is_archive(fd: BorrowedFd<'_>) -> bool {
     c != isula_store::compression::Compression::None || (n == 512 && &head[257..262] == b"ustar")
 }
 
-/// ADD of a URL: refused with the manual's reason (COPY takes a URL as a path).
-pub fn refuse_remote(sources: &[String], is_add: bool) -> R<()> {
-    match sources
-        .iter()
-        .find(|s| is_add && (s.starts_with("http://") || s.starts_with("https://")))
-    {
-        Some(url) => Err(format!("ADD does not support remote URLs as sources ({url}): download the file into the build context")),
-        None => Ok(()),
-    }
-}
-
 /// A selected source path (from `expand_source`), followed if it is a symlink (within the
 /// root, as Docker does for top-level sources): its O_PATH handle and stat.
 pub(crate) fn open_source(src: &Source<'_>, rel: &str) -> R<(OwnedFd, rustix::fs::Stat)> {
@@ -233,7 +222,6 @@ pub fn copy(
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
 ) -> R<()> {
-    refuse_remote(sources, opts.extract)?;
     if opts.parents {
         return copy_with_parents(src, sources, rootfs, dest, opts, reuse);
     }

@@ -189,6 +189,26 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// Downloads for `ADD http(s)://...` (the daemon's HTTP stack).
+pub trait Downloader: Send + Sync {
+    /// Downloads `url` into the new file `dest`.
+    fn download(
+        &self,
+        url: &str,
+        dest: &std::path::Path,
+        cancel: &CancelFlag,
+    ) -> Result<Downloaded, String>;
+}
+
+/// What a download gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    /// sha256 of the bytes, lower-case hex.
+    pub sha256: String,
+    /// `Last-Modified`, seconds since the epoch.
+    pub last_modified: Option<i64>,
+}
+
 /// Forwards the client's SSH agents (`--ssh`) into RUN steps.
 pub trait SshForward: Send + Sync {
     /// The ids the client forwards.
@@ -283,6 +303,8 @@ pub struct Context<'a> {
     pub remote: Option<&'a dyn RemoteCache>,
     /// The client's SSH agents (`--ssh`; none: `RUN --mount=type=ssh` finds no agent).
     pub ssh: Option<&'a dyn SshForward>,
+    /// How `ADD http(s)://` downloads (none: it fails saying so).
+    pub download: Option<&'a dyn Downloader>,
 }
 
 impl Context<'_> {

@@ -169,7 +169,14 @@ pub(crate) fn build_stages(
     hashes: &std::sync::Mutex<cache_key::ContextHashes>,
 ) -> Result<(ImageId, Vec<Digest>, Vec<String>), BuildError> {
     let n = df.stages.len();
-    let (store, runc, pull, remote, ssh) = (ctx.store, ctx.runc, ctx.pull, ctx.remote, ctx.ssh);
+    let (store, runc, pull, remote, ssh, download) = (
+        ctx.store,
+        ctx.runc,
+        ctx.pull,
+        ctx.remote,
+        ctx.ssh,
+        ctx.download,
+    );
     let global_cancel = ctx.cancel.clone();
     let stage_cancel: Vec<CancelFlag> = (0..n).map(|_| CancelFlag::default()).collect();
     let order: Vec<usize> = stages.iter().map(|(i, _)| *i).collect();
@@ -253,6 +260,7 @@ pub(crate) fn build_stages(
                     log: &mut log,
                     pull,
                     ssh,
+                    download,
                     remote,
                 };
                 let mut run = stage::StageRun::new(&mut sctx, &shared, i, &results);

@@ -306,6 +306,7 @@ fn run_build_with(
         pull: None,
         remote: None,
         ssh: None,
+        download: None,
     };
     let built = build(&mut ctx, &opts);
     drop(ctx);
@@ -558,6 +559,7 @@ fn a_failed_pull_keeps_its_kind() {
             pull: Some(&puller),
             remote: None,
             ssh: None,
+            download: None,
         };
         let err = build(&mut ctx, &opts).expect_err("the pull fails");
         assert_eq!(err.kind(), kind, "{dockerfile}: {err}");
@@ -625,6 +627,7 @@ fn run_steps_reach_the_runtime_as_docker_gives_them() {
             pull: None,
             remote: None,
             ssh: None,
+            download: None,
         };
         let r = build(&mut c, &opts).map(|b| b.id);
         (r, log)

@@ -40,6 +40,10 @@ pub struct CopyArgs {
     pub parents: bool,
     /// `--exclude` patterns, relative to each source.
     pub exclude: Vec<String>,
+    /// `ADD --checksum=sha256:...` of a URL source.
+    pub checksum: Option<String>,
+    /// `ADD --keep-git-dir` of a git source.
+    pub keep_git_dir: bool,
     pub heredocs: Vec<Heredoc>,
 }
 
@@ -286,14 +290,6 @@ fn copy_args(node: &Node, escape: char, is_add: bool) -> Result<CopyArgs, ParseE
         &["chown", "chmod", "from", "link", "parents", "exclude"]
     };
     let flags = Flags::new(node, allowed)?;
-    for unsupported in ["checksum", "keep-git-dir"] {
-        if flags.values.iter().any(|(n, _)| n == unsupported) {
-            return Err(err(
-                node.start_line,
-                format!("--{unsupported} is not supported"),
-            ));
-        }
-    }
     let mut words = match json_array(&node.rest) {
         Some(v) => v,
         None => split_words(&node.rest, escape),
@@ -319,6 +315,8 @@ fn copy_args(node: &Node, escape: char, is_add: bool) -> Result<CopyArgs, ParseE
         chmod: flags.string("chmod")?,
         link: flags.boolean("link")?,
         parents: flags.boolean("parents")?,
+        checksum: flags.string("checksum")?,
+        keep_git_dir: flags.boolean("keep-git-dir")?,
         exclude: flags
             .values
             .iter()
@@ -715,6 +713,8 @@ impl Instruction {
                     link: c.link,
                     parents: c.parents,
                     exclude: c.exclude.iter().map(w).collect::<Result<_, _>>()?,
+                    checksum: c.checksum.as_ref().map(w).transpose()?,
+                    keep_git_dir: c.keep_git_dir,
                     heredocs,
                 };
                 if matches!(self, Instruction::Add(_)) {

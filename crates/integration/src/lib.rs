@@ -3,6 +3,7 @@
 //! (a busybox rootfs from Debian's busybox-static). Binaries come from the cargo target
 //! directory, so `cargo build --bins` must run first (the README's test command does).
 
+pub mod http_files;
 pub mod oci_layout;
 pub mod registry;
 

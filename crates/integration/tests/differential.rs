@@ -1,7 +1,8 @@
 //! Differential tests against a real Docker engine: every case under
-//! `testdata/diff/<case>/` (a Dockerfile and its context, optional `args` of build args) is
-//! built by Docker and by us from the same busybox base, and the image configs (Env in
-//! order, Cmd, Entrypoint, WorkingDir, User, Labels, ExposedPorts, Volumes, StopSignal,
+//! `testdata/diff/<case>/` (a Dockerfile and its context; optional: `args` of build args,
+//! `secrets` to pass with `--secret`, `served/` for a local HTTP server whose URL is the
+//! build arg `HTTP_BASE`) is built by Docker and by us from the same busybox base, and
+//! the image configs (Env in order, Cmd, Entrypoint, WorkingDir, User, Labels, ExposedPorts, Volumes, StopSignal,
 //! Healthcheck, OnBuild, Shell) and the flattened filesystems (paths, types, modes, owners,
 //! content, link targets) must match. The reference is BuildKit (`DOCKER_BUILDKIT=1` with
 //! the Docker 20.10 client, `--network host` since the test engine has no bridge).
@@ -200,12 +201,29 @@ fn dockerfiles_build_like_docker() {
             .expect("name")
             .to_string();
         let tag = format!("isula-diff/case-{name}:1");
-        let args: Vec<String> = std::fs::read_to_string(case.join("args"))
+        let mut args: Vec<String> = std::fs::read_to_string(case.join("args"))
             .unwrap_or_default()
             .lines()
             .filter(|l| !l.trim().is_empty())
             .flat_map(|l| ["--build-arg".to_string(), l.trim().to_string()])
             .collect();
+        // `secrets`: one `ID FILE` per line (FILE in the case), given to both builds.
+        for l in std::fs::read_to_string(case.join("secrets"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
+            let (id, file) = l.trim().split_once(' ').expect("secrets: ID FILE");
+            args.push("--secret".into());
+            args.push(format!("id={id},src={}", case.join(file.trim()).display()));
+        }
+        // `served/`: files on a local HTTP server, its URL the build arg HTTP_BASE.
+        let _server = case.join("served").is_dir().then(|| {
+            let s = isula_integration::http_files::HttpFiles::serve(&case.join("served"));
+            args.push("--build-arg".into());
+            args.push(format!("HTTP_BASE={}", s.url("")));
+            s
+        });
         let docker = Command::new(BUILDKIT_CLIENT)
             .env("DOCKER_BUILDKIT", "1")
             .args(["build", "--network", "host", "-q", "-t", &tag])

@@ -131,7 +131,7 @@ pub fn parse_challenge(v: &str) -> Option<Challenge> {
     })
 }
 
-fn read_certs_dir(
+pub(crate) fn read_certs_dir(
     dir: &Path,
     mut b: reqwest::blocking::ClientBuilder,
 ) -> Result<reqwest::blocking::ClientBuilder> {

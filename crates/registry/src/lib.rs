@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cache;
 pub mod client;
 pub mod error;
+pub mod http_source;
 pub mod manifest_list;
 pub mod policy;
 pub mod pull;

@@ -20,10 +20,45 @@ impl StageRun<'_, '_> {
             None => None,
         };
         let cwd = self.working_dir();
-        copy::refuse_remote(&c.sources, is_add).map_err(|e| step_err(n, step, e))?;
+        let remotes: Vec<remote::Remote> = if c.from.is_none() {
+            c.sources
+                .iter()
+                .filter_map(|s| remote::classify(s))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !remotes.is_empty() && !is_add {
+            return Err(step_err(
+                n,
+                step,
+                "a URL or git repository can be a source of ADD, not of COPY",
+            ));
+        }
+        let locals: Vec<String> = c
+            .sources
+            .iter()
+            .filter(|s| c.from.is_some() || remote::classify(s).is_none())
+            .cloned()
+            .collect();
         let excludes = exclude_matcher(&c.exclude).map_err(|e| step_err(n, step, e))?;
+        if let Some(sum) = &c.checksum {
+            remote::parse_checksum(sum).map_err(|e| step_err(n, step, e))?;
+        }
+        let (remote_keys, prefetched) = if remotes.is_empty() {
+            if c.checksum.is_some() {
+                return Err(step_err(
+                    n,
+                    step,
+                    "--checksum needs a URL or git repository source",
+                ));
+            }
+            (Vec::new(), Vec::new())
+        } else {
+            self.remote_keys(n, step, &c, &remotes)?
+        };
         // The build context, opened once for the key and the copy.
-        let ctx_root = match (&c.from, c.sources.is_empty()) {
+        let ctx_root = match (&c.from, locals.is_empty()) {
             (None, false) => {
                 Some(Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?)
             }
@@ -37,8 +72,8 @@ impl StageRun<'_, '_> {
                 src.exclude = excludes.as_ref();
                 let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
                 let t = std::time::Instant::now();
-                let h = hash_sources(&src, &c.sources, &mut hashes)
-                    .map_err(|e| step_err(n, step, e))?;
+                let h =
+                    hash_sources(&src, &locals, &mut hashes).map_err(|e| step_err(n, step, e))?;
                 tracing::debug!(elapsed = ?t.elapsed(), read = hashes.hashed, "COPY sources hashed");
                 h
             }
@@ -48,6 +83,9 @@ impl StageRun<'_, '_> {
         key.json("instruction", &c)
             .field("cwd", cwd.as_bytes())
             .field("sources", sources.as_str().as_bytes());
+        if !remote_keys.is_empty() {
+            key.json("remote", &remote_keys);
+        }
         let key = key.finish();
         if self.try_cache(&key)? {
             self.key = key;
@@ -65,9 +103,18 @@ impl StageRun<'_, '_> {
             lineage.json("instruction", &c).field("cwd", cwd.as_bytes());
             self.step_lineage = Some(lineage.finish());
         }
+        self.add_fetched = if remotes.is_empty() {
+            Vec::new()
+        } else {
+            self.fetch_remotes(n, step, &c, &remotes, prefetched)?
+        };
+        let mut c = c;
+        c.sources = locals;
         self.mount_step()?;
         let t = std::time::Instant::now();
-        self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref())?;
+        let copied = self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref());
+        let _ = isula_sys::rooted::remove_tree(&self.dir.join(format!("add-{n}")));
+        copied?;
         tracing::debug!(elapsed = ?t.elapsed(), "COPY copied");
         let t = std::time::Instant::now();
         self.finish_step(&key, &step.original)?;
@@ -86,6 +133,7 @@ impl StageRun<'_, '_> {
         ctx_root: Option<&Root>,
     ) -> Result<(), BuildError> {
         let cwd = self.working_dir();
+        let fetched = std::mem::take(&mut self.add_fetched);
         let root = self.rootfs()?;
         let owner = match &c.chown {
             None => None,
@@ -147,6 +195,31 @@ impl StageRun<'_, '_> {
                 .map_err(|e| step_err(n, step, e.to_string()))?;
             isula_sys::rooted::chmod(pfd, &name, chmod.unwrap_or(0o644))
                 .map_err(|e| step_err(n, step, e.to_string()))?;
+        }
+        // Remote sources (ADD): never unpacked. With several sources of any kind, dest is a
+        // directory.
+        let dest = if c.sources.len() + fetched.len() > 1 && !dest.ends_with('/') {
+            format!("{dest}/")
+        } else {
+            dest
+        };
+        for f in &fetched {
+            let froot = Root::open(&f.root).map_err(|e| step_err(n, step, e.to_string()))?;
+            let mut src = Source::new(&froot, None);
+            src.exclude = excludes.as_ref();
+            let ropts = CopyOptions {
+                extract: false,
+                ..opts.clone()
+            };
+            copy::copy(
+                &src,
+                std::slice::from_ref(&f.rel),
+                root,
+                &dest,
+                &ropts,
+                None,
+            )
+            .map_err(|e| step_err(n, step, e))?;
         }
         if c.sources.is_empty() {
             return Ok(());

@@ -3,6 +3,7 @@
 mod commit;
 mod copy_step;
 pub mod mounts;
+mod remote;
 mod run;
 mod snapshot;
 
@@ -88,6 +89,8 @@ pub struct StageRun<'c, 'a> {
     /// link from the previous version, applied once the step is unmounted.
     step_lineage: Option<Digest>,
     reuse_plan: Option<crate::reuse::Plan>,
+    /// The remote sources of the ADD being copied, fetched.
+    add_fetched: Vec<remote::Fetched>,
 }
 
 /// One step's own changes: a cache snapshot, (cache off) a staged directory that goes
@@ -218,6 +221,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             cache_keys: Vec::new(),
             step_lineage: None,
             reuse_plan: None,
+            add_fetched: Vec::new(),
         }
     }
 

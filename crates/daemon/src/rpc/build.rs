@@ -469,6 +469,39 @@ async fn run_inner(
     result.map(|image_id| BuildResponse { image_id })
 }
 
+/// `ADD http(s)://` through the daemon's HTTP stack (certs.d, proxies, retries, the stall
+/// timeout), capped at `max_layer_size`.
+struct Downloads {
+    certs_dir: PathBuf,
+    stall: std::time::Duration,
+    max_bytes: u64,
+}
+
+impl isula_builder_core::Downloader for Downloads {
+    fn download(
+        &self,
+        url: &str,
+        dest: &std::path::Path,
+        cancel: &isula_runtime::CancelFlag,
+    ) -> Result<isula_builder_core::Downloaded, String> {
+        let cancelled = || cancel.load(std::sync::atomic::Ordering::SeqCst);
+        let got = isula_registry::http_source::download(
+            url,
+            dest,
+            &isula_registry::http_source::Fetch {
+                certs_dir: &self.certs_dir,
+                stall: self.stall,
+                max_bytes: self.max_bytes,
+                cancelled: &cancelled,
+            },
+        )?;
+        Ok(isula_builder_core::Downloaded {
+            sha256: got.sha256,
+            last_modified: got.last_modified,
+        })
+    }
+}
+
 /// What the request adds beyond the original API, checked.
 struct Extras {
     secrets: isula_builder_core::Secrets,
@@ -674,6 +707,11 @@ impl Job {
         let puller = move |name: &str, out: &mut dyn FnMut(String)| {
             crate::rpc::registry::resolve_or_pull(&pull_state, name, &pull_cancel, out)
         };
+        let downloads = Downloads {
+            certs_dir: self.state.registry.certs_dir.clone(),
+            stall: self.state.settings.registry_stall_timeout,
+            max_bytes: self.state.settings.unpack_limits.max_bytes,
+        };
         let forwarder = super::session::Forwarder {
             state: self.state.clone(),
             build: self.opts.build_id.clone(),
@@ -693,6 +731,7 @@ impl Job {
             pull: Some(&puller),
             remote: (!remote.sources.is_empty()).then_some(&remote as _),
             ssh: (!self.ssh_ids.is_empty()).then_some(&forwarder as _),
+            download: Some(&downloads),
         };
         let built = build(&mut ctx, &self.opts);
         drop(op);
