@@ -127,6 +127,8 @@ pub struct BuildOptions {
     pub add_hosts: Vec<(String, String)>,
     /// `RUN --security=insecure` is allowed (the daemon's `--allow-insecure`).
     pub allow_insecure: bool,
+    /// Resource limits of every RUN step (`--memory`, `--cpu-*`, `--pids-limit`, ...).
+    pub limits: isula_runtime::Limits,
 }
 
 /// A RUN step's network.
@@ -324,6 +326,25 @@ impl Drop for WorkDirGuard {
     }
 }
 
+/// The `SOURCE_DATE_EPOCH` build arg: seconds since the epoch (empty: not set).
+pub fn source_date_epoch(args: &[(String, String)]) -> Result<Option<i64>, BuildError> {
+    match args.iter().rev().find(|(k, _)| k == "SOURCE_DATE_EPOCH") {
+        None => Ok(None),
+        Some((_, v)) if v.trim().is_empty() => Ok(None),
+        Some((_, v)) => v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|t| *t >= 0)
+            .map(Some)
+            .ok_or_else(|| {
+                BuildError::Invalid(format!(
+                    "--build-arg SOURCE_DATE_EPOCH={v}: expected seconds since the epoch"
+                ))
+            }),
+    }
+}
+
 /// The stages stage `i` uses (FROM <stage>, COPY --from=<stage>, RUN --mount=from=<stage>),
 /// all before it.
 fn stage_deps(df: &Dockerfile, i: usize, meta: &[(String, String)], lexer: &Lexer) -> Vec<usize> {
@@ -394,6 +415,19 @@ fn needed_stages(
 
 /// Builds the image and records it in the store under `opts.tags`.
 pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildError> {
+    // SOURCE_DATE_EPOCH as a build arg means what it means to BuildKit: the build's time,
+    // as --build-static gives it (which wins when both are given).
+    let with_epoch;
+    let opts = match source_date_epoch(&opts.build_args)? {
+        Some(t) if opts.build_time.is_none() => {
+            with_epoch = BuildOptions {
+                build_time: Some(t),
+                ..opts.clone()
+            };
+            &with_epoch
+        }
+        _ => opts,
+    };
     let df = parse_dockerfile(&opts.dockerfile)?;
     for w in &df.warnings {
         (ctx.log)(format!("[Warning] {w}\n"));

@@ -373,7 +373,9 @@ pub(crate) fn build_stages(
         .build_args
         .iter()
         .map(|(k, _)| k.clone())
-        .filter(|k| !used_args.contains(k) && !PROXY_ARGS.contains(&k.as_str()))
+        .filter(|k| {
+            !used_args.contains(k) && !PROXY_ARGS.contains(&k.as_str()) && k != "SOURCE_DATE_EPOCH"
+        })
         .collect();
     unused.sort();
     unused.dedup();

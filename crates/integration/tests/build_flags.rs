@@ -137,3 +137,137 @@ fn insecure_steps_need_the_daemon_to_allow_them() {
         Some("0")
     );
 }
+
+#[test]
+fn per_build_limits_reach_every_run_step() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = tempfile::tempdir().expect("ctx");
+    // cgroups v1 (this machine) or v2 (the unified hierarchy): each read where it is.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\n\
+         RUN (cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max) > /memory\n\
+         RUN (cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max) > /pids\n\
+         RUN (cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max) > /quota\n\
+         RUN (cat /sys/fs/cgroup/cpu/cpu.shares 2>/dev/null || cat /sys/fs/cgroup/cpu.weight) > /shares\n\
+         RUN (cat /sys/fs/cgroup/cpuset/cpuset.cpus 2>/dev/null || cat /sys/fs/cgroup/cpuset.cpus) > /cpus\n\
+         RUN ulimit -n > /nofile && ulimit -Hn > /nofile-hard && df -k /dev/shm | tail -n 1 | awk '{print $2}' > /shm\n",
+    )
+    .expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "--memory",
+        "64m",
+        "--pids-limit",
+        "77",
+        "--cpu-quota",
+        "50000",
+        "--cpu-shares",
+        "512",
+        "--cpuset-cpus",
+        "0",
+        "--ulimit",
+        "nofile=1000:2000",
+        "--shm-size",
+        "8m",
+        "-t",
+        "limits:1",
+        ctx.path().to_str().expect("utf8"),
+    ]);
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory").exists();
+    let f = |name: &str| layer_file(&d, "limits:1", name).unwrap_or_default();
+    assert_eq!(f("memory"), (64u64 << 20).to_string());
+    assert_eq!(f("pids"), "77");
+    assert_eq!(f("quota"), "50000");
+    // v2 maps shares to a weight (runc: 1 + (shares-2)*9999/262142).
+    assert_eq!(
+        f("shares"),
+        if v1 {
+            "512".to_string()
+        } else {
+            "20".to_string()
+        }
+    );
+    assert_eq!(f("cpus"), "0");
+    assert_eq!(
+        (f("nofile").as_str(), f("nofile-hard").as_str()),
+        ("1000", "2000")
+    );
+    assert_eq!(f("shm"), "8192");
+    // Bad limits are refused naming the flag, before anything runs.
+    for (flag, value, want) in [
+        ("--memory", "1m", "minimum is 6MB"),
+        ("--cpu-quota", "10", "minimum is 1000"),
+        ("--cpuset-cpus", "zero", "--cpuset-cpus"),
+        ("--ulimit", "files=1", "unknown limit"),
+        ("--ulimit", "nofile=10:5", "over the hard limit"),
+        ("--memory", "lots", "invalid size"),
+    ] {
+        let err = d.fails(&[
+            "ctr-img",
+            "build",
+            flag,
+            value,
+            ctx.path().to_str().expect("utf8"),
+        ]);
+        assert!(err.contains(want), "{flag} {value}: {err}");
+    }
+}
+
+#[test]
+fn source_date_epoch_is_the_build_time() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(ctx.path().join("f"), "f").expect("write");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nCOPY f /f\nRUN touch /new\n",
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+    let id = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("Build success with image id: "))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no id in {out}"))
+    };
+    let epoch = d.ok(&[
+        "ctr-img",
+        "build",
+        "--no-cache",
+        "--build-arg",
+        "SOURCE_DATE_EPOCH=1600000000",
+        c,
+    ]);
+    let stat = d.ok(&[
+        "ctr-img",
+        "build",
+        "--no-cache",
+        "--build-static",
+        "build-time=2020-09-13 12:26:40",
+        c,
+    ]);
+    assert_eq!(
+        id(&epoch),
+        id(&stat),
+        "SOURCE_DATE_EPOCH gives the --build-static image"
+    );
+    assert!(!epoch.contains("were not consumed"), "{epoch}");
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--build-arg",
+        "SOURCE_DATE_EPOCH=yesterday",
+        c,
+    ]);
+    assert!(err.contains("SOURCE_DATE_EPOCH"), "{err}");
+}

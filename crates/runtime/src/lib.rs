@@ -230,6 +230,76 @@ pub struct Process {
     pub insecure: bool,
     /// The /etc/hosts to show instead of the host's (with `--add-host` lines).
     pub hosts_file: Option<PathBuf>,
+    /// Per-build resource limits.
+    pub limits: Limits,
+}
+
+/// A build's resource limits for its RUN steps (None: the default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory: Option<i64>,
+    pub cpu_shares: Option<u64>,
+    pub cpu_quota: Option<i64>,
+    pub cpu_period: Option<u64>,
+    pub cpuset_cpus: Option<String>,
+    /// -1: unlimited.
+    pub pids: Option<i64>,
+    pub shm_size: Option<u64>,
+    /// (RLIMIT_NAME, soft, hard); u64::MAX is unlimited.
+    pub rlimits: Vec<(String, u64, u64)>,
+}
+
+/// Docker's `--ulimit` names and the rlimits they set.
+pub const ULIMITS: [(&str, &str); 16] = [
+    ("as", "RLIMIT_AS"),
+    ("core", "RLIMIT_CORE"),
+    ("cpu", "RLIMIT_CPU"),
+    ("data", "RLIMIT_DATA"),
+    ("fsize", "RLIMIT_FSIZE"),
+    ("locks", "RLIMIT_LOCKS"),
+    ("memlock", "RLIMIT_MEMLOCK"),
+    ("msgqueue", "RLIMIT_MSGQUEUE"),
+    ("nice", "RLIMIT_NICE"),
+    ("nofile", "RLIMIT_NOFILE"),
+    ("nproc", "RLIMIT_NPROC"),
+    ("rss", "RLIMIT_RSS"),
+    ("rtprio", "RLIMIT_RTPRIO"),
+    ("rttime", "RLIMIT_RTTIME"),
+    ("sigpending", "RLIMIT_SIGPENDING"),
+    ("stack", "RLIMIT_STACK"),
+];
+
+/// `NAME=SOFT[:HARD]` as docker reads `--ulimit` (-1: unlimited; soft ≤ hard).
+pub fn parse_ulimit(text: &str) -> Result<(String, u64, u64), String> {
+    let (name, values) = text
+        .split_once('=')
+        .ok_or_else(|| format!("--ulimit {text:?}: expected NAME=SOFT[:HARD]"))?;
+    let rlimit = ULIMITS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, r)| r.to_string())
+        .ok_or_else(|| format!("--ulimit {text:?}: unknown limit {name:?}"))?;
+    let value = |v: &str| -> Result<u64, String> {
+        match v.trim() {
+            "-1" | "unlimited" => Ok(u64::MAX),
+            n => n
+                .parse::<u64>()
+                .map_err(|_| format!("--ulimit {text:?}: {n:?} is not a number")),
+        }
+    };
+    let (soft, hard) = match values.split_once(':') {
+        Some((s, h)) => (value(s)?, value(h)?),
+        None => {
+            let v = value(values)?;
+            (v, v)
+        }
+    };
+    if soft > hard {
+        return Err(format!(
+            "--ulimit {text:?}: the soft limit is over the hard limit"
+        ));
+    }
+    Ok((rlimit, soft, hard))
 }
 
 /// One extra mount of a step, as the OCI spec writes it.
@@ -327,6 +397,36 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
     } else {
         DEFAULT_CAPS.iter().map(|c| c.to_string()).collect()
     };
+    let l = &process.limits;
+    let shm_size = match l.shm_size {
+        Some(b) => format!("size={b}"),
+        None => "size=65536k".to_string(),
+    };
+    let mut resources = json!({"pids": {"limit": l.pids.unwrap_or(PIDS_LIMIT)}});
+    if let Some(m) = l.memory {
+        resources["memory"] = json!({"limit": m});
+    }
+    let mut cpu = serde_json::Map::new();
+    if let Some(v) = l.cpu_shares {
+        cpu.insert("shares".into(), json!(v));
+    }
+    if let Some(v) = l.cpu_quota {
+        cpu.insert("quota".into(), json!(v));
+    }
+    if let Some(v) = l.cpu_period {
+        cpu.insert("period".into(), json!(v));
+    }
+    if let Some(v) = &l.cpuset_cpus {
+        cpu.insert("cpus".into(), json!(v));
+    }
+    if !cpu.is_empty() {
+        resources["cpu"] = serde_json::Value::Object(cpu);
+    }
+    let rlimits: Vec<serde_json::Value> = l
+        .rlimits
+        .iter()
+        .map(|(t, soft, hard)| json!({"type": t, "soft": soft, "hard": hard}))
+        .collect();
     let sys_options = if process.insecure {
         json!(["nosuid", "noexec", "nodev"])
     } else {
@@ -341,7 +441,7 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", shm_size]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}),
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
@@ -404,7 +504,8 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
             "env": process.env,
             "cwd": if process.cwd.is_empty() { "/" } else { process.cwd.as_str() },
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "noNewPrivileges": false
+            "noNewPrivileges": false,
+            "rlimits": rlimits
         },
         "root": {"path": rootfs, "readonly": false},
         "hostname": "isula-build",
@@ -416,7 +517,7 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
             "maskedPaths": masked,
             "readonlyPaths": readonly,
             // A fork bomb in a RUN stops at this many tasks instead of taking the host.
-            "resources": {"pids": {"limit": PIDS_LIMIT}},
+            "resources": resources,
             "seccomp": if process.seccomp_unconfined || process.insecure { serde_json::Value::Null } else { seccomp(&caps) }
         }
     })

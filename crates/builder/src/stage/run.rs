@@ -195,6 +195,7 @@ impl StageRun<'_, '_> {
             network_none: network == crate::Network::None,
             insecure,
             hosts_file: self.hosts_file().map_err(|e| step_err(n, step, e))?,
+            limits: self.opts.limits.clone(),
         };
         // With secrets in its environment the bundle lives in the step's tmpfs, off disk.
         let bundle = match held.memory_dir() {

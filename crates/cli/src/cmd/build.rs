@@ -79,9 +79,56 @@ pub struct Args {
     /// Add a HOST:IP line to /etc/hosts of RUN steps (repeatable)
     #[arg(long = "add-host")]
     pub add_host: Vec<String>,
+    /// Memory limit of RUN steps (1g, 512m; at least 6m)
+    #[arg(short = 'm', long = "memory", value_parser = size_arg)]
+    pub memory: Option<i64>,
+    /// CPU shares of RUN steps (relative weight)
+    #[arg(short = 'c', long = "cpu-shares")]
+    pub cpu_shares: Option<u64>,
+    /// CPU CFS quota of RUN steps, in microseconds per period
+    #[arg(long = "cpu-quota")]
+    pub cpu_quota: Option<i64>,
+    /// CPU CFS period of RUN steps, in microseconds
+    #[arg(long = "cpu-period")]
+    pub cpu_period: Option<u64>,
+    /// CPUs RUN steps may use (0-3, 0,1)
+    #[arg(long = "cpuset-cpus")]
+    pub cpuset_cpus: Option<String>,
+    /// Most processes and threads in one RUN step (-1: unlimited)
+    #[arg(long = "pids-limit", allow_hyphen_values = true)]
+    pub pids_limit: Option<i64>,
+    /// Size of /dev/shm in RUN steps (64m)
+    #[arg(long = "shm-size", value_parser = size_arg)]
+    pub shm_size: Option<i64>,
+    /// Ulimit of RUN steps: NAME=SOFT[:HARD] (nofile=1024:2048; repeatable)
+    #[arg(long = "ulimit")]
+    pub ulimit: Vec<String>,
     /// Build context directory
     #[arg(default_value = ".")]
     pub context: String,
+}
+
+/// Docker's size units (`512m`, `1g`, `100k`, bytes without a unit).
+fn size_arg(text: &str) -> Result<i64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected a number with b, k, m or g"))?;
+    let shift = match unit.trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        _ => {
+            return Err(format!(
+                "invalid size {text:?}: expected a number with b, k, m or g"
+            ))
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
 
 /// A cache reference as given: `REF`, or BuildKit's `type=registry,ref=REF[,mode=max]`.
@@ -285,6 +332,16 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         network: args.network.filter(|n| n != "default").unwrap_or_default(),
         labels: args.label,
         add_hosts: args.add_host,
+        limits: Some(isula_api::v1::BuildLimits {
+            memory: args.memory.unwrap_or(0),
+            cpu_shares: args.cpu_shares.unwrap_or(0),
+            cpu_quota: args.cpu_quota.unwrap_or(0),
+            cpu_period: args.cpu_period.unwrap_or(0),
+            cpuset_cpus: args.cpuset_cpus.unwrap_or_default(),
+            pids_limit: args.pids_limit.unwrap_or(0),
+            shm_size: args.shm_size.unwrap_or(0),
+            ulimits: args.ulimit,
+        }),
     };
     // The agents are served over the build's session while it runs.
     let session = if args.ssh.is_empty() {

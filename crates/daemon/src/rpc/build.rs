@@ -429,6 +429,7 @@ async fn run_inner(
         labels: extras.labels,
         add_hosts: extras.add_hosts,
         allow_insecure: state.settings.allow_insecure,
+        limits: extras.limits,
     };
     let job = Job {
         ssh_ids: req.ssh_ids.clone(),
@@ -508,6 +509,7 @@ struct Extras {
     network: isula_builder_core::Network,
     labels: Vec<(String, String)>,
     add_hosts: Vec<(String, String)>,
+    limits: isula_runtime::Limits,
 }
 
 /// The most secrets, SSH agents, labels or hosts one build may name.
@@ -585,6 +587,85 @@ fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
         network,
         labels,
         add_hosts,
+        limits: limits(req.limits.as_ref()).map_err(error::invalid)?,
+    })
+}
+
+/// The smallest memory limit a build may set (Docker's).
+const MEMORY_MIN: i64 = 6 << 20;
+
+/// `--memory`, `--cpu-*`, `--pids-limit`, `--shm-size` and `--ulimit`, checked.
+fn limits(l: Option<&isula_api::v1::BuildLimits>) -> Result<isula_runtime::Limits, String> {
+    let Some(l) = l else {
+        return Ok(Default::default());
+    };
+    let set = |v: i64| (v != 0).then_some(v);
+    let memory = set(l.memory);
+    if memory.is_some_and(|m| m < MEMORY_MIN) {
+        return Err(format!(
+            "--memory {}: the minimum is 6MB ({MEMORY_MIN} bytes)",
+            l.memory
+        ));
+    }
+    let cpu_quota = set(l.cpu_quota);
+    if cpu_quota.is_some_and(|q| q < 1000) {
+        return Err(format!(
+            "--cpu-quota {}: the minimum is 1000 (1ms)",
+            l.cpu_quota
+        ));
+    }
+    let cpu_period = (l.cpu_period != 0).then_some(l.cpu_period);
+    if cpu_period.is_some_and(|p| !(1000..=1_000_000).contains(&p)) {
+        return Err(format!(
+            "--cpu-period {}: must be 1000 to 1000000 (1ms to 1s)",
+            l.cpu_period
+        ));
+    }
+    let cpuset = Some(l.cpuset_cpus.trim().to_string()).filter(|c| !c.is_empty());
+    if let Some(c) = &cpuset {
+        let ok = c.split(',').all(|part| {
+            let mut ends = part.splitn(2, '-');
+            let num = |s: Option<&str>| {
+                s.is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            };
+            let first = ends.next();
+            match ends.next() {
+                None => num(first),
+                Some(last) => num(first) && num(Some(last)),
+            }
+        });
+        if !ok {
+            return Err(format!(
+                "--cpuset-cpus {c:?}: expected CPU numbers and ranges (0-3,5)"
+            ));
+        }
+    }
+    let pids = set(l.pids_limit);
+    if pids.is_some_and(|p| p < -1) {
+        return Err(format!(
+            "--pids-limit {}: expected a positive number or -1",
+            l.pids_limit
+        ));
+    }
+    let shm_size = match l.shm_size {
+        0 => None,
+        s if s < 0 => return Err(format!("--shm-size {s}: must be positive")),
+        s => Some(s as u64),
+    };
+    let rlimits = l
+        .ulimits
+        .iter()
+        .map(|u| isula_runtime::parse_ulimit(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(isula_runtime::Limits {
+        memory,
+        cpu_shares: (l.cpu_shares != 0).then_some(l.cpu_shares),
+        cpu_quota,
+        cpu_period,
+        cpuset_cpus: cpuset,
+        pids,
+        shm_size,
+        rlimits,
     })
 }
 
