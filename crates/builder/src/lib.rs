@@ -129,6 +129,29 @@ pub struct BuildOptions {
     pub allow_insecure: bool,
     /// Resource limits of every RUN step (`--memory`, `--cpu-*`, `--pids-limit`, ...).
     pub limits: isula_runtime::Limits,
+    /// Named contexts (`--build-context`), lower-case names: they win over stages of
+    /// the same name.
+    pub contexts: Vec<(String, NamedContext)>,
+}
+
+/// What a `--build-context NAME=...` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedContext {
+    /// A directory of the client's machine (absolute).
+    Dir(PathBuf),
+    /// An image (`docker-image://REF`), found or pulled as FROM does.
+    Image(String),
+}
+
+impl BuildOptions {
+    /// The named context `name` (case-insensitive), if the build has one.
+    pub fn named_context(&self, name: &str) -> Option<&NamedContext> {
+        let lower = name.to_ascii_lowercase();
+        self.contexts
+            .iter()
+            .find(|(n, _)| *n == lower)
+            .map(|(_, c)| c)
+    }
 }
 
 /// A RUN step's network.
@@ -347,9 +370,19 @@ pub fn source_date_epoch(args: &[(String, String)]) -> Result<Option<i64>, Build
 
 /// The stages stage `i` uses (FROM <stage>, COPY --from=<stage>, RUN --mount=from=<stage>),
 /// all before it.
-fn stage_deps(df: &Dockerfile, i: usize, meta: &[(String, String)], lexer: &Lexer) -> Vec<usize> {
+fn stage_deps(
+    df: &Dockerfile,
+    i: usize,
+    meta: &[(String, String)],
+    lexer: &Lexer,
+    named: &[String],
+) -> Vec<usize> {
     let find = |name: &str| -> Option<usize> {
         let lower = name.to_ascii_lowercase();
+        // A named context wins over a stage of that name.
+        if named.contains(&lower) {
+            return None;
+        }
         df.stages[..i]
             .iter()
             .position(|s| s.name.as_deref() == Some(lower.as_str()))
@@ -397,6 +430,7 @@ fn needed_stages(
     target: usize,
     meta: &[(String, String)],
     lexer: &Lexer,
+    named: &[String],
 ) -> Vec<(usize, Vec<usize>)> {
     let mut need = vec![false; df.stages.len()];
     let mut stack = vec![target];
@@ -405,11 +439,11 @@ fn needed_stages(
             continue;
         }
         need[i] = true;
-        stack.extend(stage_deps(df, i, meta, lexer));
+        stack.extend(stage_deps(df, i, meta, lexer, named));
     }
     (0..df.stages.len())
         .filter(|i| need[*i])
-        .map(|i| (i, stage_deps(df, i, meta, lexer)))
+        .map(|i| (i, stage_deps(df, i, meta, lexer, named)))
         .collect()
 }
 
@@ -460,7 +494,8 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
             .position(|s| s.name.as_deref() == Some(t.to_ascii_lowercase().as_str()))
             .ok_or_else(|| BuildError::Invalid(format!("target stage {t:?} could not be found")))?,
     };
-    let stages = needed_stages(&df, target, &meta, &lexer);
+    let named: Vec<String> = opts.contexts.iter().map(|(n, _)| n.clone()).collect();
+    let stages = needed_stages(&df, target, &meta, &lexer, &named);
 
     std::fs::create_dir_all(&opts.work_dir)
         .map_err(|e| StoreError::io("create", &opts.work_dir, e))?;

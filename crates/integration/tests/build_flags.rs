@@ -271,3 +271,99 @@ fn source_date_epoch_is_the_build_time() {
     ]);
     assert!(err.contains("SOURCE_DATE_EPOCH"), "{err}");
 }
+
+#[test]
+fn named_build_contexts() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let base = tempfile::tempdir().expect("base");
+    std::fs::write(
+        base.path().join("Dockerfile"),
+        "FROM busybox\nLABEL from=ctxbase\n",
+    )
+    .expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "ctxbase:1",
+        base.path().to_str().expect("utf8"),
+    ]);
+    let extra = tempfile::tempdir().expect("extra");
+    std::fs::write(extra.path().join("lib.txt"), "lib-v1").expect("write");
+    let ctx = tempfile::tempdir().expect("ctx");
+    // The stage named `extra` is overridden by the context of that name: never built.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox AS extra\nRUN false\n\
+         FROM base\nCOPY --from=extra lib.txt /lib.txt\n\
+         RUN --mount=from=extra,target=/m cat /m/lib.txt > /mounted\n",
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+    let extra_flag = format!("extra={}", extra.path().display());
+    let build = |tag: &str| {
+        d.ok(&[
+            "ctr-img",
+            "build",
+            "--build-context",
+            "base=docker-image://ctxbase:1",
+            "--build-context",
+            &extra_flag,
+            "-t",
+            tag,
+            c,
+        ])
+    };
+    build("named:1");
+    assert_eq!(
+        layer_file(&d, "named:1", "lib.txt").as_deref(),
+        Some("lib-v1")
+    );
+    assert_eq!(
+        layer_file(&d, "named:1", "mounted").as_deref(),
+        Some("lib-v1")
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&d.ok(&["ctr-img", "inspect", "named:1"])).expect("json");
+    assert_eq!(inspect[0]["Config"]["config"]["Labels"]["from"], "ctxbase");
+    // The directory's content keys the steps that read it.
+    let out = build("named:2");
+    assert_eq!(out.matches("Using cache").count(), 2, "{out}");
+    std::fs::write(extra.path().join("lib.txt"), "lib-v2").expect("write");
+    let out = build("named:3");
+    assert_eq!(out.matches("Using cache").count(), 0, "{out}");
+    assert_eq!(
+        layer_file(&d, "named:3", "mounted").as_deref(),
+        Some("lib-v2")
+    );
+    // Bad ones name the flag.
+    let missing = extra.path().join("missing");
+    for (flag, want) in [
+        (
+            format!("x={}", missing.display()),
+            "not a directory".to_string(),
+        ),
+        (
+            "x=https://example.com/ctx.tar".to_string(),
+            "only a directory".to_string(),
+        ),
+        (
+            "x=docker-image://UPPER/Case".to_string(),
+            "--build-context x".to_string(),
+        ),
+        ("=dir".to_string(), "not a valid name".to_string()),
+    ] {
+        let err = d.fails(&["ctr-img", "build", "--build-context", &flag, c]);
+        assert!(err.contains(&want), "{flag}: {err}");
+    }
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM extra\n").expect("df");
+    let err = d.fails(&["ctr-img", "build", "--build-context", &extra_flag, c]);
+    assert!(
+        err.contains("FROM takes an image") && err.contains("line 1"),
+        "{err}"
+    );
+}

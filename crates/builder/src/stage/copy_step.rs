@@ -11,13 +11,26 @@ impl StageRun<'_, '_> {
         c: isula_dockerfile::instructions::CopyArgs,
         is_add: bool,
     ) -> Result<(), BuildError> {
+        // A named context (--build-context) wins over a stage of that name.
+        let named = c
+            .from
+            .as_deref()
+            .and_then(|f| self.opts.named_context(f))
+            .cloned();
+        let named_dir = match &named {
+            Some(crate::NamedContext::Dir(d)) => Some(d.clone()),
+            _ => None,
+        };
         // An image named by --from is found (or pulled) before the rootfs is borrowed.
-        let from_result = match &c.from {
-            Some(from) => Some(match self.stage_result(from) {
+        let from_result = match (&c.from, &named) {
+            (Some(_), Some(crate::NamedContext::Dir(_))) | (None, _) => None,
+            (Some(_), Some(crate::NamedContext::Image(r))) => {
+                Some(image_base(self.ctx, r).map_err(|e| in_step(n, step, e))?)
+            }
+            (Some(from), None) => Some(match self.stage_result(from) {
                 Some(r) => r.clone(),
                 None => image_base(self.ctx, from).map_err(|e| in_step(n, step, e))?,
             }),
-            None => None,
         };
         let cwd = self.working_dir();
         let remotes: Vec<remote::Remote> = if c.from.is_none() {
@@ -58,15 +71,27 @@ impl StageRun<'_, '_> {
             self.remote_keys(n, step, &c, &remotes)?
         };
         // The build context, opened once for the key and the copy.
-        let ctx_root = match (&c.from, locals.is_empty()) {
-            (None, false) => {
-                Some(Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?)
-            }
-            _ => None,
-        };
+        let ctx_root =
+            match (&c.from, &named_dir, locals.is_empty()) {
+                (_, Some(dir), false) => Some(Root::open(dir).map_err(|e| {
+                    step_err(n, step, format!("build context {}: {e}", dir.display()))
+                })?),
+                (None, None, false) => Some(
+                    Root::open(&self.opts.context).map_err(|e| step_err(n, step, e.to_string()))?,
+                ),
+                _ => None,
+            };
         // What the sources are: their content (context), or the key of the stage or image.
         let sources = match (&from_result, &ctx_root) {
             (Some(r), _) => r.key.clone(),
+            (None, Some(root)) if named_dir.is_some() => {
+                // Another directory: hashed afresh (the context's records are the
+                // context's), no .dockerignore.
+                let mut src = Source::new(root, None);
+                src.exclude = excludes.as_ref();
+                let mut hashes = crate::cache_key::ContextHashes::load(None);
+                hash_sources(&src, &locals, &mut hashes).map_err(|e| step_err(n, step, e))?
+            }
             (None, Some(root)) => {
                 let mut src = Source::new(root, self.ignore);
                 src.exclude = excludes.as_ref();
@@ -223,6 +248,16 @@ impl StageRun<'_, '_> {
         }
         if c.sources.is_empty() {
             return Ok(());
+        }
+        if let Some(crate::NamedContext::Dir(_)) =
+            c.from.as_deref().and_then(|f| self.opts.named_context(f))
+        {
+            let dir_root =
+                ctx_root.ok_or_else(|| step_err(n, step, "the build context is not open"))?;
+            let mut src = Source::new(dir_root, None);
+            src.exclude = excludes.as_ref();
+            return copy::copy(&src, &c.sources, root, &dest, &opts, None)
+                .map_err(|e| step_err(n, step, e));
         }
         match &c.from {
             None => {

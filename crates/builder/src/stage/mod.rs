@@ -326,6 +326,23 @@ impl<'c, 'a> StageRun<'c, 'a> {
                 blobs: Vec::new(),
                 key: KeyBuilder::new("scratch", None).finish(),
             }
+        } else if let Some(named) = self.opts.named_context(&image) {
+            match named {
+                crate::NamedContext::Image(r) => {
+                    let r = r.clone();
+                    image_base(self.ctx, &r).map_err(|e| in_step(*step_no, &from, e))?
+                }
+                crate::NamedContext::Dir(d) => {
+                    return Err(step_err(
+                        *step_no,
+                        &from,
+                        format!(
+                            "FROM {image}: the build context {image} is a directory ({}); FROM takes an image (--build-context {image}=docker-image://REF)",
+                            d.display()
+                        ),
+                    ))
+                }
+            }
         } else if let Some(r) = self.stage_result(&image) {
             r.clone()
         } else {

@@ -32,6 +32,8 @@ pub(super) struct Planned {
     from: Option<StageResult>,
     /// An ssh mount at its default target: `SSH_AUTH_SOCK` points at it.
     default_agent: bool,
+    /// `from=` names a directory context (`--build-context NAME=DIR`).
+    from_dir: Option<PathBuf>,
 }
 
 /// What the step's mounts hold until the step ends (views, locks, scratch copies); the
@@ -196,6 +198,7 @@ impl StageRun<'_, '_> {
                     target,
                     from: None,
                     default_agent,
+                    from_dir: None,
                 });
                 continue;
             }
@@ -213,7 +216,27 @@ impl StageRun<'_, '_> {
                     format!("--mount={r}: {target} is mounted twice"),
                 ));
             }
-            if let Some(f) = &spec.from {
+            let named = spec
+                .from
+                .as_deref()
+                .and_then(|f| self.opts.named_context(f))
+                .cloned();
+            let from_dir = match &named {
+                Some(crate::NamedContext::Dir(d)) if spec.kind == MountKind::Bind => {
+                    Some(d.clone())
+                }
+                Some(crate::NamedContext::Dir(_)) => {
+                    return Err(step_err(
+                        n,
+                        step,
+                        format!(
+                            "--mount={r}: from= a directory context works for bind mounts only"
+                        ),
+                    ))
+                }
+                _ => None,
+            };
+            if let (Some(f), None) = (&spec.from, &named) {
                 let lower = f.to_ascii_lowercase();
                 if self.df.stages[self.index..]
                     .iter()
@@ -226,9 +249,12 @@ impl StageRun<'_, '_> {
                     ));
                 }
             }
-            let from = match &spec.from {
-                None => None,
-                Some(f) => Some(match self.stage_result(f) {
+            let from = match (&spec.from, &named) {
+                (None, _) | (_, Some(crate::NamedContext::Dir(_))) => None,
+                (Some(_), Some(crate::NamedContext::Image(image))) => {
+                    Some(image_base(self.ctx, image).map_err(|e| in_step(n, step, e))?)
+                }
+                (Some(f), None) => Some(match self.stage_result(f) {
                     Some(r) => r.clone(),
                     None => image_base(self.ctx, f).map_err(|e| {
                         in_step(
@@ -249,6 +275,7 @@ impl StageRun<'_, '_> {
                 target,
                 from,
                 default_agent,
+                from_dir,
             });
         }
         Ok(out)
@@ -266,8 +293,17 @@ impl StageRun<'_, '_> {
         let mut out = Vec::new();
         for p in planned {
             let m = &p.spec;
-            let shows = match (m.kind, &p.from) {
-                (MountKind::Bind, None) => {
+            let shows = match (m.kind, &p.from, &p.from_dir) {
+                (MountKind::Bind, None, Some(dir)) => {
+                    let root = Root::open(dir).map_err(|e| step_err(n, step, e.to_string()))?;
+                    let src = Source::new(&root, None);
+                    let mut hashes = crate::cache_key::ContextHashes::load(None);
+                    let source = m.source.clone().unwrap_or_else(|| ".".into());
+                    hash_sources(&src, &[source], &mut hashes)
+                        .map_err(|e| step_err(n, step, e))?
+                        .to_string()
+                }
+                (MountKind::Bind, None, None) => {
                     let root = Root::open(&self.opts.context)
                         .map_err(|e| step_err(n, step, e.to_string()))?;
                     let src = Source::new(&root, self.ignore);
@@ -277,7 +313,7 @@ impl StageRun<'_, '_> {
                         .map_err(|e| step_err(n, step, e))?
                         .to_string()
                 }
-                (_, Some(r)) => r.key.to_string(),
+                (_, Some(r), _) => r.key.to_string(),
                 _ => String::new(),
             };
             out.push(serde_json::json!({
@@ -328,7 +364,12 @@ impl StageRun<'_, '_> {
                 }
                 MountKind::Bind => {
                     let path = match &p.from {
-                        None => self.context_copy(&p.spec, &scratch).map_err(e)?,
+                        None => match &p.from_dir {
+                            Some(d) => self.context_copy(d, None, &p.spec, &scratch).map_err(e)?,
+                            None => self
+                                .context_copy(&self.opts.context, self.ignore, &p.spec, &scratch)
+                                .map_err(e)?,
+                        },
                         Some(r) => {
                             let view = self.view(r, &scratch, !p.spec.readonly, &mut held)?;
                             let source = p.spec.source.clone().unwrap_or_else(|| "/".into());
@@ -423,8 +464,14 @@ impl StageRun<'_, '_> {
 
     /// A copy of a context path (what `.dockerignore` leaves, as the context BuildKit
     /// receives): a bind shows it, and writes to an `rw` one go with the copy.
-    fn context_copy(&self, spec: &RunMount, scratch: &Path) -> Result<PathBuf, String> {
-        let ctx = Root::open(&self.opts.context).map_err(|e| e.to_string())?;
+    fn context_copy(
+        &self,
+        dir: &Path,
+        ignore: Option<&Matcher>,
+        spec: &RunMount,
+        scratch: &Path,
+    ) -> Result<PathBuf, String> {
+        let ctx = Root::open(dir).map_err(|e| e.to_string())?;
         let source = spec.source.clone().unwrap_or_else(|| ".".into());
         let fd = ctx
             .open_at(
@@ -440,7 +487,7 @@ impl StageRun<'_, '_> {
         let data = scratch.join("data");
         std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
         let into = Root::open(&data).map_err(|e| e.to_string())?;
-        let src = Source::new(&ctx, self.ignore);
+        let src = Source::new(&ctx, ignore);
         let dest = if is_dir { "/" } else { "/file" };
         copy::copy(&src, &[source], &into, dest, &CopyOptions::default(), None)?;
         Ok(if is_dir { data } else { data.join("file") })

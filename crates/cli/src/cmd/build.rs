@@ -79,6 +79,10 @@ pub struct Args {
     /// Add a HOST:IP line to /etc/hosts of RUN steps (repeatable)
     #[arg(long = "add-host")]
     pub add_host: Vec<String>,
+    /// A named context: NAME=DIR or NAME=docker-image://REF, used by FROM NAME,
+    /// COPY --from=NAME and RUN --mount=from=NAME (over a stage of that name; repeatable)
+    #[arg(long = "build-context")]
+    pub build_context: Vec<String>,
     /// Memory limit of RUN steps (1g, 512m; at least 6m)
     #[arg(short = 'm', long = "memory", value_parser = size_arg)]
     pub memory: Option<i64>,
@@ -106,6 +110,27 @@ pub struct Args {
     /// Build context directory
     #[arg(default_value = ".")]
     pub context: String,
+}
+
+/// `NAME=DIR` with DIR made absolute (and checked here, where it is), or `NAME=URL`.
+fn build_context(spec: &str) -> Result<String> {
+    let Some((name, value)) = spec.split_once('=') else {
+        bail!("invalid --build-context {spec:?}: expected NAME=DIR or NAME=docker-image://REF");
+    };
+    if name.trim().is_empty() {
+        bail!("--build-context {spec:?}: the name is empty, so it is not a valid name");
+    }
+    if value.contains("://") {
+        return Ok(spec.to_string());
+    }
+    let dir = crate::absolute(value)?;
+    if !dir.is_dir() {
+        bail!(
+            "--build-context {name}={value}: {} is not a directory",
+            dir.display()
+        );
+    }
+    Ok(format!("{name}={}", dir.display()))
 }
 
 /// Docker's size units (`512m`, `1g`, `100k`, bytes without a unit).
@@ -299,6 +324,11 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         }
     }
     let secrets = super::build_session::seal_secrets(&args.secret)?;
+    let build_contexts = args
+        .build_context
+        .iter()
+        .map(|spec| build_context(spec))
+        .collect::<Result<Vec<_>>>()?;
     let agents = super::build_session::agents(&args.ssh)?;
     let req = BuildRequest {
         build_id: build_id.clone(),
@@ -332,6 +362,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         network: args.network.filter(|n| n != "default").unwrap_or_default(),
         labels: args.label,
         add_hosts: args.add_host,
+        build_contexts,
         limits: Some(isula_api::v1::BuildLimits {
             memory: args.memory.unwrap_or(0),
             cpu_shares: args.cpu_shares.unwrap_or(0),

@@ -430,6 +430,7 @@ async fn run_inner(
         add_hosts: extras.add_hosts,
         allow_insecure: state.settings.allow_insecure,
         limits: extras.limits,
+        contexts: extras.contexts,
     };
     let job = Job {
         ssh_ids: req.ssh_ids.clone(),
@@ -510,6 +511,7 @@ struct Extras {
     labels: Vec<(String, String)>,
     add_hosts: Vec<(String, String)>,
     limits: isula_runtime::Limits,
+    contexts: Vec<(String, isula_builder_core::NamedContext)>,
 }
 
 /// The most secrets, SSH agents, labels or hosts one build may name.
@@ -517,6 +519,7 @@ const EXTRAS_MAX: usize = 256;
 
 fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
     if req.secrets.len() > EXTRAS_MAX
+        || req.build_contexts.len() > EXTRAS_MAX
         || req.ssh_ids.len() > EXTRAS_MAX
         || req.labels.len() > EXTRAS_MAX
         || req.add_hosts.len() > EXTRAS_MAX
@@ -588,7 +591,47 @@ fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
         labels,
         add_hosts,
         limits: limits(req.limits.as_ref()).map_err(error::invalid)?,
+        contexts: named_contexts(&req.build_contexts).map_err(error::invalid)?,
     })
+}
+
+/// `--build-context NAME=DIR|docker-image://REF`, checked (DIR absolute and existing).
+fn named_contexts(
+    specs: &[String],
+) -> Result<Vec<(String, isula_builder_core::NamedContext)>, String> {
+    let mut out: Vec<(String, isula_builder_core::NamedContext)> = Vec::new();
+    for spec in specs {
+        let (name, value) = spec.split_once('=').ok_or_else(|| {
+            format!("--build-context {spec:?}: expected NAME=DIR or NAME=docker-image://REF")
+        })?;
+        let name = name.trim().to_ascii_lowercase();
+        if !isula_dockerfile::instructions::valid_stage_name(&name) {
+            return Err(format!(
+                "--build-context {spec:?}: {name:?} is not a valid name (letters, digits, _ - .)"
+            ));
+        }
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(format!("--build-context {name} is given twice"));
+        }
+        let ctx = if let Some(r) = value.strip_prefix("docker-image://") {
+            Reference::parse(r).map_err(|e| format!("--build-context {name}={value}: {e}"))?;
+            isula_builder_core::NamedContext::Image(r.to_string())
+        } else if value.contains("://") {
+            return Err(format!(
+                "--build-context {name}={value}: only a directory or docker-image://REF is supported"
+            ));
+        } else {
+            let dir = PathBuf::from(value);
+            if !dir.is_absolute() || !dir.is_dir() {
+                return Err(format!(
+                    "--build-context {name}={value}: not an existing directory"
+                ));
+            }
+            isula_builder_core::NamedContext::Dir(dir)
+        };
+        out.push((name, ctx));
+    }
+    Ok(out)
 }
 
 /// The smallest memory limit a build may set (Docker's).
