@@ -1,6 +1,6 @@
 //! Differential tests against a real Docker engine: every case under
 //! `testdata/diff/<case>/` (a Dockerfile and its context; optional: `args` of build args,
-//! `secrets` to pass with `--secret`, `served/` for a local HTTP server whose URL is the
+//! `flags` of other build flags, `secrets` to pass with `--secret`, `served/` for a local HTTP server whose URL is the
 //! build arg `HTTP_BASE`) is built by Docker and by us from the same busybox base, and
 //! the image configs (Env in order, Cmd, Entrypoint, WorkingDir, User, Labels, ExposedPorts, Volumes, StopSignal,
 //! Healthcheck, OnBuild, Shell) and the flattened filesystems (paths, types, modes, owners,
@@ -207,6 +207,14 @@ fn dockerfiles_build_like_docker() {
             .filter(|l| !l.trim().is_empty())
             .flat_map(|l| ["--build-arg".to_string(), l.trim().to_string()])
             .collect();
+        // `flags`: build flags both builders take, one per line (`--label a=b`).
+        for l in std::fs::read_to_string(case.join("flags"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
+            args.extend(l.split_whitespace().map(str::to_string));
+        }
         // `secrets`: one `ID FILE` per line (FILE in the case), given to both builds.
         for l in std::fs::read_to_string(case.join("secrets"))
             .unwrap_or_default()

@@ -422,3 +422,71 @@ fn ssh_agents_are_forwarded_into_the_step_only() {
     let (files, _) = saved(&d, "ssh:2", work.path());
     assert_eq!(file(&files, "keys"), Some("none"));
 }
+
+/// Every file under `dir`, gunzipped when it is gzip: whether `needle` is in any.
+fn found_under_unzipped(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = found_under(dir, needle);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let Ok(data) = std::fs::read(&p) else {
+                continue;
+            };
+            if data.starts_with(&[0x1f, 0x8b]) {
+                let mut plain = Vec::new();
+                if std::io::Read::read_to_end(
+                    &mut flate2::read::MultiGzDecoder::new(&data[..]),
+                    &mut plain,
+                )
+                .is_ok()
+                    && plain.windows(needle.len()).any(|w| w == needle)
+                {
+                    hits.push(format!("{} (gunzipped)", p.display()));
+                }
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn secrets_stay_out_of_pushed_images_and_the_registry_cache() {
+    if !require_root() || !require_tool("runc") || !require_tool("docker-registry") {
+        return;
+    }
+    let reg = isula_integration::registry::Registry::start(Default::default());
+    let host = reg.host();
+    let d = Daemon::for_registries(&[&host]);
+    d.load_fixed_busybox("busybox:latest");
+    let work = tempfile::tempdir().expect("tmp");
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    let secret = marker();
+    let file = work.path().join("s");
+    std::fs::write(&file, &secret).expect("secret");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN --mount=type=secret,id=s,env=S,target=/run/secrets/s sh -c 'test -n \"$S\" && test -s /run/secrets/s && wc -c < /run/secrets/s > /n'\n",
+    )
+    .expect("df");
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--secret",
+        &format!("id=s,src={}", file.display()),
+        "--cache-to",
+        &format!("{host}/cache:1"),
+        "-o",
+        &format!("docker://{host}/app:1"),
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert!(out.contains("Build cache exported"), "{out}");
+    let hits = found_under_unzipped(&reg.dir.path().join("data"), secret.as_bytes());
+    assert!(hits.is_empty(), "the secret reached the registry: {hits:?}");
+    assert!(!reg.log().contains(&secret));
+}
