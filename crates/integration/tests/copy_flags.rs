@@ -126,3 +126,46 @@ fn exclude_and_parents_as_buildkit() {
     let out = d.ok(&["ctr-img", "build", "-t", "cf:3", cx]);
     assert_eq!(out.matches("Using cache").count(), 0, "{out}");
 }
+
+#[test]
+fn copy_link_owns_its_destination_directories() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = tempfile::tempdir().expect("ctx");
+    let c = ctx.path();
+    write(c, &[("a.txt", "a")]);
+    std::fs::write(
+        c.join("Dockerfile"),
+        "FROM busybox\n\
+         RUN mkdir -p /opt/real /opt/real2 && ln -s real /opt/link && ln -s real2 /opt/link2 && mkdir -m 700 /srv && touch /srv/keep\n\
+         COPY --link a.txt /opt/link/\n\
+         COPY a.txt /opt/link2/\n\
+         COPY --link --chown=7:8 a.txt /srv/\n",
+    )
+    .expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "link:1",
+        c.to_str().expect("utf8"),
+    ]);
+    let f = image_files(&d, "link:1");
+    // --link: the symlink in the way is replaced by a directory, not followed.
+    assert!(
+        f.contains_key("opt/link/a.txt"),
+        "{:?}",
+        f.keys()
+            .filter(|k| k.starts_with("opt"))
+            .collect::<Vec<_>>()
+    );
+    assert!(!f.contains_key("opt/real/a.txt"));
+    // Without it the link is followed.
+    assert!(f.contains_key("opt/real2/a.txt"));
+    // The directory is the copy's (0755, its owner); what it held stays.
+    assert_eq!(f.get("srv").map(|v| v.0 & 0o7777), Some(0o755));
+    assert!(f.contains_key("srv/keep") && f.contains_key("srv/a.txt"));
+}

@@ -199,6 +199,14 @@ impl StageRun<'_, '_> {
             parents: c.parents,
         };
         let excludes = exclude_matcher(&c.exclude).map_err(|e| step_err(n, step, e))?;
+        if c.link {
+            let mtime = self
+                .opts
+                .build_time
+                .unwrap_or_else(|| chrono::Utc::now().timestamp());
+            link_dest(root, &dest, owner.unwrap_or((0, 0)), mtime)
+                .map_err(|e| step_err(n, step, format!("--link: {e}")))?;
+        }
         // Heredoc documents become files.
         for h in &c.heredocs {
             let target = if dest.ends_with('/') {
@@ -333,4 +341,46 @@ fn exclude_matcher(patterns: &[String]) -> Result<Option<Matcher>, String> {
     Matcher::parse(&patterns.join("\n"))
         .map(Some)
         .map_err(|e| format!("--exclude: {e}"))
+}
+
+/// `COPY --link`: BuildKit copies into an empty directory and lays the result over the
+/// stage, so the destination's directories are its own: each one (DEST itself when it
+/// names a directory) is a directory of mode 0755 owned by the copy's owner with the
+/// copy's time, whatever the stage had there; a symlink or file in the way is replaced,
+/// never followed, and what a directory already held stays.
+fn link_dest(root: &Root, dest: &str, owner: (u32, u32), mtime: i64) -> Result<(), String> {
+    let dir_part = if dest.ends_with('/') {
+        dest.to_string()
+    } else {
+        match dest.rsplit_once('/') {
+            Some((d, _)) => d.to_string(),
+            None => String::new(),
+        }
+    };
+    let mut at = String::new();
+    for comp in dir_part.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        let parent = if at.is_empty() {
+            "/".to_string()
+        } else {
+            at.clone()
+        };
+        let pfd = root
+            .dir(Path::new(&parent), Resolve::InRoot, false)
+            .map_err(|e| format!("{parent}: {e}"))?;
+        let name = std::ffi::OsStr::new(comp);
+        let pfd = std::os::fd::AsFd::as_fd(&pfd);
+        match isula_sys::rooted::lstat(pfd, name).map_err(|e| e.to_string())? {
+            Some(st) if isula_sys::rooted::is_dir(&st) => {}
+            Some(_) => {
+                isula_sys::rooted::remove_all(pfd, name).map_err(|e| e.to_string())?;
+                isula_sys::rooted::mkdir(pfd, name, 0o755).map_err(|e| e.to_string())?;
+            }
+            None => isula_sys::rooted::mkdir(pfd, name, 0o755).map_err(|e| e.to_string())?,
+        }
+        isula_sys::rooted::lchown(pfd, name, owner.0, owner.1).map_err(|e| e.to_string())?;
+        isula_sys::rooted::chmod(pfd, name, 0o755).map_err(|e| e.to_string())?;
+        isula_sys::rooted::set_times(pfd, name, (mtime, 0)).map_err(|e| e.to_string())?;
+        at = format!("{}/{comp}", at.trim_end_matches('/'));
+    }
+    Ok(())
 }
