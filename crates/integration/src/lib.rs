@@ -7,6 +7,7 @@ pub mod http_files;
 pub mod oci_layout;
 pub mod registry;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -342,6 +343,68 @@ impl Daemon {
         import_id(&out)
     }
 
+    /// Every entry of every layer of `image` as saved to a docker-archive, bottom layer
+    /// first, with the archive's bytes.
+    pub fn layer_entries(&self, image: &str) -> (Vec<LayerEntry>, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let archive = dir.path().join("image.tar");
+        self.ok(&[
+            "ctr-img",
+            "save",
+            image,
+            "-o",
+            archive.to_str().expect("utf8"),
+        ]);
+        let bytes = std::fs::read(&archive).expect("archive");
+        let mut out = Vec::new();
+        let mut a = tar::Archive::new(&bytes[..]);
+        for e in a.entries().expect("entries") {
+            let mut e = e.expect("entry");
+            if !e.path().expect("path").to_string_lossy().ends_with(".tar") {
+                continue;
+            }
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).expect("read layer");
+            for f in tar::Archive::new(&data[..]).entries().expect("layer") {
+                let mut f = f.expect("file");
+                let h = f.header().clone();
+                let mut content = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut content).expect("read file");
+                out.push(LayerEntry {
+                    path: f
+                        .path()
+                        .expect("path")
+                        .to_string_lossy()
+                        .trim_start_matches("./")
+                        .trim_end_matches('/')
+                        .to_string(),
+                    mode: h.mode().expect("mode"),
+                    uid: h.uid().expect("uid"),
+                    gid: h.gid().expect("gid"),
+                    mtime: h.mtime().expect("mtime"),
+                    content,
+                });
+            }
+        }
+        (out, bytes)
+    }
+
+    /// The last version of each path in `image`'s layers (see [`Daemon::layer_entries`]).
+    pub fn image_files(&self, image: &str) -> BTreeMap<String, LayerEntry> {
+        self.layer_entries(image)
+            .0
+            .into_iter()
+            .map(|e| (e.path.clone(), e))
+            .collect()
+    }
+
+    /// The text of `name` in `image`'s layers, trimmed (None: no such file).
+    pub fn image_text(&self, image: &str, name: &str) -> Option<String> {
+        self.image_files(image)
+            .get(name)
+            .map(|e| String::from_utf8_lossy(&e.content).trim().to_string())
+    }
+
     /// The rows of `ctr-img images` as (repository, tag, id).
     pub fn images(&self) -> Vec<(String, String, String)> {
         self.ok(&["ctr-img", "images"])
@@ -521,6 +584,18 @@ pub fn busybox_rootfs(extra: &[(&str, &[u8])]) -> Vec<u8> {
         b.append_data(&mut h, name, *content).expect("extra");
     }
     b.into_inner().expect("tar")
+}
+
+/// One entry of a saved image's layer.
+#[derive(Debug, Clone)]
+pub struct LayerEntry {
+    /// Relative, without `./` or a trailing `/`.
+    pub path: String,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: u64,
+    pub content: Vec<u8>,
 }
 
 /// The image ID an import printed (`Import success with image id: ...`).

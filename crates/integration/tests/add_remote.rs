@@ -12,45 +12,10 @@ use std::process::Command;
 
 /// The image's files: path → (mode, uid, gid, mtime, content).
 fn image_files(d: &Daemon, image: &str) -> BTreeMap<String, (u32, u64, u64, u64, Vec<u8>)> {
-    let dir = tempfile::tempdir().expect("tmp");
-    let archive = dir.path().join("a.tar");
-    d.ok(&[
-        "ctr-img",
-        "save",
-        image,
-        "-o",
-        archive.to_str().expect("utf8"),
-    ]);
-    let mut out = BTreeMap::new();
-    let mut a = tar::Archive::new(std::fs::File::open(&archive).expect("archive"));
-    for e in a.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        if !e.path().expect("path").to_string_lossy().ends_with(".tar") {
-            continue;
-        }
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut data).expect("read");
-        for f in tar::Archive::new(&data[..]).entries().expect("layer") {
-            let mut f = f.expect("file");
-            let p = f
-                .path()
-                .expect("path")
-                .to_string_lossy()
-                .trim_end_matches('/')
-                .to_string();
-            let h = f.header();
-            let meta = (
-                h.mode().expect("mode"),
-                h.uid().expect("uid"),
-                h.gid().expect("gid"),
-                h.mtime().expect("mtime"),
-            );
-            let mut c = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut c).expect("read");
-            out.insert(p, (meta.0, meta.1, meta.2, meta.3, c));
-        }
-    }
-    out
+    d.image_files(image)
+        .into_iter()
+        .map(|(p, e)| (p, (e.mode, e.uid, e.gid, e.mtime, e.content)))
+        .collect()
 }
 
 fn nothing_left(d: &Daemon, what: &str) {

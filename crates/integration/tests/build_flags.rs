@@ -5,39 +5,7 @@
 use isula_integration::*;
 
 fn layer_file(d: &Daemon, image: &str, name: &str) -> Option<String> {
-    let dir = tempfile::tempdir().expect("tmp");
-    let archive = dir.path().join("a.tar");
-    d.ok(&[
-        "ctr-img",
-        "save",
-        image,
-        "-o",
-        archive.to_str().expect("utf8"),
-    ]);
-    let mut found = None;
-    let mut a = tar::Archive::new(std::fs::File::open(&archive).expect("archive"));
-    for e in a.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        if !e.path().expect("path").to_string_lossy().ends_with(".tar") {
-            continue;
-        }
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut data).expect("read");
-        for f in tar::Archive::new(&data[..]).entries().expect("layer") {
-            let mut f = f.expect("file");
-            if f.path()
-                .expect("path")
-                .to_string_lossy()
-                .trim_start_matches("./")
-                == name
-            {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut f, &mut s).expect("read");
-                found = Some(s.trim().to_string());
-            }
-        }
-    }
-    found
+    d.image_text(image, name)
 }
 
 #[test]

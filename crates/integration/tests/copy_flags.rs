@@ -11,39 +11,15 @@ use std::os::unix::fs::PermissionsExt;
 
 /// The image's files: path → (mode, content).
 fn image_files(d: &Daemon, image: &str) -> BTreeMap<String, (u32, String)> {
-    let dir = tempfile::tempdir().expect("tmp");
-    let archive = dir.path().join("a.tar");
-    d.ok(&[
-        "ctr-img",
-        "save",
-        image,
-        "-o",
-        archive.to_str().expect("utf8"),
-    ]);
-    let mut out = BTreeMap::new();
-    let mut a = tar::Archive::new(std::fs::File::open(&archive).expect("archive"));
-    for e in a.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        if !e.path().expect("path").to_string_lossy().ends_with(".tar") {
-            continue;
-        }
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut e, &mut data).expect("read");
-        for f in tar::Archive::new(&data[..]).entries().expect("layer") {
-            let mut f = f.expect("file");
-            let p = f
-                .path()
-                .expect("path")
-                .to_string_lossy()
-                .trim_end_matches('/')
-                .to_string();
-            let mode = f.header().mode().expect("mode");
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut f, &mut s);
-            out.insert(p, (mode, s));
-        }
-    }
-    out
+    d.image_files(image)
+        .into_iter()
+        .map(|(p, e)| {
+            (
+                p,
+                (e.mode, String::from_utf8_lossy(&e.content).into_owned()),
+            )
+        })
+        .collect()
 }
 
 fn write(root: &std::path::Path, files: &[(&str, &str)]) {

@@ -50,42 +50,19 @@ fn sha256_of(data: &[u8]) -> String {
 }
 
 /// The files of every layer of a saved image, path → content, and the archive's bytes.
-fn saved(d: &Daemon, image: &str, dir: &Path) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
-    let archive = dir.join(format!("{}.tar", image.replace([':', '/'], "_")));
-    d.ok(&[
-        "ctr-img",
-        "save",
-        image,
-        "-o",
-        archive.to_str().expect("utf8"),
-    ]);
-    let bytes = std::fs::read(&archive).expect("archive");
-    let mut files = Vec::new();
-    let mut a = tar::Archive::new(&bytes[..]);
-    for e in a.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        let name = e.path().expect("path").display().to_string();
-        if name.ends_with(".tar") {
-            let mut data = Vec::new();
-            std::io::Read::read_to_end(&mut e, &mut data).expect("read");
-            let mut layer = tar::Archive::new(&data[..]);
-            for f in layer.entries().expect("layer") {
-                let mut f = f.expect("file");
-                let p = f.path().expect("path").display().to_string();
-                let mut content = Vec::new();
-                std::io::Read::read_to_end(&mut f, &mut content).expect("read");
-                files.push((p, content));
-            }
-        }
-    }
-    (files, bytes)
+fn saved(d: &Daemon, image: &str) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
+    let (entries, bytes) = d.layer_entries(image);
+    (
+        entries.into_iter().map(|e| (e.path, e.content)).collect(),
+        bytes,
+    )
 }
 
 fn file<'a>(files: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
     files
         .iter()
         .rev()
-        .find(|(p, _)| p.trim_start_matches("./") == name)
+        .find(|(p, _)| p == name)
         .map(|(_, c)| std::str::from_utf8(c).unwrap_or("<binary>").trim())
 }
 
@@ -128,7 +105,7 @@ fn secrets_reach_their_steps_and_nothing_else() {
         String::from_utf8_lossy(&o.stdout).to_string()
     };
     let out = build("s:1", &[]);
-    let (files, archive) = saved(&d, "s:1", work.path());
+    let (files, archive) = saved(&d, "s:1");
     assert_eq!(
         file(&files, "sum"),
         Some(sha256_of(file_secret.as_bytes()).as_str())
@@ -378,7 +355,7 @@ fn ssh_agents_are_forwarded_into_the_step_only() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let (files, _) = saved(&d, "ssh:1", work.path());
+    let (files, _) = saved(&d, "ssh:1");
     let keys = file(&files, "keys").unwrap_or_default();
     assert!(
         keys.contains("isula-forwarded-key") && keys.contains("ED25519"),
@@ -419,7 +396,7 @@ fn ssh_agents_are_forwarded_into_the_step_only() {
         "ssh:2",
         ctx.to_str().expect("utf8"),
     ]);
-    let (files, _) = saved(&d, "ssh:2", work.path());
+    let (files, _) = saved(&d, "ssh:2");
     assert_eq!(file(&files, "keys"), Some("none"));
 }
 
