@@ -349,6 +349,29 @@ impl Drop for WorkDirGuard {
     }
 }
 
+/// BuildKit's automatic platform ARGs (`TARGETPLATFORM`, `TARGETOS`, `TARGETARCH`,
+/// `TARGETVARIANT` and the same for `BUILD`): this machine builds for itself.
+pub fn platform_args() -> Vec<(String, String)> {
+    let arch = isula_types::image::host_architecture();
+    let variant = match std::env::consts::ARCH {
+        "arm" => "v7",
+        _ => "",
+    };
+    let platform = if variant.is_empty() {
+        format!("linux/{arch}")
+    } else {
+        format!("linux/{arch}/{variant}")
+    };
+    let mut out = Vec::new();
+    for p in ["TARGET", "BUILD"] {
+        out.push((format!("{p}PLATFORM"), platform.clone()));
+        out.push((format!("{p}OS"), "linux".to_string()));
+        out.push((format!("{p}ARCH"), arch.to_string()));
+        out.push((format!("{p}VARIANT"), variant.to_string()));
+    }
+    out
+}
+
 /// The `SOURCE_DATE_EPOCH` build arg: seconds since the epoch (empty: not set).
 pub fn source_date_epoch(args: &[(String, String)]) -> Result<Option<i64>, BuildError> {
     match args.iter().rev().find(|(k, _)| k == "SOURCE_DATE_EPOCH") {
@@ -469,8 +492,10 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
     let lexer = Lexer::new(df.escape);
     let ignore = read_dockerignore(&opts.context)?;
 
-    // Global ARGs (before the first FROM), with build-arg overrides.
-    let mut meta: Vec<(String, String)> = Vec::new();
+    // Global ARGs (before the first FROM), with build-arg overrides. BuildKit's automatic
+    // platform ARGs come first: in scope for FROM, and for a stage that declares them; a
+    // global ARG of the same name without a value hides one (empty), as in BuildKit.
+    let mut meta: Vec<(String, String)> = platform_args();
     for step in &df.meta_args {
         if let Instruction::Arg(pairs) = &step.instruction {
             for (k, default) in pairs {
