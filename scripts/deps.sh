@@ -4,11 +4,13 @@
 #   scripts/deps.sh test   also skopeo, umoci, docker.io, bzip2, docker-registry, apache2-utils
 #                          (htpasswd), openssl, bsdutils (script), buildah, curl and e2fsprogs
 #                          (mkfs.ext4 for a small data root), openssh-client (ssh-agent for
-#                          --ssh) and git (the tests)
+#                          --ssh), git, qemu-user-static and binfmt-support (RUN for other
+#                          architectures), and Debian's arm64 busybox-static binary in
+#                          /var/cache/isula-build-tests/ (the tests)
 set -euo pipefail
 want=(runc busybox-static xz-utils)
 if [ "${1:-run}" = test ]; then
-    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git)
+    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support)
 fi
 missing=()
 for p in "${want[@]}"; do
@@ -18,4 +20,25 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ "${1:-run}" = test ]; then
+    # QEMU's handlers, registered with the F flag, so foreign binaries run in RUN.
+    if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
+        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    fi
+    update-binfmts --enable >/dev/null 2>&1 || true
+    # An arm64 busybox for the cross-platform tests: Debian's package, never committed.
+    cache=/var/cache/isula-build-tests
+    if [ ! -x "$cache/busybox-arm64" ]; then
+        mkdir -p "$cache/deb"
+        if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+            dpkg --add-architecture arm64
+        fi
+        apt-get update -qq
+        (cd "$cache/deb" && apt-get download -qq busybox-static:arm64 2>/dev/null)
+        rm -rf "$cache/deb/x"
+        dpkg-deb -x "$cache"/deb/busybox-static_*_arm64.deb "$cache/deb/x"
+        install -m 0755 "$cache/deb/x/bin/busybox" "$cache/busybox-arm64"
+        rm -rf "$cache/deb"
+    fi
 fi

@@ -132,6 +132,8 @@ pub struct BuildOptions {
     /// Named contexts (`--build-context`), lower-case names: they win over stages of
     /// the same name.
     pub contexts: Vec<(String, NamedContext)>,
+    /// The platform built for (`--platform`; None: this machine's).
+    pub platform: Option<isula_types::platform::BuildPlatform>,
 }
 
 /// What a `--build-context NAME=...` names.
@@ -144,6 +146,13 @@ pub enum NamedContext {
 }
 
 impl BuildOptions {
+    /// The platform built for.
+    pub fn target_platform(&self) -> isula_types::platform::BuildPlatform {
+        self.platform
+            .clone()
+            .unwrap_or_else(isula_types::platform::BuildPlatform::host)
+    }
+
     /// The named context `name` (case-insensitive), if the build has one.
     pub fn named_context(&self, name: &str) -> Option<&NamedContext> {
         let lower = name.to_ascii_lowercase();
@@ -306,8 +315,12 @@ pub struct StageResult {
 /// Finds an image by name, pulling it when the store lacks it; writes progress lines to the
 /// log. Returns the image's ID, or what kind of failure it was and a message saying what
 /// failed.
-pub type Puller =
-    dyn Fn(&str, &mut dyn FnMut(String)) -> Result<isula_types::ImageId, PullFailure> + Sync;
+pub type Puller = dyn Fn(
+        &str,
+        &isula_types::platform::BuildPlatform,
+        &mut dyn FnMut(String),
+    ) -> Result<isula_types::ImageId, PullFailure>
+    + Sync;
 
 /// Why a pull for FROM or `COPY --from` failed.
 #[derive(Debug, Clone)]
@@ -350,24 +363,15 @@ impl Drop for WorkDirGuard {
 }
 
 /// BuildKit's automatic platform ARGs (`TARGETPLATFORM`, `TARGETOS`, `TARGETARCH`,
-/// `TARGETVARIANT` and the same for `BUILD`): this machine builds for itself.
-pub fn platform_args() -> Vec<(String, String)> {
-    let arch = isula_types::image::host_architecture();
-    let variant = match std::env::consts::ARCH {
-        "arm" => "v7",
-        _ => "",
-    };
-    let platform = if variant.is_empty() {
-        format!("linux/{arch}")
-    } else {
-        format!("linux/{arch}/{variant}")
-    };
+/// `TARGETVARIANT` for the platform built for, and the same for `BUILD`, this machine).
+pub fn platform_args(target: &isula_types::platform::BuildPlatform) -> Vec<(String, String)> {
+    let build = isula_types::platform::BuildPlatform::host();
     let mut out = Vec::new();
-    for p in ["TARGET", "BUILD"] {
-        out.push((format!("{p}PLATFORM"), platform.clone()));
-        out.push((format!("{p}OS"), "linux".to_string()));
-        out.push((format!("{p}ARCH"), arch.to_string()));
-        out.push((format!("{p}VARIANT"), variant.to_string()));
+    for (p, platform) in [("TARGET", target), ("BUILD", &build)] {
+        out.push((format!("{p}PLATFORM"), platform.to_string()));
+        out.push((format!("{p}OS"), platform.os.clone()));
+        out.push((format!("{p}ARCH"), platform.architecture.clone()));
+        out.push((format!("{p}VARIANT"), platform.variant_str().to_string()));
     }
     out
 }
@@ -495,7 +499,7 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
     // Global ARGs (before the first FROM), with build-arg overrides. BuildKit's automatic
     // platform ARGs come first: in scope for FROM, and for a stage that declares them; a
     // global ARG of the same name without a value hides one (empty), as in BuildKit.
-    let mut meta: Vec<(String, String)> = platform_args();
+    let mut meta: Vec<(String, String)> = platform_args(&opts.target_platform());
     for step in &df.meta_args {
         if let Instruction::Arg(pairs) = &step.instruction {
             for (k, default) in pairs {

@@ -532,16 +532,17 @@ fn a_failed_pull_keeps_its_kind() {
             isula_store::ErrorKind::Unavailable,
         ),
     ] {
-        let puller = |name: &str, _: &mut dyn FnMut(String)| {
-            Err(isula_builder_core::PullFailure {
-                kind: if name.starts_with("missing") {
-                    isula_store::ErrorKind::NotFound
-                } else {
-                    isula_store::ErrorKind::Unavailable
-                },
-                message: format!("pulling {name} failed"),
-            })
-        };
+        let puller =
+            |name: &str, _: &isula_types::platform::BuildPlatform, _: &mut dyn FnMut(String)| {
+                Err(isula_builder_core::PullFailure {
+                    kind: if name.starts_with("missing") {
+                        isula_store::ErrorKind::NotFound
+                    } else {
+                        isula_store::ErrorKind::Unavailable
+                    },
+                    message: format!("pulling {name} failed"),
+                })
+            };
         let opts = BuildOptions {
             build_id: "pull".into(),
             dockerfile: dockerfile.into(),

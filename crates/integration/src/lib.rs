@@ -531,7 +531,39 @@ pub fn busybox_rootfs(extra: &[(&str, &[u8])]) -> Vec<u8> {
         .iter()
         .find(|p| Path::new(p).exists())
         .expect("busybox-static must be installed (apt-get install busybox-static)");
-    let list = Command::new(busybox)
+    busybox_rootfs_with(Path::new(busybox), extra)
+}
+
+/// Where the test setup (`scripts/deps.sh test`) put Debian's arm64 `busybox-static`
+/// binary (`ISULA_TEST_BUSYBOX_ARM64` may say elsewhere), if it did.
+pub fn arm64_busybox() -> Option<PathBuf> {
+    let p = std::env::var_os("ISULA_TEST_BUSYBOX_ARM64")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/isula-build-tests/busybox-arm64"));
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing: scripts/deps.sh test downloads it",
+        p.display()
+    );
+    eprintln!(
+        "skipping: no arm64 busybox at {} (scripts/deps.sh test makes it)",
+        p.display()
+    );
+    None
+}
+
+/// [`busybox_rootfs`] with the `busybox` binary at `busybox` (of any architecture; the
+/// applet links are the host busybox's list, so nothing foreign runs here).
+pub fn busybox_rootfs_with(busybox: &Path, extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let lister = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .unwrap_or(busybox);
+    let list = Command::new(lister)
         .arg("--list")
         .output()
         .expect("busybox --list");
@@ -750,12 +782,17 @@ pub fn files_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
 /// A `docker save` archive of one image named `repo_tag` whose layers are the given
 /// (uncompressed) tars, bottom first.
 pub fn docker_archive(layers: &[Vec<u8>], repo_tag: &str) -> Vec<u8> {
+    docker_archive_for(layers, repo_tag, host_arch())
+}
+
+/// [`docker_archive`] of an image for linux on `architecture` (Go's name: arm64).
+pub fn docker_archive_for(layers: &[Vec<u8>], repo_tag: &str, architecture: &str) -> Vec<u8> {
     let diff_ids: Vec<String> = layers
         .iter()
         .map(|l| format!("sha256:{}", sha256_hex(l)))
         .collect();
     let config = serde_json::json!({
-        "architecture": host_arch(),
+        "architecture": architecture,
         "os": "linux",
         "config": {"Env": ["PATH=/bin"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},

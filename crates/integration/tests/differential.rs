@@ -14,6 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 const BASE: &str = "isula-diff/busybox:1";
+const ARM64_BASE: &str = "isula-diff/busybox-arm64:1";
 
 /// The Docker 20.10 client of Debian's docker.io package: it runs BuildKit itself
 /// (`DOCKER_BUILDKIT=1`), while the newer client first on PATH here wants buildx.
@@ -180,6 +181,19 @@ fn dockerfiles_build_like_docker() {
             .args(["load", "-i"])
             .arg(&base_archive),
     );
+    // An arm64 base too (Debian's arm64 busybox-static, from the test setup), for the
+    // cases built with `--platform linux/arm64` (RUN under QEMU in both builders).
+    let arm64 = arm64_busybox();
+    if let Some(busybox) = &arm64 {
+        let a = work.path().join("base-arm64.tar");
+        std::fs::write(
+            &a,
+            docker_archive_for(&[busybox_rootfs_with(busybox, &[])], ARM64_BASE, "arm64"),
+        )
+        .expect("write");
+        d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+        run_ok(Command::new("docker").args(["load", "-i"]).arg(&a));
+    }
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/diff");
     let mut cases: Vec<_> = std::fs::read_dir(&root)
@@ -201,6 +215,12 @@ fn dockerfiles_build_like_docker() {
             .expect("name")
             .to_string();
         let tag = format!("isula-diff/case-{name}:1");
+        let uses_arm64 = std::fs::read_to_string(case.join("Dockerfile"))
+            .unwrap_or_default()
+            .contains(ARM64_BASE);
+        if uses_arm64 && arm64.is_none() {
+            continue;
+        }
         let mut args: Vec<String> = std::fs::read_to_string(case.join("args"))
             .unwrap_or_default()
             .lines()
@@ -268,6 +288,15 @@ fn dockerfiles_build_like_docker() {
         }
         let (their_config, their_fs) = flatten(&theirs);
         let (our_config, our_fs) = flatten(&ours);
+        for key in ["architecture", "os", "variant"] {
+            if their_config.get(key) != our_config.get(key) {
+                failures.push(format!(
+                    "{name}: config {key}: docker {} / ours {}",
+                    their_config.get(key).cloned().unwrap_or_default(),
+                    our_config.get(key).cloned().unwrap_or_default()
+                ));
+            }
+        }
         let (tc, oc) = (normalized(&their_config), normalized(&our_config));
         for (k, v) in &tc {
             if oc.get(k) != Some(v) {
@@ -290,7 +319,10 @@ fn dockerfiles_build_like_docker() {
             }
         }
     }
-    for t in docker_images.iter().chain([&BASE.to_string()]) {
+    for t in docker_images
+        .iter()
+        .chain([&BASE.to_string(), &ARM64_BASE.to_string()])
+    {
         let _ = Command::new("docker").args(["rmi", "-f", t]).output();
     }
     assert!(

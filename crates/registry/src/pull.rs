@@ -11,7 +11,8 @@ use crate::resolve::{self, Source};
 use crate::Context;
 use isula_store::{LayerRecord, Lease, NewImage, Store};
 use isula_transport::{Cancel, Guarded, Progress};
-use isula_types::image::{host_architecture, Descriptor, ImageConfig, Index, Manifest};
+use isula_types::image::{Descriptor, ImageConfig, Index, Manifest};
+use isula_types::platform::BuildPlatform;
 use isula_types::{limits, media, ChainId, Digest, ImageId, Reference};
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::Method;
@@ -171,13 +172,22 @@ fn check_image_contents(manifest: &Manifest) -> std::result::Result<(), String> 
 
 /// The entry of a manifest list for linux on this machine's architecture.
 pub fn pick_platform(index: &Index, what: &str) -> std::result::Result<Descriptor, String> {
-    let arch = host_architecture();
+    pick_platform_for(index, what, &BuildPlatform::host())
+}
+
+/// The entry of a manifest list for `want` (Docker's normalisation; an entry without a
+/// variant is the architecture's default).
+pub fn pick_platform_for(
+    index: &Index,
+    what: &str,
+    want: &BuildPlatform,
+) -> std::result::Result<Descriptor, String> {
     // Attestation entries (BuildKit's, platform unknown/unknown) are never images to run.
     let found = index.manifests.iter().find(|d| {
         !is_attestation(d)
             && d.platform
                 .as_ref()
-                .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                .is_some_and(|p| want.matches(&p.os, &p.architecture, p.variant.as_deref()))
     });
     match found {
         Some(d) => Ok(d.clone()),
@@ -193,7 +203,7 @@ pub fn pick_platform(index: &Index, what: &str) -> std::result::Result<Descripto
                 })
                 .collect();
             Err(format!(
-                "{what} has no image for linux/{arch} (it has: {})",
+                "{what} has no image for {want} (it has: {})",
                 if have.is_empty() {
                     "none".to_string()
                 } else {
@@ -285,6 +295,19 @@ pub fn pull(
     cancel: &Cancel,
     progress: Progress<'_>,
 ) -> Result<Pulled> {
+    pull_for(ctx, store, name, &BuildPlatform::host(), cancel, progress)
+}
+
+/// [`pull`] of the image for `platform` (from a manifest list, its entry for it; a single
+/// image must be for it).
+pub fn pull_for(
+    ctx: &Context,
+    store: &Store,
+    name: &str,
+    platform: &BuildPlatform,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<Pulled> {
     let candidates = resolve::candidates(&ctx.registries, name)?;
     // Each candidate (search registries in order), each of its sources (mirrors first):
     // the first that delivers wins. Cancellation and local store failures stop at once.
@@ -300,7 +323,7 @@ pub fn pull(
             }
         };
         for source in &sources {
-            match pull_from(ctx, store, source, candidate, cancel, progress) {
+            match pull_from(ctx, store, source, candidate, platform, cancel, progress) {
                 Ok(id) => {
                     return Ok(Pulled {
                         id,
@@ -336,6 +359,7 @@ fn pull_from(
     store: &Store,
     source: &Source,
     name: &Reference,
+    platform: &BuildPlatform,
     cancel: &Cancel,
     progress: Progress<'_>,
 ) -> Result<ImageId> {
@@ -354,7 +378,7 @@ fn pull_from(
                 what: what.clone(),
                 reason: e.to_string(),
             })?;
-        let d = pick_platform(&index, &what).map_err(RegistryError::Invalid)?;
+        let d = pick_platform_for(&index, &what, platform).map_err(RegistryError::Invalid)?;
         fetched = get_manifest(&client, &repo, d.digest.as_str())?;
     }
     let what = format!("manifest {repo}:{wanted}");

@@ -140,6 +140,58 @@ pub fn bounding_caps() -> Vec<String> {
         .collect()
 }
 
+/// Where binfmt_misc is (debug builds: `ISULA_BINFMT_DIR` may point elsewhere, so tests can
+/// stand for a machine without a handler).
+fn binfmt_dir() -> PathBuf {
+    if cfg!(debug_assertions) {
+        if let Some(d) = std::env::var_os("ISULA_BINFMT_DIR") {
+            return PathBuf::from(d);
+        }
+    }
+    PathBuf::from("/proc/sys/fs/binfmt_misc")
+}
+
+/// Whether RUN on a `host` machine can execute binaries of `architecture` (Go's names;
+/// `qemu` is QEMU's name for it): natively, or through a QEMU handler registered in binfmt_misc with the F flag
+/// (the interpreter opened at registration, so it works inside a container's root).
+pub fn can_run(architecture: &str, qemu: &str, host: &str) -> Result<(), String> {
+    if architecture == host || (host == "amd64" && architecture == "386") {
+        return Ok(());
+    }
+    let dir = binfmt_dir();
+    let entry = dir.join(format!("qemu-{qemu}"));
+    let install = format!(
+        "RUN for {architecture} needs QEMU's user-mode emulation: install qemu-user-static \
+         (and binfmt-support) so that a qemu-{qemu} handler is registered in {}",
+        dir.display()
+    );
+    let Ok(text) = std::fs::read_to_string(&entry) else {
+        if !dir.join("status").exists() {
+            return Err(format!(
+                "{install} (binfmt_misc is not mounted there: mount -t binfmt_misc binfmt_misc {})",
+                dir.display()
+            ));
+        }
+        return Err(format!("{install}; there is no handler for {qemu}"));
+    };
+    if text.lines().next().map(str::trim) != Some("enabled") {
+        return Err(format!(
+            "{install}; the qemu-{qemu} handler is disabled (update-binfmts --enable qemu-{qemu})"
+        ));
+    }
+    let flags = text
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .unwrap_or_default();
+    if !flags.contains('F') {
+        return Err(format!(
+            "{install}; the qemu-{qemu} handler lacks the F (fix binary) flag, so it cannot run \
+             inside a build's root: register it with F, as qemu-user-static does"
+        ));
+    }
+    Ok(())
+}
+
 /// Host files bind-mounted into every step (never part of a layer).
 pub const HOST_FILES: [&str; 2] = ["/etc/hosts", "/etc/resolv.conf"];
 

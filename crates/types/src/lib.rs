@@ -4,6 +4,7 @@
 
 pub mod digest;
 pub mod image;
+pub mod platform;
 pub mod reference;
 
 /// Sizes as `docker images` and `isula-build info -H` show them: powers of 1000, three

@@ -138,7 +138,8 @@ impl StageRun<'_, '_> {
         }
         config.created = Some(now_rfc3339(self.opts.build_time));
         if config.architecture.is_empty() {
-            config.architecture = host_architecture().into();
+            config.architecture = self.platform.architecture.clone();
+            config.variant = self.platform.variant.clone();
         }
         if config.os.is_empty() {
             config.os = "linux".into();

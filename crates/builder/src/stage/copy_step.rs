@@ -24,12 +24,13 @@ impl StageRun<'_, '_> {
         // An image named by --from is found (or pulled) before the rootfs is borrowed.
         let from_result = match (&c.from, &named) {
             (Some(_), Some(crate::NamedContext::Dir(_))) | (None, _) => None,
-            (Some(_), Some(crate::NamedContext::Image(r))) => {
-                Some(image_base(self.ctx, r).map_err(|e| in_step(n, step, e))?)
-            }
+            (Some(_), Some(crate::NamedContext::Image(r))) => Some(
+                image_base(self.ctx, r, &self.platform.clone()).map_err(|e| in_step(n, step, e))?,
+            ),
             (Some(from), None) => Some(match self.stage_result(from) {
                 Some(r) => r.clone(),
-                None => image_base(self.ctx, from).map_err(|e| in_step(n, step, e))?,
+                None => image_base(self.ctx, from, &self.platform.clone())
+                    .map_err(|e| in_step(n, step, e))?,
             }),
         };
         let cwd = self.working_dir();

@@ -70,6 +70,8 @@ pub struct StageRun<'c, 'a> {
     hashes: &'c std::sync::Mutex<ContextHashes>,
     /// The base's layer directories, top first.
     base_lowers: Vec<PathBuf>,
+    /// The stage's platform (`FROM --platform`, else the build's).
+    platform: isula_types::platform::BuildPlatform,
     /// The key of the last step (the chain every next key builds on).
     key: Digest,
     /// Every step so far came from the cache.
@@ -120,15 +122,30 @@ fn now_rfc3339(build_time: Option<i64>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
+/// A platform as keys name it (the architecture alone for this machine's, as always).
+fn platform_key(p: &isula_types::platform::BuildPlatform) -> String {
+    if p.is_host() {
+        host_architecture().to_string()
+    } else {
+        p.to_string()
+    }
+}
+
 /// Loads an image of the store as a stage base.
 /// With a puller (the daemon's), a name missing from the store is pulled first.
-fn image_base(ctx: &mut Context<'_>, name: &str) -> Result<StageResult, BuildError> {
+/// The image must be for `platform` (a local image of another platform is an error, never
+/// a silent mix).
+fn image_base(
+    ctx: &mut Context<'_>,
+    name: &str,
+    platform: &isula_types::platform::BuildPlatform,
+) -> Result<StageResult, BuildError> {
     let store = ctx.store;
     let img = match (store.resolve(name), ctx.pull) {
         (Ok(img), _) => img,
         (Err(isula_store::StoreError::ImageNotFound(_)), Some(pull)) => {
-            let id =
-                pull(name, &mut *ctx.log).map_err(|f| BuildError::External(f.kind, f.message))?;
+            let id = pull(name, platform, &mut *ctx.log)
+                .map_err(|f| BuildError::External(f.kind, f.message))?;
             store.image(&id)?
         }
         (Err(isula_store::StoreError::ImageNotFound(_)), None) => {
@@ -143,6 +160,17 @@ fn image_base(ctx: &mut Context<'_>, name: &str) -> Result<StageResult, BuildErr
         .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
     let config: ImageConfig = serde_json::from_slice(&raw)
         .map_err(|e| BuildError::Invalid(format!("config of {name}: {e}")))?;
+    if !config.architecture.is_empty()
+        && !platform.matches(&config.os, &config.architecture, config.variant.as_deref())
+    {
+        let have = match config.variant.as_deref().filter(|v| !v.is_empty()) {
+            Some(v) => format!("{}/{}/{v}", config.os, config.architecture),
+            None => format!("{}/{}", config.os, config.architecture),
+        };
+        return Err(BuildError::Invalid(format!(
+            "image {name} is for {have}, not {platform}: pull or load its {platform} image (ctr-img pull --platform {platform})"
+        )));
+    }
     let layers = img
         .layers
         .iter()
@@ -211,6 +239,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             last_fs_step: None,
             hashes: shared.hashes,
             base_lowers: Vec::new(),
+            platform: shared.opts.target_platform(),
             key: KeyBuilder::new("none", None).finish(),
             hitting: opts.cache == CacheMode::On,
             dir: opts.work_dir.join(format!("stage-{index}")),
@@ -301,21 +330,17 @@ impl<'c, 'a> StageRun<'c, 'a> {
         else {
             return Err(step_err(*step_no, &from, "not a FROM"));
         };
-        if let Some(p) = platform {
-            let want = format!("linux/{}", host_architecture());
-            if p != want {
-                return Err(step_err(
-                    *step_no,
-                    &from,
-                    format!("platform {p} is not supported: this builder builds {want}"),
-                ));
-            }
+        if let Some(p) = platform.filter(|p| !p.is_empty()) {
+            self.platform = isula_types::platform::BuildPlatform::parse(&p)
+                .map_err(|e| step_err(*step_no, &from, format!("--platform: {e}")))?;
         }
+        let stage_platform = self.platform.clone();
         let base = if image.eq_ignore_ascii_case("scratch") {
             StageResult {
                 config: ImageConfig {
-                    architecture: host_architecture().into(),
-                    os: "linux".into(),
+                    architecture: stage_platform.architecture.clone(),
+                    os: stage_platform.os.clone(),
+                    variant: stage_platform.variant.clone(),
                     rootfs: RootFs {
                         kind: "layers".into(),
                         diff_ids: Vec::new(),
@@ -330,7 +355,8 @@ impl<'c, 'a> StageRun<'c, 'a> {
             match named {
                 crate::NamedContext::Image(r) => {
                     let r = r.clone();
-                    image_base(self.ctx, &r).map_err(|e| in_step(*step_no, &from, e))?
+                    image_base(self.ctx, &r, &stage_platform)
+                        .map_err(|e| in_step(*step_no, &from, e))?
                 }
                 crate::NamedContext::Dir(d) => {
                     return Err(step_err(
@@ -346,7 +372,8 @@ impl<'c, 'a> StageRun<'c, 'a> {
         } else if let Some(r) = self.stage_result(&image) {
             r.clone()
         } else {
-            image_base(self.ctx, &image).map_err(|e| in_step(*step_no, &from, e))?
+            image_base(self.ctx, &image, &stage_platform)
+                .map_err(|e| in_step(*step_no, &from, e))?
         };
         for l in &base.layers {
             self.lease.layer(&l.chain_id);
@@ -367,7 +394,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             .collect();
         let mut key = KeyBuilder::new("from", None);
         key.field("base", base.key.as_str().as_bytes())
-            .field("platform", host_architecture().as_bytes());
+            .field("platform", platform_key(&stage_platform).as_bytes());
         self.key = key.finish();
         self.cmd_from_base = self.config.config.as_ref().is_some_and(|c| c.cmd.is_some());
         if self.config.config.as_ref().is_none_or(|c| c.env.is_none()) {

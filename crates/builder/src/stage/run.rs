@@ -31,6 +31,12 @@ impl StageRun<'_, '_> {
                  (every capability, no seccomp filter, writable /sys)",
             ));
         }
+        isula_runtime::can_run(
+            &self.platform.architecture,
+            self.platform.qemu_name(),
+            isula_types::image::host_architecture(),
+        )
+        .map_err(|e| step_err(n, step, e))?;
         // Mounts first: an image named by from= is found (or pulled) before anything else.
         let planned = self.plan_mounts(n, step, flags.mounts)?;
         let args = match command {

@@ -79,6 +79,10 @@ pub struct Args {
     /// Add a HOST:IP line to /etc/hosts of RUN steps (repeatable)
     #[arg(long = "add-host")]
     pub add_host: Vec<String>,
+    /// The platform to build for: os/arch[/variant] (linux/arm64); RUN for another
+    /// architecture runs under QEMU (qemu-user-static)
+    #[arg(long = "platform")]
+    pub platform: Option<String>,
     /// A named context: NAME=DIR or NAME=docker-image://REF, used by FROM NAME,
     /// COPY --from=NAME and RUN --mount=from=NAME (over a stage of that name; repeatable)
     #[arg(long = "build-context")]
@@ -363,6 +367,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         labels: args.label,
         add_hosts: args.add_host,
         build_contexts,
+        platform: args.platform.unwrap_or_default(),
         limits: Some(isula_api::v1::BuildLimits {
             memory: args.memory.unwrap_or(0),
             cpu_shares: args.cpu_shares.unwrap_or(0),

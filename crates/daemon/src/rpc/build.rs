@@ -431,6 +431,7 @@ async fn run_inner(
         allow_insecure: state.settings.allow_insecure,
         limits: extras.limits,
         contexts: extras.contexts,
+        platform: extras.platform,
     };
     let job = Job {
         ssh_ids: req.ssh_ids.clone(),
@@ -512,6 +513,7 @@ struct Extras {
     add_hosts: Vec<(String, String)>,
     limits: isula_runtime::Limits,
     contexts: Vec<(String, isula_builder_core::NamedContext)>,
+    platform: Option<isula_types::platform::BuildPlatform>,
 }
 
 /// The most secrets, SSH agents, labels or hosts one build may name.
@@ -592,7 +594,24 @@ fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
         add_hosts,
         limits: limits(req.limits.as_ref()).map_err(error::invalid)?,
         contexts: named_contexts(&req.build_contexts).map_err(error::invalid)?,
+        platform: build_platform(&req.platform).map_err(error::invalid)?,
     })
+}
+
+/// `--platform`: one platform (None: this machine's).
+fn build_platform(text: &str) -> Result<Option<isula_types::platform::BuildPlatform>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if text.contains(',') {
+        return Err(format!(
+            "--platform {text}: one platform per build for now (build each and join them with manifest create)"
+        ));
+    }
+    isula_types::platform::BuildPlatform::parse(text)
+        .map(Some)
+        .map_err(|e| format!("--platform: {e}"))
 }
 
 /// `--build-context NAME=DIR|docker-image://REF`, checked (DIR absolute and existing).
@@ -828,8 +847,10 @@ impl Job {
         };
         let pull_state = self.state.clone();
         let pull_cancel = isula_transport::Cancel::from_flag(self.cancel.clone());
-        let puller = move |name: &str, out: &mut dyn FnMut(String)| {
-            crate::rpc::registry::resolve_or_pull(&pull_state, name, &pull_cancel, out)
+        let puller = move |name: &str,
+                           platform: &isula_types::platform::BuildPlatform,
+                           out: &mut dyn FnMut(String)| {
+            crate::rpc::registry::resolve_or_pull(&pull_state, name, platform, &pull_cancel, out)
         };
         let downloads = Downloads {
             certs_dir: self.state.registry.certs_dir.clone(),

@@ -63,6 +63,7 @@ fn find_local(state: &State, name: &str) -> Option<ImageId> {
 pub fn resolve_or_pull(
     state: &State,
     name: &str,
+    platform: &isula_types::platform::BuildPlatform,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<ImageId, isula_builder_core::PullFailure> {
@@ -70,15 +71,16 @@ pub fn resolve_or_pull(
         return Ok(id);
     }
     // Builds that need the same missing image wait for one pull instead of each pulling.
+    let gate_key = format!("{name} {platform}");
     let gate = {
         let mut pulls = state.pulls.lock().unwrap_or_else(|p| p.into_inner());
-        pulls.entry(name.to_string()).or_default().clone()
+        pulls.entry(gate_key.clone()).or_default().clone()
     };
     let _turn = gate.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(id) = find_local(state, name) {
         return Ok(id);
     }
-    let result = pull::pull(&state.registry, &state.store, name, cancel, out)
+    let result = pull::pull_for(&state.registry, &state.store, name, platform, cancel, out)
         .map(|p| p.id)
         .map_err(|e| isula_builder_core::PullFailure {
             kind: e.kind(),
@@ -88,7 +90,7 @@ pub fn resolve_or_pull(
         .pulls
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(name);
+        .remove(&gate_key);
     result
 }
 

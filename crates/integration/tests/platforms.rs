@@ -1,0 +1,166 @@
+//! `ctr-img build --platform` for another architecture, end to end: an arm64 base (Debian's
+//! arm64 busybox-static, fetched by the test setup) built with RUN under QEMU's user-mode
+//! emulation (qemu-user-static's binfmt_misc handler), the image config saying arm64,
+//! BuildKit's platform ARGs, a cross-compiling stage on `$BUILDPLATFORM` that runs
+//! natively, a base of the wrong platform refused, and no handler registered refused with
+//! the package to install, nothing left behind.
+
+use isula_integration::*;
+
+fn arm64_daemon(env: &[(&str, &str)]) -> Option<Daemon> {
+    if !require_root() || !require_tool("runc") {
+        return None;
+    }
+    let busybox = arm64_busybox()?;
+    let d = Daemon::start_with_env(&[], env);
+    d.load_fixed_busybox("busybox:latest");
+    let dir = tempfile::tempdir().expect("tmp");
+    let archive = dir.path().join("arm64.tar");
+    std::fs::write(
+        &archive,
+        docker_archive_for(
+            &[busybox_rootfs_with(&busybox, &[])],
+            "busybox-arm64:1",
+            "arm64",
+        ),
+    )
+    .expect("archive");
+    d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("utf8")]);
+    Some(d)
+}
+
+fn nothing_left(d: &Daemon, what: &str) {
+    assert_eq!(
+        std::fs::read_dir(d.run_root().join("builds"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0,
+        "{what}: build work left"
+    );
+}
+
+#[test]
+fn an_arm64_build_runs_under_qemu_and_says_arm64() {
+    let Some(d) = arm64_daemon(&[]) else { return };
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(ctx.path().join("f"), "f").expect("write");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM --platform=$BUILDPLATFORM busybox AS build\n\
+         RUN uname -m > /built-on\n\
+         FROM busybox-arm64:1\n\
+         ARG TARGETPLATFORM TARGETARCH BUILDARCH\n\
+         RUN uname -m > /arch && echo \"$TARGETPLATFORM $TARGETARCH $BUILDARCH\" > /args\n\
+         COPY --from=build /built-on /built-on\n",
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+    let out_dir = tempfile::tempdir().expect("out");
+    let archive = out_dir.path().join("cross.tar");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-t",
+        "cross:1",
+        "-o",
+        &format!("docker-archive:{}:cross:1", archive.display()),
+        c,
+    ]);
+    assert_eq!(d.image_text("cross:1", "arch").as_deref(), Some("aarch64"));
+    let host_uname = run_ok(std::process::Command::new("uname").arg("-m"));
+    // The build stage ran natively (no emulation): it saw this machine.
+    assert_eq!(
+        d.image_text("cross:1", "built-on").as_deref(),
+        Some(host_uname.trim())
+    );
+    let host_arch = match host_uname.trim() {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+    .to_string();
+    assert_eq!(
+        d.image_text("cross:1", "args"),
+        Some(format!("linux/arm64 arm64 {host_arch}"))
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&d.ok(&["ctr-img", "inspect", "cross:1"])).expect("json");
+    assert_eq!(inspect[0]["Config"]["architecture"], "arm64");
+    assert_eq!(inspect[0]["Config"]["os"], "linux");
+    if require_tool("skopeo") {
+        let out = run_ok(
+            std::process::Command::new("skopeo")
+                .args(["inspect", "--raw", "--config"])
+                .arg(format!("docker-archive:{}", archive.display())),
+        );
+        let config: serde_json::Value = serde_json::from_str(&out).expect("config");
+        assert_eq!(config["architecture"], "arm64", "{out}");
+    }
+    // FROM scratch takes the build's platform.
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM scratch\nCOPY f /f\n").expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-t",
+        "scratch:arm64",
+        c,
+    ]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&d.ok(&["ctr-img", "inspect", "scratch:arm64"])).expect("json");
+    assert_eq!(inspect[0]["Config"]["architecture"], "arm64");
+}
+
+#[test]
+fn a_base_of_another_platform_and_a_missing_handler_are_refused() {
+    let empty = tempfile::tempdir().expect("binfmt");
+    // A binfmt_misc with no handlers (a daemon debug hook): the machine without QEMU.
+    std::fs::write(empty.path().join("status"), "enabled\n").expect("status");
+    let Some(d) = arm64_daemon(&[("ISULA_BINFMT_DIR", empty.path().to_str().expect("utf8"))])
+    else {
+        return;
+    };
+    let ctx = tempfile::tempdir().expect("ctx");
+    let c = ctx.path().to_str().expect("utf8");
+    for (df, want) in [
+        (
+            "FROM busybox\nRUN true\n",
+            "is for linux/amd64, not linux/arm64",
+        ),
+        (
+            "FROM busybox-arm64:1\nRUN true\n",
+            "install qemu-user-static",
+        ),
+        (
+            "FROM --platform=linux/s390x busybox-arm64:1\n",
+            "not linux/s390x",
+        ),
+        (
+            "FROM --platform=windows/amd64 busybox\n",
+            "linux images only",
+        ),
+    ] {
+        if df.starts_with("FROM busybox\n") && !cfg!(target_arch = "x86_64") {
+            continue;
+        }
+        std::fs::write(ctx.path().join("Dockerfile"), df).expect("df");
+        let before = d.images();
+        let err = d.fails(&["ctr-img", "build", "--platform", "linux/arm64", c]);
+        assert!(err.contains(want), "{df}: {err}");
+        assert_eq!(d.images(), before, "{df}: the images changed");
+        nothing_left(&d, df);
+    }
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        "linux/arm64,linux/amd64",
+        c,
+    ]);
+    assert!(err.contains("one platform per build"), "{err}");
+    let err = d.fails(&["ctr-img", "build", "--platform", "linux/", c]);
+    assert!(err.contains("invalid platform"), "{err}");
+}
