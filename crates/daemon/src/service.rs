@@ -102,7 +102,7 @@ impl Control for Service {
     type PullStream = LineStream<PullResponse>;
     async fn pull(&self, r: Request<PullRequest>) -> Result<Response<Self::PullStream>, Status> {
         root_only(&r, "pulling images")?;
-        let name = rpc::registry::validate_pull(r.get_ref())?;
+        let (name, platform) = rpc::registry::validate_pull(r.get_ref())?;
         let wrap = Wrap {
             text: |response| PullResponse {
                 response,
@@ -116,7 +116,7 @@ impl Control for Service {
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::registry::pull(state, name, cancel, out),
+            move |state, cancel, out| rpc::registry::pull(state, name, &platform, cancel, out),
         )))
     }
 

@@ -164,3 +164,55 @@ fn a_base_of_another_platform_and_a_missing_handler_are_refused() {
     let err = d.fails(&["ctr-img", "build", "--platform", "linux/", c]);
     assert!(err.contains("invalid platform"), "{err}");
 }
+
+#[test]
+fn pull_platform_picks_the_list_entry_and_images_shows_it() {
+    if !require_tool("docker-registry") {
+        return;
+    }
+    let reg = isula_integration::registry::Registry::start(Default::default());
+    let host = reg.host();
+    let Some(d) = arm64_daemon(&[]) else { return };
+    // A list of the two, pushed through a daemon that has both.
+    let maker = Daemon::start_configured(
+        &[("registries.toml", &insecure_registries(&[&host]))],
+        &["--experimental"],
+        &[],
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    for (image, archive) in [
+        ("busybox-arm64:1", "arm.tar"),
+        ("busybox:latest", "amd.tar"),
+    ] {
+        let a = dir.path().join(archive);
+        d.ok(&["ctr-img", "save", image, "-o", a.to_str().expect("utf8")]);
+        maker.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+    }
+    maker.ok(&[
+        "manifest",
+        "create",
+        "multi:1",
+        "busybox:latest",
+        "busybox-arm64:1",
+    ]);
+    let list = format!("{host}/multi:1");
+    maker.ok(&["manifest", "push", "multi:1", &list]);
+    let fresh = Daemon::for_registries(&[&host]);
+    fresh.ok(&["ctr-img", "pull", "--platform", "linux/arm64", &list]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&fresh.ok(&["ctr-img", "inspect", &list])).expect("json");
+    assert_eq!(inspect[0]["Config"]["architecture"], "arm64");
+    let images = fresh.ok(&["ctr-img", "images"]);
+    assert!(
+        images.contains("PLATFORM") && images.contains("linux/arm64"),
+        "{images}"
+    );
+    let err = fresh.fails(&["ctr-img", "pull", "--platform", "linux/s390x", &list]);
+    assert!(err.contains("no image for linux/s390x"), "{err}");
+    let err = fresh.fails(&["ctr-img", "pull", "--platform", "linux/", &list]);
+    assert!(err.contains("invalid platform"), "{err}");
+    // This machine's images alone: isula-build's table, no PLATFORM column.
+    let host_only = Daemon::start();
+    host_only.load_fixed_busybox("busybox:latest");
+    assert!(!host_only.ok(&["ctr-img", "images"]).contains("PLATFORM"));
+}

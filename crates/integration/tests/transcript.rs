@@ -505,6 +505,7 @@ async fn minimal_client(socket: &Path, argv: &[String], out: &mut String) -> Res
                     pull_id: op_id(),
                     image_name: name.to_string(),
                     progress: false,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status)?

@@ -21,12 +21,23 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         })
         .await?
         .into_inner();
+    // A PLATFORM column only when an image is for another platform than this machine's
+    // (so the table stays isula-build's otherwise).
+    let host = isula_types::platform::BuildPlatform::host().to_string();
+    let foreign = resp
+        .images
+        .iter()
+        .any(|i| !i.platform.is_empty() && i.platform != host);
     let rows: Vec<Vec<String>> = resp
         .images
         .into_iter()
         .map(|i| {
             let id = i.id.get(..12).unwrap_or(&i.id).to_string();
-            vec![i.repository, i.tag, id, i.created, i.size]
+            let mut row = vec![i.repository, i.tag, id, i.created, i.size];
+            if foreign {
+                row.push(i.platform);
+            }
+            row
         })
         .collect();
     if rows.is_empty() {
@@ -34,13 +45,24 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         println!("{EMPTY}");
         return Ok(());
     }
-    print!(
-        "{}",
-        table(
+    let (heads, widths): (&[&str], &[usize]) = if foreign {
+        (
+            &[
+                "REPOSITORY",
+                "TAG",
+                "IMAGE ID",
+                "CREATED",
+                "SIZE",
+                "PLATFORM",
+            ],
+            &[46, 11, 17, 26, 12, 16],
+        )
+    } else {
+        (
             &["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
             &[46, 11, 17, 26, 12],
-            &rows
         )
-    );
+    };
+    print!("{}", table(heads, widths, &rows));
     Ok(())
 }

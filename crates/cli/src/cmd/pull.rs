@@ -9,6 +9,9 @@ use isula_api::v1::PullRequest;
 pub struct Args {
     /// Image to pull, e.g. registry.example.com/app:1.0 (short names use the search registries)
     pub name: String,
+    /// The platform to pull from a manifest list: os/arch[/variant] (default: this machine's)
+    #[arg(long = "platform")]
+    pub platform: Option<String>,
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
@@ -16,6 +19,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         pull_id: op_id(),
         image_name: args.name.clone(),
         progress: crate::progress::wanted(),
+        platform: args.platform.clone().unwrap_or_default(),
     };
     let live = req.progress;
     let stream = client.pull(req).await?.into_inner();

@@ -21,7 +21,26 @@ fn created(img: &ImageRecord) -> String {
         .unwrap_or_else(|| "<unknown>".into())
 }
 
-fn rows(img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> Vec<ImageInfo> {
+/// The image's os/arch[/variant], from its config ("" if it cannot be read).
+fn platform(state: &State, img: &ImageRecord) -> String {
+    let Ok(raw) = state
+        .store
+        .content()
+        .read_small(img.id.digest(), isula_types::limits::MANIFEST_MAX)
+    else {
+        return String::new();
+    };
+    let Ok(c) = serde_json::from_slice::<isula_types::image::ImageConfig>(&raw) else {
+        return String::new();
+    };
+    match c.variant.as_deref().filter(|v| !v.is_empty()) {
+        Some(v) => format!("{}/{}/{v}", c.os, c.architecture),
+        None => format!("{}/{}", c.os, c.architecture),
+    }
+}
+
+fn rows(state: &State, img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> Vec<ImageInfo> {
+    let platform = platform(state, img);
     let row = |repo: String, tag: String| ImageInfo {
         repository: repo,
         tag,
@@ -29,6 +48,7 @@ fn rows(img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> Vec<ImageInfo> 
         id: img.id.hex().to_string(),
         created: created(img),
         size: isula_types::human_size(img.size),
+        platform: platform.clone(),
     };
     let named: Vec<ImageInfo> = img
         .names
@@ -55,7 +75,7 @@ pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
     let mut out = Vec::new();
     if filter.is_empty() {
         for img in &images {
-            out.extend(rows(img, &|_| true));
+            out.extend(rows(state, img, &|_| true));
         }
         return Ok(ListResponse { images: out });
     }
@@ -67,7 +87,7 @@ pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
             .is_some_and(|last| last.contains(':'));
         for img in &images {
             out.extend(
-                rows(img, &|r| {
+                rows(state, img, &|r| {
                     r.name() == want.name() && (!explicit_tag || r.tag() == want.tag())
                 })
                 .into_iter()
@@ -78,7 +98,7 @@ pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
     if out.is_empty() {
         // An image ID or ID prefix.
         match state.store.resolve(filter) {
-            Ok(img) => out.extend(rows(&img, &|_| true)),
+            Ok(img) => out.extend(rows(state, &img, &|_| true)),
             Err(isula_store::StoreError::ImageNotFound(_)) => {
                 return Err(Status::not_found(format!("no such image: {filter}")))
             }

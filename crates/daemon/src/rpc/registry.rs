@@ -25,22 +25,30 @@ fn check_id(what: &str, id: &str) -> Result<(), Status> {
     Ok(())
 }
 
-pub fn validate_pull(req: &PullRequest) -> Result<String, Status> {
+pub fn validate_pull(
+    req: &PullRequest,
+) -> Result<(String, isula_types::platform::BuildPlatform), Status> {
     check_id("pullID", &req.pull_id)?;
     let name = req.image_name.trim();
     if name.is_empty() {
         return Err(error::invalid("pull needs an image name"));
     }
-    Ok(name.to_string())
+    let platform = match req.platform.trim() {
+        "" => isula_types::platform::BuildPlatform::host(),
+        p => isula_types::platform::BuildPlatform::parse(p)
+            .map_err(|e| error::invalid(format!("--platform: {e}")))?,
+    };
+    Ok((name.to_string(), platform))
 }
 
 pub fn pull(
     state: &Arc<State>,
     name: String,
+    platform: &isula_types::platform::BuildPlatform,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    let pulled = pull::pull(&state.registry, &state.store, &name, cancel, out)
+    let pulled = pull::pull_for(&state.registry, &state.store, &name, platform, cancel, out)
         .map_err(|e| error::status(e.kind(), format!("pulling {name} failed: {e}")))?;
     tracing::info!(image = %pulled.reference, id = %pulled.id, "pulled");
     // "Pull success with image: NAME" is the client's line (isula-build's client prints it).
