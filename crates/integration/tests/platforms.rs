@@ -216,3 +216,101 @@ fn pull_platform_picks_the_list_entry_and_images_shows_it() {
     host_only.load_fixed_busybox("busybox:latest");
     assert!(!host_only.ok(&["ctr-img", "images"]).contains("PLATFORM"));
 }
+
+#[test]
+fn two_platforms_in_one_build_push_a_list_of_two() {
+    if !require_tool("docker-registry") || !require_tool("skopeo") {
+        return;
+    }
+    let reg = isula_integration::registry::Registry::start(Default::default());
+    let host = reg.host();
+    let Some(busybox) = arm64_busybox() else {
+        return;
+    };
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::for_registries(&[&host]);
+    let dir = tempfile::tempdir().expect("tmp");
+    for (arch, binary) in [(host_arch(), None), ("arm64", Some(busybox.as_path()))] {
+        let name = format!("busybox-{arch}:1");
+        let rootfs = match binary {
+            Some(b) => busybox_rootfs_with(b, &[]),
+            None => busybox_rootfs(&[]),
+        };
+        let a = dir.path().join(format!("{arch}.tar"));
+        std::fs::write(&a, docker_archive_for(&[rootfs], &name, arch)).expect("archive");
+        d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+    }
+    let ctx = tempfile::tempdir().expect("ctx");
+    // The automatic ARGs pick each platform's base.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox-$TARGETARCH:1\nRUN uname -m > /arch\n",
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+    let list = format!("{host}/multi:1");
+    let platforms = format!("linux/{},linux/arm64", host_arch());
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        &platforms,
+        "-o",
+        &format!("docker://{list}"),
+        c,
+    ]);
+    assert!(out.contains("Building for linux/arm64"), "{out}");
+    let raw = run_ok(
+        std::process::Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{list}")),
+    );
+    let index: serde_json::Value = serde_json::from_str(&raw).expect("index");
+    let mut archs: Vec<String> = index["manifests"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|m| {
+            m["platform"]["architecture"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    archs.sort();
+    let mut want = vec![host_arch().to_string(), "arm64".to_string()];
+    want.sort();
+    assert_eq!(archs, want, "{raw}");
+    // Each platform pulls its own image, built for it.
+    for (platform, uname) in [
+        ("linux/arm64", "aarch64"),
+        (
+            &format!("linux/{}", host_arch())[..],
+            std::env::consts::ARCH,
+        ),
+    ] {
+        let fresh = Daemon::for_registries(&[&host]);
+        fresh.ok(&["ctr-img", "pull", "--platform", platform, &list]);
+        assert_eq!(
+            fresh.image_text(&list, "arch").as_deref(),
+            Some(uname),
+            "{platform}"
+        );
+    }
+    // Outputs that take one image say so; a list needs a name.
+    for (args, want) in [
+        (
+            vec!["-o", "docker-archive:/tmp/x.tar:x:1"],
+            "takes one image",
+        ),
+        (vec![], "needs a name"),
+    ] {
+        let mut a = vec!["ctr-img", "build", "--platform", &platforms];
+        a.extend(args);
+        a.push(c);
+        let err = d.fails(&a);
+        assert!(err.contains(want), "{err}");
+    }
+}

@@ -167,6 +167,26 @@ impl Lists {
         Ok(Digest::of_bytes(&bytes))
     }
 
+    /// [`Lists::create`], over a list of that name if there is one (a build for several
+    /// platforms names its list so again each time).
+    pub fn replace(&self, store: &Store, name: &str, images: &[String]) -> Result<Digest> {
+        let r = list_name(name)?;
+        {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            match std::fs::remove_file(self.path(&r)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(RegistryError::Invalid(format!(
+                        "replacing manifest list {}: {e}",
+                        r.familiar()
+                    )))
+                }
+            }
+        }
+        self.create(store, name, images)
+    }
+
     /// Sets the platform fields of `image`'s entry (those given; empty ones stay).
     pub fn annotate(
         &self,

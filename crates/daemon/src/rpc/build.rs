@@ -431,9 +431,13 @@ async fn run_inner(
         allow_insecure: state.settings.allow_insecure,
         limits: extras.limits,
         contexts: extras.contexts,
-        platform: extras.platform,
+        platform: (extras.platforms.len() == 1).then(|| extras.platforms[0].clone()),
     };
+    if extras.platforms.len() > 1 {
+        check_several_platforms(&output, &opts, &req)?;
+    }
     let job = Job {
+        platforms: extras.platforms,
         ssh_ids: req.ssh_ids.clone(),
         runtime: tokio::runtime::Handle::current(),
         state: state.clone(),
@@ -513,7 +517,7 @@ struct Extras {
     add_hosts: Vec<(String, String)>,
     limits: isula_runtime::Limits,
     contexts: Vec<(String, isula_builder_core::NamedContext)>,
-    platform: Option<isula_types::platform::BuildPlatform>,
+    platforms: Vec<isula_types::platform::BuildPlatform>,
 }
 
 /// The most secrets, SSH agents, labels or hosts one build may name.
@@ -594,24 +598,21 @@ fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
         add_hosts,
         limits: limits(req.limits.as_ref()).map_err(error::invalid)?,
         contexts: named_contexts(&req.build_contexts).map_err(error::invalid)?,
-        platform: build_platform(&req.platform).map_err(error::invalid)?,
+        platforms: build_platforms(&req.platform).map_err(error::invalid)?,
     })
 }
 
-/// `--platform`: one platform (None: this machine's).
-fn build_platform(text: &str) -> Result<Option<isula_types::platform::BuildPlatform>, String> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Ok(None);
+/// `--platform P[,P...]` (none: this machine's), each once.
+fn build_platforms(text: &str) -> Result<Vec<isula_types::platform::BuildPlatform>, String> {
+    let mut out: Vec<isula_types::platform::BuildPlatform> = Vec::new();
+    for p in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let p = isula_types::platform::BuildPlatform::parse(p)
+            .map_err(|e| format!("--platform: {e}"))?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
     }
-    if text.contains(',') {
-        return Err(format!(
-            "--platform {text}: one platform per build for now (build each and join them with manifest create)"
-        ));
-    }
-    isula_types::platform::BuildPlatform::parse(text)
-        .map(Some)
-        .map_err(|e| format!("--platform: {e}"))
+    Ok(out)
 }
 
 /// `--build-context NAME=DIR|docker-image://REF`, checked (DIR absolute and existing).
@@ -755,8 +756,37 @@ pub fn parse_add_host(text: &str) -> Result<(String, String), String> {
     Ok((host.to_string(), ip.to_string()))
 }
 
+/// A build for several platforms makes one image per platform and a manifest list under
+/// its tag, kept locally or pushed (`-o docker://`); the other outputs take one image.
+fn check_several_platforms(
+    output: &Output,
+    opts: &BuildOptions,
+    req: &BuildRequest,
+) -> Result<(), Status> {
+    match output {
+        Output::Store | Output::Registry(..) => {}
+        _ => {
+            return Err(error::invalid(format!(
+                "-o {}: this output takes one image; build with one --platform for it",
+                req.output
+            )))
+        }
+    }
+    if opts.tags.is_empty() {
+        return Err(error::invalid(
+            "a build for several platforms needs a name for its manifest list (-t NAME or -o docker://NAME)",
+        ));
+    }
+    if !req.cache_to.is_empty() {
+        return Err(error::invalid("--cache-to takes a build for one platform"));
+    }
+    Ok(())
+}
+
 /// Everything one build needs on its blocking thread.
 struct Job {
+    /// `--platform` with several: one build each, then a manifest list.
+    platforms: Vec<isula_types::platform::BuildPlatform>,
     /// The SSH agents the client forwards (`--ssh`).
     ssh_ids: Vec<String>,
     runtime: tokio::runtime::Handle,
@@ -836,6 +866,67 @@ impl Job {
         out
     }
 
+    /// One build per platform (untagged), then the manifest list under the tag, pushed
+    /// with `-o docker://`. Returns the list's ID.
+    fn build_platforms(&self, ctx: &mut Context<'_>) -> Result<String, Status> {
+        let name = self.opts.tags[0].to_string();
+        let mut ids = Vec::new();
+        for p in &self.platforms {
+            self.tx.send(format!("Building for {p}\n"));
+            let opts = BuildOptions {
+                platform: Some(p.clone()),
+                tags: Vec::new(),
+                ..self.opts.clone()
+            };
+            let built = build(ctx, &opts)
+                .map_err(|e| error::status(e.kind(), format!("building for {p}: {e}")))?;
+            ids.push(built.id.hex().to_string());
+        }
+        let list = self
+            .state
+            .lists
+            .replace(&self.state.store, &name, &ids)
+            .map_err(crate::rpc::registry::status)?;
+        self.tx.send(format!(
+            "Manifest list {name} of {} images: {}\n",
+            ids.len(),
+            list.hex()
+        ));
+        if let Output::Registry(dest, _) = &self.output {
+            let tx = self.tx.clone();
+            self.state
+                .lists
+                .push(
+                    &self.state.registry,
+                    &self.state.store,
+                    &name,
+                    &dest.to_string(),
+                    &isula_transport::Cancel::from_flag(self.cancel.clone()),
+                    &mut |l| {
+                        tx.send(l);
+                    },
+                )
+                .map_err(crate::rpc::registry::status)?;
+        }
+        let hex = list.hex().to_string();
+        if self.iidfile.is_empty() {
+            self.tx
+                .send(format!("Build success with image id: {hex}\n"));
+        } else {
+            // Written with the caller's rights, as for one image.
+            self.files
+                .write_file(std::path::Path::new(&self.iidfile), hex.as_bytes())
+                .map_err(|e| {
+                    Status::failed_precondition(format!("writing --iidfile {}: {e}", self.iidfile))
+                })?;
+            self.tx.send(format!(
+                "Write image ID [{hex}] to file: {}\n",
+                self.iidfile
+            ));
+        }
+        Ok(hex)
+    }
+
     fn run(self) -> Result<String, Status> {
         // Registered with the build's own flag: shutdown cancels the build directly.
         let op = self
@@ -878,6 +969,11 @@ impl Job {
             ssh: (!self.ssh_ids.is_empty()).then_some(&forwarder as _),
             download: Some(&downloads),
         };
+        if self.platforms.len() > 1 {
+            let r = self.build_platforms(&mut ctx);
+            drop(op);
+            return r;
+        }
         let built = build(&mut ctx, &self.opts);
         drop(op);
         let built = built.map_err(|e| error::status(e.kind(), e.to_string()))?;
