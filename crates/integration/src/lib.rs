@@ -405,6 +405,14 @@ impl Daemon {
             .map(|e| String::from_utf8_lossy(&e.content).trim().to_string())
     }
 
+    /// Asserts that no build left its private directory under the run root.
+    pub fn assert_no_build_work(&self, what: &str) {
+        let left: Vec<_> = std::fs::read_dir(self.run_root().join("builds"))
+            .map(|r| r.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{what}: build work left: {left:?}");
+    }
+
     /// The rows of `ctr-img images` as (repository, tag, id).
     pub fn images(&self) -> Vec<(String, String, String)> {
         self.ok(&["ctr-img", "images"])

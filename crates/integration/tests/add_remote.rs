@@ -18,16 +18,6 @@ fn image_files(d: &Daemon, image: &str) -> BTreeMap<String, (u32, u64, u64, u64,
         .collect()
 }
 
-fn nothing_left(d: &Daemon, what: &str) {
-    assert_eq!(
-        std::fs::read_dir(d.run_root().join("builds"))
-            .map(|r| r.count())
-            .unwrap_or(0),
-        0,
-        "{what}: build work left"
-    );
-}
-
 #[test]
 fn add_urls_as_buildkit() {
     if !require_root() || !require_tool("runc") {
@@ -162,7 +152,7 @@ fn bad_remote_sources_fail_naming_the_line_and_leave_nothing() {
             "{line}: {err}"
         );
         assert_eq!(d.images(), before, "{line}: the images changed");
-        nothing_left(&d, line);
+        d.assert_no_build_work(line);
     }
 }
 
@@ -172,20 +162,7 @@ fn bad_remote_sources_fail_naming_the_line_and_leave_nothing() {
 fn git_repo(dir: &Path) -> (i64, i64) {
     let work = dir.join("work");
     std::fs::create_dir_all(work.join("docs")).expect("dir");
-    let g = |args: &[&str], time: &str| {
-        run_ok(
-            Command::new("git")
-                .arg("-C")
-                .arg(&work)
-                .args(args)
-                .env("GIT_AUTHOR_NAME", "t")
-                .env("GIT_AUTHOR_EMAIL", "t@e")
-                .env("GIT_COMMITTER_NAME", "t")
-                .env("GIT_COMMITTER_EMAIL", "t@e")
-                .env("GIT_AUTHOR_DATE", time)
-                .env("GIT_COMMITTER_DATE", time),
-        )
-    };
+    let g = |args: &[&str], time: &str| git_in(&work, args, Some(time));
     g(&["init", "-q", "-b", "main"], "1600000000 +0000");
     std::fs::write(work.join("a.txt"), "one\n").expect("write");
     std::fs::write(work.join("docs/readme"), "docs\n").expect("write");
@@ -200,13 +177,24 @@ fn git_repo(dir: &Path) -> (i64, i64) {
             .arg(&work)
             .arg(dir.join("bare.git")),
     );
-    run_ok(
-        Command::new("git")
-            .arg("-C")
-            .arg(dir.join("bare.git"))
-            .arg("update-server-info"),
-    );
+    git_in(&dir.join("bare.git"), &["update-server-info"], None);
     (1_600_000_000, 1_650_000_000)
+}
+
+/// `git -C dir ARGS` as a fixed author, at `time` ("SECONDS +0000") when given.
+fn git_in(dir: &Path, args: &[&str], time: Option<&str>) -> String {
+    let mut c = Command::new("git");
+    c.arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@e")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@e");
+    if let Some(t) = time {
+        c.env("GIT_AUTHOR_DATE", t).env("GIT_COMMITTER_DATE", t);
+    }
+    run_ok(&mut c)
 }
 
 /// `git daemon` serving `base` on a free port of 127.0.0.1; killed on drop.
@@ -220,10 +208,7 @@ impl Drop for GitDaemon {
 }
 
 fn git_daemon(base: &Path) -> GitDaemon {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = isula_integration::registry::free_port();
     let child = Command::new("git")
         .args([
             "daemon",
@@ -291,26 +276,12 @@ fn add_git_repositories() {
     assert_eq!(out.matches("Using cache").count(), 3, "{out}");
     let work = repos.path().join("work");
     std::fs::write(work.join("docs/readme"), "new docs\n").expect("write");
-    for args in [
-        &["commit", "-q", "-am", "three"][..],
-        &["push", "-q", "../bare.git", "main"][..],
-    ] {
-        run_ok(
-            Command::new("git")
-                .arg("-C")
-                .arg(&work)
-                .args(args)
-                .env("GIT_AUTHOR_NAME", "t")
-                .env("GIT_AUTHOR_EMAIL", "t@e")
-                .env("GIT_COMMITTER_NAME", "t")
-                .env("GIT_COMMITTER_EMAIL", "t@e"),
-        );
-    }
-    run_ok(
-        Command::new("git")
-            .arg("-C")
-            .arg(repos.path().join("bare.git"))
-            .arg("update-server-info"),
+    git_in(&work, &["commit", "-q", "-am", "three"], None);
+    git_in(&work, &["push", "-q", "../bare.git", "main"], None);
+    git_in(
+        &repos.path().join("bare.git"),
+        &["update-server-info"],
+        None,
     );
     let out = d.ok(&["ctr-img", "build", "-t", "git:3", c]);
     assert_eq!(out.matches("Using cache").count(), 1, "{out}");

@@ -29,16 +29,6 @@ fn arm64_daemon(env: &[(&str, &str)]) -> Option<Daemon> {
     Some(d)
 }
 
-fn nothing_left(d: &Daemon, what: &str) {
-    assert_eq!(
-        std::fs::read_dir(d.run_root().join("builds"))
-            .map(|r| r.count())
-            .unwrap_or(0),
-        0,
-        "{what}: build work left"
-    );
-}
-
 #[test]
 fn an_arm64_build_runs_under_qemu_and_says_arm64() {
     let Some(d) = arm64_daemon(&[]) else { return };
@@ -151,7 +141,7 @@ fn a_base_of_another_platform_and_a_missing_handler_are_refused() {
         let err = d.fails(&["ctr-img", "build", "--platform", "linux/arm64", c]);
         assert!(err.contains(want), "{df}: {err}");
         assert_eq!(d.images(), before, "{df}: the images changed");
-        nothing_left(&d, df);
+        d.assert_no_build_work(df);
     }
     let err = d.fails(&[
         "ctr-img",

@@ -496,6 +496,7 @@ fn skopeo_copy_all_of_an_oci_index_with_attestations() {
     let want = check_cell(&b, &name);
     assert_eq!(want.top_type, "application/vnd.oci.image.index.v1+json");
     assert_eq!(want.image_id, ours);
+    pull_other_platform(&b, &name);
 }
 
 #[test]
@@ -517,6 +518,25 @@ fn skopeo_copy_all_of_a_docker_manifest_list() {
         want.top_type,
         "application/vnd.docker.distribution.manifest.list.v2+json"
     );
+    pull_other_platform(&b, &name);
+}
+
+/// `pull --platform` of the other entry of a list another tool wrote (its arm64 entry
+/// says variant v8, which `linux/arm64` must match): that image, with its marker.
+fn pull_other_platform(b: &Bench, name: &str) {
+    let d = &b.d;
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let platform = format!("linux/{}", other_arch());
+    d.ok(&["ctr-img", "pull", "--platform", &platform, name]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&d.ok(&["ctr-img", "inspect", name])).expect("inspect");
+    assert_eq!(inspect[0]["Config"]["architecture"], other_arch(), "{name}");
+    assert_eq!(
+        d.image_text(name, "marker").as_deref(),
+        Some(String::from_utf8_lossy(WRONG_MARKER).as_ref()),
+        "{name}: not the {platform} entry"
+    );
+    d.ok(&["ctr-img", "rm", "-a"]);
 }
 
 fn refused(b: &Bench, name: &str, wants: &[&str], not: &[&str]) {

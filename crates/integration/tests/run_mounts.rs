@@ -233,12 +233,6 @@ fn bad_mounts_fail_naming_the_line_and_leave_nothing() {
                 "{mount}: {sub} left"
             );
         }
-        assert!(
-            std::fs::read_dir(d.run_root().join("builds"))
-                .map(|r| r.count())
-                .unwrap_or(0)
-                == 0,
-            "{mount}: build work left"
-        );
+        d.assert_no_build_work(mount);
     }
 }

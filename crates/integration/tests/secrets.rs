@@ -244,13 +244,7 @@ fn bad_secrets_and_agents_fail_naming_them_and_leave_nothing() {
             assert!(err.contains("line 2"), "{run}: {err}");
         }
         assert_eq!(d.images(), before, "{run}: the images changed");
-        assert!(
-            std::fs::read_dir(d.run_root().join("builds"))
-                .map(|r| r.count())
-                .unwrap_or(0)
-                == 0,
-            "{run}: build work left"
-        );
+        d.assert_no_build_work(run);
     }
 }
 

@@ -483,7 +483,8 @@ impl Client {
     }
 }
 
-fn backoff(attempt: u32, retry_after: Option<u64>) {
+/// Waits before another try: `Retry-After` (at most 30 s), else 250 ms doubled per attempt.
+pub(crate) fn backoff(attempt: u32, retry_after: Option<u64>) {
     let ms = retry_after
         .map(|s| s.min(30) * 1000)
         .unwrap_or(250u64 << attempt.min(5));

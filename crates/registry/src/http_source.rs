@@ -81,14 +81,8 @@ pub fn download(url: &str, dest: &Path, f: &Fetch<'_>) -> Result<Downloaded, Str
             Err((retry, e)) if retry && attempt < ATTEMPTS => {
                 tracing::info!(url = %name, attempt, error = %e, "ADD download failed; trying again");
                 let _ = std::fs::remove_file(dest);
-                // 1 s, then 2 s, checking for cancellation.
-                let until = std::time::Instant::now() + Duration::from_secs(1 << (attempt - 1));
-                while std::time::Instant::now() < until {
-                    if (f.cancelled)() {
-                        return Err("cancelled".into());
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                // The registry client's backoff (cancellation is checked before each try).
+                crate::client::backoff(attempt, None);
             }
             Err((_, e)) => {
                 let _ = std::fs::remove_file(dest);

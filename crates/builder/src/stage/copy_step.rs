@@ -56,11 +56,14 @@ impl StageRun<'_, '_> {
             .cloned()
             .collect();
         let excludes = exclude_matcher(&c.exclude).map_err(|e| step_err(n, step, e))?;
-        if let Some(sum) = &c.checksum {
-            remote::parse_checksum(sum).map_err(|e| step_err(n, step, e))?;
-        }
+        let checksum = c
+            .checksum
+            .as_deref()
+            .map(remote::parse_checksum)
+            .transpose()
+            .map_err(|e| step_err(n, step, e))?;
         let (remote_keys, prefetched) = if remotes.is_empty() {
-            if c.checksum.is_some() {
+            if checksum.is_some() {
                 return Err(step_err(
                     n,
                     step,
@@ -69,7 +72,7 @@ impl StageRun<'_, '_> {
             }
             (Vec::new(), Vec::new())
         } else {
-            self.remote_keys(n, step, &c, &remotes)?
+            self.remote_keys(n, step, &c, &remotes, checksum.as_deref())?
         };
         // The build context, opened once for the key and the copy.
         let ctx_root =
@@ -132,7 +135,7 @@ impl StageRun<'_, '_> {
         self.add_fetched = if remotes.is_empty() {
             Vec::new()
         } else {
-            self.fetch_remotes(n, step, &c, &remotes, prefetched)?
+            self.fetch_remotes(n, step, &c, &remotes, prefetched, checksum.as_deref())?
         };
         let mut c = c;
         c.sources = locals;

@@ -27,6 +27,14 @@ pub(super) enum Remote {
     },
 }
 
+/// What keying a remote source found: fetched already (a download, to hash it), or what
+/// fetching it needs (a download verified by the checksum, a checkout of the commit).
+pub(super) enum Pending {
+    Fetched(Fetched),
+    Download,
+    Checkout { commit: String },
+}
+
 /// How a remote source is found again and copied from.
 pub(super) struct Fetched {
     /// The directory the copy reads from, and the source inside it.
@@ -189,6 +197,16 @@ fn resolve(
     found.ok_or_else(|| format!("unknown git ref {r:?} in {}", shown(remote)))
 }
 
+/// A git checkout: the commit the step's key names.
+struct Checkout<'a> {
+    remote: &'a str,
+    /// The ref as written (what to fetch when the server serves no bare commit).
+    reference: Option<&'a str>,
+    commit: &'a str,
+    subdir: Option<&'a str>,
+    keep_git_dir: bool,
+}
+
 /// A remote as errors show it (no user info or query).
 fn shown(remote: &str) -> String {
     url_shown(remote)
@@ -229,21 +247,16 @@ fn set_mtimes(dir: &Path, secs: i64) -> Result<(), String> {
 }
 
 impl StageRun<'_, '_> {
-    /// The key of each remote source, downloading or resolving what the key needs.
-    /// Returns the keys and, for what had to be fetched already, where it is.
+    /// The key of each remote source, downloading or resolving what the key needs
+    /// (`checksum`: the parsed `--checksum`), and what fetching each one still needs.
     pub(super) fn remote_keys(
         &mut self,
         n: usize,
         step: &Step,
         c: &isula_dockerfile::instructions::CopyArgs,
         remotes: &[Remote],
-    ) -> Result<(Vec<serde_json::Value>, Vec<Option<Fetched>>), BuildError> {
-        let checksum = c
-            .checksum
-            .as_deref()
-            .map(parse_checksum)
-            .transpose()
-            .map_err(|e| step_err(n, step, e))?;
+        checksum: Option<&str>,
+    ) -> Result<(Vec<serde_json::Value>, Vec<Pending>), BuildError> {
         if checksum.is_some() && (c.sources.len() != 1 || remotes.len() != 1) {
             return Err(step_err(
                 n,
@@ -252,14 +265,14 @@ impl StageRun<'_, '_> {
             ));
         }
         let mut keys = Vec::new();
-        let mut fetched = Vec::new();
+        let mut pending = Vec::new();
         for (i, r) in remotes.iter().enumerate() {
             match r {
                 Remote::Http { url, filename } => {
-                    if let Some(sum) = &checksum {
+                    if let Some(sum) = checksum {
                         // The checksum keys it: nothing to download for a cached step.
                         keys.push(serde_json::json!({"url": url, "sha256": sum}));
-                        fetched.push(None);
+                        pending.push(Pending::Download);
                         continue;
                     }
                     let (f, got) = self.download(n, step, i, url, filename, None)?;
@@ -267,7 +280,7 @@ impl StageRun<'_, '_> {
                         "url": url, "filename": filename, "sha256": got.sha256,
                         "mtime": got.last_modified,
                     }));
-                    fetched.push(Some(f));
+                    pending.push(Pending::Fetched(f));
                 }
                 Remote::Git {
                     remote,
@@ -276,8 +289,8 @@ impl StageRun<'_, '_> {
                 } => {
                     let commit = resolve(remote, reference.as_deref(), &self.ctx.cancel)
                         .map_err(|e| step_err(n, step, e))?;
-                    if let Some(sum) = &checksum {
-                        if !commit.starts_with(sum.as_str()) && *sum != commit {
+                    if let Some(sum) = checksum {
+                        if !commit.starts_with(sum) {
                             return Err(step_err(
                                 n,
                                 step,
@@ -292,11 +305,11 @@ impl StageRun<'_, '_> {
                         "git": remote, "commit": commit, "subdir": subdir,
                         "keep_git_dir": c.keep_git_dir,
                     }));
-                    fetched.push(None);
+                    pending.push(Pending::Checkout { commit });
                 }
             }
         }
-        Ok((keys, fetched))
+        Ok((keys, pending))
     }
 
     /// Everything the copy reads, fetched (what `remote_keys` left).
@@ -306,38 +319,41 @@ impl StageRun<'_, '_> {
         step: &Step,
         c: &isula_dockerfile::instructions::CopyArgs,
         remotes: &[Remote],
-        mut fetched: Vec<Option<Fetched>>,
+        pending: Vec<Pending>,
+        checksum: Option<&str>,
     ) -> Result<Vec<Fetched>, BuildError> {
-        let checksum = c
-            .checksum
-            .as_deref()
-            .map(parse_checksum)
-            .transpose()
-            .map_err(|e| step_err(n, step, e))?;
         let mut out = Vec::new();
-        for (i, r) in remotes.iter().enumerate() {
-            if let Some(f) = fetched.get_mut(i).and_then(Option::take) {
-                out.push(f);
-                continue;
-            }
-            match r {
-                Remote::Http { url, filename } => {
-                    let (f, _) = self.download(n, step, i, url, filename, checksum.as_deref())?;
+        for (i, (r, p)) in remotes.iter().zip(pending).enumerate() {
+            match (r, p) {
+                (_, Pending::Fetched(f)) => out.push(f),
+                (Remote::Http { url, filename }, _) => {
+                    let (f, _) = self.download(n, step, i, url, filename, checksum)?;
                     out.push(f);
                 }
-                Remote::Git {
-                    remote,
-                    reference,
-                    subdir,
-                } => out.push(self.checkout(
-                    n,
-                    step,
-                    i,
-                    remote,
-                    reference.as_deref(),
-                    subdir.as_deref(),
-                    c.keep_git_dir,
-                )?),
+                (
+                    Remote::Git {
+                        remote,
+                        reference,
+                        subdir,
+                    },
+                    Pending::Checkout { commit },
+                ) => {
+                    let at = Checkout {
+                        remote,
+                        reference: reference.as_deref(),
+                        commit: &commit,
+                        subdir: subdir.as_deref(),
+                        keep_git_dir: c.keep_git_dir,
+                    };
+                    out.push(self.checkout(n, step, i, at)?)
+                }
+                (Remote::Git { remote, .. }, Pending::Download) => {
+                    return Err(step_err(
+                        n,
+                        step,
+                        format!("git {}: not resolved", shown(remote)),
+                    ))
+                }
             }
         }
         Ok(out)
@@ -410,19 +426,21 @@ impl StageRun<'_, '_> {
         ))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn checkout(
         &mut self,
         n: usize,
         step: &Step,
         i: usize,
-        remote: &str,
-        reference: Option<&str>,
-        subdir: Option<&str>,
-        keep_git_dir: bool,
+        at: Checkout<'_>,
     ) -> Result<Fetched, BuildError> {
+        let Checkout {
+            remote,
+            reference,
+            commit,
+            subdir,
+            keep_git_dir,
+        } = at;
         let cancel = self.ctx.cancel.clone();
-        let commit = resolve(remote, reference, &cancel).map_err(|e| step_err(n, step, e))?;
         let dir = self.scratch(n, i)?;
         let repo = dir.join("repo");
         let fail = |e: String| {
@@ -435,19 +453,17 @@ impl StageRun<'_, '_> {
         (self.ctx.log)(format!("Fetching {} at {commit}\n", shown(remote)));
         let repo_s = repo.to_string_lossy().to_string();
         git(&["init", "-q", &repo_s], None, &cancel).map_err(fail)?;
-        // What to fetch: the ref by name (servers need not serve a bare commit), else the
-        // commit; shallow where the server can, in full where it cannot (dumb HTTP).
-        let wanted = match reference {
-            Some(r) if !is_commit(r) => r.to_string(),
-            Some(r) => r.to_string(),
-            None => "HEAD".to_string(),
+        // The commit itself, shallow, where the server serves one by its hash; else the
+        // ref, shallow; else everything (dumb HTTP cannot do shallow fetches).
+        let shallow = |what: &str| {
+            git(
+                &["fetch", "-q", "--depth=1", "--", remote, what],
+                Some(&repo),
+                &cancel,
+            )
         };
-        let shallow = git(
-            &["fetch", "-q", "--depth=1", "--", remote, &wanted],
-            Some(&repo),
-            &cancel,
-        );
-        if shallow.is_err() {
+        let fetched = shallow(commit).or_else(|_| shallow(reference.unwrap_or("HEAD")));
+        if fetched.is_err() {
             git(
                 &[
                     "fetch",
@@ -463,20 +479,16 @@ impl StageRun<'_, '_> {
             .map_err(fail)?;
         }
         git(
-            &["checkout", "-q", "--detach", &commit],
+            &["checkout", "-q", "--detach", commit],
             Some(&repo),
             &cancel,
         )
         .map_err(fail)?;
-        let time: i64 = git(
-            &["log", "-1", "--format=%ct", &commit],
-            Some(&repo),
-            &cancel,
-        )
-        .map_err(fail)?
-        .trim()
-        .parse()
-        .map_err(|_| fail("no commit time".into()))?;
+        let time: i64 = git(&["log", "-1", "--format=%ct", commit], Some(&repo), &cancel)
+            .map_err(fail)?
+            .trim()
+            .parse()
+            .map_err(|_| fail("no commit time".into()))?;
         if !keep_git_dir {
             isula_sys::rooted::remove_tree(&repo.join(".git"))
                 .map_err(|e| step_err(n, step, e.to_string()))?;

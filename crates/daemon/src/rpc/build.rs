@@ -866,6 +866,26 @@ impl Job {
         out
     }
 
+    /// The build's last line: the ID, or where `--iidfile` wrote it (with the caller's
+    /// rights), as isula-build says them.
+    fn report_id(&self, hex: &str) -> Result<(), Status> {
+        if self.iidfile.is_empty() {
+            self.tx
+                .send(format!("Build success with image id: {hex}\n"));
+            return Ok(());
+        }
+        self.files
+            .write_file(std::path::Path::new(&self.iidfile), hex.as_bytes())
+            .map_err(|e| {
+                Status::failed_precondition(format!("writing --iidfile {}: {e}", self.iidfile))
+            })?;
+        self.tx.send(format!(
+            "Write image ID [{hex}] to file: {}\n",
+            self.iidfile
+        ));
+        Ok(())
+    }
+
     /// One build per platform (untagged), then the manifest list under the tag, pushed
     /// with `-o docker://`. Returns the list's ID.
     fn build_platforms(&self, ctx: &mut Context<'_>) -> Result<String, Status> {
@@ -909,21 +929,7 @@ impl Job {
                 .map_err(crate::rpc::registry::status)?;
         }
         let hex = list.hex().to_string();
-        if self.iidfile.is_empty() {
-            self.tx
-                .send(format!("Build success with image id: {hex}\n"));
-        } else {
-            // Written with the caller's rights, as for one image.
-            self.files
-                .write_file(std::path::Path::new(&self.iidfile), hex.as_bytes())
-                .map_err(|e| {
-                    Status::failed_precondition(format!("writing --iidfile {}: {e}", self.iidfile))
-                })?;
-            self.tx.send(format!(
-                "Write image ID [{hex}] to file: {}\n",
-                self.iidfile
-            ));
-        }
+        self.report_id(&hex)?;
         Ok(hex)
     }
 
@@ -1080,20 +1086,7 @@ impl Job {
                 tracing::warn!(error = %e, "collecting after the cache export");
             }
         }
-        if self.iidfile.is_empty() {
-            self.tx
-                .send(format!("Build success with image id: {hex}\n"));
-        } else {
-            self.files
-                .write_file(std::path::Path::new(&self.iidfile), hex.as_bytes())
-                .map_err(|e| {
-                    Status::failed_precondition(format!("writing --iidfile {}: {e}", self.iidfile))
-                })?;
-            self.tx.send(format!(
-                "Write image ID [{hex}] to file: {}\n",
-                self.iidfile
-            ));
-        }
+        self.report_id(&hex)?;
         if let Some(w) = isula_builder_core::unused_args_warning(&built.unused_args) {
             self.tx.send(w);
         }
