@@ -207,6 +207,286 @@ fn pull_platform_picks_the_list_entry_and_images_shows_it() {
     assert!(!host_only.ok(&["ctr-img", "images"]).contains("PLATFORM"));
 }
 
+/// Loads `busybox-ARCH:1` for this machine's architecture and for arm64.
+fn load_two_bases(d: &Daemon, arm64_busybox: &std::path::Path) {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (arch, binary) in [(host_arch(), None), ("arm64", Some(arm64_busybox))] {
+        let name = format!("busybox-{arch}:1");
+        let rootfs = match binary {
+            Some(b) => busybox_rootfs_with(b, &[]),
+            None => busybox_rootfs(&[]),
+        };
+        let a = dir.path().join(format!("{arch}.tar"));
+        std::fs::write(&a, docker_archive_for(&[rootfs], &name, arch)).expect("archive");
+        d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+    }
+}
+
+fn skopeo(args: &[&str]) -> serde_json::Value {
+    let raw = run_ok(std::process::Command::new("skopeo").args(args));
+    serde_json::from_str(&raw).unwrap_or_else(|e| panic!("skopeo {args:?}: {e}: {raw}"))
+}
+
+#[test]
+fn a_two_platform_list_is_kept_used_saved_and_removed_locally() {
+    let Some(busybox) = arm64_busybox() else {
+        return;
+    };
+    if !require_root() || !require_tool("runc") || !require_tool("skopeo") {
+        return;
+    }
+    let d = Daemon::start_with(&["--experimental"]);
+    load_two_bases(&d, &busybox);
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox-$TARGETARCH:1\nRUN uname -m > /arch\nRUN for i in 1 2 3; do echo line-$i-$(uname -m); done\n",
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+    let host = format!("linux/{}", host_arch());
+    let platforms = format!("{host},linux/arm64");
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        &platforms,
+        "-t",
+        "multi:1",
+        c,
+    ]);
+    // The builds ran at once, but their logs come one after the other, in platform order.
+    let at = |what: &str| {
+        out.find(what)
+            .unwrap_or_else(|| panic!("{what:?} is not in the output: {out}"))
+    };
+    let host_line = format!("line-3-{}", std::env::consts::ARCH);
+    assert!(
+        at(&format!("Building for {host}")) < at(&host_line),
+        "{out}"
+    );
+    assert!(at(&host_line) < at("Building for linux/arm64"), "{out}");
+    assert!(
+        at("Building for linux/arm64") < at("line-1-aarch64"),
+        "{out}"
+    );
+    assert!(at("line-3-aarch64") < at("Manifest list multi:1"), "{out}");
+    assert_eq!(out.matches("Committed stage").count(), 2, "{out}");
+
+    // `manifest inspect` shows the list built.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&d.ok(&["manifest", "inspect", "multi:1"])).expect("json");
+    assert_eq!(
+        inspect["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    let mut archs: Vec<&str> = inspect["manifests"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|m| m["platform"]["architecture"].as_str())
+        .collect();
+    archs.sort_unstable();
+    let mut want = vec![host_arch(), "arm64"];
+    want.sort_unstable();
+    assert_eq!(archs, want, "{inspect}");
+
+    // FROM a local list takes the entry for the stage's platform.
+    let user = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        user.path().join("Dockerfile"),
+        "FROM multi:1\nRUN cp /arch /seen\n",
+    )
+    .expect("df");
+    let u = user.path().to_str().expect("utf8");
+    for (platform, tag, uname) in [
+        ("linux/arm64", "user:arm", "aarch64"),
+        (&host[..], "user:host", std::env::consts::ARCH),
+    ] {
+        d.ok(&["ctr-img", "build", "--platform", platform, "-t", tag, u]);
+        assert_eq!(
+            d.image_text(tag, "seen").as_deref(),
+            Some(uname),
+            "{platform}"
+        );
+    }
+    let err = d.fails(&["ctr-img", "build", "--platform", "linux/s390x", u]);
+    assert!(
+        err.contains("linux/s390x") && err.contains("it has") && err.contains("linux/arm64"),
+        "{err}"
+    );
+
+    // `rm -p` keeps the untagged images the list names.
+    d.ok(&["ctr-img", "rm", "-p"]);
+    d.ok(&["manifest", "inspect", "multi:1"]);
+
+    // save: one platform's image under the list's name; the whole list as an OCI archive.
+    let out_dir = tempfile::tempdir().expect("out");
+    let arm_tar = out_dir.path().join("arm.tar");
+    let arm = arm_tar.to_str().expect("utf8");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "--platform",
+        "linux/arm64",
+        "multi:1",
+        "-o",
+        arm,
+    ]);
+    let seen = skopeo(&["inspect", &format!("docker-archive:{arm}")]);
+    assert_eq!(seen["Architecture"], "arm64", "{seen}");
+    let manifest = run_ok(std::process::Command::new("tar").args(["-xOf", arm, "manifest.json"]));
+    assert!(manifest.contains("\"multi:1\""), "{manifest}");
+    let err = d.fails(&[
+        "ctr-img",
+        "save",
+        "multi:1",
+        "-o",
+        &format!("{}/x.tar", out_dir.path().display()),
+    ]);
+    assert!(
+        err.contains("manifest list") && err.contains("--platform"),
+        "{err}"
+    );
+    let err = d.fails(&[
+        "ctr-img",
+        "save",
+        "--platform",
+        "linux/arm64",
+        &format!("busybox-{}:1", host_arch()),
+        "-o",
+        &format!("{}/y.tar", out_dir.path().display()),
+    ]);
+    assert!(
+        err.contains(&format!("is for {host}, not linux/arm64")),
+        "{err}"
+    );
+    let oci_tar = out_dir.path().join("all.tar");
+    let oci = oci_tar.to_str().expect("utf8");
+    d.ok(&["ctr-img", "save", "-f", "oci", "multi:1", "-o", oci]);
+    let index = skopeo(&["inspect", "--raw", &format!("oci-archive:{oci}")]);
+    assert_eq!(
+        index["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{index}"
+    );
+    let arm_entry = skopeo(&[
+        "--override-arch",
+        "arm64",
+        "inspect",
+        &format!("oci-archive:{oci}"),
+    ]);
+    assert_eq!(arm_entry["Architecture"], "arm64", "{arm_entry}");
+    assert!(!out_dir.path().join("x.tar").exists() && !out_dir.path().join("y.tar").exists());
+
+    // rm of the list's name removes the list and the images only it named.
+    let before = d.images().len();
+    let out = d.ok(&["ctr-img", "rm", "multi:1"]);
+    assert!(out.contains("Deleted manifest list: multi:1"), "{out}");
+    assert_eq!(out.matches("Deleted image").count(), 2, "{out}");
+    assert_eq!(d.images().len(), before - 2);
+    let err = d.fails(&["manifest", "inspect", "multi:1"]);
+    assert!(err.contains("multi:1"), "{err}");
+}
+
+#[test]
+fn a_two_platform_build_to_an_oci_archive_holds_the_index() {
+    let Some(busybox) = arm64_busybox() else {
+        return;
+    };
+    if !require_root() || !require_tool("runc") || !require_tool("skopeo") {
+        return;
+    }
+    let d = Daemon::start();
+    load_two_bases(&d, &busybox);
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox-$TARGETARCH:1\nRUN uname -m > /arch\n",
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+    let platforms = format!("linux/{},linux/arm64", host_arch());
+    let out_dir = tempfile::tempdir().expect("out");
+    let tar = out_dir.path().join("multi.tar");
+    let t = tar.to_str().expect("utf8");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        &platforms,
+        "--format",
+        "oci",
+        "-o",
+        &format!("oci-archive:{t}:multi:2"),
+        c,
+    ]);
+    let index = skopeo(&["inspect", "--raw", &format!("oci-archive:{t}")]);
+    assert_eq!(
+        index["mediaType"], "application/vnd.oci.image.index.v1+json",
+        "{index}"
+    );
+    assert_eq!(
+        index["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{index}"
+    );
+    for m in index["manifests"].as_array().into_iter().flatten() {
+        assert_eq!(
+            m["mediaType"], "application/vnd.oci.image.manifest.v1+json",
+            "{m}"
+        );
+    }
+    // Each image of the archive is the one built for its platform.
+    for (arch, uname) in [("arm64", "aarch64"), (host_arch(), std::env::consts::ARCH)] {
+        let dest = out_dir.path().join(format!("dir-{arch}"));
+        run_ok(std::process::Command::new("skopeo").args([
+            "--override-arch",
+            arch,
+            "copy",
+            &format!("oci-archive:{t}"),
+            &format!("dir:{}", dest.display()),
+        ]));
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dest.join("manifest.json")).expect("manifest"))
+                .expect("json");
+        let layers = manifest["layers"].as_array().expect("layers");
+        let top = layers.last().expect("a layer")["digest"]
+            .as_str()
+            .expect("digest")
+            .trim_start_matches("sha256:")
+            .to_string();
+        let listing = run_ok(
+            std::process::Command::new("tar")
+                .arg("-xOf")
+                .arg(dest.join(&top))
+                .arg("arch"),
+        );
+        assert_eq!(listing.trim(), uname, "{arch}");
+    }
+    // The list is kept in the store under the archive's name.
+    let err = d.fails(&[
+        "ctr-img",
+        "save",
+        "multi:2",
+        "-o",
+        &format!("{}/x.tar", out_dir.path().display()),
+    ]);
+    assert!(err.contains("manifest list"), "{err}");
+    // `rm -a` takes the lists with the images.
+    let out = d.ok(&["ctr-img", "rm", "-a"]);
+    assert!(out.contains("Deleted manifest list: "), "{out}");
+    assert!(d.images().is_empty());
+    let err = d.fails(&[
+        "ctr-img",
+        "save",
+        "multi:2",
+        "-o",
+        &format!("{}/z.tar", out_dir.path().display()),
+    ]);
+    assert!(err.contains("no such image: multi:2"), "{err}");
+}
+
 #[test]
 fn two_platforms_in_one_build_push_a_list_of_two() {
     if !require_tool("docker-registry") || !require_tool("skopeo") {
@@ -221,17 +501,7 @@ fn two_platforms_in_one_build_push_a_list_of_two() {
         return;
     }
     let d = Daemon::for_registries(&[&host]);
-    let dir = tempfile::tempdir().expect("tmp");
-    for (arch, binary) in [(host_arch(), None), ("arm64", Some(busybox.as_path()))] {
-        let name = format!("busybox-{arch}:1");
-        let rootfs = match binary {
-            Some(b) => busybox_rootfs_with(b, &[]),
-            None => busybox_rootfs(&[]),
-        };
-        let a = dir.path().join(format!("{arch}.tar"));
-        std::fs::write(&a, docker_archive_for(&[rootfs], &name, arch)).expect("archive");
-        d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
-    }
+    load_two_bases(&d, &busybox);
     let ctx = tempfile::tempdir().expect("ctx");
     // The automatic ARGs pick each platform's base.
     std::fs::write(
@@ -303,4 +573,56 @@ fn two_platforms_in_one_build_push_a_list_of_two() {
         let err = d.fails(&a);
         assert!(err.contains(want), "{err}");
     }
+}
+
+#[test]
+fn one_platform_failing_stops_the_others_and_makes_no_list() {
+    let Some(busybox) = arm64_busybox() else {
+        return;
+    };
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start_with(&["--experimental"]);
+    load_two_bases(&d, &busybox);
+    let before = d.images().len();
+    let ctx = tempfile::tempdir().expect("ctx");
+    // The arm64 build fails at once; this machine's would take a minute, and is stopped.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox-$TARGETARCH:1\nRUN if [ \"$(uname -m)\" = aarch64 ]; then exit 3; fi; sleep 60\n",
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+    let platforms = format!("linux/{},linux/arm64", host_arch());
+    let started = std::time::Instant::now();
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        &platforms,
+        "-t",
+        "bad:1",
+        c,
+    ]);
+    assert!(err.contains("building for linux/arm64"), "{err}");
+    assert!(!err.contains("Committed stage"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(55),
+        "the other build was not stopped"
+    );
+    assert_eq!(d.images().len(), before);
+    let err = d.fails(&["manifest", "inspect", "bad:1"]);
+    assert!(err.contains("bad:1"), "{err}");
+    for sub in ["ingest", "tmp"] {
+        let left: Vec<_> = std::fs::read_dir(d.data().join(sub))
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{sub}: {left:?}");
+    }
+    let builds = d.run_root().join("builds");
+    let left: Vec<_> = std::fs::read_dir(&builds)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{}: {left:?}", builds.display());
 }

@@ -436,6 +436,7 @@ async fn minimal_client(socket: &Path, argv: &[String], out: &mut String) -> Res
                     format: "docker".into(),
                     sep: None,
                     progress: false,
+                    platform: String::new(),
                 })
                 .await
                 .map_err(status)?

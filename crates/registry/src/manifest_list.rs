@@ -27,6 +27,24 @@ struct Entry {
 struct ListFile {
     name: String,
     entries: Vec<Entry>,
+    /// An OCI image index (a build with `--format oci`), else a Docker manifest list.
+    #[serde(default)]
+    oci: bool,
+}
+
+/// An image a list names, and the platform the list gives it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub image: ImageId,
+    pub name: String,
+    pub platform: Platform,
+}
+
+fn platform_text(p: &Platform) -> String {
+    match p.variant.as_deref().filter(|v| !v.is_empty()) {
+        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+        None => format!("{}/{}", p.os, p.architecture),
+    }
 }
 
 /// Platform fields to set on a list entry; empty ones are left as they are.
@@ -141,10 +159,23 @@ impl Lists {
     /// Creates the list `name` over `images` (all in the store). Returns its ID (the
     /// digest of the list as it stands locally).
     pub fn create(&self, store: &Store, name: &str, images: &[String]) -> Result<Digest> {
+        self.create_as(store, name, images, false, false)
+    }
+
+    /// [`Lists::create`], as an OCI image index when `oci`; over a list of that name when
+    /// `overwrite` (the new file replaces the old one at once).
+    fn create_as(
+        &self,
+        store: &Store,
+        name: &str,
+        images: &[String],
+        oci: bool,
+        overwrite: bool,
+    ) -> Result<Digest> {
         let r = list_name(name)?;
         // No images is allowed, as in isula-build: an empty list.
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.path(&r).exists() {
+        if !overwrite && self.path(&r).exists() {
             return Err(RegistryError::Invalid(format!(
                 "manifest list {} already exists",
                 r.familiar()
@@ -161,6 +192,7 @@ impl Lists {
         let list = ListFile {
             name: r.to_string(),
             entries,
+            oci,
         };
         self.write(&r, &list)?;
         let bytes = self.local_index(store, &list)?;
@@ -168,23 +200,129 @@ impl Lists {
     }
 
     /// [`Lists::create`], over a list of that name if there is one (a build for several
-    /// platforms names its list so again each time).
-    pub fn replace(&self, store: &Store, name: &str, images: &[String]) -> Result<Digest> {
+    /// platforms names its list so again each time); an OCI image index when `oci`.
+    pub fn replace(
+        &self,
+        store: &Store,
+        name: &str,
+        images: &[String],
+        oci: bool,
+    ) -> Result<Digest> {
+        self.create_as(store, name, images, oci, true)
+    }
+
+    /// Whether a list of this name exists (a name that is no list's is not one).
+    pub fn exists(&self, name: &str) -> bool {
+        list_name(name).is_ok_and(|r| self.path(&r).exists())
+    }
+
+    /// The images of the list `name`, with their platforms, in list order.
+    pub fn members(&self, name: &str) -> Result<Vec<Member>> {
         let r = list_name(name)?;
-        {
-            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            match std::fs::remove_file(self.path(&r)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(RegistryError::Invalid(format!(
-                        "replacing manifest list {}: {e}",
-                        r.familiar()
-                    )))
-                }
-            }
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self
+            .read(&r)?
+            .entries
+            .into_iter()
+            .map(|e| Member {
+                image: e.image,
+                name: e.name,
+                platform: e.platform,
+            })
+            .collect())
+    }
+
+    /// Whether the list `name` is an OCI image index.
+    pub fn is_oci(&self, name: &str) -> Result<bool> {
+        let r = list_name(name)?;
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self.read(&r)?.oci)
+    }
+
+    /// The image of the list `name` for `platform`: `Ok(None)` when there is no such list,
+    /// an error naming the platforms it has when it has none for `platform`.
+    pub fn image_for(
+        &self,
+        name: &str,
+        platform: &isula_types::platform::BuildPlatform,
+    ) -> Result<Option<ImageId>> {
+        if !self.exists(name) {
+            return Ok(None);
         }
-        self.create(store, name, images)
+        let members = self.members(name)?;
+        match members.iter().find(|m| {
+            platform.matches(
+                &m.platform.os,
+                &m.platform.architecture,
+                m.platform.variant.as_deref(),
+            )
+        }) {
+            Some(m) => Ok(Some(m.image.clone())),
+            None => Err(RegistryError::NotFound {
+                registry: "local store".into(),
+                what: format!(
+                    "a {platform} image in manifest list {name} (it has {})",
+                    if members.is_empty() {
+                        "none".to_string()
+                    } else {
+                        members
+                            .iter()
+                            .map(|m| platform_text(&m.platform))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ),
+            }),
+        }
+    }
+
+    /// Every image some list names (`ctr-img rm -p` keeps them).
+    pub fn named_images(&self) -> Result<std::collections::HashSet<ImageId>> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(self
+            .files()?
+            .into_iter()
+            .flat_map(|l| l.entries.into_iter().map(|e| e.image))
+            .collect())
+    }
+
+    /// The names of every list, sorted.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<String> = self.files()?.into_iter().map(|l| l.name).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every list file (the caller holds the lock).
+    fn files(&self) -> Result<Vec<ListFile>> {
+        let dir = match std::fs::read_dir(&self.dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io("read", e)),
+        };
+        let mut out = Vec::new();
+        for entry in dir {
+            let p = entry.map_err(|e| self.io("read", e))?.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let text = std::fs::read(&p).map_err(|e| self.io("read", e))?;
+            out.push(serde_json::from_slice(&text).map_err(|e| {
+                RegistryError::Config(format!("manifest list file {}: {e}", p.display()))
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Removes the list `name`; returns the images it named.
+    pub fn remove(&self, name: &str) -> Result<Vec<ImageId>> {
+        let r = list_name(name)?;
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let list = self.read(&r)?;
+        std::fs::remove_file(self.path(&r)).map_err(|e| self.io("remove in", e))?;
+        isula_sys::fsync_dir(&self.dir).map_err(|e| RegistryError::Config(e.to_string()))?;
+        Ok(list.entries.into_iter().map(|e| e.image).collect())
     }
 
     /// Sets the platform fields of `image`'s entry (those given; empty ones stay).
@@ -236,10 +374,17 @@ impl Lists {
         self.write(&r, &list)
     }
 
-    fn index(entries: Vec<(Descriptor, Platform)>) -> Result<Vec<u8>> {
+    fn index(entries: Vec<(Descriptor, Platform)>, oci: bool) -> Result<Vec<u8>> {
         let idx = Index {
             schema_version: 2,
-            media_type: Some(media::DOCKER_MANIFEST_LIST.to_string()),
+            media_type: Some(
+                if oci {
+                    media::OCI_INDEX
+                } else {
+                    media::DOCKER_MANIFEST_LIST
+                }
+                .to_string(),
+            ),
             manifests: entries
                 .into_iter()
                 .map(|(mut d, p)| {
@@ -266,7 +411,7 @@ impl Lists {
                 e.platform.clone(),
             ));
         }
-        Self::index(out)
+        Self::index(out, list.oci)
     }
 
     /// The list as a manifest list over the stored manifests.
@@ -316,7 +461,11 @@ impl Lists {
                 &rec,
                 &repo,
                 "",
-                Format::Docker,
+                if list.oci {
+                    Format::Oci
+                } else {
+                    Format::Docker
+                },
                 cancel,
                 &mut *progress,
             )?;
@@ -325,11 +474,15 @@ impl Lists {
                 e.platform.clone(),
             ));
         }
-        let bytes = Self::index(entries)?;
+        let bytes = Self::index(entries, list.oci)?;
         progress("Writing manifest list to image destination\n".into());
         let tag = dest_ref.tag().unwrap_or("latest");
-        let digest =
-            crate::push::put_manifest(&client, &repo, tag, &bytes, media::DOCKER_MANIFEST_LIST)?;
+        let media_type = if list.oci {
+            media::OCI_INDEX
+        } else {
+            media::DOCKER_MANIFEST_LIST
+        };
+        let digest = crate::push::put_manifest(&client, &repo, tag, &bytes, media_type)?;
         progress("Storing list signatures\n".into());
         Ok(digest)
     }

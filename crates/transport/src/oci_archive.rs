@@ -1,15 +1,16 @@
 //! oci-archive: a tar of an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/`).
-//! We write one image per archive; we read every manifest its index lists (for an index
-//! of platforms, the one for this machine).
+//! We write one image per archive, or the images of a manifest list as one image index;
+//! we read every manifest its index lists (for an index of platforms, the one for this
+//! machine).
 
 use crate::archive::Scanned;
 use crate::load::ImagePlan;
 use crate::save::{append_blob, append_bytes, SaveItem};
 use crate::{Cancel, Result, TransportError};
-use isula_store::Store;
-use isula_types::image::{host_architecture, Descriptor, Index, Manifest};
+use isula_store::{ImageRecord, Store};
+use isula_types::image::{host_architecture, Descriptor, Index, Manifest, Platform};
 use isula_types::{limits, media, Digest, Reference};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -134,13 +135,12 @@ fn oci_type(docker: &str) -> &str {
     }
 }
 
-/// Writes an oci-archive of one image.
-pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) -> Result<W> {
-    let img = &item.image;
+/// The image's manifest as an OCI manifest (converted from a Docker one), and its digest.
+fn oci_manifest(store: &Store, img: &ImageRecord) -> Result<(Vec<u8>, Digest)> {
     let stored = store
         .content()
         .read_small(&img.manifest, limits::MANIFEST_MAX)?;
-    let manifest_bytes = if img.manifest_media_type == media::OCI_MANIFEST {
+    let bytes = if img.manifest_media_type == media::OCI_MANIFEST {
         stored
     } else {
         let mut m: Manifest = serde_json::from_slice(&stored).map_err(|e| {
@@ -153,7 +153,66 @@ pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) 
         }
         serde_json::to_vec(&m).map_err(|e| TransportError::Invalid(e.to_string()))?
     };
-    let manifest_digest = Digest::of_bytes(&manifest_bytes);
+    let digest = Digest::of_bytes(&bytes);
+    Ok((bytes, digest))
+}
+
+/// Appends the image's layers, config and OCI manifest (what `seen` lacks; it gains them).
+/// Returns the manifest's descriptor.
+fn append_image<W: Write>(
+    store: &Store,
+    tar: &mut tar::Builder<W>,
+    img: &ImageRecord,
+    seen: &mut HashSet<Digest>,
+    cancel: &Cancel,
+) -> Result<Descriptor> {
+    let (manifest_bytes, manifest_digest) = oci_manifest(store, img)?;
+    for blob in &img.blobs {
+        if seen.insert(blob.clone()) {
+            append_blob(store, tar, &blob_path(blob), blob, None, cancel, 0)?;
+        }
+    }
+    if seen.insert(img.id.digest().clone()) {
+        let config = store
+            .content()
+            .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
+        append_bytes(tar, &blob_path(img.id.digest()), &config, 0)?;
+    }
+    if seen.insert(manifest_digest.clone()) {
+        append_bytes(tar, &blob_path(&manifest_digest), &manifest_bytes, 0)?;
+    }
+    Ok(Descriptor::new(
+        media::OCI_MANIFEST,
+        manifest_digest,
+        manifest_bytes.len() as u64,
+    ))
+}
+
+/// The annotations that name an image (or index) in `index.json`.
+fn name_annotations(tag: &Reference) -> BTreeMap<String, String> {
+    let mut ann = BTreeMap::new();
+    ann.insert(CONTAINERD_NAME.to_string(), tag.to_string());
+    ann.insert(
+        REF_NAME.to_string(),
+        tag.tag().unwrap_or("latest").to_string(),
+    );
+    ann
+}
+
+fn finish<W: Write>(mut tar: tar::Builder<W>, manifests: Vec<Descriptor>) -> Result<W> {
+    let index = Index {
+        schema_version: 2,
+        media_type: Some(media::OCI_INDEX.to_string()),
+        manifests,
+        annotations: None,
+    };
+    let data = serde_json::to_vec(&index).map_err(|e| TransportError::Invalid(e.to_string()))?;
+    append_bytes(&mut tar, "index.json", &data, 0)?;
+    tar.into_inner()
+        .map_err(|e| TransportError::io("write", "archive", e))
+}
+
+fn start<W: Write>(out: W) -> Result<tar::Builder<W>> {
     let mut tar = tar::Builder::new(out);
     append_bytes(
         &mut tar,
@@ -161,36 +220,48 @@ pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) 
         br#"{"imageLayoutVersion":"1.0.0"}"#,
         0,
     )?;
-    for blob in &img.blobs {
-        append_blob(store, &mut tar, &blob_path(blob), blob, None, cancel, 0)?;
-    }
-    let config = store
-        .content()
-        .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
-    append_bytes(&mut tar, &blob_path(img.id.digest()), &config, 0)?;
-    append_bytes(&mut tar, &blob_path(&manifest_digest), &manifest_bytes, 0)?;
-    let mut desc = Descriptor::new(
-        media::OCI_MANIFEST,
-        manifest_digest,
-        manifest_bytes.len() as u64,
-    );
+    Ok(tar)
+}
+
+/// Writes an oci-archive of one image.
+pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) -> Result<W> {
+    let mut tar = start(out)?;
+    let mut desc = append_image(store, &mut tar, &item.image, &mut HashSet::new(), cancel)?;
     if let Some(tag) = item.tags.first() {
-        let mut ann = BTreeMap::new();
-        ann.insert(CONTAINERD_NAME.to_string(), tag.to_string());
-        ann.insert(
-            REF_NAME.to_string(),
-            tag.tag().unwrap_or("latest").to_string(),
-        );
-        desc.annotations = Some(ann);
+        desc.annotations = Some(name_annotations(tag));
     }
-    let index = Index {
+    finish(tar, vec![desc])
+}
+
+/// Writes an oci-archive of several images as one OCI image index (a blob, with each
+/// image's platform), which `index.json` names.
+pub fn write_index<W: Write>(
+    store: &Store,
+    images: &[(ImageRecord, Platform)],
+    name: Option<&Reference>,
+    out: W,
+    cancel: &Cancel,
+) -> Result<W> {
+    let mut tar = start(out)?;
+    let mut seen = HashSet::new();
+    let mut manifests = Vec::new();
+    for (img, platform) in images {
+        let mut d = append_image(store, &mut tar, img, &mut seen, cancel)?;
+        d.platform = Some(platform.clone());
+        manifests.push(d);
+    }
+    let nested = Index {
         schema_version: 2,
         media_type: Some(media::OCI_INDEX.to_string()),
-        manifests: vec![desc],
+        manifests,
         annotations: None,
     };
-    let data = serde_json::to_vec(&index).map_err(|e| TransportError::Invalid(e.to_string()))?;
-    append_bytes(&mut tar, "index.json", &data, 0)?;
-    tar.into_inner()
-        .map_err(|e| TransportError::io("write", "archive", e))
+    let bytes = serde_json::to_vec(&nested).map_err(|e| TransportError::Invalid(e.to_string()))?;
+    let digest = Digest::of_bytes(&bytes);
+    append_bytes(&mut tar, &blob_path(&digest), &bytes, 0)?;
+    let mut desc = Descriptor::new(media::OCI_INDEX, digest, bytes.len() as u64);
+    if let Some(tag) = name {
+        desc.annotations = Some(name_annotations(tag));
+    }
+    finish(tar, vec![desc])
 }

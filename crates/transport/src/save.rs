@@ -45,7 +45,39 @@ pub fn save(
     cancel: &Cancel,
     progress: Progress<'_>,
 ) -> Result<()> {
-    if names.is_empty() {
+    let mut items: Vec<SaveItem> = Vec::new();
+    for name in names {
+        let image = store.resolve(name)?;
+        let tag = Reference::parse(name)
+            .ok()
+            .filter(|r| image.names.contains(&r.to_string()));
+        add_item(&mut items, image, tag);
+    }
+    save_items(store, files, items, dest, format, cancel, progress)
+}
+
+/// Adds `image` to `items` under `tag`: once per image, with all its tags.
+pub fn add_item(items: &mut Vec<SaveItem>, image: ImageRecord, tag: Option<Reference>) {
+    match items.iter_mut().find(|i| i.image.id == image.id) {
+        Some(item) => item.tags.extend(tag),
+        None => items.push(SaveItem {
+            image,
+            tags: tag.into_iter().collect(),
+        }),
+    }
+}
+
+/// Saves `items` (each under its tags) to `dest`.
+pub fn save_items(
+    store: &Store,
+    files: &dyn crate::ClientFiles,
+    items: Vec<SaveItem>,
+    dest: &Path,
+    format: Format,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<()> {
+    if items.is_empty() {
         return Err(TransportError::Invalid(
             "save needs at least one image".into(),
         ));
@@ -53,43 +85,70 @@ pub fn save(
     if files.exists(dest) {
         return Err(TransportError::Exists(dest.to_path_buf()));
     }
-    let mut items: Vec<SaveItem> = Vec::new();
-    for name in names {
-        let image = store.resolve(name)?;
-        let tag = Reference::parse(name)
-            .ok()
-            .filter(|r| image.names.contains(&r.to_string()));
-        match items.iter_mut().find(|i| i.image.id == image.id) {
-            Some(item) => item.tags.extend(tag),
-            None => items.push(SaveItem {
-                image,
-                tags: tag.into_iter().collect(),
-            }),
-        }
-    }
     if format == Format::Oci && items.len() > 1 {
         return Err(TransportError::Invalid(
             "an oci-archive holds one image only: save the images one by one, or use -f docker"
                 .into(),
         ));
     }
+    let records: Vec<&ImageRecord> = items.iter().map(|i| &i.image).collect();
+    write_archive(store, files, &records, dest, progress, |store, out| {
+        match format {
+            Format::Docker => docker_archive::write(store, &items, out, cancel),
+            Format::Oci => oci_archive::write(store, &items[0], out, cancel),
+        }
+        .map(|_| ())
+    })?;
+    // "Save success with image: [NAMES]" is the client's line (isula-build's client prints it).
+    Ok(())
+}
+
+/// Saves the images of a manifest list as one oci-archive whose index names the list (an
+/// OCI image index with each image's platform), as BuildKit's OCI exporter writes one.
+pub fn save_index(
+    store: &Store,
+    files: &dyn crate::ClientFiles,
+    images: &[(ImageRecord, isula_types::image::Platform)],
+    name: Option<&Reference>,
+    dest: &Path,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<()> {
+    if files.exists(dest) {
+        return Err(TransportError::Exists(dest.to_path_buf()));
+    }
+    let records: Vec<&ImageRecord> = images.iter().map(|(i, _)| i).collect();
+    write_archive(store, files, &records, dest, progress, |store, out| {
+        oci_archive::write_index(store, images, name, out, cancel).map(|_| ())
+    })
+}
+
+/// Writes an archive of `images` to `dest` with `write`: the images are leased while it
+/// runs, and the file appears complete or not at all.
+fn write_archive(
+    store: &Store,
+    files: &dyn crate::ClientFiles,
+    images: &[&ImageRecord],
+    dest: &Path,
+    progress: Progress<'_>,
+    write: impl FnOnce(&Store, &mut dyn Write) -> Result<()>,
+) -> Result<()> {
     let lease = store.lease();
-    for item in &items {
-        for b in item
-            .image
+    for image in images {
+        for b in image
             .blobs
             .iter()
-            .chain([&item.image.manifest, item.image.id.digest()])
+            .chain([&image.manifest, image.id.digest()])
         {
             lease.blob(b);
         }
-        for l in &item.image.layers {
+        for l in &image.layers {
             lease.layer(l);
         }
     }
-    // The image could have been removed between resolve and lease.
-    for item in &items {
-        store.image(&item.image.id)?;
+    // An image could have been removed between resolve and lease.
+    for image in images {
+        store.image(&image.id)?;
     }
     let dir = dest
         .parent()
@@ -106,9 +165,11 @@ pub fn save(
     let mut pending = files.create_pending(dir).map_err(|e| sys("create", e))?;
     {
         // The archive's bytes as live progress (layers uncompressed: about their sum).
-        let total: u64 = items
+        let mut seen = std::collections::HashSet::new();
+        let total: u64 = images
             .iter()
-            .flat_map(|i| &i.image.layers)
+            .flat_map(|i| &i.layers)
+            .filter(|l| seen.insert(*l))
             .filter_map(|l| store.layer(l).ok())
             .map(|l| l.size)
             .sum();
@@ -118,11 +179,8 @@ pub fn save(
             .unwrap_or_default();
         let mut reporting =
             crate::progress::Reporting::new(pending.file(), &mut *progress, &name, "Saving", total);
-        let out = BufWriter::with_capacity(1 << 20, &mut reporting);
-        let out = match format {
-            Format::Docker => docker_archive::write(store, &items, out, cancel)?,
-            Format::Oci => oci_archive::write(store, &items[0], out, cancel)?,
-        };
+        let mut out = BufWriter::with_capacity(1 << 20, &mut reporting);
+        write(store, &mut out)?;
         out.into_inner()
             .map_err(|e| TransportError::io("write", dest, e.into_error()))?;
         reporting.finish();
@@ -131,10 +189,9 @@ pub fn save(
     // here, and a caller must never get root to resolve it (a swapped parent directory
     // would put the archive wherever root can write).
     files.persist(pending, dest).map_err(|e| sys("save", e))?;
-    for item in &items {
-        copy_lines(progress, &item.image.blobs, item.image.id.digest());
+    for image in images {
+        copy_lines(progress, &image.blobs, image.id.digest());
     }
-    // "Save success with image: [NAMES]" is the client's line (isula-build's client prints it).
     Ok(())
 }
 

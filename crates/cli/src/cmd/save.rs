@@ -29,6 +29,10 @@ pub struct Args {
     /// Separated images: the directory to create for them (default ./Images)
     #[arg(short = 'd', long = "dest")]
     pub dest: Option<String>,
+    /// The platform to save (os/arch[/variant]): a manifest list's image for it, or a check
+    /// that each image is for it
+    #[arg(long = "platform")]
+    pub platform: Option<String>,
 }
 
 fn given(v: &Option<String>) -> &str {
@@ -102,6 +106,7 @@ fn request(args: &Args) -> Result<SaveRequest> {
                 enabled: true,
             }),
             progress: crate::progress::wanted(),
+            platform: String::new(),
         });
     }
     if output.is_empty() {
@@ -124,6 +129,7 @@ fn request(args: &Args) -> Result<SaveRequest> {
         format: args.format.clone(),
         sep: None,
         progress: crate::progress::wanted(),
+        platform: given(&args.platform).to_string(),
     })
 }
 
@@ -156,6 +162,7 @@ mod tests {
             lib: get("l"),
             rename: get("r"),
             dest: get("d"),
+            platform: get("platform"),
         }
     }
 

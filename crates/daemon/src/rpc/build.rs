@@ -764,23 +764,37 @@ fn check_several_platforms(
     req: &BuildRequest,
 ) -> Result<(), Status> {
     match output {
-        Output::Store | Output::Registry(..) => {}
+        Output::Store
+        | Output::Registry(..)
+        | Output::Archive {
+            format: Format::Oci,
+            ..
+        } => {}
         _ => {
             return Err(error::invalid(format!(
-                "-o {}: this output takes one image; build with one --platform for it",
+                "-o {}: this output takes one image; build with one --platform for it (oci-archive: and docker:// take several)",
                 req.output
             )))
         }
     }
-    if opts.tags.is_empty() {
+    if list_name(opts, output).is_none() {
         return Err(error::invalid(
-            "a build for several platforms needs a name for its manifest list (-t NAME or -o docker://NAME)",
+            "a build for several platforms needs a name for its manifest list (-t NAME, -o docker://NAME or -o oci-archive:PATH:NAME)",
         ));
     }
     if !req.cache_to.is_empty() {
         return Err(error::invalid("--cache-to takes a build for one platform"));
     }
     Ok(())
+}
+
+/// The name of the manifest list a build for several platforms makes: its first tag, else
+/// the name of its oci-archive.
+fn list_name(opts: &BuildOptions, output: &Output) -> Option<Reference> {
+    opts.tags.first().cloned().or_else(|| match output {
+        Output::Archive { name, .. } => name.clone(),
+        _ => None,
+    })
 }
 
 /// Everything one build needs on its blocking thread.
@@ -886,32 +900,156 @@ impl Job {
         Ok(())
     }
 
+    /// The builds of a build for several platforms, at once (up to the CPU count), their
+    /// logs in platform order. The first to fail stops the others. Returns the image IDs,
+    /// in platform order.
+    fn build_each_platform(&self, ctx: &mut Context<'_>) -> Result<Vec<String>, Status> {
+        let (store, runc, pull, remote, ssh, download) = (
+            ctx.store,
+            ctx.runc,
+            ctx.pull,
+            ctx.remote,
+            ctx.ssh,
+            ctx.download,
+        );
+        let n = self.platforms.len();
+        let log = super::ordered_log::OrderedLog::new(
+            &mut *ctx.log,
+            self.platforms.iter().map(|p| p.to_string()).collect(),
+        );
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Result<String, Status>>>> =
+            Mutex::new((0..n).map(|_| None).collect());
+        let workers = std::thread::available_parallelism()
+            .map(|w| w.get())
+            .unwrap_or(1)
+            .min(n);
+        let worker = || loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            let Some(p) = self.platforms.get(i) else {
+                break;
+            };
+            let result = if self.cancel.load(Ordering::SeqCst) {
+                Err(Status::cancelled("build cancelled"))
+            } else {
+                let mut line = |l: String| log.line(i, l);
+                line(format!("Building for {p}\n"));
+                let mut pctx = Context {
+                    store,
+                    runc,
+                    cancel: self.cancel.clone(),
+                    log: &mut line,
+                    pull,
+                    remote,
+                    ssh,
+                    download,
+                };
+                let opts = BuildOptions {
+                    platform: Some(p.clone()),
+                    tags: Vec::new(),
+                    work_dir: self.opts.work_dir.join(format!("platform-{i}")),
+                    ..self.opts.clone()
+                };
+                let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    build(&mut pctx, &opts)
+                }));
+                match built {
+                    Ok(Ok(b)) => Ok(b.id.hex().to_string()),
+                    Ok(Err(isula_builder_core::BuildError::Cancelled)) => {
+                        Err(Status::cancelled("build cancelled"))
+                    }
+                    Ok(Err(e)) => Err(error::status(e.kind(), format!("building for {p}: {e}"))),
+                    Err(_) => Err(Status::internal(format!(
+                        "building for {p}: internal error: the build stopped unexpectedly"
+                    ))),
+                }
+            };
+            if result.is_err() {
+                // One platform failed: the list cannot be made, so the others stop.
+                self.cancel.store(true, Ordering::SeqCst);
+            }
+            log.finish(i);
+            results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(result);
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers).map(|_| scope.spawn(worker)).collect();
+            for h in handles {
+                let _ = h.join();
+            }
+        });
+        let _ = std::fs::remove_dir(&self.opts.work_dir);
+        let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut ids = Vec::new();
+        let mut cancelled = None;
+        for r in results {
+            match r {
+                Some(Ok(id)) => ids.push(id),
+                // The one that failed, not those it stopped.
+                Some(Err(e)) if e.code() == tonic::Code::Cancelled => {
+                    cancelled.get_or_insert(e);
+                }
+                Some(Err(e)) => return Err(e),
+                None => {
+                    cancelled.get_or_insert(Status::cancelled("build cancelled"));
+                }
+            }
+        }
+        match cancelled {
+            Some(e) => Err(e),
+            None => Ok(ids),
+        }
+    }
+
     /// One build per platform (untagged), then the manifest list under the tag, pushed
     /// with `-o docker://`. Returns the list's ID.
     fn build_platforms(&self, ctx: &mut Context<'_>) -> Result<String, Status> {
-        let name = self.opts.tags[0].to_string();
-        let mut ids = Vec::new();
-        for p in &self.platforms {
-            self.tx.send(format!("Building for {p}\n"));
-            let opts = BuildOptions {
-                platform: Some(p.clone()),
-                tags: Vec::new(),
-                ..self.opts.clone()
-            };
-            let built = build(ctx, &opts)
-                .map_err(|e| error::status(e.kind(), format!("building for {p}: {e}")))?;
-            ids.push(built.id.hex().to_string());
-        }
+        let list_ref = list_name(&self.opts, &self.output)
+            .ok_or_else(|| error::invalid("a build for several platforms needs a name"))?;
+        let name = list_ref.to_string();
+        let ids = self.build_each_platform(ctx)?;
         let list = self
             .state
             .lists
-            .replace(&self.state.store, &name, &ids)
+            .replace(&self.state.store, &name, &ids, self.opts.oci)
             .map_err(crate::rpc::registry::status)?;
         self.tx.send(format!(
-            "Manifest list {name} of {} images: {}\n",
+            "Manifest list {} of {} images: {}\n",
+            list_ref.familiar(),
             ids.len(),
             list.hex()
         ));
+        if let Output::Archive {
+            path, name: saved, ..
+        } = &self.output
+        {
+            let members = self
+                .state
+                .lists
+                .members(&name)
+                .map_err(crate::rpc::registry::status)?;
+            let mut images = Vec::new();
+            for m in members {
+                let rec = self
+                    .state
+                    .store
+                    .image(&m.image)
+                    .map_err(|e| error::status(e.kind(), e.to_string()))?;
+                images.push((rec, m.platform));
+            }
+            let tx = self.tx.clone();
+            save::save_index(
+                &self.state.store,
+                self.files.as_ref(),
+                &images,
+                Some(saved.as_ref().unwrap_or(&list_ref)),
+                path,
+                &isula_transport::Cancel::from_flag(self.cancel.clone()),
+                &mut |l| {
+                    tx.send(l);
+                },
+            )
+            .map_err(error::transport)?;
+        }
         if let Output::Registry(dest, _) = &self.output {
             let tx = self.tx.clone();
             self.state

@@ -21,16 +21,19 @@ fn created(img: &ImageRecord) -> String {
         .unwrap_or_else(|| "<unknown>".into())
 }
 
-/// The image's os/arch[/variant], from its config ("" if it cannot be read).
-fn platform(state: &State, img: &ImageRecord) -> String {
-    let Ok(raw) = state
+/// The image's config, if it can be read.
+pub(crate) fn config(state: &State, img: &ImageRecord) -> Option<isula_types::image::ImageConfig> {
+    let raw = state
         .store
         .content()
         .read_small(img.id.digest(), isula_types::limits::MANIFEST_MAX)
-    else {
-        return String::new();
-    };
-    let Ok(c) = serde_json::from_slice::<isula_types::image::ImageConfig>(&raw) else {
+        .ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+/// The image's os/arch[/variant], from its config ("" if it cannot be read).
+pub(crate) fn platform(state: &State, img: &ImageRecord) -> String {
+    let Some(c) = config(state, img) else {
         return String::new();
     };
     match c.variant.as_deref().filter(|v| !v.is_empty()) {

@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod list;
 pub mod load;
 pub mod manifest;
+mod ordered_log;
 pub mod registry;
 pub mod remove;
 pub mod save;

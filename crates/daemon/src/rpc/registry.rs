@@ -78,6 +78,18 @@ pub fn resolve_or_pull(
     if let Some(id) = find_local(state, name) {
         return Ok(id);
     }
+    // A local manifest list (a build for several platforms made it): its entry for the
+    // stage's platform.
+    match state.lists.image_for(name, platform) {
+        Ok(Some(id)) => return Ok(id),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(isula_builder_core::PullFailure {
+                kind: e.kind(),
+                message: e.to_string(),
+            })
+        }
+    }
     // Builds that need the same missing image wait for one pull instead of each pulling.
     let gate_key = format!("{name} {platform}");
     let gate = {

@@ -21,11 +21,21 @@ pub fn remove(
                 "image names cannot be given with --all or --prune",
             ));
         }
+        // `-p` keeps the untagged images a manifest list names (a build for several
+        // platforms makes them so); `-a` removes the lists too.
+        let listed = if req.all {
+            Default::default()
+        } else {
+            state
+                .lists
+                .named_images()
+                .map_err(crate::rpc::registry::status)?
+        };
         state
             .store
             .images()
             .into_iter()
-            .filter(|i| req.all || i.names.is_empty())
+            .filter(|i| req.all || (i.names.is_empty() && !listed.contains(&i.id)))
             .map(|i| i.id.hex().to_string())
             .collect()
     } else if req.image_id.is_empty() {
@@ -37,19 +47,19 @@ pub fn remove(
     };
     // The lines are isula-build's, without a newline: its client adds one to each.
     let mut failed = false;
+    if req.all {
+        for name in state.lists.names().map_err(crate::rpc::registry::status)? {
+            failed |= !remove_list(state, &name, false, out);
+        }
+    }
     for name in &targets {
-        match state.store.remove(name) {
-            Ok(events) => {
-                for e in events {
-                    out(match e {
-                        RemoveEvent::Untagged(n) => format!("Untagged image: {n}"),
-                        RemoveEvent::DeletedLayer(c) => {
-                            format!("Deleted layer: sha256:{}", c.hex())
-                        }
-                        RemoveEvent::Deleted { name, .. } => format!("Deleted image: {name}"),
-                    });
-                }
-            }
+        let removed = state.store.remove(name);
+        if matches!(removed, Err(StoreError::ImageNotFound(_))) && state.lists.exists(name) {
+            failed |= !remove_list(state, name, true, out);
+            continue;
+        }
+        match removed {
+            Ok(events) => report(events, out),
             Err(e) => {
                 failed = true;
                 out(match e {
@@ -70,4 +80,59 @@ pub fn remove(
         ));
     }
     Ok(())
+}
+
+fn report(events: Vec<RemoveEvent>, out: &mut dyn FnMut(String)) {
+    for e in events {
+        out(match e {
+            RemoveEvent::Untagged(n) => format!("Untagged image: {n}"),
+            RemoveEvent::DeletedLayer(c) => format!("Deleted layer: sha256:{}", c.hex()),
+            RemoveEvent::Deleted { name, .. } => format!("Deleted image: {name}"),
+        });
+    }
+}
+
+/// Removes the manifest list `name`; with `images`, also the images it named that have no
+/// name of their own and no other list names. Returns whether all went well.
+fn remove_list(state: &State, name: &str, images: bool, out: &mut dyn FnMut(String)) -> bool {
+    let members = match state.lists.remove(name) {
+        Ok(m) => m,
+        Err(e) => {
+            out(format!("Remove manifest list {name:?} failed: {e}"));
+            return false;
+        }
+    };
+    out(format!("Deleted manifest list: {name}"));
+    if !images {
+        return true;
+    }
+    let listed = match state.lists.named_images() {
+        Ok(l) => l,
+        Err(e) => {
+            out(format!(
+                "Remove the images of manifest list {name:?} failed: {e}"
+            ));
+            return false;
+        }
+    };
+    let mut ok = true;
+    for id in members {
+        let unnamed = state
+            .store
+            .image(&id)
+            .is_ok_and(|i| i.names.is_empty() && !listed.contains(&i.id));
+        if !unnamed {
+            continue;
+        }
+        match state.store.remove(id.hex()) {
+            Ok(events) => report(events, out),
+            // Removed meanwhile by someone else: nothing left to do.
+            Err(StoreError::ImageNotFound(_)) => {}
+            Err(e) => {
+                ok = false;
+                out(format!("Remove image {:?} failed: {e}", id.hex()));
+            }
+        }
+    }
+    ok
 }
