@@ -3,9 +3,11 @@
 # (about half compressible: ~230 MB gzipped), builds, printing
 # seconds and the daemon's peak RSS for each step, so later work can be compared.
 #   scripts/bench.sh            (needs root; MB=... FILES=... to change the size,
-#                               ROUNDS=... for the cache rounds, ONLY=cache for those alone)
+#                               ROUNDS=... for the rounds, ONLY=main|cache|peers for one part:
+#                               peers = each workload beside buildah and BuildKit, interleaved)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+only() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
 files="${FILES:-20000}"
 mb="${MB:-400}"
 cargo build --release --bins >/dev/null 2>&1
@@ -52,7 +54,8 @@ if command -v docker-registry >/dev/null 2>&1; then
     for _ in $(seq 100); do curl -sf "http://$reg_host/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-"$bin/isula-builder" --dataroot "$work/data" --runroot "$work/run" --host "$sock" \
+# ISULA_BUILD_PHASES=1: the daemon logs its timed phases; each step below prints their sums.
+ISULA_BUILD_PHASES=1 "$bin/isula-builder" --dataroot "$work/data" --runroot "$work/run" --host "$sock" \
     --config-dir "$work/etc" 2>"$work/daemon.log" &
 daemon=$!
 export ISULABUILD_HOST="$sock"
@@ -61,11 +64,25 @@ for _ in $(seq 100); do "$bin/isula-build" version >/dev/null 2>&1 && break; sle
 sync
 printf '%-28s %10s %12s %14s\n' "step" "seconds" "daemon CPU s" "peak RSS (MB)"
 cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$daemon/stat"; }
+# The phases the daemon logged after line $1 of its log: seconds (and MB) summed per phase.
+phases() {
+    tail -n +"$(($1 + 1))" "$work/daemon.log" | grep 'isula_phase' | sed 's/\x1b\[[0-9;]*m//g' | awk '
+        match($0, /phase="[^"]*"/) { p = substr($0, RSTART + 7, RLENGTH - 8)
+            match($0, /ms=[0-9.]+/); ms = substr($0, RSTART + 3, RLENGTH - 3)
+            match($0, /bytes=[0-9]+/); b = substr($0, RSTART + 6, RLENGTH - 6)
+            if (!(p in t)) order[++n] = p
+            t[p] += ms; by[p] += b; c[p]++ }
+        END { for (i = 1; i <= n; i++) { p = order[i]
+            printf "    %-52s %8.2f s %6d x", p, t[p] / 1000, c[p]
+            if (by[p] > 0) printf " %9.1f MB", by[p] / 1048576
+            printf "\n" } }'
+}
 step() {
     local name="$1"; shift
     sync                                  # earlier steps' writeback must not bill this one
     echo 5 > "/proc/$daemon/clear_refs"   # reset the peak RSS
-    local t0 t1 c0 c1 hwm
+    local t0 t1 c0 c1 hwm lines
+    lines=$(wc -l < "$work/daemon.log")
     c0=$(cpu)
     t0=$(date +%s.%N)
     "$bin/isula-build" "$@" >/dev/null
@@ -74,10 +91,12 @@ step() {
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
     awk -v n="$name" -v a="$t0" -v b="$t1" -v c="$c0" -v d="$c1" -v h="$hwm" \
         'BEGIN { printf "%-28s %10.2f %12.2f %14.1f\n", n, b - a, d - c, h / 1024 }'
+    [ -n "${PHASES:-1}" ] && phases "$lines"
+    return 0
 }
 size=$(du -m "$work/rootfs.tar" | cut -f1)
 echo "# image: $files files, ${size} MB tar"
-if [ "${ONLY:-}" != cache ]; then
+if only main; then
 step "import (tar)" ctr-img import "$work/rootfs.tar" bench:1
 if [ -n "$reg_host" ]; then
     # Right after the import, the push waits for the layer's gzip, which the daemon makes in
@@ -114,7 +133,7 @@ printf 'FROM busybox:bench\nCOPY . /app/\n' > "$work/ctx-copy/Dockerfile"
 printf 'FROM busybox:bench\nRUN dd if=/dev/urandom of=/big bs=1M count=150 2>/dev/null\n' > "$work/ctx-run/Dockerfile"
 echo "This is bar file" > "$work/ctx-small/bar.txt"
 printf 'FROM busybox:bench\nLABEL foo=bar\nCOPY ./* /home/dir1/\n' > "$work/ctx-small/Dockerfile"
-if [ "${ONLY:-}" != cache ]; then
+if only main; then
 step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
 step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
@@ -140,6 +159,144 @@ median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ a[NR] = $1 } END { pr
 spread() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
 row() { printf '%-34s %8.2f   (%s)\n' "$1" "$(median "${T[$1]}")" "$(spread "${T[$1]}")"; }
 ratio() { awk -v a="$(median "${T[$1]}")" -v b="$(median "${T[$2]}")" -v n="$3" 'BEGIN { printf "%-34s %8.2f\n", n, a / b }'; }
+# Each workload beside the peers installed here (buildah; Docker with BuildKit), in ROUNDS
+# interleaved rounds (the order of the tools rotates each round): medians with the spread,
+# and ours divided by the best peer. Every tool starts from the same state each time.
+if only peers; then
+    peer_docker=""
+    if [ -x /usr/bin/docker ] && docker info >/dev/null 2>&1; then peer_docker=1; fi
+    peer_buildah=""
+    command -v buildah >/dev/null 2>&1 && peer_buildah=1
+    bah=(buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver overlay)
+    dk() { DOCKER_BUILDKIT=1 /usr/bin/docker "$@"; }
+    "$bin/isula-build" ctr-img rm -a >/dev/null 2>&1 || true
+    "$bin/isula-build" ctr-img import "$work/base.tar" busybox:bench >/dev/null
+    "$bin/isula-build" ctr-img import "$work/rootfs.tar" bench:1 >/dev/null
+    "$bin/isula-build" ctr-img save busybox:bench -o "$work/peer-base.tar" >/dev/null
+    "$bin/isula-build" ctr-img save bench:1 -o "$work/peer-image.tar" >/dev/null
+    if [ -n "$peer_buildah" ]; then
+        "${bah[@]}" pull -q "docker-archive:$work/peer-base.tar" >/dev/null
+        "${bah[@]}" tag "$("${bah[@]}" images -q | head -1)" localhost/busybox:bench >/dev/null 2>&1 || true
+        for c in copy run; do
+            sed 's|^FROM busybox:bench|FROM localhost/busybox:bench|' "$work/ctx-$c/Dockerfile" > "$work/Dockerfile.buildah-$c"
+        done
+    fi
+    if [ -n "$peer_docker" ]; then
+        dk load -i "$work/peer-base.tar" >/dev/null
+    fi
+    # One workload: ours, then each peer, as named commands; "prep" commands reset state
+    # untimed before each.
+    workload() {
+        local w="$1" r="$2"
+        local tools=(ours)
+        [ -n "$peer_buildah" ] && tools+=(buildah)
+        [ -n "$peer_docker" ] && tools+=(docker)
+        local n=${#tools[@]} i
+        for ((i = 0; i < n; i++)); do
+            local t=${tools[$(((i + r) % n))]}
+            "prep_$w" "$t"
+            sync
+            timed "$w: $t" "run_$w" "$t"
+        done
+    }
+    prep_copy() { :; }
+    run_copy() {
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img build --no-cache "$work/ctx-copy" ;;
+        buildah) "${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-copy" -t bench-copy "$work/ctx-copy" ;;
+        docker) dk build --no-cache --network host -q -t isula-bench-copy:1 "$work/ctx-copy" ;;
+        esac
+    }
+    prep_run() { :; }
+    run_run() {
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img build --no-cache "$work/ctx-run" ;;
+        buildah) "${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-run" -t bench-run "$work/ctx-run" ;;
+        docker) dk build --no-cache --network host -q -t isula-bench-run:1 "$work/ctx-run" ;;
+        esac
+    }
+    prep_load() {
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img rm bench:1 >/dev/null 2>&1 || true ;;
+        buildah) "${bah[@]}" rmi -f localhost/bench:1 docker.io/library/bench:1 >/dev/null 2>&1 || true ;;
+        docker) dk rmi -f bench:1 >/dev/null 2>&1 || true ;;
+        esac
+    }
+    run_load() {
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img load -i "$work/peer-image.tar" ;;
+        buildah) "${bah[@]}" pull -q "docker-archive:$work/peer-image.tar" ;;
+        docker) dk load -i "$work/peer-image.tar" ;;
+        esac
+    }
+    prep_save() { rm -f "$work/peer-save.tar"; }
+    run_save() {
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img save bench:1 -o "$work/peer-save.tar" ;;
+        buildah) "${bah[@]}" push -q bench:1 "docker-archive:$work/peer-save.tar:bench:1" ;;
+        docker) dk save -o "$work/peer-save.tar" bench:1 ;;
+        esac
+    }
+    prep_push() { rm -rf "${work:?}/registry/"*; }
+    run_push() {
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img push "$reg_host/bench:1" ;;
+        buildah) "${bah[@]}" push -q --tls-verify=false bench:1 "docker://$reg_host/bench:1" ;;
+        docker) dk push "$reg_host/bench:1" ;;
+        esac
+    }
+    prep_pull() {
+        prep_load "$1"
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img rm "$reg_host/bench:1" >/dev/null 2>&1 || true ;;
+        buildah) "${bah[@]}" rmi -f "$reg_host/bench:1" >/dev/null 2>&1 || true ;;
+        docker) dk rmi -f "$reg_host/bench:1" >/dev/null 2>&1 || true ;;
+        esac
+    }
+    run_pull() {
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img pull "$reg_host/bench:1" ;;
+        buildah) "${bah[@]}" pull -q --tls-verify=false "docker://$reg_host/bench:1" ;;
+        docker) dk pull -q "$reg_host/bench:1" ;;
+        esac
+    }
+    loads=(copy run load save)
+    [ -n "$reg_host" ] && loads+=(push pull)
+    # Every tool holds bench:1 (and its registry name) for save and push.
+    run_load buildah >/dev/null 2>&1 || true
+    [ -n "$peer_docker" ] && run_load docker >/dev/null 2>&1
+    if [ -n "$reg_host" ]; then
+        "$bin/isula-build" ctr-img tag bench:1 "$reg_host/bench:1" >/dev/null
+        [ -n "$peer_docker" ] && dk tag bench:1 "$reg_host/bench:1"
+    fi
+    for r in $(seq "$rounds"); do
+        for w in "${loads[@]}"; do
+            # The registry copy that pull reads is pushed (untimed) by ours.
+            if [ "$w" = pull ]; then prep_push ours; run_push ours >/dev/null 2>&1; fi
+            workload "$w" "$r"
+            # pull removed bench:1: every tool gets it back for the next round.
+            if [ "$w" = pull ]; then
+                for t in ours buildah docker; do
+                    case "$t" in buildah) [ -n "$peer_buildah" ] || continue ;; docker) [ -n "$peer_docker" ] || continue ;; esac
+                    prep_load "$t"; run_load "$t" >/dev/null 2>&1 || true
+                done
+                "$bin/isula-build" ctr-img tag bench:1 "$reg_host/bench:1" >/dev/null
+                [ -n "$peer_docker" ] && dk tag bench:1 "$reg_host/bench:1"
+            fi
+        done
+    done
+    echo "# ours beside the peers: $rounds interleaved rounds, median seconds (spread); ours / best peer"
+    printf '%-12s %18s %18s %18s %10s\n' workload ours buildah docker "ours/best"
+    for w in "${loads[@]}"; do
+        cell() { if [ -n "${T[$w: $1]:-}" ]; then printf '%6.2f (%s)' "$(median "${T[$w: $1]}")" "$(spread "${T[$w: $1]}")"; else printf '%18s' -; fi; }
+        best=$(for t in buildah docker; do [ -n "${T[$w: $t]:-}" ] && median "${T[$w: $t]}"; done | sort -n | head -1)
+        ours=$(median "${T[$w: ours]}")
+        printf '%-12s %18s %18s %18s %10s\n' "$w" "$(cell ours)" "$(cell buildah)" "$(cell docker)" \
+            "$([ -n "$best" ] && awk -v a="$ours" -v b="$best" 'BEGIN { printf "%.2f", a / b }' || echo -)"
+    done
+fi  # peers
+
+if only cache; then
 bk=""
 if [ -x /usr/bin/docker ] && docker info >/dev/null 2>&1; then
     bk=1
@@ -219,7 +376,9 @@ if [ -n "$reg_host" ]; then
     awk -v h="$hwm2" 'BEGIN { printf "%-34s %8.1f MB\n", "peak second daemon RSS", h / 1024 }'
 fi
 
-if [ "${ONLY:-}" != cache ]; then
+fi  # cache
+
+if only main; then
 # 100 builds at once (the manual's limit), each with a RUN.
 for i in $(seq 1 100); do
     mkdir -p "$work/many/$i"

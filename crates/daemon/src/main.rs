@@ -14,8 +14,14 @@ use clap::{CommandFactory, Parser};
 use config::{Command, Flags, Settings};
 
 fn init_logging(level: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::new(format!("{level},h2=warn,tower=warn,hyper=warn"));
+    // ISULA_BUILD_PHASES=1 adds the timed phases of each operation (isula_store::phase).
+    let phases = match std::env::var("ISULA_BUILD_PHASES").as_deref() {
+        Ok("1") => ",isula_phase=debug",
+        _ => "",
+    };
+    let filter = tracing_subscriber::EnvFilter::new(format!(
+        "{level},h2=warn,tower=warn,hyper=warn{phases}"
+    ));
     // Colour only for a terminal: a journal or a file gets plain lines.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

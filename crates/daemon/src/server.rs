@@ -140,13 +140,14 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     let listener = bind(&socket, &settings.group)?;
     write_public_key(&settings.config_dir, key.public_pem())?;
     let state = State::new(settings, store, key);
-    // Gzips committed layers in the background, for pushes.
+    // Gzips committed layers in the background, for pushes: only while no operation runs,
+    // at the lowest CPU priority.
     let compressor = {
         let state = state.clone();
         std::thread::Builder::new()
             .name("compressor".into())
             .spawn(move || {
-                isula_sys::priority::lower_current_thread(10);
+                isula_sys::priority::lower_current_thread(19);
                 state.store.run_compressor()
             })
             .context("starting the compressor thread")?

@@ -471,6 +471,7 @@ fn pull_leased(
     let first_error: Mutex<Option<RegistryError>> = Mutex::new(None);
     let sizes_out = Mutex::new(sizes);
     let meters: Vec<Arc<AtomicU64>> = manifest.layers.iter().map(|_| Arc::default()).collect();
+    let phase = isula_store::phase::Phase::start("pull: download, store and unpack the layers");
     std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         for _ in 0..PARALLEL.min(manifest.layers.len()) {
@@ -536,6 +537,7 @@ fn pull_leased(
         }
         report(progress);
     });
+    drop(phase);
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }

@@ -502,6 +502,7 @@ pub fn push_image(
         blobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let failed = std::sync::atomic::AtomicBool::new(false);
     let meters: Vec<Arc<AtomicU64>> = blobs.iter().map(|_| Arc::default()).collect();
+    let phase = isula_store::phase::Phase::start("push: the blobs (gzip if not made, upload)");
     std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         for _ in 0..crate::pull::PARALLEL.min(blobs.len()) {
@@ -553,6 +554,7 @@ pub fn push_image(
         }
         report(progress);
     });
+    drop(phase);
     for (b, outcome) in blobs.iter().zip(outcomes) {
         match outcome.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(Ok(Sent::Exists)) => {

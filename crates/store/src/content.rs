@@ -201,6 +201,8 @@ impl BlobWriter {
                 }
             }
         }
+        let mut phase = crate::phase::Phase::start("blob fsync");
+        phase.add_bytes(self.size);
         let file = self.file.take();
         if let Some(f) = &file {
             f.sync_all()

@@ -29,6 +29,7 @@ pub mod error;
 pub mod failpoint;
 pub mod metadata;
 pub mod pgzip;
+pub mod phase;
 pub mod squash;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
@@ -73,6 +74,7 @@ pub struct Store {
     content: ContentStore,
     meta: Mutex<Metadata>,
     leases: Arc<Mutex<LeaseTable>>,
+    activity: Arc<Activity>,
     compressor: Compressor,
     cache: cache::Cache,
     _lock: isula_sys::FileLock,
@@ -90,16 +92,28 @@ struct Compressor {
     stopping: std::sync::atomic::AtomicBool,
 }
 
-/// Reads until the compressor is told to stop.
+/// How long the store must have had no operation before the background compressor
+/// starts on a layer: the user's next command right after a commit is not slowed by it.
+const QUIET_BEFORE_COMPRESSING: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads until the compressor is told to stop, or (background work) until an operation
+/// starts, which the compressor then leaves the machine to.
 struct StopReader<'a> {
     inner: fs::File,
     stop: &'a std::sync::atomic::AtomicBool,
+    yield_to: Option<(&'a Activity, &'a std::cell::Cell<bool>)>,
 }
 
 impl std::io::Read for StopReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(std::io::Error::other("the store is shutting down"));
+        }
+        if let Some((activity, yielded)) = self.yield_to {
+            if activity.busy() {
+                yielded.set(true);
+                return Err(std::io::Error::other("an operation started"));
+            }
         }
         self.inner.read(buf)
     }
@@ -111,10 +125,38 @@ struct LeaseTable {
     held: HashMap<u64, HashSet<String>>,
 }
 
+/// Whether operations are running on the store (each holds a lease while it runs), and
+/// since when none has.
+struct Activity {
+    active: std::sync::atomic::AtomicUsize,
+    quiet_since: Mutex<std::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            active: Default::default(),
+            quiet_since: Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    /// How long no operation has run (none: one runs now).
+    fn quiet_for(&self) -> Option<std::time::Duration> {
+        let since = self.quiet_since.lock().unwrap_or_else(|p| p.into_inner());
+        (!self.busy()).then(|| since.elapsed())
+    }
+}
+
 /// Protects blobs and layers that an operation has written but no image names yet.
 pub struct Lease {
     id: u64,
     table: Arc<Mutex<LeaseTable>>,
+    /// The operations counter this lease counts in (none: the background compressor's).
+    activity: Option<Arc<Activity>>,
 }
 
 impl Lease {
@@ -156,6 +198,12 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Ok(mut t) = self.table.lock() {
             t.held.remove(&self.id);
+        }
+        if let Some(a) = &self.activity {
+            let mut since = a.quiet_since.lock().unwrap_or_else(|p| p.into_inner());
+            if a.active.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                *since = std::time::Instant::now();
+            }
         }
     }
 }
@@ -227,6 +275,7 @@ impl Store {
             content,
             meta: Mutex::new(meta),
             leases: Arc::default(),
+            activity: Arc::new(Activity::new()),
             compressor: Compressor::default(),
             cache,
             _lock: lock,
@@ -364,11 +413,22 @@ impl Store {
     }
 
     pub fn lease(&self) -> Lease {
+        self.activity
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut lease = self.background_lease();
+        lease.activity = Some(self.activity.clone());
+        lease
+    }
+
+    /// A lease that does not count as an operation (the background compressor's).
+    fn background_lease(&self) -> Lease {
         let mut t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         t.next += 1;
         Lease {
             id: t.next,
             table: self.leases.clone(),
+            activity: None,
         }
     }
 
@@ -415,6 +475,7 @@ impl Store {
         if dest.join("diff").is_dir() {
             return Ok(()); // staged is dropped and removed
         }
+        let _phase = phase::Phase::start("layer commit");
         let work = staged.dir.join("work");
         if work.exists() {
             isula_sys::rooted::remove_tree(&work)?;
@@ -511,7 +572,9 @@ impl Store {
             busy.insert(blob.clone());
             break;
         }
-        let result = self.compress_now(blob, lease);
+        let phase = phase::Phase::start("gzip (for a push)");
+        let result = self.compress_now(blob, lease, None);
+        drop(phase);
         c.busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -520,11 +583,19 @@ impl Store {
         result
     }
 
-    fn compress_now(&self, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
+    /// Gzips `blob`; with `yielded`, as background work that stops (setting it) when an
+    /// operation starts.
+    fn compress_now(
+        &self,
+        blob: &Digest,
+        lease: &Lease,
+        yielded: Option<&std::cell::Cell<bool>>,
+    ) -> Result<(Digest, u64)> {
         let path = self.content.path(blob);
         let mut src = StopReader {
             inner: self.content.open(blob)?,
             stop: &self.compressor.stopping,
+            yield_to: yielded.map(|y| (&*self.activity, y)),
         };
         // A blob stored compressed some other way (a pulled zstd layer) is gzipped from its
         // tar, for registries and formats that take only gzip.
@@ -558,7 +629,10 @@ impl Store {
         c.wake.notify_one();
     }
 
-    /// Runs the background compressor until `stop_compressor` (the daemon gives it a thread).
+    /// Runs the background compressor until `stop_compressor` (the daemon gives it a thread,
+    /// at a low priority). It works only while no operation runs: it starts on a layer once
+    /// the store has been quiet for a while, and an operation that starts meanwhile stops
+    /// it (the layer waits for the next quiet spell; a push that needs it makes it then).
     pub fn run_compressor(&self) {
         use std::sync::atomic::Ordering;
         let c = &self.compressor;
@@ -569,25 +643,51 @@ impl Store {
                     if c.stopping.load(Ordering::SeqCst) {
                         return;
                     }
-                    if let Some(d) = q.pop_front() {
-                        break d;
-                    }
-                    q = c.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                    let wait = match (q.is_empty(), self.activity.quiet_for()) {
+                        (true, _) => None,
+                        (false, Some(quiet)) if quiet >= QUIET_BEFORE_COMPRESSING => {
+                            if let Some(d) = q.pop_front() {
+                                break d;
+                            }
+                            None
+                        }
+                        (false, Some(quiet)) => Some(QUIET_BEFORE_COMPRESSING - quiet),
+                        (false, None) => Some(std::time::Duration::from_millis(200)),
+                    };
+                    q = match wait {
+                        None => c.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
+                        Some(d) => {
+                            c.wake
+                                .wait_timeout(q, d)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0
+                        }
+                    };
                 }
             };
-            let lease = self.lease();
+            let lease = self.background_lease();
             lease.blob(&next);
             if !self.content.contains(&next) || self.compressed(&next).is_some() {
                 continue;
             }
-            match self.gzip_blob(&next, &lease) {
-                Ok((gz, size)) => {
+            let yielded = std::cell::Cell::new(false);
+            match self.gzip_in_background(&next, &lease, &yielded) {
+                Some(Ok((gz, size))) => {
                     tracing::debug!(blob = %next, gzip = %gz, size, "layer compressed")
                 }
-                Err(e) if c.stopping.load(Ordering::SeqCst) => {
+                // Made meanwhile by a push that needed it.
+                None => {}
+                Some(Err(_)) if yielded.get() => {
+                    tracing::debug!(blob = %next, "compression left for a quiet spell");
+                    c.queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push_front(next.clone());
+                }
+                Some(Err(e)) if c.stopping.load(Ordering::SeqCst) => {
                     tracing::debug!(blob = %next, error = %e, "compression stopped")
                 }
-                Err(e) => tracing::warn!(blob = %next, error = %e, "compressing a layer"),
+                Some(Err(e)) => tracing::warn!(blob = %next, error = %e, "compressing a layer"),
             }
             drop(lease);
             // The image may have been removed meanwhile (and no operation holds the layer):
@@ -598,12 +698,37 @@ impl Store {
                 let key = format!("blob:{}", next.hex());
                 t.held.values().any(|h| h.contains(&key))
             };
-            if !referenced && !leased {
+            if !referenced && !leased && !yielded.get() {
                 if let Err(e) = self.gc() {
                     tracing::warn!(error = %e, "collecting after compression");
                 }
             }
         }
+    }
+
+    /// [`Store::gzip_blob`] as background work: none if a push is making it right now.
+    fn gzip_in_background(
+        &self,
+        blob: &Digest,
+        lease: &Lease,
+        yielded: &std::cell::Cell<bool>,
+    ) -> Option<Result<(Digest, u64)>> {
+        let c = &self.compressor;
+        if !c
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(blob.clone())
+        {
+            return None;
+        }
+        let result = self.compress_now(blob, lease, Some(yielded));
+        c.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(blob);
+        c.done.notify_all();
+        Some(result)
     }
 
     /// Stops the background compressor (an unfinished gzip is discarded).

@@ -175,23 +175,62 @@ fn reopen_sweeps_and_keeps_images() {
     assert!(problems[0].contains(blob.as_str()) && problems[0].contains("digest mismatch"));
 }
 
+/// Records an image named `name` whose one layer blob is `data` (no layer directory: the
+/// compressor needs the blob alone).
+fn add_blob_image(store: &Store, name: &str, data: &[u8]) -> (ImageId, isula_types::Digest) {
+    let lease = store.lease();
+    let blob = lease.put_blob(store.content(), data).expect("put");
+    let config = lease
+        .put_blob(store.content(), format!("config {name}").as_bytes())
+        .expect("config");
+    let manifest = lease
+        .put_blob(store.content(), format!("manifest {name}").as_bytes())
+        .expect("manifest");
+    let id = ImageId(config);
+    store
+        .add_image(NewImage {
+            id: id.clone(),
+            manifest,
+            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            blobs: vec![blob.clone()],
+            layers: Vec::new(),
+            created: None,
+            names: vec![Reference::parse(name).expect("ref")],
+        })
+        .expect("add");
+    (id, blob)
+}
+
+fn wait_compressed(store: &Store, blob: &isula_types::Digest) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.compressed(blob).is_none() {
+        assert!(std::time::Instant::now() < deadline, "never compressed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
-fn background_compressor_makes_one_gzip_and_collects_it_with_its_layer() {
+fn background_compressor_waits_for_quiet_makes_one_gzip_and_collects_it_with_its_layer() {
     let dir = tempfile::tempdir().expect("tmp");
     let (store, _) = Store::open(dir.path()).expect("open");
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 97) as u8).collect();
-    let lease = store.lease();
-    let blob = lease.put_blob(store.content(), &data).expect("put");
+    let (_, blob) = add_blob_image(&store, "a:1", &data);
     std::thread::scope(|s| {
         let worker = s.spawn(|| store.run_compressor());
+        // While an operation runs, the compressor leaves the machine to it.
+        let op = store.lease();
         store.queue_compression(&blob);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while store.compressed(&blob).is_none() {
-            assert!(std::time::Instant::now() < deadline, "never compressed");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        // Asking again waits for or reuses that one: no second gzip.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        assert!(
+            store.compressed(&blob).is_none(),
+            "compressed during an operation"
+        );
+        drop(op);
+        wait_compressed(&store, &blob);
+        // Asking again reuses that one: no second gzip.
+        let lease = store.lease();
         let (gz, size) = store.gzip_blob(&blob, &lease).expect("gzip");
+        drop(lease);
         assert_eq!(store.compressed(&blob).map(|c| c.digest), Some(gz.clone()));
         assert_eq!(store.content().size(&gz).expect("size"), size);
         let mut back = Vec::new();
@@ -204,9 +243,57 @@ fn background_compressor_makes_one_gzip_and_collects_it_with_its_layer() {
         store.stop_compressor();
         worker.join().expect("compressor thread");
         // Once nothing holds the layer, both go.
-        drop(lease);
+        store.remove("a:1").expect("rm");
         store.gc().expect("gc");
         assert!(!store.content().contains(&blob) && !store.content().contains(&gz));
         assert!(store.compressed(&blob).is_none());
+    });
+}
+
+#[test]
+fn background_compression_stops_when_an_operation_starts_and_resumes_after() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    // 96 MB that gzip cannot shrink much: long enough to be caught half way.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..96 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let (_, blob) = add_blob_image(&store, "big:1", &data);
+    drop(data);
+    let ingest = dir.path().join("ingest");
+    let writing = || std::fs::read_dir(&ingest).is_ok_and(|mut d| d.next().is_some());
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| store.run_compressor());
+        store.queue_compression(&blob);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !writing() {
+            assert!(std::time::Instant::now() < deadline, "never started");
+            assert!(
+                store.compressed(&blob).is_none(),
+                "finished before it was caught"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let op = store.lease();
+        // It stops, and what it wrote so far goes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while writing() {
+            assert!(std::time::Instant::now() < deadline, "it did not stop");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            store.compressed(&blob).is_none(),
+            "it finished with an operation running"
+        );
+        drop(op);
+        wait_compressed(&store, &blob);
+        store.stop_compressor();
+        worker.join().expect("compressor thread");
     });
 }

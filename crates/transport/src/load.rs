@@ -99,7 +99,9 @@ fn load_leased<R: std::io::Read>(
         cancel: cancel.clone(),
         remaining: limits::LOAD_MAX,
     };
+    let phase = isula_store::phase::Phase::start("load: read, store and unpack the archive");
     let mut scanned = archive::scan(store, reader, path, lease)?;
+    drop(phase);
     let plans = if scanned.contains("manifest.json") {
         docker_archive::plans(&scanned)?
     } else if scanned.contains("index.json") && scanned.contains("oci-layout") {
@@ -114,6 +116,7 @@ fn load_leased<R: std::io::Read>(
         return Err(TransportError::bad(path, "archive holds no image"));
     }
     // Verify everything before recording anything.
+    let _phase = isula_store::phase::Phase::start("load: verify and record");
     let mut ready = Vec::new();
     for plan in plans {
         ready.push(prepare(store, &mut scanned, plan, lease)?);

@@ -180,7 +180,9 @@ fn write_archive(
         let mut reporting =
             crate::progress::Reporting::new(pending.file(), &mut *progress, &name, "Saving", total);
         let mut out = BufWriter::with_capacity(1 << 20, &mut reporting);
+        let phase = isula_store::phase::Phase::start("save: write the archive");
         write(store, &mut out)?;
+        drop(phase);
         out.into_inner()
             .map_err(|e| TransportError::io("write", dest, e.into_error()))?;
         reporting.finish();

@@ -83,7 +83,9 @@ impl StageRun<'_, '_> {
             };
             let stack: Vec<&Path> = self.snaps.iter().rev().map(|s| s.dir.as_path()).collect();
             let t = std::time::Instant::now();
+            let phase = isula_store::phase::Phase::start("commit: squash the step snapshots");
             let staged = store.squash(&stack, guard.as_ref().map(|_| view.as_path()))?;
+            drop(phase);
             tracing::debug!(elapsed = ?t.elapsed(), snapshots = stack.len(), "stage squashed");
             drop(guard);
             isula_store::failpoint::hit("commit.squashed");
@@ -101,6 +103,7 @@ impl StageRun<'_, '_> {
                 exclude: Default::default(),
             };
             let t = std::time::Instant::now();
+            let phase = isula_store::phase::Phase::start("commit: write and hash the layer tar");
             let writer = store.content().writer()?;
             let writer = write_layer(
                 &upper.diff_dir(),
@@ -111,6 +114,7 @@ impl StageRun<'_, '_> {
                 isula_store::StoreError::io("write", upper.diff_dir(), e.into_error())
             })?;
             let (blob, size) = self.lease.commit_blob(writer, None)?;
+            drop(phase);
             isula_store::failpoint::hit("commit.layer-written");
             tracing::debug!(elapsed = ?t.elapsed(), size, "stage layer written");
             // Its gzip form, for pushing, is made in the background.

@@ -101,6 +101,7 @@ impl StageRun<'_, '_> {
                 src.exclude = excludes.as_ref();
                 let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
                 let t = std::time::Instant::now();
+                let _phase = isula_store::phase::Phase::start("copy: hash the sources (key)");
                 let h =
                     hash_sources(&src, &locals, &mut hashes).map_err(|e| step_err(n, step, e))?;
                 tracing::debug!(elapsed = ?t.elapsed(), read = hashes.hashed, "COPY sources hashed");
@@ -141,12 +142,16 @@ impl StageRun<'_, '_> {
         c.sources = locals;
         self.mount_step()?;
         let t = std::time::Instant::now();
+        let phase = isula_store::phase::Phase::start("copy: the files");
         let copied = self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref());
         let _ = isula_sys::rooted::remove_tree(&self.dir.join(format!("add-{n}")));
         copied?;
+        drop(phase);
         tracing::debug!(elapsed = ?t.elapsed(), "COPY copied");
         let t = std::time::Instant::now();
+        let phase = isula_store::phase::Phase::start("step: record the snapshot");
         self.finish_step(&key, &step.original)?;
+        drop(phase);
         tracing::debug!(elapsed = ?t.elapsed(), "COPY step recorded");
         self.key = key;
         Ok(())

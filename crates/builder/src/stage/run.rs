@@ -214,6 +214,7 @@ impl StageRun<'_, '_> {
         let mut pending = Vec::new();
         let cancel = self.ctx.cancel.clone();
         let log = &mut *self.ctx.log;
+        let phase = isula_store::phase::Phase::start("run: the container (runc)");
         let result = self
             .ctx
             .runc
@@ -229,6 +230,7 @@ impl StageRun<'_, '_> {
                     pending.clear();
                 }
             });
+        drop(phase);
         if !pending.is_empty() {
             (self.ctx.log)(format!("{}\n", String::from_utf8_lossy(&pending)));
         }
