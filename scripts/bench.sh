@@ -66,7 +66,7 @@ printf '%-28s %10s %12s %14s\n' "step" "seconds" "daemon CPU s" "peak RSS (MB)"
 cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$daemon/stat"; }
 # The phases the daemon logged after line $1 of its log: seconds (and MB) summed per phase.
 phases() {
-    tail -n +"$(($1 + 1))" "$work/daemon.log" | grep 'isula_phase' | sed 's/\x1b\[[0-9;]*m//g' | awk '
+    tail -n +"$(($1 + 1))" "$work/daemon.log" | { grep 'isula_phase' || true; } | sed 's/\x1b\[[0-9;]*m//g' | awk '
         match($0, /phase="[^"]*"/) { p = substr($0, RSTART + 7, RLENGTH - 8)
             match($0, /ms=[0-9.]+/); ms = substr($0, RSTART + 3, RLENGTH - 3)
             match($0, /bytes=[0-9]+/); b = substr($0, RSTART + 6, RLENGTH - 6)
@@ -215,12 +215,19 @@ if only peers; then
         docker) dk build --no-cache --network host -q -t isula-bench-run:1 "$work/ctx-run" ;;
         esac
     }
+    # Every name of the image goes, so that the load finds nothing of it in the store.
     prep_load() {
         case "$1" in
-        ours) "$bin/isula-build" ctr-img rm bench:1 >/dev/null 2>&1 || true ;;
-        buildah) "${bah[@]}" rmi -f localhost/bench:1 docker.io/library/bench:1 >/dev/null 2>&1 || true ;;
-        docker) dk rmi -f bench:1 >/dev/null 2>&1 || true ;;
+        ours) "$bin/isula-build" ctr-img rm bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true ;;
+        buildah) "${bah[@]}" rmi -f localhost/bench:1 docker.io/library/bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true ;;
+        docker) dk rmi -f bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true ;;
         esac
+    }
+    # The registry name for push, after a load.
+    retag() {
+        [ -n "$reg_host" ] || return 0
+        "$bin/isula-build" ctr-img tag bench:1 "$reg_host/bench:1" >/dev/null
+        if [ -n "$peer_docker" ]; then dk tag bench:1 "$reg_host/bench:1"; fi
     }
     run_load() {
         case "$1" in
@@ -245,14 +252,7 @@ if only peers; then
         docker) dk push "$reg_host/bench:1" ;;
         esac
     }
-    prep_pull() {
-        prep_load "$1"
-        case "$1" in
-        ours) "$bin/isula-build" ctr-img rm "$reg_host/bench:1" >/dev/null 2>&1 || true ;;
-        buildah) "${bah[@]}" rmi -f "$reg_host/bench:1" >/dev/null 2>&1 || true ;;
-        docker) dk rmi -f "$reg_host/bench:1" >/dev/null 2>&1 || true ;;
-        esac
-    }
+    prep_pull() { prep_load "$1"; }
     run_pull() {
         case "$1" in
         ours) "$bin/isula-build" ctr-img pull "$reg_host/bench:1" ;;
@@ -265,23 +265,20 @@ if only peers; then
     # Every tool holds bench:1 (and its registry name) for save and push.
     run_load buildah >/dev/null 2>&1 || true
     [ -n "$peer_docker" ] && run_load docker >/dev/null 2>&1
-    if [ -n "$reg_host" ]; then
-        "$bin/isula-build" ctr-img tag bench:1 "$reg_host/bench:1" >/dev/null
-        [ -n "$peer_docker" ] && dk tag bench:1 "$reg_host/bench:1"
-    fi
+    retag
     for r in $(seq "$rounds"); do
         for w in "${loads[@]}"; do
             # The registry copy that pull reads is pushed (untimed) by ours.
             if [ "$w" = pull ]; then prep_push ours; run_push ours >/dev/null 2>&1; fi
             workload "$w" "$r"
+            [ "$w" = load ] && retag
             # pull removed bench:1: every tool gets it back for the next round.
             if [ "$w" = pull ]; then
                 for t in ours buildah docker; do
                     case "$t" in buildah) [ -n "$peer_buildah" ] || continue ;; docker) [ -n "$peer_docker" ] || continue ;; esac
                     prep_load "$t"; run_load "$t" >/dev/null 2>&1 || true
                 done
-                "$bin/isula-build" ctr-img tag bench:1 "$reg_host/bench:1" >/dev/null
-                [ -n "$peer_docker" ] && dk tag bench:1 "$reg_host/bench:1"
+                retag
             fi
         done
     done

@@ -40,7 +40,8 @@ pub struct Member {
     pub platform: Platform,
 }
 
-fn platform_text(p: &Platform) -> String {
+/// `os/arch[/variant]`.
+pub fn platform_text(p: &Platform) -> String {
     match p.variant.as_deref().filter(|v| !v.is_empty()) {
         Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
         None => format!("{}/{}", p.os, p.architecture),

@@ -49,7 +49,7 @@ pub fn remove(
     let mut failed = false;
     if req.all {
         for name in state.lists.names().map_err(crate::rpc::registry::status)? {
-            failed |= !remove_list(state, &name, false, out);
+            failed |= !remove_list(state, &isula_store::familiar(&name), false, out);
         }
     }
     for name in &targets {

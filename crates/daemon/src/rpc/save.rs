@@ -141,12 +141,7 @@ fn resolve(
                 .map_err(crate::rpc::registry::status)?;
             let platforms: Vec<String> = members
                 .iter()
-                .map(
-                    |m| match m.platform.variant.as_deref().filter(|v| !v.is_empty()) {
-                        Some(v) => format!("{}/{}/{v}", m.platform.os, m.platform.architecture),
-                        None => format!("{}/{}", m.platform.os, m.platform.architecture),
-                    },
-                )
+                .map(|m| isula_registry::manifest_list::platform_text(&m.platform))
                 .collect();
             return Err(error::invalid(format!(
                 "{name} is a manifest list of {} images ({}): save one with --platform, or the whole list with -f oci",
