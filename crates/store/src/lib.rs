@@ -30,7 +30,6 @@ pub mod failpoint;
 pub mod metadata;
 pub mod pgzip;
 pub mod phase;
-pub mod pipe;
 pub mod squash;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};

@@ -198,12 +198,10 @@ fn scan_layer<R: Read>(
     compression: Compression,
     lease: &Lease,
 ) -> io::Result<LayerEntry> {
-    // The blob is hashed and written on another core while this one unpacks.
-    let writer = store.content().writer().map_err(io::Error::other)?;
-    let mut sink = isula_store::pipe::ThreadedWriter::new(writer)?;
+    let mut writer = store.content().writer().map_err(io::Error::other)?;
     let mut tee = TeeReader {
         inner: raw,
-        sink: &mut sink,
+        sink: &mut writer,
     };
     // An uncompressed layer's blob digest is its diff ID: the blob writer's hash serves both.
     let unpacked = match compression {
@@ -216,7 +214,6 @@ fn scan_layer<R: Read>(
     };
     // Whatever the unpack did not read still belongs to the blob.
     io::copy(&mut tee, &mut io::sink())?;
-    let writer = sink.into_inner()?;
     let (blob, blob_size) = lease.commit_blob(writer, None).map_err(io::Error::other)?;
     let unpacked = unpacked.map(|u| u.with_diff_id(&blob));
     Ok(LayerEntry {

@@ -64,14 +64,11 @@ fn import_leased(
     };
     let (_, plain) = isula_store::compression::decompress(input)
         .map_err(|e| TransportError::io("read", source, e))?;
-    // The blob is hashed and written on another core while this one unpacks.
-    let writer = store.content().writer()?;
-    let mut sink = isula_store::pipe::ThreadedWriter::new(writer)
-        .map_err(|e| TransportError::io("start", source, e))?;
+    let mut writer = store.content().writer()?;
     let unpacked = {
         let mut tee = TeeReader {
             inner: plain,
-            sink: &mut sink,
+            sink: &mut writer,
         };
         // The blob is the uncompressed tar: its digest, hashed by the writer, is the diff ID.
         let unpacked = unpack_stream(store, &mut tee, false);
@@ -82,9 +79,6 @@ fn import_leased(
         io::copy(&mut tee, &mut io::sink()).map_err(|e| TransportError::io("read", source, e))?;
         unpacked
     };
-    let writer = sink
-        .into_inner()
-        .map_err(|e| TransportError::io("write", source, e))?;
     let (blob, blob_size) = lease.commit_blob(writer, None)?;
     // Its gzip form, for pushing, is made in the background.
     store.queue_compression(&blob);

@@ -104,14 +104,15 @@ impl StageRun<'_, '_> {
             };
             let t = std::time::Instant::now();
             let phase = isula_store::phase::Phase::start("commit: write and hash the layer tar");
-            // Walked and tarred here, hashed and written on another core.
             let writer = store.content().writer()?;
-            let writer = isula_store::pipe::ThreadedWriter::new(writer)
-                .map_err(|e| isula_store::StoreError::io("start", upper.diff_dir(), e))?;
-            let writer = write_layer(&upper.diff_dir(), writer, &opts)?;
-            let writer = writer
-                .into_inner()
-                .map_err(|e| isula_store::StoreError::io("write", upper.diff_dir(), e))?;
+            let writer = write_layer(
+                &upper.diff_dir(),
+                std::io::BufWriter::with_capacity(1 << 20, writer),
+                &opts,
+            )?;
+            let writer = writer.into_inner().map_err(|e| {
+                isula_store::StoreError::io("write", upper.diff_dir(), e.into_error())
+            })?;
             let (blob, size) = self.lease.commit_blob(writer, None)?;
             drop(phase);
             isula_store::failpoint::hit("commit.layer-written");
