@@ -5,6 +5,7 @@
 //! natively, a base of the wrong platform refused, and no handler registered refused with
 //! the package to install, nothing left behind.
 
+use isula_integration::registry::free_port;
 use isula_integration::*;
 
 fn arm64_daemon(env: &[(&str, &str)]) -> Option<Daemon> {
@@ -255,7 +256,7 @@ fn a_two_platform_list_is_kept_used_saved_and_removed_locally() {
         "multi:1",
         c,
     ]);
-    // The builds ran at once, but their logs come one after the other, in platform order.
+    // The builds may run at once, but their logs come one after the other, in platform order.
     let at = |what: &str| {
         out.find(what)
             .unwrap_or_else(|| panic!("{what:?} is not in the output: {out}"))
@@ -625,4 +626,54 @@ fn one_platform_failing_stops_the_others_and_makes_no_list() {
         .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{}: {left:?}", builds.display());
+}
+
+#[test]
+fn the_builds_of_several_platforms_run_at_once() {
+    let Some(busybox) = arm64_busybox() else {
+        return;
+    };
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    load_two_bases(&d, &busybox);
+    let port = free_port();
+    // This machine's build waits for a word from the arm64 build (RUN uses the host's
+    // network): one after the other, the first would wait in vain and fail. (`nc` is not
+    // the last command, so that it is not the container's PID 1, which ignores TERM.)
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM busybox-$TARGETARCH:1\n\
+             RUN if [ \"$(uname -m)\" = aarch64 ]; then \
+               for i in $(seq 150); do echo from-arm64 | nc -w 1 127.0.0.1 {port} && exit 0; sleep 0.2; done; exit 1; \
+             else timeout 60 nc -l -p {port} > /heard; test -s /heard; fi\n"
+        ),
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+    let platforms = format!("linux/{},linux/arm64", host_arch());
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        &platforms,
+        "-t",
+        "together:1",
+        c,
+    ]);
+    // This machine's image (the first committed) holds what it heard.
+    let host_id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Committed stage 0 with ID: "))
+        .unwrap_or_else(|| panic!("no commit in {out}"))
+        .trim()
+        .to_string();
+    assert_eq!(
+        d.image_text(&host_id, "heard").as_deref(),
+        Some("from-arm64"),
+        "{out}"
+    );
 }
