@@ -465,6 +465,13 @@ fn a_two_platform_build_to_an_oci_archive_holds_the_index() {
         );
         assert_eq!(listing.trim(), uname, "{arch}");
     }
+    // Loaded back (by a daemon of its own), the archive gives this machine's image, named.
+    let fresh = Daemon::start();
+    fresh.ok(&["ctr-img", "load", "-i", t]);
+    assert_eq!(
+        fresh.image_text("multi:2", "arch").as_deref(),
+        Some(std::env::consts::ARCH)
+    );
     // The list is kept in the store under the archive's name.
     let err = d.fails(&[
         "ctr-img",
