@@ -137,6 +137,9 @@ if only main; then
 step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
 step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
+# Idle: 15 s after the last step (the background gzip has run, idle threads have gone).
+sleep 15
+awk '/VmRSS/ { printf "%-28s %10s %12s %14.1f\n", "daemon RSS, idle", "-", "-", $2 / 1024 }' "/proc/$daemon/status"
 fi  # ONLY
 
 # The build cache, in rounds (ROUNDS, default 3) that interleave: the COPY build from an

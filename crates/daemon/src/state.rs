@@ -46,8 +46,16 @@ pub struct OpGuard {
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
-        self.state.ops().running.remove(&self.id);
+        let idle = {
+            let mut ops = self.state.ops();
+            ops.running.remove(&self.id);
+            ops.running.is_empty()
+        };
         self.state.op_ended.notify_waiters();
+        // The last operation's transient buffers go back to the system.
+        if idle {
+            isula_sys::memory::release_free();
+        }
     }
 }
 

@@ -703,6 +703,10 @@ impl Store {
                     tracing::warn!(error = %e, "collecting after compression");
                 }
             }
+            // The gzip's buffers go back to the system when nothing else waits.
+            if c.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                isula_sys::memory::release_free();
+            }
         }
     }
 

@@ -21,6 +21,20 @@ pub fn limit_malloc_arenas(arenas: i32) {
     let _ = arenas;
 }
 
+/// Gives the free memory the allocator keeps back to the system (glibc's `malloc_trim`; a
+/// no-op elsewhere): the daemon calls it when its last operation ends, so that an idle
+/// daemon holds what is live, not its last peak.
+pub fn release_free() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes no pointers; glibc locks each arena while it trims.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
 /// What the allocator holds, from glibc's `mallinfo2` (summed over every arena).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AllocatorStats {
