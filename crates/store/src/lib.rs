@@ -90,6 +90,8 @@ struct Compressor {
     busy: Mutex<HashSet<Digest>>,
     done: std::sync::Condvar,
     stopping: std::sync::atomic::AtomicBool,
+    /// Times it had a layer to do and found an operation running, so waited.
+    deferred: std::sync::atomic::AtomicU64,
 }
 
 /// How long the store must have had no operation before the background compressor
@@ -652,7 +654,10 @@ impl Store {
                             None
                         }
                         (false, Some(quiet)) => Some(QUIET_BEFORE_COMPRESSING - quiet),
-                        (false, None) => Some(std::time::Duration::from_millis(200)),
+                        (false, None) => {
+                            c.deferred.fetch_add(1, Ordering::SeqCst);
+                            Some(std::time::Duration::from_millis(200))
+                        }
                     };
                     q = match wait {
                         None => c.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
@@ -733,6 +738,14 @@ impl Store {
             .remove(blob);
         c.done.notify_all();
         Some(result)
+    }
+
+    /// How many times the background compressor had a layer to do and left it because an
+    /// operation was running.
+    pub fn compression_deferred(&self) -> u64 {
+        self.compressor
+            .deferred
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops the background compressor (an unfinished gzip is discarded).

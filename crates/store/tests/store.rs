@@ -217,14 +217,24 @@ fn background_compressor_waits_for_quiet_makes_one_gzip_and_collects_it_with_its
     let (_, blob) = add_blob_image(&store, "a:1", &data);
     std::thread::scope(|s| {
         let worker = s.spawn(|| store.run_compressor());
-        // While an operation runs, the compressor leaves the machine to it.
+        // While an operation runs, the compressor leaves the machine to it: it sees the
+        // operation, waits, and has started nothing.
         let op = store.lease();
         store.queue_compression(&blob);
-        std::thread::sleep(std::time::Duration::from_secs(3));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while store.compression_deferred() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the compressor never looked"
+            );
+            std::thread::yield_now();
+        }
         assert!(
             store.compressed(&blob).is_none(),
             "compressed during an operation"
         );
+        let ingest = dir.path().join("ingest");
+        assert!(std::fs::read_dir(&ingest).is_ok_and(|mut d| d.next().is_none()));
         drop(op);
         wait_compressed(&store, &blob);
         // Asking again reuses that one: no second gzip.
