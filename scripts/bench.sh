@@ -202,22 +202,18 @@ if only peers; then
             timed "$w: $t" "run_$w" "$t"
         done
     }
+    # A build of ctx-$2 without cache, by tool $1.
+    build_ctx() {
+        case "$1" in
+        ours) "$bin/isula-build" ctr-img build --no-cache "$work/ctx-$2" ;;
+        buildah) "${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-$2" -t "bench-$2" "$work/ctx-$2" ;;
+        docker) dk build --no-cache --network host -q -t "isula-bench-$2:1" "$work/ctx-$2" ;;
+        esac
+    }
     prep_copy() { :; }
-    run_copy() {
-        case "$1" in
-        ours) "$bin/isula-build" ctr-img build --no-cache "$work/ctx-copy" ;;
-        buildah) "${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-copy" -t bench-copy "$work/ctx-copy" ;;
-        docker) dk build --no-cache --network host -q -t isula-bench-copy:1 "$work/ctx-copy" ;;
-        esac
-    }
+    run_copy() { build_ctx "$1" copy; }
     prep_run() { :; }
-    run_run() {
-        case "$1" in
-        ours) "$bin/isula-build" ctr-img build --no-cache "$work/ctx-run" ;;
-        buildah) "${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-run" -t bench-run "$work/ctx-run" ;;
-        docker) dk build --no-cache --network host -q -t isula-bench-run:1 "$work/ctx-run" ;;
-        esac
-    }
+    run_run() { build_ctx "$1" run; }
     # Every name of the image goes, so that the load finds nothing of it in the store.
     prep_load() {
         case "$1" in

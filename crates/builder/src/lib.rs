@@ -345,9 +345,56 @@ pub struct Context<'a> {
     pub download: Option<&'a dyn Downloader>,
 }
 
-impl Context<'_> {
+impl<'a> Context<'a> {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// What this context shares with the contexts of work it runs at once (all but its
+    /// log and cancel flag), free of its borrow of the log.
+    pub fn parts(&self) -> ContextParts<'a> {
+        ContextParts {
+            store: self.store,
+            runc: self.runc,
+            pull: self.pull,
+            remote: self.remote,
+            ssh: self.ssh,
+            download: self.download,
+        }
+    }
+}
+
+/// A [`Context`] without its log and cancel flag (see [`Context::parts`]).
+#[derive(Clone, Copy)]
+pub struct ContextParts<'a> {
+    pub store: &'a Store,
+    pub runc: &'a dyn Runtime,
+    pub pull: Option<&'a Puller>,
+    pub remote: Option<&'a dyn RemoteCache>,
+    pub ssh: Option<&'a dyn SshForward>,
+    pub download: Option<&'a dyn Downloader>,
+}
+
+impl<'a> ContextParts<'a> {
+    /// A context over these parts with its own `cancel` flag and `log`.
+    pub fn context<'b>(
+        self,
+        cancel: CancelFlag,
+        log: &'b mut (dyn FnMut(String) + Send),
+    ) -> Context<'b>
+    where
+        'a: 'b,
+    {
+        Context {
+            store: self.store,
+            runc: self.runc,
+            cancel,
+            log,
+            pull: self.pull,
+            remote: self.remote,
+            ssh: self.ssh,
+            download: self.download,
+        }
     }
 }
 

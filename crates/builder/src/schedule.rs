@@ -169,14 +169,7 @@ pub(crate) fn build_stages(
     hashes: &std::sync::Mutex<cache_key::ContextHashes>,
 ) -> Result<(ImageId, Vec<Digest>, Vec<String>), BuildError> {
     let n = df.stages.len();
-    let (store, runc, pull, remote, ssh, download) = (
-        ctx.store,
-        ctx.runc,
-        ctx.pull,
-        ctx.remote,
-        ctx.ssh,
-        ctx.download,
-    );
+    let parts = ctx.parts();
     let global_cancel = ctx.cancel.clone();
     let stage_cancel: Vec<CancelFlag> = (0..n).map(|_| CancelFlag::default()).collect();
     let order: Vec<usize> = stages.iter().map(|(i, _)| *i).collect();
@@ -253,23 +246,15 @@ pub(crate) fn build_stages(
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let attempt = |remote| {
                 let mut log = |line: String| emitter.emit(i, Event::Line(line));
-                let mut sctx = Context {
-                    store,
-                    runc,
-                    cancel: stage_cancel[i].clone(),
-                    log: &mut log,
-                    pull,
-                    ssh,
-                    download,
-                    remote,
-                };
+                let mut sctx = parts.context(stage_cancel[i].clone(), &mut log);
+                sctx.remote = remote;
                 let mut run = stage::StageRun::new(&mut sctx, &shared, i, &results);
                 let mut step_no = 0;
                 let mut used = Vec::new();
                 let outcome = run.execute(&mut step_no, &mut used);
                 (outcome, used, run.take_cache_keys())
             };
-            match attempt(remote) {
+            match attempt(parts.remote) {
                 // A cache source that fails half way costs time, not the build: the stage
                 // runs again without it.
                 (Err(BuildError::CacheSource(why)), _, _) => {

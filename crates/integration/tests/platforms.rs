@@ -684,3 +684,70 @@ fn the_builds_of_several_platforms_run_at_once() {
         "{out}"
     );
 }
+
+#[test]
+fn a_multi_platform_oci_archive_made_by_buildah_loads_this_machines_image() {
+    if !require_root() || !require_tool("buildah") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path().display().to_string();
+    let buildah = |args: &[&str]| {
+        run_ok(
+            std::process::Command::new("buildah")
+                .args([
+                    "--root",
+                    &format!("{root}/root"),
+                    "--runroot",
+                    &format!("{root}/run"),
+                    "--storage-driver",
+                    "vfs",
+                ])
+                .args(args),
+        )
+    };
+    let layer = dir.path().join("layer.tar");
+    std::fs::write(&layer, busybox_rootfs(&[])).expect("layer");
+    let layer = layer.to_str().expect("utf8");
+    buildah(&["manifest", "create", "lst"]);
+    // Another platform first, so that the pick is not simply the first entry.
+    for arch in ["s390x", host_arch()] {
+        let c = buildah(&["from", "scratch"]).trim().to_string();
+        buildah(&["add", &c, layer, "/"]);
+        buildah(&[
+            "config",
+            "--arch",
+            arch,
+            "--label",
+            &format!("arch={arch}"),
+            &c,
+        ]);
+        buildah(&["commit", "-q", &c, &format!("img-{arch}")]);
+        buildah(&[
+            "manifest",
+            "add",
+            "lst",
+            &format!("containers-storage:localhost/img-{arch}"),
+        ]);
+    }
+    let archive = dir.path().join("multi.tar");
+    let a = archive.to_str().expect("utf8");
+    buildah(&[
+        "manifest",
+        "push",
+        "-q",
+        "--all",
+        "lst",
+        &format!("oci-archive:{a}:multi:3"),
+    ]);
+    let d = Daemon::start();
+    d.ok(&["ctr-img", "load", "-i", a]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&d.ok(&["ctr-img", "inspect", "multi:3"])).expect("json");
+    assert_eq!(
+        inspect[0]["Config"]["architecture"],
+        host_arch(),
+        "{inspect}"
+    );
+    assert_eq!(d.images().len(), 1);
+}

@@ -199,15 +199,19 @@ fn name_annotations(tag: &Reference) -> BTreeMap<String, String> {
     ann
 }
 
-fn finish<W: Write>(mut tar: tar::Builder<W>, manifests: Vec<Descriptor>) -> Result<W> {
+/// An OCI image index over `manifests`, encoded.
+fn index_bytes(manifests: Vec<Descriptor>) -> Result<Vec<u8>> {
     let index = Index {
         schema_version: 2,
         media_type: Some(media::OCI_INDEX.to_string()),
         manifests,
         annotations: None,
     };
-    let data = serde_json::to_vec(&index).map_err(|e| TransportError::Invalid(e.to_string()))?;
-    append_bytes(&mut tar, "index.json", &data, 0)?;
+    serde_json::to_vec(&index).map_err(|e| TransportError::Invalid(e.to_string()))
+}
+
+fn finish<W: Write>(mut tar: tar::Builder<W>, manifests: Vec<Descriptor>) -> Result<W> {
+    append_bytes(&mut tar, "index.json", &index_bytes(manifests)?, 0)?;
     tar.into_inner()
         .map_err(|e| TransportError::io("write", "archive", e))
 }
@@ -250,13 +254,7 @@ pub fn write_index<W: Write>(
         d.platform = Some(platform.clone());
         manifests.push(d);
     }
-    let nested = Index {
-        schema_version: 2,
-        media_type: Some(media::OCI_INDEX.to_string()),
-        manifests,
-        annotations: None,
-    };
-    let bytes = serde_json::to_vec(&nested).map_err(|e| TransportError::Invalid(e.to_string()))?;
+    let bytes = index_bytes(manifests)?;
     let digest = Digest::of_bytes(&bytes);
     append_bytes(&mut tar, &blob_path(&digest), &bytes, 0)?;
     let mut desc = Descriptor::new(media::OCI_INDEX, digest, bytes.len() as u64);

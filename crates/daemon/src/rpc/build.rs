@@ -904,14 +904,7 @@ impl Job {
     /// logs in platform order. The first to fail stops the others. Returns the image IDs,
     /// in platform order.
     fn build_each_platform(&self, ctx: &mut Context<'_>) -> Result<Vec<String>, Status> {
-        let (store, runc, pull, remote, ssh, download) = (
-            ctx.store,
-            ctx.runc,
-            ctx.pull,
-            ctx.remote,
-            ctx.ssh,
-            ctx.download,
-        );
+        let parts = ctx.parts();
         let n = self.platforms.len();
         let log = super::ordered_log::OrderedLog::new(
             &mut *ctx.log,
@@ -934,16 +927,7 @@ impl Job {
             } else {
                 let mut line = |l: String| log.line(i, l);
                 line(format!("Building for {p}\n"));
-                let mut pctx = Context {
-                    store,
-                    runc,
-                    cancel: self.cancel.clone(),
-                    log: &mut line,
-                    pull,
-                    remote,
-                    ssh,
-                    download,
-                };
+                let mut pctx = parts.context(self.cancel.clone(), &mut line);
                 let opts = BuildOptions {
                     platform: Some(p.clone()),
                     tags: Vec::new(),

@@ -123,7 +123,10 @@ pub fn save(
 
 /// Whether `name` names a manifest list and no image.
 fn is_list(state: &State, name: &str) -> bool {
-    state.store.resolve(name).is_err() && state.lists.exists(name)
+    matches!(
+        state.store.resolve(name),
+        Err(isula_store::StoreError::ImageNotFound(_))
+    ) && state.lists.exists(name)
 }
 
 /// The image `name` stands for, and the tag to save it under: an image (of `platform` if
@@ -133,39 +136,13 @@ fn resolve(
     name: &str,
     platform: Option<&BuildPlatform>,
 ) -> Result<(ImageRecord, Option<Reference>), Status> {
-    if is_list(state, name) {
-        let Some(p) = platform else {
-            let members = state
-                .lists
-                .members(name)
-                .map_err(crate::rpc::registry::status)?;
-            let platforms: Vec<String> = members
-                .iter()
-                .map(|m| isula_registry::manifest_list::platform_text(&m.platform))
-                .collect();
-            return Err(error::invalid(format!(
-                "{name} is a manifest list of {} images ({}): save one with --platform, or the whole list with -f oci",
-                members.len(),
-                platforms.join(", ")
-            )));
-        };
-        let id = state
-            .lists
-            .image_for(name, p)
-            .map_err(crate::rpc::registry::status)?
-            .ok_or_else(|| Status::not_found(format!("manifest list {name} not found")))?;
-        let image = state.store.image(&id).map_err(|_| {
-            Status::not_found(format!(
-                "the {p} image of manifest list {name} is not in the local store"
-            ))
-        })?;
-        let tag = Reference::parse(name).ok();
-        return Ok((image, tag));
-    }
-    let image = state
-        .store
-        .resolve(name)
-        .map_err(|e| error::transport(e.into()))?;
+    let image = match state.store.resolve(name) {
+        Ok(image) => image,
+        Err(isula_store::StoreError::ImageNotFound(_)) if state.lists.exists(name) => {
+            return list_entry(state, name, platform)
+        }
+        Err(e) => return Err(error::transport(e.into())),
+    };
     if let Some(p) = platform {
         let config = crate::rpc::list::config(state, &image);
         let fits = config
@@ -181,5 +158,40 @@ fn resolve(
     let tag = Reference::parse(name)
         .ok()
         .filter(|r| image.names.contains(&r.to_string()));
+    Ok((image, tag))
+}
+
+/// The entry for `platform` of the manifest list `name`, saved under the list's name.
+fn list_entry(
+    state: &State,
+    name: &str,
+    platform: Option<&BuildPlatform>,
+) -> Result<(ImageRecord, Option<Reference>), Status> {
+    let Some(p) = platform else {
+        let members = state
+            .lists
+            .members(name)
+            .map_err(crate::rpc::registry::status)?;
+        let platforms: Vec<String> = members
+            .iter()
+            .map(|m| isula_registry::manifest_list::platform_text(&m.platform))
+            .collect();
+        return Err(error::invalid(format!(
+            "{name} is a manifest list of {} images ({}): save one with --platform, or the whole list with -f oci",
+            members.len(),
+            platforms.join(", ")
+        )));
+    };
+    let id = state
+        .lists
+        .image_for(name, p)
+        .map_err(crate::rpc::registry::status)?
+        .ok_or_else(|| Status::not_found(format!("manifest list {name} not found")))?;
+    let image = state.store.image(&id).map_err(|_| {
+        Status::not_found(format!(
+            "the {p} image of manifest list {name} is not in the local store"
+        ))
+    })?;
+    let tag = Reference::parse(name).ok();
     Ok((image, tag))
 }
