@@ -4,7 +4,8 @@
 # seconds and the daemon's peak RSS for each step, so later work can be compared.
 #   scripts/bench.sh            (needs root; MB=... FILES=... to change the size,
 #                               ROUNDS=... for the rounds, ONLY=main|cache|peers for one part:
-#                               peers = each workload beside buildah and BuildKit, interleaved)
+#                               peers = each workload beside buildah and BuildKit, interleaved;
+#                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 only() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
@@ -148,7 +149,7 @@ fi  # ONLY
 # same context in the same state when a Docker engine runs here. Medians with the spread
 # (min-max), and ratios; the daemon's peak RSS over them all.
 rounds="${ROUNDS:-3}"
-declare -A T
+declare -A T PEAK
 timed() {
     local name="$1"; shift
     sync
@@ -199,7 +200,13 @@ if only peers; then
             local t=${tools[$(((i + r) % n))]}
             "prep_$w" "$t"
             sync
+            [ "$t" = ours ] && echo 5 > "/proc/$daemon/clear_refs"
             timed "$w: $t" "run_$w" "$t"
+            if [ "$t" = ours ]; then
+                local hwm
+                hwm=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$daemon/status")
+                [ "$hwm" -gt "${PEAK[$w]:-0}" ] && PEAK[$w]=$hwm
+            fi
         done
     }
     # A build of ctx-$2 without cache, by tool $1.
@@ -281,14 +288,16 @@ if only peers; then
             fi
         done
     done
-    echo "# ours beside the peers: $rounds interleaved rounds, median seconds (spread); ours / best peer"
-    printf '%-12s %18s %18s %18s %10s\n' workload ours buildah docker "ours/best"
+    echo "# ours beside the peers: $rounds interleaved rounds, median seconds (spread); ours / best peer;"
+    echo "# the daemon's peak RSS over its runs of each workload"
+    printf '%-12s %18s %18s %18s %10s %10s\n' workload ours buildah docker "ours/best" "peak MB"
     for w in "${loads[@]}"; do
         cell() { if [ -n "${T[$w: $1]:-}" ]; then printf '%6.2f (%s)' "$(median "${T[$w: $1]}")" "$(spread "${T[$w: $1]}")"; else printf '%18s' -; fi; }
         best=$(for t in buildah docker; do [ -n "${T[$w: $t]:-}" ] && median "${T[$w: $t]}"; done | sort -n | head -1)
         ours=$(median "${T[$w: ours]}")
-        printf '%-12s %18s %18s %18s %10s\n' "$w" "$(cell ours)" "$(cell buildah)" "$(cell docker)" \
-            "$([ -n "$best" ] && awk -v a="$ours" -v b="$best" 'BEGIN { printf "%.2f", a / b }' || echo -)"
+        printf '%-12s %18s %18s %18s %10s %10s\n' "$w" "$(cell ours)" "$(cell buildah)" "$(cell docker)" \
+            "$([ -n "$best" ] && awk -v a="$ours" -v b="$best" 'BEGIN { printf "%.2f", a / b }' || echo -)" \
+            "${PEAK[$w]:--}"
     done
 fi  # peers
 

@@ -613,10 +613,10 @@ fn copy_entry(
             let mut input = std::fs::File::from(input);
             let mut out = rooted::create_file(pdir, name, 0o600).map_err(|e| e.to_string())?;
             std::io::copy(&mut input, &mut out).map_err(|e| format!("{rel}: {e}"))?;
-            drop(out);
-            rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
-            rooted::chmod(pdir, name, mode).map_err(|e| e.to_string())?;
-            rooted::set_times(pdir, name, mtime).map_err(|e| e.to_string())?;
+            // On the handle of the file just made: no lookups (owner before mode, as a
+            // chown clears set-id bits).
+            rooted::set_owner_mode_times(&out, (uid, gid), mode, mtime)
+                .map_err(|e| format!("{rel}: {e}"))?;
         }
         FileType::Symlink => {
             // Nested links are copied as links (the top-level source was followed).

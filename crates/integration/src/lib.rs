@@ -425,7 +425,6 @@ impl Daemon {
             .collect()
     }
 
-    /// What the store holds on disk, for "nothing changed" checks.
     /// Waits until the background compressor has made the gzip form of every uncompressed
     /// layer blob of every image (so that snapshots are not taken half-way through).
     pub fn wait_compressed(&self) {
@@ -486,12 +485,16 @@ impl Daemon {
                     })
                 }
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !done() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // Every uncompressed layer (built, imported or loaded) is queued for the background
+        // gzip, which starts after 2 s without an operation.
+        wait_until(
+            "every layer's background gzip",
+            Duration::from_secs(60),
+            done,
+        );
     }
 
+    /// What the store holds on disk, for "nothing changed" checks.
     pub fn store_snapshot(&self) -> Vec<String> {
         self.wait_compressed();
         let data = self.data();
@@ -509,7 +512,11 @@ impl Daemon {
     }
 
     pub fn leftovers(&self) -> Vec<String> {
-        self.wait_compressed();
+        // A running daemon may be gzipping in the background (its ingest file is no
+        // leftover); a stopped one has left whatever it left.
+        if self.child.is_some() {
+            self.wait_compressed();
+        }
         let data = self.data();
         let mut out = Vec::new();
         for sub in ["ingest", "tmp"] {

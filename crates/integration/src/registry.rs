@@ -465,6 +465,52 @@ fn take_one(fault: &Mutex<Fault>, which: fn(Fault) -> Option<u32>, make: fn(u32)
     }
 }
 
+/// Passes a request body from `from` to `to`: `len` bytes, or a chunked body as it is
+/// (its framing included), stopping after `limit` bytes of data when given.
+fn forward_body(
+    from: &mut BufReader<TcpStream>,
+    to: &mut dyn Write,
+    len: u64,
+    chunked: bool,
+    limit: Option<u64>,
+) -> std::io::Result<()> {
+    if !chunked {
+        let n = limit.map_or(len, |l| l.min(len));
+        std::io::copy(&mut from.take(n), to)?;
+        return Ok(());
+    }
+    let mut passed = 0u64;
+    loop {
+        let mut line = String::new();
+        if from.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        to.write_all(line.as_bytes())?;
+        let size = u64::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+            .map_err(|_| std::io::Error::other(format!("bad chunk line {line:?}")))?;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            loop {
+                let mut t = String::new();
+                if from.read_line(&mut t)? == 0 || t.trim().is_empty() {
+                    to.write_all(t.as_bytes())?;
+                    return Ok(());
+                }
+                to.write_all(t.as_bytes())?;
+            }
+        }
+        let take = limit.map_or(size, |l| size.min(l.saturating_sub(passed)));
+        std::io::copy(&mut from.take(take), to)?;
+        passed += take;
+        if take < size {
+            return Ok(());
+        }
+        let mut crlf = [0u8; 2];
+        from.read_exact(&mut crlf)?;
+        to.write_all(&crlf)?;
+    }
+}
+
 /// A one-request-per-connection HTTP proxy in front of a registry.
 pub struct FaultProxy {
     pub port: u16,
@@ -522,6 +568,9 @@ fn proxy_one(
     let len: u64 = header(&headers, "content-length")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    // A streamed body (a push that sends a gzip as it is made) comes in chunks.
+    let chunked =
+        header(&headers, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
     let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
     let mut head = format!("{req}\r\n");
     for h in headers
@@ -542,7 +591,7 @@ fn proxy_one(
                 Fault::None
             };
         }
-        std::io::copy(&mut (&mut cr).take(len), &mut std::io::sink())?;
+        forward_body(&mut cr, &mut std::io::sink(), len, chunked, None)?;
         cw.write_all(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )?;
@@ -574,10 +623,13 @@ fn proxy_one(
         )?;
         return Ok(());
     }
-    let upload =
-        (method == "PUT" || method == "PATCH") && path.contains("/blobs/uploads/") && len > 0;
+    let upload = (method == "PUT" || method == "PATCH")
+        && path.contains("/blobs/uploads/")
+        && (len > 0 || chunked);
+    // Where a broken upload breaks: half of a sized body, 64 KiB into a streamed one.
+    let part = |of: u64| if chunked { 64 << 10 } else { len / of };
     if upload && method == "PUT" && current == Fault::RefuseMonolithic {
-        std::io::copy(&mut (&mut cr).take(len), &mut std::io::sink())?;
+        forward_body(&mut cr, &mut std::io::sink(), len, chunked, None)?;
         cw.write_all(
             b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )?;
@@ -593,9 +645,7 @@ fn proxy_one(
             Fault::ResetUploads,
         )
     {
-        let mut half = vec![0u8; (len / 2) as usize];
-        cr.read_exact(&mut half)?;
-        up.write_all(&half)?;
+        forward_body(&mut cr, &mut up, len, chunked, Some(part(2)))?;
         // A zero linger time makes close send RST instead of FIN.
         rustix::net::sockopt::set_socket_linger(&cw, Some(std::time::Duration::ZERO))?;
         return Ok(());
@@ -610,23 +660,19 @@ fn proxy_one(
             Fault::StallUploads,
         )
     {
-        let mut some = vec![0u8; (len / 4) as usize];
-        cr.read_exact(&mut some)?;
-        up.write_all(&some)?;
+        forward_body(&mut cr, &mut up, len, chunked, Some(part(4)))?;
         hold_until_client_leaves(&cw);
         return Ok(());
     }
     if upload && current == Fault::KillDuringUpload {
-        let mut half = vec![0u8; (len / 2) as usize];
-        cr.read_exact(&mut half)?;
-        up.write_all(&half)?;
+        forward_body(&mut cr, &mut up, len, chunked, Some(part(2)))?;
         kill_registry(pid);
         if let Ok(mut f) = fault.lock() {
             *f = Fault::None;
         }
         return Ok(()); // both connections close
     }
-    std::io::copy(&mut (&mut cr).take(len), &mut up)?;
+    forward_body(&mut cr, &mut up, len, chunked, None)?;
     let mut resp = Vec::new();
     up.read_to_end(&mut resp)?;
     let blob_get = method == "GET" && path.contains("/blobs/sha256:");

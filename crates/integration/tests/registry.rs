@@ -1067,3 +1067,123 @@ fn resets_and_stalls_mid_blob_are_retried_and_a_hung_registry_fails_in_time() {
     assert_eq!(d.store_snapshot(), empty);
     assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
 }
+
+/// The gzip recorded for each uncompressed layer blob (`compressed` in metadata.json).
+fn gzip_records(d: &Daemon) -> std::collections::BTreeMap<String, String> {
+    let text = std::fs::read_to_string(d.data().join("metadata.json")).expect("metadata");
+    let meta: serde_json::Value = serde_json::from_str(&text).expect("metadata JSON");
+    meta["compressed"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v["digest"].as_str()?.to_string())))
+        .collect()
+}
+
+#[test]
+fn a_push_sends_the_gzip_as_it_makes_it_keeps_it_and_survives_a_broken_stream() {
+    if !ready() || !require_tool("runc") {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(reg.port, reg.pid_handle());
+    let phost = proxy.host();
+    let d = Daemon::start_configured(
+        &[("registries.toml", &insecure_registries(&[&phost]))],
+        &["--log-level", "debug"],
+        &[("ISULA_BUILD_PHASES", "1")],
+    );
+    d.import_busybox("busybox:latest", &[]);
+    // An operation that runs throughout: the background gzip never gets its quiet spell,
+    // so each push below has to make the gzip itself.
+    let hold = d.dir.path().join("hold");
+    std::fs::create_dir(&hold).expect("ctx");
+    std::fs::write(hold.join("Dockerfile"), "FROM busybox\nRUN sleep 300\n").expect("df");
+    let mut holding = d
+        .cli_command(&[
+            "ctr-img",
+            "build",
+            "--no-cache",
+            hold.to_str().expect("utf8"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("client");
+    let runc_root = d.run_root().join("runc");
+    wait_until(
+        "the holding RUN",
+        std::time::Duration::from_secs(60),
+        || !runc_containers(&runc_root).is_empty(),
+    );
+
+    let push = |repo: &str, seed: u64| {
+        let name = format!("{phost}/{repo}:1");
+        let before = gzip_records(&d);
+        d.import_busybox(&name, &[("data/noise.bin", &noise(24, seed))]);
+        assert_eq!(gzip_records(&d), before, "a gzip was made before the push");
+        let patches = reg.count_requests("PATCH", &format!("/v2/{repo}/blobs/uploads/"));
+        d.ok(&["ctr-img", "push", &name]);
+        assert!(
+            reg.count_requests("PATCH", &format!("/v2/{repo}/blobs/uploads/")) > patches,
+            "{repo}: the layer did not go up as a stream"
+        );
+        // The layer the registry holds is the gzip the store kept, and it is whole.
+        let manifest = skopeo_raw(&format!("docker://{name}"));
+        let layer = manifest["layers"][0]["digest"].as_str().expect("layer");
+        let kept: Vec<String> = gzip_records(&d)
+            .into_values()
+            .filter(|g| !before.values().any(|b| b == g))
+            .collect();
+        assert_eq!(kept, vec![layer.to_string()], "{repo}");
+        let out = d.dir.path().join(repo.replace('/', "-"));
+        run_ok(Command::new("skopeo").args([
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{name}"),
+            &format!("oci:{}:x", out.display()),
+        ]));
+        let id = id_of(&d, &name).expect("id");
+        (name, id)
+    };
+
+    // A stream that goes through.
+    let (a, a_id) = push("stream/a", 0x5eed_0001);
+    // Pushed again elsewhere: the kept gzip goes up in one PUT, no new gzip is made.
+    let again = format!("{phost}/stream/again:1");
+    d.ok(&["ctr-img", "tag", &a, &again]);
+    let made = d.log().matches("gzip (for a push)").count();
+    d.ok(&["ctr-img", "push", &again]);
+    assert_eq!(
+        reg.count_requests("PATCH", "/v2/stream/again/blobs/uploads/"),
+        0,
+        "the kept gzip was streamed again"
+    );
+    assert!(made > 0, "no gzip phase logged");
+    assert_eq!(d.log().matches("gzip (for a push)").count(), made);
+
+    // A stream reset half way: the finished gzip goes up the ordinary way instead.
+    proxy.set(Fault::ResetUploads(1));
+    let (b, b_id) = push("stream/b", 0x5eed_0002);
+    assert!(
+        d.log()
+            .contains("streamed upload failed; sending the stored gzip"),
+        "the reset stream was not noticed"
+    );
+    proxy.set(Fault::None);
+
+    // Both pull back as the same images.
+    let _ = holding.kill();
+    let _ = holding.wait();
+    wait_until(
+        "the holding build to stop",
+        std::time::Duration::from_secs(60),
+        || runc_containers(&runc_root).is_empty(),
+    );
+    d.ok(&["ctr-img", "rm", "-a"]);
+    for (name, id) in [(&a, &a_id), (&b, &b_id)] {
+        d.ok(&["ctr-img", "pull", name]);
+        assert_eq!(id_of(&d, name).as_deref(), Some(id.as_str()), "{name}");
+    }
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+}

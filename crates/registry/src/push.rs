@@ -1,7 +1,9 @@
-//! `ctr-img push` and `-o docker://`: every layer goes up compressed (the gzip made when the
-//! layer was committed, or made now once and kept), skipped when the registry has it,
-//! mounted from another repository of the same registry when one is known to hold it, else
-//! uploaded in one PUT (chunked PATCH as the fallback). Then the config, then the manifest.
+//! `ctr-img push` and `-o docker://`: every layer goes up compressed. A gzip made already
+//! (in the background, or by an earlier push) is skipped when the registry has it, mounted
+//! from another repository of the same registry when one is known to hold it, else
+//! uploaded in one PUT (chunked PATCH as the fallback). A gzip not made yet goes up as it
+//! is made, in one streamed PATCH, while the store keeps it (the ordinary way if the stream
+//! fails). Then the config, then the manifest.
 
 use crate::client::{Client, Req};
 use crate::error::{RegistryError, Result};
@@ -348,12 +350,37 @@ pub fn put_manifest(
 
 /// The manifest to push and the blobs it needs: the stored manifest verbatim when it is
 /// already in the target format with compressed layers, else a new one over gzip blobs.
-pub fn manifest_for_push(
+/// One layer of a push: a stored blob that goes up as it is, or one whose gzip is made
+/// while it goes up (its digest known only then).
+#[derive(Debug, Clone)]
+enum PlannedLayer {
+    Ready(Descriptor),
+    Gzip {
+        source: Digest,
+        media_type: &'static str,
+    },
+}
+
+/// How one layer went up, under which descriptor.
+type LayerSent = Result<(Descriptor, Sent)>;
+
+/// What a push sends: the layers, and the stored manifest they come from.
+struct PushPlan {
+    stored: Vec<u8>,
+    manifest: Manifest,
+    manifest_type: &'static str,
+    config_type: &'static str,
+    layers: Vec<PlannedLayer>,
+    /// The stored manifest cannot go up as it is.
+    changed: bool,
+}
+
+fn plan_push(
     store: &Store,
     image: &ImageRecord,
     format: Format,
     lease: &Lease,
-) -> Result<(Vec<u8>, String, Vec<Digest>, Digest)> {
+) -> Result<PushPlan> {
     let stored = store
         .content()
         .read_small(&image.manifest, limits::MANIFEST_MAX)?;
@@ -362,6 +389,10 @@ pub fn manifest_for_push(
     let (manifest_type, config_type) = match format {
         Format::Docker => (media::DOCKER_MANIFEST, media::DOCKER_CONFIG),
         Format::Oci => (media::OCI_MANIFEST, media::OCI_CONFIG),
+    };
+    let gzip_type = match format {
+        Format::Docker => media::DOCKER_LAYER_GZIP,
+        Format::Oci => media::OCI_LAYER_GZIP,
     };
     let mut layers = Vec::new();
     let mut changed = image.manifest_media_type != manifest_type;
@@ -377,51 +408,177 @@ pub fn manifest_for_push(
             Format::Docker => compression == Compression::Gzip,
             Format::Oci => matches!(compression, Compression::Gzip | Compression::Zstd),
         };
-        let (digest, size, compression) = if keep {
-            (d.digest.clone(), d.size, compression)
-        } else {
+        if !keep {
             changed = true;
-            let (g, s) = store.gzip_blob(&d.digest, lease)?;
-            (g, s, Compression::Gzip)
-        };
-        let media_type = match (compression, format) {
-            (Compression::Gzip, Format::Docker) => media::DOCKER_LAYER_GZIP,
-            (Compression::Gzip, Format::Oci) => media::OCI_LAYER_GZIP,
+            match store.compressed(&d.digest) {
+                Some(gz) => {
+                    lease.blob(&gz.digest);
+                    layers.push(PlannedLayer::Ready(Descriptor::new(
+                        gzip_type, gz.digest, gz.size,
+                    )));
+                }
+                None => layers.push(PlannedLayer::Gzip {
+                    source: d.digest.clone(),
+                    media_type: gzip_type,
+                }),
+            }
+            continue;
+        }
+        let media_type = match compression {
+            Compression::Gzip => gzip_type,
             _ => media::OCI_LAYER_ZSTD,
         };
         if media_type != d.media_type {
             changed = true;
         }
-        layers.push(Descriptor::new(media_type, digest, size));
+        layers.push(PlannedLayer::Ready(Descriptor::new(
+            media_type,
+            d.digest.clone(),
+            d.size,
+        )));
     }
-    let blobs: Vec<Digest> = layers.iter().map(|d| d.digest.clone()).collect();
-    if !changed && manifest.config.media_type == config_type {
-        return Ok((
-            stored,
-            manifest_type.to_string(),
-            blobs,
-            manifest.config.digest,
-        ));
-    }
-    let out = Manifest {
-        schema_version: 2,
-        media_type: Some(manifest_type.to_string()),
-        config: Descriptor::new(
-            config_type,
-            manifest.config.digest.clone(),
-            manifest.config.size,
-        ),
+    Ok(PushPlan {
+        stored,
+        manifest,
+        manifest_type,
+        config_type,
         layers,
-        annotations: manifest.annotations.clone(),
-    };
-    let bytes = serde_json::to_vec(&out)
-        .map_err(|e| RegistryError::Invalid(format!("encoding manifest: {e}")))?;
-    Ok((
-        bytes,
-        manifest_type.to_string(),
-        blobs,
-        manifest.config.digest,
-    ))
+        changed,
+    })
+}
+
+impl PushPlan {
+    /// The manifest to put, its media type and its config, once every layer has its
+    /// descriptor (`layers`, in order).
+    fn finish(self, layers: Vec<Descriptor>) -> Result<(Vec<u8>, String, Digest)> {
+        let config = self.manifest.config.digest.clone();
+        if !self.changed && self.manifest.config.media_type == self.config_type {
+            return Ok((self.stored, self.manifest_type.to_string(), config));
+        }
+        let out = Manifest {
+            schema_version: 2,
+            media_type: Some(self.manifest_type.to_string()),
+            config: Descriptor::new(self.config_type, config.clone(), self.manifest.config.size),
+            layers,
+            annotations: self.manifest.annotations.clone(),
+        };
+        let bytes = serde_json::to_vec(&out)
+            .map_err(|e| RegistryError::Invalid(format!("encoding manifest: {e}")))?;
+        Ok((bytes, self.manifest_type.to_string(), config))
+    }
+}
+
+/// The body of a streamed upload: the pieces of a gzip as it is made.
+struct Pieces {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    piece: Vec<u8>,
+    at: usize,
+    count: Arc<AtomicU64>,
+}
+
+impl Read for Pieces {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.piece.len() {
+            match self.rx.recv() {
+                Ok(p) => {
+                    self.piece = p;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Sends the gzip of the layer blob `source` while it is made: the gzip goes into the
+/// store and, piece by piece, into one streamed PATCH of an upload, which the digest then
+/// closes. When the stream fails, the stored gzip is sent the ordinary way (with its
+/// retries); when the gzip already exists, only that way.
+fn send_gzipped(
+    client: &Client,
+    store: &Store,
+    repo: &str,
+    source: &Digest,
+    lease: &Lease,
+    cancel: &Cancel,
+    meter: &Arc<AtomicU64>,
+) -> Result<(Digest, u64, Sent)> {
+    let what = format!("gzip of layer {source} to {repo}");
+    let session = start_upload(client, repo, &what)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+    meter.store(0, Ordering::Relaxed);
+    let body = std::sync::Mutex::new(Some(Pieces {
+        rx,
+        piece: Vec::new(),
+        at: 0,
+        count: meter.clone(),
+    }));
+    let estimate = store.content().size(source).unwrap_or(0);
+    let scopes = [scope_push(repo)];
+    let (gzip, streamed) = std::thread::scope(|s| {
+        let gzip = s.spawn(|| store.gzip_blob_streaming(source, lease, Some(tx)));
+        let streamed = client.send(
+            &Req::once(Method::PATCH, session.clone(), &scopes, what.clone()),
+            &|rb| {
+                let pieces = body
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .ok_or_else(|| client.http_error(&what, "the stream cannot be sent twice"))?;
+                Ok(rb
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .timeout(client.upload_timeout(estimate))
+                    .body(reqwest::blocking::Body::new(pieces)))
+            },
+        );
+        // A failed request drops the body, and with it the stream: the gzip goes on into
+        // the store alone.
+        drop(body.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let gzip = gzip.join().unwrap_or_else(|_| {
+            Err(isula_store::StoreError::io(
+                "gzip",
+                store.content().path(source),
+                std::io::Error::other("the gzip thread stopped"),
+            ))
+        });
+        (gzip, streamed)
+    });
+    let (digest, size, made_here) = gzip?;
+    if made_here {
+        let closed = streamed.and_then(|resp| {
+            if resp.status() != StatusCode::ACCEPTED && resp.status() != StatusCode::NO_CONTENT {
+                return Err(client.status_error(&what, resp));
+            }
+            let next = location(client, &resp, &what)?;
+            let resp = client.send(
+                &Req::once(
+                    Method::PUT,
+                    with_digest(&next, &digest),
+                    &scopes,
+                    what.clone(),
+                ),
+                &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
+            )?;
+            if resp.status() != StatusCode::CREATED {
+                return Err(client.status_error(&what, resp));
+            }
+            Ok(())
+        });
+        match closed {
+            Ok(()) => return Ok((digest, size, Sent::Uploaded)),
+            Err(e) => {
+                tracing::debug!(%what, error = %e, "streamed upload failed; sending the stored gzip")
+            }
+        }
+    }
+    let sources = mount_sources(store, client.host(), &digest);
+    let sent = send_blob_metered(client, store, repo, &digest, &sources, cancel, meter)?;
+    Ok((digest, size, sent))
 }
 
 /// Repositories of the same registry that hold `blob`, from the names of stored images
@@ -494,34 +651,45 @@ pub fn push_image(
     progress: Progress<'_>,
 ) -> Result<Pushed> {
     let lease = store.lease();
-    let (manifest, media_type, blobs, config) = manifest_for_push(store, image, format, &lease)?;
+    let plan = plan_push(store, image, format, &lease)?;
     progress("Getting image source signatures\n".into());
     // Layers go up PARALLEL at a time; their lines follow in manifest order.
+    let layers = &plan.layers;
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let outcomes: Vec<std::sync::Mutex<Option<Result<Sent>>>> =
-        blobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let outcomes: Vec<std::sync::Mutex<Option<LayerSent>>> =
+        layers.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let failed = std::sync::atomic::AtomicBool::new(false);
-    let meters: Vec<Arc<AtomicU64>> = blobs.iter().map(|_| Arc::default()).collect();
+    let meters: Vec<Arc<AtomicU64>> = layers.iter().map(|_| Arc::default()).collect();
     let phase = isula_store::phase::Phase::start("push: the blobs (gzip if not made, upload)");
     std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        for _ in 0..crate::pull::PARALLEL.min(blobs.len()) {
+        for _ in 0..crate::pull::PARALLEL.min(layers.len()) {
             let done = done_tx.clone();
-            let (next, failed, outcomes, meters, blobs) =
-                (&next, &failed, &outcomes, &meters, &blobs);
+            let (next, failed, outcomes, meters, lease) =
+                (&next, &failed, &outcomes, &meters, &lease);
             s.spawn(move || loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if i >= blobs.len() || failed.load(std::sync::atomic::Ordering::SeqCst) {
+                if i >= layers.len() || failed.load(std::sync::atomic::Ordering::SeqCst) {
                     drop(done);
                     break;
                 }
-                let b = &blobs[i];
                 let r = cancel
                     .check()
                     .map_err(|_| RegistryError::Cancelled)
-                    .and_then(|()| {
-                        let sources = mount_sources(store, client.host(), b);
-                        send_blob_metered(client, store, repo, b, &sources, cancel, &meters[i])
+                    .and_then(|()| match &layers[i] {
+                        PlannedLayer::Ready(d) => {
+                            let sources = mount_sources(store, client.host(), &d.digest);
+                            send_blob_metered(
+                                client, store, repo, &d.digest, &sources, cancel, &meters[i],
+                            )
+                            .map(|sent| (d.clone(), sent))
+                        }
+                        PlannedLayer::Gzip { source, media_type } => {
+                            send_gzipped(client, store, repo, source, lease, cancel, &meters[i])
+                                .map(|(digest, size, sent)| {
+                                    (Descriptor::new(media_type, digest, size), sent)
+                                })
+                        }
                     });
                 if r.is_err() {
                     failed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -532,17 +700,23 @@ pub fn push_image(
             });
         }
         drop(done_tx);
-        // This thread reports the uploads' bytes until every worker has stopped.
+        // This thread reports the uploads' bytes until every worker has stopped. A gzip
+        // being made is shown under its layer's blob, against that blob's size.
         let report = |progress: &mut dyn FnMut(String)| {
-            for (b, m) in blobs.iter().zip(&meters) {
+            for (l, m) in layers.iter().zip(&meters) {
                 let sent = m.load(Ordering::Relaxed);
                 if sent > 0 {
-                    let total = store.content().size(b).unwrap_or(sent).max(sent);
+                    let (b, total) = match l {
+                        PlannedLayer::Ready(d) => (&d.digest, d.size),
+                        PlannedLayer::Gzip { source, .. } => {
+                            (source, store.content().size(source).unwrap_or(sent))
+                        }
+                    };
                     progress(isula_transport::progress::event(
                         &isula_transport::progress::short(b.as_str()),
                         "Uploading",
                         sent,
-                        total,
+                        total.max(sent),
                     ));
                 }
             }
@@ -555,19 +729,28 @@ pub fn push_image(
         report(progress);
     });
     drop(phase);
-    for (b, outcome) in blobs.iter().zip(outcomes) {
+    let mut descriptors = Vec::new();
+    for outcome in outcomes {
         match outcome.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(Ok(Sent::Exists)) => {
-                progress(format!("Copying blob {b} skipped: already exists\n"))
+            Some(Ok((d, Sent::Exists))) => {
+                progress(format!(
+                    "Copying blob {} skipped: already exists\n",
+                    d.digest
+                ));
+                descriptors.push(d);
             }
-            Some(Ok(_)) => progress(format!("Copying blob {b}\n")),
+            Some(Ok((d, _))) => {
+                progress(format!("Copying blob {}\n", d.digest));
+                descriptors.push(d);
+            }
             Some(Err(e)) => return Err(e),
             None => {}
         }
     }
-    if failed.load(std::sync::atomic::Ordering::SeqCst) {
+    if failed.load(std::sync::atomic::Ordering::SeqCst) || descriptors.len() != layers.len() {
         return Err(client.http_error(&format!("push to {repo}"), "a layer upload failed"));
     }
+    let (manifest, media_type, config) = plan.finish(descriptors)?;
     progress(format!("Copying config {config}\n"));
     send_blob(client, store, repo, &config, &[], cancel)?;
     progress("Writing manifest to image destination\n".into());

@@ -560,11 +560,25 @@ impl Store {
     /// the recorded one, the one being made in the background (waited for), or made now
     /// and recorded.
     pub fn gzip_blob(&self, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
+        self.gzip_blob_streaming(blob, lease, None)
+            .map(|(d, size, _)| (d, size))
+    }
+
+    /// [`Store::gzip_blob`], also sending each piece of the gzip to `side` as it is made
+    /// (a push uploads it meanwhile). The last value says whether the gzip was made here
+    /// and so sent whole to `side`; when it already existed nothing is sent. A `side`
+    /// that goes away only stops the sending: the stored gzip is finished all the same.
+    pub fn gzip_blob_streaming(
+        &self,
+        blob: &Digest,
+        lease: &Lease,
+        side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    ) -> Result<(Digest, u64, bool)> {
         let c = &self.compressor;
         loop {
             if let Some(done) = self.compressed(blob) {
                 lease.blob(&done.digest);
-                return Ok((done.digest, done.size));
+                return Ok((done.digest, done.size, false));
             }
             let mut busy = c.busy.lock().unwrap_or_else(|p| p.into_inner());
             if busy.contains(blob) {
@@ -575,14 +589,14 @@ impl Store {
             break;
         }
         let phase = phase::Phase::start("gzip (for a push)");
-        let result = self.compress_now(blob, lease, None);
+        let result = self.compress_now(blob, lease, None, side);
         drop(phase);
         c.busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(blob);
         c.done.notify_all();
-        result
+        result.map(|(d, size)| (d, size, true))
     }
 
     /// Gzips `blob`; with `yielded`, as background work that stops (setting it) when an
@@ -592,6 +606,7 @@ impl Store {
         blob: &Digest,
         lease: &Lease,
         yielded: Option<&std::cell::Cell<bool>>,
+        side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     ) -> Result<(Digest, u64)> {
         let path = self.content.path(blob);
         let mut src = StopReader {
@@ -603,14 +618,17 @@ impl Store {
         // tar, for registries and formats that take only gzip.
         let (_, mut plain) =
             compression::decompress(&mut src).map_err(|e| StoreError::io("read", &path, e))?;
-        let w = self.content.writer()?;
+        let w = pgzip::Tee {
+            inner: self.content.writer()?,
+            side,
+        };
         let mut enc = pgzip::ParallelGzip::new(w, compression::GZIP_LEVEL)
             .map_err(|e| StoreError::io("compress", &path, e))?;
         std::io::copy(&mut plain, &mut enc).map_err(|e| StoreError::io("compress", &path, e))?;
         let w = enc
             .finish()
             .map_err(|e| StoreError::io("compress", &path, e))?;
-        let (digest, size) = lease.commit_blob(w, None)?;
+        let (digest, size) = lease.commit_blob(w.inner, None)?;
         self.record_compressed(
             blob,
             CompressedBlob {
@@ -638,6 +656,11 @@ impl Store {
     pub fn run_compressor(&self) {
         use std::sync::atomic::Ordering;
         let c = &self.compressor;
+        // What an earlier run left to do (its queue was in memory): every uncompressed
+        // layer blob of an image that has no gzip yet.
+        for blob in self.uncompressed_without_gzip() {
+            self.queue_compression(&blob);
+        }
         loop {
             let next = {
                 let mut q = c.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -715,6 +738,31 @@ impl Store {
         }
     }
 
+    /// The images' uncompressed layer blobs that have no recorded gzip.
+    fn uncompressed_without_gzip(&self) -> Vec<Digest> {
+        let blobs: std::collections::BTreeSet<Digest> = {
+            let meta = self.meta();
+            meta.images
+                .values()
+                .flat_map(|i| i.blobs.iter())
+                .filter(|b| !meta.compressed.contains_key(*b))
+                .cloned()
+                .collect()
+        };
+        blobs
+            .into_iter()
+            .filter(|b| {
+                let mut head = [0u8; 8];
+                self.content.open(b).is_ok_and(|mut f| {
+                    let n = std::io::Read::read(&mut f, &mut head).unwrap_or(0);
+                    n > 0
+                        && compression::Compression::sniff(&head[..n])
+                            == compression::Compression::None
+                })
+            })
+            .collect()
+    }
+
     /// [`Store::gzip_blob`] as background work: none if a push is making it right now.
     fn gzip_in_background(
         &self,
@@ -731,7 +779,7 @@ impl Store {
         {
             return None;
         }
-        let result = self.compress_now(blob, lease, Some(yielded));
+        let result = self.compress_now(blob, lease, Some(yielded), None);
         c.busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -153,6 +153,29 @@ impl<W: Write + Send + 'static> Drop for ParallelGzip<W> {
     }
 }
 
+/// A writer that also sends a copy of what it writes to `side`, while `side` listens: a
+/// receiver that goes away stops the copies, never the writing.
+pub struct Tee<W> {
+    pub inner: W,
+    pub side: Option<SyncSender<Vec<u8>>>,
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        if let Some(side) = &self.side {
+            if side.send(data[..n].to_vec()).is_err() {
+                self.side = None;
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +199,35 @@ mod tests {
                 .expect("decode");
             assert_eq!(back, data, "size {size}");
         }
+    }
+
+    #[test]
+    fn tee_copies_everything_until_its_receiver_goes() {
+        let (tx, rx) = sync_channel(64);
+        let mut gz = ParallelGzip::new(
+            Tee {
+                inner: Vec::new(),
+                side: Some(tx),
+            },
+            flate2::Compression::new(1),
+        )
+        .expect("new");
+        let data = vec![7u8; 3 * CHUNK + 5];
+        gz.write_all(&data).expect("write");
+        let out = gz.finish().expect("finish");
+        drop(out.side);
+        let copied: Vec<u8> = rx.iter().flatten().collect();
+        assert_eq!(copied, out.inner, "the side saw the whole gzip");
+
+        let (tx, rx) = sync_channel(1);
+        drop(rx);
+        let mut tee = Tee {
+            inner: Vec::new(),
+            side: Some(tx),
+        };
+        tee.write_all(b"abc").expect("a gone receiver is no error");
+        tee.write_all(b"def").expect("write");
+        assert_eq!(tee.inner, b"abcdef");
+        assert!(tee.side.is_none());
     }
 }

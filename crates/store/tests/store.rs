@@ -210,6 +210,34 @@ fn wait_compressed(store: &Store, blob: &isula_types::Digest) {
 }
 
 #[test]
+fn a_new_compressor_takes_up_the_layers_an_earlier_run_left_without_gzip() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data: Vec<u8> = (0..500_000u32).map(|i| (i % 89) as u8).collect();
+    let (blob, gz_blob) = {
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let (_, blob) = add_blob_image(&store, "a:1", &data);
+        // A layer stored gzipped already needs no gzip.
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, &data).expect("gz");
+        let (_, gz_blob) = add_blob_image(&store, "b:1", &enc.finish().expect("gz"));
+        // Queued, then the daemon stopped before the quiet spell came.
+        store.queue_compression(&blob);
+        (blob, gz_blob)
+    };
+    let (store, _) = Store::open(dir.path()).expect("reopen");
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| store.run_compressor());
+        wait_compressed(&store, &blob);
+        store.stop_compressor();
+        worker.join().expect("compressor thread");
+    });
+    assert!(
+        store.compressed(&gz_blob).is_none(),
+        "a gzip blob was gzipped"
+    );
+}
+
+#[test]
 fn background_compressor_waits_for_quiet_makes_one_gzip_and_collects_it_with_its_layer() {
     let dir = tempfile::tempdir().expect("tmp");
     let (store, _) = Store::open(dir.path()).expect("open");

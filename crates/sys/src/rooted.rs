@@ -335,6 +335,34 @@ pub fn chmod(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
 }
 
 /// Sets atime and mtime (seconds, nanoseconds) without following a final symlink.
+/// Owner, then mode, then times of a file through its open handle (one the caller made:
+/// nothing is looked up by name).
+pub fn set_owner_mode_times(
+    file: &std::fs::File,
+    owner: (u32, u32),
+    mode: u32,
+    mtime: (i64, u32),
+) -> std::io::Result<()> {
+    rustix::fs::fchown(
+        file,
+        Some(rustix::fs::Uid::from_raw(owner.0)),
+        Some(rustix::fs::Gid::from_raw(owner.1)),
+    )?;
+    rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777))?;
+    let ts = rustix::fs::Timespec {
+        tv_sec: mtime.0,
+        tv_nsec: mtime.1 as _,
+    };
+    rustix::fs::futimens(
+        file,
+        &rustix::fs::Timestamps {
+            last_access: ts,
+            last_modification: ts,
+        },
+    )?;
+    Ok(())
+}
+
 pub fn set_times(dir: BorrowedFd<'_>, name: &OsStr, mtime: (i64, u32)) -> Result<()> {
     let ts = rustix::fs::Timespec {
         tv_sec: mtime.0,

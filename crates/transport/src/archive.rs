@@ -86,6 +86,14 @@ impl Scanned {
         self.resolve(name).is_some()
     }
 
+    /// How the layer member stored as `blob` was compressed, if one was.
+    pub fn blob_compression(&self, blob: &Digest) -> Option<Compression> {
+        self.entries.values().find_map(|e| match e {
+            Entry::Layer(l) if &l.blob == blob => Some(l.compression),
+            _ => None,
+        })
+    }
+
     pub fn layer(&self, name: &str) -> Option<&LayerEntry> {
         match self.entries.get(&self.resolve(name)?)? {
             Entry::Layer(l) => Some(l),

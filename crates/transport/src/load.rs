@@ -136,7 +136,17 @@ fn load_leased<R: std::io::Read>(
             id: new.id.clone(),
             names: new.names.clone(),
         };
+        let plain: Vec<Digest> = new
+            .blobs
+            .iter()
+            .filter(|b| scanned.blob_compression(b) == Some(Compression::None))
+            .cloned()
+            .collect();
         store.add_image(new)?;
+        // As after a commit: the gzip a push needs is made when the machine is idle.
+        for b in &plain {
+            store.queue_compression(b);
+        }
         progress(format!("Loaded image as {}\n", loaded.id.hex()));
         out.push(loaded);
     }
