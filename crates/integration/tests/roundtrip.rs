@@ -275,3 +275,127 @@ fn import_of_xz_and_bzip2_tarballs() {
         .count();
     assert_eq!(layers, 1);
 }
+
+/// The layer directories in the store (chain IDs).
+fn layer_dirs(d: &Daemon) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d.data().join("layers"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A layer tar whose one entry has the raw name `name` (the tar crate refuses `..`).
+fn raw_layer(name: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(5);
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_cksum();
+    b.append(&h, &b"pwned"[..]).expect("append");
+    b.into_inner().expect("tar")
+}
+
+#[test]
+fn a_loaded_image_stays_packed_until_a_build_needs_it_or_the_machine_is_idle() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let mut d = Daemon::start();
+    let work = tempfile::tempdir().expect("tmp");
+    d.import_busybox("hold:1", &[]);
+    // An operation that runs throughout: no quiet spell, so no background unpack.
+    let hold = work.path().join("hold");
+    std::fs::create_dir(&hold).expect("ctx");
+    std::fs::write(hold.join("Dockerfile"), "FROM hold:1\nRUN sleep 300\n").expect("df");
+    let mut holding = d
+        .cli_command(&[
+            "ctr-img",
+            "build",
+            "--no-cache",
+            hold.to_str().expect("utf8"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("client");
+    let runc_root = d.run_root().join("runc");
+    wait_until(
+        "the holding RUN",
+        std::time::Duration::from_secs(60),
+        || !runc_containers(&runc_root).is_empty(),
+    );
+
+    // The load stores the layer, checked, and unpacks nothing.
+    let before = layer_dirs(&d);
+    let archive = work.path().join("app.tar");
+    std::fs::write(
+        &archive,
+        docker_archive(
+            &[busybox_rootfs(&[("etc/app", b"from the archive\n")])],
+            "app:1",
+        ),
+    )
+    .expect("archive");
+    d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("utf8")]);
+    assert_eq!(layer_dirs(&d), before, "the load unpacked its layer");
+
+    // A build from it makes the directory then and there.
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM app:1\nRUN cat /etc/app > /copied\n",
+    )
+    .expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "built:1",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        d.image_text("built:1", "copied").as_deref(),
+        Some("from the archive")
+    );
+    assert_eq!(layer_dirs(&d).len(), before.len() + 2, "base and new layer");
+
+    // Once the machine is idle, a loaded layer's directory is made without any build.
+    let _ = holding.kill();
+    let _ = holding.wait();
+    wait_until(
+        "the holding build to stop",
+        std::time::Duration::from_secs(60),
+        || runc_containers(&runc_root).is_empty(),
+    );
+    let n = layer_dirs(&d).len();
+    std::fs::write(
+        &archive,
+        docker_archive(&[busybox_rootfs(&[("etc/other", b"second\n")])], "other:1"),
+    )
+    .expect("archive");
+    d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("utf8")]);
+    wait_until(
+        "the idle unpack",
+        std::time::Duration::from_secs(60),
+        || layer_dirs(&d).len() == n + 1,
+    );
+
+    // A layer the unpack would refuse is refused by the load, naming the entry, and
+    // nothing is kept.
+    let snapshot = d.store_snapshot();
+    let bad = work.path().join("bad.tar");
+    std::fs::write(&bad, docker_archive(&[raw_layer("../escape")], "bad:1")).expect("bad");
+    let err = d.fails(&["ctr-img", "load", "-i", bad.to_str().expect("utf8")]);
+    assert!(err.contains("../escape") && err.contains(".."), "{err}");
+    assert_eq!(d.store_snapshot(), snapshot);
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+    d.stop_and_check_store();
+}

@@ -337,6 +337,153 @@ fn unpack<R: Read>(
     Ok(report)
 }
 
+/// What a path of a layer being validated is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// Checks a layer tar as [`apply_layer`] would unpack it, without writing anything: the
+/// same limits and refusals (`..`, paths through a symlink or a non-directory, hard links
+/// that are no earlier entry, bad whiteouts, unsupported entry types), for a layer that is
+/// stored now and unpacked later. Reads the whole stream; keeps one small record per path.
+pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
+    use std::collections::BTreeMap;
+    let limits = limits();
+    let bad = |e: io::Error| StoreError::BadTar(e.to_string());
+    let mut archive = tar::Archive::new(layer);
+    let mut report = ApplyReport::default();
+    let mut seen: BTreeMap<PathBuf, Seen> = BTreeMap::new();
+    let mut bytes: u64 = 0;
+    // Removes `p` and everything under it.
+    fn remove(seen: &mut BTreeMap<PathBuf, Seen>, p: &Path) {
+        let under: Vec<PathBuf> = seen
+            .range(p.to_path_buf()..)
+            .take_while(|(k, _)| k.starts_with(p))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in under {
+            seen.remove(&k);
+        }
+    }
+    // Every parent of `rel` is (or becomes) a directory; none may be a symlink or a file.
+    fn parents(seen: &mut BTreeMap<PathBuf, Seen>, rel: &Path, create: bool) -> Result<bool> {
+        let mut at = PathBuf::new();
+        let comps: Vec<_> = rel.components().collect();
+        for c in &comps[..comps.len().saturating_sub(1)] {
+            at.push(c);
+            match seen.get(&at) {
+                Some(Seen::Dir) => {}
+                Some(Seen::Symlink | Seen::Other) => {
+                    return Err(unsafe_entry(
+                        rel,
+                        "path goes through a symlink or a non-directory",
+                    ))
+                }
+                None if create => {
+                    seen.insert(at.clone(), Seen::Dir);
+                }
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+    for entry in archive.entries().map_err(bad)? {
+        let entry = entry.map_err(bad)?;
+        let raw = entry.path().map_err(bad)?.into_owned();
+        let rel = entry_path(&raw)?;
+        report.entries += 1;
+        if report.entries > limits.max_entries {
+            return Err(StoreError::TooLarge {
+                what: format!(
+                    "the archive's number of entries (max_layer_entries in configuration.toml) at {}",
+                    rel.display()
+                ),
+                limit: limits.max_entries,
+            });
+        }
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let kind = entry.header().entry_type();
+        let name_bytes = rel.file_name().unwrap_or_default().as_bytes().to_vec();
+        parents(&mut seen, &rel, true)?;
+        if name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            if name_bytes == OPAQUE_WHITEOUT.as_bytes() || name_bytes.starts_with(b".wh..wh.") {
+                continue;
+            }
+            let target = OsStr::from_bytes(&name_bytes[WHITEOUT_PREFIX.len()..]);
+            if target.is_empty() || target == ".." || target == "." {
+                return Err(unsafe_entry(&rel, "invalid whiteout name"));
+            }
+            let at = rel.with_file_name(target);
+            remove(&mut seen, &at);
+            seen.insert(at, Seen::Other);
+            continue;
+        }
+        let existing = seen.get(&rel).copied();
+        if !(kind == tar::EntryType::Directory && existing == Some(Seen::Dir)) {
+            remove(&mut seen, &rel);
+        }
+        // The fields the unpack reads must parse.
+        let header = entry.header();
+        header.mode().map_err(bad)?;
+        header.uid().map_err(bad)?;
+        header.gid().map_err(bad)?;
+        let now = match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                bytes = bytes.saturating_add(entry.size());
+                if bytes > limits.max_bytes {
+                    return Err(StoreError::TooLarge {
+                        what: format!(
+                            "the archive's unpacked files (max_layer_size in configuration.toml) at {}",
+                            rel.display()
+                        ),
+                        limit: limits.max_bytes,
+                    });
+                }
+                Seen::Other
+            }
+            tar::EntryType::Directory => Seen::Dir,
+            tar::EntryType::Symlink => {
+                entry
+                    .link_name()
+                    .map_err(bad)?
+                    .ok_or_else(|| unsafe_entry(&rel, "symlink without target"))?;
+                Seen::Symlink
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(bad)?
+                    .ok_or_else(|| unsafe_entry(&rel, "hard link without target"))?;
+                let target = entry_path(&target)
+                    .map_err(|_| unsafe_entry(&rel, "hard link target contains '..'"))?;
+                let earlier = parents(&mut seen, &target, false).unwrap_or(false)
+                    && seen.get(&target).is_some_and(|k| *k != Seen::Dir);
+                if !earlier {
+                    return Err(unsafe_entry(
+                        &rel,
+                        "hard link target is not an earlier entry of this layer",
+                    ));
+                }
+                Seen::Other
+            }
+            tar::EntryType::Fifo => Seen::Other,
+            tar::EntryType::Char | tar::EntryType::Block => {
+                report.skipped_devices.push(rel.display().to_string());
+                continue;
+            }
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
+            _ => return Err(unsafe_entry(&rel, "unsupported tar entry type")),
+        };
+        seen.insert(rel, now);
+    }
+    Ok(report)
+}
+
 /// Extended attributes a layer may carry. `trusted.*` (overlay's own metadata among them)
 /// and `security.selinux` labels from elsewhere are dropped.
 fn xattr_allowed(key: &[u8]) -> bool {
@@ -388,7 +535,10 @@ mod tests {
             ("opq/.wh..wh..opq", tar::EntryType::Regular, b"", None),
             ("dev/null", tar::EntryType::Char, b"", None),
         ]);
+        let checked = validate_layer(&tar[..]).expect("validate");
         let report = apply_layer(&tar[..], dir.path()).expect("apply");
+        assert_eq!(checked.entries, report.entries);
+        assert_eq!(checked.skipped_devices, report.skipped_devices);
         let d = dir.path();
         assert_eq!(
             std::fs::read(d.join("etc/passwd")).expect("read"),
@@ -415,6 +565,66 @@ mod tests {
             std::fs::metadata(d.join("etc")).expect("dir").mtime(),
             1_600_000_000
         );
+    }
+
+    #[test]
+    fn validation_follows_replacements_whiteouts_and_links_as_the_unpack_does() {
+        let ok = [
+            // A file replaced by a directory, then written into.
+            tar_of(&[
+                ("a", tar::EntryType::Regular, b"x", None),
+                ("a/", tar::EntryType::Directory, b"", None),
+                ("a/b", tar::EntryType::Regular, b"y", None),
+            ]),
+            // A link to a file whose parent was made implicitly; a symlink replaced by a
+            // directory.
+            tar_of(&[
+                ("d/e/f", tar::EntryType::Regular, b"z", None),
+                ("g", tar::EntryType::Link, b"", Some("d/e/f")),
+                ("s", tar::EntryType::Symlink, b"", Some("d")),
+                ("s/", tar::EntryType::Directory, b"", None),
+                ("s/t", tar::EntryType::Regular, b"", None),
+            ]),
+        ];
+        for (i, t) in ok.iter().enumerate() {
+            validate_layer(&t[..]).unwrap_or_else(|e| panic!("ok case {i}: {e}"));
+            let dest = tempfile::tempdir().expect("tempdir");
+            apply_layer(&t[..], dest.path()).unwrap_or_else(|e| panic!("ok case {i}: {e}"));
+        }
+        let refused = [
+            // Into a file.
+            tar_of(&[
+                ("a", tar::EntryType::Regular, b"x", None),
+                ("a/b", tar::EntryType::Regular, b"y", None),
+            ]),
+            // Through a symlink made earlier in the layer.
+            tar_of(&[
+                ("d/", tar::EntryType::Directory, b"", None),
+                ("s", tar::EntryType::Symlink, b"", Some("d")),
+                ("s/x", tar::EntryType::Regular, b"y", None),
+            ]),
+            // A link to a later entry.
+            tar_of(&[
+                ("g", tar::EntryType::Link, b"", Some("f")),
+                ("f", tar::EntryType::Regular, b"x", None),
+            ]),
+        ];
+        // A header field the unpack cannot parse (an empty uid).
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(1);
+        h.set_cksum();
+        b.append_data(&mut h, "f", &b"x"[..]).expect("append");
+        let refused: Vec<Vec<u8>> = refused
+            .into_iter()
+            .chain([b.into_inner().expect("tar")])
+            .collect();
+        for (i, t) in refused.iter().enumerate() {
+            let dest = tempfile::tempdir().expect("tempdir");
+            apply_layer(&t[..], dest.path()).expect_err(&format!("refused case {i}: apply"));
+            validate_layer(&t[..]).expect_err(&format!("refused case {i}: validate"));
+        }
     }
 
     #[test]
@@ -448,6 +658,12 @@ mod tests {
             ]),
         ];
         for (i, t) in cases.iter().enumerate() {
+            // Refused by the check of a layer kept packed, too.
+            let err = validate_layer(&t[..]).expect_err(&format!("case {i}: validate must fail"));
+            assert!(
+                matches!(err, StoreError::UnsafeEntry { .. }),
+                "case {i}: {err}"
+            );
             let dest = tempfile::tempdir().expect("tempdir");
             let err = apply_layer(&t[..], dest.path()).expect_err(&format!("case {i} must fail"));
             assert!(

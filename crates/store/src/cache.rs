@@ -154,7 +154,7 @@ pub(crate) fn missing(store: &crate::Store, stage: &StageRecord) -> Vec<String> 
     let layers = stage
         .layers
         .iter()
-        .filter(|l| !store.layer_dir(&l.chain_id).join("diff").is_dir())
+        .filter(|l| !store.layer_present(&l.chain_id))
         .map(|l| format!("layer directory {} is missing", l.chain_id));
     let blobs = stage
         .all_blobs()

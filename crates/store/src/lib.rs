@@ -84,7 +84,9 @@ pub struct Store {
 /// build, load) so that a later push sends it as it is, without making the commit wait.
 #[derive(Default)]
 struct Compressor {
-    queue: Mutex<std::collections::VecDeque<Digest>>,
+    queue: Mutex<std::collections::VecDeque<Job>>,
+    /// Held while a packed layer is unpacked (one at a time, foreground or background).
+    unpacking: Mutex<()>,
     wake: std::sync::Condvar,
     /// Blobs being compressed right now, and the signal when one finishes.
     busy: Mutex<HashSet<Digest>>,
@@ -92,6 +94,15 @@ struct Compressor {
     stopping: std::sync::atomic::AtomicBool,
     /// Times it had a layer to do and found an operation running, so waited.
     deferred: std::sync::atomic::AtomicU64,
+}
+
+/// Background work, done only while the store is quiet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Job {
+    /// Make the gzip form of this uncompressed layer blob.
+    Gzip(Digest),
+    /// Make the directory of this packed layer.
+    Unpack(ChainId),
 }
 
 /// How long the store must have had no operation before the background compressor
@@ -461,7 +472,166 @@ impl Store {
     }
 
     pub fn has_layer(&self, chain: &ChainId) -> bool {
-        self.meta().layers.contains_key(chain) || self.layer_dir(chain).join("diff").is_dir()
+        {
+            let meta = self.meta();
+            if meta.layers.contains_key(chain) || meta.packed.contains_key(chain) {
+                return true;
+            }
+        }
+        self.layer_dir(chain).join("diff").is_dir()
+    }
+
+    /// Whether layer `chain` can be used: its directory is there, or it is packed and its
+    /// blob is.
+    pub fn layer_present(&self, chain: &ChainId) -> bool {
+        self.layer_dir(chain).join("diff").is_dir()
+            || self
+                .meta()
+                .packed
+                .get(chain)
+                .is_some_and(|b| self.content.contains(b))
+    }
+
+    /// Records layer `chain` as kept packed, as its (stored, verified) blob `blob`, whose
+    /// tar was checked as the unpack would check it. The lease keeps it until an image
+    /// names it; [`Store::layer_diff`] makes its directory when it is needed.
+    pub fn commit_packed_layer(&self, chain: &ChainId, blob: &Digest, lease: &Lease) -> Result<()> {
+        lease.layer(chain);
+        lease.blob(blob);
+        if self.layer_dir(chain).join("diff").is_dir() {
+            return Ok(());
+        }
+        let mut meta = self.meta();
+        if meta.packed.get(chain) == Some(blob) {
+            return Ok(());
+        }
+        let mut next = meta.clone();
+        next.packed.insert(chain.clone(), blob.clone());
+        self.save(&next)?;
+        *meta = next;
+        Ok(())
+    }
+
+    /// The directory (`diff`) of layer `chain`, made now from its blob if it is packed.
+    pub fn layer_diff(&self, chain: &ChainId, lease: &Lease) -> Result<PathBuf> {
+        lease.layer(chain);
+        let diff = self.layer_dir(chain).join("diff");
+        if diff.is_dir() {
+            return Ok(diff);
+        }
+        let _one = self
+            .compressor
+            .unpacking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if diff.is_dir() {
+            return Ok(diff);
+        }
+        let blob = self
+            .meta()
+            .packed
+            .get(chain)
+            .cloned()
+            .ok_or_else(|| StoreError::LayerNotFound(chain.clone()))?;
+        self.unpack_packed(chain, &blob, lease, None)?;
+        Ok(diff)
+    }
+
+    /// Unpacks packed layer `chain` from `blob` and commits its directory; with `yielded`,
+    /// as background work that stops when an operation starts.
+    fn unpack_packed(
+        &self,
+        chain: &ChainId,
+        blob: &Digest,
+        lease: &Lease,
+        yielded: Option<&std::cell::Cell<bool>>,
+    ) -> Result<()> {
+        let _phase = phase::Phase::start("unpack a packed layer");
+        lease.blob(blob);
+        let path = self.content.path(blob);
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let src = StopReader {
+            inner: self.content.open(blob)?,
+            stop: if yielded.is_some() {
+                &self.compressor.stopping
+            } else {
+                &never
+            },
+            yield_to: yielded.map(|y| (&*self.activity, y)),
+        };
+        let (_, plain) = compression::decompress(std::io::BufReader::with_capacity(1 << 20, src))
+            .map_err(|e| StoreError::io("read", &path, e))?;
+        let staged = self.stage_layer()?;
+        apply::apply_layer(plain, &staged.diff_dir())?;
+        self.commit_layer(staged, chain, lease)?;
+        let mut meta = self.meta();
+        if meta.packed.contains_key(chain) {
+            let mut next = meta.clone();
+            next.packed.remove(chain);
+            self.save(&next)?;
+            *meta = next;
+        }
+        Ok(())
+    }
+
+    /// Asks for packed layer `chain` to be unpacked in the background.
+    pub fn queue_unpack(&self, chain: &ChainId) {
+        self.queue_job(Job::Unpack(chain.clone()));
+    }
+
+    fn queue_job(&self, job: Job) {
+        let c = &self.compressor;
+        c.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(job);
+        c.wake.notify_one();
+    }
+
+    /// [`Store::layer_diff`] as background work (the foreground may be doing it already).
+    fn unpack_in_background(&self, chain: &ChainId) {
+        let lease = self.background_lease();
+        lease.layer(chain);
+        let Some(blob) = self.meta().packed.get(chain).cloned() else {
+            return;
+        };
+        let Ok(_one) = self.compressor.unpacking.try_lock() else {
+            // An operation unpacks a layer right now: this one waits for the next spell.
+            self.compressor
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back(Job::Unpack(chain.clone()));
+            return;
+        };
+        if self.layer_dir(chain).join("diff").is_dir() {
+            return;
+        }
+        let yielded = std::cell::Cell::new(false);
+        match self.unpack_packed(chain, &blob, &lease, Some(&yielded)) {
+            Ok(()) => tracing::debug!(layer = %chain, "packed layer unpacked"),
+            Err(_) if yielded.get() => {
+                tracing::debug!(layer = %chain, "unpacking left for a quiet spell");
+                self.compressor
+                    .queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_front(Job::Unpack(chain.clone()));
+            }
+            Err(e) => tracing::warn!(layer = %chain, error = %e, "unpacking a packed layer"),
+        }
+        drop(lease);
+        // Its image may have gone meanwhile: then the new directory is garbage.
+        if !self
+            .meta()
+            .images
+            .values()
+            .any(|i| i.layers.contains(chain))
+        {
+            if let Err(e) = self.gc() {
+                tracing::warn!(error = %e, "collecting after an unpack");
+            }
+        }
     }
 
     /// Moves a staged layer into place as `chain`. If that layer exists already the staged
@@ -498,7 +668,7 @@ impl Store {
     /// names that moved away from another image.
     pub fn add_image(&self, new: NewImage) -> Result<Vec<String>> {
         for l in &new.layers {
-            if !self.layer_dir(&l.chain_id).join("diff").is_dir() {
+            if !self.layer_present(&l.chain_id) {
                 return Err(StoreError::LayerNotFound(l.chain_id.clone()));
             }
         }
@@ -641,12 +811,7 @@ impl Store {
 
     /// Asks for `blob` (an uncompressed layer) to be gzipped in the background.
     pub fn queue_compression(&self, blob: &Digest) {
-        let c = &self.compressor;
-        c.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(blob.clone());
-        c.wake.notify_one();
+        self.queue_job(Job::Gzip(blob.clone()));
     }
 
     /// Runs the background compressor until `stop_compressor` (the daemon gives it a thread,
@@ -658,6 +823,10 @@ impl Store {
         let c = &self.compressor;
         // What an earlier run left to do (its queue was in memory): every uncompressed
         // layer blob of an image that has no gzip yet.
+        let packed: Vec<ChainId> = self.meta().packed.keys().cloned().collect();
+        for chain in packed {
+            self.queue_unpack(&chain);
+        }
         for blob in self.uncompressed_without_gzip() {
             self.queue_compression(&blob);
         }
@@ -693,6 +862,13 @@ impl Store {
                     };
                 }
             };
+            let next = match next {
+                Job::Unpack(chain) => {
+                    self.unpack_in_background(&chain);
+                    continue;
+                }
+                Job::Gzip(d) => d,
+            };
             let lease = self.background_lease();
             lease.blob(&next);
             if !self.content.contains(&next) || self.compressed(&next).is_some() {
@@ -710,7 +886,7 @@ impl Store {
                     c.queue
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .push_front(next.clone());
+                        .push_front(Job::Gzip(next.clone()));
                 }
                 Some(Err(e)) if c.stopping.load(Ordering::SeqCst) => {
                     tracing::debug!(blob = %next, error = %e, "compression stopped")
@@ -960,14 +1136,27 @@ impl Store {
         }
         let layer_leased = |c: &ChainId| leased.contains(&format!("layer:{}", c.hex()));
         let mut report = GcReport::default();
-        let before = (meta.layers.len(), meta.compressed.len());
+        let before = (meta.layers.len(), meta.compressed.len(), meta.packed.len());
         let mut next = meta.clone();
         next.layers
             .retain(|c, _| live_layers.contains(c) || layer_leased(c));
+        // A packed layer keeps its blob; once its directory is made it is packed no more.
+        // One that goes is a deleted layer as a directory would be.
+        next.packed.retain(|c, _| {
+            let live = live_layers.contains(c) || layer_leased(c);
+            let unpacked = self.layer_dir(c).join("diff").is_dir();
+            if !live && !unpacked {
+                report.layers.push(Some(c.clone()));
+            }
+            live && !unpacked
+        });
+        for b in next.packed.values() {
+            live_blobs.insert(b.clone());
+        }
         next.compressed.retain(|src, gz| {
             live_blobs.contains(src) || blob_leased(src) || blob_leased(&gz.digest)
         });
-        if (next.layers.len(), next.compressed.len()) != before {
+        if (next.layers.len(), next.compressed.len(), next.packed.len()) != before {
             self.save(&next)?;
             *meta = next;
         }
@@ -1008,7 +1197,9 @@ impl Store {
             for l in &img.layers {
                 if !meta.layers.contains_key(l) {
                     problems.push(format!("image {}: layer record {l} is missing", img.id));
-                } else if !self.layer_dir(l).join("diff").is_dir() {
+                } else if !self.layer_dir(l).join("diff").is_dir()
+                    && !meta.packed.get(l).is_some_and(|b| self.content.contains(b))
+                {
                     problems.push(format!("image {}: layer directory {l} is missing", img.id));
                 }
             }

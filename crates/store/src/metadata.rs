@@ -56,6 +56,10 @@ pub struct Metadata {
     /// Uncompressed layer blob → its gzip blob.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub compressed: BTreeMap<Digest, CompressedBlob>,
+    /// Layers kept as their blob alone for now (loaded ones), with that blob: the
+    /// directory is made when a build first needs it, or when the machine is idle.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub packed: BTreeMap<ChainId, Digest>,
 }
 
 impl Metadata {

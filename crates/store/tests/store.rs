@@ -335,3 +335,93 @@ fn background_compression_stops_when_an_operation_starts_and_resumes_after() {
         worker.join().expect("compressor thread");
     });
 }
+
+#[test]
+fn a_packed_layer_is_unpacked_on_demand_or_by_a_later_compressor_and_goes_with_its_image() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let layer = |text: &str| {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_size(text.len() as u64);
+        h.set_cksum();
+        b.append_data(&mut h, "hello", text.as_bytes())
+            .expect("append");
+        b.into_inner().expect("tar")
+    };
+    let record = |store: &Store, name: &str, text: &str| {
+        let lease = store.lease();
+        let tar = layer(text);
+        let blob = lease.put_blob(store.content(), &tar).expect("blob");
+        let diff = DiffId(blob.clone());
+        let chain = ChainId::next(None, &diff);
+        store
+            .commit_packed_layer(&chain, &blob, &lease)
+            .expect("packed");
+        let config = lease
+            .put_blob(store.content(), format!("config {name}").as_bytes())
+            .expect("config");
+        store
+            .add_image(NewImage {
+                id: ImageId(config.clone()),
+                manifest: config,
+                manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                blobs: vec![blob],
+                layers: vec![LayerRecord {
+                    chain_id: chain.clone(),
+                    diff_id: diff,
+                    parent: None,
+                    size: tar.len() as u64,
+                }],
+                created: None,
+                names: vec![Reference::parse(name).expect("ref")],
+            })
+            .expect("add");
+        chain
+    };
+    let (a, b) = {
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let a = record(&store, "a:1", "on demand");
+        let b = record(&store, "b:1", "later");
+        // Packed: no directory, and the store is sound.
+        assert!(!store.layer_dir(&a).exists() && !store.layer_dir(&b).exists());
+        assert_eq!(store.check().expect("check"), Vec::<String>::new());
+        // Needed now: made now.
+        let lease = store.lease();
+        let diff = store.layer_diff(&a, &lease).expect("unpack");
+        assert_eq!(
+            std::fs::read_to_string(diff.join("hello")).expect("file"),
+            "on demand"
+        );
+        (a, b)
+    };
+    // The daemon stopped with b still packed: the next one's background work unpacks it.
+    let (store, _) = Store::open(dir.path()).expect("reopen");
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| store.run_compressor());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !store.layer_dir(&b).join("diff/hello").exists() {
+            assert!(std::time::Instant::now() < deadline, "never unpacked");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        store.stop_compressor();
+        worker.join().expect("compressor thread");
+    });
+    assert_eq!(
+        std::fs::read_to_string(store.layer_dir(&b).join("diff/hello")).expect("file"),
+        "later"
+    );
+    assert_eq!(store.check().expect("check"), Vec::<String>::new());
+    // Removed with its image, packed or not.
+    let events = store.remove("a:1").expect("rm a");
+    assert!(
+        events.contains(&RemoveEvent::DeletedLayer(a.clone())),
+        "{events:?}"
+    );
+    store.remove("b:1").expect("rm b");
+    assert!(!store.layer_dir(&a).exists() && !store.layer_dir(&b).exists());
+    assert!(!store.has_layer(&a) && !store.has_layer(&b));
+}

@@ -1,13 +1,14 @@
 //! One pass over an image archive (docker-archive or oci-archive, not yet known which).
 //! Each regular file is classified by its first bytes: a tar or compressed stream is a
-//! candidate layer, written to the content store and unpacked at the same time (hashing
-//! both the blob and the uncompressed diff as they stream); small files (manifests,
-//! configs, index.json) are kept in memory within a fixed budget; anything else is skipped.
-//! Which files really are layers is only known from the manifest at the end, so unpacked
-//! candidates stay staged (and leased) until the caller commits or drops them.
+//! candidate layer, written to the content store and checked as an unpack would check it
+//! at the same time (hashing both the blob and the uncompressed diff as they stream); small
+//! files (manifests, configs, index.json) are kept in memory within a fixed budget;
+//! anything else is skipped. Which files really are layers is only known from the manifest
+//! at the end; the layers then stay packed (their blobs, leased) until a build needs their
+//! directories.
 
 use crate::{Result, TransportError};
-use isula_store::apply::apply_layer;
+use isula_store::apply::{apply_layer, validate_layer};
 use isula_store::compression::{decompress, Compression};
 use isula_store::{HashingReader, Lease, StagedLayer, Store, TeeReader};
 use isula_types::{DiffId, Digest};
@@ -97,16 +98,6 @@ impl Scanned {
     pub fn layer(&self, name: &str) -> Option<&LayerEntry> {
         match self.entries.get(&self.resolve(name)?)? {
             Entry::Layer(l) => Some(l),
-            _ => None,
-        }
-    }
-
-    pub fn take_staged(&mut self, name: &str) -> Option<StagedLayer> {
-        let key = self.resolve(name)?;
-        match self.entries.get_mut(&key)? {
-            Entry::Layer(LayerEntry {
-                unpacked: Ok(u), ..
-            }) => u.staged.take(),
             _ => None,
         }
     }
@@ -212,9 +203,11 @@ fn scan_layer<R: Read>(
         sink: &mut writer,
     };
     // An uncompressed layer's blob digest is its diff ID: the blob writer's hash serves both.
+    // Nothing is unpacked yet: a loaded layer stays packed until a build needs it or the
+    // machine is idle.
     let unpacked = match compression {
-        Compression::None => unpack_stream(store, &mut tee, false),
-        Compression::Gzip | Compression::Zstd => unpack_stream(store, &mut tee, true),
+        Compression::None => check_stream(&mut tee, false),
+        Compression::Gzip | Compression::Zstd => check_stream(&mut tee, true),
         other => Err(format!(
             "{} compressed layers are not supported",
             other.name()
@@ -236,7 +229,8 @@ fn scan_layer<R: Read>(
 pub struct UnpackedStream {
     diff_id: Option<DiffId>,
     size: u64,
-    staged: StagedLayer,
+    /// None when the layer was only checked (it stays packed).
+    staged: Option<StagedLayer>,
     skipped_devices: Vec<String>,
 }
 
@@ -247,7 +241,7 @@ impl UnpackedStream {
         Unpacked {
             diff_id: self.diff_id.unwrap_or_else(|| DiffId(blob.clone())),
             size: self.size,
-            staged: Some(self.staged),
+            staged: self.staged,
             skipped_devices: self.skipped_devices,
         }
     }
@@ -295,7 +289,35 @@ pub fn unpack_stream<R: Read>(
     Ok(UnpackedStream {
         diff_id,
         size,
-        staged,
+        staged: Some(staged),
+        skipped_devices: report.skipped_devices,
+    })
+}
+
+/// [`unpack_stream`] without the unpack: the layer is checked as the unpack would check
+/// it, hashed (with `hash`) and counted, and nothing is written; it stays packed.
+pub fn check_stream<R: Read>(raw: R, hash: bool) -> std::result::Result<UnpackedStream, String> {
+    let (_, plain) = decompress(raw).map_err(|e| e.to_string())?;
+    let layer_err = |e: io::Error| format!("layer data: {e}");
+    let (diff_id, size, report) = if hash {
+        let mut hashing = HashingReader::new(plain);
+        let report = validate_layer(&mut hashing).map_err(|e| e.to_string())?;
+        io::copy(&mut hashing, &mut io::sink()).map_err(layer_err)?;
+        let (digest, size) = hashing.finish().map_err(layer_err)?;
+        (Some(DiffId(digest)), size, report)
+    } else {
+        let mut counting = Counting {
+            inner: plain,
+            count: 0,
+        };
+        let report = validate_layer(&mut counting).map_err(|e| e.to_string())?;
+        io::copy(&mut counting, &mut io::sink()).map_err(layer_err)?;
+        (None, counting.count, report)
+    };
+    Ok(UnpackedStream {
+        diff_id,
+        size,
+        staged: None,
         skipped_devices: report.skipped_devices,
     })
 }

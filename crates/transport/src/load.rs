@@ -142,8 +142,15 @@ fn load_leased<R: std::io::Read>(
             .filter(|b| scanned.blob_compression(b) == Some(Compression::None))
             .cloned()
             .collect();
+        let chains: Vec<ChainId> = new.layers.iter().map(|l| l.chain_id.clone()).collect();
         store.add_image(new)?;
-        // As after a commit: the gzip a push needs is made when the machine is idle.
+        // When the machine is idle: the directories a build needs, and (as after a commit)
+        // the gzip a push needs.
+        for c in &chains {
+            if !store.layer_dir(c).join("diff").is_dir() {
+                store.queue_unpack(c);
+            }
+        }
         for b in &plain {
             store.queue_compression(b);
         }
@@ -221,13 +228,8 @@ fn prepare(
         );
         let chain = &chains[i];
         if !store.has_layer(chain) {
-            let staged = match scanned.take_staged(path) {
-                Some(s) => s,
-                None => archive::unpack_blob(store, &blob)?.staged.ok_or_else(|| {
-                    TransportError::bad(&src, format!("layer {path}: nothing unpacked"))
-                })?,
-            };
-            store.commit_layer(staged, chain, lease)?;
+            // Checked and stored, not unpacked: a build makes its directory.
+            store.commit_packed_layer(chain, &blob, lease)?;
         } else {
             lease.layer(chain);
         }

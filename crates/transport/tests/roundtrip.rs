@@ -108,7 +108,16 @@ fn import_save_load_round_trip() {
         assert_eq!(loaded[0].id, id);
         let img = other.resolve("busybox:latest").expect("tag survived");
         assert_eq!(img.id, id);
-        let diff = other.layer_dir(&img.layers[0]).join("diff");
+        // The loaded layer stays packed (its blob alone) until something needs it.
+        assert!(
+            !other.layer_dir(&img.layers[0]).exists(),
+            "unpacked at load"
+        );
+        assert!(other.check().expect("check").is_empty());
+        let lease = other.lease();
+        let diff = other.layer_diff(&img.layers[0], &lease).expect("unpack");
+        drop(lease);
+        assert_eq!(diff, other.layer_dir(&img.layers[0]).join("diff"));
         assert_eq!(
             std::fs::read(diff.join("etc/hostname")).expect("file"),
             b"box\n"

@@ -319,8 +319,8 @@ impl StageRun<'_, '_> {
                     .layers
                     .iter()
                     .rev()
-                    .map(|l| self.ctx.store.layer_dir(&l.chain_id).join("diff"))
-                    .collect();
+                    .map(|l| self.ctx.store.layer_diff(&l.chain_id, self.lease))
+                    .collect::<Result<_, _>>()?;
                 let guard = if lowers.is_empty() {
                     None
                 } else {

@@ -390,8 +390,8 @@ impl<'c, 'a> StageRun<'c, 'a> {
             .layers
             .iter()
             .rev()
-            .map(|l| self.ctx.store.layer_dir(&l.chain_id).join("diff"))
-            .collect();
+            .map(|l| self.ctx.store.layer_diff(&l.chain_id, self.lease))
+            .collect::<Result<_, _>>()?;
         let mut key = KeyBuilder::new("from", None);
         key.field("base", base.key.as_str().as_bytes())
             .field("platform", platform_key(&stage_platform).as_bytes());
