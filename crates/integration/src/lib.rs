@@ -425,8 +425,9 @@ impl Daemon {
             .collect()
     }
 
-    /// Waits until the background compressor has made the gzip form of every uncompressed
-    /// layer blob of every image (so that snapshots are not taken half-way through).
+    /// Waits until the daemon's background work is done: the gzip form of every
+    /// uncompressed layer blob of every image, and the directory of every packed layer
+    /// (so that snapshots are not taken half-way through).
     pub fn wait_compressed(&self) {
         let data = self.data();
         let done = || {
@@ -439,24 +440,28 @@ impl Daemon {
             let empty = serde_json::Map::new();
             let compressed = meta["compressed"].as_object().unwrap_or(&empty);
             let images = meta["images"].as_object().unwrap_or(&empty);
-            images.values().all(|img| {
-                img["blobs"].as_array().into_iter().flatten().all(|b| {
-                    let Some(d) = b.as_str() else { return true };
-                    let hex = d.trim_start_matches("sha256:");
-                    let mut head = [0u8; 2];
-                    let gz = std::fs::File::open(data.join("blobs/sha256").join(hex))
-                        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-                        .map(|_| head == [0x1f, 0x8b])
-                        .unwrap_or(true);
-                    gz || compressed.get(d).is_some_and(|c| {
-                        c["digest"].as_str().is_some_and(|g| {
-                            data.join("blobs/sha256")
-                                .join(g.trim_start_matches("sha256:"))
-                                .exists()
+            // Packed (loaded or pulled) layers are unpacked in the same idle time.
+            let packed = meta["packed"].as_object().is_some_and(|p| !p.is_empty());
+            !packed
+                && images.values().all(|img| {
+                    img["blobs"].as_array().into_iter().flatten().all(|b| {
+                        let Some(d) = b.as_str() else { return true };
+                        let hex = d.trim_start_matches("sha256:");
+                        let mut head = [0u8; 2];
+                        let gz = std::fs::File::open(data.join("blobs/sha256").join(hex))
+                            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                            .map(|_| head == [0x1f, 0x8b])
+                            .unwrap_or(true);
+                        gz || compressed.get(d).is_some_and(|c| {
+                            c["digest"].as_str().is_some_and(|g| {
+                                data.join("blobs/sha256")
+                                    .join(g.trim_start_matches("sha256:"))
+                                    .exists()
+                            })
                         })
                     })
                 })
-            }) && std::fs::read_dir(data.join("ingest")).map_or(true, |mut d| d.next().is_none())
+                && std::fs::read_dir(data.join("ingest")).map_or(true, |mut d| d.next().is_none())
                 && {
                     // Every blob on disk is referenced (a finished gzip of a layer whose image
                     // was removed meanwhile is collected right after).
@@ -488,7 +493,7 @@ impl Daemon {
         // Every uncompressed layer (built, imported or loaded) is queued for the background
         // gzip, which starts after 2 s without an operation.
         wait_until(
-            "every layer's background gzip",
+            "the background gzip and unpack of every layer",
             Duration::from_secs(60),
             done,
         );

@@ -1172,7 +1172,20 @@ fn a_push_sends_the_gzip_as_it_makes_it_keeps_it_and_survives_a_broken_stream() 
     );
     proxy.set(Fault::None);
 
-    // Both pull back as the same images.
+    // Both pull back as the same images, their layers kept packed (no directory) while
+    // the store is busy; once it is idle their directories are made.
+    d.ok(&["ctr-img", "rm", &a, &again, &b]);
+    let layer_dirs = || {
+        std::fs::read_dir(d.data().join("layers"))
+            .map(|rd| rd.count())
+            .unwrap_or(0)
+    };
+    let dirs = layer_dirs();
+    for (name, id) in [(&a, &a_id), (&b, &b_id)] {
+        d.ok(&["ctr-img", "pull", name]);
+        assert_eq!(id_of(&d, name).as_deref(), Some(id.as_str()), "{name}");
+    }
+    assert_eq!(layer_dirs(), dirs, "a pull unpacked its layer");
     let _ = holding.kill();
     let _ = holding.wait();
     wait_until(
@@ -1180,10 +1193,6 @@ fn a_push_sends_the_gzip_as_it_makes_it_keeps_it_and_survives_a_broken_stream() 
         std::time::Duration::from_secs(60),
         || runc_containers(&runc_root).is_empty(),
     );
-    d.ok(&["ctr-img", "rm", "-a"]);
-    for (name, id) in [(&a, &a_id), (&b, &b_id)] {
-        d.ok(&["ctr-img", "pull", name]);
-        assert_eq!(id_of(&d, name).as_deref(), Some(id.as_str()), "{name}");
-    }
     assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+    assert_eq!(layer_dirs(), dirs + 2, "the idle unpack");
 }

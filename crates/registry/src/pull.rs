@@ -566,11 +566,18 @@ fn pull_leased(
         created: config.created.clone(),
         names: vec![name.clone()],
     })?;
+    // A build makes the directories of packed layers, or the machine when idle.
+    for c in &chains {
+        if !store.layer_dir(c).join("diff").is_dir() {
+            store.queue_unpack(c);
+        }
+    }
     Ok(id)
 }
 
-/// Makes one layer present: its blob downloaded and its diff unpacked (either skipped when
-/// already there). Returns the uncompressed size when it unpacked it.
+/// Makes one layer present: its blob downloaded and its diff checked, kept packed (either
+/// skipped when already there; the directory is made when a build needs it). Returns the
+/// uncompressed size when it checked it.
 #[allow(clippy::too_many_arguments)]
 fn layer(
     store: &Store,
@@ -591,7 +598,7 @@ fn layer(
         return Ok(None);
     }
     let what = format!("layer {} of {repo}", desc.digest);
-    let unpacked = fetch_unpacked_metered(store, client, repo, desc, lease, cancel, meter)?;
+    let unpacked = fetch_unpacked_metered(store, client, repo, desc, lease, cancel, meter, true)?;
     if &unpacked.diff_id != diff_id {
         return Err(RegistryError::BadContent {
             registry: client.host().to_string(),
@@ -603,8 +610,9 @@ fn layer(
         });
     }
     let size = unpacked.size;
-    if let Some(staged) = unpacked.staged {
-        store.commit_layer(staged, chain, lease)?;
+    match unpacked.staged {
+        Some(staged) => store.commit_layer(staged, chain, lease)?,
+        None => store.commit_packed_layer(chain, &desc.digest, lease)?,
     }
     Ok(Some(size))
 }
@@ -619,10 +627,21 @@ pub fn fetch_unpacked(
     lease: &Lease,
     cancel: &Cancel,
 ) -> Result<isula_transport::archive::Unpacked> {
-    fetch_unpacked_metered(store, client, repo, desc, lease, cancel, Arc::default())
+    fetch_unpacked_metered(
+        store,
+        client,
+        repo,
+        desc,
+        lease,
+        cancel,
+        Arc::default(),
+        false,
+    )
 }
 
-/// `fetch_unpacked`, adding the bytes downloaded to `meter` (reset on each attempt).
+/// `fetch_unpacked`, adding the bytes downloaded to `meter` (reset on each attempt); with
+/// `packed`, the layer is only checked and hashed, not unpacked.
+#[allow(clippy::too_many_arguments)]
 fn fetch_unpacked_metered(
     store: &Store,
     client: &Client,
@@ -631,17 +650,31 @@ fn fetch_unpacked_metered(
     lease: &Lease,
     cancel: &Cancel,
     meter: Arc<AtomicU64>,
+    packed: bool,
 ) -> Result<isula_transport::archive::Unpacked> {
     if store.content().contains(&desc.digest) {
         lease.blob(&desc.digest);
-        return Ok(isula_transport::archive::unpack_blob(store, &desc.digest)?);
+        return Ok(if packed {
+            isula_transport::archive::check_blob(store, &desc.digest)?
+        } else {
+            isula_transport::archive::unpack_blob(store, &desc.digest)?
+        });
     }
     let what = format!("layer {} of {repo}", desc.digest);
     let mut attempt = 0;
     loop {
         attempt += 1;
         meter.store(0, Ordering::Relaxed);
-        match stream_layer(store, client, repo, desc, lease, cancel, meter.clone()) {
+        match stream_layer(
+            store,
+            client,
+            repo,
+            desc,
+            lease,
+            cancel,
+            meter.clone(),
+            packed,
+        ) {
             Ok(u) => return Ok(u),
             Err(e @ RegistryError::Http { .. }) if attempt < 3 => {
                 tracing::debug!(%what, error = %e, attempt, "layer download interrupted; retrying");
@@ -680,7 +713,8 @@ impl Read for ChannelReader {
 /// Downloads a layer and unpacks it in one pass, on two threads: one receives, stores and
 /// hashes the compressed blob and decompresses it; the other hashes the tar and unpacks it.
 /// The blob is committed only if its digest and size match; the staged layer is dropped on
-/// any failure.
+/// any failure. With `packed`, the tar is only checked as the unpack would check it.
+#[allow(clippy::too_many_arguments)]
 fn stream_layer(
     store: &Store,
     client: &Client,
@@ -689,6 +723,7 @@ fn stream_layer(
     lease: &Lease,
     cancel: &Cancel,
     meter: Arc<AtomicU64>,
+    packed: bool,
 ) -> Result<isula_transport::archive::Unpacked> {
     let what = blob_what(repo, desc);
     let resp = get_blob(client, repo, desc)?;
@@ -751,7 +786,11 @@ fn stream_layer(
             cur: Vec::new(),
             pos: 0,
         };
-        let consumed = isula_transport::archive::unpack_stream(store, reader, true);
+        let consumed = if packed {
+            isula_transport::archive::check_stream(reader, true)
+        } else {
+            isula_transport::archive::unpack_stream(store, reader, true)
+        };
         let produced = producer
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("download thread panicked")));

@@ -9,7 +9,9 @@
 //! ├── metadata.json            images + layers (schema version), replaced atomically
 //! ├── blobs/sha256/<hex>       committed blobs (layers, configs, manifests), read-only
 //! ├── ingest/<random>          blobs being written (swept at start-up)
-//! ├── layers/<chain-hex>/diff  unpacked layer in overlay form (whiteouts = 0:0 char devs)
+//! ├── layers/<chain-hex>/diff  unpacked layer in overlay form (whiteouts = 0:0 char devs);
+//! │                           a loaded or pulled layer is "packed" (its blob alone, named
+//! │                           in metadata.json) until a build needs it or the store idles
 //! ├── cache/                   the build cache (see `cache`)
 //! └── tmp/<random>/            layers being unpacked, archives being staged (swept)
 //! ```

@@ -322,6 +322,14 @@ pub fn check_stream<R: Read>(raw: R, hash: bool) -> std::result::Result<Unpacked
     })
 }
 
+/// Checks and hashes a stored layer blob as [`check_stream`] does (nothing unpacked).
+pub fn check_blob(store: &Store, blob: &Digest) -> Result<Unpacked> {
+    let f = store.content().open(blob)?;
+    check_stream(io::BufReader::new(f), true)
+        .map(|u| u.with_diff_id(blob))
+        .map_err(|e| TransportError::bad(store.content().path(blob), e))
+}
+
 /// Unpacks a stored blob again (when one archive member backs two different chains).
 pub fn unpack_blob(store: &Store, blob: &Digest) -> Result<Unpacked> {
     let f = store.content().open(blob)?;
