@@ -206,7 +206,19 @@ if only peers; then
                 local hwm
                 hwm=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$daemon/status")
                 [ "$hwm" -gt "${PEAK[$w]:-0}" ] && PEAK[$w]=$hwm
+                # Our idle-time work (gzip, unpack of packed layers) is done before the next
+                # tool runs: the peers get a quiet machine.
+                settle
             fi
+        done
+    }
+    # Waits (at most 60 s) until the daemon has used no CPU for 3 s.
+    settle() {
+        local a b n=0
+        while [ $n -lt 20 ]; do
+            a=$(cpu); sleep 3; b=$(cpu)
+            [ "$a" = "$b" ] && return 0
+            n=$((n + 1))
         done
     }
     # A build of ctx-$2 without cache, by tool $1.

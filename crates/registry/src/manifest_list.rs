@@ -42,10 +42,7 @@ pub struct Member {
 
 /// `os/arch[/variant]`.
 pub fn platform_text(p: &Platform) -> String {
-    match p.variant.as_deref().filter(|v| !v.is_empty()) {
-        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-        None => format!("{}/{}", p.os, p.architecture),
-    }
+    isula_types::image::platform_string(&p.os, &p.architecture, p.variant.as_deref())
 }
 
 /// Platform fields to set on a list entry; empty ones are left as they are.

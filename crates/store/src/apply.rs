@@ -337,59 +337,102 @@ fn unpack<R: Read>(
     Ok(report)
 }
 
-/// What a path of a layer being validated is.
+/// What a validated layer holds so far: directories and symlinks by path, every other
+/// entry by a hash of its path.
+#[derive(Default)]
+struct Seen {
+    tree: std::collections::BTreeMap<PathBuf, Kind>,
+    others: std::collections::HashSet<u128>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Seen {
+enum Kind {
     Dir,
     Symlink,
     Other,
 }
 
-/// Checks a layer tar as [`apply_layer`] would unpack it, without writing anything: the
-/// same limits and refusals (`..`, paths through a symlink or a non-directory, hard links
-/// that are no earlier entry, bad whiteouts, unsupported entry types), for a layer that is
-/// stored now and unpacked later. Reads the whole stream; keeps one small record per path.
-pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
-    use std::collections::BTreeMap;
-    let limits = limits();
-    let bad = |e: io::Error| StoreError::BadTar(e.to_string());
-    let mut archive = tar::Archive::new(layer);
-    let mut report = ApplyReport::default();
-    let mut seen: BTreeMap<PathBuf, Seen> = BTreeMap::new();
-    let mut bytes: u64 = 0;
-    // Removes `p` and everything under it.
-    fn remove(seen: &mut BTreeMap<PathBuf, Seen>, p: &Path) {
-        let under: Vec<PathBuf> = seen
+fn path_hash(p: &Path) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        p.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(0)) << 64) | u128::from(half(1))
+}
+
+impl Seen {
+    fn get(&self, p: &Path) -> Option<Kind> {
+        match self.tree.get(p) {
+            Some(k) => Some(*k),
+            None => self.others.contains(&path_hash(p)).then_some(Kind::Other),
+        }
+    }
+
+    /// Removes `p` and the directories and symlinks under it (other entries under it are
+    /// unreachable anyway once `p` is something else).
+    fn remove(&mut self, p: &Path) {
+        let under: Vec<PathBuf> = self
+            .tree
             .range(p.to_path_buf()..)
             .take_while(|(k, _)| k.starts_with(p))
             .map(|(k, _)| k.clone())
             .collect();
         for k in under {
-            seen.remove(&k);
+            self.tree.remove(&k);
+        }
+        self.others.remove(&path_hash(p));
+    }
+
+    fn insert(&mut self, p: PathBuf, k: Kind) {
+        match k {
+            Kind::Other => {
+                self.others.insert(path_hash(&p));
+            }
+            _ => {
+                self.tree.insert(p, k);
+            }
         }
     }
-    // Every parent of `rel` is (or becomes) a directory; none may be a symlink or a file.
-    fn parents(seen: &mut BTreeMap<PathBuf, Seen>, rel: &Path, create: bool) -> Result<bool> {
+
+    /// Every parent of `rel` is (or, with `create`, becomes) a directory; none may be a
+    /// symlink or a file. False when one is missing and `create` is not set.
+    fn parents(&mut self, rel: &Path, create: bool) -> Result<bool> {
         let mut at = PathBuf::new();
         let comps: Vec<_> = rel.components().collect();
         for c in &comps[..comps.len().saturating_sub(1)] {
             at.push(c);
-            match seen.get(&at) {
-                Some(Seen::Dir) => {}
-                Some(Seen::Symlink | Seen::Other) => {
+            match self.get(&at) {
+                Some(Kind::Dir) => {}
+                Some(Kind::Symlink | Kind::Other) => {
                     return Err(unsafe_entry(
                         rel,
                         "path goes through a symlink or a non-directory",
                     ))
                 }
-                None if create => {
-                    seen.insert(at.clone(), Seen::Dir);
-                }
+                None if create => self.insert(at.clone(), Kind::Dir),
                 None => return Ok(false),
             }
         }
         Ok(true)
     }
+}
+
+/// Checks a layer tar as [`apply_layer`] would unpack it, without writing anything: the
+/// same limits and refusals (`..`, paths through a symlink or a non-directory, hard links
+/// that are no earlier entry, bad whiteouts, unsupported entry types, unparsable header
+/// fields), for a layer that is stored now and unpacked later. Reads the whole stream.
+/// Memory stays small: directories and symlinks are kept by path, other entries only as a
+/// 128-bit hash of their path. (Anything this misses, the unpack still refuses.)
+pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
+    let limits = limits();
+    let bad = |e: io::Error| StoreError::BadTar(e.to_string());
+    let mut archive = tar::Archive::new(layer);
+    let mut report = ApplyReport::default();
+    let mut seen = Seen::default();
+    let mut bytes: u64 = 0;
     for entry in archive.entries().map_err(bad)? {
         let entry = entry.map_err(bad)?;
         let raw = entry.path().map_err(bad)?.into_owned();
@@ -409,7 +452,7 @@ pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
         }
         let kind = entry.header().entry_type();
         let name_bytes = rel.file_name().unwrap_or_default().as_bytes().to_vec();
-        parents(&mut seen, &rel, true)?;
+        seen.parents(&rel, true)?;
         if name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
             if name_bytes == OPAQUE_WHITEOUT.as_bytes() || name_bytes.starts_with(b".wh..wh.") {
                 continue;
@@ -419,13 +462,13 @@ pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
                 return Err(unsafe_entry(&rel, "invalid whiteout name"));
             }
             let at = rel.with_file_name(target);
-            remove(&mut seen, &at);
-            seen.insert(at, Seen::Other);
+            seen.remove(&at);
+            seen.insert(at, Kind::Other);
             continue;
         }
-        let existing = seen.get(&rel).copied();
-        if !(kind == tar::EntryType::Directory && existing == Some(Seen::Dir)) {
-            remove(&mut seen, &rel);
+        let existing = seen.get(&rel);
+        if !(kind == tar::EntryType::Directory && existing == Some(Kind::Dir)) {
+            seen.remove(&rel);
         }
         // The fields the unpack reads must parse.
         let header = entry.header();
@@ -444,15 +487,15 @@ pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
                         limit: limits.max_bytes,
                     });
                 }
-                Seen::Other
+                Kind::Other
             }
-            tar::EntryType::Directory => Seen::Dir,
+            tar::EntryType::Directory => Kind::Dir,
             tar::EntryType::Symlink => {
                 entry
                     .link_name()
                     .map_err(bad)?
                     .ok_or_else(|| unsafe_entry(&rel, "symlink without target"))?;
-                Seen::Symlink
+                Kind::Symlink
             }
             tar::EntryType::Link => {
                 let target = entry
@@ -461,17 +504,17 @@ pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
                     .ok_or_else(|| unsafe_entry(&rel, "hard link without target"))?;
                 let target = entry_path(&target)
                     .map_err(|_| unsafe_entry(&rel, "hard link target contains '..'"))?;
-                let earlier = parents(&mut seen, &target, false).unwrap_or(false)
-                    && seen.get(&target).is_some_and(|k| *k != Seen::Dir);
+                let earlier = seen.parents(&target, false).unwrap_or(false)
+                    && seen.get(&target).is_some_and(|k| k != Kind::Dir);
                 if !earlier {
                     return Err(unsafe_entry(
                         &rel,
                         "hard link target is not an earlier entry of this layer",
                     ));
                 }
-                Seen::Other
+                Kind::Other
             }
-            tar::EntryType::Fifo => Seen::Other,
+            tar::EntryType::Fifo => Kind::Other,
             tar::EntryType::Char | tar::EntryType::Block => {
                 report.skipped_devices.push(rel.display().to_string());
                 continue;

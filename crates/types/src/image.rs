@@ -10,6 +10,14 @@ use std::collections::BTreeMap;
 
 type Extra = serde_json::Map<String, serde_json::Value>;
 
+/// `os/arch[/variant]`, as `--platform` takes it and `images` shows it.
+pub fn platform_string(os: &str, architecture: &str, variant: Option<&str>) -> String {
+    match variant.filter(|v| !v.is_empty()) {
+        Some(v) => format!("{os}/{architecture}/{v}"),
+        None => format!("{os}/{architecture}"),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Platform {
     pub architecture: String,

@@ -36,10 +36,7 @@ pub(crate) fn platform(state: &State, img: &ImageRecord) -> String {
     let Some(c) = config(state, img) else {
         return String::new();
     };
-    match c.variant.as_deref().filter(|v| !v.is_empty()) {
-        Some(v) => format!("{}/{}/{v}", c.os, c.architecture),
-        None => format!("{}/{}", c.os, c.architecture),
-    }
+    isula_types::image::platform_string(&c.os, &c.architecture, c.variant.as_deref())
 }
 
 fn rows(state: &State, img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> Vec<ImageInfo> {
