@@ -175,7 +175,12 @@ if only peers; then
     dk() { DOCKER_BUILDKIT=1 /usr/bin/docker "$@"; }
     "$bin/isula-build" ctr-img rm -a >/dev/null 2>&1 || true
     "$bin/isula-build" ctr-img import "$work/base.tar" busybox:bench >/dev/null
-    "$bin/isula-build" ctr-img import "$work/rootfs.tar" bench:1 >/dev/null
+    if [ "$mb" -gt 1000 ]; then
+        # Past import's 1 GiB limit: the image is the COPY build's (busybox plus the files).
+        "$bin/isula-build" ctr-img build --no-cache -t bench:1 "$work/ctx-copy" >/dev/null
+    else
+        "$bin/isula-build" ctr-img import "$work/rootfs.tar" bench:1 >/dev/null
+    fi
     "$bin/isula-build" ctr-img save busybox:bench -o "$work/peer-base.tar" >/dev/null
     "$bin/isula-build" ctr-img save bench:1 -o "$work/peer-image.tar" >/dev/null
     if [ -n "$peer_buildah" ]; then
