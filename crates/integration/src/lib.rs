@@ -740,6 +740,58 @@ impl Drop for DockerImage {
 }
 
 /// The containers runc has under `root`.
+/// A build that keeps the daemon busy (`RUN sleep 300` on `base`) until [`Busy::end`]:
+/// while it runs the store has no quiet spell, so no background gzip or unpack starts.
+pub struct Busy {
+    client: Child,
+    runc_root: PathBuf,
+    _ctx: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts a [`Busy`] build on `base` and waits until its RUN runs.
+    pub fn busy(&self, base: &str) -> Busy {
+        let ctx = tempfile::tempdir().expect("ctx");
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!("FROM {base}\nRUN sleep 300\n"),
+        )
+        .expect("df");
+        let client = self
+            .cli_command(&[
+                "ctr-img",
+                "build",
+                "--no-cache",
+                &ctx.path().to_string_lossy(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("client");
+        let runc_root = self.run_root().join("runc");
+        wait_until("the busy build's RUN", Duration::from_secs(60), || {
+            !runc_containers(&runc_root).is_empty()
+        });
+        Busy {
+            client,
+            runc_root,
+            _ctx: ctx,
+        }
+    }
+}
+
+impl Busy {
+    /// Ends the build (its client goes, the daemon cancels it) and waits for its container
+    /// to go.
+    pub fn end(mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+        wait_until("the busy build to stop", Duration::from_secs(60), || {
+            runc_containers(&self.runc_root).is_empty()
+        });
+    }
+}
+
 pub fn runc_containers(root: &Path) -> Vec<String> {
     Command::new("runc")
         .arg("--root")

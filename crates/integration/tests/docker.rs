@@ -73,4 +73,23 @@ fn docker_loads_and_runs_our_archive_and_we_load_docker_save() {
             id[..12].to_string()
         )]
     );
+    // Docker's layer tar, kept packed by the load, unpacks for a build on it.
+    let ctx = work.path().join("on-docker");
+    std::fs::create_dir(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM isula-e2e/busybox:docker\nRUN ls /bin/busybox > /seen\n",
+    )
+    .expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "on-docker:1",
+        ctx.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        d.image_text("on-docker:1", "seen").as_deref(),
+        Some("/bin/busybox")
+    );
 }

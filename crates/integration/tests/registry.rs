@@ -1096,26 +1096,7 @@ fn a_push_sends_the_gzip_as_it_makes_it_keeps_it_and_survives_a_broken_stream() 
     d.import_busybox("busybox:latest", &[]);
     // An operation that runs throughout: the background gzip never gets its quiet spell,
     // so each push below has to make the gzip itself.
-    let hold = d.dir.path().join("hold");
-    std::fs::create_dir(&hold).expect("ctx");
-    std::fs::write(hold.join("Dockerfile"), "FROM busybox\nRUN sleep 300\n").expect("df");
-    let mut holding = d
-        .cli_command(&[
-            "ctr-img",
-            "build",
-            "--no-cache",
-            hold.to_str().expect("utf8"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("client");
-    let runc_root = d.run_root().join("runc");
-    wait_until(
-        "the holding RUN",
-        std::time::Duration::from_secs(60),
-        || !runc_containers(&runc_root).is_empty(),
-    );
+    let busy = d.busy("busybox");
 
     let push = |repo: &str, seed: u64| {
         let name = format!("{phost}/{repo}:1");
@@ -1186,13 +1167,7 @@ fn a_push_sends_the_gzip_as_it_makes_it_keeps_it_and_survives_a_broken_stream() 
         assert_eq!(id_of(&d, name).as_deref(), Some(id.as_str()), "{name}");
     }
     assert_eq!(layer_dirs(), dirs, "a pull unpacked its layer");
-    let _ = holding.kill();
-    let _ = holding.wait();
-    wait_until(
-        "the holding build to stop",
-        std::time::Duration::from_secs(60),
-        || runc_containers(&runc_root).is_empty(),
-    );
+    busy.end();
     assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
     assert_eq!(layer_dirs(), dirs + 2, "the idle unpack");
 }

@@ -311,26 +311,7 @@ fn a_loaded_image_stays_packed_until_a_build_needs_it_or_the_machine_is_idle() {
     let work = tempfile::tempdir().expect("tmp");
     d.import_busybox("hold:1", &[]);
     // An operation that runs throughout: no quiet spell, so no background unpack.
-    let hold = work.path().join("hold");
-    std::fs::create_dir(&hold).expect("ctx");
-    std::fs::write(hold.join("Dockerfile"), "FROM hold:1\nRUN sleep 300\n").expect("df");
-    let mut holding = d
-        .cli_command(&[
-            "ctr-img",
-            "build",
-            "--no-cache",
-            hold.to_str().expect("utf8"),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("client");
-    let runc_root = d.run_root().join("runc");
-    wait_until(
-        "the holding RUN",
-        std::time::Duration::from_secs(60),
-        || !runc_containers(&runc_root).is_empty(),
-    );
+    let busy = d.busy("hold:1");
 
     // The load stores the layer, checked, and unpacks nothing.
     let before = layer_dirs(&d);
@@ -368,13 +349,7 @@ fn a_loaded_image_stays_packed_until_a_build_needs_it_or_the_machine_is_idle() {
     assert_eq!(layer_dirs(&d).len(), before.len() + 2, "base and new layer");
 
     // Once the machine is idle, a loaded layer's directory is made without any build.
-    let _ = holding.kill();
-    let _ = holding.wait();
-    wait_until(
-        "the holding build to stop",
-        std::time::Duration::from_secs(60),
-        || runc_containers(&runc_root).is_empty(),
-    );
+    busy.end();
     let n = layer_dirs(&d).len();
     std::fs::write(
         &archive,

@@ -93,6 +93,34 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    fn check_entries(&self, entries: u64, at: &Path) -> Result<()> {
+        if entries > self.max_entries {
+            return Err(StoreError::TooLarge {
+                what: format!(
+                    "the archive's number of entries (max_layer_entries in configuration.toml) at {}",
+                    at.display()
+                ),
+                limit: self.max_entries,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_bytes(&self, bytes: u64, at: &Path) -> Result<()> {
+        if bytes > self.max_bytes {
+            return Err(StoreError::TooLarge {
+                what: format!(
+                    "the archive's unpacked files (max_layer_size in configuration.toml) at {}",
+                    at.display()
+                ),
+                limit: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
 static LIMITS: std::sync::OnceLock<Limits> = std::sync::OnceLock::new();
 
 /// Sets the unpack limits for this process (the first call wins).
@@ -150,15 +178,7 @@ fn unpack<R: Read>(
             .into_owned();
         let rel = entry_path(&raw)?;
         report.entries += 1;
-        if report.entries > limits.max_entries {
-            return Err(StoreError::TooLarge {
-                what: format!(
-                    "the archive's number of entries (max_layer_entries in configuration.toml) at {}",
-                    rel.display()
-                ),
-                limit: limits.max_entries,
-            });
-        }
+        limits.check_entries(report.entries, &rel)?;
         if rel.as_os_str().is_empty() {
             continue; // the layer root itself ("./")
         }
@@ -217,15 +237,7 @@ fn unpack<R: Read>(
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 bytes = bytes.saturating_add(entry.size());
-                if bytes > limits.max_bytes {
-                    return Err(StoreError::TooLarge {
-                        what: format!(
-                            "the archive's unpacked files (max_layer_size in configuration.toml) at {}",
-                            rel.display()
-                        ),
-                        limit: limits.max_bytes,
-                    });
-                }
+                limits.check_bytes(bytes, &rel)?;
                 if bytes >= next_space_check {
                     check_free_space(dest, limits.min_free.saturating_add(entry.size()))?;
                     next_space_check = bytes + SPACE_CHECK_EVERY;
@@ -438,15 +450,7 @@ pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
         let raw = entry.path().map_err(bad)?.into_owned();
         let rel = entry_path(&raw)?;
         report.entries += 1;
-        if report.entries > limits.max_entries {
-            return Err(StoreError::TooLarge {
-                what: format!(
-                    "the archive's number of entries (max_layer_entries in configuration.toml) at {}",
-                    rel.display()
-                ),
-                limit: limits.max_entries,
-            });
-        }
+        limits.check_entries(report.entries, &rel)?;
         if rel.as_os_str().is_empty() {
             continue;
         }
@@ -478,15 +482,7 @@ pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
         let now = match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 bytes = bytes.saturating_add(entry.size());
-                if bytes > limits.max_bytes {
-                    return Err(StoreError::TooLarge {
-                        what: format!(
-                            "the archive's unpacked files (max_layer_size in configuration.toml) at {}",
-                            rel.display()
-                        ),
-                        limit: limits.max_bytes,
-                    });
-                }
+                limits.check_bytes(bytes, &rel)?;
                 Kind::Other
             }
             tar::EntryType::Directory => Kind::Dir,

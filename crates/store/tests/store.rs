@@ -201,12 +201,17 @@ fn add_blob_image(store: &Store, name: &str, data: &[u8]) -> (ImageId, isula_typ
     (id, blob)
 }
 
-fn wait_compressed(store: &Store, blob: &isula_types::Digest) {
+/// Polls `done` (the background worker has no signal to wait on) for at most 30 s.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while store.compressed(blob).is_none() {
-        assert!(std::time::Instant::now() < deadline, "never compressed");
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never {what}");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+fn wait_compressed(store: &Store, blob: &isula_types::Digest) {
+    wait_for("compressed", || store.compressed(blob).is_some());
 }
 
 #[test]
@@ -402,11 +407,9 @@ fn a_packed_layer_is_unpacked_on_demand_or_by_a_later_compressor_and_goes_with_i
     let (store, _) = Store::open(dir.path()).expect("reopen");
     std::thread::scope(|s| {
         let worker = s.spawn(|| store.run_compressor());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !store.layer_dir(&b).join("diff/hello").exists() {
-            assert!(std::time::Instant::now() < deadline, "never unpacked");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_for("unpacked", || {
+            store.layer_dir(&b).join("diff/hello").exists()
+        });
         store.stop_compressor();
         worker.join().expect("compressor thread");
     });

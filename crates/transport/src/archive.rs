@@ -261,47 +261,21 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-/// Unpacks a (possibly compressed) layer stream into a new staged layer. With `hash`, the
-/// uncompressed stream is hashed for the diff ID; without, the caller already hashes exactly
-/// that stream (an uncompressed blob being stored) and supplies it.
-pub fn unpack_stream<R: Read>(
-    store: &Store,
+/// Reads a (possibly compressed) layer stream through `take` (an unpack or a check) and to
+/// its end. With `hash`, the uncompressed stream is hashed for the diff ID; without, the
+/// caller already hashes exactly that stream (an uncompressed blob being stored) and
+/// supplies it.
+fn consume_layer<R: Read>(
     raw: R,
     hash: bool,
+    staged: Option<StagedLayer>,
+    take: impl FnOnce(&mut dyn Read) -> isula_store::Result<isula_store::apply::ApplyReport>,
 ) -> std::result::Result<UnpackedStream, String> {
     let (_, plain) = decompress(raw).map_err(|e| e.to_string())?;
-    let staged = store.stage_layer().map_err(|e| e.to_string())?;
     let layer_err = |e: io::Error| format!("layer data: {e}");
     let (diff_id, size, report) = if hash {
         let mut hashing = HashingReader::new(plain);
-        let report = apply_layer(&mut hashing, &staged.diff_dir()).map_err(|e| e.to_string())?;
-        let (digest, size) = hashing.finish().map_err(layer_err)?;
-        (Some(DiffId(digest)), size, report)
-    } else {
-        let mut counting = Counting {
-            inner: plain,
-            count: 0,
-        };
-        let report = apply_layer(&mut counting, &staged.diff_dir()).map_err(|e| e.to_string())?;
-        io::copy(&mut counting, &mut io::sink()).map_err(layer_err)?;
-        (None, counting.count, report)
-    };
-    Ok(UnpackedStream {
-        diff_id,
-        size,
-        staged: Some(staged),
-        skipped_devices: report.skipped_devices,
-    })
-}
-
-/// [`unpack_stream`] without the unpack: the layer is checked as the unpack would check
-/// it, hashed (with `hash`) and counted, and nothing is written; it stays packed.
-pub fn check_stream<R: Read>(raw: R, hash: bool) -> std::result::Result<UnpackedStream, String> {
-    let (_, plain) = decompress(raw).map_err(|e| e.to_string())?;
-    let layer_err = |e: io::Error| format!("layer data: {e}");
-    let (diff_id, size, report) = if hash {
-        let mut hashing = HashingReader::new(plain);
-        let report = validate_layer(&mut hashing).map_err(|e| e.to_string())?;
+        let report = take(&mut hashing).map_err(|e| e.to_string())?;
         io::copy(&mut hashing, &mut io::sink()).map_err(layer_err)?;
         let (digest, size) = hashing.finish().map_err(layer_err)?;
         (Some(DiffId(digest)), size, report)
@@ -310,30 +284,54 @@ pub fn check_stream<R: Read>(raw: R, hash: bool) -> std::result::Result<Unpacked
             inner: plain,
             count: 0,
         };
-        let report = validate_layer(&mut counting).map_err(|e| e.to_string())?;
+        let report = take(&mut counting).map_err(|e| e.to_string())?;
         io::copy(&mut counting, &mut io::sink()).map_err(layer_err)?;
         (None, counting.count, report)
     };
     Ok(UnpackedStream {
         diff_id,
         size,
-        staged: None,
+        staged,
         skipped_devices: report.skipped_devices,
     })
 }
 
+/// Unpacks a (possibly compressed) layer stream into a new staged layer (`hash` as in
+/// [`consume_layer`]).
+pub fn unpack_stream<R: Read>(
+    store: &Store,
+    raw: R,
+    hash: bool,
+) -> std::result::Result<UnpackedStream, String> {
+    let staged = store.stage_layer().map_err(|e| e.to_string())?;
+    let dest = staged.diff_dir();
+    consume_layer(raw, hash, Some(staged), |r| apply_layer(r, &dest))
+}
+
+/// [`unpack_stream`] without the unpack: the layer is checked as the unpack would check
+/// it, hashed (with `hash`) and counted, and nothing is written; it stays packed.
+pub fn check_stream<R: Read>(raw: R, hash: bool) -> std::result::Result<UnpackedStream, String> {
+    consume_layer(raw, hash, None, |r| validate_layer(r))
+}
+
+/// A stored layer blob read again: checked (`unpack` false) or unpacked.
+fn reread_blob(store: &Store, blob: &Digest, unpack: bool) -> Result<Unpacked> {
+    let f = io::BufReader::new(store.content().open(blob)?);
+    let read = if unpack {
+        unpack_stream(store, f, true)
+    } else {
+        check_stream(f, true)
+    };
+    read.map(|u| u.with_diff_id(blob))
+        .map_err(|e| TransportError::bad(store.content().path(blob), e))
+}
+
 /// Checks and hashes a stored layer blob as [`check_stream`] does (nothing unpacked).
 pub fn check_blob(store: &Store, blob: &Digest) -> Result<Unpacked> {
-    let f = store.content().open(blob)?;
-    check_stream(io::BufReader::new(f), true)
-        .map(|u| u.with_diff_id(blob))
-        .map_err(|e| TransportError::bad(store.content().path(blob), e))
+    reread_blob(store, blob, false)
 }
 
 /// Unpacks a stored blob again (when one archive member backs two different chains).
 pub fn unpack_blob(store: &Store, blob: &Digest) -> Result<Unpacked> {
-    let f = store.content().open(blob)?;
-    unpack_stream(store, io::BufReader::new(f), true)
-        .map(|u| u.with_diff_id(blob))
-        .map_err(|e| TransportError::bad(store.content().path(blob), e))
+    reread_blob(store, blob, true)
 }
