@@ -66,6 +66,150 @@ pub struct CopyOptions {
 
 type R<T> = Result<T, String>;
 
+/// Regular files are made and filled by a few threads while the walk goes on: for a big
+/// COPY that is most of the time, and it is the kernel's work (allocating inodes and pages),
+/// so it scales with the cores. A directory's own metadata is set only once every file
+/// sent into it is done ([`Files::drain`]), so the result is the same as one thread's.
+struct Files {
+    workers: std::cell::OnceCell<Workers>,
+    state: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)>,
+}
+
+struct Workers {
+    tx: Option<std::sync::mpsc::SyncSender<FileJob>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    count: usize,
+    error: Option<String>,
+}
+
+struct FileJob {
+    input: std::fs::File,
+    dir: std::sync::Arc<OwnedFd>,
+    name: std::ffi::OsString,
+    rel: String,
+    owner: (u32, u32),
+    mode: u32,
+    mtime: (i64, u32),
+}
+
+impl FileJob {
+    fn run(mut self) -> R<()> {
+        let mut out =
+            rooted::create_file(self.dir.as_fd(), &self.name, 0o600).map_err(|e| e.to_string())?;
+        std::io::copy(&mut self.input, &mut out).map_err(|e| format!("{}: {e}", self.rel))?;
+        // On the handle of the file just made: no lookups (owner before mode, as a chown
+        // clears set-id bits).
+        rooted::set_owner_mode_times(&out, self.owner, self.mode, self.mtime)
+            .map_err(|e| format!("{}: {e}", self.rel))
+    }
+}
+
+impl Files {
+    fn new() -> Files {
+        Files {
+            workers: std::cell::OnceCell::new(),
+            state: Default::default(),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.state.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands a file to the workers (started on the first one). Fails with the first error
+    /// a worker met, if any.
+    fn submit(&self, job: FileJob) -> R<()> {
+        {
+            let mut p = self.pending();
+            if let Some(e) = &p.error {
+                return Err(e.clone());
+            }
+            p.count += 1;
+        }
+        let workers = self.workers.get_or_init(|| self.start());
+        let sent = workers.tx.as_ref().map(|tx| tx.send(job));
+        if !matches!(sent, Some(Ok(()))) {
+            let mut p = self.pending();
+            p.count -= 1;
+            return Err(p
+                .error
+                .clone()
+                .unwrap_or_else(|| "the copying threads stopped".into()));
+        }
+        Ok(())
+    }
+
+    fn start(&self) -> Workers {
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(64);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let mut threads = Vec::new();
+        for i in 0..n {
+            let rx = rx.clone();
+            let state = self.state.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("copy-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(job) = job else { return };
+                    let done = job.run();
+                    let (m, cv) = &*state;
+                    let mut p = m.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = done {
+                        p.error.get_or_insert(e);
+                    }
+                    p.count -= 1;
+                    if p.count == 0 {
+                        cv.notify_all();
+                    }
+                });
+            if let Ok(t) = spawned {
+                threads.push(t);
+            }
+        }
+        Workers {
+            // No thread could start: submit reports it.
+            tx: (!threads.is_empty()).then_some(tx),
+            threads,
+        }
+    }
+
+    /// Waits for every file handed over so far; fails with the first error met.
+    fn drain(&self) -> R<()> {
+        let (_, cv) = &*self.state;
+        let mut p = self.pending();
+        while p.count > 0 {
+            p = cv.wait(p).unwrap_or_else(|p| p.into_inner());
+        }
+        match p.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        if let Some(mut w) = self.workers.take() {
+            drop(w.tx.take());
+            for t in w.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// A directory handle the file threads can hold.
+fn shared_dir(dir: BorrowedFd<'_>) -> R<std::sync::Arc<OwnedFd>> {
+    rustix::io::fcntl_dupfd_cloexec(dir, 0)
+        .map(std::sync::Arc::new)
+        .map_err(|e| e.to_string())
+}
+
 pub(crate) fn excluded(src: &Source<'_>, rel: &str) -> bool {
     src.ignore.is_some_and(|m| m.excluded(rel))
         || src
@@ -222,8 +366,9 @@ pub fn copy(
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
 ) -> R<()> {
+    let files = Files::new();
     if opts.parents {
-        return copy_with_parents(src, sources, rootfs, dest, opts, reuse);
+        return copy_with_parents(src, sources, rootfs, dest, opts, reuse, &files);
     }
     let mut paths = Vec::new();
     for s in sources {
@@ -241,7 +386,15 @@ pub fn copy(
         if kind == FileType::Directory {
             // A directory's contents go into dest.
             let dfd = ensure_dir(rootfs, dest, opts, Some(&st))?;
-            copy_dir_contents(src, rel, &fd, dfd.as_fd(), opts, reuse.as_deref_mut())?;
+            copy_dir_contents(
+                src,
+                rel,
+                &fd,
+                dfd.as_fd(),
+                opts,
+                reuse.as_deref_mut(),
+                &files,
+            )?;
         } else if opts.extract && kind == FileType::RegularFile && is_archive(fd.as_fd()) {
             let dfd = ensure_dir(rootfs, dest, opts, None)?;
             extract(&fd, dfd.as_fd())?;
@@ -266,12 +419,15 @@ pub fn copy(
                 rel,
                 fd.as_fd(),
                 &st,
-                pfd.as_fd(),
+                &shared_dir(pfd.as_fd())?,
                 &fname,
                 opts,
                 reuse.as_deref_mut(),
+                &files,
             )?;
         }
+        // A later source may write the same names.
+        files.drain()?;
     }
     Ok(())
 }
@@ -286,6 +442,7 @@ fn copy_with_parents(
     dest: &str,
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
+    files: &Files,
 ) -> R<()> {
     let dest = format!("{}/", dest.trim_end_matches('/'));
     let (uid, gid) = opts.owner.unwrap_or((0, 0));
@@ -338,7 +495,16 @@ fn copy_with_parents(
             if under.is_empty() {
                 // The pivot (or the root) itself: its contents go into dest.
                 let dfd = ensure_dir(rootfs, &dest, opts, Some(&st))?;
-                copy_dir_contents(&scoped, &rel, &fd, dfd.as_fd(), opts, reuse.as_deref_mut())?;
+                copy_dir_contents(
+                    &scoped,
+                    &rel,
+                    &fd,
+                    dfd.as_fd(),
+                    opts,
+                    reuse.as_deref_mut(),
+                    files,
+                )?;
+                files.drain()?;
                 continue;
             }
             let name = Path::new(&rel)
@@ -351,11 +517,13 @@ fn copy_with_parents(
                 &rel,
                 fd.as_fd(),
                 &st,
-                pfd.as_fd(),
+                &shared_dir(pfd.as_fd())?,
                 &name,
                 opts,
                 reuse.as_deref_mut(),
+                files,
             )?;
+            files.drain()?;
         }
     }
     for (path, mtime) in made.iter().rev() {
@@ -533,17 +701,20 @@ fn copy_dir_contents(
     dest: BorrowedFd<'_>,
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
+    files: &Files,
 ) -> R<()> {
+    let dest = shared_dir(dest)?;
     for_each_selected(src, rel, dir.as_fd(), |child_rel, name, fd, st| {
         copy_entry(
             src,
             child_rel,
             fd,
             st,
-            dest,
+            &dest,
             name,
             opts,
             reuse.as_deref_mut(),
+            files,
         )
     })
 }
@@ -554,11 +725,13 @@ fn copy_entry(
     rel: &str,
     fd: BorrowedFd<'_>,
     st: &rustix::fs::Stat,
-    pdir: BorrowedFd<'_>,
+    shared_pdir: &std::sync::Arc<OwnedFd>,
     name: &OsStr,
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
+    files: &Files,
 ) -> R<()> {
+    let pdir = shared_pdir.as_fd();
     let kind = FileType::from_raw_mode(st.st_mode);
     if let Some(r) = reuse.as_deref_mut() {
         r.unplan(pdir, name);
@@ -591,7 +764,9 @@ fn copy_entry(
                 Mode::empty(),
             )
             .map_err(|e| e.to_string())?;
-            copy_dir_contents(src, rel, &dir, sub.as_fd(), opts, reuse)?;
+            copy_dir_contents(src, rel, &dir, sub.as_fd(), opts, reuse, files)?;
+            // Its times once nothing more is made in it.
+            files.drain()?;
             rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
             rooted::chmod(pdir, name, mode).map_err(|e| e.to_string())?;
             rooted::set_times(pdir, name, (mtime.0, mtime.1)).map_err(|e| e.to_string())?;
@@ -610,13 +785,15 @@ fn copy_entry(
                 Mode::empty(),
             )
             .map_err(|e| format!("{rel}: {e}"))?;
-            let mut input = std::fs::File::from(input);
-            let mut out = rooted::create_file(pdir, name, 0o600).map_err(|e| e.to_string())?;
-            std::io::copy(&mut input, &mut out).map_err(|e| format!("{rel}: {e}"))?;
-            // On the handle of the file just made: no lookups (owner before mode, as a
-            // chown clears set-id bits).
-            rooted::set_owner_mode_times(&out, (uid, gid), mode, mtime)
-                .map_err(|e| format!("{rel}: {e}"))?;
+            files.submit(FileJob {
+                input: std::fs::File::from(input),
+                dir: shared_pdir.clone(),
+                name: name.to_os_string(),
+                rel: rel.to_string(),
+                owner: (uid, gid),
+                mode,
+                mtime,
+            })?;
         }
         FileType::Symlink => {
             // Nested links are copied as links (the top-level source was followed).

@@ -537,9 +537,10 @@ fn sigkill_during_a_cache_export_leaves_no_partial_cache() {
 }
 
 /// A SIGKILL at every step of a stage commit (failpoints pause a debug daemon at exactly
-/// that step; see `isula_store::failpoint`), and once while the layer streams into the
-/// store: the restart cleans up, the store checks out, no half-made image has the name,
-/// and the same build then works and gives a sound image.
+/// that step; see `isula_store::failpoint`), from the squash through the hashing, syncing
+/// and moving of the layer (kept as its files alone) to the image record: the restart
+/// cleans up, the store checks out, no half-made image has the name, and the same build
+/// then works and gives a sound image.
 #[test]
 fn sigkill_at_every_step_of_a_stage_commit() {
     if !require_root() || !require_tool("runc") {
@@ -566,10 +567,11 @@ fn sigkill_at_every_step_of_a_stage_commit() {
         .expect("client")
     };
     let points = [
-        "mid-write",
         "step.snapshot-adopted",
         "commit.squashed",
+        "commit.layer-hashed",
         "commit.layer-written",
+        "commit.layer-moved",
         "commit.layer-committed",
         "commit.recorded",
         "commit.image-blobs-written",
@@ -584,29 +586,15 @@ fn sigkill_at_every_step_of_a_stage_commit() {
             ),
         )
         .expect("df");
-        let ingest = d.data().join("ingest");
-        let runc_root = d.run_root().join("runc");
-        let (mut client, _) = if point == "mid-write" {
-            let c = build(&d, point);
-            // The RUN is over and its layer streams into the ingest area.
-            let mut ran = false;
-            wait_until("the layer to stream in", Duration::from_secs(120), || {
-                ran |= !runc_containers(&runc_root).is_empty();
-                ran && runc_containers(&runc_root).is_empty() && !listing(&ingest).is_empty()
-            });
-            c
-        } else {
-            d.stop();
-            d.set_env("ISULA_FAILPOINT", Some(point));
-            d.restart();
-            let reached = format!("failpoint {point} reached");
-            let before = d.log().matches(&reached).count();
-            let c = build(&d, point);
-            wait_until(&reached, Duration::from_secs(120), || {
-                d.log().matches(&reached).count() > before
-            });
-            c
-        };
+        d.stop();
+        d.set_env("ISULA_FAILPOINT", Some(point));
+        d.restart();
+        let reached = format!("failpoint {point} reached");
+        let before = d.log().matches(&reached).count();
+        let (mut client, _) = build(&d, point);
+        wait_until(&reached, Duration::from_secs(120), || {
+            d.log().matches(&reached).count() > before
+        });
         d.kill();
         let _ = client.wait();
         d.set_env("ISULA_FAILPOINT", None);

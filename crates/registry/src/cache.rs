@@ -35,7 +35,6 @@ use isula_types::image::{Descriptor, Manifest};
 use isula_types::{limits, media, ChainId, DiffId, Digest, Reference};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 
 /// The media type of the records blob (the manifest's config).
 pub const CONFIG_TYPE: &str = "application/vnd.isula-build.cache.config.v1+json";
@@ -97,9 +96,7 @@ fn gzip_desc(digest: &Digest, size: u64) -> Descriptor {
 
 /// The gzip form of a stored layer blob (itself when it is gzip already).
 fn gzip_form(store: &Store, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
-    let mut head = [0u8; 8];
-    let n = store.content().open(blob)?.read(&mut head).unwrap_or(0);
-    if Compression::sniff(&head[..n]) == Compression::Gzip {
+    if store.blob_compression(blob)? == Compression::Gzip {
         lease.blob(blob);
         return Ok((blob.clone(), store.content().size(blob)?));
     }

@@ -397,12 +397,7 @@ fn plan_push(
     let mut layers = Vec::new();
     let mut changed = image.manifest_media_type != manifest_type;
     for d in &manifest.layers {
-        let compression = {
-            let mut head = [0u8; 8];
-            let mut f = store.content().open(&d.digest)?;
-            let n = f.read(&mut head).unwrap_or(0);
-            Compression::sniff(&head[..n])
-        };
+        let compression = store.blob_compression(&d.digest)?;
         // What the format carries as it is; anything else goes up as gzip of its tar.
         let keep = match format {
             Format::Docker => compression == Compression::Gzip,
@@ -518,7 +513,7 @@ fn send_gzipped(
         at: 0,
         count: meter.clone(),
     }));
-    let estimate = store.content().size(source).unwrap_or(0);
+    let estimate = store.blob_size(source).unwrap_or(0);
     let scopes = [scope_push(repo)];
     let (gzip, streamed) = std::thread::scope(|s| {
         let gzip = s.spawn(|| store.gzip_blob_streaming(source, lease, Some(tx)));
@@ -709,7 +704,7 @@ pub fn push_image(
                     let (b, total) = match l {
                         PlannedLayer::Ready(d) => (&d.digest, d.size),
                         PlannedLayer::Gzip { source, .. } => {
-                            (source, store.content().size(source).unwrap_or(sent))
+                            (source, store.blob_size(source).unwrap_or(sent))
                         }
                     };
                     progress(isula_transport::progress::event(

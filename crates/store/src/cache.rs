@@ -158,7 +158,7 @@ pub(crate) fn missing(store: &crate::Store, stage: &StageRecord) -> Vec<String> 
         .map(|l| format!("layer directory {} is missing", l.chain_id));
     let blobs = stage
         .all_blobs()
-        .filter(|b| !store.content().contains(b))
+        .filter(|b| !store.blob_present(b))
         .map(|b| format!("blob {b} is missing"));
     layers.chain(blobs).collect()
 }

@@ -4,6 +4,7 @@
 //! be clamped; paths the build's own machinery created (mount points) are left out.
 
 use crate::error::{Result, StoreError};
+use isula_types::Digest;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -193,6 +194,176 @@ pub fn write_layer<W: Write>(upper: &Path, out: W, opts: &DiffOptions) -> Result
     walk.tar.mode(tar::HeaderMode::Complete);
     walk.children(Path::new(""))?;
     walk.tar.into_inner().map_err(io("write", upper))
+}
+
+/// Hashes (sha256) and counts what is written to it, keeping nothing.
+#[derive(Default)]
+pub struct HashSink {
+    hash: sha2::Sha256,
+    size: u64,
+}
+
+impl HashSink {
+    pub fn finish(self) -> (Digest, u64) {
+        (Digest::from_sha256(self.hash), self.size)
+    }
+}
+
+impl Write for HashSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(&mut self.hash, buf);
+        self.size += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The digest and size of the layer tar of `upper`, without writing it anywhere.
+pub fn hash_layer(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64)> {
+    let sink = write_layer(
+        upper,
+        std::io::BufWriter::with_capacity(1 << 20, HashSink::default()),
+        opts,
+    )?;
+    let sink = sink
+        .into_inner()
+        .map_err(|e| StoreError::io("write", upper, e.into_error()))?;
+    Ok(sink.finish())
+}
+
+/// How much of a tar made from files goes to the reader at a time, and how many such
+/// pieces may wait for it.
+const TREE_PIECE: usize = 512 << 10;
+const TREE_PIECES_WAITING: usize = 4;
+
+enum Piece {
+    Data(Vec<u8>),
+    End,
+    Failed(std::io::Error),
+}
+
+/// The writer end: pieces go to the reader, every byte into the hash.
+struct PieceSink {
+    tx: std::sync::mpsc::SyncSender<Piece>,
+    piece: Vec<u8>,
+    hash: HashSink,
+}
+
+impl PieceSink {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.piece.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.piece, Vec::with_capacity(TREE_PIECE));
+        self.tx
+            .send(Piece::Data(full))
+            .map_err(|_| std::io::Error::other("the reader went away"))
+    }
+}
+
+impl Write for PieceSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(TREE_PIECE - self.piece.len());
+        self.piece.extend_from_slice(&buf[..n]);
+        self.hash.write_all(&buf[..n])?;
+        if self.piece.len() == TREE_PIECE {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A layer tar made from a layer's files as it is read (by a thread of its own, a few
+/// pieces ahead). It must be `expected` (digest and size): if the files no longer make
+/// those bytes, the read that would end the stream fails instead.
+pub struct TreeTar {
+    rx: std::sync::mpsc::Receiver<Piece>,
+    piece: Vec<u8>,
+    at: usize,
+    ended: bool,
+}
+
+impl TreeTar {
+    pub fn spawn(
+        upper: PathBuf,
+        opts: DiffOptions,
+        expected: Digest,
+        size: u64,
+    ) -> Result<TreeTar> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(TREE_PIECES_WAITING);
+        let dir = upper.clone();
+        std::thread::Builder::new()
+            .name("layer-tar".into())
+            .spawn(move || {
+                let sink = PieceSink {
+                    tx: tx.clone(),
+                    piece: Vec::with_capacity(TREE_PIECE),
+                    hash: HashSink::default(),
+                };
+                let last = match write_layer(&dir, sink, &opts) {
+                    Ok(mut sink) => match sink.send() {
+                        Err(_) => return, // the reader went away
+                        Ok(()) => {
+                            let (digest, n) = sink.hash.finish();
+                            if digest == expected && n == size {
+                                Piece::End
+                            } else {
+                                Piece::Failed(std::io::Error::other(format!(
+                                    "the files of {} no longer make layer blob {expected} \
+                                     ({size} bytes): they make {digest} ({n} bytes)",
+                                    dir.display()
+                                )))
+                            }
+                        }
+                    },
+                    Err(e) => Piece::Failed(std::io::Error::other(e.to_string())),
+                };
+                let _ = tx.send(last);
+            })
+            .map_err(|e| StoreError::io("spawn a thread for", &upper, e))?;
+        Ok(TreeTar {
+            rx,
+            piece: Vec::new(),
+            at: 0,
+            ended: false,
+        })
+    }
+}
+
+impl std::io::Read for TreeTar {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.at < self.piece.len() {
+                let n = buf.len().min(self.piece.len() - self.at);
+                buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+                self.at += n;
+                return Ok(n);
+            }
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Piece::Data(p)) => {
+                    self.piece = p;
+                    self.at = 0;
+                }
+                Ok(Piece::End) => self.ended = true,
+                Ok(Piece::Failed(e)) => {
+                    self.ended = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.ended = true;
+                    return Err(std::io::Error::other("making the layer tar stopped"));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

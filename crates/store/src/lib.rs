@@ -33,6 +33,7 @@ pub mod metadata;
 pub mod pgzip;
 pub mod phase;
 pub mod squash;
+mod tree;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
 pub use error::{ErrorKind, Result, StoreError};
@@ -113,13 +114,13 @@ const QUIET_BEFORE_COMPRESSING: std::time::Duration = std::time::Duration::from_
 
 /// Reads until the compressor is told to stop, or (background work) until an operation
 /// starts, which the compressor then leaves the machine to.
-struct StopReader<'a> {
-    inner: fs::File,
+struct StopReader<'a, R> {
+    inner: R,
     stop: &'a std::sync::atomic::AtomicBool,
     yield_to: Option<(&'a Activity, &'a std::cell::Cell<bool>)>,
 }
 
-impl std::io::Read for StopReader<'_> {
+impl<R: std::io::Read> std::io::Read for StopReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(std::io::Error::other("the store is shutting down"));
@@ -674,7 +675,12 @@ impl Store {
                 return Err(StoreError::LayerNotFound(l.chain_id.clone()));
             }
         }
-        for b in new.blobs.iter().chain([&new.manifest, new.id.digest()]) {
+        for b in &new.blobs {
+            if !self.blob_present(b) {
+                return Err(StoreError::BlobNotFound(b.clone()));
+            }
+        }
+        for b in [&new.manifest, new.id.digest()] {
             if !self.content.contains(b) {
                 return Err(StoreError::BlobNotFound(b.clone()));
             }
@@ -782,7 +788,7 @@ impl Store {
     ) -> Result<(Digest, u64)> {
         let path = self.content.path(blob);
         let mut src = StopReader {
-            inner: self.content.open(blob)?,
+            inner: self.open_blob(blob, Some(lease))?,
             stop: &self.compressor.stopping,
             yield_to: yielded.map(|y| (&*self.activity, y)),
         };
@@ -873,7 +879,7 @@ impl Store {
             };
             let lease = self.background_lease();
             lease.blob(&next);
-            if !self.content.contains(&next) || self.compressed(&next).is_some() {
+            if !self.blob_present(&next) || self.compressed(&next).is_some() {
                 continue;
             }
             let yielded = std::cell::Cell::new(false);
@@ -930,13 +936,10 @@ impl Store {
         blobs
             .into_iter()
             .filter(|b| {
-                let mut head = [0u8; 8];
-                self.content.open(b).is_ok_and(|mut f| {
-                    let n = std::io::Read::read(&mut f, &mut head).unwrap_or(0);
-                    n > 0
-                        && compression::Compression::sniff(&head[..n])
-                            == compression::Compression::None
-                })
+                self.blob_size(b).is_ok_and(|n| n > 0)
+                    && self
+                        .blob_compression(b)
+                        .is_ok_and(|c| c == compression::Compression::None)
             })
             .collect()
     }
@@ -1138,7 +1141,18 @@ impl Store {
         }
         let layer_leased = |c: &ChainId| leased.contains(&format!("layer:{}", c.hex()));
         let mut report = GcReport::default();
-        let before = (meta.layers.len(), meta.compressed.len(), meta.packed.len());
+        let sources = |m: &Metadata| {
+            m.tree_blobs
+                .values()
+                .map(|t| t.sources.len())
+                .sum::<usize>()
+        };
+        let before = (
+            meta.layers.len(),
+            meta.compressed.len(),
+            meta.packed.len(),
+            sources(&meta),
+        );
         let mut next = meta.clone();
         next.layers
             .retain(|c, _| live_layers.contains(c) || layer_leased(c));
@@ -1155,10 +1169,25 @@ impl Store {
         for b in next.packed.values() {
             live_blobs.insert(b.clone());
         }
+        // A tree blob lives while it is used and one of its layers stays; it is written
+        // for real once stored (a pull of the same layer), and then needs no record.
+        let layer_stays = |c: &ChainId| live_layers.contains(c) || layer_leased(c);
+        next.tree_blobs.retain(|d, t| {
+            t.sources.retain(|s| layer_stays(&s.chain));
+            !t.sources.is_empty()
+                && (live_blobs.contains(d) || blob_leased(d))
+                && !blobs.contains(d)
+        });
         next.compressed.retain(|src, gz| {
             live_blobs.contains(src) || blob_leased(src) || blob_leased(&gz.digest)
         });
-        if (next.layers.len(), next.compressed.len(), next.packed.len()) != before {
+        let after = (
+            next.layers.len(),
+            next.compressed.len(),
+            next.packed.len(),
+            sources(&next),
+        );
+        if after != before {
             self.save(&next)?;
             *meta = next;
         }
@@ -1191,7 +1220,12 @@ impl Store {
         }
         let meta = self.meta().clone();
         for img in meta.images.values() {
-            for b in img.blobs.iter().chain([&img.manifest, img.id.digest()]) {
+            for b in &img.blobs {
+                if !self.blob_present(b) {
+                    problems.push(format!("image {}: blob {b} is missing", img.id));
+                }
+            }
+            for b in [&img.manifest, img.id.digest()] {
                 if !self.content.contains(b) {
                     problems.push(format!("image {}: blob {b} is missing", img.id));
                 }

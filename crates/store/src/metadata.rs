@@ -48,6 +48,23 @@ pub struct CompressedBlob {
     pub size: u64,
 }
 
+/// A built layer's blob, never written: its tar is made again from the layer's files
+/// (the same bytes each time, verified against the digest) whenever it is read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreeBlob {
+    /// Size of the tar.
+    pub size: u64,
+    /// Layers whose files make the tar, each with the mtime clamp it was made with.
+    pub sources: Vec<TreeSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreeSource {
+    pub chain: ChainId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamp_mtime: Option<i64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Metadata {
     pub schema: u32,
@@ -60,6 +77,9 @@ pub struct Metadata {
     /// directory is made when a build first needs it, or when the machine is idle.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub packed: BTreeMap<ChainId, Digest>,
+    /// Built layers' blobs kept as the layers' files alone (no tar on disk).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tree_blobs: BTreeMap<Digest, TreeBlob>,
 }
 
 impl Metadata {

@@ -428,3 +428,108 @@ fn a_packed_layer_is_unpacked_on_demand_or_by_a_later_compressor_and_goes_with_i
     assert!(!store.layer_dir(&a).exists() && !store.layer_dir(&b).exists());
     assert!(!store.has_layer(&a) && !store.has_layer(&b));
 }
+
+/// A built layer: its tar is hashed, never written; reading the blob makes it again from
+/// the files (the same bytes as a written tar), a change to the files is caught when read,
+/// the record survives a reopen, the gzip is made from the files, and everything goes
+/// with the image.
+#[test]
+fn a_built_layer_keeps_only_its_files_and_its_tar_is_made_from_them_when_read() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let reference = tempfile::tempdir().expect("tmp");
+    let (blob, chain, written) = {
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let lease = store.lease();
+        let staged = store.stage_layer().expect("stage");
+        let make = |root: &std::path::Path| {
+            std::fs::create_dir_all(root.join("app/sub")).expect("mkdir");
+            let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+            std::fs::write(root.join("app/big.bin"), &data).expect("write");
+            std::fs::write(root.join("app/sub/small"), b"small\n").expect("write");
+            std::os::unix::fs::symlink("big.bin", root.join("app/link")).expect("symlink");
+            for p in ["app/big.bin", "app/sub/small", "app/sub", "app"] {
+                let t = std::fs::FileTimes::new()
+                    .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(5000));
+                std::fs::File::open(root.join(p))
+                    .and_then(|f| f.set_times(t))
+                    .expect("times");
+            }
+        };
+        make(&staged.diff_dir());
+        make(reference.path());
+        let (diff, chain, size) = store
+            .commit_built_layer(staged, None, Some(4000), &lease)
+            .expect("commit");
+        let blob = diff.0.clone();
+        // What a written tar of the same files would be, byte for byte.
+        let opts = isula_store::diff::DiffOptions {
+            clamp_mtime: Some(4000),
+            exclude: Default::default(),
+        };
+        let written =
+            isula_store::diff::write_layer(reference.path(), Vec::new(), &opts).expect("tar");
+        assert_eq!(size, written.len() as u64);
+        assert_eq!(blob, isula_types::Digest::of_bytes(&written));
+        assert!(
+            !store.content().contains(&blob),
+            "the built tar was written"
+        );
+        assert!(store.blob_present(&blob) && store.blob_in_tree(&blob));
+        assert_eq!(store.blob_size(&blob).expect("size"), size);
+        let config = lease
+            .put_blob(store.content(), b"config built")
+            .expect("put");
+        let manifest = lease
+            .put_blob(store.content(), b"manifest built")
+            .expect("put");
+        store
+            .add_image(NewImage {
+                id: ImageId(config),
+                manifest,
+                manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                blobs: vec![blob.clone()],
+                layers: vec![LayerRecord {
+                    chain_id: chain.clone(),
+                    diff_id: diff,
+                    parent: None,
+                    size,
+                }],
+                created: None,
+                names: vec![Reference::parse("built:1").expect("ref")],
+            })
+            .expect("add");
+        drop(lease);
+        (blob, chain, written)
+    };
+    let (store, _) = Store::open(dir.path()).expect("reopen");
+    assert!(store.check().expect("check").is_empty());
+    let read = |store: &Store| {
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut store.open_blob(&blob, None).expect("open"), &mut back)
+            .map(|_| back)
+    };
+    assert!(read(&store).expect("read") == written, "not the same tar");
+    // Its gzip, from the files.
+    let lease = store.lease();
+    let (gz, _) = store.gzip_blob(&blob, &lease).expect("gzip");
+    drop(lease);
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(store.content().open(&gz).expect("open")),
+        &mut back,
+    )
+    .expect("gunzip");
+    assert!(back == written, "the gzip holds the tar");
+    // Files changed behind the store's back: the read fails, naming the blob.
+    let small = store.layer_dir(&chain).join("diff/app/sub/small");
+    std::fs::write(&small, b"SMALL\n").expect("write");
+    let e = read(&store).expect_err("a changed layer read as the blob");
+    assert!(e.to_string().contains(blob.as_str()), "{e}");
+    // Gone with its image.
+    store.remove("built:1").expect("rm");
+    store.gc().expect("gc");
+    assert!(!store.blob_present(&blob) && !store.layer_dir(&chain).exists());
+    assert!(!store.content().contains(&gz));
+    let meta = std::fs::read_to_string(dir.path().join("metadata.json")).expect("meta");
+    assert!(!meta.contains(blob.hex()), "{meta}");
+}

@@ -61,6 +61,18 @@ pub fn fsync_dir(path: &std::path::Path) -> Result<()> {
     rustix::fs::fsync(&fd).map_err(|e| SysError::new("fsync", path, e))
 }
 
+/// Writes back everything of the file system holding `path` (one syncfs: the way to make
+/// a whole directory tree durable without an fsync per file).
+pub fn syncfs(path: &std::path::Path) -> Result<()> {
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| SysError::new("open", path, e))?;
+    rustix::fs::syncfs(&fd).map_err(|e| SysError::new("syncfs", path, e))
+}
+
 /// Renames `from` to `to`, failing with EEXIST if `to` exists (never overwrites).
 pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     rustix::fs::renameat_with(

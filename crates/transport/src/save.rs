@@ -266,7 +266,9 @@ pub(crate) fn append_blob<W: Write>(
     mtime: u64,
 ) -> Result<()> {
     let path = store.content().path(blob);
-    let file = io::BufReader::with_capacity(1 << 20, store.content().open(blob)?);
+    // The images' layers are leased for the whole save (a built layer's tar is made
+    // from its files as it streams).
+    let file = io::BufReader::with_capacity(1 << 20, store.open_blob(blob, None)?);
     let guarded = Guarded {
         inner: file,
         cancel: cancel.clone(),
@@ -279,7 +281,7 @@ pub(crate) fn append_blob<W: Write>(
                 .map_err(|e| TransportError::io("read", &path, e))?
                 .1,
         ),
-        None => (store.content().size(blob)?, Box::new(guarded)),
+        None => (store.blob_size(blob)?, Box::new(guarded)),
     };
     let mut hashing = HashingReader::new(Exact {
         inner: &mut reader,

@@ -98,31 +98,17 @@ impl StageRun<'_, '_> {
         });
         let mut new_layer_size = 0;
         if let (false, Some(upper)) = (empty, upper) {
-            let opts = DiffOptions {
-                clamp_mtime: self.opts.build_time,
-                exclude: Default::default(),
-            };
             let t = std::time::Instant::now();
-            let phase = isula_store::phase::Phase::start("commit: write and hash the layer tar");
-            let writer = store.content().writer()?;
-            let writer = write_layer(
-                &upper.diff_dir(),
-                std::io::BufWriter::with_capacity(1 << 20, writer),
-                &opts,
+            let (diff, chain, size) = store.commit_built_layer(
+                upper,
+                layers.last().map(|l| &l.chain_id),
+                self.opts.build_time,
+                self.lease,
             )?;
-            let writer = writer.into_inner().map_err(|e| {
-                isula_store::StoreError::io("write", upper.diff_dir(), e.into_error())
-            })?;
-            let (blob, size) = self.lease.commit_blob(writer, None)?;
-            drop(phase);
-            isula_store::failpoint::hit("commit.layer-written");
-            tracing::debug!(elapsed = ?t.elapsed(), size, "stage layer written");
+            let blob = diff.0.clone();
+            tracing::debug!(elapsed = ?t.elapsed(), size, "stage layer committed");
             // Its gzip form, for pushing, is made in the background.
             store.queue_compression(&blob);
-            let diff = DiffId(blob.clone());
-            let chain = ChainId::next(layers.last().map(|l| &l.chain_id), &diff);
-            store.commit_layer(upper, &chain, self.lease)?;
-            isula_store::failpoint::hit("commit.layer-committed");
             new_layer_size = size;
             layers.push(LayerRecord {
                 parent: layers.last().map(|l| l.chain_id.clone()),
@@ -201,22 +187,13 @@ pub fn commit_image(
         .iter()
         .map(|b| {
             // Base layers keep the compression they came with (a pulled gzip layer).
-            let mut head = [0u8; 8];
-            let n = std::io::Read::read(&mut store.content().open(b)?, &mut head).unwrap_or(0);
-            let media_type = match (
-                isula_store::compression::Compression::sniff(&head[..n]),
-                oci,
-            ) {
+            let media_type = match (store.blob_compression(b)?, oci) {
                 (isula_store::compression::Compression::Gzip, false) => media::DOCKER_LAYER_GZIP,
                 (isula_store::compression::Compression::Gzip, true) => media::OCI_LAYER_GZIP,
                 (isula_store::compression::Compression::Zstd, _) => media::OCI_LAYER_ZSTD,
                 _ => layer_type,
             };
-            Ok(Descriptor::new(
-                media_type,
-                b.clone(),
-                store.content().size(b)?,
-            ))
+            Ok(Descriptor::new(media_type, b.clone(), store.blob_size(b)?))
         })
         .collect::<Result<Vec<_>, isula_store::StoreError>>()?;
     let manifest = Manifest {

@@ -19,7 +19,6 @@ use isula_dockerfile::instructions::{Command, Dockerfile, Instruction, Step};
 use isula_dockerfile::lex::Lexer;
 use isula_runtime::Process;
 use isula_store::cache::{Record, StageRecord};
-use isula_store::diff::{write_layer, DiffOptions};
 use isula_store::{LayerRecord, Lease, NewImage, StagedLayer};
 use isula_sys::mount::{mount_overlay, mount_overlay_ro, MountGuard};
 use isula_sys::{Resolve, Root};
@@ -27,7 +26,7 @@ use isula_types::image::{
     host_architecture, ContainerConfig, Descriptor, HealthConfig, History, ImageConfig, Manifest,
     RootFs,
 };
-use isula_types::{limits, media, ChainId, DiffId, Digest, ImageId, Reference};
+use isula_types::{limits, media, Digest, ImageId, Reference};
 use rustix::fs::{Mode, OFlags};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
