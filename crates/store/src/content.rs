@@ -275,6 +275,56 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Copies `r` to `w` to its end, hashing on a thread of its own what the copy moves (the
+/// hash costs no time on the copy's thread), and returns the digest and byte count.
+pub fn copy_hashing(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<(Digest, u64)> {
+    const PIECE: usize = 1 << 20;
+    std::thread::scope(|s| {
+        let (to_hash, pieces) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(2);
+        let (give_back, returned) = std::sync::mpsc::sync_channel::<Vec<u8>>(3);
+        let hasher = s.spawn(move || {
+            let mut h = Sha256::new();
+            for (piece, n) in pieces {
+                h.update(&piece[..n]);
+                let _ = give_back.send(piece);
+            }
+            Digest::from_sha256(h)
+        });
+        let mut spare: Vec<Vec<u8>> = (0..3).map(|_| vec![0u8; PIECE]).collect();
+        let mut total = 0u64;
+        let copied = (|| loop {
+            let mut buf = match spare.pop() {
+                Some(b) => b,
+                None => returned
+                    .recv()
+                    .map_err(|_| io::Error::other("the hashing thread stopped"))?,
+            };
+            let mut n = 0;
+            while n < PIECE {
+                match r.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            w.write_all(&buf[..n])?;
+            total += n as u64;
+            to_hash
+                .send((buf, n))
+                .map_err(|_| io::Error::other("the hashing thread stopped"))?;
+        })();
+        drop(to_hash);
+        let digest = hasher
+            .join()
+            .map_err(|_| io::Error::other("the hashing thread failed"))?;
+        copied.map(|()| (digest, total))
+    })
+}
+
 /// A reader that copies what passes through it into a writer (the blob being stored).
 pub struct TeeReader<R, W> {
     pub inner: R,

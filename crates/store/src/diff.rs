@@ -220,17 +220,20 @@ impl Write for HashSink {
     }
 }
 
-/// The digest and size of the layer tar of `upper`, without writing it anywhere.
+/// The digest and size of the layer tar of `upper`, without writing it anywhere: one
+/// thread walks and reads the files, this one hashes.
 pub fn hash_layer(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64)> {
-    let sink = write_layer(
-        upper,
-        std::io::BufWriter::with_capacity(1 << 20, HashSink::default()),
-        opts,
-    )?;
-    let sink = sink
-        .into_inner()
-        .map_err(|e| StoreError::io("write", upper, e.into_error()))?;
-    Ok(sink.finish())
+    let mut tar = TreeTar::spawn_with(upper.to_path_buf(), opts.clone(), None)?;
+    let mut hash = HashSink::default();
+    loop {
+        match tar.next_piece() {
+            Ok(Some(piece)) => hash
+                .write_all(&piece)
+                .map_err(|e| StoreError::io("hash", upper, e))?,
+            Ok(None) => return Ok(hash.finish()),
+            Err(e) => return Err(StoreError::io("read", upper, e)),
+        }
+    }
 }
 
 /// How much of a tar made from files goes to the reader at a time, and how many such
@@ -248,7 +251,8 @@ enum Piece {
 struct PieceSink {
     tx: std::sync::mpsc::SyncSender<Piece>,
     piece: Vec<u8>,
-    hash: HashSink,
+    /// What the stream must hash to (its digest and size), checked at its end.
+    hash: Option<(HashSink, Digest, u64)>,
 }
 
 impl PieceSink {
@@ -267,7 +271,9 @@ impl Write for PieceSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(TREE_PIECE - self.piece.len());
         self.piece.extend_from_slice(&buf[..n]);
-        self.hash.write_all(&buf[..n])?;
+        if let Some((h, _, _)) = &mut self.hash {
+            h.write_all(&buf[..n])?;
+        }
         if self.piece.len() == TREE_PIECE {
             self.send()?;
         }
@@ -295,6 +301,14 @@ impl TreeTar {
         expected: Digest,
         size: u64,
     ) -> Result<TreeTar> {
+        TreeTar::spawn_with(upper, opts, Some((expected, size)))
+    }
+
+    fn spawn_with(
+        upper: PathBuf,
+        opts: DiffOptions,
+        expected: Option<(Digest, u64)>,
+    ) -> Result<TreeTar> {
         let (tx, rx) = std::sync::mpsc::sync_channel(TREE_PIECES_WAITING);
         let dir = upper.clone();
         std::thread::Builder::new()
@@ -303,23 +317,26 @@ impl TreeTar {
                 let sink = PieceSink {
                     tx: tx.clone(),
                     piece: Vec::with_capacity(TREE_PIECE),
-                    hash: HashSink::default(),
+                    hash: expected.map(|(d, n)| (HashSink::default(), d, n)),
                 };
                 let last = match write_layer(&dir, sink, &opts) {
                     Ok(mut sink) => match sink.send() {
                         Err(_) => return, // the reader went away
-                        Ok(()) => {
-                            let (digest, n) = sink.hash.finish();
-                            if digest == expected && n == size {
-                                Piece::End
-                            } else {
-                                Piece::Failed(std::io::Error::other(format!(
-                                    "the files of {} no longer make layer blob {expected} \
-                                     ({size} bytes): they make {digest} ({n} bytes)",
-                                    dir.display()
-                                )))
+                        Ok(()) => match sink.hash {
+                            None => Piece::End,
+                            Some((h, expected, size)) => {
+                                let (digest, n) = h.finish();
+                                if digest == expected && n == size {
+                                    Piece::End
+                                } else {
+                                    Piece::Failed(std::io::Error::other(format!(
+                                        "the files of {} no longer make layer blob {expected} \
+                                         ({size} bytes): they make {digest} ({n} bytes)",
+                                        dir.display()
+                                    )))
+                                }
                             }
-                        }
+                        },
                     },
                     Err(e) => Piece::Failed(std::io::Error::other(e.to_string())),
                 };
@@ -335,34 +352,45 @@ impl TreeTar {
     }
 }
 
+impl TreeTar {
+    /// The next piece as the thread made it (None at the end).
+    fn next_piece(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if self.ended {
+            return Ok(None);
+        }
+        match self.rx.recv() {
+            Ok(Piece::Data(p)) => Ok(Some(p)),
+            Ok(Piece::End) => {
+                self.ended = true;
+                Ok(None)
+            }
+            Ok(Piece::Failed(e)) => {
+                self.ended = true;
+                Err(e)
+            }
+            Err(_) => {
+                self.ended = true;
+                Err(std::io::Error::other("making the layer tar stopped"))
+            }
+        }
+    }
+}
+
 impl std::io::Read for TreeTar {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            if self.at < self.piece.len() {
-                let n = buf.len().min(self.piece.len() - self.at);
-                buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
-                self.at += n;
-                return Ok(n);
-            }
-            if self.ended {
-                return Ok(0);
-            }
-            match self.rx.recv() {
-                Ok(Piece::Data(p)) => {
+        while self.at == self.piece.len() {
+            match self.next_piece()? {
+                Some(p) => {
                     self.piece = p;
                     self.at = 0;
                 }
-                Ok(Piece::End) => self.ended = true,
-                Ok(Piece::Failed(e)) => {
-                    self.ended = true;
-                    return Err(e);
-                }
-                Err(_) => {
-                    self.ended = true;
-                    return Err(std::io::Error::other("making the layer tar stopped"));
-                }
+                None => return Ok(0),
             }
         }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 

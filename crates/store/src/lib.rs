@@ -358,6 +358,13 @@ impl Store {
         Ok(staged)
     }
 
+    /// [`Store::squash`] of a stack of one snapshot that nothing else uses (a step's own
+    /// staged layer): trimmed where it is, and returned as the layer to commit.
+    pub fn squash_one(&self, staged: StagedLayer, base: Option<&Path>) -> Result<StagedLayer> {
+        squash::trim_in_place(&staged.diff_dir(), base)?;
+        Ok(staged)
+    }
+
     /// Trims the build cache to `cap` bytes when it holds more.
     pub fn prune_cache_over(&self, cap: u64) -> Result<cache::Pruned> {
         if self.cache.usage().bytes <= cap {

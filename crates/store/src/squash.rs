@@ -63,6 +63,75 @@ pub fn squash(stack: &[&Path], base: Option<&Path>, out: &Path) -> Result<()> {
     merge_dir(&fds, base.as_ref(), Path::new(""), out_fd.as_fd())
 }
 
+/// [`squash`] of a stack of one, done on that snapshot itself (which nothing else uses):
+/// the whiteouts and opaque markers the base gives no meaning to go, every directory keeps
+/// its times, and nothing is linked or made.
+pub fn trim_in_place(dir: &Path, base: Option<&Path>) -> Result<()> {
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| sys("open", dir, e))?;
+    let base = base.map(Root::open).transpose()?;
+    trim_dir(fd.as_fd(), base.as_ref(), Path::new(""))
+}
+
+fn trim_dir(dir: BorrowedFd<'_>, base: Option<&Root>, rel: &Path) -> Result<()> {
+    let mut subdirs = Vec::new();
+    let mut gone = Vec::new();
+    for ent in rustix::fs::Dir::read_from(dir).map_err(|e| sys("read", rel, e))? {
+        let ent = ent.map_err(|e| sys("read", rel, e))?;
+        let n = ent.file_name().to_bytes();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        let name = OsStr::from_bytes(n).to_os_string();
+        match ent.file_type() {
+            FileType::Directory => subdirs.push(name),
+            FileType::CharacterDevice | FileType::Unknown => {
+                if rooted::lstat(dir, &name)?.is_some_and(|st| is_whiteout(&st))
+                    && !base_has(base, &rel.join(&name))
+                {
+                    gone.push(name);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !gone.is_empty() {
+        let st = rustix::fs::fstat(dir).map_err(|e| sys("stat", rel, e))?;
+        for name in &gone {
+            rustix::fs::unlinkat(dir, name.as_os_str(), rustix::fs::AtFlags::empty())
+                .map_err(|e| sys("remove", &rel.join(name), e))?;
+        }
+        let t = rustix::fs::Timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec as _,
+        };
+        rustix::fs::futimens(
+            dir,
+            &rustix::fs::Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+        )
+        .map_err(|e| sys("utimes", rel, e))?;
+    }
+    for name in subdirs {
+        let child = rel.join(&name);
+        let sub = open_dir(dir, &name, &child)?;
+        // As the squash makes it: opaque only when it hides something of the base.
+        let opaque = xattr(sub.as_fd(), OPAQUE_XATTR);
+        if opaque.is_some() && !(opaque.as_deref() == Some(b"y") && base_has(base, &child)) {
+            rustix::fs::fremovexattr(&sub, OPAQUE_XATTR)
+                .map_err(|e| sys("removexattr", &child, e))?;
+        }
+        trim_dir(sub.as_fd(), base, &child)?;
+    }
+    Ok(())
+}
+
 /// Whether the base has anything at `rel` (reached through directories only).
 fn base_has(base: Option<&Root>, rel: &Path) -> bool {
     let Some(root) = base else { return false };
@@ -245,6 +314,54 @@ mod tests {
         assert!(
             is_opaque(&out.join("gone-dir")),
             "in the base: stays opaque"
+        );
+        // A stack of one trimmed in place makes the same layer as its squash.
+        let (one, trimmed, out1) = (
+            d.path().join("one"),
+            d.path().join("trimmed"),
+            d.path().join("out1"),
+        );
+        for p in [&one, &trimmed] {
+            std::fs::create_dir_all(p.join("etc")).expect("etc");
+            whiteout(&p.join("etc/old"));
+            whiteout(&p.join("tmpfile"));
+            std::fs::write(p.join("etc/new"), "new").expect("new");
+            for dir in ["newdir", "gone-dir"] {
+                std::fs::create_dir(p.join(dir)).expect("dir");
+                rustix::fs::lsetxattr(
+                    p.join(dir).as_path(),
+                    OPAQUE_XATTR,
+                    b"y",
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .expect("opaque");
+            }
+            let t = std::fs::FileTimes::new()
+                .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(777));
+            for dir in ["", "etc", "newdir", "gone-dir"] {
+                std::fs::File::open(p.join(dir))
+                    .and_then(|f| f.set_times(t))
+                    .expect("times");
+            }
+        }
+        std::fs::create_dir(&out1).expect("mkdir");
+        squash(&[&one], Some(&base), &out1).expect("squash");
+        trim_in_place(&trimmed, Some(&base)).expect("trim");
+        let tar =
+            |p: &Path| crate::diff::write_layer(p, Vec::new(), &Default::default()).expect("tar");
+        assert!(
+            tar(&out1) == tar(&trimmed),
+            "trimmed in place is not the squash"
+        );
+        assert!(std::fs::symlink_metadata(trimmed.join("tmpfile")).is_err());
+        assert!(is_whiteout(
+            &std::fs::symlink_metadata(trimmed.join("etc/old")).expect("wh")
+        ));
+        assert!(!is_opaque(&trimmed.join("newdir")) && is_opaque(&trimmed.join("gone-dir")));
+        assert_eq!(
+            std::fs::metadata(&trimmed).expect("m").mtime(),
+            777,
+            "the root keeps its time"
         );
         // Files are shared with the snapshot, not copied.
         assert_eq!(

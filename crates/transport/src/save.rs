@@ -6,7 +6,7 @@ use crate::{
     copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, Result, TransportError,
 };
 use isula_store::compression::decompress;
-use isula_store::{HashingReader, ImageRecord, LayerRecord, Store, StoreError};
+use isula_store::{ImageRecord, LayerRecord, Store, StoreError};
 use isula_types::{DiffId, Digest, Reference};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::Path;
@@ -266,6 +266,9 @@ pub(crate) fn append_blob<W: Write>(
     mtime: u64,
 ) -> Result<()> {
     let path = store.content().path(blob);
+    // A built layer's tar is made from its files and verifies itself as it ends; any
+    // other blob is hashed here as it streams.
+    let verifies_itself = store.blob_in_tree(blob);
     // The images' layers are leased for the whole save (a built layer's tar is made
     // from its files as it streams).
     let file = io::BufReader::with_capacity(1 << 20, store.open_blob(blob, None)?);
@@ -283,16 +286,30 @@ pub(crate) fn append_blob<W: Write>(
         ),
         None => (store.blob_size(blob)?, Box::new(guarded)),
     };
-    let mut hashing = HashingReader::new(Exact {
+    let mut exact = Exact {
         inner: &mut reader,
         left: size,
         what: format!("blob {blob}"),
-    });
-    tar.append(&header(name, size, mtime), &mut hashing)
+    };
+    // The entry written by hand (header, data, padding), as tar::Builder::append would,
+    // so the data goes in large pieces with its hash on another thread.
+    let out = tar.get_mut();
+    out.write_all(header(name, size, mtime).as_bytes())
         .map_err(|e| TransportError::io("write", &path, e))?;
-    let (digest, _) = hashing
-        .finish()
-        .map_err(|e| TransportError::io("read", &path, e))?;
+    let digest = if verifies_itself {
+        io::copy(&mut exact, out).map_err(|e| TransportError::io("read", &path, e))?;
+        None
+    } else {
+        let (d, _) = isula_store::content::copy_hashing(&mut exact, out)
+            .map_err(|e| TransportError::io("read", &path, e))?;
+        Some(d)
+    };
+    let pad = ((512 - size % 512) % 512) as usize;
+    out.write_all(&[0u8; 512][..pad])
+        .map_err(|e| TransportError::io("write", &path, e))?;
+    let Some(digest) = digest else {
+        return Ok(());
+    };
     let expected = match layer {
         Some(l) => l.diff_id.clone(),
         None => DiffId(blob.clone()),

@@ -81,12 +81,25 @@ impl StageRun<'_, '_> {
                     })?,
                 )
             };
-            let stack: Vec<&Path> = self.snaps.iter().rev().map(|s| s.dir.as_path()).collect();
             let t = std::time::Instant::now();
             let phase = isula_store::phase::Phase::start("commit: squash the step snapshots");
-            let staged = store.squash(&stack, guard.as_ref().map(|_| view.as_path()))?;
+            let base = guard.as_ref().map(|_| view.as_path());
+            let count = self.snaps.len();
+            // One snapshot of this build's own (not the cache's) is the layer itself.
+            let own = match self.snaps.as_mut_slice() {
+                [one] => one.staged.take(),
+                _ => None,
+            };
+            let staged = match own {
+                Some(own) => store.squash_one(own, base)?,
+                None => {
+                    let stack: Vec<&Path> =
+                        self.snaps.iter().rev().map(|s| s.dir.as_path()).collect();
+                    store.squash(&stack, base)?
+                }
+            };
             drop(phase);
-            tracing::debug!(elapsed = ?t.elapsed(), snapshots = stack.len(), "stage squashed");
+            tracing::debug!(elapsed = ?t.elapsed(), snapshots = count, "stage squashed");
             drop(guard);
             isula_store::failpoint::hit("commit.squashed");
             Some(staged)

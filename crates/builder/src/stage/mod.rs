@@ -99,7 +99,8 @@ pub struct StageRun<'c, 'a> {
 /// when a later step or the commit needs its files).
 struct Snapshot {
     dir: PathBuf,
-    _staged: Option<StagedLayer>,
+    /// A snapshot of this build's own (not the cache's): removed with it.
+    staged: Option<StagedLayer>,
     remote: Option<Digest>,
 }
 
@@ -107,7 +108,7 @@ impl Snapshot {
     fn local(dir: PathBuf, staged: Option<StagedLayer>) -> Snapshot {
         Snapshot {
             dir,
-            _staged: staged,
+            staged,
             remote: None,
         }
     }

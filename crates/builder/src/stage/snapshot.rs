@@ -168,7 +168,7 @@ impl StageRun<'_, '_> {
             if found.snapshot {
                 self.snaps.push(Snapshot {
                     dir: PathBuf::new(),
-                    _staged: None,
+                    staged: None,
                     remote: Some(key.clone()),
                 });
             } else {
