@@ -68,15 +68,19 @@ type R<T> = Result<T, String>;
 
 /// Regular files are made and filled by a few threads while the walk goes on: for a big
 /// COPY that is most of the time, and it is the kernel's work (allocating inodes and pages),
-/// so it scales with the cores. A directory's own metadata is set only once every file
-/// sent into it is done ([`Files::drain`]), so the result is the same as one thread's.
+/// so it scales with the cores. Each directory's files go to one thread (making files in
+/// one directory takes its lock, so threads sharing one would only wait on each other),
+/// and directories get their own metadata once every file is made ([`Files::finish`]), so
+/// the result is the same as one thread's.
 struct Files {
     workers: std::cell::OnceCell<Workers>,
     state: std::sync::Arc<(std::sync::Mutex<Pending>, std::sync::Condvar)>,
+    lanes: std::cell::Cell<usize>,
+    dirs: std::cell::RefCell<Vec<DirMeta>>,
 }
 
 struct Workers {
-    tx: Option<std::sync::mpsc::SyncSender<FileJob>>,
+    txs: Vec<std::sync::mpsc::Sender<FileJob>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -86,11 +90,23 @@ struct Pending {
     error: Option<String>,
 }
 
+/// Files handed over and not yet made, at most (each holds its source open).
+const FILES_PENDING: usize = 512;
+
 struct FileJob {
     input: std::fs::File,
     dir: std::sync::Arc<OwnedFd>,
     name: std::ffi::OsString,
     rel: String,
+    owner: (u32, u32),
+    mode: u32,
+    mtime: (i64, u32),
+}
+
+/// A copied directory's own metadata, set after everything in it is made.
+struct DirMeta {
+    parent: std::sync::Arc<OwnedFd>,
+    name: std::ffi::OsString,
     owner: (u32, u32),
     mode: u32,
     mtime: (i64, u32),
@@ -113,6 +129,8 @@ impl Files {
         Files {
             workers: std::cell::OnceCell::new(),
             state: Default::default(),
+            lanes: std::cell::Cell::new(0),
+            dirs: Default::default(),
         }
     }
 
@@ -120,18 +138,32 @@ impl Files {
         self.state.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands a file to the workers (started on the first one). Fails with the first error
-    /// a worker met, if any.
-    fn submit(&self, job: FileJob) -> R<()> {
+    /// The lane of a directory about to be filled: its files all go to one thread.
+    fn lane(&self) -> usize {
+        let l = self.lanes.get();
+        self.lanes.set(l.wrapping_add(1));
+        l
+    }
+
+    /// Hands a file to the thread of `lane` (threads start with the first file), once
+    /// fewer than [`FILES_PENDING`] wait. Fails with the first error a thread met.
+    fn submit(&self, job: FileJob, lane: usize) -> R<()> {
         {
+            let (_, cv) = &*self.state;
             let mut p = self.pending();
+            while p.count >= FILES_PENDING && p.error.is_none() {
+                p = cv.wait(p).unwrap_or_else(|p| p.into_inner());
+            }
             if let Some(e) = &p.error {
                 return Err(e.clone());
             }
             p.count += 1;
         }
         let workers = self.workers.get_or_init(|| self.start());
-        let sent = workers.tx.as_ref().map(|tx| tx.send(job));
+        let sent = match workers.txs.len() {
+            0 => None,
+            n => Some(workers.txs[lane % n].send(job)),
+        };
         if !matches!(sent, Some(Ok(()))) {
             let mut p = self.pending();
             p.count -= 1;
@@ -145,37 +177,36 @@ impl Files {
 
     fn start(&self) -> Workers {
         let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
-        let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(64);
-        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let mut txs = Vec::new();
         let mut threads = Vec::new();
         for i in 0..n {
-            let rx = rx.clone();
+            let (tx, rx) = std::sync::mpsc::channel::<FileJob>();
             let state = self.state.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("copy-{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok(job) = job else { return };
-                    let done = job.run();
-                    let (m, cv) = &*state;
-                    let mut p = m.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = done {
-                        p.error.get_or_insert(e);
-                    }
-                    p.count -= 1;
-                    if p.count == 0 {
+                .spawn(move || {
+                    for job in rx {
+                        let done = job.run();
+                        let (m, cv) = &*state;
+                        let mut p = m.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Err(e) = done {
+                            p.error.get_or_insert(e);
+                        }
+                        p.count -= 1;
                         cv.notify_all();
                     }
                 });
             if let Ok(t) = spawned {
+                txs.push(tx);
                 threads.push(t);
             }
         }
-        Workers {
-            // No thread could start: submit reports it.
-            tx: (!threads.is_empty()).then_some(tx),
-            threads,
-        }
+        Workers { txs, threads }
+    }
+
+    /// Sets `name`'s metadata (a directory in `parent`) once everything is made.
+    fn dir_done(&self, meta: DirMeta) {
+        self.dirs.borrow_mut().push(meta);
     }
 
     /// Waits for every file handed over so far; fails with the first error met.
@@ -190,12 +221,25 @@ impl Files {
             None => Ok(()),
         }
     }
+
+    /// [`Files::drain`], then every copied directory's metadata (inner ones first, as they
+    /// were finished; none of it changes another directory's times).
+    fn finish(&self) -> R<()> {
+        self.drain()?;
+        for d in self.dirs.borrow_mut().drain(..) {
+            let dir = d.parent.as_fd();
+            rooted::lchown(dir, &d.name, d.owner.0, d.owner.1).map_err(|e| e.to_string())?;
+            rooted::chmod(dir, &d.name, d.mode).map_err(|e| e.to_string())?;
+            rooted::set_times(dir, &d.name, d.mtime).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Files {
     fn drop(&mut self) {
         if let Some(mut w) = self.workers.take() {
-            drop(w.tx.take());
+            w.txs.clear();
             for t in w.threads.drain(..) {
                 let _ = t.join();
             }
@@ -424,10 +468,11 @@ pub fn copy(
                 opts,
                 reuse.as_deref_mut(),
                 &files,
+                files.lane(),
             )?;
         }
         // A later source may write the same names.
-        files.drain()?;
+        files.finish()?;
     }
     Ok(())
 }
@@ -504,7 +549,7 @@ fn copy_with_parents(
                     reuse.as_deref_mut(),
                     files,
                 )?;
-                files.drain()?;
+                files.finish()?;
                 continue;
             }
             let name = Path::new(&rel)
@@ -522,8 +567,9 @@ fn copy_with_parents(
                 opts,
                 reuse.as_deref_mut(),
                 files,
+                files.lane(),
             )?;
-            files.drain()?;
+            files.finish()?;
         }
     }
     for (path, mtime) in made.iter().rev() {
@@ -704,6 +750,7 @@ fn copy_dir_contents(
     files: &Files,
 ) -> R<()> {
     let dest = shared_dir(dest)?;
+    let lane = files.lane();
     for_each_selected(src, rel, dir.as_fd(), |child_rel, name, fd, st| {
         copy_entry(
             src,
@@ -715,6 +762,7 @@ fn copy_dir_contents(
             opts,
             reuse.as_deref_mut(),
             files,
+            lane,
         )
     })
 }
@@ -730,6 +778,7 @@ fn copy_entry(
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
     files: &Files,
+    lane: usize,
 ) -> R<()> {
     let pdir = shared_pdir.as_fd();
     let kind = FileType::from_raw_mode(st.st_mode);
@@ -765,11 +814,14 @@ fn copy_entry(
             )
             .map_err(|e| e.to_string())?;
             copy_dir_contents(src, rel, &dir, sub.as_fd(), opts, reuse, files)?;
-            // Its times once nothing more is made in it.
-            files.drain()?;
-            rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
-            rooted::chmod(pdir, name, mode).map_err(|e| e.to_string())?;
-            rooted::set_times(pdir, name, (mtime.0, mtime.1)).map_err(|e| e.to_string())?;
+            // Its metadata once nothing more is made in it.
+            files.dir_done(DirMeta {
+                parent: shared_pdir.clone(),
+                name: name.to_os_string(),
+                owner: (uid, gid),
+                mode,
+                mtime,
+            });
         }
         FileType::RegularFile => {
             let linked_later =
@@ -785,15 +837,18 @@ fn copy_entry(
                 Mode::empty(),
             )
             .map_err(|e| format!("{rel}: {e}"))?;
-            files.submit(FileJob {
-                input: std::fs::File::from(input),
-                dir: shared_pdir.clone(),
-                name: name.to_os_string(),
-                rel: rel.to_string(),
-                owner: (uid, gid),
-                mode,
-                mtime,
-            })?;
+            files.submit(
+                FileJob {
+                    input: std::fs::File::from(input),
+                    dir: shared_pdir.clone(),
+                    name: name.to_os_string(),
+                    rel: rel.to_string(),
+                    owner: (uid, gid),
+                    mode,
+                    mtime,
+                },
+                lane,
+            )?;
         }
         FileType::Symlink => {
             // Nested links are copied as links (the top-level source was followed).

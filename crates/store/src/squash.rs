@@ -89,12 +89,11 @@ fn trim_dir(dir: BorrowedFd<'_>, base: Option<&Root>, rel: &Path) -> Result<()> 
         let name = OsStr::from_bytes(n).to_os_string();
         match ent.file_type() {
             FileType::Directory => subdirs.push(name),
-            FileType::CharacterDevice | FileType::Unknown => {
+            FileType::CharacterDevice | FileType::Unknown
                 if rooted::lstat(dir, &name)?.is_some_and(|st| is_whiteout(&st))
-                    && !base_has(base, &rel.join(&name))
-                {
-                    gone.push(name);
-                }
+                    && !base_has(base, &rel.join(&name)) =>
+            {
+                gone.push(name);
             }
             _ => {}
         }
