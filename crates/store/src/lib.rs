@@ -11,7 +11,9 @@
 //! ├── ingest/<random>          blobs being written (swept at start-up)
 //! ├── layers/<chain-hex>/diff  unpacked layer in overlay form (whiteouts = 0:0 char devs);
 //! │                           a loaded or pulled layer is "packed" (its blob alone, named
-//! │                           in metadata.json) until a build needs it or the store idles
+//! │                           in metadata.json) until a build needs it or the store idles;
+//! │                           a built layer's blob is its tar, never written: made from
+//! │                           these files when read (see `tree`)
 //! ├── cache/                   the build cache (see `cache`)
 //! └── tmp/<random>/            layers being unpacked, archives being staged (swept)
 //! ```
