@@ -90,11 +90,28 @@ struct Pending {
     error: Option<String>,
 }
 
-/// Files handed over and not yet made, at most (each holds its source open).
-const FILES_PENDING: usize = 512;
+/// Files handed over and not yet made, at most.
+const FILES_PENDING: usize = 1024;
+
+/// Copied directories whose metadata waits, at most: each holds its parent open, so past
+/// this many every file is waited for and their metadata set.
+const DIRS_PENDING: usize = 128;
+
+/// Where a file job reads from.
+enum Input {
+    /// Opened already (a single file named as a source).
+    Open(std::fs::File),
+    /// The entry of the job's name in this source directory, opened by the thread that
+    /// copies it (so waiting files hold no descriptor of their own); it must still be the
+    /// regular file the walk saw (device and inode).
+    At {
+        dir: std::sync::Arc<OwnedFd>,
+        ino: (u64, u64),
+    },
+}
 
 struct FileJob {
-    input: std::fs::File,
+    input: Input,
     dir: std::sync::Arc<OwnedFd>,
     name: std::ffi::OsString,
     rel: String,
@@ -113,10 +130,32 @@ struct DirMeta {
 }
 
 impl FileJob {
-    fn run(mut self) -> R<()> {
+    fn run(self) -> R<()> {
+        let mut input = match self.input {
+            Input::Open(f) => f,
+            Input::At { dir, ino } => {
+                let fd = rustix::fs::openat(
+                    &dir,
+                    &self.name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| format!("{}: {e}", self.rel))?;
+                let st = stat_fd(fd.as_fd())?;
+                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+                    || (st.st_dev, st.st_ino) != ino
+                {
+                    return Err(format!(
+                        "{}: the source changed while it was copied",
+                        self.rel
+                    ));
+                }
+                std::fs::File::from(fd)
+            }
+        };
         let mut out =
             rooted::create_file(self.dir.as_fd(), &self.name, 0o600).map_err(|e| e.to_string())?;
-        std::io::copy(&mut self.input, &mut out).map_err(|e| format!("{}: {e}", self.rel))?;
+        std::io::copy(&mut input, &mut out).map_err(|e| format!("{}: {e}", self.rel))?;
         // On the handle of the file just made: no lookups (owner before mode, as a chown
         // clears set-id bits).
         rooted::set_owner_mode_times(&out, self.owner, self.mode, self.mtime)
@@ -205,8 +244,16 @@ impl Files {
     }
 
     /// Sets `name`'s metadata (a directory in `parent`) once everything is made.
-    fn dir_done(&self, meta: DirMeta) {
-        self.dirs.borrow_mut().push(meta);
+    fn dir_done(&self, meta: DirMeta) -> R<()> {
+        let full = {
+            let mut dirs = self.dirs.borrow_mut();
+            dirs.push(meta);
+            dirs.len() >= DIRS_PENDING
+        };
+        if full {
+            self.finish()?;
+        }
+        Ok(())
     }
 
     /// Waits for every file handed over so far; fails with the first error met.
@@ -226,7 +273,8 @@ impl Files {
     /// were finished; none of it changes another directory's times).
     fn finish(&self) -> R<()> {
         self.drain()?;
-        for d in self.dirs.borrow_mut().drain(..) {
+        let dirs = std::mem::take(&mut *self.dirs.borrow_mut());
+        for d in dirs {
             let dir = d.parent.as_fd();
             rooted::lchown(dir, &d.name, d.owner.0, d.owner.1).map_err(|e| e.to_string())?;
             rooted::chmod(dir, &d.name, d.mode).map_err(|e| e.to_string())?;
@@ -468,7 +516,7 @@ pub fn copy(
                 opts,
                 reuse.as_deref_mut(),
                 &files,
-                files.lane(),
+                (files.lane(), None),
             )?;
         }
         // A later source may write the same names.
@@ -567,7 +615,7 @@ fn copy_with_parents(
                 opts,
                 reuse.as_deref_mut(),
                 files,
-                files.lane(),
+                (files.lane(), None),
             )?;
             files.finish()?;
         }
@@ -750,6 +798,7 @@ fn copy_dir_contents(
     files: &Files,
 ) -> R<()> {
     let dest = shared_dir(dest)?;
+    let from = shared_dir(dir.as_fd())?;
     let lane = files.lane();
     for_each_selected(src, rel, dir.as_fd(), |child_rel, name, fd, st| {
         copy_entry(
@@ -762,7 +811,7 @@ fn copy_dir_contents(
             opts,
             reuse.as_deref_mut(),
             files,
-            lane,
+            (lane, Some(&from)),
         )
     })
 }
@@ -778,7 +827,7 @@ fn copy_entry(
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
     files: &Files,
-    lane: usize,
+    (lane, from): (usize, Option<&std::sync::Arc<OwnedFd>>),
 ) -> R<()> {
     let pdir = shared_pdir.as_fd();
     let kind = FileType::from_raw_mode(st.st_mode);
@@ -821,7 +870,7 @@ fn copy_entry(
                 owner: (uid, gid),
                 mode,
                 mtime,
-            });
+            })?;
         }
         FileType::RegularFile => {
             let linked_later =
@@ -830,16 +879,25 @@ fn copy_entry(
                 // The previous version's file takes this place once the step is unmounted.
                 return Ok(());
             }
-            let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-            let input = rustix::fs::open(
-                proc.as_str(),
-                OFlags::RDONLY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| format!("{rel}: {e}"))?;
+            let input = match from {
+                Some(dir) => Input::At {
+                    dir: dir.clone(),
+                    ino: (st.st_dev, st.st_ino),
+                },
+                None => {
+                    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+                    let f = rustix::fs::open(
+                        proc.as_str(),
+                        OFlags::RDONLY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| format!("{rel}: {e}"))?;
+                    Input::Open(std::fs::File::from(f))
+                }
+            };
             files.submit(
                 FileJob {
-                    input: std::fs::File::from(input),
+                    input,
                     dir: shared_pdir.clone(),
                     name: name.to_os_string(),
                     rel: rel.to_string(),

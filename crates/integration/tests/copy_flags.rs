@@ -145,3 +145,92 @@ fn copy_link_owns_its_destination_directories() {
     assert_eq!(f.get("srv").map(|v| v.0 & 0o7777), Some(0o755));
     assert!(f.contains_key("srv/keep") && f.contains_key("srv/a.txt"));
 }
+
+/// A COPY of many directories (more than the copy keeps waiting for their metadata at
+/// once) and files, written on several threads: every directory and file has the source's
+/// mode and mtime, owned as --chown says, with its content, as one thread would make it.
+#[test]
+fn a_copy_of_many_directories_keeps_every_mode_time_and_content() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = tempfile::tempdir().expect("ctx");
+    let c = ctx.path();
+    let mut want = BTreeMap::new();
+    for i in 0..300u32 {
+        let dir = format!("tree/d{:03}/e{}", i, i % 7);
+        for j in 0..3u32 {
+            let p = format!("{dir}/f{j}");
+            write(c, &[(&p, &format!("{i}-{j}"))]);
+            let mode = if j == 0 {
+                0o600
+            } else {
+                0o644 + (i % 2) * 0o100
+            };
+            std::fs::set_permissions(c.join(&p), std::fs::Permissions::from_mode(mode))
+                .expect("chmod");
+            want.insert(
+                format!("t/d{:03}/e{}/f{j}", i, i % 7),
+                (mode, 1_000_000 + u64::from(i * 3 + j)),
+            );
+        }
+        let mode = if i % 3 == 0 { 0o750 } else { 0o755 };
+        for (k, dpath) in [format!("tree/d{i:03}/e{}", i % 7), format!("tree/d{i:03}")]
+            .into_iter()
+            .enumerate()
+        {
+            std::fs::set_permissions(c.join(&dpath), std::fs::Permissions::from_mode(mode))
+                .expect("chmod");
+            want.insert(
+                dpath.replacen("tree", "t", 1),
+                (mode, 2_000_000 + u64::from(i * 2) + k as u64),
+            );
+        }
+    }
+    // Times last, deepest first, so making the entries does not change them.
+    let mut paths: Vec<&String> = want.keys().collect();
+    paths.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    for p in paths {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(want[p].1);
+        let src = c.join(p.replacen('t', "tree", 1));
+        std::fs::File::open(&src)
+            .and_then(|f| f.set_times(std::fs::FileTimes::new().set_modified(t)))
+            .expect("times");
+    }
+    std::fs::write(
+        c.join("Dockerfile"),
+        "FROM busybox\nCOPY --chown=7:8 tree /t/\n",
+    )
+    .expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "many:1",
+        c.to_str().expect("utf8"),
+    ]);
+    let got = d.image_files("many:1");
+    for (p, (mode, mtime)) in &want {
+        let e = got
+            .get(p)
+            .unwrap_or_else(|| panic!("{p} is not in the image"));
+        assert_eq!(
+            (e.mode & 0o7777, e.mtime, e.uid, e.gid),
+            (*mode, *mtime, 7, 8),
+            "{p}"
+        );
+        if p.contains("/f") {
+            let (i, j) = (&p[3..6], &p[p.len() - 1..]);
+            assert_eq!(
+                String::from_utf8_lossy(&e.content),
+                format!(
+                    "{}-{j}",
+                    i.trim_start_matches('0').parse::<u32>().unwrap_or(0)
+                ),
+                "{p}"
+            );
+        }
+    }
+}
