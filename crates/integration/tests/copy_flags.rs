@@ -22,6 +22,17 @@ fn image_files(d: &Daemon, image: &str) -> BTreeMap<String, (u32, String)> {
         .collect()
 }
 
+/// A daemon with busybox loaded and an empty context directory (None: not root, or no
+/// runc, and the test skips).
+fn daemon_and_context() -> Option<(Daemon, tempfile::TempDir)> {
+    if !require_root() || !require_tool("runc") {
+        return None;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    Some((d, tempfile::tempdir().expect("ctx")))
+}
+
 fn write(root: &std::path::Path, files: &[(&str, &str)]) {
     for (p, c) in files {
         let path = root.join(p);
@@ -32,12 +43,9 @@ fn write(root: &std::path::Path, files: &[(&str, &str)]) {
 
 #[test]
 fn exclude_and_parents_as_buildkit() {
-    if !require_root() || !require_tool("runc") {
+    let Some((d, ctx)) = daemon_and_context() else {
         return;
-    }
-    let d = Daemon::start();
-    d.load_fixed_busybox("busybox:latest");
-    let ctx = tempfile::tempdir().expect("ctx");
+    };
     let c = ctx.path();
     write(
         c,
@@ -105,12 +113,9 @@ fn exclude_and_parents_as_buildkit() {
 
 #[test]
 fn copy_link_owns_its_destination_directories() {
-    if !require_root() || !require_tool("runc") {
+    let Some((d, ctx)) = daemon_and_context() else {
         return;
-    }
-    let d = Daemon::start();
-    d.load_fixed_busybox("busybox:latest");
-    let ctx = tempfile::tempdir().expect("ctx");
+    };
     let c = ctx.path();
     write(c, &[("a.txt", "a")]);
     std::fs::write(
@@ -151,12 +156,9 @@ fn copy_link_owns_its_destination_directories() {
 /// mode and mtime, owned as --chown says, with its content, as one thread would make it.
 #[test]
 fn a_copy_of_many_directories_keeps_every_mode_time_and_content() {
-    if !require_root() || !require_tool("runc") {
+    let Some((d, ctx)) = daemon_and_context() else {
         return;
-    }
-    let d = Daemon::start();
-    d.load_fixed_busybox("busybox:latest");
-    let ctx = tempfile::tempdir().expect("ctx");
+    };
     let c = ctx.path();
     let mut want = BTreeMap::new();
     for i in 0..300u32 {

@@ -248,6 +248,11 @@ mod tests {
         .expect("whiteout");
     }
 
+    fn opaque(p: &Path) {
+        rustix::fs::lsetxattr(p, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())
+            .expect("opaque");
+    }
+
     #[test]
     fn stacks_merge_like_one_upper() {
         if !root() {
@@ -282,13 +287,7 @@ mod tests {
         whiteout(&l2.join("tmpfile"));
         for dir in ["newdir", "gone-dir"] {
             std::fs::create_dir(l2.join(dir)).expect("dir");
-            rustix::fs::lsetxattr(
-                l2.join(dir).as_path(),
-                OPAQUE_XATTR,
-                b"y",
-                rustix::fs::XattrFlags::empty(),
-            )
-            .expect("opaque");
+            opaque(&l2.join(dir));
         }
         std::fs::write(l2.join("newdir/b"), "b").expect("b");
         squash(&[&l2, &l1], Some(&base), &out).expect("squash");
@@ -327,13 +326,7 @@ mod tests {
             std::fs::write(p.join("etc/new"), "new").expect("new");
             for dir in ["newdir", "gone-dir"] {
                 std::fs::create_dir(p.join(dir)).expect("dir");
-                rustix::fs::lsetxattr(
-                    p.join(dir).as_path(),
-                    OPAQUE_XATTR,
-                    b"y",
-                    rustix::fs::XattrFlags::empty(),
-                )
-                .expect("opaque");
+                opaque(&p.join(dir));
             }
             let t = std::fs::FileTimes::new()
                 .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(777));

@@ -50,27 +50,25 @@ impl SysError {
 
 pub type Result<T> = std::result::Result<T, SysError>;
 
-/// fsync a directory so that a rename or create inside it is durable.
-pub fn fsync_dir(path: &std::path::Path) -> Result<()> {
-    let fd = rustix::fs::open(
+/// A directory opened for syncing.
+fn open_dir(path: &std::path::Path) -> Result<std::os::fd::OwnedFd> {
+    rustix::fs::open(
         path,
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
-    .map_err(|e| SysError::new("open", path, e))?;
-    rustix::fs::fsync(&fd).map_err(|e| SysError::new("fsync", path, e))
+    .map_err(|e| SysError::new("open", path, e))
+}
+
+/// fsync a directory so that a rename or create inside it is durable.
+pub fn fsync_dir(path: &std::path::Path) -> Result<()> {
+    rustix::fs::fsync(&open_dir(path)?).map_err(|e| SysError::new("fsync", path, e))
 }
 
 /// Writes back everything of the file system holding `path` (one syncfs: the way to make
 /// a whole directory tree durable without an fsync per file).
 pub fn syncfs(path: &std::path::Path) -> Result<()> {
-    let fd = rustix::fs::open(
-        path,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .map_err(|e| SysError::new("open", path, e))?;
-    rustix::fs::syncfs(&fd).map_err(|e| SysError::new("syncfs", path, e))
+    rustix::fs::syncfs(&open_dir(path)?).map_err(|e| SysError::new("syncfs", path, e))
 }
 
 /// Renames `from` to `to`, failing with EEXIST if `to` exists (never overwrites).
