@@ -4,7 +4,8 @@
 # seconds and the daemon's peak RSS for each step, so later work can be compared.
 #   scripts/bench.sh            (needs root; MB=... FILES=... to change the size,
 #                               ROUNDS=... for the rounds, ONLY=main|cache|peers for one part:
-#                               peers = each workload beside buildah and BuildKit, interleaved;
+#                               peers = each workload beside buildah and BuildKit, interleaved,
+#                               WORKLOADS="copy run load save push pull" to pick some;
 #                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,19 +66,25 @@ for _ in $(seq 100); do "$bin/isula-build" version >/dev/null 2>&1 && break; sle
 sync
 printf '%-28s %10s %12s %14s\n' "step" "seconds" "daemon CPU s" "peak RSS (MB)"
 cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$daemon/stat"; }
-# The phases the daemon logged after line $1 of its log: seconds (and MB) summed per phase.
-phases() {
-    tail -n +"$(($1 + 1))" "$work/daemon.log" | { grep 'isula_phase' || true; } | sed 's/\x1b\[[0-9;]*m//g' | awk '
+# The phase lines the daemon logged after line $1 of its log.
+phase_lines() {
+    tail -n +"$(($1 + 1))" "$work/daemon.log" | { grep 'isula_phase' || true; } | sed 's/\x1b\[[0-9;]*m//g'
+}
+# Phase lines on stdin summed per phase: seconds (and MB), divided by $1 (runs; default 1).
+sum_phases() {
+    awk -v runs="${1:-1}" '
         match($0, /phase="[^"]*"/) { p = substr($0, RSTART + 7, RLENGTH - 8)
             match($0, /ms=[0-9.]+/); ms = substr($0, RSTART + 3, RLENGTH - 3)
             match($0, /bytes=[0-9]+/); b = substr($0, RSTART + 6, RLENGTH - 6)
             if (!(p in t)) order[++n] = p
             t[p] += ms; by[p] += b; c[p]++ }
         END { for (i = 1; i <= n; i++) { p = order[i]
-            printf "    %-52s %8.2f s %6d x", p, t[p] / 1000, c[p]
-            if (by[p] > 0) printf " %9.1f MB", by[p] / 1048576
+            printf "    %-52s %8.2f s %6.1f x", p, t[p] / 1000 / runs, c[p] / runs
+            if (by[p] > 0) printf " %9.1f MB", by[p] / 1048576 / runs
             printf "\n" } }'
 }
+# The phases the daemon logged after line $1 of its log: seconds (and MB) summed per phase.
+phases() { phase_lines "$1" | sum_phases 1; }
 step() {
     local name="$1"; shift
     sync                                  # earlier steps' writeback must not bill this one
@@ -205,8 +212,12 @@ if only peers; then
             local t=${tools[$(((i + r) % n))]}
             "prep_$w" "$t"
             sync
+            local lines
+            lines=$(wc -l < "$work/daemon.log")
             [ "$t" = ours ] && echo 5 > "/proc/$daemon/clear_refs"
             timed "$w: $t" "run_$w" "$t"
+            # Our phases in this run (the idle-time work after it is not counted).
+            [ "$t" = ours ] && phase_lines "$lines" >> "$work/phases-$w"
             if [ "$t" = ours ]; then
                 local hwm
                 hwm=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$daemon/status")
@@ -285,6 +296,8 @@ if only peers; then
     }
     loads=(copy run load save)
     [ -n "$reg_host" ] && loads+=(push pull)
+    # WORKLOADS="copy push": only those (pull needs the registry, as push does).
+    if [ -n "${WORKLOADS:-}" ]; then read -r -a loads <<<"$WORKLOADS"; fi
     # Every tool holds bench:1 (and its registry name) for save and push.
     run_load buildah >/dev/null 2>&1 || true
     [ -n "$peer_docker" ] && run_load docker >/dev/null 2>&1
@@ -315,6 +328,11 @@ if only peers; then
         printf '%-12s %18s %18s %18s %10s %10s\n' "$w" "$(cell ours)" "$(cell buildah)" "$(cell docker)" \
             "$([ -n "$best" ] && awk -v a="$ours" -v b="$best" 'BEGIN { printf "%.2f", a / b }' || echo -)" \
             "${PEAK[$w]:--}"
+    done
+    echo "# our phases, mean per run of each workload (seconds, times, MB)"
+    for w in "${loads[@]}"; do
+        echo "$w:"
+        sum_phases "$rounds" < "$work/phases-$w" 2>/dev/null || true
     done
 fi  # peers
 

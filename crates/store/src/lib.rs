@@ -15,7 +15,9 @@
 //! │                           a built layer's blob is its tar, never written: made from
 //! │                           these files when read (see `tree`)
 //! ├── cache/                   the build cache (see `cache`)
-//! └── tmp/<random>/            layers being unpacked, archives being staged (swept)
+//! └── tmp/<random>/            layers being unpacked, archives being staged (swept); tmp/
+//!                              is marked a top directory (`chattr +T`) so that each layer
+//!                              gets block groups of its own (see `isula_sys::mark_top_dir`)
 //! ```
 //!
 //! Crash safety: blobs and layer directories are written first and only become part of an
@@ -303,6 +305,12 @@ impl Store {
             swept_tmp: content::sweep_dir(&root.join("tmp"))?,
             ..Default::default()
         };
+        // Each layer staged in tmp/ is a tree of its own for the file system's allocator.
+        let tmp = root.join("tmp");
+        match isula_sys::mark_top_dir(&tmp) {
+            Ok(marked) => tracing::debug!(marked, dir = %tmp.display(), "top directory mark"),
+            Err(e) => tracing::warn!(error = %e, "marking tmp/ as a top directory"),
+        }
         let (dropped, snapshots) = store.cache.sweep(&store)?;
         if dropped + snapshots > 0 {
             tracing::info!(

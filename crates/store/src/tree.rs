@@ -32,10 +32,30 @@ impl Store {
             clamp_mtime,
             exclude: Default::default(),
         };
-        let mut hashing = phase::Phase::start("commit: hash the layer tar");
-        let (digest, size) = diff::hash_layer(&staged.diff_dir(), &opts)?;
-        hashing.add_bytes(size);
-        drop(hashing);
+        // The files are written back while they are hashed (the hash reads them from the
+        // page cache): one syncfs, on a thread of its own, that the layer needs when it is
+        // new and that costs nothing but the disk's time otherwise.
+        let (hashed, synced) = std::thread::scope(|s| {
+            let sync = s.spawn(|| {
+                let _sync = phase::Phase::start("commit: sync the layer's files");
+                isula_sys::syncfs(&staged.diff_dir())
+            });
+            let mut hashing = phase::Phase::start("commit: hash the layer tar");
+            let hashed = diff::hash_layer(&staged.diff_dir(), &opts);
+            if let Ok((_, size)) = &hashed {
+                hashing.add_bytes(*size);
+            }
+            drop(hashing);
+            let synced = sync.join().unwrap_or_else(|_| {
+                Err(isula_sys::SysError::io(
+                    "syncfs",
+                    staged.diff_dir(),
+                    std::io::Error::other("the syncing thread panicked"),
+                ))
+            });
+            (hashed, synced)
+        });
+        let (digest, size) = hashed?;
         lease.blob(&digest);
         crate::failpoint::hit("commit.layer-hashed");
         let diff_id = DiffId(digest.clone());
@@ -66,8 +86,7 @@ impl Store {
                 .map_err(|e| StoreError::io("write", staged.diff_dir(), e.into_error()))?;
             lease.commit_blob(w, Some((&digest, Some(size))))?;
         } else if !stored && !exists {
-            let _sync = phase::Phase::start("commit: sync the layer's files");
-            isula_sys::syncfs(&staged.diff_dir())?;
+            synced?;
         }
         crate::failpoint::hit("commit.layer-written");
         self.commit_layer(staged, &chain, lease)?;

@@ -175,6 +175,27 @@ fn reopen_sweeps_and_keeps_images() {
     assert!(problems[0].contains(blob.as_str()) && problems[0].contains("digest mismatch"));
 }
 
+#[test]
+fn staged_layers_are_made_under_a_top_directory_on_ext4() {
+    // /var/tmp is on the disk (never tmpfs) on the machines the tests run on.
+    let dir = tempfile::tempdir_in("/var/tmp").expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let tmp = rustix::fs::open(
+        dir.path().join("tmp"),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open tmp");
+    if rustix::fs::fstatfs(&tmp).expect("statfs").f_type as i64 != 0xEF53 {
+        eprintln!("skipping: /var/tmp is not ext4 here");
+        return;
+    }
+    let flags = rustix::fs::ioctl_getflags(&tmp).expect("flags");
+    assert!(flags.contains(rustix::fs::IFlags::TOPDIR), "{flags:?}");
+    let staged = store.stage_layer().expect("stage");
+    assert!(staged.diff_dir().starts_with(dir.path().join("tmp")));
+}
+
 /// Records an image named `name` whose one layer blob is `data` (no layer directory: the
 /// compressor needs the blob alone).
 fn add_blob_image(store: &Store, name: &str, data: &[u8]) -> (ImageId, isula_types::Digest) {

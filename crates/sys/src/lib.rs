@@ -65,6 +65,35 @@ pub fn fsync_dir(path: &std::path::Path) -> Result<()> {
     rustix::fs::fsync(&open_dir(path)?).map_err(|e| SysError::new("fsync", path, e))
 }
 
+/// Marks directory `path` as the top of separate trees (FS_TOPDIR_FL, `chattr +T`): ext4
+/// then places each new directory made in it in a block group of its own, as it does for
+/// directories made in `/`, instead of beside its siblings. A layer made there does not
+/// land in the group whose inodes an earlier layer just freed: on ext4 without a journal,
+/// making a file in such a group scans every recently freed inode of it, which made a
+/// 20,000-file COPY right after a discarded one ten times slower. Whether the file system
+/// took the mark; one that knows no such flag is left as it is.
+pub fn mark_top_dir(path: &std::path::Path) -> Result<bool> {
+    use rustix::fs::IFlags;
+    let dir = open_dir(path)?;
+    let flags = match rustix::fs::ioctl_getflags(&dir) {
+        Ok(f) => f,
+        Err(rustix::io::Errno::NOTTY | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
+            return Ok(false)
+        }
+        Err(e) => return Err(SysError::new("get flags of", path, e)),
+    };
+    if flags.contains(IFlags::TOPDIR) {
+        return Ok(true);
+    }
+    match rustix::fs::ioctl_setflags(&dir, flags | IFlags::TOPDIR) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::NOTTY | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {
+            Ok(false)
+        }
+        Err(e) => Err(SysError::new("set flags of", path, e)),
+    }
+}
+
 /// Writes back everything of the file system holding `path` (one syncfs: the way to make
 /// a whole directory tree durable without an fsync per file).
 pub fn syncfs(path: &std::path::Path) -> Result<()> {
@@ -376,5 +405,40 @@ mod peer_group_tests {
         mine.sort();
         got.sort();
         assert_eq!(got, mine);
+    }
+}
+
+#[cfg(test)]
+mod top_dir_tests {
+    /// ext4's magic number in statfs.
+    const EXT4_MAGIC: i64 = 0xEF53;
+
+    #[test]
+    fn an_ext4_directory_takes_the_top_mark() {
+        // The owner may set this flag: no root needed. /var/tmp is on the disk (never tmpfs) on the machines the tests run on.
+        let d = tempfile::tempdir_in("/var/tmp").expect("tmp");
+        let dir = rustix::fs::open(
+            d.path(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("open");
+        let ext4 = rustix::fs::fstatfs(&dir).expect("statfs").f_type as i64 == EXT4_MAGIC;
+        let marked = super::mark_top_dir(d.path()).expect("mark");
+        let flags = rustix::fs::ioctl_getflags(&dir);
+        if ext4 {
+            assert!(marked, "ext4 takes FS_TOPDIR_FL");
+            assert!(flags.expect("flags").contains(rustix::fs::IFlags::TOPDIR));
+            // Marking again is no error and keeps the mark.
+            assert!(super::mark_top_dir(d.path()).expect("again"));
+        } else if marked {
+            assert!(flags.expect("flags").contains(rustix::fs::IFlags::TOPDIR));
+        }
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error_naming_it() {
+        let e = super::mark_top_dir(std::path::Path::new("/nonexistent/isula-top")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/isula-top"), "{e}");
     }
 }

@@ -168,12 +168,35 @@ fn overlay(
     }
     // Ours last: they win over the same keys in the configured options.
     extra.extend(OVERLAY_FIXED.iter().map(|(k, v)| format!("{k}={v}")));
-    // The mount API (Linux 6.8+) takes one lower layer per call, so a base image of any
-    // depth fits; older kernels get the classic option string, limited to a page.
-    match overlay_fsconfig(lowers, upper, target, flags, &extra) {
+    // A writable overlay is volatile (Linux 5.10+): its syncs and fsyncs (a RUN's dpkg
+    // makes thousands) and the sync of the upper file system at unmount do nothing. The
+    // store makes an upper directory durable itself when it keeps it (one syncfs at
+    // commit, or before a cache record names it), and a step cut short is thrown away.
+    if upper.is_some() && !extra.iter().any(|o| o == "volatile") {
+        let mut volatile = extra.clone();
+        volatile.push("volatile".into());
+        match overlay_any(lowers, upper, target, flags, &volatile) {
+            // A kernel without the option refuses it: mount without.
+            Err(e) if e.errno() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {}
+            done => return done,
+        }
+    }
+    overlay_any(lowers, upper, target, flags, &extra)
+}
+
+/// The mount API (Linux 6.8+) takes one lower layer per call, so a base image of any depth
+/// fits; older kernels get the classic option string, limited to a page.
+fn overlay_any(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+    flags: MountFlags,
+    extra: &[String],
+) -> Result<MountGuard> {
+    match overlay_fsconfig(lowers, upper, target, flags, extra) {
         Ok(()) => {}
         Err(e) if e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::INVAL => {
-            overlay_legacy(lowers, upper, target, flags, &extra)?
+            overlay_legacy(lowers, upper, target, flags, extra)?
         }
         Err(e) => return Err(SysError::new("mount overlay", target, e)),
     }
@@ -317,8 +340,25 @@ mod tests {
             );
             std::fs::write(merged.join("new"), b"x").expect("write");
             std::fs::remove_file(merged.join("base")).expect("rm");
+            // A writable overlay is volatile (this kernel has the option): no sync of the
+            // upper file system at unmount, no fsync passed down.
+            let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+            let line = info
+                .lines()
+                .find(|l| l.split(' ').nth(4) == Some(&*merged.to_string_lossy()))
+                .expect("the overlay in mountinfo");
+            assert!(line.contains("volatile"), "{line}");
         }
         assert!(!merged.join("new").exists(), "unmounted on drop");
+        // The upper directory mounts again with a fresh work directory (a volatile mount
+        // leaves its work directory unusable).
+        let work2 = d.path().join("w2");
+        std::fs::create_dir(&work2).expect("mkdir");
+        {
+            let _m = mount_overlay(std::slice::from_ref(&lower), &upper, &work2, &merged, &[])
+                .expect("mount again");
+            assert_eq!(std::fs::read(merged.join("new")).expect("read"), b"x");
+        }
         assert!(upper.join("new").exists());
         assert!(
             std::fs::symlink_metadata(upper.join("base")).is_ok(),
