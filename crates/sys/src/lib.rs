@@ -438,7 +438,8 @@ mod top_dir_tests {
 
     #[test]
     fn a_missing_directory_is_an_error_naming_it() {
-        let e = super::mark_top_dir(std::path::Path::new("/nonexistent/isula-top")).unwrap_err();
+        let e = super::mark_top_dir(std::path::Path::new("/nonexistent/isula-top"))
+            .expect_err("no such directory");
         assert!(e.to_string().contains("/nonexistent/isula-top"), "{e}");
     }
 }
