@@ -159,7 +159,7 @@ fn migrate_old_store(s: &Settings, store: &isula_store::Store) {
 
 fn main() {
     // Before any thread: the daemon's memory stays near what is live (see isula_sys::memory).
-    isula_sys::memory::limit_malloc_arenas(2);
+    isula_sys::memory::limit_malloc_arenas(1);
     // Usage errors exit 1, as isula-builder's do (help and version exit 0).
     let flags = Flags::try_parse().unwrap_or_else(|e| {
         let _ = e.print();
