@@ -134,6 +134,11 @@ fn write_public_key(dir: &std::path::Path, pem: &str) -> Result<()> {
     result.with_context(|| format!("writing the public key {}", path.display()))
 }
 
+/// How often an idle daemon looks at what its allocator keeps free.
+const IDLE_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// Free memory the allocator may keep while idle before it is given back.
+const IDLE_TRIM_OVER: u64 = 1 << 20;
+
 pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     let socket = settings.socket.clone();
     let key = isula_api::secret::KeyPair::generate().context("generating the RSA key pair")?;
@@ -151,6 +156,28 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
                 state.store.run_compressor()
             })
             .context("starting the compressor thread")?
+    };
+    // What the allocator keeps after work goes back to the system once the daemon idles:
+    // the last operation's end trims too, but replies, cache records and background work
+    // allocate after it.
+    let trimmer = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TRIM_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // A trim leaves the free chunks in place (their pages given back): the stats
+            // just after it tell whether anything happened since.
+            let mut after_last = None;
+            loop {
+                tick.tick().await;
+                let now = isula_sys::memory::allocator_stats();
+                let kept = now.map_or(0, |s| s.free);
+                if state.running() == 0 && kept >= IDLE_TRIM_OVER && now != after_last {
+                    isula_sys::memory::release_free();
+                    after_last = isula_sys::memory::allocator_stats();
+                }
+            }
+        })
     };
     let service = ControlServer::new(Service {
         state: state.clone(),
@@ -187,6 +214,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
             "operations still running after {SHUTDOWN_GRACE:?}"
         );
     }
+    trimmer.abort();
     if compressor.join().is_err() {
         tracing::error!("the compressor thread panicked");
     }
