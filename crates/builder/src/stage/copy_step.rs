@@ -88,8 +88,9 @@ impl StageRun<'_, '_> {
         // What the sources are: their content (context), or the key of the stage or image.
         let sources = match (&from_result, &ctx_root) {
             (Some(r), _) => r.key.clone(),
-            // --no-cache: the key is never looked up nor recorded, so the sources are not
-            // read for it (the copy reads them once); a nonce keeps it this step's own.
+            // The daemon's cache is off: the key is never looked up nor recorded, so the
+            // sources are not read for it (the copy reads them once); a nonce keeps it this
+            // step's own.
             (None, Some(_)) if self.opts.cache == CacheMode::Off => {
                 static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let n = STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
