@@ -415,7 +415,8 @@ mod top_dir_tests {
 
     #[test]
     fn an_ext4_directory_takes_the_top_mark() {
-        // The owner may set this flag: no root needed. /var/tmp is on the disk (never tmpfs) on the machines the tests run on.
+        // The owner may set this flag: no root needed. /var/tmp is on the disk (never
+        // tmpfs) on the machines the tests run on.
         let d = tempfile::tempdir_in("/var/tmp").expect("tmp");
         let dir = rustix::fs::open(
             d.path(),
