@@ -332,7 +332,7 @@ if only peers; then
     echo "# our phases, mean per run of each workload (seconds, times, MB)"
     for w in "${loads[@]}"; do
         echo "$w:"
-        sum_phases "$rounds" < "$work/phases-$w" 2>/dev/null || true
+        if [ -f "$work/phases-$w" ]; then sum_phases "$rounds" < "$work/phases-$w"; fi
     done
 fi  # peers
 

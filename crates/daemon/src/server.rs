@@ -158,8 +158,8 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
             .context("starting the compressor thread")?
     };
     // What the allocator keeps after work goes back to the system once the daemon idles:
-    // the last operation's end trims too, but replies, cache records and background work
-    // allocate after it.
+    // the one place that trims after background work (gzip, unpack), and after the replies
+    // and cache records that follow the last operation's end (which trims at once).
     let trimmer = {
         let state = state.clone();
         tokio::spawn(async move {

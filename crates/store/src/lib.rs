@@ -890,10 +890,6 @@ impl Store {
             let next = match next {
                 Job::Unpack(chain) => {
                     self.unpack_in_background(&chain);
-                    // The unpack's buffers go back to the system when nothing else waits.
-                    if c.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                        isula_sys::memory::release_free();
-                    }
                     continue;
                 }
                 Job::Gzip(d) => d,
@@ -935,10 +931,6 @@ impl Store {
                 if let Err(e) = self.gc() {
                     tracing::warn!(error = %e, "collecting after compression");
                 }
-            }
-            // The gzip's buffers go back to the system when nothing else waits.
-            if c.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                isula_sys::memory::release_free();
             }
         }
     }

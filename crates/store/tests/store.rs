@@ -186,7 +186,8 @@ fn staged_layers_are_made_under_a_top_directory_on_ext4() {
         rustix::fs::Mode::empty(),
     )
     .expect("open tmp");
-    if rustix::fs::fstatfs(&tmp).expect("statfs").f_type as i64 != 0xEF53 {
+    const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+    if rustix::fs::fstatfs(&tmp).expect("statfs").f_type as i64 != EXT4_SUPER_MAGIC {
         eprintln!("skipping: /var/tmp is not ext4 here");
         return;
     }

@@ -89,19 +89,12 @@ impl StageRun<'_, '_> {
         let sources = match (&from_result, &ctx_root) {
             (Some(r), _) => r.key.clone(),
             // The daemon's cache is off: the key is never looked up nor recorded, so the
-            // sources are not read for it (the copy reads them once); a nonce keeps it this
-            // step's own.
+            // sources are not read for it (the copy reads them once). This build's stage
+            // directory and the step number keep it the step's own.
             (None, Some(_)) if self.opts.cache == CacheMode::Off => {
-                static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                let n = STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let at = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
                 let mut k = KeyBuilder::new("uncached-sources", None);
-                k.field(
-                    "nonce",
-                    format!("{}-{at}-{n}", std::process::id()).as_bytes(),
-                );
+                k.field("stage", self.dir.as_os_str().as_encoded_bytes())
+                    .field("step", &n.to_le_bytes());
                 k.finish()
             }
             (None, Some(root)) if named_dir.is_some() => {
