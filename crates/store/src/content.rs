@@ -80,7 +80,7 @@ impl ContentStore {
             .open(&path)
             .map_err(|e| StoreError::io("create", &path, e))?;
         Ok(BlobWriter {
-            file: Some(file),
+            file: Some(isula_sys::WriteBehind::new(file, 0)),
             path,
             hash: Sha256::new(),
             size: 0,
@@ -163,7 +163,8 @@ impl Write for HashWriter<'_> {
 
 /// A blob being written. Dropped without `commit`, it leaves nothing behind.
 pub struct BlobWriter {
-    file: Option<File>,
+    /// Written behind: the commit's fsync waits only for the last few MiB.
+    file: Option<isula_sys::WriteBehind<File>>,
     path: PathBuf,
     hash: Sha256,
     size: u64,
@@ -203,7 +204,7 @@ impl BlobWriter {
         }
         let mut phase = crate::phase::Phase::start("blob fsync");
         phase.add_bytes(self.size);
-        let file = self.file.take();
+        let file = self.file.take().map(isula_sys::WriteBehind::into_inner);
         if let Some(f) = &file {
             f.sync_all()
                 .map_err(|e| StoreError::io("fsync", &self.path, e))?;

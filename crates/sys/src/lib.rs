@@ -9,9 +9,11 @@ pub mod memory;
 pub mod mount;
 pub mod priority;
 pub mod rooted;
+pub mod writeback;
 
 pub use lock::FileLock;
 pub use rooted::{Resolve, Root};
+pub use writeback::WriteBehind;
 
 use std::path::PathBuf;
 

@@ -177,8 +177,11 @@ fn write_archive(
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
+        // Written behind: the fsync before the archive gets its name waits only for the
+        // last few MiB.
+        let file = isula_sys::WriteBehind::new(pending.file(), 0);
         let mut reporting =
-            crate::progress::Reporting::new(pending.file(), &mut *progress, &name, "Saving", total);
+            crate::progress::Reporting::new(file, &mut *progress, &name, "Saving", total);
         let mut out = BufWriter::with_capacity(1 << 20, &mut reporting);
         let phase = isula_store::phase::Phase::start("save: write the archive");
         write(store, &mut out)?;

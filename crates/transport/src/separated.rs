@@ -163,7 +163,11 @@ fn legacy_layers(
 
 /// A gzip'd tarball being written into the destination, hashed as it is written.
 struct Tarball {
-    tar: tar::Builder<flate2::write::GzEncoder<HashingWriter<std::io::BufWriter<std::fs::File>>>>,
+    tar: tar::Builder<
+        flate2::write::GzEncoder<
+            HashingWriter<std::io::BufWriter<isula_sys::WriteBehind<std::fs::File>>>,
+        >,
+    >,
     pending: Option<isula_sys::PendingFile>,
     dirs: HashSet<String>,
 }
@@ -194,7 +198,7 @@ impl Tarball {
             .try_clone()
             .map_err(|e| TransportError::io("create", dest, e))?;
         let hashing = HashingWriter {
-            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            inner: std::io::BufWriter::with_capacity(1 << 20, isula_sys::WriteBehind::new(file, 0)),
             hash: sha2::Sha256::new(),
         };
         Ok(Tarball {
