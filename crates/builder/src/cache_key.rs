@@ -9,10 +9,9 @@
 use crate::copy::{self, Source};
 use isula_types::Digest;
 use rustix::fs::{FileType, Mode, OFlags};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::Digest as _;
-use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 
 /// Bumped whenever what goes into a key changes, so old records simply miss.
@@ -53,7 +52,7 @@ impl KeyBuilder {
 }
 
 /// What a stat says about a file's content without reading it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct StatKey {
     ino: u64,
     size: u64,
@@ -70,6 +69,32 @@ impl StatKey {
             ctime: (st.st_ctime, st.st_ctime_nsec as i64),
         }
     }
+
+    /// The key as the record keeps it: 128 bits of the SHA-256 of its fields.
+    fn id(&self) -> Id {
+        let mut h = sha2::Sha256::new();
+        for v in [self.ino, self.size] {
+            h.update(v.to_le_bytes());
+        }
+        for v in [self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1] {
+            h.update(v.to_le_bytes());
+        }
+        short(h)
+    }
+}
+
+/// 128 bits of a SHA-256: how the record names a path and a stat key (a file's entry is
+/// used only when both match, so a collision of one alone changes nothing).
+type Id = [u8; 16];
+
+fn short(h: sha2::Sha256) -> Id {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize()[..16]);
+    id
+}
+
+fn path_id(rel: &str) -> Id {
+    short(sha2::Sha256::new_with_prefix(rel.as_bytes()))
 }
 
 /// A SHA-256, kept as bytes and written as hex.
@@ -91,7 +116,7 @@ impl Serialize for Sha {
     }
 }
 
-impl<'de> Deserialize<'de> for Sha {
+impl<'de> serde::Deserialize<'de> for Sha {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sha, D::Error> {
         let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         let mut out = [0u8; 32];
@@ -100,9 +125,56 @@ impl<'de> Deserialize<'de> for Sha {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The record's file: this magic (with its version), the entry count (u64, little
+/// endian), then per file its path's ID, its stat key's ID and its content's SHA-256.
+const RECORD_MAGIC: &[u8; 8] = b"ISBCTX01";
+const ENTRY: usize = 16 + 16 + 32;
+
+/// The record in memory: 64 bytes and a hash table slot per file, whatever its path's
+/// length (a context of 100,000 files takes about 8 MB).
+#[derive(Default)]
 struct HashRecord {
-    files: BTreeMap<String, (StatKey, Sha)>,
+    files: std::collections::HashMap<Id, (Id, Sha)>,
+}
+
+impl HashRecord {
+    /// The record at `p`; None when it is missing, of another version or damaged.
+    fn read(p: &std::path::Path) -> Option<HashRecord> {
+        let f = std::fs::File::open(p).ok()?;
+        let len = f.metadata().ok()?.len();
+        let mut r = std::io::BufReader::with_capacity(64 << 10, f);
+        let mut head = [0u8; 16];
+        r.read_exact(&mut head).ok()?;
+        let (magic, count) = head.split_at(8);
+        let count = u64::from_le_bytes(count.try_into().ok()?);
+        if magic != RECORD_MAGIC || Some(len) != count.checked_mul(ENTRY as u64)?.checked_add(16) {
+            return None;
+        }
+        let mut files = std::collections::HashMap::with_capacity(usize::try_from(count).ok()?);
+        let mut e = [0u8; ENTRY];
+        for _ in 0..count {
+            r.read_exact(&mut e).ok()?;
+            let (path, rest) = e.split_at(16);
+            let (stat, sum) = rest.split_at(16);
+            files.insert(
+                path.try_into().ok()?,
+                (stat.try_into().ok()?, Sha(sum.try_into().ok()?)),
+            );
+        }
+        Some(HashRecord { files })
+    }
+
+    fn write(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut w = std::io::BufWriter::with_capacity(64 << 10, w);
+        w.write_all(RECORD_MAGIC)?;
+        w.write_all(&(self.files.len() as u64).to_le_bytes())?;
+        for (path, (stat, sum)) in &self.files {
+            w.write_all(path)?;
+            w.write_all(stat)?;
+            w.write_all(&sum.0)?;
+        }
+        w.flush()
+    }
 }
 
 /// Content hashes of a build context's files, reused while a file's inode, size, mtime and
@@ -119,9 +191,8 @@ impl ContextHashes {
     /// Loads the record at `record_path` (none: hash everything, keep nothing).
     pub fn load(record_path: Option<std::path::PathBuf>) -> ContextHashes {
         let record = record_path
-            .as_ref()
-            .and_then(|p| std::fs::File::open(p).ok())
-            .and_then(|f| serde_json::from_reader(std::io::BufReader::new(f)).ok())
+            .as_deref()
+            .and_then(HashRecord::read)
             .unwrap_or_default();
         ContextHashes {
             record_path,
@@ -138,77 +209,106 @@ impl ContextHashes {
         }
         let record = &self.record;
         // Only a time saver: no need to wait for the disk.
-        if let Err(e) = isula_store::metadata::replace_unsynced(p, &mut |w| {
-            serde_json::to_writer(w, record).map_err(std::io::Error::other)
-        }) {
+        if let Err(e) = isula_store::metadata::replace_unsynced(p, &mut |w| record.write(w)) {
             tracing::warn!(path = %p.display(), error = %e, "saving the context hash record");
+        }
+        // An earlier version's record (JSON), replaced by this one.
+        if p.extension().is_some_and(|e| e != "json") {
+            let _ = std::fs::remove_file(p.with_extension("json"));
         }
         self.hashed = 0;
     }
 
     /// The content hash of `rel` as recorded, if its stat still matches.
     pub fn known(&self, rel: &str, st: &rustix::fs::Stat) -> Option<Sha> {
-        let (k, h) = self.record.files.get(rel)?;
-        (*k == StatKey::of(st)).then_some(*h)
+        let (k, h) = self.record.files.get(&path_id(rel))?;
+        (*k == StatKey::of(st).id()).then_some(*h)
+    }
+
+    /// Records what `rel` holds, read while its stat was `key` (None: it changed while it
+    /// was read, so it has no record and is read again next time).
+    fn note(&mut self, rel: &str, key: Option<&StatKey>, sum: Sha) {
+        self.hashed += 1;
+        match key {
+            Some(k) => self.record.files.insert(path_id(rel), (k.id(), sum)),
+            None => self.record.files.remove(&path_id(rel)),
+        };
     }
 }
 
 /// Hashes what a COPY/ADD of `sources` from `src` selects: every entry's path, type, mode,
 /// link target and content, in the order the copy visits them. Files the copy would not
 /// select (ignored, or outside every source) never enter the hash. Files whose content is
-/// not known from the record are read on several threads at once.
+/// not known from the record are read on other threads while the walk goes on; the key
+/// takes each entry in order as soon as it is complete, so memory stays bounded however
+/// many files the sources hold.
 pub fn hash_sources(
     src: &Source<'_>,
     sources: &[String],
     hashes: &mut ContextHashes,
 ) -> Result<Digest, String> {
-    let mut items = Vec::new();
-    for pattern in sources {
-        items.push(Item {
-            rel: String::new(),
-            raw: Vec::new(),
-            what: What::Pattern(pattern.clone()),
-            mode: 0,
-        });
-        for rel in copy::expand_source(src, pattern)? {
-            let src = &src.scoped(&rel);
-            let (fd, st) = copy::open_source(src, &rel)?;
-            let mut raw = rel.as_bytes().to_vec();
-            collect(src, &rel, &mut raw, fd.as_fd(), &st, hashes, &mut items)?;
+    let mut key = KeyBuilder::new("sources", None);
+    let jobs = std::sync::Mutex::new(std::collections::VecDeque::<Job>::new());
+    let ready = std::sync::Condvar::new();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (results, received) = std::sync::mpsc::channel::<ReadResult>();
+    let root = src.root;
+    std::thread::scope(|s| {
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 4);
+        let queue = Readers {
+            jobs: &jobs,
+            ready: &ready,
+            done: &done,
+        };
+        for _ in 0..workers {
+            let results = results.clone();
+            s.spawn(move || {
+                while let Some(job) = queue.next() {
+                    let r = read_file(root, &job.rel, &job.raw, &job.key);
+                    if results.send((job.seq, r)).is_err() {
+                        break;
+                    }
+                }
+            });
         }
-    }
-    read_pending(src, &mut items, hashes)?;
-    let mut k = KeyBuilder::new("sources", None);
-    for item in &items {
-        if let What::Pattern(p) = &item.what {
-            k.field("pattern", p.as_bytes());
-            continue;
-        }
-        k.field("path", item.rel.as_bytes());
-        k.field("mode", &item.mode.to_le_bytes());
-        match &item.what {
-            What::File(_, Some(sum)) => {
-                k.field("sha256", &sum.hex());
+        // Only the readers hold senders: if they all ended, the walk's wait ends too.
+        drop(results);
+        let mut feed = Feed {
+            key: &mut key,
+            hashes,
+            readers: queue,
+            results: &received,
+            items: std::collections::VecDeque::new(),
+            first: 0,
+        };
+        let walked = (|| {
+            for pattern in sources {
+                feed.push(Item {
+                    rel: String::new(),
+                    mode: 0,
+                    what: What::Pattern(pattern.clone()),
+                })?;
+                for rel in copy::expand_source(src, pattern)? {
+                    let src = &src.scoped(&rel);
+                    let (fd, st) = copy::open_source(src, &rel)?;
+                    let mut raw = rel.as_bytes().to_vec();
+                    collect(src, &rel, &mut raw, fd.as_fd(), &st, &mut feed)?;
+                }
             }
-            What::File(_, None) => return Err(format!("{}: not read", item.rel)),
-            What::Link(target) => {
-                k.field("link", target);
-            }
-            What::Other(rdev) => {
-                k.field("rdev", &rdev.to_le_bytes());
-            }
-            What::Dir | What::Pattern(_) => {}
-        }
-    }
-    Ok(k.finish())
+            feed.finish()
+        })();
+        // The readers stop (those still reading finish their file) whatever happened.
+        queue.stop();
+        walked
+    })?;
+    Ok(key.finish())
 }
 
 /// One entry of what a copy selects, in the order it visits them.
 struct Item {
     rel: String,
-    /// For a file still to be read: its path as the file system has it (names need not
-    /// be UTF-8).
-    raw: Vec<u8>,
     mode: u32,
     what: What,
 }
@@ -223,18 +323,172 @@ enum What {
     Other(u64),
 }
 
+/// A file read: the item number, and its content hash and whether it stayed unchanged.
+type ReadResult = (u64, Result<(Sha, bool), String>);
+
+/// A file to read: the item `seq` of the walk.
+struct Job {
+    seq: u64,
+    rel: String,
+    /// Its path as the file system has it (names need not be UTF-8).
+    raw: Vec<u8>,
+    key: StatKey,
+}
+
+/// The queue of files to read, shared by the walk and the reading threads.
+#[derive(Clone, Copy)]
+struct Readers<'a> {
+    jobs: &'a std::sync::Mutex<std::collections::VecDeque<Job>>,
+    ready: &'a std::sync::Condvar,
+    done: &'a std::sync::atomic::AtomicBool,
+}
+
+impl Readers<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, job: Job) {
+        self.lock().push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// The next file to read; None once the walk is over (or failed) and nothing waits.
+    fn next(&self) -> Option<Job> {
+        use std::sync::atomic::Ordering;
+        let mut q = self.lock();
+        loop {
+            if let Some(job) = q.pop_front() {
+                return Some(job);
+            }
+            if self.done.load(Ordering::SeqCst) {
+                return None;
+            }
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// No more files: what waits is dropped (the walk is over or failed), and every
+    /// reading thread ends after its current file.
+    fn stop(&self) {
+        let mut q = self.lock();
+        q.clear();
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(q);
+        self.ready.notify_all();
+    }
+}
+
+/// Entries (files, directories, links) at most between the first one the key still waits
+/// for and the last one walked: the walk waits for reads beyond this.
+const ITEMS_PENDING: usize = 4096;
+
+/// The walk's entries on their way into the key, in order.
+struct Feed<'a> {
+    key: &'a mut KeyBuilder,
+    hashes: &'a mut ContextHashes,
+    readers: Readers<'a>,
+    results: &'a std::sync::mpsc::Receiver<ReadResult>,
+    /// Entries walked and not yet in the key; the first is item number `first`.
+    items: std::collections::VecDeque<Item>,
+    first: u64,
+}
+
+impl Feed<'_> {
+    /// Takes the next entry of the walk (a file not known from the record is handed to the
+    /// readers, its path as `raw`).
+    fn push_entry(&mut self, item: Item, raw: &[u8]) -> Result<(), String> {
+        if let What::File(key, None) = &item.what {
+            self.readers.push(Job {
+                seq: self.first + self.items.len() as u64,
+                rel: item.rel.clone(),
+                raw: raw.to_vec(),
+                key: key.clone(),
+            });
+        }
+        self.items.push_back(item);
+        self.drain();
+        while self.items.len() >= ITEMS_PENDING {
+            self.receive()?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, item: Item) -> Result<(), String> {
+        self.push_entry(item, &[])
+    }
+
+    /// Every entry walked, once its file is read, into the key.
+    fn finish(&mut self) -> Result<(), String> {
+        while !self.items.is_empty() {
+            self.receive()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for one file read and records it; then the key takes what is complete.
+    fn receive(&mut self) -> Result<(), String> {
+        let (seq, r) = self
+            .results
+            .recv()
+            .map_err(|_| "reading the build context stopped early".to_string())?;
+        let (sum, unchanged) = r?;
+        let item = seq
+            .checked_sub(self.first)
+            .and_then(|i| self.items.get_mut(i as usize))
+            .ok_or("reading the build context: a read that was not asked for")?;
+        let What::File(key, slot @ None) = &mut item.what else {
+            return Err(format!("{}: read twice", item.rel));
+        };
+        *slot = Some(sum);
+        self.hashes.note(&item.rel, unchanged.then_some(&*key), sum);
+        self.drain();
+        Ok(())
+    }
+
+    /// The complete entries at the front, into the key.
+    fn drain(&mut self) {
+        while let Some(item) = self.items.front() {
+            let k = &mut *self.key;
+            match &item.what {
+                What::File(_, None) => return,
+                What::Pattern(p) => {
+                    k.field("pattern", p.as_bytes());
+                }
+                what => {
+                    k.field("path", item.rel.as_bytes());
+                    k.field("mode", &item.mode.to_le_bytes());
+                    match what {
+                        What::File(_, Some(sum)) => {
+                            k.field("sha256", &sum.hex());
+                        }
+                        What::Link(target) => {
+                            k.field("link", target);
+                        }
+                        What::Other(rdev) => {
+                            k.field("rdev", &rdev.to_le_bytes());
+                        }
+                        What::Dir | What::File(_, None) | What::Pattern(_) => {}
+                    }
+                }
+            }
+            self.items.pop_front();
+            self.first += 1;
+        }
+    }
+}
+
 fn collect(
     src: &Source<'_>,
     rel: &str,
     raw: &mut Vec<u8>,
     fd: std::os::fd::BorrowedFd<'_>,
     st: &rustix::fs::Stat,
-    hashes: &ContextHashes,
-    items: &mut Vec<Item>,
+    feed: &mut Feed<'_>,
 ) -> Result<(), String> {
     let kind = FileType::from_raw_mode(st.st_mode);
     let what = match kind {
-        FileType::RegularFile => What::File(StatKey::of(st), hashes.known(rel, st)),
+        FileType::RegularFile => What::File(StatKey::of(st), feed.hashes.known(rel, st)),
         FileType::Symlink => What::Link(
             rustix::fs::readlinkat(fd, "", Vec::new())
                 .map_err(|e| format!("{rel}: {e}"))?
@@ -243,13 +497,14 @@ fn collect(
         FileType::Directory => What::Dir,
         _ => What::Other(st.st_rdev),
     };
-    let pending = matches!(what, What::File(_, None));
-    items.push(Item {
-        rel: rel.to_string(),
-        raw: if pending { raw.clone() } else { Vec::new() },
-        mode: st.st_mode,
-        what,
-    });
+    feed.push_entry(
+        Item {
+            rel: rel.to_string(),
+            mode: st.st_mode,
+            what,
+        },
+        raw,
+    )?;
     if kind == FileType::Directory {
         copy::for_each_selected(src, rel, fd, |child_rel, name, cfd, cst| {
             let len = raw.len();
@@ -257,7 +512,7 @@ fn collect(
                 raw.push(b'/');
             }
             raw.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(name));
-            let r = collect(src, child_rel, raw, cfd, cst, hashes, items);
+            let r = collect(src, child_rel, raw, cfd, cst, feed);
             raw.truncate(len);
             r
         })?;
@@ -265,87 +520,15 @@ fn collect(
     Ok(())
 }
 
-/// Reads the files whose content is not known yet, on up to one thread per CPU (at most
-/// four), and records what they hold.
-fn read_pending(
-    src: &Source<'_>,
-    items: &mut [Item],
-    hashes: &mut ContextHashes,
-) -> Result<(), String> {
-    let pending: Vec<usize> = items
-        .iter()
-        .enumerate()
-        .filter(|(_, it)| matches!(it.what, What::File(_, None)))
-        .map(|(i, _)| i)
-        .collect();
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 4)
-        .min(pending.len());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let read: &[Item] = items;
-    type Read = (usize, Result<(Sha, bool), String>);
-    let results: Vec<Vec<Read>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        let Some(&i) = pending.get(n) else { break };
-                        let it = &read[i];
-                        let What::File(key, _) = &it.what else {
-                            continue;
-                        };
-                        out.push((i, read_file(src, &it.rel, &it.raw, key)));
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    let mut done = 0;
-    for (i, r) in results.into_iter().flatten() {
-        let (sum, unchanged) = r?;
-        let item = &mut items[i];
-        if let What::File(key, slot) = &mut item.what {
-            *slot = Some(sum);
-            hashes.hashed += 1;
-            // A file that changed while it was read gets no record (read again next time).
-            if unchanged {
-                hashes
-                    .record
-                    .files
-                    .insert(item.rel.clone(), (key.clone(), sum));
-            } else {
-                hashes.record.files.remove(&item.rel);
-            }
-            done += 1;
-        }
-    }
-    if done != pending.len() {
-        return Err("reading the build context stopped early".into());
-    }
-    Ok(())
-}
-
 /// The content hash of the file at `rel`, and whether its stat was `key` before and after.
 fn read_file(
-    src: &Source<'_>,
+    root: &isula_sys::Root,
     rel: &str,
     raw: &[u8],
     key: &StatKey,
 ) -> Result<(Sha, bool), String> {
     let path = if raw.is_empty() { b".".as_slice() } else { raw };
-    let fd = src
-        .root
+    let fd = root
         .open_at(
             std::path::Path::new(
                 <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path),
@@ -461,5 +644,100 @@ mod tests {
             hash_sources(&src, &["sub".into()], &mut h).expect("hash"),
             second
         );
+    }
+
+    /// Entries past the window of entries in flight, read and known ones interleaved in
+    /// every proportion, give one key: the key takes the walk's order, not the order the
+    /// reads finish in.
+    #[test]
+    fn keys_keep_the_walk_order_past_the_window() {
+        let d = tempfile::tempdir().expect("tmp");
+        let ctx = d.path().join("ctx");
+        for i in 0..(ITEMS_PENDING + 900) {
+            let dir = ctx.join(format!("d{:02}", i % 37));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(dir.join(format!("f{i}")), format!("file {i}")).expect("write");
+        }
+        std::os::unix::fs::symlink("d00/f0", ctx.join("link")).expect("symlink");
+        let root = isula_sys::Root::open(&ctx).expect("root");
+        let src = Source::new(&root, None);
+        let record = d.path().join("record.hashes");
+
+        let mut h = ContextHashes::load(Some(record.clone()));
+        let cold = hash_sources(&src, &[".".into()], &mut h).expect("hash");
+        assert_eq!(h.hashed, ITEMS_PENDING + 900);
+        h.save();
+        let mut h = ContextHashes::load(Some(record.clone()));
+        assert_eq!(
+            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
+            cold
+        );
+        assert_eq!(h.hashed, 0, "all known");
+
+        // Every third file rewritten with its own content: read again, same key.
+        for i in (0..(ITEMS_PENDING + 900)).step_by(3) {
+            let f = ctx.join(format!("d{:02}/f{i}", i % 37));
+            std::fs::write(&f, format!("file {i}")).expect("rewrite");
+        }
+        let mut h = ContextHashes::load(Some(record.clone()));
+        assert_eq!(
+            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
+            cold
+        );
+        assert_eq!(h.hashed, (ITEMS_PENDING + 900).div_ceil(3));
+        h.save();
+
+        // One byte of one file late in the walk: another key.
+        std::fs::write(ctx.join("d36/f4994"), "file 4994!").expect("change");
+        let mut h = ContextHashes::load(Some(record.clone()));
+        assert_ne!(
+            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
+            cold
+        );
+        assert_eq!(h.hashed, 1);
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_record_is_read_as_empty() {
+        let d = tempfile::tempdir().expect("tmp");
+        let ctx = d.path().join("ctx");
+        std::fs::create_dir_all(&ctx).expect("mkdir");
+        std::fs::write(ctx.join("a"), "a").expect("a");
+        std::fs::write(ctx.join("b"), "b").expect("b");
+        let root = isula_sys::Root::open(&ctx).expect("root");
+        let src = Source::new(&root, None);
+        let record = d.path().join("record.hashes");
+        let mut h = ContextHashes::load(Some(record.clone()));
+        let key = hash_sources(&src, &[".".into()], &mut h).expect("hash");
+        h.save();
+        let good = std::fs::read(&record).expect("record");
+        assert_eq!(good.len(), 16 + 2 * ENTRY);
+
+        let legacy = record.with_extension("json");
+        for bad in [
+            good[..good.len() - 1].to_vec(),
+            [good.clone(), vec![0u8; ENTRY]].concat(),
+            [b"ISBCTX00".as_slice(), &good[8..]].concat(),
+            br#"{"files":{}}"#.to_vec(),
+            Vec::new(),
+        ] {
+            std::fs::write(&record, &bad).expect("damage");
+            std::fs::write(&legacy, b"{}").expect("legacy record");
+            let mut h = ContextHashes::load(Some(record.clone()));
+            assert_eq!(
+                hash_sources(&src, &[".".into()], &mut h).expect("hash"),
+                key
+            );
+            assert_eq!(h.hashed, 2, "a record of {} bytes was trusted", bad.len());
+            h.save();
+            assert!(!legacy.exists(), "the earlier version's record stays");
+            // Rewritten whole: the next build reads nothing.
+            let mut h = ContextHashes::load(Some(record.clone()));
+            assert_eq!(
+                hash_sources(&src, &[".".into()], &mut h).expect("hash"),
+                key
+            );
+            assert_eq!(h.hashed, 0);
+        }
     }
 }

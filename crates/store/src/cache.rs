@@ -241,10 +241,11 @@ impl Cache {
         save_json(&self.dir.join("index.json"), index)
     }
 
-    /// Where a build context's stat-keyed hash record lives.
+    /// Where a build context's stat-keyed hash record lives (a `.json` beside it is an
+    /// earlier version's, which its first save removes).
     pub fn context_record(&self, context: &Path) -> PathBuf {
         let h = Digest::of_bytes(context.as_os_str().as_encoded_bytes());
-        self.dir.join("context").join(format!("{}.json", h.hex()))
+        self.dir.join("context").join(format!("{}.hashes", h.hex()))
     }
 
     pub fn snapshot_dir(&self, id: &str) -> PathBuf {
