@@ -250,12 +250,13 @@ if only peers; then
     prep_run() { :; }
     run_run() { build_ctx "$1" run; }
     # Every name of the image goes, so that the load finds nothing of it in the store (and
-    # our untagged COPY builds go too: at scale, bench:1 is such a build, and its layers
-    # would still be there).
+    # our untagged COPY builds and build cache go too: at scale, bench:1 is such a build,
+    # and they would still hold its layers).
     prep_load() {
         case "$1" in
         ours) "$bin/isula-build" ctr-img rm bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true
-            "$bin/isula-build" ctr-img rm -p >/dev/null 2>&1 || true ;;
+            "$bin/isula-build" ctr-img rm -p >/dev/null 2>&1 || true
+            "$bin/isula-build" builder prune --all -f </dev/null >/dev/null 2>&1 || true ;;
         buildah) "${bah[@]}" rmi -f localhost/bench:1 docker.io/library/bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true ;;
         docker) dk rmi -f bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true ;;
         esac
