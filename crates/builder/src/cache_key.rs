@@ -646,6 +646,16 @@ mod tests {
         );
     }
 
+    /// One build's use of the record at `record`: loaded, the sources of `.` hashed, saved.
+    /// The key, and how many files had to be read.
+    fn build(src: &Source<'_>, record: &std::path::Path) -> (Digest, usize) {
+        let mut h = ContextHashes::load(Some(record.to_path_buf()));
+        let key = hash_sources(src, &[".".into()], &mut h).expect("hash");
+        let read = h.hashed;
+        h.save();
+        (key, read)
+    }
+
     /// Entries past the window of entries in flight, read and known ones interleaved in
     /// every proportion, give one key: the key takes the walk's order, not the order the
     /// reads finish in.
@@ -653,7 +663,8 @@ mod tests {
     fn keys_keep_the_walk_order_past_the_window() {
         let d = tempfile::tempdir().expect("tmp");
         let ctx = d.path().join("ctx");
-        for i in 0..(ITEMS_PENDING + 900) {
+        let files = ITEMS_PENDING + 900;
+        for i in 0..files {
             let dir = ctx.join(format!("d{:02}", i % 37));
             std::fs::create_dir_all(&dir).expect("mkdir");
             std::fs::write(dir.join(format!("f{i}")), format!("file {i}")).expect("write");
@@ -663,38 +674,22 @@ mod tests {
         let src = Source::new(&root, None);
         let record = d.path().join("record.hashes");
 
-        let mut h = ContextHashes::load(Some(record.clone()));
-        let cold = hash_sources(&src, &[".".into()], &mut h).expect("hash");
-        assert_eq!(h.hashed, ITEMS_PENDING + 900);
-        h.save();
-        let mut h = ContextHashes::load(Some(record.clone()));
-        assert_eq!(
-            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
-            cold
-        );
-        assert_eq!(h.hashed, 0, "all known");
+        let (cold, read) = build(&src, &record);
+        assert_eq!(read, files);
+        assert_eq!(build(&src, &record), (cold.clone(), 0), "all known");
 
         // Every third file rewritten with its own content: read again, same key.
-        for i in (0..(ITEMS_PENDING + 900)).step_by(3) {
+        for i in (0..files).step_by(3) {
             let f = ctx.join(format!("d{:02}/f{i}", i % 37));
             std::fs::write(&f, format!("file {i}")).expect("rewrite");
         }
-        let mut h = ContextHashes::load(Some(record.clone()));
-        assert_eq!(
-            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
-            cold
-        );
-        assert_eq!(h.hashed, (ITEMS_PENDING + 900).div_ceil(3));
-        h.save();
+        assert_eq!(build(&src, &record), (cold.clone(), files.div_ceil(3)));
 
         // One byte of one file late in the walk: another key.
         std::fs::write(ctx.join("d36/f4994"), "file 4994!").expect("change");
-        let mut h = ContextHashes::load(Some(record.clone()));
-        assert_ne!(
-            hash_sources(&src, &[".".into()], &mut h).expect("hash"),
-            cold
-        );
-        assert_eq!(h.hashed, 1);
+        let (changed, read) = build(&src, &record);
+        assert_ne!(changed, cold);
+        assert_eq!(read, 1);
     }
 
     #[test]
@@ -707,9 +702,7 @@ mod tests {
         let root = isula_sys::Root::open(&ctx).expect("root");
         let src = Source::new(&root, None);
         let record = d.path().join("record.hashes");
-        let mut h = ContextHashes::load(Some(record.clone()));
-        let key = hash_sources(&src, &[".".into()], &mut h).expect("hash");
-        h.save();
+        let (key, _) = build(&src, &record);
         let good = std::fs::read(&record).expect("record");
         assert_eq!(good.len(), 16 + 2 * ENTRY);
 
@@ -723,21 +716,15 @@ mod tests {
         ] {
             std::fs::write(&record, &bad).expect("damage");
             std::fs::write(&legacy, b"{}").expect("legacy record");
-            let mut h = ContextHashes::load(Some(record.clone()));
             assert_eq!(
-                hash_sources(&src, &[".".into()], &mut h).expect("hash"),
-                key
+                build(&src, &record),
+                (key.clone(), 2),
+                "a record of {} bytes was trusted",
+                bad.len()
             );
-            assert_eq!(h.hashed, 2, "a record of {} bytes was trusted", bad.len());
-            h.save();
             assert!(!legacy.exists(), "the earlier version's record stays");
             // Rewritten whole: the next build reads nothing.
-            let mut h = ContextHashes::load(Some(record.clone()));
-            assert_eq!(
-                hash_sources(&src, &[".".into()], &mut h).expect("hash"),
-                key
-            );
-            assert_eq!(h.hashed, 0);
+            assert_eq!(build(&src, &record), (key.clone(), 0));
         }
     }
 }

@@ -80,7 +80,7 @@ impl ContentStore {
             .open(&path)
             .map_err(|e| StoreError::io("create", &path, e))?;
         Ok(BlobWriter {
-            file: Some(isula_sys::WriteBehind::new(file, 0)),
+            file: Some(isula_sys::WriteBehind::new(file)),
             path,
             hash: Sha256::new(),
             size: 0,

@@ -11,8 +11,7 @@ const WINDOW: u64 = 8 << 20;
 
 /// A writer to a file that starts the writeback of every full window it wrote
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: asynchronous, it waits for nothing). Writes
-/// are taken to go to the end of what was written before, from the file's offset when it
-/// was made.
+/// are taken to go to the end of what was written before, from the start of the file.
 pub struct WriteBehind<W> {
     inner: W,
     /// The file offset up to which writeback was started.
@@ -22,12 +21,12 @@ pub struct WriteBehind<W> {
 }
 
 impl<W: Write + AsFd> WriteBehind<W> {
-    /// Writes to `inner`, whose next write lands at file offset `offset`.
-    pub fn new(inner: W, offset: u64) -> Self {
+    /// Writes to `inner`, whose next write lands at the start of the file.
+    pub fn new(inner: W) -> Self {
         WriteBehind {
             inner,
-            started: offset,
-            written: offset,
+            started: 0,
+            written: 0,
         }
     }
 
@@ -100,7 +99,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("f");
         let file = std::fs::File::create(&path).expect("create");
-        let mut w = WriteBehind::new(file, 0);
+        let mut w = WriteBehind::new(file);
         let mut expect = Vec::new();
         for i in 0..40u32 {
             let piece = vec![(i % 251) as u8; 1 << 20 | i as usize];
@@ -127,7 +126,7 @@ mod tests {
             let file =
                 std::fs::File::create(dir.path().join(format!("f{attempt}"))).expect("create");
             let before = dirty_kib();
-            let mut w = WriteBehind::new(file, 0);
+            let mut w = WriteBehind::new(file);
             let piece = vec![7u8; 1 << 20];
             for _ in 0..128 {
                 w.write_all(&piece).expect("write");

@@ -179,7 +179,7 @@ fn write_archive(
             .unwrap_or_default();
         // Written behind: the fsync before the archive gets its name waits only for the
         // last few MiB.
-        let file = isula_sys::WriteBehind::new(pending.file(), 0);
+        let file = isula_sys::WriteBehind::new(pending.file());
         let mut reporting =
             crate::progress::Reporting::new(file, &mut *progress, &name, "Saving", total);
         let mut out = BufWriter::with_capacity(1 << 20, &mut reporting);

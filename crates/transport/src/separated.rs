@@ -198,7 +198,7 @@ impl Tarball {
             .try_clone()
             .map_err(|e| TransportError::io("create", dest, e))?;
         let hashing = HashingWriter {
-            inner: std::io::BufWriter::with_capacity(1 << 20, isula_sys::WriteBehind::new(file, 0)),
+            inner: std::io::BufWriter::with_capacity(1 << 20, isula_sys::WriteBehind::new(file)),
             hash: sha2::Sha256::new(),
         };
         Ok(Tarball {
