@@ -817,8 +817,13 @@ impl Store {
             inner: self.content.writer()?,
             side,
         };
-        let mut enc = pgzip::ParallelGzip::new(w, compression::GZIP_LEVEL)
-            .map_err(|e| StoreError::io("compress", &path, e))?;
+        // Nobody waits for the idle-time gzip: it may spend more CPU for fewer bytes.
+        let level = match yielded {
+            Some(_) => compression::GZIP_LEVEL_IDLE,
+            None => compression::GZIP_LEVEL,
+        };
+        let mut enc =
+            pgzip::ParallelGzip::new(w, level).map_err(|e| StoreError::io("compress", &path, e))?;
         std::io::copy(&mut plain, &mut enc).map_err(|e| StoreError::io("compress", &path, e))?;
         let w = enc
             .finish()
