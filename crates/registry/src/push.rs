@@ -504,6 +504,17 @@ fn send_gzipped(
     meter: &Arc<AtomicU64>,
 ) -> Result<(Digest, u64, Sent)> {
     let what = format!("gzip of layer {source} to {repo}");
+    // The stored gzip, the ordinary way.
+    let send_stored = |digest: Digest, size: u64| -> Result<(Digest, u64, Sent)> {
+        let sources = mount_sources(store, client.host(), &digest);
+        let sent = send_blob_metered(client, store, repo, &digest, &sources, cancel, meter)?;
+        Ok((digest, size, sent))
+    };
+    if let Some(made) = store.compressed(source) {
+        // Made since the plan (in idle time, or by another push): no stream to open.
+        lease.blob(&made.digest);
+        return send_stored(made.digest, made.size);
+    }
     let session = start_upload(client, repo, &what)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
     meter.store(0, Ordering::Relaxed);
@@ -571,9 +582,7 @@ fn send_gzipped(
             }
         }
     }
-    let sources = mount_sources(store, client.host(), &digest);
-    let sent = send_blob_metered(client, store, repo, &digest, &sources, cancel, meter)?;
-    Ok((digest, size, sent))
+    send_stored(digest, size)
 }
 
 /// Repositories of the same registry that hold `blob`, from the names of stored images
