@@ -258,7 +258,10 @@ if only peers; then
             "$bin/isula-build" ctr-img rm -p >/dev/null 2>&1 || true
             "$bin/isula-build" builder prune --all -f </dev/null >/dev/null 2>&1 || true ;;
         buildah) "${bah[@]}" rmi -f localhost/bench:1 docker.io/library/bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true ;;
-        docker) dk rmi -f bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true ;;
+        docker) dk rmi -f bench:1 ${reg_host:+"$reg_host/bench:1"} >/dev/null 2>&1 || true
+            # Its build cache goes as ours does (with it the context BuildKit kept, as our
+            # prune drops our record of the context's hashes): the next COPY starts alike.
+            dk builder prune -af >/dev/null 2>&1 || true ;;
         esac
     }
     # The registry name for push, after a load.
