@@ -145,8 +145,13 @@ if only main; then
 step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
 step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
-# Idle: 15 s after the last step (the background gzip has run, idle threads have gone).
-sleep 15
+# Idle: once the daemon has used no CPU for 3 s (its background gzip of the built layers is
+# done; at most 60 s), plus the idle trimmer's 5 s period.
+for _ in $(seq 20); do
+    a=$(cpu); sleep 3; b=$(cpu)
+    [ "$a" = "$b" ] && break
+done
+sleep 6
 awk '/VmRSS/ { printf "%-28s %10s %12s %14.1f\n", "daemon RSS, idle", "-", "-", $2 / 1024 }' "/proc/$daemon/status"
 fi  # ONLY
 
