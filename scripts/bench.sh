@@ -66,6 +66,15 @@ for _ in $(seq 100); do "$bin/isula-build" version >/dev/null 2>&1 && break; sle
 sync
 printf '%-28s %10s %12s %14s\n' "step" "seconds" "daemon CPU s" "peak RSS (MB)"
 cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$daemon/stat"; }
+# Waits (at most 60 s) until the daemon has used no CPU for 3 s.
+settle() {
+    local a b n=0
+    while [ $n -lt 20 ]; do
+        a=$(cpu); sleep 3; b=$(cpu)
+        [ "$a" = "$b" ] && return 0
+        n=$((n + 1))
+    done
+}
 # The phase lines the daemon logged after line $1 of its log.
 phase_lines() {
     tail -n +"$(($1 + 1))" "$work/daemon.log" | { grep 'isula_phase' || true; } | sed 's/\x1b\[[0-9;]*m//g'
@@ -145,12 +154,9 @@ if only main; then
 step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
 step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
-# Idle: once the daemon has used no CPU for 3 s (its background gzip of the built layers is
-# done; at most 60 s), plus the idle trimmer's 5 s period.
-for _ in $(seq 20); do
-    a=$(cpu); sleep 3; b=$(cpu)
-    [ "$a" = "$b" ] && break
-done
+# Idle: once the daemon's background gzip of the built layers is done, plus the idle
+# trimmer's 5 s period.
+settle
 sleep 6
 awk '/VmRSS/ { printf "%-28s %10s %12s %14.1f\n", "daemon RSS, idle", "-", "-", $2 / 1024 }' "/proc/$daemon/status"
 fi  # ONLY
@@ -231,15 +237,6 @@ if only peers; then
                 # tool runs: the peers get a quiet machine.
                 settle
             fi
-        done
-    }
-    # Waits (at most 60 s) until the daemon has used no CPU for 3 s.
-    settle() {
-        local a b n=0
-        while [ $n -lt 20 ]; do
-            a=$(cpu); sleep 3; b=$(cpu)
-            [ "$a" = "$b" ] && return 0
-            n=$((n + 1))
         done
     }
     # A build of ctx-$2 without cache, by tool $1.

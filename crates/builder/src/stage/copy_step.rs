@@ -91,15 +91,13 @@ impl StageRun<'_, '_> {
         let named_sources = named_dir.is_some();
         let key_sources = locals.clone();
         let hash_dir = |root: &Root| -> Result<Digest, BuildError> {
+            let mut src = Source::new(root, if named_sources { None } else { ignore });
+            src.exclude = excludes.as_ref();
             if named_sources {
-                let mut src = Source::new(root, None);
-                src.exclude = excludes.as_ref();
                 let mut hashes = crate::cache_key::ContextHashes::load(None);
                 return hash_sources(&src, &key_sources, &mut hashes)
                     .map_err(|e| step_err(n, step, e));
             }
-            let mut src = Source::new(root, ignore);
-            src.exclude = excludes.as_ref();
             let mut hashes = context_hashes.lock().unwrap_or_else(|p| p.into_inner());
             let t = std::time::Instant::now();
             let _phase = isula_store::phase::Phase::start("copy: hash the sources (key)");
@@ -109,10 +107,10 @@ impl StageRun<'_, '_> {
             Ok(h)
         };
         // What the sources are: their content (context), or the key of the stage or image;
-        // None: hashed while the files are copied, as no cache lookup waits for the key
-        // (--no-cache, or a step after a miss).
+        // Err(root): hashed while the files are copied, as no cache lookup waits for the
+        // key (--no-cache, or a step after a miss).
         let sources = match (&from_result, &ctx_root) {
-            (Some(r), _) => Some(r.key.clone()),
+            (Some(r), _) => Ok(r.key.clone()),
             // The daemon's cache is off: the key is never looked up nor recorded, so the
             // sources are not read for it (the copy reads them once). This build's stage
             // directory and the step number keep it the step's own.
@@ -120,11 +118,11 @@ impl StageRun<'_, '_> {
                 let mut k = KeyBuilder::new("uncached-sources", None);
                 k.field("stage", self.dir.as_os_str().as_encoded_bytes())
                     .field("step", &n.to_le_bytes());
-                Some(k.finish())
+                Ok(k.finish())
             }
-            (None, Some(_)) if !self.hitting => None,
-            (None, Some(root)) => Some(hash_dir(root)?),
-            (None, None) => Some(KeyBuilder::new("no-sources", None).finish()),
+            (None, Some(root)) if !self.hitting => Err(root),
+            (None, Some(root)) => Ok(hash_dir(root)?),
+            (None, None) => Ok(KeyBuilder::new("no-sources", None).finish()),
         };
         let mut key = KeyBuilder::new(if is_add { "add" } else { "copy" }, Some(&self.key));
         key.json("instruction", &c).field("cwd", cwd.as_bytes());
@@ -136,7 +134,7 @@ impl StageRun<'_, '_> {
             key.finish()
         };
         let key = match sources {
-            Some(sources) => {
+            Ok(sources) => {
                 let key = finish_key(key, &sources);
                 if self.try_cache(&key)? {
                     self.key = key;
@@ -144,7 +142,7 @@ impl StageRun<'_, '_> {
                 }
                 Ok(key)
             }
-            None => Err(key),
+            Err(root) => Err((key, root)),
         };
         if c.from.is_none() && !c.sources.is_empty() && self.opts.cache != CacheMode::Off {
             let mut lineage = KeyBuilder::new(
@@ -168,13 +166,13 @@ impl StageRun<'_, '_> {
         self.mount_step()?;
         let t = std::time::Instant::now();
         let phase = isula_store::phase::Phase::start("copy: the files");
-        let (copied, key) = match (key, ctx_root.as_ref()) {
-            (Ok(key), _) => (
+        let (copied, key) = match key {
+            Ok(key) => (
                 self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref()),
                 Ok(key),
             ),
             // The key's reading of the sources runs beside the copy's (the two cores).
-            (Err(partial), Some(root)) => std::thread::scope(|s| {
+            Err((partial, root)) => std::thread::scope(|s| {
                 let hashing = s.spawn(|| hash_dir(root));
                 let copied = self.copy_into(n, step, c, is_add, from_result, Some(root));
                 let hashed = hashing
@@ -182,7 +180,6 @@ impl StageRun<'_, '_> {
                     .unwrap_or_else(|_| Err(step_err(n, step, "the source hash stopped")));
                 (copied, hashed.map(|h| finish_key(partial, &h)))
             }),
-            (Err(_), None) => (Ok(()), Err(step_err(n, step, "no sources to hash"))),
         };
         let _ = isula_sys::rooted::remove_tree(&self.dir.join(format!("add-{n}")));
         // The hash's error first: it is what the copy met, said as before.
