@@ -201,16 +201,28 @@ fn run(flags: Flags) -> Result<()> {
     recover_run_root(&settings);
     migrate_old_store(&settings, &store);
     if flags.check_store {
-        let problems = store.check()?;
-        for p in &problems {
+        let started = std::time::Instant::now();
+        let report = store.check()?;
+        for r in &report.repaired {
+            println!("repaired: {r}");
+        }
+        for p in &report.problems {
             println!("{p}");
         }
-        if !problems.is_empty() {
-            anyhow::bail!("store check found {} problem(s)", problems.len());
+        if !report.problems.is_empty() {
+            anyhow::bail!("store check found {} problem(s)", report.problems.len());
         }
         println!(
-            "store check: {} images, all blobs verified",
-            store.images().len()
+            "store check: {} images, {} blobs and {} layer directories verified ({} MB hashed in {:.1} s){}",
+            store.images().len(),
+            report.blobs,
+            report.layers,
+            report.bytes / 1_000_000,
+            started.elapsed().as_secs_f64(),
+            match report.repaired.len() {
+                0 => String::new(),
+                n => format!(", {n} layer(s) repaired"),
+            }
         );
         return Ok(());
     }

@@ -5,6 +5,7 @@
 
 pub mod http_files;
 pub mod oci_layout;
+pub mod powercut;
 pub mod registry;
 
 use std::collections::BTreeMap;
@@ -70,6 +71,9 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     /// `taskset -c CPUS` around the daemon (None: every CPU).
     cpus: Option<String>,
+    /// Where the data root and config directory are (None: in `dir`); the run root, the
+    /// socket and the log stay in `dir`, as /run and /var/log are not the data disk.
+    roots: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -90,13 +94,16 @@ impl Daemon {
     }
 
     pub fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.roots
+            .as_deref()
+            .unwrap_or(self.dir.path())
+            .join("data")
     }
     pub fn run_root(&self) -> PathBuf {
         self.dir.path().join("run")
     }
     pub fn etc(&self) -> PathBuf {
-        self.dir.path().join("etc")
+        self.roots.as_deref().unwrap_or(self.dir.path()).join("etc")
     }
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("isula_build.sock")
@@ -151,17 +158,30 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
+        Self::start_in(None, files, extra, env)
+    }
+
+    /// [`Daemon::start_configured`] with the data root and config directory under `roots`
+    /// (a file system of the test's own, say).
+    pub fn start_in(
+        roots: Option<&Path>,
+        files: &[(&str, &str)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("isula-e2e-")
             .tempdir()
             .expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("etc")).expect("etc");
+        let etc = roots.unwrap_or(dir.path()).join("etc");
+        std::fs::create_dir_all(&etc).expect("etc");
         for (name, text) in files {
-            let p = dir.path().join("etc").join(name);
+            let p = etc.join(name);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(&p, text).expect("write config");
         }
         let mut d = Daemon {
+            roots: roots.map(Path::to_path_buf),
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -445,20 +465,26 @@ impl Daemon {
             !packed
                 && images.values().all(|img| {
                     img["blobs"].as_array().into_iter().flatten().all(|b| {
-                        let Some(d) = b.as_str() else { return true };
+                        let Some(d) = b.as_str() else { return false };
                         let hex = d.trim_start_matches("sha256:");
-                        let mut head = [0u8; 2];
-                        let gz = std::fs::File::open(data.join("blobs/sha256").join(hex))
-                            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-                            .map(|_| head == [0x1f, 0x8b])
-                            .unwrap_or(true);
-                        gz || compressed.get(d).is_some_and(|c| {
-                            c["digest"].as_str().is_some_and(|g| {
-                                data.join("blobs/sha256")
-                                    .join(g.trim_start_matches("sha256:"))
-                                    .exists()
+                        // A blob stored compressed (gzip or zstd) needs no gzip form; one
+                        // stored as a plain tar, or kept as a built layer's files (no file
+                        // here), needs its recorded gzip.
+                        let mut head = [0u8; 4];
+                        let stored_compressed =
+                            std::fs::File::open(data.join("blobs/sha256").join(hex))
+                                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                                .is_ok_and(|_| {
+                                    head[..2] == [0x1f, 0x8b] || head == [0x28, 0xb5, 0x2f, 0xfd]
+                                });
+                        stored_compressed
+                            || compressed.get(d).is_some_and(|c| {
+                                c["digest"].as_str().is_some_and(|g| {
+                                    data.join("blobs/sha256")
+                                        .join(g.trim_start_matches("sha256:"))
+                                        .exists()
+                                })
                             })
-                        })
                     })
                 })
                 && std::fs::read_dir(data.join("ingest")).map_or(true, |mut d| d.next().is_none())
@@ -483,6 +509,23 @@ impl Daemon {
                             }
                         }
                     }
+                    // The build cache's stage records keep their config and layer blobs
+                    // (and those blobs' gzip forms) whatever happens to images.
+                    let index: serde_json::Value = std::fs::read(data.join("cache/index.json"))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_default();
+                    let records = index["records"].as_object().cloned().unwrap_or_default();
+                    for r in records.values() {
+                        let stage = &r["stage"];
+                        let blobs = stage["blobs"].as_array().into_iter().flatten();
+                        for d in blobs.chain([&stage["config"]]).filter_map(|b| b.as_str()) {
+                            live.insert(d.to_string());
+                            if let Some(g) = compressed.get(d).and_then(|c| c["digest"].as_str()) {
+                                live.insert(g.to_string());
+                            }
+                        }
+                    }
                     std::fs::read_dir(data.join("blobs/sha256")).map_or(true, |rd| {
                         rd.flatten().all(|e| {
                             live.contains(&format!("sha256:{}", e.file_name().to_string_lossy()))
@@ -492,11 +535,23 @@ impl Daemon {
         };
         // Every uncompressed layer (built, imported or loaded) is queued for the background
         // gzip, which starts after 2 s without an operation.
-        wait_until(
-            "the background gzip and unpack of every layer",
-            Duration::from_secs(60),
-            done,
-        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the background gzip and unpack of every layer:\n\
+                 metadata.json: {}\nblobs: {:?}\ningest: {:?}\ndaemon log:\n{}",
+                std::fs::read_to_string(data.join("metadata.json")).unwrap_or_default(),
+                std::fs::read_dir(data.join("blobs/sha256"))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+                std::fs::read_dir(data.join("ingest"))
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                    .unwrap_or_default(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// What the store holds on disk, for "nothing changed" checks.

@@ -568,7 +568,7 @@ fn pull_leased(
     })?;
     // A build makes the directories of packed layers, or the machine when idle.
     for c in &chains {
-        if !store.layer_dir(c).join("diff").is_dir() {
+        if !store.layer_unpacked(c) {
             store.queue_unpack(c);
         }
     }

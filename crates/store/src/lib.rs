@@ -31,6 +31,7 @@ pub mod cache;
 pub mod compression;
 pub mod content;
 pub mod diff;
+mod durable;
 pub mod error;
 pub mod failpoint;
 pub mod metadata;
@@ -40,6 +41,7 @@ pub mod squash;
 mod tree;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
+pub use durable::CheckReport;
 pub use error::{ErrorKind, Result, StoreError};
 pub use metadata::{CompressedBlob, ImageRecord, LayerRecord};
 
@@ -84,6 +86,8 @@ pub struct Store {
     activity: Arc<Activity>,
     compressor: Compressor,
     cache: cache::Cache,
+    /// Held while a layer directory is moved into place and recorded (see `durable`).
+    placing: Mutex<()>,
     _lock: isula_sys::FileLock,
 }
 
@@ -245,6 +249,15 @@ impl StagedLayer {
         self.dir.join(name)
     }
 
+    /// Removes the overlay work directory, if one was made.
+    pub(crate) fn remove_work(&self) -> Result<()> {
+        let work = self.dir.join("work");
+        if work.exists() {
+            isula_sys::rooted::remove_tree(&work)?;
+        }
+        Ok(())
+    }
+
     /// An overlay work directory beside the diff (same file system), for using the staged
     /// layer as an overlay upper. Removed again at commit.
     pub fn work_dir(&self) -> Result<PathBuf> {
@@ -298,6 +311,7 @@ impl Store {
             activity: Arc::new(Activity::new()),
             compressor: Compressor::default(),
             cache,
+            placing: Mutex::new(()),
             _lock: lock,
         };
         let mut report = OpenReport {
@@ -310,6 +324,13 @@ impl Store {
         match isula_sys::mark_top_dir(&tmp) {
             Ok(marked) => tracing::debug!(marked, dir = %tmp.display(), "top directory mark"),
             Err(e) => tracing::warn!(error = %e, "marking tmp/ as a top directory"),
+        }
+        let older = store.record_older_dirs()?;
+        if older > 0 {
+            tracing::info!(
+                layers = older,
+                "layer directories of an older store made durable and recorded"
+            );
         }
         let (dropped, snapshots) = store.cache.sweep(&store)?;
         if dropped + snapshots > 0 {
@@ -349,10 +370,7 @@ impl Store {
     /// work directory removed). Returns the snapshot ID and its size on disk; the lease
     /// keeps it from a concurrent prune.
     pub fn adopt_snapshot(&self, mut staged: StagedLayer, lease: &Lease) -> Result<(String, u64)> {
-        let work = staged.dir.join("work");
-        if work.exists() {
-            isula_sys::rooted::remove_tree(&work)?;
-        }
+        staged.remove_work()?;
         let size = cache::disk_usage(&staged.diff_dir());
         let id = self.cache.adopt_snapshot(&staged.dir)?;
         lease.snapshot(&id);
@@ -492,21 +510,18 @@ impl Store {
     }
 
     pub fn has_layer(&self, chain: &ChainId) -> bool {
-        {
-            let meta = self.meta();
-            if meta.layers.contains_key(chain) || meta.packed.contains_key(chain) {
-                return true;
-            }
-        }
-        self.layer_dir(chain).join("diff").is_dir()
+        let meta = self.meta();
+        meta.layers.contains_key(chain)
+            || meta.packed.contains_key(chain)
+            || meta.dirs.contains_key(chain)
     }
 
     /// Whether layer `chain` can be used: its directory is there, or it is packed and its
     /// blob is.
     pub fn layer_present(&self, chain: &ChainId) -> bool {
-        self.layer_dir(chain).join("diff").is_dir()
-            || self
-                .meta()
+        let meta = self.meta();
+        meta.dirs.contains_key(chain)
+            || meta
                 .packed
                 .get(chain)
                 .is_some_and(|b| self.content.contains(b))
@@ -518,11 +533,8 @@ impl Store {
     pub fn commit_packed_layer(&self, chain: &ChainId, blob: &Digest, lease: &Lease) -> Result<()> {
         lease.layer(chain);
         lease.blob(blob);
-        if self.layer_dir(chain).join("diff").is_dir() {
-            return Ok(());
-        }
         let mut meta = self.meta();
-        if meta.packed.get(chain) == Some(blob) {
+        if meta.dirs.contains_key(chain) || meta.packed.get(chain) == Some(blob) {
             return Ok(());
         }
         let mut next = meta.clone();
@@ -536,7 +548,7 @@ impl Store {
     pub fn layer_diff(&self, chain: &ChainId, lease: &Lease) -> Result<PathBuf> {
         lease.layer(chain);
         let diff = self.layer_dir(chain).join("diff");
-        if diff.is_dir() {
+        if self.layer_unpacked(chain) {
             return Ok(diff);
         }
         let _one = self
@@ -544,7 +556,7 @@ impl Store {
             .unpacking
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if diff.is_dir() {
+        if self.layer_unpacked(chain) {
             return Ok(diff);
         }
         let blob = self
@@ -583,15 +595,8 @@ impl Store {
             .map_err(|e| StoreError::io("read", &path, e))?;
         let staged = self.stage_layer()?;
         apply::apply_layer(plain, &staged.diff_dir())?;
-        self.commit_layer(staged, chain, lease)?;
-        let mut meta = self.meta();
-        if meta.packed.contains_key(chain) {
-            let mut next = meta.clone();
-            next.packed.remove(chain);
-            self.save(&next)?;
-            *meta = next;
-        }
-        Ok(())
+        // The packed mark goes in the same write that records the durable directory.
+        self.commit_layer(staged, chain, lease)
     }
 
     /// Asks for packed layer `chain` to be unpacked in the background.
@@ -624,7 +629,7 @@ impl Store {
                 .push_back(Job::Unpack(chain.clone()));
             return;
         };
-        if self.layer_dir(chain).join("diff").is_dir() {
+        if self.layer_unpacked(chain) {
             return;
         }
         let yielded = std::cell::Cell::new(false);
@@ -651,36 +656,6 @@ impl Store {
             if let Err(e) = self.gc() {
                 tracing::warn!(error = %e, "collecting after an unpack");
             }
-        }
-    }
-
-    /// Moves a staged layer into place as `chain`. If that layer exists already the staged
-    /// copy is discarded. The lease keeps it until an image names it.
-    pub fn commit_layer(
-        &self,
-        mut staged: StagedLayer,
-        chain: &ChainId,
-        lease: &Lease,
-    ) -> Result<()> {
-        lease.layer(chain);
-        let dest = self.layer_dir(chain);
-        if dest.join("diff").is_dir() {
-            return Ok(()); // staged is dropped and removed
-        }
-        let _phase = phase::Phase::start("layer commit");
-        let work = staged.dir.join("work");
-        if work.exists() {
-            isula_sys::rooted::remove_tree(&work)?;
-        }
-        isula_sys::fsync_dir(&staged.diff_dir())?;
-        match fs::rename(&staged.dir, &dest) {
-            Ok(()) => {
-                staged.committed = true;
-                isula_sys::fsync_dir(&self.root.join("layers"))?;
-                Ok(())
-            }
-            Err(_) if dest.join("diff").is_dir() => Ok(()),
-            Err(e) => Err(StoreError::io("rename", dest, e)),
         }
     }
 
@@ -1176,9 +1151,13 @@ impl Store {
             .retain(|c, _| live_layers.contains(c) || layer_leased(c));
         // A packed layer keeps its blob; once its directory is made it is packed no more.
         // One that goes is a deleted layer as a directory would be.
+        next.dirs
+            .retain(|c, _| live_layers.contains(c) || layer_leased(c));
+        let dirs_before = meta.dirs.len();
+        let unpacked_now = next.dirs.clone();
         next.packed.retain(|c, _| {
             let live = live_layers.contains(c) || layer_leased(c);
-            let unpacked = self.layer_dir(c).join("diff").is_dir();
+            let unpacked = unpacked_now.contains_key(c);
             if !live && !unpacked {
                 report.layers.push(Some(c.clone()));
             }
@@ -1205,14 +1184,17 @@ impl Store {
             next.packed.len(),
             sources(&next),
         );
-        if after != before {
+        let recorded: HashSet<ChainId> = next.dirs.keys().cloned().collect();
+        if after != before || next.dirs.len() != dirs_before {
             self.save(&next)?;
             *meta = next;
         }
+        // A directory without a record is not trusted (a commit a crash interrupted) unless
+        // an operation is committing it right now.
         for (path, chain) in layer_dirs {
-            let keep = chain
-                .as_ref()
-                .is_some_and(|c| live_layers.contains(c) || layer_leased(c));
+            let keep = chain.as_ref().is_some_and(|c| {
+                layer_leased(c) || (live_layers.contains(c) && recorded.contains(c))
+            });
             if !keep {
                 isula_sys::rooted::remove_tree(&path)?;
                 report.layers.push(chain);
@@ -1225,41 +1207,6 @@ impl Store {
             }
         }
         Ok(report)
-    }
-
-    /// Re-verifies every blob's digest and that every image's blobs and layers are present.
-    /// Returns the problems found (empty when the store is sound).
-    pub fn check(&self) -> Result<Vec<String>> {
-        let mut problems = Vec::new();
-        for d in self.content.list()? {
-            if let Err(e) = self.content.verify(&d) {
-                problems.push(format!("blob {d}: {e}"));
-            }
-        }
-        let meta = self.meta().clone();
-        for img in meta.images.values() {
-            for b in &img.blobs {
-                if !self.blob_present(b) {
-                    problems.push(format!("image {}: blob {b} is missing", img.id));
-                }
-            }
-            for b in [&img.manifest, img.id.digest()] {
-                if !self.content.contains(b) {
-                    problems.push(format!("image {}: blob {b} is missing", img.id));
-                }
-            }
-            for l in &img.layers {
-                if !meta.layers.contains_key(l) {
-                    problems.push(format!("image {}: layer record {l} is missing", img.id));
-                } else if !self.layer_dir(l).join("diff").is_dir()
-                    && !meta.packed.get(l).is_some_and(|b| self.content.contains(b))
-                {
-                    problems.push(format!("image {}: layer directory {l} is missing", img.id));
-                }
-            }
-        }
-        problems.extend(self.cache.check(self));
-        Ok(problems)
     }
 }
 

@@ -65,6 +65,19 @@ pub struct TreeSource {
     pub clamp_mtime: Option<i64>,
 }
 
+/// A layer directory the store trusts: its files and directories reached the disk before
+/// this record was written (see `durable`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerDir {
+    /// The digest of the tar the directory makes (`diff::hash_layer` with `clamp_mtime`)
+    /// when it was committed, which `--check-store` makes again. None: a directory kept
+    /// from a store older than these records, checked against its diff ID or its blob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamp_mtime: Option<i64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Metadata {
     pub schema: u32,
@@ -80,6 +93,15 @@ pub struct Metadata {
     /// Built layers' blobs kept as the layers' files alone (no tar on disk).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tree_blobs: BTreeMap<Digest, TreeBlob>,
+    /// Layer directories made durable before they were named here: the only ones the
+    /// store uses. A directory under `layers/` without a record is a commit a crash
+    /// interrupted, removed at start-up (a packed layer is then unpacked again).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dirs: BTreeMap<ChainId, LayerDir>,
+    /// Whether `dirs` is kept: false in a store written before it, whose directories are
+    /// made durable and recorded when it is opened.
+    #[serde(default)]
+    pub dirs_recorded: bool,
 }
 
 impl Metadata {
@@ -87,6 +109,7 @@ impl Metadata {
         Ok(
             load_versioned(path, SCHEMA_VERSION, |m: &Metadata| m.schema)?.unwrap_or(Metadata {
                 schema: SCHEMA_VERSION,
+                dirs_recorded: true,
                 ..Default::default()
             }),
         )

@@ -11,8 +11,8 @@
 use crate::compression::Compression;
 use crate::diff::{self, DiffOptions};
 use crate::error::{Result, StoreError};
-use crate::metadata::{TreeBlob, TreeSource};
-use crate::{phase, Lease, StagedLayer, Store};
+use crate::metadata::{LayerDir, TreeBlob, TreeSource};
+use crate::{Lease, StagedLayer, Store};
 use isula_types::{ChainId, DiffId, Digest};
 use std::io::Read;
 
@@ -33,29 +33,9 @@ impl Store {
             exclude: Default::default(),
         };
         // The files are written back while they are hashed (the hash reads them from the
-        // page cache): one syncfs, on a thread of its own, that the layer needs when it is
-        // new and that costs nothing but the disk's time otherwise.
-        let (hashed, synced) = std::thread::scope(|s| {
-            let sync = s.spawn(|| {
-                let _sync = phase::Phase::start("commit: sync the layer's files");
-                isula_sys::syncfs(&staged.diff_dir())
-            });
-            let mut hashing = phase::Phase::start("commit: hash the layer tar");
-            let hashed = diff::hash_layer(&staged.diff_dir(), &opts);
-            if let Ok((_, size)) = &hashed {
-                hashing.add_bytes(*size);
-            }
-            drop(hashing);
-            let synced = sync.join().unwrap_or_else(|_| {
-                Err(isula_sys::SysError::io(
-                    "syncfs",
-                    staged.diff_dir(),
-                    std::io::Error::other("the syncing thread panicked"),
-                ))
-            });
-            (hashed, synced)
-        });
-        let (digest, size) = hashed?;
+        // page cache): the tar digest is the layer's diff ID, and the one syncfs makes the
+        // directory durable before anything names it (see `durable`).
+        let (digest, size) = self.make_durable_sized(&staged, clamp_mtime)?;
         lease.blob(&digest);
         crate::failpoint::hit("commit.layer-hashed");
         let diff_id = DiffId(digest.clone());
@@ -65,7 +45,7 @@ impl Store {
             clamp_mtime,
         };
         let stored = self.content.contains(&digest);
-        let exists = self.layer_dir(&chain).join("diff").is_dir();
+        let exists = self.layer_unpacked(&chain);
         let sourced = self
             .meta()
             .tree_blobs
@@ -85,11 +65,14 @@ impl Store {
                 .into_inner()
                 .map_err(|e| StoreError::io("write", staged.diff_dir(), e.into_error()))?;
             lease.commit_blob(w, Some((&digest, Some(size))))?;
-        } else if !stored && !exists {
-            synced?;
         }
         crate::failpoint::hit("commit.layer-written");
-        self.commit_layer(staged, &chain, lease)?;
+        lease.layer(&chain);
+        let rec = LayerDir {
+            tree: Some(digest.clone()),
+            clamp_mtime,
+        };
+        self.place_layer(staged, &chain, rec, false)?;
         crate::failpoint::hit("commit.layer-moved");
         if !self.content.contains(&digest) {
             let mut meta = self.meta();
@@ -185,7 +168,7 @@ impl Store {
         let source = rec
             .sources
             .iter()
-            .find(|s| self.layer_dir(&s.chain).join("diff").is_dir())?
+            .find(|s| self.layer_unpacked(&s.chain))?
             .clone();
         Some((rec, source))
     }

@@ -147,7 +147,7 @@ fn load_leased<R: std::io::Read>(
         // When the machine is idle: the directories a build needs, and (as after a commit)
         // the gzip a push needs.
         for c in &chains {
-            if !store.layer_dir(c).join("diff").is_dir() {
+            if !store.layer_unpacked(c) {
                 store.queue_unpack(c);
             }
         }

@@ -1,0 +1,181 @@
+//! Power cuts for tests: a small ext4 file system on a loop device that a test puts a data
+//! root on, shuts down at once without flushing its journal (`EXT4_IOC_SHUTDOWN` with
+//! `EXT4_GOING_FLAGS_NOLOGFLUSH`: what is not yet durable is lost, as in a power cut), and
+//! mounts again (the journal replays what was committed), as a machine coming back does.
+
+use crate::{runc_containers, Daemon};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub struct Ext4 {
+    image: PathBuf,
+    mount: PathBuf,
+    _dir: tempfile::TempDir,
+    mounted: bool,
+}
+
+/// `mkfs.ext4`, `mount` and `umount` are needed (and root): in CI they must be there.
+pub fn available() -> bool {
+    crate::require_root() && crate::require_tool("mkfs.ext4")
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Ext4 {
+    /// A new ext4 file system of `size_mib` (a sparse image on the disk), mounted.
+    pub fn new(size_mib: u64) -> Ext4 {
+        // The image beside the test binary, on the disk (a tmpfs /tmp would do too: the
+        // loop device's writes are what the shutdown cuts).
+        let exe = std::env::current_exe().expect("test binary");
+        let dir = tempfile::Builder::new()
+            .prefix("isula-powercut-")
+            .tempdir_in(exe.parent().expect("its directory"))
+            .expect("tempdir");
+        let image = dir.path().join("fs.img");
+        let f = std::fs::File::create(&image).expect("image");
+        f.set_len(size_mib << 20).expect("size");
+        drop(f);
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).expect("mount point");
+        let mut fs = Ext4 {
+            image,
+            mount,
+            _dir: dir,
+            mounted: false,
+        };
+        fs.mount();
+        fs
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.mount
+    }
+
+    fn mount(&mut self) {
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop"])
+            .arg(&self.image)
+            .arg(&self.mount));
+        self.mounted = true;
+    }
+
+    /// The power cut: everything not yet on the disk is gone; every later access fails.
+    pub fn cut(&self) {
+        isula_sys::shutdown_fs_without_flush(&self.mount).expect("EXT4_IOC_SHUTDOWN");
+    }
+
+    /// Unmounts it (and first whatever is mounted below it or below `also`, as a reboot
+    /// would), then mounts it again.
+    pub fn remount(&mut self, also: &[&Path]) {
+        self.unmount(also);
+        self.mount();
+    }
+
+    fn unmount(&mut self, also: &[&Path]) {
+        if !self.mounted {
+            return;
+        }
+        let mut under: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(unescape))
+            .filter(|p| {
+                p != &self.mount
+                    && (p.starts_with(&self.mount) || also.iter().any(|a| p.starts_with(a)))
+            })
+            .collect();
+        under.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in under {
+            let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+        }
+        let mut last = None;
+        for _ in 0..100 {
+            match rustix::mount::unmount(&self.mount, rustix::mount::UnmountFlags::empty()) {
+                Ok(()) => {
+                    self.mounted = false;
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("unmounting {}: {last:?}", self.mount.display());
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        if self.mounted && !std::thread::panicking() {
+            self.unmount(&[]);
+        } else if self.mounted {
+            let _ = rustix::mount::unmount(&self.mount, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// A mount point as mountinfo writes it (octal escapes for space, tab, newline, `\`).
+fn unescape(s: &str) -> PathBuf {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from(
+        String::from_utf8_lossy(&out).to_string(),
+    ))
+}
+
+/// A daemon whose data root and config directory are on `fs`.
+pub fn daemon_on(fs: &Ext4, files: &[(&str, &str)], extra: &[&str]) -> Daemon {
+    Daemon::start_in(Some(fs.path()), files, extra, &[])
+}
+
+/// The power cut and the machine coming back: the file system is shut down at once, the
+/// daemon and its containers die with it, the run root (a tmpfs on a real machine) is
+/// emptied, the file system is mounted again and the daemon started.
+pub fn cut_and_restart(fs: &mut Ext4, d: &mut Daemon) {
+    fs.cut();
+    crash(fs, d);
+    d.restart();
+}
+
+/// [`cut_and_restart`] after the cut has happened (the daemon may still be running).
+pub fn crash(fs: &mut Ext4, d: &mut Daemon) {
+    d.kill();
+    let runc_root = d.run_root().join("runc");
+    for id in runc_containers(&runc_root) {
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["kill", "-a", &id, "KILL"])
+            .output();
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["delete", "-f", &id])
+            .output();
+    }
+    let run = d.run_root();
+    fs.remount(&[&run]);
+    if run.exists() {
+        isula_sys::rooted::remove_tree(&run).expect("empty the run root");
+    }
+}

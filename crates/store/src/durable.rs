@@ -1,0 +1,516 @@
+//! The store's one durability rule, kept in one place: a record (an image, a layer, a
+//! cache record, a name, a layer's "unpacked" state) is written only after the data it
+//! points at is on the disk. Blobs are fsynced by their writer (`content`) and records by
+//! `metadata`; layer directories are made durable here. A layer kept packed is durable
+//! through its blob; its directory becomes the layer's source of truth only once it is
+//! durable: written back all at once (one `syncfs`, which writes back the file system's
+//! dirty files and directories and commits its journal: a layer of thousands of files
+//! costs one journal commit, not one fsync each), renamed into `layers/` and then recorded
+//! in `metadata.json`'s `dirs`, in the same write that drops its packed mark. A directory
+//! under `layers/` that has no record is a commit a power cut interrupted: start-up
+//! removes it, and a packed layer is unpacked again from its blob.
+//!
+//! It also checks what it promises (`--check-store`): every recorded directory must make
+//! again the tar digest taken when it was committed (a built layer's is its diff ID); one
+//! that does not, or is gone, is made again from a stored blob holding the layer (verified
+//! against the diff ID as it is read), and named with the images that use it when no blob
+//! holds it.
+
+use crate::diff::{self, DiffOptions};
+use crate::error::{Result, StoreError};
+use crate::metadata::LayerDir;
+use crate::{compression, content, phase, Lease, StagedLayer, Store};
+use isula_types::{ChainId, DiffId, Digest};
+use std::collections::BTreeSet;
+use std::fs;
+
+/// What `--check-store` verified, repaired and found wrong.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Blobs re-hashed.
+    pub blobs: usize,
+    /// Layer directories re-hashed.
+    pub layers: usize,
+    /// Bytes hashed, blobs and layer tars together.
+    pub bytes: u64,
+    /// Damaged layer directories made again from a blob, one line each.
+    pub repaired: Vec<String>,
+    /// What could not be verified or repaired (empty when the store is sound).
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// Nothing was wrong: no problem, nothing repaired.
+    pub fn is_sound(&self) -> bool {
+        self.problems.is_empty() && self.repaired.is_empty()
+    }
+}
+
+/// What one layer directory was found to be.
+enum Verdict {
+    Sound,
+    /// Sound, and now known to make this tar (a directory from an older store).
+    Learned(LayerDir),
+    /// Not what was committed: why.
+    Damaged(String),
+    /// A directory from an older store that is not a built layer: only its blob can say.
+    Unknown,
+}
+
+/// What repairing a layer directory did.
+enum Repair {
+    /// Made again from this blob, in place of what was there.
+    MadeFrom(Digest),
+    /// What was there (from an older store) makes the same tar as its blob: kept.
+    Confirmed,
+    /// No stored blob holds the layer.
+    NoBlob,
+}
+
+impl Store {
+    /// Whether layer `chain` has a durable, recorded directory.
+    pub fn layer_unpacked(&self, chain: &ChainId) -> bool {
+        self.meta().dirs.contains_key(chain)
+    }
+
+    /// Makes a staged layer durable and moves it into place as `chain`; a copy is discarded
+    /// when the layer has a directory already. The lease keeps it until an image names it.
+    pub fn commit_layer(&self, staged: StagedLayer, chain: &ChainId, lease: &Lease) -> Result<()> {
+        lease.layer(chain);
+        if self.layer_unpacked(chain) {
+            return Ok(()); // staged is dropped and removed
+        }
+        let tree = self.make_durable(&staged, None)?;
+        crate::failpoint::hit("commit.layer-durable");
+        let rec = LayerDir {
+            tree: Some(tree),
+            clamp_mtime: None,
+        };
+        self.place_layer(staged, chain, rec, false)
+    }
+
+    /// Writes a staged layer's files and directories back to the disk and meanwhile (they
+    /// are read from the page cache) hashes the tar they make with `clamp`: the digest
+    /// `--check-store` makes again. Returns that digest and the tar's size.
+    pub(crate) fn make_durable_sized(
+        &self,
+        staged: &StagedLayer,
+        clamp: Option<i64>,
+    ) -> Result<(Digest, u64)> {
+        staged.remove_work()?;
+        let opts = DiffOptions {
+            clamp_mtime: clamp,
+            exclude: Default::default(),
+        };
+        let diff_dir = staged.diff_dir();
+        let (hashed, synced) = std::thread::scope(|s| {
+            let sync = s.spawn(|| {
+                let _sync = phase::Phase::start("commit: sync the layer's files");
+                isula_sys::syncfs(&diff_dir)
+            });
+            let mut hashing = phase::Phase::start("commit: hash the layer tar");
+            let hashed = diff::hash_layer(&diff_dir, &opts);
+            if let Ok((_, size)) = &hashed {
+                hashing.add_bytes(*size);
+            }
+            drop(hashing);
+            let synced = sync.join().unwrap_or_else(|_| {
+                Err(isula_sys::SysError::io(
+                    "syncfs",
+                    &diff_dir,
+                    std::io::Error::other("the syncing thread panicked"),
+                ))
+            });
+            (hashed, synced)
+        });
+        let hashed = hashed?;
+        synced?;
+        Ok(hashed)
+    }
+
+    fn make_durable(&self, staged: &StagedLayer, clamp: Option<i64>) -> Result<Digest> {
+        self.make_durable_sized(staged, clamp).map(|(d, _)| d)
+    }
+
+    /// Moves a durable staged layer into place as `chain` and records its directory, in the
+    /// same write that drops a packed mark (the directory is the layer's source of truth
+    /// from now on). With `replace` (a repair) a directory already there goes; otherwise a
+    /// recorded one wins and the staged copy is discarded. A directory there without a
+    /// record is never trusted: it goes too.
+    pub(crate) fn place_layer(
+        &self,
+        mut staged: StagedLayer,
+        chain: &ChainId,
+        rec: LayerDir,
+        replace: bool,
+    ) -> Result<()> {
+        let _one = self.placing.lock().unwrap_or_else(|p| p.into_inner());
+        if !replace && self.layer_unpacked(chain) {
+            return Ok(());
+        }
+        let _phase = phase::Phase::start("layer commit");
+        let dest = self.layer_dir(chain);
+        let layers = self.root.join("layers");
+        let old = if fs::symlink_metadata(&dest).is_ok() {
+            let trash = self.temp_dir()?;
+            let to = trash.join("old");
+            fs::rename(&dest, &to).map_err(|e| StoreError::io("rename", &dest, e))?;
+            Some(trash)
+        } else {
+            None
+        };
+        fs::rename(&staged.dir, &dest).map_err(|e| StoreError::io("rename", &dest, e))?;
+        staged.committed = true;
+        isula_sys::fsync_dir(&layers)?;
+        crate::failpoint::hit("commit.layer-placed");
+        {
+            let mut meta = self.meta();
+            let mut next = meta.clone();
+            next.dirs.insert(chain.clone(), rec);
+            next.packed.remove(chain);
+            self.save(&next)?;
+            *meta = next;
+        }
+        if let Some(old) = old {
+            if let Err(e) = isula_sys::rooted::remove_tree(&old) {
+                tracing::warn!(dir = %old.display(), error = %e, "removing a replaced layer directory");
+            }
+        }
+        Ok(())
+    }
+
+    /// A store written before directories were recorded: makes every layer directory it
+    /// has durable now (one syncfs) and records it, its tar digest unknown until
+    /// `--check-store` learns it. Returns how many were recorded.
+    pub(crate) fn record_older_dirs(&self) -> Result<usize> {
+        if self.meta().dirs_recorded {
+            return Ok(0);
+        }
+        isula_sys::syncfs(&self.root)?;
+        let layers = self.root.join("layers");
+        let mut found = Vec::new();
+        for ent in fs::read_dir(&layers).map_err(|e| StoreError::io("read", &layers, e))? {
+            let ent = ent.map_err(|e| StoreError::io("read", &layers, e))?;
+            let chain = ent
+                .file_name()
+                .to_str()
+                .and_then(|h| Digest::from_hex(h).ok())
+                .map(ChainId);
+            if let Some(chain) = chain {
+                if ent.path().join("diff").is_dir() {
+                    found.push(chain);
+                }
+            }
+        }
+        let mut meta = self.meta();
+        let mut next = meta.clone();
+        for chain in &found {
+            next.dirs.insert(
+                chain.clone(),
+                LayerDir {
+                    tree: None,
+                    clamp_mtime: None,
+                },
+            );
+        }
+        next.dirs_recorded = true;
+        self.save(&next)?;
+        *meta = next;
+        Ok(found.len())
+    }
+
+    /// Re-verifies every blob's digest and every layer directory against what was committed,
+    /// makes a damaged directory again from a blob holding its layer, and checks that every
+    /// image's blobs and layers are present. The daemon runs it for `--check-store`, while
+    /// no operation runs.
+    pub fn check(&self) -> Result<CheckReport> {
+        let mut report = CheckReport::default();
+        for d in self.content.list()? {
+            report.blobs += 1;
+            report.bytes += self.content.size(&d).unwrap_or(0);
+            if let Err(e) = self.content.verify(&d) {
+                report.problems.push(format!("blob {d}: {e}"));
+            }
+        }
+        let lease = self.lease();
+        for (chain, why) in self.check_layer_dirs(&mut report)? {
+            lease.layer(&chain);
+            match self.repair_layer(&chain, &lease) {
+                Ok(Repair::MadeFrom(blob)) => report
+                    .repaired
+                    .push(format!("layer {chain}: {why}; made again from blob {blob}")),
+                Ok(Repair::Confirmed) => {}
+                Ok(Repair::NoBlob) => report.problems.push(format!(
+                    "layer {chain}: {why}, and no stored blob holds it to repair it from; used by {}",
+                    self.users_of(&chain)
+                )),
+                Err(e) => report.problems.push(format!(
+                    "layer {chain}: {why}; repairing it from its blob failed: {e}; used by {}",
+                    self.users_of(&chain)
+                )),
+            }
+        }
+        drop(lease);
+        let meta = self.meta().clone();
+        for img in meta.images.values() {
+            for b in &img.blobs {
+                if !self.blob_present(b) {
+                    report
+                        .problems
+                        .push(format!("image {}: blob {b} is missing", img.id));
+                }
+            }
+            for b in [&img.manifest, img.id.digest()] {
+                if !self.content.contains(b) {
+                    report
+                        .problems
+                        .push(format!("image {}: blob {b} is missing", img.id));
+                }
+            }
+            for l in &img.layers {
+                if !meta.layers.contains_key(l) {
+                    report
+                        .problems
+                        .push(format!("image {}: layer record {l} is missing", img.id));
+                }
+            }
+        }
+        report.problems.extend(self.cache.check(self));
+        Ok(report)
+    }
+
+    /// Re-hashes every recorded layer directory; returns the damaged ones (and layers an
+    /// image or cache record needs that have neither a directory nor a packed blob), each
+    /// with what is wrong.
+    fn check_layer_dirs(&self, report: &mut CheckReport) -> Result<Vec<(ChainId, String)>> {
+        let _phase = phase::Phase::start("check: layer directories");
+        let (dirs, needed) = {
+            let meta = self.meta();
+            let (cache_layers, _) = self.cache.roots();
+            let needed: BTreeSet<ChainId> = meta
+                .images
+                .values()
+                .flat_map(|i| i.layers.iter().cloned())
+                .chain(cache_layers.into_iter().map(|l| l.chain_id))
+                .collect();
+            (meta.dirs.clone(), needed)
+        };
+        let mut damaged = Vec::new();
+        for (chain, rec) in &dirs {
+            report.layers += 1;
+            match self.verify_dir(chain, rec, &mut report.bytes) {
+                Verdict::Sound => {}
+                Verdict::Learned(rec) => self.record_dir(chain, rec)?,
+                Verdict::Damaged(why) => damaged.push((chain.clone(), why)),
+                Verdict::Unknown => {
+                    // Made again from its blob and compared; replaced if it differs.
+                    damaged.push((
+                        chain.clone(),
+                        "a directory from an older store, compared with its blob".to_string(),
+                    ))
+                }
+            }
+        }
+        for chain in needed {
+            if dirs.contains_key(&chain) {
+                continue;
+            }
+            let packed = self.meta().packed.get(&chain).cloned();
+            match packed {
+                Some(b) if self.content.contains(&b) => {}
+                _ => damaged.push((chain, "its directory is missing".to_string())),
+            }
+        }
+        Ok(damaged)
+    }
+
+    fn verify_dir(&self, chain: &ChainId, rec: &LayerDir, bytes: &mut u64) -> Verdict {
+        let diff_dir = self.layer_dir(chain).join("diff");
+        if !diff_dir.is_dir() {
+            return Verdict::Damaged("its directory is missing".to_string());
+        }
+        let hash = |clamp: Option<i64>, bytes: &mut u64| {
+            let opts = DiffOptions {
+                clamp_mtime: clamp,
+                exclude: Default::default(),
+            };
+            diff::hash_layer(&diff_dir, &opts).map(|(d, size)| {
+                *bytes += size;
+                d
+            })
+        };
+        match &rec.tree {
+            Some(tree) => match hash(rec.clamp_mtime, bytes) {
+                Ok(d) if &d == tree => Verdict::Sound,
+                Ok(d) => Verdict::Damaged(format!(
+                    "its files make tar {d}, not {tree} as when it was committed"
+                )),
+                Err(e) => Verdict::Damaged(format!("reading its files: {e}")),
+            },
+            None => {
+                // A built layer's files make its diff ID, with the clamp it was made with.
+                let Some(diff_id) = self.diff_id_of(chain) else {
+                    return Verdict::Unknown;
+                };
+                let mut clamps = vec![None];
+                if let Some(t) = self.meta().tree_blobs.get(diff_id.digest()) {
+                    clamps.extend(
+                        t.sources
+                            .iter()
+                            .filter(|s| &s.chain == chain && s.clamp_mtime.is_some())
+                            .map(|s| s.clamp_mtime),
+                    );
+                }
+                for clamp in clamps {
+                    match hash(clamp, bytes) {
+                        Ok(d) if &d == diff_id.digest() => {
+                            return Verdict::Learned(LayerDir {
+                                tree: Some(d),
+                                clamp_mtime: clamp,
+                            })
+                        }
+                        Ok(_) => {}
+                        Err(e) => return Verdict::Damaged(format!("reading its files: {e}")),
+                    }
+                }
+                Verdict::Unknown
+            }
+        }
+    }
+
+    fn record_dir(&self, chain: &ChainId, rec: LayerDir) -> Result<()> {
+        let mut meta = self.meta();
+        let mut next = meta.clone();
+        next.dirs.insert(chain.clone(), rec);
+        self.save(&next)?;
+        *meta = next;
+        Ok(())
+    }
+
+    /// The diff ID of layer `chain`, from its image record or a cache stage record.
+    fn diff_id_of(&self, chain: &ChainId) -> Option<DiffId> {
+        if let Some(l) = self.meta().layers.get(chain) {
+            return Some(l.diff_id.clone());
+        }
+        let (cache_layers, _) = self.cache.roots();
+        cache_layers
+            .into_iter()
+            .find(|l| &l.chain_id == chain)
+            .map(|l| l.diff_id)
+    }
+
+    /// Stored blobs that may hold layer `chain` (diff ID `diff_id`): its uncompressed tar,
+    /// that tar's gzip, its packed blob, and the layer blobs images and cache records
+    /// name beside it.
+    fn blobs_holding(&self, chain: &ChainId, diff_id: &DiffId) -> Vec<Digest> {
+        let mut out: Vec<Digest> = Vec::new();
+        {
+            let meta = self.meta();
+            out.push(diff_id.digest().clone());
+            if let Some(gz) = meta.compressed.get(diff_id.digest()) {
+                out.push(gz.digest.clone());
+            }
+            if let Some(b) = meta.packed.get(chain) {
+                out.push(b.clone());
+            }
+            for img in meta.images.values() {
+                for (i, c) in img.layers.iter().enumerate() {
+                    if c == chain {
+                        out.extend(img.blobs.get(i).cloned());
+                    }
+                }
+            }
+        }
+        for (_, r) in self.cache.records() {
+            if let Some(s) = r.stage {
+                for (i, l) in s.layers.iter().enumerate() {
+                    if &l.chain_id == chain {
+                        out.extend(s.blobs.get(i).cloned());
+                    }
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        out.retain(|d| seen.insert(d.clone()) && self.content.contains(d));
+        out
+    }
+
+    /// Makes layer `chain` again from a stored blob that holds it (its tar verified against
+    /// the diff ID as it is unpacked) and puts it in place of what is there, unless what is
+    /// there makes the same tar.
+    fn repair_layer(&self, chain: &ChainId, lease: &Lease) -> Result<Repair> {
+        let Some(diff_id) = self.diff_id_of(chain) else {
+            return Ok(Repair::NoBlob);
+        };
+        for blob in self.blobs_holding(chain, &diff_id) {
+            lease.blob(&blob);
+            let staged = self.stage_layer()?;
+            match self.unpack_verified(&blob, &diff_id, &staged) {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(layer = %chain, %blob, error = %e, "a blob that should hold the layer does not");
+                    continue;
+                }
+            }
+            let tree = self.make_durable(&staged, None)?;
+            let rec = LayerDir {
+                tree: Some(tree.clone()),
+                clamp_mtime: None,
+            };
+            // A directory from an older store that makes the same tar is sound after all.
+            let there = self.layer_dir(chain).join("diff");
+            let same = there.is_dir()
+                && diff::hash_layer(&there, &DiffOptions::default()).is_ok_and(|(d, _)| d == tree);
+            if same && self.layer_unpacked(chain) {
+                self.record_dir(chain, rec)?;
+                return Ok(Repair::Confirmed);
+            }
+            self.place_layer(staged, chain, rec, true)?;
+            return Ok(Repair::MadeFrom(blob));
+        }
+        Ok(Repair::NoBlob)
+    }
+
+    /// Unpacks `blob` into `staged`, failing unless its tar is `diff_id`.
+    fn unpack_verified(&self, blob: &Digest, diff_id: &DiffId, staged: &StagedLayer) -> Result<()> {
+        let path = self.content.path(blob);
+        let (_, plain) = compression::decompress(std::io::BufReader::with_capacity(
+            1 << 20,
+            self.content.open(blob)?,
+        ))
+        .map_err(|e| StoreError::io("read", &path, e))?;
+        let mut hashing = content::HashingReader::new(plain);
+        crate::apply::apply_layer(&mut hashing, &staged.diff_dir())?;
+        let (actual, _) = hashing
+            .finish()
+            .map_err(|e| StoreError::io("read", &path, e))?;
+        if &actual != diff_id.digest() {
+            return Err(StoreError::DiffIdMismatch {
+                expected: diff_id.clone(),
+                actual: DiffId(actual),
+            });
+        }
+        Ok(())
+    }
+
+    /// The images that use layer `chain`, by name (or ID when unnamed), for a message.
+    fn users_of(&self, chain: &ChainId) -> String {
+        let meta = self.meta();
+        let users: Vec<String> = meta
+            .images
+            .values()
+            .filter(|i| i.layers.contains(chain))
+            .map(|i| {
+                i.names
+                    .first()
+                    .map(|n| crate::familiar(n))
+                    .unwrap_or_else(|| i.id.to_string())
+            })
+            .collect();
+        if users.is_empty() {
+            "no image (a build cache record)".to_string()
+        } else {
+            format!("image(s) {}", users.join(", "))
+        }
+    }
+}
