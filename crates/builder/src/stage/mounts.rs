@@ -577,35 +577,61 @@ impl StageRun<'_, '_> {
             None => scratch.join("private"),
         };
         if !data.exists() {
-            let fresh = scratch.join("fresh");
-            std::fs::create_dir_all(&fresh).map_err(|e| e.to_string())?;
+            // Made beside where it goes (the data root and the run root are often other
+            // file systems: a rename cannot cross them).
+            let fresh = data.with_file_name(format!(
+                ".fresh-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ));
+            let made = self.make_cache_mount_dir(p, scratch, &fresh);
+            let moved = made.and_then(|()| {
+                std::fs::rename(&fresh, &data).or_else(|e| {
+                    // A build sharing it made it first.
+                    if data.is_dir() {
+                        Ok(())
+                    } else {
+                        Err(format!("{}: {e}", data.display()))
+                    }
+                })
+            });
+            if fresh.exists() {
+                if let Err(e) = isula_sys::rooted::remove_tree(&fresh) {
+                    tracing::warn!(dir = %fresh.display(), error = %e, "removing an unused cache mount directory");
+                }
+            }
+            moved?;
+        }
+        Ok(data)
+    }
+
+    /// A new cache mount directory at `fresh`, seeded from `from` when the mount says so.
+    fn make_cache_mount_dir(&self, p: &Planned, scratch: &Path, fresh: &Path) -> Result<(), String> {
+        {
+            std::fs::create_dir_all(fresh).map_err(|e| e.to_string())?;
             if let Some(r) = &p.from {
                 let mut seeded = Held::default();
                 let view = self
                     .view(r, &scratch.join("seed"), false, &mut seeded)
                     .map_err(|e| e.to_string())?;
                 let src_root = Root::open(&view).map_err(|e| e.to_string())?;
-                let into = Root::open(&fresh).map_err(|e| e.to_string())?;
+                let into = Root::open(fresh).map_err(|e| e.to_string())?;
                 let src = Source::new(&src_root, None);
                 let source = p.spec.source.clone().unwrap_or_else(|| "/".into());
                 copy::copy(&src, &[source], &into, "/", &CopyOptions::default(), None)?;
             }
             let mode = p.spec.mode.unwrap_or(0o755);
-            rustix::fs::chmod(&fresh, Mode::from_raw_mode(mode)).map_err(|e| e.to_string())?;
+            rustix::fs::chmod(fresh, Mode::from_raw_mode(mode)).map_err(|e| e.to_string())?;
             rustix::fs::chown(
-                &fresh,
+                fresh,
                 Some(rustix::fs::Uid::from_raw(p.spec.uid.unwrap_or(0))),
                 Some(rustix::fs::Gid::from_raw(p.spec.gid.unwrap_or(0))),
             )
             .map_err(|e| e.to_string())?;
-            if let Err(e) = std::fs::rename(&fresh, &data) {
-                // A build sharing it made it first.
-                if !data.is_dir() {
-                    return Err(format!("{}: {e}", data.display()));
-                }
-            }
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Waits for the lock, checking for cancellation in between.
