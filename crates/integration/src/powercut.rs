@@ -12,10 +12,12 @@ pub struct Ext4 {
     image: PathBuf,
     mount: PathBuf,
     _dir: tempfile::TempDir,
-    mounted: bool,
+    /// The loop device it is mounted from (a new one at each mount: were the old one's
+    /// shut-down superblock still held by anything, `mount -o loop` would reuse it).
+    device: Option<String>,
 }
 
-/// `mkfs.ext4`, `mount` and `umount` are needed (and root): in CI they must be there.
+/// `mkfs.ext4`, `losetup` and `mount` are needed (and root): in CI they must be there.
 pub fn available() -> bool {
     crate::require_root() && crate::require_tool("mkfs.ext4")
 }
@@ -51,7 +53,7 @@ impl Ext4 {
             image,
             mount,
             _dir: dir,
-            mounted: false,
+            device: None,
         };
         fs.mount();
         fs
@@ -62,11 +64,30 @@ impl Ext4 {
     }
 
     fn mount(&mut self) {
-        run(Command::new("mount")
-            .args(["-t", "ext4", "-o", "loop"])
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
             .arg(&self.image)
-            .arg(&self.mount));
-        self.mounted = true;
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let mounted = Command::new("mount")
+            .args(["-t", "ext4", &device])
+            .arg(&self.mount)
+            .output()
+            .expect("mount");
+        if !mounted.status.success() {
+            let _ = Command::new("losetup").args(["-d", &device]).output();
+            panic!(
+                "mounting {device}: {}",
+                String::from_utf8_lossy(&mounted.stderr)
+            );
+        }
+        self.device = Some(device);
     }
 
     /// The power cut: everything not yet on the disk is gone; every later access fails.
@@ -82,9 +103,9 @@ impl Ext4 {
     }
 
     fn unmount(&mut self, also: &[&Path]) {
-        if !self.mounted {
+        let Some(device) = self.device.clone() else {
             return;
-        }
+        };
         let mut under: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
             .lines()
@@ -102,7 +123,9 @@ impl Ext4 {
         for _ in 0..100 {
             match rustix::mount::unmount(&self.mount, rustix::mount::UnmountFlags::empty()) {
                 Ok(()) => {
-                    self.mounted = false;
+                    self.device = None;
+                    // Detached now, or (still held) as soon as its last user goes.
+                    let _ = Command::new("losetup").args(["-d", &device]).output();
                     return;
                 }
                 Err(e) => last = Some(e),
@@ -115,10 +138,11 @@ impl Ext4 {
 
 impl Drop for Ext4 {
     fn drop(&mut self) {
-        if self.mounted && !std::thread::panicking() {
+        if self.device.is_some() && !std::thread::panicking() {
             self.unmount(&[]);
-        } else if self.mounted {
+        } else if let Some(device) = &self.device {
             let _ = rustix::mount::unmount(&self.mount, rustix::mount::UnmountFlags::DETACH);
+            let _ = Command::new("losetup").args(["-d", device]).output();
         }
     }
 }

@@ -109,7 +109,13 @@ fn cut(fs: &mut Ext4, d: &mut Daemon, what: &str) {
 }
 
 fn check_store(d: &mut Daemon, what: &str) {
-    assert_eq!(d.stop(), Some(0), "the daemon did not stop cleanly");
+    let stopped = d.stop();
+    assert_eq!(
+        stopped,
+        Some(0),
+        "the daemon did not stop cleanly after {what}:\n{}",
+        d.log()
+    );
     let check = d.command().arg("--check-store").output().expect("check");
     let out = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(
@@ -540,59 +546,52 @@ fn a_cut_in_the_middle_leaves_a_store_that_starts_and_checks() {
         &docker_archive(&[big_rootfs(60)], "ld:1"),
     );
     let save_to = fs.path().join("saved.tar");
-    let ops: Vec<(&str, Vec<String>)> = vec![
+    // Each operation, what it makes (removed after the run that times it), and its args.
+    let strings = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<String>>();
+    let c = ctx.to_str().expect("path");
+    let saved = save_to.to_str().expect("path");
+    let ops: Vec<(&str, &str, Vec<String>)> = vec![
         (
             "import",
-            vec![
-                "ctr-img".into(),
-                "import".into(),
-                tar.clone(),
-                "im:1".into(),
-            ],
+            "im:1",
+            strings(&["ctr-img", "import", &tar, "im:1"]),
         ),
         (
             "load",
-            vec![
-                "ctr-img".into(),
-                "load".into(),
-                "-i".into(),
-                archive.clone(),
-            ],
+            "ld:1",
+            strings(&["ctr-img", "load", "-i", &archive]),
         ),
-        (
-            "pull",
-            vec!["ctr-img".into(), "pull".into(), pulled.clone()],
-        ),
+        ("pull", &pulled, strings(&["ctr-img", "pull", &pulled])),
         (
             "build",
-            vec![
-                "ctr-img".into(),
-                "build".into(),
-                "--no-cache".into(),
-                "-t".into(),
-                "bu:1".into(),
-                ctx.to_str().expect("path").into(),
-            ],
+            "bu:1",
+            strings(&["ctr-img", "build", "--no-cache", "-t", "bu:1", c]),
         ),
         (
             "save",
-            vec![
-                "ctr-img".into(),
-                "save".into(),
-                "base:1".into(),
-                "-o".into(),
-                save_to.to_str().expect("path").into(),
-            ],
+            "",
+            strings(&["ctr-img", "save", "base:1", "-o", saved]),
         ),
     ];
-    for (i, (what, args)) in ops.iter().enumerate() {
+    for (i, (what, made, args)) in ops.iter().enumerate() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // Timed once, then undone, so that the cut lands inside the operation.
+        let start = Instant::now();
+        d.ok(&args);
+        let took = start.elapsed();
+        if made.is_empty() {
+            std::fs::remove_file(&save_to).expect("remove the saved archive");
+        } else {
+            d.ok(&["ctr-img", "rm", made]);
+        }
         let before = sorted_images(&d);
         let point = seed.rotate_left(i as u32 * 7);
-        let done = cut_during(&mut fs, &mut d, &args, Duration::from_secs(3), point);
+        let within = took.mul_f64(0.9);
+        let done = cut_during(&mut fs, &mut d, &args, within, point);
         eprintln!(
-            "{what}: cut at {} ms, finished first: {done}",
-            (point % 1000) * 3
+            "{what}: takes {} ms, cut at {} ms, finished first: {done}",
+            took.as_millis(),
+            within.mul_f64((point % 1000) as f64 / 1000.0).as_millis()
         );
         // The store starts (restart did), passes the check, and holds nothing half-done.
         check_store(&mut d, &format!("a cut during {what}"));
