@@ -718,6 +718,37 @@ fn check_store_repairs_a_layer_emptied_behind_its_back() {
     let (ok, out) = check(&d);
     assert!(ok && !out.contains("repaired"), "{out}");
 
+    // A store from before directories were recorded: its directories are kept, made
+    // durable and recorded at start; the check learns what each makes (the built one from
+    // its diff ID, the imported one from its blob) and repairs nothing.
+    let path = d.data().join("metadata.json");
+    let mut older: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("meta")).expect("json");
+    let obj = older.as_object_mut().expect("object");
+    assert!(obj.remove("dirs").is_some() && obj.remove("dirs_recorded").is_some());
+    std::fs::write(&path, serde_json::to_vec(&older).expect("json")).expect("write");
+    d.restart();
+    assert!(d
+        .log()
+        .contains("layer directories of an older store made durable and recorded"));
+    assert_eq!(d.stop(), Some(0));
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("meta")).expect("json");
+    let dirs = recorded["dirs"].as_object().expect("dirs recorded");
+    assert!(
+        dirs.values().all(|r| r.get("tree").is_none()),
+        "not yet known: {dirs:?}"
+    );
+    let (ok, out) = check(&d);
+    assert!(ok && !out.contains("repaired"), "{out}");
+    let learned: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("meta")).expect("json");
+    let dirs = learned["dirs"].as_object().expect("dirs");
+    assert!(
+        dirs.len() >= 2 && dirs.values().all(|r| r["tree"].is_string()),
+        "learned: {dirs:?}"
+    );
+
     // The imported layer (its blob is kept): found and made again from the blob.
     empty_files(&layers("imp")[0]);
     let (ok, out) = check(&d);

@@ -59,8 +59,8 @@ enum Verdict {
 
 /// What repairing a layer directory did.
 enum Repair {
-    /// Made again from this blob, in place of what was there.
-    MadeFrom(Digest),
+    /// Made again from this blob, in place of what was there (which differed so).
+    MadeFrom(Digest, String),
     /// What was there (from an older store) makes the same tar as its blob: kept.
     Confirmed,
     /// No stored blob holds the layer.
@@ -236,9 +236,9 @@ impl Store {
         for (chain, why) in self.check_layer_dirs(&mut report)? {
             lease.layer(&chain);
             match self.repair_layer(&chain, &lease) {
-                Ok(Repair::MadeFrom(blob)) => report
-                    .repaired
-                    .push(format!("layer {chain}: {why}; made again from blob {blob}")),
+                Ok(Repair::MadeFrom(blob, differs)) => report.repaired.push(format!(
+                    "layer {chain}: {why} ({differs}); made again from blob {blob}"
+                )),
                 Ok(Repair::Confirmed) => {}
                 Ok(Repair::NoBlob) => report.problems.push(format!(
                     "layer {chain}: {why}, and no stored blob holds it to repair it from; used by {}",
@@ -457,16 +457,33 @@ impl Store {
                 tree: Some(tree.clone()),
                 clamp_mtime: None,
             };
-            // A directory from an older store that makes the same tar is sound after all.
+            // A directory from an older store holding the same files is sound after all.
+            // Directories the tar does not list are made at unpack time, so their mtimes
+            // differ from one unpack to the next: those are not compared, and what the
+            // directory makes is recorded as it is.
             let there = self.layer_dir(chain).join("diff");
-            let same = there.is_dir()
-                && diff::hash_layer(&there, &DiffOptions::default()).is_ok_and(|(d, _)| d == tree);
-            if same && self.layer_unpacked(chain) {
+            let differs = if there.is_dir() {
+                first_difference(&there, &staged.diff_dir(), std::path::Path::new(""))
+            } else {
+                Some("it is missing".to_string())
+            };
+            let older = self
+                .meta()
+                .dirs
+                .get(chain)
+                .is_some_and(|r| r.tree.is_none());
+            if differs.is_none() && older {
+                let (tree, _) = diff::hash_layer(&there, &DiffOptions::default())?;
+                let rec = LayerDir {
+                    tree: Some(tree),
+                    clamp_mtime: None,
+                };
                 self.record_dir(chain, rec)?;
                 return Ok(Repair::Confirmed);
             }
+            let differs = differs.unwrap_or_else(|| "it was not recorded".to_string());
             self.place_layer(staged, chain, rec, true)?;
-            return Ok(Repair::MadeFrom(blob));
+            return Ok(Repair::MadeFrom(blob, differs));
         }
         Ok(Repair::NoBlob)
     }
@@ -513,4 +530,63 @@ impl Store {
             format!("image(s) {}", users.join(", "))
         }
     }
+}
+
+/// The first difference between two layer directories (`a` as found, `b` as its blob makes
+/// it) under `rel`, in the order a layer tar lists them: what a repair says it repaired.
+/// Directory mtimes are not compared (an unpack sets those the tar does not list to now).
+fn first_difference(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    rel: &std::path::Path,
+) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let names = |d: &std::path::Path| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<_> = fs::read_dir(d.join(rel))
+            .map(|r| r.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let (na, nb) = (names(a), names(b));
+    for n in nb.iter().filter(|n| !na.contains(n)) {
+        return Some(format!("{} is missing", rel.join(n).display()));
+    }
+    for n in na.iter().filter(|n| !nb.contains(n)) {
+        return Some(format!("{} should not be there", rel.join(n).display()));
+    }
+    for n in &na {
+        let r = rel.join(n);
+        let (pa, pb) = (a.join(&r), b.join(&r));
+        let (Ok(ma), Ok(mb)) = (fs::symlink_metadata(&pa), fs::symlink_metadata(&pb)) else {
+            return Some(format!("{} cannot be read", r.display()));
+        };
+        let what = if ma.file_type() != mb.file_type() {
+            Some("its type")
+        } else if ma.mode() != mb.mode() {
+            Some("its mode")
+        } else if (ma.uid(), ma.gid()) != (mb.uid(), mb.gid()) {
+            Some("its owner")
+        } else if !ma.is_dir() && ma.mtime() != mb.mtime() {
+            Some("its mtime")
+        } else if ma.is_file() && ma.len() != mb.len() {
+            Some("its size")
+        } else if ma.is_file() && fs::read(&pa).ok() != fs::read(&pb).ok() {
+            Some("its content")
+        } else if ma.file_type().is_symlink() && fs::read_link(&pa).ok() != fs::read_link(&pb).ok()
+        {
+            Some("its target")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Some(format!("{}: {what} differs", r.display()));
+        }
+        if ma.is_dir() {
+            if let Some(d) = first_difference(a, b, &r) {
+                return Some(d);
+            }
+        }
+    }
+    None
 }
