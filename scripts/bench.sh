@@ -6,19 +6,33 @@
 #                               ROUNDS=... for the rounds, ONLY=main|cache|peers for one part:
 #                               peers = each workload beside buildah and BuildKit, interleaved,
 #                               WORKLOADS="copy run load save push pull" to pick some;
-#                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1)
+#                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1;
+#                               SETTLE=3 seconds without daemon CPU make it idle, SETTLE_MAX=600
+#                               seconds after which a daemon not idle fails the bench)
+# In the peers and cache parts, every timed run of ours is followed by a wait until our daemon
+# is idle (its deferred unpack and gzip done), which is reported beside the wait; nothing is
+# timed while a daemon here still works. A timed command that fails fails the bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 only() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
 files="${FILES:-20000}"
 mb="${MB:-400}"
-cargo build --release --bins >/dev/null 2>&1
+tck=$(getconf CLK_TCK)
+if ! built=$(cargo build --release --bins 2>&1); then
+    printf 'bench: cargo build --release --bins failed:\n%s\n' "$(tail -n 30 <<<"$built")" >&2
+    exit 1
+fi
 bin="$PWD/target/release"
 work=$(mktemp -d /var/tmp/isula-bench.XXXXXX)
 sock="unix://$work/isula_build.sock"
 daemon=""
+daemon2=""
+registry=""
 cleanup() {
-    if [ -n "$daemon" ]; then kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; fi
+    local p
+    for p in "$daemon" "$daemon2"; do
+        if [ -n "$p" ]; then kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; fi
+    done
     if [ -n "$registry" ]; then kill "$registry" 2>/dev/null || true; wait "$registry" 2>/dev/null || true; fi
     rm -rf "$work"
 }
@@ -42,7 +56,6 @@ with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
 PY
 
 # A Distribution registry for push and pull, when installed (plain HTTP on 127.0.0.1).
-registry=""
 reg_host=""
 if command -v docker-registry >/dev/null 2>&1; then
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -63,18 +76,103 @@ daemon=$!
 export ISULABUILD_HOST="$sock"
 for _ in $(seq 100); do "$bin/isula-build" version >/dev/null 2>&1 && break; sleep 0.1; done
 
+# dockerd, when a Docker engine runs here and its process is visible: its CPU and its idle
+# wait stand for BuildKit's (which runs inside it).
+dockerd=""
+if docker info >/dev/null 2>&1; then dockerd=$(pidof -s dockerd || true); fi
+
+# Clocks read without forking (the idle wait polls them ten times a second): US, microseconds
+# since the epoch; TICKS, the CPU ticks of process $1 (utime + stime: all its threads);
+# CHILD_TICKS, those of this shell's waited-for children (cutime + cstime: a command timed
+# here and what it waited for).
+us() { US=${EPOCHREALTIME/[^0-9]/}; }
+ticks_of() {
+    local line f
+    if ! read -r line 2>/dev/null <"/proc/$1/stat"; then
+        echo "bench: process $1 (a daemon) has exited" >&2
+        exit 1
+    fi
+    read -r -a f <<<"${line##*) }"
+    TICKS=$((f[11] + f[12]))
+}
+child_ticks() {
+    local line f
+    read -r line <"/proc/$$/stat"
+    read -r -a f <<<"${line##*) }"
+    CHILD_TICKS=$((f[13] + f[14]))
+}
+# Into variable $1: microseconds $2, or CPU ticks $2, as seconds.
+us_secs() { printf -v "$1" '%d.%06d' $(($2 / 1000000)) $(($2 % 1000000)); }
+tick_secs() { printf -v "$1" '%d.%02d' $(($2 / tck)) $(($2 % tck * 100 / tck)); }
+# Whether the store at data root $1 keeps no layer packed (loaded or pulled, waiting to be
+# unpacked when the daemon idles).
+nothing_packed() {
+    [ -f "$1/metadata.json" ] || return 0
+    python3 -c 'import json, sys; sys.exit(1 if json.load(open(sys.argv[1])).get("packed") else 0)' \
+        "$1/metadata.json"
+}
+# The ticks of each daemon (by pid) when it was last found idle.
+declare -A SEEN_IDLE
+# Waits until process $1 is idle: it used no CPU for SETTLE seconds (3: longer than the 2 s
+# of quiet our store waits for before its idle-time work) and, with a data root $2, that store
+# keeps no layer packed. Sets IDLE_AT, the time it was last seen using CPU (to 0.1 s; the
+# wait's start if it used none), and IDLE_TICKS, its CPU ticks then. Returns 1 if it is not
+# idle within $3 seconds (SETTLE_MAX, 600).
+settle() {
+    local pid="$1" root="${2:-}" limit=$((${3:-${SETTLE_MAX:-600}} * 1000000))
+    local window=$((${SETTLE:-3} * 1000000)) start last prev look=0
+    us; start=$US; last=$US
+    ticks_of "$pid"; prev=$TICKS
+    while [ $((US - start)) -lt "$limit" ]; do
+        sleep 0.1
+        us; ticks_of "$pid"
+        if [ "$TICKS" != "$prev" ]; then
+            prev=$TICKS; last=$US
+        elif [ $((US - last)) -ge "$window" ] && [ "$US" -ge "$look" ]; then
+            if [ -z "$root" ] || nothing_packed "$root"; then
+                IDLE_AT=$last; IDLE_TICKS=$prev; SEEN_IDLE[$pid]=$prev
+                return 0
+            fi
+            look=$((US + 1000000))
+        fi
+    done
+    return 1
+}
+not_idle() {
+    echo "bench: daemon $1 not idle after ${SETTLE_MAX:-600} s (still using CPU, or layers still packed in $2/metadata.json)" >&2
+    exit 1
+}
+# Process $1 idle (settle $@), at once if it used no CPU since it was last found idle. Our
+# daemons must get there; dockerd may not (a warning).
+quiet() {
+    ticks_of "$1"
+    [ "${SEEN_IDLE[$1]:-}" != "$TICKS" ] || return 0
+    settle "$@" && return 0
+    [ -n "${2:-}" ] && not_idle "$1" "$2"
+    echo "# process $1 not idle after ${3:-${SETTLE_MAX:-600}} s" >&2
+}
+# Before anything is timed: every daemon here idle.
+quiet_all() {
+    quiet "$daemon" "$work/data"
+    [ -z "$daemon2" ] || quiet "$daemon2" "$work/data2"
+    [ -z "$dockerd" ] || quiet "$dockerd" "" 60
+}
+# Fails the bench: row $2's command ($3...) exited with status $1; the tail of its stderr
+# (in $work/stderr).
+run_failed() {
+    local rc="$1" name="$2"; shift 2
+    {
+        printf 'bench: %s: exit status %s from' "$name" "$rc"; printf ' %q' "$@"; echo
+        echo "its stderr ends with:"
+        tail -n 20 "$work/stderr" | sed 's/^/    /'
+    } >&2
+    exit 1
+}
+# An untimed command between timed runs (set-up), which must succeed too.
+must() { "$@" >/dev/null 2>"$work/stderr" || run_failed $? "set-up" "$@"; }
+
 sync
 printf '%-28s %10s %12s %14s\n' "step" "seconds" "daemon CPU s" "peak RSS (MB)"
-cpu() { awk -v t="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$daemon/stat"; }
-# Waits (at most 60 s) until the daemon has used no CPU for 3 s.
-settle() {
-    local a b n=0
-    while [ $n -lt 20 ]; do
-        a=$(cpu); sleep 3; b=$(cpu)
-        [ "$a" = "$b" ] && return 0
-        n=$((n + 1))
-    done
-}
 # The phase lines the daemon logged after line $1 of its log.
 phase_lines() {
     tail -n +"$(($1 + 1))" "$work/daemon.log" | { grep 'isula_phase' || true; } | sed 's/\x1b\[[0-9;]*m//g'
@@ -98,16 +196,18 @@ step() {
     local name="$1"; shift
     sync                                  # earlier steps' writeback must not bill this one
     echo 5 > "/proc/$daemon/clear_refs"   # reset the peak RSS
-    local t0 t1 c0 c1 hwm lines
+    local t0 t1 c0 hwm lines rc=0 wall cpu
     lines=$(wc -l < "$work/daemon.log")
-    c0=$(cpu)
-    t0=$(date +%s.%N)
-    "$bin/isula-build" "$@" >/dev/null
-    t1=$(date +%s.%N)
-    c1=$(cpu)
+    ticks_of "$daemon"; c0=$TICKS
+    us; t0=$US
+    "$bin/isula-build" "$@" >/dev/null 2>"$work/stderr" || rc=$?
+    us; t1=$US
+    [ "$rc" = 0 ] || run_failed "$rc" "$name" "$bin/isula-build" "$@"
+    ticks_of "$daemon"
+    us_secs wall $((t1 - t0)); tick_secs cpu $((TICKS - c0))
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
-    awk -v n="$name" -v a="$t0" -v b="$t1" -v c="$c0" -v d="$c1" -v h="$hwm" \
-        'BEGIN { printf "%-28s %10.2f %12.2f %14.1f\n", n, b - a, d - c, h / 1024 }'
+    awk -v n="$name" -v a="$wall" -v c="$cpu" -v h="$hwm" \
+        'BEGIN { printf "%-28s %10.2f %12.2f %14.1f\n", n, a, c, h / 1024 }'
     [ -n "${PHASES:-1}" ] && phases "$lines"
     return 0
 }
@@ -156,7 +256,7 @@ step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
 # Idle: once the daemon's background gzip of the built layers is done, plus the idle
 # trimmer's 5 s period.
-settle
+settle "$daemon" "$work/data" || not_idle "$daemon" "$work/data"
 sleep 6
 awk '/VmRSS/ { printf "%-28s %10s %12s %14.1f\n", "daemon RSS, idle", "-", "-", $2 / 1024 }' "/proc/$daemon/status"
 fi  # ONLY
@@ -165,25 +265,78 @@ fi  # ONLY
 # empty cache (builder prune --all: the first build of a context), unchanged, with one file
 # changed, and with the cache bypassed (--no-cache), each beside BuildKit's build of the
 # same context in the same state when a Docker engine runs here. Medians with the spread
-# (min-max), and ratios; the daemon's peak RSS over them all.
+# (min-max), our daemon's CPU seconds and the seconds until it was idle, and ratios; the
+# daemon's peak RSS over them all.
 rounds="${ROUNDS:-3}"
-declare -A T PEAK
+# Per row name, space-separated samples: T, the seconds of the command (what the user waits
+# for); CPU, the CPU seconds of the daemon (or tool) doing the work; IDLE, the seconds from
+# the command's start until that daemon was idle again (its deferred work done).
+declare -A T CPU IDLE PEAK
+# timed NAME WHO CMD...: once every daemon here is idle, runs CMD and records its samples; a
+# CMD that fails fails the bench. WHO does the work:
+#   ours, ours2  our daemon (the second one): CPU and IDLE from CMD's start until it is idle
+#                (settle), which must come;
+#   docker       dockerd, when visible here (BuildKit runs in it): its CPU and the client's,
+#                until dockerd is idle; else only IDLE, as the wait;
+#   self         CMD itself, no daemon (buildah): its CPU and its children's, IDLE the wait.
 timed() {
-    local name="$1"; shift
+    local name="$1" who="$2"; shift 2
+    local pid="" root="" rc=0 c0=0 k0 t0 t1 wall x
+    case "$who" in
+    ours) pid=$daemon root=$work/data ;;
+    ours2) pid=$daemon2 root=$work/data2 ;;
+    docker) pid=$dockerd ;;
+    esac
+    quiet_all
     sync
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" >/dev/null 2>&1 || echo "# $name failed" >&2
-    t1=$(date +%s.%N)
-    T[$name]+="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }') "
+    if [ -n "$pid" ]; then ticks_of "$pid"; c0=$TICKS; fi
+    child_ticks; k0=$CHILD_TICKS
+    us; t0=$US
+    "$@" >/dev/null 2>"$work/stderr" || rc=$?
+    us; t1=$US
+    [ "$rc" = 0 ] || run_failed "$rc" "$name" "$@"
+    child_ticks
+    us_secs wall $((t1 - t0)); T[$name]+="$wall "
+    case "$who" in
+    ours | ours2)
+        settle "$pid" "$root" || not_idle "$pid" "$root"
+        tick_secs x $((IDLE_TICKS - c0)); CPU[$name]+="$x "
+        us_secs x $((IDLE_AT - t0)); IDLE[$name]+="$x " ;;
+    docker)
+        if [ -n "$pid" ] && settle "$pid" "" 60; then
+            tick_secs x $((IDLE_TICKS - c0 + CHILD_TICKS - k0)); CPU[$name]+="$x "
+            us_secs x $((IDLE_AT - t0)); IDLE[$name]+="$x "
+        else
+            IDLE[$name]+="$wall "
+        fi ;;
+    self)
+        tick_secs x $((CHILD_TICKS - k0)); CPU[$name]+="$x "
+        IDLE[$name]+="$wall " ;;
+    esac
 }
-median() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+# The median of samples $1 (nothing for none), their spread (min-max).
+median() { tr ' ' '\n' <<<"$1" | { grep . || true; } | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
 spread() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
-row() { printf '%-34s %8.2f   (%s)\n' "$1" "$(median "${T[$1]}")" "$(spread "${T[$1]}")"; }
-ratio() { awk -v a="$(median "${T[$1]}")" -v b="$(median "${T[$2]}")" -v n="$3" 'BEGIN { printf "%-34s %8.2f\n", n, a / b }'; }
+# The median of samples $1 to two decimals, "-" for none; $1 / $2 likewise.
+num() { local m; m=$(median "$1"); if [ -n "$m" ]; then printf '%.2f' "$m"; else printf -; fi; }
+div() {
+    if [ -n "$1" ] && [ -n "$2" ] && [ "$1" != - ] && [ "$2" != - ]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'
+    else printf -; fi
+}
+row() {
+    printf '%-34s %8.2f   %-13s CPU %6s   idle %6s\n' "$1" "$(median "${T[$1]}")" "($(spread "${T[$1]}"))" \
+        "$(num "${CPU[$1]:-}")" "$(num "${IDLE[$1]:-}")"
+}
+# Row $1 / row $2: the wait, and until idle.
+ratio() {
+    printf '%-34s %8s   until idle %6s\n' "$3" "$(div "$(median "${T[$1]}")" "$(median "${T[$2]}")")" \
+        "$(div "$(median "${IDLE[$1]:-}")" "$(median "${IDLE[$2]:-}")")"
+}
 # Each workload beside the peers installed here (buildah; Docker with BuildKit), in ROUNDS
 # interleaved rounds (the order of the tools rotates each round): medians with the spread,
-# and ours divided by the best peer. Every tool starts from the same state each time.
+# our daemon's CPU and time until idle, and ours divided by the best peer. Every tool starts
+# from the same state each time, and no daemon here works while one is timed.
 if only peers; then
     peer_docker=""
     if [ -x /usr/bin/docker ] && docker info >/dev/null 2>&1; then peer_docker=1; fi
@@ -191,6 +344,7 @@ if only peers; then
     command -v buildah >/dev/null 2>&1 && peer_buildah=1
     bah=(buildah --root "$work/buildah/root" --runroot "$work/buildah/run" --storage-driver overlay)
     dk() { DOCKER_BUILDKIT=1 /usr/bin/docker "$@"; }
+    dkc=(env DOCKER_BUILDKIT=1 /usr/bin/docker)
     "$bin/isula-build" ctr-img rm -a >/dev/null 2>&1 || true
     "$bin/isula-build" ctr-img import "$work/base.tar" busybox:bench >/dev/null
     if [ "$mb" -gt 1000 ]; then
@@ -211,46 +365,45 @@ if only peers; then
     if [ -n "$peer_docker" ]; then
         dk load -i "$work/peer-base.tar" >/dev/null
     fi
-    # One workload: ours, then each peer, as named commands; "prep" commands reset state
-    # untimed before each.
+    # One workload: ours, then each peer: "cmd_" functions set CMD to the tool's command,
+    # "prep_" ones reset state untimed before it.
     workload() {
         local w="$1" r="$2"
         local tools=(ours)
         [ -n "$peer_buildah" ] && tools+=(buildah)
         [ -n "$peer_docker" ] && tools+=(docker)
-        local n=${#tools[@]} i
+        local n=${#tools[@]} i t who lines hwm
         for ((i = 0; i < n; i++)); do
-            local t=${tools[$(((i + r) % n))]}
+            t=${tools[$(((i + r) % n))]}
+            who=$t
+            [ "$t" = buildah ] && who=self
             "prep_$w" "$t"
-            sync
-            local lines
+            quiet_all
             lines=$(wc -l < "$work/daemon.log")
             [ "$t" = ours ] && echo 5 > "/proc/$daemon/clear_refs"
-            timed "$w: $t" "run_$w" "$t"
-            # Our phases in this run (the idle-time work after it is not counted).
-            [ "$t" = ours ] && phase_lines "$lines" >> "$work/phases-$w"
+            "cmd_$w" "$t"
+            # For ours, this waits until our daemon is idle again (its unpack and gzip done).
+            timed "$w: $t" "$who" "${CMD[@]}"
             if [ "$t" = ours ]; then
-                local hwm
+                # Our phases in this run, its idle-time work included.
+                phase_lines "$lines" >> "$work/phases-$w"
                 hwm=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$daemon/status")
-                [ "$hwm" -gt "${PEAK[$w]:-0}" ] && PEAK[$w]=$hwm
-                # Our idle-time work (gzip, unpack of packed layers) is done before the next
-                # tool runs: the peers get a quiet machine.
-                settle
+                if [ "$hwm" -gt "${PEAK[$w]:-0}" ]; then PEAK[$w]=$hwm; fi
             fi
         done
     }
     # A build of ctx-$2 without cache, by tool $1.
     build_ctx() {
         case "$1" in
-        ours) "$bin/isula-build" ctr-img build --no-cache "$work/ctx-$2" ;;
-        buildah) "${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-$2" -t "bench-$2" "$work/ctx-$2" ;;
-        docker) dk build --no-cache --network host -q -t "isula-bench-$2:1" "$work/ctx-$2" ;;
+        ours) CMD=("$bin/isula-build" ctr-img build --no-cache "$work/ctx-$2") ;;
+        buildah) CMD=("${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-$2" -t "bench-$2" "$work/ctx-$2") ;;
+        docker) CMD=("${dkc[@]}" build --no-cache --network host -q -t "isula-bench-$2:1" "$work/ctx-$2") ;;
         esac
     }
     prep_copy() { :; }
-    run_copy() { build_ctx "$1" copy; }
+    cmd_copy() { build_ctx "$1" copy; }
     prep_run() { :; }
-    run_run() { build_ctx "$1" run; }
+    cmd_run() { build_ctx "$1" run; }
     # Every name of the image goes, so that the load finds nothing of it in the store (and
     # our untagged COPY builds and build cache go too: at scale, bench:1 is such a build,
     # and they would still hold its layers).
@@ -272,35 +425,35 @@ if only peers; then
         "$bin/isula-build" ctr-img tag bench:1 "$reg_host/bench:1" >/dev/null
         if [ -n "$peer_docker" ]; then dk tag bench:1 "$reg_host/bench:1"; fi
     }
-    run_load() {
+    cmd_load() {
         case "$1" in
-        ours) "$bin/isula-build" ctr-img load -i "$work/peer-image.tar" ;;
-        buildah) "${bah[@]}" pull -q "docker-archive:$work/peer-image.tar" ;;
-        docker) dk load -i "$work/peer-image.tar" ;;
+        ours) CMD=("$bin/isula-build" ctr-img load -i "$work/peer-image.tar") ;;
+        buildah) CMD=("${bah[@]}" pull -q "docker-archive:$work/peer-image.tar") ;;
+        docker) CMD=("${dkc[@]}" load -i "$work/peer-image.tar") ;;
         esac
     }
     prep_save() { rm -f "$work/peer-save.tar"; }
-    run_save() {
+    cmd_save() {
         case "$1" in
-        ours) "$bin/isula-build" ctr-img save bench:1 -o "$work/peer-save.tar" ;;
-        buildah) "${bah[@]}" push -q bench:1 "docker-archive:$work/peer-save.tar:bench:1" ;;
-        docker) dk save -o "$work/peer-save.tar" bench:1 ;;
+        ours) CMD=("$bin/isula-build" ctr-img save bench:1 -o "$work/peer-save.tar") ;;
+        buildah) CMD=("${bah[@]}" push -q bench:1 "docker-archive:$work/peer-save.tar:bench:1") ;;
+        docker) CMD=("${dkc[@]}" save -o "$work/peer-save.tar" bench:1) ;;
         esac
     }
     prep_push() { rm -rf "${work:?}/registry/"*; }
-    run_push() {
+    cmd_push() {
         case "$1" in
-        ours) "$bin/isula-build" ctr-img push "$reg_host/bench:1" ;;
-        buildah) "${bah[@]}" push -q --tls-verify=false bench:1 "docker://$reg_host/bench:1" ;;
-        docker) dk push "$reg_host/bench:1" ;;
+        ours) CMD=("$bin/isula-build" ctr-img push "$reg_host/bench:1") ;;
+        buildah) CMD=("${bah[@]}" push -q --tls-verify=false bench:1 "docker://$reg_host/bench:1") ;;
+        docker) CMD=("${dkc[@]}" push "$reg_host/bench:1") ;;
         esac
     }
     prep_pull() { prep_load "$1"; }
-    run_pull() {
+    cmd_pull() {
         case "$1" in
-        ours) "$bin/isula-build" ctr-img pull "$reg_host/bench:1" ;;
-        buildah) "${bah[@]}" pull -q --tls-verify=false "docker://$reg_host/bench:1" ;;
-        docker) dk pull -q "$reg_host/bench:1" ;;
+        ours) CMD=("$bin/isula-build" ctr-img pull "$reg_host/bench:1") ;;
+        buildah) CMD=("${bah[@]}" pull -q --tls-verify=false "docker://$reg_host/bench:1") ;;
+        docker) CMD=("${dkc[@]}" pull -q "$reg_host/bench:1") ;;
         esac
     }
     loads=(copy run load save)
@@ -308,39 +461,59 @@ if only peers; then
     # WORKLOADS="copy push": only those (pull needs the registry, as push does).
     if [ -n "${WORKLOADS:-}" ]; then read -r -a loads <<<"$WORKLOADS"; fi
     # Every tool holds bench:1 (and its registry name) for save and push.
-    run_load buildah >/dev/null 2>&1 || true
-    [ -n "$peer_docker" ] && run_load docker >/dev/null 2>&1
+    if [ -n "$peer_buildah" ]; then cmd_load buildah; must "${CMD[@]}"; fi
+    if [ -n "$peer_docker" ]; then cmd_load docker; must "${CMD[@]}"; fi
     retag
-    # Our idle-time work on bench:1 (its gzip) is done before the first timed run.
-    settle
     for r in $(seq "$rounds"); do
         for w in "${loads[@]}"; do
             # The registry copy that pull reads is pushed (untimed) by ours.
-            if [ "$w" = pull ]; then prep_push ours; run_push ours >/dev/null 2>&1; fi
+            if [ "$w" = pull ]; then prep_push ours; cmd_push ours; must "${CMD[@]}"; fi
             workload "$w" "$r"
             [ "$w" = load ] && retag
             # pull removed bench:1: every tool gets it back for the next round.
             if [ "$w" = pull ]; then
                 for t in ours buildah docker; do
                     case "$t" in buildah) [ -n "$peer_buildah" ] || continue ;; docker) [ -n "$peer_docker" ] || continue ;; esac
-                    prep_load "$t"; run_load "$t" >/dev/null 2>&1 || true
+                    prep_load "$t"; cmd_load "$t"; must "${CMD[@]}"
                 done
                 retag
             fi
         done
     done
-    echo "# ours beside the peers: $rounds interleaved rounds, median seconds (spread); ours / best peer;"
-    echo "# the daemon's peak RSS over its runs of each workload"
-    printf '%-12s %18s %18s %18s %10s %10s\n' workload ours buildah docker "ours/best" "peak MB"
+    # The least median over the peers of samples $1 (T or IDLE) for workload $2.
+    best() {
+        local -n samples=$1
+        local t
+        for t in buildah docker; do
+            if [ -n "${samples[$2: $t]:-}" ]; then median "${samples[$2: $t]}"; fi
+        done | sort -n | head -1
+    }
+    cell() { if [ -n "${T[$1]:-}" ]; then printf '%.2f (%s)' "$(median "${T[$1]}")" "$(spread "${T[$1]}")"; else printf -; fi; }
+    echo "# ours beside the peers: $rounds interleaved rounds, median seconds of the command (spread);"
+    echo "# for ours also its daemon's CPU seconds and the seconds until it was idle again (its unpack"
+    echo "# and gzip done), from the command's start; ours / the best peer, for the command (wait) and"
+    echo "# until idle (idle; buildah has no daemon: its idle is its wait); the daemon's peak RSS (MB)"
+    printf '%-8s %20s %7s %7s %20s %20s %6s %6s %8s\n' workload ours "CPU s" "idle s" buildah docker wait idle "peak MB"
     for w in "${loads[@]}"; do
-        cell() { if [ -n "${T[$w: $1]:-}" ]; then printf '%6.2f (%s)' "$(median "${T[$w: $1]}")" "$(spread "${T[$w: $1]}")"; else printf '%18s' -; fi; }
-        best=$(for t in buildah docker; do [ -n "${T[$w: $t]:-}" ] && median "${T[$w: $t]}"; done | sort -n | head -1)
-        ours=$(median "${T[$w: ours]}")
-        printf '%-12s %18s %18s %18s %10s %10s\n' "$w" "$(cell ours)" "$(cell buildah)" "$(cell docker)" \
-            "$([ -n "$best" ] && awk -v a="$ours" -v b="$best" 'BEGIN { printf "%.2f", a / b }' || echo -)" \
-            "${PEAK[$w]:--}"
+        printf '%-8s %20s %7s %7s %20s %20s %6s %6s %8s\n' "$w" "$(cell "$w: ours")" \
+            "$(num "${CPU[$w: ours]:-}")" "$(num "${IDLE[$w: ours]:-}")" \
+            "$(cell "$w: buildah")" "$(cell "$w: docker")" \
+            "$(div "$(median "${T[$w: ours]}")" "$(best T "$w")")" \
+            "$(div "$(median "${IDLE[$w: ours]}")" "$(best IDLE "$w")")" "${PEAK[$w]:--}"
     done
-    echo "# our phases, mean per run of each workload (seconds, times, MB)"
+    if [ -n "$peer_buildah$peer_docker" ]; then
+        echo "# the peers' median CPU seconds and seconds until idle: buildah's process and what it waited"
+        echo "# for (idle when it exits); Docker's client and dockerd until dockerd is idle"
+        if [ -n "$peer_docker" ] && [ -z "$dockerd" ]; then
+            echo "# (dockerd's process is not visible here: no CPU for Docker, its idle is its wait)"
+        fi
+        printf '%-8s %14s %14s %14s %14s\n' workload "buildah CPU s" "buildah idle" "docker CPU s" "docker idle"
+        for w in "${loads[@]}"; do
+            printf '%-8s %14s %14s %14s %14s\n' "$w" "$(num "${CPU[$w: buildah]:-}")" "$(num "${IDLE[$w: buildah]:-}")" \
+                "$(num "${CPU[$w: docker]:-}")" "$(num "${IDLE[$w: docker]:-}")"
+        done
+    fi
+    echo "# our phases, mean per run of each workload, its idle-time work included (seconds, times, MB)"
     for w in "${loads[@]}"; do
         echo "$w:"
         if [ -f "$work/phases-$w" ]; then sum_phases "$rounds" < "$work/phases-$w"; fi
@@ -353,25 +526,27 @@ if [ -x /usr/bin/docker ] && docker info >/dev/null 2>&1; then
     bk=1
     "$bin/isula-build" ctr-img save busybox:bench -o "$work/base-bk.tar" >/dev/null
     docker load -i "$work/base-bk.tar" >/dev/null
-    DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy" >/dev/null 2>&1
+    must env DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy"
 fi
 echo 5 > "/proc/$daemon/clear_refs"
 for r in $(seq "$rounds"); do
     "$bin/isula-build" builder prune --all --force >/dev/null
-    timed "cold (empty cache)" "$bin/isula-build" ctr-img build "$work/ctx-copy"
-    timed "unchanged" "$bin/isula-build" ctr-img build "$work/ctx-copy"
+    timed "cold (empty cache)" ours "$bin/isula-build" ctr-img build "$work/ctx-copy"
+    timed "unchanged" ours "$bin/isula-build" ctr-img build "$work/ctx-copy"
     if [ -n "$bk" ]; then
-        timed "buildkit unchanged" env DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy"
+        timed "buildkit unchanged" docker env DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy"
     fi
     echo "changed $r" >> "$work/ctx-copy/app/d000/f00000.bin"
-    timed "one file changed" "$bin/isula-build" ctr-img build "$work/ctx-copy"
+    timed "one file changed" ours "$bin/isula-build" ctr-img build "$work/ctx-copy"
     if [ -n "$bk" ]; then
-        timed "buildkit one file changed" env DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy"
+        timed "buildkit one file changed" docker env DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy"
     fi
-    timed "--no-cache" "$bin/isula-build" ctr-img build --no-cache "$work/ctx-copy"
+    timed "--no-cache" ours "$bin/isula-build" ctr-img build --no-cache "$work/ctx-copy"
 done
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
-echo "# build cache: COPY of the context, $rounds rounds, median seconds (spread)"
+echo "# build cache: COPY of the context, $rounds rounds, median seconds of the command (spread),"
+echo "# the daemon's CPU seconds and the seconds until it was idle again, from the command's start"
+echo "# (BuildKit's: Docker's client and dockerd, when visible here); ratios of the wait and until idle"
 row "cold (empty cache)"
 row "unchanged"
 row "one file changed"
@@ -406,11 +581,11 @@ if [ -n "$reg_host" ]; then
     echo 5 > "/proc/$daemon2/clear_refs"
     pull2() {
         empty2
-        timed "second daemon: pull" env ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img pull "$reg_host/app:copy"
+        timed "second daemon: pull" ours2 env ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img pull "$reg_host/app:copy"
     }
     from2() {
         empty2
-        timed "second daemon: --cache-from" env ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img build \
+        timed "second daemon: --cache-from" ours2 env ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img build \
             -f "$work/Dockerfile.reg" --cache-from "$reg_host/cache:copy" "$work/ctx-copy"
     }
     # Which goes first alternates: on this VM the first of a pair is the faster one.
@@ -420,7 +595,9 @@ if [ -n "$reg_host" ]; then
     hwm2=$(awk '/VmHWM/ {print $2}' "/proc/$daemon2/status")
     kill -TERM "$daemon2" 2>/dev/null || true
     wait "$daemon2" 2>/dev/null || true
-    echo "# registry cache: a second daemon with an empty store, median seconds (spread)"
+    daemon2=""
+    echo "# registry cache: a second daemon with an empty store, median seconds (spread), its CPU"
+    echo "# seconds and the seconds until it was idle again (the pulled layers unpacked)"
     row "second daemon: pull"
     row "second daemon: --cache-from"
     ratio "second daemon: --cache-from" "second daemon: pull" "--cache-from / pull"
@@ -439,15 +616,30 @@ sync
 t0=$(date +%s.%N)
 pids=()
 for i in $(seq 1 100); do
-    "$bin/isula-build" ctr-img build --tag "many:$i" "$work/many/$i" >/dev/null 2>&1 &
+    "$bin/isula-build" ctr-img build --tag "many:$i" "$work/many/$i" >/dev/null 2>"$work/many/$i/stderr" &
     pids+=($!)
 done
-failed=0
-for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
+failed=0 first=0 first_rc=0
+for i in $(seq 1 100); do
+    rc=0
+    wait "${pids[$((i - 1))]}" || rc=$?
+    if [ "$rc" != 0 ]; then
+        failed=$((failed + 1))
+        if [ "$first" = 0 ]; then first=$i first_rc=$rc; fi
+    fi
+done
 t1=$(date +%s.%N)
 hwm=$(awk '/VmHWM/ {print $2}' "/proc/$daemon/status")
 awk -v a="$t0" -v b="$t1" -v f="$failed" -v h="$hwm" \
     'BEGIN { printf "%-28s %10.2f %12s %14.1f  (%d failed)\n", "100 builds at once", b - a, "-", h / 1024, f }'
+if [ "$failed" != 0 ]; then
+    cp "$work/many/$first/stderr" "$work/stderr"
+    run_failed "$first_rc" "100 builds at once, $failed failed, the first" \
+        "$bin/isula-build" ctr-img build --tag "many:$first" "$work/many/$first"
+fi
+# A peer's build, timed once (timed: our daemon idle first), with its CPU (buildah's own and
+# its children's; Docker's client and dockerd's, when visible).
+peer_row() { printf '%-28s %10s %12s\n' "$1" "$(num "${T[$1]}")" "$(num "${CPU[$1]:-}")"; }
 
 # The same builds by buildah, when installed (its own storage under the bench directory).
 if command -v buildah >/dev/null 2>&1; then
@@ -457,12 +649,9 @@ if command -v buildah >/dev/null 2>&1; then
     "${bah[@]}" tag "$("${bah[@]}" images -q | head -1)" localhost/busybox:bench >/dev/null 2>&1 || true
     for c in copy run small; do
         sed 's|^FROM busybox:bench|FROM localhost/busybox:bench|' "$work/ctx-$c/Dockerfile" > "$work/Dockerfile.buildah-$c"
-        sync
-        t0=$(date +%s.%N)
-        "${bah[@]}" bud -q --network host --layers=false -f "$work/Dockerfile.buildah-$c" -t "bench-$c" "$work/ctx-$c" >/dev/null 2>&1 \
-            || echo "buildah build of ctx-$c failed"
-        t1=$(date +%s.%N)
-        awk -v n="buildah bud: ctx-$c" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-28s %10.2f\n", n, b - a }'
+        timed "buildah bud: ctx-$c" self "${bah[@]}" bud -q --network host --layers=false \
+            -f "$work/Dockerfile.buildah-$c" -t "bench-$c" "$work/ctx-$c"
+        peer_row "buildah bud: ctx-$c"
     done
     "${bah[@]}" rmi -a -f >/dev/null 2>&1 || true
 fi
@@ -472,11 +661,9 @@ if docker info >/dev/null 2>&1; then
     "$bin/isula-build" ctr-img save busybox:bench -o "$work/base-img.tar" >/dev/null
     docker load -i "$work/base-img.tar" >/dev/null
     for c in copy run small; do
-        sync
-        t0=$(date +%s.%N)
-        DOCKER_BUILDKIT=0 docker build --network host -q -t "isula-bench-$c:1" "$work/ctx-$c" >/dev/null 2>&1
-        t1=$(date +%s.%N)
-        awk -v n="docker build: ctx-$c" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-28s %10.2f\n", n, b - a }'
+        timed "docker build: ctx-$c" docker env DOCKER_BUILDKIT=0 docker build --network host -q \
+            -t "isula-bench-$c:1" "$work/ctx-$c"
+        peer_row "docker build: ctx-$c"
         docker rmi -f "isula-bench-$c:1" >/dev/null 2>&1 || true
     done
     # BuildKit (the 20.10 client of Debian's docker.io runs it without buildx): the COPY
@@ -484,11 +671,9 @@ if docker info >/dev/null 2>&1; then
     if [ -x /usr/bin/docker ]; then
         DOCKER_BUILDKIT=1 /usr/bin/docker builder prune -af >/dev/null 2>&1 || true
         for run in cold cached; do
-            sync
-            t0=$(date +%s.%N)
-            DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -t isula-bench-bk:1 "$work/ctx-copy" >/dev/null 2>&1
-            t1=$(date +%s.%N)
-            awk -v n="buildkit: COPY, $run" -v a="$t0" -v b="$t1" 'BEGIN { printf "%-28s %10.2f\n", n, b - a }'
+            timed "buildkit: COPY, $run" docker env DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q \
+                -t isula-bench-bk:1 "$work/ctx-copy"
+            peer_row "buildkit: COPY, $run"
         done
         docker rmi -f isula-bench-bk:1 >/dev/null 2>&1 || true
     fi

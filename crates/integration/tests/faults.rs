@@ -571,6 +571,7 @@ fn sigkill_at_every_step_of_a_stage_commit() {
         "commit.squashed",
         "commit.layer-hashed",
         "commit.layer-written",
+        "commit.layer-placed",
         "commit.layer-moved",
         "commit.layer-committed",
         "commit.recorded",
