@@ -159,7 +159,15 @@ impl Store {
         } else {
             None
         };
-        fs::rename(&staged.dir, &dest).map_err(|e| StoreError::io("rename", &dest, e))?;
+        if let Err(e) = fs::rename(&staged.dir, &dest) {
+            // What was there goes back (a repair that cannot be put in place loses nothing).
+            if let Some(old) = &old {
+                if let Err(back) = fs::rename(old.join("old"), &dest) {
+                    tracing::warn!(dir = %dest.display(), error = %back, "putting a layer directory back");
+                }
+            }
+            return Err(StoreError::io("rename", &dest, e));
+        }
         staged.committed = true;
         isula_sys::fsync_dir(&layers)?;
         crate::failpoint::hit("commit.layer-placed");

@@ -706,3 +706,88 @@ fn a_built_layer_keeps_only_its_files_and_its_tar_is_made_from_them_when_read() 
     let meta = std::fs::read_to_string(dir.path().join("metadata.json")).expect("meta");
     assert!(!meta.contains(blob.hex()), "{meta}");
 }
+
+/// A layer directory under `layers/` that has no record (a commit a power cut interrupted
+/// between the rename and the record) is not trusted: start-up removes it, and the packed
+/// layer is unpacked again from its blob. A recorded one stays (the control).
+#[test]
+fn a_layer_directory_without_its_record_is_removed_at_start_and_made_again() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let tar_of = |text: &str| {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_size(text.len() as u64);
+        h.set_cksum();
+        b.append_data(&mut h, "hello", text.as_bytes())
+            .expect("append");
+        b.into_inner().expect("tar")
+    };
+    let (packed, kept) = {
+        let (store, _) = Store::open(dir.path()).expect("open");
+        let lease = store.lease();
+        let mut chains = Vec::new();
+        for (name, text) in [("p:1", "from the blob"), ("k:1", "kept")] {
+            let tar = tar_of(text);
+            let blob = lease.put_blob(store.content(), &tar).expect("blob");
+            let diff = DiffId(blob.clone());
+            let chain = ChainId::next(None, &diff);
+            store
+                .commit_packed_layer(&chain, &blob, &lease)
+                .expect("packed");
+            let config = lease
+                .put_blob(store.content(), format!("config {name}").as_bytes())
+                .expect("config");
+            store
+                .add_image(NewImage {
+                    id: ImageId(config.clone()),
+                    manifest: config,
+                    manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                    blobs: vec![blob],
+                    layers: vec![LayerRecord {
+                        chain_id: chain.clone(),
+                        diff_id: diff,
+                        parent: None,
+                        size: tar.len() as u64,
+                    }],
+                    created: None,
+                    names: vec![Reference::parse(name).expect("ref")],
+                })
+                .expect("add");
+            chains.push(chain);
+        }
+        // k:1 is unpacked for real (durable, recorded).
+        store.layer_diff(&chains[1], &lease).expect("unpack");
+        (chains[0].clone(), chains[1].clone())
+    };
+    // p:1's directory appears with torn contents and no record, as after a cut.
+    let torn = dir.path().join("layers").join(packed.hex()).join("diff");
+    std::fs::create_dir_all(&torn).expect("dir");
+    std::fs::write(torn.join("hello"), "").expect("torn file");
+    let (store, report) = Store::open(dir.path()).expect("reopen");
+    assert!(
+        report.gc.layers.contains(&Some(packed.clone())),
+        "{:?}",
+        report.gc
+    );
+    assert!(
+        !store.layer_dir(&packed).exists(),
+        "the torn directory went"
+    );
+    assert!(store.layer_present(&packed) && !store.layer_unpacked(&packed));
+    assert!(store.layer_unpacked(&kept), "the recorded directory stays");
+    assert!(store.check().expect("check").is_sound());
+    let lease = store.lease();
+    let diff = store.layer_diff(&packed, &lease).expect("unpack again");
+    assert_eq!(
+        std::fs::read_to_string(diff.join("hello")).expect("file"),
+        "from the blob"
+    );
+    assert_eq!(
+        std::fs::read_to_string(store.layer_dir(&kept).join("diff/hello")).expect("file"),
+        "kept"
+    );
+}
