@@ -557,10 +557,10 @@ fn first_difference(
         v
     };
     let (na, nb) = (names(a), names(b));
-    for n in nb.iter().filter(|n| !na.contains(n)) {
+    if let Some(n) = nb.iter().find(|n| !na.contains(n)) {
         return Some(format!("{} is missing", rel.join(n).display()));
     }
-    for n in na.iter().filter(|n| !nb.contains(n)) {
+    if let Some(n) = na.iter().find(|n| !nb.contains(n)) {
         return Some(format!("{} should not be there", rel.join(n).display()));
     }
     for n in &na {

@@ -608,7 +608,12 @@ impl StageRun<'_, '_> {
     }
 
     /// A new cache mount directory at `fresh`, seeded from `from` when the mount says so.
-    fn make_cache_mount_dir(&self, p: &Planned, scratch: &Path, fresh: &Path) -> Result<(), String> {
+    fn make_cache_mount_dir(
+        &self,
+        p: &Planned,
+        scratch: &Path,
+        fresh: &Path,
+    ) -> Result<(), String> {
         {
             std::fs::create_dir_all(fresh).map_err(|e| e.to_string())?;
             if let Some(r) = &p.from {
