@@ -6,7 +6,8 @@
 //! ```text
 //! <dataroot>/
 //! ├── store.lock               flock held by the one daemon using this data root
-//! ├── metadata.json            images + layers (schema version), replaced atomically
+//! ├── metadata.json            images, layers, durable layer directories (`dirs`), schema
+//! │                           version; replaced atomically
 //! ├── blobs/sha256/<hex>       committed blobs (layers, configs, manifests), read-only
 //! ├── ingest/<random>          blobs being written (swept at start-up)
 //! ├── layers/<chain-hex>/diff  unpacked layer in overlay form (whiteouts = 0:0 char devs);
@@ -20,9 +21,11 @@
 //!                              gets block groups of its own (see `isula_sys::mark_top_dir`)
 //! ```
 //!
-//! Crash safety: blobs and layer directories are written first and only become part of an
-//! image when the metadata naming them is renamed into place. At start-up, `ingest/` and
-//! `tmp/` are emptied and a garbage collection removes blobs and layers no image refers
+//! Crash safety: blobs and layer directories are written and made durable first and only
+//! become part of an image when the metadata naming them is renamed into place (the rule
+//! and the layer directories' `syncfs` live in `durable`: a power cut loses nothing a
+//! record names). At start-up, `ingest/` and `tmp/` are emptied, layer directories without
+//! a record are removed, and a garbage collection removes blobs and layers no image refers
 //! to. While an operation is between those steps, a [`Lease`] keeps its blobs and layers
 //! safe from a concurrent collection.
 
