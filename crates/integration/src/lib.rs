@@ -446,8 +446,9 @@ impl Daemon {
     }
 
     /// Waits until the daemon's background work is done: the gzip form of every
-    /// uncompressed layer blob of every image, and the directory of every packed layer
-    /// (so that snapshots are not taken half-way through).
+    /// uncompressed layer blob of every image, the directory of every packed layer and
+    /// the tar digest of every layer directory (so that snapshots are not taken half-way
+    /// through).
     pub fn wait_compressed(&self) {
         let data = self.data();
         let done = || {
@@ -462,7 +463,12 @@ impl Daemon {
             let images = meta["images"].as_object().unwrap_or(&empty);
             // Packed (loaded or pulled) layers are unpacked in the same idle time.
             let packed = meta["packed"].as_object().is_some_and(|p| !p.is_empty());
+            // Layer directories committed without their tar digest get it in idle time.
+            let unhashed = meta["dirs"]
+                .as_object()
+                .is_some_and(|d| d.values().any(|r| r["unhashed"] == true));
             !packed
+                && !unhashed
                 && images.values().all(|img| {
                     img["blobs"].as_array().into_iter().flatten().all(|b| {
                         let Some(d) = b.as_str() else { return false };

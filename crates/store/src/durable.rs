@@ -80,13 +80,68 @@ impl Store {
         if self.layer_unpacked(chain) {
             return Ok(()); // staged is dropped and removed
         }
-        let tree = self.make_durable(&staged, None)?;
+        // Only the sync waits: the tar digest `--check-store` compares with is taken when
+        // the daemon is idle (until then the check compares with the layer's blob).
+        staged.remove_work()?;
+        {
+            let _sync = phase::Phase::start("commit: sync the layer's files");
+            isula_sys::syncfs(&staged.diff_dir())?;
+        }
         crate::failpoint::hit("commit.layer-durable");
         let rec = LayerDir {
-            tree: Some(tree),
+            tree: None,
             clamp_mtime: None,
+            unhashed: true,
         };
-        self.place_layer(staged, chain, rec, false)
+        self.place_layer(staged, chain, rec, false)?;
+        self.queue_job(crate::Job::Hash(chain.clone()));
+        Ok(())
+    }
+
+    /// Layer directories committed without their tar digest.
+    pub(crate) fn dirs_to_hash(&self) -> Vec<ChainId> {
+        self.meta()
+            .dirs
+            .iter()
+            .filter(|(_, r)| r.unhashed)
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    /// Records the tar digest of a directory committed without it (background work).
+    pub(crate) fn hash_in_background(&self, chain: &ChainId) {
+        let lease = self.background_lease();
+        lease.layer(chain);
+        if !self.meta().dirs.get(chain).is_some_and(|r| r.unhashed) {
+            return;
+        }
+        let _phase = phase::Phase::start("idle: hash a layer directory");
+        let dir = self.layer_dir(chain).join("diff");
+        match diff::hash_layer(&dir, &DiffOptions::default()) {
+            Ok((tree, _)) => {
+                let mut meta = self.meta();
+                if !meta.dirs.get(chain).is_some_and(|r| r.unhashed) {
+                    return;
+                }
+                let mut next = meta.clone();
+                next.dirs.insert(
+                    chain.clone(),
+                    LayerDir {
+                        tree: Some(tree),
+                        clamp_mtime: None,
+                        unhashed: false,
+                    },
+                );
+                match self.save(&next) {
+                    Ok(()) => *meta = next,
+                    Err(e) => {
+                        tracing::warn!(layer = %chain, error = %e, "recording a layer's tar digest")
+                    }
+                }
+            }
+            // Gone meanwhile (its image removed), or unreadable: the check will say.
+            Err(e) => tracing::debug!(layer = %chain, error = %e, "hashing a layer directory"),
+        }
     }
 
     /// Writes a staged layer's files and directories back to the disk and meanwhile (they
@@ -128,8 +183,8 @@ impl Store {
         Ok(hashed)
     }
 
-    fn make_durable(&self, staged: &StagedLayer, clamp: Option<i64>) -> Result<Digest> {
-        self.make_durable_sized(staged, clamp).map(|(d, _)| d)
+    fn make_durable(&self, staged: &StagedLayer) -> Result<Digest> {
+        self.make_durable_sized(staged, None).map(|(d, _)| d)
     }
 
     /// Moves a durable staged layer into place as `chain` and records its directory, in the
@@ -218,6 +273,7 @@ impl Store {
                 LayerDir {
                     tree: None,
                     clamp_mtime: None,
+                    unhashed: false,
                 },
             );
         }
@@ -312,10 +368,12 @@ impl Store {
                 Verdict::Damaged(why) => damaged.push((chain.clone(), why)),
                 Verdict::Unknown => {
                     // Made again from its blob and compared; replaced if it differs.
-                    damaged.push((
-                        chain.clone(),
-                        "a directory from an older store, compared with its blob".to_string(),
-                    ))
+                    let what = if rec.unhashed {
+                        "not hashed yet, compared with its blob"
+                    } else {
+                        "a directory from an older store, compared with its blob"
+                    };
+                    damaged.push((chain.clone(), what.to_string()))
                 }
             }
         }
@@ -375,6 +433,7 @@ impl Store {
                             return Verdict::Learned(LayerDir {
                                 tree: Some(d),
                                 clamp_mtime: clamp,
+                                unhashed: false,
                             })
                         }
                         Ok(_) => {}
@@ -460,10 +519,11 @@ impl Store {
                     continue;
                 }
             }
-            let tree = self.make_durable(&staged, None)?;
+            let tree = self.make_durable(&staged)?;
             let rec = LayerDir {
                 tree: Some(tree.clone()),
                 clamp_mtime: None,
+                unhashed: false,
             };
             // A directory from an older store holding the same files is sound after all.
             // Directories the tar does not list are made at unpack time, so their mtimes
@@ -485,6 +545,7 @@ impl Store {
                 let rec = LayerDir {
                     tree: Some(tree),
                     clamp_mtime: None,
+                    unhashed: false,
                 };
                 self.record_dir(chain, rec)?;
                 return Ok(Repair::Confirmed);

@@ -117,6 +117,8 @@ enum Job {
     Gzip(Digest),
     /// Make the directory of this packed layer.
     Unpack(ChainId),
+    /// Record the tar digest of this layer directory (committed without it; see `durable`).
+    Hash(ChainId),
 }
 
 /// How long the store must have had no operation before the background compressor
@@ -835,6 +837,9 @@ impl Store {
         for chain in packed {
             self.queue_unpack(&chain);
         }
+        for chain in self.dirs_to_hash() {
+            self.queue_job(Job::Hash(chain));
+        }
         for blob in self.uncompressed_without_gzip() {
             self.queue_compression(&blob);
         }
@@ -873,6 +878,10 @@ impl Store {
             let next = match next {
                 Job::Unpack(chain) => {
                     self.unpack_in_background(&chain);
+                    continue;
+                }
+                Job::Hash(chain) => {
+                    self.hash_in_background(&chain);
                     continue;
                 }
                 Job::Gzip(d) => d,

@@ -76,6 +76,10 @@ pub struct LayerDir {
     pub tree: Option<Digest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamp_mtime: Option<i64>,
+    /// Committed (durable) without its tar digest, which idle time records: until then
+    /// `--check-store` compares it with its blob, as a directory of an older store.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unhashed: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

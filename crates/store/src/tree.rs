@@ -71,6 +71,7 @@ impl Store {
         let rec = LayerDir {
             tree: Some(digest.clone()),
             clamp_mtime,
+            unhashed: false,
         };
         self.place_layer(staged, &chain, rec, false)?;
         crate::failpoint::hit("commit.layer-moved");

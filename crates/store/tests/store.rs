@@ -4,17 +4,25 @@
 use isula_store::{LayerRecord, NewImage, RemoveEvent, Store, StoreError};
 use isula_types::{ChainId, DiffId, ImageId, Reference};
 
-/// Records an image with one (empty) layer whose content is `tag`.
+/// Records an image with one layer: a file whose content is `tag` (its blob the tar of it).
 fn add(store: &Store, tag: &str, names: &[&str]) -> ImageId {
     let lease = store.lease();
-    let layer_blob = store
-        .content()
-        .put(format!("layer {tag}").as_bytes())
-        .expect("blob");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_size(tag.len() as u64);
+    h.set_cksum();
+    b.append_data(&mut h, "file", tag.as_bytes())
+        .expect("append");
+    let tar = b.into_inner().expect("tar");
+    let layer_blob = store.content().put(&tar).expect("blob");
     let diff = DiffId(layer_blob.clone());
     let chain = ChainId::next(None, &diff);
     let staged = store.stage_layer().expect("stage");
-    std::fs::write(staged.diff_dir().join("file"), tag).expect("write");
+    isula_store::apply::apply_layer(&tar[..], &staged.diff_dir()).expect("unpack");
     store
         .commit_layer(staged, &chain, &lease)
         .expect("commit layer");
