@@ -90,18 +90,28 @@ fn notify_ready() {
     }
 }
 
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return "none";
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, caught from the moment this is made: made before the socket serves,
+/// so that a stop sent as soon as the daemon answers (systemd's, a test's) is never the
+/// default action that kills it without its cleanup.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn catch() -> Result<ShutdownSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+        })
+    }
+
+    async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
@@ -184,6 +194,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
+    let signals = ShutdownSignals::catch()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -194,7 +205,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     );
     tracing::info!(socket = %socket.display(), "isula-builder is serving");
     notify_ready();
-    let signal = shutdown_signal().await;
+    let signal = signals.recv().await;
     tracing::info!(signal, running = state.running(), "shutting down");
     // Stop accepting first, then cancel what runs, then wait for it to clean up.
     let _ = std::fs::remove_file(&socket);
