@@ -9,10 +9,11 @@
 # within PEAK_MB. Prints the figures; exits non-zero on any failure or growth.
 #
 # Then the load of a big docker-archive (a sparse file: zero-filled files, read, hashed,
-# stored and unpacked in full) and the daemon's idle-time work on it (unpacking the packed
-# layer, gzipping its blob) must keep the daemon's peak RSS within PEAK_MB too: the soak
-# waits until that work is done (no layer packed, the gzip recorded, 3 s without daemon CPU)
-# and prints each phase's time and peak.
+# stored and unpacked in full), the daemon's idle-time work on it (unpacking the packed
+# layer, then the digest of its directory) and, when docker-registry is installed, its push
+# (the gzip is made while it uploads) must keep the daemon's peak RSS within PEAK_MB too: the
+# soak waits until each is done (no layer packed, no directory without its digest, the push
+# returned, then 3 s without daemon CPU) and prints each phase's time and peak.
 #
 #   scripts/soak.sh                 1000 builds, 20 clients for 600 s, a 20 GiB load (as root)
 #   SHORT=1 scripts/soak.sh         100 builds, 8 clients for 60 s, a 2 GiB load (what
@@ -43,8 +44,10 @@ case $bin in /*) ;; *) bin="$PWD/$bin" ;; esac
 work=$(mktemp -d /tmp/isula-soak.XXXXXX)
 sock="unix://$work/isula_build.sock"
 daemon=""
+registry=""
 cleanup() {
     if [ -n "$daemon" ]; then kill -TERM "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; fi
+    if [ -n "$registry" ]; then kill "$registry" 2>/dev/null || true; wait "$registry" 2>/dev/null || true; fi
     if [ "${KEEP:-0}" != 1 ]; then rm -rf "$work"; else echo "kept $work"; fi
 }
 trap cleanup EXIT
@@ -61,6 +64,17 @@ abort() {
 mkdir -p "$work/etc" "$work/ctx" "$work/rootfs/bin"
 if [ -n "${RUNTIME:-}" ]; then
     printf 'runtime = "%s"\n' "$RUNTIME" >"$work/etc/configuration.toml"
+fi
+# A registry on 127.0.0.1 for the big image's push (plain HTTP), when there is a big load.
+reg_host=""
+if [ "$load_gib" -gt 0 ] && command -v docker-registry >/dev/null 2>&1; then
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    reg_host="127.0.0.1:$port"
+    printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n' \
+        "$work/registry" "$reg_host" >"$work/registry.yml"
+    docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+    registry=$!
+    printf '[[registry]]\nlocation = "%s"\ninsecure = true\n' "$reg_host" >"$work/etc/registries.toml"
 fi
 "$bin/isula-builder" --dataroot "$work/data" --runroot "$work/run" --config-dir "$work/etc" \
     --host "$sock" >"$work/daemon.log" 2>&1 &
@@ -235,17 +249,17 @@ if [ "$load_gib" -gt 0 ]; then
     # How long the daemon may take over its idle-time work on the big layer.
     limit_ms=$(( (60 + 30 * load_gib) * 1000 ))
     echo "load of a $load_gib GiB docker-archive (layer $layer), then the daemon's unpack of it" \
-        "(timed from the load's end: 2 s of quiet come first) and gzip:"
+        "and the digest of its directory (idle-time work, timed from the load's end)${reg_host:+, then its push}:"
     LOAD_PEAK=0
     echo 5 >"/proc/$daemon/clear_refs"
     ms; PHASE_MS=$MS; load_ms=$MS
     if try_cli ctr-img load -i "$work/big.tar"; then
         phase_end load
         rm -f "$work/big.tar"
-        # The daemon unpacks the packed layer and gzips its blob once it has had 2 s without
-        # a request. Done: no layer packed, the gzip recorded ("compressed": {"LAYER":
-        # {"digest": ...}}), and no daemon CPU for 3 s (nothing else left running).
-        unpacked="" gzipped="" busy_ms=$PHASE_MS
+        # The daemon unpacks the packed layer once no request runs, then records the digest
+        # of its directory. Done: no layer packed, no directory "unhashed", and no daemon
+        # CPU for 3 s (nothing else left running).
+        unpacked="" hashed="" pushed="" busy_ms=$PHASE_MS
         ticks; prev=$TICKS
         while :; do
             sleep 0.1
@@ -254,28 +268,43 @@ if [ "$load_gib" -gt 0 ]; then
             if [ -z "$unpacked" ] && ! grep -q '"packed":' "$meta"; then
                 unpacked=1; phase_end unpack
             fi
-            if [ -z "$gzipped" ] && grep -q "\"$layer\":{\"digest\":" "$meta"; then
-                gzipped=1; phase_end gzip
+            if [ -n "$unpacked" ] && [ -z "$hashed" ] && ! grep -q '"unhashed":true' "$meta"; then
+                hashed=1; phase_end digest
             fi
-            if [ -n "$unpacked" ] && [ -n "$gzipped" ] && [ $((MS - busy_ms)) -ge 3000 ]; then
+            if [ -n "$hashed" ] && [ -z "$pushed" ] && [ -n "$reg_host" ]; then
+                # The push gzips the layer while it uploads it.
+                if try_cli ctr-img tag big:1 "$reg_host/soak/big:1" &&
+                    try_cli ctr-img push "$reg_host/soak/big:1"; then
+                    ms; phase_end push
+                else
+                    echo "FAIL: push: the big image: $ERROR"; fail=1
+                fi
+                pushed=1
+                ticks; prev=$TICKS; busy_ms=$MS
+                continue
+            fi
+            if [ -n "$unpacked" ] && [ -n "$hashed" ] && [ $((MS - busy_ms)) -ge 3000 ]; then
                 phase_end settle
                 break
             fi
             if [ $((MS - load_ms)) -gt "$limit_ms" ]; then
                 phase_end "(stop)"
                 echo "FAIL: the daemon's work on the big load not done in $((limit_ms / 1000)) s" \
-                    "(unpacked: ${unpacked:-no}, gzipped: ${gzipped:-no})"
+                    "(unpacked: ${unpacked:-no}, digest: ${hashed:-no})"
                 fail=1
                 break
             fi
         done
-        echo "load + unpack + gzip of $load_gib GiB in $(( (MS - load_ms) / 1000 )) s:" \
+        echo "load + unpack + digest${reg_host:+ + push} of $load_gib GiB in $(( (MS - load_ms) / 1000 )) s:" \
             "daemon peak RSS $LOAD_PEAK MB (limit $peak_mb MB)"
         if [ "$LOAD_PEAK" -gt "$peak_mb" ]; then
-            echo "FAIL: peak RSS $LOAD_PEAK MB over $peak_mb MB during the big load and its unpack and gzip"
+            echo "FAIL: peak RSS $LOAD_PEAK MB over $peak_mb MB during the big load, its unpack${reg_host:+ and its push}"
             fail=1
         fi
         try_cli ctr-img rm big:1 || { echo "FAIL: rm: the big image: $ERROR"; fail=1; }
+        if [ -n "$reg_host" ] && [ -n "$pushed" ]; then
+            try_cli ctr-img rm "$reg_host/soak/big:1" || { echo "FAIL: rm: the pushed name: $ERROR"; fail=1; }
+        fi
     else
         echo "FAIL: load: the $load_gib GiB docker-archive: $ERROR"; fail=1
     fi

@@ -263,8 +263,13 @@ fn a_blob_corrupted_on_disk_is_caught_when_next_used() {
         return;
     }
     let reg = Registry::start(RegistryOptions::default());
-    let d = Daemon::for_registries(&[&reg.host()]);
+    // The gzip form is made by a first push (to another registry) and kept.
+    let first = Registry::start(RegistryOptions::default());
+    let d = Daemon::for_registries(&[&reg.host(), &first.host()]);
     let id = d.import_busybox("victim:1", &[]);
+    let made = format!("{}/faults/victim:1", first.host());
+    d.ok(&["ctr-img", "tag", "victim:1", &made]);
+    d.ok(&["ctr-img", "push", &made]);
     d.wait_compressed();
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(d.data().join("metadata.json")).expect("metadata"),

@@ -1,7 +1,7 @@
 //! `scripts/soak.sh` counts every operation and fails on a refused one: a small soak (3 builds
 //! in a row, 2 clients for 5 s) on the built binaries passes against a healthy daemon,
-//! printing each kind's successes and the peaks of a 1 GiB load and the daemon's unpack and
-//! gzip of it (the positive control), and fails, naming the kind, once the daemon refuses
+//! printing each kind's successes and the peaks of a 1 GiB load, the daemon's unpack of it
+//! and its push, which gzips it (the positive control), and fails, naming the kind, once the daemon refuses
 //! requests (without the big load). The refusal is real: the daemon's OCI runtime (the
 //! soak's `RUNTIME`) is runc behind a wrapper that refuses `run` once a flag file exists,
 //! which the test creates when the soak reaches the phase under test; from then on every
@@ -182,7 +182,11 @@ fn failed_kinds(output: &str) -> Vec<String> {
 
 #[test]
 fn healthy_daemon_passes_the_soak_with_every_kind_counted() {
-    if !require_root() || !require_tool("runc") || !require_tool("busybox") {
+    if !require_root()
+        || !require_tool("runc")
+        || !require_tool("busybox")
+        || !require_tool("docker-registry")
+    {
         return;
     }
     let run = soak(1, None);
@@ -205,7 +209,7 @@ fn healthy_daemon_passes_the_soak_with_every_kind_counted() {
         assert_eq!(*failed, 0, "{kind}: failures counted:\n{}", run.output);
     }
     // The big load waited for the daemon's work on it, each phase timed with its peak.
-    for phase in ["load", "unpack", "gzip", "settle"] {
+    for phase in ["load", "unpack", "digest", "push", "settle"] {
         let line = regex::Regex::new(&format!(
             r"(?m)^  {phase} +\d+\.\d s, daemon peak RSS \d+ MB$"
         ))
@@ -217,7 +221,8 @@ fn healthy_daemon_passes_the_soak_with_every_kind_counted() {
         );
     }
     assert!(
-        run.output.contains("load + unpack + gzip of 1 GiB in "),
+        run.output
+            .contains("load + unpack + digest + push of 1 GiB in "),
         "{}",
         run.output
     );

@@ -934,25 +934,23 @@ impl Store {
         }
     }
 
-    /// The images' uncompressed layer blobs that have no recorded gzip.
+    /// The images' built layers (blobs kept as their files alone) that have no recorded
+    /// gzip: the only layers gzipped in idle time. A built image is the one likely to be
+    /// pushed, and the gzip is also the only other copy of its layer (`--check-store`
+    /// repairs from it). Imported and loaded layers get theirs when a push needs it.
     fn uncompressed_without_gzip(&self) -> Vec<Digest> {
         let blobs: std::collections::BTreeSet<Digest> = {
             let meta = self.meta();
             meta.images
                 .values()
                 .flat_map(|i| i.blobs.iter())
-                .filter(|b| !meta.compressed.contains_key(*b))
+                .filter(|b| !meta.compressed.contains_key(*b) && meta.tree_blobs.contains_key(*b))
                 .cloned()
                 .collect()
         };
         blobs
             .into_iter()
-            .filter(|b| {
-                self.blob_size(b).is_ok_and(|n| n > 0)
-                    && self
-                        .blob_compression(b)
-                        .is_ok_and(|c| c == compression::Compression::None)
-            })
+            .filter(|b| self.blob_in_tree(b) && self.blob_size(b).is_ok_and(|n| n > 0))
             .collect()
     }
 

@@ -136,23 +136,14 @@ fn load_leased<R: std::io::Read>(
             id: new.id.clone(),
             names: new.names.clone(),
         };
-        let plain: Vec<Digest> = new
-            .blobs
-            .iter()
-            .filter(|b| scanned.blob_compression(b) == Some(Compression::None))
-            .cloned()
-            .collect();
         let chains: Vec<ChainId> = new.layers.iter().map(|l| l.chain_id.clone()).collect();
         store.add_image(new)?;
-        // When the machine is idle: the directories a build needs, and (as after a commit)
-        // the gzip a push needs.
+        // When the machine is idle: the directories a build needs. No gzip form: a loaded
+        // image is seldom pushed, and a push makes it while it uploads.
         for c in &chains {
             if !store.layer_unpacked(c) {
                 store.queue_unpack(c);
             }
-        }
-        for b in &plain {
-            store.queue_compression(b);
         }
         progress(format!("Loaded image as {}\n", loaded.id.hex()));
         out.push(loaded);

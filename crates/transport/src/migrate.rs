@@ -336,7 +336,6 @@ fn migrate_layer(
             format!("layer {id} put together again is {blob}, not {want}"),
         ));
     }
-    store.queue_compression(&blob);
     let unpacked = unpacked.with_diff_id(&blob);
     if let Some(staged) = unpacked.staged {
         store.commit_layer(staged, chain, lease)?;
