@@ -928,6 +928,9 @@ fn live_progress_on_a_terminal_and_plain_lines_elsewhere() {
         "{plain}"
     );
     d.ok(&["ctr-img", "rm", &base]);
+    // The idle unpack of the pulled layer may hold its blob a moment: once it is done
+    // and collected, the next pull downloads it again.
+    d.wait_compressed();
     // A terminal: the same lines plus live blocks.
     let out = on_tty(&d, &format!("ctr-img pull {base}"), "");
     assert!(
@@ -996,10 +999,22 @@ fn resets_and_stalls_mid_blob_are_retried_and_a_hung_registry_fails_in_time() {
     );
     // A layer larger than the socket buffers, so that a registry that stops reading
     // really stops the upload; each phase its own content and repository (no mounts, no
-    // "already there").
+    // "already there"). Built, every layer (ADD of the rootfs, COPY), so that their gzip is
+    // made in idle time and each push below sends stored blobs, the path these faults are
+    // about (a stream that breaks is
+    // `a_push_sends_the_gzip_as_it_makes_it_keeps_it_and_survives_a_broken_stream`).
+    let ctx = d.dir.path().join("stall-ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("rootfs.tar"), busybox_rootfs(&[])).expect("rootfs");
     let image = |i: u64| {
         let name = format!("{phost}/stall{i}/big:1");
-        d.import_busybox(&name, &[("data/noise.bin", &noise(64, 0x1234_5678 + i))]);
+        std::fs::write(ctx.join("noise.bin"), noise(64, 0x1234_5678 + i)).expect("noise");
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            "FROM scratch\nADD rootfs.tar /\nCOPY noise.bin /data/noise.bin\n",
+        )
+        .expect("Dockerfile");
+        d.ok(&["ctr-img", "build", "-t", &name, ctx.to_str().expect("path")]);
         name
     };
     let retries = || d.log().matches("upload failed; retrying").count();
@@ -1047,7 +1062,9 @@ fn resets_and_stalls_mid_blob_are_retried_and_a_hung_registry_fails_in_time() {
 
     // Pulls: a blob answer that stops half way once is fetched again; one that always
     // stops fails the pull naming the registry, with nothing kept; the next pull works.
+    // (The build cache goes too: it would keep the built layers here.)
     d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["builder", "prune", "-a", "-f"]);
     let empty = d.store_snapshot();
     proxy.set(Fault::StallBlobGets(1));
     d.ok(&["ctr-img", "pull", &names[0]]);
