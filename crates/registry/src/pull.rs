@@ -590,8 +590,11 @@ fn layer(
     cancel: &Cancel,
     meter: Arc<AtomicU64>,
 ) -> Result<Option<u64>> {
+    // Leased before they are looked at (see `transport::load`).
+    lease.layer(chain);
+    lease.blob(&desc.digest);
     let have_blob = store.content().contains(&desc.digest);
-    if store.has_layer(chain) {
+    if store.layer_present(chain) {
         if !have_blob {
             fetch_blob(client, repo, desc, store, lease, cancel)?;
         }

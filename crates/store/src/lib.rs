@@ -122,9 +122,9 @@ enum Job {
 }
 
 /// How long the store must have had no operation before the background compressor
-/// starts a gzip: the user's next command right after a commit is not slowed by it. An
-/// unpack (which yields to an operation that starts) or a directory's digest starts as
-/// soon as no operation runs, at the compressor's low priority: a build will need them.
+/// starts a job (a gzip, an unpack, a directory's digest): the user's next command right
+/// after a commit is not slowed by it, and a quick `load` then `rm` does not find the
+/// layer held by an unpack that started between them.
 const QUIET_BEFORE_COMPRESSING: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reads until the compressor is told to stop, or (background work) until an operation
@@ -854,18 +854,13 @@ impl Store {
                     }
                     let wait = match (q.is_empty(), self.activity.quiet_for()) {
                         (true, _) => None,
-                        (false, Some(quiet)) => {
-                            // What a build will need (a directory, its digest) starts as
-                            // soon as no operation runs; a gzip, which only a push may
-                            // need, waits for a quiet spell.
-                            let ready = q.iter().position(|j| {
-                                !matches!(j, Job::Gzip(_)) || quiet >= QUIET_BEFORE_COMPRESSING
-                            });
-                            if let Some(d) = ready.and_then(|i| q.remove(i)) {
+                        (false, Some(quiet)) if quiet >= QUIET_BEFORE_COMPRESSING => {
+                            if let Some(d) = q.pop_front() {
                                 break d;
                             }
-                            Some(QUIET_BEFORE_COMPRESSING.saturating_sub(quiet))
+                            None
                         }
+                        (false, Some(quiet)) => Some(QUIET_BEFORE_COMPRESSING - quiet),
                         (false, None) => {
                             c.deferred.fetch_add(1, Ordering::SeqCst);
                             Some(std::time::Duration::from_millis(200))

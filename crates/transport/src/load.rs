@@ -218,11 +218,12 @@ fn prepare(
             unpacked.size,
         );
         let chain = &chains[i];
-        if !store.has_layer(chain) {
+        // Leased before it is looked at: a collection running now either sees the lease or
+        // has finished before the look (a layer found, then collected, fails the load).
+        lease.layer(chain);
+        if !store.layer_present(chain) {
             // Checked and stored, not unpacked: a build makes its directory.
             store.commit_packed_layer(chain, &blob, lease)?;
-        } else {
-            lease.layer(chain);
         }
         records.push(LayerRecord {
             chain_id: chain.clone(),

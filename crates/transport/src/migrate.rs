@@ -210,9 +210,9 @@ fn migrate_one(
                 ),
             ));
         }
-        let size = if store.has_layer(&chains[i]) && store.content().contains(want.digest()) {
-            lease.layer(&chains[i]);
-            lease.blob(want.digest());
+        lease.layer(&chains[i]);
+        lease.blob(want.digest());
+        let size = if store.layer_present(&chains[i]) && store.content().contains(want.digest()) {
             store.content().size(want.digest())?
         } else {
             migrate_layer(store, old, &l.id, want, &chains[i], lease)?
