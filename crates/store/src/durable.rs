@@ -11,8 +11,10 @@
 //! removes it, and a packed layer is unpacked again from its blob.
 //!
 //! It also checks what it promises (`--check-store`): every recorded directory must make
-//! again the tar digest taken when it was committed (a built layer's is its diff ID); one
-//! that does not, or is gone, is made again from a stored blob holding the layer (verified
+//! again the tar digest recorded for it (a built layer's is its diff ID, taken at commit;
+//! an imported or unpacked one's is taken in idle time, and until then, as for a directory
+//! of an older store, the directory is compared with a fresh unpack of its blob); one that
+//! does not, or is gone, is made again from a stored blob holding the layer (verified
 //! against the diff ID as it is read), and named with the images that use it when no blob
 //! holds it.
 
@@ -49,11 +51,12 @@ impl CheckReport {
 /// What one layer directory was found to be.
 enum Verdict {
     Sound,
-    /// Sound, and now known to make this tar (a directory from an older store).
+    /// Sound (a built layer's files make its diff ID), and now known to make this tar.
     Learned(LayerDir),
     /// Not what was committed: why.
     Damaged(String),
-    /// A directory from an older store that is not a built layer: only its blob can say.
+    /// No digest recorded (not hashed yet, or from an older store) and not a built layer:
+    /// only its blob can say.
     Unknown,
 }
 
@@ -61,7 +64,8 @@ enum Verdict {
 enum Repair {
     /// Made again from this blob, in place of what was there (which differed so).
     MadeFrom(Digest, String),
-    /// What was there (from an older store) makes the same tar as its blob: kept.
+    /// What was there (no digest recorded) holds the same files as its blob: kept, and its
+    /// digest recorded.
     Confirmed,
     /// No stored blob holds the layer.
     NoBlob,

@@ -69,9 +69,10 @@ pub struct TreeSource {
 /// this record was written (see `durable`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerDir {
-    /// The digest of the tar the directory makes (`diff::hash_layer` with `clamp_mtime`)
-    /// when it was committed, which `--check-store` makes again. None: a directory kept
-    /// from a store older than these records, checked against its diff ID or its blob.
+    /// The digest of the tar the directory makes (`diff::hash_layer` with `clamp_mtime`),
+    /// which `--check-store` makes again: a built layer's diff ID, or taken in idle time
+    /// after the commit. None: not taken yet (`unhashed`), or a directory kept from a store
+    /// older than these records; checked against its diff ID or its blob.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tree: Option<Digest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

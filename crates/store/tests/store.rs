@@ -338,27 +338,58 @@ fn wait_compressed(store: &Store, blob: &isula_types::Digest) {
 }
 
 #[test]
-fn a_new_compressor_takes_up_the_layers_an_earlier_run_left_without_gzip() {
+fn a_new_compressor_takes_up_the_built_layers_an_earlier_run_left_without_gzip() {
     let dir = tempfile::tempdir().expect("tmp");
     let data: Vec<u8> = (0..500_000u32).map(|i| (i % 89) as u8).collect();
-    let (blob, gz_blob) = {
+    let (built, plain, gz_blob) = {
         let (store, _) = Store::open(dir.path()).expect("open");
-        let (_, blob) = add_blob_image(&store, "a:1", &data);
+        // A built layer: its blob is its files' tar, kept as the files alone.
+        let lease = store.lease();
+        let staged = store.stage_layer().expect("stage");
+        std::fs::write(staged.diff_dir().join("data"), &data).expect("write");
+        let (diff, chain, size) = store
+            .commit_built_layer(staged, None, None, &lease)
+            .expect("commit");
+        let config = lease
+            .put_blob(store.content(), b"config built")
+            .expect("config");
+        store
+            .add_image(NewImage {
+                id: ImageId(config.clone()),
+                manifest: config,
+                manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                blobs: vec![diff.0.clone()],
+                layers: vec![LayerRecord {
+                    chain_id: chain,
+                    diff_id: diff.clone(),
+                    parent: None,
+                    size,
+                }],
+                created: None,
+                names: vec![Reference::parse("built:1").expect("ref")],
+            })
+            .expect("add");
+        drop(lease);
+        // A stored plain layer (imported or loaded): gzipped only by a push that needs it.
+        let (_, plain) = add_blob_image(&store, "a:1", &data);
         // A layer stored gzipped already needs no gzip.
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut enc, &data).expect("gz");
         let (_, gz_blob) = add_blob_image(&store, "b:1", &enc.finish().expect("gz"));
-        // Queued, then the daemon stopped before the quiet spell came.
-        store.queue_compression(&blob);
-        (blob, gz_blob)
+        // The daemon stopped before the quiet spell came.
+        (diff.0, plain, gz_blob)
     };
     let (store, _) = Store::open(dir.path()).expect("reopen");
     std::thread::scope(|s| {
         let worker = s.spawn(|| store.run_compressor());
-        wait_compressed(&store, &blob);
+        wait_compressed(&store, &built);
         store.stop_compressor();
         worker.join().expect("compressor thread");
     });
+    assert!(
+        store.compressed(&plain).is_none(),
+        "a stored plain layer was gzipped"
+    );
     assert!(
         store.compressed(&gz_blob).is_none(),
         "a gzip blob was gzipped"
