@@ -535,23 +535,25 @@ impl Daemon {
         };
         // Every uncompressed layer (built, imported or loaded) is queued for the background
         // gzip, which starts after 2 s without an operation.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !done() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for the background gzip and unpack of every layer:\n\
-                 metadata.json: {}\nblobs: {:?}\ningest: {:?}\ndaemon log:\n{}",
-                std::fs::read_to_string(data.join("metadata.json")).unwrap_or_default(),
-                std::fs::read_dir(data.join("blobs/sha256"))
-                    .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
-                    .unwrap_or_default(),
-                std::fs::read_dir(data.join("ingest"))
-                    .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
-                    .unwrap_or_default(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_explained(
+            "the background gzip and unpack of every layer",
+            Duration::from_secs(60),
+            done,
+            || {
+                let names = |sub: &str| {
+                    std::fs::read_dir(data.join(sub))
+                        .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                        .unwrap_or_default()
+                };
+                format!(
+                    "metadata.json: {}\nblobs: {:?}\ningest: {:?}\ndaemon log:\n{}",
+                    std::fs::read_to_string(data.join("metadata.json")).unwrap_or_default(),
+                    names("blobs/sha256"),
+                    names("ingest"),
+                    self.log()
+                )
+            },
+        );
     }
 
     /// What the store holds on disk, for "nothing changed" checks.
@@ -863,10 +865,25 @@ pub fn runc_containers(root: &Path) -> Vec<String> {
 }
 
 /// Waits (up to `timeout`) until `cond` holds; panics with `what` otherwise.
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    wait_until_explained(what, timeout, cond, String::new);
+}
+
+/// [`wait_until`], whose timeout also says what `state` finds (made only then).
+pub fn wait_until_explained(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+    state: impl Fn() -> String,
+) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            state()
+        );
+        // Polled: what is waited for (a file another process writes) has no signal.
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -106,19 +106,15 @@ impl Ext4 {
         let Some(device) = self.device.clone() else {
             return;
         };
-        let mut under: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(unescape))
-            .filter(|p| {
-                p != &self.mount
-                    && (p.starts_with(&self.mount) || also.iter().any(|a| p.starts_with(a)))
-            })
-            .collect();
-        under.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-        for p in under {
-            let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+        // The overlays of a build the cut stopped, below the run root, hold the file system.
+        for dir in also.iter().copied().chain([self.mount.as_path()]) {
+            for p in isula_sys::mount::mounts_below(dir) {
+                let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
+            }
         }
+        // The dead daemon's and containers' files are closed by the time they are reaped,
+        // but the kernel may drop the last references to the file system a moment later:
+        // an EBUSY is tried again for up to 10 s.
         let mut last = None;
         for _ in 0..100 {
             match rustix::mount::unmount(&self.mount, rustix::mount::UnmountFlags::empty()) {
@@ -145,26 +141,6 @@ impl Drop for Ext4 {
             let _ = Command::new("losetup").args(["-d", device]).output();
         }
     }
-}
-
-/// A mount point as mountinfo writes it (octal escapes for space, tab, newline, `\`).
-fn unescape(s: &str) -> PathBuf {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from(
-        String::from_utf8_lossy(&out).to_string(),
-    ))
 }
 
 /// A daemon whose data root and config directory are on `fs`.

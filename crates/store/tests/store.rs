@@ -553,56 +553,61 @@ fn background_compression_stops_when_an_operation_starts_and_resumes_after() {
     });
 }
 
+/// A layer tar of one file, `hello`, holding `text`.
+fn hello_tar(text: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_size(text.len() as u64);
+    h.set_cksum();
+    b.append_data(&mut h, "hello", text.as_bytes())
+        .expect("append");
+    b.into_inner().expect("tar")
+}
+
+/// Records image `name` whose one layer ([`hello_tar`] of `text`) is kept packed, as a
+/// load keeps it; returns the layer's chain ID.
+fn record_packed(store: &Store, name: &str, text: &str) -> ChainId {
+    let lease = store.lease();
+    let tar = hello_tar(text);
+    let blob = lease.put_blob(store.content(), &tar).expect("blob");
+    let diff = DiffId(blob.clone());
+    let chain = ChainId::next(None, &diff);
+    store
+        .commit_packed_layer(&chain, &blob, &lease)
+        .expect("packed");
+    let config = lease
+        .put_blob(store.content(), format!("config {name}").as_bytes())
+        .expect("config");
+    store
+        .add_image(NewImage {
+            id: ImageId(config.clone()),
+            manifest: config,
+            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            blobs: vec![blob],
+            layers: vec![LayerRecord {
+                chain_id: chain.clone(),
+                diff_id: diff,
+                parent: None,
+                size: tar.len() as u64,
+            }],
+            created: None,
+            names: vec![Reference::parse(name).expect("ref")],
+        })
+        .expect("add");
+    chain
+}
+
 #[test]
 fn a_packed_layer_is_unpacked_on_demand_or_by_a_later_compressor_and_goes_with_its_image() {
     let dir = tempfile::tempdir().expect("tmp");
-    let layer = |text: &str| {
-        let mut b = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_600_000_000);
-        h.set_size(text.len() as u64);
-        h.set_cksum();
-        b.append_data(&mut h, "hello", text.as_bytes())
-            .expect("append");
-        b.into_inner().expect("tar")
-    };
-    let record = |store: &Store, name: &str, text: &str| {
-        let lease = store.lease();
-        let tar = layer(text);
-        let blob = lease.put_blob(store.content(), &tar).expect("blob");
-        let diff = DiffId(blob.clone());
-        let chain = ChainId::next(None, &diff);
-        store
-            .commit_packed_layer(&chain, &blob, &lease)
-            .expect("packed");
-        let config = lease
-            .put_blob(store.content(), format!("config {name}").as_bytes())
-            .expect("config");
-        store
-            .add_image(NewImage {
-                id: ImageId(config.clone()),
-                manifest: config,
-                manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                blobs: vec![blob],
-                layers: vec![LayerRecord {
-                    chain_id: chain.clone(),
-                    diff_id: diff,
-                    parent: None,
-                    size: tar.len() as u64,
-                }],
-                created: None,
-                names: vec![Reference::parse(name).expect("ref")],
-            })
-            .expect("add");
-        chain
-    };
     let (a, b) = {
         let (store, _) = Store::open(dir.path()).expect("open");
-        let a = record(&store, "a:1", "on demand");
-        let b = record(&store, "b:1", "later");
+        let a = record_packed(&store, "a:1", "on demand");
+        let b = record_packed(&store, "b:1", "later");
         // Packed: no directory, and the store is sound.
         assert!(!store.layer_dir(&a).exists() && !store.layer_dir(&b).exists());
         assert!(store.check().expect("check").is_sound());
@@ -752,55 +757,14 @@ fn a_built_layer_keeps_only_its_files_and_its_tar_is_made_from_them_when_read() 
 #[test]
 fn a_layer_directory_without_its_record_is_removed_at_start_and_made_again() {
     let dir = tempfile::tempdir().expect("tmp");
-    let tar_of = |text: &str| {
-        let mut b = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_600_000_000);
-        h.set_size(text.len() as u64);
-        h.set_cksum();
-        b.append_data(&mut h, "hello", text.as_bytes())
-            .expect("append");
-        b.into_inner().expect("tar")
-    };
     let (packed, kept) = {
         let (store, _) = Store::open(dir.path()).expect("open");
-        let lease = store.lease();
-        let mut chains = Vec::new();
-        for (name, text) in [("p:1", "from the blob"), ("k:1", "kept")] {
-            let tar = tar_of(text);
-            let blob = lease.put_blob(store.content(), &tar).expect("blob");
-            let diff = DiffId(blob.clone());
-            let chain = ChainId::next(None, &diff);
-            store
-                .commit_packed_layer(&chain, &blob, &lease)
-                .expect("packed");
-            let config = lease
-                .put_blob(store.content(), format!("config {name}").as_bytes())
-                .expect("config");
-            store
-                .add_image(NewImage {
-                    id: ImageId(config.clone()),
-                    manifest: config,
-                    manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                    blobs: vec![blob],
-                    layers: vec![LayerRecord {
-                        chain_id: chain.clone(),
-                        diff_id: diff,
-                        parent: None,
-                        size: tar.len() as u64,
-                    }],
-                    created: None,
-                    names: vec![Reference::parse(name).expect("ref")],
-                })
-                .expect("add");
-            chains.push(chain);
-        }
+        let packed = record_packed(&store, "p:1", "from the blob");
+        let kept = record_packed(&store, "k:1", "kept");
         // k:1 is unpacked for real (durable, recorded).
-        store.layer_diff(&chains[1], &lease).expect("unpack");
-        (chains[0].clone(), chains[1].clone())
+        let lease = store.lease();
+        store.layer_diff(&kept, &lease).expect("unpack");
+        (packed, kept)
     };
     // p:1's directory appears with torn contents and no record, as after a cut.
     let torn = dir.path().join("layers").join(packed.hex()).join("diff");
