@@ -487,6 +487,10 @@ fn collect(
     feed: &mut Feed<'_>,
 ) -> Result<(), String> {
     let kind = FileType::from_raw_mode(st.st_mode);
+    if src.local == Some(copy::ClientFiles::Copied) && kind == FileType::Fifo {
+        // Not part of what a copy of the client's files makes (see `ClientFiles`).
+        return Ok(());
+    }
     let what = match kind {
         FileType::RegularFile => What::File(StatKey::of(st), feed.hashes.known(rel, st)),
         FileType::Symlink => What::Link(

@@ -23,6 +23,22 @@ pub struct Source<'a> {
     pub exclude: Option<&'a Matcher>,
     /// The source (relative to the root) being copied, once one is.
     pub base: &'a str,
+    /// Some: a directory of the client's (the build context or a `--build-context`
+    /// directory), whose special files are taken as BuildKit takes them from its file
+    /// sync; None: a stage's or image's files, copied as they are.
+    pub local: Option<ClientFiles>,
+}
+
+/// What becomes of a client directory's special files (as BuildKit 0.x with Docker 20.10
+/// does, checked side by side): a socket arrives as an empty regular file with its
+/// permission bits; a FIFO and a device node arrive as they are, and a COPY then leaves
+/// the FIFO out (even when named) and makes the device node an empty file.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ClientFiles {
+    /// COPY or ADD of them.
+    Copied,
+    /// The files as received (what a bind mount of the context shows).
+    Viewed,
 }
 
 impl<'a> Source<'a> {
@@ -32,6 +48,15 @@ impl<'a> Source<'a> {
             ignore,
             exclude: None,
             base: "",
+            local: None,
+        }
+    }
+
+    /// The build context (with its `.dockerignore`) or a directory context, copied.
+    pub fn local(root: &'a Root, ignore: Option<&'a Matcher>) -> Source<'a> {
+        Source {
+            local: Some(ClientFiles::Copied),
+            ..Source::new(root, ignore)
         }
     }
 
@@ -831,6 +856,9 @@ fn copy_entry(
 ) -> R<()> {
     let pdir = shared_pdir.as_fd();
     let kind = FileType::from_raw_mode(st.st_mode);
+    if src.local == Some(ClientFiles::Copied) && kind == FileType::Fifo {
+        return Ok(());
+    }
     if let Some(r) = reuse.as_deref_mut() {
         r.unplan(pdir, name);
     }
@@ -920,6 +948,31 @@ fn copy_entry(
         FileType::Fifo => {
             rooted::mkfifo(pdir, name, mode).map_err(|e| e.to_string())?;
             rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
+        }
+        FileType::CharacterDevice | FileType::BlockDevice
+            if src.local == Some(ClientFiles::Viewed) =>
+        {
+            // Shown through a `nodev` bind only: never usable as a device.
+            rooted::mknod_device(pdir, name, kind, mode, st.st_rdev).map_err(|e| e.to_string())?;
+            rooted::lchown(pdir, name, uid, gid).map_err(|e| e.to_string())?;
+            rooted::set_times(pdir, name, mtime).map_err(|e| e.to_string())?;
+        }
+        FileType::Socket | FileType::CharacterDevice | FileType::BlockDevice
+            if src.local.is_some() =>
+        {
+            let empty = std::fs::File::open("/dev/null").map_err(|e| format!("{rel}: {e}"))?;
+            files.submit(
+                FileJob {
+                    input: Input::Open(empty),
+                    dir: shared_pdir.clone(),
+                    name: name.to_os_string(),
+                    rel: rel.to_string(),
+                    owner: (uid, gid),
+                    mode,
+                    mtime,
+                },
+                lane,
+            )?;
         }
         _ => return Err(format!("{rel}: cannot copy device nodes or sockets")),
     }

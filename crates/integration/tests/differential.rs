@@ -1,7 +1,8 @@
 //! Differential tests against a real Docker engine: every case under
 //! `testdata/diff/<case>/` (a Dockerfile and its context; optional: `args` of build args,
 //! `flags` of other build flags, `secrets` to pass with `--secret`, `served/` for a local HTTP server whose URL is the
-//! build arg `HTTP_BASE`) is built by Docker and by us from the same busybox base, and
+//! build arg `HTTP_BASE`, `special` of files git cannot hold, made in a copy of the
+//! context: `socket PATH`, `fifo PATH`, `chardev PATH` (a /dev/null node)) is built by Docker and by us from the same busybox base, and
 //! the image configs (Env in order, Cmd, Entrypoint, WorkingDir, User, Labels, ExposedPorts, Volumes, StopSignal,
 //! Healthcheck, OnBuild, Shell) and the flattened filesystems (paths, types, modes, owners,
 //! content, link targets) must match. The reference is BuildKit (`DOCKER_BUILDKIT=1` with
@@ -148,6 +149,31 @@ fn normalized(config: &serde_json::Value) -> BTreeMap<&'static str, serde_json::
     out
 }
 
+/// The case itself, or with a `special` list a copy of it holding those files.
+fn with_special_files(case: &Path, copy: &Path) -> std::path::PathBuf {
+    let Ok(list) = std::fs::read_to_string(case.join("special")) else {
+        return case.to_path_buf();
+    };
+    run_ok(Command::new("cp").arg("-a").arg(case).arg(copy));
+    for l in list.lines().filter(|l| !l.trim().is_empty()) {
+        let (kind, rel) = l.trim().split_once(' ').expect("special: KIND PATH");
+        let path = copy.join(rel.trim());
+        match kind {
+            "socket" => {
+                std::os::unix::net::UnixListener::bind(&path).expect("bind a socket");
+            }
+            "fifo" => {
+                run_ok(Command::new("mkfifo").arg(&path));
+            }
+            "chardev" => {
+                run_ok(Command::new("mknod").arg(&path).args(["c", "1", "3"]));
+            }
+            other => panic!("special: unknown kind {other}"),
+        }
+    }
+    copy.to_path_buf()
+}
+
 #[test]
 fn dockerfiles_build_like_docker() {
     if !require_root() || !require_docker() {
@@ -252,6 +278,7 @@ fn dockerfiles_build_like_docker() {
             args.push(format!("HTTP_BASE={}", s.url("")));
             s
         });
+        let case = &with_special_files(case, &work.path().join(format!("{name}-context")));
         let docker = Command::new(BUILDKIT_CLIENT)
             .env("DOCKER_BUILDKIT", "1")
             .args(["build", "--network", "host", "-q", "-t", &tag])

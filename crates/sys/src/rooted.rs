@@ -290,6 +290,18 @@ pub fn mknod_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
     .map_err(|e| at_err("mknod whiteout", name, e))
 }
 
+/// A device node (`kind` is a character or block device) with `mode`'s permission bits.
+pub fn mknod_device(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    kind: FileType,
+    mode: u32,
+    rdev: u64,
+) -> Result<()> {
+    rustix::fs::mknodat(dir, name, kind, Mode::from_raw_mode(mode & 0o7777), rdev)
+        .map_err(|e| at_err("mknod", name, e))
+}
+
 pub fn mkfifo(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> Result<()> {
     rustix::fs::mknodat(
         dir,

@@ -91,7 +91,7 @@ impl StageRun<'_, '_> {
         let named_sources = named_dir.is_some();
         let key_sources = locals.clone();
         let hash_dir = |root: &Root| -> Result<Digest, BuildError> {
-            let mut src = Source::new(root, if named_sources { None } else { ignore });
+            let mut src = Source::local(root, if named_sources { None } else { ignore });
             src.exclude = excludes.as_ref();
             if named_sources {
                 let mut hashes = crate::cache_key::ContextHashes::load(None);
@@ -310,7 +310,7 @@ impl StageRun<'_, '_> {
         {
             let dir_root =
                 ctx_root.ok_or_else(|| step_err(n, step, "the build context is not open"))?;
-            let mut src = Source::new(dir_root, None);
+            let mut src = Source::local(dir_root, None);
             src.exclude = excludes.as_ref();
             return copy::copy(&src, &c.sources, root, &dest, &opts, None)
                 .map_err(|e| step_err(n, step, e));
@@ -319,7 +319,7 @@ impl StageRun<'_, '_> {
             None => {
                 let ctx_root =
                     ctx_root.ok_or_else(|| step_err(n, step, "the build context is not open"))?;
-                let mut src = Source::new(ctx_root, self.ignore);
+                let mut src = Source::local(ctx_root, self.ignore);
                 src.exclude = excludes.as_ref();
                 let Some(lineage) = &self.step_lineage else {
                     return copy::copy(&src, &c.sources, root, &dest, &opts, None)

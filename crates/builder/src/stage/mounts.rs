@@ -297,7 +297,7 @@ impl StageRun<'_, '_> {
             let shows = match (m.kind, &p.from, &p.from_dir) {
                 (MountKind::Bind, None, Some(dir)) => {
                     let root = Root::open(dir).map_err(|e| step_err(n, step, e.to_string()))?;
-                    let src = Source::new(&root, None);
+                    let src = Source::local(&root, None);
                     let mut hashes = crate::cache_key::ContextHashes::load(None);
                     let source = m.source.clone().unwrap_or_else(|| ".".into());
                     hash_sources(&src, &[source], &mut hashes)
@@ -307,7 +307,7 @@ impl StageRun<'_, '_> {
                 (MountKind::Bind, None, None) => {
                     let root = Root::open(&self.opts.context)
                         .map_err(|e| step_err(n, step, e.to_string()))?;
-                    let src = Source::new(&root, self.ignore);
+                    let src = Source::local(&root, self.ignore);
                     let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
                     let source = m.source.clone().unwrap_or_else(|| ".".into());
                     hash_sources(&src, &[source], &mut hashes)
@@ -488,7 +488,10 @@ impl StageRun<'_, '_> {
         let data = scratch.join("data");
         std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
         let into = Root::open(&data).map_err(|e| e.to_string())?;
-        let src = Source::new(&ctx, ignore);
+        let src = Source {
+            local: Some(crate::copy::ClientFiles::Viewed),
+            ..Source::new(&ctx, ignore)
+        };
         let dest = if is_dir { "/" } else { "/file" };
         copy::copy(&src, &[source], &into, dest, &CopyOptions::default(), None)?;
         Ok(if is_dir { data } else { data.join("file") })
