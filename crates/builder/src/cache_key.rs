@@ -288,6 +288,7 @@ pub fn hash_sources(
                 feed.push(Item {
                     rel: String::new(),
                     mode: 0,
+                    owner: None,
                     what: What::Pattern(pattern.clone()),
                 })?;
                 for rel in copy::expand_source(src, pattern)? {
@@ -310,6 +311,8 @@ pub fn hash_sources(
 struct Item {
     rel: String,
     mode: u32,
+    /// The owner, for files a copy keeps the owner of (a stage's or image's).
+    owner: Option<(u32, u32)>,
     what: What,
 }
 
@@ -458,6 +461,9 @@ impl Feed<'_> {
                 what => {
                     k.field("path", item.rel.as_bytes());
                     k.field("mode", &item.mode.to_le_bytes());
+                    if let Some((uid, gid)) = item.owner {
+                        k.field("owner", &[uid.to_le_bytes(), gid.to_le_bytes()].concat());
+                    }
                     match what {
                         What::File(_, Some(sum)) => {
                             k.field("sha256", &sum.hex());
@@ -505,6 +511,7 @@ fn collect(
         Item {
             rel: rel.to_string(),
             mode: st.st_mode,
+            owner: src.local.is_none().then_some((st.st_uid, st.st_gid)),
             what,
         },
         raw,

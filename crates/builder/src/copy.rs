@@ -868,7 +868,13 @@ fn copy_entry(
             rooted::remove_all(pdir, name).map_err(|e| e.to_string())?;
         }
     }
-    let (uid, gid) = opts.owner.unwrap_or((0, 0));
+    // Without --chown, the client's files become root's and a stage's or image's keep
+    // their owners (as BuildKit copies them).
+    let (uid, gid) = opts.owner.unwrap_or(if src.local.is_some() {
+        (0, 0)
+    } else {
+        (st.st_uid, st.st_gid)
+    });
     let mode = opts.chmod.unwrap_or(st.st_mode & 0o7777);
     let mtime = (st.st_mtime, st.st_mtime_nsec as u32);
     match kind {

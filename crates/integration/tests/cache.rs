@@ -558,3 +558,80 @@ fn a_copy_with_one_file_changed_links_the_others_and_gives_the_full_copy_image()
     assert_eq!(fresh, id, "linking changed the image");
     assert_eq!(save(&off, &fresh, "fresh.tar"), save(&d, &id, "linked.tar"));
 }
+
+const CUTOFF: &str = "FROM busybox AS build\n\
+ARG UNUSED=1\n\
+ARG OWNER=0\n\
+ARG CONTENT=same\n\
+RUN mkdir -p /out/sub && echo hello > /out/a && echo $CONTENT > /out/sub/b && \
+ln -s a /out/link && chown $OWNER /out/a && echo $UNUSED > /elsewhere\n\
+FROM busybox\n\
+COPY --from=build /out /app\n\
+RUN --mount=type=bind,from=build,source=/out,target=/m cat /m/a /m/sub/b > /seen\n\
+RUN echo after > /after\n";
+
+/// The steps of the final stage that came from the cache.
+fn final_stage_hits(out: &str) -> Vec<String> {
+    cached_steps(out)
+        .into_iter()
+        .filter(|s| {
+            s.starts_with("COPY --from")
+                || s.starts_with("RUN --mount")
+                || s.starts_with("RUN echo after")
+        })
+        .collect()
+}
+
+#[test]
+fn a_stage_that_runs_again_and_makes_the_same_files_stops_the_rebuild_there() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox(&[]);
+    let ctx = Ctx::new(&d, CUTOFF, &[]);
+    let (first, out) = build(&d, &ctx, &[]);
+    assert!(cached_steps(&out).is_empty(), "{out}");
+    let all_after = [
+        "COPY --from=build /out /app",
+        "RUN --mount=type=bind,from=build,source=/out,target=/m cat /m/a /m/sub/b > /seen",
+        "RUN echo after > /after",
+    ];
+
+    // The ARG is in the RUN's environment: the stage runs again (new files, new times),
+    // writes the same bytes under /out, and the final stage hits from the COPY on, giving
+    // the image it gave before (BuildKit's early cutoff).
+    let (id, out) = build(&d, &ctx, &["--build-arg", "UNUSED=2"]);
+    assert!(
+        !cached_steps(&out)
+            .iter()
+            .any(|s| s.starts_with("RUN mkdir")),
+        "the build stage's RUN must run again:\n{out}"
+    );
+    assert_eq!(final_stage_hits(&out), all_after, "{out}");
+    assert_eq!(id, first, "same files copied: same image\n{out}");
+
+    // Once more with another value, and after a restart (the noted digests persist, and
+    // a digest taken afresh gives the same key).
+    let mut d = d;
+    d.restart();
+    let (id, out) = build(&d, &ctx, &["--build-arg", "UNUSED=3"]);
+    assert_eq!(final_stage_hits(&out), all_after, "{out}");
+    assert_eq!(id, first);
+
+    // Positive controls: what the copy reads changed, by content or by owner: the COPY
+    // and everything after it run, and the image differs.
+    for (arg, what) in [("CONTENT=other", "content"), ("OWNER=7", "owner")] {
+        let (id, out) = build(&d, &ctx, &["--build-arg", arg]);
+        assert!(final_stage_hits(&out).is_empty(), "{what} changed:\n{out}");
+        assert_ne!(id, first, "{what} changed");
+    }
+
+    // Back to the first stage output: the first image again.
+    let (id, out) = build(&d, &ctx, &["--build-arg", "UNUSED=4"]);
+    assert_eq!(final_stage_hits(&out), all_after, "{out}");
+    assert_eq!(id, first);
+
+    // --no-cache reads nothing for keys and runs everything.
+    let (_, out) = build(&d, &ctx, &["--no-cache"]);
+    assert!(cached_steps(&out).is_empty(), "{out}");
+}

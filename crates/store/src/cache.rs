@@ -96,7 +96,15 @@ impl Record {
 struct Index {
     schema: u32,
     records: BTreeMap<Digest, Record>,
+    /// Content digests the builder took of files in immutable layers, by a key naming
+    /// the layers and the selection (see [`Cache::content_digest`]), with their last use.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    content: BTreeMap<Digest, (Digest, i64)>,
 }
+
+/// Content digests kept, at most (the least recently used go first): each saves reading
+/// the files of one `COPY --from` selection again.
+pub const CONTENT_DIGESTS: usize = 4096;
 
 impl Index {
     /// `keys` and every record whose parent chain reaches one of them.
@@ -222,7 +230,7 @@ impl Cache {
         };
         let index = loaded.unwrap_or(Index {
             schema: SCHEMA_VERSION,
-            records: BTreeMap::new(),
+            ..Default::default()
         });
         Ok(Cache {
             dir,
@@ -346,6 +354,35 @@ impl Cache {
         Ok(id)
     }
 
+    /// A content digest noted under `key` by [`Cache::note_content_digest`]. The builder
+    /// keys it by what never changes under it (the chain ID of the layers read, and what
+    /// was selected in them), so it is never stale.
+    pub fn content_digest(&self, key: &Digest) -> Option<Digest> {
+        let mut index = self.index();
+        let (digest, used) = index.content.get_mut(key)?;
+        *used = now();
+        self.touched.store(true, Ordering::SeqCst);
+        Some(digest.clone())
+    }
+
+    /// Notes a content digest (kept with the records; a crash may lose it, which only
+    /// means the files are read again).
+    pub fn note_content_digest(&self, key: Digest, digest: Digest) {
+        let mut index = self.index();
+        index.content.insert(key, (digest, now()));
+        if index.content.len() > CONTENT_DIGESTS {
+            let oldest = index
+                .content
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                index.content.remove(&k);
+            }
+        }
+        self.added.store(true, Ordering::SeqCst);
+    }
+
     /// Whether there is a record for `key`.
     pub fn contains(&self, key: &Digest) -> bool {
         self.index().records.contains_key(key)
@@ -430,8 +467,16 @@ impl Cache {
             .collect()
     }
 
-    /// Removes the builder's per-context records (what `prune --all` also clears).
+    /// Removes the builder's per-context records and noted content digests (what
+    /// `prune --all` also clears).
     pub fn clear_context_records(&self) -> Result<usize> {
+        {
+            let mut index = self.index();
+            if !index.content.is_empty() {
+                index.content.clear();
+                self.save(&index)?;
+            }
+        }
         let dir = self.dir.join("context");
         let mut n = 0;
         for ent in fs::read_dir(&dir).map_err(|e| StoreError::io("read", &dir, e))? {

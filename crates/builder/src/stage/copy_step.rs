@@ -110,7 +110,11 @@ impl StageRun<'_, '_> {
         // Err(root): hashed while the files are copied, as no cache lookup waits for the
         // key (--no-cache, or a step after a miss).
         let sources = match (&from_result, &ctx_root) {
-            (Some(r), _) => Ok(r.key.clone()),
+            // Never looked up: the stage's key says it (no files read).
+            (Some(r), _) if self.opts.cache == CacheMode::Off => Ok(r.key.clone()),
+            // What the copy reads, by content (BuildKit's early cutoff: a stage that ran
+            // again and made the same files changes nothing after it).
+            (Some(r), _) => Ok(self.content_key(n, step, r, &locals, &c.exclude)?),
             // The daemon's cache is off: the key is never looked up nor recorded, so the
             // sources are not read for it (the copy reads them once). This build's stage
             // directory and the step number keep it the step's own.
@@ -378,6 +382,66 @@ impl StageRun<'_, '_> {
                 r
             }
         }
+    }
+}
+
+impl StageRun<'_, '_> {
+    /// The content key of what `sources` (less `excludes`) select in the filesystem of a
+    /// stage or image: paths, types, modes, owners, link targets and file contents, never
+    /// times. Taken once per selection of the same layers (the cache keeps it by their
+    /// chain ID), so an unchanged rebuild reads nothing.
+    pub(super) fn content_key(
+        &self,
+        n: usize,
+        step: &Step,
+        r: &StageResult,
+        sources: &[String],
+        excludes: &[String],
+    ) -> Result<Digest, BuildError> {
+        let Some(top) = r.layers.last() else {
+            // No layers: nothing to select (the copy says what is missing).
+            let mut k = KeyBuilder::new("no-layers", None);
+            k.json("sources", &sources);
+            return Ok(k.finish());
+        };
+        let mut memo = KeyBuilder::new("content-of", None);
+        memo.field("chain", top.chain_id.to_string().as_bytes())
+            .json("sources", &sources)
+            .json("exclude", &excludes);
+        let memo = memo.finish();
+        let cache = self.ctx.store.cache();
+        if let Some(d) = cache.content_digest(&memo) {
+            return Ok(d);
+        }
+        let _phase = isula_store::phase::Phase::start("copy: hash the stage's sources (key)");
+        let scratch = self.dir.join(format!("content-{n}"));
+        let (view, empty) = (scratch.join("view"), scratch.join("empty"));
+        for d in [&view, &empty] {
+            std::fs::create_dir_all(d).map_err(|e| isula_store::StoreError::io("create", d, e))?;
+        }
+        let lowers: Vec<PathBuf> = r
+            .layers
+            .iter()
+            .rev()
+            .map(|l| self.ctx.store.layer_diff(&l.chain_id, self.lease))
+            .collect::<Result<_, _>>()?;
+        let hashed = (|| {
+            let guard = mount_overlay_ro(&lowers, &view, &empty)
+                .map_err(|e| step_err(n, step, format!("mounting the source: {e}")))?;
+            let root = Root::open(&view).map_err(|e| step_err(n, step, e.to_string()))?;
+            let matcher = exclude_matcher(excludes).map_err(|e| step_err(n, step, e))?;
+            let mut src = Source::new(&root, None);
+            src.exclude = matcher.as_ref();
+            let mut hashes = ContextHashes::load(None);
+            let h = hash_sources(&src, sources, &mut hashes).map_err(|e| step_err(n, step, e));
+            drop(root);
+            drop(guard);
+            h
+        })();
+        let _ = isula_sys::rooted::remove_tree(&scratch);
+        let d = hashed?;
+        cache.note_content_digest(memo, d.clone());
+        Ok(d)
     }
 }
 

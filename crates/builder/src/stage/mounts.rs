@@ -314,6 +314,12 @@ impl StageRun<'_, '_> {
                         .map_err(|e| step_err(n, step, e))?
                         .to_string()
                 }
+                // A bind shows the content of its source in the stage or image (as a
+                // COPY --from reads it: see `content_key`).
+                (MountKind::Bind, Some(r), _) if self.opts.cache != CacheMode::Off => {
+                    let source = m.source.clone().unwrap_or_else(|| "/".into());
+                    self.content_key(n, step, r, &[source], &[])?.to_string()
+                }
                 (_, Some(r), _) => r.key.to_string(),
                 _ => String::new(),
             };
