@@ -117,6 +117,9 @@ pub struct BuildOptions {
     /// The cache's size cap in bytes (None: no cap): least recently used records go
     /// after the build.
     pub cache_max: Option<u64>,
+    /// Bytes of the data root's file system the cache leaves free (None: no floor):
+    /// least recently used records go after the build while less is free.
+    pub cache_keep_free: Option<u64>,
     /// `--secret` values for `RUN --mount=type=secret`.
     pub secrets: Secrets,
     /// The network of RUN steps that name none (`--network`).
@@ -604,6 +607,11 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
     if let (true, Some(cap)) = (opts.cache != CacheMode::Off, opts.cache_max) {
         if let Err(e) = ctx.store.prune_cache_over(cap) {
             tracing::warn!(error = %e, "trimming the build cache");
+        }
+    }
+    if let (true, Some(free)) = (opts.cache != CacheMode::Off, opts.cache_keep_free) {
+        if let Err(e) = ctx.store.prune_cache_for_free(free) {
+            tracing::warn!(error = %e, "trimming the build cache for free space");
         }
     }
     let (id, cache_keys, unused_args) = result?;

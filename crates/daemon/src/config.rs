@@ -75,7 +75,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 14] = [
+const CONFIGURATION_KEYS: [&str; 15] = [
     "debug",
     "loglevel",
     "group",
@@ -85,6 +85,7 @@ const CONFIGURATION_KEYS: [&str; 14] = [
     "experimental",
     "build_cache",
     "build_cache_max_size",
+    "build_cache_keep_free",
     "max_layer_size",
     "max_layer_entries",
     "min_free_space",
@@ -108,6 +109,9 @@ struct ConfigurationFile {
     /// Ours: the build cache's size cap ("20GB"; default: a fifth of the data root's free
     /// space plus what the cache holds).
     build_cache_max_size: Option<String>,
+    /// Ours: what the build cache leaves free on the data root's file system, as a share
+    /// ("10%") or a size ("20GB"): checked after every build and when idle (default: none).
+    build_cache_keep_free: Option<String>,
     /// Ours: the most file bytes one layer or archive may unpack to ("64GB").
     max_layer_size: Option<String>,
     /// Ours: the most entries one layer or archive may have.
@@ -163,6 +167,8 @@ pub struct Settings {
     pub build_cache: bool,
     /// The cap in bytes, when configured (`build_cache_max_size`).
     pub build_cache_max: Option<u64>,
+    /// What the cache leaves free on the data root's file system (`build_cache_keep_free`).
+    pub build_cache_keep_free: Option<KeepFree>,
     /// What one unpack may take (`max_layer_size`, `max_layer_entries`, `min_free_space`).
     pub unpack_limits: isula_store::apply::Limits,
     /// How long a registry transfer may stall (`registry_stall_timeout`).
@@ -330,6 +336,17 @@ impl Settings {
                     conf_path.display()
                 )
             })?;
+        let build_cache_keep_free = conf
+            .build_cache_keep_free
+            .as_deref()
+            .map(KeepFree::parse)
+            .transpose()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "config file {}: build_cache_keep_free: {e}",
+                    conf_path.display()
+                )
+            })?;
         let size_key = |key: &str, v: &Option<String>| {
             v.as_deref()
                 .map(isula_types::parse_size)
@@ -478,6 +495,7 @@ impl Settings {
                 .unwrap_or(false),
             build_cache: conf.build_cache.unwrap_or(true),
             build_cache_max,
+            build_cache_keep_free,
             unpack_limits,
             registry_stall_timeout,
             storage_driver: driver,
@@ -491,10 +509,58 @@ impl Settings {
     }
 }
 
+/// Free space the build cache leaves on the data root's file system.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeepFree {
+    /// A share of the file system's size, in percent (0 < p < 100).
+    Percent(f64),
+    Bytes(u64),
+}
+
+impl KeepFree {
+    /// "10%", "2.5%" or a size ("20GB", "512MiB").
+    pub fn parse(s: &str) -> Result<KeepFree, String> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?} is not a percentage such as \"10%\""))?;
+            if !(v > 0.0 && v < 100.0) {
+                return Err(format!("{s:?}: the share must be above 0% and below 100%"));
+            }
+            return Ok(KeepFree::Percent(v));
+        }
+        isula_types::parse_size(t)
+            .map(KeepFree::Bytes)
+            .map_err(|e| format!("{s:?}: expected a share (\"10%\") or a size (\"20GB\"): {e}"))
+    }
+
+    /// In bytes, for a file system of `size` bytes.
+    pub fn bytes(self, size: u64) -> u64 {
+        match self {
+            KeepFree::Bytes(b) => b,
+            KeepFree::Percent(p) => (size as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keep_free_takes_a_share_or_a_size_and_names_what_is_wrong() {
+        assert_eq!(KeepFree::parse("10%"), Ok(KeepFree::Percent(10.0)));
+        assert_eq!(KeepFree::parse(" 2.5% "), Ok(KeepFree::Percent(2.5)));
+        assert_eq!(KeepFree::parse("1KB").map(|k| k.bytes(0)), Ok(1000));
+        assert_eq!(KeepFree::Percent(10.0).bytes(1000), 100);
+        for bad in ["0%", "100%", "-5%", "ten%", "lots", ""] {
+            let e = KeepFree::parse(bad).expect_err(bad);
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
 
     fn flags(dir: &Path, extra: &[&str]) -> Flags {
         let mut args = vec![
@@ -649,8 +715,14 @@ mod tests {
 
     #[test]
     fn refuses_bad_files() {
-        let cases: [(&str, &str, u32, &str); 10] = [
+        let cases: [(&str, &str, u32, &str); 11] = [
             ("configuration.toml", "debug = ", 0o600, "malformed"),
+            (
+                "configuration.toml",
+                "build_cache_keep_free = \"lots\"",
+                0o600,
+                "build_cache_keep_free: \"lots\": expected a share",
+            ),
             (
                 "configuration.toml",
                 "registry_stall_timeout = \"soon\"",

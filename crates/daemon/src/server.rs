@@ -146,6 +146,8 @@ fn write_public_key(dir: &std::path::Path, pem: &str) -> Result<()> {
 
 /// How often an idle daemon looks at what its allocator keeps free.
 const IDLE_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often (in idle-trim ticks) an idle daemon checks `build_cache_keep_free`: 30 s.
+const KEEP_FREE_EVERY_TICKS: u64 = 6;
 /// Free memory the allocator may keep while idle before it is given back.
 const IDLE_TRIM_OVER: u64 = 1 << 20;
 
@@ -178,8 +180,22 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
             // A trim leaves the free chunks in place (their pages given back): the stats
             // just after it tell whether anything happened since.
             let mut after_last = None;
+            let mut ticks: u64 = 0;
             loop {
                 tick.tick().await;
+                ticks += 1;
+                // The build cache's free-space floor, when idle (builds check it as they end).
+                if ticks.is_multiple_of(KEEP_FREE_EVERY_TICKS) && state.running() == 0 {
+                    if let Some(free) = crate::rpc::build::cache_keep_free(&state) {
+                        let state = state.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if let Err(e) = state.store.prune_cache_for_free(free) {
+                                tracing::warn!(error = %e, "trimming the build cache for free space");
+                            }
+                        })
+                        .await;
+                    }
+                }
                 let now = isula_sys::memory::allocator_stats();
                 let kept = now.map_or(0, |s| s.free);
                 if state.running() == 0 && kept >= IDLE_TRIM_OVER && now != after_last {

@@ -635,3 +635,209 @@ fn a_stage_that_runs_again_and_makes_the_same_files_stops_the_rebuild_there() {
     let (_, out) = build(&d, &ctx, &["--no-cache"]);
     assert!(cached_steps(&out).is_empty(), "{out}");
 }
+
+/// A size as `builder du` prints it ("20.5 MB"), in bytes.
+fn parse_human(s: &str) -> u64 {
+    let (num, unit) = s
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("size {s:?}"));
+    let v: f64 = num.parse().unwrap_or_else(|_| panic!("size {s:?}"));
+    let scale = match unit {
+        "B" => 1.0,
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        other => panic!("unit {other} in {s:?}"),
+    };
+    (v * scale) as u64
+}
+
+/// The summary line `key` of `builder du` (the last one: `--verbose` has per-record lines
+/// of the same names above it).
+fn du_line(out: &str, key: &str) -> u64 {
+    out.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(key))
+        .map(parse_human)
+        .unwrap_or_else(|| panic!("no {key} in {out}"))
+}
+
+#[test]
+fn builder_du_counts_files_linked_between_versions_of_a_step_once() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox(&[]);
+    let ctx = Ctx::new(&d, "FROM busybox\nCOPY d/ /d/\n", &[("d/small", "1")]);
+    // 8 MB of incompressible bytes: a file the next version of the COPY links.
+    let big: Vec<u8> = (0..8_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(ctx.dir.join("d/big"), &big).expect("big");
+    build(&d, &ctx, &[]);
+    let one = d.ok(&["builder", "du", "--verbose"]);
+    let total_one = du_line(&one, "Total:");
+    // The step's snapshot and the stage's layer are one set of files.
+    assert!((8_000_000..12_000_000).contains(&total_one), "{one}");
+
+    ctx.write("d/small", "2");
+    build(&d, &ctx, &[]);
+    let two = d.ok(&["builder", "du", "--verbose"]);
+    // Both COPY records hold the big file (each record's own size counts it) ...
+    let sizes: u64 = two
+        .lines()
+        .filter_map(|l| l.strip_prefix("Size:"))
+        .map(parse_human)
+        .sum();
+    assert!(
+        sizes >= 16_000_000,
+        "the positive control: per-record sizes count it twice\n{two}"
+    );
+    // ... the total counts it once, and says what is shared.
+    let total_two = du_line(&two, "Total:");
+    assert!(
+        total_two < total_one + 1_000_000,
+        "linked files counted twice: {total_one} then {total_two}\n{two}"
+    );
+    assert!(du_line(&two, "Shared:") >= 16_000_000, "{two}");
+}
+
+#[test]
+fn builder_prune_until_takes_only_what_was_not_used_since() {
+    if !require_root() {
+        return;
+    }
+    let d = daemon_with_busybox(&[]);
+    let ctx = Ctx::new(&d, "FROM busybox\nRUN echo old > /old\n", &[]);
+    build(&d, &ctx, &[]);
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    std::fs::write(
+        ctx.dir.join("Dockerfile"),
+        "FROM busybox\nRUN echo new > /new\n",
+    )
+    .expect("Dockerfile");
+    build(&d, &ctx, &[]);
+    for (bad, names) in [
+        ("until", "until"),
+        ("until=soon", "soon"),
+        ("label=x", "label"),
+    ] {
+        let e = d.fails(&["builder", "prune", "-a", "-f", "--filter", bad]);
+        assert!(e.contains(names), "{bad}: {e}");
+    }
+    let listed = du_descriptions(&d);
+    assert!(
+        listed.iter().any(|l| l == "RUN echo old > /old"),
+        "{listed:?}"
+    );
+    // Last used 6 s ago or more goes; the step just built stays.
+    let out = d.ok(&["builder", "prune", "-a", "-f", "--filter", "until=3s"]);
+    assert!(out.contains("Deleted build cache objects:"), "{out}");
+    let listed = du_descriptions(&d);
+    assert!(!listed.iter().any(|l| l.contains("echo old")), "{listed:?}");
+    assert!(
+        listed.iter().any(|l| l == "RUN echo new > /new"),
+        "{listed:?}"
+    );
+    // The same filter once more: nothing older is left.
+    let out = d.ok(&["builder", "prune", "-a", "-f", "--filter", "until=1h"]);
+    assert_eq!(out, "Total reclaimed space: 0 B\n");
+    let (_, out) = build(&d, &ctx, &[]);
+    assert_eq!(cached_steps(&out), vec!["RUN echo new > /new"], "{out}");
+}
+
+/// Bytes free on the file system holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .expect("df");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("df: {out:?}"))
+}
+
+/// Fills the file system at `dir` until `left` bytes are free (a file of zeros, written
+/// for real so that it takes blocks).
+fn fill_until(dir: &Path, left: u64, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let take = free_bytes(dir).saturating_sub(left);
+    let mut f = std::fs::File::create(&p).expect("filler");
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut written = 0;
+    while written < take {
+        let n = chunk.len().min((take - written) as usize);
+        std::io::Write::write_all(&mut f, &chunk[..n]).expect("fill");
+        written += n as u64;
+    }
+    f.sync_all().expect("sync");
+    p
+}
+
+#[test]
+fn keep_free_trims_the_cache_after_builds_and_when_idle() {
+    if !isula_integration::powercut::available() {
+        return;
+    }
+    let fs = isula_integration::powercut::Ext4::new(400);
+    let mib = 1u64 << 20;
+    let mut d = isula_integration::powercut::daemon_on(
+        &fs,
+        &[("configuration.toml", "build_cache_keep_free = \"100MiB\"\n")],
+        &[],
+    );
+    d.import_busybox("busybox:latest", &[]);
+    let ctx = Ctx::new(
+        &d,
+        "FROM busybox\nRUN head -c 20000000 /dev/urandom > /a\n",
+        &[],
+    );
+    build(&d, &ctx, &[]);
+    // Plenty free: the record stays (the positive control).
+    let (_, out) = build(&d, &ctx, &[]);
+    assert_eq!(cached_steps(&out).len(), 1, "{out}");
+
+    // When idle: the file system fills from elsewhere; the cache gives back what it holds.
+    let filler = fill_until(fs.path(), 80 * mib, "filler");
+    wait_until_explained(
+        "the idle daemon to trim its cache",
+        std::time::Duration::from_secs(90),
+        || du_total_records(&d) == 0,
+        || d.ok(&["builder", "du"]),
+    );
+    std::fs::remove_file(&filler).expect("rm filler");
+
+    // After a build: room for the build, not for the floor afterwards.
+    std::fs::write(
+        ctx.dir.join("Dockerfile"),
+        "FROM busybox\nRUN echo kept > /k\n",
+    )
+    .expect("Dockerfile");
+    build(&d, &ctx, &[]);
+    let (_, out) = build(&d, &ctx, &[]);
+    assert_eq!(cached_steps(&out).len(), 1, "{out}");
+    let filler = fill_until(fs.path(), 110 * mib, "filler");
+    std::fs::write(
+        ctx.dir.join("Dockerfile"),
+        "FROM busybox\nRUN head -c 30000000 /dev/urandom > /b\n",
+    )
+    .expect("Dockerfile");
+    build(&d, &ctx, &[]);
+    assert!(free_bytes(fs.path()) >= 100 * mib || du_total_records(&d) == 0);
+    std::fs::write(
+        ctx.dir.join("Dockerfile"),
+        "FROM busybox\nRUN echo kept > /k\n",
+    )
+    .expect("Dockerfile");
+    let (_, out) = build(&d, &ctx, &[]);
+    assert!(
+        cached_steps(&out).is_empty(),
+        "the least recently used went: {out}"
+    );
+    std::fs::remove_file(&filler).expect("rm filler");
+    d.stop_and_check_store();
+}

@@ -143,6 +143,9 @@ pub struct Pruned {
 pub struct PruneFilter<'a> {
     /// Keep at most this many bytes (0: take every candidate).
     pub keep: u64,
+    /// Only records last used before this time (Unix seconds), with every record stacked
+    /// on them unused since then too (`builder prune --filter until=`).
+    pub unused_since: Option<i64>,
     /// A snapshot a running build uses (asked under the index lock).
     pub in_use: &'a dyn Fn(&str) -> bool,
     /// Records never taken (with everything below them).
@@ -155,6 +158,16 @@ pub struct Usage {
     pub records: usize,
     pub snapshots: usize,
     pub bytes: u64,
+}
+
+/// What the records' snapshots hold on disk, each block counted once: a step that reused
+/// files of its previous version holds hard links to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UniqueUsage {
+    /// Every record's bytes, counted once however many records link them.
+    pub bytes: u64,
+    /// Per record: the bytes of its snapshot that other records' snapshots hold too.
+    pub shared: HashMap<Digest, u64>,
 }
 
 /// What of `stage` is missing from `store`, one line each.
@@ -467,6 +480,64 @@ impl Cache {
             .collect()
     }
 
+    /// [`UniqueUsage`]: walks every snapshot (what `builder du` shows; not for hot paths).
+    pub fn unique_usage(&self) -> UniqueUsage {
+        use std::os::unix::fs::MetadataExt;
+        let records: Vec<(Digest, Record)> = self.records();
+        // Each linked inode: its blocks and the records holding it.
+        let mut linked: HashMap<(u64, u64), (u64, Vec<usize>)> = HashMap::new();
+        let mut own = vec![0u64; records.len()];
+        let layers = self.dir.parent().map(|root| root.join("layers"));
+        for (i, (_, r)) in records.iter().enumerate() {
+            // A step's snapshot, or a stage's own (top) layer, whose files are mostly
+            // links to its steps' snapshots.
+            let dir = match (&r.snapshot, &r.stage, &layers) {
+                (Some(id), _, _) => self.snapshot_dir(id),
+                (None, Some(st), Some(layers)) if r.size > 0 => match st.layers.last() {
+                    Some(top) => layers.join(top.chain_id.hex()).join("diff"),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let mut stack = vec![dir];
+            let mut seen = HashSet::new();
+            while let Some(p) = stack.pop() {
+                let Ok(meta) = fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                let bytes = meta.blocks() * 512;
+                if meta.nlink() > 1 && !meta.is_dir() {
+                    if seen.insert((meta.dev(), meta.ino())) {
+                        let e = linked
+                            .entry((meta.dev(), meta.ino()))
+                            .or_insert((bytes, Vec::new()));
+                        e.1.push(i);
+                    }
+                    continue;
+                }
+                own[i] += bytes;
+                if meta.is_dir() {
+                    if let Ok(rd) = fs::read_dir(&p) {
+                        stack.extend(rd.flatten().map(|e| e.path()));
+                    }
+                }
+            }
+        }
+        let mut out = UniqueUsage {
+            bytes: own.iter().sum(),
+            shared: HashMap::new(),
+        };
+        for (bytes, holders) in linked.values() {
+            out.bytes += bytes;
+            if holders.len() > 1 {
+                for &i in holders {
+                    *out.shared.entry(records[i].0.clone()).or_default() += bytes;
+                }
+            }
+        }
+        out
+    }
+
     /// Removes the builder's per-context records and noted content digests (what
     /// `prune --all` also clears).
     pub fn clear_context_records(&self) -> Result<usize> {
@@ -529,7 +600,9 @@ impl Cache {
                 }
                 let tree = index.subtrees([victim]);
                 let busy = tree.iter().any(|k| {
-                    (f.spare)(k)
+                    f.unused_since
+                        .is_some_and(|t| index.records[k].last_used >= t)
+                        || (f.spare)(k)
                         || index.records[k]
                             .snapshot
                             .as_deref()
@@ -624,6 +697,7 @@ mod tests {
         let pruned = cache
             .prune(&PruneFilter {
                 keep: 0,
+                unused_since: None,
                 in_use: &|s| s == busy,
                 spare: &|_| false,
             })
@@ -636,6 +710,7 @@ mod tests {
         let pruned = cache
             .prune(&PruneFilter {
                 keep: 15,
+                unused_since: None,
                 in_use: &|_| false,
                 spare: &|_| false,
             })

@@ -405,14 +405,69 @@ impl Store {
         if self.cache.usage().bytes <= cap {
             return Ok(cache::Pruned::default());
         }
-        self.prune_cache(true, cap)
+        self.prune_cache(true, cap, None)
+    }
+
+    /// Bytes free on the data root's file system (for an unprivileged user, as `df`
+    /// shows), and its size.
+    pub fn free_space(&self) -> Result<(u64, u64)> {
+        let st = rustix::fs::statvfs(&self.root)
+            .map_err(|e| StoreError::io("statvfs", &self.root, e.into()))?;
+        Ok((
+            st.f_bavail.saturating_mul(st.f_frsize),
+            st.f_blocks.saturating_mul(st.f_frsize),
+        ))
+    }
+
+    /// Takes least recently used build-cache records (any, as the size cap does) until
+    /// `keep_free` bytes of the data root's file system are free, or nothing more can go
+    /// (what the cache does not hold is not its to free). Returns what went.
+    pub fn prune_cache_for_free(&self, keep_free: u64) -> Result<cache::Pruned> {
+        let mut out = cache::Pruned::default();
+        // A record may hold less than its size alone (files linked from another), so the
+        // space is looked at again after each pass.
+        for _ in 0..8 {
+            let (free, _) = self.free_space()?;
+            let deficit = keep_free.saturating_sub(free);
+            if deficit == 0 {
+                break;
+            }
+            let held = self.cache.usage().bytes;
+            if held == 0 {
+                break;
+            }
+            let keep = held.saturating_sub(deficit);
+            // keep 0 means "everything" to prune; one byte left is as good.
+            let p = self.prune_cache(true, keep.max(1), None)?;
+            if p.records == 0 {
+                break;
+            }
+            out.records += p.records;
+            out.bytes += p.bytes;
+            out.removed.extend(p.removed);
+        }
+        if out.records > 0 {
+            tracing::info!(
+                records = out.records,
+                bytes = out.bytes,
+                keep_free,
+                "build cache trimmed to keep the data root's file system free"
+            );
+        }
+        Ok(out)
     }
 
     /// Removes least recently used build-cache records until at most `keep` bytes remain
     /// (0: every candidate), then collects the layers only they kept. Candidates are every
     /// record (`all`), or only the dangling ones: those no image in the store was built
-    /// from (see [`Store::cache_kept_by_images`]). Records a running build uses stay.
-    pub fn prune_cache(&self, all: bool, keep: u64) -> Result<cache::Pruned> {
+    /// from (see [`Store::cache_kept_by_images`]); with `unused_since`, only those unused
+    /// since that time (Unix seconds). Records a running build uses stay.
+    pub fn prune_cache(
+        &self,
+        all: bool,
+        keep: u64,
+        unused_since: Option<i64>,
+    ) -> Result<cache::Pruned> {
         let kept = if all {
             HashSet::new()
         } else {
@@ -420,13 +475,14 @@ impl Store {
         };
         let pruned = self.cache.prune(&cache::PruneFilter {
             keep,
+            unused_since,
             in_use: &|id| self.leased(&format!("snap:{id}")),
             spare: &|k| kept.contains(k),
         })?;
         if pruned.records > 0 {
             self.gc()?;
         }
-        if all && keep == 0 {
+        if all && keep == 0 && unused_since.is_none() {
             // Everything goes: the context records too (the next build reads its context
             // again, as the first one did).
             self.cache.clear_context_records()?;
@@ -1297,10 +1353,15 @@ impl Store {
         out
     }
 
-    /// Removes the cache mounts no build holds; returns those removed.
-    pub fn prune_cache_mounts(&self) -> Result<Vec<CacheMount>> {
+    /// Removes the cache mounts no build holds (with `unused_since`, only those last used
+    /// before that time, Unix seconds); returns those removed.
+    pub fn prune_cache_mounts(&self, unused_since: Option<i64>) -> Result<Vec<CacheMount>> {
         let mut removed = Vec::new();
-        for m in self.cache_mounts().into_iter().filter(|m| !m.in_use) {
+        for m in self
+            .cache_mounts()
+            .into_iter()
+            .filter(|m| !m.in_use && unused_since.is_none_or(|t| m.last_used < t))
+        {
             // Held while it goes, so that no build starts on a half-removed one.
             let Ok(_lock) = isula_sys::lock::FileLock::try_exclusive(&m.dir.join("lock")) else {
                 continue;

@@ -37,6 +37,33 @@ pub struct PruneArgs {
     /// Do not ask for confirmation
     #[arg(short = 'f', long = "force")]
     pub force: bool,
+    /// Only what matches: `until=DURATION` takes what was last used longer ago than that
+    /// (for example until=24h or until=90m)
+    #[arg(long = "filter", value_name = "FILTER", value_parser = parse_filter)]
+    pub filter: Vec<PruneFilter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PruneFilter {
+    /// Seconds since the last use, at least.
+    Until(u64),
+}
+
+fn parse_filter(s: &str) -> Result<PruneFilter, String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("bad filter {s:?}: expected KEY=VALUE, such as until=24h"))?;
+    match key.trim() {
+        "until" => {
+            let d = isula_types::parse_go_duration(value.trim()).map_err(|e| {
+                format!("bad filter {s:?}: until takes a duration such as 24h: {e}")
+            })?;
+            Ok(PruneFilter::Until(d.as_secs()))
+        }
+        other => Err(format!(
+            "bad filter {s:?}: unknown filter {other:?} (builder prune takes until=DURATION)"
+        )),
+    }
 }
 
 fn parse_keep(s: &str) -> Result<u64, String> {
@@ -89,11 +116,11 @@ pub async fn run(client: &mut Client, cmd: Builder) -> Result<()> {
 }
 
 async fn du(client: &mut Client, args: DuArgs) -> Result<()> {
-    let mut records = client
+    let usage = client
         .builder_usage(BuilderUsageRequest {})
         .await?
-        .into_inner()
-        .records;
+        .into_inner();
+    let mut records = usage.records;
     // Most recently used first.
     records.sort_by(|a, b| {
         secs(&b.last_used)
@@ -101,17 +128,24 @@ async fn du(client: &mut Client, args: DuArgs) -> Result<()> {
             .then(b.size.cmp(&a.size))
     });
     let now = chrono::Utc::now().timestamp();
-    let total: i64 = records.iter().map(|r| r.size).sum();
-    let reclaimable: i64 = records.iter().filter(|r| !r.in_use).map(|r| r.size).sum();
+    // Each block once, as the daemon counts them (versions of one step link files); a
+    // daemon that does not count says 0.
+    let listed: i64 = records.iter().map(|r| r.size).sum();
+    let total = if usage.total > 0 { usage.total } else { listed };
+    // What pruning every unused record would free: all but what the used ones hold.
+    let in_use: i64 = records.iter().filter(|r| r.in_use).map(|r| r.size).sum();
+    let reclaimable = (total - in_use).max(0);
+    let shared: i64 = records.iter().map(|r| r.shared).sum();
     let mut out = String::new();
     if args.verbose {
         for r in &records {
             out.push_str(&format!(
-                "ID:           {}\nParent:       {}\nDescription:  {}\nSize:         {}\nCreated:      {}\nLast used:    {}\nIn use:       {}\nImage built:  {}\n\n",
+                "ID:           {}\nParent:       {}\nDescription:  {}\nSize:         {}\nShared:       {}\nCreated:      {}\nLast used:    {}\nIn use:       {}\nImage built:  {}\n\n",
                 r.id,
                 r.parent,
                 one_line(&r.description, 400),
                 human_size(r.size.max(0) as u64),
+                human_size(r.shared.max(0) as u64),
                 ago(secs(&r.created), now),
                 ago(secs(&r.last_used), now),
                 r.in_use,
@@ -138,9 +172,10 @@ async fn du(client: &mut Client, args: DuArgs) -> Result<()> {
         ));
     }
     out.push_str(&format!(
-        "Records:      {}\nReclaimable:  {}\nTotal:        {}\n",
+        "Records:      {}\nShared:       {}\nReclaimable:  {}\nTotal:        {}\n",
         records.len(),
-        human_size(reclaimable.max(0) as u64),
+        human_size(shared.max(0) as u64),
+        human_size(reclaimable as u64),
         human_size(total.max(0) as u64)
     ));
     std::io::stdout().write_all(out.as_bytes())?;
@@ -167,6 +202,12 @@ async fn prune(client: &mut Client, args: PruneArgs) -> Result<()> {
         .builder_prune(BuilderPruneRequest {
             all: args.all,
             keep_storage,
+            unused_for: args
+                .filter
+                .iter()
+                .map(|PruneFilter::Until(secs)| i64::try_from(*secs).unwrap_or(i64::MAX))
+                .max()
+                .unwrap_or(0),
         })
         .await?
         .into_inner();

@@ -424,6 +424,7 @@ async fn run_inner(
             (true, false) => CacheMode::On,
         },
         cache_max: Some(cache_cap(&state)),
+        cache_keep_free: cache_keep_free(&state),
         secrets: extras.secrets,
         network: extras.network,
         labels: extras.labels,
@@ -1283,6 +1284,13 @@ fn cache_cap(state: &State) -> u64 {
         .unwrap_or(0);
     let held = state.store.cache().usage().bytes;
     ((free.saturating_add(held)) / 5).max(1 << 30)
+}
+
+/// What the cache leaves free on the data root's file system, in bytes, if configured.
+pub(crate) fn cache_keep_free(state: &State) -> Option<u64> {
+    let keep = state.settings.build_cache_keep_free?;
+    let size = state.store.free_space().map(|(_, size)| size).unwrap_or(0);
+    Some(keep.bytes(size))
 }
 
 #[cfg(test)]

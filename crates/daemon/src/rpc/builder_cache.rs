@@ -19,6 +19,7 @@ fn timestamp(secs: i64) -> Option<prost_types::Timestamp> {
 
 fn record(key: &Digest, r: &Record, in_use: bool, kept: bool) -> CacheRecord {
     CacheRecord {
+        shared: 0,
         id: key.to_string(),
         description: r.description.clone(),
         size: r.size as i64,
@@ -47,20 +48,30 @@ fn cache_mount(m: &isula_store::CacheMount) -> CacheRecord {
         in_use: m.in_use,
         kept: false,
         parent: String::new(),
+        shared: 0,
     }
 }
 
 pub fn usage(state: &State, _req: BuilderUsageRequest) -> Result<BuilderUsageResponse, Status> {
     let store = &state.store;
     let kept = store.cache_kept_by_images();
+    let unique = store.cache().unique_usage();
     let mut records: Vec<CacheRecord> = store
         .cache()
         .records()
         .iter()
-        .map(|(k, r)| record(k, r, store.cache_record_in_use(r), kept.contains(k)))
+        .map(|(k, r)| CacheRecord {
+            shared: unique.shared.get(k).copied().unwrap_or(0) as i64,
+            ..record(k, r, store.cache_record_in_use(r), kept.contains(k))
+        })
         .collect();
-    records.extend(store.cache_mounts().iter().map(cache_mount));
-    Ok(BuilderUsageResponse { records })
+    let mounts = store.cache_mounts();
+    let total = unique.bytes + mounts.iter().map(|m| m.size).sum::<u64>();
+    records.extend(mounts.iter().map(cache_mount));
+    Ok(BuilderUsageResponse {
+        records,
+        total: total as i64,
+    })
 }
 
 pub fn prune(state: &State, req: BuilderPruneRequest) -> Result<BuilderPruneResponse, Status> {
@@ -70,16 +81,25 @@ pub fn prune(state: &State, req: BuilderPruneRequest) -> Result<BuilderPruneResp
             req.keep_storage
         ))
     })?;
+    let unused_since = match req.unused_for {
+        0 => None,
+        n if n < 0 => {
+            return Err(crate::error::invalid(format!(
+                "until must not be negative, got {n} seconds"
+            )))
+        }
+        n => Some(chrono::Utc::now().timestamp().saturating_sub(n)),
+    };
     let pruned = state
         .store
-        .prune_cache(req.all, keep)
+        .prune_cache(req.all, keep, unused_since)
         .map_err(crate::error::store)?;
     // Cache mounts no build holds go too, unless some storage is to be kept (their content
     // is not the steps' records, which --keep-storage ranks).
     let mounts = if keep == 0 {
         state
             .store
-            .prune_cache_mounts()
+            .prune_cache_mounts(unused_since)
             .map_err(crate::error::store)?
     } else {
         Vec::new()
@@ -90,6 +110,7 @@ pub fn prune(state: &State, req: BuilderPruneRequest) -> Result<BuilderPruneResp
         bytes = pruned.bytes,
         all = req.all,
         keep,
+        unused_for = req.unused_for,
         "build cache pruned"
     );
     Ok(BuilderPruneResponse {
