@@ -81,7 +81,7 @@ impl Control for Service {
     type PushStream = LineStream<PushResponse>;
     async fn push(&self, r: Request<PushRequest>) -> Result<Response<Self::PushStream>, Status> {
         root_only(&r, "pushing images")?;
-        let (name, format) = rpc::registry::validate_push(r.get_ref())?;
+        let (name, format, platform) = rpc::registry::validate_push(r.get_ref())?;
         let wrap = Wrap {
             text: |response| PushResponse {
                 response,
@@ -95,7 +95,9 @@ impl Control for Service {
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::registry::push(state, name, format, cancel, out),
+            move |state, cancel, out| {
+                rpc::registry::push(state, name, format, platform.as_ref(), cancel, out)
+            },
         )))
     }
 

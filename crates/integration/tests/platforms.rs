@@ -116,25 +116,34 @@ fn a_base_of_another_platform_and_a_missing_handler_are_refused() {
     };
     let ctx = tempfile::tempdir().expect("ctx");
     let c = ctx.path().to_str().expect("utf8");
+    // Bases named by a registry that is not there (nothing listens on port 9): another
+    // platform of a local name is pulled, and that pull fails.
+    d.ok(&["ctr-img", "tag", "busybox:latest", "127.0.0.1:9/busybox:1"]);
+    d.ok(&[
+        "ctr-img",
+        "tag",
+        "busybox-arm64:1",
+        "127.0.0.1:9/busybox-arm64:1",
+    ]);
     for (df, want) in [
         (
-            "FROM busybox\nRUN true\n",
-            "is for linux/amd64, not linux/arm64",
+            "FROM 127.0.0.1:9/busybox:1\nRUN true\n",
+            "is for linux/amd64, and pulling its linux/arm64 image failed",
         ),
         (
             "FROM busybox-arm64:1\nRUN true\n",
             "install qemu-user-static",
         ),
         (
-            "FROM --platform=linux/s390x busybox-arm64:1\n",
-            "not linux/s390x",
+            "FROM --platform=linux/s390x 127.0.0.1:9/busybox-arm64:1\n",
+            "is for linux/arm64, and pulling its linux/s390x image failed",
         ),
         (
             "FROM --platform=windows/amd64 busybox\n",
             "linux images only",
         ),
     ] {
-        if df.starts_with("FROM busybox\n") && !cfg!(target_arch = "x86_64") {
+        if df.starts_with("FROM 127.0.0.1:9/busybox:1") && !cfg!(target_arch = "x86_64") {
             continue;
         }
         std::fs::write(ctx.path().join("Dockerfile"), df).expect("df");
@@ -311,11 +320,21 @@ fn a_two_platform_list_is_kept_used_saved_and_removed_locally() {
             "{platform}"
         );
     }
+    // A platform the list lacks is pulled (as for any name); the list's name here is on a
+    // registry that is not there (nothing listens on port 9), so the pull fails and says
+    // what the list has.
+    d.ok(&["ctr-img", "tag", "multi:1", "127.0.0.1:9/multi:1"]);
+    std::fs::write(
+        user.path().join("Dockerfile"),
+        "FROM 127.0.0.1:9/multi:1\nRUN cp /arch /seen\n",
+    )
+    .expect("df");
     let err = d.fails(&["ctr-img", "build", "--platform", "linux/s390x", u]);
     assert!(
         err.contains("linux/s390x") && err.contains("it has") && err.contains("linux/arm64"),
         "{err}"
     );
+    d.ok(&["ctr-img", "rm", "127.0.0.1:9/multi:1"]);
 
     // `rm -p` keeps the untagged images the list names.
     d.ok(&["ctr-img", "rm", "-p"]);
@@ -750,4 +769,245 @@ fn a_multi_platform_oci_archive_made_by_buildah_loads_this_machines_image() {
         "{inspect}"
     );
     assert_eq!(d.images().len(), 1);
+}
+
+/// Platforms of the rows of `ctr-img images` for `repo` (its PLATFORM column).
+fn platforms_of(d: &Daemon, repo: &str) -> Vec<String> {
+    let out = d.ok(&["ctr-img", "images"]);
+    let mut found: Vec<String> = out
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(repo))
+        // No PLATFORM column when every image is for this machine.
+        .map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("linux/"))
+                .map_or_else(|| format!("linux/{}", host_arch()), str::to_string)
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn one_name_stands_for_the_platforms_pulled_and_built_under_it() {
+    if !require_tool("docker-registry") || !require_tool("skopeo") {
+        return;
+    }
+    let Some(d) = arm64_daemon(&[]) else { return };
+    if host_arch() != "amd64" {
+        return;
+    }
+    let reg = isula_integration::registry::Registry::start(Default::default());
+    let host = reg.host();
+    // A list of two platforms in the registry, pushed by a daemon that has both.
+    let maker = Daemon::start_configured(
+        &[("registries.toml", &insecure_registries(&[&host]))],
+        &["--experimental"],
+        &[],
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    for (image, archive) in [
+        ("busybox-arm64:1", "arm.tar"),
+        ("busybox:latest", "amd.tar"),
+    ] {
+        let a = dir.path().join(archive);
+        d.ok(&["ctr-img", "save", image, "-o", a.to_str().expect("utf8")]);
+        maker.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+    }
+    maker.ok(&[
+        "manifest",
+        "create",
+        "multi:1",
+        "busybox:latest",
+        "busybox-arm64:1",
+    ]);
+    let list = format!("{host}/multi:1");
+    let repo = format!("{host}/multi");
+    maker.ok(&["manifest", "push", "multi:1", &list]);
+
+    let ctx = tempfile::tempdir().expect("ctx");
+    std::fs::write(ctx.path().join("f"), "f").expect("f");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {list}\nCOPY f /f\n"),
+    )
+    .expect("df");
+    let c = ctx.path().to_str().expect("utf8");
+
+    // The bug: an arm64 build pulls the arm64 entry under the list's name; a build for
+    // both platforms then found "the" image of that name for arm64 only.
+    let fresh = Daemon::for_registries(&[&host]);
+    fresh.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-t",
+        "one:1",
+        c,
+    ]);
+    assert_eq!(platforms_of(&fresh, &repo), vec!["linux/arm64"]);
+    fresh.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "-t",
+        "both:1",
+        c,
+    ]);
+    assert_eq!(
+        platforms_of(&fresh, &repo),
+        vec!["linux/amd64", "linux/arm64"]
+    );
+    // Each platform's image is the registry's (its ID is the digest of the config the
+    // list's entry for that platform names).
+    let ours: Vec<String> = fresh
+        .ok(&["ctr-img", "images", &repo])
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some(repo.as_str()))
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    assert_eq!(ours.len(), 2, "{ours:?}");
+    for arch in ["amd64", "arm64"] {
+        let raw = run_ok(std::process::Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--config",
+            "--tls-verify=false",
+            "--override-os",
+            "linux",
+            "--override-arch",
+            arch,
+            &format!("docker://{list}"),
+        ]));
+        let id = sha256_hex(raw.as_bytes());
+        assert!(
+            ours.iter().any(|o| id.starts_with(o.as_str())),
+            "{arch}: registry's {id}, ours {ours:?}"
+        );
+    }
+
+    // inspect: this machine's image of the name.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&fresh.ok(&["ctr-img", "inspect", &list])).expect("json");
+    assert_eq!(
+        inspect[0]["Config"]["architecture"],
+        host_arch(),
+        "{inspect}"
+    );
+
+    // save: one platform, or a clear error naming them.
+    let nowhere = dir.path().join("never.tar");
+    let err = fresh.fails(&[
+        "ctr-img",
+        "save",
+        &list,
+        "-o",
+        nowhere.to_str().expect("utf8"),
+    ]);
+    assert!(!nowhere.exists());
+    assert!(
+        err.contains("linux/amd64") && err.contains("linux/arm64") && err.contains("--platform"),
+        "{err}"
+    );
+    let saved = dir.path().join("arm-saved.tar");
+    fresh.ok(&[
+        "ctr-img",
+        "save",
+        "--platform",
+        "linux/arm64",
+        &list,
+        "-o",
+        saved.to_str().expect("utf8"),
+    ]);
+    let config = skopeo(&[
+        "inspect",
+        "--config",
+        &format!("docker-archive:{}", saved.display()),
+    ]);
+    assert_eq!(config["architecture"], "arm64", "{config}");
+
+    // push: the whole list, or one platform's image under the name.
+    let whole = format!("{host}/pushed:all");
+    fresh.ok(&["ctr-img", "tag", &list, &whole]);
+    fresh.ok(&["ctr-img", "push", &whole]);
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{whole}"),
+    ]);
+    assert_eq!(raw["manifests"].as_array().map(Vec::len), Some(2), "{raw}");
+    fresh.ok(&["ctr-img", "push", "--platform", "linux/arm64", &list]);
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{list}"),
+    ]);
+    assert!(
+        raw["manifests"].is_null() && raw["config"].is_object(),
+        "one image: {raw}"
+    );
+    let config = skopeo(&[
+        "inspect",
+        "--config",
+        "--tls-verify=false",
+        &format!("docker://{list}"),
+    ]);
+    assert_eq!(config["architecture"], "arm64", "{config}");
+    let err = fresh.fails(&["ctr-img", "push", "--platform", "linux/s390x", &list]);
+    assert!(err.contains("linux/s390x"), "{err}");
+
+    // rm -p keeps what the name stands for; rm of the name takes both.
+    let before = fresh.images().len();
+    fresh.ok(&["ctr-img", "rm", "-p"]);
+    assert_eq!(fresh.images().len(), before);
+    assert_eq!(
+        platforms_of(&fresh, &repo),
+        vec!["linux/amd64", "linux/arm64"]
+    );
+
+    // After a plain pull (this machine's platform), a build for another adds it.
+    let pulled = Daemon::for_registries(&[&host]);
+    pulled.ok(&["ctr-img", "pull", &whole]);
+    let whole_repo = format!("{host}/pushed");
+    assert_eq!(platforms_of(&pulled, &whole_repo), vec!["linux/amd64"]);
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {whole}\nCOPY f /f\n"),
+    )
+    .expect("df");
+    pulled.ok(&[
+        "ctr-img",
+        "build",
+        "--platform",
+        "linux/arm64",
+        "-t",
+        "built:1",
+        c,
+    ]);
+    assert_eq!(
+        platforms_of(&pulled, &whole_repo),
+        vec!["linux/amd64", "linux/arm64"]
+    );
+    // Pulling the same platform again replaces only that entry.
+    pulled.ok(&["ctr-img", "pull", "--platform", "linux/arm64", &whole]);
+    assert_eq!(
+        platforms_of(&pulled, &whole_repo),
+        vec!["linux/amd64", "linux/arm64"]
+    );
+    pulled.ok(&["ctr-img", "rm", &whole]);
+    assert!(platforms_of(&pulled, &whole_repo).is_empty());
+    let left: Vec<String> = pulled
+        .images()
+        .into_iter()
+        .map(|(r, t, _)| format!("{r}:{t}"))
+        .collect();
+    assert_eq!(
+        left,
+        vec!["built:1"],
+        "rm of the name takes its images, nothing else"
+    );
 }

@@ -491,6 +491,7 @@ async fn minimal_client(socket: &Path, argv: &[String], out: &mut String) -> Res
                     image_name: name.to_string(),
                     format: String::new(),
                     progress: false,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status)?

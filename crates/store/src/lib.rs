@@ -1116,6 +1116,28 @@ impl Store {
         Ok(())
     }
 
+    /// The image that holds exactly the full name `full` (no ID prefixes, no search).
+    pub fn image_named(&self, full: &str) -> Option<ImageRecord> {
+        self.meta().image_by_name(full).cloned()
+    }
+
+    /// Takes the full name `full` off image `id`, which stays in the store even with no
+    /// name left (a local manifest list names it now).
+    pub fn untag(&self, id: &ImageId, full: &str) -> Result<()> {
+        let mut meta = self.meta();
+        let mut next = meta.clone();
+        let Some(img) = next.images.get_mut(id) else {
+            return Err(StoreError::ImageNotFound(id.to_string()));
+        };
+        if !img.names.iter().any(|n| n == full) {
+            return Ok(());
+        }
+        img.names.retain(|n| n != full);
+        self.save(&next)?;
+        *meta = next;
+        Ok(())
+    }
+
     /// Removes what `name` designates: a name of an image with other names is only
     /// untagged; otherwise (an ID, or the last name) the image goes with all its names, and
     /// so do the layers nothing else uses.

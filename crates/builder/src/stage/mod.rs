@@ -142,6 +142,13 @@ fn image_base(
 ) -> Result<StageResult, BuildError> {
     let store = ctx.store;
     let img = match (store.resolve(name), ctx.pull) {
+        // Another platform's image of that name: the daemon finds or pulls this
+        // platform's, which joins it under the name.
+        (Ok(img), Some(pull)) if !image_fits(store, &img, platform) => {
+            let id = pull(name, platform, &mut *ctx.log)
+                .map_err(|f| BuildError::External(f.kind, f.message))?;
+            store.image(&id)?
+        }
         (Ok(img), _) => img,
         (Err(isula_store::StoreError::ImageNotFound(_)), Some(pull)) => {
             let id = pull(name, platform, &mut *ctx.log)
@@ -184,6 +191,26 @@ fn image_base(
         blobs: img.blobs.clone(),
         key: key.finish(),
     })
+}
+
+/// Whether the stored image is for `platform` (one whose config names no architecture,
+/// or cannot be read here, is taken as is: the caller checks it).
+fn image_fits(
+    store: &isula_store::Store,
+    img: &isula_store::ImageRecord,
+    platform: &isula_types::platform::BuildPlatform,
+) -> bool {
+    let Ok(raw) = store
+        .content()
+        .read_small(img.id.digest(), limits::MANIFEST_MAX)
+    else {
+        return true;
+    };
+    let Ok(config) = serde_json::from_slice::<ImageConfig>(&raw) else {
+        return true;
+    };
+    config.architecture.is_empty()
+        || platform.matches(&config.os, &config.architecture, config.variant.as_deref())
 }
 
 fn step_err(step_no: usize, step: &Step, message: impl Into<String>) -> BuildError {

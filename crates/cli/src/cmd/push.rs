@@ -12,6 +12,10 @@ pub struct Args {
     /// Manifest format: docker or oci
     #[arg(short = 'f', long, default_value = "docker")]
     pub format: String,
+    /// Of a name standing for several platforms, push only this platform's image
+    /// (os/arch[/variant]); without it the whole list goes
+    #[arg(long)]
+    pub platform: Option<String>,
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
@@ -23,6 +27,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         image_name: args.name.clone(),
         format: args.format,
         progress: crate::progress::wanted(),
+        platform: args.platform.unwrap_or_default(),
     };
     let live = req.progress;
     let stream = client.push(req).await?.into_inner();

@@ -1103,6 +1103,9 @@ impl Job {
             drop(op);
             return r;
         }
+        // What the tags stand for before: an image of another platform keeps its place
+        // under the name (see `local_index`).
+        let before = crate::rpc::local_index::holders(&self.state, &self.opts.tags);
         let built = build(&mut ctx, &self.opts);
         drop(op);
         let built = built.map_err(|e| error::status(e.kind(), e.to_string()))?;
@@ -1177,6 +1180,12 @@ impl Job {
                     .send(format!("Loaded image {} into iSulad\n", name.familiar()));
             }
             _ => {}
+        }
+        for tag in &self.opts.tags {
+            let full = tag.to_string();
+            let prev = before.iter().find(|(n, _)| *n == full).map(|(_, id)| id);
+            crate::rpc::local_index::adopt(&self.state, &full, &built.id, prev)
+                .map_err(crate::rpc::registry::status)?;
         }
         if let Some(dest) = &self.cache_to {
             let tx = self.tx.clone();

@@ -12,7 +12,22 @@ pub fn inspect(state: &State, req: ImageInspectRequest) -> Result<ImageInspectRe
         return Err(error::invalid("inspect needs an image"));
     }
     let store = &state.store;
-    let img = store.resolve(req.image.trim()).map_err(error::store)?;
+    let name = req.image.trim();
+    let img = match store.resolve(name) {
+        Ok(img) => img,
+        // A name standing for several platforms: this machine's image, as containerd
+        // picks one.
+        Err(isula_store::StoreError::ImageNotFound(_)) if state.lists.exists(name) => {
+            let host = isula_types::platform::BuildPlatform::host();
+            let id = state
+                .lists
+                .image_for(name, &host)
+                .map_err(crate::rpc::registry::status)?
+                .ok_or_else(|| Status::not_found(format!("no image {name}")))?;
+            store.image(&id).map_err(error::store)?
+        }
+        Err(e) => return Err(error::store(e)),
+    };
     let config = store
         .content()
         .read_small(img.id.digest(), limits::MANIFEST_MAX)

@@ -39,7 +39,24 @@ pub(crate) fn platform(state: &State, img: &ImageRecord) -> String {
     isula_types::image::platform_string(&c.os, &c.architecture, c.variant.as_deref())
 }
 
-fn rows(state: &State, img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> Vec<ImageInfo> {
+/// The local manifest lists each image is an entry of (their names stand for it on its
+/// platform: see `local_index`).
+fn listed_names(state: &State) -> std::collections::HashMap<isula_types::ImageId, Vec<String>> {
+    let mut out: std::collections::HashMap<_, Vec<String>> = Default::default();
+    for name in state.lists.names().unwrap_or_default() {
+        for m in state.lists.members(&name).unwrap_or_default() {
+            out.entry(m.image).or_default().push(name.clone());
+        }
+    }
+    out
+}
+
+fn rows(
+    state: &State,
+    img: &ImageRecord,
+    lists: &std::collections::HashMap<isula_types::ImageId, Vec<String>>,
+    keep: &dyn Fn(&Reference) -> bool,
+) -> Vec<ImageInfo> {
     let platform = platform(state, img);
     let row = |repo: String, tag: String| ImageInfo {
         repository: repo,
@@ -50,14 +67,16 @@ fn rows(state: &State, img: &ImageRecord, keep: &dyn Fn(&Reference) -> bool) -> 
         size: isula_types::human_size(img.size),
         platform: platform.clone(),
     };
+    let listed = lists.get(&img.id).map(Vec::as_slice).unwrap_or_default();
     let named: Vec<ImageInfo> = img
         .names
         .iter()
+        .chain(listed)
         .filter_map(|n| Reference::parse(n).ok())
         .filter(|r| keep(r))
         .map(|r| row(r.familiar_name(), r.tag().unwrap_or("<none>").to_string()))
         .collect();
-    if img.names.is_empty() {
+    if img.names.is_empty() && listed.is_empty() {
         vec![row("<none>".into(), "<none>".into())]
     } else {
         named
@@ -72,10 +91,11 @@ pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
             .then_with(|| a.names.cmp(&b.names))
     });
     let filter = req.image_name.trim();
+    let lists = listed_names(state);
     let mut out = Vec::new();
     if filter.is_empty() {
         for img in &images {
-            out.extend(rows(state, img, &|_| true));
+            out.extend(rows(state, img, &lists, &|_| true));
         }
         return Ok(ListResponse { images: out });
     }
@@ -87,7 +107,7 @@ pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
             .is_some_and(|last| last.contains(':'));
         for img in &images {
             out.extend(
-                rows(state, img, &|r| {
+                rows(state, img, &lists, &|r| {
                     r.name() == want.name() && (!explicit_tag || r.tag() == want.tag())
                 })
                 .into_iter()
@@ -98,7 +118,7 @@ pub fn list(state: &State, req: ListRequest) -> Result<ListResponse, Status> {
     if out.is_empty() {
         // An image ID or ID prefix.
         match state.store.resolve(filter) {
-            Ok(img) => out.extend(rows(state, &img, &|_| true)),
+            Ok(img) => out.extend(rows(state, &img, &lists, &|_| true)),
             Err(isula_store::StoreError::ImageNotFound(_)) => {
                 return Err(Status::not_found(format!("no such image: {filter}")))
             }

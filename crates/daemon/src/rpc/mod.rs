@@ -8,6 +8,7 @@ pub mod info;
 pub mod inspect;
 pub mod list;
 pub mod load;
+pub mod local_index;
 pub mod manifest;
 mod ordered_log;
 pub mod registry;

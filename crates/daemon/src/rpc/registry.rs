@@ -2,6 +2,7 @@
 //! blocking threads (the registry client is synchronous, like the store).
 
 use crate::error;
+use crate::rpc::local_index;
 use crate::state::State;
 use isula_api::v1::{
     LoginRequest, LoginResponse, LogoutRequest, LogoutResponse, PullRequest, PushRequest,
@@ -48,22 +49,60 @@ pub fn pull(
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
+    let before = holders_of(state, &name);
     let pulled = pull::pull_for(&state.registry, &state.store, &name, platform, cancel, out)
         .map_err(|e| error::status(e.kind(), format!("pulling {name} failed: {e}")))?;
     tracing::info!(image = %pulled.reference, id = %pulled.id, "pulled");
+    adopt_pulled(state, &before, &pulled).map_err(status)?;
     // "Pull success with image: NAME" is the client's line (isula-build's client prints it).
     Ok(())
 }
 
-/// `name` in the store, as given or under each search registry.
-fn find_local(state: &State, name: &str) -> Option<ImageId> {
-    if let Ok(img) = state.store.resolve(name) {
-        return Some(img.id);
+/// The images holding each full name `name` may be pulled as, before the pull.
+fn holders_of(state: &State, name: &str) -> Vec<(String, ImageId)> {
+    let candidates = resolve::candidates(&state.registry.registries, name).unwrap_or_default();
+    local_index::holders(state, &candidates)
+}
+
+/// A pulled image of another platform than the one its name stood for joins it under the
+/// name (see `local_index`).
+fn adopt_pulled(
+    state: &State,
+    before: &[(String, ImageId)],
+    pulled: &pull::Pulled,
+) -> Result<(), RegistryError> {
+    let full = pulled.reference.to_string();
+    let prev = before.iter().find(|(n, _)| *n == full).map(|(_, id)| id);
+    local_index::adopt(state, &full, &pulled.id, prev)?;
+    Ok(())
+}
+
+/// `name` in the store for `platform`, as given or under each search registry: a local
+/// list's entry for it, or an image of that name (or ID) that is for it.
+fn find_local(
+    state: &State,
+    name: &str,
+    platform: &isula_types::platform::BuildPlatform,
+) -> Result<Option<ImageId>, RegistryError> {
+    let mut names = vec![name.to_string()];
+    if let Ok(c) = resolve::candidates(&state.registry.registries, name) {
+        names.extend(c.into_iter().map(|r| r.to_string()));
     }
-    resolve::candidates(&state.registry.registries, name)
-        .ok()?
-        .into_iter()
-        .find_map(|c| state.store.resolve(&c.to_string()).ok().map(|img| img.id))
+    for n in &names {
+        if let Ok(img) = state.store.resolve(n) {
+            if local_index::fits(state, &img, platform) {
+                return Ok(Some(img.id));
+            }
+            continue;
+        }
+        // A local list without this platform: it is pulled and joins the list.
+        match state.lists.image_for(n, platform) {
+            Ok(Some(id)) => return Ok(Some(id)),
+            Ok(None) | Err(RegistryError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// The image `name` from the store, or pulled (FROM, `COPY --from`). A short name is looked
@@ -75,36 +114,57 @@ pub fn resolve_or_pull(
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<ImageId, isula_builder_core::PullFailure> {
-    if let Some(id) = find_local(state, name) {
+    let failure = |e: RegistryError| isula_builder_core::PullFailure {
+        kind: e.kind(),
+        message: e.to_string(),
+    };
+    // An image of that name for the stage's platform, or a local manifest list's entry
+    // for it (a build for several platforms, or pulls of several, made the list).
+    if let Some(id) = find_local(state, name, platform).map_err(failure)? {
         return Ok(id);
     }
-    // A local manifest list (a build for several platforms made it): its entry for the
-    // stage's platform.
-    match state.lists.image_for(name, platform) {
-        Ok(Some(id)) => return Ok(id),
-        Ok(None) => {}
-        Err(e) => {
-            return Err(isula_builder_core::PullFailure {
-                kind: e.kind(),
-                message: e.to_string(),
-            })
-        }
-    }
-    // Builds that need the same missing image wait for one pull instead of each pulling.
-    let gate_key = format!("{name} {platform}");
+    // Builds that need the same missing image wait for one pull instead of each pulling;
+    // pulls of other platforms of the name wait too (each may change what the name
+    // stands for: see `local_index`).
+    let gate_key = format!("pull {name}");
     let gate = {
         let mut pulls = state.pulls.lock().unwrap_or_else(|p| p.into_inner());
         pulls.entry(gate_key.clone()).or_default().clone()
     };
     let _turn = gate.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(id) = find_local(state, name) {
+    if let Some(id) = find_local(state, name, platform).map_err(failure)? {
         return Ok(id);
     }
+    let before = holders_of(state, name);
+    // What the store has under that name, for other platforms (for the message).
+    let other = match state.store.resolve(name) {
+        Ok(img) => Some(format!(
+            "is for {}",
+            crate::rpc::list::platform(state, &img)
+        )),
+        Err(_) => state.lists.members(name).ok().map(|m| {
+            let platforms: Vec<String> = m
+                .iter()
+                .map(|m| isula_registry::manifest_list::platform_text(&m.platform))
+                .collect();
+            format!(
+                "stands for several platforms (it has {}, no {platform})",
+                platforms.join(", ")
+            )
+        }),
+    };
     let result = pull::pull_for(&state.registry, &state.store, name, platform, cancel, out)
-        .map(|p| p.id)
+        .and_then(|p| adopt_pulled(state, &before, &p).map(|()| p.id))
         .map_err(|e| isula_builder_core::PullFailure {
             kind: e.kind(),
-            message: format!("image {name} is not in the local store and pulling it failed: {e}"),
+            message: match &other {
+                Some(have) => format!(
+                    "image {name} in the local store {have}, and pulling its {platform} image failed: {e}"
+                ),
+                None => format!(
+                    "image {name} is not in the local store and pulling it failed: {e}"
+                ),
+            },
         });
     state
         .pulls
@@ -114,33 +174,83 @@ pub fn resolve_or_pull(
     result
 }
 
-pub fn validate_push(req: &PushRequest) -> Result<(String, push::Format), Status> {
+type Platform = isula_types::platform::BuildPlatform;
+
+pub fn validate_push(
+    req: &PushRequest,
+) -> Result<(String, push::Format, Option<Platform>), Status> {
     check_id("pushID", &req.push_id)?;
     let name = req.image_name.trim();
     if name.is_empty() {
         return Err(error::invalid("push needs an image name"));
     }
     let format = push::Format::parse(&req.format).map_err(error::transport)?;
-    Ok((name.to_string(), format))
+    let platform = match req.platform.trim() {
+        "" => None,
+        p => Some(Platform::parse(p).map_err(|e| error::invalid(format!("--platform: {e}")))?),
+    };
+    Ok((name.to_string(), format, platform))
 }
 
+/// Pushes `name`: an image, or a name standing for several platforms (a local list) as a
+/// whole (each image by digest, then the list under the name) or, with `platform`, the
+/// one image for it under the name.
 pub fn push(
     state: &Arc<State>,
     name: String,
     format: push::Format,
+    platform: Option<&Platform>,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    let digest = push::push(
-        &state.registry,
-        &state.store,
-        &name,
-        None,
-        format,
-        cancel,
-        out,
-    )
-    .map_err(|e| error::status(e.kind(), format!("pushing {name} failed: {e}")))?;
+    let failed = |e: RegistryError| error::status(e.kind(), format!("pushing {name} failed: {e}"));
+    let listed = matches!(
+        state.store.resolve(&name),
+        Err(isula_store::StoreError::ImageNotFound(_))
+    ) && state.lists.exists(&name);
+    let digest = match (listed, platform) {
+        (true, None) => state
+            .lists
+            .push(&state.registry, &state.store, &name, &name, cancel, out)
+            .map_err(failed)?,
+        (true, Some(p)) => {
+            let id = state
+                .lists
+                .image_for(&name, p)
+                .map_err(failed)?
+                .ok_or_else(|| Status::not_found(format!("no image {name}")))?;
+            push::push(
+                &state.registry,
+                &state.store,
+                id.hex(),
+                Some(&name),
+                format,
+                cancel,
+                out,
+            )
+            .map_err(failed)?
+        }
+        (false, p) => {
+            if let (Some(p), Ok(img)) = (p, state.store.resolve(&name)) {
+                if !local_index::fits(state, &img, p) {
+                    return Err(error::invalid(format!(
+                        "image {name} is for {}, not {p}",
+                        crate::rpc::list::platform(state, &img)
+                    )));
+                }
+            }
+            push::push(
+                &state.registry,
+                &state.store,
+                &name,
+                None,
+                format,
+                cancel,
+                out,
+            )
+            .map_err(failed)?
+        }
+    };
     tracing::info!(image = %name, manifest = %digest, "pushed");
     // "Push success with image: NAME" is the client's line.
     Ok(())

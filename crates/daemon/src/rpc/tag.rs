@@ -15,9 +15,38 @@ pub fn tag(state: &State, req: TagRequest) -> Result<(), Status> {
             req.tag
         )));
     }
-    let img = state
-        .store
-        .resolve(req.image.trim())
-        .map_err(error::store)?;
-    state.store.tag(&img.id, &name).map_err(error::store)
+    let source = req.image.trim();
+    let img = match state.store.resolve(source) {
+        Ok(img) => img,
+        // A name standing for several platforms: the new name stands for them too.
+        Err(isula_store::StoreError::ImageNotFound(_)) if state.lists.exists(source) => {
+            let members = state
+                .lists
+                .members(source)
+                .map_err(crate::rpc::registry::status)?;
+            let ids: Vec<String> = members.iter().map(|m| m.image.hex().to_string()).collect();
+            let oci = state
+                .lists
+                .is_oci(source)
+                .map_err(crate::rpc::registry::status)?;
+            let full = name.to_string();
+            // An image holding the new name gives it up to the list.
+            if let Some(holder) = state.store.image_named(&full) {
+                state.store.untag(&holder.id, &full).map_err(error::store)?;
+            }
+            state
+                .lists
+                .replace(&state.store, &full, &ids, oci)
+                .map_err(crate::rpc::registry::status)?;
+            return Ok(());
+        }
+        Err(e) => return Err(error::store(e)),
+    };
+    let full = name.to_string();
+    let before = state.store.image_named(&full).map(|i| i.id);
+    state.store.tag(&img.id, &name).map_err(error::store)?;
+    // Tagging another platform's image with a name of one: it joins the name's platforms.
+    crate::rpc::local_index::adopt(state, &full, &img.id, before.as_ref())
+        .map_err(crate::rpc::registry::status)?;
+    Ok(())
 }
