@@ -273,6 +273,8 @@ pub struct Built {
     /// The cache keys of the build's steps and stage results (what `--cache-to` exports),
     /// in the order the build met them.
     pub cache_keys: Vec<Digest>,
+    /// The ids of the `RUN --mount=type=cache` directories the build used, sorted.
+    pub cache_mounts: Vec<String>,
     /// Build args no step used (proxy variables aside), sorted. isula-build warns about
     /// them after its last line.
     pub unused_args: Vec<String>,
@@ -303,6 +305,11 @@ pub trait RemoteCache: Sync {
     fn lookup(&self, key: &Digest) -> Option<RemoteRecord>;
     /// Copies the record `key` into the local cache (fetching its blobs).
     fn import(&self, key: &Digest, lease: &isula_store::Lease) -> Result<(), String>;
+    /// Fills the new, empty directory `into` with what a source exported of the cache
+    /// mount `id` (`--cache-from REF --cache-mounts`). Returns whether one had it.
+    fn seed_mount(&self, _id: &str, _into: &std::path::Path) -> Result<bool, String> {
+        Ok(false)
+    }
 }
 
 /// A committed stage: what later stages and the final image use.
@@ -583,6 +590,7 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
     let hashes = std::sync::Mutex::new(cache_key::ContextHashes::load(
         (opts.cache != CacheMode::Off).then(|| ctx.store.cache().context_record(&opts.context)),
     ));
+    let used_cache_mounts = std::sync::Mutex::new(std::collections::BTreeSet::new());
     let result = schedule::build_stages(
         ctx,
         opts,
@@ -593,7 +601,7 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         &stages,
         target,
         &lease,
-        &hashes,
+        (&hashes, &used_cache_mounts),
     );
     hashes.lock().unwrap_or_else(|p| p.into_inner()).save();
     if opts.cache != CacheMode::Off {
@@ -615,12 +623,18 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         }
     }
     let (id, cache_keys, unused_args) = result?;
+    let cache_mounts = used_cache_mounts
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .collect();
     if let Err(e) = ctx.store.gc() {
         tracing::warn!(error = %e, "collecting intermediate stages");
     }
     Ok(Built {
         id,
         cache_keys,
+        cache_mounts,
         unused_args,
     })
 }

@@ -166,7 +166,10 @@ pub(crate) fn build_stages(
     stages: &[(usize, Vec<usize>)],
     target: usize,
     lease: &isula_store::Lease,
-    hashes: &std::sync::Mutex<cache_key::ContextHashes>,
+    (hashes, used_cache_mounts): (
+        &std::sync::Mutex<cache_key::ContextHashes>,
+        &std::sync::Mutex<std::collections::BTreeSet<String>>,
+    ),
 ) -> Result<(ImageId, Vec<Digest>, Vec<String>), BuildError> {
     let n = df.stages.len();
     let parts = ctx.parts();
@@ -184,6 +187,7 @@ pub(crate) fn build_stages(
         ignore,
         lease,
         hashes,
+        used_cache_mounts,
         step_line: &step_line,
     };
     let schedule = Mutex::new(Schedule {

@@ -397,3 +397,173 @@ fn a_stage_record_whose_config_lists_other_layers_is_not_used() {
     );
     assert_eq!(id, first);
 }
+
+/// The cache mounts a cache export holds: id → blob digest.
+fn exported_mounts(reference: &str) -> Vec<String> {
+    let out = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("records JSON");
+    v["mounts"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn cache_mounts_travel_through_the_registry_to_a_fresh_daemon() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let base = format!("{host}/base:1");
+    let with = format!("{host}/cache:mounts");
+    let without = format!("{host}/cache:plain");
+    let d1 = Daemon::for_registries(&[&host]);
+    d1.import_busybox(&base, &[]);
+    d1.ok(&["ctr-img", "push", &base]);
+    // A "package download" kept in a cache mount; a secret beside it never goes.
+    let df = format!(
+        "FROM {base}\n\
+         ARG V=1\n\
+         RUN --mount=type=cache,id=pkgs,target=/var/cache/pkgs --mount=type=secret,id=tok \
+         echo $V >> /var/cache/pkgs/runs && ls /var/cache/pkgs > /seen && \
+         test ! -e /var/cache/pkgs/tok\n"
+    );
+    let ctx = d1.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), &df).expect("Dockerfile");
+    let secret = d1.dir.path().join("tok");
+    std::fs::write(&secret, "s3cret").expect("secret");
+    let secret_arg = format!("id=tok,src={}", secret.display());
+    let c = ctx.to_str().expect("path");
+    let err = d1.fails(&["ctr-img", "build", "--cache-mounts", c]);
+    assert!(err.contains("--cache-mounts goes with"), "{err}");
+    d1.ok(&[
+        "ctr-img",
+        "build",
+        "--secret",
+        &secret_arg,
+        "--cache-to",
+        &without,
+        c,
+    ]);
+    assert!(
+        exported_mounts(&without).is_empty(),
+        "exported without --cache-mounts"
+    );
+    let out = d1.ok(&[
+        "ctr-img",
+        "build",
+        "--secret",
+        &secret_arg,
+        "--build-arg",
+        "V=2",
+        "--cache-to",
+        &with,
+        "--cache-mounts",
+        c,
+    ]);
+    assert!(out.contains("Exporting cache mount id=pkgs"), "{out}");
+    assert_eq!(exported_mounts(&with), vec!["pkgs"]);
+    // Nothing of the secret is in any blob of the export.
+    let layers = skopeo_layers(&with);
+    for l in &layers {
+        let blob = curl(&["-L", &format!("http://{host}/v2/cache/blobs/{l}")]);
+        let mut tar = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut tar)
+            .expect("gunzip");
+        assert!(
+            !tar.windows(6).any(|w| w == b"s3cret"),
+            "the secret went in {l}"
+        );
+    }
+
+    // A fresh daemon: the RUN misses (V=3), its cache mount comes seeded with both runs.
+    let d2 = Daemon::for_registries(&[&host]);
+    let ctx2 = d2.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx2).expect("ctx");
+    std::fs::write(ctx2.join("Dockerfile"), &df).expect("Dockerfile");
+    let secret2 = d2.dir.path().join("tok");
+    std::fs::write(&secret2, "s3cret").expect("secret");
+    let arg2 = format!("id=tok,src={}", secret2.display());
+    let c2 = ctx2.to_str().expect("path");
+    d2.ok(&[
+        "ctr-img",
+        "build",
+        "--secret",
+        &arg2,
+        "--build-arg",
+        "V=3",
+        "--cache-from",
+        &with,
+        "--cache-mounts",
+        "-t",
+        "seeded:1",
+        c2,
+    ]);
+    let runs = std::fs::read_to_string(
+        d2.data()
+            .join("cache-mounts")
+            .join(sha256_hex(b"pkgs"))
+            .join("data/runs"),
+    )
+    .expect("the seeded cache mount");
+    assert_eq!(
+        runs, "1\n2\n3\n",
+        "seeded with the exported runs, then this one"
+    );
+    // The positive control: without --cache-mounts a fresh daemon starts the mount empty.
+    let d3 = Daemon::for_registries(&[&host]);
+    let ctx3 = d3.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx3).expect("ctx");
+    std::fs::write(ctx3.join("Dockerfile"), &df).expect("Dockerfile");
+    let secret3 = d3.dir.path().join("tok");
+    std::fs::write(&secret3, "s3cret").expect("secret");
+    let arg3 = format!("id=tok,src={}", secret3.display());
+    d3.ok(&[
+        "ctr-img",
+        "build",
+        "--secret",
+        &arg3,
+        "--build-arg",
+        "V=3",
+        "--cache-from",
+        &with,
+        ctx3.to_str().expect("path"),
+    ]);
+    let runs = std::fs::read_to_string(
+        d3.data()
+            .join("cache-mounts")
+            .join(sha256_hex(b"pkgs"))
+            .join("data/runs"),
+    )
+    .expect("the cache mount");
+    assert_eq!(runs, "3\n");
+}
+
+/// The layer digests of the manifest at `reference`.
+fn skopeo_layers(reference: &str) -> Vec<String> {
+    let out = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("manifest");
+    v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter_map(|l| l["digest"].as_str().map(str::to_string))
+        .collect()
+}

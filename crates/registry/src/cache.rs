@@ -46,6 +46,27 @@ const CONFIG_MAX: u64 = 64 << 20;
 struct Exported {
     schema: u32,
     records: Vec<Entry>,
+    /// `RUN --mount=type=cache` contents (`--cache-to REF --cache-mounts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mounts: Vec<MountEntry>,
+}
+
+/// One exported cache mount: its id and its files as a gzip tar.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MountEntry {
+    id: String,
+    blob: Blob,
+}
+
+/// The most bytes (on disk, before compression) of cache mounts one export takes: a mount
+/// that would go past it is left out, and the output says so.
+pub const CACHE_MOUNTS_EXPORT_MAX: u64 = 4 << 30;
+
+/// A cache mount a build used: its id and its directory (`<dataroot>/cache-mounts/<hex>`,
+/// holding `data/` and the `lock` builds take).
+pub struct MountDir {
+    pub id: String,
+    pub dir: std::path::PathBuf,
 }
 
 /// One exported record.
@@ -128,11 +149,13 @@ pub struct ExportReport {
 }
 
 /// Exports the records `keys` (a build's steps and stage results, in order; keys the
-/// local cache does not have are left out) to the tag `dest`.
+/// local cache does not have are left out), and the contents of the cache mounts
+/// `mounts`, to the tag `dest`.
 pub fn export(
     ctx: &Context,
     store: &Store,
     keys: &[Digest],
+    mounts: &[MountDir],
     dest: &str,
     cancel: &Cancel,
     progress: Progress<'_>,
@@ -198,6 +221,7 @@ pub fn export(
         });
     }
     let records = entries.len();
+    let exported_mounts = export_mounts(store, mounts, &lease, &mut blobs, cancel, progress)?;
     let mut unique = HashSet::new();
     blobs.retain(|(d, _)| unique.insert(d.clone()));
     progress(format!("Exporting build cache to {dest}\n"));
@@ -209,6 +233,7 @@ pub fn export(
     let config = serde_json::to_vec(&Exported {
         schema: SCHEMA,
         records: entries,
+        mounts: exported_mounts,
     })
     .map_err(|e| RegistryError::Invalid(format!("encoding the cache records: {e}")))?;
     let config_digest = lease.put_blob(store.content(), &config)?;
@@ -232,12 +257,70 @@ pub fn export(
     })
 }
 
+/// The cache mounts as gzip tars (leased, added to `blobs`): each while no build holds it
+/// (its lock taken), within [`CACHE_MOUNTS_EXPORT_MAX`] in all.
+fn export_mounts(
+    store: &Store,
+    mounts: &[MountDir],
+    lease: &Lease,
+    blobs: &mut Vec<(Digest, u64)>,
+    cancel: &Cancel,
+    progress: Progress<'_>,
+) -> Result<Vec<MountEntry>> {
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for m in mounts {
+        cancel.check().map_err(|_| RegistryError::Cancelled)?;
+        let data = m.dir.join("data");
+        if !data.is_dir() {
+            continue;
+        }
+        // Held while it is read: no build writes it meanwhile.
+        let _lock = match isula_sys::lock::FileLock::try_exclusive(&m.dir.join("lock")) {
+            Ok(l) => l,
+            Err(e) if isula_sys::lock::is_held_elsewhere(&e) => {
+                progress(format!(
+                    "Not exporting cache mount id={}: another build is using it\n",
+                    m.id
+                ));
+                continue;
+            }
+            Err(e) => {
+                return Err(RegistryError::Invalid(format!(
+                    "cache mount id={}: {e}",
+                    m.id
+                )))
+            }
+        };
+        let size = isula_store::cache::disk_usage(&data);
+        if total.saturating_add(size) > CACHE_MOUNTS_EXPORT_MAX {
+            progress(format!(
+                "Not exporting cache mount id={} ({}): over the {} cap of an export\n",
+                m.id,
+                isula_types::human_size(size),
+                isula_types::human_size(CACHE_MOUNTS_EXPORT_MAX)
+            ));
+            continue;
+        }
+        total += size;
+        progress(format!("Exporting cache mount id={}\n", m.id));
+        let (digest, size) = snapshot_blob(store, &data, lease)?;
+        blobs.push((digest.clone(), size));
+        out.push(MountEntry {
+            id: m.id.clone(),
+            blob: Blob { digest, size },
+        });
+    }
+    Ok(out)
+}
+
 /// One `--cache-from` source: its records, read once; blobs are fetched on import.
 pub struct Source {
     name: String,
     client: Client,
     repo: String,
     records: HashMap<Digest, Entry>,
+    mounts: HashMap<String, Blob>,
 }
 
 /// Reads the records of the cache `name` (mirrors first, as for pull).
@@ -316,6 +399,11 @@ fn read_records(
             .into_iter()
             .map(|e| (e.key.clone(), e))
             .collect(),
+        mounts: exported
+            .mounts
+            .into_iter()
+            .map(|m| (m.id, m.blob))
+            .collect(),
     })
 }
 
@@ -334,6 +422,36 @@ impl Source {
 
     pub fn entry(&self, key: &Digest) -> Option<&Entry> {
         self.records.get(key)
+    }
+
+    /// Whether the source exported the cache mount `id`.
+    pub fn has_mount(&self, id: &str) -> bool {
+        self.mounts.contains_key(id)
+    }
+
+    /// Unpacks what the source exported of the cache mount `id` into the directory `into`
+    /// (new and empty). Returns whether it had one.
+    pub fn seed_mount(
+        &self,
+        store: &Store,
+        id: &str,
+        into: &std::path::Path,
+        cancel: &Cancel,
+    ) -> Result<bool> {
+        let Some(b) = self.mounts.get(id) else {
+            return Ok(false);
+        };
+        let lease = store.lease();
+        let desc = gzip_desc(&b.digest, b.size);
+        if !store.content().contains(&b.digest) {
+            fetch_blob(&self.client, &self.repo, &desc, store, &lease, cancel)?;
+        }
+        lease.blob(&b.digest);
+        let blob = store.open_blob(&b.digest, Some(&lease))?;
+        let (_, plain) = isula_store::compression::decompress(std::io::BufReader::new(blob))
+            .map_err(|e| isula_store::StoreError::io("read", into, e))?;
+        isula_store::apply::extract_into(plain, into)?;
+        Ok(true)
     }
 
     /// Makes the record `key` local: its snapshot downloaded and unpacked, or its stage's

@@ -1351,6 +1351,13 @@ fn mtime_secs(p: &Path) -> i64 {
 }
 
 impl Store {
+    /// The directory of the cache mount `id` (whether or not it exists).
+    pub fn cache_mount_dir(&self, id: &str) -> PathBuf {
+        self.root
+            .join(CACHE_MOUNTS_DIR)
+            .join(Digest::of_bytes(id.as_bytes()).hex())
+    }
+
     /// Every cache mount, with its size and whether a build holds it now.
     pub fn cache_mounts(&self) -> Vec<CacheMount> {
         let root = self.root.join(CACHE_MOUNTS_DIR);

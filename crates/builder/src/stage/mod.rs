@@ -43,6 +43,8 @@ pub struct Shared<'c> {
     pub ignore: Option<&'c Matcher>,
     pub lease: &'c Lease,
     pub hashes: &'c std::sync::Mutex<ContextHashes>,
+    /// The ids of the cache mounts the build's RUN steps used.
+    pub used_cache_mounts: &'c std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Prints a `STEP n: ...` line for stage `index` (the number is given where the
     /// stage's lines are put in order).
     pub step_line: &'c (dyn Fn(usize, &str) + Sync),
@@ -67,6 +69,7 @@ pub struct StageRun<'c, 'a> {
     history: Vec<History>,
     last_fs_step: Option<usize>,
     hashes: &'c std::sync::Mutex<ContextHashes>,
+    used_cache_mounts: &'c std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The base's layer directories, top first.
     base_lowers: Vec<PathBuf>,
     /// The stage's platform (`FROM --platform`, else the build's).
@@ -265,6 +268,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             history: Vec::new(),
             last_fs_step: None,
             hashes: shared.hashes,
+            used_cache_mounts: shared.used_cache_mounts,
             base_lowers: Vec::new(),
             platform: shared.opts.target_platform(),
             key: KeyBuilder::new("none", None).finish(),

@@ -294,6 +294,15 @@ impl StageRun<'_, '_> {
         let mut out = Vec::new();
         for p in planned {
             let m = &p.spec;
+            if m.kind == MountKind::Cache {
+                // Used by this build even when the step comes from the cache (what
+                // `--cache-to --cache-mounts` exports).
+                let id = m.id.clone().unwrap_or_else(|| p.target.clone());
+                self.used_cache_mounts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id);
+            }
             let shows = match (m.kind, &p.from, &p.from_dir) {
                 (MountKind::Bind, None, Some(dir)) => {
                     let root = Root::open(dir).map_err(|e| step_err(n, step, e.to_string()))?;
@@ -546,6 +555,10 @@ impl StageRun<'_, '_> {
     /// locked as its `sharing` says.
     fn cache_mount(&self, p: &Planned, scratch: &Path, held: &mut Held) -> Result<PathBuf, String> {
         let id = p.spec.id.clone().unwrap_or_else(|| p.target.clone());
+        self.used_cache_mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
         let hex = isula_types::Digest::of_bytes(id.as_bytes())
             .hex()
             .to_string();
@@ -595,7 +608,7 @@ impl StageRun<'_, '_> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos())
             ));
-            let made = self.make_cache_mount_dir(p, scratch, &fresh);
+            let made = self.make_cache_mount_dir(p, &id, scratch, &fresh);
             let moved = made.and_then(|()| {
                 std::fs::rename(&fresh, &data).or_else(|e| {
                     // A build sharing it made it first.
@@ -616,15 +629,24 @@ impl StageRun<'_, '_> {
         Ok(data)
     }
 
-    /// A new cache mount directory at `fresh`, seeded from `from` when the mount says so.
+    /// A new cache mount directory at `fresh`, seeded from `from` when the mount says so,
+    /// else from what a `--cache-from` source exported of it (`--cache-mounts`).
     fn make_cache_mount_dir(
         &self,
         p: &Planned,
+        id: &str,
         scratch: &Path,
         fresh: &Path,
     ) -> Result<(), String> {
         {
             std::fs::create_dir_all(fresh).map_err(|e| e.to_string())?;
+            if p.from.is_none() {
+                if let Some(remote) = self.ctx.remote {
+                    if remote.seed_mount(id, fresh)? {
+                        tracing::info!(id, "cache mount seeded from the registry cache");
+                    }
+                }
+            }
             if let Some(r) = &p.from {
                 let mut seeded = Held::default();
                 let view = self

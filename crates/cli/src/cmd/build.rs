@@ -61,6 +61,11 @@ pub struct Args {
     /// (REGISTRY/REPO:TAG or type=registry,ref=REGISTRY/REPO:TAG)
     #[arg(long = "cache-to", value_parser = cache_ref)]
     pub cache_to: Option<String>,
+    /// With --cache-to, also export the contents of the RUN --mount=type=cache
+    /// directories the build used; with --cache-from, seed cache mounts this daemon does
+    /// not have yet from what a source exported
+    #[arg(long = "cache-mounts")]
+    pub cache_mounts: bool,
     /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable;
     /// read here, sealed for the daemon, never stored in the image)
     #[arg(long = "secret")]
@@ -360,6 +365,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         no_cache: args.no_cache,
         cache_from: args.cache_from,
         cache_to: args.cache_to.unwrap_or_default(),
+        cache_mounts: args.cache_mounts,
         progress: crate::progress::wanted(),
         secrets,
         ssh_ids: agents.ids(),

@@ -391,6 +391,11 @@ async fn run_inner(
         )));
     }
     let wants_registry_cache = !req.cache_from.is_empty() || !req.cache_to.is_empty();
+    if req.cache_mounts && !wants_registry_cache {
+        return Err(error::invalid(
+            "--cache-mounts goes with --cache-to (export them) or --cache-from (seed them)",
+        ));
+    }
     if wants_registry_cache && !state.settings.build_cache {
         return Err(Status::failed_precondition(
             "--cache-from and --cache-to need the build cache, which is off (build_cache = false)",
@@ -448,6 +453,7 @@ async fn run_inner(
         output,
         cache_from: req.cache_from.clone(),
         cache_to: Some(req.cache_to.clone()).filter(|r| !r.is_empty()),
+        cache_mounts: req.cache_mounts,
         iidfile: req.iidfile.clone(),
         tx,
         cancel: cancel.clone(),
@@ -815,6 +821,8 @@ struct Job {
     cancel: Arc<AtomicBool>,
     cache_from: Vec<String>,
     cache_to: Option<String>,
+    /// `--cache-mounts`: cache mounts go with `--cache-to` and come from `--cache-from`.
+    cache_mounts: bool,
 }
 
 /// The `--cache-from` sources of one build, as the builder sees them.
@@ -822,6 +830,8 @@ struct RemoteSources<'a> {
     sources: Vec<isula_registry::cache::Source>,
     store: &'a isula_store::Store,
     cancel: isula_transport::Cancel,
+    /// Seed new cache mounts from the sources (`--cache-mounts`).
+    mounts: bool,
 }
 
 impl isula_builder_core::RemoteCache for RemoteSources<'_> {
@@ -849,6 +859,18 @@ impl isula_builder_core::RemoteCache for RemoteSources<'_> {
                     source.name()
                 )
             })
+    }
+
+    fn seed_mount(&self, id: &str, into: &std::path::Path) -> Result<bool, String> {
+        if !self.mounts {
+            return Ok(false);
+        }
+        let Some(source) = self.sources.iter().find(|s| s.has_mount(id)) else {
+            return Ok(false);
+        };
+        source
+            .seed_mount(self.store, id, into, &self.cancel)
+            .map_err(|e| format!("seeding cache mount id={id} from {}: {e}", source.name()))
     }
 }
 
@@ -1087,6 +1109,7 @@ impl Job {
             sources: self.open_cache_sources(),
             store: &self.state.store,
             cancel: isula_transport::Cancel::from_flag(self.cancel.clone()),
+            mounts: self.cache_mounts,
         };
         let mut ctx = Context {
             store: &self.state.store,
@@ -1189,10 +1212,23 @@ impl Job {
         }
         if let Some(dest) = &self.cache_to {
             let tx = self.tx.clone();
+            let mounts: Vec<isula_registry::cache::MountDir> = if self.cache_mounts {
+                built
+                    .cache_mounts
+                    .iter()
+                    .map(|id| isula_registry::cache::MountDir {
+                        id: id.clone(),
+                        dir: self.state.store.cache_mount_dir(id),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let report = isula_registry::cache::export(
                 &self.state.registry,
                 &self.state.store,
                 &built.cache_keys,
+                &mounts,
                 dest,
                 &isula_transport::Cancel::from_flag(self.cancel.clone()),
                 &mut |l| {
