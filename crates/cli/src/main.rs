@@ -98,6 +98,23 @@ pub fn absolute(p: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn main() {
+    // Output to a closed pipe (`isula-build images | head -1`) ends the command quietly, as
+    // isula-build's Go client does (it dies by SIGPIPE on a write to stdout or stderr): the
+    // standard library's print macros panic on it. The gRPC connection keeps SIGPIPE
+    // ignored, so a daemon going away is still an error message.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if text.starts_with("failed printing to std") && text.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     // Usage errors exit 1, as isula-build's do; help and version exit 0, and so does a
     // command group named alone (`ctr-img`: its help on stdout, as the original).
     let cli = Cli::try_parse().unwrap_or_else(|e| {

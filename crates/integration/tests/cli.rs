@@ -318,3 +318,37 @@ fn inspect_and_history_show_the_config_and_steps() {
     let err = d.fails(&["ctr-img", "inspect", "nothere:1"]);
     assert!(err.contains("nothere:1"), "{err}");
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    if !require_root() {
+        return;
+    }
+    let d = Daemon::start();
+    let client = bin("isula-build");
+    let run = |reader: &str| {
+        Command::new("bash")
+            .args([
+                "-c",
+                // The client starts once the reader had time to go (or to be there).
+                &format!("set -o pipefail; (sleep 0.3; exec \"$0\" version) | {reader}"),
+                client.to_str().expect("utf8"),
+            ])
+            .env(
+                "ISULABUILD_HOST",
+                format!("unix://{}", d.socket().display()),
+            )
+            .output()
+            .expect("bash")
+    };
+    // The reader is gone before anything is written: SIGPIPE's exit, no panic.
+    let o = run("true");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked") && err.is_empty(), "{err}");
+    // The positive control: a reader that reads it all sees both sections.
+    let o = run("cat");
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Client:") && out.contains("Server:"), "{out}");
+}
