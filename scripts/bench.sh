@@ -3,7 +3,7 @@
 # (about half compressible: ~230 MB gzipped), builds, printing
 # seconds and the daemon's peak RSS for each step, so later work can be compared.
 #   scripts/bench.sh            (needs root; MB=... FILES=... to change the size,
-#                               ROUNDS=... for the rounds, ONLY=main|cache|peers for one part:
+#                               ROUNDS=... for the rounds, ONLY=main|cache|reuse|peers for one part:
 #                               peers = each workload beside buildah and BuildKit, interleaved,
 #                               WORKLOADS="copy run load save push pull" to pick some;
 #                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1;
@@ -605,6 +605,109 @@ if [ -n "$reg_host" ]; then
 fi
 
 fi  # cache
+
+# Reuse: early cutoff by content (a stage that runs again and makes the same files: the
+# rebuild, and whether the image ID is the first build's), beside BuildKit; and cache
+# mounts through the registry (BuildKit cannot export them: ours alone).
+if only reuse; then
+bk=""
+if [ -x /usr/bin/docker ] && docker info >/dev/null 2>&1; then
+    bk=1
+    "$bin/isula-build" ctr-img save busybox:bench -o "$work/base-reuse.tar" >/dev/null
+    docker load -i "$work/base-reuse.tar" >/dev/null
+fi
+cat > "$work/Dockerfile.cutoff" <<'DF'
+FROM busybox:bench AS build
+ARG UNUSED=0
+COPY app /src
+RUN cp -a /src /out && echo $UNUSED > /elsewhere
+FROM busybox:bench
+COPY --from=build /out /app
+RUN echo built > /built
+DF
+cutoff() {  # tool, UNUSED value, iidfile
+    case "$1" in
+    ours) CMD=("$bin/isula-build" ctr-img build -f "$work/Dockerfile.cutoff" --build-arg "UNUSED=$2" \
+        --iidfile "$3" "$work/ctx-copy") ;;
+    docker) CMD=(env DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -q -f "$work/Dockerfile.cutoff" \
+        --build-arg "UNUSED=$2" --iidfile "$3" "$work/ctx-copy") ;;
+    esac
+}
+tools=(ours)
+[ -n "$bk" ] && tools+=(docker)
+declare -A first_id same
+for t in "${tools[@]}"; do
+    rm -f "$work/iid-$t-0"
+    cutoff "$t" 0 "$work/iid-$t-0"; must "${CMD[@]}"
+    first_id[$t]=$(sed 's/^sha256://' "$work/iid-$t-0")
+    same[$t]=0
+done
+for r in $(seq "$rounds"); do
+    for ((i = 0; i < ${#tools[@]}; i++)); do
+        t=${tools[$(((i + r) % ${#tools[@]}))]}
+        rm -f "$work/iid-$t-$r"
+        cutoff "$t" "$r" "$work/iid-$t-$r"
+        timed "early cutoff: $t" "$t" "${CMD[@]}"
+        [ "$(sed 's/^sha256://' "$work/iid-$t-$r")" = "${first_id[$t]}" ] && same[$t]=$((same[$t] + 1))
+    done
+done
+echo "# early cutoff: a stage's ARG changes (its RUN runs again, copying the 20k-file context to the"
+echo "# same files); the next stage's COPY --from is keyed by content; $rounds rounds, median seconds"
+echo "# (spread), CPU and seconds until idle; how many rebuilds gave the first build's image ID"
+row "early cutoff: ours"
+printf '%-34s %s/%s\n' "  same image ID as the first" "${same[ours]}" "$rounds"
+if [ -n "$bk" ]; then
+    row "early cutoff: docker"
+    printf '%-34s %s/%s\n' "  BuildKit: same image ID" "${same[docker]}" "$rounds"
+    ratio "early cutoff: ours" "early cutoff: docker" "early cutoff / BuildKit"
+fi
+
+# Cache mounts: a RUN fills a 100 MB cache mount; exported with --cache-to --cache-mounts
+# (beside the same export without them), then a fresh daemon seeds it with --cache-from
+# --cache-mounts (beside the same build not seeding it: the RUN starts from nothing).
+if [ -n "$reg_host" ]; then
+    "$bin/isula-build" ctr-img tag busybox:bench "$reg_host/busybox:bench" >/dev/null
+    "$bin/isula-build" ctr-img push "$reg_host/busybox:bench" >/dev/null
+    mkdir -p "$work/ctx-mount"
+    cat > "$work/ctx-mount/Dockerfile" <<DF
+FROM $reg_host/busybox:bench
+ARG R=0
+RUN --mount=type=cache,id=bench-dl,target=/dl [ -e /dl/pkgs ] || dd if=/dev/urandom of=/dl/pkgs bs=1M count=100 2>/dev/null; echo \$R > /r
+DF
+    for r in $(seq "$rounds"); do
+        timed "export without mounts" ours "$bin/isula-build" ctr-img build --build-arg "R=$r" \
+            --cache-to "$reg_host/cache:plain" "$work/ctx-mount"
+        timed "export with --cache-mounts" ours "$bin/isula-build" ctr-img build --build-arg "R=$r" \
+            --cache-to "$reg_host/cache:mounts" --cache-mounts "$work/ctx-mount"
+    done
+    sock2="unix://$work/isula_build3.sock"
+    "$bin/isula-builder" --dataroot "$work/data2" --runroot "$work/run2" --host "$sock2" \
+        --config-dir "$work/etc" 2>"$work/daemon3.log" &
+    daemon2=$!
+    for _ in $(seq 100); do ISULABUILD_HOST="$sock2" "$bin/isula-build" version >/dev/null 2>&1 && break; sleep 0.1; done
+    fresh2() {
+        ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img rm -a >/dev/null 2>&1 || true
+        ISULABUILD_HOST="$sock2" "$bin/isula-build" builder prune -a -f >/dev/null 2>&1 || true
+    }
+    for r in $(seq "$rounds"); do
+        fresh2
+        timed "fresh daemon, mount seeded" ours2 env ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img build \
+            --build-arg "R=x$r" --cache-from "$reg_host/cache:mounts" --cache-mounts "$work/ctx-mount"
+        fresh2
+        timed "fresh daemon, mount empty" ours2 env ISULABUILD_HOST="$sock2" "$bin/isula-build" ctr-img build \
+            --build-arg "R=y$r" --cache-from "$reg_host/cache:plain" "$work/ctx-mount"
+    done
+    kill -TERM "$daemon2" 2>/dev/null || true
+    wait "$daemon2" 2>/dev/null || true
+    daemon2=""
+    echo "# cache mounts through the registry (BuildKit cannot export them): a RUN that fills a 100 MB"
+    echo "# cache mount when it is empty; $rounds rounds, median seconds (spread)"
+    row "export without mounts"
+    row "export with --cache-mounts"
+    row "fresh daemon, mount seeded"
+    row "fresh daemon, mount empty"
+fi
+fi  # reuse
 
 if only main; then
 # 100 builds at once (the manual's limit), each with a RUN.
