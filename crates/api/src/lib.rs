@@ -52,6 +52,42 @@ pub async fn connect(
         .max_encoding_message_size(64 << 20))
 }
 
+/// The files of a client's mutual TLS (PEM): the CA that signed the daemon's certificate,
+/// and the client's own certificate and key.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// Connects a gRPC channel to a daemon's TCP listener at `addr` (HOST:PORT): with mutual
+/// TLS (the daemon's certificate checked against the CA for HOST), or plain without.
+pub async fn connect_tcp(
+    addr: &str,
+    tls: Option<&ClientTls>,
+) -> Result<v1::control_client::ControlClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(t) = tls {
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca))
+                .identity(tonic::transport::Identity::from_pem(&t.cert, &t.key))
+                .domain_name(host),
+        )?;
+    }
+    let channel = endpoint.connect().await?;
+    Ok(v1::control_client::ControlClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

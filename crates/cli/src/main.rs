@@ -28,9 +28,23 @@ pub struct Cli {
     /// Timeout for connecting to daemon (100ms to 120s; default 20s)
     #[arg(long, global = true)]
     pub timeout: Option<String>,
-    /// Daemon socket to connect to, unix:///path
-    #[arg(long, global = true, env = isula_api::HOST_ENV, default_value = "unix:///var/run/isula_build.sock")]
-    pub host: String,
+    /// Daemon to connect to: unix:///path, or tcp://HOST:PORT (mutual TLS); else
+    /// $ISULA_BUILD_HOST, $ISULABUILD_HOST, or unix:///var/run/isula_build.sock
+    #[arg(long, global = true)]
+    pub host: Option<String>,
+    /// Use mutual TLS with a tcp:// daemon (implied by the other --tls* flags and by
+    /// $ISULA_BUILD_CERT_PATH)
+    #[arg(long, global = true)]
+    pub tlsverify: bool,
+    /// The CA that signed the daemon's certificate [default: $ISULA_BUILD_CERT_PATH/ca.pem]
+    #[arg(long, global = true)]
+    pub tlscacert: Option<std::path::PathBuf>,
+    /// This client's certificate [default: $ISULA_BUILD_CERT_PATH/cert.pem]
+    #[arg(long, global = true)]
+    pub tlscert: Option<std::path::PathBuf>,
+    /// This client's private key [default: $ISULA_BUILD_CERT_PATH/key.pem]
+    #[arg(long, global = true)]
+    pub tlskey: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -53,9 +53,25 @@ pub struct Flags {
     /// Directory of the configuration files
     #[arg(long = "config-dir", default_value = DEFAULT_CONFIG_DIR)]
     pub config_dir: PathBuf,
-    /// Control socket, unix:///path [default: unix:///var/run/isula_build.sock]
+    /// Where to listen (repeatable): unix:///path, or tcp://ADDR:PORT with mutual TLS
+    /// [default: unix:///var/run/isula_build.sock]
     #[arg(long, env = isula_api::HOST_ENV)]
-    pub host: Option<String>,
+    pub host: Vec<String>,
+    /// Require mutual TLS on TCP listeners: clients need a certificate the CA signed
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub tlsverify: Option<bool>,
+    /// The CA that signs client certificates (PEM)
+    #[arg(long)]
+    pub tlscacert: Option<PathBuf>,
+    /// The daemon's certificate (PEM)
+    #[arg(long)]
+    pub tlscert: Option<PathBuf>,
+    /// The daemon's private key (PEM)
+    #[arg(long)]
+    pub tlskey: Option<PathBuf>,
+    /// Allow a TCP listener without TLS, on a loopback address only (for tests)
+    #[arg(long = "insecure-tcp", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_tcp: Option<bool>,
     /// Verify every blob digest and image record in the store, print problems and exit
     #[arg(long = "check-store")]
     pub check_store: bool,
@@ -75,7 +91,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 15] = [
+const CONFIGURATION_KEYS: [&str; 22] = [
     "debug",
     "loglevel",
     "group",
@@ -91,6 +107,13 @@ const CONFIGURATION_KEYS: [&str; 15] = [
     "min_free_space",
     "registry_stall_timeout",
     "allow_insecure",
+    "hosts",
+    "tlsverify",
+    "tlscacert",
+    "tlscert",
+    "tlskey",
+    "insecure_tcp",
+    "roles",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +143,80 @@ struct ConfigurationFile {
     min_free_space: Option<String>,
     /// Ours: how long a registry transfer may make no progress before it fails ("60s").
     registry_stall_timeout: Option<String>,
+    /// Ours: where to listen, as `--host` (unix:///path, tcp://ADDR:PORT).
+    hosts: Option<Vec<String>>,
+    /// Ours: TCP listeners need mutual TLS with these files (as the flags).
+    tlsverify: Option<bool>,
+    tlscacert: Option<PathBuf>,
+    tlscert: Option<PathBuf>,
+    tlskey: Option<PathBuf>,
+    /// Ours: a TCP listener without TLS on a loopback address.
+    insecure_tcp: Option<bool>,
+    /// Ours: certificate common names per role, for TCP clients.
+    roles: Option<Roles>,
+}
+
+/// Who may do what over TCP: certificate common names per role. A name in no list is
+/// refused; the unix socket is not concerned (its peers are checked as always).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Roles {
+    /// Everything.
+    #[serde(default)]
+    pub admin: Vec<String>,
+    /// Build, pull, push, save, list and inspect.
+    #[serde(default)]
+    pub builder: Vec<String>,
+    /// List, inspect, info and version.
+    #[serde(default)]
+    pub reader: Vec<String>,
+}
+
+/// What a TCP client may do, from least to most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Reader,
+    Builder,
+    Admin,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Builder => "builder",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl Roles {
+    /// The highest role `cn` is listed under.
+    pub fn of(&self, cn: &str) -> Option<Role> {
+        [
+            (Role::Admin, &self.admin),
+            (Role::Builder, &self.builder),
+            (Role::Reader, &self.reader),
+        ]
+        .into_iter()
+        .find(|(_, names)| names.iter().any(|n| n == cn))
+        .map(|(r, _)| r)
+    }
+}
+
+/// The files of mutual TLS (PEM).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A TCP listener: its address and, unless it is an `--insecure-tcp` loopback one, TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpListen {
+    pub addr: std::net::SocketAddr,
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -177,7 +274,12 @@ pub struct Settings {
     pub mount_options: Vec<String>,
     pub registries: Registries,
     pub policy: Option<Policy>,
-    pub socket: PathBuf,
+    /// The unix socket (None: only TCP listeners were asked for).
+    pub socket: Option<PathBuf>,
+    /// TCP listeners.
+    pub tcp: Vec<TcpListen>,
+    /// Who may do what over TCP.
+    pub roles: Roles,
     /// Where the config files, `auth.json`, `certs.d/` and the public key live.
     pub config_dir: PathBuf,
     /// What in the files was ignored (unknown keys), for the log once it is set up.
@@ -457,10 +559,31 @@ impl Settings {
             }
             Ok(p)
         };
-        let socket = match &flags.host {
-            Some(h) => isula_api::socket_path_from_host(h).map_err(anyhow::Error::msg)?,
-            None => PathBuf::from(isula_api::DEFAULT_SOCKET),
+        let hosts: Vec<String> = if !flags.host.is_empty() {
+            flags.host.clone()
+        } else {
+            conf.hosts.clone().unwrap_or_default()
         };
+        let tls = match flags.tlsverify.or(conf.tlsverify).unwrap_or(false) {
+            false => None,
+            true => {
+                let file = |what: &str, flag: &Option<PathBuf>, key: &Option<PathBuf>| {
+                    flag.clone().or_else(|| key.clone()).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--tlsverify needs --{what} (or {what} in configuration.toml)"
+                        )
+                    })
+                };
+                Some(TlsFiles {
+                    ca: file("tlscacert", &flags.tlscacert, &conf.tlscacert)?,
+                    cert: file("tlscert", &flags.tlscert, &conf.tlscert)?,
+                    key: file("tlskey", &flags.tlskey, &conf.tlskey)?,
+                })
+            }
+        };
+        let insecure_tcp = flags.insecure_tcp.or(conf.insecure_tcp).unwrap_or(false);
+        let (socket, tcp) = listeners(&hosts, tls.as_ref(), insecure_tcp)?;
+        let roles = conf.roles.clone().unwrap_or_default();
         Ok(Settings {
             debug,
             log_level,
@@ -504,9 +627,51 @@ impl Settings {
             policy,
             config_dir: dir.clone(),
             socket,
+            tcp,
+            roles,
             warnings,
         })
     }
+}
+
+/// The unix socket and the TCP listeners `hosts` ask for (none: the default socket). A
+/// TCP listener needs mutual TLS, unless it is on a loopback address and `insecure_tcp`.
+fn listeners(
+    hosts: &[String],
+    tls: Option<&TlsFiles>,
+    insecure_tcp: bool,
+) -> Result<(Option<PathBuf>, Vec<TcpListen>)> {
+    if hosts.is_empty() {
+        return Ok((Some(PathBuf::from(isula_api::DEFAULT_SOCKET)), Vec::new()));
+    }
+    let mut socket = None;
+    let mut tcp = Vec::new();
+    for h in hosts {
+        if let Some(addr) = h.strip_prefix("tcp://") {
+            let addr: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| anyhow::anyhow!("invalid host {h:?}: expected tcp://ADDR:PORT"))?;
+            let tls = match (tls, insecure_tcp) {
+                (Some(t), _) => Some(t.clone()),
+                (None, true) if addr.ip().is_loopback() => None,
+                (None, true) => bail!(
+                    "host {h}: --insecure-tcp serves only a loopback address; {} is not one (use --tlsverify)",
+                    addr.ip()
+                ),
+                (None, false) => bail!(
+                    "host {h}: a TCP listener needs mutual TLS (--tlsverify --tlscacert CA --tlscert CERT --tlskey KEY); a plain one is allowed only on a loopback address with --insecure-tcp"
+                ),
+            };
+            tcp.push(TcpListen { addr, tls });
+        } else {
+            if socket.is_some() {
+                bail!("host {h}: only one unix socket can be served");
+            }
+            socket = Some(isula_api::socket_path_from_host(h).map_err(anyhow::Error::msg)?);
+        }
+    }
+    Ok((socket, tcp))
 }
 
 /// Free space the build cache leaves on the data root's file system.
@@ -576,6 +741,78 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).expect("write");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn hosts_tls_and_roles_from_the_file_and_flags_over_them() {
+        let d = tempfile::tempdir().expect("tmp");
+        write(
+            d.path(),
+            "configuration.toml",
+            "hosts = [\"unix:///run/a.sock\", \"tcp://127.0.0.1:7070\"]\n\
+             tlsverify = true\ntlscacert = \"/c/ca.pem\"\ntlscert = \"/c/cert.pem\"\n\
+             tlskey = \"/c/key.pem\"\n[roles]\nadmin = [\"ops\"]\nreader = [\"ci\", \"ops\"]\n",
+            0o600,
+        );
+        let s = Settings::load(&flags(d.path(), &[])).expect("load");
+        assert_eq!(s.socket.as_deref(), Some(Path::new("/run/a.sock")));
+        assert_eq!(s.tcp.len(), 1);
+        assert_eq!(s.tcp[0].addr.to_string(), "127.0.0.1:7070");
+        assert_eq!(
+            s.tcp[0].tls.as_ref().map(|t| t.ca.clone()),
+            Some(PathBuf::from("/c/ca.pem"))
+        );
+        // The highest role a name has; a name in none has none.
+        assert_eq!(s.roles.of("ops"), Some(Role::Admin));
+        assert_eq!(s.roles.of("ci"), Some(Role::Reader));
+        assert_eq!(s.roles.of("stranger"), None);
+        // --host replaces the file's hosts: only TCP, no unix socket.
+        let s =
+            Settings::load(&flags(d.path(), &["--host", "tcp://127.0.0.1:7171"])).expect("load");
+        assert_eq!(s.socket, None);
+        assert_eq!(s.tcp[0].addr.port(), 7171);
+        // No hosts anywhere: the default socket alone.
+        let e = tempfile::tempdir().expect("tmp");
+        let s = Settings::load(&flags(e.path(), &[])).expect("load");
+        assert_eq!(
+            s.socket.as_deref(),
+            Some(Path::new(isula_api::DEFAULT_SOCKET))
+        );
+        assert!(s.tcp.is_empty());
+        // Refusals, each naming what is wrong.
+        for (extra, want) in [
+            (vec!["--host", "tcp://127.0.0.1:1"], "needs mutual TLS"),
+            (
+                vec!["--host", "tcp://10.0.0.1:1", "--insecure-tcp"],
+                "only a loopback address",
+            ),
+            (vec!["--host", "tcp://nowhere"], "expected tcp://ADDR:PORT"),
+            (
+                vec!["--host", "tcp://127.0.0.1:1", "--tlsverify"],
+                "--tlsverify needs --tlscacert",
+            ),
+            (
+                vec!["--host", "unix:///a.sock", "--host", "unix:///b.sock"],
+                "only one unix socket",
+            ),
+        ] {
+            let err = Settings::load(&flags(e.path(), &extra)).expect_err(want);
+            assert!(format!("{err:#}").contains(want), "{extra:?}: {err:#}");
+        }
+        let ok = Settings::load(&flags(
+            e.path(),
+            &["--host", "tcp://127.0.0.1:1", "--insecure-tcp"],
+        ))
+        .expect("loopback without TLS");
+        assert_eq!(ok.tcp[0].tls, None);
+        write(
+            e.path(),
+            "configuration.toml",
+            "[roles]\nadmins = [\"x\"]\n",
+            0o600,
+        );
+        let err = Settings::load(&flags(e.path(), &[])).expect_err("unknown role");
+        assert!(format!("{err:#}").contains("admins"), "{err:#}");
     }
 
     #[test]

@@ -15,12 +15,14 @@ use config::{Command, Flags, Settings};
 
 fn init_logging(level: &str) {
     // ISULA_BUILD_PHASES=1 adds the timed phases of each operation (isula_store::phase).
+    // A TCP client refused at the TLS handshake (no certificate, another CA's, an expired
+    // one) is logged with the reason (tonic says it at debug level).
     let phases = match std::env::var("ISULA_BUILD_PHASES").as_deref() {
         Ok("1") => ",isula_phase=debug",
         _ => "",
     };
     let filter = tracing_subscriber::EnvFilter::new(format!(
-        "{level},h2=warn,tower=warn,hyper=warn{phases}"
+        "{level},h2=warn,tower=warn,hyper=warn{phases},tonic::transport::server::io_stream=debug"
     ));
     // Colour only for a terminal: a journal or a file gets plain lines.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

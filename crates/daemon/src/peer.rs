@@ -119,6 +119,49 @@ impl tokio::io::AsyncWrite for PeerStream {
     }
 }
 
+/// Who sent a request, by the connection it came on.
+pub enum Caller {
+    /// The unix socket (its peer credentials, if the kernel gave them, are the request's).
+    Local,
+    /// A TCP client with a certificate: its common name (an error when it has none).
+    Remote(Result<String, Status>),
+    /// A TCP client without TLS (an `--insecure-tcp` loopback listener).
+    InsecureTcp,
+}
+
+pub fn caller<T>(req: &Request<T>) -> Caller {
+    if req.extensions().get::<Option<PeerInfo>>().is_some() {
+        return Caller::Local;
+    }
+    match req.peer_certs() {
+        Some(certs) => Caller::Remote(
+            certs
+                .first()
+                .ok_or_else(|| Status::unauthenticated("no client certificate"))
+                .and_then(|c| common_name(c.as_ref())),
+        ),
+        None => Caller::InsecureTcp,
+    }
+}
+
+/// Whether the request came over TCP.
+pub fn is_remote<T>(req: &Request<T>) -> bool {
+    !matches!(caller(req), Caller::Local)
+}
+
+/// The subject common name of a DER certificate.
+fn common_name(der: &[u8]) -> Result<String, Status> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    cn.ok_or_else(|| Status::unauthenticated("the client certificate has no common name"))
+}
+
 fn peer<T>(req: &Request<T>) -> Option<&PeerInfo> {
     req.extensions()
         .get::<Option<PeerInfo>>()
@@ -127,6 +170,12 @@ fn peer<T>(req: &Request<T>) -> Option<&PeerInfo> {
 
 /// How the files of this request's client are to be opened.
 pub fn files<T>(req: &Request<T>) -> Result<Box<dyn ClientFiles>, Status> {
+    if is_remote(req) {
+        // A path a TCP client names is on its machine, never this one's.
+        return Err(Status::failed_precondition(
+            "this command names files on the client's machine, which a daemon reached over TCP does not open; sending them over the connection is not supported yet",
+        ));
+    }
     let p = peer(req).ok_or_else(|| {
         Status::permission_denied("cannot identify the client (no peer credentials)")
     })?;

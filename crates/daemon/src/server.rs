@@ -68,6 +68,15 @@ fn bind(socket: &Path, group: &str) -> Result<UnixListener> {
     Ok(listener)
 }
 
+fn settings_tcp_addrs(state: &State) -> Vec<String> {
+    state
+        .settings
+        .tcp
+        .iter()
+        .map(|t| t.addr.to_string())
+        .collect()
+}
+
 /// Tells systemd (Type=notify) that the socket is up.
 fn notify_ready() {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -151,10 +160,49 @@ const KEEP_FREE_EVERY_TICKS: u64 = 6;
 /// Free memory the allocator may keep while idle before it is given back.
 const IDLE_TRIM_OVER: u64 = 1 << 20;
 
+/// The TLS configuration of a TCP listener: the daemon's identity, and client
+/// certificates required, signed by the CA.
+fn server_tls(files: &crate::config::TlsFiles) -> Result<tonic::transport::ServerTlsConfig> {
+    let read = |what: &str, p: &Path| {
+        std::fs::read(p).with_context(|| format!("reading the TLS {what} {}", p.display()))
+    };
+    let ca = read("CA certificate", &files.ca)?;
+    let cert = read("certificate", &files.cert)?;
+    let key = read("key", &files.key)?;
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key))
+        .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+        .client_auth_optional(false))
+}
+
 pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     let socket = settings.socket.clone();
     let key = isula_api::secret::KeyPair::generate().context("generating the RSA key pair")?;
-    let listener = bind(&socket, &settings.group)?;
+    let listener = match &socket {
+        Some(path) => Some(bind(path, &settings.group)?),
+        None => None,
+    };
+    // TCP listeners: bound (and their TLS files read) before anything is served, so a bad
+    // address or file stops the start with a message.
+    let mut tcp = Vec::new();
+    for t in &settings.tcp {
+        let tls = t.tls.as_ref().map(server_tls).transpose()?;
+        let incoming = tonic::transport::server::TcpIncoming::bind(t.addr)
+            .map_err(|e| anyhow::anyhow!("binding tcp://{}: {e}", t.addr))?;
+        match &tls {
+            Some(_) => tracing::info!(addr = %t.addr, "serving TCP with mutual TLS"),
+            None => tracing::warn!(
+                addr = %t.addr,
+                "serving TCP WITHOUT TLS (--insecure-tcp, loopback only): any local process may use it as an admin"
+            ),
+        }
+        if settings.roles == crate::config::Roles::default() && tls.is_some() {
+            tracing::warn!(
+                "no [roles] in configuration.toml: every TCP client certificate is refused"
+            );
+        }
+        tcp.push((t.addr, tls, incoming));
+    }
     write_public_key(&settings.config_dir, key.public_pem())?;
     let state = State::new(settings, store, key);
     // Gzips committed layers in the background, for pushes: only while no operation runs,
@@ -211,27 +259,64 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
     let signals = ShutdownSignals::catch()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming(listener), async {
-                let _ = stop_rx.await;
-            }),
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut servers = Vec::new();
+    if let Some(listener) = listener {
+        servers.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service.clone())
+                .serve_with_incoming_shutdown(incoming(listener), stopped()),
+        ));
+    }
+    for (addr, tls, incoming) in tcp {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| anyhow::anyhow!("TLS of tcp://{addr}: {e}"))?;
+        }
+        servers.push(tokio::spawn(
+            builder
+                .add_service(service.clone())
+                .serve_with_incoming_shutdown(incoming, stopped()),
+        ));
+    }
+    let server = async move {
+        let mut first = Ok(());
+        for s in servers {
+            match s.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if first.is_ok() => first = Err(anyhow::anyhow!("server: {e}")),
+                Err(e) if first.is_ok() => first = Err(anyhow::anyhow!("server task: {e}")),
+                _ => {}
+            }
+        }
+        first
+    };
+    tracing::info!(
+        socket = socket.as_ref().map(|s| s.display().to_string()).unwrap_or_default(),
+        tcp = ?settings_tcp_addrs(&state),
+        "isula-builder is serving"
     );
-    tracing::info!(socket = %socket.display(), "isula-builder is serving");
     notify_ready();
     let signal = signals.recv().await;
     tracing::info!(signal, running = state.running(), "shutting down");
     // Stop accepting first, then cancel what runs, then wait for it to clean up.
-    let _ = std::fs::remove_file(&socket);
+    if let Some(socket) = &socket {
+        let _ = std::fs::remove_file(socket);
+    }
     state.cancel_all();
     state.store.stop_compressor();
-    let _ = stop_tx.send(());
+    let _ = stop_tx.send(true);
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server"),
-        Ok(Err(e)) => tracing::error!(error = %e, "server task"),
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "serving"),
         Err(_) => tracing::error!("running operations did not finish within {SHUTDOWN_GRACE:?}"),
     }
     // Blocking tasks hold the state; wait for them to release it (and the store lock).

@@ -1,6 +1,7 @@
 //! The generated `Control` trait, routed to one function per RPC in `rpc/`. Store work runs
 //! on blocking threads; streams carry the lines the user sees.
 
+use crate::config::Role;
 use crate::state::{stream_blocking, LineStream, State, Wrap};
 use crate::{peer, rpc};
 use isula_api::v1::control_server::Control;
@@ -28,7 +29,48 @@ impl Service {
                 "manifest commands are experimental: start isula-builder with --experimental",
             ));
         }
-        root_only(r, "managing manifest lists")
+        self.allow(r, "managing manifest lists", Role::Admin, true)
+    }
+
+    /// Whether the caller may do `what`. Over the unix socket: anyone in the socket's
+    /// group, or only root (`root`), as always. Over TCP: the role its certificate's
+    /// common name has in `[roles]` must be `need` or more; the log names who did what.
+    fn allow<T>(&self, r: &Request<T>, what: &str, need: Role, root: bool) -> Result<(), Status> {
+        match peer::caller(r) {
+            peer::Caller::Local => {
+                if root {
+                    root_only(r, what)
+                } else {
+                    Ok(())
+                }
+            }
+            peer::Caller::Remote(cn) => {
+                let cn = cn?;
+                let Some(role) = self.state.settings.roles.of(&cn) else {
+                    tracing::warn!(cn = %cn, what, "refused: the certificate is in no role");
+                    return Err(Status::permission_denied(format!(
+                        "the certificate CN={cn} has no role on this daemon ([roles] in configuration.toml)"
+                    )));
+                };
+                if role < need {
+                    tracing::warn!(cn = %cn, role = role.name(), what, "refused: role too low");
+                    return Err(Status::permission_denied(format!(
+                        "{what} needs the {} role; the certificate CN={cn} has {}",
+                        need.name(),
+                        role.name()
+                    )));
+                }
+                tracing::info!(cn = %cn, role = role.name(), what, "remote operation");
+                Ok(())
+            }
+            peer::Caller::InsecureTcp => {
+                tracing::info!(
+                    what,
+                    "remote operation over TCP without TLS (--insecure-tcp)"
+                );
+                Ok(())
+            }
+        }
     }
 }
 
@@ -46,7 +88,8 @@ fn root_only<T>(r: &Request<T>, what: &str) -> Result<(), Status> {
 #[tonic::async_trait]
 impl Control for Service {
     async fn build(&self, r: Request<BuildRequest>) -> Result<Response<BuildResponse>, Status> {
-        if !peer::is_root(&r) {
+        self.allow(&r, "building images", Role::Builder, false)?;
+        if !peer::is_remote(&r) && !peer::is_root(&r) {
             // The build reads the whole context with the daemon's rights: root only.
             return Err(Status::permission_denied("building images requires root"));
         }
@@ -61,12 +104,14 @@ impl Control for Service {
         &self,
         r: Request<StatusRequest>,
     ) -> Result<Response<Self::StatusStream>, Status> {
+        self.allow(&r, "following a build", Role::Builder, false)?;
         rpc::build::status(self.state.clone(), r.into_inner().build_id)
             .await
             .map(Response::new)
     }
 
     async fn list(&self, r: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        self.allow(&r, "listing images", Role::Reader, false)?;
         let state = self.state.clone();
         let req = r.into_inner();
         blocking(move || rpc::list::list(&state, req))
@@ -74,13 +119,14 @@ impl Control for Service {
             .map(Response::new)
     }
 
-    async fn version(&self, _r: Request<()>) -> Result<Response<VersionResponse>, Status> {
+    async fn version(&self, r: Request<()>) -> Result<Response<VersionResponse>, Status> {
+        self.allow(&r, "reading the version", Role::Reader, false)?;
         Ok(Response::new(rpc::version::version()))
     }
 
     type PushStream = LineStream<PushResponse>;
     async fn push(&self, r: Request<PushRequest>) -> Result<Response<Self::PushStream>, Status> {
-        root_only(&r, "pushing images")?;
+        self.allow(&r, "pushing images", Role::Builder, true)?;
         let (name, format, platform) = rpc::registry::validate_push(r.get_ref())?;
         let wrap = Wrap {
             text: |response| PushResponse {
@@ -103,7 +149,7 @@ impl Control for Service {
 
     type PullStream = LineStream<PullResponse>;
     async fn pull(&self, r: Request<PullRequest>) -> Result<Response<Self::PullStream>, Status> {
-        root_only(&r, "pulling images")?;
+        self.allow(&r, "pulling images", Role::Builder, true)?;
         let (name, platform) = rpc::registry::validate_pull(r.get_ref())?;
         let wrap = Wrap {
             text: |response| PullResponse {
@@ -127,7 +173,7 @@ impl Control for Service {
         &self,
         r: Request<RemoveRequest>,
     ) -> Result<Response<Self::RemoveStream>, Status> {
-        root_only(&r, "removing images")?;
+        self.allow(&r, "removing images", Role::Admin, true)?;
         let req = r.into_inner();
         let wrap = Wrap::text(|layer_message| RemoveResponse { layer_message });
         Ok(Response::new(stream_blocking(
@@ -137,12 +183,13 @@ impl Control for Service {
         )))
     }
 
-    async fn health_check(&self, _r: Request<()>) -> Result<Response<HealthCheckResponse>, Status> {
+    async fn health_check(&self, r: Request<()>) -> Result<Response<HealthCheckResponse>, Status> {
+        self.allow(&r, "a health check", Role::Reader, false)?;
         Ok(Response::new(rpc::health::health()))
     }
 
     async fn login(&self, r: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
-        root_only(&r, "logging in to registries")?;
+        self.allow(&r, "logging in to registries", Role::Admin, true)?;
         let state = self.state.clone();
         let req = r.into_inner();
         blocking(move || rpc::registry::login(&state, req))
@@ -151,7 +198,7 @@ impl Control for Service {
     }
 
     async fn logout(&self, r: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
-        root_only(&r, "logging out of registries")?;
+        self.allow(&r, "logging out of registries", Role::Admin, true)?;
         let state = self.state.clone();
         let req = r.into_inner();
         blocking(move || rpc::registry::logout(&state, req))
@@ -161,7 +208,7 @@ impl Control for Service {
 
     type LoadStream = LineStream<LoadResponse>;
     async fn load(&self, r: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
-        root_only(&r, "loading images")?;
+        self.allow(&r, "loading images", Role::Admin, true)?;
         let files = peer::files(&r)?;
         let wrap = Wrap {
             text: |log| LoadResponse {
@@ -186,7 +233,7 @@ impl Control for Service {
         &self,
         r: Request<ImportRequest>,
     ) -> Result<Response<Self::ImportStream>, Status> {
-        root_only(&r, "importing images")?;
+        self.allow(&r, "importing images", Role::Admin, true)?;
         let (source, reference) = rpc::import::validate(r.get_ref())?;
         let files = peer::files(&r)?;
         let wrap = Wrap::text(|log| ImportResponse { log });
@@ -200,7 +247,7 @@ impl Control for Service {
     }
 
     async fn tag(&self, r: Request<TagRequest>) -> Result<Response<()>, Status> {
-        root_only(&r, "tagging images")?;
+        self.allow(&r, "tagging images", Role::Admin, true)?;
         let state = self.state.clone();
         let req = r.into_inner();
         blocking(move || rpc::tag::tag(&state, req))
@@ -210,6 +257,7 @@ impl Control for Service {
 
     type SaveStream = LineStream<SaveResponse>;
     async fn save(&self, r: Request<SaveRequest>) -> Result<Response<Self::SaveStream>, Status> {
+        self.allow(&r, "saving images", Role::Builder, false)?;
         let files = peer::files(&r)?;
         let wrap = Wrap {
             text: |log| SaveResponse {
@@ -230,6 +278,7 @@ impl Control for Service {
     }
 
     async fn info(&self, r: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        self.allow(&r, "reading info", Role::Reader, false)?;
         Ok(Response::new(rpc::info::info(&self.state, r.into_inner())))
     }
 
@@ -289,7 +338,7 @@ impl Control for Service {
         r: Request<BuilderUsageRequest>,
     ) -> Result<Response<BuilderUsageResponse>, Status> {
         // The records name the Dockerfile lines of everyone's builds: root only, like builds.
-        root_only(&r, "reading the build cache")?;
+        self.allow(&r, "reading the build cache", Role::Reader, true)?;
         let state = self.state.clone();
         let req = r.into_inner();
         blocking(move || rpc::builder_cache::usage(&state, req))
@@ -301,7 +350,7 @@ impl Control for Service {
         &self,
         r: Request<BuilderPruneRequest>,
     ) -> Result<Response<BuilderPruneResponse>, Status> {
-        root_only(&r, "pruning the build cache")?;
+        self.allow(&r, "pruning the build cache", Role::Admin, true)?;
         let state = self.state.clone();
         let req = r.into_inner();
         blocking(move || rpc::builder_cache::prune(&state, req))
@@ -315,7 +364,7 @@ impl Control for Service {
         r: Request<tonic::Streaming<SessionFrame>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         // Only builds (root's) have sessions.
-        root_only(&r, "a build session")?;
+        self.allow(&r, "a build session", Role::Builder, true)?;
         rpc::session::open(self.state.clone(), r.into_inner())
             .await
             .map(|rx| Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
@@ -325,6 +374,7 @@ impl Control for Service {
         &self,
         r: Request<ImageInspectRequest>,
     ) -> Result<Response<ImageInspectResponse>, Status> {
+        self.allow(&r, "inspecting images", Role::Reader, false)?;
         let state = self.state.clone();
         let req = r.into_inner();
         blocking(move || rpc::inspect::inspect(&state, req))

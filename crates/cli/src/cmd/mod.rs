@@ -18,7 +18,7 @@ pub mod tag;
 pub mod version;
 
 use crate::{Cli, Command, CtrImg};
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use isula_api::v1::control_client::ControlClient;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -46,18 +46,92 @@ fn check_log_level(level: &str) -> Result<()> {
     }
 }
 
+/// Where the daemon is and how to reach it.
+pub struct Target {
+    pub host: String,
+    /// Mutual TLS, for a tcp:// host.
+    pub tls: Option<isula_api::ClientTls>,
+}
+
+/// The daemon the flags and environment name: `--host`, else `$ISULA_BUILD_HOST`, else
+/// `$ISULABUILD_HOST` (isula-build's name), else the default socket; for a tcp:// host,
+/// mutual TLS when `--tlsverify`, a `--tls*` file or `$ISULA_BUILD_CERT_PATH` (Docker's
+/// layout: ca.pem, cert.pem, key.pem) says so.
+pub fn target(cli: &Cli) -> Result<Target> {
+    let host = cli
+        .host
+        .clone()
+        .or_else(|| {
+            std::env::var("ISULA_BUILD_HOST")
+                .ok()
+                .filter(|h| !h.is_empty())
+        })
+        .or_else(|| {
+            std::env::var(isula_api::HOST_ENV)
+                .ok()
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| format!("unix://{}", isula_api::DEFAULT_SOCKET));
+    let cert_path = std::env::var_os("ISULA_BUILD_CERT_PATH").map(std::path::PathBuf::from);
+    let wants_tls = cli.tlsverify
+        || cli.tlscacert.is_some()
+        || cli.tlscert.is_some()
+        || cli.tlskey.is_some()
+        || cert_path.is_some();
+    if !host.starts_with("tcp://") {
+        if wants_tls {
+            anyhow::bail!("--tlsverify and the --tls* files are for a tcp:// host, not {host}");
+        }
+        return Ok(Target { host, tls: None });
+    }
+    if !wants_tls {
+        return Ok(Target { host, tls: None });
+    }
+    let file = |flag: &Option<std::path::PathBuf>, name: &str, what: &str| -> Result<Vec<u8>> {
+        let path = flag
+            .clone()
+            .or_else(|| cert_path.as_ref().map(|d| d.join(name)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("--tlsverify needs --{what} (or $ISULA_BUILD_CERT_PATH/{name})")
+            })?;
+        std::fs::read(&path).with_context(|| format!("reading --{what} {}", path.display()))
+    };
+    Ok(Target {
+        tls: Some(isula_api::ClientTls {
+            ca: file(&cli.tlscacert, "ca.pem", "tlscacert")?,
+            cert: file(&cli.tlscert, "cert.pem", "tlscert")?,
+            key: file(&cli.tlskey, "key.pem", "tlskey")?,
+        }),
+        host,
+    })
+}
+
 /// Connects and waits (at most `timeout`) for the daemon's health check to say it serves.
-pub async fn connect(host: &str, timeout: Duration) -> Result<Client> {
+pub async fn connect(target: &Target, timeout: Duration) -> Result<Client> {
+    let host = &target.host;
+    // Over mutual TLS a refused certificate shows only as a broken connection.
+    let hint = if target.tls.is_some() {
+        "\n(over mutual TLS the daemon refuses a certificate its CA did not sign, an expired one, or none: its log says which)"
+    } else {
+        ""
+    };
     let cannot = |e: String| {
         anyhow::anyhow!(
-            "Cannot connect to the isula-builder at {host}. Is the isula-builder running?\nError: {e}"
+            "Cannot connect to the isula-builder at {host}. Is the isula-builder running?\nError: {e}{hint}"
         )
     };
-    let socket = isula_api::socket_path_from_host(host).map_err(anyhow::Error::msg)?;
     let attempt = async {
-        let mut client = isula_api::connect(&socket)
-            .await
-            .map_err(|e| cannot(format!("{e}: {}", socket.display())))?;
+        let mut client = match host.strip_prefix("tcp://") {
+            Some(addr) => isula_api::connect_tcp(addr, target.tls.as_ref())
+                .await
+                .map_err(|e| cannot(error_chain(&e)))?,
+            None => {
+                let socket = isula_api::socket_path_from_host(host).map_err(anyhow::Error::msg)?;
+                isula_api::connect(&socket)
+                    .await
+                    .map_err(|e| cannot(format!("{e}: {}", socket.display())))?
+            }
+        };
         let status = client
             .health_check(())
             .await
@@ -74,6 +148,18 @@ pub async fn connect(host: &str, timeout: Duration) -> Result<Client> {
         .map_err(|_| cannot(format!("no answer within {timeout:?}")))?
 }
 
+/// An error and its causes, one line (a TLS refusal is in the causes).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// A random operation ID, as the API's *ID fields expect.
 pub fn op_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
@@ -82,8 +168,8 @@ pub fn op_id() -> String {
 pub async fn run(cli: Cli) -> Result<()> {
     check_log_level(&cli.log_level)?;
     let timeout = start_timeout(cli.timeout.as_deref())?;
-    let host = cli.host.clone();
-    let connect = || connect(&host, timeout);
+    let target = target(&cli)?;
+    let connect = || connect(&target, timeout);
     match cli.command {
         Command::CtrImg(c) => {
             let mut client = connect().await?;

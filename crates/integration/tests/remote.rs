@@ -1,0 +1,351 @@
+//! The daemon over TCP with mutual TLS: a CA the test makes (openssl), certificates per
+//! role, and each refusal beside its positive control: no certificate, one from another
+//! CA, an expired one, a common name in no role, a role too low; the log names who did
+//! what; a plain TCP listener only on loopback with --insecure-tcp.
+
+use isula_integration::registry::free_port;
+use isula_integration::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A test PKI: a CA, the daemon's certificate for 127.0.0.1, client certificates.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let p = Pki {
+            dir: tempfile::tempdir().expect("pki"),
+        };
+        p.ca("ca");
+        p.ca("other-ca");
+        p.sign(
+            "ca",
+            "server",
+            "127.0.0.1",
+            30,
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        );
+        p
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn ca(&self, name: &str) {
+        openssl(
+            self.dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "30",
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+    }
+
+    /// `name.pem` and `name.key`, CN=`cn`, signed by `ca`, valid for `days` (negative:
+    /// expired), an X.509 v3 certificate with the extensions `ext`.
+    fn sign(&self, ca: &str, name: &str, cn: &str, days: i32, ext: &str) {
+        let d = self.dir.path();
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        let mut args: Vec<String> = [
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-set_serial",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("{}", rand_serial()));
+        args.extend([
+            "-days".into(),
+            days.to_string(),
+            "-out".into(),
+            format!("{name}.pem"),
+        ]);
+        std::fs::write(d.join(format!("{name}.ext")), ext).expect("ext");
+        args.extend(["-extfile".into(), format!("{name}.ext")]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        openssl(d, &refs);
+    }
+
+    /// The client flags for certificate `name`.
+    fn client(&self, name: &str) -> Vec<String> {
+        vec![
+            "--tlscacert".into(),
+            self.path("ca.pem").display().to_string(),
+            "--tlscert".into(),
+            self.path(&format!("{name}.pem")).display().to_string(),
+            "--tlskey".into(),
+            self.path(&format!("{name}.key")).display().to_string(),
+        ]
+    }
+}
+
+fn rand_serial() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
+}
+
+/// A client certificate's extensions.
+const CLIENT: &str = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
+
+const ROLES: &str =
+    "[roles]\nadmin = [\"admin\"]\nbuilder = [\"builder\"]\nreader = [\"reader\"]\n";
+
+/// `isula-build --host tcp://ADDR` with `tls` flags and `args`.
+fn remote(d: &Daemon, addr: &str, tls: &[String], args: &[&str]) -> std::process::Output {
+    let mut c = d.cli_command(&[]);
+    c.arg("--host")
+        .arg(format!("tcp://{addr}"))
+        .args(tls)
+        .args(args);
+    c.env_remove("ISULA_BUILD_CERT_PATH");
+    c.output().expect("isula-build")
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn mutual_tls_and_roles_decide_who_may_do_what() {
+    if !require_root() || !require_tool("openssl") {
+        return;
+    }
+    let pki = Pki::new();
+    for cn in ["admin", "builder", "reader", "nobody"] {
+        pki.sign("ca", cn, cn, 30, CLIENT);
+    }
+    pki.sign("other-ca", "rogue", "admin", 30, CLIENT);
+    pki.sign("ca", "expired", "admin", -1, CLIENT);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let host = format!("tcp://{addr}");
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("server.pem"),
+        pki.path("server.key"),
+    );
+    let d = Daemon::start_configured(
+        &[("configuration.toml", ROLES)],
+        &[
+            "--host",
+            &host,
+            "--tlsverify",
+            "--tlscacert",
+            ca.to_str().expect("utf8"),
+            "--tlscert",
+            cert.to_str().expect("utf8"),
+            "--tlskey",
+            key.to_str().expect("utf8"),
+        ],
+        &[],
+    );
+    d.import_busybox("busybox:latest", &[]);
+
+    // Every role lists (the positive control of each refusal below).
+    for cn in ["admin", "builder", "reader"] {
+        let o = remote(&d, &addr, &pki.client(cn), &["ctr-img", "images"]);
+        assert!(o.status.success(), "{cn}: {}", text(&o));
+        assert!(text(&o).contains("busybox"), "{cn}: {}", text(&o));
+    }
+    // A role too low: the reader may not build, the builder may not tag; the admin may.
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\n").expect("df");
+    let o = remote(
+        &d,
+        &addr,
+        &pki.client("reader"),
+        &["ctr-img", "build", ctx.to_str().expect("utf8")],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains(
+            "building images needs the builder role; the certificate CN=reader has reader"
+        ),
+        "{}",
+        text(&o)
+    );
+    let o = remote(
+        &d,
+        &addr,
+        &pki.client("builder"),
+        &["ctr-img", "tag", "busybox", "x:1"],
+    );
+    assert!(text(&o).contains("needs the admin role"), "{}", text(&o));
+    let o = remote(
+        &d,
+        &addr,
+        &pki.client("admin"),
+        &["ctr-img", "tag", "busybox", "x:1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(d.images().iter().any(|(r, t, _)| r == "x" && t == "1"));
+    // A builder's build names a context on its own machine: refused, the path never opened.
+    let o = remote(
+        &d,
+        &addr,
+        &pki.client("builder"),
+        &["ctr-img", "build", ctx.to_str().expect("utf8")],
+    );
+    assert!(
+        text(&o).contains("names files on the client's machine"),
+        "{}",
+        text(&o)
+    );
+    // A common name in no role.
+    let o = remote(&d, &addr, &pki.client("nobody"), &["ctr-img", "images"]);
+    assert!(text(&o).contains("CN=nobody has no role"), "{}", text(&o));
+    // Another CA's certificate (CN=admin), an expired one (CN=admin): the handshake fails.
+    for bad in ["rogue", "expired"] {
+        let o = remote(&d, &addr, &pki.client(bad), &["ctr-img", "images"]);
+        assert!(!o.status.success(), "{bad}: {}", text(&o));
+        assert!(text(&o).contains("Cannot connect"), "{bad}: {}", text(&o));
+        assert!(
+            text(&o).contains("its log says which"),
+            "{bad}: {}",
+            text(&o)
+        );
+        assert!(!text(&o).contains("busybox"), "{bad}");
+    }
+    // No certificate at all: the daemon refuses the handshake (curl, with and without).
+    if require_tool("curl") {
+        let url = format!("https://{addr}/isula.build.v1.Control/HealthCheck");
+        let no_cert = Command::new("curl")
+            .args(["-sS", "--http2", "--cacert"])
+            .arg(&ca)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        assert!(!no_cert.status.success(), "{}", text(&no_cert));
+        let with_cert = Command::new("curl")
+            .args(["-sS", "--http2", "-o", "/dev/null", "--cacert"])
+            .arg(&ca)
+            .arg("--cert")
+            .arg(pki.path("admin.pem"))
+            .arg("--key")
+            .arg(pki.path("admin.key"))
+            .arg(&url)
+            .output()
+            .expect("curl");
+        assert!(with_cert.status.success(), "{}", text(&with_cert));
+    }
+    // ISULA_BUILD_HOST and ISULA_BUILD_CERT_PATH (Docker's layout) work as the flags do.
+    let certs = tempfile::tempdir().expect("certs");
+    for (from, to) in [
+        ("ca.pem", "ca.pem"),
+        ("reader.pem", "cert.pem"),
+        ("reader.key", "key.pem"),
+    ] {
+        std::fs::copy(pki.path(from), certs.path().join(to)).expect("copy");
+    }
+    let o = d
+        .cli_command(&["version"])
+        .env_remove("ISULABUILD_HOST")
+        .env("ISULA_BUILD_HOST", &host)
+        .env("ISULA_BUILD_CERT_PATH", certs.path())
+        .output()
+        .expect("isula-build");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("Server:"), "{}", text(&o));
+    // The unix socket is unchanged, and the log names who did what.
+    d.ok(&["ctr-img", "images"]);
+    let log = d.log();
+    assert!(
+        log.contains("remote operation") && log.contains("cn=reader") && log.contains("cn=admin"),
+        "{log}"
+    );
+    assert!(
+        log.contains("refused") && log.contains("cn=nobody"),
+        "{log}"
+    );
+    // The handshakes refused, with why.
+    assert!(log.contains("tls accept error"), "{log}");
+    assert!(log.to_ascii_lowercase().contains("expired"), "{log}");
+}
+
+#[test]
+fn plain_tcp_only_on_loopback_with_insecure_tcp() {
+    if !require_root() {
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_with(&["--host", &format!("tcp://{addr}"), "--insecure-tcp"]);
+    let o = remote(&d, &addr, &[], &["ctr-img", "images"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(d.log().contains("WITHOUT TLS"), "{}", d.log());
+    // Refused at start: TCP without TLS, and --insecure-tcp off loopback.
+    let etc = tempfile::tempdir().expect("etc");
+    for (flags, want) in [
+        (vec!["--host", "tcp://127.0.0.1:1"], "needs mutual TLS"),
+        (
+            vec!["--host", "tcp://0.0.0.0:1", "--insecure-tcp"],
+            "only a loopback address",
+        ),
+    ] {
+        let o = Command::new(bin("isula-builder"))
+            .args(["--config-dir"])
+            .arg(etc.path())
+            .args(["--dataroot"])
+            .arg(etc.path().join("data"))
+            .args(["--runroot"])
+            .arg(etc.path().join("run"))
+            .args(&flags)
+            .env_remove("ISULABUILD_HOST")
+            .output()
+            .expect("isula-builder");
+        assert!(!o.status.success(), "{flags:?}");
+        assert!(text(&o).contains(want), "{flags:?}: {}", text(&o));
+    }
+}
