@@ -225,6 +225,12 @@ impl ContextHashes {
         (*k == StatKey::of(st).id()).then_some(*h)
     }
 
+    /// Records that `rel`, with the stat `st` now, holds content of SHA-256 `sum`, known
+    /// some other way (a remote context's files, checked as they arrived).
+    pub fn seed(&mut self, rel: &str, st: &rustix::fs::Stat, sum: [u8; 32]) {
+        self.note(rel, Some(&StatKey::of(st)), Sha(sum));
+    }
+
     /// Records what `rel` holds, read while its stat was `key` (None: it changed while it
     /// was read, so it has no record and is read again next time).
     fn note(&mut self, rel: &str, key: Option<&StatKey>, sum: Sha) {

@@ -144,6 +144,17 @@ pub fn caller<T>(req: &Request<T>) -> Caller {
     }
 }
 
+/// Who the caller is, for what the daemon keeps per client (synced contexts): the
+/// certificate's common name over TCP, the uid on the socket.
+pub fn owner<T>(req: &Request<T>) -> String {
+    match caller(req) {
+        Caller::Local => format!("uid:{}", peer(req).map_or(u32::MAX, |p| p.uid)),
+        Caller::Remote(Ok(cn)) => format!("cn:{cn}"),
+        Caller::Remote(Err(_)) => "cn:".into(),
+        Caller::InsecureTcp => "tcp".into(),
+    }
+}
+
 /// Whether the request came over TCP.
 pub fn is_remote<T>(req: &Request<T>) -> bool {
     !matches!(caller(req), Caller::Local)
@@ -172,10 +183,44 @@ fn peer<T>(req: &Request<T>) -> Option<&PeerInfo> {
 pub fn files<T>(req: &Request<T>) -> Result<Box<dyn ClientFiles>, Status> {
     if is_remote(req) {
         // A path a TCP client names is on its machine, never this one's.
-        return Err(Status::failed_precondition(
-            "this command names files on the client's machine, which a daemon reached over TCP does not open; sending them over the connection is not supported yet",
-        ));
+        return Ok(Box::new(Refused));
     }
+    local_files(req)
+}
+
+/// A TCP client's files: on its machine, never opened here.
+struct Refused;
+
+fn refused() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "this names a file on the client's machine, which a daemon reached over TCP does not open",
+    )
+}
+
+impl ClientFiles for Refused {
+    fn open(&self, _: &Path) -> io::Result<File> {
+        Err(refused())
+    }
+    fn exists(&self, _: &Path) -> bool {
+        false
+    }
+    fn write_file(&self, _: &Path, _: &[u8]) -> io::Result<()> {
+        Err(refused())
+    }
+    fn create_dir(&self, _: &Path) -> io::Result<()> {
+        Err(refused())
+    }
+    fn create_pending(&self, dir: &Path) -> Result<PendingFile, SysError> {
+        Err(SysError::io("create a file in", dir, refused()))
+    }
+    fn persist(&self, _: PendingFile, dest: &Path) -> Result<(), SysError> {
+        Err(SysError::io("write", dest, refused()))
+    }
+}
+
+/// Files of a client on the unix socket, opened with its rights.
+fn local_files<T>(req: &Request<T>) -> Result<Box<dyn ClientFiles>, Status> {
     let p = peer(req).ok_or_else(|| {
         Status::permission_denied("cannot identify the client (no peer credentials)")
     })?;

@@ -94,7 +94,11 @@ impl Control for Service {
             return Err(Status::permission_denied("building images requires root"));
         }
         let files = peer::files(&r)?;
-        rpc::build::run(self.state.clone(), files, r.into_inner())
+        let caller = rpc::build::Caller {
+            owner: peer::owner(&r),
+            remote: peer::is_remote(&r),
+        };
+        rpc::build::run(self.state.clone(), files, caller, r.into_inner())
             .await
             .map(Response::new)
     }
@@ -368,6 +372,19 @@ impl Control for Service {
         rpc::session::open(self.state.clone(), r.into_inner())
             .await
             .map(|rx| Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    type SyncContextStream = tokio_stream::wrappers::ReceiverStream<Result<ContextReply, Status>>;
+    async fn sync_context(
+        &self,
+        r: Request<tonic::Streaming<ContextUpload>>,
+    ) -> Result<Response<Self::SyncContextStream>, Status> {
+        self.allow(&r, "sending a build context", Role::Builder, true)?;
+        let owner = peer::owner(&r);
+        let rx = rpc::context_sync::serve(self.state.clone(), owner, r.into_inner());
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn image_inspect(

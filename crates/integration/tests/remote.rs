@@ -211,9 +211,7 @@ fn mutual_tls_and_roles_decide_who_may_do_what() {
     );
     assert!(!o.status.success());
     assert!(
-        text(&o).contains(
-            "building images needs the builder role; the certificate CN=reader has reader"
-        ),
+        text(&o).contains("needs the builder role; the certificate CN=reader has reader"),
         "{}",
         text(&o)
     );
@@ -232,18 +230,34 @@ fn mutual_tls_and_roles_decide_who_may_do_what() {
     );
     assert!(o.status.success(), "{}", text(&o));
     assert!(d.images().iter().any(|(r, t, _)| r == "x" && t == "1"));
-    // A builder's build names a context on its own machine: refused, the path never opened.
+    // A builder's remote build sends its context; --iidfile (a file on its machine) is
+    // refused, the path never opened.
+    let iid = d.dir.path().join("iid");
     let o = remote(
         &d,
         &addr,
         &pki.client("builder"),
-        &["ctr-img", "build", ctx.to_str().expect("utf8")],
+        &[
+            "ctr-img",
+            "build",
+            "--iidfile",
+            iid.to_str().expect("utf8"),
+            ctx.to_str().expect("utf8"),
+        ],
     );
     assert!(
         text(&o).contains("names files on the client's machine"),
         "{}",
         text(&o)
     );
+    assert!(!iid.exists());
+    let o = remote(
+        &d,
+        &addr,
+        &pki.client("builder"),
+        &["ctr-img", "build", ctx.to_str().expect("utf8")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
     // A common name in no role.
     let o = remote(&d, &addr, &pki.client("nobody"), &["ctr-img", "images"]);
     assert!(text(&o).contains("CN=nobody has no role"), "{}", text(&o));
@@ -348,4 +362,118 @@ fn plain_tcp_only_on_loopback_with_insecure_tcp() {
         assert!(!o.status.success(), "{flags:?}");
         assert!(text(&o).contains(want), "{flags:?}: {}", text(&o));
     }
+}
+
+/// The line a remote build prints: files and bytes sent.
+fn sent(out: &str) -> (usize, u64) {
+    let l = out
+        .lines()
+        .find(|l| l.starts_with("Sent the build context:"))
+        .unwrap_or_else(|| panic!("no context line in {out}"));
+    let words: Vec<&str> = l.split_whitespace().collect();
+    // "Sent the build context: N of M files, B bytes ..."
+    (
+        words[4].parse().expect("files"),
+        words[8].parse().expect("bytes"),
+    )
+}
+
+#[test]
+fn a_remote_build_sends_only_what_changed_from_files_the_daemon_cannot_see() {
+    if !require_root() || !require_tool("openssl") || !require_tool("unshare") {
+        return;
+    }
+    let pki = Pki::new();
+    pki.sign("ca", "builder", "builder", 30, CLIENT);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let host = format!("tcp://{addr}");
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("server.pem"),
+        pki.path("server.key"),
+    );
+    let d = Daemon::start_configured(
+        &[("configuration.toml", ROLES)],
+        &[
+            "--host",
+            &host,
+            "--tlsverify",
+            "--tlscacert",
+            ca.to_str().expect("utf8"),
+            "--tlscert",
+            cert.to_str().expect("utf8"),
+            "--tlskey",
+            key.to_str().expect("utf8"),
+        ],
+        &[],
+    );
+    d.import_busybox("busybox:latest", &[]);
+    // The context lives in a tmpfs mounted in the client's own mount namespace: the daemon
+    // cannot see it, whatever the path says.
+    let mnt = d.dir.path().join("private");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    let client = bin("isula-build");
+    let tls = pki.client("builder").join(" ");
+    std::fs::write(
+        d.dir.path().join("Dockerfile.remote"),
+        "FROM busybox\nCOPY src/ /app/\nRUN cat /app/a /app/sub/b > /joined\n",
+    )
+    .expect("df");
+    let script = format!(
+        "set -e; mount -t tmpfs none {m}; cd {m}; mkdir -p src/sub; \
+         cp {df} Dockerfile; echo ignored > src/skip.log; echo '**/*.log' > .dockerignore; \
+         head -c 3000000 /dev/urandom > src/big; echo one > src/a; echo two > src/sub/b; \
+         B=\"{c} --host {host} {tls}\"; \
+         $B ctr-img build -t r:1 . > ../out1; $B ctr-img build -t r:2 . > ../out2; \
+         echo changed > src/a; $B ctr-img build -t r:3 . > ../out3; \
+         cat ../out1; echo ===; cat ../out2; echo ===; cat ../out3",
+        m = mnt.display(),
+        df = d.dir.path().join("Dockerfile.remote").display(),
+        c = client.display(),
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .env_remove("ISULABUILD_HOST")
+        .output()
+        .expect("unshare");
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    // The daemon's view: the mount point is empty.
+    assert_eq!(std::fs::read_dir(&mnt).expect("mnt").count(), 0);
+    let parts: Vec<&str> = out.split("===").collect();
+    let (f1, b1) = sent(parts[0]);
+    let (f2, b2) = sent(parts[1]);
+    let (f3, b3) = sent(parts[2]);
+    // First: every file but the ignored one (Dockerfile, .dockerignore, big, a, b).
+    assert_eq!(f1, 5, "{out}");
+    assert!(b1 > 3_000_000, "{out}");
+    // Unchanged: nothing; one file changed: that file.
+    assert_eq!((f2, b2), (0, 0), "{out}");
+    assert_eq!((f3, b3), (1, 8), "{out}");
+    assert_eq!(
+        cached_steps(parts[1]).len(),
+        2,
+        "an unchanged rebuild hits: {out}"
+    );
+    assert_eq!(d.image_text("r:1", "joined").as_deref(), Some("one\ntwo"));
+    assert_eq!(
+        d.image_text("r:3", "joined").as_deref(),
+        Some("changed\ntwo")
+    );
+    assert!(
+        d.image_text("r:1", "app/skip.log").is_none(),
+        "ignored file sent"
+    );
+    // builder du shows the kept context; prune frees it.
+    let du = d.ok(&["builder", "du"]);
+    assert!(du.contains("build context of cn:builder"), "{du}");
+    d.ok(&["builder", "prune", "-a", "-f"]);
+    let du = d.ok(&["builder", "du"]);
+    assert!(!du.contains("build context of"), "{du}");
+    assert_eq!(
+        std::fs::read_dir(d.data().join("contexts"))
+            .expect("contexts")
+            .count(),
+        0
+    );
 }

@@ -301,11 +301,22 @@ fn protect_build_args(args: Vec<String>) -> Result<(Vec<String>, bool)> {
     Ok((out, true))
 }
 
-pub async fn run(client: &mut Client, args: Args) -> Result<()> {
+pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     let context = crate::absolute(&args.context)?;
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
     }
+    // A remote daemon gets the context over the connection (what changed since the last).
+    let context_dir = if remote {
+        let synced = super::context_upload::sync(client, &context).await?;
+        println!(
+            "Sent the build context: {} of {} files, {} bytes (the rest unchanged since the last build)",
+            synced.sent_files, synced.files, synced.sent_bytes
+        );
+        format!("context:{}", synced.id)
+    } else {
+        context.display().to_string()
+    };
     let dockerfile = read_dockerfile(&dockerfile_path(&args, &context)?)?;
     let output = args
         .output
@@ -342,7 +353,7 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let req = BuildRequest {
         build_id: build_id.clone(),
         build_type: "ctr-img".into(),
-        context_dir: context.display().to_string(),
+        context_dir,
         file_content: dockerfile,
         output,
         build_args,

@@ -3,6 +3,7 @@
 pub mod build;
 pub mod build_session;
 pub mod builder;
+pub mod context_upload;
 pub mod images;
 pub mod import;
 pub mod info;
@@ -174,7 +175,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::CtrImg(c) => {
             let mut client = connect().await?;
             match c {
-                CtrImg::Build(a) => build::run(&mut client, *a).await,
+                CtrImg::Build(a) => {
+                    build::run(&mut client, *a, target.host.starts_with("tcp://")).await
+                }
                 CtrImg::Images(a) => images::run(&mut client, a).await,
                 CtrImg::Inspect(a) => inspect::inspect(&mut client, a).await,
                 CtrImg::History(a) => inspect::history(&mut client, a).await,

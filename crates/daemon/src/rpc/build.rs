@@ -286,13 +286,21 @@ fn parse_args(args: &[String]) -> Result<Vec<(String, String)>, Status> {
 }
 
 /// Runs one build to the end.
+/// Who asks for a build: their identity (whose synced contexts they may use), and whether
+/// they are remote (a TCP client: no path of theirs is opened here).
+pub struct Caller {
+    pub owner: String,
+    pub remote: bool,
+}
+
 pub async fn run(
     state: Arc<State>,
     files: Box<dyn ClientFiles>,
+    caller: Caller,
     req: BuildRequest,
 ) -> Result<BuildResponse, Status> {
     let id = req.build_id.clone();
-    let result = run_inner(state.clone(), files, req).await;
+    let result = run_inner(state.clone(), files, caller, req).await;
     if result.is_err() {
         state.builds.abandon(&id);
     }
@@ -302,6 +310,7 @@ pub async fn run(
 async fn run_inner(
     state: Arc<State>,
     files: Box<dyn ClientFiles>,
+    caller: Caller,
     req: BuildRequest,
 ) -> Result<BuildResponse, Status> {
     if !req.build_type.is_empty() && req.build_type != "ctr-img" {
@@ -319,12 +328,48 @@ async fn run_inner(
     if req.file_content.len() > isula_dockerfile::parser::DOCKERFILE_MAX {
         return Err(error::invalid("the Dockerfile is over the limit of 1 MiB"));
     }
-    let context = PathBuf::from(&req.context_dir);
+    // A context sent over the connection (SyncContext), held while the build reads it; or
+    // a directory of this machine, for a local client.
+    let (context, context_lock) = match req.context_dir.strip_prefix("context:") {
+        Some(id) => {
+            let (dir, lock) = crate::rpc::context_sync::open(&state, id, &caller.owner)?;
+            (dir, Some(lock))
+        }
+        None if caller.remote => {
+            return Err(Status::failed_precondition(
+                "a remote build sends its context over the connection (SyncContext): this daemon does not open a path a TCP client names",
+            ))
+        }
+        None => (PathBuf::from(&req.context_dir), None),
+    };
     if !context.is_absolute() || !context.is_dir() {
         return Err(error::invalid(format!(
             "build context {:?} must be an existing absolute directory",
             req.context_dir
         )));
+    }
+    if caller.remote {
+        // What would be written or read on the client's machine is not supported remotely.
+        let archive = matches!(parse_output(&req.output)?, Output::Archive { .. });
+        for (named, what) in [
+            (!req.iidfile.is_empty(), "--iidfile"),
+            (
+                archive,
+                "an archive output (-o docker-archive: or oci-archive:)",
+            ),
+            (
+                req.build_contexts
+                    .iter()
+                    .any(|c| !c.contains("docker-image://")),
+                "a directory --build-context",
+            ),
+        ] {
+            if named {
+                return Err(Status::failed_precondition(format!(
+                    "{what} names files on the client's machine, which a remote build does not write or read yet"
+                )));
+            }
+        }
     }
     let output = parse_output(&req.output)?;
     let mut tags = Vec::new();
@@ -457,6 +502,7 @@ async fn run_inner(
         iidfile: req.iidfile.clone(),
         tx,
         cancel: cancel.clone(),
+        _context_lock: context_lock,
     };
     // The build runs in its own task: if this call is dropped (the client went away) the
     // guard cancels it, and the task still cleans up and releases the build's slot.
@@ -823,6 +869,8 @@ struct Job {
     cache_to: Option<String>,
     /// `--cache-mounts`: cache mounts go with `--cache-to` and come from `--cache-from`.
     cache_mounts: bool,
+    /// A synced context stays while the build reads it.
+    _context_lock: Option<isula_sys::lock::FileLock>,
 }
 
 /// The `--cache-from` sources of one build, as the builder sees them.

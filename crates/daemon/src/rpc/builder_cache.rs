@@ -66,8 +66,24 @@ pub fn usage(state: &State, _req: BuilderUsageRequest) -> Result<BuilderUsageRes
         })
         .collect();
     let mounts = store.cache_mounts();
-    let total = unique.bytes + mounts.iter().map(|m| m.size).sum::<u64>();
+    let contexts = crate::rpc::context_sync::usage(state);
+    let total = unique.bytes
+        + mounts.iter().map(|m| m.size).sum::<u64>()
+        + contexts.iter().map(|c| c.2).sum::<u64>();
     records.extend(mounts.iter().map(cache_mount));
+    // The contexts remote clients sent, kept for their next build.
+    records.extend(
+        contexts
+            .into_iter()
+            .map(|(hex, owner, size, synced)| CacheRecord {
+                id: format!("sha256:{hex}"),
+                description: format!("build context of {owner}"),
+                size: size as i64,
+                created: timestamp(synced),
+                last_used: timestamp(synced),
+                ..Default::default()
+            }),
+    );
     Ok(BuilderUsageResponse {
         records,
         total: total as i64,
@@ -104,7 +120,11 @@ pub fn prune(state: &State, req: BuilderPruneRequest) -> Result<BuilderPruneResp
     } else {
         Vec::new()
     };
-    let mount_bytes: u64 = mounts.iter().map(|m| m.size).sum();
+    let mut mount_bytes: u64 = mounts.iter().map(|m| m.size).sum();
+    // Contexts remote clients sent go with the rest (a build holding one keeps it).
+    if keep == 0 {
+        mount_bytes += crate::rpc::context_sync::prune(state);
+    }
     tracing::info!(
         records = pruned.records,
         bytes = pruned.bytes,

@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod builder_cache;
+pub mod context_sync;
 pub mod health;
 pub mod import;
 pub mod info;

@@ -1,0 +1,223 @@
+//! Sending a build context to a remote daemon (SyncContext): the context's entries with
+//! their stat, less what `.dockerignore` excludes; the daemon asks for the files that
+//! differ from this client's last context there, which go in chunks with their SHA-256.
+//! A file that changes while it is sent fails the sync (the daemon keeps nothing of it).
+
+use super::Client;
+use anyhow::{bail, Context as _, Result};
+use isula_api::v1::{ContextEntry, ContextUpload};
+use sha2::Digest as _;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Entries per message of the list.
+const BATCH: usize = 2000;
+/// Bytes per chunk of a file.
+const CHUNK: usize = 256 << 10;
+
+/// What a sync sent.
+pub struct Synced {
+    pub id: String,
+    pub files: usize,
+    pub sent_files: usize,
+    pub sent_bytes: u64,
+}
+
+/// The key of a context: its absolute path on this host (BuildKit's shared key).
+fn key(context: &Path) -> String {
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    hex::encode(sha2::Sha256::digest(
+        format!("{host}\0{}", context.display()).as_bytes(),
+    ))
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec()
+}
+
+/// Every entry of the context, parents first, names sorted; files `.dockerignore`
+/// excludes are left out (directories stay: the daemon applies the file again).
+fn list(context: &Path) -> Result<Vec<ContextEntry>> {
+    let ignore = match std::fs::read_to_string(context.join(".dockerignore")) {
+        Ok(t) => Some(
+            isula_dockerfile::ignore::Matcher::parse(&t)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", context.join(".dockerignore").display()))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).context("reading .dockerignore"),
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = if rel.is_empty() {
+            context.to_path_buf()
+        } else {
+            context.join(&rel)
+        };
+        let mut names: Vec<String> = Vec::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e.with_context(|| format!("reading {}", dir.display()))?;
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                bail!("{}: a name that is not UTF-8", e.path().display());
+            };
+            names.push(name);
+        }
+        names.sort();
+        let mut subdirs = Vec::new();
+        for name in names {
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let full = context.join(&path);
+            let m = std::fs::symlink_metadata(&full)
+                .with_context(|| format!("reading {}", full.display()))?;
+            let is_dir = m.is_dir();
+            if !is_dir
+                && path != ".dockerignore"
+                && ignore.as_ref().is_some_and(|i| i.excluded(&path))
+            {
+                continue;
+            }
+            let link_target = if m.file_type().is_symlink() {
+                std::fs::read_link(&full)
+                    .with_context(|| format!("reading {}", full.display()))?
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                String::new()
+            };
+            out.push(ContextEntry {
+                path: path.clone(),
+                mode: m.mode(),
+                size: if m.is_file() { m.len() as i64 } else { 0 },
+                mtime_ns: mtime_ns(&m),
+                link_target,
+            });
+            if is_dir {
+                subdirs.push(path);
+            }
+        }
+        // Depth first, in name order.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(out)
+}
+
+/// Sends `context` (absolute) to the daemon; returns the context's ID there.
+pub async fn sync(client: &mut Client, context: &Path) -> Result<Synced> {
+    let entries = list(context)?;
+    let files = entries
+        .iter()
+        .filter(|e| e.mode & 0o170000 == 0o100000)
+        .count();
+    let (tx, rx) = tokio::sync::mpsc::channel::<ContextUpload>(8);
+    let mut replies = client
+        .sync_context(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .context("sending the build context")?
+        .into_inner();
+    let k = key(context);
+    let batches: Vec<&[ContextEntry]> = if entries.is_empty() {
+        vec![&[]]
+    } else {
+        entries.chunks(BATCH).collect()
+    };
+    let n = batches.len();
+    for (i, b) in batches.into_iter().enumerate() {
+        let m = ContextUpload {
+            key: k.clone(),
+            entries: b.to_vec(),
+            listed: i + 1 == n,
+            ..Default::default()
+        };
+        if tx.send(m).await.is_err() {
+            break;
+        }
+    }
+    let gone = |e: tonic::Status| anyhow::anyhow!("sending the build context: {}", e.message());
+    let mut need = Vec::new();
+    loop {
+        let Some(r) = replies.message().await.map_err(gone)? else {
+            bail!("sending the build context: the daemon ended the call");
+        };
+        need.extend(r.need);
+        if r.need_listed {
+            break;
+        }
+    }
+    let by_path: std::collections::HashMap<&str, &ContextEntry> =
+        entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let mut sent_bytes = 0u64;
+    for path in &need {
+        let e = by_path.get(path.as_str()).ok_or_else(|| {
+            anyhow::anyhow!("the daemon asked for {path:?}, which was not listed")
+        })?;
+        let full = context.join(path);
+        let mut f =
+            std::fs::File::open(&full).with_context(|| format!("opening {}", full.display()))?;
+        let changed = || {
+            anyhow::anyhow!(
+                "{} changed while the build context was sent",
+                full.display()
+            )
+        };
+        let same = |m: &std::fs::Metadata| m.len() as i64 == e.size && mtime_ns(m) == e.mtime_ns;
+        if !same(&f.metadata()?) {
+            return Err(changed());
+        }
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", full.display()))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            sent_bytes += n as u64;
+            let m = ContextUpload {
+                path: path.clone(),
+                data: buf[..n].to_vec(),
+                ..Default::default()
+            };
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+        if !same(&f.metadata()?) {
+            return Err(changed());
+        }
+        let done = ContextUpload {
+            path: path.clone(),
+            done: true,
+            sha256: hex::encode(h.finalize()),
+            ..Default::default()
+        };
+        if tx.send(done).await.is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    loop {
+        let Some(r) = replies.message().await.map_err(gone)? else {
+            bail!(
+                "sending the build context: the daemon ended the call without naming the context"
+            );
+        };
+        if !r.context_id.is_empty() {
+            return Ok(Synced {
+                id: r.context_id,
+                files,
+                sent_files: need.len(),
+                sent_bytes,
+            });
+        }
+    }
+}

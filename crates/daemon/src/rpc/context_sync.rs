@@ -1,0 +1,532 @@
+//! SyncContext: a build context sent over the connection, for clients whose files the
+//! daemon cannot see (remote builds). The daemon keeps each client's last context, by the
+//! client's identity (certificate common name, or uid on the socket) and a key the client
+//! derives from its host name and the context's path (as BuildKit's shared key); the
+//! client lists its entries with their stat, the daemon asks only for the files that
+//! differ, and every file that arrives is checked against the SHA-256 the client sends.
+//!
+//! ```text
+//! <dataroot>/contexts/<hex>/         one per client and key (hex: SHA-256 of both)
+//! ├── owner                          who may use it
+//! ├── <generation>/tree/             a complete context, never written again
+//! ├── <generation>/manifest.json     its entries: path, mode, size, mtime, SHA-256
+//! └── <generation>/lock              shared by each build that reads it
+//! ```
+//!
+//! A new generation is made beside the last one (unchanged files are hard links to it) and
+//! takes its place only when complete: a client that goes away or sends a file that changed
+//! leaves the last one as it was and nothing else. Older generations go when no build reads
+//! them. At most [`CONTEXTS_MAX`] contexts are kept (the least recently synced go first);
+//! `builder du` shows them and `builder prune` removes them.
+
+use crate::state::State;
+use isula_api::v1::{ContextEntry, ContextReply, ContextUpload};
+use isula_sys::rooted::{self, Resolve, Root};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tonic::Status;
+
+/// Contexts kept, at most: past it the least recently synced one goes.
+pub const CONTEXTS_MAX: usize = 64;
+/// Entries one context may have.
+pub const ENTRIES_MAX: usize = 1_000_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Kept {
+    mode: u32,
+    size: i64,
+    mtime_ns: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    link: Option<String>,
+}
+
+fn dir(state: &State) -> PathBuf {
+    state.settings.data_root.join("contexts")
+}
+
+fn bad(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+/// A relative, '/'-separated path with no empty, `.` or `..` component.
+fn check_path(p: &str) -> Result<(), Status> {
+    if p.is_empty()
+        || p.starts_with('/')
+        || p.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+        || p.contains('\0')
+    {
+        return Err(bad(format!("context entry {p:?} is not a relative path")));
+    }
+    Ok(())
+}
+
+fn parent_of(p: &str) -> Option<&str> {
+    p.rsplit_once('/').map(|(d, _)| d)
+}
+
+/// The context directory `id` ("<hex>/<generation>") names, if `owner` may use it: its
+/// tree, and a shared lock held while a build reads it.
+pub fn open(
+    state: &State,
+    id: &str,
+    owner: &str,
+) -> Result<(PathBuf, isula_sys::lock::FileLock), Status> {
+    let (hex, generation) = id
+        .split_once('/')
+        .filter(|(h, g)| {
+            h.len() == 64
+                && h.bytes().all(|b| b.is_ascii_hexdigit())
+                && !g.is_empty()
+                && g.bytes().all(|b| b.is_ascii_digit())
+        })
+        .ok_or_else(|| bad(format!("context {id:?} is not a context this daemon made")))?;
+    let base = dir(state).join(hex);
+    let kept_owner = std::fs::read_to_string(base.join("owner")).unwrap_or_default();
+    if kept_owner != owner {
+        return Err(Status::not_found(format!("no context {id} of yours")));
+    }
+    let gen_dir = base.join(generation);
+    let lock = isula_sys::lock::FileLock::try_shared(&gen_dir.join("lock"))
+        .map_err(|_| Status::not_found(format!("context {id} is gone (sync it again)")))?;
+    Ok((gen_dir.join("tree"), lock))
+}
+
+/// What `builder du` shows: each context, its owner, size and last sync.
+pub fn usage(state: &State) -> Vec<(String, String, u64, i64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir(state))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let owner = std::fs::read_to_string(e.path().join("owner")).unwrap_or_default();
+        let size = isula_store::cache::disk_usage(&e.path());
+        let synced = std::fs::metadata(e.path().join("owner"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        out.push((
+            e.file_name().to_string_lossy().to_string(),
+            owner,
+            size,
+            synced,
+        ));
+    }
+    out
+}
+
+/// Removes every context no build reads now; returns the bytes freed.
+pub fn prune(state: &State) -> u64 {
+    let mut freed = 0;
+    for e in std::fs::read_dir(dir(state))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        freed += remove_unused(&e.path(), None, Some(&state.store));
+        // The whole context once no generation is left.
+        let left = std::fs::read_dir(e.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|g| g.path().is_dir());
+        if !left {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    freed
+}
+
+/// Removes the generations of context directory `base` but `keep` that no build reads.
+fn remove_unused(base: &Path, keep: Option<&str>, store: Option<&isula_store::Store>) -> u64 {
+    let mut freed = 0;
+    for g in std::fs::read_dir(base).into_iter().flatten().flatten() {
+        let name = g.file_name().to_string_lossy().to_string();
+        if !g.path().is_dir() || Some(name.as_str()) == keep {
+            continue;
+        }
+        // Not while a build holds it (its lock is then taken elsewhere).
+        let Ok(_l) = isula_sys::lock::FileLock::try_exclusive(&g.path().join("lock")) else {
+            continue;
+        };
+        let size = isula_store::cache::disk_usage(&g.path());
+        if isula_sys::rooted::remove_tree(&g.path()).is_ok() {
+            freed += size;
+            if let Some(store) = store {
+                let _ = std::fs::remove_file(store.cache().context_record(&g.path().join("tree")));
+            }
+        }
+    }
+    freed
+}
+
+/// The client's messages, as the blocking worker reads them.
+type Inbox = std::sync::mpsc::Receiver<Result<ContextUpload, Status>>;
+type Outbox = tokio::sync::mpsc::Sender<Result<ContextReply, Status>>;
+
+/// Serves one SyncContext call: the stream is read on the async side and handed to a
+/// thread that does the file work; its replies go back on `out`.
+pub fn serve(
+    state: Arc<State>,
+    owner: String,
+    mut stream: tonic::Streaming<ContextUpload>,
+) -> tokio::sync::mpsc::Receiver<Result<ContextReply, Status>> {
+    let (out, rx) = tokio::sync::mpsc::channel(16);
+    // A few chunks in flight: the network waits for the disk, never the other way round.
+    let (tx_in, inbox) = std::sync::mpsc::sync_channel(8);
+    tokio::spawn(async move {
+        loop {
+            let m = stream.message().await;
+            let m = match m {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            let end = m.is_err();
+            let tx = tx_in.clone();
+            // The worker may be slow to take it: wait on a blocking thread.
+            let sent = tokio::task::spawn_blocking(move || tx.send(m).is_ok()).await;
+            if end || !matches!(sent, Ok(true)) {
+                break;
+            }
+        }
+    });
+    let reply = out.clone();
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let result = receive(&state, &owner, &inbox, &out);
+        match result {
+            Ok((id, sent, files)) => {
+                tracing::info!(owner = %owner, context = %id, files, bytes = sent, elapsed = ?started.elapsed(), "context synced");
+                let _ = reply.blocking_send(Ok(ContextReply {
+                    context_id: id,
+                    ..Default::default()
+                }));
+            }
+            Err(e) => {
+                tracing::info!(owner = %owner, error = %e.message(), "context sync failed");
+                let _ = reply.blocking_send(Err(e));
+            }
+        }
+    });
+    rx
+}
+
+fn next(inbox: &Inbox) -> Result<ContextUpload, Status> {
+    inbox
+        .recv()
+        .map_err(|_| Status::cancelled("the client went away before the context was sent"))?
+}
+
+/// The whole exchange; returns the context ID, the bytes received and the files sent.
+fn receive(
+    state: &State,
+    owner: &str,
+    inbox: &Inbox,
+    out: &Outbox,
+) -> Result<(String, u64, usize), Status> {
+    // The entries.
+    let mut key = String::new();
+    let mut entries: Vec<ContextEntry> = Vec::new();
+    loop {
+        let m = next(inbox)?;
+        if key.is_empty() {
+            key = m.key.clone();
+            if key.is_empty() || key.len() > 128 {
+                return Err(bad(
+                    "a context sync starts with its key (1 to 128 characters)",
+                ));
+            }
+        }
+        entries.extend(m.entries);
+        if entries.len() > ENTRIES_MAX {
+            return Err(bad(format!(
+                "the context has more than {ENTRIES_MAX} entries"
+            )));
+        }
+        if m.listed {
+            break;
+        }
+    }
+    let hex = hex::encode(sha2::Sha256::digest(format!("{owner}\0{key}").as_bytes()));
+    let base = dir(state).join(&hex);
+    std::fs::create_dir_all(&base).map_err(|e| io("create", &base, e))?;
+    // The last complete generation, and what it holds.
+    let last = last_generation(&base);
+    let prev: BTreeMap<String, Kept> = last
+        .as_ref()
+        .and_then(|(_, g)| std::fs::read(g.join("manifest.json")).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    // Check every entry and what the daemon needs.
+    let mut seen: HashMap<&str, u32> = HashMap::new();
+    let mut need = Vec::new();
+    for e in &entries {
+        check_path(&e.path)?;
+        if let Some(p) = parent_of(&e.path) {
+            match seen.get(p) {
+                Some(m) if m & 0o170000 == 0o040000 => {}
+                _ => {
+                    return Err(bad(format!(
+                        "context entry {:?} comes before its directory",
+                        e.path
+                    )))
+                }
+            }
+        }
+        if seen.insert(&e.path, e.mode).is_some() {
+            return Err(bad(format!("context entry {:?} is listed twice", e.path)));
+        }
+        let is_file = e.mode & 0o170000 == 0o100000;
+        let same = prev.get(&e.path).is_some_and(|k| {
+            k.mode == e.mode && k.size == e.size && k.mtime_ns == e.mtime_ns && k.sha256.is_some()
+        });
+        if is_file && !same {
+            need.push(e.path.clone());
+        }
+    }
+    for chunk in need.chunks(4096) {
+        send(
+            out,
+            ContextReply {
+                need: chunk.to_vec(),
+                ..Default::default()
+            },
+        )?;
+    }
+    send(
+        out,
+        ContextReply {
+            need_listed: true,
+            ..Default::default()
+        },
+    )?;
+    // A new generation beside the last.
+    let generation = last.as_ref().map_or(1, |(n, _)| n + 1);
+    let gen_dir = base.join(generation.to_string());
+    let result = (|| {
+        let tree = gen_dir.join("tree");
+        std::fs::create_dir_all(&tree).map_err(|e| io("create", &tree, e))?;
+        let root = Root::open(&tree).map_err(|e| Status::internal(e.to_string()))?;
+        let last_root = last
+            .as_ref()
+            .and_then(|(_, g)| Root::open(&g.join("tree")).ok());
+        let mut kept: BTreeMap<String, Kept> = BTreeMap::new();
+        let mut received = 0u64;
+        let needed: std::collections::HashSet<&str> = need.iter().map(String::as_str).collect();
+        // Directories get their times once everything in them is made.
+        let mut dir_times = Vec::new();
+        for e in &entries {
+            let (pdir, name) = root
+                .parent(Path::new(&e.path), Resolve::InRoot, false)
+                .map_err(|err| Status::internal(format!("{}: {err}", e.path)))?;
+            let pdir = std::os::fd::AsFd::as_fd(&pdir);
+            let mtime = (
+                e.mtime_ns.div_euclid(1_000_000_000),
+                e.mtime_ns.rem_euclid(1_000_000_000) as u32,
+            );
+            let mut k = Kept {
+                mode: e.mode,
+                size: e.size,
+                mtime_ns: e.mtime_ns,
+                sha256: None,
+                link: None,
+            };
+            match e.mode & 0o170000 {
+                0o040000 => {
+                    rooted::mkdir(pdir, &name, 0o700)
+                        .map_err(|err| Status::internal(err.to_string()))?;
+                    dir_times.push((e.path.clone(), e.mode & 0o7777, mtime));
+                }
+                0o120000 => {
+                    rooted::symlink(OsStr::new(&e.link_target), pdir, &name)
+                        .map_err(|err| Status::internal(err.to_string()))?;
+                    let _ = rooted::set_times(pdir, &name, mtime);
+                    k.link = Some(e.link_target.clone());
+                }
+                0o100000 if !needed.contains(e.path.as_str()) => {
+                    // Unchanged since the last sync: the same file.
+                    let (Some(lr), Some(old)) = (&last_root, prev.get(&e.path)) else {
+                        return Err(Status::internal(format!(
+                            "{}: not in the last context",
+                            e.path
+                        )));
+                    };
+                    let (lpdir, lname) = lr
+                        .parent(Path::new(&e.path), Resolve::InRoot, false)
+                        .map_err(|err| Status::internal(format!("{}: {err}", e.path)))?;
+                    rooted::hardlink(std::os::fd::AsFd::as_fd(&lpdir), &lname, pdir, &name)
+                        .map_err(|err| Status::internal(format!("{}: {err}", e.path)))?;
+                    k.sha256 = old.sha256.clone();
+                }
+                0o100000 => {}
+                0o010000 => {
+                    rooted::mkfifo(pdir, &name, e.mode)
+                        .map_err(|err| Status::internal(err.to_string()))?;
+                }
+                // A socket or device node: an empty file (what a COPY makes of it).
+                _ => {
+                    let f = rooted::create_file(pdir, &name, 0o600)
+                        .map_err(|err| Status::internal(err.to_string()))?;
+                    rooted::set_owner_mode_times(&f, (0, 0), e.mode & 0o7777, mtime)
+                        .map_err(|err| Status::internal(err.to_string()))?;
+                }
+            }
+            kept.insert(e.path.clone(), k);
+        }
+        // The files asked for, in the order asked.
+        let mut files = 0usize;
+        let by_path: HashMap<&str, &ContextEntry> =
+            entries.iter().map(|e| (e.path.as_str(), e)).collect();
+        for want in &need {
+            let e = by_path[want.as_str()];
+            let (pdir, name) = root
+                .parent(Path::new(want), Resolve::InRoot, false)
+                .map_err(|err| Status::internal(format!("{want}: {err}")))?;
+            let mut f = rooted::create_file(std::os::fd::AsFd::as_fd(&pdir), &name, 0o600)
+                .map_err(|err| Status::internal(format!("{want}: {err}")))?;
+            let mut h = sha2::Sha256::new();
+            let mut size = 0i64;
+            loop {
+                let m = next(inbox)?;
+                if m.path != *want {
+                    return Err(bad(format!(
+                        "expected the content of {want:?}, got {:?}",
+                        m.path
+                    )));
+                }
+                h.update(&m.data);
+                f.write_all(&m.data)
+                    .map_err(|err| io("write", Path::new(want), err))?;
+                size += m.data.len() as i64;
+                received += m.data.len() as u64;
+                if size > e.size {
+                    return Err(bad(format!("{want}: more bytes than its size {}", e.size)));
+                }
+                if m.done {
+                    let got = hex::encode(h.finalize());
+                    if got != m.sha256 || size != e.size {
+                        return Err(bad(format!(
+                            "{want} arrived as {size} bytes with SHA-256 {got}, the client said {} bytes, {}",
+                            e.size, m.sha256
+                        )));
+                    }
+                    let mtime = (
+                        e.mtime_ns.div_euclid(1_000_000_000),
+                        e.mtime_ns.rem_euclid(1_000_000_000) as u32,
+                    );
+                    rooted::set_owner_mode_times(&f, (0, 0), e.mode & 0o7777, mtime)
+                        .map_err(|err| Status::internal(err.to_string()))?;
+                    if let Some(k) = kept.get_mut(want) {
+                        k.sha256 = Some(got);
+                    }
+                    break;
+                }
+            }
+            files += 1;
+        }
+        for (path, mode, mtime) in dir_times.into_iter().rev() {
+            let (pdir, name) = root
+                .parent(Path::new(&path), Resolve::InRoot, false)
+                .map_err(|err| Status::internal(format!("{path}: {err}")))?;
+            let pdir = std::os::fd::AsFd::as_fd(&pdir);
+            rooted::chmod(pdir, &name, mode).map_err(|err| Status::internal(err.to_string()))?;
+            let _ = rooted::set_times(pdir, &name, mtime);
+        }
+        let manifest = serde_json::to_vec(&kept).map_err(|e| Status::internal(e.to_string()))?;
+        isula_store::metadata::write_atomic(&gen_dir.join("manifest.json"), &manifest)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        std::fs::write(gen_dir.join("lock"), b"").map_err(|e| io("create", &gen_dir, e))?;
+        Ok((received, files, kept))
+    })();
+    let (received, files, kept) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing of a sync that failed stays; the last context is as it was.
+            let _ = isula_sys::rooted::remove_tree(&gen_dir);
+            return Err(e);
+        }
+    };
+    std::fs::write(base.join("owner"), owner).map_err(|e| io("write", &base, e))?;
+    remove_unused(&base, Some(&generation.to_string()), Some(&state.store));
+    // After the last generation went (its unlinks change the shared files' ctime, which
+    // the record's stat keys include).
+    seed_hashes(state, &gen_dir.join("tree"), &kept);
+    bound(state, &hex);
+    Ok((format!("{hex}/{generation}"), received, files))
+}
+
+/// The builder's record of the tree's content hashes, from the SHA-256 each file was
+/// checked against (or had before): a build of it reads no file to make its keys.
+fn seed_hashes(state: &State, tree: &Path, kept: &BTreeMap<String, Kept>) {
+    let record = state.store.cache().context_record(tree);
+    let mut hashes = isula_builder_core::cache_key::ContextHashes::load(Some(record));
+    for (path, k) in kept {
+        let Some(sum) = k.sha256.as_deref() else {
+            continue;
+        };
+        let mut bytes = [0u8; 32];
+        if hex::decode_to_slice(sum, &mut bytes).is_err() {
+            continue;
+        }
+        if let Ok(st) = rustix::fs::lstat(tree.join(path)) {
+            hashes.seed(path, &st, bytes);
+        }
+    }
+    hashes.save();
+}
+
+/// The newest complete generation of a context directory (one with its manifest).
+fn last_generation(base: &Path) -> Option<(u64, PathBuf)> {
+    std::fs::read_dir(base)
+        .ok()?
+        .flatten()
+        .filter_map(|g| {
+            let n: u64 = g.file_name().to_str()?.parse().ok()?;
+            g.path()
+                .join("manifest.json")
+                .is_file()
+                .then(|| (n, g.path()))
+        })
+        .max_by_key(|(n, _)| *n)
+}
+
+/// Keeps at most CONTEXTS_MAX contexts: the least recently synced go (not `keep`).
+fn bound(state: &State, keep: &str) {
+    let mut all: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir(state))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name() != keep)
+        .filter_map(|e| {
+            let t = std::fs::metadata(e.path().join("owner"))
+                .and_then(|m| m.modified())
+                .ok()?;
+            Some((t, e.path()))
+        })
+        .collect();
+    if all.len() < CONTEXTS_MAX {
+        return;
+    }
+    all.sort();
+    for (_, p) in all.iter().take(all.len() + 1 - CONTEXTS_MAX) {
+        remove_unused(p, None, Some(&state.store));
+    }
+}
+
+fn send(out: &Outbox, r: ContextReply) -> Result<(), Status> {
+    out.blocking_send(Ok(r))
+        .map_err(|_| Status::cancelled("the client went away"))
+}
+
+fn io(op: &str, p: &Path, e: std::io::Error) -> Status {
+    Status::internal(format!("{op} {}: {e}", p.display()))
+}
