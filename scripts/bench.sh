@@ -3,7 +3,7 @@
 # (about half compressible: ~230 MB gzipped), builds, printing
 # seconds and the daemon's peak RSS for each step, so later work can be compared.
 #   scripts/bench.sh            (needs root; MB=... FILES=... to change the size,
-#                               ROUNDS=... for the rounds, ONLY=main|cache|reuse|peers for one part:
+#                               ROUNDS=... for the rounds, ONLY=main|cache|reuse|remote|peers for one part:
 #                               peers = each workload beside buildah and BuildKit, interleaved,
 #                               WORKLOADS="copy run load save push pull" to pick some;
 #                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1;
@@ -708,6 +708,69 @@ DF
     row "fresh daemon, mount empty"
 fi
 fi  # reuse
+
+# Remote builds over loopback with mutual TLS (a CA made here with openssl): the COPY build
+# of the 20k-file context, sent over the connection the first time, unchanged, and with one
+# file changed (the bytes the client says it sent), beside the same daemon's local cold
+# build (its unix socket, the context read in place).
+if only remote && command -v openssl >/dev/null 2>&1; then
+    pki="$work/pki"
+    mkdir -p "$pki"
+    (
+        cd "$pki"
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=bench-ca
+        printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > server.ext
+        printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n' > client.ext
+        for n in server client; do
+            cn=$n; [ "$n" = server ] && cn=127.0.0.1
+            openssl req -newkey rsa:2048 -nodes -keyout "$n.key" -out "$n.csr" -subj "/CN=$cn"
+            openssl x509 -req -in "$n.csr" -CA ca.pem -CAkey ca.key -set_serial "$RANDOM" -days 2 \
+                -extfile "$n.ext" -out "$n.pem"
+        done
+    ) >/dev/null 2>&1
+    mkdir -p "$work/etc-remote"
+    cp -a "$work/etc/." "$work/etc-remote/" 2>/dev/null || true
+    printf '[roles]\nbuilder = ["client"]\n' > "$work/etc-remote/configuration.toml"
+    chmod 600 "$work/etc-remote/configuration.toml"
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    sock3="unix://$work/isula_build_remote.sock"
+    "$bin/isula-builder" --dataroot "$work/data2" --runroot "$work/run2" --host "$sock3" \
+        --host "tcp://127.0.0.1:$port" --tlsverify --tlscacert "$pki/ca.pem" --tlscert "$pki/server.pem" \
+        --tlskey "$pki/server.key" --config-dir "$work/etc-remote" 2>"$work/daemon-remote.log" &
+    daemon2=$!
+    for _ in $(seq 100); do ISULABUILD_HOST="$sock3" "$bin/isula-build" version >/dev/null 2>&1 && break; sleep 0.1; done
+    ISULABUILD_HOST="$sock3" "$bin/isula-build" ctr-img import "$work/base.tar" busybox:bench >/dev/null
+    rb=("$bin/isula-build" --host "tcp://127.0.0.1:$port" --tlscacert "$pki/ca.pem" --tlscert "$pki/client.pem" --tlskey "$pki/client.key")
+    reset_remote() {
+        ISULABUILD_HOST="$sock3" "$bin/isula-build" builder prune -a -f >/dev/null 2>&1 || true
+    }
+    declare -A SENT
+    # A remote build whose output (the bytes the client sent) goes to file $2.
+    printf '#!/bin/sh\nexec %s ctr-img build "$1" > "$2"\n' "${rb[*]}" > "$work/rb.sh"
+    chmod +x "$work/rb.sh"
+    for r in $(seq "$rounds"); do
+        reset_remote
+        timed "local cold build (unix socket)" ours2 env ISULABUILD_HOST="$sock3" "$bin/isula-build" ctr-img build "$work/ctx-copy"
+        reset_remote
+        timed "remote cold build (context sent)" ours2 "${rb[@]}" ctr-img build "$work/ctx-copy"
+        timed "remote unchanged rebuild" ours2 "${rb[@]}" ctr-img build "$work/ctx-copy"
+        echo "remote $r" >> "$work/ctx-copy/app/d001/f00001.bin"
+        # The wire: what the client says it sent for the one changed file.
+        timed "remote, one file changed" ours2 "$work/rb.sh" "$work/ctx-copy" "$work/remote-$r.out"
+        SENT[$r]=$(awk '/^Sent the build context:/ { print $8 }' "$work/remote-$r.out")
+    done
+    kill -TERM "$daemon2" 2>/dev/null || true
+    wait "$daemon2" 2>/dev/null || true
+    daemon2=""
+    echo "# remote builds over loopback with mutual TLS: the COPY build of the context, $rounds rounds,"
+    echo "# median seconds (spread), the daemon's CPU and seconds until idle"
+    row "local cold build (unix socket)"
+    row "remote cold build (context sent)"
+    row "remote unchanged rebuild"
+    row "remote, one file changed"
+    ratio "remote cold build (context sent)" "local cold build (unix socket)" "remote cold / local cold"
+    printf '%-34s %s\n' "bytes sent, one file changed" "${SENT[*]}"
+fi  # remote
 
 if only main; then
 # 100 builds at once (the manual's limit), each with a RUN.
