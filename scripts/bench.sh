@@ -757,7 +757,7 @@ if only remote && command -v openssl >/dev/null 2>&1; then
         echo "remote $r" >> "$work/ctx-copy/app/d001/f00001.bin"
         # The wire: what the client says it sent for the one changed file.
         timed "remote, one file changed" ours2 "$work/rb.sh" "$work/ctx-copy" "$work/remote-$r.out"
-        SENT[$r]=$(awk '/^Sent the build context:/ { print $8 }' "$work/remote-$r.out")
+        SENT[$r]=$(awk '/^Sent the build context:/ { print $9 }' "$work/remote-$r.out")
     done
     kill -TERM "$daemon2" 2>/dev/null || true
     wait "$daemon2" 2>/dev/null || true

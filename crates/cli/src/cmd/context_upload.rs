@@ -109,6 +109,70 @@ fn list(context: &Path) -> Result<Vec<ContextEntry>> {
     Ok(out)
 }
 
+/// Sends the files `need` of `context` (with the size and mtime they were listed with):
+/// each in chunks, the last carrying its SHA-256. Returns the bytes sent.
+fn send_files(
+    context: &Path,
+    need: &[String],
+    listed: &std::collections::HashMap<String, (i64, i64)>,
+    tx: &tokio::sync::mpsc::Sender<ContextUpload>,
+) -> Result<u64> {
+    let mut sent_bytes = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    for path in need {
+        let (size, mtime) = *listed.get(path).ok_or_else(|| {
+            anyhow::anyhow!("the daemon asked for {path:?}, which was not listed")
+        })?;
+        let full = context.join(path);
+        let mut f =
+            std::fs::File::open(&full).with_context(|| format!("opening {}", full.display()))?;
+        let changed = || {
+            anyhow::anyhow!(
+                "{} changed while the build context was sent",
+                full.display()
+            )
+        };
+        let same = |m: &std::fs::Metadata| m.len() as i64 == size && mtime_ns(m) == mtime;
+        if !same(&f.metadata()?) {
+            return Err(changed());
+        }
+        let mut h = sha2::Sha256::new();
+        let mut read = 0i64;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", full.display()))?;
+            h.update(&buf[..n]);
+            read += n as i64;
+            sent_bytes += n as u64;
+            let last = n == 0 || read >= size;
+            if read > size {
+                return Err(changed());
+            }
+            let mut m = ContextUpload {
+                path: path.clone(),
+                data: buf[..n].to_vec(),
+                ..Default::default()
+            };
+            if last {
+                if !same(&f.metadata()?) {
+                    return Err(changed());
+                }
+                m.done = true;
+                m.sha256 = hex::encode(std::mem::take(&mut h).finalize());
+            }
+            if tx.blocking_send(m).is_err() {
+                // The daemon ended the call: its reply says why.
+                return Ok(sent_bytes);
+            }
+            if last {
+                break;
+            }
+        }
+    }
+    Ok(sent_bytes)
+}
+
 /// Sends `context` (absolute) to the daemon; returns the context's ID there.
 pub async fn sync(client: &mut Client, context: &Path) -> Result<Synced> {
     let entries = list(context)?;
@@ -151,60 +215,23 @@ pub async fn sync(client: &mut Client, context: &Path) -> Result<Synced> {
             break;
         }
     }
-    let by_path: std::collections::HashMap<&str, &ContextEntry> =
-        entries.iter().map(|e| (e.path.as_str(), e)).collect();
-    let mut sent_bytes = 0u64;
-    for path in &need {
-        let e = by_path.get(path.as_str()).ok_or_else(|| {
-            anyhow::anyhow!("the daemon asked for {path:?}, which was not listed")
-        })?;
-        let full = context.join(path);
-        let mut f =
-            std::fs::File::open(&full).with_context(|| format!("opening {}", full.display()))?;
-        let changed = || {
-            anyhow::anyhow!(
-                "{} changed while the build context was sent",
-                full.display()
-            )
-        };
-        let same = |m: &std::fs::Metadata| m.len() as i64 == e.size && mtime_ns(m) == e.mtime_ns;
-        if !same(&f.metadata()?) {
-            return Err(changed());
-        }
-        let mut h = sha2::Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = f
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", full.display()))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            sent_bytes += n as u64;
-            let m = ContextUpload {
-                path: path.clone(),
-                data: buf[..n].to_vec(),
-                ..Default::default()
-            };
-            if tx.send(m).await.is_err() {
-                break;
-            }
-        }
-        if !same(&f.metadata()?) {
-            return Err(changed());
-        }
-        let done = ContextUpload {
-            path: path.clone(),
-            done: true,
-            sha256: hex::encode(h.finalize()),
-            ..Default::default()
-        };
-        if tx.send(done).await.is_err() {
-            break;
-        }
-    }
+    // The files are read on a blocking thread, a few chunks ahead of the connection.
+    let reader = {
+        let tx = tx.clone();
+        let need = need.clone();
+        let context = context.to_path_buf();
+        let sizes: std::collections::HashMap<String, (i64, i64)> = entries
+            .iter()
+            .map(|e| (e.path.clone(), (e.size, e.mtime_ns)))
+            .collect();
+        tokio::task::spawn_blocking(move || send_files(&context, &need, &sizes, &tx))
+    };
     drop(tx);
+    // Awaited, never joined: the connection must go on sending what the thread reads.
+    let sent_bytes = match reader.await {
+        Ok(r) => r?,
+        Err(_) => bail!("reading the build context stopped unexpectedly"),
+    };
     loop {
         let Some(r) = replies.message().await.map_err(gone)? else {
             bail!(

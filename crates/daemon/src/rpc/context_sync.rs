@@ -169,7 +169,7 @@ fn remove_unused(base: &Path, keep: Option<&str>, store: Option<&isula_store::St
 }
 
 /// The client's messages, as the blocking worker reads them.
-type Inbox = std::sync::mpsc::Receiver<Result<ContextUpload, Status>>;
+type Inbox = std::cell::RefCell<tokio::sync::mpsc::Receiver<Result<ContextUpload, Status>>>;
 type Outbox = tokio::sync::mpsc::Sender<Result<ContextReply, Status>>;
 
 /// Serves one SyncContext call: the stream is read on the async side and handed to a
@@ -181,24 +181,21 @@ pub fn serve(
 ) -> tokio::sync::mpsc::Receiver<Result<ContextReply, Status>> {
     let (out, rx) = tokio::sync::mpsc::channel(16);
     // A few chunks in flight: the network waits for the disk, never the other way round.
-    let (tx_in, inbox) = std::sync::mpsc::sync_channel(8);
+    let (tx_in, inbox) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         loop {
-            let m = stream.message().await;
-            let m = match m {
+            let m = match stream.message().await {
                 Ok(Some(m)) => Ok(m),
                 Ok(None) => break,
                 Err(e) => Err(e),
             };
             let end = m.is_err();
-            let tx = tx_in.clone();
-            // The worker may be slow to take it: wait on a blocking thread.
-            let sent = tokio::task::spawn_blocking(move || tx.send(m).is_ok()).await;
-            if end || !matches!(sent, Ok(true)) {
+            if tx_in.send(m).await.is_err() || end {
                 break;
             }
         }
     });
+    let inbox = std::cell::RefCell::new(inbox);
     let reply = out.clone();
     std::thread::spawn(move || {
         let started = std::time::Instant::now();
@@ -222,8 +219,9 @@ pub fn serve(
 
 fn next(inbox: &Inbox) -> Result<ContextUpload, Status> {
     inbox
-        .recv()
-        .map_err(|_| Status::cancelled("the client went away before the context was sent"))?
+        .borrow_mut()
+        .blocking_recv()
+        .ok_or_else(|| Status::cancelled("the client went away before the context was sent"))?
 }
 
 /// The whole exchange; returns the context ID, the bytes received and the files sent.
