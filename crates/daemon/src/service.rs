@@ -81,7 +81,8 @@ impl Control for Service {
     type PushStream = LineStream<PushResponse>;
     async fn push(&self, r: Request<PushRequest>) -> Result<Response<Self::PushStream>, Status> {
         root_only(&r, "pushing images")?;
-        let (name, format) = rpc::registry::validate_push(r.get_ref())?;
+        let (name, opts, note) =
+            rpc::registry::validate_push(r.get_ref(), self.state.settings.compression)?;
         let wrap = Wrap {
             text: |response| PushResponse {
                 response,
@@ -95,7 +96,12 @@ impl Control for Service {
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::registry::push(state, name, format, cancel, out),
+            move |state, cancel, out| {
+                if let Some(note) = note {
+                    out(note);
+                }
+                rpc::registry::push(state, name, opts, cancel, out)
+            },
         )))
     }
 

@@ -51,6 +51,38 @@ pub const GZIP_LEVEL: flate2::Compression = flate2::Compression::new(1);
 /// sends and every registry stores.
 pub const GZIP_LEVEL_IDLE: flate2::Compression = flate2::Compression::new(2);
 
+/// The gzip level a push asked for (`--compression-level`, 1-9), else [`GZIP_LEVEL`].
+pub fn gzip_level(asked: Option<i32>) -> flate2::Compression {
+    asked.map_or(GZIP_LEVEL, |l| {
+        flate2::Compression::new(l.clamp(0, 9) as u32)
+    })
+}
+
+/// The zstd level for layers compressed for a push that asked for zstd without a level:
+/// zstd's own default (what skopeo and buildah use), compressed on every core.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// A zstd encoder into `w` that compresses on every core (zstd's own worker threads, at
+/// most 8): `w` receives the frame as the workers finish its blocks, in order, so memory
+/// stays bounded by the workers' windows. Call `finish` to end the frame.
+pub fn parallel_zstd<W: io::Write>(
+    w: W,
+    level: i32,
+) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut enc = zstd::stream::write::Encoder::new(w, level)?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8) as u32;
+    if threads > 1 {
+        enc.multithread(threads)?;
+    }
+    // A checksum of the content in the frame, as the zstd tool writes by default: a
+    // decoder then catches a corrupt blob itself.
+    enc.include_checksum(true)?;
+    Ok(enc)
+}
+
 /// Wraps `r` in the decompressor its first bytes call for. Returns the format found.
 pub fn decompress<'a, R: Read + 'a>(r: R) -> io::Result<(Compression, Box<dyn Read + 'a>)> {
     let mut br = BufReader::with_capacity(256 << 10, r);
@@ -98,6 +130,14 @@ mod tests {
             r.read_to_end(&mut out).expect("read");
             assert_eq!(out, data, "{kind:?}");
         }
+        // The parallel zstd encoder makes one ordinary frame any decoder reads.
+        let mut enc = parallel_zstd(Vec::new(), ZSTD_LEVEL).expect("zstd");
+        for piece in data.chunks(70_000) {
+            enc.write_all(piece).expect("write");
+        }
+        let zs = enc.finish().expect("finish");
+        assert!(zs.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+        assert_eq!(zstd::decode_all(&zs[..]).expect("decode"), data);
         // A truncated gzip is an error, not a short read.
         let (_, mut r) = decompress(&gz[..gz.len() / 2]).expect("open");
         assert!(r.read_to_end(&mut Vec::new()).is_err());

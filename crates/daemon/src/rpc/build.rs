@@ -390,6 +390,44 @@ async fn run_inner(
             req.cache_to
         )));
     }
+    let (push_opts, push_note) = match &output {
+        Output::Registry(_, kind_oci) => crate::rpc::registry::push_options(
+            if *kind_oci || oci { "oci" } else { &req.format },
+            &req.compression,
+            req.compression_level,
+            state.settings.compression,
+        )?,
+        _ => {
+            if !req.cache_to.is_empty() {
+                // Checked here, before the build, as for a registry output.
+                isula_registry::push::LayerCompression::parse(
+                    &req.compression,
+                    req.compression_level,
+                    state.settings.compression,
+                )
+                .map_err(|e| error::invalid(e.to_string()))?;
+            } else if !req.compression.is_empty() || req.compression_level.is_some() {
+                return Err(error::invalid(
+                    "--compression and --compression-level apply to -o docker://... and \
+                     --cache-to only",
+                ));
+            }
+            (
+                isula_registry::push::PushOptions {
+                    format: isula_registry::push::Format::Oci,
+                    compression: Default::default(),
+                },
+                None,
+            )
+        }
+    };
+    // The build cache export is always OCI, so zstd needs no switch there.
+    let cache_compression = isula_registry::push::LayerCompression::parse(
+        &req.compression,
+        req.compression_level,
+        state.settings.compression,
+    )
+    .map_err(|e| error::invalid(e.to_string()))?;
     let wants_registry_cache = !req.cache_from.is_empty() || !req.cache_to.is_empty();
     if wants_registry_cache && !state.settings.build_cache {
         return Err(Status::failed_precondition(
@@ -447,6 +485,9 @@ async fn run_inner(
         output,
         cache_from: req.cache_from.clone(),
         cache_to: Some(req.cache_to.clone()).filter(|r| !r.is_empty()),
+        push_opts,
+        push_note,
+        cache_compression,
         iidfile: req.iidfile.clone(),
         tx,
         cancel: cancel.clone(),
@@ -814,6 +855,12 @@ struct Job {
     cancel: Arc<AtomicBool>,
     cache_from: Vec<String>,
     cache_to: Option<String>,
+    /// How `-o docker://` sends the image (format and layer compression).
+    push_opts: isula_registry::push::PushOptions,
+    /// Said before that push when zstd moved it to the OCI format.
+    push_note: Option<String>,
+    /// The layer compression of `--cache-to`.
+    cache_compression: isula_registry::push::LayerCompression,
 }
 
 /// The `--cache-from` sources of one build, as the builder sees them.
@@ -1142,19 +1189,17 @@ impl Job {
                     name.familiar()
                 ));
             }
-            Output::Registry(name, oci) => {
+            Output::Registry(name, _) => {
                 let tx = self.tx.clone();
-                let format = if *oci || self.opts.oci {
-                    isula_registry::push::Format::Oci
-                } else {
-                    isula_registry::push::Format::Docker
-                };
+                if let Some(note) = &self.push_note {
+                    self.tx.send(note.clone());
+                }
                 isula_registry::push::push(
                     &self.state.registry,
                     &self.state.store,
                     &hex,
                     Some(&name.to_string()),
-                    format,
+                    self.push_opts,
                     &isula_transport::Cancel::from_flag(self.cancel.clone()),
                     &mut |l| {
                         tx.send(l);
@@ -1184,6 +1229,7 @@ impl Job {
                 &self.state.store,
                 &built.cache_keys,
                 dest,
+                self.cache_compression,
                 &isula_transport::Cancel::from_flag(self.cancel.clone()),
                 &mut |l| {
                     tx.send(l);
