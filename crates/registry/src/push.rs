@@ -430,7 +430,10 @@ pub(crate) fn refused_zstd(client: &Client, manifest: &[u8], e: RegistryError) -
         return e;
     };
     // Only a refusal (4xx): a server error or a broken connection says nothing of zstd.
-    if !reason.starts_with("registry answered 4") {
+    let refused = reason
+        .strip_prefix(crate::client::ANSWERED)
+        .is_some_and(|r| r.trim_start().starts_with('4'));
+    if !refused {
         return e;
     }
     let Ok(m) = serde_json::from_slice::<Manifest>(manifest) else {
@@ -867,4 +870,61 @@ pub fn push_image(
         size: manifest.len() as u64,
         media_type,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zstd() -> LayerCompression {
+        LayerCompression {
+            codec: Codec::Zstd,
+            level: None,
+        }
+    }
+
+    #[test]
+    fn zstd_goes_in_oci_unless_docker_and_zstd_were_both_named() {
+        // gzip keeps the format asked for, docker by default.
+        let gzip = LayerCompression::default();
+        for (named, want) in [
+            ("", Format::Docker),
+            ("docker", Format::Docker),
+            ("oci", Format::Oci),
+        ] {
+            let (f, note) = format_for(named, gzip, true).expect("gzip");
+            assert_eq!(f, want, "{named:?}");
+            assert!(note.is_none());
+        }
+        // zstd: OCI, said when it was switched.
+        let (f, note) = format_for("oci", zstd(), true).expect("oci zstd");
+        assert_eq!((f, note), (Format::Oci, None));
+        let (f, note) = format_for("", zstd(), true).expect("zstd, no format");
+        assert_eq!(f, Format::Oci);
+        assert!(note.is_some_and(|n| n.contains("OCI")));
+        // The daemon's default zstd with a client that always names docker (0.9.6): OCI.
+        let (f, _) = format_for("docker", zstd(), false).expect("default zstd");
+        assert_eq!(f, Format::Oci);
+        // Both named: refused, saying what to do.
+        let e = format_for("docker", zstd(), true).expect_err("docker and zstd");
+        assert_eq!(e.kind(), isula_store::ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("--format oci"), "{e}");
+        assert!(format_for("v2s1", gzip, true).is_err());
+    }
+
+    #[test]
+    fn layer_media_types() {
+        assert_eq!(
+            layer_media_type(Format::Docker, Codec::Gzip),
+            media::DOCKER_LAYER_GZIP
+        );
+        assert_eq!(
+            layer_media_type(Format::Oci, Codec::Gzip),
+            media::OCI_LAYER_GZIP
+        );
+        assert_eq!(
+            layer_media_type(Format::Oci, Codec::Zstd),
+            media::OCI_LAYER_ZSTD
+        );
+    }
 }

@@ -831,38 +831,61 @@ impl Store {
         side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     ) -> Result<(Digest, u64)> {
         let path = self.content.path(blob);
-        let mut src = StopReader {
-            inner: self.open_blob(blob, Some(lease))?,
-            stop: &self.compressor.stopping,
-            yield_to: yielded.map(|y| (&*self.activity, y)),
-        };
-        // A blob stored compressed some other way (a pulled zstd or gzip layer) is
-        // compressed again from its tar, for registries and formats that take only that.
-        let (_, mut plain) =
-            compression::decompress(&mut src).map_err(|e| StoreError::io("read", &path, e))?;
-        let w = pgzip::Tee {
-            inner: self.content.writer()?,
-            side,
-        };
-        let io = |e| StoreError::io("compress", &path, e);
-        let w = match how.codec {
-            Codec::Gzip => {
-                // Nobody waits for the idle-time gzip: it may spend more CPU for fewer bytes.
-                let level = match (how.level, yielded) {
-                    (None, Some(_)) => compression::GZIP_LEVEL_IDLE,
-                    (asked, _) => compression::gzip_level(asked),
-                };
-                let mut enc = pgzip::ParallelGzip::new(w, level).map_err(io)?;
-                std::io::copy(&mut plain, &mut enc).map_err(io)?;
-                enc.finish().map_err(io)?
-            }
-            Codec::Zstd => {
-                let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
-                let mut enc = compression::parallel_zstd(w, level).map_err(io)?;
-                std::io::copy(&mut plain, &mut enc).map_err(io)?;
-                enc.finish().map_err(io)?
-            }
-        };
+        let src = self.open_blob(blob, Some(lease))?;
+        let stop = &self.compressor.stopping;
+        let w = std::thread::scope(|scope| -> Result<_> {
+            // A blob stored compressed some other way (a pulled zstd or gzip layer) is
+            // compressed again from its tar, for registries and formats that take only that.
+            let plain: Box<dyn std::io::Read> = match yielded {
+                // Background work: one thread, at the lowest priority.
+                Some(y) => {
+                    let src = StopReader {
+                        inner: src,
+                        stop,
+                        yield_to: Some((&*self.activity, y)),
+                    };
+                    compression::decompress(src)
+                        .map_err(|e| StoreError::io("read", &path, e))?
+                        .1
+                }
+                // Someone waits: the tar is read (made from a built layer's files and
+                // verified, or decompressed) on a thread of its own, a few MiB ahead of
+                // the encoder, whose thread hashes and writes what the workers compress.
+                None => Box::new(compression::read_ahead(scope, move || {
+                    let src = StopReader {
+                        inner: src,
+                        stop,
+                        yield_to: None,
+                    };
+                    compression::decompress(src).map(|(_, r)| r)
+                })),
+            };
+            let mut plain = plain;
+            let w = pgzip::Tee {
+                inner: self.content.writer()?,
+                side,
+            };
+            let io = |e| StoreError::io("compress", &path, e);
+            Ok(match how.codec {
+                Codec::Gzip => {
+                    // Nobody waits for the idle-time gzip: it may spend more CPU for fewer
+                    // bytes.
+                    let level = match (how.level, yielded) {
+                        (None, Some(_)) => compression::GZIP_LEVEL_IDLE,
+                        (asked, _) => compression::gzip_level(asked),
+                    };
+                    let mut enc = pgzip::ParallelGzip::new(w, level).map_err(io)?;
+                    std::io::copy(&mut plain, &mut enc).map_err(io)?;
+                    enc.finish().map_err(io)?
+                }
+                Codec::Zstd => {
+                    let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
+                    let mut enc = compression::parallel_zstd(w, level).map_err(io)?;
+                    std::io::copy(&mut plain, &mut enc).map_err(io)?;
+                    enc.finish().map_err(io)?
+                }
+            })
+        })?;
         let (digest, size) = lease.commit_blob(w.inner, None)?;
         self.record_compressed_form(
             blob,

@@ -473,6 +473,18 @@ async fn run_inner(
     };
     if extras.platforms.len() > 1 {
         check_several_platforms(&output, &opts, &req)?;
+        // A manifest list goes up with gzip layers (its pushes take no compression yet):
+        // a request naming zstd is told so rather than sent gzip (the daemon's default
+        // zstd does not apply to it).
+        if matches!(output, Output::Registry(..))
+            && !req.compression.trim().is_empty()
+            && push_opts.compression.codec == isula_registry::push::Codec::Zstd
+        {
+            return Err(error::invalid(
+                "--compression zstd is not supported yet for a build of several platforms \
+                 pushed as a manifest list: use gzip",
+            ));
+        }
     }
     let job = Job {
         platforms: extras.platforms,
