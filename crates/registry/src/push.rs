@@ -754,7 +754,8 @@ pub fn push_image(
         layers.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let failed = std::sync::atomic::AtomicBool::new(false);
     let meters: Vec<Arc<AtomicU64>> = layers.iter().map(|_| Arc::default()).collect();
-    let phase = isula_store::phase::Phase::start("push: the blobs (gzip if not made, upload)");
+    let phase =
+        isula_store::phase::Phase::start("push: the blobs (gzip or zstd if not made, upload)");
     std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         for _ in 0..crate::pull::PARALLEL.min(layers.len()) {
