@@ -347,6 +347,41 @@ fn bad_compressions_levels_and_formats_are_refused_clearly() {
     }
     // Positive control: the same registry and fault take the gzip push.
     d.ok(&["ctr-img", "push", "--compression", "gzip", &pname]);
+
+    // A build for several platforms goes up as a manifest list, which takes no zstd yet:
+    // refused before it runs; without --compression it goes (gzip).
+    let ctx = d.dir.path().join("multi");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("a.txt"), "a\n").expect("file");
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY a.txt /a.txt\n").expect("df");
+    let multi = format!("docker://{host}/r/multi:1");
+    let build = |extra: &[&str]| {
+        let mut args = vec![
+            "ctr-img",
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            &multi,
+        ];
+        args.extend_from_slice(extra);
+        args.push(ctx.to_str().expect("ctx"));
+        args.iter().map(|a| a.to_string()).collect::<Vec<String>>()
+    };
+    let args = build(&["--compression", "zstd"]);
+    let err = d.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("--compression zstd is not supported yet for a build of several platforms"),
+        "{err}"
+    );
+    let args = build(&[]);
+    d.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let list = raw_manifest(&format!("{host}/r/multi:1"));
+    assert_eq!(
+        list["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
 }
 
 #[test]
