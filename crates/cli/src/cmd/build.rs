@@ -362,7 +362,13 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         seccomp_unconfined: seccomp_unconfined(&args.security_opt)?,
         entity_id: format!("{digest}:{entity_time}"),
         encrypted,
-        format: args.format.unwrap_or_default(),
+        // Without --format, "docker" as isula-build always sent, except beside --compression
+        // (see `push`).
+        format: match args.format {
+            Some(f) => f,
+            None if args.compression.is_some() => String::new(),
+            None => "docker".to_string(),
+        },
         compression: args.compression.unwrap_or_default(),
         compression_level: args.compression_level,
         target: args.target.unwrap_or_default(),

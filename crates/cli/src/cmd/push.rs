@@ -24,7 +24,14 @@ pub struct Args {
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
-    let format = args.format.unwrap_or_default();
+    // Without -f, "docker" as isula-build always sent (a daemon of 0.9.6 wants one), except
+    // beside --compression: then none, so the daemon may move a zstd push to OCI, which it
+    // refuses when docker was named.
+    let format = match args.format {
+        Some(f) => f,
+        None if args.compression.is_some() => String::new(),
+        None => "docker".to_string(),
+    };
     if !format.is_empty() && format != "docker" && format != "oci" {
         bail!("invalid --format {format:?}: use docker or oci");
     }
