@@ -91,7 +91,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 22] = [
+const CONFIGURATION_KEYS: [&str; 24] = [
     "debug",
     "loglevel",
     "group",
@@ -114,6 +114,8 @@ const CONFIGURATION_KEYS: [&str; 22] = [
     "tlskey",
     "insecure_tcp",
     "roles",
+    "compression",
+    "compression_level",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +145,11 @@ struct ConfigurationFile {
     min_free_space: Option<String>,
     /// Ours: how long a registry transfer may make no progress before it fails ("60s").
     registry_stall_timeout: Option<String>,
+    /// Ours: the layer compression of pushes, `-o docker://` and `--cache-to` when the
+    /// request names none ("gzip", the default, or "zstd").
+    compression: Option<String>,
+    /// Ours: its level (gzip 1-9, zstd 1-22; default: the codec's level for a push).
+    compression_level: Option<i32>,
     /// Ours: where to listen, as `--host` (unix:///path, tcp://ADDR:PORT).
     hosts: Option<Vec<String>>,
     /// Ours: TCP listeners need mutual TLS with these files (as the flags).
@@ -270,6 +277,9 @@ pub struct Settings {
     pub unpack_limits: isula_store::apply::Limits,
     /// How long a registry transfer may stall (`registry_stall_timeout`).
     pub registry_stall_timeout: std::time::Duration,
+    /// The layer compression of a push that names none (`compression`,
+    /// `compression_level`).
+    pub compression: isula_types::compression::LayerCompression,
     pub storage_driver: String,
     pub mount_options: Vec<String>,
     pub registries: Registries,
@@ -482,6 +492,12 @@ impl Settings {
                 d
             }
         };
+        let compression = isula_types::compression::LayerCompression::parse(
+            conf.compression.as_deref().unwrap_or(""),
+            conf.compression_level,
+            Default::default(),
+        )
+        .map_err(|e| anyhow::anyhow!("config file {}: {e}", conf_path.display()))?;
         let storage_path = dir.join("storage.toml");
         let storage: StorageFile = match read_config_file(&storage_path)? {
             Some(t) => {
@@ -621,6 +637,7 @@ impl Settings {
             build_cache_keep_free,
             unpack_limits,
             registry_stall_timeout,
+            compression,
             storage_driver: driver,
             mount_options,
             registries,
@@ -851,6 +868,23 @@ mod tests {
         );
         let s = Settings::load(&flags(d.path(), &[])).expect("stall timeout set");
         assert_eq!(s.registry_stall_timeout, std::time::Duration::from_secs(90));
+        // Pushes compress with gzip unless configured otherwise.
+        assert_eq!(s.compression, Default::default());
+        write(
+            d.path(),
+            "configuration.toml",
+            "compression = \"zstd\"\ncompression_level = 19\n",
+            0o600,
+        );
+        let s = Settings::load(&flags(d.path(), &[])).expect("compression set");
+        assert_eq!(
+            s.compression,
+            isula_types::compression::LayerCompression {
+                codec: isula_types::compression::Codec::Zstd,
+                level: Some(19)
+            }
+        );
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
     }
 
     #[test]
@@ -952,13 +986,31 @@ mod tests {
 
     #[test]
     fn refuses_bad_files() {
-        let cases: [(&str, &str, u32, &str); 11] = [
+        let cases: [(&str, &str, u32, &str); 14] = [
             ("configuration.toml", "debug = ", 0o600, "malformed"),
             (
                 "configuration.toml",
                 "build_cache_keep_free = \"lots\"",
                 0o600,
                 "build_cache_keep_free: \"lots\": expected a share",
+            ),
+            (
+                "configuration.toml",
+                "compression = \"lz4\"",
+                0o600,
+                "invalid compression \"lz4\": use gzip, zstd or zstd:chunked",
+            ),
+            (
+                "configuration.toml",
+                "compression = \"gzip\"\ncompression_level = 10",
+                0o600,
+                "compression level 10 is out of range for gzip: use 1 to 9",
+            ),
+            (
+                "configuration.toml",
+                "compression = \"zstd:chunked\"",
+                0o600,
+                "zstd:chunked is not supported yet",
             ),
             (
                 "configuration.toml",

@@ -131,7 +131,8 @@ impl Control for Service {
     type PushStream = LineStream<PushResponse>;
     async fn push(&self, r: Request<PushRequest>) -> Result<Response<Self::PushStream>, Status> {
         self.allow(&r, "pushing images", Role::Builder, true)?;
-        let (name, format, platform) = rpc::registry::validate_push(r.get_ref())?;
+        let (name, opts, note, platform) =
+            rpc::registry::validate_push(r.get_ref(), self.state.settings.compression)?;
         let wrap = Wrap {
             text: |response| PushResponse {
                 response,
@@ -146,7 +147,10 @@ impl Control for Service {
             &self.state,
             wrap,
             move |state, cancel, out| {
-                rpc::registry::push(state, name, format, platform.as_ref(), cancel, out)
+                if let Some(note) = note {
+                    out(note);
+                }
+                rpc::registry::push(state, name, opts, platform.as_ref(), cancel, out)
             },
         )))
     }

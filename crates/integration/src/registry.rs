@@ -437,6 +437,9 @@ pub enum Fault {
     StallUploads(u32),
     /// Send half of this many blob GET answers, then hang (as above), then pass.
     StallBlobGets(u32),
+    /// Refuse manifest PUTs that list zstd layers with 400 MANIFEST_INVALID, as a
+    /// registry that knows no zstd does.
+    RefuseZstdManifests,
 }
 
 /// Holds a stalled connection, reading nothing, until the client closes its end (or ten
@@ -662,6 +665,30 @@ fn proxy_one(
     {
         forward_body(&mut cr, &mut up, len, chunked, Some(part(4)))?;
         hold_until_client_leaves(&cw);
+        return Ok(());
+    }
+    if current == Fault::RefuseZstdManifests
+        && method == "PUT"
+        && path.contains("/manifests/")
+        && !chunked
+    {
+        let mut body = Vec::new();
+        forward_body(&mut cr, &mut body, len, false, None)?;
+        if String::from_utf8_lossy(&body).contains("tar+zstd") {
+            let answer = r#"{"errors":[{"code":"MANIFEST_INVALID","message":"manifest invalid","detail":"unknown layer media type"}]}"#;
+            cw.write_all(
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                )
+                .as_bytes(),
+            )?;
+            return Ok(());
+        }
+        up.write_all(&body)?;
+        let mut resp = Vec::new();
+        up.read_to_end(&mut resp)?;
+        cw.write_all(&resp)?;
         return Ok(());
     }
     if upload && current == Fault::KillDuringUpload {

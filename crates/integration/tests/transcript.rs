@@ -491,6 +491,7 @@ async fn minimal_client(socket: &Path, argv: &[String], out: &mut String) -> Res
                     image_name: name.to_string(),
                     format: String::new(),
                     progress: false,
+                    // What an isula-build 0.9.6 client sends: no compression fields.
                     ..Default::default()
                 })
                 .await

@@ -12,7 +12,10 @@
 //! │                                   stage?: {config: "<exact config JSON>",
 //! │                                            layers: [{diff_id, blob, size}]}}]}
 //! └── layers  every snapshot and stage layer, as gzip tars in OCI form
-//!             (application/vnd.oci.image.layer.v1.tar+gzip)
+//!             (application/vnd.oci.image.layer.v1.tar+gzip), or zstd ones
+//!             (application/vnd.oci.image.layer.v1.tar+zstd) when the export asks for
+//!             zstd (`--compression zstd`, or the daemon's `compression`); an import reads
+//!             either, whatever the records say, by the blob's first bytes
 //! ```
 //!
 //! A step's snapshot goes as a layer tar of its own changes (overlay whiteouts become
@@ -27,10 +30,11 @@ use crate::pull::{fetch_blob, fetch_unpacked, get_manifest};
 use crate::push::{put_manifest, send_blob};
 use crate::{resolve, Context};
 use isula_store::cache::{Record, StageRecord};
-use isula_store::compression::{Compression, GZIP_LEVEL};
+use isula_store::compression::{Compression, ZSTD_LEVEL};
 use isula_store::diff::{write_layer, DiffOptions};
 use isula_store::{LayerRecord, Lease, Store};
 use isula_transport::{Cancel, Progress};
+use isula_types::compression::{Codec, LayerCompression};
 use isula_types::image::{Descriptor, Manifest};
 use isula_types::{limits, media, ChainId, DiffId, Digest, Reference};
 use serde::{Deserialize, Serialize};
@@ -115,24 +119,60 @@ fn gzip_desc(digest: &Digest, size: u64) -> Descriptor {
     Descriptor::new(media::OCI_LAYER_GZIP, digest.clone(), size)
 }
 
-/// The gzip form of a stored layer blob (itself when it is gzip already).
-fn gzip_form(store: &Store, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
-    if store.blob_compression(blob)? == Compression::Gzip {
+/// The form of a stored layer blob in the asked compression (itself when it is stored so
+/// already), made and kept beside the layer's other forms when there is none.
+fn compressed_form(
+    store: &Store,
+    blob: &Digest,
+    how: LayerCompression,
+    lease: &Lease,
+) -> Result<(Digest, u64)> {
+    let stored = match how.codec {
+        Codec::Gzip => Compression::Gzip,
+        Codec::Zstd => Compression::Zstd,
+    };
+    if store.blob_compression(blob)? == stored {
         lease.blob(blob);
         return Ok((blob.clone(), store.content().size(blob)?));
     }
-    Ok(store.gzip_blob(blob, lease)?)
+    Ok(store.compressed_blob(blob, how, lease)?)
 }
 
-/// A snapshot directory as a gzip layer blob in the content store (leased).
-fn snapshot_blob(store: &Store, dir: &std::path::Path, lease: &Lease) -> Result<(Digest, u64)> {
+fn layer_desc(codec: Codec, digest: &Digest, size: u64) -> Descriptor {
+    let media_type = match codec {
+        Codec::Gzip => media::OCI_LAYER_GZIP,
+        Codec::Zstd => media::OCI_LAYER_ZSTD,
+    };
+    Descriptor::new(media_type, digest.clone(), size)
+}
+
+/// A snapshot directory as a compressed layer blob in the content store (leased).
+fn snapshot_blob(
+    store: &Store,
+    dir: &std::path::Path,
+    how: LayerCompression,
+    lease: &Lease,
+) -> Result<(Digest, u64)> {
     let io = |e: std::io::Error| isula_store::StoreError::io("compress", dir, e);
     let w = store.content().writer()?;
-    let gz = isula_store::pgzip::ParallelGzip::new(w, GZIP_LEVEL).map_err(io)?;
-    let buffered = std::io::BufWriter::with_capacity(1 << 20, gz);
-    let buffered = write_layer(dir, buffered, &DiffOptions::default())?;
-    let gz = buffered.into_inner().map_err(|e| io(e.into_error()))?;
-    let w = gz.finish().map_err(io)?;
+    let w = match how.codec {
+        Codec::Gzip => {
+            let level = isula_store::compression::gzip_level(how.level);
+            let gz = isula_store::pgzip::ParallelGzip::new(w, level).map_err(io)?;
+            let buffered = std::io::BufWriter::with_capacity(1 << 20, gz);
+            let buffered = write_layer(dir, buffered, &DiffOptions::default())?;
+            let gz = buffered.into_inner().map_err(|e| io(e.into_error()))?;
+            gz.finish().map_err(io)?
+        }
+        Codec::Zstd => {
+            let enc = isula_store::compression::parallel_zstd(w, how.level.unwrap_or(ZSTD_LEVEL))
+                .map_err(io)?;
+            let buffered = std::io::BufWriter::with_capacity(1 << 20, enc);
+            let buffered = write_layer(dir, buffered, &DiffOptions::default())?;
+            let enc = buffered.into_inner().map_err(|e| io(e.into_error()))?;
+            enc.finish().map_err(io)?
+        }
+    };
     Ok(lease.commit_blob(w, None)?)
 }
 
@@ -150,13 +190,15 @@ pub struct ExportReport {
 
 /// Exports the records `keys` (a build's steps and stage results, in order; keys the
 /// local cache does not have are left out), and the contents of the cache mounts
-/// `mounts`, to the tag `dest`.
+/// `mounts`, to the tag `dest`, their layers compressed as `how` says.
+#[allow(clippy::too_many_arguments)]
 pub fn export(
     ctx: &Context,
     store: &Store,
     keys: &[Digest],
     mounts: &[MountDir],
     dest: &str,
+    how: LayerCompression,
     cancel: &Cancel,
     progress: Progress<'_>,
 ) -> Result<ExportReport> {
@@ -184,7 +226,8 @@ pub fn export(
         };
         let snapshot = match &rec.snapshot {
             Some(id) => {
-                let (digest, size) = snapshot_blob(store, &store.cache().snapshot_dir(id), &lease)?;
+                let (digest, size) =
+                    snapshot_blob(store, &store.cache().snapshot_dir(id), how, &lease)?;
                 blobs.push((digest.clone(), size));
                 Some(Blob { digest, size })
             }
@@ -200,7 +243,7 @@ pub fn export(
                 })?;
                 let mut layers = Vec::new();
                 for (l, b) in s.layers.iter().zip(&s.blobs) {
-                    let (blob, size) = gzip_form(store, b, &lease)?;
+                    let (blob, size) = compressed_form(store, b, how, &lease)?;
                     blobs.push((blob.clone(), size));
                     layers.push(Layer {
                         diff_id: l.diff_id.clone(),
@@ -221,7 +264,7 @@ pub fn export(
         });
     }
     let records = entries.len();
-    let exported_mounts = export_mounts(store, mounts, &lease, &mut blobs, cancel, progress)?;
+    let exported_mounts = export_mounts(store, mounts, how, &lease, &mut blobs, cancel, progress)?;
     let mut unique = HashSet::new();
     blobs.retain(|(d, _)| unique.insert(d.clone()));
     progress(format!("Exporting build cache to {dest}\n"));
@@ -243,13 +286,17 @@ pub fn export(
         schema_version: 2,
         media_type: Some(media::OCI_MANIFEST.into()),
         config: Descriptor::new(CONFIG_TYPE, config_digest, config.len() as u64),
-        layers: blobs.iter().map(|(d, s)| gzip_desc(d, *s)).collect(),
+        layers: blobs
+            .iter()
+            .map(|(d, s)| layer_desc(how.codec, d, *s))
+            .collect(),
         annotations: None,
     };
     let bytes = serde_json::to_vec(&manifest)
         .map_err(|e| RegistryError::Invalid(format!("encoding the cache manifest: {e}")))?;
     progress("Writing manifest to image destination\n".into());
-    let digest = put_manifest(&client, &repo, &tag, &bytes, media::OCI_MANIFEST)?;
+    let digest = put_manifest(&client, &repo, &tag, &bytes, media::OCI_MANIFEST)
+        .map_err(|e| crate::push::refused_zstd(&client, &bytes, e))?;
     Ok(ExportReport {
         digest,
         records,
@@ -262,6 +309,7 @@ pub fn export(
 fn export_mounts(
     store: &Store,
     mounts: &[MountDir],
+    how: LayerCompression,
     lease: &Lease,
     blobs: &mut Vec<(Digest, u64)>,
     cancel: &Cancel,
@@ -304,7 +352,7 @@ fn export_mounts(
         }
         total += size;
         progress(format!("Exporting cache mount id={}\n", m.id));
-        let (digest, size) = snapshot_blob(store, &data, lease)?;
+        let (digest, size) = snapshot_blob(store, &data, how, lease)?;
         blobs.push((digest.clone(), size));
         out.push(MountEntry {
             id: m.id.clone(),

@@ -479,9 +479,13 @@ impl Client {
             .ok()
             .and_then(|v| v["errors"][0]["message"].as_str().map(|m| format!(": {m}")))
             .unwrap_or_default();
-        self.http_error(what, format!("registry answered {status}{detail}"))
+        self.http_error(what, format!("{ANSWERED} {status}{detail}"))
     }
 }
+
+/// How [`Client::status_error`] starts the reason of an answer it did not expect, followed
+/// by the status code: a push tells a refusal (4xx) from a server error by it.
+pub(crate) const ANSWERED: &str = "registry answered";
 
 /// Waits before another try: `Retry-After` (at most 30 s), else 250 ms doubled per attempt.
 pub(crate) fn backoff(attempt: u32, retry_after: Option<u64>) {

@@ -459,10 +459,13 @@ impl Lists {
                 &rec,
                 &repo,
                 "",
-                if list.oci {
-                    Format::Oci
-                } else {
-                    Format::Docker
+                crate::push::PushOptions {
+                    format: if list.oci {
+                        Format::Oci
+                    } else {
+                        Format::Docker
+                    },
+                    compression: Default::default(),
                 },
                 cancel,
                 &mut *progress,

@@ -1,9 +1,13 @@
-//! `ctr-img push` and `-o docker://`: every layer goes up compressed. A gzip made already
-//! (in the background, or by an earlier push) is skipped when the registry has it, mounted
+//! `ctr-img push` and `-o docker://`: every layer goes up compressed, gzip or zstd as the
+//! push asks (`--compression`, else the daemon's `compression`). A layer stored in that
+//! compression goes as it is; else its form in that compression, made already (gzip in the
+//! background, or either by an earlier push) is skipped when the registry has it, mounted
 //! from another repository of the same registry when one is known to hold it, else
-//! uploaded in one PUT (chunked PATCH as the fallback). A gzip not made yet goes up as it
-//! is made, in one streamed PATCH, while the store keeps it (the ordinary way if the stream
-//! fails). Then the config, then the manifest.
+//! uploaded in one PUT (chunked PATCH as the fallback). A form not made yet goes up as it
+//! is made on every core, in one streamed PATCH, while the store keeps it beside the
+//! layer's other forms (the ordinary way if the stream fails). Then the config, then the
+//! manifest. zstd layers need an OCI manifest (a Docker schema 2 manifest has no media type
+//! for them): see [`format_for`].
 
 use crate::client::{Client, Req};
 use crate::error::{RegistryError, Result};
@@ -23,6 +27,42 @@ use std::time::Duration;
 
 /// `--format`: docker (default) or oci media types, as for archives.
 pub use isula_transport::save::Format;
+pub use isula_types::compression::{Codec, LayerCompression};
+
+/// How a push sends an image: its manifest format and its layers' compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushOptions {
+    pub format: Format,
+    pub compression: LayerCompression,
+}
+
+/// The manifest format of a push of `compression` layers: `named` is the format the
+/// request named ("" names none), `compression_named` whether the request itself named
+/// the compression (not the daemon's default). A Docker schema 2 manifest cannot carry
+/// zstd layers, so zstd goes in OCI format, unless the same request named both docker and
+/// zstd: that is refused (as skopeo and buildah refuse zstd under a forced v2s2 format).
+/// Returns the format and, when it was switched, a line saying so.
+pub fn format_for(
+    named: &str,
+    compression: LayerCompression,
+    compression_named: bool,
+) -> Result<(Format, Option<String>)> {
+    let format = Format::parse(named)?;
+    if compression.codec != Codec::Zstd || format == Format::Oci {
+        return Ok((format, None));
+    }
+    if named == "docker" && compression_named {
+        return Err(RegistryError::Invalid(
+            "--compression zstd needs the oci format: a docker (schema 2) manifest has no \
+             media type for zstd layers; push with --format oci, or with --compression gzip"
+                .into(),
+        ));
+    }
+    Ok((
+        Format::Oci,
+        Some("Pushing in OCI format: zstd layers need an OCI manifest\n".into()),
+    ))
+}
 
 fn scope_push(repo: &str) -> String {
     format!("repository:{repo}:pull,push")
@@ -348,17 +388,24 @@ pub fn put_manifest(
     Ok(digest)
 }
 
-/// The manifest to push and the blobs it needs: the stored manifest verbatim when it is
-/// already in the target format with compressed layers, else a new one over gzip blobs.
-/// One layer of a push: a stored blob that goes up as it is, or one whose gzip is made
-/// while it goes up (its digest known only then).
+/// One layer of a push: a stored blob that goes up as it is, or one whose compressed form
+/// is made while it goes up (its digest known only then).
 #[derive(Debug, Clone)]
 enum PlannedLayer {
     Ready(Descriptor),
-    Gzip {
+    Compress {
         source: Digest,
         media_type: &'static str,
     },
+}
+
+/// The layer media type of `codec` in `format` (zstd only in OCI: [`format_for`]).
+fn layer_media_type(format: Format, codec: Codec) -> &'static str {
+    match (format, codec) {
+        (Format::Docker, Codec::Gzip) => media::DOCKER_LAYER_GZIP,
+        (Format::Oci, Codec::Gzip) => media::OCI_LAYER_GZIP,
+        (_, Codec::Zstd) => media::OCI_LAYER_ZSTD,
+    }
 }
 
 /// How one layer went up, under which descriptor.
@@ -375,12 +422,60 @@ struct PushPlan {
     changed: bool,
 }
 
+/// A manifest refused for what it says (a 4xx answer other than auth or not-found) that
+/// lists zstd layers: said to be the zstd, naming the registry, the first zstd layer and
+/// its media type, so the user knows to push with `--compression gzip`.
+pub(crate) fn refused_zstd(client: &Client, manifest: &[u8], e: RegistryError) -> RegistryError {
+    let RegistryError::Http { what, reason, .. } = &e else {
+        return e;
+    };
+    // Only a refusal (4xx): a server error or a broken connection says nothing of zstd.
+    let refused = reason
+        .strip_prefix(crate::client::ANSWERED)
+        .is_some_and(|r| r.trim_start().starts_with('4'));
+    if !refused {
+        return e;
+    }
+    let Ok(m) = serde_json::from_slice::<Manifest>(manifest) else {
+        return e;
+    };
+    let Some(layer) = m
+        .layers
+        .iter()
+        .find(|l| l.media_type == media::OCI_LAYER_ZSTD)
+    else {
+        return e;
+    };
+    RegistryError::Unsupported {
+        registry: client.host().to_string(),
+        what: what.clone(),
+        reason: format!(
+            "the registry refused a manifest with zstd layers (layer {}, media type {}): {reason}; \
+             push with --compression gzip",
+            layer.digest,
+            media::OCI_LAYER_ZSTD
+        ),
+    }
+}
+
+/// The manifest to push and the blobs it needs: the stored manifest verbatim when it is
+/// already in the target format with layers in the asked compression, else a new one over
+/// the layers' forms in that compression.
 fn plan_push(
     store: &Store,
     image: &ImageRecord,
-    format: Format,
+    opts: PushOptions,
     lease: &Lease,
 ) -> Result<PushPlan> {
+    let PushOptions {
+        format,
+        compression,
+    } = opts;
+    if format == Format::Docker && compression.codec == Codec::Zstd {
+        return Err(RegistryError::Invalid(
+            "zstd layers need the oci format (a docker manifest cannot carry them)".into(),
+        ));
+    }
     let stored = store
         .content()
         .read_small(&image.manifest, limits::MANIFEST_MAX)?;
@@ -390,47 +485,43 @@ fn plan_push(
         Format::Docker => (media::DOCKER_MANIFEST, media::DOCKER_CONFIG),
         Format::Oci => (media::OCI_MANIFEST, media::OCI_CONFIG),
     };
-    let gzip_type = match format {
-        Format::Docker => media::DOCKER_LAYER_GZIP,
-        Format::Oci => media::OCI_LAYER_GZIP,
-    };
+    let media_type = layer_media_type(format, compression.codec);
     let mut layers = Vec::new();
     let mut changed = image.manifest_media_type != manifest_type;
     for d in &manifest.layers {
-        let compression = store.blob_compression(&d.digest)?;
-        // What the format carries as it is; anything else goes up as gzip of its tar.
-        let keep = match format {
-            Format::Docker => compression == Compression::Gzip,
-            Format::Oci => matches!(compression, Compression::Gzip | Compression::Zstd),
+        let stored_as = match store.blob_compression(&d.digest)? {
+            Compression::Gzip => Some(Codec::Gzip),
+            Compression::Zstd => Some(Codec::Zstd),
+            _ => None,
         };
-        if !keep {
-            changed = true;
-            match store.compressed(&d.digest) {
-                Some(gz) => {
-                    lease.blob(&gz.digest);
-                    layers.push(PlannedLayer::Ready(Descriptor::new(
-                        gzip_type, gz.digest, gz.size,
-                    )));
-                }
-                None => layers.push(PlannedLayer::Gzip {
-                    source: d.digest.clone(),
-                    media_type: gzip_type,
-                }),
+        if stored_as == Some(compression.codec) {
+            // Stored in the asked compression: it goes up as it is.
+            if media_type != d.media_type {
+                changed = true;
             }
+            layers.push(PlannedLayer::Ready(Descriptor::new(
+                media_type,
+                d.digest.clone(),
+                d.size,
+            )));
             continue;
         }
-        let media_type = match compression {
-            Compression::Gzip => gzip_type,
-            _ => media::OCI_LAYER_ZSTD,
-        };
-        if media_type != d.media_type {
-            changed = true;
+        // Anything else goes up as its form in the asked compression, kept in the store.
+        changed = true;
+        match store.compressed_form(&d.digest, compression.codec) {
+            Some(form) => {
+                lease.blob(&form.digest);
+                layers.push(PlannedLayer::Ready(Descriptor::new(
+                    media_type,
+                    form.digest,
+                    form.size,
+                )));
+            }
+            None => layers.push(PlannedLayer::Compress {
+                source: d.digest.clone(),
+                media_type,
+            }),
         }
-        layers.push(PlannedLayer::Ready(Descriptor::new(
-            media_type,
-            d.digest.clone(),
-            d.size,
-        )));
     }
     Ok(PushPlan {
         stored,
@@ -490,27 +581,29 @@ impl Read for Pieces {
     }
 }
 
-/// Sends the gzip of the layer blob `source` while it is made: the gzip goes into the
-/// store and, piece by piece, into one streamed PATCH of an upload, which the digest then
-/// closes. When the stream fails, the stored gzip is sent the ordinary way (with its
-/// retries); when the gzip already exists, only that way.
-fn send_gzipped(
+/// Sends the `how` form (gzip or zstd) of the layer blob `source` while it is made: the
+/// form goes into the store and, piece by piece, into one streamed PATCH of an upload,
+/// which the digest then closes. When the stream fails, the stored form is sent the
+/// ordinary way (with its retries); when the form already exists, only that way.
+#[allow(clippy::too_many_arguments)]
+fn send_compressed(
     client: &Client,
     store: &Store,
     repo: &str,
     source: &Digest,
+    how: LayerCompression,
     lease: &Lease,
     cancel: &Cancel,
     meter: &Arc<AtomicU64>,
 ) -> Result<(Digest, u64, Sent)> {
-    let what = format!("gzip of layer {source} to {repo}");
+    let what = format!("{} of layer {source} to {repo}", how.codec);
     // The stored gzip, the ordinary way.
     let send_stored = |digest: Digest, size: u64| -> Result<(Digest, u64, Sent)> {
         let sources = mount_sources(store, client.host(), &digest);
         let sent = send_blob_metered(client, store, repo, &digest, &sources, cancel, meter)?;
         Ok((digest, size, sent))
     };
-    if let Some(made) = store.compressed(source) {
+    if let Some(made) = store.compressed_form(source, how.codec) {
         // Made since the plan (in idle time, or by another push): no stream to open.
         lease.blob(&made.digest);
         return send_stored(made.digest, made.size);
@@ -527,7 +620,7 @@ fn send_gzipped(
     let estimate = store.blob_size(source).unwrap_or(0);
     let scopes = [scope_push(repo)];
     let (gzip, streamed) = std::thread::scope(|s| {
-        let gzip = s.spawn(|| store.gzip_blob_streaming(source, lease, Some(tx)));
+        let gzip = s.spawn(|| store.compressed_blob_streaming(source, how, lease, Some(tx)));
         let streamed = client.send(
             &Req::once(Method::PATCH, session.clone(), &scopes, what.clone()),
             &|rb| {
@@ -549,7 +642,7 @@ fn send_gzipped(
             Err(isula_store::StoreError::io(
                 "gzip",
                 store.content().path(source),
-                std::io::Error::other("the gzip thread stopped"),
+                std::io::Error::other("the compressing thread stopped"),
             ))
         });
         (gzip, streamed)
@@ -578,7 +671,7 @@ fn send_gzipped(
         match closed {
             Ok(()) => return Ok((digest, size, Sent::Uploaded)),
             Err(e) => {
-                tracing::debug!(%what, error = %e, "streamed upload failed; sending the stored gzip")
+                tracing::debug!(%what, error = %e, "streamed upload failed; sending the stored {}", how.codec)
             }
         }
     }
@@ -610,7 +703,7 @@ pub fn push(
     store: &Store,
     name: &str,
     dest: Option<&str>,
-    format: Format,
+    opts: PushOptions,
     cancel: &Cancel,
     progress: Progress<'_>,
 ) -> Result<Digest> {
@@ -628,10 +721,7 @@ pub fn push(
     let client = ctx.client(endpoint)?;
     let repo = dest.path().to_string();
     let tag = dest.tag().unwrap_or("latest").to_string();
-    push_image(
-        store, &client, &image, &repo, &tag, format, cancel, progress,
-    )
-    .map(|p| p.digest)
+    push_image(store, &client, &image, &repo, &tag, opts, cancel, progress).map(|p| p.digest)
 }
 
 /// What a pushed image manifest is, for listing it in a manifest list.
@@ -650,12 +740,12 @@ pub fn push_image(
     image: &ImageRecord,
     repo: &str,
     reference: &str,
-    format: Format,
+    opts: PushOptions,
     cancel: &Cancel,
     progress: Progress<'_>,
 ) -> Result<Pushed> {
     let lease = store.lease();
-    let plan = plan_push(store, image, format, &lease)?;
+    let plan = plan_push(store, image, opts, &lease)?;
     progress("Getting image source signatures\n".into());
     // Layers go up PARALLEL at a time; their lines follow in manifest order.
     let layers = &plan.layers;
@@ -664,7 +754,8 @@ pub fn push_image(
         layers.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let failed = std::sync::atomic::AtomicBool::new(false);
     let meters: Vec<Arc<AtomicU64>> = layers.iter().map(|_| Arc::default()).collect();
-    let phase = isula_store::phase::Phase::start("push: the blobs (gzip if not made, upload)");
+    let phase =
+        isula_store::phase::Phase::start("push: the blobs (gzip or zstd if not made, upload)");
     std::thread::scope(|s| {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         for _ in 0..crate::pull::PARALLEL.min(layers.len()) {
@@ -688,12 +779,19 @@ pub fn push_image(
                             )
                             .map(|sent| (d.clone(), sent))
                         }
-                        PlannedLayer::Gzip { source, media_type } => {
-                            send_gzipped(client, store, repo, source, lease, cancel, &meters[i])
-                                .map(|(digest, size, sent)| {
-                                    (Descriptor::new(media_type, digest, size), sent)
-                                })
-                        }
+                        PlannedLayer::Compress { source, media_type } => send_compressed(
+                            client,
+                            store,
+                            repo,
+                            source,
+                            opts.compression,
+                            lease,
+                            cancel,
+                            &meters[i],
+                        )
+                        .map(|(digest, size, sent)| {
+                            (Descriptor::new(media_type, digest, size), sent)
+                        }),
                     });
                 if r.is_err() {
                     failed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -712,7 +810,7 @@ pub fn push_image(
                 if sent > 0 {
                     let (b, total) = match l {
                         PlannedLayer::Ready(d) => (&d.digest, d.size),
-                        PlannedLayer::Gzip { source, .. } => {
+                        PlannedLayer::Compress { source, .. } => {
                             (source, store.blob_size(source).unwrap_or(sent))
                         }
                     };
@@ -764,7 +862,8 @@ pub fn push_image(
     } else {
         reference
     };
-    let digest = put_manifest(client, repo, reference, &manifest, &media_type)?;
+    let digest = put_manifest(client, repo, reference, &manifest, &media_type)
+        .map_err(|e| refused_zstd(client, &manifest, e))?;
     progress("Storing signatures\n".into());
     drop(lease);
     Ok(Pushed {
@@ -772,4 +871,61 @@ pub fn push_image(
         size: manifest.len() as u64,
         media_type,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zstd() -> LayerCompression {
+        LayerCompression {
+            codec: Codec::Zstd,
+            level: None,
+        }
+    }
+
+    #[test]
+    fn zstd_goes_in_oci_unless_docker_and_zstd_were_both_named() {
+        // gzip keeps the format asked for, docker by default.
+        let gzip = LayerCompression::default();
+        for (named, want) in [
+            ("", Format::Docker),
+            ("docker", Format::Docker),
+            ("oci", Format::Oci),
+        ] {
+            let (f, note) = format_for(named, gzip, true).expect("gzip");
+            assert_eq!(f, want, "{named:?}");
+            assert!(note.is_none());
+        }
+        // zstd: OCI, said when it was switched.
+        let (f, note) = format_for("oci", zstd(), true).expect("oci zstd");
+        assert_eq!((f, note), (Format::Oci, None));
+        let (f, note) = format_for("", zstd(), true).expect("zstd, no format");
+        assert_eq!(f, Format::Oci);
+        assert!(note.is_some_and(|n| n.contains("OCI")));
+        // The daemon's default zstd with a client that always names docker (0.9.6): OCI.
+        let (f, _) = format_for("docker", zstd(), false).expect("default zstd");
+        assert_eq!(f, Format::Oci);
+        // Both named: refused, saying what to do.
+        let e = format_for("docker", zstd(), true).expect_err("docker and zstd");
+        assert_eq!(e.kind(), isula_store::ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("--format oci"), "{e}");
+        assert!(format_for("v2s1", gzip, true).is_err());
+    }
+
+    #[test]
+    fn layer_media_types() {
+        assert_eq!(
+            layer_media_type(Format::Docker, Codec::Gzip),
+            media::DOCKER_LAYER_GZIP
+        );
+        assert_eq!(
+            layer_media_type(Format::Oci, Codec::Gzip),
+            media::OCI_LAYER_GZIP
+        );
+        assert_eq!(
+            layer_media_type(Format::Oci, Codec::Zstd),
+            media::OCI_LAYER_ZSTD
+        );
+    }
 }

@@ -51,6 +51,112 @@ pub const GZIP_LEVEL: flate2::Compression = flate2::Compression::new(1);
 /// sends and every registry stores.
 pub const GZIP_LEVEL_IDLE: flate2::Compression = flate2::Compression::new(2);
 
+/// The gzip level a push asked for (`--compression-level`, 1-9), else [`GZIP_LEVEL`].
+pub fn gzip_level(asked: Option<i32>) -> flate2::Compression {
+    asked.map_or(GZIP_LEVEL, |l| {
+        flate2::Compression::new(l.clamp(0, 9) as u32)
+    })
+}
+
+/// The zstd level for layers compressed for a push that asked for zstd without a level:
+/// zstd's own default (what skopeo and buildah use), compressed on every core.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// A zstd encoder into `w` that compresses on every core (zstd's own worker threads, at
+/// most 8): `w` receives the frame as the workers finish its blocks, in order, so memory
+/// stays bounded by the workers' windows. Call `finish` to end the frame.
+pub fn parallel_zstd<W: io::Write>(
+    w: W,
+    level: i32,
+) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut enc = zstd::stream::write::Encoder::new(w, level)?;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8) as u32;
+    if threads > 1 {
+        enc.multithread(threads)?;
+    }
+    // A checksum of the content in the frame, as the zstd tool writes by default: a
+    // decoder then catches a corrupt blob itself.
+    enc.include_checksum(true)?;
+    Ok(enc)
+}
+
+/// How much [`read_ahead`] reads at a time, and how many of those it keeps ready.
+const AHEAD_PIECE: usize = 1 << 20;
+const AHEAD_PIECES: usize = 4;
+
+/// Reads the stream `open` makes on a thread of `scope`, up to 4 MiB ahead of the
+/// returned reader, so making a tar (or decompressing one) and compressing it run at once.
+/// An error, in `open` or while reading, comes out of the returned reader; dropping the
+/// reader stops the thread at its next piece.
+pub fn read_ahead<'scope, 'env, F, R>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    open: F,
+) -> AheadReader
+where
+    F: FnOnce() -> io::Result<R> + Send + 'scope,
+    R: Read,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(AHEAD_PIECES);
+    scope.spawn(move || {
+        let mut r = match open() {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        loop {
+            let mut piece = Vec::with_capacity(AHEAD_PIECE);
+            match (&mut r).take(AHEAD_PIECE as u64).read_to_end(&mut piece) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if tx.send(Ok(piece)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    AheadReader {
+        rx,
+        piece: Vec::new(),
+        at: 0,
+    }
+}
+
+/// The reading end of [`read_ahead`].
+pub struct AheadReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    piece: Vec<u8>,
+    at: usize,
+}
+
+impl Read for AheadReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.piece.len() {
+            match self.rx.recv() {
+                Ok(p) => {
+                    self.piece = p?;
+                    self.at = 0;
+                }
+                // The thread ended without an error: the stream is done.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len() - self.at);
+        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// Wraps `r` in the decompressor its first bytes call for. Returns the format found.
 pub fn decompress<'a, R: Read + 'a>(r: R) -> io::Result<(Compression, Box<dyn Read + 'a>)> {
     let mut br = BufReader::with_capacity(256 << 10, r);
@@ -98,6 +204,25 @@ mod tests {
             r.read_to_end(&mut out).expect("read");
             assert_eq!(out, data, "{kind:?}");
         }
+        // The parallel zstd encoder makes one ordinary frame any decoder reads.
+        let mut enc = parallel_zstd(Vec::new(), ZSTD_LEVEL).expect("zstd");
+        for piece in data.chunks(70_000) {
+            enc.write_all(piece).expect("write");
+        }
+        let zs = enc.finish().expect("finish");
+        assert!(zs.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]));
+        assert_eq!(zstd::decode_all(&zs[..]).expect("decode"), data);
+        // Read ahead on another thread: the same bytes, and an error comes through.
+        std::thread::scope(|s| {
+            let mut back = Vec::new();
+            read_ahead(s, || decompress(&zs[..]).map(|(_, r)| r))
+                .read_to_end(&mut back)
+                .expect("read ahead");
+            assert_eq!(back, data);
+            let truncated = &zs[..zs.len() / 2];
+            let mut r = read_ahead(s, move || decompress(truncated).map(|(_, r)| r));
+            assert!(r.read_to_end(&mut Vec::new()).is_err());
+        });
         // A truncated gzip is an error, not a short read.
         let (_, mut r) = decompress(&gz[..gz.len() / 2]).expect("open");
         assert!(r.read_to_end(&mut Vec::new()).is_err());

@@ -471,15 +471,17 @@ impl Store {
     }
 
     /// Stored blobs that may hold layer `chain` (diff ID `diff_id`): its uncompressed tar,
-    /// that tar's gzip, its packed blob, and the layer blobs images and cache records
+    /// that tar's gzip and zstd, its packed blob, and the layer blobs images and cache records
     /// name beside it.
     fn blobs_holding(&self, chain: &ChainId, diff_id: &DiffId) -> Vec<Digest> {
         let mut out: Vec<Digest> = Vec::new();
         {
             let meta = self.meta();
             out.push(diff_id.digest().clone());
-            if let Some(gz) = meta.compressed.get(diff_id.digest()) {
-                out.push(gz.digest.clone());
+            for forms in [&meta.compressed, &meta.compressed_zstd] {
+                if let Some(form) = forms.get(diff_id.digest()) {
+                    out.push(form.digest.clone());
+                }
             }
             if let Some(b) = meta.packed.get(chain) {
                 out.push(b.clone());

@@ -48,6 +48,7 @@ pub use durable::CheckReport;
 pub use error::{ErrorKind, Result, StoreError};
 pub use metadata::{CompressedBlob, ImageRecord, LayerRecord};
 
+use isula_types::compression::{Codec, LayerCompression};
 use isula_types::{ChainId, Digest, ImageId, Reference};
 use metadata::Metadata;
 use std::collections::{HashMap, HashSet};
@@ -103,7 +104,7 @@ struct Compressor {
     unpacking: Mutex<()>,
     wake: std::sync::Condvar,
     /// Blobs being compressed right now, and the signal when one finishes.
-    busy: Mutex<HashSet<Digest>>,
+    busy: Mutex<HashSet<(Digest, Codec)>>,
     done: std::sync::Condvar,
     stopping: std::sync::atomic::AtomicBool,
     /// Times it had a layer to do and found an operation running, so waited.
@@ -775,15 +776,30 @@ impl Store {
 
     /// The gzip blob recorded for an uncompressed layer blob, if it is still present.
     pub fn compressed(&self, blob: &Digest) -> Option<CompressedBlob> {
-        let c = self.meta().compressed.get(blob).cloned()?;
+        self.compressed_form(blob, Codec::Gzip)
+    }
+
+    /// The `codec` form recorded for the stored layer blob `blob`, if it is still present.
+    pub fn compressed_form(&self, blob: &Digest, codec: Codec) -> Option<CompressedBlob> {
+        let c = self.meta().forms(codec).get(blob).cloned()?;
         self.content.contains(&c.digest).then_some(c)
     }
 
     /// Records `gz` as the gzip form of `blob` (both should be leased or named).
     pub fn record_compressed(&self, blob: &Digest, gz: CompressedBlob) -> Result<()> {
+        self.record_compressed_form(blob, Codec::Gzip, gz)
+    }
+
+    /// Records `form` as the `codec` form of `blob` (both should be leased or named).
+    pub fn record_compressed_form(
+        &self,
+        blob: &Digest,
+        codec: Codec,
+        form: CompressedBlob,
+    ) -> Result<()> {
         let mut meta = self.meta();
         let mut next = meta.clone();
-        next.compressed.insert(blob.clone(), gz);
+        next.forms_mut(codec).insert(blob.clone(), form);
         self.save(&next)?;
         *meta = next;
         Ok(())
@@ -793,7 +809,19 @@ impl Store {
     /// the recorded one, the one being made in the background (waited for), or made now
     /// and recorded.
     pub fn gzip_blob(&self, blob: &Digest, lease: &Lease) -> Result<(Digest, u64)> {
-        self.gzip_blob_streaming(blob, lease, None)
+        self.compressed_blob_streaming(blob, LayerCompression::default(), lease, None)
+            .map(|(d, size, _)| (d, size))
+    }
+
+    /// [`Store::gzip_blob`] for any codec and level: the recorded form of that codec
+    /// (whatever level made it), or one made now (on every core) and recorded.
+    pub fn compressed_blob(
+        &self,
+        blob: &Digest,
+        how: LayerCompression,
+        lease: &Lease,
+    ) -> Result<(Digest, u64)> {
+        self.compressed_blob_streaming(blob, how, lease, None)
             .map(|(d, size, _)| (d, size))
     }
 
@@ -807,68 +835,117 @@ impl Store {
         lease: &Lease,
         side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     ) -> Result<(Digest, u64, bool)> {
+        self.compressed_blob_streaming(blob, LayerCompression::default(), lease, side)
+    }
+
+    /// [`Store::gzip_blob_streaming`] for any codec: the form `how.codec` of `blob`, made
+    /// at `how.level` (else the codec's level for a push) when none is recorded.
+    pub fn compressed_blob_streaming(
+        &self,
+        blob: &Digest,
+        how: LayerCompression,
+        lease: &Lease,
+        side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    ) -> Result<(Digest, u64, bool)> {
         let c = &self.compressor;
+        let key = (blob.clone(), how.codec);
         loop {
-            if let Some(done) = self.compressed(blob) {
+            if let Some(done) = self.compressed_form(blob, how.codec) {
                 lease.blob(&done.digest);
                 return Ok((done.digest, done.size, false));
             }
             let mut busy = c.busy.lock().unwrap_or_else(|p| p.into_inner());
-            if busy.contains(blob) {
+            if busy.contains(&key) {
                 drop(c.done.wait(busy).unwrap_or_else(|p| p.into_inner()));
                 continue;
             }
-            busy.insert(blob.clone());
+            busy.insert(key.clone());
             break;
         }
-        let phase = phase::Phase::start("gzip (for a push)");
-        let result = self.compress_now(blob, lease, None, side);
+        let phase = phase::Phase::start(match how.codec {
+            Codec::Gzip => "gzip (for a push)",
+            Codec::Zstd => "zstd (for a push)",
+        });
+        let result = self.compress_now(blob, how, lease, None, side);
         drop(phase);
         c.busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(blob);
+            .remove(&key);
         c.done.notify_all();
         result.map(|(d, size)| (d, size, true))
     }
 
-    /// Gzips `blob`; with `yielded`, as background work that stops (setting it) when an
-    /// operation starts.
+    /// Compresses `blob` as `how` says; with `yielded`, as background work that stops
+    /// (setting it) when an operation starts.
     fn compress_now(
         &self,
         blob: &Digest,
+        how: LayerCompression,
         lease: &Lease,
         yielded: Option<&std::cell::Cell<bool>>,
         side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     ) -> Result<(Digest, u64)> {
         let path = self.content.path(blob);
-        let mut src = StopReader {
-            inner: self.open_blob(blob, Some(lease))?,
-            stop: &self.compressor.stopping,
-            yield_to: yielded.map(|y| (&*self.activity, y)),
-        };
-        // A blob stored compressed some other way (a pulled zstd layer) is gzipped from its
-        // tar, for registries and formats that take only gzip.
-        let (_, mut plain) =
-            compression::decompress(&mut src).map_err(|e| StoreError::io("read", &path, e))?;
-        let w = pgzip::Tee {
-            inner: self.content.writer()?,
-            side,
-        };
-        // Nobody waits for the idle-time gzip: it may spend more CPU for fewer bytes.
-        let level = match yielded {
-            Some(_) => compression::GZIP_LEVEL_IDLE,
-            None => compression::GZIP_LEVEL,
-        };
-        let mut enc =
-            pgzip::ParallelGzip::new(w, level).map_err(|e| StoreError::io("compress", &path, e))?;
-        std::io::copy(&mut plain, &mut enc).map_err(|e| StoreError::io("compress", &path, e))?;
-        let w = enc
-            .finish()
-            .map_err(|e| StoreError::io("compress", &path, e))?;
+        let src = self.open_blob(blob, Some(lease))?;
+        let stop = &self.compressor.stopping;
+        let w = std::thread::scope(|scope| -> Result<_> {
+            // A blob stored compressed some other way (a pulled zstd or gzip layer) is
+            // compressed again from its tar, for registries and formats that take only that.
+            let plain: Box<dyn std::io::Read> = match yielded {
+                // Background work: one thread, at the lowest priority.
+                Some(y) => {
+                    let src = StopReader {
+                        inner: src,
+                        stop,
+                        yield_to: Some((&*self.activity, y)),
+                    };
+                    compression::decompress(src)
+                        .map_err(|e| StoreError::io("read", &path, e))?
+                        .1
+                }
+                // Someone waits: the tar is read (made from a built layer's files and
+                // verified, or decompressed) on a thread of its own, a few MiB ahead of
+                // the encoder, whose thread hashes and writes what the workers compress.
+                None => Box::new(compression::read_ahead(scope, move || {
+                    let src = StopReader {
+                        inner: src,
+                        stop,
+                        yield_to: None,
+                    };
+                    compression::decompress(src).map(|(_, r)| r)
+                })),
+            };
+            let mut plain = plain;
+            let w = pgzip::Tee {
+                inner: self.content.writer()?,
+                side,
+            };
+            let io = |e| StoreError::io("compress", &path, e);
+            Ok(match how.codec {
+                Codec::Gzip => {
+                    // Nobody waits for the idle-time gzip: it may spend more CPU for fewer
+                    // bytes.
+                    let level = match (how.level, yielded) {
+                        (None, Some(_)) => compression::GZIP_LEVEL_IDLE,
+                        (asked, _) => compression::gzip_level(asked),
+                    };
+                    let mut enc = pgzip::ParallelGzip::new(w, level).map_err(io)?;
+                    std::io::copy(&mut plain, &mut enc).map_err(io)?;
+                    enc.finish().map_err(io)?
+                }
+                Codec::Zstd => {
+                    let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
+                    let mut enc = compression::parallel_zstd(w, level).map_err(io)?;
+                    std::io::copy(&mut plain, &mut enc).map_err(io)?;
+                    enc.finish().map_err(io)?
+                }
+            })
+        })?;
         let (digest, size) = lease.commit_blob(w.inner, None)?;
-        self.record_compressed(
+        self.record_compressed_form(
             blob,
+            how.codec,
             CompressedBlob {
                 digest: digest.clone(),
                 size,
@@ -1013,19 +1090,26 @@ impl Store {
         yielded: &std::cell::Cell<bool>,
     ) -> Option<Result<(Digest, u64)>> {
         let c = &self.compressor;
+        let key = (blob.clone(), Codec::Gzip);
         if !c
             .busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(blob.clone())
+            .insert(key.clone())
         {
             return None;
         }
-        let result = self.compress_now(blob, lease, Some(yielded), None);
+        let result = self.compress_now(
+            blob,
+            LayerCompression::default(),
+            lease,
+            Some(yielded),
+            None,
+        );
         c.busy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(blob);
+            .remove(&key);
         c.done.notify_all();
         Some(result)
     }
@@ -1217,9 +1301,9 @@ impl Store {
             live_blobs.insert(img.id.digest().clone());
         }
         let blob_leased = |d: &Digest| leased.contains(&format!("blob:{}", d.hex()));
-        for (src, gz) in &meta.compressed {
+        for (src, form) in meta.compressed.iter().chain(&meta.compressed_zstd) {
             if live_blobs.contains(src) || blob_leased(src) {
-                live_blobs.insert(gz.digest.clone());
+                live_blobs.insert(form.digest.clone());
             }
         }
         let layer_leased = |c: &ChainId| leased.contains(&format!("layer:{}", c.hex()));
@@ -1232,7 +1316,7 @@ impl Store {
         };
         let before = (
             meta.layers.len(),
-            meta.compressed.len(),
+            meta.compressed.len() + meta.compressed_zstd.len(),
             meta.packed.len(),
             sources(&meta),
         );
@@ -1265,12 +1349,14 @@ impl Store {
                 && (live_blobs.contains(d) || blob_leased(d))
                 && !blobs.contains(d)
         });
-        next.compressed.retain(|src, gz| {
-            live_blobs.contains(src) || blob_leased(src) || blob_leased(&gz.digest)
-        });
+        for codec in [Codec::Gzip, Codec::Zstd] {
+            next.forms_mut(codec).retain(|src, form| {
+                live_blobs.contains(src) || blob_leased(src) || blob_leased(&form.digest)
+            });
+        }
         let after = (
             next.layers.len(),
-            next.compressed.len(),
+            next.compressed.len() + next.compressed_zstd.len(),
             next.packed.len(),
             sources(&next),
         );

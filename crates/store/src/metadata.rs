@@ -3,6 +3,7 @@
 //! either the old or the new state and an image is listed only once it is complete.
 
 use crate::error::{Result, StoreError};
+use isula_types::compression::Codec;
 use isula_types::{ChainId, DiffId, Digest, ImageId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -40,8 +41,9 @@ pub struct ImageRecord {
     pub size: u64,
 }
 
-/// The gzip form of an uncompressed layer blob, made once (at commit or first push) and
-/// kept so pushes never compress twice.
+/// One compressed form (gzip or zstd) of a stored layer blob, made once (gzip at commit or
+/// first push, zstd at the first push that asks for it) and kept so pushes never compress
+/// the same layer the same way twice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompressedBlob {
     pub digest: Digest,
@@ -91,6 +93,10 @@ pub struct Metadata {
     /// Uncompressed layer blob → its gzip blob.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub compressed: BTreeMap<Digest, CompressedBlob>,
+    /// Stored layer blob (uncompressed, or gzip) → its zstd blob, kept beside the gzip one
+    /// and collected with it. Absent from stores written before zstd pushes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compressed_zstd: BTreeMap<Digest, CompressedBlob>,
     /// Layers kept as their blob alone for now (loaded ones), with that blob: the
     /// directory is made when a build first needs it, or when the machine is idle.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -122,6 +128,21 @@ impl Metadata {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         save_json(path, self)
+    }
+
+    /// The forms of each codec: stored layer blob → its blob in that codec.
+    pub fn forms(&self, codec: Codec) -> &BTreeMap<Digest, CompressedBlob> {
+        match codec {
+            Codec::Gzip => &self.compressed,
+            Codec::Zstd => &self.compressed_zstd,
+        }
+    }
+
+    pub fn forms_mut(&mut self, codec: Codec) -> &mut BTreeMap<Digest, CompressedBlob> {
+        match codec {
+            Codec::Gzip => &mut self.compressed,
+            Codec::Zstd => &mut self.compressed_zstd,
+        }
     }
 
     /// The image a full reference names.

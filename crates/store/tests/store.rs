@@ -447,6 +447,76 @@ fn background_compressor_waits_for_quiet_makes_one_gzip_and_collects_it_with_its
     });
 }
 
+#[test]
+fn the_zstd_form_is_kept_beside_the_gzip_reused_and_collected_with_its_layer() {
+    use isula_types::compression::{Codec, LayerCompression};
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let data = mixed_layer(3_000_000);
+    let (_, blob) = add_blob_image(&store, "a:1", &data);
+    let zstd = LayerCompression {
+        codec: Codec::Zstd,
+        level: None,
+    };
+    let lease = store.lease();
+    let (gz, _) = store.gzip_blob(&blob, &lease).expect("gzip");
+    // Positive control: no zstd form until one is asked for.
+    assert!(store.compressed_form(&blob, Codec::Zstd).is_none());
+    let (zs, size, made) = store
+        .compressed_blob_streaming(&blob, zstd, &lease, None)
+        .expect("zstd");
+    assert!(made);
+    assert_ne!(zs, gz);
+    assert_eq!(store.content().size(&zs).expect("size"), size);
+    let back = zstd::decode_all(store.content().open(&zs).expect("open")).expect("unzstd");
+    assert!(back == data, "the zstd holds the layer");
+    // Both forms are recorded; asking again (at another level) reuses the kept one.
+    assert_eq!(store.compressed(&blob).map(|c| c.digest), Some(gz.clone()));
+    let (again, _, made) = store
+        .compressed_blob_streaming(
+            &blob,
+            LayerCompression {
+                codec: Codec::Zstd,
+                level: Some(19),
+            },
+            &lease,
+            None,
+        )
+        .expect("zstd again");
+    assert_eq!((again, made), (zs.clone(), false));
+    drop(lease);
+    // The record survives a reopen (metadata.json keeps compressed_zstd).
+    drop(store);
+    let (store, _) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(
+        store.compressed_form(&blob, Codec::Zstd).map(|c| c.digest),
+        Some(zs.clone())
+    );
+    // A gc while the image stays keeps both; once it is removed, both go.
+    store.gc().expect("gc");
+    assert!(store.content().contains(&zs) && store.content().contains(&gz));
+    store.remove("a:1").expect("rm");
+    store.gc().expect("gc");
+    for d in [&blob, &gz, &zs] {
+        assert!(!store.content().contains(d), "{d} outlived its layer");
+    }
+    assert!(store.compressed_form(&blob, Codec::Zstd).is_none());
+}
+
+#[test]
+fn metadata_without_zstd_forms_loads() {
+    // A metadata.json written before zstd forms (no compressed_zstd key) loads as before.
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("metadata.json"),
+        r#"{"schema":1,"images":{},"layers":{},"compressed":{},"dirs_recorded":true}"#,
+    )
+    .expect("write");
+    let meta = isula_store::metadata::Metadata::load(&dir.path().join("metadata.json"))
+        .expect("an older metadata.json loads");
+    assert!(meta.compressed_zstd.is_empty());
+}
+
 /// What the layers of real images hold, roughly: stretches of incompressible bytes (a
 /// xorshift stream) between stretches of text.
 fn mixed_layer(len: usize) -> Vec<u8> {

@@ -2,6 +2,7 @@
 //! references with Docker's normalisation, media types, and the serde types of manifests and
 //! image configs. Pure data: no I/O, no policy.
 
+pub mod compression;
 pub mod digest;
 pub mod image;
 pub mod platform;

@@ -42,9 +42,16 @@ pub struct Args {
     /// Security options for RUN steps: seccomp=unconfined drops their seccomp filter
     #[arg(long = "security-opt")]
     pub security_opt: Vec<String>,
-    /// Image format: docker or oci
-    #[arg(long = "format", default_value = "docker", value_parser = ["docker", "oci"])]
-    pub format: String,
+    /// Image format: docker (the default) or oci
+    #[arg(long = "format", value_parser = ["docker", "oci"])]
+    pub format: Option<String>,
+    /// Layer compression of -o docker://... and --cache-to: gzip, zstd (OCI manifests
+    /// only) or zstd:chunked (not supported yet); default: the daemon's (gzip)
+    #[arg(long = "compression")]
+    pub compression: Option<String>,
+    /// Its level: gzip 1-9, zstd 1-22
+    #[arg(long = "compression-level", allow_negative_numbers = true)]
+    pub compression_level: Option<i32>,
     /// Build up to this stage
     #[arg(long = "target")]
     pub target: Option<String>,
@@ -371,7 +378,15 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         seccomp_unconfined: seccomp_unconfined(&args.security_opt)?,
         entity_id: format!("{digest}:{entity_time}"),
         encrypted,
-        format: args.format,
+        // Without --format, "docker" as isula-build always sent, except beside --compression
+        // (see `push`).
+        format: match args.format {
+            Some(f) => f,
+            None if args.compression.is_some() => String::new(),
+            None => "docker".to_string(),
+        },
+        compression: args.compression.unwrap_or_default(),
+        compression_level: args.compression_level,
         target: args.target.unwrap_or_default(),
         no_cache: args.no_cache,
         cache_from: args.cache_from,

@@ -1,4 +1,6 @@
-//! `ctr-img push NAME [-f docker|oci]`: sends a stored image to the registry its name says.
+//! `ctr-img push NAME [-f docker|oci] [--compression gzip|zstd] [--compression-level N]`:
+//! sends a stored image to the registry its name says. The daemon checks the compression
+//! and its level (its `compression` key is the default).
 
 use super::{op_id, Client};
 use crate::output::print_events;
@@ -9,9 +11,16 @@ use isula_api::v1::PushRequest;
 pub struct Args {
     /// Image to push, named by its registry: registry.example.com/app:1.0
     pub name: String,
-    /// Manifest format: docker or oci
-    #[arg(short = 'f', long, default_value = "docker")]
-    pub format: String,
+    /// Manifest format: docker (the default; oci with zstd) or oci
+    #[arg(short = 'f', long)]
+    pub format: Option<String>,
+    /// Layer compression: gzip, zstd (OCI manifests only) or zstd:chunked (not supported
+    /// yet); default: the daemon's (gzip)
+    #[arg(long = "compression")]
+    pub compression: Option<String>,
+    /// Its level: gzip 1-9, zstd 1-22
+    #[arg(long = "compression-level", allow_negative_numbers = true)]
+    pub compression_level: Option<i32>,
     /// Of a name standing for several platforms, push only this platform's image
     /// (os/arch[/variant]); without it the whole list goes
     #[arg(long)]
@@ -19,14 +28,24 @@ pub struct Args {
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
-    if args.format != "docker" && args.format != "oci" {
-        bail!("invalid --format {:?}: use docker or oci", args.format);
+    // Without -f, "docker" as isula-build always sent (a daemon of 0.9.6 wants one), except
+    // beside --compression: then none, so the daemon may move a zstd push to OCI, which it
+    // refuses when docker was named.
+    let format = match args.format {
+        Some(f) => f,
+        None if args.compression.is_some() => String::new(),
+        None => "docker".to_string(),
+    };
+    if !format.is_empty() && format != "docker" && format != "oci" {
+        bail!("invalid --format {format:?}: use docker or oci");
     }
     let req = PushRequest {
         push_id: op_id(),
         image_name: args.name.clone(),
-        format: args.format,
+        format,
         progress: crate::progress::wanted(),
+        compression: args.compression.unwrap_or_default(),
+        compression_level: args.compression_level,
         platform: args.platform.unwrap_or_default(),
     };
     let live = req.progress;

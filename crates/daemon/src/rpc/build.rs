@@ -435,6 +435,44 @@ async fn run_inner(
             req.cache_to
         )));
     }
+    let (push_opts, push_note) = match &output {
+        Output::Registry(_, kind_oci) => crate::rpc::registry::push_options(
+            if *kind_oci || oci { "oci" } else { &req.format },
+            &req.compression,
+            req.compression_level,
+            state.settings.compression,
+        )?,
+        _ => {
+            if !req.cache_to.is_empty() {
+                // Checked here, before the build, as for a registry output.
+                isula_registry::push::LayerCompression::parse(
+                    &req.compression,
+                    req.compression_level,
+                    state.settings.compression,
+                )
+                .map_err(|e| error::invalid(e.to_string()))?;
+            } else if !req.compression.is_empty() || req.compression_level.is_some() {
+                return Err(error::invalid(
+                    "--compression and --compression-level apply to -o docker://... and \
+                     --cache-to only",
+                ));
+            }
+            (
+                isula_registry::push::PushOptions {
+                    format: isula_registry::push::Format::Oci,
+                    compression: Default::default(),
+                },
+                None,
+            )
+        }
+    };
+    // The build cache export is always OCI, so zstd needs no switch there.
+    let cache_compression = isula_registry::push::LayerCompression::parse(
+        &req.compression,
+        req.compression_level,
+        state.settings.compression,
+    )
+    .map_err(|e| error::invalid(e.to_string()))?;
     let wants_registry_cache = !req.cache_from.is_empty() || !req.cache_to.is_empty();
     if req.cache_mounts && !wants_registry_cache {
         return Err(error::invalid(
@@ -486,6 +524,18 @@ async fn run_inner(
     };
     if extras.platforms.len() > 1 {
         check_several_platforms(&output, &opts, &req)?;
+        // A manifest list goes up with gzip layers (its pushes take no compression yet):
+        // a request naming zstd is told so rather than sent gzip (the daemon's default
+        // zstd does not apply to it).
+        if matches!(output, Output::Registry(..))
+            && !req.compression.trim().is_empty()
+            && push_opts.compression.codec == isula_registry::push::Codec::Zstd
+        {
+            return Err(error::invalid(
+                "--compression zstd is not supported yet for a build of several platforms \
+                 pushed as a manifest list: use gzip",
+            ));
+        }
     }
     let job = Job {
         platforms: extras.platforms,
@@ -499,6 +549,9 @@ async fn run_inner(
         cache_from: req.cache_from.clone(),
         cache_to: Some(req.cache_to.clone()).filter(|r| !r.is_empty()),
         cache_mounts: req.cache_mounts,
+        push_opts,
+        push_note,
+        cache_compression,
         iidfile: req.iidfile.clone(),
         tx,
         cancel: cancel.clone(),
@@ -871,6 +924,12 @@ struct Job {
     cache_mounts: bool,
     /// A synced context stays while the build reads it.
     _context_lock: Option<isula_sys::lock::FileLock>,
+    /// How `-o docker://` sends the image (format and layer compression).
+    push_opts: isula_registry::push::PushOptions,
+    /// Said before that push when zstd moved it to the OCI format.
+    push_note: Option<String>,
+    /// The layer compression of `--cache-to`.
+    cache_compression: isula_registry::push::LayerCompression,
 }
 
 /// The `--cache-from` sources of one build, as the builder sees them.
@@ -1217,19 +1276,17 @@ impl Job {
                     name.familiar()
                 ));
             }
-            Output::Registry(name, oci) => {
+            Output::Registry(name, _) => {
                 let tx = self.tx.clone();
-                let format = if *oci || self.opts.oci {
-                    isula_registry::push::Format::Oci
-                } else {
-                    isula_registry::push::Format::Docker
-                };
+                if let Some(note) = &self.push_note {
+                    self.tx.send(note.clone());
+                }
                 isula_registry::push::push(
                     &self.state.registry,
                     &self.state.store,
                     &hex,
                     Some(&name.to_string()),
-                    format,
+                    self.push_opts,
                     &isula_transport::Cancel::from_flag(self.cancel.clone()),
                     &mut |l| {
                         tx.send(l);
@@ -1278,6 +1335,7 @@ impl Job {
                 &built.cache_keys,
                 &mounts,
                 dest,
+                self.cache_compression,
                 &isula_transport::Cancel::from_flag(self.cancel.clone()),
                 &mut |l| {
                     tx.send(l);

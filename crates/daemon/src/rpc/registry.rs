@@ -176,20 +176,50 @@ pub fn resolve_or_pull(
 
 type Platform = isula_types::platform::BuildPlatform;
 
+/// How a push or build output sends its layers: the request's format, compression and
+/// level over the daemon's `compression` default. Returns the options and, when zstd
+/// moved the push to the OCI format, a line saying so.
+pub fn push_options(
+    format: &str,
+    compression: &str,
+    level: Option<i32>,
+    default: push::LayerCompression,
+) -> Result<(push::PushOptions, Option<String>), Status> {
+    // Check the format first: a wrong format is wrong whatever the compression.
+    push::Format::parse(format).map_err(error::transport)?;
+    let named = !compression.trim().is_empty();
+    let compression = push::LayerCompression::parse(compression, level, default)
+        .map_err(|e| error::invalid(e.to_string()))?;
+    let (format, note) = push::format_for(format, compression, named).map_err(status)?;
+    Ok((
+        push::PushOptions {
+            format,
+            compression,
+        },
+        note,
+    ))
+}
+
 pub fn validate_push(
     req: &PushRequest,
-) -> Result<(String, push::Format, Option<Platform>), Status> {
+    default: push::LayerCompression,
+) -> Result<(String, push::PushOptions, Option<String>, Option<Platform>), Status> {
     check_id("pushID", &req.push_id)?;
     let name = req.image_name.trim();
     if name.is_empty() {
         return Err(error::invalid("push needs an image name"));
     }
-    let format = push::Format::parse(&req.format).map_err(error::transport)?;
+    let (opts, note) = push_options(
+        &req.format,
+        &req.compression,
+        req.compression_level,
+        default,
+    )?;
     let platform = match req.platform.trim() {
         "" => None,
         p => Some(Platform::parse(p).map_err(|e| error::invalid(format!("--platform: {e}")))?),
     };
-    Ok((name.to_string(), format, platform))
+    Ok((name.to_string(), opts, note, platform))
 }
 
 /// Pushes `name`: an image, or a name standing for several platforms (a local list) as a
@@ -198,7 +228,7 @@ pub fn validate_push(
 pub fn push(
     state: &Arc<State>,
     name: String,
-    format: push::Format,
+    opts: push::PushOptions,
     platform: Option<&Platform>,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
@@ -224,7 +254,7 @@ pub fn push(
                 &state.store,
                 id.hex(),
                 Some(&name),
-                format,
+                opts,
                 cancel,
                 out,
             )
@@ -244,7 +274,7 @@ pub fn push(
                 &state.store,
                 &name,
                 None,
-                format,
+                opts,
                 cancel,
                 out,
             )

@@ -1,0 +1,479 @@
+//! zstd layers (`--compression zstd`, `--compression-level`, the daemon's `compression`
+//! key) pushed to a real Distribution registry (Debian's docker-registry): the manifest's
+//! media types, the blobs' first bytes, skopeo, buildah and our own pull reading them
+//! back, the zstd form kept in the store and reused, and the refusals, each beside a
+//! positive control.
+
+use isula_integration::registry::{Fault, FaultProxy, Registry, RegistryOptions};
+use isula_integration::*;
+use std::process::Command;
+
+const ZSTD_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+const OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+fn ready() -> bool {
+    require_root() && require_tool("docker-registry") && require_tool("skopeo")
+}
+
+fn raw_manifest(name: &str) -> serde_json::Value {
+    let out = run_ok(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{name}"),
+    ]));
+    serde_json::from_str(&out).expect("manifest JSON")
+}
+
+fn layer_types(m: &serde_json::Value) -> Vec<String> {
+    m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn layer_digests(m: &serde_json::Value) -> Vec<String> {
+    m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// The first bytes of a blob as the registry stored it.
+fn registry_blob_head(reg: &Registry, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let path = reg
+        .dir
+        .path()
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    data[..8.min(data.len())].to_vec()
+}
+
+/// `metadata.json`'s record of the `key` forms (`compressed` for gzip,
+/// `compressed_zstd`): stored layer blob → its form's digest.
+fn forms(d: &Daemon, key: &str) -> std::collections::BTreeMap<String, String> {
+    let text = std::fs::read_to_string(d.data().join("metadata.json")).expect("metadata");
+    let meta: serde_json::Value = serde_json::from_str(&text).expect("metadata JSON");
+    meta[key]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v["digest"].as_str()?.to_string())))
+        .collect()
+}
+
+fn blob_file(d: &Daemon, digest: &str) -> std::path::PathBuf {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    d.data().join("blobs/sha256").join(hex)
+}
+
+fn id_of(d: &Daemon, name: &str) -> Option<String> {
+    let (repo, tag) = name.rsplit_once(':').expect("name:tag");
+    d.images()
+        .into_iter()
+        .find(|(r, t, _)| r == repo && t == tag)
+        .map(|(_, _, id)| id)
+}
+
+#[test]
+fn zstd_push_is_oci_zstd_kept_reused_and_read_by_skopeo_buildah_and_us() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = Daemon::for_registries(&[&host]);
+    let gz_name = format!("{host}/z/gzip:1");
+    let name = format!("{host}/z/app:1");
+    let id = d.import_busybox(&name, &[("data/noise.bin", &noise(4, 0x25d))]);
+    d.ok(&["ctr-img", "tag", &name, &gz_name]);
+
+    // Positive control: the default is still gzip in a Docker manifest.
+    d.ok(&["ctr-img", "push", &gz_name]);
+    let m = raw_manifest(&gz_name);
+    assert_eq!(m["mediaType"], DOCKER_MANIFEST, "{m}");
+    assert_eq!(layer_types(&m), vec![DOCKER_GZIP], "{m}");
+    let gz_layer = layer_digests(&m).remove(0);
+    assert!(registry_blob_head(&reg, &gz_layer).starts_with(&GZIP_MAGIC));
+    assert!(
+        forms(&d, "compressed_zstd").is_empty(),
+        "zstd made for a gzip push"
+    );
+
+    // zstd: an OCI manifest (the docker default switched, and said so), zstd layers whose
+    // blobs really are zstd, made while uploading (a streamed PATCH).
+    let out = d.ok(&["ctr-img", "push", "--compression", "zstd", &name]);
+    assert!(
+        out.contains("Pushing in OCI format: zstd layers need an OCI manifest"),
+        "{out}"
+    );
+    assert!(
+        reg.count_requests("PATCH", "/v2/z/app/blobs/uploads/") > 0,
+        "the zstd did not go up as it was made"
+    );
+    let m = raw_manifest(&name);
+    assert_eq!(m["mediaType"], OCI_MANIFEST, "{m}");
+    assert_eq!(
+        m["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    assert_eq!(layer_types(&m), vec![ZSTD_LAYER], "{m}");
+    let zst_layer = layer_digests(&m).remove(0);
+    assert!(
+        registry_blob_head(&reg, &zst_layer).starts_with(&ZSTD_MAGIC),
+        "{:x?}",
+        registry_blob_head(&reg, &zst_layer)
+    );
+    // Kept in the store beside the gzip, under the same layer blob.
+    let zstd_forms = forms(&d, "compressed_zstd");
+    let gzip_forms = forms(&d, "compressed");
+    assert_eq!(zstd_forms.values().collect::<Vec<_>>(), vec![&zst_layer]);
+    assert_eq!(gzip_forms.values().collect::<Vec<_>>(), vec![&gz_layer]);
+    assert_eq!(
+        zstd_forms.keys().collect::<Vec<_>>(),
+        gzip_forms.keys().collect::<Vec<_>>()
+    );
+    assert!(blob_file(&d, &zst_layer).is_file());
+
+    // Pushed again elsewhere: the kept zstd goes up in one PUT, nothing is compressed.
+    let again = format!("{host}/z/again:1");
+    d.ok(&["ctr-img", "tag", &name, &again]);
+    d.ok(&["ctr-img", "push", "--compression", "zstd", &again]);
+    assert_eq!(
+        reg.count_requests("PATCH", "/v2/z/again/blobs/uploads/"),
+        0,
+        "the kept zstd was made and streamed again"
+    );
+    assert_eq!(
+        layer_digests(&raw_manifest(&again)),
+        vec![zst_layer.clone()]
+    );
+    assert_eq!(forms(&d, "compressed_zstd"), zstd_forms);
+
+    // skopeo copies it to an OCI layout, layer still zstd.
+    let layout = d.dir.path().join("skopeo-oci");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("oci:{}:x", layout.display()),
+    ]));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
+            .expect("index JSON");
+    let mdigest = index["manifests"][0]["digest"].as_str().expect("manifest");
+    let copied: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(mdigest.trim_start_matches("sha256:")),
+        )
+        .expect("manifest blob"),
+    )
+    .expect("manifest JSON");
+    assert_eq!(layer_types(&copied), vec![ZSTD_LAYER], "{copied}");
+
+    // buildah pulls it into a storage of its own.
+    if require_tool("buildah") {
+        let root = d.dir.path().join("buildah-root");
+        let runroot = d.dir.path().join("buildah-run");
+        let buildah = |args: &[&str]| {
+            run_ok(
+                Command::new("buildah")
+                    .arg("--root")
+                    .arg(&root)
+                    .arg("--runroot")
+                    .arg(&runroot)
+                    .arg("--storage-driver")
+                    .arg("vfs")
+                    .args(args),
+            )
+        };
+        buildah(&["pull", "--tls-verify=false", &format!("docker://{name}")]);
+        let images = buildah(&["images", "--format", "{{.ID}}"]);
+        assert!(
+            id.starts_with(images.trim()),
+            "buildah has {images:?}, we built {id}"
+        );
+        let _ = Command::new("buildah")
+            .arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(["--storage-driver", "vfs", "rmi", "-a", "-f"])
+            .output();
+    }
+
+    // Our own pull of it: the same image, its files intact.
+    d.ok(&["ctr-img", "rm", "-a"]);
+    // Removed with its images: the zstd form and its record went with the gzip one.
+    assert!(
+        !blob_file(&d, &zst_layer).exists(),
+        "the zstd form outlived its layer"
+    );
+    assert!(forms(&d, "compressed_zstd").is_empty());
+    assert!(forms(&d, "compressed").is_empty());
+    d.ok(&["ctr-img", "pull", &name]);
+    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+    assert_eq!(
+        d.image_files(&name)
+            .get("data/noise.bin")
+            .map(|e| e.content.len()),
+        Some(4 << 20)
+    );
+    // A pulled zstd layer pushed as zstd goes as it is (nothing made), and as gzip gets a
+    // gzip form.
+    let third = format!("{host}/z/third:1");
+    d.ok(&["ctr-img", "tag", &name, &third]);
+    d.ok(&["ctr-img", "push", "--compression", "zstd", &third]);
+    assert_eq!(
+        layer_digests(&raw_manifest(&third)),
+        vec![zst_layer.clone()]
+    );
+    assert!(forms(&d, "compressed_zstd").is_empty());
+    let fourth = format!("{host}/z/fourth:1");
+    d.ok(&["ctr-img", "tag", &name, &fourth]);
+    d.ok(&["ctr-img", "push", "--format", "oci", &fourth]);
+    let m = raw_manifest(&fourth);
+    assert_eq!(layer_types(&m), vec![OCI_GZIP], "{m}");
+    assert_eq!(
+        forms(&d, "compressed").get(&zst_layer),
+        Some(&layer_digests(&m)[0])
+    );
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+}
+
+#[test]
+fn bad_compressions_levels_and_formats_are_refused_clearly() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let proxy = FaultProxy::start(reg.port, reg.pid_handle());
+    let host = reg.host();
+    let phost = proxy.host();
+    let d = Daemon::for_registries(&[&host, &phost]);
+    let name = format!("{host}/r/app:1");
+    d.import_busybox(&name, &[]);
+    let before = d.store_snapshot();
+    let refused = |args: &[&str], want: &str| {
+        let mut all = vec!["ctr-img", "push"];
+        all.extend_from_slice(args);
+        all.push(&name);
+        let err = d.fails(&all);
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    refused(
+        &["--compression", "foo"],
+        "invalid compression \"foo\": use gzip, zstd or zstd:chunked",
+    );
+    refused(
+        &["--compression", "zstd:chunked"],
+        "compression zstd:chunked is not supported yet",
+    );
+    refused(
+        &["--compression", "zstd", "--compression-level", "23"],
+        "compression level 23 is out of range for zstd: use 1 to 22",
+    );
+    refused(
+        &["--compression", "zstd", "--compression-level", "0"],
+        "compression level 0 is out of range for zstd",
+    );
+    refused(
+        &["--compression", "gzip", "--compression-level", "10"],
+        "compression level 10 is out of range for gzip: use 1 to 9",
+    );
+    refused(
+        &["--format", "docker", "--compression", "zstd"],
+        "--compression zstd needs the oci format",
+    );
+    // Nothing was sent, nothing made.
+    assert_eq!(reg.count_requests("PUT", "/v2/r/"), 0, "{}", reg.log());
+    assert_eq!(d.store_snapshot(), before);
+    // Positive controls: the same pushes with valid values go through.
+    d.ok(&[
+        "ctr-img",
+        "push",
+        "--compression",
+        "gzip",
+        "--compression-level",
+        "9",
+        &name,
+    ]);
+    assert_eq!(layer_types(&raw_manifest(&name)), vec![DOCKER_GZIP]);
+    d.ok(&[
+        "ctr-img",
+        "push",
+        "--format",
+        "oci",
+        "--compression",
+        "zstd",
+        "--compression-level",
+        "19",
+        &name,
+    ]);
+    assert_eq!(layer_types(&raw_manifest(&name)), vec![ZSTD_LAYER]);
+
+    // A registry that refuses zstd manifests: the error names the registry, the layer and
+    // the media type, and says what to do.
+    proxy.set(Fault::RefuseZstdManifests);
+    let pname = format!("{phost}/r/refusing:1");
+    d.ok(&["ctr-img", "tag", &name, &pname]);
+    let err = d.fails(&["ctr-img", "push", "--compression", "zstd", &pname]);
+    let zst = forms(&d, "compressed_zstd")
+        .into_values()
+        .next()
+        .expect("zstd form");
+    for want in [
+        phost.as_str(),
+        &format!("layer {zst}"),
+        ZSTD_LAYER,
+        "push with --compression gzip",
+    ] {
+        assert!(err.contains(want), "{want:?} missing: {err}");
+    }
+    // Positive control: the same registry and fault take the gzip push.
+    d.ok(&["ctr-img", "push", "--compression", "gzip", &pname]);
+
+    // A build for several platforms goes up as a manifest list, which takes no zstd yet:
+    // refused before it runs; without --compression it goes (gzip).
+    let ctx = d.dir.path().join("multi");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("a.txt"), "a\n").expect("file");
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY a.txt /a.txt\n").expect("df");
+    let multi = format!("docker://{host}/r/multi:1");
+    let build = |extra: &[&str]| {
+        let mut args = vec![
+            "ctr-img",
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            &multi,
+        ];
+        args.extend_from_slice(extra);
+        args.push(ctx.to_str().expect("ctx"));
+        args.iter().map(|a| a.to_string()).collect::<Vec<String>>()
+    };
+    let args = build(&["--compression", "zstd"]);
+    let err = d.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("--compression zstd is not supported yet for a build of several platforms"),
+        "{err}"
+    );
+    let args = build(&[]);
+    d.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let list = raw_manifest(&format!("{host}/r/multi:1"));
+    assert_eq!(
+        list["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
+}
+
+#[test]
+fn the_daemon_default_build_outputs_and_cache_exports_take_zstd() {
+    if !ready() || !require_tool("runc") {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = Daemon::start_configured(
+        &[
+            ("registries.toml", &insecure_registries(&[&host])),
+            ("configuration.toml", "compression = \"zstd\"\n"),
+        ],
+        &["--log-level", "debug"],
+        &[],
+    );
+    let name = format!("{host}/d/app:1");
+    d.import_busybox(&name, &[]);
+    // The daemon's default: zstd, in OCI, with no flag.
+    d.ok(&["ctr-img", "push", &name]);
+    let m = raw_manifest(&name);
+    assert_eq!(m["mediaType"], OCI_MANIFEST);
+    assert_eq!(layer_types(&m), vec![ZSTD_LAYER]);
+    // Positive control: the request's --compression wins over it.
+    let gz = format!("{host}/d/gz:1");
+    d.ok(&["ctr-img", "tag", &name, &gz]);
+    d.ok(&["ctr-img", "push", "--compression", "gzip", &gz]);
+    let m = raw_manifest(&gz);
+    assert_eq!(m["mediaType"], DOCKER_MANIFEST);
+    assert_eq!(layer_types(&m), vec![DOCKER_GZIP]);
+
+    // build -o docker:// and --cache-to with zstd (named here, the same as the default).
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("a.txt"), "zstd build\n").expect("file");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {name}\nCOPY a.txt /a.txt\nRUN echo ran > /ran\n"),
+    )
+    .expect("Dockerfile");
+    let built = format!("{host}/d/built:1");
+    let cache = format!("{host}/d/cache:1");
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--compression",
+        "zstd",
+        "--cache-to",
+        &cache,
+        "-o",
+        &format!("docker://{built}"),
+        ctx.to_str().expect("ctx"),
+    ]);
+    let first = build_id(&out);
+    let m = raw_manifest(&built);
+    assert_eq!(m["mediaType"], OCI_MANIFEST);
+    // The base's layer (imported: uncompressed, zstd made for the push) and the build's.
+    let types = layer_types(&m);
+    assert!(types.len() >= 2, "{m}");
+    assert!(types.iter().all(|t| t == ZSTD_LAYER), "{m}");
+    for l in layer_digests(&m) {
+        assert!(registry_blob_head(&reg, &l).starts_with(&ZSTD_MAGIC), "{l}");
+    }
+    let c = raw_manifest(&cache);
+    let types = layer_types(&c);
+    assert!(!types.is_empty(), "{c}");
+    assert!(types.iter().all(|t| t == ZSTD_LAYER), "{c}");
+    for l in layer_digests(&c) {
+        assert!(registry_blob_head(&reg, &l).starts_with(&ZSTD_MAGIC), "{l}");
+    }
+    // A fresh daemon builds from that zstd cache (every step a hit).
+    let d2 = Daemon::for_registries(&[&host]);
+    let out = d2.ok(&[
+        "ctr-img",
+        "build",
+        "--cache-from",
+        &cache,
+        ctx.to_str().expect("ctx"),
+    ]);
+    assert_eq!(build_id(&out), first, "{out}");
+    assert_eq!(cached_steps(&out).len(), 2, "{out}");
+    // --compression with nothing to compress for is refused; positive control above.
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--compression",
+        "zstd",
+        ctx.to_str().expect("ctx"),
+    ]);
+    assert!(
+        err.contains("apply to -o docker://... and --cache-to only"),
+        "{err}"
+    );
+}
