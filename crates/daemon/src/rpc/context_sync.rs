@@ -257,6 +257,9 @@ fn receive(
     let hex = hex::encode(sha2::Sha256::digest(format!("{owner}\0{key}").as_bytes()));
     let base = dir(state).join(&hex);
     std::fs::create_dir_all(&base).map_err(|e| io("create", &base, e))?;
+    // One sync of a context at a time: a second (another target built from the same
+    // directory at once) waits, then finds everything unchanged.
+    let _one = wait_exclusive(&base.join("sync.lock"))?;
     // The last complete generation, and what it holds.
     let last = last_generation(&base);
     let prev: BTreeMap<String, Kept> = last
@@ -517,6 +520,28 @@ fn bound(state: &State, keep: &str) {
     all.sort();
     for (_, p) in all.iter().take(all.len() + 1 - CONTEXTS_MAX) {
         remove_unused(p, None, Some(&state.store));
+    }
+}
+
+/// How long a sync waits for another sync of the same context.
+const SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+fn wait_exclusive(path: &Path) -> Result<isula_sys::lock::FileLock, Status> {
+    let until = std::time::Instant::now() + SYNC_WAIT;
+    loop {
+        match isula_sys::lock::FileLock::try_exclusive(path) {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if isula_sys::lock::is_held_elsewhere(&e) && std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "another sync of this build context did not finish: {e}"
+                )))
+            }
+        }
     }
 }
 
