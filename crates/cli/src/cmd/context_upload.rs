@@ -14,7 +14,7 @@ use std::path::Path;
 /// Entries per message of the list.
 const BATCH: usize = 2000;
 /// Bytes per chunk of a file.
-const CHUNK: usize = 256 << 10;
+const CHUNK: usize = 1 << 20;
 
 /// What a sync sent.
 pub struct Synced {

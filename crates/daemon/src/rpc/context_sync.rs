@@ -294,6 +294,30 @@ fn receive(
             need.push(e.path.clone());
         }
     }
+    // Nothing changed since the last sync: its generation is this one.
+    if let Some((n, _)) = &last {
+        let unchanged = need.is_empty()
+            && entries.len() == prev.len()
+            && entries.iter().all(|e| {
+                prev.get(&e.path).is_some_and(|k| {
+                    k.mode == e.mode
+                        && k.size == e.size
+                        && k.mtime_ns == e.mtime_ns
+                        && k.link.as_deref().unwrap_or_default() == e.link_target
+                })
+            });
+        if unchanged {
+            send(
+                out,
+                ContextReply {
+                    need_listed: true,
+                    ..Default::default()
+                },
+            )?;
+            let _ = std::fs::write(base.join("owner"), owner);
+            return Ok((format!("{hex}/{n}"), 0, 0));
+        }
+    }
     for chunk in need.chunks(4096) {
         send(
             out,
