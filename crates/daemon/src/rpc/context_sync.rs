@@ -254,6 +254,14 @@ fn receive(
             break;
         }
     }
+    // A context is bounded as one layer is (`max_layer_size`).
+    let total: u64 = entries.iter().map(|e| e.size.max(0) as u64).sum();
+    let max = state.settings.unpack_limits.max_bytes;
+    if total > max {
+        return Err(Status::resource_exhausted(format!(
+            "the build context holds {total} bytes, over the limit of {max} (max_layer_size)"
+        )));
+    }
     let hex = hex::encode(sha2::Sha256::digest(format!("{owner}\0{key}").as_bytes()));
     let base = dir(state).join(&hex);
     std::fs::create_dir_all(&base).map_err(|e| io("create", &base, e))?;
