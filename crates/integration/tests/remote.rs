@@ -477,3 +477,41 @@ fn a_remote_build_sends_only_what_changed_from_files_the_daemon_cannot_see() {
         0
     );
 }
+
+#[test]
+fn a_remote_context_over_the_layer_limit_is_refused_before_anything_is_kept() {
+    if !require_root() {
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_configured(
+        &[("configuration.toml", "max_layer_size = \"3MB\"\n")],
+        &["--host", &format!("tcp://{addr}"), "--insecure-tcp"],
+        &[],
+    );
+    d.import_busybox("busybox:latest", &[]);
+    let ctx = d.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nCOPY f /f\n").expect("df");
+    // Within the limit: built (the positive control).
+    std::fs::write(ctx.join("f"), vec![7u8; 100_000]).expect("f");
+    let o = remote(
+        &d,
+        &addr,
+        &[],
+        &["ctr-img", "build", ctx.to_str().expect("utf8")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let kept = d.data().join("contexts");
+    let before = std::fs::read_dir(&kept).expect("contexts").count();
+    std::fs::write(ctx.join("f"), vec![7u8; 4_000_000]).expect("f");
+    let o = remote(
+        &d,
+        &addr,
+        &[],
+        &["ctr-img", "build", ctx.to_str().expect("utf8")],
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("over the limit"), "{}", text(&o));
+    assert_eq!(std::fs::read_dir(&kept).expect("contexts").count(), before);
+}
