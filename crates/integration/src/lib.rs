@@ -234,6 +234,14 @@ impl Daemon {
 
     /// (Re)starts the daemon on the same roots and waits until it answers.
     pub fn restart(&mut self) {
+        // A daemon still running would answer the readiness check while the new one fails
+        // on the store lock, and then outlive the test.
+        if let Some(c) = self.child.as_mut() {
+            assert!(
+                matches!(c.try_wait(), Ok(Some(_))),
+                "restart() while the daemon still runs: stop() or kill() it first"
+            );
+        }
         let log = std::fs::File::options()
             .create(true)
             .append(true)

@@ -613,6 +613,7 @@ fn a_stage_that_runs_again_and_makes_the_same_files_stops_the_rebuild_there() {
     // Once more with another value, and after a restart (the noted digests persist, and
     // a digest taken afresh gives the same key).
     let mut d = d;
+    assert_eq!(d.stop(), Some(0));
     d.restart();
     let (id, out) = build(&d, &ctx, &["--build-arg", "UNUSED=3"]);
     assert_eq!(final_stage_hits(&out), all_after, "{out}");
