@@ -306,7 +306,11 @@ impl StageRun<'_, '_> {
             let shows = match (m.kind, &p.from, &p.from_dir) {
                 (MountKind::Bind, None, Some(dir)) => {
                     let root = Root::open(dir).map_err(|e| step_err(n, step, e.to_string()))?;
-                    let src = Source::local(&root, None);
+                    // Keyed by what the bind shows (FIFOs too: see `ClientFiles`).
+                    let src = Source {
+                        local: Some(crate::copy::ClientFiles::Viewed),
+                        ..Source::new(&root, None)
+                    };
                     let mut hashes = crate::cache_key::ContextHashes::load(None);
                     let source = m.source.clone().unwrap_or_else(|| ".".into());
                     hash_sources(&src, &[source], &mut hashes)
@@ -316,7 +320,10 @@ impl StageRun<'_, '_> {
                 (MountKind::Bind, None, None) => {
                     let root = Root::open(&self.opts.context)
                         .map_err(|e| step_err(n, step, e.to_string()))?;
-                    let src = Source::local(&root, self.ignore);
+                    let src = Source {
+                        local: Some(crate::copy::ClientFiles::Viewed),
+                        ..Source::new(&root, self.ignore)
+                    };
                     let mut hashes = self.hashes.lock().unwrap_or_else(|e| e.into_inner());
                     let source = m.source.clone().unwrap_or_else(|| ".".into());
                     hash_sources(&src, &[source], &mut hashes)
