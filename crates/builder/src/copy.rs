@@ -877,6 +877,21 @@ fn copy_entry(
     });
     let mode = opts.chmod.unwrap_or(st.st_mode & 0o7777);
     let mtime = (st.st_mtime, st.st_mtime_nsec as u32);
+    // A regular file of the copy, made and filled by the file threads.
+    let submit = |input: Input| {
+        files.submit(
+            FileJob {
+                input,
+                dir: shared_pdir.clone(),
+                name: name.to_os_string(),
+                rel: rel.to_string(),
+                owner: (uid, gid),
+                mode,
+                mtime,
+            },
+            lane,
+        )
+    };
     match kind {
         FileType::Directory => {
             if existing.as_ref().is_none_or(|e| !rooted::is_dir(e)) {
@@ -929,18 +944,7 @@ fn copy_entry(
                     Input::Open(std::fs::File::from(f))
                 }
             };
-            files.submit(
-                FileJob {
-                    input,
-                    dir: shared_pdir.clone(),
-                    name: name.to_os_string(),
-                    rel: rel.to_string(),
-                    owner: (uid, gid),
-                    mode,
-                    mtime,
-                },
-                lane,
-            )?;
+            submit(input)?;
         }
         FileType::Symlink => {
             // Nested links are copied as links (the top-level source was followed).
@@ -967,18 +971,7 @@ fn copy_entry(
             if src.local.is_some() =>
         {
             let empty = std::fs::File::open("/dev/null").map_err(|e| format!("{rel}: {e}"))?;
-            files.submit(
-                FileJob {
-                    input: Input::Open(empty),
-                    dir: shared_pdir.clone(),
-                    name: name.to_os_string(),
-                    rel: rel.to_string(),
-                    owner: (uid, gid),
-                    mode,
-                    mtime,
-                },
-                lane,
-            )?;
+            submit(Input::Open(empty))?;
         }
         _ => return Err(format!("{rel}: cannot copy device nodes or sockets")),
     }
