@@ -712,7 +712,24 @@ fn builder_prune_until_takes_only_what_was_not_used_since() {
     let d = daemon_with_busybox(&[]);
     let ctx = Ctx::new(&d, "FROM busybox\nRUN echo old > /old\n", &[]);
     build(&d, &ctx, &[]);
-    std::thread::sleep(std::time::Duration::from_secs(6));
+    // Those records were last used two hours ago (set in the index while the daemon is
+    // stopped: no wait for the clock).
+    let mut d = d;
+    assert_eq!(d.stop(), Some(0));
+    let index = d.data().join("cache/index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index).expect("index")).expect("json");
+    let two_hours_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+        - 7200;
+    for r in v["records"].as_object_mut().expect("records").values_mut() {
+        r["last_used"] = two_hours_ago.into();
+        r["created"] = two_hours_ago.into();
+    }
+    std::fs::write(&index, serde_json::to_vec(&v).expect("json")).expect("write");
+    d.restart();
     std::fs::write(
         ctx.dir.join("Dockerfile"),
         "FROM busybox\nRUN echo new > /new\n",
@@ -732,8 +749,8 @@ fn builder_prune_until_takes_only_what_was_not_used_since() {
         listed.iter().any(|l| l == "RUN echo old > /old"),
         "{listed:?}"
     );
-    // Last used 6 s ago or more goes; the step just built stays.
-    let out = d.ok(&["builder", "prune", "-a", "-f", "--filter", "until=3s"]);
+    // Last used an hour ago or more goes; the step just built stays.
+    let out = d.ok(&["builder", "prune", "-a", "-f", "--filter", "until=1h"]);
     assert!(out.contains("Deleted build cache objects:"), "{out}");
     let listed = du_descriptions(&d);
     assert!(!listed.iter().any(|l| l.contains("echo old")), "{listed:?}");
@@ -742,7 +759,7 @@ fn builder_prune_until_takes_only_what_was_not_used_since() {
         "{listed:?}"
     );
     // The same filter once more: nothing older is left.
-    let out = d.ok(&["builder", "prune", "-a", "-f", "--filter", "until=1h"]);
+    let out = d.ok(&["builder", "prune", "-a", "-f", "--filter", "until=30m"]);
     assert_eq!(out, "Total reclaimed space: 0 B\n");
     let (_, out) = build(&d, &ctx, &[]);
     assert_eq!(cached_steps(&out), vec!["RUN echo new > /new"], "{out}");

@@ -139,6 +139,30 @@ const CLIENT: &str = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
 const ROLES: &str =
     "[roles]\nadmin = [\"admin\"]\nbuilder = [\"builder\"]\nreader = [\"reader\"]\n";
 
+/// A daemon with busybox, serving its socket and TCP with mutual TLS (the PKI's server
+/// certificate, clients of its CA, ROLES); and the TCP address.
+fn tls_daemon(pki: &Pki) -> (Daemon, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let path = |n: &str| pki.path(n).display().to_string();
+    let d = Daemon::start_configured(
+        &[("configuration.toml", ROLES)],
+        &[
+            "--host",
+            &format!("tcp://{addr}"),
+            "--tlsverify",
+            "--tlscacert",
+            &path("ca.pem"),
+            "--tlscert",
+            &path("server.pem"),
+            "--tlskey",
+            &path("server.key"),
+        ],
+        &[],
+    );
+    d.import_busybox("busybox:latest", &[]);
+    (d, addr)
+}
+
 /// `isula-build --host tcp://ADDR` with `tls` flags and `args`.
 fn remote(d: &Daemon, addr: &str, tls: &[String], args: &[&str]) -> std::process::Output {
     let mut c = d.cli_command(&[]);
@@ -169,29 +193,8 @@ fn mutual_tls_and_roles_decide_who_may_do_what() {
     }
     pki.sign("other-ca", "rogue", "admin", 30, CLIENT);
     pki.sign("ca", "expired", "admin", -1, CLIENT);
-    let addr = format!("127.0.0.1:{}", free_port());
+    let (d, addr) = tls_daemon(&pki);
     let host = format!("tcp://{addr}");
-    let (ca, cert, key) = (
-        pki.path("ca.pem"),
-        pki.path("server.pem"),
-        pki.path("server.key"),
-    );
-    let d = Daemon::start_configured(
-        &[("configuration.toml", ROLES)],
-        &[
-            "--host",
-            &host,
-            "--tlsverify",
-            "--tlscacert",
-            ca.to_str().expect("utf8"),
-            "--tlscert",
-            cert.to_str().expect("utf8"),
-            "--tlskey",
-            key.to_str().expect("utf8"),
-        ],
-        &[],
-    );
-    d.import_busybox("busybox:latest", &[]);
 
     // Every role lists (the positive control of each refusal below).
     for cn in ["admin", "builder", "reader"] {
@@ -278,14 +281,14 @@ fn mutual_tls_and_roles_decide_who_may_do_what() {
         let url = format!("https://{addr}/isula.build.v1.Control/HealthCheck");
         let no_cert = Command::new("curl")
             .args(["-sS", "--http2", "--cacert"])
-            .arg(&ca)
+            .arg(pki.path("ca.pem"))
             .arg(&url)
             .output()
             .expect("curl");
         assert!(!no_cert.status.success(), "{}", text(&no_cert));
         let with_cert = Command::new("curl")
             .args(["-sS", "--http2", "-o", "/dev/null", "--cacert"])
-            .arg(&ca)
+            .arg(pki.path("ca.pem"))
             .arg("--cert")
             .arg(pki.path("admin.pem"))
             .arg("--key")
@@ -385,29 +388,8 @@ fn a_remote_build_sends_only_what_changed_from_files_the_daemon_cannot_see() {
     }
     let pki = Pki::new();
     pki.sign("ca", "builder", "builder", 30, CLIENT);
-    let addr = format!("127.0.0.1:{}", free_port());
+    let (d, addr) = tls_daemon(&pki);
     let host = format!("tcp://{addr}");
-    let (ca, cert, key) = (
-        pki.path("ca.pem"),
-        pki.path("server.pem"),
-        pki.path("server.key"),
-    );
-    let d = Daemon::start_configured(
-        &[("configuration.toml", ROLES)],
-        &[
-            "--host",
-            &host,
-            "--tlsverify",
-            "--tlscacert",
-            ca.to_str().expect("utf8"),
-            "--tlscert",
-            cert.to_str().expect("utf8"),
-            "--tlskey",
-            key.to_str().expect("utf8"),
-        ],
-        &[],
-    );
-    d.import_busybox("busybox:latest", &[]);
     // The context lives in a tmpfs mounted in the client's own mount namespace: the daemon
     // cannot see it, whatever the path says.
     let mnt = d.dir.path().join("private");
