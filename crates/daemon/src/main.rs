@@ -92,6 +92,8 @@ fn recover_run_root(s: &Settings) {
             }
         }
     }
+    // Remote clients' uploads and undelivered outputs of an earlier daemon.
+    rpc::remote_files::reset(&s.data_root);
     let builds = s.run_root.join("builds");
     if let Ok(entries) = std::fs::read_dir(&builds) {
         for e in entries.flatten() {

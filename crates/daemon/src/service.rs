@@ -22,6 +22,18 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Service {
+    /// How the files this request names are opened: a remote client's travel over the
+    /// connection (uploaded ahead, downloaded after); a local one's with its rights.
+    fn files<T>(&self, r: &Request<T>) -> Result<Box<dyn isula_transport::ClientFiles>, Status> {
+        if peer::is_remote(r) {
+            return Ok(Box::new(rpc::remote_files::RemoteFiles::new(
+                &self.state,
+                &peer::owner(r),
+            )));
+        }
+        peer::files(r)
+    }
+
     /// Manifest lists are experimental: the daemon must run with --experimental.
     fn experimental<T>(&self, r: &Request<T>) -> Result<(), Status> {
         if !self.state.settings.experimental {
@@ -93,7 +105,7 @@ impl Control for Service {
             // The build reads the whole context with the daemon's rights: root only.
             return Err(Status::permission_denied("building images requires root"));
         }
-        let files = peer::files(&r)?;
+        let files = self.files(&r)?;
         let caller = rpc::build::Caller {
             owner: peer::owner(&r),
             remote: peer::is_remote(&r),
@@ -217,7 +229,7 @@ impl Control for Service {
     type LoadStream = LineStream<LoadResponse>;
     async fn load(&self, r: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
         self.allow(&r, "loading images", Role::Admin, true)?;
-        let files = peer::files(&r)?;
+        let files = self.files(&r)?;
         let wrap = Wrap {
             text: |log| LoadResponse {
                 log,
@@ -243,7 +255,7 @@ impl Control for Service {
     ) -> Result<Response<Self::ImportStream>, Status> {
         self.allow(&r, "importing images", Role::Admin, true)?;
         let (source, reference) = rpc::import::validate(r.get_ref())?;
-        let files = peer::files(&r)?;
+        let files = self.files(&r)?;
         let wrap = Wrap::text(|log| ImportResponse { log });
         Ok(Response::new(stream_blocking(
             &self.state,
@@ -266,7 +278,7 @@ impl Control for Service {
     type SaveStream = LineStream<SaveResponse>;
     async fn save(&self, r: Request<SaveRequest>) -> Result<Response<Self::SaveStream>, Status> {
         self.allow(&r, "saving images", Role::Builder, false)?;
-        let files = peer::files(&r)?;
+        let files = self.files(&r)?;
         let wrap = Wrap {
             text: |log| SaveResponse {
                 log,
@@ -389,6 +401,37 @@ impl Control for Service {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+
+    async fn upload(
+        &self,
+        r: Request<tonic::Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadReply>, Status> {
+        self.allow(&r, "sending files", Role::Builder, true)?;
+        let owner = peer::owner(&r);
+        rpc::remote_files::upload(self.state.clone(), owner, r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type DownloadStream = tokio_stream::wrappers::ReceiverStream<Result<DownloadChunk, Status>>;
+    async fn download(
+        &self,
+        r: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        self.allow(&r, "receiving files", Role::Builder, false)?;
+        let owner = peer::owner(&r);
+        let rx = rpc::remote_files::download(&self.state, &owner, &r.get_ref().token)?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn public_key(&self, r: Request<()>) -> Result<Response<PublicKeyResponse>, Status> {
+        self.allow(&r, "reading the public key", Role::Reader, false)?;
+        Ok(Response::new(PublicKeyResponse {
+            pem: self.state.key.public_pem().to_string(),
+        }))
     }
 
     async fn image_inspect(

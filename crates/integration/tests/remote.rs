@@ -497,3 +497,109 @@ fn a_remote_context_over_the_layer_limit_is_refused_before_anything_is_kept() {
     assert!(text(&o).contains("over the limit"), "{}", text(&o));
     assert_eq!(std::fs::read_dir(&kept).expect("contexts").count(), before);
 }
+
+#[test]
+fn every_file_a_remote_command_names_travels_over_the_connection() {
+    if !require_root() || !require_tool("openssl") || !require_tool("unshare") {
+        return;
+    }
+    let pki = Pki::new();
+    pki.sign("ca", "admin", "admin", 30, CLIENT);
+    let (d, addr) = tls_daemon(&pki);
+    let host = format!("tcp://{addr}");
+    // The client's files are in a tmpfs of its own mount namespace: the daemon sees none.
+    let mnt = d.dir.path().join("private");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    let client = bin("isula-build");
+    let tls = pki.client("admin").join(" ");
+    let script = format!(
+        r#"set -e; mount -t tmpfs none {m}; cd {m}; B="{c} --host {host} {tls}"
+        mkdir -p out ctx extra rf; echo hi > rf/hello; tar -cf rootfs.tar -C rf .
+        echo from-extra > extra/e.txt; printf s3cret > secret.txt
+        printf 'FROM busybox\nCOPY --from=extra e.txt /e.txt\nRUN --mount=type=secret,id=s cat /run/secrets/s > /s.txt\n' > ctx/Dockerfile
+        printf 'FROM busybox\nRUN echo app > /app.txt\n' > app.Dockerfile
+        echo "== save"; $B ctr-img save -o out/bb.tar busybox:latest
+        tar -tf out/bb.tar | grep -q manifest.json
+        echo "== load"; $B ctr-img load -i out/bb.tar
+        echo "== import"; $B ctr-img import rootfs.tar imp:1
+        echo "== build"; $B ctr-img build --build-context extra=extra --secret id=s,src=secret.txt \
+            --iidfile out/iid -o docker-archive:out/built.tar:built:1 -t built:1 ctx
+        echo "== iid $(cat out/iid)"
+        tar -tf out/built.tar | grep -q manifest.json
+        echo "== app"; $B ctr-img build -f app.Dockerfile -t app:1 ctx
+        echo "== sep save"; $B ctr-img save -b busybox:latest -d out/sep app:1
+        ls out/sep
+        $B ctr-img rm app:1
+        echo "== sep load"; $B ctr-img load -i app:1 -d out/sep
+        echo "== exists"; if $B ctr-img save -o out/bb.tar busybox:latest 2>&1; then exit 9; fi
+        echo "== disconnect"; head -c 1500000000 /dev/zero > big.tar
+        if timeout -s KILL 1 $B ctr-img load -i big.tar; then exit 8; fi
+        echo "== end""#,
+        m = mnt.display(),
+        c = client.display(),
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .env_remove("ISULABUILD_HOST")
+        .output()
+        .expect("unshare");
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("== end"), "{out}");
+    assert_eq!(std::fs::read_dir(&mnt).expect("mnt").count(), 0);
+    // The build's image: its named context and secret came from the client's files, and
+    // the --iidfile written there holds its ID.
+    assert_eq!(
+        d.image_text("built:1", "e.txt").as_deref(),
+        Some("from-extra")
+    );
+    assert_eq!(d.image_text("built:1", "s.txt").as_deref(), Some("s3cret"));
+    assert_eq!(d.image_text("imp:1", "hello").as_deref(), Some("hi"));
+    let iid = out
+        .lines()
+        .find_map(|l| l.strip_prefix("== iid "))
+        .expect("iid line")
+        .to_string();
+    assert_eq!(iid.len(), 64, "{out}");
+    let inspect = d.ok(&["ctr-img", "images", "built:1"]);
+    assert!(inspect.contains(&iid[..12]), "{inspect}\n{out}");
+    assert!(out.contains("Loaded image as"), "{out}");
+    assert!(
+        out.contains("app1_latest") || out.contains("app_1_app_image"),
+        "{out}"
+    );
+    // An existing output is refused, naming the client's path (not the daemon's).
+    let exists = out.split("== exists").nth(1).unwrap_or_default();
+    assert!(
+        exists.contains("out/bb.tar") && exists.contains("exist"),
+        "{out}"
+    );
+    assert!(!exists.contains("/.isula-remote"), "{out}");
+    // Nothing is left on the daemon: no upload (the killed one included), no output.
+    let left = || -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for owner in std::fs::read_dir(d.data().join("remote-files"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for kind in ["in", "out"] {
+                v.extend(
+                    std::fs::read_dir(owner.path().join(kind))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        v
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !left().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(left(), Vec::<PathBuf>::new(), "{out}");
+    // The positive control for "nothing left": the owner's directory was used.
+    assert!(d.data().join("remote-files").is_dir());
+}

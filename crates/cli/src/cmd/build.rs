@@ -290,13 +290,18 @@ fn build_static(spec: &str) -> Result<BuildStatic> {
 }
 
 /// When any build arg is a proxy variable, every one is RSA-encrypted for the daemon.
-fn protect_build_args(args: Vec<String>) -> Result<(Vec<String>, bool)> {
-    let is_proxy =
-        |a: &String| isula_types::PROXY_ARGS.contains(&a.split('=').next().unwrap_or_default());
-    if !args.iter().any(is_proxy) {
+fn needs_protection(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| isula_types::PROXY_ARGS.contains(&a.split('=').next().unwrap_or_default()))
+}
+
+fn protect_build_args(
+    args: Vec<String>,
+    key: Option<&isula_api::secret::PublicKey>,
+) -> Result<(Vec<String>, bool)> {
+    let Some(key) = key.filter(|_| needs_protection(&args)) else {
         return Ok((args, false));
-    }
-    let key = super::login::public_key()?;
+    };
     let out = args
         .iter()
         .map(|a| {
@@ -344,18 +349,59 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         .and_then(|s| s.build_time.as_ref())
         .map(|t| t.seconds.to_string())
         .unwrap_or_else(|| chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true));
-    let (build_args, encrypted) = protect_build_args(args.build_args)?;
+    // The daemon's key seals proxy build args and secrets (a remote daemon sends it).
+    let key = if needs_protection(&args.build_args) || !args.secret.is_empty() {
+        Some(super::remote_files::public_key(client).await?)
+    } else {
+        None
+    };
+    let (build_args, encrypted) = protect_build_args(args.build_args, key.as_ref())?;
     for h in &args.add_host {
         if !h.contains(':') && !h.contains('=') {
             bail!("invalid --add-host {h:?}: expected HOST:IP");
         }
     }
-    let secrets = super::build_session::seal_secrets(&args.secret)?;
-    let build_contexts = args
+    let secrets = super::build_session::seal_secrets(&args.secret, key.as_ref())?;
+    let mut build_contexts = args
         .build_context
         .iter()
         .map(|spec| build_context(spec))
         .collect::<Result<Vec<_>>>()?;
+    // What the daemon writes for this client, fetched when the build ends (remote).
+    let mut outputs = super::remote_files::Outputs::default();
+    let mut output = output;
+    let mut iidfile = args.iidfile.as_deref().map(crate::absolute).transpose()?;
+    let mut local_iidfile = None;
+    if remote {
+        // A directory --build-context is synced as the context is.
+        for spec in &mut build_contexts {
+            let Some((name, value)) = spec.split_once('=') else {
+                continue;
+            };
+            if value.contains("://") {
+                continue;
+            }
+            let synced = super::context_upload::sync(client, Path::new(value))
+                .await
+                .with_context(|| format!("sending --build-context {name}={value}"))?;
+            *spec = format!("{name}=context:{}", synced.id);
+        }
+        if let Some((kind, rest)) = output.split_once(':') {
+            if kind == "docker-archive" || kind == "oci-archive" {
+                let (path, image) = match rest.split_once(':') {
+                    Some((p, i)) => (p, Some(i)),
+                    None => (rest, None),
+                };
+                let there = outputs.file(Path::new(path));
+                output = match image {
+                    Some(i) => format!("{kind}:{there}:{i}"),
+                    None => format!("{kind}:{there}"),
+                };
+            }
+        }
+        // Written here when the build ends, from the image ID it returns.
+        local_iidfile = iidfile.take();
+    }
     let agents = super::build_session::agents(&args.ssh)?;
     let req = BuildRequest {
         build_id: build_id.clone(),
@@ -365,13 +411,7 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         output,
         build_args,
         proxy: args.proxy,
-        iidfile: args
-            .iidfile
-            .as_deref()
-            .map(crate::absolute)
-            .transpose()?
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
+        iidfile: iidfile.map(|p| p.display().to_string()).unwrap_or_default(),
         build_static: static_time,
         additional_tag: args.tag.unwrap_or_default(),
         cap_add_list: args.cap_add,
@@ -474,18 +514,41 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     let printer = tokio::spawn(status);
     // If the build fails, its log may still be streaming: stop it (dropping the call), as a
     // failed log would stop the build.
-    let result = match client.build(req).await {
-        Ok(_) => printer.await.context("log printer")?,
+    let mut result = match client.build(req).await {
+        Ok(r) => printer
+            .await
+            .context("log printer")?
+            .map(|()| r.into_inner().image_id),
         Err(e) => {
             printer.abort();
-            Err(e.into())
+            Err(anyhow::anyhow!(outputs.explain(e.message())))
         }
     };
+    if let Ok(id) = result.as_ref().map(String::clone) {
+        if !outputs.is_empty() {
+            let mut fetch_client = client.clone();
+            if let Err(e) = outputs.fetch(&mut fetch_client).await {
+                result = Err(e);
+            }
+        }
+        if let (Some(path), true) = (&local_iidfile, result.is_ok()) {
+            if let Err(e) = write_iidfile(path, &id) {
+                result = Err(e);
+            }
+        }
+    }
+    let result = result.map(|_| ());
     if let Some(s) = session {
         s.abort();
     }
     drop(agents);
     result
+}
+
+/// Writes the image ID as the daemon writes an --iidfile (the hex ID, no newline).
+fn write_iidfile(path: &Path, id: &str) -> Result<()> {
+    let id = id.strip_prefix("sha256:").unwrap_or(id);
+    std::fs::write(path, id).with_context(|| format!("writing --iidfile {}", path.display()))
 }
 
 #[cfg(test)]

@@ -59,11 +59,14 @@ pub fn parse_secret(spec: &str) -> Result<(String, SecretSource), String> {
 
 /// Reads and seals every secret for the daemon; errors name the id and where it was
 /// looked for, never the value.
-pub fn seal_secrets(specs: &[String]) -> Result<Vec<SealedSecret>> {
+pub fn seal_secrets(
+    specs: &[String],
+    key: Option<&isula_api::secret::PublicKey>,
+) -> Result<Vec<SealedSecret>> {
     if specs.is_empty() {
         return Ok(Vec::new());
     }
-    let key = super::login::public_key()?;
+    let key = key.context("no public key of the daemon to seal secrets with")?;
     let mut out: Vec<SealedSecret> = Vec::new();
     for spec in specs {
         let (id, source) = parse_secret(spec).map_err(anyhow::Error::msg)?;

@@ -14,9 +14,16 @@ pub struct Args {
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
+    let source = crate::absolute(&args.source)?;
+    // A remote daemon reads what this client sends it first.
+    let source = if super::remote_files::is_remote() {
+        super::remote_files::upload_file(client, &source).await?
+    } else {
+        source.display().to_string()
+    };
     let req = ImportRequest {
         import_id: op_id(),
-        source: crate::absolute(&args.source)?.display().to_string(),
+        source,
         reference: args.reference.unwrap_or_default(),
     };
     let stream = client.import(req).await?.into_inner();

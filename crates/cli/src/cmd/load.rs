@@ -118,7 +118,24 @@ fn request(args: &Args) -> Result<LoadRequest> {
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
-    let req = request(&args)?;
+    let mut req = request(&args)?;
+    // A remote daemon reads what this client sends it first.
+    if super::remote_files::is_remote() {
+        use super::remote_files::{upload_dir, upload_file};
+        use std::path::Path;
+        match req.sep.as_mut() {
+            None => req.path = upload_file(client, Path::new(&req.path)).await?,
+            Some(sep) => {
+                sep.dir = upload_dir(client, Path::new(&sep.dir)).await?;
+                if !sep.base.is_empty() {
+                    sep.base = upload_file(client, Path::new(&sep.base)).await?;
+                }
+                if !sep.lib.is_empty() {
+                    sep.lib = upload_file(client, Path::new(&sep.lib)).await?;
+                }
+            }
+        }
+    }
     let live = req.progress;
     let stream = client.load(req).await?.into_inner();
     print_events(stream, |r| (r.log, r.progress), live).await

@@ -146,7 +146,7 @@ pub async fn login(client: &mut Client, args: LoginArgs) -> Result<()> {
         bail!("length of input exceeded");
     }
     let password = read_password(args.password_stdin)?;
-    let key = public_key()?;
+    let key = super::remote_files::public_key(client).await?;
     let req = LoginRequest {
         server: args.server,
         username,

@@ -13,6 +13,7 @@ pub mod login;
 pub mod manifest;
 pub mod pull;
 pub mod push;
+pub mod remote_files;
 pub mod rm;
 pub mod save;
 pub mod tag;
@@ -170,6 +171,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     check_log_level(&cli.log_level)?;
     let timeout = start_timeout(cli.timeout.as_deref())?;
     let target = target(&cli)?;
+    remote_files::set_remote(target.host.starts_with("tcp://"));
     let connect = || connect(&target, timeout);
     match cli.command {
         Command::CtrImg(c) => {

@@ -134,10 +134,28 @@ fn request(args: &Args) -> Result<SaveRequest> {
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
-    let req = request(&args)?;
+    let mut req = request(&args)?;
+    // A remote daemon writes for this client; the files are fetched when it is done.
+    let mut outputs = super::remote_files::Outputs::default();
+    if super::remote_files::is_remote() {
+        if !req.path.is_empty() {
+            req.path = outputs.file(std::path::Path::new(&req.path));
+        }
+        if let Some(sep) = req.sep.as_mut() {
+            sep.dest = outputs.dir(std::path::Path::new(&sep.dest));
+            if !sep.rename.is_empty() {
+                sep.rename =
+                    super::remote_files::upload_file(client, std::path::Path::new(&sep.rename))
+                        .await?;
+            }
+        }
+    }
     let live = req.progress;
     let stream = client.save(req).await?.into_inner();
-    print_events(stream, |r| (r.log, r.progress), live).await?;
+    print_events(stream, |r| (r.log, r.progress), live)
+        .await
+        .map_err(|e| anyhow::anyhow!(outputs.explain(&format!("{e:#}"))))?;
+    outputs.fetch(client).await?;
     // As isula-build prints it: the names as given, in Go's list format.
     println!("Save success with image: [{}]", args.images.join(" "));
     Ok(())

@@ -349,24 +349,30 @@ async fn run_inner(
         )));
     }
     if caller.remote {
-        // What would be written or read on the client's machine is not supported remotely.
-        let archive = matches!(parse_output(&req.output)?, Output::Archive { .. });
+        // The client's files travel over the connection: an archive is written for the
+        // client to download (Download), a directory --build-context is synced as the
+        // context is (SyncContext), and the client writes its --iidfile itself.
+        let archive_here = match parse_output(&req.output)? {
+            Output::Archive { path, .. } => !path.starts_with(crate::rpc::remote_files::PREFIX),
+            _ => false,
+        };
         for (named, what) in [
             (!req.iidfile.is_empty(), "--iidfile"),
             (
-                archive,
+                archive_here,
                 "an archive output (-o docker-archive: or oci-archive:)",
             ),
             (
-                req.build_contexts
-                    .iter()
-                    .any(|c| !c.contains("docker-image://")),
+                req.build_contexts.iter().any(|c| {
+                    let value = c.split_once('=').map_or("", |(_, v)| v);
+                    !value.starts_with("docker-image://") && !value.starts_with("context:")
+                }),
                 "a directory --build-context",
             ),
         ] {
             if named {
                 return Err(Status::failed_precondition(format!(
-                    "{what} names files on the client's machine, which a remote build does not write or read yet"
+                    "{what} names files on the client's machine, which a daemon reached over TCP does not open: use a current isula-build client, which sends them over the connection"
                 )));
             }
         }
@@ -484,7 +490,8 @@ async fn run_inner(
             "--cache-from and --cache-to need the build cache, which is off (build_cache = false)",
         ));
     }
-    let extras = extras(&state, &req)?;
+    let mut context_locks: Vec<isula_sys::lock::FileLock> = context_lock.into_iter().collect();
+    let extras = extras(&state, &req, &caller.owner, &mut context_locks)?;
     let (tx, cancel) = state
         .builds
         .start(&req.build_id, &req.entity_id, req.progress)?;
@@ -555,7 +562,7 @@ async fn run_inner(
         iidfile: req.iidfile.clone(),
         tx,
         cancel: cancel.clone(),
-        _context_lock: context_lock,
+        _context_locks: context_locks,
     };
     // The build runs in its own task: if this call is dropped (the client went away) the
     // guard cancels it, and the task still cleans up and releases the build's slot.
@@ -629,7 +636,12 @@ struct Extras {
 /// The most secrets, SSH agents, labels or hosts one build may name.
 const EXTRAS_MAX: usize = 256;
 
-fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
+fn extras(
+    state: &State,
+    req: &BuildRequest,
+    owner: &str,
+    locks: &mut Vec<isula_sys::lock::FileLock>,
+) -> Result<Extras, Status> {
     if req.secrets.len() > EXTRAS_MAX
         || req.build_contexts.len() > EXTRAS_MAX
         || req.ssh_ids.len() > EXTRAS_MAX
@@ -703,7 +715,11 @@ fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
         labels,
         add_hosts,
         limits: limits(req.limits.as_ref()).map_err(error::invalid)?,
-        contexts: named_contexts(&req.build_contexts).map_err(error::invalid)?,
+        contexts: named_contexts(&req.build_contexts, &mut |id| {
+            let (dir, lock) = crate::rpc::context_sync::open(state, id, owner)?;
+            locks.push(lock);
+            Ok(dir)
+        })?,
         platforms: build_platforms(&req.platform).map_err(error::invalid)?,
     })
 }
@@ -722,7 +738,42 @@ fn build_platforms(text: &str) -> Result<Vec<isula_types::platform::BuildPlatfor
 }
 
 /// `--build-context NAME=DIR|docker-image://REF`, checked (DIR absolute and existing).
+/// `--build-context NAME=VALUE`s: a directory, `docker-image://REF`, or `context:ID` (a
+/// directory a remote client synced, which `synced` opens and holds for the build).
 fn named_contexts(
+    specs: &[String],
+    synced: &mut dyn FnMut(&str) -> Result<PathBuf, Status>,
+) -> Result<Vec<(String, isula_builder_core::NamedContext)>, Status> {
+    let mut out: Vec<(String, isula_builder_core::NamedContext)> = Vec::new();
+    for spec in specs {
+        let (name, value) = spec.split_once('=').unwrap_or((spec, ""));
+        if let Some(id) = value.strip_prefix("context:") {
+            let name = name.trim().to_ascii_lowercase();
+            let dir = synced(id)?;
+            let mut one = named_context_specs(&[format!("{name}={}", dir.display())])
+                .map_err(error::invalid)?;
+            if out.iter().any(|(n, _)| *n == name) {
+                return Err(error::invalid(format!(
+                    "--build-context {name} is given twice"
+                )));
+            }
+            out.append(&mut one);
+            continue;
+        }
+        let mut one = named_context_specs(std::slice::from_ref(spec)).map_err(error::invalid)?;
+        if let Some((n, _)) = one.first() {
+            if out.iter().any(|(o, _)| o == n) {
+                return Err(error::invalid(format!(
+                    "--build-context {n} is given twice"
+                )));
+            }
+        }
+        out.append(&mut one);
+    }
+    Ok(out)
+}
+
+fn named_context_specs(
     specs: &[String],
 ) -> Result<Vec<(String, isula_builder_core::NamedContext)>, String> {
     let mut out: Vec<(String, isula_builder_core::NamedContext)> = Vec::new();
@@ -922,8 +973,8 @@ struct Job {
     cache_to: Option<String>,
     /// `--cache-mounts`: cache mounts go with `--cache-to` and come from `--cache-from`.
     cache_mounts: bool,
-    /// A synced context stays while the build reads it.
-    _context_lock: Option<isula_sys::lock::FileLock>,
+    /// Synced contexts (the build's, and named ones) stay while the build reads them.
+    _context_locks: Vec<isula_sys::lock::FileLock>,
     /// How `-o docker://` sends the image (format and layer compression).
     push_opts: isula_registry::push::PushOptions,
     /// Said before that push when zstd moved it to the OCI format.

@@ -13,6 +13,7 @@ pub mod local_index;
 pub mod manifest;
 mod ordered_log;
 pub mod registry;
+pub mod remote_files;
 pub mod remove;
 pub mod save;
 pub mod session;
