@@ -603,3 +603,66 @@ fn every_file_a_remote_command_names_travels_over_the_connection() {
     // The positive control for "nothing left": the owner's directory was used.
     assert!(d.data().join("remote-files").is_dir());
 }
+
+#[test]
+fn a_context_that_changes_while_it_is_sent_fails_clearly_and_keeps_the_last_one() {
+    if !require_root() || !require_tool("openssl") {
+        return;
+    }
+    let pki = Pki::new();
+    pki.sign("ca", "builder", "builder", 30, CLIENT);
+    let (d, addr) = tls_daemon(&pki);
+    let tls = pki.client("builder");
+    let ctx = d.dir.path().join("changing");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nCOPY . /c/\n").expect("df");
+    std::fs::write(ctx.join("grow"), "start\n").expect("grow");
+    let ctx_s = ctx.display().to_string();
+    // Positive control: a still context builds.
+    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "c:1", &ctx_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A file written to all the time while the context is listed and sent.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), ctx.join("grow"));
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .expect("grow");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = f.write_all(&[b'x'; 4096]);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
+    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "c:2", &ctx_s]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("writer");
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("grow changed while the build context was sent"),
+        "{out}"
+    );
+    let images = d.images();
+    let tagged = |tag: &str| images.iter().any(|(r, t, _)| r.ends_with("c") && t == tag);
+    assert!(tagged("1"), "{images:?}");
+    assert!(
+        !tagged("2"),
+        "no image from a half-sent context: {images:?}"
+    );
+    // The last context the daemon kept is whole: the image from it still reads "start".
+    assert_eq!(d.image_text("c:1", "c/grow").as_deref(), Some("start"));
+    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "c:3", &ctx_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    let grown = std::fs::read(ctx.join("grow")).expect("grow");
+    assert_eq!(
+        d.image_files("c:3")
+            .get("c/grow")
+            .map(|e| e.content.clone()),
+        Some(grown),
+        "the next build sends the file as it is now"
+    );
+}
