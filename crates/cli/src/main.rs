@@ -2,6 +2,7 @@
 //! the store nor the builder): one file per command under `cmd/`.
 
 mod cmd;
+mod daemonless;
 mod output;
 mod progress;
 
@@ -45,6 +46,19 @@ pub struct Cli {
     /// This client's private key [default: $ISULA_BUILD_CERT_PATH/key.pem]
     #[arg(long, global = true)]
     pub tlskey: Option<std::path::PathBuf>,
+    /// Run the builder in this command's own process tree, without a daemon (as root or
+    /// rootless) [env: ISULA_BUILD_DAEMONLESS=1]
+    #[arg(long, global = true, env = "ISULA_BUILD_DAEMONLESS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub daemonless: bool,
+    /// With --daemonless: the data root [default: the daemon's]
+    #[arg(long, global = true, requires = "daemonless")]
+    pub dataroot: Option<PathBuf>,
+    /// With --daemonless: the run root [default: the daemon's]
+    #[arg(long, global = true, requires = "daemonless")]
+    pub runroot: Option<PathBuf>,
+    /// With --daemonless: the configuration directory [default: the daemon's]
+    #[arg(long = "config-dir", global = true, requires = "daemonless")]
+    pub config_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

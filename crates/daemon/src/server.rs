@@ -50,7 +50,8 @@ fn bind(socket: &Path, group: &str) -> Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    match group_id(group) {
+    // A rootless daemon's socket is its user's alone.
+    match group_id(group).filter(|_| !crate::rootless::active()) {
         Some(gid) => {
             rustix::fs::chown(
                 socket,

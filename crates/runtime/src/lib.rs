@@ -454,7 +454,14 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         Some(b) => format!("size={b}"),
         None => "size=65536k".to_string(),
     };
-    let mut resources = json!({"pids": {"limit": l.pids.unwrap_or(PIDS_LIMIT)}});
+    let rootless = isula_sys::userns::in_user_namespace();
+    // A rootless daemon has no cgroup of its own unless one was delegated to it, and runc
+    // fails a limit it cannot set: only the limits a build asked for go in (the daemon
+    // refused them already where no cgroup is delegated).
+    let mut resources = match (rootless, l.pids) {
+        (true, None) => json!({}),
+        (_, pids) => json!({"pids": {"limit": pids.unwrap_or(PIDS_LIMIT)}}),
+    };
     if let Some(m) = l.memory {
         resources["memory"] = json!({"limit": m});
     }
@@ -495,9 +502,16 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", shm_size]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}),
-        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
     ];
+    if rootless {
+        // A user namespace may not mount sysfs for the host's network namespace, nor
+        // cgroup v1 hierarchies: the host's /sys is bound instead, read-only (its
+        // cgroup tree with it).
+        mounts.push(json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}));
+    } else {
+        mounts.push(json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}));
+        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    }
     for f in HOST_FILES {
         let source = match &process.hosts_file {
             Some(h) if f == "/etc/hosts" => h.as_path(),
@@ -619,6 +633,10 @@ impl Runc {
     fn command(&self) -> Command {
         let mut c = Command::new(&self.binary);
         c.arg("--root").arg(&self.state_root);
+        if isula_sys::userns::in_user_namespace() {
+            // Root of a user namespace only: runc must not expect the host's cgroups.
+            c.args(["--rootless", "true"]);
+        }
         c
     }
 

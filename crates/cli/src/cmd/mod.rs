@@ -72,7 +72,7 @@ pub fn target(cli: &Cli) -> Result<Target> {
                 .ok()
                 .filter(|h| !h.is_empty())
         })
-        .unwrap_or_else(|| format!("unix://{}", isula_api::DEFAULT_SOCKET));
+        .unwrap_or_else(|| format!("unix://{}", crate::daemonless::default_socket().display()));
     let cert_path = std::env::var_os("ISULA_BUILD_CERT_PATH").map(std::path::PathBuf::from);
     let wants_tls = cli.tlsverify
         || cli.tlscacert.is_some()
@@ -169,7 +169,19 @@ pub fn op_id() -> String {
 pub async fn run(cli: Cli) -> Result<()> {
     check_log_level(&cli.log_level)?;
     let timeout = start_timeout(cli.timeout.as_deref())?;
-    let target = target(&cli)?;
+    let mut target = target(&cli)?;
+    // Daemonless: a builder of this command's own, stopped when it returns.
+    let _builder = match cli.daemonless {
+        false => None,
+        true => {
+            let b = crate::daemonless::start_for(&cli, timeout).await?;
+            target = Target {
+                host: b.host(),
+                tls: None,
+            };
+            Some(b)
+        }
+    };
     let connect = || connect(&target, timeout);
     match cli.command {
         Command::CtrImg(c) => {

@@ -1,0 +1,464 @@
+//! The rootless daemon: `isula-builder` started by an ordinary user. It owns the user's
+//! default places (data under `$XDG_DATA_HOME/isula-build`, run state and the socket under
+//! `$XDG_RUNTIME_DIR`, configuration under `$XDG_CONFIG_HOME/isula-build`) and the move
+//! into a user namespace: the process the user started checks what the move needs (a
+//! subordinate id range in /etc/subuid and /etc/subgid, `newuidmap`/`newgidmap`, writable
+//! roots), starts itself again as a child that unshares a user and mount namespace, maps
+//! the child's ids with `newuidmap`/`newgidmap` (0 is the user, 1.. the subordinate range),
+//! and then only waits for it, passing on SIGTERM/SIGINT/SIGHUP. In the namespace the
+//! child is root over the mapped ids, so the rest of the daemon runs unchanged: layers keep
+//! the image's own owners (0 in the image is 0 in a tar). This module must not decide
+//! anything about builds; the kernel calls are `isula_sys::userns`.
+
+use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Set (to "READ_FD,WRITE_FD") in the child's environment: it is the daemon that must
+/// enter the namespace, and those are its ends of the pipes to its parent.
+const SYNC_ENV: &str = "ISULA_BUILD_USERNS_SYNC";
+
+/// The child tells its parent it has unshared (`U`), or failed (`E` + errno, 4 bytes LE).
+const UNSHARED: u8 = b'U';
+const FAILED: u8 = b'E';
+/// The parent tells the child its maps are written.
+const MAPPED: u8 = b'G';
+
+/// Whether this daemon runs for an ordinary user: started by one, or the child such a
+/// start made (root of its user namespace).
+pub fn active() -> bool {
+    std::env::var_os(SYNC_ENV).is_some() || !rustix::process::geteuid().is_root()
+}
+
+/// The user's default places.
+#[derive(Debug, Clone)]
+pub struct UserDefaults {
+    pub data_root: PathBuf,
+    pub run_root: PathBuf,
+    pub socket: PathBuf,
+    pub config_dir: PathBuf,
+}
+
+fn xdg(var: &str, home_rel: &str) -> Result<PathBuf> {
+    if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(v);
+        if !p.is_absolute() {
+            bail!("${var} ({}) must be an absolute path", p.display());
+        }
+        return Ok(p);
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .context("a rootless isula-builder needs $HOME or $XDG_DATA_HOME")?;
+    Ok(home.join(home_rel))
+}
+
+/// The user's default places, when rootless (None for root).
+pub fn user_defaults() -> Result<Option<UserDefaults>> {
+    if !active() {
+        return Ok(None);
+    }
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .context(
+            "$XDG_RUNTIME_DIR is not set: a rootless isula-builder keeps its socket and run state there (log in through systemd-logind, which makes /run/user/UID, or set it to a private directory you own), or give --runroot and --host",
+        )?;
+    if !runtime.is_absolute() {
+        bail!(
+            "$XDG_RUNTIME_DIR ({}) must be an absolute path",
+            runtime.display()
+        );
+    }
+    Ok(Some(UserDefaults {
+        data_root: xdg("XDG_DATA_HOME", ".local/share")?.join("isula-build"),
+        run_root: runtime.join("isula-build"),
+        socket: isula_api::user_socket_in(&runtime),
+        config_dir: xdg("XDG_CONFIG_HOME", ".config")?.join("isula-build"),
+    }))
+}
+
+/// Who holds a data root (beside its store lock, for the message a second daemon gives).
+const HOLDER_FILE: &str = "in-use-by";
+
+/// Notes who now holds the data root's lock: a daemon serving its socket, or one daemonless
+/// command. Only read while the lock is held by another, so a stale note is never read.
+pub fn record_holder(settings: &crate::config::Settings, daemonless: bool) {
+    let pid = std::process::id();
+    let text = match (daemonless, &settings.socket) {
+        (true, _) => format!("daemonless {pid}\n"),
+        (false, Some(s)) => format!("daemon {pid} unix://{}\n", s.display()),
+        (false, None) => format!("daemon {pid} tcp\n"),
+    };
+    let path = settings.data_root.join(HOLDER_FILE);
+    if let Err(e) = std::fs::write(&path, text) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot note who holds the data root");
+    }
+}
+
+/// What the holder note of `data_root` says, as the end of a refusal (empty if none).
+pub fn holder_of(data_root: &Path) -> String {
+    let text = std::fs::read_to_string(data_root.join(HOLDER_FILE)).unwrap_or_default();
+    let mut f = text.split_whitespace();
+    match (f.next(), f.next(), f.next()) {
+        (Some("daemonless"), Some(pid), _) => format!(
+            ": a daemonless isula-build command (pid {pid}) is using it; wait for it to finish (one daemonless command per data root at a time), or give this one another --dataroot"
+        ),
+        (Some("daemon"), Some(pid), Some(host)) => format!(
+            ": the isula-builder daemon (pid {pid}) serves it on {host}; use that daemon (without --daemonless), or stop it first"
+        ),
+        _ => String::new(),
+    }
+}
+
+/// A subordinate id range of /etc/subuid or /etc/subgid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubRange {
+    pub start: u32,
+    pub count: u32,
+}
+
+/// The first range of `user` (by name or uid) in a subuid/subgid file's text.
+pub fn sub_range(text: &str, user: &str, uid: u32) -> Option<SubRange> {
+    text.lines().find_map(|l| {
+        let mut f = l.trim().split(':');
+        let who = f.next()?;
+        if who != user && who.parse::<u32>().ok() != Some(uid) {
+            return None;
+        }
+        let start = f.next()?.trim().parse().ok()?;
+        let count: u32 = f.next()?.trim().parse().ok()?;
+        (count > 0).then_some(SubRange { start, count })
+    })
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        f.next()?;
+        (f.next()?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+    })
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/bin", "/usr/sbin", "/bin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Makes `dir` (mode 0700) or says why it cannot, naming the fix.
+fn prepare_dir(dir: &Path, what: &str, fix: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let made = std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        // Writable by us: a probe file, removed at once.
+        let probe = dir.join(format!(".isula-build-probe-{}", std::process::id()));
+        std::fs::write(&probe, b"")?;
+        std::fs::remove_file(&probe)
+    });
+    made.with_context(|| {
+        format!(
+            "the {what} {} is not usable by uid {}: {fix}",
+            dir.display(),
+            rustix::process::getuid().as_raw()
+        )
+    })
+}
+
+/// What the daemon must do at start: go on (as root, or as the child in its namespace),
+/// or exit with a code (the parent, once its child is done).
+pub enum Start {
+    Continue,
+    Exit(i32),
+}
+
+/// Called first thing in `main`, while the process has one thread.
+pub fn enter(settings: &crate::config::Settings) -> Result<Start> {
+    if let Some(sync) = std::env::var_os(SYNC_ENV) {
+        child(&sync)?;
+        return Ok(Start::Continue);
+    }
+    if rustix::process::geteuid().is_root() {
+        return Ok(Start::Continue);
+    }
+    parent(settings).map(Start::Exit)
+}
+
+/// The child: unshare, tell the parent, wait for the maps, settle.
+fn child(sync: &std::ffi::OsStr) -> Result<()> {
+    let text = sync.to_string_lossy();
+    let (r, w) = text
+        .split_once(',')
+        .and_then(|(r, w)| Some((r.parse::<i32>().ok()?, w.parse::<i32>().ok()?)))
+        .with_context(|| format!("${SYNC_ENV} is malformed: {text:?}"))?;
+    let mut from_parent = std::fs::File::from(isula_sys::userns::inherited_pipe(r)?);
+    let mut to_parent = std::fs::File::from(isula_sys::userns::inherited_pipe(w)?);
+    let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
+    if !isula_sys::userns::die_with_parent(parent)? {
+        bail!("the process that started this daemon is gone");
+    }
+    if let Err(e) = isula_sys::userns::unshare_user_and_mount() {
+        let errno = e.errno().unwrap_or(0);
+        let mut msg = vec![FAILED];
+        msg.extend_from_slice(&errno.to_le_bytes());
+        let _ = to_parent.write_all(&msg);
+        std::process::exit(1);
+    }
+    to_parent
+        .write_all(&[UNSHARED])
+        .context("telling the parent")?;
+    let mut go = [0u8; 1];
+    from_parent
+        .read_exact(&mut go)
+        .context("waiting for the parent to map the ids")?;
+    if go[0] != MAPPED {
+        // The parent said why on its side.
+        std::process::exit(1);
+    }
+    isula_sys::userns::settle_in_namespace()?;
+    if !rustix::process::geteuid().is_root() {
+        bail!("the user namespace's maps do not make this process root in it");
+    }
+    Ok(())
+}
+
+/// Reads the subordinate range of `user` from `file`, or says how to add one.
+fn read_sub_range(file: &str, user: &str, uid: u32) -> Result<SubRange> {
+    let kind = if file.ends_with("subuid") {
+        "uid"
+    } else {
+        "gid"
+    };
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    sub_range(&text, user, uid).with_context(|| {
+        format!(
+            "user {user} (uid {uid}) has no subordinate {kind} range in {file}: a rootless isula-builder maps the image's ids there; add one as root, e.g. `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}`"
+        )
+    })
+}
+
+/// The parent: checks, starts the child, maps its ids, waits for it.
+fn parent(settings: &crate::config::Settings) -> Result<i32> {
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    let user = user_name(uid)
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| uid.to_string());
+    let newuidmap = find_tool("newuidmap").context(
+        "newuidmap is not installed: a rootless isula-builder needs it (and newgidmap) to map the subordinate ids; install the uidmap package (apt-get install uidmap)",
+    )?;
+    let newgidmap = find_tool("newgidmap").context(
+        "newgidmap is not installed: install the uidmap package (apt-get install uidmap)",
+    )?;
+    let subuid = read_sub_range("/etc/subuid", &user, uid)?;
+    let subgid = read_sub_range("/etc/subgid", &user, uid)?;
+    if isula_sys::userns::max_user_namespaces() == Some(0) {
+        bail!("user namespaces are turned off on this machine (sysctl user.max_user_namespaces = 0): a rootless isula-builder needs one; as root, `sysctl -w user.max_user_namespaces=15000` (or run the daemon as root)");
+    }
+    prepare_dir(
+        &settings.run_root,
+        "run root",
+        "set $XDG_RUNTIME_DIR to a private directory you own (systemd-logind makes /run/user/UID), or give --runroot",
+    )?;
+    prepare_dir(
+        &settings.data_root,
+        "data root",
+        "give --dataroot a directory you own (default $XDG_DATA_HOME/isula-build)",
+    )?;
+    if let Some(socket) = &settings.socket {
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!(
+                    "the socket's directory {} cannot be made by uid {uid}: set $XDG_RUNTIME_DIR to a private directory you own, or give --host",
+                    dir.display()
+                )
+            })?;
+        }
+    }
+    // Signals are caught before the child exists, so a stop sent at once is passed on.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut signals = runtime.block_on(async { Signals::catch() })?;
+    let (from_child, child_w) = rustix::pipe::pipe().context("making a pipe")?;
+    let (child_r, to_child) = rustix::pipe::pipe().context("making a pipe")?;
+    for fd in [&from_child, &to_child] {
+        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC).context("pipe")?;
+    }
+    let exe = std::env::current_exe().context("finding this program")?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut child = std::process::Command::new(&exe)
+        .args(&args)
+        .env(
+            SYNC_ENV,
+            format!("{},{}", child_r.as_raw_fd(), child_w.as_raw_fd()),
+        )
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    drop((child_r, child_w));
+    let pid = child.id();
+    let mut from_child = std::fs::File::from(from_child);
+    let mut to_child = std::fs::File::from(to_child);
+    let mut first = [0u8; 5];
+    let n = read_some(&mut from_child, &mut first);
+    let mapped = match first.first().copied() {
+        _ if n == 0 => Err(anyhow::anyhow!(
+            "the daemon in the user namespace ended before it unshared"
+        )),
+        Some(FAILED) => {
+            let errno = i32::from_le_bytes([first[1], first[2], first[3], first[4]]);
+            let e = std::io::Error::from_raw_os_error(errno);
+            Err(anyhow::anyhow!(
+                "the kernel refuses this user a user namespace (unshare: {e}): allow unprivileged user namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone = 1 where it exists; in a container, a seccomp profile that allows unshare and clone with CLONE_NEWUSER, see contrib/), or run the daemon as root"
+            ))
+        }
+        Some(UNSHARED) => map_ids(&newuidmap, &newgidmap, pid, uid, gid, subuid, subgid, &user),
+        _ => Err(anyhow::anyhow!(
+            "the daemon in the user namespace said {first:?}"
+        )),
+    };
+    if let Err(e) = mapped {
+        drop(to_child);
+        let _ = child.wait();
+        return Err(e);
+    }
+    to_child
+        .write_all(&[MAPPED])
+        .context("telling the daemon its ids are mapped")?;
+    drop(to_child);
+    let status = runtime.block_on(async move {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        loop {
+            tokio::select! {
+                status = &mut rx => break status,
+                sig = signals.recv() => {
+                    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                        let _ = rustix::process::kill_process(p, sig);
+                    }
+                }
+            }
+        }
+    });
+    let status = status
+        .map_err(|_| anyhow::anyhow!("lost the daemon"))?
+        .context("waiting for the daemon")?;
+    Ok(status.code().unwrap_or_else(|| {
+        128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+    }))
+}
+
+fn read_some(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if buf[0] == UNSHARED {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_ids(
+    newuidmap: &Path,
+    newgidmap: &Path,
+    pid: u32,
+    uid: u32,
+    gid: u32,
+    subuid: SubRange,
+    subgid: SubRange,
+    user: &str,
+) -> Result<()> {
+    for (tool, own, range) in [(newuidmap, uid, subuid), (newgidmap, gid, subgid)] {
+        let out = std::process::Command::new(tool)
+            .arg(pid.to_string())
+            .args(["0", &own.to_string(), "1"])
+            .args(["1", &range.start.to_string(), &range.count.to_string()])
+            .output()
+            .with_context(|| format!("running {}", tool.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} {pid} 0 {own} 1 1 {} {} failed: {}: check that {} is setuid root (the uidmap package installs it so) and that /etc/sub{}id gives {user} that range",
+                tool.display(),
+                range.start,
+                range.count,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                tool.display(),
+                if tool == newuidmap { "u" } else { "g" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The stop signals the parent passes on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("catching SIGHUP")?,
+        })
+    }
+
+    async fn recv(&mut self) -> rustix::process::Signal {
+        use rustix::process::Signal;
+        tokio::select! {
+            _ = self.term.recv() => Signal::TERM,
+            _ = self.int.recv() => Signal::INT,
+            _ = self.hup.recv() => Signal::HUP,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_ranges_by_name_or_uid() {
+        let text = "alice:100000:65536\n1001:200000:1000\nbad:line\nzero:1:0\n";
+        assert_eq!(
+            sub_range(text, "alice", 1000),
+            Some(SubRange {
+                start: 100000,
+                count: 65536
+            })
+        );
+        assert_eq!(
+            sub_range(text, "bob", 1001),
+            Some(SubRange {
+                start: 200000,
+                count: 1000
+            })
+        );
+        assert_eq!(sub_range(text, "carol", 1002), None);
+        assert_eq!(sub_range(text, "zero", 5), None);
+    }
+}
