@@ -141,8 +141,8 @@ impl Builder {
         }
     }
 
-    /// Stops the builder and waits for it; its exit code when it stopped cleanly.
-    pub fn stop(&mut self) -> Result<()> {
+    /// Stops the builder and waits for it (an error unless it stopped cleanly).
+    pub fn stop(mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -167,9 +167,13 @@ impl Builder {
 }
 
 impl Drop for Builder {
+    /// A command cut short (Ctrl-C) leaves before [`Builder::stop`]: the builder is told to
+    /// stop, and cancels and cleans up what it was doing on its own.
     fn drop(&mut self) {
-        if let Err(e) = self.stop() {
-            eprintln!("Error: {e:#}");
+        if let Some(child) = self.child.take() {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
         }
     }
 }

@@ -114,6 +114,57 @@ pub fn holder_of(data_root: &Path) -> String {
     }
 }
 
+/// The cgroup directory of this process when cgroup v2 delegates it to us (writable by the
+/// daemon): None under cgroup v1, or when it is not ours to write.
+fn delegated_cgroup() -> Option<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if !root.join("cgroup.controllers").exists() {
+        return None; // cgroup v1: never delegated to a user
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = root.join(rel.trim_start_matches('/'));
+    rustix::fs::access(
+        &dir.join("cgroup.subtree_control"),
+        rustix::fs::Access::WRITE_OK,
+    )
+    .ok()
+    .map(|()| dir)
+}
+
+/// A rootless daemon applies resource limits only where a cgroup is delegated to it; a
+/// build asking for one elsewhere is refused before it starts, naming what to do.
+pub fn check_limits(l: isula_runtime::Limits) -> Result<isula_runtime::Limits, String> {
+    if !isula_sys::userns::in_user_namespace() {
+        return Ok(l);
+    }
+    let mut asked = Vec::new();
+    for (set, flag) in [
+        (l.memory.is_some(), "--memory"),
+        (l.cpu_shares.is_some(), "--cpu-shares"),
+        (l.cpu_quota.is_some(), "--cpu-quota"),
+        (l.cpu_period.is_some(), "--cpu-period"),
+        (l.cpuset_cpus.is_some(), "--cpuset-cpus"),
+        (l.pids.is_some(), "--pids-limit"),
+    ] {
+        if set {
+            asked.push(flag);
+        }
+    }
+    if asked.is_empty() || delegated_cgroup().is_some() {
+        return Ok(l);
+    }
+    let why = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "this rootless daemon's cgroup is not delegated to its user"
+    } else {
+        "this machine uses cgroup v1, which does not delegate cgroups to users"
+    };
+    Err(format!(
+        "resource limits ({}) need a cgroup of this daemon's own, and {why}: build without them, start the daemon in a delegated cgroup v2 unit (systemd-run --user -p Delegate=yes isula-builder; cgroup v2 needs systemd.unified_cgroup_hierarchy=1 at boot), or use a root daemon",
+        asked.join(", ")
+    ))
+}
+
 /// A subordinate id range of /etc/subuid or /etc/subgid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubRange {

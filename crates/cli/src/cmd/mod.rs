@@ -169,19 +169,31 @@ pub fn op_id() -> String {
 pub async fn run(cli: Cli) -> Result<()> {
     check_log_level(&cli.log_level)?;
     let timeout = start_timeout(cli.timeout.as_deref())?;
-    let mut target = target(&cli)?;
-    // Daemonless: a builder of this command's own, stopped when it returns.
-    let _builder = match cli.daemonless {
-        false => None,
-        true => {
-            let b = crate::daemonless::start_for(&cli, timeout).await?;
-            target = Target {
-                host: b.host(),
-                tls: None,
-            };
-            Some(b)
-        }
+    let target = target(&cli)?;
+    if !cli.daemonless {
+        return run_on(cli, target, timeout).await;
+    }
+    // Daemonless: a builder of this command's own, stopped when the command is done.
+    let builder = crate::daemonless::start_for(&cli, timeout).await?;
+    let target = Target {
+        host: builder.host(),
+        tls: None,
     };
+    let result = run_on(cli, target, timeout).await;
+    // Stopped off this thread, so the runtime can close the connection the builder's
+    // shutdown waits for.
+    let stopped = tokio::task::spawn_blocking(move || builder.stop())
+        .await
+        .map_err(|e| anyhow::anyhow!("daemonless: stopping the builder: {e}"))
+        .and_then(|r| r);
+    match (result, stopped) {
+        (Ok(()), stopped) => stopped,
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(s)) => Err(e.context(format!("and then {s:#}"))),
+    }
+}
+
+async fn run_on(cli: Cli, target: Target, timeout: Duration) -> Result<()> {
     let connect = || connect(&target, timeout);
     match cli.command {
         Command::CtrImg(c) => {

@@ -702,7 +702,9 @@ fn extras(state: &State, req: &BuildRequest) -> Result<Extras, Status> {
         network,
         labels,
         add_hosts,
-        limits: limits(req.limits.as_ref()).map_err(error::invalid)?,
+        limits: limits(req.limits.as_ref())
+            .and_then(crate::rootless::check_limits)
+            .map_err(error::invalid)?,
         contexts: named_contexts(&req.build_contexts).map_err(error::invalid)?,
         platforms: build_platforms(&req.platform).map_err(error::invalid)?,
     })
