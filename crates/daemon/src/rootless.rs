@@ -196,32 +196,46 @@ fn user_name(uid: u32) -> Option<String> {
     })
 }
 
+/// `name` on PATH (the usual directories when PATH is unset).
 fn find_tool(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain(["/usr/bin", "/usr/sbin", "/bin", "/sbin"].map(PathBuf::from))
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/usr/sbin:/bin:/sbin".into());
+    std::env::split_paths(&path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 
-/// Makes `dir` (mode 0700) or says why it cannot, naming the fix.
-fn prepare_dir(dir: &Path, what: &str, fix: &str) -> Result<()> {
+/// Makes `dir` (mode 0700) or says why it cannot, naming the fix. The directories it
+/// made are added to `made` (deepest last), for removal if the start fails.
+fn prepare_dir(dir: &Path, what: &str, fix: &str, made: &mut Vec<PathBuf>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let made = std::fs::create_dir_all(dir).and_then(|()| {
+    let mut missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    missing.reverse();
+    let result = std::fs::create_dir_all(dir).and_then(|()| {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         // Writable by us: a probe file, removed at once.
         let probe = dir.join(format!(".isula-build-probe-{}", std::process::id()));
         std::fs::write(&probe, b"")?;
         std::fs::remove_file(&probe)
     });
-    made.with_context(|| {
+    made.extend(missing.into_iter().filter(|d| d.exists()));
+    result.with_context(|| {
         format!(
             "the {what} {} is not usable by uid {}: {fix}",
             dir.display(),
             rustix::process::getuid().as_raw()
         )
     })
+}
+
+/// Removes the (still empty) directories a failed start made, deepest first.
+fn remove_made(made: &[PathBuf]) {
+    for d in made.iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
 }
 
 /// What the daemon must do at start: go on (as root, or as the child in its namespace),
@@ -311,18 +325,61 @@ fn parent(settings: &crate::config::Settings) -> Result<i32> {
     )?;
     let subuid = read_sub_range("/etc/subuid", &user, uid)?;
     let subgid = read_sub_range("/etc/subgid", &user, uid)?;
-    if isula_sys::userns::max_user_namespaces() == Some(0) {
-        bail!("user namespaces are turned off on this machine (sysctl user.max_user_namespaces = 0): a rootless isula-builder needs one; as root, `sysctl -w user.max_user_namespaces=15000` (or run the daemon as root)");
+    let mut made = Vec::new();
+    let ids = Ids {
+        uid,
+        gid,
+        user: &user,
+        subuid,
+        subgid,
+        newuidmap: &newuidmap,
+        newgidmap: &newgidmap,
+    };
+    let result = start_child(settings, &ids, &mut made);
+    if result.is_err() {
+        remove_made(&made);
     }
+    result
+}
+
+/// Who the parent maps, and with what.
+struct Ids<'a> {
+    uid: u32,
+    gid: u32,
+    user: &'a str,
+    subuid: SubRange,
+    subgid: SubRange,
+    newuidmap: &'a Path,
+    newgidmap: &'a Path,
+}
+
+/// The parent's part once what must be installed and configured is: the roots made, the
+/// child started and mapped, then waited for.
+fn start_child(
+    settings: &crate::config::Settings,
+    ids: &Ids<'_>,
+    made: &mut Vec<PathBuf>,
+) -> Result<i32> {
+    let Ids {
+        uid,
+        gid,
+        user,
+        subuid,
+        subgid,
+        newuidmap,
+        newgidmap,
+    } = *ids;
     prepare_dir(
         &settings.run_root,
         "run root",
         "set $XDG_RUNTIME_DIR to a private directory you own (systemd-logind makes /run/user/UID), or give --runroot",
+        made,
     )?;
     prepare_dir(
         &settings.data_root,
         "data root",
         "give --dataroot a directory you own (default $XDG_DATA_HOME/isula-build)",
+        made,
     )?;
     if let Some(socket) = &settings.socket {
         if let Some(dir) = socket.parent() {
@@ -368,11 +425,15 @@ fn parent(settings: &crate::config::Settings) -> Result<i32> {
         Some(FAILED) => {
             let errno = i32::from_le_bytes([first[1], first[2], first[3], first[4]]);
             let e = std::io::Error::from_raw_os_error(errno);
+            let fix = match isula_sys::userns::max_user_namespaces() {
+                Some(0) => "user namespaces are turned off (sysctl user.max_user_namespaces = 0): as root, `sysctl -w user.max_user_namespaces=15000`".to_string(),
+                _ => "allow unprivileged user namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone = 1 where it exists, kernel.apparmor_restrict_unprivileged_userns = 0 where it exists; not in a chroot, which the kernel refuses them; in a container, a seccomp profile that allows unshare and clone with CLONE_NEWUSER)".to_string(),
+            };
             Err(anyhow::anyhow!(
-                "the kernel refuses this user a user namespace (unshare: {e}): allow unprivileged user namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone = 1 where it exists; in a container, a seccomp profile that allows unshare and clone with CLONE_NEWUSER, see contrib/), or run the daemon as root"
+                "the kernel refuses this user a user namespace (unshare: {e}): {fix}, or run the daemon as root"
             ))
         }
-        Some(UNSHARED) => map_ids(&newuidmap, &newgidmap, pid, uid, gid, subuid, subgid, &user),
+        Some(UNSHARED) => map_ids(newuidmap, newgidmap, pid, uid, gid, subuid, subgid, user),
         _ => Err(anyhow::anyhow!(
             "the daemon in the user namespace said {first:?}"
         )),
