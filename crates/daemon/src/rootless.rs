@@ -125,7 +125,7 @@ fn delegated_cgroup() -> Option<PathBuf> {
     let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
     let dir = root.join(rel.trim_start_matches('/'));
     rustix::fs::access(
-        &dir.join("cgroup.subtree_control"),
+        dir.join("cgroup.subtree_control"),
         rustix::fs::Access::WRITE_OK,
     )
     .ok()
@@ -295,6 +295,22 @@ fn child(sync: &std::ffi::OsStr) -> Result<()> {
     Ok(())
 }
 
+/// overlayfs mounts in a user namespace (with `userxattr`) came with Linux 5.11.
+fn check_kernel() -> Result<()> {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy().to_string();
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let version = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
+    if version < (5, 11) {
+        bail!(
+            "the kernel {release} is older than 5.11: a rootless isula-builder needs overlayfs in a user namespace (userxattr, Linux 5.11); fuse-overlayfs is not supported yet: run the daemon as root, or on a newer kernel"
+        );
+    }
+    Ok(())
+}
+
 /// Reads the subordinate range of `user` from `file`, or says how to add one.
 fn read_sub_range(file: &str, user: &str, uid: u32) -> Result<SubRange> {
     let kind = if file.ends_with("subuid") {
@@ -323,6 +339,7 @@ fn parent(settings: &crate::config::Settings) -> Result<i32> {
     let newgidmap = find_tool("newgidmap").context(
         "newgidmap is not installed: install the uidmap package (apt-get install uidmap)",
     )?;
+    check_kernel()?;
     let subuid = read_sub_range("/etc/subuid", &user, uid)?;
     let subgid = read_sub_range("/etc/subgid", &user, uid)?;
     let mut made = Vec::new();

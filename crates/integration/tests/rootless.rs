@@ -339,8 +339,7 @@ fn daemonless_commands_take_turns_on_a_store_and_leave_a_daemons_store_alone() {
 }
 
 /// Starts the rootless daemon expecting a refusal; returns its message.
-fn start_fails(user: &TestUser, cmd: &mut Command) -> String {
-    let _ = user;
+fn start_fails(cmd: &mut Command) -> String {
     let out = cmd.output().expect("isula-builder");
     assert!(
         !out.status.success(),
@@ -369,10 +368,7 @@ fn rootless_refused_without_newuidmap_then_starts_with_it() {
     let path = user.home.path().join("work/path");
     std::fs::create_dir_all(&path).expect("mkdir");
     std::os::unix::fs::symlink("/usr/sbin/runc", path.join("runc")).expect("link");
-    let err = start_fails(
-        &user,
-        user.command(&user_bin("isula-builder")).env("PATH", &path),
-    );
+    let err = start_fails(user.command(&user_bin("isula-builder")).env("PATH", &path));
     assert!(
         err.contains("newuidmap is not installed") && err.contains("apt-get install uidmap"),
         "{err}"
@@ -388,7 +384,7 @@ fn rootless_refused_without_a_subordinate_range_then_starts_with_one() {
         return;
     }
     let mut user = TestUser::new("r");
-    let err = start_fails(&user, &mut user.command(&user_bin("isula-builder")));
+    let err = start_fails(&mut user.command(&user_bin("isula-builder")));
     assert!(
         err.contains(&format!(
             "user {} (uid {}) has no subordinate uid range in /etc/subuid",
@@ -492,7 +488,6 @@ fn rootless_refused_with_an_unwritable_runtime_dir_then_starts_with_its_own() {
     )
     .expect("chmod");
     let err = start_fails(
-        &user,
         user.command(&user_bin("isula-builder"))
             .env("XDG_RUNTIME_DIR", theirs.path()),
     );
@@ -525,7 +520,6 @@ fn rootless_refused_where_the_kernel_refuses_user_namespaces_then_starts() {
     let jail = tempfile::tempdir().expect("jail");
     let script = "mount --make-rprivate / && mount --rbind / \"$0\" && exec chroot --userspec=\"$1:$2\" \"$0\" \"$3\"";
     let err = start_fails(
-        &user,
         user.env_command(Path::new("unshare"))
             .args(["--mount", "sh", "-c", script])
             .arg(jail.path())
