@@ -73,6 +73,8 @@ pub struct Options {
 pub struct Builder {
     child: Option<std::process::Child>,
     socket: PathBuf,
+    /// This command's directory in the run root (removed when the builder is done).
+    dir: PathBuf,
 }
 
 impl Builder {
@@ -89,9 +91,11 @@ impl Builder {
             None => default_run_root()?,
         };
         let exe = builder_program()?;
-        let socket = run_root
+        // A directory of this command's own: its socket and its builder's public key.
+        let dir = run_root
             .join("daemonless")
-            .join(format!("{}.sock", std::process::id()));
+            .join(std::process::id().to_string());
+        let socket = dir.join("isula_build.sock");
         let mut c = std::process::Command::new(&exe);
         c.arg("--runroot").arg(&run_root);
         if let Some(d) = &o.data_root {
@@ -100,8 +104,7 @@ impl Builder {
         if let Some(d) = &o.config_dir {
             c.arg("--config-dir").arg(d);
         }
-        let config_dir = o.config_dir.clone().unwrap_or_else(default_config_dir);
-        let _ = KEY_FILE.set(config_dir.join(isula_api::secret::PUBLIC_KEY_FILE));
+        let _ = KEY_FILE.set(dir.join(isula_api::secret::PUBLIC_KEY_FILE));
         c.arg("--host")
             .arg(format!("unix://{}", socket.display()))
             .arg("--daemonless")
@@ -116,12 +119,14 @@ impl Builder {
         let mut b = Builder {
             child: Some(child),
             socket,
+            dir,
         };
         let deadline = Instant::now() + o.timeout;
         loop {
             if let Some(c) = b.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
                     b.child = None;
+                    b.remove_dir();
                     bail!(
                         "daemonless: the builder could not start ({status}; its message is above)"
                     );
@@ -146,6 +151,18 @@ impl Builder {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
+        let result = Self::stop_child(&mut child);
+        self.remove_dir();
+        result
+    }
+
+    /// The builder removes its socket; its public key and the directory go here.
+    fn remove_dir(&self) {
+        let _ = std::fs::remove_file(self.dir.join(isula_api::secret::PUBLIC_KEY_FILE));
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+
+    fn stop_child(child: &mut std::process::Child) -> Result<()> {
         if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }

@@ -185,6 +185,7 @@ fn main() {
 }
 
 fn run(flags: Flags) -> Result<()> {
+    rootless::set_daemonless(flags.daemonless);
     let settings = Settings::load(&flags)?;
     // As an ordinary user: into a user namespace first (before any thread is started).
     if let rootless::Start::Exit(code) = rootless::enter(&settings)? {

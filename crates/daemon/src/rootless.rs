@@ -32,6 +32,34 @@ pub fn active() -> bool {
     std::env::var_os(SYNC_ENV).is_some() || !rustix::process::geteuid().is_root()
 }
 
+static DAEMONLESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Notes that this daemon serves one daemonless command (`--daemonless`).
+pub fn set_daemonless(on: bool) {
+    DAEMONLESS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the control socket is for the daemon's own user only (0600, no group): a
+/// rootless daemon's, or a daemonless command's.
+pub fn private_socket() -> bool {
+    active() || DAEMONLESS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Where the public key goes: the config directory, except for a daemonless command,
+/// whose key is its own (beside its private socket), never the one a daemon on the same
+/// config directory published.
+pub fn key_dir(settings: &crate::config::Settings) -> PathBuf {
+    match (
+        &settings.socket,
+        DAEMONLESS.load(std::sync::atomic::Ordering::Relaxed),
+    ) {
+        (Some(socket), true) => socket
+            .parent()
+            .map_or_else(|| settings.config_dir.clone(), Path::to_path_buf),
+        _ => settings.config_dir.clone(),
+    }
+}
+
 /// The user's default places.
 #[derive(Debug, Clone)]
 pub struct UserDefaults {
