@@ -219,6 +219,15 @@ fn daemonless_builds_the_root_daemons_image_as_root_and_as_a_user() {
         &ctx,
     ]);
     assert_eq!(build_id(&out), want, "{out}");
+    // Its key and socket were its own, and are gone: a daemon's published key on the same
+    // config directory is never replaced.
+    assert!(!roots.path().join("etc/isula-build.pub").exists());
+    let left: Vec<_> = std::fs::read_dir(roots.path().join("run/daemonless"))
+        .expect("daemonless dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 
     // A user, daemonless (the flag, then the variable), pushing in the same command.
     let registry = isula_integration::registry::Registry::start(Default::default());
