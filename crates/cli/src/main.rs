@@ -30,7 +30,8 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub timeout: Option<String>,
     /// Daemon to connect to: unix:///path, or tcp://HOST:PORT (mutual TLS); else
-    /// $ISULA_BUILD_HOST, $ISULABUILD_HOST, or unix:///var/run/isula_build.sock
+    /// $ISULA_BUILD_HOST, $ISULABUILD_HOST, or unix:///var/run/isula_build.sock (not root:
+    /// unix://$XDG_RUNTIME_DIR/isula_build.sock, the user's rootless daemon)
     #[arg(long, global = true)]
     pub host: Option<String>,
     /// Use mutual TLS with a tcp:// daemon (implied by the other --tls* flags and by
