@@ -148,6 +148,27 @@ fn rootless_daemon_builds_the_root_daemons_image() {
     ]);
     assert!(again.contains("Using cache"), "{again}");
     assert_eq!(build_id(&again), want);
+    // Save writes the user's file, with the same image in it (its config's digest).
+    let saved = user.home.path().join("work/saved.tar");
+    user.ok(&[
+        "ctr-img",
+        "save",
+        "rl:1",
+        "-o",
+        &saved.display().to_string(),
+    ]);
+    let meta = std::fs::metadata(&saved).expect("saved archive");
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), user.uid);
+    let listing = Command::new("tar")
+        .arg("-tf")
+        .arg(&saved)
+        .output()
+        .expect("tar");
+    assert!(
+        String::from_utf8_lossy(&listing.stdout).contains(&format!("{want}.json")),
+        "{}",
+        String::from_utf8_lossy(&listing.stdout)
+    );
     // Resource limits need a delegated cgroup (cgroup v1 or no delegation here): refused
     // before anything runs, nothing stored.
     let before = user.ok(&["ctr-img", "images"]);
@@ -273,6 +294,19 @@ fn daemonless_builds_the_root_daemons_image_as_root_and_as_a_user() {
         String::from_utf8_lossy(&inspect.stderr)
     );
     assert_eq!(isula_integration::sha256_hex(&inspect.stdout), want);
+    // And a rootless pull into an empty store brings the same image back.
+    let fresh = user.home.path().join("work/fresh");
+    std::fs::create_dir_all(&fresh).expect("mkdir");
+    user.chown(&fresh);
+    let pulled = user.ok(&[
+        "--daemonless",
+        "--dataroot",
+        &fresh.display().to_string(),
+        "ctr-img",
+        "pull",
+        &format!("{}/rootless/app:1", registry.host()),
+    ]);
+    assert!(pulled.contains(&want), "{pulled}");
     assert_no_leftovers(&user);
     // Without the flag or the variable nothing serves the user: the client says so.
     let err = user.fails(&["ctr-img", "images"]);
@@ -546,4 +580,57 @@ fn rootless_refused_where_the_kernel_refuses_user_namespaces_then_starts() {
     assert_untouched(&user);
     let mut d = UserDaemon::start(&user, &[]);
     assert_eq!(d.stop(), Some(0), "{}", d.log());
+}
+
+#[test]
+fn an_interrupted_daemonless_build_leaves_nothing_running() {
+    if !needs() {
+        return;
+    }
+    let user = TestUser::with_range("c", 1000000, 65536);
+    let archive = busybox_archive(&user);
+    user.ok(&["--daemonless", "ctr-img", "load", "-i", &archive]);
+    let before = user.ok(&["--daemonless", "ctr-img", "images"]);
+    user.write("work/long/Dockerfile", b"FROM busybox\nRUN sleep 60\n");
+    let ctx = user.home.path().join("work/long").display().to_string();
+    let mut cli = user
+        .command(&user_bin("isula-build"))
+        .args(["--daemonless", "ctr-img", "build", "-t", "long:1", &ctx])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("build");
+    // Once the step runs (a runc container of the user's), Ctrl-C.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !user.processes().iter().any(|p| p.contains("sleep 60")) {
+        assert!(std::time::Instant::now() < deadline, "the step never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = rustix::process::Pid::from_raw(cli.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let status = cli.wait().expect("wait");
+    assert_eq!(status.code(), Some(130));
+    // The builder cancels the step, cleans up and exits on its own, well before the step
+    // would have ended.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !user.processes().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left running: {:?}",
+            user.processes()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Nothing stored, and the next command finds the store free.
+    assert_eq!(user.ok(&["--daemonless", "ctr-img", "images"]), before);
+    let check = user
+        .command(&user_bin("isula-builder"))
+        .arg("--check-store")
+        .output()
+        .expect("check-store");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }

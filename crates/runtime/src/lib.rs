@@ -640,6 +640,19 @@ impl Runc {
         c
     }
 
+    /// `runc kill` of every process of container `id`. A rootless runc without a cgroup
+    /// cannot list them (`--all` fails): there SIGKILL goes to the container's init, which
+    /// takes the rest of its PID namespace with it.
+    fn kill(&self, id: &str) -> Command {
+        let mut c = self.command();
+        c.arg("kill");
+        if !isula_sys::userns::in_user_namespace() {
+            c.arg("--all");
+        }
+        c.args([id, "KILL"]);
+        c
+    }
+
     /// Removes every container runc has under this state root (what a crash of the daemon
     /// left running): killed, then deleted. Returns their IDs.
     pub fn remove_all(&self) -> Vec<String> {
@@ -658,7 +671,7 @@ impl Runc {
             })
             .unwrap_or_default();
         for id in &ids {
-            let _ = self.command().args(["kill", "--all", id, "KILL"]).output();
+            let _ = self.kill(id).output();
             let _ = self.command().args(["delete", "--force", id]).output();
         }
         ids
@@ -710,7 +723,7 @@ impl Runc {
                     if cancel.load(Ordering::SeqCst) {
                         // Repeated until runc exits: a cancel can come before the container
                         // exists, when a single kill would find nothing to kill.
-                        let _ = runc.command().args(["kill", "--all", &id, "KILL"]).output();
+                        let _ = runc.kill(&id).output();
                         killed = true;
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
