@@ -8,7 +8,7 @@ set -euo pipefail
 user=${1:?usage: $0 USER}
 bin=$(realpath "${BIN:-target/release}")
 work=$(mktemp -d /tmp/isula-bench-rootless-XXXXXX)
-trap 'kill $rootpid 2>/dev/null || true; su "$user" -s /bin/sh -c "kill \$(cat $work/upid) 2>/dev/null" || true; sleep 1; rm -rf "$work"' EXIT
+trap 'kill $rootpid 2>/dev/null || true; su "$user" -s /bin/sh -c "kill \$(cat $work/urun/upid) 2>/dev/null" || true; sleep 1; rm -rf "$work"' EXIT
 chmod 755 "$work"
 mkdir -p "$work/bb/bin" "$work/copy/files" "$work/run" "$work/urun"
 cp /bin/busybox "$work/bb/bin/"
@@ -39,7 +39,7 @@ root_cli() { ISULABUILD_HOST="unix://$work/root.sock" ISULABUILD_KEY_FILE="$work
 root_cli ctr-img import "$work/bb.tar" bb >/dev/null
 as_user() { su "$user" -s /bin/sh -c "cd /tmp; XDG_RUNTIME_DIR=$work/urun XDG_DATA_HOME=$work/udata XDG_CONFIG_HOME=$work/uconf HOME=$work/urun $*"; }
 mkdir -p "$work/udata" "$work/uconf"; chown "$user" "$work/udata" "$work/uconf"
-as_user "$bin/isula-builder >$work/urun/log 2>&1 & echo \$! > $work/upid"
+as_user "$bin/isula-builder >$work/urun/log 2>&1 & echo \$! > $work/urun/upid"
 sleep 3
 as_user "$bin/isula-build ctr-img import $work/bb.tar bb" >/dev/null
 for kind in copy runctx; do
@@ -51,7 +51,7 @@ for kind in copy runctx; do
     printf '%s root:     %s  median %s\n' "$kind" "${r[*]}" "$(printf '%s\n' "${r[@]}" | median)"
     printf '%s rootless: %s  median %s\n' "$kind" "${u[*]}" "$(printf '%s\n' "${u[@]}" | median)"
 done
-as_user "kill \$(cat $work/upid)"; sleep 2
+as_user "kill \$(cat $work/urun/upid)"; sleep 2
 for kind in copy runctx; do
     l=()
     for i in 1 2 3; do
