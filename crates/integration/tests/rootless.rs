@@ -49,6 +49,7 @@ RUN rm -rf /opq && mkdir /opq && echo new > /opq/only
 COPY --chown=33:33 app.txt /srv/app.txt
 RUN --mount=type=cache,target=/cache,id=rl echo c > /cache/c && cp /cache/c /from-cache
 RUN --mount=type=bind,source=app.txt,target=/mnt/app.txt cat /mnt/app.txt > /srv/copied
+RUN --mount=type=secret,id=tok test \"$(cat /run/secrets/tok)\" = s3cret && echo seen > /secret-seen
 RUN --mount=type=tmpfs,target=/scratch echo t > /scratch/t && cat /scratch/t > /from-tmpfs
 RUN --network=none ip link 2>/dev/null | grep -c lo > /links || true
 FROM busybox
@@ -57,8 +58,14 @@ COPY --from=base /opq/only /hello /
 RUN chown -R 2000:3000 /srv/data && ls -ln /srv > /listing
 ";
 
-/// Writes the context (Dockerfile and app.txt) into the user's home.
+/// The `--secret` of the corpus builds (a file beside the context).
+fn secret(ctx: &str) -> String {
+    format!("id=tok,src={ctx}/../secret.txt")
+}
+
+/// Writes the context (Dockerfile and app.txt) and the secret into the user's home.
 fn context(user: &TestUser) -> String {
+    user.write("work/secret.txt", b"s3cret");
     user.write("work/ctx/Dockerfile", DOCKERFILE.as_bytes());
     user.write("work/ctx/app.txt", b"the app\n");
     user.home.path().join("work/ctx").display().to_string()
@@ -81,6 +88,8 @@ fn root_build(ctx: &str) -> String {
         "build",
         "--build-static",
         STATIC,
+        "--secret",
+        &secret(&ctx),
         "-t",
         "rl:1",
         ctx,
@@ -127,6 +136,8 @@ fn rootless_daemon_builds_the_root_daemons_image() {
         "build",
         "--build-static",
         STATIC,
+        "--secret",
+        &secret(&ctx),
         "-t",
         "rl:1",
         &ctx,
@@ -142,6 +153,8 @@ fn rootless_daemon_builds_the_root_daemons_image() {
         "build",
         "--build-static",
         STATIC,
+        "--secret",
+        &secret(&ctx),
         "-t",
         "rl:2",
         &ctx,
@@ -235,6 +248,8 @@ fn daemonless_builds_the_root_daemons_image_as_root_and_as_a_user() {
         "build",
         "--build-static",
         STATIC,
+        "--secret",
+        &secret(&ctx),
         "-t",
         "rl:1",
         &ctx,
@@ -264,6 +279,8 @@ fn daemonless_builds_the_root_daemons_image_as_root_and_as_a_user() {
         "build",
         "--build-static",
         STATIC,
+        "--secret",
+        &secret(&ctx),
         "-t",
         "rl:1",
         "-o",
@@ -379,6 +396,16 @@ fn daemonless_commands_take_turns_on_a_store_and_leave_a_daemons_store_alone() {
         .ok(&["--daemonless", "ctr-img", "images"])
         .contains("slow"));
     assert_no_leftovers(&user);
+    let check = user
+        .command(&user_bin("isula-builder"))
+        .arg("--check-store")
+        .output()
+        .expect("check-store");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }
 
 /// Starts the rootless daemon expecting a refusal; returns its message.
