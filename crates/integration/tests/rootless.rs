@@ -89,7 +89,7 @@ fn root_build(ctx: &str) -> String {
         "--build-static",
         STATIC,
         "--secret",
-        &secret(&ctx),
+        &secret(ctx),
         "-t",
         "rl:1",
         ctx,
