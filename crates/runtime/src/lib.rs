@@ -758,12 +758,24 @@ impl Runc {
             if let Some(message) = runtime_error(&log) {
                 return Err(RuntimeError::Runtime {
                     runtime: self.binary.display().to_string(),
-                    message,
+                    message: rootless_hint(message),
                 });
             }
         }
         Ok(code)
     }
+}
+
+/// A rootless runc refused a new /proc: the /proc it would hide is not fully visible,
+/// which is what a container's masked paths do. Said with the fix.
+fn rootless_hint(message: String) -> String {
+    if isula_sys::userns::in_user_namespace()
+        && message.contains("\"proc\"")
+        && message.contains("operation not permitted")
+    {
+        return format!("{message} (a rootless builder in a container needs its /proc unmasked to mount one for RUN: docker run --security-opt systempaths=unconfined, or securityContext.procMount: Unmasked in Kubernetes)");
+    }
+    message
 }
 
 /// The last error runc logged (JSON lines with "level" and "msg"), if any.
