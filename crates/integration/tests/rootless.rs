@@ -55,7 +55,7 @@ RUN --network=none ip link 2>/dev/null | grep -c lo > /links || true
 FROM busybox
 COPY --from=base /srv /srv
 COPY --from=base /opq/only /hello /
-RUN chown -R 2000:3000 /srv/data && ls -ln /srv > /listing
+RUN chown -R 2000:3000 /srv/data && ls -ln /srv | awk '{print $3, $4, $NF}' > /listing
 ";
 
 /// The `--secret` of the corpus builds (a file beside the context).
