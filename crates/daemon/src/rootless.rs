@@ -327,16 +327,20 @@ fn child(sync: &std::ffi::OsStr) -> Result<()> {
 fn check_kernel() -> Result<()> {
     let uname = rustix::system::uname();
     let release = uname.release().to_string_lossy().to_string();
-    let mut nums = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse::<u32>().ok());
-    let version = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
-    if version < (5, 11) {
+    if !overlay_in_userns(&release) {
         bail!(
             "the kernel {release} is older than 5.11: a rootless isula-builder needs overlayfs in a user namespace (userxattr, Linux 5.11); fuse-overlayfs is not supported yet: run the daemon as root, or on a newer kernel"
         );
     }
     Ok(())
+}
+
+/// Whether kernel `release` ("6.1.0-18-amd64") mounts overlayfs in a user namespace.
+fn overlay_in_userns(release: &str) -> bool {
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    (nums.next().unwrap_or(0), nums.next().unwrap_or(0)) >= (5, 11)
 }
 
 /// Reads the subordinate range of `user` from `file`, or says how to add one.
@@ -597,6 +601,27 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_with_overlayfs_in_user_namespaces() {
+        assert!(overlay_in_userns("5.11.0"));
+        assert!(overlay_in_userns("6.1.0-18-amd64"));
+        assert!(overlay_in_userns("6.18.44-fc-v1300"));
+        assert!(!overlay_in_userns("5.10.0-28-amd64"));
+        assert!(!overlay_in_userns("4.19.0"));
+        assert!(!overlay_in_userns("garbage"));
+    }
+
+    #[test]
+    fn the_holder_of_a_data_root_is_named() {
+        let d = tempfile::tempdir().expect("tmp");
+        assert_eq!(holder_of(d.path()), "");
+        std::fs::write(d.path().join(HOLDER_FILE), "daemonless 42\n").expect("write");
+        assert!(holder_of(d.path()).contains("a daemonless isula-build command (pid 42)"));
+        std::fs::write(d.path().join(HOLDER_FILE), "daemon 7 unix:///s.sock\n").expect("write");
+        assert!(holder_of(d.path())
+            .contains("the isula-builder daemon (pid 7) serves it on unix:///s.sock"));
+    }
 
     #[test]
     fn sub_ranges_by_name_or_uid() {
