@@ -84,8 +84,10 @@ impl Builder {
     }
 
     /// Starts `isula-builder` (beside this program, else on PATH) and waits until it
-    /// serves on its private socket.
-    pub fn start(o: &Options) -> Result<Builder> {
+    /// serves on its private socket. Called on the thread that lives as long as the
+    /// command: the builder stops when that thread ends (its parent-death signal), so a
+    /// client killed outright leaves no builder holding the store.
+    pub async fn start(o: &Options) -> Result<Builder> {
         let run_root = match &o.run_root {
             Some(r) => r.clone(),
             None => default_run_root()?,
@@ -96,6 +98,7 @@ impl Builder {
             .join("daemonless")
             .join(std::process::id().to_string());
         let socket = dir.join("isula_build.sock");
+        sweep_stale(dir.parent().unwrap_or(&run_root));
         let mut c = std::process::Command::new(&exe);
         c.arg("--runroot").arg(&run_root);
         if let Some(d) = &o.data_root {
@@ -142,7 +145,7 @@ impl Builder {
                     o.timeout
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -195,6 +198,31 @@ impl Drop for Builder {
     }
 }
 
+/// Removes what killed daemonless commands left in `daemonless_dir` (a directory per
+/// command, named by its pid): those whose command is gone. Their builders went with
+/// them.
+fn sweep_stale(daemonless_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(daemonless_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+        else {
+            continue;
+        };
+        if rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH) {
+            for f in ["isula_build.sock", isula_api::secret::PUBLIC_KEY_FILE] {
+                let _ = std::fs::remove_file(e.path().join(f));
+            }
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
 /// logrus names the client takes, as the daemon's four levels.
 fn daemon_level(level: &str) -> &'static str {
     match level.to_ascii_lowercase().as_str() {
@@ -237,7 +265,5 @@ pub async fn start_for(cli: &crate::Cli, timeout: Duration) -> Result<Builder> {
         log_level: cli.log_level.clone(),
         timeout,
     };
-    tokio::task::spawn_blocking(move || Builder::start(&o))
-        .await
-        .context("daemonless: starting the builder")?
+    Builder::start(&o).await
 }

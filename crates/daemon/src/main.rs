@@ -186,6 +186,13 @@ fn main() {
 
 fn run(flags: Flags) -> Result<()> {
     rootless::set_daemonless(flags.daemonless);
+    if flags.daemonless {
+        // The builder of one client command goes when that command goes, even killed.
+        let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
+        if !isula_sys::userns::die_with_parent(parent)? {
+            anyhow::bail!("the daemonless command that started this builder is gone");
+        }
+    }
     let settings = Settings::load(&flags)?;
     // As an ordinary user: into a user namespace first (before any thread is started).
     if let rootless::Start::Exit(code) = rootless::enter(&settings)? {

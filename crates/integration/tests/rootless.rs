@@ -650,6 +650,35 @@ fn an_interrupted_daemonless_build_leaves_nothing_running() {
     }
     // Nothing stored, and the next command finds the store free.
     assert_eq!(user.ok(&["--daemonless", "ctr-img", "images"]), before);
+
+    // A client killed outright (SIGKILL: no chance to stop its builder): the builder
+    // goes with it, and frees the store.
+    let mut cli = user
+        .command(&user_bin("isula-build"))
+        .args(["--daemonless", "ctr-img", "build", "-t", "long:1", &ctx])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("build");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !user.processes().iter().any(|p| p.contains("sleep 60")) {
+        assert!(std::time::Instant::now() < deadline, "the step never ran");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    cli.kill().expect("SIGKILL");
+    cli.wait().expect("wait");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !user.processes().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left running after the client was killed: {:?}",
+            user.processes()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The next command sweeps what the killed one left in the run root.
+    assert_eq!(user.ok(&["--daemonless", "ctr-img", "images"]), before);
+    assert_no_leftovers(&user);
     let check = user
         .command(&user_bin("isula-builder"))
         .arg("--check-store")

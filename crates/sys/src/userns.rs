@@ -124,8 +124,9 @@ pub fn settle_in_namespace() -> Result<()> {
     .map_err(|e| SysError::new("make mounts private", "/", e))
 }
 
-/// Asks the kernel to send `TERM` to this process when its parent dies (the parent holds
-/// the daemon's place for the service manager; without it the daemon must stop too).
+/// Asks the kernel to send `TERM` to this process when its parent (the thread that
+/// started it) ends: the rootless daemon's parent holds its place for the service
+/// manager, a daemonless builder serves one client command; without it, it must stop too.
 /// Returns false when the parent is already gone.
 pub fn die_with_parent(expected_parent: u32) -> Result<bool> {
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
