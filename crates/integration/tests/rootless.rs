@@ -161,6 +161,39 @@ fn rootless_daemon_builds_the_root_daemons_image() {
     ]);
     assert!(again.contains("Using cache"), "{again}");
     assert_eq!(build_id(&again), want);
+    // RUN --mount=type=ssh: the user's agent forwarded into the step.
+    need("ssh-agent");
+    let agent_sock = user.home.path().join("run/agent.sock");
+    let mut agent = user
+        .command(Path::new("ssh-agent"))
+        .arg("-D")
+        .arg("-a")
+        .arg(&agent_sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agent_sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ssh-agent did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    user.write(
+        "work/ssh/Dockerfile",
+        b"FROM busybox\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo agent > /agent\n",
+    );
+    let ssh_ctx = user.home.path().join("work/ssh").display().to_string();
+    let ssh = format!("default={}", agent_sock.display());
+    let built = user.cli(&["ctr-img", "build", "--ssh", &ssh, "-t", "ssh:1", &ssh_ctx]);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
     // Save writes the user's file, with the same image in it (its config's digest).
     let saved = user.home.path().join("work/saved.tar");
     user.ok(&[
