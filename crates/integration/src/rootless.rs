@@ -24,6 +24,16 @@ pub struct TestUser {
     lines: Vec<String>,
 }
 
+/// Replaces `file` at once (a temp file renamed over it): daemons starting in other tests
+/// read it meanwhile, and must never see it truncated.
+fn replace(file: &str, text: &str) {
+    let tmp = format!("{file}.isula-test-{}", std::process::id());
+    std::fs::write(&tmp, text).expect("write sub id file");
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod sub id file");
+    std::fs::rename(&tmp, file).expect("replace sub id file");
+}
+
 fn add_line(file: &str, line: &str) {
     let mut text = std::fs::read_to_string(file).unwrap_or_default();
     if !text.is_empty() && !text.ends_with('\n') {
@@ -31,7 +41,7 @@ fn add_line(file: &str, line: &str) {
     }
     text.push_str(line);
     text.push('\n');
-    std::fs::write(file, text).expect("write sub id file");
+    replace(file, &text);
 }
 
 fn remove_line(file: &str, line: &str) {
@@ -41,7 +51,7 @@ fn remove_line(file: &str, line: &str) {
         .filter(|l| *l != line)
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(file, kept).expect("restore sub id file");
+    replace(file, &kept);
 }
 
 impl TestUser {
@@ -282,7 +292,12 @@ impl UserDaemon {
             }
             if let Some(c) = d.child.as_mut() {
                 if let Ok(Some(s)) = c.try_wait() {
-                    panic!("rootless isula-builder exited with {s}:\n{}", d.log());
+                    panic!(
+                        "rootless isula-builder exited with {s}:\n{}\n/etc/subuid:\n{}\n/etc/subgid:\n{}",
+                        d.log(),
+                        std::fs::read_to_string("/etc/subuid").unwrap_or_default(),
+                        std::fs::read_to_string("/etc/subgid").unwrap_or_default()
+                    );
                 }
             }
             assert!(
