@@ -5,12 +5,14 @@
 #                          (htpasswd), openssl, bsdutils (script), buildah, curl and e2fsprogs
 #                          (mkfs.ext4 for a small data root), openssh-client (ssh-agent for
 #                          --ssh), git, qemu-user-static and binfmt-support (RUN for other
-#                          architectures), and Debian's arm64 busybox-static binary in
+#                          architectures), uidmap and passwd (newuidmap, useradd: the rootless
+#                          tests), libcap2-bin and binutils (setcap, strip: the builder image
+#                          of the unprivileged-container test), and Debian's arm64 busybox-static binary in
 #                          /var/cache/isula-build-tests/ (the tests)
 set -euo pipefail
 want=(runc busybox-static xz-utils)
 if [ "${1:-run}" = test ]; then
-    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support)
+    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support uidmap passwd libcap2-bin binutils)
 fi
 missing=()
 for p in "${want[@]}"; do

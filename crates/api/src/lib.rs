@@ -18,6 +18,11 @@ use std::path::{Path, PathBuf};
 
 /// Default control socket of the system daemon.
 pub const DEFAULT_SOCKET: &str = "/var/run/isula_build.sock";
+/// The control socket of a user's rootless daemon in `runtime_dir` ($XDG_RUNTIME_DIR).
+pub fn user_socket_in(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("isula_build.sock")
+}
+
 /// Environment variable naming another control socket (`unix:///path`).
 pub const HOST_ENV: &str = "ISULABUILD_HOST";
 

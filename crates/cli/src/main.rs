@@ -2,6 +2,7 @@
 //! the store nor the builder): one file per command under `cmd/`.
 
 mod cmd;
+mod daemonless;
 mod output;
 mod progress;
 
@@ -29,7 +30,8 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub timeout: Option<String>,
     /// Daemon to connect to: unix:///path, or tcp://HOST:PORT (mutual TLS); else
-    /// $ISULA_BUILD_HOST, $ISULABUILD_HOST, or unix:///var/run/isula_build.sock
+    /// $ISULA_BUILD_HOST, $ISULABUILD_HOST, or unix:///var/run/isula_build.sock (not root:
+    /// unix://$XDG_RUNTIME_DIR/isula_build.sock, the user's rootless daemon)
     #[arg(long, global = true)]
     pub host: Option<String>,
     /// Use mutual TLS with a tcp:// daemon (implied by the other --tls* flags and by
@@ -45,6 +47,19 @@ pub struct Cli {
     /// This client's private key [default: $ISULA_BUILD_CERT_PATH/key.pem]
     #[arg(long, global = true)]
     pub tlskey: Option<std::path::PathBuf>,
+    /// Run the builder in this command's own process tree, without a daemon (as root or
+    /// rootless) [env: ISULA_BUILD_DAEMONLESS=1]
+    #[arg(long, global = true, env = "ISULA_BUILD_DAEMONLESS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub daemonless: bool,
+    /// With --daemonless: the data root [default: the daemon's]
+    #[arg(long, global = true, requires = "daemonless")]
+    pub dataroot: Option<PathBuf>,
+    /// With --daemonless: the run root [default: the daemon's]
+    #[arg(long, global = true, requires = "daemonless")]
+    pub runroot: Option<PathBuf>,
+    /// With --daemonless: the configuration directory [default: the daemon's]
+    #[arg(long = "config-dir", global = true, requires = "daemonless")]
+    pub config_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

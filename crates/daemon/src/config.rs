@@ -72,6 +72,9 @@ pub struct Flags {
     /// Allow a TCP listener without TLS, on a loopback address only (for tests)
     #[arg(long = "insecure-tcp", num_args = 0..=1, default_missing_value = "true")]
     pub insecure_tcp: Option<bool>,
+    /// Serve one daemonless client command (started by `isula-build --daemonless`)
+    #[arg(long, hide = true)]
+    pub daemonless: bool,
     /// Verify every blob digest and image record in the store, print problems and exit
     #[arg(long = "check-store")]
     pub check_store: bool,
@@ -407,7 +410,12 @@ fn check_mount_option(opt: &str) -> Result<()> {
 
 impl Settings {
     pub fn load(flags: &Flags) -> Result<Settings> {
-        let dir = &flags.config_dir;
+        // A rootless daemon's defaults are the user's (see rootless.rs).
+        let user = crate::rootless::user_defaults()?;
+        let dir = match &user {
+            Some(u) if flags.config_dir == Path::new(DEFAULT_CONFIG_DIR) => &u.config_dir,
+            _ => &flags.config_dir,
+        };
         let conf_path = dir.join("configuration.toml");
         let mut warnings = Vec::new();
         let conf: ConfigurationFile = match read_config_file(&conf_path)? {
@@ -598,7 +606,10 @@ impl Settings {
             }
         };
         let insecure_tcp = flags.insecure_tcp.or(conf.insecure_tcp).unwrap_or(false);
-        let (socket, tcp) = listeners(&hosts, tls.as_ref(), insecure_tcp)?;
+        let (mut socket, tcp) = listeners(&hosts, tls.as_ref(), insecure_tcp)?;
+        if let (Some(u), true) = (&user, hosts.is_empty()) {
+            socket = Some(u.socket.clone());
+        }
         let roles = conf.roles.clone().unwrap_or_default();
         Ok(Settings {
             debug,
@@ -614,6 +625,7 @@ impl Settings {
                     .clone()
                     .or(conf.data_root)
                     .or(storage_graphroot)
+                    .or_else(|| user.as_ref().map(|u| u.data_root.clone()))
                     .unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
                 "data root",
             )?,
@@ -623,6 +635,7 @@ impl Settings {
                     .clone()
                     .or(conf.run_root)
                     .or(storage_runroot)
+                    .or_else(|| user.as_ref().map(|u| u.run_root.clone()))
                     .unwrap_or_else(|| DEFAULT_RUN_ROOT.into()),
                 "run root",
             )?,

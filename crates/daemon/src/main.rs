@@ -4,6 +4,7 @@
 mod config;
 mod error;
 mod peer;
+mod rootless;
 mod rpc;
 mod server;
 mod service;
@@ -65,8 +66,9 @@ fn open_store(s: &Settings) -> Result<isula_store::Store> {
         }
         Err(isula_store::StoreError::Sys(e)) if isula_sys::lock::is_held_elsewhere(&e) => {
             anyhow::bail!(
-                "another isula-builder is already running on data root {}",
-                s.data_root.display()
+                "another isula-builder is already running on data root {}{}",
+                s.data_root.display(),
+                rootless::holder_of(&s.data_root)
             )
         }
         Err(e) => Err(e).with_context(|| format!("opening the store in {}", s.data_root.display())),
@@ -185,7 +187,19 @@ fn main() {
 }
 
 fn run(flags: Flags) -> Result<()> {
+    rootless::set_daemonless(flags.daemonless);
+    if flags.daemonless {
+        // The builder of one client command goes when that command goes, even killed.
+        let parent = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
+        if !isula_sys::userns::die_with_parent(parent)? {
+            anyhow::bail!("the daemonless command that started this builder is gone");
+        }
+    }
     let settings = Settings::load(&flags)?;
+    // As an ordinary user: into a user namespace first (before any thread is started).
+    if let rootless::Start::Exit(code) = rootless::enter(&settings)? {
+        std::process::exit(code);
+    }
     init_logging(&settings.log_level);
     for w in &settings.warnings {
         tracing::warn!("{w}");
@@ -202,6 +216,7 @@ fn run(flags: Flags) -> Result<()> {
     isula_store::apply::set_limits(settings.unpack_limits);
     let store = open_store(&settings)?;
     // Only now (the store's lock is ours) is what the run root holds ours to clean.
+    rootless::record_holder(&settings, flags.daemonless);
     recover_run_root(&settings);
     migrate_old_store(&settings, &store);
     if flags.check_store {

@@ -50,6 +50,11 @@ fn bind(socket: &Path, group: &str) -> Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    // A rootless daemon's socket is its user's alone, a daemonless command's its own.
+    if crate::rootless::private_socket() {
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        return Ok(listener);
+    }
     match group_id(group) {
         Some(gid) => {
             rustix::fs::chown(
@@ -203,7 +208,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         }
         tcp.push((t.addr, tls, incoming));
     }
-    write_public_key(&settings.config_dir, key.public_pem())?;
+    write_public_key(&crate::rootless::key_dir(&settings), key.public_pem())?;
     let state = State::new(settings, store, key);
     // Gzips committed layers in the background, for pushes: only while no operation runs,
     // at the lowest CPU priority.

@@ -7,6 +7,7 @@ pub mod http_files;
 pub mod oci_layout;
 pub mod powercut;
 pub mod registry;
+pub mod rootless;
 
 use std::collections::BTreeMap;
 use std::io::Write;

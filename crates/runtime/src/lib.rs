@@ -454,7 +454,14 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         Some(b) => format!("size={b}"),
         None => "size=65536k".to_string(),
     };
-    let mut resources = json!({"pids": {"limit": l.pids.unwrap_or(PIDS_LIMIT)}});
+    let rootless = isula_sys::userns::in_user_namespace();
+    // A rootless daemon has no cgroup of its own unless one was delegated to it, and runc
+    // fails a limit it cannot set: only the limits a build asked for go in (the daemon
+    // refused them already where no cgroup is delegated).
+    let mut resources = match (rootless, l.pids) {
+        (true, None) => json!({}),
+        (_, pids) => json!({"pids": {"limit": pids.unwrap_or(PIDS_LIMIT)}}),
+    };
     if let Some(m) = l.memory {
         resources["memory"] = json!({"limit": m});
     }
@@ -495,9 +502,16 @@ pub fn spec(rootfs: &Path, process: &Process) -> serde_json::Value {
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", shm_size]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}),
-        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
     ];
+    if rootless {
+        // A user namespace may not mount sysfs for the host's network namespace, nor
+        // cgroup v1 hierarchies: the host's /sys is bound instead, read-only (its
+        // cgroup tree with it).
+        mounts.push(json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}));
+    } else {
+        mounts.push(json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_options}));
+        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    }
     for f in HOST_FILES {
         let source = match &process.hosts_file {
             Some(h) if f == "/etc/hosts" => h.as_path(),
@@ -619,6 +633,23 @@ impl Runc {
     fn command(&self) -> Command {
         let mut c = Command::new(&self.binary);
         c.arg("--root").arg(&self.state_root);
+        if isula_sys::userns::in_user_namespace() {
+            // Root of a user namespace only: runc must not expect the host's cgroups.
+            c.args(["--rootless", "true"]);
+        }
+        c
+    }
+
+    /// `runc kill` of every process of container `id`. A rootless runc without a cgroup
+    /// cannot list them (`--all` fails): there SIGKILL goes to the container's init, which
+    /// takes the rest of its PID namespace with it.
+    fn kill(&self, id: &str) -> Command {
+        let mut c = self.command();
+        c.arg("kill");
+        if !isula_sys::userns::in_user_namespace() {
+            c.arg("--all");
+        }
+        c.args([id, "KILL"]);
         c
     }
 
@@ -640,7 +671,7 @@ impl Runc {
             })
             .unwrap_or_default();
         for id in &ids {
-            let _ = self.command().args(["kill", "--all", id, "KILL"]).output();
+            let _ = self.kill(id).output();
             let _ = self.command().args(["delete", "--force", id]).output();
         }
         ids
@@ -692,7 +723,7 @@ impl Runc {
                     if cancel.load(Ordering::SeqCst) {
                         // Repeated until runc exits: a cancel can come before the container
                         // exists, when a single kill would find nothing to kill.
-                        let _ = runc.command().args(["kill", "--all", &id, "KILL"]).output();
+                        let _ = runc.kill(&id).output();
                         killed = true;
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
@@ -727,12 +758,24 @@ impl Runc {
             if let Some(message) = runtime_error(&log) {
                 return Err(RuntimeError::Runtime {
                     runtime: self.binary.display().to_string(),
-                    message,
+                    message: rootless_hint(message),
                 });
             }
         }
         Ok(code)
     }
+}
+
+/// A rootless runc refused a new /proc: the /proc it would hide is not fully visible,
+/// which is what a container's masked paths do. Said with the fix.
+fn rootless_hint(message: String) -> String {
+    if isula_sys::userns::in_user_namespace()
+        && message.contains("\"proc\"")
+        && message.contains("operation not permitted")
+    {
+        return format!("{message} (a rootless builder in a container needs its /proc unmasked to mount one for RUN: docker run --security-opt systempaths=unconfined, or securityContext.procMount: Unmasked in Kubernetes)");
+    }
+    message
 }
 
 /// The last error runc logged (JSON lines with "level" and "msg"), if any.

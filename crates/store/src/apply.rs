@@ -18,7 +18,10 @@ use std::path::{Component, Path, PathBuf};
 
 pub const WHITEOUT_PREFIX: &str = ".wh.";
 pub const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
-pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// The opaque mark of overlay directories here (`user.overlay.opaque` in a user namespace).
+pub fn opaque_xattr() -> &'static str {
+    isula_sys::mount::opaque_xattr()
+}
 
 /// What an unpack did that the user may want to know.
 #[derive(Debug, Default, Clone)]
@@ -153,6 +156,30 @@ pub fn check_free_space(dir: &Path, min_free: u64) -> Result<()> {
     Ok(())
 }
 
+/// In a user namespace (a rootless daemon) an owner the namespace does not map cannot be
+/// set: refused naming the entry and the mapped range, never left to chown as nobody.
+fn check_owner(rel: &Path, uid: u32, gid: u32) -> Result<()> {
+    use isula_sys::userns;
+    if !userns::in_user_namespace() {
+        return Ok(());
+    }
+    for (which, id, map) in [
+        ("uid", uid, userns::uid_map()),
+        ("gid", gid, userns::gid_map()),
+    ] {
+        if !userns::is_mapped(map, id) {
+            return Err(StoreError::UnmappedOwner {
+                entry: rel.display().to_string(),
+                which,
+                id,
+                mapped: userns::describe_map(map),
+                needed: u64::from(id),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn unpack<R: Read>(
     layer: R,
     dest: &Path,
@@ -194,8 +221,13 @@ fn unpack<R: Read>(
                 .dir(parent, resolve, true)
                 .map_err(|e| sys_at(&rel, e))?;
             if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
-                rooted::set_xattr(pfd.as_fd(), OsStr::new("."), OsStr::new(OPAQUE_XATTR), b"y")
-                    .map_err(|e| sys_at(&rel, e))?;
+                rooted::set_xattr(
+                    pfd.as_fd(),
+                    OsStr::new("."),
+                    OsStr::new(opaque_xattr()),
+                    b"y",
+                )
+                .map_err(|e| sys_at(&rel, e))?;
             } else if name_bytes.starts_with(b".wh..wh.") {
                 // aufs metadata (.wh..wh.plnk, ...): meaningless for overlay.
             } else {
@@ -230,6 +262,7 @@ fn unpack<R: Read>(
         let gid = header
             .gid()
             .map_err(|e| StoreError::BadTar(e.to_string()))? as u32;
+        check_owner(&rel, uid, gid)?;
         let mtime = (header.mtime().unwrap_or(0) as i64, 0u32);
         let mut set_meta = true;
         // A regular file's owner and mode go on through the handle it was written with.
@@ -477,8 +510,11 @@ pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
         // The fields the unpack reads must parse.
         let header = entry.header();
         header.mode().map_err(bad)?;
-        header.uid().map_err(bad)?;
-        header.gid().map_err(bad)?;
+        let uid = header.uid().map_err(bad)? as u32;
+        let gid = header.gid().map_err(bad)? as u32;
+        if !matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+            check_owner(&rel, uid, gid)?;
+        }
         let now = match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 bytes = bytes.saturating_add(entry.size());
@@ -525,8 +561,10 @@ pub fn validate_layer<R: Read>(layer: R) -> Result<ApplyReport> {
 
 /// Extended attributes a layer may carry. `trusted.*` (overlay's own metadata among them)
 /// and `security.selinux` labels from elsewhere are dropped.
+/// `user.overlay.*` is overlay's own metadata in a user namespace (`userxattr`): dropped
+/// everywhere, so a layer forges no whiteout there and root and rootless stores agree.
 fn xattr_allowed(key: &[u8]) -> bool {
-    key.starts_with(b"user.")
+    (key.starts_with(b"user.") && !key.starts_with(b"user.overlay."))
         || key == b"security.capability"
         || key.starts_with(b"system.posix_acl_")
 }
@@ -596,7 +634,7 @@ mod tests {
         assert!(wh.file_type().is_char_device() && wh.rdev() == 0);
         let mut v = [0u8; 4];
         let n =
-            rustix::fs::lgetxattr(d.join("opq").as_path(), OPAQUE_XATTR, &mut v).expect("opaque");
+            rustix::fs::lgetxattr(d.join("opq").as_path(), opaque_xattr(), &mut v).expect("opaque");
         assert_eq!(&v[..n], b"y");
         assert_eq!(report.skipped_devices, vec!["dev/null".to_string()]);
         assert!(!d.join("dev/null").exists());

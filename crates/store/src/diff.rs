@@ -103,7 +103,7 @@ impl<W: Write> Walk<'_, W> {
             self.tar
                 .append_data(&mut h, std::ffi::OsStr::from_bytes(&name), std::io::empty())
                 .map_err(io("write", rel))?;
-            if xattr(&path, crate::apply::OPAQUE_XATTR).as_deref() == Some(b"y") {
+            if xattr(&path, crate::apply::opaque_xattr()).as_deref() == Some(b"y") {
                 let mut h = self.header(&meta, tar::EntryType::Regular);
                 h.set_mode(0o600);
                 self.tar
@@ -420,7 +420,7 @@ mod tests {
         .expect("whiteout");
         rustix::fs::setxattr(
             upper.join("etc/opq"),
-            crate::apply::OPAQUE_XATTR,
+            crate::apply::opaque_xattr(),
             b"y",
             rustix::fs::XattrFlags::empty(),
         )

@@ -59,6 +59,14 @@ pub enum StoreError {
     NoSpace(String),
     #[error("operation cancelled")]
     Cancelled,
+    #[error("layer entry {entry:?} is owned by {which} {id}, which this rootless daemon's user namespace cannot map (it maps {which}s {mapped}): give the user a subordinate range of at least {needed} ids in /etc/sub{which} (usermod --add-sub{which}s START-END USER) and restart the daemon")]
+    UnmappedOwner {
+        entry: String,
+        which: &'static str,
+        id: u32,
+        mapped: String,
+        needed: u64,
+    },
 }
 
 impl StoreError {
@@ -83,7 +91,7 @@ impl StoreError {
                 ErrorKind::DataLoss
             }
             AmbiguousImage { .. } | UnsafeEntry { .. } | BadTar(_) => ErrorKind::InvalidArgument,
-            ImageInUse { .. } => ErrorKind::FailedPrecondition,
+            ImageInUse { .. } | UnmappedOwner { .. } => ErrorKind::FailedPrecondition,
             CorruptMetadata { .. } => ErrorKind::DataLoss,
             TooLarge { .. } | NoSpace(_) => ErrorKind::ResourceExhausted,
             Cancelled => ErrorKind::Unavailable,

@@ -10,7 +10,7 @@
 //! Snapshots hold what RUN made, so every lookup is relative to a directory handle and
 //! never follows a symlink; the base is looked up without following any either.
 
-use crate::apply::OPAQUE_XATTR;
+use crate::apply::opaque_xattr;
 use crate::error::{Result, StoreError};
 use isula_sys::rooted::{self, Resolve, Root};
 use rustix::fs::{FileType, Mode, OFlags};
@@ -121,9 +121,9 @@ fn trim_dir(dir: BorrowedFd<'_>, base: Option<&Root>, rel: &Path) -> Result<()> 
         let child = rel.join(&name);
         let sub = open_dir(dir, &name, &child)?;
         // As the squash makes it: opaque only when it hides something of the base.
-        let opaque = xattr(sub.as_fd(), OPAQUE_XATTR);
+        let opaque = xattr(sub.as_fd(), opaque_xattr());
         if opaque.is_some() && !(opaque.as_deref() == Some(b"y") && base_has(base, &child)) {
-            rustix::fs::fremovexattr(&sub, OPAQUE_XATTR)
+            rustix::fs::fremovexattr(&sub, opaque_xattr())
                 .map_err(|e| sys("removexattr", &child, e))?;
         }
         trim_dir(sub.as_fd(), base, &child)?;
@@ -187,7 +187,7 @@ fn merge_dir(
             match rooted::lstat(*l, &name)? {
                 Some(s) if rooted::is_dir(&s) => {
                     let fd = open_dir(*l, &name, &child)?;
-                    let opaque = xattr(fd.as_fd(), OPAQUE_XATTR).as_deref() == Some(b"y");
+                    let opaque = xattr(fd.as_fd(), opaque_xattr()).as_deref() == Some(b"y");
                     below.push(fd);
                     if opaque {
                         cut = true;
@@ -212,7 +212,7 @@ fn merge_dir(
             rooted::set_xattr(out, &name, OsStr::new("security.capability"), &cap)?;
         }
         if cut && base_has(base, &child) {
-            rooted::set_xattr(out, &name, OsStr::new(OPAQUE_XATTR), b"y")?;
+            rooted::set_xattr(out, &name, OsStr::new(opaque_xattr()), b"y")?;
         }
         rooted::set_times(out, &name, (st.st_mtime, st.st_mtime_nsec as u32))?;
     }
@@ -230,7 +230,7 @@ mod tests {
 
     fn is_opaque(path: &Path) -> bool {
         let mut v = [0u8; 4];
-        matches!(rustix::fs::lgetxattr(path, OPAQUE_XATTR, &mut v), Ok(1) if v[0] == b'y')
+        matches!(rustix::fs::lgetxattr(path, opaque_xattr(), &mut v), Ok(1) if v[0] == b'y')
     }
 
     fn root() -> bool {
@@ -249,7 +249,7 @@ mod tests {
     }
 
     fn opaque(p: &Path) {
-        rustix::fs::lsetxattr(p, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())
+        rustix::fs::lsetxattr(p, opaque_xattr(), b"y", rustix::fs::XattrFlags::empty())
             .expect("opaque");
     }
 

@@ -9,6 +9,7 @@ pub mod memory;
 pub mod mount;
 pub mod priority;
 pub mod rooted;
+pub mod userns;
 pub mod writeback;
 
 pub use lock::FileLock;

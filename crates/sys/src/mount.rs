@@ -93,6 +93,16 @@ const OVERLAY_FIXED: [(&str, &str); 3] = [
     ("metacopy", "off"),
 ];
 
+/// The xattr that marks an overlay directory opaque: `trusted.overlay.opaque`, or
+/// `user.overlay.opaque` in a user namespace (where overlays are mounted with `userxattr`).
+pub fn opaque_xattr() -> &'static str {
+    if crate::userns::in_user_namespace() {
+        "user.overlay.opaque"
+    } else {
+        "trusted.overlay.opaque"
+    }
+}
+
 /// Mounts an overlay at `target`: `lowers` top first (at least one), `upper` and `work` on
 /// the same file system. `options` are extra mount options (`nodev`, ...).
 pub fn mount_overlay(
@@ -168,6 +178,17 @@ fn overlay(
     }
     // Ours last: they win over the same keys in the configured options.
     extra.extend(OVERLAY_FIXED.iter().map(|(k, v)| format!("{k}={v}")));
+    if crate::userns::in_user_namespace() {
+        // In a user namespace overlayfs may not use `trusted.*` xattrs: its opaque marks
+        // go to `user.overlay.*` (`userxattr`, Linux 5.11+), which refuses
+        // `redirect_dir=off` but means the same with `nofollow` (none made, none followed).
+        for o in extra.iter_mut() {
+            if o == "redirect_dir=off" {
+                *o = "redirect_dir=nofollow".into();
+            }
+        }
+        extra.push("userxattr".into());
+    }
     // A writable overlay is volatile (Linux 5.10+): its syncs and fsyncs (a RUN's dpkg
     // makes thousands) and the sync of the upper file system at unmount do nothing. The
     // store makes an upper directory durable itself when it keeps it (one syncfs at

@@ -321,7 +321,31 @@ pub fn lchown(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32) -> Result<(
         Some(rustix::fs::Gid::from_raw(gid)),
         AtFlags::SYMLINK_NOFOLLOW,
     )
-    .map_err(|e| at_err("chown", name, e))
+    .map_err(|e| match unmapped_owner(e, uid, gid) {
+        Some(source) => SysError::io("chown", PathBuf::from(name), source),
+        None => at_err("chown", name, e),
+    })
+}
+
+/// In a user namespace, chown fails with EINVAL for an owner the namespace does not map:
+/// said in words, with the mapped ids and the fix, instead of "invalid argument".
+fn unmapped_owner(e: rustix::io::Errno, uid: u32, gid: u32) -> Option<std::io::Error> {
+    use crate::userns;
+    if e != rustix::io::Errno::INVAL || !userns::in_user_namespace() {
+        return None;
+    }
+    let (which, id, map) = if !userns::is_mapped(userns::uid_map(), uid) {
+        ("uid", uid, userns::uid_map())
+    } else {
+        ("gid", gid, userns::gid_map())
+    };
+    Some(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "{which} {id} is not mapped in this rootless daemon's user namespace (it maps {which}s {}): give the user a subordinate range of at least {id} ids in /etc/sub{which} and restart the daemon",
+            userns::describe_map(map)
+        ),
+    ))
 }
 
 /// chmod of a non-symlink entry we created ourselves.
@@ -359,7 +383,8 @@ pub fn set_owner_mode_times(
         file,
         Some(rustix::fs::Uid::from_raw(owner.0)),
         Some(rustix::fs::Gid::from_raw(owner.1)),
-    )?;
+    )
+    .map_err(|e| unmapped_owner(e, owner.0, owner.1).unwrap_or_else(|| e.into()))?;
     rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777))?;
     let ts = rustix::fs::Timespec {
         tv_sec: mtime.0,

@@ -28,10 +28,18 @@ pub struct LogoutArgs {
     pub all: bool,
 }
 
-/// The daemon's public key: `$ISULABUILD_KEY_FILE` or /etc/isula-build/isula-build.pub.
+/// The daemon's public key: `$ISULABUILD_KEY_FILE`, or isula-build.pub in the daemon's
+/// config directory (/etc/isula-build, or $XDG_CONFIG_HOME/isula-build for a user).
 pub fn public_key() -> Result<isula_api::secret::PublicKey> {
-    let path = std::env::var("ISULABUILD_KEY_FILE")
-        .unwrap_or_else(|_| format!("/etc/isula-build/{}", isula_api::secret::PUBLIC_KEY_FILE));
+    let path = crate::daemonless::key_file()
+        .map(|p| p.display().to_string())
+        .map_or_else(|| std::env::var("ISULABUILD_KEY_FILE"), Ok)
+        .unwrap_or_else(|_| {
+            crate::daemonless::default_config_dir()
+                .join(isula_api::secret::PUBLIC_KEY_FILE)
+                .display()
+                .to_string()
+        });
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!("reading the daemon's public key {path} (is the isula-builder running?)")
     })?;

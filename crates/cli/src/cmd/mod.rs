@@ -73,7 +73,7 @@ pub fn target(cli: &Cli) -> Result<Target> {
                 .ok()
                 .filter(|h| !h.is_empty())
         })
-        .unwrap_or_else(|| format!("unix://{}", isula_api::DEFAULT_SOCKET));
+        .unwrap_or_else(|| format!("unix://{}", crate::daemonless::default_socket().display()));
     let cert_path = std::env::var_os("ISULA_BUILD_CERT_PATH").map(std::path::PathBuf::from);
     let wants_tls = cli.tlsverify
         || cli.tlscacert.is_some()
@@ -171,6 +171,30 @@ pub async fn run(cli: Cli) -> Result<()> {
     check_log_level(&cli.log_level)?;
     let timeout = start_timeout(cli.timeout.as_deref())?;
     let target = target(&cli)?;
+    if !cli.daemonless {
+        return run_on(cli, target, timeout).await;
+    }
+    // Daemonless: a builder of this command's own, stopped when the command is done.
+    let builder = crate::daemonless::start_for(&cli, timeout).await?;
+    let target = Target {
+        host: builder.host(),
+        tls: None,
+    };
+    let result = run_on(cli, target, timeout).await;
+    // Stopped off this thread, so the runtime can close the connection the builder's
+    // shutdown waits for.
+    let stopped = tokio::task::spawn_blocking(move || builder.stop())
+        .await
+        .map_err(|e| anyhow::anyhow!("daemonless: stopping the builder: {e}"))
+        .and_then(|r| r);
+    match (result, stopped) {
+        (Ok(()), stopped) => stopped,
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(s)) => Err(e.context(format!("and then {s:#}"))),
+    }
+}
+
+async fn run_on(cli: Cli, target: Target, timeout: Duration) -> Result<()> {
     remote_files::set_remote(target.host.starts_with("tcp://"));
     let connect = || connect(&target, timeout);
     match cli.command {

@@ -714,7 +714,9 @@ fn extras(
         network,
         labels,
         add_hosts,
-        limits: limits(req.limits.as_ref()).map_err(error::invalid)?,
+        limits: limits(req.limits.as_ref())
+            .and_then(crate::rootless::check_limits)
+            .map_err(error::invalid)?,
         contexts: named_contexts(&req.build_contexts, &mut |id| {
             let (dir, lock) = crate::rpc::context_sync::open(state, id, owner)?;
             locks.push(lock);
