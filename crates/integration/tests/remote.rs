@@ -406,10 +406,15 @@ fn a_remote_build_sends_only_what_changed_from_files_the_daemon_cannot_see() {
         "set -e; mount -t tmpfs none {m}; cd {m}; mkdir -p src/sub; \
          cp {df} Dockerfile; echo ignored > src/skip.log; echo '**/*.log' > .dockerignore; \
          head -c 3000000 /dev/urandom > src/big; echo one > src/a; echo two > src/sub/b; \
+         head -c 2000000 /dev/urandom > unread.bin; \
          B=\"{c} --host {host} {tls}\"; \
          $B ctr-img build -t r:1 . > ../out1; $B ctr-img build -t r:2 . > ../out2; \
          echo changed > src/a; $B ctr-img build -t r:3 . > ../out3; \
-         cat ../out1; echo ===; cat ../out2; echo ===; cat ../out3",
+         printf 'FROM busybox\\nONBUILD COPY unread.bin /u\\n' > ob.Dockerfile; \
+         $B ctr-img build -f ob.Dockerfile -t onb:1 . > ../out4; \
+         printf 'FROM onb:1\\nCOPY src/a /a\\n' > child.Dockerfile; \
+         $B ctr-img build -f child.Dockerfile -t child:1 . > ../out5; \
+         cat ../out1; echo ===; cat ../out2; echo ===; cat ../out3; echo ===; cat ../out5",
         m = mnt.display(),
         df = d.dir.path().join("Dockerfile.remote").display(),
         c = client.display(),
@@ -427,12 +432,21 @@ fn a_remote_build_sends_only_what_changed_from_files_the_daemon_cannot_see() {
     let (f1, b1) = sent(parts[0]);
     let (f2, b2) = sent(parts[1]);
     let (f3, b3) = sent(parts[2]);
-    // First: every file but the ignored one (Dockerfile, .dockerignore, big, a, b).
-    assert_eq!(f1, 5, "{out}");
-    assert!(b1 > 3_000_000, "{out}");
+    // First: what the Dockerfile reads (COPY src/: big, a, b), less the ignored file; not
+    // the Dockerfile, .dockerignore or the 2 MB the Dockerfile never reads.
+    assert_eq!(f1, 3, "{out}");
+    assert!(b1 > 3_000_000 && b1 < 3_100_000, "{out}");
     // Unchanged: nothing; one file changed: that file.
     assert_eq!((f2, b2), (0, 0), "{out}");
     assert_eq!((f3, b3), (1, 8), "{out}");
+    // A base image's ONBUILD trigger may read anything: then the whole context goes (the
+    // 2 MB file the trigger copies among it).
+    let (f5, b5) = sent(parts[3]);
+    assert!(f5 >= 2 && b5 >= 2_000_000, "{out}");
+    assert_eq!(
+        d.image_files("child:1").get("u").map(|e| e.content.len()),
+        Some(2_000_000)
+    );
     assert_eq!(
         cached_steps(parts[1]).len(),
         2,

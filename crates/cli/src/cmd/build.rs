@@ -318,9 +318,12 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
     }
-    // A remote daemon gets the context over the connection (what changed since the last).
+    let dockerfile = read_dockerfile(&dockerfile_path(&args, &context)?)?;
+    // A remote daemon gets the context over the connection: what the Dockerfile reads of
+    // it, and of that what changed since the last build.
     let context_dir = if remote {
-        let synced = super::context_upload::sync(client, &context).await?;
+        let reach = reach_of(client, &dockerfile).await;
+        let synced = super::context_upload::sync(client, &context, &reach).await?;
         println!(
             "Sent the build context: {} of {} files, {} bytes (the rest unchanged since the last build)",
             synced.sent_files, synced.files, synced.sent_bytes
@@ -329,7 +332,6 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     } else {
         context.display().to_string()
     };
-    let dockerfile = read_dockerfile(&dockerfile_path(&args, &context)?)?;
     let output = args
         .output
         .as_deref()
@@ -381,9 +383,13 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
             if value.contains("://") {
                 continue;
             }
-            let synced = super::context_upload::sync(client, Path::new(value))
-                .await
-                .with_context(|| format!("sending --build-context {name}={value}"))?;
+            let synced = super::context_upload::sync(
+                client,
+                Path::new(value),
+                &super::context_reach::Reach::All,
+            )
+            .await
+            .with_context(|| format!("sending --build-context {name}={value}"))?;
             *spec = format!("{name}=context:{}", synced.id);
         }
         if let Some((kind, rest)) = output.split_once(':') {
@@ -543,6 +549,37 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     }
     drop(agents);
     result
+}
+
+/// What of the context the Dockerfile reads (all of it when that cannot be known here: an
+/// unparsable Dockerfile, which the daemon then reports, or a base image the daemon does
+/// not hold or whose ONBUILD triggers could read any of it).
+async fn reach_of(client: &mut Client, dockerfile: &str) -> super::context_reach::Reach {
+    use super::context_reach::{reach, Reach};
+    let Ok(df) = isula_dockerfile::instructions::parse_dockerfile(dockerfile) else {
+        return Reach::All;
+    };
+    let (r, bases) = reach(&df);
+    if r == Reach::All {
+        return r;
+    }
+    for base in bases {
+        let inspected = client
+            .image_inspect(isula_api::v1::ImageInspectRequest { image: base })
+            .await;
+        let Ok(found) = inspected else {
+            return Reach::All;
+        };
+        let config: serde_json::Value =
+            serde_json::from_slice(&found.into_inner().config).unwrap_or_default();
+        let triggers = config["config"]["OnBuild"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty());
+        if triggers {
+            return Reach::All;
+        }
+    }
+    r
 }
 
 /// Writes the image ID as the daemon writes an --iidfile (the hex ID, no newline).

@@ -41,7 +41,7 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
 
 /// Every entry of the context, parents first, names sorted; files `.dockerignore`
 /// excludes are left out (directories stay: the daemon applies the file again).
-fn list(context: &Path) -> Result<Vec<ContextEntry>> {
+fn list(context: &Path, reach: &super::context_reach::Reach) -> Result<Vec<ContextEntry>> {
     let ignore = match std::fs::read_to_string(context.join(".dockerignore")) {
         Ok(t) => Some(
             isula_dockerfile::ignore::Matcher::parse(&t)
@@ -74,6 +74,10 @@ fn list(context: &Path) -> Result<Vec<ContextEntry>> {
             } else {
                 format!("{rel}/{name}")
             };
+            let (wanted, walk) = reach.wants(&path);
+            if !wanted {
+                continue;
+            }
             let full = context.join(&path);
             let m = std::fs::symlink_metadata(&full)
                 .with_context(|| format!("reading {}", full.display()))?;
@@ -99,7 +103,7 @@ fn list(context: &Path) -> Result<Vec<ContextEntry>> {
                 mtime_ns: mtime_ns(&m),
                 link_target,
             });
-            if is_dir {
+            if is_dir && walk {
                 subdirs.push(path);
             }
         }
@@ -174,8 +178,24 @@ fn send_files(
 }
 
 /// Sends `context` (absolute) to the daemon; returns the context's ID there.
-pub async fn sync(client: &mut Client, context: &Path) -> Result<Synced> {
-    let entries = list(context)?;
+pub async fn sync(
+    client: &mut Client,
+    context: &Path,
+    reach: &super::context_reach::Reach,
+) -> Result<Synced> {
+    let mut entries = list(context, reach)?;
+    if let super::context_reach::Reach::Paths(paths) = reach {
+        // A reached path through a symbolic link would need the link's target too.
+        let linked = entries.iter().any(|e| {
+            e.mode & 0o170000 == 0o120000
+                && paths
+                    .iter()
+                    .any(|p| *p == e.path || p.starts_with(&format!("{}/", e.path)))
+        });
+        if linked {
+            entries = list(context, &super::context_reach::Reach::All)?;
+        }
+    }
     let files = entries
         .iter()
         .filter(|e| e.mode & 0o170000 == 0o100000)

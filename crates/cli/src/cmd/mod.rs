@@ -3,6 +3,7 @@
 pub mod build;
 pub mod build_session;
 pub mod builder;
+pub mod context_reach;
 pub mod context_upload;
 pub mod images;
 pub mod import;
