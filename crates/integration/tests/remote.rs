@@ -681,3 +681,68 @@ fn a_context_that_changes_while_it_is_sent_fails_clearly_and_keeps_the_last_one(
         "the next build sends the file as it is now"
     );
 }
+
+#[test]
+fn a_client_that_goes_away_mid_context_leaves_nothing_behind() {
+    if !require_root() || !require_tool("openssl") {
+        return;
+    }
+    let pki = Pki::new();
+    pki.sign("ca", "builder", "builder", 30, CLIENT);
+    let (d, addr) = tls_daemon(&pki);
+    let tls = pki.client("builder");
+    let ctx = d.dir.path().join("big-ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nCOPY . /c/\n").expect("df");
+    std::fs::write(ctx.join("small"), "kept\n").expect("small");
+    let ctx_s = ctx.display().to_string();
+    // Positive control: a whole sync keeps one generation of this client's context.
+    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "g:1", &ctx_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    let contexts = d.data().join("contexts");
+    let tree_of = || -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for c in std::fs::read_dir(&contexts).into_iter().flatten().flatten() {
+            for g in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
+                if g.path().is_dir() {
+                    v.push(g.path());
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    let before = tree_of();
+    assert_eq!(before.len(), 1, "{before:?}");
+    // A file big enough that the client is still sending it when it is killed.
+    let big = std::fs::File::create(ctx.join("big")).expect("big");
+    big.set_len(3 << 30).expect("sparse 3 GiB");
+    let mut c = d.cli_command(&[]);
+    c.arg("--host")
+        .arg(format!("tcp://{addr}"))
+        .args(&tls)
+        .args(["ctr-img", "build", "-t", "g:2", &ctx_s])
+        .env_remove("ISULA_BUILD_CERT_PATH")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = c.spawn().expect("client");
+    // Killed once the daemon has begun receiving (a new generation appeared).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while tree_of().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(tree_of().len(), 2, "the daemon never began receiving");
+    child.kill().expect("kill");
+    let _ = child.wait();
+    // The half-received generation goes; the last one stays, whole.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tree_of() != before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(tree_of(), before);
+    assert!(d.images().iter().all(|(_, t, _)| t != "2"));
+    std::fs::remove_file(ctx.join("big")).expect("rm big");
+    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "g:3", &ctx_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(d.image_text("g:3", "c/small").as_deref(), Some("kept"));
+}
