@@ -42,6 +42,7 @@ pub mod pgzip;
 pub mod phase;
 pub mod squash;
 mod tree;
+pub mod zstd_chunked;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
 pub use durable::CheckReport;

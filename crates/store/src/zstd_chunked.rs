@@ -1,0 +1,654 @@
+//! zstd:chunked (containers/storage's layer format): a zstd stream that any decoder reads
+//! as the layer's tar, made of many frames so that a reader can fetch one file's content
+//! alone. Every non-empty regular file's content is a frame of its own; the tar headers
+//! and padding between them are frames too. After the last one come three skippable
+//! frames: the table of contents (the "manifest": every entry with its metadata, and for
+//! file contents the digest and the frame's offsets), the tar-split stream (the raw tar
+//! headers, so the exact tar can be made again from the files), and a 64-byte footer with
+//! the positions of both. The same positions and digests go on the layer's descriptor as
+//! annotations.
+//!
+//! The tar is read block by block (headers are kept byte for byte, PAX and GNU long-name
+//! records included), so the decompressed stream is exactly the tar that was given.
+
+use base64::Engine as _;
+use sha2::Digest as _;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+/// The annotation keys a zstd:chunked layer's descriptor carries.
+pub const MANIFEST_CHECKSUM: &str = "io.github.containers.zstd-chunked.manifest-checksum";
+pub const MANIFEST_POSITION: &str = "io.github.containers.zstd-chunked.manifest-position";
+pub const TARSPLIT_CHECKSUM: &str = "io.github.containers.zstd-chunked.tarsplit-checksum";
+pub const TARSPLIT_POSITION: &str = "io.github.containers.zstd-chunked.tarsplit-position";
+
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+const FOOTER_MAGIC: u64 = 0x7855_6e49_6c55_4e47; // "GNUlInUx", little-endian
+const MANIFEST_TYPE: u64 = 1;
+/// A header record (PAX, GNU long name) larger than this is refused.
+const RECORD_MAX: u64 = 1 << 20;
+/// Content up to this size is compressed in one call; larger content streams.
+const BULK_MAX: u64 = 4 << 20;
+
+struct Counted<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// CRC-64 with the ISO polynomial, as Go's `hash/crc64` computes it (tar-split's file
+/// checksums).
+struct Crc64 {
+    table: [u64; 256],
+    crc: u64,
+}
+
+impl Crc64 {
+    fn new() -> Crc64 {
+        let mut table = [0u64; 256];
+        for (i, t) in table.iter_mut().enumerate() {
+            let mut c = i as u64;
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    (c >> 1) ^ 0xD800_0000_0000_0000
+                } else {
+                    c >> 1
+                };
+            }
+            *t = c;
+        }
+        Crc64 { table, crc: !0 }
+    }
+    fn update(&mut self, data: &[u8]) {
+        let mut c = self.crc;
+        for &b in data {
+            c = self.table[((c ^ b as u64) & 0xff) as usize] ^ (c >> 8);
+        }
+        self.crc = c;
+    }
+    fn sum(&self) -> [u8; 8] {
+        (!self.crc).to_be_bytes()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// A numeric tar field: octal, or base-256 when its first byte has the high bit.
+fn number(field: &[u8]) -> io::Result<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        let mut v: u64 = (field[0] & 0x7f) as u64;
+        for &b in &field[1..] {
+            v = v
+                .checked_mul(256)
+                .and_then(|v| v.checked_add(b as u64))
+                .ok_or_else(|| bad("a tar number field overflows"))?;
+        }
+        return Ok(v);
+    }
+    let text: String = field
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as char)
+        .collect();
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(0);
+    }
+    u64::from_str_radix(t, 8).map_err(|_| bad(format!("a tar number field reads {t:?}")))
+}
+
+fn text(field: &[u8]) -> String {
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    String::from_utf8_lossy(&field[..end]).into_owned()
+}
+
+/// What PAX and GNU records say of the next entry.
+#[derive(Default)]
+struct Pending {
+    path: Option<String>,
+    link: Option<String>,
+    size: Option<u64>,
+    mtime: Option<i64>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+    uname: Option<String>,
+    gname: Option<String>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn parse_pax(data: &[u8], p: &mut Pending) -> io::Result<()> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        let sp = rest
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or_else(|| bad("a PAX record without a length"))?;
+        let len: usize = std::str::from_utf8(&rest[..sp])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&l: &usize| l > sp + 1 && l <= rest.len())
+            .ok_or_else(|| bad("a PAX record with a bad length"))?;
+        let record = &rest[sp + 1..len - 1];
+        rest = &rest[len..];
+        let eq = record
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or_else(|| bad("a PAX record without '='"))?;
+        let key = String::from_utf8_lossy(&record[..eq]).into_owned();
+        let value = &record[eq + 1..];
+        let s = || String::from_utf8_lossy(value).into_owned();
+        match key.as_str() {
+            "path" => p.path = Some(s()),
+            "linkpath" => p.link = Some(s()),
+            "size" => p.size = s().parse().ok(),
+            "uid" => p.uid = s().parse().ok(),
+            "gid" => p.gid = s().parse().ok(),
+            "uname" => p.uname = Some(s()),
+            "gname" => p.gname = Some(s()),
+            "mtime" => p.mtime = s().split('.').next().and_then(|t| t.parse().ok()),
+            k => {
+                if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
+                    p.xattrs.insert(name.to_string(), value.to_vec());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rfc3339(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
+
+/// Reads `n` bytes (a header record, at most [`RECORD_MAX`]) and its padding.
+fn read_record(r: &mut impl Read, n: u64) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    if n > RECORD_MAX {
+        return Err(bad(format!(
+            "a tar header record of {n} bytes is over 1 MiB"
+        )));
+    }
+    let padded = n.div_ceil(512) * 512;
+    let mut all = vec![0u8; padded as usize];
+    r.read_exact(&mut all)?;
+    let data = all[..n as usize].to_vec();
+    Ok((data, all))
+}
+
+/// Writes `tar` to `out` as zstd:chunked at `level`; returns the annotations of the
+/// layer's descriptor.
+pub fn write<R: Read, W: Write>(
+    mut tar: R,
+    out: W,
+    level: i32,
+) -> io::Result<BTreeMap<String, String>> {
+    let mut out = Counted { inner: out, n: 0 };
+    let mut bulk = zstd::bulk::Compressor::new(level)?;
+    bulk.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    // Raw bytes not yet in a frame, and not yet in a tar-split segment.
+    let mut frame: Vec<u8> = Vec::new();
+    let mut segment: Vec<u8> = Vec::new();
+    let mut entries: Vec<serde_json::Value> = Vec::new();
+    let mut tarsplit: Vec<u8> = Vec::new();
+    let mut position = 0u64;
+    let mut pending = Pending::default();
+
+    fn flush_frame<W: Write>(
+        frame: &mut Vec<u8>,
+        bulk: &mut zstd::bulk::Compressor<'_>,
+        out: &mut Counted<W>,
+    ) -> io::Result<()> {
+        if !frame.is_empty() {
+            out.write_all(&bulk.compress(frame)?)?;
+            frame.clear();
+        }
+        Ok(())
+    }
+    let line = |tarsplit: &mut Vec<u8>, v: serde_json::Value| -> io::Result<()> {
+        serde_json::to_writer(&mut *tarsplit, &v).map_err(io::Error::other)?;
+        tarsplit.push(b'\n');
+        Ok(())
+    };
+    let flush_segment = |segment: &mut Vec<u8>,
+                         tarsplit: &mut Vec<u8>,
+                         position: &mut u64|
+     -> io::Result<()> {
+        if !segment.is_empty() {
+            line(
+                tarsplit,
+                serde_json::json!({"type": 2, "payload": b64.encode(&segment[..]), "position": *position}),
+            )?;
+            *position += 1;
+            segment.clear();
+        }
+        Ok(())
+    };
+
+    loop {
+        let mut hdr = [0u8; 512];
+        match tar.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(bad("the tar ends in the middle of a header"))
+            }
+            Err(e) => return Err(e),
+        }
+        if hdr.iter().all(|&b| b == 0) {
+            // The end: this block and whatever follows (the second zero block, padding).
+            frame.extend_from_slice(&hdr);
+            segment.extend_from_slice(&hdr);
+            let mut rest = Vec::new();
+            (&mut tar).take(RECORD_MAX + 1).read_to_end(&mut rest)?;
+            if rest.len() as u64 > RECORD_MAX {
+                return Err(bad("more than 1 MiB after the tar's end"));
+            }
+            frame.extend_from_slice(&rest);
+            segment.extend_from_slice(&rest);
+            break;
+        }
+        let kind = hdr[156];
+        let size = number(&hdr[124..136])?;
+        match kind {
+            b'x' | b'g' | b'L' | b'K' => {
+                let (data, all) = read_record(&mut tar, size)?;
+                frame.extend_from_slice(&hdr);
+                frame.extend_from_slice(&all);
+                segment.extend_from_slice(&hdr);
+                segment.extend_from_slice(&all);
+                match kind {
+                    b'x' => parse_pax(&data, &mut pending)?,
+                    b'L' => pending.path = Some(text(&data)),
+                    b'K' => pending.link = Some(text(&data)),
+                    _ => {}
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let p = std::mem::take(&mut pending);
+        let ustar = &hdr[257..262] == b"ustar";
+        let name = p.path.unwrap_or_else(|| {
+            let n = text(&hdr[0..100]);
+            let prefix = if ustar {
+                text(&hdr[345..500])
+            } else {
+                String::new()
+            };
+            if prefix.is_empty() {
+                n
+            } else {
+                format!("{prefix}/{n}")
+            }
+        });
+        let link = p.link.unwrap_or_else(|| text(&hdr[157..257]));
+        let size = p.size.unwrap_or(size);
+        let type_name = match kind {
+            b'0' | 0 | b'7' => "reg",
+            b'1' => "hardlink",
+            b'2' => "symlink",
+            b'3' => "char",
+            b'4' => "block",
+            b'5' => "dir",
+            b'6' => "fifo",
+            other => {
+                return Err(bad(format!(
+                    "tar entry {name:?} has type {:?}",
+                    other as char
+                )))
+            }
+        };
+        let mut e = serde_json::Map::new();
+        e.insert("type".into(), type_name.into());
+        e.insert("name".into(), name.clone().into());
+        if !link.is_empty() && matches!(kind, b'1' | b'2') {
+            e.insert("linkName".into(), link.into());
+        }
+        let mode = number(&hdr[100..108])? & 0o7777;
+        if mode != 0 {
+            e.insert("mode".into(), mode.into());
+        }
+        if size != 0 && type_name == "reg" {
+            e.insert("size".into(), size.into());
+        }
+        let uid = p.uid.unwrap_or(number(&hdr[108..116])?);
+        let gid = p.gid.unwrap_or(number(&hdr[116..124])?);
+        if uid != 0 {
+            e.insert("uid".into(), uid.into());
+        }
+        if gid != 0 {
+            e.insert("gid".into(), gid.into());
+        }
+        let uname = p.uname.unwrap_or_else(|| text(&hdr[265..297]));
+        let gname = p.gname.unwrap_or_else(|| text(&hdr[297..329]));
+        if !uname.is_empty() {
+            e.insert("userName".into(), uname.into());
+        }
+        if !gname.is_empty() {
+            e.insert("groupName".into(), gname.into());
+        }
+        let mtime = p.mtime.unwrap_or(number(&hdr[136..148])? as i64);
+        e.insert("modtime".into(), rfc3339(mtime).into());
+        e.insert("accesstime".into(), "0001-01-01T00:00:00Z".into());
+        e.insert("changetime".into(), "0001-01-01T00:00:00Z".into());
+        if matches!(kind, b'3' | b'4') {
+            let (major, minor) = (number(&hdr[329..337])?, number(&hdr[337..345])?);
+            if major != 0 {
+                e.insert("devMajor".into(), major.into());
+            }
+            if minor != 0 {
+                e.insert("devMinor".into(), minor.into());
+            }
+        }
+        if !p.xattrs.is_empty() {
+            let x: serde_json::Map<String, serde_json::Value> = p
+                .xattrs
+                .iter()
+                .map(|(k, v)| (k.clone(), b64.encode(v).into()))
+                .collect();
+            e.insert("xattrs".into(), x.into());
+        }
+        frame.extend_from_slice(&hdr);
+        segment.extend_from_slice(&hdr);
+        flush_segment(&mut segment, &mut tarsplit, &mut position)?;
+        // The content: a frame of its own (reg), else raw bytes beside the headers.
+        let mut crc = Crc64::new();
+        if type_name == "reg" && size > 0 {
+            flush_frame(&mut frame, &mut bulk, &mut out)?;
+            let start = out.n;
+            let mut sha = sha2::Sha256::new();
+            let mut left = size;
+            if size <= BULK_MAX {
+                let mut data = vec![0u8; size as usize];
+                tar.read_exact(&mut data)?;
+                sha.update(&data);
+                crc.update(&data);
+                out.write_all(&bulk.compress(&data)?)?;
+            } else {
+                let mut enc = zstd::stream::write::Encoder::new(&mut out, level)?;
+                enc.include_checksum(true)?;
+                let mut buf = vec![0u8; 1 << 20];
+                while left > 0 {
+                    let n = (left.min(buf.len() as u64)) as usize;
+                    tar.read_exact(&mut buf[..n])?;
+                    sha.update(&buf[..n]);
+                    crc.update(&buf[..n]);
+                    enc.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                enc.finish()?;
+            }
+            e.insert(
+                "digest".into(),
+                format!("sha256:{}", hex::encode(sha.finalize())).into(),
+            );
+            e.insert("offset".into(), start.into());
+            e.insert("endOffset".into(), out.n.into());
+            line(
+                &mut tarsplit,
+                serde_json::json!({"type": 1, "name": name, "size": size, "payload": b64.encode(crc.sum()), "position": position}),
+            )?;
+        } else {
+            // Content of another entry (rare: a hard link with data): kept with the headers.
+            let mut data = vec![0u8; size.min(RECORD_MAX + 1) as usize];
+            if size > RECORD_MAX {
+                return Err(bad(format!(
+                    "tar entry {name:?} ({type_name}) carries {size} bytes"
+                )));
+            }
+            tar.read_exact(&mut data)?;
+            frame.extend_from_slice(&data);
+            segment.extend_from_slice(&data);
+            line(
+                &mut tarsplit,
+                serde_json::json!({"type": 1, "name": name, "payload": null, "position": position}),
+            )?;
+        }
+        position += 1;
+        entries.push(e.into());
+        let pad = ((512 - size % 512) % 512) as usize;
+        if pad > 0 {
+            let mut p = vec![0u8; pad];
+            tar.read_exact(&mut p)?;
+            frame.extend_from_slice(&p);
+            segment.extend_from_slice(&p);
+        }
+    }
+    flush_frame(&mut frame, &mut bulk, &mut out)?;
+    flush_segment(&mut segment, &mut tarsplit, &mut position)?;
+
+    let manifest = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries}))
+        .map_err(io::Error::other)?;
+    let mut skippable = |out: &mut Counted<W>, raw: &[u8]| -> io::Result<(u64, u64, String)> {
+        let packed = bulk.compress(raw)?;
+        let len = u32::try_from(packed.len()).map_err(|_| bad("a table over 4 GiB"))?;
+        out.write_all(&SKIPPABLE_MAGIC.to_le_bytes())?;
+        out.write_all(&len.to_le_bytes())?;
+        let at = out.n;
+        out.write_all(&packed)?;
+        Ok((
+            at,
+            packed.len() as u64,
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&packed))),
+        ))
+    };
+    let (m_at, m_len, m_sum) = skippable(&mut out, &manifest)?;
+    let (t_at, t_len, t_sum) = skippable(&mut out, &tarsplit)?;
+    let mut footer = Vec::with_capacity(72);
+    footer.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+    footer.extend_from_slice(&64u32.to_le_bytes());
+    for v in [
+        m_at,
+        m_len,
+        manifest.len() as u64,
+        MANIFEST_TYPE,
+        t_at,
+        t_len,
+        tarsplit.len() as u64,
+        FOOTER_MAGIC,
+    ] {
+        footer.extend_from_slice(&v.to_le_bytes());
+    }
+    out.write_all(&footer)?;
+    out.flush()?;
+    Ok(BTreeMap::from([
+        (MANIFEST_CHECKSUM.to_string(), m_sum),
+        (
+            MANIFEST_POSITION.to_string(),
+            format!("{m_at}:{m_len}:{}:{MANIFEST_TYPE}", manifest.len()),
+        ),
+        (TARSPLIT_CHECKSUM.to_string(), t_sum),
+        (
+            TARSPLIT_POSITION.to_string(),
+            format!("{t_at}:{t_len}:{}", tarsplit.len()),
+        ),
+    ]))
+}
+
+/// The table of contents and tar-split stream of a zstd:chunked blob, found by its
+/// footer (for checks: `--check-store` and the tests).
+pub fn read_tables(blob: &[u8]) -> io::Result<(serde_json::Value, Vec<u8>)> {
+    if blob.len() < 72 {
+        return Err(bad("too short for a zstd:chunked footer"));
+    }
+    let f = &blob[blob.len() - 72..];
+    let u32_at = |i: usize| u32::from_le_bytes(f[i..i + 4].try_into().unwrap_or_default());
+    if u32_at(0) != SKIPPABLE_MAGIC || u32_at(4) != 64 {
+        return Err(bad("no zstd:chunked footer"));
+    }
+    let v: Vec<u64> = (0..8)
+        .map(|i| u64::from_le_bytes(f[8 + i * 8..16 + i * 8].try_into().unwrap_or_default()))
+        .collect();
+    if v[7] != FOOTER_MAGIC || v[3] != MANIFEST_TYPE {
+        return Err(bad("a footer without the zstd:chunked magic"));
+    }
+    let slice = |at: u64, len: u64| -> io::Result<&[u8]> {
+        blob.get(at as usize..(at + len) as usize)
+            .ok_or_else(|| bad("a footer position outside the blob"))
+    };
+    let manifest = zstd::bulk::decompress(slice(v[0], v[1])?, v[2] as usize)?;
+    let tarsplit = zstd::bulk::decompress(slice(v[4], v[5])?, v[6] as usize)?;
+    let manifest = serde_json::from_slice(&manifest).map_err(|e| bad(e.to_string()))?;
+    Ok((manifest, tarsplit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(if kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            h.set_uid(1000);
+            h.set_gid(1000);
+            h.set_mtime(1_700_000_000);
+            if let Some(l) = link {
+                b.append_link(&mut h, path, l).expect("link");
+            } else {
+                b.append_data(&mut h, path, data).expect("append");
+            }
+        };
+        add("etc/", tar::EntryType::Directory, b"", None);
+        add(
+            "etc/hosts",
+            tar::EntryType::Regular,
+            b"127.0.0.1 localhost\n",
+            None,
+        );
+        add("etc/empty", tar::EntryType::Regular, b"", None);
+        let big: Vec<u8> = (0..(5u32 << 20)).map(|i| (i % 251) as u8).collect();
+        add("big.bin", tar::EntryType::Regular, &big, None);
+        let long = format!("deep/{}/file.txt", "d".repeat(150));
+        add(&long, tar::EntryType::Regular, b"long name\n", None);
+        add(
+            "etc/hosts.link",
+            tar::EntryType::Symlink,
+            b"",
+            Some("hosts"),
+        );
+        add(
+            "etc/hosts.hard",
+            tar::EntryType::Link,
+            b"",
+            Some("etc/hosts"),
+        );
+        b.into_inner().expect("tar")
+    }
+
+    #[test]
+    fn decodes_to_the_same_tar_and_its_table_finds_every_file() {
+        let tar = sample_tar();
+        let mut blob = Vec::new();
+        let ann = write(&tar[..], &mut blob, 3).expect("write");
+        // Any zstd decoder reads the tar back, byte for byte.
+        assert_eq!(zstd::stream::decode_all(&blob[..]).expect("decode"), tar);
+        let (manifest, tarsplit) = read_tables(&blob).expect("tables");
+        // The annotations say what the footer says.
+        let pos: Vec<u64> = ann[MANIFEST_POSITION]
+            .split(':')
+            .map(|s| s.parse().expect("n"))
+            .collect();
+        let packed = &blob[pos[0] as usize..(pos[0] + pos[1]) as usize];
+        assert_eq!(
+            ann[MANIFEST_CHECKSUM],
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(packed)))
+        );
+        let entries = manifest["entries"].as_array().expect("entries");
+        let names: Vec<&str> = entries
+            .iter()
+            .map(|e| e["name"].as_str().unwrap_or(""))
+            .collect();
+        assert!(
+            names.contains(&"etc/") && names.contains(&"big.bin"),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n.len() > 150),
+            "the long name: {names:?}"
+        );
+        let mut files = BTreeMap::new();
+        for e in entries {
+            if e["type"] == "reg" && e["size"].as_u64().unwrap_or(0) > 0 {
+                let (a, b) = (
+                    e["offset"].as_u64().expect("offset") as usize,
+                    e["endOffset"].as_u64().expect("end") as usize,
+                );
+                let data = zstd::stream::decode_all(&blob[a..b]).expect("frame");
+                assert_eq!(data.len() as u64, e["size"].as_u64().expect("size"));
+                assert_eq!(
+                    e["digest"].as_str().expect("digest"),
+                    format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)))
+                );
+                files.insert(e["name"].as_str().expect("name").to_string(), data);
+            }
+        }
+        assert_eq!(files.len(), 3);
+        let hard = entries
+            .iter()
+            .find(|e| e["name"] == "etc/hosts.hard")
+            .expect("hard");
+        assert_eq!(
+            (hard["type"].as_str(), hard["linkName"].as_str()),
+            (Some("hardlink"), Some("etc/hosts"))
+        );
+        assert_eq!(entries[1]["uid"], 1000);
+        // tar-split makes the tar again from its segments and the files' contents, each
+        // checked by its CRC-64.
+        let mut again = Vec::new();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for l in tarsplit.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_slice(l).expect("line");
+            match v["type"].as_u64() {
+                Some(2) => {
+                    again.extend(b64.decode(v["payload"].as_str().expect("p")).expect("b64"))
+                }
+                Some(1) if v["size"].as_u64().unwrap_or(0) > 0 => {
+                    let data = &files[v["name"].as_str().expect("name")];
+                    let mut c = Crc64::new();
+                    c.update(data);
+                    assert_eq!(v["payload"].as_str(), Some(b64.encode(c.sum()).as_str()));
+                    again.extend(data);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(again, tar);
+    }
+
+    #[test]
+    fn crc64_is_gos_iso_table() {
+        // Go: crc64.Checksum([]byte("123456789"), crc64.MakeTable(crc64.ISO))
+        let mut c = Crc64::new();
+        c.update(b"123456789");
+        assert_eq!(u64::from_be_bytes(c.sum()), 0xb909_56c7_75a4_1001);
+    }
+
+    #[test]
+    fn a_truncated_tar_is_refused() {
+        let tar = sample_tar();
+        let mut blob = Vec::new();
+        assert!(write(&tar[..700], &mut blob, 3).is_err());
+        assert!(read_tables(b"short").is_err());
+    }
+}
