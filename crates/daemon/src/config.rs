@@ -72,6 +72,9 @@ pub struct Flags {
     /// Allow a TCP listener without TLS, on a loopback address only (for tests)
     #[arg(long = "insecure-tcp", num_args = 0..=1, default_missing_value = "true")]
     pub insecure_tcp: Option<bool>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (fleet)
+    #[arg(long = "metrics-addr")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Verify every blob digest and image record in the store, print problems and exit
     #[arg(long = "check-store")]
     pub check_store: bool,
@@ -91,7 +94,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 24] = [
+const CONFIGURATION_KEYS: [&str; 25] = [
     "debug",
     "loglevel",
     "group",
@@ -116,6 +119,8 @@ const CONFIGURATION_KEYS: [&str; 24] = [
     "roles",
     "compression",
     "compression_level",
+    // fleet
+    "metrics_addr",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +166,8 @@ struct ConfigurationFile {
     insecure_tcp: Option<bool>,
     /// Ours: certificate common names per role, for TCP clients.
     roles: Option<Roles>,
+    /// Ours (fleet): where Prometheus metrics are served, as `--metrics-addr`.
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Who may do what over TCP: certificate common names per role. A name in no list is
@@ -294,6 +301,8 @@ pub struct Settings {
     pub config_dir: PathBuf,
     /// What in the files was ignored (unknown keys), for the log once it is set up.
     pub warnings: Vec<String>,
+    /// Where Prometheus metrics are served (fleet).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The keys of `table` (at `prefix`) not in `known`, as dotted names.
@@ -600,7 +609,9 @@ impl Settings {
         let insecure_tcp = flags.insecure_tcp.or(conf.insecure_tcp).unwrap_or(false);
         let (socket, tcp) = listeners(&hosts, tls.as_ref(), insecure_tcp)?;
         let roles = conf.roles.clone().unwrap_or_default();
+        let metrics_addr = flags.metrics_addr.or(conf.metrics_addr);
         Ok(Settings {
+            metrics_addr,
             debug,
             log_level,
             group: flags

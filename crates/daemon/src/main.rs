@@ -3,6 +3,7 @@
 
 mod config;
 mod error;
+mod metrics;
 mod peer;
 mod rpc;
 mod server;

@@ -203,7 +203,15 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         }
         tcp.push((t.addr, tls, incoming));
     }
+    let metrics = match settings.metrics_addr {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     write_public_key(&settings.config_dir, key.public_pem())?;
+    if let Some(listener) = metrics {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(listener, settings.data_root.clone()));
+    }
     let state = State::new(settings, store, key);
     // Gzips committed layers in the background, for pushes: only while no operation runs,
     // at the lowest CPU priority.

@@ -30,10 +30,15 @@ pub struct LogSender {
     attached: Arc<AtomicBool>,
     /// The build asked for progress events; without, they are dropped here.
     events: Arc<AtomicBool>,
+    /// What the lines tell the metrics (steps, cache hits, bytes pulled and pushed).
+    tap: Arc<std::sync::Mutex<crate::metrics::Tap>>,
 }
 
 impl LogSender {
     fn send(&self, line: String) {
+        if let Ok(mut tap) = self.tap.lock() {
+            tap.line(&line);
+        }
         if isula_transport::progress::is_event(&line) && !self.events.load(Ordering::SeqCst) {
             return;
         }
@@ -89,6 +94,7 @@ impl Channel {
             dropped: Arc::default(),
             attached: Arc::default(),
             events: Arc::default(),
+            tap: Arc::default(),
         };
         Channel {
             tx: Some(tx),
@@ -562,9 +568,11 @@ async fn run_inner(
     let build_id = req.build_id.clone();
     let task_state = state.clone();
     let task = tokio::spawn(async move {
+        let timer = crate::metrics::METRICS.build_started();
         let result = tokio::task::spawn_blocking(move || job.run())
             .await
             .unwrap_or_else(|e| Err(error::internal(format!("build task: {e}"))));
+        timer.end(result.is_ok());
         task_state.builds.finish(&build_id);
         match &result {
             Ok(id) => tracing::info!(build = %build_id, image = %id, "build succeeded"),
