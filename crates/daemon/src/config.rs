@@ -94,7 +94,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 25] = [
+const CONFIGURATION_KEYS: [&str; 27] = [
     "debug",
     "loglevel",
     "group",
@@ -121,6 +121,8 @@ const CONFIGURATION_KEYS: [&str; 25] = [
     "compression_level",
     // fleet
     "metrics_addr",
+    "native_platforms",
+    "cache_registry",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +170,11 @@ struct ConfigurationFile {
     roles: Option<Roles>,
     /// Ours (fleet): where Prometheus metrics are served, as `--metrics-addr`.
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Ours (fleet): the platforms this daemon runs natively, as `info` tells clients
+    /// (default: this machine's).
+    native_platforms: Option<Vec<String>>,
+    /// Ours (fleet): "REGISTRY/REPO" every build imports its cache from and exports to.
+    cache_registry: Option<String>,
 }
 
 /// Who may do what over TCP: certificate common names per role. A name in no list is
@@ -303,6 +310,8 @@ pub struct Settings {
     pub warnings: Vec<String>,
     /// Where Prometheus metrics are served (fleet).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Native platforms and the shared cache registry (fleet).
+    pub fleet: crate::fleet::FleetSettings,
 }
 
 /// The keys of `table` (at `prefix`) not in `known`, as dotted names.
@@ -610,8 +619,13 @@ impl Settings {
         let (socket, tcp) = listeners(&hosts, tls.as_ref(), insecure_tcp)?;
         let roles = conf.roles.clone().unwrap_or_default();
         let metrics_addr = flags.metrics_addr.or(conf.metrics_addr);
+        let fleet = crate::fleet::FleetSettings::new(
+            conf.native_platforms.as_deref(),
+            conf.cache_registry.as_deref(),
+        )?;
         Ok(Settings {
             metrics_addr,
+            fleet,
             debug,
             log_level,
             group: flags

@@ -3,6 +3,7 @@
 
 mod config;
 mod error;
+mod fleet;
 mod metrics;
 mod peer;
 mod rpc;

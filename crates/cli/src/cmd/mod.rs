@@ -4,6 +4,7 @@ pub mod build;
 pub mod build_session;
 pub mod builder;
 pub mod context_upload;
+pub mod fleet;
 pub mod images;
 pub mod import;
 pub mod info;
@@ -54,25 +55,10 @@ pub struct Target {
     pub tls: Option<isula_api::ClientTls>,
 }
 
-/// The daemon the flags and environment name: `--host`, else `$ISULA_BUILD_HOST`, else
-/// `$ISULABUILD_HOST` (isula-build's name), else the default socket; for a tcp:// host,
-/// mutual TLS when `--tlsverify`, a `--tls*` file or `$ISULA_BUILD_CERT_PATH` (Docker's
-/// layout: ca.pem, cert.pem, key.pem) says so.
-pub fn target(cli: &Cli) -> Result<Target> {
-    let host = cli
-        .host
-        .clone()
-        .or_else(|| {
-            std::env::var("ISULA_BUILD_HOST")
-                .ok()
-                .filter(|h| !h.is_empty())
-        })
-        .or_else(|| {
-            std::env::var(isula_api::HOST_ENV)
-                .ok()
-                .filter(|h| !h.is_empty())
-        })
-        .unwrap_or_else(|| format!("unix://{}", isula_api::DEFAULT_SOCKET));
+/// The daemon at `host`, for a tcp:// host with mutual TLS when `--tlsverify`, a `--tls*`
+/// file or `$ISULA_BUILD_CERT_PATH` (Docker's layout: ca.pem, cert.pem, key.pem) says so.
+/// The hosts themselves come from `fleet::hosts` (one, or a fleet).
+pub fn target(cli: &Cli, host: String) -> Result<Target> {
     let cert_path = std::env::var_os("ISULA_BUILD_CERT_PATH").map(std::path::PathBuf::from);
     let wants_tls = cli.tlsverify
         || cli.tlscacert.is_some()
@@ -169,11 +155,23 @@ pub fn op_id() -> String {
 pub async fn run(cli: Cli) -> Result<()> {
     check_log_level(&cli.log_level)?;
     let timeout = start_timeout(cli.timeout.as_deref())?;
-    let target = target(&cli)?;
-    let connect = || connect(&target, timeout);
+    let targets = fleet::hosts(&cli.host)
+        .into_iter()
+        .map(|h| target(&cli, h))
+        .collect::<Result<Vec<_>>>()?;
+    let in_order: Vec<usize> = (0..targets.len()).collect();
+    let connect = || async {
+        fleet::connect_in_order(&targets, &in_order, timeout)
+            .await
+            .map(|(c, _)| c)
+    };
     match cli.command {
+        Command::CtrImg(CtrImg::Build(a)) if targets.len() > 1 => {
+            fleet::build(&targets, *a, timeout).await
+        }
         Command::CtrImg(c) => {
-            let mut client = connect().await?;
+            let (mut client, target) =
+                fleet::connect_in_order(&targets, &in_order, timeout).await?;
             match c {
                 CtrImg::Build(a) => {
                     build::run(&mut client, *a, target.host.starts_with("tcp://")).await

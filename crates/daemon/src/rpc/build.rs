@@ -543,6 +543,9 @@ async fn run_inner(
             ));
         }
     }
+    // fleet: the shared cache registry, imported from and (one platform) exported to.
+    let (cache_from, cache_to) =
+        crate::fleet::with_shared_cache(&state.settings, &req, extras.platforms.len());
     let job = Job {
         platforms: extras.platforms,
         ssh_ids: req.ssh_ids.clone(),
@@ -552,8 +555,8 @@ async fn run_inner(
         runc,
         opts,
         output,
-        cache_from: req.cache_from.clone(),
-        cache_to: Some(req.cache_to.clone()).filter(|r| !r.is_empty()),
+        cache_from,
+        cache_to,
         cache_mounts: req.cache_mounts,
         push_opts,
         push_note,

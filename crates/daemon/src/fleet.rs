@@ -1,0 +1,192 @@
+//! What a daemon tells and does for a fleet of builders: the platforms it runs natively
+//! (`native_platforms` in configuration.toml, else this machine's) and those it emulates
+//! (binfmt_misc `qemu-*` entries that are enabled), for `info`; and the shared cache
+//! registry (`cache_registry = "REGISTRY/REPO"`) every build imports from and exports to,
+//! one tag per project. Placement itself is the client's (it sees every builder); nothing
+//! here knows of other daemons.
+
+use anyhow::{bail, Result};
+use isula_types::platform::BuildPlatform;
+use isula_types::reference::Reference;
+use sha2::Digest;
+
+/// Where binfmt_misc lists its handlers.
+const BINFMT_DIR: &str = "/proc/sys/fs/binfmt_misc";
+
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    pub native: Vec<BuildPlatform>,
+    /// The repository (no tag) of the shared cache.
+    pub cache_registry: Option<String>,
+}
+
+impl FleetSettings {
+    pub fn new(native: Option<&[String]>, cache_registry: Option<&str>) -> Result<Self> {
+        let native = match native {
+            None => vec![BuildPlatform::host()],
+            Some([]) => bail!("native_platforms in configuration.toml is empty: name at least one platform, or leave the key out"),
+            Some(list) => list
+                .iter()
+                .map(|p| {
+                    BuildPlatform::parse(p).map_err(|e| {
+                        anyhow::anyhow!("native_platforms in configuration.toml: {e}")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let cache_registry = match cache_registry.map(str::trim) {
+            None | Some("") => None,
+            Some(repo) => {
+                let r = Reference::parse(repo).map_err(|e| {
+                    anyhow::anyhow!("cache_registry {repo:?} in configuration.toml: {e}")
+                })?;
+                if r.digest().is_some() || repo.rsplit('/').next().is_some_and(|l| l.contains(':'))
+                {
+                    bail!("cache_registry {repo:?} in configuration.toml: name a repository (REGISTRY/REPO), without a tag or digest");
+                }
+                Some(r.name())
+            }
+        };
+        Ok(FleetSettings {
+            native,
+            cache_registry,
+        })
+    }
+
+    /// The platforms `info` reports as native.
+    pub fn native_texts(&self) -> Vec<String> {
+        self.native.iter().map(ToString::to_string).collect()
+    }
+
+    /// The tag of the shared cache for a build: the client's placement key, else one made
+    /// of what the daemon knows of the project (its context and platforms).
+    pub fn cache_ref(&self, fleet_key: &str, context: &str, platform: &str) -> Option<String> {
+        let repo = self.cache_registry.as_ref()?;
+        let key = if !fleet_key.is_empty() && fleet_key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            fleet_key.to_ascii_lowercase()
+        } else {
+            hex::encode(sha2::Sha256::digest(
+                format!("{context}\0{platform}").as_bytes(),
+            ))
+        };
+        Some(format!("{repo}:fleet-{}", &key[..key.len().min(32)]))
+    }
+}
+
+/// A build's `--cache-from` and `--cache-to`, with the shared cache registry's tag for it
+/// added (when the build uses the build cache): imported from always, exported to when
+/// the build names no `--cache-to` and is for one platform (a list's builds export none).
+pub fn with_shared_cache(
+    settings: &crate::config::Settings,
+    req: &isula_api::v1::BuildRequest,
+    platforms: usize,
+) -> (Vec<String>, Option<String>) {
+    let mut from = req.cache_from.clone();
+    let mut to = Some(req.cache_to.clone()).filter(|r| !r.is_empty());
+    if !settings.build_cache || req.no_cache {
+        return (from, to);
+    }
+    let Some(shared) = settings
+        .fleet
+        .cache_ref(&req.fleet_key, &req.context_dir, &req.platform)
+    else {
+        return (from, to);
+    };
+    if !from.contains(&shared) {
+        from.push(shared.clone());
+    }
+    if to.is_none() && platforms <= 1 {
+        to = Some(shared);
+    }
+    (from, to)
+}
+
+/// The platforms the kernel runs through QEMU (enabled `qemu-*` binfmt_misc entries), less
+/// the native ones.
+pub fn emulated(native: &[BuildPlatform]) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(BINFMT_DIR) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let arch = name.strip_prefix("qemu-")?;
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            if text.lines().next() != Some("enabled") {
+                return None;
+            }
+            let p = platform_of_qemu(arch)?;
+            (!native.contains(&p)).then(|| p.to_string())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The platform a QEMU user-mode emulator runs (the names Debian's qemu-user-static
+/// registers), for the architectures images are made for.
+fn platform_of_qemu(name: &str) -> Option<BuildPlatform> {
+    let arch = match name {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm/v7",
+        "i386" => "386",
+        "riscv64" => "riscv64",
+        "ppc64le" => "ppc64le",
+        "s390x" => "s390x",
+        "loongarch64" => "loong64",
+        "mips64el" => "mips64le",
+        _ => return None,
+    };
+    BuildPlatform::parse(&format!("linux/{arch}")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_platforms_default_to_this_machine_and_are_checked() {
+        let s = FleetSettings::new(None, None).expect("defaults");
+        assert_eq!(s.native, vec![BuildPlatform::host()]);
+        let s = FleetSettings::new(Some(&["linux/aarch64".into()]), None).expect("one");
+        assert_eq!(s.native_texts(), ["linux/arm64"]);
+        assert!(FleetSettings::new(Some(&[]), None).is_err());
+        assert!(FleetSettings::new(Some(&["windows/amd64".into()]), None).is_err());
+    }
+
+    #[test]
+    fn the_cache_registry_is_a_repository_and_each_project_has_its_tag() {
+        for bad in ["reg:5000/cache:1", "reg:5000/cache@sha256:0000000000000000000000000000000000000000000000000000000000000000", "Bad Name"] {
+            assert!(FleetSettings::new(None, Some(bad)).is_err(), "{bad}");
+        }
+        let s = FleetSettings::new(None, Some("reg:5000/team/cache")).expect("repo");
+        let a = s.cache_ref("ab12", "/ctx", "").expect("ref");
+        assert_eq!(a, "reg:5000/team/cache:fleet-ab12");
+        let b = s.cache_ref("", "/ctx", "linux/arm64").expect("ref");
+        assert_ne!(b, s.cache_ref("", "/other", "linux/arm64").expect("ref"));
+        assert!(
+            b.starts_with("reg:5000/team/cache:fleet-")
+                && b.len() == "reg:5000/team/cache:fleet-".len() + 32
+        );
+        let none = FleetSettings::new(None, None).expect("none");
+        assert_eq!(none.cache_ref("ab", "/ctx", ""), None);
+    }
+
+    #[test]
+    fn qemu_names_map_to_platforms() {
+        assert_eq!(
+            platform_of_qemu("aarch64")
+                .map(|p| p.to_string())
+                .as_deref(),
+            Some("linux/arm64")
+        );
+        assert_eq!(
+            platform_of_qemu("arm").map(|p| p.to_string()).as_deref(),
+            Some("linux/arm/v7")
+        );
+        assert_eq!(platform_of_qemu("xtensa"), None);
+    }
+}
