@@ -128,9 +128,37 @@ fn a_project_rebuilds_on_its_builder_and_a_killed_builder_sends_it_to_the_next()
     let o = fleet(&daemons[0], &pki, &reversed, &["ctr-img", "build", c]);
     assert_eq!(ran_on(&text(&o)), want[0]);
 
-    // Its builder killed: the next in its order builds it, with a warning.
+    // Its builder killed in the middle of a build (a RUN that sleeps): that build fails;
+    // the next goes to the next builder in its order, with a warning.
     let first = hosts.iter().position(|h| *h == want[0]).expect("a host");
+    let dockerfile = std::fs::read_to_string(ctx.join("Dockerfile")).expect("Dockerfile");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("{dockerfile}RUN sleep 120\n"),
+    )
+    .expect("slow Dockerfile");
+    let mut slow = daemons[0].cli_command(&[]);
+    for h in &hosts_ref {
+        slow.arg("--host").arg(h);
+    }
+    let slow = slow
+        .args(pki.client("ci"))
+        .args(["ctr-img", "build", c])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("slow build");
+    let runc_root = daemons[first].run_root().join("runc");
+    wait_until(
+        "the slow build's RUN on its builder",
+        std::time::Duration::from_secs(60),
+        || !runc_containers(&runc_root).is_empty(),
+    );
     daemons[first].kill();
+    let o = slow.wait_with_output().expect("slow build");
+    assert!(!o.status.success(), "{}", text(&o));
+    assert_eq!(ran_on(&text(&o)), want[0]);
+    std::fs::write(ctx.join("Dockerfile"), &dockerfile).expect("Dockerfile");
     let any = hosts.iter().position(|h| *h != want[0]).expect("another");
     let o = fleet(&daemons[any], &pki, &hosts_ref, &["ctr-img", "build", c]);
     assert!(o.status.success(), "{}", text(&o));
@@ -154,6 +182,12 @@ fn a_project_rebuilds_on_its_builder_and_a_killed_builder_sends_it_to_the_next()
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(ran_on(&text(&o)), order(&other, &hosts_ref)[0]);
     assert!(!text(&o).contains("[Warning]"), "{}", text(&o));
+    // Back up (its start removes the killed build's container): the project comes back.
+    daemons[first].restart();
+    assert!(runc_containers(&runc_root).is_empty());
+    let o = fleet(&daemons[0], &pki, &hosts_ref, &["ctr-img", "build", c]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(ran_on(&text(&o)), want[0]);
 }
 
 #[test]
