@@ -75,6 +75,9 @@ pub struct Flags {
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics (fleet)
     #[arg(long = "metrics-addr")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve only the grpc.health.v1 service, plain TCP, on ADDR:PORT (Kubernetes probes)
+    #[arg(long = "health-addr")]
+    pub health_addr: Option<std::net::SocketAddr>,
     /// Verify every blob digest and image record in the store, print problems and exit
     #[arg(long = "check-store")]
     pub check_store: bool,
@@ -94,7 +97,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 27] = [
+const CONFIGURATION_KEYS: [&str; 28] = [
     "debug",
     "loglevel",
     "group",
@@ -123,6 +126,7 @@ const CONFIGURATION_KEYS: [&str; 27] = [
     "metrics_addr",
     "native_platforms",
     "cache_registry",
+    "health_addr",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +179,8 @@ struct ConfigurationFile {
     native_platforms: Option<Vec<String>>,
     /// Ours (fleet): "REGISTRY/REPO" every build imports its cache from and exports to.
     cache_registry: Option<String>,
+    /// Ours (fleet): plain TCP serving only grpc.health.v1, as `--health-addr`.
+    health_addr: Option<std::net::SocketAddr>,
 }
 
 /// Who may do what over TCP: certificate common names per role. A name in no list is
@@ -312,6 +318,8 @@ pub struct Settings {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Native platforms and the shared cache registry (fleet).
     pub fleet: crate::fleet::FleetSettings,
+    /// Where grpc.health.v1 alone is served, plain TCP (fleet).
+    pub health_addr: Option<std::net::SocketAddr>,
 }
 
 /// The keys of `table` (at `prefix`) not in `known`, as dotted names.
@@ -625,6 +633,7 @@ impl Settings {
         )?;
         Ok(Settings {
             metrics_addr,
+            health_addr: flags.health_addr.or(conf.health_addr),
             fleet,
             debug,
             log_level,

@@ -4,6 +4,7 @@
 mod config;
 mod error;
 mod fleet;
+mod health_probe;
 mod metrics;
 mod peer;
 mod rpc;

@@ -203,6 +203,13 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         }
         tcp.push((t.addr, tls, incoming));
     }
+    let health_incoming = match settings.health_addr {
+        Some(addr) => Some(
+            tonic::transport::server::TcpIncoming::bind(addr)
+                .map_err(|e| anyhow::anyhow!("binding the health address {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let metrics = match settings.metrics_addr {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
@@ -266,6 +273,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
+    let (health, health_service) = crate::health_probe::service().await;
     let signals = ShutdownSignals::catch()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -279,6 +287,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         servers.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service.clone())
+                .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming(listener), stopped()),
         ));
     }
@@ -292,6 +301,15 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         servers.push(tokio::spawn(
             builder
                 .add_service(service.clone())
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(incoming, stopped()),
+        ));
+    }
+    if let Some(incoming) = health_incoming {
+        tracing::info!(addr = ?state.settings.health_addr, "serving grpc.health.v1 alone, plain TCP");
+        servers.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming, stopped()),
         ));
     }
@@ -319,6 +337,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     if let Some(socket) = &socket {
         let _ = std::fs::remove_file(socket);
     }
+    crate::health_probe::not_serving(&health).await;
     state.cancel_all();
     state.store.stop_compressor();
     let _ = stop_tx.send(true);
