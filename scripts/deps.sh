@@ -6,12 +6,13 @@
 #                          (mkfs.ext4 for a small data root), openssh-client (ssh-agent for
 #                          --ssh), git, qemu-user-static and binfmt-support (RUN for other
 #                          architectures), rpm (rpmbuild for scripts/package.sh) and
-#                          debootstrap (the daemon image's base), and Debian's arm64 busybox-static binary in
+#                          debootstrap and binutils (the daemon image: its base, strip), and
+#                          Debian's arm64 busybox-static binary in
 #                          /var/cache/isula-build-tests/ (the tests)
 set -euo pipefail
 want=(runc busybox-static xz-utils)
 if [ "${1:-run}" = test ]; then
-    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support rpm debootstrap)
+    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support rpm debootstrap binutils)
 fi
 missing=()
 for p in "${want[@]}"; do
