@@ -44,8 +44,8 @@ fn prepare_dirs(s: &mut Settings) -> Result<()> {
             .with_context(|| format!("chmod {}", dir.display()))?;
         // Without symlinks on the way (Debian's /var/run is /run): runc refuses a rootfs
         // path that has one.
-        *dir = std::fs::canonicalize(&*dir)
-            .with_context(|| format!("resolving {}", dir.display()))?;
+        *dir =
+            std::fs::canonicalize(&*dir).with_context(|| format!("resolving {}", dir.display()))?;
     }
     match rpc::info::backing_fs(&s.data_root).as_str() {
         "tmpfs" | "overlayfs" => tracing::warn!(
