@@ -4,8 +4,9 @@
 //! builder left running keeps its project); a two-platform build is split across two
 //! builders that each declare one platform native, and the list in the registry holds
 //! both; two builders sharing a cache registry (the second builds from the first's cache,
-//! a third without it does not); a builder whose certificate the client does not trust is
-//! skipped with a warning, never used; `info` reports native and emulated platforms.
+//! a third without it does not); a builder whose certificate the client does not trust, or
+//! that refuses the client's certificate, is skipped with a warning, never used; `info`
+//! reports native and emulated platforms; `$ISULA_BUILD_HOST` takes the hosts with commas.
 
 use isula_integration::pki::{Pki, CLIENT_EXT};
 use isula_integration::registry::{Registry, RegistryOptions};
@@ -123,9 +124,18 @@ fn a_project_rebuilds_on_its_builder_and_a_killed_builder_sends_it_to_the_next()
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(ran_on(&text(&o)), want[0]);
     assert_eq!(cached_steps(&text(&o)).len(), 2, "{}", text(&o));
-    // The hosts given in another order place it the same.
+    // The hosts given in another order, through $ISULA_BUILD_HOST with commas, place it
+    // the same.
     let reversed: Vec<&str> = hosts_ref.iter().rev().copied().collect();
-    let o = fleet(&daemons[0], &pki, &reversed, &["ctr-img", "build", c]);
+    let o = daemons[0]
+        .cli_command(&[])
+        .args(pki.client("ci"))
+        .args(["ctr-img", "build", c])
+        .env("ISULA_BUILD_HOST", reversed.join(","))
+        .env_remove("ISULA_BUILD_CERT_PATH")
+        .output()
+        .expect("isula-build");
+    assert!(o.status.success(), "{}", text(&o));
     assert_eq!(ran_on(&text(&o)), want[0]);
 
     // Its builder killed in the middle of a build (a RUN that sleeps): that build fails;
@@ -201,10 +211,36 @@ fn an_untrusted_builder_is_skipped_with_a_warning() {
     // Its certificate comes from a CA the client does not trust.
     let (rogue, rogue_host) = pki.daemon("rogue-server", &[("configuration.toml", ROLES)], &[]);
     rogue.import_busybox("busybox:latest", &[]);
+    // And one that refuses this client: its certificate has no role there.
+    let (norole, norole_host) = pki.daemon(
+        "server",
+        &[(
+            "configuration.toml",
+            "[roles]\nadmin = [\"someone-else\"]\n",
+        )],
+        &[],
+    );
     let hosts = [rogue_host.as_str(), good_host.as_str()];
-    // Alone, it is refused (the refusal the fleet turns into a skip).
+    // Alone, each is refused (the refusals the fleet turns into skips).
     let o = fleet(&good, &pki, &[&rogue_host], &["ctr-img", "images"]);
     assert!(!o.status.success(), "{}", text(&o));
+    let o = fleet(&good, &pki, &[&norole_host], &["ctr-img", "images"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("has no role"), "{}", text(&o));
+    let o = fleet(
+        &good,
+        &pki,
+        &[&norole_host, &good_host],
+        &["ctr-img", "images"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("[Warning] skipping builder {norole_host}"))
+            && text(&o).contains("has no role"),
+        "{}",
+        text(&o)
+    );
+    drop(norole);
     // Other commands take the first builder that answers: the rogue one is skipped.
     let o = fleet(&good, &pki, &hosts, &["ctr-img", "images"]);
     assert!(o.status.success(), "{}", text(&o));
