@@ -65,8 +65,14 @@ impl FleetSettings {
         let key = if !fleet_key.is_empty() && fleet_key.bytes().all(|b| b.is_ascii_hexdigit()) {
             fleet_key.to_ascii_lowercase()
         } else {
+            // A synced context is `context:ID/GENERATION`: the generation changes with
+            // every change of its files, the project does not.
+            let project = match context.strip_prefix("context:") {
+                Some(id) => id.split('/').next().unwrap_or(id),
+                None => context,
+            };
             hex::encode(sha2::Sha256::digest(
-                format!("{context}\0{platform}").as_bytes(),
+                format!("{project}\0{platform}").as_bytes(),
             ))
         };
         Some(format!("{repo}:fleet-{}", &key[..key.len().min(32)]))
@@ -166,6 +172,11 @@ mod tests {
         let a = s.cache_ref("ab12", "/ctx", "").expect("ref");
         assert_eq!(a, "reg:5000/team/cache:fleet-ab12");
         let b = s.cache_ref("", "/ctx", "linux/arm64").expect("ref");
+        assert_eq!(
+            s.cache_ref("", "context:abc/1", ""),
+            s.cache_ref("", "context:abc/7", ""),
+            "a synced context's generation is not the project"
+        );
         assert_ne!(b, s.cache_ref("", "/other", "linux/arm64").expect("ref"));
         assert!(
             b.starts_with("reg:5000/team/cache:fleet-")

@@ -328,6 +328,8 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         context.display().to_string()
     };
     let dockerfile = read_dockerfile(&dockerfile_path(&args, &context)?)?;
+    // fleet: the project's key, for a builder's shared cache registry.
+    let fleet_key = super::fleet::key_for(&args, &context)?;
     let output = args
         .output
         .as_deref()
@@ -403,7 +405,10 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         add_hosts: args.add_host,
         build_contexts,
         platform: args.platform.unwrap_or_default(),
-        fleet_key: args.fleet_key.unwrap_or_default(),
+        fleet_key: match args.fleet_key {
+            Some(k) => k,
+            None => fleet_key,
+        },
         limits: Some(isula_api::v1::BuildLimits {
             memory: args.memory.unwrap_or(0),
             cpu_shares: args.cpu_shares.unwrap_or(0),

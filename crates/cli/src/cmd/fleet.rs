@@ -58,6 +58,25 @@ pub fn placement_key(context: &Path, dockerfile: &Path, platforms: &[String]) ->
     ))
 }
 
+/// The placement key of the build `args` describes (its context made absolute): the same
+/// whether one builder or a fleet takes it, so a shared cache registry finds its tag.
+pub fn key_for(args: &build::Args, context: &Path) -> Result<String> {
+    let dockerfile = build::dockerfile_path(args, context)?;
+    Ok(placement_key(context, &dockerfile, &platforms_of(args)))
+}
+
+/// `--platform`'s list, normalised.
+fn platforms_of(args: &build::Args) -> Vec<String> {
+    args.platform
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(normal)
+        .collect()
+}
+
 /// The builders' indexes, best first: highest SHA-256(key, host) first (rendezvous hashing).
 pub fn order(key: &str, hosts: &[String]) -> Vec<usize> {
     let mut scored: Vec<([u8; 32], usize)> = hosts
@@ -166,17 +185,8 @@ fn normal(platform: &str) -> String {
 /// Runs one build on the fleet `targets`.
 pub async fn build(targets: &[Target], mut args: build::Args, timeout: Duration) -> Result<()> {
     let context = crate::absolute(&args.context)?;
-    let dockerfile = build::dockerfile_path(&args, &context)?;
-    let platforms: Vec<String> = args
-        .platform
-        .as_deref()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(normal)
-        .collect();
-    let key = placement_key(&context, &dockerfile, &platforms);
+    let platforms = platforms_of(&args);
+    let key = key_for(&args, &context)?;
     args.fleet_key = Some(key.clone());
     let hosts: Vec<String> = targets.iter().map(|t| t.host.clone()).collect();
     let order = order(&key, &hosts);
