@@ -477,6 +477,29 @@ fn a_two_platform_build_is_split_across_native_builders() {
     let mut want = vec![host_arch().to_string(), "arm64".to_string()];
     want.sort();
     assert_eq!(archs, want, "{raw}");
+    // Without -o docker:// the parts would have nowhere to meet: one builder makes both,
+    // saying so.
+    let o = fleet(
+        &builders[0].0,
+        &pki,
+        &hosts,
+        &[
+            "ctr-img",
+            "build",
+            "--platform",
+            &platforms,
+            "-t",
+            "both-here:1",
+            ctx.to_str().expect("utf8"),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("a split build needs -o docker://NAME"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(ran_on(&text(&o)), builders[0].1);
     // A single --platform build goes to its native builder, whatever the order says.
     let o = fleet(
         &builders[0].0,

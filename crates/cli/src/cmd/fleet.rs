@@ -217,22 +217,19 @@ pub async fn build(targets: &[Target], mut args: build::Args, timeout: Duration)
         .as_deref()
         .and_then(|o| o.strip_prefix("docker://"))
         .map(str::to_string);
-    if assigned.len() == 1 || list_ref.is_none() {
-        let at = if list_ref.is_none() && assigned.len() > 1 {
+    let Some(list_ref) = list_ref.filter(|_| assigned.len() > 1) else {
+        let at = assigned[0].0;
+        if assigned.len() > 1 {
             eprintln!(
                 "[Warning] the platforms {} have native builders apart, but a split build needs -o docker://NAME (its list is assembled in the registry): building them all on {}",
                 platforms.join(","),
-                reached[assigned[0].0].host
+                reached[at].host
             );
-            assigned[0].0
-        } else {
-            assigned[0].0
-        };
+        }
         let r = &mut reached[at];
         println!("Building on {}", r.host);
         return build::run(&mut r.client, args, r.host.starts_with("tcp://")).await;
-    }
-    let list_ref = list_ref.unwrap_or_default();
+    };
     split_build(&mut reached, &assigned, args, &list_ref).await
 }
 
