@@ -107,6 +107,65 @@ pub fn with_shared_cache(
     (from, to)
 }
 
+/// The platforms of a build for several that other builders of a fleet made
+/// (`fleetParts`: `PLATFORM=REF`), checked: each a platform of the build, named once.
+pub fn parts(
+    req: &isula_api::v1::BuildRequest,
+    platforms: &[BuildPlatform],
+) -> Result<std::collections::HashMap<BuildPlatform, String>, tonic::Status> {
+    let mut out = std::collections::HashMap::new();
+    if req.fleet_parts.is_empty() {
+        return Ok(out);
+    }
+    if platforms.len() < 2 {
+        return Err(crate::error::invalid(
+            "images made elsewhere (fleetParts) go into a build for several platforms",
+        ));
+    }
+    for part in &req.fleet_parts {
+        let (p, r) = part.split_once('=').ok_or_else(|| {
+            crate::error::invalid(format!("fleet part {part:?}: expected PLATFORM=REFERENCE"))
+        })?;
+        let p = BuildPlatform::parse(p)
+            .map_err(|e| crate::error::invalid(format!("fleet part {part:?}: {e}")))?;
+        Reference::parse(r)
+            .map_err(|e| crate::error::invalid(format!("fleet part {part:?}: {e}")))?;
+        if !platforms.contains(&p) {
+            return Err(crate::error::invalid(format!(
+                "fleet part {part:?}: {p} is not a platform of this build"
+            )));
+        }
+        if out.insert(p.clone(), r.to_string()).is_some() {
+            return Err(crate::error::invalid(format!(
+                "fleet part {part:?}: {p} is named twice"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// The image another builder made for `platform`, from `reference` (pulled unless the store
+/// has it): its ID, for the list.
+pub fn take_part(
+    state: &crate::state::State,
+    reference: &str,
+    platform: &BuildPlatform,
+    cancel: &isula_transport::Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<String, tonic::Status> {
+    out(format!(
+        "Taking {platform} from {reference} (built by another builder)\n"
+    ));
+    crate::rpc::registry::resolve_or_pull(state, reference, platform, cancel, out)
+        .map(|id| id.hex().to_string())
+        .map_err(|e| {
+            crate::error::status(
+                e.kind,
+                format!("taking {platform} from {reference}: {}", e.message),
+            )
+        })
+}
+
 /// The platforms the kernel runs through QEMU (enabled `qemu-*` binfmt_misc entries), less
 /// the native ones.
 pub fn emulated(native: &[BuildPlatform]) -> Vec<String> {
@@ -184,6 +243,36 @@ mod tests {
         );
         let none = FleetSettings::new(None, None).expect("none");
         assert_eq!(none.cache_ref("ab", "/ctx", ""), None);
+    }
+
+    #[test]
+    fn parts_name_platforms_of_the_build_once() {
+        let two: Vec<BuildPlatform> = ["linux/amd64", "linux/arm64"]
+            .iter()
+            .map(|p| BuildPlatform::parse(p).expect("platform"))
+            .collect();
+        let req = |parts: &[&str]| isula_api::v1::BuildRequest {
+            fleet_parts: parts.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let ok =
+            parts(&req(&["linux/aarch64=reg:5000/app:1-linux-arm64"]), &two).expect("one part");
+        assert_eq!(
+            ok.get(&two[1]).map(String::as_str),
+            Some("reg:5000/app:1-linux-arm64")
+        );
+        assert!(parts(&req(&[]), &two).expect("none").is_empty());
+        for bad in [
+            vec!["linux/riscv64=reg/app:1"],
+            vec!["linux/arm64"],
+            vec!["linux/arm64=Not A Ref"],
+            vec!["linux/arm64=reg/a:1", "linux/aarch64=reg/b:1"],
+        ] {
+            let e = parts(&req(&bad), &two).expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+        // Only a build for several platforms takes parts.
+        assert!(parts(&req(&["linux/arm64=reg/a:1"]), &two[1..]).is_err());
     }
 
     #[test]

@@ -383,7 +383,7 @@ fn a_two_platform_build_is_split_across_native_builders() {
                 ("configuration.toml", config.as_str()),
                 ("registries.toml", registries.as_str()),
             ],
-            &["--experimental"],
+            &[],
         );
         // Both bases on both builders: only the placement decides who builds what.
         let dir = tempfile::tempdir().expect("tmp");
@@ -455,6 +455,15 @@ fn a_two_platform_build_is_split_across_native_builders() {
         let log = d.log();
         assert!(log.contains("build succeeded"), "{native}: {log}");
     }
+    // The first builder makes the list, taking each platform from its part's tag.
+    assert!(
+        t.contains(&format!("Assembling the list {list} on {}", builders[0].1)),
+        "{t}"
+    );
+    assert!(
+        t.contains(&format!("Taking linux/arm64 from {list}-linux-arm64")),
+        "{t}"
+    );
     // The list in the registry holds both platforms.
     let raw = run_ok(
         std::process::Command::new("skopeo")

@@ -129,6 +129,9 @@ pub struct Args {
     /// fleet: the placement key the fleet client sends (cmd/fleet.rs).
     #[arg(skip)]
     pub fleet_key: Option<String>,
+    /// fleet: platforms other builders made (PLATFORM=REF), for the list this build makes.
+    #[arg(skip)]
+    pub fleet_parts: Vec<String>,
 }
 
 /// `NAME=DIR` with DIR made absolute (and checked here, where it is), or `NAME=URL`.
@@ -409,6 +412,7 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
             Some(k) => k,
             None => fleet_key,
         },
+        fleet_parts: args.fleet_parts,
         limits: Some(isula_api::v1::BuildLimits {
             memory: args.memory.unwrap_or(0),
             cpu_shares: args.cpu_shares.unwrap_or(0),

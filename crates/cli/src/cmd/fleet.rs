@@ -243,19 +243,15 @@ fn part_ref(list_ref: &str, platform: &str) -> String {
 }
 
 /// Builds each platform on its builder (builders in parallel), each pushing its image
-/// under a per-platform tag; then the first builder pulls them, makes the list and pushes
-/// it under `list_ref`.
+/// under a per-platform tag; then the first builder makes the build for every platform,
+/// taking each from its tag (pulled, unless it made it), and makes and pushes the list as
+/// for any build for several platforms.
 async fn split_build(
     reached: &mut [Reached],
     assigned: &[(usize, Vec<String>)],
     args: build::Args,
     list_ref: &str,
 ) -> Result<()> {
-    if args.tag.is_some() {
-        bail!(
-            "a build split across builders is named by -o docker://NAME; -t is not taken with it"
-        );
-    }
     let mut jobs = Vec::new();
     for (at, platforms) in assigned {
         let r = &reached[*at];
@@ -269,6 +265,8 @@ async fn split_build(
             for p in &platforms {
                 let mut a = args.clone();
                 a.platform = Some(p.clone());
+                a.tag = None;
+                a.iidfile = None;
                 a.output = Some(format!("docker://{}", part_ref(&list_ref, p)));
                 build::run(&mut client, a, host.starts_with("tcp://"))
                     .await
@@ -282,56 +280,14 @@ async fn split_build(
     }
     let assembler = &mut reached[assigned[0].0];
     println!("Assembling the list {list_ref} on {}", assembler.host);
-    let mut parts = Vec::new();
-    for (_, platforms) in assigned {
-        for p in platforms {
-            let part = part_ref(list_ref, p);
-            let mut stream = assembler
-                .client
-                .pull(isula_api::v1::PullRequest {
-                    pull_id: super::op_id(),
-                    image_name: part.clone(),
-                    progress: false,
-                    platform: p.clone(),
-                })
-                .await
-                .with_context(|| format!("pulling {part} on {}", assembler.host))?
-                .into_inner();
-            while stream
-                .message()
-                .await
-                .with_context(|| format!("pulling {part} on {}", assembler.host))?
-                .is_some()
-            {}
-            parts.push(part);
-        }
-    }
-    let list = format!("fleet-{}", &super::op_id()[..16]);
-    assembler
-        .client
-        .manifest_create(isula_api::v1::ManifestCreateRequest {
-            manifest_list: list.clone(),
-            manifests: parts,
-        })
-        .await
-        .with_context(|| format!("making the list on {}", assembler.host))?;
-    let mut stream = assembler
-        .client
-        .manifest_push(isula_api::v1::ManifestPushRequest {
-            manifest_list: list.clone(),
-            dest: list_ref.to_string(),
-        })
-        .await
-        .with_context(|| format!("pushing the list from {}", assembler.host))?
-        .into_inner();
-    while stream
-        .message()
-        .await
-        .with_context(|| format!("pushing the list from {}", assembler.host))?
-        .is_some()
-    {}
-    println!("Pushed the manifest list {list_ref}");
-    Ok(())
+    let mut args = args;
+    args.fleet_parts = assigned
+        .iter()
+        .flat_map(|(_, ps)| ps.iter())
+        .map(|p| format!("{p}={}", part_ref(list_ref, p)))
+        .collect();
+    let remote = assembler.host.starts_with("tcp://");
+    build::run(&mut assembler.client, args, remote).await
 }
 
 #[cfg(test)]

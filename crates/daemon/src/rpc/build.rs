@@ -546,7 +546,9 @@ async fn run_inner(
     // fleet: the shared cache registry, imported from and (one platform) exported to.
     let (cache_from, cache_to) =
         crate::fleet::with_shared_cache(&state.settings, &req, extras.platforms.len());
+    let fleet_parts = crate::fleet::parts(&req, &extras.platforms)?;
     let job = Job {
+        fleet_parts,
         platforms: extras.platforms,
         ssh_ids: req.ssh_ids.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -918,6 +920,8 @@ fn list_name(opts: &BuildOptions, output: &Output) -> Option<Reference> {
 struct Job {
     /// `--platform` with several: one build each, then a manifest list.
     platforms: Vec<isula_types::platform::BuildPlatform>,
+    /// fleet: platforms other builders made, taken from these references.
+    fleet_parts: HashMap<isula_types::platform::BuildPlatform, String>,
     /// The SSH agents the client forwards (`--ssh`).
     ssh_ids: Vec<String>,
     runtime: tokio::runtime::Handle,
@@ -1065,6 +1069,15 @@ impl Job {
             };
             let result = if self.cancel.load(Ordering::SeqCst) {
                 Err(Status::cancelled("build cancelled"))
+            } else if let Some(r) = self.fleet_parts.get(p) {
+                let mut line = |l: String| log.line(i, l);
+                crate::fleet::take_part(
+                    &self.state,
+                    r,
+                    p,
+                    &isula_transport::Cancel::from_flag(self.cancel.clone()),
+                    &mut line,
+                )
             } else {
                 let mut line = |l: String| log.line(i, l);
                 line(format!("Building for {p}\n"));
