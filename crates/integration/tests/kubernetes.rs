@@ -360,9 +360,10 @@ fn the_daemon_image_runs_as_the_statefulset_says_and_builds_over_mutual_tls() {
         docker.args(["-v", &format!("{}:{path}{ro}", source.display())]);
     }
     docker.arg(&tag).args(&args);
+    // Removed however the run ends (a failed start still leaves a created container).
+    let _container = Container(name.clone());
     let o = docker.output().expect("docker run");
     assert!(o.status.success(), "docker run: {}", text(&o));
-    let _container = Container(name.clone());
     let logs = || {
         Command::new(DOCKER)
             .args(["logs", &name])
