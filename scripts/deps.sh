@@ -7,12 +7,14 @@
 #                          --ssh), git, qemu-user-static and binfmt-support (RUN for other
 #                          architectures), uidmap and passwd (newuidmap, useradd: the rootless
 #                          tests), libcap2-bin and binutils (setcap, strip: the builder image
-#                          of the unprivileged-container test), and Debian's arm64 busybox-static binary in
+#                          of the unprivileged-container test, and the daemon image), rpm
+#                          (rpmbuild for scripts/package.sh), debootstrap (the daemon image's
+#                          base), and Debian's arm64 busybox-static binary in
 #                          /var/cache/isula-build-tests/ (the tests)
 set -euo pipefail
 want=(runc busybox-static xz-utils)
 if [ "${1:-run}" = test ]; then
-    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support uidmap passwd libcap2-bin binutils)
+    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support uidmap passwd libcap2-bin binutils rpm debootstrap)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -255,7 +255,7 @@ fn builder_program() -> Result<PathBuf> {
 
 /// Starts the builder for `cli` (--daemonless): refused with --host, which names a daemon.
 pub async fn start_for(cli: &crate::Cli, timeout: Duration) -> Result<Builder> {
-    if cli.host.is_some() {
+    if !cli.host.is_empty() {
         bail!("--daemonless runs its own builder: it takes no --host");
     }
     let o = Options {

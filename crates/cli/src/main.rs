@@ -31,9 +31,10 @@ pub struct Cli {
     pub timeout: Option<String>,
     /// Daemon to connect to: unix:///path, or tcp://HOST:PORT (mutual TLS); else
     /// $ISULA_BUILD_HOST, $ISULABUILD_HOST, or unix:///var/run/isula_build.sock (not root:
-    /// unix://$XDG_RUNTIME_DIR/isula_build.sock, the user's rootless daemon)
+    /// unix://$XDG_RUNTIME_DIR/isula_build.sock, the user's rootless daemon). Several
+    /// (repeated, or comma-separated) make a fleet: each build goes to one of them
     #[arg(long, global = true)]
-    pub host: Option<String>,
+    pub host: Vec<String>,
     /// Use mutual TLS with a tcp:// daemon (implied by the other --tls* flags and by
     /// $ISULA_BUILD_CERT_PATH)
     #[arg(long, global = true)]

@@ -75,6 +75,12 @@ pub struct Flags {
     /// Serve one daemonless client command (started by `isula-build --daemonless`)
     #[arg(long, hide = true)]
     pub daemonless: bool,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (fleet)
+    #[arg(long = "metrics-addr")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve only the grpc.health.v1 service, plain TCP, on ADDR:PORT (Kubernetes probes)
+    #[arg(long = "health-addr")]
+    pub health_addr: Option<std::net::SocketAddr>,
     /// Verify every blob digest and image record in the store, print problems and exit
     #[arg(long = "check-store")]
     pub check_store: bool,
@@ -94,7 +100,7 @@ pub enum Command {
 
 /// The keys `configuration.toml` knows (others are reported and ignored: a newer
 /// isula-build's key must not stop this daemon).
-const CONFIGURATION_KEYS: [&str; 24] = [
+const CONFIGURATION_KEYS: [&str; 28] = [
     "debug",
     "loglevel",
     "group",
@@ -119,6 +125,11 @@ const CONFIGURATION_KEYS: [&str; 24] = [
     "roles",
     "compression",
     "compression_level",
+    // fleet
+    "metrics_addr",
+    "native_platforms",
+    "cache_registry",
+    "health_addr",
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +175,15 @@ struct ConfigurationFile {
     insecure_tcp: Option<bool>,
     /// Ours: certificate common names per role, for TCP clients.
     roles: Option<Roles>,
+    /// Ours (fleet): where Prometheus metrics are served, as `--metrics-addr`.
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Ours (fleet): the platforms this daemon runs natively, as `info` tells clients
+    /// (default: this machine's).
+    native_platforms: Option<Vec<String>>,
+    /// Ours (fleet): "REGISTRY/REPO" every build imports its cache from and exports to.
+    cache_registry: Option<String>,
+    /// Ours (fleet): plain TCP serving only grpc.health.v1, as `--health-addr`.
+    health_addr: Option<std::net::SocketAddr>,
 }
 
 /// Who may do what over TCP: certificate common names per role. A name in no list is
@@ -297,6 +317,12 @@ pub struct Settings {
     pub config_dir: PathBuf,
     /// What in the files was ignored (unknown keys), for the log once it is set up.
     pub warnings: Vec<String>,
+    /// Where Prometheus metrics are served (fleet).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Native platforms and the shared cache registry (fleet).
+    pub fleet: crate::fleet::FleetSettings,
+    /// Where grpc.health.v1 alone is served, plain TCP (fleet).
+    pub health_addr: Option<std::net::SocketAddr>,
 }
 
 /// The keys of `table` (at `prefix`) not in `known`, as dotted names.
@@ -611,7 +637,15 @@ impl Settings {
             socket = Some(u.socket.clone());
         }
         let roles = conf.roles.clone().unwrap_or_default();
+        let metrics_addr = flags.metrics_addr.or(conf.metrics_addr);
+        let fleet = crate::fleet::FleetSettings::new(
+            conf.native_platforms.as_deref(),
+            conf.cache_registry.as_deref(),
+        )?;
         Ok(Settings {
+            metrics_addr,
+            health_addr: flags.health_addr.or(conf.health_addr),
+            fleet,
             debug,
             log_level,
             group: flags

@@ -3,6 +3,9 @@
 
 mod config;
 mod error;
+mod fleet;
+mod health_probe;
+mod metrics;
 mod peer;
 mod rootless;
 mod rpc;
@@ -34,12 +37,16 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn prepare_dirs(s: &Settings) -> Result<()> {
+fn prepare_dirs(s: &mut Settings) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for (dir, mode) in [(&s.data_root, 0o700), (&s.run_root, 0o700)] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+    for (dir, mode) in [(&mut s.data_root, 0o700), (&mut s.run_root, 0o700)] {
+        std::fs::create_dir_all(&*dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("chmod {}", dir.display()))?;
+        // Without symlinks on the way (Debian's /var/run is /run): runc refuses a rootfs
+        // path that has one.
+        *dir =
+            std::fs::canonicalize(&*dir).with_context(|| format!("resolving {}", dir.display()))?;
     }
     match rpc::info::backing_fs(&s.data_root).as_str() {
         "tmpfs" | "overlayfs" => tracing::warn!(
@@ -195,7 +202,7 @@ fn run(flags: Flags) -> Result<()> {
             anyhow::bail!("the daemonless command that started this builder is gone");
         }
     }
-    let settings = Settings::load(&flags)?;
+    let mut settings = Settings::load(&flags)?;
     // As an ordinary user: into a user namespace first (before any thread is started).
     if let rootless::Start::Exit(code) = rootless::enter(&settings)? {
         std::process::exit(code);
@@ -212,7 +219,7 @@ fn run(flags: Flags) -> Result<()> {
         policy = if settings.policy.is_some() { "policy.json" } else { "none" },
         "settings loaded"
     );
-    prepare_dirs(&settings)?;
+    prepare_dirs(&mut settings)?;
     isula_store::apply::set_limits(settings.unpack_limits);
     let store = open_store(&settings)?;
     // Only now (the store's lock is ours) is what the run root holds ours to clean.

@@ -208,7 +208,22 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         }
         tcp.push((t.addr, tls, incoming));
     }
+    let health_incoming = match settings.health_addr {
+        Some(addr) => Some(
+            tonic::transport::server::TcpIncoming::bind(addr)
+                .map_err(|e| anyhow::anyhow!("binding the health address {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let metrics = match settings.metrics_addr {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     write_public_key(&crate::rootless::key_dir(&settings), key.public_pem())?;
+    if let Some(listener) = metrics {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics on /metrics");
+        tokio::spawn(crate::metrics::serve(listener, settings.data_root.clone()));
+    }
     let state = State::new(settings, store, key);
     // Gzips committed layers in the background, for pushes: only while no operation runs,
     // at the lowest CPU priority.
@@ -263,6 +278,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     })
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
+    let (health, health_service) = crate::health_probe::service().await;
     let signals = ShutdownSignals::catch()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -276,6 +292,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         servers.push(tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service.clone())
+                .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming(listener), stopped()),
         ));
     }
@@ -289,6 +306,15 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         servers.push(tokio::spawn(
             builder
                 .add_service(service.clone())
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(incoming, stopped()),
+        ));
+    }
+    if let Some(incoming) = health_incoming {
+        tracing::info!(addr = ?state.settings.health_addr, "serving grpc.health.v1 alone, plain TCP");
+        servers.push(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service.clone())
                 .serve_with_incoming_shutdown(incoming, stopped()),
         ));
     }
@@ -316,6 +342,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     if let Some(socket) = &socket {
         let _ = std::fs::remove_file(socket);
     }
+    crate::health_probe::not_serving(&health).await;
     state.cancel_all();
     state.store.stop_compressor();
     let _ = stop_tx.send(true);

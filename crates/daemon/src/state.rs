@@ -196,7 +196,9 @@ where
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
         let _done = done_tx;
+        let mut tap = crate::metrics::Tap::default();
         let mut send = |line: String| {
+            tap.line(&line);
             if let Some(m) = wrap.message(line) {
                 let _ = tx.blocking_send(Ok(m));
             }

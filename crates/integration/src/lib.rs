@@ -5,6 +5,7 @@
 
 pub mod http_files;
 pub mod oci_layout;
+pub mod pki;
 pub mod powercut;
 pub mod registry;
 pub mod rootless;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// The largest Dockerfile the client sends (the manual's 1 MiB).
 const DOCKERFILE_MAX: u64 = 1 << 20;
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Build-time variables (NAME=VALUE)
     #[arg(long = "build-arg")]
@@ -126,6 +126,12 @@ pub struct Args {
     /// Build context directory
     #[arg(default_value = ".")]
     pub context: String,
+    /// fleet: the placement key the fleet client sends (cmd/fleet.rs).
+    #[arg(skip)]
+    pub fleet_key: Option<String>,
+    /// fleet: platforms other builders made (PLATFORM=REF), for the list this build makes.
+    #[arg(skip)]
+    pub fleet_parts: Vec<String>,
 }
 
 /// `NAME=DIR` with DIR made absolute (and checked here, where it is), or `NAME=URL`.
@@ -214,7 +220,7 @@ fn read_dockerfile(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading Dockerfile {}", path.display()))
 }
 
-fn dockerfile_path(args: &Args, context: &Path) -> Result<PathBuf> {
+pub(super) fn dockerfile_path(args: &Args, context: &Path) -> Result<PathBuf> {
     if let Some(f) = &args.filename {
         return crate::absolute(f);
     }
@@ -314,6 +320,7 @@ fn protect_build_args(
 }
 
 pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
+    super::remote_files::set_remote(remote);
     let context = crate::absolute(&args.context)?;
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
@@ -332,6 +339,8 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     } else {
         context.display().to_string()
     };
+    // fleet: the project's key, for a builder's shared cache registry.
+    let fleet_key = super::fleet::key_for(&args, &context)?;
     let output = args
         .output
         .as_deref()
@@ -446,6 +455,11 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         add_hosts: args.add_host,
         build_contexts,
         platform: args.platform.unwrap_or_default(),
+        fleet_key: match args.fleet_key {
+            Some(k) => k,
+            None => fleet_key,
+        },
+        fleet_parts: args.fleet_parts,
         limits: Some(isula_api::v1::BuildLimits {
             memory: args.memory.unwrap_or(0),
             cpu_shares: args.cpu_shares.unwrap_or(0),

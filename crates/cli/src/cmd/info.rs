@@ -40,6 +40,9 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     println!("  Builders:     {}", i.builder_num);
     println!("  Goroutines:   {}", i.go_routines);
     println!("  Experimental: {}", i.experimental);
+    // fleet: what a fleet client places platform builds by.
+    println!("  Native Platforms:   {}", i.native_platforms.join(", "));
+    println!("  Emulated Platforms: {}", i.emulated_platforms.join(", "));
     let st = i.storage_info.unwrap_or_default();
     println!("Store:");
     println!("  Storage Driver:     {}", st.storage_driver);

@@ -5,6 +5,7 @@ pub mod build_session;
 pub mod builder;
 pub mod context_reach;
 pub mod context_upload;
+pub mod fleet;
 pub mod images;
 pub mod import;
 pub mod info;
@@ -56,25 +57,10 @@ pub struct Target {
     pub tls: Option<isula_api::ClientTls>,
 }
 
-/// The daemon the flags and environment name: `--host`, else `$ISULA_BUILD_HOST`, else
-/// `$ISULABUILD_HOST` (isula-build's name), else the default socket; for a tcp:// host,
-/// mutual TLS when `--tlsverify`, a `--tls*` file or `$ISULA_BUILD_CERT_PATH` (Docker's
-/// layout: ca.pem, cert.pem, key.pem) says so.
-pub fn target(cli: &Cli) -> Result<Target> {
-    let host = cli
-        .host
-        .clone()
-        .or_else(|| {
-            std::env::var("ISULA_BUILD_HOST")
-                .ok()
-                .filter(|h| !h.is_empty())
-        })
-        .or_else(|| {
-            std::env::var(isula_api::HOST_ENV)
-                .ok()
-                .filter(|h| !h.is_empty())
-        })
-        .unwrap_or_else(|| format!("unix://{}", crate::daemonless::default_socket().display()));
+/// The daemon at `host`, for a tcp:// host with mutual TLS when `--tlsverify`, a `--tls*`
+/// file or `$ISULA_BUILD_CERT_PATH` (Docker's layout: ca.pem, cert.pem, key.pem) says so.
+/// The hosts themselves come from `fleet::hosts` (one, or a fleet).
+pub fn target(cli: &Cli, host: String) -> Result<Target> {
     let cert_path = std::env::var_os("ISULA_BUILD_CERT_PATH").map(std::path::PathBuf::from);
     let wants_tls = cli.tlsverify
         || cli.tlscacert.is_some()
@@ -171,17 +157,20 @@ pub fn op_id() -> String {
 pub async fn run(cli: Cli) -> Result<()> {
     check_log_level(&cli.log_level)?;
     let timeout = start_timeout(cli.timeout.as_deref())?;
-    let target = target(&cli)?;
     if !cli.daemonless {
-        return run_on(cli, target, timeout).await;
+        let targets = fleet::hosts(&cli.host)
+            .into_iter()
+            .map(|h| target(&cli, h))
+            .collect::<Result<Vec<_>>>()?;
+        return run_on(cli, targets, timeout).await;
     }
     // Daemonless: a builder of this command's own, stopped when the command is done.
     let builder = crate::daemonless::start_for(&cli, timeout).await?;
-    let target = Target {
+    let targets = vec![Target {
         host: builder.host(),
         tls: None,
-    };
-    let result = run_on(cli, target, timeout).await;
+    }];
+    let result = run_on(cli, targets, timeout).await;
     // Stopped off this thread, so the runtime can close the connection the builder's
     // shutdown waits for.
     let stopped = tokio::task::spawn_blocking(move || builder.stop())
@@ -195,12 +184,24 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run_on(cli: Cli, target: Target, timeout: Duration) -> Result<()> {
-    remote_files::set_remote(target.host.starts_with("tcp://"));
-    let connect = || connect(&target, timeout);
+async fn run_on(cli: Cli, targets: Vec<Target>, timeout: Duration) -> Result<()> {
+    let in_order: Vec<usize> = (0..targets.len()).collect();
+    let connect = || async {
+        fleet::connect_in_order(&targets, &in_order, timeout)
+            .await
+            .map(|(c, t)| {
+                remote_files::set_remote(t.host.starts_with("tcp://"));
+                c
+            })
+    };
     match cli.command {
+        Command::CtrImg(CtrImg::Build(a)) if targets.len() > 1 => {
+            fleet::build(&targets, *a, timeout).await
+        }
         Command::CtrImg(c) => {
-            let mut client = connect().await?;
+            let (mut client, target) =
+                fleet::connect_in_order(&targets, &in_order, timeout).await?;
+            remote_files::set_remote(target.host.starts_with("tcp://"));
             match c {
                 CtrImg::Build(a) => {
                     build::run(&mut client, *a, target.host.starts_with("tcp://")).await

@@ -30,10 +30,15 @@ pub struct LogSender {
     attached: Arc<AtomicBool>,
     /// The build asked for progress events; without, they are dropped here.
     events: Arc<AtomicBool>,
+    /// What the lines tell the metrics (steps, cache hits, bytes pulled and pushed).
+    tap: Arc<std::sync::Mutex<crate::metrics::Tap>>,
 }
 
 impl LogSender {
     fn send(&self, line: String) {
+        if let Ok(mut tap) = self.tap.lock() {
+            tap.line(&line);
+        }
         if isula_transport::progress::is_event(&line) && !self.events.load(Ordering::SeqCst) {
             return;
         }
@@ -89,6 +94,7 @@ impl Channel {
             dropped: Arc::default(),
             attached: Arc::default(),
             events: Arc::default(),
+            tap: Arc::default(),
         };
         Channel {
             tx: Some(tx),
@@ -544,7 +550,12 @@ async fn run_inner(
             ));
         }
     }
+    // fleet: the shared cache registry, imported from and (one platform) exported to.
+    let (cache_from, cache_to) =
+        crate::fleet::with_shared_cache(&state.settings, &req, extras.platforms.len());
+    let fleet_parts = crate::fleet::parts(&req, &extras.platforms)?;
     let job = Job {
+        fleet_parts,
         platforms: extras.platforms,
         ssh_ids: req.ssh_ids.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -553,8 +564,8 @@ async fn run_inner(
         runc,
         opts,
         output,
-        cache_from: req.cache_from.clone(),
-        cache_to: Some(req.cache_to.clone()).filter(|r| !r.is_empty()),
+        cache_from,
+        cache_to,
         cache_mounts: req.cache_mounts,
         push_opts,
         push_note,
@@ -569,9 +580,11 @@ async fn run_inner(
     let build_id = req.build_id.clone();
     let task_state = state.clone();
     let task = tokio::spawn(async move {
+        let timer = crate::metrics::METRICS.build_started();
         let result = tokio::task::spawn_blocking(move || job.run())
             .await
             .unwrap_or_else(|e| Err(error::internal(format!("build task: {e}"))));
+        timer.end(result.is_ok());
         task_state.builds.finish(&build_id);
         match &result {
             Ok(id) => tracing::info!(build = %build_id, image = %id, "build succeeded"),
@@ -960,6 +973,8 @@ fn list_name(opts: &BuildOptions, output: &Output) -> Option<Reference> {
 struct Job {
     /// `--platform` with several: one build each, then a manifest list.
     platforms: Vec<isula_types::platform::BuildPlatform>,
+    /// fleet: platforms other builders made, taken from these references.
+    fleet_parts: HashMap<isula_types::platform::BuildPlatform, String>,
     /// The SSH agents the client forwards (`--ssh`).
     ssh_ids: Vec<String>,
     runtime: tokio::runtime::Handle,
@@ -1107,6 +1122,15 @@ impl Job {
             };
             let result = if self.cancel.load(Ordering::SeqCst) {
                 Err(Status::cancelled("build cancelled"))
+            } else if let Some(r) = self.fleet_parts.get(p) {
+                let mut line = |l: String| log.line(i, l);
+                crate::fleet::take_part(
+                    &self.state,
+                    r,
+                    p,
+                    &isula_transport::Cancel::from_flag(self.cancel.clone()),
+                    &mut line,
+                )
             } else {
                 let mut line = |l: String| log.line(i, l);
                 line(format!("Building for {p}\n"));

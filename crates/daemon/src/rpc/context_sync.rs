@@ -202,6 +202,7 @@ pub fn serve(
         let result = receive(&state, &owner, &inbox, &out);
         match result {
             Ok((id, sent, files)) => {
+                crate::metrics::METRICS.received(sent);
                 tracing::info!(owner = %owner, context = %id, files, bytes = sent, elapsed = ?started.elapsed(), "context synced");
                 let _ = reply.blocking_send(Ok(ContextReply {
                     context_id: id,

@@ -82,5 +82,7 @@ pub fn info(state: &State, _req: InfoRequest) -> InfoResponse {
         experimental: s.experimental,
         build_cache_size: cache.bytes as i64,
         build_cache_records: cache.records as i64,
+        native_platforms: s.fleet.native_texts(),
+        emulated_platforms: crate::fleet::emulated(&s.fleet.native),
     }
 }
