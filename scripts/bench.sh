@@ -239,6 +239,16 @@ if [ -n "$reg_host" ]; then
     step "push zstd (zstd ready)" ctr-img push --compression zstd "$reg_host/bench-zstd:1"
     step "rm" ctr-img rm -a
     step "pull zstd (empty store)" ctr-img pull "$reg_host/bench-zstd:1"
+    # zstd:chunked the same way: a frame per file and the table of contents.
+    "$bin/isula-build" ctr-img rm -a >/dev/null
+    "$bin/isula-build" ctr-img import "$work/rootfs.tar" "$reg_host/bench-zc:1" >/dev/null
+    rm -rf "${work:?}/registry/"*
+    step "push zstd:chunked (after import)" ctr-img push --compression zstd:chunked "$reg_host/bench-zc:1"
+    echo "# registry holds $(du -sm "$work/registry" | cut -f1) MB"
+    rm -rf "${work:?}/registry/"*
+    step "push zstd:chunked (ready)" ctr-img push --compression zstd:chunked "$reg_host/bench-zc:1"
+    step "rm" ctr-img rm -a
+    step "pull zstd:chunked (empty store)" ctr-img pull "$reg_host/bench-zc:1"
     # Back to the imported image for the steps below.
     "$bin/isula-build" ctr-img rm -a >/dev/null
     "$bin/isula-build" ctr-img import "$work/rootfs.tar" bench:1 >/dev/null

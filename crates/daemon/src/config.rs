@@ -1055,9 +1055,9 @@ mod tests {
             ),
             (
                 "configuration.toml",
-                "compression = \"zstd:chunked\"",
+                "compression = \"zstd:chunked\"\ncompression_level = 23",
                 0o600,
-                "zstd:chunked is not supported yet",
+                "compression level 23 is out of range for zstd:chunked: use 1 to 22",
             ),
             (
                 "configuration.toml",

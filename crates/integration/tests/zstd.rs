@@ -281,8 +281,12 @@ fn bad_compressions_levels_and_formats_are_refused_clearly() {
         "invalid compression \"foo\": use gzip, zstd or zstd:chunked",
     );
     refused(
-        &["--compression", "zstd:chunked"],
-        "compression zstd:chunked is not supported yet",
+        &["--compression", "zstd:chunked", "--compression-level", "23"],
+        "compression level 23 is out of range for zstd:chunked: use 1 to 22",
+    );
+    refused(
+        &["--format", "docker", "--compression", "zstd:chunked"],
+        "needs the oci format",
     );
     refused(
         &["--compression", "zstd", "--compression-level", "23"],
@@ -475,5 +479,155 @@ fn the_daemon_default_build_outputs_and_cache_exports_take_zstd() {
     assert!(
         err.contains("apply to -o docker://... and --cache-to only"),
         "{err}"
+    );
+}
+
+/// The blob the registry stored for `digest`.
+fn registry_blob(reg: &Registry, digest: &str) -> Vec<u8> {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let path = reg
+        .dir
+        .path()
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+#[test]
+fn zstd_chunked_push_carries_a_table_that_finds_each_file_and_pulls_anywhere() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = Daemon::for_registries(&[&host]);
+    let name = format!("{host}/zc/app:1");
+    let noise_data = noise(3, 0x77);
+    let id = d.import_busybox(
+        &name,
+        &[
+            ("data/noise.bin", &noise_data),
+            ("data/hello.txt", b"hello\n"),
+        ],
+    );
+    let out = d.ok(&["ctr-img", "push", "--compression", "zstd:chunked", &name]);
+    assert!(out.contains("Pushing in OCI format"), "{out}");
+    let m = raw_manifest(&name);
+    assert_eq!(layer_types(&m), vec![ZSTD_LAYER], "{m}");
+    let layer = &m["layers"][0];
+    let ann = &layer["annotations"];
+    let position = |key: &str| -> Vec<u64> {
+        ann[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {key} in {m}"))
+            .split(':')
+            .map(|n| n.parse().expect("number"))
+            .collect()
+    };
+    let mpos = position("io.github.containers.zstd-chunked.manifest-position");
+    let tpos = position("io.github.containers.zstd-chunked.tarsplit-position");
+    assert_eq!(mpos.len(), 4);
+    assert_eq!(mpos[3], 1, "manifest type");
+    let blob = registry_blob(&reg, layer["digest"].as_str().expect("digest"));
+    assert_eq!(blob.len() as u64, layer["size"].as_u64().expect("size"));
+    // The footer: a 64-byte skippable frame naming both tables where the annotations do,
+    // ending in "GNUlInUx".
+    let footer = &blob[blob.len() - 72..];
+    assert_eq!(&footer[..8], &[0x50, 0x2a, 0x4d, 0x18, 64, 0, 0, 0]);
+    assert_eq!(&footer[64..], b"GNUlInUx");
+    let word = |i: usize| u64::from_le_bytes(footer[8 + 8 * i..16 + 8 * i].try_into().expect("8"));
+    assert_eq!(
+        (word(0), word(1), word(2), word(3)),
+        (mpos[0], mpos[1], mpos[2], mpos[3])
+    );
+    assert_eq!((word(4), word(5), word(6)), (tpos[0], tpos[1], tpos[2]));
+    let packed = &blob[mpos[0] as usize..(mpos[0] + mpos[1]) as usize];
+    assert_eq!(
+        ann["io.github.containers.zstd-chunked.manifest-checksum"].as_str(),
+        Some(sha256(packed).as_str())
+    );
+    let toc: serde_json::Value =
+        serde_json::from_slice(&zstd::stream::decode_all(packed).expect("toc")).expect("toc JSON");
+    // Every file's frame decodes alone to that file of the image.
+    let files = d.image_files(&name);
+    let mut checked = 0;
+    for e in toc["entries"].as_array().expect("entries") {
+        if e["type"] != "reg" || e["size"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
+        let (a, b) = (
+            e["offset"].as_u64().expect("offset") as usize,
+            e["endOffset"].as_u64().expect("endOffset") as usize,
+        );
+        let data = zstd::stream::decode_all(&blob[a..b]).expect("one file's frame");
+        assert_eq!(e["digest"].as_str(), Some(sha256(&data).as_str()));
+        let name_in = e["name"].as_str().expect("name").trim_start_matches("./");
+        let want = files
+            .get(name_in)
+            .unwrap_or_else(|| panic!("{name_in} is not in the image"));
+        assert_eq!(want.content, data, "{name_in}");
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} files in the table");
+    // The form is kept, with its table's annotations, and the next push only sends it.
+    assert_eq!(forms(&d, "compressed_zstd_chunked").len(), 1);
+    let again = format!("{host}/zc/again:1");
+    d.ok(&["ctr-img", "tag", &name, &again]);
+    d.ok(&["ctr-img", "push", "--compression", "zstd:chunked", &again]);
+    assert_eq!(raw_manifest(&again)["layers"], m["layers"]);
+    // skopeo reads it as zstd (the tables are skippable frames); buildah pulls it.
+    let layout = d.dir.path().join("skopeo-oci-chunked");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{name}"),
+        &format!("oci:{}:x", layout.display()),
+    ]));
+    if require_tool("buildah") {
+        let root = d.dir.path().join("buildah-root-chunked");
+        let runroot = d.dir.path().join("buildah-run-chunked");
+        let buildah = |args: &[&str]| {
+            run_ok(
+                Command::new("buildah")
+                    .arg("--root")
+                    .arg(&root)
+                    .arg("--runroot")
+                    .arg(&runroot)
+                    .arg("--storage-driver")
+                    .arg("vfs")
+                    .args(args),
+            )
+        };
+        buildah(&["pull", "--tls-verify=false", &format!("docker://{name}")]);
+        let images = buildah(&["images", "--format", "{{.ID}}"]);
+        assert!(
+            id.starts_with(images.trim()),
+            "buildah has {images:?}, we built {id}"
+        );
+        let _ = Command::new("buildah")
+            .arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(["--storage-driver", "vfs", "rmi", "-a", "-f"])
+            .output();
+    }
+    // Our own pull into an empty store: the same image, its files intact.
+    d.ok(&["ctr-img", "rm", "-a"]);
+    assert!(forms(&d, "compressed_zstd_chunked").is_empty());
+    d.ok(&["ctr-img", "pull", &name]);
+    assert_eq!(id_of(&d, &name).as_deref(), Some(&id[..12]));
+    assert_eq!(
+        d.image_files(&name)
+            .get("data/noise.bin")
+            .map(|e| e.content.clone()),
+        Some(noise_data)
     );
 }

@@ -129,7 +129,7 @@ fn compressed_form(
 ) -> Result<(Digest, u64)> {
     let stored = match how.codec {
         Codec::Gzip => Compression::Gzip,
-        Codec::Zstd => Compression::Zstd,
+        Codec::Zstd | Codec::ZstdChunked => Compression::Zstd,
     };
     if store.blob_compression(blob)? == stored {
         lease.blob(blob);
@@ -141,7 +141,7 @@ fn compressed_form(
 fn layer_desc(codec: Codec, digest: &Digest, size: u64) -> Descriptor {
     let media_type = match codec {
         Codec::Gzip => media::OCI_LAYER_GZIP,
-        Codec::Zstd => media::OCI_LAYER_ZSTD,
+        Codec::Zstd | Codec::ZstdChunked => media::OCI_LAYER_ZSTD,
     };
     Descriptor::new(media_type, digest.clone(), size)
 }
@@ -164,7 +164,9 @@ fn snapshot_blob(
             let gz = buffered.into_inner().map_err(|e| io(e.into_error()))?;
             gz.finish().map_err(io)?
         }
-        Codec::Zstd => {
+        // The cache's snapshots go as plain zstd (no reader fetches a cache layer's files
+        // one by one).
+        Codec::Zstd | Codec::ZstdChunked => {
             let enc = isula_store::compression::parallel_zstd(w, how.level.unwrap_or(ZSTD_LEVEL))
                 .map_err(io)?;
             let buffered = std::io::BufWriter::with_capacity(1 << 20, enc);

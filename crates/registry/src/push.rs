@@ -48,7 +48,7 @@ pub fn format_for(
     compression_named: bool,
 ) -> Result<(Format, Option<String>)> {
     let format = Format::parse(named)?;
-    if compression.codec != Codec::Zstd || format == Format::Oci {
+    if !compression.codec.is_zstd() || format == Format::Oci {
         return Ok((format, None));
     }
     if named == "docker" && compression_named {
@@ -404,8 +404,19 @@ fn layer_media_type(format: Format, codec: Codec) -> &'static str {
     match (format, codec) {
         (Format::Docker, Codec::Gzip) => media::DOCKER_LAYER_GZIP,
         (Format::Oci, Codec::Gzip) => media::OCI_LAYER_GZIP,
-        (_, Codec::Zstd) => media::OCI_LAYER_ZSTD,
+        (_, Codec::Zstd | Codec::ZstdChunked) => media::OCI_LAYER_ZSTD,
     }
+}
+
+/// `d` with `annotations` (none: as it is).
+fn with_annotations(
+    mut d: Descriptor,
+    annotations: std::collections::BTreeMap<String, String>,
+) -> Descriptor {
+    if !annotations.is_empty() {
+        d.annotations = Some(annotations.into_iter().collect());
+    }
+    d
 }
 
 /// How one layer went up, under which descriptor.
@@ -471,7 +482,7 @@ fn plan_push(
         format,
         compression,
     } = opts;
-    if format == Format::Docker && compression.codec == Codec::Zstd {
+    if format == Format::Docker && compression.codec.is_zstd() {
         return Err(RegistryError::Invalid(
             "zstd layers need the oci format (a docker manifest cannot carry them)".into(),
         ));
@@ -511,10 +522,9 @@ fn plan_push(
         match store.compressed_form(&d.digest, compression.codec) {
             Some(form) => {
                 lease.blob(&form.digest);
-                layers.push(PlannedLayer::Ready(Descriptor::new(
-                    media_type,
-                    form.digest,
-                    form.size,
+                layers.push(PlannedLayer::Ready(with_annotations(
+                    Descriptor::new(media_type, form.digest, form.size),
+                    form.annotations,
                 )));
             }
             None => layers.push(PlannedLayer::Compress {
@@ -790,7 +800,18 @@ pub fn push_image(
                             &meters[i],
                         )
                         .map(|(digest, size, sent)| {
-                            (Descriptor::new(media_type, digest, size), sent)
+                            // A zstd:chunked form's table positions go on its descriptor.
+                            let annotations = store
+                                .compressed_form(source, opts.compression.codec)
+                                .map(|f| f.annotations)
+                                .unwrap_or_default();
+                            (
+                                with_annotations(
+                                    Descriptor::new(media_type, digest, size),
+                                    annotations,
+                                ),
+                                sent,
+                            )
                         }),
                     });
                 if r.is_err() {

@@ -478,7 +478,11 @@ impl Store {
         {
             let meta = self.meta();
             out.push(diff_id.digest().clone());
-            for forms in [&meta.compressed, &meta.compressed_zstd] {
+            for forms in [
+                &meta.compressed,
+                &meta.compressed_zstd,
+                &meta.compressed_zstd_chunked,
+            ] {
                 if let Some(form) = forms.get(diff_id.digest()) {
                     out.push(form.digest.clone());
                 }

@@ -866,6 +866,7 @@ impl Store {
         let phase = phase::Phase::start(match how.codec {
             Codec::Gzip => "gzip (for a push)",
             Codec::Zstd => "zstd (for a push)",
+            Codec::ZstdChunked => "zstd:chunked (for a push)",
         });
         let result = self.compress_now(blob, how, lease, None, side);
         drop(phase);
@@ -933,16 +934,24 @@ impl Store {
                     };
                     let mut enc = pgzip::ParallelGzip::new(w, level).map_err(io)?;
                     std::io::copy(&mut plain, &mut enc).map_err(io)?;
-                    enc.finish().map_err(io)?
+                    (enc.finish().map_err(io)?, Default::default())
                 }
                 Codec::Zstd => {
                     let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
                     let mut enc = compression::parallel_zstd(w, level).map_err(io)?;
                     std::io::copy(&mut plain, &mut enc).map_err(io)?;
-                    enc.finish().map_err(io)?
+                    (enc.finish().map_err(io)?, Default::default())
+                }
+                // A frame per file, and the table of contents that finds them.
+                Codec::ZstdChunked => {
+                    let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
+                    let mut w = w;
+                    let annotations = zstd_chunked::write(&mut plain, &mut w, level).map_err(io)?;
+                    (w, annotations)
                 }
             })
         })?;
+        let (w, annotations) = w;
         let (digest, size) = lease.commit_blob(w.inner, None)?;
         self.record_compressed_form(
             blob,
@@ -950,6 +959,7 @@ impl Store {
             CompressedBlob {
                 digest: digest.clone(),
                 size,
+                annotations,
             },
         )?;
         Ok((digest, size))
@@ -1302,7 +1312,12 @@ impl Store {
             live_blobs.insert(img.id.digest().clone());
         }
         let blob_leased = |d: &Digest| leased.contains(&format!("blob:{}", d.hex()));
-        for (src, form) in meta.compressed.iter().chain(&meta.compressed_zstd) {
+        for (src, form) in meta
+            .compressed
+            .iter()
+            .chain(&meta.compressed_zstd)
+            .chain(&meta.compressed_zstd_chunked)
+        {
             if live_blobs.contains(src) || blob_leased(src) {
                 live_blobs.insert(form.digest.clone());
             }
@@ -1317,7 +1332,7 @@ impl Store {
         };
         let before = (
             meta.layers.len(),
-            meta.compressed.len() + meta.compressed_zstd.len(),
+            meta.compressed.len() + meta.compressed_zstd.len() + meta.compressed_zstd_chunked.len(),
             meta.packed.len(),
             sources(&meta),
         );
@@ -1350,14 +1365,14 @@ impl Store {
                 && (live_blobs.contains(d) || blob_leased(d))
                 && !blobs.contains(d)
         });
-        for codec in [Codec::Gzip, Codec::Zstd] {
+        for codec in [Codec::Gzip, Codec::Zstd, Codec::ZstdChunked] {
             next.forms_mut(codec).retain(|src, form| {
                 live_blobs.contains(src) || blob_leased(src) || blob_leased(&form.digest)
             });
         }
         let after = (
             next.layers.len(),
-            next.compressed.len() + next.compressed_zstd.len(),
+            next.compressed.len() + next.compressed_zstd.len() + next.compressed_zstd_chunked.len(),
             next.packed.len(),
             sources(&next),
         );

@@ -48,6 +48,9 @@ pub struct ImageRecord {
 pub struct CompressedBlob {
     pub digest: Digest,
     pub size: u64,
+    /// What the layer's descriptor must carry (a zstd:chunked form's table positions).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// A built layer's blob, never written: its tar is made again from the layer's files
@@ -97,6 +100,10 @@ pub struct Metadata {
     /// and collected with it. Absent from stores written before zstd pushes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub compressed_zstd: BTreeMap<Digest, CompressedBlob>,
+    /// Stored layer blob → its zstd:chunked blob (with its annotations), kept beside the
+    /// others and collected with them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compressed_zstd_chunked: BTreeMap<Digest, CompressedBlob>,
     /// Layers kept as their blob alone for now (loaded ones), with that blob: the
     /// directory is made when a build first needs it, or when the machine is idle.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -135,6 +142,7 @@ impl Metadata {
         match codec {
             Codec::Gzip => &self.compressed,
             Codec::Zstd => &self.compressed_zstd,
+            Codec::ZstdChunked => &self.compressed_zstd_chunked,
         }
     }
 
@@ -142,6 +150,7 @@ impl Metadata {
         match codec {
             Codec::Gzip => &mut self.compressed,
             Codec::Zstd => &mut self.compressed_zstd,
+            Codec::ZstdChunked => &mut self.compressed_zstd_chunked,
         }
     }
 

@@ -10,6 +10,9 @@ pub enum Codec {
     #[default]
     Gzip,
     Zstd,
+    /// zstd with a table of contents (containers/storage's zstd:chunked): a zstd stream to
+    /// any reader, whose files a reader that knows the format can fetch one by one.
+    ZstdChunked,
 }
 
 impl Codec {
@@ -17,6 +20,7 @@ impl Codec {
         match self {
             Codec::Gzip => "gzip",
             Codec::Zstd => "zstd",
+            Codec::ZstdChunked => "zstd:chunked",
         }
     }
 
@@ -24,8 +28,13 @@ impl Codec {
     pub fn levels(self) -> std::ops::RangeInclusive<i32> {
         match self {
             Codec::Gzip => 1..=9,
-            Codec::Zstd => 1..=22,
+            Codec::Zstd | Codec::ZstdChunked => 1..=22,
         }
+    }
+
+    /// Whether its layers are zstd streams (OCI's `tar+zstd` media type).
+    pub fn is_zstd(self) -> bool {
+        matches!(self, Codec::Zstd | Codec::ZstdChunked)
     }
 }
 
@@ -40,11 +49,6 @@ impl fmt::Display for Codec {
 pub enum CompressionError {
     #[error("invalid compression {0:?}: use gzip, zstd or zstd:chunked")]
     Unknown(String),
-    #[error(
-        "compression zstd:chunked is not supported yet (its table of contents is not written): \
-         use zstd or gzip"
-    )]
-    ChunkedUnsupported,
     #[error("compression level {level} is out of range for {codec}: use {} to {}", .codec.levels().start(), .codec.levels().end())]
     LevelOutOfRange { codec: Codec, level: i32 },
 }
@@ -68,7 +72,7 @@ impl LayerCompression {
             "" => default.codec,
             "gzip" => Codec::Gzip,
             "zstd" => Codec::Zstd,
-            "zstd:chunked" => return Err(CompressionError::ChunkedUnsupported),
+            "zstd:chunked" => Codec::ZstdChunked,
             other => return Err(CompressionError::Unknown(other.to_string())),
         };
         // The default's level goes with the default's codec only.
@@ -120,8 +124,11 @@ mod tests {
             Err(CompressionError::Unknown("foo".into()))
         );
         assert_eq!(
-            LayerCompression::parse("zstd:chunked", None, d),
-            Err(CompressionError::ChunkedUnsupported)
+            LayerCompression::parse("zstd:chunked", Some(5), d),
+            Ok(LayerCompression {
+                codec: Codec::ZstdChunked,
+                level: Some(5)
+            })
         );
         assert_eq!(
             LayerCompression::parse("gzip", Some(10), d),

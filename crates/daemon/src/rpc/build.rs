@@ -542,7 +542,7 @@ async fn run_inner(
         // zstd does not apply to it).
         if matches!(output, Output::Registry(..))
             && !req.compression.trim().is_empty()
-            && push_opts.compression.codec == isula_registry::push::Codec::Zstd
+            && push_opts.compression.codec.is_zstd()
         {
             return Err(error::invalid(
                 "--compression zstd is not supported yet for a build of several platforms \
