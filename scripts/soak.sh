@@ -39,7 +39,7 @@ else
 fi
 peak_mb=${PEAK_MB:-64}
 min_ok=${MIN_OK:-1}
-bin="${BIN:-target/debug}"
+bin="${BIN:-${CARGO_TARGET_DIR:-target}/debug}"
 case $bin in /*) ;; *) bin="$PWD/$bin" ;; esac
 work=$(mktemp -d /tmp/isula-soak.XXXXXX)
 sock="unix://$work/isula_build.sock"
