@@ -133,14 +133,18 @@ impl Control for Service {
         self.allow(&r, "pushing images", Role::Builder, true)?;
         let (name, opts, note, platform) =
             rpc::registry::validate_push(r.get_ref(), self.state.settings.compression)?;
+        // supply chain
+        let sign = rpc::sign::Wanted {
+            simple: r.get_ref().sign_simple,
+            sigstore: r.get_ref().sign_sigstore,
+        };
+        let signed_dest = rpc::sign::check_before_push(&self.state, &name, sign)?;
         let wrap = Wrap {
-            text: |response| PushResponse {
-                response,
-                progress: None,
-            },
+            text: rpc::sign::push_message,
             event: r.get_ref().progress.then_some(|p| PushResponse {
                 response: String::new(),
                 progress: Some(p),
+                sign_request: None,
             }),
         };
         Ok(Response::new(stream_blocking(
@@ -150,9 +154,25 @@ impl Control for Service {
                 if let Some(note) = note {
                     out(note);
                 }
-                rpc::registry::push(state, name, opts, platform.as_ref(), cancel, out)
+                let digest =
+                    rpc::registry::push(state, name, opts, platform.as_ref(), cancel, out)?;
+                match signed_dest {
+                    Some(dest) => rpc::sign::sign_pushed(state, &dest, &digest, sign, cancel, out),
+                    None => Ok(()),
+                }
             },
         )))
+    }
+
+    async fn put_signatures(
+        &self,
+        r: Request<isula_api::v1::PutSignaturesRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.allow(&r, "pushing images", Role::Builder, true)?;
+        let req = r.into_inner();
+        blocking(move || rpc::sign::put_signatures(req))
+            .await
+            .map(Response::new)
     }
 
     type PullStream = LineStream<PullResponse>;

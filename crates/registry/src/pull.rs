@@ -219,7 +219,7 @@ fn blob_what(repo: &str, desc: &Descriptor) -> String {
 }
 
 /// Starts the download of a blob: the response, once its status says success.
-fn get_blob(client: &Client, repo: &str, desc: &Descriptor) -> Result<reqwest::blocking::Response> {
+pub(crate) fn get_blob(client: &Client, repo: &str, desc: &Descriptor) -> Result<reqwest::blocking::Response> {
     let what = blob_what(repo, desc);
     let resp = client.send(
         &Req::retryable(
@@ -370,6 +370,9 @@ fn pull_from(
         None => source.reference.tag().unwrap_or("latest").to_string(),
     };
     let mut fetched = get_manifest(&client, &repo, &wanted)?;
+    // supply chain: policy.json's signature requirements, on the manifest as fetched (a
+    // list's own digest), before anything is stored.
+    crate::signatures::verify_pull(ctx, &client, &repo, name, &fetched)?;
     if media::manifest_kind(&fetched.media_type) == media::ManifestKind::List {
         let what = format!("manifest list {repo}:{wanted}");
         let index: Index =

@@ -138,33 +138,15 @@ pub fn push_endpoint(regs: &Registries, r: &Reference) -> Result<Endpoint> {
     })
 }
 
-/// Whether policy.json lets images named `r` move through the `docker` transport. The most
-/// specific scope wins (`host/repo:tag`, `host/repo`, its parent namespaces, `host`), then
-/// the default; any `reject` in the chosen list refuses.
+/// Whether policy.json lets images named `r` move through the `docker` transport at all,
+/// before anything is fetched: the scope `Policy::for_docker` chooses, and any `reject` in
+/// it refuses. Signature requirements are checked once the manifest is fetched
+/// (`signatures::verify_pull`); pushes store signatures, they are not judged by them.
 pub fn check_policy(policy: Option<&Policy>, r: &Reference) -> Result<()> {
     let Some(p) = policy else { return Ok(()) };
-    let mut scopes = vec![r.to_string(), r.name()];
-    let mut name = r.name();
-    while let Some(i) = name.rfind('/') {
-        name.truncate(i);
-        scopes.push(name.clone());
-    }
-    let list = p
-        .transports
-        .get("docker")
-        .and_then(|t| scopes.iter().find_map(|s| t.get(s)))
-        .or_else(|| p.transports.get("docker").and_then(|t| t.get("")))
-        .unwrap_or(&p.default);
+    let (list, _) = p.for_docker(r);
     if list.contains(&Requirement::Reject) {
         return Err(RegistryError::Rejected(r.to_string()));
-    }
-    if let Some(Requirement::Signature(kind)) =
-        list.iter().find(|q| matches!(q, Requirement::Signature(_)))
-    {
-        return Err(RegistryError::Unverifiable {
-            reference: r.to_string(),
-            requirement: kind.clone(),
-        });
     }
     Ok(())
 }

@@ -99,3 +99,30 @@ fn signer_hint(msg: &Message<'_>) -> String {
         None => String::new(),
     }
 }
+
+/// What a simple-signing signature says it signs, read without verifying it (the daemon
+/// checks that a client's new signature covers what it was asked to sign).
+pub fn signed_data(signature: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut msg = Message::from_bytes(Cursor::new(signature))
+        .map_err(|e| format!("not an OpenPGP message: {e}"))?;
+    for _ in 0..2 {
+        if msg.is_compressed() {
+            msg = msg
+                .decompress()
+                .map_err(|e| format!("OpenPGP message: {e}"))?;
+        }
+    }
+    if !msg.is_signed() {
+        return Err("the OpenPGP message is not signed".into());
+    }
+    let mut data = Vec::new();
+    msg.by_ref()
+        .take(crate::SIGNATURE_MAX + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("OpenPGP message: {e}"))?;
+    if data.len() as u64 > crate::SIGNATURE_MAX {
+        return Err("signed payload over the size limit".into());
+    }
+    Ok(data)
+}

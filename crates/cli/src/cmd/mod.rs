@@ -15,6 +15,7 @@ pub mod pull;
 pub mod push;
 pub mod rm;
 pub mod save;
+pub mod sign;
 pub mod tag;
 pub mod version;
 

@@ -16,6 +16,7 @@ pub mod registry;
 pub mod remove;
 pub mod save;
 pub mod session;
+pub mod sign;
 pub mod tag;
 pub mod version;
 

@@ -1,0 +1,215 @@
+//! supply chain: signing a push in the client. Once the manifest is pushed, the push's
+//! stream ends with a `SignRequest` (the payloads to sign, a token); the client signs with
+//! its own key (gpg, or its sigstore key) and answers with `PutSignatures`, which hands
+//! the signatures to the waiting push; the push checks they cover what it asked for and
+//! stores them (lookaside staging, sigstore attachment). The private keys never reach the
+//! daemon. This module owns the pending requests; it must not sign anything itself.
+
+use crate::error;
+use crate::state::State;
+use isula_api::v1::{PushResponse, PutSignaturesRequest, SignRequest};
+use isula_registry::signatures::{self, NewSignature};
+use isula_transport::Cancel;
+use isula_trust::payload::{self, Format};
+use isula_types::{Digest, Reference};
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+use tonic::Status;
+
+/// How long a push waits for its client's signatures.
+pub const SIGN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A stream line carrying a sign request (turned into `PushResponse.signRequest` by
+/// [`push_message`]; never shown as text).
+const LINE_PREFIX: &str = "\u{0}sign-request ";
+
+/// What a push's client asked to sign with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wanted {
+    pub simple: bool,
+    pub sigstore: bool,
+}
+
+impl Wanted {
+    pub fn any(self) -> bool {
+        self.simple || self.sigstore
+    }
+}
+
+struct Delivery {
+    req: PutSignaturesRequest,
+    reply: SyncSender<Result<(), Status>>,
+}
+
+/// Pushes waiting for signatures, by token.
+static PENDING: LazyLock<Mutex<HashMap<String, SyncSender<Delivery>>>> =
+    LazyLock::new(Mutex::default);
+
+fn pending() -> std::sync::MutexGuard<'static, HashMap<String, SyncSender<Delivery>>> {
+    PENDING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `PushResponse` for a stream line: text, or the sign request a line carries.
+pub fn push_message(line: String) -> PushResponse {
+    if let Some(json) = line.strip_prefix(LINE_PREFIX) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            let b = |k: &str| -> Vec<u8> {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(v[k].as_str().unwrap_or_default())
+                    .unwrap_or_default()
+            };
+            return PushResponse {
+                response: String::new(),
+                progress: None,
+                sign_request: Some(SignRequest {
+                    token: s("token"),
+                    docker_reference: s("reference"),
+                    manifest_digest: s("digest"),
+                    simple_payload: b("simple"),
+                    sigstore_payload: b("sigstore"),
+                }),
+            };
+        }
+    }
+    PushResponse {
+        response: line,
+        progress: None,
+        sign_request: None,
+    }
+}
+
+/// The destination of a signed push, checked before anything is pushed: somewhere to put
+/// each kind of signature.
+pub fn check_before_push(state: &State, dest: &str, wanted: Wanted) -> Result<Option<Reference>, Status> {
+    if !wanted.any() {
+        return Ok(None);
+    }
+    let r = Reference::parse(dest).map_err(|e| error::invalid(format!("{dest:?}: {e}")))?;
+    signatures::check_destination(&state.registry, &r, wanted.simple, wanted.sigstore)
+        .map_err(crate::rpc::registry::status)?;
+    Ok(Some(r))
+}
+
+/// After the push of `digest` as `dest`: asks the client for its signatures, waits for
+/// them, checks and stores them.
+pub fn sign_pushed(
+    state: &State,
+    dest: &Reference,
+    digest: &Digest,
+    wanted: Wanted,
+    cancel: &Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<(), Status> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let token = hex::encode(rand::random::<[u8; 16]>());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    let reference = dest.to_string();
+    let simple = wanted
+        .simple
+        .then(|| payload::make(Format::SimpleSigning, &reference, digest.as_str(), now));
+    let sigstore = wanted
+        .sigstore
+        .then(|| payload::make(Format::Sigstore, &reference, digest.as_str(), now));
+    let (tx, rx) = sync_channel::<Delivery>(1);
+    pending().insert(token.clone(), tx);
+    let line = serde_json::json!({
+        "token": token,
+        "reference": reference,
+        "digest": digest.to_string(),
+        "simple": simple.as_ref().map(|p| b64.encode(p)).unwrap_or_default(),
+        "sigstore": sigstore.as_ref().map(|p| b64.encode(p)).unwrap_or_default(),
+    });
+    out(format!("Signing manifest {digest} as {reference}\n"));
+    out(format!("{LINE_PREFIX}{line}"));
+    let deadline = Instant::now() + SIGN_TIMEOUT;
+    let delivery = loop {
+        if cancel.check().is_err() {
+            pending().remove(&token);
+            return Err(Status::cancelled("push cancelled while waiting for signatures"));
+        }
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(d) => break d,
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(_) => {
+                pending().remove(&token);
+                return Err(Status::deadline_exceeded(format!(
+                    "{reference}: pushed as {digest}, but the client sent no signatures within {}s: the image is not signed",
+                    SIGN_TIMEOUT.as_secs()
+                )));
+            }
+        }
+    };
+    pending().remove(&token);
+    let result = check_and_store(state, dest, digest, simple, sigstore, &delivery.req);
+    let _ = delivery.reply.send(result.clone());
+    if result.is_ok() {
+        out(format!("Storing signatures of {reference}\n"));
+        tracing::info!(image = %reference, manifest = %digest, "signatures stored");
+    }
+    result
+}
+
+fn check_and_store(
+    state: &State,
+    dest: &Reference,
+    digest: &Digest,
+    simple: Option<Vec<u8>>,
+    sigstore: Option<Vec<u8>>,
+    req: &PutSignaturesRequest,
+) -> Result<(), Status> {
+    let mut new = Vec::new();
+    if let Some(p) = simple {
+        if req.simple_signature.len() as u64 > isula_trust::SIGNATURE_MAX {
+            return Err(error::invalid("the simple-signing signature is over 4 MiB"));
+        }
+        let signed = isula_trust::gpg::signed_data(&req.simple_signature)
+            .map_err(|e| error::invalid(format!("simple-signing signature: {e}")))?;
+        if signed != p {
+            return Err(error::invalid(
+                "simple-signing signature: it does not sign the payload the push asked for",
+            ));
+        }
+        new.push(NewSignature::Simple(req.simple_signature.clone()));
+    }
+    if let Some(p) = sigstore {
+        if req.sigstore_signature.trim().is_empty() || req.sigstore_signature.len() > 4096 {
+            return Err(error::invalid("sigstore signature: missing or malformed"));
+        }
+        new.push(NewSignature::Sigstore {
+            payload: p,
+            signature_b64: req.sigstore_signature.trim().to_string(),
+        });
+    }
+    signatures::store(&state.registry, dest, digest, &new).map_err(|e| {
+        error::status(
+            e.kind(),
+            format!("{dest}: pushed as {digest}, but storing its signatures failed: {e}"),
+        )
+    })
+}
+
+/// `PutSignatures`: hands the signatures to the push waiting for them and returns what
+/// storing them gave.
+pub fn put_signatures(req: PutSignaturesRequest) -> Result<(), Status> {
+    let tx = pending()
+        .get(&req.token)
+        .cloned()
+        .ok_or_else(|| Status::not_found("no push is waiting for signatures with this token"))?;
+    let (reply_tx, reply_rx) = sync_channel(1);
+    tx.send(Delivery {
+        req,
+        reply: reply_tx,
+    })
+    .map_err(|_| Status::not_found("the push waiting for these signatures has ended"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| Status::aborted("the push ended before storing the signatures"))?
+}
