@@ -237,7 +237,7 @@ fn missing_images_and_blocked_registries_fail_clearly() {
         "{}[[registry]]\nlocation = \"blocked.example\"\nblocked = true\n",
         insecure_registries(&[&host])
     );
-    let policy = "{\"default\":[{\"type\":\"insecureAcceptAnything\"}],\"transports\":{\"docker\":{\"127.0.0.1:1/rejected\":[{\"type\":\"reject\"}],\"127.0.0.1:1/signed\":[{\"type\":\"signedBy\",\"keyType\":\"GPGKeys\",\"keyPath\":\"/etc/pki/k.gpg\"}]}}}";
+    let policy = "{\"default\":[{\"type\":\"insecureAcceptAnything\"}],\"transports\":{\"docker\":{\"127.0.0.1:1/rejected\":[{\"type\":\"reject\"}]',\"127.0.0.1:1/signed\":[{\"type\":\"signedBy\",\"keyType\":\"GPGKeys\",\"keyPath\":\"/etc/pki/k.gpg\"}]}}}";
     let d = Daemon::start_configured(
         &[("registries.toml", &conf), ("policy.json", policy)],
         &[],
@@ -250,12 +250,8 @@ fn missing_images_and_blocked_registries_fail_clearly() {
     assert!(err.contains("blocked"), "{err}");
     let err = d.fails(&["ctr-img", "pull", "127.0.0.1:1/rejected/x:1"]);
     assert!(err.contains("policy.json rejects"), "{err}");
-    // A signature requirement starts the daemon; what it governs fails, naming it.
-    let err = d.fails(&["ctr-img", "pull", "127.0.0.1:1/signed/x:1"]);
-    assert!(
-        err.contains("\"signedBy\"") && err.contains("cannot verify"),
-        "{err}"
-    );
+    // A signature requirement starts the daemon (what it governs is verified once the
+    // manifest is fetched: tests/signatures.rs).
     // Not insecure: a plain-HTTP registry is not used without TLS.
     let d2 = Daemon::start();
     let err = d2.fails(&["ctr-img", "pull", &format!("{host}/nothing:1")]);

@@ -1,0 +1,735 @@
+//! supply chain: policy.json signature requirements and signing, with skopeo 1.9 as the
+//! oracle both ways. skopeo signs (GnuPG simple signing into a lookaside directory,
+//! sigstore as attachments) and we verify on pull; we sign (`push --sign-by`,
+//! `--sign-by-sigstore-private-key`) and skopeo, given the same policy.json and
+//! registries.d, accepts. A missing signature, a tampered one, the wrong key and a
+//! re-tagged image are refused by both, each beside a positive control, and nothing is
+//! stored by a refused pull. Everything runs against docker-registry on 127.0.0.1.
+
+use base64::Engine as _;
+use isula_integration::registry::{Registry, RegistryOptions};
+use isula_integration::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The tools these tests need: missing ones fail the test (scripts/deps.sh test installs
+/// them), never skip it.
+fn need_tools() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the signature tests run as root"
+    );
+    for tool in ["docker-registry", "skopeo", "gpg", "gpgconf"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(found, "{tool} is missing: run scripts/deps.sh test");
+    }
+}
+
+/// A GnuPG home of its own with one fresh signing key (no passphrase).
+struct Gpg {
+    home: tempfile::TempDir,
+    fpr: String,
+    /// `gpg --export` (binary keyring).
+    public: PathBuf,
+    /// `gpg --export --armor`.
+    armored: String,
+}
+
+impl Gpg {
+    fn new(name: &str) -> Gpg {
+        let home = tempfile::Builder::new()
+            .prefix("gpg-")
+            .tempdir_in("/tmp")
+            .expect("tmp");
+        let gpg = |args: &[&str]| {
+            run_ok(
+                Command::new("gpg")
+                    .env("GNUPGHOME", home.path())
+                    .args(["--batch", "--no-tty"])
+                    .args(args),
+            )
+        };
+        gpg(&[
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            &format!("{name} <{name}@example.com>"),
+            "default",
+            "default",
+            "never",
+        ]);
+        let colons = gpg(&["--list-keys", "--with-colons"]);
+        let fpr = colons
+            .lines()
+            .find(|l| l.starts_with("fpr:"))
+            .and_then(|l| l.split(':').nth(9))
+            .expect("fingerprint")
+            .to_string();
+        let public = home.path().join("public.gpg");
+        gpg(&["--output", public.to_str().expect("path"), "--export", &fpr]);
+        let armored = gpg(&["--export", "--armor", &fpr]);
+        Gpg {
+            home,
+            fpr,
+            public,
+            armored,
+        }
+    }
+
+    fn env(&self, c: &mut Command) {
+        c.env("GNUPGHOME", self.home.path());
+    }
+}
+
+impl Drop for Gpg {
+    fn drop(&mut self) {
+        let _ = Command::new("gpgconf")
+            .env("GNUPGHOME", self.home.path())
+            .args(["--kill", "gpg-agent"])
+            .output();
+    }
+}
+
+/// A sigstore key pair in cosign's encrypted format, with its passphrase file.
+struct SigstoreKey {
+    private: PathBuf,
+    passphrase: PathBuf,
+    public: PathBuf,
+    public_pem: String,
+}
+
+fn sigstore_key(dir: &Path, name: &str, label: &str) -> SigstoreKey {
+    let pass = format!("pass-{name}");
+    let (private, public_pem) =
+        isula_trust::sigstore::generate(pass.as_bytes(), label).expect("generate a key");
+    let k = SigstoreKey {
+        private: dir.join(format!("{name}.key")),
+        passphrase: dir.join(format!("{name}.pass")),
+        public: dir.join(format!("{name}.pub")),
+        public_pem,
+    };
+    std::fs::write(&k.private, private).expect("key");
+    std::fs::write(&k.passphrase, format!("{pass}\n")).expect("pass");
+    std::fs::write(&k.public, &k.public_pem).expect("pub");
+    k
+}
+
+/// skopeo with the given policy and registries.d (None: `--insecure-policy`).
+fn skopeo(policy: Option<(&Path, &Path)>, gpg: Option<&Gpg>, args: &[&str]) -> Output {
+    let mut c = Command::new("skopeo");
+    match policy {
+        Some((p, d)) => {
+            c.arg("--policy").arg(p).arg("--registries.d").arg(d);
+        }
+        None => {
+            c.arg("--insecure-policy");
+        }
+    }
+    if let Some(g) = gpg {
+        g.env(&mut c);
+    }
+    c.args(args).output().expect("run skopeo")
+}
+
+fn skopeo_ok(policy: Option<(&Path, &Path)>, gpg: Option<&Gpg>, args: &[&str]) -> String {
+    let o = skopeo(policy, gpg, args);
+    assert!(
+        o.status.success(),
+        "skopeo {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Copies `from` to `to` inside the registry (no policy), with extra skopeo flags.
+fn copy(gpg: Option<&Gpg>, regd: Option<&Path>, from: &str, to: &str, extra: &[&str]) {
+    let mut args = vec!["copy", "--src-tls-verify=false", "--dest-tls-verify=false"];
+    args.extend_from_slice(extra);
+    let src = format!("docker://{from}");
+    let dst = format!("docker://{to}");
+    args.push(&src);
+    args.push(&dst);
+    let mut c = Command::new("skopeo");
+    c.arg("--insecure-policy");
+    if let Some(d) = regd {
+        c.arg("--registries.d").arg(d);
+    }
+    if let Some(g) = gpg {
+        g.env(&mut c);
+    }
+    run_ok(c.args(&args));
+}
+
+/// Whether skopeo, enforcing `policy` with `regd`, accepts pulling `image`; its error.
+fn skopeo_accepts(policy: &Path, regd: &Path, image: &str) -> Result<(), String> {
+    let out = tempfile::tempdir().expect("tmp");
+    let o = skopeo(
+        Some((policy, regd)),
+        None,
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{image}"),
+            &format!("dir:{}", out.path().display()),
+        ],
+    );
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).to_string())
+    }
+}
+
+/// The signature files under a lookaside directory, by relative path.
+fn lookaside_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The lookaside directory of `repo_path` (`signed/app`) at its only signed digest.
+fn signature_dir(lookaside: &Path, repo_path: &str) -> PathBuf {
+    let parent = lookaside.join(repo_path).parent().expect("parent").to_path_buf();
+    let leaf = Path::new(repo_path)
+        .file_name()
+        .expect("leaf")
+        .to_string_lossy()
+        .to_string();
+    let dirs: Vec<PathBuf> = std::fs::read_dir(&parent)
+        .expect("lookaside dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{leaf}@sha256=")))
+        })
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+/// The digest a lookaside directory is for (`…/app@sha256=HEX`).
+fn digest_of(sig_dir: &Path) -> String {
+    let name = sig_dir.file_name().expect("name").to_string_lossy().to_string();
+    let hex = name.split("@sha256=").nth(1).expect("digest").to_string();
+    format!("sha256:{hex}")
+}
+
+fn flip_last_byte(p: &Path) {
+    let mut b = std::fs::read(p).expect("signature");
+    let last = b.len() - 1;
+    b[last] ^= 0x55;
+    std::fs::write(p, b).expect("tamper");
+}
+
+/// Pull `image` and require a refusal naming it, the requirement and `why`, with the
+/// store as it was.
+fn refused(d: &Daemon, image: &str, requirement: &str, why: &str) -> String {
+    let before = d.store_snapshot();
+    let err = d.fails(&["ctr-img", "pull", image]);
+    assert!(
+        err.contains(image) && err.contains(requirement) && err.contains(why),
+        "pulling {image}: want {requirement:?} and {why:?} in: {err}"
+    );
+    assert_eq!(d.store_snapshot(), before, "a refused pull stored something");
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
+    err
+}
+
+/// A registry with `REPO/base:1` pushed unsigned by a daemon of its own.
+fn seeded() -> (Registry, String) {
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let seeder = Daemon::for_registries(&[&host]);
+    let base = format!("{host}/base:1");
+    seeder.import_busybox(&base, &[]);
+    seeder.ok(&["ctr-img", "push", &base]);
+    (reg, base)
+}
+
+fn signed_by(key: &str, identity: &str) -> String {
+    format!("[{{\"type\":\"signedBy\",\"keyType\":\"GPGKeys\",{key}{identity}}}]")
+}
+
+#[test]
+fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
+    need_tools();
+    let (reg, base) = seeded();
+    let host = reg.host();
+    let ours = Gpg::new("trusted");
+    let other = Gpg::new("stranger");
+    let work = tempfile::tempdir().expect("tmp");
+    let sigs = work.path().join("sigstore");
+    // skopeo writes signatures where this registries.d says.
+    let stage = work.path().join("stage.d");
+    std::fs::create_dir(&stage).expect("mkdir");
+    std::fs::write(
+        stage.join("s.yaml"),
+        format!("default-docker:\n  lookaside-staging: file://{}\n", sigs.display()),
+    )
+    .expect("yaml");
+    let sign_copy = |gpg: &Gpg, to: &str| {
+        copy(Some(gpg), Some(&stage), &base, to, &["--sign-by", &gpg.fpr]);
+    };
+    let key_path = format!("\"keyPath\":\"{}\"", ours.public.display());
+    let key_data = format!(
+        "\"keyData\":\"{}\"",
+        base64::engine::general_purpose::STANDARD.encode(&ours.armored)
+    );
+    let key_paths = format!(
+        "\"keyPaths\":[\"{}\",\"{}\"]",
+        other.public.display(),
+        ours.public.display()
+    );
+    let policy = format!(
+        "{{\"default\":[{{\"type\":\"insecureAcceptAnything\"}}],\"transports\":{{\"docker\":{{\
+         \"{host}/signed\":{},\
+         \"{host}/bydata\":{},\
+         \"{host}/bypaths\":{},\
+         \"{host}/remapped\":{}}}}}}}",
+        signed_by(&key_path, ""),
+        signed_by(
+            &key_data,
+            ",\"signedIdentity\":{\"type\":\"matchRepository\"}"
+        ),
+        signed_by(&key_paths, ""),
+        signed_by(
+            &key_path,
+            &format!(
+                ",\"signedIdentity\":{{\"type\":\"remapIdentity\",\"prefix\":\"{host}/remapped\",\"signedPrefix\":\"{host}/signed\"}}"
+            )
+        ),
+    );
+    let lookaside = format!("default-docker:\n  lookaside: file://{}\n", sigs.display());
+    let d = Daemon::start_configured(
+        &[
+            ("registries.toml", &insecure_registries(&[&host])),
+            ("policy.json", &policy),
+            ("registries.d/lookaside.yaml", &lookaside),
+        ],
+        &["--log-level", "debug"],
+        &[],
+    );
+    let (policy_file, regd) = (d.etc().join("policy.json"), d.etc().join("registries.d"));
+
+    // Positive controls: skopeo's signatures verify, by keyPath, keyData and keyPaths.
+    let app = format!("{host}/signed/app:1");
+    sign_copy(&ours, &app);
+    sign_copy(&ours, &format!("{host}/bydata/app:7"));
+    sign_copy(&ours, &format!("{host}/bypaths/app:1"));
+    let sig_dir = signature_dir(&sigs, "signed/app");
+    assert!(sig_dir.join("signature-1").is_file(), "skopeo's lookaside layout");
+    let digest = digest_of(&sig_dir);
+    for image in [
+        app.clone(),
+        format!("{host}/bydata/app:7"),
+        format!("{host}/bypaths/app:1"),
+    ] {
+        skopeo_accepts(&policy_file, &regd, &image).expect("skopeo accepts");
+        d.ok(&["ctr-img", "pull", &image]);
+    }
+    // matchRepoDigestOrExact takes the repository's signature for a pull by digest.
+    d.ok(&["ctr-img", "pull", &format!("{host}/signed/app@{digest}")]);
+    // remapIdentity: the signature for signed/app:1 stands for remapped/app:1.
+    copy(None, None, &app, &format!("{host}/remapped/app:1"), &[]);
+    let remapped_dir = sigs.join(format!(
+        "remapped/{}",
+        sig_dir.file_name().expect("name").to_string_lossy()
+    ));
+    std::fs::create_dir_all(&remapped_dir).expect("mkdir");
+    std::fs::copy(sig_dir.join("signature-1"), remapped_dir.join("signature-1")).expect("cp");
+    skopeo_accepts(&policy_file, &regd, &format!("{host}/remapped/app:1")).expect("remap");
+    d.ok(&["ctr-img", "pull", &format!("{host}/remapped/app:1")]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+
+    // No signature at all.
+    let unsigned = format!("{host}/signed/unsigned:1");
+    copy(None, None, &base, &unsigned, &[]);
+    refused(&d, &unsigned, "signedBy", "no simple-signing signature");
+    assert!(skopeo_accepts(&policy_file, &regd, &unsigned).is_err());
+
+    // Re-tagged: the same manifest under another tag; its signature names tag 1.
+    let retagged = format!("{host}/signed/app:retag");
+    copy(None, None, &app, &retagged, &[]);
+    refused(&d, &retagged, "signedBy", "does not accept");
+    assert!(skopeo_accepts(&policy_file, &regd, &retagged).is_err());
+    // ... while matchRepository (bydata) takes a re-tag in the same repository.
+    let bydata_retag = format!("{host}/bydata/app:8");
+    copy(None, None, &format!("{host}/bydata/app:7"), &bydata_retag, &[]);
+    skopeo_accepts(&policy_file, &regd, &bydata_retag).expect("skopeo matchRepository");
+    d.ok(&["ctr-img", "pull", &bydata_retag]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+
+    // Signed with a key the policy does not name.
+    let stranger = format!("{host}/signed/stranger:1");
+    sign_copy(&other, &stranger);
+    refused(&d, &stranger, "signedBy", "not signed by any key the policy names");
+    assert!(skopeo_accepts(&policy_file, &regd, &stranger).is_err());
+
+    // Tampered: it verified before the byte flip, not after.
+    let tampered = format!("{host}/signed/tampered:1");
+    sign_copy(&ours, &tampered);
+    skopeo_accepts(&policy_file, &regd, &tampered).expect("before tampering");
+    d.ok(&["ctr-img", "pull", &tampered]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    flip_last_byte(&signature_dir(&sigs, "signed/tampered").join("signature-1"));
+    refused(&d, &tampered, "signedBy", "signature 1:");
+    assert!(skopeo_accepts(&policy_file, &regd, &tampered).is_err());
+
+    // A build's FROM is held to the same policy.
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM {stranger}\n")).expect("df");
+    let err = d.fails(&["ctr-img", "build", ctx.to_str().expect("path")]);
+    assert!(err.contains("not signed by any key the policy names"), "{err}");
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM {app}\n")).expect("df");
+    d.ok(&["ctr-img", "build", ctx.to_str().expect("path")]);
+}
+
+#[test]
+fn our_gpg_signed_push_is_accepted_by_skopeo() {
+    need_tools();
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let ours = Gpg::new("pusher");
+    let other = Gpg::new("outsider");
+    let work = tempfile::tempdir().expect("tmp");
+    let sigs = work.path().join("sigstore");
+    let policy_for = |g: &Gpg| {
+        format!(
+            "{{\"default\":[{{\"type\":\"insecureAcceptAnything\"}}],\"transports\":{{\"docker\":{{\"{host}/mine\":{}}}}}}}",
+            signed_by(&format!("\"keyPath\":\"{}\"", g.public.display()), "")
+        )
+    };
+    let d = Daemon::start_configured(
+        &[
+            ("registries.toml", &insecure_registries(&[&host])),
+            ("policy.json", &policy_for(&ours)),
+            (
+                "registries.d/default.yaml",
+                &format!(
+                    "default-docker:\n  lookaside: file://{0}\n  lookaside-staging: file://{0}\n",
+                    sigs.display()
+                ),
+            ),
+        ],
+        &["--log-level", "debug"],
+        &[],
+    );
+    let (policy_file, regd) = (d.etc().join("policy.json"), d.etc().join("registries.d"));
+    let wrong_policy = work.path().join("wrong-policy.json");
+    std::fs::write(&wrong_policy, policy_for(&other)).expect("policy");
+
+    // An unknown key fails before anything is pushed.
+    let never = format!("{host}/mine/never:1");
+    d.import_busybox(&never, &[]);
+    let mut c = d.cli_command(&["ctr-img", "push", "--sign-by", "0123456789ABCDEF", &never]);
+    ours.env(&mut c);
+    let o = c.output().expect("push");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("0123456789ABCDEF"), "{err}");
+    assert_eq!(reg.count_requests("PUT", "/manifests/"), 0, "nothing pushed");
+
+    // The positive control: signed by us, accepted by skopeo and by us.
+    let app = format!("{host}/mine/app:1");
+    d.import_busybox(&app, &[]);
+    let mut c = d.cli_command(&["ctr-img", "push", "--sign-by", &ours.fpr, &app]);
+    ours.env(&mut c);
+    let o = c.output().expect("push");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        d.log()
+    );
+    assert!(out.contains("Storing signatures"), "{out}");
+    let sig = signature_dir(&sigs, "mine/app").join("signature-1");
+    assert!(sig.is_file(), "{:?}", lookaside_files(&sigs));
+    skopeo_accepts(&policy_file, &regd, &app).expect("skopeo accepts our signature");
+    // skopeo agrees on what was signed: its standalone verifier reads our signature.
+    let manifest = work.path().join("manifest.json");
+    skopeo_ok(
+        None,
+        None,
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{app}"),
+            &format!("dir:{}", work.path().join("copy").display()),
+        ],
+    );
+    std::fs::copy(work.path().join("copy/manifest.json"), &manifest).expect("manifest");
+    let verified = skopeo_ok(
+        None,
+        Some(&ours),
+        &[
+            "standalone-verify",
+            manifest.to_str().expect("path"),
+            &app,
+            &ours.fpr,
+            sig.to_str().expect("path"),
+        ],
+    );
+    assert!(verified.contains("Signature verified"), "{verified}");
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["ctr-img", "pull", &app]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+
+    // The wrong key: skopeo refuses under a policy naming another key.
+    let err = skopeo_accepts(&wrong_policy, &regd, &app).expect_err("wrong key");
+    assert!(err.to_lowercase().contains("signature"), "{err}");
+
+    // Re-tagged: refused by both.
+    let retagged = format!("{host}/mine/app:2");
+    copy(None, None, &app, &retagged, &[]);
+    assert!(skopeo_accepts(&policy_file, &regd, &retagged).is_err());
+    refused(&d, &retagged, "signedBy", "does not accept");
+
+    // Tampered: refused by both.
+    flip_last_byte(&sig);
+    assert!(skopeo_accepts(&policy_file, &regd, &app).is_err());
+    refused(&d, &app, "signedBy", "signature 1:");
+}
+
+#[test]
+fn sigstore_signatures_interoperate_with_skopeo() {
+    need_tools();
+    let (reg, base) = seeded();
+    let host = reg.host();
+    let work = tempfile::tempdir().expect("tmp");
+    let key = sigstore_key(work.path(), "ours", "ENCRYPTED SIGSTORE PRIVATE KEY");
+    let other = sigstore_key(work.path(), "other", "ENCRYPTED COSIGN PRIVATE KEY");
+    let attachments = "default-docker:\n  use-sigstore-attachments: true\n";
+    let regd_skopeo = work.path().join("regd");
+    std::fs::create_dir(&regd_skopeo).expect("mkdir");
+    std::fs::write(regd_skopeo.join("a.yaml"), attachments).expect("yaml");
+    let policy = format!(
+        "{{\"default\":[{{\"type\":\"insecureAcceptAnything\"}}],\"transports\":{{\"docker\":{{\
+         \"{host}/ss\":[{{\"type\":\"sigstoreSigned\",\"keyPath\":\"{}\"}}],\
+         \"{host}/ssdata\":[{{\"type\":\"sigstoreSigned\",\"keyData\":\"{}\",\"signedIdentity\":{{\"type\":\"matchRepository\"}}}}]}}}}}}",
+        key.public.display(),
+        base64::engine::general_purpose::STANDARD.encode(&key.public_pem),
+    );
+    let d = Daemon::start_configured(
+        &[
+            ("registries.toml", &insecure_registries(&[&host])),
+            ("policy.json", &policy),
+            ("registries.d/attachments.yaml", attachments),
+        ],
+        &["--log-level", "debug"],
+        &[],
+    );
+    let (policy_file, regd) = (d.etc().join("policy.json"), d.etc().join("registries.d"));
+    let skopeo_sign = |k: &SigstoreKey, to: &str| {
+        copy(
+            None,
+            Some(&regd_skopeo),
+            &base,
+            to,
+            &[
+                "--sign-by-sigstore-private-key",
+                k.private.to_str().expect("path"),
+                "--sign-passphrase-file",
+                k.passphrase.to_str().expect("path"),
+            ],
+        );
+    };
+
+    // skopeo signs, we verify (keyPath and keyData).
+    let app = format!("{host}/ss/app:1");
+    skopeo_sign(&key, &app);
+    skopeo_accepts(&policy_file, &regd, &app).expect("skopeo accepts its own");
+    d.ok(&["ctr-img", "pull", &app]);
+    let data_app = format!("{host}/ssdata/app:1");
+    skopeo_sign(&key, &data_app);
+    d.ok(&["ctr-img", "pull", &data_app]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+
+    // Unsigned, signed with another key, re-tagged: refused by both.
+    let unsigned = format!("{host}/ss/unsigned:1");
+    copy(None, None, &base, &unsigned, &[]);
+    refused(&d, &unsigned, "sigstoreSigned", "no sigstore signature");
+    assert!(skopeo_accepts(&policy_file, &regd, &unsigned).is_err());
+    let stranger = format!("{host}/ss/stranger:1");
+    skopeo_sign(&other, &stranger);
+    refused(&d, &stranger, "sigstoreSigned", "not signed by any key");
+    assert!(skopeo_accepts(&policy_file, &regd, &stranger).is_err());
+    let retagged = format!("{host}/ss/app:2");
+    copy(None, None, &app, &retagged, &[]);
+    refused(&d, &retagged, "sigstoreSigned", "does not accept");
+    assert!(skopeo_accepts(&policy_file, &regd, &retagged).is_err());
+
+    // We sign, skopeo verifies; and we do.
+    let mine = format!("{host}/ss/mine:1");
+    d.import_busybox(&mine, &[]);
+    let out = d.ok(&[
+        "ctr-img",
+        "push",
+        "--sign-by-sigstore-private-key",
+        key.private.to_str().expect("path"),
+        "--sign-passphrase-file",
+        key.passphrase.to_str().expect("path"),
+        &mine,
+    ]);
+    assert!(out.contains("Storing signatures"), "{out}");
+    skopeo_accepts(&policy_file, &regd, &mine).expect("skopeo accepts our sigstore signature");
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["ctr-img", "pull", &mine]);
+    // A policy naming the other key: skopeo refuses ours.
+    let wrong = work.path().join("wrong.json");
+    std::fs::write(
+        &wrong,
+        policy.replace(
+            &key.public.display().to_string(),
+            &other.public.display().to_string(),
+        ),
+    )
+    .expect("policy");
+    assert!(skopeo_accepts(&wrong, &regd, &mine).is_err());
+
+    // A wrong passphrase fails before anything is pushed, naming the key.
+    let bad_pass = work.path().join("bad.pass");
+    std::fs::write(&bad_pass, "not it\n").expect("pass");
+    let never = format!("{host}/ss/never:1");
+    d.import_busybox(&never, &[]);
+    let puts = reg.count_requests("PUT", "/manifests/");
+    let err = d.fails(&[
+        "ctr-img",
+        "push",
+        "--sign-by-sigstore-private-key",
+        key.private.to_str().expect("path"),
+        "--sign-passphrase-file",
+        bad_pass.to_str().expect("path"),
+        &never,
+    ]);
+    assert!(
+        err.contains(key.private.to_str().expect("path"))
+            && err.contains("bad.pass")
+            && err.contains("wrong passphrase"),
+        "{err}"
+    );
+    assert_eq!(reg.count_requests("PUT", "/manifests/"), puts, "nothing pushed");
+}
+
+#[test]
+fn bad_keys_and_oversized_signatures_fail_clearly_and_store_nothing() {
+    need_tools();
+    let (reg, base) = seeded();
+    let host = reg.host();
+    let ours = Gpg::new("bad-input");
+    let work = tempfile::tempdir().expect("tmp");
+    let sigs = work.path().join("sigstore");
+    let not_a_key = work.path().join("not-a-key.gpg");
+    std::fs::write(&not_a_key, "hello, I am not a key\n").expect("write");
+    let policy = format!(
+        "{{\"default\":[{{\"type\":\"insecureAcceptAnything\"}}],\"transports\":{{\"docker\":{{\
+         \"{host}/missing\":{},\
+         \"{host}/notakey\":{},\
+         \"{host}/ssnotakey\":[{{\"type\":\"sigstoreSigned\",\"keyPath\":\"{}\"}}],\
+         \"{host}/big\":{}}}}}}}",
+        signed_by("\"keyPath\":\"/nonexistent/isula-test/key.gpg\"", ""),
+        signed_by(&format!("\"keyPath\":\"{}\"", not_a_key.display()), ""),
+        not_a_key.display(),
+        signed_by(&format!("\"keyPath\":\"{}\"", ours.public.display()), ""),
+    );
+    let d = Daemon::start_configured(
+        &[
+            ("registries.toml", &insecure_registries(&[&host])),
+            ("policy.json", &policy),
+            (
+                "registries.d/l.yaml",
+                &format!("default-docker:\n  lookaside: file://{}\n", sigs.display()),
+            ),
+        ],
+        &[],
+        &[],
+    );
+    // The positive control: the default scope pulls.
+    d.ok(&["ctr-img", "pull", &base]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    for repo in ["missing", "notakey", "ssnotakey"] {
+        copy(None, None, &base, &format!("{host}/{repo}/app:1"), &[]);
+    }
+    refused(
+        &d,
+        &format!("{host}/missing/app:1"),
+        "/nonexistent/isula-test/key.gpg",
+        "No such file",
+    );
+    refused(
+        &d,
+        &format!("{host}/notakey/app:1"),
+        not_a_key.to_str().expect("path"),
+        "not an OpenPGP key",
+    );
+    refused(
+        &d,
+        &format!("{host}/ssnotakey/app:1"),
+        not_a_key.to_str().expect("path"),
+        "not a PEM file",
+    );
+    // A signature over the 4 MiB cap: refused, named; the same image with a real
+    // signature passes.
+    let stage = work.path().join("stage.d");
+    std::fs::create_dir(&stage).expect("mkdir");
+    std::fs::write(
+        stage.join("s.yaml"),
+        format!("default-docker:\n  lookaside-staging: file://{}\n", sigs.display()),
+    )
+    .expect("yaml");
+    let big = format!("{host}/big/app:1");
+    copy(Some(&ours), Some(&stage), &base, &big, &["--sign-by", &ours.fpr]);
+    d.ok(&["ctr-img", "pull", &big]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let sig = signature_dir(&sigs, "big/app").join("signature-1");
+    std::fs::write(&sig, vec![0x89u8; (4 << 20) + 1]).expect("big");
+    refused(&d, &big, "signature-1", "larger than the limit");
+
+    // Configuration the daemon cannot use stops its start, naming the file and the fault.
+    for (file, text, want) in [
+        (
+            "policy.json",
+            "{\"default\":[{\"type\":\"signedByMagic\"}]}".to_string(),
+            "signedByMagic",
+        ),
+        (
+            "registries.d/bad.yaml",
+            "default-docker:\n  lookaside: ftp://sigs.example.com\n".to_string(),
+            "bad.yaml",
+        ),
+    ] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let etc = dir.path().join("etc");
+        let p = etc.join(file);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, text).expect("write");
+        let out = Command::new(bin("isula-builder"))
+            .arg("--dataroot")
+            .arg(dir.path().join("data"))
+            .arg("--runroot")
+            .arg(dir.path().join("run"))
+            .arg("--config-dir")
+            .arg(&etc)
+            .arg("--host")
+            .arg(format!("unix://{}", dir.path().join("s.sock").display()))
+            .output()
+            .expect("daemon");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{file}: {err}");
+    }
+}
