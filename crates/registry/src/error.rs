@@ -69,9 +69,7 @@ impl RegistryError {
             RegistryError::AllSourcesFailed { .. } => ErrorKind::Unavailable,
             RegistryError::BadContent { .. } => ErrorKind::DataLoss,
             RegistryError::Unsupported { .. } => ErrorKind::FailedPrecondition,
-            RegistryError::Blocked(_) | RegistryError::Rejected(_) => {
-                ErrorKind::FailedPrecondition
-            }
+            RegistryError::Blocked(_) | RegistryError::Rejected(_) => ErrorKind::FailedPrecondition,
             RegistryError::Trust(e) => match e.kind() {
                 isula_trust::TrustErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
                 _ => ErrorKind::FailedPrecondition,

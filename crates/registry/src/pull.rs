@@ -219,7 +219,11 @@ fn blob_what(repo: &str, desc: &Descriptor) -> String {
 }
 
 /// Starts the download of a blob: the response, once its status says success.
-pub(crate) fn get_blob(client: &Client, repo: &str, desc: &Descriptor) -> Result<reqwest::blocking::Response> {
+pub(crate) fn get_blob(
+    client: &Client,
+    repo: &str,
+    desc: &Descriptor,
+) -> Result<reqwest::blocking::Response> {
     let what = blob_what(repo, desc);
     let resp = client.send(
         &Req::retryable(

@@ -76,7 +76,11 @@ pub enum Sent {
     Uploaded,
 }
 
-pub(crate) fn location(client: &Client, resp: &reqwest::blocking::Response, what: &str) -> Result<String> {
+pub(crate) fn location(
+    client: &Client,
+    resp: &reqwest::blocking::Response,
+    what: &str,
+) -> Result<String> {
     let loc = resp
         .headers()
         .get(LOCATION)

@@ -11,7 +11,7 @@ use crate::error::{RegistryError, Result};
 use crate::pull::{self, Fetched};
 use crate::push;
 use crate::Context;
-use isula_trust::policy::{self, Requirement, SigstoreSignature, Signatures};
+use isula_trust::policy::{self, Requirement, Signatures, SigstoreSignature};
 use isula_trust::{sigstore, SIGNATURES_MAX, SIGNATURE_MAX};
 use isula_types::image::{Descriptor, Manifest};
 use isula_types::{media, Digest, Reference};
@@ -82,11 +82,12 @@ fn add_lookaside_blob(what: &str, blob: Vec<u8>, sigs: &mut Signatures) -> Resul
                 #[serde(default)]
                 annotations: std::collections::BTreeMap<String, String>,
             }
-            let s: Stored = serde_json::from_slice(json).map_err(|e| RegistryError::BadContent {
-                registry: "lookaside".into(),
-                what: what.to_string(),
-                reason: format!("sigstore signature: {e}"),
-            })?;
+            let s: Stored =
+                serde_json::from_slice(json).map_err(|e| RegistryError::BadContent {
+                    registry: "lookaside".into(),
+                    what: what.to_string(),
+                    reason: format!("sigstore signature: {e}"),
+                })?;
             use base64::Engine as _;
             let payload = base64::engine::general_purpose::STANDARD
                 .decode(&s.payload)
@@ -108,23 +109,29 @@ fn add_lookaside_blob(what: &str, blob: Vec<u8>, sigs: &mut Signatures) -> Resul
 }
 
 /// Reads `signature-1`, `signature-2`, … of `name`'s lookaside until one is missing.
-fn read_lookaside(ctx: &Context, name: &Reference, digest: &str, sigs: &mut Signatures) -> Result<()> {
+fn read_lookaside(
+    ctx: &Context,
+    name: &Reference,
+    digest: &str,
+    sigs: &mut Signatures,
+) -> Result<()> {
     let loc = ctx.registries_d.lookaside(name).map_err(config_error)?;
     let at = loc.signature(name.path(), digest);
     match &loc {
         isula_trust::registries_d::Location::Dir(_) => {
             for i in 1..=SIGNATURES_MAX {
                 let path = at(i);
-                let blob = match isula_trust::read_capped(std::path::Path::new(&path), SIGNATURE_MAX) {
-                    Ok(b) => b,
-                    Err(_) if !std::path::Path::new(&path).exists() => break,
-                    Err(e) if e.starts_with("larger") => return Err(too_large(&path)),
-                    Err(e) => {
-                        return Err(RegistryError::Config(format!(
-                            "lookaside signature {path}: {e}"
-                        )))
-                    }
-                };
+                let blob =
+                    match isula_trust::read_capped(std::path::Path::new(&path), SIGNATURE_MAX) {
+                        Ok(b) => b,
+                        Err(_) if !std::path::Path::new(&path).exists() => break,
+                        Err(e) if e.starts_with("larger") => return Err(too_large(&path)),
+                        Err(e) => {
+                            return Err(RegistryError::Config(format!(
+                                "lookaside signature {path}: {e}"
+                            )))
+                        }
+                    };
                 add_lookaside_blob(&path, blob, sigs)?;
             }
         }
@@ -153,7 +160,10 @@ fn read_lookaside(ctx: &Context, name: &Reference, digest: &str, sigs: &mut Sign
                 }
                 let Some(c) = &client else { break };
                 let what = format!("signature {url}");
-                let resp = c.send(&Req::retryable(Method::GET, url.clone(), &[], what.clone()), &Ok)?;
+                let resp = c.send(
+                    &Req::retryable(Method::GET, url.clone(), &[], what.clone()),
+                    &Ok,
+                )?;
                 if resp.status() == StatusCode::NOT_FOUND {
                     break;
                 }
@@ -175,7 +185,12 @@ fn read_lookaside(ctx: &Context, name: &Reference, digest: &str, sigs: &mut Sign
 }
 
 /// Reads the sigstore attachment of `digest` in `repo` (none: no signatures).
-fn read_attachments(client: &Client, repo: &str, digest: &str, sigs: &mut Signatures) -> Result<()> {
+fn read_attachments(
+    client: &Client,
+    repo: &str,
+    digest: &str,
+    sigs: &mut Signatures,
+) -> Result<()> {
     let tag = sigstore::attachment_tag(digest);
     let fetched = match pull::get_manifest(client, repo, &tag) {
         Ok(f) => f,
@@ -207,7 +222,10 @@ fn read_attachments(client: &Client, repo: &str, digest: &str, sigs: &mut Signat
             .read_to_end(&mut payload)
             .map_err(|e| client.http_error(&what, client.describe_io(&e)))?;
         if Digest::of_bytes(&payload) != layer.digest {
-            return Err(bad(format!("payload {} does not match its digest", layer.digest)));
+            return Err(bad(format!(
+                "payload {} does not match its digest",
+                layer.digest
+            )));
         }
         let signature_b64 = layer
             .annotations
@@ -237,7 +255,12 @@ pub enum NewSignature {
 
 /// Before a signed push: refuses a destination with nowhere to put the signatures
 /// (sigstore without `use-sigstore-attachments`, a staging URL that is not `file://`).
-pub fn check_destination(ctx: &Context, dest: &Reference, simple: bool, sigstore: bool) -> Result<()> {
+pub fn check_destination(
+    ctx: &Context,
+    dest: &Reference,
+    simple: bool,
+    sigstore: bool,
+) -> Result<()> {
     if simple {
         ctx.registries_d.staging(dest).map_err(config_error)?;
     }
@@ -301,7 +324,9 @@ fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(fail)?;
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
     ));
     {
         use std::io::Write;
@@ -322,28 +347,35 @@ fn put_small_blob(client: &Client, repo: &str, bytes: &[u8]) -> Result<Digest> {
     let scopes = [push::scope_push(repo)];
     let what = format!("blob {digest} to {repo}");
     let head = client.send(
-        &Req::retryable(Method::HEAD, format!("/v2/{repo}/blobs/{digest}"), &scopes, what.clone()),
+        &Req::retryable(
+            Method::HEAD,
+            format!("/v2/{repo}/blobs/{digest}"),
+            &scopes,
+            what.clone(),
+        ),
         &Ok,
     )?;
     if head.status().is_success() {
         return Ok(digest);
     }
     let start = client.send(
-        &Req::retryable(Method::POST, format!("/v2/{repo}/blobs/uploads/"), &scopes, what.clone()),
+        &Req::retryable(
+            Method::POST,
+            format!("/v2/{repo}/blobs/uploads/"),
+            &scopes,
+            what.clone(),
+        ),
         &|rb| Ok(rb.header(CONTENT_LENGTH, 0)),
     )?;
     if start.status() != StatusCode::ACCEPTED {
         return Err(client.status_error(&what, start));
     }
     let url = push::with_digest(&push::location(client, &start, &what)?, &digest);
-    let resp = client.send(
-        &Req::once(Method::PUT, url, &scopes, what.clone()),
-        &|rb| {
-            Ok(rb
-                .header(CONTENT_TYPE, "application/octet-stream")
-                .body(bytes.to_vec()))
-        },
-    )?;
+    let resp = client.send(&Req::once(Method::PUT, url, &scopes, what.clone()), &|rb| {
+        Ok(rb
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(bytes.to_vec()))
+    })?;
     if resp.status() != StatusCode::CREATED {
         return Err(client.status_error(&what, resp));
     }

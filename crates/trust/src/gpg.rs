@@ -73,11 +73,38 @@ impl Keyring {
                 }
             }
         }
+        // A trusted key that the signature names yet does not verify: altered data.
+        if let Some(fpr) = self.named_issuer(&msg) {
+            return Err(format!(
+                "the signature by trusted key {fpr} does not verify: the signature or what it signs was altered"
+            ));
+        }
         let issuer = signer_hint(&msg);
         Err(format!(
             "not signed by any key the policy names{issuer} (trusted: {})",
             self.fingerprints().join(", ")
         ))
+    }
+
+    /// The trusted key (primary fingerprint) a message's signature says it is from.
+    fn named_issuer(&self, msg: &Message<'_>) -> Option<String> {
+        let sig = match msg {
+            Message::Signed { reader, .. } => Some(reader.signature()),
+            Message::SignedOnePass { reader, .. } => reader.signature(),
+            _ => None,
+        }?;
+        let ids = sig.issuer();
+        let fprs = sig.issuer_fingerprint();
+        self.keys.iter().find_map(|k| {
+            let mine = std::iter::once((k.primary_key.key_id(), k.primary_key.fingerprint()))
+                .chain(
+                    k.public_subkeys
+                        .iter()
+                        .map(|s| (s.key_id(), s.fingerprint())),
+                )
+                .any(|(id, fpr)| ids.contains(&&id) || fprs.contains(&&fpr));
+            mine.then(|| format!("{:X}", k.fingerprint()))
+        })
     }
 
     pub fn fingerprints(&self) -> Vec<String> {

@@ -99,8 +99,16 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Claims, String> {
             format.type_name()
         ));
     }
-    let identity = exact_object(&critical["identity"], "critical.identity", &["docker-reference"])?;
-    let image = exact_object(&critical["image"], "critical.image", &["docker-manifest-digest"])?;
+    let identity = exact_object(
+        &critical["identity"],
+        "critical.identity",
+        &["docker-reference"],
+    )?;
+    let image = exact_object(
+        &critical["image"],
+        "critical.image",
+        &["docker-manifest-digest"],
+    )?;
     match top.get("optional") {
         None | Some(Value::Null) | Some(Value::Object(_)) => {}
         Some(_) => return Err("optional is not a JSON object".into()),
@@ -128,7 +136,10 @@ mod tests {
             r#"{"critical":{"identity":{"docker-reference":1},"image":{"docker-manifest-digest":"d"},"type":"atomic container signature"}}"#,
             r#"[]"#,
         ] {
-            assert!(parse(Format::SimpleSigning, bad.as_bytes()).is_err(), "{bad}");
+            assert!(
+                parse(Format::SimpleSigning, bad.as_bytes()).is_err(),
+                "{bad}"
+            );
         }
     }
 }

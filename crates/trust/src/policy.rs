@@ -39,8 +39,14 @@ pub enum Identity {
 pub enum Requirement {
     InsecureAcceptAnything,
     Reject,
-    SignedBy { keys: Keys, identity: Identity },
-    SigstoreSigned { keys: Keys, identity: Identity },
+    SignedBy {
+        keys: Keys,
+        identity: Identity,
+    },
+    SigstoreSigned {
+        keys: Keys,
+        identity: Identity,
+    },
     /// Not implemented by containers/image either: it refuses what it governs.
     SignedBaseLayer,
 }
@@ -89,7 +95,11 @@ fn only_keys(o: &Map<String, Value>, what: &str, allowed: &[&str]) -> Result<(),
     Ok(())
 }
 
-fn str_field<'a>(o: &'a Map<String, Value>, k: &str, what: &str) -> Result<Option<&'a str>, String> {
+fn str_field<'a>(
+    o: &'a Map<String, Value>,
+    k: &str,
+    what: &str,
+) -> Result<Option<&'a str>, String> {
     match o.get(k) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -187,7 +197,8 @@ fn parse_requirement(v: &Value, what: &str) -> Result<Requirement, String> {
     let o = v
         .as_object()
         .ok_or_else(|| format!("{what}: a requirement must be an object"))?;
-    let kind = str_field(o, "type", what)?.ok_or_else(|| format!("{what}: a requirement without \"type\""))?;
+    let kind = str_field(o, "type", what)?
+        .ok_or_else(|| format!("{what}: a requirement without \"type\""))?;
     let what = format!("{what}: {kind}");
     match kind {
         "insecureAcceptAnything" | "reject" => {
@@ -202,7 +213,14 @@ fn parse_requirement(v: &Value, what: &str) -> Result<Requirement, String> {
             only_keys(
                 o,
                 &what,
-                &["type", "keyType", "keyPath", "keyPaths", "keyData", "signedIdentity"],
+                &[
+                    "type",
+                    "keyType",
+                    "keyPath",
+                    "keyPaths",
+                    "keyData",
+                    "signedIdentity",
+                ],
             )?;
             match str_field(o, "keyType", &what)? {
                 Some("GPGKeys") => {}
@@ -449,10 +467,7 @@ pub struct Image<'a> {
     pub manifest_digest: &'a str,
 }
 
-fn read_keys(
-    requirement: &'static str,
-    keys: &Keys,
-) -> Result<Vec<(String, Vec<u8>)>, TrustError> {
+fn read_keys(requirement: &'static str, keys: &Keys) -> Result<Vec<(String, Vec<u8>)>, TrustError> {
     match keys {
         Keys::Data(d) => Ok(vec![("keyData".to_string(), d.clone())]),
         Keys::Paths(paths) => paths
@@ -515,12 +530,13 @@ pub fn evaluate(
                 ))
             }
             Requirement::SignedBy { keys, identity } => {
-                let keyring = gpg::Keyring::load(&read_keys("signedBy", keys)?)
-                    .map_err(|(key, reason)| TrustError::Key {
+                let keyring = gpg::Keyring::load(&read_keys("signedBy", keys)?).map_err(
+                    |(key, reason)| TrustError::Key {
                         requirement: "signedBy",
                         key,
                         reason,
-                    })?;
+                    },
+                )?;
                 if signatures.simple.is_empty() {
                     return Err(refused(
                         req,
@@ -608,7 +624,10 @@ mod tests {
         assert_eq!(scope, "signed.io");
         assert_eq!(list[0].type_name(), "signedBy");
         let (list, scope) = p.for_docker(&r("x.example.com/a:1"));
-        assert_eq!((list[0].type_name(), scope.as_str()), ("reject", "*.example.com"));
+        assert_eq!(
+            (list[0].type_name(), scope.as_str()),
+            ("reject", "*.example.com")
+        );
         assert_eq!(p.for_docker(&r("other.io/a")).1, "default");
         for bad in [
             "{",

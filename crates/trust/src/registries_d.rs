@@ -67,7 +67,9 @@ impl Location {
     fn parse(what: &str, url: &str) -> Result<Location, String> {
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(format!("{what} {url:?}: a file:// URL needs an absolute path"));
+                return Err(format!(
+                    "{what} {url:?}: a file:// URL needs an absolute path"
+                ));
             }
             return Ok(Location::Dir(PathBuf::from(path)));
         }
@@ -130,7 +132,9 @@ impl RegistriesD {
             for (scope, e) in f.docker {
                 check_entry(&e, &format!("docker {scope:?}")).map_err(err)?;
                 if out.docker.insert(scope.clone(), e).is_some() {
-                    return Err(err(format!("docker scope {scope:?} is set in another file too")));
+                    return Err(err(format!(
+                        "docker scope {scope:?} is set in another file too"
+                    )));
                 }
             }
         }
@@ -189,9 +193,14 @@ fn check_entry(e: &Entry, what: &str) -> Result<(), String> {
             "{what}: both lookaside-staging and sigstore-staging are set"
         ));
     }
-    for url in [&e.lookaside, &e.sigstore, &e.lookaside_staging, &e.sigstore_staging]
-        .into_iter()
-        .flatten()
+    for url in [
+        &e.lookaside,
+        &e.sigstore,
+        &e.lookaside_staging,
+        &e.sigstore_staging,
+    ]
+    .into_iter()
+    .flatten()
     {
         Location::parse(what, url)?;
     }
@@ -230,11 +239,17 @@ mod tests {
             loc.signature("team/app", "sha256:ab")(1),
             "/team/team/app@sha256=ab/signature-1"
         );
-        std::fs::write(dir.path().join("b.yaml"), "default-docker:\n  lookaside: file:///x\n")
-            .expect("write");
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "default-docker:\n  lookaside: file:///x\n",
+        )
+        .expect("write");
         assert!(RegistriesD::load(dir.path()).is_err(), "two defaults");
-        std::fs::write(dir.path().join("b.yaml"), "docker:\n  q.io:\n    lookaside: ftp://x\n")
-            .expect("write");
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "docker:\n  q.io:\n    lookaside: ftp://x\n",
+        )
+        .expect("write");
         assert!(RegistriesD::load(dir.path()).is_err(), "ftp");
     }
 }

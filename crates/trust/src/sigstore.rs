@@ -80,7 +80,9 @@ impl PublicKey {
         Ok(k)
     }
 
-    fn algorithms(&self) -> impl Iterator<Item = &'static dyn signature::VerificationAlgorithm> + '_ {
+    fn algorithms(
+        &self,
+    ) -> impl Iterator<Item = &'static dyn signature::VerificationAlgorithm> + '_ {
         let all: [&'static dyn signature::VerificationAlgorithm; 5] = [
             &signature::ECDSA_P256_SHA256_ASN1,
             &signature::ECDSA_P384_SHA384_ASN1,
@@ -88,9 +90,8 @@ impl PublicKey {
             &signature::RSA_PKCS1_2048_8192_SHA256,
             &signature::RSA_PSS_2048_8192_SHA256,
         ];
-        all.into_iter().filter(move |alg| {
-            signature::ParsedPublicKey::new(*alg, &self.spki).is_ok()
-        })
+        all.into_iter()
+            .filter(move |alg| signature::ParsedPublicKey::new(*alg, &self.spki).is_ok())
     }
 
     /// Verifies a base64 signature over `payload`.
@@ -168,7 +169,11 @@ pub fn passphrase_from_file(bytes: &[u8]) -> Vec<u8> {
 
 impl PrivateKey {
     /// Decrypts a cosign-format encrypted private key (`what` names it in errors).
-    pub fn decrypt(what: &str, pem: &[u8], passphrase: &[u8]) -> Result<PrivateKey, crate::TrustError> {
+    pub fn decrypt(
+        what: &str,
+        pem: &[u8],
+        passphrase: &[u8],
+    ) -> Result<PrivateKey, crate::TrustError> {
         let err = |reason: String| crate::TrustError::SigningKey {
             what: what.to_string(),
             reason,
@@ -279,9 +284,6 @@ mod tests {
         let e = PrivateKey::decrypt("k", private.as_bytes(), b"wrong").expect_err("wrong pw");
         assert!(e.to_string().contains("wrong passphrase"), "{e}");
         assert!(PublicKey::from_pem(b"garbage").is_err());
-        assert_eq!(
-            attachment_tag("sha256:abc"),
-            "sha256-abc.sig"
-        );
+        assert_eq!(attachment_tag("sha256:abc"), "sha256-abc.sig");
     }
 }

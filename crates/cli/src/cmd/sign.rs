@@ -45,8 +45,11 @@ impl SignArgs {
         let sigstore = match &self.sigstore_key {
             None => None,
             Some(path) => {
-                let pem = isula_trust::read_capped(std::path::Path::new(path), isula_trust::KEY_FILE_MAX)
-                    .map_err(|e| anyhow::anyhow!("--sign-by-sigstore-private-key {path}: {e}"))?;
+                let pem =
+                    isula_trust::read_capped(std::path::Path::new(path), isula_trust::KEY_FILE_MAX)
+                        .map_err(|e| {
+                            anyhow::anyhow!("--sign-by-sigstore-private-key {path}: {e}")
+                        })?;
                 let pass = match &self.passphrase_file {
                     Some(f) => sigstore::passphrase_from_file(
                         &isula_trust::read_capped(std::path::Path::new(f), isula_trust::KEY_FILE_MAX)
@@ -57,7 +60,9 @@ impl SignArgs {
                         .into_bytes(),
                 };
                 let what = match &self.passphrase_file {
-                    Some(f) => format!("--sign-by-sigstore-private-key {path} (passphrase from {f})"),
+                    Some(f) => {
+                        format!("--sign-by-sigstore-private-key {path} (passphrase from {f})")
+                    }
                     None => format!("--sign-by-sigstore-private-key {path}"),
                 };
                 Some(PrivateKey::decrypt(&what, &pem, &pass)?)
@@ -98,7 +103,9 @@ fn gpg_sign(fpr: &str, payload: &[u8]) -> Result<Vec<u8>> {
         .spawn()
         .with_context(|| format!("--sign-by {fpr}: running gpg"))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(payload).context("writing the payload to gpg")?;
+        stdin
+            .write_all(payload)
+            .context("writing the payload to gpg")?;
     }
     let out = child.wait_with_output().context("waiting for gpg")?;
     if !out.status.success() || out.stdout.is_empty() {

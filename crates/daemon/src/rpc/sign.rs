@@ -84,7 +84,11 @@ pub fn push_message(line: String) -> PushResponse {
 
 /// The destination of a signed push, checked before anything is pushed: somewhere to put
 /// each kind of signature.
-pub fn check_before_push(state: &State, dest: &str, wanted: Wanted) -> Result<Option<Reference>, Status> {
+pub fn check_before_push(
+    state: &State,
+    dest: &str,
+    wanted: Wanted,
+) -> Result<Option<Reference>, Status> {
     if !wanted.any() {
         return Ok(None);
     }
@@ -133,7 +137,9 @@ pub fn sign_pushed(
     let delivery = loop {
         if cancel.check().is_err() {
             pending().remove(&token);
-            return Err(Status::cancelled("push cancelled while waiting for signatures"));
+            return Err(Status::cancelled(
+                "push cancelled while waiting for signatures",
+            ));
         }
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(d) => break d,
