@@ -353,11 +353,23 @@ impl Control for Service {
     ) -> Result<Response<Self::ManifestPushStream>, Status> {
         self.experimental(&r)?;
         let req = r.into_inner();
-        let wrap = Wrap::text(|result| ManifestPushResponse { result });
+        // supply chain
+        let sign = rpc::sign::Wanted {
+            simple: req.sign_simple,
+            sigstore: req.sign_sigstore,
+        };
+        let signed_dest = rpc::sign::check_before_push(&self.state, &req.dest, sign)?;
+        let wrap = Wrap::text(rpc::sign::manifest_push_message);
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::manifest::push(state, req, cancel, out),
+            move |state, cancel, out| {
+                let digest = rpc::manifest::push(state, req, cancel, out)?;
+                match signed_dest {
+                    Some(dest) => rpc::sign::sign_pushed(state, &dest, &digest, sign, cancel, out),
+                    None => Ok(()),
+                }
+            },
         )))
     }
 

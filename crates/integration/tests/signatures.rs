@@ -466,7 +466,7 @@ fn our_gpg_signed_push_is_accepted_by_skopeo() {
                 ),
             ),
         ],
-        &["--log-level", "debug"],
+        &["--log-level", "debug", "--experimental"],
         &[],
     );
     let (policy_file, regd) = (d.etc().join("policy.json"), d.etc().join("registries.d"));
@@ -550,6 +550,34 @@ fn our_gpg_signed_push_is_accepted_by_skopeo() {
     tamper(&sig);
     assert!(skopeo_accepts(&policy_file, &regd, &app).is_err());
     refused(&d, &app, "signedBy", "does not verify");
+
+    // `manifest push --sign-by` signs the list's own digest: skopeo and we accept it;
+    // unsigned, the same list is refused.
+    let one = format!("{host}/mine/one:1");
+    d.import_busybox(&one, &[]);
+    let list = format!("{host}/mine/list:1");
+    d.ok(&["manifest", "create", &list, &one]);
+    let unsigned_list = format!("{host}/mine/unsigned-list:1");
+    d.ok(&["manifest", "push", &list, &unsigned_list]);
+    let mut c = d.cli_command(&["manifest", "push", "--sign-by", &ours.fpr, &list, &list]);
+    ours.env(&mut c);
+    let o = c.output().expect("manifest push");
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    skopeo_accepts(&policy_file, &regd, &list).expect("skopeo accepts the signed list");
+    assert!(skopeo_accepts(&policy_file, &regd, &unsigned_list).is_err());
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&["ctr-img", "pull", &list]);
+    refused(
+        &d,
+        &unsigned_list,
+        "signedBy",
+        "no simple-signing signature",
+    );
 }
 
 /// The manifest digest of `image` in the registry.

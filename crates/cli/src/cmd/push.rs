@@ -66,22 +66,15 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         progress: false,
         ..req
     };
-    let mut stream = client.push(req).await?.into_inner();
-    let mut asked = false;
-    while let Some(m) = stream.message().await? {
-        if let Some(sr) = m.sign_request {
-            asked = true;
-            signer.answer(client, sr).await?;
-        } else {
-            use std::io::Write as _;
-            let mut out = std::io::stdout();
-            out.write_all(m.response.as_bytes())?;
-            out.flush()?;
-        }
-    }
-    if !asked {
-        bail!("pushed {}, but the daemon did not ask for signatures (does it support signing?): the image is not signed", args.name);
-    }
+    let stream = client.push(req).await?.into_inner();
+    super::sign::follow(
+        client,
+        &signer,
+        stream,
+        |m| (m.response, m.sign_request),
+        &args.name,
+    )
+    .await?;
     println!("Push success with image: {}", args.name);
     Ok(())
 }

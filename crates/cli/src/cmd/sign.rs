@@ -152,3 +152,32 @@ impl Signer {
         Ok(())
     }
 }
+
+/// Prints a signed push's stream (text only) and answers its sign request; fails when the
+/// daemon never asks (a daemon without signing pushes unsigned).
+pub async fn follow<T>(
+    client: &Client,
+    signer: &Signer,
+    mut stream: tonic::Streaming<T>,
+    split: fn(T) -> (String, Option<SignRequest>),
+    what: &str,
+) -> Result<()> {
+    let mut asked = false;
+    while let Some(m) = stream.message().await? {
+        match split(m) {
+            (_, Some(sr)) => {
+                asked = true;
+                signer.answer(client, sr).await?;
+            }
+            (text, None) => {
+                let mut out = std::io::stdout();
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+            }
+        }
+    }
+    if !asked {
+        bail!("pushed {what}, but the daemon did not ask for signatures (does it support signing?): it is not signed");
+    }
+    Ok(())
+}

@@ -7,7 +7,7 @@
 
 use crate::error;
 use crate::state::State;
-use isula_api::v1::{PushResponse, PutSignaturesRequest, SignRequest};
+use isula_api::v1::{ManifestPushResponse, PushResponse, PutSignaturesRequest, SignRequest};
 use isula_registry::signatures::{self, NewSignature};
 use isula_transport::Cancel;
 use isula_trust::payload::{self, Format};
@@ -53,33 +53,52 @@ fn pending() -> std::sync::MutexGuard<'static, HashMap<String, SyncSender<Delive
 
 /// `PushResponse` for a stream line: text, or the sign request a line carries.
 pub fn push_message(line: String) -> PushResponse {
-    if let Some(json) = line.strip_prefix(LINE_PREFIX) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(json) {
-            let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-            let b = |k: &str| -> Vec<u8> {
-                use base64::Engine as _;
-                base64::engine::general_purpose::STANDARD
-                    .decode(v[k].as_str().unwrap_or_default())
-                    .unwrap_or_default()
-            };
-            return PushResponse {
-                response: String::new(),
-                progress: None,
-                sign_request: Some(SignRequest {
-                    token: s("token"),
-                    docker_reference: s("reference"),
-                    manifest_digest: s("digest"),
-                    simple_payload: b("simple"),
-                    sigstore_payload: b("sigstore"),
-                }),
-            };
-        }
+    match sign_request_of(&line) {
+        Some(r) => PushResponse {
+            response: String::new(),
+            progress: None,
+            sign_request: Some(r),
+        },
+        None => PushResponse {
+            response: line,
+            progress: None,
+            sign_request: None,
+        },
     }
-    PushResponse {
-        response: line,
-        progress: None,
-        sign_request: None,
+}
+
+/// `ManifestPushResponse` for a stream line, as [`push_message`].
+pub fn manifest_push_message(line: String) -> ManifestPushResponse {
+    match sign_request_of(&line) {
+        Some(r) => ManifestPushResponse {
+            result: String::new(),
+            sign_request: Some(r),
+        },
+        None => ManifestPushResponse {
+            result: line,
+            sign_request: None,
+        },
     }
+}
+
+/// The sign request a stream line carries, if it is one.
+fn sign_request_of(line: &str) -> Option<SignRequest> {
+    let json = line.strip_prefix(LINE_PREFIX)?;
+    let v = serde_json::from_str::<serde_json::Value>(json).ok()?;
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let b = |k: &str| -> Vec<u8> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(v[k].as_str().unwrap_or_default())
+            .unwrap_or_default()
+    };
+    Some(SignRequest {
+        token: s("token"),
+        docker_reference: s("reference"),
+        manifest_digest: s("digest"),
+        simple_payload: b("simple"),
+        sigstore_payload: b("sigstore"),
+    })
 }
 
 /// The destination of a signed push, checked before anything is pushed: somewhere to put
