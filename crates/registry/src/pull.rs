@@ -374,9 +374,6 @@ fn pull_from(
         None => source.reference.tag().unwrap_or("latest").to_string(),
     };
     let mut fetched = get_manifest(&client, &repo, &wanted)?;
-    // supply chain: policy.json's signature requirements, on the manifest as fetched (a
-    // list's own digest), before anything is stored.
-    crate::signatures::verify_pull(ctx, &client, &repo, name, &fetched)?;
     if media::manifest_kind(&fetched.media_type) == media::ManifestKind::List {
         let what = format!("manifest list {repo}:{wanted}");
         let index: Index =
@@ -388,6 +385,10 @@ fn pull_from(
         let d = pick_platform_for(&index, &what, platform).map_err(RegistryError::Invalid)?;
         fetched = get_manifest(&client, &repo, d.digest.as_str())?;
     }
+    // supply chain: policy.json's signature requirements, on the image manifest taken (of
+    // a list, the entry's, as containers/image checks the instance it copies), before
+    // anything is stored.
+    crate::signatures::verify_pull(ctx, &client, &repo, name, &fetched)?;
     let what = format!("manifest {repo}:{wanted}");
     let bad = |reason: String| RegistryError::BadContent {
         registry: client.host().to_string(),

@@ -241,6 +241,27 @@ fn read_attachments(
     Ok(())
 }
 
+/// The manifests a signed push of `digest` to `dest` signs: each image of a list and the
+/// list itself (as `skopeo copy --all --sign-by` does, since a pull checks the image it
+/// takes), or the one image.
+pub fn digests_to_sign(ctx: &Context, dest: &Reference, digest: &Digest) -> Result<Vec<Digest>> {
+    let endpoint = crate::resolve::push_endpoint(&ctx.registries, dest)?;
+    let client = ctx.client(endpoint)?;
+    let fetched = pull::get_manifest(&client, dest.path(), digest.as_str())?;
+    let mut out = Vec::new();
+    if media::manifest_kind(&fetched.media_type) == media::ManifestKind::List {
+        let index: isula_types::image::Index =
+            serde_json::from_slice(&fetched.bytes).map_err(|e| RegistryError::BadContent {
+                registry: client.host().to_string(),
+                what: format!("manifest list {}@{digest}", dest.path()),
+                reason: e.to_string(),
+            })?;
+        out.extend(index.manifests.iter().map(|d| d.digest.clone()));
+    }
+    out.push(digest.clone());
+    Ok(out)
+}
+
 /// A signature a client made for a push.
 #[derive(Debug, Clone)]
 pub enum NewSignature {

@@ -117,9 +117,31 @@ pub fn check_before_push(
     Ok(Some(r))
 }
 
-/// After the push of `digest` as `dest`: asks the client for its signatures, waits for
-/// them, checks and stores them.
+/// After the push of `digest` as `dest`: has the client sign it (and, for a list, each of
+/// its images first), one request at a time.
 pub fn sign_pushed(
+    state: &State,
+    dest: &Reference,
+    digest: &Digest,
+    wanted: Wanted,
+    cancel: &Cancel,
+    out: &mut dyn FnMut(String),
+) -> Result<(), Status> {
+    let digests = signatures::digests_to_sign(&state.registry, dest, digest).map_err(|e| {
+        error::status(
+            e.kind(),
+            format!("{dest}: pushed as {digest}, but reading it back to sign it failed: {e}"),
+        )
+    })?;
+    for d in &digests {
+        sign_one(state, dest, d, wanted, cancel, out)?;
+    }
+    Ok(())
+}
+
+/// Asks the client to sign `digest` as `dest`, waits for the signatures, checks and
+/// stores them.
+fn sign_one(
     state: &State,
     dest: &Reference,
     digest: &Digest,
