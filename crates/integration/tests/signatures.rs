@@ -318,7 +318,8 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
          \"{host}/signed\":{},\
          \"{host}/bydata\":{},\
          \"{host}/bypaths\":{},\
-         \"{host}/remapped\":{}}}}}}}",
+         \"{host}/remapped\":{},\
+         \"{host}/viahttp\":{}}}}}}}",
         signed_by(&key_path, ""),
         signed_by(
             &key_data,
@@ -331,8 +332,16 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
                 ",\"signedIdentity\":{{\"type\":\"remapIdentity\",\"prefix\":\"{host}/remapped\",\"signedPrefix\":\"{host}/signed\"}}"
             )
         ),
+        signed_by(&key_path, ""),
     );
-    let lookaside = format!("default-docker:\n  lookaside: file://{}\n", sigs.display());
+    // The same signatures over HTTP for one scope (a `docker:` entry over the default).
+    std::fs::create_dir_all(&sigs).expect("mkdir");
+    let http = isula_integration::http_files::HttpFiles::serve(&sigs);
+    let lookaside = format!(
+        "default-docker:\n  lookaside: file://{}\ndocker:\n  {host}/viahttp:\n    lookaside: {}\n",
+        sigs.display(),
+        http.url("")
+    );
     let d = Daemon::start_configured(
         &[
             ("registries.toml", &insecure_registries(&[&host])),
@@ -363,6 +372,27 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
         skopeo_accepts(&policy_file, &regd, &image).expect("skopeo accepts");
         d.ok(&["ctr-img", "pull", &image]);
     }
+    // An http:// lookaside: found there, and only there (no signature: refused).
+    let via_http = format!("{host}/viahttp/app:1");
+    sign_copy(&ours, &via_http);
+    skopeo_accepts(&policy_file, &regd, &via_http).expect("skopeo over http");
+    d.ok(&["ctr-img", "pull", &via_http]);
+    assert!(
+        http.hits()
+            .iter()
+            .any(|h| h.starts_with("/viahttp/app@sha256=") && h.ends_with("/signature-1")),
+        "{:?}",
+        http.hits()
+    );
+    let http_unsigned = format!("{host}/viahttp/unsigned:1");
+    copy(None, None, &base, &http_unsigned, &[]);
+    refused(
+        &d,
+        &http_unsigned,
+        "signedBy",
+        "no simple-signing signature",
+    );
+    assert!(skopeo_accepts(&policy_file, &regd, &http_unsigned).is_err());
     // matchRepoDigestOrExact takes the repository's signature for a pull by digest.
     d.ok(&["ctr-img", "pull", &format!("{host}/signed/app@{digest}")]);
     // remapIdentity: the signature for signed/app:1 stands for remapped/app:1.
@@ -437,6 +467,27 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
     );
     std::fs::write(ctx.join("Dockerfile"), format!("FROM {app}\n")).expect("df");
     d.ok(&["ctr-img", "build", ctx.to_str().expect("path")]);
+    // So is a named context's image.
+    std::fs::write(ctx.join("Dockerfile"), "FROM base\n").expect("df");
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--build-context",
+        &format!("base=docker-image://{stranger}"),
+        ctx.to_str().expect("path"),
+    ]);
+    assert!(
+        err.contains("not signed by any key the policy names"),
+        "{err}"
+    );
+    d.ok(&["ctr-img", "rm", "-a"]);
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "--build-context",
+        &format!("base=docker-image://{app}"),
+        ctx.to_str().expect("path"),
+    ]);
 }
 
 #[test]
