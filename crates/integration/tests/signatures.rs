@@ -453,7 +453,7 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
     d.ok(&["ctr-img", "pull", &tampered]);
     d.ok(&["ctr-img", "rm", "-a"]);
     tamper(&signature_dir(&sigs, "signed/tampered").join("signature-1"));
-    refused(&d, &tampered, "signedBy", "does not verify");
+    refused(&d, &tampered, "signedBy", "signature 1: ");
     assert!(skopeo_accepts(&policy_file, &regd, &tampered).is_err());
 
     // A build's FROM is held to the same policy.
@@ -600,12 +600,54 @@ fn our_gpg_signed_push_is_accepted_by_skopeo() {
     // Tampered: refused by both.
     tamper(&sig);
     assert!(skopeo_accepts(&policy_file, &regd, &app).is_err());
-    refused(&d, &app, "signedBy", "does not verify");
+    refused(&d, &app, "signedBy", "signature 1: ");
 
     // `manifest push --sign-by` signs the list's own digest: skopeo and we accept it;
     // unsigned, the same list is refused.
     let one = format!("{host}/mine/one:1");
     d.import_busybox(&one, &[]);
+
+    // `build -o docker:// --sign-by` signs what it pushed; without a push it is refused.
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {one}\nLABEL signed=yes\n"),
+    )
+    .expect("df");
+    let built = format!("{host}/mine/built:1");
+    let out = format!("docker://{built}");
+    let mut c = d.cli_command(&[
+        "ctr-img",
+        "build",
+        "--sign-by",
+        &ours.fpr,
+        "-o",
+        &out,
+        ctx.to_str().expect("path"),
+    ]);
+    ours.env(&mut c);
+    let o = c.output().expect("build");
+    assert!(
+        o.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        d.log()
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("Signed {built}")));
+    skopeo_accepts(&policy_file, &regd, &built).expect("skopeo accepts the signed build");
+    let mut c = d.cli_command(&[
+        "ctr-img",
+        "build",
+        "--sign-by",
+        &ours.fpr,
+        ctx.to_str().expect("path"),
+    ]);
+    ours.env(&mut c);
+    let o = c.output().expect("build");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("-o docker://"), "{err}");
     let list = format!("{host}/mine/list:1");
     d.ok(&["manifest", "create", &list, &one]);
     let unsigned_list = format!("{host}/mine/unsigned-list:1");

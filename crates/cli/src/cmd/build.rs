@@ -30,6 +30,9 @@ pub struct Args {
     /// oci://REGISTRY/REPO:TAG (pushed with an OCI manifest)
     #[arg(short = 'o', long = "output")]
     pub output: Option<String>,
+    /// supply chain: sign what -o docker://... pushes
+    #[command(flatten)]
+    pub sign: super::sign::SignArgs,
     /// Pass the proxy variables of the daemon's environment to RUN
     #[arg(long = "proxy", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub proxy: bool,
@@ -357,6 +360,8 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         .map(|spec| build_context(spec))
         .collect::<Result<Vec<_>>>()?;
     let agents = super::build_session::agents(&args.ssh)?;
+    // supply chain: keys checked before the build starts.
+    let signer = args.sign.signer()?;
     let req = BuildRequest {
         build_id: build_id.clone(),
         build_type: "ctr-img".into(),
@@ -392,6 +397,8 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         cache_from: args.cache_from,
         cache_to: args.cache_to.unwrap_or_default(),
         cache_mounts: args.cache_mounts,
+        sign_simple: signer.as_ref().is_some_and(|s| s.wants_simple()),
+        sign_sigstore: signer.as_ref().is_some_and(|s| s.wants_sigstore()),
         progress: crate::progress::wanted(),
         secrets,
         ssh_ids: agents.ids(),
@@ -475,7 +482,15 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     // If the build fails, its log may still be streaming: stop it (dropping the call), as a
     // failed log would stop the build.
     let result = match client.build(req).await {
-        Ok(_) => printer.await.context("log printer")?,
+        Ok(resp) => {
+            let printed = printer.await.context("log printer")?;
+            match (&signer, printed) {
+                (Some(signer), Ok(())) => {
+                    super::sign::answer_all(client, signer, resp.into_inner().sign_requests).await
+                }
+                (_, r) => r,
+            }
+        }
         Err(e) => {
             printer.abort();
             Err(e.into())

@@ -181,3 +181,20 @@ pub async fn follow<T>(
     }
     Ok(())
 }
+
+/// Answers the sign requests a unary call (a build) returned.
+pub async fn answer_all(
+    client: &Client,
+    signer: &Signer,
+    requests: Vec<SignRequest>,
+) -> Result<()> {
+    if requests.is_empty() {
+        bail!("the image was pushed, but the daemon did not ask for signatures (does it support signing?): it is not signed");
+    }
+    for r in requests {
+        let reference = r.docker_reference.clone();
+        signer.answer(client, r).await?;
+        println!("Signed {reference}");
+    }
+    Ok(())
+}

@@ -14,7 +14,7 @@ use isula_trust::payload::{self, Format};
 use isula_types::{Digest, Reference};
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use tonic::Status;
 
@@ -139,8 +139,111 @@ pub fn sign_pushed(
     Ok(())
 }
 
-/// Asks the client to sign `digest` as `dest`, waits for the signatures, checks and
-/// stores them.
+/// One manifest waiting for its client's signatures: registered under a fresh token
+/// until [`Pending::wait`] ends.
+struct Pending {
+    token: String,
+    reference: String,
+    digest: Digest,
+    simple: Option<Vec<u8>>,
+    sigstore: Option<Vec<u8>>,
+    rx: std::sync::mpsc::Receiver<Delivery>,
+}
+
+impl Pending {
+    fn new(dest: &Reference, digest: &Digest, wanted: Wanted) -> Pending {
+        let token = hex::encode(rand::random::<[u8; 16]>());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        let reference = dest.to_string();
+        let simple = wanted
+            .simple
+            .then(|| payload::make(Format::SimpleSigning, &reference, digest.as_str(), now));
+        let sigstore = wanted
+            .sigstore
+            .then(|| payload::make(Format::Sigstore, &reference, digest.as_str(), now));
+        let (tx, rx) = sync_channel::<Delivery>(1);
+        pending().insert(token.clone(), tx);
+        Pending {
+            token,
+            reference,
+            digest: digest.clone(),
+            simple,
+            sigstore,
+            rx,
+        }
+    }
+
+    fn request(&self) -> SignRequest {
+        SignRequest {
+            token: self.token.clone(),
+            docker_reference: self.reference.clone(),
+            manifest_digest: self.digest.to_string(),
+            simple_payload: self.simple.clone().unwrap_or_default(),
+            sigstore_payload: self.sigstore.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The request as a stream line (see [`push_message`]).
+    fn line(&self) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let line = serde_json::json!({
+            "token": self.token,
+            "reference": self.reference,
+            "digest": self.digest.to_string(),
+            "simple": self.simple.as_ref().map(|p| b64.encode(p)).unwrap_or_default(),
+            "sigstore": self.sigstore.as_ref().map(|p| b64.encode(p)).unwrap_or_default(),
+        });
+        format!("{LINE_PREFIX}{line}")
+    }
+
+    /// Waits for the signatures (the token is gone afterwards, whatever happened), checks
+    /// and stores them, and tells `PutSignatures` how that went.
+    fn wait(self, state: &State, dest: &Reference, cancel: &Cancel) -> Result<(), Status> {
+        let deadline = Instant::now() + SIGN_TIMEOUT;
+        let delivery = loop {
+            if cancel.check().is_err() {
+                pending().remove(&self.token);
+                return Err(Status::cancelled(
+                    "push cancelled while waiting for signatures",
+                ));
+            }
+            match self.rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(d) => break d,
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(_) => {
+                    pending().remove(&self.token);
+                    return Err(Status::deadline_exceeded(format!(
+                        "{}: pushed as {}, but the client sent no signatures within {}s: it is not signed",
+                        self.reference,
+                        self.digest,
+                        SIGN_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        };
+        pending().remove(&self.token);
+        let result = check_and_store(
+            state,
+            dest,
+            &self.digest,
+            self.simple,
+            self.sigstore,
+            &delivery.req,
+        );
+        let _ = delivery.reply.send(result.clone());
+        if result.is_ok() {
+            tracing::info!(image = %self.reference, manifest = %self.digest, "signatures stored");
+        }
+        result
+    }
+}
+
+/// Asks the client to sign `digest` as `dest` over the push's stream, waits for the
+/// signatures, checks and stores them.
 fn sign_one(
     state: &State,
     dest: &Reference,
@@ -149,59 +252,42 @@ fn sign_one(
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let token = hex::encode(rand::random::<[u8; 16]>());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default();
-    let reference = dest.to_string();
-    let simple = wanted
-        .simple
-        .then(|| payload::make(Format::SimpleSigning, &reference, digest.as_str(), now));
-    let sigstore = wanted
-        .sigstore
-        .then(|| payload::make(Format::Sigstore, &reference, digest.as_str(), now));
-    let (tx, rx) = sync_channel::<Delivery>(1);
-    pending().insert(token.clone(), tx);
-    let line = serde_json::json!({
-        "token": token,
-        "reference": reference,
-        "digest": digest.to_string(),
-        "simple": simple.as_ref().map(|p| b64.encode(p)).unwrap_or_default(),
-        "sigstore": sigstore.as_ref().map(|p| b64.encode(p)).unwrap_or_default(),
-    });
-    out(format!("Signing manifest {digest} as {reference}\n"));
-    out(format!("{LINE_PREFIX}{line}"));
-    let deadline = Instant::now() + SIGN_TIMEOUT;
-    let delivery = loop {
-        if cancel.check().is_err() {
-            pending().remove(&token);
-            return Err(Status::cancelled(
-                "push cancelled while waiting for signatures",
-            ));
-        }
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(d) => break d,
-            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-            Err(_) => {
-                pending().remove(&token);
-                return Err(Status::deadline_exceeded(format!(
-                    "{reference}: pushed as {digest}, but the client sent no signatures within {}s: the image is not signed",
-                    SIGN_TIMEOUT.as_secs()
-                )));
+    let p = Pending::new(dest, digest, wanted);
+    out(format!("Signing manifest {digest} as {dest}\n"));
+    out(p.line());
+    p.wait(state, dest, cancel)?;
+    out(format!("Storing signatures of {dest}\n"));
+    Ok(())
+}
+
+/// For a unary call (a build's `-o docker://`): the sign requests for what was pushed,
+/// each waited for on a thread of its own (up to [`SIGN_TIMEOUT`]) and stored when its
+/// signatures come.
+pub fn ask_later(
+    state: &Arc<State>,
+    dest: &Reference,
+    digest: &Digest,
+    wanted: Wanted,
+) -> Result<Vec<SignRequest>, Status> {
+    let digests = signatures::digests_to_sign(&state.registry, dest, digest).map_err(|e| {
+        error::status(
+            e.kind(),
+            format!("{dest}: pushed as {digest}, but reading it back to sign it failed: {e}"),
+        )
+    })?;
+    let mut out = Vec::new();
+    for d in &digests {
+        let p = Pending::new(dest, d, wanted);
+        out.push(p.request());
+        let (state, dest) = (state.clone(), dest.clone());
+        std::thread::spawn(move || {
+            let never = Cancel::from_flag(Arc::new(std::sync::atomic::AtomicBool::new(false)));
+            if let Err(e) = p.wait(&state, &dest, &never) {
+                tracing::warn!(image = %dest, error = %e.message(), "signing a built image");
             }
-        }
-    };
-    pending().remove(&token);
-    let result = check_and_store(state, dest, digest, simple, sigstore, &delivery.req);
-    let _ = delivery.reply.send(result.clone());
-    if result.is_ok() {
-        out(format!("Storing signatures of {reference}\n"));
-        tracing::info!(image = %reference, manifest = %digest, "signatures stored");
+        });
     }
-    result
+    Ok(out)
 }
 
 fn check_and_store(
