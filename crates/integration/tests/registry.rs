@@ -237,7 +237,7 @@ fn missing_images_and_blocked_registries_fail_clearly() {
         "{}[[registry]]\nlocation = \"blocked.example\"\nblocked = true\n",
         insecure_registries(&[&host])
     );
-    let policy = "{\"default\":[{\"type\":\"insecureAcceptAnything\"}],\"transports\":{\"docker\":{\"127.0.0.1:1/rejected\":[{\"type\":\"reject\"}]',\"127.0.0.1:1/signed\":[{\"type\":\"signedBy\",\"keyType\":\"GPGKeys\",\"keyPath\":\"/etc/pki/k.gpg\"}]}}}";
+    let policy = "{\"default\":[{\"type\":\"insecureAcceptAnything\"}],\"transports\":{\"docker\":{\"127.0.0.1:1/rejected\":[{\"type\":\"reject\"}],\"127.0.0.1:1/signed\":[{\"type\":\"signedBy\",\"keyType\":\"GPGKeys\",\"keyPath\":\"/etc/pki/k.gpg\"}]}}}";
     let d = Daemon::start_configured(
         &[("registries.toml", &conf), ("policy.json", policy)],
         &[],
