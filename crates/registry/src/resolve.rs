@@ -151,6 +151,24 @@ pub fn check_policy(policy: Option<&Policy>, r: &Reference) -> Result<()> {
     Ok(())
 }
 
+/// supply chain: for what no signature covers (build-cache records read by
+/// `--cache-from`): refused where policy.json rejects, and where it asks for signatures.
+pub fn check_policy_unsigned(policy: Option<&Policy>, r: &Reference) -> Result<()> {
+    check_policy(policy, r)?;
+    let Some(p) = policy else { return Ok(()) };
+    let (list, scope) = p.for_docker(r);
+    if let Some(req) = list
+        .iter()
+        .find(|q| !matches!(q, Requirement::InsecureAcceptAnything | Requirement::Reject))
+    {
+        return Err(RegistryError::Config(format!(
+            "policy.json requires a {} signature for {r} (scope {scope}); build-cache records are not signed images, so they are not read from there",
+            req.type_name()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +246,15 @@ blocked = true
         let yes = Reference::parse("r.io/open:1").expect("ref");
         assert!(check_policy(Some(&p), &no).is_err());
         assert!(check_policy(Some(&p), &yes).is_ok());
+        let signed = Policy::parse(
+            "policy.json",
+            r#"{"default":[{"type":"signedBy","keyType":"GPGKeys","keyPath":"/k"}]}"#,
+        )
+        .expect("p");
+        // Signatures are checked once fetched; a cache source is refused up front.
+        assert!(check_policy(Some(&signed), &yes).is_ok());
+        assert!(check_policy_unsigned(Some(&signed), &yes).is_err());
+        assert!(check_policy_unsigned(Some(&p), &yes).is_ok());
         let all = Policy::parse("policy.json", r#"{"default":[{"type":"reject"}]}"#).expect("p");
         assert!(check_policy(Some(&all), &yes).is_err());
         assert!(check_policy(None, &yes).is_ok());
