@@ -346,3 +346,40 @@ pub fn put_signatures(req: PutSignaturesRequest) -> Result<(), Status> {
         .recv()
         .map_err(|_| Status::aborted("the push ended before storing the signatures"))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_requests_travel_as_stream_lines() {
+        let dest = Reference::parse("r.io/a:1").expect("ref");
+        let digest = Digest::of_bytes(b"manifest");
+        let p = Pending::new(
+            &dest,
+            &digest,
+            Wanted {
+                simple: true,
+                sigstore: false,
+            },
+        );
+        let m = push_message(p.line());
+        assert!(m.response.is_empty());
+        let r = m.sign_request.expect("a sign request");
+        assert_eq!(r, p.request());
+        let claims = payload::parse(Format::SimpleSigning, &r.simple_payload).expect("payload");
+        assert_eq!(claims.docker_reference, "r.io/a:1");
+        assert_eq!(claims.manifest_digest, digest.to_string());
+        assert!(r.sigstore_payload.is_empty());
+        assert_eq!(manifest_push_message(p.line()).sign_request, Some(r));
+        assert_eq!(push_message("text\n".into()).response, "text\n");
+        pending().remove(&p.token);
+        // An unknown token finds no push.
+        let e = put_signatures(PutSignaturesRequest {
+            token: p.token.clone(),
+            ..Default::default()
+        })
+        .expect_err("no such push");
+        assert_eq!(e.code(), tonic::Code::NotFound);
+    }
+}
