@@ -319,7 +319,10 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
          \"{host}/bydata\":{},\
          \"{host}/bypaths\":{},\
          \"{host}/remapped\":{},\
-         \"{host}/viahttp\":{}}}}}}}",
+         \"{host}/viahttp\":{},\
+         \"{host}/exactrepo\":{},\
+         \"{host}/exactref\":{},\
+         \"{host}/matchexact\":{}}}}}}}",
         signed_by(&key_path, ""),
         signed_by(
             &key_data,
@@ -333,6 +336,15 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
             )
         ),
         signed_by(&key_path, ""),
+        signed_by(
+            &key_path,
+            &format!(",\"signedIdentity\":{{\"type\":\"exactRepository\",\"dockerRepository\":\"{host}/signed/app\"}}")
+        ),
+        signed_by(
+            &key_path,
+            &format!(",\"signedIdentity\":{{\"type\":\"exactReference\",\"dockerReference\":\"{host}/signed/app:1\"}}")
+        ),
+        signed_by(&key_path, ",\"signedIdentity\":{\"type\":\"matchExact\"}"),
     );
     // The same signatures over HTTP for one scope (a `docker:` entry over the default).
     std::fs::create_dir_all(&sigs).expect("mkdir");
@@ -409,6 +421,31 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
     .expect("cp");
     skopeo_accepts(&policy_file, &regd, &format!("{host}/remapped/app:1")).expect("remap");
     d.ok(&["ctr-img", "pull", &format!("{host}/remapped/app:1")]);
+    // exactRepository and exactReference: the signature for signed/app:1 stands for any
+    // image the rule names it for; the same image under a tag exactReference does not name
+    // is still accepted (the rule ignores the pulled name), as skopeo agrees.
+    for (repo, tag) in [("exactrepo", "5"), ("exactref", "9")] {
+        let image = format!("{host}/{repo}/app:{tag}");
+        copy(None, None, &app, &image, &[]);
+        let dir = sigs.join(format!(
+            "{repo}/{}",
+            sig_dir.file_name().expect("name").to_string_lossy()
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::copy(sig_dir.join("signature-1"), dir.join("signature-1")).expect("cp");
+        skopeo_accepts(&policy_file, &regd, &image).expect("skopeo exact rules");
+        d.ok(&["ctr-img", "pull", &image]);
+    }
+    // matchExact: the signed tag passes; a pull by digest does not (the signature names a
+    // tag), where matchRepoDigestOrExact took it: both tools agree.
+    let exact = format!("{host}/matchexact/app:1");
+    sign_copy(&ours, &exact);
+    skopeo_accepts(&policy_file, &regd, &exact).expect("skopeo matchExact");
+    d.ok(&["ctr-img", "pull", &exact]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let exact_digest = format!("{host}/matchexact/app@{digest}");
+    assert!(skopeo_accepts(&policy_file, &regd, &exact_digest).is_err());
+    refused(&d, &exact_digest, "signedBy", "matchExact does not accept");
     d.ok(&["ctr-img", "rm", "-a"]);
 
     // No signature at all.
