@@ -801,6 +801,7 @@ fn attach_openssl_signature(
     identity: &str,
     private: &Path,
     work: &Path,
+    tamper_payload: bool,
 ) {
     let digest = manifest_digest(image);
     let payload = serde_json::json!({
@@ -826,6 +827,12 @@ fn attach_openssl_signature(
     );
     let sig_b64 =
         base64::engine::general_purpose::STANDARD.encode(std::fs::read(&sig_file).expect("sig"));
+    // Tampered: the same claims, one byte more than what was signed.
+    let payload = if tamper_payload {
+        format!("{payload} ")
+    } else {
+        payload
+    };
     let mut layout = isula_integration::oci_layout::Layout::new(&dir.path().join("layout"));
     let mut layer = layout
         .blob(
@@ -939,7 +946,7 @@ fn sigstore_signatures_verify_with_openssl_both_ways() {
             .arg("-out")
             .arg(&ec_pub),
     );
-    attach_openssl_signature(&host, "ssext/app", &ext, &ext, &ec, work.path());
+    attach_openssl_signature(&host, "ssext/app", &ext, &ext, &ec, work.path(), false);
     let d2 = Daemon::start_configured(
         &[
             ("registries.toml", &insecure_registries(&[&host])),
@@ -966,8 +973,32 @@ fn sigstore_signatures_verify_with_openssl_both_ways() {
         &ext_other,
         &ec,
         work.path(),
+        false,
     );
-    refused(&d2, &ext_other, "sigstoreSigned", "not signed by any key");
+    refused(
+        &d2,
+        &ext_other,
+        "sigstoreSigned",
+        "does not verify with any key",
+    );
+    // Tampered: the payload differs by a byte from what openssl signed.
+    let ext_tampered = format!("{host}/ssext/app/tampered:1");
+    copy(None, None, &base, &ext_tampered, &[]);
+    attach_openssl_signature(
+        &host,
+        "ssext/app/tampered",
+        &ext_tampered,
+        &ext_tampered,
+        &ec,
+        work.path(),
+        true,
+    );
+    refused(
+        &d2,
+        &ext_tampered,
+        "sigstoreSigned",
+        "does not verify with any key",
+    );
     drop(d2);
 
     // Unsigned, signed with another key, re-tagged: refused by both.
@@ -977,7 +1008,12 @@ fn sigstore_signatures_verify_with_openssl_both_ways() {
     let stranger = format!("{host}/ss/stranger:1");
     push_signed(&other, &stranger);
     d.ok(&["ctr-img", "rm", "-a"]);
-    refused(&d, &stranger, "sigstoreSigned", "not signed by any key");
+    refused(
+        &d,
+        &stranger,
+        "sigstoreSigned",
+        "does not verify with any key",
+    );
     let retagged = format!("{host}/ss/app:2");
     copy(None, None, &app, &retagged, &[]);
     refused(&d, &retagged, "sigstoreSigned", "does not accept");

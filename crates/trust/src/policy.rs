@@ -585,7 +585,10 @@ pub fn evaluate(
                     let r = public
                         .iter()
                         .find_map(|k| k.verify(&sig.payload, &sig.signature_b64).ok())
-                        .ok_or_else(|| "not signed by any key the policy names".to_string())
+                        .ok_or_else(|| {
+                            "does not verify with any key the policy names (another key, or altered)"
+                                .to_string()
+                        })
                         .and_then(|()| payload::parse(Format::Sigstore, &sig.payload))
                         .and_then(|c| check_claims(&c, image, identity));
                     match r {
