@@ -91,7 +91,11 @@ fn add_lookaside_blob(what: &str, blob: Vec<u8>, sigs: &mut Signatures) -> Resul
             use base64::Engine as _;
             let payload = base64::engine::general_purpose::STANDARD
                 .decode(&s.payload)
-                .unwrap_or_default();
+                .map_err(|e| RegistryError::BadContent {
+                    registry: "lookaside".into(),
+                    what: what.to_string(),
+                    reason: format!("sigstore signature payload: {e}"),
+                })?;
             sigs.sigstore.push(SigstoreSignature {
                 payload,
                 signature_b64: s
@@ -412,9 +416,14 @@ fn put_attachment(
 ) -> Result<()> {
     let tag = sigstore::attachment_tag(digest.as_str());
     let mut layers: Vec<Descriptor> = match pull::get_manifest(client, repo, &tag) {
+        // An attachment we cannot read is not overwritten (its signatures would be lost).
         Ok(f) => serde_json::from_slice::<Manifest>(&f.bytes)
             .map(|m| m.layers)
-            .unwrap_or_default(),
+            .map_err(|e| RegistryError::BadContent {
+                registry: client.host().to_string(),
+                what: format!("signature attachment {repo}:{tag}"),
+                reason: format!("not an image manifest, left as it is: {e}"),
+            })?,
         Err(RegistryError::NotFound { .. }) => Vec::new(),
         Err(e) => return Err(e),
     };
