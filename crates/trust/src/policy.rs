@@ -632,6 +632,18 @@ mod tests {
             ("reject", "*.example.com")
         );
         assert_eq!(p.for_docker(&r("other.io/a")).1, "default");
+        // The transport's "" scope comes before the policy's default.
+        let q = Policy::parse(
+            "policy.json",
+            r#"{"default":[{"type":"reject"}],"transports":{"docker":{"":[{"type":"insecureAcceptAnything"}],"a.io/x:1":[{"type":"reject"}]}}}"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            q.for_docker(&r("b.io/y")).0,
+            [Requirement::InsecureAcceptAnything]
+        );
+        assert_eq!(q.for_docker(&r("a.io/x:1")).1, "a.io/x:1");
+        assert_eq!(q.for_docker(&r("a.io/x:2")).1, "docker \"\"");
         for bad in [
             "{",
             r#"{"default":[]}"#,
