@@ -62,6 +62,9 @@ pub fn verify_pull(
         manifest_digest: &digest,
     };
     policy::evaluate(reqs, &scope, &image, &sigs)?;
+    if reqs.iter().any(Requirement::wants_signatures) {
+        tracing::info!(image = %name, manifest = %digest, %scope, "signatures verified");
+    }
     Ok(())
 }
 
