@@ -1133,6 +1133,28 @@ fn bad_keys_and_oversized_signatures_fail_clearly_and_store_nothing() {
     std::fs::write(&sig, vec![0x89u8; (4 << 20) + 1]).expect("big");
     refused(&d, &big, "signature-1", "larger than the limit");
 
+    // A sigstore signature with nowhere to go (no use-sigstore-attachments): refused
+    // before anything is pushed.
+    let key = sigstore_key(work.path(), "k", "ENCRYPTED SIGSTORE PRIVATE KEY");
+    let nowhere = format!("{host}/nowhere/app:1");
+    d.import_busybox(&nowhere, &[]);
+    let puts = reg.count_requests("PUT", "/manifests/");
+    let err = d.fails(&[
+        "ctr-img",
+        "push",
+        "--sign-by-sigstore-private-key",
+        key.private.to_str().expect("path"),
+        "--sign-passphrase-file",
+        key.passphrase.to_str().expect("path"),
+        &nowhere,
+    ]);
+    assert!(err.contains("use-sigstore-attachments"), "{err}");
+    assert_eq!(
+        reg.count_requests("PUT", "/manifests/"),
+        puts,
+        "nothing pushed"
+    );
+
     // Configuration the daemon cannot use stops its start, naming the file and the fault.
     for (file, text, want) in [
         (
