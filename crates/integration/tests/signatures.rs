@@ -39,7 +39,13 @@ struct Gpg {
 }
 
 impl Gpg {
+    /// A key of gpg's default algorithm (RSA with GnuPG 2.2).
     fn new(name: &str) -> Gpg {
+        Gpg::with_algo(name, "default")
+    }
+
+    /// A key of `algo` (`ed25519`: GnuPG 2.4's default).
+    fn with_algo(name: &str, algo: &str) -> Gpg {
         let home = tempfile::Builder::new()
             .prefix("gpg-")
             .tempdir_in("/tmp")
@@ -57,8 +63,8 @@ impl Gpg {
             "",
             "--quick-gen-key",
             &format!("{name} <{name}@example.com>"),
-            "default",
-            "default",
+            algo,
+            "sign",
             "never",
         ]);
         let colons = gpg(&["--list-keys", "--with-colons"]);
@@ -287,6 +293,7 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
     let host = reg.host();
     let ours = Gpg::new("trusted");
     let other = Gpg::new("stranger");
+    let modern = Gpg::with_algo("modern", "ed25519");
     let work = tempfile::tempdir().expect("tmp");
     let sigs = work.path().join("sigstore");
     // skopeo writes signatures where this registries.d says.
@@ -309,8 +316,9 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
         base64::engine::general_purpose::STANDARD.encode(&ours.armored)
     );
     let key_paths = format!(
-        "\"keyPaths\":[\"{}\",\"{}\"]",
+        "\"keyPaths\":[\"{}\",\"{}\",\"{}\"]",
         other.public.display(),
+        modern.public.display(),
         ours.public.display()
     );
     let policy = format!(
@@ -376,10 +384,13 @@ fn skopeo_gpg_signatures_verify_on_pull_and_the_refusals_match_skopeo() {
         "skopeo's lookaside layout"
     );
     let digest = digest_of(&sig_dir);
+    // An Ed25519 key among keyPaths.
+    sign_copy(&modern, &format!("{host}/bypaths/ed25519:1"));
     for image in [
         app.clone(),
         format!("{host}/bydata/app:7"),
         format!("{host}/bypaths/app:1"),
+        format!("{host}/bypaths/ed25519:1"),
     ] {
         skopeo_accepts(&policy_file, &regd, &image).expect("skopeo accepts");
         d.ok(&["ctr-img", "pull", &image]);
