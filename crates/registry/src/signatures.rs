@@ -128,17 +128,19 @@ fn read_lookaside(
         isula_trust::registries_d::Location::Dir(_) => {
             for i in 1..=SIGNATURES_MAX {
                 let path = at(i);
-                let blob =
-                    match isula_trust::read_capped(std::path::Path::new(&path), SIGNATURE_MAX) {
-                        Ok(b) => b,
-                        Err(_) if !std::path::Path::new(&path).exists() => break,
-                        Err(e) if e.starts_with("larger") => return Err(too_large(&path)),
-                        Err(e) => {
-                            return Err(RegistryError::Config(format!(
-                                "lookaside signature {path}: {e}"
-                            )))
-                        }
-                    };
+                let file = std::path::Path::new(&path);
+                let unreadable =
+                    |e: String| RegistryError::Config(format!("lookaside signature {path}: {e}"));
+                // The first missing index ends the list, as in containers/image.
+                let size = match std::fs::metadata(file) {
+                    Ok(m) => m.len(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) => return Err(unreadable(e.to_string())),
+                };
+                if size > SIGNATURE_MAX {
+                    return Err(too_large(&path));
+                }
+                let blob = isula_trust::read_capped(file, SIGNATURE_MAX).map_err(unreadable)?;
                 add_lookaside_blob(&path, blob, sigs)?;
             }
         }
