@@ -803,6 +803,70 @@ fn openssl_verifies_attachment(host: &str, repo: &str, image: &str, public: &Pat
     assert!(out.contains("Verified OK"), "{out}");
 }
 
+/// A cosign payload for `digest` claiming `identity`, signed by openssl with `private`:
+/// the payload (one byte more than what was signed when `tamper`) and the base64
+/// signature.
+fn openssl_sign(
+    digest: &str,
+    identity: &str,
+    private: &Path,
+    dir: &Path,
+    tamper: bool,
+) -> (String, String) {
+    let payload = serde_json::json!({
+        "critical": {
+            "identity": {"docker-reference": identity},
+            "image": {"docker-manifest-digest": digest},
+            "type": "cosign container image signature",
+        },
+        "optional": null,
+    })
+    .to_string();
+    let payload_file = dir.join("payload");
+    std::fs::write(&payload_file, &payload).expect("payload");
+    let sig_file = dir.join("sig.der");
+    run_ok(
+        Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(private)
+            .arg("-out")
+            .arg(&sig_file)
+            .arg(&payload_file),
+    );
+    let sig_b64 =
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&sig_file).expect("sig"));
+    let payload = if tamper {
+        format!("{payload} ")
+    } else {
+        payload
+    };
+    (payload, sig_b64)
+}
+
+/// Writes an openssl-made sigstore signature of `image` into a lookaside directory, in
+/// containers/image's tagged format (a 0 byte, `sigstore-json`, then JSON).
+fn lookaside_openssl_signature(
+    lookaside: &Path,
+    repo: &str,
+    image: &str,
+    private: &Path,
+    work: &Path,
+) {
+    let digest = manifest_digest(image);
+    let tmp = tempfile::tempdir_in(work).expect("tmp");
+    let (payload, sig_b64) = openssl_sign(&digest, image, private, tmp.path(), false);
+    let json = serde_json::json!({
+        "mimeType": "application/vnd.dev.cosign.simplesigning.v1+json",
+        "payload": base64::engine::general_purpose::STANDARD.encode(payload.as_bytes()),
+        "annotations": {"dev.cosignproject.cosign/signature": sig_b64},
+    });
+    let dir = lookaside.join(format!("{repo}@{}", digest.replacen(':', "=", 1)));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let mut blob = b"\x00sigstore-json\n".to_vec();
+    blob.extend_from_slice(json.to_string().as_bytes());
+    std::fs::write(dir.join("signature-1"), blob).expect("signature");
+}
+
 /// Signs, with openssl and `private`, a cosign payload claiming `identity` for `image`,
 /// and attaches it as cosign does (tag `sha256-<hex>.sig`, laid out by this test).
 fn attach_openssl_signature(
@@ -815,35 +879,8 @@ fn attach_openssl_signature(
     tamper_payload: bool,
 ) {
     let digest = manifest_digest(image);
-    let payload = serde_json::json!({
-        "critical": {
-            "identity": {"docker-reference": identity},
-            "image": {"docker-manifest-digest": digest},
-            "type": "cosign container image signature",
-        },
-        "optional": null,
-    })
-    .to_string();
     let dir = tempfile::tempdir_in(work).expect("tmp");
-    let payload_file = dir.path().join("payload");
-    std::fs::write(&payload_file, &payload).expect("payload");
-    let sig_file = dir.path().join("sig.der");
-    run_ok(
-        Command::new("openssl")
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(private)
-            .arg("-out")
-            .arg(&sig_file)
-            .arg(&payload_file),
-    );
-    let sig_b64 =
-        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&sig_file).expect("sig"));
-    // Tampered: the same claims, one byte more than what was signed.
-    let payload = if tamper_payload {
-        format!("{payload} ")
-    } else {
-        payload
-    };
+    let (payload, sig_b64) = openssl_sign(&digest, identity, private, dir.path(), tamper_payload);
     let mut layout = isula_integration::oci_layout::Layout::new(&dir.path().join("layout"));
     let mut layer = layout
         .blob(
@@ -958,18 +995,23 @@ fn sigstore_signatures_verify_with_openssl_both_ways() {
             .arg(&ec_pub),
     );
     attach_openssl_signature(&host, "ssext/app", &ext, &ext, &ec, work.path(), false);
+    let sigstore_lookaside = work.path().join("sigstore-lookaside");
     let d2 = Daemon::start_configured(
         &[
             ("registries.toml", &insecure_registries(&[&host])),
             (
                 "policy.json",
                 &format!(
-                    "{{\"default\":[{{\"type\":\"reject\"}}],\"transports\":{{\"docker\":{{\"{host}/ssext/app\":[{{\"type\":\"sigstoreSigned\",\"keyPath\":\"{}\"}}],\"{host}/ssext/other\":[{{\"type\":\"sigstoreSigned\",\"keyPath\":\"{}\"}}]}}}}}}",
+                    "{{\"default\":[{{\"type\":\"reject\"}}],\"transports\":{{\"docker\":{{\"{host}/ssext/app\":[{{\"type\":\"sigstoreSigned\",\"keyPath\":\"{}\"}}],\"{host}/ssext/other\":[{{\"type\":\"sigstoreSigned\",\"keyPath\":\"{}\"}}],\"{host}/sslookaside\":[{{\"type\":\"sigstoreSigned\",\"keyPath\":\"{}\"}}]}}}}}}",
                     ec_pub.display(),
-                    key.public.display()
+                    key.public.display(),
+                    ec_pub.display()
                 ),
             ),
-            ("registries.d/attachments.yaml", attachments),
+            (
+                "registries.d/attachments.yaml",
+                &format!("{attachments}  lookaside: file://{}\n", sigstore_lookaside.display()),
+            ),
         ],
         &[],
         &[],
@@ -1010,6 +1052,24 @@ fn sigstore_signatures_verify_with_openssl_both_ways() {
         "sigstoreSigned",
         "does not verify with any key",
     );
+    // A sigstore signature in the lookaside (containers/image's tagged format) counts
+    // too; without it, the same image is refused.
+    let in_lookaside = format!("{host}/sslookaside/app:1");
+    copy(None, None, &base, &in_lookaside, &[]);
+    refused(
+        &d2,
+        &in_lookaside,
+        "sigstoreSigned",
+        "no sigstore signature",
+    );
+    lookaside_openssl_signature(
+        &sigstore_lookaside,
+        "sslookaside/app",
+        &in_lookaside,
+        &ec,
+        work.path(),
+    );
+    d2.ok(&["ctr-img", "pull", &in_lookaside]);
     drop(d2);
 
     // Unsigned, signed with another key, re-tagged: refused by both.
