@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what isula-build needs from Debian's packages (only what is missing).
 #   scripts/deps.sh run    runc and busybox-static (the main job)
-#   scripts/deps.sh test   also skopeo, umoci, docker.io, bzip2, docker-registry, apache2-utils
+#   scripts/deps.sh test   also skopeo, gnupg (signatures), umoci, docker.io, bzip2, docker-registry, apache2-utils
 #                          (htpasswd), openssl, bsdutils (script), buildah, curl and e2fsprogs
 #                          (mkfs.ext4 for a small data root), openssh-client (ssh-agent for
 #                          --ssh), git, qemu-user-static and binfmt-support (RUN for other
@@ -14,7 +14,7 @@
 set -euo pipefail
 want=(runc busybox-static xz-utils)
 if [ "${1:-run}" = test ]; then
-    want+=(skopeo umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support uidmap passwd libcap2-bin binutils rpm debootstrap)
+    want+=(skopeo gnupg umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support uidmap passwd libcap2-bin binutils rpm debootstrap)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -1,9 +1,11 @@
 //! Compiles `proto/control.proto` with protox (pure Rust; no system protoc needed).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../proto");
+    // Read when the script runs (not when it was compiled: a build script compiled for
+    // another checkout of the workspace must not read that checkout's proto).
+    let proto_dir = format!("{}/../../proto", std::env::var("CARGO_MANIFEST_DIR")?);
     let proto = format!("{proto_dir}/control.proto");
     println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([&proto], [proto_dir])?;
+    let fds = protox::compile([&proto], [&proto_dir])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -307,6 +307,8 @@ pub struct Settings {
     pub mount_options: Vec<String>,
     pub registries: Registries,
     pub policy: Option<Policy>,
+    /// supply chain: `registries.d/*.yaml` beside policy.json.
+    pub registries_d: isula_trust::RegistriesD,
     /// The unix socket (None: only TCP listeners were asked for).
     pub socket: Option<PathBuf>,
     /// TCP listeners.
@@ -562,6 +564,8 @@ impl Settings {
             Some(t) => Some(Policy::parse(&policy_path.display().to_string(), &t)?),
             None => None,
         };
+        // supply chain
+        let registries_d = isula_trust::RegistriesD::load(&dir.join("registries.d"))?;
 
         let debug = flags.debug.or(conf.debug).unwrap_or(false);
         let log_level = match &flags.log_level {
@@ -689,6 +693,7 @@ impl Settings {
             mount_options,
             registries,
             policy,
+            registries_d,
             config_dir: dir.clone(),
             socket,
             tcp,

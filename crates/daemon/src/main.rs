@@ -26,7 +26,7 @@ fn init_logging(level: &str) {
         _ => "",
     };
     let filter = tracing_subscriber::EnvFilter::new(format!(
-        "{level},h2=warn,tower=warn,hyper=warn{phases},tonic::transport::server::io_stream=debug"
+        "{level},h2=warn,tower=warn,hyper=warn,pgp=warn{phases},tonic::transport::server::io_stream=debug"
     ));
     // Colour only for a terminal: a journal or a file gets plain lines.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -145,14 +145,18 @@ impl Control for Service {
         self.allow(&r, "pushing images", Role::Builder, true)?;
         let (name, opts, note, platform) =
             rpc::registry::validate_push(r.get_ref(), self.state.settings.compression)?;
+        // supply chain
+        let sign = rpc::sign::Wanted {
+            simple: r.get_ref().sign_simple,
+            sigstore: r.get_ref().sign_sigstore,
+        };
+        let signed_dest = rpc::sign::check_before_push(&self.state, &name, sign)?;
         let wrap = Wrap {
-            text: |response| PushResponse {
-                response,
-                progress: None,
-            },
+            text: rpc::sign::push_message,
             event: r.get_ref().progress.then_some(|p| PushResponse {
                 response: String::new(),
                 progress: Some(p),
+                sign_request: None,
             }),
         };
         Ok(Response::new(stream_blocking(
@@ -162,9 +166,25 @@ impl Control for Service {
                 if let Some(note) = note {
                     out(note);
                 }
-                rpc::registry::push(state, name, opts, platform.as_ref(), cancel, out)
+                let digest =
+                    rpc::registry::push(state, name, opts, platform.as_ref(), cancel, out)?;
+                match signed_dest {
+                    Some(dest) => rpc::sign::sign_pushed(state, &dest, &digest, sign, cancel, out),
+                    None => Ok(()),
+                }
             },
         )))
+    }
+
+    async fn put_signatures(
+        &self,
+        r: Request<isula_api::v1::PutSignaturesRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.allow(&r, "pushing images", Role::Builder, true)?;
+        let req = r.into_inner();
+        blocking(move || rpc::sign::put_signatures(req))
+            .await
+            .map(Response::new)
     }
 
     type PullStream = LineStream<PullResponse>;
@@ -345,11 +365,23 @@ impl Control for Service {
     ) -> Result<Response<Self::ManifestPushStream>, Status> {
         self.experimental(&r)?;
         let req = r.into_inner();
-        let wrap = Wrap::text(|result| ManifestPushResponse { result });
+        // supply chain
+        let sign = rpc::sign::Wanted {
+            simple: req.sign_simple,
+            sigstore: req.sign_sigstore,
+        };
+        let signed_dest = rpc::sign::check_before_push(&self.state, &req.dest, sign)?;
+        let wrap = Wrap::text(rpc::sign::manifest_push_message);
         Ok(Response::new(stream_blocking(
             &self.state,
             wrap,
-            move |state, cancel, out| rpc::manifest::push(state, req, cancel, out),
+            move |state, cancel, out| {
+                let digest = rpc::manifest::push(state, req, cancel, out)?;
+                match signed_dest {
+                    Some(dest) => rpc::sign::sign_pushed(state, &dest, &digest, sign, cancel, out),
+                    None => Ok(()),
+                }
+            },
         )))
     }
 

@@ -68,6 +68,7 @@ impl State {
         let registry = isula_registry::Context {
             registries: settings.registries.clone(),
             policy: settings.policy.clone(),
+            registries_d: settings.registries_d.clone(),
             certs_dir: settings.config_dir.join("certs.d"),
             auth: isula_registry::AuthFile::new(settings.config_dir.join("auth.json")),
             stall_timeout: settings.registry_stall_timeout,

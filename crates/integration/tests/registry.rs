@@ -250,12 +250,8 @@ fn missing_images_and_blocked_registries_fail_clearly() {
     assert!(err.contains("blocked"), "{err}");
     let err = d.fails(&["ctr-img", "pull", "127.0.0.1:1/rejected/x:1"]);
     assert!(err.contains("policy.json rejects"), "{err}");
-    // A signature requirement starts the daemon; what it governs fails, naming it.
-    let err = d.fails(&["ctr-img", "pull", "127.0.0.1:1/signed/x:1"]);
-    assert!(
-        err.contains("\"signedBy\"") && err.contains("cannot verify"),
-        "{err}"
-    );
+    // A signature requirement starts the daemon (what it governs is verified once the
+    // manifest is fetched: tests/signatures.rs).
     // Not insecure: a plain-HTTP registry is not used without TLS.
     let d2 = Daemon::start();
     let err = d2.fails(&["ctr-img", "pull", &format!("{host}/nothing:1")]);

@@ -376,7 +376,7 @@ pub struct Source {
 /// Reads the records of the cache `name` (mirrors first, as for pull).
 pub fn open(ctx: &Context, store: &Store, name: &str, cancel: &Cancel) -> Result<Source> {
     let r = parse_ref(name)?;
-    resolve::check_policy(ctx.policy.as_ref(), &r)?;
+    resolve::check_policy_unsigned(ctx.policy.as_ref(), &r)?;
     let wanted = match r.digest() {
         Some(d) => d.to_string(),
         None => r.tag().unwrap_or("latest").to_string(),

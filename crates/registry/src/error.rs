@@ -45,12 +45,10 @@ pub enum RegistryError {
     Blocked(String),
     #[error("policy.json rejects {0}")]
     Rejected(String),
-    /// policy.json asks for a signature check this daemon cannot make.
-    #[error("policy.json requires a {requirement:?} signature for {reference}, which isula-builder cannot verify: that requirement refuses it")]
-    Unverifiable {
-        reference: String,
-        requirement: String,
-    },
+    /// supply chain: policy.json refused the image (signatures), or a key it names is
+    /// unusable.
+    #[error(transparent)]
+    Trust(#[from] isula_trust::TrustError),
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("{0}")]
@@ -71,9 +69,11 @@ impl RegistryError {
             RegistryError::AllSourcesFailed { .. } => ErrorKind::Unavailable,
             RegistryError::BadContent { .. } => ErrorKind::DataLoss,
             RegistryError::Unsupported { .. } => ErrorKind::FailedPrecondition,
-            RegistryError::Blocked(_)
-            | RegistryError::Rejected(_)
-            | RegistryError::Unverifiable { .. } => ErrorKind::FailedPrecondition,
+            RegistryError::Blocked(_) | RegistryError::Rejected(_) => ErrorKind::FailedPrecondition,
+            RegistryError::Trust(e) => match e.kind() {
+                isula_trust::TrustErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
+                _ => ErrorKind::FailedPrecondition,
+            },
             RegistryError::Invalid(_) => ErrorKind::InvalidArgument,
             RegistryError::Config(_) => ErrorKind::FailedPrecondition,
             RegistryError::Cancelled => ErrorKind::Unavailable,

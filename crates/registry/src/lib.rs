@@ -13,6 +13,7 @@ pub mod pull;
 pub mod push;
 pub mod registries;
 pub mod resolve;
+pub mod signatures;
 
 pub use auth::{AuthFile, Credentials};
 pub use client::{Client, Endpoint};
@@ -42,6 +43,8 @@ impl ConfigError {
 pub struct Context {
     pub registries: Registries,
     pub policy: Option<Policy>,
+    /// supply chain: `registries.d/*.yaml`, where signatures are read and written.
+    pub registries_d: isula_trust::RegistriesD,
     /// `certs.d`: per-host `ca.crt` and client `*.cert`/`*.key`.
     pub certs_dir: PathBuf,
     pub auth: AuthFile,

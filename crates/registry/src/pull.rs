@@ -219,7 +219,11 @@ fn blob_what(repo: &str, desc: &Descriptor) -> String {
 }
 
 /// Starts the download of a blob: the response, once its status says success.
-fn get_blob(client: &Client, repo: &str, desc: &Descriptor) -> Result<reqwest::blocking::Response> {
+pub(crate) fn get_blob(
+    client: &Client,
+    repo: &str,
+    desc: &Descriptor,
+) -> Result<reqwest::blocking::Response> {
     let what = blob_what(repo, desc);
     let resp = client.send(
         &Req::retryable(
@@ -381,6 +385,10 @@ fn pull_from(
         let d = pick_platform_for(&index, &what, platform).map_err(RegistryError::Invalid)?;
         fetched = get_manifest(&client, &repo, d.digest.as_str())?;
     }
+    // supply chain: policy.json's signature requirements, on the image manifest taken (of
+    // a list, the entry's, as containers/image checks the instance it copies), before
+    // anything is stored.
+    crate::signatures::verify_pull(ctx, &client, &repo, name, &fetched)?;
     let what = format!("manifest {repo}:{wanted}");
     let bad = |reason: String| RegistryError::BadContent {
         registry: client.host().to_string(),

@@ -64,7 +64,7 @@ pub fn format_for(
     ))
 }
 
-fn scope_push(repo: &str) -> String {
+pub(crate) fn scope_push(repo: &str) -> String {
     format!("repository:{repo}:pull,push")
 }
 
@@ -76,7 +76,11 @@ pub enum Sent {
     Uploaded,
 }
 
-fn location(client: &Client, resp: &reqwest::blocking::Response, what: &str) -> Result<String> {
+pub(crate) fn location(
+    client: &Client,
+    resp: &reqwest::blocking::Response,
+    what: &str,
+) -> Result<String> {
     let loc = resp
         .headers()
         .get(LOCATION)
@@ -88,7 +92,7 @@ fn location(client: &Client, resp: &reqwest::blocking::Response, what: &str) -> 
         .map_err(|e| client.http_error(what, format!("bad Location {loc:?}: {e}")))
 }
 
-fn with_digest(url: &str, d: &Digest) -> String {
+pub(crate) fn with_digest(url: &str, d: &Digest) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}digest={d}")
 }

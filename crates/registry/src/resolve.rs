@@ -138,33 +138,33 @@ pub fn push_endpoint(regs: &Registries, r: &Reference) -> Result<Endpoint> {
     })
 }
 
-/// Whether policy.json lets images named `r` move through the `docker` transport. The most
-/// specific scope wins (`host/repo:tag`, `host/repo`, its parent namespaces, `host`), then
-/// the default; any `reject` in the chosen list refuses.
+/// Whether policy.json lets images named `r` move through the `docker` transport at all,
+/// before anything is fetched: the scope `Policy::for_docker` chooses, and any `reject` in
+/// it refuses. Signature requirements are checked once the manifest is fetched
+/// (`signatures::verify_pull`); pushes store signatures, they are not judged by them.
 pub fn check_policy(policy: Option<&Policy>, r: &Reference) -> Result<()> {
     let Some(p) = policy else { return Ok(()) };
-    let mut scopes = vec![r.to_string(), r.name()];
-    let mut name = r.name();
-    while let Some(i) = name.rfind('/') {
-        name.truncate(i);
-        scopes.push(name.clone());
-    }
-    let list = p
-        .transports
-        .get("docker")
-        .and_then(|t| scopes.iter().find_map(|s| t.get(s)))
-        .or_else(|| p.transports.get("docker").and_then(|t| t.get("")))
-        .unwrap_or(&p.default);
+    let (list, _) = p.for_docker(r);
     if list.contains(&Requirement::Reject) {
         return Err(RegistryError::Rejected(r.to_string()));
     }
-    if let Some(Requirement::Signature(kind)) =
-        list.iter().find(|q| matches!(q, Requirement::Signature(_)))
+    Ok(())
+}
+
+/// supply chain: for what no signature covers (build-cache records read by
+/// `--cache-from`): refused where policy.json rejects, and where it asks for signatures.
+pub fn check_policy_unsigned(policy: Option<&Policy>, r: &Reference) -> Result<()> {
+    check_policy(policy, r)?;
+    let Some(p) = policy else { return Ok(()) };
+    let (list, scope) = p.for_docker(r);
+    if let Some(req) = list
+        .iter()
+        .find(|q| !matches!(q, Requirement::InsecureAcceptAnything | Requirement::Reject))
     {
-        return Err(RegistryError::Unverifiable {
-            reference: r.to_string(),
-            requirement: kind.clone(),
-        });
+        return Err(RegistryError::Config(format!(
+            "policy.json requires a {} signature for {r} (scope {scope}); build-cache records are not signed images, so they are not read from there",
+            req.type_name()
+        )));
     }
     Ok(())
 }
@@ -246,6 +246,15 @@ blocked = true
         let yes = Reference::parse("r.io/open:1").expect("ref");
         assert!(check_policy(Some(&p), &no).is_err());
         assert!(check_policy(Some(&p), &yes).is_ok());
+        let signed = Policy::parse(
+            "policy.json",
+            r#"{"default":[{"type":"signedBy","keyType":"GPGKeys","keyPath":"/k"}]}"#,
+        )
+        .expect("p");
+        // Signatures are checked once fetched; a cache source is refused up front.
+        assert!(check_policy(Some(&signed), &yes).is_ok());
+        assert!(check_policy_unsigned(Some(&signed), &yes).is_err());
+        assert!(check_policy_unsigned(Some(&p), &yes).is_ok());
         let all = Policy::parse("policy.json", r#"{"default":[{"type":"reject"}]}"#).expect("p");
         assert!(check_policy(Some(&all), &yes).is_err());
         assert!(check_policy(None, &yes).is_ok());

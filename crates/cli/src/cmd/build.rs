@@ -30,6 +30,9 @@ pub struct Args {
     /// oci://REGISTRY/REPO:TAG (pushed with an OCI manifest)
     #[arg(short = 'o', long = "output")]
     pub output: Option<String>,
+    /// supply chain: sign what -o docker://... pushes
+    #[command(flatten)]
+    pub sign: super::sign::SignArgs,
     /// Pass the proxy variables of the daemon's environment to RUN
     #[arg(long = "proxy", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub proxy: bool,
@@ -418,6 +421,8 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         local_iidfile = iidfile.take();
     }
     let agents = super::build_session::agents(&args.ssh)?;
+    // supply chain: keys checked before the build starts.
+    let signer = args.sign.signer()?;
     let req = BuildRequest {
         build_id: build_id.clone(),
         build_type: "ctr-img".into(),
@@ -447,6 +452,8 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
         cache_from: args.cache_from,
         cache_to: args.cache_to.unwrap_or_default(),
         cache_mounts: args.cache_mounts,
+        sign_simple: signer.as_ref().is_some_and(|s| s.wants_simple()),
+        sign_sigstore: signer.as_ref().is_some_and(|s| s.wants_sigstore()),
         progress: crate::progress::wanted(),
         secrets,
         ssh_ids: agents.ids(),
@@ -535,13 +542,27 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     // If the build fails, its log may still be streaming: stop it (dropping the call), as a
     // failed log would stop the build.
     let mut result = match client.build(req).await {
-        Ok(r) => printer
-            .await
-            .context("log printer")?
-            .map(|()| r.into_inner().image_id),
+        Ok(resp) => {
+            let printed = printer.await.context("log printer")?;
+            let resp = resp.into_inner();
+            let id = resp.image_id;
+            match (&signer, printed) {
+                (Some(signer), Ok(())) => {
+                    super::sign::answer_all(client, signer, resp.sign_requests)
+                        .await
+                        .map(|()| id)
+                }
+                (_, r) => r.map(|()| id),
+            }
+        }
         Err(e) => {
             printer.abort();
-            Err(anyhow::anyhow!(outputs.explain(e.message())))
+            if outputs.is_empty() {
+                Err(e.into())
+            } else {
+                // Named by the user's paths, not the daemon's places for them.
+                Err(anyhow::anyhow!(outputs.explain(e.message())))
+            }
         }
     };
     if let Ok(id) = result.as_ref().map(String::clone) {

@@ -47,6 +47,8 @@ pub enum Manifest {
         list: String,
         /// Destination, e.g. registry.example.com/app:1.0
         dest: String,
+        #[command(flatten)]
+        sign: super::sign::SignArgs,
     },
 }
 
@@ -89,15 +91,31 @@ pub async fn run(client: &mut Client, m: Manifest) -> Result<()> {
                 .await?;
             println!("{}", indent4(&r.into_inner().data)?);
         }
-        Manifest::Push { list, dest } => {
+        Manifest::Push { list, dest, sign } => {
+            // supply chain: keys checked before anything is pushed.
+            let signer = sign.signer()?;
             let stream = client
                 .manifest_push(ManifestPushRequest {
                     manifest_list: list.clone(),
-                    dest,
+                    dest: dest.clone(),
+                    sign_simple: signer.as_ref().is_some_and(|s| s.wants_simple()),
+                    sign_sigstore: signer.as_ref().is_some_and(|s| s.wants_sigstore()),
                 })
                 .await?
                 .into_inner();
-            print_stream(stream, |r| r.result).await?;
+            match &signer {
+                Some(signer) => {
+                    super::sign::follow(
+                        client,
+                        signer,
+                        stream,
+                        |r| (r.result, r.sign_request),
+                        &dest,
+                    )
+                    .await?
+                }
+                None => print_stream(stream, |r| r.result).await?,
+            }
             println!("Push manifest list {list} succeed");
         }
     }

@@ -18,6 +18,7 @@ pub mod push;
 pub mod remote_files;
 pub mod rm;
 pub mod save;
+pub mod sign;
 pub mod tag;
 pub mod version;
 

@@ -25,6 +25,8 @@ pub struct Args {
     /// (os/arch[/variant]); without it the whole list goes
     #[arg(long)]
     pub platform: Option<String>,
+    #[command(flatten)]
+    pub sign: super::sign::SignArgs,
 }
 
 pub async fn run(client: &mut Client, args: Args) -> Result<()> {
@@ -39,6 +41,8 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     if !format.is_empty() && format != "docker" && format != "oci" {
         bail!("invalid --format {format:?}: use docker or oci");
     }
+    // supply chain: keys checked before anything is pushed.
+    let signer = args.sign.signer()?;
     let req = PushRequest {
         push_id: op_id(),
         image_name: args.name.clone(),
@@ -47,10 +51,30 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
         compression: args.compression.unwrap_or_default(),
         compression_level: args.compression_level,
         platform: args.platform.unwrap_or_default(),
+        sign_simple: signer.as_ref().is_some_and(|s| s.wants_simple()),
+        sign_sigstore: signer.as_ref().is_some_and(|s| s.wants_sigstore()),
     };
-    let live = req.progress;
+    let Some(signer) = signer else {
+        let live = req.progress;
+        let stream = client.push(req).await?.into_inner();
+        print_events(stream, |r| (r.response, r.progress), live).await?;
+        println!("Push success with image: {}", args.name);
+        return Ok(());
+    };
+    // A signed push: text only, and the sign request answered when it comes.
+    let req = PushRequest {
+        progress: false,
+        ..req
+    };
     let stream = client.push(req).await?.into_inner();
-    print_events(stream, |r| (r.response, r.progress), live).await?;
+    super::sign::follow(
+        client,
+        &signer,
+        stream,
+        |m| (m.response, m.sign_request),
+        &args.name,
+    )
+    .await?;
     println!("Push success with image: {}", args.name);
     Ok(())
 }

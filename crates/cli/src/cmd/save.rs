@@ -154,7 +154,14 @@ pub async fn run(client: &mut Client, args: Args) -> Result<()> {
     let stream = client.save(req).await?.into_inner();
     print_events(stream, |r| (r.log, r.progress), live)
         .await
-        .map_err(|e| anyhow::anyhow!(outputs.explain(&format!("{e:#}"))))?;
+        .map_err(|e| {
+            if outputs.is_empty() {
+                e
+            } else {
+                // Named by the user's paths, not the daemon's places for them.
+                anyhow::anyhow!(outputs.explain(&format!("{e:#}")))
+            }
+        })?;
     outputs.fetch(client).await?;
     // As isula-build prints it: the names as given, in Go's list format.
     println!("Save success with image: [{}]", args.images.join(" "));

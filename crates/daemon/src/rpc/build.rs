@@ -447,6 +447,23 @@ async fn run_inner(
             req.cache_to
         )));
     }
+    // supply chain: a signed build pushes (-o docker://), somewhere signatures can go.
+    let sign = crate::rpc::sign::Wanted {
+        simple: req.sign_simple,
+        sigstore: req.sign_sigstore,
+    };
+    match &output {
+        Output::Registry(dest, _) => {
+            crate::rpc::sign::check_before_push(&state, &dest.to_string(), sign)?;
+        }
+        _ if sign.any() => {
+            return Err(error::invalid(
+                "--sign-by and --sign-by-sigstore-private-key sign a push: use -o docker://REGISTRY/REPO:TAG",
+            ))
+        }
+        _ => {}
+    }
+    let pushed = Arc::new(std::sync::Mutex::new(None));
     let (push_opts, push_note) = match &output {
         Output::Registry(_, kind_oci) => crate::rpc::registry::push_options(
             if *kind_oci || oci { "oci" } else { &req.format },
@@ -574,6 +591,7 @@ async fn run_inner(
         tx,
         cancel: cancel.clone(),
         _context_locks: context_locks,
+        pushed: pushed.clone(),
     };
     // The build runs in its own task: if this call is dropped (the client went away) the
     // guard cancels it, and the task still cleans up and releases the build's slot.
@@ -599,7 +617,24 @@ async fn run_inner(
         .await
         .unwrap_or_else(|e| Err(error::internal(format!("build task: {e}"))));
     guard.1 = true;
-    result.map(|image_id| BuildResponse { image_id })
+    let image_id = result?;
+    let pushed = pushed.lock().unwrap_or_else(|p| p.into_inner()).take();
+    // The registry client blocks: off the async threads.
+    let sign_requests = match pushed {
+        Some((dest, digest)) if sign.any() => {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::rpc::sign::ask_later(&state, &dest, &digest, sign)
+            })
+            .await
+            .unwrap_or_else(|e| Err(error::internal(format!("signing task: {e}"))))?
+        }
+        _ => Vec::new(),
+    };
+    Ok(BuildResponse {
+        image_id,
+        sign_requests,
+    })
 }
 
 /// `ADD http(s)://` through the daemon's HTTP stack (certs.d, proxies, retries, the stall
@@ -998,6 +1033,8 @@ struct Job {
     push_note: Option<String>,
     /// The layer compression of `--cache-to`.
     cache_compression: isula_registry::push::LayerCompression,
+    /// supply chain: what `-o docker://` pushed (for signing).
+    pushed: Arc<std::sync::Mutex<Option<(Reference, isula_types::Digest)>>>,
 }
 
 /// The `--cache-from` sources of one build, as the builder sees them.
@@ -1243,7 +1280,8 @@ impl Job {
         }
         if let Output::Registry(dest, _) = &self.output {
             let tx = self.tx.clone();
-            self.state
+            let digest = self
+                .state
                 .lists
                 .push(
                     &self.state.registry,
@@ -1256,6 +1294,7 @@ impl Job {
                     },
                 )
                 .map_err(crate::rpc::registry::status)?;
+            *self.pushed.lock().unwrap_or_else(|p| p.into_inner()) = Some((dest.clone(), digest));
         }
         let hex = list.hex().to_string();
         self.report_id(&hex)?;
@@ -1358,7 +1397,7 @@ impl Job {
                 if let Some(note) = &self.push_note {
                     self.tx.send(note.clone());
                 }
-                isula_registry::push::push(
+                let digest = isula_registry::push::push(
                     &self.state.registry,
                     &self.state.store,
                     &hex,
@@ -1370,6 +1409,8 @@ impl Job {
                     },
                 )
                 .map_err(crate::rpc::registry::status)?;
+                *self.pushed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((name.clone(), digest));
             }
             Output::Isulad(name) => {
                 isula_transport::isulad::load_into_isulad(

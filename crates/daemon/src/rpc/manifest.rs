@@ -74,7 +74,7 @@ pub fn push(
     req: ManifestPushRequest,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
-) -> Result<(), Status> {
+) -> Result<isula_types::Digest, Status> {
     need("the manifest list name", &req.manifest_list)?;
     need("the destination", &req.dest)?;
     let digest = state
@@ -90,5 +90,5 @@ pub fn push(
         .map_err(status)?;
     // "Push manifest list NAME succeed" is the client's line.
     tracing::info!(list = %req.manifest_list, dest = %req.dest, %digest, "manifest list pushed");
-    Ok(())
+    Ok(digest)
 }

@@ -17,6 +17,7 @@ pub mod remote_files;
 pub mod remove;
 pub mod save;
 pub mod session;
+pub mod sign;
 pub mod tag;
 pub mod version;
 

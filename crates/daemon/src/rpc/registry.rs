@@ -232,7 +232,7 @@ pub fn push(
     platform: Option<&Platform>,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
-) -> Result<(), Status> {
+) -> Result<isula_types::Digest, Status> {
     let failed = |e: RegistryError| error::status(e.kind(), format!("pushing {name} failed: {e}"));
     let listed = matches!(
         state.store.resolve(&name),
@@ -283,7 +283,7 @@ pub fn push(
     };
     tracing::info!(image = %name, manifest = %digest, "pushed");
     // "Push success with image: NAME" is the client's line.
-    Ok(())
+    Ok(digest)
 }
 
 pub fn login(state: &State, req: LoginRequest) -> Result<LoginResponse, Status> {
