@@ -27,8 +27,6 @@ const FOOTER_MAGIC: u64 = 0x7855_6e49_6c55_4e47; // "GNUlInUx", little-endian
 const MANIFEST_TYPE: u64 = 1;
 /// A header record (PAX, GNU long name) larger than this is refused.
 const RECORD_MAX: u64 = 1 << 20;
-/// Content up to this size is compressed in one call; larger content streams.
-const BULK_MAX: u64 = 4 << 20;
 
 struct Counted<W> {
     inner: W,
@@ -188,16 +186,167 @@ fn read_record(r: &mut impl Read, n: u64) -> io::Result<(Vec<u8>, Vec<u8>)> {
     Ok((data, all))
 }
 
-/// Writes `tar` to `out` as zstd:chunked at `level`; returns the annotations of the
-/// layer's descriptor.
-pub fn write<R: Read, W: Write>(
-    mut tar: R,
+/// Where a frame belongs: between files (headers, padding), the first frame of the
+/// content of the entry at an index, or a further frame of the same content.
+#[derive(Clone, Copy)]
+enum Mark {
+    Between,
+    Starts(usize),
+    Continues,
+}
+
+type Submit<'a> = dyn FnMut(Vec<u8>, Mark) -> io::Result<()> + 'a;
+
+/// An entry's content in the blob: its index, its first byte, the byte past its end.
+type Span = (usize, u64, u64);
+
+/// A file's content goes in frames of at most this many bytes.
+const CHUNK_MAX: u64 = 4 << 20;
+/// Frames being compressed or waiting to be written, at most.
+const IN_FLIGHT: usize = 8;
+
+/// Writes `tar` to `out` as zstd:chunked at `level`, the frames compressed on every core
+/// (at most 8 threads) and written in order; returns the annotations of the layer's
+/// descriptor.
+pub fn write<R: Read, W: Write + Send>(
+    tar: R,
     out: W,
     level: i32,
 ) -> io::Result<BTreeMap<String, String>> {
-    let mut out = Counted { inner: out, n: 0 };
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+    type Job = (Vec<u8>, SyncSender<io::Result<Vec<u8>>>);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let (mut out, spans, parsed) = std::thread::scope(|scope| {
+        let (job_tx, job_rx) = sync_channel::<Job>(IN_FLIGHT);
+        let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
+        for _ in 0..threads {
+            let rx = job_rx.clone();
+            scope.spawn(move || {
+                let mut bulk = zstd::bulk::Compressor::new(level)
+                    .and_then(|mut c| {
+                        c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+                        Ok(c)
+                    })
+                    .ok();
+                loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((data, reply)) = job else { return };
+                    let packed = match bulk.as_mut() {
+                        Some(c) => c.compress(&data),
+                        None => Err(io::Error::other("cannot make a zstd compressor")),
+                    };
+                    let _ = reply.send(packed);
+                }
+            });
+        }
+        let (order_tx, order_rx) = sync_channel::<(Receiver<io::Result<Vec<u8>>>, Mark)>(IN_FLIGHT);
+        let collector = scope.spawn(move || -> io::Result<(Counted<W>, Vec<Span>)> {
+            let mut out = Counted { inner: out, n: 0 };
+            let mut spans: Vec<Span> = Vec::new();
+            for (rx, mark) in order_rx {
+                let packed = rx
+                    .recv()
+                    .map_err(|_| io::Error::other("a zstd worker stopped"))??;
+                let at = out.n;
+                out.write_all(&packed)?;
+                match mark {
+                    Mark::Between => {}
+                    Mark::Starts(i) => spans.push((i, at, out.n)),
+                    Mark::Continues => {
+                        if let Some(last) = spans.last_mut() {
+                            last.2 = out.n;
+                        }
+                    }
+                }
+            }
+            Ok((out, spans))
+        });
+        let mut submit = |data: Vec<u8>, mark: Mark| -> io::Result<()> {
+            let (tx, rx) = sync_channel(1);
+            let stopped = || io::Error::other("the zstd writer stopped");
+            job_tx.send((data, tx)).map_err(|_| stopped())?;
+            order_tx.send((rx, mark)).map_err(|_| stopped())
+        };
+        let parsed = frames(tar, &mut submit);
+        drop(job_tx);
+        drop(order_tx);
+        let collected = collector
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the zstd writer panicked")));
+        // The writer's own error first: a failed send only says that it stopped.
+        let (out, spans) = collected?;
+        io::Result::Ok((out, spans, parsed?))
+    })?;
+    let (mut entries, tarsplit) = parsed;
+    for (i, start, end) in spans {
+        if let Some(serde_json::Value::Object(e)) = entries.get_mut(i) {
+            e.insert("offset".into(), start.into());
+            e.insert("endOffset".into(), end.into());
+        }
+    }
     let mut bulk = zstd::bulk::Compressor::new(level)?;
     bulk.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+    let manifest = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries}))
+        .map_err(io::Error::other)?;
+    let mut skippable = |out: &mut Counted<W>, raw: &[u8]| -> io::Result<(u64, u64, String)> {
+        let packed = bulk.compress(raw)?;
+        let len = u32::try_from(packed.len()).map_err(|_| bad("a table over 4 GiB"))?;
+        out.write_all(&SKIPPABLE_MAGIC.to_le_bytes())?;
+        out.write_all(&len.to_le_bytes())?;
+        let at = out.n;
+        out.write_all(&packed)?;
+        Ok((
+            at,
+            packed.len() as u64,
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&packed))),
+        ))
+    };
+    let (m_at, m_len, m_sum) = skippable(&mut out, &manifest)?;
+    let (t_at, t_len, t_sum) = skippable(&mut out, &tarsplit)?;
+    let mut footer = Vec::with_capacity(72);
+    footer.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+    footer.extend_from_slice(&64u32.to_le_bytes());
+    for v in [
+        m_at,
+        m_len,
+        manifest.len() as u64,
+        MANIFEST_TYPE,
+        t_at,
+        t_len,
+        tarsplit.len() as u64,
+        FOOTER_MAGIC,
+    ] {
+        footer.extend_from_slice(&v.to_le_bytes());
+    }
+    out.write_all(&footer)?;
+    out.flush()?;
+    Ok(BTreeMap::from([
+        (MANIFEST_CHECKSUM.to_string(), m_sum),
+        (
+            MANIFEST_POSITION.to_string(),
+            format!("{m_at}:{m_len}:{}:{MANIFEST_TYPE}", manifest.len()),
+        ),
+        (TARSPLIT_CHECKSUM.to_string(), t_sum),
+        (
+            TARSPLIT_POSITION.to_string(),
+            format!("{t_at}:{t_len}:{}", tarsplit.len()),
+        ),
+    ]))
+}
+
+/// Reads `tar` entry by entry: hands its frames to `submit` in order, and returns the
+/// table's entries (without the offsets, which only the writer knows) and the tar-split
+/// stream.
+fn frames<R: Read>(
+    mut tar: R,
+    submit: &mut Submit<'_>,
+) -> io::Result<(Vec<serde_json::Value>, Vec<u8>)> {
     let b64 = base64::engine::general_purpose::STANDARD;
     // Raw bytes not yet in a frame, and not yet in a tar-split segment.
     let mut frame: Vec<u8> = Vec::new();
@@ -207,17 +356,12 @@ pub fn write<R: Read, W: Write>(
     let mut position = 0u64;
     let mut pending = Pending::default();
 
-    fn flush_frame<W: Write>(
-        frame: &mut Vec<u8>,
-        bulk: &mut zstd::bulk::Compressor<'_>,
-        out: &mut Counted<W>,
-    ) -> io::Result<()> {
+    let flush_frame = |frame: &mut Vec<u8>, submit: &mut Submit<'_>| -> io::Result<()> {
         if !frame.is_empty() {
-            out.write_all(&bulk.compress(frame)?)?;
-            frame.clear();
+            submit(std::mem::take(frame), Mark::Between)?;
         }
         Ok(())
-    }
+    };
     let line = |tarsplit: &mut Vec<u8>, v: serde_json::Value| -> io::Result<()> {
         serde_json::to_writer(&mut *tarsplit, &v).map_err(io::Error::other)?;
         tarsplit.push(b'\n');
@@ -367,36 +511,34 @@ pub fn write<R: Read, W: Write>(
         // The content: a frame of its own (reg), else raw bytes beside the headers.
         let mut crc = Crc64::new();
         if type_name == "reg" && size > 0 {
-            flush_frame(&mut frame, &mut bulk, &mut out)?;
-            let start = out.n;
+            flush_frame(&mut frame, submit)?;
+            // In frames of at most CHUNK_MAX bytes, compressed on every core: the entry's
+            // offsets span them all.
+            let index = entries.len();
             let mut sha = sha2::Sha256::new();
             let mut left = size;
-            if size <= BULK_MAX {
-                let mut data = vec![0u8; size as usize];
+            let mut first = true;
+            while left > 0 {
+                let n = left.min(CHUNK_MAX);
+                let mut data = vec![0u8; n as usize];
                 tar.read_exact(&mut data)?;
                 sha.update(&data);
                 crc.update(&data);
-                out.write_all(&bulk.compress(&data)?)?;
-            } else {
-                let mut enc = zstd::stream::write::Encoder::new(&mut out, level)?;
-                enc.include_checksum(true)?;
-                let mut buf = vec![0u8; 1 << 20];
-                while left > 0 {
-                    let n = (left.min(buf.len() as u64)) as usize;
-                    tar.read_exact(&mut buf[..n])?;
-                    sha.update(&buf[..n]);
-                    crc.update(&buf[..n]);
-                    enc.write_all(&buf[..n])?;
-                    left -= n as u64;
-                }
-                enc.finish()?;
+                submit(
+                    data,
+                    if first {
+                        Mark::Starts(index)
+                    } else {
+                        Mark::Continues
+                    },
+                )?;
+                first = false;
+                left -= n;
             }
             e.insert(
                 "digest".into(),
                 format!("sha256:{}", hex::encode(sha.finalize())).into(),
             );
-            e.insert("offset".into(), start.into());
-            e.insert("endOffset".into(), out.n.into());
             line(
                 &mut tarsplit,
                 serde_json::json!({"type": 1, "name": name, "size": size, "payload": b64.encode(crc.sum()), "position": position}),
@@ -427,55 +569,9 @@ pub fn write<R: Read, W: Write>(
             segment.extend_from_slice(&p);
         }
     }
-    flush_frame(&mut frame, &mut bulk, &mut out)?;
+    flush_frame(&mut frame, submit)?;
     flush_segment(&mut segment, &mut tarsplit, &mut position)?;
-
-    let manifest = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries}))
-        .map_err(io::Error::other)?;
-    let mut skippable = |out: &mut Counted<W>, raw: &[u8]| -> io::Result<(u64, u64, String)> {
-        let packed = bulk.compress(raw)?;
-        let len = u32::try_from(packed.len()).map_err(|_| bad("a table over 4 GiB"))?;
-        out.write_all(&SKIPPABLE_MAGIC.to_le_bytes())?;
-        out.write_all(&len.to_le_bytes())?;
-        let at = out.n;
-        out.write_all(&packed)?;
-        Ok((
-            at,
-            packed.len() as u64,
-            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&packed))),
-        ))
-    };
-    let (m_at, m_len, m_sum) = skippable(&mut out, &manifest)?;
-    let (t_at, t_len, t_sum) = skippable(&mut out, &tarsplit)?;
-    let mut footer = Vec::with_capacity(72);
-    footer.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
-    footer.extend_from_slice(&64u32.to_le_bytes());
-    for v in [
-        m_at,
-        m_len,
-        manifest.len() as u64,
-        MANIFEST_TYPE,
-        t_at,
-        t_len,
-        tarsplit.len() as u64,
-        FOOTER_MAGIC,
-    ] {
-        footer.extend_from_slice(&v.to_le_bytes());
-    }
-    out.write_all(&footer)?;
-    out.flush()?;
-    Ok(BTreeMap::from([
-        (MANIFEST_CHECKSUM.to_string(), m_sum),
-        (
-            MANIFEST_POSITION.to_string(),
-            format!("{m_at}:{m_len}:{}:{MANIFEST_TYPE}", manifest.len()),
-        ),
-        (TARSPLIT_CHECKSUM.to_string(), t_sum),
-        (
-            TARSPLIT_POSITION.to_string(),
-            format!("{t_at}:{t_len}:{}", tarsplit.len()),
-        ),
-    ]))
+    Ok((entries, tarsplit))
 }
 
 /// The table of contents and tar-split stream of a zstd:chunked blob, found by its
