@@ -746,3 +746,50 @@ fn a_client_that_goes_away_mid_context_leaves_nothing_behind() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(d.image_text("g:3", "c/small").as_deref(), Some("kept"));
 }
+
+#[test]
+fn a_client_may_keep_only_so_many_uploads_waiting() {
+    if !require_root() || !require_tool("openssl") {
+        return;
+    }
+    let pki = Pki::new();
+    pki.sign("ca", "admin", "admin", 30, CLIENT);
+    let (d, addr) = tls_daemon(&pki);
+    let tls = pki.client("admin");
+    let archive = d.dir.path().join("bb.tar");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "-o",
+        archive.to_str().expect("utf8"),
+        "busybox:latest",
+    ]);
+    let load = || {
+        remote(
+            &d,
+            &addr,
+            &tls,
+            &["ctr-img", "load", "-i", archive.to_str().expect("utf8")],
+        )
+    };
+    // Positive control: a load over the connection works.
+    let o = load();
+    assert!(o.status.success(), "{}", text(&o));
+    // Sixteen uploads of this client waiting (as if their commands still ran).
+    use sha2::Digest as _;
+    let owner = &hex::encode(sha2::Sha256::digest(b"cn:admin"))[..32];
+    let waiting = d.data().join("remote-files").join(owner).join("in");
+    for i in 0..16 {
+        std::fs::create_dir_all(waiting.join(format!("{i:032x}"))).expect("waiting upload");
+    }
+    let o = load();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("16 uploads of this client wait to be used (at most 16)"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&waiting).expect("rm");
+    let o = load();
+    assert!(o.status.success(), "{}", text(&o));
+}

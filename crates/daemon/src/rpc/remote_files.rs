@@ -31,6 +31,9 @@ pub const PREFIX: &str = "/.isula-remote";
 pub const MAX_AGE: Duration = Duration::from_secs(3600);
 /// Files one upload may hold (a separated image's directory and tarballs).
 pub const FILES_MAX: usize = 1000;
+/// Uploads one client may have waiting at once (each ends with its command, or after
+/// [`MAX_AGE`]).
+pub const UPLOADS_MAX: usize = 16;
 /// Bytes one upload may hold (isula-build's limit on a loaded tarball).
 pub const UPLOAD_MAX: u64 = 50 << 30;
 const CHUNK: usize = 1 << 20;
@@ -245,6 +248,14 @@ pub async fn upload(
     {
         let state = state.clone();
         let _ = tokio::task::spawn_blocking(move || sweep(&state)).await;
+    }
+    let waiting = std::fs::read_dir(owner_dir(&state, &owner).join("in"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if waiting >= UPLOADS_MAX {
+        return Err(Status::resource_exhausted(format!(
+            "{waiting} uploads of this client wait to be used (at most {UPLOADS_MAX}): each goes when its command ends, or after an hour"
+        )));
     }
     let id = hex::encode(rand::random::<[u8; 16]>());
     let dir = owner_dir(&state, &owner).join("in").join(&id);
