@@ -75,6 +75,11 @@ impl Pki {
 
     /// `name.pem` and `name.key`, CN=`cn`, signed by `ca`, with the extensions `ext`.
     pub fn sign(&self, ca: &str, name: &str, cn: &str, ext: &str) {
+        self.sign_days(ca, name, cn, 30, ext);
+    }
+
+    /// As [`Pki::sign`], valid for `days` (negative: already expired).
+    pub fn sign_days(&self, ca: &str, name: &str, cn: &str, days: i32, ext: &str) {
         let d = self.dir.path();
         openssl(
             d,
@@ -105,7 +110,7 @@ impl Pki {
                 &format!("{ca}.key"),
                 "-CAcreateserial",
                 "-days",
-                "30",
+                &days.to_string(),
                 "-out",
                 &format!("{name}.pem"),
                 "-extfile",

@@ -3,138 +3,14 @@
 //! CA, an expired one, a common name in no role, a role too low; the log names who did
 //! what; a plain TCP listener only on loopback with --insecure-tcp.
 
+use isula_integration::pki::{Pki, CLIENT_EXT};
 use isula_integration::registry::free_port;
 use isula_integration::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-/// A test PKI: a CA, the daemon's certificate for 127.0.0.1, client certificates.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let p = Pki {
-            dir: tempfile::tempdir().expect("pki"),
-        };
-        p.ca("ca");
-        p.ca("other-ca");
-        p.sign(
-            "ca",
-            "server",
-            "127.0.0.1",
-            30,
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        );
-        p
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn ca(&self, name: &str) {
-        openssl(
-            self.dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "30",
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-        );
-    }
-
-    /// `name.pem` and `name.key`, CN=`cn`, signed by `ca`, valid for `days` (negative:
-    /// expired), an X.509 v3 certificate with the extensions `ext`.
-    fn sign(&self, ca: &str, name: &str, cn: &str, days: i32, ext: &str) {
-        let d = self.dir.path();
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        let mut args: Vec<String> = [
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-set_serial",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.push(format!("{}", rand_serial()));
-        args.extend([
-            "-days".into(),
-            days.to_string(),
-            "-out".into(),
-            format!("{name}.pem"),
-        ]);
-        std::fs::write(d.join(format!("{name}.ext")), ext).expect("ext");
-        args.extend(["-extfile".into(), format!("{name}.ext")]);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        openssl(d, &refs);
-    }
-
-    /// The client flags for certificate `name`.
-    fn client(&self, name: &str) -> Vec<String> {
-        vec![
-            "--tlscacert".into(),
-            self.path("ca.pem").display().to_string(),
-            "--tlscert".into(),
-            self.path(&format!("{name}.pem")).display().to_string(),
-            "--tlskey".into(),
-            self.path(&format!("{name}.key")).display().to_string(),
-        ]
-    }
-}
-
-fn rand_serial() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
-}
-
 /// A client certificate's extensions.
-const CLIENT: &str = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
+const CLIENT: &str = CLIENT_EXT;
 
 const ROLES: &str =
     "[roles]\nadmin = [\"admin\"]\nbuilder = [\"builder\"]\nreader = [\"reader\"]\n";
@@ -142,24 +18,9 @@ const ROLES: &str =
 /// A daemon with busybox, serving its socket and TCP with mutual TLS (the PKI's server
 /// certificate, clients of its CA, ROLES); and the TCP address.
 fn tls_daemon(pki: &Pki) -> (Daemon, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let path = |n: &str| pki.path(n).display().to_string();
-    let d = Daemon::start_configured(
-        &[("configuration.toml", ROLES)],
-        &[
-            "--host",
-            &format!("tcp://{addr}"),
-            "--tlsverify",
-            "--tlscacert",
-            &path("ca.pem"),
-            "--tlscert",
-            &path("server.pem"),
-            "--tlskey",
-            &path("server.key"),
-        ],
-        &[],
-    );
+    let (d, host) = pki.daemon("server", &[("configuration.toml", ROLES)], &[]);
     d.import_busybox("busybox:latest", &[]);
+    let addr = host.trim_start_matches("tcp://").to_string();
     (d, addr)
 }
 
@@ -189,10 +50,10 @@ fn mutual_tls_and_roles_decide_who_may_do_what() {
     }
     let pki = Pki::new();
     for cn in ["admin", "builder", "reader", "nobody"] {
-        pki.sign("ca", cn, cn, 30, CLIENT);
+        pki.sign("ca", cn, cn, CLIENT);
     }
-    pki.sign("other-ca", "rogue", "admin", 30, CLIENT);
-    pki.sign("ca", "expired", "admin", -1, CLIENT);
+    pki.sign("other-ca", "rogue", "admin", CLIENT);
+    pki.sign_days("ca", "expired", "admin", -1, CLIENT);
     let (d, addr) = tls_daemon(&pki);
     let host = format!("tcp://{addr}");
 
@@ -388,7 +249,7 @@ fn a_remote_build_sends_only_what_changed_from_files_the_daemon_cannot_see() {
         return;
     }
     let pki = Pki::new();
-    pki.sign("ca", "builder", "builder", 30, CLIENT);
+    pki.sign("ca", "builder", "builder", CLIENT);
     let (d, addr) = tls_daemon(&pki);
     let host = format!("tcp://{addr}");
     // The context lives in a tmpfs mounted in the client's own mount namespace: the daemon
@@ -519,7 +380,7 @@ fn every_file_a_remote_command_names_travels_over_the_connection() {
         return;
     }
     let pki = Pki::new();
-    pki.sign("ca", "admin", "admin", 30, CLIENT);
+    pki.sign("ca", "admin", "admin", CLIENT);
     let (d, addr) = tls_daemon(&pki);
     let host = format!("tcp://{addr}");
     // The client's files are in a tmpfs of its own mount namespace: the daemon sees none.
@@ -625,7 +486,7 @@ fn a_context_that_changes_while_it_is_sent_fails_clearly_and_keeps_the_last_one(
         return;
     }
     let pki = Pki::new();
-    pki.sign("ca", "builder", "builder", 30, CLIENT);
+    pki.sign("ca", "builder", "builder", CLIENT);
     let (d, addr) = tls_daemon(&pki);
     let tls = pki.client("builder");
     let ctx = d.dir.path().join("changing");
@@ -688,7 +549,7 @@ fn a_client_that_goes_away_mid_context_leaves_nothing_behind() {
         return;
     }
     let pki = Pki::new();
-    pki.sign("ca", "builder", "builder", 30, CLIENT);
+    pki.sign("ca", "builder", "builder", CLIENT);
     let (d, addr) = tls_daemon(&pki);
     let tls = pki.client("builder");
     let ctx = d.dir.path().join("big-ctx");
@@ -753,7 +614,7 @@ fn a_client_may_keep_only_so_many_uploads_waiting() {
         return;
     }
     let pki = Pki::new();
-    pki.sign("ca", "admin", "admin", 30, CLIENT);
+    pki.sign("ca", "admin", "admin", CLIENT);
     let (d, addr) = tls_daemon(&pki);
     let tls = pki.client("admin");
     let archive = d.dir.path().join("bb.tar");
