@@ -631,3 +631,70 @@ fn zstd_chunked_push_carries_a_table_that_finds_each_file_and_pulls_anywhere() {
         Some(noise_data)
     );
 }
+
+#[test]
+fn a_zstd_chunked_layer_buildah_pushed_is_pulled_whole() {
+    if !ready() || !require_tool("buildah") {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = Daemon::for_registries(&[&host]);
+    d.import_busybox("busybox:latest", &[("data/hello.txt", b"from buildah\n")]);
+    let archive = d.dir.path().join("bb.tar");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        "-o",
+        archive.to_str().expect("utf8"),
+        "busybox:latest",
+    ]);
+    let root = d.dir.path().join("buildah-root-pushes");
+    let runroot = d.dir.path().join("buildah-run-pushes");
+    let buildah = |args: &[&str]| {
+        run_ok(
+            Command::new("buildah")
+                .arg("--root")
+                .arg(&root)
+                .arg("--runroot")
+                .arg(&runroot)
+                .arg("--storage-driver")
+                .arg("vfs")
+                .args(args),
+        )
+    };
+    buildah(&["pull", &format!("docker-archive:{}", archive.display())]);
+    let name = format!("{host}/zc/from-buildah:1");
+    buildah(&[
+        "push",
+        "--tls-verify=false",
+        "--compression-format",
+        "zstd:chunked",
+        "busybox:latest",
+        &format!("docker://{name}"),
+    ]);
+    // buildah wrote zstd:chunked: zstd layers with the table's annotations (buildah 1.28
+    // spells them as containers/storage then did, `io.containers.zstd-chunked.*`; we
+    // write today's `io.github.containers.zstd-chunked.*`).
+    let m = raw_manifest(&name);
+    assert_eq!(layer_types(&m), vec![ZSTD_LAYER], "{m}");
+    let ann = &m["layers"][0]["annotations"];
+    assert!(
+        ann["io.containers.zstd-chunked.manifest-checksum"].is_string()
+            || ann["io.github.containers.zstd-chunked.manifest-checksum"].is_string(),
+        "{m}"
+    );
+    // Our pull reads it whole: the same files.
+    d.ok(&["ctr-img", "pull", &name]);
+    assert_eq!(
+        d.image_text(&name, "data/hello.txt").as_deref(),
+        Some("from buildah")
+    );
+    let _ = Command::new("buildah")
+        .arg("--root")
+        .arg(&root)
+        .arg("--runroot")
+        .arg(&runroot)
+        .args(["--storage-driver", "vfs", "rmi", "-a", "-f"])
+        .output();
+}
