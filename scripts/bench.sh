@@ -3,7 +3,7 @@
 # (about half compressible: ~230 MB gzipped), builds, printing
 # seconds and the daemon's peak RSS for each step, so later work can be compared.
 #   scripts/bench.sh            (needs root; MB=... FILES=... to change the size,
-#                               ROUNDS=... for the rounds, ONLY=main|cache|reuse|remote|peers for one part
+#                               ROUNDS=... for the rounds, ONLY=main|cache|reuse|remote|peers|rootless for one part
 #                               (ONLY=push: the import and the gzip and zstd push and pull rows);
 #                               peers = each workload beside buildah and BuildKit, interleaved,
 #                               WORKLOADS="copy run load save push pull" to pick some;
@@ -28,6 +28,7 @@ work=$(mktemp -d /var/tmp/isula-bench.XXXXXX)
 sock="unix://$work/isula_build.sock"
 daemon=""
 daemon2=""
+daemon3=""
 registry=""
 cleanup() {
     local p
@@ -35,7 +36,21 @@ cleanup() {
         if [ -n "$p" ]; then kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; fi
     done
     if [ -n "$registry" ]; then kill "$registry" 2>/dev/null || true; wait "$registry" 2>/dev/null || true; fi
+    # The rootless part's daemon (its outer process passes the signal on) and its user.
+    if [ -n "$upid" ]; then
+        kill -TERM "$upid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$upid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    drop_user
     rm -rf "$work"
+}
+upid=""
+made_user=""
+drop_user() {
+    [ -n "$made_user" ] || return 0
+    userdel "$ruser" 2>/dev/null || true
+    sed -i "/^$ruser:/d" /etc/subuid /etc/subgid
+    made_user=""
 }
 trap cleanup EXIT
 
@@ -156,6 +171,7 @@ quiet() {
 quiet_all() {
     quiet "$daemon" "$work/data"
     [ -z "$daemon2" ] || quiet "$daemon2" "$work/data2"
+    [ -z "$daemon3" ] || quiet "$daemon3" "$uhome/data/isula-build"
     [ -z "$dockerd" ] || quiet "$dockerd" "" 60
 }
 # Fails the bench: row $2's command ($3...) exited with status $1; the tail of its stderr
@@ -322,6 +338,7 @@ timed() {
     case "$who" in
     ours) pid=$daemon root=$work/data ;;
     ours2) pid=$daemon2 root=$work/data2 ;;
+    ours3) pid=$daemon3 root=$uhome/data/isula-build ;;
     docker) pid=$dockerd ;;
     esac
     quiet_all
@@ -335,7 +352,7 @@ timed() {
     child_ticks
     us_secs wall $((t1 - t0)); T[$name]+="$wall "
     case "$who" in
-    ours | ours2)
+    ours | ours2 | ours3)
         settle "$pid" "$root" || not_idle "$pid" "$root"
         tick_secs x $((IDLE_TICKS - c0)); CPU[$name]+="$x "
         us_secs x $((IDLE_AT - t0)); IDLE[$name]+="$x " ;;
@@ -808,6 +825,75 @@ if only remote && command -v openssl >/dev/null 2>&1; then
     ratio "remote cold build (context sent)" "local cold build (unix socket)" "remote cold / local cold"
     printf '%-34s %s\n' "bytes sent, one file changed" "${SENT[*]}"
 fi  # remote
+
+# Root against rootless: the COPY of the 20k-file context and the RUN writing 150 MB, each
+# with --no-cache, by the root daemon, by a rootless daemon and by rootless daemonless
+# commands, interleaved in ROUNDS rounds (the order rotates). The user is ROOTLESS_USER
+# (default isula-bench): when it does not exist it is made (useradd -r, no home) with
+# subordinate ranges after the highest in /etc/subuid and /etc/subgid, and removed at the
+# end with its lines. A daemonless command starts its own builder, so its row includes that
+# start (and its CPU is the command's own).
+if only rootless; then
+    ruser="${ROOTLESS_USER:-isula-bench}"
+    made_user=""
+    if ! id "$ruser" >/dev/null 2>&1; then
+        useradd -r -M -s /bin/sh "$ruser"
+        made_user=1
+    fi
+    for f in /etc/subuid /etc/subgid; do
+        if ! grep -q "^$ruser:" "$f" 2>/dev/null; then
+            next=$(awk -F: '{ e = $2 + $3; if (e > m) m = e } END { print (m > 100000 ? m : 100000) }' "$f" 2>/dev/null || echo 100000)
+            echo "$ruser:$next:65536" >> "$f"
+        fi
+    done
+    uhome="$work/rootless"
+    mkdir -p "$uhome/run" "$uhome/data" "$uhome/conf" "$uhome/dl"
+    chown -R "$ruser" "$uhome"
+    chmod 700 "$uhome/run"
+    chmod 755 "$work"
+    chmod -R a+rX "$work/ctx-copy" "$work/ctx-run" "$work/base.tar"
+    uenv="XDG_RUNTIME_DIR=$uhome/run XDG_DATA_HOME=$uhome/data XDG_CONFIG_HOME=$uhome/conf HOME=$uhome"
+    as_user() { su "$ruser" -s /bin/sh -c "cd $uhome && env $uenv $*"; }
+    as_user "$bin/isula-builder >$uhome/daemon.log 2>&1 & echo \$! > $uhome/pid"
+    upid=$(cat "$uhome/pid")
+    for _ in $(seq 100); do as_user "$bin/isula-build version" >/dev/null 2>&1 && break; sleep 0.1; done
+    # The daemon proper is the child that entered the user namespace; its parent only waits.
+    daemon3=$(pgrep -P "$upid" -n isula-builder || true)
+    [ -n "$daemon3" ] || { echo "bench: the rootless daemon did not start:" >&2; cat "$uhome/daemon.log" >&2; exit 1; }
+    must as_user "$bin/isula-build ctr-img import $work/base.tar busybox:bench"
+    must as_user "$bin/isula-build --daemonless --dataroot $uhome/dl ctr-img import $work/base.tar busybox:bench"
+    for r in $(seq "$rounds"); do
+        for w in copy run; do
+            order=(root rootless daemonless)
+            for i in $(seq $(((r - 1) % 3))); do order=("${order[@]:1}" "${order[0]}"); done
+            for who in "${order[@]}"; do
+                case $who in
+                root) timed "$w: root daemon" ours "$bin/isula-build" ctr-img build --no-cache "$work/ctx-$w" ;;
+                rootless) timed "$w: rootless daemon" ours3 as_user "$bin/isula-build ctr-img build --no-cache $work/ctx-$w" ;;
+                daemonless) timed "$w: rootless daemonless" self as_user "$bin/isula-build --daemonless --dataroot $uhome/dl ctr-img build --no-cache $work/ctx-$w" ;;
+                esac
+            done
+        done
+        # Untagged builds pile up: keep each store to its base between rounds.
+        must "$bin/isula-build" ctr-img rm --prune
+        must as_user "$bin/isula-build ctr-img rm --prune"
+        must as_user "$bin/isula-build --daemonless --dataroot $uhome/dl ctr-img rm --prune"
+    done
+    kill -TERM "$upid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$upid" 2>/dev/null || break; sleep 0.1; done
+    upid=""
+    daemon3=""
+    drop_user
+    echo "# root, rootless daemon and rootless daemonless builds (--no-cache), $rounds interleaved rounds,"
+    echo "# median seconds (spread), the daemon's CPU (daemonless: the command's) and seconds until idle"
+    for w in copy run; do
+        row "$w: root daemon"
+        row "$w: rootless daemon"
+        row "$w: rootless daemonless"
+        ratio "$w: rootless daemon" "$w: root daemon" "$w: rootless / root"
+        ratio "$w: rootless daemonless" "$w: root daemon" "$w: daemonless / root"
+    done
+fi  # rootless
 
 if only main; then
 # 100 builds at once (the manual's limit), each with a RUN.

@@ -4,6 +4,7 @@
 //! directory, so `cargo build --bins` must run first (the README's test command does).
 
 pub mod http_files;
+pub mod kube;
 pub mod oci_layout;
 pub mod pki;
 pub mod powercut;

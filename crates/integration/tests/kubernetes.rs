@@ -7,6 +7,7 @@
 //! probe port answering and a remote build driven into it over mutual TLS, refused for a
 //! certificate of another CA.
 
+use isula_integration::kube::{field, yaml_list};
 use isula_integration::pki::{Pki, CLIENT_EXT};
 use isula_integration::registry::free_port;
 use isula_integration::*;
@@ -88,47 +89,6 @@ fn the_health_port_answers_probes_and_nothing_else() {
     // Stopped: nothing answers.
     d.stop();
     assert!(probe(&health, "").is_err());
-}
-
-/// The items of the YAML list under `key:` (one level deeper than it), as written in
-/// contrib/kubernetes/statefulset.yaml: `- "..."` scalars or `- name:`/`value:` pairs.
-fn yaml_list(text: &str, key: &str) -> Vec<Vec<(String, String)>> {
-    let mut lines = text.lines().skip_while(|l| l.trim() != format!("{key}:"));
-    let Some(head) = lines.next() else {
-        panic!("no {key}: in the StatefulSet")
-    };
-    let indent = head.len() - head.trim_start().len();
-    let mut items: Vec<Vec<(String, String)>> = Vec::new();
-    for l in lines {
-        let t = l.trim_start();
-        let i = l.len() - t.len();
-        if t.is_empty() || t.starts_with('#') {
-            continue;
-        }
-        if i <= indent && !(i == indent && t.starts_with("- ")) {
-            break;
-        }
-        let (new, t) = match t.strip_prefix("- ") {
-            Some(rest) => (true, rest),
-            None => (false, t),
-        };
-        if new {
-            items.push(Vec::new());
-        }
-        let Some(item) = items.last_mut() else {
-            continue;
-        };
-        let unquote = |s: &str| s.trim().trim_matches('"').to_string();
-        match t.split_once(": ") {
-            Some((k, v)) if !t.starts_with("--") => item.push((k.trim().into(), unquote(v))),
-            _ => item.push((String::new(), unquote(t.trim_end_matches(':')))),
-        }
-    }
-    items
-}
-
-fn field<'a>(item: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    item.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
 /// The ConfigMap's configuration.toml (its block scalar).

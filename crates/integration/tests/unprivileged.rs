@@ -1,8 +1,10 @@
 //! A build inside a Docker container started without --privileged and without added
 //! capabilities, as a non-root user: the image holding our binaries is made by our own
-//! builder (a rootfs of the binaries, runc, newuidmap/newgidmap with file capabilities
-//! instead of setuid, busybox and their libraries, imported and saved as a
-//! docker-archive), run under `contrib/seccomp/rootless-build.json` with /proc unmasked,
+//! builder from `contrib/image/Dockerfile.unprivileged` (`scripts/daemon-image.sh
+//! --unprivileged`: a Debian base made with debootstrap, uidmap installed from Debian's
+//! package registry, newuidmap/newgidmap with file capabilities instead of setuid, a user
+//! with a subordinate range), saved as a docker-archive, run under
+//! `contrib/seccomp/rootless-build.json` with /proc unmasked,
 //! and inside it a daemonless rootless build with RUN and COPY pushes to a registry on the
 //! host, checked with skopeo. Beside it, the two relaxations are shown to be needed: with
 //! Docker's default seccomp profile, and with /proc masked, the build is refused with the
@@ -10,6 +12,7 @@
 //! socket, no bridge, no iptables) runs the containers, so the machine's Docker is left
 //! alone.
 
+use isula_integration::kube::field;
 use isula_integration::{bin, build_id, busybox_rootfs, docker_archive, require_root, Daemon};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -112,116 +115,8 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// The rootfs of the builder image, as a tar with numeric owners and file capabilities.
-fn builder_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in [
-        "usr/local/bin",
-        "usr/bin",
-        "usr/sbin",
-        "bin",
-        "etc",
-        "tmp",
-        "home/builder",
-        "run/user/1000",
-        "data",
-        "proc",
-        "sys",
-        "dev",
-    ] {
-        std::fs::create_dir_all(root.join(d)).expect("mkdir");
-    }
-    for name in ["isula-builder", "isula-build"] {
-        run(Command::new("strip")
-            .arg("-o")
-            .arg(root.join("usr/local/bin").join(name))
-            .arg(bin(name)));
-    }
-    let runc = which("runc");
-    std::fs::copy(&runc, root.join("usr/sbin/runc")).expect("runc");
-    // newuidmap/newgidmap with the capabilities they use instead of setuid: a setuid
-    // helper opens the map as root, which needs CAP_SYS_ADMIN over the host's namespace.
-    for (tool, caps) in [
-        ("newuidmap", "cap_setuid,cap_setfcap+ep"),
-        ("newgidmap", "cap_setgid+ep"),
-    ] {
-        let to = root.join("usr/bin").join(tool);
-        std::fs::copy(which(tool), &to).expect("copy");
-        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
-        run(Command::new("setcap").arg(caps).arg(&to));
-    }
-    let busybox = which("busybox");
-    std::fs::copy(&busybox, root.join("bin/busybox")).expect("busybox");
-    for applet in ["sh", "cat", "echo", "grep", "id", "ls", "sleep"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("link");
-    }
-    // The libraries they load.
-    let mut libs = std::collections::BTreeSet::new();
-    for b in [
-        root.join("usr/local/bin/isula-builder"),
-        root.join("usr/local/bin/isula-build"),
-        root.join("usr/sbin/runc"),
-        root.join("usr/bin/newuidmap"),
-        root.join("usr/bin/newgidmap"),
-    ] {
-        let o = Command::new("ldd").arg(&b).output().expect("ldd");
-        for w in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            if w.starts_with('/') {
-                libs.insert(PathBuf::from(w));
-            }
-        }
-    }
-    for l in libs {
-        let to = root.join(l.strip_prefix("/").expect("absolute"));
-        std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
-        std::fs::copy(&l, &to).expect("copy library");
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1000:builder:/home/builder:/bin/sh\n",
-    )
-    .expect("passwd");
-    std::fs::write(root.join("etc/group"), "root:x:0:\nbuilder:x:1000:\n").expect("group");
-    for f in ["etc/subuid", "etc/subgid"] {
-        std::fs::write(root.join(f), "builder:100000:65536\n").expect("subid");
-    }
-    std::fs::set_permissions(
-        root.join("tmp"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .expect("chmod tmp");
-    for d in ["home/builder", "run/user/1000", "data"] {
-        std::os::unix::fs::chown(root.join(d), Some(1000), Some(1000)).expect("chown");
-    }
-    std::fs::set_permissions(
-        root.join("run/user/1000"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .expect("chmod");
-    let tar = dir.join("rootfs.tar");
-    run(Command::new("tar")
-        .args([
-            "--xattrs",
-            "--xattrs-include=security.capability",
-            "--numeric-owner",
-            "-C",
-        ])
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("."));
-    tar
-}
-
-fn which(tool: &str) -> PathBuf {
-    let o = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .expect("sh");
-    let p = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    assert!(!p.is_empty(), "{tool} not found");
-    std::fs::canonicalize(p).expect("canonical")
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn profile() -> String {
@@ -243,13 +138,9 @@ fn builds_and_pushes_in_a_container_without_privileges() {
         "docker",
         "docker-registry",
         "skopeo",
-        "setcap",
         "strip",
-        "ldd",
-        "busybox",
         "runc",
-        "newuidmap",
-        "tar",
+        "debootstrap",
     ] {
         need(t);
     }
@@ -257,25 +148,31 @@ fn builds_and_pushes_in_a_container_without_privileges() {
         .prefix("isula-unpriv-")
         .tempdir()
         .expect("work");
-    // The builder image, made by our own builder.
-    let rootfs = builder_rootfs(work.path());
+    // The builder image, made by our own builder from contrib/image/Dockerfile.unprivileged.
     let image = work.path().join("image.tar");
-    let ours = Daemon::start();
-    {
-        ours.ok(&[
-            "ctr-img",
-            "import",
-            &rootfs.display().to_string(),
-            "isula-rootless:test",
-        ]);
-        ours.ok(&[
-            "ctr-img",
-            "save",
-            "isula-rootless:test",
-            "-o",
-            &image.display().to_string(),
-        ]);
-    }
+    let tag = "isula-rootless:test";
+    let registry = isula_integration::registry::Registry::start(Default::default());
+    let ours = Daemon::for_registries(&[&registry.host()]);
+    let bins = bin("isula-builder");
+    let o = Command::new(repo().join("scripts/daemon-image.sh"))
+        .arg("--unprivileged")
+        .arg("--bin-dir")
+        .arg(bins.parent().expect("bin dir"))
+        .args(["--tag", tag, "--save"])
+        .arg(&image)
+        .env(
+            "ISULABUILD_HOST",
+            format!("unix://{}", ours.socket().display()),
+        )
+        .env_remove("ISULA_BUILD_HOST")
+        .output()
+        .expect("daemon-image.sh");
+    assert!(
+        o.status.success(),
+        "daemon-image.sh --unprivileged: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     let docker = PrivateDocker::start();
     let loaded = docker.docker(&["load", "-i", &image.display().to_string()]);
     assert!(
@@ -285,7 +182,6 @@ fn builds_and_pushes_in_a_container_without_privileges() {
     );
 
     // What the container sees: a busybox base, a context, registries.toml.
-    let registry = isula_integration::registry::Registry::start(Default::default());
     let input = work.path().join("in");
     std::fs::create_dir_all(input.join("ctx")).expect("mkdir");
     std::fs::create_dir_all(input.join("etc")).expect("mkdir");
@@ -329,17 +225,10 @@ fn builds_and_pushes_in_a_container_without_privileges() {
         ];
         let input_mount = format!("{}:/in:ro", input.display());
         args.extend(security);
-        args.extend([
-            "-v",
-            &input_mount,
-            "isula-rootless:test",
-            "sh",
-            "-c",
-            &script,
-        ]);
+        args.extend(["-v", &input_mount, "--entrypoint", "sh", tag, "-c", &script]);
         docker.docker(&args)
     };
-    let profile = format!("seccomp={}", profile());
+    let seccomp = format!("seccomp={}", profile());
 
     // Docker's default seccomp profile refuses the user namespace: said, with the fix.
     let out = docker_run(&["--security-opt", "systempaths=unconfined"]);
@@ -351,7 +240,7 @@ fn builds_and_pushes_in_a_container_without_privileges() {
         "{err}"
     );
     // With /proc masked, RUN cannot have a /proc of its own: said, with the fix.
-    let out = docker_run(&["--security-opt", &profile]);
+    let out = docker_run(&["--security-opt", &seccomp]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("systempaths=unconfined"), "{err}");
@@ -359,7 +248,7 @@ fn builds_and_pushes_in_a_container_without_privileges() {
     // The documented settings: the build runs, without a capability, and pushes.
     let out = docker_run(&[
         "--security-opt",
-        &profile,
+        &seccomp,
         "--security-opt",
         "systempaths=unconfined",
     ]);
@@ -397,6 +286,132 @@ fn builds_and_pushes_in_a_container_without_privileges() {
         &input.join("ctx").display().to_string(),
     ]));
     assert_eq!(id, want);
+
+    // contrib/kubernetes/build-job.yaml, run as a kubelet would run its container: its
+    // args (the registry's name replaced by this one's), env, mounts and securityContext.
+    // Two things are the test's own: the base the context's FROM pulls is pushed to that
+    // registry first, and the user's registries.toml (mounted where the rootless client
+    // looks) lets the builder talk plain HTTP to it. `hostUsers: false` has no Docker
+    // equivalent; the container's user runs without privileges all the same.
+    let job = std::fs::read_to_string(repo().join("contrib/kubernetes/build-job.yaml"))
+        .expect("build-job.yaml");
+    let base = format!("{}/base/busybox:latest", registry.host());
+    ours.ok(&["ctr-img", "tag", "busybox:latest", &base]);
+    ours.ok(&["ctr-img", "push", &base]);
+    let job_in = work.path().join("job");
+    let ctx = job_in.join("ctx");
+    let conf = job_in.join("conf");
+    std::fs::create_dir_all(&ctx).expect("mkdir");
+    std::fs::create_dir_all(&conf).expect("mkdir");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nRUN echo from-the-job > /job\nCOPY app.txt /app.txt\n"),
+    )
+    .expect("Dockerfile");
+    std::fs::write(ctx.join("app.txt"), "job\n").expect("app");
+    std::fs::write(
+        conf.join("registries.toml"),
+        isula_integration::insecure_registries(&[&registry.host()]),
+    )
+    .expect("registries");
+    run(Command::new("chmod").args(["-R", "a+rX"]).arg(&job_in));
+    let scalar = |key: &str| {
+        isula_integration::kube::yaml_scalar(&job, key)
+            .unwrap_or_else(|| panic!("no {key} in build-job.yaml"))
+    };
+    assert_eq!(scalar("hostUsers"), "false");
+    assert_eq!(scalar("procMount"), "Unmasked");
+    assert_eq!(scalar("type"), "Localhost");
+    let profile_name = scalar("localhostProfile");
+    assert!(
+        profile().ends_with(&format!("/{profile_name}")),
+        "{profile_name}"
+    );
+    // No privileged container and no added capability.
+    assert_eq!(isula_integration::kube::yaml_scalar(&job, "privileged"), None);
+    assert!(
+        !job.lines().any(|l| l.trim_start().starts_with("capabilities:")),
+        "build-job.yaml adds capabilities"
+    );
+    let user = format!("{}:{}", scalar("runAsUser"), scalar("runAsGroup"));
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--rm".into(),
+        "--network".into(),
+        "host".into(),
+        "--user".into(),
+        user,
+        "--security-opt".into(),
+        format!("seccomp={}", profile()),
+        "--security-opt".into(),
+        "systempaths=unconfined".into(),
+    ];
+    for e in isula_integration::kube::yaml_list(&job, "env") {
+        let k = field(&e, "name").expect("an env name");
+        args.extend([
+            "-e".into(),
+            format!("{k}={}", field(&e, "value").unwrap_or("")),
+        ]);
+    }
+    let volumes = isula_integration::kube::yaml_list(&job, "volumes");
+    for m in isula_integration::kube::yaml_list(&job, "volumeMounts") {
+        let name = field(&m, "name").expect("a mount's name");
+        let path = field(&m, "mountPath").expect("mountPath");
+        let volume = volumes
+            .iter()
+            .find(|v| field(v, "name") == Some(name))
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        if field(volume, "medium") == Some("Memory") {
+            // An emptyDir in memory, owned by the pod's fsGroup.
+            args.extend([
+                "--tmpfs".into(),
+                format!("{path}:uid=1000,gid={},mode=0700", scalar("fsGroup")),
+            ]);
+        } else if volume
+            .iter()
+            .any(|(k, v)| k == "emptyDir" || (k.is_empty() && v == "emptyDir"))
+        {
+            args.extend(["--mount".into(), format!("type=volume,dst={path}")]);
+        } else if volume.iter().any(|(k, v)| k.is_empty() && v == "configMap") {
+            let ro = if field(&m, "readOnly") == Some("true") {
+                ":ro"
+            } else {
+                ""
+            };
+            args.extend(["-v".into(), format!("{}:{path}{ro}", ctx.display())]);
+        } else {
+            panic!("a volume this test does not know: {volume:?}");
+        }
+    }
+    args.extend([
+        "-v".into(),
+        format!("{}:/home/builder/.config/isula-build:ro", conf.display()),
+        tag.into(),
+    ]);
+    let job_args: Vec<String> = isula_integration::kube::yaml_list(&job, "args")
+        .into_iter()
+        .map(|i| i[0].1.replace("registry.example.com", &registry.host()))
+        .collect();
+    assert!(job_args.iter().any(|a| a == "--daemonless"), "{job_args:?}");
+    args.extend(job_args);
+    let out = docker.docker(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "the Job's container: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pushed = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--config"])
+        .arg(format!("docker://{}/app:1", registry.host()))
+        .output()
+        .expect("skopeo");
+    let config = String::from_utf8_lossy(&pushed.stdout);
+    assert!(
+        pushed.status.success() && config.contains("RUN echo from-the-job"),
+        "{config}{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
 }
 
 const STATIC: &str = "build-time=2020-01-01 00:00:00";
