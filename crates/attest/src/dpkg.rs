@@ -16,9 +16,8 @@ const LINE_MAX: usize = 1 << 20;
 /// false at the end.
 pub(crate) fn next_line<R: BufRead>(r: &mut R, line: &mut String, path: &Path) -> Result<bool> {
     line.clear();
-    let n = r
-        .by_ref()
-        .take(LINE_MAX as u64 + 1)
+    let mut limited = std::io::Read::take(&mut *r, LINE_MAX as u64 + 1);
+    let n = limited
         .read_line(line)
         .map_err(|e| AttestError::io("read", path, e))?;
     if n > LINE_MAX {

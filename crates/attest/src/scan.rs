@@ -84,7 +84,7 @@ fn names_in(dir: &OwnedFd) -> Result<Vec<String>> {
 /// Reads the package databases and walks the files of the rootfs at `rootfs`. `scratch`
 /// is an empty directory of the caller's where an sqlite database is copied to be read.
 pub fn scan(rootfs: &Path, scratch: &Path) -> Result<Inventory> {
-    let root = Root::open(rootfs).map_err(|e| AttestError::io("open", rootfs, e.into()))?;
+    let root = Root::open(rootfs).map_err(|e| AttestError::io("open", rootfs, e.source))?;
     let mut inv = Inventory::default();
     let mut owned: HashSet<String> = HashSet::new();
     read_os_release(&root, &mut inv);
@@ -338,7 +338,7 @@ fn unowned_files(root: &Root, rootfs: &Path, owned: &HashSet<String>) -> Result<
                         OFlags::RDONLY | OFlags::CLOEXEC,
                         Mode::empty(),
                     )
-                    .map_err(|e| AttestError::io("open", &path, e.into()))?;
+                    .map_err(|e| AttestError::io("open", &path, e.source))?;
                 hash_reader(std::fs::File::from(fd), &path)?
             };
             out.push(UnownedFile { path, sha1, sha256 });

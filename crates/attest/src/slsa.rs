@@ -146,7 +146,9 @@ pub fn predicate(info: &BuildInfo<'_>) -> Vec<u8> {
             }
             Material::Git { url, commit } => {
                 let algo = if commit.len() == 64 { "sha256" } else { "sha1" };
-                json!({"uri": redact(url), "digest": {algo: commit}})
+                let mut digest = Map::new();
+                digest.insert(algo.to_string(), json!(commit));
+                json!({"uri": redact(url), "digest": digest})
             }
         })
         .collect();

@@ -108,8 +108,9 @@ fn sbom_of_a_debootstrap_image_is_what_dpkg_query_lists() {
             .arg(admin.path())
             .arg("./var/lib/dpkg"),
     );
+    let admindir = format!("--admindir={}", admin.path().join("var/lib/dpkg").display());
     let listed = run_ok(Command::new("dpkg-query").args([
-        &format!("--admindir={}", admin.path().join("var/lib/dpkg").display()),
+        admindir.as_str(),
         "-W",
         "-f",
         "${Package}\t${Version}\n",
@@ -243,14 +244,17 @@ fn sbom_of_rpm_databases_is_what_rpm_qa_lists() {
         (
             "sqlite",
             vec![
-                ("var/lib/rpm/rpmdb.sqlite", &db),
-                ("var/lib/rpm/rpmdb.sqlite-wal", &wal),
+                ("var/lib/rpm/rpmdb.sqlite", db.as_slice()),
+                ("var/lib/rpm/rpmdb.sqlite-wal", wal.as_slice()),
                 ("etc/os-release", os_release),
             ],
         ),
         (
             "bdb",
-            vec![("var/lib/rpm/Packages", &bdb), ("etc/os-release", os_release)],
+            vec![
+                ("var/lib/rpm/Packages", bdb.as_slice()),
+                ("etc/os-release", os_release),
+            ],
         ),
     ];
     for (kind, files) in cases {
@@ -334,7 +338,10 @@ fn attestations_go_to_a_registry_and_come_back() {
     ]);
     let sbom = json(&d.ok(&["ctr-img", "inspect", "--sbom", &name]));
     let prov = json(&d.ok(&["ctr-img", "inspect", "--provenance", &name]));
-    assert_eq!(sbom_packages(&sbom), [("busybox".into(), "1:1.35.0-4".into())]);
+    assert_eq!(
+        sbom_packages(&sbom),
+        [("busybox".to_string(), "1:1.35.0-4".to_string())]
+    );
     let ext = &prov["buildDefinition"]["externalParameters"];
     assert_eq!(ext["request"]["args"]["build-arg:VERSION"], "7");
     assert!(
@@ -401,7 +408,7 @@ fn attestations_go_to_a_registry_and_come_back() {
     let from = context(&format!("FROM {name}\nLABEL again=1\n"), &[]);
     d.ok(&["ctr-img", "build", "-t", "att-from:1", path(from.path())]);
     // A prune keeps them while the image lives; rm takes them with it.
-    d.cli(&["ctr-img", "rm", "--prune"]);
+    d.cli(&["ctr-img", "rm", "-p"]);
     assert_eq!(json(&d.ok(&["ctr-img", "inspect", "--sbom", &name])), sbom);
     d.ok(&["ctr-img", "rm", &name]);
     let err = d.fails(&["ctr-img", "inspect", "--sbom", &name]);
