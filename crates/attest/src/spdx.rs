@@ -78,13 +78,13 @@ fn is_spdx_expression(l: &str) -> bool {
     !l.trim().is_empty()
         && l.split_whitespace().all(|w| {
             let w = w.trim_matches(['(', ')']);
-            w.is_empty()
-                || matches!(w, "AND" | "OR" | "WITH")
-                || (!w.eq_ignore_ascii_case("and")
-                    && !w.eq_ignore_ascii_case("or")
-                    && !w.eq_ignore_ascii_case("with")
-                || w.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | ':')))
+            if w.is_empty() || matches!(w, "AND" | "OR" | "WITH") {
+                return true;
+            }
+            // Operators are upper-case: "zlib and Boost" is prose, not an expression.
+            !["and", "or", "with"].iter().any(|op| w.eq_ignore_ascii_case(op))
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | ':'))
         })
 }
 
