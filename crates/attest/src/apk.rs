@@ -109,8 +109,13 @@ R:securetty
     fn packages_and_files() {
         let mut out = Vec::new();
         let mut owned = HashSet::new();
-        parse_installed(INSTALLED.as_bytes(), Path::new("installed"), &mut out, &mut owned)
-            .expect("parse");
+        parse_installed(
+            INSTALLED.as_bytes(),
+            Path::new("installed"),
+            &mut out,
+            &mut owned,
+        )
+        .expect("parse");
         let got: Vec<_> = out
             .iter()
             .map(|p| (p.name.as_str(), p.version.as_str(), p.license.as_deref()))
@@ -122,7 +127,12 @@ R:securetty
                 ("busybox", "1.36.1-r15", Some("GPL-2.0-only"))
             ]
         );
-        for f in ["/lib/ld-musl-x86_64.so.1", "/bin/busybox", "/etc/securetty", "/lib"] {
+        for f in [
+            "/lib/ld-musl-x86_64.so.1",
+            "/bin/busybox",
+            "/etc/securetty",
+            "/lib",
+        ] {
             assert!(owned.contains(f), "{f}");
         }
     }

@@ -140,11 +140,7 @@ pub fn parse_list<R: BufRead>(mut r: R, path: &Path, owned: &mut HashSet<String>
 }
 
 /// Adds the paths of an `.md5sums` file (`<md5>  <path relative to />`).
-pub fn parse_md5sums<R: BufRead>(
-    mut r: R,
-    path: &Path,
-    owned: &mut HashSet<String>,
-) -> Result<()> {
+pub fn parse_md5sums<R: BufRead>(mut r: R, path: &Path, owned: &mut HashSet<String>) -> Result<()> {
     let mut line = String::new();
     while next_line(&mut r, &mut line, path)? {
         let l = line.trim_end_matches(['\n', '\r']);
@@ -222,7 +218,10 @@ Version: 1.0
         )
         .expect_err("refused");
         let msg = err.to_string();
-        assert!(msg.contains("/var/lib/dpkg/status") && msg.contains("nonsense"), "{msg}");
+        assert!(
+            msg.contains("/var/lib/dpkg/status") && msg.contains("nonsense"),
+            "{msg}"
+        );
         let long = format!("Package: {}\n", "a".repeat(LINE_MAX + 10));
         assert!(parse_status(long.as_bytes(), Path::new("s"), true, &mut out).is_err());
     }

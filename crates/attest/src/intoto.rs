@@ -103,7 +103,11 @@ pub fn attestation_manifest(
     let mut statements = Vec::new();
     for p in predicates {
         let bytes = statement(p, names, subject)?;
-        let mut d = Descriptor::new(IN_TOTO_MEDIA_TYPE, Digest::of_bytes(&bytes), bytes.len() as u64);
+        let mut d = Descriptor::new(
+            IN_TOTO_MEDIA_TYPE,
+            Digest::of_bytes(&bytes),
+            bytes.len() as u64,
+        );
         d.annotations = Some(BTreeMap::from([(
             PREDICATE_TYPE_ANNOTATION.to_string(),
             p.predicate_type.clone(),
@@ -118,7 +122,11 @@ pub fn attestation_manifest(
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }))
     .map_err(|e| AttestError::BadAttestation(e.to_string()))?;
-    let config_desc = Descriptor::new(media::OCI_CONFIG, Digest::of_bytes(&config), config.len() as u64);
+    let config_desc = Descriptor::new(
+        media::OCI_CONFIG,
+        Digest::of_bytes(&config),
+        config.len() as u64,
+    );
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(media::OCI_MANIFEST.to_string()),
@@ -139,7 +147,11 @@ pub fn attestation_manifest(
 impl AttestationManifest {
     /// Its entry in an image index, after the image `subject`'s.
     pub fn index_entry(&self, subject: &Digest) -> Descriptor {
-        let mut d = Descriptor::new(media::OCI_MANIFEST, self.digest.clone(), self.manifest.len() as u64);
+        let mut d = Descriptor::new(
+            media::OCI_MANIFEST,
+            self.digest.clone(),
+            self.manifest.len() as u64,
+        );
         d.annotations = Some(BTreeMap::from([
             (REFERENCE_DIGEST.to_string(), subject.to_string()),
             (REFERENCE_TYPE.to_string(), ATTESTATION_MANIFEST.to_string()),
@@ -177,7 +189,10 @@ mod tests {
         let subject = Digest::of_bytes(b"manifest");
         let r = isula_types::Reference::parse("localhost:5000/app:1").expect("ref");
         let names = vec![image_purl(&r, "linux/amd64")];
-        assert_eq!(names[0], "pkg:docker/localhost:5000/app@1?platform=linux%2Famd64");
+        assert_eq!(
+            names[0],
+            "pkg:docker/localhost:5000/app@1?platform=linux%2Famd64"
+        );
         let m = attestation_manifest(std::slice::from_ref(&p), &names, &subject).expect("make");
         let (d, bytes) = &m.statements[0];
         assert_eq!(d.media_type, IN_TOTO_MEDIA_TYPE);

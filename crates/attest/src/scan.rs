@@ -391,17 +391,30 @@ mod tests {
             "Package: coreutils\nStatus: install ok installed\nVersion: 9.1-1\nArchitecture: amd64\n",
         )
         .expect("status");
-        std::fs::write(r.join("var/lib/dpkg/info/coreutils.list"), "/.\n/bin\n/bin/ls\n")
-            .expect("list");
-        std::fs::write(r.join("lib/apk/db/installed"), "P:musl\nV:1.2\nA:x86_64\nF:etc\nR:apkfile\n")
-            .expect("apk");
+        std::fs::write(
+            r.join("var/lib/dpkg/info/coreutils.list"),
+            "/.\n/bin\n/bin/ls\n",
+        )
+        .expect("list");
+        std::fs::write(
+            r.join("lib/apk/db/installed"),
+            "P:musl\nV:1.2\nA:x86_64\nF:etc\nR:apkfile\n",
+        )
+        .expect("apk");
         std::fs::write(r.join("usr/bin/ls"), "ls").expect("ls");
         std::fs::write(r.join("etc/apkfile"), "a").expect("a");
         std::fs::write(r.join("etc/stray"), "stray").expect("stray");
         std::fs::write(r.join("etc/os-release"), "ID=debian\nVERSION_ID=\"12\"\n").expect("os");
         let inv = scan(&r, &scratch).expect("scan");
-        let names: Vec<_> = inv.packages.iter().map(|(e, p)| (*e, p.name.as_str())).collect();
-        assert_eq!(names, [(Ecosystem::Deb, "coreutils"), (Ecosystem::Apk, "musl")]);
+        let names: Vec<_> = inv
+            .packages
+            .iter()
+            .map(|(e, p)| (*e, p.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [(Ecosystem::Deb, "coreutils"), (Ecosystem::Apk, "musl")]
+        );
         assert_eq!(inv.distro.as_deref(), Some("debian"));
         assert_eq!(inv.distro_version.as_deref(), Some("12"));
         let unowned: Vec<_> = inv.unowned.iter().map(|f| f.path.as_str()).collect();
@@ -409,7 +422,11 @@ mod tests {
         assert!(unowned.contains(&"/etc/stray"), "{unowned:?}");
         assert!(!unowned.contains(&"/usr/bin/ls"), "{unowned:?}");
         assert!(!unowned.contains(&"/etc/apkfile"), "{unowned:?}");
-        let stray = inv.unowned.iter().find(|f| f.path == "/etc/stray").expect("stray");
+        let stray = inv
+            .unowned
+            .iter()
+            .find(|f| f.path == "/etc/stray")
+            .expect("stray");
         assert_eq!(stray.sha256, hex::encode(sha2::Sha256::digest(b"stray")));
     }
 

@@ -27,7 +27,9 @@ impl Mode {
                 Some(("mode", "min")) => mode = Some(Mode::Min),
                 Some(("mode", "max")) => mode = Some(Mode::Max),
                 Some(("mode", m)) => {
-                    return Err(format!("--provenance mode={m}: expected mode=min or mode=max"))
+                    return Err(format!(
+                        "--provenance mode={m}: expected mode=min or mode=max"
+                    ))
                 }
                 None if matches!(part, "true" | "1") => mode = Some(Mode::Min),
                 None if matches!(part, "false" | "0") => mode = None,
@@ -87,9 +89,17 @@ pub fn is_withheld_arg(name: &str) -> bool {
     isula_types::PROXY_ARGS
         .iter()
         .any(|p| p.eq_ignore_ascii_case(name))
-        || ["SECRET", "PASSWORD", "PASSWD", "TOKEN", "CREDENTIAL", "PRIVATE_KEY", "API_KEY"]
-            .iter()
-            .any(|w| upper.contains(w))
+        || [
+            "SECRET",
+            "PASSWORD",
+            "PASSWD",
+            "TOKEN",
+            "CREDENTIAL",
+            "PRIVATE_KEY",
+            "API_KEY",
+        ]
+        .iter()
+        .any(|w| upper.contains(w))
 }
 
 /// The predicate, as compact JSON bytes.

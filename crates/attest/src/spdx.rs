@@ -82,7 +82,9 @@ fn is_spdx_expression(l: &str) -> bool {
                 return true;
             }
             // Operators are upper-case: "zlib and Boost" is prose, not an expression.
-            !["and", "or", "with"].iter().any(|op| w.eq_ignore_ascii_case(op))
+            !["and", "or", "with"]
+                .iter()
+                .any(|op| w.eq_ignore_ascii_case(op))
                 && w.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | ':'))
         })
@@ -242,7 +244,10 @@ mod tests {
         assert_eq!(doc["spdxVersion"], "SPDX-2.3");
         assert_eq!(
             package_versions(&doc),
-            [("bash".to_string(), "5.2-1".to_string()), ("zlib".into(), "1.2.13-1".into())]
+            [
+                ("bash".to_string(), "5.2-1".to_string()),
+                ("zlib".into(), "1.2.13-1".into())
+            ]
         );
         let bash = &doc["packages"][1];
         assert_eq!(bash["licenseDeclared"], "GPL-3.0-or-later");

@@ -77,7 +77,8 @@ fn path(p: &Path) -> &str {
 /// The cached debootstrap base (scripts/debian-base.sh makes it once, ~45 s).
 fn debian_base() -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = run_ok(Command::new(repo.join("scripts/debian-base.sh")).env_remove("ISULABUILD_HOST"));
+    let out =
+        run_ok(Command::new(repo.join("scripts/debian-base.sh")).env_remove("ISULABUILD_HOST"));
     PathBuf::from(out.trim())
 }
 
@@ -93,7 +94,14 @@ fn sbom_of_a_debootstrap_image_is_what_dpkg_query_lists() {
         "FROM debian-attest:base\nCOPY stray.conf /etc/stray.conf\nLABEL attest=yes\n",
         &[("stray.conf", "owned by no package\n")],
     );
-    let out = d.ok(&["ctr-img", "build", "--sbom", "-t", "deb-sbom:1", path(ctx.path())]);
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--sbom",
+        "-t",
+        "deb-sbom:1",
+        path(ctx.path()),
+    ]);
     assert!(out.contains("Generating SBOM"), "{out}");
     let doc = json(&d.ok(&["ctr-img", "inspect", "--sbom", "deb-sbom:1"]));
     assert_eq!(doc["spdxVersion"], "SPDX-2.3");
@@ -116,7 +124,10 @@ fn sbom_of_a_debootstrap_image_is_what_dpkg_query_lists() {
         "${Package}\t${Version}\n",
     ]));
     let want = tool_list(&listed);
-    assert!(want.len() > 50, "a debootstrap minbase has packages: {want:?}");
+    assert!(
+        want.len() > 50,
+        "a debootstrap minbase has packages: {want:?}"
+    );
     assert_eq!(sbom_packages(&doc), want);
     // Every package has its purl with the architecture.
     let libc = doc["packages"]
@@ -146,10 +157,16 @@ fn sbom_of_a_debootstrap_image_is_what_dpkg_query_lists() {
         stray["checksums"][1]["checksumValue"],
         sha256_hex(b"owned by no package\n")
     );
-    assert!(!files.contains(&"/usr/bin/dpkg".to_string()), "dpkg owns /usr/bin/dpkg");
+    assert!(
+        !files.contains(&"/usr/bin/dpkg".to_string()),
+        "dpkg owns /usr/bin/dpkg"
+    );
     // Only what was asked for: no provenance on this image, said by name.
     let err = d.fails(&["ctr-img", "inspect", "--provenance", "deb-sbom:1"]);
-    assert!(err.contains("provenance") && err.contains("deb-sbom:1"), "{err}");
+    assert!(
+        err.contains("provenance") && err.contains("deb-sbom:1"),
+        "{err}"
+    );
 }
 
 /// Builds two tiny rpms with rpmbuild (one with an epoch) and installs them into a new
@@ -180,9 +197,7 @@ fn rpm_database(root: &Path) -> Vec<(String, String)> {
             &format!("_topdir {}", top.display()),
             path(&spec),
         ]));
-        rpms.push(top.join(format!(
-            "RPMS/noarch/{name}-{version}-{release}.noarch.rpm"
-        )));
+        rpms.push(top.join(format!("RPMS/noarch/{name}-{version}-{release}.noarch.rpm")));
     }
     run_ok(Command::new("rpm").args(["--initdb", "--dbpath", path(&dbpath)]));
     let mut install = Command::new("rpm");
@@ -240,7 +255,7 @@ fn sbom_of_rpm_databases_is_what_rpm_qa_lists() {
     let bdb = std::fs::read(&bdb).expect("Packages");
     let d = Daemon::start();
     let os_release: &[u8] = b"ID=openEuler\nVERSION_ID=\"22.03\"\n";
-    let cases: Vec<(&str, Vec<(&str, &[u8])>)> = vec![
+    let cases: Vec<(&str, Vec<ImageFile<'_>>)> = vec![
         (
             "sqlite",
             vec![
@@ -279,19 +294,35 @@ fn sbom_of_rpm_databases_is_what_rpm_qa_lists() {
         assert_eq!(world["licenseDeclared"], "GPL-2.0-only", "{kind}");
         // The busybox files belong to no rpm: listed as such.
         let files = sbom_files(&doc);
-        assert!(files.iter().any(|f| f.ends_with("/busybox")), "{kind}: {files:?}");
+        assert!(
+            files.iter().any(|f| f.ends_with("/busybox")),
+            "{kind}: {files:?}"
+        );
     }
     // A database that is not one: the build fails naming it, and no image is made.
     d.import_busybox(
         "rpm-bad:base",
-        &[("var/lib/rpm/Packages", b"this is not a Berkeley DB file at all, no no".as_slice())],
+        &[(
+            "var/lib/rpm/Packages",
+            b"this is not a Berkeley DB file at all, no no".as_slice(),
+        )],
     );
     let ctx = context("FROM rpm-bad:base\nLABEL kind=bad\n", &[]);
-    let err = d.fails(&["ctr-img", "build", "--sbom", "-t", "rpm-bad:1", path(ctx.path())]);
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--sbom",
+        "-t",
+        "rpm-bad:1",
+        path(ctx.path()),
+    ]);
     assert!(err.contains("/var/lib/rpm/Packages"), "{err}");
     // Positive control: the same build without --sbom succeeds.
     d.ok(&["ctr-img", "build", "-t", "rpm-bad:1", path(ctx.path())]);
 }
+
+/// A file put into an imported image: its path and content.
+type ImageFile<'a> = (&'a str, &'a [u8]);
 
 fn skopeo_raw(reference: &str) -> Value {
     json(&run_ok(Command::new("skopeo").args([
@@ -317,10 +348,7 @@ fn attestations_go_to_a_registry_and_come_back() {
             b"Package: busybox\nStatus: install ok installed\nVersion: 1:1.35.0-4\nArchitecture: amd64\n".as_slice(),
         )],
     );
-    let ctx = context(
-        "FROM att-base:1\nARG VERSION\nLABEL v=$VERSION\n",
-        &[],
-    );
+    let ctx = context("FROM att-base:1\nARG VERSION\nLABEL v=$VERSION\n", &[]);
     let name = format!("{host}/attest/app:1");
     d.ok(&[
         "ctr-img",
@@ -350,7 +378,10 @@ fn attestations_go_to_a_registry_and_come_back() {
     );
     let deps = prov["buildDefinition"]["resolvedDependencies"].to_string();
     assert!(deps.contains("pkg:docker/att-base@1"), "{deps}");
-    assert!(prov["runDetails"]["metadata"]["invocationId"].is_string(), "max: {prov}");
+    assert!(
+        prov["runDetails"]["metadata"]["invocationId"].is_string(),
+        "max: {prov}"
+    );
     // `images` shows the image once; no attestation entry.
     let rows: Vec<_> = d
         .images()
@@ -362,7 +393,10 @@ fn attestations_go_to_a_registry_and_come_back() {
     d.ok(&["ctr-img", "push", &name]);
     // The registry holds BuildKit's layout: an index of the image and its attestations.
     let index = skopeo_raw(&format!("docker://{name}"));
-    assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
     let entries = index["manifests"].as_array().expect("manifests");
     assert_eq!(entries.len(), 2, "{index}");
     let image_digest = entries[0]["digest"].as_str().expect("digest");
@@ -374,7 +408,10 @@ fn attestations_go_to_a_registry_and_come_back() {
         att["annotations"]["vnd.docker.reference.type"],
         "attestation-manifest"
     );
-    assert_eq!(att["annotations"]["vnd.docker.reference.digest"], image_digest);
+    assert_eq!(
+        att["annotations"]["vnd.docker.reference.digest"],
+        image_digest
+    );
     let att_manifest = skopeo_raw(&format!(
         "docker://{host}/attest/app@{}",
         att["digest"].as_str().expect("digest")
@@ -403,7 +440,10 @@ fn attestations_go_to_a_registry_and_come_back() {
     d.ok(&["ctr-img", "rm", &name]);
     d.ok(&["ctr-img", "pull", &name]);
     assert_eq!(json(&d.ok(&["ctr-img", "inspect", "--sbom", &name])), sbom);
-    assert_eq!(json(&d.ok(&["ctr-img", "inspect", "--provenance", &name])), prov);
+    assert_eq!(
+        json(&d.ok(&["ctr-img", "inspect", "--provenance", &name])),
+        prov
+    );
     // FROM the pulled image takes the image, never the attestation manifest.
     let from = context(&format!("FROM {name}\nLABEL again=1\n"), &[]);
     d.ok(&["ctr-img", "build", "-t", "att-from:1", path(from.path())]);
@@ -446,7 +486,10 @@ fn oci_archive_outputs_carry_attestations() {
     let index = json(&std::fs::read_to_string(layout.join("index.json")).expect("index.json"));
     let entries = index["manifests"].as_array().expect("manifests");
     assert_eq!(entries.len(), 2, "{index}");
-    assert_eq!(entries[0]["annotations"]["org.opencontainers.image.ref.name"], "1");
+    assert_eq!(
+        entries[0]["annotations"]["org.opencontainers.image.ref.name"],
+        "1"
+    );
     assert_eq!(
         entries[1]["annotations"]["vnd.docker.reference.digest"],
         entries[0]["digest"]
@@ -471,13 +514,14 @@ fn oci_archive_outputs_carry_attestations() {
     assert_eq!(stmt["predicateType"], SPDX);
     assert_eq!(
         stmt["subject"][0]["digest"]["sha256"].as_str(),
-        entries[0]["digest"].as_str().and_then(|d| d.strip_prefix("sha256:"))
+        entries[0]["digest"]
+            .as_str()
+            .and_then(|d| d.strip_prefix("sha256:"))
     );
     // skopeo and umoci open the archive by its tag.
-    run_ok(Command::new("skopeo").args([
-        "inspect",
-        &format!("oci-archive:{}:1", archive.display()),
-    ]));
+    run_ok(
+        Command::new("skopeo").args(["inspect", &format!("oci-archive:{}:1", archive.display())]),
+    );
     let bundle = out.path().join("bundle");
     run_ok(Command::new("umoci").args([
         "unpack",
@@ -559,5 +603,8 @@ fn source_date_epoch_gives_the_same_image_and_attestations_on_another_day() {
     // Positive control: without SOURCE_DATE_EPOCH, two days apart differ.
     let plain_today = build(None, None);
     let plain_later = build(Some(2), None);
-    assert_ne!(plain_today.0, plain_later.0, "faketime moved the daemon's clock");
+    assert_ne!(
+        plain_today.0, plain_later.0,
+        "faketime moved the daemon's clock"
+    );
 }

@@ -79,7 +79,13 @@ pub fn push_attestations(
         send_blob(client, store, repo, &d.digest, &[], cancel)?;
     }
     progress(format!("Writing attestation manifest {}\n", att.digest));
-    put_manifest(client, repo, att.digest.as_str(), &att.manifest, media::OCI_MANIFEST)?;
+    put_manifest(
+        client,
+        repo,
+        att.digest.as_str(),
+        &att.manifest,
+        media::OCI_MANIFEST,
+    )?;
     drop(lease);
     Ok(Some(att.index_entry(&pushed.digest)))
 }

@@ -138,11 +138,10 @@ pub fn for_each_header_in(
         return Err(d.bad(format!("page size {}", d.page_size)));
     }
     d.last_page = d.u32(&meta, 32);
-    let len = d
-        .f
-        .metadata()
-        .map_err(|e| AttestError::io("stat", db, e))?
-        .len();
+    let len =
+        d.f.metadata()
+            .map_err(|e| AttestError::io("stat", db, e))?
+            .len();
     if (d.last_page as u64 + 1) * d.page_size as u64 > len {
         return Err(d.bad(format!(
             "{} pages of {} bytes, the file has {len} bytes",

@@ -240,7 +240,7 @@ pub(crate) mod fixture {
         string(1014, 6, &["MIT"], &mut index);
         string(1118, 8, &["/usr/bin/"], &mut index);
         string(1117, 8, &[name], &mut index);
-        while data.len() % 4 != 0 {
+        while data.len() & 3 != 0 {
             data.push(0);
         }
         index.push([1116, 4, data.len() as u32, 1]);
@@ -270,7 +270,9 @@ mod tests {
     fn header_gives_package_and_files() {
         let blob = fixture::header("hello", "2.12", "1.oe2203", Some(3));
         let mut owned = HashSet::new();
-        let p = package_of(&blob, &mut owned).expect("parse").expect("a package");
+        let p = package_of(&blob, &mut owned)
+            .expect("parse")
+            .expect("a package");
         assert_eq!(p.name, "hello");
         assert_eq!(p.version, "3:2.12-1.oe2203");
         assert_eq!(p.arch, "x86_64");
@@ -283,7 +285,10 @@ mod tests {
         let blob = fixture::header("hello", "1", "1", None);
         let mut owned = HashSet::new();
         for cut in [0, 4, 8, 20, blob.len() - 1] {
-            assert!(package_of(&blob[..cut], &mut owned).is_err(), "cut at {cut}");
+            assert!(
+                package_of(&blob[..cut], &mut owned).is_err(),
+                "cut at {cut}"
+            );
         }
         // An offset past the data.
         let mut bad = blob.clone();

@@ -67,7 +67,10 @@ pub fn for_each_header_in(
         for at in (first..PAGE_SIZE).step_by(SLOT_SIZE as usize) {
             let s = &page[at as usize..(at + SLOT_SIZE) as usize];
             if le32(s, 0) != SLOT_MAGIC {
-                return Err(bad(format!("slot at {} has no Slot magic", p * PAGE_SIZE + at)));
+                return Err(bad(format!(
+                    "slot at {} has no Slot magic",
+                    p * PAGE_SIZE + at
+                )));
             }
             let (idx, off, cnt) = (le32(s, 4), le32(s, 8), le32(s, 12));
             if off == 0 {
@@ -125,7 +128,7 @@ pub(crate) fn write_fixture(path: &Path, headers: &[Vec<u8>]) {
         blob.extend_from_slice(&(h.len() as u32).to_le_bytes());
         blob.extend_from_slice(h);
         blob.extend_from_slice(&[0u8; 12]);
-        while blob.len() as u64 % BLK_SIZE != 0 {
+        while blob.len() as u64 & (BLK_SIZE - 1) != 0 {
             blob.push(0);
         }
         let cnt = blob.len() as u64 / BLK_SIZE;
@@ -149,12 +152,18 @@ mod tests {
         let db = dir.path().join("Packages.db");
         write_fixture(
             &db,
-            &[header("zlib", "1.2.13", "1", None), header("bash", "5.2", "2", Some(1))],
+            &[
+                header("zlib", "1.2.13", "1", None),
+                header("bash", "5.2", "2", Some(1)),
+            ],
         );
         let mut out = Vec::new();
         let mut owned = Default::default();
         crate::rpm::collect(&db, |f| for_each_header(&db, f), &mut out, &mut owned).expect("read");
-        let got: Vec<_> = out.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
+        let got: Vec<_> = out
+            .iter()
+            .map(|p| (p.name.as_str(), p.version.as_str()))
+            .collect();
         assert_eq!(got, [("zlib", "1.2.13-1"), ("bash", "1:5.2-2")]);
     }
 
@@ -164,7 +173,11 @@ mod tests {
         let db = dir.path().join("Packages.db");
         write_fixture(&db, &[header("zlib", "1.2.13", "1", None)]);
         let good = std::fs::read(&db).expect("read");
-        for (what, at, byte) in [("magic", 0usize, b'X'), ("slot", 40, b'X'), ("blob", 4096, b'X')] {
+        for (what, at, byte) in [
+            ("magic", 0usize, b'X'),
+            ("slot", 40, b'X'),
+            ("blob", 4096, b'X'),
+        ] {
             let mut bad = good.clone();
             bad[at] = byte;
             std::fs::write(&db, &bad).expect("w");

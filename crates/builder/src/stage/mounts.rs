@@ -257,18 +257,19 @@ impl StageRun<'_, '_> {
                 ),
                 (Some(f), None) => Some(match self.stage_result(f) {
                     Some(r) => r.clone(),
-                    None => image_base(self.ctx, f, &self.platform.clone(), self.materials).map_err(|e| {
-                        in_step(
-                            n,
-                            step,
-                            match e {
-                                BuildError::Invalid(m) => BuildError::Invalid(format!(
-                                    "--mount from={f}: no earlier stage has that name, and {m}"
-                                )),
-                                e => e,
-                            },
-                        )
-                    })?,
+                    None => image_base(self.ctx, f, &self.platform.clone(), self.materials)
+                        .map_err(|e| {
+                            in_step(
+                                n,
+                                step,
+                                match e {
+                                    BuildError::Invalid(m) => BuildError::Invalid(format!(
+                                        "--mount from={f}: no earlier stage has that name, and {m}"
+                                    )),
+                                    e => e,
+                                },
+                            )
+                        })?,
                 }),
             };
             out.push(Planned {
