@@ -456,6 +456,35 @@ fn attestations_go_to_a_registry_and_come_back() {
 }
 
 #[test]
+fn docker_pulls_an_image_whose_index_has_attestations() {
+    if !require_root() || !require_tool("docker-registry") || !require_docker() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = Daemon::for_registries(&[&host]);
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = context("FROM busybox\nLABEL docker=1\n", &[]);
+    let name = format!("{host}/attest/docker:{}", std::process::id());
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "--sbom",
+        "--provenance",
+        "-o",
+        &format!("docker://{name}"),
+        path(ctx.path()),
+    ]);
+    let id = build_id(&out);
+    let _image = DockerImage(name.clone());
+    // Docker 20.10 takes the linux image out of the index and leaves the attestation
+    // manifest (platform unknown/unknown) alone.
+    run_ok(Command::new("docker").args(["pull", &name]));
+    let got = run_ok(Command::new("docker").args(["image", "inspect", "-f", "{{.Id}}", &name]));
+    assert_eq!(got.trim(), format!("sha256:{id}"));
+}
+
+#[test]
 fn oci_archive_outputs_carry_attestations() {
     if !require_root() || !require_tool("skopeo") || !require_tool("umoci") {
         return;
