@@ -637,3 +637,117 @@ fn source_date_epoch_gives_the_same_image_and_attestations_on_another_day() {
         "faketime moved the daemon's clock"
     );
 }
+
+#[test]
+fn provenance_names_what_the_build_fetched_and_no_secret() {
+    if !require_root() || !require_tool("git") {
+        return;
+    }
+    let d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    let files = tempfile::tempdir().expect("files");
+    std::fs::write(files.path().join("tool.bin"), b"tool-bytes\n").expect("write");
+    let server = isula_integration::http_files::HttpFiles::serve(files.path());
+    // A git repository served over dumb HTTP, its commit known.
+    let repos = tempfile::tempdir().expect("repos");
+    let work = repos.path().join("work");
+    std::fs::create_dir_all(&work).expect("work");
+    let git = |dir: &Path, args: &[&str]| {
+        run_ok(
+            Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(args)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@e")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@e"),
+        )
+    };
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("a.txt"), "one\n").expect("write");
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    let commit = git(&work, &["rev-parse", "HEAD"]).trim().to_string();
+    run_ok(
+        Command::new("git")
+            .args(["clone", "-q", "--bare"])
+            .arg(&work)
+            .arg(repos.path().join("repo.git")),
+    );
+    git(&repos.path().join("repo.git"), &["update-server-info"]);
+    let git_server = isula_integration::http_files::HttpFiles::serve(repos.path());
+    let tool_url = server.url("tool.bin");
+    let repo_url = git_server.url("repo.git");
+    let ctx = context(
+        &format!("FROM busybox\nADD {tool_url} /opt/tool.bin\nADD {repo_url}#main /src/\n"),
+        &[("secret.txt", "s3cr3t-value\n")],
+    );
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "--provenance",
+        "--build-arg",
+        "API_TOKEN=tok-value-123",
+        "--build-arg",
+        "https_proxy=http://u:proxypw@proxy.test:3128",
+        "--secret",
+        &format!("id=npmrc,src={}", ctx.path().join("secret.txt").display()),
+        "-t",
+        "prov:1",
+        path(ctx.path()),
+    ]);
+    let text = d.ok(&["ctr-img", "inspect", "--provenance", "prov:1"]);
+    for withheld in [
+        "tok-value-123",
+        "proxypw",
+        "s3cr3t-value",
+        "API_TOKEN",
+        "https_proxy",
+    ] {
+        assert!(!text.contains(withheld), "{withheld} in {text}");
+    }
+    let prov = json(&text);
+    let bd = &prov["buildDefinition"];
+    let deps = bd["resolvedDependencies"].as_array().expect("deps");
+    let dep = |uri: &str| {
+        deps.iter()
+            .find(|d| d["uri"] == uri)
+            .unwrap_or_else(|| panic!("no {uri} in {deps:?}"))
+    };
+    assert_eq!(
+        dep(&tool_url)["digest"]["sha256"],
+        sha256_hex(b"tool-bytes\n")
+    );
+    assert_eq!(dep(&repo_url)["digest"]["sha1"], commit.as_str());
+    // The base image by its manifest digest.
+    let purl = format!("pkg:docker/busybox@latest?platform=linux%2F{}", host_arch());
+    assert!(dep(&purl)["digest"]["sha256"].is_string(), "{deps:?}");
+    // The Dockerfile by its digest; the secret by its id only.
+    let df = std::fs::read(ctx.path().join("Dockerfile")).expect("df");
+    assert_eq!(
+        bd["externalParameters"]["configSource"]["digest"]["sha256"],
+        sha256_hex(&df)
+    );
+    assert_eq!(
+        bd["externalParameters"]["request"]["secrets"][0]["id"],
+        "npmrc"
+    );
+    // mode=min: nothing that varies between runs.
+    let meta = &prov["runDetails"]["metadata"];
+    for varies in ["invocationId", "startedOn", "finishedOn"] {
+        assert!(meta.get(varies).is_none(), "{varies} in min: {meta}");
+    }
+    assert_eq!(prov["runDetails"]["builder"]["id"], "isula-builder");
+    // A mode that is not one: refused before the build, naming it.
+    let err = d.fails(&[
+        "ctr-img",
+        "build",
+        "--provenance",
+        "mode=full",
+        "-t",
+        "prov:2",
+        path(ctx.path()),
+    ]);
+    assert!(err.contains("mode=full"), "{err}");
+}
