@@ -751,3 +751,66 @@ fn provenance_names_what_the_build_fetched_and_no_secret() {
     ]);
     assert!(err.contains("mode=full"), "{err}");
 }
+
+#[test]
+fn a_two_platform_push_lists_each_images_attestations_after_the_images() {
+    let Some(arm64) = arm64_busybox() else {
+        return;
+    };
+    if !require_root() || !require_tool("docker-registry") || !require_tool("skopeo") {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = Daemon::start_configured(
+        &[("registries.toml", &insecure_registries(&[&host]))],
+        &["--experimental"],
+        &[],
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    for (arch, rootfs) in [
+        (host_arch(), busybox_rootfs(&[])),
+        ("arm64", busybox_rootfs_with(&arm64, &[])),
+    ] {
+        let a = dir.path().join(format!("{arch}.tar"));
+        let name = format!("busybox-{arch}:1");
+        std::fs::write(&a, docker_archive_for(&[rootfs], &name, arch)).expect("archive");
+        d.ok(&["ctr-img", "load", "-i", path(&a)]);
+    }
+    let ctx = context("FROM busybox-$TARGETARCH:1\nLABEL multi=1\n", &[]);
+    let name = format!("{host}/attest/multi:1");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "--sbom",
+        "--platform",
+        &format!("linux/{},linux/arm64", host_arch()),
+        "-o",
+        &format!("docker://{name}"),
+        path(ctx.path()),
+    ]);
+    let index = skopeo_raw(&format!("docker://{name}"));
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let entries = index["manifests"].as_array().expect("manifests");
+    assert_eq!(entries.len(), 4, "{index}");
+    let images: Vec<&Value> = entries[..2].iter().collect();
+    for (i, att) in entries[2..].iter().enumerate() {
+        assert_eq!(att["platform"]["os"], "unknown", "{index}");
+        assert_eq!(
+            att["annotations"]["vnd.docker.reference.digest"], images[i]["digest"],
+            "{index}"
+        );
+    }
+    // Each image's statement names that image's platform.
+    let att = skopeo_raw(&format!(
+        "docker://{host}/attest/multi@{}",
+        entries[3]["digest"].as_str().expect("digest")
+    ));
+    assert_eq!(
+        att["layers"][0]["annotations"]["in-toto.io/predicate-type"],
+        SPDX
+    );
+}
