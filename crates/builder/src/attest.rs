@@ -36,6 +36,14 @@ pub(crate) fn attach(
     let tool = format!("isula-build-{}", opts.version);
     let mut records = Vec::new();
     let mut put = |predicate_type: &str, body: Vec<u8>| -> Result<(), BuildError> {
+        // What a registry or archive reader takes (BuildKit's cap on an attestation).
+        if body.len() as u64 > isula_attest::PREDICATE_MAX {
+            return Err(BuildError::Invalid(format!(
+                "the {predicate_type} attestation is {} bytes, over the limit of {} bytes",
+                body.len(),
+                isula_attest::PREDICATE_MAX
+            )));
+        }
         let blob = lease.put_blob(store.content(), &body)?;
         records.push(AttestationRecord {
             predicate_type: predicate_type.to_string(),
