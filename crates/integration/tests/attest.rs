@@ -250,9 +250,13 @@ fn sbom_of_rpm_databases_is_what_rpm_qa_lists() {
     let sqlite = root.join("var/lib/rpm/rpmdb.sqlite");
     let db = std::fs::read(&sqlite).expect("rpmdb.sqlite");
     let wal = std::fs::read(root.join("var/lib/rpm/rpmdb.sqlite-wal")).unwrap_or_default();
-    let bdb = work.path().join("Packages");
-    bdb_from_sqlite(&sqlite, &bdb, 512);
-    let bdb = std::fs::read(&bdb).expect("Packages");
+    // 512-byte pages put every header on overflow pages; 16 KiB pages keep them inline.
+    let bdb_path = work.path().join("Packages");
+    bdb_from_sqlite(&sqlite, &bdb_path, 512);
+    let bdb = std::fs::read(&bdb_path).expect("Packages");
+    let big_path = work.path().join("Packages-16k");
+    bdb_from_sqlite(&sqlite, &big_path, 16384);
+    let bdb_inline = std::fs::read(&big_path).expect("Packages");
     let d = Daemon::start();
     let os_release: &[u8] = b"ID=openEuler\nVERSION_ID=\"22.03\"\n";
     let cases: Vec<(&str, Vec<ImageFile<'_>>)> = vec![
@@ -268,6 +272,13 @@ fn sbom_of_rpm_databases_is_what_rpm_qa_lists() {
             "bdb",
             vec![
                 ("var/lib/rpm/Packages", bdb.as_slice()),
+                ("etc/os-release", os_release),
+            ],
+        ),
+        (
+            "bdb-inline",
+            vec![
+                ("var/lib/rpm/Packages", bdb_inline.as_slice()),
                 ("etc/os-release", os_release),
             ],
         ),
