@@ -570,11 +570,19 @@ fn oci_archive_outputs_carry_attestations() {
         path(&bundle),
     ]));
     assert!(bundle.join("rootfs/bin/busybox").exists());
-    // Our own load takes the image and leaves the attestation manifest.
+    // Our own load takes the image (the attestation manifest is no image) and keeps its
+    // attestations.
     let d2 = Daemon::start();
     let loaded = d2.ok(&["ctr-img", "load", "-i", path(&archive)]);
-    assert!(!loaded.is_empty());
+    assert!(loaded.contains("Loaded 2 attestations"), "{loaded}");
     assert_eq!(d2.images().len(), 1, "{:?}", d2.images());
+    for flag in ["--sbom", "--provenance"] {
+        assert_eq!(
+            json(&d2.ok(&["ctr-img", "inspect", flag, "app:1"])),
+            json(&d.ok(&["ctr-img", "inspect", flag, "app:1"])),
+            "{flag}"
+        );
+    }
 }
 
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";

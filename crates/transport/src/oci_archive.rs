@@ -67,6 +67,7 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
     let index: Index = serde_json::from_slice(raw)
         .map_err(|e| TransportError::bad(src, format!("index.json: {e}")))?;
     let mut plans = Vec::new();
+    let mut attestations = attestations_of(scanned, &index.manifests)?;
     for desc in &index.manifests {
         // An attestation manifest (BuildKit's layout, what our builds with --sbom or
         // --provenance write beside the image) is no image to load.
@@ -95,6 +96,7 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
                 })?;
             desc = pick.clone();
             names.extend(names_of(&desc));
+            attestations.extend(attestations_of(scanned, &nested.manifests)?);
         }
         let manifest_bytes = small_blob(scanned, &desc)?.to_vec();
         let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
@@ -126,9 +128,41 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
             manifest: Some((manifest_bytes, media_type)),
             layers,
             names,
+            attestations: attestations.remove(&desc.digest).unwrap_or_default(),
         });
     }
     Ok(plans)
+}
+
+/// The predicates of the attestation manifests among `entries`, by the manifest each is
+/// about. A statement too big to be read as a small blob (over 4 MiB) is left out.
+fn attestations_of(
+    scanned: &Scanned,
+    entries: &[Descriptor],
+) -> Result<std::collections::HashMap<Digest, Vec<isula_attest::intoto::Predicate>>> {
+    let src = &scanned.source;
+    let mut out: std::collections::HashMap<Digest, Vec<_>> = Default::default();
+    for e in entries {
+        let Some(target) = isula_attest::intoto::attestation_target(e) else {
+            continue;
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(small_blob(scanned, e)?).map_err(|err| {
+                TransportError::bad(src, format!("attestation manifest {}: {err}", e.digest))
+            })?;
+        for l in &manifest.layers {
+            if l.media_type != isula_attest::intoto::IN_TOTO_MEDIA_TYPE
+                || scanned.small(&blob_path(&l.digest)).is_none()
+            {
+                continue;
+            }
+            let p = isula_attest::intoto::predicate_of(small_blob(scanned, l)?).map_err(|err| {
+                TransportError::bad(src, format!("statement {}: {err}", l.digest))
+            })?;
+            out.entry(target.clone()).or_default().push(p);
+        }
+    }
+    Ok(out)
 }
 
 fn oci_type(docker: &str) -> &str {
