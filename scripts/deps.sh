@@ -8,13 +8,15 @@
 #                          architectures), uidmap and passwd (newuidmap, useradd: the rootless
 #                          tests), libcap2-bin and binutils (setcap, strip: the builder image
 #                          of the unprivileged-container test, and the daemon image), rpm
-#                          (rpmbuild for scripts/package.sh), debootstrap (the daemon image's
+#                          (rpmbuild for scripts/package.sh; rpm databases of the attest tests),
+#                          db5.3-util (db_load: a Berkeley DB rpm database), faketime (a daemon
+#                          on another day: the reproducible-build test), debootstrap (the daemon image's
 #                          base), and Debian's arm64 busybox-static binary in
 #                          /var/cache/isula-build-tests/ (the tests)
 set -euo pipefail
 want=(runc busybox-static xz-utils)
 if [ "${1:-run}" = test ]; then
-    want+=(skopeo gnupg umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support uidmap passwd libcap2-bin binutils rpm debootstrap)
+    want+=(skopeo gnupg umoci docker.io bzip2 docker-registry apache2-utils openssl bsdutils buildah curl e2fsprogs openssh-client git qemu-user-static binfmt-support uidmap passwd libcap2-bin binutils rpm debootstrap db5.3-util faketime)
 fi
 missing=()
 for p in "${want[@]}"; do

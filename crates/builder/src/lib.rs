@@ -6,6 +6,7 @@
 //! directory itself. Progress lines (`STEP  N: ...`, RUN output, the copy lines, the
 //! result) go to the caller as they happen.
 
+mod attest;
 pub mod cache_key;
 pub mod copy;
 pub mod reuse;
@@ -137,6 +138,12 @@ pub struct BuildOptions {
     pub contexts: Vec<(String, NamedContext)>,
     /// The platform built for (`--platform`; None: this machine's).
     pub platform: Option<isula_types::platform::BuildPlatform>,
+    /// `--sbom`: attach an SPDX document of the image's packages.
+    pub sbom: bool,
+    /// `--provenance`: attach a SLSA v1 provenance in this mode.
+    pub provenance: Option<isula_attest::slsa::Mode>,
+    /// The builder's version, as the attestations name it.
+    pub version: String,
 }
 
 /// What a `--build-context NAME=...` names.
@@ -210,6 +217,11 @@ impl Secrets {
 
     pub fn get(&self, id: &str) -> Option<&[u8]> {
         self.0.get(id).map(|v| v.as_slice())
+    }
+
+    /// The ids of the values (what a provenance may name).
+    pub fn ids(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
     }
 
     /// The total size of the values.
@@ -533,6 +545,7 @@ fn needed_stages(
 
 /// Builds the image and records it in the store under `opts.tags`.
 pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildError> {
+    let started = chrono::Utc::now();
     // SOURCE_DATE_EPOCH as a build arg means what it means to BuildKit: the build's time,
     // as --build-static gives it (which wins when both are given).
     let with_epoch;
@@ -591,6 +604,7 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         (opts.cache != CacheMode::Off).then(|| ctx.store.cache().context_record(&opts.context)),
     ));
     let used_cache_mounts = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let materials = std::sync::Mutex::new(Vec::new());
     let result = schedule::build_stages(
         ctx,
         opts,
@@ -601,7 +615,7 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         &stages,
         target,
         &lease,
-        (&hashes, &used_cache_mounts),
+        (&hashes, &used_cache_mounts, &materials),
     );
     hashes.lock().unwrap_or_else(|p| p.into_inner()).save();
     if opts.cache != CacheMode::Off {
@@ -623,6 +637,10 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         }
     }
     let (id, cache_keys, unused_args) = result?;
+    if opts.sbom || opts.provenance.is_some() {
+        let materials = materials.into_inner().unwrap_or_else(|p| p.into_inner());
+        attest::attach(ctx, opts, &id, materials, started)?;
+    }
     let cache_mounts = used_cache_mounts
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())

@@ -166,9 +166,10 @@ pub(crate) fn build_stages(
     stages: &[(usize, Vec<usize>)],
     target: usize,
     lease: &isula_store::Lease,
-    (hashes, used_cache_mounts): (
+    (hashes, used_cache_mounts, materials): (
         &std::sync::Mutex<cache_key::ContextHashes>,
         &std::sync::Mutex<std::collections::BTreeSet<String>>,
+        &std::sync::Mutex<Vec<isula_attest::slsa::Material>>,
     ),
 ) -> Result<(ImageId, Vec<Digest>, Vec<String>), BuildError> {
     let n = df.stages.len();
@@ -188,6 +189,7 @@ pub(crate) fn build_stages(
         lease,
         hashes,
         used_cache_mounts,
+        materials,
         step_line: &step_line,
     };
     let schedule = Mutex::new(Schedule {

@@ -1259,3 +1259,71 @@ fn bad_keys_and_oversized_signatures_fail_clearly_and_store_nothing() {
         assert!(!out.status.success() && err.contains(want), "{file}: {err}");
     }
 }
+
+/// Bad input (issue 32): a lookaside URL on another host, where nothing answers. The pull
+/// is refused naming that URL's host, and nothing is stored; the positive control is the
+/// same image under a scope whose lookaside is on a host that serves its signature.
+#[test]
+fn a_lookaside_on_another_host_that_does_not_answer_is_named_and_stores_nothing() {
+    need_tools();
+    let (reg, base) = seeded();
+    let host = reg.host();
+    let ours = Gpg::new("elsewhere");
+    let work = tempfile::tempdir().expect("tmp");
+    let sigs = work.path().join("sigstore");
+    std::fs::create_dir_all(&sigs).expect("mkdir");
+    let policy = format!(
+        "{{\"default\":[{{\"type\":\"insecureAcceptAnything\"}}],\"transports\":{{\"docker\":{{\
+         \"{host}/elsewhere\":{},\"{host}/here\":{}}}}}}}",
+        signed_by(&format!("\"keyPath\":\"{}\"", ours.public.display()), ""),
+        signed_by(&format!("\"keyPath\":\"{}\"", ours.public.display()), ""),
+    );
+    // Another host (127.0.0.2) on a port where nothing listens.
+    let elsewhere = format!(
+        "http://127.0.0.2:{}/sigstore",
+        isula_integration::registry::free_port()
+    );
+    let http = isula_integration::http_files::HttpFiles::serve(&sigs);
+    let regd = format!(
+        "docker:\n  {host}/elsewhere:\n    lookaside: {elsewhere}\n  {host}/here:\n    lookaside: {}\n",
+        http.url("")
+    );
+    // Both images signed by our key, the signatures where the `here` lookaside serves them.
+    let staging = work.path().join("regd");
+    std::fs::create_dir_all(&staging).expect("mkdir");
+    std::fs::write(
+        staging.join("s.yaml"),
+        format!(
+            "default-docker:\n  lookaside-staging: file://{}\n",
+            sigs.display()
+        ),
+    )
+    .expect("staging");
+    for repo in ["elsewhere", "here"] {
+        copy(
+            Some(&ours),
+            Some(&staging),
+            &base,
+            &format!("{host}/{repo}/app:1"),
+            &["--sign-by", &ours.fpr],
+        );
+    }
+    let d = Daemon::start_configured(
+        &[
+            ("registries.toml", &insecure_registries(&[&host])),
+            ("policy.json", &policy),
+            ("registries.d/l.yaml", &regd),
+        ],
+        &[],
+        &[],
+    );
+    d.ok(&["ctr-img", "pull", &format!("{host}/here/app:1")]);
+    d.ok(&["ctr-img", "rm", "-a"]);
+    let err = refused(
+        &d,
+        &format!("{host}/elsewhere/app:1"),
+        "policy.json's scope",
+        "http://127.0.0.2:",
+    );
+    assert!(err.contains("/elsewhere"), "{err}");
+}

@@ -2,6 +2,7 @@
 //! stored credentials (`auth.json`), and our own distribution client (Docker Registry HTTP
 //! API v2 / OCI distribution) for pull, push, login and manifest lists.
 
+pub mod attestations;
 pub mod auth;
 pub mod cache;
 pub mod client;

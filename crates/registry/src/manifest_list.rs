@@ -448,6 +448,7 @@ impl Lists {
         let client = ctx.client(resolve::push_endpoint(&ctx.registries, &dest_ref)?)?;
         let repo = dest_ref.path().to_string();
         let mut entries = Vec::new();
+        let mut attestations = Vec::new();
         for e in &list.entries {
             let rec = store.image(&e.image).map_err(|_| RegistryError::NotFound {
                 registry: "local store".into(),
@@ -470,15 +471,42 @@ impl Lists {
                 cancel,
                 &mut *progress,
             )?;
+            // supply chain: each image's attestation manifest, listed after the images.
+            let names = crate::attestations::subject_names(&dest_ref, &e.platform);
+            attestations.extend(crate::attestations::push_attestations(
+                store,
+                &client,
+                &rec,
+                &pushed,
+                &names,
+                &repo,
+                cancel,
+                &mut *progress,
+            )?);
             entries.push((
                 Descriptor::new(&pushed.media_type, pushed.digest, pushed.size),
                 e.platform.clone(),
             ));
         }
-        let bytes = Self::index(entries, list.oci)?;
+        // Attestation manifests are OCI manifests: their list is an OCI index.
+        let oci = list.oci || !attestations.is_empty();
+        let bytes = if attestations.is_empty() {
+            Self::index(entries, list.oci)?
+        } else {
+            crate::attestations::index_bytes(
+                entries
+                    .into_iter()
+                    .map(|(mut d, p)| {
+                        d.platform = Some(p);
+                        d
+                    })
+                    .collect(),
+                attestations,
+            )?
+        };
         progress("Writing manifest list to image destination\n".into());
         let tag = dest_ref.tag().unwrap_or("latest");
-        let media_type = if list.oci {
+        let media_type = if oci {
             media::OCI_INDEX
         } else {
             media::DOCKER_MANIFEST_LIST

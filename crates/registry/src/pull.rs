@@ -374,6 +374,8 @@ fn pull_from(
         None => source.reference.tag().unwrap_or("latest").to_string(),
     };
     let mut fetched = get_manifest(&client, &repo, &wanted)?;
+    // supply chain: the attestation manifest an index has for the image taken.
+    let mut attestation: Option<Descriptor> = None;
     if media::manifest_kind(&fetched.media_type) == media::ManifestKind::List {
         let what = format!("manifest list {repo}:{wanted}");
         let index: Index =
@@ -383,6 +385,11 @@ fn pull_from(
                 reason: e.to_string(),
             })?;
         let d = pick_platform_for(&index, &what, platform).map_err(RegistryError::Invalid)?;
+        attestation = index
+            .manifests
+            .iter()
+            .find(|e| isula_attest::intoto::attestation_target(e).as_ref() == Some(&d.digest))
+            .cloned();
         fetched = get_manifest(&client, &repo, d.digest.as_str())?;
     }
     // supply chain: policy.json's signature requirements, on the image manifest taken (of
@@ -420,7 +427,28 @@ fn pull_from(
             tracing::warn!(error = %e, "collecting after a failed pull");
         }
     }
-    result
+    let id = result?;
+    if let Some(entry) = &attestation {
+        // The image is whole without them: attestations that cannot be read are said,
+        // not a failed pull.
+        match crate::attestations::pull_attestations(
+            store,
+            &client,
+            &repo,
+            entry,
+            &fetched.digest,
+            &id,
+            cancel,
+        ) {
+            Ok(n) => progress(format!("Stored {n} attestations\n")),
+            Err(e @ RegistryError::Cancelled) => return Err(e),
+            Err(e) => {
+                tracing::warn!(image = %id, error = %e, "attestations not stored");
+                progress(format!("[Warning] attestations not stored: {e}\n"));
+            }
+        }
+    }
+    Ok(id)
 }
 
 #[allow(clippy::too_many_arguments)]

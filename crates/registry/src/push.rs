@@ -735,7 +735,23 @@ pub fn push(
     let client = ctx.client(endpoint)?;
     let repo = dest.path().to_string();
     let tag = dest.tag().unwrap_or("latest").to_string();
-    push_image(store, &client, &image, &repo, &tag, opts, cancel, progress).map(|p| p.digest)
+    if store.attestations(&image.id).is_empty() {
+        return push_image(store, &client, &image, &repo, &tag, opts, cancel, progress)
+            .map(|p| p.digest);
+    }
+    // supply chain: an image with attestations goes up as BuildKit's layout, an image
+    // index of the image and its attestation manifest.
+    let pushed = push_image(store, &client, &image, &repo, "", opts, cancel, progress)?;
+    let platform = crate::attestations::platform_of(store, &image)?;
+    let names = crate::attestations::subject_names(&dest, &platform);
+    let att = crate::attestations::push_attestations(
+        store, &client, &image, &pushed, &names, &repo, cancel, progress,
+    )?;
+    let mut desc = Descriptor::new(&pushed.media_type, pushed.digest.clone(), pushed.size);
+    desc.platform = Some(platform);
+    let bytes = crate::attestations::index_bytes(vec![desc], att.into_iter().collect())?;
+    progress("Writing image index with attestations\n".into());
+    put_manifest(&client, &repo, &tag, &bytes, media::OCI_INDEX)
 }
 
 /// What a pushed image manifest is, for listing it in a manifest list.

@@ -49,7 +49,19 @@ pub fn verify_pull(
     let digest = top.digest.to_string();
     let mut sigs = Signatures::default();
     if reqs.iter().any(Requirement::wants_signatures) {
-        read_lookaside(ctx, name, &digest, &mut sigs)?;
+        // A lookaside that does not answer is said with the rule that sent us there.
+        read_lookaside(ctx, name, &digest, &mut sigs).map_err(|e| match e {
+            RegistryError::Http {
+                registry,
+                what,
+                reason,
+            } => RegistryError::Http {
+                registry,
+                what: format!("{what} (which policy.json's scope {scope} requires)"),
+                reason,
+            },
+            e => e,
+        })?;
         let sigstore_wanted = reqs
             .iter()
             .any(|r| matches!(r, Requirement::SigstoreSigned { .. }));

@@ -342,6 +342,14 @@ impl Store {
                         .push(format!("image {}: layer record {l} is missing", img.id));
                 }
             }
+            for a in meta.attestations.get(&img.id).into_iter().flatten() {
+                if !self.content.contains(&a.blob) {
+                    report.problems.push(format!(
+                        "image {}: {} attestation blob {} is missing",
+                        img.id, a.predicate_type, a.blob
+                    ));
+                }
+            }
         }
         report.problems.extend(self.cache.check(self));
         Ok(report)

@@ -47,7 +47,7 @@ pub mod zstd_chunked;
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
 pub use durable::CheckReport;
 pub use error::{ErrorKind, Result, StoreError};
-pub use metadata::{CompressedBlob, ImageRecord, LayerRecord};
+pub use metadata::{AttestationRecord, CompressedBlob, ImageRecord, LayerRecord};
 
 use isula_types::compression::{Codec, LayerCompression};
 use isula_types::{ChainId, Digest, ImageId, Reference};
@@ -1254,6 +1254,7 @@ impl Store {
                 }
                 _ => {
                     next.images.remove(&img.id);
+                    next.attestations.remove(&img.id);
                     true
                 }
             };
@@ -1276,6 +1277,38 @@ impl Store {
             id: img.id,
         });
         Ok(events)
+    }
+
+    /// Records `records` as the attestations of image `id` (replacing any it had). Their
+    /// blobs must be in the store (written under the caller's lease).
+    pub fn set_attestations(&self, id: &ImageId, records: Vec<AttestationRecord>) -> Result<()> {
+        for r in &records {
+            if !self.content.contains(&r.blob) {
+                return Err(StoreError::BlobNotFound(r.blob.clone()));
+            }
+        }
+        let mut meta = self.meta();
+        if !meta.images.contains_key(id) {
+            return Err(StoreError::ImageNotFound(id.hex().to_string()));
+        }
+        let mut next = meta.clone();
+        if records.is_empty() {
+            next.attestations.remove(id);
+        } else {
+            next.attestations.insert(id.clone(), records);
+        }
+        self.save(&next)?;
+        *meta = next;
+        Ok(())
+    }
+
+    /// The attestations of image `id` (none: it has none).
+    pub fn attestations(&self, id: &ImageId) -> Vec<AttestationRecord> {
+        self.meta()
+            .attestations
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Deletes blobs and layers that no image and no lease refers to.
@@ -1305,6 +1338,11 @@ impl Store {
             let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
             t.held.values().flatten().cloned().collect()
         };
+        for (id, atts) in &meta.attestations {
+            if meta.images.contains_key(id) {
+                live_blobs.extend(atts.iter().map(|a| a.blob.clone()));
+            }
+        }
         for img in meta.images.values() {
             live_layers.extend(img.layers.iter().cloned());
             live_blobs.extend(img.blobs.iter().cloned());
@@ -1337,6 +1375,9 @@ impl Store {
             sources(&meta),
         );
         let mut next = meta.clone();
+        let attested_before = next.attestations.len();
+        let images = &meta.images;
+        next.attestations.retain(|id, _| images.contains_key(id));
         next.layers
             .retain(|c, _| live_layers.contains(c) || layer_leased(c));
         // A packed layer keeps its blob; once its directory is made it is packed no more.
@@ -1377,7 +1418,10 @@ impl Store {
             sources(&next),
         );
         let recorded: HashSet<ChainId> = next.dirs.keys().cloned().collect();
-        if after != before || next.dirs.len() != dirs_before {
+        if after != before
+            || next.dirs.len() != dirs_before
+            || next.attestations.len() != attested_before
+        {
             self.save(&next)?;
             *meta = next;
         }

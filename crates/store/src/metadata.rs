@@ -41,6 +41,16 @@ pub struct ImageRecord {
     pub size: u64,
 }
 
+/// One attestation of an image (`build --sbom`, `--provenance`, or pulled with it): the
+/// predicate's JSON, kept as a blob. Its in-toto statement is made when the image leaves
+/// the store (push, oci-archive), over the manifest as it leaves (a push may change it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttestationRecord {
+    pub predicate_type: String,
+    pub blob: Digest,
+    pub size: u64,
+}
+
 /// One compressed form (gzip or zstd) of a stored layer blob, made once (gzip at commit or
 /// first push, zstd at the first push that asks for it) and kept so pushes never compress
 /// the same layer the same way twice.
@@ -116,6 +126,10 @@ pub struct Metadata {
     /// interrupted, removed at start-up (a packed layer is then unpacked again).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub dirs: BTreeMap<ChainId, LayerDir>,
+    /// Each image's attestations (absent from stores written before them). They live and
+    /// go with their image.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attestations: BTreeMap<ImageId, Vec<AttestationRecord>>,
     /// Whether `dirs` is kept: false in a store written before it, whose directories are
     /// made durable and recorded when it is opened.
     #[serde(default)]

@@ -864,3 +864,54 @@ fn a_layer_directory_without_its_record_is_removed_at_start_and_made_again() {
         "kept"
     );
 }
+
+#[test]
+fn attestations_live_and_go_with_their_image() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let a = add(&store, "att", &["att:1"]);
+    let lease = store.lease();
+    let blob = lease
+        .put_blob(store.content(), br#"{"spdxVersion":"SPDX-2.3"}"#)
+        .expect("predicate");
+    let record = isula_store::AttestationRecord {
+        predicate_type: "https://spdx.dev/Document".into(),
+        blob: blob.clone(),
+        size: 26,
+    };
+    // Refused for an image that is not there, and for a blob that is not there.
+    let missing = ImageId(isula_types::Digest::of_bytes(b"no such config"));
+    assert!(matches!(
+        store.set_attestations(&missing, vec![record.clone()]),
+        Err(StoreError::ImageNotFound(_))
+    ));
+    let mut no_blob = record.clone();
+    no_blob.blob = isula_types::Digest::of_bytes(b"never stored");
+    assert!(matches!(
+        store.set_attestations(&a, vec![no_blob]),
+        Err(StoreError::BlobNotFound(_))
+    ));
+    assert!(store.attestations(&a).is_empty());
+    store
+        .set_attestations(&a, vec![record.clone()])
+        .expect("set");
+    drop(lease);
+    // A collection keeps them while the image lives, and a reopen finds them.
+    store.gc().expect("gc");
+    assert!(store.content().contains(&blob));
+    drop(store);
+    let (store, _) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.attestations(&a), vec![record]);
+    assert!(store.check().expect("check").problems.is_empty());
+    // --check-store says when one's blob went missing behind the store's back.
+    std::fs::remove_file(store.content().path(&blob)).expect("rm blob");
+    let problems = store.check().expect("check").problems;
+    assert!(
+        problems.iter().any(|p| p.contains("attestation blob")),
+        "{problems:?}"
+    );
+    // They go with the image.
+    store.remove("att:1").expect("rm");
+    assert!(store.attestations(&a).is_empty());
+    assert!(!store.content().contains(&blob));
+}

@@ -57,6 +57,7 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
             manifest: None,
             layers: e.layers,
             names,
+            attestations: Vec::new(),
         });
     }
     Ok(plans)

@@ -21,6 +21,8 @@ pub struct ImagePlan {
     /// Archive member names of the layers, bottom first.
     pub layers: Vec<String>,
     pub names: Vec<Reference>,
+    /// The predicates of the attestation manifest an OCI archive has for the image.
+    pub attestations: Vec<isula_attest::intoto::Predicate>,
 }
 
 pub struct Loaded {
@@ -118,8 +120,9 @@ fn load_leased<R: std::io::Read>(
     // Verify everything before recording anything.
     let _phase = isula_store::phase::Phase::start("load: verify and record");
     let mut ready = Vec::new();
-    for plan in plans {
-        ready.push(prepare(store, &mut scanned, plan, lease)?);
+    for mut plan in plans {
+        let attestations = std::mem::take(&mut plan.attestations);
+        ready.push((prepare(store, &mut scanned, plan, lease)?, attestations));
     }
     for dev in scanned.skipped_devices() {
         progress(format!(
@@ -127,7 +130,7 @@ fn load_leased<R: std::io::Read>(
         ));
     }
     let mut out = Vec::new();
-    for (new, blobs) in ready {
+    for ((new, blobs), attestations) in ready {
         cancel
             .check()
             .map_err(|e| TransportError::io("load", path, e))?;
@@ -138,6 +141,22 @@ fn load_leased<R: std::io::Read>(
         };
         let chains: Vec<ChainId> = new.layers.iter().map(|l| l.chain_id.clone()).collect();
         store.add_image(new)?;
+        if !attestations.is_empty() {
+            let mut records = Vec::new();
+            for p in &attestations {
+                records.push(isula_store::AttestationRecord {
+                    predicate_type: p.predicate_type.clone(),
+                    blob: lease.put_blob(store.content(), &p.body)?,
+                    size: p.body.len() as u64,
+                });
+            }
+            store.set_attestations(&loaded.id, records)?;
+            progress(format!(
+                "Loaded {} attestations of {}\n",
+                attestations.len(),
+                loaded.id.hex()
+            ));
+        }
         // When the machine is idle: the directories a build needs. No gzip form: a loaded
         // image is seldom pushed, and a push makes it while it uploads.
         for c in &chains {

@@ -67,7 +67,13 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
     let index: Index = serde_json::from_slice(raw)
         .map_err(|e| TransportError::bad(src, format!("index.json: {e}")))?;
     let mut plans = Vec::new();
+    let mut attestations = attestations_of(scanned, &index.manifests)?;
     for desc in &index.manifests {
+        // An attestation manifest (BuildKit's layout, what our builds with --sbom or
+        // --provenance write beside the image) is no image to load.
+        if isula_attest::intoto::attestation_target(desc).is_some() {
+            continue;
+        }
         let mut desc = desc.clone();
         let mut names = names_of(&desc);
         if desc.media_type == media::OCI_INDEX || desc.media_type == media::DOCKER_MANIFEST_LIST {
@@ -90,6 +96,7 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
                 })?;
             desc = pick.clone();
             names.extend(names_of(&desc));
+            attestations.extend(attestations_of(scanned, &nested.manifests)?);
         }
         let manifest_bytes = small_blob(scanned, &desc)?.to_vec();
         let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
@@ -121,9 +128,41 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
             manifest: Some((manifest_bytes, media_type)),
             layers,
             names,
+            attestations: attestations.remove(&desc.digest).unwrap_or_default(),
         });
     }
     Ok(plans)
+}
+
+/// The predicates of the attestation manifests among `entries`, by the manifest each is
+/// about. A statement too big to be read as a small blob (over 4 MiB) is left out.
+fn attestations_of(
+    scanned: &Scanned,
+    entries: &[Descriptor],
+) -> Result<std::collections::HashMap<Digest, Vec<isula_attest::intoto::Predicate>>> {
+    let src = &scanned.source;
+    let mut out: std::collections::HashMap<Digest, Vec<_>> = Default::default();
+    for e in entries {
+        let Some(target) = isula_attest::intoto::attestation_target(e) else {
+            continue;
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(small_blob(scanned, e)?).map_err(|err| {
+                TransportError::bad(src, format!("attestation manifest {}: {err}", e.digest))
+            })?;
+        for l in &manifest.layers {
+            if l.media_type != isula_attest::intoto::IN_TOTO_MEDIA_TYPE
+                || scanned.small(&blob_path(&l.digest)).is_none()
+            {
+                continue;
+            }
+            let p = isula_attest::intoto::predicate_of(small_blob(scanned, l)?).map_err(|err| {
+                TransportError::bad(src, format!("statement {}: {err}", l.digest))
+            })?;
+            out.entry(target.clone()).or_default().push(p);
+        }
+    }
+    Ok(out)
 }
 
 fn oci_type(docker: &str) -> &str {
@@ -227,14 +266,95 @@ fn start<W: Write>(out: W) -> Result<tar::Builder<W>> {
     Ok(tar)
 }
 
-/// Writes an oci-archive of one image.
+/// The platform a stored image's config names.
+fn platform_of(store: &Store, img: &ImageRecord) -> Result<Platform> {
+    let raw = store
+        .content()
+        .read_small(img.id.digest(), limits::MANIFEST_MAX)?;
+    let config: isula_types::image::ImageConfig = serde_json::from_slice(&raw)
+        .map_err(|e| TransportError::Invalid(format!("config of image {}: {e}", img.id)))?;
+    Ok(Platform {
+        architecture: config.architecture,
+        os: config.os,
+        os_version: None,
+        os_features: Vec::new(),
+        variant: config.variant.filter(|v| !v.is_empty()),
+    })
+}
+
+/// Appends the attestation manifest of `img` (whose manifest in the archive is
+/// `subject`) and its blobs. Returns its index entry, None when the image has none.
+fn append_attestations<W: Write>(
+    store: &Store,
+    tar: &mut tar::Builder<W>,
+    img: &ImageRecord,
+    subject: &Digest,
+    names: &[Reference],
+    platform: &Platform,
+    seen: &mut HashSet<Digest>,
+) -> Result<Option<Descriptor>> {
+    let records = store.attestations(&img.id);
+    if records.is_empty() {
+        return Ok(None);
+    }
+    let mut preds = Vec::new();
+    for r in records {
+        preds.push(isula_attest::intoto::Predicate {
+            predicate_type: r.predicate_type,
+            body: store
+                .content()
+                .read_small(&r.blob, isula_attest::PREDICATE_MAX)?,
+        });
+    }
+    let text = isula_types::image::platform_string(
+        &platform.os,
+        &platform.architecture,
+        platform.variant.as_deref(),
+    );
+    let purls: Vec<String> = names
+        .iter()
+        .map(|n| isula_attest::intoto::image_purl(n, &text))
+        .collect();
+    let att = isula_attest::intoto::attestation_manifest(&preds, &purls, subject)
+        .map_err(|e| TransportError::Invalid(e.to_string()))?;
+    for (d, bytes) in att.statements.iter().chain([&att.config]) {
+        if seen.insert(d.digest.clone()) {
+            append_bytes(tar, &blob_path(&d.digest), bytes, 0)?;
+        }
+    }
+    if seen.insert(att.digest.clone()) {
+        append_bytes(tar, &blob_path(&att.digest), &att.manifest, 0)?;
+    }
+    Ok(Some(att.index_entry(subject)))
+}
+
+/// Writes an oci-archive of one image. Its attestations (if any) follow it in
+/// `index.json` as BuildKit lays them out in an index (platform `unknown/unknown`,
+/// `vnd.docker.reference.*` annotations, no ref name: tools that open the archive by its
+/// ref name find the image alone).
 pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) -> Result<W> {
     let mut tar = start(out)?;
-    let mut desc = append_image(store, &mut tar, &item.image, &mut HashSet::new(), cancel)?;
+    let mut seen = HashSet::new();
+    let mut desc = append_image(store, &mut tar, &item.image, &mut seen, cancel)?;
+    let mut manifests = Vec::new();
+    if !store.attestations(&item.image.id).is_empty() {
+        let platform = platform_of(store, &item.image)?;
+        manifests.extend(append_attestations(
+            store,
+            &mut tar,
+            &item.image,
+            &desc.digest,
+            &item.tags,
+            &platform,
+            &mut seen,
+        )?);
+        desc.platform = Some(platform);
+    }
     if let Some(tag) = item.tags.first() {
         desc.annotations = Some(name_annotations(tag));
     }
-    finish(tar, vec![desc])
+    manifests.insert(0, desc);
+    finish(tar, manifests)
 }
 
 /// Writes an oci-archive of several images as one OCI image index (a blob, with each
@@ -249,11 +369,18 @@ pub fn write_index<W: Write>(
     let mut tar = start(out)?;
     let mut seen = HashSet::new();
     let mut manifests = Vec::new();
+    let mut attestations = Vec::new();
+    let names: Vec<Reference> = name.cloned().into_iter().collect();
     for (img, platform) in images {
         let mut d = append_image(store, &mut tar, img, &mut seen, cancel)?;
         d.platform = Some(platform.clone());
+        attestations.extend(append_attestations(
+            store, &mut tar, img, &d.digest, &names, platform, &mut seen,
+        )?);
         manifests.push(d);
     }
+    // After every image, as BuildKit lists them.
+    manifests.extend(attestations);
     let bytes = index_bytes(manifests)?;
     let digest = Digest::of_bytes(&bytes);
     append_bytes(&mut tar, &blob_path(&digest), &bytes, 0)?;

@@ -25,11 +25,12 @@ impl StageRun<'_, '_> {
         let from_result = match (&c.from, &named) {
             (Some(_), Some(crate::NamedContext::Dir(_))) | (None, _) => None,
             (Some(_), Some(crate::NamedContext::Image(r))) => Some(
-                image_base(self.ctx, r, &self.platform.clone()).map_err(|e| in_step(n, step, e))?,
+                image_base(self.ctx, r, &self.platform.clone(), self.materials)
+                    .map_err(|e| in_step(n, step, e))?,
             ),
             (Some(from), None) => Some(match self.stage_result(from) {
                 Some(r) => r.clone(),
-                None => image_base(self.ctx, from, &self.platform.clone())
+                None => image_base(self.ctx, from, &self.platform.clone(), self.materials)
                     .map_err(|e| in_step(n, step, e))?,
             }),
         };

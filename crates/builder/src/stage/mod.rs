@@ -45,6 +45,8 @@ pub struct Shared<'c> {
     pub hashes: &'c std::sync::Mutex<ContextHashes>,
     /// The ids of the cache mounts the build's RUN steps used.
     pub used_cache_mounts: &'c std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// What the build fetched (base images, ADD URLs and commits), for its provenance.
+    pub materials: &'c std::sync::Mutex<Vec<isula_attest::slsa::Material>>,
     /// Prints a `STEP n: ...` line for stage `index` (the number is given where the
     /// stage's lines are put in order).
     pub step_line: &'c (dyn Fn(usize, &str) + Sync),
@@ -70,6 +72,7 @@ pub struct StageRun<'c, 'a> {
     last_fs_step: Option<usize>,
     hashes: &'c std::sync::Mutex<ContextHashes>,
     used_cache_mounts: &'c std::sync::Mutex<std::collections::BTreeSet<String>>,
+    materials: &'c std::sync::Mutex<Vec<isula_attest::slsa::Material>>,
     /// The base's layer directories, top first.
     base_lowers: Vec<PathBuf>,
     /// The stage's platform (`FROM --platform`, else the build's).
@@ -142,6 +145,7 @@ fn image_base(
     ctx: &mut Context<'_>,
     name: &str,
     platform: &isula_types::platform::BuildPlatform,
+    materials: &std::sync::Mutex<Vec<isula_attest::slsa::Material>>,
 ) -> Result<StageResult, BuildError> {
     let store = ctx.store;
     let img = match (store.resolve(name), ctx.pull) {
@@ -186,6 +190,18 @@ fn image_base(
         .iter()
         .map(|c| store.layer(c))
         .collect::<Result<Vec<_>, _>>()?;
+    let purl = match Reference::parse(name) {
+        Ok(r) => isula_attest::intoto::image_purl(&r, &platform.to_string()),
+        // An image named by its ID: a local one.
+        Err(_) => format!("pkg:oci/{}", isula_attest::purl_escape(name)),
+    };
+    materials
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(isula_attest::slsa::Material::Image {
+            purl,
+            manifest: img.manifest.to_string(),
+        });
     let mut key = KeyBuilder::new("image", None);
     key.field("id", img.id.digest().as_str().as_bytes());
     Ok(StageResult {
@@ -269,6 +285,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             last_fs_step: None,
             hashes: shared.hashes,
             used_cache_mounts: shared.used_cache_mounts,
+            materials: shared.materials,
             base_lowers: Vec::new(),
             platform: shared.opts.target_platform(),
             key: KeyBuilder::new("none", None).finish(),
@@ -386,7 +403,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             match named {
                 crate::NamedContext::Image(r) => {
                     let r = r.clone();
-                    image_base(self.ctx, &r, &stage_platform)
+                    image_base(self.ctx, &r, &stage_platform, self.materials)
                         .map_err(|e| in_step(*step_no, &from, e))?
                 }
                 crate::NamedContext::Dir(d) => {
@@ -403,7 +420,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
         } else if let Some(r) = self.stage_result(&image) {
             r.clone()
         } else {
-            image_base(self.ctx, &image, &stage_platform)
+            image_base(self.ctx, &image, &stage_platform, self.materials)
                 .map_err(|e| in_step(*step_no, &from, e))?
         };
         for l in &base.layers {

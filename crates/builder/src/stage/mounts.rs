@@ -252,23 +252,24 @@ impl StageRun<'_, '_> {
             let from = match (&spec.from, &named) {
                 (None, _) | (_, Some(crate::NamedContext::Dir(_))) => None,
                 (Some(_), Some(crate::NamedContext::Image(image))) => Some(
-                    image_base(self.ctx, image, &self.platform.clone())
+                    image_base(self.ctx, image, &self.platform.clone(), self.materials)
                         .map_err(|e| in_step(n, step, e))?,
                 ),
                 (Some(f), None) => Some(match self.stage_result(f) {
                     Some(r) => r.clone(),
-                    None => image_base(self.ctx, f, &self.platform.clone()).map_err(|e| {
-                        in_step(
-                            n,
-                            step,
-                            match e {
-                                BuildError::Invalid(m) => BuildError::Invalid(format!(
-                                    "--mount from={f}: no earlier stage has that name, and {m}"
-                                )),
-                                e => e,
-                            },
-                        )
-                    })?,
+                    None => image_base(self.ctx, f, &self.platform.clone(), self.materials)
+                        .map_err(|e| {
+                            in_step(
+                                n,
+                                step,
+                                match e {
+                                    BuildError::Invalid(m) => BuildError::Invalid(format!(
+                                        "--mount from={f}: no earlier stage has that name, and {m}"
+                                    )),
+                                    e => e,
+                                },
+                            )
+                        })?,
                 }),
             };
             out.push(Planned {

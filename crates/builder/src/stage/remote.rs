@@ -270,12 +270,26 @@ impl StageRun<'_, '_> {
             match r {
                 Remote::Http { url, filename } => {
                     if let Some(sum) = checksum {
+                        self.materials
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(isula_attest::slsa::Material::Http {
+                                url: url.clone(),
+                                sha256: sum.to_string(),
+                            });
                         // The checksum keys it: nothing to download for a cached step.
                         keys.push(serde_json::json!({"url": url, "sha256": sum}));
                         pending.push(Pending::Download);
                         continue;
                     }
                     let (f, got) = self.download(n, step, i, url, filename, None)?;
+                    self.materials
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(isula_attest::slsa::Material::Http {
+                            url: url.clone(),
+                            sha256: got.sha256.clone(),
+                        });
                     keys.push(serde_json::json!({
                         "url": url, "filename": filename, "sha256": got.sha256,
                         "mtime": got.last_modified,
@@ -301,6 +315,13 @@ impl StageRun<'_, '_> {
                             ));
                         }
                     }
+                    self.materials
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(isula_attest::slsa::Material::Git {
+                            url: remote.clone(),
+                            commit: commit.clone(),
+                        });
                     keys.push(serde_json::json!({
                         "git": remote, "commit": commit, "subdir": subdir,
                         "keep_git_dir": c.keep_git_dir,

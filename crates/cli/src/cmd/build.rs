@@ -76,6 +76,14 @@ pub struct Args {
     /// not have yet from what a source exported
     #[arg(long = "cache-mounts")]
     pub cache_mounts: bool,
+    /// Attach an SPDX 2.3 SBOM of the image's packages (read from its dpkg, rpm and apk
+    /// databases) as an in-toto attestation
+    #[arg(long = "sbom")]
+    pub sbom: bool,
+    /// Attach a SLSA v1 provenance as an in-toto attestation: mode=min (the default, what
+    /// varies between runs left out) or mode=max
+    #[arg(long = "provenance", num_args = 0..=1, default_missing_value = "mode=min", value_name = "mode=min|max")]
+    pub provenance: Option<String>,
     /// A secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR (repeatable;
     /// read here, sealed for the daemon, never stored in the image)
     #[arg(long = "secret")]
@@ -322,6 +330,23 @@ fn protect_build_args(
     Ok((out, true))
 }
 
+/// `SOURCE_DATE_EPOCH` from the client's environment becomes the build arg, as BuildKit's
+/// client passes it, unless a `--build-arg SOURCE_DATE_EPOCH=...` is given.
+fn with_source_date_epoch(mut args: Vec<String>) -> Vec<String> {
+    let given = args
+        .iter()
+        .any(|a| a.split('=').next() == Some("SOURCE_DATE_EPOCH"));
+    if !given {
+        if let Some(v) = std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        {
+            args.push(format!("SOURCE_DATE_EPOCH={v}"));
+        }
+    }
+    args
+}
+
 pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     super::remote_files::set_remote(remote);
     let context = crate::absolute(&args.context)?;
@@ -369,7 +394,8 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
     } else {
         None
     };
-    let (build_args, encrypted) = protect_build_args(args.build_args, key.as_ref())?;
+    let (build_args, encrypted) =
+        protect_build_args(with_source_date_epoch(args.build_args), key.as_ref())?;
     for h in &args.add_host {
         if !h.contains(':') && !h.contains('=') {
             bail!("invalid --add-host {h:?}: expected HOST:IP");
@@ -467,6 +493,8 @@ pub async fn run(client: &mut Client, args: Args, remote: bool) -> Result<()> {
             None => fleet_key,
         },
         fleet_parts: args.fleet_parts,
+        sbom: args.sbom,
+        provenance: args.provenance.unwrap_or_default(),
         limits: Some(isula_api::v1::BuildLimits {
             memory: args.memory.unwrap_or(0),
             cpu_shares: args.cpu_shares.unwrap_or(0),
@@ -600,7 +628,10 @@ async fn reach_of(client: &mut Client, dockerfile: &str) -> super::context_reach
     }
     for base in bases {
         let inspected = client
-            .image_inspect(isula_api::v1::ImageInspectRequest { image: base })
+            .image_inspect(isula_api::v1::ImageInspectRequest {
+                image: base,
+                ..Default::default()
+            })
             .await;
         let Ok(found) = inspected else {
             return Reach::All;

@@ -12,6 +12,12 @@ use isula_api::v1::ImageInspectRequest;
 pub struct InspectArgs {
     /// Image, by name or ID
     pub image: String,
+    /// Print the image's SBOM attestation (its SPDX document) instead
+    #[arg(long = "sbom", conflicts_with = "provenance")]
+    pub sbom: bool,
+    /// Print the image's SLSA provenance attestation (its predicate) instead
+    #[arg(long = "provenance")]
+    pub provenance: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,10 +49,24 @@ fn pretty(v: &serde_json::Value) -> Result<String> {
 }
 
 pub async fn inspect(client: &mut Client, args: InspectArgs) -> Result<()> {
+    let predicate_type = if args.sbom {
+        "https://spdx.dev/Document"
+    } else if args.provenance {
+        "https://slsa.dev/provenance/v1"
+    } else {
+        ""
+    };
     let r = client
-        .image_inspect(ImageInspectRequest { image: args.image })
+        .image_inspect(ImageInspectRequest {
+            image: args.image,
+            predicate_type: predicate_type.to_string(),
+        })
         .await?
         .into_inner();
+    if !predicate_type.is_empty() {
+        println!("{}", pretty(&json(&r.predicate, "predicate")?)?);
+        return Ok(());
+    }
     let config = json(&r.config, "config")?;
     let doc = serde_json::json!([{
         "Id": format!("sha256:{}", r.id),
@@ -107,7 +127,10 @@ fn rows(config: &serde_json::Value, sizes: &[i64]) -> Vec<(String, String, i64, 
 
 pub async fn history(client: &mut Client, args: HistoryArgs) -> Result<()> {
     let r = client
-        .image_inspect(ImageInspectRequest { image: args.image })
+        .image_inspect(ImageInspectRequest {
+            image: args.image,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let config = json(&r.config, "config")?;

@@ -513,6 +513,11 @@ async fn run_inner(
             "--cache-from and --cache-to need the build cache, which is off (build_cache = false)",
         ));
     }
+    let provenance = if req.provenance.trim().is_empty() {
+        None
+    } else {
+        isula_attest::slsa::Mode::parse(&req.provenance).map_err(error::invalid)?
+    };
     let mut context_locks: Vec<isula_sys::lock::FileLock> = context_lock.into_iter().collect();
     let extras = extras(&state, &req, &caller.owner, &mut context_locks)?;
     let (tx, cancel) = state
@@ -551,6 +556,9 @@ async fn run_inner(
         limits: extras.limits,
         contexts: extras.contexts,
         platform: (extras.platforms.len() == 1).then(|| extras.platforms[0].clone()),
+        sbom: req.sbom,
+        provenance,
+        version: isula_api::build_info::VERSION.to_string(),
     };
     if extras.platforms.len() > 1 {
         check_several_platforms(&output, &opts, &req)?;

@@ -32,6 +32,26 @@ pub fn inspect(state: &State, req: ImageInspectRequest) -> Result<ImageInspectRe
         .content()
         .read_small(img.id.digest(), limits::MANIFEST_MAX)
         .map_err(error::store)?;
+    // supply chain: `inspect --sbom|--provenance` prints the attestation, not the image.
+    let predicate = if req.predicate_type.is_empty() {
+        Vec::new()
+    } else {
+        let found = store
+            .attestations(&img.id)
+            .into_iter()
+            .find(|a| a.predicate_type == req.predicate_type)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "image {name} has no {} attestation (build it with --sbom or --provenance, \
+                     or pull it from a registry that has its attestations)",
+                    req.predicate_type
+                ))
+            })?;
+        store
+            .content()
+            .read_small(&found.blob, isula_attest::PREDICATE_MAX)
+            .map_err(error::store)?
+    };
     let manifest = store
         .content()
         .read_small(&img.manifest, limits::MANIFEST_MAX)
@@ -49,5 +69,6 @@ pub fn inspect(state: &State, req: ImageInspectRequest) -> Result<ImageInspectRe
         manifest,
         manifest_media_type: img.manifest_media_type.clone(),
         layer_sizes,
+        predicate,
     })
 }
