@@ -853,7 +853,7 @@ if only rootless; then
     chmod 755 "$work"
     chmod -R a+rX "$work/ctx-copy" "$work/ctx-run" "$work/base.tar"
     uenv="XDG_RUNTIME_DIR=$uhome/run XDG_DATA_HOME=$uhome/data XDG_CONFIG_HOME=$uhome/conf HOME=$uhome"
-    as_user() { su "$ruser" -s /bin/sh -c "cd $uhome && env $uenv $*"; }
+    as_user() { su "$ruser" -s /bin/sh -c "cd $uhome && env -u ISULABUILD_HOST -u ISULA_BUILD_HOST $uenv $*"; }
     as_user "$bin/isula-builder >$uhome/daemon.log 2>&1 & echo \$! > $uhome/pid"
     upid=$(cat "$uhome/pid")
     for _ in $(seq 100); do as_user "$bin/isula-build version" >/dev/null 2>&1 && break; sleep 0.1; done
