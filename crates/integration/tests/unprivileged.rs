@@ -328,9 +328,13 @@ fn builds_and_pushes_in_a_container_without_privileges() {
         "{profile_name}"
     );
     // No privileged container and no added capability.
-    assert_eq!(isula_integration::kube::yaml_scalar(&job, "privileged"), None);
+    assert_eq!(
+        isula_integration::kube::yaml_scalar(&job, "privileged"),
+        None
+    );
     assert!(
-        !job.lines().any(|l| l.trim_start().starts_with("capabilities:")),
+        !job.lines()
+            .any(|l| l.trim_start().starts_with("capabilities:")),
         "build-job.yaml adds capabilities"
     );
     let user = format!("{}:{}", scalar("runAsUser"), scalar("runAsGroup"));
