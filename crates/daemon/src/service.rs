@@ -163,15 +163,8 @@ impl Control for Service {
             &self.state,
             wrap,
             move |state, cancel, out| {
-                let digest = rpc::registry::push(
-                    state,
-                    name,
-                    opts,
-                    note,
-                    platform.as_ref(),
-                    cancel,
-                    out,
-                )?;
+                let digest =
+                    rpc::registry::push(state, name, opts, note, platform.as_ref(), cancel, out)?;
                 match signed_dest {
                     Some(dest) => rpc::sign::sign_pushed(state, &dest, &digest, sign, cancel, out),
                     None => Ok(()),

@@ -668,7 +668,11 @@ const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// The manifests a pushed list names, each read from the registry: (platform, manifest).
-fn list_members(host: &str, repo: &str, list: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+fn list_members(
+    host: &str,
+    repo: &str,
+    list: &serde_json::Value,
+) -> Vec<(String, serde_json::Value)> {
     list["manifests"]
         .as_array()
         .expect("manifests")
@@ -711,9 +715,9 @@ fn assert_zstd_members(reg: &Registry, repo: &str, list: &serde_json::Value, chu
                 registry_blob_head(reg, &digest).starts_with(&ZSTD_MAGIC),
                 "{platform}: {digest} is no zstd"
             );
-            let has_table =
-                layer["annotations"]["io.github.containers.zstd-chunked.manifest-position"]
-                    .is_string();
+            let has_table = layer["annotations"]
+                ["io.github.containers.zstd-chunked.manifest-position"]
+                .is_string();
             assert_eq!(has_table, chunked, "{platform}: {layer}");
         }
     }
@@ -764,7 +768,10 @@ fn manifest_lists_go_up_in_the_asked_compression_and_skopeo_buildah_read_them() 
     assert_eq!(list["mediaType"], DOCKER_LIST, "{list}");
     for (platform, m) in list_members(&host, "l/plain", &list) {
         assert_eq!(m["mediaType"], DOCKER_MANIFEST, "{platform}");
-        assert!(layer_types(&m).iter().all(|t| t == DOCKER_GZIP), "{platform}: {m}");
+        assert!(
+            layer_types(&m).iter().all(|t| t == DOCKER_GZIP),
+            "{platform}: {m}"
+        );
     }
     // --compression zstd: an OCI index of OCI manifests with zstd layers.
     let built = format!("{host}/l/built:1");
@@ -786,14 +793,24 @@ fn manifest_lists_go_up_in_the_asked_compression_and_skopeo_buildah_read_them() 
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
             .expect("index JSON");
-    let top = index["manifests"][0]["digest"].as_str().expect("list digest");
+    let top = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("list digest");
     let blob = |d: &str| -> serde_json::Value {
-        let raw = std::fs::read(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:")))
-            .expect("blob");
+        let raw = std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .expect("blob");
         serde_json::from_slice(&raw).expect("JSON")
     };
     let copied = blob(top);
-    assert_eq!(copied["manifests"].as_array().map(Vec::len), Some(2), "{copied}");
+    assert_eq!(
+        copied["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{copied}"
+    );
     for m in copied["manifests"].as_array().into_iter().flatten() {
         let manifest = blob(m["digest"].as_str().expect("digest"));
         assert!(
@@ -824,7 +841,14 @@ fn manifest_lists_go_up_in_the_asked_compression_and_skopeo_buildah_read_them() 
             "linux/arm64",
             &format!("docker://{built}"),
         ]);
-        let arch = buildah(&["inspect", "--format", "{{.OCIv1.Architecture}}", &built]);
+        let arch = buildah(&[
+            "inspect",
+            "--type",
+            "image",
+            "--format",
+            "{{.OCIv1.Architecture}}",
+            &built,
+        ]);
         assert_eq!(arch.trim(), "arm64");
         let _ = Command::new("buildah")
             .arg("--root")
@@ -837,7 +861,13 @@ fn manifest_lists_go_up_in_the_asked_compression_and_skopeo_buildah_read_them() 
     // Our own pull of each platform: its files intact.
     let fresh = Daemon::for_registries(&[&host]);
     for arch in ["amd64", "arm64"] {
-        fresh.ok(&["ctr-img", "pull", "--platform", &format!("linux/{arch}"), &built]);
+        fresh.ok(&[
+            "ctr-img",
+            "pull",
+            "--platform",
+            &format!("linux/{arch}"),
+            &built,
+        ]);
         assert_eq!(
             fresh
                 .image_files(&built)
@@ -854,7 +884,14 @@ fn manifest_lists_go_up_in_the_asked_compression_and_skopeo_buildah_read_them() 
     d.import_busybox("one-amd64:1", &[]);
     d.import_busybox("one-arm64:1", &[("etc/flavour", b"arm\n")]);
     d.ok(&["manifest", "create", "made:1", "one-amd64:1", "one-arm64:1"]);
-    d.ok(&["manifest", "annotate", "--arch", "arm64", "made:1", "one-arm64:1"]);
+    d.ok(&[
+        "manifest",
+        "annotate",
+        "--arch",
+        "arm64",
+        "made:1",
+        "one-arm64:1",
+    ]);
     let made = format!("{host}/l/made:1");
     for (args, want) in [
         (
@@ -887,18 +924,43 @@ fn manifest_lists_go_up_in_the_asked_compression_and_skopeo_buildah_read_them() 
     assert_zstd_members(&reg, "l/made", &list, true);
     // The same list pushed with gzip: a Docker list again, over the kept gzip forms.
     let again = format!("{host}/l/made-gzip:1");
-    d.ok(&["manifest", "push", "--compression", "gzip", "made:1", &again]);
+    d.ok(&[
+        "manifest",
+        "push",
+        "--compression",
+        "gzip",
+        "made:1",
+        &again,
+    ]);
     let list = raw_manifest(&again);
     assert_eq!(list["mediaType"], DOCKER_LIST, "{list}");
     for (platform, m) in list_members(&host, "l/made-gzip", &list) {
-        assert!(layer_types(&m).iter().all(|t| t == DOCKER_GZIP), "{platform}: {m}");
+        assert!(
+            layer_types(&m).iter().all(|t| t == DOCKER_GZIP),
+            "{platform}: {m}"
+        );
     }
 
     // `ctr-img push --compression zstd` of a name that stands for a list: the whole list.
     let named = format!("{host}/l/named:1");
     d.ok(&["manifest", "create", &named, "one-amd64:1", "one-arm64:1"]);
-    d.ok(&["manifest", "annotate", "--arch", "arm64", &named, "one-arm64:1"]);
-    let err = d.fails(&["ctr-img", "push", "--format", "docker", "--compression", "zstd", &named]);
+    d.ok(&[
+        "manifest",
+        "annotate",
+        "--arch",
+        "arm64",
+        &named,
+        "one-arm64:1",
+    ]);
+    let err = d.fails(&[
+        "ctr-img",
+        "push",
+        "--format",
+        "docker",
+        "--compression",
+        "zstd",
+        &named,
+    ]);
     assert!(err.contains("needs the oci format"), "{err}");
     d.ok(&["ctr-img", "push", "--compression", "zstd", &named]);
     let list = raw_manifest(&named);

@@ -455,7 +455,9 @@ impl Lists {
         let repo = dest_ref.path().to_string();
         let oci = list.oci || compression.codec.is_zstd();
         if oci && !list.oci {
-            progress("Pushing in OCI format: zstd layers need OCI manifests and an OCI index\n".into());
+            progress(
+                "Pushing in OCI format: zstd layers need OCI manifests and an OCI index\n".into(),
+            );
         }
         let opts = crate::push::PushOptions {
             format: if oci { Format::Oci } else { Format::Docker },

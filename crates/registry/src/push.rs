@@ -12,13 +12,13 @@
 use crate::client::{Client, Req};
 use crate::error::{RegistryError, Result};
 use crate::pull::scope_pull;
+use crate::upload::{self, Answer};
 use crate::{resolve, Context};
 use isula_store::compression::Compression;
 use isula_store::{ImageRecord, Lease, Store};
 use isula_transport::{Cancel, Progress};
 use isula_types::image::{Descriptor, Manifest};
 use isula_types::{limits, media, Digest, Reference};
-use crate::upload::{self, Answer};
 use reqwest::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -229,11 +229,7 @@ fn start_upload(client: &Client, repo: &str, what: &str) -> Result<String> {
     location(client, &resp, what)
 }
 
-fn classify(
-    client: &Client,
-    what: &str,
-    r: Result<Answer>,
-) -> std::result::Result<Answer, Upload> {
+fn classify(client: &Client, what: &str, r: Result<Answer>) -> std::result::Result<Answer, Upload> {
     match r {
         Err(e @ RegistryError::Http { .. }) => Err(Upload::Retry(e)),
         Err(e) => Err(Upload::Fatal(e)),

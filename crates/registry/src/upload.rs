@@ -27,13 +27,17 @@ const ANSWER_MAX: usize = 4096;
 
 static RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
 
-/// The runtime the upload client's connections live on: one thread, since its work is
-/// moving pieces into sockets.
+/// The runtime the upload client's connections live on: a thread per core, at most four
+/// (its work is moving pieces into sockets, and encrypting them for TLS).
 pub(crate) fn runtime() -> std::result::Result<&'static tokio::runtime::Runtime, String> {
     RUNTIME
         .get_or_init(|| {
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, 4);
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
+                .worker_threads(threads)
                 .thread_name("registry-upload")
                 .enable_all()
                 .build()
@@ -124,7 +128,9 @@ pub fn file_body(path: &std::path::Path, size: u64, count: &Arc<AtomicU64>) -> R
                 Err(e) => return tx.fail(e),
             }
         })
-        .map_err(|e| RegistryError::Config(format!("starting a reader for {}: {e}", path.display())))?;
+        .map_err(|e| {
+            RegistryError::Config(format!("starting a reader for {}: {e}", path.display()))
+        })?;
     Ok(body)
 }
 
@@ -212,7 +218,9 @@ mod tests {
     #[test]
     fn a_file_body_holds_the_file_in_big_pieces() {
         let mut f = tempfile::NamedTempFile::new().expect("tmp");
-        let data: Vec<u8> = (0..(FILE_PIECE * 2 + 77)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(FILE_PIECE * 2 + 77))
+            .map(|i| (i % 251) as u8)
+            .collect();
         f.write_all(&data).expect("write");
         let count = Arc::new(AtomicU64::new(9));
         let mut body = file_body(f.path(), data.len() as u64, &count).expect("body");

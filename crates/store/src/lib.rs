@@ -45,10 +45,10 @@ mod tree;
 pub mod zstd_chunked;
 
 pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
-pub use pgzip::Side;
 pub use durable::CheckReport;
 pub use error::{ErrorKind, Result, StoreError};
 pub use metadata::{CompressedBlob, ImageRecord, LayerRecord};
+pub use pgzip::Side;
 
 use isula_types::compression::{Codec, LayerCompression};
 use isula_types::{ChainId, Digest, ImageId, Reference};
