@@ -317,11 +317,6 @@ impl Client {
         Ok(())
     }
 
-    /// The stall timeout this client was made with.
-    pub(crate) fn stall(&self) -> Duration {
-        self.stall
-    }
-
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
