@@ -8,6 +8,7 @@
 #                               peers = each workload beside buildah and BuildKit, interleaved,
 #                               WORKLOADS="copy run load save push pull" to pick some;
 #                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1;
+#                               BIN=DIR to time the binaries in DIR (not built here);
 #                               SETTLE=3 seconds without daemon CPU make it idle, SETTLE_MAX=600
 #                               seconds after which a daemon not idle fails the bench)
 # In the peers and cache parts, every timed run of ours is followed by a wait until our daemon
@@ -19,11 +20,16 @@ only() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
 files="${FILES:-20000}"
 mb="${MB:-400}"
 tck=$(getconf CLK_TCK)
-if ! built=$(cargo build --release --bins 2>&1); then
+# BIN=DIR: the binaries in DIR, as they are (another build to compare with), else ours,
+# built now.
+if [ -n "${BIN:-}" ]; then
+    bin="$BIN"
+elif ! built=$(cargo build --release --bins 2>&1); then
     printf 'bench: cargo build --release --bins failed:\n%s\n' "$(tail -n 30 <<<"$built")" >&2
     exit 1
+else
+    bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 fi
-bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 work=$(mktemp -d /var/tmp/isula-bench.XXXXXX)
 sock="unix://$work/isula_build.sock"
 daemon=""
@@ -105,6 +111,16 @@ child_ticks() {
 # Into variable $1: microseconds $2, or CPU ticks $2, as seconds.
 us_secs() { printf -v "$1" '%d.%06d' $(($2 / 1000000)) $(($2 % 1000000)); }
 tick_secs() { printf -v "$1" '%d.%02d' $(($2 / tck)) $(($2 % tck * 100 / tck)); }
+# The median of samples $1 (nothing for none), their spread (min-max).
+median() { tr ' ' '\n' <<<"$1" | { grep . || true; } | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
+spread() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
+# The median of samples $1 to two decimals, "-" for none; $1 / $2 likewise.
+num() { local m; m=$(median "$1"); if [ -n "$m" ]; then printf '%.2f' "$m"; else printf -; fi; }
+div() {
+    if [ -n "$1" ] && [ -n "$2" ] && [ "$1" != - ] && [ "$2" != - ]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'
+    else printf -; fi
+}
 # Whether the store at data root $1 keeps no layer packed (loaded or pulled, waiting to be
 # unpacked when the daemon idles).
 nothing_packed() {
@@ -243,7 +259,7 @@ if [ -n "$reg_host" ]; then
         ticks_of "$daemon"; tick_secs cpu $((TICKS - c0))
         ticks_of "$registry"; tick_secs reg $((TICKS - g0))
         PT[$name]+="$wall "; PCPU[$name]+="$cpu "; PREG[$name]+="$reg "
-        printf '%-34s %8.2f   daemon CPU %5.2f   registry CPU %5.2f\n' "$name" "$wall" "$cpu" "$reg"
+        printf '%-40s %8.2f   daemon CPU %5.2f   registry CPU %5.2f\n' "$name" "$wall" "$cpu" "$reg"
         if [ "$round" = 1 ] && [ -n "${PHASES:-1}" ]; then phases "$lines"; fi
     }
     empty_registry() { rm -rf "${work:?}/registry/"*; }
@@ -266,9 +282,9 @@ if [ -n "$reg_host" ]; then
             push_step "pull $c (empty store)" ctr-img pull "$ref"
         done
     done
-    echo "# medians over $push_rounds rounds (spread)        seconds                 daemon CPU  registry CPU"
+    printf "# %-38s %8s   %-13s %10s %12s\n" "medians over $push_rounds rounds" seconds "(spread)" "daemon CPU" "registry CPU"
     prow() {
-        printf '%-34s %8.2f   %-13s %10s %12s\n' "$1" "$(median "${PT[$1]}")" "($(spread "${PT[$1]}"))" \
+        printf '%-40s %8.2f   %-13s %10s %12s\n' "$1" "$(median "${PT[$1]}")" "($(spread "${PT[$1]}"))" \
             "$(num "${PCPU[$1]}")" "$(num "${PREG[$1]}")"
     }
     for c in "${codecs[@]}"; do
@@ -281,7 +297,7 @@ if [ -n "$reg_host" ]; then
         per=$(paste -d/ <(tr ' ' '\n' <<<"${PT[push $c (right after import)]}" | grep .) \
             <(tr ' ' '\n' <<<"${PT[push $c (form kept)]}" | grep .) \
             | awk -F/ '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 / $2 }')
-        printf '%-34s %8s   (rounds: %s; aim <= 1.10)\n' "ratio $c after import / kept" \
+        printf '%-40s %8s   (rounds: %s; aim <= 1.10)\n' "ratio $c after import / kept" \
             "$(div "$(median "${PT[push $c (right after import)]}")" "$(median "${PT[push $c (form kept)]}")")" "$per"
     done
     # Back to the imported image for the steps below.
@@ -388,16 +404,6 @@ timed() {
         tick_secs x $((CHILD_TICKS - k0)); CPU[$name]+="$x "
         IDLE[$name]+="$wall " ;;
     esac
-}
-# The median of samples $1 (nothing for none), their spread (min-max).
-median() { tr ' ' '\n' <<<"$1" | { grep . || true; } | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
-spread() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
-# The median of samples $1 to two decimals, "-" for none; $1 / $2 likewise.
-num() { local m; m=$(median "$1"); if [ -n "$m" ]; then printf '%.2f' "$m"; else printf -; fi; }
-div() {
-    if [ -n "$1" ] && [ -n "$2" ] && [ "$1" != - ] && [ "$2" != - ]; then
-        awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'
-    else printf -; fi
 }
 row() {
     printf '%-34s %8.2f   %-13s CPU %6s   idle %6s\n' "$1" "$(median "${T[$1]}")" "($(spread "${T[$1]}"))" \

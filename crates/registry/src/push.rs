@@ -5,7 +5,8 @@
 //! from another repository of the same registry when one is known to hold it, else
 //! uploaded in one PUT (chunked PATCH as the fallback). A form not made yet goes up as it
 //! is made on every core, in one streamed PATCH, while the store keeps it beside the
-//! layer's other forms (the ordinary way if the stream fails). Then the config, then the
+//! layer's other forms (the ordinary way if the stream fails). Blob bodies go through
+//! [`crate::upload`] in big pieces. Then the config, then the
 //! manifest. zstd layers need an OCI manifest (a Docker schema 2 manifest has no media type
 //! for them): see [`format_for`].
 
