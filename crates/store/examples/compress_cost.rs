@@ -53,10 +53,8 @@ fn main() -> std::io::Result<()> {
     println!("{path}: {:.1} MB", data.len() as f64 / 1e6);
     for level in [1, 2] {
         measure(&format!("gzip level {level}"), &data, |d| {
-            let mut gz = isula_store::pgzip::ParallelGzip::new(
-                Count(0),
-                flate2::Compression::new(level),
-            )?;
+            let mut gz =
+                isula_store::pgzip::ParallelGzip::new(Count(0), flate2::Compression::new(level))?;
             gz.write_all(d)?;
             Ok(gz.finish()?.0)
         });
