@@ -8,6 +8,7 @@
 #                               peers = each workload beside buildah and BuildKit, interleaved,
 #                               WORKLOADS="copy run load save push pull" to pick some;
 #                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1;
+#                               BIN=DIR to time the binaries in DIR (not built here);
 #                               SETTLE=3 seconds without daemon CPU make it idle, SETTLE_MAX=600
 #                               seconds after which a daemon not idle fails the bench)
 # In the peers and cache parts, every timed run of ours is followed by a wait until our daemon
@@ -19,11 +20,16 @@ only() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
 files="${FILES:-20000}"
 mb="${MB:-400}"
 tck=$(getconf CLK_TCK)
-if ! built=$(cargo build --release --bins 2>&1); then
+# BIN=DIR: the binaries in DIR, as they are (another build to compare with), else ours,
+# built now.
+if [ -n "${BIN:-}" ]; then
+    bin="$BIN"
+elif ! built=$(cargo build --release --bins 2>&1); then
     printf 'bench: cargo build --release --bins failed:\n%s\n' "$(tail -n 30 <<<"$built")" >&2
     exit 1
+else
+    bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 fi
-bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 work=$(mktemp -d /var/tmp/isula-bench.XXXXXX)
 sock="unix://$work/isula_build.sock"
 daemon=""
@@ -120,6 +126,16 @@ child_ticks() {
 # Into variable $1: microseconds $2, or CPU ticks $2, as seconds.
 us_secs() { printf -v "$1" '%d.%06d' $(($2 / 1000000)) $(($2 % 1000000)); }
 tick_secs() { printf -v "$1" '%d.%02d' $(($2 / tck)) $(($2 % tck * 100 / tck)); }
+# The median of samples $1 (nothing for none), their spread (min-max).
+median() { tr ' ' '\n' <<<"$1" | { grep . || true; } | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
+spread() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
+# The median of samples $1 to two decimals, "-" for none; $1 / $2 likewise.
+num() { local m; m=$(median "$1"); if [ -n "$m" ]; then printf '%.2f' "$m"; else printf -; fi; }
+div() {
+    if [ -n "$1" ] && [ -n "$2" ] && [ "$1" != - ] && [ "$2" != - ]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'
+    else printf -; fi
+}
 # Whether the store at data root $1 keeps no layer packed (loaded or pulled, waiting to be
 # unpacked when the daemon idles).
 nothing_packed() {
@@ -233,41 +249,76 @@ echo "# image: $files files, ${size} MB tar"
 if only main || only push; then
 step "import (tar)" ctr-img import "$work/rootfs.tar" bench:1
 if [ -n "$reg_host" ]; then
-    # Right after the import, the push waits for the layer's gzip, which the daemon makes in
-    # the background after every commit; the second push (to an emptied registry) finds it
-    # ready and only sends it.
-    "$bin/isula-build" ctr-img tag bench:1 "$reg_host/bench:1" >/dev/null
-    step "push (right after import)" ctr-img push "$reg_host/bench:1"
-    echo "# registry holds $(du -sm "$work/registry" | cut -f1) MB"
-    rm -rf "${work:?}/registry/"*
-    step "push (gzip ready)" ctr-img push "$reg_host/bench:1"
-    step "rm" ctr-img rm -a
-    step "pull (empty store)" ctr-img pull "$reg_host/bench:1"
-    # zstd beside gzip, the same way: right after the import (no zstd form yet: it is made
-    # on every core while it uploads), then with the kept zstd, then pulled into an empty
-    # store. The push right after the import should take at most 1.1x the kept one.
-    "$bin/isula-build" ctr-img rm -a >/dev/null
-    "$bin/isula-build" ctr-img import "$work/rootfs.tar" "$reg_host/bench-zstd:1" >/dev/null
-    rm -rf "${work:?}/registry/"*
-    step "push zstd (after import)" ctr-img push --compression zstd "$reg_host/bench-zstd:1"
-    echo "# registry holds $(du -sm "$work/registry" | cut -f1) MB"
-    rm -rf "${work:?}/registry/"*
-    step "push zstd (zstd ready)" ctr-img push --compression zstd "$reg_host/bench-zstd:1"
-    step "rm" ctr-img rm -a
-    step "pull zstd (empty store)" ctr-img pull "$reg_host/bench-zstd:1"
-    # zstd:chunked the same way: a frame per file and the table of contents.
-    "$bin/isula-build" ctr-img rm -a >/dev/null
-    "$bin/isula-build" ctr-img import "$work/rootfs.tar" "$reg_host/bench-zc:1" >/dev/null
-    rm -rf "${work:?}/registry/"*
-    step "push zstd:chunked (after import)" ctr-img push --compression zstd:chunked "$reg_host/bench-zc:1"
-    echo "# registry holds $(du -sm "$work/registry" | cut -f1) MB"
-    rm -rf "${work:?}/registry/"*
-    step "push zstd:chunked (ready)" ctr-img push --compression zstd:chunked "$reg_host/bench-zc:1"
-    step "rm" ctr-img rm -a
-    step "pull zstd:chunked (empty store)" ctr-img pull "$reg_host/bench-zc:1"
+    # Push and pull in rounds (ROUNDS, default 3), interleaved: each round, for gzip, zstd
+    # and zstd:chunked, the image imported afresh (no compressed form yet), pushed right
+    # after the import (its form made on every core while it uploads: the push waits for
+    # it), pushed again to an emptied registry with the form kept (only sending), then
+    # pulled into an empty store. Each sample prints as it is taken (with the daemon's
+    # phases in the first round); then medians with the spread (min-max), the daemon's and
+    # the registry's CPU seconds, and the ratios right after / kept (the aim: <= 1.1).
+    push_rounds="${ROUNDS:-3}"
+    declare -A PT PCPU PREG
+    # push_step NAME CMD...: runs isula-build CMD now (no wait for idle: a push right after
+    # an import must find no form made in idle time) and records its samples.
+    push_step() {
+        local name="$1"; shift
+        local t0 t1 c0 g0 rc=0 wall cpu reg lines
+        sync
+        lines=$(wc -l < "$work/daemon.log")
+        ticks_of "$daemon"; c0=$TICKS
+        ticks_of "$registry"; g0=$TICKS
+        us; t0=$US
+        "$bin/isula-build" "$@" >/dev/null 2>"$work/stderr" || rc=$?
+        us; t1=$US
+        [ "$rc" = 0 ] || run_failed "$rc" "$name" "$bin/isula-build" "$@"
+        us_secs wall $((t1 - t0))
+        ticks_of "$daemon"; tick_secs cpu $((TICKS - c0))
+        ticks_of "$registry"; tick_secs reg $((TICKS - g0))
+        PT[$name]+="$wall "; PCPU[$name]+="$cpu "; PREG[$name]+="$reg "
+        printf '%-40s %8.2f   daemon CPU %5.2f   registry CPU %5.2f\n' "$name" "$wall" "$cpu" "$reg"
+        if [ "$round" = 1 ] && [ -n "${PHASES:-1}" ]; then phases "$lines"; fi
+    }
+    empty_registry() { rm -rf "${work:?}/registry/"*; }
+    codecs=(gzip zstd zstd:chunked)
+    echo "# push and pull: $push_rounds interleaved rounds (the codecs' order rotates)"
+    for round in $(seq "$push_rounds"); do
+        for i in 0 1 2; do
+            c=${codecs[$(((i + round - 1) % 3))]}
+            ref="$reg_host/bench-${c/:/-}:1"
+            must "$bin/isula-build" ctr-img rm -a
+            quiet "$daemon" "$work/data"
+            must "$bin/isula-build" ctr-img import "$work/rootfs.tar" "$ref"
+            empty_registry
+            push_step "push $c (right after import)" ctr-img push --compression "$c" "$ref"
+            [ "$round" = 1 ] && echo "# registry holds $(du -sm "$work/registry" | cut -f1) MB ($c)"
+            empty_registry
+            push_step "push $c (form kept)" ctr-img push --compression "$c" "$ref"
+            must "$bin/isula-build" ctr-img rm -a
+            quiet "$daemon" "$work/data"
+            push_step "pull $c (empty store)" ctr-img pull "$ref"
+        done
+    done
+    printf "# %-38s %8s   %-13s %10s %12s\n" "medians over $push_rounds rounds" seconds "(spread)" "daemon CPU" "registry CPU"
+    prow() {
+        printf '%-40s %8.2f   %-13s %10s %12s\n' "$1" "$(median "${PT[$1]}")" "($(spread "${PT[$1]}"))" \
+            "$(num "${PCPU[$1]}")" "$(num "${PREG[$1]}")"
+    }
+    for c in "${codecs[@]}"; do
+        prow "push $c (right after import)"
+        prow "push $c (form kept)"
+        prow "pull $c (empty store)"
+    done
+    for c in "${codecs[@]}"; do
+        # The ratio of the medians, and each round's own ratio.
+        per=$(paste -d/ <(tr ' ' '\n' <<<"${PT[push $c (right after import)]}" | grep .) \
+            <(tr ' ' '\n' <<<"${PT[push $c (form kept)]}" | grep .) \
+            | awk -F/ '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 / $2 }')
+        printf '%-40s %8s   (rounds: %s; aim <= 1.10)\n' "ratio $c after import / kept" \
+            "$(div "$(median "${PT[push $c (right after import)]}")" "$(median "${PT[push $c (form kept)]}")")" "$per"
+    done
     # Back to the imported image for the steps below.
-    "$bin/isula-build" ctr-img rm -a >/dev/null
-    "$bin/isula-build" ctr-img import "$work/rootfs.tar" bench:1 >/dev/null
+    must "$bin/isula-build" ctr-img rm -a
+    must "$bin/isula-build" ctr-img import "$work/rootfs.tar" bench:1
 fi
 fi  # ONLY
 if only main; then
@@ -295,12 +346,15 @@ if only push && [ -n "$reg_host" ]; then
     # A push right after a build (`build && push` in CI): the built layer has no gzip or zstd
     # yet (the idle gzip waits for 2 s of quiet), so each push below makes its form while it
     # uploads; the last finds the zstd kept and only sends it.
+    # One run, with the phases, and the registry's CPU beside the daemon's.
     "$bin/isula-build" ctr-img build --tag "$reg_host/bench-built:1" "$work/ctx-copy" >/dev/null
-    step "push (right after build)" ctr-img push "$reg_host/bench-built:1"
-    rm -rf "${work:?}/registry/"*
-    step "push zstd (after build)" ctr-img push --compression zstd "$reg_host/bench-built:1"
-    rm -rf "${work:?}/registry/"*
-    step "push zstd (zstd ready)" ctr-img push --compression zstd "$reg_host/bench-built:1"
+    round=1
+    empty_registry
+    push_step "push gzip (right after build)" ctr-img push "$reg_host/bench-built:1"
+    empty_registry
+    push_step "push zstd (right after build)" ctr-img push --compression zstd "$reg_host/bench-built:1"
+    empty_registry
+    push_step "push zstd (built, form kept)" ctr-img push --compression zstd "$reg_host/bench-built:1"
     "$bin/isula-build" ctr-img rm "$reg_host/bench-built:1" >/dev/null
 fi
 if only main; then
@@ -367,16 +421,6 @@ timed() {
         tick_secs x $((CHILD_TICKS - k0)); CPU[$name]+="$x "
         IDLE[$name]+="$wall " ;;
     esac
-}
-# The median of samples $1 (nothing for none), their spread (min-max).
-median() { tr ' ' '\n' <<<"$1" | { grep . || true; } | sort -n | awk '{ a[NR] = $1 } END { if (NR) print a[int((NR + 1) / 2)] }'; }
-spread() { tr ' ' '\n' <<<"$1" | grep . | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
-# The median of samples $1 to two decimals, "-" for none; $1 / $2 likewise.
-num() { local m; m=$(median "$1"); if [ -n "$m" ]; then printf '%.2f' "$m"; else printf -; fi; }
-div() {
-    if [ -n "$1" ] && [ -n "$2" ] && [ "$1" != - ] && [ "$2" != - ]; then
-        awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'
-    else printf -; fi
 }
 row() {
     printf '%-34s %8.2f   %-13s CPU %6s   idle %6s\n' "$1" "$(median "${T[$1]}")" "($(spread "${T[$1]}"))" \

@@ -163,11 +163,8 @@ impl Control for Service {
             &self.state,
             wrap,
             move |state, cancel, out| {
-                if let Some(note) = note {
-                    out(note);
-                }
                 let digest =
-                    rpc::registry::push(state, name, opts, platform.as_ref(), cancel, out)?;
+                    rpc::registry::push(state, name, opts, note, platform.as_ref(), cancel, out)?;
                 match signed_dest {
                     Some(dest) => rpc::sign::sign_pushed(state, &dest, &digest, sign, cancel, out),
                     None => Ok(()),
@@ -365,6 +362,7 @@ impl Control for Service {
     ) -> Result<Response<Self::ManifestPushStream>, Status> {
         self.experimental(&r)?;
         let req = r.into_inner();
+        let compression = rpc::manifest::push_compression(&req, self.state.settings.compression)?;
         // supply chain
         let sign = rpc::sign::Wanted {
             simple: req.sign_simple,
@@ -376,7 +374,7 @@ impl Control for Service {
             &self.state,
             wrap,
             move |state, cancel, out| {
-                let digest = rpc::manifest::push(state, req, cancel, out)?;
+                let digest = rpc::manifest::push(state, req, compression, cancel, out)?;
                 match signed_dest {
                     Some(dest) => rpc::sign::sign_pushed(state, &dest, &digest, sign, cancel, out),
                     None => Ok(()),

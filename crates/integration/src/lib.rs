@@ -503,14 +503,20 @@ impl Daemon {
                     // Every blob on disk is referenced (a finished gzip of a layer whose image
                     // was removed meanwhile is collected right after).
                     let mut live = std::collections::HashSet::new();
+                    // Every kept form of a layer blob: gzip, zstd and zstd:chunked.
+                    let forms: Vec<&serde_json::Map<String, serde_json::Value>> =
+                        ["compressed", "compressed_zstd", "compressed_zstd_chunked"]
+                            .iter()
+                            .filter_map(|k| meta[*k].as_object())
+                            .collect();
                     for img in images.values() {
                         for b in img["blobs"].as_array().into_iter().flatten() {
                             if let Some(d) = b.as_str() {
                                 live.insert(d.to_string());
-                                if let Some(g) =
-                                    compressed.get(d).and_then(|c| c["digest"].as_str())
-                                {
-                                    live.insert(g.to_string());
+                                for f in &forms {
+                                    if let Some(g) = f.get(d).and_then(|c| c["digest"].as_str()) {
+                                        live.insert(g.to_string());
+                                    }
                                 }
                             }
                         }

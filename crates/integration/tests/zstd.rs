@@ -351,41 +351,6 @@ fn bad_compressions_levels_and_formats_are_refused_clearly() {
     }
     // Positive control: the same registry and fault take the gzip push.
     d.ok(&["ctr-img", "push", "--compression", "gzip", &pname]);
-
-    // A build for several platforms goes up as a manifest list, which takes no zstd yet:
-    // refused before it runs; without --compression it goes (gzip).
-    let ctx = d.dir.path().join("multi");
-    std::fs::create_dir_all(&ctx).expect("ctx");
-    std::fs::write(ctx.join("a.txt"), "a\n").expect("file");
-    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY a.txt /a.txt\n").expect("df");
-    let multi = format!("docker://{host}/r/multi:1");
-    let build = |extra: &[&str]| {
-        let mut args = vec![
-            "ctr-img",
-            "build",
-            "--platform",
-            "linux/amd64,linux/arm64",
-            "-o",
-            &multi,
-        ];
-        args.extend_from_slice(extra);
-        args.push(ctx.to_str().expect("ctx"));
-        args.iter().map(|a| a.to_string()).collect::<Vec<String>>()
-    };
-    let args = build(&["--compression", "zstd"]);
-    let err = d.fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(
-        err.contains("--compression zstd is not supported yet for a build of several platforms"),
-        "{err}"
-    );
-    let args = build(&[]);
-    d.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let list = raw_manifest(&format!("{host}/r/multi:1"));
-    assert_eq!(
-        list["manifests"].as_array().map(Vec::len),
-        Some(2),
-        "{list}"
-    );
 }
 
 #[test]
@@ -697,4 +662,309 @@ fn a_zstd_chunked_layer_buildah_pushed_is_pulled_whole() {
         .arg(&runroot)
         .args(["--storage-driver", "vfs", "rmi", "-a", "-f"])
         .output();
+}
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The manifests a pushed list names, each read from the registry: (platform, manifest).
+fn list_members(
+    host: &str,
+    repo: &str,
+    list: &serde_json::Value,
+) -> Vec<(String, serde_json::Value)> {
+    list["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .map(|m| {
+            let platform = format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap_or(""),
+                m["platform"]["architecture"].as_str().unwrap_or("")
+            );
+            let digest = m["digest"].as_str().expect("digest");
+            let manifest = raw_manifest(&format!("{host}/{repo}@{digest}"));
+            assert_eq!(
+                m["mediaType"], manifest["mediaType"],
+                "the list names {platform}'s manifest by another media type"
+            );
+            (platform, manifest)
+        })
+        .collect()
+}
+
+/// Every member of `list` is an OCI manifest whose layers are zstd (blobs starting with
+/// the zstd magic), with the zstd:chunked table's annotations when `chunked`.
+fn assert_zstd_members(reg: &Registry, repo: &str, list: &serde_json::Value, chunked: bool) {
+    let host = reg.host();
+    let members = list_members(&host, repo, list);
+    assert_eq!(members.len(), 2, "{list}");
+    for (platform, m) in members {
+        assert_eq!(m["mediaType"], OCI_MANIFEST, "{platform}: {m}");
+        let types = layer_types(&m);
+        assert!(!types.is_empty(), "{platform}: {m}");
+        assert!(types.iter().all(|t| t == ZSTD_LAYER), "{platform}: {m}");
+        for (layer, digest) in m["layers"]
+            .as_array()
+            .expect("layers")
+            .iter()
+            .zip(layer_digests(&m))
+        {
+            assert!(
+                registry_blob_head(reg, &digest).starts_with(&ZSTD_MAGIC),
+                "{platform}: {digest} is no zstd"
+            );
+            let has_table = layer["annotations"]
+                ["io.github.containers.zstd-chunked.manifest-position"]
+                .is_string();
+            assert_eq!(has_table, chunked, "{platform}: {layer}");
+        }
+    }
+}
+
+#[test]
+fn manifest_lists_go_up_in_the_asked_compression_and_skopeo_buildah_read_them() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let d = Daemon::start_configured(
+        &[("registries.toml", &insecure_registries(&[&host]))],
+        &["--experimental"],
+        &[],
+    );
+    // A build for two platforms with -o docker://: a list of two images, built from
+    // scratch (nothing runs, so no emulator is needed).
+    let ctx = d.dir.path().join("multi");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("a.txt"), "a\n").expect("file");
+    std::fs::write(ctx.join("noise.bin"), noise(1, 0x3c)).expect("file");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nARG TARGETARCH\nCOPY a.txt /a.txt\nCOPY noise.bin /noise-$TARGETARCH.bin\n",
+    )
+    .expect("df");
+    let build = |dest: &str, extra: &[&str]| {
+        let out = format!("docker://{dest}");
+        let mut args = vec![
+            "ctr-img",
+            "build",
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            &out,
+        ];
+        args.extend_from_slice(extra);
+        let c = ctx.to_str().expect("ctx");
+        args.push(c);
+        d.ok(&args)
+    };
+    // Positive control: without --compression, a Docker manifest list of gzip layers.
+    let plain = format!("{host}/l/plain:1");
+    build(&plain, &[]);
+    let list = raw_manifest(&plain);
+    assert_eq!(list["mediaType"], DOCKER_LIST, "{list}");
+    for (platform, m) in list_members(&host, "l/plain", &list) {
+        assert_eq!(m["mediaType"], DOCKER_MANIFEST, "{platform}");
+        assert!(
+            layer_types(&m).iter().all(|t| t == DOCKER_GZIP),
+            "{platform}: {m}"
+        );
+    }
+    // --compression zstd: an OCI index of OCI manifests with zstd layers.
+    let built = format!("{host}/l/built:1");
+    let out = build(&built, &["--compression", "zstd"]);
+    assert!(out.contains("OCI"), "the switch to OCI was not said: {out}");
+    let list = raw_manifest(&built);
+    assert_eq!(list["mediaType"], OCI_INDEX, "{list}");
+    assert_zstd_members(&reg, "l/built", &list, false);
+
+    // skopeo copies the whole list to an OCI layout, layers still zstd.
+    let layout = d.dir.path().join("skopeo-oci");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        &format!("docker://{built}"),
+        &format!("oci:{}:x", layout.display()),
+    ]));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
+            .expect("index JSON");
+    let top = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("list digest");
+    let blob = |d: &str| -> serde_json::Value {
+        let raw = std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .expect("blob");
+        serde_json::from_slice(&raw).expect("JSON")
+    };
+    let copied = blob(top);
+    assert_eq!(
+        copied["manifests"].as_array().map(Vec::len),
+        Some(2),
+        "{copied}"
+    );
+    for m in copied["manifests"].as_array().into_iter().flatten() {
+        let manifest = blob(m["digest"].as_str().expect("digest"));
+        assert!(
+            layer_types(&manifest).iter().all(|t| t == ZSTD_LAYER),
+            "{manifest}"
+        );
+    }
+
+    // buildah pulls the arm64 image out of the list (pulling runs nothing).
+    if require_tool("buildah") {
+        let root = d.dir.path().join("buildah-root");
+        let runroot = d.dir.path().join("buildah-run");
+        let buildah = |args: &[&str]| {
+            run_ok(
+                Command::new("buildah")
+                    .arg("--root")
+                    .arg(&root)
+                    .arg("--runroot")
+                    .arg(&runroot)
+                    .args(["--storage-driver", "vfs"])
+                    .args(args),
+            )
+        };
+        buildah(&[
+            "pull",
+            "--tls-verify=false",
+            "--platform",
+            "linux/arm64",
+            &format!("docker://{built}"),
+        ]);
+        let arch = buildah(&[
+            "inspect",
+            "--type",
+            "image",
+            "--format",
+            "{{.OCIv1.Architecture}}",
+            &built,
+        ]);
+        assert_eq!(arch.trim(), "arm64");
+        let _ = Command::new("buildah")
+            .arg("--root")
+            .arg(&root)
+            .arg("--runroot")
+            .arg(&runroot)
+            .args(["--storage-driver", "vfs", "rmi", "-a", "-f"])
+            .output();
+    }
+    // Our own pull of each platform: its files intact.
+    let fresh = Daemon::for_registries(&[&host]);
+    for arch in ["amd64", "arm64"] {
+        fresh.ok(&[
+            "ctr-img",
+            "pull",
+            "--platform",
+            &format!("linux/{arch}"),
+            &built,
+        ]);
+        assert_eq!(
+            fresh
+                .image_files(&built)
+                .get(&format!("noise-{arch}.bin"))
+                .map(|e| e.content.len()),
+            Some(1 << 20),
+            "{arch}"
+        );
+        fresh.ok(&["ctr-img", "rm", "-a"]);
+    }
+
+    // `manifest push --compression zstd:chunked` of a list made of two imported images;
+    // bad values are refused before anything goes up, beside the good ones.
+    d.import_busybox("one-amd64:1", &[]);
+    d.import_busybox("one-arm64:1", &[("etc/flavour", b"arm\n")]);
+    d.ok(&["manifest", "create", "made:1", "one-amd64:1", "one-arm64:1"]);
+    d.ok(&[
+        "manifest",
+        "annotate",
+        "--arch",
+        "arm64",
+        "made:1",
+        "one-arm64:1",
+    ]);
+    let made = format!("{host}/l/made:1");
+    for (args, want) in [
+        (
+            vec!["--compression", "lz4"],
+            "invalid compression \"lz4\": use gzip, zstd or zstd:chunked",
+        ),
+        (
+            vec!["--compression", "zstd:chunked", "--compression-level", "23"],
+            "compression level 23 is out of range for zstd:chunked: use 1 to 22",
+        ),
+    ] {
+        let mut all = vec!["manifest", "push"];
+        all.extend(args.iter().copied());
+        all.extend(["made:1", made.as_str()]);
+        let err = d.fails(&all);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(reg.count_requests("PUT", "/v2/l/made/"), 0, "{}", reg.log());
+    let out = d.ok(&[
+        "manifest",
+        "push",
+        "--compression",
+        "zstd:chunked",
+        "made:1",
+        &made,
+    ]);
+    assert!(out.contains("OCI"), "{out}");
+    let list = raw_manifest(&made);
+    assert_eq!(list["mediaType"], OCI_INDEX, "{list}");
+    assert_zstd_members(&reg, "l/made", &list, true);
+    // The same list pushed with gzip: a Docker list again, over the kept gzip forms.
+    let again = format!("{host}/l/made-gzip:1");
+    d.ok(&[
+        "manifest",
+        "push",
+        "--compression",
+        "gzip",
+        "made:1",
+        &again,
+    ]);
+    let list = raw_manifest(&again);
+    assert_eq!(list["mediaType"], DOCKER_LIST, "{list}");
+    for (platform, m) in list_members(&host, "l/made-gzip", &list) {
+        assert!(
+            layer_types(&m).iter().all(|t| t == DOCKER_GZIP),
+            "{platform}: {m}"
+        );
+    }
+
+    // `ctr-img push --compression zstd` of a name that stands for a list: the whole list.
+    let named = format!("{host}/l/named:1");
+    d.ok(&["manifest", "create", &named, "one-amd64:1", "one-arm64:1"]);
+    d.ok(&[
+        "manifest",
+        "annotate",
+        "--arch",
+        "arm64",
+        &named,
+        "one-arm64:1",
+    ]);
+    let err = d.fails(&[
+        "ctr-img",
+        "push",
+        "--format",
+        "docker",
+        "--compression",
+        "zstd",
+        &named,
+    ]);
+    assert!(err.contains("needs the oci format"), "{err}");
+    d.ok(&["ctr-img", "push", "--compression", "zstd", &named]);
+    let list = raw_manifest(&named);
+    assert_eq!(list["mediaType"], OCI_INDEX, "{list}");
+    assert_zstd_members(&reg, "l/named", &list, false);
+    assert!(d.leftovers().is_empty(), "{:?}", d.leftovers());
 }

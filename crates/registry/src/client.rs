@@ -55,6 +55,10 @@ pub enum Challenge {
 
 pub struct Client {
     http: Http,
+    /// The client of big uploads, made when the first one starts (see [`crate::upload`]).
+    uploads: std::sync::OnceLock<std::result::Result<reqwest::Client, String>>,
+    /// This host's TLS files, for that client.
+    tls: TlsFiles,
     /// See [`STALL_TIMEOUT`].
     stall: Duration,
     endpoint: Endpoint,
@@ -131,13 +135,19 @@ pub fn parse_challenge(v: &str) -> Option<Challenge> {
     })
 }
 
-pub(crate) fn read_certs_dir(
-    dir: &Path,
-    mut b: reqwest::blocking::ClientBuilder,
-) -> Result<reqwest::blocking::ClientBuilder> {
+/// The TLS files of a `certs.d/<host>/` directory: CA bundles (`*.crt`) and the client
+/// identity (a `*.cert` with its `*.key`; the last one wins).
+#[derive(Clone, Default)]
+pub(crate) struct TlsFiles {
+    pub(crate) certs: Vec<reqwest::Certificate>,
+    pub(crate) identity: Option<reqwest::Identity>,
+}
+
+pub(crate) fn read_tls_files(dir: &Path) -> Result<TlsFiles> {
+    let mut out = TlsFiles::default();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(_) => return Ok(b),
+        Err(_) => return Ok(out),
     };
     let bad =
         |p: &Path, e: String| RegistryError::Config(format!("certificate {}: {e}", p.display()));
@@ -153,7 +163,7 @@ pub(crate) fn read_certs_dir(
             let pem = std::fs::read(&p).map_err(|e| bad(&p, e.to_string()))?;
             let certs =
                 reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(&p, e.to_string()))?;
-            b = b.tls_certs_merge(certs);
+            out.certs.extend(certs);
         } else if let Some(stem) = name.strip_suffix(".cert") {
             let key = p.with_file_name(format!("{stem}.key"));
             let mut pem = std::fs::read(&p).map_err(|e| bad(&p, e.to_string()))?;
@@ -162,10 +172,49 @@ pub(crate) fn read_certs_dir(
             pem.extend_from_slice(b"\n");
             pem.extend_from_slice(&k);
             let id = reqwest::Identity::from_pem(&pem).map_err(|e| bad(&p, e.to_string()))?;
-            b = b.identity(id);
+            out.identity = Some(id);
         }
     }
+    Ok(out)
+}
+
+pub(crate) fn read_certs_dir(
+    dir: &Path,
+    mut b: reqwest::blocking::ClientBuilder,
+) -> Result<reqwest::blocking::ClientBuilder> {
+    let files = read_tls_files(dir)?;
+    if !files.certs.is_empty() {
+        b = b.tls_certs_merge(files.certs);
+    }
+    if let Some(id) = files.identity {
+        b = b.identity(id);
+    }
     Ok(b)
+}
+
+/// The settings of every registry client, blocking or async (the same methods on both
+/// builders): agent, timeouts, redirects, the host's TLS files, `insecure`.
+macro_rules! configure {
+    ($builder:expr, $stall:expr, $tls:expr, $insecure:expr) => {{
+        let mut b = $builder
+            .user_agent(concat!("isula-build/", env!("CARGO_PKG_VERSION")))
+            .timeout($stall)
+            .connect_timeout(CONNECT_TIMEOUT.min($stall))
+            .tcp_keepalive(Duration::from_secs(30).min($stall))
+            .tcp_user_timeout($stall)
+            .redirect(reqwest::redirect::Policy::limited(10));
+        let tls: &TlsFiles = $tls;
+        if !tls.certs.is_empty() {
+            b = b.tls_certs_merge(tls.certs.iter().cloned());
+        }
+        if let Some(id) = &tls.identity {
+            b = b.identity(id.clone());
+        }
+        if $insecure {
+            b = b.tls_danger_accept_invalid_certs(true);
+        }
+        b
+    }};
 }
 
 impl Client {
@@ -175,24 +224,18 @@ impl Client {
         certs_dir: &Path,
         stall: Duration,
     ) -> Result<Client> {
-        let mut b = Http::builder()
-            .user_agent(concat!("isula-build/", env!("CARGO_PKG_VERSION")))
-            .timeout(stall)
-            .connect_timeout(CONNECT_TIMEOUT.min(stall))
-            .tcp_keepalive(Duration::from_secs(30).min(stall))
-            .tcp_user_timeout(stall)
-            .redirect(reqwest::redirect::Policy::limited(10));
-        b = read_certs_dir(&certs_dir.join(&endpoint.host), b)?;
-        if endpoint.insecure {
-            b = b.tls_danger_accept_invalid_certs(true);
-        }
-        let http = b.build().map_err(|e| RegistryError::Http {
-            registry: endpoint.host.clone(),
-            what: "client".into(),
-            reason: e.to_string(),
-        })?;
+        let tls = read_tls_files(&certs_dir.join(&endpoint.host))?;
+        let http = configure!(Http::builder(), stall, &tls, endpoint.insecure)
+            .build()
+            .map_err(|e| RegistryError::Http {
+                registry: endpoint.host.clone(),
+                what: "client".into(),
+                reason: e.to_string(),
+            })?;
         Ok(Client {
             http,
+            uploads: std::sync::OnceLock::new(),
+            tls,
             stall,
             endpoint,
             creds,
@@ -215,6 +258,63 @@ impl Client {
 
     pub fn http(&self) -> &Http {
         &self.http
+    }
+
+    /// The async client that big uploads go through, with the same settings as
+    /// [`Client::http`]; it lives on [`crate::upload`]'s runtime.
+    pub(crate) fn upload_http(&self) -> Result<&reqwest::Client> {
+        self.uploads
+            .get_or_init(|| {
+                // Built inside the runtime: its connections are that runtime's.
+                let _in = crate::upload::runtime()?.enter();
+                configure!(
+                    reqwest::Client::builder(),
+                    self.stall,
+                    &self.tls,
+                    self.endpoint.insecure
+                )
+                .build()
+                .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| self.http_error("upload client", e))
+    }
+
+    /// The `Authorization` value for `scopes` when `url` is this registry's.
+    pub(crate) fn authorization_for(&self, url: &str, scopes: &[String]) -> Option<HeaderValue> {
+        let ours = reqwest::Url::parse(url)
+            .ok()
+            .is_some_and(|u| self.is_our_host(&u));
+        let a = self.authorization(scopes).filter(|_| ours)?;
+        let mut v = HeaderValue::from_str(&a).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    /// Answers a 401's challenge (`headers`) for `req`: fetches a token for its scopes, or
+    /// notes that basic credentials go along. Fails when there is nothing to answer with.
+    pub(crate) fn answer_challenge(
+        &self,
+        headers: &reqwest::header::HeaderMap,
+        req: &Req<'_>,
+    ) -> Result<()> {
+        let unauthorized = || RegistryError::Unauthorized {
+            registry: self.endpoint.host.clone(),
+            what: req.what.clone(),
+        };
+        let challenge = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(parse_challenge)
+            .ok_or_else(unauthorized)?;
+        if let Challenge::Bearer { realm, service } = &challenge {
+            self.fetch_token(realm, service.as_deref(), req.scopes)?;
+        } else if self.creds.is_none() {
+            return Err(unauthorized());
+        }
+        *Self::lock(&self.challenge) = Some(challenge);
+        Ok(())
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -375,15 +475,8 @@ impl Client {
             let mut rb = build(self.http.request(req.method.clone(), &url))?;
             // Credentials only for this registry: an upload Location on another host
             // (object storage) gets none.
-            let ours = reqwest::Url::parse(&url)
-                .ok()
-                .is_some_and(|u| self.is_our_host(&u));
-            if let Some(a) = self.authorization(req.scopes).filter(|_| ours) {
-                if let Ok(v) = HeaderValue::from_str(&a) {
-                    let mut v = v;
-                    v.set_sensitive(true);
-                    rb = rb.header(AUTHORIZATION, v);
-                }
+            if let Some(v) = self.authorization_for(&url, req.scopes) {
+                rb = rb.header(AUTHORIZATION, v);
             }
             let result = rb.send();
             let retryable = req.idempotent && attempt < ATTEMPTS;
@@ -401,25 +494,7 @@ impl Client {
                         });
                     }
                     authed_retry = true;
-                    let challenge = resp
-                        .headers()
-                        .get_all(WWW_AUTHENTICATE)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .find_map(parse_challenge)
-                        .ok_or_else(|| RegistryError::Unauthorized {
-                            registry: self.endpoint.host.clone(),
-                            what: req.what.clone(),
-                        })?;
-                    if let Challenge::Bearer { realm, service } = &challenge {
-                        self.fetch_token(realm, service.as_deref(), req.scopes)?;
-                    } else if self.creds.is_none() {
-                        return Err(RegistryError::Unauthorized {
-                            registry: self.endpoint.host.clone(),
-                            what: req.what.clone(),
-                        });
-                    }
-                    *Self::lock(&self.challenge) = Some(challenge);
+                    self.answer_challenge(resp.headers(), req)?;
                     // A request that cannot be resent still gets this one more try: its
                     // body is rebuilt by `build`.
                     attempt -= 1;
@@ -475,7 +550,26 @@ impl Client {
         }
         let mut body = String::new();
         let _ = std::io::Read::read_to_string(&mut std::io::Read::take(resp, 4096), &mut body);
-        let detail = serde_json::from_str::<serde_json::Value>(&body)
+        self.answer_error(what, status, &body)
+    }
+
+    /// [`Client::status_error`] of an answer read already: its status and (the start of)
+    /// its body.
+    pub(crate) fn answer_error(&self, what: &str, status: StatusCode, body: &str) -> RegistryError {
+        let host = self.endpoint.host.clone();
+        if status == StatusCode::NOT_FOUND {
+            return RegistryError::NotFound {
+                registry: host,
+                what: what.to_string(),
+            };
+        }
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return RegistryError::Unauthorized {
+                registry: host,
+                what: what.to_string(),
+            };
+        }
+        let detail = serde_json::from_str::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v["errors"][0]["message"].as_str().map(|m| format!(": {m}")))
             .unwrap_or_default();

@@ -15,6 +15,7 @@ pub mod push;
 pub mod registries;
 pub mod resolve;
 pub mod signatures;
+pub mod upload;
 
 pub use auth::{AuthFile, Credentials};
 pub use client::{Client, Endpoint};

@@ -2,10 +2,11 @@
 //! of the store, kept as small JSON files under `<data root>/manifest-lists/`. A list names
 //! images and their platforms; its manifest list is made when it is inspected (over the
 //! stored manifests) and when it is pushed (over the manifests as pushed: each image goes to
-//! the destination repository by digest first, so the list is complete there).
+//! the destination repository by digest first, in the push's layer compression, so the list
+//! is complete there).
 
 use crate::error::{RegistryError, Result};
-use crate::push::{push_image, Format};
+use crate::push::{push_image, Format, LayerCompression};
 use crate::{resolve, Context};
 use isula_store::Store;
 use isula_transport::{Cancel, Progress};
@@ -423,12 +424,17 @@ impl Lists {
     }
 
     /// Pushes every image of the list to `dest`'s repository (by digest), then the list.
+    /// Every image's layers go up in `compression`; zstd (which a Docker schema 2 manifest
+    /// cannot carry) makes the images OCI manifests and the list an OCI index, as a list
+    /// made with `--format oci` is.
+    #[allow(clippy::too_many_arguments)]
     pub fn push(
         &self,
         ctx: &Context,
         store: &Store,
         name: &str,
         dest: &str,
+        compression: LayerCompression,
         cancel: &Cancel,
         progress: Progress<'_>,
     ) -> Result<Digest> {
@@ -447,6 +453,16 @@ impl Lists {
         resolve::check_policy(ctx.policy.as_ref(), &dest_ref)?;
         let client = ctx.client(resolve::push_endpoint(&ctx.registries, &dest_ref)?)?;
         let repo = dest_ref.path().to_string();
+        let oci = list.oci || compression.codec.is_zstd();
+        if oci && !list.oci {
+            progress(
+                "Pushing in OCI format: zstd layers need OCI manifests and an OCI index\n".into(),
+            );
+        }
+        let opts = crate::push::PushOptions {
+            format: if oci { Format::Oci } else { Format::Docker },
+            compression,
+        };
         let mut entries = Vec::new();
         let mut attestations = Vec::new();
         for e in &list.entries {
@@ -460,14 +476,7 @@ impl Lists {
                 &rec,
                 &repo,
                 "",
-                crate::push::PushOptions {
-                    format: if list.oci {
-                        Format::Oci
-                    } else {
-                        Format::Docker
-                    },
-                    compression: Default::default(),
-                },
+                opts,
                 cancel,
                 &mut *progress,
             )?;
@@ -489,9 +498,9 @@ impl Lists {
             ));
         }
         // Attestation manifests are OCI manifests: their list is an OCI index.
-        let oci = list.oci || !attestations.is_empty();
+        let oci = oci || !attestations.is_empty();
         let bytes = if attestations.is_empty() {
-            Self::index(entries, list.oci)?
+            Self::index(entries, oci)?
         } else {
             crate::attestations::index_bytes(
                 entries

@@ -5,22 +5,23 @@
 //! from another repository of the same registry when one is known to hold it, else
 //! uploaded in one PUT (chunked PATCH as the fallback). A form not made yet goes up as it
 //! is made on every core, in one streamed PATCH, while the store keeps it beside the
-//! layer's other forms (the ordinary way if the stream fails). Then the config, then the
+//! layer's other forms (the ordinary way if the stream fails). Blob bodies go through
+//! [`crate::upload`] in big pieces. Then the config, then the
 //! manifest. zstd layers need an OCI manifest (a Docker schema 2 manifest has no media type
 //! for them): see [`format_for`].
 
 use crate::client::{Client, Req};
 use crate::error::{RegistryError, Result};
 use crate::pull::scope_pull;
+use crate::upload::{self, Answer};
 use crate::{resolve, Context};
 use isula_store::compression::Compression;
 use isula_store::{ImageRecord, Lease, Store};
 use isula_transport::{Cancel, Progress};
 use isula_types::image::{Descriptor, Manifest};
 use isula_types::{limits, media, Digest, Reference};
-use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::header::{HeaderName, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Method, StatusCode};
-use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,12 +82,20 @@ pub(crate) fn location(
     resp: &reqwest::blocking::Response,
     what: &str,
 ) -> Result<String> {
-    let loc = resp
-        .headers()
+    location_in(client, resp.headers(), resp.url(), what)
+}
+
+/// The `Location` of an answer from `base`, made absolute.
+fn location_in(
+    client: &Client,
+    headers: &reqwest::header::HeaderMap,
+    base: &reqwest::Url,
+    what: &str,
+) -> Result<String> {
+    let loc = headers
         .get(LOCATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| client.http_error(what, "upload answer has no Location"))?;
-    let base = resp.url().clone();
     base.join(loc)
         .map(|u| u.to_string())
         .map_err(|e| client.http_error(what, format!("bad Location {loc:?}: {e}")))
@@ -221,35 +230,14 @@ fn start_upload(client: &Client, repo: &str, what: &str) -> Result<String> {
     location(client, &resp, what)
 }
 
-fn open_body(
-    path: &std::path::Path,
-    size: u64,
-    meter: &Arc<AtomicU64>,
-) -> Result<reqwest::blocking::Body> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| RegistryError::Config(format!("open {}: {e}", path.display())))?;
-    meter.store(0, Ordering::Relaxed);
-    Ok(reqwest::blocking::Body::sized(
-        isula_transport::progress::Counted {
-            inner: f,
-            count: meter.clone(),
-        },
-        size,
-    ))
-}
-
-fn classify(
-    client: &Client,
-    what: &str,
-    r: Result<reqwest::blocking::Response>,
-) -> std::result::Result<reqwest::blocking::Response, Upload> {
+fn classify(client: &Client, what: &str, r: Result<Answer>) -> std::result::Result<Answer, Upload> {
     match r {
         Err(e @ RegistryError::Http { .. }) => Err(Upload::Retry(e)),
         Err(e) => Err(Upload::Fatal(e)),
-        Ok(resp) if resp.status().is_server_error() => {
-            Err(Upload::Retry(client.status_error(what, resp)))
+        Ok(a) if a.status.is_server_error() => {
+            Err(Upload::Retry(client.answer_error(what, a.status, &a.body)))
         }
-        Ok(resp) => Ok(resp),
+        Ok(a) => Ok(a),
     }
 }
 
@@ -277,27 +265,24 @@ fn put_monolithic(
         meter,
     } = *blob;
     let scopes = [scope_push(repo)];
-    let r = client.send(
+    let r = client.send_upload(
         &Req::once(
             Method::PUT,
             with_digest(session, digest),
             &scopes,
             what.to_string(),
         ),
-        &|rb| {
-            Ok(rb
-                .header(CONTENT_TYPE, "application/octet-stream")
-                .timeout(client.upload_timeout(size))
-                .body(open_body(path, size, meter)?))
-        },
+        &[],
+        client.upload_timeout(size),
+        &|| upload::file_body(path, size, meter),
     );
-    let resp = classify(client, what, r)?;
-    match resp.status() {
+    let a = classify(client, what, r)?;
+    match a.status {
         StatusCode::CREATED => Ok(()),
         StatusCode::BAD_REQUEST => {
             // The registry checked the digest and disagreed: our blob is what it is, so
             // this is not a transport fault; say so.
-            Err(Upload::Fatal(client.status_error(what, resp)))
+            Err(Upload::Fatal(client.answer_error(what, a.status, &a.body)))
         }
         s if s == StatusCode::METHOD_NOT_ALLOWED
             || s == StatusCode::RANGE_NOT_SATISFIABLE
@@ -305,7 +290,7 @@ fn put_monolithic(
         {
             Err(Upload::Refused(s))
         }
-        _ => Err(Upload::Fatal(client.status_error(what, resp))),
+        _ => Err(Upload::Fatal(client.answer_error(what, a.status, &a.body))),
     }
 }
 
@@ -318,25 +303,24 @@ fn put_chunked(client: &Client, repo: &str, session: &str, blob: &BlobUpload<'_>
         meter,
     } = *blob;
     let scopes = [scope_push(repo)];
-    let resp = client.send(
+    let a = client.send_upload(
         &Req::once(
             Method::PATCH,
             session.to_string(),
             &scopes,
             what.to_string(),
         ),
-        &|rb| {
-            Ok(rb
-                .header(CONTENT_TYPE, "application/octet-stream")
-                .header("Content-Range", format!("0-{}", size.saturating_sub(1)))
-                .timeout(client.upload_timeout(size))
-                .body(open_body(path, size, meter)?))
-        },
+        &[(
+            HeaderName::from_static("content-range"),
+            format!("0-{}", size.saturating_sub(1)),
+        )],
+        client.upload_timeout(size),
+        &|| upload::file_body(path, size, meter),
     )?;
-    if resp.status() != StatusCode::ACCEPTED && resp.status() != StatusCode::NO_CONTENT {
-        return Err(client.status_error(what, resp));
+    if a.status != StatusCode::ACCEPTED && a.status != StatusCode::NO_CONTENT {
+        return Err(client.answer_error(what, a.status, &a.body));
     }
-    let next = location(client, &resp, what)?;
+    let next = location_in(client, &a.headers, &a.url, what)?;
     let resp = client.send(
         &Req::once(
             Method::PUT,
@@ -568,33 +552,6 @@ impl PushPlan {
     }
 }
 
-/// The body of a streamed upload: the pieces of a gzip as it is made.
-struct Pieces {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    piece: Vec<u8>,
-    at: usize,
-    count: Arc<AtomicU64>,
-}
-
-impl Read for Pieces {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.piece.len() {
-            match self.rx.recv() {
-                Ok(p) => {
-                    self.piece = p;
-                    self.at = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.piece.len() - self.at);
-        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
-        self.at += n;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
 /// Sends the `how` form (gzip or zstd) of the layer blob `source` while it is made: the
 /// form goes into the store and, piece by piece, into one streamed PATCH of an upload,
 /// which the digest then closes. When the stream fails, the stored form is sent the
@@ -623,30 +580,25 @@ fn send_compressed(
         return send_stored(made.digest, made.size);
     }
     let session = start_upload(client, repo, &what)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
     meter.store(0, Ordering::Relaxed);
-    let body = std::sync::Mutex::new(Some(Pieces {
-        rx,
-        piece: Vec::new(),
-        at: 0,
-        count: meter.clone(),
-    }));
+    let (tx, pieces) = upload::pieces(None, meter.clone());
+    let body = std::sync::Mutex::new(Some(pieces));
+    // Each piece the compressor writes goes to the connection whole; a request that is
+    // gone stops the copies, never the compression.
+    let side: isula_store::Side = Box::new(move |piece: &[u8]| tx.send(piece.to_vec().into()));
     let estimate = store.blob_size(source).unwrap_or(0);
     let scopes = [scope_push(repo)];
     let (gzip, streamed) = std::thread::scope(|s| {
-        let gzip = s.spawn(|| store.compressed_blob_streaming(source, how, lease, Some(tx)));
-        let streamed = client.send(
+        let gzip = s.spawn(|| store.compressed_blob_streaming(source, how, lease, Some(side)));
+        let streamed = client.send_upload(
             &Req::once(Method::PATCH, session.clone(), &scopes, what.clone()),
-            &|rb| {
-                let pieces = body
-                    .lock()
+            &[],
+            client.upload_timeout(estimate),
+            &|| {
+                body.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .take()
-                    .ok_or_else(|| client.http_error(&what, "the stream cannot be sent twice"))?;
-                Ok(rb
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .timeout(client.upload_timeout(estimate))
-                    .body(reqwest::blocking::Body::new(pieces)))
+                    .ok_or_else(|| client.http_error(&what, "the stream cannot be sent twice"))
             },
         );
         // A failed request drops the body, and with it the stream: the gzip goes on into
@@ -663,11 +615,11 @@ fn send_compressed(
     });
     let (digest, size, made_here) = gzip?;
     if made_here {
-        let closed = streamed.and_then(|resp| {
-            if resp.status() != StatusCode::ACCEPTED && resp.status() != StatusCode::NO_CONTENT {
-                return Err(client.status_error(&what, resp));
+        let closed = streamed.and_then(|a| {
+            if a.status != StatusCode::ACCEPTED && a.status != StatusCode::NO_CONTENT {
+                return Err(client.answer_error(&what, a.status, &a.body));
             }
-            let next = location(client, &resp, &what)?;
+            let next = location_in(client, &a.headers, &a.url, &what)?;
             let resp = client.send(
                 &Req::once(
                     Method::PUT,

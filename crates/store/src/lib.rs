@@ -48,6 +48,7 @@ pub use content::{BlobWriter, ContentStore, HashingReader, TeeReader};
 pub use durable::CheckReport;
 pub use error::{ErrorKind, Result, StoreError};
 pub use metadata::{AttestationRecord, CompressedBlob, ImageRecord, LayerRecord};
+pub use pgzip::Side;
 
 use isula_types::compression::{Codec, LayerCompression};
 use isula_types::{ChainId, Digest, ImageId, Reference};
@@ -834,7 +835,7 @@ impl Store {
         &self,
         blob: &Digest,
         lease: &Lease,
-        side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+        side: Option<Side>,
     ) -> Result<(Digest, u64, bool)> {
         self.compressed_blob_streaming(blob, LayerCompression::default(), lease, side)
     }
@@ -846,7 +847,7 @@ impl Store {
         blob: &Digest,
         how: LayerCompression,
         lease: &Lease,
-        side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+        side: Option<Side>,
     ) -> Result<(Digest, u64, bool)> {
         let c = &self.compressor;
         let key = (blob.clone(), how.codec);
@@ -886,7 +887,7 @@ impl Store {
         how: LayerCompression,
         lease: &Lease,
         yielded: Option<&std::cell::Cell<bool>>,
-        side: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+        side: Option<Side>,
     ) -> Result<(Digest, u64)> {
         let path = self.content.path(blob);
         let src = self.open_blob(blob, Some(lease))?;
@@ -951,8 +952,10 @@ impl Store {
                 }
             })
         })?;
-        let (w, annotations) = w;
-        let (digest, size) = lease.commit_blob(w.inner, None)?;
+        let (pgzip::Tee { inner, side }, annotations) = w;
+        // The copies end here: a push's upload of them ends while the blob is synced.
+        drop(side);
+        let (digest, size) = lease.commit_blob(inner, None)?;
         self.record_compressed_form(
             blob,
             how.codec,

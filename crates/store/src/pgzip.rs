@@ -153,18 +153,22 @@ impl<W: Write + Send + 'static> Drop for ParallelGzip<W> {
     }
 }
 
-/// A writer that also sends a copy of what it writes to `side`, while `side` listens: a
-/// receiver that goes away stops the copies, never the writing.
+/// Where a copy of each piece written goes (a push uploads it meanwhile): false when the
+/// receiver is gone and wants no more.
+pub type Side = Box<dyn FnMut(&[u8]) -> bool + Send>;
+
+/// A writer that also gives a copy of what it writes to `side`, while `side` takes them:
+/// a side that stops taking stops the copies, never the writing.
 pub struct Tee<W> {
     pub inner: W,
-    pub side: Option<SyncSender<Vec<u8>>>,
+    pub side: Option<Side>,
 }
 
 impl<W: Write> Write for Tee<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(data)?;
-        if let Some(side) = &self.side {
-            if side.send(data[..n].to_vec()).is_err() {
+        if let Some(side) = &mut self.side {
+            if !side(&data[..n]) {
                 self.side = None;
             }
         }
@@ -174,6 +178,11 @@ impl<W: Write> Write for Tee<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// A [`Side`] that sends each piece down `tx`.
+pub fn side_channel(tx: SyncSender<Vec<u8>>) -> Side {
+    Box::new(move |piece: &[u8]| tx.send(piece.to_vec()).is_ok())
 }
 
 #[cfg(test)]
@@ -207,7 +216,7 @@ mod tests {
         let mut gz = ParallelGzip::new(
             Tee {
                 inner: Vec::new(),
-                side: Some(tx),
+                side: Some(side_channel(tx)),
             },
             flate2::Compression::new(1),
         )
@@ -223,7 +232,7 @@ mod tests {
         drop(rx);
         let mut tee = Tee {
             inner: Vec::new(),
-            side: Some(tx),
+            side: Some(side_channel(tx)),
         };
         tee.write_all(b"abc").expect("a gone receiver is no error");
         tee.write_all(b"def").expect("write");

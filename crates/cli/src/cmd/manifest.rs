@@ -47,6 +47,13 @@ pub enum Manifest {
         list: String,
         /// Destination, e.g. registry.example.com/app:1.0
         dest: String,
+        /// Layer compression of every image of the list: gzip, zstd or zstd:chunked (zstd
+        /// makes the list an OCI index); default: the daemon's (gzip)
+        #[arg(long = "compression")]
+        compression: Option<String>,
+        /// Its level: gzip 1-9, zstd 1-22
+        #[arg(long = "compression-level", allow_negative_numbers = true)]
+        compression_level: Option<i32>,
         #[command(flatten)]
         sign: super::sign::SignArgs,
     },
@@ -91,13 +98,21 @@ pub async fn run(client: &mut Client, m: Manifest) -> Result<()> {
                 .await?;
             println!("{}", indent4(&r.into_inner().data)?);
         }
-        Manifest::Push { list, dest, sign } => {
+        Manifest::Push {
+            list,
+            dest,
+            compression,
+            compression_level,
+            sign,
+        } => {
             // supply chain: keys checked before anything is pushed.
             let signer = sign.signer()?;
             let stream = client
                 .manifest_push(ManifestPushRequest {
                     manifest_list: list.clone(),
                     dest: dest.clone(),
+                    compression: compression.unwrap_or_default(),
+                    compression_level,
                     sign_simple: signer.as_ref().is_some_and(|s| s.wants_simple()),
                     sign_sigstore: signer.as_ref().is_some_and(|s| s.wants_sigstore()),
                 })

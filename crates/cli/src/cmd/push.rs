@@ -14,8 +14,8 @@ pub struct Args {
     /// Manifest format: docker (the default; oci with zstd) or oci
     #[arg(short = 'f', long)]
     pub format: Option<String>,
-    /// Layer compression: gzip, zstd (OCI manifests only) or zstd:chunked (not supported
-    /// yet); default: the daemon's (gzip)
+    /// Layer compression: gzip, zstd or zstd:chunked (both zstd in OCI manifests only);
+    /// default: the daemon's (gzip)
     #[arg(long = "compression")]
     pub compression: Option<String>,
     /// Its level: gzip 1-9, zstd 1-22

@@ -562,18 +562,6 @@ async fn run_inner(
     };
     if extras.platforms.len() > 1 {
         check_several_platforms(&output, &opts, &req)?;
-        // A manifest list goes up with gzip layers (its pushes take no compression yet):
-        // a request naming zstd is told so rather than sent gzip (the daemon's default
-        // zstd does not apply to it).
-        if matches!(output, Output::Registry(..))
-            && !req.compression.trim().is_empty()
-            && push_opts.compression.codec.is_zstd()
-        {
-            return Err(error::invalid(
-                "--compression zstd is not supported yet for a build of several platforms \
-                 pushed as a manifest list: use gzip",
-            ));
-        }
     }
     // fleet: the shared cache registry, imported from and (one platform) exported to.
     let (cache_from, cache_to) =
@@ -1296,6 +1284,7 @@ impl Job {
                     &self.state.store,
                     &name,
                     &dest.to_string(),
+                    self.push_opts.compression,
                     &isula_transport::Cancel::from_flag(self.cancel.clone()),
                     &mut |l| {
                         tx.send(l);

@@ -69,9 +69,24 @@ pub fn inspect(
     Ok(ManifestInspectResponse { data })
 }
 
+/// The layer compression of a list push (`--compression`, `--compression-level`, over the
+/// daemon's `compression`), checked before anything goes up.
+pub fn push_compression(
+    req: &ManifestPushRequest,
+    default: isula_types::compression::LayerCompression,
+) -> Result<isula_types::compression::LayerCompression, Status> {
+    isula_types::compression::LayerCompression::parse(
+        &req.compression,
+        req.compression_level,
+        default,
+    )
+    .map_err(|e| error::invalid(e.to_string()))
+}
+
 pub fn push(
     state: &Arc<State>,
     req: ManifestPushRequest,
+    compression: isula_types::compression::LayerCompression,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
 ) -> Result<isula_types::Digest, Status> {
@@ -84,6 +99,7 @@ pub fn push(
             &state.store,
             &req.manifest_list,
             &req.dest,
+            compression,
             cancel,
             out,
         )

@@ -224,11 +224,13 @@ pub fn validate_push(
 
 /// Pushes `name`: an image, or a name standing for several platforms (a local list) as a
 /// whole (each image by digest, then the list under the name) or, with `platform`, the
-/// one image for it under the name.
+/// one image for it under the name. `note` (the switch to OCI for zstd) is said first; a
+/// whole list says its own.
 pub fn push(
     state: &Arc<State>,
     name: String,
     opts: push::PushOptions,
+    note: Option<String>,
     platform: Option<&Platform>,
     cancel: &Cancel,
     out: &mut dyn FnMut(String),
@@ -238,10 +240,21 @@ pub fn push(
         state.store.resolve(&name),
         Err(isula_store::StoreError::ImageNotFound(_))
     ) && state.lists.exists(&name);
+    if let Some(note) = note.filter(|_| !listed || platform.is_some()) {
+        out(note);
+    }
     let digest = match (listed, platform) {
         (true, None) => state
             .lists
-            .push(&state.registry, &state.store, &name, &name, cancel, out)
+            .push(
+                &state.registry,
+                &state.store,
+                &name,
+                &name,
+                opts.compression,
+                cancel,
+                out,
+            )
             .map_err(failed)?,
         (true, Some(p)) => {
             let id = state

@@ -1,0 +1,75 @@
+//! What each stage of a push that compresses as it uploads costs on this machine: reads a
+//! layer tar (argument 1) and runs, alone, the parallel gzip (level 1 and 2), the parallel
+//! zstd (levels 1 and 3) and sha256, printing wall seconds, CPU seconds (this process, all
+//! threads) and output bytes. `cargo run --release -p isula-store --example compress_cost
+//! -- LAYER.tar`: the numbers behind README's "zstd" measurements.
+
+use std::io::{Read, Write};
+use std::time::Instant;
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of every thread of this process, from /proc (no unsafe here).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(") ").map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// Counts what is written.
+struct Count(u64);
+impl Write for Count {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn measure(name: &str, data: &[u8], run: impl FnOnce(&[u8]) -> std::io::Result<u64>) {
+    let (t, c) = (Instant::now(), cpu_seconds());
+    match run(data) {
+        Ok(out) => println!(
+            "{name:<24} {:6.2} s wall {:6.2} s CPU {:8.1} MB out",
+            t.elapsed().as_secs_f64(),
+            cpu_seconds() - c,
+            out as f64 / 1e6
+        ),
+        Err(e) => println!("{name:<24} failed: {e}"),
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let path = std::env::args()
+        .nth(1)
+        .ok_or_else(|| std::io::Error::other("usage: compress_cost LAYER.tar"))?;
+    let mut data = Vec::new();
+    std::fs::File::open(&path)?.read_to_end(&mut data)?;
+    println!("{path}: {:.1} MB", data.len() as f64 / 1e6);
+    for level in [1, 2] {
+        measure(&format!("gzip level {level}"), &data, |d| {
+            let mut gz =
+                isula_store::pgzip::ParallelGzip::new(Count(0), flate2::Compression::new(level))?;
+            gz.write_all(d)?;
+            Ok(gz.finish()?.0)
+        });
+    }
+    for level in [1, 3] {
+        measure(&format!("zstd level {level}"), &data, |d| {
+            let mut z = isula_store::compression::parallel_zstd(Count(0), level)?;
+            z.write_all(d)?;
+            Ok(z.finish()?.0)
+        });
+    }
+    measure("sha256", &data, |d| {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(d);
+        Ok(h.len() as u64)
+    });
+    Ok(())
+}
