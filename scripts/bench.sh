@@ -8,6 +8,7 @@
 #                               peers = each workload beside buildah and BuildKit, interleaved,
 #                               WORKLOADS="copy run load save push pull" to pick some;
 #                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1;
+#                               BIN=DIR: the binaries in DIR, not a release build of this tree;
 #                               SETTLE=3 seconds without daemon CPU make it idle, SETTLE_MAX=600
 #                               seconds after which a daemon not idle fails the bench)
 # In the peers and cache parts, every timed run of ours is followed by a wait until our daemon
@@ -19,11 +20,16 @@ only() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
 files="${FILES:-20000}"
 mb="${MB:-400}"
 tck=$(getconf CLK_TCK)
-if ! built=$(cargo build --release --bins 2>&1); then
-    printf 'bench: cargo build --release --bins failed:\n%s\n' "$(tail -n 30 <<<"$built")" >&2
-    exit 1
+if [ -n "${BIN:-}" ]; then
+    # Binaries built elsewhere (another version, to compare against this one).
+    bin="$BIN"
+else
+    if ! built=$(cargo build --release --bins 2>&1); then
+        printf 'bench: cargo build --release --bins failed:\n%s\n' "$(tail -n 30 <<<"$built")" >&2
+        exit 1
+    fi
+    bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 fi
-bin="${CARGO_TARGET_DIR:-$PWD/target}/release"
 work=$(mktemp -d /var/tmp/isula-bench.XXXXXX)
 sock="unix://$work/isula_build.sock"
 daemon=""
