@@ -216,7 +216,7 @@ impl Plan {
             let mut by_dir: BTreeMap<&str, Vec<(&str, &LinkFrom)>> = BTreeMap::new();
             for (rel, from) in &self.links {
                 let (dir, _) = rel.rsplit_once('/').unwrap_or(("", rel.as_str()));
-                by_dir.entry(dir).or_default().push((rel, from));
+                by_dir.entry(dir).or_default().push((rel.as_str(), from));
             }
             for (dir, files) in by_dir {
                 let dir_path = if dir.is_empty() { "." } else { dir };
@@ -226,7 +226,7 @@ impl Plan {
                 let before = rustix::fs::fstat(&dfd).map_err(|e| format!("{dir_path}: {e}"))?;
                 for (rel, from) in files {
                     let src = match from {
-                        LinkFrom::Old => self.old.as_ref().map(|old| (old, *rel, None)),
+                        LinkFrom::Old => self.old.as_ref().map(|old| (old, rel, None)),
                         LinkFrom::Context(src_rel, ino) => self
                             .context
                             .as_ref()

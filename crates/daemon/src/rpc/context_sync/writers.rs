@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use tonic::Status;
 
 /// Chunks waiting for each writer, at most (a chunk is at most the client's 1 MiB).
-const LANE_JOBS: usize = 64;
+const LANE_JOBS: usize = 32;
 
 /// Writer threads: two at least (one makes a file while the other hashes), four at most.
 fn writers() -> usize {
