@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tonic::Status;
@@ -355,7 +354,15 @@ fn receive(
         },
     )?;
     // A new generation beside the last.
-    let generation = last.as_ref().map_or(1, |(n, _)| n + 1);
+    // Past every generation there is, used or not (one of another boot stays until no
+    // build reads it).
+    let generation = std::fs::read_dir(&base)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|g| g.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .map_or(1, |n| n + 1);
     let gen_dir = base.join(generation.to_string());
     let result = (|| {
         let tree = gen_dir.join("tree");
