@@ -592,7 +592,8 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         .map_err(|e| StoreError::io("create", &opts.work_dir, e))?;
     let _work = WorkDirGuard(opts.work_dir.clone());
     let lease = ctx.store.lease();
-    let record = (opts.cache != CacheMode::Off).then(|| ctx.store.cache().context_record(&opts.context));
+    let record =
+        (opts.cache != CacheMode::Off).then(|| ctx.store.cache().context_record(&opts.context));
     let hashes = std::sync::Mutex::new(match record {
         Some(r) if opts.synced_context => cache_key::ContextHashes::for_synced_tree(r, false),
         r => cache_key::ContextHashes::load(r),

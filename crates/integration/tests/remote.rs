@@ -683,7 +683,13 @@ fn paths_of(dir: &std::path::Path, ino: (u64, u64)) -> Vec<PathBuf> {
             continue;
         };
         if m.is_dir() {
-            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+            stack.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
         } else if (m.dev(), m.ino()) == ino {
             out.push(p);
         }
@@ -706,8 +712,11 @@ fn a_remote_copy_links_the_synced_files_and_makes_the_layer_a_local_copy_makes()
     std::fs::create_dir_all(ctx.join("src/sub")).expect("ctx");
     std::fs::write(ctx.join("src/a"), "one\n").expect("a");
     std::fs::write(ctx.join("src/sub/b"), "two\n").expect("b");
-    std::fs::set_permissions(ctx.join("src/sub/b"), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        ctx.join("src/sub/b"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
     std::fs::write(ctx.join("src/big"), noise(2, 7)).expect("big");
     std::fs::write(ctx.join("src/empty"), "").expect("empty");
     std::fs::create_dir_all(ctx.join("dup/in")).expect("dup");
@@ -734,16 +743,18 @@ fn a_remote_copy_links_the_synced_files_and_makes_the_layer_a_local_copy_makes()
     };
     let (remote_layers, local_layers) = (entries("r:1"), entries("l:1"));
     assert!(
-        remote_layers.iter().any(|e| e.0 == "x/in/d" && e.5 == b"dup\n"),
+        remote_layers
+            .iter()
+            .any(|e| e.0 == "x/in/d" && e.5 == b"dup\n"),
         "{remote_layers:?}"
     );
-    assert!(remote_layers == local_layers, "remote {remote_layers:?}\nlocal {local_layers:?}");
+    assert!(
+        remote_layers == local_layers,
+        "remote {remote_layers:?}\nlocal {local_layers:?}"
+    );
     // The synced files of step 1 are the layer's: a link each (the context's, and the
     // build's snapshot and layer).
-    let tree = generations(&d)
-        .pop()
-        .expect("a generation")
-        .join("tree");
+    let tree = generations(&d).pop().expect("a generation").join("tree");
     let a = std::fs::metadata(tree.join("src/a")).expect("a");
     let linked = paths_of(&d.data(), (a.dev(), a.ino()));
     assert!(
