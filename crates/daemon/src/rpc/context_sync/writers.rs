@@ -24,8 +24,63 @@ use std::path::Path;
 use std::sync::Mutex;
 use tonic::Status;
 
-/// Chunks waiting for each writer, at most (a chunk is at most the client's 1 MiB).
-const LANE_JOBS: usize = 32;
+/// Bytes received and not yet written, at most: the receiving side runs this far ahead of
+/// the writers (a directory's files go to one writer, so it must get past a directory to
+/// keep the others busy).
+const IN_FLIGHT: usize = 32 << 20;
+
+/// What the receiving side and the writers share: the bytes in flight, and the first
+/// failure.
+#[derive(Default)]
+struct Flow {
+    state: Mutex<FlowState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct FlowState {
+    bytes: usize,
+    failed: Option<Status>,
+}
+
+impl Flow {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlowState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until `n` more bytes may be in flight (or something failed: false).
+    fn reserve(&self, n: usize) -> bool {
+        let mut st = self.lock();
+        while st.failed.is_none() && st.bytes > 0 && st.bytes + n > IN_FLIGHT {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.bytes += n;
+        st.failed.is_none()
+    }
+
+    fn release(&self, n: usize) {
+        let mut st = self.lock();
+        st.bytes = st.bytes.saturating_sub(n);
+        self.changed.notify_all();
+    }
+
+    fn fail(&self, e: Status) {
+        let mut st = self.lock();
+        st.failed.get_or_insert(e);
+        self.changed.notify_all();
+    }
+
+    fn failed(&self) -> bool {
+        self.lock().failed.is_some()
+    }
+
+    fn first_failure(&self) -> Status {
+        self.lock()
+            .failed
+            .take()
+            .unwrap_or_else(|| Status::internal("a context writer stopped"))
+    }
+}
 
 /// Writer threads: two at least (one makes a file while the other hashes), four at most.
 fn writers() -> usize {
@@ -66,26 +121,18 @@ pub(super) fn receive_files(
     entries: &HashMap<&str, &ContextEntry>,
     mut next: impl FnMut() -> Result<ContextUpload, Status>,
 ) -> Result<Received, Status> {
-    let failed: Mutex<Option<Status>> = Mutex::new(None);
-    let fail = |e: Status| {
-        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
-        f.get_or_insert(e);
-    };
-    let first_failure = || {
-        failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_else(|| Status::internal("a context writer stopped"))
-    };
+    let flow = Flow::default();
+    let flow = &flow;
     std::thread::scope(|s| {
         let mut lanes = Vec::new();
         let mut threads = Vec::new();
         for i in 0..writers() {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(LANE_JOBS);
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
             let spawned = std::thread::Builder::new()
                 .name(format!("context-write-{i}"))
-                .spawn_scoped(s, move || write_lane(root, need, rx).map_err(fail));
+                .spawn_scoped(s, move || {
+                    write_lane(root, need, rx, flow).map_err(|e| flow.fail(e))
+                });
             match spawned {
                 Ok(t) => {
                     lanes.push(tx);
@@ -97,7 +144,7 @@ pub(super) fn receive_files(
                 Err(_) => break,
             }
         }
-        let fed = feed(need, entries, &mut next, &lanes, &failed);
+        let fed = feed(need, entries, &mut next, &lanes, flow);
         drop(lanes);
         let mut sums = vec![String::new(); need.len()];
         let mut stopped = false;
@@ -110,14 +157,14 @@ pub(super) fn receive_files(
                 }
                 Ok(Err(())) => stopped = true,
                 Err(_) => {
-                    fail(Status::internal("a context writer panicked"));
+                    flow.fail(Status::internal("a context writer panicked"));
                     stopped = true;
                 }
             }
         }
         // A writer's error first: a chunk it could not take is why the feed stopped.
         if stopped {
-            return Err(first_failure());
+            return Err(flow.first_failure());
         }
         let bytes = fed?;
         Ok(Received { bytes, sums })
@@ -125,13 +172,13 @@ pub(super) fn receive_files(
 }
 
 /// The receiving side: every chunk checked against what was asked, handed to a writer
-/// (all chunks of a file to the same one, files in turn). Returns the bytes received.
+/// (the files of a directory to the same one, directories in turn). Returns the bytes received.
 fn feed(
     need: &[String],
     entries: &HashMap<&str, &ContextEntry>,
     next: &mut impl FnMut() -> Result<ContextUpload, Status>,
-    lanes: &[std::sync::mpsc::SyncSender<Job>],
-    failed: &Mutex<Option<Status>>,
+    lanes: &[std::sync::mpsc::Sender<Job>],
+    flow: &Flow,
 ) -> Result<u64, Status> {
     let stopped = || Status::internal("a context writer stopped");
     let mut received = 0u64;
@@ -139,6 +186,7 @@ fn feed(
     // The file being received: its size so far, and its writer.
     let mut open: Option<(i64, usize)> = None;
     let mut lane_next = 0usize;
+    let mut lane_dir = "";
     while idx < need.len() {
         let m = next()?;
         if !m.entries.is_empty() || m.listed || !m.key.is_empty() {
@@ -167,7 +215,13 @@ fn feed(
                 .get(want.as_str())
                 .ok_or_else(|| Status::internal(format!("{want}: asked for, not listed")))?;
             let (size, lane) = open.unwrap_or_else(|| {
-                lane_next = (lane_next + 1) % lanes.len();
+                // A directory's files to one writer: making files in one directory takes
+                // its lock, so writers sharing one would only wait on each other.
+                let dir = want.rsplit_once('/').map_or("", |(d, _)| d);
+                if dir != lane_dir {
+                    lane_dir = dir;
+                    lane_next = (lane_next + 1) % lanes.len();
+                }
                 (0, lane_next)
             });
             let size = size + c.data.len() as i64;
@@ -196,9 +250,12 @@ fn feed(
             } else {
                 open = Some((size, lane));
             }
+            if !flow.reserve(job.data.len()) {
+                return Err(stopped());
+            }
             lanes[lane].send(job).map_err(|_| stopped())?;
         }
-        if failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+        if flow.failed() {
             return Err(stopped());
         }
     }
@@ -211,6 +268,7 @@ fn write_lane(
     root: &Root,
     need: &[String],
     jobs: std::sync::mpsc::Receiver<Job>,
+    flow: &Flow,
 ) -> Result<Vec<(usize, String)>, Status> {
     let mut done = Vec::new();
     // The directory of the last file made (files of a directory come together).
@@ -248,6 +306,7 @@ fn write_lane(
         f.write_all(&job.data)
             .map_err(|e| Status::internal(format!("write {path}: {e}")))?;
         *size += job.data.len() as i64;
+        flow.release(job.data.len());
         if let Some((listed, claimed)) = job.last {
             let (f, h, size) = file
                 .take()
