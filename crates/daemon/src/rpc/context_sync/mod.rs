@@ -354,6 +354,7 @@ fn receive(
         },
     )?;
     // A new generation beside the last.
+    let phase = isula_store::phase::Phase::start("context sync: make the tree");
     // Past every generation there is, used or not (one of another boot stays until no
     // build reads it).
     let generation = std::fs::read_dir(&base)
@@ -437,7 +438,9 @@ fn receive(
             kept.insert(e.path.clone(), k);
         }
         drop(dirs);
+        drop(phase);
         // The files asked for, as they arrive.
+        let mut phase = isula_store::phase::Phase::start("context sync: receive the files");
         let by_path: HashMap<&str, &ContextEntry> =
             entries.iter().map(|e| (e.path.as_str(), e)).collect();
         let got = writers::receive_files(&root, &need, &by_path, || next(inbox))?;
@@ -447,6 +450,9 @@ fn receive(
             }
         }
         let (received, files) = (got.bytes, need.len());
+        phase.add_bytes(received);
+        drop(phase);
+        let _phase = isula_store::phase::Phase::start("context sync: record the tree");
         for (path, mode, mtime) in dir_times.into_iter().rev() {
             let (pdir, name) = root
                 .parent(Path::new(&path), Resolve::InRoot, false)
@@ -475,7 +481,10 @@ fn receive(
         }
     };
     std::fs::write(base.join("owner"), owner).map_err(|e| io("write", &base, e))?;
+    let phase = isula_store::phase::Phase::start("context sync: remove the last tree");
     remove_unused(&base, Some(&generation.to_string()), Some(&state.store));
+    drop(phase);
+    let _phase = isula_store::phase::Phase::start("context sync: seed the content hashes");
     // Its own record, keyed by inode, size and mtime (a synced tree's files never change).
     seed_hashes(state, &gen_dir.join("tree"), &kept);
     bound(state, &hex);
