@@ -233,7 +233,7 @@ fn feed(
                 idx,
                 first: open.is_none(),
                 data: c.data,
-                last: c.done.then(|| {
+                last: c.done.then_some({
                     (
                         Listed {
                             size: e.size,
