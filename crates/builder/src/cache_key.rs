@@ -70,13 +70,15 @@ impl StatKey {
         }
     }
 
-    /// The key as the record keeps it: 128 bits of the SHA-256 of its fields.
-    fn id(&self) -> Id {
+    /// The key as the record keeps it: 128 bits of the SHA-256 of its fields (without the
+    /// ctime for a tree whose files never change in place: see [`ContextHashes::stable`]).
+    fn id(&self, stable: bool) -> Id {
         let mut h = sha2::Sha256::new();
         for v in [self.ino, self.size] {
             h.update(v.to_le_bytes());
         }
-        for v in [self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1] {
+        let ctime = if stable { (0, 0) } else { self.ctime };
+        for v in [self.mtime.0, self.mtime.1, ctime.0, ctime.1] {
             h.update(v.to_le_bytes());
         }
         short(h)
@@ -183,6 +185,11 @@ impl HashRecord {
 pub struct ContextHashes {
     record_path: Option<std::path::PathBuf>,
     record: HashRecord,
+    /// The context is a tree the daemon synced from a client: its files are never written
+    /// nor changed in place (a changed file is a new inode in a new tree, with a record of
+    /// its own), so a file's inode, size and mtime say its content, and its ctime, which a
+    /// hard link to it changes (a COPY's layer sharing it), is left out.
+    stable: bool,
     /// Files read and hashed this build (for tests and benchmarks).
     pub hashed: usize,
 }
@@ -197,8 +204,26 @@ impl ContextHashes {
         ContextHashes {
             record_path,
             record,
+            stable: false,
             hashed: 0,
         }
+    }
+
+    /// The record of a tree the daemon synced (see [`ContextHashes::stable`]); `fresh`: the
+    /// tree was just made, and what a record at its path says is of an earlier one.
+    pub fn for_synced_tree(record_path: std::path::PathBuf, fresh: bool) -> ContextHashes {
+        let mut h = if fresh {
+            ContextHashes {
+                record_path: Some(record_path),
+                record: HashRecord::default(),
+                stable: false,
+                hashed: 0,
+            }
+        } else {
+            ContextHashes::load(Some(record_path))
+        };
+        h.stable = true;
+        h
     }
 
     /// Writes the record back when a file had to be read (else it says nothing new).
@@ -222,7 +247,7 @@ impl ContextHashes {
     /// The content hash of `rel` as recorded, if its stat still matches.
     pub fn known(&self, rel: &str, st: &rustix::fs::Stat) -> Option<Sha> {
         let (k, h) = self.record.files.get(&path_id(rel))?;
-        (*k == StatKey::of(st).id()).then_some(*h)
+        (*k == StatKey::of(st).id(self.stable)).then_some(*h)
     }
 
     /// Records that `rel`, with the stat `st` now, holds content of SHA-256 `sum`, known
@@ -236,7 +261,10 @@ impl ContextHashes {
     fn note(&mut self, rel: &str, key: Option<&StatKey>, sum: Sha) {
         self.hashed += 1;
         match key {
-            Some(k) => self.record.files.insert(path_id(rel), (k.id(), sum)),
+            Some(k) => self
+                .record
+                .files
+                .insert(path_id(rel), (k.id(self.stable), sum)),
             None => self.record.files.remove(&path_id(rel)),
         };
     }

@@ -95,6 +95,11 @@ pub struct BuildOptions {
     pub build_id: String,
     pub dockerfile: String,
     pub context: PathBuf,
+    /// The context is a tree the daemon synced from a client (SyncContext), whose files are
+    /// never written nor changed in place: a COPY may hard-link them into its layer where
+    /// the layer's file would have the same owner, mode and mtime, and their content hashes
+    /// are kept by inode, size and mtime (a link changes the ctime).
+    pub synced_context: bool,
     pub build_args: Vec<(String, String)>,
     pub tags: Vec<Reference>,
     /// Normalised capability names.
@@ -600,9 +605,12 @@ pub fn build(ctx: &mut Context<'_>, opts: &BuildOptions) -> Result<Built, BuildE
         .map_err(|e| StoreError::io("create", &opts.work_dir, e))?;
     let _work = WorkDirGuard(opts.work_dir.clone());
     let lease = ctx.store.lease();
-    let hashes = std::sync::Mutex::new(cache_key::ContextHashes::load(
-        (opts.cache != CacheMode::Off).then(|| ctx.store.cache().context_record(&opts.context)),
-    ));
+    let record =
+        (opts.cache != CacheMode::Off).then(|| ctx.store.cache().context_record(&opts.context));
+    let hashes = std::sync::Mutex::new(match record {
+        Some(r) if opts.synced_context => cache_key::ContextHashes::for_synced_tree(r, false),
+        r => cache_key::ContextHashes::load(r),
+    });
     let used_cache_mounts = std::sync::Mutex::new(std::collections::BTreeSet::new());
     let materials = std::sync::Mutex::new(Vec::new());
     let result = schedule::build_stages(

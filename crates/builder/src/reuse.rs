@@ -7,6 +7,13 @@
 //! is unmounted, a link to the old one is made in its place and its directory's mtime put
 //! back, so the step's upper directory is exactly what a full copy makes. Each COPY snapshot keeps a note of what it wrote (`copied.json`) for the next
 //! version.
+//!
+//! A COPY from a context the daemon synced (whose files are never written nor changed in
+//! place: `BuildOptions::synced_context`) links the context's own file the same way where
+//! the layer's file would be exactly it: same owner, mode and mtime (a link shares the
+//! inode's metadata), and in no layer yet (a link count of one), so that no two paths of a
+//! layer, nor of the squash of a stage's steps, share an inode a copy would not share. A
+//! changed context file is a new inode in a new tree, so the layer never changes with it.
 
 use crate::cache_key::{ContextHashes, Sha};
 use isula_sys::rooted::{Resolve, Root};
@@ -39,6 +46,8 @@ pub struct Reuse<'a> {
     hashes: &'a ContextHashes,
     /// The previous version's diff directory and what it wrote.
     old: Option<(Root, HashMap<String, Fact>)>,
+    /// The synced context the files come from, whose files may be linked.
+    context: Option<Root>,
     /// The step's rootfs mount (its real path), to name destinations in the upper directory.
     mount: PathBuf,
     plan: Plan,
@@ -48,17 +57,31 @@ pub struct Reuse<'a> {
 #[derive(Default)]
 pub struct Plan {
     old: Option<Root>,
+    context: Option<Root>,
     facts: BTreeMap<String, Fact>,
-    links: std::collections::BTreeSet<String>,
+    /// Each destination to link, and from where.
+    links: BTreeMap<String, LinkFrom>,
+    /// The inodes (device, inode) linked: each at one destination only.
+    inodes: std::collections::HashSet<(u64, u64)>,
+}
+
+/// Where a planned link comes from.
+enum LinkFrom {
+    /// The previous version's file at the same destination.
+    Old,
+    /// The context's file at this path, which must still be this inode.
+    Context(String, (u64, u64)),
 }
 
 impl<'a> Reuse<'a> {
     /// `old_diff`/`old_note`: the previous version's snapshot and its note, when there is
-    /// one; `mount`: where the step's rootfs is mounted.
+    /// one; `mount`: where the step's rootfs is mounted; `context`: the synced context the
+    /// files come from, whose files may be linked (None: a context the client may change).
     pub fn new(
         hashes: &'a ContextHashes,
         old: Option<(PathBuf, PathBuf)>,
         mount: &Path,
+        context: Option<&Path>,
     ) -> Reuse<'a> {
         let old = old.and_then(|(diff, note)| {
             let facts: HashMap<String, Fact> = std::fs::File::open(&note)
@@ -69,6 +92,7 @@ impl<'a> Reuse<'a> {
         Reuse {
             hashes,
             old,
+            context: context.and_then(|c| Root::open(c).ok()),
             mount: std::fs::canonicalize(mount).unwrap_or_else(|_| mount.to_path_buf()),
             plan: Plan::default(),
         }
@@ -94,7 +118,8 @@ impl<'a> Reuse<'a> {
     }
 
     /// A regular file the copy is about to write: notes what it will be, and says whether
-    /// the previous version has exactly it (then the caller leaves it to [`Plan::finish`]).
+    /// the previous version or the synced context has exactly it (then the caller leaves
+    /// it to [`Plan::finish`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn plan_file(
         &mut self,
@@ -106,38 +131,61 @@ impl<'a> Reuse<'a> {
         owner: (u32, u32),
         mtime: (i64, u32),
     ) -> bool {
-        let Some(sum) = self.hashes.known(src_rel, st) else {
+        let sum = self.hashes.known(src_rel, st);
+        // The context's file is what the layer's would be, and in no layer yet.
+        let context_has_it = self.context.is_some()
+            && st.st_nlink == 1
+            && (st.st_uid, st.st_gid) == owner
+            && st.st_mode & 0o7777 == mode
+            && (st.st_mtime, st.st_mtime_nsec as u32) == mtime;
+        if sum.is_none() && !context_has_it {
             return false;
-        };
+        }
         let Some(dest) = self.dest_rel(pdir, name) else {
             return false;
         };
-        let fact = Fact {
-            sha256: sum,
-            mode,
-            uid: owner.0,
-            gid: owner.1,
-            mtime,
-            size: st.st_size as u64,
-        };
-        let same = self.old.as_ref().is_some_and(|(root, facts)| {
-            facts.get(&dest) == Some(&fact) && old_file_is(root, &dest, fact.size)
-        });
-        if same {
-            self.plan.links.insert(dest.clone());
+        if let Some(sum) = sum {
+            let fact = Fact {
+                sha256: sum,
+                mode,
+                uid: owner.0,
+                gid: owner.1,
+                mtime,
+                size: st.st_size as u64,
+            };
+            let old_inode = self.old.as_ref().and_then(|(root, facts)| {
+                (facts.get(&dest) == Some(&fact))
+                    .then(|| old_file(root, &dest, fact.size))
+                    .flatten()
+            });
+            self.plan.facts.insert(dest.clone(), fact);
+            if let Some(ino) = old_inode {
+                if self.plan.inodes.insert(ino) {
+                    self.plan.links.insert(dest, LinkFrom::Old);
+                    return true;
+                }
+            }
         }
-        self.plan.facts.insert(dest, fact);
-        same
+        let ino = (st.st_dev, st.st_ino);
+        if context_has_it && self.plan.inodes.insert(ino) {
+            self.plan
+                .links
+                .insert(dest, LinkFrom::Context(src_rel.to_string(), ino));
+            return true;
+        }
+        false
     }
 
     pub fn into_plan(mut self) -> Plan {
         self.plan.old = self.old.map(|(root, _)| root);
+        self.plan.context = self.context;
         self.plan
     }
 }
 
-/// The old snapshot still holds a regular file of `size` bytes at `rel`.
-fn old_file_is(root: &Root, rel: &str, size: u64) -> bool {
+/// The inode (device, inode) of the regular file of `size` bytes the old snapshot still
+/// holds at `rel`, if it does.
+fn old_file(root: &Root, rel: &str, size: u64) -> Option<(u64, u64)> {
     root.open_at(
         Path::new(rel),
         Resolve::InRoot,
@@ -146,10 +194,11 @@ fn old_file_is(root: &Root, rel: &str, size: u64) -> bool {
     )
     .ok()
     .and_then(|fd| rustix::fs::fstat(&fd).ok())
-    .is_some_and(|st| {
+    .filter(|st| {
         rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
             && st.st_size as u64 == size
     })
+    .map(|st| (st.st_dev, st.st_ino))
 }
 
 impl Plan {
@@ -162,12 +211,12 @@ impl Plan {
     /// the copy left them out, keeps the mtimes of their directories, and writes the note
     /// of what this copy wrote to `note`.
     pub fn finish(self, upper: &Path, note: &Path) -> R<()> {
-        if let Some(old) = &self.old {
+        if !self.links.is_empty() {
             let up = Root::open(upper).map_err(|e| format!("{}: {e}", upper.display()))?;
-            let mut by_dir: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-            for rel in &self.links {
+            let mut by_dir: BTreeMap<&str, Vec<(&str, &LinkFrom)>> = BTreeMap::new();
+            for (rel, from) in &self.links {
                 let (dir, _) = rel.rsplit_once('/').unwrap_or(("", rel.as_str()));
-                by_dir.entry(dir).or_default().push(rel);
+                by_dir.entry(dir).or_default().push((rel.as_str(), from));
             }
             for (dir, files) in by_dir {
                 let dir_path = if dir.is_empty() { "." } else { dir };
@@ -175,8 +224,17 @@ impl Plan {
                     .dir(Path::new(dir_path), Resolve::InRoot, false)
                     .map_err(|e| format!("{dir_path}: {e}"))?;
                 let before = rustix::fs::fstat(&dfd).map_err(|e| format!("{dir_path}: {e}"))?;
-                for rel in files {
-                    link_one(old, &dfd, rel)?;
+                for (rel, from) in files {
+                    let src = match from {
+                        LinkFrom::Old => self.old.as_ref().map(|old| (old, rel, None)),
+                        LinkFrom::Context(src_rel, ino) => self
+                            .context
+                            .as_ref()
+                            .map(|c| (c, src_rel.as_str(), Some(*ino))),
+                    };
+                    let (root, src_rel, ino) =
+                        src.ok_or_else(|| format!("{rel}: nothing to link it from"))?;
+                    link_one(root, src_rel, ino, &dfd, rel)?;
                 }
                 let times = rustix::fs::Timestamps {
                     last_access: rustix::fs::Timespec {
@@ -200,19 +258,34 @@ impl Plan {
     }
 }
 
-/// Links the old snapshot's `rel` into `dir` (over a whiteout the copy left there).
-fn link_one(old: &Root, dir: &std::os::fd::OwnedFd, rel: &str) -> R<()> {
+/// Links `src_rel` of `from` (which must be inode `ino`, when given) as `rel` into `dir`,
+/// its directory (over a whiteout the copy left there).
+fn link_one(
+    from: &Root,
+    src_rel: &str,
+    ino: Option<(u64, u64)>,
+    dir: &std::os::fd::OwnedFd,
+    rel: &str,
+) -> R<()> {
     let name = Path::new(rel)
         .file_name()
         .ok_or_else(|| format!("{rel}: no file name"))?;
-    let src = old
+    let src = from
         .open_at(
-            Path::new(rel),
+            Path::new(src_rel),
             Resolve::InRoot,
             OFlags::PATH | OFlags::NOFOLLOW,
             Mode::empty(),
         )
-        .map_err(|e| format!("{rel}: {e}"))?;
+        .map_err(|e| format!("{src_rel}: {e}"))?;
+    if let Some(ino) = ino {
+        let st = rustix::fs::fstat(&src).map_err(|e| format!("{src_rel}: {e}"))?;
+        if (st.st_dev, st.st_ino) != ino
+            || rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+        {
+            return Err(format!("{src_rel}: the source changed while it was copied"));
+        }
+    }
     match rustix::fs::linkat(&src, "", dir.as_fd(), name, AtFlags::EMPTY_PATH) {
         Ok(()) => return Ok(()),
         Err(rustix::io::Errno::EXIST) => {}

@@ -192,8 +192,11 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
     let mut tcp = Vec::new();
     for t in &settings.tcp {
         let tls = t.tls.as_ref().map(server_tls).transpose()?;
+        // No Nagle delay on replies (a context sync's list of files it needs, each
+        // window update of a stream the client sends).
         let incoming = tonic::transport::server::TcpIncoming::bind(t.addr)
-            .map_err(|e| anyhow::anyhow!("binding tcp://{}: {e}", t.addr))?;
+            .map_err(|e| anyhow::anyhow!("binding tcp://{}: {e}", t.addr))?
+            .with_nodelay(Some(true));
         match &tls {
             Some(_) => tracing::info!(addr = %t.addr, "serving TCP with mutual TLS"),
             None => tracing::warn!(

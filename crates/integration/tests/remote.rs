@@ -35,6 +35,24 @@ fn remote(d: &Daemon, addr: &str, tls: &[String], args: &[&str]) -> std::process
     c.output().expect("isula-build")
 }
 
+/// Every generation directory of every context the daemon keeps.
+fn generations(d: &Daemon) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for c in std::fs::read_dir(d.data().join("contexts"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for g in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
+            if g.path().is_dir() {
+                v.push(g.path());
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -493,6 +511,11 @@ fn a_context_that_changes_while_it_is_sent_fails_clearly_and_keeps_the_last_one(
     std::fs::create_dir_all(&ctx).expect("ctx");
     std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nCOPY . /c/\n").expect("df");
     std::fs::write(ctx.join("grow"), "start\n").expect("grow");
+    // Small files sent in the same message as "grow" (before it, by name), so the batch
+    // that fails holds files the daemon has already made.
+    for i in 0..300 {
+        std::fs::write(ctx.join(format!("f{i:03}")), format!("small {i}\n")).expect("small");
+    }
     let ctx_s = ctx.display().to_string();
     // Positive control: a still context builds.
     let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "c:1", &ctx_s]);
@@ -529,8 +552,10 @@ fn a_context_that_changes_while_it_is_sent_fails_clearly_and_keeps_the_last_one(
         !tagged("2"),
         "no image from a half-sent context: {images:?}"
     );
-    // The last context the daemon kept is whole: the image from it still reads "start".
+    // The last context the daemon kept is whole: the image from it still reads "start",
+    // and the failed sync left no generation beside it.
     assert_eq!(d.image_text("c:1", "c/grow").as_deref(), Some("start"));
+    assert_eq!(generations(&d).len(), 1, "{:?}", generations(&d));
     let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "c:3", &ctx_s]);
     assert!(o.status.success(), "{}", text(&o));
     let grown = std::fs::read(ctx.join("grow")).expect("grow");
@@ -560,21 +585,14 @@ fn a_client_that_goes_away_mid_context_leaves_nothing_behind() {
     // Positive control: a whole sync keeps one generation of this client's context.
     let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "g:1", &ctx_s]);
     assert!(o.status.success(), "{}", text(&o));
-    let contexts = d.data().join("contexts");
-    let tree_of = || -> Vec<PathBuf> {
-        let mut v = Vec::new();
-        for c in std::fs::read_dir(&contexts).into_iter().flatten().flatten() {
-            for g in std::fs::read_dir(c.path()).into_iter().flatten().flatten() {
-                if g.path().is_dir() {
-                    v.push(g.path());
-                }
-            }
-        }
-        v.sort();
-        v
-    };
+    let tree_of = || generations(&d);
     let before = tree_of();
     assert_eq!(before.len(), 1, "{before:?}");
+    // Small files sent in the same message as the first chunk of "big" (before it, by
+    // name): made by the daemon before the client is killed.
+    for i in 0..500 {
+        std::fs::write(ctx.join(format!("a{i:03}")), format!("small {i}\n")).expect("small");
+    }
     // A file big enough that the client is still sending it when it is killed.
     let big = std::fs::File::create(ctx.join("big")).expect("big");
     big.set_len(3 << 30).expect("sparse 3 GiB");
@@ -653,4 +671,170 @@ fn a_client_may_keep_only_so_many_uploads_waiting() {
     std::fs::remove_dir_all(&waiting).expect("rm");
     let o = load();
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// Every path under `dir` that is the inode `ino` (device, inode).
+fn paths_of(dir: &std::path::Path, ino: (u64, u64)) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.is_dir() {
+            stack.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        } else if (m.dev(), m.ino()) == ino {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_remote_copy_links_the_synced_files_and_makes_the_layer_a_local_copy_makes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !require_root() || !require_tool("openssl") {
+        return;
+    }
+    let pki = Pki::new();
+    pki.sign("ca", "builder", "builder", CLIENT);
+    let (d, addr) = tls_daemon(&pki);
+    let tls = pki.client("builder");
+    let ctx = d.dir.path().join("linked");
+    std::fs::create_dir_all(ctx.join("src/sub")).expect("ctx");
+    std::fs::write(ctx.join("src/a"), "one\n").expect("a");
+    std::fs::write(ctx.join("src/sub/b"), "two\n").expect("b");
+    std::fs::set_permissions(
+        ctx.join("src/sub/b"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    std::fs::write(ctx.join("src/big"), noise(2, 7)).expect("big");
+    std::fs::write(ctx.join("src/empty"), "").expect("empty");
+    std::fs::create_dir_all(ctx.join("dup/in")).expect("dup");
+    std::fs::write(ctx.join("dup/in/d"), "dup\n").expect("d");
+    // Linked: /c/ (step 1). Copied: a file again in a later step (src/a is in a layer
+    // then), with another mode (a link would share the mode), and dup/in/d at its second
+    // place in one step (the first links it).
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nCOPY src/ /c/\nCOPY src/a /twice/a\nCOPY --chmod=600 src/sub/b /own/b\nCOPY dup/in dup/ /x/\n",
+    )
+    .expect("df");
+    let ctx_s = ctx.display().to_string();
+    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "r:1", &ctx_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The oracle: the same build from the local socket, copying (no cache: nothing of
+    // the remote build is reused).
+    d.ok(&["ctr-img", "build", "--no-cache", "-t", "l:1", &ctx_s]);
+    let entries = |img: &str| {
+        let (e, _) = d.layer_entries(img);
+        e.into_iter()
+            .map(|e| (e.path, e.mode, e.uid, e.gid, e.mtime, e.content))
+            .collect::<Vec<_>>()
+    };
+    let (remote_layers, local_layers) = (entries("r:1"), entries("l:1"));
+    assert!(
+        remote_layers
+            .iter()
+            .any(|e| e.0 == "x/in/d" && e.5 == b"dup\n"),
+        "{remote_layers:?}"
+    );
+    assert!(
+        remote_layers == local_layers,
+        "remote {remote_layers:?}\nlocal {local_layers:?}"
+    );
+    // The synced files of step 1 are the layer's: a link each (the context's, and the
+    // build's snapshot and layer).
+    let tree = generations(&d).pop().expect("a generation").join("tree");
+    let a = std::fs::metadata(tree.join("src/a")).expect("a");
+    let linked = paths_of(&d.data(), (a.dev(), a.ino()));
+    assert!(
+        linked.iter().any(|p| p.ends_with("c/a")) && linked.len() >= 2,
+        "{linked:?}"
+    );
+    assert!(
+        linked.iter().all(|p| !p.ends_with("twice/a")),
+        "src/a in two steps' layers is two files: {linked:?}"
+    );
+    let b = std::fs::metadata(tree.join("src/sub/b")).expect("b");
+    let linked_b = paths_of(&d.data(), (b.dev(), b.ino()));
+    assert!(
+        linked_b.iter().all(|p| !p.ends_with("own/b")),
+        "another mode is a copy: {linked_b:?}"
+    );
+    let dup = std::fs::metadata(tree.join("dup/in/d")).expect("d");
+    let linked_d = paths_of(&d.data(), (dup.dev(), dup.ino()));
+    // Linked at one of its two places only.
+    assert!(
+        linked_d.iter().any(|p| p.ends_with("x/d"))
+            != linked_d.iter().any(|p| p.ends_with("x/in/d")),
+        "{linked_d:?}"
+    );
+    // The client changes src/a: the next sync makes it a new inode; the layers keep theirs.
+    std::fs::write(ctx.join("src/a"), "ONE\n").expect("a");
+    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "r:2", &ctx_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    let layer_copies: Vec<&PathBuf> = linked
+        .iter()
+        .filter(|p| !p.starts_with(d.data().join("contexts")))
+        .collect();
+    assert!(!layer_copies.is_empty(), "{linked:?}");
+    for p in layer_copies {
+        assert_eq!(
+            std::fs::read_to_string(p).expect("layer file"),
+            "one\n",
+            "{}",
+            p.display()
+        );
+    }
+    assert_eq!(d.image_text("r:2", "c/a").as_deref(), Some("ONE"));
+    assert_eq!(d.image_text("r:1", "c/a").as_deref(), Some("one"));
+    // An unchanged rebuild after the links (which change the files' ctime) reads nothing
+    // and hits every step.
+    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "r:3", &ctx_s]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert_eq!(sent(&out), (0, 0), "{out}");
+    assert_eq!(cached_steps(&out).len(), 4, "{out}");
+}
+
+#[test]
+fn a_context_synced_in_another_boot_is_sent_again() {
+    if !require_root() || !require_tool("openssl") {
+        return;
+    }
+    let pki = Pki::new();
+    pki.sign("ca", "builder", "builder", CLIENT);
+    let (d, addr) = tls_daemon(&pki);
+    let tls = pki.client("builder");
+    let ctx = d.dir.path().join("booted");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nCOPY f g /c/\n").expect("df");
+    std::fs::write(ctx.join("f"), "f\n").expect("f");
+    std::fs::write(ctx.join("g"), "g\n").expect("g");
+    let ctx_s = ctx.display().to_string();
+    let build = |tag: &str| {
+        let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", tag, &ctx_s]);
+        let out = text(&o);
+        assert!(o.status.success(), "{out}");
+        sent(&out)
+    };
+    assert_eq!(build("b:1"), (2, 4));
+    // Positive control: in the same boot, an unchanged context is not sent again.
+    assert_eq!(build("b:2"), (0, 0));
+    // Its files were never fsynced: after a power cut (another boot) they are not trusted.
+    let gens = generations(&d);
+    assert_eq!(gens.len(), 1, "{gens:?}");
+    std::fs::write(gens[0].join("boot"), "00000000-0000-0000-0000-000000000000").expect("boot");
+    assert_eq!(build("b:3"), (2, 4));
+    assert_eq!(generations(&d).len(), 1, "the untrusted one went");
 }

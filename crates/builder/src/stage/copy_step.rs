@@ -331,7 +331,7 @@ impl StageRun<'_, '_> {
                         .map_err(|e| step_err(n, step, e));
                 };
                 // Files the previous version of this step wrote exactly so are linked;
-                // with --no-cache nothing is reused, but what this copy wrote is noted.
+                // with --no-cache nothing of it is reused, but what this copy wrote is noted.
                 let cache = self.ctx.store.cache();
                 let reuse_old = self.opts.cache == CacheMode::On;
                 let old = reuse_old.then(|| cache.latest_of_lineage(lineage, self.lease));
@@ -342,7 +342,13 @@ impl StageRun<'_, '_> {
                     )
                 });
                 let hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
-                let mut reuse = crate::reuse::Reuse::new(&hashes, old, &self.dir.join("rootfs"));
+                // A synced context's files may be linked too.
+                let synced = self
+                    .opts
+                    .synced_context
+                    .then_some(self.opts.context.as_path());
+                let mut reuse =
+                    crate::reuse::Reuse::new(&hashes, old, &self.dir.join("rootfs"), synced);
                 copy::copy(&src, &c.sources, root, &dest, &opts, Some(&mut reuse))
                     .map_err(|e| step_err(n, step, e))?;
                 let plan = reuse.into_plan();

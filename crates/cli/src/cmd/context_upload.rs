@@ -5,7 +5,7 @@
 
 use super::Client;
 use anyhow::{bail, Context as _, Result};
-use isula_api::v1::{ContextEntry, ContextUpload};
+use isula_api::v1::{ContextChunk, ContextEntry, ContextUpload};
 use sha2::Digest as _;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -13,8 +13,13 @@ use std::path::Path;
 
 /// Entries per message of the list.
 const BATCH: usize = 2000;
-/// Bytes per chunk of a file.
+/// Bytes per chunk of a large file.
 const CHUNK: usize = 1 << 20;
+/// Content bytes per message, about: small files go many to a message (one message and one
+/// round of the daemon's work per file made the first sync of many small files slow).
+const MESSAGE_BYTES: usize = 1 << 20;
+/// Files per message, at most (empty files cost the daemon a file each, and no bytes).
+const MESSAGE_FILES: usize = 1024;
 
 /// What a sync sent.
 pub struct Synced {
@@ -113,8 +118,10 @@ fn list(context: &Path, reach: &super::context_reach::Reach) -> Result<Vec<Conte
     Ok(out)
 }
 
-/// Sends the files `need` of `context` (with the size and mtime they were listed with):
-/// each in chunks, the last carrying its SHA-256. Returns the bytes sent.
+/// Sends the files `need` of `context` (with the size and mtime they were listed with), in
+/// the order asked: many small files to a message (up to [`MESSAGE_BYTES`] of content), a
+/// large one in chunks of [`CHUNK`]; each file's last chunk carries its SHA-256. Returns
+/// the bytes sent.
 fn send_files(
     context: &Path,
     need: &[String],
@@ -122,7 +129,7 @@ fn send_files(
     tx: &tokio::sync::mpsc::Sender<ContextUpload>,
 ) -> Result<u64> {
     let mut sent_bytes = 0u64;
-    let mut buf = vec![0u8; CHUNK];
+    let mut batch = Batch::default();
     for path in need {
         let (size, mtime) = *listed.get(path).ok_or_else(|| {
             anyhow::anyhow!("the daemon asked for {path:?}, which was not listed")
@@ -143,29 +150,42 @@ fn send_files(
         let mut h = sha2::Sha256::new();
         let mut read = 0i64;
         loop {
-            let n = f
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", full.display()))?;
-            h.update(&buf[..n]);
-            read += n as i64;
-            sent_bytes += n as u64;
-            let last = n == 0 || read >= size;
-            if read > size {
+            // The file's next chunk: up to CHUNK bytes, all of a small file, read in full
+            // (one byte past the listed size tells a file that grew).
+            let want = ((size - read).max(0) as usize).min(CHUNK);
+            let mut data = vec![0u8; want + usize::from(want < CHUNK)];
+            let mut n = 0;
+            while n < data.len() {
+                let got = f
+                    .read(&mut data[n..])
+                    .with_context(|| format!("reading {}", full.display()))?;
+                if got == 0 {
+                    break;
+                }
+                n += got;
+            }
+            if n != want {
+                // Longer or shorter than listed.
                 return Err(changed());
             }
-            let mut m = ContextUpload {
+            data.truncate(n);
+            h.update(&data);
+            read += n as i64;
+            sent_bytes += n as u64;
+            let last = read >= size;
+            let mut chunk = ContextChunk {
                 path: path.clone(),
-                data: buf[..n].to_vec(),
+                data,
                 ..Default::default()
             };
             if last {
                 if !same(&f.metadata()?) {
                     return Err(changed());
                 }
-                m.done = true;
-                m.sha256 = hex::encode(std::mem::take(&mut h).finalize());
+                chunk.done = true;
+                chunk.sha256 = hex::encode(std::mem::take(&mut h).finalize());
             }
-            if tx.blocking_send(m).is_err() {
+            if !batch.push(chunk, tx) {
                 // The daemon ended the call: its reply says why.
                 return Ok(sent_bytes);
             }
@@ -174,7 +194,40 @@ fn send_files(
             }
         }
     }
+    batch.flush(tx);
     Ok(sent_bytes)
+}
+
+/// Chunks gathered into one message.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<ContextChunk>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Adds `chunk`, sending the message once it holds enough; false if the daemon ended
+    /// the call.
+    fn push(&mut self, chunk: ContextChunk, tx: &tokio::sync::mpsc::Sender<ContextUpload>) -> bool {
+        self.bytes += chunk.data.len() + chunk.path.len() + 80;
+        self.chunks.push(chunk);
+        if self.bytes >= MESSAGE_BYTES || self.chunks.len() >= MESSAGE_FILES {
+            return self.flush(tx);
+        }
+        true
+    }
+
+    fn flush(&mut self, tx: &tokio::sync::mpsc::Sender<ContextUpload>) -> bool {
+        if self.chunks.is_empty() {
+            return true;
+        }
+        self.bytes = 0;
+        let m = ContextUpload {
+            chunks: std::mem::take(&mut self.chunks),
+            ..Default::default()
+        };
+        tx.blocking_send(m).is_ok()
+    }
 }
 
 /// Sends `context` (absolute) to the daemon; returns the context's ID there.

@@ -336,6 +336,7 @@ async fn run_inner(
     }
     // A context sent over the connection (SyncContext), held while the build reads it; or
     // a directory of this machine, for a local client.
+    let synced_context = req.context_dir.starts_with("context:");
     let (context, context_lock) = match req.context_dir.strip_prefix("context:") {
         Some(id) => {
             let (dir, lock) = crate::rpc::context_sync::open(&state, id, &caller.owner)?;
@@ -527,6 +528,7 @@ async fn run_inner(
         build_id: req.build_id.clone(),
         dockerfile: req.file_content.clone(),
         context,
+        synced_context,
         build_args,
         tags,
         cap_add,

@@ -9,13 +9,17 @@
 //! <dataroot>/contexts/<hex>/         one per client and key (hex: SHA-256 of both)
 //! ├── owner                          who may use it
 //! ├── <generation>/tree/             a complete context, never written again
+//! ├── <generation>/boot              the boot that wrote it (see [`trusted`])
 //! ├── <generation>/manifest.json     its entries: path, mode, size, mtime, SHA-256
 //! └── <generation>/lock              shared by each build that reads it
 //! ```
 //!
 //! A new generation is made beside the last one (unchanged files are hard links to it) and
 //! takes its place only when complete: a client that goes away or sends a file that changed
-//! leaves the last one as it was and nothing else. Older generations go when no build reads
+//! leaves the last one as it was and nothing else. Files arrive many to a message and are
+//! made by a few threads ([`writers`]). No file of a tree is ever written or changed in
+//! place once made (a changed file is a new inode in the next generation), so a build may
+//! hard-link them into a COPY's layer (`BuildOptions::synced_context`). Older generations go when no build reads
 //! them. At most [`CONTEXTS_MAX`] contexts are kept (the least recently synced go first);
 //! `builder du` shows them and `builder prune` removes them.
 
@@ -26,10 +30,11 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tonic::Status;
+
+mod writers;
 
 /// Contexts kept, at most: past it the least recently synced one goes.
 pub const CONTEXTS_MAX: usize = 64;
@@ -95,6 +100,11 @@ pub fn open(
     let gen_dir = base.join(generation);
     let lock = isula_sys::lock::FileLock::try_shared(&gen_dir.join("lock"))
         .map_err(|_| Status::not_found(format!("context {id} is gone (sync it again)")))?;
+    if !trusted(&gen_dir) {
+        return Err(Status::not_found(format!(
+            "context {id} was synced before this machine restarted (sync it again)"
+        )));
+    }
     Ok((gen_dir.join("tree"), lock))
 }
 
@@ -344,7 +354,16 @@ fn receive(
         },
     )?;
     // A new generation beside the last.
-    let generation = last.as_ref().map_or(1, |(n, _)| n + 1);
+    let phase = isula_store::phase::Phase::start("context sync: make the tree");
+    // Past every generation there is, used or not (one of another boot stays until no
+    // build reads it).
+    let generation = std::fs::read_dir(&base)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|g| g.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .map_or(1, |n| n + 1);
     let gen_dir = base.join(generation.to_string());
     let result = (|| {
         let tree = gen_dir.join("tree");
@@ -354,15 +373,13 @@ fn receive(
             .as_ref()
             .and_then(|(_, g)| Root::open(&g.join("tree")).ok());
         let mut kept: BTreeMap<String, Kept> = BTreeMap::new();
-        let mut received = 0u64;
         let needed: std::collections::HashSet<&str> = need.iter().map(String::as_str).collect();
         // Directories get their times once everything in them is made.
         let mut dir_times = Vec::new();
+        // The directory of the last entry, here and in the last generation (entries of a
+        // directory come together): resolved once for all of them.
+        let mut dirs = Dirs::default();
         for e in &entries {
-            let (pdir, name) = root
-                .parent(Path::new(&e.path), Resolve::InRoot, false)
-                .map_err(|err| Status::internal(format!("{}: {err}", e.path)))?;
-            let pdir = std::os::fd::AsFd::as_fd(&pdir);
             let mtime = (
                 e.mtime_ns.div_euclid(1_000_000_000),
                 e.mtime_ns.rem_euclid(1_000_000_000) as u32,
@@ -374,19 +391,24 @@ fn receive(
                 sha256: None,
                 link: None,
             };
+            let name = OsStr::new(e.path.rsplit_once('/').map_or(e.path.as_str(), |(_, n)| n));
             match e.mode & 0o170000 {
+                // Made as its content arrives.
+                0o100000 if needed.contains(e.path.as_str()) => {}
                 0o040000 => {
-                    rooted::mkdir(pdir, &name, 0o700)
+                    let pdir = dirs.here(&root, &e.path)?;
+                    rooted::mkdir(pdir, name, 0o700)
                         .map_err(|err| Status::internal(err.to_string()))?;
                     dir_times.push((e.path.clone(), e.mode & 0o7777, mtime));
                 }
                 0o120000 => {
-                    rooted::symlink(OsStr::new(&e.link_target), pdir, &name)
+                    let pdir = dirs.here(&root, &e.path)?;
+                    rooted::symlink(OsStr::new(&e.link_target), pdir, name)
                         .map_err(|err| Status::internal(err.to_string()))?;
-                    let _ = rooted::set_times(pdir, &name, mtime);
+                    let _ = rooted::set_times(pdir, name, mtime);
                     k.link = Some(e.link_target.clone());
                 }
-                0o100000 if !needed.contains(e.path.as_str()) => {
+                0o100000 => {
                     // Unchanged since the last sync: the same file.
                     let (Some(lr), Some(old)) = (&last_root, prev.get(&e.path)) else {
                         return Err(Status::internal(format!(
@@ -394,21 +416,20 @@ fn receive(
                             e.path
                         )));
                     };
-                    let (lpdir, lname) = lr
-                        .parent(Path::new(&e.path), Resolve::InRoot, false)
-                        .map_err(|err| Status::internal(format!("{}: {err}", e.path)))?;
-                    rooted::hardlink(std::os::fd::AsFd::as_fd(&lpdir), &lname, pdir, &name)
+                    let (pdir, lpdir) = dirs.both(&root, lr, &e.path)?;
+                    rooted::hardlink(lpdir, name, pdir, name)
                         .map_err(|err| Status::internal(format!("{}: {err}", e.path)))?;
                     k.sha256 = old.sha256.clone();
                 }
-                0o100000 => {}
                 0o010000 => {
-                    rooted::mkfifo(pdir, &name, e.mode)
+                    let pdir = dirs.here(&root, &e.path)?;
+                    rooted::mkfifo(pdir, name, e.mode)
                         .map_err(|err| Status::internal(err.to_string()))?;
                 }
                 // A socket or device node: an empty file (what a COPY makes of it).
                 _ => {
-                    let f = rooted::create_file(pdir, &name, 0o600)
+                    let pdir = dirs.here(&root, &e.path)?;
+                    let f = rooted::create_file(pdir, name, 0o600)
                         .map_err(|err| Status::internal(err.to_string()))?;
                     rooted::set_owner_mode_times(&f, (0, 0), e.mode & 0o7777, mtime)
                         .map_err(|err| Status::internal(err.to_string()))?;
@@ -416,57 +437,22 @@ fn receive(
             }
             kept.insert(e.path.clone(), k);
         }
-        // The files asked for, in the order asked.
-        let mut files = 0usize;
+        drop(dirs);
+        drop(phase);
+        // The files asked for, as they arrive.
+        let mut phase = isula_store::phase::Phase::start("context sync: receive the files");
         let by_path: HashMap<&str, &ContextEntry> =
             entries.iter().map(|e| (e.path.as_str(), e)).collect();
-        for want in &need {
-            let e = by_path[want.as_str()];
-            let (pdir, name) = root
-                .parent(Path::new(want), Resolve::InRoot, false)
-                .map_err(|err| Status::internal(format!("{want}: {err}")))?;
-            let mut f = rooted::create_file(std::os::fd::AsFd::as_fd(&pdir), &name, 0o600)
-                .map_err(|err| Status::internal(format!("{want}: {err}")))?;
-            let mut h = sha2::Sha256::new();
-            let mut size = 0i64;
-            loop {
-                let m = next(inbox)?;
-                if m.path != *want {
-                    return Err(bad(format!(
-                        "expected the content of {want:?}, got {:?}",
-                        m.path
-                    )));
-                }
-                h.update(&m.data);
-                f.write_all(&m.data)
-                    .map_err(|err| io("write", Path::new(want), err))?;
-                size += m.data.len() as i64;
-                received += m.data.len() as u64;
-                if size > e.size {
-                    return Err(bad(format!("{want}: more bytes than its size {}", e.size)));
-                }
-                if m.done {
-                    let got = hex::encode(h.finalize());
-                    if got != m.sha256 || size != e.size {
-                        return Err(bad(format!(
-                            "{want} arrived as {size} bytes with SHA-256 {got}, the client said {} bytes, {}",
-                            e.size, m.sha256
-                        )));
-                    }
-                    let mtime = (
-                        e.mtime_ns.div_euclid(1_000_000_000),
-                        e.mtime_ns.rem_euclid(1_000_000_000) as u32,
-                    );
-                    rooted::set_owner_mode_times(&f, (0, 0), e.mode & 0o7777, mtime)
-                        .map_err(|err| Status::internal(err.to_string()))?;
-                    if let Some(k) = kept.get_mut(want) {
-                        k.sha256 = Some(got);
-                    }
-                    break;
-                }
+        let got = writers::receive_files(&root, &need, &by_path, || next(inbox))?;
+        for (path, sum) in need.iter().zip(got.sums) {
+            if let Some(k) = kept.get_mut(path) {
+                k.sha256 = Some(sum);
             }
-            files += 1;
         }
+        let (received, files) = (got.bytes, need.len());
+        phase.add_bytes(received);
+        drop(phase);
+        let _phase = isula_store::phase::Phase::start("context sync: record the tree");
         for (path, mode, mtime) in dir_times.into_iter().rev() {
             let (pdir, name) = root
                 .parent(Path::new(&path), Resolve::InRoot, false)
@@ -475,9 +461,14 @@ fn receive(
             rooted::chmod(pdir, &name, mode).map_err(|err| Status::internal(err.to_string()))?;
             let _ = rooted::set_times(pdir, &name, mtime);
         }
+        // Trusted in this boot only (see `trusted`): written before the manifest.
+        std::fs::write(gen_dir.join(BOOT), boot_id()).map_err(|e| io("write", &gen_dir, e))?;
         let manifest = serde_json::to_vec(&kept).map_err(|e| Status::internal(e.to_string()))?;
-        isula_store::metadata::write_atomic(&gen_dir.join("manifest.json"), &manifest)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        // Unsynced as the files are: it counts in this boot only.
+        isula_store::metadata::replace_unsynced(&gen_dir.join("manifest.json"), &mut |w| {
+            w.write_all(&manifest)
+        })
+        .map_err(|e| Status::internal(e.to_string()))?;
         std::fs::write(gen_dir.join("lock"), b"").map_err(|e| io("create", &gen_dir, e))?;
         Ok((received, files, kept))
     })();
@@ -490,19 +481,94 @@ fn receive(
         }
     };
     std::fs::write(base.join("owner"), owner).map_err(|e| io("write", &base, e))?;
+    let phase = isula_store::phase::Phase::start("context sync: remove the last tree");
     remove_unused(&base, Some(&generation.to_string()), Some(&state.store));
-    // After the last generation went (its unlinks change the shared files' ctime, which
-    // the record's stat keys include).
+    drop(phase);
+    let _phase = isula_store::phase::Phase::start("context sync: seed the content hashes");
+    // Its own record, keyed by inode, size and mtime (a synced tree's files never change).
     seed_hashes(state, &gen_dir.join("tree"), &kept);
     bound(state, &hex);
     Ok((format!("{hex}/{generation}"), received, files))
+}
+
+/// The directory of the last entry resolved, in the new generation and in the last one.
+#[derive(Default)]
+struct Dirs {
+    here: Option<(String, std::os::fd::OwnedFd)>,
+    last: Option<(String, std::os::fd::OwnedFd)>,
+}
+
+impl Dirs {
+    fn resolve<'a>(
+        slot: &'a mut Option<(String, std::os::fd::OwnedFd)>,
+        root: &Root,
+        path: &str,
+    ) -> Result<std::os::fd::BorrowedFd<'a>, Status> {
+        let parent = parent_of(path).unwrap_or("");
+        if slot.as_ref().is_none_or(|(d, _)| d != parent) {
+            let fd = if parent.is_empty() {
+                rustix::io::fcntl_dupfd_cloexec(root.fd(), 0).map_err(|e| e.to_string())
+            } else {
+                root.dir(Path::new(parent), Resolve::InRoot, false)
+                    .map_err(|e| e.to_string())
+            }
+            .map_err(|e| Status::internal(format!("{path}: {e}")))?;
+            *slot = Some((parent.to_string(), fd));
+        }
+        slot.as_ref()
+            .map(|(_, fd)| std::os::fd::AsFd::as_fd(fd))
+            .ok_or_else(|| Status::internal(format!("{path}: no directory")))
+    }
+
+    /// The directory `path` is in, in the new generation.
+    fn here(&mut self, root: &Root, path: &str) -> Result<std::os::fd::BorrowedFd<'_>, Status> {
+        Self::resolve(&mut self.here, root, path)
+    }
+
+    /// The same, and in the last generation.
+    fn both(
+        &mut self,
+        root: &Root,
+        last: &Root,
+        path: &str,
+    ) -> Result<(std::os::fd::BorrowedFd<'_>, std::os::fd::BorrowedFd<'_>), Status> {
+        let here = Self::resolve(&mut self.here, root, path)?;
+        let there = Self::resolve(&mut self.last, last, path)?;
+        Ok((here, there))
+    }
+}
+
+/// The file of a generation naming the boot that wrote it.
+const BOOT: &str = "boot";
+
+/// This boot of the machine (the kernel's random boot ID).
+fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// Whether generation directory `g` may be used: written whole (its manifest) in this
+/// boot. Its files were never fsynced (a context is a cache, asked for again at no cost
+/// but the wire): a daemon that stops or crashes loses no written page, a power cut or a
+/// kernel crash may, and that is a new boot. A generation of another boot is never used
+/// nor built from; the next sync sends every file again.
+fn trusted(g: &Path) -> bool {
+    let id = boot_id();
+    !id.is_empty()
+        && g.join("manifest.json").is_file()
+        && std::fs::read_to_string(g.join(BOOT)).is_ok_and(|b| b == id)
 }
 
 /// The builder's record of the tree's content hashes, from the SHA-256 each file was
 /// checked against (or had before): a build of it reads no file to make its keys.
 fn seed_hashes(state: &State, tree: &Path, kept: &BTreeMap<String, Kept>) {
     let record = state.store.cache().context_record(tree);
-    let mut hashes = isula_builder_core::cache_key::ContextHashes::load(Some(record));
+    // A new tree: whatever a record at its path says is of another tree.
+    let mut hashes = isula_builder_core::cache_key::ContextHashes::for_synced_tree(record, true);
     for (path, k) in kept {
         let Some(sum) = k.sha256.as_deref() else {
             continue;
@@ -518,17 +584,15 @@ fn seed_hashes(state: &State, tree: &Path, kept: &BTreeMap<String, Kept>) {
     hashes.save();
 }
 
-/// The newest complete generation of a context directory (one with its manifest).
+/// The newest complete generation of a context directory (one with its manifest, written
+/// in this boot: see [`trusted`]).
 fn last_generation(base: &Path) -> Option<(u64, PathBuf)> {
     std::fs::read_dir(base)
         .ok()?
         .flatten()
         .filter_map(|g| {
             let n: u64 = g.file_name().to_str()?.parse().ok()?;
-            g.path()
-                .join("manifest.json")
-                .is_file()
-                .then(|| (n, g.path()))
+            trusted(&g.path()).then(|| (n, g.path()))
         })
         .max_by_key(|(n, _)| *n)
 }
