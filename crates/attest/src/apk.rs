@@ -53,15 +53,17 @@ pub fn parse_installed<R: BufRead>(
             "m" => cur.supplier = Some(value).filter(|v| !v.is_empty()),
             "F" => {
                 dir = value;
-                owned.insert(format!("/{}", dir.trim_matches('/')));
+                crate::own(owned, format!("/{}", dir.trim_matches('/')))
+                    .map_err(|e| AttestError::bad_db(path, e))?;
             }
             "R" => {
                 let d = dir.trim_matches('/');
-                owned.insert(if d.is_empty() {
+                let file = if d.is_empty() {
                     format!("/{value}")
                 } else {
                     format!("/{d}/{value}")
-                });
+                };
+                crate::own(owned, file).map_err(|e| AttestError::bad_db(path, e))?;
             }
             _ => {}
         }

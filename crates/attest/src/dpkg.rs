@@ -133,7 +133,8 @@ pub fn parse_list<R: BufRead>(mut r: R, path: &Path, owned: &mut HashSet<String>
     while next_line(&mut r, &mut line, path)? {
         let p = line.trim_end_matches(['\n', '\r']);
         if p.starts_with('/') && p != "/." {
-            owned.insert(p.trim_end_matches('/').to_string());
+            crate::own(owned, p.trim_end_matches('/').to_string())
+                .map_err(|e| AttestError::bad_db(path, e))?;
         }
     }
     Ok(())
@@ -145,7 +146,8 @@ pub fn parse_md5sums<R: BufRead>(mut r: R, path: &Path, owned: &mut HashSet<Stri
     while next_line(&mut r, &mut line, path)? {
         let l = line.trim_end_matches(['\n', '\r']);
         if let Some((_, p)) = l.split_once("  ") {
-            owned.insert(format!("/{}", p.trim_start_matches('/')));
+            crate::own(owned, format!("/{}", p.trim_start_matches('/')))
+                .map_err(|e| AttestError::bad_db(path, e))?;
         }
     }
     Ok(())

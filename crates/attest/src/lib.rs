@@ -28,6 +28,33 @@ pub const SLSA_PROVENANCE_V1: &str = "https://slsa.dev/provenance/v1";
 /// The largest predicate a statement may carry (BuildKit's cap on an attestation file).
 pub const PREDICATE_MAX: u64 = 40 << 20;
 
+/// The most paths the package databases of one image may say they own (a large Fedora
+/// install owns about half a million): past it the SBOM is refused, not grown without
+/// bound by a database an image made up.
+pub const OWNED_MAX: usize = 1 << 22;
+/// The longest path a package database may name (Linux's PATH_MAX).
+pub const OWNED_PATH_MAX: usize = 4096;
+
+/// Records that a package owns `path`, within [`OWNED_MAX`] and [`OWNED_PATH_MAX`].
+pub(crate) fn own(
+    owned: &mut std::collections::HashSet<String>,
+    path: String,
+) -> std::result::Result<(), String> {
+    if path.len() > OWNED_PATH_MAX {
+        return Err(format!(
+            "a file path of {} bytes, over the limit of {OWNED_PATH_MAX}",
+            path.len()
+        ));
+    }
+    if owned.len() >= OWNED_MAX && !owned.contains(&path) {
+        return Err(format!(
+            "packages own more than {OWNED_MAX} files, the limit"
+        ));
+    }
+    owned.insert(path);
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AttestError {
     #[error("{op} {path}: {source}")]

@@ -45,18 +45,25 @@ fn open_in(root: &Root, rel: &str, flags: OFlags) -> Option<OwnedFd> {
     root.open_at(
         Path::new(rel),
         Resolve::InRoot,
-        flags | OFlags::CLOEXEC,
+        // Never blocks on a FIFO nor takes a terminal; callers check what they opened.
+        flags | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
         Mode::empty(),
     )
     .ok()
 }
 
-/// A regular file named `name` in the directory `dir`, never through a symlink.
+/// A regular file named `name` in the directory `dir`, never through a symlink. Anything
+/// else is not opened at all: an image's FIFO would block the open, and its device node
+/// is the host's device.
 fn open_file_at(dir: &OwnedFd, name: &str) -> Option<std::fs::File> {
+    let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return None;
+    }
     let fd = rustix::fs::openat(
         dir,
         name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
         Mode::empty(),
     )
     .ok()?;
@@ -100,12 +107,12 @@ fn read_os_release(root: &Root, inv: &mut Inventory) {
         let Some(fd) = open_in(root, p, OFlags::RDONLY) else {
             continue;
         };
+        let f = std::fs::File::from(fd);
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            continue;
+        }
         let mut text = String::new();
-        if std::fs::File::from(fd)
-            .take(64 << 10)
-            .read_to_string(&mut text)
-            .is_err()
-        {
+        if f.take(64 << 10).read_to_string(&mut text).is_err() {
             continue;
         }
         for line in text.lines() {
@@ -335,11 +342,15 @@ fn unowned_files(root: &Root, rootfs: &Path, owned: &HashSet<String>) -> Result<
                     .open_at(
                         Path::new(path.trim_start_matches('/')),
                         Resolve::NoSymlinks,
-                        OFlags::RDONLY | OFlags::CLOEXEC,
+                        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
                         Mode::empty(),
                     )
                     .map_err(|e| AttestError::io("open", &path, e.source))?;
-                hash_reader(std::fs::File::from(fd), &path)?
+                let f = std::fs::File::from(fd);
+                if !f.metadata().is_ok_and(|m| m.is_file()) {
+                    continue;
+                }
+                hash_reader(f, &path)?
             };
             out.push(UnownedFile { path, sha1, sha256 });
         }
@@ -449,6 +460,45 @@ mod tests {
         // Positive control: the same file inside the root is read.
         std::fs::remove_file(r.join("var/lib/dpkg/status")).expect("rm");
         std::fs::copy(&outside, r.join("var/lib/dpkg/status")).expect("copy");
+        assert_eq!(scan(&r, &scratch).expect("scan").packages.len(), 1);
+    }
+
+    #[test]
+    fn fifos_where_databases_and_files_go_are_neither_waited_on_nor_read() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let r = dir.path().join("root");
+        for d in ["var/lib/dpkg", "etc", "data"] {
+            std::fs::create_dir_all(r.join(d)).expect("mkdir");
+        }
+        // A FIFO nobody writes: an open for reading that waited would wait forever.
+        for f in ["var/lib/dpkg/status", "etc/os-release", "data/pipe"] {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                r.join(f),
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o644),
+                0,
+            )
+            .expect("mkfifo");
+        }
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir_all(&scratch).expect("scratch");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (root, s2) = (r.clone(), scratch.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(scan(&root, &s2).map(|i| (i.packages.len(), i.unowned.len())));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the scan waited on a FIFO");
+        assert_eq!(got.expect("scan"), (0, 0));
+        // Positive control: a regular status file in the same place is read.
+        std::fs::remove_file(r.join("var/lib/dpkg/status")).expect("rm");
+        std::fs::write(
+            r.join("var/lib/dpkg/status"),
+            "Package: a\nStatus: install ok installed\nVersion: 1\n",
+        )
+        .expect("status");
         assert_eq!(scan(&r, &scratch).expect("scan").packages.len(), 1);
     }
 }

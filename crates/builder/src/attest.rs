@@ -133,7 +133,7 @@ fn inventory(
     if lowers.is_empty() {
         return Ok(Default::default());
     }
-    let guard = isula_sys::mount::mount_overlay_ro(&lowers, &view, &empty)
+    let guard = isula_sys::mount::mount_overlay_ro_inert(&lowers, &view, &empty)
         .map_err(|e| BuildError::Invalid(format!("mounting the image for its SBOM: {e}")))?;
     let inv = isula_attest::scan::scan(&view, &scratch);
     drop(guard);

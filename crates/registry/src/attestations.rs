@@ -164,7 +164,11 @@ pub fn pull_attestations(
         });
     }
     let n = records.len();
-    store.set_attestations(id, records)?;
+    // An attestation manifest with no statement of ours says nothing: what the store
+    // already keeps for the image (say, from its build here) stays.
+    if n > 0 {
+        store.set_attestations(id, records)?;
+    }
     drop(lease);
     Ok(n)
 }

@@ -145,6 +145,26 @@ pub fn mount_overlay_ro(lowers: &[PathBuf], target: &Path, empty: &Path) -> Resu
     overlay(&all, None, target, &[], true)
 }
 
+/// [`mount_overlay_ro`] for reading an image's files as data only (its SBOM): no device
+/// node, set-id bit or program of the image takes effect through it.
+pub fn mount_overlay_ro_inert(
+    lowers: &[PathBuf],
+    target: &Path,
+    empty: &Path,
+) -> Result<MountGuard> {
+    let mut all = lowers.to_vec();
+    if all.len() < 2 {
+        all.push(empty.to_path_buf());
+    }
+    overlay(
+        &all,
+        None,
+        target,
+        &["nodev,nosuid,noexec".to_string()],
+        true,
+    )
+}
+
 fn overlay(
     lowers: &[PathBuf],
     upper: Option<(&Path, &Path)>,

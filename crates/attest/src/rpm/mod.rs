@@ -122,8 +122,10 @@ impl<'a> Header<'a> {
         match self.entry(tag) {
             None => Ok(Vec::new()),
             Some((TYPE_STRING_ARRAY | TYPE_STRING | TYPE_I18NSTRING, off, count)) => {
-                if count > self.data.len() {
-                    return Err(format!("tag {tag} has {count} strings"));
+                if count > self.data.len() || count > STRINGS_MAX {
+                    return Err(format!(
+                        "tag {tag} has {count} strings (the limit is {STRINGS_MAX})"
+                    ));
                 }
                 self.strings_at(off, count)
             }
@@ -148,6 +150,10 @@ impl<'a> Header<'a> {
         }
     }
 }
+
+/// The most strings one tag of a header may hold (a package of a million files is far
+/// beyond any real one; each string costs its allocation, whatever its length).
+const STRINGS_MAX: usize = 1 << 20;
 
 /// The package a header describes, adding the files it owns to `owned`. None: a
 /// `gpg-pubkey` pseudo-package (an imported key, not software).
@@ -185,10 +191,20 @@ pub fn package_of(
         let d = dirs
             .get(*i as usize)
             .ok_or_else(|| format!("DIRINDEXES names directory {i} of {}", dirs.len()))?;
-        owned.insert(format!("{d}{b}").trim_end_matches('/').to_string());
+        // Measured before it is made: a long directory name named by every file.
+        if d.len() + b.len() > crate::OWNED_PATH_MAX {
+            return Err(format!(
+                "{name}: a file path of {} bytes, over the limit of {}",
+                d.len() + b.len(),
+                crate::OWNED_PATH_MAX
+            ));
+        }
+        crate::own(owned, format!("{d}{b}").trim_end_matches('/').to_string())
+            .map_err(|e| format!("{name}: {e}"))?;
     }
     for f in h.strings(TAG_OLDFILENAMES)? {
-        owned.insert(f.trim_end_matches('/').to_string());
+        crate::own(owned, f.trim_end_matches('/').to_string())
+            .map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(Some(Package {
         name,
