@@ -20,8 +20,9 @@ use std::time::Duration;
 
 /// How much of a file one piece of its upload holds.
 const FILE_PIECE: usize = 1 << 20;
-/// Pieces waiting for the connection, per upload.
-const QUEUED: usize = 4;
+/// Pieces waiting for the connection, per upload (each up to 1 MiB: two keep the
+/// connection fed, and the daemon's peak within its 64 MB while it pushes).
+const QUEUED: usize = 2;
 /// How much of an answer's body is kept (the registry's error message).
 const ANSWER_MAX: usize = 4096;
 
