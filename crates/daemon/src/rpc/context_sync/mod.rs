@@ -11,7 +11,8 @@
 //! ├── <generation>/tree/             a complete context, never written again
 //! ├── <generation>/boot              the boot that wrote it (see [`trusted`])
 //! ├── <generation>/manifest.json     its entries: path, mode, size, mtime, SHA-256
-//! └── <generation>/lock              shared by each build that reads it
+//! └── <generation>/lock              shared by each build that reads it, held
+//!                                    exclusively by the sync that makes it
 //! ```
 //!
 //! A new generation is made beside the last one (unchanged files are hard links to it) and
@@ -141,30 +142,44 @@ pub fn prune(state: &State) -> u64 {
         .flatten()
         .flatten()
     {
-        freed += remove_unused(&e.path(), None, Some(&state.store));
-        // The whole context once no generation is left.
+        // Held while a sync of this context runs (it may be making a generation).
+        let idle = isula_sys::lock::FileLock::try_exclusive(&e.path().join(SYNC_LOCK)).ok();
+        freed += remove_unused(&e.path(), None, Some(&state.store), idle.is_none());
+        // The whole context once no generation is left, and no sync is under way.
         let left = std::fs::read_dir(e.path())
             .into_iter()
             .flatten()
             .flatten()
             .any(|g| g.path().is_dir());
-        if !left {
+        if !left && idle.is_some() {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
     freed
 }
 
-/// Removes the generations of context directory `base` but `keep` that no build reads.
-fn remove_unused(base: &Path, keep: Option<&str>, store: Option<&isula_store::Store>) -> u64 {
+/// Removes the generations of context directory `base` but `keep` that no build reads
+/// and no sync is making. `syncing`: a sync of this context (not the caller) may be under
+/// way, so a generation without its `lock` may be one it has only just begun; otherwise
+/// such a generation is what a sync that died left, and goes.
+fn remove_unused(
+    base: &Path,
+    keep: Option<&str>,
+    store: Option<&isula_store::Store>,
+    syncing: bool,
+) -> u64 {
     let mut freed = 0;
     for g in std::fs::read_dir(base).into_iter().flatten().flatten() {
         let name = g.file_name().to_string_lossy().to_string();
         if !g.path().is_dir() || Some(name.as_str()) == keep {
             continue;
         }
-        // Not while a build holds it (its lock is then taken elsewhere).
-        let Ok(_l) = isula_sys::lock::FileLock::try_exclusive(&g.path().join("lock")) else {
+        let lock = g.path().join("lock");
+        if syncing && !lock.exists() {
+            continue;
+        }
+        // Not while a build reads it or a sync makes it (its lock is then taken elsewhere).
+        let Ok(_l) = isula_sys::lock::FileLock::try_exclusive(&lock) else {
             continue;
         };
         let size = isula_store::cache::disk_usage(&g.path());
@@ -278,7 +293,7 @@ fn receive(
     std::fs::create_dir_all(&base).map_err(|e| io("create", &base, e))?;
     // One sync of a context at a time: a second (another target built from the same
     // directory at once) waits, then finds everything unchanged.
-    let _one = wait_exclusive(&base.join("sync.lock"))?;
+    let _one = wait_exclusive(&base.join(SYNC_LOCK))?;
     // The last complete generation, and what it holds.
     let last = last_generation(&base);
     let prev: BTreeMap<String, Kept> = last
@@ -365,6 +380,14 @@ fn receive(
         .max()
         .map_or(1, |n| n + 1);
     let gen_dir = base.join(generation.to_string());
+    // Held until the generation is complete: no prune takes it while it is being made.
+    let making = match begin_generation(&gen_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = isula_sys::rooted::remove_tree(&gen_dir);
+            return Err(e);
+        }
+    };
     let result = (|| {
         let tree = gen_dir.join("tree");
         std::fs::create_dir_all(&tree).map_err(|e| io("create", &tree, e))?;
@@ -469,7 +492,6 @@ fn receive(
             w.write_all(&manifest)
         })
         .map_err(|e| Status::internal(e.to_string()))?;
-        std::fs::write(gen_dir.join("lock"), b"").map_err(|e| io("create", &gen_dir, e))?;
         Ok((received, files, kept))
     })();
     let (received, files, kept) = match result {
@@ -480,9 +502,17 @@ fn receive(
             return Err(e);
         }
     };
+    // Complete: its lock now only keeps builds that read it, as any generation's.
+    drop(making);
     std::fs::write(base.join("owner"), owner).map_err(|e| io("write", &base, e))?;
     let phase = isula_store::phase::Phase::start("context sync: remove the last tree");
-    remove_unused(&base, Some(&generation.to_string()), Some(&state.store));
+    // This sync holds the context's sync lock: no other generation is being made.
+    remove_unused(
+        &base,
+        Some(&generation.to_string()),
+        Some(&state.store),
+        false,
+    );
     drop(phase);
     let _phase = isula_store::phase::Phase::start("context sync: seed the content hashes");
     // Its own record, keyed by inode, size and mtime (a synced tree's files never change).
@@ -616,8 +646,24 @@ fn bound(state: &State, keep: &str) {
     }
     all.sort();
     for (_, p) in all.iter().take(all.len() + 1 - CONTEXTS_MAX) {
-        remove_unused(p, None, Some(&state.store));
+        let idle = isula_sys::lock::FileLock::try_exclusive(&p.join(SYNC_LOCK)).ok();
+        remove_unused(p, None, Some(&state.store), idle.is_none());
     }
+}
+
+/// A context's lock, held by the one sync of it that runs.
+const SYNC_LOCK: &str = "sync.lock";
+
+/// Makes generation directory `gen_dir` with its `lock` held exclusively, for the sync to
+/// hold until the generation is complete. The lock is taken under another name and then
+/// renamed, so whoever finds `lock` in a generation being made finds it held.
+fn begin_generation(gen_dir: &Path) -> Result<isula_sys::lock::FileLock, Status> {
+    std::fs::create_dir_all(gen_dir).map_err(|e| io("create", gen_dir, e))?;
+    let taking = gen_dir.join("lock.new");
+    let lock = isula_sys::lock::FileLock::try_exclusive(&taking)
+        .map_err(|e| Status::internal(format!("lock the new context generation: {e}")))?;
+    std::fs::rename(&taking, gen_dir.join("lock")).map_err(|e| io("rename", &taking, e))?;
+    Ok(lock)
 }
 
 /// How long a sync waits for another sync of the same context.
@@ -649,4 +695,66 @@ fn send(out: &Outbox, r: ContextReply) -> Result<(), Status> {
 
 fn io(op: &str, p: &Path, e: std::io::Error) -> Status {
     Status::internal(format!("{op} {}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A finished generation: its tree and an unheld lock.
+    fn finished(base: &Path, n: &str) -> PathBuf {
+        let g = base.join(n);
+        std::fs::create_dir_all(g.join("tree")).expect("tree");
+        std::fs::write(g.join("tree/file"), b"x").expect("file");
+        std::fs::write(g.join("lock"), b"").expect("lock");
+        g
+    }
+
+    #[test]
+    fn remove_unused_spares_a_generation_being_made() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path();
+        let old = finished(base, "1");
+        let making = base.join("2");
+        let lock = begin_generation(&making).expect("begin");
+        std::fs::create_dir_all(making.join("tree")).expect("tree");
+        std::fs::write(making.join("tree/half"), b"x").expect("file");
+        remove_unused(base, None, None, false);
+        // The positive control: a finished generation no build reads goes.
+        assert!(!old.exists(), "the unused generation stayed");
+        assert!(
+            making.join("tree/half").is_file(),
+            "the generation being made was removed"
+        );
+        drop(lock);
+        remove_unused(base, None, None, false);
+        assert!(!making.exists(), "a complete, unused generation stayed");
+    }
+
+    #[test]
+    fn a_generation_without_its_lock_stays_while_a_sync_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path();
+        // Just made by a sync that has not taken its lock yet, or left by one that died.
+        let bare = base.join("3");
+        std::fs::create_dir_all(bare.join("tree")).expect("tree");
+        remove_unused(base, None, None, true);
+        assert!(bare.is_dir(), "removed while a sync may be making it");
+        assert!(!bare.join("lock").exists(), "a lock was made in it");
+        remove_unused(base, None, None, false);
+        assert!(!bare.exists(), "a dead sync's generation stayed");
+    }
+
+    #[test]
+    fn a_read_generation_stays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = finished(dir.path(), "4");
+        let read = isula_sys::lock::FileLock::try_shared(&g.join("lock")).expect("shared");
+        remove_unused(dir.path(), None, None, false);
+        assert!(
+            g.join("tree/file").is_file(),
+            "removed while a build reads it"
+        );
+        drop(read);
+    }
 }

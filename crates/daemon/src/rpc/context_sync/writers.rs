@@ -119,10 +119,39 @@ pub(super) fn receive_files(
     root: &Root,
     need: &[String],
     entries: &HashMap<&str, &ContextEntry>,
+    next: impl FnMut() -> Result<ContextUpload, Status>,
+) -> Result<Received, Status> {
+    receive_with(root, need, entries, next, write_lane)
+}
+
+/// What a writer thread returns: each finished file's index and SHA-256.
+type LaneResult = Result<Vec<(usize, String)>, Status>;
+
+/// Fails the flow if its writer thread panics: the feed may be waiting for bytes that
+/// writer will never release, and would wait forever.
+struct FailOnPanic<'a>(&'a Flow);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .fail(Status::internal("a context writer thread panicked"));
+        }
+    }
+}
+
+/// [`receive_files`], each writer thread running `lane` ([`write_lane`], or in tests one
+/// that fails as the test needs).
+fn receive_with(
+    root: &Root,
+    need: &[String],
+    entries: &HashMap<&str, &ContextEntry>,
     mut next: impl FnMut() -> Result<ContextUpload, Status>,
+    lane: impl Fn(&Root, &[String], std::sync::mpsc::Receiver<Job>, &Flow) -> LaneResult + Sync,
 ) -> Result<Received, Status> {
     let flow = Flow::default();
     let flow = &flow;
+    let lane = &lane;
     std::thread::scope(|s| {
         let mut lanes = Vec::new();
         let mut threads = Vec::new();
@@ -131,7 +160,8 @@ pub(super) fn receive_files(
             let spawned = std::thread::Builder::new()
                 .name(format!("context-write-{i}"))
                 .spawn_scoped(s, move || {
-                    write_lane(root, need, rx, flow).map_err(|e| flow.fail(e))
+                    let _guard = FailOnPanic(flow);
+                    lane(root, need, rx, flow).map_err(|e| flow.fail(e))
                 });
             match spawned {
                 Ok(t) => {
@@ -157,7 +187,7 @@ pub(super) fn receive_files(
                 }
                 Ok(Err(())) => stopped = true,
                 Err(_) => {
-                    flow.fail(Status::internal("a context writer panicked"));
+                    flow.fail(Status::internal("a context writer thread panicked"));
                     stopped = true;
                 }
             }
@@ -332,4 +362,59 @@ fn write_lane(
 
 fn bad(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isula_api::v1::ContextChunk;
+
+    /// A writer that panics on its first chunk: the feed, waiting for room its bytes take,
+    /// must stop with the panic as its error, not wait forever.
+    #[test]
+    fn a_writer_that_panics_fails_the_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Not scoped: if the sync waits forever, the test still fails, after the timeout.
+        std::thread::spawn(move || {
+            let root = Root::open(&path).expect("root");
+            let need = vec!["big".to_string()];
+            let entry = ContextEntry {
+                path: "big".into(),
+                mode: 0o100644,
+                size: IN_FLIGHT as i64 + 1,
+                ..Default::default()
+            };
+            let entries: HashMap<&str, &ContextEntry> = [("big", &entry)].into_iter().collect();
+            // All the room in flight, then one byte more: the feed waits for the writer.
+            let mut chunks = vec![vec![0u8; IN_FLIGHT], vec![0u8; 1]].into_iter();
+            let next = move || {
+                let data = chunks.next().expect("asked past the file");
+                Ok(ContextUpload {
+                    chunks: vec![ContextChunk {
+                        path: "big".into(),
+                        done: data.len() == 1,
+                        data,
+                        sha256: String::new(),
+                    }],
+                    ..Default::default()
+                })
+            };
+            let panics = |_: &Root,
+                          _: &[String],
+                          jobs: std::sync::mpsc::Receiver<Job>,
+                          _: &Flow| match jobs.recv() {
+                Ok(_) => panic!("injected writer panic"),
+                Err(_) => Ok(Vec::new()),
+            };
+            let r = receive_with(&root, &need, &entries, next, panics);
+            let _ = tx.send(r.map(|_| ()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the sync must end when a writer panics, not wait");
+        let e = r.expect_err("a writer panicked");
+        assert!(e.message().contains("writer thread panicked"), "{e:?}");
+    }
 }
