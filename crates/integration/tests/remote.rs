@@ -489,11 +489,12 @@ fn every_file_a_remote_command_names_travels_over_the_connection() {
         }
         v
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !left().is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(left(), Vec::<PathBuf>::new(), "{out}");
+    wait_until_explained(
+        "the upload to be removed",
+        std::time::Duration::from_secs(20),
+        || left().is_empty(),
+        || format!("{:?}\n{out}", left()),
+    );
     // The positive control for "nothing left": the owner's directory was used.
     assert!(d.data().join("remote-files").is_dir());
 }
@@ -606,19 +607,21 @@ fn a_client_that_goes_away_mid_context_leaves_nothing_behind() {
         .stderr(std::process::Stdio::null());
     let mut child = c.spawn().expect("client");
     // Killed once the daemon has begun receiving (a new generation appeared).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while tree_of().len() < 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(
+        "the daemon to begin receiving",
+        std::time::Duration::from_secs(60),
+        || tree_of().len() >= 2,
+    );
     assert_eq!(tree_of().len(), 2, "the daemon never began receiving");
     child.kill().expect("kill");
     let _ = child.wait();
     // The half-received generation goes; the last one stays, whole.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while tree_of() != before && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(tree_of(), before);
+    wait_until_explained(
+        "the half-received generation to go",
+        std::time::Duration::from_secs(30),
+        || tree_of() == before,
+        || format!("{:?} against {before:?}", tree_of()),
+    );
     assert!(d.images().iter().all(|(_, t, _)| t != "2"));
     std::fs::remove_file(ctx.join("big")).expect("rm big");
     let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "g:3", &ctx_s]);

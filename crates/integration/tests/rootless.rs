@@ -5,7 +5,10 @@
 //! The test user, its subordinate ranges and any sysctl changed are put back after.
 
 use isula_integration::rootless::{user_bin, TestUser, UserDaemon};
-use isula_integration::{bin, build_id, busybox_rootfs, docker_archive, require_root, Daemon};
+use isula_integration::{
+    bin, build_id, busybox_rootfs, docker_archive, require_root, wait_until, wait_until_explained,
+    Daemon,
+};
 use std::path::Path;
 use std::process::Command;
 
@@ -172,14 +175,11 @@ fn rootless_daemon_builds_the_root_daemons_image() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("ssh-agent");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !agent_sock.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ssh-agent did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(
+        "ssh-agent to start",
+        std::time::Duration::from_secs(10),
+        || agent_sock.exists(),
+    );
     user.write(
         "work/ssh/Dockerfile",
         b"FROM busybox\nRUN --mount=type=ssh test -S \"$SSH_AUTH_SOCK\" && echo agent > /agent\n",
@@ -392,14 +392,11 @@ fn daemonless_commands_take_turns_on_a_store_and_leave_a_daemons_store_alone() {
         .expect("slow build");
     // Once its builder serves, a second daemonless command on the store is refused.
     let dl = user.run_dir().join("isula-build/daemonless");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::fs::read_dir(&dl).map_or(true, |mut r| r.next().is_none()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first builder never served"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until(
+        "the first builder to serve",
+        std::time::Duration::from_secs(30),
+        || std::fs::read_dir(&dl).is_ok_and(|mut r| r.next().is_some()),
+    );
     let err = user.fails(&["--daemonless", "ctr-img", "images"]);
     assert!(
         err.contains("a daemonless isula-build command (pid") && err.contains("wait for it"),
@@ -642,6 +639,35 @@ fn rootless_refused_where_the_kernel_refuses_user_namespaces_then_starts() {
     assert_eq!(d.stop(), Some(0), "{}", d.log());
 }
 
+/// A daemonless build of `ctx` (its RUN sleeps 60 s) as `user`, once its step runs (the
+/// user's runc container).
+fn start_long_build(user: &TestUser, ctx: &str) -> std::process::Child {
+    let cli = user
+        .command(&user_bin("isula-build"))
+        .args(["--daemonless", "ctr-img", "build", "-t", "long:1", ctx])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("build");
+    wait_until_explained(
+        "the step to run",
+        std::time::Duration::from_secs(30),
+        || user.processes().iter().any(|p| p.contains("sleep 60")),
+        || format!("{:?}", user.processes()),
+    );
+    cli
+}
+
+/// Waits until none of `user`'s processes is left (the builder and its step gone).
+fn nothing_left_running(user: &TestUser) {
+    wait_until_explained(
+        "the user's processes to end",
+        std::time::Duration::from_secs(30),
+        || user.processes().is_empty(),
+        || format!("left running: {:?}", user.processes()),
+    );
+}
+
 #[test]
 fn an_interrupted_daemonless_build_leaves_nothing_running() {
     if !needs() {
@@ -653,62 +679,24 @@ fn an_interrupted_daemonless_build_leaves_nothing_running() {
     let before = user.ok(&["--daemonless", "ctr-img", "images"]);
     user.write("work/long/Dockerfile", b"FROM busybox\nRUN sleep 60\n");
     let ctx = user.home.path().join("work/long").display().to_string();
-    let mut cli = user
-        .command(&user_bin("isula-build"))
-        .args(["--daemonless", "ctr-img", "build", "-t", "long:1", &ctx])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("build");
     // Once the step runs (a runc container of the user's), Ctrl-C.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !user.processes().iter().any(|p| p.contains("sleep 60")) {
-        assert!(std::time::Instant::now() < deadline, "the step never ran");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut cli = start_long_build(&user, &ctx);
     let pid = rustix::process::Pid::from_raw(cli.id() as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
     let status = cli.wait().expect("wait");
     assert_eq!(status.code(), Some(130));
     // The builder cancels the step, cleans up and exits on its own, well before the step
     // would have ended.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !user.processes().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "left running: {:?}",
-            user.processes()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    nothing_left_running(&user);
     // Nothing stored, and the next command finds the store free.
     assert_eq!(user.ok(&["--daemonless", "ctr-img", "images"]), before);
 
     // A client killed outright (SIGKILL: no chance to stop its builder): the builder
     // goes with it, and frees the store.
-    let mut cli = user
-        .command(&user_bin("isula-build"))
-        .args(["--daemonless", "ctr-img", "build", "-t", "long:1", &ctx])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("build");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !user.processes().iter().any(|p| p.contains("sleep 60")) {
-        assert!(std::time::Instant::now() < deadline, "the step never ran");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut cli = start_long_build(&user, &ctx);
     cli.kill().expect("SIGKILL");
     cli.wait().expect("wait");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !user.processes().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "left running after the client was killed: {:?}",
-            user.processes()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    nothing_left_running(&user);
     // The next command sweeps what the killed one left in the run root.
     assert_eq!(user.ok(&["--daemonless", "ctr-img", "images"]), before);
     assert_no_leftovers(&user);

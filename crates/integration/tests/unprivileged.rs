@@ -61,15 +61,12 @@ impl PrivateDocker {
             dir,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !d.docker(&["info"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "dockerd did not come up:\n{}",
-                std::fs::read_to_string(d.dir.path().join("log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        isula_integration::wait_until_explained(
+            "the test's dockerd to come up",
+            Duration::from_secs(60),
+            || d.docker(&["info"]).status.success(),
+            || std::fs::read_to_string(d.dir.path().join("log")).unwrap_or_default(),
+        );
         d
     }
 
