@@ -18,6 +18,16 @@ pub fn limit_malloc_arenas(arenas: i32) {
         if ok != 1 {
             tracing::debug!(arenas, "mallopt(M_ARENA_MAX) was refused");
         }
+        // A fixed mmap threshold: blocks of 256 KiB and more (the 1 MiB pieces of layers
+        // in flight) are mapped and unmapped, never left behind in the heap. glibc's own
+        // threshold rises to the size of the last such block freed, after which those
+        // pieces come from the heap and its fragments stay resident.
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_MMAP_THRESHOLD) was refused");
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = arenas;
