@@ -1,6 +1,6 @@
 //! What each stage of a push that compresses as it uploads costs on this machine: reads a
 //! layer tar (argument 1) and runs, alone, the parallel gzip (level 1 and 2), the parallel
-//! zstd (levels 1 and 3) and sha256, printing wall seconds, CPU seconds (this process, all
+//! zstd (levels 1 and 3), zstd:chunked (level 1) and sha256, printing wall seconds, CPU seconds (this process, all
 //! threads) and output bytes. `cargo run --release -p isula-store --example compress_cost
 //! -- LAYER.tar`: the numbers behind README's "zstd" measurements.
 
@@ -66,6 +66,11 @@ fn main() -> std::io::Result<()> {
             Ok(z.finish()?.0)
         });
     }
+    measure("zstd:chunked level 1", &data, |d| {
+        let mut out = Count(0);
+        isula_store::zstd_chunked::write(d, &mut out, 1)?;
+        Ok(out.0)
+    });
     measure("sha256", &data, |d| {
         use sha2::Digest;
         let h = sha2::Sha256::digest(d);

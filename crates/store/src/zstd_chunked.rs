@@ -44,33 +44,71 @@ impl<W: Write> Write for Counted<W> {
     }
 }
 
+/// The reflected ISO polynomial of Go's `crc64.ISO`.
+const CRC64_ISO: u64 = 0xD800_0000_0000_0000;
+
+/// `T[k][b]`: the CRC of byte `b` followed by `k` zero bytes, for eight bytes a step.
+static CRC64_TABLES: [[u64; 256]; 8] = crc64_tables();
+
+const fn crc64_tables() -> [[u64; 256]; 8] {
+    let mut t = [[0u64; 256]; 8];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u64;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 == 1 {
+                (c >> 1) ^ CRC64_ISO
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[0][i] = c;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 256 {
+        let mut k = 1;
+        while k < 8 {
+            let prev = t[k - 1][i];
+            t[k][i] = t[0][(prev & 0xff) as usize] ^ (prev >> 8);
+            k += 1;
+        }
+        i += 1;
+    }
+    t
+}
+
 /// CRC-64 with the ISO polynomial, as Go's `hash/crc64` computes it (tar-split's file
-/// checksums).
+/// checksums), eight bytes a step (a byte a step cost a layer of 400 MB 0.8 s).
 struct Crc64 {
-    table: [u64; 256],
     crc: u64,
 }
 
 impl Crc64 {
     fn new() -> Crc64 {
-        let mut table = [0u64; 256];
-        for (i, t) in table.iter_mut().enumerate() {
-            let mut c = i as u64;
-            for _ in 0..8 {
-                c = if c & 1 == 1 {
-                    (c >> 1) ^ 0xD800_0000_0000_0000
-                } else {
-                    c >> 1
-                };
-            }
-            *t = c;
-        }
-        Crc64 { table, crc: !0 }
+        Crc64 { crc: !0 }
     }
     fn update(&mut self, data: &[u8]) {
+        let t = &CRC64_TABLES;
         let mut c = self.crc;
-        for &b in data {
-            c = self.table[((c ^ b as u64) & 0xff) as usize] ^ (c >> 8);
+        let mut words = data.chunks_exact(8);
+        for w in &mut words {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            let v = c ^ u64::from_le_bytes(b);
+            c = t[7][(v & 0xff) as usize]
+                ^ t[6][((v >> 8) & 0xff) as usize]
+                ^ t[5][((v >> 16) & 0xff) as usize]
+                ^ t[4][((v >> 24) & 0xff) as usize]
+                ^ t[3][((v >> 32) & 0xff) as usize]
+                ^ t[2][((v >> 40) & 0xff) as usize]
+                ^ t[1][((v >> 48) & 0xff) as usize]
+                ^ t[0][(v >> 56) as usize];
+        }
+        for &b in words.remainder() {
+            c = t[0][((c ^ u64::from(b)) & 0xff) as usize] ^ (c >> 8);
         }
         self.crc = c;
     }
@@ -202,8 +240,10 @@ type Span = (usize, u64, u64);
 
 /// A file's content goes in frames of at most this many bytes.
 const CHUNK_MAX: u64 = 4 << 20;
-/// Frames being compressed or waiting to be written, at most.
+/// Batches of frames being compressed or waiting to be written, at most.
 const IN_FLIGHT: usize = 8;
+/// Pieces go to the workers in batches of about this many bytes.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// Writes `tar` to `out` as zstd:chunked at `level`, the frames compressed on every core
 /// (at most 8 threads) and written in order; returns the annotations of the layer's
@@ -214,7 +254,11 @@ pub fn write<R: Read, W: Write + Send>(
     level: i32,
 ) -> io::Result<BTreeMap<String, String>> {
     use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-    type Job = (Vec<u8>, SyncSender<io::Result<Vec<u8>>>);
+    // A job is a batch of pieces, each compressed into a frame of its own: most files are
+    // small, and a hand-over per frame cost more than compressing it.
+    type Batch = Vec<(Vec<u8>, Mark)>;
+    type Packed = io::Result<Vec<(Vec<u8>, Mark)>>;
+    type Job = (Batch, SyncSender<Packed>);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -236,44 +280,64 @@ pub fn write<R: Read, W: Write + Send>(
                         Ok(r) => r.recv(),
                         Err(_) => return,
                     };
-                    let Ok((data, reply)) = job else { return };
+                    let Ok((batch, reply)) = job else { return };
                     let packed = match bulk.as_mut() {
-                        Some(c) => c.compress(&data),
+                        Some(c) => batch
+                            .into_iter()
+                            .map(|(data, mark)| c.compress(&data).map(|p| (p, mark)))
+                            .collect(),
                         None => Err(io::Error::other("cannot make a zstd compressor")),
                     };
                     let _ = reply.send(packed);
                 }
             });
         }
-        let (order_tx, order_rx) = sync_channel::<(Receiver<io::Result<Vec<u8>>>, Mark)>(IN_FLIGHT);
+        let (order_tx, order_rx) = sync_channel::<Receiver<Packed>>(IN_FLIGHT);
         let collector = scope.spawn(move || -> io::Result<(Counted<W>, Vec<Span>)> {
             let mut out = Counted { inner: out, n: 0 };
             let mut spans: Vec<Span> = Vec::new();
-            for (rx, mark) in order_rx {
-                let packed = rx
+            for rx in order_rx {
+                let batch = rx
                     .recv()
                     .map_err(|_| io::Error::other("a zstd worker stopped"))??;
-                let at = out.n;
-                out.write_all(&packed)?;
-                match mark {
-                    Mark::Between => {}
-                    Mark::Starts(i) => spans.push((i, at, out.n)),
-                    Mark::Continues => {
-                        if let Some(last) = spans.last_mut() {
-                            last.2 = out.n;
+                for (packed, mark) in batch {
+                    let at = out.n;
+                    out.write_all(&packed)?;
+                    match mark {
+                        Mark::Between => {}
+                        Mark::Starts(i) => spans.push((i, at, out.n)),
+                        Mark::Continues => {
+                            if let Some(last) = spans.last_mut() {
+                                last.2 = out.n;
+                            }
                         }
                     }
                 }
             }
             Ok((out, spans))
         });
-        let mut submit = |data: Vec<u8>, mark: Mark| -> io::Result<()> {
+        let mut batch: Batch = Vec::new();
+        let mut batched = 0usize;
+        let send = |batch: Batch| -> io::Result<()> {
             let (tx, rx) = sync_channel(1);
             let stopped = || io::Error::other("the zstd writer stopped");
-            job_tx.send((data, tx)).map_err(|_| stopped())?;
-            order_tx.send((rx, mark)).map_err(|_| stopped())
+            job_tx.send((batch, tx)).map_err(|_| stopped())?;
+            order_tx.send(rx).map_err(|_| stopped())
+        };
+        let mut submit = |data: Vec<u8>, mark: Mark| -> io::Result<()> {
+            batched += data.len();
+            batch.push((data, mark));
+            if batched >= BATCH_BYTES {
+                batched = 0;
+                send(std::mem::take(&mut batch))?;
+            }
+            Ok(())
         };
         let parsed = frames(tar, &mut submit);
+        let parsed = match parsed {
+            Ok(p) if !batch.is_empty() => send(std::mem::take(&mut batch)).map(|()| p),
+            other => other,
+        };
         drop(job_tx);
         drop(order_tx);
         let collected = collector
@@ -738,6 +802,19 @@ mod tests {
         let mut c = Crc64::new();
         c.update(b"123456789");
         assert_eq!(u64::from_be_bytes(c.sum()), 0xb909_56c7_75a4_1001);
+        // Eight bytes a step agrees with a byte a step, for every length and split.
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 31 % 251) as u8).collect();
+        for len in [0, 1, 7, 8, 9, 15, 16, 17, 999, 1000] {
+            let mut slow = !0u64;
+            for &b in &data[..len] {
+                slow = CRC64_TABLES[0][((slow ^ u64::from(b)) & 0xff) as usize] ^ (slow >> 8);
+            }
+            let mut fast = Crc64::new();
+            let (a, b) = data[..len].split_at(len / 3);
+            fast.update(a);
+            fast.update(b);
+            assert_eq!(fast.sum(), (!slow).to_be_bytes(), "length {len}");
+        }
     }
 
     #[test]
