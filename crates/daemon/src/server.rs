@@ -228,8 +228,8 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         tokio::spawn(crate::metrics::serve(listener, settings.data_root.clone()));
     }
     let state = State::new(settings, store, key);
-    // Gzips committed layers in the background, for pushes: only while no operation runs,
-    // at the lowest CPU priority.
+    // The store's background work (unpacking loaded and pulled layers, hashing their
+    // directories): only while no operation runs, at the lowest CPU priority.
     let compressor = {
         let state = state.clone();
         std::thread::Builder::new()
@@ -241,7 +241,7 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
             .context("starting the compressor thread")?
     };
     // What the allocator keeps after work goes back to the system once the daemon idles:
-    // the one place that trims after background work (gzip, unpack), and after the replies
+    // the one place that trims after background work (unpack), and after the replies
     // and cache records that follow the last operation's end (which trims at once).
     let trimmer = {
         let state = state.clone();

@@ -456,11 +456,10 @@ impl Daemon {
             .collect()
     }
 
-    /// Waits until the daemon's background work is done: the gzip form of every built
-    /// layer of every image, the directory of every packed layer and
-    /// the tar digest of every layer directory (so that snapshots are not taken half-way
-    /// through).
-    pub fn wait_compressed(&self) {
+    /// Waits until the daemon's background work is done: the directory of every packed
+    /// layer and the tar digest of every layer directory (so that snapshots are not taken
+    /// half-way through), and nothing left behind by it.
+    pub fn wait_idle(&self) {
         let data = self.data();
         let done = || {
             let Ok(text) = std::fs::read_to_string(data.join("metadata.json")) else {
@@ -472,7 +471,7 @@ impl Daemon {
             let empty = serde_json::Map::new();
             let compressed = meta["compressed"].as_object().unwrap_or(&empty);
             let images = meta["images"].as_object().unwrap_or(&empty);
-            // Packed (loaded or pulled) layers are unpacked in the same idle time.
+            // Packed (loaded or pulled) layers are unpacked in idle time.
             let packed = meta["packed"].as_object().is_some_and(|p| !p.is_empty());
             // Layer directories committed without their tar digest get it in idle time.
             let unhashed = meta["dirs"]
@@ -480,24 +479,6 @@ impl Daemon {
                 .is_some_and(|d| d.values().any(|r| r["unhashed"] == true));
             !packed
                 && !unhashed
-                && images.values().all(|img| {
-                    img["blobs"].as_array().into_iter().flatten().all(|b| {
-                        let Some(d) = b.as_str() else { return false };
-                        let hex = d.trim_start_matches("sha256:");
-                        // Only a built layer (kept as its files: no blob file here) is
-                        // gzipped in idle time; a stored blob gets its gzip when a push
-                        // needs it.
-                        let stored = data.join("blobs/sha256").join(hex).is_file();
-                        stored
-                            || compressed.get(d).is_some_and(|c| {
-                                c["digest"].as_str().is_some_and(|g| {
-                                    data.join("blobs/sha256")
-                                        .join(g.trim_start_matches("sha256:"))
-                                        .exists()
-                                })
-                            })
-                    })
-                })
                 && std::fs::read_dir(data.join("ingest")).map_or(true, |mut d| d.next().is_none())
                 && {
                     // Every blob on disk is referenced (a finished gzip of a layer whose image
@@ -550,10 +531,9 @@ impl Daemon {
                     })
                 }
         };
-        // Every uncompressed layer (built, imported or loaded) is queued for the background
-        // gzip, which starts after 2 s without an operation.
+        // Background work starts after 300 ms without an operation.
         wait_until_explained(
-            "the background gzip and unpack of every layer",
+            "the background unpack and hashing of every layer",
             Duration::from_secs(60),
             done,
             || {
@@ -575,7 +555,7 @@ impl Daemon {
 
     /// What the store holds on disk, for "nothing changed" checks.
     pub fn store_snapshot(&self) -> Vec<String> {
-        self.wait_compressed();
+        self.wait_idle();
         let data = self.data();
         let mut out = Vec::new();
         for sub in ["blobs/sha256", "layers", "ingest", "tmp"] {
@@ -591,10 +571,10 @@ impl Daemon {
     }
 
     pub fn leftovers(&self) -> Vec<String> {
-        // A running daemon may be gzipping in the background (its ingest file is no
+        // A running daemon may be unpacking in the background (its staged files are no
         // leftover); a stopped one has left whatever it left.
         if self.child.is_some() {
-            self.wait_compressed();
+            self.wait_idle();
         }
         let data = self.data();
         let mut out = Vec::new();
@@ -815,7 +795,7 @@ impl Drop for DockerImage {
 
 /// The containers runc has under `root`.
 /// A build that keeps the daemon busy (`RUN sleep 300` on `base`) until [`Busy::end`]:
-/// while it runs the store has no quiet spell, so no background gzip or unpack starts.
+/// while it runs the store has no quiet spell, so no background unpack starts.
 pub struct Busy {
     client: Child,
     runc_root: PathBuf,

@@ -166,7 +166,7 @@ fn sigkill_during_run_copy_import_pull_push_rm_and_tag() {
     // A push and a pull of that image, each killed half way.
     let remote = format!("{}/faults/big:1", reg.host());
     d.ok(&["ctr-img", "tag", "imported:1", &remote]);
-    d.wait_compressed();
+    d.wait_idle();
     let uploads = || {
         reg.count_requests("PATCH", "/v2/faults/big/blobs/uploads/")
             + reg.count_requests("PUT", "/v2/faults/big/blobs/uploads/")
@@ -270,7 +270,7 @@ fn a_blob_corrupted_on_disk_is_caught_when_next_used() {
     let made = format!("{}/faults/victim:1", first.host());
     d.ok(&["ctr-img", "tag", "victim:1", &made]);
     d.ok(&["ctr-img", "push", &made]);
-    d.wait_compressed();
+    d.wait_idle();
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(d.data().join("metadata.json")).expect("metadata"),
     )
@@ -400,7 +400,7 @@ fn killing_the_client_cancels_load_save_pull_and_push() {
     // Push: the tag never appears in the registry.
     let remote = format!("{}/cancel/big:1", reg.host());
     d.ok(&["ctr-img", "tag", "big:1", &remote]);
-    d.wait_compressed();
+    d.wait_idle();
     kill_when(&["ctr-img", "push", &remote], "the push to start", &|| {
         reg.count_requests("POST", "/v2/cancel/big/blobs/uploads/") > 0
     });
@@ -658,7 +658,7 @@ fn killing_the_client_cancels_a_build_output_push_and_a_manifest_push() {
     );
     let work = tempfile::tempdir().expect("tmp");
     import_big(&d, work.path());
-    d.wait_compressed();
+    d.wait_idle();
     let tag_seen = |remote: &str| {
         Command::new("skopeo")
             .args(["inspect", "--raw", "--tls-verify=false"])

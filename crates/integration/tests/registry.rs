@@ -926,7 +926,7 @@ fn live_progress_on_a_terminal_and_plain_lines_elsewhere() {
     d.ok(&["ctr-img", "rm", &base]);
     // The idle unpack of the pulled layer may hold its blob a moment: once it is done
     // and collected, the next pull downloads it again.
-    d.wait_compressed();
+    d.wait_idle();
     // A terminal: the same lines plus live blocks.
     let out = on_tty(&d, &format!("ctr-img pull {base}"), "");
     assert!(
@@ -1015,7 +1015,7 @@ fn resets_and_stalls_mid_blob_are_retried_and_a_hung_registry_fails_in_time() {
     };
     let retries = || d.log().matches("upload failed; retrying").count();
     let names: Vec<String> = (1..=4).map(image).collect();
-    d.wait_compressed();
+    d.wait_idle();
 
     // One reset mid-upload: a new upload session, the push succeeds.
     proxy.set(Fault::ResetUploads(1));
@@ -1107,8 +1107,8 @@ fn a_push_sends_the_gzip_as_it_makes_it_keeps_it_and_survives_a_broken_stream() 
         &[("ISULA_BUILD_PHASES", "1")],
     );
     d.import_busybox("busybox:latest", &[]);
-    // An operation that runs throughout: the background gzip never gets its quiet spell,
-    // so each push below has to make the gzip itself.
+    // No layer is gzipped in idle time, so each push below makes the gzip itself; an
+    // operation runs throughout, so no background work runs beside the pushes either.
     let busy = d.busy("busybox");
 
     let push = |repo: &str, seed: u64| {

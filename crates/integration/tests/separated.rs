@@ -525,7 +525,7 @@ fn bad_saves_and_loads_are_refused_and_change_nothing() {
     let mut want = before;
     want.sort();
     assert_eq!(after, want, "a refused operation changed the store");
-    // Nothing half-done is left (the build cache's blobs stay, so no wait_compressed).
+    // Nothing half-done is left (the build cache's blobs stay, so no wait_idle).
     for sub in ["ingest", "tmp"] {
         let left: Vec<_> = std::fs::read_dir(d.data().join(sub))
             .map(|rd| rd.flatten().map(|e| e.file_name()).collect())

@@ -102,6 +102,29 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::commit_layer`] for idle time, which also takes the directory's tar digest
+    /// while its files are written back (the sync waits on the disk, the hash on the CPU),
+    /// so no later pass reads them all again for it.
+    pub(crate) fn commit_layer_hashed(
+        &self,
+        staged: StagedLayer,
+        chain: &ChainId,
+        lease: &Lease,
+    ) -> Result<()> {
+        lease.layer(chain);
+        if self.layer_unpacked(chain) {
+            return Ok(());
+        }
+        let tree = self.make_durable(&staged)?;
+        crate::failpoint::hit("commit.layer-durable");
+        let rec = LayerDir {
+            tree: Some(tree),
+            clamp_mtime: None,
+            unhashed: false,
+        };
+        self.place_layer(staged, chain, rec, false)
+    }
+
     /// Layer directories committed without their tar digest.
     pub(crate) fn dirs_to_hash(&self) -> Vec<ChainId> {
         self.meta()

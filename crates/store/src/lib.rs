@@ -97,13 +97,16 @@ pub struct Store {
     _lock: isula_sys::FileLock,
 }
 
-/// Layers waiting for their gzip form, made in the background after a commit (import,
-/// build, load) so that a later push sends it as it is, without making the commit wait.
+/// The store's background work (see [`Store::run_compressor`]), and the compressions a
+/// push or export is making now.
 #[derive(Default)]
 struct Compressor {
     queue: Mutex<std::collections::VecDeque<Job>>,
     /// Held while a packed layer is unpacked (one at a time, foreground or background).
     unpacking: Mutex<()>,
+    /// Held while a background job runs: `remove` waits for it (the job stops at its next
+    /// read once an operation runs), so that what it held goes with the image.
+    working: Mutex<()>,
     wake: std::sync::Condvar,
     /// Blobs being compressed right now, and the signal when one finishes.
     busy: Mutex<HashSet<(Digest, Codec)>>,
@@ -116,8 +119,6 @@ struct Compressor {
 /// Background work, done only while the store is quiet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Job {
-    /// Make the gzip form of this uncompressed layer blob.
-    Gzip(Digest),
     /// Make the directory of this packed layer.
     Unpack(ChainId),
     /// Record the tar digest of this layer directory (committed without it; see `durable`).
@@ -125,10 +126,11 @@ enum Job {
 }
 
 /// How long the store must have had no operation before the background compressor
-/// starts a job (a gzip, an unpack, a directory's digest): the user's next command right
-/// after a commit is not slowed by it, and a quick `load` then `rm` does not find the
-/// layer held by an unpack that started between them.
-const QUIET_BEFORE_COMPRESSING: std::time::Duration = std::time::Duration::from_secs(2);
+/// starts a job (a gzip, an unpack, a directory's digest): long enough that a script's next
+/// command (a client starting) comes first, short enough that the daemon is soon idle
+/// (2 s, as before, left a load's unpack waiting longer than it took). A job started
+/// meanwhile stops at its next read when an operation starts, and `remove` waits for that.
+const QUIET_BEFORE_COMPRESSING: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Reads until the compressor is told to stop, or (background work) until an operation
 /// starts, which the compressor then leaves the machine to.
@@ -646,23 +648,34 @@ impl Store {
     ) -> Result<()> {
         let _phase = phase::Phase::start("unpack a packed layer");
         lease.blob(blob);
-        let path = self.content.path(blob);
         let never = std::sync::atomic::AtomicBool::new(false);
-        let src = StopReader {
-            inner: self.content.open(blob)?,
-            stop: if yielded.is_some() {
-                &self.compressor.stopping
-            } else {
-                &never
-            },
-            yield_to: yielded.map(|y| (&*self.activity, y)),
-        };
-        let (_, plain) = compression::decompress(std::io::BufReader::with_capacity(1 << 20, src))
-            .map_err(|e| StoreError::io("read", &path, e))?;
+        let file = self.content.open(blob)?;
         let staged = self.stage_layer()?;
-        apply::apply_layer(plain, &staged.diff_dir())?;
-        // The packed mark goes in the same write that records the durable directory.
-        self.commit_layer(staged, chain, lease)
+        // The blob is read and decompressed on a thread of its own, a few MiB ahead of the
+        // files being written (a gzip layer of 400 MB: 0.8 s of inflate off this thread).
+        std::thread::scope(|scope| {
+            let ahead = compression::read_ahead(scope, move || {
+                compression::decompress(std::io::BufReader::with_capacity(1 << 20, file))
+                    .map(|(_, r)| r)
+            });
+            let plain = StopReader {
+                inner: ahead,
+                stop: if yielded.is_some() {
+                    &self.compressor.stopping
+                } else {
+                    &never
+                },
+                yield_to: yielded.map(|y| (&*self.activity, y)),
+            };
+            apply::apply_layer(plain, &staged.diff_dir())
+        })?;
+        // The packed mark goes in the same write that records the durable directory. Idle
+        // time also takes the directory's tar digest, while the files are written back.
+        if yielded.is_some() {
+            self.commit_layer_hashed(staged, chain, lease)
+        } else {
+            self.commit_layer(staged, chain, lease)
+        }
     }
 
     /// Asks for packed layer `chain` to be unpacked in the background.
@@ -869,7 +882,7 @@ impl Store {
             Codec::Zstd => "zstd (for a push)",
             Codec::ZstdChunked => "zstd:chunked (for a push)",
         });
-        let result = self.compress_now(blob, how, lease, None, side);
+        let result = self.compress_now(blob, how, lease, side);
         drop(phase);
         c.busy
             .lock()
@@ -879,14 +892,12 @@ impl Store {
         result.map(|(d, size)| (d, size, true))
     }
 
-    /// Compresses `blob` as `how` says; with `yielded`, as background work that stops
-    /// (setting it) when an operation starts.
+    /// Compresses `blob` as `how` says, for someone who waits (a push or a cache export).
     fn compress_now(
         &self,
         blob: &Digest,
         how: LayerCompression,
         lease: &Lease,
-        yielded: Option<&std::cell::Cell<bool>>,
         side: Option<Side>,
     ) -> Result<(Digest, u64)> {
         let path = self.content.path(blob);
@@ -895,30 +906,18 @@ impl Store {
         let w = std::thread::scope(|scope| -> Result<_> {
             // A blob stored compressed some other way (a pulled zstd or gzip layer) is
             // compressed again from its tar, for registries and formats that take only that.
-            let plain: Box<dyn std::io::Read> = match yielded {
-                // Background work: one thread, at the lowest priority.
-                Some(y) => {
-                    let src = StopReader {
-                        inner: src,
-                        stop,
-                        yield_to: Some((&*self.activity, y)),
-                    };
-                    compression::decompress(src)
-                        .map_err(|e| StoreError::io("read", &path, e))?
-                        .1
-                }
-                // Someone waits: the tar is read (made from a built layer's files and
-                // verified, or decompressed) on a thread of its own, a few MiB ahead of
-                // the encoder, whose thread hashes and writes what the workers compress.
-                None => Box::new(compression::read_ahead(scope, move || {
+            // The tar is read (made from a built layer's files and verified, or
+            // decompressed) on a thread of its own, a few MiB ahead of the encoder, whose
+            // thread hashes and writes what the workers compress.
+            let plain: Box<dyn std::io::Read> =
+                Box::new(compression::read_ahead(scope, move || {
                     let src = StopReader {
                         inner: src,
                         stop,
                         yield_to: None,
                     };
                     compression::decompress(src).map(|(_, r)| r)
-                })),
-            };
+                }));
             let mut plain = plain;
             let w = pgzip::Tee {
                 inner: self.content.writer()?,
@@ -927,12 +926,7 @@ impl Store {
             let io = |e| StoreError::io("compress", &path, e);
             Ok(match how.codec {
                 Codec::Gzip => {
-                    // Nobody waits for the idle-time gzip: it may spend more CPU for fewer
-                    // bytes.
-                    let level = match (how.level, yielded) {
-                        (None, Some(_)) => compression::GZIP_LEVEL_IDLE,
-                        (asked, _) => compression::gzip_level(asked),
-                    };
+                    let level = compression::gzip_level(how.level);
                     let mut enc = pgzip::ParallelGzip::new(w, level).map_err(io)?;
                     std::io::copy(&mut plain, &mut enc).map_err(io)?;
                     (enc.finish().map_err(io)?, Default::default())
@@ -968,29 +962,23 @@ impl Store {
         Ok((digest, size))
     }
 
-    /// Asks for `blob` (an uncompressed layer) to be gzipped in the background.
-    pub fn queue_compression(&self, blob: &Digest) {
-        self.queue_job(Job::Gzip(blob.clone()));
-    }
-
-    /// Runs the background compressor until `stop_compressor` (the daemon gives it a thread,
-    /// at a low priority). It works only while no operation runs: it starts on a layer once
-    /// the store has been quiet for a while, and an operation that starts meanwhile stops
-    /// it (the layer waits for the next quiet spell; a push that needs it makes it then).
+    /// Runs the store's background work until `stop_compressor` (the daemon gives it a
+    /// thread, at a low priority): the directories of packed layers, and the tar digests of
+    /// directories committed without one. It works only while no operation runs: it starts
+    /// a job once the store has been quiet for a moment, and an operation that starts
+    /// meanwhile stops it (the job waits for the next quiet spell; a build that needs the
+    /// layer unpacks it then). No layer is compressed in idle time: a push compresses what
+    /// it sends, on every core while it uploads, and keeps it (see README, "Durability").
     pub fn run_compressor(&self) {
         use std::sync::atomic::Ordering;
         let c = &self.compressor;
-        // What an earlier run left to do (its queue was in memory): every uncompressed
-        // layer blob of an image that has no gzip yet.
+        // What an earlier run left to do (its queue was in memory).
         let packed: Vec<ChainId> = self.meta().packed.keys().cloned().collect();
         for chain in packed {
             self.queue_unpack(&chain);
         }
         for chain in self.dirs_to_hash() {
             self.queue_job(Job::Hash(chain));
-        }
-        for blob in self.uncompressed_without_gzip() {
-            self.queue_compression(&blob);
         }
         loop {
             let next = {
@@ -1024,119 +1012,23 @@ impl Store {
                     };
                 }
             };
-            let next = match next {
-                Job::Unpack(chain) => {
-                    self.unpack_in_background(&chain);
-                    continue;
-                }
-                Job::Hash(chain) => {
-                    self.hash_in_background(&chain);
-                    continue;
-                }
-                Job::Gzip(d) => d,
-            };
-            let lease = self.background_lease();
-            lease.blob(&next);
-            if !self.blob_present(&next) || self.compressed(&next).is_some() {
-                continue;
-            }
-            let yielded = std::cell::Cell::new(false);
-            match self.gzip_in_background(&next, &lease, &yielded) {
-                Some(Ok((gz, size))) => {
-                    tracing::debug!(blob = %next, gzip = %gz, size, "layer compressed")
-                }
-                // Made meanwhile by a push that needed it.
-                None => {}
-                Some(Err(_)) if yielded.get() => {
-                    tracing::debug!(blob = %next, "compression left for a quiet spell");
-                    c.queue
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push_front(Job::Gzip(next.clone()));
-                }
-                Some(Err(e)) if c.stopping.load(Ordering::SeqCst) => {
-                    tracing::debug!(blob = %next, error = %e, "compression stopped")
-                }
-                Some(Err(e)) => tracing::warn!(blob = %next, error = %e, "compressing a layer"),
-            }
-            drop(lease);
-            // The image may have been removed meanwhile (and no operation holds the layer):
-            // then both blobs are garbage now.
-            let referenced = self.meta().images.values().any(|i| i.blobs.contains(&next));
-            let leased = {
-                let t = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-                let key = format!("blob:{}", next.hex());
-                t.held.values().any(|h| h.contains(&key))
-            };
-            if !referenced && !leased && !yielded.get() {
-                if let Err(e) = self.gc() {
-                    tracing::warn!(error = %e, "collecting after compression");
-                }
+            let _working = c.working.lock().unwrap_or_else(|p| p.into_inner());
+            match next {
+                Job::Unpack(chain) => self.unpack_in_background(&chain),
+                Job::Hash(chain) => self.hash_in_background(&chain),
             }
         }
     }
 
-    /// The images' built layers (blobs kept as their files alone) that have no recorded
-    /// gzip: the only layers gzipped in idle time. A built image is the one likely to be
-    /// pushed, and the gzip is also the only other copy of its layer (`--check-store`
-    /// repairs from it). Imported and loaded layers get theirs when a push needs it.
-    fn uncompressed_without_gzip(&self) -> Vec<Digest> {
-        let blobs: std::collections::BTreeSet<Digest> = {
-            let meta = self.meta();
-            meta.images
-                .values()
-                .flat_map(|i| i.blobs.iter())
-                .filter(|b| !meta.compressed.contains_key(*b) && meta.tree_blobs.contains_key(*b))
-                .cloned()
-                .collect()
-        };
-        blobs
-            .into_iter()
-            .filter(|b| self.blob_in_tree(b) && self.blob_size(b).is_ok_and(|n| n > 0))
-            .collect()
-    }
-
-    /// [`Store::gzip_blob`] as background work: none if a push is making it right now.
-    fn gzip_in_background(
-        &self,
-        blob: &Digest,
-        lease: &Lease,
-        yielded: &std::cell::Cell<bool>,
-    ) -> Option<Result<(Digest, u64)>> {
-        let c = &self.compressor;
-        let key = (blob.clone(), Codec::Gzip);
-        if !c
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone())
-        {
-            return None;
-        }
-        let result = self.compress_now(
-            blob,
-            LayerCompression::default(),
-            lease,
-            Some(yielded),
-            None,
-        );
-        c.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
-        c.done.notify_all();
-        Some(result)
-    }
-
-    /// How many times the background compressor had a layer to do and left it because an
-    /// operation was running.
+    /// How many times the background work had a job to do and left it because an operation
+    /// was running.
     pub fn compression_deferred(&self) -> u64 {
         self.compressor
             .deferred
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Stops the background compressor (an unfinished gzip is discarded).
+    /// Stops the background work (an unfinished unpack is discarded).
     pub fn stop_compressor(&self) {
         let c = &self.compressor;
         c.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1240,6 +1132,8 @@ impl Store {
     /// untagged; otherwise (an ID, or the last name) the image goes with all its names, and
     /// so do the layers nothing else uses.
     pub fn remove(&self, name: &str) -> Result<Vec<RemoveEvent>> {
+        // An operation: a background job running now stops at its next read.
+        let _op = self.lease();
         let img = self.resolve(name)?;
         let by_name = Reference::parse(name)
             .ok()
@@ -1268,6 +1162,14 @@ impl Store {
         if !deleted {
             return Ok(vec![RemoveEvent::Untagged(name.to_string())]);
         }
+        // A background job (an unpack or gzip of this image's layer) holds what it works on
+        // until it stops: wait for it, so that the collection below takes all of it.
+        drop(
+            self.compressor
+                .working
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         let mut events: Vec<RemoveEvent> = self
             .gc()?
             .layers

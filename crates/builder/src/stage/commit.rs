@@ -120,8 +120,6 @@ impl StageRun<'_, '_> {
             )?;
             let blob = diff.0.clone();
             tracing::debug!(elapsed = ?t.elapsed(), size, "stage layer committed");
-            // Its gzip form, for pushing, is made in the background.
-            store.queue_compression(&blob);
             new_layer_size = size;
             layers.push(LayerRecord {
                 parent: layers.last().map(|l| l.chain_id.clone()),
