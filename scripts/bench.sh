@@ -12,7 +12,7 @@
 #                               SETTLE=3 seconds without daemon CPU make it idle, SETTLE_MAX=600
 #                               seconds after which a daemon not idle fails the bench)
 # In the peers and cache parts, every timed run of ours is followed by a wait until our daemon
-# is idle (its deferred unpack and gzip done), which is reported beside the wait; nothing is
+# is idle (its deferred unpack done), which is reported beside the wait; nothing is
 # timed while a daemon here still works. A timed command that fails fails the bench.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -145,8 +145,8 @@ nothing_packed() {
 }
 # The ticks of each daemon (by pid) when it was last found idle.
 declare -A SEEN_IDLE
-# Waits until process $1 is idle: it used no CPU for SETTLE seconds (3: longer than the 2 s
-# of quiet our store waits for before its idle-time work) and, with a data root $2, that store
+# Waits until process $1 is idle: it used no CPU for SETTLE seconds (3: longer than the
+# 300 ms of quiet our store waits for before its idle-time work) and, with a data root $2, that store
 # keeps no layer packed. Sets IDLE_AT, the time it was last seen using CPU (to 0.1 s; the
 # wait's start if it used none), and IDLE_TICKS, its CPU ticks then. Returns 1 if it is not
 # idle within $3 seconds (SETTLE_MAX, 600).
@@ -344,7 +344,7 @@ echo "This is bar file" > "$work/ctx-small/bar.txt"
 printf 'FROM busybox:bench\nLABEL foo=bar\nCOPY ./* /home/dir1/\n' > "$work/ctx-small/Dockerfile"
 if only push && [ -n "$reg_host" ]; then
     # A push right after a build (`build && push` in CI): the built layer has no gzip or zstd
-    # yet (the idle gzip waits for 2 s of quiet), so each push below makes its form while it
+    # (no layer is compressed in idle time), so each push below makes its form while it
     # uploads; the last finds the zstd kept and only sends it.
     # One run, with the phases, and the registry's CPU beside the daemon's.
     "$bin/isula-build" ctr-img build --tag "$reg_host/bench-built:1" "$work/ctx-copy" >/dev/null
@@ -361,7 +361,7 @@ if only main; then
 step "build: COPY 20k files" ctr-img build "$work/ctx-copy"
 step "build: RUN writes 150 MB" ctr-img build "$work/ctx-run"
 step "build: manual example" ctr-img build "$work/ctx-small"
-# Idle: once the daemon's background gzip of the built layers is done, plus the idle
+# Idle: once the daemon's background work is done, plus the idle
 # trimmer's 5 s period.
 settle "$daemon" "$work/data" || not_idle "$daemon" "$work/data"
 sleep 6
@@ -480,7 +480,7 @@ if only peers; then
             lines=$(wc -l < "$work/daemon.log")
             [ "$t" = ours ] && echo 5 > "/proc/$daemon/clear_refs"
             "cmd_$w" "$t"
-            # For ours, this waits until our daemon is idle again (its unpack and gzip done).
+            # For ours, this waits until our daemon is idle again (its unpack done).
             timed "$w: $t" "$who" "${CMD[@]}"
             if [ "$t" = ours ]; then
                 # Our phases in this run, its idle-time work included.

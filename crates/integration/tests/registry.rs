@@ -987,7 +987,10 @@ fn resets_and_stalls_mid_blob_are_retried_and_a_hung_registry_fails_in_time() {
     let phost = proxy.host();
     let d = Daemon::start_configured(
         &[
-            ("registries.toml", &insecure_registries(&[&phost])),
+            (
+                "registries.toml",
+                &insecure_registries(&[&phost, &reg.host()]),
+            ),
             ("configuration.toml", "registry_stall_timeout = \"3s\"\n"),
         ],
         &["--log-level", "debug"],
@@ -995,9 +998,10 @@ fn resets_and_stalls_mid_blob_are_retried_and_a_hung_registry_fails_in_time() {
     );
     // A layer larger than the socket buffers, so that a registry that stops reading
     // really stops the upload; each phase its own content and repository (no mounts, no
-    // "already there"). Built, every layer (ADD of the rootfs, COPY), so that their gzip is
-    // made in idle time and each push below sends stored blobs, the path these faults are
-    // about (a stream that breaks is
+    // "already there"). Built, every layer (ADD of the rootfs, COPY), then pushed once
+    // straight to the registry under another repository (another host to the daemon: no
+    // cross-repository mount), which makes and keeps their gzip: each push below sends
+    // stored blobs, the path these faults are about (a stream that breaks is
     // `a_push_sends_the_gzip_as_it_makes_it_keeps_it_and_survives_a_broken_stream`).
     let ctx = d.dir.path().join("stall-ctx");
     std::fs::create_dir_all(&ctx).expect("ctx");
@@ -1015,6 +1019,12 @@ fn resets_and_stalls_mid_blob_are_retried_and_a_hung_registry_fails_in_time() {
     };
     let retries = || d.log().matches("upload failed; retrying").count();
     let names: Vec<String> = (1..=4).map(image).collect();
+    for (i, name) in names.iter().enumerate() {
+        let warm = format!("{}/warm{i}/big:1", reg.host());
+        d.ok(&["ctr-img", "tag", name, &warm]);
+        d.ok(&["ctr-img", "push", &warm]);
+        d.ok(&["ctr-img", "rm", &warm]);
+    }
     d.wait_idle();
 
     // One reset mid-upload: a new upload session, the push succeeds.

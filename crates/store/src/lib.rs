@@ -125,8 +125,8 @@ enum Job {
     Hash(ChainId),
 }
 
-/// How long the store must have had no operation before the background compressor
-/// starts a job (a gzip, an unpack, a directory's digest): long enough that a script's next
+/// How long the store must have had no operation before the background work starts a
+/// job (an unpack, a directory's digest): long enough that a script's next
 /// command (a client starting) comes first, short enough that the daemon is soon idle
 /// (2 s, as before, left a load's unpack waiting longer than it took). A job started
 /// meanwhile stops at its next read when an operation starts, and `remove` waits for that.
@@ -670,8 +670,10 @@ impl Store {
             apply::apply_layer(plain, &staged.diff_dir())
         })?;
         // The packed mark goes in the same write that records the durable directory. Idle
-        // time also takes the directory's tar digest, while the files are written back.
-        if yielded.is_some() {
+        // time also takes the directory's tar digest, while the files are written back,
+        // unless an operation started meanwhile (it may be a build waiting for this layer:
+        // the digest is then taken by a job of its own, later).
+        if yielded.is_some() && !self.activity.busy() {
             self.commit_layer_hashed(staged, chain, lease)
         } else {
             self.commit_layer(staged, chain, lease)
@@ -1013,6 +1015,15 @@ impl Store {
                 }
             };
             let _working = c.working.lock().unwrap_or_else(|p| p.into_inner());
+            // An operation may have started while this waited for the lock (an `rm` holds
+            // it while it collects): the job waits for the next quiet spell.
+            if self.activity.busy() {
+                c.queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_front(next);
+                continue;
+            }
             match next {
                 Job::Unpack(chain) => self.unpack_in_background(&chain),
                 Job::Hash(chain) => self.hash_in_background(&chain),
@@ -1162,16 +1173,18 @@ impl Store {
         if !deleted {
             return Ok(vec![RemoveEvent::Untagged(name.to_string())]);
         }
-        // A background job (an unpack or gzip of this image's layer) holds what it works on
-        // until it stops: wait for it, so that the collection below takes all of it.
-        drop(
-            self.compressor
-                .working
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        let mut events: Vec<RemoveEvent> = self
-            .gc()?
+        // A background job (an unpack or a directory's digest of this image's layer) holds
+        // what it works on until it stops (an unpack stops at its next read, this being an
+        // operation): wait for it, and keep the next one from starting before the
+        // collection below has taken everything.
+        let working = self
+            .compressor
+            .working
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let collected = self.gc();
+        drop(working);
+        let mut events: Vec<RemoveEvent> = collected?
             .layers
             .into_iter()
             .flatten()

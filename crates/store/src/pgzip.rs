@@ -27,13 +27,18 @@ pub struct ParallelGzip<W: Write + Send + 'static> {
 /// so a file's content is told apart from its neighbours' to within a block or two.
 const PROBE: usize = 512;
 
+/// The shortest flat run stored rather than deflated (see [`deflate_chunk`]).
+const MIN_STORED: usize = 4 * PROBE;
+
 /// Whether `block` looks like data deflate cannot shrink (compressed or encrypted content,
-/// random bytes): its byte histogram is as flat as that of random data. `Σ count²` of `n`
-/// uniform random bytes averages `n + n(n-1)/256` (1534 for a 512-byte block), with a
-/// spread of about 3%; text, code and machine code score several times that, base64 four
-/// times, half a block of text about twice. A flat histogram is the test a filesystem's
-/// compression heuristic uses too, and far cheaper than letting deflate search for
-/// matches that are not there.
+/// random bytes): its byte histogram is as flat as that of random data, no more and no
+/// less. `Σ count²` of `n` uniform random bytes averages `n + n(n-1)/256` (1534 for a
+/// 512-byte block), with a spread of about 3%; text, code and machine code score several
+/// times that, base64 four times, half a block of text about twice; a block flatter than
+/// chance (a ramp, a table of every byte value: patterns deflate shrinks well) scores
+/// less, down to `n²/256`. A flat histogram is the test a filesystem's compression
+/// heuristic uses too, and far cheaper than letting deflate search for matches that are
+/// not there.
 fn incompressible(block: &[u8]) -> bool {
     if block.len() < PROBE {
         return false;
@@ -45,8 +50,8 @@ fn incompressible(block: &[u8]) -> bool {
     let n = block.len() as u64;
     let sum_sq: u64 = counts.iter().map(|&c| u64::from(c) * u64::from(c)).sum();
     let uniform = n + n * (n - 1) / 256;
-    // 15% above the random average: five times its spread.
-    sum_sq * 100 <= uniform * 115
+    // Within 15% of the random average: five times its spread.
+    sum_sq * 100 <= uniform * 115 && sum_sq * 100 >= uniform * 85
 }
 
 /// Appends `data` as stored deflate blocks (not final): the output is byte-aligned here.
@@ -84,7 +89,7 @@ fn deflate_sync(c: &mut flate2::Compress, src: &[u8], out: &mut Vec<u8>) -> io::
 }
 
 /// Deflates one chunk as a run of byte-aligned, non-final deflate blocks (a final empty
-/// block after the last chunk). Runs of 512-byte blocks that [`incompressible`] finds flat are
+/// block after the last chunk). Runs of at least four 512-byte blocks that [`incompressible`] finds flat are
 /// written as stored blocks, at memcpy speed and without level 1's ~6% growth of such
 /// data; the rest is deflated at `level`, the compressor starting afresh after each stored
 /// run (its window would otherwise miss the stored bytes the decoder has seen). Each
@@ -100,7 +105,9 @@ fn deflate_chunk(data: &[u8], last: bool, level: flate2::Compression) -> io::Res
         while j < data.len() && incompressible(&data[j..(j + PROBE).min(data.len())]) == stored {
             j = (j + PROBE).min(data.len());
         }
-        if stored {
+        // A short flat run (a small compressed file between text) is deflated with its
+        // neighbours: storing it would cost a fresh start of the compressor.
+        if stored && j - i >= MIN_STORED {
             store_blocks(&data[i..j], &mut out);
             fresh = true;
         } else {
@@ -382,6 +389,9 @@ mod tests {
     fn the_flatness_test_tells_noise_from_text_and_code() {
         assert!(incompressible(&noise(PROBE, 9)));
         assert!(!incompressible(&[0u8; PROBE]));
+        // Flatter than chance: a ramp through every byte value, which deflate shrinks.
+        let ramp: Vec<u8> = (0..PROBE).map(|i| i as u8).collect();
+        assert!(!incompressible(&ramp));
         let text: Vec<u8> = b"fn main() { println!(\"hello\"); }\n"
             .iter()
             .cycle()

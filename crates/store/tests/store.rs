@@ -437,7 +437,21 @@ fn background_work_waits_for_quiet_and_while_an_operation_runs() {
         assert!(std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_none()));
         drop(op);
         wait_for("unpacked", || store.layer_unpacked(&chain));
-        // Its tar digest was taken with it: no job left for later.
+        // Its tar digest was taken with it (recorded: the check then compares with it,
+        // not with a fresh unpack of its blob), so no job is left for later.
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("metadata.json")).expect("metadata"),
+        )
+        .expect("json");
+        let rec = meta["dirs"]
+            .as_object()
+            .and_then(|d| d.iter().find(|(k, _)| k.contains(chain.hex())))
+            .map(|(_, v)| v.clone())
+            .expect("the directory's record");
+        assert!(
+            rec["tree"].is_string() && rec.get("unhashed").is_none(),
+            "{rec}"
+        );
         assert!(store.check().expect("check").is_sound());
         store.stop_compressor();
         worker.join().expect("compressor thread");

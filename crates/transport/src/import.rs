@@ -80,8 +80,8 @@ fn import_leased(
         unpacked
     };
     let (blob, blob_size) = lease.commit_blob(writer, None)?;
-    // No gzip form in idle time: an imported base is seldom pushed, and a push makes it
-    // while it uploads (see `Store::gzip_blob_streaming`).
+    // No gzip form now: the push that needs one makes it while it uploads, and keeps it
+    // (see `Store::gzip_blob_streaming`).
     let unpacked = unpacked.with_diff_id(&blob);
     for dev in &unpacked.skipped_devices {
         progress(format!(
