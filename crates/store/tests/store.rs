@@ -378,8 +378,8 @@ fn no_layer_is_gzipped_in_idle_time_and_a_push_makes_and_keeps_its_gzip() {
     let (store, _) = Store::open(dir.path()).expect("reopen");
     std::thread::scope(|s| {
         let worker = s.spawn(|| store.run_compressor());
-        // Several quiet spells go by (300 ms each): nothing is compressed.
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        // Every job the worker had or was given is done: nothing was compressed.
+        background_done(&store, "marker");
         for (what, blob) in [("built", &built), ("plain", &plain), ("gzip", &gz_blob)] {
             assert!(
                 store.compressed(blob).is_none(),
@@ -605,15 +605,7 @@ fn background_unpack_stops_when_an_operation_starts_and_resumes_after() {
     std::thread::scope(|s| {
         let _stop = StopCompressor(&store);
         let worker = s.spawn(|| store.run_compressor());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !staging() {
-            assert!(std::time::Instant::now() < deadline, "never started");
-            assert!(
-                !store.layer_unpacked(&chain),
-                "finished before it was caught"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        catch_unpacking(&store, dir.path(), &chain);
         let op = store.lease();
         // It stops, and what it wrote so far goes.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -649,6 +641,30 @@ fn many_files_tar(n: usize) -> Vec<u8> {
             .expect("append");
     }
     b.into_inner().expect("tar")
+}
+
+/// Waits, polling every millisecond (an unpack of `many_files_tar(20_000)` lasts a few
+/// hundred), until the background unpack of `chain` has files staged and is not done.
+fn catch_unpacking(store: &Store, root: &std::path::Path, chain: &ChainId) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !staged_files(root) {
+        assert!(!store.layer_unpacked(chain), "the unpack ended unseen");
+        assert!(std::time::Instant::now() < deadline, "no unpack started");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Returns once every job the running background worker had is done. It does two small
+/// unpacks, each recorded and queued after the one before is done: the first proves the
+/// worker has run its start-up scan (it queues what is left from before), the second,
+/// queued behind everything since, that the worker has taken up every job before it
+/// (it does them one at a time, in order; a job that stopped goes back to the front).
+fn background_done(store: &Store, prefix: &str) {
+    for i in 0..2 {
+        let chain = record_packed(store, &format!("{prefix}{i}:1"), &format!("{prefix} {i}"));
+        store.queue_unpack(&chain);
+        wait_for("the marker unpacked", || store.layer_unpacked(&chain));
+    }
 }
 
 /// Whether an unpack has files staged under the store's `tmp/`.
@@ -781,12 +797,7 @@ fn an_rm_during_the_idle_unpack_stops_it_and_takes_everything() {
         let stop = StopCompressor(&store);
         let worker = s.spawn(|| store.run_compressor());
         // The control: the unpack is under way (files staged, the layer not yet made).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !staged() {
-            assert!(!store.layer_unpacked(&chain), "the unpack ended unseen");
-            assert!(std::time::Instant::now() < deadline, "no unpack started");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        catch_unpacking(&store, dir.path(), &chain);
         assert!(!store.layer_unpacked(&chain), "the unpack ended too soon");
         store.remove("big:1").expect("rm");
         // At once: nothing the unpack held is left.
@@ -794,9 +805,13 @@ fn an_rm_during_the_idle_unpack_stops_it_and_takes_everything() {
         assert!(!store.layer_dir(&chain).exists(), "a layer directory left");
         assert_eq!(store.content().list().expect("list"), vec![], "blobs left");
         assert!(!store.has_layer(&chain));
-        // And the job, taken up again, finds nothing to do.
-        std::thread::sleep(std::time::Duration::from_millis(600));
+        // And the job, taken up again (it went back to the front of the queue), finds
+        // nothing to do: once a later job is done, still nothing of it is there.
+        background_done(&store, "marker");
         assert!(!store.layer_dir(&chain).exists() && !staged());
+        assert!(!store.has_layer(&chain));
+        // The markers' layer and config blobs alone.
+        assert_eq!(store.content().list().expect("list").len(), 4, "blobs left");
         drop(stop);
         worker.join().expect("compressor thread");
     });
