@@ -733,11 +733,28 @@ fn a_remote_copy_links_the_synced_files_and_makes_the_layer_a_local_copy_makes()
     )
     .expect("df");
     let ctx_s = ctx.display().to_string();
-    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "r:1", &ctx_s]);
+    // One build time for every build: the directories a build makes (/x/) take its clock,
+    // and two builds may straddle a second.
+    let epoch = ["--build-arg", "SOURCE_DATE_EPOCH=1600000000"];
+    let o = remote(
+        &d,
+        &addr,
+        &tls,
+        &["ctr-img", "build", epoch[0], epoch[1], "-t", "r:1", &ctx_s],
+    );
     assert!(o.status.success(), "{}", text(&o));
     // The oracle: the same build from the local socket, copying (no cache: nothing of
     // the remote build is reused).
-    d.ok(&["ctr-img", "build", "--no-cache", "-t", "l:1", &ctx_s]);
+    d.ok(&[
+        "ctr-img",
+        "build",
+        epoch[0],
+        epoch[1],
+        "--no-cache",
+        "-t",
+        "l:1",
+        &ctx_s,
+    ]);
     let entries = |img: &str| {
         let (e, _) = d.layer_entries(img);
         e.into_iter()
@@ -749,6 +766,13 @@ fn a_remote_copy_links_the_synced_files_and_makes_the_layer_a_local_copy_makes()
         remote_layers
             .iter()
             .any(|e| e.0 == "x/in/d" && e.5 == b"dup\n"),
+        "{remote_layers:?}"
+    );
+    // The directory the build made has the build's time in both (the flake this avoids).
+    assert!(
+        remote_layers
+            .iter()
+            .any(|e| e.0.trim_end_matches('/') == "x" && e.4 == 1_600_000_000),
         "{remote_layers:?}"
     );
     assert!(
@@ -784,7 +808,12 @@ fn a_remote_copy_links_the_synced_files_and_makes_the_layer_a_local_copy_makes()
     );
     // The client changes src/a: the next sync makes it a new inode; the layers keep theirs.
     std::fs::write(ctx.join("src/a"), "ONE\n").expect("a");
-    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "r:2", &ctx_s]);
+    let o = remote(
+        &d,
+        &addr,
+        &tls,
+        &["ctr-img", "build", epoch[0], epoch[1], "-t", "r:2", &ctx_s],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let layer_copies: Vec<&PathBuf> = linked
         .iter()
@@ -803,7 +832,12 @@ fn a_remote_copy_links_the_synced_files_and_makes_the_layer_a_local_copy_makes()
     assert_eq!(d.image_text("r:1", "c/a").as_deref(), Some("one"));
     // An unchanged rebuild after the links (which change the files' ctime) reads nothing
     // and hits every step.
-    let o = remote(&d, &addr, &tls, &["ctr-img", "build", "-t", "r:3", &ctx_s]);
+    let o = remote(
+        &d,
+        &addr,
+        &tls,
+        &["ctr-img", "build", epoch[0], epoch[1], "-t", "r:3", &ctx_s],
+    );
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert_eq!(sent(&out), (0, 0), "{out}");
