@@ -457,8 +457,8 @@ impl Daemon {
     }
 
     /// Waits until the daemon's background work is done: the directory of every packed
-    /// layer and the tar digest of every layer directory (so that snapshots are not taken
-    /// half-way through), and nothing left behind by it.
+    /// layer and the tar digest of every layer directory no blob holds (so that snapshots
+    /// are not taken half-way through), and nothing left behind by it.
     pub fn wait_idle(&self) {
         let data = self.data();
         let done = || {
@@ -473,10 +473,29 @@ impl Daemon {
             let images = meta["images"].as_object().unwrap_or(&empty);
             // Packed (loaded or pulled) layers are unpacked in idle time.
             let packed = meta["packed"].as_object().is_some_and(|p| !p.is_empty());
-            // Layer directories committed without their tar digest get it in idle time.
-            let unhashed = meta["dirs"]
-                .as_object()
-                .is_some_and(|d| d.values().any(|r| r["unhashed"] == true));
+            // Layer directories committed without their tar digest get it in idle time,
+            // unless a stored blob holds the layer (the check compares with that blob).
+            let blob_there = |d: &str| {
+                d.strip_prefix("sha256:")
+                    .is_some_and(|h| data.join("blobs/sha256").join(h).is_file())
+            };
+            let held = |chain: &str| {
+                meta["layers"][chain]["diff_id"]
+                    .as_str()
+                    .is_some_and(blob_there)
+                    || images.values().any(|img| {
+                        let layers = img["layers"].as_array().into_iter().flatten();
+                        layers
+                            .zip(img["blobs"].as_array().into_iter().flatten())
+                            .any(|(l, b)| {
+                                l.as_str() == Some(chain) && b.as_str().is_some_and(blob_there)
+                            })
+                    })
+            };
+            let unhashed = meta["dirs"].as_object().is_some_and(|d| {
+                d.iter()
+                    .any(|(chain, r)| r["unhashed"] == true && !held(chain))
+            });
             !packed
                 && !unhashed
                 && std::fs::read_dir(data.join("ingest")).map_or(true, |mut d| d.next().is_none())

@@ -180,6 +180,89 @@ fn check_owner(rel: &Path, uid: u32, gid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Handles (`O_PATH`) of the directories entries were last written into, by their path in
+/// the layer: a layer's entries come a directory at a time, or round a few directories, and
+/// each resolve is an `openat2` walk. A handle is good for as long as nothing on its path
+/// was removed or replaced, which only this unpack does: every removal marks the cache
+/// stale, and it is emptied before the next entry.
+struct Parents {
+    map: std::collections::HashMap<PathBuf, std::rc::Rc<std::os::fd::OwnedFd>>,
+    stale: bool,
+}
+
+/// At most this many handles are kept (then the cache starts again).
+const PARENTS_KEPT: usize = 1024;
+
+impl Parents {
+    fn new() -> Self {
+        Parents {
+            map: std::collections::HashMap::new(),
+            stale: false,
+        }
+    }
+
+    /// The directory `rel` (created when missing), resolved as `how` says.
+    fn dir(
+        &mut self,
+        root: &Root,
+        rel: &Path,
+        how: Resolve,
+    ) -> isula_sys::Result<std::rc::Rc<std::os::fd::OwnedFd>> {
+        if self.stale || self.map.len() >= PARENTS_KEPT {
+            self.map.clear();
+            self.stale = false;
+        }
+        if let Some(fd) = self.map.get(rel) {
+            return Ok(fd.clone());
+        }
+        let fd = std::rc::Rc::new(root.dir(rel, how, true)?);
+        self.map.insert(rel.to_path_buf(), fd.clone());
+        Ok(fd)
+    }
+}
+
+/// Whether `e` says something is there already.
+fn exists(e: &isula_sys::SysError) -> bool {
+    e.errno() == Some(rustix::io::Errno::EXIST.raw_os_error())
+}
+
+/// Copies what is left of `entry` into `f`, `buf` at a time (one write for a small file).
+fn write_entry<R: Read>(entry: &mut R, f: &mut std::fs::File, buf: &mut [u8]) -> io::Result<()> {
+    use std::io::Write;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match entry.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        f.write_all(&buf[..filled])?;
+        if filled < buf.len() {
+            return Ok(());
+        }
+    }
+}
+
+fn times_of(mtime: (i64, u32)) -> rustix::fs::Timestamps {
+    let ts = rustix::fs::Timespec {
+        tv_sec: mtime.0,
+        tv_nsec: mtime.1 as _,
+    };
+    rustix::fs::Timestamps {
+        last_access: ts,
+        last_modification: ts,
+    }
+}
+
+/// What a regular file is written through, a piece at a time.
+const WRITE_PIECE: usize = 256 << 10;
+
 fn unpack<R: Read>(
     layer: R,
     dest: &Path,
@@ -191,6 +274,8 @@ fn unpack<R: Read>(
     let mut bytes: u64 = 0;
     let mut next_space_check = SPACE_CHECK_EVERY;
     let root = Root::open(dest)?;
+    let mut parents = Parents::new();
+    let mut buf = vec![0u8; WRITE_PIECE];
     let mut archive = tar::Archive::new(layer);
     let mut report = ApplyReport::default();
     let mut dir_times: Vec<(PathBuf, (i64, u32))> = Vec::new();
@@ -217,8 +302,8 @@ fn unpack<R: Read>(
         // Whiteouts.
         if whiteouts && name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
             let parent = rel.parent().unwrap_or(Path::new(""));
-            let pfd = root
-                .dir(parent, resolve, true)
+            let pfd = parents
+                .dir(&root, parent, resolve)
                 .map_err(|e| sys_at(&rel, e))?;
             if name_bytes == OPAQUE_WHITEOUT.as_bytes() {
                 rooted::set_xattr(
@@ -235,23 +320,33 @@ fn unpack<R: Read>(
                 if target.is_empty() || target == ".." || target == "." {
                     return Err(unsafe_entry(&rel, "invalid whiteout name"));
                 }
+                parents.stale = true;
                 rooted::remove_all(pfd.as_fd(), target).map_err(|e| sys_at(&rel, e))?;
                 rooted::mknod_whiteout(pfd.as_fd(), target).map_err(|e| sys_at(&rel, e))?;
             }
             continue;
         }
 
-        let (pfd, _) = root
-            .parent(&rel, resolve, true)
+        let parent_fd = parents
+            .dir(&root, rel.parent().unwrap_or(Path::new("")), resolve)
             .map_err(|e| sys_at(&rel, e))?;
-        let pfd = pfd.as_fd();
-        let existing = rooted::lstat(pfd, &name).map_err(|e| sys_at(&rel, e))?;
-        let is_dir_entry = kind == tar::EntryType::Directory;
-        if let Some(st) = &existing {
-            // A later entry replaces an earlier one, except dir over dir (merged).
-            if !(is_dir_entry && rooted::is_dir(st)) {
-                rooted::remove_all(pfd, &name).map_err(|e| sys_at(&rel, e))?;
-            }
+        let pfd = parent_fd.as_fd();
+        // A later entry replaces an earlier one, except dir over dir (merged). A regular
+        // file or directory is made at once and looked at only if something is there.
+        let fast = matches!(
+            kind,
+            tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse
+                | tar::EntryType::Directory
+        );
+        if !fast
+            && rooted::lstat(pfd, &name)
+                .map_err(|e| sys_at(&rel, e))?
+                .is_some()
+        {
+            parents.stale = true;
+            rooted::remove_all(pfd, &name).map_err(|e| sys_at(&rel, e))?;
         }
         let mode = header
             .mode()
@@ -275,15 +370,34 @@ fn unpack<R: Read>(
                     check_free_space(dest, limits.min_free.saturating_add(entry.size()))?;
                     next_space_check = bytes + SPACE_CHECK_EVERY;
                 }
-                let mut f = rooted::create_file(pfd, &name, 0o600).map_err(|e| sys_at(&rel, e))?;
-                io::copy(&mut entry, &mut f)
+                let mut f = match rooted::create_file(pfd, &name, 0o600) {
+                    Err(e) if exists(&e) => {
+                        parents.stale = true;
+                        rooted::remove_all(pfd, &name).map_err(|e| sys_at(&rel, e))?;
+                        rooted::create_file(pfd, &name, 0o600)
+                    }
+                    made => made,
+                }
+                .map_err(|e| sys_at(&rel, e))?;
+                write_entry(&mut entry, &mut f, &mut buf)
                     .map_err(|e| StoreError::io("write", dest.join(&rel), e))?;
                 created = Some(f);
             }
             tar::EntryType::Directory => {
-                if existing.as_ref().is_none_or(|st| !rooted::is_dir(st)) {
-                    rooted::mkdir(pfd, &name, 0o700).map_err(|e| sys_at(&rel, e))?;
+                match rooted::mkdir(pfd, &name, 0o700) {
+                    Err(e) if exists(&e) => {
+                        let st = rooted::lstat(pfd, &name).map_err(|e| sys_at(&rel, e))?;
+                        if st.as_ref().is_none_or(|st| !rooted::is_dir(st)) {
+                            parents.stale = true;
+                            rooted::remove_all(pfd, &name).map_err(|e| sys_at(&rel, e))?;
+                            rooted::mkdir(pfd, &name, 0o700)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    made => made,
                 }
+                .map_err(|e| sys_at(&rel, e))?;
                 dir_times.push((rel.clone(), mtime));
             }
             tar::EntryType::Symlink => {
@@ -368,8 +482,14 @@ fn unpack<R: Read>(
                     }
                 }
             }
-            if kind != tar::EntryType::Directory {
-                rooted::set_times(pfd, &name, mtime).map_err(|e| sys_at(&rel, e))?;
+            match &created {
+                Some(f) => rustix::fs::futimens(f, &times_of(mtime)).map_err(|e| {
+                    sys_at(&rel, isula_sys::SysError::new("utimes", dest.join(&rel), e))
+                })?,
+                None if kind != tar::EntryType::Directory => {
+                    rooted::set_times(pfd, &name, mtime).map_err(|e| sys_at(&rel, e))?
+                }
+                None => {}
             }
         }
     }
@@ -598,6 +718,56 @@ mod tests {
             b.append(&h, *data).expect("append");
         }
         b.into_inner().expect("finish")
+    }
+
+    /// Later entries replace earlier ones at the same path, and a directory written into
+    /// before is not written into after it was replaced (its handle is remembered).
+    #[test]
+    fn replacements_never_write_into_a_directory_that_was_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = vec![7u8; WRITE_PIECE * 2 + 5];
+        let tar = tar_of(&[
+            ("a/", tar::EntryType::Directory, b"", None),
+            ("a/x", tar::EntryType::Regular, b"old x", None),
+            ("a", tar::EntryType::Regular, b"a file now", None),
+            ("a/", tar::EntryType::Directory, b"", None),
+            ("a/y", tar::EntryType::Regular, b"y", None),
+            ("b/c/", tar::EntryType::Directory, b"", None),
+            ("b/c/f", tar::EntryType::Regular, b"f", None),
+            ("b/.wh.c", tar::EntryType::Regular, b"", None),
+            ("b/c/", tar::EntryType::Directory, b"", None),
+            ("b/c/g", tar::EntryType::Regular, b"g", None),
+            ("f", tar::EntryType::Regular, b"first", None),
+            ("f", tar::EntryType::Regular, &big, None),
+            ("l", tar::EntryType::Regular, b"target", None),
+            ("m", tar::EntryType::Link, b"", Some("l")),
+            ("l", tar::EntryType::Regular, b"new", None),
+            ("s/", tar::EntryType::Directory, b"", None),
+            ("s/in", tar::EntryType::Regular, b"in", None),
+            ("s", tar::EntryType::Symlink, b"", Some("t")),
+        ]);
+        apply_layer(&tar[..], dir.path()).expect("apply");
+        let d = dir.path();
+        let names = |p: &str| {
+            let mut n: Vec<String> = std::fs::read_dir(d.join(p))
+                .expect("dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names("a"), ["y"]);
+        // The whiteout removed c and its f; the later c holds g (and the whiteout's mark
+        // went with the directory it stood for).
+        assert_eq!(names("b/c"), ["g"]);
+        assert_eq!(std::fs::read(d.join("f")).expect("f"), big);
+        // A replaced file is a new inode: the hard link keeps the old contents.
+        assert_eq!(std::fs::read(d.join("m")).expect("m"), b"target");
+        assert_eq!(std::fs::read(d.join("l")).expect("l"), b"new");
+        assert_eq!(
+            std::fs::read_link(d.join("s")).expect("s").to_str(),
+            Some("t")
+        );
     }
 
     #[test]

@@ -100,6 +100,9 @@ where
     R: Read,
 {
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(AHEAD_PIECES);
+    // Read pieces come back to be filled again: the same few buffers go round, instead of
+    // a fresh mapping (and its page faults) for every MiB.
+    let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(AHEAD_PIECES + 2);
     scope.spawn(move || {
         let mut r = match open() {
             Ok(r) => r,
@@ -109,7 +112,10 @@ where
             }
         };
         loop {
-            let mut piece = Vec::with_capacity(AHEAD_PIECE);
+            let mut piece = back_rx
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(AHEAD_PIECE));
+            piece.clear();
             match (&mut r).take(AHEAD_PIECE as u64).read_to_end(&mut piece) {
                 Ok(0) => return,
                 Ok(_) => {
@@ -126,6 +132,7 @@ where
     });
     AheadReader {
         rx,
+        back: back_tx,
         piece: Vec::new(),
         at: 0,
     }
@@ -134,6 +141,7 @@ where
 /// The reading end of [`read_ahead`].
 pub struct AheadReader {
     rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    back: std::sync::mpsc::SyncSender<Vec<u8>>,
     piece: Vec<u8>,
     at: usize,
 }
@@ -143,7 +151,11 @@ impl Read for AheadReader {
         while self.at == self.piece.len() {
             match self.rx.recv() {
                 Ok(p) => {
-                    self.piece = p?;
+                    let used = std::mem::replace(&mut self.piece, p?);
+                    if used.capacity() > 0 {
+                        // The reading thread may be gone, or have enough: then it is freed.
+                        let _ = self.back.try_send(used);
+                    }
                     self.at = 0;
                 }
                 // The thread ended without an error: the stream is done.

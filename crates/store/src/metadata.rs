@@ -92,8 +92,9 @@ pub struct LayerDir {
     pub tree: Option<Digest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamp_mtime: Option<i64>,
-    /// Committed (durable) without its tar digest, which idle time records: until then
-    /// `--check-store` compares it with its blob, as a directory of an older store.
+    /// Committed (durable) without its tar digest. Idle time records it if no stored blob
+    /// holds the layer; until then `--check-store` compares the directory with its blob, as
+    /// a directory of an older store, and records it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unhashed: bool,
 }

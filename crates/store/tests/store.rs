@@ -421,6 +421,7 @@ fn background_work_waits_for_quiet_and_while_an_operation_runs() {
         // the operation, waits, and has started nothing.
         let op = store.lease();
         let worker = s.spawn(|| store.run_compressor());
+        let _stop = StopCompressor(&store);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while store.compression_deferred() == 0 {
             assert!(
@@ -437,28 +438,29 @@ fn background_work_waits_for_quiet_and_while_an_operation_runs() {
         assert!(std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_none()));
         drop(op);
         wait_for("unpacked", || store.layer_unpacked(&chain));
-        // Its tar digest was taken with it (recorded: the check then compares with it,
-        // not with a fresh unpack of its blob), so no job is left for later.
-        let meta: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(dir.path().join("metadata.json")).expect("metadata"),
-        )
-        .expect("json");
-        let rec = meta["dirs"]
-            .as_object()
-            .and_then(|d| d.iter().find(|(k, _)| k.contains(chain.hex())))
-            .map(|(_, v)| v.clone())
-            .expect("the directory's record");
+        // No tar digest is taken, then or later: the blob it came from stays, and the
+        // check compares the directory with it (once, recording the digest then).
+        background_done(&store, "marker");
+        let rec = dir_record(dir.path(), &chain);
         assert!(
-            rec["tree"].is_string() && rec.get("unhashed").is_none(),
+            rec.get("tree").is_none() && rec["unhashed"] == true,
             "{rec}"
         );
         assert!(store.check().expect("check").is_sound());
+        let rec = dir_record(dir.path(), &chain);
+        assert!(
+            rec["tree"].is_string() && rec.get("unhashed").is_none(),
+            "the check records the digest: {rec}"
+        );
         store.stop_compressor();
         worker.join().expect("compressor thread");
     });
     // Once nothing holds the layer, its directory and blob go with the image.
     store.remove("a:1").expect("rm");
     assert!(!store.layer_dir(&chain).exists());
+    for marker in ["marker0:1", "marker1:1"] {
+        store.remove(marker).expect("rm");
+    }
     assert!(store.content().list().expect("list").is_empty());
 }
 
@@ -665,6 +667,18 @@ fn background_done(store: &Store, prefix: &str) {
         store.queue_unpack(&chain);
         wait_for("the marker unpacked", || store.layer_unpacked(&chain));
     }
+}
+
+/// The record of layer `chain`'s directory in the store's metadata.
+fn dir_record(root: &std::path::Path, chain: &ChainId) -> serde_json::Value {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("metadata.json")).expect("metadata"))
+            .expect("json");
+    meta["dirs"]
+        .as_object()
+        .and_then(|d| d.iter().find(|(k, _)| k.contains(chain.hex())))
+        .map(|(_, v)| v.clone())
+        .expect("the directory's record")
 }
 
 /// Whether an unpack has files staged under the store's `tmp/`.

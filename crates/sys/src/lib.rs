@@ -103,6 +103,30 @@ pub fn syncfs(path: &std::path::Path) -> Result<()> {
     rustix::fs::syncfs(&open_dir(path)?).map_err(|e| SysError::new("syncfs", path, e))
 }
 
+/// A handle on the file system holding a directory, taken before anything is written
+/// there. Its [`FsSync::sync`] reports every writeback error the file system had since the
+/// handle was opened: `syncfs` through a handle opened later misses an error that came
+/// before it (the kernel samples the file system's error sequence at open).
+#[derive(Debug)]
+pub struct FsSync {
+    fd: std::os::fd::OwnedFd,
+    path: std::path::PathBuf,
+}
+
+impl FsSync {
+    pub fn open(path: &std::path::Path) -> Result<FsSync> {
+        Ok(FsSync {
+            fd: open_dir(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Writes back everything of the file system (one syncfs).
+    pub fn sync(&self) -> Result<()> {
+        rustix::fs::syncfs(&self.fd).map_err(|e| SysError::new("syncfs", &self.path, e))
+    }
+}
+
 /// Shuts the ext4 (or XFS) file system holding `path` down at once, dropping everything
 /// not yet durable, journal included (`EXT4_IOC_SHUTDOWN` with
 /// `EXT4_GOING_FLAGS_NOLOGFLUSH`): what a power cut leaves on the disk. Every later access
