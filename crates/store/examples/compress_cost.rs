@@ -1,6 +1,6 @@
 //! What each stage of a push that compresses as it uploads costs on this machine: reads a
 //! layer tar (argument 1) and runs, alone, the parallel gzip (level 1 and 2), the parallel
-//! zstd (levels 1 and 3), zstd:chunked (level 1) and sha256, printing wall seconds, CPU seconds (this process, all
+//! zstd (levels 1 and 3), zstd:chunked (level 1), the gunzip of level 1's output and sha256, printing wall seconds, CPU seconds (this process, all
 //! threads) and output bytes. `cargo run --release -p isula-store --example compress_cost
 //! -- LAYER.tar`: the numbers behind README's "zstd" measurements.
 
@@ -59,6 +59,14 @@ fn main() -> std::io::Result<()> {
             Ok(gz.finish()?.0)
         });
     }
+    // What a pull or an unpack of a gzip layer pays to read it: the inflate.
+    let mut gz = isula_store::pgzip::ParallelGzip::new(Vec::new(), flate2::Compression::new(1))?;
+    gz.write_all(&data)?;
+    let gzipped = gz.finish()?;
+    measure("gunzip (level 1's)", &gzipped, |d| {
+        std::io::copy(&mut flate2::read::MultiGzDecoder::new(d), &mut Count(0))
+    });
+    drop(gzipped);
     for level in [1, 3] {
         measure(&format!("zstd level {level}"), &data, |d| {
             let mut z = isula_store::compression::parallel_zstd(Count(0), level)?;
