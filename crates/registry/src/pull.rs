@@ -736,7 +736,8 @@ impl Read for ChannelReader {
         while self.pos == self.cur.len() {
             match self.rx.recv() {
                 Ok(c) => {
-                    self.cur = c;
+                    // The chunk read goes back to the pool it came from.
+                    isula_sys::memory::give_piece(std::mem::replace(&mut self.cur, c));
                     self.pos = 0;
                 }
                 Err(_) => return Ok(0),
@@ -796,7 +797,9 @@ fn stream_layer(
                 let decoded = (|| -> std::io::Result<()> {
                     let (_, mut plain) = isula_store::compression::decompress(&mut tee)?;
                     loop {
-                        let mut chunk = vec![0u8; 256 << 10];
+                        // Pooled: a fresh 256 KiB buffer is mapped and faulted in each time.
+                        let mut chunk = isula_sys::memory::take_piece(256 << 10);
+                        chunk.resize(256 << 10, 0);
                         let n = plain.read(&mut chunk)?;
                         if n == 0 || {
                             chunk.truncate(n);

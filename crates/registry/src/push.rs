@@ -585,7 +585,11 @@ fn send_compressed(
     let body = std::sync::Mutex::new(Some(pieces));
     // Each piece the compressor writes goes to the connection whole; a request that is
     // gone stops the copies, never the compression.
-    let side: isula_store::Side = Box::new(move |piece: &[u8]| tx.send(piece.to_vec().into()));
+    let side: isula_store::Side = Box::new(move |piece: &[u8]| {
+        tx.send(bytes::Bytes::from_owner(isula_sys::memory::Piece::copy_of(
+            piece,
+        )))
+    });
     let estimate = store.blob_size(source).unwrap_or(0);
     let scopes = [scope_push(repo)];
     let (gzip, streamed) = std::thread::scope(|s| {

@@ -118,11 +118,13 @@ pub fn file_body(path: &std::path::Path, size: u64, count: &Arc<AtomicU64>) -> R
     std::thread::Builder::new()
         .name("upload-read".into())
         .spawn(move || loop {
-            let mut piece = Vec::with_capacity(FILE_PIECE);
+            // Pooled pieces: each goes back to the pool once the connection has sent it.
+            let mut piece = isula_sys::memory::take_piece(FILE_PIECE);
             match (&mut f).take(FILE_PIECE as u64).read_to_end(&mut piece) {
                 Ok(0) => return,
                 Ok(_) => {
-                    if !tx.send(Bytes::from(piece)) {
+                    let piece = isula_sys::memory::Piece::from_vec(piece);
+                    if !tx.send(Bytes::from_owner(piece)) {
                         return;
                     }
                 }

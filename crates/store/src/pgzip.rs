@@ -94,9 +94,16 @@ fn deflate_sync(c: &mut flate2::Compress, src: &[u8], out: &mut Vec<u8>) -> io::
 /// data; the rest is deflated at `level`, the compressor starting afresh after each stored
 /// run (its window would otherwise miss the stored bytes the decoder has seen). Each
 /// chunk stands alone, so the result depends on the input only, never on thread timing.
-fn deflate_chunk(data: &[u8], last: bool, level: flate2::Compression) -> io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(data.len() / 2 + 64);
-    let mut c: Option<flate2::Compress> = None;
+/// Deflates one chunk with `c` (a worker's compressor, made on first use and reset for
+/// each chunk: making one allocates its window and tables anew). The output buffer is a
+/// pooled piece.
+fn deflate_chunk(
+    data: &[u8],
+    last: bool,
+    level: flate2::Compression,
+    c: &mut Option<flate2::Compress>,
+) -> io::Result<Vec<u8>> {
+    let mut out = isula_sys::memory::take_piece(data.len() / 2 + 64);
     let mut fresh = true;
     let mut i = 0;
     while i < data.len() {
@@ -143,13 +150,17 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("gzip-{i}"))
-                    .spawn(move || loop {
-                        let job = match rx.lock() {
-                            Ok(r) => r.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok((data, last, reply)) = job else { return };
-                        let _ = reply.send(deflate_chunk(&data, last, level));
+                    .spawn(move || {
+                        let mut compress = None;
+                        loop {
+                            let job = match rx.lock() {
+                                Ok(r) => r.recv(),
+                                Err(_) => return,
+                            };
+                            let Ok((data, last, reply)) = job else { return };
+                            let _ = reply.send(deflate_chunk(&data, last, level, &mut compress));
+                            isula_sys::memory::give_piece(data);
+                        }
                     })?,
             );
         }
@@ -162,11 +173,12 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
                         .recv()
                         .map_err(|_| io::Error::other("a gzip worker stopped"))??;
                     out.write_all(&bytes)?;
+                    isula_sys::memory::give_piece(bytes);
                 }
                 Ok(out)
             })?;
         Ok(ParallelGzip {
-            buf: Vec::with_capacity(CHUNK),
+            buf: isula_sys::memory::take_piece(CHUNK),
             jobs: Some(jobs_tx),
             order: Some(order_tx),
             workers,
@@ -178,7 +190,11 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
     fn send(&mut self, last: bool) -> io::Result<()> {
         let data = std::mem::replace(
             &mut self.buf,
-            Vec::with_capacity(if last { 0 } else { CHUNK }),
+            if last {
+                Vec::new()
+            } else {
+                isula_sys::memory::take_piece(CHUNK)
+            },
         );
         let (reply_tx, reply_rx) = sync_channel(1);
         let stopped = || io::Error::other("the gzip writer stopped");

@@ -33,10 +33,81 @@ pub fn limit_malloc_arenas(arenas: i32) {
     let _ = arenas;
 }
 
+/// Buffers of [`PIECE`] bytes kept for reuse, at most [`PIECES_KEPT`] of them.
+static PIECES: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// The size of a pooled piece: what layers move in (an upload's pieces, a compressed
+/// stream's). With the fixed mmap threshold above, a fresh buffer of this size is mapped
+/// and page-faulted in every time (0.1-0.17 CPU seconds per 430 MB push or pull): pooled
+/// ones are faulted in once.
+pub const PIECE: usize = 1 << 20;
+/// Pieces the pool keeps (what a few transfers at once have in flight).
+pub const PIECES_KEPT: usize = 16;
+
+/// An empty buffer with room for at least `len` bytes: a pooled one when `len` fits in a
+/// piece, else a new one.
+pub fn take_piece(len: usize) -> Vec<u8> {
+    if len <= PIECE {
+        if let Some(mut v) = PIECES.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            v.clear();
+            return v;
+        }
+        return Vec::with_capacity(PIECE);
+    }
+    Vec::with_capacity(len)
+}
+
+/// Gives a buffer back to the pool (kept if it is a piece and the pool has room).
+pub fn give_piece(v: Vec<u8>) {
+    if v.capacity() != PIECE {
+        return;
+    }
+    let mut pool = PIECES.lock().unwrap_or_else(|p| p.into_inner());
+    if pool.len() < PIECES_KEPT {
+        pool.push(v);
+    }
+}
+
+/// How many pieces the pool holds now.
+pub fn pieces_kept() -> usize {
+    PIECES.lock().unwrap_or_else(|p| p.into_inner()).len()
+}
+
+/// A pooled piece as the owner of a `bytes::Bytes`-like buffer: back to the pool on drop.
+#[derive(Debug, Default)]
+pub struct Piece(Vec<u8>);
+
+impl Piece {
+    /// A piece holding a copy of `data`.
+    pub fn copy_of(data: &[u8]) -> Piece {
+        let mut v = take_piece(data.len());
+        v.extend_from_slice(data);
+        Piece(v)
+    }
+
+    /// A piece made of `v` (taken from [`take_piece`]).
+    pub fn from_vec(v: Vec<u8>) -> Piece {
+        Piece(v)
+    }
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        give_piece(std::mem::take(&mut self.0));
+    }
+}
+
 /// Gives the free memory the allocator keeps back to the system (glibc's `malloc_trim`; a
-/// no-op elsewhere): the daemon calls it when its last operation ends, so that an idle
-/// daemon holds what is live, not its last peak.
+/// no-op elsewhere), the pooled pieces with it: the daemon calls it when its last operation
+/// ends, so that an idle daemon holds what is live, not its last peak.
 pub fn release_free() {
+    PIECES.lock().unwrap_or_else(|p| p.into_inner()).clear();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: malloc_trim takes no pointers; glibc locks each arena while it trims.
@@ -82,6 +153,28 @@ pub fn allocator_stats() -> Option<AllocatorStats> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pieces_go_round_and_idle_time_frees_them() {
+        super::release_free();
+        let a = super::Piece::copy_of(b"first");
+        let at = a.as_ref().as_ptr();
+        assert_eq!(a.as_ref(), b"first");
+        drop(a);
+        assert_eq!(super::pieces_kept(), 1);
+        // The same buffer again, emptied.
+        let b = super::take_piece(10);
+        assert_eq!((b.as_ptr(), b.len()), (at, 0));
+        // A buffer that is not a piece is not kept.
+        super::give_piece(Vec::with_capacity(10));
+        assert_eq!(super::pieces_kept(), 0);
+        super::give_piece(b);
+        assert_eq!(super::pieces_kept(), 1);
+        super::release_free();
+        assert_eq!(super::pieces_kept(), 0);
+        // A big request is not a piece.
+        assert!(super::take_piece(super::PIECE + 1).capacity() > super::PIECE);
+    }
+
     #[test]
     fn allocator_stats_see_an_allocation() {
         let Some(before) = super::allocator_stats() else {
