@@ -479,18 +479,54 @@ impl Daemon {
                 d.strip_prefix("sha256:")
                     .is_some_and(|h| data.join("blobs/sha256").join(h).is_file())
             };
-            let held = |chain: &str| {
-                meta["layers"][chain]["diff_id"]
-                    .as_str()
-                    .is_some_and(blob_there)
-                    || images.values().any(|img| {
-                        let layers = img["layers"].as_array().into_iter().flatten();
-                        layers
-                            .zip(img["blobs"].as_array().into_iter().flatten())
-                            .any(|(l, b)| {
-                                l.as_str() == Some(chain) && b.as_str().is_some_and(blob_there)
-                            })
+            // The blobs the store counts as holding a layer (`blobs_holding`): its plain
+            // tar, that tar's kept forms, its packed blob, and the layer blobs images and
+            // cache stage records name beside it.
+            let index: serde_json::Value = std::fs::read(data.join("cache/index.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            let stages: Vec<&serde_json::Value> = index["records"]
+                .as_object()
+                .into_iter()
+                .flat_map(|r| r.values())
+                .map(|r| &r["stage"])
+                .collect();
+            let beside = |layers: &serde_json::Value, blobs: &serde_json::Value, chain: &str| {
+                let layers = layers.as_array().into_iter().flatten();
+                layers
+                    .zip(blobs.as_array().into_iter().flatten())
+                    .filter(|(l, _)| {
+                        l.as_str() == Some(chain) || l["chain_id"].as_str() == Some(chain)
                     })
+                    .filter_map(|(_, b)| b.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            };
+            let held = |chain: &str| {
+                let diff_id = meta["layers"][chain]["diff_id"].as_str().or_else(|| {
+                    stages.iter().find_map(|s| {
+                        s["layers"].as_array().into_iter().flatten().find_map(|l| {
+                            (l["chain_id"].as_str() == Some(chain))
+                                .then(|| l["diff_id"].as_str())
+                                .flatten()
+                        })
+                    })
+                });
+                let mut blobs: Vec<String> = Vec::new();
+                if let Some(d) = diff_id {
+                    blobs.push(d.to_string());
+                    for k in ["compressed", "compressed_zstd", "compressed_zstd_chunked"] {
+                        blobs.extend(meta[k][d]["digest"].as_str().map(str::to_string));
+                    }
+                }
+                blobs.extend(meta["packed"][chain].as_str().map(str::to_string));
+                for img in images.values() {
+                    blobs.extend(beside(&img["layers"], &img["blobs"], chain));
+                }
+                for st in &stages {
+                    blobs.extend(beside(&st["layers"], &st["blobs"], chain));
+                }
+                blobs.iter().any(|b| blob_there(b))
             };
             let unhashed = meta["dirs"].as_object().is_some_and(|d| {
                 d.iter()

@@ -190,8 +190,10 @@ struct Parents {
     stale: bool,
 }
 
-/// At most this many handles are kept (then the cache starts again).
-const PARENTS_KEPT: usize = 1024;
+/// At most this many handles are kept (then the cache starts again): an unpack holds no
+/// more descriptors than this, as several run at once (a pull unpacks three layers) under
+/// a soft limit that may be 1024.
+const PARENTS_KEPT: usize = 128;
 
 impl Parents {
     fn new() -> Self {

@@ -33,7 +33,8 @@ pub fn limit_malloc_arenas(arenas: i32) {
     let _ = arenas;
 }
 
-/// Buffers of [`PIECE`] bytes kept for reuse, at most [`PIECES_KEPT`] of them.
+/// Buffers of [`PIECE`] to twice that many bytes kept for reuse, at most [`PIECES_KEPT`]
+/// of them.
 static PIECES: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 /// The size of a pooled piece: what layers move in (an upload's pieces, a compressed
@@ -44,22 +45,24 @@ pub const PIECE: usize = 1 << 20;
 /// Pieces the pool keeps (what a few transfers at once have in flight).
 pub const PIECES_KEPT: usize = 16;
 
-/// An empty buffer with room for at least `len` bytes: a pooled one when `len` fits in a
-/// piece, else a new one.
+/// An empty buffer with room for at least `len` bytes: a pooled one when `len` is at most
+/// two pieces (grown if it must be: a compressor's output may outgrow its input), else a
+/// new one.
 pub fn take_piece(len: usize) -> Vec<u8> {
-    if len <= PIECE {
-        if let Some(mut v) = PIECES.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            v.clear();
-            return v;
-        }
-        return Vec::with_capacity(PIECE);
+    if len <= 2 * PIECE {
+        let pooled = PIECES.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut v = pooled.unwrap_or_else(|| Vec::with_capacity(PIECE));
+        v.clear();
+        v.reserve(len);
+        return v;
     }
     Vec::with_capacity(len)
 }
 
-/// Gives a buffer back to the pool (kept if it is a piece and the pool has room).
+/// Gives a buffer back to the pool (kept if it came from it, at most two pieces big, and
+/// the pool has room).
 pub fn give_piece(v: Vec<u8>) {
-    if v.capacity() != PIECE {
+    if !(PIECE..=2 * PIECE).contains(&v.capacity()) {
         return;
     }
     let mut pool = PIECES.lock().unwrap_or_else(|p| p.into_inner());
@@ -164,15 +167,22 @@ mod tests {
         // The same buffer again, emptied.
         let b = super::take_piece(10);
         assert_eq!((b.as_ptr(), b.len()), (at, 0));
-        // A buffer that is not a piece is not kept.
+        // A buffer that is not a piece is not kept, nor one over two pieces.
         super::give_piece(Vec::with_capacity(10));
+        super::give_piece(Vec::with_capacity(2 * super::PIECE + 1));
         assert_eq!(super::pieces_kept(), 0);
         super::give_piece(b);
+        assert_eq!(super::pieces_kept(), 1);
+        // A piece grown for a bigger output goes round too.
+        let mut c = super::take_piece(super::PIECE + 100);
+        assert!(c.capacity() >= super::PIECE + 100);
+        c.push(1);
+        super::give_piece(c);
         assert_eq!(super::pieces_kept(), 1);
         super::release_free();
         assert_eq!(super::pieces_kept(), 0);
         // A big request is not a piece.
-        assert!(super::take_piece(super::PIECE + 1).capacity() > super::PIECE);
+        assert!(super::take_piece(2 * super::PIECE + 1).capacity() > 2 * super::PIECE);
     }
 
     #[test]
