@@ -132,8 +132,6 @@ enum Job {
 /// meanwhile stops at its next read when an operation starts, and `remove` waits for that.
 const QUIET_BEFORE_COMPRESSING: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// Reads until the compressor is told to stop, or (background work) until an operation
-/// starts, which the compressor then leaves the machine to.
 /// How much of a layer is read between two syncs of its unpack.
 const SYNC_EVERY: u64 = 64 << 20;
 
@@ -160,6 +158,8 @@ impl<R: std::io::Read> std::io::Read for Ticking<R> {
     }
 }
 
+/// Reads until the compressor is told to stop, or (background work) until an operation
+/// starts, which the compressor then leaves the machine to.
 struct StopReader<'a, R> {
     inner: R,
     stop: &'a std::sync::atomic::AtomicBool,
