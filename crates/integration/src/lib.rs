@@ -172,6 +172,16 @@ impl Daemon {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
+        Self::try_start_in(roots, files, extra, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Daemon::start_in`], returning why the daemon did not come up instead of failing.
+    pub fn try_start_in(
+        roots: Option<&Path>,
+        files: &[(&str, &str)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
         let dir = tempfile::Builder::new()
             .prefix("isula-e2e-")
             .tempdir()
@@ -194,8 +204,8 @@ impl Daemon {
                 .collect(),
             cpus: None,
         };
-        d.restart();
-        d
+        d.try_restart()?;
+        Ok(d)
     }
 
     /// A daemon on fresh temp roots that may use only the CPUs `cpus` (taskset's list).
@@ -237,6 +247,11 @@ impl Daemon {
 
     /// (Re)starts the daemon on the same roots and waits until it answers.
     pub fn restart(&mut self) {
+        self.try_restart().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Daemon::restart`], returning why the daemon did not come up instead of failing.
+    pub fn try_restart(&mut self) -> Result<(), String> {
         // A daemon still running would answer the readiness check while the new one fails
         // on the store lock, and then outlive the test.
         if let Some(c) = self.child.as_mut() {
@@ -260,18 +275,20 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.socket().exists() && self.cli(&["version"]).status.success() {
-                return;
+                return Ok(());
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("isula-builder exited with {status}:\n{}", self.log());
+                    return Err(format!(
+                        "isula-builder exited with {status}:\n{}",
+                        self.log()
+                    ));
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "isula-builder did not come up:\n{}",
-                self.log()
-            );
+            if Instant::now() >= deadline {
+                let _ = self.child.as_mut().map(|c| c.kill());
+                return Err(format!("isula-builder did not come up:\n{}", self.log()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -135,6 +135,24 @@ impl Pki {
     /// certificate `server`, clients of `ca`), its config directory holding `files` (name,
     /// text), and `extra` flags; and its `tcp://` address.
     pub fn daemon(&self, server: &str, files: &[(&str, &str)], extra: &[&str]) -> (Daemon, String) {
+        // A port found free may be taken again before the daemon binds it (by another
+        // test's connection): then another port is tried.
+        for _ in 0..5 {
+            match self.try_daemon(server, files, extra) {
+                Ok(started) => return started,
+                Err(e) if e.contains("Address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("no free port for the daemon's tcp:// address in 5 tries")
+    }
+
+    fn try_daemon(
+        &self,
+        server: &str,
+        files: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Result<(Daemon, String), String> {
         let addr = format!("127.0.0.1:{}", free_port());
         let path = |n: &str| self.path(n).display().to_string();
         let mut flags: Vec<String> = vec![
@@ -150,8 +168,8 @@ impl Pki {
         ];
         flags.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let d = Daemon::start_configured(files, &refs, &[]);
-        (d, format!("tcp://{addr}"))
+        let d = Daemon::try_start_in(None, files, &refs, &[])?;
+        Ok((d, format!("tcp://{addr}")))
     }
 }
 
