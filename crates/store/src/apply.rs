@@ -232,15 +232,7 @@ fn exists(e: &isula_sys::SysError) -> bool {
 fn write_entry<R: Read>(entry: &mut R, f: &mut std::fs::File, buf: &mut [u8]) -> io::Result<()> {
     use std::io::Write;
     loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            match entry.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let filled = crate::content::read_full(entry, buf)?;
         if filled == 0 {
             return Ok(());
         }

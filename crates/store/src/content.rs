@@ -300,15 +300,7 @@ pub fn copy_hashing(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<(Digest, 
                     .recv()
                     .map_err(|_| io::Error::other("the hashing thread stopped"))?,
             };
-            let mut n = 0;
-            while n < PIECE {
-                match r.read(&mut buf[n..]) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let n = read_full(r, &mut buf[..PIECE])?;
             if n == 0 {
                 return Ok(());
             }
@@ -338,4 +330,18 @@ impl<R: Read, W: Write> Read for TeeReader<R, W> {
         self.sink.write_all(&buf[..n])?;
         Ok(n)
     }
+}
+
+/// Reads from `r` until `buf` is full or the stream ends; how many bytes were read.
+pub(crate) fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
