@@ -962,15 +962,27 @@ impl Store {
         side: Option<Side>,
     ) -> Result<(Digest, u64)> {
         let path = self.content.path(blob);
+        let io = |e| StoreError::io("compress", &path, e);
         let src = self.open_blob(blob, Some(lease))?;
+        // What the blob is, from its first bytes (kept in the buffer for the reader).
+        let mut src = std::io::BufReader::with_capacity(256 << 10, src);
+        let kind =
+            compression::Compression::sniff(std::io::BufRead::fill_buf(&mut src).map_err(io)?);
         let stop = &self.compressor.stopping;
         let w = std::thread::scope(|scope| -> Result<_> {
-            // A blob stored compressed some other way (a pulled zstd or gzip layer) is
-            // compressed again from its tar, for registries and formats that take only that.
-            // The tar is read (made from a built layer's files and verified, or
-            // decompressed) on a thread of its own, a few MiB ahead of the encoder, whose
-            // thread hashes and writes what the workers compress.
-            let plain: Box<dyn std::io::Read> =
+            // A tar (a stored one, or one a built layer's files make on a thread of their
+            // own) is read straight into the encoder's chunks. A blob stored compressed
+            // some other way (a pulled zstd or gzip layer) is compressed again from its
+            // tar, for registries and formats that take only that: decompressed on a
+            // thread of its own, a few MiB ahead of the encoder. The encoder's own thread
+            // hashes and writes what its workers compress.
+            let mut plain: Box<dyn std::io::Read> = if kind == compression::Compression::None {
+                Box::new(StopReader {
+                    inner: src,
+                    stop,
+                    yield_to: None,
+                })
+            } else {
                 Box::new(compression::read_ahead(scope, move || {
                     let src = StopReader {
                         inner: src,
@@ -978,32 +990,40 @@ impl Store {
                         yield_to: None,
                     };
                     compression::decompress(src).map(|(_, r)| r)
-                }));
-            let mut plain = plain;
+                }))
+            };
             let w = pgzip::Tee {
                 inner: self.content.writer()?,
                 side,
             };
-            let io = |e| StoreError::io("compress", &path, e);
             Ok(match how.codec {
                 Codec::Gzip => {
                     let level = compression::gzip_level(how.level);
                     let mut enc = pgzip::ParallelGzip::new(w, level).map_err(io)?;
-                    std::io::copy(&mut plain, &mut enc).map_err(io)?;
+                    enc.read_from(&mut plain).map_err(io)?;
                     (enc.finish().map_err(io)?, Default::default())
                 }
+                // zstd's writer hands on what it made 32 KiB at a time, and zstd:chunked
+                // a frame per file: gathered into 1 MiB pieces, the blob is written, hashed
+                // and copied to a push in large pieces (each piece a push is given is a
+                // wake-up of its connection).
                 Codec::Zstd => {
                     let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
+                    let w = std::io::BufWriter::with_capacity(isula_sys::memory::PIECE, w);
                     let mut enc = compression::parallel_zstd(w, level).map_err(io)?;
-                    std::io::copy(&mut plain, &mut enc).map_err(io)?;
-                    (enc.finish().map_err(io)?, Default::default())
+                    compression::pump(&mut plain, &mut enc).map_err(io)?;
+                    let w = enc.finish().map_err(io)?;
+                    (
+                        w.into_inner().map_err(|e| io(e.into_error()))?,
+                        Default::default(),
+                    )
                 }
                 // A frame per file, and the table of contents that finds them.
                 Codec::ZstdChunked => {
                     let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
-                    let mut w = w;
+                    let mut w = std::io::BufWriter::with_capacity(isula_sys::memory::PIECE, w);
                     let annotations = zstd_chunked::write(&mut plain, &mut w, level).map_err(io)?;
-                    (w, annotations)
+                    (w.into_inner().map_err(|e| io(e.into_error()))?, annotations)
                 }
             })
         })?;

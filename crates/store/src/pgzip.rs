@@ -12,12 +12,14 @@ use std::thread::JoinHandle;
 const CHUNK: usize = 1 << 20;
 const IN_FLIGHT: usize = 8;
 
-type Job = (Vec<u8>, bool, SyncSender<io::Result<Vec<u8>>>);
+type Job = (Vec<u8>, bool, SyncSender<io::Result<Out>>);
 
 pub struct ParallelGzip<W: Write + Send + 'static> {
+    /// The chunk being filled: always [`CHUNK`] bytes long, of which `filled` are input.
     buf: Vec<u8>,
+    filled: usize,
     jobs: Option<SyncSender<Job>>,
-    order: Option<SyncSender<Receiver<io::Result<Vec<u8>>>>>,
+    order: Option<SyncSender<Receiver<io::Result<Out>>>>,
     workers: Vec<JoinHandle<()>>,
     collector: Option<JoinHandle<io::Result<W>>>,
     crc: flate2::Crc,
@@ -54,35 +56,73 @@ fn incompressible(block: &[u8]) -> bool {
     sum_sq * 100 <= uniform * 115 && sum_sq * 100 >= uniform * 85
 }
 
+/// A compressed chunk: the first `len` bytes of `buf`. `buf` keeps its full length (it is a
+/// pooled piece, written through slices), so going round it is never zeroed again.
+struct Out {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+impl Out {
+    fn new(room: usize) -> Out {
+        Out {
+            buf: isula_sys::memory::take_filled(room),
+            len: 0,
+        }
+    }
+
+    /// At least `n` bytes of room after what was written.
+    fn room(&mut self, n: usize) -> &mut [u8] {
+        if self.buf.len() < self.len + n {
+            self.buf.resize(self.len + n, 0);
+        }
+        &mut self.buf[self.len..]
+    }
+
+    fn put(&mut self, data: &[u8]) {
+        self.room(data.len())[..data.len()].copy_from_slice(data);
+        self.len += data.len();
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// Appends `data` as stored deflate blocks (not final): the output is byte-aligned here.
-fn store_blocks(data: &[u8], out: &mut Vec<u8>) {
+fn store_blocks(data: &[u8], out: &mut Out) {
     for piece in data.chunks(u16::MAX as usize) {
         // BFINAL 0, BTYPE 00, padded to the byte; then LEN and its complement.
         let len = piece.len() as u16;
-        out.push(0);
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(piece);
+        out.put(&[0]);
+        out.put(&len.to_le_bytes());
+        out.put(&(!len).to_le_bytes());
+        out.put(piece);
     }
 }
 
 /// Deflates `src` into `out` ending with a sync flush (byte-aligned, no final block).
-fn deflate_sync(c: &mut flate2::Compress, src: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+/// flate2's `compress_vec` zeroes the vector's spare room on every call; this writes into
+/// the slice of a piece that was zeroed once.
+fn deflate_sync(c: &mut flate2::Compress, src: &[u8], out: &mut Out) -> io::Result<()> {
     let start = c.total_in();
     loop {
         let done = (c.total_in() - start) as usize;
         // Sync flush output: at most the input plus block overhead (level 1's fixed codes
         // grow incompressible bytes by ~6%), so a few calls at most.
-        out.reserve((src.len() - done) / 8 + src.len() - done + 1024);
+        let room = out.room((src.len() - done) / 8 + src.len() - done + 1024);
+        let room_len = room.len();
         let before_out = c.total_out();
-        c.compress_vec(&src[done..], out, flate2::FlushCompress::Sync)
+        c.compress(&src[done..], room, flate2::FlushCompress::Sync)
             .map_err(io::Error::other)?;
+        let wrote = (c.total_out() - before_out) as usize;
+        out.len += wrote;
         let consumed = (c.total_in() - start) as usize;
         // Done when all input is in and the flush fitted (spare room left over).
-        if consumed == src.len() && out.len() < out.capacity() {
+        if consumed == src.len() && wrote < room_len {
             return Ok(());
         }
-        if consumed == done && c.total_out() == before_out {
+        if consumed == done && wrote == 0 {
             return Err(io::Error::other("deflate made no progress"));
         }
     }
@@ -102,8 +142,8 @@ fn deflate_chunk(
     last: bool,
     level: flate2::Compression,
     c: &mut Option<flate2::Compress>,
-) -> io::Result<Vec<u8>> {
-    let mut out = isula_sys::memory::take_piece(data.len() / 2 + 64);
+) -> io::Result<Out> {
+    let mut out = Out::new(data.len() + data.len() / 8 + 1024);
     let mut fresh = true;
     let mut i = 0;
     while i < data.len() {
@@ -129,7 +169,7 @@ fn deflate_chunk(
     }
     if last {
         // An empty final stored block ends the deflate stream.
-        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
+        out.put(&[1, 0, 0, 0xff, 0xff]);
     }
     Ok(out)
 }
@@ -164,7 +204,7 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
                     })?,
             );
         }
-        let (order_tx, order_rx) = sync_channel::<Receiver<io::Result<Vec<u8>>>>(IN_FLIGHT);
+        let (order_tx, order_rx) = sync_channel::<Receiver<io::Result<Out>>>(IN_FLIGHT);
         let collector = std::thread::Builder::new()
             .name("gzip-collect".into())
             .spawn(move || {
@@ -172,13 +212,14 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
                     let bytes = piece
                         .recv()
                         .map_err(|_| io::Error::other("a gzip worker stopped"))??;
-                    out.write_all(&bytes)?;
-                    isula_sys::memory::give_piece(bytes);
+                    out.write_all(bytes.bytes())?;
+                    isula_sys::memory::give_piece(bytes.buf);
                 }
                 Ok(out)
             })?;
         Ok(ParallelGzip {
-            buf: isula_sys::memory::take_piece(CHUNK),
+            buf: isula_sys::memory::take_filled(CHUNK),
+            filled: 0,
             jobs: Some(jobs_tx),
             order: Some(order_tx),
             workers,
@@ -188,14 +229,16 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
     }
 
     fn send(&mut self, last: bool) -> io::Result<()> {
-        let data = std::mem::replace(
+        let mut data = std::mem::replace(
             &mut self.buf,
             if last {
                 Vec::new()
             } else {
-                isula_sys::memory::take_piece(CHUNK)
+                isula_sys::memory::take_filled(CHUNK)
             },
         );
+        data.truncate(self.filled);
+        self.filled = 0;
         let (reply_tx, reply_rx) = sync_channel(1);
         let stopped = || io::Error::other("the gzip writer stopped");
         self.order
@@ -227,15 +270,38 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
     }
 }
 
+impl<W: Write + Send + 'static> ParallelGzip<W> {
+    /// Compresses what `r` reads, to its end, read straight into the chunks (no copy
+    /// between). Returns how many bytes it read.
+    pub fn read_from(&mut self, r: &mut dyn io::Read) -> io::Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = match r.read(&mut self.buf[self.filled..]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.crc.update(&self.buf[self.filled..self.filled + n]);
+            self.filled += n;
+            total += n as u64;
+            if self.filled == CHUNK {
+                self.send(false)?;
+            }
+        }
+    }
+}
+
 impl<W: Write + Send + 'static> Write for ParallelGzip<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.crc.update(data);
         let mut rest = data;
         while !rest.is_empty() {
-            let n = (CHUNK - self.buf.len()).min(rest.len());
-            self.buf.extend_from_slice(&rest[..n]);
+            let n = (CHUNK - self.filled).min(rest.len());
+            self.buf[self.filled..self.filled + n].copy_from_slice(&rest[..n]);
+            self.filled += n;
             rest = &rest[n..];
-            if self.buf.len() == CHUNK {
+            if self.filled == CHUNK {
                 self.send(false)?;
             }
         }
@@ -399,6 +465,65 @@ mod tests {
             mixed.len(),
             out.len()
         );
+    }
+
+    /// A reader that gives at most `step` bytes a read, and an interruption now and then.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+        calls: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(5) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(self.step).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reading_gives_the_gzip_writing_gives() {
+        // Pieces that went round hold earlier bytes: what they held must never leak out.
+        let earlier = gzip_all(&noise(5 * CHUNK, 11));
+        assert!(!earlier.is_empty());
+        for size in [0usize, 1, CHUNK, CHUNK + 1, 3 * CHUNK + 4321] {
+            let mut data = noise(size, size as u64 + 1);
+            for (i, b) in data.iter_mut().enumerate() {
+                if (i / 3000) % 2 == 0 {
+                    *b = b'a' + (i % 7) as u8;
+                }
+            }
+            let written = gzip_all(&data);
+            for step in [1000, 300_001, 4 * CHUNK] {
+                let mut gz =
+                    ParallelGzip::new(Vec::new(), flate2::Compression::new(1)).expect("new");
+                let mut r = Trickle {
+                    data: &data,
+                    step,
+                    calls: 0,
+                };
+                assert_eq!(gz.read_from(&mut r).expect("read"), size as u64);
+                let read = gz.finish().expect("finish");
+                assert_eq!(read, written, "size {size}, {step} bytes a read");
+            }
+            assert_eq!(gunzip(&written), data, "size {size}");
+        }
+        // A read error comes out, naming nothing else.
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        let mut gz = ParallelGzip::new(Vec::new(), flate2::Compression::new(1)).expect("new");
+        let e = gz.read_from(&mut Broken).expect_err("the error");
+        assert_eq!(e.to_string(), "disk on fire");
     }
 
     #[test]
