@@ -5,15 +5,45 @@
 use crate::error::{Result, StoreError};
 use isula_types::Digest;
 use sha2::{Digest as _, Sha256};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone)]
 pub struct ContentStore {
     blobs: PathBuf,
     ingest: PathBuf,
+    /// The blobs whose every byte this process hashed (as it wrote them, or in a full
+    /// read), with the stamp their file had then.
+    verified: Arc<Mutex<HashMap<Digest, Stamp>>>,
+}
+
+/// What tells a blob's file apart from any other file, or from itself changed: its inode,
+/// size, and modification and change times. Any write, truncation, change of mode or
+/// replacement moves one of them (the change time moves on every change, and no call sets
+/// it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    pub fn of(m: &fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
 }
 
 impl ContentStore {
@@ -21,6 +51,7 @@ impl ContentStore {
         let cs = ContentStore {
             blobs: root.join("blobs/sha256"),
             ingest: root.join("ingest"),
+            verified: Arc::default(),
         };
         for d in [&cs.blobs, &cs.ingest] {
             fs::create_dir_all(d).map_err(|e| StoreError::io("create", d, e))?;
@@ -45,6 +76,40 @@ impl ContentStore {
             }
             Err(e) => Err(StoreError::io("stat", p, e)),
         }
+    }
+
+    /// The stamp of blob `d`'s file now.
+    pub fn stamp(&self, d: &Digest) -> Result<Stamp> {
+        let p = self.path(d);
+        match fs::metadata(&p) {
+            Ok(m) => Ok(Stamp::of(&m)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(StoreError::BlobNotFound(d.clone()))
+            }
+            Err(e) => Err(StoreError::io("stat", p, e)),
+        }
+    }
+
+    /// Whether every byte of blob `d` was hashed by this process (written here, or read
+    /// whole and compared with its name) and its file has not changed since: a reader may
+    /// then copy it without hashing it again. Kept in memory only, so after a restart
+    /// (a crash, a power cut) every blob is hashed again the first time it is read whole.
+    pub fn known_intact(&self, d: &Digest) -> bool {
+        let Some(then) = self.verified_map().get(d).copied() else {
+            return false;
+        };
+        self.stamp(d).is_ok_and(|now| now == then)
+    }
+
+    /// Records that blob `d` was read whole and matched its name, its file's stamp taken
+    /// before the read began (a change during the read moves the stamp, so the record
+    /// never vouches for bytes that were not read).
+    pub fn mark_verified(&self, d: &Digest, before: Stamp) {
+        self.verified_map().insert(d.clone(), before);
+    }
+
+    fn verified_map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Stamp>> {
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn open(&self, d: &Digest) -> Result<File> {
@@ -85,6 +150,7 @@ impl ContentStore {
             hash: Sha256::new(),
             size: 0,
             blobs: self.blobs.clone(),
+            verified: self.verified.clone(),
         })
     }
 
@@ -97,6 +163,7 @@ impl ContentStore {
     }
 
     pub(crate) fn remove(&self, d: &Digest) -> Result<()> {
+        self.verified_map().remove(d);
         let p = self.path(d);
         match fs::remove_file(&p) {
             Ok(()) => Ok(()),
@@ -121,16 +188,21 @@ impl ContentStore {
     /// Re-hashes a blob and compares it to its name.
     pub fn verify(&self, d: &Digest) -> Result<()> {
         let mut f = self.open(d)?;
+        let before = f
+            .metadata()
+            .map_err(|e| StoreError::io("stat", self.path(d), e))?;
         let mut h = Sha256::new();
         io::copy(&mut f, &mut HashWriter(&mut h))
             .map_err(|e| StoreError::io("read", self.path(d), e))?;
         let actual = Digest::from_sha256(h);
         if &actual != d {
+            self.verified_map().remove(d);
             return Err(StoreError::DigestMismatch {
                 expected: d.clone(),
                 actual,
             });
         }
+        self.mark_verified(d, Stamp::of(&before));
         Ok(())
     }
 
@@ -169,6 +241,7 @@ pub struct BlobWriter {
     hash: Sha256,
     size: u64,
     blobs: PathBuf,
+    verified: Arc<Mutex<HashMap<Digest, Stamp>>>,
 }
 
 impl BlobWriter {
@@ -215,6 +288,14 @@ impl BlobWriter {
         let dest = self.blobs.join(digest.hex());
         fs::rename(&self.path, &dest).map_err(|e| StoreError::io("rename", &dest, e))?;
         isula_sys::fsync_dir(&self.blobs)?;
+        // Hashed as it was written: its stamp now (after the rename, which moves the
+        // change time) vouches for it until the file changes.
+        if let Ok(m) = fs::metadata(&dest) {
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(digest.clone(), Stamp::of(&m));
+        }
         Ok((digest, self.size))
     }
 }

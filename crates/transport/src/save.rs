@@ -258,7 +258,8 @@ impl<R: Read> Read for Exact<R> {
 
 /// Streams a stored blob into the archive. With `layer`, the blob is written uncompressed
 /// and its diff ID verified while it streams; without, it is copied as stored and its
-/// digest verified.
+/// digest verified (unless this daemon hashed all of it before and its file has not
+/// changed since: `ContentStore::known_intact`).
 pub(crate) fn append_blob<W: Write>(
     store: &Store,
     tar: &mut tar::Builder<W>,
@@ -269,9 +270,19 @@ pub(crate) fn append_blob<W: Write>(
     mtime: u64,
 ) -> Result<()> {
     let path = store.content().path(blob);
-    // A built layer's tar is made from its files and verifies itself as it ends; any
-    // other blob is hashed here as it streams.
-    let verifies_itself = store.blob_in_tree(blob);
+    // A built layer's tar is made from its files and verifies itself as it ends. A blob
+    // copied as it is stored, whose every byte this daemon hashed (it wrote it, or read
+    // it whole before) and whose file has not changed since, is copied without hashing it
+    // again (the hash was the save's longest part: 0.22 s of 0.24 s for 430 MB). Any
+    // other blob is hashed here as it streams, and vouched for if it matches.
+    let as_stored = layer.is_none_or(|l| &l.diff_id.0 == blob);
+    let verifies_itself =
+        store.blob_in_tree(blob) || (as_stored && store.content().known_intact(blob));
+    let stamp = if verifies_itself || !as_stored {
+        None
+    } else {
+        store.content().stamp(blob).ok()
+    };
     // The images' layers are leased for the whole save (a built layer's tar is made
     // from its files as it streams).
     let file = io::BufReader::with_capacity(1 << 20, store.open_blob(blob, None)?);
@@ -323,6 +334,9 @@ pub(crate) fn append_blob<W: Write>(
             actual: digest,
         }
         .into());
+    }
+    if let Some(stamp) = stamp {
+        store.content().mark_verified(blob, stamp);
     }
     Ok(())
 }

@@ -215,3 +215,81 @@ fn bad_inputs_leave_store_unchanged() {
 
     assert_eq!(snapshot(&dir), before);
 }
+
+/// A blob this daemon wrote is copied into an archive without being hashed again, but only
+/// while its file is the one it wrote: a blob changed behind the store's back is hashed,
+/// refused, and leaves no archive; after a restart every blob is hashed once more.
+#[test]
+fn save_hashes_again_a_blob_whose_file_changed_or_that_another_run_wrote() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, _) = Store::open(&tmp.path().join("a")).expect("store");
+    let src = tmp.path().join("rootfs.tar.gz");
+    std::fs::write(&src, gz(&rootfs_tar())).expect("write");
+    let r = Reference::parse("busybox:latest").expect("ref");
+    import::import(
+        &a,
+        &AsDaemon,
+        &src,
+        Some(&r),
+        &Cancel::default(),
+        &mut |_| {},
+    )
+    .expect("import");
+    let archive = tmp.path().join("a.tar");
+    save_busybox(&a, &archive, Format::Docker).expect("save");
+    // A docker-archive holds the layer as a tar: loaded, it is stored as it is.
+    let root = tmp.path().join("b");
+    let (b, _) = Store::open(&root).expect("store");
+    load::load(&b, &AsDaemon, &archive, &Cancel::default(), &mut |_| {}).expect("load");
+    let img = b.resolve("busybox:latest").expect("loaded");
+    let blob = img.blobs[0].clone();
+    assert_eq!(b.layer(&img.layers[0]).expect("layer").diff_id.0, blob);
+    assert!(
+        b.content().known_intact(&blob),
+        "the load wrote and hashed it"
+    );
+    let out = tmp.path().join("b1.tar");
+    save_busybox(&b, &out, Format::Docker).expect("save");
+    assert_eq!(
+        std::fs::read(&out).expect("b1"),
+        std::fs::read(&archive).expect("a")
+    );
+
+    // Another run of the daemon on the same store: nothing is known, the save hashes the
+    // blob and vouches for it after.
+    drop(b);
+    let (b, _) = Store::open(&root).expect("reopen");
+    assert!(!b.content().known_intact(&blob), "a new run knows no blob");
+    let out = tmp.path().join("b2.tar");
+    save_busybox(&b, &out, Format::Docker).expect("save after a restart");
+    assert!(b.content().known_intact(&blob), "hashed whole by the save");
+
+    // The same bytes written over the blob (same size and content, a new change time)
+    // still count as a change; so does one byte flipped.
+    let path = b.content().path(&blob);
+    let bytes = std::fs::read(&path).expect("blob");
+    let rewrite = |data: &[u8]| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::write(&path, data).expect("rewrite");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+    };
+    rewrite(&bytes);
+    assert!(!b.content().known_intact(&blob), "rewritten in place");
+    let mut bad = bytes.clone();
+    let mid = bad.len() / 3;
+    bad[mid] ^= 0x20;
+    rewrite(&bad);
+    let out = tmp.path().join("b3.tar");
+    let e = save_busybox(&b, &out, Format::Docker).expect_err("a damaged blob");
+    assert!(e.to_string().contains("digest"), "{e}");
+    assert!(!out.exists(), "no archive from a damaged blob");
+    assert!(!b.content().known_intact(&blob));
+    // Put right, it is hashed and saved again.
+    rewrite(&bytes);
+    save_busybox(&b, &out, Format::Docker).expect("save of the mended blob");
+    assert!(b.content().known_intact(&blob));
+}
