@@ -23,8 +23,11 @@ pub struct ContentStore {
 
 /// What tells a blob's file apart from any other file, or from itself changed: its inode,
 /// size, and modification and change times. Any write, truncation, change of mode or
-/// replacement moves one of them (the change time moves on every change, and no call sets
-/// it back).
+/// replacement through the file system moves one of them (the change time moves on every
+/// change, and no call sets it back). What it cannot see: a change below the file system
+/// (bit rot, a write to the block device), and, on kernels before 6.13 (coarse
+/// timestamps), a rewrite of the same size within the clock tick (a few ms) of the file's
+/// last change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp {
     dev: u64,
@@ -95,10 +98,28 @@ impl ContentStore {
     /// then copy it without hashing it again. Kept in memory only, so after a restart
     /// (a crash, a power cut) every blob is hashed again the first time it is read whole.
     pub fn known_intact(&self, d: &Digest) -> bool {
-        let Some(then) = self.verified_map().get(d).copied() else {
-            return false;
-        };
-        self.stamp(d).is_ok_and(|now| now == then)
+        match self.stamp(d) {
+            Ok(now) => self.known_as(d, now),
+            Err(_) => {
+                self.verified_map().remove(d);
+                false
+            }
+        }
+    }
+
+    /// [`known_intact`](Self::known_intact) for a file whose stamp `now` the caller took
+    /// from the handle it reads (so no other file can take its place in between). A
+    /// stamp that no longer matches is forgotten.
+    pub fn known_as(&self, d: &Digest, now: Stamp) -> bool {
+        let mut map = self.verified_map();
+        match map.get(d) {
+            Some(then) if *then == now => true,
+            Some(_) => {
+                map.remove(d);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Records that blob `d` was read whole and matched its name, its file's stamp taken
@@ -425,4 +446,54 @@ pub(crate) fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Resu
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn rewrite(path: &Path, data: &[u8]) {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        fs::write(path, data).expect("rewrite");
+        fs::set_permissions(path, fs::Permissions::from_mode(0o444)).expect("chmod");
+    }
+
+    #[test]
+    fn a_blob_is_known_intact_only_while_its_file_is_the_one_hashed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let cs = ContentStore::new(tmp.path()).expect("store");
+        let d = cs.put(b"layer bytes").expect("put");
+        assert!(cs.known_intact(&d), "hashed as it was written");
+        let before = cs.stamp(&d).expect("stamp");
+        assert!(cs.known_as(&d, before));
+
+        // Another run on the same store knows nothing until it hashes the blob whole.
+        let other = ContentStore::new(tmp.path()).expect("again");
+        assert!(!other.known_intact(&d));
+        other.verify(&d).expect("verify");
+        assert!(other.known_intact(&d), "verified whole");
+
+        // The same bytes written again: a change all the same, and forgotten. (Past the
+        // clock tick of the blob's last change first: kernels before 6.13 keep coarse
+        // change times, which a rewrite within the same few ms would leave as they were.)
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        rewrite(&cs.path(&d), b"layer bytes");
+        assert!(!cs.known_intact(&d));
+        assert!(!cs.known_as(&d, before), "forgotten once it did not match");
+        // A damaged blob fails verification and is not vouched for.
+        rewrite(&cs.path(&d), b"layer bytez");
+        assert!(matches!(
+            cs.verify(&d),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert!(!cs.known_intact(&d));
+        // Mended and verified, it is known again; removed, it is forgotten.
+        rewrite(&cs.path(&d), b"layer bytes");
+        cs.verify(&d).expect("verify");
+        assert!(cs.known_intact(&d));
+        cs.remove(&d).expect("remove");
+        assert!(!cs.known_intact(&d));
+        assert!(cs.verified_map().is_empty());
+    }
 }

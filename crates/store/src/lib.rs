@@ -964,10 +964,14 @@ impl Store {
         let path = self.content.path(blob);
         let io = |e| StoreError::io("compress", &path, e);
         let src = self.open_blob(blob, Some(lease))?;
-        // What the blob is, from its first bytes (kept in the buffer for the reader).
+        // What the blob is: a built layer's tar, or what a stored blob's first bytes say
+        // (kept in the buffer for the reader).
         let mut src = std::io::BufReader::with_capacity(256 << 10, src);
-        let kind =
-            compression::Compression::sniff(std::io::BufRead::fill_buf(&mut src).map_err(io)?);
+        let kind = if self.blob_in_tree(blob) {
+            compression::Compression::None
+        } else {
+            compression::Compression::sniff(std::io::BufRead::fill_buf(&mut src).map_err(io)?)
+        };
         let stop = &self.compressor.stopping;
         let w = std::thread::scope(|scope| -> Result<_> {
             // A tar (a stored one, or one a built layer's files make on a thread of their

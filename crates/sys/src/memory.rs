@@ -70,13 +70,15 @@ pub fn take_filled(len: usize) -> Vec<u8> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(PIECE))
+            .unwrap_or_else(|| Vec::with_capacity(len.max(PIECE)))
     } else {
         Vec::with_capacity(len)
     };
     if v.len() >= len {
         v.truncate(len);
     } else {
+        // Grown to the size asked, not doubled: a piece stays within what the pool keeps.
+        v.reserve_exact(len - v.len());
         v.resize(len, 0);
     }
     v

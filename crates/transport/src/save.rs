@@ -6,6 +6,7 @@ use crate::{
     copy_lines, docker_archive, oci_archive, Cancel, Guarded, Progress, Result, TransportError,
 };
 use isula_store::compression::decompress;
+use isula_store::content::Stamp;
 use isula_store::{ImageRecord, LayerRecord, Store, StoreError};
 use isula_types::{DiffId, Digest, Reference};
 use std::io::{self, BufWriter, Read, Write};
@@ -270,22 +271,30 @@ pub(crate) fn append_blob<W: Write>(
     mtime: u64,
 ) -> Result<()> {
     let path = store.content().path(blob);
-    // A built layer's tar is made from its files and verifies itself as it ends. A blob
-    // copied as it is stored, whose every byte this daemon hashed (it wrote it, or read
-    // it whole before) and whose file has not changed since, is copied without hashing it
-    // again (the hash was the save's longest part: 0.22 s of 0.24 s for 430 MB). Any
-    // other blob is hashed here as it streams, and vouched for if it matches.
+    let io_err = |e| TransportError::io("read", &path, e);
+    // A built layer's tar is made from its files and verifies itself as it ends. A stored
+    // blob is read through one handle, whose stamp is taken before the read and again
+    // after it: copied as it is stored, a blob whose every byte this daemon hashed (it
+    // wrote it, or read it whole before) and whose file still has that stamp is copied
+    // without hashing it again (the hash was the save's longest part: 0.22 s of 0.24 s
+    // for 430 MB), and the copy fails if the stamp moved while it was read. Any other blob
+    // is hashed here as it streams, and vouched for if it matches and did not change.
     let as_stored = layer.is_none_or(|l| &l.diff_id.0 == blob);
-    let verifies_itself =
-        store.blob_in_tree(blob) || (as_stored && store.content().known_intact(blob));
-    let stamp = if verifies_itself || !as_stored {
-        None
-    } else {
-        store.content().stamp(blob).ok()
+    let (source, stored): (Box<dyn Read + Send>, Option<(std::fs::File, Stamp)>) =
+        if store.blob_in_tree(blob) {
+            (store.open_blob(blob, None)?, None)
+        } else {
+            let f = store.content().open(blob)?;
+            let before = Stamp::of(&f.metadata().map_err(io_err)?);
+            (Box::new(f.try_clone().map_err(io_err)?), Some((f, before)))
+        };
+    let verifies_itself = match &stored {
+        None => true,
+        Some((_, before)) => as_stored && store.content().known_as(blob, *before),
     };
     // The images' layers are leased for the whole save (a built layer's tar is made
     // from its files as it streams).
-    let file = io::BufReader::with_capacity(1 << 20, store.open_blob(blob, None)?);
+    let file = io::BufReader::with_capacity(1 << 20, source);
     let guarded = Guarded {
         inner: file,
         cancel: cancel.clone(),
@@ -321,7 +330,16 @@ pub(crate) fn append_blob<W: Write>(
     let pad = ((512 - size % 512) % 512) as usize;
     out.write_all(&[0u8; 512][..pad])
         .map_err(|e| TransportError::io("write", &path, e))?;
+    let unchanged = match &stored {
+        None => true,
+        Some((f, before)) => Stamp::of(&f.metadata().map_err(io_err)?) == *before,
+    };
     let Some(digest) = digest else {
+        if !unchanged {
+            return Err(io_err(io::Error::other(
+                "the blob changed while it was copied: save again",
+            )));
+        }
         return Ok(());
     };
     let expected = match layer {
@@ -335,8 +353,8 @@ pub(crate) fn append_blob<W: Write>(
         }
         .into());
     }
-    if let Some(stamp) = stamp {
-        store.content().mark_verified(blob, stamp);
+    if let Some((_, before)) = stored.filter(|_| as_stored && unchanged) {
+        store.content().mark_verified(blob, before);
     }
     Ok(())
 }

@@ -293,3 +293,85 @@ fn save_hashes_again_a_blob_whose_file_changed_or_that_another_run_wrote() {
     save_busybox(&b, &out, Format::Docker).expect("save of the mended blob");
     assert!(b.content().known_intact(&blob));
 }
+
+/// A blob copied without a new hash must be the same file, unchanged, from the first byte
+/// read to the last: one rewritten (with the very same bytes) while the save copies it
+/// fails the save, and the next save hashes it again.
+#[test]
+fn a_blob_changed_while_a_save_copies_it_fails_the_save() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A layer of a few MiB, so the save reports progress before the copy ends.
+    let mut b = tar::Builder::new(Vec::new());
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i * 7 % 253) as u8).collect();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, "big.bin", &data[..]).expect("append");
+    let src = tmp.path().join("big.tar");
+    std::fs::write(&src, b.into_inner().expect("tar")).expect("write");
+    let (a, _) = Store::open(&tmp.path().join("a")).expect("store");
+    let r = Reference::parse("busybox:latest").expect("ref");
+    import::import(
+        &a,
+        &AsDaemon,
+        &src,
+        Some(&r),
+        &Cancel::default(),
+        &mut |_| {},
+    )
+    .expect("import");
+    let archive = tmp.path().join("a.tar");
+    save_busybox(&a, &archive, Format::Docker).expect("save");
+    let (b, _) = Store::open(&tmp.path().join("b")).expect("store");
+    load::load(&b, &AsDaemon, &archive, &Cancel::default(), &mut |_| {}).expect("load");
+    let blob = b.resolve("busybox:latest").expect("loaded").blobs[0].clone();
+    assert!(b.content().known_intact(&blob));
+    let path = b.content().path(&blob);
+    let bytes = std::fs::read(&path).expect("blob");
+    assert!(bytes.len() > 2 << 20);
+
+    let out = tmp.path().join("b.tar");
+    let mut rewritten = false;
+    let mut progress = |_line: String| {
+        if !rewritten {
+            use std::os::unix::fs::PermissionsExt;
+            rewritten = true;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            // In place, as the same bytes: the handle the save reads sees the change.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|mut f| f.write_all(&bytes))
+                .expect("rewrite");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+        }
+    };
+    let e = save::save(
+        &b,
+        &AsDaemon,
+        &["busybox".into()],
+        &out,
+        Format::Docker,
+        &Cancel::default(),
+        &mut progress,
+    )
+    .expect_err("changed during the copy");
+    assert!(rewritten, "the save reported progress during the copy");
+    assert!(e.to_string().contains("changed while it was copied"), "{e}");
+    assert!(!out.exists(), "no archive");
+    assert!(!b.content().known_intact(&blob));
+    // The next save hashes it (the bytes are right) and vouches for it again.
+    save_busybox(&b, &out, Format::Docker).expect("save");
+    assert_eq!(
+        std::fs::read(&out).expect("b"),
+        std::fs::read(&archive).expect("a")
+    );
+    assert!(b.content().known_intact(&blob));
+}
