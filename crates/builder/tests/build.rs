@@ -475,6 +475,63 @@ fn heredocs_onbuild_target_proxies_and_caps() {
         );
     }
 
+    // Modes come through whole: bits a umask would take away (files are made with their
+    // mode, and fixed up only where the made file differs), set-id bits (after the
+    // owner, which a chown clears them for), with and without --chown.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let modes = ctx.join("modes");
+        std::fs::create_dir_all(&modes).expect("modes");
+        for (name, mode) in [
+            ("m666", 0o666),
+            ("m777", 0o777),
+            ("m6755", 0o6755),
+            ("m1644", 0o1644),
+            ("m0400", 0o400),
+        ] {
+            let p = modes.join(name);
+            std::fs::write(&p, name.as_bytes()).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        // The test's umask (022 or stricter) takes group and other write bits from a plain
+        // create: m666 and m777 need their mode set again.
+        for (df, owner) in [
+            ("FROM busybox\nCOPY modes /kept/\n", (0, 0)),
+            (
+                "FROM busybox\nCOPY --chown=app modes /owned/\n",
+                (1000, 1000),
+            ),
+        ] {
+            let (id, log) = run_build_with(&e, df, &ctx, |_| {});
+            id.unwrap_or_else(|err| panic!("{err}\n{log}"));
+            let top = top_layer(&e);
+            let dir = if owner.0 == 0 { "kept" } else { "owned" };
+            for (name, mode) in [
+                ("m666", 0o666),
+                ("m777", 0o777),
+                ("m6755", 0o6755),
+                ("m1644", 0o1644),
+                ("m0400", 0o400),
+            ] {
+                let m = std::fs::symlink_metadata(top.join(dir).join(name)).expect("copied");
+                assert_eq!(m.permissions().mode() & 0o7777, mode, "{dir}/{name}");
+                assert_eq!(
+                    (
+                        std::os::unix::fs::MetadataExt::uid(&m),
+                        std::os::unix::fs::MetadataExt::gid(&m)
+                    ),
+                    owner,
+                    "{dir}/{name}"
+                );
+                assert_eq!(
+                    std::fs::read(top.join(dir).join(name)).expect("read"),
+                    name.as_bytes()
+                );
+            }
+        }
+        std::fs::remove_dir_all(&modes).expect("rm modes");
+    }
+
     // --chmod sets the mode; ADD refuses remote URLs with the manual's reason.
     let (id, log) = run_build_with(
         &e,

@@ -379,13 +379,24 @@ pub fn set_owner_mode_times(
     mode: u32,
     mtime: (i64, u32),
 ) -> std::io::Result<()> {
-    rustix::fs::fchown(
-        file,
-        Some(rustix::fs::Uid::from_raw(owner.0)),
-        Some(rustix::fs::Gid::from_raw(owner.1)),
-    )
-    .map_err(|e| unmapped_owner(e, owner.0, owner.1).unwrap_or_else(|| e.into()))?;
-    rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777))?;
+    // Only what differs is changed: each change is an inode update in the journal (and,
+    // through an overlay, a round through its upper file too), and a file just made has
+    // its maker's owner and the mode it was made with already. A stat costs neither.
+    let st = rustix::fs::fstat(file)?;
+    let want = mode & 0o7777;
+    let chown = (st.st_uid, st.st_gid) != owner;
+    if chown {
+        rustix::fs::fchown(
+            file,
+            Some(rustix::fs::Uid::from_raw(owner.0)),
+            Some(rustix::fs::Gid::from_raw(owner.1)),
+        )
+        .map_err(|e| unmapped_owner(e, owner.0, owner.1).unwrap_or_else(|| e.into()))?;
+    }
+    // After a chown always: it clears set-id bits.
+    if chown || st.st_mode & 0o7777 != want {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(want))?;
+    }
     let ts = rustix::fs::Timespec {
         tv_sec: mtime.0,
         tv_nsec: mtime.1 as _,
