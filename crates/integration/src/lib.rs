@@ -603,7 +603,7 @@ impl Daemon {
                     })
                 }
         };
-        // Background work starts after 300 ms without an operation.
+        // Background work starts after 100 ms without an operation.
         wait_until_explained(
             "the background unpack and hashing of every layer",
             Duration::from_secs(60),

@@ -307,15 +307,42 @@ impl BlobWriter {
         }
         drop(file);
         let dest = self.blobs.join(digest.hex());
-        fs::rename(&self.path, &dest).map_err(|e| StoreError::io("rename", &dest, e))?;
+        // A blob that is there already stays: the same name is the same content, and a
+        // file replaced under a reader (a save copying it, a push sending it) would have
+        // its change time moved by the unlink, which the reader takes for a change. One
+        // that is not what its name says it holds (not a regular file, another size) is
+        // replaced.
+        let placed = match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &self.path,
+            rustix::fs::CWD,
+            &dest,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST)
+                if fs::symlink_metadata(&dest)
+                    .is_ok_and(|m| m.file_type().is_file() && m.len() == self.size) =>
+            {
+                let _ = fs::remove_file(&self.path);
+                false
+            }
+            Err(_) => {
+                fs::rename(&self.path, &dest).map_err(|e| StoreError::io("rename", &dest, e))?;
+                true
+            }
+        };
         isula_sys::fsync_dir(&self.blobs)?;
         // Hashed as it was written: its stamp now (after the rename, which moves the
-        // change time) vouches for it until the file changes.
-        if let Ok(m) = fs::metadata(&dest) {
-            self.verified
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(digest.clone(), Stamp::of(&m));
+        // change time) vouches for it until the file changes. A blob that was there
+        // already is vouched for only if this process hashed that one.
+        if placed {
+            if let Ok(m) = fs::metadata(&dest) {
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(digest.clone(), Stamp::of(&m));
+            }
         }
         Ok((digest, self.size))
     }
@@ -451,7 +478,7 @@ pub(crate) fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn rewrite(path: &Path, data: &[u8]) {
         fs::set_permissions(path, fs::Permissions::from_mode(0o644)).expect("chmod");
@@ -467,6 +494,14 @@ mod tests {
         assert!(cs.known_intact(&d), "hashed as it was written");
         let before = cs.stamp(&d).expect("stamp");
         assert!(cs.known_as(&d, before));
+
+        // The same content stored again leaves the file that is there (a reader of it
+        // sees no change), still vouched for.
+        let before_ino = fs::metadata(cs.path(&d)).expect("stat").ino();
+        assert_eq!(cs.put(b"layer bytes").expect("again"), d);
+        assert_eq!(fs::metadata(cs.path(&d)).expect("stat").ino(), before_ino);
+        assert!(cs.known_as(&d, before), "the stamp did not move");
+        assert!(fs::read_dir(&cs.ingest).expect("ingest").next().is_none());
 
         // Another run on the same store knows nothing until it hashes the blob whole.
         let other = ContentStore::new(tmp.path()).expect("again");

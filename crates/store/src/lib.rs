@@ -127,10 +127,11 @@ enum Job {
 
 /// How long the store must have had no operation before the background work starts a
 /// job (an unpack, a directory's digest): long enough that a script's next
-/// command (a client starting) comes first, short enough that the daemon is soon idle
-/// (2 s, as before, left a load's unpack waiting longer than it took). A job started
-/// meanwhile stops at its next read when an operation starts, and `remove` waits for that.
-const QUIET_BEFORE_COMPRESSING: std::time::Duration = std::time::Duration::from_millis(300);
+/// command (a client starting and connecting: 10-30 ms here) comes first, short enough
+/// that the daemon is soon idle (2 s, as before, left a load's unpack waiting longer than
+/// it took; 300 ms was a fifth of a 1.5 s load-and-unpack). A job started meanwhile stops
+/// at its next read when an operation starts, and `remove` waits for that.
+const QUIET_BEFORE_COMPRESSING: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How much of a layer is read between two syncs of its unpack.
 const SYNC_EVERY: u64 = 64 << 20;
