@@ -168,6 +168,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         certs_dir: dir.path().join("certs.d"),
         auth: isula_registry::AuthFile::new(dir.path().join("auth.json")),
         stall_timeout: std::time::Duration::from_secs(2),
+        // No lookaside signature stores: the policy (none) asks for no signatures.
+        registries_d: Default::default(),
     };
     let (store, _) = isula_store::Store::open(&dir.path().join("store")).expect("store");
     let cancel = isula_transport::Cancel::default();
