@@ -307,11 +307,11 @@ impl BlobWriter {
         }
         drop(file);
         let dest = self.blobs.join(digest.hex());
-        // A blob that is there already stays: the same name is the same content, and a
-        // file replaced under a reader (a save copying it, a push sending it) would have
-        // its change time moved by the unlink, which the reader takes for a change. One
-        // that is not what its name says it holds (not a regular file, another size) is
-        // replaced.
+        // A blob that is there already and that this process hashed whole, unchanged since,
+        // stays: a reader copying it on the strength of that (a save) would take the
+        // unlink of a replaced file, which moves its change time, for a change. Any other
+        // is replaced by what was just hashed (a damaged blob is mended by storing its
+        // content again).
         let placed = match rustix::fs::renameat_with(
             rustix::fs::CWD,
             &self.path,
@@ -320,10 +320,7 @@ impl BlobWriter {
             rustix::fs::RenameFlags::NOREPLACE,
         ) {
             Ok(()) => true,
-            Err(rustix::io::Errno::EXIST)
-                if fs::symlink_metadata(&dest)
-                    .is_ok_and(|m| m.file_type().is_file() && m.len() == self.size) =>
-            {
+            Err(rustix::io::Errno::EXIST) if self.known_intact(&digest, &dest) => {
                 let _ = fs::remove_file(&self.path);
                 false
             }
@@ -345,6 +342,21 @@ impl BlobWriter {
             }
         }
         Ok((digest, self.size))
+    }
+}
+
+impl BlobWriter {
+    /// Whether `dest`, blob `d`'s file, is one this process hashed whole and unchanged.
+    fn known_intact(&self, d: &Digest, dest: &Path) -> bool {
+        let Ok(m) = fs::symlink_metadata(dest) else {
+            return false;
+        };
+        let now = Stamp::of(&m);
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(d)
+            .is_some_and(|then| *then == now)
     }
 }
 
@@ -503,9 +515,25 @@ mod tests {
         assert!(cs.known_as(&d, before), "the stamp did not move");
         assert!(fs::read_dir(&cs.ingest).expect("ingest").next().is_none());
 
-        // Another run on the same store knows nothing until it hashes the blob whole.
+        // Another run on the same store knows nothing until it hashes the blob whole: a
+        // damaged blob it is given again is mended, not kept.
         let other = ContentStore::new(tmp.path()).expect("again");
         assert!(!other.known_intact(&d));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        rewrite(&cs.path(&d), b"layer bytez");
+        assert_eq!(other.put(b"layer bytes").expect("mend"), d);
+        assert_eq!(fs::read(other.path(&d)).expect("read"), b"layer bytes");
+        assert!(
+            other.known_intact(&d),
+            "the mended blob was hashed as it was written"
+        );
+        let before = cs.stamp(&d).expect("stamp");
+        assert!(
+            !cs.known_intact(&d),
+            "the first run's stamp is of the damaged file"
+        );
+        cs.verify(&d).expect("verify");
+        assert!(cs.known_as(&d, before));
         other.verify(&d).expect("verify");
         assert!(other.known_intact(&d), "verified whole");
 
