@@ -481,20 +481,34 @@ fn heredocs_onbuild_target_proxies_and_caps() {
     {
         use std::os::unix::fs::PermissionsExt;
         let modes = ctx.join("modes");
-        std::fs::create_dir_all(&modes).expect("modes");
-        for (name, mode) in [
+        const MODES: [(&str, u32); 5] = [
             ("m666", 0o666),
             ("m777", 0o777),
             ("m6755", 0o6755),
             ("m1644", 0o1644),
             ("m0400", 0o400),
-        ] {
+        ];
+        std::fs::create_dir_all(&modes).expect("modes");
+        for (name, mode) in MODES {
             let p = modes.join(name);
             std::fs::write(&p, name.as_bytes()).expect("write");
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
         }
-        // The test's umask (022 or stricter) takes group and other write bits from a plain
-        // create: m666 and m777 need their mode set again.
+        // The test's umask takes group and other write bits from a plain create: m666 and
+        // m777 need their mode set again (shown here, or the case would prove nothing).
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .expect("the umask in /proc/self/status");
+        assert_eq!(
+            umask & 0o022,
+            0o022,
+            "umask {umask:o} keeps group/other write"
+        );
         for (df, owner) in [
             ("FROM busybox\nCOPY modes /kept/\n", (0, 0)),
             (
@@ -506,13 +520,7 @@ fn heredocs_onbuild_target_proxies_and_caps() {
             id.unwrap_or_else(|err| panic!("{err}\n{log}"));
             let top = top_layer(&e);
             let dir = if owner.0 == 0 { "kept" } else { "owned" };
-            for (name, mode) in [
-                ("m666", 0o666),
-                ("m777", 0o777),
-                ("m6755", 0o6755),
-                ("m1644", 0o1644),
-                ("m0400", 0o400),
-            ] {
+            for (name, mode) in MODES {
                 let m = std::fs::symlink_metadata(top.join(dir).join(name)).expect("copied");
                 assert_eq!(m.permissions().mode() & 0o7777, mode, "{dir}/{name}");
                 assert_eq!(

@@ -73,6 +73,16 @@ fn docker_loads_and_runs_our_archive_and_we_load_docker_save() {
             id[..12].to_string()
         )]
     );
+    // Saved again by us: the blob our load wrote is copied without a second hash (its
+    // file unchanged), and the archive is Docker's image again for Docker.
+    let again = work.path().join("again.tar");
+    d.ok(&["ctr-img", "save", NAME, "-o", again.to_str().expect("utf8")]);
+    run_ok(Command::new("docker").args(["rmi", NAME]));
+    let loaded = run_ok(Command::new("docker").args(["load", "-i"]).arg(&again));
+    assert!(loaded.contains(NAME), "{loaded}");
+    let docker_id =
+        run_ok(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", NAME]));
+    assert_eq!(docker_id.trim(), format!("sha256:{id}"));
     // Docker's layer tar, kept packed by the load, unpacks for a build on it.
     let ctx = work.path().join("on-docker");
     std::fs::create_dir(&ctx).expect("ctx");

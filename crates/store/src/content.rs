@@ -18,7 +18,40 @@ pub struct ContentStore {
     ingest: PathBuf,
     /// The blobs whose every byte this process hashed (as it wrote them, or in a full
     /// read), with the stamp their file had then.
-    verified: Arc<Mutex<HashMap<Digest, Stamp>>>,
+    verified: Vouched,
+}
+
+/// Blobs this process hashed whole, each with its file's stamp then (shared by the store
+/// and its writers).
+#[derive(Debug, Clone, Default)]
+struct Vouched(Arc<Mutex<HashMap<Digest, Stamp>>>);
+
+impl Vouched {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Stamp>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `d` was hashed whole while its file had stamp `now`; a record that no
+    /// longer matches is forgotten.
+    fn matches(&self, d: &Digest, now: Stamp) -> bool {
+        let mut map = self.map();
+        match map.get(d) {
+            Some(then) if *then == now => true,
+            Some(_) => {
+                map.remove(d);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn record(&self, d: &Digest, stamp: Stamp) {
+        self.map().insert(d.clone(), stamp);
+    }
+
+    fn forget(&self, d: &Digest) {
+        self.map().remove(d);
+    }
 }
 
 /// What tells a blob's file apart from any other file, or from itself changed: its inode,
@@ -54,7 +87,7 @@ impl ContentStore {
         let cs = ContentStore {
             blobs: root.join("blobs/sha256"),
             ingest: root.join("ingest"),
-            verified: Arc::default(),
+            verified: Vouched::default(),
         };
         for d in [&cs.blobs, &cs.ingest] {
             fs::create_dir_all(d).map_err(|e| StoreError::io("create", d, e))?;
@@ -101,7 +134,7 @@ impl ContentStore {
         match self.stamp(d) {
             Ok(now) => self.known_as(d, now),
             Err(_) => {
-                self.verified_map().remove(d);
+                self.verified.forget(d);
                 false
             }
         }
@@ -111,26 +144,14 @@ impl ContentStore {
     /// from the handle it reads (so no other file can take its place in between). A
     /// stamp that no longer matches is forgotten.
     pub fn known_as(&self, d: &Digest, now: Stamp) -> bool {
-        let mut map = self.verified_map();
-        match map.get(d) {
-            Some(then) if *then == now => true,
-            Some(_) => {
-                map.remove(d);
-                false
-            }
-            None => false,
-        }
+        self.verified.matches(d, now)
     }
 
     /// Records that blob `d` was read whole and matched its name, its file's stamp taken
     /// before the read began (a change during the read moves the stamp, so the record
     /// never vouches for bytes that were not read).
     pub fn mark_verified(&self, d: &Digest, before: Stamp) {
-        self.verified_map().insert(d.clone(), before);
-    }
-
-    fn verified_map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Stamp>> {
-        self.verified.lock().unwrap_or_else(|p| p.into_inner())
+        self.verified.record(d, before);
     }
 
     pub fn open(&self, d: &Digest) -> Result<File> {
@@ -184,7 +205,7 @@ impl ContentStore {
     }
 
     pub(crate) fn remove(&self, d: &Digest) -> Result<()> {
-        self.verified_map().remove(d);
+        self.verified.forget(d);
         let p = self.path(d);
         match fs::remove_file(&p) {
             Ok(()) => Ok(()),
@@ -217,7 +238,7 @@ impl ContentStore {
             .map_err(|e| StoreError::io("read", self.path(d), e))?;
         let actual = Digest::from_sha256(h);
         if &actual != d {
-            self.verified_map().remove(d);
+            self.verified.forget(d);
             return Err(StoreError::DigestMismatch {
                 expected: d.clone(),
                 actual,
@@ -262,7 +283,7 @@ pub struct BlobWriter {
     hash: Sha256,
     size: u64,
     blobs: PathBuf,
-    verified: Arc<Mutex<HashMap<Digest, Stamp>>>,
+    verified: Vouched,
 }
 
 impl BlobWriter {
@@ -335,10 +356,7 @@ impl BlobWriter {
         // already is vouched for only if this process hashed that one.
         if placed {
             if let Ok(m) = fs::metadata(&dest) {
-                self.verified
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(digest.clone(), Stamp::of(&m));
+                self.verified.record(&digest, Stamp::of(&m));
             }
         }
         Ok((digest, self.size))
@@ -351,12 +369,7 @@ impl BlobWriter {
         let Ok(m) = fs::symlink_metadata(dest) else {
             return false;
         };
-        let now = Stamp::of(&m);
-        self.verified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(d)
-            .is_some_and(|then| *then == now)
+        self.verified.matches(d, Stamp::of(&m))
     }
 }
 
@@ -519,7 +532,6 @@ mod tests {
         // damaged blob it is given again is mended, not kept.
         let other = ContentStore::new(tmp.path()).expect("again");
         assert!(!other.known_intact(&d));
-        std::thread::sleep(std::time::Duration::from_millis(20));
         rewrite(&cs.path(&d), b"layer bytez");
         assert_eq!(other.put(b"layer bytes").expect("mend"), d);
         assert_eq!(fs::read(other.path(&d)).expect("read"), b"layer bytes");
@@ -537,10 +549,10 @@ mod tests {
         other.verify(&d).expect("verify");
         assert!(other.known_intact(&d), "verified whole");
 
-        // The same bytes written again: a change all the same, and forgotten. (Past the
-        // clock tick of the blob's last change first: kernels before 6.13 keep coarse
-        // change times, which a rewrite within the same few ms would leave as they were.)
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // The same bytes written again: a change all the same, and forgotten. (The stamp
+        // was read above; since Linux 6.13 a change time that was read is followed by a
+        // finer-grained one, so even a rewrite within the same clock tick moves it. Older
+        // kernels keep coarse change times: the README says what a stamp cannot see.)
         rewrite(&cs.path(&d), b"layer bytes");
         assert!(!cs.known_intact(&d));
         assert!(!cs.known_as(&d, before), "forgotten once it did not match");
@@ -557,6 +569,6 @@ mod tests {
         assert!(cs.known_intact(&d));
         cs.remove(&d).expect("remove");
         assert!(!cs.known_intact(&d));
-        assert!(cs.verified_map().is_empty());
+        assert!(cs.verified.map().is_empty());
     }
 }

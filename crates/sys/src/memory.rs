@@ -49,14 +49,21 @@ pub const PIECES_KEPT: usize = 16;
 /// two pieces (grown if it must be: a compressor's output may outgrow its input), else a
 /// new one.
 pub fn take_piece(len: usize) -> Vec<u8> {
-    if len <= 2 * PIECE {
-        let pooled = PIECES.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut v = pooled.unwrap_or_else(|| Vec::with_capacity(PIECE));
-        v.clear();
-        v.reserve(len);
-        return v;
-    }
-    Vec::with_capacity(len)
+    let mut v = pooled_or_new(len);
+    v.clear();
+    v.reserve(len);
+    v
+}
+
+/// A pooled buffer (as it was given back) when `len` is at most two pieces, else a new one
+/// with room for `len`.
+fn pooled_or_new(len: usize) -> Vec<u8> {
+    let pooled = if len <= 2 * PIECE {
+        PIECES.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    } else {
+        None
+    };
+    pooled.unwrap_or_else(|| Vec::with_capacity(len.max(PIECE)))
 }
 
 /// A buffer of exactly `len` bytes whose contents are unspecified (zeros, or what a pooled
@@ -65,15 +72,7 @@ pub fn take_piece(len: usize) -> Vec<u8> {
 /// its bytes are written again only past that length, instead of being zeroed for every
 /// use (what `resize` on an emptied piece costs: a memset of each MiB moved).
 pub fn take_filled(len: usize) -> Vec<u8> {
-    let mut v = if len <= 2 * PIECE {
-        PIECES
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(len.max(PIECE)))
-    } else {
-        Vec::with_capacity(len)
-    };
+    let mut v = pooled_or_new(len);
     if v.len() >= len {
         v.truncate(len);
     } else {

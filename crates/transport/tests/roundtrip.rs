@@ -216,18 +216,17 @@ fn bad_inputs_leave_store_unchanged() {
     assert_eq!(snapshot(&dir), before);
 }
 
-/// A blob this daemon wrote is copied into an archive without being hashed again, but only
-/// while its file is the one it wrote: a blob changed behind the store's back is hashed,
-/// refused, and leaves no archive; after a restart every blob is hashed once more.
-#[test]
-fn save_hashes_again_a_blob_whose_file_changed_or_that_another_run_wrote() {
-    if !root_or_skip() {
-        return;
-    }
-    let tmp = tempfile::tempdir().expect("tmp");
-    let (a, _) = Store::open(&tmp.path().join("a")).expect("store");
-    let src = tmp.path().join("rootfs.tar.gz");
-    std::fs::write(&src, gz(&rootfs_tar())).expect("write");
+/// Imports `layer` (a tar, plain or gzipped) as busybox:latest into a store under `tmp/a`,
+/// saves it as a docker-archive (which holds the layer as a plain tar) and loads that into
+/// a store at `root`. Returns that store, the layer's blob there and the archive.
+fn loaded_copy(
+    tmp: &Path,
+    layer: &[u8],
+    root: &Path,
+) -> (Store, isula_types::Digest, std::path::PathBuf) {
+    let (a, _) = Store::open(&tmp.join("a")).expect("store");
+    let src = tmp.join("layer.tar");
+    std::fs::write(&src, layer).expect("write");
     let r = Reference::parse("busybox:latest").expect("ref");
     import::import(
         &a,
@@ -238,14 +237,39 @@ fn save_hashes_again_a_blob_whose_file_changed_or_that_another_run_wrote() {
         &mut |_| {},
     )
     .expect("import");
-    let archive = tmp.path().join("a.tar");
+    let archive = tmp.join("a.tar");
     save_busybox(&a, &archive, Format::Docker).expect("save");
-    // A docker-archive holds the layer as a tar: loaded, it is stored as it is.
-    let root = tmp.path().join("b");
-    let (b, _) = Store::open(&root).expect("store");
+    let (b, _) = Store::open(root).expect("store");
     load::load(&b, &AsDaemon, &archive, &Cancel::default(), &mut |_| {}).expect("load");
+    let blob = b.resolve("busybox:latest").expect("loaded").blobs[0].clone();
+    (b, blob, archive)
+}
+
+/// Writes `data` over the read-only file at `path`, in place (its inode stays).
+fn rewrite_in_place(path: &Path, data: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .expect("rewrite");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+}
+
+/// A blob this daemon wrote is copied into an archive without being hashed again, but only
+/// while its file is the one it wrote: a blob changed behind the store's back is hashed,
+/// refused, and leaves no archive; after a restart every blob is hashed once more.
+#[test]
+fn save_hashes_again_a_blob_whose_file_changed_or_that_another_run_wrote() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path().join("b");
+    let (b, blob, archive) = loaded_copy(tmp.path(), &gz(&rootfs_tar()), &root);
     let img = b.resolve("busybox:latest").expect("loaded");
-    let blob = img.blobs[0].clone();
     assert_eq!(b.layer(&img.layers[0]).expect("layer").diff_id.0, blob);
     assert!(
         b.content().known_intact(&blob),
@@ -271,12 +295,7 @@ fn save_hashes_again_a_blob_whose_file_changed_or_that_another_run_wrote() {
     // still count as a change; so does one byte flipped.
     let path = b.content().path(&blob);
     let bytes = std::fs::read(&path).expect("blob");
-    let rewrite = |data: &[u8]| {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        std::fs::write(&path, data).expect("rewrite");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).expect("chmod");
-    };
+    let rewrite = |data: &[u8]| rewrite_in_place(&path, data);
     rewrite(&bytes);
     assert!(!b.content().known_intact(&blob), "rewritten in place");
     let mut bad = bytes.clone();
@@ -314,24 +333,11 @@ fn a_blob_changed_while_a_save_copies_it_fails_the_save() {
     h.set_mtime(1_600_000_000);
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, "big.bin", &data[..]).expect("append");
-    let src = tmp.path().join("big.tar");
-    std::fs::write(&src, b.into_inner().expect("tar")).expect("write");
-    let (a, _) = Store::open(&tmp.path().join("a")).expect("store");
-    let r = Reference::parse("busybox:latest").expect("ref");
-    import::import(
-        &a,
-        &AsDaemon,
-        &src,
-        Some(&r),
-        &Cancel::default(),
-        &mut |_| {},
-    )
-    .expect("import");
-    let archive = tmp.path().join("a.tar");
-    save_busybox(&a, &archive, Format::Docker).expect("save");
-    let (b, _) = Store::open(&tmp.path().join("b")).expect("store");
-    load::load(&b, &AsDaemon, &archive, &Cancel::default(), &mut |_| {}).expect("load");
-    let blob = b.resolve("busybox:latest").expect("loaded").blobs[0].clone();
+    let (b, blob, archive) = loaded_copy(
+        tmp.path(),
+        &b.into_inner().expect("tar"),
+        &tmp.path().join("b"),
+    );
     assert!(b.content().known_intact(&blob));
     let path = b.content().path(&blob);
     let bytes = std::fs::read(&path).expect("blob");
@@ -341,16 +347,9 @@ fn a_blob_changed_while_a_save_copies_it_fails_the_save() {
     let mut rewritten = false;
     let mut progress = |_line: String| {
         if !rewritten {
-            use std::os::unix::fs::PermissionsExt;
             rewritten = true;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
             // In place, as the same bytes: the handle the save reads sees the change.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .and_then(|mut f| f.write_all(&bytes))
-                .expect("rewrite");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+            rewrite_in_place(&path, &bytes);
         }
     };
     let e = save::save(
