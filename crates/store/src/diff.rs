@@ -228,7 +228,7 @@ pub fn hash_layer(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64)> {
     loop {
         match tar.next_piece() {
             Ok(Some(piece)) => hash
-                .write_all(&piece)
+                .write_all(piece.as_ref().as_ref())
                 .map_err(|e| StoreError::io("hash", upper, e))?,
             Ok(None) => return Ok(hash.finish()),
             Err(e) => return Err(StoreError::io("read", upper, e)),
@@ -236,23 +236,77 @@ pub fn hash_layer(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64)> {
     }
 }
 
-/// How much of a tar made from files goes to the reader at a time, and how many such
-/// pieces may wait for it.
-const TREE_PIECE: usize = 512 << 10;
+/// How much of a tar made from files goes to the reader at a time (a pooled piece, faulted
+/// in once: a fresh mapping for each was a third of the walking thread's time), and how
+/// many such pieces may wait for the reader, and for the hash.
+const TREE_PIECE: usize = isula_sys::memory::PIECE;
 const TREE_PIECES_WAITING: usize = 4;
 
+/// A piece of the tar, shared by the reader and the thread that hashes it: back to the
+/// pool when both are done with it.
+type Shared = std::sync::Arc<isula_sys::memory::Piece>;
+
 enum Piece {
-    Data(Vec<u8>),
+    Data(Shared),
     End,
     Failed(std::io::Error),
 }
 
-/// The writer end: pieces go to the reader, every byte into the hash.
+/// What the stream must hash to (its digest and size), hashed on a thread of its own as
+/// the reader reads: the thread that walks the files is the one every reader waits for.
+struct Verify {
+    tx: std::sync::mpsc::SyncSender<Shared>,
+    hashing: std::thread::JoinHandle<(Digest, u64)>,
+    expected: Digest,
+    size: u64,
+}
+
+impl Verify {
+    fn spawn(expected: Digest, size: u64) -> std::io::Result<Verify> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Shared>(TREE_PIECES_WAITING);
+        let hashing = std::thread::Builder::new()
+            .name("layer-tar-hash".into())
+            .spawn(move || {
+                let mut h = HashSink::default();
+                for piece in rx {
+                    // A HashSink's write cannot fail.
+                    let _ = h.write_all(piece.as_ref().as_ref());
+                }
+                h.finish()
+            })?;
+        Ok(Verify {
+            tx,
+            hashing,
+            expected,
+            size,
+        })
+    }
+
+    /// The stream's end: whether it hashed to what it must.
+    fn finish(self, dir: &Path) -> std::io::Result<()> {
+        drop(self.tx);
+        let (digest, n) = self
+            .hashing
+            .join()
+            .map_err(|_| std::io::Error::other("hashing the layer tar failed"))?;
+        let (expected, size) = (self.expected, self.size);
+        if digest == expected && n == size {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "the files of {} no longer make layer blob {expected} ({size} bytes): they \
+                 make {digest} ({n} bytes)",
+                dir.display()
+            )))
+        }
+    }
+}
+
+/// The writer end: pieces go to the reader, and to the hash when there is one.
 struct PieceSink {
     tx: std::sync::mpsc::SyncSender<Piece>,
     piece: Vec<u8>,
-    /// What the stream must hash to (its digest and size), checked at its end.
-    hash: Option<(HashSink, Digest, u64)>,
+    verify: Option<Verify>,
 }
 
 impl PieceSink {
@@ -260,7 +314,12 @@ impl PieceSink {
         if self.piece.is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(&mut self.piece, Vec::with_capacity(TREE_PIECE));
+        let full = std::mem::replace(&mut self.piece, isula_sys::memory::take_piece(TREE_PIECE));
+        let full: Shared = std::sync::Arc::new(isula_sys::memory::Piece::from_vec(full));
+        if let Some(v) = &self.verify {
+            v.tx.send(full.clone())
+                .map_err(|_| std::io::Error::other("hashing the layer tar stopped"))?;
+        }
         self.tx
             .send(Piece::Data(full))
             .map_err(|_| std::io::Error::other("the reader went away"))
@@ -271,9 +330,6 @@ impl Write for PieceSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(TREE_PIECE - self.piece.len());
         self.piece.extend_from_slice(&buf[..n]);
-        if let Some((h, _, _)) = &mut self.hash {
-            h.write_all(&buf[..n])?;
-        }
         if self.piece.len() == TREE_PIECE {
             self.send()?;
         }
@@ -289,7 +345,7 @@ impl Write for PieceSink {
 /// those bytes, the read that would end the stream fails instead.
 pub struct TreeTar {
     rx: std::sync::mpsc::Receiver<Piece>,
-    piece: Vec<u8>,
+    piece: Option<Shared>,
     at: usize,
     ended: bool,
 }
@@ -311,31 +367,24 @@ impl TreeTar {
     ) -> Result<TreeTar> {
         let (tx, rx) = std::sync::mpsc::sync_channel(TREE_PIECES_WAITING);
         let dir = upper.clone();
+        let verify = expected
+            .map(|(d, n)| Verify::spawn(d, n))
+            .transpose()
+            .map_err(|e| StoreError::io("spawn a thread for", &upper, e))?;
         std::thread::Builder::new()
             .name("layer-tar".into())
             .spawn(move || {
                 let sink = PieceSink {
                     tx: tx.clone(),
-                    piece: Vec::with_capacity(TREE_PIECE),
-                    hash: expected.map(|(d, n)| (HashSink::default(), d, n)),
+                    piece: isula_sys::memory::take_piece(TREE_PIECE),
+                    verify,
                 };
                 let last = match write_layer(&dir, sink, &opts) {
                     Ok(mut sink) => match sink.send() {
                         Err(_) => return, // the reader went away
-                        Ok(()) => match sink.hash {
-                            None => Piece::End,
-                            Some((h, expected, size)) => {
-                                let (digest, n) = h.finish();
-                                if digest == expected && n == size {
-                                    Piece::End
-                                } else {
-                                    Piece::Failed(std::io::Error::other(format!(
-                                        "the files of {} no longer make layer blob {expected} \
-                                         ({size} bytes): they make {digest} ({n} bytes)",
-                                        dir.display()
-                                    )))
-                                }
-                            }
+                        Ok(()) => match sink.verify.take().map(|v| v.finish(&dir)) {
+                            None | Some(Ok(())) => Piece::End,
+                            Some(Err(e)) => Piece::Failed(e),
                         },
                     },
                     Err(e) => Piece::Failed(std::io::Error::other(e.to_string())),
@@ -345,7 +394,7 @@ impl TreeTar {
             .map_err(|e| StoreError::io("spawn a thread for", &upper, e))?;
         Ok(TreeTar {
             rx,
-            piece: Vec::new(),
+            piece: None,
             at: 0,
             ended: false,
         })
@@ -354,7 +403,7 @@ impl TreeTar {
 
 impl TreeTar {
     /// The next piece as the thread made it (None at the end).
-    fn next_piece(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+    fn next_piece(&mut self) -> std::io::Result<Option<Shared>> {
         if self.ended {
             return Ok(None);
         }
@@ -378,19 +427,26 @@ impl TreeTar {
 
 impl std::io::Read for TreeTar {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.at == self.piece.len() {
+        loop {
+            if let Some(p) = &self.piece {
+                let data: &[u8] = p.as_ref().as_ref();
+                if self.at < data.len() {
+                    let n = buf.len().min(data.len() - self.at);
+                    buf[..n].copy_from_slice(&data[self.at..self.at + n]);
+                    self.at += n;
+                    return Ok(n);
+                }
+            }
+            // Done with this piece (the pool has it back once the hash is done too).
+            self.piece = None;
             match self.next_piece()? {
                 Some(p) => {
-                    self.piece = p;
+                    self.piece = Some(p);
                     self.at = 0;
                 }
                 None => return Ok(0),
             }
         }
-        let n = buf.len().min(self.piece.len() - self.at);
-        buf[..n].copy_from_slice(&self.piece[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
     }
 }
 
