@@ -4,7 +4,8 @@
 # seconds and the daemon's peak RSS for each step, so later work can be compared.
 #   scripts/bench.sh            (needs root; MB=... FILES=... to change the size,
 #                               ROUNDS=... for the rounds, ONLY=main|cache|reuse|remote|peers|rootless for one part
-#                               (ONLY=push: the import and the gzip and zstd push and pull rows);
+#                               (ONLY=push: the import and the gzip and zstd push and pull rows, and the
+#                               push right after a build, each in ROUNDS interleaved rounds);
 #                               peers = each workload beside buildah and BuildKit, interleaved,
 #                               WORKLOADS="copy run load save push pull" to pick some;
 #                               the scale rows: ONLY=peers MB=2500 FILES=100000 ROUNDS=1;
@@ -344,18 +345,36 @@ echo "This is bar file" > "$work/ctx-small/bar.txt"
 printf 'FROM busybox:bench\nLABEL foo=bar\nCOPY ./* /home/dir1/\n' > "$work/ctx-small/Dockerfile"
 if only push && [ -n "$reg_host" ]; then
     # A push right after a build (`build && push` in CI): the built layer has no gzip or zstd
-    # (no layer is compressed in idle time), so each push below makes its form while it
-    # uploads; the last finds the zstd kept and only sends it.
-    # One run, with the phases, and the registry's CPU beside the daemon's.
-    "$bin/isula-build" ctr-img build --tag "$reg_host/bench-built:1" "$work/ctx-copy" >/dev/null
-    round=1
-    empty_registry
-    push_step "push gzip (right after build)" ctr-img push "$reg_host/bench-built:1"
-    empty_registry
-    push_step "push zstd (right after build)" ctr-img push --compression zstd "$reg_host/bench-built:1"
-    empty_registry
-    push_step "push zstd (built, form kept)" ctr-img push --compression zstd "$reg_host/bench-built:1"
-    "$bin/isula-build" ctr-img rm "$reg_host/bench-built:1" >/dev/null
+    # (no layer is compressed in idle time), so the push makes its form from the layer's
+    # files while it uploads; then the same push to an emptied registry with that form kept
+    # (only sending). In rounds like the import's (the codec alternates; each round builds
+    # afresh, untimed, and the push follows at once, as in CI), the phases in the first.
+    for round in $(seq "$push_rounds"); do
+        for c in gzip zstd; do
+            # The last round's image and its kept forms go (the cache with them, which
+            # would keep its layer).
+            "$bin/isula-build" ctr-img rm "$reg_host/bench-built:1" >/dev/null 2>&1 || true
+            must "$bin/isula-build" builder prune --all -f </dev/null
+            must "$bin/isula-build" ctr-img build --no-cache --tag "$reg_host/bench-built:1" "$work/ctx-copy"
+            empty_registry
+            push_step "push $c (right after build)" ctr-img push --compression "$c" "$reg_host/bench-built:1"
+            empty_registry
+            push_step "push $c (built, form kept)" ctr-img push --compression "$c" "$reg_host/bench-built:1"
+        done
+    done
+    printf "# %-38s %8s   %-13s %10s %12s\n" "medians over $push_rounds rounds" seconds "(spread)" "daemon CPU" "registry CPU"
+    for c in gzip zstd; do
+        prow "push $c (right after build)"
+        prow "push $c (built, form kept)"
+    done
+    for c in gzip zstd; do
+        per=$(paste -d/ <(tr ' ' '\n' <<<"${PT[push $c (right after build)]}" | grep .) \
+            <(tr ' ' '\n' <<<"${PT[push $c (built, form kept)]}" | grep .) \
+            | awk -F/ '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 / $2 }')
+        printf '%-40s %8s   (rounds: %s; aim <= 1.10)\n' "ratio $c after build / kept" \
+            "$(div "$(median "${PT[push $c (right after build)]}")" "$(median "${PT[push $c (built, form kept)]}")")" "$per"
+    done
+    must "$bin/isula-build" ctr-img rm "$reg_host/bench-built:1"
 fi
 if only main; then
 step "build: COPY 20k files" ctr-img build "$work/ctx-copy"

@@ -509,17 +509,39 @@ fn heredocs_onbuild_target_proxies_and_caps() {
             0o022,
             "umask {umask:o} keeps group/other write"
         );
-        for (df, owner) in [
-            ("FROM busybox\nCOPY modes /kept/\n", (0, 0)),
+        // A set-group-ID destination directory (group 50) gives new files its group:
+        // COPY still makes them root's, as BuildKit does.
+        let sgid = "FROM busybox\nRUN mkdir /sgid && chown 0:50 /sgid && chmod 2775 /sgid \
+                    && touch /sgid/probe\nCOPY modes /sgid/\n";
+        for (df, dir, owner) in [
+            ("FROM busybox\nCOPY modes /kept/\n", "kept", (0, 0)),
             (
                 "FROM busybox\nCOPY --chown=app modes /owned/\n",
+                "owned",
                 (1000, 1000),
             ),
+            (sgid, "sgid", (0, 0)),
         ] {
             let (id, log) = run_build_with(&e, df, &ctx, |_| {});
             id.unwrap_or_else(|err| panic!("{err}\n{log}"));
             let top = top_layer(&e);
-            let dir = if owner.0 == 0 { "kept" } else { "owned" };
+            if dir == "sgid" {
+                // The directory does what the case needs: a file made in it plainly
+                // (by the RUN) got its group.
+                let img = e.store.resolve("built:1").expect("img");
+                let probe = img
+                    .layers
+                    .iter()
+                    .map(|l| e.store.layer_dir(l).join("diff/sgid/probe"))
+                    .find(|p| p.exists())
+                    .unwrap_or_else(|| panic!("no layer of {:?} holds sgid/probe", img.layers));
+                let m = std::fs::symlink_metadata(&probe).expect("probe");
+                assert_eq!(
+                    std::os::unix::fs::MetadataExt::gid(&m),
+                    50,
+                    "the probe's group"
+                );
+            }
             for (name, mode) in MODES {
                 let m = std::fs::symlink_metadata(top.join(dir).join(name)).expect("copied");
                 assert_eq!(m.permissions().mode() & 0o7777, mode, "{dir}/{name}");
