@@ -767,3 +767,108 @@ fn sigkill_during_save_and_load() {
     d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("utf8")]);
     assert_eq!(d.images().len(), 1);
 }
+
+/// A writeback error (the layer's sync fails with EIO, as a failing disk makes it: an
+/// error point, for this machine has no device that fails writes on demand). Nothing is
+/// recorded over data that may not be on the disk: an import and a build fail naming the
+/// sync and the error, a load keeps its layer packed (durable through its blob, whose own
+/// fsync is not the one failing) and its idle-time unpack fails the same way, no layer
+/// directory is added and none half made is left; with the disk sound again the store
+/// checks out and the same operations work (the positive control).
+#[test]
+fn a_writeback_error_fails_the_operation_and_records_nothing() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.load_fixed_busybox("busybox:latest");
+    d.wait_idle();
+    let layer_dirs = |d: &Daemon| {
+        let mut l = listing(&d.data().join("layers"));
+        l.sort();
+        l
+    };
+    let before = layer_dirs(&d);
+    assert_eq!(before.len(), 1, "busybox's layer directory: {before:?}");
+    d.stop();
+    d.set_env("ISULA_FAILPOINT", Some("layer.sync-eio"));
+    d.restart();
+
+    let work = tempfile::tempdir().expect("tmp");
+    let tar = work.path().join("rootfs.tar");
+    std::fs::write(&tar, busybox_rootfs(&[("etc/marker", b"imported\n")])).expect("rootfs");
+    let archive = work.path().join("loaded.tar");
+    std::fs::write(
+        &archive,
+        docker_archive(
+            &[busybox_rootfs(&[("etc/marker", b"loaded\n")])],
+            "loaded:1",
+        ),
+    )
+    .expect("archive");
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).expect("ctx");
+    std::fs::write(ctx.join("f"), b"copied\n").expect("f");
+    let build = |from: &str| {
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            format!("FROM {from}\nCOPY f /f\nRUN test \"$(cat /f)\" = copied\n"),
+        )
+        .expect("df");
+        [
+            "ctr-img",
+            "build",
+            "-t",
+            "built:1",
+            ctx.to_str().expect("utf8"),
+        ]
+    };
+    let names_the_error = |what: &str, err: &str| {
+        assert!(
+            err.contains("syncfs") && err.contains("Input/output error"),
+            "the {what}'s error names neither the sync nor the error: {err}"
+        );
+    };
+    let named = |d: &Daemon, repo: &str| d.images().iter().any(|(r, _, _)| r == repo);
+
+    let err = d.fails(&["ctr-img", "import", tar.to_str().expect("utf8"), "base:1"]);
+    names_the_error("import", &err);
+    assert!(!named(&d, "base"), "a failed import left its name");
+    let err = d.fails(&build("busybox"));
+    names_the_error("build", &err);
+    assert!(!named(&d, "built"), "a failed build left its name");
+    // A load keeps the layer packed: it succeeds, and its unpack in idle time fails.
+    d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("utf8")]);
+    wait_until(
+        "the idle-time unpack to fail",
+        Duration::from_secs(60),
+        || d.log().contains("unpacking a packed layer"),
+    );
+    d.stop();
+    assert_eq!(
+        layer_dirs(&d),
+        before,
+        "layer directories added without a sync"
+    );
+    assert!(
+        listing(&d.data().join("tmp")).is_empty(),
+        "staged layers left: {:?}",
+        listing(&d.data().join("tmp"))
+    );
+
+    // The disk sound again: the store checks out, and the same operations work.
+    d.set_env("ISULA_FAILPOINT", None);
+    d.restart();
+    d.stop_and_check_store();
+    d.restart();
+    d.ok(&["ctr-img", "import", tar.to_str().expect("utf8"), "base:1"]);
+    for from in ["base:1", "loaded:1", "busybox"] {
+        d.ok(&build(from));
+        assert_eq!(
+            d.image_text("built:1", "f").as_deref(),
+            Some("copied"),
+            "{from}"
+        );
+    }
+    d.stop_and_check_store();
+}

@@ -284,6 +284,13 @@ impl StagedLayer {
     /// Writes back the file system the layer is on (its files and directories included),
     /// failing on any writeback error since the layer was staged.
     pub(crate) fn sync(&self) -> Result<()> {
+        if crate::failpoint::fails("layer.sync-eio") {
+            return Err(StoreError::io(
+                "syncfs",
+                &self.dir,
+                std::io::Error::from(rustix::io::Errno::IO),
+            ));
+        }
         Ok(self.fs.sync()?)
     }
 
