@@ -299,8 +299,12 @@ pub fn hash_sources(
         for _ in 0..workers {
             let results = results.clone();
             s.spawn(move || {
+                // One buffer per reading thread: a fresh one per file was a mapping of its
+                // own (past the daemon's mmap threshold), faulted in and unmapped for each
+                // of a context's files.
+                let mut buf = vec![0u8; READ_BUFFER];
                 while let Some(job) = queue.next() {
-                    let r = read_file(root, &job.rel, &job.raw, &job.key);
+                    let r = read_file(root, &job.rel, &job.raw, &job.key, &mut buf);
                     if results.send((job.seq, r)).is_err() {
                         break;
                     }
@@ -565,12 +569,17 @@ fn collect(
     Ok(())
 }
 
-/// The content hash of the file at `rel`, and whether its stat was `key` before and after.
+/// What a reading thread reads a file through.
+const READ_BUFFER: usize = 256 << 10;
+
+/// The content hash of the file at `rel` (read through `buf`), and whether its stat was
+/// `key` before and after.
 fn read_file(
     root: &isula_sys::Root,
     rel: &str,
     raw: &[u8],
     key: &StatKey,
+    buf: &mut [u8],
 ) -> Result<(Sha, bool), String> {
     let path = if raw.is_empty() { b".".as_slice() } else { raw };
     let fd = root
@@ -593,9 +602,8 @@ fn read_file(
     let before = Some(StatKey::of(&st));
     let mut f = std::fs::File::from(fd);
     let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
     loop {
-        let n = f.read(&mut buf).map_err(|e| format!("{rel}: {e}"))?;
+        let n = f.read(buf).map_err(|e| format!("{rel}: {e}"))?;
         if n == 0 {
             break;
         }
