@@ -28,6 +28,45 @@ struct Walk<'a, W: Write> {
     tar: tar::Builder<W>,
     opts: &'a DiffOptions,
     inodes: HashMap<(u64, u64), PathBuf>,
+    /// What files are read through: a file of up to its size in one read (the tar
+    /// crate's copy reads 8 KiB at a time: four reads for a 20 KB file).
+    buf: Vec<u8>,
+}
+
+/// The size of [`Walk::buf`].
+const READ_BUFFER: usize = 256 << 10;
+
+/// Writes `size` bytes of `f` to `out` through `buf`, then the zeros that pad them to a
+/// tar block. A file that ends sooner fails (its header says `size`); one that grew is
+/// cut at `size`.
+fn copy_padded(
+    f: &mut std::fs::File,
+    out: &mut impl Write,
+    size: u64,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = match f.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the file ended {left} bytes before its size ({size}) while it was read"
+                    ),
+                ))
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    let pad = (512 - size % 512) % 512;
+    out.write_all(&[0u8; 512][..pad as usize])
 }
 
 fn xattr(path: &Path, key: &str) -> Option<Vec<u8>> {
@@ -139,10 +178,14 @@ impl<W: Write> Walk<'_, W> {
             let mut h = self.header(&meta, tar::EntryType::Regular);
             h.set_size(meta.len());
             self.pax_xattrs(&path, rel)?;
-            let f = std::fs::File::open(&path).map_err(io("open", &path))?;
+            let mut f = std::fs::File::open(&path).map_err(io("open", &path))?;
+            // The header (and any long-name records) with no data after it, then the
+            // data and its padding, read through the walk's buffer.
             self.tar
-                .append_data(&mut h, rel, f)
+                .append_data(&mut h, rel, std::io::empty())
                 .map_err(io("write", rel))?;
+            copy_padded(&mut f, self.tar.get_mut(), meta.len(), &mut self.buf)
+                .map_err(io("read", &path))?;
             return Ok(());
         }
         let kind = if ft.is_fifo() {
@@ -190,6 +233,7 @@ pub fn write_layer<W: Write>(upper: &Path, out: W, opts: &DiffOptions) -> Result
         tar: tar::Builder::new(out),
         opts,
         inodes: HashMap::new(),
+        buf: vec![0u8; READ_BUFFER],
     };
     walk.tar.mode(tar::HeaderMode::Complete);
     walk.children(Path::new(""))?;
@@ -453,6 +497,32 @@ impl std::io::Read for TreeTar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_is_copied_to_its_size_and_padded_and_one_that_ends_sooner_fails() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("f");
+        std::fs::write(&p, vec![7u8; 1000]).expect("write");
+        // Through a buffer smaller than the file: several reads.
+        let mut buf = vec![0u8; 300];
+        let copy = |size: u64, buf: &mut [u8]| {
+            let mut out = Vec::new();
+            let mut f = std::fs::File::open(&p).expect("open");
+            copy_padded(&mut f, &mut out, size, buf).map(|()| out)
+        };
+        let out = copy(1000, &mut buf).expect("copy");
+        assert_eq!(out.len(), 1024);
+        assert!(out[..1000].iter().all(|&b| b == 7) && out[1000..].iter().all(|&b| b == 0));
+        // A file grown past the size its header says is cut there.
+        let out = copy(512, &mut buf).expect("copy");
+        assert_eq!(out, vec![7u8; 512]);
+        // One shorter than its header says fails, naming what is missing.
+        let e = copy(1500, &mut buf).expect_err("ended early");
+        assert!(
+            e.to_string().contains("500 bytes before its size (1500)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn round_trips_through_apply() {
