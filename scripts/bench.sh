@@ -347,8 +347,8 @@ if only push && [ -n "$reg_host" ]; then
     # A push right after a build (`build && push` in CI): the built layer has no gzip or zstd
     # (no layer is compressed in idle time), so the push makes its form from the layer's
     # files while it uploads; then the same push to an emptied registry with that form kept
-    # (only sending). In rounds like the import's (the codec alternates; each round builds
-    # afresh, untimed, and the push follows at once, as in CI), the phases in the first.
+    # (only sending). In rounds like the import's (gzip, then zstd, each after a build of
+    # its own, untimed, that the push follows at once, as in CI), the phases in the first.
     for round in $(seq "$push_rounds"); do
         for c in gzip zstd; do
             # The last round's image and its kept forms go (the cache with them, which

@@ -840,9 +840,15 @@ fn a_writeback_error_fails_the_operation_and_records_nothing() {
     // A load keeps the layer packed: it succeeds, and its unpack in idle time fails.
     d.ok(&["ctr-img", "load", "-i", archive.to_str().expect("utf8")]);
     wait_until(
-        "the idle-time unpack to fail",
+        "the idle-time unpack to fail on the sync",
         Duration::from_secs(60),
-        || d.log().contains("unpacking a packed layer"),
+        || {
+            d.log().lines().any(|l| {
+                l.contains("unpacking a packed layer")
+                    && l.contains("syncfs")
+                    && l.contains("Input/output error")
+            })
+        },
     );
     d.stop();
     assert_eq!(

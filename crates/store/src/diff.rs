@@ -36,6 +36,13 @@ struct Walk<'a, W: Write> {
 /// The size of [`Walk::buf`].
 const READ_BUFFER: usize = 256 << 10;
 
+/// Which side of a copy failed: reading the file, or writing the tar.
+#[derive(Debug, PartialEq, Eq)]
+enum Side {
+    Read,
+    Write,
+}
+
 /// Writes `size` bytes of `f` to `out` through `buf`, then the zeros that pad them to a
 /// tar block. A file that ends sooner fails (its header says `size`); one that grew is
 /// cut at `size`.
@@ -44,29 +51,34 @@ fn copy_padded(
     out: &mut impl Write,
     size: u64,
     buf: &mut [u8],
-) -> std::io::Result<()> {
+) -> std::result::Result<(), (Side, std::io::Error)> {
     use std::io::Read;
     let mut left = size;
     while left > 0 {
         let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let n = match f.read(&mut buf[..want]) {
             Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the file ended {left} bytes before its size ({size}) while it was read"
+                return Err((
+                    Side::Read,
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file ended {left} bytes before its size ({size}) while it \
+                             was read"
+                        ),
                     ),
                 ))
             }
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err((Side::Read, e)),
         };
-        out.write_all(&buf[..n])?;
+        out.write_all(&buf[..n]).map_err(|e| (Side::Write, e))?;
         left -= n as u64;
     }
     let pad = (512 - size % 512) % 512;
     out.write_all(&[0u8; 512][..pad as usize])
+        .map_err(|e| (Side::Write, e))
 }
 
 fn xattr(path: &Path, key: &str) -> Option<Vec<u8>> {
@@ -184,8 +196,12 @@ impl<W: Write> Walk<'_, W> {
             self.tar
                 .append_data(&mut h, rel, std::io::empty())
                 .map_err(io("write", rel))?;
-            copy_padded(&mut f, self.tar.get_mut(), meta.len(), &mut self.buf)
-                .map_err(io("read", &path))?;
+            copy_padded(&mut f, self.tar.get_mut(), meta.len(), &mut self.buf).map_err(
+                |(side, e)| match side {
+                    Side::Read => StoreError::io("read", &path, e),
+                    Side::Write => StoreError::io("write", rel, e),
+                },
+            )?;
             return Ok(());
         }
         let kind = if ft.is_fifo() {
@@ -329,10 +345,12 @@ impl Verify {
     /// The stream's end: whether it hashed to what it must.
     fn finish(self, dir: &Path) -> std::io::Result<()> {
         drop(self.tx);
-        let (digest, n) = self
-            .hashing
-            .join()
-            .map_err(|_| std::io::Error::other("hashing the layer tar failed"))?;
+        let (digest, n) = self.hashing.join().map_err(|_| {
+            std::io::Error::other(format!(
+                "hashing the layer tar of {} panicked",
+                dir.display()
+            ))
+        })?;
         let (expected, size) = (self.expected, self.size);
         if digest == expected && n == size {
             Ok(())
@@ -367,6 +385,13 @@ impl PieceSink {
         self.tx
             .send(Piece::Data(full))
             .map_err(|_| std::io::Error::other("the reader went away"))
+    }
+}
+
+impl Drop for PieceSink {
+    /// The piece being filled goes back to the pool (the last one is always a fresh one).
+    fn drop(&mut self) {
+        isula_sys::memory::give_piece(std::mem::take(&mut self.piece));
     }
 }
 
@@ -499,6 +524,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tree_tar_is_the_layer_tar_verified_at_its_end_and_may_be_dropped_early() {
+        use std::io::Read;
+        let d = tempfile::tempdir().expect("tmp");
+        let upper = d.path().join("upper");
+        std::fs::create_dir_all(upper.join("d")).expect("mkdir");
+        // More pieces than the channels hold (so the walker waits on the reader and the
+        // hash), with a zero-size file and a name past 100 bytes.
+        for i in 0..12u8 {
+            std::fs::write(upper.join(format!("d/f{i}")), vec![i; (1 << 20) + 333]).expect("write");
+        }
+        std::fs::write(upper.join("d/empty"), b"").expect("write");
+        std::fs::write(upper.join(format!("d/{}", "n".repeat(150))), b"long").expect("write");
+        let opts = DiffOptions::default();
+        let tar = write_layer(&upper, Vec::new(), &opts).expect("tar");
+        let (digest, size) = hash_layer(&upper, &opts).expect("hash");
+        assert_eq!((digest.clone(), size), {
+            let mut h = HashSink::default();
+            h.write_all(&tar).expect("hash");
+            h.finish()
+        });
+        let read = |expected: Digest, size: u64| {
+            let mut out = Vec::new();
+            TreeTar::spawn(upper.clone(), opts.clone(), expected, size)
+                .expect("spawn")
+                .read_to_end(&mut out)
+                .map(|_| out)
+        };
+        assert!(
+            read(digest.clone(), size).expect("read") == tar,
+            "not the layer tar"
+        );
+        // Bytes that are not the expected blob: the read that ends the stream fails.
+        let other = Digest::from_sha256(sha2::Sha256::default());
+        let e = read(other.clone(), size).expect_err("another digest");
+        assert!(e.to_string().contains("no longer make layer blob"), "{e}");
+        assert!(e.to_string().contains(other.as_str()), "{e}");
+        // A reader that stops early: the walker and the hash end on their own (a hang
+        // here would be a walker left waiting on a channel).
+        for _ in 0..20 {
+            let mut t =
+                TreeTar::spawn(upper.clone(), opts.clone(), digest.clone(), size).expect("spawn");
+            let mut first = vec![0u8; 4096];
+            t.read_exact(&mut first).expect("read");
+            drop(t);
+        }
+    }
+
+    #[test]
     fn a_file_is_copied_to_its_size_and_padded_and_one_that_ends_sooner_fails() {
         let d = tempfile::tempdir().expect("tmp");
         let p = d.path().join("f");
@@ -517,11 +590,25 @@ mod tests {
         let out = copy(512, &mut buf).expect("copy");
         assert_eq!(out, vec![7u8; 512]);
         // One shorter than its header says fails, naming what is missing.
-        let e = copy(1500, &mut buf).expect_err("ended early");
+        let (side, e) = copy(1500, &mut buf).expect_err("ended early");
+        assert_eq!(side, Side::Read);
         assert!(
             e.to_string().contains("500 bytes before its size (1500)"),
             "{e}"
         );
+        // A failing write is said to be the write's.
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut f = std::fs::File::open(&p).expect("open");
+        let (side, _) = copy_padded(&mut f, &mut Full, 1000, &mut buf).expect_err("full");
+        assert_eq!(side, Side::Write);
     }
 
     #[test]

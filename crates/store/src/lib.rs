@@ -285,11 +285,13 @@ impl StagedLayer {
     /// failing on any writeback error since the layer was staged.
     pub(crate) fn sync(&self) -> Result<()> {
         if crate::failpoint::fails("layer.sync-eio") {
-            return Err(StoreError::io(
+            // As FsSync says a failed syncfs.
+            return Err(isula_sys::SysError::new(
                 "syncfs",
-                &self.dir,
-                std::io::Error::from(rustix::io::Errno::IO),
-            ));
+                self.dir.join("diff"),
+                rustix::io::Errno::IO,
+            )
+            .into());
         }
         Ok(self.fs.sync()?)
     }

@@ -858,6 +858,99 @@ mod tests {
         assert_eq!(again, tar);
     }
 
+    /// The table's and the tar-split's JSON, key for key and in containers/storage's
+    /// order, with what is zero or empty left out (pinned: the structs must write what
+    /// the JSON maps they replaced wrote).
+    #[test]
+    fn table_entries_and_tar_split_lines_keep_their_keys_and_order() {
+        let full = TocEntry {
+            kind: "char",
+            name: "dev/x".into(),
+            link_name: Some("y".into()),
+            mode: 0o644,
+            size: 5,
+            uid: 1,
+            gid: 2,
+            user_name: "u".into(),
+            group_name: "g".into(),
+            mod_time: rfc3339(86400),
+            access_time: "0001-01-01T00:00:00Z",
+            change_time: "0001-01-01T00:00:00Z",
+            dev_major: 1,
+            dev_minor: 3,
+            xattrs: BTreeMap::from([
+                ("b".to_string(), "Yg==".to_string()),
+                ("a".into(), "YQ==".into()),
+            ]),
+            digest: Some("sha256:00".into()),
+            offset: Some(10),
+            end_offset: Some(20),
+        };
+        assert_eq!(
+            serde_json::to_string(&full).expect("json"),
+            r#"{"type":"char","name":"dev/x","linkName":"y","mode":420,"size":5,"uid":1,"gid":2,"userName":"u","groupName":"g","modtime":"1970-01-02T00:00:00Z","accesstime":"0001-01-01T00:00:00Z","changetime":"0001-01-01T00:00:00Z","devMajor":1,"devMinor":3,"xattrs":{"a":"YQ==","b":"Yg=="},"digest":"sha256:00","offset":10,"endOffset":20}"#
+        );
+        let bare = TocEntry {
+            kind: "dir",
+            name: "d".into(),
+            link_name: None,
+            mode: 0,
+            size: 0,
+            uid: 0,
+            gid: 0,
+            user_name: String::new(),
+            group_name: String::new(),
+            mod_time: rfc3339(0),
+            access_time: "0001-01-01T00:00:00Z",
+            change_time: "0001-01-01T00:00:00Z",
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: BTreeMap::new(),
+            digest: None,
+            offset: None,
+            end_offset: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&Toc {
+                version: 1,
+                entries: &[bare]
+            })
+            .expect("json"),
+            r#"{"version":1,"entries":[{"type":"dir","name":"d","modtime":"1970-01-01T00:00:00Z","accesstime":"0001-01-01T00:00:00Z","changetime":"0001-01-01T00:00:00Z"}]}"#
+        );
+        let line = |l: SplitLine<'_>| serde_json::to_string(&l).expect("json");
+        assert_eq!(
+            line(SplitLine {
+                kind: 2,
+                name: None,
+                size: None,
+                payload: Some("AA==".into()),
+                position: 0
+            }),
+            r#"{"type":2,"payload":"AA==","position":0}"#
+        );
+        assert_eq!(
+            line(SplitLine {
+                kind: 1,
+                name: Some("f"),
+                size: Some(5),
+                payload: Some("AQ==".into()),
+                position: 1
+            }),
+            r#"{"type":1,"name":"f","size":5,"payload":"AQ==","position":1}"#
+        );
+        assert_eq!(
+            line(SplitLine {
+                kind: 1,
+                name: Some("h"),
+                size: None,
+                payload: None,
+                position: 2
+            }),
+            r#"{"type":1,"name":"h","payload":null,"position":2}"#
+        );
+    }
+
     #[test]
     fn crc64_is_gos_iso_table() {
         // Go: crc64.Checksum([]byte("123456789"), crc64.MakeTable(crc64.ISO))
