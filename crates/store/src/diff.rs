@@ -297,7 +297,7 @@ pub fn hash_layer(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64)> {
 }
 
 /// How much of a tar made from files goes to the reader at a time (a pooled piece, faulted
-/// in once: a fresh mapping for each was a third of the walking thread's time), and how
+/// in once, where a fresh one was mapped and faulted in page by page each time), and how
 /// many such pieces may wait for the reader, and for the hash.
 const TREE_PIECE: usize = isula_sys::memory::PIECE;
 const TREE_PIECES_WAITING: usize = 4;
