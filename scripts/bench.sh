@@ -309,13 +309,16 @@ if [ -n "$reg_host" ]; then
         prow "push $c (form kept)"
         prow "pull $c (empty store)"
     done
-    for c in "${codecs[@]}"; do
-        # The ratio of the medians, and each round's own ratio.
-        per=$(paste -d/ <(tr ' ' '\n' <<<"${PT[push $c (right after import)]}" | grep .) \
-            <(tr ' ' '\n' <<<"${PT[push $c (form kept)]}" | grep .) \
+    # pratio NAME A B: the ratio of row A's median to row B's, and each round's own ratio.
+    pratio() {
+        local per
+        per=$(paste -d/ <(tr ' ' '\n' <<<"${PT[$2]}" | grep .) <(tr ' ' '\n' <<<"${PT[$3]}" | grep .) \
             | awk -F/ '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 / $2 }')
-        printf '%-40s %8s   (rounds: %s; aim <= 1.10)\n' "ratio $c after import / kept" \
-            "$(div "$(median "${PT[push $c (right after import)]}")" "$(median "${PT[push $c (form kept)]}")")" "$per"
+        printf '%-40s %8s   (rounds: %s; aim <= 1.10)\n' "$1" \
+            "$(div "$(median "${PT[$2]}")" "$(median "${PT[$3]}")")" "$per"
+    }
+    for c in "${codecs[@]}"; do
+        pratio "ratio $c after import / kept" "push $c (right after import)" "push $c (form kept)"
     done
     # Back to the imported image for the steps below.
     must "$bin/isula-build" ctr-img rm -a
@@ -368,11 +371,7 @@ if only push && [ -n "$reg_host" ]; then
         prow "push $c (built, form kept)"
     done
     for c in gzip zstd; do
-        per=$(paste -d/ <(tr ' ' '\n' <<<"${PT[push $c (right after build)]}" | grep .) \
-            <(tr ' ' '\n' <<<"${PT[push $c (built, form kept)]}" | grep .) \
-            | awk -F/ '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 / $2 }')
-        printf '%-40s %8s   (rounds: %s; aim <= 1.10)\n' "ratio $c after build / kept" \
-            "$(div "$(median "${PT[push $c (right after build)]}")" "$(median "${PT[push $c (built, form kept)]}")")" "$per"
+        pratio "ratio $c after build / kept" "push $c (right after build)" "push $c (built, form kept)"
     done
     must "$bin/isula-build" ctr-img rm "$reg_host/bench-built:1"
 fi
