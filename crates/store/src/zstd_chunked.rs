@@ -202,30 +202,6 @@ struct TocEntry {
     end_offset: Option<u64>,
 }
 
-/// Buffers from this size up are pooled pieces: the daemon maps each such allocation on
-/// its own (see `isula_sys::memory`), and a fresh mapping per file's content and per frame
-/// was faulted in page by page (half again the CPU of a layer of 2 MB files). Smaller ones
-/// come from the heap, as a piece for each would hold a MiB.
-const POOLED_FROM: usize = 256 << 10;
-
-/// An empty buffer with room for `len` bytes.
-fn buffer(len: usize) -> Vec<u8> {
-    if len >= POOLED_FROM {
-        isula_sys::memory::take_piece(len)
-    } else {
-        Vec::with_capacity(len)
-    }
-}
-
-/// A buffer of `len` bytes to be read into (its contents unspecified).
-fn filled(len: usize) -> Vec<u8> {
-    if len >= POOLED_FROM {
-        isula_sys::memory::take_filled(len)
-    } else {
-        vec![0u8; len]
-    }
-}
-
 /// The table of contents.
 #[derive(serde::Serialize)]
 struct Toc<'a> {
@@ -328,8 +304,9 @@ pub fn write<R: Read, W: Write + Send>(
                             .map(|(data, mark)| {
                                 let digest = matches!(mark, Mark::Whole(_))
                                     .then(|| sha2::Sha256::digest(&data).into());
-                                let mut packed =
-                                    buffer(zstd::zstd_safe::compress_bound(data.len()));
+                                let mut packed = isula_sys::memory::take_sized(
+                                    zstd::zstd_safe::compress_bound(data.len()),
+                                );
                                 let r = c.compress_to_buffer(&data, &mut packed);
                                 isula_sys::memory::give_piece(data);
                                 r.map(|_| (packed, mark, digest))
@@ -624,7 +601,7 @@ fn frames<R: Read>(mut tar: R, submit: &mut Submit<'_>) -> io::Result<(Vec<TocEn
             let index = entries.len();
             if size <= CHUNK_MAX {
                 // One frame: its digest is taken by the worker that compresses it.
-                let mut data = filled(size as usize);
+                let mut data = isula_sys::memory::take_sized_filled(size as usize);
                 tar.read_exact(&mut data)?;
                 crc.update(&data);
                 submit(data, Mark::Whole(index))?;
@@ -636,7 +613,7 @@ fn frames<R: Read>(mut tar: R, submit: &mut Submit<'_>) -> io::Result<(Vec<TocEn
                 let mut first = true;
                 while left > 0 {
                     let n = left.min(CHUNK_MAX);
-                    let mut data = filled(n as usize);
+                    let mut data = isula_sys::memory::take_sized_filled(n as usize);
                     tar.read_exact(&mut data)?;
                     sha.update(&data);
                     crc.update(&data);

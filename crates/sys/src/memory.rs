@@ -24,13 +24,39 @@ pub fn limit_malloc_arenas(arenas: i32) {
         // pieces come from the heap and its fragments stay resident.
         // SAFETY: as above.
         #[allow(unsafe_code)]
-        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as i32) };
         if ok != 1 {
             tracing::debug!("mallopt(M_MMAP_THRESHOLD) was refused");
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = arenas;
+}
+
+/// The allocation size from which the daemon's allocator maps each block on its own (see
+/// [`limit_malloc_arenas`]): a buffer this big taken once per item (a file, a frame) is
+/// mapped, faulted in page by page and unmapped each time, so such buffers come from the
+/// pool ([`take_sized`]) or are kept by their thread.
+pub const MMAP_THRESHOLD: usize = 256 << 10;
+
+/// An empty buffer with room for `len` bytes for one item: a pooled piece from
+/// [`MMAP_THRESHOLD`] up, a heap one below it (where a piece would hold a MiB for a few
+/// KiB). Give it back with [`give_piece`] (which keeps only pieces).
+pub fn take_sized(len: usize) -> Vec<u8> {
+    if len >= MMAP_THRESHOLD {
+        take_piece(len)
+    } else {
+        Vec::with_capacity(len)
+    }
+}
+
+/// [`take_sized`], `len` bytes long, to be read into (its contents unspecified).
+pub fn take_sized_filled(len: usize) -> Vec<u8> {
+    if len >= MMAP_THRESHOLD {
+        take_filled(len)
+    } else {
+        vec![0u8; len]
+    }
 }
 
 /// Buffers of [`PIECE`] to twice that many bytes kept for reuse, at most [`PIECES_KEPT`]
