@@ -52,6 +52,18 @@ impl Vouched {
     fn forget(&self, d: &Digest) {
         self.map().remove(d);
     }
+
+    /// Whether `path`, blob `d`'s file, is the one this process hashed whole and has not
+    /// changed since (a file gone or unreadable is forgotten).
+    fn intact(&self, d: &Digest, path: &Path) -> bool {
+        match fs::metadata(path) {
+            Ok(m) => self.matches(d, Stamp::of(&m)),
+            Err(_) => {
+                self.forget(d);
+                false
+            }
+        }
+    }
 }
 
 /// What tells a blob's file apart from any other file, or from itself changed: its inode,
@@ -131,13 +143,7 @@ impl ContentStore {
     /// then copy it without hashing it again. Kept in memory only, so after a restart
     /// (a crash, a power cut) every blob is hashed again the first time it is read whole.
     pub fn known_intact(&self, d: &Digest) -> bool {
-        match self.stamp(d) {
-            Ok(now) => self.known_as(d, now),
-            Err(_) => {
-                self.verified.forget(d);
-                false
-            }
-        }
+        self.verified.intact(d, &self.path(d))
     }
 
     /// [`known_intact`](Self::known_intact) for a file whose stamp `now` the caller took
@@ -341,7 +347,7 @@ impl BlobWriter {
             rustix::fs::RenameFlags::NOREPLACE,
         ) {
             Ok(()) => true,
-            Err(rustix::io::Errno::EXIST) if self.known_intact(&digest, &dest) => {
+            Err(rustix::io::Errno::EXIST) if self.verified.intact(&digest, &dest) => {
                 let _ = fs::remove_file(&self.path);
                 false
             }
@@ -360,16 +366,6 @@ impl BlobWriter {
             }
         }
         Ok((digest, self.size))
-    }
-}
-
-impl BlobWriter {
-    /// Whether `dest`, blob `d`'s file, is one this process hashed whole and unchanged.
-    fn known_intact(&self, d: &Digest, dest: &Path) -> bool {
-        let Ok(m) = fs::symlink_metadata(dest) else {
-            return false;
-        };
-        self.verified.matches(d, Stamp::of(&m))
     }
 }
 
