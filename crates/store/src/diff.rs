@@ -31,7 +31,22 @@ struct Walk<'a, W: Write> {
     /// What files are read through: a file of up to its size in one read (the tar
     /// crate's copy reads 8 KiB at a time: four reads for a 20 KB file).
     buf: Vec<u8>,
+    /// Each entry's name and stamp, hashed in walk order, when asked for (see
+    /// [`TreeStamp`]).
+    stamps: Option<sha2::Sha256>,
 }
+
+/// What a layer directory's files were when the tar they make was read: each entry's
+/// name and the stamp of its inode (device, inode, mode, owner, links, size, device
+/// number, modification and change times; a regular file's taken after its data was
+/// read), hashed in the tar's order. Any change through the file system to an entry, or
+/// an entry added, removed or replaced, moves it: every write, truncation, change of
+/// mode, owner or extended attribute moves the change time, and no call sets that back.
+/// What it cannot see is what [`crate::content::Stamp`] cannot: a change below the file
+/// system, and before kernel 6.13 (coarse timestamps) a rewrite within the clock tick of
+/// the file's last change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeStamp([u8; 32]);
 
 /// The size of [`Walk::buf`].
 const READ_BUFFER: usize = 256 << 10;
@@ -93,6 +108,31 @@ fn xattr(path: &Path, key: &str) -> Option<Vec<u8>> {
 }
 
 impl<W: Write> Walk<'_, W> {
+    /// Adds entry `rel`, whose inode's stamp is in `m`, to the stamps (when asked for).
+    fn fold(&mut self, rel: &Path, m: &std::fs::Metadata) {
+        let Some(h) = &mut self.stamps else { return };
+        use sha2::Digest as _;
+        // A name has no NUL in it: the NUL ends it, and the fields after it are fixed.
+        h.update(rel.as_os_str().as_bytes());
+        h.update([0u8]);
+        for v in [
+            m.dev(),
+            m.ino(),
+            u64::from(m.mode()),
+            u64::from(m.uid()),
+            u64::from(m.gid()),
+            m.nlink(),
+            m.size(),
+            m.rdev(),
+            m.mtime() as u64,
+            m.mtime_nsec() as u64,
+            m.ctime() as u64,
+            m.ctime_nsec() as u64,
+        ] {
+            h.update(v.to_le_bytes());
+        }
+    }
+
     fn header(&self, meta: &std::fs::Metadata, kind: tar::EntryType) -> tar::Header {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
@@ -137,6 +177,7 @@ impl<W: Write> Walk<'_, W> {
             let mut wh = b".wh.".to_vec();
             wh.extend_from_slice(&name);
             let wh_path = rel.with_file_name(std::ffi::OsStr::from_bytes(&wh));
+            self.fold(rel, &meta);
             let mut h = self.header(&meta, tar::EntryType::Regular);
             h.set_mode(0o600);
             h.set_uid(0);
@@ -147,6 +188,7 @@ impl<W: Write> Walk<'_, W> {
             return Ok(());
         }
         if ft.is_dir() {
+            self.fold(rel, &meta);
             let mut h = self.header(&meta, tar::EntryType::Directory);
             self.pax_xattrs(&path, rel)?;
             let mut name = rel.as_os_str().as_bytes().to_vec();
@@ -168,6 +210,7 @@ impl<W: Write> Walk<'_, W> {
             return self.children(rel);
         }
         if ft.is_symlink() {
+            self.fold(rel, &meta);
             let target = std::fs::read_link(&path).map_err(io("readlink", &path))?;
             let mut h = self.header(&meta, tar::EntryType::Symlink);
             self.tar
@@ -179,6 +222,7 @@ impl<W: Write> Walk<'_, W> {
             if meta.nlink() > 1 {
                 let key = (meta.dev(), meta.ino());
                 if let Some(first) = self.inodes.get(&key).cloned() {
+                    self.fold(rel, &meta);
                     let mut h = self.header(&meta, tar::EntryType::Link);
                     self.tar
                         .append_link(&mut h, rel, &first)
@@ -202,6 +246,12 @@ impl<W: Write> Walk<'_, W> {
                     Side::Write => StoreError::io("write", rel, e),
                 },
             )?;
+            if self.stamps.is_some() {
+                // Taken after the read: a write that began before it ended has moved the
+                // change time by now.
+                let after = f.metadata().map_err(io("stat", &path))?;
+                self.fold(rel, &after);
+            }
             return Ok(());
         }
         let kind = if ft.is_fifo() {
@@ -213,6 +263,7 @@ impl<W: Write> Walk<'_, W> {
         } else {
             return Ok(()); // sockets are not part of images
         };
+        self.fold(rel, &meta);
         let mut h = self.header(&meta, kind);
         if kind != tar::EntryType::Fifo {
             let dev = meta.rdev();
@@ -244,16 +295,33 @@ impl<W: Write> Walk<'_, W> {
 
 /// Writes the layer tar of `upper` to `out` and returns `out`.
 pub fn write_layer<W: Write>(upper: &Path, out: W, opts: &DiffOptions) -> Result<W> {
+    walk_layer(upper, out, opts, false).map(|(out, _)| out)
+}
+
+/// Writes the layer tar of `upper` to `out`; returns `out`, and with `stamp` the files'
+/// [`TreeStamp`] as they were read.
+fn walk_layer<W: Write>(
+    upper: &Path,
+    out: W,
+    opts: &DiffOptions,
+    stamp: bool,
+) -> Result<(W, Option<TreeStamp>)> {
     let mut walk = Walk {
         root: upper,
         tar: tar::Builder::new(out),
         opts,
         inodes: HashMap::new(),
         buf: vec![0u8; READ_BUFFER],
+        stamps: stamp.then(sha2::Sha256::default),
     };
     walk.tar.mode(tar::HeaderMode::Complete);
     walk.children(Path::new(""))?;
-    walk.tar.into_inner().map_err(io("write", upper))
+    let stamps = walk
+        .stamps
+        .take()
+        .map(|h| TreeStamp(sha2::Digest::finalize(h).into()));
+    let out = walk.tar.into_inner().map_err(io("write", upper))?;
+    Ok((out, stamps))
 }
 
 /// Hashes (sha256) and counts what is written to it, keeping nothing.
@@ -283,14 +351,39 @@ impl Write for HashSink {
 /// The digest and size of the layer tar of `upper`, without writing it anywhere: one
 /// thread walks and reads the files, this one hashes.
 pub fn hash_layer(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64)> {
-    let mut tar = TreeTar::spawn_with(upper.to_path_buf(), opts.clone(), None)?;
+    hash_layer_with(upper, opts, false).map(|(d, n, _)| (d, n))
+}
+
+/// [`hash_layer`], and the files' [`TreeStamp`] as they were read: with it, a later read
+/// of the same files by this process ([`TreeTar::spawn_vouched`]) needs no hash.
+pub fn hash_layer_stamped(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64, TreeStamp)> {
+    let (d, n, stamp) = hash_layer_with(upper, opts, true)?;
+    let stamp = stamp.ok_or_else(|| {
+        StoreError::io(
+            "stamp",
+            upper,
+            std::io::Error::other("the walk gave no stamp"),
+        )
+    })?;
+    Ok((d, n, stamp))
+}
+
+fn hash_layer_with(
+    upper: &Path,
+    opts: &DiffOptions,
+    stamp: bool,
+) -> Result<(Digest, u64, Option<TreeStamp>)> {
+    let mut tar = TreeTar::spawn_with(upper.to_path_buf(), opts.clone(), None, stamp)?;
     let mut hash = HashSink::default();
     loop {
         match tar.next_piece() {
             Ok(Some(piece)) => hash
                 .write_all(piece.as_ref().as_ref())
                 .map_err(|e| StoreError::io("hash", upper, e))?,
-            Ok(None) => return Ok(hash.finish()),
+            Ok(None) => {
+                let (d, n) = hash.finish();
+                return Ok((d, n, tar.stamp));
+            }
             Err(e) => return Err(StoreError::io("read", upper, e)),
         }
     }
@@ -308,8 +401,24 @@ type Shared = std::sync::Arc<isula_sys::memory::Piece>;
 
 enum Piece {
     Data(Shared),
-    End,
+    /// The end, with the files' stamp when it was asked for.
+    End(Option<TreeStamp>),
     Failed(std::io::Error),
+}
+
+/// How a tar made from files is checked at its end.
+enum Check {
+    /// Hashed as it is read (on a thread of its own): it must have this digest and size.
+    Hash(Digest, u64),
+    /// This process hashed these files (as blob `digest`, of `size` bytes) when they had
+    /// this stamp: they must still have it. If they do not, `changed` runs (to forget
+    /// that they were hashed) and the read that would end the stream fails.
+    Stamp {
+        digest: Digest,
+        size: u64,
+        stamp: TreeStamp,
+        changed: Box<dyn FnOnce() + Send>,
+    },
 }
 
 /// What the stream must hash to (its digest and size), hashed on a thread of its own as
@@ -369,6 +478,8 @@ struct PieceSink {
     tx: std::sync::mpsc::SyncSender<Piece>,
     piece: Vec<u8>,
     verify: Option<Verify>,
+    /// The bytes written so far.
+    written: u64,
 }
 
 impl PieceSink {
@@ -399,6 +510,7 @@ impl Write for PieceSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(TREE_PIECE - self.piece.len());
         self.piece.extend_from_slice(&buf[..n]);
+        self.written += n as u64;
         if self.piece.len() == TREE_PIECE {
             self.send()?;
         }
@@ -417,29 +529,62 @@ pub struct TreeTar {
     piece: Option<Shared>,
     at: usize,
     ended: bool,
+    /// The files' stamp, once the stream has ended (when it was asked for).
+    stamp: Option<TreeStamp>,
 }
 
 impl TreeTar {
+    /// The tar `upper` makes, hashed as it is read: it must be `expected`, `size` bytes.
     pub fn spawn(
         upper: PathBuf,
         opts: DiffOptions,
         expected: Digest,
         size: u64,
     ) -> Result<TreeTar> {
-        TreeTar::spawn_with(upper, opts, Some((expected, size)))
+        TreeTar::spawn_with(upper, opts, Some(Check::Hash(expected, size)), false)
+    }
+
+    /// The tar `upper` makes, files this process hashed as `expected` (`size` bytes) when
+    /// they had `stamp` ([`hash_layer_stamped`]): not hashed again, but each file's stamp
+    /// taken as it is read must be what it was then. If one is not, `changed` runs and
+    /// the read that would end the stream fails (as a hash that does not match does).
+    pub fn spawn_vouched(
+        upper: PathBuf,
+        opts: DiffOptions,
+        expected: Digest,
+        size: u64,
+        stamp: TreeStamp,
+        changed: Box<dyn FnOnce() + Send>,
+    ) -> Result<TreeTar> {
+        let check = Check::Stamp {
+            digest: expected,
+            size,
+            stamp,
+            changed,
+        };
+        TreeTar::spawn_with(upper, opts, Some(check), false)
     }
 
     fn spawn_with(
         upper: PathBuf,
         opts: DiffOptions,
-        expected: Option<(Digest, u64)>,
+        check: Option<Check>,
+        want_stamp: bool,
     ) -> Result<TreeTar> {
         let (tx, rx) = std::sync::mpsc::sync_channel(TREE_PIECES_WAITING);
         let dir = upper.clone();
-        let verify = expected
-            .map(|(d, n)| Verify::spawn(d, n))
-            .transpose()
-            .map_err(|e| StoreError::io("spawn a thread for", &upper, e))?;
+        let (verify, vouched) = match check {
+            Some(Check::Hash(d, n)) => (
+                Some(
+                    Verify::spawn(d, n)
+                        .map_err(|e| StoreError::io("spawn a thread for", &upper, e))?,
+                ),
+                None,
+            ),
+            Some(stamp @ Check::Stamp { .. }) => (None, Some(stamp)),
+            None => (None, None),
+        };
+        let stamping = want_stamp || vouched.is_some();
         std::thread::Builder::new()
             .name("layer-tar".into())
             .spawn(move || {
@@ -447,14 +592,24 @@ impl TreeTar {
                     tx: tx.clone(),
                     piece: isula_sys::memory::take_piece(TREE_PIECE),
                     verify,
+                    written: 0,
                 };
-                let last = match write_layer(&dir, sink, &opts) {
-                    Ok(mut sink) => match sink.send() {
+                let last = match walk_layer(&dir, sink, &opts, stamping) {
+                    Ok((mut sink, stamp)) => match sink.send() {
                         Err(_) => return, // the reader went away
-                        Ok(()) => match sink.verify.take().map(|v| v.finish(&dir)) {
-                            None | Some(Ok(())) => Piece::End,
-                            Some(Err(e)) => Piece::Failed(e),
-                        },
+                        Ok(()) => {
+                            let verdict = match (sink.verify.take(), vouched) {
+                                (Some(v), _) => v.finish(&dir),
+                                (None, Some(check)) => {
+                                    stamp_verdict(check, stamp, sink.written, &dir)
+                                }
+                                (None, None) => Ok(()),
+                            };
+                            match verdict {
+                                Ok(()) => Piece::End(stamp),
+                                Err(e) => Piece::Failed(e),
+                            }
+                        }
                     },
                     Err(e) => Piece::Failed(std::io::Error::other(e.to_string())),
                 };
@@ -466,8 +621,38 @@ impl TreeTar {
             piece: None,
             at: 0,
             ended: false,
+            stamp: None,
         })
     }
+}
+
+/// The end of a vouched stream ([`Check::Stamp`]): whether the files read had the stamp
+/// (and made as many bytes) they had when they were hashed.
+fn stamp_verdict(
+    check: Check,
+    now: Option<TreeStamp>,
+    written: u64,
+    dir: &Path,
+) -> std::io::Result<()> {
+    let Check::Stamp {
+        digest,
+        size,
+        stamp,
+        changed,
+    } = check
+    else {
+        return Ok(());
+    };
+    if now == Some(stamp) && written == size {
+        return Ok(());
+    }
+    changed();
+    Err(std::io::Error::other(format!(
+        "the files of {} changed since this daemon hashed them as layer blob {digest} ({size} \
+         bytes): an entry was added, removed or replaced, or one's inode, size, mode, owner or \
+         times differ; this read is void, and the next one verifies them by their digest",
+        dir.display()
+    )))
 }
 
 impl TreeTar {
@@ -478,8 +663,9 @@ impl TreeTar {
         }
         match self.rx.recv() {
             Ok(Piece::Data(p)) => Ok(Some(p)),
-            Ok(Piece::End) => {
+            Ok(Piece::End(stamp)) => {
                 self.ended = true;
+                self.stamp = stamp;
                 Ok(None)
             }
             Ok(Piece::Failed(e)) => {
@@ -568,6 +754,94 @@ mod tests {
             let mut first = vec![0u8; 4096];
             t.read_exact(&mut first).expect("read");
             drop(t);
+        }
+    }
+
+    #[test]
+    fn a_tree_stamp_holds_while_nothing_changes_and_moves_with_each_kind_of_change() {
+        use std::io::Read;
+        let d = tempfile::tempdir().expect("tmp");
+        let upper = d.path().join("upper");
+        std::fs::create_dir_all(upper.join("d/e")).expect("mkdir");
+        std::fs::write(upper.join("d/big"), vec![7u8; (3 << 20) + 5]).expect("write");
+        std::fs::write(upper.join("d/e/small"), b"small").expect("write");
+        std::fs::hard_link(upper.join("d/e/small"), upper.join("d/again")).expect("link");
+        std::os::unix::fs::symlink("big", upper.join("d/link")).expect("symlink");
+        let opts = DiffOptions::default();
+        let (digest, size, stamp) = hash_layer_stamped(&upper, &opts).expect("hash");
+        assert_eq!(
+            (digest.clone(), size),
+            hash_layer(&upper, &opts).expect("hash")
+        );
+        // Read as vouched: the tar, unhashed; `changed` runs only when a stamp moved.
+        let read = |stamp: TreeStamp, size: u64| {
+            let changed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = changed.clone();
+            let mut out = Vec::new();
+            let r = TreeTar::spawn_vouched(
+                upper.clone(),
+                opts.clone(),
+                digest.clone(),
+                size,
+                stamp,
+                Box::new(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)),
+            )
+            .expect("spawn")
+            .read_to_end(&mut out)
+            .map(|_| out);
+            (r, changed.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let tar = write_layer(&upper, Vec::new(), &opts).expect("tar");
+        let (r, changed) = read(stamp, size);
+        assert!(r.expect("vouched read") == tar && !changed);
+        // The stamp is the same walked again (nothing moved), and a size that is not the
+        // tar's fails even so.
+        assert_eq!(hash_layer_stamped(&upper, &opts).expect("again").2, stamp);
+        let (r, changed) = read(stamp, size + 512);
+        assert!(r.is_err() && changed, "another size passed");
+        // Each change moves it, the tar's bytes changed or not (a mode set to what it
+        // was, bytes written again as they were): the read fails at its end.
+        let changes: [(&str, &dyn Fn()); 6] = [
+            ("mode set again", &|| {
+                let p = upper.join("d/e/small");
+                let m = std::fs::metadata(&p).expect("stat").permissions();
+                std::fs::set_permissions(&p, m).expect("chmod");
+            }),
+            ("bytes written again", &|| {
+                std::fs::write(upper.join("d/big"), vec![7u8; (3 << 20) + 5]).expect("write")
+            }),
+            ("a file added", &|| {
+                std::fs::write(upper.join("d/e/new"), b"").expect("write")
+            }),
+            ("a file removed", &|| {
+                std::fs::remove_file(upper.join("d/e/new")).expect("rm")
+            }),
+            ("a symlink replaced", &|| {
+                std::fs::remove_file(upper.join("d/link")).expect("rm");
+                std::os::unix::fs::symlink("big", upper.join("d/link")).expect("symlink");
+            }),
+            ("a link removed", &|| {
+                std::fs::remove_file(upper.join("d/again")).expect("rm")
+            }),
+        ];
+        let mut now = stamp;
+        for (what, change) in changes {
+            change();
+            let (r, changed) = read(now, size);
+            let e = r.expect_err(what);
+            assert!(changed, "{what}");
+            assert!(
+                e.to_string()
+                    .contains("changed since this daemon hashed them"),
+                "{what}: {e}"
+            );
+            let (_, n, next) = hash_layer_stamped(&upper, &opts).expect("hash");
+            assert_ne!(next, now, "{what}");
+            // The control: with the stamp the files have now, the same read passes (the
+            // size too, which a file added or removed moves).
+            let (r, changed) = read(next, n);
+            assert!(r.is_ok() && !changed, "{what}");
+            now = next;
         }
     }
 

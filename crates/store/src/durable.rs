@@ -165,12 +165,14 @@ impl Store {
 
     /// Writes a staged layer's files and directories back to the disk and meanwhile (they
     /// are read from the page cache) hashes the tar they make with `clamp`: the digest
-    /// `--check-store` makes again. Returns that digest and the tar's size.
+    /// `--check-store` makes again. Returns that digest, the tar's size and, with `stamp`,
+    /// the files' stamp as they were hashed.
     pub(crate) fn make_durable_sized(
         &self,
         staged: &StagedLayer,
         clamp: Option<i64>,
-    ) -> Result<(Digest, u64)> {
+        stamp: bool,
+    ) -> Result<(Digest, u64, Option<diff::TreeStamp>)> {
         staged.remove_work()?;
         let opts = DiffOptions {
             clamp_mtime: clamp,
@@ -183,8 +185,12 @@ impl Store {
                 staged.sync()
             });
             let mut hashing = phase::Phase::start("commit: hash the layer tar");
-            let hashed = diff::hash_layer(&diff_dir, &opts);
-            if let Ok((_, size)) = &hashed {
+            let hashed = if stamp {
+                diff::hash_layer_stamped(&diff_dir, &opts).map(|(d, n, s)| (d, n, Some(s)))
+            } else {
+                diff::hash_layer(&diff_dir, &opts).map(|(d, n)| (d, n, None))
+            };
+            if let Ok((_, size, _)) = &hashed {
                 hashing.add_bytes(*size);
             }
             drop(hashing);
@@ -203,7 +209,8 @@ impl Store {
     }
 
     fn make_durable(&self, staged: &StagedLayer) -> Result<Digest> {
-        self.make_durable_sized(staged, None).map(|(d, _)| d)
+        self.make_durable_sized(staged, None, false)
+            .map(|(d, _, _)| d)
     }
 
     /// Moves a durable staged layer into place as `chain` and records its directory, in the

@@ -94,6 +94,8 @@ pub struct Store {
     cache: cache::Cache,
     /// Held while a layer directory is moved into place and recorded (see `durable`).
     placing: Mutex<()>,
+    /// Built layers this process hashed, and their files' stamps then (see `tree`).
+    vouched_trees: tree::VouchedTrees,
     _lock: isula_sys::FileLock,
 }
 
@@ -369,6 +371,7 @@ impl Store {
             compressor: Compressor::default(),
             cache,
             placing: Mutex::new(()),
+            vouched_trees: Default::default(),
             _lock: lock,
         };
         let mut report = OpenReport {
@@ -1443,6 +1446,9 @@ impl Store {
                 layer_leased(c) || (live_layers.contains(c) && recorded.contains(c))
             });
             if !keep {
+                if let Some(c) = &chain {
+                    self.vouched_trees.forget_layer(c);
+                }
                 isula_sys::rooted::remove_tree(&path)?;
                 report.layers.push(chain);
             }

@@ -14,7 +14,62 @@ use crate::error::{Result, StoreError};
 use crate::metadata::{LayerDir, TreeBlob, TreeSource};
 use crate::{Lease, StagedLayer, Store};
 use isula_types::{ChainId, DiffId, Digest};
+use std::collections::HashMap;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Built layers whose tar this process hashed at their commit, with their files' stamp
+/// then: a read of such a tar (a push's compression, a save) checks each file's stamp as
+/// it reads instead of hashing the tar again, as a blob this process hashed is not hashed
+/// again while its file's stamp holds (see [`crate::content::Stamp`]). Kept in memory
+/// only: after a restart every read hashes, and a directory put in place some other way
+/// (a repair, a layer removed and made again) is not the one recorded, so is hashed too.
+#[derive(Default, Clone)]
+pub(crate) struct VouchedTrees(Arc<Mutex<HashMap<Digest, Vouched>>>);
+
+#[derive(Clone)]
+struct Vouched {
+    chain: ChainId,
+    dir: DirId,
+    stamp: diff::TreeStamp,
+}
+
+/// Which directory a layer's `diff/` is: its device, inode and change time (a directory
+/// made again has another, or at least a later change time).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct DirId(u64, u64, i64, i64);
+
+impl DirId {
+    fn of(dir: &Path) -> Option<DirId> {
+        let m = std::fs::symlink_metadata(dir).ok()?;
+        Some(DirId(m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+    }
+}
+
+impl VouchedTrees {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Vouched>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stamp blob `d`'s files had when hashed, if `dir` (layer `chain`'s) is the
+    /// directory that was hashed.
+    fn stamp(&self, d: &Digest, chain: &ChainId, dir: &Path) -> Option<diff::TreeStamp> {
+        let v = self.map().get(d).cloned()?;
+        (v.chain == *chain && DirId::of(dir) == Some(v.dir)).then_some(v.stamp)
+    }
+
+    /// Forgets blob `d`'s stamp (its files changed).
+    fn forget(&self, d: &Digest) {
+        self.map().remove(d);
+    }
+
+    /// Forgets the stamps of layer `chain`'s files (its directory is going).
+    pub(crate) fn forget_layer(&self, chain: &ChainId) {
+        self.map().retain(|_, v| v.chain != *chain);
+    }
+}
 
 impl Store {
     /// Commits a built layer (a staged directory whose parent layer is `parent`): hashes
@@ -35,7 +90,7 @@ impl Store {
         // The files are written back while they are hashed (the hash reads them from the
         // page cache): the tar digest is the layer's diff ID, and the one syncfs makes the
         // directory durable before anything names it (see `durable`).
-        let (digest, size) = self.make_durable_sized(&staged, clamp_mtime)?;
+        let (digest, size, stamp) = self.make_durable_sized(&staged, clamp_mtime, true)?;
         lease.blob(&digest);
         crate::failpoint::hit("commit.layer-hashed");
         let diff_id = DiffId(digest.clone());
@@ -73,8 +128,23 @@ impl Store {
             clamp_mtime,
             unhashed: false,
         };
+        // Whether the staged directory is the one placed (a layer there already wins).
+        let staged_id = DirId::of(&staged.diff_dir());
         self.place_layer(staged, &chain, rec, false)?;
         crate::failpoint::hit("commit.layer-moved");
+        let placed = self.layer_dir(&chain).join("diff");
+        if let (Some(stamp), Some(id)) = (stamp, staged_id) {
+            if DirId::of(&placed) == Some(id) {
+                self.vouched_trees.map().insert(
+                    digest.clone(),
+                    Vouched {
+                        chain: chain.clone(),
+                        dir: id,
+                        stamp,
+                    },
+                );
+            }
+        }
         if !self.content.contains(&digest) {
             let mut meta = self.meta();
             let mut next = meta.clone();
@@ -152,12 +222,22 @@ impl Store {
                     clamp_mtime: source.clamp_mtime,
                     exclude: Default::default(),
                 };
-                Ok(Box::new(diff::TreeTar::spawn(
-                    dir,
-                    opts,
-                    d.clone(),
-                    rec.size,
-                )?))
+                let tar = match self.vouched_trees.stamp(d, &source.chain, &dir) {
+                    Some(stamp) => {
+                        let vouched = self.vouched_trees.clone();
+                        let digest = d.clone();
+                        diff::TreeTar::spawn_vouched(
+                            dir,
+                            opts,
+                            d.clone(),
+                            rec.size,
+                            stamp,
+                            Box::new(move || vouched.forget(&digest)),
+                        )?
+                    }
+                    None => diff::TreeTar::spawn(dir, opts, d.clone(), rec.size)?,
+                };
+                Ok(Box::new(tar))
             }
             Err(e) => Err(e),
         }

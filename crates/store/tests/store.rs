@@ -936,6 +936,95 @@ fn a_built_layer_keeps_only_its_files_and_its_tar_is_made_from_them_when_read() 
     assert!(!meta.contains(blob.hex()), "{meta}");
 }
 
+/// A built layer read by the process that committed it: its tar is not hashed again while
+/// every file's stamp holds. A file rewritten with the same bytes, size and time moves its
+/// stamp: that read fails as a changed layer's, and the next one hashes the files (which
+/// still make the blob, so it passes). Changed bytes fail that hash; and a reopened store
+/// (a restart) hashes from its first read.
+#[test]
+fn a_built_layer_read_by_the_process_that_hashed_it_is_checked_by_stamps_until_they_move() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (store, _) = Store::open(dir.path()).expect("open");
+    let lease = store.lease();
+    let staged = store.stage_layer().expect("stage");
+    let root = staged.diff_dir();
+    std::fs::create_dir_all(root.join("app")).expect("mkdir");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(root.join("app/big.bin"), &data).expect("write");
+    std::fs::write(root.join("app/small"), b"small\n").expect("write");
+    let at_5000 = |p: &std::path::Path| {
+        let t = std::fs::FileTimes::new()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(5000));
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .and_then(|f| f.set_times(t))
+            .expect("times");
+    };
+    at_5000(&root.join("app/small"));
+    let (diff, chain, size) = store
+        .commit_built_layer(staged, None, None, &lease)
+        .expect("commit");
+    let blob = diff.0.clone();
+    // An image names it, so that it stays over the reopen below.
+    let config = lease.put_blob(store.content(), b"config").expect("put");
+    let manifest = lease.put_blob(store.content(), b"manifest").expect("put");
+    store
+        .add_image(NewImage {
+            id: ImageId(config),
+            manifest,
+            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            blobs: vec![blob.clone()],
+            layers: vec![LayerRecord {
+                chain_id: chain.clone(),
+                diff_id: diff,
+                parent: None,
+                size,
+            }],
+            created: None,
+            names: vec![Reference::parse("stamped:1").expect("ref")],
+        })
+        .expect("add");
+    let read = |store: &Store| {
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut store.open_blob(&blob, None).expect("open"), &mut back)
+            .map(|_| back)
+    };
+    let tar = read(&store).expect("read");
+    assert_eq!(isula_types::Digest::of_bytes(&tar), blob);
+    assert_eq!(read(&store).expect("read again"), tar);
+    // The same bytes, size and time written again: only the change time moved.
+    let small = store.layer_dir(&chain).join("diff/app/small");
+    std::fs::write(&small, b"small\n").expect("write");
+    at_5000(&small);
+    let e = read(&store).expect_err("a file's stamp moved");
+    assert!(
+        e.to_string()
+            .contains("changed since this daemon hashed them"),
+        "{e}"
+    );
+    assert!(e.to_string().contains(blob.as_str()), "{e}");
+    // The next read hashes: the files still make the blob.
+    assert_eq!(read(&store).expect("hashed"), tar);
+    // Other bytes of the same size and time: the hash fails.
+    std::fs::write(&small, b"SMALL\n").expect("write");
+    at_5000(&small);
+    let e = read(&store).expect_err("other bytes");
+    assert!(e.to_string().contains("no longer make layer blob"), "{e}");
+    // Back to the bytes the blob holds; a new process (a restart) knows no stamps, so its
+    // first read hashes: other bytes fail with the hash's error, not the stamp's.
+    std::fs::write(&small, b"small\n").expect("write");
+    at_5000(&small);
+    drop(lease);
+    drop(store);
+    let (store, _) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(read(&store).expect("read after a restart"), tar);
+    std::fs::write(&small, b"SMALL\n").expect("write");
+    at_5000(&small);
+    let e = read(&store).expect_err("other bytes after a restart");
+    assert!(e.to_string().contains("no longer make layer blob"), "{e}");
+}
+
 /// A layer directory under `layers/` that has no record (a commit a power cut interrupted
 /// between the rename and the record) is not trusted: start-up removes it, and the packed
 /// layer is unpacked again from its blob. A recorded one stays (the control).
