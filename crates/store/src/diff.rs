@@ -406,18 +406,21 @@ enum Piece {
     Failed(std::io::Error),
 }
 
+/// What a vouched read calls when the files' stamp moved and they were hashed again: with
+/// their stamp now when they still make the blob, with None when not.
+pub type Changed = Box<dyn FnOnce(Option<TreeStamp>) + Send>;
+
 /// How a tar made from files is checked at its end.
 enum Check {
     /// Hashed as it is read (on a thread of its own): it must have this digest and size.
     Hash(Digest, u64),
     /// This process hashed these files (as blob `digest`, of `size` bytes) when they had
-    /// this stamp: they must still have it. If they do not, `changed` runs (to forget
-    /// that they were hashed) and the read that would end the stream fails.
+    /// this stamp: they must still have it, or be hashed again (see [`stamp_verdict`]).
     Stamp {
         digest: Digest,
         size: u64,
         stamp: TreeStamp,
-        changed: Box<dyn FnOnce() + Send>,
+        changed: Changed,
     },
 }
 
@@ -545,16 +548,17 @@ impl TreeTar {
     }
 
     /// The tar `upper` makes, files this process hashed as `expected` (`size` bytes) when
-    /// they had `stamp` ([`hash_layer_stamped`]): not hashed again, but each file's stamp
-    /// taken as it is read must be what it was then. If one is not, `changed` runs and
-    /// the read that would end the stream fails (as a hash that does not match does).
+    /// they had `stamp` ([`hash_layer_stamped`]): not hashed again while every entry's
+    /// stamp, taken as it is read, is what it was then. If one is not, the files are
+    /// hashed again at the stream's end and `changed` learns the outcome: the read that
+    /// ends the stream fails unless they still make `expected` and did not move meanwhile.
     pub fn spawn_vouched(
         upper: PathBuf,
         opts: DiffOptions,
         expected: Digest,
         size: u64,
         stamp: TreeStamp,
-        changed: Box<dyn FnOnce() + Send>,
+        changed: Changed,
     ) -> Result<TreeTar> {
         let check = Check::Stamp {
             digest: expected,
@@ -601,7 +605,7 @@ impl TreeTar {
                             let verdict = match (sink.verify.take(), vouched) {
                                 (Some(v), _) => v.finish(&dir),
                                 (None, Some(check)) => {
-                                    stamp_verdict(check, stamp, sink.written, &dir)
+                                    stamp_verdict(check, stamp, sink.written, &dir, &opts)
                                 }
                                 (None, None) => Ok(()),
                             };
@@ -627,12 +631,17 @@ impl TreeTar {
 }
 
 /// The end of a vouched stream ([`Check::Stamp`]): whether the files read had the stamp
-/// (and made as many bytes) they had when they were hashed.
+/// (and made as many bytes) they had when they were hashed. If not, they are hashed again
+/// now: a stamp also moves when nothing the tar holds did (a hard link to a file removed
+/// elsewhere, as when a build cache record that shared the layer's files is pruned, moves
+/// its change time). The stream passes if they still make the blob and their stamp is
+/// the one the stream's read took (so the hash read the bytes the stream sent).
 fn stamp_verdict(
     check: Check,
     now: Option<TreeStamp>,
     written: u64,
     dir: &Path,
+    opts: &DiffOptions,
 ) -> std::io::Result<()> {
     let Check::Stamp {
         digest,
@@ -646,13 +655,34 @@ fn stamp_verdict(
     if now == Some(stamp) && written == size {
         return Ok(());
     }
-    changed();
-    Err(std::io::Error::other(format!(
-        "the files of {} changed since this daemon hashed them as layer blob {digest} ({size} \
-         bytes): an entry was added, removed or replaced, or one's inode, size, mode, owner or \
-         times differ; this read is void, and the next one verifies them by their digest",
-        dir.display()
-    )))
+    let again = hash_layer_stamped(dir, opts);
+    let verdict = match &again {
+        Ok((d, n, then)) if *d == digest && *n == size && Some(*then) == now => Ok(()),
+        Ok((d, n, _)) if *d == digest && *n == size => Err(format!(
+            "the files of {} changed while they were read as layer blob {digest}: read it again",
+            dir.display()
+        )),
+        Ok((d, n, _)) => Err(format!(
+            "the files of {} no longer make layer blob {digest} ({size} bytes): they make {d} \
+             ({n} bytes)",
+            dir.display()
+        )),
+        Err(e) => Err(format!(
+            "the files of {} changed since they were hashed as layer blob {digest}, and hashing \
+             them again failed: {e}",
+            dir.display()
+        )),
+    };
+    match verdict {
+        Ok(()) => {
+            changed(again.ok().map(|(_, _, s)| s));
+            Ok(())
+        }
+        Err(msg) => {
+            changed(None);
+            Err(std::io::Error::other(msg))
+        }
+    }
 }
 
 impl TreeTar {
@@ -758,8 +788,9 @@ mod tests {
     }
 
     #[test]
-    fn a_tree_stamp_holds_while_nothing_changes_and_moves_with_each_kind_of_change() {
+    fn a_vouched_tree_is_not_hashed_while_its_stamp_holds_and_is_hashed_again_once_it_moves() {
         use std::io::Read;
+        use std::sync::{Arc, Mutex};
         let d = tempfile::tempdir().expect("tmp");
         let upper = d.path().join("upper");
         std::fs::create_dir_all(upper.join("d/e")).expect("mkdir");
@@ -767,16 +798,22 @@ mod tests {
         std::fs::write(upper.join("d/e/small"), b"small").expect("write");
         std::fs::hard_link(upper.join("d/e/small"), upper.join("d/again")).expect("link");
         std::os::unix::fs::symlink("big", upper.join("d/link")).expect("symlink");
-        let opts = DiffOptions::default();
+        // Times clamped: whether a change alters the tar does not hang on the clock.
+        let opts = DiffOptions {
+            clamp_mtime: Some(1000),
+            exclude: Default::default(),
+        };
         let (digest, size, stamp) = hash_layer_stamped(&upper, &opts).expect("hash");
         assert_eq!(
             (digest.clone(), size),
             hash_layer(&upper, &opts).expect("hash")
         );
-        // Read as vouched: the tar, unhashed; `changed` runs only when a stamp moved.
-        let read = |stamp: TreeStamp, size: u64| {
-            let changed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = changed.clone();
+        let tar = write_layer(&upper, Vec::new(), &opts).expect("tar");
+        // A vouched read, and what `changed` was told: not called (None), or called.
+        type Told = Option<Option<TreeStamp>>;
+        let read = |stamp: TreeStamp, size: u64| -> (std::io::Result<Vec<u8>>, Told) {
+            let told = Arc::new(Mutex::new(None));
+            let to = told.clone();
             let mut out = Vec::new();
             let r = TreeTar::spawn_vouched(
                 upper.clone(),
@@ -784,64 +821,81 @@ mod tests {
                 digest.clone(),
                 size,
                 stamp,
-                Box::new(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)),
+                Box::new(move |now| *to.lock().expect("lock") = Some(now)),
             )
             .expect("spawn")
             .read_to_end(&mut out)
             .map(|_| out);
-            (r, changed.load(std::sync::atomic::Ordering::SeqCst))
+            let told = *told.lock().expect("lock");
+            (r, told)
         };
-        let tar = write_layer(&upper, Vec::new(), &opts).expect("tar");
-        let (r, changed) = read(stamp, size);
-        assert!(r.expect("vouched read") == tar && !changed);
-        // The stamp is the same walked again (nothing moved), and a size that is not the
-        // tar's fails even so.
+        // Nothing moved: the tar, and no second hash (`changed` not called).
+        let (r, told) = read(stamp, size);
+        assert!(r.expect("vouched read") == tar, "not the tar");
+        assert_eq!(told, None);
         assert_eq!(hash_layer_stamped(&upper, &opts).expect("again").2, stamp);
-        let (r, changed) = read(stamp, size + 512);
-        assert!(r.is_err() && changed, "another size passed");
-        // Each change moves it, the tar's bytes changed or not (a mode set to what it
-        // was, bytes written again as they were): the read fails at its end.
-        let changes: [(&str, &dyn Fn()); 6] = [
-            ("mode set again", &|| {
-                let p = upper.join("d/e/small");
-                let m = std::fs::metadata(&p).expect("stat").permissions();
-                std::fs::set_permissions(&p, m).expect("chmod");
+        // The stamp holds but the size is not the blob's: hashed again, refused.
+        let (r, told) = read(stamp, size + 512);
+        let e = r.expect_err("another size");
+        assert!(e.to_string().contains("no longer make layer blob"), "{e}");
+        assert_eq!(told, Some(None));
+        // Each change moves the stamp. The read then hashes the files again at its end:
+        // it passes, and `changed` gets their stamp now, when they still make the blob
+        // (a mode set to what it was, bytes written again as they were, a file added then
+        // removed, a symlink made again); it fails when they do not.
+        let small = upper.join("d/e/small");
+        let set_mtime = |p: &Path, t: std::time::SystemTime| {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_times(std::fs::FileTimes::new().set_modified(t)))
+                .expect("times");
+        };
+        let changes: [(&str, bool, &dyn Fn()); 6] = [
+            ("mode set again", true, &|| {
+                let m = std::fs::metadata(&small).expect("stat").permissions();
+                std::fs::set_permissions(&small, m).expect("chmod");
             }),
-            ("bytes written again", &|| {
-                std::fs::write(upper.join("d/big"), vec![7u8; (3 << 20) + 5]).expect("write")
+            ("bytes written again", true, &|| {
+                let big = upper.join("d/big");
+                let t = std::fs::metadata(&big)
+                    .and_then(|m| m.modified())
+                    .expect("mtime");
+                std::fs::write(&big, vec![7u8; (3 << 20) + 5]).expect("write");
+                set_mtime(&big, t);
             }),
-            ("a file added", &|| {
+            ("a file added", false, &|| {
                 std::fs::write(upper.join("d/e/new"), b"").expect("write")
             }),
-            ("a file removed", &|| {
+            ("the file removed", true, &|| {
                 std::fs::remove_file(upper.join("d/e/new")).expect("rm")
             }),
-            ("a symlink replaced", &|| {
+            ("a symlink made again", true, &|| {
                 std::fs::remove_file(upper.join("d/link")).expect("rm");
                 std::os::unix::fs::symlink("big", upper.join("d/link")).expect("symlink");
             }),
-            ("a link removed", &|| {
-                std::fs::remove_file(upper.join("d/again")).expect("rm")
+            ("other bytes of the same size", false, &|| {
+                std::fs::write(&small, b"SMALL").expect("write")
             }),
         ];
         let mut now = stamp;
-        for (what, change) in changes {
+        for (what, same, change) in changes {
             change();
-            let (r, changed) = read(now, size);
-            let e = r.expect_err(what);
-            assert!(changed, "{what}");
-            assert!(
-                e.to_string()
-                    .contains("changed since this daemon hashed them"),
-                "{what}: {e}"
-            );
-            let (_, n, next) = hash_layer_stamped(&upper, &opts).expect("hash");
-            assert_ne!(next, now, "{what}");
-            // The control: with the stamp the files have now, the same read passes (the
-            // size too, which a file added or removed moves).
-            let (r, changed) = read(next, n);
-            assert!(r.is_ok() && !changed, "{what}");
-            now = next;
+            let (r, told) = read(now, size);
+            let (_, _, next) = hash_layer_stamped(&upper, &opts).expect("hash");
+            assert_ne!(next, now, "{what}: the stamp did not move");
+            if same {
+                assert!(r.expect(what) == tar, "{what}: not the tar");
+                assert_eq!(told, Some(Some(next)), "{what}");
+                now = next;
+            } else {
+                let e = r.expect_err(what);
+                assert!(
+                    e.to_string().contains("no longer make layer blob"),
+                    "{what}: {e}"
+                );
+                assert_eq!(told, Some(None), "{what}");
+            }
         }
     }
 

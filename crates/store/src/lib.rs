@@ -533,6 +533,9 @@ impl Store {
             spare: &|k| kept.contains(k),
         })?;
         if pruned.records > 0 {
+            // Their snapshots' files were hard links of layers' files too: those files'
+            // stamps moved (see `tree`).
+            self.vouched_trees.forget_all();
             self.gc()?;
         }
         if all && keep == 0 && unused_since.is_none() {
@@ -1446,9 +1449,9 @@ impl Store {
                 layer_leased(c) || (live_layers.contains(c) && recorded.contains(c))
             });
             if !keep {
-                if let Some(c) = &chain {
-                    self.vouched_trees.forget_layer(c);
-                }
+                // Its files may be hard links of another layer's (both linked from one
+                // cached step): their stamps move too (see `tree`).
+                self.vouched_trees.forget_all();
                 isula_sys::rooted::remove_tree(&path)?;
                 report.layers.push(chain);
             }

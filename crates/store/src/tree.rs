@@ -18,16 +18,24 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Built layers whose tar this process hashed at their commit, with their files' stamp
 /// then: a read of such a tar (a push's compression, a save) checks each file's stamp as
 /// it reads instead of hashing the tar again, as a blob this process hashed is not hashed
-/// again while its file's stamp holds (see [`crate::content::Stamp`]). Kept in memory
-/// only: after a restart every read hashes, and a directory put in place some other way
-/// (a repair, a layer removed and made again) is not the one recorded, so is hashed too.
+/// again while its file's stamp holds (see [`crate::content::Stamp`]); when one moved,
+/// the files are hashed again at the read's end ([`diff::TreeTar::spawn_vouched`]). Kept
+/// in memory only: after a restart every read hashes, and a directory put in place some
+/// other way (a repair, a layer removed and made again) is not the one recorded, so is
+/// hashed too.
 #[derive(Default, Clone)]
-pub(crate) struct VouchedTrees(Arc<Mutex<HashMap<Digest, Vouched>>>);
+pub(crate) struct VouchedTrees {
+    map: Arc<Mutex<HashMap<Digest, Vouched>>>,
+    /// How many built layers' tars were read checked by stamps, and by their hash.
+    by_stamps: Arc<AtomicU64>,
+    by_hash: Arc<AtomicU64>,
+}
 
 #[derive(Clone)]
 struct Vouched {
@@ -50,14 +58,29 @@ impl DirId {
 
 impl VouchedTrees {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Vouched>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The stamp blob `d`'s files had when hashed, if `dir` (layer `chain`'s) is the
-    /// directory that was hashed.
-    fn stamp(&self, d: &Digest, chain: &ChainId, dir: &Path) -> Option<diff::TreeStamp> {
+    /// directory that was hashed (and which one that is).
+    fn stamp(&self, d: &Digest, chain: &ChainId, dir: &Path) -> Option<(diff::TreeStamp, DirId)> {
         let v = self.map().get(d).cloned()?;
-        (v.chain == *chain && DirId::of(dir) == Some(v.dir)).then_some(v.stamp)
+        (v.chain == *chain && DirId::of(dir) == Some(v.dir)).then_some((v.stamp, v.dir))
+    }
+
+    /// Records that blob `d` is what directory `dir` (layer `chain`'s) made when its files
+    /// had `stamp`.
+    fn record(&self, d: &Digest, chain: ChainId, dir: DirId, stamp: diff::TreeStamp) {
+        self.map().insert(d.clone(), Vouched { chain, dir, stamp });
+    }
+
+    fn count(&self, by_stamps: bool) {
+        let n = if by_stamps {
+            &self.by_stamps
+        } else {
+            &self.by_hash
+        };
+        n.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Forgets blob `d`'s stamp (its files changed).
@@ -65,9 +88,11 @@ impl VouchedTrees {
         self.map().remove(d);
     }
 
-    /// Forgets the stamps of layer `chain`'s files (its directory is going).
-    pub(crate) fn forget_layer(&self, chain: &ChainId) {
-        self.map().retain(|_, v| v.chain != *chain);
+    /// Forgets every stamp: files that may be hard links of the recorded layers' files
+    /// are going or coming, which moves those files' stamps (their link count and change
+    /// time). Reads hash again until a commit records anew.
+    pub(crate) fn forget_all(&self) {
+        self.map().clear();
     }
 }
 
@@ -133,16 +158,14 @@ impl Store {
         self.place_layer(staged, &chain, rec, false)?;
         crate::failpoint::hit("commit.layer-moved");
         let placed = self.layer_dir(&chain).join("diff");
+        // A built layer's files may be hard links of a cached step's snapshot, and so of
+        // the layers other builds made from it: this one's may have moved their stamps
+        // (their link count and change time). Only the newest commit stays vouched; the
+        // others are hashed when read, as before they were vouched.
+        self.vouched_trees.forget_all();
         if let (Some(stamp), Some(id)) = (stamp, staged_id) {
             if DirId::of(&placed) == Some(id) {
-                self.vouched_trees.map().insert(
-                    digest.clone(),
-                    Vouched {
-                        chain: chain.clone(),
-                        dir: id,
-                        stamp,
-                    },
-                );
+                self.vouched_trees.record(&digest, chain.clone(), id, stamp);
             }
         }
         if !self.content.contains(&digest) {
@@ -163,6 +186,15 @@ impl Store {
         }
         crate::failpoint::hit("commit.layer-committed");
         Ok((diff_id, chain, size))
+    }
+
+    /// How many built layers' tars this store has read checked by their files' stamps
+    /// (the daemon hashed them at their commit), and how many checked by their hash.
+    pub fn tree_reads(&self) -> (u64, u64) {
+        (
+            self.vouched_trees.by_stamps.load(Ordering::Relaxed),
+            self.vouched_trees.by_hash.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether blob `d` can be read: stored, or made from a built layer's files.
@@ -223,19 +255,28 @@ impl Store {
                     exclude: Default::default(),
                 };
                 let tar = match self.vouched_trees.stamp(d, &source.chain, &dir) {
-                    Some(stamp) => {
+                    Some((stamp, id)) => {
+                        self.vouched_trees.count(true);
                         let vouched = self.vouched_trees.clone();
-                        let digest = d.clone();
+                        let (digest, chain) = (d.clone(), source.chain.clone());
                         diff::TreeTar::spawn_vouched(
                             dir,
                             opts,
                             d.clone(),
                             rec.size,
                             stamp,
-                            Box::new(move || vouched.forget(&digest)),
+                            Box::new(move |now| match now {
+                                // Hashed again and still the blob: vouched with the
+                                // stamp the files have now.
+                                Some(stamp) => vouched.record(&digest, chain, id, stamp),
+                                None => vouched.forget(&digest),
+                            }),
                         )?
                     }
-                    None => diff::TreeTar::spawn(dir, opts, d.clone(), rec.size)?,
+                    None => {
+                        self.vouched_trees.count(false);
+                        diff::TreeTar::spawn(dir, opts, d.clone(), rec.size)?
+                    }
                 };
                 Ok(Box::new(tar))
             }
