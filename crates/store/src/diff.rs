@@ -8,7 +8,7 @@ use isula_types::Digest;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
@@ -234,7 +234,12 @@ impl<W: Write> Walk<'_, W> {
             let mut h = self.header(&meta, tar::EntryType::Regular);
             h.set_size(meta.len());
             self.pax_xattrs(&path, rel)?;
-            let mut f = std::fs::File::open(&path).map_err(io("open", &path))?;
+            // Not through a symlink put there since the stat.
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&path)
+                .map_err(io("open", &path))?;
             // The header (and any long-name records) with no data after it, then the
             // data and its padding, read through the walk's buffer.
             self.tar
@@ -288,6 +293,17 @@ impl<W: Write> Walk<'_, W> {
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         for n in names {
             self.entry(&rel.join(n))?;
+        }
+        if self.stamps.is_some() {
+            // The directory's stamp again, once all under it was read: an entry of it
+            // unlinked, made or renamed (a symlink made again between its stamp and its
+            // readlink, a parent renamed away and back between a file's stat and its
+            // open), or an extended attribute of it set since its first stamp, moves it.
+            // "NAME/" names no entry (a name has no slash in it).
+            let after = std::fs::symlink_metadata(&dir).map_err(io("stat", &dir))?;
+            let mut end = rel.as_os_str().as_bytes().to_vec();
+            end.push(b'/');
+            self.fold(Path::new(std::ffi::OsStr::from_bytes(&end)), &after);
         }
         Ok(())
     }
@@ -414,14 +430,17 @@ pub type Changed = Box<dyn FnOnce(Option<TreeStamp>) + Send>;
 enum Check {
     /// Hashed as it is read (on a thread of its own): it must have this digest and size.
     Hash(Digest, u64),
-    /// This process hashed these files (as blob `digest`, of `size` bytes) when they had
-    /// this stamp: they must still have it, or be hashed again (see [`stamp_verdict`]).
-    Stamp {
-        digest: Digest,
-        size: u64,
-        stamp: TreeStamp,
-        changed: Changed,
-    },
+    /// This process hashed these files when they had a stamp: they must still have it,
+    /// or be hashed again (see [`Vouch::verdict`]).
+    Stamp(Vouch),
+}
+
+/// Files this process hashed (as blob `digest`, of `size` bytes) when they had `stamp`.
+struct Vouch {
+    digest: Digest,
+    size: u64,
+    stamp: TreeStamp,
+    changed: Changed,
 }
 
 /// What the stream must hash to (its digest and size), hashed on a thread of its own as
@@ -526,7 +545,9 @@ impl Write for PieceSink {
 
 /// A layer tar made from a layer's files as it is read (by a thread of its own, a few
 /// pieces ahead). It must be `expected` (digest and size): if the files no longer make
-/// those bytes, the read that would end the stream fails instead.
+/// those bytes, the read that would end the stream fails instead (checked by a hash as
+/// it is read, or for files this process hashed by their stamps, see
+/// [`TreeTar::spawn_vouched`]).
 pub struct TreeTar {
     rx: std::sync::mpsc::Receiver<Piece>,
     piece: Option<Shared>,
@@ -560,12 +581,12 @@ impl TreeTar {
         stamp: TreeStamp,
         changed: Changed,
     ) -> Result<TreeTar> {
-        let check = Check::Stamp {
+        let check = Check::Stamp(Vouch {
             digest: expected,
             size,
             stamp,
             changed,
-        };
+        });
         TreeTar::spawn_with(upper, opts, Some(check), false)
     }
 
@@ -585,7 +606,7 @@ impl TreeTar {
                 ),
                 None,
             ),
-            Some(stamp @ Check::Stamp { .. }) => (None, Some(stamp)),
+            Some(Check::Stamp(vouch)) => (None, Some(vouch)),
             None => (None, None),
         };
         let stamping = want_stamp || vouched.is_some();
@@ -604,8 +625,8 @@ impl TreeTar {
                         Ok(()) => {
                             let verdict = match (sink.verify.take(), vouched) {
                                 (Some(v), _) => v.finish(&dir),
-                                (None, Some(check)) => {
-                                    stamp_verdict(check, stamp, sink.written, &dir, &opts)
+                                (None, Some(vouch)) => {
+                                    vouch.verdict(stamp, sink.written, &dir, &opts)
                                 }
                                 (None, None) => Ok(()),
                             };
@@ -630,58 +651,62 @@ impl TreeTar {
     }
 }
 
-/// The end of a vouched stream ([`Check::Stamp`]): whether the files read had the stamp
-/// (and made as many bytes) they had when they were hashed. If not, they are hashed again
-/// now: a stamp also moves when nothing the tar holds did (a hard link to a file removed
-/// elsewhere, as when a build cache record that shared the layer's files is pruned, moves
-/// its change time). The stream passes if they still make the blob and their stamp is
-/// the one the stream's read took (so the hash read the bytes the stream sent).
-fn stamp_verdict(
-    check: Check,
-    now: Option<TreeStamp>,
-    written: u64,
-    dir: &Path,
-    opts: &DiffOptions,
-) -> std::io::Result<()> {
-    let Check::Stamp {
-        digest,
-        size,
-        stamp,
-        changed,
-    } = check
-    else {
-        return Ok(());
-    };
-    if now == Some(stamp) && written == size {
-        return Ok(());
-    }
-    let again = hash_layer_stamped(dir, opts);
-    let verdict = match &again {
-        Ok((d, n, then)) if *d == digest && *n == size && Some(*then) == now => Ok(()),
-        Ok((d, n, _)) if *d == digest && *n == size => Err(format!(
-            "the files of {} changed while they were read as layer blob {digest}: read it again",
-            dir.display()
-        )),
-        Ok((d, n, _)) => Err(format!(
-            "the files of {} no longer make layer blob {digest} ({size} bytes): they make {d} \
-             ({n} bytes)",
-            dir.display()
-        )),
-        Err(e) => Err(format!(
-            "the files of {} changed since they were hashed as layer blob {digest}, and hashing \
-             them again failed: {e}",
-            dir.display()
-        )),
-    };
-    match verdict {
-        Ok(()) => {
-            changed(again.ok().map(|(_, _, s)| s));
-            Ok(())
+impl Vouch {
+    /// The end of a vouched stream: whether the files read had the stamp (and made as
+    /// many bytes) they had when they were hashed. If not, they are hashed again now: a
+    /// stamp also moves when nothing the tar holds did (a hard link to a file removed
+    /// elsewhere, as when a build cache record that shared the layer's files is pruned,
+    /// moves its change time). The stream passes if they still make the blob and their
+    /// stamp is the one the stream's read took (so the hash read the bytes it sent).
+    fn verdict(
+        self,
+        now: Option<TreeStamp>,
+        written: u64,
+        dir: &Path,
+        opts: &DiffOptions,
+    ) -> std::io::Result<()> {
+        let Vouch {
+            digest,
+            size,
+            stamp,
+            changed,
+        } = self;
+        if now == Some(stamp) && written == size {
+            return Ok(());
         }
-        Err(msg) => {
-            changed(None);
-            Err(std::io::Error::other(msg))
-        }
+        let (verdict, record) = match hash_layer_stamped(dir, opts) {
+            // They make the blob: vouched for from now on with the stamp this hash took.
+            Ok((d, n, then)) if d == digest && n == size => {
+                let verdict = if Some(then) == now {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the files of {} changed while they were read as layer blob {digest}: \
+                         read it again",
+                        dir.display()
+                    ))
+                };
+                (verdict, Some(then))
+            }
+            Ok((d, n, _)) => (
+                Err(format!(
+                    "the files of {} no longer make layer blob {digest} ({size} bytes): they \
+                     make {d} ({n} bytes)",
+                    dir.display()
+                )),
+                None,
+            ),
+            Err(e) => (
+                Err(format!(
+                    "the files of {} changed since they were hashed as layer blob {digest}, and \
+                     hashing them again failed: {e}",
+                    dir.display()
+                )),
+                None,
+            ),
+        };
+        changed(record);
+        verdict.map_err(std::io::Error::other)
     }
 }
 

@@ -35,6 +35,9 @@ pub(crate) struct VouchedTrees {
     /// How many built layers' tars were read checked by stamps, and by their hash.
     by_stamps: Arc<AtomicU64>,
     by_hash: Arc<AtomicU64>,
+    /// Moved by each [`VouchedTrees::forget_all`]: a read's stamp taken before it is not
+    /// recorded after it.
+    generation: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -69,9 +72,23 @@ impl VouchedTrees {
     }
 
     /// Records that blob `d` is what directory `dir` (layer `chain`'s) made when its files
-    /// had `stamp`.
-    fn record(&self, d: &Digest, chain: ChainId, dir: DirId, stamp: diff::TreeStamp) {
-        self.map().insert(d.clone(), Vouched { chain, dir, stamp });
+    /// had `stamp`, unless everything was forgotten since `generation`.
+    fn record(
+        &self,
+        d: &Digest,
+        chain: ChainId,
+        dir: DirId,
+        stamp: diff::TreeStamp,
+        generation: u64,
+    ) {
+        let mut map = self.map();
+        if self.generation.load(Ordering::SeqCst) == generation {
+            map.insert(d.clone(), Vouched { chain, dir, stamp });
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     fn count(&self, by_stamps: bool) {
@@ -92,7 +109,9 @@ impl VouchedTrees {
     /// are going or coming, which moves those files' stamps (their link count and change
     /// time). Reads hash again until a commit records anew.
     pub(crate) fn forget_all(&self) {
-        self.map().clear();
+        let mut map = self.map();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        map.clear();
     }
 }
 
@@ -165,7 +184,9 @@ impl Store {
         self.vouched_trees.forget_all();
         if let (Some(stamp), Some(id)) = (stamp, staged_id) {
             if DirId::of(&placed) == Some(id) {
-                self.vouched_trees.record(&digest, chain.clone(), id, stamp);
+                let generation = self.vouched_trees.generation();
+                self.vouched_trees
+                    .record(&digest, chain.clone(), id, stamp, generation);
             }
         }
         if !self.content.contains(&digest) {
@@ -188,8 +209,9 @@ impl Store {
         Ok((diff_id, chain, size))
     }
 
-    /// How many built layers' tars this store has read checked by their files' stamps
-    /// (the daemon hashed them at their commit), and how many checked by their hash.
+    /// How many reads of built layers' tars this store began checked by their files'
+    /// stamps (the daemon hashed them at their commit; those whose stamps moved were hashed
+    /// again at their end), and how many checked by their hash as they went.
     pub fn tree_reads(&self) -> (u64, u64) {
         (
             self.vouched_trees.by_stamps.load(Ordering::Relaxed),
@@ -258,6 +280,7 @@ impl Store {
                     Some((stamp, id)) => {
                         self.vouched_trees.count(true);
                         let vouched = self.vouched_trees.clone();
+                        let generation = vouched.generation();
                         let (digest, chain) = (d.clone(), source.chain.clone());
                         diff::TreeTar::spawn_vouched(
                             dir,
@@ -268,7 +291,9 @@ impl Store {
                             Box::new(move |now| match now {
                                 // Hashed again and still the blob: vouched with the
                                 // stamp the files have now.
-                                Some(stamp) => vouched.record(&digest, chain, id, stamp),
+                                Some(stamp) => {
+                                    vouched.record(&digest, chain, id, stamp, generation)
+                                }
                                 None => vouched.forget(&digest),
                             }),
                         )?

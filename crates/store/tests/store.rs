@@ -1023,6 +1023,34 @@ fn a_built_layer_read_by_the_process_that_hashed_it_is_checked_by_stamps_or_hash
     let (store, _) = Store::open(dir.path()).expect("reopen");
     assert_eq!(read(&store).expect("read after a restart"), tar);
     assert_eq!(store.tree_reads(), (0, 1));
+    // Only the newest commit is vouched for: a layer committed is read by its stamps, and
+    // once another is committed, by its hash.
+    let lease = store.lease();
+    let commit = |name: &str| {
+        let staged = store.stage_layer().expect("stage");
+        std::fs::write(staged.diff_dir().join(name), name).expect("write");
+        let (d, _, _) = store
+            .commit_built_layer(staged, None, None, &lease)
+            .expect("commit");
+        d.0
+    };
+    let read_blob = |d: &isula_types::Digest| {
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(
+            &mut store.open_blob(d, Some(&lease)).expect("open"),
+            &mut back,
+        )
+        .expect("read");
+        assert_eq!(isula_types::Digest::of_bytes(&back), *d);
+    };
+    let second = commit("second");
+    read_blob(&second);
+    assert_eq!(store.tree_reads(), (1, 1));
+    let third = commit("third");
+    read_blob(&second);
+    assert_eq!(store.tree_reads(), (1, 2));
+    read_blob(&third);
+    assert_eq!(store.tree_reads(), (2, 2));
 }
 
 /// A layer directory under `layers/` that has no record (a commit a power cut interrupted
