@@ -5,10 +5,12 @@
 
 use crate::error::{Result, StoreError};
 use isula_types::Digest;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString};
 use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
@@ -96,9 +98,10 @@ fn copy_padded(
         .map_err(|e| (Side::Write, e))
 }
 
-fn xattr(path: &Path, key: &str) -> Option<Vec<u8>> {
+/// Extended attribute `key` of the file open as `fd` (None if it has none).
+fn xattr(fd: BorrowedFd<'_>, key: &str) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 256];
-    match rustix::fs::lgetxattr(path, key, &mut buf) {
+    match rustix::fs::fgetxattr(fd, key, &mut buf) {
         Ok(n) => {
             buf.truncate(n);
             Some(buf)
@@ -107,50 +110,97 @@ fn xattr(path: &Path, key: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// What the walk needs of an inode (from `stat`, whose field types differ between
+/// architectures).
+#[derive(Clone, Copy)]
+struct Meta {
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u64,
+    size: u64,
+    rdev: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl Meta {
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    fn of(st: &rustix::fs::Stat) -> Meta {
+        Meta {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            mode: st.st_mode as u32,
+            uid: st.st_uid as u32,
+            gid: st.st_gid as u32,
+            nlink: st.st_nlink as u64,
+            size: st.st_size as u64,
+            rdev: st.st_rdev as u64,
+            mtime: st.st_mtime as i64,
+            mtime_nsec: st.st_mtime_nsec as i64,
+            ctime: st.st_ctime as i64,
+            ctime_nsec: st.st_ctime_nsec as i64,
+        }
+    }
+
+    fn kind(&self) -> rustix::fs::FileType {
+        rustix::fs::FileType::from_raw_mode(self.mode as rustix::fs::RawMode)
+    }
+}
+
 impl<W: Write> Walk<'_, W> {
+    /// The error of `op` on entry `rel`, naming its path.
+    fn sys(&self, op: &'static str, rel: &Path, e: rustix::io::Errno) -> StoreError {
+        StoreError::io(op, self.root.join(rel), e.into())
+    }
+
     /// Adds entry `rel`, whose inode's stamp is in `m`, to the stamps (when asked for).
-    fn fold(&mut self, rel: &Path, m: &std::fs::Metadata) {
+    fn fold(&mut self, rel: &Path, m: &Meta) {
         let Some(h) = &mut self.stamps else { return };
         use sha2::Digest as _;
         // A name has no NUL in it: the NUL ends it, and the fields after it are fixed.
         h.update(rel.as_os_str().as_bytes());
         h.update([0u8]);
         for v in [
-            m.dev(),
-            m.ino(),
-            u64::from(m.mode()),
-            u64::from(m.uid()),
-            u64::from(m.gid()),
-            m.nlink(),
-            m.size(),
-            m.rdev(),
-            m.mtime() as u64,
-            m.mtime_nsec() as u64,
-            m.ctime() as u64,
-            m.ctime_nsec() as u64,
+            m.dev,
+            m.ino,
+            u64::from(m.mode),
+            u64::from(m.uid),
+            u64::from(m.gid),
+            m.nlink,
+            m.size,
+            m.rdev,
+            m.mtime as u64,
+            m.mtime_nsec as u64,
+            m.ctime as u64,
+            m.ctime_nsec as u64,
         ] {
             h.update(v.to_le_bytes());
         }
     }
 
-    fn header(&self, meta: &std::fs::Metadata, kind: tar::EntryType) -> tar::Header {
+    fn header(&self, meta: &Meta, kind: tar::EntryType) -> tar::Header {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
-        h.set_mode(meta.mode() & 0o7777);
-        h.set_uid(meta.uid() as u64);
-        h.set_gid(meta.gid() as u64);
+        h.set_mode(meta.mode & 0o7777);
+        h.set_uid(u64::from(meta.uid));
+        h.set_gid(u64::from(meta.gid));
         let mtime = match self.opts.clamp_mtime {
-            Some(c) => meta.mtime().min(c),
-            None => meta.mtime(),
+            Some(c) => meta.mtime.min(c),
+            None => meta.mtime,
         };
         h.set_mtime(mtime.max(0) as u64);
         h.set_size(0);
         h
     }
 
-    fn pax_xattrs(&mut self, path: &Path, rel: &Path) -> Result<()> {
+    fn pax_xattrs(&mut self, fd: BorrowedFd<'_>, rel: &Path) -> Result<()> {
         let mut exts: Vec<(String, Vec<u8>)> = Vec::new();
-        if let Some(v) = xattr(path, "security.capability") {
+        if let Some(v) = xattr(fd, "security.capability") {
             exts.push(("SCHILY.xattr.security.capability".into(), v));
         }
         if !exts.is_empty() {
@@ -161,15 +211,19 @@ impl<W: Write> Walk<'_, W> {
         Ok(())
     }
 
-    fn entry(&mut self, rel: &Path) -> Result<()> {
+    /// Entry `name` of the directory open as `parent`, at `rel` in the layer: every call
+    /// is relative to that directory (a lookup of one name, not of the whole path).
+    fn entry(&mut self, parent: BorrowedFd<'_>, name: &CStr, rel: &Path) -> Result<()> {
         if self.opts.exclude.contains(rel) {
             return Ok(());
         }
-        let path = self.root.join(rel);
-        let meta = std::fs::symlink_metadata(&path).map_err(io("stat", &path))?;
-        let ft = meta.file_type();
-        if ft.is_char_device() && meta.rdev() == 0 {
+        let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.sys("stat", rel, e))?;
+        let meta = Meta::of(&st);
+        let ft = meta.kind();
+        if ft == FileType::CharacterDevice && meta.rdev == 0 {
             // Overlay whiteout.
+            self.fold(rel, &meta);
             let name = rel
                 .file_name()
                 .map(|n| n.as_bytes().to_vec())
@@ -177,7 +231,6 @@ impl<W: Write> Walk<'_, W> {
             let mut wh = b".wh.".to_vec();
             wh.extend_from_slice(&name);
             let wh_path = rel.with_file_name(std::ffi::OsStr::from_bytes(&wh));
-            self.fold(rel, &meta);
             let mut h = self.header(&meta, tar::EntryType::Regular);
             h.set_mode(0o600);
             h.set_uid(0);
@@ -187,16 +240,27 @@ impl<W: Write> Walk<'_, W> {
                 .map_err(io("write", rel))?;
             return Ok(());
         }
-        if ft.is_dir() {
+        if ft == FileType::Directory {
             self.fold(rel, &meta);
+            let dir = rustix::fs::openat(
+                parent,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.sys("open", rel, e))?;
             let mut h = self.header(&meta, tar::EntryType::Directory);
-            self.pax_xattrs(&path, rel)?;
-            let mut name = rel.as_os_str().as_bytes().to_vec();
-            name.push(b'/');
+            self.pax_xattrs(dir.as_fd(), rel)?;
+            let mut dir_name = rel.as_os_str().as_bytes().to_vec();
+            dir_name.push(b'/');
             self.tar
-                .append_data(&mut h, std::ffi::OsStr::from_bytes(&name), std::io::empty())
+                .append_data(
+                    &mut h,
+                    std::ffi::OsStr::from_bytes(&dir_name),
+                    std::io::empty(),
+                )
                 .map_err(io("write", rel))?;
-            if xattr(&path, crate::apply::opaque_xattr()).as_deref() == Some(b"y") {
+            if xattr(dir.as_fd(), crate::apply::opaque_xattr()).as_deref() == Some(b"y") {
                 let mut h = self.header(&meta, tar::EntryType::Regular);
                 h.set_mode(0o600);
                 self.tar
@@ -207,20 +271,22 @@ impl<W: Write> Walk<'_, W> {
                     )
                     .map_err(io("write", rel))?;
             }
-            return self.children(rel);
+            return self.children(dir, rel);
         }
-        if ft.is_symlink() {
+        if ft == FileType::Symlink {
             self.fold(rel, &meta);
-            let target = std::fs::read_link(&path).map_err(io("readlink", &path))?;
+            let target = rustix::fs::readlinkat(parent, name, Vec::new())
+                .map_err(|e| self.sys("readlink", rel, e))?;
+            let target = Path::new(std::ffi::OsStr::from_bytes(target.as_bytes()));
             let mut h = self.header(&meta, tar::EntryType::Symlink);
             self.tar
-                .append_link(&mut h, rel, &target)
+                .append_link(&mut h, rel, target)
                 .map_err(io("write", rel))?;
             return Ok(());
         }
-        if ft.is_file() {
-            if meta.nlink() > 1 {
-                let key = (meta.dev(), meta.ino());
+        if ft == FileType::RegularFile {
+            if meta.nlink > 1 {
+                let key = (meta.dev, meta.ino);
                 if let Some(first) = self.inodes.get(&key).cloned() {
                     self.fold(rel, &meta);
                     let mut h = self.header(&meta, tar::EntryType::Link);
@@ -232,46 +298,46 @@ impl<W: Write> Walk<'_, W> {
                 self.inodes.insert(key, rel.to_path_buf());
             }
             let mut h = self.header(&meta, tar::EntryType::Regular);
-            h.set_size(meta.len());
-            self.pax_xattrs(&path, rel)?;
+            h.set_size(meta.size);
             // Not through a symlink put there since the stat.
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(&path)
-                .map_err(io("open", &path))?;
+            let fd = rustix::fs::openat(
+                parent,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.sys("open", rel, e))?;
+            self.pax_xattrs(fd.as_fd(), rel)?;
+            let mut f = std::fs::File::from(fd);
             // The header (and any long-name records) with no data after it, then the
             // data and its padding, read through the walk's buffer.
             self.tar
                 .append_data(&mut h, rel, std::io::empty())
                 .map_err(io("write", rel))?;
-            copy_padded(&mut f, self.tar.get_mut(), meta.len(), &mut self.buf).map_err(
+            copy_padded(&mut f, self.tar.get_mut(), meta.size, &mut self.buf).map_err(
                 |(side, e)| match side {
-                    Side::Read => StoreError::io("read", &path, e),
+                    Side::Read => StoreError::io("read", self.root.join(rel), e),
                     Side::Write => StoreError::io("write", rel, e),
                 },
             )?;
             if self.stamps.is_some() {
                 // Taken after the read: a write that began before it ended has moved the
                 // change time by now.
-                let after = f.metadata().map_err(io("stat", &path))?;
-                self.fold(rel, &after);
+                let after = rustix::fs::fstat(&f).map_err(|e| self.sys("stat", rel, e))?;
+                self.fold(rel, &Meta::of(&after));
             }
             return Ok(());
         }
-        let kind = if ft.is_fifo() {
-            tar::EntryType::Fifo
-        } else if ft.is_char_device() {
-            tar::EntryType::Char
-        } else if ft.is_block_device() {
-            tar::EntryType::Block
-        } else {
-            return Ok(()); // sockets are not part of images
+        let kind = match ft {
+            FileType::Fifo => tar::EntryType::Fifo,
+            FileType::CharacterDevice => tar::EntryType::Char,
+            FileType::BlockDevice => tar::EntryType::Block,
+            _ => return Ok(()), // sockets are not part of images
         };
         self.fold(rel, &meta);
         let mut h = self.header(&meta, kind);
         if kind != tar::EntryType::Fifo {
-            let dev = meta.rdev();
+            let dev = meta.rdev;
             h.set_device_major(rustix::fs::major(dev))
                 .map_err(io("write", rel))?;
             h.set_device_minor(rustix::fs::minor(dev))
@@ -283,16 +349,21 @@ impl<W: Write> Walk<'_, W> {
         Ok(())
     }
 
-    fn children(&mut self, rel: &Path) -> Result<()> {
-        let dir = self.root.join(rel);
-        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(&dir)
-            .map_err(io("read", &dir))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<_>>()
-            .map_err(io("read", &dir))?;
+    /// The entries of the directory open as `dir` (at `rel`), by name.
+    fn children(&mut self, dir: OwnedFd, rel: &Path) -> Result<()> {
+        let mut names: Vec<CString> = Vec::new();
+        let mut list = rustix::fs::Dir::new(dir).map_err(|e| self.sys("read", rel, e))?;
+        while let Some(ent) = list.read() {
+            let ent = ent.map_err(|e| self.sys("read", rel, e))?;
+            let n = ent.file_name();
+            if n.to_bytes() != b"." && n.to_bytes() != b".." {
+                names.push(n.to_owned());
+            }
+        }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for n in names {
-            self.entry(&rel.join(n))?;
+        let fd = list.fd().map_err(|e| self.sys("read", rel, e))?;
+        for n in &names {
+            self.entry(fd, n, &rel.join(std::ffi::OsStr::from_bytes(n.to_bytes())))?;
         }
         if self.stamps.is_some() {
             // The directory's stamp again, once all under it was read: an entry of it
@@ -300,10 +371,13 @@ impl<W: Write> Walk<'_, W> {
             // readlink, a parent renamed away and back between a file's stat and its
             // open), or an extended attribute of it set since its first stamp, moves it.
             // "NAME/" names no entry (a name has no slash in it).
-            let after = std::fs::symlink_metadata(&dir).map_err(io("stat", &dir))?;
+            let after = rustix::fs::fstat(fd).map_err(|e| self.sys("stat", rel, e))?;
             let mut end = rel.as_os_str().as_bytes().to_vec();
             end.push(b'/');
-            self.fold(Path::new(std::ffi::OsStr::from_bytes(&end)), &after);
+            self.fold(
+                Path::new(std::ffi::OsStr::from_bytes(&end)),
+                &Meta::of(&after),
+            );
         }
         Ok(())
     }
@@ -331,7 +405,13 @@ fn walk_layer<W: Write>(
         stamps: stamp.then(sha2::Sha256::default),
     };
     walk.tar.mode(tar::HeaderMode::Complete);
-    walk.children(Path::new(""))?;
+    let root = rustix::fs::open(
+        upper,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| StoreError::io("open", upper, e.into()))?;
+    walk.children(root, Path::new(""))?;
     let stamps = walk
         .stamps
         .take()
@@ -763,6 +843,7 @@ impl std::io::Read for TreeTar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     #[test]
     fn a_tree_tar_is_the_layer_tar_verified_at_its_end_and_may_be_dropped_early() {
