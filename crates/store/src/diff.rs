@@ -36,7 +36,19 @@ struct Walk<'a, W: Write> {
     /// Each entry's name and stamp, hashed in walk order, when asked for (see
     /// [`TreeStamp`]).
     stamps: Option<sha2::Sha256>,
+    /// How many directories deep the walk is.
+    depth: usize,
 }
+
+/// How deep a layer's directories may nest: each level holds a directory handle and a
+/// frame of the walk's stack (a layer deeper than this is refused, not walked into an
+/// overflow). The path limit stopped walks by path at about this depth for names of
+/// a few characters.
+const MAX_DEPTH: usize = 1024;
+
+/// The stack of the thread that walks a layer for a reader: enough for [`MAX_DEPTH`]
+/// levels (reserved, not used, until a walk goes that deep).
+const WALK_STACK: usize = 16 << 20;
 
 /// What a layer directory's files were when the tar they make was read: each entry's
 /// name and the stamp of its inode (device, inode, mode, owner, links, size, device
@@ -129,7 +141,7 @@ struct Meta {
 }
 
 impl Meta {
-    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    #[allow(clippy::unnecessary_cast)]
     fn of(st: &rustix::fs::Stat) -> Meta {
         Meta {
             dev: st.st_dev as u64,
@@ -271,7 +283,19 @@ impl<W: Write> Walk<'_, W> {
                     )
                     .map_err(io("write", rel))?;
             }
-            return self.children(dir, rel);
+            if self.depth >= MAX_DEPTH {
+                return Err(StoreError::io(
+                    "walk",
+                    self.root.join(rel),
+                    std::io::Error::other(format!(
+                        "directories nest more than {MAX_DEPTH} deep in this layer"
+                    )),
+                ));
+            }
+            self.depth += 1;
+            let walked = self.children(dir, rel);
+            self.depth -= 1;
+            return walked;
         }
         if ft == FileType::Symlink {
             self.fold(rel, &meta);
@@ -303,7 +327,8 @@ impl<W: Write> Walk<'_, W> {
             let fd = rustix::fs::openat(
                 parent,
                 name,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                // Non-blocking: a FIFO put there since the stat is not waited on.
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
                 Mode::empty(),
             )
             .map_err(|e| self.sys("open", rel, e))?;
@@ -367,10 +392,9 @@ impl<W: Write> Walk<'_, W> {
         }
         if self.stamps.is_some() {
             // The directory's stamp again, once all under it was read: an entry of it
-            // unlinked, made or renamed (a symlink made again between its stamp and its
-            // readlink, a parent renamed away and back between a file's stat and its
-            // open), or an extended attribute of it set since its first stamp, moves it.
-            // "NAME/" names no entry (a name has no slash in it).
+            // unlinked, made or renamed since its first stamp (a symlink made again
+            // between its stat and its readlinkat, say), or an extended attribute of it
+            // set, moves it. "NAME/" names no entry (a name has no slash in it).
             let after = rustix::fs::fstat(fd).map_err(|e| self.sys("stat", rel, e))?;
             let mut end = rel.as_os_str().as_bytes().to_vec();
             end.push(b'/');
@@ -403,6 +427,7 @@ fn walk_layer<W: Write>(
         inodes: HashMap::new(),
         buf: vec![0u8; READ_BUFFER],
         stamps: stamp.then(sha2::Sha256::default),
+        depth: 0,
     };
     walk.tar.mode(tar::HeaderMode::Complete);
     let root = rustix::fs::open(
@@ -648,6 +673,11 @@ impl TreeTar {
         TreeTar::spawn_with(upper, opts, Some(Check::Hash(expected, size)), false)
     }
 
+    /// The tar `upper` makes, unchecked (for a caller that checks what it read).
+    pub fn unchecked(upper: PathBuf, opts: DiffOptions) -> Result<TreeTar> {
+        TreeTar::spawn_with(upper, opts, None, false)
+    }
+
     /// The tar `upper` makes, files this process hashed as `expected` (`size` bytes) when
     /// they had `stamp` ([`hash_layer_stamped`]): not hashed again while every entry's
     /// stamp, taken as it is read, is what it was then. If one is not, the files are
@@ -692,6 +722,7 @@ impl TreeTar {
         let stamping = want_stamp || vouched.is_some();
         std::thread::Builder::new()
             .name("layer-tar".into())
+            .stack_size(WALK_STACK)
             .spawn(move || {
                 let sink = PieceSink {
                     tx: tx.clone(),
@@ -1003,6 +1034,41 @@ mod tests {
                 assert_eq!(told, Some(None), "{what}");
             }
         }
+    }
+
+    #[test]
+    fn directories_nesting_deeper_than_the_limit_are_refused_and_the_limit_itself_walks() {
+        let d = tempfile::tempdir().expect("tmp");
+        let upper = d.path().join("upper");
+        let chain = |n: usize| {
+            let mut p = upper.clone();
+            for _ in 0..n {
+                p.push("d");
+            }
+            p
+        };
+        std::fs::create_dir_all(chain(MAX_DEPTH)).expect("mkdir");
+        std::fs::write(chain(MAX_DEPTH).join("f"), b"deep").expect("write");
+        let opts = DiffOptions::default();
+        // On a thread with a walking thread's stack (every walk of the store's runs on
+        // one: a commit's hash and a reader's tar).
+        let walk = |upper: PathBuf, opts: DiffOptions| {
+            std::thread::Builder::new()
+                .stack_size(WALK_STACK)
+                .spawn(move || write_layer(&upper, Vec::new(), &opts).map(|t| t.len()))
+                .expect("spawn")
+                .join()
+                .expect("the walk panicked")
+        };
+        let n = walk(upper.clone(), opts.clone()).expect("the limit itself");
+        let (_, size) = hash_layer(&upper, &opts).expect("hash");
+        assert_eq!(n as u64, size);
+        // One more level: refused, naming the directory.
+        std::fs::create_dir(chain(MAX_DEPTH + 1)).expect("mkdir");
+        let e = walk(upper.clone(), opts.clone()).expect_err("one level more");
+        assert!(e.to_string().contains("nest more than 1024 deep"), "{e}");
+        let e = hash_layer(&upper, &opts).expect_err("one level more");
+        assert!(e.to_string().contains("nest more than 1024 deep"), "{e}");
     }
 
     #[test]

@@ -154,12 +154,12 @@ impl Store {
             // The layer exists already, made some other way (unpacked from a blob since
             // removed): its files are not known to make this tar with this clamp, so the
             // tar is written from the staged copy, as it was before built layers kept none.
-            let w = self.content.writer()?;
-            let w = diff::write_layer(
-                &staged.diff_dir(),
-                std::io::BufWriter::with_capacity(1 << 20, w),
-                &opts,
-            )?;
+            // Walked on a thread of its own (a walking thread's stack); the blob's commit
+            // checks what was written against the digest.
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, self.content.writer()?);
+            let mut tar = diff::TreeTar::unchecked(staged.diff_dir(), opts.clone())?;
+            std::io::copy(&mut tar, &mut w)
+                .map_err(|e| StoreError::io("write", staged.diff_dir(), e))?;
             let w = w
                 .into_inner()
                 .map_err(|e| StoreError::io("write", staged.diff_dir(), e.into_error()))?;
