@@ -35,7 +35,7 @@ struct Walk<'a, W: Write> {
     buf: Vec<u8>,
     /// Each entry's name and stamp, hashed in walk order, when asked for (see
     /// [`TreeStamp`]).
-    stamps: Option<sha2::Sha256>,
+    stamps: Option<Tracer>,
     /// How many directories deep the walk is.
     depth: usize,
 }
@@ -52,15 +52,68 @@ const WALK_STACK: usize = 16 << 20;
 
 /// What a layer directory's files were when the tar they make was read: each entry's
 /// name and the stamp of its inode (device, inode, mode, owner, links, size, device
-/// number, modification and change times; a regular file's taken after its data was
-/// read), hashed in the tar's order. Any change through the file system to an entry, or
-/// an entry added, removed or replaced, moves it: every write, truncation, change of
-/// mode, owner or extended attribute moves the change time, and no call sets that back.
-/// What it cannot see is what [`crate::content::Stamp`] cannot: a change below the file
-/// system, and before kernel 6.13 (coarse timestamps) a rewrite within the clock tick of
-/// the file's last change.
+/// number, modification and change times; a regular file's taken before and after its
+/// data was read, a directory's before and after all under it was), with the extended
+/// attributes the tar holds, hashed in the tar's order. Any change through the file
+/// system to an entry, or an entry added, removed or replaced, moves it: every write,
+/// truncation, change of mode, owner or extended attribute moves the change time, and no
+/// call sets that back. What it cannot see is what [`crate::content::Stamp`] cannot: a
+/// change below the file system, and before kernel 6.13 (coarse timestamps) a rewrite
+/// within the clock tick of the file's last change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TreeStamp([u8; 32]);
+
+/// One stamp's change time and link count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Links {
+    ctime: (i64, i64),
+    nlink: u64,
+}
+
+/// What a walk read (its [`TreeStamp`] in two parts): each entry's name, the rest of each
+/// stamp (not its change time nor its link count) and the extended attributes the tar
+/// holds, hashed in the tar's order; and beside it, in the same order, each stamp's change
+/// time and link count.
+#[derive(Debug, Clone)]
+struct Trace {
+    fixed: [u8; 32],
+    links: Vec<Links>,
+}
+
+impl Trace {
+    fn stamp(&self) -> TreeStamp {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::default();
+        h.update(self.fixed);
+        for l in &self.links {
+            h.update(l.ctime.0.to_le_bytes());
+            h.update(l.ctime.1.to_le_bytes());
+            h.update(l.nlink.to_le_bytes());
+        }
+        TreeStamp(h.finalize().into())
+    }
+
+    /// Whether `other` read the same as this, but for link counts that moved: the same
+    /// entries with the same fixed stamps and extended attributes, and every change time
+    /// the same unless the link count moved with it (a hard link to the file made or
+    /// removed elsewhere, as a build context's or a cache snapshot's files are).
+    fn same_but_links(&self, other: &Trace) -> bool {
+        self.fixed == other.fixed
+            && self.links.len() == other.links.len()
+            && self
+                .links
+                .iter()
+                .zip(&other.links)
+                .all(|(a, b)| a == b || a.nlink != b.nlink)
+    }
+}
+
+/// A [`Trace`] being made.
+#[derive(Default)]
+struct Tracer {
+    fixed: sha2::Sha256,
+    links: Vec<Links>,
+}
 
 /// The size of [`Walk::buf`].
 const READ_BUFFER: usize = 256 << 10;
@@ -172,26 +225,43 @@ impl<W: Write> Walk<'_, W> {
 
     /// Adds entry `rel`, whose inode's stamp is in `m`, to the stamps (when asked for).
     fn fold(&mut self, rel: &Path, m: &Meta) {
-        let Some(h) = &mut self.stamps else { return };
+        let Some(t) = &mut self.stamps else { return };
         use sha2::Digest as _;
         // A name has no NUL in it: the NUL ends it, and the fields after it are fixed.
-        h.update(rel.as_os_str().as_bytes());
-        h.update([0u8]);
+        t.fixed.update(rel.as_os_str().as_bytes());
+        t.fixed.update([0u8]);
         for v in [
             m.dev,
             m.ino,
             u64::from(m.mode),
             u64::from(m.uid),
             u64::from(m.gid),
-            m.nlink,
             m.size,
             m.rdev,
             m.mtime as u64,
             m.mtime_nsec as u64,
-            m.ctime as u64,
-            m.ctime_nsec as u64,
         ] {
-            h.update(v.to_le_bytes());
+            t.fixed.update(v.to_le_bytes());
+        }
+        t.links.push(Links {
+            ctime: (m.ctime, m.ctime_nsec),
+            nlink: m.nlink,
+        });
+    }
+
+    /// Adds extended attribute `key` of the entry last folded, as read for the tar (None:
+    /// it has none), to the stamps (when asked for).
+    fn fold_xattr(&mut self, key: &str, value: Option<&[u8]>) {
+        let Some(t) = &mut self.stamps else { return };
+        use sha2::Digest as _;
+        t.fixed.update(key.as_bytes());
+        match value {
+            None => t.fixed.update([0u8]),
+            Some(v) => {
+                t.fixed.update([1u8]);
+                t.fixed.update((v.len() as u64).to_le_bytes());
+                t.fixed.update(v);
+            }
         }
     }
 
@@ -212,7 +282,9 @@ impl<W: Write> Walk<'_, W> {
 
     fn pax_xattrs(&mut self, fd: BorrowedFd<'_>, rel: &Path) -> Result<()> {
         let mut exts: Vec<(String, Vec<u8>)> = Vec::new();
-        if let Some(v) = xattr(fd, "security.capability") {
+        let cap = xattr(fd, "security.capability");
+        self.fold_xattr("security.capability", cap.as_deref());
+        if let Some(v) = cap {
             exts.push(("SCHILY.xattr.security.capability".into(), v));
         }
         if !exts.is_empty() {
@@ -272,7 +344,9 @@ impl<W: Write> Walk<'_, W> {
                     std::io::empty(),
                 )
                 .map_err(io("write", rel))?;
-            if xattr(dir.as_fd(), crate::apply::opaque_xattr()).as_deref() == Some(b"y") {
+            let opaque = xattr(dir.as_fd(), crate::apply::opaque_xattr());
+            self.fold_xattr(crate::apply::opaque_xattr(), opaque.as_deref());
+            if opaque.as_deref() == Some(b"y") {
                 let mut h = self.header(&meta, tar::EntryType::Regular);
                 h.set_mode(0o600);
                 self.tar
@@ -321,6 +395,8 @@ impl<W: Write> Walk<'_, W> {
                 }
                 self.inodes.insert(key, rel.to_path_buf());
             }
+            // The stamp the header is made from, and below the one after the read.
+            self.fold(rel, &meta);
             let mut h = self.header(&meta, tar::EntryType::Regular);
             h.set_size(meta.size);
             // Not through a symlink put there since the stat.
@@ -419,14 +495,14 @@ fn walk_layer<W: Write>(
     out: W,
     opts: &DiffOptions,
     stamp: bool,
-) -> Result<(W, Option<TreeStamp>)> {
+) -> Result<(W, Option<Trace>)> {
     let mut walk = Walk {
         root: upper,
         tar: tar::Builder::new(out),
         opts,
         inodes: HashMap::new(),
         buf: vec![0u8; READ_BUFFER],
-        stamps: stamp.then(sha2::Sha256::default),
+        stamps: stamp.then(Tracer::default),
         depth: 0,
     };
     walk.tar.mode(tar::HeaderMode::Complete);
@@ -437,10 +513,10 @@ fn walk_layer<W: Write>(
     )
     .map_err(|e| StoreError::io("open", upper, e.into()))?;
     walk.children(root, Path::new(""))?;
-    let stamps = walk
-        .stamps
-        .take()
-        .map(|h| TreeStamp(sha2::Digest::finalize(h).into()));
+    let stamps = walk.stamps.take().map(|t| Trace {
+        fixed: sha2::Digest::finalize(t.fixed).into(),
+        links: t.links,
+    });
     let out = walk.tar.into_inner().map_err(io("write", upper))?;
     Ok((out, stamps))
 }
@@ -478,22 +554,27 @@ pub fn hash_layer(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64)> {
 /// [`hash_layer`], and the files' [`TreeStamp`] as they were read: with it, a later read
 /// of the same files by this process ([`TreeTar::spawn_vouched`]) needs no hash.
 pub fn hash_layer_stamped(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64, TreeStamp)> {
-    let (d, n, stamp) = hash_layer_with(upper, opts, true)?;
-    let stamp = stamp.ok_or_else(|| {
+    hash_layer_traced(upper, opts).map(|(d, n, trace)| (d, n, trace.stamp()))
+}
+
+/// [`hash_layer_stamped`], with the whole [`Trace`].
+fn hash_layer_traced(upper: &Path, opts: &DiffOptions) -> Result<(Digest, u64, Trace)> {
+    let (d, n, trace) = hash_layer_with(upper, opts, true)?;
+    let trace = trace.ok_or_else(|| {
         StoreError::io(
             "stamp",
             upper,
             std::io::Error::other("the walk gave no stamp"),
         )
     })?;
-    Ok((d, n, stamp))
+    Ok((d, n, trace))
 }
 
 fn hash_layer_with(
     upper: &Path,
     opts: &DiffOptions,
     stamp: bool,
-) -> Result<(Digest, u64, Option<TreeStamp>)> {
+) -> Result<(Digest, u64, Option<Trace>)> {
     let mut tar = TreeTar::spawn_with(upper.to_path_buf(), opts.clone(), None, stamp)?;
     let mut hash = HashSink::default();
     loop {
@@ -522,8 +603,8 @@ type Shared = std::sync::Arc<isula_sys::memory::Piece>;
 
 enum Piece {
     Data(Shared),
-    /// The end, with the files' stamp when it was asked for.
-    End(Option<TreeStamp>),
+    /// The end, with what the walk read when it was asked for.
+    End(Option<Trace>),
     Failed(std::io::Error),
 }
 
@@ -658,8 +739,8 @@ pub struct TreeTar {
     piece: Option<Shared>,
     at: usize,
     ended: bool,
-    /// The files' stamp, once the stream has ended (when it was asked for).
-    stamp: Option<TreeStamp>,
+    /// What the walk read, once the stream has ended (when it was asked for).
+    stamp: Option<Trace>,
 }
 
 impl TreeTar {
@@ -737,7 +818,7 @@ impl TreeTar {
                             let verdict = match (sink.verify.take(), vouched) {
                                 (Some(v), _) => v.finish(&dir),
                                 (None, Some(vouch)) => {
-                                    vouch.verdict(stamp, sink.written, &dir, &opts)
+                                    vouch.verdict(stamp.as_ref(), sink.written, &dir, &opts)
                                 }
                                 (None, None) => Ok(()),
                             };
@@ -765,13 +846,13 @@ impl TreeTar {
 impl Vouch {
     /// The end of a vouched stream: whether the files read had the stamp (and made as
     /// many bytes) they had when they were hashed. If not, they are hashed again now: a
-    /// stamp also moves when nothing the tar holds did (a hard link to a file removed
-    /// elsewhere, as when a build cache record that shared the layer's files is pruned,
-    /// moves its change time). The stream passes if they still make the blob and their
-    /// stamp is the one the stream's read took (so the hash read the bytes it sent).
+    /// stamp also moves when nothing the tar holds did (a hard link to a file made or
+    /// removed elsewhere, as a build context's or a cache snapshot's are, moves its change
+    /// time). The stream passes if they still make the blob and the hash read what the
+    /// stream read, but for link counts that moved (and the change times with them).
     fn verdict(
         self,
-        now: Option<TreeStamp>,
+        now: Option<&Trace>,
         written: u64,
         dir: &Path,
         opts: &DiffOptions,
@@ -782,13 +863,14 @@ impl Vouch {
             stamp,
             changed,
         } = self;
-        if now == Some(stamp) && written == size {
+        if now.map(Trace::stamp) == Some(stamp) && written == size {
             return Ok(());
         }
-        let (verdict, record) = match hash_layer_stamped(dir, opts) {
+        let (verdict, record) = match hash_layer_traced(dir, opts) {
             // They make the blob: vouched for from now on with the stamp this hash took.
             Ok((d, n, then)) if d == digest && n == size => {
-                let verdict = if Some(then) == now {
+                let read_the_same = now.is_some_and(|now| now.same_but_links(&then));
+                let verdict = if read_the_same && written == size {
                     Ok(())
                 } else {
                     Err(format!(
@@ -797,7 +879,7 @@ impl Vouch {
                         dir.display()
                     ))
                 };
-                (verdict, Some(then))
+                (verdict, Some(then.stamp()))
             }
             Ok((d, n, _)) => (
                 Err(format!(
@@ -1034,6 +1116,45 @@ mod tests {
                 assert_eq!(told, Some(None), "{what}");
             }
         }
+    }
+
+    #[test]
+    fn a_link_count_moved_elsewhere_moves_the_stamp_but_reads_the_same_and_a_mode_does_not() {
+        let d = tempfile::tempdir().expect("tmp");
+        let upper = d.path().join("upper");
+        std::fs::create_dir_all(upper.join("d")).expect("mkdir");
+        std::fs::write(upper.join("d/f"), b"f").expect("write");
+        let opts = DiffOptions::default();
+        let (_, _, before) = hash_layer_traced(&upper, &opts).expect("hash");
+        // A hard link to the file made elsewhere (as a build context's is): the link
+        // count and change time moved, nothing the tar holds did.
+        std::fs::hard_link(upper.join("d/f"), d.path().join("elsewhere")).expect("link");
+        let (_, _, linked) = hash_layer_traced(&upper, &opts).expect("hash");
+        assert_ne!(linked.stamp(), before.stamp());
+        assert!(before.same_but_links(&linked) && linked.same_but_links(&before));
+        std::fs::remove_file(d.path().join("elsewhere")).expect("unlink");
+        let (_, _, unlinked) = hash_layer_traced(&upper, &opts).expect("hash");
+        assert!(linked.same_but_links(&unlinked));
+        // The control: a mode set to what it was moves the change time alone (the link
+        // count stays): not the same.
+        let f = upper.join("d/f");
+        let m = std::fs::metadata(&f).expect("stat").permissions();
+        std::fs::set_permissions(&f, m).expect("chmod");
+        let (_, _, chmodded) = hash_layer_traced(&upper, &opts).expect("hash");
+        assert!(!unlinked.same_but_links(&chmodded));
+        // Nor an extended attribute the tar holds (the change time moves with it).
+        rustix::fs::setxattr(
+            &f,
+            "security.capability",
+            &[1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("setxattr");
+        let (_, _, capped) = hash_layer_traced(&upper, &opts).expect("hash");
+        assert_ne!(
+            capped.fixed, chmodded.fixed,
+            "the xattr is not in the stamp"
+        );
     }
 
     #[test]
