@@ -423,7 +423,7 @@ impl<W: Write> Walk<'_, W> {
             )?;
             if self.stamps.is_some() {
                 // Taken after the read: a write that began before it ended has moved the
-                // change time by now.
+                // modification and change times by now.
                 let after = rustix::fs::fstat(&f).map_err(|e| self.sys("stat", rel, e))?;
                 self.fold(rel, &Meta::of(&after));
             }
@@ -488,8 +488,8 @@ pub fn write_layer<W: Write>(upper: &Path, out: W, opts: &DiffOptions) -> Result
     walk_layer(upper, out, opts, false).map(|(out, _)| out)
 }
 
-/// Writes the layer tar of `upper` to `out`; returns `out`, and with `stamp` the files'
-/// [`TreeStamp`] as they were read.
+/// Writes the layer tar of `upper` to `out`; returns `out`, and with `stamp` what the
+/// walk read (the [`Trace`] of the files' stamps).
 fn walk_layer<W: Write>(
     upper: &Path,
     out: W,
@@ -763,7 +763,8 @@ impl TreeTar {
     /// they had `stamp` ([`hash_layer_stamped`]): not hashed again while every entry's
     /// stamp, taken as it is read, is what it was then. If one is not, the files are
     /// hashed again at the stream's end and `changed` learns the outcome: the read that
-    /// ends the stream fails unless they still make `expected` and did not move meanwhile.
+    /// ends the stream fails unless they still make `expected` and that hash read what the
+    /// stream did, but for link counts that moved (see [`Vouch::verdict`]).
     pub fn spawn_vouched(
         upper: PathBuf,
         opts: DiffOptions,
