@@ -223,6 +223,24 @@ impl<W: Write> Walk<'_, W> {
         StoreError::io(op, self.root.join(rel), e.into())
     }
 
+    /// Opens entry `name` of the directory open as `parent` (at `rel`) to read, with
+    /// `flags`, never through a symlink put there since its stat.
+    fn open(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &CStr,
+        rel: &Path,
+        flags: OFlags,
+    ) -> Result<OwnedFd> {
+        rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | flags,
+            Mode::empty(),
+        )
+        .map_err(|e| self.sys("open", rel, e))
+    }
+
     /// Adds entry `rel`, whose inode's stamp is in `m`, to the stamps (when asked for).
     fn fold(&mut self, rel: &Path, m: &Meta) {
         let Some(t) = &mut self.stamps else { return };
@@ -326,13 +344,7 @@ impl<W: Write> Walk<'_, W> {
         }
         if ft == FileType::Directory {
             self.fold(rel, &meta);
-            let dir = rustix::fs::openat(
-                parent,
-                name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| self.sys("open", rel, e))?;
+            let dir = self.open(parent, name, rel, OFlags::DIRECTORY)?;
             let mut h = self.header(&meta, tar::EntryType::Directory);
             self.pax_xattrs(dir.as_fd(), rel)?;
             let mut dir_name = rel.as_os_str().as_bytes().to_vec();
@@ -399,15 +411,8 @@ impl<W: Write> Walk<'_, W> {
             self.fold(rel, &meta);
             let mut h = self.header(&meta, tar::EntryType::Regular);
             h.set_size(meta.size);
-            // Not through a symlink put there since the stat.
-            let fd = rustix::fs::openat(
-                parent,
-                name,
-                // Non-blocking: a FIFO put there since the stat is not waited on.
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| self.sys("open", rel, e))?;
+            // Non-blocking: a FIFO put there since the stat is not waited on.
+            let fd = self.open(parent, name, rel, OFlags::NONBLOCK)?;
             self.pax_xattrs(fd.as_fd(), rel)?;
             let mut f = std::fs::File::from(fd);
             // The header (and any long-name records) with no data after it, then the

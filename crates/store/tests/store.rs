@@ -831,6 +831,40 @@ fn an_rm_during_the_idle_unpack_stops_it_and_takes_everything() {
     });
 }
 
+/// Records an image `name` of the one built layer `diff` (`chain`, `size` bytes).
+fn name_built_layer(
+    store: &Store,
+    lease: &isula_store::Lease,
+    name: &str,
+    diff: DiffId,
+    chain: &ChainId,
+    size: u64,
+) {
+    let blob = diff.0.clone();
+    let config = lease
+        .put_blob(store.content(), format!("config of {name}").as_bytes())
+        .expect("put");
+    let manifest = lease
+        .put_blob(store.content(), format!("manifest of {name}").as_bytes())
+        .expect("put");
+    store
+        .add_image(NewImage {
+            id: ImageId(config),
+            manifest,
+            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            blobs: vec![blob],
+            layers: vec![LayerRecord {
+                chain_id: chain.clone(),
+                diff_id: diff,
+                parent: None,
+                size,
+            }],
+            created: None,
+            names: vec![Reference::parse(name).expect("ref")],
+        })
+        .expect("add");
+}
+
 /// A built layer: its tar is hashed, never written; reading the blob makes it again from
 /// the files (the same bytes as a written tar), a change to the files is caught when read,
 /// the record survives a reopen, the gzip is made from the files, and everything goes
@@ -878,28 +912,7 @@ fn a_built_layer_keeps_only_its_files_and_its_tar_is_made_from_them_when_read() 
         );
         assert!(store.blob_present(&blob) && store.blob_in_tree(&blob));
         assert_eq!(store.blob_size(&blob).expect("size"), size);
-        let config = lease
-            .put_blob(store.content(), b"config built")
-            .expect("put");
-        let manifest = lease
-            .put_blob(store.content(), b"manifest built")
-            .expect("put");
-        store
-            .add_image(NewImage {
-                id: ImageId(config),
-                manifest,
-                manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                blobs: vec![blob.clone()],
-                layers: vec![LayerRecord {
-                    chain_id: chain.clone(),
-                    diff_id: diff,
-                    parent: None,
-                    size,
-                }],
-                created: None,
-                names: vec![Reference::parse("built:1").expect("ref")],
-            })
-            .expect("add");
+        name_built_layer(&store, &lease, "built:1", diff, &chain, size);
         drop(lease);
         (blob, chain, written)
     };
@@ -966,24 +979,7 @@ fn a_built_layer_read_by_the_process_that_hashed_it_is_checked_by_stamps_or_hash
         .expect("commit");
     let blob = diff.0.clone();
     // An image names it, so that it stays over the reopen below.
-    let config = lease.put_blob(store.content(), b"config").expect("put");
-    let manifest = lease.put_blob(store.content(), b"manifest").expect("put");
-    store
-        .add_image(NewImage {
-            id: ImageId(config),
-            manifest,
-            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            blobs: vec![blob.clone()],
-            layers: vec![LayerRecord {
-                chain_id: chain.clone(),
-                diff_id: diff,
-                parent: None,
-                size,
-            }],
-            created: None,
-            names: vec![Reference::parse("stamped:1").expect("ref")],
-        })
-        .expect("add");
+    name_built_layer(&store, &lease, "stamped:1", diff, &chain, size);
     let read = |store: &Store| {
         let mut back = Vec::new();
         std::io::Read::read_to_end(&mut store.open_blob(&blob, None).expect("open"), &mut back)
