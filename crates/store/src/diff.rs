@@ -59,9 +59,11 @@ const WALK_STACK: usize = 16 << 20;
 /// truncation, change of mode, owner or extended attribute moves the change time, and no
 /// call sets that back. What it cannot see is what [`crate::content::Stamp`] cannot: a
 /// change below the file system, and before kernel 6.13 (coarse timestamps) a rewrite
-/// within the clock tick of the file's last change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TreeStamp([u8; 32]);
+/// within the clock tick of the file's last change. A read that finds it moved only where
+/// link counts moved (with their change times) read the same files (see
+/// [`Vouch::verdict`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeStamp(std::sync::Arc<Trace>);
 
 /// One stamp's change time and link count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,23 +76,15 @@ struct Links {
 /// stamp (not its change time nor its link count) and the extended attributes the tar
 /// holds, hashed in the tar's order; and beside it, in the same order, each stamp's change
 /// time and link count.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Trace {
     fixed: [u8; 32],
     links: Vec<Links>,
 }
 
 impl Trace {
-    fn stamp(&self) -> TreeStamp {
-        use sha2::Digest as _;
-        let mut h = sha2::Sha256::default();
-        h.update(self.fixed);
-        for l in &self.links {
-            h.update(l.ctime.0.to_le_bytes());
-            h.update(l.ctime.1.to_le_bytes());
-            h.update(l.nlink.to_le_bytes());
-        }
-        TreeStamp(h.finalize().into())
+    fn stamp(self) -> TreeStamp {
+        TreeStamp(std::sync::Arc::new(self))
     }
 
     /// Whether `other` read the same as this, but for link counts that moved: the same
@@ -851,11 +845,11 @@ impl TreeTar {
 
 impl Vouch {
     /// The end of a vouched stream: whether the files read had the stamp (and made as
-    /// many bytes) they had when they were hashed. If not, they are hashed again now: a
-    /// stamp also moves when nothing the tar holds did (a hard link to a file made or
-    /// removed elsewhere, as a build context's or a cache snapshot's are, moves its change
-    /// time). The stream passes if they still make the blob and the hash read what the
-    /// stream read, but for link counts that moved (and the change times with them).
+    /// many bytes) they had when they were hashed, but for link counts that moved (a hard
+    /// link to a file made or removed elsewhere, as a build context's or a cache
+    /// snapshot's are, moves its link count and change time, not what the tar holds). If
+    /// not, they are hashed again now: the stream passes if they still make the blob and
+    /// the hash read what the stream read, but for link counts that moved.
     fn verdict(
         self,
         now: Option<&Trace>,
@@ -869,7 +863,7 @@ impl Vouch {
             stamp,
             changed,
         } = self;
-        if now.map(Trace::stamp) == Some(stamp) && written == size {
+        if now.is_some_and(|now| stamp.0.same_but_links(now)) && written == size {
             return Ok(());
         }
         let (verdict, record) = match hash_layer_traced(dir, opts) {
@@ -1051,16 +1045,28 @@ mod tests {
             .expect("spawn")
             .read_to_end(&mut out)
             .map(|_| out);
-            let told = *told.lock().expect("lock");
+            let told = told.lock().expect("lock").clone();
             (r, told)
         };
         // Nothing moved: the tar, and no second hash (`changed` not called).
-        let (r, told) = read(stamp, size);
+        let (r, told) = read(stamp.clone(), size);
         assert!(r.expect("vouched read") == tar, "not the tar");
         assert_eq!(told, None);
         assert_eq!(hash_layer_stamped(&upper, &opts).expect("again").2, stamp);
+        // A hard link to a file made elsewhere (as a build context's or a cache
+        // snapshot's): only a link count and its change time moved, so the read passes
+        // unhashed too. Removed again, the link count is what it was but the change time
+        // is not: that read is hashed again at its end (and passes).
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::hard_link(upper.join("d/e/small"), &elsewhere).expect("link");
+        let (r, told) = read(stamp.clone(), size);
+        assert!(r.expect("a link made elsewhere") == tar && told.is_none());
+        std::fs::remove_file(&elsewhere).expect("unlink");
+        let (r, told) = read(stamp.clone(), size);
+        assert!(r.expect("a link removed elsewhere") == tar);
+        assert!(matches!(told, Some(Some(_))), "not hashed again");
         // The stamp holds but the size is not the blob's: hashed again, refused.
-        let (r, told) = read(stamp, size + 512);
+        let (r, told) = read(stamp.clone(), size + 512);
         let e = r.expect_err("another size");
         assert!(e.to_string().contains("no longer make layer blob"), "{e}");
         assert_eq!(told, Some(None));
@@ -1106,12 +1112,12 @@ mod tests {
         let mut now = stamp;
         for (what, same, change) in changes {
             change();
-            let (r, told) = read(now, size);
+            let (r, told) = read(now.clone(), size);
             let (_, _, next) = hash_layer_stamped(&upper, &opts).expect("hash");
             assert_ne!(next, now, "{what}: the stamp did not move");
             if same {
                 assert!(r.expect(what) == tar, "{what}: not the tar");
-                assert_eq!(told, Some(Some(next)), "{what}");
+                assert_eq!(told, Some(Some(next.clone())), "{what}");
                 now = next;
             } else {
                 let e = r.expect_err(what);
@@ -1136,7 +1142,7 @@ mod tests {
         // count and change time moved, nothing the tar holds did.
         std::fs::hard_link(upper.join("d/f"), d.path().join("elsewhere")).expect("link");
         let (_, _, linked) = hash_layer_traced(&upper, &opts).expect("hash");
-        assert_ne!(linked.stamp(), before.stamp());
+        assert_ne!(linked.clone().stamp(), before.clone().stamp());
         assert!(before.same_but_links(&linked) && linked.same_but_links(&before));
         std::fs::remove_file(d.path().join("elsewhere")).expect("unlink");
         let (_, _, unlinked) = hash_layer_traced(&upper, &opts).expect("hash");

@@ -533,9 +533,6 @@ impl Store {
             spare: &|k| kept.contains(k),
         })?;
         if pruned.records > 0 {
-            // Their snapshots' files were hard links of layers' files too: those files'
-            // stamps moved (see `tree`).
-            self.vouched_trees.forget_all();
             self.gc()?;
         }
         if all && keep == 0 && unused_since.is_none() {
@@ -1449,9 +1446,6 @@ impl Store {
                 layer_leased(c) || (live_layers.contains(c) && recorded.contains(c))
             });
             if !keep {
-                // Its files may be hard links of another layer's (both linked from one
-                // cached step): their stamps move too (see `tree`).
-                self.vouched_trees.forget_all();
                 isula_sys::rooted::remove_tree(&path)?;
                 report.layers.push(chain);
             }

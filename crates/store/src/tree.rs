@@ -105,9 +105,8 @@ impl VouchedTrees {
         self.map().remove(d);
     }
 
-    /// Forgets every stamp: files that may be hard links of the recorded layers' files
-    /// are going or coming, which moves those files' stamps (their link count and change
-    /// time). Reads hash again until a commit records anew.
+    /// Forgets every stamp (a new commit's is recorded next). Reads hash again until a
+    /// commit records anew.
     pub(crate) fn forget_all(&self) {
         let mut map = self.map();
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -177,10 +176,9 @@ impl Store {
         self.place_layer(staged, &chain, rec, false)?;
         crate::failpoint::hit("commit.layer-moved");
         let placed = self.layer_dir(&chain).join("diff");
-        // A built layer's files may be hard links of a cached step's snapshot, and so of
-        // the layers other builds made from it: this one's may have moved their stamps
-        // (their link count and change time). Only the newest commit stays vouched; the
-        // others are hashed when read, as before they were vouched.
+        // Only the newest commit stays vouched (a record holds a stamp per entry: one
+        // layer's worth of them is kept); the others are hashed when read, as before they
+        // were vouched.
         self.vouched_trees.forget_all();
         if let (Some(stamp), Some(id)) = (stamp, staged_id) {
             if DirId::of(&placed) == Some(id) {
