@@ -236,3 +236,140 @@ fn a_copy_of_many_directories_keeps_every_mode_time_and_content() {
         }
     }
 }
+
+/// The last layer's diff ID of `image`, from its saved archive's manifest.
+fn last_layer(d: &Daemon, image: &str) -> String {
+    let dir = tempfile::tempdir().expect("tmp");
+    let archive = dir.path().join("image.tar");
+    d.ok(&[
+        "ctr-img",
+        "save",
+        image,
+        "-o",
+        archive.to_str().expect("utf8"),
+    ]);
+    let mut a = tar::Archive::new(std::fs::File::open(&archive).expect("archive"));
+    for e in a.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        if e.path().expect("path").to_string_lossy() == "manifest.json" {
+            let m: serde_json::Value = serde_json::from_reader(&mut e).expect("manifest");
+            let layers = m[0]["Layers"].as_array().expect("layers");
+            return layers
+                .last()
+                .and_then(|l| l.as_str())
+                .expect("a layer")
+                .to_string();
+        }
+    }
+    panic!("no manifest.json in the archive of {image}");
+}
+
+/// A COPY whose destination is a top-level name the layers below lack writes its step's
+/// upper directory directly, without the overlay: its layer is byte for byte the one the
+/// overlay path makes (the same COPY with `--chown=0:0`, which the direct path leaves to
+/// the overlay, is the control), a RUN after it sees its files, and a destination the
+/// base has, one a WORKDIR made, or one with ".." still goes through the overlay.
+#[test]
+fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let d = Daemon::start_with(&["--log-level", "debug"]);
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = tempfile::tempdir().expect("ctx");
+    let c = ctx.path();
+    write(
+        c,
+        &[
+            ("a", "hello\n"),
+            ("d/e/f", "x\n"),
+            ("d/deep/er/g", "y\n"),
+            ("skip.txt", "ignored\n"),
+            (".dockerignore", "skip.txt\n"),
+            (&format!("d/{}", "n".repeat(120)), "long\n"),
+        ],
+    );
+    std::fs::create_dir_all(c.join("emptyd")).expect("dir");
+    std::fs::set_permissions(c.join("d/e/f"), std::fs::Permissions::from_mode(0o4755))
+        .expect("chmod");
+    std::fs::set_permissions(c.join("d/deep"), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    std::os::unix::fs::symlink("../a", c.join("d/link")).expect("symlink");
+    std::fs::hard_link(c.join("a"), c.join("hard")).expect("link");
+    let direct_lines = |d: &Daemon| d.log().matches("COPY writes its upper directly").count();
+    // The Dockerfile outside the context, which the builds compare.
+    let df_dir = tempfile::tempdir().expect("df dir");
+    let df_path = df_dir.path().join("Dockerfile");
+    let build = |df: &str, tag: &str| -> usize {
+        std::fs::write(&df_path, df).expect("df");
+        let before = direct_lines(&d);
+        d.ok(&[
+            "ctr-img",
+            "build",
+            "--no-cache",
+            "-f",
+            df_path.to_str().expect("utf8"),
+            "--build-arg",
+            "SOURCE_DATE_EPOCH=1000",
+            "-t",
+            tag,
+            c.to_str().expect("utf8"),
+        ]);
+        direct_lines(&d) - before
+    };
+    // A base whose /opt differs from what a fresh directory would be (mode and owner).
+    build(
+        "FROM busybox\nRUN mkdir -m 0750 /opt && chown 5:6 /opt\n",
+        "base:1",
+    );
+    for (from, dest) in [
+        ("busybox", "/app/"),
+        ("busybox", "/new/dir/"),
+        ("busybox", "app"),
+    ] {
+        let direct = build(&format!("FROM {from}\nCOPY . {dest}\n"), "direct:1");
+        let through = build(
+            &format!("FROM {from}\nCOPY --chown=0:0 . {dest}\n"),
+            "overlay:1",
+        );
+        assert_eq!((direct, through), (1, 0), "{dest}: the paths taken");
+        assert_eq!(
+            last_layer(&d, "direct:1"),
+            last_layer(&d, "overlay:1"),
+            "{dest}: the layers differ"
+        );
+    }
+    let files = d.image_files("direct:1");
+    assert_eq!(files["app/d/e/f"].mode & 0o7777, 0o4755);
+    assert!(!files.contains_key("app/skip.txt"));
+    // The next step's overlay has the directly written snapshot below it.
+    assert_eq!(
+        build(
+            "FROM busybox\nCOPY . /app/\nRUN cat /app/d/link /app/hard > /seen\n",
+            "run:1"
+        ),
+        1
+    );
+    assert_eq!(
+        d.image_text("run:1", "seen").as_deref(),
+        Some("hello\nhello")
+    );
+    // Names a layer below has, or may climb to: the overlay.
+    for df in [
+        "FROM busybox\nCOPY . /bin/x/\n",
+        "FROM busybox\nWORKDIR /w\nCOPY . .\n",
+        "FROM busybox\nCOPY a /z/../q\n",
+        "FROM busybox\nRUN mkdir /m\nCOPY . /m/\n",
+        "FROM base:1\nCOPY . /opt/x/\n",
+    ] {
+        assert_eq!(build(df, "other:1"), 0, "{df}");
+    }
+    // The base's /opt, copied up as it was.
+    let files = d.image_files("other:1");
+    let opt = &files["opt"];
+    assert_eq!((opt.mode & 0o7777, opt.uid, opt.gid), (0o750, 5, 6));
+    assert_eq!(
+        String::from_utf8_lossy(&files["opt/x/a"].content),
+        "hello\n"
+    );
+}

@@ -168,7 +168,12 @@ impl StageRun<'_, '_> {
         };
         let mut c = c;
         c.sources = locals;
-        self.mount_step()?;
+        if self.copies_to_a_new_name(&c, is_add)? {
+            tracing::debug!(dest = %c.dest, "COPY writes its upper directly (a new top-level name)");
+            self.stage_upper_direct()?;
+        } else {
+            self.mount_step()?;
+        }
         let t = std::time::Instant::now();
         let phase = isula_store::phase::Phase::start("copy: the files");
         let (copied, key) = match key {
@@ -235,16 +240,7 @@ impl StageRun<'_, '_> {
                     })?,
             ),
         };
-        let dest = if c.dest.starts_with('/') {
-            c.dest.clone()
-        } else {
-            let joined = format!("/{cwd}/{}", c.dest);
-            let mut d = clean(&joined);
-            if c.dest.ends_with('/') || c.dest == "." || c.dest.ends_with("/.") {
-                d.push('/');
-            }
-            d
-        };
+        let dest = copy_dest(&cwd, &c.dest);
         let opts = CopyOptions {
             owner,
             chmod,
@@ -347,8 +343,7 @@ impl StageRun<'_, '_> {
                     .opts
                     .synced_context
                     .then_some(self.opts.context.as_path());
-                let mut reuse =
-                    crate::reuse::Reuse::new(&hashes, old, &self.dir.join("rootfs"), synced);
+                let mut reuse = crate::reuse::Reuse::new(&hashes, old, root.path(), synced);
                 copy::copy(&src, &c.sources, root, &dest, &opts, Some(&mut reuse))
                     .map_err(|e| step_err(n, step, e))?;
                 let plan = reuse.into_plan();
@@ -393,6 +388,49 @@ impl StageRun<'_, '_> {
 }
 
 impl StageRun<'_, '_> {
+    /// Whether this COPY may write its step's upper directory directly instead of through
+    /// the overlay (a file made through overlayfs costs about twice what it costs on the
+    /// upper's own file system: 1.5 s against 0.9 s for 20,000 files here). It may when
+    /// all it makes lies under a top-level name that no layer below has (no file,
+    /// directory, symlink or whiteout of that name in the base or in this stage's
+    /// snapshots): the merged view there is then the upper's own entries, with nothing to
+    /// copy up, hide or follow, and the upper comes out as the overlay would leave it.
+    /// Only sources from the build context qualify, without --chown (its names are looked
+    /// up in the rootfs's /etc/passwd), --link, --parents or heredocs, and never with ".."
+    /// in the destination (which could climb back into a name the base has).
+    fn copies_to_a_new_name(
+        &mut self,
+        c: &isula_dockerfile::instructions::CopyArgs,
+        is_add: bool,
+    ) -> Result<bool, BuildError> {
+        if is_add
+            || c.from.is_some()
+            || c.chown.is_some()
+            || c.link
+            || c.parents
+            || !c.heredocs.is_empty()
+            || c.sources.is_empty()
+        {
+            return Ok(false);
+        }
+        let dest = copy_dest(&self.working_dir(), &c.dest);
+        let mut parts = dest.split('/').filter(|p| !p.is_empty() && *p != ".");
+        if dest.split('/').any(|p| p == "..") {
+            return Ok(false);
+        }
+        let Some(top) = parts.next() else {
+            return Ok(false);
+        };
+        self.fetch_pending()?;
+        for lower in self.snaps.iter().map(|s| &s.dir).chain(&self.base_lowers) {
+            match std::fs::symlink_metadata(lower.join(top)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// The content key of what `sources` (less `excludes`) select in the filesystem of a
     /// stage or image: paths, types, modes, owners, link targets and file contents, never
     /// times. Taken once per selection of the same layers (the cache keeps it by their
@@ -453,6 +491,20 @@ impl StageRun<'_, '_> {
 }
 
 /// `--exclude` patterns as one matcher (the .dockerignore rules, `!` exceptions too).
+/// COPY's destination `dest` as an absolute path, a relative one taken from the working
+/// directory `cwd` (a trailing "/" or "." keeps saying "a directory").
+fn copy_dest(cwd: &str, dest: &str) -> String {
+    if dest.starts_with('/') {
+        return dest.to_string();
+    }
+    let joined = format!("/{cwd}/{dest}");
+    let mut d = clean(&joined);
+    if dest.ends_with('/') || dest == "." || dest.ends_with("/.") {
+        d.push('/');
+    }
+    d
+}
+
 fn exclude_matcher(patterns: &[String]) -> Result<Option<Matcher>, String> {
     if patterns.is_empty() {
         return Ok(None);

@@ -66,6 +66,17 @@ impl StageRun<'_, '_> {
         Ok(())
     }
 
+    /// For a COPY that only makes new top-level names (`copies_to_a_new_name`): a fresh
+    /// upper directory as the step's rootfs, written directly, with no overlay mounted.
+    /// [`StageRun::finish_step`] keeps it as it keeps a mounted step's upper.
+    pub(super) fn stage_upper_direct(&mut self) -> Result<(), BuildError> {
+        let upper = self.ctx.store.stage_layer()?;
+        self.rootfs =
+            Some(Root::open(&upper.diff_dir()).map_err(|e| BuildError::Invalid(e.to_string()))?);
+        self.upper = Some(upper);
+        Ok(())
+    }
+
     /// Unmounts after a step and keeps its changes: as a cache snapshot recorded under
     /// `key`, or (cache off) as a staged directory for this build only.
     pub(super) fn finish_step(
