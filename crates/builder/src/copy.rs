@@ -538,6 +538,7 @@ pub fn copy(
                 opts,
                 reuse.as_deref_mut(),
                 &files,
+                false,
             )?;
         } else if opts.extract && kind == FileType::RegularFile && is_archive(fd.as_fd()) {
             let dfd = ensure_dir(rootfs, dest, opts, None)?;
@@ -568,7 +569,7 @@ pub fn copy(
                 opts,
                 reuse.as_deref_mut(),
                 &files,
-                (files.lane(), None),
+                (files.lane(), None, false),
             )?;
         }
         // A later source may write the same names.
@@ -648,6 +649,7 @@ fn copy_with_parents(
                     opts,
                     reuse.as_deref_mut(),
                     files,
+                    false,
                 )?;
                 files.finish()?;
                 continue;
@@ -667,7 +669,7 @@ fn copy_with_parents(
                 opts,
                 reuse.as_deref_mut(),
                 files,
-                (files.lane(), None),
+                (files.lane(), None, false),
             )?;
             files.finish()?;
         }
@@ -840,6 +842,10 @@ fn holds_selected(src: &Source<'_>, rel: &str, dir: BorrowedFd<'_>) -> R<bool> {
     Ok(found)
 }
 
+/// Copies the entries of source directory `dir` into `dest`. `fresh`: `dest` was just made
+/// by this copy for this one source directory, so it holds nothing the entries could meet
+/// (the names of one listing are distinct), and no entry is looked for before it is made.
+#[allow(clippy::too_many_arguments)]
 fn copy_dir_contents(
     src: &Source<'_>,
     rel: &str,
@@ -848,6 +854,7 @@ fn copy_dir_contents(
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
     files: &Files,
+    fresh: bool,
 ) -> R<()> {
     let dest = shared_dir(dest)?;
     let from = shared_dir(dir.as_fd())?;
@@ -863,7 +870,7 @@ fn copy_dir_contents(
             opts,
             reuse.as_deref_mut(),
             files,
-            (lane, Some(&from)),
+            (lane, Some(&from), fresh),
         )
     })
 }
@@ -879,7 +886,7 @@ fn copy_entry(
     opts: &CopyOptions,
     mut reuse: Option<&mut crate::reuse::Reuse<'_>>,
     files: &Files,
-    (lane, from): (usize, Option<&std::sync::Arc<OwnedFd>>),
+    (lane, from, fresh_parent): (usize, Option<&std::sync::Arc<OwnedFd>>, bool),
 ) -> R<()> {
     let pdir = shared_pdir.as_fd();
     let kind = FileType::from_raw_mode(st.st_mode);
@@ -887,9 +894,13 @@ fn copy_entry(
         return Ok(());
     }
     if let Some(r) = reuse.as_deref_mut() {
-        r.unplan(pdir, name);
+        r.unplan(shared_pdir, name);
     }
-    let existing = rooted::lstat(pdir, name).map_err(|e| e.to_string())?;
+    let existing = if fresh_parent {
+        None
+    } else {
+        rooted::lstat(pdir, name).map_err(|e| e.to_string())?
+    };
     if let Some(ex) = &existing {
         if !(kind == FileType::Directory && rooted::is_dir(ex)) {
             rooted::remove_all(pdir, name).map_err(|e| e.to_string())?;
@@ -938,7 +949,8 @@ fn copy_entry(
                 Mode::empty(),
             )
             .map_err(|e| e.to_string())?;
-            copy_dir_contents(src, rel, &dir, sub.as_fd(), opts, reuse, files)?;
+            let made = existing.is_none();
+            copy_dir_contents(src, rel, &dir, sub.as_fd(), opts, reuse, files, made)?;
             // Its metadata once nothing more is made in it.
             files.dir_done(DirMeta {
                 parent: shared_pdir.clone(),
@@ -949,8 +961,8 @@ fn copy_entry(
             })?;
         }
         FileType::RegularFile => {
-            let linked_later =
-                reuse.is_some_and(|r| r.plan_file(rel, st, pdir, name, mode, (uid, gid), mtime));
+            let linked_later = reuse
+                .is_some_and(|r| r.plan_file(rel, st, shared_pdir, name, mode, (uid, gid), mtime));
             if linked_later {
                 // The previous version's file takes this place once the step is unmounted.
                 return Ok(());

@@ -21,9 +21,10 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The note beside a COPY snapshot's diff.
 pub const NOTE: &str = "copied.json";
@@ -50,6 +51,9 @@ pub struct Reuse<'a> {
     context: Option<Root>,
     /// The step's rootfs mount (its real path), to name destinations in the upper directory.
     mount: PathBuf,
+    /// The destination directory last named, and its path under `mount` (None: not under
+    /// it): a directory's files come one after another, so it is asked of the kernel once.
+    last_dir: Option<(Arc<OwnedFd>, Option<PathBuf>)>,
     plan: Plan,
 }
 
@@ -94,20 +98,29 @@ impl<'a> Reuse<'a> {
             old,
             context: context.and_then(|c| Root::open(c).ok()),
             mount: std::fs::canonicalize(mount).unwrap_or_else(|_| mount.to_path_buf()),
+            last_dir: None,
             plan: Plan::default(),
         }
     }
 
-    /// The destination of `name` in `pdir`, relative to the rootfs (asked of the kernel
-    /// each time: inode numbers in an overlay are no safe key).
-    fn dest_rel(&self, pdir: BorrowedFd<'_>, name: &OsStr) -> Option<String> {
-        let dir = std::fs::read_link(format!("/proc/self/fd/{}", pdir.as_raw_fd())).ok()?;
-        let joined = dir.strip_prefix(&self.mount).ok()?.join(name);
-        Some(joined.to_str()?.to_string())
+    /// The destination of `name` in `pdir`, relative to the rootfs: the directory's path is
+    /// asked of the kernel (inode numbers in an overlay are no safe key), once per handle.
+    /// The handle is held while it is the last one asked about, so its number cannot name
+    /// another directory meanwhile; and the copy renames no directory.
+    fn dest_rel(&mut self, pdir: &Arc<OwnedFd>, name: &OsStr) -> Option<String> {
+        let known = matches!(&self.last_dir, Some((d, _)) if Arc::ptr_eq(d, pdir));
+        if !known {
+            let dir = std::fs::read_link(format!("/proc/self/fd/{}", pdir.as_raw_fd()))
+                .ok()
+                .and_then(|d| d.strip_prefix(&self.mount).ok().map(Path::to_path_buf));
+            self.last_dir = Some((pdir.clone(), dir));
+        }
+        let dir = self.last_dir.as_ref()?.1.as_ref()?;
+        Some(dir.join(name).to_str()?.to_string())
     }
 
     /// Something else is written at `name` in `pdir`: a link planned there is dropped.
-    pub(crate) fn unplan(&mut self, pdir: BorrowedFd<'_>, name: &OsStr) {
+    pub(crate) fn unplan(&mut self, pdir: &Arc<OwnedFd>, name: &OsStr) {
         if self.plan.links.is_empty() {
             return;
         }
@@ -125,7 +138,7 @@ impl<'a> Reuse<'a> {
         &mut self,
         src_rel: &str,
         st: &rustix::fs::Stat,
-        pdir: BorrowedFd<'_>,
+        pdir: &Arc<OwnedFd>,
         name: &OsStr,
         mode: u32,
         owner: (u32, u32),
