@@ -125,8 +125,16 @@ impl<'a> Reuse<'a> {
             return;
         }
         if let Some(dest) = self.dest_rel(pdir, name) {
-            self.plan.links.remove(&dest);
-            self.plan.facts.remove(&dest);
+            // And whatever was planned below it: a directory replaced by a later source's
+            // file takes its planned links with it (they would be made in a directory that
+            // is no longer there).
+            let under = format!("{dest}/");
+            let mut below = keys_under(&self.plan.facts, &under);
+            below.extend(keys_under(&self.plan.links, &under));
+            for k in below.iter().chain([&dest]) {
+                self.plan.links.remove(k);
+                self.plan.facts.remove(k);
+            }
         }
     }
 
@@ -194,6 +202,15 @@ impl<'a> Reuse<'a> {
         self.plan.context = self.context;
         self.plan
     }
+}
+
+/// The keys of `map` that start with `prefix` (they sort together).
+fn keys_under<V>(map: &BTreeMap<String, V>, prefix: &str) -> Vec<String> {
+    map.range(prefix.to_string()..)
+        .map(|(k, _)| k)
+        .take_while(|k| k.starts_with(prefix))
+        .cloned()
+        .collect()
 }
 
 /// The inode (device, inode) of the regular file of `size` bytes the old snapshot still

@@ -8,6 +8,7 @@
 use isula_integration::*;
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 
 /// The image's files: path → (mode, content).
 fn image_files(d: &Daemon, image: &str) -> BTreeMap<String, (u32, String)> {
@@ -237,6 +238,19 @@ fn a_copy_of_many_directories_keeps_every_mode_time_and_content() {
     }
 }
 
+/// Every entry under `root` (not `root` itself), symlinks not followed.
+fn walk(root: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() && !p.is_symlink() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
 /// The last layer's diff ID of `image`, from its saved archive's manifest.
 fn last_layer(d: &Daemon, image: &str) -> String {
     let dir = tempfile::tempdir().expect("tmp");
@@ -296,6 +310,18 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
         .expect("chmod");
     std::os::unix::fs::symlink("../a", c.join("d/link")).expect("symlink");
     std::fs::hard_link(c.join("a"), c.join("hard")).expect("link");
+    // Times before the builds' SOURCE_DATE_EPOCH, so that the clamp keeps them and the
+    // layers compare them too (files, then directories deepest first).
+    let mut entries: Vec<PathBuf> = walk(c);
+    entries.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for (i, p) in entries.iter().enumerate() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(100 + i as u64);
+        if !p.is_symlink() {
+            std::fs::File::open(p)
+                .and_then(|f| f.set_times(std::fs::FileTimes::new().set_modified(t)))
+                .expect("times");
+        }
+    }
     let direct_lines = |d: &Daemon| d.log().matches("COPY writes its upper directly").count();
     // The Dockerfile outside the context, which the builds compare.
     let df_dir = tempfile::tempdir().expect("df dir");
@@ -322,25 +348,39 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
         "FROM busybox\nRUN mkdir -m 0750 /opt && chown 5:6 /opt\n",
         "base:1",
     );
-    for (from, dest) in [
-        ("busybox", "/app/"),
-        ("busybox", "/new/dir/"),
-        ("busybox", "app"),
+    // Each COPY (FROM, flags, sources and destination) straight into the upper, and
+    // through the overlay (`--chown=0:0`, the owner it gets anyway, keeps it there).
+    for (from, copy) in [
+        ("busybox", ". /app/"),
+        ("busybox", ". /new/dir/"),
+        ("busybox", ". app"),
+        ("base:1", ". /app/"),
+        ("scratch", ". /x/"),
+        ("busybox", "--chmod=640 . /app/"),
+        ("busybox", "--exclude=d/deep . /app/"),
+        ("busybox", "a d* emptyd /multi/"),
+        ("busybox", "a /single"),
     ] {
-        let direct = build(&format!("FROM {from}\nCOPY . {dest}\n"), "direct:1");
+        let direct = build(&format!("FROM {from}\nCOPY {copy}\n"), "direct:1");
         let through = build(
-            &format!("FROM {from}\nCOPY --chown=0:0 . {dest}\n"),
+            &format!("FROM {from}\nCOPY --chown=0:0 {copy}\n"),
             "overlay:1",
         );
-        assert_eq!((direct, through), (1, 0), "{dest}: the paths taken");
+        assert_eq!((direct, through), (1, 0), "{from} {copy}: the paths taken");
         assert_eq!(
             last_layer(&d, "direct:1"),
             last_layer(&d, "overlay:1"),
-            "{dest}: the layers differ"
+            "{from} {copy}: the layers differ"
         );
     }
+    build("FROM busybox\nCOPY . /app/\n", "direct:1");
     let files = d.image_files("direct:1");
     assert_eq!(files["app/d/e/f"].mode & 0o7777, 0o4755);
+    assert_eq!(files["app/d/deep"].mode & 0o7777, 0o700);
+    assert!(
+        files["app/d/e/f"].mtime < 1000,
+        "the context's times were kept"
+    );
     assert!(!files.contains_key("app/skip.txt"));
     // The next step's overlay has the directly written snapshot below it.
     assert_eq!(
@@ -372,4 +412,39 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
         String::from_utf8_lossy(&files["opt/x/a"].content),
         "hello\n"
     );
+}
+
+/// A COPY of several sources whose later source replaces a directory an earlier one made
+/// with a file, when the earlier one's files are planned as links to the previous version
+/// of the step (unchanged files are linked, not copied): the links planned below the
+/// replaced directory go with it (they were left planned, and the build failed with "Not a
+/// directory" when they were made).
+#[test]
+fn a_later_source_replacing_a_directory_drops_the_links_planned_in_it() {
+    let Some((d, ctx)) = daemon_and_context() else {
+        return;
+    };
+    let c = ctx.path();
+    write(
+        c,
+        &[
+            ("s1/sub/f", "f\n"),
+            ("s2/other", "o\n"),
+            ("Dockerfile", "FROM busybox\nCOPY s1/ s2/ /t/\n"),
+        ],
+    );
+    let dir = c.to_str().expect("utf8");
+    d.ok(&["ctr-img", "build", "-t", "u:1", dir]);
+    assert_eq!(d.image_text("u:1", "t/sub/f").as_deref(), Some("f"));
+    // The step again (same instruction): t/sub/f is unchanged, so it is planned as a link,
+    // and then s2's file "sub" takes the directory's place.
+    write(c, &[("s2/sub", "now a file\n")]);
+    d.ok(&["ctr-img", "build", "-t", "u:2", dir]);
+    let files = d.image_files("u:2");
+    assert_eq!(
+        String::from_utf8_lossy(&files["t/sub"].content),
+        "now a file\n"
+    );
+    assert!(!files.contains_key("t/sub/f"));
+    assert_eq!(d.image_text("u:2", "t/other").as_deref(), Some("o"));
 }

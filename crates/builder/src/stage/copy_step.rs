@@ -394,7 +394,9 @@ impl StageRun<'_, '_> {
     /// all it makes lies under a top-level name that no layer below has (no file,
     /// directory, symlink or whiteout of that name in the base or in this stage's
     /// snapshots): the merged view there is then the upper's own entries, with nothing to
-    /// copy up, hide or follow, and the upper comes out as the overlay would leave it.
+    /// copy up, hide or follow, and the upper's files come out as the overlay would leave
+    /// them (the layer's tar is the same byte for byte; only the overlay's own marks on the
+    /// upper's root, such as its uuid, which no tar carries, are missing).
     /// Only sources from the build context qualify, without --chown (its names are looked
     /// up in the rootfs's /etc/passwd), --link, --parents or heredocs, and never with ".."
     /// in the destination (which could climb back into a name the base has).
@@ -423,8 +425,20 @@ impl StageRun<'_, '_> {
         };
         self.fetch_pending()?;
         for lower in self.snaps.iter().map(|s| &s.dir).chain(&self.base_lowers) {
-            match std::fs::symlink_metadata(lower.join(top)) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // A lower that cannot be opened as a directory (which the mount would refuse)
+            // is left to the overlay path, which says what is wrong with it.
+            let Ok(dir) = rustix::fs::open(
+                lower,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) else {
+                return Ok(false);
+            };
+            match isula_sys::rooted::lstat(
+                std::os::fd::AsFd::as_fd(&dir),
+                std::ffi::OsStr::new(top),
+            ) {
+                Ok(None) => {}
                 _ => return Ok(false),
             }
         }
@@ -490,7 +504,6 @@ impl StageRun<'_, '_> {
     }
 }
 
-/// `--exclude` patterns as one matcher (the .dockerignore rules, `!` exceptions too).
 /// COPY's destination `dest` as an absolute path, a relative one taken from the working
 /// directory `cwd` (a trailing "/" or "." keeps saying "a directory").
 fn copy_dest(cwd: &str, dest: &str) -> String {
@@ -505,6 +518,7 @@ fn copy_dest(cwd: &str, dest: &str) -> String {
     d
 }
 
+/// `--exclude` patterns as one matcher (the .dockerignore rules, `!` exceptions too).
 fn exclude_matcher(patterns: &[String]) -> Result<Option<Matcher>, String> {
     if patterns.is_empty() {
         return Ok(None);
