@@ -11,6 +11,8 @@ use std::time::Duration;
 pub struct Ext4 {
     image: PathBuf,
     mount: PathBuf,
+    /// The tmpfs the image lives on ([`Ext4::cramped`]), unmounted last.
+    tmpfs: Option<PathBuf>,
     _dir: tempfile::TempDir,
     /// The loop device it is mounted from (a new one at each mount: were the old one's
     /// shut-down superblock still held by anything, `mount -o loop` would reuse it).
@@ -52,9 +54,45 @@ impl Ext4 {
         let mut fs = Ext4 {
             image,
             mount,
+            tmpfs: None,
             _dir: dir,
             device: None,
         };
+        fs.mount();
+        fs
+    }
+
+    /// A disk that fails under the store: an ext4 file system of `size_mib` whose image
+    /// lives on a tmpfs of only `room_mib`, so that writing back more than that fails in
+    /// the loop device (EIO), as a failing disk's writes do.
+    pub fn cramped(room_mib: u64, size_mib: u64) -> Ext4 {
+        let dir = tempfile::Builder::new()
+            .prefix("isula-cramped-")
+            .tempdir()
+            .expect("tempdir");
+        let tmpfs = dir.path().join("backing");
+        let mount = dir.path().join("mnt");
+        for d in [&tmpfs, &mount] {
+            std::fs::create_dir(d).expect("dir");
+        }
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={room_mib}m"), "tmpfs"])
+            .arg(&tmpfs));
+        let image = tmpfs.join("fs.img");
+        let mut fs = Ext4 {
+            image: image.clone(),
+            mount,
+            tmpfs: Some(tmpfs),
+            _dir: dir,
+            device: None,
+        };
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .expect("image");
+        // The journal and inode tables are not written out at once: they would not fit.
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(&image));
         fs.mount();
         fs
     }
@@ -139,6 +177,9 @@ impl Drop for Ext4 {
         } else if let Some(device) = &self.device {
             let _ = rustix::mount::unmount(&self.mount, rustix::mount::UnmountFlags::DETACH);
             let _ = Command::new("losetup").args(["-d", device]).output();
+        }
+        if let Some(t) = &self.tmpfs {
+            let _ = rustix::mount::unmount(t, rustix::mount::UnmountFlags::DETACH);
         }
     }
 }

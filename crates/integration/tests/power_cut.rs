@@ -779,3 +779,38 @@ fn check_store_repairs_a_layer_emptied_behind_its_back() {
     );
     let _ = id;
 }
+
+/// A disk that fails under the store (the writeback of what an import writes fails in the
+/// loop device: its image is on a tmpfs too small for it): the import fails with the
+/// error, names nothing, and the daemon goes on answering. The control: the same import
+/// on a file system with room succeeds.
+#[test]
+fn an_import_whose_writeback_fails_says_so_and_names_nothing() {
+    if !powercut::available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    // 40 MiB of noise (incompressible) in a busybox rootfs.
+    let rootfs = busybox_rootfs(&[("big", &bytes(7, 40 << 20))]);
+    let archive = write(dir.path(), "rootfs.tar", &rootfs);
+    // Big enough for the daemon's free-space floor (min_free_space, 256 MiB).
+    let roomy = Ext4::cramped(512, 1024);
+    let d = powercut::daemon_on(&roomy, &[], &[]);
+    d.ok(&["ctr-img", "import", &archive, "big:1"]);
+    drop(d);
+    drop(roomy);
+    // 40 MiB for a file system whose import writes the 40 MiB tar and its 40 MiB of files.
+    let fs = Ext4::cramped(40, 1024);
+    let d = powercut::daemon_on(&fs, &[], &[]);
+    let err = d.fails(&["ctr-img", "import", &archive, "big:1"]);
+    assert!(
+        err.contains("Input/output error") || err.contains("No space left"),
+        "{err}"
+    );
+    assert!(
+        !d.images().iter().any(|(name, _, _)| name.contains("big")),
+        "{:?}",
+        d.images()
+    );
+    d.ok(&["ctr-img", "images"]);
+}
