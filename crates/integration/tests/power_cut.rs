@@ -814,3 +814,53 @@ fn an_import_whose_writeback_fails_says_so_and_names_nothing() {
     );
     d.ok(&["ctr-img", "images"]);
 }
+
+/// Writes `mib` MiB of non-zero bytes to `path`, without syncing them.
+fn write_unsynced(path: &Path, mib: usize) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create");
+    let piece: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    for _ in 0..mib {
+        f.write_all(&piece).expect("write (into the page cache)");
+    }
+}
+
+/// `FsSync`, through which the store makes a layer directory durable (one syncfs through a
+/// handle opened before anything was written there), reports a real failed writeback: to
+/// every handle opened before it, once, and never to one opened after it, which is why
+/// the store opens its handle first.
+#[test]
+fn a_writeback_error_fails_every_handle_opened_before_it_and_only_those() {
+    if !powercut::available() {
+        return;
+    }
+    // 24 MiB of room under a 128 MiB file system.
+    let fs = Ext4::cramped(24, 128);
+    let early = isula_sys::FsSync::open(fs.path()).expect("handle before the writes");
+    let other = isula_sys::FsSync::open(fs.path()).expect("a second early handle");
+    // The control: what fits is written back, and the handle says so.
+    write_unsynced(&fs.path().join("small"), 1);
+    early.sync().expect("a writeback that fits succeeds");
+    // 48 MiB cannot fit: its writeback fails in the loop device.
+    write_unsynced(&fs.path().join("big"), 48);
+    assert!(
+        other.sync().is_err(),
+        "the writeback of 48 MiB into 24 MiB of room did not fail: the test cannot tell"
+    );
+    // Opened after the error: the kernel sampled the error sequence then.
+    let late = isula_sys::FsSync::open(fs.path()).expect("handle after the error");
+    // The early handle still reports it (another handle's sync did not take it away) ...
+    let text = early
+        .sync()
+        .expect_err("a handle opened before the writes must report their failed writeback")
+        .to_string();
+    assert!(text.contains("syncfs"), "{text}");
+    assert!(
+        text.contains(&fs.path().display().to_string()),
+        "the error names the file system's directory: {text}"
+    );
+    // ... once; a handle opened after it never sees it.
+    early.sync().expect("reported once");
+    late.sync()
+        .expect("a handle opened after the error does not see it");
+}
