@@ -903,6 +903,9 @@ fn copy_entry(
     };
     if let Some(ex) = &existing {
         if !(kind == FileType::Directory && rooted::is_dir(ex)) {
+            if let (Some(r), true) = (reuse.as_deref_mut(), rooted::is_dir(ex)) {
+                r.unplan_below(shared_pdir, name);
+            }
             rooted::remove_all(pdir, name).map_err(|e| e.to_string())?;
         }
     }

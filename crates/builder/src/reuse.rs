@@ -125,13 +125,24 @@ impl<'a> Reuse<'a> {
             return;
         }
         if let Some(dest) = self.dest_rel(pdir, name) {
-            // And whatever was planned below it: a directory replaced by a later source's
-            // file takes its planned links with it (they would be made in a directory that
-            // is no longer there).
+            self.plan.links.remove(&dest);
+            self.plan.facts.remove(&dest);
+        }
+    }
+
+    /// The directory at `name` in `pdir` is about to be removed (a later source writes
+    /// something else there): what was planned below it goes with it (its links would be
+    /// made in a directory that is no longer there). Not for a directory a later source's
+    /// directory merges into: what is planned in it stays.
+    pub(crate) fn unplan_below(&mut self, pdir: &Arc<OwnedFd>, name: &OsStr) {
+        if self.plan.links.is_empty() && self.plan.facts.is_empty() {
+            return;
+        }
+        if let Some(dest) = self.dest_rel(pdir, name) {
             let under = format!("{dest}/");
             let mut below = keys_under(&self.plan.facts, &under);
             below.extend(keys_under(&self.plan.links, &under));
-            for k in below.iter().chain([&dest]) {
+            for k in &below {
                 self.plan.links.remove(k);
                 self.plan.facts.remove(k);
             }

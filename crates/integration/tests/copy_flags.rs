@@ -414,13 +414,13 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
     );
 }
 
-/// A COPY of several sources whose later source replaces a directory an earlier one made
-/// with a file, when the earlier one's files are planned as links to the previous version
-/// of the step (unchanged files are linked, not copied): the links planned below the
-/// replaced directory go with it (they were left planned, and the build failed with "Not a
-/// directory" when they were made).
+/// A COPY of several sources whose earlier source's files are planned as links to the
+/// previous version of the step (unchanged files are linked, not copied): a later source's
+/// directory merging into one of its directories keeps the links planned there; a later
+/// source's file replacing it drops them with it (they were left planned, and the build
+/// failed with "Not a directory" when they were made).
 #[test]
-fn a_later_source_replacing_a_directory_drops_the_links_planned_in_it() {
+fn a_later_source_merging_into_or_replacing_a_directory_keeps_or_drops_its_links() {
     let Some((d, ctx)) = daemon_and_context() else {
         return;
     };
@@ -437,7 +437,13 @@ fn a_later_source_replacing_a_directory_drops_the_links_planned_in_it() {
     d.ok(&["ctr-img", "build", "-t", "u:1", dir]);
     assert_eq!(d.image_text("u:1", "t/sub/f").as_deref(), Some("f"));
     // The step again (same instruction): t/sub/f is unchanged, so it is planned as a link,
-    // and then s2's file "sub" takes the directory's place.
+    // and s2's directory "sub" merges into t/sub: the link stays planned and is made.
+    write(c, &[("s2/sub/g", "g\n")]);
+    d.ok(&["ctr-img", "build", "-t", "u:merged", dir]);
+    assert_eq!(d.image_text("u:merged", "t/sub/f").as_deref(), Some("f"));
+    assert_eq!(d.image_text("u:merged", "t/sub/g").as_deref(), Some("g"));
+    // And again, s2's "sub" now a file that takes the directory's place.
+    std::fs::remove_dir_all(c.join("s2/sub")).expect("rm");
     write(c, &[("s2/sub", "now a file\n")]);
     d.ok(&["ctr-img", "build", "-t", "u:2", dir]);
     let files = d.image_files("u:2");
