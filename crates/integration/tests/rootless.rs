@@ -43,13 +43,16 @@ fn needs() -> bool {
 
 const STATIC: &str = "build-time=2020-01-01 00:00:00";
 
-/// RUN (a whiteout and an opaque directory among its changes), COPY --chown, RUN --mount
-/// of the cache, bind and tmpfs kinds, --network=none, and a second stage copying from
-/// the first.
+/// RUN (a whiteout and an opaque directory among its changes), COPY --chown, a COPY to a
+/// new top-level name (written to its upper directly, between two overlay steps), RUN
+/// --mount of the cache, bind and tmpfs kinds, --network=none, and a second stage copying
+/// from the first.
 const DOCKERFILE: &str = "FROM busybox AS base
 RUN echo hi > /hello && mkdir -p /srv/data /opq/old && chown 1000:1000 /srv/data && rm -f /bin/vi
 RUN rm -rf /opq && mkdir /opq && echo new > /opq/only
 COPY --chown=33:33 app.txt /srv/app.txt
+COPY app.txt /plain/
+RUN cat /plain/app.txt > /plain/seen
 RUN --mount=type=cache,target=/cache,id=rl echo c > /cache/c && cp /cache/c /from-cache
 RUN --mount=type=bind,source=app.txt,target=/mnt/app.txt cat /mnt/app.txt > /srv/copied
 RUN --mount=type=secret,id=tok test \"$(cat /run/secrets/tok)\" = s3cret && echo seen > /secret-seen
@@ -57,6 +60,7 @@ RUN --mount=type=tmpfs,target=/scratch echo t > /scratch/t && cat /scratch/t > /
 RUN --network=none ip link 2>/dev/null | grep -c lo > /links || true
 FROM busybox
 COPY --from=base /srv /srv
+COPY --from=base /plain /plain
 COPY --from=base /opq/only /hello /
 RUN chown -R 2000:3000 /srv/data && ls -ln /srv | awk '{print $3, $4, $NF}' > /listing
 ";
