@@ -298,16 +298,20 @@ fn staged_layers_are_made_under_a_top_directory_on_ext4() {
     assert!(staged.diff_dir().starts_with(dir.path().join("tmp")));
 }
 
-/// Records an image named `name` whose one layer blob is `data` (no layer directory: the
-/// compressor needs the blob alone).
-fn add_blob_image(store: &Store, name: &str, data: &[u8]) -> (ImageId, isula_types::Digest) {
-    let lease = store.lease();
-    let blob = lease.put_blob(store.content(), data).expect("put");
+/// Records an image named `name` of `blobs` and `layers` under `lease` (its config and
+/// manifest are placeholders naming it): the set-up the image tests share.
+fn add_named_image(
+    store: &Store,
+    lease: &isula_store::Lease,
+    name: &str,
+    blobs: Vec<isula_types::Digest>,
+    layers: Vec<LayerRecord>,
+) -> ImageId {
     let config = lease
-        .put_blob(store.content(), format!("config {name}").as_bytes())
+        .put_blob(store.content(), format!("config of {name}").as_bytes())
         .expect("config");
     let manifest = lease
-        .put_blob(store.content(), format!("manifest {name}").as_bytes())
+        .put_blob(store.content(), format!("manifest of {name}").as_bytes())
         .expect("manifest");
     let id = ImageId(config);
     store
@@ -315,12 +319,21 @@ fn add_blob_image(store: &Store, name: &str, data: &[u8]) -> (ImageId, isula_typ
             id: id.clone(),
             manifest,
             manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            blobs: vec![blob.clone()],
-            layers: Vec::new(),
+            blobs,
+            layers,
             created: None,
             names: vec![Reference::parse(name).expect("ref")],
         })
         .expect("add");
+    id
+}
+
+/// Records an image named `name` whose one layer blob is `data` (no layer directory: the
+/// compressor needs the blob alone).
+fn add_blob_image(store: &Store, name: &str, data: &[u8]) -> (ImageId, isula_types::Digest) {
+    let lease = store.lease();
+    let blob = lease.put_blob(store.content(), data).expect("put");
+    let id = add_named_image(store, &lease, name, vec![blob.clone()], Vec::new());
     (id, blob)
 }
 
@@ -840,29 +853,13 @@ fn name_built_layer(
     chain: &ChainId,
     size: u64,
 ) {
-    let blob = diff.0.clone();
-    let config = lease
-        .put_blob(store.content(), format!("config of {name}").as_bytes())
-        .expect("put");
-    let manifest = lease
-        .put_blob(store.content(), format!("manifest of {name}").as_bytes())
-        .expect("put");
-    store
-        .add_image(NewImage {
-            id: ImageId(config),
-            manifest,
-            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            blobs: vec![blob],
-            layers: vec![LayerRecord {
-                chain_id: chain.clone(),
-                diff_id: diff,
-                parent: None,
-                size,
-            }],
-            created: None,
-            names: vec![Reference::parse(name).expect("ref")],
-        })
-        .expect("add");
+    let layer = LayerRecord {
+        chain_id: chain.clone(),
+        diff_id: diff.clone(),
+        parent: None,
+        size,
+    };
+    add_named_image(store, lease, name, vec![diff.0], vec![layer]);
 }
 
 /// A built layer: its tar is hashed, never written; reading the blob makes it again from
