@@ -14,7 +14,6 @@ use crate::error::{Result, StoreError};
 use crate::metadata::{LayerDir, TreeBlob, TreeSource};
 use crate::{Lease, StagedLayer, Store};
 use isula_types::{ChainId, DiffId, Digest};
-use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -31,7 +30,8 @@ use std::sync::{Arc, Mutex};
 /// hashed too.
 #[derive(Default, Clone)]
 pub(crate) struct VouchedTrees {
-    map: Arc<Mutex<HashMap<Digest, Vouched>>>,
+    /// The one record kept: the newest commit's (its blob and what vouches for it).
+    slot: Arc<Mutex<Option<(Digest, Vouched)>>>,
     /// How many built layers' tars were read checked by stamps, and by their hash.
     by_stamps: Arc<AtomicU64>,
     by_hash: Arc<AtomicU64>,
@@ -60,14 +60,17 @@ impl DirId {
 }
 
 impl VouchedTrees {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Vouched>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<(Digest, Vouched)>> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The stamp blob `d`'s files had when hashed, if `dir` (layer `chain`'s) is the
     /// directory that was hashed (and which one that is).
     fn stamp(&self, d: &Digest, chain: &ChainId, dir: &Path) -> Option<(diff::TreeStamp, DirId)> {
-        let v = self.map().get(d).cloned()?;
+        let v = match &*self.slot() {
+            Some((blob, v)) if blob == d => v.clone(),
+            _ => return None,
+        };
         (v.chain == *chain && DirId::of(dir) == Some(v.dir)).then_some((v.stamp, v.dir))
     }
 
@@ -81,9 +84,9 @@ impl VouchedTrees {
         stamp: diff::TreeStamp,
         generation: u64,
     ) {
-        let mut map = self.map();
+        let mut slot = self.slot();
         if self.generation.load(Ordering::SeqCst) == generation {
-            map.insert(d.clone(), Vouched { chain, dir, stamp });
+            *slot = Some((d.clone(), Vouched { chain, dir, stamp }));
         }
     }
 
@@ -102,15 +105,18 @@ impl VouchedTrees {
 
     /// Forgets blob `d`'s stamp (its files changed).
     fn forget(&self, d: &Digest) {
-        self.map().remove(d);
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|(blob, _)| blob == d) {
+            *slot = None;
+        }
     }
 
     /// Forgets every stamp (a new commit's is recorded next). Reads hash again until a
     /// commit records anew.
     pub(crate) fn forget_all(&self) {
-        let mut map = self.map();
+        let mut slot = self.slot();
         self.generation.fetch_add(1, Ordering::SeqCst);
-        map.clear();
+        *slot = None;
     }
 }
 
