@@ -1034,3 +1034,174 @@ fn extract(archive: &OwnedFd, dest: BorrowedFd<'_>) -> R<()> {
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
+
+/// The layer tar of a COPY whose destination lies under a top-level name that nothing
+/// below has (so the step's upper directory would hold exactly what the copy makes), of
+/// one source path `rel` (expanded: [`expand_source`]) with no `--chown`, `--parents` or
+/// archive extraction: the tar a walk of that upper directory makes (see
+/// [`isula_store::diff::LayerTarWriter`]), written without making a file. The copy's rules
+/// are [`copy`]'s: the destination's missing parents are made 0755 and root's, the
+/// destination directory (for a directory source) takes the source's mode, and both have
+/// the time the copy made them (`now`); entries keep their modes (or `--chmod`'s) and
+/// times and become root's; a FIFO of the client's is left out, and its sockets and
+/// device nodes become empty files.
+pub fn copy_to_tar<W: std::io::Write>(
+    src: &Source<'_>,
+    rel: &str,
+    dest: &str,
+    opts: &CopyOptions,
+    now: i64,
+    out: &mut isula_store::diff::LayerTarWriter<W>,
+) -> R<()> {
+    use isula_store::diff::EntryMeta;
+    if opts.owner.is_some() || opts.parents || opts.extract {
+        return Err("a copy with --chown, --parents or extraction makes its files".into());
+    }
+    let src = &src.scoped(rel);
+    let (fd, st) = open_source(src, rel)?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    let comps: Vec<&str> = dest
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    let made = |mode: u32| EntryMeta {
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: now,
+    };
+    let dir_entry = |at: &Path, m: &EntryMeta, out: &mut isula_store::diff::LayerTarWriter<W>| {
+        out.dir(at, m).map_err(|e| format!("{}: {e}", at.display()))
+    };
+    let Some((last, parents)) = comps.split_last() else {
+        return Err(format!("{dest}: the destination names no new directory"));
+    };
+    let mut at = PathBuf::new();
+    for c in parents {
+        at.push(c);
+        dir_entry(&at, &made(0o755), out)?;
+    }
+    at.push(last);
+    if kind == FileType::Directory {
+        // As `ensure_dir`: the source directory's mode (never --chmod's).
+        dir_entry(&at, &made(st.st_mode & 0o7777), out)?;
+        return tar_dir_contents(src, rel, &fd, &at, opts, out);
+    }
+    if dest.ends_with('/') {
+        dir_entry(&at, &made(0o755), out)?;
+        at.push(Path::new(rel).file_name().unwrap_or_default());
+    }
+    let file = || {
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        rustix::fs::open(
+            proc.as_str(),
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map(std::fs::File::from)
+        .map_err(|e| format!("{rel}: {e}"))
+    };
+    tar_entry(src, rel, fd.as_fd(), &st, &at, opts, file, out)
+}
+
+/// [`copy_to_tar`] of the entries of source directory `dir` (at `rel`), as `at/...`.
+fn tar_dir_contents<W: std::io::Write>(
+    src: &Source<'_>,
+    rel: &str,
+    dir: &OwnedFd,
+    at: &Path,
+    opts: &CopyOptions,
+    out: &mut isula_store::diff::LayerTarWriter<W>,
+) -> R<()> {
+    for_each_selected(src, rel, dir.as_fd(), |child_rel, name, fd, st| {
+        // A file is opened by name in its directory, and must still be what the walk saw.
+        let file = || {
+            let f = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| format!("{child_rel}: {e}"))?;
+            let now = stat_fd(f.as_fd())?;
+            if FileType::from_raw_mode(now.st_mode) != FileType::RegularFile
+                || (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
+            {
+                return Err(format!(
+                    "{child_rel}: the source changed while it was copied"
+                ));
+            }
+            Ok(std::fs::File::from(f))
+        };
+        tar_entry(src, child_rel, fd, st, &at.join(name), opts, file, out)
+    })
+}
+
+/// One entry of [`copy_to_tar`] (source `rel`, whose O_PATH handle is `fd`), as `at`;
+/// `open` opens a regular file to read.
+#[allow(clippy::too_many_arguments)]
+fn tar_entry<W: std::io::Write>(
+    src: &Source<'_>,
+    rel: &str,
+    fd: BorrowedFd<'_>,
+    st: &rustix::fs::Stat,
+    at: &Path,
+    opts: &CopyOptions,
+    open: impl FnOnce() -> R<std::fs::File>,
+    out: &mut isula_store::diff::LayerTarWriter<W>,
+) -> R<()> {
+    let kind = FileType::from_raw_mode(st.st_mode);
+    let local = src.local == Some(ClientFiles::Copied);
+    if local && kind == FileType::Fifo {
+        return Ok(());
+    }
+    // As `copy_entry`: the client's files become root's, a stage's keep their owners.
+    let (uid, gid) = if src.local.is_some() {
+        (0, 0)
+    } else {
+        (st.st_uid, st.st_gid)
+    };
+    let meta = isula_store::diff::EntryMeta {
+        mode: opts.chmod.unwrap_or(st.st_mode & 0o7777),
+        uid,
+        gid,
+        mtime: st.st_mtime,
+    };
+    let named = |e: std::io::Error| format!("{}: {e}", at.display());
+    match kind {
+        FileType::Directory => {
+            out.dir(at, &meta).map_err(named)?;
+            let dir = rustix::fs::openat(
+                fd,
+                ".",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| format!("{rel}: {e}"))?;
+            tar_dir_contents(src, rel, &dir, at, opts, out)
+        }
+        FileType::RegularFile => {
+            let mut f = open()?;
+            // The size now (the file may have changed since the walk's stat).
+            let size = f.metadata().map_err(|e| format!("{rel}: {e}"))?.len();
+            out.file(at, &meta, &mut f, size)
+                .map_err(|e| format!("{rel}: {e}"))
+        }
+        FileType::Symlink => {
+            let target =
+                rustix::fs::readlinkat(fd, "", Vec::new()).map_err(|e| format!("{rel}: {e}"))?;
+            // A symlink's own permission bits are always 0777.
+            let m = isula_store::diff::EntryMeta {
+                mode: 0o777,
+                ..meta
+            };
+            out.symlink(at, &m, Path::new(OsStr::from_bytes(target.as_bytes())))
+                .map_err(named)
+        }
+        FileType::Socket | FileType::CharacterDevice | FileType::BlockDevice if local => {
+            let mut empty = std::fs::File::open("/dev/null").map_err(|e| format!("{rel}: {e}"))?;
+            out.file(at, &meta, &mut empty, 0).map_err(named)
+        }
+        _ => Err(format!("{rel}: cannot copy device nodes or sockets")),
+    }
+}

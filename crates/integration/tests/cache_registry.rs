@@ -567,3 +567,44 @@ fn skopeo_layers(reference: &str) -> Vec<String> {
         .filter_map(|l| l["digest"].as_str().map(str::to_string))
         .collect()
 }
+
+/// A COPY written as its stage's layer tar (the stage's last step to change files)
+/// travels like any step: its record (the stage as it stands after it) goes out with its
+/// layer, a fresh daemon hits it and gets the same image, and a longer Dockerfile with a
+/// RUN after it hits the COPY and finds its files below the RUN.
+#[test]
+fn a_copy_written_as_a_tar_travels_through_the_registry_cache() {
+    if !ready() {
+        return;
+    }
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let base = format!("{host}/base:1");
+    let cache = format!("{host}/cache:1");
+    let d1 = Daemon::for_registries(&[&host]);
+    d1.import_busybox(&base, &[]);
+    d1.ok(&["ctr-img", "push", &base]);
+    let context = |d: &Daemon, df: &str| -> PathBuf {
+        let dir = d.dir.path().join("packed");
+        std::fs::create_dir_all(dir.join("dir")).expect("ctx");
+        std::fs::write(dir.join("Dockerfile"), df).expect("Dockerfile");
+        std::fs::write(dir.join("dir/x"), "x").expect("x");
+        dir
+    };
+    let df = format!("FROM {base}\nCOPY dir/ /app/\n");
+    let (first, out) = build(&d1, &context(&d1, &df), &["--cache-to", &cache]);
+    assert!(d1.log().contains("COPY writes its layer as a tar"), "{out}");
+    let d2 = Daemon::for_registries(&[&host]);
+    let (id, out) = build(&d2, &context(&d2, &df), &["--cache-from", &cache]);
+    assert_eq!(id, first, "{out}");
+    assert_eq!(cached_steps(&out), ["COPY dir/ /app/"], "{out}");
+    let d3 = Daemon::for_registries(&[&host]);
+    let longer = format!("{df}RUN cat /app/x > /seen\n");
+    let (_, out) = build(
+        &d3,
+        &context(&d3, &longer),
+        &["--cache-from", &cache, "--tag", "run:1"],
+    );
+    assert_eq!(cached_steps(&out), ["COPY dir/ /app/"], "{out}");
+    assert_eq!(d3.image_text("run:1", "seen").as_deref(), Some("x"));
+}

@@ -279,10 +279,12 @@ fn last_layer(d: &Daemon, image: &str) -> String {
 }
 
 /// A COPY whose destination is a top-level name the layers below lack writes its step's
-/// upper directory directly, without the overlay: its layer is byte for byte the one the
-/// overlay path makes (the same COPY with `--chown=0:0`, which the direct path leaves to
-/// the overlay, is the control), a RUN after it sees its files, and a destination the
-/// base has, one a WORKDIR made, or one with ".." still goes through the overlay.
+/// upper directory directly, without the overlay, or (its stage's last step to change
+/// files, of one source path) its layer as a tar, making no file: either layer is byte
+/// for byte the one the overlay path makes (the same COPY with `--chown=0:0`, which both
+/// leave to the overlay, is the control), a RUN after it sees its files, and a
+/// destination the base has, one a WORKDIR made, or one with ".." still goes through the
+/// overlay.
 #[test]
 fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
     if !require_root() || !require_tool("runc") {
@@ -322,13 +324,25 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
                 .expect("times");
         }
     }
-    let direct_lines = |d: &Daemon| d.log().matches("COPY writes its upper directly").count();
+    // A FIFO (left out) and a socket (an empty file), made after the times were set (a
+    // FIFO's open would wait for a writer): the clamp gives them the same time.
+    let fifo = c.join("d/fifo");
+    run_ok(std::process::Command::new("mkfifo").arg(&fifo));
+    let _socket = std::os::unix::net::UnixListener::bind(c.join("d/sock")).expect("socket");
+    let lines = |d: &Daemon| {
+        let log = d.log();
+        (
+            log.matches("COPY writes its layer as a tar").count(),
+            log.matches("COPY writes its upper directly").count(),
+        )
+    };
     // The Dockerfile outside the context, which the builds compare.
     let df_dir = tempfile::tempdir().expect("df dir");
     let df_path = df_dir.path().join("Dockerfile");
-    let build = |df: &str, tag: &str| -> usize {
+    // Which way the build's COPY went: (as a tar, its upper written directly).
+    let build = |df: &str, tag: &str| -> (usize, usize) {
         std::fs::write(&df_path, df).expect("df");
-        let before = direct_lines(&d);
+        let before = lines(&d);
         d.ok(&[
             "ctr-img",
             "build",
@@ -341,40 +355,54 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
             tag,
             c.to_str().expect("utf8"),
         ]);
-        direct_lines(&d) - before
+        let after = lines(&d);
+        (after.0 - before.0, after.1 - before.1)
     };
     // A base whose /opt differs from what a fresh directory would be (mode and owner).
     build(
         "FROM busybox\nRUN mkdir -m 0750 /opt && chown 5:6 /opt\n",
         "base:1",
     );
-    // Each COPY (FROM, flags, sources and destination) straight into the upper, and
-    // through the overlay (`--chown=0:0`, the owner it gets anyway, keeps it there).
-    for (from, copy) in [
-        ("busybox", ". /app/"),
-        ("busybox", ". /new/dir/"),
-        ("busybox", ". app"),
-        ("base:1", ". /app/"),
-        ("scratch", ". /x/"),
-        ("busybox", "--chmod=640 . /app/"),
-        ("busybox", "--exclude=d/deep . /app/"),
-        ("busybox", "a d* emptyd /multi/"),
-        ("busybox", "a /single"),
+    // Each COPY (FROM, flags, sources and destination) as its stage's last step to change
+    // files (its layer written as a tar, but for several sources), with a step after it
+    // (straight into the upper), and through the overlay (`--chown=0:0`, the owner it
+    // gets anyway, keeps it there).
+    for (from, copy, tar) in [
+        ("busybox", ". /app/", true),
+        ("busybox", ". /new/dir/", true),
+        ("busybox", ". app", true),
+        ("base:1", ". /app/", true),
+        ("scratch", ". /x/", true),
+        ("busybox", "--chmod=640 . /app/", true),
+        ("busybox", "--exclude=d/deep . /app/", true),
+        ("busybox", "d/l* /one/", true),
+        ("busybox", "a d* emptyd /multi/", false),
+        ("busybox", "a /single", true),
+        ("busybox", "a /file/", true),
+        ("busybox", "d/link /followed", true),
+        ("busybox", "d/sock /n/s", true),
     ] {
-        let direct = build(&format!("FROM {from}\nCOPY {copy}\n"), "direct:1");
+        let last = build(&format!("FROM {from}\nCOPY {copy}\n"), "last:1");
+        let direct = build(
+            &format!("FROM {from}\nCOPY {copy}\nWORKDIR /\n"),
+            "direct:1",
+        );
         let through = build(
             &format!("FROM {from}\nCOPY --chown=0:0 {copy}\n"),
             "overlay:1",
         );
-        assert_eq!((direct, through), (1, 0), "{from} {copy}: the paths taken");
+        let expected = if tar { (1, 0) } else { (0, 1) };
         assert_eq!(
-            last_layer(&d, "direct:1"),
-            last_layer(&d, "overlay:1"),
-            "{from} {copy}: the layers differ"
+            (last, direct, through),
+            (expected, (0, 1), (0, 0)),
+            "{from} {copy}: the paths taken"
         );
+        let layer = last_layer(&d, "overlay:1");
+        assert_eq!(last_layer(&d, "direct:1"), layer, "{from} {copy}: direct");
+        assert_eq!(last_layer(&d, "last:1"), layer, "{from} {copy}: as a tar");
     }
-    build("FROM busybox\nCOPY . /app/\n", "direct:1");
-    let files = d.image_files("direct:1");
+    build("FROM busybox\nCOPY . /app/\n", "last:1");
+    let files = d.image_files("last:1");
     assert_eq!(files["app/d/e/f"].mode & 0o7777, 0o4755);
     assert_eq!(files["app/d/deep"].mode & 0o7777, 0o700);
     assert!(
@@ -382,13 +410,15 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
         "the context's times were kept"
     );
     assert!(!files.contains_key("app/skip.txt"));
+    assert!(!files.contains_key("app/d/fifo"));
+    assert_eq!(files["app/d/sock"].content, b"");
     // The next step's overlay has the directly written snapshot below it.
     assert_eq!(
         build(
             "FROM busybox\nCOPY . /app/\nRUN cat /app/d/link /app/hard > /seen\n",
             "run:1"
         ),
-        1
+        (0, 1)
     );
     assert_eq!(
         d.image_text("run:1", "seen").as_deref(),
@@ -402,7 +432,7 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
         "FROM busybox\nRUN mkdir /m\nCOPY . /m/\n",
         "FROM base:1\nCOPY . /opt/x/\n",
     ] {
-        assert_eq!(build(df, "other:1"), 0, "{df}");
+        assert_eq!(build(df, "other:1"), (0, 0), "{df}");
     }
     // The base's /opt, copied up as it was.
     let files = d.image_files("other:1");
@@ -412,6 +442,77 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
         String::from_utf8_lossy(&files["opt/x/a"].content),
         "hello\n"
     );
+}
+
+/// A COPY written as its stage's layer tar is a step like any other: recorded (as the
+/// stage stands after it), hit by an unchanged rebuild (the same image), stacked under a
+/// RUN that a longer Dockerfile adds after it (its layer's directory made then), kept
+/// across a restart; its layer's directory is made in idle time, and the store check
+/// passes. With the cache off (`--no-cache` of a step not recorded yet records it too),
+/// the same layer.
+#[test]
+fn a_copy_written_as_a_tar_is_cached_and_reused_like_any_step() {
+    if !require_root() || !require_tool("runc") {
+        return;
+    }
+    let mut d = Daemon::start_with(&["--log-level", "debug"]);
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = tempfile::tempdir().expect("ctx");
+    let c = ctx.path().to_path_buf();
+    write(&c, &[("a", "hello\n"), ("d/b", "b\n")]);
+    let df_dir = tempfile::tempdir().expect("df dir");
+    let df = df_dir.path().join("Dockerfile");
+    let build = |d: &Daemon, body: &str, extra: &[&str]| -> String {
+        std::fs::write(&df, body).expect("df");
+        // Reproducible: the same image whenever it is built.
+        let mut args = vec![
+            "ctr-img",
+            "build",
+            "--build-arg",
+            "SOURCE_DATE_EPOCH=1000",
+            "-f",
+            df.to_str().expect("utf8"),
+        ];
+        args.extend_from_slice(extra);
+        args.push(c.to_str().expect("utf8"));
+        d.ok(&args)
+    };
+    let tars = |d: &Daemon| d.log().matches("COPY writes its layer as a tar").count();
+    let copy = "FROM busybox\nCOPY . /app/\nENV X=1\n";
+    let out = build(&d, copy, &["-t", "app:1"]);
+    assert_eq!(tars(&d), 1, "{out}");
+    assert!(cached_steps(&out).is_empty(), "{out}");
+    let id = build_id(&out);
+    let out = build(&d, copy, &["-t", "app:2"]);
+    assert_eq!(build_id(&out), id, "{out}");
+    assert_eq!(cached_steps(&out), ["COPY . /app/", "ENV X=1"], "{out}");
+    assert_eq!(tars(&d), 1, "an unchanged rebuild wrote the layer again");
+    d.wait_idle();
+    assert!(
+        d.log().contains("packed layer unpacked"),
+        "the layer's directory was not made in idle time"
+    );
+    // A RUN after it: the COPY comes from the cache, and its files are below the RUN.
+    let out = build(
+        &d,
+        "FROM busybox\nCOPY . /app/\nRUN cat /app/a /app/d/b > /seen\n",
+        &["-t", "run:1"],
+    );
+    assert_eq!(cached_steps(&out), ["COPY . /app/"], "{out}");
+    assert_eq!(d.image_text("run:1", "seen").as_deref(), Some("hello\nb"));
+    assert_eq!(
+        String::from_utf8_lossy(&d.image_files("app:1")["app/d/b"].content),
+        "b\n"
+    );
+    d.stop_and_check_store();
+    d.restart();
+    let out = build(&d, copy, &["-t", "app:3"]);
+    assert_eq!(build_id(&out), id, "{out}");
+    assert_eq!(cached_steps(&out), ["COPY . /app/", "ENV X=1"], "{out}");
+    // --no-cache: written again (the same layer, the record kept as it was).
+    let out = build(&d, copy, &["--no-cache", "-t", "app:4"]);
+    assert_eq!(build_id(&out), id, "{out}");
+    assert_eq!(tars(&d), 2, "{out}");
 }
 
 /// A COPY of several sources whose earlier source's files are planned as links to the

@@ -211,6 +211,91 @@ impl Meta {
     }
 }
 
+/// What a layer tar entry says of its inode: permission bits (set-id and sticky bits
+/// too), owner and modification time (seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryMeta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+}
+
+/// The header of an entry of `kind` (size 0): the one header every layer tar this store
+/// makes uses, from files ([`write_layer`]) or entry by entry ([`LayerTarWriter`]).
+fn entry_header(m: &EntryMeta, kind: tar::EntryType, clamp_mtime: Option<i64>) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(m.mode & 0o7777);
+    h.set_uid(u64::from(m.uid));
+    h.set_gid(u64::from(m.gid));
+    let mtime = match clamp_mtime {
+        Some(c) => m.mtime.min(c),
+        None => m.mtime,
+    };
+    h.set_mtime(mtime.max(0) as u64);
+    h.set_size(0);
+    h
+}
+
+/// A layer tar written entry by entry, byte for byte the tar [`write_layer`] makes of a
+/// directory holding those entries (the same headers, names and padding), for a caller
+/// that knows the entries without making them (a COPY into a new directory). The caller
+/// gives the entries in the walk's order: each directory before what it holds, the
+/// names of one directory sorted by their bytes.
+pub struct LayerTarWriter<W: Write> {
+    tar: tar::Builder<W>,
+    clamp_mtime: Option<i64>,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> LayerTarWriter<W> {
+    pub fn new(out: W, clamp_mtime: Option<i64>) -> LayerTarWriter<W> {
+        let mut tar = tar::Builder::new(out);
+        tar.mode(tar::HeaderMode::Complete);
+        LayerTarWriter {
+            tar,
+            clamp_mtime,
+            buf: vec![0u8; READ_BUFFER],
+        }
+    }
+
+    /// Directory `rel` (written as `rel/`).
+    pub fn dir(&mut self, rel: &Path, m: &EntryMeta) -> std::io::Result<()> {
+        let mut h = entry_header(m, tar::EntryType::Directory, self.clamp_mtime);
+        let mut name = rel.as_os_str().as_bytes().to_vec();
+        name.push(b'/');
+        self.tar
+            .append_data(&mut h, std::ffi::OsStr::from_bytes(&name), std::io::empty())
+    }
+
+    /// Regular file `rel`: `size` bytes read from `f` (one that ends sooner fails, one
+    /// that grew is cut at `size`).
+    pub fn file(
+        &mut self,
+        rel: &Path,
+        m: &EntryMeta,
+        f: &mut std::fs::File,
+        size: u64,
+    ) -> std::io::Result<()> {
+        let mut h = entry_header(m, tar::EntryType::Regular, self.clamp_mtime);
+        h.set_size(size);
+        self.tar.append_data(&mut h, rel, std::io::empty())?;
+        copy_padded(f, self.tar.get_mut(), size, &mut self.buf).map_err(|(_, e)| e)
+    }
+
+    /// Symlink `rel` to `target`.
+    pub fn symlink(&mut self, rel: &Path, m: &EntryMeta, target: &Path) -> std::io::Result<()> {
+        let mut h = entry_header(m, tar::EntryType::Symlink, self.clamp_mtime);
+        self.tar.append_link(&mut h, rel, target)
+    }
+
+    /// Ends the tar (its two zero blocks) and returns the writer.
+    pub fn finish(self) -> std::io::Result<W> {
+        self.tar.into_inner()
+    }
+}
+
 impl<W: Write> Walk<'_, W> {
     /// The error of `op` on entry `rel`, naming its path.
     fn sys(&self, op: &'static str, rel: &Path, e: rustix::io::Errno) -> StoreError {
@@ -278,18 +363,13 @@ impl<W: Write> Walk<'_, W> {
     }
 
     fn header(&self, meta: &Meta, kind: tar::EntryType) -> tar::Header {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(meta.mode & 0o7777);
-        h.set_uid(u64::from(meta.uid));
-        h.set_gid(u64::from(meta.gid));
-        let mtime = match self.opts.clamp_mtime {
-            Some(c) => meta.mtime.min(c),
-            None => meta.mtime,
+        let m = EntryMeta {
+            mode: meta.mode,
+            uid: meta.uid,
+            gid: meta.gid,
+            mtime: meta.mtime,
         };
-        h.set_mtime(mtime.max(0) as u64);
-        h.set_size(0);
-        h
+        entry_header(&m, kind, self.opts.clamp_mtime)
     }
 
     fn pax_xattrs(&mut self, fd: BorrowedFd<'_>, rel: &Path) -> Result<()> {

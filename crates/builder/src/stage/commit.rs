@@ -61,6 +61,19 @@ impl StageRun<'_, '_> {
         let mut layers = self.base_layers.clone();
         let mut blobs = self.base_blobs.clone();
         let mut config = self.config.clone();
+        let mut new_layer_size = 0;
+        // One step wrote the stage's layer as a tar: that is the layer.
+        if let [Snapshot {
+            packed: Some(p), ..
+        }] = self.snaps.as_slice()
+        {
+            let p = p.clone();
+            if !p.recorded {
+                new_layer_size = p.layer.size;
+            }
+            self.add_layer(&mut layers, &mut blobs, &mut config, p.layer);
+            return self.finish_commit(key, config, layers, blobs, new_layer_size);
+        }
         self.fetch_pending()?;
         let upper = if self.snaps.is_empty() {
             None
@@ -109,7 +122,6 @@ impl StageRun<'_, '_> {
                 .map(|mut d| d.next().is_none())
                 .unwrap_or(true)
         });
-        let mut new_layer_size = 0;
         if let (false, Some(upper)) = (empty, upper) {
             let t = std::time::Instant::now();
             let (diff, chain, size) = store.commit_built_layer(
@@ -118,25 +130,52 @@ impl StageRun<'_, '_> {
                 self.opts.build_time,
                 self.lease,
             )?;
-            let blob = diff.0.clone();
             tracing::debug!(elapsed = ?t.elapsed(), size, "stage layer committed");
             new_layer_size = size;
-            layers.push(LayerRecord {
+            let layer = LayerRecord {
                 parent: layers.last().map(|l| l.chain_id.clone()),
                 chain_id: chain,
-                diff_id: diff.clone(),
+                diff_id: diff,
                 size,
-            });
-            blobs.push(blob);
-            config.rootfs.kind = "layers".into();
-            config.rootfs.diff_ids.push(diff);
-            let at = self
-                .last_fs_step
-                .unwrap_or(self.history.len().saturating_sub(1));
-            if let Some(h) = self.history.get_mut(at) {
-                h.empty_layer = false;
-            }
+            };
+            self.add_layer(&mut layers, &mut blobs, &mut config, layer);
         }
+        self.finish_commit(key, config, layers, blobs, new_layer_size)
+    }
+
+    /// Puts the stage's own layer on its base: its blob (its tar's digest), its diff ID
+    /// in the config, and its history entry (the last step that changed files) says it
+    /// made a layer.
+    fn add_layer(
+        &mut self,
+        layers: &mut Vec<LayerRecord>,
+        blobs: &mut Vec<Digest>,
+        config: &mut ImageConfig,
+        layer: LayerRecord,
+    ) {
+        blobs.push(layer.diff_id.0.clone());
+        config.rootfs.kind = "layers".into();
+        config.rootfs.diff_ids.push(layer.diff_id.clone());
+        layers.push(layer);
+        let at = self
+            .last_fs_step
+            .unwrap_or(self.history.len().saturating_sub(1));
+        if let Some(h) = self.history.get_mut(at) {
+            h.empty_layer = false;
+        }
+    }
+
+    /// The stage's config completed (time, platform, history) and its result recorded
+    /// under `key` (cache on).
+    fn finish_commit(
+        &mut self,
+        key: Digest,
+        mut config: ImageConfig,
+        layers: Vec<LayerRecord>,
+        blobs: Vec<Digest>,
+        new_layer_size: u64,
+    ) -> Result<StageResult, BuildError> {
+        let store = self.ctx.store;
         config.created = Some(now_rfc3339(self.opts.build_time));
         if config.architecture.is_empty() {
             config.architecture = self.platform.architecture.clone();

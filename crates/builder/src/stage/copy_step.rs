@@ -168,23 +168,35 @@ impl StageRun<'_, '_> {
         };
         let mut c = c;
         c.sources = locals;
+        let mut packed = None;
         if self.copies_to_a_new_name(&c, is_add)? {
-            tracing::debug!(dest = %c.dest, "COPY writes its upper directly (a new top-level name)");
-            self.stage_upper_direct()?;
+            packed = match &ctx_root {
+                Some(root) => self.packs_its_layer(&c, root),
+                None => None,
+            };
+            if packed.is_some() {
+                tracing::debug!(dest = %c.dest, "COPY writes its layer as a tar (a new top-level name, the stage's last step to change files)");
+            } else {
+                tracing::debug!(dest = %c.dest, "COPY writes its upper directly (a new top-level name)");
+                self.stage_upper_direct()?;
+            }
         } else {
             self.mount_step()?;
         }
         let t = std::time::Instant::now();
         let phase = isula_store::phase::Phase::start("copy: the files");
+        let copy = move |this: &mut Self, root: Option<&Root>| match (&packed, root) {
+            (Some(rel), Some(root)) => this.write_packed(n, step, &c, rel, root).map(Some),
+            _ => this
+                .copy_into(n, step, c, is_add, from_result, root)
+                .map(|()| None),
+        };
         let (copied, key) = match key {
-            Ok(key) => (
-                self.copy_into(n, step, c, is_add, from_result, ctx_root.as_ref()),
-                Ok(key),
-            ),
+            Ok(key) => (copy(self, ctx_root.as_ref()), Ok(key)),
             // The key's reading of the sources runs beside the copy's (the two cores).
             Err((partial, root)) => std::thread::scope(|s| {
                 let hashing = s.spawn(|| hash_dir(root));
-                let copied = self.copy_into(n, step, c, is_add, from_result, Some(root));
+                let copied = copy(self, Some(root));
                 let hashed = hashing
                     .join()
                     .unwrap_or_else(|_| Err(step_err(n, step, "the source hash stopped")));
@@ -194,12 +206,15 @@ impl StageRun<'_, '_> {
         let _ = isula_sys::rooted::remove_tree(&self.dir.join(format!("add-{n}")));
         // The hash's error first: it is what the copy met, said as before.
         let key = key?;
-        copied?;
+        let layer = copied?;
         drop(phase);
         tracing::debug!(elapsed = ?t.elapsed(), "COPY copied");
         let t = std::time::Instant::now();
         let phase = isula_store::phase::Phase::start("step: record the snapshot");
-        self.finish_step(&key, &step.original)?;
+        match layer {
+            Some(layer) => self.finish_packed_step(&key, &step.original, layer)?,
+            None => self.finish_step(&key, &step.original)?,
+        }
         drop(phase);
         tracing::debug!(elapsed = ?t.elapsed(), "COPY step recorded");
         self.key = key;
@@ -225,21 +240,7 @@ impl StageRun<'_, '_> {
                 Some((ids.uid, ids.gid))
             }
         };
-        let chmod = match &c.chmod {
-            None => None,
-            Some(m) => Some(
-                u32::from_str_radix(m, 8)
-                    .ok()
-                    .filter(|m| *m <= 0o7777)
-                    .ok_or_else(|| {
-                        step_err(
-                            n,
-                            step,
-                            format!("invalid --chmod {m:?}: expected an octal mode"),
-                        )
-                    })?,
-            ),
-        };
+        let chmod = parse_chmod(c.chmod.as_deref()).map_err(|e| step_err(n, step, e))?;
         let dest = copy_dest(&cwd, &c.dest);
         let opts = CopyOptions {
             owner,
@@ -445,6 +446,111 @@ impl StageRun<'_, '_> {
         Ok(true)
     }
 
+    /// Whether this COPY (one that `copies_to_a_new_name`) writes its layer as a tar, and
+    /// of which source path: when its stage has no snapshot yet and no later step of it
+    /// changes files, the stage's layer is exactly what the copy makes (on the base), so it
+    /// is written as the tar of that layer, hashed and stored as it is written, with no
+    /// file made (the layer's directory is made in idle time, or when a build needs it).
+    /// A copy of one source path only (several may write the same names: the files are
+    /// made), and never one that would fail (the files path says why).
+    fn packs_its_layer(
+        &self,
+        c: &isula_dockerfile::instructions::CopyArgs,
+        root: &Root,
+    ) -> Option<String> {
+        if self.files_after || !self.snaps.is_empty() || parse_chmod(c.chmod.as_deref()).is_err() {
+            return None;
+        }
+        let src = Source::local(root, self.ignore);
+        let mut paths = Vec::new();
+        for s in &c.sources {
+            paths.extend(copy::expand_source(&src, s).ok()?);
+        }
+        match paths.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        }
+    }
+
+    /// The layer tar of a COPY that [`StageRun::packs_its_layer`] (of source path `rel` of
+    /// the build context `root`), written as a blob while the context is read, and
+    /// recorded as a packed layer on the stage's base (its directory made later).
+    fn write_packed(
+        &mut self,
+        n: usize,
+        step: &Step,
+        c: &isula_dockerfile::instructions::CopyArgs,
+        rel: &str,
+        root: &Root,
+    ) -> Result<LayerRecord, BuildError> {
+        let store = self.ctx.store;
+        let dest = copy_dest(&self.working_dir(), &c.dest);
+        let chmod = parse_chmod(c.chmod.as_deref()).map_err(|e| step_err(n, step, e))?;
+        let excludes = exclude_matcher(&c.exclude).map_err(|e| step_err(n, step, e))?;
+        let mut src = Source::local(root, self.ignore);
+        src.exclude = excludes.as_ref();
+        let opts = CopyOptions {
+            owner: None,
+            chmod,
+            extract: false,
+            parents: false,
+        };
+        let now = chrono::Utc::now().timestamp();
+        let clamp = self.opts.build_time;
+        let mut blob = store.content().writer()?;
+        // One thread reads the context into the tar; this one hashes and stores it.
+        let (written, made) = std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PACK_PIECES_WAITING);
+            let (back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+            let src = &src;
+            let (dest, opts) = (&dest, &opts);
+            let making = s.spawn(move || -> Result<(), String> {
+                let sink = Pieces {
+                    tx,
+                    spare,
+                    piece: Vec::with_capacity(PACK_PIECE),
+                };
+                let mut tar = isula_store::diff::LayerTarWriter::new(sink, clamp);
+                copy::copy_to_tar(src, rel, dest, opts, now, &mut tar)?;
+                let mut sink = tar.finish().map_err(|e| e.to_string())?;
+                sink.send().map_err(|e| e.to_string())
+            });
+            let mut written = Ok(());
+            for piece in rx {
+                if let Err(e) = std::io::Write::write_all(&mut blob, &piece) {
+                    written = Err(e);
+                    break;
+                }
+                let _ = back.send(piece);
+            }
+            let made = making
+                .join()
+                .unwrap_or_else(|_| Err("the thread writing the layer stopped".into()));
+            (written, made)
+        });
+        // The copy's error first: a failed write stops it with a broken pipe.
+        made.map_err(|e| step_err(n, step, e))?;
+        written.map_err(|e| {
+            BuildError::Store(isula_store::StoreError::io(
+                "write",
+                store.root().join("content/ingest"),
+                e,
+            ))
+        })?;
+        let (digest, size) = self.lease.commit_blob(blob, None)?;
+        let diff_id = isula_types::DiffId(digest.clone());
+        let parent = self.base_layers.last().map(|l| l.chain_id.clone());
+        let chain = isula_types::ChainId::next(parent.as_ref(), &diff_id);
+        store.commit_packed_layer(&chain, &digest, self.lease)?;
+        store.queue_unpack(&chain);
+        Ok(LayerRecord {
+            parent,
+            chain_id: chain,
+            diff_id,
+            size,
+        })
+    }
+
     /// The content key of what `sources` (less `excludes`) select in the filesystem of a
     /// stage or image: paths, types, modes, owners, link targets and file contents, never
     /// times. Taken once per selection of the same layers (the cache keeps it by their
@@ -502,6 +608,17 @@ impl StageRun<'_, '_> {
         cache.note_content_digest(memo, d.clone());
         Ok(d)
     }
+}
+
+/// `--chmod`'s octal mode.
+fn parse_chmod(m: Option<&str>) -> Result<Option<u32>, String> {
+    m.map(|m| {
+        u32::from_str_radix(m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| format!("invalid --chmod {m:?}: expected an octal mode"))
+    })
+    .transpose()
 }
 
 /// COPY's destination `dest` as an absolute path, a relative one taken from the working
@@ -568,4 +685,50 @@ fn link_dest(root: &Root, dest: &str, owner: (u32, u32), mtime: i64) -> Result<(
         at = format!("{}/{comp}", at.trim_end_matches('/'));
     }
     Ok(())
+}
+
+/// The pieces of a layer tar on their way from the thread that makes it to the one that
+/// stores it, and how many may wait (a few MiB in flight, each piece used again).
+const PACK_PIECE: usize = 1 << 20;
+const PACK_PIECES_WAITING: usize = 4;
+
+/// Sends what is written in pieces of [`PACK_PIECE`], reusing the pieces sent back.
+struct Pieces {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    piece: Vec<u8>,
+}
+
+impl Pieces {
+    /// Sends the piece being filled (if anything is in it).
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.piece.is_empty() {
+            return Ok(());
+        }
+        let next = match self.spare.try_recv() {
+            Ok(mut p) => {
+                p.clear();
+                p
+            }
+            Err(_) => Vec::with_capacity(PACK_PIECE),
+        };
+        let full = std::mem::replace(&mut self.piece, next);
+        self.tx.send(full).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the layer's store stopped")
+        })
+    }
+}
+
+impl std::io::Write for Pieces {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(PACK_PIECE - self.piece.len());
+        self.piece.extend_from_slice(&buf[..n]);
+        if self.piece.len() == PACK_PIECE {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -98,16 +98,29 @@ pub struct StageRun<'c, 'a> {
     reuse_plan: Option<crate::reuse::Plan>,
     /// The remote sources of the ADD being copied, fetched.
     add_fetched: Vec<remote::Fetched>,
+    /// A step after the running one changes files (RUN, COPY, ADD, WORKDIR).
+    files_after: bool,
 }
 
 /// One step's own changes: a cache snapshot, (cache off) a staged directory that goes
-/// away with the build, or a `--cache-from` record not fetched yet (it is fetched only
-/// when a later step or the commit needs its files).
+/// away with the build, a `--cache-from` record not fetched yet (it is fetched only
+/// when a later step or the commit needs its files), or a layer the step wrote as a tar
+/// (a COPY that was its stage's last step to change files, see `copy_step`): its
+/// directory is made only if a later step or the commit needs its files.
 struct Snapshot {
     dir: PathBuf,
     /// A snapshot of this build's own (not the cache's): removed with it.
     staged: Option<StagedLayer>,
     remote: Option<Digest>,
+    packed: Option<PackedStep>,
+}
+
+/// The layer a step wrote as a tar, on the stage's base.
+#[derive(Clone)]
+struct PackedStep {
+    layer: LayerRecord,
+    /// The step's cache record holds the layer (and counts its size).
+    recorded: bool,
 }
 
 impl Snapshot {
@@ -116,6 +129,16 @@ impl Snapshot {
             dir,
             staged,
             remote: None,
+            packed: None,
+        }
+    }
+
+    fn packed(layer: LayerRecord, recorded: bool) -> Snapshot {
+        Snapshot {
+            dir: PathBuf::new(),
+            staged: None,
+            remote: None,
+            packed: Some(PackedStep { layer, recorded }),
         }
     }
 }
@@ -299,6 +322,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             step_lineage: None,
             reuse_plan: None,
             add_fetched: Vec::new(),
+            files_after: true,
         }
     }
 
@@ -461,10 +485,20 @@ impl<'c, 'a> StageRun<'c, 'a> {
             }
         }
         steps.extend(stage.steps.iter().cloned());
-        for step in &steps {
+        let last_files = steps.iter().rposition(|s| {
+            matches!(
+                s.instruction,
+                Instruction::Run { .. }
+                    | Instruction::Copy(_)
+                    | Instruction::Add(_)
+                    | Instruction::Workdir(_)
+            )
+        });
+        for (i, step) in steps.iter().enumerate() {
             if self.ctx.cancelled() {
                 return Err(BuildError::Cancelled);
             }
+            self.files_after = last_files.is_some_and(|l| l > i);
             *step_no += 1;
             (self.step_line)(self.index, &step.original);
             self.step(*step_no, step, used_args)?;

@@ -4,10 +4,18 @@
 use super::*;
 
 impl StageRun<'_, '_> {
-    /// Fetches the `--cache-from` snapshots stacked so far that are not local yet.
+    /// Fetches the `--cache-from` snapshots stacked so far that are not local yet, and
+    /// makes the directories of layers steps wrote as tars.
     pub(super) fn fetch_pending(&mut self) -> Result<(), BuildError> {
         let store = self.ctx.store;
         for i in 0..self.snaps.len() {
+            if let (Some(p), true) = (
+                &self.snaps[i].packed,
+                self.snaps[i].dir.as_os_str().is_empty(),
+            ) {
+                self.snaps[i].dir = store.layer_diff(&p.layer.chain_id, self.lease)?;
+                continue;
+            }
             let Some(key) = self.snaps[i].remote.clone() else {
                 continue;
             };
@@ -181,25 +189,102 @@ impl StageRun<'_, '_> {
                     dir: PathBuf::new(),
                     staged: None,
                     remote: Some(key.clone()),
+                    packed: None,
                 });
             } else {
-                // No files: the record itself is all there is to import.
+                // No snapshot: the record itself (and any layer it keeps) is all there is
+                // to import.
                 remote
                     .import(key, self.lease)
                     .map_err(BuildError::CacheSource)?;
+                if let Some(r) = store.cache().get(key, self.lease) {
+                    return self.use_local_record(key, &r);
+                }
             }
             self.cache_keys.push(key.clone());
             return Ok(true);
         };
+        self.use_local_record(key, &r)
+    }
+
+    /// [`StageRun::use_record`] of a record found in the local cache.
+    fn use_local_record(&mut self, key: &Digest, r: &Record) -> Result<bool, BuildError> {
+        let store = self.ctx.store;
         if let Some(id) = &r.snapshot {
             let dir = store.cache().snapshot_dir(id);
             if !dir.is_dir() {
                 return Ok(false);
             }
             self.snaps.push(Snapshot::local(dir, None));
+        } else if let Some(stage) = &r.stage {
+            // A step that wrote its layer as a tar: the stage as it stood after it, whose
+            // top layer is the step's own.
+            let Some(top) = stage.layers.last() else {
+                return Ok(false);
+            };
+            if !store.cache_stage_whole(stage) {
+                return Ok(false);
+            }
+            self.lease.layer(&top.chain_id);
+            self.lease.blob(&top.diff_id.0);
+            self.snaps.push(Snapshot::packed(top.clone(), true));
         }
         self.cache_keys.push(key.clone());
         Ok(true)
+    }
+
+    /// Keeps the layer a step wrote as a tar (`layer`, on the stage's base): recorded
+    /// under `key` as the stage stands after the step (its layers, and a config that names
+    /// them), which keeps the layer as a stage result keeps its layers; or (cache off, or
+    /// `--no-cache` of a recorded step) for this build only.
+    pub(super) fn finish_packed_step(
+        &mut self,
+        key: &Digest,
+        description: &str,
+        layer: LayerRecord,
+    ) -> Result<(), BuildError> {
+        self.step_lineage = None;
+        let store = self.ctx.store;
+        let private = match self.opts.cache {
+            CacheMode::Off => true,
+            CacheMode::Refresh => store.cache().contains(key),
+            CacheMode::On => false,
+        };
+        if private {
+            self.snaps.push(Snapshot::packed(layer, false));
+            if self.opts.cache != CacheMode::Off {
+                self.cache_keys.push(key.clone());
+            }
+            return Ok(());
+        }
+        let mut config = self.config.clone();
+        config.rootfs.kind = "layers".into();
+        config.rootfs.diff_ids.push(layer.diff_id.clone());
+        let bytes = serde_json::to_vec(&config).map_err(|e| BuildError::Invalid(e.to_string()))?;
+        let config_blob = self.lease.put_blob(store.content(), &bytes)?;
+        let mut layers = self.base_layers.clone();
+        layers.push(layer.clone());
+        let mut blobs = self.base_blobs.clone();
+        blobs.push(layer.diff_id.0.clone());
+        let record = Record {
+            stage: Some(StageRecord {
+                config: config_blob,
+                layers,
+                blobs,
+            }),
+            size: layer.size,
+            ..Record::new(&self.key, description)
+        };
+        let kept = store.cache().put(key, record)?;
+        isula_store::failpoint::hit("step.snapshot-adopted");
+        self.cache_keys.push(key.clone());
+        if kept {
+            self.snaps.push(Snapshot::packed(layer, true));
+        } else {
+            // A concurrent build recorded the same step first: use its record.
+            self.use_record(key)?;
+        }
+        Ok(())
     }
 
     /// Whether step `key` comes from the cache (then its snapshot is stacked and the line
