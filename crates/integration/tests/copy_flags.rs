@@ -310,6 +310,8 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
         .expect("chmod");
     std::fs::set_permissions(c.join("d/deep"), std::fs::Permissions::from_mode(0o700))
         .expect("chmod");
+    // The context's own mode, which a directory made for it takes.
+    std::fs::set_permissions(c, std::fs::Permissions::from_mode(0o750)).expect("chmod");
     std::os::unix::fs::symlink("../a", c.join("d/link")).expect("symlink");
     std::fs::hard_link(c.join("a"), c.join("hard")).expect("link");
     // Times before the builds' SOURCE_DATE_EPOCH, so that the clamp keeps them and the

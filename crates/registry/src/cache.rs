@@ -566,7 +566,7 @@ impl Source {
                     if !store.content().contains(&l.blob) {
                         fetch_blob(&self.client, &self.repo, &desc, store, lease, cancel)?;
                     }
-                    store.layer(&chains[i])?.size
+                    store.layer_known(&chains[i])?.size
                 } else {
                     let u = fetch_unpacked(store, &self.client, &self.repo, &desc, lease, cancel)?;
                     if u.diff_id != l.diff_id {

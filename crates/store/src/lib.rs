@@ -1163,6 +1163,19 @@ impl Store {
             .ok_or_else(|| StoreError::LayerNotFound(chain.clone()))
     }
 
+    /// The record of layer `chain`: an image's, else a build cache record's (a layer a
+    /// stage or step record brought, which no image names yet).
+    pub fn layer_known(&self, chain: &ChainId) -> Result<LayerRecord> {
+        self.layer(chain).or_else(|e| {
+            self.cache
+                .roots()
+                .0
+                .into_iter()
+                .find(|l| &l.chain_id == chain)
+                .ok_or(e)
+        })
+    }
+
     /// Finds an image by name (normalised), full ID (with or without `sha256:`), or a
     /// unique ID prefix.
     pub fn resolve(&self, name: &str) -> Result<ImageRecord> {
