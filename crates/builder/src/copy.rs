@@ -1093,13 +1093,14 @@ pub fn copy_to_tar<W: std::io::Write>(
     }
     let file = || {
         let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-        rustix::fs::open(
+        let f = rustix::fs::open(
             proc.as_str(),
             OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map(std::fs::File::from)
-        .map_err(|e| format!("{rel}: {e}"))
+        .map_err(|e| format!("{rel}: {e}"))?;
+        let size = stat_fd(f.as_fd())?.st_size;
+        Ok((std::fs::File::from(f), size))
     };
     tar_entry(src, rel, fd.as_fd(), &st, &at, opts, file, out)
 }
@@ -1131,14 +1132,15 @@ fn tar_dir_contents<W: std::io::Write>(
                     "{child_rel}: the source changed while it was copied"
                 ));
             }
-            Ok(std::fs::File::from(f))
+            Ok((std::fs::File::from(f), now.st_size))
         };
         tar_entry(src, child_rel, fd, st, &at.join(name), opts, file, out)
     })
 }
 
 /// One entry of [`copy_to_tar`] (source `rel`, whose O_PATH handle is `fd`), as `at`;
-/// `open` opens a regular file to read.
+/// `open` opens a regular file to read, with its size now (it may have changed since the
+/// walk's stat).
 #[allow(clippy::too_many_arguments)]
 fn tar_entry<W: std::io::Write>(
     src: &Source<'_>,
@@ -1147,7 +1149,7 @@ fn tar_entry<W: std::io::Write>(
     st: &rustix::fs::Stat,
     at: &Path,
     opts: &CopyOptions,
-    open: impl FnOnce() -> R<std::fs::File>,
+    open: impl FnOnce() -> R<(std::fs::File, i64)>,
     out: &mut isula_store::diff::LayerTarWriter<W>,
 ) -> R<()> {
     let kind = FileType::from_raw_mode(st.st_mode);
@@ -1181,9 +1183,8 @@ fn tar_entry<W: std::io::Write>(
             tar_dir_contents(src, rel, &dir, at, opts, out)
         }
         FileType::RegularFile => {
-            let mut f = open()?;
-            // The size now (the file may have changed since the walk's stat).
-            let size = f.metadata().map_err(|e| format!("{rel}: {e}"))?.len();
+            let (mut f, size) = open()?;
+            let size = u64::try_from(size).map_err(|_| format!("{rel}: a negative size"))?;
             out.file(at, &meta, &mut f, size)
                 .map_err(|e| format!("{rel}: {e}"))
         }

@@ -180,6 +180,9 @@ pub(crate) fn build_stages(
     let position = |i: usize| order.iter().position(|o| *o == i).unwrap_or(usize::MAX);
     let emitter = Emitter::new(&mut *ctx.log, order.clone());
     let step_line = |stage: usize, text: &str| emitter.emit(stage, Event::Step(text.to_string()));
+    let used_later: Vec<bool> = (0..n)
+        .map(|i| stages.iter().any(|(_, deps)| deps.contains(&i)))
+        .collect();
     let shared = stage::Shared {
         opts,
         df,
@@ -191,6 +194,7 @@ pub(crate) fn build_stages(
         used_cache_mounts,
         materials,
         step_line: &step_line,
+        used_later: &used_later,
     };
     let schedule = Mutex::new(Schedule {
         runs: vec![Run::Waiting; n],

@@ -450,8 +450,8 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
 /// stage stands after it), hit by an unchanged rebuild (the same image), stacked under a
 /// RUN that a longer Dockerfile adds after it (its layer's directory made then), kept
 /// across a restart; its layer's directory is made in idle time, and the store check
-/// passes. With the cache off (`--no-cache` of a step not recorded yet records it too),
-/// the same layer.
+/// passes. `--no-cache` writes it again, to the same image. A stage that a later stage
+/// uses writes its files instead.
 #[test]
 fn a_copy_written_as_a_tar_is_cached_and_reused_like_any_step() {
     if !require_root() || !require_tool("runc") {
@@ -506,6 +506,16 @@ fn a_copy_written_as_a_tar_is_cached_and_reused_like_any_step() {
         String::from_utf8_lossy(&d.image_files("app:1")["app/d/b"].content),
         "b\n"
     );
+    // A stage a later stage uses writes its files (the later one would wait for them).
+    let directs = |d: &Daemon| d.log().matches("COPY writes its upper directly").count();
+    let before = directs(&d);
+    let out = build(
+        &d,
+        "FROM busybox AS s\nCOPY . /app/\nFROM busybox\nCOPY --from=s /app/a /a\n",
+        &["--no-cache", "-t", "staged:1"],
+    );
+    assert_eq!((tars(&d), directs(&d) - before), (1, 1), "{out}");
+    assert_eq!(d.image_text("staged:1", "a").as_deref(), Some("hello"));
     d.stop_and_check_store();
     d.restart();
     let out = build(&d, copy, &["-t", "app:3"]);

@@ -184,8 +184,19 @@ impl ContentStore {
         Ok(buf)
     }
 
-    /// Starts a new blob.
+    /// Starts a new blob, hashed as it is written.
     pub fn writer(&self) -> Result<BlobWriter> {
+        self.new_writer(true)
+    }
+
+    /// Starts a new blob whose bytes the caller hashes (a pipeline that hashes what it
+    /// writes on another thread): its commit must be given that digest and size, and takes
+    /// the digest on the caller's word (the size is counted).
+    pub fn writer_hashed_by_caller(&self) -> Result<BlobWriter> {
+        self.new_writer(false)
+    }
+
+    fn new_writer(&self, hashing: bool) -> Result<BlobWriter> {
         let path = self.ingest.join(format!("{:016x}", rand::random::<u64>()));
         let file = File::options()
             .write(true)
@@ -195,7 +206,7 @@ impl ContentStore {
         Ok(BlobWriter {
             file: Some(isula_sys::WriteBehind::new(file)),
             path,
-            hash: Sha256::new(),
+            hash: hashing.then(Sha256::new),
             size: 0,
             blobs: self.blobs.clone(),
             verified: self.verified.clone(),
@@ -286,7 +297,8 @@ pub struct BlobWriter {
     /// Written behind: the commit's fsync waits only for the last few MiB.
     file: Option<isula_sys::WriteBehind<File>>,
     path: PathBuf,
-    hash: Sha256,
+    /// None: the caller hashes (see [`ContentStore::writer_hashed_by_caller`]).
+    hash: Option<Sha256>,
     size: u64,
     blobs: PathBuf,
     verified: Vouched,
@@ -297,15 +309,25 @@ impl BlobWriter {
         self.size
     }
 
-    /// The digest of what was written so far.
-    pub fn digest(&self) -> Digest {
-        Digest::from_sha256(self.hash.clone())
+    /// The digest of what was written so far (None: the caller hashes).
+    pub fn digest(&self) -> Option<Digest> {
+        self.hash.clone().map(Digest::from_sha256)
     }
 
     /// fsyncs, verifies against `expected` (digest and size) if given, and moves the blob into
     /// place. Returns its digest and size. Committing content that is already present is fine.
     pub fn commit(mut self, expected: Option<(&Digest, Option<u64>)>) -> Result<(Digest, u64)> {
-        let digest = self.digest();
+        let digest = match (self.digest(), expected) {
+            (Some(d), _) => d,
+            (None, Some((d, Some(_)))) => d.clone(),
+            (None, _) => {
+                return Err(StoreError::io(
+                    "commit",
+                    &self.path,
+                    io::Error::other("a blob its caller hashes needs the caller's digest and size"),
+                ))
+            }
+        };
         if let Some((want, size)) = expected {
             if want != &digest {
                 return Err(StoreError::DigestMismatch {
@@ -376,7 +398,9 @@ impl Write for BlobWriter {
             .as_mut()
             .ok_or_else(|| io::Error::other("blob writer already committed"))?;
         let n = f.write(buf)?;
-        self.hash.update(&buf[..n]);
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
         self.size += n as u64;
         Ok(n)
     }

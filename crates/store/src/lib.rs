@@ -232,7 +232,9 @@ impl Lease {
         w: BlobWriter,
         expected: Option<(&Digest, Option<u64>)>,
     ) -> Result<(Digest, u64)> {
-        self.blob(&w.digest());
+        if let Some(d) = w.digest().or_else(|| expected.map(|(d, _)| d.clone())) {
+            self.blob(&d);
+        }
         w.commit(expected)
     }
 

@@ -452,13 +452,18 @@ impl StageRun<'_, '_> {
     /// is written as the tar of that layer, hashed and stored as it is written, with no
     /// file made (the layer's directory is made in idle time, or when a build needs it).
     /// A copy of one source path only (several may write the same names: the files are
-    /// made), and never one that would fail (the files path says why).
+    /// made), never one that would fail (the files path says why), and not in a stage a
+    /// later stage uses (that one would wait for the layer's directory at once).
     fn packs_its_layer(
         &self,
         c: &isula_dockerfile::instructions::CopyArgs,
         root: &Root,
     ) -> Option<String> {
-        if self.files_after || !self.snaps.is_empty() || parse_chmod(c.chmod.as_deref()).is_err() {
+        if self.files_after
+            || self.used_later
+            || !self.snaps.is_empty()
+            || parse_chmod(c.chmod.as_deref()).is_err()
+        {
             return None;
         }
         let src = Source::local(root, self.ignore);
@@ -497,24 +502,33 @@ impl StageRun<'_, '_> {
         };
         let now = chrono::Utc::now().timestamp();
         let clamp = self.opts.build_time;
-        let mut blob = store.content().writer()?;
-        // One thread reads the context into the tar; this one hashes and stores it.
+        // One thread reads the context into the tar and hashes it; this one stores it (the
+        // copy into the page cache costs about what the read and the hash do together).
+        let mut blob = store.content().writer_hashed_by_caller()?;
         let (written, made) = std::thread::scope(|s| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PACK_PIECES_WAITING);
             let (back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
             let src = &src;
             let (dest, opts) = (&dest, &opts);
-            let making = s.spawn(move || -> Result<(), String> {
-                let sink = Pieces {
-                    tx,
-                    spare,
-                    piece: Vec::with_capacity(PACK_PIECE),
-                };
-                let mut tar = isula_store::diff::LayerTarWriter::new(sink, clamp);
-                copy::copy_to_tar(src, rel, dest, opts, now, &mut tar)?;
-                let mut sink = tar.finish().map_err(|e| e.to_string())?;
-                sink.send().map_err(|e| e.to_string())
-            });
+            // A stack for the context's deepest directories (reserved, not used, until the
+            // walk goes that deep), as the walk of a layer has.
+            let making = std::thread::Builder::new()
+                .name("copy-tar".into())
+                .stack_size(16 << 20)
+                .spawn_scoped(s, move || -> Result<(Digest, u64), String> {
+                    let sink = Pieces {
+                        tx,
+                        spare,
+                        piece: Vec::with_capacity(PACK_PIECE),
+                        hash: Default::default(),
+                        size: 0,
+                    };
+                    let mut tar = isula_store::diff::LayerTarWriter::new(sink, clamp);
+                    copy::copy_to_tar(src, rel, dest, opts, now, &mut tar)?;
+                    let mut sink = tar.finish().map_err(|e| e.to_string())?;
+                    sink.send().map_err(|e| e.to_string())?;
+                    Ok((Digest::from_sha256(sink.hash), sink.size))
+                });
             let mut written = Ok(());
             for piece in rx {
                 if let Err(e) = std::io::Write::write_all(&mut blob, &piece) {
@@ -523,13 +537,17 @@ impl StageRun<'_, '_> {
                 }
                 let _ = back.send(piece);
             }
-            let made = making
-                .join()
-                .unwrap_or_else(|_| Err("the thread writing the layer stopped".into()));
+            // A thread that did not start dropped its end of the channel: nothing came.
+            let made = match making {
+                Ok(t) => t
+                    .join()
+                    .unwrap_or_else(|_| Err("the thread writing the layer stopped".into())),
+                Err(e) => Err(format!("starting the thread that writes the layer: {e}")),
+            };
             (written, made)
         });
         // The copy's error first: a failed write stops it with a broken pipe.
-        made.map_err(|e| step_err(n, step, e))?;
+        let (digest, size) = made.map_err(|e| step_err(n, step, e))?;
         written.map_err(|e| {
             BuildError::Store(isula_store::StoreError::io(
                 "write",
@@ -537,7 +555,7 @@ impl StageRun<'_, '_> {
                 e,
             ))
         })?;
-        let (digest, size) = self.lease.commit_blob(blob, None)?;
+        let (digest, size) = self.lease.commit_blob(blob, Some((&digest, Some(size))))?;
         let diff_id = isula_types::DiffId(digest.clone());
         let parent = self.base_layers.last().map(|l| l.chain_id.clone());
         let chain = isula_types::ChainId::next(parent.as_ref(), &diff_id);
@@ -692,11 +710,14 @@ fn link_dest(root: &Root, dest: &str, owner: (u32, u32), mtime: i64) -> Result<(
 const PACK_PIECE: usize = 1 << 20;
 const PACK_PIECES_WAITING: usize = 4;
 
-/// Sends what is written in pieces of [`PACK_PIECE`], reusing the pieces sent back.
+/// Sends what is written in pieces of [`PACK_PIECE`], reusing the pieces sent back, and
+/// hashes and counts what it sends.
 struct Pieces {
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
     piece: Vec<u8>,
+    hash: sha2::Sha256,
+    size: u64,
 }
 
 impl Pieces {
@@ -713,6 +734,8 @@ impl Pieces {
             Err(_) => Vec::with_capacity(PACK_PIECE),
         };
         let full = std::mem::replace(&mut self.piece, next);
+        sha2::Digest::update(&mut self.hash, &full);
+        self.size += full.len() as u64;
         self.tx.send(full).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the layer's store stopped")
         })

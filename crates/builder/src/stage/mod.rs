@@ -50,6 +50,8 @@ pub struct Shared<'c> {
     /// Prints a `STEP n: ...` line for stage `index` (the number is given where the
     /// stage's lines are put in order).
     pub step_line: &'c (dyn Fn(usize, &str) + Sync),
+    /// Per stage: a later stage of the build uses it (FROM, COPY --from, a RUN mount).
+    pub used_later: &'c [bool],
 }
 
 pub struct StageRun<'c, 'a> {
@@ -100,6 +102,8 @@ pub struct StageRun<'c, 'a> {
     add_fetched: Vec<remote::Fetched>,
     /// A step after the running one changes files (RUN, COPY, ADD, WORKDIR).
     files_after: bool,
+    /// A later stage of the build uses this one's files.
+    used_later: bool,
 }
 
 /// One step's own changes: a cache snapshot, (cache off) a staged directory that goes
@@ -323,6 +327,7 @@ impl<'c, 'a> StageRun<'c, 'a> {
             reuse_plan: None,
             add_fetched: Vec::new(),
             files_after: true,
+            used_later: shared.used_later.get(index).copied().unwrap_or(true),
         }
     }
 
