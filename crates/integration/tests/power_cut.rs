@@ -308,7 +308,7 @@ fn builds_and_names_survive_a_power_cut() {
     let inputs = tempfile::tempdir().expect("inputs");
     let agent = Agent::start(inputs.path());
     let mut fs = Ext4::new(1024);
-    let mut d = powercut::daemon_on(&fs, &[], &[]);
+    let mut d = powercut::daemon_on(&fs, &[], &["--log-level", "debug"]);
     let tar = write(inputs.path(), "base.tar", &payload_rootfs(11));
     d.ok(&["ctr-img", "import", &tar, "base:1"]);
     let ctx = inputs.path().join("ctx");
@@ -322,6 +322,37 @@ fn builds_and_names_survive_a_power_cut() {
         d.image_text("app:1", "secret.sum").as_deref(),
         Some(sha256_hex(b"secret-1").as_str())
     );
+
+    // A COPY that ends its stage writes its layer as a tar, kept packed (its directory is
+    // made later): the cut comes before that.
+    let packed = inputs.path().join("packed");
+    std::fs::create_dir_all(&packed).expect("packed");
+    let mut sums = String::new();
+    for i in 0..300 {
+        let c = bytes(5000 + i, 100 + (i as usize * 131) % 9000);
+        std::fs::write(packed.join(format!("f{i}")), &c).expect("file");
+        sums.push_str(&format!("{}  /packed/f{i}\n", sha256_hex(&c)));
+    }
+    std::fs::write(packed.join("packed.sums"), sums).expect("sums");
+    std::fs::write(packed.join("Dockerfile"), "FROM base:1\nCOPY . /packed/\n").expect("df");
+    d.ok(&[
+        "ctr-img",
+        "build",
+        "-t",
+        "packed:1",
+        packed.to_str().expect("utf8"),
+    ]);
+    assert!(
+        d.log().contains("COPY writes its layer as a tar"),
+        "{}",
+        d.log()
+    );
+    cut(
+        &mut fs,
+        &mut d,
+        "a build whose COPY wrote its layer as a tar",
+    );
+    sees_its_files(&d, "packed:1", &["/packed/packed.sums"]);
 
     // The cache is whole after the cut: the same build hits on every step.
     let out = build(&d, &ctx, &agent, "app:1");
@@ -863,4 +894,63 @@ fn a_writeback_error_fails_every_handle_opened_before_it_and_only_those() {
     early.sync().expect("reported once");
     late.sync()
         .expect("a handle opened after the error does not see it");
+}
+
+/// A COPY that writes its layer as a tar onto a file system that fills up: the build fails
+/// with the store's own error (the write, and what it met), not the broken pipe the copy
+/// then meets; no image is named, the half-written blob goes, and the next build works.
+/// The control: the same COPY of a smaller file on the same file system succeeds.
+#[test]
+fn a_copy_written_as_a_tar_onto_a_full_disk_says_so_and_leaves_nothing() {
+    if !powercut::available() {
+        return;
+    }
+    // Past the daemon's free-space floor (min_free_space, 256 MiB) with room for a 100 MiB
+    // layer, not for a 900 MiB one.
+    let fs = Ext4::new(800);
+    let d = powercut::daemon_on(&fs, &[], &["--log-level", "debug"]);
+    d.load_fixed_busybox("busybox:latest");
+    let ctx = tempfile::tempdir().expect("ctx");
+    // Sparse: the context costs no disk, its layer's tar is that many zeros.
+    let big = std::fs::File::create(ctx.path().join("big")).expect("big");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nCOPY big /data/\n",
+    )
+    .expect("df");
+    let build = |tag: &str| {
+        d.cli(&[
+            "ctr-img",
+            "build",
+            "-t",
+            tag,
+            ctx.path().to_str().expect("utf8"),
+        ])
+    };
+    big.set_len(100 << 20).expect("size");
+    let out = build("small:1");
+    assert!(out.status.success(), "{out:?}");
+    big.set_len(900 << 20).expect("size");
+    let out = build("big:1");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("No space left on device")
+            && err.contains("/ingest/")
+            && !err.contains("the layer's store stopped"),
+        "{err}"
+    );
+    assert!(d.log().matches("COPY writes its layer as a tar").count() >= 2);
+    assert!(
+        !d.images().iter().any(|(r, _, _)| r == "big"),
+        "{:?}",
+        d.images()
+    );
+    let ingest: Vec<_> = std::fs::read_dir(d.data().join("ingest"))
+        .expect("ingest")
+        .collect();
+    assert!(ingest.is_empty(), "{ingest:?}");
+    big.set_len(50 << 20).expect("size");
+    let out = build("after:1");
+    assert!(out.status.success(), "{out:?}");
 }

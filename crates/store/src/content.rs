@@ -309,6 +309,11 @@ impl BlobWriter {
         self.size
     }
 
+    /// Where the blob is written until its commit.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The digest of what was written so far (None: the caller hashes).
     pub fn digest(&self) -> Option<Digest> {
         self.hash.clone().map(Digest::from_sha256)

@@ -546,15 +546,10 @@ impl StageRun<'_, '_> {
             };
             (written, made)
         });
-        // The copy's error first: a failed write stops it with a broken pipe.
+        // The store's error first: the copy it stopped only met a broken pipe.
+        written
+            .map_err(|e| BuildError::Store(isula_store::StoreError::io("write", blob.path(), e)))?;
         let (digest, size) = made.map_err(|e| step_err(n, step, e))?;
-        written.map_err(|e| {
-            BuildError::Store(isula_store::StoreError::io(
-                "write",
-                store.root().join("content/ingest"),
-                e,
-            ))
-        })?;
         let (digest, size) = self.lease.commit_blob(blob, Some((&digest, Some(size))))?;
         let diff_id = isula_types::DiffId(digest.clone());
         let parent = self.base_layers.last().map(|l| l.chain_id.clone());
