@@ -1085,12 +1085,13 @@ pub fn copy_to_tar<W: std::io::Write>(
     if kind == FileType::Directory {
         // As `ensure_dir`: the source directory's mode (never --chmod's).
         dir_entry(&at, &made(st.st_mode & 0o7777), out)?;
-        return tar_dir_contents(src, rel, &fd, &at, opts, out);
+        return tar_dir_contents(src, rel, &fd, &at, opts, out, comps.len());
     }
     if dest.ends_with('/') {
         dir_entry(&at, &made(0o755), out)?;
         at.push(Path::new(rel).file_name().unwrap_or_default());
     }
+    let depth = comps.len();
     let file = || {
         let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
         let f = rustix::fs::open(
@@ -1102,10 +1103,13 @@ pub fn copy_to_tar<W: std::io::Write>(
         let size = stat_fd(f.as_fd())?.st_size;
         Ok((std::fs::File::from(f), size))
     };
-    tar_entry(src, rel, fd.as_fd(), &st, &at, opts, file, out)
+    tar_entry(src, rel, fd.as_fd(), &st, &at, opts, file, out, depth)
 }
 
-/// [`copy_to_tar`] of the entries of source directory `dir` (at `rel`), as `at/...`.
+/// [`copy_to_tar`] of the entries of source directory `dir` (at `rel`, `depth`
+/// directories deep in the layer), as `at/...`. A layer nests directories no deeper than
+/// its walk goes ([`isula_store::diff::MAX_DEPTH`]), which refuses it as the files path's
+/// commit does.
 fn tar_dir_contents<W: std::io::Write>(
     src: &Source<'_>,
     rel: &str,
@@ -1113,7 +1117,15 @@ fn tar_dir_contents<W: std::io::Write>(
     at: &Path,
     opts: &CopyOptions,
     out: &mut isula_store::diff::LayerTarWriter<W>,
+    depth: usize,
 ) -> R<()> {
+    if depth > isula_store::diff::MAX_DEPTH {
+        return Err(format!(
+            "{}: directories nest more than {} deep in this layer",
+            at.display(),
+            isula_store::diff::MAX_DEPTH
+        ));
+    }
     for_each_selected(src, rel, dir.as_fd(), |child_rel, name, fd, st| {
         // A file is opened by name in its directory, and must still be what the walk saw.
         let file = || {
@@ -1134,7 +1146,17 @@ fn tar_dir_contents<W: std::io::Write>(
             }
             Ok((std::fs::File::from(f), now.st_size))
         };
-        tar_entry(src, child_rel, fd, st, &at.join(name), opts, file, out)
+        tar_entry(
+            src,
+            child_rel,
+            fd,
+            st,
+            &at.join(name),
+            opts,
+            file,
+            out,
+            depth,
+        )
     })
 }
 
@@ -1151,6 +1173,7 @@ fn tar_entry<W: std::io::Write>(
     opts: &CopyOptions,
     open: impl FnOnce() -> R<(std::fs::File, i64)>,
     out: &mut isula_store::diff::LayerTarWriter<W>,
+    depth: usize,
 ) -> R<()> {
     let kind = FileType::from_raw_mode(st.st_mode);
     let local = src.local == Some(ClientFiles::Copied);
@@ -1180,7 +1203,7 @@ fn tar_entry<W: std::io::Write>(
                 Mode::empty(),
             )
             .map_err(|e| format!("{rel}: {e}"))?;
-            tar_dir_contents(src, rel, &dir, at, opts, out)
+            tar_dir_contents(src, rel, &dir, at, opts, out, depth + 1)
         }
         FileType::RegularFile => {
             let (mut f, size) = open()?;

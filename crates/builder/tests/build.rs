@@ -33,11 +33,18 @@ fn busybox_tar() -> Vec<u8> {
 }
 
 /// The directory of the newest layer of `built:1`.
+/// The directory of `built:1`'s top layer (made now if the layer is kept packed: a COPY
+/// that ends its stage writes its layer as a tar).
 fn top_layer(e: &Env) -> std::path::PathBuf {
     let img = e.store.resolve("built:1").expect("img");
+    layer_files(e, img.layers.last().expect("layer"))
+}
+
+/// The directory of layer `chain`, made now if it is kept packed.
+fn layer_files(e: &Env, chain: &isula_types::ChainId) -> std::path::PathBuf {
     e.store
-        .layer_dir(img.layers.last().expect("layer"))
-        .join("diff")
+        .layer_diff(chain, &e.store.lease())
+        .expect("the layer's directory")
 }
 
 struct Env {
@@ -145,7 +152,7 @@ fn builds_the_manual_example_with_run_and_config() {
         "one base layer plus one commit for the stage"
     );
     let img = e.store.resolve("built:1").expect("tagged");
-    let top = e.store.layer_dir(&img.layers[1]).join("diff");
+    let top = layer_files(&e, &img.layers[1]);
     assert_eq!(
         std::fs::read(top.join("app/out")).expect("out"),
         b"hello isula\n"
@@ -532,7 +539,7 @@ fn heredocs_onbuild_target_proxies_and_caps() {
                 let probe = img
                     .layers
                     .iter()
-                    .map(|l| e.store.layer_dir(l).join("diff/sgid/probe"))
+                    .map(|l| layer_files(&e, l).join("sgid/probe"))
                     .find(|p| p.exists())
                     .unwrap_or_else(|| panic!("no layer of {:?} holds sgid/probe", img.layers));
                 let m = std::fs::symlink_metadata(&probe).expect("probe");

@@ -594,6 +594,27 @@ fn a_copy_written_as_a_tar_travels_through_the_registry_cache() {
     let df = format!("FROM {base}\nCOPY dir/ /app/\n");
     let (first, out) = build(&d1, &context(&d1, &df), &["--cache-to", &cache]);
     assert!(d1.log().contains("COPY writes its layer as a tar"), "{out}");
+    // Schema 2: a builder that reads schema 1 refuses it rather than take the step for one
+    // that changed no files (a cache without such a step stays schema 1).
+    let schema_of = |reference: &str| -> u64 {
+        let out = run_ok(Command::new("skopeo").args([
+            "inspect",
+            "--config",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{reference}"),
+        ]));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("records JSON");
+        v["schema"].as_u64().expect("schema")
+    };
+    assert_eq!(schema_of(&cache), 2);
+    let plain = format!("{host}/cache:plain");
+    build(
+        &d1,
+        &context(&d1, &format!("FROM {base}\nENV Z=1\n")),
+        &["--cache-to", &plain],
+    );
+    assert_eq!(schema_of(&plain), 1);
     let d2 = Daemon::for_registries(&[&host]);
     let (id, out) = build(&d2, &context(&d2, &df), &["--cache-from", &cache]);
     assert_eq!(id, first, "{out}");
@@ -607,4 +628,21 @@ fn a_copy_written_as_a_tar_travels_through_the_registry_cache() {
     );
     assert_eq!(cached_steps(&out), ["COPY dir/ /app/"], "{out}");
     assert_eq!(d3.image_text("run:1", "seen").as_deref(), Some("x"));
+    // A config step after it: the COPY hits, the stage does not, and the stage's layer is
+    // the one the record brought (as its gzip blob).
+    let d4 = Daemon::for_registries(&[&host]);
+    let (_, out) = build(
+        &d4,
+        &context(&d4, &format!("{df}ENV Y=1\n")),
+        &["--cache-from", &cache, "--tag", "env:1"],
+    );
+    assert_eq!(cached_steps(&out), ["COPY dir/ /app/"], "{out}");
+    assert_eq!(d4.image_text("env:1", "app/x").as_deref(), Some("x"));
+    d4.ok(&[
+        "ctr-img",
+        "save",
+        "env:1",
+        "-o",
+        d4.dir.path().join("env.tar").to_str().expect("utf8"),
+    ]);
 }

@@ -426,6 +426,10 @@ fn a_copy_to_a_new_top_level_name_makes_the_layer_the_overlay_makes() {
         d.image_text("run:1", "seen").as_deref(),
         Some("hello\nhello")
     );
+    // A FIFO alone, to a destination of one name, makes nothing: no layer (the files path,
+    // whose upper stays empty).
+    assert_eq!(build("FROM busybox\nCOPY d/fifo /f\n", "fifo:1"), (0, 1));
+    assert_eq!(last_layer(&d, "fifo:1"), last_layer(&d, "busybox:latest"));
     // Names a layer below has, or may climb to: the overlay.
     for df in [
         "FROM busybox\nCOPY . /bin/x/\n",
@@ -516,6 +520,29 @@ fn a_copy_written_as_a_tar_is_cached_and_reused_like_any_step() {
     );
     assert_eq!((tars(&d), directs(&d) - before), (1, 1), "{out}");
     assert_eq!(d.image_text("staged:1", "a").as_deref(), Some("hello"));
+    // The record's tar was written with SOURCE_DATE_EPOCH's clamp: a build without it makes
+    // another tar (the context's own times), so it does not use the record (whose key it
+    // shares) and keeps the layer it wrote; the clamped build still hits.
+    std::fs::write(&df, copy).expect("df");
+    let out = d.ok(&[
+        "ctr-img",
+        "build",
+        "-f",
+        df.to_str().expect("utf8"),
+        "-t",
+        "unclamped:1",
+        c.to_str().expect("utf8"),
+    ]);
+    assert!(
+        !cached_steps(&out).contains(&"COPY . /app/".to_string()),
+        "{out}"
+    );
+    assert_eq!(tars(&d), 2, "{out}");
+    let files = d.image_files("unclamped:1");
+    assert!(files["app/a"].mtime > 1000, "the context's own time");
+    assert_eq!(String::from_utf8_lossy(&files["app/d/b"].content), "b\n");
+    let out = build(&d, copy, &["-t", "app:5"]);
+    assert_eq!(build_id(&out), id, "{out}");
     d.stop_and_check_store();
     d.restart();
     let out = build(&d, copy, &["-t", "app:3"]);
@@ -524,7 +551,7 @@ fn a_copy_written_as_a_tar_is_cached_and_reused_like_any_step() {
     // --no-cache: written again (the same layer, the record kept as it was).
     let out = build(&d, copy, &["--no-cache", "-t", "app:4"]);
     assert_eq!(build_id(&out), id, "{out}");
-    assert_eq!(tars(&d), 2, "{out}");
+    assert_eq!(tars(&d), 3, "{out}");
 }
 
 /// A COPY of several sources whose earlier source's files are planned as links to the

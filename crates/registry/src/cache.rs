@@ -42,7 +42,11 @@ use std::collections::{HashMap, HashSet};
 
 /// The media type of the records blob (the manifest's config).
 pub const CONFIG_TYPE: &str = "application/vnd.isula-build.cache.config.v1+json";
-const SCHEMA: u32 = 1;
+/// The export's schema: 2 once it holds a step written as a tar (`written_as_tar`), which
+/// a reader of schema 1 would take for a step that changed no files (it refuses the cache
+/// instead); 1 otherwise. Both are read.
+const SCHEMA: u32 = 2;
+const SCHEMA_WITHOUT_TARS: u32 = 1;
 /// The records blob is read into memory: at most this big.
 const CONFIG_MAX: u64 = 64 << 20;
 
@@ -84,6 +88,10 @@ pub struct Entry {
     snapshot: Option<Blob>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     stage: Option<Stage>,
+    /// A step that wrote its layer as a tar: `stage` holds it (see
+    /// `isula_store::cache::TarWritten`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    written_as_tar: Option<isula_store::cache::TarWritten>,
 }
 
 impl Entry {
@@ -263,6 +271,7 @@ pub fn export(
             description: rec.description.clone(),
             snapshot,
             stage,
+            written_as_tar: rec.written_as_tar,
         });
     }
     let records = entries.len();
@@ -275,8 +284,13 @@ pub fn export(
         progress(format!("Copying blob {d}\n"));
         send_blob(&client, store, &repo, d, &[], cancel)?;
     }
+    let schema = if entries.iter().any(|e| e.written_as_tar.is_some()) {
+        SCHEMA
+    } else {
+        SCHEMA_WITHOUT_TARS
+    };
     let config = serde_json::to_vec(&Exported {
-        schema: SCHEMA,
+        schema,
         records: entries,
         mounts: exported_mounts,
     })
@@ -434,7 +448,7 @@ fn read_records(
         .content()
         .read_small(&manifest.config.digest, CONFIG_MAX)?;
     let exported: Exported = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
-    if exported.schema != SCHEMA {
+    if exported.schema != SCHEMA && exported.schema != SCHEMA_WITHOUT_TARS {
         return Err(bad(format!(
             "schema {} (this isula-builder reads {SCHEMA})",
             exported.schema
@@ -522,6 +536,7 @@ impl Source {
         };
         let started = std::time::Instant::now();
         let mut record = Record::under(e.parent.clone(), &e.description);
+        record.written_as_tar = e.written_as_tar;
         if let Some(b) = &e.snapshot {
             let unpacked = fetch_unpacked(
                 store,

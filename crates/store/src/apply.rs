@@ -97,7 +97,7 @@ impl Default for Limits {
 }
 
 impl Limits {
-    fn check_entries(&self, entries: u64, at: &Path) -> Result<()> {
+    pub(crate) fn check_entries(&self, entries: u64, at: &Path) -> Result<()> {
         if entries > self.max_entries {
             return Err(StoreError::TooLarge {
                 what: format!(
@@ -110,7 +110,7 @@ impl Limits {
         Ok(())
     }
 
-    fn check_bytes(&self, bytes: u64, at: &Path) -> Result<()> {
+    pub(crate) fn check_bytes(&self, bytes: u64, at: &Path) -> Result<()> {
         if bytes > self.max_bytes {
             return Err(StoreError::TooLarge {
                 what: format!(

@@ -31,7 +31,20 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// The index's schema: 2 once it holds a step written as a tar ([`TarWritten`]), which a
+/// reader of schema 1 would take for a step that changed no files (such a reader sets the
+/// index aside instead); 1 otherwise. Both are read.
+pub const SCHEMA_VERSION: u32 = 2;
+const SCHEMA_WITHOUT_TARS: u32 = 1;
+
+/// A step whose record holds the layer it wrote as a tar (its `stage` is the stage as it
+/// stood after the step: the layer is the top one), and the modification-time clamp that
+/// tar was written with: a build with another clamp makes another tar, and does not use
+/// the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TarWritten {
+    pub clamp_mtime: Option<i64>,
+}
 
 /// The result of a whole stage, reused as is on a full hit (same config, same image ID).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +77,9 @@ pub struct Record {
     pub lineage: Option<Digest>,
     /// Bytes on disk this record alone holds (its snapshot, or its stage's own layer).
     pub size: u64,
+    /// A step that wrote its layer as a tar (see [`TarWritten`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_as_tar: Option<TarWritten>,
     /// Seconds since the epoch (set by [`Cache::put`]).
     #[serde(default)]
     pub created: i64,
@@ -86,6 +102,7 @@ impl Record {
             stage: None,
             lineage: None,
             size: 0,
+            written_as_tar: None,
             created: 0,
             last_used: 0,
         }
@@ -232,7 +249,14 @@ impl Cache {
         let path = dir.join("index.json");
         // A cache only saves time: an index that cannot be read is set aside (for a look)
         // and the cache starts empty; the sweep then removes what it named.
-        let loaded = match load_versioned(&path, SCHEMA_VERSION, |i: &Index| i.schema) {
+        let loaded = match load_versioned(&path, SCHEMA_VERSION, |i: &Index| {
+            // Schema 1 is schema 2 without steps written as tars.
+            if i.schema == SCHEMA_WITHOUT_TARS {
+                SCHEMA_VERSION
+            } else {
+                i.schema
+            }
+        }) {
             Err(e @ StoreError::CorruptMetadata { .. }) => {
                 let aside = dir.join(format!("index.json.unreadable-{}", now()));
                 tracing::warn!(error = %e, aside = %aside.display(), "build cache index set aside; the cache starts empty");
@@ -259,7 +283,19 @@ impl Cache {
     }
 
     fn save(&self, index: &Index) -> Result<()> {
-        save_json(&self.dir.join("index.json"), index)
+        // Schema 1 while no step is written as a tar: a reader of schema 1 still reads it.
+        let schema = if index.records.values().any(|r| r.written_as_tar.is_some()) {
+            SCHEMA_VERSION
+        } else {
+            SCHEMA_WITHOUT_TARS
+        };
+        let path = self.dir.join("index.json");
+        if index.schema == schema {
+            return save_json(&path, index);
+        }
+        let mut labelled = index.clone();
+        labelled.schema = schema;
+        save_json(&path, &labelled)
     }
 
     /// Where a build context's stat-keyed hash record lives (a `.json` beside it is an
@@ -659,6 +695,58 @@ mod tests {
         fs::create_dir_all(staged.join("diff")).expect("staged");
         fs::write(staged.join("diff/f"), name).expect("file");
         cache.adopt_snapshot(&staged).expect("adopt")
+    }
+
+    /// The index says schema 1 (which the previous version reads) until it holds a step
+    /// written as a tar, then 2 (which that version sets aside rather than take such a step
+    /// for one that changed no files); both are read back.
+    #[test]
+    fn the_index_says_schema_2_only_once_it_holds_a_step_written_as_a_tar() {
+        let d = tempfile::tempdir().expect("tmp");
+        let schema = |dir: &Path| -> u64 {
+            let raw = fs::read(dir.join("cache/index.json")).expect("index");
+            let v: serde_json::Value = serde_json::from_slice(&raw).expect("json");
+            v["schema"].as_u64().expect("schema")
+        };
+        let key = |s: &str| Digest::of_bytes(s.as_bytes());
+        let cache = Cache::open(d.path()).expect("open");
+        assert!(cache
+            .put(&key("plain"), Record::new(&key("root"), "ENV X=1"))
+            .expect("put"));
+        cache.persist().expect("persist");
+        assert_eq!(schema(d.path()), 1);
+        drop(cache);
+        let cache = Cache::open(d.path()).expect("open schema 1");
+        assert!(cache.contains(&key("plain")));
+        let tar = Record {
+            written_as_tar: Some(TarWritten {
+                clamp_mtime: Some(1000),
+            }),
+            ..Record::new(&key("root"), "COPY . /app/")
+        };
+        assert!(cache.put(&key("tar"), tar).expect("put"));
+        cache.persist().expect("persist");
+        assert_eq!(schema(d.path()), 2);
+        drop(cache);
+        let cache = Cache::open(d.path()).expect("open schema 2");
+        assert!(cache.contains(&key("plain")) && cache.contains(&key("tar")));
+        assert_eq!(
+            cache
+                .records()
+                .iter()
+                .find(|(k, _)| *k == key("tar"))
+                .and_then(|(_, r)| r.written_as_tar),
+            Some(TarWritten {
+                clamp_mtime: Some(1000)
+            })
+        );
+        // A schema this version does not know: set aside, the cache starts empty.
+        let path = d.path().join("cache/index.json");
+        let raw = fs::read_to_string(&path).expect("index");
+        fs::write(&path, raw.replace("\"schema\":2", "\"schema\":3")).expect("write");
+        drop(cache);
+        let cache = Cache::open(d.path()).expect("open schema 3");
+        assert!(!cache.contains(&key("plain")));
     }
 
     #[test]

@@ -352,14 +352,14 @@ impl BlobWriter {
         }
         let mut phase = crate::phase::Phase::start("blob fsync");
         phase.add_bytes(self.size);
-        let file = self.file.take().map(isula_sys::WriteBehind::into_inner);
-        if let Some(f) = &file {
+        // Synced through the writer, which (if this fails) still removes the file on drop.
+        if let Some(f) = self.file.as_ref().map(isula_sys::WriteBehind::get_ref) {
             f.sync_all()
                 .map_err(|e| StoreError::io("fsync", &self.path, e))?;
             f.set_permissions(fs::Permissions::from_mode(0o444))
                 .map_err(|e| StoreError::io("chmod", &self.path, e))?;
         }
-        drop(file);
+        drop(self.file.take());
         let dest = self.blobs.join(digest.hex());
         // A blob that is there already and that this process hashed whole, unchanged since,
         // stays: a reader copying it on the strength of that (a save) would take the

@@ -44,7 +44,7 @@ struct Walk<'a, W: Write> {
 /// frame of the walk's stack (a layer deeper than this is refused, not walked into an
 /// overflow). The path limit stopped walks by path at about this depth for names of
 /// a few characters.
-const MAX_DEPTH: usize = 1024;
+pub const MAX_DEPTH: usize = 1024;
 
 /// The stack of the thread that walks a layer for a reader: enough for [`MAX_DEPTH`]
 /// levels (reserved, not used, until a walk goes that deep).
@@ -243,10 +243,16 @@ fn entry_header(m: &EntryMeta, kind: tar::EntryType, clamp_mtime: Option<i64>) -
 /// that knows the entries without making them (a COPY into a new directory). The caller
 /// gives the entries in the walk's order: each directory before what it holds, the
 /// names of one directory sorted by their bytes.
+/// It refuses what the unpack of the tar would (the entries and file bytes past
+/// `max_layer_entries` and `max_layer_size`), so that no layer is kept that cannot be
+/// unpacked.
 pub struct LayerTarWriter<W: Write> {
     tar: tar::Builder<W>,
     clamp_mtime: Option<i64>,
     buf: Vec<u8>,
+    limits: crate::apply::Limits,
+    entries: u64,
+    bytes: u64,
 }
 
 impl<W: Write> LayerTarWriter<W> {
@@ -257,11 +263,26 @@ impl<W: Write> LayerTarWriter<W> {
             tar,
             clamp_mtime,
             buf: vec![0u8; READ_BUFFER],
+            limits: crate::apply::limits(),
+            entries: 0,
+            bytes: 0,
         }
+    }
+
+    /// Counts an entry of `size` file bytes at `rel` against the unpack's limits.
+    fn count(&mut self, rel: &Path, size: u64) -> std::io::Result<()> {
+        self.entries += 1;
+        self.bytes = self.bytes.saturating_add(size);
+        let checked = self
+            .limits
+            .check_entries(self.entries, rel)
+            .and_then(|()| self.limits.check_bytes(self.bytes, rel));
+        checked.map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     /// Directory `rel` (written as `rel/`).
     pub fn dir(&mut self, rel: &Path, m: &EntryMeta) -> std::io::Result<()> {
+        self.count(rel, 0)?;
         let mut h = entry_header(m, tar::EntryType::Directory, self.clamp_mtime);
         let mut name = rel.as_os_str().as_bytes().to_vec();
         name.push(b'/');
@@ -278,6 +299,7 @@ impl<W: Write> LayerTarWriter<W> {
         f: &mut std::fs::File,
         size: u64,
     ) -> std::io::Result<()> {
+        self.count(rel, size)?;
         let mut h = entry_header(m, tar::EntryType::Regular, self.clamp_mtime);
         h.set_size(size);
         self.tar.append_data(&mut h, rel, std::io::empty())?;
@@ -286,6 +308,7 @@ impl<W: Write> LayerTarWriter<W> {
 
     /// Symlink `rel` to `target`.
     pub fn symlink(&mut self, rel: &Path, m: &EntryMeta, target: &Path) -> std::io::Result<()> {
+        self.count(rel, 0)?;
         let mut h = entry_header(m, tar::EntryType::Symlink, self.clamp_mtime);
         self.tar.append_link(&mut h, rel, target)
     }

@@ -71,7 +71,7 @@ impl StageRun<'_, '_> {
             if !p.recorded {
                 new_layer_size = p.layer.size;
             }
-            self.add_layer(&mut layers, &mut blobs, &mut config, p.layer);
+            self.add_layer(&mut layers, &mut blobs, &mut config, p.layer, p.blob);
             return self.finish_commit(key, config, layers, blobs, new_layer_size);
         }
         self.fetch_pending()?;
@@ -132,28 +132,29 @@ impl StageRun<'_, '_> {
             )?;
             tracing::debug!(elapsed = ?t.elapsed(), size, "stage layer committed");
             new_layer_size = size;
+            let blob = diff.0.clone();
             let layer = LayerRecord {
                 parent: layers.last().map(|l| l.chain_id.clone()),
                 chain_id: chain,
                 diff_id: diff,
                 size,
             };
-            self.add_layer(&mut layers, &mut blobs, &mut config, layer);
+            self.add_layer(&mut layers, &mut blobs, &mut config, layer, blob);
         }
         self.finish_commit(key, config, layers, blobs, new_layer_size)
     }
 
-    /// Puts the stage's own layer on its base: its blob (its tar's digest), its diff ID
-    /// in the config, and its history entry (the last step that changed files) says it
-    /// made a layer.
+    /// Puts the stage's own layer on its base: its blob, its diff ID in the config, and
+    /// its history entry (the last step that changed files) says it made a layer.
     fn add_layer(
         &mut self,
         layers: &mut Vec<LayerRecord>,
         blobs: &mut Vec<Digest>,
         config: &mut ImageConfig,
         layer: LayerRecord,
+        blob: Digest,
     ) {
-        blobs.push(layer.diff_id.0.clone());
+        blobs.push(blob);
         config.rootfs.kind = "layers".into();
         config.rootfs.diff_ids.push(layer.diff_id.clone());
         layers.push(layer);

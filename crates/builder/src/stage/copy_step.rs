@@ -471,10 +471,16 @@ impl StageRun<'_, '_> {
         for s in &c.sources {
             paths.extend(copy::expand_source(&src, s).ok()?);
         }
-        match paths.as_slice() {
-            [one] => Some(one.clone()),
-            _ => None,
+        let [one] = paths.as_slice() else {
+            return None;
+        };
+        // A FIFO alone makes nothing at a destination of one name (the files path then
+        // has no layer at all).
+        let (_, st) = copy::open_source(&src.scoped(one), one).ok()?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo {
+            return None;
         }
+        Some(one.clone())
     }
 
     /// The layer tar of a COPY that [`StageRun::packs_its_layer`] (of source path `rel` of

@@ -123,6 +123,8 @@ struct Snapshot {
 #[derive(Clone)]
 struct PackedStep {
     layer: LayerRecord,
+    /// Its blob: the tar itself, or (a record imported from a registry) its gzip.
+    blob: Digest,
     /// The step's cache record holds the layer (and counts its size).
     recorded: bool,
 }
@@ -137,12 +139,16 @@ impl Snapshot {
         }
     }
 
-    fn packed(layer: LayerRecord, recorded: bool) -> Snapshot {
+    fn packed(layer: LayerRecord, blob: Digest, recorded: bool) -> Snapshot {
         Snapshot {
             dir: PathBuf::new(),
             staged: None,
             remote: None,
-            packed: Some(PackedStep { layer, recorded }),
+            packed: Some(PackedStep {
+                layer,
+                blob,
+                recorded,
+            }),
         }
     }
 }

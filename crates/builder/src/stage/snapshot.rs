@@ -145,12 +145,12 @@ impl StageRun<'_, '_> {
         let kept = store.cache().put(key, record)?;
         self.cache_keys.push(key.clone());
         if let Some(id) = snapshot {
-            if kept {
+            // A concurrent build recorded the same step first: its snapshot, if this build
+            // can use it (a tar written with another clamp it cannot), else its own (the
+            // lease keeps it for this build; unrecorded, it goes at the next start).
+            if kept || !self.use_record(key)? {
                 self.snaps
                     .push(Snapshot::local(store.cache().snapshot_dir(&id), None));
-            } else {
-                // A concurrent build recorded the same step first: use its snapshot.
-                self.use_record(key)?;
             }
         }
         Ok(())
@@ -218,16 +218,21 @@ impl StageRun<'_, '_> {
             self.snaps.push(Snapshot::local(dir, None));
         } else if let Some(stage) = &r.stage {
             // A step that wrote its layer as a tar: the stage as it stood after it, whose
-            // top layer is the step's own.
-            let Some(top) = stage.layers.last() else {
+            // top layer is the step's own; written with this build's clamp, or it is not
+            // the layer this build's copy makes.
+            let clamp = isula_store::cache::TarWritten {
+                clamp_mtime: self.opts.build_time,
+            };
+            let (Some(top), Some(blob)) = (stage.layers.last(), stage.blobs.last()) else {
                 return Ok(false);
             };
-            if !store.cache_stage_whole(stage) {
+            if r.written_as_tar != Some(clamp) || !store.cache_stage_whole(stage) {
                 return Ok(false);
             }
             self.lease.layer(&top.chain_id);
-            self.lease.blob(&top.diff_id.0);
-            self.snaps.push(Snapshot::packed(top.clone(), true));
+            self.lease.blob(blob);
+            self.snaps
+                .push(Snapshot::packed(top.clone(), blob.clone(), true));
         }
         self.cache_keys.push(key.clone());
         Ok(true)
@@ -250,8 +255,9 @@ impl StageRun<'_, '_> {
             CacheMode::Refresh => store.cache().contains(key),
             CacheMode::On => false,
         };
+        let blob = layer.diff_id.0.clone();
         if private {
-            self.snaps.push(Snapshot::packed(layer, false));
+            self.snaps.push(Snapshot::packed(layer, blob, false));
             if self.opts.cache != CacheMode::Off {
                 self.cache_keys.push(key.clone());
             }
@@ -265,7 +271,7 @@ impl StageRun<'_, '_> {
         let mut layers = self.base_layers.clone();
         layers.push(layer.clone());
         let mut blobs = self.base_blobs.clone();
-        blobs.push(layer.diff_id.0.clone());
+        blobs.push(blob.clone());
         let record = Record {
             stage: Some(StageRecord {
                 config: config_blob,
@@ -273,16 +279,18 @@ impl StageRun<'_, '_> {
                 blobs,
             }),
             size: layer.size,
+            written_as_tar: Some(isula_store::cache::TarWritten {
+                clamp_mtime: self.opts.build_time,
+            }),
             ..Record::new(&self.key, description)
         };
         let kept = store.cache().put(key, record)?;
         isula_store::failpoint::hit("step.snapshot-adopted");
         self.cache_keys.push(key.clone());
-        if kept {
-            self.snaps.push(Snapshot::packed(layer, true));
-        } else {
-            // A concurrent build recorded the same step first: use its record.
-            self.use_record(key)?;
+        // A concurrent build recorded the same step first: its record, if this build can
+        // use it (one written with another clamp it cannot), else this build's own layer.
+        if kept || !self.use_record(key)? {
+            self.snaps.push(Snapshot::packed(layer, blob, kept));
         }
         Ok(())
     }
