@@ -669,21 +669,39 @@ fn builder_du_counts_files_linked_between_versions_of_a_step_once() {
     if !require_root() {
         return;
     }
-    let d = daemon_with_busybox(&[]);
+    let d = Daemon::start_configured(&[], &["--log-level", "debug"], &[]);
+    d.import_busybox("busybox:latest", &[]);
     let ctx = Ctx::new(&d, "FROM busybox\nCOPY d/ /d/\n", &[("d/small", "1")]);
     // 8 MB of incompressible bytes: a file the next version of the COPY links.
     let big: Vec<u8> = (0..8_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(ctx.dir.join("d/big"), &big).expect("big");
+    let ways = |d: &Daemon| {
+        let log = d.log();
+        (
+            log.matches("COPY writes its layer as a tar").count(),
+            log.matches("COPY writes its upper directly").count(),
+        )
+    };
+    // The first version is written as a tar (it has nothing to link); its directory is
+    // made in idle time.
     build(&d, &ctx, &[]);
-    let one = d.ok(&["builder", "du", "--verbose"]);
-    let total_one = du_line(&one, "Total:");
-    // The step's snapshot and the stage's layer are one set of files.
-    assert!((8_000_000..12_000_000).contains(&total_one), "{one}");
-
+    assert_eq!(ways(&d), (1, 0));
+    d.wait_idle();
+    // The second makes its files (the cache holds a version of the step now)...
     ctx.write("d/small", "2");
     build(&d, &ctx, &[]);
+    assert_eq!(ways(&d), (1, 1));
+    let one = d.ok(&["builder", "du", "--verbose"]);
+    let total_one = du_line(&one, "Total:");
+    // (each version's layer, and each second version's snapshot and layer one set of files)
+    assert!((16_000_000..24_000_000).contains(&total_one), "{one}");
+
+    // ... which the third links.
+    ctx.write("d/small", "3");
+    build(&d, &ctx, &[]);
+    assert_eq!(ways(&d), (1, 2));
     let two = d.ok(&["builder", "du", "--verbose"]);
     // Both COPY records hold the big file (each record's own size counts it) ...
     let sizes: u64 = two

@@ -328,6 +328,14 @@ impl Cache {
         Some(id)
     }
 
+    /// Whether any record (a snapshot or a tar written) is a version of `lineage`.
+    pub fn has_lineage(&self, lineage: &Digest) -> bool {
+        self.index()
+            .records
+            .values()
+            .any(|r| r.lineage.as_ref() == Some(lineage))
+    }
+
     /// Drops records whose parts are gone (with the records stacked on them) and removes
     /// snapshots no record names. Returns how many records and snapshots went.
     pub(crate) fn sweep(&self, store: &crate::Store) -> Result<(usize, usize)> {

@@ -453,7 +453,10 @@ impl StageRun<'_, '_> {
     /// file made (the layer's directory is made in idle time, or when a build needs it).
     /// A copy of one source path only (several may write the same names: the files are
     /// made), never one that would fail (the files path says why), and not in a stage a
-    /// later stage uses (that one would wait for the layer's directory at once).
+    /// later stage uses (that one would wait for the layer's directory at once). Only the
+    /// first version of a step the cache keeps: once it holds a version, the next ones
+    /// make files, which the versions after them link where unchanged (a tar shares no
+    /// file with another version, and is not linked from).
     fn packs_its_layer(
         &self,
         c: &isula_dockerfile::instructions::CopyArgs,
@@ -464,6 +467,13 @@ impl StageRun<'_, '_> {
             || !self.snaps.is_empty()
             || parse_chmod(c.chmod.as_deref()).is_err()
         {
+            return None;
+        }
+        let versioned = self
+            .step_lineage
+            .as_ref()
+            .is_some_and(|l| self.ctx.store.cache().has_lineage(l));
+        if self.opts.cache == CacheMode::On && versioned {
             return None;
         }
         let src = Source::local(root, self.ignore);

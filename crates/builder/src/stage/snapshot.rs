@@ -129,6 +129,19 @@ impl StageRun<'_, '_> {
             }
             return Ok(());
         }
+        // Recorded already: by a concurrent build, or as a tar written with another clamp
+        // (see `use_local_record`). Its record if this build can use it, else this build's
+        // own changes, unrecorded.
+        if store.cache().contains(key) {
+            if !self.use_record(key)? {
+                if !empty {
+                    self.snaps
+                        .push(Snapshot::local(upper.diff_dir(), Some(upper)));
+                }
+                self.cache_keys.push(key.clone());
+            }
+            return Ok(());
+        }
         let (snapshot, size) = if empty {
             (None, 0)
         } else {
@@ -145,12 +158,15 @@ impl StageRun<'_, '_> {
         let kept = store.cache().put(key, record)?;
         self.cache_keys.push(key.clone());
         if let Some(id) = snapshot {
-            // A concurrent build recorded the same step first: its snapshot, if this build
-            // can use it (a tar written with another clamp it cannot), else its own (the
-            // lease keeps it for this build; unrecorded, it goes at the next start).
-            if kept || !self.use_record(key)? {
+            if kept {
                 self.snaps
                     .push(Snapshot::local(store.cache().snapshot_dir(&id), None));
+            } else if !self.use_record(key)? {
+                // Recorded meanwhile, unusable here, and this build's snapshot went with
+                // the refused record: the step's changes are lost, so is the build.
+                return Err(BuildError::Invalid(format!(
+                    "step {key} was recorded by another build meanwhile in a form this build cannot use; build again"
+                )));
             }
         }
         Ok(())
@@ -248,7 +264,9 @@ impl StageRun<'_, '_> {
         description: &str,
         layer: LayerRecord,
     ) -> Result<(), BuildError> {
-        self.step_lineage = None;
+        // Kept in the record: the next version of the step makes files (see
+        // `packs_its_layer`), with nothing of this one to link.
+        let lineage = self.step_lineage.take();
         let store = self.ctx.store;
         let private = match self.opts.cache {
             CacheMode::Off => true,
@@ -279,6 +297,7 @@ impl StageRun<'_, '_> {
                 blobs,
             }),
             size: layer.size,
+            lineage,
             written_as_tar: Some(isula_store::cache::TarWritten {
                 clamp_mtime: self.opts.build_time,
             }),
