@@ -975,16 +975,7 @@ fn copy_entry(
                     dir: dir.clone(),
                     ino: (st.st_dev, st.st_ino),
                 },
-                None => {
-                    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-                    let f = rustix::fs::open(
-                        proc.as_str(),
-                        OFlags::RDONLY | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| format!("{rel}: {e}"))?;
-                    Input::Open(std::fs::File::from(f))
-                }
+                None => Input::Open(open_to_read(fd, rel)?),
             };
             submit(input)?;
         }
@@ -1018,6 +1009,19 @@ fn copy_entry(
         _ => return Err(format!("{rel}: cannot copy device nodes or sockets")),
     }
     Ok(())
+}
+
+/// The file an O_PATH handle `fd` (source `rel`) names, opened to read (through
+/// `/proc/self/fd`: the handle itself cannot be read).
+fn open_to_read(fd: BorrowedFd<'_>, rel: &str) -> R<std::fs::File> {
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rustix::fs::open(
+        proc.as_str(),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map(std::fs::File::from)
+    .map_err(|e| format!("{rel}: {e}"))
 }
 
 /// ADD of a local archive: unpacked into the destination directory.
@@ -1093,15 +1097,9 @@ pub fn copy_to_tar<W: std::io::Write>(
     }
     let depth = comps.len();
     let file = || {
-        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-        let f = rustix::fs::open(
-            proc.as_str(),
-            OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| format!("{rel}: {e}"))?;
+        let f = open_to_read(fd.as_fd(), rel)?;
         let size = stat_fd(f.as_fd())?.st_size;
-        Ok((std::fs::File::from(f), size))
+        Ok((f, size))
     };
     tar_entry(src, rel, fd.as_fd(), &st, &at, opts, file, out, depth)
 }
