@@ -1046,7 +1046,9 @@ fn extract(archive: &OwnedFd, dest: BorrowedFd<'_>) -> R<()> {
 /// [`isula_store::diff::LayerTarWriter`]), written without making a file. The copy's rules
 /// are [`copy`]'s: the destination's missing parents are made 0755 and root's, the
 /// destination directory (for a directory source) takes the source's mode, and both have
-/// the time the copy made them (`now`); entries keep their modes (or `--chmod`'s) and
+/// the time the copy made them (`now`; the files path leaves each the time its last entry
+/// was made, which only a build without a clamp can tell apart); entries keep their modes
+/// (or `--chmod`'s) and
 /// times and become root's; a FIFO of the client's is left out, and its sockets and
 /// device nodes become empty files.
 pub fn copy_to_tar<W: std::io::Write>(
