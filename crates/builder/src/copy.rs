@@ -1048,9 +1048,8 @@ fn extract(archive: &OwnedFd, dest: BorrowedFd<'_>) -> R<()> {
 /// destination directory (for a directory source) takes the source's mode, and both have
 /// the time the copy made them (`now`; the files path leaves each the time its last entry
 /// was made, which only a build without a clamp can tell apart); entries keep their modes
-/// (or `--chmod`'s) and
-/// times and become root's; a FIFO of the client's is left out, and its sockets and
-/// device nodes become empty files.
+/// (or `--chmod`'s) and times and become root's; a FIFO of the client's is left out, and
+/// its sockets and device nodes become empty files.
 pub fn copy_to_tar<W: std::io::Write>(
     src: &Source<'_>,
     rel: &str,
