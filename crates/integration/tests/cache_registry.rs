@@ -38,6 +38,18 @@ fn context(d: &Daemon, name: &str, base: &str) -> PathBuf {
     dir
 }
 
+/// A registry, its host, a busybox base pushed to it as `HOST/base:1`, and the daemon
+/// that pushed it (which may talk plain HTTP to it).
+fn registry_with_base() -> (Registry, String, String, Daemon) {
+    let reg = Registry::start(RegistryOptions::default());
+    let host = reg.host();
+    let base = format!("{host}/base:1");
+    let d = Daemon::for_registries(&[&host]);
+    d.import_busybox(&base, &[]);
+    d.ok(&["ctr-img", "push", &base]);
+    (reg, host, base, d)
+}
+
 fn build(d: &Daemon, ctx: &std::path::Path, extra: &[&str]) -> (String, String) {
     let mut args = vec!["ctr-img", "build", STATIC];
     args.extend_from_slice(extra);
@@ -69,13 +81,8 @@ fn a_second_daemon_reuses_the_cache_through_a_registry() {
     if !ready() {
         return;
     }
-    let reg = Registry::start(RegistryOptions::default());
-    let host = reg.host();
-    let base = format!("{host}/base:1");
+    let (reg, host, base, d1) = registry_with_base();
     let cache = format!("{host}/cache:1");
-    let d1 = Daemon::for_registries(&[&host]);
-    d1.import_busybox(&base, &[]);
-    d1.ok(&["ctr-img", "push", &base]);
     let ctx1 = context(&d1, "ctx", &base);
     let (first, out) = build(&d1, &ctx1, &["--cache-to", &cache]);
     assert!(
@@ -423,14 +430,9 @@ fn cache_mounts_travel_through_the_registry_to_a_fresh_daemon() {
     if !ready() {
         return;
     }
-    let reg = Registry::start(RegistryOptions::default());
-    let host = reg.host();
-    let base = format!("{host}/base:1");
+    let (_reg, host, base, d1) = registry_with_base();
     let with = format!("{host}/cache:mounts");
     let without = format!("{host}/cache:plain");
-    let d1 = Daemon::for_registries(&[&host]);
-    d1.import_busybox(&base, &[]);
-    d1.ok(&["ctr-img", "push", &base]);
     // A "package download" kept in a cache mount; a secret beside it never goes.
     let df = format!(
         "FROM {base}\n\
@@ -577,13 +579,8 @@ fn a_copy_written_as_a_tar_travels_through_the_registry_cache() {
     if !ready() {
         return;
     }
-    let reg = Registry::start(RegistryOptions::default());
-    let host = reg.host();
-    let base = format!("{host}/base:1");
+    let (_reg, host, base, d1) = registry_with_base();
     let cache = format!("{host}/cache:1");
-    let d1 = Daemon::for_registries(&[&host]);
-    d1.import_busybox(&base, &[]);
-    d1.ok(&["ctr-img", "push", &base]);
     let context = |d: &Daemon, df: &str| -> PathBuf {
         let dir = d.dir.path().join("packed");
         std::fs::create_dir_all(dir.join("dir")).expect("ctx");
