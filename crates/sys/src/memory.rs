@@ -75,17 +75,27 @@ pub const PIECES_KEPT: usize = 16;
 /// two pieces (grown if it must be: a compressor's output may outgrow its input), else a
 /// new one.
 pub fn take_piece(len: usize) -> Vec<u8> {
-    let mut v = pooled_or_new(len);
+    let mut v = pooled_or_new(len, false);
     v.clear();
     v.reserve(len);
     v
 }
 
 /// A pooled buffer (as it was given back) when `len` is at most two pieces, else a new one
-/// with room for `len`.
-fn pooled_or_new(len: usize) -> Vec<u8> {
+/// with room for `len`. A piece's length is how much of it is known written: `filled` takes
+/// the longest one (it is zeroed only past that length), an empty one to be written from
+/// the start takes the shortest (a push's copies of compressed pieces come back half full,
+/// and a read of a MiB into one of them zeroed the other half: 0.05 CPU s per 430 MB).
+fn pooled_or_new(len: usize, filled: bool) -> Vec<u8> {
     let pooled = if len <= 2 * PIECE {
-        PIECES.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        let mut pool = PIECES.lock().unwrap_or_else(|p| p.into_inner());
+        let pick = if filled {
+            pool.iter().enumerate().max_by_key(|(_, v)| v.len())
+        } else {
+            pool.iter().enumerate().min_by_key(|(_, v)| v.len())
+        }
+        .map(|(i, _)| i);
+        pick.map(|i| pool.swap_remove(i))
     } else {
         None
     };
@@ -98,7 +108,7 @@ fn pooled_or_new(len: usize) -> Vec<u8> {
 /// its bytes are written again only past that length, instead of being zeroed for every
 /// use (what `resize` on an emptied piece costs: a memset of each MiB moved).
 pub fn take_filled(len: usize) -> Vec<u8> {
-    let mut v = pooled_or_new(len);
+    let mut v = pooled_or_new(len, true);
     if v.len() >= len {
         v.truncate(len);
     } else {
@@ -250,6 +260,29 @@ mod tests {
         assert_eq!(super::take_piece(10).len(), 0);
         super::release_free();
         assert_eq!(super::pieces_kept(), 0);
+        // Of a full piece and a short one, a read takes the full one (nothing to zero) and
+        // a push-style writer the short one, in either order of giving back.
+        for full_first in [true, false] {
+            let mut full = super::take_filled(super::PIECE);
+            full.fill(1);
+            let mut short = super::take_piece(super::PIECE);
+            short.extend_from_slice(b"half");
+            let (full_at, short_at) = (full.as_ptr(), short.as_ptr());
+            if full_first {
+                super::give_piece(full);
+                super::give_piece(short);
+            } else {
+                super::give_piece(short);
+                super::give_piece(full);
+            }
+            let read = super::take_filled(super::PIECE);
+            assert_eq!(read.as_ptr(), full_at, "full first: {full_first}");
+            assert!(read.iter().all(|&b| b == 1));
+            super::give_piece(read);
+            let written = super::take_piece(100);
+            assert_eq!(written.as_ptr(), short_at, "full first: {full_first}");
+            super::release_free();
+        }
         // A big request is not a piece.
         assert!(super::take_piece(2 * super::PIECE + 1).capacity() > 2 * super::PIECE);
     }
@@ -259,7 +292,8 @@ mod tests {
         let Some(before) = super::allocator_stats() else {
             return;
         };
-        let big = vec![1u8; 8 << 20];
+        // black_box: an optimized build would elide an allocation nothing reads.
+        let big = std::hint::black_box(vec![1u8; 8 << 20]);
         let during = super::allocator_stats().expect("stats");
         assert!(
             during.allocated >= before.allocated + (8 << 20) - 4096,
