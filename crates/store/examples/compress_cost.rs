@@ -84,5 +84,18 @@ fn main() -> std::io::Result<()> {
         let h = sha2::Sha256::digest(d);
         Ok(h.len() as u64)
     });
+    // gzip's CRC-32 of the input, in 1 MiB pieces as the push reads them: flate2's
+    // (zlib-rs, 128-bit carry-less multiplication) and crc-fast's (512-bit where the CPU has
+    // VPCLMULQDQ).
+    measure("crc32 flate2", &data, |d| {
+        let mut c = flate2::Crc::new();
+        d.chunks(1 << 20).for_each(|p| c.update(p));
+        Ok(u64::from(c.sum()))
+    });
+    measure("crc32 crc-fast", &data, |d| {
+        let mut c = crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32IsoHdlc);
+        d.chunks(1 << 20).for_each(|p| c.update(p));
+        Ok(c.finalize())
+    });
     Ok(())
 }
