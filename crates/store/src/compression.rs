@@ -83,6 +83,105 @@ pub fn parallel_zstd<W: io::Write>(
     Ok(enc)
 }
 
+/// How many full pieces a [`WriteBehindThread`] holds for its thread.
+const BEHIND_PIECES: usize = 4;
+
+/// A writer that gathers what it is given into 1 MiB pooled pieces and writes each full
+/// one to `inner` on a thread of its own: a compressor's thread (zstd's hands its output on
+/// 32 KiB at a time) goes on compressing while its output is hashed, stored and copied to a
+/// push, as the gzip writer's collector does. [`WriteBehindThread::finish`] writes the rest
+/// and gives `inner` back; an error of `inner` comes out of the next write or the finish.
+pub struct WriteBehindThread<W: io::Write + Send + 'static> {
+    piece: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<io::Result<W>>>,
+}
+
+impl<W: io::Write + Send + 'static> WriteBehindThread<W> {
+    pub fn new(mut inner: W) -> io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BEHIND_PIECES);
+        let thread = std::thread::Builder::new()
+            .name("compress-write".into())
+            .spawn(move || {
+                for piece in rx {
+                    inner.write_all(&piece)?;
+                    isula_sys::memory::give_piece(piece);
+                }
+                Ok(inner)
+            })?;
+        Ok(WriteBehindThread {
+            piece: isula_sys::memory::take_piece(isula_sys::memory::PIECE),
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands the gathered piece to the thread (a new one takes its place unless `last`).
+    fn send(&mut self, last: bool) -> io::Result<()> {
+        let next = if last {
+            Vec::new()
+        } else {
+            isula_sys::memory::take_piece(isula_sys::memory::PIECE)
+        };
+        let piece = std::mem::replace(&mut self.piece, next);
+        let sent = match &self.tx {
+            Some(tx) if !piece.is_empty() => tx.send(piece).is_ok(),
+            Some(_) => true,
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            // The thread stopped: its error says why.
+            self.tx = None;
+            Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| io::Error::other("the writing thread stopped")))
+        }
+    }
+
+    fn join(&mut self) -> io::Result<W> {
+        self.tx = None;
+        self.thread
+            .take()
+            .ok_or_else(|| io::Error::other("the writing thread stopped"))?
+            .join()
+            .map_err(|_| io::Error::other("the writing thread panicked"))?
+    }
+
+    /// Writes what is left and returns `inner`.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.send(true)?;
+        self.join()
+    }
+}
+
+impl<W: io::Write + Send + 'static> io::Write for WriteBehindThread<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = isula_sys::memory::PIECE - self.piece.len();
+        let n = room.min(data.len());
+        self.piece.extend_from_slice(&data[..n]);
+        if self.piece.len() == isula_sys::memory::PIECE {
+            self.send(false)?;
+        }
+        Ok(n)
+    }
+
+    /// Nothing to do: pieces go to the thread as they fill, and the rest at `finish`.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: io::Write + Send + 'static> Drop for WriteBehindThread<W> {
+    fn drop(&mut self) {
+        // Unfinished (an error on the way): the thread ends with its channel, and what it
+        // wrote is dropped with `inner`.
+        let _ = self.join();
+    }
+}
+
 /// How much [`read_ahead`] reads at a time, and how many of those it keeps ready.
 const AHEAD_PIECE: usize = 1 << 20;
 const AHEAD_PIECES: usize = 4;
@@ -211,6 +310,60 @@ pub fn decompress<'a, R: Read + 'a>(r: R) -> io::Result<(Compression, Box<dyn Re
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn writing_behind_on_a_thread_keeps_every_byte_in_order() {
+        let data: Vec<u8> = (0..(5 << 20) + 12_345u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut w = WriteBehindThread::new(Vec::new()).expect("new");
+        for piece in data.chunks(32 * 1024 + 7) {
+            w.write_all(piece).expect("write");
+        }
+        assert_eq!(w.finish().expect("finish"), data);
+        // Nothing written: nothing comes out.
+        let w = WriteBehindThread::new(Vec::new()).expect("new");
+        assert!(w.finish().expect("finish").is_empty());
+    }
+
+    #[test]
+    fn writing_behind_on_a_thread_reports_the_writers_error() {
+        /// Takes 2 MiB, then fails.
+        struct Full(usize);
+        impl io::Write for Full {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                if self.0 + b.len() > 2 << 20 {
+                    return Err(io::Error::other("disk on fire"));
+                }
+                self.0 += b.len();
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        // Failing during the writes (the thread stops, the next hand-over says why), and
+        // failing with the last piece, at the finish.
+        for size in [64usize << 20, (2 << 20) + 10] {
+            let mut w = WriteBehindThread::new(Full(0)).expect("new");
+            let piece = vec![7u8; 100_000];
+            let mut wrote = 0;
+            let mut err = None;
+            while wrote < size {
+                let n = piece.len().min(size - wrote);
+                if let Err(e) = w.write_all(&piece[..n]) {
+                    err = Some(e);
+                    break;
+                }
+                wrote += n;
+            }
+            let e = match err {
+                Some(e) => e,
+                None => w.finish().err().expect("the finish fails"),
+            };
+            assert_eq!(e.to_string(), "disk on fire", "size {size}");
+        }
+    }
 
     #[test]
     fn round_trips_every_format() {

@@ -1025,24 +1025,23 @@ impl Store {
                 // zstd's writer hands on what it made 32 KiB at a time, and zstd:chunked
                 // a frame per file: gathered into 1 MiB pieces, the blob is written, hashed
                 // and copied to a push in large pieces (each piece a push is given is a
-                // wake-up of its connection).
+                // wake-up of its connection), on a thread of their own, as gzip's are: the
+                // thread that feeds the compressor no longer stops to hash (a push right
+                // after a build, zstd, in interleaved rounds: see README, "zstd").
                 Codec::Zstd => {
                     let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
-                    let w = std::io::BufWriter::with_capacity(isula_sys::memory::PIECE, w);
+                    let w = compression::WriteBehindThread::new(w).map_err(io)?;
                     let mut enc = compression::parallel_zstd(w, level).map_err(io)?;
                     compression::pump(&mut plain, &mut enc).map_err(io)?;
                     let w = enc.finish().map_err(io)?;
-                    (
-                        w.into_inner().map_err(|e| io(e.into_error()))?,
-                        Default::default(),
-                    )
+                    (w.finish().map_err(io)?, Default::default())
                 }
                 // A frame per file, and the table of contents that finds them.
                 Codec::ZstdChunked => {
                     let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
-                    let mut w = std::io::BufWriter::with_capacity(isula_sys::memory::PIECE, w);
+                    let mut w = compression::WriteBehindThread::new(w).map_err(io)?;
                     let annotations = zstd_chunked::write(&mut plain, &mut w, level).map_err(io)?;
-                    (w.into_inner().map_err(|e| io(e.into_error()))?, annotations)
+                    (w.finish().map_err(io)?, annotations)
                 }
             })
         })?;
