@@ -83,21 +83,21 @@ pub fn parallel_zstd<W: io::Write>(
     Ok(enc)
 }
 
-/// How many full pieces a [`WriteBehindThread`] holds for its thread.
+/// How many full pieces a [`ThreadWriter`] holds for its thread.
 const BEHIND_PIECES: usize = 4;
 
 /// A writer that gathers what it is given into 1 MiB pooled pieces and writes each full
 /// one to `inner` on a thread of its own: a compressor's thread (zstd's hands its output on
 /// 32 KiB at a time) goes on compressing while its output is hashed, stored and copied to a
-/// push, as the gzip writer's collector does. [`WriteBehindThread::finish`] writes the rest
+/// push, as the gzip writer's collector does. [`ThreadWriter::finish`] writes the rest
 /// and gives `inner` back; an error of `inner` comes out of the next write or the finish.
-pub struct WriteBehindThread<W: io::Write + Send + 'static> {
+pub struct ThreadWriter<W: io::Write + Send + 'static> {
     piece: Vec<u8>,
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     thread: Option<std::thread::JoinHandle<io::Result<W>>>,
 }
 
-impl<W: io::Write + Send + 'static> WriteBehindThread<W> {
+impl<W: io::Write + Send + 'static> ThreadWriter<W> {
     pub fn new(mut inner: W) -> io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(BEHIND_PIECES);
         let thread = std::thread::Builder::new()
@@ -109,7 +109,7 @@ impl<W: io::Write + Send + 'static> WriteBehindThread<W> {
                 }
                 Ok(inner)
             })?;
-        Ok(WriteBehindThread {
+        Ok(ThreadWriter {
             piece: isula_sys::memory::take_piece(isula_sys::memory::PIECE),
             tx: Some(tx),
             thread: Some(thread),
@@ -157,7 +157,7 @@ impl<W: io::Write + Send + 'static> WriteBehindThread<W> {
     }
 }
 
-impl<W: io::Write + Send + 'static> io::Write for WriteBehindThread<W> {
+impl<W: io::Write + Send + 'static> io::Write for ThreadWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let room = isula_sys::memory::PIECE - self.piece.len();
         let n = room.min(data.len());
@@ -174,7 +174,7 @@ impl<W: io::Write + Send + 'static> io::Write for WriteBehindThread<W> {
     }
 }
 
-impl<W: io::Write + Send + 'static> Drop for WriteBehindThread<W> {
+impl<W: io::Write + Send + 'static> Drop for ThreadWriter<W> {
     fn drop(&mut self) {
         // Unfinished (an error on the way): the thread ends with its channel, and what it
         // wrote is dropped with `inner`.
@@ -316,13 +316,13 @@ mod tests {
         let data: Vec<u8> = (0..(5 << 20) + 12_345u32)
             .map(|i| (i % 251) as u8)
             .collect();
-        let mut w = WriteBehindThread::new(Vec::new()).expect("new");
+        let mut w = ThreadWriter::new(Vec::new()).expect("new");
         for piece in data.chunks(32 * 1024 + 7) {
             w.write_all(piece).expect("write");
         }
         assert_eq!(w.finish().expect("finish"), data);
         // Nothing written: nothing comes out.
-        let w = WriteBehindThread::new(Vec::new()).expect("new");
+        let w = ThreadWriter::new(Vec::new()).expect("new");
         assert!(w.finish().expect("finish").is_empty());
     }
 
@@ -345,7 +345,7 @@ mod tests {
         // Failing during the writes (the thread stops, the next hand-over says why), and
         // failing with the last piece, at the finish.
         for size in [64usize << 20, (2 << 20) + 10] {
-            let mut w = WriteBehindThread::new(Full(0)).expect("new");
+            let mut w = ThreadWriter::new(Full(0)).expect("new");
             let piece = vec![7u8; 100_000];
             let mut wrote = 0;
             let mut err = None;

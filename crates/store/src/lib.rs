@@ -1026,11 +1026,10 @@ impl Store {
                 // a frame per file: gathered into 1 MiB pieces, the blob is written, hashed
                 // and copied to a push in large pieces (each piece a push is given is a
                 // wake-up of its connection), on a thread of their own, as gzip's are: the
-                // thread that feeds the compressor no longer stops to hash (a push right
-                // after a build, zstd, in interleaved rounds: see README, "zstd").
+                // thread that feeds the compressor does not stop to hash.
                 Codec::Zstd => {
                     let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
-                    let w = compression::WriteBehindThread::new(w).map_err(io)?;
+                    let w = compression::ThreadWriter::new(w).map_err(io)?;
                     let mut enc = compression::parallel_zstd(w, level).map_err(io)?;
                     compression::pump(&mut plain, &mut enc).map_err(io)?;
                     let w = enc.finish().map_err(io)?;
@@ -1039,7 +1038,7 @@ impl Store {
                 // A frame per file, and the table of contents that finds them.
                 Codec::ZstdChunked => {
                     let level = how.level.unwrap_or(compression::ZSTD_LEVEL);
-                    let mut w = compression::WriteBehindThread::new(w).map_err(io)?;
+                    let mut w = compression::ThreadWriter::new(w).map_err(io)?;
                     let annotations = zstd_chunked::write(&mut plain, &mut w, level).map_err(io)?;
                     (w.finish().map_err(io)?, annotations)
                 }
