@@ -468,12 +468,7 @@ pub(crate) fn expand_source(src: &Source<'_>, pattern: &str) -> R<Vec<String>> {
 }
 
 fn is_archive(fd: BorrowedFd<'_>) -> bool {
-    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-    let Ok(f) = rustix::fs::open(
-        proc.as_str(),
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) else {
+    let Ok(f) = open_to_read(fd, "") else {
         return false;
     };
     let mut head = [0u8; 512];
@@ -542,7 +537,7 @@ pub fn copy(
             )?;
         } else if opts.extract && kind == FileType::RegularFile && is_archive(fd.as_fd()) {
             let dfd = ensure_dir(rootfs, dest, opts, None)?;
-            extract(&fd, dfd.as_fd())?;
+            extract(fd.as_fd(), rel, dfd.as_fd())?;
         } else {
             // Into the directory, or as the file dest names.
             let target_is_dir = dest_is_dir
@@ -1025,9 +1020,8 @@ fn open_to_read(fd: BorrowedFd<'_>, rel: &str) -> R<std::fs::File> {
 }
 
 /// ADD of a local archive: unpacked into the destination directory.
-fn extract(archive: &OwnedFd, dest: BorrowedFd<'_>) -> R<()> {
-    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(archive));
-    let f = std::fs::File::open(&proc).map_err(|e| e.to_string())?;
+fn extract(archive: BorrowedFd<'_>, rel: &str, dest: BorrowedFd<'_>) -> R<()> {
+    let f = open_to_read(archive, rel)?;
     let (_, plain) = isula_store::compression::decompress(std::io::BufReader::new(f))
         .map_err(|e| e.to_string())?;
     let dest_path = PathBuf::from(format!(

@@ -22,10 +22,9 @@ pub struct ParallelGzip<W: Write + Send + 'static> {
     order: Option<SyncSender<Receiver<io::Result<Out>>>>,
     workers: Vec<JoinHandle<()>>,
     collector: Option<JoinHandle<io::Result<W>>>,
-    /// The CRC-32 of the input (crc-fast: 512-bit carry-less multiplication where the CPU
-    /// has it, twice zlib-rs's speed here) and its length.
+    /// The CRC-32 of the input and its length (crc-fast: 512-bit carry-less
+    /// multiplication where the CPU has it, twice zlib-rs's speed here).
     crc: crc_fast::Digest,
-    amount: u64,
 }
 
 /// The probe size of [`deflate_chunk`]'s test for data deflate cannot shrink: a tar block,
@@ -240,7 +239,6 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
             workers,
             collector: Some(collector),
             crc: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32IsoHdlc),
-            amount: 0,
         })
     }
 
@@ -282,7 +280,7 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
             .map_err(|_| io::Error::other("the gzip collector panicked"))??;
         // The trailer: CRC-32 and the input's length modulo 2^32 (RFC 1952).
         out.write_all(&(self.crc.finalize() as u32).to_le_bytes())?;
-        out.write_all(&(self.amount as u32).to_le_bytes())?;
+        out.write_all(&(self.crc.get_amount() as u32).to_le_bytes())?;
         Ok(out)
     }
 }
@@ -300,7 +298,6 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
                 Err(e) => return Err(e),
             };
             self.crc.update(&self.buf[self.filled..self.filled + n]);
-            self.amount += n as u64;
             self.filled += n;
             total += n as u64;
             if self.filled == CHUNK {
@@ -313,7 +310,6 @@ impl<W: Write + Send + 'static> ParallelGzip<W> {
 impl<W: Write + Send + 'static> Write for ParallelGzip<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.crc.update(data);
-        self.amount += data.len() as u64;
         let mut rest = data;
         while !rest.is_empty() {
             let n = (CHUNK - self.filled).min(rest.len());
