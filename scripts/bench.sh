@@ -147,7 +147,7 @@ nothing_packed() {
 # The ticks of each daemon (by pid) when it was last found idle.
 declare -A SEEN_IDLE
 # Waits until process $1 is idle: it used no CPU for SETTLE seconds (3: longer than the
-# 300 ms of quiet our store waits for before its idle-time work) and, with a data root $2, that store
+# 100 ms of quiet our store waits for before its idle-time work) and, with a data root $2, that store
 # keeps no layer packed. Sets IDLE_AT, the time it was last seen using CPU (to 0.1 s; the
 # wait's start if it used none), and IDLE_TICKS, its CPU ticks then. Returns 1 if it is not
 # idle within $3 seconds (SETTLE_MAX, 600).

@@ -81,7 +81,8 @@ pub struct Flags {
     /// Serve only the grpc.health.v1 service, plain TCP, on ADDR:PORT (Kubernetes probes)
     #[arg(long = "health-addr")]
     pub health_addr: Option<std::net::SocketAddr>,
-    /// Verify every blob digest and image record in the store, print problems and exit
+    /// Re-hash every blob and every layer directory, make a damaged directory again from
+    /// its blob, check every image record; print what was repaired or is wrong and exit
     #[arg(long = "check-store")]
     pub check_store: bool,
     #[command(subcommand)]

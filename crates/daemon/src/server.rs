@@ -228,6 +228,8 @@ pub async fn run(settings: Settings, store: isula_store::Store) -> Result<()> {
         tokio::spawn(crate::metrics::serve(listener, settings.data_root.clone()));
     }
     let state = State::new(settings, store, key);
+    // Names a stopped daemon left between an image and the list that keeps its platforms.
+    crate::rpc::local_index::recover(&state);
     // The store's background work (unpacking loaded and pulled layers, hashing their
     // directories): only while no operation runs, at the lowest CPU priority.
     let compressor = {

@@ -878,3 +878,123 @@ fn a_writeback_error_fails_the_operation_and_records_nothing() {
     }
     d.stop_and_check_store();
 }
+
+/// The platforms `ctr-img images` gives the repository `multi` (any domain), sorted, and
+/// the number of untagged images.
+fn multi_platforms(d: &Daemon) -> (Vec<String>, usize) {
+    let out = d.ok(&["ctr-img", "images"]);
+    let mut found: Vec<String> = out
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|r| r == "multi" || r.ends_with("/multi"))
+        })
+        .map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("linux/"))
+                .unwrap_or("no platform column")
+                .to_string()
+        })
+        .collect();
+    found.sort();
+    let untagged = out
+        .lines()
+        .filter(|l| l.split_whitespace().next() == Some("<none>"))
+        .count();
+    (found, untagged)
+}
+
+/// A SIGKILL while `tag` gives a name to an image of another platform than the image
+/// holding it: after the name moved and before the local list kept the first image
+/// under it, and after the list was written and before the image gave the name up. The
+/// restart finishes the move from the note the daemon wrote first: the name stands for
+/// both platforms, nothing is untagged, and `rm -p` removes neither. The control removes
+/// the note before the restart: the first platform's image is then left untagged (what a
+/// kill did before the notes), and `rm -p` removes it.
+#[test]
+fn a_kill_while_a_name_joins_another_platform_loses_neither() {
+    if !require_root() {
+        return;
+    }
+    let other = if host_arch() == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let mut both = vec![format!("linux/{}", host_arch()), format!("linux/{other}")];
+    both.sort();
+    let work = tempfile::tempdir().expect("tmp");
+    let cases = [
+        ("local-index.name-moved", true),
+        ("local-index.list-written", true),
+        ("local-index.name-moved", false),
+    ];
+    for (point, keep_note) in cases {
+        let what = format!("{point} (note kept: {keep_note})");
+        let mut d = Daemon::start_with(&["--log-level", "debug"]);
+        for (name, arch) in [("base-host:1", host_arch()), ("base-other:1", other)] {
+            let a = work.path().join(format!("{arch}.tar"));
+            std::fs::write(&a, docker_archive_for(&[busybox_rootfs(&[])], name, arch))
+                .expect("archive");
+            d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+        }
+        // multi:1 is the first image's only name.
+        d.ok(&["ctr-img", "tag", "base-host:1", "multi:1"]);
+        d.ok(&["ctr-img", "rm", "base-host:1"]);
+        d.stop();
+        d.set_env("ISULA_FAILPOINT", Some(point));
+        d.restart();
+        let reached = format!("failpoint {point} reached");
+        let said = work.path().join("client.out");
+        let mut client = d
+            .cli_command(&["ctr-img", "tag", "base-other:1", "multi:1"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&said).expect("client output"))
+            .spawn()
+            .expect("client");
+        wait_until_explained(
+            &reached,
+            Duration::from_secs(60),
+            || d.log().contains(&reached),
+            || {
+                let log = d.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!(
+                    "the client said {:?}; the daemon's log ends {tail:#?}",
+                    std::fs::read_to_string(&said).unwrap_or_default()
+                )
+            },
+        );
+        d.kill();
+        let _ = client.wait();
+        let notes = d.data().join("name-moves");
+        assert_eq!(listing(&notes).len(), 1, "{what}: the note of the move");
+        if !keep_note {
+            std::fs::remove_dir_all(&notes).expect("remove the note");
+        }
+        d.set_env("ISULA_FAILPOINT", None);
+        d.restart();
+        let (platforms, untagged) = multi_platforms(&d);
+        if keep_note {
+            assert_eq!(platforms, both, "{what}: what the name stands for");
+            assert_eq!(untagged, 0, "{what}: an image lost its name");
+            assert!(listing(&notes).is_empty(), "{what}: the note is left");
+        } else {
+            assert_eq!(platforms, vec![format!("linux/{other}")], "{what}");
+            assert_eq!(untagged, 1, "{what}: the first image kept a name");
+        }
+        let images = |d: &Daemon| d.ok(&["ctr-img", "images"]).lines().count();
+        let listed = images(&d);
+        d.ok(&["ctr-img", "rm", "-p"]);
+        let (after, _) = multi_platforms(&d);
+        assert_eq!(
+            after, platforms,
+            "{what}: rm -p removed a platform of the name"
+        );
+        // What rm -p removes: nothing after a finished move, the untagged image otherwise.
+        assert_eq!(images(&d), listed - untagged, "{what}: rm -p");
+        assert_recovered(&mut d, &what);
+        d.stop_and_check_store();
+    }
+}

@@ -1011,3 +1011,66 @@ fn one_name_stands_for_the_platforms_pulled_and_built_under_it() {
         "rm of the name takes its images, nothing else"
     );
 }
+
+/// A build for another platform under a tag an image of this machine's platform holds
+/// joins it (the tag becomes a local list of both), and a build for the same platform
+/// again replaces that platform's entry only: `images` shows both platforms under the
+/// tag, `rm -p` keeps both, and `rm` of the tag removes the list. No QEMU: the builds only
+/// COPY (the arm64 base is this machine's busybox with an arm64 config).
+#[test]
+fn a_build_for_another_platform_joins_the_tag_it_names() {
+    if !require_root() || !require_tool("runc") || host_arch() != "amd64" {
+        return;
+    }
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    for (name, arch) in [("base:1", "amd64"), ("base-arm:1", "arm64")] {
+        let a = dir.path().join(format!("{arch}.tar"));
+        std::fs::write(&a, docker_archive_for(&[busybox_rootfs(&[])], name, arch))
+            .expect("archive");
+        d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+    }
+    let ctx = tempfile::tempdir().expect("ctx");
+    let c = ctx.path().to_str().expect("utf8");
+    // The platforms of the tag's repository, however `images` spells it.
+    let joined = |d: &Daemon| {
+        let out = d.ok(&["ctr-img", "images"]);
+        let repo = out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .find(|r| *r == "joined" || r.ends_with("/joined"))
+            .map(str::to_string);
+        repo.map(|r| platforms_of(d, &r)).unwrap_or_default()
+    };
+    let build = |base: &str, platform: &str, content: &str| {
+        std::fs::write(ctx.path().join("f"), content).expect("f");
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!("FROM {base}\nCOPY f /f\n"),
+        )
+        .expect("df");
+        d.ok(&[
+            "ctr-img",
+            "build",
+            "--platform",
+            platform,
+            "-t",
+            "joined:1",
+            c,
+        ]);
+    };
+    build("base:1", "linux/amd64", "one");
+    assert_eq!(joined(&d), vec!["linux/amd64"]);
+    build("base-arm:1", "linux/arm64", "two");
+    assert_eq!(joined(&d), vec!["linux/amd64", "linux/arm64"]);
+    // Built again for this machine: its entry is replaced, the arm64 one kept.
+    let before = d.ok(&["ctr-img", "images"]);
+    build("base:1", "linux/amd64", "three");
+    let after = d.ok(&["ctr-img", "images"]);
+    assert_eq!(joined(&d), vec!["linux/amd64", "linux/arm64"]);
+    assert_ne!(before, after, "the amd64 entry was not replaced");
+    d.ok(&["ctr-img", "rm", "-p"]);
+    assert_eq!(joined(&d), vec!["linux/amd64", "linux/arm64"]);
+    d.ok(&["ctr-img", "rm", "joined:1"]);
+    assert!(joined(&d).is_empty());
+}

@@ -97,6 +97,14 @@ fn sorted_images(d: &Daemon) -> Vec<(String, String, String)> {
 
 /// Cuts the power, brings the machine back, and requires the names to point where they
 /// pointed and `--check-store` to pass.
+/// Whether the store's record holds a packed layer now (a loaded or pulled layer whose
+/// directory the idle unpack has not made yet): the "packed" cuts must find one.
+fn packed_now(d: &Daemon) -> bool {
+    let text = std::fs::read_to_string(d.data().join("metadata.json")).expect("metadata");
+    let meta: serde_json::Value = serde_json::from_str(&text).expect("metadata json");
+    meta["packed"].as_object().is_some_and(|p| !p.is_empty())
+}
+
 fn cut(fs: &mut Ext4, d: &mut Daemon, what: &str) {
     let before = sorted_images(d);
     powercut::cut_and_restart(fs, d);
@@ -166,6 +174,10 @@ fn import_load_and_pull_survive_a_power_cut() {
         &docker_archive(&[payload_rootfs(2)], "ld:1"),
     );
     d.ok(&["ctr-img", "load", "-i", &a]);
+    assert!(
+        packed_now(&d),
+        "the load's layer was unpacked before the cut"
+    );
     cut(&mut fs, &mut d, "a load (packed)");
     sees_its_files(&d, "ld:1", &["/payload.sums"]);
     let a = write(
@@ -181,6 +193,10 @@ fn import_load_and_pull_survive_a_power_cut() {
     // The same for a pull.
     let p1 = format!("{host}/pl:1");
     d.ok(&["ctr-img", "pull", &p1]);
+    assert!(
+        packed_now(&d),
+        "the pull's layer was unpacked before the cut"
+    );
     cut(&mut fs, &mut d, "a pull (packed)");
     sees_its_files(&d, &p1, &["/payload.sums"]);
     let p2 = format!("{host}/pl:2");

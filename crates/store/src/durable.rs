@@ -21,7 +21,7 @@
 use crate::diff::{self, DiffOptions};
 use crate::error::{Result, StoreError};
 use crate::metadata::LayerDir;
-use crate::{compression, content, phase, Lease, StagedLayer, Store};
+use crate::{compression, content, phase, ImageRecord, Lease, StagedLayer, Store};
 use isula_types::{ChainId, DiffId, Digest};
 use std::collections::BTreeSet;
 use std::fs;
@@ -319,7 +319,9 @@ impl Store {
             report.blobs += 1;
             report.bytes += self.content.size(&d).unwrap_or(0);
             if let Err(e) = self.content.verify(&d) {
-                report.problems.push(format!("blob {d}: {e}"));
+                report
+                    .problems
+                    .push(format!("blob {d}: {e}; used by {}", self.blob_users(&d)));
             }
         }
         let lease = self.lease();
@@ -621,11 +623,26 @@ impl Store {
 
     /// The images that use layer `chain`, by name (or ID when unnamed), for a message.
     fn users_of(&self, chain: &ChainId) -> String {
+        self.images_that(
+            |i| i.layers.contains(chain),
+            "no image (a build cache record)",
+        )
+    }
+
+    /// The images that use blob `d` (as a layer, manifest or config), for a problem report.
+    fn blob_users(&self, d: &Digest) -> String {
+        self.images_that(
+            |i| i.blobs.contains(d) || i.manifest == *d || i.id.digest() == d,
+            "no image",
+        )
+    }
+
+    fn images_that(&self, uses: impl Fn(&ImageRecord) -> bool, none: &str) -> String {
         let meta = self.meta();
         let users: Vec<String> = meta
             .images
             .values()
-            .filter(|i| i.layers.contains(chain))
+            .filter(|i| uses(i))
             .map(|i| {
                 i.names
                     .first()
@@ -634,7 +651,7 @@ impl Store {
             })
             .collect();
         if users.is_empty() {
-            "no image (a build cache record)".to_string()
+            none.to_string()
         } else {
             format!("image(s) {}", users.join(", "))
         }

@@ -181,6 +181,11 @@ fn reopen_sweeps_and_keeps_images() {
     let problems = store.check().expect("check").problems;
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains(blob.as_str()) && problems[0].contains("digest mismatch"));
+    // It names the image that uses the blob.
+    assert!(
+        problems[0].contains("used by image(s) keep:1"),
+        "{problems:?}"
+    );
 }
 
 const EXT4_SUPER_MAGIC: i64 = 0xEF53;

@@ -618,7 +618,9 @@ impl StageRun<'_, '_> {
             ));
             let made = self.make_cache_mount_dir(p, &id, scratch, &fresh);
             let moved = made.and_then(|()| {
-                std::fs::rename(&fresh, &data).or_else(|e| {
+                // Never over one a build sharing it made first (a plain rename would replace
+                // it while still empty, and that build would go on in an orphaned directory).
+                isula_sys::rename_noreplace(&fresh, &data).or_else(|e| {
                     // A build sharing it made it first.
                     if data.is_dir() {
                         Ok(())

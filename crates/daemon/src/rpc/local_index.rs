@@ -67,6 +67,8 @@ pub fn adopt(
 ) -> Result<bool, RegistryError> {
     let lock = name_lock(state, full);
     let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+    // The name has moved to `new`; nothing keeps the image it left yet.
+    isula_store::failpoint::hit("local-index.name-moved");
     let store = &state.store;
     let new_rec = store.image(new)?;
     let mut members: Vec<ImageRecord> = Vec::new();
@@ -94,10 +96,159 @@ pub fn adopt(
         .chain([&new_rec])
         .any(|m| m.manifest_media_type == media::OCI_MANIFEST);
     state.lists.replace(store, full, &ids, oci)?;
+    isula_store::failpoint::hit("local-index.list-written");
     // The list holds the name now: no image does (else the name would say two things).
     for id in members.iter().map(|m| &m.id).chain([new]) {
         store.untag(id, full)?;
     }
     tracing::info!(name = %full, images = ids.len(), "name stands for several platforms");
     Ok(true)
+}
+
+/// Durable notes of the names an operation may take from an image of another platform
+/// (a pull, a build's tags, `tag`), written before the name moves and removed when the
+/// operation ends (on [`Drop`]). The name moves to the new image in one store write and
+/// the list that keeps the old image under it is written after: a daemon stopped between
+/// the two (a power cut, a kill) would leave the old platform untagged, and `rm -p` would
+/// then remove it. [`recover`] finishes such a move when the daemon starts again.
+pub struct NameMoves {
+    paths: Vec<std::path::PathBuf>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NameMove {
+    name: String,
+    /// The image holding the name before the operation.
+    image: String,
+}
+
+fn moves_dir(state: &State) -> std::path::PathBuf {
+    state.settings.data_root.join("name-moves")
+}
+
+/// Notes (durably) that the full names of `before` (see [`holders`]) may move away from the
+/// images holding them now.
+pub fn note_moves(
+    state: &State,
+    before: &[(String, ImageId)],
+) -> Result<NameMoves, isula_store::StoreError> {
+    let mut moves = NameMoves { paths: Vec::new() };
+    if before.is_empty() {
+        return Ok(moves);
+    }
+    let dir = moves_dir(state);
+    std::fs::create_dir_all(&dir).map_err(|e| isula_store::StoreError::io("create", &dir, e))?;
+    for (name, image) in before {
+        let path = dir.join(format!(
+            "{}-{:016x}.json",
+            isula_types::Digest::of_bytes(name.as_bytes()).hex(),
+            rand::random::<u64>()
+        ));
+        let note = NameMove {
+            name: name.clone(),
+            image: image.hex().to_string(),
+        };
+        let body = serde_json::to_vec(&note)
+            .map_err(|e| isula_store::StoreError::io("encode", &path, e.into()))?;
+        isula_store::metadata::write_atomic(&path, &body)?;
+        moves.paths.push(path);
+    }
+    Ok(moves)
+}
+
+impl Drop for NameMoves {
+    fn drop(&mut self) {
+        let Some(dir) = self
+            .paths
+            .first()
+            .and_then(|p| p.parent())
+            .map(|d| d.to_path_buf())
+        else {
+            return;
+        };
+        for p in self.paths.drain(..) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!(path = %p.display(), error = %e, "removing a name-move note");
+            }
+        }
+        // Durable, so that a later start does not finish a move from an older state.
+        if let Err(e) = isula_sys::fsync_dir(&dir) {
+            tracing::warn!(error = %e, "syncing the name-move notes");
+        }
+    }
+}
+
+/// On start: finishes the name moves a stopped daemon left half done. An image that took
+/// a noted name from an image of another platform joins it under the name (a local list);
+/// a name both a list and an image hold (stopped before the image gave it up) goes to the
+/// list. Returns how many names it mended.
+pub fn recover(state: &State) -> usize {
+    let mut mended = 0;
+    let dir = moves_dir(state);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e.flatten().map(|e| e.path()).collect::<Vec<_>>(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "reading the name-move notes");
+            Vec::new()
+        }
+    };
+    for path in entries {
+        if path.extension().is_some_and(|x| x == "json") {
+            match finish_move(state, &path) {
+                Ok(true) => mended += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(note = %path.display(), error = %e, "finishing a name move")
+                }
+            }
+        }
+        // A note that did not parse was never complete (notes are written atomically).
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(note = %path.display(), error = %e, "removing a name-move note");
+        }
+    }
+    match state.lists.names() {
+        Ok(names) => {
+            for name in names {
+                let Some(holder) = state.store.image_named(&name) else {
+                    continue;
+                };
+                match adopt(state, &name, &holder.id, None) {
+                    Ok(true) => mended += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(%name, error = %e, "giving a name to its list"),
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the local manifest lists"),
+    }
+    if mended > 0 {
+        tracing::warn!(
+            names = mended,
+            "finished name moves an earlier daemon left half done"
+        );
+    }
+    let _ = isula_sys::fsync_dir(&dir);
+    mended
+}
+
+fn finish_move(state: &State, path: &std::path::Path) -> Result<bool, RegistryError> {
+    let Ok(note) = serde_json::from_slice::<NameMove>(
+        &std::fs::read(path).map_err(|e| RegistryError::Config(e.to_string()))?,
+    ) else {
+        return Ok(false);
+    };
+    let Ok(prev) = isula_types::Digest::parse(&format!("sha256:{}", note.image)).map(ImageId)
+    else {
+        return Ok(false);
+    };
+    // Still where it was (the operation stopped before the name moved), or gone.
+    let Some(holder) = state.store.image_named(&note.name) else {
+        return Ok(false);
+    };
+    if holder.id == prev || state.store.image(&prev).is_err() {
+        return Ok(false);
+    }
+    adopt(state, &note.name, &holder.id, Some(&prev))
 }

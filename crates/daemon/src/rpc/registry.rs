@@ -50,6 +50,7 @@ pub fn pull(
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
     let before = holders_of(state, &name);
+    let _moves = local_index::note_moves(state, &before).map_err(error::store)?;
     let pulled = pull::pull_for(&state.registry, &state.store, &name, platform, cancel, out)
         .map_err(|e| error::status(e.kind(), format!("pulling {name} failed: {e}")))?;
     tracing::info!(image = %pulled.reference, id = %pulled.id, "pulled");
@@ -136,6 +137,7 @@ pub fn resolve_or_pull(
         return Ok(id);
     }
     let before = holders_of(state, name);
+    let _moves = local_index::note_moves(state, &before).map_err(|e| failure(e.into()))?;
     // What the store has under that name, for other platforms (for the message).
     let other = match state.store.resolve(name) {
         Ok(img) => Some(format!(
