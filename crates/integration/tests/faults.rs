@@ -998,3 +998,85 @@ fn a_kill_while_a_name_joins_another_platform_loses_neither() {
         d.stop_and_check_store();
     }
 }
+
+/// The image IDs `ctr-img images` gives the repository `repo` (any domain), sorted.
+fn ids_of(d: &Daemon, repo: &str) -> Vec<String> {
+    let out = d.ok(&["ctr-img", "images"]);
+    let mut ids: Vec<String> = out
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|r| r == repo || r.ends_with(&format!("/{repo}")))
+        })
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A SIGKILL while `tag LIST NAME` gives a name an image holds to a local list: after the
+/// list is written and before the image gives the name up. The restart finishes it from
+/// the note: the name stands for the list's images. The control removes the note: the
+/// image that kept the name then joins the list in place of its platform's entry (the
+/// list no longer the one tagged).
+#[test]
+fn a_kill_while_a_list_takes_a_name_from_an_image() {
+    if !require_root() {
+        return;
+    }
+    let other = if host_arch() == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let work = tempfile::tempdir().expect("tmp");
+    for keep_note in [true, false] {
+        let what = format!("tag.list-written (note kept: {keep_note})");
+        let mut d = Daemon::start_with(&["--log-level", "debug"]);
+        let images = [
+            ("base-host:1", host_arch(), busybox_rootfs(&[])),
+            ("base-other:1", other, busybox_rootfs(&[])),
+            ("third:1", host_arch(), busybox_rootfs(&[("third", b"3")])),
+        ];
+        for (name, arch, rootfs) in images {
+            let a = work.path().join("image.tar");
+            std::fs::write(&a, docker_archive_for(&[rootfs], name, arch)).expect("archive");
+            d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+        }
+        d.ok(&["ctr-img", "tag", "base-host:1", "multi:1"]);
+        d.ok(&["ctr-img", "tag", "base-other:1", "multi:1"]);
+        d.ok(&["ctr-img", "tag", "third:1", "solo:1"]);
+        let list = ids_of(&d, "multi");
+        assert_eq!(list.len(), 2, "{what}: multi:1 is a list of two");
+        d.stop();
+        d.set_env("ISULA_FAILPOINT", Some("tag.list-written"));
+        d.restart();
+        let reached = "failpoint tag.list-written reached";
+        let mut client = d
+            .cli_command(&["ctr-img", "tag", "multi:1", "solo:1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("client");
+        wait_until(reached, Duration::from_secs(60), || {
+            d.log().contains(reached)
+        });
+        d.kill();
+        let _ = client.wait();
+        let notes = d.data().join("name-moves");
+        assert_eq!(listing(&notes).len(), 1, "{what}: the note of the move");
+        if !keep_note {
+            std::fs::remove_dir_all(&notes).expect("remove the note");
+        }
+        d.set_env("ISULA_FAILPOINT", None);
+        d.restart();
+        if keep_note {
+            assert_eq!(ids_of(&d, "solo"), list, "{what}: solo:1 is multi:1's list");
+        } else {
+            assert_ne!(ids_of(&d, "solo"), list, "{what}");
+        }
+        assert_recovered(&mut d, &what);
+        d.stop_and_check_store();
+    }
+}

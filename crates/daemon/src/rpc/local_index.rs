@@ -120,6 +120,9 @@ struct NameMove {
     name: String,
     /// The image holding the name before the operation.
     image: String,
+    /// The name goes to a local list (`tag LIST NAME`): the image gives it up.
+    #[serde(default)]
+    to_list: bool,
 }
 
 fn moves_dir(state: &State) -> std::path::PathBuf {
@@ -131,6 +134,24 @@ fn moves_dir(state: &State) -> std::path::PathBuf {
 pub fn note_moves(
     state: &State,
     before: &[(String, ImageId)],
+) -> Result<NameMoves, isula_store::StoreError> {
+    note(state, before, false)
+}
+
+/// Notes (durably) that the full names of `before` go from the images holding them to a
+/// local list (`tag LIST NAME`): the list is written first, then the image gives the name
+/// up, and [`recover`] finishes that.
+pub fn note_moves_to_list(
+    state: &State,
+    before: &[(String, ImageId)],
+) -> Result<NameMoves, isula_store::StoreError> {
+    note(state, before, true)
+}
+
+fn note(
+    state: &State,
+    before: &[(String, ImageId)],
+    to_list: bool,
 ) -> Result<NameMoves, isula_store::StoreError> {
     let mut moves = NameMoves { paths: Vec::new() };
     if before.is_empty() {
@@ -147,6 +168,7 @@ pub fn note_moves(
         let note = NameMove {
             name: name.clone(),
             image: image.hex().to_string(),
+            to_list,
         };
         let body = serde_json::to_vec(&note)
             .map_err(|e| isula_store::StoreError::io("encode", &path, e.into()))?;
@@ -247,6 +269,14 @@ fn finish_move(state: &State, path: &std::path::Path) -> Result<bool, RegistryEr
     let Some(holder) = state.store.image_named(&note.name) else {
         return Ok(false);
     };
+    if note.to_list {
+        // The list was written and the image still holds the name: it gives it up.
+        if holder.id == prev && state.lists.exists(&note.name) {
+            state.store.untag(&prev, &note.name)?;
+            return Ok(true);
+        }
+        return Ok(false);
+    }
     if holder.id == prev || state.store.image(&prev).is_err() {
         return Ok(false);
     }

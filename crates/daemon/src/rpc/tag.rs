@@ -30,14 +30,21 @@ pub fn tag(state: &State, req: TagRequest) -> Result<(), Status> {
                 .is_oci(source)
                 .map_err(crate::rpc::registry::status)?;
             let full = name.to_string();
-            // An image holding the new name gives it up to the list.
-            if let Some(holder) = state.store.image_named(&full) {
-                state.store.untag(&holder.id, &full).map_err(error::store)?;
-            }
+            // An image holding the new name gives it up to the list, once the list is
+            // written (noted first: a daemon stopped in between finishes it on start).
+            let holder = state.store.image_named(&full).map(|h| h.id);
+            let held: Vec<(String, isula_types::ImageId)> =
+                holder.iter().map(|h| (full.clone(), h.clone())).collect();
+            let _moves =
+                crate::rpc::local_index::note_moves_to_list(state, &held).map_err(error::store)?;
             state
                 .lists
                 .replace(&state.store, &full, &ids, oci)
                 .map_err(crate::rpc::registry::status)?;
+            isula_store::failpoint::hit("tag.list-written");
+            if let Some(h) = holder {
+                state.store.untag(&h, &full).map_err(error::store)?;
+            }
             return Ok(());
         }
         Err(e) => return Err(error::store(e)),
