@@ -210,6 +210,9 @@ pub struct Cache {
     added_snapshots: AtomicBool,
     /// Records were used since the last persist (their last use should be saved).
     touched: AtomicBool,
+    /// Opened with the cache: a flush through it reports any writeback error since then
+    /// (a handle opened at the flush would miss one that came before it).
+    fs: isula_sys::FsSync,
 }
 
 fn now() -> i64 {
@@ -269,7 +272,9 @@ impl Cache {
             schema: SCHEMA_VERSION,
             ..Default::default()
         });
+        let fs = isula_sys::FsSync::open(&dir)?;
         Ok(Cache {
+            fs,
             dir,
             index: std::sync::Mutex::new(index),
             added: AtomicBool::new(false),
@@ -478,10 +483,7 @@ impl Cache {
         let snapshots = self.added_snapshots.swap(false, Ordering::SeqCst);
         let touched = self.touched.swap(false, Ordering::SeqCst);
         if snapshots {
-            let dirfd =
-                fs::File::open(&self.dir).map_err(|e| StoreError::io("open", &self.dir, e))?;
-            rustix::fs::syncfs(&dirfd)
-                .map_err(|e| StoreError::io("syncfs", &self.dir, std::io::Error::from(e)))?;
+            self.fs.sync()?;
         }
         if added || touched {
             self.save(&self.index())?;
