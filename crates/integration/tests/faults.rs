@@ -1080,3 +1080,68 @@ fn a_kill_while_a_list_takes_a_name_from_an_image() {
         d.stop_and_check_store();
     }
 }
+
+/// A SIGKILL after an image took the name of a local list (`tag IMAGE LIST`) and before
+/// the list took it in: the restart finishes it from the note (the image replaces its
+/// platform's entry of the list); the control, without the note, leaves the name to the
+/// image alone beside the list.
+#[test]
+fn a_kill_while_an_image_joins_a_list_by_name() {
+    if !require_root() {
+        return;
+    }
+    let other = if host_arch() == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let work = tempfile::tempdir().expect("tmp");
+    for keep_note in [true, false] {
+        let what = format!("local-index.name-moved into a list (note kept: {keep_note})");
+        let mut d = Daemon::start_with(&["--log-level", "debug"]);
+        let images = [
+            ("base-host:1", host_arch(), busybox_rootfs(&[])),
+            ("base-other:1", other, busybox_rootfs(&[])),
+            ("third:1", host_arch(), busybox_rootfs(&[("third", b"3")])),
+        ];
+        for (name, arch, rootfs) in images {
+            let a = work.path().join("image.tar");
+            std::fs::write(&a, docker_archive_for(&[rootfs], name, arch)).expect("archive");
+            d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+        }
+        d.ok(&["ctr-img", "tag", "base-host:1", "multi:1"]);
+        d.ok(&["ctr-img", "tag", "base-other:1", "multi:1"]);
+        let third = ids_of(&d, "third");
+        let mut expect = [third.clone(), ids_of(&d, "base-other")].concat();
+        expect.sort();
+        d.stop();
+        d.set_env("ISULA_FAILPOINT", Some("local-index.name-moved"));
+        d.restart();
+        let reached = "failpoint local-index.name-moved reached";
+        let mut client = d
+            .cli_command(&["ctr-img", "tag", "third:1", "multi:1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("client");
+        wait_until(reached, Duration::from_secs(60), || {
+            d.log().contains(reached)
+        });
+        d.kill();
+        let _ = client.wait();
+        let notes = d.data().join("name-moves");
+        assert_eq!(listing(&notes).len(), 1, "{what}: the note of the move");
+        if !keep_note {
+            std::fs::remove_dir_all(&notes).expect("remove the note");
+        }
+        d.set_env("ISULA_FAILPOINT", None);
+        d.restart();
+        if keep_note {
+            assert_eq!(ids_of(&d, "multi"), expect, "{what}: the list's images");
+        } else {
+            assert_ne!(ids_of(&d, "multi"), expect, "{what}");
+        }
+        assert_recovered(&mut d, &what);
+        d.stop_and_check_store();
+    }
+}

@@ -1351,8 +1351,9 @@ impl Job {
         // What the tags stand for before: an image of another platform keeps its place
         // under the name (see `local_index`).
         let before = crate::rpc::local_index::holders(&self.state, &self.opts.tags);
+        let tags: Vec<String> = self.opts.tags.iter().map(|t| t.to_string()).collect();
         let _moves =
-            crate::rpc::local_index::note_moves(&self.state, &before).map_err(error::store)?;
+            crate::rpc::local_index::note_moves(&self.state, &tags).map_err(error::store)?;
         let built = build(&mut ctx, &self.opts);
         drop(op);
         let built = built.map_err(|e| error::status(e.kind(), e.to_string()))?;

@@ -118,8 +118,8 @@ pub struct NameMoves {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct NameMove {
     name: String,
-    /// The image holding the name before the operation.
-    image: String,
+    /// The image holding the name before the operation; none when a local list held it.
+    image: Option<String>,
     /// The name goes to a local list (`tag LIST NAME`): the image gives it up.
     #[serde(default)]
     to_list: bool,
@@ -129,13 +129,17 @@ fn moves_dir(state: &State) -> std::path::PathBuf {
     state.settings.data_root.join("name-moves")
 }
 
-/// Notes (durably) that the full names of `before` (see [`holders`]) may move away from the
-/// images holding them now.
-pub fn note_moves(
-    state: &State,
-    before: &[(String, ImageId)],
-) -> Result<NameMoves, isula_store::StoreError> {
-    note(state, before, false)
+/// Notes (durably) that the full names `names` may move away from what holds them now: an
+/// image, or a local list (an image of another platform joins it after taking the name).
+pub fn note_moves(state: &State, names: &[String]) -> Result<NameMoves, isula_store::StoreError> {
+    let held: Vec<(String, Option<ImageId>)> = names
+        .iter()
+        .filter_map(|n| match state.store.image_named(n) {
+            Some(img) => Some((n.clone(), Some(img.id))),
+            None => state.lists.exists(n).then(|| (n.clone(), None)),
+        })
+        .collect();
+    note(state, &held, false)
 }
 
 /// Notes (durably) that the full names of `before` go from the images holding them to a
@@ -145,12 +149,16 @@ pub fn note_moves_to_list(
     state: &State,
     before: &[(String, ImageId)],
 ) -> Result<NameMoves, isula_store::StoreError> {
-    note(state, before, true)
+    let held: Vec<(String, Option<ImageId>)> = before
+        .iter()
+        .map(|(n, id)| (n.clone(), Some(id.clone())))
+        .collect();
+    note(state, &held, true)
 }
 
 fn note(
     state: &State,
-    before: &[(String, ImageId)],
+    before: &[(String, Option<ImageId>)],
     to_list: bool,
 ) -> Result<NameMoves, isula_store::StoreError> {
     let mut moves = NameMoves { paths: Vec::new() };
@@ -167,7 +175,7 @@ fn note(
         ));
         let note = NameMove {
             name: name.clone(),
-            image: image.hex().to_string(),
+            image: image.as_ref().map(|i| i.hex().to_string()),
             to_list,
         };
         let body = serde_json::to_vec(&note)
@@ -202,8 +210,8 @@ impl Drop for NameMoves {
 
 /// On start: finishes the name moves a stopped daemon left half done. An image that took
 /// a noted name from an image of another platform joins it under the name (a local list);
-/// a name both a list and an image hold (stopped before the image gave it up) goes to the
-/// list. Returns how many names it mended.
+/// an image that took a noted list's name joins the list; an image noted as giving its
+/// name to a list gives it up. Returns how many names it mended.
 pub fn recover(state: &State) -> usize {
     let mut mended = 0;
     let dir = moves_dir(state);
@@ -230,21 +238,6 @@ pub fn recover(state: &State) -> usize {
             tracing::warn!(note = %path.display(), error = %e, "removing a name-move note");
         }
     }
-    match state.lists.names() {
-        Ok(names) => {
-            for name in names {
-                let Some(holder) = state.store.image_named(&name) else {
-                    continue;
-                };
-                match adopt(state, &name, &holder.id, None) {
-                    Ok(true) => mended += 1,
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(%name, error = %e, "giving a name to its list"),
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "reading the local manifest lists"),
-    }
     if mended > 0 {
         tracing::warn!(
             names = mended,
@@ -261,12 +254,18 @@ fn finish_move(state: &State, path: &std::path::Path) -> Result<bool, RegistryEr
     ) else {
         return Ok(false);
     };
-    let Ok(prev) = isula_types::Digest::parse(&format!("sha256:{}", note.image)).map(ImageId)
-    else {
-        return Ok(false);
-    };
     // Still where it was (the operation stopped before the name moved), or gone.
     let Some(holder) = state.store.image_named(&note.name) else {
+        return Ok(false);
+    };
+    let Some(image) = &note.image else {
+        // A list held the name and an image took it: the image joins the list.
+        if state.lists.exists(&note.name) {
+            return adopt(state, &note.name, &holder.id, None);
+        }
+        return Ok(false);
+    };
+    let Ok(prev) = isula_types::Digest::parse(&format!("sha256:{image}")).map(ImageId) else {
         return Ok(false);
     };
     if note.to_list {

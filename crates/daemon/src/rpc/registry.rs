@@ -50,7 +50,7 @@ pub fn pull(
     out: &mut dyn FnMut(String),
 ) -> Result<(), Status> {
     let before = holders_of(state, &name);
-    let _moves = local_index::note_moves(state, &before).map_err(error::store)?;
+    let _moves = local_index::note_moves(state, &full_names(state, &name)).map_err(error::store)?;
     let pulled = pull::pull_for(&state.registry, &state.store, &name, platform, cancel, out)
         .map_err(|e| error::status(e.kind(), format!("pulling {name} failed: {e}")))?;
     tracing::info!(image = %pulled.reference, id = %pulled.id, "pulled");
@@ -63,6 +63,15 @@ pub fn pull(
 fn holders_of(state: &State, name: &str) -> Vec<(String, ImageId)> {
     let candidates = resolve::candidates(&state.registry.registries, name).unwrap_or_default();
     local_index::holders(state, &candidates)
+}
+
+/// The full names `name` may be pulled as.
+fn full_names(state: &State, name: &str) -> Vec<String> {
+    resolve::candidates(&state.registry.registries, name)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| r.to_string())
+        .collect()
 }
 
 /// A pulled image of another platform than the one its name stood for joins it under the
@@ -137,7 +146,8 @@ pub fn resolve_or_pull(
         return Ok(id);
     }
     let before = holders_of(state, name);
-    let _moves = local_index::note_moves(state, &before).map_err(|e| failure(e.into()))?;
+    let _moves =
+        local_index::note_moves(state, &full_names(state, name)).map_err(|e| failure(e.into()))?;
     // What the store has under that name, for other platforms (for the message).
     let other = match state.store.resolve(name) {
         Ok(img) => Some(format!(
