@@ -39,6 +39,44 @@ impl<W: Write + AsFd> WriteBehind<W> {
     }
 }
 
+impl<W: Write + AsFd> WriteBehind<W> {
+    /// Appends `len` bytes of `src` from `offset` at the file's position, copied inside the
+    /// kernel (`copy_file_range`: page cache to page cache, never through this process's
+    /// memory), written behind as writes are. What was written before must be in the file
+    /// already (flushed). Returns false, having copied nothing, where the kernel cannot copy
+    /// between these files (the caller then copies through memory).
+    pub fn copy_from(&mut self, src: &impl AsFd, mut offset: u64, len: u64) -> io::Result<bool> {
+        use rustix::io::Errno;
+        let mut left = len;
+        while left > 0 {
+            let chunk = usize::try_from(left.min(WINDOW)).unwrap_or(WINDOW as usize);
+            match rustix::fs::copy_file_range(src, Some(&mut offset), &self.inner, None, chunk) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the source is shorter than the copy",
+                    ))
+                }
+                Ok(n) => {
+                    left -= n as u64;
+                    self.written += n as u64;
+                    if self.written - self.started >= WINDOW {
+                        start_writeback(&self.inner, self.started, self.written - self.started);
+                        self.started = self.written;
+                    }
+                }
+                Err(Errno::XDEV | Errno::INVAL | Errno::OPNOTSUPP | Errno::NOSYS)
+                    if left == len =>
+                {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
+    }
+}
+
 impl<W: Write + AsFd> Write for WriteBehind<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
@@ -168,6 +206,34 @@ mod tests {
         w.flush().expect("flush");
         w.get_ref().sync_all().expect("fsync");
         assert_eq!(std::fs::read(&path).expect("read"), expect);
+    }
+
+    #[test]
+    fn copy_from_appends_in_the_kernel_between_writes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src_path = dir.path().join("src");
+        let data: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&src_path, &data).expect("src");
+        let src = File::open(&src_path).expect("open");
+        let path = dir.path().join("out");
+        let file = File::create(&path).expect("create");
+        let mut w = WriteBehind::new(&file);
+        w.write_all(b"head").expect("write");
+        // From an offset, across more than one window, then writes again after it.
+        let copied = w.copy_from(&src, 5, 18 << 20).expect("copy");
+        w.write_all(b"tail").expect("write");
+        file.sync_all().expect("fsync");
+        let mut expect = b"head".to_vec();
+        if copied {
+            expect.extend_from_slice(&data[5..5 + (18 << 20)]);
+        }
+        expect.extend_from_slice(b"tail");
+        assert_eq!(std::fs::read(&path).expect("read"), expect);
+        // A disk file system here copies in the kernel (tmpfs and ext4 both can).
+        assert!(copied, "copy_file_range was refused");
+        // A source shorter than asked fails (never a short archive entry).
+        let short = w.copy_from(&src, (20 << 20) - 10, 100);
+        assert!(short.is_err(), "{short:?}");
     }
 
     #[test]

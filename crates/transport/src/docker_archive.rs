@@ -9,7 +9,6 @@ use isula_store::Store;
 use isula_types::{limits, Reference};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
-use std::io::Write;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -64,7 +63,12 @@ pub fn plans(scanned: &Scanned) -> Result<Vec<ImagePlan>> {
 }
 
 /// Writes a docker-archive of `items` (layers shared between images are written once).
-pub fn write<W: Write>(store: &Store, items: &[SaveItem], out: W, cancel: &Cancel) -> Result<W> {
+pub fn write<W: crate::ArchiveSink>(
+    store: &Store,
+    items: &[SaveItem],
+    out: W,
+    cancel: &Cancel,
+) -> Result<W> {
     let mut tar = tar::Builder::new(out);
     let mut written: HashSet<String> = HashSet::new();
     let mut manifest = Vec::new();

@@ -23,6 +23,8 @@ pub fn socket() -> PathBuf {
 /// HTTP/1.1 chunked encoding over a writer.
 struct Chunked<W: Write>(W);
 
+impl<W: Write> crate::ArchiveSink for Chunked<W> {}
+
 impl<W: Write> Write for Chunked<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if buf.is_empty() {

@@ -22,6 +22,27 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// Where an archive is written. A sink that is a file may take a stored blob's bytes
+/// straight from the blob's file ([`ArchiveSink::copy_from`]); any other copies them
+/// through memory.
+pub trait ArchiveSink: io::Write {
+    /// Appends `len` bytes of `src` from `offset`, everything written before first. Returns
+    /// false, having written nothing, when this sink cannot (the caller copies).
+    fn copy_from(&mut self, src: &File, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (src, offset, len);
+        Ok(false)
+    }
+}
+
+impl<S: ArchiveSink + ?Sized> ArchiveSink for &mut S {
+    fn copy_from(&mut self, src: &File, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).copy_from(src, offset, len)
+    }
+}
+
+impl<W: io::Write> ArchiveSink for io::BufWriter<W> {}
+impl<W: io::Write> ArchiveSink for flate2::write::GzEncoder<W> {}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error(transparent)]

@@ -198,7 +198,7 @@ fn oci_manifest(store: &Store, img: &ImageRecord) -> Result<(Vec<u8>, Digest)> {
 
 /// Appends the image's layers, config and OCI manifest (what `seen` lacks; it gains them).
 /// Returns the manifest's descriptor.
-fn append_image<W: Write>(
+fn append_image<W: crate::ArchiveSink>(
     store: &Store,
     tar: &mut tar::Builder<W>,
     img: &ImageRecord,
@@ -332,7 +332,12 @@ fn append_attestations<W: Write>(
 /// `index.json` as BuildKit lays them out in an index (platform `unknown/unknown`,
 /// `vnd.docker.reference.*` annotations, no ref name: tools that open the archive by its
 /// ref name find the image alone).
-pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) -> Result<W> {
+pub fn write<W: crate::ArchiveSink>(
+    store: &Store,
+    item: &SaveItem,
+    out: W,
+    cancel: &Cancel,
+) -> Result<W> {
     let mut tar = start(out)?;
     let mut seen = HashSet::new();
     let mut desc = append_image(store, &mut tar, &item.image, &mut seen, cancel)?;
@@ -359,7 +364,7 @@ pub fn write<W: Write>(store: &Store, item: &SaveItem, out: W, cancel: &Cancel) 
 
 /// Writes an oci-archive of several images as one OCI image index (a blob, with each
 /// image's platform), which `index.json` names.
-pub fn write_index<W: Write>(
+pub fn write_index<W: crate::ArchiveSink>(
     store: &Store,
     images: &[(ImageRecord, Platform)],
     name: Option<&Reference>,

@@ -102,7 +102,7 @@ impl<'a, T> Reporting<'a, T> {
         }
     }
 
-    fn count(&mut self, n: usize) {
+    pub(crate) fn count(&mut self, n: usize) {
         self.done += n as u64;
         if n == 0 || self.throttle.due() {
             (self.progress)(event(

@@ -132,7 +132,7 @@ fn write_archive(
     images: &[&ImageRecord],
     dest: &Path,
     progress: Progress<'_>,
-    write: impl FnOnce(&Store, &mut dyn Write) -> Result<()>,
+    write: impl FnOnce(&Store, &mut dyn crate::ArchiveSink) -> Result<()>,
 ) -> Result<()> {
     let lease = store.lease();
     for image in images {
@@ -183,12 +183,17 @@ fn write_archive(
         let file = isula_sys::WriteBehind::new(pending.file());
         let mut reporting =
             crate::progress::Reporting::new(file, &mut *progress, &name, "Saving", total);
-        let mut out = BufWriter::with_capacity(1 << 20, &mut reporting);
-        let phase = isula_store::phase::Phase::start("save: write the archive");
-        write(store, &mut out)?;
-        drop(phase);
-        out.into_inner()
-            .map_err(|e| TransportError::io("write", dest, e.into_error()))?;
+        {
+            let mut out = FileSink {
+                out: BufWriter::with_capacity(1 << 20, &mut reporting),
+            };
+            let phase = isula_store::phase::Phase::start("save: write the archive");
+            write(store, &mut out)?;
+            drop(phase);
+            let FileSink { out } = out;
+            out.into_inner()
+                .map_err(|e| TransportError::io("write", dest, e.into_error()))?;
+        }
         reporting.finish();
     }
     // Linked into place with the caller's identity: the destination path is resolved again
@@ -199,6 +204,38 @@ fn write_archive(
         copy_lines(progress, &image.blobs, image.id.digest());
     }
     Ok(())
+}
+
+/// The archive file a save writes: written through a buffer, or (a stored blob's bytes)
+/// copied into it by the kernel from the blob's file.
+struct FileSink<'r, 'f, 'p> {
+    out: BufWriter<
+        &'r mut crate::progress::Reporting<'p, isula_sys::WriteBehind<&'f mut std::fs::File>>,
+    >,
+}
+
+impl Write for FileSink<'_, '_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.out.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl crate::ArchiveSink for FileSink<'_, '_, '_> {
+    fn copy_from(&mut self, src: &std::fs::File, offset: u64, len: u64) -> io::Result<bool> {
+        self.out.flush()?;
+        let reporting = self.out.get_mut();
+        if !reporting.inner.copy_from(src, offset, len)? {
+            return Ok(false);
+        }
+        reporting.count(usize::try_from(len).unwrap_or(usize::MAX));
+        Ok(true)
+    }
 }
 
 fn header(name: &str, size: u64, mtime: u64) -> tar::Header {
@@ -223,6 +260,30 @@ pub(crate) fn append_bytes<W: Write>(
 ) -> Result<()> {
     tar.append(&header(name, data.len() as u64, mtime), data)
         .map_err(|e| TransportError::io("write", name, e))
+}
+
+/// Copies `size` bytes of `src` into `out` by [`crate::ArchiveSink::copy_from`], 64 MiB at a
+/// time with `cancel` checked between. False, having written nothing, if `out` cannot.
+fn splice<W: crate::ArchiveSink>(
+    out: &mut W,
+    src: &std::fs::File,
+    size: u64,
+    cancel: &Cancel,
+) -> io::Result<bool> {
+    const PIECE: u64 = 64 << 20;
+    let mut done = 0;
+    while done < size {
+        cancel.check()?;
+        let n = PIECE.min(size - done);
+        if !out.copy_from(src, done, n)? {
+            if done == 0 {
+                return Ok(false);
+            }
+            return Err(io::Error::other("the archive stopped taking copies"));
+        }
+        done += n;
+    }
+    Ok(true)
 }
 
 /// A reader that yields exactly `size` bytes of `inner`, failing if it has more or fewer.
@@ -261,7 +322,7 @@ impl<R: Read> Read for Exact<R> {
 /// and its diff ID verified while it streams; without, it is copied as stored and its
 /// digest verified (unless this daemon hashed all of it before and its file has not
 /// changed since: `ContentStore::known_intact`).
-pub(crate) fn append_blob<W: Write>(
+pub(crate) fn append_blob<W: crate::ArchiveSink>(
     store: &Store,
     tar: &mut tar::Builder<W>,
     name: &str,
@@ -319,7 +380,19 @@ pub(crate) fn append_blob<W: Write>(
     let out = tar.get_mut();
     out.write_all(header(name, size, mtime).as_bytes())
         .map_err(|e| TransportError::io("write", &path, e))?;
-    let digest = if verifies_itself {
+    // A plain blob file of exactly the entry's bytes, copied as stored and vouched for:
+    // copied by the kernel when the sink can (in pieces, the cancel checked between).
+    let spliced = match &stored {
+        Some((f, _))
+            if verifies_itself && as_stored && f.metadata().map_err(io_err)?.len() == size =>
+        {
+            splice(out, f, size, cancel).map_err(|e| TransportError::io("write", &path, e))?
+        }
+        _ => false,
+    };
+    let digest = if spliced {
+        None
+    } else if verifies_itself {
         io::copy(&mut exact, out).map_err(|e| TransportError::io("read", &path, e))?;
         None
     } else {
