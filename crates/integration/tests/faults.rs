@@ -905,6 +905,72 @@ fn multi_platforms(d: &Daemon) -> (Vec<String>, usize) {
     (found, untagged)
 }
 
+/// The other platform's architecture than this machine's (images of it are only loaded,
+/// never run).
+fn other_arch() -> &'static str {
+    if host_arch() == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    }
+}
+
+/// A daemon (logging at debug) holding `base-host:1` (this machine's platform),
+/// `base-other:1` ([`other_arch`]) and `third:1` (this machine's, another layer).
+fn daemon_with_platform_bases(dir: &std::path::Path) -> Daemon {
+    let d = Daemon::start_with(&["--log-level", "debug"]);
+    let images = [
+        ("base-host:1", host_arch(), busybox_rootfs(&[])),
+        ("base-other:1", other_arch(), busybox_rootfs(&[])),
+        ("third:1", host_arch(), busybox_rootfs(&[("third", b"3")])),
+    ];
+    for (name, arch, rootfs) in images {
+        let a = dir.join("image.tar");
+        std::fs::write(&a, docker_archive_for(&[rootfs], name, arch)).expect("archive");
+        d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
+    }
+    d
+}
+
+/// Restarts `d` with failpoint `point` armed, runs the client with `args` until the daemon
+/// pauses there, SIGKILLs it, and requires the one name-move note it wrote; without
+/// `keep_note` the note goes (the control); then restarts `d` unarmed.
+fn kill_at_point(d: &mut Daemon, point: &str, args: &[&str], keep_note: bool, what: &str) {
+    d.stop();
+    d.set_env("ISULA_FAILPOINT", Some(point));
+    d.restart();
+    let reached = format!("failpoint {point} reached");
+    let said = tempfile::NamedTempFile::new().expect("client output");
+    let mut client = d
+        .cli_command(args)
+        .stdout(Stdio::null())
+        .stderr(said.reopen().expect("client output"))
+        .spawn()
+        .expect("client");
+    wait_until_explained(
+        &reached,
+        Duration::from_secs(60),
+        || d.log().contains(&reached),
+        || {
+            let log = d.log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            format!(
+                "the client said {:?}; the daemon's log ends {tail:#?}",
+                std::fs::read_to_string(said.path()).unwrap_or_default()
+            )
+        },
+    );
+    d.kill();
+    let _ = client.wait();
+    let notes = d.data().join("name-moves");
+    assert_eq!(listing(&notes).len(), 1, "{what}: the note of the move");
+    if !keep_note {
+        std::fs::remove_dir_all(&notes).expect("remove the note");
+    }
+    d.set_env("ISULA_FAILPOINT", None);
+    d.restart();
+}
+
 /// A SIGKILL while `tag` gives a name to an image of another platform than the image
 /// holding it: after the name moved and before the local list kept the first image
 /// under it, and after the list was written and before the image gave the name up. The
@@ -917,11 +983,7 @@ fn a_kill_while_a_name_joins_another_platform_loses_neither() {
     if !require_root() {
         return;
     }
-    let other = if host_arch() == "amd64" {
-        "arm64"
-    } else {
-        "amd64"
-    };
+    let other = other_arch();
     let mut both = vec![format!("linux/{}", host_arch()), format!("linux/{other}")];
     both.sort();
     let work = tempfile::tempdir().expect("tmp");
@@ -932,49 +994,13 @@ fn a_kill_while_a_name_joins_another_platform_loses_neither() {
     ];
     for (point, keep_note) in cases {
         let what = format!("{point} (note kept: {keep_note})");
-        let mut d = Daemon::start_with(&["--log-level", "debug"]);
-        for (name, arch) in [("base-host:1", host_arch()), ("base-other:1", other)] {
-            let a = work.path().join(format!("{arch}.tar"));
-            std::fs::write(&a, docker_archive_for(&[busybox_rootfs(&[])], name, arch))
-                .expect("archive");
-            d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
-        }
+        let mut d = daemon_with_platform_bases(work.path());
         // multi:1 is the first image's only name.
         d.ok(&["ctr-img", "tag", "base-host:1", "multi:1"]);
         d.ok(&["ctr-img", "rm", "base-host:1"]);
-        d.stop();
-        d.set_env("ISULA_FAILPOINT", Some(point));
-        d.restart();
-        let reached = format!("failpoint {point} reached");
-        let said = work.path().join("client.out");
-        let mut client = d
-            .cli_command(&["ctr-img", "tag", "base-other:1", "multi:1"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&said).expect("client output"))
-            .spawn()
-            .expect("client");
-        wait_until_explained(
-            &reached,
-            Duration::from_secs(60),
-            || d.log().contains(&reached),
-            || {
-                let log = d.log();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                format!(
-                    "the client said {:?}; the daemon's log ends {tail:#?}",
-                    std::fs::read_to_string(&said).unwrap_or_default()
-                )
-            },
-        );
-        d.kill();
-        let _ = client.wait();
+        let args = ["ctr-img", "tag", "base-other:1", "multi:1"];
+        kill_at_point(&mut d, point, &args, keep_note, &what);
         let notes = d.data().join("name-moves");
-        assert_eq!(listing(&notes).len(), 1, "{what}: the note of the move");
-        if !keep_note {
-            std::fs::remove_dir_all(&notes).expect("remove the note");
-        }
-        d.set_env("ISULA_FAILPOINT", None);
-        d.restart();
         let (platforms, untagged) = multi_platforms(&d);
         if keep_note {
             assert_eq!(platforms, both, "{what}: what the name stands for");
@@ -1025,52 +1051,17 @@ fn a_kill_while_a_list_takes_a_name_from_an_image() {
     if !require_root() {
         return;
     }
-    let other = if host_arch() == "amd64" {
-        "arm64"
-    } else {
-        "amd64"
-    };
     let work = tempfile::tempdir().expect("tmp");
     for keep_note in [true, false] {
         let what = format!("tag.list-written (note kept: {keep_note})");
-        let mut d = Daemon::start_with(&["--log-level", "debug"]);
-        let images = [
-            ("base-host:1", host_arch(), busybox_rootfs(&[])),
-            ("base-other:1", other, busybox_rootfs(&[])),
-            ("third:1", host_arch(), busybox_rootfs(&[("third", b"3")])),
-        ];
-        for (name, arch, rootfs) in images {
-            let a = work.path().join("image.tar");
-            std::fs::write(&a, docker_archive_for(&[rootfs], name, arch)).expect("archive");
-            d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
-        }
+        let mut d = daemon_with_platform_bases(work.path());
         d.ok(&["ctr-img", "tag", "base-host:1", "multi:1"]);
         d.ok(&["ctr-img", "tag", "base-other:1", "multi:1"]);
         d.ok(&["ctr-img", "tag", "third:1", "solo:1"]);
         let list = ids_of(&d, "multi");
         assert_eq!(list.len(), 2, "{what}: multi:1 is a list of two");
-        d.stop();
-        d.set_env("ISULA_FAILPOINT", Some("tag.list-written"));
-        d.restart();
-        let reached = "failpoint tag.list-written reached";
-        let mut client = d
-            .cli_command(&["ctr-img", "tag", "multi:1", "solo:1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("client");
-        wait_until(reached, Duration::from_secs(60), || {
-            d.log().contains(reached)
-        });
-        d.kill();
-        let _ = client.wait();
-        let notes = d.data().join("name-moves");
-        assert_eq!(listing(&notes).len(), 1, "{what}: the note of the move");
-        if !keep_note {
-            std::fs::remove_dir_all(&notes).expect("remove the note");
-        }
-        d.set_env("ISULA_FAILPOINT", None);
-        d.restart();
+        let args = ["ctr-img", "tag", "multi:1", "solo:1"];
+        kill_at_point(&mut d, "tag.list-written", &args, keep_note, &what);
         if keep_note {
             assert_eq!(ids_of(&d, "solo"), list, "{what}: solo:1 is multi:1's list");
         } else {
@@ -1090,52 +1081,16 @@ fn a_kill_while_an_image_joins_a_list_by_name() {
     if !require_root() {
         return;
     }
-    let other = if host_arch() == "amd64" {
-        "arm64"
-    } else {
-        "amd64"
-    };
     let work = tempfile::tempdir().expect("tmp");
     for keep_note in [true, false] {
         let what = format!("local-index.name-moved into a list (note kept: {keep_note})");
-        let mut d = Daemon::start_with(&["--log-level", "debug"]);
-        let images = [
-            ("base-host:1", host_arch(), busybox_rootfs(&[])),
-            ("base-other:1", other, busybox_rootfs(&[])),
-            ("third:1", host_arch(), busybox_rootfs(&[("third", b"3")])),
-        ];
-        for (name, arch, rootfs) in images {
-            let a = work.path().join("image.tar");
-            std::fs::write(&a, docker_archive_for(&[rootfs], name, arch)).expect("archive");
-            d.ok(&["ctr-img", "load", "-i", a.to_str().expect("utf8")]);
-        }
+        let mut d = daemon_with_platform_bases(work.path());
         d.ok(&["ctr-img", "tag", "base-host:1", "multi:1"]);
         d.ok(&["ctr-img", "tag", "base-other:1", "multi:1"]);
-        let third = ids_of(&d, "third");
-        let mut expect = [third.clone(), ids_of(&d, "base-other")].concat();
+        let mut expect = [ids_of(&d, "third"), ids_of(&d, "base-other")].concat();
         expect.sort();
-        d.stop();
-        d.set_env("ISULA_FAILPOINT", Some("local-index.name-moved"));
-        d.restart();
-        let reached = "failpoint local-index.name-moved reached";
-        let mut client = d
-            .cli_command(&["ctr-img", "tag", "third:1", "multi:1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("client");
-        wait_until(reached, Duration::from_secs(60), || {
-            d.log().contains(reached)
-        });
-        d.kill();
-        let _ = client.wait();
-        let notes = d.data().join("name-moves");
-        assert_eq!(listing(&notes).len(), 1, "{what}: the note of the move");
-        if !keep_note {
-            std::fs::remove_dir_all(&notes).expect("remove the note");
-        }
-        d.set_env("ISULA_FAILPOINT", None);
-        d.restart();
+        let args = ["ctr-img", "tag", "third:1", "multi:1"];
+        kill_at_point(&mut d, "local-index.name-moved", &args, keep_note, &what);
         if keep_note {
             assert_eq!(ids_of(&d, "multi"), expect, "{what}: the list's images");
         } else {
