@@ -95,8 +95,6 @@ fn sorted_images(d: &Daemon) -> Vec<(String, String, String)> {
     v
 }
 
-/// Cuts the power, brings the machine back, and requires the names to point where they
-/// pointed and `--check-store` to pass.
 /// Whether the store's record holds a packed layer now (a loaded or pulled layer whose
 /// directory the idle unpack has not made yet): the "packed" cuts must find one.
 fn packed_now(d: &Daemon) -> bool {
@@ -105,6 +103,8 @@ fn packed_now(d: &Daemon) -> bool {
     meta["packed"].as_object().is_some_and(|p| !p.is_empty())
 }
 
+/// Cuts the power, brings the machine back, and requires the names to point where they
+/// pointed and `--check-store` to pass.
 fn cut(fs: &mut Ext4, d: &mut Daemon, what: &str) {
     let before = sorted_images(d);
     powercut::cut_and_restart(fs, d);
