@@ -142,6 +142,22 @@ pub fn note_moves(state: &State, names: &[String]) -> Result<NameMoves, isula_st
     note(state, &held, false)
 }
 
+/// [`note_moves`] for giving the full name `full` to the image `new` (`tag`): nothing to note
+/// when the image holding it is `new` or of its platform (the name then simply moves, in
+/// one store write), so retagging within a platform costs no sync.
+pub fn note_move_to(
+    state: &State,
+    full: &str,
+    new: &ImageRecord,
+) -> Result<NameMoves, isula_store::StoreError> {
+    match state.store.image_named(full) {
+        Some(held) if held.id == new.id || same_platform(state, &held, new) => {
+            Ok(NameMoves { paths: Vec::new() })
+        }
+        _ => note_moves(state, &[full.to_string()]),
+    }
+}
+
 /// Notes (durably) that the full names of `before` go from the images holding them to a
 /// local list (`tag LIST NAME`): the list is written first, then the image gives the name
 /// up, and [`recover`] finishes that.

@@ -51,8 +51,7 @@ pub fn tag(state: &State, req: TagRequest) -> Result<(), Status> {
     };
     let full = name.to_string();
     let before = state.store.image_named(&full).map(|i| i.id);
-    let _moves = crate::rpc::local_index::note_moves(state, std::slice::from_ref(&full))
-        .map_err(error::store)?;
+    let _moves = crate::rpc::local_index::note_move_to(state, &full, &img).map_err(error::store)?;
     state.store.tag(&img.id, &name).map_err(error::store)?;
     // Tagging another platform's image with a name of one: it joins the name's platforms.
     crate::rpc::local_index::adopt(state, &full, &img.id, before.as_ref())
